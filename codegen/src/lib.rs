@@ -1,0 +1,255 @@
+//! kiln-codegen: kernel x config x target -> source text and a manifest, with no device.
+//!
+//! cubecl 0.10's launch path needs a live client to define a kernel; this crate replays
+//! that definition on a `KernelBuilder` configured with the target's properties and
+//! hand-made device properties, then runs cubecl's own WGSL or CUDA C++ compiler.
+//! Uses kiln-runtime's registry types; knows nothing of the operator library itself.
+
+use cubecl::prelude::{AddressType, KernelBuilder, Runtime};
+use cubecl::server::ExecutionMode;
+use cubecl::Compiler;
+use kiln_runtime::{Error, KernelConfig, KernelSpec, Result};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// A source language kiln emits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// CUDA C++ for NVRTC (what the CUDA runtime compiles).
+    Cuda,
+    /// WGSL for wgpu (Vulkan, Metal, DX12, browsers).
+    Wgsl,
+}
+
+impl Target {
+    /// Parses `cuda` or `wgsl`.
+    pub fn parse(s: &str) -> Result<Target> {
+        match s {
+            "cuda" => Ok(Target::Cuda),
+            "wgsl" => Ok(Target::Wgsl),
+            _ => Err(Error::Unknown {
+                kind: "target",
+                name: s.into(),
+                known: "cuda, wgsl".into(),
+            }),
+        }
+    }
+}
+
+/// What a caller needs to launch emitted source.
+#[derive(Clone, Debug, Serialize)]
+pub struct Manifest {
+    /// The registered kernel's name.
+    pub kernel: String,
+    /// The target language.
+    pub target: Target,
+    /// The entry point's name in the source.
+    pub entry_point: String,
+    /// Units per cube (x, y, z).
+    pub cube_dim: (u32, u32, u32),
+    /// Static shared memory per cube, in bytes (as laid out by cubecl's CUDA compiler).
+    pub shared_memory_bytes: usize,
+    /// The configuration, defaults filled in.
+    pub config: BTreeMap<String, String>,
+    /// FNV-1a 64 of the source text, hex.
+    pub source_hash: String,
+}
+
+/// Emitted source plus its manifest.
+#[derive(Clone, Debug)]
+pub struct Emitted {
+    /// The source text.
+    pub source: String,
+    /// How to launch it.
+    pub manifest: Manifest,
+}
+
+/// Device properties of a generic device of each target: the types the target's
+/// compiler supports, 32-wide planes for CUDA, no vendor specifics.
+fn device_properties(target: Target) -> cubecl::ir::DeviceProperties {
+    use cubecl::ir::{
+        features::{Features, TypeUsage},
+        DeviceProperties, ElemType, FloatKind, HardwareProperties, IntKind, MemoryDeviceProperties,
+        UIntKind,
+    };
+    let hardware = HardwareProperties {
+        load_width: 128,
+        plane_size_min: 32,
+        plane_size_max: 32,
+        max_bindings: 31,
+        max_shared_memory_size: 48 * 1024,
+        max_cube_count: (65_535, 65_535, 65_535),
+        max_units_per_cube: 1024,
+        max_cube_dim: (1024, 1024, 64),
+        num_streaming_multiprocessors: None,
+        num_cpu_cores: None,
+        num_tensor_cores: None,
+        min_tensor_cores_dim: None,
+        max_vector_size: 4,
+    };
+    let memory = MemoryDeviceProperties {
+        max_page_size: 1 << 30,
+        alignment: 32,
+    };
+    let mut props = DeviceProperties::new(
+        Features::default(),
+        memory,
+        hardware,
+        cubecl_common::profile::TimingMethod::System,
+    );
+    match target {
+        Target::Cuda => cubecl_cpp::register_supported_types(&mut props),
+        Target::Wgsl => {
+            // What wgpu reports for an adapter with SHADER_F16 (WGSL has no bf16).
+            props.register_address_type(cubecl::ir::AddressType::U32);
+            for ty in [
+                ElemType::UInt(UIntKind::U32),
+                ElemType::Int(IntKind::I32),
+                ElemType::Float(FloatKind::F32),
+                ElemType::Float(FloatKind::Flex32),
+                ElemType::Float(FloatKind::F16),
+                ElemType::Bool,
+            ] {
+                props.register_type_usage(ty, TypeUsage::all());
+            }
+        }
+    }
+    props
+}
+
+fn builder<R: Runtime>(target: Target) -> KernelBuilder {
+    let mut b = KernelBuilder::default();
+    b.runtime_properties(R::target_properties());
+    b.device_properties(&device_properties(target));
+    b
+}
+
+fn compile_error(kernel: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Kernel {
+        kernel: kernel.into(),
+        message: format!("compilation failed: {e:?}"),
+    }
+}
+
+fn fnv1a(s: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Emits `spec` for `target` with `config` (validated against the kernel's knobs).
+pub fn emit(spec: &KernelSpec, target: Target, config: &KernelConfig) -> Result<Emitted> {
+    if target == Target::Wgsl && config.values().get("dtype").map(String::as_str) == Some("bf16") {
+        return Err(Error::Unsupported {
+            device: "WGSL".into(),
+            feature: "bf16 (WGSL has no bfloat16 type)".into(),
+        });
+    }
+    let mode = ExecutionMode::Unchecked;
+    let addr = AddressType::U32.unsigned_type();
+    // The CUDA compile always runs: it gives the manifest's shared-memory layout.
+    let cuda_def = (spec.define)(builder::<cubecl::cuda::CudaRuntime>(Target::Cuda), config)?;
+    let entry_point = cuda_def.options.kernel_name.clone();
+    let cube = cuda_def.cube_dim;
+    let options = cubecl_cpp::shared::CompilationOptions {
+        warp_size: 32,
+        ..Default::default()
+    };
+    let cuda = cubecl::cuda::CudaCompiler::default()
+        .compile(cuda_def, &options, mode, addr)
+        .map_err(|e| compile_error(spec.name, e))?;
+    let shared_memory_bytes = cuda.shared_memory_size();
+    let source = match target {
+        Target::Cuda => cuda.to_string(),
+        Target::Wgsl => {
+            let def = (spec.define)(builder::<cubecl::wgpu::WgpuRuntime>(Target::Wgsl), config)?;
+            cubecl::wgpu::WgslCompiler::default()
+                .compile(def, &Default::default(), mode, addr)
+                .map_err(|e| compile_error(spec.name, e))?
+                .to_string()
+        }
+    };
+    let manifest = Manifest {
+        kernel: spec.name.into(),
+        target,
+        entry_point,
+        cube_dim: (cube.x, cube.y, cube.z),
+        shared_memory_bytes,
+        config: config.values().clone(),
+        source_hash: fnv1a(&source),
+    };
+    Ok(Emitted { source, manifest })
+}
+
+/// Makes emitted text stable for snapshots. cubecl emits some declarations in hash-map
+/// order, which changes from run to run: shared-memory arrays (with their offsets) and
+/// vector struct definitions in CUDA C++, and mutable locals in both targets. Each run
+/// of consecutive such declarations is sorted (a struct block moves as one piece) and
+/// shared-memory offsets are masked. Everything else is left byte for byte.
+pub fn normalize(source: &str) -> String {
+    let lines: Vec<&str> = source.lines().collect();
+    let mut out: Vec<String> = Vec::new();
+    let mut group: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        if line.starts_with("struct __align__") {
+            // A whole `struct ... { ... };` block is one sortable unit.
+            let mut block = vec![line];
+            while i + 1 < lines.len() && !lines[i].starts_with("};") {
+                i += 1;
+                block.push(lines[i]);
+            }
+            group.push(block.join("\n"));
+        } else if is_shared_decl(line) {
+            group.push(mask_numbers_after(line, "["));
+        } else if is_local_decl(line) {
+            group.push(line.to_string());
+        } else {
+            group.sort();
+            out.append(&mut group);
+            out.push(line.to_string());
+        }
+        i += 1;
+    }
+    group.sort();
+    out.append(&mut group);
+    out.join("\n")
+}
+
+fn is_shared_decl(line: &str) -> bool {
+    line.contains("__shared__") && !line.contains("extern")
+        || line.contains("shared_memory_") && line.contains("reinterpret_cast")
+}
+
+/// A declaration with no initializer: `float l_mut_7;` (CUDA) or `var l_mut_7: u32;` (WGSL).
+fn is_local_decl(line: &str) -> bool {
+    let t = line.trim();
+    if !t.ends_with(';') || t.contains('=') {
+        return false;
+    }
+    let body = t.trim_end_matches(';');
+    if let Some(rest) = body.strip_prefix("var ") {
+        return rest.starts_with("l_");
+    }
+    let mut parts = body.split_whitespace();
+    matches!((parts.next(), parts.next(), parts.next()), (Some(_), Some(name), None) if name.starts_with("l_"))
+}
+
+fn mask_numbers_after(line: &str, marker: &str) -> String {
+    match line.find(marker) {
+        Some(i) => {
+            let (head, tail) = line.split_at(i);
+            let masked: String = tail
+                .chars()
+                .map(|c| if c.is_ascii_digit() { 'N' } else { c })
+                .collect();
+            format!("{head}{masked}")
+        }
+        None => line.to_string(),
+    }
+}

@@ -1,0 +1,17 @@
+//! kiln-dsl: the vocabulary used inside kiln kernels, as `#[cube]` functions.
+//!
+//! Everything here runs on every cubecl target (CUDA, WGSL on Vulkan/Metal/DX12, and
+//! lavapipe, which has no plane operations), so nothing assumes warps or tensor cores.
+//! Must not depend on kiln's runtime, kernels or codegen.
+
+// `#[cube]` generates undocumented expansion items.
+#[allow(missing_docs)]
+pub mod activation;
+#[allow(missing_docs)]
+pub mod grid;
+#[allow(missing_docs)]
+pub mod reduce;
+
+pub use activation::*;
+pub use grid::*;
+pub use reduce::*;

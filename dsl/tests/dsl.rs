@@ -1,0 +1,142 @@
+//! Each DSL piece alone, on the default wgpu adapter (lavapipe in CI), against closed
+//! forms or f64.
+
+use cubecl::prelude::*;
+use cubecl::wgpu::WgpuRuntime;
+use kiln_dsl::{cube_max, cube_sum, exp_diff, gelu_tanh, linear_cube, linear_unit, silu};
+
+type R = WgpuRuntime;
+
+fn client() -> ComputeClient<R> {
+    R::client(&Default::default())
+}
+
+#[cube(launch_unchecked)]
+fn reduce_kernel(out: &mut Array<f32>, #[comptime] units: u32) {
+    let mut smem = SharedMemory::<f32>::new(units as usize);
+    let v = f32::cast_from(UNIT_POS);
+    let s = cube_sum(&mut smem, v, units);
+    let m = cube_max(&mut smem, 100.0 - v, units);
+    if UNIT_POS == 0 {
+        out[0] = s;
+        out[1] = m;
+    }
+}
+
+#[test]
+fn cube_sum_and_max_match_closed_forms() {
+    let c = client();
+    for units in [32u32, 64, 256] {
+        let out = c.empty(8);
+        unsafe {
+            reduce_kernel::launch_unchecked::<R>(
+                &c,
+                CubeCount::Static(1, 1, 1),
+                CubeDim::new_1d(units),
+                ArrayArg::from_raw_parts(out.clone(), 2),
+                units,
+            )
+        };
+        let got = f32::from_bytes(&c.read_one_unchecked(out)).to_vec();
+        assert_eq!(
+            got[0],
+            (units * (units - 1) / 2) as f32,
+            "sum, units {units}"
+        );
+        assert_eq!(got[1], 100.0, "max, units {units}");
+    }
+}
+
+#[cube(launch_unchecked)]
+fn pos_kernel(out: &mut Array<u32>) {
+    let i = linear_unit();
+    if i < out.len() {
+        out[i] = linear_cube() as u32;
+    }
+}
+
+#[test]
+fn linear_positions_cover_a_2d_grid() {
+    let c = client();
+    // 3 x 2 cubes of 4 units: units 0..24 in cube order x first.
+    let out = c.empty(24 * 4);
+    unsafe {
+        pos_kernel::launch_unchecked::<R>(
+            &c,
+            CubeCount::Static(3, 2, 1),
+            CubeDim::new_1d(4),
+            ArrayArg::from_raw_parts(out.clone(), 24),
+        )
+    };
+    let got = u32::from_bytes(&c.read_one_unchecked(out)).to_vec();
+    let want: Vec<u32> = (0..24).map(|i| i / 4).collect();
+    assert_eq!(got, want);
+}
+
+#[cube(launch_unchecked)]
+fn math_kernel(a: &Array<f32>, b: &Array<f32>, out: &mut Array<f32>, one: f32) {
+    let i = ABSOLUTE_POS;
+    if i < a.len() {
+        out[i * 3] = exp_diff(a[i], b[i], one);
+        out[i * 3 + 1] = silu::<Const<1>>(Vector::new(a[i]))[0];
+        out[i * 3 + 2] = gelu_tanh::<Const<1>>(Vector::new(a[i]))[0];
+    }
+}
+
+#[test]
+fn exp_diff_and_activations_match_f64() {
+    let c = client();
+    let a: Vec<f32> = vec![
+        -20.0,
+        -7.25,
+        0.0,
+        3.5,
+        10.0,
+        -100.0,
+        f32::NEG_INFINITY,
+        1e-3,
+    ];
+    let b: Vec<f32> = vec![3.3, 9.9, 0.0, -2.0, 10.0, 0.0, 1.0, -1e-3];
+    let n = a.len();
+    let (ha, hb) = (
+        c.create_from_slice(f32::as_bytes(&a)),
+        c.create_from_slice(f32::as_bytes(&b)),
+    );
+    let out = c.empty(n * 3 * 4);
+    unsafe {
+        math_kernel::launch_unchecked::<R>(
+            &c,
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(n as u32),
+            ArrayArg::from_raw_parts(ha, n),
+            ArrayArg::from_raw_parts(hb, n),
+            ArrayArg::from_raw_parts(out.clone(), n * 3),
+            1.0f32,
+        )
+    };
+    let got = f32::from_bytes(&c.read_one_unchecked(out)).to_vec();
+    for i in 0..n {
+        let (x, y) = (a[i] as f64, b[i] as f64);
+        let e = (x - y).exp();
+        let e = if e < f32::MIN_POSITIVE as f64 { 0.0 } else { e };
+        let g = got[i * 3] as f64;
+        assert!(
+            (g - e).abs() <= 4.0 * f32::EPSILON as f64 * e,
+            "exp({x} - {y}): {g} vs {e}"
+        );
+        if x.is_finite() {
+            let s = x / (1.0 + (-x).exp());
+            assert!(
+                (got[i * 3 + 1] as f64 - s).abs() <= 1e-6 * (s.abs() + 1e-30),
+                "silu({x})"
+            );
+            let u = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
+            let gl = x / (1.0 + (-2.0 * u).exp());
+            // The argument z ~ x^3 carries f32 rounding amplified by |z| (~40 at x = -7).
+            assert!(
+                (got[i * 3 + 2] as f64 - gl).abs() <= 2e-5 * gl.abs() + 1e-30,
+                "gelu({x})"
+            );
+        }
+    }
+}

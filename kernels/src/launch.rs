@@ -1,0 +1,127 @@
+//! Launch plumbing shared by the operator modules: dtype dispatch, grids, and the
+//! device-free kernel definition used by `kiln emit`.
+
+use cubecl::prelude::*;
+use kiln_runtime::{DType, Error, KernelConfig, ParamSpec, Result};
+
+/// Runs `$body` with `$F` bound to the Rust element type of a float dtype.
+macro_rules! with_float {
+    ($dtype:expr, $F:ident => $body:expr) => {
+        match $dtype {
+            kiln_runtime::DType::F32 => {
+                type $F = f32;
+                $body
+            }
+            kiln_runtime::DType::F16 => {
+                type $F = half::f16;
+                $body
+            }
+            kiln_runtime::DType::BF16 => {
+                type $F = half::bf16;
+                $body
+            }
+            other => Err(kiln_runtime::Error::DType {
+                tensor: "x".into(),
+                expected: "f32 | f16 | bf16".into(),
+                found: other.name().into(),
+            }),
+        }
+    };
+}
+pub(crate) use with_float;
+
+/// Units per cube of the 1-D element-wise kernels.
+pub const ELEMENTWISE_UNITS: u32 = 256;
+
+/// Largest cube count per grid dimension that every backend accepts.
+const MAX_CUBES: usize = 65_535;
+
+/// A 2-D grid of at least `cubes` cubes (x first); kernels linearize it as
+/// `CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X` and guard the tail.
+pub fn grid(cubes: usize) -> Result<CubeCount> {
+    let cubes = cubes.max(1);
+    let x = cubes.min(MAX_CUBES);
+    let y = cubes.div_ceil(x);
+    if y > MAX_CUBES {
+        return Err(Error::Shape {
+            tensor: "x".into(),
+            expected: format!("at most {} cubes of work", MAX_CUBES * MAX_CUBES),
+            found: format!("{cubes}"),
+        });
+    }
+    Ok(CubeCount::Static(x as u32, y as u32, 1))
+}
+
+/// Widest vector (4, 2 or 1 elements) that divides every length given.
+pub fn vector_width(lens: &[usize]) -> usize {
+    [4usize, 2, 1]
+        .into_iter()
+        .find(|w| lens.iter().all(|l| l % w == 0))
+        .unwrap_or(1)
+}
+
+/// A u32 kernel argument, or an error naming what is too large.
+pub fn as_u32(what: &str, n: usize) -> Result<u32> {
+    u32::try_from(n).map_err(|_| Error::Shape {
+        tensor: what.into(),
+        expected: format!("fewer than {} elements", u32::MAX),
+        found: n.to_string(),
+    })
+}
+
+/// The configuration knob every emitted kernel has.
+pub const DTYPE_PARAM: ParamSpec = ParamSpec {
+    name: "dtype",
+    default: "f32",
+    values: "f32 | f16 | bf16",
+    doc: "element type of the tensors",
+};
+
+/// The float dtype named in an emission config.
+pub fn config_dtype(cfg: &KernelConfig) -> Result<DType> {
+    let d = DType::parse(&cfg.get::<String>("dtype")?)?;
+    if !d.is_float() {
+        return Err(Error::Param {
+            param: "dtype".into(),
+            expected: DTYPE_PARAM.values.into(),
+            found: d.name().into(),
+        });
+    }
+    Ok(d)
+}
+
+/// Registers the element type `F` for the generic marker `M` of a `#[cube]` kernel.
+pub fn register_float<M: 'static, F: Float>(builder: &mut KernelBuilder) {
+    builder
+        .scope
+        .register_type::<DynamicScalar<M>>(F::as_type_native_unchecked().storage_type());
+}
+
+/// An input array argument of a kernel under definition.
+pub fn input_array<C: CubePrimitive>(builder: &mut KernelBuilder) -> NativeExpand<Array<C>> {
+    <Array<C> as LaunchArg>::expand(&ArrayCompilationArg { inplace: None }, builder)
+}
+
+/// An output array argument of a kernel under definition.
+pub fn output_array<C: CubePrimitive>(builder: &mut KernelBuilder) -> NativeExpand<Array<C>> {
+    <Array<C> as LaunchArg>::expand_output(&ArrayCompilationArg { inplace: None }, builder)
+}
+
+/// A u32 scalar argument of a kernel under definition.
+pub fn scalar_u32(builder: &mut KernelBuilder) -> NativeExpand<u32> {
+    <u32 as LaunchArg>::expand(&(), builder)
+}
+
+/// Starts a device-free definition the way cubecl's launch does: 32-bit addressing.
+pub fn begin(builder: &mut KernelBuilder) {
+    AddressType::U32.register(&mut builder.scope);
+}
+
+/// Finishes a definition with kiln's entry-point name and a 1-D cube of `units`.
+pub fn finish(builder: KernelBuilder, name: String, units: u32) -> KernelDefinition {
+    let settings = KernelSettings::default()
+        .kernel_name(name)
+        .cube_dim(CubeDim::new_1d(units))
+        .address_type(AddressType::U32);
+    builder.build(settings)
+}

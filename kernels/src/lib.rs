@@ -1,0 +1,69 @@
+//! kiln-kernels: the operator library. One module per operator family, each reading
+//! top-down: spec summary, host API, kernels, f64 reference, registry entries.
+//!
+//! Uses kiln-runtime and kiln-dsl; must not depend on codegen or the root crate.
+
+// `#[cube]` generates undocumented expansion items inside the operator modules.
+#[allow(missing_docs)]
+pub mod elementwise;
+mod launch;
+#[allow(missing_docs)]
+pub mod rowwise;
+
+use kiln_runtime::{Error, KernelSpec, OpSpec, Result};
+
+/// Every operator in the library, in `kiln ops` order.
+pub fn ops() -> &'static [&'static OpSpec] {
+    static OPS: [&OpSpec; 6] = [
+        &elementwise::ADD,
+        &elementwise::MUL,
+        &elementwise::SILU,
+        &elementwise::GELU,
+        &rowwise::SOFTMAX,
+        &rowwise::LOGSUMEXP,
+    ];
+    &OPS
+}
+
+/// Every kernel whose source `kiln emit` can print.
+pub fn kernels() -> &'static [&'static KernelSpec] {
+    static KERNELS: [&KernelSpec; 6] = [
+        &elementwise::ADD_KERNEL,
+        &elementwise::MUL_KERNEL,
+        &elementwise::SILU_KERNEL,
+        &elementwise::GELU_KERNEL,
+        &rowwise::SOFTMAX_KERNEL,
+        &rowwise::LOGSUMEXP_KERNEL,
+    ];
+    &KERNELS
+}
+
+fn known<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    names.collect::<Vec<_>>().join(", ")
+}
+
+/// Looks an operator up by name.
+pub fn op(name: &str) -> Result<&'static OpSpec> {
+    ops()
+        .iter()
+        .copied()
+        .find(|o| o.name == name)
+        .ok_or_else(|| Error::Unknown {
+            kind: "operator",
+            name: name.into(),
+            known: known(ops().iter().map(|o| o.name)),
+        })
+}
+
+/// Looks a kernel up by name.
+pub fn kernel(name: &str) -> Result<&'static KernelSpec> {
+    kernels()
+        .iter()
+        .copied()
+        .find(|k| k.name == name)
+        .ok_or_else(|| Error::Unknown {
+            kind: "kernel",
+            name: name.into(),
+            known: known(kernels().iter().map(|k| k.name)),
+        })
+}

@@ -1,0 +1,295 @@
+//! Row-wise operators over the last dimension.
+//!
+//! Spec: for `x` of shape `[..., D]`, `softmax(x)_j = exp(x_j - m) / sum_k exp(x_k - m)`
+//! with `m = max_k x_k` (out: x's shape), and `logsumexp(x) = m + ln(sum_k exp(x_k - m))`
+//! (out: x's shape without its last dimension). Accumulation in f32 for every storage
+//! dtype. A row that is entirely -inf gives softmax 0 everywhere (not NaN, unlike
+//! PyTorch) and logsumexp -inf.
+//!
+//! One cube per row. Each unit keeps an online (max, sum) pair over its strided slice
+//! of the row (one read of `x`), the cube merges the pairs with a max- then a
+//! sum-reduction, and softmax re-reads `x` once to write. So softmax reads `x` twice
+//! and logsumexp once.
+
+use crate::launch::{
+    as_u32, begin, config_dtype, finish, grid, input_array, output_array, register_float,
+    scalar_u32, with_float, DTYPE_PARAM,
+};
+use cubecl::prelude::*;
+use kiln_dsl::{cube_max, cube_sum, exp_diff, linear_cube};
+use kiln_runtime::{
+    dispatch, shape_str, Client, DType, Error, KernelConfig, KernelSpec, OpArgs, OpSpec, Outputs,
+    ParamSpec, Result, Tensor, TensorSpec,
+};
+
+// ---------------------------------------------------------------- host API
+
+/// Softmax over the last dimension.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    rowwise(x, false)
+}
+
+/// Log-sum-exp over the last dimension (the output drops that dimension).
+pub fn logsumexp(x: &Tensor) -> Result<Tensor> {
+    rowwise(x, true)
+}
+
+/// Units per cube for a row of `cols` elements: a power of two in 32..=256.
+pub fn units_for(cols: usize) -> u32 {
+    cols.next_power_of_two().clamp(32, 256) as u32
+}
+
+fn rowwise(x: &Tensor, lse: bool) -> Result<Tensor> {
+    let client = x.client();
+    x.expect_dtype("x", &DType::FLOATS)?;
+    client.require_dtype("x", x.dtype())?;
+    x.expect_usable("x", client)?;
+    let Some((&cols, lead)) = x.shape().split_last() else {
+        return Err(Error::Shape {
+            tensor: "x".into(),
+            expected: "rank >= 1, [..., D]".into(),
+            found: shape_str(x.shape()),
+        });
+    };
+    if cols == 0 {
+        return Err(Error::Shape {
+            tensor: "x".into(),
+            expected: "a non-empty last dimension D >= 1".into(),
+            found: shape_str(x.shape()),
+        });
+    }
+    let rows: usize = lead.iter().product();
+    let out_shape = if lse {
+        lead.to_vec()
+    } else {
+        x.shape().to_vec()
+    };
+    let out = Tensor::empty(client, x.dtype(), &out_shape)?;
+    if rows == 0 {
+        return Ok(out);
+    }
+    let units = units_for(cols);
+    let count = grid(rows)?;
+    let (rows_u, cols_u) = (as_u32("x", rows)?, as_u32("x", cols)?);
+    dispatch!(client, c => with_float!(x.dtype(), F => {
+        // SAFETY: the kernel reads row `r < rows` at `r * cols + j` with `j < cols`
+        // and writes the same range (or index `r` for logsumexp).
+        unsafe {
+            rowwise_kernel::launch_unchecked::<F, _>(
+                c,
+                count,
+                CubeDim::new_1d(units),
+                ArrayArg::from_raw_parts(x.handle().clone(), x.numel()),
+                ArrayArg::from_raw_parts(out.handle().clone(), out.numel()),
+                rows_u,
+                cols_u,
+                units,
+                lse,
+            )
+        };
+        Ok(())
+    }))?;
+    Ok(out)
+}
+
+// ---------------------------------------------------------------- kernels
+
+/// One cube per row; see the module docs for the algorithm.
+#[cube(launch_unchecked)]
+fn rowwise_kernel<F: Float>(
+    x: &Array<F>,
+    out: &mut Array<F>,
+    rows: u32,
+    cols: u32,
+    #[comptime] units: u32,
+    #[comptime] lse: bool,
+) {
+    let row = linear_cube();
+    // `row` is the same for every unit of the cube, so the barriers inside the
+    // reductions are reached uniformly.
+    if row < rows as usize {
+        let base = row * cols as usize;
+        let mut smem = SharedMemory::<f32>::new(units as usize);
+        // 1.0, but opaque to the shader compiler (cols >= 1): see `exp_diff`.
+        let one = f32::cast_from(min(cols, 1u32));
+
+        // Online (max, sum) over this unit's strided slice. The running max starts at
+        // the lowest finite f32, not -inf, so `m - v` is never `-inf - -inf` = NaN;
+        // -inf entries then contribute exp(-inf) = 0.
+        let mut m = f32::min_value();
+        let mut s = 0.0f32;
+        let mut j = UNIT_POS as usize;
+        while j < cols as usize {
+            let v = f32::cast_from(x[base + j]);
+            if v > m {
+                s = s * exp_diff(m, v, one) + 1.0;
+                m = v;
+            } else {
+                s += exp_diff(v, m, one);
+            }
+            j += units as usize;
+        }
+
+        let row_max = cube_max(&mut smem, m, units);
+        let row_sum = cube_sum(&mut smem, s * exp_diff(m, row_max, one), units);
+
+        if comptime!(lse) {
+            if UNIT_POS == 0 {
+                // An all -inf row has row_sum == 0 and row_max the lowest finite f32,
+                // so this is ln(0) = -inf. Written without an infinity literal: WGSL
+                // rejects `f32(-inf)`, which is what cubecl emits for NEG_INFINITY.
+                out[row] = F::cast_from(row_max + f32::ln(row_sum));
+            }
+        } else {
+            // An all -inf row has row_sum == 0: divide by 1 instead (every exp is 0),
+            // writing zeros rather than 0/0. A division, not a reciprocal and a
+            // product: one rounding instead of two.
+            let denom = select(row_sum > 0.0, row_sum, 1.0);
+            let mut j = UNIT_POS as usize;
+            while j < cols as usize {
+                let v = f32::cast_from(x[base + j]);
+                out[base + j] = F::cast_from(exp_diff(v, row_max, one) / denom);
+                j += units as usize;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- reference
+
+/// f64 references over rows of `cols` elements, written from the spec.
+pub mod reference {
+    fn row_max(row: &[f64]) -> f64 {
+        row.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+    }
+    /// Row-wise softmax; an all -inf row gives zeros.
+    pub fn softmax(x: &[f64], cols: usize) -> Vec<f64> {
+        x.chunks(cols)
+            .flat_map(|row| {
+                let m = row_max(row);
+                if m == f64::NEG_INFINITY {
+                    return vec![0.0; row.len()];
+                }
+                let s: f64 = row.iter().map(|v| (v - m).exp()).sum();
+                row.iter().map(|v| (v - m).exp() / s).collect()
+            })
+            .collect()
+    }
+    /// Row-wise log-sum-exp; an all -inf row gives -inf.
+    pub fn logsumexp(x: &[f64], cols: usize) -> Vec<f64> {
+        x.chunks(cols)
+            .map(|row| {
+                let m = row_max(row);
+                if m == f64::NEG_INFINITY {
+                    return f64::NEG_INFINITY;
+                }
+                m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln()
+            })
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------- registry
+
+const X: TensorSpec = TensorSpec {
+    name: "x",
+    shape: "[..., D], D >= 1",
+    dtypes: "f32 | f16 | bf16",
+    optional: false,
+    doc: "input; the operator works over the last dimension",
+};
+
+fn run_softmax(client: &Client, a: &OpArgs) -> Result<Outputs> {
+    let x = a.tensor("x")?;
+    x.expect_usable("x", client)?;
+    Ok(vec![("out", softmax(x)?)])
+}
+fn run_logsumexp(client: &Client, a: &OpArgs) -> Result<Outputs> {
+    let x = a.tensor("x")?;
+    x.expect_usable("x", client)?;
+    Ok(vec![("out", logsumexp(x)?)])
+}
+
+/// `softmax` over the last dimension.
+pub static SOFTMAX: OpSpec = OpSpec {
+    name: "softmax",
+    summary: "softmax over the last dimension (stable; an all -inf row gives zeros)",
+    inputs: &[X],
+    outputs: &[TensorSpec {
+        name: "out",
+        shape: "x's shape",
+        dtypes: "x's dtype",
+        optional: false,
+        doc: "probabilities",
+    }],
+    params: &[],
+    run: run_softmax,
+};
+/// `logsumexp` over the last dimension.
+pub static LOGSUMEXP: OpSpec = OpSpec {
+    name: "logsumexp",
+    summary: "log-sum-exp over the last dimension (stable; an all -inf row gives -inf)",
+    inputs: &[X],
+    outputs: &[TensorSpec {
+        name: "out",
+        shape: "[...] (x's shape without D)",
+        dtypes: "x's dtype",
+        optional: false,
+        doc: "log-sum-exp of each row",
+    }],
+    params: &[],
+    run: run_logsumexp,
+};
+
+const UNITS_PARAM: ParamSpec = ParamSpec {
+    name: "units",
+    default: "256",
+    values: "32 | 64 | 128 | 256",
+    doc: "units per cube (one cube per row)",
+};
+
+fn define(mut b: KernelBuilder, cfg: &KernelConfig, lse: bool) -> Result<KernelDefinition> {
+    let dtype = config_dtype(cfg)?;
+    let units: u32 = cfg.get("units")?;
+    if ![32, 64, 128, 256].contains(&units) {
+        return Err(Error::Param {
+            param: "units".into(),
+            expected: UNITS_PARAM.values.into(),
+            found: units.to_string(),
+        });
+    }
+    let name = if lse { "logsumexp" } else { "softmax" };
+    with_float!(dtype, F => {
+        begin(&mut b);
+        register_float::<rowwise_kernel::_F, F>(&mut b);
+        let x = input_array::<rowwise_kernel::F>(&mut b);
+        let out = output_array::<rowwise_kernel::F>(&mut b);
+        let rows = scalar_u32(&mut b);
+        let cols = scalar_u32(&mut b);
+        rowwise_kernel::expand::<rowwise_kernel::F>(&mut b.scope, x, out, rows, cols, units, lse);
+        Ok(finish(b, format!("kiln_{name}_{dtype}_u{units}"), units))
+    })
+}
+fn define_softmax(b: KernelBuilder, c: &KernelConfig) -> Result<KernelDefinition> {
+    define(b, c, false)
+}
+fn define_logsumexp(b: KernelBuilder, c: &KernelConfig) -> Result<KernelDefinition> {
+    define(b, c, true)
+}
+
+const ROW_CONFIG: &[ParamSpec] = &[DTYPE_PARAM, UNITS_PARAM];
+
+/// Emission entry of the `softmax` kernel.
+pub static SOFTMAX_KERNEL: KernelSpec = KernelSpec {
+    name: "softmax",
+    summary: SOFTMAX.summary,
+    config: ROW_CONFIG,
+    define: define_softmax,
+};
+/// Emission entry of the `logsumexp` kernel.
+pub static LOGSUMEXP_KERNEL: KernelSpec = KernelSpec {
+    name: "logsumexp",
+    summary: LOGSUMEXP.summary,
+    config: ROW_CONFIG,
+    define: define_logsumexp,
+};

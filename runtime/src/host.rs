@@ -1,0 +1,149 @@
+//! Host-side tensors: contiguous row-major bytes plus dtype and shape, with
+//! conversion to and from f64 (for references) and safetensors files.
+
+use crate::{DType, Error, Result};
+use half::{bf16, f16};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// A contiguous, row-major tensor in host memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    /// Element type.
+    pub dtype: DType,
+    /// Shape, outermost dimension first.
+    pub shape: Vec<usize>,
+    /// Little-endian element bytes, `numel * dtype.size()` of them.
+    pub data: Vec<u8>,
+}
+
+impl HostTensor {
+    /// Wraps raw little-endian bytes; errors when the byte count does not match the shape.
+    pub fn from_bytes(dtype: DType, shape: Vec<usize>, data: Vec<u8>) -> Result<Self> {
+        let numel: usize = shape.iter().product();
+        if data.len() != numel * dtype.size() {
+            return Err(Error::Shape {
+                tensor: "data".into(),
+                expected: format!("{} bytes for {dtype} {shape:?}", numel * dtype.size()),
+                found: format!("{} bytes", data.len()),
+            });
+        }
+        Ok(Self { dtype, shape, data })
+    }
+
+    /// Converts f64 values to `dtype` (round to nearest even for floats; saturating for ints).
+    pub fn from_f64(dtype: DType, shape: Vec<usize>, values: &[f64]) -> Result<Self> {
+        let numel: usize = shape.iter().product();
+        if values.len() != numel {
+            return Err(Error::Shape {
+                tensor: "values".into(),
+                expected: format!("{numel} values for shape {shape:?}"),
+                found: format!("{} values", values.len()),
+            });
+        }
+        let mut data = Vec::with_capacity(numel * dtype.size());
+        for &v in values {
+            match dtype {
+                DType::F32 => data.extend_from_slice(&(v as f32).to_le_bytes()),
+                DType::F16 => data.extend_from_slice(&f16::from_f64(v).to_le_bytes()),
+                DType::BF16 => data.extend_from_slice(&bf16::from_f64(v).to_le_bytes()),
+                DType::I8 => data.extend_from_slice(&(v as i8).to_le_bytes()),
+                DType::U8 => data.extend_from_slice(&(v as u8).to_le_bytes()),
+                DType::I32 => data.extend_from_slice(&(v as i32).to_le_bytes()),
+                DType::U32 => data.extend_from_slice(&(v as u32).to_le_bytes()),
+            }
+        }
+        Ok(Self { dtype, shape, data })
+    }
+
+    /// Builds an f32 tensor.
+    pub fn from_f32(shape: Vec<usize>, values: &[f32]) -> Result<Self> {
+        Self::from_bytes(DType::F32, shape, bytemuck::cast_slice(values).to_vec())
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Every element widened to f64 (exactly, for every dtype kiln has).
+    pub fn to_f64(&self) -> Vec<f64> {
+        let s = self.dtype.size();
+        self.data
+            .chunks_exact(s)
+            .map(|b| match self.dtype {
+                DType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64,
+                DType::F16 => f16::from_le_bytes([b[0], b[1]]).to_f64(),
+                DType::BF16 => bf16::from_le_bytes([b[0], b[1]]).to_f64(),
+                DType::I8 => b[0] as i8 as f64,
+                DType::U8 => b[0] as f64,
+                DType::I32 => i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64,
+                DType::U32 => u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64,
+            })
+            .collect()
+    }
+
+    /// The same values in another dtype (through f64).
+    pub fn cast(&self, dtype: DType) -> HostTensor {
+        if dtype == self.dtype {
+            return self.clone();
+        }
+        // The lengths agree by construction, so this cannot fail.
+        Self::from_f64(dtype, self.shape.clone(), &self.to_f64()).unwrap_or_else(|_| unreachable!())
+    }
+}
+
+/// Reads every tensor of a safetensors file, keyed by name.
+pub fn load_safetensors(path: impl AsRef<Path>) -> Result<BTreeMap<String, HostTensor>> {
+    let path = path.as_ref();
+    let p = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: p.clone(),
+        source,
+    })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Format {
+        path: p.clone(),
+        message: format!("not a valid safetensors file: {e}"),
+    })?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let dtype = DType::from_safetensors(view.dtype()).ok_or_else(|| Error::Format {
+            path: p.clone(),
+            message: format!(
+                "tensor `{name}` has dtype {:?}; kiln handles f32, f16, bf16, i8, u8, i32, u32",
+                view.dtype()
+            ),
+        })?;
+        let t = HostTensor::from_bytes(dtype, view.shape().to_vec(), view.data().to_vec())?;
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+/// Writes tensors to a safetensors file (names sorted; the file is replaced atomically).
+pub fn save_safetensors(
+    path: impl AsRef<Path>,
+    tensors: &BTreeMap<String, HostTensor>,
+) -> Result<()> {
+    let path = path.as_ref();
+    let p = path.display().to_string();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            safetensors::tensor::TensorView::new(t.dtype.to_safetensors(), t.shape.clone(), &t.data)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::Format {
+                    path: p.clone(),
+                    message: format!("tensor `{n}`: {e}"),
+                })
+        })
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(views, &None).map_err(|e| Error::Format {
+        path: p.clone(),
+        message: e.to_string(),
+    })?;
+    let tmp = path.with_extension("safetensors.tmp");
+    std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|source| Error::Io { path: p, source })
+}

@@ -1,0 +1,24 @@
+//! kiln-runtime: devices, typed device tensors, safetensors I/O, the one error type,
+//! and the registry types that operators fill in and tools read.
+//!
+//! Depends on cubecl only; it must not depend on kiln's kernels, codegen or macros.
+
+mod device;
+mod dtype;
+mod error;
+mod host;
+mod registry;
+mod tensor;
+
+pub use device::{
+    cuda_device_count, list_wgpu_adapters, native_wgpu_backend, resolve, AdapterListing,
+    AdapterType, Backend, Client, ClientInner, Device, DeviceReport, WgpuSelect,
+};
+pub use dtype::DType;
+pub use error::{shape_str, Error, Result};
+pub use host::{load_safetensors, save_safetensors, HostTensor};
+pub use registry::{KernelConfig, KernelSpec, OpArgs, OpSpec, Outputs, ParamSpec, TensorSpec};
+pub use tensor::{contiguous_strides, Tensor};
+
+/// Re-export of the cubecl version kiln is built on.
+pub use cubecl;

@@ -1,0 +1,236 @@
+//! The operator and kernel registry types. Operators (kernels crate) fill them in;
+//! tools (`kiln ops`, `kiln run`, `kiln emit`, `kiln selftest`) read them.
+
+use crate::{Client, Error, Result, Tensor};
+use cubecl::prelude::{KernelBuilder, KernelDefinition};
+use std::collections::BTreeMap;
+
+/// A documented operator input or output.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorSpec {
+    /// The name in `kiln run`'s safetensors files.
+    pub name: &'static str,
+    /// Shape in words, e.g. `[..., D]`.
+    pub shape: &'static str,
+    /// Allowed dtypes in words, e.g. `f32 | f16 | bf16`.
+    pub dtypes: &'static str,
+    /// Whether the operator runs without it.
+    pub optional: bool,
+    /// One line on what it holds.
+    pub doc: &'static str,
+}
+
+/// A documented parameter (operator parameter or kernel configuration value).
+#[derive(Clone, Copy, Debug)]
+pub struct ParamSpec {
+    /// Name used with `--set` / `--config`.
+    pub name: &'static str,
+    /// Default value as text.
+    pub default: &'static str,
+    /// Allowed values in words.
+    pub values: &'static str,
+    /// One line on what it does.
+    pub doc: &'static str,
+}
+
+/// The named outputs of an operator run.
+pub type Outputs = Vec<(&'static str, Tensor)>;
+
+/// A library operator callable by name.
+pub struct OpSpec {
+    /// Name used by `kiln run` and `kiln ops`.
+    pub name: &'static str,
+    /// One line on what it computes.
+    pub summary: &'static str,
+    /// Inputs, by their documented names.
+    pub inputs: &'static [TensorSpec],
+    /// Outputs, by their documented names.
+    pub outputs: &'static [TensorSpec],
+    /// Parameters with defaults.
+    pub params: &'static [ParamSpec],
+    /// Runs the operator on validated arguments.
+    pub run: fn(&Client, &OpArgs) -> Result<Outputs>,
+}
+
+impl OpSpec {
+    /// Binds tensors and `key=value` parameters to this operator: unknown parameters
+    /// are errors; tensors the operator does not take are ignored (so a file may also
+    /// hold expected outputs).
+    pub fn bind(
+        &'static self,
+        tensors: BTreeMap<String, Tensor>,
+        params: BTreeMap<String, String>,
+    ) -> Result<OpArgs> {
+        for k in params.keys() {
+            if !self.params.iter().any(|p| p.name == *k) {
+                return Err(Error::UnknownParam {
+                    op: self.name.into(),
+                    param: k.clone(),
+                    known: names(self.params.iter().map(|p| p.name)),
+                });
+            }
+        }
+        Ok(OpArgs {
+            spec: self,
+            tensors,
+            params,
+        })
+    }
+
+    /// Binds, runs, and checks that every declared non-optional output was produced.
+    pub fn call(
+        &'static self,
+        client: &Client,
+        tensors: BTreeMap<String, Tensor>,
+        params: BTreeMap<String, String>,
+    ) -> Result<Outputs> {
+        let args = self.bind(tensors, params)?;
+        (self.run)(client, &args)
+    }
+}
+
+fn names<'a>(it: impl Iterator<Item = &'a str>) -> String {
+    let v: Vec<&str> = it.collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// Arguments bound to an operator: its tensors by name and its parameters as text,
+/// with typed, validated accessors whose errors name the tensor or parameter.
+pub struct OpArgs {
+    spec: &'static OpSpec,
+    tensors: BTreeMap<String, Tensor>,
+    params: BTreeMap<String, String>,
+}
+
+impl OpArgs {
+    fn input_spec(&self, name: &str) -> Option<&'static TensorSpec> {
+        self.spec.inputs.iter().find(|t| t.name == name)
+    }
+
+    /// A required input.
+    pub fn tensor(&self, name: &str) -> Result<&Tensor> {
+        self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            op: self.spec.name.into(),
+            tensor: name.into(),
+            expected: self.input_spec(name).map_or("a tensor".into(), |s| {
+                format!("shape {}, dtype {}", s.shape, s.dtypes)
+            }),
+        })
+    }
+
+    /// An optional input.
+    pub fn optional_tensor(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+
+    fn raw(&self, name: &str) -> Result<&str> {
+        if let Some(v) = self.params.get(name) {
+            return Ok(v);
+        }
+        self.spec
+            .params
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.default)
+            .ok_or_else(|| Error::UnknownParam {
+                op: self.spec.name.into(),
+                param: name.into(),
+                known: names(self.spec.params.iter().map(|p| p.name)),
+            })
+    }
+
+    fn bad(&self, name: &str, found: &str) -> Error {
+        let expected = self
+            .spec
+            .params
+            .iter()
+            .find(|p| p.name == name)
+            .map_or("a valid value", |p| p.values);
+        Error::Param {
+            param: name.into(),
+            expected: expected.into(),
+            found: found.into(),
+        }
+    }
+
+    /// A parameter as text (given or default).
+    pub fn param(&self, name: &str) -> Result<String> {
+        self.raw(name).map(str::to_string)
+    }
+
+    /// A parameter parsed as `T`, naming it in the error.
+    pub fn param_as<T: std::str::FromStr>(&self, name: &str) -> Result<T> {
+        let v = self.raw(name)?;
+        v.trim().parse::<T>().map_err(|_| self.bad(name, v))
+    }
+
+    /// A parameter that must be one of `choices`.
+    pub fn param_choice(&self, name: &str, choices: &[&str]) -> Result<String> {
+        let v = self.raw(name)?;
+        if choices.contains(&v) {
+            Ok(v.into())
+        } else {
+            Err(self.bad(name, v))
+        }
+    }
+}
+
+/// Values for a kernel's configuration knobs (`kiln emit --config k=v`), validated
+/// against the kernel's declared [`ParamSpec`]s.
+#[derive(Clone, Debug, Default)]
+pub struct KernelConfig {
+    values: BTreeMap<String, String>,
+}
+
+impl KernelConfig {
+    /// Checks every key against `spec`; unknown keys are errors naming the kernel.
+    pub fn new(spec: &KernelSpec, values: BTreeMap<String, String>) -> Result<Self> {
+        for k in values.keys() {
+            if !spec.config.iter().any(|p| p.name == *k) {
+                return Err(Error::UnknownParam {
+                    op: spec.name.into(),
+                    param: k.clone(),
+                    known: names(spec.config.iter().map(|p| p.name)),
+                });
+            }
+        }
+        let mut all = BTreeMap::new();
+        for p in spec.config {
+            all.insert(p.name.to_string(), p.default.to_string());
+        }
+        all.extend(values);
+        Ok(Self { values: all })
+    }
+
+    /// The value of a knob (given or default), parsed, or an error naming it.
+    pub fn get<T: std::str::FromStr>(&self, name: &str) -> Result<T> {
+        let v = self.values.get(name).map(String::as_str).unwrap_or("");
+        v.parse().map_err(|_| Error::Param {
+            param: name.into(),
+            expected: format!("a {}", std::any::type_name::<T>()),
+            found: v.into(),
+        })
+    }
+
+    /// All values, defaults filled in.
+    pub fn values(&self) -> &BTreeMap<String, String> {
+        &self.values
+    }
+}
+
+/// A kernel whose source can be emitted without a device.
+pub struct KernelSpec {
+    /// Name used by `kiln emit`.
+    pub name: &'static str,
+    /// One line on what it does.
+    pub summary: &'static str,
+    /// Configuration knobs (dtype, vector width, cube size, ...).
+    pub config: &'static [ParamSpec],
+    /// Expands the kernel into `builder` (already set up for the target) for a config
+    /// and returns its definition.
+    pub define: fn(KernelBuilder, &KernelConfig) -> Result<KernelDefinition>,
+}

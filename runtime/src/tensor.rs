@@ -1,0 +1,178 @@
+//! Typed device tensors.
+
+use crate::{dispatch, shape_str, Client, DType, Error, HostTensor, Result};
+use cubecl::server::Handle;
+
+/// A tensor on a device: a buffer handle plus dtype, shape and strides (in elements).
+///
+/// Tensors kiln creates are contiguous and row-major; kernels check
+/// [`Tensor::is_contiguous`] and say so when a tensor is not.
+#[derive(Clone)]
+pub struct Tensor {
+    client: Client,
+    handle: Handle,
+    dtype: DType,
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+}
+
+/// Row-major strides (in elements) for a shape.
+pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut strides = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    strides
+}
+
+/// Bytes actually allocated for `n` bytes of data: wgpu binds buffers in 4-byte
+/// words, so f16/i8 tensors of odd length are padded (the padding is never read back).
+fn padded(n: usize) -> usize {
+    n.div_ceil(4).max(1) * 4
+}
+
+impl Tensor {
+    /// Copies a host tensor to the device. The device must support its dtype.
+    pub fn upload(client: &Client, host: &HostTensor) -> Result<Tensor> {
+        client.require_dtype("upload", host.dtype)?;
+        let mut bytes = host.data.clone();
+        bytes.resize(padded(bytes.len()), 0);
+        let handle = dispatch!(client, c => c.create_from_slice(&bytes));
+        Ok(Tensor {
+            client: client.clone(),
+            handle,
+            dtype: host.dtype,
+            shape: host.shape.clone(),
+            strides: contiguous_strides(&host.shape),
+        })
+    }
+
+    /// An uninitialized contiguous tensor.
+    pub fn empty(client: &Client, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        client.require_dtype("output", dtype)?;
+        let numel: usize = shape.iter().product();
+        let handle = dispatch!(client, c => c.empty(padded(numel * dtype.size())));
+        Ok(Tensor {
+            client: client.clone(),
+            handle,
+            dtype,
+            shape: shape.to_vec(),
+            strides: contiguous_strides(shape),
+        })
+    }
+
+    /// Copies the tensor back to the host (waits for pending kernels).
+    pub fn download(&self) -> Result<HostTensor> {
+        let bytes = dispatch!(self.client, c => c.read_one(self.handle.clone())).map_err(|e| {
+            Error::Kernel {
+                kernel: "read".into(),
+                message: format!("{e:?}"),
+            }
+        })?;
+        let n = self.numel() * self.dtype.size();
+        if bytes.len() < n {
+            return Err(Error::Kernel {
+                kernel: "read".into(),
+                message: format!("read {} bytes, expected {n}", bytes.len()),
+            });
+        }
+        HostTensor::from_bytes(self.dtype, self.shape.clone(), bytes[..n].to_vec())
+    }
+
+    /// The device this tensor lives on.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+    /// The buffer.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// Shape, outermost first.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    /// Strides in elements.
+    pub fn strides(&self) -> &[usize] {
+        &self.strides
+    }
+    /// Number of dimensions.
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// Whether strides are row-major contiguous.
+    pub fn is_contiguous(&self) -> bool {
+        self.strides == contiguous_strides(&self.shape)
+    }
+
+    /// The same buffer seen with another shape of equal element count (no copy).
+    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
+        let numel: usize = shape.iter().product();
+        if numel != self.numel() || !self.is_contiguous() {
+            return Err(Error::Shape {
+                tensor: "reshape".into(),
+                expected: format!("{} elements, contiguous", self.numel()),
+                found: shape_str(shape),
+            });
+        }
+        let mut t = self.clone();
+        t.shape = shape.to_vec();
+        t.strides = contiguous_strides(shape);
+        Ok(t)
+    }
+
+    /// Checks the dtype, naming the tensor in the error.
+    pub fn expect_dtype(&self, name: &str, allowed: &[DType]) -> Result<()> {
+        if allowed.contains(&self.dtype) {
+            Ok(())
+        } else {
+            Err(Error::DType {
+                tensor: name.into(),
+                expected: allowed
+                    .iter()
+                    .map(|d| d.name())
+                    .collect::<Vec<_>>()
+                    .join(" or "),
+                found: self.dtype.name().into(),
+            })
+        }
+    }
+
+    /// Checks that the tensor lives on `client`'s device and is contiguous.
+    pub fn expect_usable(&self, name: &str, client: &Client) -> Result<()> {
+        if self.client.report().selector != client.report().selector {
+            return Err(Error::Device(format!(
+                "tensor `{name}` lives on {}, the operator runs on {}",
+                self.client.report().selector,
+                client.report().selector
+            )));
+        }
+        if !self.is_contiguous() {
+            return Err(Error::Shape {
+                tensor: name.into(),
+                expected: "contiguous row-major strides".into(),
+                found: format!("strides {:?}", self.strides),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Tensor({} {:?} on {})",
+            self.dtype,
+            self.shape,
+            self.client.report().selector
+        )
+    }
+}

@@ -1,0 +1,64 @@
+//! Helpers for checking kernels against references: a seeded generator of test data
+//! and error metrics. Used by `kiln selftest` and the test suites.
+
+/// SplitMix64: a small, seeded, reproducible generator of test inputs.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator with this seed.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(1e-300);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+    /// `n` normals scaled by `scale`.
+    pub fn normals(&mut self, n: usize, scale: f64) -> Vec<f64> {
+        (0..n).map(|_| self.normal() * scale).collect()
+    }
+}
+
+/// Largest `|got - want| / (|want| + floor)` over all elements; matching infinities
+/// count as exact, NaN on either side alone counts as infinitely wrong.
+pub fn max_rel_error(got: &[f64], want: &[f64], floor: f64) -> f64 {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| {
+            if g == w || (g.is_nan() && w.is_nan()) {
+                0.0
+            } else if g.is_nan() || w.is_nan() || g.is_infinite() || w.is_infinite() {
+                f64::INFINITY
+            } else {
+                (g - w).abs() / (w.abs() + floor)
+            }
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Relative error bound for one rounding to `dtype`, times `ulps`.
+pub fn tolerance(dtype: crate::DType, ulps: f64) -> f64 {
+    let eps = match dtype {
+        crate::DType::F32 => f32::EPSILON as f64,
+        crate::DType::F16 => 2f64.powi(-10),
+        crate::DType::BF16 => 2f64.powi(-7),
+        _ => 0.0,
+    };
+    eps * ulps
+}

@@ -1,0 +1,25 @@
+//! kiln: a Rust GPU kernel DSL, compiler and operator library on cubecl.
+//!
+//! One kernel source runs on CUDA (NVRTC) and on every wgpu backend (Vulkan, Metal,
+//! DX12, browsers), including lavapipe on a plain CPU. This crate is the facade: it
+//! re-exports the layers and holds the pieces the `kiln` tool and tests share.
+//!
+//! ```no_run
+//! use kiln::{Client, Device, HostTensor, Tensor};
+//! let client = Client::open(&Device::Auto)?;
+//! let x = Tensor::upload(&client, &HostTensor::from_f32(vec![2, 3], &[1., 2., 3., 4., 5., 6.])?)?;
+//! let p = kiln::kernels::rowwise::softmax(&x)?.download()?;
+//! # Ok::<(), kiln::Error>(())
+//! ```
+
+pub use kiln_codegen as codegen;
+pub use kiln_dsl as dsl;
+pub use kiln_kernels as kernels;
+pub use kiln_runtime as runtime;
+pub use kiln_runtime::{
+    load_safetensors, save_safetensors, Backend, Client, DType, Device, DeviceReport, Error,
+    HostTensor, Result, Tensor,
+};
+
+pub mod check;
+pub mod selftest;

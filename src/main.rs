@@ -1,0 +1,373 @@
+//! The `kiln` command-line tool: devices, the operator library, running operators on
+//! safetensors files, emitting kernel source, and the self-test.
+
+use clap::{Parser, Subcommand};
+use kiln::codegen::{emit, Target};
+use kiln::runtime::{
+    list_wgpu_adapters, native_wgpu_backend, resolve, KernelConfig, OpSpec, TensorSpec,
+};
+use kiln::selftest::{cases, run_case, Outcome};
+use kiln::{load_safetensors, save_safetensors, Client, DType, Device, Error, Result, Tensor};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "GPU kernels and operators on CUDA and every wgpu backend"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// What kiln can run on here, and which device `auto` picks.
+    Devices {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The operator library; with OP, its inputs, outputs and parameters.
+    Ops {
+        /// An operator name.
+        op: Option<String>,
+    },
+    /// Run an operator on tensors from a safetensors file.
+    Run {
+        /// Operator name (see `kiln ops`).
+        op: String,
+        /// safetensors file holding the inputs under their documented names.
+        #[arg(long)]
+        input: PathBuf,
+        /// safetensors file to write the outputs to, under their documented names.
+        #[arg(long)]
+        output: PathBuf,
+        /// Device: auto | cuda[:N] | wgpu[:cpu|discrete[:N]|...] (default: $KILN_DEVICE or auto).
+        #[arg(long)]
+        device: Option<String>,
+        /// Operator parameter, key=value (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Print a kernel's generated source (no device needed).
+    Emit {
+        /// Kernel name (see `kiln emit --list`).
+        #[arg(required_unless_present = "list")]
+        kernel: Option<String>,
+        /// cuda or wgsl.
+        #[arg(long, default_value = "wgsl")]
+        target: String,
+        /// Kernel configuration, key=value (repeatable), e.g. dtype=f16.
+        #[arg(long = "config", value_name = "KEY=VALUE")]
+        config: Vec<String>,
+        /// Print the manifest (JSON) instead of the source.
+        #[arg(long)]
+        manifest: bool,
+        /// List the kernels and their configuration knobs.
+        #[arg(long)]
+        list: bool,
+    },
+    /// Every operator against its f64 reference, in every float dtype, on one device.
+    Selftest {
+        /// Device (default: $KILN_DEVICE or auto).
+        #[arg(long)]
+        device: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    // A panic is a bug in kiln or cubecl; still, say it in one line, not a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        eprintln!("error: internal error (please report): {msg}");
+    }));
+    let cli = Cli::parse();
+    match std::panic::catch_unwind(|| dispatch(cli)) {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+        Err(_) => ExitCode::from(101),
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Devices { json } => devices(json),
+        Command::Ops { op } => ops(op.as_deref()),
+        Command::Run {
+            op,
+            input,
+            output,
+            device,
+            set,
+        } => run(&op, &input, &output, device, &set),
+        Command::Emit {
+            kernel,
+            target,
+            config,
+            manifest,
+            list,
+        } => {
+            if list {
+                return emit_list();
+            }
+            let kernel = kernel.unwrap_or_default();
+            emit_kernel(&kernel, &target, &config, manifest)
+        }
+        Command::Selftest { device } => selftest(device),
+    }
+}
+
+fn device_arg(arg: Option<String>) -> Result<Device> {
+    match arg {
+        Some(s) => Device::parse(&s),
+        None => Device::from_env(),
+    }
+}
+
+fn key_values(pairs: &[String], what: &str) -> Result<BTreeMap<String, String>> {
+    pairs
+        .iter()
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .ok_or_else(|| Error::Param {
+                    param: what.into(),
+                    expected: "KEY=VALUE".into(),
+                    found: p.clone(),
+                })
+        })
+        .collect()
+}
+
+fn devices(json: bool) -> Result<ExitCode> {
+    let cuda = kiln::runtime::cuda_device_count();
+    let adapters = list_wgpu_adapters();
+    let auto = resolve(&Device::Auto);
+    let report = auto
+        .as_ref()
+        .ok()
+        .map(|d| Client::open(d).map(|c| c.report().clone()));
+    if json {
+        let v = serde_json::json!({
+            "cuda_devices": cuda,
+            "wgpu_native_backend": native_wgpu_backend(),
+            "wgpu_adapters": adapters,
+            "auto": match &report {
+                Some(Ok(r)) => serde_json::to_value(r).unwrap_or_default(),
+                Some(Err(e)) => serde_json::json!({"error": e.to_string()}),
+                None => serde_json::json!({"error": auto.as_ref().err().map(|e| e.to_string())}),
+            },
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        println!(
+            "CUDA devices: {cuda}{}",
+            if cuda == 0 {
+                " (libcuda/NVRTC absent or no device)"
+            } else {
+                ""
+            }
+        );
+        println!(
+            "wgpu adapters (kiln opens those on {:?}):",
+            native_wgpu_backend()
+        );
+        if adapters.is_empty() {
+            println!("  none");
+        }
+        for a in &adapters {
+            println!(
+                "  {:<20} {} [{:?}, {:?}, driver {}]{}",
+                a.selector,
+                a.name,
+                a.backend,
+                a.adapter_type,
+                a.driver,
+                if a.usable { "" } else { " (not used by kiln)" }
+            );
+        }
+        println!();
+        match report {
+            Some(Ok(r)) => println!("auto picks:\n{r}"),
+            Some(Err(e)) => println!(
+                "auto picks {}, which failed to open: {e}",
+                auto.map(|d| d.to_string()).unwrap_or_default()
+            ),
+            None => println!(
+                "auto finds nothing: {}",
+                auto.err().map(|e| e.to_string()).unwrap_or_default()
+            ),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_tensors(title: &str, specs: &[TensorSpec]) {
+    println!("{title}:");
+    if specs.is_empty() {
+        println!("  none");
+    }
+    for t in specs {
+        println!(
+            "  {:<10} {:<34} {:<18} {}{}",
+            t.name,
+            t.shape,
+            t.dtypes,
+            t.doc,
+            if t.optional { " (optional)" } else { "" }
+        );
+    }
+}
+
+fn ops(op: Option<&str>) -> Result<ExitCode> {
+    match op {
+        None => {
+            for o in kiln::kernels::ops() {
+                println!("{:<12} {}", o.name, o.summary);
+            }
+        }
+        Some(name) => {
+            let o: &OpSpec = kiln::kernels::op(name)?;
+            println!("{}: {}\n", o.name, o.summary);
+            print_tensors("inputs", o.inputs);
+            print_tensors("outputs", o.outputs);
+            println!("parameters:");
+            if o.params.is_empty() {
+                println!("  none");
+            }
+            for p in o.params {
+                println!(
+                    "  {:<16} default {:<8} {} ({})",
+                    p.name, p.default, p.doc, p.values
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run(
+    op: &str,
+    input: &PathBuf,
+    output: &PathBuf,
+    device: Option<String>,
+    set: &[String],
+) -> Result<ExitCode> {
+    let spec = kiln::kernels::op(op)?;
+    let params = key_values(set, "--set")?;
+    // Validate parameters before touching a device or a file.
+    spec.bind(BTreeMap::new(), params.clone())?;
+    let hosts = load_safetensors(input)?;
+    let client = Client::open(&device_arg(device)?)?;
+    let mut tensors = BTreeMap::new();
+    for t in spec.inputs {
+        if let Some(h) = hosts.get(t.name) {
+            client.require_dtype(t.name, h.dtype)?;
+            tensors.insert(t.name.to_string(), Tensor::upload(&client, h)?);
+        }
+    }
+    let outs = spec.call(&client, tensors, params)?;
+    let mut files = BTreeMap::new();
+    for (name, t) in outs {
+        files.insert(name.to_string(), t.download()?);
+    }
+    save_safetensors(output, &files)?;
+    for (name, h) in &files {
+        eprintln!(
+            "wrote `{name}` {} {:?} to {}",
+            h.dtype,
+            h.shape,
+            output.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn emit_list() -> Result<ExitCode> {
+    for k in kiln::kernels::kernels() {
+        let knobs: Vec<String> = k
+            .config
+            .iter()
+            .map(|p| format!("{}={} ({})", p.name, p.default, p.values))
+            .collect();
+        println!(
+            "{:<12} {}\n{:<12} config: {}",
+            k.name,
+            k.summary,
+            "",
+            knobs.join(", ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn emit_kernel(name: &str, target: &str, config: &[String], manifest: bool) -> Result<ExitCode> {
+    let spec = kiln::kernels::kernel(name)?;
+    let target = Target::parse(target)?;
+    let cfg = KernelConfig::new(spec, key_values(config, "--config")?)?;
+    let out = emit(spec, target, &cfg)?;
+    if manifest {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out.manifest).unwrap_or_default()
+        );
+    } else {
+        println!("{}", out.source);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn selftest(device: Option<String>) -> Result<ExitCode> {
+    let client = Client::open(&device_arg(device)?)?;
+    println!("{}\n", client.report());
+    println!(
+        "{:<10} {:<5} {:<52} {}",
+        "operator", "dtype", "case", "result"
+    );
+    let (mut passed, mut failed) = (0, 0);
+    let start = std::time::Instant::now();
+    for (i, case) in cases().iter().enumerate() {
+        for dtype in DType::FLOATS {
+            let outcome = run_case(&client, case, dtype, 1000 + i as u64);
+            let text = match &outcome {
+                Outcome::Pass(e, t) => format!("ok    max rel err {e:.2e} (bound {t:.1e})"),
+                Outcome::Fail(e, t) => format!("FAIL  max rel err {e:.2e} (bound {t:.1e})"),
+                Outcome::Refused(m) => format!("ok    {m}"),
+                Outcome::Error(m) => format!("FAIL  {m}"),
+            };
+            println!(
+                "{:<10} {:<5} {:<52} {text}",
+                case.op,
+                dtype.name(),
+                case.what
+            );
+            if outcome.ok() {
+                passed += 1;
+            } else {
+                failed += 1;
+            }
+        }
+    }
+    println!(
+        "\nselftest on {}: {passed} passed, {failed} failed in {:.1} s",
+        client.report().name,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

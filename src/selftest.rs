@@ -1,0 +1,219 @@
+//! `kiln selftest`: every operator against its f64 reference at small, ragged sizes,
+//! in every float dtype. A dtype the device lacks must be refused with a clear
+//! `Unsupported` error (and that refusal is what gets checked).
+//!
+//! The cases live here once; the integration tests instantiate them per dtype.
+
+use crate::check::{max_rel_error, tolerance, Rng};
+use crate::kernels::{elementwise::reference as ew, rowwise::reference as rw};
+use crate::{Client, DType, Error, HostTensor, Result, Tensor};
+use std::collections::BTreeMap;
+
+/// One operator case: how to make its inputs, its reference, and its error budget.
+pub struct Case {
+    /// Operator name (as in `kiln ops`).
+    pub op: &'static str,
+    /// What the inputs look like.
+    pub what: &'static str,
+    /// Builds the f64 inputs (named as the operator's inputs) from a generator.
+    pub inputs: fn(&mut Rng) -> Vec<(&'static str, Vec<usize>, Vec<f64>)>,
+    /// The f64 reference output `out` from the inputs as rounded to the dtype.
+    pub reference: fn(&BTreeMap<String, HostTensor>) -> Vec<f64>,
+    /// Allowed error, in units of the dtype's epsilon.
+    pub ulps: f64,
+    /// Denominator floor of the relative error (absolute error scale near zero).
+    pub floor: f64,
+}
+
+fn x(inputs: &BTreeMap<String, HostTensor>) -> (Vec<f64>, usize) {
+    let t = &inputs["x"];
+    (t.to_f64(), *t.shape.last().unwrap_or(&1))
+}
+
+/// Values spanning the activations' awkward ranges: tiny, moderate, huge, +-30.
+fn activation_inputs(rng: &mut Rng) -> Vec<(&'static str, Vec<usize>, Vec<f64>)> {
+    let mut v = rng.normals(5 * 103, 3.0);
+    v[..8].copy_from_slice(&[0.0, -0.0, 30.0, -30.0, 1e-4, -1e-4, 60.0, -60.0]);
+    vec![("x", vec![5, 103], v)]
+}
+
+/// Rows of 131 with a fully -inf row, a row with -inf entries and a row of large values.
+fn row_inputs(rng: &mut Rng) -> Vec<(&'static str, Vec<usize>, Vec<f64>)> {
+    let (rows, cols) = (7, 131);
+    let mut v = rng.normals(rows * cols, 4.0);
+    v[cols..2 * cols].fill(f64::NEG_INFINITY);
+    for j in (0..cols).step_by(3) {
+        v[2 * cols + j] = f64::NEG_INFINITY;
+    }
+    for e in &mut v[3 * cols..4 * cols] {
+        *e += 1e3;
+    }
+    vec![("x", vec![rows, cols], v)]
+}
+
+fn binary_inputs(rng: &mut Rng) -> Vec<(&'static str, Vec<usize>, Vec<f64>)> {
+    // 3 x 7 x 37: no vector width but 1 divides 37, exercising the scalar path.
+    vec![
+        ("x", vec![3, 7, 37], rng.normals(3 * 7 * 37, 2.0)),
+        ("y", vec![37], rng.normals(37, 2.0)),
+    ]
+}
+
+fn binary_inputs_vec(rng: &mut Rng) -> Vec<(&'static str, Vec<usize>, Vec<f64>)> {
+    // [9, 2, 20] with y [2, 20]: 4-wide vectors, a two-dimensional broadcast suffix.
+    vec![
+        ("x", vec![9, 2, 20], rng.normals(360, 2.0)),
+        ("y", vec![1, 2, 20], rng.normals(40, 2.0)),
+    ]
+}
+
+/// Every case, in `kiln ops` order.
+pub fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            op: "add",
+            what: "[3,7,37] + [37]",
+            inputs: binary_inputs,
+            reference: |i| ew::add(&i["x"].to_f64(), &i["y"].to_f64()),
+            ulps: 1.0,
+            floor: 1e-6,
+        },
+        Case {
+            op: "add",
+            what: "[9,2,20] + [1,2,20] (vectorized)",
+            inputs: binary_inputs_vec,
+            reference: |i| ew::add(&i["x"].to_f64(), &i["y"].to_f64()),
+            ulps: 1.0,
+            floor: 1e-6,
+        },
+        Case {
+            op: "mul",
+            what: "[3,7,37] * [37]",
+            inputs: binary_inputs,
+            reference: |i| ew::mul(&i["x"].to_f64(), &i["y"].to_f64()),
+            ulps: 1.0,
+            floor: 1e-6,
+        },
+        Case {
+            op: "silu",
+            what: "[5,103], |x| up to 60",
+            inputs: activation_inputs,
+            reference: |i| ew::silu(&x(i).0),
+            ulps: 8.0,
+            floor: 1e-6,
+        },
+        Case {
+            op: "gelu",
+            what: "[5,103], |x| up to 60",
+            inputs: activation_inputs,
+            reference: |i| ew::gelu(&x(i).0),
+            ulps: 32.0,
+            floor: 1e-6,
+        },
+        Case {
+            op: "softmax",
+            what: "[7,131], an all -inf row, -inf entries, +1e3 offsets",
+            inputs: row_inputs,
+            reference: |i| {
+                let (v, c) = x(i);
+                rw::softmax(&v, c)
+            },
+            ulps: 16.0,
+            floor: 1e-6,
+        },
+        Case {
+            op: "logsumexp",
+            what: "[7,131], an all -inf row, -inf entries, +1e3 offsets",
+            inputs: row_inputs,
+            reference: |i| {
+                let (v, c) = x(i);
+                rw::logsumexp(&v, c)
+            },
+            ulps: 4.0,
+            floor: 1.0,
+        },
+    ]
+}
+
+/// Smallest positive normal value of a float dtype: below it precision is absolute.
+fn min_normal(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => 2f64.powi(-14),
+        DType::BF16 | DType::F32 => f32::MIN_POSITIVE as f64,
+        _ => 0.0,
+    }
+}
+
+/// How a case ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Within tolerance: (max relative error, tolerance).
+    Pass(f64, f64),
+    /// Outside tolerance: (max relative error, tolerance).
+    Fail(f64, f64),
+    /// The device lacks the dtype and said so clearly.
+    Refused(String),
+    /// Anything else went wrong.
+    Error(String),
+}
+
+impl Outcome {
+    /// Whether this outcome is acceptable.
+    pub fn ok(&self) -> bool {
+        matches!(self, Outcome::Pass(..) | Outcome::Refused(_))
+    }
+}
+
+/// Runs one case in one dtype on `client`.
+pub fn run_case(client: &Client, case: &Case, dtype: DType, seed: u64) -> Outcome {
+    match try_case(client, case, dtype, seed) {
+        Ok(o) => o,
+        Err(Error::Unsupported { .. }) if !client.supports(dtype) => {
+            Outcome::Refused(format!("{dtype} refused: the device has no {dtype}"))
+        }
+        Err(e) => Outcome::Error(e.to_string()),
+    }
+}
+
+fn try_case(client: &Client, case: &Case, dtype: DType, seed: u64) -> Result<Outcome> {
+    let mut rng = Rng::new(seed);
+    let mut hosts = BTreeMap::new();
+    for (name, shape, values) in (case.inputs)(&mut rng) {
+        hosts.insert(
+            name.to_string(),
+            HostTensor::from_f64(dtype, shape, &values)?,
+        );
+    }
+    let want = (case.reference)(&hosts);
+    let op = crate::kernels::op(case.op)?;
+    let mut tensors = BTreeMap::new();
+    for (name, h) in &hosts {
+        tensors.insert(name.clone(), Tensor::upload(client, h)?);
+    }
+    let outs = op.call(client, tensors, BTreeMap::new())?;
+    let got = outs
+        .iter()
+        .find(|(n, _)| *n == "out")
+        .map(|(_, t)| t.download())
+        .transpose()?
+        .ok_or_else(|| Error::Kernel {
+            kernel: case.op.into(),
+            message: "no `out`".into(),
+        })?;
+    if got.dtype != dtype {
+        return Err(Error::DType {
+            tensor: "out".into(),
+            expected: dtype.name().into(),
+            found: got.dtype.name().into(),
+        });
+    }
+    let floor = case.floor.max(min_normal(dtype));
+    let err = max_rel_error(&got.to_f64(), &want, floor);
+    // One rounding of the output to the dtype, plus the case's f32 arithmetic budget.
+    let tol = tolerance(dtype, 1.0) + tolerance(DType::F32, case.ulps);
+    Ok(if err <= tol {
+        Outcome::Pass(err, tol)
+    } else {
+        Outcome::Fail(err, tol)
+    })
+}

@@ -1,0 +1,213 @@
+//! The `kiln` tool end to end: exit codes and one-line errors that name the tensor or
+//! parameter.
+
+mod common;
+
+use kiln::{load_safetensors, save_safetensors, HostTensor};
+use std::collections::BTreeMap;
+use std::process::{Command, Output};
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .output()
+        .expect("kiln binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Asserts failure with exactly one line on stderr, containing every `needle`, and no
+/// Rust panic text.
+fn assert_clear_error(o: &Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "expected failure, stderr: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line expected: {err}");
+    for n in needles {
+        assert!(err.contains(n), "`{n}` missing from: {err}");
+    }
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[test]
+fn devices_reports_the_adapter_and_backend() {
+    let o = kiln(&["devices"]);
+    assert!(o.status.success());
+    let s = stdout(&o);
+    assert!(s.contains("auto picks"), "{s}");
+    assert!(s.contains("backend:"), "{s}");
+    let j = kiln(&["devices", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&j.stdout).unwrap();
+    assert!(v["auto"]["name"].is_string(), "{v}");
+}
+
+#[test]
+fn ops_lists_the_library_and_describes_one() {
+    let s = stdout(&kiln(&["ops"]));
+    for op in ["add", "mul", "silu", "gelu", "softmax", "logsumexp"] {
+        assert!(s.lines().any(|l| l.starts_with(op)), "{op} missing: {s}");
+    }
+    let s = stdout(&kiln(&["ops", "add"]));
+    assert!(
+        s.contains("inputs:") && s.contains("y") && s.contains("outputs:") && s.contains("out"),
+        "{s}"
+    );
+    assert_clear_error(
+        &kiln(&["ops", "sofmax"]),
+        &["unknown operator `sofmax`", "softmax"],
+    );
+}
+
+#[test]
+fn run_softmax_on_a_pytorch_file() {
+    let out = tmp("softmax_out.safetensors");
+    let input = common::data("softmax_f32.safetensors");
+    let o = kiln(&[
+        "run",
+        "softmax",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = load_safetensors(&out).unwrap();
+    let want = load_safetensors(&input).unwrap();
+    let e = kiln::check::max_rel_error(&got["out"].to_f64(), &want["expected_out"].to_f64(), 0.0);
+    assert!(e < 1e-6, "{e:e}");
+}
+
+#[test]
+fn run_errors_name_the_tensor() {
+    // A file with `x` but no `y` for `add`.
+    let f = tmp("only_x.safetensors");
+    let mut m = BTreeMap::new();
+    m.insert(
+        "x".to_string(),
+        HostTensor::from_f32(vec![2, 3], &[1.0; 6]).unwrap(),
+    );
+    save_safetensors(&f, &m).unwrap();
+    let out = tmp("o.safetensors");
+    let (fi, fo) = (f.to_str().unwrap(), out.to_str().unwrap());
+    assert_clear_error(
+        &kiln(&["run", "add", "--input", fi, "--output", fo]),
+        &["missing input tensor `y`", "add"],
+    );
+
+    // Wrong shape for `y`.
+    m.insert(
+        "y".to_string(),
+        HostTensor::from_f32(vec![2], &[1.0; 2]).unwrap(),
+    );
+    save_safetensors(&f, &m).unwrap();
+    assert_clear_error(
+        &kiln(&["run", "add", "--input", fi, "--output", fo]),
+        &["tensor `y`", "[2, 3]", "found [2]"],
+    );
+
+    // Wrong dtype for `x`.
+    let mut m = BTreeMap::new();
+    m.insert(
+        "x".to_string(),
+        HostTensor::from_f64(kiln::DType::I32, vec![4], &[1.0; 4]).unwrap(),
+    );
+    save_safetensors(&f, &m).unwrap();
+    assert_clear_error(
+        &kiln(&["run", "softmax", "--input", fi, "--output", fo]),
+        &["tensor `x`", "expected dtype", "found i32"],
+    );
+
+    // Unknown parameter, unknown op, bad device, missing file, not safetensors.
+    assert_clear_error(
+        &kiln(&[
+            "run", "softmax", "--input", fi, "--output", fo, "--set", "dim=0",
+        ]),
+        &["no parameter `dim`"],
+    );
+    assert_clear_error(
+        &kiln(&[
+            "run", "softmax", "--input", fi, "--output", fo, "--set", "dim",
+        ]),
+        &["KEY=VALUE"],
+    );
+    assert_clear_error(
+        &kiln(&["run", "nope", "--input", fi, "--output", fo]),
+        &["unknown operator `nope`"],
+    );
+    assert_clear_error(
+        &kiln(&[
+            "run", "softmax", "--input", fi, "--output", fo, "--device", "tpu",
+        ]),
+        &["parameter `device`", "found `tpu`"],
+    );
+    assert_clear_error(
+        &kiln(&[
+            "run",
+            "softmax",
+            "--input",
+            "/nonexistent.safetensors",
+            "--output",
+            fo,
+        ]),
+        &["/nonexistent.safetensors"],
+    );
+    let junk = tmp("junk.safetensors");
+    std::fs::write(&junk, b"not a safetensors file").unwrap();
+    assert_clear_error(
+        &kiln(&[
+            "run",
+            "softmax",
+            "--input",
+            junk.to_str().unwrap(),
+            "--output",
+            fo,
+        ]),
+        &["not a valid safetensors file"],
+    );
+}
+
+#[test]
+fn emit_prints_cuda_and_wgsl_without_a_device() {
+    let cuda = kiln(&["emit", "softmax", "--target", "cuda"]);
+    assert!(cuda.status.success());
+    assert!(stdout(&cuda).contains("__global__"));
+    let wgsl = kiln(&["emit", "softmax", "--target", "wgsl"]);
+    assert!(wgsl.status.success());
+    assert!(stdout(&wgsl).contains("@compute"));
+    let m = kiln(&[
+        "emit",
+        "softmax",
+        "--target",
+        "cuda",
+        "--manifest",
+        "--config",
+        "units=64",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&m.stdout).unwrap();
+    assert_eq!(v["cube_dim"][0], 64);
+    assert_eq!(v["shared_memory_bytes"], 64 * 4);
+    assert_clear_error(
+        &kiln(&["emit", "softmax", "--target", "ptx"]),
+        &["unknown target `ptx`"],
+    );
+    assert_clear_error(
+        &kiln(&["emit", "softmax", "--config", "units=48"]),
+        &["parameter `units`", "48"],
+    );
+    assert_clear_error(
+        &kiln(&["emit", "add", "--config", "tile=4"]),
+        &["no parameter `tile`"],
+    );
+    assert_clear_error(&kiln(&["emit", "add", "--config", "dtype=bf16"]), &["bf16"]);
+}

@@ -1,0 +1,228 @@
+//! The operator suite, written once and instantiated per dtype (cubecl's `testgen`
+//! pattern). Every case compares against the f64 reference of `kiln::selftest`; a
+//! dtype the device lacks must be refused with `Unsupported`, which is asserted too.
+
+mod common;
+
+use common::client;
+use kiln::check::{max_rel_error, Rng};
+use kiln::kernels::{elementwise, rowwise};
+use kiln::selftest::{cases, run_case, Outcome};
+use kiln::{DType, Error, HostTensor, Tensor};
+use std::collections::BTreeMap;
+
+fn run_op(op: &str, dtype: DType) {
+    let mut ran = 0;
+    for (i, case) in cases().iter().enumerate().filter(|(_, c)| c.op == op) {
+        let outcome = run_case(client(), case, dtype, 7 + i as u64);
+        match &outcome {
+            Outcome::Refused(_) => assert!(
+                !client().supports(dtype),
+                "{op} {dtype}: refused on a device that has {dtype}"
+            ),
+            o => assert!(o.ok(), "{op} {dtype} ({}): {o:?}", case.what),
+        }
+        ran += 1;
+    }
+    assert!(ran > 0, "no case for {op}");
+}
+
+macro_rules! testgen_ops {
+    ($($module:ident => $dtype:expr),* $(,)?) => {$(
+        mod $module {
+            use super::*;
+            #[test] fn add() { run_op("add", $dtype) }
+            #[test] fn mul() { run_op("mul", $dtype) }
+            #[test] fn silu() { run_op("silu", $dtype) }
+            #[test] fn gelu() { run_op("gelu", $dtype) }
+            #[test] fn softmax() { run_op("softmax", $dtype) }
+            #[test] fn logsumexp() { run_op("logsumexp", $dtype) }
+        }
+    )*};
+}
+
+testgen_ops!(f32 => DType::F32, f16 => DType::F16, bf16 => DType::BF16);
+
+fn upload_f64(shape: Vec<usize>, v: &[f64]) -> Tensor {
+    Tensor::upload(
+        client(),
+        &HostTensor::from_f64(DType::F32, shape, v).unwrap(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn every_op_has_a_case() {
+    for op in kiln::kernels::ops() {
+        assert!(
+            cases().iter().any(|c| c.op == op.name),
+            "no selftest case for {}",
+            op.name
+        );
+    }
+}
+
+#[test]
+fn softmax_more_rows_than_one_grid_dimension() {
+    // 70 000 rows > 65 535 cubes: the grid wraps into y.
+    let (rows, cols) = (70_000, 3);
+    let v = Rng::new(3).normals(rows * cols, 3.0);
+    let got = rowwise::softmax(&upload_f64(vec![rows, cols], &v))
+        .unwrap()
+        .download()
+        .unwrap();
+    let want = rowwise::reference::softmax(
+        &HostTensor::from_f64(DType::F32, vec![rows, cols], &v)
+            .unwrap()
+            .to_f64(),
+        cols,
+    );
+    assert!(max_rel_error(&got.to_f64(), &want, 1e-6) < 2e-6);
+}
+
+#[test]
+fn mul_more_elements_than_one_grid_dimension() {
+    // 65 535 * 256 + 5 elements, odd: scalar path over a two-dimensional grid.
+    let n = 65_535 * 256 + 5;
+    let x: Vec<f64> = (0..n).map(|i| (i % 1000) as f64 * 0.5).collect();
+    let y = [3.0];
+    let got = elementwise::mul(&upload_f64(vec![n], &x), &upload_f64(vec![1], &y))
+        .unwrap()
+        .download()
+        .unwrap()
+        .to_f64();
+    assert_eq!(got.len(), n);
+    assert_eq!(got[n - 1], ((n - 1) % 1000) as f64 * 1.5);
+    assert!(got
+        .iter()
+        .enumerate()
+        .all(|(i, &g)| g == (i % 1000) as f64 * 1.5));
+}
+
+#[test]
+fn empty_tensors_give_empty_outputs() {
+    let x = upload_f64(vec![0, 5], &[]);
+    assert_eq!(rowwise::softmax(&x).unwrap().shape(), &[0, 5]);
+    assert_eq!(rowwise::logsumexp(&x).unwrap().shape(), &[0]);
+    assert_eq!(elementwise::silu(&x).unwrap().shape(), &[0, 5]);
+}
+
+#[test]
+fn inputs_are_not_modified() {
+    let v: Vec<f64> = (0..40).map(|i| i as f64 - 20.0).collect();
+    let x = upload_f64(vec![4, 10], &v);
+    let _ = rowwise::softmax(&x).unwrap();
+    let _ = elementwise::gelu(&x).unwrap();
+    assert_eq!(x.download().unwrap().to_f64(), v);
+}
+
+#[test]
+fn broadcast_shape_mismatch_names_y() {
+    let x = upload_f64(vec![3, 4], &[0.0; 12]);
+    let y = upload_f64(vec![3], &[0.0; 3]);
+    match elementwise::add(&x, &y) {
+        Err(Error::Shape {
+            tensor,
+            expected,
+            found,
+        }) => {
+            assert_eq!(tensor, "y");
+            assert!(expected.contains("[3, 4]"), "{expected}");
+            assert_eq!(found, "[3]");
+        }
+        other => panic!("expected a shape error, got {other:?}"),
+    }
+    // y of higher rank than x.
+    let y = upload_f64(vec![1, 3, 4], &[0.0; 12]);
+    assert!(
+        matches!(elementwise::add(&x, &y), Ok(_)),
+        "leading 1s are allowed"
+    );
+    let y = upload_f64(vec![2, 3, 4], &[0.0; 24]);
+    assert!(matches!(elementwise::add(&x, &y), Err(Error::Shape { .. })));
+}
+
+#[test]
+fn dtype_mismatch_names_the_tensor() {
+    let x = upload_f64(vec![4], &[1.0; 4]);
+    let y16 = Tensor::upload(
+        client(),
+        &HostTensor::from_f64(DType::F16, vec![4], &[1.0; 4]).unwrap(),
+    )
+    .unwrap();
+    match elementwise::mul(&x, &y16) {
+        Err(Error::DType { tensor, found, .. }) => {
+            assert_eq!(tensor, "y");
+            assert_eq!(found, "f16");
+        }
+        other => panic!("expected a dtype error, got {other:?}"),
+    }
+    let xi = Tensor::upload(
+        client(),
+        &HostTensor::from_f64(DType::I32, vec![2, 2], &[1.0; 4]).unwrap(),
+    )
+    .unwrap();
+    match rowwise::softmax(&xi) {
+        Err(Error::DType {
+            tensor,
+            expected,
+            found,
+        }) => {
+            assert_eq!((tensor.as_str(), found.as_str()), ("x", "i32"));
+            assert!(expected.contains("f32"));
+        }
+        other => panic!("expected a dtype error, got {other:?}"),
+    }
+}
+
+#[test]
+fn rank_zero_rows_are_refused() {
+    let x = upload_f64(vec![], &[1.0]);
+    assert!(matches!(rowwise::softmax(&x), Err(Error::Shape { tensor, .. }) if tensor == "x"));
+    let x = upload_f64(vec![3, 0], &[]);
+    assert!(matches!(rowwise::logsumexp(&x), Err(Error::Shape { tensor, .. }) if tensor == "x"));
+}
+
+#[test]
+fn registry_errors_name_what_is_missing() {
+    let op = kiln::kernels::op("add").unwrap();
+    let mut tensors = BTreeMap::new();
+    tensors.insert("x".to_string(), upload_f64(vec![2], &[1.0, 2.0]));
+    match op.call(client(), tensors.clone(), BTreeMap::new()) {
+        Err(Error::MissingTensor {
+            tensor, expected, ..
+        }) => {
+            assert_eq!(tensor, "y");
+            assert!(expected.contains("suffix"), "{expected}");
+        }
+        other => panic!("expected a missing-tensor error, got {other:?}"),
+    }
+    let params = BTreeMap::from([("alpha".to_string(), "2".to_string())]);
+    assert!(
+        matches!(op.call(client(), tensors, params), Err(Error::UnknownParam { param, .. }) if param == "alpha")
+    );
+    assert!(
+        matches!(kiln::kernels::op("sofmax"), Err(Error::Unknown { name, .. }) if name == "sofmax")
+    );
+}
+
+#[test]
+fn bf16_is_refused_clearly_where_missing() {
+    let h = HostTensor::from_f64(DType::BF16, vec![2], &[1.0, 2.0]).unwrap();
+    match Tensor::upload(client(), &h) {
+        Ok(t) => {
+            assert!(client().supports(DType::BF16));
+            let out = elementwise::silu(&t).unwrap().download().unwrap().to_f64();
+            let want = elementwise::reference::silu(&[1.0, 2.0]);
+            assert!(max_rel_error(&out, &want, 1e-6) < 1e-2);
+        }
+        Err(e) => {
+            assert!(!client().supports(DType::BF16));
+            let msg = e.to_string();
+            assert!(
+                matches!(e, Error::Unsupported { .. }) && msg.contains("bf16"),
+                "{msg}"
+            );
+        }
+    }
+}
