@@ -6,11 +6,13 @@ use kiln::codegen::{emit, Target};
 use kiln::runtime::{
     list_wgpu_adapters, native_wgpu_backend, resolve, KernelConfig, OpSpec, TensorSpec,
 };
+use kiln::runtime::{load_safetensors_named, panic_message};
 use kiln::selftest::{cases, run_case, Outcome};
-use kiln::{load_safetensors, save_safetensors, Client, DType, Device, Error, Result, Tensor};
+use kiln::{save_safetensors, Client, DType, Device, Error, Result};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Mutex;
 
 #[derive(Parser)]
 #[command(
@@ -79,16 +81,15 @@ enum Command {
     },
 }
 
+/// The last panic message of any thread. Panics that kiln catches on purpose (device
+/// probing) must not print; one that reaches `main` is reported there, in one line.
+static LAST_PANIC: Mutex<Option<String>> = Mutex::new(None);
+
 fn main() -> ExitCode {
-    // A panic is a bug in kiln or cubecl; still, say it in one line, not a backtrace.
     std::panic::set_hook(Box::new(|info| {
-        let msg = info
-            .payload()
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_default();
-        eprintln!("error: internal error (please report): {msg}");
+        if let Ok(mut last) = LAST_PANIC.lock() {
+            *last = Some(panic_message(info.payload()));
+        }
     }));
     let cli = Cli::parse();
     match std::panic::catch_unwind(|| dispatch(cli)) {
@@ -97,7 +98,13 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(2)
         }
-        Err(_) => ExitCode::from(101),
+        Err(p) => {
+            eprintln!(
+                "error: internal error (please report): {}",
+                panic_message(&*p)
+            );
+            ExitCode::from(101)
+        }
     }
 }
 
@@ -269,20 +276,19 @@ fn run(
     let params = key_values(set, "--set")?;
     // Validate parameters before touching a device or a file.
     spec.bind(BTreeMap::new(), params.clone())?;
-    let hosts = load_safetensors(input)?;
-    let client = Client::open(&device_arg(device)?)?;
-    let mut tensors = BTreeMap::new();
-    for t in spec.inputs {
-        if let Some(h) = hosts.get(t.name) {
-            client.require_dtype(t.name, h.dtype)?;
-            tensors.insert(t.name.to_string(), Tensor::upload(&client, h)?);
+    if let (Ok(a), Ok(b)) = (input.canonicalize(), output.canonicalize()) {
+        if a == b {
+            return Err(Error::Param {
+                param: "--output".into(),
+                expected: "a file other than --input (inputs are never overwritten)".into(),
+                found: output.display().to_string(),
+            });
         }
     }
-    let outs = spec.call(&client, tensors, params)?;
-    let mut files = BTreeMap::new();
-    for (name, t) in outs {
-        files.insert(name.to_string(), t.download()?);
-    }
+    // Only the operator's inputs are read: other tensors may have any dtype.
+    let hosts = load_safetensors_named(input, &spec.input_names())?;
+    let client = Client::open(&device_arg(device)?)?;
+    let files = spec.call_host(&client, &hosts, params)?;
     save_safetensors(output, &files)?;
     for (name, h) in &files {
         eprintln!(

@@ -6,7 +6,7 @@
 
 use crate::check::{max_rel_error, tolerance, Rng};
 use crate::kernels::{elementwise::reference as ew, rowwise::reference as rw};
-use crate::{Client, DType, Error, HostTensor, Result, Tensor};
+use crate::{Client, DType, Error, HostTensor, Result};
 use std::collections::BTreeMap;
 
 /// One operator case: how to make its inputs, its reference, and its error budget.
@@ -186,20 +186,11 @@ fn try_case(client: &Client, case: &Case, dtype: DType, seed: u64) -> Result<Out
     }
     let want = (case.reference)(&hosts);
     let op = crate::kernels::op(case.op)?;
-    let mut tensors = BTreeMap::new();
-    for (name, h) in &hosts {
-        tensors.insert(name.clone(), Tensor::upload(client, h)?);
-    }
-    let outs = op.call(client, tensors, BTreeMap::new())?;
-    let got = outs
-        .iter()
-        .find(|(n, _)| *n == "out")
-        .map(|(_, t)| t.download())
-        .transpose()?
-        .ok_or_else(|| Error::Kernel {
-            kernel: case.op.into(),
-            message: "no `out`".into(),
-        })?;
+    let outs = op.call_host(client, &hosts, BTreeMap::new())?;
+    let got = outs.get("out").ok_or_else(|| Error::Kernel {
+        kernel: case.op.into(),
+        message: "no `out`".into(),
+    })?;
     if got.dtype != dtype {
         return Err(Error::DType {
             tensor: "out".into(),

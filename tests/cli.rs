@@ -19,13 +19,19 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// Asserts failure with exactly one line on stderr, containing every `needle`, and no
-/// Rust panic text.
+/// Asserts a user error: exit status 2 (not a panic's 101), exactly one line on
+/// stderr, containing every `needle`, and no panic text.
 fn assert_clear_error(o: &Output, needles: &[&str]) {
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "expected failure, stderr: {err}");
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "expected a user error, stderr: {err}"
+    );
     assert!(
-        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        !err.contains("panicked")
+            && !err.contains("internal error")
+            && !err.contains("RUST_BACKTRACE"),
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "one line expected: {err}");
@@ -210,4 +216,57 @@ fn emit_prints_cuda_and_wgsl_without_a_device() {
         &["no parameter `tile`"],
     );
     assert_clear_error(&kiln(&["emit", "add", "--config", "dtype=bf16"]), &["bf16"]);
+    assert_clear_error(
+        &kiln(&["emit", "add", "--config", "dtype=bfloat16"]),
+        &["bf16"],
+    );
+    assert_clear_error(
+        &kiln(&["emit", "add", "--config", "dtype=i8"]),
+        &["parameter `dtype`", "f32 | f16 | bf16", "i8"],
+    );
+}
+
+#[test]
+fn run_never_overwrites_its_input() {
+    let f = tmp("in_place.safetensors");
+    let mut m = BTreeMap::new();
+    m.insert(
+        "x".to_string(),
+        HostTensor::from_f32(vec![2, 3], &[1.0; 6]).unwrap(),
+    );
+    save_safetensors(&f, &m).unwrap();
+    let before = std::fs::read(&f).unwrap();
+    let p = f.to_str().unwrap();
+    assert_clear_error(
+        &kiln(&["run", "softmax", "--input", p, "--output", p]),
+        &["--output", "other than --input"],
+    );
+    assert_eq!(std::fs::read(&f).unwrap(), before);
+}
+
+#[test]
+fn run_ignores_other_tensors_of_any_dtype() {
+    // An f64 tensor beside the input, as a PyTorch script might leave: not an error.
+    use safetensors::{tensor::TensorView, Dtype};
+    let f = tmp("with_f64.safetensors");
+    let x: Vec<u8> = [0.5f32, -1.0, 2.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let junk: Vec<u8> = [1.0f64, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let views = vec![
+        ("x", TensorView::new(Dtype::F32, vec![3], &x).unwrap()),
+        (
+            "expected_f64",
+            TensorView::new(Dtype::F64, vec![2], &junk).unwrap(),
+        ),
+    ];
+    std::fs::write(&f, safetensors::serialize(views, &None).unwrap()).unwrap();
+    let out = tmp("with_f64_out.safetensors");
+    let (fi, fo) = (f.to_str().unwrap(), out.to_str().unwrap());
+    let o = kiln(&["run", "silu", "--input", fi, "--output", fo]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = load_safetensors(&out).unwrap()["out"].to_f64();
+    let want = kiln::kernels::elementwise::reference::silu(&[0.5, -1.0, 2.0]);
+    assert!(kiln::check::max_rel_error(&got, &want, 1e-6) < 1e-6);
 }

@@ -6,23 +6,16 @@ mod common;
 
 use common::{client, data};
 use kiln::check::max_rel_error;
-use kiln::{load_safetensors, Tensor};
+use kiln::load_safetensors;
 use std::collections::BTreeMap;
 
-/// Runs `op` on the file's inputs and returns (max relative error of `out` against
-/// `expected_out`).
+/// Runs `op` on the file's inputs through the registry, exactly as `kiln run` does,
+/// and returns the max relative error of `out` against `expected_out`.
 fn conformance(file: &str, op: &str, floor: f64) -> f64 {
     let hosts = load_safetensors(data(file)).unwrap();
     let spec = kiln::kernels::op(op).unwrap();
-    let mut tensors = BTreeMap::new();
-    for t in spec.inputs {
-        if let Some(h) = hosts.get(t.name) {
-            tensors.insert(t.name.to_string(), Tensor::upload(client(), h).unwrap());
-        }
-    }
-    let outs = spec.call(client(), tensors, BTreeMap::new()).unwrap();
-    let got = outs[0].1.download().unwrap();
-    let want = &hosts["expected_out"];
+    let outs = spec.call_host(client(), &hosts, BTreeMap::new()).unwrap();
+    let (got, want) = (&outs["out"], &hosts["expected_out"]);
     assert_eq!(got.shape, want.shape);
     max_rel_error(&got.to_f64(), &want.to_f64(), floor)
 }

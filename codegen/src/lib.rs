@@ -143,7 +143,11 @@ fn fnv1a(s: &str) -> String {
 
 /// Emits `spec` for `target` with `config` (validated against the kernel's knobs).
 pub fn emit(spec: &KernelSpec, target: Target, config: &KernelConfig) -> Result<Emitted> {
-    if target == Target::Wgsl && config.values().get("dtype").map(String::as_str) == Some("bf16") {
+    let bf16 = config
+        .values()
+        .get("dtype")
+        .is_some_and(|d| kiln_runtime::DType::parse(d).ok() == Some(kiln_runtime::DType::BF16));
+    if target == Target::Wgsl && bf16 {
         return Err(Error::Unsupported {
             device: "WGSL".into(),
             feature: "bf16 (WGSL has no bfloat16 type)".into(),

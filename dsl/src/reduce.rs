@@ -6,17 +6,37 @@
 
 use cubecl::prelude::*;
 
-/// Maximum of `value` over the `units` units of the cube (`units` a power of two equal
-/// to the cube size, `smem` at least `units` long). Every unit receives the result.
+/// Which combination [`cube_reduce`] applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    /// Sum.
+    Sum,
+    /// Maximum.
+    Max,
+}
+
+/// Reduces `value` over the `units` units of the cube (`units` a power of two equal to
+/// the cube size, `smem` at least `units` long). Every unit receives the result. The
+/// tree order is fixed, so sums are deterministic run to run.
 #[cube]
-pub fn cube_max(smem: &mut SharedMemory<f32>, value: f32, #[comptime] units: u32) -> f32 {
+pub fn cube_reduce(
+    smem: &mut SharedMemory<f32>,
+    value: f32,
+    #[comptime] units: u32,
+    #[comptime] op: ReduceOp,
+) -> f32 {
     let u = UNIT_POS as usize;
     smem[u] = value;
     sync_cube();
     let mut stride = (units / 2).runtime();
     while stride > 0 {
         if UNIT_POS < stride {
-            smem[u] = max(smem[u], smem[u + stride as usize]);
+            let other = smem[u + stride as usize];
+            if comptime!(op == ReduceOp::Sum) {
+                smem[u] += other;
+            } else {
+                smem[u] = max(smem[u], other);
+            }
         }
         sync_cube();
         stride /= 2;
@@ -27,22 +47,14 @@ pub fn cube_max(smem: &mut SharedMemory<f32>, value: f32, #[comptime] units: u32
     r
 }
 
-/// Sum of `value` over the `units` units of the cube; same contract as [`cube_max`].
-/// The tree order is fixed, so the result is deterministic run to run.
+/// Maximum over the cube; see [`cube_reduce`].
+#[cube]
+pub fn cube_max(smem: &mut SharedMemory<f32>, value: f32, #[comptime] units: u32) -> f32 {
+    cube_reduce(smem, value, units, ReduceOp::Max)
+}
+
+/// Sum over the cube; see [`cube_reduce`].
 #[cube]
 pub fn cube_sum(smem: &mut SharedMemory<f32>, value: f32, #[comptime] units: u32) -> f32 {
-    let u = UNIT_POS as usize;
-    smem[u] = value;
-    sync_cube();
-    let mut stride = (units / 2).runtime();
-    while stride > 0 {
-        if UNIT_POS < stride {
-            smem[u] += smem[u + stride as usize];
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let r = smem[0];
-    sync_cube();
-    r
+    cube_reduce(smem, value, units, ReduceOp::Sum)
 }

@@ -9,13 +9,13 @@
 //! Kernels read and write 4-wide vectors where every length allows it.
 
 use crate::launch::{
-    as_u32, begin, config_dtype, finish, grid, input_array, output_array, register_float,
-    scalar_u32, vector_width, with_float, DTYPE_PARAM, ELEMENTWISE_UNITS,
+    begin, check_input, config_dtype, finish, grid, grid_units, input_array, output_array,
+    register_float, scalar_u32, vector_width, with_float, DTYPE_PARAM, ELEMENTWISE_UNITS,
 };
 use cubecl::prelude::*;
 use kiln_dsl::{gelu_tanh, linear_unit, silu as silu_f32};
 use kiln_runtime::{
-    dispatch, shape_str, Client, DType, Error, KernelConfig, KernelSpec, OpArgs, OpSpec, Outputs,
+    dispatch, shape_str, Client, Error, KernelConfig, KernelSpec, OpArgs, OpSpec, Outputs,
     ParamSpec, Result, Tensor, TensorSpec,
 };
 
@@ -65,16 +65,10 @@ fn check_broadcast(x: &[usize], y: &[usize]) -> Result<()> {
     }
 }
 
-fn check_float(name: &str, t: &Tensor) -> Result<()> {
-    t.expect_dtype(name, &DType::FLOATS)?;
-    t.client().require_dtype(name, t.dtype())
-}
-
 fn binary(x: &Tensor, y: &Tensor, op: u32) -> Result<Tensor> {
     let client = x.client();
-    check_float("x", x)?;
-    y.expect_usable("y", client)?;
-    x.expect_usable("x", client)?;
+    check_input("x", x, client)?;
+    check_input("y", y, client)?;
     if y.dtype() != x.dtype() {
         return Err(Error::DType {
             tensor: "y".into(),
@@ -88,12 +82,19 @@ fn binary(x: &Tensor, y: &Tensor, op: u32) -> Result<Tensor> {
         return Ok(out);
     }
     let w = vector_width(&[x.numel(), y.numel()]);
-    let len = as_u32("x", x.numel() / w)?;
-    let y_len = as_u32("y", y.numel() / w)?;
-    let count = grid((len as usize).div_ceil(ELEMENTWISE_UNITS as usize))?;
+    // check_input bounds every length by 2^31: these fit in u32.
+    let len = (x.numel() / w) as u32;
+    let y_len = (y.numel() / w) as u32;
+    let per_cube = (ELEMENTWISE_UNITS * BINARY_PER_UNIT) as usize;
+    let count = grid((len as usize).div_ceil(per_cube))?;
+    // Units in the whole grid (<= len / 4 + 256): the distance between a unit's
+    // consecutive vectors.
+    let stride = grid_units(&count, ELEMENTWISE_UNITS) as u32;
+    let step = stride % y_len;
     dispatch!(client, c => with_float!(x.dtype(), F => {
-        // SAFETY: the kernel guards every index with `len`, and `y` is read modulo
-        // `y_len`; both lengths are in vectors of width `w` and match the buffers.
+        // SAFETY: the kernel guards every index of x and out with `len`, and keeps
+        // the index of y below `y_len`; both lengths are in vectors of width `w` and
+        // match the buffers.
         unsafe {
             binary_kernel::launch_unchecked::<F, _>(
                 c,
@@ -105,6 +106,8 @@ fn binary(x: &Tensor, y: &Tensor, op: u32) -> Result<Tensor> {
                 ArrayArg::from_raw_parts(out.handle().clone(), out.numel()),
                 len,
                 y_len,
+                stride,
+                step,
                 op,
             )
         };
@@ -115,14 +118,13 @@ fn binary(x: &Tensor, y: &Tensor, op: u32) -> Result<Tensor> {
 
 fn unary(x: &Tensor, op: u32) -> Result<Tensor> {
     let client = x.client();
-    check_float("x", x)?;
-    x.expect_usable("x", client)?;
+    check_input("x", x, client)?;
     let out = Tensor::empty(client, x.dtype(), x.shape())?;
     if x.numel() == 0 {
         return Ok(out);
     }
     let w = vector_width(&[x.numel()]);
-    let len = as_u32("x", x.numel() / w)?;
+    let len = (x.numel() / w) as u32;
     let count = grid((len as usize).div_ceil(ELEMENTWISE_UNITS as usize))?;
     dispatch!(client, c => with_float!(x.dtype(), F => {
         // SAFETY: every index is guarded by `len` (in vectors of width `w`).
@@ -145,7 +147,13 @@ fn unary(x: &Tensor, op: u32) -> Result<Tensor> {
 
 // ---------------------------------------------------------------- kernels
 
-/// `out[i] = x[i] op y[i mod y_len]`, all in vectors of N elements.
+/// Vectors each unit of the binary kernel handles, `stride` apart.
+const BINARY_PER_UNIT: u32 = 4;
+
+/// `out[i] = x[i] op y[i mod y_len]`, all in vectors of N elements. Each unit handles
+/// `BINARY_PER_UNIT` vectors `stride` apart (coalesced across units) and tracks
+/// `i mod y_len` incrementally (`step = stride mod y_len`): an integer division per
+/// vector costs as much as the memory traffic on CPU adapters, one per unit does not.
 #[cube(launch_unchecked)]
 fn binary_kernel<F: Float, N: Size>(
     x: &Array<Vector<F, N>>,
@@ -153,16 +161,27 @@ fn binary_kernel<F: Float, N: Size>(
     out: &mut Array<Vector<F, N>>,
     len: u32,
     y_len: u32,
+    stride: u32,
+    step: u32,
     #[comptime] op: u32,
 ) {
-    let i = linear_unit();
-    if i < len as usize {
-        let a = x[i];
-        let b = y[i % y_len as usize];
-        if comptime!(op == OP_ADD) {
-            out[i] = a + b;
-        } else {
-            out[i] = a * b;
+    let mut i = linear_unit();
+    let mut j = i % y_len as usize;
+    #[unroll]
+    for _ in 0..BINARY_PER_UNIT {
+        if i < len as usize {
+            let a = x[i];
+            let b = y[j];
+            if comptime!(op == OP_ADD) {
+                out[i] = a + b;
+            } else {
+                out[i] = a * b;
+            }
+        }
+        i += stride as usize;
+        j += step as usize;
+        if j >= y_len as usize {
+            j -= y_len as usize;
         }
     }
 }
@@ -362,6 +381,8 @@ fn define_binary<F: Float>(
     let out = output_array::<V>(&mut b);
     let len = scalar_u32(&mut b);
     let y_len = scalar_u32(&mut b);
+    let stride = scalar_u32(&mut b);
+    let step = scalar_u32(&mut b);
     binary_kernel::expand::<binary_kernel::F, binary_kernel::N>(
         &mut b.scope,
         w,
@@ -370,6 +391,8 @@ fn define_binary<F: Float>(
         out,
         len,
         y_len,
+        stride,
+        step,
         op,
     );
     finish(b, entry, ELEMENTWISE_UNITS)

@@ -2,7 +2,7 @@
 //! device-free kernel definition used by `kiln emit`.
 
 use cubecl::prelude::*;
-use kiln_runtime::{DType, Error, KernelConfig, ParamSpec, Result};
+use kiln_runtime::{Client, DType, Error, KernelConfig, ParamSpec, Result, Tensor};
 
 /// Runs `$body` with `$F` bound to the Rust element type of a float dtype.
 macro_rules! with_float {
@@ -37,19 +37,27 @@ pub const ELEMENTWISE_UNITS: u32 = 256;
 const MAX_CUBES: usize = 65_535;
 
 /// A 2-D grid of at least `cubes` cubes (x first); kernels linearize it as
-/// `CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X` and guard the tail.
+/// `CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X` and guard the tail. Inputs checked by
+/// [`check_input`] never need more than 65 535^2 cubes.
 pub fn grid(cubes: usize) -> Result<CubeCount> {
     let cubes = cubes.max(1);
     let x = cubes.min(MAX_CUBES);
     let y = cubes.div_ceil(x);
     if y > MAX_CUBES {
-        return Err(Error::Shape {
-            tensor: "x".into(),
-            expected: format!("at most {} cubes of work", MAX_CUBES * MAX_CUBES),
-            found: format!("{cubes}"),
+        return Err(Error::Kernel {
+            kernel: "launch".into(),
+            message: format!("{cubes} cubes exceed the {MAX_CUBES} x {MAX_CUBES} grid"),
         });
     }
     Ok(CubeCount::Static(x as u32, y as u32, 1))
+}
+
+/// Units in a grid from [`grid`] with cubes of `units`.
+pub fn grid_units(count: &CubeCount, units: u32) -> u64 {
+    match count {
+        CubeCount::Static(x, y, z) => *x as u64 * *y as u64 * *z as u64 * units as u64,
+        CubeCount::Dynamic(_) => 0,
+    }
 }
 
 /// Widest vector (4, 2 or 1 elements) that divides every length given.
@@ -60,13 +68,25 @@ pub fn vector_width(lens: &[usize]) -> usize {
         .unwrap_or(1)
 }
 
-/// A u32 kernel argument, or an error naming what is too large.
-pub fn as_u32(what: &str, n: usize) -> Result<u32> {
-    u32::try_from(n).map_err(|_| Error::Shape {
-        tensor: what.into(),
-        expected: format!("fewer than {} elements", u32::MAX),
-        found: n.to_string(),
-    })
+/// Most elements a kernel input may have: kernels index in 32 bits, and grid-stride
+/// offsets may reach twice the length before the bounds check.
+pub const MAX_ELEMENTS: usize = i32::MAX as usize;
+
+/// The checks every float operator input gets: a float dtype the device has, lives on
+/// `client`'s device, contiguous, and at most [`MAX_ELEMENTS`] elements. Errors name
+/// the tensor.
+pub fn check_input(name: &str, t: &Tensor, client: &Client) -> Result<()> {
+    t.expect_dtype(name, &DType::FLOATS)?;
+    client.require_dtype(name, t.dtype())?;
+    t.expect_usable(name, client)?;
+    if t.numel() > MAX_ELEMENTS {
+        return Err(Error::Shape {
+            tensor: name.into(),
+            expected: format!("at most {MAX_ELEMENTS} elements (32-bit indexing)"),
+            found: format!("{} elements, shape {:?}", t.numel(), t.shape()),
+        });
+    }
+    Ok(())
 }
 
 /// The configuration knob every emitted kernel has.
@@ -79,15 +99,15 @@ pub const DTYPE_PARAM: ParamSpec = ParamSpec {
 
 /// The float dtype named in an emission config.
 pub fn config_dtype(cfg: &KernelConfig) -> Result<DType> {
-    let d = DType::parse(&cfg.get::<String>("dtype")?)?;
-    if !d.is_float() {
-        return Err(Error::Param {
+    let text = cfg.get::<String>("dtype")?;
+    match DType::parse(&text) {
+        Ok(d) if d.is_float() => Ok(d),
+        _ => Err(Error::Param {
             param: "dtype".into(),
             expected: DTYPE_PARAM.values.into(),
-            found: d.name().into(),
-        });
+            found: text,
+        }),
     }
-    Ok(d)
 }
 
 /// Registers the element type `F` for the generic marker `M` of a `#[cube]` kernel.

@@ -38,10 +38,6 @@ pub fn kernels() -> &'static [&'static KernelSpec] {
     &KERNELS
 }
 
-fn known<'a>(names: impl Iterator<Item = &'a str>) -> String {
-    names.collect::<Vec<_>>().join(", ")
-}
-
 /// Looks an operator up by name.
 pub fn op(name: &str) -> Result<&'static OpSpec> {
     ops()
@@ -51,7 +47,7 @@ pub fn op(name: &str) -> Result<&'static OpSpec> {
         .ok_or_else(|| Error::Unknown {
             kind: "operator",
             name: name.into(),
-            known: known(ops().iter().map(|o| o.name)),
+            known: kiln_runtime::join_names(ops().iter().map(|o| o.name)),
         })
 }
 
@@ -64,6 +60,6 @@ pub fn kernel(name: &str) -> Result<&'static KernelSpec> {
         .ok_or_else(|| Error::Unknown {
             kind: "kernel",
             name: name.into(),
-            known: known(kernels().iter().map(|k| k.name)),
+            known: kiln_runtime::join_names(kernels().iter().map(|k| k.name)),
         })
 }

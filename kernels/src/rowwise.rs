@@ -4,7 +4,8 @@
 //! with `m = max_k x_k` (out: x's shape), and `logsumexp(x) = m + ln(sum_k exp(x_k - m))`
 //! (out: x's shape without its last dimension). Accumulation in f32 for every storage
 //! dtype. A row that is entirely -inf gives softmax 0 everywhere (not NaN, unlike
-//! PyTorch) and logsumexp -inf.
+//! PyTorch) and logsumexp -inf; an empty last dimension (D = 0) gives an empty
+//! softmax and a logsumexp of -inf, as PyTorch does.
 //!
 //! One cube per row. Each unit keeps an online (max, sum) pair over its strided slice
 //! of the row (one read of `x`), the cube merges the pairs with a max- then a
@@ -12,14 +13,14 @@
 //! and logsumexp once.
 
 use crate::launch::{
-    as_u32, begin, config_dtype, finish, grid, input_array, output_array, register_float,
+    begin, check_input, config_dtype, finish, grid, input_array, output_array, register_float,
     scalar_u32, with_float, DTYPE_PARAM,
 };
 use cubecl::prelude::*;
 use kiln_dsl::{cube_max, cube_sum, exp_diff, linear_cube};
 use kiln_runtime::{
-    dispatch, shape_str, Client, DType, Error, KernelConfig, KernelSpec, OpArgs, OpSpec, Outputs,
-    ParamSpec, Result, Tensor, TensorSpec,
+    dispatch, shape_str, Client, Error, HostTensor, KernelConfig, KernelSpec, OpArgs, OpSpec,
+    Outputs, ParamSpec, Result, Tensor, TensorSpec,
 };
 
 // ---------------------------------------------------------------- host API
@@ -41,9 +42,7 @@ pub fn units_for(cols: usize) -> u32 {
 
 fn rowwise(x: &Tensor, lse: bool) -> Result<Tensor> {
     let client = x.client();
-    x.expect_dtype("x", &DType::FLOATS)?;
-    client.require_dtype("x", x.dtype())?;
-    x.expect_usable("x", client)?;
+    check_input("x", x, client)?;
     let Some((&cols, lead)) = x.shape().split_last() else {
         return Err(Error::Shape {
             tensor: "x".into(),
@@ -51,26 +50,25 @@ fn rowwise(x: &Tensor, lse: bool) -> Result<Tensor> {
             found: shape_str(x.shape()),
         });
     };
-    if cols == 0 {
-        return Err(Error::Shape {
-            tensor: "x".into(),
-            expected: "a non-empty last dimension D >= 1".into(),
-            found: shape_str(x.shape()),
-        });
-    }
     let rows: usize = lead.iter().product();
+    if cols == 0 && lse {
+        // As PyTorch: the log of an empty sum is -inf.
+        let host = HostTensor::from_f64(x.dtype(), lead.to_vec(), &vec![f64::NEG_INFINITY; rows])?;
+        return Tensor::upload_named(client, "out", &host);
+    }
     let out_shape = if lse {
         lead.to_vec()
     } else {
         x.shape().to_vec()
     };
     let out = Tensor::empty(client, x.dtype(), &out_shape)?;
-    if rows == 0 {
+    if rows == 0 || cols == 0 {
         return Ok(out);
     }
     let units = units_for(cols);
     let count = grid(rows)?;
-    let (rows_u, cols_u) = (as_u32("x", rows)?, as_u32("x", cols)?);
+    // check_input bounds rows * cols by 2^31: both fit in u32, as does every index.
+    let (rows_u, cols_u) = (rows as u32, cols as u32);
     dispatch!(client, c => with_float!(x.dtype(), F => {
         // SAFETY: the kernel reads row `r < rows` at `r * cols + j` with `j < cols`
         // and writes the same range (or index `r` for logsumexp).
@@ -121,12 +119,12 @@ fn rowwise_kernel<F: Float>(
         let mut j = UNIT_POS as usize;
         while j < cols as usize {
             let v = f32::cast_from(x[base + j]);
-            if v > m {
-                s = s * exp_diff(m, v, one) + 1.0;
-                m = v;
-            } else {
-                s += exp_diff(v, m, one);
-            }
+            // One exponential per element and no divergent branch (SIMD lanes of a
+            // CPU or a warp would otherwise run both sides): e = exp(lo - hi) <= 1.
+            let hi = max(m, v);
+            let e = exp_diff(min(m, v), hi, one);
+            s = select(v > m, s * e + 1.0, s + e);
+            m = hi;
             j += units as usize;
         }
 
@@ -193,21 +191,22 @@ pub mod reference {
 
 const X: TensorSpec = TensorSpec {
     name: "x",
-    shape: "[..., D], D >= 1",
+    shape: "[..., D], rank >= 1",
     dtypes: "f32 | f16 | bf16",
     optional: false,
     doc: "input; the operator works over the last dimension",
 };
 
-fn run_softmax(client: &Client, a: &OpArgs) -> Result<Outputs> {
+fn run_rowwise(client: &Client, a: &OpArgs, lse: bool) -> Result<Outputs> {
     let x = a.tensor("x")?;
     x.expect_usable("x", client)?;
-    Ok(vec![("out", softmax(x)?)])
+    Ok(vec![("out", rowwise(x, lse)?)])
+}
+fn run_softmax(client: &Client, a: &OpArgs) -> Result<Outputs> {
+    run_rowwise(client, a, false)
 }
 fn run_logsumexp(client: &Client, a: &OpArgs) -> Result<Outputs> {
-    let x = a.tensor("x")?;
-    x.expect_usable("x", client)?;
-    Ok(vec![("out", logsumexp(x)?)])
+    run_rowwise(client, a, true)
 }
 
 /// `softmax` over the last dimension.

@@ -209,6 +209,8 @@ pub struct DeviceReport {
     pub max_units_per_cube: u32,
     /// Largest cube count per grid dimension.
     pub max_cube_count: (u32, u32, u32),
+    /// Largest single buffer, bytes.
+    pub max_buffer_bytes: u64,
 }
 
 impl fmt::Display for DeviceReport {
@@ -437,10 +439,12 @@ fn report_from_props(
         max_shared_memory: hw.max_shared_memory_size,
         max_units_per_cube: hw.max_units_per_cube,
         max_cube_count: hw.max_cube_count,
+        max_buffer_bytes: props.memory.max_page_size,
     }
 }
 
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+/// The text of a panic payload (`String` or `&str`), for turning panics into errors.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<String>()
         .cloned()
         .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
@@ -471,11 +475,15 @@ impl Client {
                 format!("cuda:{index} asked for, but only {n} CUDA device(s) exist")
             }));
         }
-        let (name, cc) = cudarc::driver::CudaContext::new(index)
-            .and_then(|ctx| Ok((ctx.name()?, ctx.compute_capability()?)))
-            .map_err(|e| Error::Device(format!("cuda:{index}: {e}")))?;
+        // cudarc loads driver symbols lazily and panics on a missing one: catch it.
+        let (name, cc) = std::panic::catch_unwind(|| {
+            cudarc::driver::CudaContext::new(index)
+                .and_then(|ctx| Ok((ctx.name()?, ctx.compute_capability()?)))
+        })
+        .map_err(|p| Error::Device(format!("cuda:{index}: {}", panic_message(&*p))))?
+        .map_err(|e| Error::Device(format!("cuda:{index}: {e}")))?;
         let client = std::panic::catch_unwind(|| CudaRuntime::client(&CudaDevice::new(index)))
-            .map_err(|p| Error::Device(format!("cuda:{index}: {}", panic_message(p))))?;
+            .map_err(|p| Error::Device(format!("cuda:{index}: {}", panic_message(&*p))))?;
         let report = report_from_props(
             format!("cuda:{index}"),
             name,
@@ -518,7 +526,7 @@ impl Client {
             WgpuSelect::Best => WgpuDevice::DefaultDevice,
         };
         let client = std::panic::catch_unwind(|| WgpuRuntime::client(&wgpu_device))
-            .map_err(|p| Error::Device(format!("{}: {}", adapter.info.name, panic_message(p))))?;
+            .map_err(|p| Error::Device(format!("{}: {}", adapter.info.name, panic_message(&*p))))?;
         let report = report_from_props(
             Device::Wgpu(select).to_string(),
             adapter.info.name.clone(),
@@ -561,6 +569,21 @@ impl Client {
             Err(Error::Unsupported {
                 device: format!("{} ({:?})", self.report.name, self.report.backend),
                 feature: format!("{dtype} (tensor `{tensor}`)"),
+            })
+        }
+    }
+
+    /// An error unless a buffer of `bytes` fits in one allocation on this device.
+    pub fn require_buffer(&self, tensor: &str, bytes: usize) -> Result<()> {
+        if bytes as u64 <= self.report.max_buffer_bytes {
+            Ok(())
+        } else {
+            Err(Error::Unsupported {
+                device: self.report.name.clone(),
+                feature: format!(
+                    "a buffer of {bytes} bytes for tensor `{tensor}` (largest: {} bytes)",
+                    self.report.max_buffer_bytes
+                ),
             })
         }
     }

@@ -84,18 +84,26 @@ impl HostTensor {
     }
 
     /// The same values in another dtype (through f64).
-    pub fn cast(&self, dtype: DType) -> HostTensor {
-        if dtype == self.dtype {
-            return self.clone();
-        }
-        // The lengths agree by construction, so this cannot fail.
-        Self::from_f64(dtype, self.shape.clone(), &self.to_f64()).unwrap_or_else(|_| unreachable!())
+    pub fn cast(&self, dtype: DType) -> Result<HostTensor> {
+        Self::from_f64(dtype, self.shape.clone(), &self.to_f64())
     }
 }
 
 /// Reads every tensor of a safetensors file, keyed by name.
 pub fn load_safetensors(path: impl AsRef<Path>) -> Result<BTreeMap<String, HostTensor>> {
-    let path = path.as_ref();
+    load(path.as_ref(), None)
+}
+
+/// Reads only the tensors named in `names` (those present); others are skipped
+/// unread, whatever their dtype.
+pub fn load_safetensors_named(
+    path: impl AsRef<Path>,
+    names: &[&str],
+) -> Result<BTreeMap<String, HostTensor>> {
+    load(path.as_ref(), Some(names))
+}
+
+fn load(path: &Path, names: Option<&[&str]>) -> Result<BTreeMap<String, HostTensor>> {
     let p = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| Error::Io {
         path: p.clone(),
@@ -107,6 +115,9 @@ pub fn load_safetensors(path: impl AsRef<Path>) -> Result<BTreeMap<String, HostT
     })?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
+        if names.is_some_and(|n| !n.contains(&name.as_str())) {
+            continue;
+        }
         let dtype = DType::from_safetensors(view.dtype()).ok_or_else(|| Error::Format {
             path: p.clone(),
             message: format!(

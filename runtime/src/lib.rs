@@ -11,13 +11,15 @@ mod registry;
 mod tensor;
 
 pub use device::{
-    cuda_device_count, list_wgpu_adapters, native_wgpu_backend, resolve, AdapterListing,
-    AdapterType, Backend, Client, ClientInner, Device, DeviceReport, WgpuSelect,
+    cuda_device_count, list_wgpu_adapters, native_wgpu_backend, panic_message, resolve,
+    AdapterListing, AdapterType, Backend, Client, ClientInner, Device, DeviceReport, WgpuSelect,
 };
 pub use dtype::DType;
 pub use error::{shape_str, Error, Result};
-pub use host::{load_safetensors, save_safetensors, HostTensor};
-pub use registry::{KernelConfig, KernelSpec, OpArgs, OpSpec, Outputs, ParamSpec, TensorSpec};
+pub use host::{load_safetensors, load_safetensors_named, save_safetensors, HostTensor};
+pub use registry::{
+    join_names, KernelConfig, KernelSpec, OpArgs, OpSpec, Outputs, ParamSpec, TensorSpec,
+};
 pub use tensor::{contiguous_strides, Tensor};
 
 /// Re-export of the cubecl version kiln is built on.

@@ -1,7 +1,7 @@
 //! The operator and kernel registry types. Operators (kernels crate) fill them in;
 //! tools (`kiln ops`, `kiln run`, `kiln emit`, `kiln selftest`) read them.
 
-use crate::{Client, Error, Result, Tensor};
+use crate::{Client, Error, HostTensor, Result, Tensor};
 use cubecl::prelude::{KernelBuilder, KernelDefinition};
 use std::collections::BTreeMap;
 
@@ -66,7 +66,7 @@ impl OpSpec {
                 return Err(Error::UnknownParam {
                     op: self.name.into(),
                     param: k.clone(),
-                    known: names(self.params.iter().map(|p| p.name)),
+                    known: join_names(self.params.iter().map(|p| p.name)),
                 });
             }
         }
@@ -85,11 +85,48 @@ impl OpSpec {
         params: BTreeMap<String, String>,
     ) -> Result<Outputs> {
         let args = self.bind(tensors, params)?;
-        (self.run)(client, &args)
+        let outs = (self.run)(client, &args)?;
+        for o in self.outputs.iter().filter(|o| !o.optional) {
+            if !outs.iter().any(|(n, _)| *n == o.name) {
+                return Err(Error::Kernel {
+                    kernel: self.name.into(),
+                    message: format!("declared output `{}` was not produced", o.name),
+                });
+            }
+        }
+        Ok(outs)
+    }
+
+    /// What `kiln run` does: uploads the host tensors named as this operator's inputs
+    /// (others are ignored), runs, and downloads every output by name.
+    pub fn call_host(
+        &'static self,
+        client: &Client,
+        hosts: &BTreeMap<String, HostTensor>,
+        params: BTreeMap<String, String>,
+    ) -> Result<BTreeMap<String, HostTensor>> {
+        // Parameters are checked before anything is uploaded.
+        self.bind(BTreeMap::new(), params.clone())?;
+        let mut tensors = BTreeMap::new();
+        for t in self.inputs {
+            if let Some(h) = hosts.get(t.name) {
+                tensors.insert(t.name.to_string(), Tensor::upload_named(client, t.name, h)?);
+            }
+        }
+        self.call(client, tensors, params)?
+            .into_iter()
+            .map(|(n, t)| Ok((n.to_string(), t.download()?)))
+            .collect()
+    }
+
+    /// The names of the inputs, in declaration order.
+    pub fn input_names(&self) -> Vec<&'static str> {
+        self.inputs.iter().map(|t| t.name).collect()
     }
 }
 
-fn names<'a>(it: impl Iterator<Item = &'a str>) -> String {
+/// `a, b, c`, or `none`: lists of names in error messages.
+pub fn join_names<'a>(it: impl Iterator<Item = &'a str>) -> String {
     let v: Vec<&str> = it.collect();
     if v.is_empty() {
         "none".into()
@@ -139,7 +176,7 @@ impl OpArgs {
             .ok_or_else(|| Error::UnknownParam {
                 op: self.spec.name.into(),
                 param: name.into(),
-                known: names(self.spec.params.iter().map(|p| p.name)),
+                known: join_names(self.spec.params.iter().map(|p| p.name)),
             })
     }
 
@@ -194,7 +231,7 @@ impl KernelConfig {
                 return Err(Error::UnknownParam {
                     op: spec.name.into(),
                     param: k.clone(),
-                    known: names(spec.config.iter().map(|p| p.name)),
+                    known: join_names(spec.config.iter().map(|p| p.name)),
                 });
             }
         }

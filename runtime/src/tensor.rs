@@ -34,7 +34,26 @@ fn padded(n: usize) -> usize {
 impl Tensor {
     /// Copies a host tensor to the device. The device must support its dtype.
     pub fn upload(client: &Client, host: &HostTensor) -> Result<Tensor> {
-        client.require_dtype("upload", host.dtype)?;
+        Self::upload_named(client, "tensor", host)
+    }
+
+    /// [`Tensor::upload`], naming the tensor in errors (as operators' inputs are named).
+    pub fn upload_named(client: &Client, name: &str, host: &HostTensor) -> Result<Tensor> {
+        client.require_dtype(name, host.dtype)?;
+        // The fields of a HostTensor are public: check bytes against shape here, since
+        // kernels trust the shape.
+        let bytes_expected = host.numel() * host.dtype.size();
+        if host.data.len() != bytes_expected {
+            return Err(Error::Shape {
+                tensor: name.into(),
+                expected: format!(
+                    "{bytes_expected} bytes of data for {} {:?}",
+                    host.dtype, host.shape
+                ),
+                found: format!("{} bytes", host.data.len()),
+            });
+        }
+        client.require_buffer(name, bytes_expected)?;
         let mut bytes = host.data.clone();
         bytes.resize(padded(bytes.len()), 0);
         let handle = dispatch!(client, c => c.create_from_slice(&bytes));
@@ -51,6 +70,7 @@ impl Tensor {
     pub fn empty(client: &Client, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         client.require_dtype("output", dtype)?;
         let numel: usize = shape.iter().product();
+        client.require_buffer("output", numel * dtype.size())?;
         let handle = dispatch!(client, c => c.empty(padded(numel * dtype.size())));
         Ok(Tensor {
             client: client.clone(),
