@@ -55,13 +55,7 @@ pub fn max_rel_error(got: &[f64], want: &[f64], floor: f64) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// Relative error bound for one rounding to `dtype`, times `ulps`.
+/// `ulps` times the machine epsilon of `dtype`.
 pub fn tolerance(dtype: crate::DType, ulps: f64) -> f64 {
-    let eps = match dtype {
-        crate::DType::F32 => f32::EPSILON as f64,
-        crate::DType::F16 => 2f64.powi(-10),
-        crate::DType::BF16 => 2f64.powi(-7),
-        _ => 0.0,
-    };
-    eps * ulps
+    dtype.epsilon() * ulps
 }

@@ -73,6 +73,28 @@ enum Command {
         #[arg(long)]
         list: bool,
     },
+    /// Autotune an operator's kernels for a shape on one device and store the winners;
+    /// or export/import the stored winners of a device.
+    Tune {
+        /// Operator name (see `kiln ops`).
+        #[arg(required_unless_present_any = ["export", "import"])]
+        op: Option<String>,
+        /// Shape of the operator's `x`, e.g. 2048x2048 (`y`, if any, is its last dim).
+        #[arg(long, default_value = "1024x1024")]
+        shape: String,
+        /// Element type of the inputs.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Device (default: $KILN_DEVICE or auto).
+        #[arg(long)]
+        device: Option<String>,
+        /// Write this device's stored winners to FILE.
+        #[arg(long, value_name = "FILE", conflicts_with = "import")]
+        export: Option<PathBuf>,
+        /// Merge winners from FILE (written by --export) into the cache.
+        #[arg(long, value_name = "FILE")]
+        import: Option<PathBuf>,
+    },
     /// Every operator against its f64 reference, in every float dtype, on one device.
     Selftest {
         /// Device (default: $KILN_DEVICE or auto).
@@ -132,9 +154,19 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let kernel = kernel.unwrap_or_default();
             emit_kernel(&kernel, &target, &config, manifest)
         }
+        Command::Tune {
+            op,
+            shape,
+            dtype,
+            device,
+            export,
+            import,
+        } => tune::run(op.as_deref(), &shape, &dtype, device, export, import),
         Command::Selftest { device } => selftest(device),
     }
 }
+
+mod tune;
 
 fn device_arg(arg: Option<String>) -> Result<Device> {
     match arg {

@@ -132,15 +132,6 @@ fn compile_error(kernel: &str, e: impl std::fmt::Debug) -> Error {
     }
 }
 
-fn fnv1a(s: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{h:016x}")
-}
-
 /// Emits `spec` for `target` with `config` (validated against the kernel's knobs).
 pub fn emit(spec: &KernelSpec, target: Target, config: &KernelConfig) -> Result<Emitted> {
     let bf16 = config
@@ -184,7 +175,7 @@ pub fn emit(spec: &KernelSpec, target: Target, config: &KernelConfig) -> Result<
         cube_dim: (cube.x, cube.y, cube.z),
         shared_memory_bytes,
         config: config.values().clone(),
-        source_hash: fnv1a(&source),
+        source_hash: kiln_runtime::tune::fnv1a_hex(&source),
     };
     Ok(Emitted { source, manifest })
 }

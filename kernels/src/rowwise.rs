@@ -19,8 +19,10 @@ use crate::launch::{
 use cubecl::prelude::*;
 use kiln_dsl::{cube_max, cube_sum, exp_diff, linear_cube};
 use kiln_runtime::{
-    dispatch, shape_str, Client, Error, HostTensor, KernelConfig, KernelSpec, OpArgs, OpSpec,
-    Outputs, ParamSpec, Result, Tensor, TensorSpec,
+    dispatch, shape_str,
+    tune::{fnv1a_hex, Autotuner, TuneKey},
+    Client, Error, HostTensor, KernelConfig, KernelSpec, OpArgs, OpSpec, Outputs, ParamSpec,
+    Result, Tensor, TensorSpec,
 };
 
 // ---------------------------------------------------------------- host API
@@ -40,6 +42,57 @@ pub fn units_for(cols: usize) -> u32 {
     cols.next_power_of_two().clamp(32, 256) as u32
 }
 
+/// The `units` the autotuner may pick for rows of `cols` on `client`, the heuristic
+/// [`units_for`] first: powers of two from 32 to 256, no wider than the row rounded up
+/// (more units would idle) and within the device's units per cube.
+pub fn units_candidates(client: &Client, cols: usize) -> Vec<u32> {
+    let preferred = units_for(cols);
+    let max = client.report().max_units_per_cube;
+    std::iter::once(preferred)
+        .chain(
+            UNITS
+                .into_iter()
+                .filter(|&u| u != preferred && u <= preferred.max(32)),
+        )
+        .chain(
+            UNITS
+                .into_iter()
+                .filter(|&u| u > preferred && (u as usize) <= cols.next_power_of_two()),
+        )
+        .filter(|&u| u <= max)
+        .collect()
+}
+
+const UNITS: [u32; 4] = [32, 64, 128, 256];
+
+/// Hash of this kernel's source (this module and the DSL pieces it uses): the tune
+/// cache forgets decisions made for other code.
+fn source_hash() -> String {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| {
+        fnv1a_hex(concat!(
+            include_str!("rowwise.rs"),
+            include_str!("../../dsl/src/reduce.rs"),
+            include_str!("../../dsl/src/activation.rs")
+        ))
+    })
+    .clone()
+}
+
+/// The tune key: rows and columns bucketed to powers of two, dtype, operator.
+fn tune_key(x: &Tensor, rows: usize, cols: usize, lse: bool) -> TuneKey {
+    TuneKey {
+        kernel: if lse { "logsumexp" } else { "softmax" },
+        source_hash: source_hash(),
+        shape: format!(
+            "rows={};cols={};dtype={}",
+            rows.next_power_of_two(),
+            cols.next_power_of_two(),
+            x.dtype()
+        ),
+    }
+}
+
 fn rowwise(x: &Tensor, lse: bool) -> Result<Tensor> {
     let client = x.client();
     check_input("x", x, client)?;
@@ -56,16 +109,32 @@ fn rowwise(x: &Tensor, lse: bool) -> Result<Tensor> {
         let host = HostTensor::from_f64(x.dtype(), lead.to_vec(), &vec![f64::NEG_INFINITY; rows])?;
         return Tensor::upload_named(client, "out", &host);
     }
-    let out_shape = if lse {
-        lead.to_vec()
-    } else {
-        x.shape().to_vec()
-    };
-    let out = Tensor::empty(client, x.dtype(), &out_shape)?;
     if rows == 0 || cols == 0 {
-        return Ok(out);
+        let out_shape = if lse { lead } else { x.shape() };
+        return Tensor::empty(client, x.dtype(), out_shape);
     }
-    let units = units_for(cols);
+    // Candidates differ only in summation order: they agree to a few roundings.
+    let tolerance = 16.0 * x.dtype().epsilon();
+    let units = Autotuner::global().tune(
+        client,
+        &tune_key(x, rows, cols, lse),
+        &units_candidates(client, cols),
+        |u| format!("units={u}"),
+        |&u| launch(x, rows, cols, u, lse).map(|o| vec![o]),
+        tolerance,
+    )?;
+    launch(x, rows, cols, units, lse)
+}
+
+/// One launch with `units` units per cube; `x` is checked and non-empty.
+fn launch(x: &Tensor, rows: usize, cols: usize, units: u32, lse: bool) -> Result<Tensor> {
+    let client = x.client();
+    let out_shape = if lse {
+        &x.shape()[..x.rank() - 1]
+    } else {
+        x.shape()
+    };
+    let out = Tensor::empty(client, x.dtype(), out_shape)?;
     let count = grid(rows)?;
     // check_input bounds rows * cols by 2^31: both fit in u32, as does every index.
     let (rows_u, cols_u) = (rows as u32, cols as u32);

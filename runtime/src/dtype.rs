@@ -45,6 +45,16 @@ impl DType {
         }
     }
 
+    /// Machine epsilon of a float dtype (distance from 1 to the next value); 0 for ints.
+    pub fn epsilon(self) -> f64 {
+        match self {
+            DType::F32 => f32::EPSILON as f64,
+            DType::F16 => 2f64.powi(-10),
+            DType::BF16 => 2f64.powi(-7),
+            _ => 0.0,
+        }
+    }
+
     /// Whether this is a floating-point type.
     pub fn is_float(self) -> bool {
         matches!(self, DType::F32 | DType::F16 | DType::BF16)

@@ -9,6 +9,7 @@ mod error;
 mod host;
 mod registry;
 mod tensor;
+pub mod tune;
 
 pub use device::{
     cuda_device_count, list_wgpu_adapters, native_wgpu_backend, panic_message, resolve,
@@ -21,6 +22,7 @@ pub use registry::{
     join_names, KernelConfig, KernelSpec, OpArgs, OpSpec, Outputs, ParamSpec, TensorSpec,
 };
 pub use tensor::{contiguous_strides, Tensor};
+pub use tune::{Autotuner, TuneKey, TuneMode};
 
 /// Re-export of the cubecl version kiln is built on.
 pub use cubecl;

@@ -1,0 +1,277 @@
+//! The autotuner: validation before timing, failures scored +inf, the persistent
+//! cache (hits, corruption, source-hash and mode handling), export/import, and the
+//! `kiln tune` command end to end.
+
+mod common;
+
+use common::client;
+use kiln::kernels::rowwise;
+use kiln::runtime::tune::{Autotuner, TuneEvent, TuneKey, TuneMode};
+use kiln::{DType, Error, HostTensor, Tensor};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+fn tmpdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("kiln-tune-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn key(hash: &str) -> TuneKey {
+    TuneKey {
+        kernel: "test",
+        source_hash: hash.into(),
+        shape: "n=256".into(),
+    }
+}
+
+fn input() -> Tensor {
+    let v: Vec<f64> = (0..256 * 256)
+        .map(|i| ((i % 97) as f64 - 48.0) * 0.1)
+        .collect();
+    Tensor::upload(
+        client(),
+        &HostTensor::from_f64(DType::F32, vec![256, 256], &v).unwrap(),
+    )
+    .unwrap()
+}
+
+/// Candidates: 0 = slow (30 softmax launches), 1 = fast (one), 2 = fastest but wrong
+/// (scaled output), 3 = fails. The tuner must pick 1.
+fn run_candidate(x: &Tensor, c: u32, calls: &AtomicUsize) -> kiln::Result<Vec<Tensor>> {
+    calls.fetch_add(1, Ordering::Relaxed);
+    match c {
+        0 => {
+            let mut out = rowwise::softmax(x)?;
+            for _ in 0..29 {
+                out = rowwise::softmax(x)?;
+            }
+            Ok(vec![out])
+        }
+        1 => Ok(vec![rowwise::softmax(x)?]),
+        2 => {
+            let two = Tensor::upload(client(), &HostTensor::from_f32(vec![1], &[2.0]).unwrap())?;
+            Ok(vec![kiln::kernels::elementwise::mul(
+                &rowwise::softmax(x)?,
+                &two,
+            )?])
+        }
+        _ => Err(Error::Kernel {
+            kernel: "test".into(),
+            message: "launch failed".into(),
+        }),
+    }
+}
+
+#[test]
+fn picks_the_fastest_valid_candidate_and_caches_it() {
+    let dir = tmpdir("pick");
+    let tuner = Autotuner::new(&dir, TuneMode::On);
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let e2 = Arc::clone(&events);
+    tuner.observe(move |e| e2.lock().unwrap().push(e.clone()));
+    let x = input();
+    let calls = AtomicUsize::new(0);
+    let cands = [0u32, 1, 2, 3];
+    let won = tuner
+        .tune(
+            client(),
+            &key("h1"),
+            &cands,
+            |c| format!("c{c}"),
+            |&c| run_candidate(&x, c, &calls),
+            1e-5,
+        )
+        .unwrap();
+    assert_eq!(won, 1);
+    let ev = events.lock().unwrap().clone();
+    let status = |label: &str| {
+        ev.iter()
+            .find_map(|e| match e {
+                TuneEvent::Candidate { label: l, status } if l == label => Some(status.clone()),
+                _ => None,
+            })
+            .unwrap()
+    };
+    use kiln::runtime::tune::CandidateStatus::*;
+    assert!(matches!(status("c0"), Timed(_)));
+    assert!(matches!(status("c1"), Timed(_)));
+    assert!(
+        matches!(status("c2"), Mismatch(_)),
+        "a wrong result must never win"
+    );
+    assert!(matches!(status("c3"), Failed(m) if m.contains("launch failed")));
+
+    // Same key again, a new tuner on the same file (a new process): no candidate runs.
+    let again = Autotuner::new(&dir, TuneMode::On);
+    let calls = AtomicUsize::new(0);
+    let won = again
+        .tune(
+            client(),
+            &key("h1"),
+            &cands,
+            |c| format!("c{c}"),
+            |&c| run_candidate(&x, c, &calls),
+            1e-5,
+        )
+        .unwrap();
+    assert_eq!((won, calls.load(Ordering::Relaxed)), (1, 0));
+
+    // Another source hash is another kernel: tuned anew.
+    let won = again
+        .tune(
+            client(),
+            &key("h2"),
+            &cands,
+            |c| format!("c{c}"),
+            |&c| run_candidate(&x, c, &calls),
+            1e-5,
+        )
+        .unwrap();
+    assert_eq!(won, 1);
+    assert!(calls.load(Ordering::Relaxed) > 0);
+}
+
+#[test]
+fn a_corrupt_cache_is_ignored_and_rewritten() {
+    let dir = tmpdir("corrupt");
+    let x = input();
+    let calls = AtomicUsize::new(0);
+    let cands = [1u32, 0];
+    let t = Autotuner::new(&dir, TuneMode::On);
+    t.tune(
+        client(),
+        &key("h"),
+        &cands,
+        |c| format!("c{c}"),
+        |&c| run_candidate(&x, c, &calls),
+        1e-5,
+    )
+    .unwrap();
+    let path = dir.join("autotune.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, &text[..text.len() / 2]).unwrap();
+    let t = Autotuner::new(&dir, TuneMode::On);
+    let won = t
+        .tune(
+            client(),
+            &key("h"),
+            &cands,
+            |c| format!("c{c}"),
+            |&c| run_candidate(&x, c, &calls),
+            1e-5,
+        )
+        .unwrap();
+    assert_eq!(won, 1);
+    let rewritten: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(rewritten["entries"].as_object().unwrap().len(), 1);
+}
+
+#[test]
+fn modes_off_and_cache_only_never_time() {
+    let x = input();
+    let calls = AtomicUsize::new(0);
+    let cands = [0u32, 1];
+    for mode in [TuneMode::Off, TuneMode::CacheOnly] {
+        let t = Autotuner::new(tmpdir(&format!("{mode:?}")), mode);
+        let won = t
+            .tune(
+                client(),
+                &key("h"),
+                &cands,
+                |c| format!("c{c}"),
+                |&c| run_candidate(&x, c, &calls),
+                1e-5,
+            )
+            .unwrap();
+        assert_eq!(won, 0, "{mode:?} takes the first candidate");
+    }
+    assert_eq!(calls.load(Ordering::Relaxed), 0);
+    let t = Autotuner::new(tmpdir("empty"), TuneMode::On);
+    let none: [u32; 0] = [];
+    let r = t.tune(
+        client(),
+        &key("h"),
+        &none,
+        |c| format!("c{c}"),
+        |&c| run_candidate(&x, c, &calls),
+        1e-5,
+    );
+    assert!(
+        matches!(r, Err(Error::Kernel { message, .. }) if message.contains("no configuration"))
+    );
+}
+
+#[test]
+fn export_then_import_moves_winners() {
+    let x = input();
+    let calls = AtomicUsize::new(0);
+    let src = Autotuner::new(tmpdir("src"), TuneMode::On);
+    src.tune(
+        client(),
+        &key("h"),
+        &[1u32, 0],
+        |c| format!("c{c}"),
+        |&c| run_candidate(&x, c, &calls),
+        1e-5,
+    )
+    .unwrap();
+    let file = tmpdir("exp").join("tuned.json");
+    assert_eq!(src.export(client(), &file).unwrap(), 1);
+    let dst = Autotuner::new(tmpdir("dst"), TuneMode::CacheOnly);
+    assert_eq!(dst.import(&file).unwrap(), 1);
+    // The imported winner (1) beats the first candidate (0) in cache-only mode.
+    let won = dst
+        .tune(
+            client(),
+            &key("h"),
+            &[0u32, 1],
+            |c| format!("c{c}"),
+            |&c| run_candidate(&x, c, &calls),
+            1e-5,
+        )
+        .unwrap();
+    assert_eq!(won, 1);
+}
+
+#[test]
+fn kiln_tune_twice_hits_the_cache() {
+    let dir = tmpdir("cli");
+    let kiln = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .env("KILN_CACHE_DIR", &dir)
+            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+            .output()
+            .unwrap()
+    };
+    let first = kiln(&["tune", "softmax", "--shape", "64x300"]);
+    let out = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        out.contains("units=") && out.contains("tuned now") && out.contains("median"),
+        "{out}"
+    );
+    let second = kiln(&["tune", "softmax", "--shape", "64x300"]);
+    let out = String::from_utf8_lossy(&second.stdout);
+    assert!(
+        out.contains("from the cache") && !out.contains("median"),
+        "{out}"
+    );
+    // A truncated cache file: a warning, then a fresh tune.
+    std::fs::write(dir.join("autotune.json"), "{\"version\": 1, \"entr").unwrap();
+    let third = kiln(&["tune", "softmax", "--shape", "64x300"]);
+    assert!(third.status.success());
+    assert!(String::from_utf8_lossy(&third.stderr).contains("corrupt"));
+    assert!(String::from_utf8_lossy(&third.stdout).contains("tuned now"));
+    let bad = kiln(&["tune", "softmax", "--shape", "64xQ"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--shape"));
+}
