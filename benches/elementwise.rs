@@ -1,3 +1,4 @@
+#![allow(missing_docs)]
 //! Bandwidth of the element-wise and row-wise operators against a 4-wide vectorized
 //! copy of the same bytes, side by side in one run on the default device
 //! (`KILN_DEVICE` to pick another). kiln's goal: at least 90% of the copy.

@@ -79,7 +79,8 @@ enum Command {
         /// Operator name (see `kiln ops`).
         #[arg(required_unless_present_any = ["export", "import"])]
         op: Option<String>,
-        /// Shape of the operator's `x`, e.g. 2048x2048 (`y`, if any, is its last dim).
+        /// The problem shape, as `kiln ops OP` describes it: e.g. 2048x2048 for softmax's
+        /// x, 1024x1024x1024 (M x N x K) for matmul.
         #[arg(long, default_value = "1024x1024")]
         shape: String,
         /// Element type of the inputs.
@@ -94,6 +95,26 @@ enum Command {
         /// Merge winners from FILE (written by --export) into the cache.
         #[arg(long, value_name = "FILE")]
         import: Option<PathBuf>,
+    },
+    /// Time an operator at a shape (after tuning): median, throughput, fraction of peak.
+    Bench {
+        /// Operator name (see `kiln ops`).
+        op: String,
+        /// The problem shape, as for `kiln tune`.
+        #[arg(long)]
+        shape: String,
+        /// Element type of the inputs.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Device (default: $KILN_DEVICE or auto).
+        #[arg(long)]
+        device: Option<String>,
+        /// Timed runs (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        samples: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Every operator against its f64 reference, in every float dtype, on one device.
     Selftest {
@@ -162,10 +183,19 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             export,
             import,
         } => tune::run(op.as_deref(), &shape, &dtype, device, export, import),
+        Command::Bench {
+            op,
+            shape,
+            dtype,
+            device,
+            samples,
+            json,
+        } => bench::run(&op, &shape, &dtype, device, samples, json),
         Command::Selftest { device } => selftest(device),
     }
 }
 
+mod bench;
 mod tune;
 
 fn device_arg(arg: Option<String>) -> Result<Device> {
@@ -282,6 +312,7 @@ fn ops(op: Option<&str>) -> Result<ExitCode> {
             println!("{}: {}\n", o.name, o.summary);
             print_tensors("inputs", o.inputs);
             print_tensors("outputs", o.outputs);
+            println!("problem shape (kiln tune/bench --shape): {}", o.problem);
             println!("parameters:");
             if o.params.is_empty() {
                 println!("  none");

@@ -5,7 +5,9 @@
 //! The cases live here once; the integration tests instantiate them per dtype.
 
 use crate::check::{max_rel_error, tolerance, Rng};
-use crate::kernels::{elementwise::reference as ew, rowwise::reference as rw};
+use crate::kernels::{
+    elementwise::reference as ew, matmul::reference as mm, rowwise::reference as rw,
+};
 use crate::{Client, DType, Error, HostTensor, Result};
 use std::collections::BTreeMap;
 
@@ -17,7 +19,11 @@ pub struct Case {
     pub what: &'static str,
     /// Builds the f64 inputs (named as the operator's inputs) from a generator.
     pub inputs: fn(&mut Rng) -> Vec<(&'static str, Vec<usize>, Vec<f64>)>,
-    /// The f64 reference output `out` from the inputs as rounded to the dtype.
+    /// Operator parameters.
+    pub params: &'static [(&'static str, &'static str)],
+    /// The output checked.
+    pub output: &'static str,
+    /// The f64 reference of that output, from the inputs as rounded to the dtype.
     pub reference: fn(&BTreeMap<String, HostTensor>) -> Vec<f64>,
     /// Allowed error, in units of the dtype's epsilon.
     pub ulps: f64,
@@ -67,11 +73,52 @@ fn binary_inputs_vec(rng: &mut Rng) -> Vec<(&'static str, Vec<usize>, Vec<f64>)>
     ]
 }
 
+/// a [77, 130] @ b [130, 45] with bias and residual: no tile divides 77, 130 or 45.
+fn matmul_inputs(rng: &mut Rng) -> Vec<(&'static str, Vec<usize>, Vec<f64>)> {
+    let (m, k, n) = (77, 130, 45);
+    vec![
+        ("a", vec![m, k], rng.normals(m * k, 1.0)),
+        ("b", vec![k, n], rng.normals(k * n, 1.0)),
+        ("bias", vec![n], rng.normals(n, 1.0)),
+        ("residual", vec![m, n], rng.normals(m * n, 1.0)),
+    ]
+}
+
+/// M = 1 (a GEMV), b given as [N, K].
+fn gemv_inputs(rng: &mut Rng) -> Vec<(&'static str, Vec<usize>, Vec<f64>)> {
+    let (k, n) = (300, 67);
+    vec![
+        ("a", vec![1, k], rng.normals(k, 1.0)),
+        ("b", vec![n, k], rng.normals(n * k, 1.0)),
+    ]
+}
+
+fn matmul_reference(i: &BTreeMap<String, HostTensor>, trans_b: bool, act: &str) -> Vec<f64> {
+    let (a, b) = (&i["a"], &i["b"]);
+    let (m, k) = (a.shape[0], a.shape[1]);
+    let n = if trans_b { b.shape[0] } else { b.shape[1] };
+    let bias = i.get("bias").map(HostTensor::to_f64);
+    let res = i.get("residual").map(HostTensor::to_f64);
+    mm::matmul(
+        &a.to_f64(),
+        &b.to_f64(),
+        m,
+        n,
+        k,
+        trans_b,
+        bias.as_deref(),
+        act,
+        res.as_deref(),
+    )
+}
+
 /// Every case, in `kiln ops` order.
 pub fn cases() -> Vec<Case> {
     vec![
         Case {
             op: "add",
+            params: &[],
+            output: "out",
             what: "[3,7,37] + [37]",
             inputs: binary_inputs,
             reference: |i| ew::add(&i["x"].to_f64(), &i["y"].to_f64()),
@@ -80,6 +127,8 @@ pub fn cases() -> Vec<Case> {
         },
         Case {
             op: "add",
+            params: &[],
+            output: "out",
             what: "[9,2,20] + [1,2,20] (vectorized)",
             inputs: binary_inputs_vec,
             reference: |i| ew::add(&i["x"].to_f64(), &i["y"].to_f64()),
@@ -88,6 +137,8 @@ pub fn cases() -> Vec<Case> {
         },
         Case {
             op: "mul",
+            params: &[],
+            output: "out",
             what: "[3,7,37] * [37]",
             inputs: binary_inputs,
             reference: |i| ew::mul(&i["x"].to_f64(), &i["y"].to_f64()),
@@ -96,6 +147,8 @@ pub fn cases() -> Vec<Case> {
         },
         Case {
             op: "silu",
+            params: &[],
+            output: "out",
             what: "[5,103], |x| up to 60",
             inputs: activation_inputs,
             reference: |i| ew::silu(&x(i).0),
@@ -104,6 +157,8 @@ pub fn cases() -> Vec<Case> {
         },
         Case {
             op: "gelu",
+            params: &[],
+            output: "out",
             what: "[5,103], |x| up to 60",
             inputs: activation_inputs,
             reference: |i| ew::gelu(&x(i).0),
@@ -112,6 +167,8 @@ pub fn cases() -> Vec<Case> {
         },
         Case {
             op: "softmax",
+            params: &[],
+            output: "out",
             what: "[7,131], an all -inf row, -inf entries, +1e3 offsets",
             inputs: row_inputs,
             reference: |i| {
@@ -123,6 +180,8 @@ pub fn cases() -> Vec<Case> {
         },
         Case {
             op: "logsumexp",
+            params: &[],
+            output: "out",
             what: "[7,131], an all -inf row, -inf entries, +1e3 offsets",
             inputs: row_inputs,
             reference: |i| {
@@ -130,6 +189,26 @@ pub fn cases() -> Vec<Case> {
                 rw::logsumexp(&v, c)
             },
             ulps: 4.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "matmul",
+            params: &[("activation", "gelu")],
+            output: "c",
+            what: "[77,130]@[130,45] + bias, gelu, + residual",
+            inputs: matmul_inputs,
+            reference: |i| matmul_reference(i, false, "gelu"),
+            ulps: 64.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "matmul",
+            params: &[("trans_b", "true")],
+            output: "c",
+            what: "[1,300]@[67,300]^T (GEMV)",
+            inputs: gemv_inputs,
+            reference: |i| matmul_reference(i, true, "none"),
+            ulps: 64.0,
             floor: 1.0,
         },
     ]
@@ -186,14 +265,19 @@ fn try_case(client: &Client, case: &Case, dtype: DType, seed: u64) -> Result<Out
     }
     let want = (case.reference)(&hosts);
     let op = crate::kernels::op(case.op)?;
-    let outs = op.call_host(client, &hosts, BTreeMap::new())?;
-    let got = outs.get("out").ok_or_else(|| Error::Kernel {
+    let params = case
+        .params
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let outs = op.call_host(client, &hosts, params)?;
+    let got = outs.get(case.output).ok_or_else(|| Error::Kernel {
         kernel: case.op.into(),
-        message: "no `out`".into(),
+        message: format!("no `{}`", case.output),
     })?;
     if got.dtype != dtype {
         return Err(Error::DType {
-            tensor: "out".into(),
+            tensor: case.output.into(),
             expected: dtype.name().into(),
             found: got.dtype.name().into(),
         });

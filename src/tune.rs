@@ -3,7 +3,7 @@
 
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln::check::Rng;
-use kiln::runtime::tune::{Autotuner, CandidateStatus, TuneEvent};
+use kiln::runtime::tune::{Autotuner, CandidateStatus, Decision, TuneEvent};
 use kiln::{Client, DType, Device, Error, HostTensor, Result};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,11 +15,29 @@ use std::sync::{Arc, Mutex};
 struct Seen {
     bar: Option<ProgressBar>,
     rows: Vec<(String, CandidateStatus)>,
-    decisions: Vec<(String, String, bool)>,
+    decisions: Vec<(String, String, Decision)>,
+}
+
+/// Random inputs (normal, seeded) of the shapes the operator derives from `--shape`.
+pub fn example_inputs(
+    spec: &kiln::runtime::OpSpec,
+    dims: &[usize],
+    dtype: DType,
+) -> Result<BTreeMap<String, HostTensor>> {
+    let mut rng = Rng::new(0x6b696c6e);
+    let mut hosts = BTreeMap::new();
+    for (name, shape) in (spec.example_inputs)(dims)? {
+        let n = shape.iter().product();
+        hosts.insert(
+            name.to_string(),
+            HostTensor::from_f64(dtype, shape, &rng.normals(n, 1.0))?,
+        );
+    }
+    Ok(hosts)
 }
 
 /// Parses `2048x2048` (or `2048,2048`) into dimensions.
-fn parse_shape(s: &str) -> Result<Vec<usize>> {
+pub fn parse_shape(s: &str) -> Result<Vec<usize>> {
     let dims: Option<Vec<usize>> = s
         .split(['x', 'X', ','])
         .map(|d| d.trim().parse::<usize>().ok().filter(|&d| d > 0))
@@ -71,21 +89,7 @@ pub fn run(
     let dtype = DType::parse(dtype)?;
     client.require_dtype("x", dtype)?;
 
-    // Inputs: `x` of the given shape, `y` (where the operator has one) over its last dim.
-    let mut rng = Rng::new(0x6b696c6e);
-    let mut hosts = BTreeMap::new();
-    for t in spec.inputs {
-        let s = if t.name == "x" {
-            dims.clone()
-        } else {
-            vec![*dims.last().unwrap_or(&1)]
-        };
-        let n = s.iter().product();
-        hosts.insert(
-            t.name.to_string(),
-            HostTensor::from_f64(dtype, s, &rng.normals(n, 2.0))?,
-        );
-    }
+    let hosts = example_inputs(spec, &dims, dtype)?;
 
     let seen = Arc::new(Mutex::new(Seen::default()));
     let s2 = Arc::clone(&seen);
@@ -114,13 +118,12 @@ pub fn run(
             TuneEvent::Done {
                 kernel,
                 winner,
-                from_cache,
+                how,
             } => {
                 if let Some(b) = s.bar.take() {
                     b.finish_and_clear();
                 }
-                s.decisions
-                    .push((kernel.clone(), winner.clone(), *from_cache));
+                s.decisions.push((kernel.clone(), winner.clone(), *how));
             }
         }
     });
@@ -153,12 +156,7 @@ pub fn run(
         }
         println!();
     }
-    for (kernel, winner, from_cache) in &seen.decisions {
-        let how = if *from_cache {
-            "from the cache, no candidate timed"
-        } else {
-            "tuned now"
-        };
+    for (kernel, winner, how) in &seen.decisions {
         println!(
             "{kernel}: {winner} ({how}); cache {}",
             tuner.path().display()

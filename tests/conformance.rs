@@ -12,10 +12,25 @@ use std::collections::BTreeMap;
 /// Runs `op` on the file's inputs through the registry, exactly as `kiln run` does,
 /// and returns the max relative error of `out` against `expected_out`.
 fn conformance(file: &str, op: &str, floor: f64) -> f64 {
+    conformance_with(file, op, &[], "out", floor)
+}
+
+/// [`conformance`] with parameters and another output name.
+fn conformance_with(
+    file: &str,
+    op: &str,
+    params: &[(&str, &str)],
+    output: &str,
+    floor: f64,
+) -> f64 {
     let hosts = load_safetensors(data(file)).unwrap();
     let spec = kiln::kernels::op(op).unwrap();
-    let outs = spec.call_host(client(), &hosts, BTreeMap::new()).unwrap();
-    let (got, want) = (&outs["out"], &hosts["expected_out"]);
+    let params = params
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let outs = spec.call_host(client(), &hosts, params).unwrap();
+    let (got, want) = (&outs[output], &hosts[&format!("expected_{output}")]);
     assert_eq!(got.shape, want.shape);
     max_rel_error(&got.to_f64(), &want.to_f64(), floor)
 }
@@ -52,4 +67,24 @@ fn gelu_tanh_matches_pytorch() {
 fn add_broadcast_matches_pytorch() {
     let e = conformance("add_broadcast_f32.safetensors", "add", 1e-30);
     assert!(e < 2e-7, "max rel err {e:e}");
+}
+
+#[test]
+fn matmul_bias_gelu_residual_matches_pytorch() {
+    // Relative to max(|c|, 1): the K = 130 products, not their sum, set the error scale.
+    let e = conformance_with(
+        "matmul_bias_gelu_residual_f32.safetensors",
+        "matmul",
+        &[("activation", "gelu")],
+        "c",
+        1.0,
+    );
+    assert!(e < 1e-5, "max rel err {e:e}");
+}
+
+#[test]
+fn matmul_f16_matches_pytorch() {
+    // f16 inputs and output; expected in f32 from f64 math: one f16 rounding of c.
+    let e = conformance_with("matmul_f16.safetensors", "matmul", &[], "c", 1.0);
+    assert!(e < 1e-3, "max rel err {e:e}");
 }

@@ -56,3 +56,38 @@ fn emission_is_deterministic() {
         }
     }
 }
+
+#[test]
+fn matmul_cuda_staged_f16_fused() {
+    insta::assert_snapshot!(source(
+        "matmul",
+        Target::Cuda,
+        &[
+            ("dtype", "f16"),
+            ("bm", "32"),
+            ("bn", "32"),
+            ("bk", "4"),
+            ("tm", "2"),
+            ("tn", "2"),
+            ("bias", "true"),
+            ("activation", "gelu")
+        ]
+    ));
+}
+
+#[test]
+fn matmul_wgsl_direct_trans_b() {
+    insta::assert_snapshot!(source(
+        "matmul",
+        Target::Wgsl,
+        &[
+            ("bm", "8"),
+            ("bn", "32"),
+            ("tm", "1"),
+            ("tn", "2"),
+            ("stage", "false"),
+            ("trans_b", "true"),
+            ("residual", "true")
+        ]
+    ));
+}

@@ -38,6 +38,7 @@ macro_rules! testgen_ops {
             #[test] fn gelu() { run_op("gelu", $dtype) }
             #[test] fn softmax() { run_op("softmax", $dtype) }
             #[test] fn logsumexp() { run_op("logsumexp", $dtype) }
+            #[test] fn matmul() { run_op("matmul", $dtype) }
         }
     )*};
 }
@@ -110,14 +111,29 @@ fn empty_tensors_give_empty_outputs() {
 
 #[test]
 fn inputs_are_not_modified() {
-    let v: Vec<f64> = (0..40).map(|i| i as f64 - 20.0).collect();
-    let w: Vec<f64> = (0..10).map(|i| i as f64 * 0.25).collect();
     for op in kiln::kernels::ops() {
-        let (x, y) = (upload_f64(vec![4, 10], &v), upload_f64(vec![10], &w));
-        let tensors = BTreeMap::from([("x".to_string(), x.clone()), ("y".to_string(), y.clone())]);
-        op.call(client(), tensors, BTreeMap::new()).unwrap();
-        assert_eq!(x.download().unwrap().to_f64(), v, "{} modified x", op.name);
-        assert_eq!(y.download().unwrap().to_f64(), w, "{} modified y", op.name);
+        // Two-dimensional problems, or the three of a GEMM.
+        let shapes = (op.example_inputs)(&[4, 10])
+            .or_else(|_| (op.example_inputs)(&[4, 10, 6]))
+            .unwrap();
+        let mut rng = Rng::new(17);
+        let mut tensors = BTreeMap::new();
+        let mut values = BTreeMap::new();
+        for (name, shape) in shapes {
+            let v = rng.normals(shape.iter().product(), 3.0);
+            let h = HostTensor::from_f64(DType::F32, shape, &v).unwrap();
+            values.insert(name.to_string(), h.to_f64());
+            tensors.insert(name.to_string(), Tensor::upload(client(), &h).unwrap());
+        }
+        op.call(client(), tensors.clone(), BTreeMap::new()).unwrap();
+        for (name, t) in &tensors {
+            assert_eq!(
+                t.download().unwrap().to_f64(),
+                values[name],
+                "{} modified {name}",
+                op.name
+            );
+        }
     }
 }
 

@@ -200,6 +200,12 @@ pub fn normalize(source: &str) -> String {
                 block.push(lines[i]);
             }
             group.push(block.join("\n"));
+        } else if line.starts_with("// Shared array size")
+            && lines.get(i + 1).is_some_and(|next| is_shared_decl(next))
+        {
+            // The size comment travels with its declaration.
+            i += 1;
+            group.push(format!("{line}\n{}", mask_numbers_after(lines[i], "[")));
         } else if is_shared_decl(line) {
             group.push(mask_numbers_after(line, "["));
         } else if is_local_decl(line) {
@@ -236,13 +242,23 @@ fn is_local_decl(line: &str) -> bool {
 }
 
 fn mask_numbers_after(line: &str, marker: &str) -> String {
+    // Every run of digits after `marker` becomes one `N`: offsets differ in length too.
     match line.find(marker) {
         Some(i) => {
             let (head, tail) = line.split_at(i);
-            let masked: String = tail
-                .chars()
-                .map(|c| if c.is_ascii_digit() { 'N' } else { c })
-                .collect();
+            let mut masked = String::with_capacity(tail.len());
+            let mut in_digits = false;
+            for c in tail.chars() {
+                if c.is_ascii_digit() {
+                    if !in_digits {
+                        masked.push('N');
+                    }
+                    in_digits = true;
+                } else {
+                    masked.push(c);
+                    in_digits = false;
+                }
+            }
             format!("{head}{masked}")
         }
         None => line.to_string(),

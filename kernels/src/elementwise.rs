@@ -9,8 +9,9 @@
 //! Kernels read and write 4-wide vectors where every length allows it.
 
 use crate::launch::{
-    begin, check_input, config_dtype, finish, grid, grid_units, input_array, output_array,
-    register_float, scalar_u32, vector_width, with_float, DTYPE_PARAM, ELEMENTWISE_UNITS,
+    begin, check_input, config_dtype, elementwise_cost, finish, grid, grid_units, input_array,
+    output_array, register_float, scalar_u32, vector_width, with_float, x_and_bias, x_only,
+    DTYPE_PARAM, ELEMENTWISE_UNITS,
 };
 use cubecl::prelude::*;
 use kiln_dsl::{gelu_tanh, linear_unit, silu as silu_f32};
@@ -301,6 +302,9 @@ pub static ADD: OpSpec = OpSpec {
     outputs: &[OUT],
     params: &[],
     run: run_add,
+    cost: |d, e| elementwise_cost(d, e, 1.0),
+    problem: "shape of x (y = its last dimension)",
+    example_inputs: x_and_bias,
 };
 /// `mul`: `out = x * y`.
 pub static MUL: OpSpec = OpSpec {
@@ -310,6 +314,9 @@ pub static MUL: OpSpec = OpSpec {
     outputs: &[OUT],
     params: &[],
     run: run_mul,
+    cost: |d, e| elementwise_cost(d, e, 1.0),
+    problem: "shape of x (y = its last dimension)",
+    example_inputs: x_and_bias,
 };
 /// `silu`: `out = x * sigmoid(x)`.
 pub static SILU: OpSpec = OpSpec {
@@ -319,6 +326,9 @@ pub static SILU: OpSpec = OpSpec {
     outputs: &[OUT],
     params: &[],
     run: run_silu,
+    cost: |d, e| elementwise_cost(d, e, 4.0),
+    problem: "shape of x",
+    example_inputs: x_only,
 };
 /// `gelu`: tanh-approximated GELU.
 pub static GELU: OpSpec = OpSpec {
@@ -328,6 +338,9 @@ pub static GELU: OpSpec = OpSpec {
     outputs: &[OUT],
     params: &[],
     run: run_gelu,
+    cost: |d, e| elementwise_cost(d, e, 9.0),
+    problem: "shape of x",
+    example_inputs: x_only,
 };
 
 const VECTOR_PARAM: ParamSpec = ParamSpec {

@@ -145,3 +145,21 @@ pub fn finish(builder: KernelBuilder, name: String, units: u32) -> KernelDefinit
         .address_type(AddressType::U32);
     builder.build(settings)
 }
+
+/// `--shape` for operators on one tensor `x`: the shape of `x`.
+pub fn x_only(dims: &[usize]) -> Result<Vec<(&'static str, Vec<usize>)>> {
+    Ok(vec![("x", dims.to_vec())])
+}
+
+/// `--shape` for binary operators: the shape of `x`; `y` is its last dimension.
+pub fn x_and_bias(dims: &[usize]) -> Result<Vec<(&'static str, Vec<usize>)>> {
+    let d = *dims.last().unwrap_or(&1);
+    Ok(vec![("x", dims.to_vec()), ("y", vec![d])])
+}
+
+/// Cost of an element-wise operator on `x` of `dims`: `flops_per` per element, x read
+/// and out written (a broadcast `y` is negligible).
+pub fn elementwise_cost(dims: &[usize], elem: usize, flops_per: f64) -> (f64, f64) {
+    let n: usize = dims.iter().product();
+    (n as f64 * flops_per, (2 * n * elem) as f64)
+}

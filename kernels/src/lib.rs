@@ -8,32 +8,36 @@
 pub mod elementwise;
 mod launch;
 #[allow(missing_docs)]
+pub mod matmul;
+#[allow(missing_docs)]
 pub mod rowwise;
 
 use kiln_runtime::{Error, KernelSpec, OpSpec, Result};
 
 /// Every operator in the library, in `kiln ops` order.
 pub fn ops() -> &'static [&'static OpSpec] {
-    static OPS: [&OpSpec; 6] = [
+    static OPS: [&OpSpec; 7] = [
         &elementwise::ADD,
         &elementwise::MUL,
         &elementwise::SILU,
         &elementwise::GELU,
         &rowwise::SOFTMAX,
         &rowwise::LOGSUMEXP,
+        &matmul::MATMUL,
     ];
     &OPS
 }
 
 /// Every kernel whose source `kiln emit` can print.
 pub fn kernels() -> &'static [&'static KernelSpec] {
-    static KERNELS: [&KernelSpec; 6] = [
+    static KERNELS: [&KernelSpec; 7] = [
         &elementwise::ADD_KERNEL,
         &elementwise::MUL_KERNEL,
         &elementwise::SILU_KERNEL,
         &elementwise::GELU_KERNEL,
         &rowwise::SOFTMAX_KERNEL,
         &rowwise::LOGSUMEXP_KERNEL,
+        &matmul::MATMUL_KERNEL,
     ];
     &KERNELS
 }

@@ -13,8 +13,8 @@
 //! and logsumexp once.
 
 use crate::launch::{
-    begin, check_input, config_dtype, finish, grid, input_array, output_array, register_float,
-    scalar_u32, with_float, DTYPE_PARAM,
+    begin, check_input, config_dtype, elementwise_cost, finish, grid, input_array, output_array,
+    register_float, scalar_u32, with_float, x_only, DTYPE_PARAM,
 };
 use cubecl::prelude::*;
 use kiln_dsl::{cube_max, cube_sum, exp_diff, linear_cube};
@@ -292,6 +292,9 @@ pub static SOFTMAX: OpSpec = OpSpec {
     }],
     params: &[],
     run: run_softmax,
+    cost: |d, e| elementwise_cost(d, e, 25.0),
+    problem: "shape of x",
+    example_inputs: x_only,
 };
 /// `logsumexp` over the last dimension.
 pub static LOGSUMEXP: OpSpec = OpSpec {
@@ -307,6 +310,15 @@ pub static LOGSUMEXP: OpSpec = OpSpec {
     }],
     params: &[],
     run: run_logsumexp,
+    // Reads x once, writes one value per row.
+    cost: |d, e| {
+        (
+            elementwise_cost(d, e, 12.0).0,
+            elementwise_cost(d, e, 0.0).1 / 2.0,
+        )
+    },
+    problem: "shape of x",
+    example_inputs: x_only,
 };
 
 const UNITS_PARAM: ParamSpec = ParamSpec {

@@ -50,6 +50,13 @@ pub struct OpSpec {
     pub params: &'static [ParamSpec],
     /// Runs the operator on validated arguments.
     pub run: fn(&Client, &OpArgs) -> Result<Outputs>,
+    /// What `--shape` means for `kiln tune` / `kiln bench`, e.g. `M x N x K`.
+    pub problem: &'static str,
+    /// The input shapes for a `--shape` (dims as given), or an error naming `--shape`.
+    pub example_inputs: fn(&[usize]) -> Result<Vec<(&'static str, Vec<usize>)>>,
+    /// Work for a `--shape` and element size in bytes: (floating-point operations,
+    /// bytes moved to and from device memory at least once), for `kiln bench`.
+    pub cost: fn(&[usize], usize) -> (f64, f64),
 }
 
 impl OpSpec {

@@ -72,6 +72,30 @@ pub enum CandidateStatus {
     Failed(String),
 }
 
+/// How a tuning decision was made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Candidates were timed now.
+    Tuned,
+    /// Read from the cache: no candidate was run.
+    Cached,
+    /// Only one candidate fits.
+    OnlyCandidate,
+    /// The mode (`off`, or `cache` without an entry) chose the first candidate.
+    Mode,
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Decision::Tuned => "tuned now",
+            Decision::Cached => "from the cache, no candidate timed",
+            Decision::OnlyCandidate => "the only candidate for this device and shape",
+            Decision::Mode => "first candidate, as KILN_AUTOTUNE says",
+        })
+    }
+}
+
 /// Something for a progress display to show.
 #[derive(Clone, Debug)]
 pub enum TuneEvent {
@@ -91,14 +115,14 @@ pub enum TuneEvent {
         /// How it fared.
         status: CandidateStatus,
     },
-    /// A decision was made (`from_cache`: no candidate was run).
+    /// A decision was made.
     Done {
         /// The kernel.
         kernel: String,
         /// The winner's label.
         winner: String,
-        /// Whether it came from the cache (or the mode) without timing.
-        from_cache: bool,
+        /// How it was decided.
+        how: Decision,
     },
 }
 
@@ -116,6 +140,9 @@ struct CacheFile {
 }
 
 const CACHE_VERSION: u32 = 1;
+
+/// Timing budget per candidate after its first (validated) run.
+const TIME_BUDGET: Duration = Duration::from_millis(500);
 
 /// The default cache directory (see the module docs).
 pub fn default_cache_dir() -> PathBuf {
@@ -294,15 +321,19 @@ impl Autotuner {
             kernel: key.kernel.into(),
             message: "no configuration fits this device and shape".into(),
         })?;
-        let done = |winner: &C, from_cache: bool| {
+        let done = |winner: &C, how: Decision| {
             self.emit(TuneEvent::Done {
                 kernel: key.kernel.into(),
                 winner: label(winner),
-                from_cache,
+                how,
             })
         };
-        if self.mode == TuneMode::Off || candidates.len() == 1 {
-            done(&first, true);
+        if candidates.len() == 1 {
+            done(&first, Decision::OnlyCandidate);
+            return Ok(first);
+        }
+        if self.mode == TuneMode::Off {
+            done(&first, Decision::Mode);
             return Ok(first);
         }
         let ekey = Self::entry_key(client, key);
@@ -310,13 +341,13 @@ impl Autotuner {
         if let Some(entry) = cached {
             if let Ok(config) = serde_json::from_value::<C>(entry.config) {
                 if candidates.contains(&config) {
-                    done(&config, true);
+                    done(&config, Decision::Cached);
                     return Ok(config);
                 }
             }
         }
         if self.mode == TuneMode::CacheOnly {
-            done(&first, true);
+            done(&first, Decision::Mode);
             return Ok(first);
         }
 
@@ -328,7 +359,14 @@ impl Autotuner {
         let mut reference: Option<Vec<HostTensor>> = None;
         let mut best: Option<(Duration, &C)> = None;
         for c in candidates {
-            let status = self.measure(client, c, &run, &mut reference, tolerance);
+            let status = self.measure(
+                client,
+                c,
+                &run,
+                &mut reference,
+                tolerance,
+                best.map(|b| b.0),
+            );
             if let CandidateStatus::Timed(t) = status {
                 if best.is_none_or(|(bt, _)| t < bt) {
                     best = Some((t, c));
@@ -354,7 +392,7 @@ impl Autotuner {
             median_us: time.as_secs_f64() * 1e6,
         };
         self.persist(BTreeMap::from([(ekey, entry)]));
-        done(winner, false);
+        done(winner, Decision::Tuned);
         Ok(winner.clone())
     }
 
@@ -365,6 +403,7 @@ impl Autotuner {
         run: &impl Fn(&C) -> Result<Vec<Tensor>>,
         reference: &mut Option<Vec<HostTensor>>,
         tolerance: f64,
+        best: Option<Duration>,
     ) -> CandidateStatus {
         // The first run compiles the candidate; its outputs are what is validated.
         let outputs =
@@ -381,12 +420,19 @@ impl Autotuner {
             }
         }
         let mut times = Vec::with_capacity(self.samples);
+        let started = Instant::now();
         for _ in 0..self.samples.max(1) {
             let start = Instant::now();
             if let Err(e) = run(c).and_then(|_| client.sync()) {
                 return CandidateStatus::Failed(e.to_string());
             }
-            times.push(start.elapsed());
+            let t = start.elapsed();
+            times.push(t);
+            // Slow kernels get fewer samples: a clear loser (3x the best so far) or a
+            // spent time budget ends the candidate early.
+            if best.is_some_and(|b| t > 3 * b) || started.elapsed() > TIME_BUDGET {
+                break;
+            }
         }
         times.sort();
         CandidateStatus::Timed(times[times.len() / 2])

@@ -1,0 +1,98 @@
+//! `kiln bench`: time one operator at one shape on one device (after tuning, which is
+//! not timed): median of several runs, each ended by a device sync; throughput, and the
+//! fraction of the device's peak where kiln knows it.
+
+use crate::tune::{example_inputs, parse_shape};
+use kiln::{Client, DType, Device, Result, Tensor};
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::Instant;
+
+/// Dense peak (TFLOP/s for this dtype, TB/s) of devices kiln knows, by name.
+/// f16/bf16: tensor-core dense; f32: the FP32 (non-tensor) rate.
+fn peak(name: &str, dtype: DType) -> Option<(f64, f64)> {
+    let flops = |half: f64, single: f64| if dtype == DType::F32 { single } else { half };
+    if name.contains("H200") {
+        Some((flops(989.0, 67.0), 4.8))
+    } else if name.contains("H100") {
+        Some((flops(989.0, 67.0), 3.35))
+    } else {
+        None
+    }
+}
+
+pub fn run(
+    op: &str,
+    shape: &str,
+    dtype: &str,
+    device: Option<String>,
+    samples: usize,
+    json: bool,
+) -> Result<ExitCode> {
+    let spec = kiln::kernels::op(op)?;
+    let dims = parse_shape(shape)?;
+    let dtype = DType::parse(dtype)?;
+    let device = match device {
+        Some(d) => Device::parse(&d)?,
+        None => Device::from_env()?,
+    };
+    let client = Client::open(&device)?;
+    client.require_dtype("x", dtype)?;
+    let hosts = example_inputs(spec, &dims, dtype)?;
+    let mut tensors = BTreeMap::new();
+    for (name, h) in &hosts {
+        tensors.insert(name.clone(), Tensor::upload_named(&client, name, h)?);
+    }
+    let call = || -> Result<()> {
+        spec.call(&client, tensors.clone(), BTreeMap::new())?;
+        client.sync()
+    };
+    // First call tunes (on first use) and compiles; the second warms caches.
+    call()?;
+    call()?;
+    let mut times = Vec::with_capacity(samples.max(1));
+    for _ in 0..samples.max(1) {
+        let t = Instant::now();
+        call()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let (flops, bytes) = (spec.cost)(&dims, dtype.size());
+    let gflops = flops / median / 1e9;
+    let gbps = bytes / median / 1e9;
+    let r = client.report();
+    let peak = peak(&r.name, dtype);
+    if json {
+        let v = serde_json::json!({
+            "op": spec.name, "shape": dims, "dtype": dtype.name(),
+            "device": r.name, "backend": r.backend,
+            "median_ms": median * 1e3, "min_ms": times[0] * 1e3, "samples": times.len(),
+            "gflops": gflops, "gbytes_per_s": gbps,
+            "peak_tflops": peak.map(|p| p.0), "peak_tbytes_per_s": peak.map(|p| p.1),
+            "flops_fraction_of_peak": peak.map(|p| gflops / (p.0 * 1e3)),
+            "bandwidth_fraction_of_peak": peak.map(|p| gbps / (p.1 * 1e3)),
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "{} {dims:?} {dtype} on {} ({:?})",
+            spec.name, r.name, r.backend
+        );
+        println!(
+            "median {:.3} ms (min {:.3}, {} samples): {gflops:.2} GFLOP/s, {gbps:.2} GB/s",
+            median * 1e3,
+            times[0] * 1e3,
+            times.len()
+        );
+        match peak {
+            Some((tf, tb)) => println!(
+                "{:.1}% of {tf} TFLOP/s peak, {:.1}% of {tb} TB/s",
+                100.0 * gflops / (tf * 1e3),
+                100.0 * gbps / (tb * 1e3)
+            ),
+            None => println!("peak of this device unknown to kiln: no fraction reported"),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

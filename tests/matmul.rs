@@ -1,0 +1,231 @@
+//! The fused GEMM: every configuration of the tuning space against the f64 reference
+//! on ragged shapes (no tile divides M, N or K), both layouts of b, the whole epilogue,
+//! f32 and f16; then bad inputs.
+
+mod common;
+
+use common::client;
+use kiln::check::{max_rel_error, Rng};
+use kiln::kernels::matmul::{self, reference, Activation, Epilogue, SPACE};
+use kiln::{DType, Error, HostTensor, Tensor};
+use std::collections::BTreeMap;
+
+struct Problem {
+    m: usize,
+    n: usize,
+    k: usize,
+    hosts: BTreeMap<&'static str, HostTensor>,
+}
+
+fn problem(m: usize, n: usize, k: usize, trans_b: bool, dtype: DType, seed: u64) -> Problem {
+    let mut rng = Rng::new(seed);
+    let mut t = |shape: Vec<usize>| {
+        let len = shape.iter().product();
+        HostTensor::from_f64(dtype, shape, &rng.normals(len, 1.0)).unwrap()
+    };
+    let b_shape = if trans_b { vec![n, k] } else { vec![k, n] };
+    let hosts = BTreeMap::from([
+        ("a", t(vec![m, k])),
+        ("b", t(b_shape)),
+        ("bias", t(vec![n])),
+        ("residual", t(vec![m, n])),
+    ]);
+    Problem { m, n, k, hosts }
+}
+
+fn up(h: &HostTensor) -> Tensor {
+    Tensor::upload(client(), h).unwrap()
+}
+
+/// Max error relative to max(|c|, 1): accumulation error scales with the magnitude of
+/// the terms, not of the (possibly cancelling) sum.
+fn check(p: &Problem, got: &HostTensor, trans_b: bool, act: &str, dtype: DType, what: &str) {
+    let h = &p.hosts;
+    let want = reference::matmul(
+        &h["a"].to_f64(),
+        &h["b"].to_f64(),
+        p.m,
+        p.n,
+        p.k,
+        trans_b,
+        Some(&h["bias"].to_f64()),
+        act,
+        Some(&h["residual"].to_f64()),
+    );
+    let err = max_rel_error(&got.to_f64(), &want, 1.0);
+    // One rounding of the output, plus f32 accumulation over K terms of size ~1.
+    let bound = dtype.epsilon() + 8.0 * f32::EPSILON as f64 * (p.k as f64).sqrt();
+    assert!(err <= bound, "{what}: max rel err {err:.2e} > {bound:.2e}");
+}
+
+fn every_config(dtype: DType) {
+    if !client().supports(dtype) {
+        return;
+    }
+    for trans_b in [false, true] {
+        let p = problem(37, 53, 71, trans_b, dtype, 11);
+        let (a, b, bias, res) = (
+            up(&p.hosts["a"]),
+            up(&p.hosts["b"]),
+            up(&p.hosts["bias"]),
+            up(&p.hosts["residual"]),
+        );
+        for cfg in SPACE {
+            let ep = Epilogue {
+                bias: Some(&bias),
+                activation: Activation::Silu,
+                residual: Some(&res),
+            };
+            let c = matmul::matmul_with(&a, &b, trans_b, ep, *cfg)
+                .unwrap()
+                .download()
+                .unwrap();
+            assert_eq!(c.dtype, dtype);
+            check(
+                &p,
+                &c,
+                trans_b,
+                "silu",
+                dtype,
+                &format!("{cfg:?} trans_b={trans_b}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn every_config_matches_the_reference_f32() {
+    every_config(DType::F32);
+}
+
+#[test]
+fn every_config_matches_the_reference_f16() {
+    every_config(DType::F16);
+}
+
+#[test]
+fn tuned_matmul_on_skinny_and_edge_shapes() {
+    for (m, n, k) in [
+        (1, 1, 1),
+        (1, 300, 257),
+        (2, 3, 1000),
+        (130, 1, 65),
+        (65, 129, 33),
+    ] {
+        let p = problem(m, n, k, false, DType::F32, (m * 1000 + n) as u64);
+        let (a, b, bias, res) = (
+            up(&p.hosts["a"]),
+            up(&p.hosts["b"]),
+            up(&p.hosts["bias"]),
+            up(&p.hosts["residual"]),
+        );
+        let ep = Epilogue {
+            bias: Some(&bias),
+            activation: Activation::Gelu,
+            residual: Some(&res),
+        };
+        let c = matmul::matmul(&a, &b, false, ep)
+            .unwrap()
+            .download()
+            .unwrap();
+        assert_eq!(c.shape, vec![m, n]);
+        check(&p, &c, false, "gelu", DType::F32, &format!("{m}x{n}x{k}"));
+    }
+}
+
+#[test]
+fn k_zero_gives_the_epilogue_of_zero() {
+    let a = up(&HostTensor::from_f32(vec![3, 0], &[]).unwrap());
+    let b = up(&HostTensor::from_f32(vec![0, 2], &[]).unwrap());
+    let bias = up(&HostTensor::from_f32(vec![2], &[1.0, -2.0]).unwrap());
+    let ep = Epilogue {
+        bias: Some(&bias),
+        ..Default::default()
+    };
+    let c = matmul::matmul(&a, &b, false, ep)
+        .unwrap()
+        .download()
+        .unwrap();
+    assert_eq!(c.to_f64(), vec![1.0, -2.0, 1.0, -2.0, 1.0, -2.0]);
+}
+
+#[test]
+fn bad_inputs_name_the_tensor() {
+    let t = |shape: Vec<usize>| {
+        let n = shape.iter().product();
+        up(&HostTensor::from_f64(DType::F32, shape, &vec![1.0; n]).unwrap())
+    };
+    let (a, b) = (t(vec![4, 5]), t(vec![5, 6]));
+    let shape_err = |r: kiln::Result<Tensor>, name: &str, expected: &str| match r {
+        Err(Error::Shape {
+            tensor,
+            expected: e,
+            ..
+        }) => {
+            assert_eq!(tensor, name);
+            assert!(e.contains(expected), "{e}");
+        }
+        other => panic!("expected a shape error on {name}, got {other:?}"),
+    };
+    shape_err(
+        matmul::matmul(&t(vec![2, 4, 5]), &b, false, Epilogue::default()),
+        "a",
+        "[M, K]",
+    );
+    shape_err(
+        matmul::matmul(&a, &t(vec![4, 6]), false, Epilogue::default()),
+        "b",
+        "[5, N]",
+    );
+    shape_err(
+        matmul::matmul(&a, &b, true, Epilogue::default()),
+        "b",
+        "[N, 5]",
+    );
+    let bad_bias = t(vec![5]);
+    shape_err(
+        matmul::matmul(
+            &a,
+            &b,
+            false,
+            Epilogue {
+                bias: Some(&bad_bias),
+                ..Default::default()
+            },
+        ),
+        "bias",
+        "[6]",
+    );
+    let bad_res = t(vec![6, 4]);
+    shape_err(
+        matmul::matmul(
+            &a,
+            &b,
+            false,
+            Epilogue {
+                residual: Some(&bad_res),
+                ..Default::default()
+            },
+        ),
+        "residual",
+        "[4, 6]",
+    );
+    let b16 = up(&HostTensor::from_f64(DType::F16, vec![5, 6], &[0.5; 30]).unwrap());
+    assert!(
+        matches!(matmul::matmul(&a, &b16, false, Epilogue::default()), Err(Error::DType { tensor, .. }) if tensor == "b")
+    );
+
+    let op = kiln::kernels::op("matmul").unwrap();
+    let tensors = BTreeMap::from([("a".to_string(), a.clone()), ("b".to_string(), b.clone())]);
+    let params = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+    assert!(
+        matches!(op.call(client(), tensors.clone(), params("activation", "relu")), Err(Error::Param { param, .. }) if param == "activation")
+    );
+    assert!(
+        matches!(op.call(client(), tensors.clone(), params("trans_b", "yes")), Err(Error::Param { param, .. }) if param == "trans_b")
+    );
+    let only_a = BTreeMap::from([("a".to_string(), a)]);
+    assert!(
+        matches!(op.call(client(), only_a, BTreeMap::new()), Err(Error::MissingTensor { tensor, .. }) if tensor == "b")
+    );
+}
