@@ -15,6 +15,8 @@
 pub use kiln_codegen as codegen;
 pub use kiln_dsl as dsl;
 pub use kiln_kernels as kernels;
+/// `#[kiln::kernel(...)]`: see the guide in `docs/first-kernel.md`.
+pub use kiln_macros::kernel;
 pub use kiln_runtime as runtime;
 pub use kiln_runtime::{
     load_safetensors, save_safetensors, Backend, Client, DType, Device, DeviceReport, Error,

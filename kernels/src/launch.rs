@@ -4,31 +4,7 @@
 use cubecl::prelude::*;
 use kiln_runtime::{Client, DType, Error, KernelConfig, ParamSpec, Result, Tensor};
 
-/// Runs `$body` with `$F` bound to the Rust element type of a float dtype.
-macro_rules! with_float {
-    ($dtype:expr, $F:ident => $body:expr) => {
-        match $dtype {
-            kiln_runtime::DType::F32 => {
-                type $F = f32;
-                $body
-            }
-            kiln_runtime::DType::F16 => {
-                type $F = half::f16;
-                $body
-            }
-            kiln_runtime::DType::BF16 => {
-                type $F = half::bf16;
-                $body
-            }
-            other => Err(kiln_runtime::Error::DType {
-                tensor: "x".into(),
-                expected: "f32 | f16 | bf16".into(),
-                found: other.name().into(),
-            }),
-        }
-    };
-}
-pub(crate) use with_float;
+pub(crate) use kiln_runtime::with_float;
 
 /// Units per cube of the 1-D element-wise kernels.
 pub const ELEMENTWISE_UNITS: u32 = 256;
@@ -110,41 +86,9 @@ pub fn config_dtype(cfg: &KernelConfig) -> Result<DType> {
     }
 }
 
-/// Registers the element type `F` for the generic marker `M` of a `#[cube]` kernel.
-pub fn register_float<M: 'static, F: Float>(builder: &mut KernelBuilder) {
-    builder
-        .scope
-        .register_type::<DynamicScalar<M>>(F::as_type_native_unchecked().storage_type());
-}
-
-/// An input array argument of a kernel under definition.
-pub fn input_array<C: CubePrimitive>(builder: &mut KernelBuilder) -> NativeExpand<Array<C>> {
-    <Array<C> as LaunchArg>::expand(&ArrayCompilationArg { inplace: None }, builder)
-}
-
-/// An output array argument of a kernel under definition.
-pub fn output_array<C: CubePrimitive>(builder: &mut KernelBuilder) -> NativeExpand<Array<C>> {
-    <Array<C> as LaunchArg>::expand_output(&ArrayCompilationArg { inplace: None }, builder)
-}
-
-/// A u32 scalar argument of a kernel under definition.
-pub fn scalar_u32(builder: &mut KernelBuilder) -> NativeExpand<u32> {
-    <u32 as LaunchArg>::expand(&(), builder)
-}
-
-/// Starts a device-free definition the way cubecl's launch does: 32-bit addressing.
-pub fn begin(builder: &mut KernelBuilder) {
-    AddressType::U32.register(&mut builder.scope);
-}
-
-/// Finishes a definition with kiln's entry-point name and a 1-D cube of `units`.
-pub fn finish(builder: KernelBuilder, name: String, units: u32) -> KernelDefinition {
-    let settings = KernelSettings::default()
-        .kernel_name(name)
-        .cube_dim(CubeDim::new_1d(units))
-        .address_type(AddressType::U32);
-    builder.build(settings)
-}
+pub(crate) use kiln_runtime::define::{
+    begin, finish, input_array, output_array, register_float, scalar_u32,
+};
 
 /// `--shape` for operators on one tensor `x`: the shape of `x`.
 pub fn x_only(dims: &[usize]) -> Result<Vec<(&'static str, Vec<usize>)>> {

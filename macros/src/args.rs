@@ -1,0 +1,156 @@
+//! Parsing `#[kiln::kernel(...)]`'s arguments.
+
+use proc_macro2::Span;
+use syn::parse::{Parse, ParseStream};
+use syn::punctuated::Punctuated;
+use syn::{bracketed, parenthesized, Expr, Ident, LitInt, LitStr, Token};
+
+/// One tunable: `BM = [32, 64, 128]`.
+pub struct Tunable {
+    pub name: Ident,
+    pub values: Vec<u32>,
+}
+
+/// How a key dimension is bucketed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Bucket {
+    /// Rounded up to a power of two.
+    Pow2,
+    /// As is.
+    Exact,
+}
+
+/// One key entry: a scalar argument and its bucketing, or `dtype`.
+pub struct KeyItem {
+    pub name: Ident,
+    pub bucket: Bucket,
+}
+
+/// Everything the attribute declares.
+pub struct KernelArgs {
+    pub tunables: Vec<Tunable>,
+    pub require: Vec<Expr>,
+    pub key: Vec<KeyItem>,
+    pub grid: Option<Vec<Expr>>,
+    pub cube: Option<Vec<Expr>>,
+    pub name: Option<LitStr>,
+}
+
+fn tuple_or_single(e: Expr) -> Vec<Expr> {
+    match e {
+        Expr::Tuple(t) => t.elems.into_iter().collect(),
+        Expr::Paren(p) => vec![*p.expr],
+        other => vec![other],
+    }
+}
+
+impl Parse for KernelArgs {
+    fn parse(input: ParseStream) -> syn::Result<Self> {
+        let mut args = KernelArgs {
+            tunables: vec![],
+            require: vec![],
+            key: vec![],
+            grid: None,
+            cube: None,
+            name: None,
+        };
+        while !input.is_empty() {
+            let section: Ident = input.parse()?;
+            match section.to_string().as_str() {
+                "tune" => {
+                    let content;
+                    parenthesized!(content in input);
+                    while !content.is_empty() {
+                        let name: Ident = content.parse()?;
+                        content.parse::<Token![=]>()?;
+                        let list;
+                        bracketed!(list in content);
+                        let lits = Punctuated::<LitInt, Token![,]>::parse_terminated(&list)?;
+                        if lits.is_empty() {
+                            return Err(syn::Error::new(name.span(), format!("tunable `{name}` has no values")));
+                        }
+                        if args.tunables.iter().any(|t| t.name == name) {
+                            return Err(syn::Error::new(name.span(), format!("tunable `{name}` is declared twice")));
+                        }
+                        let values = lits.iter().map(|l| l.base10_parse::<u32>()).collect::<syn::Result<Vec<_>>>()?;
+                        args.tunables.push(Tunable { name, values });
+                        if !content.is_empty() {
+                            content.parse::<Token![,]>()?;
+                        }
+                    }
+                }
+                "require" => {
+                    let content;
+                    parenthesized!(content in input);
+                    args.require.extend(Punctuated::<Expr, Token![,]>::parse_terminated(&content)?);
+                }
+                "key" => {
+                    let content;
+                    parenthesized!(content in input);
+                    while !content.is_empty() {
+                        let name: Ident = content.parse()?;
+                        let bucket = if content.peek(Token![=]) {
+                            content.parse::<Token![=]>()?;
+                            let b: Ident = content.parse()?;
+                            match b.to_string().as_str() {
+                                "pow2" => Bucket::Pow2,
+                                "exact" => Bucket::Exact,
+                                other => {
+                                    return Err(syn::Error::new(
+                                        b.span(),
+                                        format!("unknown bucketing `{other}`: expected `pow2` or `exact`"),
+                                    ))
+                                }
+                            }
+                        } else {
+                            Bucket::Exact
+                        };
+                        args.key.push(KeyItem { name, bucket });
+                        if !content.is_empty() {
+                            content.parse::<Token![,]>()?;
+                        }
+                    }
+                }
+                "grid" | "cube" => {
+                    input.parse::<Token![=]>()?;
+                    let e: Expr = input.parse()?;
+                    let v = tuple_or_single(e);
+                    if v.is_empty() || v.len() > 3 {
+                        return Err(syn::Error::new(section.span(), format!("`{section}` takes one to three expressions")));
+                    }
+                    if section == "grid" {
+                        args.grid = Some(v);
+                    } else {
+                        args.cube = Some(v);
+                    }
+                }
+                "name" => {
+                    input.parse::<Token![=]>()?;
+                    args.name = Some(input.parse()?);
+                }
+                other => {
+                    return Err(syn::Error::new(
+                        section.span(),
+                        format!("unknown `#[kiln::kernel]` section `{other}`: expected tune, require, key, grid, cube or name"),
+                    ))
+                }
+            }
+            if !input.is_empty() {
+                input.parse::<Token![,]>()?;
+            }
+        }
+        if args.grid.is_none() {
+            return Err(syn::Error::new(
+                Span::call_site(),
+                "missing `grid = (...)`: the number of cubes, from the shape and tunables",
+            ));
+        }
+        if args.cube.is_none() {
+            return Err(syn::Error::new(
+                Span::call_site(),
+                "missing `cube = ...`: the units per cube, from the tunables",
+            ));
+        }
+        Ok(args)
+    }
+}

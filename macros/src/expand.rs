@@ -1,0 +1,521 @@
+//! Code generation for `#[kiln::kernel]`.
+
+use crate::args::{Bucket, KernelArgs};
+use crate::signature::{analyse, Arg, Elem, Signature};
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote};
+use syn::visit::Visit;
+use syn::{Expr, Ident, ItemFn};
+
+/// Path of kiln's runtime in the calling crate: `::kiln::runtime` for users of the
+/// facade, `::kiln_runtime` inside kiln's own operator library.
+fn runtime_path() -> TokenStream {
+    use proc_macro_crate::{crate_name, FoundCrate};
+    match crate_name("kiln") {
+        Ok(FoundCrate::Itself) => quote!(::kiln::runtime),
+        Ok(FoundCrate::Name(n)) => {
+            let id = Ident::new(&n, Span::call_site());
+            quote!(::#id::runtime)
+        }
+        Err(_) => match crate_name("kiln-runtime") {
+            Ok(FoundCrate::Name(n)) => {
+                let id = Ident::new(&n, Span::call_site());
+                quote!(::#id)
+            }
+            _ => quote!(::kiln_runtime),
+        },
+    }
+}
+
+/// Collects the free identifiers of an expression (not called functions, not methods,
+/// not fields, not multi-segment paths).
+struct FreeIdents(Vec<Ident>);
+
+impl<'a> Visit<'a> for FreeIdents {
+    fn visit_expr_call(&mut self, c: &'a syn::ExprCall) {
+        // `ceil_div(n, BN)`: the callee is a function, its arguments are checked.
+        for a in &c.args {
+            self.visit_expr(a);
+        }
+    }
+    fn visit_expr_path(&mut self, p: &'a syn::ExprPath) {
+        if let Some(id) = p.path.get_ident() {
+            self.0.push(id.clone());
+        }
+    }
+}
+
+fn check_idents(exprs: &[Expr], allowed: &[String], section: &str, what: &str) -> syn::Result<()> {
+    for e in exprs {
+        let mut v = FreeIdents(vec![]);
+        v.visit_expr(e);
+        for id in v.0 {
+            if !allowed.contains(&id.to_string()) {
+                return Err(syn::Error::new(
+                    id.span(),
+                    format!("`{id}` in `{section}` is not {what}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn camel(s: &str) -> String {
+    s.split('_')
+        .filter(|p| !p.is_empty())
+        .map(|p| p[..1].to_uppercase() + &p[1..])
+        .collect()
+}
+
+fn fnv1a(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
+    let args: KernelArgs = syn::parse2(attr)?;
+    let mut func: ItemFn = syn::parse2(item.clone())?;
+    let sig: Signature = analyse(&func)?;
+    let rt = runtime_path();
+    let kname = &sig.name;
+    let reg_name = args
+        .name
+        .as_ref()
+        .map(|l| l.value())
+        .unwrap_or_else(|| kname.to_string());
+
+    // ---- names in scope for the host-side expressions
+    // Tunables are UPPER_CASE by convention (as in Triton): generated bindings carry the
+    // macro's span, so rustc's naming lints do not fire on code the user did not write.
+    let tunables_owned: Vec<Ident> = args
+        .tunables
+        .iter()
+        .map(|t| Ident::new(&t.name.to_string(), Span::call_site()))
+        .collect();
+    let tunables: Vec<&Ident> = tunables_owned.iter().collect();
+    let scalars: Vec<(&Ident, &Ident)> = sig
+        .args
+        .iter()
+        .filter_map(|a| match a {
+            Arg::Scalar { name, ty } => Some((name, ty)),
+            _ => None,
+        })
+        .collect();
+    let mut allowed: Vec<String> = tunables.iter().map(|t| t.to_string()).collect();
+    allowed.extend(scalars.iter().map(|(n, _)| n.to_string()));
+    allowed.push("device".into());
+    let shape_names = format!("a tunable, a scalar argument of `{kname}`, or `device`");
+    check_idents(&args.require, &allowed, "require", &shape_names)?;
+    let grid = args.grid.clone().unwrap_or_default();
+    check_idents(&grid, &allowed, "grid", &shape_names)?;
+    let cube = args.cube.clone().unwrap_or_default();
+    let tun_names: Vec<String> = tunables.iter().map(|t| t.to_string()).collect();
+    check_idents(
+        &cube,
+        &tun_names,
+        "cube",
+        "a tunable: the cube size must not depend on the problem shape",
+    )?;
+    for k in &args.key {
+        if k.name == "dtype" {
+            if sig.generic.is_none() {
+                return Err(syn::Error::new(
+                    k.name.span(),
+                    format!("key `dtype`: `{kname}` has no float generic"),
+                ));
+            }
+            continue;
+        }
+        if !scalars.iter().any(|(n, _)| **n == k.name) {
+            let known: Vec<String> = scalars.iter().map(|(n, _)| n.to_string()).collect();
+            return Err(syn::Error::new(
+                k.name.span(),
+                format!(
+                    "key `{}` names no scalar argument of `{kname}` (scalars: {})",
+                    k.name,
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+    }
+
+    // ---- the cubecl kernel: tunables become trailing comptime u32 parameters
+    for t in &tunables {
+        let p: syn::FnArg = syn::parse_quote!(#[comptime] #t: u32);
+        func.sig.inputs.push(p);
+    }
+    func.attrs
+        .push(syn::parse_quote!(#[allow(non_snake_case, clippy::too_many_arguments)]));
+    let vis = func.vis.clone();
+
+    // ---- generated names
+    let camel_name = camel(&kname.to_string());
+    let host = format_ident!("{}", camel_name);
+    let config = format_ident!("{}Config", camel_name);
+    let spec_static = format_ident!("{}_KERNEL", kname.to_string().to_uppercase());
+    let source_hash = fnv1a(&item.to_string());
+    let summary = func
+        .attrs
+        .iter()
+        .filter(|a| a.path().is_ident("doc"))
+        .find_map(|a| match &a.meta {
+            syn::Meta::NameValue(nv) => match &nv.value {
+                Expr::Lit(syn::ExprLit {
+                    lit: syn::Lit::Str(s),
+                    ..
+                }) => Some(s.value().trim().to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .unwrap_or_else(|| format!("kernel `{reg_name}`"));
+
+    // ---- launch arguments: tensors for arrays, values for scalars
+    let host_params: Vec<TokenStream> = sig
+        .args
+        .iter()
+        .map(|a| match a {
+            Arg::Input { name, .. } | Arg::Output { name, .. } => quote!(#name: &#rt::Tensor),
+            Arg::Scalar { name, ty } => quote!(#name: #ty),
+        })
+        .collect();
+    let host_names: Vec<&Ident> = sig.args.iter().map(Arg::name).collect();
+    let first_generic = sig.args.iter().find_map(|a| match a {
+        Arg::Input {
+            name,
+            elem: Elem::Generic,
+        }
+        | Arg::Output {
+            name,
+            elem: Elem::Generic,
+        } => Some(name),
+        _ => None,
+    });
+    let dtype_expr = match first_generic {
+        Some(n) => quote!(#n.dtype()),
+        None => quote!(#rt::DType::F32),
+    };
+    let tensor_checks: Vec<TokenStream> = sig
+        .args
+        .iter()
+        .filter_map(|a| match a {
+            Arg::Input { name, elem } | Arg::Output { name, elem } => {
+                let n = name.to_string();
+                let dt = match elem {
+                    Elem::Generic => quote!(__dtype),
+                    Elem::Concrete(ty) => {
+                        let s = ty.to_string();
+                        quote!(#rt::DType::parse(#s)?)
+                    }
+                };
+                Some(quote! {
+                    #name.expect_usable(#n, client)?;
+                    #name.expect_dtype(#n, &[#dt])?;
+                    client.require_dtype(#n, #name.dtype())?;
+                })
+            }
+            _ => None,
+        })
+        .collect();
+    let launch_args: Vec<TokenStream> = sig
+        .args
+        .iter()
+        .map(|a| match a {
+            Arg::Input { name, .. } | Arg::Output { name, .. } => {
+                quote!(#rt::cubecl::prelude::ArrayArg::from_raw_parts(#name.handle().clone(), #name.numel()))
+            }
+            Arg::Scalar { name, .. } => quote!(#name),
+        })
+        .collect();
+    let outputs: Vec<&Ident> = sig
+        .args
+        .iter()
+        .filter_map(|a| match a {
+            Arg::Output { name, .. } => Some(name),
+            _ => None,
+        })
+        .collect();
+    let bind_tunables = quote!(#(let #tunables: u32 = cfg.#tunables;)*);
+    let bind_scalars: Vec<TokenStream> =
+        scalars.iter().map(|(n, _)| quote!(let #n = #n;)).collect();
+    let grid_exprs: Vec<TokenStream> = grid.iter().map(|e| quote!(((#e) as u32))).collect();
+    let cube_exprs: Vec<TokenStream> = cube.iter().map(|e| quote!(((#e) as u32))).collect();
+    let count = match grid_exprs.len() {
+        1 => quote!(#rt::cubecl::prelude::CubeCount::Static(#(#grid_exprs)*, 1, 1)),
+        2 => quote!(#rt::cubecl::prelude::CubeCount::Static(#(#grid_exprs),*, 1)),
+        _ => quote!(#rt::cubecl::prelude::CubeCount::Static(#(#grid_exprs),*)),
+    };
+    let cube_units = quote!(1u32 #(* #cube_exprs)*);
+    let cube_dim = match cube_exprs.len() {
+        1 => quote!(#rt::cubecl::prelude::CubeDim::new_1d(#(#cube_exprs)*)),
+        2 => quote!(#rt::cubecl::prelude::CubeDim::new_2d(#(#cube_exprs),*)),
+        _ => quote!(#rt::cubecl::prelude::CubeDim::new_3d(#(#cube_exprs),*)),
+    };
+    let kernel_call = match &sig.generic {
+        Some(_) => quote! {
+            #rt::dispatch!(client, __c => #rt::with_float!(__dtype, __F => {
+                // SAFETY: kiln kernels guard their own indices (launch_unchecked only
+                // skips cubecl's bounds checks); arrays are bound with their lengths.
+                unsafe { #kname::launch_unchecked::<__F, _>(__c, __count, __dim, #(#launch_args,)* #(cfg.#tunables),*) };
+                Ok(())
+            }))
+        },
+        None => quote! {
+            #rt::dispatch!(client, __c => {
+                // SAFETY: as above.
+                unsafe { #kname::launch_unchecked::<_>(__c, __count, __dim, #(#launch_args,)* #(cfg.#tunables),*) };
+                Ok::<(), #rt::Error>(())
+            })
+        },
+    };
+
+    // ---- space, key
+    let value_lists: Vec<TokenStream> = args
+        .tunables
+        .iter()
+        .map(|t| {
+            let v = &t.values;
+            quote!(&[#(#v),*])
+        })
+        .collect();
+    let requires = &args.require;
+    let mut nest = quote! {
+        let cfg = #config { #(#tunables),* };
+        let _ = &cfg;
+        if (#cube_units) <= device.max_units_per_cube #(&& (#requires))* {
+            __out.push(cfg);
+        }
+    };
+    for (t, list) in tunables.iter().zip(&value_lists).rev() {
+        nest = quote! {
+            for &#t in (#list as &[u32]) {
+                #nest
+            }
+        };
+    }
+    let key_parts: Vec<TokenStream> = args
+        .key
+        .iter()
+        .map(|k| {
+            let n = &k.name;
+            let s = n.to_string();
+            if s == "dtype" {
+                quote!(format!("dtype={}", __dtype))
+            } else if k.bucket == Bucket::Pow2 {
+                quote!(format!("{}={}", #s, (#n as usize).next_power_of_two()))
+            } else {
+                quote!(format!("{}={}", #s, #n))
+            }
+        })
+        .collect();
+    let label_parts: Vec<TokenStream> = tunables
+        .iter()
+        .map(|t| {
+            let s = t.to_string();
+            quote!(format!("{}={}", #s, cfg.#t))
+        })
+        .collect();
+
+    // ---- emission (`kiln emit`): dtype and tunables from a KernelConfig
+    let tunable_strs: Vec<String> = tun_names.clone();
+    let tunable_defaults: Vec<String> = args
+        .tunables
+        .iter()
+        .map(|t| t.values[0].to_string())
+        .collect();
+    let tunable_values: Vec<String> = args
+        .tunables
+        .iter()
+        .map(|t| {
+            t.values
+                .iter()
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>()
+                .join(" | ")
+        })
+        .collect();
+    let define_args: Vec<TokenStream> = sig
+        .args
+        .iter()
+        .map(|a| {
+            let ty = |e: &Elem| match e {
+                Elem::Generic => quote!(#kname::F),
+                Elem::Concrete(t) => quote!(#t),
+            };
+            match a {
+                Arg::Input { name, elem } => {
+                    let t = ty(elem);
+                    quote!(let #name = #rt::define::input_array::<#t>(&mut __b);)
+                }
+                Arg::Output { name, elem } => {
+                    let t = ty(elem);
+                    quote!(let #name = #rt::define::output_array::<#t>(&mut __b);)
+                }
+                Arg::Scalar { name, ty } => {
+                    quote!(let #name = <#ty as #rt::cubecl::prelude::LaunchArg>::expand(&(), &mut __b);)
+                }
+            }
+        })
+        .collect();
+    let (define_dtype, define_register, expand_generic) = match &sig.generic {
+        Some(_) => (
+            quote! {
+                let __text = cfg_in.get::<String>("dtype")?;
+                let __dtype = match #rt::DType::parse(&__text) {
+                    Ok(d) if d.is_float() => d,
+                    _ => return Err(#rt::Error::Param { param: "dtype".into(), expected: "f32 | f16 | bf16".into(), found: __text }),
+                };
+            },
+            quote!(#rt::define::register_float::<#kname::_F, __F>(&mut __b);),
+            quote!(::<#kname::F>),
+        ),
+        None => (quote!(let __dtype = #rt::DType::F32;), quote!(), quote!()),
+    };
+    let dtype_param = if sig.generic.is_some() {
+        quote!(#rt::ParamSpec { name: "dtype", default: "f32", values: "f32 | f16 | bf16", doc: "element type" },)
+    } else {
+        quote!()
+    };
+    let define_body = quote! {
+        #(#define_args)*
+        #kname::expand #expand_generic(&mut __b.scope, #(#host_names,)* #(cfg.#tunables),*);
+        Ok(#rt::define::finish_with(__b, __entry, __dim))
+    };
+    let define_dispatch = match &sig.generic {
+        Some(_) => quote!(#rt::with_float!(__dtype, __F => { #define_register #define_body })),
+        None => quote!({ #define_body }),
+    };
+
+    let scalars_params: Vec<TokenStream> = scalars.iter().map(|(n, ty)| quote!(#n: #ty)).collect();
+    let scalar_names: Vec<&Ident> = scalars.iter().map(|(n, _)| *n).collect();
+    let rt_serde_path = format!("{rt}::serde").replace(' ', "");
+    let doc_config = format!("A configuration of `{reg_name}`'s tunables.");
+    let doc_host = format!("Host side of kernel `{reg_name}`: its tuning space, key, validated launch and autotuned launch.");
+    let doc_spec = format!("Registry entry of kernel `{reg_name}` (emission without a device).");
+
+    Ok(quote! {
+        #[#rt::cubecl::prelude::cube(launch_unchecked)]
+        #func
+
+        #[doc = #doc_config]
+        #[allow(non_snake_case)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, #rt::serde::Serialize, #rt::serde::Deserialize)]
+        #[serde(crate = #rt_serde_path)]
+        #vis struct #config {
+            #(
+                #[doc = "A tunable value."]
+                pub #tunables: u32,
+            )*
+        }
+
+        #[doc = #doc_host]
+        #vis struct #host;
+
+        #[allow(non_snake_case, clippy::too_many_arguments, unused_variables, dead_code)]
+        impl #host {
+            /// The registered name.
+            pub const NAME: &'static str = #reg_name;
+            /// Hash of the kernel's source text (keys the autotune cache).
+            pub const SOURCE_HASH: &'static str = #source_hash;
+
+            /// Every configuration allowed on `client`'s device for these scalars, in
+            /// declaration order (the first is what runs untuned).
+            pub fn space(client: &#rt::Client, #(#scalars_params),*) -> Vec<#config> {
+                let device = client.report();
+                let mut __out = Vec::new();
+                #nest
+                __out
+            }
+
+            /// The autotune key for a problem (scalars bucketed as declared).
+            pub fn key(__dtype: #rt::DType, #(#scalars_params),*) -> #rt::tune::TuneKey {
+                let __parts: Vec<String> = vec![#(#key_parts),*];
+                #rt::tune::TuneKey { kernel: #reg_name, source_hash: Self::SOURCE_HASH.into(), shape: __parts.join(";") }
+            }
+
+            /// `BM=64 TM=4`-style label of a configuration.
+            pub fn label(cfg: &#config) -> String {
+                let __parts: Vec<String> = vec![#(#label_parts),*];
+                __parts.join(" ")
+            }
+
+            /// Launches with one configuration. Tensors are checked (device, contiguity,
+            /// dtype) and errors name the argument; a configuration the device cannot
+            /// run is refused.
+            pub fn launch(client: &#rt::Client, cfg: &#config, #(#host_params),*) -> #rt::Result<()> {
+                let __dtype = #dtype_expr;
+                #(#tensor_checks)*
+                let device = client.report();
+                #bind_tunables
+                #(#bind_scalars)*
+                if (#cube_units) > device.max_units_per_cube {
+                    return Err(#rt::Error::Unsupported {
+                        device: device.name.clone(),
+                        feature: format!("{} units per cube ({})", #cube_units, Self::label(cfg)),
+                    });
+                }
+                let __count = #count;
+                let __dim = #cube_dim;
+                #kernel_call
+            }
+
+            /// Picks a configuration with the autotuner (tuning on first use of the key,
+            /// validating every candidate's outputs against the first's within
+            /// `tolerance`), launches it, and returns it. The kernel must write its
+            /// outputs from its inputs alone (outputs are overwritten by each candidate).
+            pub fn tuned(client: &#rt::Client, tolerance: f64, #(#host_params),*) -> #rt::Result<#config> {
+                let __dtype = #dtype_expr;
+                let __space = Self::space(client, #(#scalar_names),*);
+                let __key = Self::key(__dtype, #(#scalar_names),*);
+                let cfg = #rt::tune::Autotuner::global().tune(
+                    client,
+                    &__key,
+                    &__space,
+                    Self::label,
+                    |cfg| {
+                        Self::launch(client, cfg, #(#host_names),*)?;
+                        Ok(vec![#((*#outputs).clone()),*])
+                    },
+                    tolerance,
+                )?;
+                Self::launch(client, &cfg, #(#host_names),*)?;
+                Ok(cfg)
+            }
+
+            fn define(mut __b: #rt::cubecl::prelude::KernelBuilder, cfg_in: &#rt::KernelConfig) -> #rt::Result<#rt::cubecl::prelude::KernelDefinition> {
+                #define_dtype
+                let cfg = #config { #(#tunables: cfg_in.get::<u32>(#tunable_strs)?),* };
+                #(
+                    if !(#value_lists as &[u32]).contains(&cfg.#tunables) {
+                        return Err(#rt::Error::Param { param: #tunable_strs.into(), expected: #tunable_values.into(), found: cfg.#tunables.to_string() });
+                    }
+                )*
+                #bind_tunables
+                let __dim = #cube_dim;
+                let __entry = format!("kiln_{}_{}_{}", #reg_name, __dtype, Self::label(&cfg).replace([' ', '='], "_"));
+                #rt::define::begin(&mut __b);
+                #define_dispatch
+            }
+        }
+
+        #[doc = #doc_spec]
+        #vis static #spec_static: #rt::KernelSpec = #rt::KernelSpec {
+            name: #reg_name,
+            summary: #summary,
+            config: &[
+                #dtype_param
+                #(#rt::ParamSpec { name: #tunable_strs, default: #tunable_defaults, values: #tunable_values, doc: "tunable" },)*
+            ],
+            define: #host::define,
+        };
+    })
+}

@@ -1,0 +1,159 @@
+//! What `#[kiln::kernel]` needs to know of the kernel function's signature.
+
+use syn::{FnArg, GenericParam, Ident, ItemFn, Pat, Type, TypeParamBound};
+
+/// The element type of an array argument.
+#[derive(Clone)]
+pub enum Elem {
+    /// The kernel's float generic (`F`): dispatched on the tensors' dtype.
+    Generic,
+    /// A concrete type (`f32`, `u32`, `i32`, ...).
+    Concrete(Ident),
+}
+
+/// One kernel argument.
+pub enum Arg {
+    /// `&Array<T>`.
+    Input { name: Ident, elem: Elem },
+    /// `&mut Array<T>`.
+    Output { name: Ident, elem: Elem },
+    /// `u32`, `i32` or `f32` by value.
+    Scalar { name: Ident, ty: Ident },
+}
+
+impl Arg {
+    pub fn name(&self) -> &Ident {
+        match self {
+            Arg::Input { name, .. } | Arg::Output { name, .. } | Arg::Scalar { name, .. } => name,
+        }
+    }
+}
+
+/// The analysed signature.
+pub struct Signature {
+    pub name: Ident,
+    /// The float generic, if any.
+    pub generic: Option<Ident>,
+    pub args: Vec<Arg>,
+}
+
+const ARG_HELP: &str =
+    "#[kiln::kernel] arguments must be `&Array<T>`, `&mut Array<T>` or a `u32`, `i32` or `f32` scalar";
+
+fn array_elem(ty: &Type, generic: &Option<Ident>) -> Option<Elem> {
+    let Type::Path(p) = ty else { return None };
+    let seg = p.path.segments.last()?;
+    if seg.ident != "Array" {
+        return None;
+    }
+    let syn::PathArguments::AngleBracketed(a) = &seg.arguments else {
+        return None;
+    };
+    let Some(syn::GenericArgument::Type(Type::Path(inner))) = a.args.first() else {
+        return None;
+    };
+    let id = inner.path.get_ident()?.clone();
+    if generic.as_ref() == Some(&id) {
+        Some(Elem::Generic)
+    } else if ["f32", "f16", "bf16", "u32", "i32", "u8", "i8"].contains(&id.to_string().as_str()) {
+        Some(Elem::Concrete(id))
+    } else {
+        None
+    }
+}
+
+pub fn analyse(f: &ItemFn) -> syn::Result<Signature> {
+    let mut generic = None;
+    for g in &f.sig.generics.params {
+        match g {
+            GenericParam::Type(t)
+                if generic.is_none()
+                    && t.bounds.iter().any(|b| matches!(b, TypeParamBound::Trait(tr) if tr.path.segments.last().is_some_and(|s| s.ident == "Float"))) =>
+            {
+                generic = Some(t.ident.clone());
+            }
+            other => {
+                return Err(syn::Error::new_spanned(other, "#[kiln::kernel] supports one generic parameter, `F: Float`"));
+            }
+        }
+    }
+    let mut args = Vec::new();
+    for input in &f.sig.inputs {
+        let FnArg::Typed(pt) = input else {
+            return Err(syn::Error::new_spanned(
+                input,
+                "#[kiln::kernel] takes a free function",
+            ));
+        };
+        if pt.attrs.iter().any(|a| a.path().is_ident("comptime")) {
+            return Err(syn::Error::new_spanned(
+                pt,
+                "declare compile-time parameters in `tune(...)`, not with #[comptime]",
+            ));
+        }
+        let Pat::Ident(pi) = &*pt.pat else {
+            return Err(syn::Error::new_spanned(
+                &pt.pat,
+                "expected an argument name",
+            ));
+        };
+        let name = pi.ident.clone();
+        let arg = match &*pt.ty {
+            Type::Reference(r) => {
+                let elem = array_elem(&r.elem, &generic)
+                    .ok_or_else(|| syn::Error::new_spanned(&pt.ty, ARG_HELP))?;
+                if r.mutability.is_some() {
+                    Arg::Output { name, elem }
+                } else {
+                    Arg::Input { name, elem }
+                }
+            }
+            Type::Path(p)
+                if p.path
+                    .get_ident()
+                    .is_some_and(|i| i == "u32" || i == "i32" || i == "f32") =>
+            {
+                Arg::Scalar {
+                    name,
+                    ty: p
+                        .path
+                        .get_ident()
+                        .cloned()
+                        .unwrap_or_else(|| unreachable!()),
+                }
+            }
+            other => return Err(syn::Error::new_spanned(other, ARG_HELP)),
+        };
+        args.push(arg);
+    }
+    if !args.iter().any(|a| matches!(a, Arg::Output { .. })) {
+        return Err(syn::Error::new_spanned(
+            &f.sig,
+            "a #[kiln::kernel] needs at least one `&mut Array<T>` output",
+        ));
+    }
+    if generic.is_some()
+        && !args.iter().any(|a| {
+            matches!(
+                a,
+                Arg::Input {
+                    elem: Elem::Generic,
+                    ..
+                } | Arg::Output {
+                    elem: Elem::Generic,
+                    ..
+                }
+            )
+        })
+    {
+        return Err(syn::Error::new_spanned(
+            &f.sig.generics,
+            "the float generic must type at least one array argument",
+        ));
+    }
+    Ok(Signature {
+        name: f.sig.ident.clone(),
+        generic,
+        args,
+    })
+}

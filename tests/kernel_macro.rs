@@ -1,0 +1,134 @@
+//! `#[kiln::kernel]` end to end, on the guide's RMSNorm (examples/rms_norm.rs): the
+//! generated space, key, validated launch, autotuned launch (against the f64
+//! reference, ragged sizes, f32 and f16), and emission without a device.
+
+mod common;
+
+#[allow(dead_code)]
+#[path = "../examples/rms_norm.rs"]
+mod example;
+
+use common::client;
+use example::{reference, RmsNorm, RmsNormConfig, RMS_NORM_KERNEL};
+use kiln::check::{max_rel_error, Rng};
+use kiln::codegen::{emit, Target};
+use kiln::runtime::KernelConfig;
+use kiln::{DType, Error, HostTensor, Tensor};
+use std::collections::BTreeMap;
+
+fn inputs(rows: usize, cols: usize, dtype: DType) -> (HostTensor, HostTensor) {
+    let mut rng = Rng::new((rows * 31 + cols) as u64);
+    (
+        HostTensor::from_f64(dtype, vec![rows, cols], &rng.normals(rows * cols, 2.0)).unwrap(),
+        HostTensor::from_f64(dtype, vec![cols], &rng.normals(cols, 1.0)).unwrap(),
+    )
+}
+
+fn run(rows: usize, cols: usize, dtype: DType) {
+    let (xh, wh) = inputs(rows, cols, dtype);
+    let (x, w) = (
+        Tensor::upload(client(), &xh).unwrap(),
+        Tensor::upload(client(), &wh).unwrap(),
+    );
+    let out = Tensor::empty(client(), dtype, &[rows, cols]).unwrap();
+    let tol = 4.0 * dtype.epsilon();
+    RmsNorm::tuned(client(), tol, &x, &w, &out, rows as u32, cols as u32, 1e-6).unwrap();
+    let want = reference(&xh.to_f64(), &wh.to_f64(), cols, 1e-6);
+    let err = max_rel_error(&out.download().unwrap().to_f64(), &want, 1e-3);
+    let bound = dtype.epsilon() + 1e-5;
+    assert!(
+        err < bound,
+        "{rows}x{cols} {dtype}: {err:.2e} > {bound:.1e}"
+    );
+}
+
+#[test]
+fn tuned_rms_norm_matches_the_reference_on_ragged_sizes() {
+    for (rows, cols) in [(1, 1), (3, 7), (37, 1000), (129, 33)] {
+        run(rows, cols, DType::F32);
+    }
+    if client().supports(DType::F16) {
+        run(17, 513, DType::F16);
+    }
+}
+
+#[test]
+fn space_applies_require_and_device_limits_in_declaration_order() {
+    let all: Vec<u32> = RmsNorm::space(client(), 4, 4096, 1e-6)
+        .iter()
+        .map(|c| c.UNITS)
+        .collect();
+    let limit = client().report().max_units_per_cube;
+    let want: Vec<u32> = [32, 64, 128, 256]
+        .into_iter()
+        .filter(|&u| u <= limit)
+        .collect();
+    assert_eq!(all, want);
+    // require(UNITS <= cols.next_power_of_two().max(32)): a 40-wide row allows 32 and 64.
+    let narrow: Vec<u32> = RmsNorm::space(client(), 4, 40, 1e-6)
+        .iter()
+        .map(|c| c.UNITS)
+        .collect();
+    assert_eq!(narrow, vec![32, 64]);
+}
+
+#[test]
+fn key_buckets_as_declared() {
+    let k = RmsNorm::key(DType::F16, 300, 1000, 1e-6);
+    assert_eq!(k.kernel, "rms_norm");
+    assert_eq!(k.shape, "rows=512;cols=1024;dtype=f16");
+    assert_eq!(k.source_hash, RmsNorm::SOURCE_HASH);
+}
+
+#[test]
+fn launch_checks_name_the_argument() {
+    let (xh, wh) = inputs(2, 8, DType::F32);
+    let (x, w) = (
+        Tensor::upload(client(), &xh).unwrap(),
+        Tensor::upload(client(), &wh).unwrap(),
+    );
+    let w16 = Tensor::upload(client(), &wh.cast(DType::F16).unwrap()).unwrap();
+    let out = Tensor::empty(client(), DType::F32, &[2, 8]).unwrap();
+    let cfg = RmsNormConfig { UNITS: 32 };
+    match RmsNorm::launch(client(), &cfg, &x, &w16, &out, 2, 8, 1e-6) {
+        Err(Error::DType {
+            tensor,
+            expected,
+            found,
+        }) => {
+            assert_eq!(
+                (tensor.as_str(), expected.as_str(), found.as_str()),
+                ("w", "f32", "f16")
+            );
+        }
+        other => panic!("expected a dtype error on w, got {other:?}"),
+    }
+    let too_many = RmsNormConfig { UNITS: 4096 };
+    assert!(matches!(
+        RmsNorm::launch(client(), &too_many, &x, &w, &out, 2, 8, 1e-6),
+        Err(Error::Unsupported { feature, .. }) if feature.contains("4096 units")
+    ));
+}
+
+#[test]
+fn the_registry_entry_emits_both_targets_without_a_device() {
+    for (target, marker) in [(Target::Cuda, "__global__"), (Target::Wgsl, "@compute")] {
+        let cfg = KernelConfig::new(
+            &RMS_NORM_KERNEL,
+            BTreeMap::from([("UNITS".to_string(), "64".to_string())]),
+        )
+        .unwrap();
+        let out = emit(&RMS_NORM_KERNEL, target, &cfg).unwrap();
+        assert!(out.source.contains(marker));
+        assert_eq!(out.manifest.cube_dim, (64, 1, 1));
+        assert_eq!(out.manifest.shared_memory_bytes, 64 * 4);
+    }
+    let bad = KernelConfig::new(
+        &RMS_NORM_KERNEL,
+        BTreeMap::from([("UNITS".to_string(), "48".to_string())]),
+    )
+    .unwrap();
+    assert!(
+        matches!(emit(&RMS_NORM_KERNEL, Target::Wgsl, &bad), Err(Error::Param { param, .. }) if param == "UNITS")
+    );
+}
