@@ -3,6 +3,9 @@
 //!
 //! `cargo run --example rms_norm` (see docs/first-kernel.md for the walk-through).
 
+// `#[cube]` generates undocumented items (the kernel's expansion module).
+#![allow(missing_docs)]
+
 use kiln::dsl::{cube_sum, linear_cube};
 use kiln::runtime::cubecl; // `#[cube]` code refers to `cubecl::...`
 use kiln::{Client, DType, Device, HostTensor, Tensor};

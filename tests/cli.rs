@@ -198,7 +198,7 @@ fn emit_prints_cuda_and_wgsl_without_a_device() {
         "cuda",
         "--manifest",
         "--config",
-        "units=64",
+        "UNITS=64",
     ]);
     let v: serde_json::Value = serde_json::from_slice(&m.stdout).unwrap();
     assert_eq!(v["cube_dim"][0], 64);
@@ -208,8 +208,8 @@ fn emit_prints_cuda_and_wgsl_without_a_device() {
         &["unknown target `ptx`"],
     );
     assert_clear_error(
-        &kiln(&["emit", "softmax", "--config", "units=48"]),
-        &["parameter `units`", "48"],
+        &kiln(&["emit", "softmax", "--config", "UNITS=48"]),
+        &["parameter `UNITS`", "48"],
     );
     assert_clear_error(
         &kiln(&["emit", "add", "--config", "tile=4"]),

@@ -7,7 +7,6 @@ mod common;
 use common::{client, data};
 use kiln::check::max_rel_error;
 use kiln::load_safetensors;
-use std::collections::BTreeMap;
 
 /// Runs `op` on the file's inputs through the registry, exactly as `kiln run` does,
 /// and returns the max relative error of `out` against `expected_out`.

@@ -28,7 +28,7 @@ fn softmax_cuda_f16() {
     insta::assert_snapshot!(source(
         "softmax",
         Target::Cuda,
-        &[("dtype", "f16"), ("units", "128")]
+        &[("dtype", "f16"), ("UNITS", "128")]
     ));
 }
 

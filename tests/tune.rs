@@ -256,7 +256,7 @@ fn kiln_tune_twice_hits_the_cache() {
         String::from_utf8_lossy(&first.stderr)
     );
     assert!(
-        out.contains("units=") && out.contains("tuned now") && out.contains("median"),
+        out.contains("UNITS=") && out.contains("tuned now") && out.contains("median"),
         "{out}"
     );
     let second = kiln(&["tune", "softmax", "--shape", "64x300"]);

@@ -12,17 +12,12 @@
 //! sum-reduction, and softmax re-reads `x` once to write. So softmax reads `x` twice
 //! and logsumexp once.
 
-use crate::launch::{
-    begin, check_input, config_dtype, elementwise_cost, finish, grid, input_array, output_array,
-    register_float, scalar_u32, with_float, x_only, DTYPE_PARAM,
-};
+use crate::launch::{check_input, elementwise_cost, x_only, DTYPE_PARAM};
 use cubecl::prelude::*;
 use kiln_dsl::{cube_max, cube_sum, exp_diff, linear_cube};
 use kiln_runtime::{
-    dispatch, shape_str,
-    tune::{fnv1a_hex, Autotuner, TuneKey},
-    Client, Error, HostTensor, KernelConfig, KernelSpec, OpArgs, OpSpec, Outputs, ParamSpec,
-    Result, Tensor, TensorSpec,
+    shape_str, Client, Error, HostTensor, KernelConfig, KernelSpec, OpArgs, OpSpec, Outputs,
+    ParamSpec, Result, Tensor, TensorSpec,
 };
 
 // ---------------------------------------------------------------- host API
@@ -35,62 +30,6 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
 /// Log-sum-exp over the last dimension (the output drops that dimension).
 pub fn logsumexp(x: &Tensor) -> Result<Tensor> {
     rowwise(x, true)
-}
-
-/// Units per cube for a row of `cols` elements: a power of two in 32..=256.
-pub fn units_for(cols: usize) -> u32 {
-    cols.next_power_of_two().clamp(32, 256) as u32
-}
-
-/// The `units` the autotuner may pick for rows of `cols` on `client`, the heuristic
-/// [`units_for`] first: powers of two from 32 to 256, no wider than the row rounded up
-/// (more units would idle) and within the device's units per cube.
-pub fn units_candidates(client: &Client, cols: usize) -> Vec<u32> {
-    let preferred = units_for(cols);
-    let max = client.report().max_units_per_cube;
-    std::iter::once(preferred)
-        .chain(
-            UNITS
-                .into_iter()
-                .filter(|&u| u != preferred && u <= preferred.max(32)),
-        )
-        .chain(
-            UNITS
-                .into_iter()
-                .filter(|&u| u > preferred && (u as usize) <= cols.next_power_of_two()),
-        )
-        .filter(|&u| u <= max)
-        .collect()
-}
-
-const UNITS: [u32; 4] = [32, 64, 128, 256];
-
-/// Hash of this kernel's source (this module and the DSL pieces it uses): the tune
-/// cache forgets decisions made for other code.
-fn source_hash() -> String {
-    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    HASH.get_or_init(|| {
-        fnv1a_hex(concat!(
-            include_str!("rowwise.rs"),
-            include_str!("../../dsl/src/reduce.rs"),
-            include_str!("../../dsl/src/activation.rs")
-        ))
-    })
-    .clone()
-}
-
-/// The tune key: rows and columns bucketed to powers of two, dtype, operator.
-fn tune_key(x: &Tensor, rows: usize, cols: usize, lse: bool) -> TuneKey {
-    TuneKey {
-        kernel: if lse { "logsumexp" } else { "softmax" },
-        source_hash: source_hash(),
-        shape: format!(
-            "rows={};cols={};dtype={}",
-            rows.next_power_of_two(),
-            cols.next_power_of_two(),
-            x.dtype()
-        ),
-    }
 }
 
 fn rowwise(x: &Tensor, lse: bool) -> Result<Tensor> {
@@ -113,62 +52,33 @@ fn rowwise(x: &Tensor, lse: bool) -> Result<Tensor> {
         let out_shape = if lse { lead } else { x.shape() };
         return Tensor::empty(client, x.dtype(), out_shape);
     }
-    // Candidates differ only in summation order: they agree to a few roundings.
-    let tolerance = 16.0 * x.dtype().epsilon();
-    let units = Autotuner::global().tune(
-        client,
-        &tune_key(x, rows, cols, lse),
-        &units_candidates(client, cols),
-        |u| format!("units={u}"),
-        |&u| launch(x, rows, cols, u, lse).map(|o| vec![o]),
-        tolerance,
-    )?;
-    launch(x, rows, cols, units, lse)
-}
-
-/// One launch with `units` units per cube; `x` is checked and non-empty.
-fn launch(x: &Tensor, rows: usize, cols: usize, units: u32, lse: bool) -> Result<Tensor> {
-    let client = x.client();
-    let out_shape = if lse {
-        &x.shape()[..x.rank() - 1]
-    } else {
-        x.shape()
-    };
+    let out_shape = if lse { lead } else { x.shape() };
     let out = Tensor::empty(client, x.dtype(), out_shape)?;
-    let count = grid(rows)?;
+    // Candidates differ only in summation order: they agree to a few roundings.
     // check_input bounds rows * cols by 2^31: both fit in u32, as does every index.
-    let (rows_u, cols_u) = (rows as u32, cols as u32);
-    dispatch!(client, c => with_float!(x.dtype(), F => {
-        // SAFETY: the kernel reads row `r < rows` at `r * cols + j` with `j < cols`
-        // and writes the same range (or index `r` for logsumexp).
-        unsafe {
-            rowwise_kernel::launch_unchecked::<F, _>(
-                c,
-                count,
-                CubeDim::new_1d(units),
-                ArrayArg::from_raw_parts(x.handle().clone(), x.numel()),
-                ArrayArg::from_raw_parts(out.handle().clone(), out.numel()),
-                rows_u,
-                cols_u,
-                units,
-                lse,
-            )
-        };
-        Ok(())
-    }))?;
+    let tolerance = 16.0 * x.dtype().epsilon();
+    RowReduce::tuned(client, tolerance, x, &out, rows as u32, cols as u32, lse)?;
     Ok(out)
 }
 
 // ---------------------------------------------------------------- kernels
 
-/// One cube per row; see the module docs for the algorithm.
-#[cube(launch_unchecked)]
-fn rowwise_kernel<F: Float>(
+/// Softmax (`lse = false`) or log-sum-exp (`lse = true`) of each row, one cube of
+/// `UNITS` units per row; see the module docs for the algorithm. Tuned over `UNITS`,
+/// largest first (more units than the row rounded up would idle); the grid wraps rows
+/// past 65 535 into y.
+#[kiln_macros::kernel(
+    tune(UNITS = [256, 128, 64, 32]),
+    require(UNITS as usize <= cols.next_power_of_two().max(32) as usize),
+    key(rows = pow2, cols = pow2, dtype),
+    grid = (rows.min(65_535), rows.div_ceil(65_535)),
+    cube = UNITS,
+)]
+fn row_reduce<F: Float>(
     x: &Array<F>,
     out: &mut Array<F>,
     rows: u32,
     cols: u32,
-    #[comptime] units: u32,
     #[comptime] lse: bool,
 ) {
     let row = linear_cube();
@@ -176,7 +86,7 @@ fn rowwise_kernel<F: Float>(
     // reductions are reached uniformly.
     if row < rows as usize {
         let base = row * cols as usize;
-        let mut smem = SharedMemory::<f32>::new(units as usize);
+        let mut smem = SharedMemory::<f32>::new(UNITS as usize);
         // 1.0, but opaque to the shader compiler (cols >= 1): see `exp_diff`.
         let one = f32::cast_from(min(cols, 1u32));
 
@@ -194,11 +104,11 @@ fn rowwise_kernel<F: Float>(
             let e = exp_diff(min(m, v), hi, one);
             s = select(v > m, s * e + 1.0, s + e);
             m = hi;
-            j += units as usize;
+            j += UNITS as usize;
         }
 
-        let row_max = cube_max(&mut smem, m, units);
-        let row_sum = cube_sum(&mut smem, s * exp_diff(m, row_max, one), units);
+        let row_max = cube_max(&mut smem, m, UNITS);
+        let row_sum = cube_sum(&mut smem, s * exp_diff(m, row_max, one), UNITS);
 
         if comptime!(lse) {
             if UNIT_POS == 0 {
@@ -216,7 +126,7 @@ fn rowwise_kernel<F: Float>(
             while j < cols as usize {
                 let v = f32::cast_from(x[base + j]);
                 out[base + j] = F::cast_from(exp_diff(v, row_max, one) / denom);
-                j += units as usize;
+                j += UNITS as usize;
             }
         }
     }
@@ -321,43 +231,29 @@ pub static LOGSUMEXP: OpSpec = OpSpec {
     example_inputs: x_only,
 };
 
-const UNITS_PARAM: ParamSpec = ParamSpec {
-    name: "units",
-    default: "256",
-    values: "32 | 64 | 128 | 256",
-    doc: "units per cube (one cube per row)",
-};
-
-fn define(mut b: KernelBuilder, cfg: &KernelConfig, lse: bool) -> Result<KernelDefinition> {
-    let dtype = config_dtype(cfg)?;
-    let units: u32 = cfg.get("units")?;
-    if ![32, 64, 128, 256].contains(&units) {
-        return Err(Error::Param {
-            param: "units".into(),
-            expected: UNITS_PARAM.values.into(),
-            found: units.to_string(),
-        });
-    }
-    let name = if lse { "logsumexp" } else { "softmax" };
-    with_float!(dtype, F => {
-        begin(&mut b);
-        register_float::<rowwise_kernel::_F, F>(&mut b);
-        let x = input_array::<rowwise_kernel::F>(&mut b);
-        let out = output_array::<rowwise_kernel::F>(&mut b);
-        let rows = scalar_u32(&mut b);
-        let cols = scalar_u32(&mut b);
-        rowwise_kernel::expand::<rowwise_kernel::F>(&mut b.scope, x, out, rows, cols, units, lse);
-        Ok(finish(b, format!("kiln_{name}_{dtype}_u{units}"), units))
-    })
+/// Emission with the operator's `lse` preset (`kiln emit softmax --config UNITS=64`).
+fn define_preset(b: KernelBuilder, cfg: &KernelConfig, lse: bool) -> Result<KernelDefinition> {
+    let mut values = cfg.values().clone();
+    values.insert("lse".into(), lse.to_string());
+    let cfg = KernelConfig::new(&ROW_REDUCE_KERNEL, values)?;
+    (ROW_REDUCE_KERNEL.define)(b, &cfg)
 }
 fn define_softmax(b: KernelBuilder, c: &KernelConfig) -> Result<KernelDefinition> {
-    define(b, c, false)
+    define_preset(b, c, false)
 }
 fn define_logsumexp(b: KernelBuilder, c: &KernelConfig) -> Result<KernelDefinition> {
-    define(b, c, true)
+    define_preset(b, c, true)
 }
 
-const ROW_CONFIG: &[ParamSpec] = &[DTYPE_PARAM, UNITS_PARAM];
+const ROW_CONFIG: &[ParamSpec] = &[
+    DTYPE_PARAM,
+    ParamSpec {
+        name: "UNITS",
+        default: "256",
+        values: "256 | 128 | 64 | 32",
+        doc: "units per cube (one cube per row)",
+    },
+];
 
 /// Emission entry of the `softmax` kernel.
 pub static SOFTMAX_KERNEL: KernelSpec = KernelSpec {

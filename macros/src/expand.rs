@@ -102,7 +102,15 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         .args
         .iter()
         .filter_map(|a| match a {
-            Arg::Scalar { name, ty } => Some((name, ty)),
+            Arg::Scalar { name, ty } | Arg::Comptime { name, ty } => Some((name, ty)),
+            _ => None,
+        })
+        .collect();
+    let comptimes: Vec<(&Ident, &Ident)> = sig
+        .args
+        .iter()
+        .filter_map(|a| match a {
+            Arg::Comptime { name, ty } => Some((name, ty)),
             _ => None,
         })
         .collect();
@@ -185,7 +193,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         .iter()
         .map(|a| match a {
             Arg::Input { name, .. } | Arg::Output { name, .. } => quote!(#name: &#rt::Tensor),
-            Arg::Scalar { name, ty } => quote!(#name: #ty),
+            Arg::Scalar { name, ty } | Arg::Comptime { name, ty } => quote!(#name: #ty),
         })
         .collect();
     let host_names: Vec<&Ident> = sig.args.iter().map(Arg::name).collect();
@@ -233,7 +241,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
             Arg::Input { name, .. } | Arg::Output { name, .. } => {
                 quote!(#rt::cubecl::prelude::ArrayArg::from_raw_parts(#name.handle().clone(), #name.numel()))
             }
-            Arg::Scalar { name, .. } => quote!(#name),
+            Arg::Scalar { name, .. } | Arg::Comptime { name, .. } => quote!(#name),
         })
         .collect();
     let outputs: Vec<&Ident> = sig
@@ -317,6 +325,13 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
             }
         })
         .collect();
+    let key_parts: Vec<TokenStream> = key_parts
+        .into_iter()
+        .chain(comptimes.iter().map(|(n, _)| {
+            let s = n.to_string();
+            quote!(format!("{}={}", #s, #n))
+        }))
+        .collect();
     let label_parts: Vec<TokenStream> = tunables
         .iter()
         .map(|t| {
@@ -363,6 +378,10 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
                 Arg::Scalar { name, ty } => {
                     quote!(let #name = <#ty as #rt::cubecl::prelude::LaunchArg>::expand(&(), &mut __b);)
                 }
+                Arg::Comptime { name, ty } => {
+                    let s = name.to_string();
+                    quote!(let #name: #ty = cfg_in.get::<#ty>(#s)?;)
+                }
             }
         })
         .collect();
@@ -385,6 +404,14 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
     } else {
         quote!()
     };
+    let comptime_params: Vec<TokenStream> = comptimes
+        .iter()
+        .map(|(n, ty)| {
+            let s = n.to_string();
+            let (default, values) = if *ty == "bool" { ("false", "false | true") } else { ("0", "u32") };
+            quote!(#rt::ParamSpec { name: #s, default: #default, values: #values, doc: "kernel specialisation" },)
+        })
+        .collect();
     let define_body = quote! {
         #(#define_args)*
         #kname::expand #expand_generic(&mut __b.scope, #(#host_names,)* #(cfg.#tunables),*);
@@ -513,6 +540,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
             summary: #summary,
             config: &[
                 #dtype_param
+                #(#comptime_params)*
                 #(#rt::ParamSpec { name: #tunable_strs, default: #tunable_defaults, values: #tunable_values, doc: "tunable" },)*
             ],
             define: #host::define,

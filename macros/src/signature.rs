@@ -19,12 +19,18 @@ pub enum Arg {
     Output { name: Ident, elem: Elem },
     /// `u32`, `i32` or `f32` by value.
     Scalar { name: Ident, ty: Ident },
+    /// `#[comptime] bool` or `#[comptime] u32`: a caller-chosen specialisation (part of
+    /// the tune key and of the emission config).
+    Comptime { name: Ident, ty: Ident },
 }
 
 impl Arg {
     pub fn name(&self) -> &Ident {
         match self {
-            Arg::Input { name, .. } | Arg::Output { name, .. } | Arg::Scalar { name, .. } => name,
+            Arg::Input { name, .. }
+            | Arg::Output { name, .. }
+            | Arg::Scalar { name, .. }
+            | Arg::Comptime { name, .. } => name,
         }
     }
 }
@@ -85,12 +91,7 @@ pub fn analyse(f: &ItemFn) -> syn::Result<Signature> {
                 "#[kiln::kernel] takes a free function",
             ));
         };
-        if pt.attrs.iter().any(|a| a.path().is_ident("comptime")) {
-            return Err(syn::Error::new_spanned(
-                pt,
-                "declare compile-time parameters in `tune(...)`, not with #[comptime]",
-            ));
-        }
+        let comptime = pt.attrs.iter().any(|a| a.path().is_ident("comptime"));
         let Pat::Ident(pi) = &*pt.pat else {
             return Err(syn::Error::new_spanned(
                 &pt.pat,
@@ -98,6 +99,21 @@ pub fn analyse(f: &ItemFn) -> syn::Result<Signature> {
             ));
         };
         let name = pi.ident.clone();
+        if comptime {
+            let ty = match &*pt.ty {
+                Type::Path(p) if p.path.get_ident().is_some_and(|i| i == "bool" || i == "u32") => {
+                    p.path.get_ident().cloned().unwrap_or_else(|| unreachable!())
+                }
+                other => {
+                    return Err(syn::Error::new_spanned(
+                        other,
+                        "#[comptime] parameters of a #[kiln::kernel] must be `bool` or `u32` (tunables go in `tune(...)`)",
+                    ))
+                }
+            };
+            args.push(Arg::Comptime { name, ty });
+            continue;
+        }
         let arg = match &*pt.ty {
             Type::Reference(r) => {
                 let elem = array_elem(&r.elem, &generic)

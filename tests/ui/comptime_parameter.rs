@@ -3,7 +3,7 @@ use kiln::runtime::cubecl;
 use cubecl::prelude::*;
 
 #[kiln::kernel(tune(UNITS = [32]), grid = (rows), cube = UNITS)]
-fn copy<F: Float>(x: &Array<F>, out: &mut Array<F>, #[comptime] rows: u32) {
+fn copy<F: Float>(x: &Array<F>, out: &mut Array<F>, #[comptime] rows: f32) {
     out[ABSOLUTE_POS] = x[ABSOLUTE_POS];
 }
 
