@@ -11,7 +11,10 @@ pub mod activation;
 pub mod grid;
 #[allow(missing_docs)]
 pub mod reduce;
+#[allow(missing_docs)]
+pub mod scan;
 
 pub use activation::*;
 pub use grid::*;
 pub use reduce::*;
+pub use scan::*;

@@ -3,7 +3,10 @@
 
 use cubecl::prelude::*;
 use cubecl::wgpu::WgpuRuntime;
-use kiln_dsl::{cube_max, cube_sum, exp_diff, gelu_tanh, linear_cube, linear_unit, silu};
+use kiln_dsl::{
+    cube_exclusive_sum, cube_inclusive_scan, cube_max, cube_sum, exp_diff, gelu_tanh, linear_cube,
+    linear_unit, silu, ScanOp,
+};
 
 type R = WgpuRuntime;
 
@@ -137,6 +140,75 @@ fn exp_diff_and_activations_match_f64() {
                 (got[i * 3 + 2] as f64 - gl).abs() <= 2e-5 * gl.abs() + 1e-30,
                 "gelu({x})"
             );
+        }
+    }
+}
+
+#[cube(launch_unchecked)]
+fn scan_kernel(ints: &Array<f32>, logs: &Array<f32>, out: &mut Array<f32>, #[comptime] units: u32) {
+    let mut smem = SharedMemory::<f32>::new(units as usize);
+    let u = UNIT_POS as usize;
+    out[u] = cube_inclusive_scan(&mut smem, ints[u], units, ScanOp::Sum);
+    out[units as usize + u] = cube_exclusive_sum(&mut smem, ints[u], units);
+    out[2 * units as usize + u] = cube_inclusive_scan(&mut smem, logs[u], units, ScanOp::LogAddExp);
+}
+
+#[test]
+fn scans_match_f64_prefix_sums_and_logcumsumexp() {
+    let c = client();
+    for units in [32u32, 64, 256] {
+        let n = units as usize;
+        // Small integers: every prefix sum is exact in f32, so equality is the test.
+        let ints: Vec<f32> = (0..n).map(|i| (i % 7) as f32 - 3.0).collect();
+        // Log-space values with a leading run of -inf (an empty prefix stays -inf).
+        let logs: Vec<f32> = (0..n)
+            .map(|i| {
+                if i < 3 {
+                    f32::NEG_INFINITY
+                } else {
+                    ((i * 37) % 11) as f32 - 20.0
+                }
+            })
+            .collect();
+        let (hi, hl) = (
+            c.create_from_slice(f32::as_bytes(&ints)),
+            c.create_from_slice(f32::as_bytes(&logs)),
+        );
+        let out = c.empty(3 * n * 4);
+        unsafe {
+            scan_kernel::launch_unchecked::<R>(
+                &c,
+                CubeCount::Static(1, 1, 1),
+                CubeDim::new_1d(units),
+                ArrayArg::from_raw_parts(hi, n),
+                ArrayArg::from_raw_parts(hl, n),
+                ArrayArg::from_raw_parts(out.clone(), 3 * n),
+                units,
+            )
+        };
+        let got = f32::from_bytes(&c.read_one_unchecked(out)).to_vec();
+        let (mut acc, mut lse) = (0.0f64, f64::NEG_INFINITY);
+        for i in 0..n {
+            assert_eq!(got[n + i] as f64, acc, "exclusive sum {i}, units {units}");
+            acc += ints[i] as f64;
+            assert_eq!(got[i] as f64, acc, "inclusive sum {i}, units {units}");
+            let v = logs[i] as f64;
+            if v != f64::NEG_INFINITY {
+                lse = if lse == f64::NEG_INFINITY {
+                    v
+                } else {
+                    lse.max(v) + (1.0 + (lse.min(v) - lse.max(v)).exp()).ln()
+                };
+            }
+            let g = got[2 * n + i] as f64;
+            if lse == f64::NEG_INFINITY {
+                assert_eq!(g, lse, "logcumsumexp {i}, units {units}");
+            } else {
+                assert!(
+                    (g - lse).abs() <= 1e-5 * lse.abs().max(1.0),
+                    "logcumsumexp {i}: {g} vs {lse}"
+                );
+            }
         }
     }
 }
