@@ -13,8 +13,11 @@ pub mod grid;
 pub mod reduce;
 #[allow(missing_docs)]
 pub mod scan;
+#[allow(missing_docs)]
+pub mod tile;
 
 pub use activation::*;
 pub use grid::*;
 pub use reduce::*;
 pub use scan::*;
+pub use tile::*;

@@ -6,6 +6,8 @@
 // `#[cube]` generates undocumented expansion items inside the operator modules.
 #[allow(missing_docs)]
 pub mod elementwise;
+#[allow(missing_docs)]
+pub mod gla;
 mod launch;
 #[allow(missing_docs)]
 pub mod matmul;
@@ -16,7 +18,7 @@ use kiln_runtime::{Error, KernelSpec, OpSpec, Result};
 
 /// Every operator in the library, in `kiln ops` order.
 pub fn ops() -> &'static [&'static OpSpec] {
-    static OPS: [&OpSpec; 7] = [
+    static OPS: [&OpSpec; 11] = [
         &elementwise::ADD,
         &elementwise::MUL,
         &elementwise::SILU,
@@ -24,23 +26,33 @@ pub fn ops() -> &'static [&'static OpSpec] {
         &rowwise::SOFTMAX,
         &rowwise::LOGSUMEXP,
         &matmul::MATMUL,
+        &gla::GLA,
+        &gla::GLA_RECURRENT,
+        &gla::GLA_STEP,
+        &gla::GLA_BACKWARD,
     ];
     &OPS
 }
 
 /// Every kernel whose source `kiln emit` can print.
 pub fn kernels() -> &'static [&'static KernelSpec] {
-    static KERNELS: [&KernelSpec; 7] = [
-        &elementwise::ADD_KERNEL,
-        &elementwise::MUL_KERNEL,
-        &elementwise::SILU_KERNEL,
-        &elementwise::GELU_KERNEL,
-        &rowwise::SOFTMAX_KERNEL,
-        &rowwise::LOGSUMEXP_KERNEL,
-        &matmul::MATMUL_KERNEL,
-    ];
-    &KERNELS
+    static KERNELS: std::sync::OnceLock<Vec<&'static KernelSpec>> = std::sync::OnceLock::new();
+    KERNELS.get_or_init(|| {
+        let mut all = BASE_KERNELS.to_vec();
+        all.extend(gla::KERNELS);
+        all
+    })
 }
+
+const BASE_KERNELS: [&KernelSpec; 7] = [
+    &elementwise::ADD_KERNEL,
+    &elementwise::MUL_KERNEL,
+    &elementwise::SILU_KERNEL,
+    &elementwise::GELU_KERNEL,
+    &rowwise::SOFTMAX_KERNEL,
+    &rowwise::LOGSUMEXP_KERNEL,
+    &matmul::MATMUL_KERNEL,
+];
 
 /// Looks an operator up by name.
 pub fn op(name: &str) -> Result<&'static OpSpec> {

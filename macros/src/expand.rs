@@ -123,11 +123,13 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
     check_idents(&grid, &allowed, "grid", &shape_names)?;
     let cube = args.cube.clone().unwrap_or_default();
     let tun_names: Vec<String> = tunables.iter().map(|t| t.to_string()).collect();
+    let mut cube_names = tun_names.clone();
+    cube_names.extend(comptimes.iter().map(|(n, _)| n.to_string()));
     check_idents(
         &cube,
-        &tun_names,
+        &cube_names,
         "cube",
-        "a tunable: the cube size must not depend on the problem shape",
+        "a tunable or a #[comptime] argument: the cube size must not depend on the problem shape",
     )?;
     for k in &args.key {
         if k.name == "dtype" {
@@ -162,7 +164,8 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         func.sig.inputs.push(p);
     }
     func.attrs
-        .push(syn::parse_quote!(#[allow(non_snake_case, clippy::too_many_arguments)]));
+        // Scalars may serve only the host-side grid, key or constraints.
+        .push(syn::parse_quote!(#[allow(non_snake_case, unused_variables, clippy::too_many_arguments)]));
     let vis = func.vis.clone();
 
     // ---- generated names
@@ -422,6 +425,9 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         None => quote!({ #define_body }),
     };
 
+    let comptime_names: Vec<&Ident> = comptimes.iter().map(|(n, _)| *n).collect();
+    let comptime_tys: Vec<&Ident> = comptimes.iter().map(|(_, t)| *t).collect();
+    let comptime_strs: Vec<String> = comptimes.iter().map(|(n, _)| n.to_string()).collect();
     let scalars_params: Vec<TokenStream> = scalars.iter().map(|(n, ty)| quote!(#n: #ty)).collect();
     let scalar_names: Vec<&Ident> = scalars.iter().map(|(n, _)| *n).collect();
     let rt_serde_path = format!("{rt}::serde").replace(' ', "");
@@ -527,6 +533,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
                     }
                 )*
                 #bind_tunables
+                #(let #comptime_names: #comptime_tys = cfg_in.get::<#comptime_tys>(#comptime_strs)?;)*
                 let __dim = #cube_dim;
                 let __entry = format!("kiln_{}_{}_{}", #reg_name, __dtype, Self::label(&cfg).replace([' ', '='], "_"));
                 #rt::define::begin(&mut __b);

@@ -155,6 +155,11 @@ impl OpArgs {
         self.spec.inputs.iter().find(|t| t.name == name)
     }
 
+    /// The operator these arguments are bound to.
+    pub fn spec(&self) -> &'static OpSpec {
+        self.spec
+    }
+
     /// A required input.
     pub fn tensor(&self, name: &str) -> Result<&Tensor> {
         self.tensors.get(name).ok_or_else(|| Error::MissingTensor {

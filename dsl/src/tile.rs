@@ -1,0 +1,105 @@
+//! Tile building blocks: cooperative, bounds-masked tile loads into shared memory and
+//! register tiles multiplied from shared memory (the scalar-FMA `mma` path, which runs
+//! on every target; lavapipe has no tensor cores).
+//!
+//! Conventions. A shared tile is f32 whatever the global dtype (accumulation and
+//! intermediate scores stay in f32). An operand of a product is stored *depth-major*:
+//! element (row `r`, depth `d`) of an `rows`-row operand at `base + d * rows + r`, so
+//! that the units of a cube read neighbouring rows at one depth (contiguous SIMD loads
+//! on a CPU adapter, no bank conflicts on a GPU).
+
+use cubecl::prelude::*;
+
+/// Loads the `rows x cols` tile whose element (r, c) is
+/// `src[src_base + r * row_stride + c]` into `dst` as f32, writing zero where
+/// `r >= rows_valid` or `c >= cols_valid` (so products over a ragged edge need no
+/// branches). Stored row-major (`dst_base + r * cols + c`) or, with `depth_major`,
+/// transposed (`dst_base + c * rows + r`: the layout of a left operand whose depth is
+/// `c`). All `units` units of the cube call it; consecutive units read consecutive
+/// columns (coalesced). The caller synchronises before reading `dst`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn load_tile<F: Float>(
+    dst: &mut SharedMemory<f32>,
+    dst_base: u32,
+    src: &Array<F>,
+    src_base: u32,
+    row_stride: u32,
+    rows_valid: u32,
+    cols_valid: u32,
+    #[comptime] rows: u32,
+    #[comptime] cols: u32,
+    #[comptime] depth_major: bool,
+    #[comptime] units: u32,
+) {
+    let mut idx = UNIT_POS;
+    while idx < comptime!(rows * cols) {
+        let r = idx / cols;
+        let c = idx % cols;
+        let mut value = 0.0f32;
+        if r < rows_valid && c < cols_valid {
+            value = f32::cast_from(src[(src_base + r * row_stride + c) as usize]);
+        }
+        if comptime!(depth_major) {
+            dst[(dst_base + c * rows + r) as usize] = value;
+        } else {
+            dst[(dst_base + idx) as usize] = value;
+        }
+        idx += units;
+    }
+}
+
+/// A zeroed `tm x tn` register tile (f32 accumulator, row-major).
+#[cube]
+pub fn reg_tile_zeros(#[comptime] tm: u32, #[comptime] tn: u32) -> Array<f32> {
+    let mut acc = Array::<f32>::new(comptime!((tm * tn) as usize));
+    #[unroll]
+    for i in 0..tm * tn {
+        acc[i as usize] = 0.0;
+    }
+    acc
+}
+
+/// `acc += X Y` over `depth` for one unit's `tm x tn` register tile, the scalar-FMA
+/// `mma`. `X` is a depth-major `rows`-row operand at `x_base` of `xs` and `Y` a
+/// row-major operand with `cols` columns at `y_base` of `ys` (element (d, c) at
+/// `y_base + d * cols + c`). The unit owns rows `ty + i * rows / tm` and columns
+/// `tx + j * cols / tn`: strided, so neighbouring units touch neighbouring addresses.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn reg_tile_mma(
+    acc: &mut Array<f32>,
+    xs: &SharedMemory<f32>,
+    x_base: u32,
+    ys: &SharedMemory<f32>,
+    y_base: u32,
+    ty: u32,
+    tx: u32,
+    #[comptime] rows: u32,
+    #[comptime] cols: u32,
+    #[comptime] depth: u32,
+    #[comptime] tm: u32,
+    #[comptime] tn: u32,
+) {
+    let row_step = comptime!(rows / tm);
+    let col_step = comptime!(cols / tn);
+    let mut xf = Array::<f32>::new(comptime!(tm as usize));
+    let mut yf = Array::<f32>::new(comptime!(tn as usize));
+    for d in 0..depth {
+        #[unroll]
+        for i in 0..tm {
+            xf[i as usize] = xs[(x_base + d * rows + ty + i * row_step) as usize];
+        }
+        #[unroll]
+        for j in 0..tn {
+            yf[j as usize] = ys[(y_base + d * cols + tx + j * col_step) as usize];
+        }
+        #[unroll]
+        for i in 0..tm {
+            #[unroll]
+            for j in 0..tn {
+                acc[(i * tn + j) as usize] += xf[i as usize] * yf[j as usize];
+            }
+        }
+    }
+}

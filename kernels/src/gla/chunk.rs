@@ -1,0 +1,739 @@
+//! The chunkwise-parallel kernels (forward and backward). Every kernel sees the batch
+//! as `N` sequences of rows back to back (`[B, T]` flattened, or a varlen batch) cut
+//! into chunks of at most `chunk` rows that never cross a sequence boundary; the
+//! host's chunk table `chunks` holds `(first row, rows)` per chunk and `seq_chunks` the
+//! first chunk of each sequence (`N + 1` entries).
+//!
+//! Layouts: q, k, g, gc `[rows, H, K]`; v, o, do `[rows, H, V]`; per-chunk states
+//! `[chunks, H, K, V]` (f32); scores `[chunks, H, chunk, chunk]` (f32).
+//!
+//! Numerics (spec, "secondary chunking"): every exponential here has an argument
+//! `<= 0` (`b` is a non-increasing cumulative sum of gates <= 0, and only
+//! `b_i - b_j` with `j <= i`, `Gamma - b` and `b` itself are exponentiated), so no
+//! intermediate overflows whatever the gates; the intra-chunk scores are formed
+//! element-wise in f32 ("log space"), never as `exp(b) * exp(-b)`.
+
+use cubecl::prelude::*;
+use kiln_dsl::{load_tile, reg_tile_mma};
+
+/// `gc` = the chunk-local inclusive cumulative sum of `g` over time, in f32 (the `b`
+/// of the spec), one cube per (chunk, head).
+#[kiln_macros::kernel(
+    tune(UNITS = [64]),
+    key(dk = pow2, dtype),
+    grid = (n_chunks, heads),
+    cube = UNITS,
+    name = "gla_cumsum"
+)]
+pub fn gla_cumsum<F: Float>(
+    g: &Array<F>,
+    chunks: &Array<u32>,
+    gc: &mut Array<f32>,
+    n_chunks: u32,
+    heads: u32,
+    dk: u32,
+) {
+    let c = CUBE_POS_X;
+    let h = CUBE_POS_Y;
+    let start = chunks[(2 * c) as usize];
+    let len = chunks[(2 * c + 1) as usize];
+    let mut kk = UNIT_POS;
+    while kk < dk {
+        let mut acc = 0.0f32;
+        for t in 0..len {
+            let i = ((start + t) * heads + h) * dk + kk;
+            acc += f32::cast_from(g[i as usize]);
+            gc[i as usize] = acc;
+        }
+        kk += UNITS;
+    }
+}
+
+/// The sequential pass over chunks, parallel over (sequence, head, K tile, V tile);
+/// one unit per state element. Forward (`reverse = false`, `x = k`, `y = v`):
+/// `h_{n+1} = diag(exp(Gamma)) h_n + (k * exp(Gamma - b))^T v`; backward
+/// (`reverse = true`, `x = q`, `y = do`, chunks in reverse):
+/// `dh_n = diag(exp(Gamma)) dh_{n+1} + scale (q * exp(b))^T do`. `states[c]` receives
+/// the state entering chunk `c` (h_n, or dh_{n+1} going backward) and `last` the
+/// final one (ht, or dh0). The state starts from `init` when `has_init`, else 0.
+#[kiln_macros::kernel(
+    tune(BK = [16, 32], BV = [16, 32]),
+    key(dk = pow2, dv = pow2, dtype),
+    grid = (n_seq * heads, dk.div_ceil(BK), dv.div_ceil(BV)),
+    cube = (BV, BK),
+    name = "gla_state_pass"
+)]
+pub fn gla_state_pass<F: Float>(
+    x: &Array<F>,
+    y: &Array<F>,
+    gc: &Array<f32>,
+    chunks: &Array<u32>,
+    seq_chunks: &Array<u32>,
+    init: &Array<f32>,
+    states: &mut Array<f32>,
+    last: &mut Array<f32>,
+    n_seq: u32,
+    heads: u32,
+    dk: u32,
+    dv: u32,
+    scale: f32,
+    #[comptime] chunk: u32,
+    #[comptime] reverse: bool,
+    #[comptime] has_init: bool,
+) {
+    let n = CUBE_POS_X / heads;
+    let h = CUBE_POS_X % heads;
+    let k0 = CUBE_POS_Y * BK;
+    let v0 = CUBE_POS_Z * BV;
+    let kl = UNIT_POS_Y;
+    let vl = UNIT_POS_X;
+    let kk = k0 + kl;
+    let vv = v0 + vl;
+    let inside = kk < dk && vv < dv;
+    let units = comptime!(BK * BV);
+    let mut xs = SharedMemory::<f32>::new(comptime!((chunk * BK) as usize));
+    let mut ys = SharedMemory::<f32>::new(comptime!((chunk * BV) as usize));
+    let mut decay = SharedMemory::<f32>::new(comptime!(BK as usize));
+
+    let sidx = ((n * heads + h) * dk + kk) * dv + vv;
+    let mut s = 0.0f32;
+    if comptime!(has_init) {
+        if inside {
+            s = init[sidx as usize];
+        }
+    }
+    let c_first = seq_chunks[n as usize];
+    let c_end = seq_chunks[(n + 1) as usize];
+    for step in 0..c_end - c_first {
+        let mut c = c_first + step;
+        if comptime!(reverse) {
+            c = c_end - 1 - step;
+        }
+        let start = chunks[(2 * c) as usize];
+        let len = chunks[(2 * c + 1) as usize];
+        let last_row = start + len - 1;
+
+        // x weighted by its decay to the chunk's end (forward) or from its start
+        // (backward): both exponents <= 0.
+        let mut idx = UNIT_POS;
+        while idx < comptime!(chunk * BK) {
+            let t = idx / BK;
+            let kg = k0 + idx % BK;
+            let mut w = 0.0f32;
+            if t < len && kg < dk {
+                let gi = ((start + t) * heads + h) * dk + kg;
+                let b = gc[gi as usize];
+                let xv = f32::cast_from(x[gi as usize]);
+                if comptime!(reverse) {
+                    w = xv * f32::exp(b) * scale;
+                } else {
+                    let gamma = gc[((last_row * heads + h) * dk + kg) as usize];
+                    w = xv * f32::exp(gamma - b);
+                }
+            }
+            xs[idx as usize] = w;
+            idx += units;
+        }
+        load_tile::<F>(
+            &mut ys,
+            0,
+            y,
+            (start * heads + h) * dv + v0,
+            heads * dv,
+            len,
+            dv - min(v0, dv),
+            chunk,
+            BV,
+            false,
+            units,
+        );
+        if UNIT_POS < BK {
+            let kg = k0 + UNIT_POS;
+            let mut d = 1.0f32;
+            if kg < dk {
+                d = f32::exp(gc[((last_row * heads + h) * dk + kg) as usize]);
+            }
+            decay[UNIT_POS as usize] = d;
+        }
+        sync_cube();
+
+        if inside {
+            states[(((c * heads + h) * dk + kk) * dv + vv) as usize] = s;
+        }
+        let mut acc = 0.0f32;
+        for t in 0..len {
+            acc += xs[(t * BK + kl) as usize] * ys[(t * BV + vl) as usize];
+        }
+        s = decay[kl as usize] * s + acc;
+        sync_cube();
+    }
+    if inside {
+        last[sidx as usize] = s;
+    }
+}
+
+/// Intra-chunk scores, one cube per (chunk, head), a 4x4 block of (i, j) per unit:
+/// `a[i, j] = scale * sum_d x[i, d] y[j, d] * exp(b[i, d] - b[j, d])` (with
+/// `decay`; the forward's A from q, k) or without the exponential (the backward's dA
+/// from do, v), for `j <= i < rows of the chunk`, and 0 elsewhere. Blocks wholly above
+/// the diagonal skip the arithmetic.
+#[kiln_macros::kernel(
+    tune(BD = [32, 16]),
+    key(dd = pow2, dtype),
+    grid = (n_chunks, heads),
+    cube = (chunk / 4) * (chunk / 4),
+    name = "gla_scores"
+)]
+pub fn gla_scores<F: Float>(
+    x: &Array<F>,
+    y: &Array<F>,
+    gc: &Array<f32>,
+    chunks: &Array<u32>,
+    a: &mut Array<f32>,
+    n_chunks: u32,
+    heads: u32,
+    dd: u32,
+    scale: f32,
+    #[comptime] chunk: u32,
+    #[comptime] decay: bool,
+) {
+    let c = CUBE_POS_X;
+    let h = CUBE_POS_Y;
+    let start = chunks[(2 * c) as usize];
+    let len = chunks[(2 * c + 1) as usize];
+    let per_row = comptime!(chunk / 4);
+    let units = comptime!(per_row * per_row);
+    let i0 = (UNIT_POS / per_row) * 4;
+    let j0 = (UNIT_POS % per_row) * 4;
+    let active = j0 <= i0 + 3;
+
+    let mut xs = SharedMemory::<f32>::new(comptime!((chunk * BD) as usize));
+    let mut ys = SharedMemory::<f32>::new(comptime!((chunk * BD) as usize));
+    let mut bs = SharedMemory::<f32>::new(comptime!((chunk * BD) as usize));
+    let mut acc = Array::<f32>::new(16usize);
+    #[unroll]
+    for e in 0..16u32 {
+        acc[e as usize] = 0.0;
+    }
+    let mut xf = Array::<f32>::new(4usize);
+    let mut yf = Array::<f32>::new(4usize);
+    let mut bi = Array::<f32>::new(4usize);
+    let mut bj = Array::<f32>::new(4usize);
+
+    let row_base = (start * heads + h) * dd;
+    let mut d0 = 0u32;
+    while d0 < dd {
+        let dvalid = dd - d0;
+        load_tile::<F>(
+            &mut xs,
+            0,
+            x,
+            row_base + d0,
+            heads * dd,
+            len,
+            dvalid,
+            chunk,
+            BD,
+            true,
+            units,
+        );
+        load_tile::<F>(
+            &mut ys,
+            0,
+            y,
+            row_base + d0,
+            heads * dd,
+            len,
+            dvalid,
+            chunk,
+            BD,
+            true,
+            units,
+        );
+        if comptime!(decay) {
+            load_tile::<f32>(
+                &mut bs,
+                0,
+                gc,
+                row_base + d0,
+                heads * dd,
+                len,
+                dvalid,
+                chunk,
+                BD,
+                true,
+                units,
+            );
+        }
+        sync_cube();
+        if active {
+            for dl in 0..BD {
+                let base = dl * chunk;
+                #[unroll]
+                for e in 0..4u32 {
+                    xf[e as usize] = xs[(base + i0 + e) as usize];
+                    yf[e as usize] = ys[(base + j0 + e) as usize];
+                    if comptime!(decay) {
+                        bi[e as usize] = bs[(base + i0 + e) as usize];
+                        bj[e as usize] = bs[(base + j0 + e) as usize];
+                    }
+                }
+                #[unroll]
+                for ii in 0..4u32 {
+                    #[unroll]
+                    for jj in 0..4u32 {
+                        let mut p = xf[ii as usize] * yf[jj as usize];
+                        if comptime!(decay) {
+                            // Clamped at 0: above the diagonal (masked below) the
+                            // difference is positive and could overflow.
+                            p *= f32::exp(min(bi[ii as usize] - bj[jj as usize], 0.0));
+                        }
+                        acc[(ii * 4 + jj) as usize] += p;
+                    }
+                }
+            }
+        }
+        sync_cube();
+        d0 += BD;
+    }
+    let out_base = (c * heads + h) * chunk * chunk;
+    #[unroll]
+    for ii in 0..4u32 {
+        #[unroll]
+        for jj in 0..4u32 {
+            let i = i0 + ii;
+            let j = j0 + jj;
+            let mut val = 0.0f32;
+            if j <= i && i < len {
+                val = acc[(ii * 4 + jj) as usize] * scale;
+            }
+            a[(out_base + i * chunk + j) as usize] = val;
+        }
+    }
+}
+
+/// A chunk's rows from a state and the intra-chunk scores, one cube per (chunk, head,
+/// V tile), a 4x4 register tile per unit. Forward (`backward = false`, x = q,
+/// y = v, states = h_n, m = A):
+/// `o = (scale q * exp(b)) h_n + A v`. Backward (x = k, y = do, states = dh_{n+1},
+/// m = A transposed): `dv = (k * exp(Gamma - b)) dh_{n+1} + A^T do`.
+#[kiln_macros::kernel(
+    tune(BV = [64, 32], BK = [16, 32]),
+    require(BK <= chunk),
+    key(dk = pow2, dv = pow2, dtype),
+    grid = (n_chunks, heads, dv.div_ceil(BV)),
+    cube = (chunk / 4) * (BV / 4),
+    name = "gla_chunk_out"
+)]
+pub fn gla_chunk_out<F: Float>(
+    x: &Array<F>,
+    y: &Array<F>,
+    gc: &Array<f32>,
+    chunks: &Array<u32>,
+    states: &Array<f32>,
+    m: &Array<f32>,
+    out: &mut Array<F>,
+    n_chunks: u32,
+    heads: u32,
+    dk: u32,
+    dv: u32,
+    scale: f32,
+    #[comptime] chunk: u32,
+    #[comptime] backward: bool,
+) {
+    let c = CUBE_POS_X;
+    let h = CUBE_POS_Y;
+    let v0 = CUBE_POS_Z * BV;
+    let start = chunks[(2 * c) as usize];
+    let len = chunks[(2 * c + 1) as usize];
+    let last_row = start + len - 1;
+    let units = comptime!((chunk / 4) * (BV / 4));
+    let ty = UNIT_POS / comptime!(BV / 4);
+    let tx = UNIT_POS % comptime!(BV / 4);
+    let vvalid = dv - min(v0, dv);
+
+    // xs: a depth-major chunk x BK operand; ys: a BK x BV operand.
+    let mut xs = SharedMemory::<f32>::new(comptime!((chunk * BK) as usize));
+    let mut ys = SharedMemory::<f32>::new(comptime!((BK * BV) as usize));
+    let mut acc = Array::<f32>::new(16usize);
+    #[unroll]
+    for e in 0..16u32 {
+        acc[e as usize] = 0.0;
+    }
+
+    // Inter-chunk part: the weighted x against the state.
+    let mut k0 = 0u32;
+    while k0 < dk {
+        let mut idx = UNIT_POS;
+        while idx < comptime!(chunk * BK) {
+            let t = idx / BK;
+            let kl = idx % BK;
+            let kg = k0 + kl;
+            let mut w = 0.0f32;
+            if t < len && kg < dk {
+                let gi = ((start + t) * heads + h) * dk + kg;
+                let b = gc[gi as usize];
+                let xv = f32::cast_from(x[gi as usize]);
+                if comptime!(backward) {
+                    let gamma = gc[((last_row * heads + h) * dk + kg) as usize];
+                    w = xv * f32::exp(gamma - b);
+                } else {
+                    w = xv * f32::exp(b) * scale;
+                }
+            }
+            xs[(kl * chunk + t) as usize] = w;
+            idx += units;
+        }
+        load_tile::<f32>(
+            &mut ys,
+            0,
+            states,
+            ((c * heads + h) * dk + k0) * dv + v0,
+            dv,
+            dk - k0,
+            vvalid,
+            BK,
+            BV,
+            false,
+            units,
+        );
+        sync_cube();
+        reg_tile_mma(&mut acc, &xs, 0, &ys, 0, ty, tx, chunk, BV, BK, 4u32, 4u32);
+        sync_cube();
+        k0 += BK;
+    }
+
+    // Intra-chunk part: scores (or their transpose) against y, over the chunk's rows.
+    let m_base = (c * heads + h) * chunk * chunk;
+    let mut s0 = 0u32;
+    while s0 < len {
+        if comptime!(backward) {
+            // xs[sl][r] = A[s0 + sl, r]: rows of A, stored as they are.
+            load_tile::<f32>(
+                &mut xs,
+                0,
+                m,
+                m_base + s0 * chunk,
+                chunk,
+                chunk - s0,
+                chunk,
+                BK,
+                chunk,
+                false,
+                units,
+            );
+        } else {
+            // xs[sl][r] = A[r, s0 + sl]: the transposed (depth-major) load.
+            load_tile::<f32>(
+                &mut xs,
+                0,
+                m,
+                m_base + s0,
+                chunk,
+                chunk,
+                chunk - s0,
+                chunk,
+                BK,
+                true,
+                units,
+            );
+        }
+        load_tile::<F>(
+            &mut ys,
+            0,
+            y,
+            ((start + s0) * heads + h) * dv + v0,
+            heads * dv,
+            len - s0,
+            vvalid,
+            BK,
+            BV,
+            false,
+            units,
+        );
+        sync_cube();
+        reg_tile_mma(&mut acc, &xs, 0, &ys, 0, ty, tx, chunk, BV, BK, 4u32, 4u32);
+        sync_cube();
+        s0 += BK;
+    }
+
+    let row_step = comptime!(chunk / 4);
+    let col_step = comptime!(BV / 4);
+    #[unroll]
+    for i in 0..4u32 {
+        let r = ty + i * row_step;
+        #[unroll]
+        for j in 0..4u32 {
+            let col = tx + j * col_step;
+            if r < len && col < vvalid {
+                out[(((start + r) * heads + h) * dv + v0 + col) as usize] =
+                    F::cast_from(acc[(i * 4 + j) as usize]);
+            }
+        }
+    }
+}
+
+/// dq and dk of a chunk's rows for one K tile (one cube per (chunk, head, K tile), a
+/// 4x4 register tile of each per unit), and `dgt = q * dq - k * dk` (f32) for the gate
+/// gradient:
+/// `dq = scale exp(b) (do h_n^T) + sum_{j <= i} dA_ij k_j exp(b_i - b_j)`,
+/// `dk = exp(Gamma - b) (v dh_{n+1}^T) + sum_{i >= j} dA_ij q_i exp(b_i - b_j)`.
+/// The intra-chunk sums are element-wise in f32 (exponents <= 0). One shared buffer
+/// serves both phases (the inter-chunk operands, then dA and the q, k, b tiles).
+#[kiln_macros::kernel(
+    tune(BK = [16]),
+    key(dk = pow2, dv = pow2, dtype),
+    grid = (n_chunks, heads, dk.div_ceil(BK)),
+    cube = (chunk / 4) * (BK / 4),
+    name = "gla_bwd_dqk"
+)]
+pub fn gla_bwd_dqk<F: Float>(
+    q: &Array<F>,
+    k: &Array<F>,
+    v: &Array<F>,
+    d_o: &Array<F>,
+    gc: &Array<f32>,
+    chunks: &Array<u32>,
+    hs: &Array<f32>,
+    dhs: &Array<f32>,
+    da: &Array<f32>,
+    dq: &mut Array<F>,
+    dk_out: &mut Array<F>,
+    dgt: &mut Array<f32>,
+    n_chunks: u32,
+    heads: u32,
+    dk: u32,
+    dv: u32,
+    scale: f32,
+    #[comptime] chunk: u32,
+) {
+    let c = CUBE_POS_X;
+    let h = CUBE_POS_Y;
+    let k0 = CUBE_POS_Z * BK;
+    let start = chunks[(2 * c) as usize];
+    let len = chunks[(2 * c + 1) as usize];
+    let units = comptime!((chunk / 4) * (BK / 4));
+    let ty = UNIT_POS / comptime!(BK / 4);
+    let tx = UNIT_POS % comptime!(BK / 4);
+    let kvalid = dk - min(k0, dk);
+    // The inter phase's depth tile over V equals BK (so both phases fit the buffer).
+    let bvi = BK;
+    let mut sm = SharedMemory::<f32>::new(comptime!((chunk * chunk + 3 * chunk * BK) as usize));
+    let x2 = comptime!(BK * chunk);
+    let y1 = comptime!(2 * BK * chunk);
+    let y2 = comptime!(2 * BK * chunk + BK * BK);
+
+    let mut acc_q = Array::<f32>::new(16usize);
+    let mut acc_k = Array::<f32>::new(16usize);
+    #[unroll]
+    for e in 0..16u32 {
+        acc_q[e as usize] = 0.0;
+        acc_k[e as usize] = 0.0;
+    }
+
+    // Inter-chunk parts: do h_n^T and v dh_{n+1}^T, over V in tiles of BK.
+    let state_base = (c * heads + h) * dk + k0;
+    let mut v0 = 0u32;
+    while v0 < dv {
+        let row_base = (start * heads + h) * dv + v0;
+        load_tile::<F>(
+            &mut sm,
+            0,
+            d_o,
+            row_base,
+            heads * dv,
+            len,
+            dv - v0,
+            chunk,
+            BK,
+            true,
+            units,
+        );
+        load_tile::<F>(
+            &mut sm,
+            x2,
+            v,
+            row_base,
+            heads * dv,
+            len,
+            dv - v0,
+            chunk,
+            BK,
+            true,
+            units,
+        );
+        // (v, k) of the transposed states: rows k of the state, depth-major over v.
+        load_tile::<f32>(
+            &mut sm,
+            y1,
+            hs,
+            state_base * dv + v0,
+            dv,
+            kvalid,
+            dv - v0,
+            BK,
+            BK,
+            true,
+            units,
+        );
+        load_tile::<f32>(
+            &mut sm,
+            y2,
+            dhs,
+            state_base * dv + v0,
+            dv,
+            kvalid,
+            dv - v0,
+            BK,
+            BK,
+            true,
+            units,
+        );
+        sync_cube();
+        reg_tile_mma(
+            &mut acc_q, &sm, 0, &sm, y1, ty, tx, chunk, BK, BK, 4u32, 4u32,
+        );
+        reg_tile_mma(
+            &mut acc_k, &sm, x2, &sm, y2, ty, tx, chunk, BK, BK, 4u32, 4u32,
+        );
+        sync_cube();
+        v0 += bvi;
+    }
+
+    // Intra-chunk parts: dA [chunk][chunk], then q, k, b tiles [chunk][BK].
+    let qo = comptime!(chunk * chunk);
+    let ko = comptime!(chunk * chunk + chunk * BK);
+    let bo = comptime!(chunk * chunk + 2 * chunk * BK);
+    let row_base = (start * heads + h) * dk + k0;
+    load_tile::<f32>(
+        &mut sm,
+        0,
+        da,
+        (c * heads + h) * chunk * chunk,
+        chunk,
+        chunk,
+        chunk,
+        chunk,
+        chunk,
+        false,
+        units,
+    );
+    load_tile::<F>(
+        &mut sm,
+        qo,
+        q,
+        row_base,
+        heads * dk,
+        len,
+        kvalid,
+        chunk,
+        BK,
+        false,
+        units,
+    );
+    load_tile::<F>(
+        &mut sm,
+        ko,
+        k,
+        row_base,
+        heads * dk,
+        len,
+        kvalid,
+        chunk,
+        BK,
+        false,
+        units,
+    );
+    load_tile::<f32>(
+        &mut sm,
+        bo,
+        gc,
+        row_base,
+        heads * dk,
+        len,
+        kvalid,
+        chunk,
+        BK,
+        false,
+        units,
+    );
+    sync_cube();
+
+    let row_step = comptime!(chunk / 4);
+    let col_step = comptime!(BK / 4);
+    #[unroll]
+    for i in 0..4u32 {
+        let r = ty + i * row_step;
+        if r < len {
+            #[unroll]
+            for j in 0..4u32 {
+                let col = tx + j * col_step;
+                let b_r = sm[(bo + r * BK + col) as usize];
+                let mut sum_q = 0.0f32;
+                for s in 0..r + 1 {
+                    let e = f32::exp(b_r - sm[(bo + s * BK + col) as usize]);
+                    sum_q += sm[(r * chunk + s) as usize] * sm[(ko + s * BK + col) as usize] * e;
+                }
+                let mut sum_k = 0.0f32;
+                for s in r..len {
+                    let e = f32::exp(sm[(bo + s * BK + col) as usize] - b_r);
+                    sum_k += sm[(s * chunk + r) as usize] * sm[(qo + s * BK + col) as usize] * e;
+                }
+                let gamma = sm[(bo + (len - 1) * BK + col) as usize];
+                let dq_v = acc_q[(i * 4 + j) as usize] * scale * f32::exp(b_r) + sum_q;
+                let dk_v = acc_k[(i * 4 + j) as usize] * f32::exp(gamma - b_r) + sum_k;
+                if col < kvalid {
+                    let gi = (row_base + r * heads * dk + col) as usize;
+                    dq[gi] = F::cast_from(dq_v);
+                    dk_out[gi] = F::cast_from(dk_v);
+                    dgt[gi] = sm[(qo + r * BK + col) as usize] * dq_v
+                        - sm[(ko + r * BK + col) as usize] * dk_v;
+                }
+            }
+        }
+    }
+}
+
+/// The gate gradient: `dg_t = sum_{t' >= t in its sequence} dgt_t'` plus, from the
+/// final state, `rowsum_V(ht * dht)` (with `has_dht`); one unit per (sequence, head,
+/// key), walking its sequence backwards. `bounds` holds the `N + 1` sequence bounds.
+#[kiln_macros::kernel(
+    tune(UNITS = [64]),
+    key(dk = pow2, dtype),
+    grid = (n_seq * heads, dk.div_ceil(UNITS)),
+    cube = UNITS,
+    name = "gla_bwd_dg"
+)]
+pub fn gla_bwd_dg<F: Float>(
+    dgt: &Array<f32>,
+    ht: &Array<f32>,
+    dht: &Array<f32>,
+    bounds: &Array<u32>,
+    dg: &mut Array<F>,
+    n_seq: u32,
+    heads: u32,
+    dk: u32,
+    dv: u32,
+    #[comptime] has_dht: bool,
+) {
+    let n = CUBE_POS_X / heads;
+    let h = CUBE_POS_X % heads;
+    let kk = CUBE_POS_Y * UNITS + UNIT_POS;
+    if kk < dk {
+        let mut acc = 0.0f32;
+        if comptime!(has_dht) {
+            let base = ((n * heads + h) * dk + kk) * dv;
+            for vv in 0..dv {
+                acc += ht[(base + vv) as usize] * dht[(base + vv) as usize];
+            }
+        }
+        let bos = bounds[n as usize];
+        let mut t = bounds[(n + 1) as usize];
+        while t > bos {
+            t -= 1;
+            let i = ((t * heads + h) * dk + kk) as usize;
+            acc += dgt[i];
+            dg[i] = F::cast_from(acc);
+        }
+    }
+}

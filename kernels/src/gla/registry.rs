@@ -1,0 +1,377 @@
+//! `kiln run` entries of the GLA family and its kernels for `kiln emit`.
+
+use super::chunk::{
+    GLA_BWD_DG_KERNEL, GLA_BWD_DQK_KERNEL, GLA_CHUNK_OUT_KERNEL, GLA_CUMSUM_KERNEL,
+    GLA_SCORES_KERNEL, GLA_STATE_PASS_KERNEL,
+};
+use super::recurrent::{GLA_RECURRENT_KERNEL, TO_F32_KERNEL};
+use super::{gla, gla_backward, gla_recurrent, gla_step, GlaGradInputs, GlaInputs, GlaOptions};
+use kiln_runtime::{
+    Client, DType, Error, KernelSpec, OpArgs, OpSpec, Outputs, ParamSpec, Result, TensorSpec,
+};
+
+/// Every GLA kernel, for `kiln emit`.
+pub static KERNELS: [&KernelSpec; 8] = [
+    &GLA_CUMSUM_KERNEL,
+    &GLA_STATE_PASS_KERNEL,
+    &GLA_SCORES_KERNEL,
+    &GLA_CHUNK_OUT_KERNEL,
+    &GLA_BWD_DQK_KERNEL,
+    &GLA_BWD_DG_KERNEL,
+    &GLA_RECURRENT_KERNEL,
+    &TO_F32_KERNEL,
+];
+
+const fn input(
+    name: &'static str,
+    shape: &'static str,
+    dtypes: &'static str,
+    optional: bool,
+    doc: &'static str,
+) -> TensorSpec {
+    TensorSpec {
+        name,
+        shape,
+        dtypes,
+        optional,
+        doc,
+    }
+}
+
+const Q: TensorSpec = input("q", "[B, T, H, K]", "f32 | f16 | bf16", false, "queries");
+const K: TensorSpec = input("k", "[B, T, H, K]", "q's dtype", false, "keys");
+const V: TensorSpec = input("v", "[B, T, H, V]", "q's dtype", false, "values");
+const G: TensorSpec = input(
+    "g",
+    "[B, T, H, K]",
+    "f32 | q's dtype",
+    false,
+    "log decays (<= 0), e.g. logsigmoid of a gate projection",
+);
+const H0: TensorSpec = input(
+    "h0",
+    "[N, H, K, V]",
+    "f32",
+    true,
+    "initial states (N = B, or the varlen sequence count)",
+);
+const CU: TensorSpec = input(
+    "cu_seqlens",
+    "[N + 1]",
+    "i32",
+    true,
+    "varlen row offsets (0 first, T last, non-decreasing; B = 1)",
+);
+const DO: TensorSpec = input(
+    "do",
+    "[B, T, H, V]",
+    "q's dtype",
+    false,
+    "gradient of the loss with respect to o",
+);
+const DHT: TensorSpec = input(
+    "dht",
+    "[N, H, K, V]",
+    "f32",
+    true,
+    "gradient of the loss with respect to ht",
+);
+
+const O: TensorSpec = input("o", "[B, T, H, V]", "q's dtype", false, "outputs");
+const HT: TensorSpec = input(
+    "ht",
+    "[N, H, K, V]",
+    "f32",
+    true,
+    "final states (with output_final_state=true)",
+);
+
+const SCALE: ParamSpec = ParamSpec {
+    name: "scale",
+    default: "K^-1/2",
+    values: "a finite number",
+    doc: "score scale",
+};
+const FINAL: ParamSpec = ParamSpec {
+    name: "output_final_state",
+    default: "false",
+    values: "false | true",
+    doc: "also return ht",
+};
+const CHUNK: ParamSpec = ParamSpec {
+    name: "chunk_size",
+    default: "64",
+    values: "16 | 32 | 64",
+    doc: "rows per chunk of the chunked kernels",
+};
+
+fn scale(a: &OpArgs) -> Result<Option<f64>> {
+    let text = a.param("scale")?;
+    if text == SCALE.default {
+        return Ok(None);
+    }
+    a.param_as::<f64>("scale").map(Some)
+}
+
+/// The options an operator declares: `output_final_state` (forwards) and
+/// `chunk_size` (chunked operators) only where its spec lists them.
+fn options(a: &OpArgs) -> Result<GlaOptions> {
+    let declared = |name: &str| a.spec().params.iter().any(|p| p.name == name);
+    Ok(GlaOptions {
+        scale: scale(a)?,
+        output_final_state: declared("output_final_state") && a.param_as("output_final_state")?,
+        chunk_size: if declared("chunk_size") {
+            a.param_as("chunk_size")?
+        } else {
+            64
+        },
+    })
+}
+
+/// The `cu_seqlens` tensor's values (downloaded: the chunk table is built on the host).
+fn cu_seqlens(a: &OpArgs) -> Result<Option<Vec<i32>>> {
+    let Some(t) = a.optional_tensor("cu_seqlens") else {
+        return Ok(None);
+    };
+    t.expect_dtype("cu_seqlens", &[DType::I32])?;
+    if t.rank() != 1 {
+        return Err(Error::Shape {
+            tensor: "cu_seqlens".into(),
+            expected: "[N + 1]".into(),
+            found: kiln_runtime::shape_str(t.shape()),
+        });
+    }
+    Ok(Some(
+        t.download()?
+            .to_f64()
+            .into_iter()
+            .map(|v| v as i32)
+            .collect(),
+    ))
+}
+
+fn with_inputs<T>(a: &OpArgs, f: impl FnOnce(&GlaInputs<'_>) -> Result<T>) -> Result<T> {
+    let cu = cu_seqlens(a)?;
+    let inp = GlaInputs {
+        q: a.tensor("q")?,
+        k: a.tensor("k")?,
+        v: a.tensor("v")?,
+        g: a.tensor("g")?,
+        h0: a.optional_tensor("h0"),
+        cu_seqlens: cu.as_deref(),
+    };
+    f(&inp)
+}
+
+fn forward_outputs(out: super::GlaOutput) -> Outputs {
+    let mut v = vec![("o", out.o)];
+    if let Some(ht) = out.ht {
+        v.push(("ht", ht));
+    }
+    v
+}
+
+fn run_gla(_: &Client, a: &OpArgs) -> Result<Outputs> {
+    let opts = options(a)?;
+    with_inputs(a, |inp| gla(inp, &opts)).map(forward_outputs)
+}
+
+fn run_gla_recurrent(_: &Client, a: &OpArgs) -> Result<Outputs> {
+    let opts = options(a)?;
+    with_inputs(a, |inp| gla_recurrent(inp, &opts)).map(forward_outputs)
+}
+
+fn run_gla_step(_: &Client, a: &OpArgs) -> Result<Outputs> {
+    let state = a.tensor("state")?;
+    let o = gla_step(
+        a.tensor("q")?,
+        a.tensor("k")?,
+        a.tensor("v")?,
+        a.tensor("g")?,
+        state,
+        scale(a)?,
+    )?;
+    Ok(vec![("o", o), ("state", state.clone())])
+}
+
+fn run_gla_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
+    let opts = options(a)?;
+    let grad = GlaGradInputs {
+        d_o: a.tensor("do")?,
+        dht: a.optional_tensor("dht"),
+    };
+    let g = with_inputs(a, |inp| gla_backward(inp, &grad, &opts))?;
+    let mut v = vec![("dq", g.dq), ("dk", g.dk), ("dv", g.dv), ("dg", g.dg)];
+    if let Some(dh0) = g.dh0 {
+        v.push(("dh0", dh0));
+    }
+    Ok(v)
+}
+
+/// `--shape B x T x H x D` (K = V = D): q, k, v, g of the benchmark shapes.
+fn gla_inputs(dims: &[usize]) -> Result<Vec<(&'static str, Vec<usize>)>> {
+    let &[b, t, h, d] = dims else {
+        return Err(Error::Param {
+            param: "--shape".into(),
+            expected: "B x T x H x D".into(),
+            found: format!("{dims:?}"),
+        });
+    };
+    let s = vec![b, t, h, d];
+    Ok(vec![
+        ("q", s.clone()),
+        ("k", s.clone()),
+        ("v", s.clone()),
+        ("g", s),
+    ])
+}
+
+/// Forward FLOPs of the chunked form at chunk 64: the state pass (2 T K V), the
+/// inter-chunk output (2 T K V), the scores and their product with v (T C (K + V)).
+fn gla_cost(dims: &[usize], elem: usize) -> (f64, f64) {
+    let (b, t, h, d) = match dims {
+        &[b, t, h, d] => (b as f64, t as f64, h as f64, d as f64),
+        _ => return (0.0, 0.0),
+    };
+    let flops = b * h * (4.0 * t * d * d + t * 64.0 * 2.0 * d);
+    (flops, b * t * h * d * 5.0 * elem as f64)
+}
+
+fn recurrent_cost(dims: &[usize], elem: usize) -> (f64, f64) {
+    let (b, t, h, d) = match dims {
+        &[b, t, h, d] => (b as f64, t as f64, h as f64, d as f64),
+        _ => return (0.0, 0.0),
+    };
+    (b * h * 4.0 * t * d * d, b * t * h * d * 5.0 * elem as f64)
+}
+
+/// `gla`: the chunked forward.
+pub static GLA: OpSpec = OpSpec {
+    name: "gla",
+    summary: "gated linear attention, chunkwise-parallel forward (f32 states and scores)",
+    inputs: &[Q, K, V, G, H0, CU],
+    outputs: &[O, HT],
+    params: &[SCALE, FINAL, CHUNK],
+    run: run_gla,
+    problem: "B x T x H x D (K = V = D)",
+    example_inputs: gla_inputs,
+    cost: gla_cost,
+};
+
+/// `gla_recurrent`: the step-by-step forward.
+pub static GLA_RECURRENT: OpSpec = OpSpec {
+    name: "gla_recurrent",
+    summary: "gated linear attention, recurrent (step-by-step) forward",
+    inputs: &[Q, K, V, G, H0, CU],
+    outputs: &[O, HT],
+    params: &[SCALE, FINAL],
+    run: run_gla_recurrent,
+    problem: "B x T x H x D (K = V = D)",
+    example_inputs: gla_inputs,
+    cost: recurrent_cost,
+};
+
+/// `gla_step`: one decode step, state updated in place.
+pub static GLA_STEP: OpSpec = OpSpec {
+    name: "gla_step",
+    summary: "gated linear attention decode step: one token per sequence, state updated in place",
+    inputs: &[
+        input(
+            "q",
+            "[B, 1, H, K]",
+            "f32 | f16 | bf16",
+            false,
+            "queries of one token",
+        ),
+        input("k", "[B, 1, H, K]", "q's dtype", false, "keys of one token"),
+        input(
+            "v",
+            "[B, 1, H, V]",
+            "q's dtype",
+            false,
+            "values of one token",
+        ),
+        input(
+            "g",
+            "[B, 1, H, K]",
+            "f32 | q's dtype",
+            false,
+            "log decays (<= 0)",
+        ),
+        input(
+            "state",
+            "[B, H, K, V]",
+            "f32",
+            false,
+            "the recurrent state, updated in place",
+        ),
+    ],
+    outputs: &[
+        input(
+            "o",
+            "[B, 1, H, V]",
+            "q's dtype",
+            false,
+            "outputs of the token",
+        ),
+        input("state", "[B, H, K, V]", "f32", false, "the updated state"),
+    ],
+    params: &[SCALE],
+    run: run_gla_step,
+    problem: "B x H x D (one token, K = V = D)",
+    example_inputs: |dims| {
+        let &[b, h, d] = dims else {
+            return Err(Error::Param {
+                param: "--shape".into(),
+                expected: "B x H x D".into(),
+                found: format!("{dims:?}"),
+            });
+        };
+        Ok(vec![
+            ("q", vec![b, 1, h, d]),
+            ("k", vec![b, 1, h, d]),
+            ("v", vec![b, 1, h, d]),
+            ("g", vec![b, 1, h, d]),
+            ("state", vec![b, h, d, d]),
+        ])
+    },
+    cost: |dims, elem| match dims {
+        &[b, h, d] => (
+            (b * h * 4 * d * d) as f64,
+            (b * h * d * d * 8 + b * h * d * 4 * elem) as f64,
+        ),
+        _ => (0.0, 0.0),
+    },
+};
+
+/// `gla_backward`: the chunked backward.
+pub static GLA_BACKWARD: OpSpec = OpSpec {
+    name: "gla_backward",
+    summary: "gated linear attention backward, chunked (gradients in their input's dtype, dh0 f32)",
+    inputs: &[Q, K, V, G, H0, DO, DHT, CU],
+    outputs: &[
+        input("dq", "[B, T, H, K]", "q's dtype", false, "dL/dq"),
+        input("dk", "[B, T, H, K]", "q's dtype", false, "dL/dk"),
+        input("dv", "[B, T, H, V]", "q's dtype", false, "dL/dv"),
+        input("dg", "[B, T, H, K]", "g's dtype", false, "dL/dg"),
+        input(
+            "dh0",
+            "[N, H, K, V]",
+            "f32",
+            true,
+            "dL/dh0 (when h0 is given)",
+        ),
+    ],
+    params: &[SCALE, CHUNK],
+    run: run_gla_backward,
+    problem: "B x T x H x D (K = V = D)",
+    example_inputs: |dims| {
+        let mut v = gla_inputs(dims)?;
+        v.push(("do", dims.to_vec()));
+        Ok(v)
+    },
+    cost: |dims, elem| {
+        let (f, b) = gla_cost(dims, elem);
+        (2.5 * f, 2.0 * b)
+    },
+};

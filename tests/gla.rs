@@ -1,0 +1,572 @@
+//! GLA: the chunked and recurrent forward, the decode step and the chunked backward
+//! against the f64 reference (written from the recurrent form) on fla's own test
+//! shapes, against fla's vectors, and against each other; bad input.
+//!
+//! Bars (fla's measure, RMS-relative error): 1e-5 in f32; 0.004 (outputs) and 0.005
+//! (gradients) in f16. bf16 is exercised where the device has it and must be refused
+//! with `Unsupported` where it has not.
+
+mod common;
+
+use common::{client, data};
+use kiln::check::Rng;
+use kiln::kernels::gla::{
+    gla, gla_backward, gla_recurrent, gla_step, reference, GlaGradInputs, GlaInputs, GlaOptions,
+};
+use kiln::{load_safetensors, DType, Error, HostTensor, Tensor};
+use reference::{rms_relative, Dims};
+
+/// The inputs of one case, in f64 as rounded to the dtype.
+struct Case {
+    dtype: DType,
+    shape_k: Vec<usize>,
+    shape_v: Vec<usize>,
+    q: Vec<f64>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+    g: Vec<f64>,
+    h0: Option<Vec<f64>>,
+    d_o: Vec<f64>,
+    dht: Option<Vec<f64>>,
+    cu: Option<Vec<i32>>,
+    dims: Dims,
+}
+
+fn logsigmoid(x: f64) -> f64 {
+    -(1.0 + (-x).exp()).ln()
+}
+
+fn round(dtype: DType, shape: &[usize], v: &[f64]) -> Vec<f64> {
+    HostTensor::from_f64(dtype, shape.to_vec(), v)
+        .unwrap()
+        .to_f64()
+}
+
+/// fla's test inputs: q, k, v ~ randn, g = logsigmoid(randn), with a run of gates at
+/// -20 (near-total forgetting) in the first rows; h0, do, dht ~ randn.
+#[allow(clippy::too_many_arguments)]
+fn case(
+    dtype: DType,
+    b: usize,
+    t: usize,
+    h: usize,
+    dk: usize,
+    dv: usize,
+    h0: bool,
+    dht: bool,
+    cu: Option<Vec<i32>>,
+    seed: u64,
+) -> Case {
+    let mut rng = Rng::new(seed);
+    let n_seq = cu.as_ref().map_or(b, |c| c.len() - 1);
+    let (nk, nv) = (b * t * h * dk, b * t * h * dv);
+    let shape_k = vec![b, t, h, dk];
+    let shape_v = vec![b, t, h, dv];
+    let mut g: Vec<f64> = rng.normals(nk, 1.0).into_iter().map(logsigmoid).collect();
+    for e in g.iter_mut().take((5 * h * dk).min(nk)).skip(2 * h * dk) {
+        *e = -20.0;
+    }
+    let state = [n_seq, h, dk, dv];
+    let mut c = Case {
+        dtype,
+        q: round(dtype, &shape_k, &rng.normals(nk, 1.0)),
+        k: round(dtype, &shape_k, &rng.normals(nk, 1.0)),
+        v: round(dtype, &shape_v, &rng.normals(nv, 1.0)),
+        g: round(DType::F32, &shape_k, &g),
+        h0: h0.then(|| rng.normals(state.iter().product(), 1.0)),
+        d_o: round(dtype, &shape_v, &rng.normals(nv, 1.0)),
+        dht: dht.then(|| rng.normals(state.iter().product(), 1.0)),
+        dims: Dims {
+            heads: h,
+            dk,
+            dv,
+            bounds: vec![],
+        },
+        cu: cu.clone(),
+        shape_k,
+        shape_v,
+    };
+    c.h0 = c.h0.map(|x| round(DType::F32, &state, &x));
+    c.dht = c.dht.map(|x| round(DType::F32, &state, &x));
+    c.dims.bounds = match cu {
+        Some(cu) => cu.iter().map(|&x| x as usize).collect(),
+        None => (0..=b).map(|i| i * t).collect(),
+    };
+    c
+}
+
+fn up(dtype: DType, shape: &[usize], v: &[f64]) -> Tensor {
+    Tensor::upload(
+        client(),
+        &HostTensor::from_f64(dtype, shape.to_vec(), v).unwrap(),
+    )
+    .unwrap()
+}
+
+fn down(t: &Tensor) -> Vec<f64> {
+    t.download().unwrap().to_f64()
+}
+
+/// Device tensors of a case: q, k, v, g (f32), h0, do, dht.
+struct Dev {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    h0: Option<Tensor>,
+    d_o: Tensor,
+    dht: Option<Tensor>,
+}
+
+fn upload(c: &Case) -> Dev {
+    let st = [c.dims.n_seq(), c.dims.heads, c.dims.dk, c.dims.dv];
+    Dev {
+        q: up(c.dtype, &c.shape_k, &c.q),
+        k: up(c.dtype, &c.shape_k, &c.k),
+        v: up(c.dtype, &c.shape_v, &c.v),
+        g: up(DType::F32, &c.shape_k, &c.g),
+        h0: c.h0.as_ref().map(|x| up(DType::F32, &st, x)),
+        d_o: up(c.dtype, &c.shape_v, &c.d_o),
+        dht: c.dht.as_ref().map(|x| up(DType::F32, &st, x)),
+    }
+}
+
+fn inputs<'a>(d: &'a Dev, c: &'a Case) -> GlaInputs<'a> {
+    GlaInputs {
+        q: &d.q,
+        k: &d.k,
+        v: &d.v,
+        g: &d.g,
+        h0: d.h0.as_ref(),
+        cu_seqlens: c.cu.as_deref(),
+    }
+}
+
+/// Runs everything on one case and checks each result against the reference within
+/// `fwd` (o, ht) and `bwd` (gradients) RMS-relative error; returns the worst errors.
+fn check_case(c: &Case, chunk: usize, fwd: f64, bwd: f64, what: &str) -> (f64, f64) {
+    let scale = 1.0 / (c.dims.dk as f64).sqrt();
+    let (o_ref, ht_ref) =
+        reference::forward(&c.q, &c.k, &c.v, &c.g, c.h0.as_deref(), &c.dims, scale);
+    let gr = reference::backward(
+        &c.q,
+        &c.k,
+        &c.v,
+        &c.g,
+        c.h0.as_deref(),
+        &c.d_o,
+        c.dht.as_deref(),
+        &c.dims,
+        scale,
+    );
+    let d = upload(c);
+    let inp = inputs(&d, c);
+    let opts = GlaOptions {
+        output_final_state: true,
+        chunk_size: chunk,
+        ..Default::default()
+    };
+    let mut worst_f = 0.0f64;
+    let mut worst_b = 0.0f64;
+    let mut chunked_o = Vec::new();
+    for (form, out) in [
+        ("chunked", gla(&inp, &opts).unwrap()),
+        ("recurrent", gla_recurrent(&inp, &opts).unwrap()),
+    ] {
+        let o = down(&out.o);
+        let eo = rms_relative(&o, &o_ref);
+        let eh = rms_relative(&down(out.ht.as_ref().unwrap()), &ht_ref);
+        assert!(
+            eo < fwd && eh < fwd,
+            "{what}, {form}: o error {eo:.2e}, ht error {eh:.2e} (bar {fwd:.0e})"
+        );
+        worst_f = worst_f.max(eo).max(eh);
+        if form == "chunked" {
+            chunked_o = o;
+        } else {
+            // The two forms agree with each other as well as with the reference.
+            let e = rms_relative(&chunked_o, &o);
+            assert!(e < fwd, "{what}: chunked vs recurrent o differ by {e:.2e}");
+        }
+    }
+    let g = gla_backward(
+        &inp,
+        &GlaGradInputs {
+            d_o: &d.d_o,
+            dht: d.dht.as_ref(),
+        },
+        &opts,
+    )
+    .unwrap();
+    let mut pairs = vec![
+        ("dq", &g.dq, &gr.dq),
+        ("dk", &g.dk, &gr.dk),
+        ("dv", &g.dv, &gr.dv),
+        ("dg", &g.dg, &gr.dg),
+    ];
+    if let Some(dh0) = &g.dh0 {
+        pairs.push(("dh0", dh0, &gr.dh0));
+    }
+    assert_eq!(
+        g.dh0.is_some(),
+        c.h0.is_some(),
+        "{what}: dh0 exactly when h0 is given"
+    );
+    for (name, got, want) in pairs {
+        let e = rms_relative(&down(got), want);
+        assert!(e < bwd, "{what}: {name} error {e:.2e} (bar {bwd:.0e})");
+        worst_b = worst_b.max(e);
+    }
+    eprintln!("{what}: forward {worst_f:.2e}, backward {worst_b:.2e}");
+    (worst_f, worst_b)
+}
+
+#[test]
+fn fla_shapes_f32_k100() {
+    // fla's T list with K = V = 100 (not a power of two), alternating h0 and dht.
+    for (i, t) in [130usize, 146, 162, 178, 300, 2048].into_iter().enumerate() {
+        let c = case(
+            DType::F32,
+            2,
+            t,
+            2,
+            100,
+            100,
+            i % 2 == 0,
+            i % 3 != 1,
+            None,
+            10 + i as u64,
+        );
+        check_case(&c, 64, 1e-5, 1e-5, &format!("f32 T={t} K=V=100"));
+    }
+}
+
+#[test]
+fn fla_shapes_f32_k300() {
+    // K = V = 300: wider than every tile, with and without h0 / dht.
+    for (i, t) in [130usize, 300].into_iter().enumerate() {
+        let c = case(
+            DType::F32,
+            1,
+            t,
+            2,
+            300,
+            300,
+            i == 0,
+            i == 1,
+            None,
+            20 + i as u64,
+        );
+        check_case(&c, 64, 1e-5, 1e-5, &format!("f32 T={t} K=V=300"));
+    }
+}
+
+#[test]
+fn every_chunk_size_and_uneven_k_v() {
+    for (chunk, dk, dv) in [(16usize, 24usize, 40usize), (32, 64, 17), (64, 7, 130)] {
+        let c = case(
+            DType::F32,
+            2,
+            77,
+            3,
+            dk,
+            dv,
+            true,
+            true,
+            None,
+            30 + chunk as u64,
+        );
+        check_case(
+            &c,
+            chunk,
+            1e-5,
+            1e-5,
+            &format!("chunk {chunk} K={dk} V={dv}"),
+        );
+    }
+}
+
+#[test]
+fn half_precision_within_fla_bars() {
+    let c = case(DType::F16, 2, 162, 2, 100, 100, true, true, None, 40);
+    check_case(&c, 64, 0.004, 0.005, "f16 T=162 K=V=100");
+}
+
+#[test]
+fn bf16_runs_or_is_refused_clearly() {
+    let c = case(DType::BF16, 1, 70, 2, 32, 32, false, false, None, 41);
+    if client().report().bf16 {
+        check_case(&c, 64, 0.004, 0.005, "bf16 T=70 K=V=32");
+    } else {
+        let err = Tensor::upload(
+            client(),
+            &HostTensor::from_f64(DType::BF16, c.shape_k.clone(), &c.q).unwrap(),
+        )
+        .and_then(|q| {
+            gla(
+                &GlaInputs {
+                    q: &q,
+                    k: &q,
+                    v: &q,
+                    g: &q,
+                    h0: None,
+                    cu_seqlens: None,
+                },
+                &GlaOptions::default(),
+            )
+            .map(|_| ())
+        })
+        .unwrap_err();
+        assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+    }
+}
+
+#[test]
+fn varlen_sequences_restart_from_their_own_state() {
+    // Four sequences, one empty, one shorter than a chunk, one spanning three chunks.
+    let cu = vec![0, 37, 37, 190, 200];
+    for chunk in [64usize, 16] {
+        let c = case(
+            DType::F32,
+            1,
+            200,
+            2,
+            48,
+            40,
+            true,
+            true,
+            Some(cu.clone()),
+            50,
+        );
+        check_case(&c, chunk, 1e-5, 1e-5, &format!("varlen chunk {chunk}"));
+    }
+    let c = case(DType::F32, 1, 200, 2, 48, 40, false, false, Some(cu), 51);
+    check_case(&c, 64, 1e-5, 1e-5, "varlen without h0");
+}
+
+#[test]
+fn decode_steps_reproduce_the_sequence() {
+    // T steps of gla_step from h0 give the recurrent outputs and the final state.
+    let (b, t, h, dk, dv) = (3usize, 9usize, 2usize, 20usize, 12usize);
+    let c = case(DType::F32, b, t, h, dk, dv, true, false, None, 60);
+    let scale = 0.3;
+    let (o_ref, ht_ref) =
+        reference::forward(&c.q, &c.k, &c.v, &c.g, c.h0.as_deref(), &c.dims, scale);
+    let state = up(DType::F32, &[b, h, dk, dv], c.h0.as_ref().unwrap());
+    let before = down(&state);
+    let mut o = vec![0.0; b * t * h * dv];
+    let slice = |x: &[f64], step: usize, w: usize| -> Vec<f64> {
+        (0..b)
+            .flat_map(|bi| x[((bi * t + step) * h) * w..((bi * t + step) * h + h) * w].to_vec())
+            .collect()
+    };
+    for step in 0..t {
+        let q = up(DType::F32, &[b, 1, h, dk], &slice(&c.q, step, dk));
+        let k = up(DType::F32, &[b, 1, h, dk], &slice(&c.k, step, dk));
+        let v = up(DType::F32, &[b, 1, h, dv], &slice(&c.v, step, dv));
+        let g = up(DType::F32, &[b, 1, h, dk], &slice(&c.g, step, dk));
+        let out = down(&gla_step(&q, &k, &v, &g, &state, Some(scale)).unwrap());
+        for bi in 0..b {
+            let dst = ((bi * t + step) * h) * dv;
+            o[dst..dst + h * dv].copy_from_slice(&out[bi * h * dv..(bi + 1) * h * dv]);
+        }
+    }
+    assert_ne!(down(&state), before, "the state is updated in place");
+    let eo = rms_relative(&o, &o_ref);
+    let eh = rms_relative(&down(&state), &ht_ref);
+    assert!(eo < 1e-6 && eh < 1e-6, "decode: o {eo:.2e}, state {eh:.2e}");
+}
+
+/// fla's own vectors (naive_recurrent_gla + autograd, f32): the operator registry
+/// path of `kiln run`, and our f64 reference, both agree with them.
+#[test]
+fn fla_vectors_agree() {
+    for file in [
+        "gla_T130_D100_f32.safetensors",
+        "gla_T300_D64_f32.safetensors",
+    ] {
+        let hosts = load_safetensors(data(file)).unwrap();
+        let f = |n: &str| hosts[n].to_f64();
+        let shape = hosts["q"].shape.clone();
+        let dims = Dims {
+            heads: shape[2],
+            dk: shape[3],
+            dv: hosts["v"].shape[3],
+            bounds: vec![0, shape[1]],
+        };
+        let scale = 1.0 / (dims.dk as f64).sqrt();
+        let (o, ht) = reference::forward(
+            &f("q"),
+            &f("k"),
+            &f("v"),
+            &f("g"),
+            Some(&f("h0")),
+            &dims,
+            scale,
+        );
+        let gr = reference::backward(
+            &f("q"),
+            &f("k"),
+            &f("v"),
+            &f("g"),
+            Some(&f("h0")),
+            &f("do"),
+            Some(&f("dht")),
+            &dims,
+            scale,
+        );
+        for (name, ours) in [
+            ("o", &o),
+            ("ht", &ht),
+            ("dq", &gr.dq),
+            ("dk", &gr.dk),
+            ("dv", &gr.dv),
+            ("dg", &gr.dg),
+            ("dh0", &gr.dh0),
+        ] {
+            let e = rms_relative(ours, &f(&format!("expected_{name}")));
+            assert!(e < 1e-5, "{file}: f64 reference {name} vs fla: {e:.2e}");
+        }
+        let params = |extra: &[(&str, &str)]| {
+            extra
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        for op in ["gla", "gla_recurrent"] {
+            let spec = kiln::kernels::op(op).unwrap();
+            let outs = spec
+                .call_host(client(), &hosts, params(&[("output_final_state", "true")]))
+                .unwrap();
+            for name in ["o", "ht"] {
+                let e = rms_relative(&outs[name].to_f64(), &f(&format!("expected_{name}")));
+                assert!(e < 1e-5, "{file}: {op} {name} vs fla: {e:.2e}");
+            }
+        }
+        let spec = kiln::kernels::op("gla_backward").unwrap();
+        let outs = spec.call_host(client(), &hosts, params(&[])).unwrap();
+        for name in ["dq", "dk", "dv", "dg", "dh0"] {
+            let e = rms_relative(&outs[name].to_f64(), &f(&format!("expected_{name}")));
+            assert!(e < 1e-5, "{file}: gla_backward {name} vs fla: {e:.2e}");
+        }
+    }
+}
+
+#[test]
+fn bad_inputs_are_named() {
+    let f = |shape: &[usize]| up(DType::F32, shape, &vec![-0.5; shape.iter().product()]);
+    let (q, v, g) = (f(&[2, 10, 3, 8]), f(&[2, 10, 3, 6]), f(&[2, 10, 3, 8]));
+    let opts = GlaOptions::default();
+    let run = |q: &Tensor,
+               k: &Tensor,
+               v: &Tensor,
+               g: &Tensor,
+               h0: Option<&Tensor>,
+               cu: Option<&[i32]>| {
+        gla(
+            &GlaInputs {
+                q,
+                k,
+                v,
+                g,
+                h0,
+                cu_seqlens: cu,
+            },
+            &opts,
+        )
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
+    };
+    let expect = |msg: String, needles: &[&str]| {
+        for n in needles {
+            assert!(msg.contains(n), "`{msg}` should mention `{n}`");
+        }
+    };
+    expect(
+        run(&q, &f(&[2, 10, 3, 9]), &v, &g, None, None),
+        &["`k`", "[2, 10, 3, 8]", "[2, 10, 3, 9]"],
+    );
+    expect(
+        run(&q, &q, &f(&[2, 11, 3, 6]), &g, None, None),
+        &["`v`", "[2, 11, 3, 6]"],
+    );
+    expect(run(&q, &q, &f(&[1, 10, 3, 6]), &g, None, None), &["`v`"]);
+    expect(run(&q, &q, &v, &f(&[2, 10, 3, 7]), None, None), &["`g`"]);
+    expect(
+        run(&f(&[2, 10, 8]), &q, &v, &g, None, None),
+        &["`q`", "[B, T, H, K]"],
+    );
+    expect(
+        run(&q, &q, &v, &g, Some(&f(&[2, 3, 8, 5])), None),
+        &["`h0`", "[2, 3, 8, 6]"],
+    );
+    let q1 = f(&[1, 10, 3, 8]);
+    let v1 = f(&[1, 10, 3, 6]);
+    expect(
+        run(&q1, &q1, &v1, &q1, None, Some(&[0, 6, 4, 10])),
+        &["cu_seqlens", "decreasing"],
+    );
+    expect(
+        run(&q1, &q1, &v1, &q1, None, Some(&[0, 4, 9])),
+        &["cu_seqlens", "end at T"],
+    );
+    expect(
+        run(&q1, &q1, &v1, &q1, None, Some(&[1, 4, 10])),
+        &["cu_seqlens", "start at 0"],
+    );
+    expect(
+        run(&q, &q, &v, &g, None, Some(&[0, 10, 20])),
+        &["`q`", "B = 1"],
+    );
+    let half = up(DType::F16, &[2, 10, 3, 8], &vec![0.5; 480]);
+    expect(run(&q, &half, &v, &g, None, None), &["`k`", "f32", "f16"]);
+    let bad_chunk = GlaOptions {
+        chunk_size: 48,
+        ..Default::default()
+    };
+    let msg = gla(
+        &GlaInputs {
+            q: &q,
+            k: &q,
+            v: &v,
+            g: &g,
+            h0: None,
+            cu_seqlens: None,
+        },
+        &bad_chunk,
+    )
+    .map(|_| ())
+    .unwrap_err()
+    .to_string();
+    expect(msg, &["chunk_size", "48"]);
+    // The backward checks its own inputs too.
+    let msg = gla_backward(
+        &GlaInputs {
+            q: &q,
+            k: &q,
+            v: &v,
+            g: &g,
+            h0: None,
+            cu_seqlens: None,
+        },
+        &GlaGradInputs { d_o: &q, dht: None },
+        &opts,
+    )
+    .map(|_| ())
+    .unwrap_err()
+    .to_string();
+    expect(msg, &["`do`", "[2, 10, 3, 6]"]);
+    // The decode step wants one token and names its state.
+    let msg = gla_step(&q, &q, &v, &g, &f(&[2, 3, 8, 6]), None)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    expect(msg, &["`q`", "[B, 1, H, K]"]);
+    let (q1t, v1t) = (f(&[2, 1, 3, 8]), f(&[2, 1, 3, 6]));
+    let msg = gla_step(&q1t, &q1t, &v1t, &q1t, &f(&[2, 3, 8, 5]), None)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    expect(msg, &["`state`"]);
+}
