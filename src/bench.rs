@@ -27,6 +27,7 @@ pub fn run(
     dtype: &str,
     device: Option<String>,
     samples: usize,
+    params: &BTreeMap<String, String>,
     json: bool,
 ) -> Result<ExitCode> {
     let spec = kiln::kernels::op(op)?;
@@ -44,7 +45,7 @@ pub fn run(
         tensors.insert(name.clone(), Tensor::upload_named(&client, name, h)?);
     }
     let call = || -> Result<()> {
-        spec.call(&client, tensors.clone(), BTreeMap::new())?;
+        spec.call(&client, tensors.clone(), params.clone())?;
         client.sync()
     };
     // First call tunes (on first use) and compiles; the second warms caches.
@@ -65,7 +66,7 @@ pub fn run(
     let peak = peak(&r.name, dtype);
     if json {
         let v = serde_json::json!({
-            "op": spec.name, "shape": dims, "dtype": dtype.name(),
+            "op": spec.name, "shape": dims, "dtype": dtype.name(), "params": params,
             "device": r.name, "backend": r.backend,
             "median_ms": median * 1e3, "min_ms": times[0] * 1e3, "samples": times.len(),
             "gflops": gflops, "gbytes_per_s": gbps,

@@ -112,6 +112,9 @@ enum Command {
         /// Timed runs (the median is reported).
         #[arg(long, default_value_t = 5)]
         samples: usize,
+        /// Operator parameter (repeatable), as for `kiln run`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -189,8 +192,17 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             dtype,
             device,
             samples,
+            set,
             json,
-        } => bench::run(&op, &shape, &dtype, device, samples, json),
+        } => bench::run(
+            &op,
+            &shape,
+            &dtype,
+            device,
+            samples,
+            &key_values(&set, "--set")?,
+            json,
+        ),
         Command::Selftest { device } => selftest(device),
     }
 }

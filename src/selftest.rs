@@ -6,7 +6,8 @@
 
 use crate::check::{max_rel_error, tolerance, Rng};
 use crate::kernels::{
-    elementwise::reference as ew, matmul::reference as mm, rowwise::reference as rw,
+    elementwise::reference as ew, gla::reference as gl, matmul::reference as mm,
+    rowwise::reference as rw,
 };
 use crate::{Client, DType, Error, HostTensor, Result};
 use std::collections::BTreeMap;
@@ -29,6 +30,8 @@ pub struct Case {
     pub ulps: f64,
     /// Denominator floor of the relative error (absolute error scale near zero).
     pub floor: f64,
+    /// Inputs that stay f32 whatever the dtype under test (recurrent states).
+    pub f32_inputs: &'static [&'static str],
 }
 
 fn x(inputs: &BTreeMap<String, HostTensor>) -> (Vec<f64>, usize) {
@@ -112,6 +115,68 @@ fn matmul_reference(i: &BTreeMap<String, HostTensor>, trans_b: bool, act: &str) 
     )
 }
 
+/// GLA inputs: B = 2, T = 70 (ragged against every chunk size), H = 2, K = 24, V = 20,
+/// gates logsigmoid(randn) with a run at -20; with `step`, one token and a state.
+fn gla_case_inputs(
+    rng: &mut Rng,
+    t: usize,
+    step: bool,
+) -> Vec<(&'static str, Vec<usize>, Vec<f64>)> {
+    let (b, h, dk, dv) = (2, 2, 24, 20);
+    let nk = b * t * h * dk;
+    let mut g: Vec<f64> = rng
+        .normals(nk, 1.0)
+        .into_iter()
+        .map(|x| -(1.0 + (-x).exp()).ln())
+        .collect();
+    g[..(h * dk).min(nk)].fill(-20.0);
+    let mut v = vec![
+        ("q", vec![b, t, h, dk], rng.normals(nk, 1.0)),
+        ("k", vec![b, t, h, dk], rng.normals(nk, 1.0)),
+        ("v", vec![b, t, h, dv], rng.normals(b * t * h * dv, 1.0)),
+        ("g", vec![b, t, h, dk], g),
+    ];
+    if step {
+        v.push((
+            "state",
+            vec![b, h, dk, dv],
+            rng.normals(b * h * dk * dv, 1.0),
+        ));
+    } else {
+        v.push(("do", vec![b, t, h, dv], rng.normals(b * t * h * dv, 1.0)));
+    }
+    v
+}
+
+fn gla_inputs(rng: &mut Rng) -> Vec<(&'static str, Vec<usize>, Vec<f64>)> {
+    gla_case_inputs(rng, 70, false)
+}
+
+fn gla_step_inputs(rng: &mut Rng) -> Vec<(&'static str, Vec<usize>, Vec<f64>)> {
+    gla_case_inputs(rng, 1, true)
+}
+
+fn gla_dims(i: &BTreeMap<String, HostTensor>) -> (gl::Dims, f64) {
+    let (q, v) = (&i["q"].shape, &i["v"].shape);
+    let bounds = (0..=q[0]).map(|b| b * q[1]).collect();
+    (
+        gl::Dims {
+            heads: q[2],
+            dk: q[3],
+            dv: v[3],
+            bounds,
+        },
+        1.0 / (q[3] as f64).sqrt(),
+    )
+}
+
+fn gla_forward_reference(i: &BTreeMap<String, HostTensor>) -> Vec<f64> {
+    let (d, scale) = gla_dims(i);
+    let f = |n: &str| i[n].to_f64();
+    let h0 = i.get("state").map(HostTensor::to_f64);
+    gl::forward(&f("q"), &f("k"), &f("v"), &f("g"), h0.as_deref(), &d, scale).0
+}
+
 /// Every case, in `kiln ops` order.
 pub fn cases() -> Vec<Case> {
     vec![
@@ -124,6 +189,7 @@ pub fn cases() -> Vec<Case> {
             reference: |i| ew::add(&i["x"].to_f64(), &i["y"].to_f64()),
             ulps: 1.0,
             floor: 1e-6,
+            f32_inputs: &[],
         },
         Case {
             op: "add",
@@ -134,6 +200,7 @@ pub fn cases() -> Vec<Case> {
             reference: |i| ew::add(&i["x"].to_f64(), &i["y"].to_f64()),
             ulps: 1.0,
             floor: 1e-6,
+            f32_inputs: &[],
         },
         Case {
             op: "mul",
@@ -144,6 +211,7 @@ pub fn cases() -> Vec<Case> {
             reference: |i| ew::mul(&i["x"].to_f64(), &i["y"].to_f64()),
             ulps: 1.0,
             floor: 1e-6,
+            f32_inputs: &[],
         },
         Case {
             op: "silu",
@@ -154,6 +222,7 @@ pub fn cases() -> Vec<Case> {
             reference: |i| ew::silu(&x(i).0),
             ulps: 8.0,
             floor: 1e-6,
+            f32_inputs: &[],
         },
         Case {
             op: "gelu",
@@ -164,6 +233,7 @@ pub fn cases() -> Vec<Case> {
             reference: |i| ew::gelu(&x(i).0),
             ulps: 32.0,
             floor: 1e-6,
+            f32_inputs: &[],
         },
         Case {
             op: "softmax",
@@ -177,6 +247,7 @@ pub fn cases() -> Vec<Case> {
             },
             ulps: 16.0,
             floor: 1e-6,
+            f32_inputs: &[],
         },
         Case {
             op: "logsumexp",
@@ -190,6 +261,7 @@ pub fn cases() -> Vec<Case> {
             },
             ulps: 4.0,
             floor: 1.0,
+            f32_inputs: &[],
         },
         Case {
             op: "matmul",
@@ -200,6 +272,7 @@ pub fn cases() -> Vec<Case> {
             reference: |i| matmul_reference(i, false, "gelu"),
             ulps: 64.0,
             floor: 1.0,
+            f32_inputs: &[],
         },
         Case {
             op: "matmul",
@@ -210,6 +283,66 @@ pub fn cases() -> Vec<Case> {
             reference: |i| matmul_reference(i, true, "none"),
             ulps: 64.0,
             floor: 1.0,
+            f32_inputs: &[],
+        },
+        Case {
+            op: "gla",
+            params: &[("chunk_size", "16")],
+            output: "o",
+            what: "[2,70,2,24] chunked (chunk 16), gates down to -20",
+            inputs: gla_inputs,
+            reference: gla_forward_reference,
+            ulps: 64.0,
+            floor: 1.0,
+            f32_inputs: &[],
+        },
+        Case {
+            op: "gla_recurrent",
+            params: &[],
+            output: "o",
+            what: "[2,70,2,24] recurrent, gates down to -20",
+            inputs: gla_inputs,
+            reference: gla_forward_reference,
+            ulps: 64.0,
+            floor: 1.0,
+            f32_inputs: &[],
+        },
+        Case {
+            op: "gla_step",
+            params: &[],
+            output: "o",
+            what: "[2,1,2,24] decode step from a state",
+            inputs: gla_step_inputs,
+            reference: gla_forward_reference,
+            ulps: 64.0,
+            floor: 1.0,
+            f32_inputs: &["state"],
+        },
+        Case {
+            op: "gla_backward",
+            params: &[("chunk_size", "32")],
+            output: "dg",
+            what: "[2,70,2,24] chunked backward (chunk 32), dg",
+            inputs: gla_inputs,
+            reference: |i| {
+                let (d, scale) = gla_dims(i);
+                let f = |n: &str| i[n].to_f64();
+                gl::backward(
+                    &f("q"),
+                    &f("k"),
+                    &f("v"),
+                    &f("g"),
+                    None,
+                    &f("do"),
+                    None,
+                    &d,
+                    scale,
+                )
+                .dg
+            },
+            ulps: 256.0,
+            floor: 1.0,
+            f32_inputs: &[],
         },
     ]
 }
@@ -258,10 +391,12 @@ fn try_case(client: &Client, case: &Case, dtype: DType, seed: u64) -> Result<Out
     let mut rng = Rng::new(seed);
     let mut hosts = BTreeMap::new();
     for (name, shape, values) in (case.inputs)(&mut rng) {
-        hosts.insert(
-            name.to_string(),
-            HostTensor::from_f64(dtype, shape, &values)?,
-        );
+        let t = if case.f32_inputs.contains(&name) {
+            DType::F32
+        } else {
+            dtype
+        };
+        hosts.insert(name.to_string(), HostTensor::from_f64(t, shape, &values)?);
     }
     let want = (case.reference)(&hosts);
     let op = crate::kernels::op(case.op)?;

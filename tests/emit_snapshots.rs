@@ -91,3 +91,29 @@ fn matmul_wgsl_direct_trans_b() {
         ]
     ));
 }
+
+#[test]
+fn gla_scores_wgsl_chunk16() {
+    insta::assert_snapshot!(source(
+        "gla_scores",
+        Target::Wgsl,
+        &[("chunk", "16"), ("decay", "true"), ("BD", "16")]
+    ));
+}
+
+#[test]
+fn gla_state_pass_cuda_f16_reverse() {
+    insta::assert_snapshot!(source(
+        "gla_state_pass",
+        Target::Cuda,
+        &[
+            ("dtype", "f16"),
+            ("chunk", "32"),
+            ("reverse", "true"),
+            ("has_init", "true"),
+            ("BK", "16"),
+            ("BV", "32"),
+            ("TT", "4")
+        ]
+    ));
+}

@@ -8,7 +8,17 @@
 
 mod common;
 
-use common::{client, data};
+use common::data;
+
+/// The device, with autotuning off in this binary: every kernel runs its first
+/// configuration, so the many shapes here do not each compile and time every candidate
+/// (`tests/gla_tune.rs` tunes, and so validates every candidate, on one shape).
+fn client() -> &'static kiln::Client {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // Before the first operator call creates the global autotuner.
+    ONCE.call_once(|| std::env::set_var("KILN_AUTOTUNE", "off"));
+    common::client()
+}
 use kiln::check::Rng;
 use kiln::kernels::gla::{
     gla, gla_backward, gla_recurrent, gla_step, reference, GlaGradInputs, GlaInputs, GlaOptions,
@@ -163,7 +173,7 @@ fn check_case(c: &Case, chunk: usize, fwd: f64, bwd: f64, what: &str) -> (f64, f
     let inp = inputs(&d, c);
     let opts = GlaOptions {
         output_final_state: true,
-        chunk_size: chunk,
+        chunk_size: Some(chunk),
         ..Default::default()
     };
     let mut worst_f = 0.0f64;
@@ -522,7 +532,7 @@ fn bad_inputs_are_named() {
     let half = up(DType::F16, &[2, 10, 3, 8], &vec![0.5; 480]);
     expect(run(&q, &half, &v, &g, None, None), &["`k`", "f32", "f16"]);
     let bad_chunk = GlaOptions {
-        chunk_size: 48,
+        chunk_size: Some(48),
         ..Default::default()
     };
     let msg = gla(

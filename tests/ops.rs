@@ -115,6 +115,7 @@ fn inputs_are_not_modified() {
         // Two-dimensional problems, or the three of a GEMM.
         let shapes = (op.example_inputs)(&[4, 10])
             .or_else(|_| (op.example_inputs)(&[4, 10, 6]))
+            .or_else(|_| (op.example_inputs)(&[2, 10, 3, 8]))
             .unwrap();
         let mut rng = Rng::new(17);
         let mut tensors = BTreeMap::new();
@@ -126,7 +127,12 @@ fn inputs_are_not_modified() {
             tensors.insert(name.to_string(), Tensor::upload(client(), &h).unwrap());
         }
         op.call(client(), tensors.clone(), BTreeMap::new()).unwrap();
-        for (name, t) in &tensors {
+        // An input that is also an output (gla_step's state) is updated in place by
+        // contract.
+        for (name, t) in tensors
+            .iter()
+            .filter(|(n, _)| !op.outputs.iter().any(|o| o.name == n.as_str()))
+        {
             assert_eq!(
                 t.download().unwrap().to_f64(),
                 values[name],

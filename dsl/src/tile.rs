@@ -49,17 +49,6 @@ pub fn load_tile<F: Float>(
     }
 }
 
-/// A zeroed `tm x tn` register tile (f32 accumulator, row-major).
-#[cube]
-pub fn reg_tile_zeros(#[comptime] tm: u32, #[comptime] tn: u32) -> Array<f32> {
-    let mut acc = Array::<f32>::new(comptime!((tm * tn) as usize));
-    #[unroll]
-    for i in 0..tm * tn {
-        acc[i as usize] = 0.0;
-    }
-    acc
-}
-
 /// `acc += X Y` over `depth` for one unit's `tm x tn` register tile, the scalar-FMA
 /// `mma`. `X` is a depth-major `rows`-row operand at `x_base` of `xs` and `Y` a
 /// row-major operand with `cols` columns at `y_base` of `ys` (element (d, c) at
@@ -85,6 +74,8 @@ pub fn reg_tile_mma(
     let col_step = comptime!(cols / tn);
     let mut xf = Array::<f32>::new(comptime!(tm as usize));
     let mut yf = Array::<f32>::new(comptime!(tn as usize));
+    // Not unrolled over depth: a 64-deep unrolled 8x8 tile is thousands of
+    // instructions, and CPU drivers (llvmpipe) compile each tuning candidate.
     for d in 0..depth {
         #[unroll]
         for i in 0..tm {

@@ -5,7 +5,7 @@ use cubecl::prelude::*;
 use cubecl::wgpu::WgpuRuntime;
 use kiln_dsl::{
     cube_exclusive_sum, cube_inclusive_scan, cube_max, cube_sum, exp_diff, gelu_tanh, linear_cube,
-    linear_unit, silu, ScanOp,
+    linear_unit, load_tile, reg_tile_mma, silu, ScanOp,
 };
 
 type R = WgpuRuntime;
@@ -209,6 +209,76 @@ fn scans_match_f64_prefix_sums_and_logcumsumexp() {
                     "logcumsumexp {i}: {g} vs {lse}"
                 );
             }
+        }
+    }
+}
+
+#[cube(launch_unchecked)]
+fn tile_kernel(a: &Array<f32>, b: &Array<f32>, out: &mut Array<f32>, m: u32, k: u32, n: u32) {
+    // One 8 x 8 output tile from an m x k by k x n product (m, n <= 8, k <= 4), 4 units
+    // of 4 x 4 register tiles; the loads mask everything past m, k, n to zero.
+    let mut xs = SharedMemory::<f32>::new(32usize);
+    let mut ys = SharedMemory::<f32>::new(32usize);
+    load_tile::<f32>(&mut xs, 0, a, 0, k, m, k, 8u32, 4u32, true, 4u32);
+    load_tile::<f32>(&mut ys, 0, b, 0, n, k, n, 4u32, 8u32, false, 4u32);
+    sync_cube();
+    let ty = UNIT_POS / 2;
+    let tx = UNIT_POS % 2;
+    let mut acc = Array::<f32>::new(16usize);
+    #[unroll]
+    for e in 0..16u32 {
+        acc[e as usize] = 0.0;
+    }
+    reg_tile_mma(
+        &mut acc, &xs, 0, &ys, 0, ty, tx, 8u32, 8u32, 4u32, 4u32, 4u32,
+    );
+    #[unroll]
+    for i in 0..4u32 {
+        #[unroll]
+        for j in 0..4u32 {
+            // Strided ownership: rows ty + 2 i, columns tx + 2 j.
+            out[((ty + 2 * i) * 8 + tx + 2 * j) as usize] = acc[(i * 4 + j) as usize];
+        }
+    }
+}
+
+#[test]
+fn masked_tile_loads_and_register_tile_mma_match_f64() {
+    let c = client();
+    // Ragged: 5 x 3 by 3 x 7 inside 8 x 4 and 4 x 8 tiles.
+    let (m, k, n) = (5usize, 3usize, 7usize);
+    let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+    let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.71).cos()).collect();
+    let (ha, hb) = (
+        c.create_from_slice(f32::as_bytes(&a)),
+        c.create_from_slice(f32::as_bytes(&b)),
+    );
+    let out = c.empty(64 * 4);
+    unsafe {
+        tile_kernel::launch_unchecked::<R>(
+            &c,
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(4),
+            ArrayArg::from_raw_parts(ha, m * k),
+            ArrayArg::from_raw_parts(hb, k * n),
+            ArrayArg::from_raw_parts(out.clone(), 64),
+            m as u32,
+            k as u32,
+            n as u32,
+        )
+    };
+    let got = f32::from_bytes(&c.read_one_unchecked(out)).to_vec();
+    for i in 0..8 {
+        for j in 0..8 {
+            let want: f64 = if i < m && j < n {
+                (0..k)
+                    .map(|d| a[i * k + d] as f64 * b[d * n + j] as f64)
+                    .sum()
+            } else {
+                0.0 // masked rows and columns load as zeros
+            };
+            let g = got[i * 8 + j] as f64;
+            assert!((g - want).abs() <= 1e-6, "({i}, {j}): {g} vs {want}");
         }
     }
 }

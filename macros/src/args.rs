@@ -34,6 +34,8 @@ pub struct KernelArgs {
     pub grid: Option<Vec<Expr>>,
     pub cube: Option<Vec<Expr>>,
     pub name: Option<LitStr>,
+    /// Emission defaults of `#[comptime]` arguments (`defaults(chunk = 64)`).
+    pub defaults: Vec<(Ident, Expr)>,
 }
 
 fn tuple_or_single(e: Expr) -> Vec<Expr> {
@@ -53,6 +55,7 @@ impl Parse for KernelArgs {
             grid: None,
             cube: None,
             name: None,
+            defaults: vec![],
         };
         while !input.is_empty() {
             let section: Ident = input.parse()?;
@@ -128,10 +131,23 @@ impl Parse for KernelArgs {
                     input.parse::<Token![=]>()?;
                     args.name = Some(input.parse()?);
                 }
+                "defaults" => {
+                    let content;
+                    parenthesized!(content in input);
+                    while !content.is_empty() {
+                        let name: Ident = content.parse()?;
+                        content.parse::<Token![=]>()?;
+                        let value: Expr = content.parse()?;
+                        args.defaults.push((name, value));
+                        if !content.is_empty() {
+                            content.parse::<Token![,]>()?;
+                        }
+                    }
+                }
                 other => {
                     return Err(syn::Error::new(
                         section.span(),
-                        format!("unknown `#[kiln::kernel]` section `{other}`: expected tune, require, key, grid, cube or name"),
+                        format!("unknown `#[kiln::kernel]` section `{other}`: expected tune, require, key, grid, cube, name or defaults"),
                     ))
                 }
             }

@@ -407,11 +407,21 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
     } else {
         quote!()
     };
+    for (name, _) in &args.defaults {
+        if !comptimes.iter().any(|(n, _)| *n == name) {
+            return Err(syn::Error::new(
+                name.span(),
+                format!("`{name}` in `defaults` is not a #[comptime] argument of `{kname}`"),
+            ));
+        }
+    }
     let comptime_params: Vec<TokenStream> = comptimes
         .iter()
         .map(|(n, ty)| {
             let s = n.to_string();
-            let (default, values) = if *ty == "bool" { ("false", "false | true") } else { ("0", "u32") };
+            let given = args.defaults.iter().find(|(d, _)| d == *n).map(|(_, e)| quote!(#e).to_string().replace(' ', ""));
+            let (default, values) = if *ty == "bool" { ("false".to_string(), "false | true") } else { ("0".to_string(), "u32") };
+            let default = given.unwrap_or(default);
             quote!(#rt::ParamSpec { name: #s, default: #default, values: #values, doc: "kernel specialisation" },)
         })
         .collect();

@@ -50,18 +50,19 @@ pub fn gla_cumsum<F: Float>(
 }
 
 /// The sequential pass over chunks, parallel over (sequence, head, K tile, V tile);
-/// one unit per state element. Forward (`reverse = false`, `x = k`, `y = v`):
-/// `h_{n+1} = diag(exp(Gamma)) h_n + (k * exp(Gamma - b))^T v`; backward
+/// a 4x4 register tile of the state per unit. Forward (`reverse = false`, `x = k`,
+/// `y = v`): `h_{n+1} = diag(exp(Gamma)) h_n + (k * exp(Gamma - b))^T v`; backward
 /// (`reverse = true`, `x = q`, `y = do`, chunks in reverse):
 /// `dh_n = diag(exp(Gamma)) dh_{n+1} + scale (q * exp(b))^T do`. `states[c]` receives
 /// the state entering chunk `c` (h_n, or dh_{n+1} going backward) and `last` the
 /// final one (ht, or dh0). The state starts from `init` when `has_init`, else 0.
 #[kiln_macros::kernel(
-    tune(BK = [16, 32], BV = [16, 32]),
-    key(dk = pow2, dv = pow2, dtype),
+    tune(BK = [32, 16], BV = [64, 32], TT = [8, 4]),
+    key(n_seq = pow2, heads = pow2, dk = pow2, dv = pow2, dtype),
     grid = (n_seq * heads, dk.div_ceil(BK), dv.div_ceil(BV)),
-    cube = (BV, BK),
-    name = "gla_state_pass"
+    cube = (BK / TT) * (BV / TT),
+    name = "gla_state_pass",
+    defaults(chunk = 64)
 )]
 pub fn gla_state_pass<F: Float>(
     x: &Array<F>,
@@ -85,23 +86,34 @@ pub fn gla_state_pass<F: Float>(
     let h = CUBE_POS_X % heads;
     let k0 = CUBE_POS_Y * BK;
     let v0 = CUBE_POS_Z * BV;
-    let kl = UNIT_POS_Y;
-    let vl = UNIT_POS_X;
-    let kk = k0 + kl;
-    let vv = v0 + vl;
-    let inside = kk < dk && vv < dv;
-    let units = comptime!(BK * BV);
+    let units = comptime!((BK / TT) * (BV / TT));
+    let row_step = comptime!(BK / TT);
+    let col_step = comptime!(BV / TT);
+    let ty = UNIT_POS / col_step;
+    let tx = UNIT_POS % col_step;
+    // xs: [t][k] (the depth-major k operand), ys: [t][v].
     let mut xs = SharedMemory::<f32>::new(comptime!((chunk * BK) as usize));
     let mut ys = SharedMemory::<f32>::new(comptime!((chunk * BV) as usize));
     let mut decay = SharedMemory::<f32>::new(comptime!(BK as usize));
 
-    let sidx = ((n * heads + h) * dk + kk) * dv + vv;
-    let mut s = 0.0f32;
-    if comptime!(has_init) {
-        if inside {
-            s = init[sidx as usize];
+    let seq_base = (n * heads + h) * dk;
+    let mut s = Array::<f32>::new(comptime!((TT * TT) as usize));
+    #[unroll]
+    for i in 0..TT {
+        #[unroll]
+        for j in 0..TT {
+            let kk = k0 + ty + i * row_step;
+            let vv = v0 + tx + j * col_step;
+            let mut value = 0.0f32;
+            if comptime!(has_init) {
+                if kk < dk && vv < dv {
+                    value = init[((seq_base + kk) * dv + vv) as usize];
+                }
+            }
+            s[(i * TT + j) as usize] = value;
         }
     }
+    let mut acc = Array::<f32>::new(comptime!((TT * TT) as usize));
     let c_first = seq_chunks[n as usize];
     let c_end = seq_chunks[(n + 1) as usize];
     for step in 0..c_end - c_first {
@@ -114,7 +126,7 @@ pub fn gla_state_pass<F: Float>(
         let last_row = start + len - 1;
 
         // x weighted by its decay to the chunk's end (forward) or from its start
-        // (backward): both exponents <= 0.
+        // (backward): both exponents <= 0. Zero past the chunk's rows.
         let mut idx = UNIT_POS;
         while idx < comptime!(chunk * BK) {
             let t = idx / BK;
@@ -147,28 +159,53 @@ pub fn gla_state_pass<F: Float>(
             false,
             units,
         );
-        if UNIT_POS < BK {
-            let kg = k0 + UNIT_POS;
+        let mut kl = UNIT_POS;
+        while kl < BK {
+            let kg = k0 + kl;
             let mut d = 1.0f32;
             if kg < dk {
                 d = f32::exp(gc[((last_row * heads + h) * dk + kg) as usize]);
             }
-            decay[UNIT_POS as usize] = d;
+            decay[kl as usize] = d;
+            kl += units;
         }
         sync_cube();
 
-        if inside {
-            states[(((c * heads + h) * dk + kk) * dv + vv) as usize] = s;
+        #[unroll]
+        for i in 0..TT {
+            #[unroll]
+            for j in 0..TT {
+                let kk = k0 + ty + i * row_step;
+                let vv = v0 + tx + j * col_step;
+                if kk < dk && vv < dv {
+                    states[(((c * heads + h) * dk + kk) * dv + vv) as usize] =
+                        s[(i * TT + j) as usize];
+                }
+                acc[(i * TT + j) as usize] = 0.0;
+            }
         }
-        let mut acc = 0.0f32;
-        for t in 0..len {
-            acc += xs[(t * BK + kl) as usize] * ys[(t * BV + vl) as usize];
+        reg_tile_mma(&mut acc, &xs, 0, &ys, 0, ty, tx, BK, BV, chunk, TT, TT);
+        #[unroll]
+        for i in 0..TT {
+            let d = decay[(ty + i * row_step) as usize];
+            #[unroll]
+            for j in 0..TT {
+                let e = (i * TT + j) as usize;
+                s[e] = d * s[e] + acc[e];
+            }
         }
-        s = decay[kl as usize] * s + acc;
         sync_cube();
     }
-    if inside {
-        last[sidx as usize] = s;
+    #[unroll]
+    for i in 0..TT {
+        #[unroll]
+        for j in 0..TT {
+            let kk = k0 + ty + i * row_step;
+            let vv = v0 + tx + j * col_step;
+            if kk < dk && vv < dv {
+                last[((seq_base + kk) * dv + vv) as usize] = s[(i * TT + j) as usize];
+            }
+        }
     }
 }
 
@@ -179,10 +216,11 @@ pub fn gla_state_pass<F: Float>(
 /// the diagonal skip the arithmetic.
 #[kiln_macros::kernel(
     tune(BD = [32, 16]),
-    key(dd = pow2, dtype),
+    key(n_chunks = pow2, heads = pow2, dd = pow2, dtype),
     grid = (n_chunks, heads),
     cube = (chunk / 4) * (chunk / 4),
-    name = "gla_scores"
+    name = "gla_scores",
+    defaults(chunk = 64, decay = true)
 )]
 pub fn gla_scores<F: Float>(
     x: &Array<F>,
@@ -318,12 +356,13 @@ pub fn gla_scores<F: Float>(
 /// `o = (scale q * exp(b)) h_n + A v`. Backward (x = k, y = do, states = dh_{n+1},
 /// m = A transposed): `dv = (k * exp(Gamma - b)) dh_{n+1} + A^T do`.
 #[kiln_macros::kernel(
-    tune(BV = [64, 32], BK = [16, 32]),
-    require(BK <= chunk),
-    key(dk = pow2, dv = pow2, dtype),
+    tune(BV = [64, 32], BK = [16, 32], TT = [8, 4]),
+    require(BK <= chunk, TT <= chunk, chunk * BK + BK * BV <= device.max_shared_memory as u32 / 4),
+    key(n_chunks = pow2, heads = pow2, dk = pow2, dv = pow2, dtype),
     grid = (n_chunks, heads, dv.div_ceil(BV)),
-    cube = (chunk / 4) * (BV / 4),
-    name = "gla_chunk_out"
+    cube = (chunk / TT) * (BV / TT),
+    name = "gla_chunk_out",
+    defaults(chunk = 64)
 )]
 pub fn gla_chunk_out<F: Float>(
     x: &Array<F>,
@@ -347,17 +386,17 @@ pub fn gla_chunk_out<F: Float>(
     let start = chunks[(2 * c) as usize];
     let len = chunks[(2 * c + 1) as usize];
     let last_row = start + len - 1;
-    let units = comptime!((chunk / 4) * (BV / 4));
-    let ty = UNIT_POS / comptime!(BV / 4);
-    let tx = UNIT_POS % comptime!(BV / 4);
+    let units = comptime!((chunk / TT) * (BV / TT));
+    let ty = UNIT_POS / comptime!(BV / TT);
+    let tx = UNIT_POS % comptime!(BV / TT);
     let vvalid = dv - min(v0, dv);
 
     // xs: a depth-major chunk x BK operand; ys: a BK x BV operand.
     let mut xs = SharedMemory::<f32>::new(comptime!((chunk * BK) as usize));
     let mut ys = SharedMemory::<f32>::new(comptime!((BK * BV) as usize));
-    let mut acc = Array::<f32>::new(16usize);
+    let mut acc = Array::<f32>::new(comptime!((TT * TT) as usize));
     #[unroll]
-    for e in 0..16u32 {
+    for e in 0..TT * TT {
         acc[e as usize] = 0.0;
     }
 
@@ -398,7 +437,7 @@ pub fn gla_chunk_out<F: Float>(
             units,
         );
         sync_cube();
-        reg_tile_mma(&mut acc, &xs, 0, &ys, 0, ty, tx, chunk, BV, BK, 4u32, 4u32);
+        reg_tile_mma(&mut acc, &xs, 0, &ys, 0, ty, tx, chunk, BV, BK, TT, TT);
         sync_cube();
         k0 += BK;
     }
@@ -452,22 +491,22 @@ pub fn gla_chunk_out<F: Float>(
             units,
         );
         sync_cube();
-        reg_tile_mma(&mut acc, &xs, 0, &ys, 0, ty, tx, chunk, BV, BK, 4u32, 4u32);
+        reg_tile_mma(&mut acc, &xs, 0, &ys, 0, ty, tx, chunk, BV, BK, TT, TT);
         sync_cube();
         s0 += BK;
     }
 
-    let row_step = comptime!(chunk / 4);
-    let col_step = comptime!(BV / 4);
+    let row_step = comptime!(chunk / TT);
+    let col_step = comptime!(BV / TT);
     #[unroll]
-    for i in 0..4u32 {
+    for i in 0..TT {
         let r = ty + i * row_step;
         #[unroll]
-        for j in 0..4u32 {
+        for j in 0..TT {
             let col = tx + j * col_step;
             if r < len && col < vvalid {
                 out[(((start + r) * heads + h) * dv + v0 + col) as usize] =
-                    F::cast_from(acc[(i * 4 + j) as usize]);
+                    F::cast_from(acc[(i * TT + j) as usize]);
             }
         }
     }
@@ -482,10 +521,11 @@ pub fn gla_chunk_out<F: Float>(
 /// serves both phases (the inter-chunk operands, then dA and the q, k, b tiles).
 #[kiln_macros::kernel(
     tune(BK = [16]),
-    key(dk = pow2, dv = pow2, dtype),
+    key(n_chunks = pow2, heads = pow2, dk = pow2, dv = pow2, dtype),
     grid = (n_chunks, heads, dk.div_ceil(BK)),
     cube = (chunk / 4) * (BK / 4),
-    name = "gla_bwd_dqk"
+    name = "gla_bwd_dqk",
+    defaults(chunk = 64)
 )]
 pub fn gla_bwd_dqk<F: Float>(
     q: &Array<F>,

@@ -29,6 +29,7 @@ pub use recurrent::{steps_per_round, GlaRecurrent, ToF32};
 pub use registry::{GLA, GLA_BACKWARD, GLA_RECURRENT, GLA_STEP, KERNELS};
 
 use crate::launch::check_input;
+use kiln_runtime::tune::{Autotuner, TuneKey};
 use kiln_runtime::{shape_str, Client, DType, Error, HostTensor, Result, Tensor};
 
 /// Chunk lengths the chunked kernels support.
@@ -41,8 +42,9 @@ pub struct GlaOptions {
     pub scale: Option<f64>,
     /// Whether the forward returns the final state `ht`.
     pub output_final_state: bool,
-    /// Rows per chunk of the chunked kernels: 16, 32 or 64.
-    pub chunk_size: usize,
+    /// Rows per chunk of the chunked kernels: 16, 32 or 64; `None` lets the autotuner
+    /// pick among them (per device and bucketed shape, like a kernel tunable).
+    pub chunk_size: Option<usize>,
 }
 
 impl Default for GlaOptions {
@@ -50,7 +52,7 @@ impl Default for GlaOptions {
         Self {
             scale: None,
             output_final_state: false,
-            chunk_size: 64,
+            chunk_size: None,
         }
     }
 }
@@ -315,6 +317,8 @@ fn absent(client: &Client) -> Result<Tensor> {
 /// Candidates of the chunked kernels differ only in which unit computes what, never in
 /// summation order: they must agree to the last bit, up to this.
 const CHUNK_TOLERANCE: f64 = 1e-5;
+/// Chunk sizes change the summation order of everything: a sanity bound.
+const CHUNK_SIZE_TOLERANCE: f64 = 1e-2;
 /// Recurrent candidates split the K sum differently (KG): a sanity bound.
 const RECURRENT_TOLERANCE: f64 = 1e-2;
 
@@ -377,12 +381,63 @@ fn forward_states(
 
 /// The chunked forward: `o` (and `ht` when `opts.output_final_state`).
 pub fn gla(inp: &GlaInputs<'_>, opts: &GlaOptions) -> Result<GlaOutput> {
-    check_chunk(opts.chunk_size)?;
     let p = check(inp, opts.scale)?;
+    let chunk = chunk_size(inp, &p, opts.chunk_size)?;
+    let (o, ht) = forward_chunked(inp, &p, chunk)?;
+    Ok(GlaOutput {
+        o,
+        ht: opts.output_final_state.then_some(ht),
+    })
+}
+
+/// The chunk size: the caller's (checked), or the autotuner's pick among
+/// [`CHUNK_SIZES`] by timing the whole forward (its kernels tuned inside).
+fn chunk_size(inp: &GlaInputs<'_>, p: &Problem, given: Option<usize>) -> Result<usize> {
+    if let Some(chunk) = given {
+        check_chunk(chunk)?;
+        return Ok(chunk);
+    }
     let client = inp.q.client();
-    let chunk = opts.chunk_size;
-    let c = chunk_table(client, &p, chunk)?;
-    let st = forward_states(inp, &p, &c, chunk)?;
+    let hashes = [
+        GlaCumsum::SOURCE_HASH,
+        GlaStatePass::SOURCE_HASH,
+        GlaScores::SOURCE_HASH,
+        GlaChunkOut::SOURCE_HASH,
+    ];
+    let key = TuneKey {
+        kernel: "gla_chunk_size",
+        source_hash: kiln_runtime::tune::fnv1a_hex(&hashes.concat()),
+        shape: format!(
+            "n_seq={};rows={};heads={};dk={};dv={};dtype={};h0={}",
+            p.n_seq().next_power_of_two(),
+            p.rows().next_power_of_two(),
+            p.heads.next_power_of_two(),
+            p.dk.next_power_of_two(),
+            p.dv.next_power_of_two(),
+            p.dtype,
+            inp.h0.is_some()
+        ),
+    };
+    let candidates: Vec<u32> = CHUNK_SIZES.iter().rev().map(|&c| c as u32).collect();
+    let chunk = Autotuner::global().tune(
+        client,
+        &key,
+        &candidates,
+        |c| format!("chunk_size={c}"),
+        |&c| {
+            let (o, ht) = forward_chunked(inp, p, c as usize)?;
+            Ok(vec![o, ht])
+        },
+        CHUNK_SIZE_TOLERANCE,
+    )?;
+    Ok(chunk as usize)
+}
+
+/// `o` and the final states of the chunked forward at one chunk size.
+fn forward_chunked(inp: &GlaInputs<'_>, p: &Problem, chunk: usize) -> Result<(Tensor, Tensor)> {
+    let client = inp.q.client();
+    let c = chunk_table(client, p, chunk)?;
+    let st = forward_states(inp, p, &c, chunk)?;
     let o = Tensor::empty(client, p.dtype, inp.v.shape())?;
     if c.count > 0 {
         let (h, dk, dv) = (p.heads as u32, p.dk as u32, p.dv as u32);
@@ -421,10 +476,7 @@ pub fn gla(inp: &GlaInputs<'_>, opts: &GlaOptions) -> Result<GlaOutput> {
             false,
         )?;
     }
-    Ok(GlaOutput {
-        o,
-        ht: opts.output_final_state.then_some(st.ht),
-    })
+    Ok((o, st.ht))
 }
 
 /// `g` as f32 (a new tensor only when it is in half precision).
@@ -551,7 +603,6 @@ pub fn gla_backward(
     grad: &GlaGradInputs<'_>,
     opts: &GlaOptions,
 ) -> Result<GlaGrads> {
-    check_chunk(opts.chunk_size)?;
     let p = check(inp, opts.scale)?;
     let client = inp.q.client();
     check_input("do", grad.d_o, client)?;
@@ -562,7 +613,8 @@ pub fn gla_backward(
         dht.expect_dtype("dht", &[DType::F32])?;
         expect_shape("dht", dht, &p.state_shape(), "[N, H, K, V]")?;
     }
-    let chunk = opts.chunk_size;
+    // The forward's chunk size (tuned on the forward when not given).
+    let chunk = chunk_size(inp, &p, opts.chunk_size)?;
     let c = chunk_table(client, &p, chunk)?;
     let st = forward_states(inp, &p, &c, chunk)?;
     let (h, dk, dv) = (p.heads as u32, p.dk as u32, p.dv as u32);

@@ -29,7 +29,8 @@ pub fn steps_per_round(dk_padded: u32, kg: u32, bv: u32) -> u32 {
     key(n_seq = pow2, dtype),
     grid = (n_seq * heads, dv.div_ceil(BV)),
     cube = (BV, KG),
-    name = "gla_recurrent"
+    name = "gla_recurrent",
+    defaults(dk = 64, dv = 64)
 )]
 pub fn gla_recurrent<F: Float>(
     q: &Array<F>,

@@ -100,9 +100,9 @@ const FINAL: ParamSpec = ParamSpec {
 };
 const CHUNK: ParamSpec = ParamSpec {
     name: "chunk_size",
-    default: "64",
-    values: "16 | 32 | 64",
-    doc: "rows per chunk of the chunked kernels",
+    default: "auto",
+    values: "auto | 16 | 32 | 64",
+    doc: "rows per chunk of the chunked kernels (auto: autotuned among 64, 32, 16)",
 };
 
 fn scale(a: &OpArgs) -> Result<Option<f64>> {
@@ -120,10 +120,9 @@ fn options(a: &OpArgs) -> Result<GlaOptions> {
     Ok(GlaOptions {
         scale: scale(a)?,
         output_final_state: declared("output_final_state") && a.param_as("output_final_state")?,
-        chunk_size: if declared("chunk_size") {
-            a.param_as("chunk_size")?
-        } else {
-            64
+        chunk_size: match declared("chunk_size") && a.param("chunk_size")? != "auto" {
+            true => Some(a.param_as("chunk_size")?),
+            false => None,
         },
     })
 }

@@ -1,0 +1,11 @@
+#![allow(unused_imports)]
+use kiln::runtime::cubecl;
+use cubecl::prelude::*;
+
+// `defaults` names only #[comptime] arguments (they are emission defaults).
+#[kiln::kernel(tune(UNITS = [32]), grid = (rows), cube = UNITS, defaults(rows = 4))]
+fn copy<F: Float>(x: &Array<F>, out: &mut Array<F>, rows: u32) {
+    out[ABSOLUTE_POS] = x[ABSOLUTE_POS];
+}
+
+fn main() {}
