@@ -2,7 +2,8 @@
 //! not timed): median of several runs, each ended by a device sync; throughput, and the
 //! fraction of the device's peak where kiln knows it.
 
-use crate::tune::{example_inputs, parse_shape};
+use crate::tune::parse_shape;
+use kiln::check::example_inputs;
 use kiln::{Client, DType, Device, Result, Tensor};
 use std::collections::BTreeMap;
 use std::process::ExitCode;

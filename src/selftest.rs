@@ -12,6 +12,8 @@ use crate::kernels::{
 use crate::{Client, DType, Error, HostTensor, Result};
 use std::collections::BTreeMap;
 
+mod qgemm;
+
 /// One operator case: how to make its inputs, its reference, and its error budget.
 pub struct Case {
     /// Operator name (as in `kiln ops`).
@@ -30,8 +32,6 @@ pub struct Case {
     pub ulps: f64,
     /// Denominator floor of the relative error (absolute error scale near zero).
     pub floor: f64,
-    /// Inputs that stay f32 whatever the dtype under test (recurrent states).
-    pub f32_inputs: &'static [&'static str],
 }
 
 fn x(inputs: &BTreeMap<String, HostTensor>) -> (Vec<f64>, usize) {
@@ -179,6 +179,12 @@ fn gla_forward_reference(i: &BTreeMap<String, HostTensor>) -> Vec<f64> {
 
 /// Every case, in `kiln ops` order.
 pub fn cases() -> Vec<Case> {
+    let mut all = base_cases();
+    all.extend(qgemm::cases());
+    all
+}
+
+fn base_cases() -> Vec<Case> {
     vec![
         Case {
             op: "add",
@@ -189,7 +195,6 @@ pub fn cases() -> Vec<Case> {
             reference: |i| ew::add(&i["x"].to_f64(), &i["y"].to_f64()),
             ulps: 1.0,
             floor: 1e-6,
-            f32_inputs: &[],
         },
         Case {
             op: "add",
@@ -200,7 +205,6 @@ pub fn cases() -> Vec<Case> {
             reference: |i| ew::add(&i["x"].to_f64(), &i["y"].to_f64()),
             ulps: 1.0,
             floor: 1e-6,
-            f32_inputs: &[],
         },
         Case {
             op: "mul",
@@ -211,7 +215,6 @@ pub fn cases() -> Vec<Case> {
             reference: |i| ew::mul(&i["x"].to_f64(), &i["y"].to_f64()),
             ulps: 1.0,
             floor: 1e-6,
-            f32_inputs: &[],
         },
         Case {
             op: "silu",
@@ -222,7 +225,6 @@ pub fn cases() -> Vec<Case> {
             reference: |i| ew::silu(&x(i).0),
             ulps: 8.0,
             floor: 1e-6,
-            f32_inputs: &[],
         },
         Case {
             op: "gelu",
@@ -233,7 +235,6 @@ pub fn cases() -> Vec<Case> {
             reference: |i| ew::gelu(&x(i).0),
             ulps: 32.0,
             floor: 1e-6,
-            f32_inputs: &[],
         },
         Case {
             op: "softmax",
@@ -247,7 +248,6 @@ pub fn cases() -> Vec<Case> {
             },
             ulps: 16.0,
             floor: 1e-6,
-            f32_inputs: &[],
         },
         Case {
             op: "logsumexp",
@@ -261,7 +261,6 @@ pub fn cases() -> Vec<Case> {
             },
             ulps: 4.0,
             floor: 1.0,
-            f32_inputs: &[],
         },
         Case {
             op: "matmul",
@@ -272,7 +271,6 @@ pub fn cases() -> Vec<Case> {
             reference: |i| matmul_reference(i, false, "gelu"),
             ulps: 64.0,
             floor: 1.0,
-            f32_inputs: &[],
         },
         Case {
             op: "matmul",
@@ -283,7 +281,6 @@ pub fn cases() -> Vec<Case> {
             reference: |i| matmul_reference(i, true, "none"),
             ulps: 64.0,
             floor: 1.0,
-            f32_inputs: &[],
         },
         Case {
             op: "gla",
@@ -294,7 +291,6 @@ pub fn cases() -> Vec<Case> {
             reference: gla_forward_reference,
             ulps: 64.0,
             floor: 1.0,
-            f32_inputs: &[],
         },
         Case {
             op: "gla_recurrent",
@@ -305,7 +301,6 @@ pub fn cases() -> Vec<Case> {
             reference: gla_forward_reference,
             ulps: 64.0,
             floor: 1.0,
-            f32_inputs: &[],
         },
         Case {
             op: "gla_step",
@@ -316,7 +311,6 @@ pub fn cases() -> Vec<Case> {
             reference: gla_forward_reference,
             ulps: 64.0,
             floor: 1.0,
-            f32_inputs: &["state"],
         },
         Case {
             op: "gla_backward",
@@ -342,7 +336,6 @@ pub fn cases() -> Vec<Case> {
             },
             ulps: 256.0,
             floor: 1.0,
-            f32_inputs: &[],
         },
     ]
 }
@@ -390,37 +383,56 @@ pub fn run_case(client: &Client, case: &Case, dtype: DType, seed: u64) -> Outcom
 fn try_case(client: &Client, case: &Case, dtype: DType, seed: u64) -> Result<Outcome> {
     let mut rng = Rng::new(seed);
     let mut hosts = BTreeMap::new();
+    let op = crate::kernels::op(case.op)?;
+    // Inputs whose spec names one dtype (f32 states and scales, integer codes) keep it.
+    let fixed = |specs: &[crate::runtime::TensorSpec], name: &str| {
+        specs
+            .iter()
+            .find(|t| t.name == name)
+            .and_then(|t| t.fixed_dtype())
+    };
     for (name, shape, values) in (case.inputs)(&mut rng) {
-        let t = if case.f32_inputs.contains(&name) {
-            DType::F32
-        } else {
-            dtype
-        };
+        let t = op
+            .inputs
+            .iter()
+            .find(|t| t.name == name)
+            .map_or(dtype, |t| t.example_dtype(dtype));
         hosts.insert(name.to_string(), HostTensor::from_f64(t, shape, &values)?);
     }
     let want = (case.reference)(&hosts);
-    let op = crate::kernels::op(case.op)?;
-    let params = case
+    let params: BTreeMap<String, String> = case
         .params
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let outs = op.call_host(client, &hosts, params)?;
+    let outs = op.call_host(client, &hosts, params.clone())?;
     let got = outs.get(case.output).ok_or_else(|| Error::Kernel {
         kernel: case.op.into(),
         message: format!("no `{}`", case.output),
     })?;
-    if got.dtype != dtype {
+    // The output's dtype: fixed by its spec, chosen by a parameter its spec names
+    // (w8a8's `out_dtype`), or the dtype under test.
+    let out_spec = op.outputs.iter().find(|t| t.name == case.output);
+    let by_param = op
+        .params
+        .iter()
+        .find(|p| out_spec.is_some_and(|t| t.dtypes.contains(p.name)));
+    let expected = match (fixed(op.outputs, case.output), by_param) {
+        (Some(d), _) => d,
+        (None, Some(p)) => DType::parse(params.get(p.name).map_or(p.default, |v| v.as_str()))?,
+        (None, None) => dtype,
+    };
+    if got.dtype != expected {
         return Err(Error::DType {
             tensor: case.output.into(),
-            expected: dtype.name().into(),
+            expected: expected.name().into(),
             found: got.dtype.name().into(),
         });
     }
-    let floor = case.floor.max(min_normal(dtype));
+    let floor = case.floor.max(min_normal(got.dtype));
     let err = max_rel_error(&got.to_f64(), &want, floor);
-    // One rounding of the output to the dtype, plus the case's f32 arithmetic budget.
-    let tol = tolerance(dtype, 1.0) + tolerance(DType::F32, case.ulps);
+    // One rounding of the output to its dtype, plus the case's f32 arithmetic budget.
+    let tol = tolerance(got.dtype, 1.0) + tolerance(DType::F32, case.ulps);
     Ok(if err <= tol {
         Outcome::Pass(err, tol)
     } else {

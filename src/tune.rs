@@ -2,9 +2,9 @@
 //! final table; `--export` / `--import` move a device's stored winners between machines.
 
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln::check::Rng;
+use kiln::check::example_inputs;
 use kiln::runtime::tune::{Autotuner, CandidateStatus, Decision, TuneEvent};
-use kiln::{Client, DType, Device, Error, HostTensor, Result};
+use kiln::{Client, DType, Device, Error, Result};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,32 +16,6 @@ struct Seen {
     bar: Option<ProgressBar>,
     rows: Vec<(String, CandidateStatus)>,
     decisions: Vec<(String, String, Decision)>,
-}
-
-/// Random inputs (normal, seeded) of the shapes the operator derives from `--shape`.
-/// GLA's log decays `g` are drawn as the spec's benchmarks draw them,
-/// `logsigmoid(randn)` clamped at -5 (normal values would be positive gates).
-pub fn example_inputs(
-    spec: &kiln::runtime::OpSpec,
-    dims: &[usize],
-    dtype: DType,
-) -> Result<BTreeMap<String, HostTensor>> {
-    let mut rng = Rng::new(0x6b696c6e);
-    let mut hosts = BTreeMap::new();
-    for (name, shape) in (spec.example_inputs)(dims)? {
-        let n = shape.iter().product();
-        let mut values = rng.normals(n, 1.0);
-        if name == "g" && spec.name.starts_with("gla") {
-            for x in &mut values {
-                *x = (-(1.0 + (-*x).exp()).ln()).max(-5.0);
-            }
-        }
-        hosts.insert(
-            name.to_string(),
-            HostTensor::from_f64(dtype, shape, &values)?,
-        );
-    }
-    Ok(hosts)
 }
 
 /// Parses `2048x2048` (or `2048,2048`) into dimensions.

@@ -117,3 +117,41 @@ fn gla_state_pass_cuda_f16_reverse() {
         ]
     ));
 }
+
+#[test]
+fn qgemm_gemv_wgsl_int4_four_rows() {
+    insta::assert_snapshot!(source(
+        "qgemm_gemv",
+        Target::Wgsl,
+        &[
+            ("dtype", "f16"),
+            ("mt", "4"),
+            ("wkind", "0"),
+            ("BN", "64"),
+            ("KS", "4")
+        ]
+    ));
+}
+
+#[test]
+fn qgemm_tiled_cuda_int8_bits() {
+    insta::assert_snapshot!(source(
+        "qgemm_tiled",
+        Target::Cuda,
+        &[("dtype", "f16"), ("wkind", "1"), ("BM", "32"), ("BN", "64")]
+    ));
+}
+
+#[test]
+fn w8a8_gemm_cuda_bias() {
+    insta::assert_snapshot!(source(
+        "w8a8_gemm",
+        Target::Cuda,
+        &[
+            ("dtype", "f16"),
+            ("has_bias", "true"),
+            ("BM", "64"),
+            ("BN", "32")
+        ]
+    ));
+}

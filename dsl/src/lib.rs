@@ -10,6 +10,8 @@ pub mod activation;
 #[allow(missing_docs)]
 pub mod grid;
 #[allow(missing_docs)]
+pub mod quant;
+#[allow(missing_docs)]
 pub mod reduce;
 #[allow(missing_docs)]
 pub mod scan;
@@ -18,6 +20,7 @@ pub mod tile;
 
 pub use activation::*;
 pub use grid::*;
+pub use quant::*;
 pub use reduce::*;
 pub use scan::*;
 pub use tile::*;

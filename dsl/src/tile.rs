@@ -50,17 +50,17 @@ pub fn load_tile<F: Float>(
 }
 
 /// `acc += X Y` over `depth` for one unit's `tm x tn` register tile, the scalar-FMA
-/// `mma`. `X` is a depth-major `rows`-row operand at `x_base` of `xs` and `Y` a
+/// `mma`, in any numeric type (f32 for float GEMMs, i32 for int8 ones). `X` is a depth-major `rows`-row operand at `x_base` of `xs` and `Y` a
 /// row-major operand with `cols` columns at `y_base` of `ys` (element (d, c) at
 /// `y_base + d * cols + c`). The unit owns rows `ty + i * rows / tm` and columns
 /// `tx + j * cols / tn`: strided, so neighbouring units touch neighbouring addresses.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-pub fn reg_tile_mma(
-    acc: &mut Array<f32>,
-    xs: &SharedMemory<f32>,
+pub fn reg_tile_mma<N: Numeric>(
+    acc: &mut Array<N>,
+    xs: &SharedMemory<N>,
     x_base: u32,
-    ys: &SharedMemory<f32>,
+    ys: &SharedMemory<N>,
     y_base: u32,
     ty: u32,
     tx: u32,
@@ -72,8 +72,8 @@ pub fn reg_tile_mma(
 ) {
     let row_step = comptime!(rows / tm);
     let col_step = comptime!(cols / tn);
-    let mut xf = Array::<f32>::new(comptime!(tm as usize));
-    let mut yf = Array::<f32>::new(comptime!(tn as usize));
+    let mut xf = Array::<N>::new(comptime!(tm as usize));
+    let mut yf = Array::<N>::new(comptime!(tn as usize));
     // Not unrolled over depth: a 64-deep unrolled 8x8 tile is thousands of
     // instructions, and CPU drivers (llvmpipe) compile each tuning candidate.
     for d in 0..depth {

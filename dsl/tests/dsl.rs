@@ -282,3 +282,86 @@ fn masked_tile_loads_and_register_tile_mma_match_f64() {
         }
     }
 }
+
+#[cube(launch_unchecked)]
+fn quant_kernel(
+    bytes: &Array<u32>,
+    halves: &Array<f32>,
+    out_i: &mut Array<i32>,
+    out_f: &mut Array<f32>,
+    out_w: &mut Array<u32>,
+) {
+    let i = ABSOLUTE_POS as u32;
+    if i < 256 {
+        let q = kiln_dsl::load_i8(bytes, i);
+        out_i[i as usize] = q;
+        // Shifts 0, 2, 4, 6: the 8-, 6-, 4- and 2-bit views of Double Rounding.
+        #[unroll]
+        for s in 0..4u32 {
+            out_i[(256 + s * 256 + i) as usize] = kiln_dsl::shift_round_half_even(q, s * 2);
+        }
+        out_i[(1280 + i) as usize] = i32::cast_from(kiln_dsl::unpack_u4(0x76543210u32 ^ i, i % 8));
+        out_w[i as usize] = kiln_dsl::i8_bits(q);
+    }
+    if i < halves.len() as u32 {
+        out_f[i as usize] = kiln_dsl::round_half_even(halves[i as usize]);
+    }
+}
+
+#[test]
+fn int_unpacking_and_rounding_match_closed_forms() {
+    let c = client();
+    let bytes: Vec<u8> = (0..=255u8).collect();
+    let halves: Vec<f32> = vec![
+        -2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 126.5, -127.5, 0.49999997, -0.2, 3.7, -3.7, 0.0, 7.5,
+    ];
+    let hb = c.create_from_slice(&bytes);
+    let hh = c.create_from_slice(f32::as_bytes(&halves));
+    let (oi, of, ow) = (
+        c.empty(1536 * 4),
+        c.empty(halves.len() * 4),
+        c.empty(256 * 4),
+    );
+    unsafe {
+        quant_kernel::launch_unchecked::<R>(
+            &c,
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(256),
+            ArrayArg::from_raw_parts(hb, 64),
+            ArrayArg::from_raw_parts(hh, halves.len()),
+            ArrayArg::from_raw_parts(oi.clone(), 1536),
+            ArrayArg::from_raw_parts(of.clone(), halves.len()),
+            ArrayArg::from_raw_parts(ow.clone(), 256),
+        )
+    };
+    let gi = i32::from_bytes(&c.read_one_unchecked(oi)).to_vec();
+    let gf = f32::from_bytes(&c.read_one_unchecked(of)).to_vec();
+    let gw = u32::from_bytes(&c.read_one_unchecked(ow)).to_vec();
+    // Ties to even in f64, independently of the kernel's integer trick.
+    let even = |x: f64| {
+        let r = x.round();
+        if (r - x).abs() == 0.5 && r % 2.0 != 0.0 {
+            r - x.signum()
+        } else {
+            r
+        }
+    };
+    for i in 0..256usize {
+        let q = bytes[i] as i8 as i32;
+        assert_eq!(gi[i], q, "load_i8 byte {i}");
+        assert_eq!(gw[i], bytes[i] as u32, "i8_bits byte {i}");
+        for s in 0..4 {
+            let want = even(q as f64 / f64::from(1 << (2 * s))) as i32;
+            assert_eq!(gi[256 + s * 256 + i], want, "shift_round({q}, {})", 2 * s);
+        }
+        let word = 0x76543210u32 ^ i as u32;
+        assert_eq!(
+            gi[1280 + i] as u32,
+            (word >> (4 * (i % 8))) & 15,
+            "unpack_u4 {i}"
+        );
+    }
+    for (x, g) in halves.iter().zip(&gf) {
+        assert_eq!(*g as f64, even(*x as f64), "round_half_even({x})");
+    }
+}

@@ -2,7 +2,7 @@
 //! device-free kernel definition used by `kiln emit`.
 
 use cubecl::prelude::*;
-use kiln_runtime::{Client, DType, Error, KernelConfig, ParamSpec, Result, Tensor};
+use kiln_runtime::{shape_str, Client, DType, Error, KernelConfig, ParamSpec, Result, Tensor};
 
 pub(crate) use kiln_runtime::with_float;
 
@@ -106,4 +106,31 @@ pub fn x_and_bias(dims: &[usize]) -> Result<Vec<(&'static str, Vec<usize>)>> {
 pub fn elementwise_cost(dims: &[usize], elem: usize, flops_per: f64) -> (f64, f64) {
     let n: usize = dims.iter().product();
     (n as f64 * flops_per, (2 * n * elem) as f64)
+}
+
+/// A shape error naming `tensor`.
+pub(crate) fn shape_err(tensor: &str, expected: String, found: &[usize]) -> Error {
+    Error::Shape {
+        tensor: tensor.into(),
+        expected,
+        found: shape_str(found),
+    }
+}
+
+/// An error unless `t` has exactly the shape `want` (`what` says where it comes from).
+pub(crate) fn expect_shape(name: &str, t: &Tensor, want: &[usize], what: &str) -> Result<()> {
+    if t.shape() != want {
+        return Err(shape_err(
+            name,
+            format!("{} ({what})", shape_str(want)),
+            t.shape(),
+        ));
+    }
+    Ok(())
+}
+
+/// A one-element f32 placeholder bound to a kernel argument that a comptime flag
+/// leaves unread (an absent optional input).
+pub(crate) fn absent(client: &Client) -> Result<Tensor> {
+    Tensor::empty(client, DType::F32, &[1])
 }

@@ -12,13 +12,15 @@ mod launch;
 #[allow(missing_docs)]
 pub mod matmul;
 #[allow(missing_docs)]
+pub mod qgemm;
+#[allow(missing_docs)]
 pub mod rowwise;
 
 use kiln_runtime::{Error, KernelSpec, OpSpec, Result};
 
 /// Every operator in the library, in `kiln ops` order.
 pub fn ops() -> &'static [&'static OpSpec] {
-    static OPS: [&OpSpec; 11] = [
+    static OPS: [&OpSpec; 18] = [
         &elementwise::ADD,
         &elementwise::MUL,
         &elementwise::SILU,
@@ -30,6 +32,13 @@ pub fn ops() -> &'static [&'static OpSpec] {
         &gla::GLA_RECURRENT,
         &gla::GLA_STEP,
         &gla::GLA_BACKWARD,
+        &qgemm::W4A16,
+        &qgemm::W4A16_REPACK,
+        &qgemm::W8A8,
+        &qgemm::QUANTIZE_PER_TOKEN,
+        &qgemm::W8_BITS,
+        &qgemm::FLEXROUND,
+        &qgemm::FLEXROUND_BACKWARD,
     ];
     &OPS
 }
@@ -40,6 +49,7 @@ pub fn kernels() -> &'static [&'static KernelSpec] {
     KERNELS.get_or_init(|| {
         let mut all = BASE_KERNELS.to_vec();
         all.extend(gla::KERNELS);
+        all.extend(qgemm::KERNELS);
         all
     })
 }

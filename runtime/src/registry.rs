@@ -20,6 +20,27 @@ pub struct TensorSpec {
     pub doc: &'static str,
 }
 
+impl TensorSpec {
+    /// The dtype this tensor always has, when its spec names exactly one (`f32` for
+    /// recurrent states and scales, `i32` for packed codes, `i8` ...); `None` when it
+    /// follows the operator's float dtype.
+    pub fn fixed_dtype(&self) -> Option<crate::DType> {
+        crate::DType::parse(self.dtypes.trim()).ok()
+    }
+
+    /// The dtype test and benchmark inputs get when the operator runs in `float`: the
+    /// fixed dtype, else the first listed when it is an integer type (`i32 | f32`
+    /// zero points default to packed ints), else `float`.
+    pub fn example_dtype(&self, float: crate::DType) -> crate::DType {
+        let first = self.dtypes.split('|').next().unwrap_or("").trim();
+        match (self.fixed_dtype(), crate::DType::parse(first)) {
+            (Some(d), _) => d,
+            (None, Ok(d)) if !d.is_float() => d,
+            _ => float,
+        }
+    }
+}
+
 /// A documented parameter (operator parameter or kernel configuration value).
 #[derive(Clone, Copy, Debug)]
 pub struct ParamSpec {

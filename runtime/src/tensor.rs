@@ -148,6 +148,20 @@ impl Tensor {
         Ok(t)
     }
 
+    /// The same buffer seen as `[ceil(bytes / 4)]` u32 words (no copy): how kernels
+    /// read packed 8-bit and 4-bit data, since WGSL has no 8-bit storage. Byte `i` of
+    /// the tensor is bits `8 (i % 4)..` of word `i / 4` (little-endian).
+    pub fn as_words(&self) -> Tensor {
+        let words = (self.numel() * self.dtype.size()).div_ceil(4).max(1);
+        Tensor {
+            client: self.client.clone(),
+            handle: self.handle.clone(),
+            dtype: DType::U32,
+            shape: vec![words],
+            strides: vec![1],
+        }
+    }
+
     /// Checks the dtype, naming the tensor in the error.
     pub fn expect_dtype(&self, name: &str, allowed: &[DType]) -> Result<()> {
         if allowed.contains(&self.dtype) {

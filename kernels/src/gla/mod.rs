@@ -28,9 +28,9 @@ pub use chunk::{GlaBwdDg, GlaBwdDqk, GlaChunkOut, GlaCumsum, GlaScores, GlaState
 pub use recurrent::{steps_per_round, GlaRecurrent, ToF32};
 pub use registry::{GLA, GLA_BACKWARD, GLA_RECURRENT, GLA_STEP, KERNELS};
 
-use crate::launch::check_input;
+use crate::launch::{absent, check_input, expect_shape, shape_err};
 use kiln_runtime::tune::{Autotuner, TuneKey};
-use kiln_runtime::{shape_str, Client, DType, Error, HostTensor, Result, Tensor};
+use kiln_runtime::{Client, DType, Error, HostTensor, Result, Tensor};
 
 /// Chunk lengths the chunked kernels support.
 pub const CHUNK_SIZES: [usize; 3] = [16, 32, 64];
@@ -134,25 +134,6 @@ impl Problem {
             bounds: self.bounds.clone(),
         }
     }
-}
-
-fn shape_err(tensor: &str, expected: String, found: &[usize]) -> Error {
-    Error::Shape {
-        tensor: tensor.into(),
-        expected,
-        found: shape_str(found),
-    }
-}
-
-fn expect_shape(name: &str, t: &Tensor, want: &[usize], what: &str) -> Result<()> {
-    if t.shape() != want {
-        return Err(shape_err(
-            name,
-            format!("{} ({what})", shape_str(want)),
-            t.shape(),
-        ));
-    }
-    Ok(())
 }
 
 fn check(inp: &GlaInputs<'_>, scale: Option<f64>) -> Result<Problem> {
@@ -310,9 +291,6 @@ fn check_chunk(chunk: usize) -> Result<()> {
 }
 
 /// A placeholder for an absent optional f32 input (kernels do not read it).
-fn absent(client: &Client) -> Result<Tensor> {
-    Tensor::empty(client, DType::F32, &[1])
-}
 
 /// Candidates of the chunked kernels differ only in which unit computes what, never in
 /// summation order: they must agree to the last bit, up to this.

@@ -1,0 +1,60 @@
+//! Integer unpacking, rounding and dequantization for quantized GEMMs.
+//!
+//! Quantized tensors live in device memory as 32-bit words whatever their logical
+//! element type (WGSL has no 8-bit storage): eight 4-bit values or four 8-bit values
+//! per word, least-significant first. These helpers read them back as integers and
+//! round the way the quantizers do, identically on every backend (WGSL's `round` is
+//! half-to-even, CUDA's `roundf` half-away-from-zero, so neither is used).
+
+use cubecl::prelude::*;
+
+/// The 4-bit field `slot` (0..8, least-significant first) of `word`, in 0..16.
+#[cube]
+pub fn unpack_u4(word: u32, slot: u32) -> u32 {
+    (word >> (slot * 4)) & 15
+}
+
+/// The signed byte `index` of a byte array stored as 32-bit words (byte `i` is bits
+/// `8 (i % 4) ..` of word `i / 4`, little-endian), sign-extended to i32.
+#[cube]
+pub fn load_i8(words: &Array<u32>, index: u32) -> i32 {
+    let byte = (words[(index / 4) as usize] >> ((index % 4) * 8)) & 255;
+    // Two's complement: bytes 128..255 are -128..-1.
+    i32::cast_from(byte) - i32::cast_from(byte >> 7) * 256
+}
+
+/// The low byte of `value` (an int in -128..128) as an unsigned byte, for packing.
+#[cube]
+pub fn i8_bits(value: i32) -> u32 {
+    u32::cast_from(value + 256) & 255
+}
+
+/// `x` rounded to the nearest integer, ties to even (IEEE's default; numpy's and
+/// PyTorch's `round`). Exact for |x| < 2^22.
+#[cube]
+pub fn round_half_even(x: f32) -> f32 {
+    let r = f32::floor(x + 0.5);
+    let mut out = r;
+    // A tie rounded up to an odd integer goes back down to the even one.
+    if r - x == 0.5 && r - 2.0 * f32::floor(r * 0.5) == 1.0 {
+        out = r - 1.0;
+    }
+    out
+}
+
+/// `q / 2^shift` rounded to the nearest integer, ties to even, in integer
+/// arithmetic: the Double Rounding step from an int8 code to a coarser one.
+#[cube]
+pub fn shift_round_half_even(q: i32, shift: u32) -> i32 {
+    let mut out = q;
+    if shift > 0 {
+        let d = 1i32 << i32::cast_from(shift);
+        let fl = q >> i32::cast_from(shift); // arithmetic shift: floor division
+        let rem2 = (q - fl * d) * 2;
+        out = fl;
+        if rem2 > d || (rem2 == d && (fl & 1) == 1) {
+            out = fl + 1;
+        }
+    }
+    out
+}

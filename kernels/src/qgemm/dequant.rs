@@ -1,0 +1,319 @@
+//! GEMMs with the weight dequantized inside the main loop: `y = x @ dequant(W)`.
+//!
+//! Two weight kinds (`wkind`, comptime) share the kernels:
+//! - 0, int4 in kiln's layout: `qweight` u32 `[K/8, N]`, eight consecutive k of one
+//!   column per word, least-significant nibble first (GPTQ's packing); `scales` and
+//!   `zeros` f32 `[K/G, N]`; `w = (q - z) s` with the group of row k being `k / G`, or
+//!   `g_idx[k]` for act-order checkpoints (`act_order`).
+//! - 1, int8 with Double Rounding: `qweight` the bytes of `q8` `[K, N]`, `scales` the
+//!   per-channel `s8` `[N]`; `w = clamp(round(q8 / 2^shift)) s8 2^shift`, ties to
+//!   even, clamped to the `8 - shift`-bit signed range.
+//!
+//! Two shapes of kernel: [`qgemm_gemv`] for few rows (a cube owns `BN` columns and
+//! splits K over `KS` unit rows, reducing in shared memory: every weight word is read
+//! once per `mt` rows), and [`qgemm_tiled`] for many rows (x and the dequantized weight
+//! tile staged in shared memory, register-tiled FMA). The autotuner picks between them.
+
+use cubecl::prelude::*;
+use kiln_dsl::{load_i8, load_tile, reg_tile_mma, shift_round_half_even, unpack_u4};
+
+/// Depth of a K step of the tiled kernel (a multiple of 8: whole int4 words).
+pub const TILE_K: u32 = 32;
+
+/// Double Rounding: the int8 code at byte `index`, shifted right by `shift` bits with
+/// ties to even, clamped to the signed `8 - shift`-bit range, times `scale 2^shift`.
+#[cube]
+pub fn dequant_i8(qweight: &Array<u32>, index: u32, scale: f32, shift: u32) -> f32 {
+    let q = shift_round_half_even(load_i8(qweight, index), shift);
+    let half = i32::cast_from(128u32 >> shift);
+    let qc = clamp(q, -half, half - 1);
+    f32::cast_from(qc) * scale * f32::cast_from(1u32 << shift)
+}
+
+/// Row `kk`'s group: `kk / group_size`, or `g_idx[kk]` (act order).
+#[cube]
+fn group_of(g_idx: &Array<u32>, kk: u32, group_size: u32, #[comptime] act_order: bool) -> u32 {
+    let mut g = kk / group_size;
+    if comptime!(act_order) {
+        g = g_idx[kk as usize];
+    }
+    g
+}
+
+/// `y[m, n] = sum_k x[m, k] w[k, n]` for `mt` rows per cube (comptime) and `BN`
+/// columns, K split over `KS` unit rows. `x` `[M, K]`, `y` `[M, N]` in `F`.
+#[kiln_macros::kernel(
+    tune(BN = [64, 32, 128], KS = [4, 8, 16]),
+    require(BN * KS <= 1024, BN <= n.next_power_of_two().max(32)),
+    key(m = pow2, n = pow2, k = pow2, dtype),
+    grid = (n.div_ceil(BN), m.div_ceil(mt)),
+    cube = (BN, KS),
+    name = "qgemm_gemv",
+    defaults(mt = 1, wkind = 0)
+)]
+pub fn qgemm_gemv<F: Float>(
+    x: &Array<F>,
+    qweight: &Array<u32>,
+    scales: &Array<f32>,
+    zeros: &Array<f32>,
+    g_idx: &Array<u32>,
+    y: &mut Array<F>,
+    m: u32,
+    n: u32,
+    k: u32,
+    group_size: u32,
+    shift: u32,
+    #[comptime] mt: u32,
+    #[comptime] wkind: u32,
+    #[comptime] act_order: bool,
+) {
+    let nl = UNIT_POS_X;
+    let ks = UNIT_POS_Y;
+    let col = CUBE_POS_X * BN + nl;
+    let row0 = CUBE_POS_Y * mt;
+    // Out-of-range columns and rows read a valid address and are never stored.
+    let colc = min(col, n - 1);
+    let mut xrow = Array::<u32>::new(comptime!(mt as usize));
+    let mut acc = Array::<f32>::new(comptime!(mt as usize));
+    #[unroll]
+    for r in 0..mt {
+        xrow[r as usize] = min(row0 + r, m - 1) * k;
+        acc[r as usize] = 0.0;
+    }
+    if comptime!(wkind == 0) {
+        let mut w = ks;
+        while w < k / 8 {
+            let word = qweight[(w * n + colc) as usize];
+            let g = group_of(g_idx, w * 8, group_size, false);
+            let mut s = scales[(g * n + colc) as usize];
+            let mut z = zeros[(g * n + colc) as usize];
+            #[unroll]
+            for i in 0..8u32 {
+                let kk = w * 8 + i;
+                if comptime!(act_order) {
+                    let ga = g_idx[kk as usize];
+                    s = scales[(ga * n + colc) as usize];
+                    z = zeros[(ga * n + colc) as usize];
+                }
+                let wv = (f32::cast_from(unpack_u4(word, i)) - z) * s;
+                #[unroll]
+                for r in 0..mt {
+                    acc[r as usize] += f32::cast_from(x[(xrow[r as usize] + kk) as usize]) * wv;
+                }
+            }
+            w += KS;
+        }
+    } else {
+        let s = scales[colc as usize];
+        let mut kk = ks;
+        while kk < k {
+            let wv = dequant_i8(qweight, kk * n + colc, s, shift);
+            #[unroll]
+            for r in 0..mt {
+                acc[r as usize] += f32::cast_from(x[(xrow[r as usize] + kk) as usize]) * wv;
+            }
+            kk += KS;
+        }
+    }
+    let mut part = SharedMemory::<f32>::new(comptime!((KS * mt * BN) as usize));
+    #[unroll]
+    for r in 0..mt {
+        part[((ks * mt + r) * BN + nl) as usize] = acc[r as usize];
+    }
+    sync_cube();
+    // Unit row ks sums the partials of output rows ks, ks + KS, ...
+    let mut r = ks;
+    while r < mt {
+        let mut sum = 0.0f32;
+        #[unroll]
+        for j in 0..KS {
+            sum += part[((j * mt + r) * BN + nl) as usize];
+        }
+        if col < n && row0 + r < m {
+            y[((row0 + r) * n + col) as usize] = F::cast_from(sum);
+        }
+        r += KS;
+    }
+}
+
+/// `y = x @ w` with `BM x BN` output tiles per cube and `TM x TN` per unit: each K
+/// step stages x `[BM, 32]` and the dequantized weight `[32, BN]` in shared memory as
+/// f32, then multiplies from registers.
+#[kiln_macros::kernel(
+    tune(BM = [64, 32], BN = [64, 32], TM = [4], TN = [4]),
+    require((BM / TM) * (BN / TN) <= 1024, BM <= m.next_power_of_two().max(32)),
+    key(m = pow2, n = pow2, k = pow2, dtype),
+    grid = (n.div_ceil(BN), m.div_ceil(BM)),
+    cube = (BN / TN, BM / TM),
+    name = "qgemm_tiled",
+    defaults(wkind = 0)
+)]
+pub fn qgemm_tiled<F: Float>(
+    x: &Array<F>,
+    qweight: &Array<u32>,
+    scales: &Array<f32>,
+    zeros: &Array<f32>,
+    g_idx: &Array<u32>,
+    y: &mut Array<F>,
+    m: u32,
+    n: u32,
+    k: u32,
+    group_size: u32,
+    shift: u32,
+    #[comptime] wkind: u32,
+    #[comptime] act_order: bool,
+) {
+    let units = comptime!((BM / TM) * (BN / TN));
+    let tx = UNIT_POS_X;
+    let ty = UNIT_POS_Y;
+    let m0 = CUBE_POS_Y * BM;
+    let n0 = CUBE_POS_X * BN;
+    let mut xs = SharedMemory::<f32>::new(comptime!((BM * TILE_K) as usize));
+    let mut ws = SharedMemory::<f32>::new(comptime!((TILE_K * BN) as usize));
+    let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
+    #[unroll]
+    for e in 0..TM * TN {
+        acc[e as usize] = 0.0;
+    }
+    let mut k0 = 0u32;
+    while k0 < k {
+        load_tile::<F>(
+            &mut xs,
+            0,
+            x,
+            m0 * k + k0,
+            k,
+            m - m0,
+            k - k0,
+            BM,
+            TILE_K,
+            true,
+            units,
+        );
+        if comptime!(wkind == 0) {
+            // One unit per int4 word: eight rows of one column.
+            let mut idx = UNIT_POS;
+            while idx < comptime!(TILE_K / 8 * BN) {
+                let wl = idx / BN;
+                let nl = idx % BN;
+                let kw = k0 / 8 + wl;
+                let col = n0 + nl;
+                if kw * 8 < k && col < n {
+                    let word = qweight[(kw * n + col) as usize];
+                    let g = group_of(g_idx, kw * 8, group_size, false);
+                    let mut s = scales[(g * n + col) as usize];
+                    let mut z = zeros[(g * n + col) as usize];
+                    #[unroll]
+                    for i in 0..8u32 {
+                        if comptime!(act_order) {
+                            let ga = g_idx[(kw * 8 + i) as usize];
+                            s = scales[(ga * n + col) as usize];
+                            z = zeros[(ga * n + col) as usize];
+                        }
+                        ws[((wl * 8 + i) * BN + nl) as usize] =
+                            (f32::cast_from(unpack_u4(word, i)) - z) * s;
+                    }
+                } else {
+                    #[unroll]
+                    for i in 0..8u32 {
+                        ws[((wl * 8 + i) * BN + nl) as usize] = 0.0;
+                    }
+                }
+                idx += units;
+            }
+        } else {
+            let mut idx = UNIT_POS;
+            while idx < comptime!(TILE_K * BN) {
+                let kk = k0 + idx / BN;
+                let col = n0 + idx % BN;
+                let mut v = 0.0f32;
+                if kk < k && col < n {
+                    v = dequant_i8(qweight, kk * n + col, scales[col as usize], shift);
+                }
+                ws[idx as usize] = v;
+                idx += units;
+            }
+        }
+        sync_cube();
+        reg_tile_mma::<f32>(&mut acc, &xs, 0, &ws, 0, ty, tx, BM, BN, TILE_K, TM, TN);
+        sync_cube();
+        k0 += TILE_K;
+    }
+    #[unroll]
+    for i in 0..TM {
+        #[unroll]
+        for j in 0..TN {
+            let row = m0 + ty + i * comptime!(BM / TM);
+            let col = n0 + tx + j * comptime!(BN / TN);
+            if row < m && col < n {
+                y[(row * n + col) as usize] = F::cast_from(acc[(i * TN + j) as usize]);
+            }
+        }
+    }
+}
+
+/// The AWQ nibble slot of column `j` of a group of eight: AWQ packs columns in the
+/// order [0, 2, 4, 6, 1, 3, 5, 7], so column j sits in slot `j / 2 + 4 (j % 2)`.
+#[cube]
+pub fn awq_slot(j: u32) -> u32 {
+    j / 2 + 4 * (j % 2)
+}
+
+/// One-time conversion of a GPTQ or AWQ checkpoint to kiln's layout: `out_q` u32
+/// `[K/8, N]` (packed along K), `out_s` f32 scales and `out_z` f32 zero points, both
+/// `[K/G, N]`. `zero_offset` is 1 for GPTQ v1 (which stores z - 1); without
+/// `has_zeros` the zero point is 8 (symmetric). One unit per output word and per
+/// (group, column).
+#[kiln_macros::kernel(
+    tune(UNITS = [256]),
+    grid = (items.div_ceil(UNITS).min(65_535), items.div_ceil(UNITS).div_ceil(65_535)),
+    cube = UNITS,
+    name = "w4a16_repack"
+)]
+pub fn w4a16_repack<F: Float>(
+    qweight: &Array<u32>,
+    qzeros: &Array<u32>,
+    scales: &Array<F>,
+    out_q: &mut Array<u32>,
+    out_s: &mut Array<f32>,
+    out_z: &mut Array<f32>,
+    n: u32,
+    words: u32,
+    group_cols: u32,
+    items: u32,
+    zero_offset: u32,
+    #[comptime] awq: bool,
+    #[comptime] has_zeros: bool,
+) {
+    let i = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * UNITS + UNIT_POS;
+    if i < words {
+        if comptime!(awq) {
+            let kw = i / n;
+            let col = i % n;
+            let mut word = 0u32;
+            #[unroll]
+            for s in 0..8u32 {
+                let src = qweight[((kw * 8 + s) * (n / 8) + col / 8) as usize];
+                word |= unpack_u4(src, awq_slot(col % 8)) << (s * 4);
+            }
+            out_q[i as usize] = word;
+        } else {
+            out_q[i as usize] = qweight[i as usize];
+        }
+    }
+    if i < group_cols {
+        let g = i / n;
+        let col = i % n;
+        out_s[i as usize] = f32::cast_from(scales[i as usize]);
+        let mut z = 8u32;
+        if comptime!(has_zeros) {
+            let zw = qzeros[(g * (n / 8) + col / 8) as usize];
+            let mut slot = col % 8;
+            if comptime!(awq) {
+                slot = awq_slot(col % 8);
+            }
+            z = unpack_u4(zw, slot) + zero_offset;
+        }
+        out_z[i as usize] = f32::cast_from(z);
+    }
+}

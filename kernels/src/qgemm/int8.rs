@@ -1,0 +1,172 @@
+//! W8A8: `y[m, n] = sx[m] sw[n] sum_k xq[m, k] wq[n, k] (+ bias[n])` with an i32
+//! accumulator, and the per-token quantizer that feeds it.
+//!
+//! int8 tensors are read as the bytes of 32-bit words (`kiln_dsl::load_i8`), so any K
+//! works, aligned or not.
+
+use cubecl::prelude::*;
+use kiln_dsl::{cube_max, i8_bits, load_i8, reg_tile_mma, round_half_even};
+
+/// Depth of a K step of the W8A8 kernel.
+pub const INT8_TILE_K: u32 = 32;
+
+/// Both operands are K-contiguous (`xq` `[M, K]`, `wq` `[N, K]`): each K step stages
+/// them depth-major as i32, multiplies exactly in i32, and the epilogue scales once.
+#[kiln_macros::kernel(
+    tune(BM = [64, 32], BN = [64, 32], TM = [4], TN = [4]),
+    require((BM / TM) * (BN / TN) <= 1024, BM <= m.next_power_of_two().max(32)),
+    key(m = pow2, n = pow2, k = pow2, dtype),
+    grid = (n.div_ceil(BN), m.div_ceil(BM)),
+    cube = (BN / TN, BM / TM),
+    name = "w8a8_gemm"
+)]
+pub fn w8a8_gemm<F: Float>(
+    xq: &Array<u32>,
+    sx: &Array<f32>,
+    wq: &Array<u32>,
+    sw: &Array<f32>,
+    bias: &Array<f32>,
+    y: &mut Array<F>,
+    m: u32,
+    n: u32,
+    k: u32,
+    #[comptime] has_bias: bool,
+) {
+    let units = comptime!((BM / TM) * (BN / TN));
+    let tx = UNIT_POS_X;
+    let ty = UNIT_POS_Y;
+    let m0 = CUBE_POS_Y * BM;
+    let n0 = CUBE_POS_X * BN;
+    let mut xs = SharedMemory::<i32>::new(comptime!((BM * INT8_TILE_K) as usize));
+    let mut ws = SharedMemory::<i32>::new(comptime!((BN * INT8_TILE_K) as usize));
+    let mut acc = Array::<i32>::new(comptime!((TM * TN) as usize));
+    #[unroll]
+    for e in 0..TM * TN {
+        acc[e as usize] = 0;
+    }
+    let mut k0 = 0u32;
+    while k0 < k {
+        // Consecutive units read consecutive bytes of a row; stored depth-major.
+        let mut idx = UNIT_POS;
+        while idx < comptime!(BM * INT8_TILE_K) {
+            let r = idx / INT8_TILE_K;
+            let d = idx % INT8_TILE_K;
+            let mut v = 0i32;
+            if m0 + r < m && k0 + d < k {
+                v = load_i8(xq, (m0 + r) * k + k0 + d);
+            }
+            xs[(d * BM + r) as usize] = v;
+            idx += units;
+        }
+        let mut idx = UNIT_POS;
+        while idx < comptime!(BN * INT8_TILE_K) {
+            let c = idx / INT8_TILE_K;
+            let d = idx % INT8_TILE_K;
+            let mut v = 0i32;
+            if n0 + c < n && k0 + d < k {
+                v = load_i8(wq, (n0 + c) * k + k0 + d);
+            }
+            ws[(d * BN + c) as usize] = v;
+            idx += units;
+        }
+        sync_cube();
+        reg_tile_mma::<i32>(
+            &mut acc,
+            &xs,
+            0,
+            &ws,
+            0,
+            ty,
+            tx,
+            BM,
+            BN,
+            INT8_TILE_K,
+            TM,
+            TN,
+        );
+        sync_cube();
+        k0 += INT8_TILE_K;
+    }
+    #[unroll]
+    for i in 0..TM {
+        #[unroll]
+        for j in 0..TN {
+            let row = m0 + ty + i * comptime!(BM / TM);
+            let col = n0 + tx + j * comptime!(BN / TN);
+            if row < m && col < n {
+                let mut v = f32::cast_from(acc[(i * TN + j) as usize])
+                    * sx[row as usize]
+                    * sw[col as usize];
+                if comptime!(has_bias) {
+                    v += bias[col as usize];
+                }
+                y[(row * n + col) as usize] = F::cast_from(v);
+            }
+        }
+    }
+}
+
+/// `sx[row] = max_k |x[row, k]| / 127`, one cube per row.
+#[kiln_macros::kernel(
+    tune(UNITS = [256, 64]),
+    require(UNITS <= cols.next_power_of_two().max(64)),
+    key(rows = pow2, cols = pow2, dtype),
+    grid = (rows.min(65_535), rows.div_ceil(65_535)),
+    cube = UNITS,
+    name = "token_scale"
+)]
+pub fn token_scale<F: Float>(x: &Array<F>, sx: &mut Array<f32>, rows: u32, cols: u32) {
+    let row = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
+    // Every unit of the cube takes part in the reduction; a row past the end reads row 0.
+    let base = select(row < rows, row, 0) * cols;
+    let mut m = 0.0f32;
+    let mut j = UNIT_POS;
+    while j < cols {
+        m = max(m, f32::abs(f32::cast_from(x[(base + j) as usize])));
+        j += UNITS;
+    }
+    let mut smem = SharedMemory::<f32>::new(UNITS as usize);
+    let mx = cube_max(&mut smem, m, UNITS);
+    if UNIT_POS == 0 && row < rows {
+        sx[row as usize] = mx / 127.0;
+    }
+}
+
+/// `xq = clamp(round(x / sx[row]), -127, 127)`, ties to even (0 where the row is all
+/// zeros). One unit per output word of four bytes, which may span two rows.
+#[kiln_macros::kernel(
+    tune(UNITS = [256]),
+    grid = (words.div_ceil(UNITS).min(65_535), words.div_ceil(UNITS).div_ceil(65_535)),
+    cube = UNITS,
+    name = "token_quantize"
+)]
+pub fn token_quantize<F: Float>(
+    x: &Array<F>,
+    sx: &Array<f32>,
+    xq: &mut Array<u32>,
+    len: u32,
+    cols: u32,
+    words: u32,
+) {
+    let w = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * UNITS + UNIT_POS;
+    if w < words {
+        let mut word = 0u32;
+        #[unroll]
+        for b in 0..4u32 {
+            let e = w * 4 + b;
+            if e < len {
+                let s = sx[(e / cols) as usize];
+                let mut q = 0.0f32;
+                if s > 0.0 {
+                    q = clamp(
+                        round_half_even(f32::cast_from(x[e as usize]) / s),
+                        -127.0,
+                        127.0,
+                    );
+                }
+                word |= i8_bits(i32::cast_from(q)) << (b * 8);
+            }
+        }
+        xq[w as usize] = word;
+    }
+}

@@ -1,0 +1,455 @@
+//! `kiln run` entries of the quantized GEMMs and their kernels for `kiln emit`.
+
+use super::dequant::{QGEMM_GEMV_KERNEL, QGEMM_TILED_KERNEL, W4A16_REPACK_KERNEL};
+use super::flexround::{
+    FLEXROUND_BACKWARD_COLS_KERNEL, FLEXROUND_BACKWARD_ROWS_KERNEL,
+    FLEXROUND_BACKWARD_TOTAL_KERNEL, FLEXROUND_FORWARD_KERNEL,
+};
+use super::int8::{TOKEN_QUANTIZE_KERNEL, TOKEN_SCALE_KERNEL, W8A8_GEMM_KERNEL};
+use super::{
+    flexround, flexround_backward, quantize_per_token, w4a16, w4a16_repack, w8_bits, w8a8,
+    FlexRoundInputs, W4Format, W4Weights,
+};
+use kiln_runtime::{
+    Client, DType, Error, KernelSpec, OpArgs, OpSpec, Outputs, ParamSpec, Result, TensorSpec,
+};
+
+/// Every quantized-GEMM kernel, for `kiln emit`.
+pub static KERNELS: [&KernelSpec; 10] = [
+    &QGEMM_GEMV_KERNEL,
+    &QGEMM_TILED_KERNEL,
+    &W4A16_REPACK_KERNEL,
+    &W8A8_GEMM_KERNEL,
+    &TOKEN_SCALE_KERNEL,
+    &TOKEN_QUANTIZE_KERNEL,
+    &FLEXROUND_FORWARD_KERNEL,
+    &FLEXROUND_BACKWARD_ROWS_KERNEL,
+    &FLEXROUND_BACKWARD_COLS_KERNEL,
+    &FLEXROUND_BACKWARD_TOTAL_KERNEL,
+];
+
+const fn t(
+    name: &'static str,
+    shape: &'static str,
+    dtypes: &'static str,
+    optional: bool,
+    doc: &'static str,
+) -> TensorSpec {
+    TensorSpec {
+        name,
+        shape,
+        dtypes,
+        optional,
+        doc,
+    }
+}
+
+const fn p(
+    name: &'static str,
+    default: &'static str,
+    values: &'static str,
+    doc: &'static str,
+) -> ParamSpec {
+    ParamSpec {
+        name,
+        default,
+        values,
+        doc,
+    }
+}
+
+const X: TensorSpec = t("x", "[M, K]", "f32 | f16 | bf16", false, "activations");
+const QWEIGHT: TensorSpec = t(
+    "qweight",
+    "gptq, kiln: [K/8, N]; awq: [K, N/8]",
+    "i32",
+    false,
+    "packed 4-bit codes",
+);
+const SCALES: TensorSpec = t(
+    "scales",
+    "[K/G, N]",
+    "a float dtype (kiln: f32)",
+    false,
+    "group scales",
+);
+const QZEROS: TensorSpec = t(
+    "qzeros",
+    "gptq, awq: [K/G, N/8] i32; kiln: [K/G, N] f32",
+    "i32 | f32",
+    true,
+    "zero points (absent: symmetric, z = 8)",
+);
+const G_IDX: TensorSpec = t(
+    "g_idx",
+    "[K]",
+    "i32",
+    true,
+    "act-order group of each row (absent: k / G)",
+);
+const FORMAT: ParamSpec = p("format", "gptq", "gptq | awq | kiln", "checkpoint layout");
+const GROUP: ParamSpec = p(
+    "group_size",
+    "128",
+    "32 | 64 | 128 | -1",
+    "rows per group (-1: per channel)",
+);
+const VERSION: ParamSpec = p(
+    "gptq_version",
+    "1",
+    "1 | 2",
+    "GPTQ zero storage: 1 stores z - 1, 2 stores z",
+);
+
+fn w4_weights<'a>(a: &'a OpArgs) -> Result<W4Weights<'a>> {
+    Ok(W4Weights {
+        format: W4Format::parse(&a.param("format")?, a.param_as("gptq_version")?)?,
+        qweight: a.tensor("qweight")?,
+        scales: a.tensor("scales")?,
+        qzeros: a.optional_tensor("qzeros"),
+        g_idx: a.optional_tensor("g_idx"),
+        group_size: a.param_as("group_size")?,
+    })
+}
+
+/// `--shape M x N x K`: x and a GPTQ v1 weight with G = 128 (K rounded up to a multiple
+/// of 128; symmetric when N is not a multiple of 8).
+fn w4_inputs(dims: &[usize]) -> Result<Vec<(&'static str, Vec<usize>)>> {
+    let (m, n, k) = mnk(dims)?;
+    // K rounded up to the default group size; zero points where N packs into words.
+    let k = k.div_ceil(128) * 128;
+    let groups = k / 128;
+    let mut v = vec![
+        ("x", vec![m, k]),
+        ("qweight", vec![k / 8, n]),
+        ("scales", vec![groups, n]),
+    ];
+    if n % 8 == 0 {
+        v.push(("qzeros", vec![groups, n / 8]));
+    }
+    Ok(v)
+}
+
+fn mnk(dims: &[usize]) -> Result<(usize, usize, usize)> {
+    match dims {
+        &[m, n, k] => Ok((m, n, k)),
+        _ => Err(Error::Param {
+            param: "--shape".into(),
+            expected: "M x N x K".into(),
+            found: format!("{dims:?}"),
+        }),
+    }
+}
+
+/// A GEMM's 2 M N K flops; bytes: x, y at `elem` bytes, the weight at `weight_bits`.
+fn gemm_cost(dims: &[usize], elem: usize, weight_bits: f64) -> (f64, f64) {
+    let Ok((m, n, k)) = mnk(dims) else {
+        return (0.0, 0.0);
+    };
+    let (m, n, k) = (m as f64, n as f64, k as f64);
+    (
+        2.0 * m * n * k,
+        (m * k + m * n) * elem as f64 + k * n * weight_bits / 8.0,
+    )
+}
+
+fn run_w4a16(_: &Client, a: &OpArgs) -> Result<Outputs> {
+    Ok(vec![("y", w4a16(a.tensor("x")?, &w4_weights(a)?)?)])
+}
+
+/// `w4a16`: int4 weight-only GEMM.
+pub static W4A16: OpSpec = OpSpec {
+    name: "w4a16",
+    summary:
+        "y = x @ dequant(W) for GPTQ (v1/v2), AWQ or kiln-packed int4 weights, f32 accumulation",
+    inputs: &[X, QWEIGHT, SCALES, QZEROS, G_IDX],
+    outputs: &[t("y", "[M, N]", "x's dtype", false, "the product")],
+    params: &[FORMAT, GROUP, VERSION],
+    run: run_w4a16,
+    problem: "M x N x K (a GPTQ v1 weight, G = 128)",
+    example_inputs: w4_inputs,
+    cost: |dims, elem| gemm_cost(dims, elem, 4.0),
+};
+
+fn run_w4a16_repack(_: &Client, a: &OpArgs) -> Result<Outputs> {
+    let p = w4a16_repack(&w4_weights(a)?)?;
+    let mut out = vec![
+        ("qweight", p.qweight),
+        ("scales", p.scales),
+        ("qzeros", p.qzeros),
+    ];
+    if let Some(g) = p.g_idx {
+        out.push(("g_idx", g));
+    }
+    Ok(out)
+}
+
+/// `w4a16_repack`: checkpoint -> kiln layout, once per model.
+pub static W4A16_REPACK: OpSpec = OpSpec {
+    name: "w4a16_repack",
+    summary: "convert a GPTQ/AWQ int4 weight to kiln's layout (run w4a16 on it with format=kiln)",
+    inputs: &[QWEIGHT, SCALES, QZEROS, G_IDX],
+    outputs: &[
+        t("qweight", "[K/8, N]", "i32", false, "codes packed along K"),
+        t("scales", "[K/G, N]", "f32", false, "group scales"),
+        t("qzeros", "[K/G, N]", "f32", false, "true zero points"),
+        t("g_idx", "[K]", "i32", true, "act-order groups, when given"),
+    ],
+    params: &[FORMAT, GROUP, VERSION],
+    run: run_w4a16_repack,
+    problem: "N x K (a GPTQ weight, G = 128)",
+    example_inputs: |dims| {
+        let &[n, k] = dims else {
+            return Err(Error::Param {
+                param: "--shape".into(),
+                expected: "N x K".into(),
+                found: format!("{dims:?}"),
+            });
+        };
+        Ok(w4_inputs(&[1, n, k])?.into_iter().skip(1).collect())
+    },
+    cost: |dims, _| match dims {
+        &[n, k] => (0.0, (n * k) as f64),
+        _ => (0.0, 0.0),
+    },
+};
+
+fn run_w8a8(_: &Client, a: &OpArgs) -> Result<Outputs> {
+    let out = DType::parse(&a.param_choice("out_dtype", &["f32", "f16", "bf16"])?)?;
+    let y = w8a8(
+        a.tensor("xq")?,
+        a.tensor("sx")?,
+        a.tensor("wq")?,
+        a.tensor("sw")?,
+        a.optional_tensor("bias"),
+        out,
+    )?;
+    Ok(vec![("y", y)])
+}
+
+/// `w8a8`: int8 x int8 GEMM with per-token and per-channel scales.
+pub static W8A8: OpSpec = OpSpec {
+    name: "w8a8",
+    summary: "y = sx sw (xq @ wq^T) + bias with int8 operands and an exact i32 accumulator",
+    inputs: &[
+        t("xq", "[M, K]", "i8", false, "quantized activations"),
+        t("sx", "[M]", "f32", false, "per-token scales"),
+        t("wq", "[N, K]", "i8", false, "quantized weight (out x in)"),
+        t("sw", "[N]", "f32", false, "per-channel scales"),
+        t("bias", "[N]", "f32", true, "bias"),
+    ],
+    outputs: &[t(
+        "y",
+        "[M, N]",
+        "out_dtype (f32 | f16 | bf16)",
+        false,
+        "the product",
+    )],
+    params: &[p("out_dtype", "f32", "f32 | f16 | bf16", "dtype of y")],
+    run: run_w8a8,
+    problem: "M x N x K",
+    example_inputs: |dims| {
+        let (m, n, k) = mnk(dims)?;
+        Ok(vec![
+            ("xq", vec![m, k]),
+            ("sx", vec![m]),
+            ("wq", vec![n, k]),
+            ("sw", vec![n]),
+        ])
+    },
+    cost: |dims, _| {
+        let Ok((m, n, k)) = mnk(dims) else {
+            return (0.0, 0.0);
+        };
+        (2.0 * (m * n * k) as f64, (m * k + n * k + 4 * m * n) as f64)
+    },
+};
+
+fn run_quantize(_: &Client, a: &OpArgs) -> Result<Outputs> {
+    let (xq, sx) = quantize_per_token(a.tensor("x")?)?;
+    Ok(vec![("xq", xq), ("sx", sx)])
+}
+
+/// `quantize_per_token`: float activations -> (xq, sx) for `w8a8`.
+pub static QUANTIZE_PER_TOKEN: OpSpec = OpSpec {
+    name: "quantize_per_token",
+    summary:
+        "dynamic per-token int8 quantization: sx = max|x| / 127, xq = round(x / sx) (ties to even)",
+    inputs: &[X],
+    outputs: &[
+        t("xq", "[M, K]", "i8", false, "codes in -127..=127"),
+        t("sx", "[M]", "f32", false, "per-token scales"),
+    ],
+    params: &[],
+    run: run_quantize,
+    problem: "M x K",
+    example_inputs: crate::launch::x_only,
+    cost: |dims, elem| {
+        let n: usize = dims.iter().product();
+        (2.0 * n as f64, (n * (elem + 1)) as f64)
+    },
+};
+
+fn run_w8_bits(_: &Client, a: &OpArgs) -> Result<Outputs> {
+    let bits = a.param_as("bits")?;
+    Ok(vec![(
+        "y",
+        w8_bits(a.tensor("x")?, a.tensor("q8")?, a.tensor("s8")?, bits)?,
+    )])
+}
+
+/// `w8_bits`: one int8 weight served at 8, 6, 4 or 2 bits.
+pub static W8_BITS: OpSpec = OpSpec {
+    name: "w8_bits",
+    summary:
+        "y = x @ W_b, the b-bit Double Rounding view of an int8 weight (shift-rounded in the GEMM)",
+    inputs: &[
+        X,
+        t("q8", "[K, N]", "i8", false, "int8 codes"),
+        t(
+            "s8",
+            "[N]",
+            "f32",
+            false,
+            "per-channel scales of the int8 codes",
+        ),
+    ],
+    outputs: &[t("y", "[M, N]", "x's dtype", false, "the product")],
+    params: &[p(
+        "bits",
+        "8",
+        "8 | 6 | 4 | 2",
+        "precision: q_b = clamp(round(q8 / 2^(8-b))) ties to even, s_b = s8 2^(8-b)",
+    )],
+    run: run_w8_bits,
+    problem: "M x N x K",
+    example_inputs: |dims| {
+        let (m, n, k) = mnk(dims)?;
+        Ok(vec![("x", vec![m, k]), ("q8", vec![k, n]), ("s8", vec![n])])
+    },
+    cost: |dims, elem| gemm_cost(dims, elem, 8.0),
+};
+
+const W: TensorSpec = t("w", "[rows, cols]", "f32 | f16 | bf16", false, "the weight");
+const FLEX_INPUTS: [TensorSpec; 5] = [
+    W,
+    t("s1", "[1]", "w's dtype", false, "per-tensor scale"),
+    t(
+        "s2",
+        "[rows, cols]",
+        "w's dtype",
+        false,
+        "per-element divisor",
+    ),
+    t(
+        "s3",
+        "[rows]",
+        "w's dtype",
+        false,
+        "per-output-channel divisor",
+    ),
+    t(
+        "s4",
+        "[cols]",
+        "w's dtype",
+        false,
+        "per-input-channel divisor",
+    ),
+];
+const QMIN: ParamSpec = p("qmin", "-8", "a number <= qmax", "smallest code");
+const QMAX: ParamSpec = p("qmax", "7", "a number >= qmin", "largest code");
+
+fn flex_inputs(a: &OpArgs) -> Result<FlexRoundInputs<'_>> {
+    Ok(FlexRoundInputs {
+        w: a.tensor("w")?,
+        s1: a.tensor("s1")?,
+        s2: a.tensor("s2")?,
+        s3: a.tensor("s3")?,
+        s4: a.tensor("s4")?,
+        qmin: a.param_as("qmin")?,
+        qmax: a.param_as("qmax")?,
+    })
+}
+
+fn flex_shapes(dims: &[usize]) -> Result<Vec<(&'static str, Vec<usize>)>> {
+    let &[r, c] = dims else {
+        return Err(Error::Param {
+            param: "--shape".into(),
+            expected: "rows x cols".into(),
+            found: format!("{dims:?}"),
+        });
+    };
+    Ok(vec![
+        ("w", vec![r, c]),
+        ("s1", vec![1]),
+        ("s2", vec![r, c]),
+        ("s3", vec![r]),
+        ("s4", vec![c]),
+    ])
+}
+
+/// `flexround`: fake quantization forward.
+pub static FLEXROUND: OpSpec = OpSpec {
+    name: "flexround",
+    summary: "FlexRound fake quantization: wq = s1 clamp(round(w / (s1 S2 s3 s4)), qmin, qmax)",
+    inputs: &FLEX_INPUTS,
+    outputs: &[t(
+        "wq",
+        "[rows, cols]",
+        "w's dtype",
+        false,
+        "fake-quantized weight",
+    )],
+    params: &[QMIN, QMAX],
+    run: |_, a| Ok(vec![("wq", flexround(&flex_inputs(a)?)?)]),
+    problem: "rows x cols",
+    example_inputs: flex_shapes,
+    cost: |dims, elem| {
+        let n: usize = dims.iter().product();
+        (5.0 * n as f64, (3 * n * elem) as f64)
+    },
+};
+
+fn run_flex_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
+    let g = flexround_backward(&flex_inputs(a)?, a.tensor("grad")?)?;
+    Ok(vec![
+        ("dw", g.dw),
+        ("ds1", g.ds1),
+        ("ds2", g.ds2),
+        ("ds3", g.ds3),
+        ("ds4", g.ds4),
+    ])
+}
+
+/// `flexround_backward`: straight-through gradients.
+pub static FLEXROUND_BACKWARD: OpSpec = OpSpec {
+    name: "flexround_backward",
+    summary: "FlexRound's straight-through backward: gradients for w, s1, S2, s3, s4",
+    inputs: &[
+        FLEX_INPUTS[0],
+        FLEX_INPUTS[1],
+        FLEX_INPUTS[2],
+        FLEX_INPUTS[3],
+        FLEX_INPUTS[4],
+        t("grad", "[rows, cols]", "w's dtype", false, "dL/dwq"),
+    ],
+    outputs: &[
+        t("dw", "[rows, cols]", "w's dtype", false, "dL/dw"),
+        t("ds1", "[1]", "w's dtype", false, "dL/ds1"),
+        t("ds2", "[rows, cols]", "w's dtype", false, "dL/dS2"),
+        t("ds3", "[rows]", "w's dtype", false, "dL/ds3"),
+        t("ds4", "[cols]", "w's dtype", false, "dL/ds4"),
+    ],
+    params: &[QMIN, QMAX],
+    run: run_flex_backward,
+    problem: "rows x cols",
+    example_inputs: |dims| {
+        let mut v = flex_shapes(dims)?;
+        v.push(("grad", dims.to_vec()));
+        Ok(v)
+    },
+    cost: |dims, elem| {
+        let n: usize = dims.iter().product();
+        (20.0 * n as f64, (8 * n * elem) as f64)
+    },
+};

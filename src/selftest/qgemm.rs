@@ -1,0 +1,257 @@
+//! Selftest cases of the quantized GEMMs: small, ragged, through the checkpoint
+//! formats (built by the reference's packer), against dequantize-then-multiply in f64.
+
+use super::Case;
+use crate::check::Rng;
+use crate::kernels::qgemm::reference::{self as qr, W4Codes};
+use crate::HostTensor;
+use std::collections::BTreeMap;
+
+type Inputs = Vec<(&'static str, Vec<usize>, Vec<f64>)>;
+
+const M: usize = 3;
+const N: usize = 40;
+const K: usize = 96;
+const G: usize = 32;
+
+fn words(v: Vec<i32>) -> Vec<f64> {
+    v.into_iter().map(f64::from).collect()
+}
+
+/// The codes of a random [K, N] weight, scales rounded to f16 (as checkpoints store).
+fn w4_codes(rng: &mut Rng) -> W4Codes {
+    let mut c = W4Codes::quantize(&rng.normals(K * N, 0.05), K, N, G);
+    for s in &mut c.s {
+        *s = crate::runtime::half::f16::from_f64(*s).to_f64();
+    }
+    c
+}
+
+/// x [3, 96] and a GPTQ v1 checkpoint (G = 32) of a [96, 40] weight.
+fn gptq_inputs(rng: &mut Rng) -> Inputs {
+    let c = w4_codes(rng);
+    vec![
+        ("x", vec![M, K], rng.normals(M * K, 1.0)),
+        ("qweight", vec![K / 8, N], words(c.gptq_qweight())),
+        ("scales", vec![K / G, N], c.s.clone()),
+        ("qzeros", vec![K / G, N / 8], words(c.qzeros("gptq", 1))),
+    ]
+}
+
+/// The same weight as AWQ tensors.
+fn awq_inputs(rng: &mut Rng) -> Inputs {
+    let c = w4_codes(rng);
+    vec![
+        ("qweight", vec![K, N / 8], words(c.awq_qweight())),
+        ("scales", vec![K / G, N], c.s.clone()),
+        ("qzeros", vec![K / G, N / 8], words(c.qzeros("awq", 0))),
+    ]
+}
+
+/// Unpacks GPTQ v1 tensors (independently of the kernels' unpacking).
+fn gptq_weight(i: &BTreeMap<String, HostTensor>) -> Vec<f64> {
+    let qw = i["qweight"].to_f64();
+    let qz = i["qzeros"].to_f64();
+    let s = i["scales"].to_f64();
+    let nib = |w: f64, slot: usize| ((w as i64 as u32 >> (4 * slot)) & 15) as f64;
+    let mut w = vec![0.0; K * N];
+    for r in 0..K {
+        for c in 0..N {
+            let g = r / G;
+            let z = nib(qz[g * (N / 8) + c / 8], c % 8) + 1.0;
+            w[r * N + c] = (nib(qw[(r / 8) * N + c], r % 8) - z) * s[g * N + c];
+        }
+    }
+    w
+}
+
+fn ints(rng: &mut Rng, n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|_| (rng.uniform() * 255.0).floor() - 127.0)
+        .collect()
+}
+
+/// xq [5, 77] (rows not word-aligned), wq [37, 77], positive scales, bias.
+fn w8a8_inputs(rng: &mut Rng) -> Inputs {
+    let (m, n, k) = (5, 37, 77);
+    vec![
+        ("xq", vec![m, k], ints(rng, m * k)),
+        (
+            "sx",
+            vec![m],
+            (0..m).map(|_| 0.01 + 0.01 * rng.uniform()).collect(),
+        ),
+        ("wq", vec![n, k], ints(rng, n * k)),
+        (
+            "sw",
+            vec![n],
+            (0..n).map(|_| 0.01 + 0.01 * rng.uniform()).collect(),
+        ),
+        ("bias", vec![n], rng.normals(n, 1.0)),
+    ]
+}
+
+/// x [4, 51] with an all-zero row and an outlier.
+fn token_inputs(rng: &mut Rng) -> Inputs {
+    let (m, k) = (4, 51);
+    let mut x = rng.normals(m * k, 2.0);
+    x[k..2 * k].fill(0.0);
+    x[2 * k + 3] = 300.0;
+    vec![("x", vec![m, k], x)]
+}
+
+/// x [5, 77], q8 [77, 37] containing every int8 code, s8 [37].
+fn w8_bits_inputs(rng: &mut Rng) -> Inputs {
+    let (m, n, k) = (5, 37, 77);
+    let mut q8 = ints(rng, k * n);
+    for (i, v) in q8.iter_mut().take(256).enumerate() {
+        *v = i as f64 - 128.0;
+    }
+    vec![
+        ("x", vec![m, k], rng.normals(m * k, 1.0)),
+        ("q8", vec![k, n], q8),
+        (
+            "s8",
+            vec![n],
+            (0..n).map(|_| 0.01 + 0.01 * rng.uniform()).collect(),
+        ),
+    ]
+}
+
+/// w [9, 31], positive divisors, upstream gradient.
+fn flex_inputs(rng: &mut Rng) -> Inputs {
+    let (r, c) = (9, 31);
+    let pos = |rng: &mut Rng, n: usize| (0..n).map(|_| 0.8 + 0.4 * rng.uniform()).collect();
+    vec![
+        ("w", vec![r, c], rng.normals(r * c, 1.0)),
+        ("s1", vec![1], vec![0.1875]),
+        ("s2", vec![r, c], pos(rng, r * c)),
+        ("s3", vec![r], pos(rng, r)),
+        ("s4", vec![c], pos(rng, c)),
+        ("grad", vec![r, c], rng.normals(r * c, 1.0)),
+    ]
+}
+
+fn flex(i: &BTreeMap<String, HostTensor>) -> qr::FlexRound {
+    let f = |n: &str| i[n].to_f64();
+    qr::FlexRound {
+        rows: i["w"].shape[0],
+        cols: i["w"].shape[1],
+        w: f("w"),
+        s1: f("s1")[0],
+        s2: f("s2"),
+        s3: f("s3"),
+        s4: f("s4"),
+        qmin: -8.0,
+        qmax: 7.0,
+    }
+}
+
+/// The quantized-GEMM cases, in `kiln ops` order.
+pub fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            op: "w4a16",
+            params: &[("format", "gptq"), ("group_size", "32")],
+            output: "y",
+            what: "[3,96] @ GPTQ v1 int4 [96,40], G = 32",
+            inputs: gptq_inputs,
+            reference: |i| qr::matmul(&i["x"].to_f64(), &gptq_weight(i), M, K, N),
+            ulps: 64.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "w4a16_repack",
+            params: &[("format", "awq"), ("group_size", "32")],
+            output: "qzeros",
+            what: "AWQ [96,40] G = 32 -> kiln layout, zero points",
+            inputs: awq_inputs,
+            reference: |i| {
+                // Slot s of a word holds column AWQ_ORDER[s] of its group of eight.
+                let qz = i["qzeros"].to_f64();
+                let mut z = vec![0.0; K / G * N];
+                for g in 0..K / G {
+                    for w in 0..N / 8 {
+                        for (slot, &col) in qr::AWQ_ORDER.iter().enumerate() {
+                            z[g * N + w * 8 + col] =
+                                ((qz[g * (N / 8) + w] as i64 as u32 >> (4 * slot)) & 15) as f64;
+                        }
+                    }
+                }
+                z
+            },
+            ulps: 0.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "w8a8",
+            params: &[],
+            output: "y",
+            what: "int8 [5,77] @ int8 [37,77]^T + bias",
+            inputs: w8a8_inputs,
+            reference: |i| {
+                let f = |n: &str| i[n].to_f64();
+                qr::w8a8(
+                    &f("xq"),
+                    &f("sx"),
+                    &f("wq"),
+                    &f("sw"),
+                    Some(&f("bias")),
+                    5,
+                    37,
+                    77,
+                )
+            },
+            ulps: 4.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "quantize_per_token",
+            params: &[],
+            output: "xq",
+            what: "[4,51] with a zero row and an outlier, codes exact",
+            inputs: token_inputs,
+            reference: |i| {
+                let x: Vec<f32> = i["x"].to_f64().iter().map(|&v| v as f32).collect();
+                let (q, _) = qr::quantize_per_token(&x, 4, 51);
+                q.into_iter().map(f64::from).collect()
+            },
+            ulps: 0.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "w8_bits",
+            params: &[("bits", "4")],
+            output: "y",
+            what: "[5,77] @ int8 [77,37] viewed at 4 bits (every code)",
+            inputs: w8_bits_inputs,
+            reference: |i| {
+                let q8: Vec<i8> = i["q8"].to_f64().iter().map(|&v| v as i8).collect();
+                let w = qr::w8_bits_weight(&q8, &i["s8"].to_f64(), 77, 37, 4);
+                qr::matmul(&i["x"].to_f64(), &w, 5, 77, 37)
+            },
+            ulps: 64.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "flexround",
+            params: &[],
+            output: "wq",
+            what: "[9,31] fake quantization to [-8, 7]",
+            inputs: flex_inputs,
+            reference: |i| flex(i).forward(),
+            ulps: 4.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "flexround_backward",
+            params: &[],
+            output: "ds4",
+            what: "[9,31] straight-through backward, ds4 (a column reduction)",
+            inputs: flex_inputs,
+            reference: |i| flex(i).backward(&i["grad"].to_f64()).ds4,
+            ulps: 64.0,
+            floor: 1.0,
+        },
+    ]
+}
