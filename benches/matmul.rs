@@ -2,7 +2,8 @@
 //! f32 matmul on the default device, side by side in one run: kiln autotuned, kiln's
 //! first valid config (what it runs without tuning), and cubek-matmul 0.2.0's
 //! `Strategy::Auto` (cubecl 0.10's own matmul). Shapes: square 256..2048 and the
-//! skinny Llama-7B projection shapes M = 1 and 16 with K = N = 4096.
+//! Llama-7B projection shape K = N = 4096 with M = 1, 16, 128, 2048 (the f32 weights
+//! of the wider Llama projections exceed lavapipe's 128 MiB binding limit).
 //!
 //! `cargo bench --bench matmul`; `KILN_BENCH_QUICK=1` keeps only the small shapes.
 //! Criterion reports time and FLOP/s (`Throughput::Elements` counts flops here).
@@ -61,7 +62,13 @@ fn bench(cr: &mut Criterion) {
     let quick = std::env::var_os("KILN_BENCH_QUICK").is_some();
     let mut shapes = vec![(256, 256, 256), (512, 512, 512), (1024, 1024, 1024)];
     if !quick {
-        shapes.extend([(2048, 2048, 2048), (1, 4096, 4096), (16, 4096, 4096)]);
+        shapes.extend([
+            (2048, 2048, 2048),
+            (1, 4096, 4096),
+            (16, 4096, 4096),
+            (128, 4096, 4096),
+            (2048, 4096, 4096),
+        ]);
     }
     let mut rng = Rng::new(5);
     let mut g = cr.benchmark_group("matmul f32");

@@ -50,6 +50,9 @@ fn gelu_cuda_bf16_vec2() {
 fn emission_is_deterministic() {
     for k in kiln::kernels::kernels() {
         for t in [Target::Cuda, Target::Wgsl] {
+            if k.tensor_cores && t == Target::Wgsl {
+                continue; // refused, see below
+            }
             let a = source(k.name, t, &[]);
             let b = source(k.name, t, &[]);
             assert_eq!(a, b, "{} {:?}", k.name, t);
@@ -64,13 +67,15 @@ fn matmul_cuda_staged_f16_fused() {
         Target::Cuda,
         &[
             ("dtype", "f16"),
-            ("bm", "32"),
-            ("bn", "32"),
-            ("bk", "4"),
-            ("tm", "2"),
-            ("tn", "2"),
-            ("bias", "true"),
-            ("activation", "gelu")
+            ("BM", "64"),
+            ("BN", "64"),
+            ("BK", "16"),
+            ("TM", "4"),
+            ("TN", "4"),
+            ("STAGE", "1"),
+            ("VEC", "4"),
+            ("has_bias", "true"),
+            ("act", "2")
         ]
     ));
 }
@@ -81,13 +86,15 @@ fn matmul_wgsl_direct_trans_b() {
         "matmul",
         Target::Wgsl,
         &[
-            ("bm", "8"),
-            ("bn", "32"),
-            ("tm", "1"),
-            ("tn", "2"),
-            ("stage", "false"),
+            ("BM", "4"),
+            ("BN", "256"),
+            ("BK", "1"),
+            ("TM", "1"),
+            ("TN", "4"),
+            ("STAGE", "0"),
+            ("VEC", "1"),
             ("trans_b", "true"),
-            ("residual", "true")
+            ("has_residual", "true")
         ]
     ));
 }
@@ -154,4 +161,30 @@ fn w8a8_gemm_cuda_bias() {
             ("BN", "32")
         ]
     ));
+}
+
+#[test]
+fn matmul_cmma_cuda_f16_bias_gelu() {
+    insta::assert_snapshot!(source(
+        "matmul_cmma",
+        Target::Cuda,
+        &[
+            ("dtype", "f16"),
+            ("PLANES_M", "2"),
+            ("PLANES_N", "2"),
+            ("has_bias", "true"),
+            ("act", "2")
+        ]
+    ));
+}
+
+/// Tensor-core kernels cannot be expressed in WGSL: a clear refusal, not a panic.
+#[test]
+fn tensor_core_kernels_are_refused_for_wgsl() {
+    let spec = kiln::kernels::kernel("matmul_cmma").unwrap();
+    assert!(spec.tensor_cores);
+    let cfg = KernelConfig::new(spec, BTreeMap::new()).unwrap();
+    let e = emit(spec, Target::Wgsl, &cfg).unwrap_err();
+    assert!(matches!(e, kiln::Error::Unsupported { .. }), "{e}");
+    assert!(e.to_string().contains("cmma"), "{e}");
 }

@@ -132,3 +132,77 @@ fn the_registry_entry_emits_both_targets_without_a_device() {
         matches!(emit(&RMS_NORM_KERNEL, Target::Wgsl, &bad), Err(Error::Param { param, .. }) if param == "UNITS")
     );
 }
+
+/// Joint tunables (a list of configurations) and device requirements, on the library's
+/// matmul kernels: the space is the declared list in order, pruned by `require`;
+/// emission accepts only a listed combination; a kernel requiring tensor cores has an
+/// empty space and refuses to launch where there are none.
+#[test]
+fn joint_configurations_and_device_requirements() {
+    use kiln::kernels::matmul::{MatmulCmma, MatmulTiled, MATMUL_TILED_KERNEL};
+    let space = MatmulTiled::space(client(), 64, 64, 64, false, false, false, 0);
+    let first = space[0];
+    assert_eq!(
+        (
+            first.BM,
+            first.BN,
+            first.BK,
+            first.TM,
+            first.TN,
+            first.STAGE,
+            first.VEC
+        ),
+        (64, 64, 16, 4, 4, 1, 1)
+    );
+    assert!(space.len() >= 10, "{} configurations", space.len());
+    assert!(space.iter().all(|c| c.BM % c.TM == 0 && c.BK % c.VEC == 0));
+    // A combination of listed values that is not a listed configuration.
+    let values = |v: &[(&str, &str)]| -> BTreeMap<String, String> {
+        v.iter()
+            .map(|(k, x)| (k.to_string(), x.to_string()))
+            .collect()
+    };
+    let odd = values(&[
+        ("BM", "128"),
+        ("BN", "64"),
+        ("BK", "16"),
+        ("TM", "4"),
+        ("TN", "4"),
+        ("STAGE", "1"),
+        ("VEC", "1"),
+    ]);
+    let cfg = KernelConfig::new(&MATMUL_TILED_KERNEL, odd).unwrap();
+    let e = emit(&MATMUL_TILED_KERNEL, Target::Cuda, &cfg).unwrap_err();
+    assert!(e.to_string().contains("declared configurations"), "{e}");
+    // Tensor cores: never in the space of a device without them, and refused at launch.
+    let cmma = MatmulCmma::space(client(), 64, 64, 64, false, false, false, 0);
+    assert_eq!(cmma.is_empty(), !client().report().tensor_cores);
+    if !client().report().tensor_cores {
+        let t = |s: &[usize]| Tensor::empty(client(), DType::F16, s).unwrap();
+        let (a, b, c) = (t(&[16, 16]), t(&[16, 16]), t(&[16, 16]));
+        let cfg = kiln::kernels::matmul::MatmulCmmaConfig {
+            PLANES_M: 1,
+            PLANES_N: 1,
+        };
+        if client().supports(DType::F16) {
+            let e = MatmulCmma::launch(
+                client(),
+                &cfg,
+                &a,
+                &b,
+                &a,
+                &a,
+                &c,
+                16,
+                16,
+                16,
+                false,
+                false,
+                false,
+                0,
+            )
+            .unwrap_err();
+            assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+        }
+    }
+}

@@ -6,7 +6,7 @@ mod common;
 
 use common::client;
 use kiln::check::{max_rel_error, Rng};
-use kiln::kernels::matmul::{self, reference, Activation, Epilogue, SPACE};
+use kiln::kernels::matmul::{self, reference, Activation, Epilogue};
 use kiln::{DType, Error, HostTensor, Tensor};
 use std::collections::BTreeMap;
 
@@ -70,7 +70,7 @@ fn every_config(dtype: DType) {
             up(&p.hosts["bias"]),
             up(&p.hosts["residual"]),
         );
-        for cfg in SPACE {
+        for cfg in &matmul::space(client()) {
             let ep = Epilogue {
                 bias: Some(&bias),
                 activation: Activation::Silu,

@@ -138,6 +138,15 @@ pub fn emit(spec: &KernelSpec, target: Target, config: &KernelConfig) -> Result<
         .values()
         .get("dtype")
         .is_some_and(|d| kiln_runtime::DType::parse(d).ok() == Some(kiln_runtime::DType::BF16));
+    if target == Target::Wgsl && spec.tensor_cores {
+        return Err(Error::Unsupported {
+            device: "WGSL".into(),
+            feature: format!(
+                "kernel `{}` (tensor-core cmma instructions: CUDA C++ only)",
+                spec.name
+            ),
+        });
+    }
     if target == Target::Wgsl && bf16 {
         return Err(Error::Unsupported {
             device: "WGSL".into(),

@@ -449,6 +449,7 @@ pub static ADD_KERNEL: KernelSpec = KernelSpec {
     summary: ADD.summary,
     config: EW_CONFIG,
     define: define_add,
+    tensor_cores: false,
 };
 /// Emission entry of the `mul` kernel.
 pub static MUL_KERNEL: KernelSpec = KernelSpec {
@@ -456,6 +457,7 @@ pub static MUL_KERNEL: KernelSpec = KernelSpec {
     summary: MUL.summary,
     config: EW_CONFIG,
     define: define_mul,
+    tensor_cores: false,
 };
 /// Emission entry of the `silu` kernel.
 pub static SILU_KERNEL: KernelSpec = KernelSpec {
@@ -463,6 +465,7 @@ pub static SILU_KERNEL: KernelSpec = KernelSpec {
     summary: SILU.summary,
     config: EW_CONFIG,
     define: define_silu,
+    tensor_cores: false,
 };
 /// Emission entry of the `gelu` kernel.
 pub static GELU_KERNEL: KernelSpec = KernelSpec {
@@ -470,4 +473,5 @@ pub static GELU_KERNEL: KernelSpec = KernelSpec {
     summary: GELU.summary,
     config: EW_CONFIG,
     define: define_gelu,
+    tensor_cores: false,
 };

@@ -54,14 +54,15 @@ pub fn kernels() -> &'static [&'static KernelSpec] {
     })
 }
 
-const BASE_KERNELS: [&KernelSpec; 7] = [
+const BASE_KERNELS: [&KernelSpec; 8] = [
     &elementwise::ADD_KERNEL,
     &elementwise::MUL_KERNEL,
     &elementwise::SILU_KERNEL,
     &elementwise::GELU_KERNEL,
     &rowwise::SOFTMAX_KERNEL,
     &rowwise::LOGSUMEXP_KERNEL,
-    &matmul::MATMUL_KERNEL,
+    &matmul::MATMUL_TILED_KERNEL,
+    &matmul::MATMUL_CMMA_KERNEL,
 ];
 
 /// Looks an operator up by name.

@@ -11,19 +11,18 @@
 //! cases. This is the scalar-FMA path every device runs (lavapipe has no tensor cores);
 //! BM, BN, BK, TM, TN are chosen by the autotuner per device and bucketed shape.
 
-use crate::launch::{
-    begin, check_input, config_dtype, finish, input_array, output_array, register_float,
-    scalar_u32, with_float, DTYPE_PARAM,
-};
+use crate::launch::check_input;
+use serde::{Deserialize, Serialize};
+
+mod cmma;
+pub use cmma::{MatmulCmma, MatmulCmmaConfig, MATMUL_CMMA_KERNEL};
 use cubecl::prelude::*;
 use kiln_dsl::{gelu_tanh, silu};
 use kiln_runtime::{
-    dispatch, shape_str,
+    shape_str,
     tune::{fnv1a_hex, Autotuner, TuneKey},
-    Client, Error, KernelConfig, KernelSpec, OpArgs, OpSpec, Outputs, ParamSpec, Result, Tensor,
-    TensorSpec,
+    Client, DType, Error, OpArgs, OpSpec, Outputs, ParamSpec, Result, Tensor, TensorSpec,
 };
-use serde::{Deserialize, Serialize};
 
 // ---------------------------------------------------------------- host API
 
@@ -78,95 +77,37 @@ impl Default for Epilogue<'_> {
     }
 }
 
-/// One tile configuration (the autotuner's search space).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TileConfig {
-    /// Rows of `c` per cube.
-    pub bm: u32,
-    /// Columns of `c` per cube.
-    pub bn: u32,
-    /// Depth of each shared-memory K slice.
-    pub bk: u32,
-    /// Rows per unit.
-    pub tm: u32,
-    /// Columns per unit.
-    pub tn: u32,
-    /// Stage K slices in shared memory (`true`, the GPU path) or have each unit read
-    /// its fragments straight from global memory (`false`: no barriers, which wins on
-    /// CPU adapters, where shared memory is ordinary cached memory anyway).
-    pub stage: bool,
+/// One tile configuration (the autotuner's search space): `BM x BN` of `c` per cube,
+/// `TM x TN` per unit, `BK`-deep K slices staged in shared memory (`STAGE = 1`, the GPU
+/// path) or read by each unit straight from global memory (`STAGE = 0`: no barriers,
+/// which wins on CPU adapters), `VEC` consecutive elements per unit per staged load.
+pub type TileConfig = MatmulTiledConfig;
+
+/// Units per cube of a configuration.
+pub fn units(c: &TileConfig) -> u32 {
+    (c.BM / c.TM) * (c.BN / c.TN)
 }
 
-impl TileConfig {
-    /// Units per cube.
-    pub fn units(&self) -> u32 {
-        (self.bm / self.tm) * (self.bn / self.tn)
-    }
-    /// Shared memory per cube, bytes (two f32 slices).
-    pub fn shared_bytes(&self) -> usize {
-        if self.stage {
-            ((self.bm + self.bn) * self.bk * 4) as usize
-        } else {
-            0
-        }
-    }
-    fn label(&self) -> String {
-        if self.stage {
-            format!(
-                "BM={} BN={} BK={} TM={} TN={}",
-                self.bm, self.bn, self.bk, self.tm, self.tn
-            )
-        } else {
-            format!(
-                "BM={} BN={} TM={} TN={} direct",
-                self.bm, self.bn, self.tm, self.tn
-            )
-        }
-    }
-    /// Structural validity: tiles divide, and every unit loads whole slices.
-    fn valid(&self) -> bool {
-        self.bm % self.tm == 0 && self.bn % self.tn == 0 && self.units() > 0
-    }
+/// Every configuration of the kernel's declared list that fits `client`'s device.
+pub fn space(client: &Client) -> Vec<TileConfig> {
+    MatmulTiled::space(client, 1, 1, 1, false, false, false, 0)
 }
 
-/// The declared space: a lean list (each candidate costs a shader compile, ~0.1 s on
-/// lavapipe) spanning small tiles for skinny problems to large register tiles.
-#[rustfmt::skip]
-pub const SPACE: &[TileConfig] = &[
-    TileConfig { bm: 64, bn: 64, bk: 16, tm: 4, tn: 4, stage: true },
-    TileConfig { bm: 64, bn: 64, bk: 8, tm: 8, tn: 8, stage: true },
-    TileConfig { bm: 128, bn: 128, bk: 8, tm: 8, tn: 8, stage: true },
-    TileConfig { bm: 64, bn: 128, bk: 16, tm: 4, tn: 8, stage: true },
-    TileConfig { bm: 16, bn: 64, bk: 32, tm: 1, tn: 4, stage: true },
-    TileConfig { bm: 32, bn: 32, bk: 1, tm: 4, tn: 4, stage: false },
-    TileConfig { bm: 64, bn: 64, bk: 1, tm: 8, tn: 8, stage: false },
-    TileConfig { bm: 32, bn: 128, bk: 1, tm: 4, tn: 8, stage: false },
-    TileConfig { bm: 4, bn: 256, bk: 1, tm: 1, tn: 4, stage: false },
-    TileConfig { bm: 1, bn: 256, bk: 1, tm: 1, tn: 4, stage: false },
-    TileConfig { bm: 1, bn: 64, bk: 1, tm: 1, tn: 1, stage: false },
-];
-
-/// The candidates for a problem on a device: the declared space pruned by device limits
-/// (units per cube, shared memory), then by the shape: tiles more than twice the matrix
-/// (over 3/4 of the tile idle) are dropped, unless that leaves nothing, in which case
-/// the least wasteful tiles stay.
+/// The candidates for a problem on a device: the declared configurations pruned by
+/// device limits (units per cube, shared memory, in the kernel's `require`), then by
+/// the shape: tiles more than twice the matrix (over 3/4 of the tile idle) are dropped,
+/// unless that leaves nothing, in which case the least wasteful tiles stay.
 pub fn candidates(client: &Client, m: usize, n: usize) -> Vec<TileConfig> {
-    let r = client.report();
-    let fits: Vec<TileConfig> = SPACE
-        .iter()
-        .copied()
-        .filter(|c| c.valid())
-        .filter(|c| c.units() <= r.max_units_per_cube && c.shared_bytes() <= r.max_shared_memory)
-        .collect();
+    let fits = space(client);
     let waste = |c: &TileConfig| {
-        let rows = (c.bm as usize).div_ceil(m.max(1)).max(1);
-        let cols = (c.bn as usize).div_ceil(n.max(1)).max(1);
+        let rows = (c.BM as usize).div_ceil(m.max(1)).max(1);
+        let cols = (c.BN as usize).div_ceil(n.max(1)).max(1);
         rows * cols
     };
     let snug: Vec<TileConfig> = fits
         .iter()
         .copied()
-        .filter(|c| (c.bm as usize) <= 2 * m && (c.bn as usize) <= 2 * n)
+        .filter(|c| (c.BM as usize) <= 2 * m && (c.BN as usize) <= 2 * n)
         .collect();
     if !snug.is_empty() {
         return snug;
@@ -195,15 +136,80 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_b: bool, ep: Epilogue<'_>) -> Result
     };
     // Configurations differ in summation order only: a few roundings of the sum of |a||b|.
     let tolerance = 8.0 * a.dtype().epsilon() * (p.k as f64).sqrt().max(1.0);
+    // The scalar-FMA tiles first (the reference every candidate is checked against),
+    // then the tensor-core kernel where the device has tensor cores and the dtype is half.
+    let mut all: Vec<Candidate> = candidates(client, p.m, p.n)
+        .into_iter()
+        .map(Candidate::Fma)
+        .collect();
+    if matches!(a.dtype(), DType::F16 | DType::BF16) {
+        let (has_bias, has_res, act) = (
+            ep.bias.is_some(),
+            ep.residual.is_some(),
+            ep.activation.code(),
+        );
+        all.extend(
+            MatmulCmma::space(
+                client, p.m as u32, p.n as u32, p.k as u32, trans_b, has_bias, has_res, act,
+            )
+            .into_iter()
+            .map(Candidate::Cmma),
+        );
+    }
     let cfg = Autotuner::global().tune(
         client,
         &key,
-        &candidates(client, p.m, p.n),
-        TileConfig::label,
-        |c| launch(a, b, &p, &ep, *c).map(|t| vec![t]),
+        &all,
+        Candidate::label,
+        |c| c.launch(a, b, &p, &ep).map(|t| vec![t]),
         tolerance,
     )?;
-    launch(a, b, &p, &ep, cfg)
+    cfg.launch(a, b, &p, &ep)
+}
+
+/// A candidate of the `matmul` autotuner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum Candidate {
+    /// The scalar-FMA register-tile kernel.
+    Fma(TileConfig),
+    /// The tensor-core kernel.
+    Cmma(MatmulCmmaConfig),
+}
+
+impl Candidate {
+    fn label(&self) -> String {
+        match self {
+            Candidate::Fma(c) => MatmulTiled::label(c),
+            Candidate::Cmma(c) => format!("cmma {}", MatmulCmma::label(c)),
+        }
+    }
+
+    fn launch(&self, a: &Tensor, b: &Tensor, p: &Problem, ep: &Epilogue<'_>) -> Result<Tensor> {
+        match self {
+            Candidate::Fma(cfg) => launch(a, b, p, ep, *cfg),
+            Candidate::Cmma(cfg) => {
+                let client = a.client();
+                let c = Tensor::empty(client, a.dtype(), &[p.m, p.n])?;
+                MatmulCmma::launch(
+                    client,
+                    cfg,
+                    a,
+                    b,
+                    ep.bias.unwrap_or(a),
+                    ep.residual.unwrap_or(a),
+                    &c,
+                    p.m as u32,
+                    p.n as u32,
+                    p.k as u32,
+                    p.trans_b,
+                    ep.bias.is_some(),
+                    ep.residual.is_some(),
+                    ep.activation.code(),
+                )?;
+                Ok(c)
+            }
+        }
+    }
 }
 
 /// `matmul` with a fixed tile configuration (no tuning): for benchmarks and tests.
@@ -215,11 +221,11 @@ pub fn matmul_with(
     cfg: TileConfig,
 ) -> Result<Tensor> {
     let p = Problem::check(a, b, trans_b, &ep)?;
-    if !cfg.valid() {
+    if !space(a.client()).contains(&cfg) {
         return Err(Error::Param {
             param: "tile".into(),
-            expected: "BM % TM == 0 and BN % TN == 0".into(),
-            found: cfg.label(),
+            expected: "one of matmul's declared configurations that fits the device".into(),
+            found: MatmulTiled::label(&cfg),
         });
     }
     launch(a, b, &p, &ep, cfg)
@@ -307,28 +313,14 @@ impl Problem {
 }
 
 fn source_hash() -> String {
-    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    HASH.get_or_init(|| {
-        fnv1a_hex(concat!(
-            include_str!("matmul.rs"),
-            include_str!("../../dsl/src/activation.rs")
-        ))
-    })
-    .clone()
-}
-
-const FLAG_TRANS_B: u32 = 1;
-const FLAG_BIAS: u32 = 2;
-const FLAG_RESIDUAL: u32 = 4;
-
-fn flags(p: &Problem, ep: &Epilogue<'_>) -> u32 {
-    (if p.trans_b { FLAG_TRANS_B } else { 0 })
-        | (if ep.bias.is_some() { FLAG_BIAS } else { 0 })
-        | (if ep.residual.is_some() {
-            FLAG_RESIDUAL
-        } else {
-            0
-        })
+    fnv1a_hex(
+        &[
+            MatmulTiled::SOURCE_HASH,
+            MatmulCmma::SOURCE_HASH,
+            include_str!("../../dsl/src/activation.rs"),
+        ]
+        .concat(),
+    )
 }
 
 fn launch(
@@ -340,49 +332,72 @@ fn launch(
 ) -> Result<Tensor> {
     let client = a.client();
     let c = Tensor::empty(client, a.dtype(), &[p.m, p.n])?;
-    let gx = p.n.div_ceil(cfg.bn as usize);
-    let gy = p.m.div_ceil(cfg.bm as usize);
+    let gx = p.n.div_ceil(cfg.BN as usize);
+    let gy = p.m.div_ceil(cfg.BM as usize);
     if gx > 65_535 || gy > 65_535 {
         return Err(Error::Shape {
             tensor: "c".into(),
-            expected: format!("at most 65535 tiles of {}x{} per dimension", cfg.bm, cfg.bn),
+            expected: format!("at most 65535 tiles of {}x{} per dimension", cfg.BM, cfg.BN),
             found: format!("[{}, {}]", p.m, p.n),
         });
     }
     // Absent epilogue tensors are bound to `a` and never read (their flag is off).
-    let bias = ep.bias.unwrap_or(a);
-    let res = ep.residual.unwrap_or(a);
-    let fl = flags(p, ep);
-    let act = ep.activation.code();
-    dispatch!(client, cc => with_float!(a.dtype(), F => {
-        // SAFETY: every global read and write is guarded by m, n, k; bias and residual
-        // are read only when their flag is set and then have shapes [N] and [M, N].
-        unsafe {
-            matmul_kernel::launch_unchecked::<F, _>(
-                cc,
-                CubeCount::Static(gx as u32, gy as u32, 1),
-                CubeDim::new_1d(cfg.units()),
-                ArrayArg::from_raw_parts(a.handle().clone(), a.numel()),
-                ArrayArg::from_raw_parts(b.handle().clone(), b.numel()),
-                ArrayArg::from_raw_parts(bias.handle().clone(), bias.numel()),
-                ArrayArg::from_raw_parts(res.handle().clone(), res.numel()),
-                ArrayArg::from_raw_parts(c.handle().clone(), c.numel()),
-                p.m as u32,
-                p.n as u32,
-                p.k as u32,
-                cfg.bm, cfg.bn, cfg.bk, cfg.tm, cfg.tn, cfg.stage, fl, act,
-            )
-        };
-        Ok(())
-    }))?;
+    MatmulTiled::launch(
+        client,
+        &cfg,
+        a,
+        b,
+        ep.bias.unwrap_or(a),
+        ep.residual.unwrap_or(a),
+        &c,
+        p.m as u32,
+        p.n as u32,
+        p.k as u32,
+        p.trans_b,
+        ep.bias.is_some(),
+        ep.residual.is_some(),
+        ep.activation.code(),
+    )?;
     Ok(c)
 }
 
 // ---------------------------------------------------------------- kernel
 
-#[allow(clippy::too_many_arguments)]
-#[cube(launch_unchecked)]
-fn matmul_kernel<F: Float>(
+/// `c = epilogue(a @ b)`, the scalar-FMA path every device runs. The declared
+/// configurations span small tiles for skinny problems to large register tiles; each
+/// costs a shader compile (~0.1 s on lavapipe) when tuned, so the list is lean.
+#[kiln_macros::kernel(
+    tune(
+        (BM, BN, BK, TM, TN, STAGE, VEC) = [
+            (64, 64, 16, 4, 4, 1, 1),
+            (64, 64, 8, 8, 8, 1, 1),
+            (128, 128, 8, 8, 8, 1, 1),
+            (64, 128, 16, 4, 8, 1, 1),
+            (16, 64, 32, 1, 4, 1, 1),
+            (64, 64, 16, 4, 4, 1, 4),
+            (128, 128, 8, 8, 8, 1, 4),
+            (32, 32, 1, 4, 4, 0, 1),
+            (64, 64, 1, 8, 8, 0, 1),
+            (32, 128, 1, 4, 8, 0, 1),
+            (4, 256, 1, 1, 4, 0, 1),
+            (1, 256, 1, 1, 4, 0, 1),
+            (1, 64, 1, 1, 1, 0, 1),
+        ]
+    ),
+    require(
+        BM % TM == 0,
+        BN % TN == 0,
+        BK % VEC == 0,
+        BN % VEC == 0,
+        STAGE == 0 || (((BM + BN) * BK * 4) as usize) <= device.max_shared_memory
+    ),
+    key(m = pow2, n = pow2, k = pow2, dtype),
+    grid = (n.div_ceil(BN), m.div_ceil(BM)),
+    cube = ((BM / TM) * (BN / TN)),
+    name = "matmul",
+    defaults(act = 0)
+)]
+pub fn matmul_tiled<F: Float>(
     a: &Array<F>,
     b: &Array<F>,
     bias: &Array<F>,
@@ -391,15 +406,12 @@ fn matmul_kernel<F: Float>(
     m: u32,
     n: u32,
     k: u32,
-    #[comptime] bm: u32,
-    #[comptime] bn: u32,
-    #[comptime] bk: u32,
-    #[comptime] tm: u32,
-    #[comptime] tn: u32,
-    #[comptime] stage: bool,
-    #[comptime] flags: u32,
+    #[comptime] trans_b: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] has_residual: bool,
     #[comptime] act: u32,
 ) {
+    let (bm, bn, bk, tm, tn) = comptime!((BM, BN, BK, TM, TN));
     let units = comptime!((bm / tm) * (bn / tn));
     let cols_of_units = comptime!(bn / tn);
     let rows_of_units = comptime!(bm / tm);
@@ -416,46 +428,54 @@ fn matmul_kernel<F: Float>(
     let mut a_frag = Array::<f32>::new(comptime!(tm as usize));
     let mut b_frag = Array::<f32>::new(comptime!(tn as usize));
 
-    if comptime!(stage) {
+    if comptime!(STAGE == 1) {
         // The a slice is stored k-major ([bk][bm]), like b's ([bk][bn]).
         let mut a_s = SharedMemory::<f32>::new(comptime!((bk * bm) as usize));
         let mut b_s = SharedMemory::<f32>::new(comptime!((bk * bn) as usize));
         let mut k0 = 0u32;
         while k0 < k {
             // Cooperative, bounds-masked loads: zeros past the edges keep the FMAs uniform.
+            // Each unit stages VEC consecutive elements per step.
             let mut idx = UNIT_POS;
-            while idx < comptime!(bm * bk) {
+            while idx < comptime!(bm * bk / VEC) {
                 // Consecutive units read consecutive k of one row of a (coalesced).
-                let r = idx / bk;
-                let kk = idx % bk;
-                let (gr, gk) = (row0 + r, k0 + kk);
-                let mut v = 0.0f32;
-                if gr < m && gk < k {
-                    v = f32::cast_from(a[(gr * k + gk) as usize]);
+                let r = idx / comptime!(bk / VEC);
+                let kv = (idx % comptime!(bk / VEC)) * VEC;
+                #[unroll]
+                for e in 0..VEC {
+                    let kk = kv + e;
+                    let (gr, gk) = (row0 + r, k0 + kk);
+                    let mut v = 0.0f32;
+                    if gr < m && gk < k {
+                        v = f32::cast_from(a[(gr * k + gk) as usize]);
+                    }
+                    a_s[(kk * bm + r) as usize] = v;
                 }
-                a_s[(kk * bm + r) as usize] = v;
                 idx += units;
             }
             let mut idx = UNIT_POS;
-            while idx < comptime!(bk * bn) {
-                let mut v = 0.0f32;
-                if comptime!(flags & FLAG_TRANS_B != 0) {
-                    // b is [N, K]: consecutive units read consecutive k of one column.
-                    let cc = idx / bk;
-                    let kk = idx % bk;
-                    let (gk, gc) = (k0 + kk, col0 + cc);
-                    if gk < k && gc < n {
-                        v = f32::cast_from(b[(gc * k + gk) as usize]);
+            while idx < comptime!(bk * bn / VEC) {
+                #[unroll]
+                for e in 0..VEC {
+                    let mut v = 0.0f32;
+                    if comptime!(trans_b) {
+                        // b is [N, K]: consecutive units read consecutive k of one column.
+                        let cc = idx / comptime!(bk / VEC);
+                        let kk = (idx % comptime!(bk / VEC)) * VEC + e;
+                        let (gk, gc) = (k0 + kk, col0 + cc);
+                        if gk < k && gc < n {
+                            v = f32::cast_from(b[(gc * k + gk) as usize]);
+                        }
+                        b_s[(kk * bn + cc) as usize] = v;
+                    } else {
+                        let kk = idx / comptime!(bn / VEC);
+                        let cc = (idx % comptime!(bn / VEC)) * VEC + e;
+                        let (gk, gc) = (k0 + kk, col0 + cc);
+                        if gk < k && gc < n {
+                            v = f32::cast_from(b[(gk * n + gc) as usize]);
+                        }
+                        b_s[(kk * bn + cc) as usize] = v;
                     }
-                    b_s[(kk * bn + cc) as usize] = v;
-                } else {
-                    let kk = idx / bn;
-                    let cc = idx % bn;
-                    let (gk, gc) = (k0 + kk, col0 + cc);
-                    if gk < k && gc < n {
-                        v = f32::cast_from(b[(gk * n + gc) as usize]);
-                    }
-                    b_s[(kk * bn + cc) as usize] = v;
                 }
                 idx += units;
             }
@@ -508,7 +528,7 @@ fn matmul_kernel<F: Float>(
             }
             #[unroll]
             for j in 0..tn {
-                if comptime!(flags & FLAG_TRANS_B != 0) {
+                if comptime!(trans_b) {
                     b_frag[j as usize] = f32::cast_from(b[(cols[j as usize] * k + kk) as usize]);
                 } else {
                     b_frag[j as usize] = f32::cast_from(b[(kk * n + cols[j as usize]) as usize]);
@@ -534,7 +554,7 @@ fn matmul_kernel<F: Float>(
             let col = col0 + tx + j * cols_of_units;
             if r < m && col < n {
                 let mut v = acc[(i * tn + j) as usize];
-                if comptime!(flags & FLAG_BIAS != 0) {
+                if comptime!(has_bias) {
                     v += f32::cast_from(bias[col as usize]);
                 }
                 if comptime!(act == 1) {
@@ -543,7 +563,7 @@ fn matmul_kernel<F: Float>(
                 if comptime!(act == 2) {
                     v = gelu_tanh::<Const<1>>(Vector::new(v))[0];
                 }
-                if comptime!(flags & FLAG_RESIDUAL != 0) {
+                if comptime!(has_residual) {
                     v += f32::cast_from(residual[(r * n + col) as usize]);
                 }
                 c[(r * n + col) as usize] = F::cast_from(v);
@@ -687,114 +707,3 @@ fn matmul_inputs(dims: &[usize]) -> Result<Vec<(&'static str, Vec<usize>)>> {
         }),
     }
 }
-
-const TILE_PARAMS: &[ParamSpec] = &[
-    DTYPE_PARAM,
-    ParamSpec {
-        name: "bm",
-        default: "64",
-        values: "multiple of tm",
-        doc: "rows of c per cube",
-    },
-    ParamSpec {
-        name: "bn",
-        default: "64",
-        values: "multiple of tn",
-        doc: "columns of c per cube",
-    },
-    ParamSpec {
-        name: "bk",
-        default: "16",
-        values: ">= 1",
-        doc: "K slice depth",
-    },
-    ParamSpec {
-        name: "tm",
-        default: "4",
-        values: ">= 1",
-        doc: "rows per unit",
-    },
-    ParamSpec {
-        name: "tn",
-        default: "4",
-        values: ">= 1",
-        doc: "columns per unit",
-    },
-    ParamSpec {
-        name: "stage",
-        default: "true",
-        values: "false | true",
-        doc: "stage K slices in shared memory",
-    },
-    ParamSpec {
-        name: "trans_b",
-        default: "false",
-        values: "false | true",
-        doc: "b is [N, K]",
-    },
-    ParamSpec {
-        name: "activation",
-        default: "none",
-        values: "none | silu | gelu",
-        doc: "epilogue activation",
-    },
-    ParamSpec {
-        name: "bias",
-        default: "false",
-        values: "false | true",
-        doc: "fused bias",
-    },
-    ParamSpec {
-        name: "residual",
-        default: "false",
-        values: "false | true",
-        doc: "fused residual",
-    },
-];
-
-fn define_matmul(mut b: KernelBuilder, cfg: &KernelConfig) -> Result<KernelDefinition> {
-    let dtype = config_dtype(cfg)?;
-    let tile = TileConfig {
-        bm: cfg.get("bm")?,
-        bn: cfg.get("bn")?,
-        bk: cfg.get("bk")?,
-        tm: cfg.get("tm")?,
-        tn: cfg.get("tn")?,
-        stage: cfg.get("stage")?,
-    };
-    if !tile.valid() || tile.bk == 0 || tile.units() > 1024 {
-        return Err(Error::Param {
-            param: "bm/bn/bk/tm/tn".into(),
-            expected: "bm % tm == 0, bn % tn == 0, bk >= 1, at most 1024 units".into(),
-            found: tile.label(),
-        });
-    }
-    let act = Activation::parse(&cfg.get::<String>("activation")?)?.code();
-    let flag =
-        |name: &str, bit: u32| -> Result<u32> { Ok(if cfg.get::<bool>(name)? { bit } else { 0 }) };
-    let fl = flag("trans_b", FLAG_TRANS_B)?
-        | flag("bias", FLAG_BIAS)?
-        | flag("residual", FLAG_RESIDUAL)?;
-    with_float!(dtype, F => {
-        begin(&mut b);
-        register_float::<matmul_kernel::_F, F>(&mut b);
-        let a = input_array::<matmul_kernel::F>(&mut b);
-        let bb = input_array::<matmul_kernel::F>(&mut b);
-        let bias = input_array::<matmul_kernel::F>(&mut b);
-        let res = input_array::<matmul_kernel::F>(&mut b);
-        let c = output_array::<matmul_kernel::F>(&mut b);
-        let (m, n, k) = (scalar_u32(&mut b), scalar_u32(&mut b), scalar_u32(&mut b));
-        matmul_kernel::expand::<matmul_kernel::F>(
-            &mut b.scope, a, bb, bias, res, c, m, n, k, tile.bm, tile.bn, tile.bk, tile.tm, tile.tn, tile.stage, fl, act,
-        );
-        Ok(finish(b, format!("kiln_matmul_{dtype}_{}x{}x{}_{}x{}", tile.bm, tile.bn, tile.bk, tile.tm, tile.tn), tile.units()))
-    })
-}
-
-/// Emission entry of the `matmul` kernel.
-pub static MATMUL_KERNEL: KernelSpec = KernelSpec {
-    name: "matmul",
-    summary: MATMUL.summary,
-    config: TILE_PARAMS,
-    define: define_matmul,
-};

@@ -261,6 +261,7 @@ pub static SOFTMAX_KERNEL: KernelSpec = KernelSpec {
     summary: SOFTMAX.summary,
     config: ROW_CONFIG,
     define: define_softmax,
+    tensor_cores: false,
 };
 /// Emission entry of the `logsumexp` kernel.
 pub static LOGSUMEXP_KERNEL: KernelSpec = KernelSpec {
@@ -268,4 +269,5 @@ pub static LOGSUMEXP_KERNEL: KernelSpec = KernelSpec {
     summary: LOGSUMEXP.summary,
     config: ROW_CONFIG,
     define: define_logsumexp,
+    tensor_cores: false,
 };

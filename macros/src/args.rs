@@ -11,6 +11,14 @@ pub struct Tunable {
     pub values: Vec<u32>,
 }
 
+/// Tunables chosen together from a list of configurations (Triton's `configs`):
+/// `(BM, BN, TM) = [(64, 64, 4), (16, 256, 1)]`. Each name is also a [`Tunable`]
+/// whose values are the distinct values it takes in the list.
+pub struct Joint {
+    pub names: Vec<Ident>,
+    pub tuples: Vec<Vec<u32>>,
+}
+
 /// How a key dimension is bucketed.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Bucket {
@@ -29,6 +37,8 @@ pub struct KeyItem {
 /// Everything the attribute declares.
 pub struct KernelArgs {
     pub tunables: Vec<Tunable>,
+    /// Groups of tunables declared together; their names are in `tunables` too.
+    pub joint: Vec<Joint>,
     pub require: Vec<Expr>,
     pub key: Vec<KeyItem>,
     pub grid: Option<Vec<Expr>>,
@@ -46,10 +56,86 @@ fn tuple_or_single(e: Expr) -> Vec<Expr> {
     }
 }
 
+impl KernelArgs {
+    /// `(A, B) = [(1, 2), (3, 4)]` inside `tune(...)`.
+    fn parse_joint(&mut self, content: ParseStream) -> syn::Result<()> {
+        let names_in;
+        let open = parenthesized!(names_in in content);
+        let names: Vec<Ident> = Punctuated::<Ident, Token![,]>::parse_terminated(&names_in)?
+            .into_iter()
+            .collect();
+        if names.len() < 2 {
+            return Err(syn::Error::new(
+                open.span.join(),
+                "a tunable group names at least two tunables: `(BM, BN) = [(64, 64), ...]`",
+            ));
+        }
+        content.parse::<Token![=]>()?;
+        let list;
+        let brackets = bracketed!(list in content);
+        let mut tuples = Vec::new();
+        while !list.is_empty() {
+            let tuple_in;
+            let paren = parenthesized!(tuple_in in list);
+            let lits = Punctuated::<LitInt, Token![,]>::parse_terminated(&tuple_in)?;
+            if lits.len() != names.len() {
+                return Err(syn::Error::new(
+                    paren.span.join(),
+                    format!(
+                        "this configuration has {} values for {} tunables ({})",
+                        lits.len(),
+                        names.len(),
+                        names
+                            .iter()
+                            .map(|n| n.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+            tuples.push(
+                lits.iter()
+                    .map(|l| l.base10_parse::<u32>())
+                    .collect::<syn::Result<Vec<_>>>()?,
+            );
+            if !list.is_empty() {
+                list.parse::<Token![,]>()?;
+            }
+        }
+        if tuples.is_empty() {
+            return Err(syn::Error::new(
+                brackets.span.join(),
+                "this tunable group has no configurations",
+            ));
+        }
+        for (i, name) in names.iter().enumerate() {
+            if self.tunables.iter().any(|t| t.name == *name) || names[..i].contains(name) {
+                return Err(syn::Error::new(
+                    name.span(),
+                    format!("tunable `{name}` is declared twice"),
+                ));
+            }
+            let mut values: Vec<u32> = Vec::new();
+            for t in &tuples {
+                if !values.contains(&t[i]) {
+                    values.push(t[i]);
+                }
+            }
+            self.tunables.push(Tunable {
+                name: name.clone(),
+                values,
+            });
+        }
+        self.joint.push(Joint { names, tuples });
+        Ok(())
+    }
+}
+
 impl Parse for KernelArgs {
     fn parse(input: ParseStream) -> syn::Result<Self> {
         let mut args = KernelArgs {
             tunables: vec![],
+            joint: vec![],
             require: vec![],
             key: vec![],
             grid: None,
@@ -64,6 +150,13 @@ impl Parse for KernelArgs {
                     let content;
                     parenthesized!(content in input);
                     while !content.is_empty() {
+                        if content.peek(syn::token::Paren) {
+                            args.parse_joint(&content)?;
+                            if !content.is_empty() {
+                                content.parse::<Token![,]>()?;
+                            }
+                            continue;
+                        }
                         let name: Ident = content.parse()?;
                         content.parse::<Token![=]>()?;
                         let list;
@@ -135,6 +228,13 @@ impl Parse for KernelArgs {
                     let content;
                     parenthesized!(content in input);
                     while !content.is_empty() {
+                        if content.peek(syn::token::Paren) {
+                            args.parse_joint(&content)?;
+                            if !content.is_empty() {
+                                content.parse::<Token![,]>()?;
+                            }
+                            continue;
+                        }
                         let name: Ident = content.parse()?;
                         content.parse::<Token![=]>()?;
                         let value: Expr = content.parse()?;

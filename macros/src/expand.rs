@@ -299,6 +299,13 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         })
         .collect();
     let requires = &args.require;
+    // A kernel that requires `device.tensor_cores` uses cmma: CUDA-only emission.
+    let tensor_cores = requires.iter().any(|e| {
+        quote!(#e)
+            .to_string()
+            .replace(' ', "")
+            .contains("device.tensor_cores")
+    });
     let mut nest = quote! {
         let cfg = #config { #(#tunables),* };
         let _ = &cfg;
@@ -306,13 +313,82 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
             __out.push(cfg);
         }
     };
+    // Loops outermost first in declaration order: a joint group loops over its
+    // configurations where its first name is declared; its other names add no loop.
+    let joint_of = |name: &Ident| {
+        args.joint
+            .iter()
+            .find(|j| j.names.iter().any(|n| n == name))
+    };
     for (t, list) in tunables.iter().zip(&value_lists).rev() {
-        nest = quote! {
-            for &#t in (#list as &[u32]) {
-                #nest
+        match joint_of(t) {
+            None => {
+                nest = quote! {
+                    for &#t in (#list as &[u32]) {
+                        #nest
+                    }
+                };
             }
-        };
+            Some(j) if j.names[0] == **t => {
+                let names: Vec<Ident> = j
+                    .names
+                    .iter()
+                    .map(|n| Ident::new(&n.to_string(), Span::call_site()))
+                    .collect();
+                let tuples = j.tuples.iter().map(|v| quote!([#(#v),*]));
+                let (width, count) = (j.names.len(), j.tuples.len());
+                nest = quote! {
+                    for &[#(#names),*] in ([#(#tuples),*] as [[u32; #width]; #count]).iter() {
+                        #nest
+                    }
+                };
+            }
+            Some(_) => {}
+        }
     }
+    // Emission accepts a joint group's values only as one of its configurations.
+    let joint_checks: Vec<TokenStream> = args
+        .joint
+        .iter()
+        .map(|j| {
+            let names: Vec<Ident> = j
+                .names
+                .iter()
+                .map(|n| Ident::new(&n.to_string(), Span::call_site()))
+                .collect();
+            let tuples = j.tuples.iter().map(|v| quote!([#(#v),*]));
+            let label = j
+                .names
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let listed = j
+                .tuples
+                .iter()
+                .map(|v| {
+                    format!(
+                        "({})",
+                        v.iter()
+                            .map(|x| x.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" | ");
+            let (width, count) = (j.names.len(), j.tuples.len());
+            quote! {
+                if !([#(#tuples),*] as [[u32; #width]; #count]).contains(&[#(cfg.#names),*]) {
+                    return Err(#rt::Error::Param {
+                        param: #label.into(),
+                        expected: format!("one of the declared configurations {}", #listed),
+                        found: format!("{:?}", [#(cfg.#names),*]),
+                    });
+                }
+            }
+        })
+        .collect();
     let key_parts: Vec<TokenStream> = args
         .key
         .iter()
@@ -506,6 +582,14 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
                         feature: format!("{} units per cube ({})", #cube_units, Self::label(cfg)),
                     });
                 }
+                // The declared requirements hold at launch too (a tensor-core kernel must
+                // never reach a device without them: on wgpu it would write nothing).
+                if !(true #(&& (#requires))*) {
+                    return Err(#rt::Error::Unsupported {
+                        device: device.name.clone(),
+                        feature: format!("kernel `{}` with {} on this shape (its `require` does not hold)", #reg_name, Self::label(cfg)),
+                    });
+                }
                 let __count = #count;
                 let __dim = #cube_dim;
                 #kernel_call
@@ -542,6 +626,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
                         return Err(#rt::Error::Param { param: #tunable_strs.into(), expected: #tunable_values.into(), found: cfg.#tunables.to_string() });
                     }
                 )*
+                #(#joint_checks)*
                 #bind_tunables
                 #(let #comptime_names: #comptime_tys = cfg_in.get::<#comptime_tys>(#comptime_strs)?;)*
                 let __dim = #cube_dim;
@@ -561,6 +646,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
                 #(#rt::ParamSpec { name: #tunable_strs, default: #tunable_defaults, values: #tunable_values, doc: "tunable" },)*
             ],
             define: #host::define,
+            tensor_cores: #tensor_cores,
         };
     })
 }

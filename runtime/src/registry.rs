@@ -303,4 +303,7 @@ pub struct KernelSpec {
     /// Expands the kernel into `builder` (already set up for the target) for a config
     /// and returns its definition.
     pub define: fn(KernelBuilder, &KernelConfig) -> Result<KernelDefinition>,
+    /// Whether the kernel uses tensor-core (cmma) instructions: only CUDA C++ can
+    /// express it, and it runs only on devices that report tensor cores.
+    pub tensor_cores: bool,
 }

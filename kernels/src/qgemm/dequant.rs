@@ -30,16 +30,6 @@ pub fn dequant_i8(qweight: &Array<u32>, index: u32, scale: f32, shift: u32) -> f
     f32::cast_from(qc) * scale * f32::cast_from(1u32 << shift)
 }
 
-/// Row `kk`'s group: `kk / group_size`, or `g_idx[kk]` (act order).
-#[cube]
-fn group_of(g_idx: &Array<u32>, kk: u32, group_size: u32, #[comptime] act_order: bool) -> u32 {
-    let mut g = kk / group_size;
-    if comptime!(act_order) {
-        g = g_idx[kk as usize];
-    }
-    g
-}
-
 /// `y[m, n] = sum_k x[m, k] w[k, n]` for `mt` rows per cube (comptime) and `BN`
 /// columns, K split over `KS` unit rows. `x` `[M, K]`, `y` `[M, N]` in `F`.
 #[kiln_macros::kernel(
@@ -84,21 +74,44 @@ pub fn qgemm_gemv<F: Float>(
         let mut w = ks;
         while w < k / 8 {
             let word = qweight[(w * n + colc) as usize];
-            let g = group_of(g_idx, w * 8, group_size, false);
-            let mut s = scales[(g * n + colc) as usize];
-            let mut z = zeros[(g * n + colc) as usize];
-            #[unroll]
-            for i in 0..8u32 {
-                let kk = w * 8 + i;
-                if comptime!(act_order) {
-                    let ga = g_idx[kk as usize];
-                    s = scales[(ga * n + colc) as usize];
-                    z = zeros[(ga * n + colc) as usize];
+            if comptime!(act_order) {
+                #[unroll]
+                for i in 0..8u32 {
+                    let kk = w * 8 + i;
+                    let g = g_idx[kk as usize];
+                    let wv = (f32::cast_from(unpack_u4(word, i)) - zeros[(g * n + colc) as usize])
+                        * scales[(g * n + colc) as usize];
+                    #[unroll]
+                    for r in 0..mt {
+                        acc[r as usize] += f32::cast_from(x[(xrow[r as usize] + kk) as usize]) * wv;
+                    }
                 }
-                let wv = (f32::cast_from(unpack_u4(word, i)) - z) * s;
+            } else {
+                // One group per word: sum x q and x over the word, then apply the scale
+                // and zero point once, s (sum x q - z sum x), instead of per element.
+                let g = (w * 8) / group_size;
+                let s = scales[(g * n + colc) as usize];
+                let z = zeros[(g * n + colc) as usize];
+                let mut xq = Array::<f32>::new(comptime!(mt as usize));
+                let mut xs = Array::<f32>::new(comptime!(mt as usize));
                 #[unroll]
                 for r in 0..mt {
-                    acc[r as usize] += f32::cast_from(x[(xrow[r as usize] + kk) as usize]) * wv;
+                    xq[r as usize] = 0.0;
+                    xs[r as usize] = 0.0;
+                }
+                #[unroll]
+                for i in 0..8u32 {
+                    let q = f32::cast_from(unpack_u4(word, i));
+                    #[unroll]
+                    for r in 0..mt {
+                        let xv = f32::cast_from(x[(xrow[r as usize] + w * 8 + i) as usize]);
+                        xq[r as usize] += xv * q;
+                        xs[r as usize] += xv;
+                    }
+                }
+                #[unroll]
+                for r in 0..mt {
+                    acc[r as usize] += s * (xq[r as usize] - z * xs[r as usize]);
                 }
             }
             w += KS;
@@ -200,7 +213,7 @@ pub fn qgemm_tiled<F: Float>(
                 let col = n0 + nl;
                 if kw * 8 < k && col < n {
                     let word = qweight[(kw * n + col) as usize];
-                    let g = group_of(g_idx, kw * 8, group_size, false);
+                    let g = (kw * 8) / group_size;
                     let mut s = scales[(g * n + col) as usize];
                     let mut z = zeros[(g * n + col) as usize];
                     #[unroll]

@@ -106,6 +106,76 @@ pub fn w8a8_gemm<F: Float>(
     }
 }
 
+/// W8A8 for few rows: a cube owns `BN` columns and `mt` rows (comptime, <= 8); the
+/// `KS` units of a column walk its K-contiguous bytes side by side (coalesced: four
+/// neighbouring units share a word), each byte of `wq` read once for all `mt` rows,
+/// products summed exactly in i32 and then across the `KS` units in shared memory.
+#[kiln_macros::kernel(
+    tune(KS = [32, 64], BN = [8, 4, 16]),
+    require(BN * KS <= 1024, KS <= k.next_power_of_two().max(32)),
+    key(m = pow2, n = pow2, k = pow2, dtype),
+    grid = (n.div_ceil(BN), m.div_ceil(mt)),
+    cube = (KS, BN),
+    name = "w8a8_gemv",
+    defaults(mt = 1)
+)]
+pub fn w8a8_gemv<F: Float>(
+    xq: &Array<u32>,
+    sx: &Array<f32>,
+    wq: &Array<u32>,
+    sw: &Array<f32>,
+    bias: &Array<f32>,
+    y: &mut Array<F>,
+    m: u32,
+    n: u32,
+    k: u32,
+    #[comptime] mt: u32,
+    #[comptime] has_bias: bool,
+) {
+    let kl = UNIT_POS_X;
+    let cl = UNIT_POS_Y;
+    let col = CUBE_POS_X * BN + cl;
+    let row0 = CUBE_POS_Y * mt;
+    let colc = min(col, n - 1);
+    let mut acc = Array::<i32>::new(comptime!(mt as usize));
+    let mut xrow = Array::<u32>::new(comptime!(mt as usize));
+    #[unroll]
+    for r in 0..mt {
+        acc[r as usize] = 0;
+        xrow[r as usize] = min(row0 + r, m - 1) * k;
+    }
+    let mut kk = kl;
+    while kk < k {
+        let w = load_i8(wq, colc * k + kk);
+        #[unroll]
+        for r in 0..mt {
+            acc[r as usize] += load_i8(xq, xrow[r as usize] + kk) * w;
+        }
+        kk += KS;
+    }
+    let mut part = SharedMemory::<i32>::new(comptime!((KS * mt * BN) as usize));
+    #[unroll]
+    for r in 0..mt {
+        part[((cl * mt + r) * KS + kl) as usize] = acc[r as usize];
+    }
+    sync_cube();
+    let mut r = kl;
+    while r < mt {
+        let mut sum = 0i32;
+        for j in 0..KS {
+            sum += part[((cl * mt + r) * KS + j) as usize];
+        }
+        if col < n && row0 + r < m {
+            let mut v = f32::cast_from(sum) * sx[(row0 + r) as usize] * sw[col as usize];
+            if comptime!(has_bias) {
+                v += bias[col as usize];
+            }
+            y[((row0 + r) * n + col) as usize] = F::cast_from(v);
+        }
+        r += KS;
+    }
+}
+
 /// `sx[row] = max_k |x[row, k]| / 127`, one cube per row.
 #[kiln_macros::kernel(
     tune(UNITS = [256, 64]),

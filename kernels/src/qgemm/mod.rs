@@ -28,7 +28,7 @@ pub use dequant::{awq_slot, dequant_i8, QgemmGemv, QgemmTiled, W4a16Repack, TILE
 pub use flexround::{
     FlexroundBackwardCols, FlexroundBackwardRows, FlexroundBackwardTotal, FlexroundForward,
 };
-pub use int8::{TokenQuantize, TokenScale, W8a8Gemm, INT8_TILE_K};
+pub use int8::{TokenQuantize, TokenScale, W8a8Gemm, W8a8Gemv, INT8_TILE_K};
 pub use registry::{
     FLEXROUND, FLEXROUND_BACKWARD, KERNELS, QUANTIZE_PER_TOKEN, W4A16, W4A16_REPACK, W8A8, W8_BITS,
 };
@@ -418,39 +418,12 @@ const KERNEL_TOLERANCE: f64 = 1e-2;
 
 impl Operands<'_> {
     fn run(&self) -> Result<()> {
-        let client = self.x.client();
         let [m, n, k, _] = self.dims;
-        let paths: &[Path] = if m <= GEMV_MAX_ROWS {
-            &[Path::Gemv, Path::Tiled]
-        } else {
-            &[Path::Tiled]
-        };
-        let key = TuneKey {
-            kernel: "qgemm_path",
-            source_hash: kiln_runtime::tune::fnv1a_hex(
-                &[QgemmGemv::SOURCE_HASH, QgemmTiled::SOURCE_HASH].concat(),
-            ),
-            shape: format!(
-                "m={};n={};k={};dtype={};wkind={};act_order={}",
-                m.next_power_of_two(),
-                n.next_power_of_two(),
-                k.next_power_of_two(),
-                self.x.dtype(),
-                self.wkind,
-                self.act_order
-            ),
-        };
-        let path = Autotuner::global().tune(
-            client,
-            &key,
-            paths,
-            |p| format!("{p:?}").to_lowercase(),
-            |&p| {
-                self.launch(p)?;
-                Ok(vec![self.y.clone()])
-            },
-            PATH_TOLERANCE,
-        )?;
+        let source = [QgemmGemv::SOURCE_HASH, QgemmTiled::SOURCE_HASH].concat();
+        let extra = format!(";wkind={};act_order={}", self.wkind, self.act_order);
+        let path = choose_path(self.y, "qgemm_path", &source, [m, n, k], &extra, |p| {
+            self.launch(p).map(|_| self.y.clone())
+        })?;
         self.launch(path)
     }
 
@@ -497,6 +470,43 @@ impl Operands<'_> {
             .map(drop),
         }
     }
+}
+
+/// The autotuner's choice between the GEMV and the tiled kernel of a GEMM writing `y`
+/// (both tried for M <= [`GEMV_MAX_ROWS`], tiled only above), keyed by the kernels'
+/// sources, bucketed M, N, K, y's dtype and `extra`. `run` launches one path.
+fn choose_path(
+    y: &Tensor,
+    kernel: &'static str,
+    source: &str,
+    [m, n, k]: [usize; 3],
+    extra: &str,
+    run: impl Fn(Path) -> Result<Tensor>,
+) -> Result<Path> {
+    let paths: &[Path] = if m <= GEMV_MAX_ROWS {
+        &[Path::Gemv, Path::Tiled]
+    } else {
+        &[Path::Tiled]
+    };
+    let key = TuneKey {
+        kernel,
+        source_hash: kiln_runtime::tune::fnv1a_hex(source),
+        shape: format!(
+            "m={};n={};k={};dtype={}{extra}",
+            m.next_power_of_two(),
+            n.next_power_of_two(),
+            k.next_power_of_two(),
+            y.dtype(),
+        ),
+    };
+    Autotuner::global().tune(
+        y.client(),
+        &key,
+        paths,
+        |p| format!("{p:?}").to_lowercase(),
+        |&p| Ok(vec![run(p)?]),
+        PATH_TOLERANCE,
+    )
 }
 
 /// Output dtypes [`w8a8`] can write.
@@ -548,20 +558,47 @@ pub fn w8a8(
     let y = Tensor::empty(client, out_dtype, &[m, n])?;
     if m > 0 && n > 0 {
         let placeholder = absent(client)?;
-        W8a8Gemm::tuned(
-            client,
-            KERNEL_TOLERANCE,
-            &xq.as_words(),
-            sx,
-            &wq.as_words(),
-            sw,
-            bias.unwrap_or(&placeholder),
-            &y,
-            m as u32,
-            n as u32,
-            k as u32,
-            bias.is_some(),
-        )?;
+        let (xw, ww) = (xq.as_words(), wq.as_words());
+        let b = bias.unwrap_or(&placeholder);
+        let (mu, nu, ku) = (m as u32, n as u32, k as u32);
+        let launch = |path: Path| match path {
+            Path::Gemv => W8a8Gemv::tuned(
+                client,
+                0.0,
+                &xw,
+                sx,
+                &ww,
+                sw,
+                b,
+                &y,
+                mu,
+                nu,
+                ku,
+                mu.next_power_of_two().min(8),
+                bias.is_some(),
+            )
+            .map(drop),
+            Path::Tiled => W8a8Gemm::tuned(
+                client,
+                0.0,
+                &xw,
+                sx,
+                &ww,
+                sw,
+                b,
+                &y,
+                mu,
+                nu,
+                ku,
+                bias.is_some(),
+            )
+            .map(drop),
+        };
+        let source = [W8a8Gemv::SOURCE_HASH, W8a8Gemm::SOURCE_HASH].concat();
+        let path = choose_path(&y, "w8a8_path", &source, [m, n, k], "", |p| {
+            launch(p).map(|_| y.clone())
+        })?;
+        launch(path)?;
     }
     Ok(y)
 }

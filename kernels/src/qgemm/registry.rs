@@ -5,7 +5,7 @@ use super::flexround::{
     FLEXROUND_BACKWARD_COLS_KERNEL, FLEXROUND_BACKWARD_ROWS_KERNEL,
     FLEXROUND_BACKWARD_TOTAL_KERNEL, FLEXROUND_FORWARD_KERNEL,
 };
-use super::int8::{TOKEN_QUANTIZE_KERNEL, TOKEN_SCALE_KERNEL, W8A8_GEMM_KERNEL};
+use super::int8::{TOKEN_QUANTIZE_KERNEL, TOKEN_SCALE_KERNEL, W8A8_GEMM_KERNEL, W8A8_GEMV_KERNEL};
 use super::{
     flexround, flexround_backward, quantize_per_token, w4a16, w4a16_repack, w8_bits, w8a8,
     FlexRoundInputs, W4Format, W4Weights,
@@ -15,11 +15,12 @@ use kiln_runtime::{
 };
 
 /// Every quantized-GEMM kernel, for `kiln emit`.
-pub static KERNELS: [&KernelSpec; 10] = [
+pub static KERNELS: [&KernelSpec; 11] = [
     &QGEMM_GEMV_KERNEL,
     &QGEMM_TILED_KERNEL,
     &W4A16_REPACK_KERNEL,
     &W8A8_GEMM_KERNEL,
+    &W8A8_GEMV_KERNEL,
     &TOKEN_SCALE_KERNEL,
     &TOKEN_QUANTIZE_KERNEL,
     &FLEXROUND_FORWARD_KERNEL,

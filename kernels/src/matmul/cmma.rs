@@ -1,0 +1,221 @@
+//! The tensor-core path of `matmul` (f16 and bf16 operands, f32 accumulation), for
+//! devices that report cooperative-matrix support (CUDA `wmma`). Never a candidate
+//! elsewhere: its `require(device.tensor_cores)` keeps it out of the tuning space, its
+//! launch refuses such a device, and `kiln emit` refuses WGSL for it.
+//!
+//! A cube of `PLANES_M x PLANES_N` planes (32 units each) owns a
+//! `32 PLANES_M x 32 PLANES_N` tile of `c`; each plane accumulates a 32 x 32 block as
+//! 2 x 2 fragments of 16 x 16. Every K step of 16 stages a's and b's slices in shared
+//! memory in the operand dtype (zero past the edges), then each plane loads its
+//! fragments and multiplies. The accumulators go through shared memory to the fused
+//! epilogue (bias, activation, residual in f32, masked at the edges).
+
+use cubecl::prelude::*;
+use kiln_dsl::{gelu_tanh, silu};
+
+/// Fragment edge (m = n = k = 16, the shape every tensor-core generation has).
+const FRAG: u32 = 16;
+
+/// `c = epilogue(a @ b)` on tensor cores.
+#[kiln_macros::kernel(
+    tune(PLANES_M = [2, 1], PLANES_N = [2, 1]),
+    require(device.tensor_cores, device.plane_size.0 == 32),
+    key(m = pow2, n = pow2, k = pow2, dtype),
+    grid = (n.div_ceil(32 * PLANES_N), m.div_ceil(32 * PLANES_M)),
+    cube = (32, PLANES_M * PLANES_N),
+    name = "matmul_cmma",
+    defaults(act = 0)
+)]
+pub fn matmul_cmma<F: Float>(
+    a: &Array<F>,
+    b: &Array<F>,
+    bias: &Array<F>,
+    residual: &Array<F>,
+    c: &mut Array<F>,
+    m: u32,
+    n: u32,
+    k: u32,
+    #[comptime] trans_b: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] has_residual: bool,
+    #[comptime] act: u32,
+) {
+    let bm = comptime!(32 * PLANES_M);
+    let bn = comptime!(32 * PLANES_N);
+    let units = comptime!(32 * PLANES_M * PLANES_N);
+    let plane = UNIT_POS_Y;
+    let pr = plane / PLANES_N;
+    let pc = plane % PLANES_N;
+    let row0 = CUBE_POS_Y * bm;
+    let col0 = CUBE_POS_X * bn;
+
+    // a's slice row-major [bm][16], b's row-major [16][bn].
+    let mut a_s = SharedMemory::<F>::new(comptime!((bm * FRAG) as usize));
+    let mut b_s = SharedMemory::<F>::new(comptime!((FRAG * bn) as usize));
+    let c00 = cmma::Matrix::<f32>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::Undefined,
+        0.0f32,
+    );
+    let c01 = cmma::Matrix::<f32>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::Undefined,
+        0.0f32,
+    );
+    let c10 = cmma::Matrix::<f32>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::Undefined,
+        0.0f32,
+    );
+    let c11 = cmma::Matrix::<f32>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::Undefined,
+        0.0f32,
+    );
+
+    let mut k0 = 0u32;
+    while k0 < k {
+        let mut idx = UNIT_POS;
+        while idx < comptime!(bm * FRAG) {
+            let r = idx / FRAG;
+            let kk = idx % FRAG;
+            let mut v = F::cast_from(0.0f32);
+            if row0 + r < m && k0 + kk < k {
+                v = a[((row0 + r) * k + k0 + kk) as usize];
+            }
+            a_s[idx as usize] = v;
+            idx += units;
+        }
+        let mut idx = UNIT_POS;
+        while idx < comptime!(FRAG * bn) {
+            let mut v = F::cast_from(0.0f32);
+            if comptime!(trans_b) {
+                let cc = idx / FRAG;
+                let kk = idx % FRAG;
+                if col0 + cc < n && k0 + kk < k {
+                    v = b[((col0 + cc) * k + k0 + kk) as usize];
+                }
+                b_s[(kk * bn + cc) as usize] = v;
+            } else {
+                let kk = idx / bn;
+                let cc = idx % bn;
+                if col0 + cc < n && k0 + kk < k {
+                    v = b[((k0 + kk) * n + col0 + cc) as usize];
+                }
+                b_s[idx as usize] = v;
+            }
+            idx += units;
+        }
+        sync_cube();
+        let a_base = pr * 32 * FRAG;
+        let b_base = pc * 32;
+        let a0 = cmma::Matrix::<F>::from_slice(
+            cmma::MatrixIdent::A,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::RowMajor,
+            &a_s.slice(a_base as usize, (a_base + 16 * FRAG) as usize),
+            FRAG,
+        );
+        let a1 = cmma::Matrix::<F>::from_slice(
+            cmma::MatrixIdent::A,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::RowMajor,
+            &a_s.slice((a_base + 16 * FRAG) as usize, (a_base + 32 * FRAG) as usize),
+            FRAG,
+        );
+        let b0 = cmma::Matrix::<F>::from_slice(
+            cmma::MatrixIdent::B,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::RowMajor,
+            &b_s.slice(b_base as usize, (b_base + 15 * bn + 16) as usize),
+            bn,
+        );
+        let b1 = cmma::Matrix::<F>::from_slice(
+            cmma::MatrixIdent::B,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::RowMajor,
+            &b_s.slice((b_base + 16) as usize, (b_base + 15 * bn + 32) as usize),
+            bn,
+        );
+        cmma::execute::<F, F, f32, f32>(&a0, &b0, &c00, &c00);
+        cmma::execute::<F, F, f32, f32>(&a0, &b1, &c01, &c01);
+        cmma::execute::<F, F, f32, f32>(&a1, &b0, &c10, &c10);
+        cmma::execute::<F, F, f32, f32>(&a1, &b1, &c11, &c11);
+        sync_cube();
+        k0 += FRAG;
+    }
+
+    // Accumulators to shared memory, then the epilogue over the whole tile.
+    let mut c_s = SharedMemory::<f32>::new(comptime!((bm * bn) as usize));
+    let base = pr * 32 * bn + pc * 32;
+    cmma::store(
+        &mut c_s.slice_mut(base as usize, (base + 15 * bn + 16) as usize),
+        &c00,
+        bn,
+        cmma::MatrixLayout::RowMajor,
+    );
+    cmma::store(
+        &mut c_s.slice_mut((base + 16) as usize, (base + 15 * bn + 32) as usize),
+        &c01,
+        bn,
+        cmma::MatrixLayout::RowMajor,
+    );
+    cmma::store(
+        &mut c_s.slice_mut((base + 16 * bn) as usize, (base + 31 * bn + 16) as usize),
+        &c10,
+        bn,
+        cmma::MatrixLayout::RowMajor,
+    );
+    cmma::store(
+        &mut c_s.slice_mut(
+            (base + 16 * bn + 16) as usize,
+            (base + 31 * bn + 32) as usize,
+        ),
+        &c11,
+        bn,
+        cmma::MatrixLayout::RowMajor,
+    );
+    sync_cube();
+    let mut idx = UNIT_POS;
+    while idx < comptime!(bm * bn) {
+        let r = row0 + idx / bn;
+        let col = col0 + idx % bn;
+        if r < m && col < n {
+            let mut v = c_s[idx as usize];
+            if comptime!(has_bias) {
+                v += f32::cast_from(bias[col as usize]);
+            }
+            if comptime!(act == 1) {
+                v = silu::<Const<1>>(Vector::new(v))[0];
+            }
+            if comptime!(act == 2) {
+                v = gelu_tanh::<Const<1>>(Vector::new(v))[0];
+            }
+            if comptime!(has_residual) {
+                v += f32::cast_from(residual[(r * n + col) as usize]);
+            }
+            c[(r * n + col) as usize] = F::cast_from(v);
+        }
+        idx += units;
+    }
+}
