@@ -155,7 +155,9 @@ fn joint_configurations_and_device_requirements() {
         (64, 64, 16, 4, 4, 1, 1)
     );
     assert!(space.len() >= 10, "{} configurations", space.len());
-    assert!(space.iter().all(|c| c.BM % c.TM == 0 && c.BK % c.VEC == 0));
+    assert!(space
+        .iter()
+        .all(|c| c.BM % c.TM == 0 && (c.STAGE == 3 || c.BK % c.VEC == 0)));
     // A combination of listed values that is not a listed configuration.
     let values = |v: &[(&str, &str)]| -> BTreeMap<String, String> {
         v.iter()

@@ -16,6 +16,8 @@ pub mod reduce;
 #[allow(missing_docs)]
 pub mod scan;
 #[allow(missing_docs)]
+pub mod softmax;
+#[allow(missing_docs)]
 pub mod tile;
 
 pub use activation::*;
@@ -23,4 +25,5 @@ pub use grid::*;
 pub use quant::*;
 pub use reduce::*;
 pub use scan::*;
+pub use softmax::*;
 pub use tile::*;

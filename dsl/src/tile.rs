@@ -94,3 +94,68 @@ pub fn reg_tile_mma<N: Numeric>(
         }
     }
 }
+
+/// The tensor-core `mma` (cmma; CUDA `wmma`), for one plane of 32 units: the 2 x 2
+/// f32 accumulator fragments `c00 c01 / c10 c11` (a 32 x 32 block) += X Y, with X a
+/// 32 x 16 row-major operand at `x_base` of `xs` (row stride 16) and Y a 16 x 32
+/// row-major operand at `y_base` of `ys` (row stride `y_stride`), both in the operand
+/// dtype. Only for devices that report tensor cores (`DeviceReport::tensor_cores`):
+/// elsewhere cubecl cannot run it (on wgpu it would silently write nothing), and
+/// [`reg_tile_mma`] is the path. All 32 units of the plane call it.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn cmma_mma_32x32<F: Float>(
+    c00: &cmma::Matrix<f32>,
+    c01: &cmma::Matrix<f32>,
+    c10: &cmma::Matrix<f32>,
+    c11: &cmma::Matrix<f32>,
+    xs: &SharedMemory<F>,
+    x_base: u32,
+    ys: &SharedMemory<F>,
+    y_base: u32,
+    y_stride: u32,
+) {
+    let x0 = cmma::Matrix::<F>::from_slice(
+        cmma::MatrixIdent::A,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::RowMajor,
+        &xs.slice(x_base as usize, (x_base + 256) as usize),
+        16u32,
+    );
+    let x1 = cmma::Matrix::<F>::from_slice(
+        cmma::MatrixIdent::A,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::RowMajor,
+        &xs.slice((x_base + 256) as usize, (x_base + 512) as usize),
+        16u32,
+    );
+    let y0 = cmma::Matrix::<F>::from_slice(
+        cmma::MatrixIdent::B,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::RowMajor,
+        &ys.slice(y_base as usize, (y_base + 15 * y_stride + 16) as usize),
+        y_stride,
+    );
+    let y1 = cmma::Matrix::<F>::from_slice(
+        cmma::MatrixIdent::B,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::RowMajor,
+        &ys.slice(
+            (y_base + 16) as usize,
+            (y_base + 15 * y_stride + 32) as usize,
+        ),
+        y_stride,
+    );
+    cmma::execute::<F, F, f32, f32>(&x0, &y0, c00, c00);
+    cmma::execute::<F, F, f32, f32>(&x0, &y1, c01, c01);
+    cmma::execute::<F, F, f32, f32>(&x1, &y0, c10, c10);
+    cmma::execute::<F, F, f32, f32>(&x1, &y1, c11, c11);
+}

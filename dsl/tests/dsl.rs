@@ -365,3 +365,71 @@ fn int_unpacking_and_rounding_match_closed_forms() {
         assert_eq!(*g as f64, even(*x as f64), "round_half_even({x})");
     }
 }
+
+#[cube(launch_unchecked)]
+fn online_softmax_kernel(x: &Array<f32>, out: &mut Array<f32>, len: u32, #[comptime] units: u32) {
+    let mut smem = SharedMemory::<f32>::new(units as usize);
+    let one = f32::cast_from(min(len, 1u32));
+    let mut state = kiln_dsl::OnlineSoftmax::new();
+    let mut j = UNIT_POS;
+    while j < len {
+        state.push(x[j as usize], one);
+        j += units;
+    }
+    let all = kiln_dsl::cube_online_softmax(&mut smem, state, one, units);
+    if UNIT_POS == 0 {
+        out[0] = all.max;
+        out[1] = all.sum;
+        out[2] = all.log_sum_exp();
+    }
+}
+
+#[test]
+fn online_softmax_matches_f64_log_sum_exp() {
+    let c = client();
+    let mut rng = 0x1234u64;
+    let mut next = || {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((rng >> 33) as f64 / (1u64 << 31) as f64 - 0.5) * 40.0
+    };
+    let mut mixed: Vec<f32> = (0..300).map(|_| next() as f32).collect();
+    mixed[7] = f32::NEG_INFINITY;
+    mixed[100] = 1e3; // one dominant value
+    let cases: Vec<Vec<f32>> = vec![mixed, vec![f32::NEG_INFINITY; 50], vec![2.5]];
+    for x in cases {
+        let out = c.empty(3 * 4);
+        unsafe {
+            online_softmax_kernel::launch_unchecked::<R>(
+                &c,
+                CubeCount::Static(1, 1, 1),
+                CubeDim::new_1d(64),
+                ArrayArg::from_raw_parts(c.create_from_slice(f32::as_bytes(&x)), x.len()),
+                ArrayArg::from_raw_parts(out.clone(), 3),
+                x.len() as u32,
+                64,
+            )
+        };
+        let got = f32::from_bytes(&c.read_one_unchecked(out)).to_vec();
+        let m = x.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v as f64));
+        if m == f64::NEG_INFINITY {
+            assert_eq!(got[1], 0.0, "all -inf: empty sum");
+            assert_eq!(got[2], f32::NEG_INFINITY, "all -inf: lse");
+            continue;
+        }
+        let s: f64 = x.iter().map(|&v| (v as f64 - m).exp()).sum();
+        assert_eq!(got[0] as f64, m);
+        assert!(
+            (got[1] as f64 - s).abs() <= 1e-6 * s,
+            "sum {} vs {s}",
+            got[1]
+        );
+        let lse = m + s.ln();
+        assert!(
+            (got[2] as f64 - lse).abs() <= 1e-6 * lse.abs().max(1.0),
+            "lse {} vs {lse}",
+            got[2]
+        );
+    }
+}

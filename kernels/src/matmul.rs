@@ -79,8 +79,11 @@ impl Default for Epilogue<'_> {
 
 /// One tile configuration (the autotuner's search space): `BM x BN` of `c` per cube,
 /// `TM x TN` per unit, `BK`-deep K slices staged in shared memory (`STAGE = 1`, the GPU
-/// path) or read by each unit straight from global memory (`STAGE = 0`: no barriers,
-/// which wins on CPU adapters), `VEC` consecutive elements per unit per staged load.
+/// path), staged with b's slice and the accumulators as 4-wide vectors (`STAGE = 2`,
+/// `VEC = 4`: vector loads and vector FMAs), or read by each unit straight from global
+/// memory (`STAGE = 0`: no barriers; `STAGE = 3`: the same with 4-wide vector
+/// accumulators). With `STAGE = 1`, `VEC` is how many consecutive elements a unit
+/// stages per step.
 pub type TileConfig = MatmulTiledConfig;
 
 /// Units per cube of a configuration.
@@ -376,6 +379,13 @@ fn launch(
             (16, 64, 32, 1, 4, 1, 1),
             (64, 64, 16, 4, 4, 1, 4),
             (128, 128, 8, 8, 8, 1, 4),
+            (64, 64, 16, 4, 4, 2, 4),
+            (64, 64, 8, 8, 8, 2, 4),
+            (128, 128, 8, 8, 8, 2, 4),
+            (128, 128, 16, 8, 8, 2, 4),
+            (64, 64, 1, 8, 8, 3, 4),
+            (32, 128, 1, 4, 8, 3, 4),
+            (4, 256, 1, 1, 4, 3, 4),
             (32, 32, 1, 4, 4, 0, 1),
             (64, 64, 1, 8, 8, 0, 1),
             (32, 128, 1, 4, 8, 0, 1),
@@ -387,9 +397,10 @@ fn launch(
     require(
         BM % TM == 0,
         BN % TN == 0,
-        BK % VEC == 0,
+        STAGE == 3 || BK % VEC == 0,
         BN % VEC == 0,
-        STAGE == 0 || (((BM + BN) * BK * 4) as usize) <= device.max_shared_memory
+        STAGE < 2 || (VEC == 4 && TN % 4 == 0),
+        STAGE == 0 || STAGE == 3 || (((BM + BN) * BK * 4) as usize) <= device.max_shared_memory
     ),
     key(m = pow2, n = pow2, k = pow2, dtype),
     grid = (n.div_ceil(BN), m.div_ceil(BM)),
@@ -506,6 +517,137 @@ pub fn matmul_tiled<F: Float>(
             sync_cube();
             k0 += bk;
         }
+    } else if comptime!(STAGE == 2) {
+        // Staged, with b's slice and the accumulators as 4-wide vectors: a unit owns
+        // TN / 4 groups of 4 adjacent columns (groups strided across units), so each
+        // step is one vector load of b and TM x TN / 4 vector FMAs (a's value splat).
+        let tnv = comptime!(tn / 4);
+        let bnv = comptime!(bn / 4);
+        let mut a_s = SharedMemory::<f32>::new(comptime!((bk * bm) as usize));
+        let mut b_s = SharedMemory::<Vector<f32, Const<4>>>::new(comptime!((bk * bnv) as usize));
+        let mut accv = Array::<Vector<f32, Const<4>>>::new(comptime!((tm * tnv) as usize));
+        #[unroll]
+        for e in 0..tm * tnv {
+            accv[e as usize] = Vector::new(0.0f32);
+        }
+        let mut k0 = 0u32;
+        while k0 < k {
+            let mut idx = UNIT_POS;
+            while idx < comptime!(bm * bk) {
+                let r = idx / bk;
+                let kk = idx % bk;
+                let (gr, gk) = (row0 + r, k0 + kk);
+                let mut v = 0.0f32;
+                if gr < m && gk < k {
+                    v = f32::cast_from(a[(gr * k + gk) as usize]);
+                }
+                a_s[(kk * bm + r) as usize] = v;
+                idx += units;
+            }
+            let mut idx = UNIT_POS;
+            while idx < comptime!(bk * bnv) {
+                let kk = idx / bnv;
+                let cv = idx % bnv;
+                let gk = k0 + kk;
+                let mut v = Vector::<f32, Const<4>>::empty();
+                #[unroll]
+                for e in 0..4u32 {
+                    let gc = col0 + cv * 4 + e;
+                    let mut x = 0.0f32;
+                    if gk < k && gc < n {
+                        if comptime!(trans_b) {
+                            x = f32::cast_from(b[(gc * k + gk) as usize]);
+                        } else {
+                            x = f32::cast_from(b[(gk * n + gc) as usize]);
+                        }
+                    }
+                    v[e as usize] = x;
+                }
+                b_s[idx as usize] = v;
+                idx += units;
+            }
+            sync_cube();
+            #[unroll]
+            for kk in 0..bk {
+                #[unroll]
+                for i in 0..tm {
+                    a_frag[i as usize] = a_s[(kk * bm + ty + i * rows_of_units) as usize];
+                }
+                #[unroll]
+                for jv in 0..tnv {
+                    let bv = b_s[(kk * bnv + tx + jv * cols_of_units) as usize];
+                    #[unroll]
+                    for i in 0..tm {
+                        let e = (i * tnv + jv) as usize;
+                        accv[e] += Vector::new(a_frag[i as usize]) * bv;
+                    }
+                }
+            }
+            sync_cube();
+            k0 += bk;
+        }
+        // Into the scalar layout the epilogue reads (column j of the unit is lane j % 4
+        // of its group j / 4).
+        #[unroll]
+        for i in 0..tm {
+            #[unroll]
+            for j in 0..tn {
+                acc[(i * tn + j) as usize] = accv[(i * tnv + j / 4) as usize][(j % 4) as usize];
+            }
+        }
+    } else if comptime!(STAGE == 3) {
+        // Direct, with 4-wide vector accumulators: a unit owns TN / 4 groups of 4
+        // adjacent columns, reads them from global memory as one vector per step and
+        // does TM x TN / 4 vector FMAs. Clamped rows and columns as in the scalar path.
+        let tnv = comptime!(tn / 4);
+        let mut accv = Array::<Vector<f32, Const<4>>>::new(comptime!((tm * tnv) as usize));
+        #[unroll]
+        for e in 0..tm * tnv {
+            accv[e as usize] = Vector::new(0.0f32);
+        }
+        let mut rows = Array::<u32>::new(comptime!(tm as usize));
+        let mut cols = Array::<u32>::new(comptime!(tn as usize));
+        #[unroll]
+        for i in 0..tm {
+            rows[i as usize] = min(row0 + ty + i * rows_of_units, m - 1);
+        }
+        #[unroll]
+        for j in 0..tn {
+            cols[j as usize] = min(col0 + (tx + (j / 4) * cols_of_units) * 4 + j % 4, n - 1);
+        }
+        let mut kk = 0u32;
+        while kk < k {
+            #[unroll]
+            for i in 0..tm {
+                a_frag[i as usize] = f32::cast_from(a[(rows[i as usize] * k + kk) as usize]);
+            }
+            #[unroll]
+            for jv in 0..tnv {
+                let mut bv = Vector::<f32, Const<4>>::empty();
+                #[unroll]
+                for e in 0..4u32 {
+                    let cj = cols[(jv * 4 + e) as usize];
+                    if comptime!(trans_b) {
+                        bv[e as usize] = f32::cast_from(b[(cj * k + kk) as usize]);
+                    } else {
+                        bv[e as usize] = f32::cast_from(b[(kk * n + cj) as usize]);
+                    }
+                }
+                #[unroll]
+                for i in 0..tm {
+                    let e = (i * tnv + jv) as usize;
+                    accv[e] += Vector::new(a_frag[i as usize]) * bv;
+                }
+            }
+            kk += 1;
+        }
+        #[unroll]
+        for i in 0..tm {
+            #[unroll]
+            for j in 0..tn {
+                acc[(i * tn + j) as usize] = accv[(i * tnv + j / 4) as usize][(j % 4) as usize];
+            }
+        }
     } else {
         // Each unit reads its own fragments from global memory, K exactly (no padding,
         // so no zero fill). Rows and columns past the edge are clamped to the last one:
@@ -551,7 +693,10 @@ pub fn matmul_tiled<F: Float>(
         let r = row0 + ty + i * rows_of_units;
         #[unroll]
         for j in 0..tn {
-            let col = col0 + tx + j * cols_of_units;
+            let mut col = col0 + tx + j * cols_of_units;
+            if comptime!(STAGE >= 2) {
+                col = col0 + (tx + (j / 4) * cols_of_units) * 4 + j % 4;
+            }
             if r < m && col < n {
                 let mut v = acc[(i * tn + j) as usize];
                 if comptime!(has_bias) {

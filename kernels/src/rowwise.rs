@@ -14,7 +14,7 @@
 
 use crate::launch::{check_input, elementwise_cost, x_only, DTYPE_PARAM};
 use cubecl::prelude::*;
-use kiln_dsl::{cube_max, cube_sum, exp_diff, linear_cube};
+use kiln_dsl::{cube_online_softmax, exp_diff, linear_cube, OnlineSoftmax};
 use kiln_runtime::{
     shape_str, Client, Error, HostTensor, KernelConfig, KernelSpec, OpArgs, OpSpec, Outputs,
     ParamSpec, Result, Tensor, TensorSpec,
@@ -90,32 +90,22 @@ fn row_reduce<F: Float>(
         // 1.0, but opaque to the shader compiler (cols >= 1): see `exp_diff`.
         let one = f32::cast_from(min(cols, 1u32));
 
-        // Online (max, sum) over this unit's strided slice. The running max starts at
-        // the lowest finite f32, not -inf, so `m - v` is never `-inf - -inf` = NaN;
-        // -inf entries then contribute exp(-inf) = 0.
-        let mut m = f32::min_value();
-        let mut s = 0.0f32;
+        // Online (max, sum) over this unit's strided slice, merged over the cube.
+        let mut state = OnlineSoftmax::new();
         let mut j = UNIT_POS as usize;
         while j < cols as usize {
-            let v = f32::cast_from(x[base + j]);
-            // One exponential per element and no divergent branch (SIMD lanes of a
-            // CPU or a warp would otherwise run both sides): e = exp(lo - hi) <= 1.
-            let hi = max(m, v);
-            let e = exp_diff(min(m, v), hi, one);
-            s = select(v > m, s * e + 1.0, s + e);
-            m = hi;
+            state.push(f32::cast_from(x[base + j]), one);
             j += UNITS as usize;
         }
-
-        let row_max = cube_max(&mut smem, m, UNITS);
-        let row_sum = cube_sum(&mut smem, s * exp_diff(m, row_max, one), UNITS);
+        let stats = cube_online_softmax(&mut smem, state, one, UNITS);
+        let (row_max, row_sum) = (stats.max, stats.sum);
 
         if comptime!(lse) {
             if UNIT_POS == 0 {
                 // An all -inf row has row_sum == 0 and row_max the lowest finite f32,
                 // so this is ln(0) = -inf. Written without an infinity literal: WGSL
                 // rejects `f32(-inf)`, which is what cubecl emits for NEG_INFINITY.
-                out[row] = F::cast_from(row_max + f32::ln(row_sum));
+                out[row] = F::cast_from(stats.log_sum_exp());
             }
         } else {
             // An all -inf row has row_sum == 0: divide by 1 instead (every exp is 0),

@@ -11,7 +11,7 @@
 //! epilogue (bias, activation, residual in f32, masked at the edges).
 
 use cubecl::prelude::*;
-use kiln_dsl::{gelu_tanh, silu};
+use kiln_dsl::{cmma_mma_32x32, gelu_tanh, silu};
 
 /// Fragment edge (m = n = k = 16, the shape every tensor-core generation has).
 const FRAG: u32 = 16;
@@ -119,48 +119,17 @@ pub fn matmul_cmma<F: Float>(
             idx += units;
         }
         sync_cube();
-        let a_base = pr * 32 * FRAG;
-        let b_base = pc * 32;
-        let a0 = cmma::Matrix::<F>::from_slice(
-            cmma::MatrixIdent::A,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::RowMajor,
-            &a_s.slice(a_base as usize, (a_base + 16 * FRAG) as usize),
-            FRAG,
-        );
-        let a1 = cmma::Matrix::<F>::from_slice(
-            cmma::MatrixIdent::A,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::RowMajor,
-            &a_s.slice((a_base + 16 * FRAG) as usize, (a_base + 32 * FRAG) as usize),
-            FRAG,
-        );
-        let b0 = cmma::Matrix::<F>::from_slice(
-            cmma::MatrixIdent::B,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::RowMajor,
-            &b_s.slice(b_base as usize, (b_base + 15 * bn + 16) as usize),
+        cmma_mma_32x32::<F>(
+            &c00,
+            &c01,
+            &c10,
+            &c11,
+            &a_s,
+            pr * 32 * FRAG,
+            &b_s,
+            pc * 32,
             bn,
         );
-        let b1 = cmma::Matrix::<F>::from_slice(
-            cmma::MatrixIdent::B,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::RowMajor,
-            &b_s.slice((b_base + 16) as usize, (b_base + 15 * bn + 32) as usize),
-            bn,
-        );
-        cmma::execute::<F, F, f32, f32>(&a0, &b0, &c00, &c00);
-        cmma::execute::<F, F, f32, f32>(&a0, &b1, &c01, &c01);
-        cmma::execute::<F, F, f32, f32>(&a1, &b0, &c10, &c10);
-        cmma::execute::<F, F, f32, f32>(&a1, &b1, &c11, &c11);
         sync_cube();
         k0 += FRAG;
     }
