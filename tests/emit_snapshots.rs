@@ -158,7 +158,9 @@ fn w8a8_gemm_cuda_bias() {
             ("dtype", "f16"),
             ("has_bias", "true"),
             ("BM", "64"),
-            ("BN", "32")
+            ("BN", "64"),
+            ("TM", "8"),
+            ("TN", "8")
         ]
     ));
 }

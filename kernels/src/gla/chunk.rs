@@ -212,10 +212,18 @@ pub fn gla_state_pass<F: Float>(
 /// Intra-chunk scores, one cube per (chunk, head), a 4x4 block of (i, j) per unit:
 /// `a[i, j] = scale * sum_d x[i, d] y[j, d] * exp(b[i, d] - b[j, d])` (with
 /// `decay`; the forward's A from q, k) or without the exponential (the backward's dA
-/// from do, v), for `j <= i < rows of the chunk`, and 0 elsewhere. Blocks wholly above
-/// the diagonal skip the arithmetic.
+/// from do, v), for `j <= i < rows of the chunk`, and 0 elsewhere.
+///
+/// Units are grouped 16 to a pair of 16-row sub-chunks (I, J), so neighbouring units
+/// (SIMD lanes, warps) take the same path; pairs above the diagonal skip the
+/// arithmetic. With `decay` and chunks longer than 16, the pairs below the diagonal
+/// (I > J) are factorised as fla does: with `r = b` at the last row before sub-chunk I,
+/// `exp(b_i - b_j) = exp(b_i - r) exp(r - b_j)`, both exponents <= 0 (b decreases), so
+/// `x~ = x exp(b - r)` and `y~ = y exp(r - b)` are formed once per element and the
+/// block is a plain product; only the diagonal pairs take one exponential per (i, j, d).
 #[kiln_macros::kernel(
     tune(BD = [32, 16]),
+    require(chunk < 64 || !decay || BD == 16),
     key(n_chunks = pow2, heads = pow2, dd = pow2, dtype),
     grid = (n_chunks, heads),
     cube = (chunk / 4) * (chunk / 4),
@@ -239,15 +247,36 @@ pub fn gla_scores<F: Float>(
     let h = CUBE_POS_Y;
     let start = chunks[(2 * c) as usize];
     let len = chunks[(2 * c + 1) as usize];
-    let per_row = comptime!(chunk / 4);
-    let units = comptime!(per_row * per_row);
-    let i0 = (UNIT_POS / per_row) * 4;
-    let j0 = (UNIT_POS % per_row) * 4;
+    let units = comptime!((chunk / 4) * (chunk / 4));
+    let n_sub = comptime!(chunk / 16);
+    let factor = comptime!(decay && chunk > 16);
+    // Unit -> (sub-chunk pair, 4x4 block inside it).
+    let pair = UNIT_POS / 16;
+    let sub_i = pair / n_sub;
+    let sub_j = pair % n_sub;
+    let q = UNIT_POS % 16;
+    let i0 = sub_i * 16 + (q / 4) * 4;
+    let j0 = sub_j * 16 + (q % 4) * 4;
     let active = j0 <= i0 + 3;
+    let mut factored = false;
+    if comptime!(factor) {
+        factored = sub_i > sub_j;
+    }
 
     let mut xs = SharedMemory::<f32>::new(comptime!((chunk * BD) as usize));
     let mut ys = SharedMemory::<f32>::new(comptime!((chunk * BD) as usize));
     let mut bs = SharedMemory::<f32>::new(comptime!((chunk * BD) as usize));
+    // x~ (depth-major like xs) and y~ for each sub-chunk I >= 1 (block I - 1).
+    let mut xt = SharedMemory::<f32>::new(comptime!(if factor {
+        (chunk * BD) as usize
+    } else {
+        1usize
+    }));
+    let mut yt = SharedMemory::<f32>::new(comptime!(if factor {
+        ((n_sub - 1) * chunk * BD) as usize
+    } else {
+        1usize
+    }));
     let mut acc = Array::<f32>::new(16usize);
     #[unroll]
     for e in 0..16u32 {
@@ -259,6 +288,7 @@ pub fn gla_scores<F: Float>(
     let mut bj = Array::<f32>::new(4usize);
 
     let row_base = (start * heads + h) * dd;
+    let last = max(len, 1) - 1;
     let mut d0 = 0u32;
     while d0 < dd {
         let dvalid = dd - d0;
@@ -304,29 +334,79 @@ pub fn gla_scores<F: Float>(
             );
         }
         sync_cube();
+        if comptime!(factor) {
+            // x~[d, i] = x exp(b_i - r_I) for i in sub-chunks I >= 1, and y~ of each
+            // I >= 1 for the rows j < 16 I; r_I = b at row min(16 I - 1, len - 1).
+            // The min(., 0) only matters for padding rows (x, y are 0 there).
+            let mut idx = UNIT_POS;
+            while idx < comptime!(chunk * BD) {
+                let d = idx / chunk;
+                let i = idx % chunk;
+                let blk = i / 16;
+                if blk > 0 {
+                    let r = min(blk * 16 - 1, last);
+                    xt[idx as usize] = xs[idx as usize]
+                        * f32::exp(min(bs[idx as usize] - bs[(d * chunk + r) as usize], 0.0));
+                }
+                idx += units;
+            }
+            let mut idx = UNIT_POS;
+            while idx < comptime!((n_sub - 1) * chunk * BD) {
+                let blk = 1 + idx / comptime!(chunk * BD);
+                let rem = idx % comptime!(chunk * BD);
+                let d = rem / chunk;
+                let j = rem % chunk;
+                if j < blk * 16 {
+                    let r = min(blk * 16 - 1, last);
+                    yt[idx as usize] = ys[rem as usize]
+                        * f32::exp(min(bs[(d * chunk + r) as usize] - bs[rem as usize], 0.0));
+                }
+                idx += units;
+            }
+            sync_cube();
+        }
         if active {
-            for dl in 0..BD {
-                let base = dl * chunk;
-                #[unroll]
-                for e in 0..4u32 {
-                    xf[e as usize] = xs[(base + i0 + e) as usize];
-                    yf[e as usize] = ys[(base + j0 + e) as usize];
-                    if comptime!(decay) {
-                        bi[e as usize] = bs[(base + i0 + e) as usize];
-                        bj[e as usize] = bs[(base + j0 + e) as usize];
+            if factored {
+                let yb = (sub_i - 1) * comptime!(chunk * BD);
+                for dl in 0..BD {
+                    let base = dl * chunk;
+                    #[unroll]
+                    for e in 0..4u32 {
+                        xf[e as usize] = xt[(base + i0 + e) as usize];
+                        yf[e as usize] = yt[(yb + base + j0 + e) as usize];
+                    }
+                    #[unroll]
+                    for ii in 0..4u32 {
+                        #[unroll]
+                        for jj in 0..4u32 {
+                            acc[(ii * 4 + jj) as usize] += xf[ii as usize] * yf[jj as usize];
+                        }
                     }
                 }
-                #[unroll]
-                for ii in 0..4u32 {
+            } else {
+                for dl in 0..BD {
+                    let base = dl * chunk;
                     #[unroll]
-                    for jj in 0..4u32 {
-                        let mut p = xf[ii as usize] * yf[jj as usize];
+                    for e in 0..4u32 {
+                        xf[e as usize] = xs[(base + i0 + e) as usize];
+                        yf[e as usize] = ys[(base + j0 + e) as usize];
                         if comptime!(decay) {
-                            // Clamped at 0: above the diagonal (masked below) the
-                            // difference is positive and could overflow.
-                            p *= f32::exp(min(bi[ii as usize] - bj[jj as usize], 0.0));
+                            bi[e as usize] = bs[(base + i0 + e) as usize];
+                            bj[e as usize] = bs[(base + j0 + e) as usize];
                         }
-                        acc[(ii * 4 + jj) as usize] += p;
+                    }
+                    #[unroll]
+                    for ii in 0..4u32 {
+                        #[unroll]
+                        for jj in 0..4u32 {
+                            let mut p = xf[ii as usize] * yf[jj as usize];
+                            if comptime!(decay) {
+                                // Clamped at 0: above the diagonal (masked below) the
+                                // difference is positive and could overflow.
+                                p *= f32::exp(min(bi[ii as usize] - bj[jj as usize], 0.0));
+                            }
+                            acc[(ii * 4 + jj) as usize] += p;
+                        }
                     }
                 }
             }

@@ -153,7 +153,7 @@ pub fn qgemm_gemv<F: Float>(
 /// step stages x `[BM, 32]` and the dequantized weight `[32, BN]` in shared memory as
 /// f32, then multiplies from registers.
 #[kiln_macros::kernel(
-    tune(BM = [64, 32], BN = [64, 32], TM = [4], TN = [4]),
+    tune((BM, BN, TM, TN) = [(64, 64, 4, 4), (64, 64, 8, 8), (128, 64, 8, 8), (32, 64, 4, 4), (32, 32, 4, 4)]),
     require((BM / TM) * (BN / TN) <= 1024, BM <= m.next_power_of_two().max(32)),
     key(m = pow2, n = pow2, k = pow2, dtype),
     grid = (n.div_ceil(BN), m.div_ceil(BM)),

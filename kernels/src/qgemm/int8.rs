@@ -13,7 +13,7 @@ pub const INT8_TILE_K: u32 = 32;
 /// Both operands are K-contiguous (`xq` `[M, K]`, `wq` `[N, K]`): each K step stages
 /// them depth-major as i32, multiplies exactly in i32, and the epilogue scales once.
 #[kiln_macros::kernel(
-    tune(BM = [64, 32], BN = [64, 32], TM = [4], TN = [4]),
+    tune((BM, BN, TM, TN) = [(64, 64, 4, 4), (64, 64, 8, 8), (128, 64, 8, 8), (32, 64, 4, 4), (32, 32, 4, 4)]),
     require((BM / TM) * (BN / TN) <= 1024, BM <= m.next_power_of_two().max(32)),
     key(m = pow2, n = pow2, k = pow2, dtype),
     grid = (n.div_ceil(BN), m.div_ceil(BM)),
