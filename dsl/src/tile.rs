@@ -159,3 +159,16 @@ pub fn cmma_mma_32x32<F: Float>(
     cmma::execute::<F, F, f32, f32>(&x1, &y0, c10, c10);
     cmma::execute::<F, F, f32, f32>(&x1, &y1, c11, c11);
 }
+
+/// A 16 x 16 f32 accumulator fragment of zeros, for [`cmma_mma_32x32`].
+#[cube]
+pub fn cmma_zero_accumulator() -> cmma::Matrix<f32> {
+    cmma::Matrix::<f32>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::Undefined,
+        0.0f32,
+    )
+}

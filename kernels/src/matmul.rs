@@ -190,27 +190,7 @@ impl Candidate {
     fn launch(&self, a: &Tensor, b: &Tensor, p: &Problem, ep: &Epilogue<'_>) -> Result<Tensor> {
         match self {
             Candidate::Fma(cfg) => launch(a, b, p, ep, *cfg),
-            Candidate::Cmma(cfg) => {
-                let client = a.client();
-                let c = Tensor::empty(client, a.dtype(), &[p.m, p.n])?;
-                MatmulCmma::launch(
-                    client,
-                    cfg,
-                    a,
-                    b,
-                    ep.bias.unwrap_or(a),
-                    ep.residual.unwrap_or(a),
-                    &c,
-                    p.m as u32,
-                    p.n as u32,
-                    p.k as u32,
-                    p.trans_b,
-                    ep.bias.is_some(),
-                    ep.residual.is_some(),
-                    ep.activation.code(),
-                )?;
-                Ok(c)
-            }
+            Candidate::Cmma(cfg) => launch_into(a, b, p, ep, cfg, MatmulCmma::launch),
         }
     }
 }
@@ -333,8 +313,6 @@ fn launch(
     ep: &Epilogue<'_>,
     cfg: TileConfig,
 ) -> Result<Tensor> {
-    let client = a.client();
-    let c = Tensor::empty(client, a.dtype(), &[p.m, p.n])?;
     let gx = p.n.div_ceil(cfg.BN as usize);
     let gy = p.m.div_ceil(cfg.BM as usize);
     if gx > 65_535 || gy > 65_535 {
@@ -344,10 +322,41 @@ fn launch(
             found: format!("[{}, {}]", p.m, p.n),
         });
     }
-    // Absent epilogue tensors are bound to `a` and never read (their flag is off).
-    MatmulTiled::launch(
-        client,
-        &cfg,
+    launch_into(a, b, p, ep, &cfg, MatmulTiled::launch)
+}
+
+/// The launch function of a `matmul` kernel (every one takes the same arguments).
+type LaunchFn<C> = fn(
+    &Client,
+    &C,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    u32,
+    u32,
+    u32,
+    bool,
+    bool,
+    bool,
+    u32,
+) -> Result<()>;
+
+/// Allocates `c` and launches `kernel` on the operands and the epilogue. Absent epilogue
+/// tensors are bound to `a` and never read (their flag is off).
+fn launch_into<C>(
+    a: &Tensor,
+    b: &Tensor,
+    p: &Problem,
+    ep: &Epilogue<'_>,
+    cfg: &C,
+    kernel: LaunchFn<C>,
+) -> Result<Tensor> {
+    let c = Tensor::empty(a.client(), a.dtype(), &[p.m, p.n])?;
+    kernel(
+        a.client(),
+        cfg,
         a,
         b,
         ep.bias.unwrap_or(a),

@@ -11,7 +11,7 @@
 //! epilogue (bias, activation, residual in f32, masked at the edges).
 
 use cubecl::prelude::*;
-use kiln_dsl::{cmma_mma_32x32, gelu_tanh, silu};
+use kiln_dsl::{cmma_mma_32x32, cmma_zero_accumulator, gelu_tanh, silu};
 
 /// Fragment edge (m = n = k = 16, the shape every tensor-core generation has).
 const FRAG: u32 = 16;
@@ -52,38 +52,10 @@ pub fn matmul_cmma<F: Float>(
     // a's slice row-major [bm][16], b's row-major [16][bn].
     let mut a_s = SharedMemory::<F>::new(comptime!((bm * FRAG) as usize));
     let mut b_s = SharedMemory::<F>::new(comptime!((FRAG * bn) as usize));
-    let c00 = cmma::Matrix::<f32>::from_value(
-        cmma::MatrixIdent::Accumulator,
-        16usize,
-        16usize,
-        16usize,
-        cmma::MatrixLayout::Undefined,
-        0.0f32,
-    );
-    let c01 = cmma::Matrix::<f32>::from_value(
-        cmma::MatrixIdent::Accumulator,
-        16usize,
-        16usize,
-        16usize,
-        cmma::MatrixLayout::Undefined,
-        0.0f32,
-    );
-    let c10 = cmma::Matrix::<f32>::from_value(
-        cmma::MatrixIdent::Accumulator,
-        16usize,
-        16usize,
-        16usize,
-        cmma::MatrixLayout::Undefined,
-        0.0f32,
-    );
-    let c11 = cmma::Matrix::<f32>::from_value(
-        cmma::MatrixIdent::Accumulator,
-        16usize,
-        16usize,
-        16usize,
-        cmma::MatrixLayout::Undefined,
-        0.0f32,
-    );
+    let c00 = cmma_zero_accumulator();
+    let c01 = cmma_zero_accumulator();
+    let c10 = cmma_zero_accumulator();
+    let c11 = cmma_zero_accumulator();
 
     let mut k0 = 0u32;
     while k0 < k {
