@@ -21,6 +21,23 @@ pub struct TensorSpec {
 }
 
 impl TensorSpec {
+    /// A spec from its fields, for the registries' `static` tables.
+    pub const fn new(
+        name: &'static str,
+        shape: &'static str,
+        dtypes: &'static str,
+        optional: bool,
+        doc: &'static str,
+    ) -> TensorSpec {
+        TensorSpec {
+            name,
+            shape,
+            dtypes,
+            optional,
+            doc,
+        }
+    }
+
     /// The dtype this tensor always has, when its spec names exactly one (`f32` for
     /// recurrent states and scales, `i32` for packed codes, `i8` ...); `None` when it
     /// follows the operator's float dtype.

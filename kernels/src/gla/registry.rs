@@ -22,54 +22,38 @@ pub static KERNELS: [&KernelSpec; 8] = [
     &TO_F32_KERNEL,
 ];
 
-const fn input(
-    name: &'static str,
-    shape: &'static str,
-    dtypes: &'static str,
-    optional: bool,
-    doc: &'static str,
-) -> TensorSpec {
-    TensorSpec {
-        name,
-        shape,
-        dtypes,
-        optional,
-        doc,
-    }
-}
-
-const Q: TensorSpec = input("q", "[B, T, H, K]", "f32 | f16 | bf16", false, "queries");
-const K: TensorSpec = input("k", "[B, T, H, K]", "q's dtype", false, "keys");
-const V: TensorSpec = input("v", "[B, T, H, V]", "q's dtype", false, "values");
-const G: TensorSpec = input(
+const Q: TensorSpec = TensorSpec::new("q", "[B, T, H, K]", "f32 | f16 | bf16", false, "queries");
+const K: TensorSpec = TensorSpec::new("k", "[B, T, H, K]", "q's dtype", false, "keys");
+const V: TensorSpec = TensorSpec::new("v", "[B, T, H, V]", "q's dtype", false, "values");
+const G: TensorSpec = TensorSpec::new(
     "g",
     "[B, T, H, K]",
     "f32 | q's dtype",
     false,
     "log decays (<= 0), e.g. logsigmoid of a gate projection",
 );
-const H0: TensorSpec = input(
+const H0: TensorSpec = TensorSpec::new(
     "h0",
     "[N, H, K, V]",
     "f32",
     true,
     "initial states (N = B, or the varlen sequence count)",
 );
-const CU: TensorSpec = input(
+const CU: TensorSpec = TensorSpec::new(
     "cu_seqlens",
     "[N + 1]",
     "i32",
     true,
     "varlen row offsets (0 first, T last, non-decreasing; B = 1)",
 );
-const DO: TensorSpec = input(
+const DO: TensorSpec = TensorSpec::new(
     "do",
     "[B, T, H, V]",
     "q's dtype",
     false,
     "gradient of the loss with respect to o",
 );
-const DHT: TensorSpec = input(
+const DHT: TensorSpec = TensorSpec::new(
     "dht",
     "[N, H, K, V]",
     "f32",
@@ -77,8 +61,8 @@ const DHT: TensorSpec = input(
     "gradient of the loss with respect to ht",
 );
 
-const O: TensorSpec = input("o", "[B, T, H, V]", "q's dtype", false, "outputs");
-const HT: TensorSpec = input(
+const O: TensorSpec = TensorSpec::new("o", "[B, T, H, V]", "q's dtype", false, "outputs");
+const HT: TensorSpec = TensorSpec::new(
     "ht",
     "[N, H, K, V]",
     "f32",
@@ -275,29 +259,29 @@ pub static GLA_STEP: OpSpec = OpSpec {
     name: "gla_step",
     summary: "gated linear attention decode step: one token per sequence, state updated in place",
     inputs: &[
-        input(
+        TensorSpec::new(
             "q",
             "[B, 1, H, K]",
             "f32 | f16 | bf16",
             false,
             "queries of one token",
         ),
-        input("k", "[B, 1, H, K]", "q's dtype", false, "keys of one token"),
-        input(
+        TensorSpec::new("k", "[B, 1, H, K]", "q's dtype", false, "keys of one token"),
+        TensorSpec::new(
             "v",
             "[B, 1, H, V]",
             "q's dtype",
             false,
             "values of one token",
         ),
-        input(
+        TensorSpec::new(
             "g",
             "[B, 1, H, K]",
             "f32 | q's dtype",
             false,
             "log decays (<= 0)",
         ),
-        input(
+        TensorSpec::new(
             "state",
             "[B, H, K, V]",
             "f32",
@@ -306,14 +290,14 @@ pub static GLA_STEP: OpSpec = OpSpec {
         ),
     ],
     outputs: &[
-        input(
+        TensorSpec::new(
             "o",
             "[B, 1, H, V]",
             "q's dtype",
             false,
             "outputs of the token",
         ),
-        input("state", "[B, H, K, V]", "f32", false, "the updated state"),
+        TensorSpec::new("state", "[B, H, K, V]", "f32", false, "the updated state"),
     ],
     params: &[SCALE],
     run: run_gla_step,
@@ -349,11 +333,11 @@ pub static GLA_BACKWARD: OpSpec = OpSpec {
     summary: "gated linear attention backward, chunked (gradients in their input's dtype, dh0 f32)",
     inputs: &[Q, K, V, G, H0, DO, DHT, CU],
     outputs: &[
-        input("dq", "[B, T, H, K]", "q's dtype", false, "dL/dq"),
-        input("dk", "[B, T, H, K]", "q's dtype", false, "dL/dk"),
-        input("dv", "[B, T, H, V]", "q's dtype", false, "dL/dv"),
-        input("dg", "[B, T, H, K]", "g's dtype", false, "dL/dg"),
-        input(
+        TensorSpec::new("dq", "[B, T, H, K]", "q's dtype", false, "dL/dq"),
+        TensorSpec::new("dk", "[B, T, H, K]", "q's dtype", false, "dL/dk"),
+        TensorSpec::new("dv", "[B, T, H, V]", "q's dtype", false, "dL/dv"),
+        TensorSpec::new("dg", "[B, T, H, K]", "g's dtype", false, "dL/dg"),
+        TensorSpec::new(
             "dh0",
             "[N, H, K, V]",
             "f32",

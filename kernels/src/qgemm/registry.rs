@@ -29,22 +29,6 @@ pub static KERNELS: [&KernelSpec; 11] = [
     &FLEXROUND_BACKWARD_TOTAL_KERNEL,
 ];
 
-const fn t(
-    name: &'static str,
-    shape: &'static str,
-    dtypes: &'static str,
-    optional: bool,
-    doc: &'static str,
-) -> TensorSpec {
-    TensorSpec {
-        name,
-        shape,
-        dtypes,
-        optional,
-        doc,
-    }
-}
-
 const fn p(
     name: &'static str,
     default: &'static str,
@@ -59,29 +43,29 @@ const fn p(
     }
 }
 
-const X: TensorSpec = t("x", "[M, K]", "f32 | f16 | bf16", false, "activations");
-const QWEIGHT: TensorSpec = t(
+const X: TensorSpec = TensorSpec::new("x", "[M, K]", "f32 | f16 | bf16", false, "activations");
+const QWEIGHT: TensorSpec = TensorSpec::new(
     "qweight",
     "gptq, kiln: [K/8, N]; awq: [K, N/8]",
     "i32",
     false,
     "packed 4-bit codes",
 );
-const SCALES: TensorSpec = t(
+const SCALES: TensorSpec = TensorSpec::new(
     "scales",
     "[K/G, N]",
     "a float dtype (kiln: f32)",
     false,
     "group scales",
 );
-const QZEROS: TensorSpec = t(
+const QZEROS: TensorSpec = TensorSpec::new(
     "qzeros",
     "gptq, awq: [K/G, N/8] i32; kiln: [K/G, N] f32",
     "i32 | f32",
     true,
     "zero points (absent: symmetric, z = 8)",
 );
-const G_IDX: TensorSpec = t(
+const G_IDX: TensorSpec = TensorSpec::new(
     "g_idx",
     "[K]",
     "i32",
@@ -164,7 +148,13 @@ pub static W4A16: OpSpec = OpSpec {
     summary:
         "y = x @ dequant(W) for GPTQ (v1/v2), AWQ or kiln-packed int4 weights, f32 accumulation",
     inputs: &[X, QWEIGHT, SCALES, QZEROS, G_IDX],
-    outputs: &[t("y", "[M, N]", "x's dtype", false, "the product")],
+    outputs: &[TensorSpec::new(
+        "y",
+        "[M, N]",
+        "x's dtype",
+        false,
+        "the product",
+    )],
     params: &[FORMAT, GROUP, VERSION],
     run: run_w4a16,
     problem: "M x N x K (a GPTQ v1 weight, G = 128)",
@@ -191,10 +181,10 @@ pub static W4A16_REPACK: OpSpec = OpSpec {
     summary: "convert a GPTQ/AWQ int4 weight to kiln's layout (run w4a16 on it with format=kiln)",
     inputs: &[QWEIGHT, SCALES, QZEROS, G_IDX],
     outputs: &[
-        t("qweight", "[K/8, N]", "i32", false, "codes packed along K"),
-        t("scales", "[K/G, N]", "f32", false, "group scales"),
-        t("qzeros", "[K/G, N]", "f32", false, "true zero points"),
-        t("g_idx", "[K]", "i32", true, "act-order groups, when given"),
+        TensorSpec::new("qweight", "[K/8, N]", "i32", false, "codes packed along K"),
+        TensorSpec::new("scales", "[K/G, N]", "f32", false, "group scales"),
+        TensorSpec::new("qzeros", "[K/G, N]", "f32", false, "true zero points"),
+        TensorSpec::new("g_idx", "[K]", "i32", true, "act-order groups, when given"),
     ],
     params: &[FORMAT, GROUP, VERSION],
     run: run_w4a16_repack,
@@ -233,13 +223,13 @@ pub static W8A8: OpSpec = OpSpec {
     name: "w8a8",
     summary: "y = sx sw (xq @ wq^T) + bias with int8 operands and an exact i32 accumulator",
     inputs: &[
-        t("xq", "[M, K]", "i8", false, "quantized activations"),
-        t("sx", "[M]", "f32", false, "per-token scales"),
-        t("wq", "[N, K]", "i8", false, "quantized weight (out x in)"),
-        t("sw", "[N]", "f32", false, "per-channel scales"),
-        t("bias", "[N]", "f32", true, "bias"),
+        TensorSpec::new("xq", "[M, K]", "i8", false, "quantized activations"),
+        TensorSpec::new("sx", "[M]", "f32", false, "per-token scales"),
+        TensorSpec::new("wq", "[N, K]", "i8", false, "quantized weight (out x in)"),
+        TensorSpec::new("sw", "[N]", "f32", false, "per-channel scales"),
+        TensorSpec::new("bias", "[N]", "f32", true, "bias"),
     ],
-    outputs: &[t(
+    outputs: &[TensorSpec::new(
         "y",
         "[M, N]",
         "out_dtype (f32 | f16 | bf16)",
@@ -278,8 +268,8 @@ pub static QUANTIZE_PER_TOKEN: OpSpec = OpSpec {
         "dynamic per-token int8 quantization: sx = max|x| / 127, xq = round(x / sx) (ties to even)",
     inputs: &[X],
     outputs: &[
-        t("xq", "[M, K]", "i8", false, "codes in -127..=127"),
-        t("sx", "[M]", "f32", false, "per-token scales"),
+        TensorSpec::new("xq", "[M, K]", "i8", false, "codes in -127..=127"),
+        TensorSpec::new("sx", "[M]", "f32", false, "per-token scales"),
     ],
     params: &[],
     run: run_quantize,
@@ -306,8 +296,8 @@ pub static W8_BITS: OpSpec = OpSpec {
         "y = x @ W_b, the b-bit Double Rounding view of an int8 weight (shift-rounded in the GEMM)",
     inputs: &[
         X,
-        t("q8", "[K, N]", "i8", false, "int8 codes"),
-        t(
+        TensorSpec::new("q8", "[K, N]", "i8", false, "int8 codes"),
+        TensorSpec::new(
             "s8",
             "[N]",
             "f32",
@@ -315,7 +305,13 @@ pub static W8_BITS: OpSpec = OpSpec {
             "per-channel scales of the int8 codes",
         ),
     ],
-    outputs: &[t("y", "[M, N]", "x's dtype", false, "the product")],
+    outputs: &[TensorSpec::new(
+        "y",
+        "[M, N]",
+        "x's dtype",
+        false,
+        "the product",
+    )],
     params: &[p(
         "bits",
         "8",
@@ -331,25 +327,25 @@ pub static W8_BITS: OpSpec = OpSpec {
     cost: |dims, elem| gemm_cost(dims, elem, 8.0),
 };
 
-const W: TensorSpec = t("w", "[rows, cols]", "f32 | f16 | bf16", false, "the weight");
+const W: TensorSpec = TensorSpec::new("w", "[rows, cols]", "f32 | f16 | bf16", false, "the weight");
 const FLEX_INPUTS: [TensorSpec; 5] = [
     W,
-    t("s1", "[1]", "w's dtype", false, "per-tensor scale"),
-    t(
+    TensorSpec::new("s1", "[1]", "w's dtype", false, "per-tensor scale"),
+    TensorSpec::new(
         "s2",
         "[rows, cols]",
         "w's dtype",
         false,
         "per-element divisor",
     ),
-    t(
+    TensorSpec::new(
         "s3",
         "[rows]",
         "w's dtype",
         false,
         "per-output-channel divisor",
     ),
-    t(
+    TensorSpec::new(
         "s4",
         "[cols]",
         "w's dtype",
@@ -394,7 +390,7 @@ pub static FLEXROUND: OpSpec = OpSpec {
     name: "flexround",
     summary: "FlexRound fake quantization: wq = s1 clamp(round(w / (s1 S2 s3 s4)), qmin, qmax)",
     inputs: &FLEX_INPUTS,
-    outputs: &[t(
+    outputs: &[TensorSpec::new(
         "wq",
         "[rows, cols]",
         "w's dtype",
@@ -432,14 +428,14 @@ pub static FLEXROUND_BACKWARD: OpSpec = OpSpec {
         FLEX_INPUTS[2],
         FLEX_INPUTS[3],
         FLEX_INPUTS[4],
-        t("grad", "[rows, cols]", "w's dtype", false, "dL/dwq"),
+        TensorSpec::new("grad", "[rows, cols]", "w's dtype", false, "dL/dwq"),
     ],
     outputs: &[
-        t("dw", "[rows, cols]", "w's dtype", false, "dL/dw"),
-        t("ds1", "[1]", "w's dtype", false, "dL/ds1"),
-        t("ds2", "[rows, cols]", "w's dtype", false, "dL/dS2"),
-        t("ds3", "[rows]", "w's dtype", false, "dL/ds3"),
-        t("ds4", "[cols]", "w's dtype", false, "dL/ds4"),
+        TensorSpec::new("dw", "[rows, cols]", "w's dtype", false, "dL/dw"),
+        TensorSpec::new("ds1", "[1]", "w's dtype", false, "dL/ds1"),
+        TensorSpec::new("ds2", "[rows, cols]", "w's dtype", false, "dL/dS2"),
+        TensorSpec::new("ds3", "[rows]", "w's dtype", false, "dL/ds3"),
+        TensorSpec::new("ds4", "[cols]", "w's dtype", false, "dL/ds4"),
     ],
     params: &[QMIN, QMAX],
     run: run_flex_backward,
