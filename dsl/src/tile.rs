@@ -172,3 +172,166 @@ pub fn cmma_zero_accumulator() -> cmma::Matrix<f32> {
         0.0f32,
     )
 }
+
+/// Four f32 lanes: the element of the vector tiles below. On a CPU adapter (lavapipe)
+/// every shared or global access whose address differs between invocations costs a
+/// loop over the SIMD lanes, so moving four values per access roughly halves the cost
+/// of a register-tile product; on a GPU it is one 128-bit shared-memory access.
+pub type V4 = Vector<f32, Const<4>>;
+
+/// Loads the `rows x cols` tile whose element (r, c) is
+/// `src[src_base + r * row_stride + c * col_stride]` into `dst` as f32 vectors of four
+/// consecutive columns: element (r, c) lands in lane `c % 4` of
+/// `dst[dst_base + r * cols / 4 + c / 4]`, zero where `r >= rows_valid` or
+/// `c >= cols_valid`. A unit stages whole vectors; consecutive units take consecutive
+/// vectors of a row. `cols` is a multiple of 4. The caller synchronises before reading.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn load_tile_v4<F: Float>(
+    dst: &mut SharedMemory<V4>,
+    dst_base: u32,
+    src: &Array<F>,
+    src_base: u32,
+    row_stride: u32,
+    col_stride: u32,
+    rows_valid: u32,
+    cols_valid: u32,
+    #[comptime] rows: u32,
+    #[comptime] cols: u32,
+    #[comptime] units: u32,
+) {
+    let colv = comptime!(cols / 4);
+    let mut idx = UNIT_POS;
+    while idx < comptime!(rows * cols / 4) {
+        let r = idx / colv;
+        let c0 = (idx % colv) * 4;
+        let mut v = V4::empty();
+        #[unroll]
+        for e in 0..4u32 {
+            let c = c0 + e;
+            let mut value = 0.0f32;
+            if r < rows_valid && c < cols_valid {
+                value = f32::cast_from(src[(src_base + r * row_stride + c * col_stride) as usize]);
+            }
+            v[e as usize] = value;
+        }
+        dst[(dst_base + idx) as usize] = v;
+        idx += units;
+    }
+}
+
+/// `acc += X Y` over `depth` for one unit's `tm x tn` register tile held as `tm x tn / 4`
+/// vectors ([`V4`]), both operands in vector tiles as [`load_tile_v4`] writes them:
+/// `X` with `rows` rows and the depth along its vectors (element (r, d) in lane `d % 4`
+/// of `xs[x_base + r * depth / 4 + d / 4]`), `Y` with `depth` rows and `cols` columns
+/// along its vectors (element (d, c) in lane `c % 4` of `ys[y_base + d * cols / 4 + c / 4]`).
+/// The unit owns rows `ty + i * rows / tm` and the column vectors
+/// `tx + jv * cols / tn` (`jv < tn / 4`; see [`v4_tile_col`]). Per four depths: `tm + tn`
+/// vector loads and `tm x tn` FMAs (4-wide). `depth`, `cols` and `tn` are multiples of 4.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn reg_tile_mma_v4(
+    acc: &mut Array<V4>,
+    xs: &SharedMemory<V4>,
+    x_base: u32,
+    ys: &SharedMemory<V4>,
+    y_base: u32,
+    ty: u32,
+    tx: u32,
+    #[comptime] rows: u32,
+    #[comptime] cols: u32,
+    #[comptime] depth: u32,
+    #[comptime] tm: u32,
+    #[comptime] tn: u32,
+) {
+    let row_step = comptime!(rows / tm);
+    let colv = comptime!(cols / 4);
+    let tnv = comptime!(tn / 4);
+    let colv_step = comptime!(cols / tn);
+    let depth4 = comptime!(depth / 4);
+    let mut xv = Array::<V4>::new(comptime!(tm as usize));
+    // The depth loop stays rolled (compile time on CPU drivers, as in reg_tile_mma).
+    for d4 in 0..depth4 {
+        #[unroll]
+        for i in 0..tm {
+            xv[i as usize] = xs[(x_base + (ty + i * row_step) * depth4 + d4) as usize];
+        }
+        #[unroll]
+        for e in 0..4u32 {
+            #[unroll]
+            for jv in 0..tnv {
+                let yv = ys[(y_base + (d4 * 4 + e) * colv + tx + jv * colv_step) as usize];
+                #[unroll]
+                for i in 0..tm {
+                    let a = (i * tnv + jv) as usize;
+                    acc[a] += V4::new(xv[i as usize][e as usize]) * yv;
+                }
+            }
+        }
+    }
+}
+
+/// The column (within the tile) of element `j < tn` of a unit's row in a
+/// [`reg_tile_mma_v4`] tile: lane `j % 4` of column vector `tx + (j / 4) * cols / tn`.
+/// The value itself is `acc[i * tn / 4 + j / 4][j % 4]`.
+#[cube]
+pub fn v4_tile_col(tx: u32, #[comptime] j: u32, #[comptime] cols: u32, #[comptime] tn: u32) -> u32 {
+    (tx + comptime!(j / 4) * comptime!(cols / tn)) * 4 + comptime!(j % 4)
+}
+
+/// `acc += X Y` over `depth` for one unit's `tm x tn` register tile, with both operands
+/// stored depth-major with 4-wide vectors along their rows and columns: element (r, d)
+/// of X in lane `r % 4` of `xs[x_base + d * rows / 4 + r / 4]`, element (d, c) of Y in
+/// lane `c % 4` of `ys[y_base + d * cols / 4 + c / 4]` (the layout of a `[time][feature]`
+/// tile staged as it lies in memory, as in `k^T v`). The unit owns the row vectors
+/// `ty + iv * rows / tm` and the column vectors `tx + jv * cols / tn`; its element
+/// (i, j) is lane `j % 4` of `acc[i * tn / 4 + j / 4]`, row `(ty + (i / 4) * rows / tm) * 4
+/// + i % 4` (see [`v4_tile_col`] for both). Per depth: `(tm + tn) / 4` vector loads and
+/// `tm x tn` FMAs (4-wide). `rows`, `cols`, `tm` and `tn` are multiples of 4.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn reg_tile_mma_v4_outer(
+    acc: &mut Array<V4>,
+    xs: &SharedMemory<V4>,
+    x_base: u32,
+    ys: &SharedMemory<V4>,
+    y_base: u32,
+    ty: u32,
+    tx: u32,
+    #[comptime] depth: u32,
+    #[comptime] rows: u32,
+    #[comptime] cols: u32,
+    #[comptime] tm: u32,
+    #[comptime] tn: u32,
+) {
+    let rowsv = comptime!(rows / 4);
+    let colsv = comptime!(cols / 4);
+    let tmv = comptime!(tm / 4);
+    let tnv = comptime!(tn / 4);
+    let rowv_step = comptime!(rows / tm);
+    let colv_step = comptime!(cols / tn);
+    let mut xv = Array::<V4>::new(comptime!(tmv as usize));
+    let mut yv = Array::<V4>::new(comptime!(tnv as usize));
+    for d in 0..depth {
+        #[unroll]
+        for iv in 0..tmv {
+            xv[iv as usize] = xs[(x_base + d * rowsv + ty + iv * rowv_step) as usize];
+        }
+        #[unroll]
+        for jv in 0..tnv {
+            yv[jv as usize] = ys[(y_base + d * colsv + tx + jv * colv_step) as usize];
+        }
+        #[unroll]
+        for iv in 0..tmv {
+            #[unroll]
+            for e in 0..4u32 {
+                let x = V4::new(xv[iv as usize][e as usize]);
+                #[unroll]
+                for jv in 0..tnv {
+                    let a = ((iv * 4 + e) * tnv + jv) as usize;
+                    acc[a] += x * yv[jv as usize];
+                }
+            }
+        }
+    }
+}

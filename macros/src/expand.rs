@@ -204,10 +204,12 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         Arg::Input {
             name,
             elem: Elem::Generic,
+            ..
         }
         | Arg::Output {
             name,
             elem: Elem::Generic,
+            ..
         } => Some(name),
         _ => None,
     });
@@ -219,8 +221,17 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         .args
         .iter()
         .filter_map(|a| match a {
-            Arg::Input { name, elem } | Arg::Output { name, elem } => {
+            Arg::Input { name, elem, width } | Arg::Output { name, elem, width } => {
                 let n = name.to_string();
+                let width_check = (*width > 1).then(|| quote! {
+                    if #name.numel() % (#width as usize) != 0 {
+                        return Err(#rt::Error::Shape {
+                            tensor: #n.into(),
+                            expected: format!("a number of elements divisible by {} (read as {}-wide vectors)", #width, #width),
+                            found: #rt::shape_str(#name.shape()),
+                        });
+                    }
+                });
                 let dt = match elem {
                     Elem::Generic => quote!(__dtype),
                     Elem::Concrete(ty) => {
@@ -229,6 +240,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
                     }
                 };
                 Some(quote! {
+                    #width_check
                     #name.expect_usable(#n, client)?;
                     #name.expect_dtype(#n, &[#dt])?;
                     client.require_dtype(#n, #name.dtype())?;
@@ -441,17 +453,25 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         .args
         .iter()
         .map(|a| {
-            let ty = |e: &Elem| match e {
-                Elem::Generic => quote!(#kname::F),
-                Elem::Concrete(t) => quote!(#t),
+            let ty = |e: &Elem, width: u32| {
+                let t = match e {
+                    Elem::Generic => quote!(#kname::F),
+                    Elem::Concrete(t) => quote!(#t),
+                };
+                if width > 1 {
+                    let w = width as usize;
+                    quote!(#rt::cubecl::prelude::Vector<#t, #rt::cubecl::prelude::Const<#w>>)
+                } else {
+                    t
+                }
             };
             match a {
-                Arg::Input { name, elem } => {
-                    let t = ty(elem);
+                Arg::Input { name, elem, width } => {
+                    let t = ty(elem, *width);
                     quote!(let #name = #rt::define::input_array::<#t>(&mut __b);)
                 }
-                Arg::Output { name, elem } => {
-                    let t = ty(elem);
+                Arg::Output { name, elem, width } => {
+                    let t = ty(elem, *width);
                     quote!(let #name = #rt::define::output_array::<#t>(&mut __b);)
                 }
                 Arg::Scalar { name, ty } => {
@@ -592,7 +612,10 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
                 }
                 let __count = #count;
                 let __dim = #cube_dim;
-                #kernel_call
+                let __profile = #rt::profile::start(client)?;
+                let __launched: #rt::Result<()> = #kernel_call;
+                __launched?;
+                #rt::profile::finish(client, __profile, #reg_name, || Self::label(cfg))
             }
 
             /// Picks a configuration with the autotuner (tuning on first use of the key,

@@ -13,10 +13,10 @@ pub enum Elem {
 
 /// One kernel argument.
 pub enum Arg {
-    /// `&Array<T>`.
-    Input { name: Ident, elem: Elem },
-    /// `&mut Array<T>`.
-    Output { name: Ident, elem: Elem },
+    /// `&Array<T>`, or `&Array<Vector<T, Const<W>>>` (`width` W, else 1).
+    Input { name: Ident, elem: Elem, width: u32 },
+    /// `&mut Array<T>`, or `&mut Array<Vector<T, Const<W>>>`.
+    Output { name: Ident, elem: Elem, width: u32 },
     /// `u32`, `i32` or `f32` by value.
     Scalar { name: Ident, ty: Ident },
     /// `#[comptime] bool` or `#[comptime] u32`: a caller-chosen specialisation (part of
@@ -44,20 +44,10 @@ pub struct Signature {
 }
 
 const ARG_HELP: &str =
-    "#[kiln::kernel] arguments must be `&Array<T>`, `&mut Array<T>` or a `u32`, `i32` or `f32` scalar";
+    "#[kiln::kernel] arguments must be `&Array<T>`, `&mut Array<T>` (T a scalar or `Vector<T, Const<2 | 4 | 8>>`) or a `u32`, `i32` or `f32` scalar";
 
-fn array_elem(ty: &Type, generic: &Option<Ident>) -> Option<Elem> {
-    let Type::Path(p) = ty else { return None };
-    let seg = p.path.segments.last()?;
-    if seg.ident != "Array" {
-        return None;
-    }
-    let syn::PathArguments::AngleBracketed(a) = &seg.arguments else {
-        return None;
-    };
-    let Some(syn::GenericArgument::Type(Type::Path(inner))) = a.args.first() else {
-        return None;
-    };
+fn scalar_elem(ty: &Type, generic: &Option<Ident>) -> Option<Elem> {
+    let Type::Path(inner) = ty else { return None };
     let id = inner.path.get_ident()?.clone();
     if generic.as_ref() == Some(&id) {
         Some(Elem::Generic)
@@ -66,6 +56,45 @@ fn array_elem(ty: &Type, generic: &Option<Ident>) -> Option<Elem> {
     } else {
         None
     }
+}
+
+fn angle_args(ty: &Type, name: &str) -> Option<Vec<syn::GenericArgument>> {
+    let Type::Path(p) = ty else { return None };
+    let seg = p.path.segments.last()?;
+    if seg.ident != name {
+        return None;
+    }
+    let syn::PathArguments::AngleBracketed(a) = &seg.arguments else {
+        return None;
+    };
+    Some(a.args.iter().cloned().collect())
+}
+
+/// `Array<T>` -> (T, 1); `Array<Vector<T, Const<W>>>` -> (T, W) for W in 2, 4, 8.
+fn array_elem(ty: &Type, generic: &Option<Ident>) -> Option<(Elem, u32)> {
+    let args = angle_args(ty, "Array")?;
+    let Some(syn::GenericArgument::Type(inner)) = args.first() else {
+        return None;
+    };
+    if let Some(elem) = scalar_elem(inner, generic) {
+        return Some((elem, 1));
+    }
+    let v = angle_args(inner, "Vector")?;
+    let [syn::GenericArgument::Type(t), syn::GenericArgument::Type(size)] = v.as_slice() else {
+        return None;
+    };
+    let c = angle_args(size, "Const")?;
+    let Some(syn::GenericArgument::Const(syn::Expr::Lit(lit))) = c.first() else {
+        return None;
+    };
+    let syn::Lit::Int(width) = &lit.lit else {
+        return None;
+    };
+    let width: u32 = width.base10_parse().ok()?;
+    if ![2, 4, 8].contains(&width) {
+        return None;
+    }
+    Some((scalar_elem(t, generic)?, width))
 }
 
 pub fn analyse(f: &ItemFn) -> syn::Result<Signature> {
@@ -116,12 +145,12 @@ pub fn analyse(f: &ItemFn) -> syn::Result<Signature> {
         }
         let arg = match &*pt.ty {
             Type::Reference(r) => {
-                let elem = array_elem(&r.elem, &generic)
+                let (elem, width) = array_elem(&r.elem, &generic)
                     .ok_or_else(|| syn::Error::new_spanned(&pt.ty, ARG_HELP))?;
                 if r.mutability.is_some() {
-                    Arg::Output { name, elem }
+                    Arg::Output { name, elem, width }
                 } else {
-                    Arg::Input { name, elem }
+                    Arg::Input { name, elem, width }
                 }
             }
             Type::Path(p)

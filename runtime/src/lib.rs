@@ -8,6 +8,7 @@ mod device;
 mod dtype;
 mod error;
 mod host;
+pub mod profile;
 mod registry;
 mod tensor;
 pub mod tune;

@@ -14,7 +14,7 @@
 //! element-wise in f32 ("log space"), never as `exp(b) * exp(-b)`.
 
 use cubecl::prelude::*;
-use kiln_dsl::{load_tile, reg_tile_mma};
+use kiln_dsl::{load_tile, load_tile_v4, reg_tile_mma, reg_tile_mma_v4, v4_tile_col, V4};
 
 /// `gc` = the chunk-local inclusive cumulative sum of `g` over time, in f32 (the `b`
 /// of the spec), one cube per (chunk, head).
@@ -50,8 +50,9 @@ pub fn gla_cumsum<F: Float>(
 }
 
 /// The sequential pass over chunks, parallel over (sequence, head, K tile, V tile);
-/// a 4x4 register tile of the state per unit. Forward (`reverse = false`, `x = k`,
-/// `y = v`): `h_{n+1} = diag(exp(Gamma)) h_n + (k * exp(Gamma - b))^T v`; backward
+/// a `TT x TT` register tile of the state per unit, held as 4-wide vectors
+/// ([`reg_tile_mma_v4`]). Forward (`reverse = false`, `x = k`, `y = v`):
+/// `h_{n+1} = diag(exp(Gamma)) h_n + (k * exp(Gamma - b))^T v`; backward
 /// (`reverse = true`, `x = q`, `y = do`, chunks in reverse):
 /// `dh_n = diag(exp(Gamma)) dh_{n+1} + scale (q * exp(b))^T do`. `states[c]` receives
 /// the state entering chunk `c` (h_n, or dh_{n+1} going backward) and `last` the
@@ -88,32 +89,38 @@ pub fn gla_state_pass<F: Float>(
     let v0 = CUBE_POS_Z * BV;
     let units = comptime!((BK / TT) * (BV / TT));
     let row_step = comptime!(BK / TT);
-    let col_step = comptime!(BV / TT);
-    let ty = UNIT_POS / col_step;
-    let tx = UNIT_POS % col_step;
-    // xs: [t][k] (the depth-major k operand), ys: [t][v].
-    let mut xs = SharedMemory::<f32>::new(comptime!((chunk * BK) as usize));
-    let mut ys = SharedMemory::<f32>::new(comptime!((chunk * BV) as usize));
+    let tnv = comptime!(TT / 4);
+    let ty = UNIT_POS / comptime!(BV / TT);
+    let tx = UNIT_POS % comptime!(BV / TT);
+    // xs: the k operand, rows k and the chunk's time along its vectors; ys: [t][v].
+    let mut xs = SharedMemory::<V4>::new(comptime!((BK * chunk / 4) as usize));
+    let mut ys = SharedMemory::<V4>::new(comptime!((chunk * BV / 4) as usize));
     let mut decay = SharedMemory::<f32>::new(comptime!(BK as usize));
 
     let seq_base = (n * heads + h) * dk;
-    let mut s = Array::<f32>::new(comptime!((TT * TT) as usize));
+    // The state tile: element (i, j) is lane j % 4 of s[i * TT / 4 + j / 4].
+    let mut s = Array::<V4>::new(comptime!((TT * tnv) as usize));
+    let mut acc = Array::<V4>::new(comptime!((TT * tnv) as usize));
     #[unroll]
     for i in 0..TT {
+        let kk = k0 + ty + i * row_step;
         #[unroll]
-        for j in 0..TT {
-            let kk = k0 + ty + i * row_step;
-            let vv = v0 + tx + j * col_step;
-            let mut value = 0.0f32;
+        for jv in 0..tnv {
+            let mut w = V4::new(0.0f32);
             if comptime!(has_init) {
-                if kk < dk && vv < dv {
-                    value = init[((seq_base + kk) * dv + vv) as usize];
+                #[unroll]
+                for e in 0..4u32 {
+                    let vv = v0 + v4_tile_col(tx, jv * 4 + e, BV, TT);
+                    let mut value = 0.0f32;
+                    if kk < dk && vv < dv {
+                        value = init[((seq_base + kk) * dv + vv) as usize];
+                    }
+                    w[e as usize] = value;
                 }
             }
-            s[(i * TT + j) as usize] = value;
+            s[(i * tnv + jv) as usize] = w;
         }
     }
-    let mut acc = Array::<f32>::new(comptime!((TT * TT) as usize));
     let c_first = seq_chunks[n as usize];
     let c_end = seq_chunks[(n + 1) as usize];
     for step in 0..c_end - c_first {
@@ -126,37 +133,50 @@ pub fn gla_state_pass<F: Float>(
         let last_row = start + len - 1;
 
         // x weighted by its decay to the chunk's end (forward) or from its start
-        // (backward): both exponents <= 0. Zero past the chunk's rows.
+        // (backward): both exponents <= 0. Zero past the chunk's rows. Consecutive
+        // units take consecutive k (coalesced), each four consecutive rows.
         let mut idx = UNIT_POS;
-        while idx < comptime!(chunk * BK) {
-            let t = idx / BK;
-            let kg = k0 + idx % BK;
-            let mut w = 0.0f32;
-            if t < len && kg < dk {
-                let gi = ((start + t) * heads + h) * dk + kg;
-                let b = gc[gi as usize];
-                let xv = f32::cast_from(x[gi as usize]);
-                if comptime!(reverse) {
-                    w = xv * f32::exp(b) * scale;
-                } else {
-                    let gamma = gc[((last_row * heads + h) * dk + kg) as usize];
-                    w = xv * f32::exp(gamma - b);
+        while idx < comptime!(BK * chunk / 4) {
+            let kl = idx % BK;
+            let t0 = (idx / BK) * 4;
+            let kg = k0 + kl;
+            let mut gamma = 0.0f32;
+            if comptime!(!reverse) {
+                if kg < dk {
+                    gamma = gc[((last_row * heads + h) * dk + kg) as usize];
                 }
             }
-            xs[idx as usize] = w;
+            let mut w = V4::empty();
+            #[unroll]
+            for e in 0..4u32 {
+                let t = t0 + e;
+                let mut value = 0.0f32;
+                if t < len && kg < dk {
+                    let gi = ((start + t) * heads + h) * dk + kg;
+                    let b = gc[gi as usize];
+                    let xv = f32::cast_from(x[gi as usize]);
+                    if comptime!(reverse) {
+                        value = xv * f32::exp(b) * scale;
+                    } else {
+                        value = xv * f32::exp(gamma - b);
+                    }
+                }
+                w[e as usize] = value;
+            }
+            xs[(kl * comptime!(chunk / 4) + t0 / 4) as usize] = w;
             idx += units;
         }
-        load_tile::<F>(
+        load_tile_v4::<F>(
             &mut ys,
             0,
             y,
             (start * heads + h) * dv + v0,
             heads * dv,
+            1,
             len,
             dv - min(v0, dv),
             chunk,
             BV,
-            false,
             units,
         );
         let mut kl = UNIT_POS;
@@ -173,24 +193,27 @@ pub fn gla_state_pass<F: Float>(
 
         #[unroll]
         for i in 0..TT {
+            let kk = k0 + ty + i * row_step;
             #[unroll]
             for j in 0..TT {
-                let kk = k0 + ty + i * row_step;
-                let vv = v0 + tx + j * col_step;
+                let vv = v0 + v4_tile_col(tx, j, BV, TT);
                 if kk < dk && vv < dv {
                     states[(((c * heads + h) * dk + kk) * dv + vv) as usize] =
-                        s[(i * TT + j) as usize];
+                        s[(i * tnv + j / 4) as usize][(j % 4) as usize];
                 }
-                acc[(i * TT + j) as usize] = 0.0;
+            }
+            #[unroll]
+            for jv in 0..tnv {
+                acc[(i * tnv + jv) as usize] = V4::new(0.0f32);
             }
         }
-        reg_tile_mma(&mut acc, &xs, 0, &ys, 0, ty, tx, BK, BV, chunk, TT, TT);
+        reg_tile_mma_v4(&mut acc, &xs, 0, &ys, 0, ty, tx, BK, BV, chunk, TT, TT);
         #[unroll]
         for i in 0..TT {
-            let d = decay[(ty + i * row_step) as usize];
+            let d = V4::new(decay[(ty + i * row_step) as usize]);
             #[unroll]
-            for j in 0..TT {
-                let e = (i * TT + j) as usize;
+            for jv in 0..tnv {
+                let e = (i * tnv + jv) as usize;
                 s[e] = d * s[e] + acc[e];
             }
         }
@@ -198,12 +221,13 @@ pub fn gla_state_pass<F: Float>(
     }
     #[unroll]
     for i in 0..TT {
+        let kk = k0 + ty + i * row_step;
         #[unroll]
         for j in 0..TT {
-            let kk = k0 + ty + i * row_step;
-            let vv = v0 + tx + j * col_step;
+            let vv = v0 + v4_tile_col(tx, j, BV, TT);
             if kk < dk && vv < dv {
-                last[((seq_base + kk) * dv + vv) as usize] = s[(i * TT + j) as usize];
+                last[((seq_base + kk) * dv + vv) as usize] =
+                    s[(i * tnv + j / 4) as usize][(j % 4) as usize];
             }
         }
     }
@@ -263,103 +287,84 @@ pub fn gla_scores<F: Float>(
         factored = sub_i > sub_j;
     }
 
-    let mut xs = SharedMemory::<f32>::new(comptime!((chunk * BD) as usize));
-    let mut ys = SharedMemory::<f32>::new(comptime!((chunk * BD) as usize));
-    let mut bs = SharedMemory::<f32>::new(comptime!((chunk * BD) as usize));
-    // x~ (depth-major like xs) and y~ for each sub-chunk I >= 1 (block I - 1).
-    let mut xt = SharedMemory::<f32>::new(comptime!(if factor {
-        (chunk * BD) as usize
+    // Tiles of the chunk's rows with the depth along 4-wide vectors: (i, d) is lane
+    // d % 4 of [i * BD / 4 + d / 4].
+    let bdv = comptime!(BD / 4);
+    let mut xs = SharedMemory::<V4>::new(comptime!((chunk * bdv) as usize));
+    let mut ys = SharedMemory::<V4>::new(comptime!((chunk * bdv) as usize));
+    let mut bs = SharedMemory::<V4>::new(comptime!((chunk * bdv) as usize));
+    // x~ (rows of sub-chunks I >= 1) and y~ of each I >= 1 (block I - 1).
+    let mut xt = SharedMemory::<V4>::new(comptime!(if factor {
+        (chunk * bdv) as usize
     } else {
         1usize
     }));
-    let mut yt = SharedMemory::<f32>::new(comptime!(if factor {
-        ((n_sub - 1) * chunk * BD) as usize
+    let mut yt = SharedMemory::<V4>::new(comptime!(if factor {
+        ((n_sub - 1) * chunk * bdv) as usize
     } else {
         1usize
     }));
-    let mut acc = Array::<f32>::new(16usize);
+    // Per (i, j) of the unit's 4x4 block, four partial sums (one per lane), added up
+    // at the end.
+    let mut acc = Array::<V4>::new(16usize);
     #[unroll]
     for e in 0..16u32 {
-        acc[e as usize] = 0.0;
+        acc[e as usize] = V4::new(0.0f32);
     }
-    let mut xf = Array::<f32>::new(4usize);
-    let mut yf = Array::<f32>::new(4usize);
-    let mut bi = Array::<f32>::new(4usize);
-    let mut bj = Array::<f32>::new(4usize);
+    let mut xf = Array::<V4>::new(4usize);
+    let mut yf = Array::<V4>::new(4usize);
+    let mut bi = Array::<V4>::new(4usize);
+    let mut bj = Array::<V4>::new(4usize);
+    let zero = V4::new(0.0f32);
 
     let row_base = (start * heads + h) * dd;
     let last = max(len, 1) - 1;
     let mut d0 = 0u32;
     while d0 < dd {
         let dvalid = dd - d0;
-        load_tile::<F>(
-            &mut xs,
-            0,
-            x,
-            row_base + d0,
-            heads * dd,
-            len,
-            dvalid,
-            chunk,
-            BD,
-            true,
-            units,
-        );
-        load_tile::<F>(
-            &mut ys,
-            0,
-            y,
-            row_base + d0,
-            heads * dd,
-            len,
-            dvalid,
-            chunk,
-            BD,
-            true,
-            units,
-        );
+        load_tile_v4::<F>(&mut xs, 0, x, row_base + d0, heads * dd, 1, len, dvalid, chunk, BD, units);
+        load_tile_v4::<F>(&mut ys, 0, y, row_base + d0, heads * dd, 1, len, dvalid, chunk, BD, units);
         if comptime!(decay) {
-            load_tile::<f32>(
+            load_tile_v4::<f32>(
                 &mut bs,
                 0,
                 gc,
                 row_base + d0,
                 heads * dd,
+                1,
                 len,
                 dvalid,
                 chunk,
                 BD,
-                true,
                 units,
             );
         }
         sync_cube();
         if comptime!(factor) {
-            // x~[d, i] = x exp(b_i - r_I) for i in sub-chunks I >= 1, and y~ of each
+            // x~ = x exp(b_i - r_I) for rows i of sub-chunks I >= 1, and y~ of each
             // I >= 1 for the rows j < 16 I; r_I = b at row min(16 I - 1, len - 1).
             // The min(., 0) only matters for padding rows (x, y are 0 there).
             let mut idx = UNIT_POS;
-            while idx < comptime!(chunk * BD) {
-                let d = idx / chunk;
-                let i = idx % chunk;
+            while idx < comptime!(chunk * bdv) {
+                let i = idx / bdv;
                 let blk = i / 16;
                 if blk > 0 {
                     let r = min(blk * 16 - 1, last);
-                    xt[idx as usize] = xs[idx as usize]
-                        * f32::exp(min(bs[idx as usize] - bs[(d * chunk + r) as usize], 0.0));
+                    let br = bs[(r * bdv + idx % bdv) as usize];
+                    xt[idx as usize] =
+                        xs[idx as usize] * V4::exp(min(bs[idx as usize] - br, zero));
                 }
                 idx += units;
             }
             let mut idx = UNIT_POS;
-            while idx < comptime!((n_sub - 1) * chunk * BD) {
-                let blk = 1 + idx / comptime!(chunk * BD);
-                let rem = idx % comptime!(chunk * BD);
-                let d = rem / chunk;
-                let j = rem % chunk;
+            while idx < comptime!((n_sub - 1) * chunk * bdv) {
+                let blk = 1 + idx / comptime!(chunk * bdv);
+                let rem = idx % comptime!(chunk * bdv);
+                let j = rem / bdv;
                 if j < blk * 16 {
                     let r = min(blk * 16 - 1, last);
-                    yt[idx as usize] = ys[rem as usize]
-                        * f32::exp(min(bs[(d * chunk + r) as usize] - bs[rem as usize], 0.0));
+                    let br = bs[(r * bdv + rem % bdv) as usize];
+                    yt[idx as usize] = ys[rem as usize] * V4::exp(min(br - bs[rem as usize], zero));
                 }
                 idx += units;
             }
@@ -367,13 +372,12 @@ pub fn gla_scores<F: Float>(
         }
         if active {
             if factored {
-                let yb = (sub_i - 1) * comptime!(chunk * BD);
-                for dl in 0..BD {
-                    let base = dl * chunk;
+                let yb = (sub_i - 1) * comptime!(chunk * bdv);
+                for d4 in 0..bdv {
                     #[unroll]
                     for e in 0..4u32 {
-                        xf[e as usize] = xt[(base + i0 + e) as usize];
-                        yf[e as usize] = yt[(yb + base + j0 + e) as usize];
+                        xf[e as usize] = xt[((i0 + e) * bdv + d4) as usize];
+                        yf[e as usize] = yt[(yb + (j0 + e) * bdv + d4) as usize];
                     }
                     #[unroll]
                     for ii in 0..4u32 {
@@ -384,15 +388,14 @@ pub fn gla_scores<F: Float>(
                     }
                 }
             } else {
-                for dl in 0..BD {
-                    let base = dl * chunk;
+                for d4 in 0..bdv {
                     #[unroll]
                     for e in 0..4u32 {
-                        xf[e as usize] = xs[(base + i0 + e) as usize];
-                        yf[e as usize] = ys[(base + j0 + e) as usize];
+                        xf[e as usize] = xs[((i0 + e) * bdv + d4) as usize];
+                        yf[e as usize] = ys[((j0 + e) * bdv + d4) as usize];
                         if comptime!(decay) {
-                            bi[e as usize] = bs[(base + i0 + e) as usize];
-                            bj[e as usize] = bs[(base + j0 + e) as usize];
+                            bi[e as usize] = bs[((i0 + e) * bdv + d4) as usize];
+                            bj[e as usize] = bs[((j0 + e) * bdv + d4) as usize];
                         }
                     }
                     #[unroll]
@@ -403,7 +406,7 @@ pub fn gla_scores<F: Float>(
                             if comptime!(decay) {
                                 // Clamped at 0: above the diagonal (masked below) the
                                 // difference is positive and could overflow.
-                                p *= f32::exp(min(bi[ii as usize] - bj[jj as usize], 0.0));
+                                p *= V4::exp(min(bi[ii as usize] - bj[jj as usize], zero));
                             }
                             acc[(ii * 4 + jj) as usize] += p;
                         }
@@ -423,7 +426,8 @@ pub fn gla_scores<F: Float>(
             let j = j0 + jj;
             let mut val = 0.0f32;
             if j <= i && i < len {
-                val = acc[(ii * 4 + jj) as usize] * scale;
+                let p = acc[(ii * 4 + jj) as usize];
+                val = (p[0] + p[1] + p[2] + p[3]) * scale;
             }
             a[(out_base + i * chunk + j) as usize] = val;
         }
@@ -431,10 +435,10 @@ pub fn gla_scores<F: Float>(
 }
 
 /// A chunk's rows from a state and the intra-chunk scores, one cube per (chunk, head,
-/// V tile), a 4x4 register tile per unit. Forward (`backward = false`, x = q,
-/// y = v, states = h_n, m = A):
-/// `o = (scale q * exp(b)) h_n + A v`. Backward (x = k, y = do, states = dh_{n+1},
-/// m = A transposed): `dv = (k * exp(Gamma - b)) dh_{n+1} + A^T do`.
+/// V tile), a `TT x TT` register tile per unit held as 4-wide vectors
+/// ([`reg_tile_mma_v4`]). Forward (`backward = false`, x = q, y = v, states = h_n,
+/// m = A): `o = (scale q * exp(b)) h_n + A v`. Backward (x = k, y = do,
+/// states = dh_{n+1}, m = A transposed): `dv = (k * exp(Gamma - b)) dh_{n+1} + A^T do`.
 #[kiln_macros::kernel(
     tune(BV = [64, 32], BK = [16, 32], TT = [8, 4]),
     require(BK <= chunk, TT <= chunk, chunk * BK + BK * BV <= device.max_shared_memory as u32 / 4),
@@ -467,57 +471,63 @@ pub fn gla_chunk_out<F: Float>(
     let len = chunks[(2 * c + 1) as usize];
     let last_row = start + len - 1;
     let units = comptime!((chunk / TT) * (BV / TT));
+    let tnv = comptime!(TT / 4);
     let ty = UNIT_POS / comptime!(BV / TT);
     let tx = UNIT_POS % comptime!(BV / TT);
     let vvalid = dv - min(v0, dv);
 
-    // xs: a depth-major chunk x BK operand; ys: a BK x BV operand.
-    let mut xs = SharedMemory::<f32>::new(comptime!((chunk * BK) as usize));
-    let mut ys = SharedMemory::<f32>::new(comptime!((BK * BV) as usize));
-    let mut acc = Array::<f32>::new(comptime!((TT * TT) as usize));
+    // xs: the chunk x BK left operand (depth along its vectors); ys: BK x BV.
+    let mut xs = SharedMemory::<V4>::new(comptime!((chunk * BK / 4) as usize));
+    let mut ys = SharedMemory::<V4>::new(comptime!((BK * BV / 4) as usize));
+    let mut acc = Array::<V4>::new(comptime!((TT * tnv) as usize));
     #[unroll]
-    for e in 0..TT * TT {
-        acc[e as usize] = 0.0;
+    for e in 0..TT * tnv {
+        acc[e as usize] = V4::new(0.0f32);
     }
 
     // Inter-chunk part: the weighted x against the state.
     let mut k0 = 0u32;
     while k0 < dk {
         let mut idx = UNIT_POS;
-        while idx < comptime!(chunk * BK) {
-            let t = idx / BK;
-            let kl = idx % BK;
-            let kg = k0 + kl;
-            let mut w = 0.0f32;
-            if t < len && kg < dk {
-                let gi = ((start + t) * heads + h) * dk + kg;
-                let b = gc[gi as usize];
-                let xv = f32::cast_from(x[gi as usize]);
-                if comptime!(backward) {
-                    let gamma = gc[((last_row * heads + h) * dk + kg) as usize];
-                    w = xv * f32::exp(gamma - b);
-                } else {
-                    w = xv * f32::exp(b) * scale;
+        while idx < comptime!(chunk * BK / 4) {
+            let t = idx / comptime!(BK / 4);
+            let kb = k0 + (idx % comptime!(BK / 4)) * 4;
+            let mut w = V4::empty();
+            #[unroll]
+            for e in 0..4u32 {
+                let kg = kb + e;
+                let mut value = 0.0f32;
+                if t < len && kg < dk {
+                    let gi = ((start + t) * heads + h) * dk + kg;
+                    let b = gc[gi as usize];
+                    let xv = f32::cast_from(x[gi as usize]);
+                    if comptime!(backward) {
+                        let gamma = gc[((last_row * heads + h) * dk + kg) as usize];
+                        value = xv * f32::exp(gamma - b);
+                    } else {
+                        value = xv * f32::exp(b) * scale;
+                    }
                 }
+                w[e as usize] = value;
             }
-            xs[(kl * chunk + t) as usize] = w;
+            xs[idx as usize] = w;
             idx += units;
         }
-        load_tile::<f32>(
+        load_tile_v4::<f32>(
             &mut ys,
             0,
             states,
             ((c * heads + h) * dk + k0) * dv + v0,
             dv,
+            1,
             dk - k0,
             vvalid,
             BK,
             BV,
-            false,
             units,
         );
         sync_cube();
-        reg_tile_mma(&mut acc, &xs, 0, &ys, 0, ty, tx, chunk, BV, BK, TT, TT);
+        reg_tile_mma_v4(&mut acc, &xs, 0, &ys, 0, ty, tx, chunk, BV, BK, TT, TT);
         sync_cube();
         k0 += BK;
     }
@@ -526,67 +536,65 @@ pub fn gla_chunk_out<F: Float>(
     let m_base = (c * heads + h) * chunk * chunk;
     let mut s0 = 0u32;
     while s0 < len {
+        // xs(r, sl) = A[r, s0 + sl] forward, A[s0 + sl, r] backward.
         if comptime!(backward) {
-            // xs[sl][r] = A[s0 + sl, r]: rows of A, stored as they are.
-            load_tile::<f32>(
+            load_tile_v4::<f32>(
                 &mut xs,
                 0,
                 m,
                 m_base + s0 * chunk,
+                1,
+                chunk,
                 chunk,
                 chunk - s0,
                 chunk,
                 BK,
-                chunk,
-                false,
                 units,
             );
         } else {
-            // xs[sl][r] = A[r, s0 + sl]: the transposed (depth-major) load.
-            load_tile::<f32>(
+            load_tile_v4::<f32>(
                 &mut xs,
                 0,
                 m,
                 m_base + s0,
                 chunk,
+                1,
                 chunk,
                 chunk - s0,
                 chunk,
                 BK,
-                true,
                 units,
             );
         }
-        load_tile::<F>(
+        load_tile_v4::<F>(
             &mut ys,
             0,
             y,
             ((start + s0) * heads + h) * dv + v0,
             heads * dv,
+            1,
             len - s0,
             vvalid,
             BK,
             BV,
-            false,
             units,
         );
         sync_cube();
-        reg_tile_mma(&mut acc, &xs, 0, &ys, 0, ty, tx, chunk, BV, BK, TT, TT);
+        reg_tile_mma_v4(&mut acc, &xs, 0, &ys, 0, ty, tx, chunk, BV, BK, TT, TT);
         sync_cube();
         s0 += BK;
     }
 
     let row_step = comptime!(chunk / TT);
-    let col_step = comptime!(BV / TT);
     #[unroll]
     for i in 0..TT {
         let r = ty + i * row_step;
         #[unroll]
         for j in 0..TT {
-            let col = tx + j * col_step;
+            let col = v4_tile_col(tx, j, BV, TT);
             if r < len && col < vvalid {
                 out[(((start + r) * heads + h) * dv + v0 + col) as usize] =
-                    F::cast_from(acc[(i * TT + j) as usize]);
+                    F::cast_from(acc[(i * tnv + j / 4) as usize][(j % 4) as usize]);
             }
         }
     }
