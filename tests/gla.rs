@@ -21,7 +21,8 @@ fn client() -> &'static kiln::Client {
 }
 use kiln::check::Rng;
 use kiln::kernels::gla::{
-    gla, gla_backward, gla_recurrent, gla_step, reference, GlaGradInputs, GlaInputs, GlaOptions,
+    gla, gla_backward, gla_recurrent, gla_step, reference, GlaGradInputs, GlaInputs, GlaMode,
+    GlaOptions,
 };
 use kiln::{load_safetensors, DType, Error, HostTensor, Tensor};
 use reference::{rms_relative, Dims};
@@ -179,10 +180,20 @@ fn check_case(c: &Case, chunk: usize, fwd: f64, bwd: f64, what: &str) -> (f64, f
     let mut worst_f = 0.0f64;
     let mut worst_b = 0.0f64;
     let mut chunked_o = Vec::new();
-    for (form, out) in [
+    let mut forms = vec![
         ("chunked", gla(&inp, &opts).unwrap()),
         ("recurrent", gla_recurrent(&inp, &opts).unwrap()),
-    ] {
+    ];
+    // The fused kernel where it applies (K <= 128, K and V multiples of 4).
+    if c.dims.dk <= 128 && c.dims.dk % 4 == 0 && c.dims.dv % 4 == 0 {
+        let fused = GlaOptions {
+            output_final_state: true,
+            mode: GlaMode::FusedChunk,
+            ..Default::default()
+        };
+        forms.push(("fused", gla(&inp, &fused).unwrap()));
+    }
+    for (form, out) in forms {
         let o = down(&out.o);
         let eo = rms_relative(&o, &o_ref);
         let eh = rms_relative(&down(out.ht.as_ref().unwrap()), &ht_ref);
@@ -194,9 +205,9 @@ fn check_case(c: &Case, chunk: usize, fwd: f64, bwd: f64, what: &str) -> (f64, f
         if form == "chunked" {
             chunked_o = o;
         } else {
-            // The two forms agree with each other as well as with the reference.
+            // The forms agree with each other as well as with the reference.
             let e = rms_relative(&chunked_o, &o);
-            assert!(e < fwd, "{what}: chunked vs recurrent o differ by {e:.2e}");
+            assert!(e < fwd, "{what}: chunked vs {form} o differ by {e:.2e}");
         }
     }
     let g = gla_backward(
@@ -550,6 +561,35 @@ fn bad_inputs_are_named() {
     .unwrap_err()
     .to_string();
     expect(msg, &["chunk_size", "48"]);
+    // fused_chunk: chunks of 16 rows only, K <= 128 and K, V multiples of 4 (V = 6 here).
+    let fused = |chunk_size: Option<usize>, q: &Tensor, v: &Tensor, g: &Tensor| {
+        gla(
+            &GlaInputs {
+                q,
+                k: q,
+                v,
+                g,
+                h0: None,
+                cu_seqlens: None,
+            },
+            &GlaOptions {
+                chunk_size,
+                mode: GlaMode::FusedChunk,
+                ..Default::default()
+            },
+        )
+        .map(|_| ())
+        .unwrap_err()
+        .to_string()
+    };
+    expect(fused(None, &q, &v, &g), &["mode", "K = 8, V = 6"]);
+    let (q8, v8) = (f(&[2, 10, 3, 8]), f(&[2, 10, 3, 8]));
+    expect(fused(Some(32), &q8, &v8, &q8), &["chunk_size", "32"]);
+    let wide = f(&[1, 4, 1, 132]);
+    expect(
+        fused(None, &wide, &f(&[1, 4, 1, 8]), &wide),
+        &["mode", "K = 132"],
+    );
     // The backward checks its own inputs too.
     let msg = gla_backward(
         &GlaInputs {

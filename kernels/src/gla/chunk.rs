@@ -322,8 +322,32 @@ pub fn gla_scores<F: Float>(
     let mut d0 = 0u32;
     while d0 < dd {
         let dvalid = dd - d0;
-        load_tile_v4::<F>(&mut xs, 0, x, row_base + d0, heads * dd, 1, len, dvalid, chunk, BD, units);
-        load_tile_v4::<F>(&mut ys, 0, y, row_base + d0, heads * dd, 1, len, dvalid, chunk, BD, units);
+        load_tile_v4::<F>(
+            &mut xs,
+            0,
+            x,
+            row_base + d0,
+            heads * dd,
+            1,
+            len,
+            dvalid,
+            chunk,
+            BD,
+            units,
+        );
+        load_tile_v4::<F>(
+            &mut ys,
+            0,
+            y,
+            row_base + d0,
+            heads * dd,
+            1,
+            len,
+            dvalid,
+            chunk,
+            BD,
+            units,
+        );
         if comptime!(decay) {
             load_tile_v4::<f32>(
                 &mut bs,
@@ -351,8 +375,7 @@ pub fn gla_scores<F: Float>(
                 if blk > 0 {
                     let r = min(blk * 16 - 1, last);
                     let br = bs[(r * bdv + idx % bdv) as usize];
-                    xt[idx as usize] =
-                        xs[idx as usize] * V4::exp(min(bs[idx as usize] - br, zero));
+                    xt[idx as usize] = xs[idx as usize] * V4::exp(min(bs[idx as usize] - br, zero));
                 }
                 idx += units;
             }

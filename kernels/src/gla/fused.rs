@@ -14,37 +14,43 @@
 //! `<= 0`), the inter-chunk weights are `exp(b) <= 1` and `exp(Gamma - b) <= 1`.
 
 use cubecl::prelude::*;
-use kiln_dsl::{load_tile_v4, reg_tile_mma_v4, reg_tile_mma_v4_outer, v4_tile_col, V4};
+use kiln_dsl::{reg_tile_mma_v4, reg_tile_mma_v4_outer, v4_tile_col, V4};
 
 /// Rows per chunk of the fused kernel.
 pub const FUSED_CHUNK: u32 = 16;
 
-/// `o` and the final state of the GLA forward, one cube of 64 units per (sequence, head,
-/// V tile). `g` is f32; `bounds` holds the `N + 1` sequence offsets; `kp` is the key
-/// width rounded up to a multiple of 32 (<= 128). The state starts from `init` when
-/// `has_init`, else 0, and ends in `ht` `[N, H, K, V]`.
+/// `o` and the final state of the GLA forward, one cube of 16 units per (sequence,
+/// head, V tile). The tensors are read and written as 4-wide vectors (K and V must be
+/// multiples of 4); `g` is f32; `bounds` holds the `N + 1` sequence offsets; `kp` is
+/// the key width rounded up to a multiple of 16 (<= 128). The state starts from `init`
+/// when `has_init`, else 0, and ends in `ht` `[N, H, K, V]`.
+///
+/// Why 16 units: a CPU adapter runs a cube's SIMD groups one after another and
+/// executes both sides of every branch under a mask, so a phase that only some units
+/// need costs every group; with two groups of 8 lanes, every phase below keeps all 16
+/// units busy, and the larger register tiles re-use each loaded vector more.
 #[kiln_macros::kernel(
-    tune(BV = [64, 32]),
+    tune(BV = [32, 16]),
     require(
-        kp % 32 == 0,
+        kp % 16 == 0,
         kp <= 128,
-        kp * BV <= 4096,
+        kp * BV <= 2048,
         ((3 * 16 * kp + 16 * BV + kp + kp * BV + 256) * 4) as usize <= device.max_shared_memory
     ),
     key(n_seq = pow2, heads = pow2, dk = pow2, dv = pow2, dtype),
     grid = (n_seq * heads, dv.div_ceil(BV)),
-    cube = 64,
+    cube = 16,
     name = "gla_fused_fwd",
     defaults(kp = 64)
 )]
 pub fn gla_fused_fwd<F: Float>(
-    q: &Array<F>,
-    k: &Array<F>,
-    v: &Array<F>,
-    g: &Array<f32>,
+    q: &Array<Vector<F, Const<4>>>,
+    k: &Array<Vector<F, Const<4>>>,
+    v: &Array<Vector<F, Const<4>>>,
+    g: &Array<Vector<f32, Const<4>>>,
     bounds: &Array<u32>,
     init: &Array<f32>,
-    o: &mut Array<F>,
+    o: &mut Array<Vector<F, Const<4>>>,
     ht: &mut Array<f32>,
     n_seq: u32,
     heads: u32,
@@ -60,7 +66,10 @@ pub fn gla_fused_fwd<F: Float>(
     let n = CUBE_POS_X / heads;
     let h = CUBE_POS_X % heads;
     let v0 = CUBE_POS_Y * BV;
-    let vvalid = dv - min(v0, dv);
+    let dkv = dk / 4;
+    let dvv = dv / 4;
+    let v0v = v0 / 4;
+    let zero = V4::new(0.0f32);
 
     // [t][k / 4]: q, then q exp(b) scale; k, then k exp(Gamma - b); b.
     let mut qs = SharedMemory::<V4>::new(comptime!((c * kpv) as usize));
@@ -72,13 +81,13 @@ pub fn gla_fused_fwd<F: Float>(
     let mut ss = SharedMemory::<V4>::new(comptime!((kp * bvv) as usize));
     let mut sa = SharedMemory::<V4>::new(comptime!((c * c / 4) as usize));
 
-    // The state: a (kp / 8) x (BV / 8) tile per unit in the layout of
-    // reg_tile_mma_v4_outer (8 x 8 units).
-    let stm = comptime!(kp / 8);
-    let stn = comptime!(BV / 8);
+    // The state: a (kp / 4) x (BV / 4) tile per unit (4 x 4 units) in the layout of
+    // reg_tile_mma_v4_outer.
+    let stm = comptime!(kp / 4);
+    let stn = comptime!(BV / 4);
     let stnv = comptime!(stn / 4);
-    let sty = UNIT_POS / 8;
-    let stx = UNIT_POS % 8;
+    let sty = UNIT_POS / 4;
+    let stx = UNIT_POS % 4;
     let state_base = (n * heads + h) * dk;
     let mut s = Array::<V4>::new(comptime!((stm * stnv) as usize));
     let mut upd = Array::<V4>::new(comptime!((stm * stnv) as usize));
@@ -87,7 +96,7 @@ pub fn gla_fused_fwd<F: Float>(
         let kk = v4_tile_col(sty, i, kp, stm);
         #[unroll]
         for jv in 0..stnv {
-            let mut w = V4::new(0.0f32);
+            let mut w = zero;
             if comptime!(has_init) {
                 #[unroll]
                 for e in 0..4u32 {
@@ -103,12 +112,13 @@ pub fn gla_fused_fwd<F: Float>(
         }
     }
 
-    // The output tile: 8 x 8 per unit over the chunk's 16 rows (2 x BV / 8 units).
-    let out_units = comptime!(2 * BV / 8);
-    let oty = UNIT_POS / comptime!(BV / 8);
-    let otx = UNIT_POS % comptime!(BV / 8);
-    let mut acc = Array::<V4>::new(16usize);
-    // The scores: a 4 x 4 block per unit (16 units).
+    // The output tile: 4 x (BV / 4) per unit over the chunk's 16 rows (4 x 4 units).
+    let otn = comptime!(BV / 4);
+    let otnv = comptime!(otn / 4);
+    let oty = UNIT_POS / 4;
+    let otx = UNIT_POS % 4;
+    let mut acc = Array::<V4>::new(comptime!((4 * otnv) as usize));
+    // The scores: a 4 x 4 block per unit.
     let si0 = (UNIT_POS / 4) * 4;
     let sj0 = (UNIT_POS % 4) * 4;
     let mut sacc = Array::<V4>::new(16usize);
@@ -116,7 +126,6 @@ pub fn gla_fused_fwd<F: Float>(
     let mut kf = Array::<V4>::new(4usize);
     let mut bi = Array::<V4>::new(4usize);
     let mut bj = Array::<V4>::new(4usize);
-    let zero = V4::new(0.0f32);
 
     let bos = bounds[n as usize];
     let eos = bounds[(n + 1) as usize];
@@ -126,101 +135,83 @@ pub fn gla_fused_fwd<F: Float>(
         // 1. Stage the chunk: a unit per 4 keys walks the rows, forming b (the inclusive
         //    cumsum of g; rows past the end add 0, so b stays at Gamma there). Every
         //    unit stages v and writes the entering state to shared memory.
-        if UNIT_POS < kpv {
-            let kb = UNIT_POS * 4;
-            let mut b = V4::new(0.0f32);
+        let mut kg = UNIT_POS;
+        while kg < kpv {
+            let mut b = zero;
             #[unroll]
             for t in 0..c {
-                let mut qv = V4::new(0.0f32);
-                let mut kv = V4::new(0.0f32);
-                let mut gv = V4::new(0.0f32);
-                if t < len {
-                    let row = ((t0 + t) * heads + h) * dk;
-                    #[unroll]
-                    for e in 0..4u32 {
-                        if kb + e < dk {
-                            let i = (row + kb + e) as usize;
-                            qv[e as usize] = f32::cast_from(q[i]);
-                            kv[e as usize] = f32::cast_from(k[i]);
-                            gv[e as usize] = g[i];
-                        }
-                    }
+                let mut qv = zero;
+                let mut kv = zero;
+                if t < len && kg < dkv {
+                    let i = ((t0 + t) * heads + h) * dkv + kg;
+                    qv = V4::cast_from(q[i as usize]);
+                    kv = V4::cast_from(k[i as usize]);
+                    b += g[i as usize];
                 }
-                b += gv;
-                qs[(t * kpv + UNIT_POS) as usize] = qv;
-                ks[(t * kpv + UNIT_POS) as usize] = kv;
-                bs[(t * kpv + UNIT_POS) as usize] = b;
+                qs[(t * kpv + kg) as usize] = qv;
+                ks[(t * kpv + kg) as usize] = kv;
+                bs[(t * kpv + kg) as usize] = b;
             }
-            gam[UNIT_POS as usize] = V4::exp(b);
+            gam[kg as usize] = V4::exp(b);
+            kg += 16u32;
         }
-        load_tile_v4::<F>(
-            &mut vs,
-            0,
-            v,
-            (t0 * heads + h) * dv + v0,
-            heads * dv,
-            1,
-            len,
-            vvalid,
-            c,
-            BV,
-            64,
-        );
+        let mut idx = UNIT_POS;
+        while idx < comptime!(c * bvv) {
+            let t = idx / bvv;
+            let jv = idx % bvv;
+            let mut w = zero;
+            if t < len && v0v + jv < dvv {
+                w = V4::cast_from(v[(((t0 + t) * heads + h) * dvv + v0v + jv) as usize]);
+            }
+            vs[idx as usize] = w;
+            idx += 16u32;
+        }
         #[unroll]
         for i in 0..stm {
             let kk = v4_tile_col(sty, i, kp, stm);
             #[unroll]
             for jv in 0..stnv {
-                ss[(kk * bvv + stx + jv * comptime!(BV / stn)) as usize] =
-                    s[(i * stnv + jv) as usize];
+                ss[(kk * bvv + stx + jv * 4) as usize] = s[(i * stnv + jv) as usize];
             }
         }
         sync_cube();
 
         // 2. Scores A[i][j] = scale sum_d q_i k_j exp(b_i - b_j) for j <= i < len (the
         //    exponent clamped at 0 only matters above the diagonal, which is masked).
-        if UNIT_POS < 16 && sj0 <= si0 {
+        #[unroll]
+        for e in 0..16u32 {
+            sacc[e as usize] = zero;
+        }
+        for d4 in 0..kpv {
             #[unroll]
-            for e in 0..16u32 {
-                sacc[e as usize] = zero;
-            }
-            for d4 in 0..kpv {
-                #[unroll]
-                for e in 0..4u32 {
-                    qf[e as usize] = qs[((si0 + e) * kpv + d4) as usize];
-                    kf[e as usize] = ks[((sj0 + e) * kpv + d4) as usize];
-                    bi[e as usize] = bs[((si0 + e) * kpv + d4) as usize];
-                    bj[e as usize] = bs[((sj0 + e) * kpv + d4) as usize];
-                }
-                #[unroll]
-                for ii in 0..4u32 {
-                    #[unroll]
-                    for jj in 0..4u32 {
-                        sacc[(ii * 4 + jj) as usize] += qf[ii as usize]
-                            * kf[jj as usize]
-                            * V4::exp(min(bi[ii as usize] - bj[jj as usize], zero));
-                    }
-                }
+            for e in 0..4u32 {
+                qf[e as usize] = qs[((si0 + e) * kpv + d4) as usize];
+                kf[e as usize] = ks[((sj0 + e) * kpv + d4) as usize];
+                bi[e as usize] = bs[((si0 + e) * kpv + d4) as usize];
+                bj[e as usize] = bs[((sj0 + e) * kpv + d4) as usize];
             }
             #[unroll]
             for ii in 0..4u32 {
-                let i = si0 + ii;
-                let mut row = V4::new(0.0f32);
                 #[unroll]
                 for jj in 0..4u32 {
-                    let p = sacc[(ii * 4 + jj) as usize];
-                    if sj0 + jj <= i && i < len {
-                        row[jj as usize] = (p[0] + p[1] + p[2] + p[3]) * scale;
-                    }
+                    sacc[(ii * 4 + jj) as usize] += qf[ii as usize]
+                        * kf[jj as usize]
+                        * V4::exp(min(bi[ii as usize] - bj[jj as usize], zero));
                 }
-                sa[(i * 4 + sj0 / 4) as usize] = row;
             }
         }
-        if UNIT_POS < 16 && sj0 > si0 {
+        #[unroll]
+        for ii in 0..4u32 {
+            let i = si0 + ii;
+            let mut row = zero;
             #[unroll]
-            for ii in 0..4u32 {
-                sa[((si0 + ii) * 4 + sj0 / 4) as usize] = zero;
+            for jj in 0..4u32 {
+                let p = sacc[(ii * 4 + jj) as usize];
+                if sj0 + jj <= i && i < len {
+                    row[jj as usize] = (p[0] + p[1] + p[2] + p[3]) * scale;
+                }
             }
+            sa[(i * 4 + sj0 / 4) as usize] = row;
         }
         sync_cube();
 
@@ -228,31 +219,29 @@ pub fn gla_fused_fwd<F: Float>(
         let mut idx = UNIT_POS;
         while idx < comptime!(c * kpv) {
             let b = bs[idx as usize];
+            let gamma = bs[((c - 1) * kpv + idx % kpv) as usize];
             qs[idx as usize] = qs[idx as usize] * V4::exp(b) * V4::new(scale);
-            ks[idx as usize] =
-                ks[idx as usize] * V4::exp(min(bs[((c - 1) * kpv + idx % kpv) as usize] - b, zero));
-            idx += 64;
+            ks[idx as usize] = ks[idx as usize] * V4::exp(min(gamma - b, zero));
+            idx += 16u32;
         }
         sync_cube();
 
         // 4. o = (q exp(b) scale) S + A v, and S <- diag(exp(Gamma)) S + (k exp(Gamma - b))^T v.
-        if UNIT_POS < out_units {
+        #[unroll]
+        for e in 0..4 * otnv {
+            acc[e as usize] = zero;
+        }
+        reg_tile_mma_v4(&mut acc, &qs, 0, &ss, 0, oty, otx, c, BV, kp, 4u32, otn);
+        reg_tile_mma_v4(&mut acc, &sa, 0, &vs, 0, oty, otx, c, BV, c, 4u32, otn);
+        #[unroll]
+        for i in 0..4u32 {
+            let r = oty + i * 4;
             #[unroll]
-            for e in 0..16u32 {
-                acc[e as usize] = zero;
-            }
-            reg_tile_mma_v4(&mut acc, &qs, 0, &ss, 0, oty, otx, c, BV, kp, 8, 8);
-            reg_tile_mma_v4(&mut acc, &sa, 0, &vs, 0, oty, otx, c, BV, c, 8, 8);
-            #[unroll]
-            for i in 0..8u32 {
-                let r = oty + i * 2;
-                #[unroll]
-                for j in 0..8u32 {
-                    let col = v4_tile_col(otx, j, BV, 8);
-                    if r < len && col < vvalid {
-                        o[(((t0 + r) * heads + h) * dv + v0 + col) as usize] =
-                            F::cast_from(acc[(i * 2 + j / 4) as usize][(j % 4) as usize]);
-                    }
+            for jv in 0..otnv {
+                let colv = v0v + otx + jv * 4;
+                if r < len && colv < dvv {
+                    o[(((t0 + r) * heads + h) * dvv + colv) as usize] =
+                        Vector::<F, Const<4>>::cast_from(acc[(i * otnv + jv) as usize]);
                 }
             }
         }
@@ -263,7 +252,7 @@ pub fn gla_fused_fwd<F: Float>(
         reg_tile_mma_v4_outer(&mut upd, &ks, 0, &vs, 0, sty, stx, c, kp, BV, stm, stn);
         #[unroll]
         for iv in 0..comptime!(stm / 4) {
-            let gv = gam[(sty + iv * comptime!(kp / stm)) as usize];
+            let gv = gam[(sty + iv * 4) as usize];
             #[unroll]
             for e in 0..4u32 {
                 let d = V4::new(gv[e as usize]);

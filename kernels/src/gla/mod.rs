@@ -20,11 +20,13 @@
 //! problems whose per-chunk states exceed 2^32 elements are refused.
 
 mod chunk;
+mod fused;
 mod recurrent;
 pub mod reference;
 mod registry;
 
 pub use chunk::{GlaBwdDg, GlaBwdDqk, GlaChunkOut, GlaCumsum, GlaScores, GlaStatePass};
+pub use fused::{GlaFusedFwd, FUSED_CHUNK};
 pub use recurrent::{steps_per_round, GlaRecurrent, ToF32};
 pub use registry::{GLA, GLA_BACKWARD, GLA_RECURRENT, GLA_STEP, KERNELS};
 
@@ -34,6 +36,22 @@ use kiln_runtime::{Client, DType, Error, HostTensor, Result, Tensor};
 
 /// Chunk lengths the chunked kernels support.
 pub const CHUNK_SIZES: [usize; 3] = [16, 32, 64];
+
+/// The forward's algorithm (fla's `mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum GlaMode {
+    /// The autotuner times both algorithms per device and shape (`fused_chunk` only
+    /// where K <= 128), unless `chunk_size` is given, which means `Chunk`.
+    #[default]
+    Auto,
+    /// The chunk-parallel kernels: cumsum, state pass, scores, output (parallel over
+    /// chunks; what a GPU wants).
+    Chunk,
+    /// One kernel walking each sequence in chunks of 16 rows with the state in
+    /// registers (parallel over sequences, heads and V tiles only; what a CPU adapter
+    /// wants). Needs K <= 128.
+    FusedChunk,
+}
 
 /// Options of the forward and backward operators.
 #[derive(Clone, Debug)]
@@ -45,6 +63,8 @@ pub struct GlaOptions {
     /// Rows per chunk of the chunked kernels: 16, 32 or 64; `None` lets the autotuner
     /// pick among them (per device and bucketed shape, like a kernel tunable).
     pub chunk_size: Option<usize>,
+    /// The forward's algorithm (the backward is always chunk-parallel).
+    pub mode: GlaMode,
 }
 
 impl Default for GlaOptions {
@@ -53,6 +73,7 @@ impl Default for GlaOptions {
             scale: None,
             output_final_state: false,
             chunk_size: None,
+            mode: GlaMode::Auto,
         }
     }
 }
@@ -357,15 +378,134 @@ fn forward_states(
     Ok(ForwardStates { gc, hs, ht })
 }
 
-/// The chunked forward: `o` (and `ht` when `opts.output_final_state`).
+/// The chunkwise forward: `o` (and `ht` when `opts.output_final_state`), by the
+/// algorithm `opts.mode` names (autotuned by default).
 pub fn gla(inp: &GlaInputs<'_>, opts: &GlaOptions) -> Result<GlaOutput> {
     let p = check(inp, opts.scale)?;
-    let chunk = chunk_size(inp, &p, opts.chunk_size)?;
-    let (o, ht) = forward_chunked(inp, &p, chunk)?;
+    let fused = match (opts.mode, opts.chunk_size) {
+        (GlaMode::FusedChunk, Some(c)) if c != FUSED_CHUNK as usize => {
+            return Err(Error::Param {
+                param: "chunk_size".into(),
+                expected: format!("{FUSED_CHUNK} (or auto) with mode=fused_chunk"),
+                found: c.to_string(),
+            })
+        }
+        (GlaMode::FusedChunk, _) => {
+            if !fused_fits(&p) {
+                return Err(Error::Param {
+                    param: "mode".into(),
+                    expected: format!(
+                        "chunk or auto unless K <= {FUSED_MAX_K} and K, V are multiples of 4 \
+                         (fused_chunk keeps the state in registers and reads 4-wide vectors)"
+                    ),
+                    found: format!("fused_chunk with K = {}, V = {}", p.dk, p.dv),
+                });
+            }
+            true
+        }
+        (GlaMode::Auto, None) => forward_mode_is_fused(inp, &p)?,
+        _ => false,
+    };
+    // An empty batch has nothing to fuse (the chunked path handles it).
+    let (o, ht) = if fused && p.rows() > 0 {
+        forward_fused(inp, &p)?
+    } else {
+        let chunk = chunk_size(inp, &p, opts.chunk_size)?;
+        forward_chunked(inp, &p, chunk)?
+    };
     Ok(GlaOutput {
         o,
         ht: opts.output_final_state.then_some(ht),
     })
+}
+
+/// The widest key dimension the fused kernel takes.
+const FUSED_MAX_K: usize = 128;
+
+/// Whether the fused kernel takes this problem: K <= 128, and K and V multiples of 4
+/// (it reads and writes rows as 4-wide vectors).
+fn fused_fits(p: &Problem) -> bool {
+    p.dk <= FUSED_MAX_K && p.dk % 4 == 0 && p.dv % 4 == 0
+}
+
+/// Whether the autotuner picks the fused kernel over the chunk-parallel ones (each
+/// at its tuned chunk size) for this device and bucketed shape.
+fn forward_mode_is_fused(inp: &GlaInputs<'_>, p: &Problem) -> Result<bool> {
+    if !fused_fits(p) {
+        return Ok(false);
+    }
+    let client = inp.q.client();
+    let hashes = [
+        GlaFusedFwd::SOURCE_HASH,
+        GlaCumsum::SOURCE_HASH,
+        GlaStatePass::SOURCE_HASH,
+        GlaScores::SOURCE_HASH,
+        GlaChunkOut::SOURCE_HASH,
+    ];
+    let key = TuneKey {
+        kernel: "gla_mode",
+        source_hash: kiln_runtime::tune::fnv1a_hex(&hashes.concat()),
+        shape: shape_bucket(inp, p),
+    };
+    // 1 = fused_chunk, 0 = chunk (at its own tuned chunk size).
+    let fused = Autotuner::global().tune(
+        client,
+        &key,
+        &[1u32, 0],
+        |&m| {
+            if m == 1 {
+                "mode=fused_chunk".into()
+            } else {
+                "mode=chunk".into()
+            }
+        },
+        |&m| {
+            let (o, ht) = if m == 1 {
+                forward_fused(inp, p)?
+            } else {
+                forward_chunked(inp, p, chunk_size(inp, p, None)?)?
+            };
+            Ok(vec![o, ht])
+        },
+        CHUNK_SIZE_TOLERANCE,
+    )?;
+    Ok(fused == 1)
+}
+
+/// `o` and the final states by the fused kernel.
+fn forward_fused(inp: &GlaInputs<'_>, p: &Problem) -> Result<(Tensor, Tensor)> {
+    let client = inp.q.client();
+    let g = gates_f32(inp.g)?;
+    let bounds: Vec<u32> = p.bounds.iter().map(|&b| b as u32).collect();
+    let bounds = upload_u32(client, "cu_seqlens", &bounds)?;
+    let o = Tensor::empty(client, p.dtype, inp.v.shape())?;
+    let ht = Tensor::empty(client, DType::F32, &p.state_shape())?;
+    let init = match inp.h0 {
+        Some(t) => t.clone(),
+        None => absent(client)?,
+    };
+    if p.n_seq() > 0 {
+        GlaFusedFwd::tuned(
+            client,
+            CHUNK_TOLERANCE,
+            inp.q,
+            inp.k,
+            inp.v,
+            &g,
+            &bounds,
+            &init,
+            &o,
+            &ht,
+            p.n_seq() as u32,
+            p.heads as u32,
+            p.dk as u32,
+            p.dv as u32,
+            p.scale,
+            p.dk.next_multiple_of(16) as u32,
+            inp.h0.is_some(),
+        )?;
+    }
+    Ok((o, ht))
 }
 
 /// The chunk size: the caller's (checked), or the autotuner's pick among
@@ -385,16 +525,7 @@ fn chunk_size(inp: &GlaInputs<'_>, p: &Problem, given: Option<usize>) -> Result<
     let key = TuneKey {
         kernel: "gla_chunk_size",
         source_hash: kiln_runtime::tune::fnv1a_hex(&hashes.concat()),
-        shape: format!(
-            "n_seq={};rows={};heads={};dk={};dv={};dtype={};h0={}",
-            p.n_seq().next_power_of_two(),
-            p.rows().next_power_of_two(),
-            p.heads.next_power_of_two(),
-            p.dk.next_power_of_two(),
-            p.dv.next_power_of_two(),
-            p.dtype,
-            inp.h0.is_some()
-        ),
+        shape: shape_bucket(inp, p),
     };
     let candidates: Vec<u32> = CHUNK_SIZES.iter().rev().map(|&c| c as u32).collect();
     let chunk = Autotuner::global().tune(
@@ -409,6 +540,20 @@ fn chunk_size(inp: &GlaInputs<'_>, p: &Problem, given: Option<usize>) -> Result<
         CHUNK_SIZE_TOLERANCE,
     )?;
     Ok(chunk as usize)
+}
+
+/// The bucketed shape of the forward's algorithm-level tune keys.
+fn shape_bucket(inp: &GlaInputs<'_>, p: &Problem) -> String {
+    format!(
+        "n_seq={};rows={};heads={};dk={};dv={};dtype={};h0={}",
+        p.n_seq().next_power_of_two(),
+        p.rows().next_power_of_two(),
+        p.heads.next_power_of_two(),
+        p.dk.next_power_of_two(),
+        p.dv.next_power_of_two(),
+        p.dtype,
+        inp.h0.is_some()
+    )
 }
 
 /// `o` and the final states of the chunked forward at one chunk size.

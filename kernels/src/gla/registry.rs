@@ -4,14 +4,18 @@ use super::chunk::{
     GLA_BWD_DG_KERNEL, GLA_BWD_DQK_KERNEL, GLA_CHUNK_OUT_KERNEL, GLA_CUMSUM_KERNEL,
     GLA_SCORES_KERNEL, GLA_STATE_PASS_KERNEL,
 };
+use super::fused::GLA_FUSED_FWD_KERNEL;
 use super::recurrent::{GLA_RECURRENT_KERNEL, TO_F32_KERNEL};
-use super::{gla, gla_backward, gla_recurrent, gla_step, GlaGradInputs, GlaInputs, GlaOptions};
+use super::{
+    gla, gla_backward, gla_recurrent, gla_step, GlaGradInputs, GlaInputs, GlaMode, GlaOptions,
+};
 use kiln_runtime::{
     Client, DType, Error, KernelSpec, OpArgs, OpSpec, Outputs, ParamSpec, Result, TensorSpec,
 };
 
 /// Every GLA kernel, for `kiln emit`.
-pub static KERNELS: [&KernelSpec; 8] = [
+pub static KERNELS: [&KernelSpec; 9] = [
+    &GLA_FUSED_FWD_KERNEL,
     &GLA_CUMSUM_KERNEL,
     &GLA_STATE_PASS_KERNEL,
     &GLA_SCORES_KERNEL,
@@ -89,6 +93,13 @@ const CHUNK: ParamSpec = ParamSpec {
     doc: "rows per chunk of the chunked kernels (auto: autotuned among 64, 32, 16)",
 };
 
+const MODE: ParamSpec = ParamSpec {
+    name: "mode",
+    default: "auto",
+    values: "auto | chunk | fused_chunk",
+    doc: "the forward's algorithm: chunk-parallel kernels, or one fused kernel per sequence (K <= 128; auto: autotuned)",
+};
+
 fn scale(a: &OpArgs) -> Result<Option<f64>> {
     let text = a.param("scale")?;
     if text == SCALE.default {
@@ -107,6 +118,21 @@ fn options(a: &OpArgs) -> Result<GlaOptions> {
         chunk_size: match declared("chunk_size") && a.param("chunk_size")? != "auto" {
             true => Some(a.param_as("chunk_size")?),
             false => None,
+        },
+        mode: match declared("mode") {
+            false => GlaMode::Auto,
+            true => match a.param("mode")?.as_str() {
+                "auto" => GlaMode::Auto,
+                "chunk" => GlaMode::Chunk,
+                "fused_chunk" => GlaMode::FusedChunk,
+                other => {
+                    return Err(Error::Param {
+                        param: "mode".into(),
+                        expected: MODE.values.into(),
+                        found: other.into(),
+                    })
+                }
+            },
         },
     })
 }
@@ -231,10 +257,10 @@ fn recurrent_cost(dims: &[usize], elem: usize) -> (f64, f64) {
 /// `gla`: the chunked forward.
 pub static GLA: OpSpec = OpSpec {
     name: "gla",
-    summary: "gated linear attention, chunkwise-parallel forward (f32 states and scores)",
+    summary: "gated linear attention, chunkwise forward (f32 states and scores)",
     inputs: &[Q, K, V, G, H0, CU],
     outputs: &[O, HT],
-    params: &[SCALE, FINAL, CHUNK],
+    params: &[SCALE, FINAL, CHUNK, MODE],
     run: run_gla,
     problem: "B x T x H x D (K = V = D)",
     example_inputs: gla_inputs,
