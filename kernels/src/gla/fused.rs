@@ -19,6 +19,14 @@ use kiln_dsl::{reg_tile_mma_v4, reg_tile_mma_v4_outer, v4_tile_col, V4};
 /// Rows per chunk of the fused kernel.
 pub const FUSED_CHUNK: u32 = 16;
 
+/// Shared memory the fused kernel needs, in 4-wide f32 vectors, for keys padded to
+/// `kp` and a V tile of `bv`: q and k rows, v rows, the scores, exp(Gamma), and one
+/// region that holds b while the scores are formed and the entering state after.
+pub fn fused_arena_vectors(kp: u32, bv: u32) -> u32 {
+    let (kpv, bvv) = (kp / 4, bv / 4);
+    2 * 16 * kpv + 16 * bvv + 64 + kpv + (16 * kpv).max(kp * bvv)
+}
+
 /// `o` and the final state of the GLA forward, one cube of 16 units per (sequence,
 /// head, V tile). The tensors are read and written as 4-wide vectors (K and V must be
 /// multiples of 4); `g` is f32; `bounds` holds the `N + 1` sequence offsets; `kp` is
@@ -30,12 +38,12 @@ pub const FUSED_CHUNK: u32 = 16;
 /// need costs every group; with two groups of 8 lanes, every phase below keeps all 16
 /// units busy, and the larger register tiles re-use each loaded vector more.
 #[kiln_macros::kernel(
-    tune(BV = [32, 16]),
+    tune(BV = [64, 32, 16]),
     require(
         kp % 16 == 0,
         kp <= 128,
-        kp * BV <= 2048,
-        ((3 * 16 * kp + 16 * BV + kp + kp * BV + 256) * 4) as usize <= device.max_shared_memory
+        kp * BV <= 4096,
+        (fused_arena_vectors(kp, BV) * 16) as usize <= device.max_shared_memory
     ),
     key(n_seq = pow2, heads = pow2, dk = pow2, dv = pow2, dtype),
     grid = (n_seq * heads, dv.div_ceil(BV)),
@@ -71,15 +79,18 @@ pub fn gla_fused_fwd<F: Float>(
     let v0v = v0 / 4;
     let zero = V4::new(0.0f32);
 
-    // [t][k / 4]: q, then q exp(b) scale; k, then k exp(Gamma - b); b.
-    let mut qs = SharedMemory::<V4>::new(comptime!((c * kpv) as usize));
-    let mut ks = SharedMemory::<V4>::new(comptime!((c * kpv) as usize));
-    let mut bs = SharedMemory::<V4>::new(comptime!((c * kpv) as usize));
-    // [t][v / 4], exp(Gamma) [k / 4], the entering state [k][v / 4], the scores [i][j / 4].
-    let mut vs = SharedMemory::<V4>::new(comptime!((c * bvv) as usize));
-    let mut gam = SharedMemory::<V4>::new(comptime!(kpv as usize));
-    let mut ss = SharedMemory::<V4>::new(comptime!((kp * bvv) as usize));
-    let mut sa = SharedMemory::<V4>::new(comptime!((c * c / 4) as usize));
+    // One arena (fused_arena_vectors), so that b and the entering state share space:
+    // [t][k / 4] q (then q exp(b) scale) and k (then k exp(Gamma - b)); [t][v / 4] v;
+    // the scores [i][j / 4]; exp(Gamma) [k / 4]; then b [t][k / 4] (phases 1-3) or the
+    // entering state [k][v / 4] (phase 4).
+    let q_at = 0u32;
+    let k_at = comptime!(16 * kpv);
+    let v_at = comptime!(32 * kpv);
+    let a_at = comptime!(32 * kpv + 16 * bvv);
+    let gam_at = comptime!(32 * kpv + 16 * bvv + 64);
+    let b_at = comptime!(33 * kpv + 16 * bvv + 64);
+    let ss_at = b_at;
+    let mut arena = SharedMemory::<V4>::new(comptime!(fused_arena_vectors(kp, BV) as usize));
 
     // The state: a (kp / 4) x (BV / 4) tile per unit (4 x 4 units) in the layout of
     // reg_tile_mma_v4_outer.
@@ -148,11 +159,11 @@ pub fn gla_fused_fwd<F: Float>(
                     kv = V4::cast_from(k[i as usize]);
                     b += g[i as usize];
                 }
-                qs[(t * kpv + kg) as usize] = qv;
-                ks[(t * kpv + kg) as usize] = kv;
-                bs[(t * kpv + kg) as usize] = b;
+                arena[(q_at + t * kpv + kg) as usize] = qv;
+                arena[(k_at + t * kpv + kg) as usize] = kv;
+                arena[(b_at + t * kpv + kg) as usize] = b;
             }
-            gam[kg as usize] = V4::exp(b);
+            arena[(gam_at + kg) as usize] = V4::exp(b);
             kg += 16u32;
         }
         let mut idx = UNIT_POS;
@@ -163,16 +174,8 @@ pub fn gla_fused_fwd<F: Float>(
             if t < len && v0v + jv < dvv {
                 w = V4::cast_from(v[(((t0 + t) * heads + h) * dvv + v0v + jv) as usize]);
             }
-            vs[idx as usize] = w;
+            arena[(v_at + idx) as usize] = w;
             idx += 16u32;
-        }
-        #[unroll]
-        for i in 0..stm {
-            let kk = v4_tile_col(sty, i, kp, stm);
-            #[unroll]
-            for jv in 0..stnv {
-                ss[(kk * bvv + stx + jv * 4) as usize] = s[(i * stnv + jv) as usize];
-            }
         }
         sync_cube();
 
@@ -185,10 +188,10 @@ pub fn gla_fused_fwd<F: Float>(
         for d4 in 0..kpv {
             #[unroll]
             for e in 0..4u32 {
-                qf[e as usize] = qs[((si0 + e) * kpv + d4) as usize];
-                kf[e as usize] = ks[((sj0 + e) * kpv + d4) as usize];
-                bi[e as usize] = bs[((si0 + e) * kpv + d4) as usize];
-                bj[e as usize] = bs[((sj0 + e) * kpv + d4) as usize];
+                qf[e as usize] = arena[(q_at + (si0 + e) * kpv + d4) as usize];
+                kf[e as usize] = arena[(k_at + (sj0 + e) * kpv + d4) as usize];
+                bi[e as usize] = arena[(b_at + (si0 + e) * kpv + d4) as usize];
+                bj[e as usize] = arena[(b_at + (sj0 + e) * kpv + d4) as usize];
             }
             #[unroll]
             for ii in 0..4u32 {
@@ -211,18 +214,30 @@ pub fn gla_fused_fwd<F: Float>(
                     row[jj as usize] = (p[0] + p[1] + p[2] + p[3]) * scale;
                 }
             }
-            sa[(i * 4 + sj0 / 4) as usize] = row;
+            arena[(a_at + i * 4 + sj0 / 4) as usize] = row;
         }
         sync_cube();
 
         // 3. In place: q <- q exp(b) scale, k <- k exp(Gamma - b) (exponents <= 0).
         let mut idx = UNIT_POS;
         while idx < comptime!(c * kpv) {
-            let b = bs[idx as usize];
-            let gamma = bs[((c - 1) * kpv + idx % kpv) as usize];
-            qs[idx as usize] = qs[idx as usize] * V4::exp(b) * V4::new(scale);
-            ks[idx as usize] = ks[idx as usize] * V4::exp(min(gamma - b, zero));
+            let b = arena[(b_at + idx) as usize];
+            let gamma = arena[(b_at + (c - 1) * kpv + idx % kpv) as usize];
+            arena[(q_at + idx) as usize] =
+                arena[(q_at + idx) as usize] * V4::exp(b) * V4::new(scale);
+            arena[(k_at + idx) as usize] =
+                arena[(k_at + idx) as usize] * V4::exp(min(gamma - b, zero));
             idx += 16u32;
+        }
+        sync_cube();
+        // 3b. The entering state to shared memory, over b (read for the last time above).
+        #[unroll]
+        for i in 0..stm {
+            let kk = v4_tile_col(sty, i, kp, stm);
+            #[unroll]
+            for jv in 0..stnv {
+                arena[(ss_at + kk * bvv + stx + jv * 4) as usize] = s[(i * stnv + jv) as usize];
+            }
         }
         sync_cube();
 
@@ -231,8 +246,12 @@ pub fn gla_fused_fwd<F: Float>(
         for e in 0..4 * otnv {
             acc[e as usize] = zero;
         }
-        reg_tile_mma_v4(&mut acc, &qs, 0, &ss, 0, oty, otx, c, BV, kp, 4u32, otn);
-        reg_tile_mma_v4(&mut acc, &sa, 0, &vs, 0, oty, otx, c, BV, c, 4u32, otn);
+        reg_tile_mma_v4(
+            &mut acc, &arena, q_at, &arena, ss_at, oty, otx, c, BV, kp, 4u32, otn,
+        );
+        reg_tile_mma_v4(
+            &mut acc, &arena, a_at, &arena, v_at, oty, otx, c, BV, c, 4u32, otn,
+        );
         #[unroll]
         for i in 0..4u32 {
             let r = oty + i * 4;
@@ -249,10 +268,12 @@ pub fn gla_fused_fwd<F: Float>(
         for e in 0..stm * stnv {
             upd[e as usize] = zero;
         }
-        reg_tile_mma_v4_outer(&mut upd, &ks, 0, &vs, 0, sty, stx, c, kp, BV, stm, stn);
+        reg_tile_mma_v4_outer(
+            &mut upd, &arena, k_at, &arena, v_at, sty, stx, c, kp, BV, stm, stn,
+        );
         #[unroll]
         for iv in 0..comptime!(stm / 4) {
-            let gv = gam[(sty + iv * 4) as usize];
+            let gv = arena[(gam_at + sty + iv * 4) as usize];
             #[unroll]
             for e in 0..4u32 {
                 let d = V4::new(gv[e as usize]);
