@@ -109,6 +109,20 @@ fn gla_scores_wgsl_chunk16() {
 }
 
 #[test]
+fn gla_fused_fwd_cuda_f16_vector_args() {
+    insta::assert_snapshot!(source(
+        "gla_fused_fwd",
+        Target::Cuda,
+        &[
+            ("dtype", "f16"),
+            ("kp", "32"),
+            ("has_init", "true"),
+            ("BV", "32")
+        ]
+    ));
+}
+
+#[test]
 fn gla_state_pass_cuda_f16_reverse() {
     insta::assert_snapshot!(source(
         "gla_state_pass",

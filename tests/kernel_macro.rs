@@ -208,3 +208,73 @@ fn joint_configurations_and_device_requirements() {
         }
     }
 }
+
+/// A kernel with 4-wide vector array arguments (`&Array<Vector<F, Const<4>>>`).
+mod vector_args {
+    use cubecl::prelude::*;
+    use kiln::runtime::cubecl;
+
+    /// `out = a x + y`, four elements per access.
+    #[kiln::kernel(
+        tune(UNITS = [64, 32]),
+        grid = (n4.div_ceil(UNITS)),
+        cube = UNITS,
+        name = "test_axpy_v4"
+    )]
+    pub fn axpy_v4<F: Float>(
+        x: &Array<Vector<F, Const<4>>>,
+        y: &Array<Vector<F, Const<4>>>,
+        out: &mut Array<Vector<F, Const<4>>>,
+        n4: u32,
+        a: f32,
+    ) {
+        let i = ABSOLUTE_POS;
+        if i < n4 as usize {
+            out[i] = x[i] * Vector::new(F::cast_from(a)) + y[i];
+        }
+    }
+}
+
+#[test]
+fn vector_array_arguments_run_check_and_emit() {
+    use vector_args::{AxpyV4, AXPY_V4_KERNEL};
+    for dtype in [DType::F32, DType::F16] {
+        if !client().supports(dtype) {
+            continue;
+        }
+        let n = 4 * 37;
+        let mut rng = Rng::new(5);
+        let (xs, ys) = (rng.normals(n, 1.0), rng.normals(n, 1.0));
+        let up = |v: &[f64]| {
+            Tensor::upload(client(), &HostTensor::from_f64(dtype, vec![n], v).unwrap()).unwrap()
+        };
+        let (x, y) = (up(&xs), up(&ys));
+        let out = Tensor::empty(client(), dtype, &[n]).unwrap();
+        AxpyV4::tuned(client(), 0.0, &x, &y, &out, (n / 4) as u32, 0.5).unwrap();
+        let got = out.download().unwrap().to_f64();
+        let want: Vec<f64> = x
+            .download()
+            .unwrap()
+            .to_f64()
+            .iter()
+            .zip(y.download().unwrap().to_f64())
+            .map(|(x, y)| 0.5 * x + y)
+            .collect();
+        let err = max_rel_error(&got, &want, 1e-3);
+        assert!(err <= 2.0 * dtype.epsilon(), "{dtype}: {err:.2e}");
+    }
+    // A length that is not a whole number of vectors is refused, naming the tensor.
+    let t6 = Tensor::empty(client(), DType::F32, &[2, 3]).unwrap();
+    let t8 = Tensor::empty(client(), DType::F32, &[8]).unwrap();
+    let cfg = AxpyV4::space(client(), 2, 0.5)[0];
+    let e = AxpyV4::launch(client(), &cfg, &t6, &t8, &t8, 2, 0.5).unwrap_err();
+    assert!(
+        matches!(&e, Error::Shape { tensor, .. } if tensor == "x")
+            && e.to_string().contains("divisible by 4"),
+        "{e}"
+    );
+    // The emitted WGSL binds the arrays as vectors.
+    let cfg = KernelConfig::new(&AXPY_V4_KERNEL, BTreeMap::new()).unwrap();
+    let src = emit(&AXPY_V4_KERNEL, Target::Wgsl, &cfg).unwrap().source;
+    assert!(src.contains("array<vec4<f32>>"), "{src}");
+}

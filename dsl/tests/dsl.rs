@@ -5,7 +5,8 @@ use cubecl::prelude::*;
 use cubecl::wgpu::WgpuRuntime;
 use kiln_dsl::{
     cube_exclusive_sum, cube_inclusive_scan, cube_max, cube_sum, exp_diff, gelu_tanh, linear_cube,
-    linear_unit, load_tile, reg_tile_mma, silu, ScanOp,
+    linear_unit, load_tile, load_tile_v4, reg_tile_mma, reg_tile_mma_v4, reg_tile_mma_v4_outer,
+    silu, v4_tile_col, ScanOp, V4,
 };
 
 type R = WgpuRuntime;
@@ -279,6 +280,90 @@ fn masked_tile_loads_and_register_tile_mma_match_f64() {
             };
             let g = got[i * 8 + j] as f64;
             assert!((g - want).abs() <= 1e-6, "({i}, {j}): {g} vs {want}");
+        }
+    }
+}
+
+#[cube(launch_unchecked)]
+fn tile_v4_kernel(a: &Array<f32>, b: &Array<f32>, out: &mut Array<f32>, m: u32, k: u32, n: u32) {
+    // One 8 x 8 output tile of an m x k by k x n product (m, n <= 8, k <= 8) twice: with
+    // the depth along X's vectors (reg_tile_mma_v4) and with X depth-major
+    // (reg_tile_mma_v4_outer); 4 units of 4 x 4 tiles. Loads mask past m, k, n to zero.
+    let mut xs = SharedMemory::<V4>::new(16usize);
+    let mut xo = SharedMemory::<V4>::new(16usize);
+    let mut ys = SharedMemory::<V4>::new(16usize);
+    // xs (r, d) = a[r k + d]; xo (d, r) = a[r k + d]; ys (d, c) = b[d n + c].
+    load_tile_v4::<f32>(&mut xs, 0, a, 0, k, 1, m, k, 8u32, 8u32, 4u32);
+    load_tile_v4::<f32>(&mut xo, 0, a, 0, 1, k, k, m, 8u32, 8u32, 4u32);
+    load_tile_v4::<f32>(&mut ys, 0, b, 0, n, 1, k, n, 8u32, 8u32, 4u32);
+    sync_cube();
+    let ty = UNIT_POS / 2;
+    let tx = UNIT_POS % 2;
+    let mut acc = Array::<V4>::new(4usize);
+    let mut acc_o = Array::<V4>::new(4usize);
+    #[unroll]
+    for e in 0..4u32 {
+        acc[e as usize] = V4::new(0.0f32);
+        acc_o[e as usize] = V4::new(0.0f32);
+    }
+    reg_tile_mma_v4(
+        &mut acc, &xs, 0, &ys, 0, ty, tx, 8u32, 8u32, 8u32, 4u32, 4u32,
+    );
+    reg_tile_mma_v4_outer(
+        &mut acc_o, &xo, 0, &ys, 0, ty, tx, 8u32, 8u32, 8u32, 4u32, 4u32,
+    );
+    #[unroll]
+    for i in 0..4u32 {
+        #[unroll]
+        for j in 0..4u32 {
+            let col = v4_tile_col(tx, j, 8u32, 4u32);
+            // reg_tile_mma_v4: rows ty + 2 i; the outer form: row vectors ty + 2 (i / 4).
+            out[((ty + 2 * i) * 8 + col) as usize] = acc[i as usize][j as usize];
+            let row = v4_tile_col(ty, i, 8u32, 4u32);
+            out[(64 + row * 8 + col) as usize] = acc_o[i as usize][j as usize];
+        }
+    }
+}
+
+#[test]
+fn vector_tiles_match_f64_both_layouts() {
+    let c = client();
+    // Ragged: 5 x 7 by 7 x 6 inside 8 x 8 tiles.
+    let (m, k, n) = (5usize, 7usize, 6usize);
+    let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+    let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.71).cos()).collect();
+    let (ha, hb) = (
+        c.create_from_slice(f32::as_bytes(&a)),
+        c.create_from_slice(f32::as_bytes(&b)),
+    );
+    let out = c.empty(128 * 4);
+    unsafe {
+        tile_v4_kernel::launch_unchecked::<R>(
+            &c,
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(4),
+            ArrayArg::from_raw_parts(ha, m * k),
+            ArrayArg::from_raw_parts(hb, k * n),
+            ArrayArg::from_raw_parts(out.clone(), 128),
+            m as u32,
+            k as u32,
+            n as u32,
+        )
+    };
+    let got = f32::from_bytes(&c.read_one_unchecked(out)).to_vec();
+    for (form, base) in [("reg_tile_mma_v4", 0), ("reg_tile_mma_v4_outer", 64)] {
+        for i in 0..8 {
+            for j in 0..8 {
+                let want: f64 = if i < m && j < n {
+                    (0..k)
+                        .map(|d| a[i * k + d] as f64 * b[d * n + j] as f64)
+                        .sum()
+                } else {
+                    0.0 // masked rows and columns load as zeros
+                };
+                let g = got[base + i * 8 + j] as f64;
+                assert!((g - want).abs() <= 1e-6, "{form} ({i}, {j}): {g} vs {want}");
+            }
         }
     }
 }
