@@ -1,6 +1,7 @@
 #![allow(missing_docs)]
-//! GLA on the default device, side by side in one run: the chunked forward against
-//! the recurrent forward, and the chunked forward + backward, for B = 2, H = 4,
+//! GLA on the default device, side by side in one run: the chunkwise forward (`auto`:
+//! the algorithm the autotuner picks for this device, and `mode=chunk`, the
+//! chunk-parallel pipeline) against the recurrent forward, and forward + backward, for B = 2, H = 4,
 //! K = V = 64, T in {256, 1024, 4096}, f32, gates logsigmoid(randn) clamped at -5 (the
 //! spec's benchmark inputs). Criterion's throughput is tokens (B T) per second.
 //!
@@ -8,7 +9,9 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kiln::check::Rng;
-use kiln::kernels::gla::{gla, gla_backward, gla_recurrent, GlaGradInputs, GlaInputs, GlaOptions};
+use kiln::kernels::gla::{
+    gla, gla_backward, gla_recurrent, GlaGradInputs, GlaInputs, GlaMode, GlaOptions,
+};
 use kiln::{Client, DType, Device, HostTensor, Tensor};
 
 fn upload(client: &Client, shape: &[usize], values: &[f64]) -> Tensor {
@@ -54,19 +57,30 @@ fn bench(cr: &mut Criterion) {
             cu_seqlens: None,
         };
         let opts = GlaOptions::default();
+        let chunk_opts = GlaOptions {
+            mode: GlaMode::Chunk,
+            ..Default::default()
+        };
         let grad = GlaGradInputs {
             d_o: &d_o,
             dht: None,
         };
         // Tune and compile outside the timing.
         gla(&inp, &opts).unwrap();
+        gla(&inp, &chunk_opts).unwrap();
         gla_recurrent(&inp, &opts).unwrap();
         gla_backward(&inp, &grad, &opts).unwrap();
         client.sync().unwrap();
         group.throughput(Throughput::Elements((b * t) as u64));
-        group.bench_function(BenchmarkId::new("chunked forward", t), |bch| {
+        group.bench_function(BenchmarkId::new("forward (auto)", t), |bch| {
             bch.iter(|| {
                 gla(&inp, &opts).unwrap();
+                client.sync().unwrap();
+            })
+        });
+        group.bench_function(BenchmarkId::new("forward mode=chunk", t), |bch| {
+            bch.iter(|| {
+                gla(&inp, &chunk_opts).unwrap();
                 client.sync().unwrap();
             })
         });
@@ -76,7 +90,7 @@ fn bench(cr: &mut Criterion) {
                 client.sync().unwrap();
             })
         });
-        group.bench_function(BenchmarkId::new("chunked forward + backward", t), |bch| {
+        group.bench_function(BenchmarkId::new("forward (auto) + backward", t), |bch| {
             bch.iter(|| {
                 gla(&inp, &opts).unwrap();
                 gla_backward(&inp, &grad, &opts).unwrap();
