@@ -81,6 +81,22 @@ fn matmul_cuda_staged_f16_fused() {
 }
 
 #[test]
+fn matmul_vec4_wgsl_trans_b_bias() {
+    insta::assert_snapshot!(source(
+        "matmul_vec4",
+        Target::Wgsl,
+        &[
+            ("trans_b", "true"),
+            ("has_bias", "true"),
+            ("BM", "16"),
+            ("BN", "64"),
+            ("TM", "4"),
+            ("TN", "4")
+        ]
+    ));
+}
+
+#[test]
 fn matmul_wgsl_direct_trans_b() {
     insta::assert_snapshot!(source(
         "matmul",

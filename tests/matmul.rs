@@ -93,6 +93,64 @@ fn every_config(dtype: DType) {
     }
 }
 
+fn every_vec4_config(dtype: DType) {
+    use kiln::kernels::matmul::MatmulVec4;
+    if !client().supports(dtype) {
+        return;
+    }
+    // K and N multiples of 4 (the kernel's requirement), neither a multiple of a tile;
+    // M ragged; N past one tile of every width.
+    let (m, n, k) = (37, 260, 68);
+    for trans_b in [false, true] {
+        let p = problem(m, n, k, trans_b, dtype, 12);
+        let (a, b, bias, res) = (
+            up(&p.hosts["a"]),
+            up(&p.hosts["b"]),
+            up(&p.hosts["bias"]),
+            up(&p.hosts["residual"]),
+        );
+        let space = MatmulVec4::space(
+            client(),
+            m as u32,
+            n as u32,
+            k as u32,
+            trans_b,
+            true,
+            true,
+            1,
+        );
+        assert!(space.len() >= 10, "{} vector configurations", space.len());
+        for cfg in space {
+            let ep = Epilogue {
+                bias: Some(&bias),
+                activation: Activation::Silu,
+                residual: Some(&res),
+            };
+            let c = matmul::matmul_vec4_with(&a, &b, trans_b, ep, cfg)
+                .unwrap()
+                .download()
+                .unwrap();
+            check(
+                &p,
+                &c,
+                trans_b,
+                "silu",
+                dtype,
+                &format!("vec4 {cfg:?} trans_b={trans_b}"),
+            );
+        }
+    }
+    // K or N not a multiple of 4: no vector configuration at all.
+    assert!(MatmulVec4::space(client(), 8, 8, 6, false, false, false, 0).is_empty());
+    assert!(MatmulVec4::space(client(), 8, 6, 8, true, false, false, 0).is_empty());
+}
+
+#[test]
+fn every_vec4_config_matches_the_reference() {
+    every_vec4_config(DType::F32);
+    every_vec4_config(DType::F16);
+}
+
 #[test]
 fn every_config_matches_the_reference_f32() {
     every_config(DType::F32);
@@ -111,6 +169,9 @@ fn tuned_matmul_on_skinny_and_edge_shapes() {
         (2, 3, 1000),
         (130, 1, 65),
         (65, 129, 33),
+        // K and N multiples of 4: the vector kernel competes too.
+        (1, 300, 256),
+        (33, 132, 100),
     ] {
         let p = problem(m, n, k, false, DType::F32, (m * 1000 + n) as u64);
         let (a, b, bias, res) = (

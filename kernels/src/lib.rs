@@ -54,7 +54,7 @@ pub fn kernels() -> &'static [&'static KernelSpec] {
     })
 }
 
-const BASE_KERNELS: [&KernelSpec; 8] = [
+const BASE_KERNELS: [&KernelSpec; 9] = [
     &elementwise::ADD_KERNEL,
     &elementwise::MUL_KERNEL,
     &elementwise::SILU_KERNEL,
@@ -63,6 +63,7 @@ const BASE_KERNELS: [&KernelSpec; 8] = [
     &rowwise::LOGSUMEXP_KERNEL,
     &matmul::MATMUL_TILED_KERNEL,
     &matmul::MATMUL_CMMA_KERNEL,
+    &matmul::MATMUL_VEC4_KERNEL,
 ];
 
 /// Looks an operator up by name.

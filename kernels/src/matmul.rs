@@ -15,6 +15,7 @@ use crate::launch::check_input;
 use serde::{Deserialize, Serialize};
 
 mod cmma;
+mod vec4;
 pub use cmma::{MatmulCmma, MatmulCmmaConfig, MATMUL_CMMA_KERNEL};
 use cubecl::prelude::*;
 use kiln_dsl::{gelu_tanh, silu};
@@ -23,6 +24,7 @@ use kiln_runtime::{
     tune::{fnv1a_hex, Autotuner, TuneKey},
     Client, DType, Error, OpArgs, OpSpec, Outputs, ParamSpec, Result, Tensor, TensorSpec,
 };
+pub use vec4::{MatmulVec4, MatmulVec4Config, MATMUL_VEC4_KERNEL};
 
 // ---------------------------------------------------------------- host API
 
@@ -101,19 +103,27 @@ pub fn space(client: &Client) -> Vec<TileConfig> {
 /// the shape: tiles more than twice the matrix (over 3/4 of the tile idle) are dropped,
 /// unless that leaves nothing, in which case the least wasteful tiles stay.
 pub fn candidates(client: &Client, m: usize, n: usize) -> Vec<TileConfig> {
-    let fits = space(client);
-    let waste = |c: &TileConfig| {
-        let rows = (c.BM as usize).div_ceil(m.max(1)).max(1);
-        let cols = (c.BN as usize).div_ceil(n.max(1)).max(1);
+    snug(space(client), |c| (c.BM, c.BN), m, n)
+}
+
+/// Tiles (`BM x BN` by `tile`) at most twice the matrix, or the least wasteful ones.
+fn snug<T: Copy>(fits: Vec<T>, tile: impl Fn(&T) -> (u32, u32), m: usize, n: usize) -> Vec<T> {
+    let waste = |c: &T| {
+        let (bm, bn) = tile(c);
+        let rows = (bm as usize).div_ceil(m.max(1)).max(1);
+        let cols = (bn as usize).div_ceil(n.max(1)).max(1);
         rows * cols
     };
-    let snug: Vec<TileConfig> = fits
+    let close: Vec<T> = fits
         .iter()
         .copied()
-        .filter(|c| (c.BM as usize) <= 2 * m && (c.BN as usize) <= 2 * n)
+        .filter(|c| {
+            let (bm, bn) = tile(c);
+            (bm as usize) <= 2 * m && (bn as usize) <= 2 * n
+        })
         .collect();
-    if !snug.is_empty() {
-        return snug;
+    if !close.is_empty() {
+        return close;
     }
     let least = fits.iter().map(waste).min().unwrap_or(0);
     fits.into_iter().filter(|c| waste(c) <= least * 2).collect()
@@ -140,17 +150,26 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_b: bool, ep: Epilogue<'_>) -> Result
     // Configurations differ in summation order only: a few roundings of the sum of |a||b|.
     let tolerance = 8.0 * a.dtype().epsilon() * (p.k as f64).sqrt().max(1.0);
     // The scalar-FMA tiles first (the reference every candidate is checked against),
-    // then the tensor-core kernel where the device has tensor cores and the dtype is half.
+    // then the 4-wide vector tiles where K and N are multiples of 4, then the
+    // tensor-core kernel where the device has tensor cores and the dtype is half.
     let mut all: Vec<Candidate> = candidates(client, p.m, p.n)
         .into_iter()
         .map(Candidate::Fma)
         .collect();
+    let (has_bias, has_res, act) = (
+        ep.bias.is_some(),
+        ep.residual.is_some(),
+        ep.activation.code(),
+    );
+    let vec4 = MatmulVec4::space(
+        client, p.m as u32, p.n as u32, p.k as u32, trans_b, has_bias, has_res, act,
+    );
+    all.extend(
+        snug(vec4, |c| (c.BM, c.BN), p.m, p.n)
+            .into_iter()
+            .map(Candidate::Vec4),
+    );
     if matches!(a.dtype(), DType::F16 | DType::BF16) {
-        let (has_bias, has_res, act) = (
-            ep.bias.is_some(),
-            ep.residual.is_some(),
-            ep.activation.code(),
-        );
         all.extend(
             MatmulCmma::space(
                 client, p.m as u32, p.n as u32, p.k as u32, trans_b, has_bias, has_res, act,
@@ -177,6 +196,8 @@ enum Candidate {
     Fma(TileConfig),
     /// The tensor-core kernel.
     Cmma(MatmulCmmaConfig),
+    /// The 4-wide vector kernel (K and N multiples of 4).
+    Vec4(MatmulVec4Config),
 }
 
 impl Candidate {
@@ -184,6 +205,7 @@ impl Candidate {
         match self {
             Candidate::Fma(c) => MatmulTiled::label(c),
             Candidate::Cmma(c) => format!("cmma {}", MatmulCmma::label(c)),
+            Candidate::Vec4(c) => format!("vec4 {}", MatmulVec4::label(c)),
         }
     }
 
@@ -191,6 +213,7 @@ impl Candidate {
         match self {
             Candidate::Fma(cfg) => launch(a, b, p, ep, *cfg),
             Candidate::Cmma(cfg) => launch_into(a, b, p, ep, cfg, MatmulCmma::launch),
+            Candidate::Vec4(cfg) => launch_into(a, b, p, ep, cfg, MatmulVec4::launch),
         }
     }
 }
@@ -212,6 +235,19 @@ pub fn matmul_with(
         });
     }
     launch(a, b, &p, &ep, cfg)
+}
+
+/// `matmul` with a fixed configuration of the 4-wide vector kernel (K and N multiples
+/// of 4; no tuning): for benchmarks and tests.
+pub fn matmul_vec4_with(
+    a: &Tensor,
+    b: &Tensor,
+    trans_b: bool,
+    ep: Epilogue<'_>,
+    cfg: MatmulVec4Config,
+) -> Result<Tensor> {
+    let p = Problem::check(a, b, trans_b, &ep)?;
+    launch_into(a, b, &p, &ep, &cfg, MatmulVec4::launch)
 }
 
 struct Problem {
@@ -300,6 +336,7 @@ fn source_hash() -> String {
         &[
             MatmulTiled::SOURCE_HASH,
             MatmulCmma::SOURCE_HASH,
+            MatmulVec4::SOURCE_HASH,
             include_str!("../../dsl/src/activation.rs"),
         ]
         .concat(),
@@ -707,23 +744,54 @@ pub fn matmul_tiled<F: Float>(
                 col = col0 + (tx + (j / 4) * cols_of_units) * 4 + j % 4;
             }
             if r < m && col < n {
-                let mut v = acc[(i * tn + j) as usize];
-                if comptime!(has_bias) {
-                    v += f32::cast_from(bias[col as usize]);
-                }
-                if comptime!(act == 1) {
-                    v = silu::<Const<1>>(Vector::new(v))[0];
-                }
-                if comptime!(act == 2) {
-                    v = gelu_tanh::<Const<1>>(Vector::new(v))[0];
-                }
-                if comptime!(has_residual) {
-                    v += f32::cast_from(residual[(r * n + col) as usize]);
-                }
-                c[(r * n + col) as usize] = F::cast_from(v);
+                store_epilogue::<F>(
+                    c,
+                    bias,
+                    residual,
+                    acc[(i * tn + j) as usize],
+                    r,
+                    col,
+                    n,
+                    has_bias,
+                    has_residual,
+                    act,
+                );
             }
         }
     }
+}
+
+/// The fused epilogue of every `matmul` kernel for one element `v` (f32) of row `r`,
+/// column `col`: `+ bias[col]`, the activation, `+ residual[r, col]`, then one rounding
+/// to F into `c[r, col]`. The caller masks `r < m`, `col < n`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn store_epilogue<F: Float>(
+    c: &mut Array<F>,
+    bias: &Array<F>,
+    residual: &Array<F>,
+    v: f32,
+    r: u32,
+    col: u32,
+    n: u32,
+    #[comptime] has_bias: bool,
+    #[comptime] has_residual: bool,
+    #[comptime] act: u32,
+) {
+    let mut v = v;
+    if comptime!(has_bias) {
+        v += f32::cast_from(bias[col as usize]);
+    }
+    if comptime!(act == 1) {
+        v = silu::<Const<1>>(Vector::new(v))[0];
+    }
+    if comptime!(act == 2) {
+        v = gelu_tanh::<Const<1>>(Vector::new(v))[0];
+    }
+    if comptime!(has_residual) {
+        v += f32::cast_from(residual[(r * n + col) as usize]);
+    }
+    c[(r * n + col) as usize] = F::cast_from(v);
 }
 
 // ---------------------------------------------------------------- reference

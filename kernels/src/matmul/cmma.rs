@@ -10,8 +10,9 @@
 //! fragments and multiplies. The accumulators go through shared memory to the fused
 //! epilogue (bias, activation, residual in f32, masked at the edges).
 
+use super::store_epilogue;
 use cubecl::prelude::*;
-use kiln_dsl::{cmma_mma_32x32, cmma_zero_accumulator, gelu_tanh, silu};
+use kiln_dsl::{cmma_mma_32x32, cmma_zero_accumulator};
 
 /// Fragment edge (m = n = k = 16, the shape every tensor-core generation has).
 const FRAG: u32 = 16;
@@ -142,20 +143,18 @@ pub fn matmul_cmma<F: Float>(
         let r = row0 + idx / bn;
         let col = col0 + idx % bn;
         if r < m && col < n {
-            let mut v = c_s[idx as usize];
-            if comptime!(has_bias) {
-                v += f32::cast_from(bias[col as usize]);
-            }
-            if comptime!(act == 1) {
-                v = silu::<Const<1>>(Vector::new(v))[0];
-            }
-            if comptime!(act == 2) {
-                v = gelu_tanh::<Const<1>>(Vector::new(v))[0];
-            }
-            if comptime!(has_residual) {
-                v += f32::cast_from(residual[(r * n + col) as usize]);
-            }
-            c[(r * n + col) as usize] = F::cast_from(v);
+            store_epilogue::<F>(
+                c,
+                bias,
+                residual,
+                c_s[idx as usize],
+                r,
+                col,
+                n,
+                has_bias,
+                has_residual,
+                act,
+            );
         }
         idx += units;
     }

@@ -1,0 +1,174 @@
+//! The 4-wide vector path of `matmul`, for K and N multiples of 4: `a` and `b` are read
+//! straight from global memory as 4-wide vectors (no shared memory), a `TM x TN`
+//! register tile per unit.
+//!
+//! Why: on a CPU adapter (lavapipe) every non-uniform memory access costs a loop over
+//! the SIMD lanes whatever its width, so a vector read is four elements for about the
+//! price of one. Per four steps of K a unit reads `TM` vectors of `a` (four K of a row)
+//! and `TN` vectors of `b` (four N of a K row, or four K of an N row with `trans_b`),
+//! and does `TM x TN x 4` FMAs. Rows and columns past the edge are clamped to the last
+//! one: computed, never stored, so the main loop has no branch.
+
+use super::store_epilogue;
+use cubecl::prelude::*;
+use kiln_dsl::V4;
+
+/// `c = epilogue(a @ b)` with `a`, `b` as 4-wide vectors (`k % 4 == 0`, `n % 4 == 0`).
+#[kiln_macros::kernel(
+    tune(
+        (BM, BN, TM, TN) = [
+            (64, 64, 8, 8),
+            (64, 128, 8, 16),
+            (128, 128, 16, 8),
+            (32, 128, 4, 8),
+            (16, 64, 4, 4),
+            (16, 128, 8, 8),
+            (4, 256, 1, 4),
+            (1, 256, 1, 4),
+            (1, 256, 1, 8),
+            (1, 512, 1, 16),
+            (128, 128, 16, 16),
+            (64, 256, 8, 32),
+            (16, 256, 8, 16),
+            (1, 1024, 1, 32),
+        ]
+    ),
+    require(BM % TM == 0, BN % TN == 0, TN % 4 == 0, k % 4 == 0, n % 4 == 0),
+    key(m = pow2, n = pow2, k = pow2, dtype),
+    grid = (n.div_ceil(BN), m.div_ceil(BM)),
+    cube = ((BM / TM) * (BN / TN)),
+    name = "matmul_vec4",
+    defaults(act = 0)
+)]
+pub fn matmul_vec4<F: Float>(
+    a: &Array<Vector<F, Const<4>>>,
+    b: &Array<Vector<F, Const<4>>>,
+    bias: &Array<F>,
+    residual: &Array<F>,
+    c: &mut Array<F>,
+    m: u32,
+    n: u32,
+    k: u32,
+    #[comptime] trans_b: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] has_residual: bool,
+    #[comptime] act: u32,
+) {
+    let units_x = comptime!(BN / TN);
+    let row_step = comptime!(BM / TM);
+    let tnv = comptime!(TN / 4);
+    let ty = UNIT_POS / units_x;
+    let tx = UNIT_POS % units_x;
+    let row0 = CUBE_POS_Y * BM;
+    let col0 = CUBE_POS_X * BN;
+    let kv = k / 4;
+    let nv = n / 4;
+    let mut rows = Array::<u32>::new(comptime!(TM as usize));
+    #[unroll]
+    for i in 0..TM {
+        rows[i as usize] = min(row0 + ty + i * row_step, m - 1);
+    }
+    let mut av = Array::<V4>::new(comptime!(TM as usize));
+    // The unit's column of element j of its row: without trans_b, lane j % 4 of the
+    // column vector tx + (j / 4) BN / TN of the tile (vectors of 4 N); with trans_b,
+    // the strided column tx + j BN / TN (each read as 4 K at a time).
+    let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
+    if comptime!(!trans_b) {
+        let mut cols = Array::<u32>::new(comptime!(tnv as usize));
+        #[unroll]
+        for jv in 0..tnv {
+            cols[jv as usize] = min(col0 / 4 + tx + jv * units_x, nv - 1);
+        }
+        let mut accv = Array::<V4>::new(comptime!((TM * tnv) as usize));
+        #[unroll]
+        for e in 0..TM * tnv {
+            accv[e as usize] = V4::new(0.0f32);
+        }
+        let mut kq = 0u32;
+        while kq < kv {
+            #[unroll]
+            for i in 0..TM {
+                av[i as usize] = V4::cast_from(a[(rows[i as usize] * kv + kq) as usize]);
+            }
+            #[unroll]
+            for e in 0..4u32 {
+                #[unroll]
+                for jv in 0..tnv {
+                    let bv = V4::cast_from(b[((kq * 4 + e) * nv + cols[jv as usize]) as usize]);
+                    #[unroll]
+                    for i in 0..TM {
+                        let x = (i * tnv + jv) as usize;
+                        accv[x] += V4::new(av[i as usize][e as usize]) * bv;
+                    }
+                }
+            }
+            kq += 1;
+        }
+        #[unroll]
+        for i in 0..TM {
+            #[unroll]
+            for j in 0..TN {
+                acc[(i * TN + j) as usize] = accv[(i * tnv + j / 4) as usize][(j % 4) as usize];
+            }
+        }
+    } else {
+        let mut cols = Array::<u32>::new(comptime!(TN as usize));
+        #[unroll]
+        for j in 0..TN {
+            cols[j as usize] = min(col0 + tx + j * units_x, n - 1);
+        }
+        // Four partial sums per element (one per lane of K), added at the end.
+        let mut accd = Array::<V4>::new(comptime!((TM * TN) as usize));
+        #[unroll]
+        for e in 0..TM * TN {
+            accd[e as usize] = V4::new(0.0f32);
+        }
+        let mut kq = 0u32;
+        while kq < kv {
+            #[unroll]
+            for i in 0..TM {
+                av[i as usize] = V4::cast_from(a[(rows[i as usize] * kv + kq) as usize]);
+            }
+            #[unroll]
+            for j in 0..TN {
+                let bv = V4::cast_from(b[(cols[j as usize] * kv + kq) as usize]);
+                #[unroll]
+                for i in 0..TM {
+                    accd[(i * TN + j) as usize] += av[i as usize] * bv;
+                }
+            }
+            kq += 1;
+        }
+        #[unroll]
+        for e in 0..TM * TN {
+            let p = accd[e as usize];
+            acc[e as usize] = p[0] + p[1] + p[2] + p[3];
+        }
+    }
+
+    #[unroll]
+    for i in 0..TM {
+        let r = row0 + ty + i * row_step;
+        #[unroll]
+        for j in 0..TN {
+            let mut col = col0 + tx + j * units_x;
+            if comptime!(!trans_b) {
+                col = col0 + (tx + (j / 4) * units_x) * 4 + j % 4;
+            }
+            if r < m && col < n {
+                store_epilogue::<F>(
+                    c,
+                    bias,
+                    residual,
+                    acc[(i * TN + j) as usize],
+                    r,
+                    col,
+                    n,
+                    has_bias,
+                    has_residual,
+                    act,
+                );
+            }
+        }
+    }
+}
