@@ -2,7 +2,7 @@
 //! f32 matmul on the default device, side by side in one run: kiln autotuned, kiln's
 //! first valid config (what it runs without tuning), and cubek-matmul 0.2.0's
 //! `Strategy::Auto` (cubecl 0.10's own matmul). Shapes: square 256..2048 and the
-//! Llama-7B projection shape K = N = 4096 with M = 1, 16, 128, 2048 (the f32 weights
+//! Llama-7B projection shape K = N = 4096 with M = 1, 16, 128 (and 2048, see below; the f32 weights
 //! of the wider Llama projections exceed lavapipe's 128 MiB binding limit).
 //!
 //! `cargo bench --bench matmul`; `KILN_BENCH_QUICK=1` keeps only the small shapes,
