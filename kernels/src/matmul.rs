@@ -653,10 +653,7 @@ pub fn matmul_tiled<F: Float>(
         }
         let mut rows = Array::<u32>::new(comptime!(tm as usize));
         let mut cols = Array::<u32>::new(comptime!(tn as usize));
-        #[unroll]
-        for i in 0..tm {
-            rows[i as usize] = min(row0 + ty + i * rows_of_units, m - 1);
-        }
+        clamped_strided(&mut rows, row0 + ty, rows_of_units, m - 1, tm);
         #[unroll]
         for j in 0..tn {
             cols[j as usize] = min(col0 + (tx + (j / 4) * cols_of_units) * 4 + j % 4, n - 1);
@@ -700,14 +697,8 @@ pub fn matmul_tiled<F: Float>(
         // computed, never stored.
         let mut rows = Array::<u32>::new(comptime!(tm as usize));
         let mut cols = Array::<u32>::new(comptime!(tn as usize));
-        #[unroll]
-        for i in 0..tm {
-            rows[i as usize] = min(row0 + ty + i * rows_of_units, m - 1);
-        }
-        #[unroll]
-        for j in 0..tn {
-            cols[j as usize] = min(col0 + tx + j * cols_of_units, n - 1);
-        }
+        clamped_strided(&mut rows, row0 + ty, rows_of_units, m - 1, tm);
+        clamped_strided(&mut cols, col0 + tx, cols_of_units, n - 1, tn);
         let mut kk = 0u32;
         while kk < k {
             #[unroll]
@@ -758,6 +749,23 @@ pub fn matmul_tiled<F: Float>(
                 );
             }
         }
+    }
+}
+
+/// `idx[i] = min(first + i * step, last)` for `i < count`: a unit's strided rows or
+/// columns, clamped to the last valid one (computed, never stored), so the main loops
+/// of the direct kernels need no branch.
+#[cube]
+pub(crate) fn clamped_strided(
+    idx: &mut Array<u32>,
+    first: u32,
+    step: u32,
+    last: u32,
+    #[comptime] count: u32,
+) {
+    #[unroll]
+    for i in 0..count {
+        idx[i as usize] = min(first + i * step, last);
     }
 }
 

@@ -9,7 +9,7 @@
 //! and does `TM x TN x 4` FMAs. Rows and columns past the edge are clamped to the last
 //! one: computed, never stored, so the main loop has no branch.
 
-use super::store_epilogue;
+use super::{clamped_strided, store_epilogue};
 use cubecl::prelude::*;
 use kiln_dsl::V4;
 
@@ -64,10 +64,7 @@ pub fn matmul_vec4<F: Float>(
     let kv = k / 4;
     let nv = n / 4;
     let mut rows = Array::<u32>::new(comptime!(TM as usize));
-    #[unroll]
-    for i in 0..TM {
-        rows[i as usize] = min(row0 + ty + i * row_step, m - 1);
-    }
+    clamped_strided(&mut rows, row0 + ty, row_step, m - 1, TM);
     let mut av = Array::<V4>::new(comptime!(TM as usize));
     // The unit's column of element j of its row: without trans_b, lane j % 4 of the
     // column vector tx + (j / 4) BN / TN of the tile (vectors of 4 N); with trans_b,
@@ -75,10 +72,7 @@ pub fn matmul_vec4<F: Float>(
     let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
     if comptime!(!trans_b) {
         let mut cols = Array::<u32>::new(comptime!(tnv as usize));
-        #[unroll]
-        for jv in 0..tnv {
-            cols[jv as usize] = min(col0 / 4 + tx + jv * units_x, nv - 1);
-        }
+        clamped_strided(&mut cols, col0 / 4 + tx, units_x, nv - 1, tnv);
         let mut accv = Array::<V4>::new(comptime!((TM * tnv) as usize));
         #[unroll]
         for e in 0..TM * tnv {
@@ -86,10 +80,7 @@ pub fn matmul_vec4<F: Float>(
         }
         let mut kq = 0u32;
         while kq < kv {
-            #[unroll]
-            for i in 0..TM {
-                av[i as usize] = V4::cast_from(a[(rows[i as usize] * kv + kq) as usize]);
-            }
+            load_rows::<F>(&mut av, a, &rows, kv, kq, TM);
             #[unroll]
             for e in 0..4u32 {
                 #[unroll]
@@ -113,10 +104,7 @@ pub fn matmul_vec4<F: Float>(
         }
     } else {
         let mut cols = Array::<u32>::new(comptime!(TN as usize));
-        #[unroll]
-        for j in 0..TN {
-            cols[j as usize] = min(col0 + tx + j * units_x, n - 1);
-        }
+        clamped_strided(&mut cols, col0 + tx, units_x, n - 1, TN);
         // Four partial sums per element (one per lane of K), added at the end.
         let mut accd = Array::<V4>::new(comptime!((TM * TN) as usize));
         #[unroll]
@@ -125,10 +113,7 @@ pub fn matmul_vec4<F: Float>(
         }
         let mut kq = 0u32;
         while kq < kv {
-            #[unroll]
-            for i in 0..TM {
-                av[i as usize] = V4::cast_from(a[(rows[i as usize] * kv + kq) as usize]);
-            }
+            load_rows::<F>(&mut av, a, &rows, kv, kq, TM);
             #[unroll]
             for j in 0..TN {
                 let bv = V4::cast_from(b[(cols[j as usize] * kv + kq) as usize]);
@@ -170,5 +155,21 @@ pub fn matmul_vec4<F: Float>(
                 );
             }
         }
+    }
+}
+
+/// `av[i]` = four K (vector `kq`) of row `rows[i]` of `a` (`kv` vectors per row), in f32.
+#[cube]
+fn load_rows<F: Float>(
+    av: &mut Array<V4>,
+    a: &Array<Vector<F, Const<4>>>,
+    rows: &Array<u32>,
+    kv: u32,
+    kq: u32,
+    #[comptime] tm: u32,
+) {
+    #[unroll]
+    for i in 0..tm {
+        av[i as usize] = V4::cast_from(a[(rows[i as usize] * kv + kq) as usize]);
     }
 }
