@@ -454,16 +454,29 @@ fn fla_vectors_agree() {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect()
         };
-        for op in ["gla", "gla_recurrent"] {
+        for (op, mode) in [
+            ("gla", "auto"),
+            ("gla", "chunk"),
+            ("gla", "fused_chunk"),
+            ("gla_recurrent", ""),
+        ] {
             let spec = kiln::kernels::op(op).unwrap();
-            let outs = spec
-                .call_host(client(), &hosts, params(&[("output_final_state", "true")]))
-                .unwrap();
+            let mut extra = vec![("output_final_state", "true")];
+            if !mode.is_empty() {
+                extra.push(("mode", mode));
+            }
+            let outs = spec.call_host(client(), &hosts, params(&extra)).unwrap();
             for name in ["o", "ht"] {
                 let e = rms_relative(&outs[name].to_f64(), &f(&format!("expected_{name}")));
-                assert!(e < 1e-5, "{file}: {op} {name} vs fla: {e:.2e}");
+                assert!(e < 1e-5, "{file}: {op} {mode} {name} vs fla: {e:.2e}");
             }
         }
+        let e = kiln::kernels::op("gla")
+            .unwrap()
+            .call_host(client(), &hosts, params(&[("mode", "fused")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mode") && e.contains("fused_chunk"), "{e}");
         let spec = kiln::kernels::op("gla_backward").unwrap();
         let outs = spec.call_host(client(), &hosts, params(&[])).unwrap();
         for name in ["dq", "dk", "dv", "dg", "dh0"] {

@@ -447,11 +447,16 @@ fn forward_mode_is_fused(inp: &GlaInputs<'_>, p: &Problem) -> Result<bool> {
         source_hash: kiln_runtime::tune::fnv1a_hex(&hashes.concat()),
         shape: shape_bucket(inp, p),
     };
-    // 1 = fused_chunk, 0 = chunk (at its own tuned chunk size).
+    // 1 = fused_chunk, 0 = chunk (at its own tuned chunk size). The first is what runs
+    // untuned (`KILN_AUTOTUNE=off`): the fused kernel on a CPU adapter, where it is
+    // several times faster, the chunk-parallel pipeline on a GPU, which needs the
+    // parallelism.
+    let cpu = client.report().adapter_type == kiln_runtime::AdapterType::Cpu;
+    let order: [u32; 2] = if cpu { [1, 0] } else { [0, 1] };
     let fused = Autotuner::global().tune(
         client,
         &key,
-        &[1u32, 0],
+        &order,
         |&m| {
             if m == 1 {
                 "mode=fused_chunk".into()
