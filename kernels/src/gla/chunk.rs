@@ -101,26 +101,14 @@ pub fn gla_state_pass<F: Float>(
     // The state tile: element (i, j) is lane j % 4 of s[i * TT / 4 + j / 4].
     let mut s = Array::<V4>::new(comptime!((TT * tnv) as usize));
     let mut acc = Array::<V4>::new(comptime!((TT * tnv) as usize));
+    let mut rows = Array::<u32>::new(comptime!(TT as usize));
     #[unroll]
     for i in 0..TT {
-        let kk = k0 + ty + i * row_step;
-        #[unroll]
-        for jv in 0..tnv {
-            let mut w = V4::new(0.0f32);
-            if comptime!(has_init) {
-                #[unroll]
-                for e in 0..4u32 {
-                    let vv = v0 + v4_tile_col(tx, jv * 4 + e, BV, TT);
-                    let mut value = 0.0f32;
-                    if kk < dk && vv < dv {
-                        value = init[((seq_base + kk) * dv + vv) as usize];
-                    }
-                    w[e as usize] = value;
-                }
-            }
-            s[(i * tnv + jv) as usize] = w;
-        }
+        rows[i as usize] = k0 + ty + i * row_step;
     }
+    load_state_tile(
+        &mut s, init, seq_base, &rows, tx, v0, dk, dv, has_init, TT, BV, TT,
+    );
     let c_first = seq_chunks[n as usize];
     let c_end = seq_chunks[(n + 1) as usize];
     for step in 0..c_end - c_first {
@@ -191,21 +179,22 @@ pub fn gla_state_pass<F: Float>(
         }
         sync_cube();
 
+        store_state_tile(
+            &s,
+            states,
+            (c * heads + h) * dk,
+            &rows,
+            tx,
+            v0,
+            dk,
+            dv,
+            TT,
+            BV,
+            TT,
+        );
         #[unroll]
-        for i in 0..TT {
-            let kk = k0 + ty + i * row_step;
-            #[unroll]
-            for j in 0..TT {
-                let vv = v0 + v4_tile_col(tx, j, BV, TT);
-                if kk < dk && vv < dv {
-                    states[(((c * heads + h) * dk + kk) * dv + vv) as usize] =
-                        s[(i * tnv + j / 4) as usize][(j % 4) as usize];
-                }
-            }
-            #[unroll]
-            for jv in 0..tnv {
-                acc[(i * tnv + jv) as usize] = V4::new(0.0f32);
-            }
+        for e in 0..TT * tnv {
+            acc[e as usize] = V4::new(0.0f32);
         }
         reg_tile_mma_v4(&mut acc, &xs, 0, &ys, 0, ty, tx, BK, BV, chunk, TT, TT);
         #[unroll]
@@ -219,14 +208,78 @@ pub fn gla_state_pass<F: Float>(
         }
         sync_cube();
     }
+    store_state_tile(&s, last, seq_base, &rows, tx, v0, dk, dv, TT, BV, TT);
+}
+
+/// Loads a unit's `tm x tn` state tile, held as 4-wide vectors (element (i, j) in lane
+/// `j % 4` of `s[i * tn / 4 + j / 4]`), from the `[K, V]` state at `src[base * V ..]`
+/// (`base` = (sequence or chunk, head) times K): tile row i is state row `rows[i]`,
+/// column j is `v0 + v4_tile_col(tx, j, cols, tn)`. Zero outside K x V, or everywhere
+/// without `has_init`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn load_state_tile(
+    s: &mut Array<V4>,
+    src: &Array<f32>,
+    base: u32,
+    rows: &Array<u32>,
+    tx: u32,
+    v0: u32,
+    dk: u32,
+    dv: u32,
+    #[comptime] has_init: bool,
+    #[comptime] tm: u32,
+    #[comptime] cols: u32,
+    #[comptime] tn: u32,
+) {
+    let tnv = comptime!(tn / 4);
     #[unroll]
-    for i in 0..TT {
-        let kk = k0 + ty + i * row_step;
+    for i in 0..tm {
+        let kk = rows[i as usize];
         #[unroll]
-        for j in 0..TT {
-            let vv = v0 + v4_tile_col(tx, j, BV, TT);
+        for jv in 0..tnv {
+            let mut w = V4::new(0.0f32);
+            if comptime!(has_init) {
+                #[unroll]
+                for e in 0..4u32 {
+                    let vv = v0 + v4_tile_col(tx, jv * 4 + e, cols, tn);
+                    let mut value = 0.0f32;
+                    if kk < dk && vv < dv {
+                        value = src[((base + kk) * dv + vv) as usize];
+                    }
+                    w[e as usize] = value;
+                }
+            }
+            s[(i * tnv + jv) as usize] = w;
+        }
+    }
+}
+
+/// Stores a state tile laid out as [`load_state_tile`] reads it, inside K x V only.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn store_state_tile(
+    s: &Array<V4>,
+    dst: &mut Array<f32>,
+    base: u32,
+    rows: &Array<u32>,
+    tx: u32,
+    v0: u32,
+    dk: u32,
+    dv: u32,
+    #[comptime] tm: u32,
+    #[comptime] cols: u32,
+    #[comptime] tn: u32,
+) {
+    let tnv = comptime!(tn / 4);
+    #[unroll]
+    for i in 0..tm {
+        let kk = rows[i as usize];
+        #[unroll]
+        for j in 0..tn {
+            let vv = v0 + v4_tile_col(tx, j, cols, tn);
             if kk < dk && vv < dv {
-                last[((seq_base + kk) * dv + vv) as usize] =
+                dst[((base + kk) * dv + vv) as usize] =
                     s[(i * tnv + j / 4) as usize][(j % 4) as usize];
             }
         }

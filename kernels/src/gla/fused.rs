@@ -13,6 +13,7 @@
 //! are formed element-wise in f32 as `q_i k_j exp(b_i - b_j)` with `j <= i` (exponent
 //! `<= 0`), the inter-chunk weights are `exp(b) <= 1` and `exp(Gamma - b) <= 1`.
 
+use super::chunk::{load_state_tile, store_state_tile};
 use cubecl::prelude::*;
 use kiln_dsl::{reg_tile_mma_v4, reg_tile_mma_v4_outer, v4_tile_col, V4};
 
@@ -102,26 +103,14 @@ pub fn gla_fused_fwd<F: Float>(
     let state_base = (n * heads + h) * dk;
     let mut s = Array::<V4>::new(comptime!((stm * stnv) as usize));
     let mut upd = Array::<V4>::new(comptime!((stm * stnv) as usize));
+    let mut rows = Array::<u32>::new(comptime!(stm as usize));
     #[unroll]
     for i in 0..stm {
-        let kk = v4_tile_col(sty, i, kp, stm);
-        #[unroll]
-        for jv in 0..stnv {
-            let mut w = zero;
-            if comptime!(has_init) {
-                #[unroll]
-                for e in 0..4u32 {
-                    let vv = v0 + v4_tile_col(stx, jv * 4 + e, BV, stn);
-                    let mut value = 0.0f32;
-                    if kk < dk && vv < dv {
-                        value = init[((state_base + kk) * dv + vv) as usize];
-                    }
-                    w[e as usize] = value;
-                }
-            }
-            s[(i * stnv + jv) as usize] = w;
-        }
+        rows[i as usize] = v4_tile_col(sty, i, kp, stm);
     }
+    load_state_tile(
+        &mut s, init, state_base, &rows, stx, v0, dk, dv, has_init, stm, BV, stn,
+    );
 
     // The output tile: 4 x (BV / 4) per unit over the chunk's 16 rows (4 x 4 units).
     let otn = comptime!(BV / 4);
@@ -233,7 +222,7 @@ pub fn gla_fused_fwd<F: Float>(
         // 3b. The entering state to shared memory, over b (read for the last time above).
         #[unroll]
         for i in 0..stm {
-            let kk = v4_tile_col(sty, i, kp, stm);
+            let kk = rows[i as usize];
             #[unroll]
             for jv in 0..stnv {
                 arena[(ss_at + kk * bvv + stx + jv * 4) as usize] = s[(i * stnv + jv) as usize];
@@ -288,16 +277,5 @@ pub fn gla_fused_fwd<F: Float>(
         t0 += c;
     }
 
-    #[unroll]
-    for i in 0..stm {
-        let kk = v4_tile_col(sty, i, kp, stm);
-        #[unroll]
-        for j in 0..stn {
-            let vv = v0 + v4_tile_col(stx, j, BV, stn);
-            if kk < dk && vv < dv {
-                ht[((state_base + kk) * dv + vv) as usize] =
-                    s[(i * stnv + j / 4) as usize][(j % 4) as usize];
-            }
-        }
-    }
+    store_state_tile(&s, ht, state_base, &rows, stx, v0, dk, dv, stm, BV, stn);
 }
