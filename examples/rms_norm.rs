@@ -77,12 +77,30 @@ fn main() -> kiln::Result<()> {
 
     println!(
         "candidates: {:?}",
-        RmsNorm::space(&client, rows as u32, cols as u32, eps)
-            .iter()
-            .map(RmsNorm::label)
-            .collect::<Vec<_>>()
+        RmsNorm::space(
+            &client,
+            &RmsNormProblem {
+                rows: rows as u32,
+                cols: cols as u32,
+                eps
+            }
+        )
+        .iter()
+        .map(RmsNorm::label)
+        .collect::<Vec<_>>()
     );
-    let cfg = RmsNorm::tuned(&client, 1e-5, &x, &w, &out, rows as u32, cols as u32, eps)?;
+    let cfg = RmsNorm::tuned(
+        &client,
+        1e-5,
+        &RmsNormArgs {
+            x: &x,
+            w: &w,
+            out: &out,
+            rows: rows as u32,
+            cols: cols as u32,
+            eps,
+        },
+    )?;
     println!(
         "autotuned: {} (cache {})",
         RmsNorm::label(&cfg),

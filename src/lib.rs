@@ -23,5 +23,6 @@ pub use kiln_runtime::{
     HostTensor, Result, Tensor,
 };
 
-pub mod check;
+/// Seeded test data and error metrics (`Rng`, `max_rel_error`, `example_inputs`).
+pub use kiln_runtime::check;
 pub mod selftest;

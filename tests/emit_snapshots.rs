@@ -20,13 +20,13 @@ fn source(kernel: &str, target: Target, config: &[(&str, &str)]) -> String {
 
 #[test]
 fn softmax_wgsl_f32() {
-    insta::assert_snapshot!(source("softmax", Target::Wgsl, &[]));
+    insta::assert_snapshot!(source("row_reduce", Target::Wgsl, &[]));
 }
 
 #[test]
 fn softmax_cuda_f16() {
     insta::assert_snapshot!(source(
-        "softmax",
+        "row_reduce",
         Target::Cuda,
         &[("dtype", "f16"), ("UNITS", "128")]
     ));
@@ -50,7 +50,7 @@ fn gelu_cuda_bf16_vec2() {
 fn emission_is_deterministic() {
     for k in kiln::kernels::kernels() {
         for t in [Target::Cuda, Target::Wgsl] {
-            if k.tensor_cores && t == Target::Wgsl {
+            if k.needs(kiln::runtime::Capability::TensorCores) && t == Target::Wgsl {
                 continue; // refused, see below
             }
             let a = source(k.name, t, &[]);
@@ -75,7 +75,7 @@ fn matmul_cuda_staged_f16_fused() {
             ("STAGE", "1"),
             ("VEC", "4"),
             ("has_bias", "true"),
-            ("act", "2")
+            ("act", "gelu")
         ]
     ));
 }
@@ -163,7 +163,7 @@ fn qgemm_gemv_wgsl_int4_four_rows() {
         &[
             ("dtype", "f16"),
             ("mt", "4"),
-            ("wkind", "0"),
+            ("wkind", "int4"),
             ("BN", "64"),
             ("KS", "4")
         ]
@@ -175,7 +175,12 @@ fn qgemm_tiled_cuda_int8_bits() {
     insta::assert_snapshot!(source(
         "qgemm_tiled",
         Target::Cuda,
-        &[("dtype", "f16"), ("wkind", "1"), ("BM", "32"), ("BN", "64")]
+        &[
+            ("dtype", "f16"),
+            ("wkind", "int8_bits"),
+            ("BM", "32"),
+            ("BN", "64")
+        ]
     ));
 }
 
@@ -205,7 +210,7 @@ fn matmul_cmma_cuda_f16_bias_gelu() {
             ("PLANES_M", "2"),
             ("PLANES_N", "2"),
             ("has_bias", "true"),
-            ("act", "2")
+            ("act", "gelu")
         ]
     ));
 }
@@ -214,7 +219,7 @@ fn matmul_cmma_cuda_f16_bias_gelu() {
 #[test]
 fn tensor_core_kernels_are_refused_for_wgsl() {
     let spec = kiln::kernels::kernel("matmul_cmma").unwrap();
-    assert!(spec.tensor_cores);
+    assert!(spec.needs(kiln::runtime::Capability::TensorCores));
     let cfg = KernelConfig::new(spec, BTreeMap::new()).unwrap();
     let e = emit(spec, Target::Wgsl, &cfg).unwrap_err();
     assert!(matches!(e, kiln::Error::Unsupported { .. }), "{e}");

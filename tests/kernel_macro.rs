@@ -9,7 +9,7 @@ mod common;
 mod example;
 
 use common::client;
-use example::{reference, RmsNorm, RmsNormConfig, RMS_NORM_KERNEL};
+use example::{reference, RmsNorm, RmsNormArgs, RmsNormConfig, RmsNormProblem, RMS_NORM_KERNEL};
 use kiln::check::{max_rel_error, Rng};
 use kiln::codegen::{emit, Target};
 use kiln::runtime::KernelConfig;
@@ -32,7 +32,19 @@ fn run(rows: usize, cols: usize, dtype: DType) {
     );
     let out = Tensor::empty(client(), dtype, &[rows, cols]).unwrap();
     let tol = 4.0 * dtype.epsilon();
-    RmsNorm::tuned(client(), tol, &x, &w, &out, rows as u32, cols as u32, 1e-6).unwrap();
+    RmsNorm::tuned(
+        client(),
+        tol,
+        &RmsNormArgs {
+            x: &x,
+            w: &w,
+            out: &out,
+            rows: rows as u32,
+            cols: cols as u32,
+            eps: 1e-6,
+        },
+    )
+    .unwrap();
     let want = reference(&xh.to_f64(), &wh.to_f64(), cols, 1e-6);
     let err = max_rel_error(&out.download().unwrap().to_f64(), &want, 1e-3);
     let bound = dtype.epsilon() + 1e-5;
@@ -54,10 +66,17 @@ fn tuned_rms_norm_matches_the_reference_on_ragged_sizes() {
 
 #[test]
 fn space_applies_require_and_device_limits_in_declaration_order() {
-    let all: Vec<u32> = RmsNorm::space(client(), 4, 4096, 1e-6)
-        .iter()
-        .map(|c| c.UNITS)
-        .collect();
+    let all: Vec<u32> = RmsNorm::space(
+        client(),
+        &RmsNormProblem {
+            rows: 4,
+            cols: 4096,
+            eps: 1e-6,
+        },
+    )
+    .iter()
+    .map(|c| c.UNITS)
+    .collect();
     let limit = client().report().max_units_per_cube;
     let want: Vec<u32> = [32, 64, 128, 256]
         .into_iter()
@@ -65,19 +84,39 @@ fn space_applies_require_and_device_limits_in_declaration_order() {
         .collect();
     assert_eq!(all, want);
     // require(UNITS <= cols.next_power_of_two().max(32)): a 40-wide row allows 32 and 64.
-    let narrow: Vec<u32> = RmsNorm::space(client(), 4, 40, 1e-6)
-        .iter()
-        .map(|c| c.UNITS)
-        .collect();
+    let narrow: Vec<u32> = RmsNorm::space(
+        client(),
+        &RmsNormProblem {
+            rows: 4,
+            cols: 40,
+            eps: 1e-6,
+        },
+    )
+    .iter()
+    .map(|c| c.UNITS)
+    .collect();
     assert_eq!(narrow, vec![32, 64]);
 }
 
 #[test]
 fn key_buckets_as_declared() {
-    let k = RmsNorm::key(DType::F16, 300, 1000, 1e-6);
+    let k = RmsNorm::key(
+        DType::F16,
+        &RmsNormProblem {
+            rows: 300,
+            cols: 1000,
+            eps: 1e-6,
+        },
+    );
     assert_eq!(k.kernel, "rms_norm");
     assert_eq!(k.shape, "rows=512;cols=1024;dtype=f16");
-    assert_eq!(k.source_hash, RmsNorm::SOURCE_HASH);
+    // The cache key covers the kernel's source and the DSL it may call.
+    assert_eq!(k.source_hash, RmsNorm::source_hash());
+    assert_ne!(k.source_hash, RmsNorm::SOURCE_HASH);
+    assert_eq!(
+        k.source_hash,
+        kiln::runtime::tune::fnv1a_hex(&[RmsNorm::SOURCE_HASH, kiln::dsl::SOURCE_HASH].concat())
+    );
 }
 
 #[test]
@@ -90,7 +129,18 @@ fn launch_checks_name_the_argument() {
     let w16 = Tensor::upload(client(), &wh.cast(DType::F16).unwrap()).unwrap();
     let out = Tensor::empty(client(), DType::F32, &[2, 8]).unwrap();
     let cfg = RmsNormConfig { UNITS: 32 };
-    match RmsNorm::launch(client(), &cfg, &x, &w16, &out, 2, 8, 1e-6) {
+    match RmsNorm::launch(
+        client(),
+        &cfg,
+        &RmsNormArgs {
+            x: &x,
+            w: &w16,
+            out: &out,
+            rows: 2,
+            cols: 8,
+            eps: 1e-6,
+        },
+    ) {
         Err(Error::DType {
             tensor,
             expected,
@@ -105,7 +155,18 @@ fn launch_checks_name_the_argument() {
     }
     let too_many = RmsNormConfig { UNITS: 4096 };
     assert!(matches!(
-        RmsNorm::launch(client(), &too_many, &x, &w, &out, 2, 8, 1e-6),
+        RmsNorm::launch(
+            client(),
+            &too_many,
+            &RmsNormArgs {
+                    x: &x,
+                    w: &w,
+                    out: &out,
+                    rows: 2,
+                    cols: 8,
+                    eps: 1e-6,
+            },
+        ),
         Err(Error::Unsupported { feature, .. }) if feature.contains("4096 units")
     ));
 }
@@ -139,8 +200,22 @@ fn the_registry_entry_emits_both_targets_without_a_device() {
 /// empty space and refuses to launch where there are none.
 #[test]
 fn joint_configurations_and_device_requirements() {
-    use kiln::kernels::matmul::{MatmulCmma, MatmulTiled, MATMUL_TILED_KERNEL};
-    let space = MatmulTiled::space(client(), 64, 64, 64, false, false, false, 0);
+    use kiln::kernels::matmul::{
+        Activation, MatmulCmma, MatmulCmmaArgs, MatmulCmmaProblem, MatmulTiled, MatmulTiledProblem,
+        MATMUL_TILED_KERNEL,
+    };
+    let space = MatmulTiled::space(
+        client(),
+        &MatmulTiledProblem {
+            m: 64,
+            n: 64,
+            k: 64,
+            trans_b: false,
+            has_bias: false,
+            has_residual: false,
+            act: Activation::None,
+        },
+    );
     let first = space[0];
     assert_eq!(
         (
@@ -177,7 +252,18 @@ fn joint_configurations_and_device_requirements() {
     let e = emit(&MATMUL_TILED_KERNEL, Target::Cuda, &cfg).unwrap_err();
     assert!(e.to_string().contains("declared configurations"), "{e}");
     // Tensor cores: never in the space of a device without them, and refused at launch.
-    let cmma = MatmulCmma::space(client(), 64, 64, 64, false, false, false, 0);
+    let cmma = MatmulCmma::space(
+        client(),
+        &MatmulCmmaProblem {
+            m: 64,
+            n: 64,
+            k: 64,
+            trans_b: false,
+            has_bias: false,
+            has_residual: false,
+            act: Activation::None,
+        },
+    );
     assert_eq!(cmma.is_empty(), !client().report().tensor_cores);
     if !client().report().tensor_cores {
         let t = |s: &[usize]| Tensor::empty(client(), DType::F16, s).unwrap();
@@ -190,18 +276,20 @@ fn joint_configurations_and_device_requirements() {
             let e = MatmulCmma::launch(
                 client(),
                 &cfg,
-                &a,
-                &b,
-                &a,
-                &a,
-                &c,
-                16,
-                16,
-                16,
-                false,
-                false,
-                false,
-                0,
+                &MatmulCmmaArgs {
+                    a: &a,
+                    b: &b,
+                    bias: &a,
+                    residual: &a,
+                    c: &c,
+                    m: 16,
+                    n: 16,
+                    k: 16,
+                    trans_b: false,
+                    has_bias: false,
+                    has_residual: false,
+                    act: Activation::None,
+                },
             )
             .unwrap_err();
             assert!(matches!(e, Error::Unsupported { .. }), "{e}");
@@ -237,7 +325,7 @@ mod vector_args {
 
 #[test]
 fn vector_array_arguments_run_check_and_emit() {
-    use vector_args::{AxpyV4, AXPY_V4_KERNEL};
+    use vector_args::{AxpyV4, AxpyV4Args, AxpyV4Problem, AXPY_V4_KERNEL};
     for dtype in [DType::F32, DType::F16] {
         if !client().supports(dtype) {
             continue;
@@ -250,7 +338,18 @@ fn vector_array_arguments_run_check_and_emit() {
         };
         let (x, y) = (up(&xs), up(&ys));
         let out = Tensor::empty(client(), dtype, &[n]).unwrap();
-        AxpyV4::tuned(client(), 0.0, &x, &y, &out, (n / 4) as u32, 0.5).unwrap();
+        AxpyV4::tuned(
+            client(),
+            0.0,
+            &AxpyV4Args {
+                x: &x,
+                y: &y,
+                out: &out,
+                n4: (n / 4) as u32,
+                a: 0.5,
+            },
+        )
+        .unwrap();
         let got = out.download().unwrap().to_f64();
         let want: Vec<f64> = x
             .download()
@@ -266,8 +365,19 @@ fn vector_array_arguments_run_check_and_emit() {
     // A length that is not a whole number of vectors is refused, naming the tensor.
     let t6 = Tensor::empty(client(), DType::F32, &[2, 3]).unwrap();
     let t8 = Tensor::empty(client(), DType::F32, &[8]).unwrap();
-    let cfg = AxpyV4::space(client(), 2, 0.5)[0];
-    let e = AxpyV4::launch(client(), &cfg, &t6, &t8, &t8, 2, 0.5).unwrap_err();
+    let cfg = AxpyV4::space(client(), &AxpyV4Problem { n4: 2, a: 0.5 })[0];
+    let e = AxpyV4::launch(
+        client(),
+        &cfg,
+        &AxpyV4Args {
+            x: &t6,
+            y: &t8,
+            out: &t8,
+            n4: 2,
+            a: 0.5,
+        },
+    )
+    .unwrap_err();
     assert!(
         matches!(&e, Error::Shape { tensor, .. } if tensor == "x")
             && e.to_string().contains("divisible by 4"),

@@ -58,8 +58,20 @@ fn check(p: &Problem, got: &HostTensor, trans_b: bool, act: &str, dtype: DType, 
     assert!(err <= bound, "{what}: max rel err {err:.2e} > {bound:.2e}");
 }
 
+/// Whether the device lacks `dtype`; if so, asserts that a matmul operand of that
+/// dtype is refused with `Unsupported` (never computed).
+fn refused(dtype: DType) -> bool {
+    if client().supports(dtype) {
+        return false;
+    }
+    let a = HostTensor::from_f64(dtype, vec![2, 2], &[1.0; 4]).unwrap();
+    let e = Tensor::upload_named(client(), "a", &a).unwrap_err();
+    assert!(matches!(e, Error::Unsupported { .. }), "{dtype}: {e}");
+    true
+}
+
 fn every_config(dtype: DType) {
-    if !client().supports(dtype) {
+    if refused(dtype) {
         return;
     }
     for trans_b in [false, true] {
@@ -94,8 +106,8 @@ fn every_config(dtype: DType) {
 }
 
 fn every_vec4_config(dtype: DType) {
-    use kiln::kernels::matmul::MatmulVec4;
-    if !client().supports(dtype) {
+    use kiln::kernels::matmul::{MatmulVec4, MatmulVec4Problem};
+    if refused(dtype) {
         return;
     }
     // K and N multiples of 4 (the kernel's requirement), neither a multiple of a tile;
@@ -111,13 +123,15 @@ fn every_vec4_config(dtype: DType) {
         );
         let space = MatmulVec4::space(
             client(),
-            m as u32,
-            n as u32,
-            k as u32,
-            trans_b,
-            true,
-            true,
-            1,
+            &MatmulVec4Problem {
+                m: m as u32,
+                n: n as u32,
+                k: k as u32,
+                trans_b,
+                has_bias: true,
+                has_residual: true,
+                act: Activation::Silu,
+            },
         );
         assert!(space.len() >= 10, "{} vector configurations", space.len());
         for cfg in space {
@@ -141,8 +155,32 @@ fn every_vec4_config(dtype: DType) {
         }
     }
     // K or N not a multiple of 4: no vector configuration at all.
-    assert!(MatmulVec4::space(client(), 8, 8, 6, false, false, false, 0).is_empty());
-    assert!(MatmulVec4::space(client(), 8, 6, 8, true, false, false, 0).is_empty());
+    assert!(MatmulVec4::space(
+        client(),
+        &MatmulVec4Problem {
+            m: 8,
+            n: 8,
+            k: 6,
+            trans_b: false,
+            has_bias: false,
+            has_residual: false,
+            act: Activation::None,
+        },
+    )
+    .is_empty());
+    assert!(MatmulVec4::space(
+        client(),
+        &MatmulVec4Problem {
+            m: 8,
+            n: 6,
+            k: 8,
+            trans_b: true,
+            has_bias: false,
+            has_residual: false,
+            act: Activation::None,
+        },
+    )
+    .is_empty());
 }
 
 #[test]

@@ -1,5 +1,5 @@
-//! The operator suite, written once and instantiated per dtype (cubecl's `testgen`
-//! pattern). Every case compares against the f64 reference of `kiln::selftest`; a
+//! The operator suite, written once and instantiated per device and dtype (cubecl's
+//! `testgen` pattern). Every case compares against the f64 reference of `kiln::selftest`; a
 //! dtype the device lacks must be refused with `Unsupported`, which is asserted too.
 
 mod common;
@@ -8,19 +8,19 @@ use common::client;
 use kiln::check::{max_rel_error, Rng};
 use kiln::kernels::{elementwise, rowwise};
 use kiln::selftest::{cases, run_case, Outcome};
-use kiln::{DType, Error, HostTensor, Tensor};
+use kiln::{Client, DType, Error, HostTensor, Tensor};
 use std::collections::BTreeMap;
 
-fn run_op(op: &str, dtype: DType) {
+fn run_op(client: &Client, op: &str, dtype: DType) {
     let mut ran = 0;
     // An operator none of whose inputs follows the float dtype (w8a8: int8 codes and
     // f32 scales) runs whatever the device lacks.
     let spec = kiln::kernels::op(op).unwrap();
     let dtype_free = spec.inputs.iter().all(|t| t.example_dtype(dtype) != dtype);
     for (i, case) in cases().iter().enumerate().filter(|(_, c)| c.op == op) {
-        let outcome = run_case(client(), case, dtype, 7 + i as u64);
+        let outcome = run_case(client, case, dtype, 7 + i as u64);
         // A device with the dtype must pass; one without must refuse it, not compute.
-        match (&outcome, client().supports(dtype) || dtype_free) {
+        match (&outcome, client.supports(dtype) || dtype_free) {
             (Outcome::Pass(..), true) | (Outcome::Refused(_), false) => {}
             (o, has) => panic!(
                 "{op} {dtype} ({}), device has {dtype}: {has}: {o:?}",
@@ -32,29 +32,62 @@ fn run_op(op: &str, dtype: DType) {
     assert!(ran > 0, "no case for {op}");
 }
 
+/// The suite, instantiated per device and dtype: `device::dtype::op`. Each device is
+/// opened by its selector; one this machine lacks must be refused with a clear
+/// `Device` error (asserted), like a dtype the device lacks.
 macro_rules! testgen_ops {
-    ($($module:ident => $dtype:expr),* $(,)?) => {$(
-        mod $module {
+    (devices: [$($device:ident => $selector:expr),*], dtypes: $dtypes:tt, ops: $ops:tt) => {
+        testgen_ops!(@names $ops);
+        $(mod $device {
             use super::*;
-            #[test] fn add() { run_op("add", $dtype) }
-            #[test] fn mul() { run_op("mul", $dtype) }
-            #[test] fn silu() { run_op("silu", $dtype) }
-            #[test] fn gelu() { run_op("gelu", $dtype) }
-            #[test] fn softmax() { run_op("softmax", $dtype) }
-            #[test] fn logsumexp() { run_op("logsumexp", $dtype) }
-            #[test] fn matmul() { run_op("matmul", $dtype) }
-            #[test] fn w4a16() { run_op("w4a16", $dtype) }
-            #[test] fn w4a16_repack() { run_op("w4a16_repack", $dtype) }
-            #[test] fn w8a8() { run_op("w8a8", $dtype) }
-            #[test] fn quantize_per_token() { run_op("quantize_per_token", $dtype) }
-            #[test] fn w8_bits() { run_op("w8_bits", $dtype) }
-            #[test] fn flexround() { run_op("flexround", $dtype) }
-            #[test] fn flexround_backward() { run_op("flexround_backward", $dtype) }
-        }
-    )*};
+            testgen_ops!(@dtypes $selector, $dtypes, $ops);
+        })*
+    };
+    (@names [$($op:ident),* $(,)?]) => {
+        /// The operators the suite instantiates (checked against the registry).
+        const TESTED: &[&str] = &[$(stringify!($op)),*];
+    };
+    (@dtypes $selector:expr, [$($module:ident => $dtype:expr),*], $ops:tt) => {
+        $(mod $module {
+            use super::*;
+            testgen_ops!(@ops $selector, $dtype, $ops);
+        })*
+    };
+    (@ops $selector:expr, $dtype:expr, [$($op:ident),* $(,)?]) => {
+        $(#[test] fn $op() { run_op_on($selector, stringify!($op), $dtype) })*
+    };
 }
 
-testgen_ops!(f32 => DType::F32, f16 => DType::F16, bf16 => DType::BF16);
+testgen_ops!(
+    devices: [wgpu => "wgpu", cuda => "cuda"],
+    dtypes: [f32 => DType::F32, f16 => DType::F16, bf16 => DType::BF16],
+    ops: [
+        add, mul, silu, gelu, softmax, logsumexp, matmul,
+        gla, gla_recurrent, gla_step, gla_backward,
+        w4a16, w4a16_repack, w8a8, quantize_per_token, w8_bits, flexround, flexround_backward,
+    ]
+);
+
+/// Runs `op`'s cases on the device `selector` names; on a machine without that device,
+/// `client_for` has asserted that it is refused with a clear `Device` error.
+fn run_op_on(selector: &str, op: &str, dtype: DType) {
+    if let Ok(c) = common::client_for(selector) {
+        run_op(c, op, dtype)
+    }
+}
+
+/// A test derived from the registry: every registered operator is instantiated above
+/// (and, in `every_op_has_a_case`, has a self-test case).
+#[test]
+fn every_registered_op_is_in_the_suite() {
+    for op in kiln::kernels::ops() {
+        assert!(
+            TESTED.contains(&op.name),
+            "operator `{}` is not in testgen_ops!",
+            op.name
+        );
+    }
+}
 
 fn upload_f64(shape: Vec<usize>, v: &[f64]) -> Tensor {
     Tensor::upload(

@@ -8,7 +8,6 @@ use common::client;
 use kiln::kernels::rowwise;
 use kiln::runtime::tune::{Autotuner, TuneEvent, TuneKey, TuneMode};
 use kiln::{DType, Error, HostTensor, Tensor};
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -235,43 +234,4 @@ fn export_then_import_moves_winners() {
         )
         .unwrap();
     assert_eq!(won, 1);
-}
-
-#[test]
-fn kiln_tune_twice_hits_the_cache() {
-    let dir = tmpdir("cli");
-    let kiln = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(args)
-            .env("KILN_CACHE_DIR", &dir)
-            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
-            .output()
-            .unwrap()
-    };
-    let first = kiln(&["tune", "softmax", "--shape", "64x300"]);
-    let out = String::from_utf8_lossy(&first.stdout);
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
-    assert!(
-        out.contains("UNITS=") && out.contains("tuned now") && out.contains("median"),
-        "{out}"
-    );
-    let second = kiln(&["tune", "softmax", "--shape", "64x300"]);
-    let out = String::from_utf8_lossy(&second.stdout);
-    assert!(
-        out.contains("from the cache") && !out.contains("median"),
-        "{out}"
-    );
-    // A truncated cache file: a warning, then a fresh tune.
-    std::fs::write(dir.join("autotune.json"), "{\"version\": 1, \"entr").unwrap();
-    let third = kiln(&["tune", "softmax", "--shape", "64x300"]);
-    assert!(third.status.success());
-    assert!(String::from_utf8_lossy(&third.stderr).contains("corrupt"));
-    assert!(String::from_utf8_lossy(&third.stdout).contains("tuned now"));
-    let bad = kiln(&["tune", "softmax", "--shape", "64xQ"]);
-    assert_eq!(bad.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("--shape"));
 }

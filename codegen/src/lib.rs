@@ -5,7 +5,7 @@
 //! hand-made device properties, then runs cubecl's own WGSL or CUDA C++ compiler.
 //! Uses kiln-runtime's registry types; knows nothing of the operator library itself.
 
-use cubecl::prelude::{AddressType, KernelBuilder, Runtime};
+use cubecl::prelude::{AddressType, KernelBuilder};
 use cubecl::server::ExecutionMode;
 use cubecl::Compiler;
 use kiln_runtime::{Error, KernelConfig, KernelSpec, Result};
@@ -118,9 +118,41 @@ fn device_properties(target: Target) -> cubecl::ir::DeviceProperties {
     props
 }
 
-fn builder<R: Runtime>(target: Target) -> KernelBuilder {
+/// cubecl's CUDA C++ compiler (what cubecl-cuda runs at launch, with `wmma` for
+/// tensor cores). It is a pure code generator: no driver or toolkit is needed, so CUDA
+/// emission works in every build of kiln, with or without the `cuda` feature.
+type CudaCompiler = cubecl_cpp::shared::CppCompiler<
+    cubecl_cpp::cuda::CudaDialect<cubecl_cpp::cuda::mma::CudaWmmaCompiler>,
+>;
+
+/// The runtime properties cubecl-cuda gives its kernel builder (plane of 32, the
+/// register layouts of its `mma` fragments).
+fn cuda_target_properties() -> cubecl::ir::TargetProperties {
+    use cubecl::ir::{ContiguousElements, MatrixLayout, MmaProperties, TargetProperties};
+    TargetProperties {
+        mma: MmaProperties {
+            register_size_bits: 32,
+            const_plane_size: 32,
+            register_layout_a: MatrixLayout::RowMajor,
+            register_layout_b: MatrixLayout::ColMajor,
+            register_layout_acc: MatrixLayout::RowMajor,
+            register_duplication_a: 1,
+            register_duplication_b: 1,
+            register_duplication_acc: 1,
+            contiguous_elements: ContiguousElements::new(
+                cubecl_cpp::cuda::mma::contiguous_elements_cuda,
+            ),
+        },
+    }
+}
+
+fn builder(target: Target) -> KernelBuilder {
     let mut b = KernelBuilder::default();
-    b.runtime_properties(R::target_properties());
+    b.runtime_properties(match target {
+        Target::Cuda => cuda_target_properties(),
+        // wgpu's WGSL backends have no manual mma: its properties are the defaults.
+        Target::Wgsl => Default::default(),
+    });
     b.device_properties(&device_properties(target));
     b
 }
@@ -138,7 +170,7 @@ pub fn emit(spec: &KernelSpec, target: Target, config: &KernelConfig) -> Result<
         .values()
         .get("dtype")
         .is_some_and(|d| kiln_runtime::DType::parse(d).ok() == Some(kiln_runtime::DType::BF16));
-    if target == Target::Wgsl && spec.tensor_cores {
+    if target == Target::Wgsl && spec.needs(kiln_runtime::Capability::TensorCores) {
         return Err(Error::Unsupported {
             device: "WGSL".into(),
             feature: format!(
@@ -156,25 +188,33 @@ pub fn emit(spec: &KernelSpec, target: Target, config: &KernelConfig) -> Result<
     let mode = ExecutionMode::Unchecked;
     let addr = AddressType::U32.unsigned_type();
     // The CUDA compile always runs: it gives the manifest's shared-memory layout.
-    let cuda_def = (spec.define)(builder::<cubecl::cuda::CudaRuntime>(Target::Cuda), config)?;
+    let cuda_def = (spec.define)(builder(Target::Cuda), config)?;
     let entry_point = cuda_def.options.kernel_name.clone();
     let cube = cuda_def.cube_dim;
     let options = cubecl_cpp::shared::CompilationOptions {
         warp_size: 32,
         ..Default::default()
     };
-    let cuda = cubecl::cuda::CudaCompiler::default()
+    let cuda = CudaCompiler::default()
         .compile(cuda_def, &options, mode, addr)
         .map_err(|e| compile_error(spec.name, e))?;
     let shared_memory_bytes = cuda.shared_memory_size();
     let source = match target {
         Target::Cuda => cuda.to_string(),
+        #[cfg(feature = "wgpu")]
         Target::Wgsl => {
-            let def = (spec.define)(builder::<cubecl::wgpu::WgpuRuntime>(Target::Wgsl), config)?;
+            let def = (spec.define)(builder(Target::Wgsl), config)?;
             cubecl::wgpu::WgslCompiler::default()
                 .compile(def, &Default::default(), mode, addr)
                 .map_err(|e| compile_error(spec.name, e))?
                 .to_string()
+        }
+        #[cfg(not(feature = "wgpu"))]
+        Target::Wgsl => {
+            return Err(Error::Unsupported {
+                device: "this build of kiln".into(),
+                feature: "WGSL emission (built without the `wgpu` feature)".into(),
+            })
         }
     };
     let manifest = Manifest {

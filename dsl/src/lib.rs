@@ -4,6 +4,10 @@
 //! lavapipe, which has no plane operations), so nothing assumes warps or tensor cores.
 //! Must not depend on kiln's runtime, kernels or codegen.
 
+/// Hash of the DSL's sources (made by the build script). `#[kiln::kernel]` folds it
+/// into every kernel's tune-cache key, so an edited DSL function is tuned anew.
+pub const SOURCE_HASH: &str = env!("KILN_DSL_SOURCE_HASH");
+
 // `#[cube]` generates undocumented expansion items.
 #[allow(missing_docs)]
 pub mod activation;

@@ -18,53 +18,18 @@ pub mod rowwise;
 
 use kiln_runtime::{Error, KernelSpec, OpSpec, Result};
 
-/// Every operator in the library, in `kiln ops` order.
+/// Every operator in the library (each registers itself beside its spec with
+/// [`kiln_runtime::register_op!`]), by module then name: `kiln ops` order.
 pub fn ops() -> &'static [&'static OpSpec] {
-    static OPS: [&OpSpec; 18] = [
-        &elementwise::ADD,
-        &elementwise::MUL,
-        &elementwise::SILU,
-        &elementwise::GELU,
-        &rowwise::SOFTMAX,
-        &rowwise::LOGSUMEXP,
-        &matmul::MATMUL,
-        &gla::GLA,
-        &gla::GLA_RECURRENT,
-        &gla::GLA_STEP,
-        &gla::GLA_BACKWARD,
-        &qgemm::W4A16,
-        &qgemm::W4A16_REPACK,
-        &qgemm::W8A8,
-        &qgemm::QUANTIZE_PER_TOKEN,
-        &qgemm::W8_BITS,
-        &qgemm::FLEXROUND,
-        &qgemm::FLEXROUND_BACKWARD,
-    ];
-    &OPS
+    static OPS: std::sync::OnceLock<Vec<&'static OpSpec>> = std::sync::OnceLock::new();
+    OPS.get_or_init(kiln_runtime::registered_ops)
 }
 
-/// Every kernel whose source `kiln emit` can print.
+/// Every kernel whose source `kiln emit` can print (`#[kiln::kernel]` registers each).
 pub fn kernels() -> &'static [&'static KernelSpec] {
     static KERNELS: std::sync::OnceLock<Vec<&'static KernelSpec>> = std::sync::OnceLock::new();
-    KERNELS.get_or_init(|| {
-        let mut all = BASE_KERNELS.to_vec();
-        all.extend(gla::KERNELS);
-        all.extend(qgemm::KERNELS);
-        all
-    })
+    KERNELS.get_or_init(kiln_runtime::registered_kernels)
 }
-
-const BASE_KERNELS: [&KernelSpec; 9] = [
-    &elementwise::ADD_KERNEL,
-    &elementwise::MUL_KERNEL,
-    &elementwise::SILU_KERNEL,
-    &elementwise::GELU_KERNEL,
-    &rowwise::SOFTMAX_KERNEL,
-    &rowwise::LOGSUMEXP_KERNEL,
-    &matmul::MATMUL_TILED_KERNEL,
-    &matmul::MATMUL_CMMA_KERNEL,
-    &matmul::MATMUL_VEC4_KERNEL,
-];
 
 /// Looks an operator up by name.
 pub fn op(name: &str) -> Result<&'static OpSpec> {

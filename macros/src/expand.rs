@@ -27,6 +27,45 @@ fn runtime_path() -> TokenStream {
     }
 }
 
+/// Path of kiln's DSL in the calling crate (its `SOURCE_HASH` keys the tune cache).
+fn dsl_path() -> TokenStream {
+    use proc_macro_crate::{crate_name, FoundCrate};
+    match crate_name("kiln") {
+        Ok(FoundCrate::Itself) => quote!(::kiln::dsl),
+        Ok(FoundCrate::Name(n)) => {
+            let id = Ident::new(&n, Span::call_site());
+            quote!(::#id::dsl)
+        }
+        Err(_) => match crate_name("kiln-dsl") {
+            Ok(FoundCrate::Name(n)) => {
+                let id = Ident::new(&n, Span::call_site());
+                quote!(::#id)
+            }
+            _ => quote!(::kiln_dsl),
+        },
+    }
+}
+
+/// The capabilities a `require` list asks for: every `device.has(Capability::X)`.
+struct Capabilities(Vec<Ident>);
+
+impl<'a> Visit<'a> for Capabilities {
+    fn visit_expr_method_call(&mut self, m: &'a syn::ExprMethodCall) {
+        if m.method == "has" && m.args.len() == 1 {
+            if let Some(Expr::Path(p)) = m.args.first() {
+                let segs: Vec<&syn::PathSegment> = p.path.segments.iter().collect();
+                if segs.len() == 2
+                    && segs[0].ident == "Capability"
+                    && !self.0.contains(&segs[1].ident)
+                {
+                    self.0.push(segs[1].ident.clone());
+                }
+            }
+        }
+        syn::visit::visit_expr_method_call(self, m);
+    }
+}
+
 /// Collects the free identifiers of an expression (not called functions, not methods,
 /// not fields, not multi-segment paths).
 struct FreeIdents(Vec<Ident>);
@@ -82,6 +121,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
     let mut func: ItemFn = syn::parse2(item.clone())?;
     let sig: Signature = analyse(&func)?;
     let rt = runtime_path();
+    let dsl = dsl_path();
     let kname = &sig.name;
     let reg_name = args
         .name
@@ -195,8 +235,10 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         .args
         .iter()
         .map(|a| match a {
-            Arg::Input { name, .. } | Arg::Output { name, .. } => quote!(#name: &#rt::Tensor),
-            Arg::Scalar { name, ty } | Arg::Comptime { name, ty } => quote!(#name: #ty),
+            Arg::Input { name, .. } => quote!(#[doc = "An input tensor."] pub #name: &'a #rt::Tensor),
+            Arg::Output { name, .. } => quote!(#[doc = "An output tensor (overwritten)."] pub #name: &'a #rt::Tensor),
+            Arg::Scalar { name, ty } => quote!(#[doc = "A scalar argument."] pub #name: #ty),
+            Arg::Comptime { name, ty } => quote!(#[doc = "A `#[comptime]` argument (one compiled variant per value)."] pub #name: #ty),
         })
         .collect();
     let host_names: Vec<&Ident> = sig.args.iter().map(Arg::name).collect();
@@ -311,13 +353,13 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         })
         .collect();
     let requires = &args.require;
-    // A kernel that requires `device.tensor_cores` uses cmma: CUDA-only emission.
-    let tensor_cores = requires.iter().any(|e| {
-        quote!(#e)
-            .to_string()
-            .replace(' ', "")
-            .contains("device.tensor_cores")
-    });
+    // `device.has(Capability::X)` in `require`: the kernel's typed capabilities (a
+    // tensor-core kernel is refused for WGSL, where it would write nothing).
+    let mut caps = Capabilities(Vec::new());
+    for e in requires {
+        caps.visit_expr(e);
+    }
+    let capabilities = &caps.0;
     let mut nest = quote! {
         let cfg = #config { #(#tunables),* };
         let _ = &cfg;
@@ -479,7 +521,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
                 }
                 Arg::Comptime { name, ty } => {
                     let s = name.to_string();
-                    quote!(let #name: #ty = cfg_in.get::<#ty>(#s)?;)
+                    quote!(let #name: #ty = cfg_in.get_param::<#ty>(#s)?;)
                 }
             }
         })
@@ -516,9 +558,11 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         .map(|(n, ty)| {
             let s = n.to_string();
             let given = args.defaults.iter().find(|(d, _)| d == *n).map(|(_, e)| quote!(#e).to_string().replace(' ', ""));
-            let (default, values) = if *ty == "bool" { ("false".to_string(), "false | true") } else { ("0".to_string(), "u32") };
-            let default = given.unwrap_or(default);
-            quote!(#rt::ParamSpec { name: #s, default: #default, values: #values, doc: "kernel specialisation" },)
+            let default = match given {
+                Some(d) => quote!(#d),
+                None => quote!(<#ty as #rt::ComptimeParam>::DEFAULT),
+            };
+            quote!(#rt::ParamSpec { name: #s, default: #default, values: <#ty as #rt::ComptimeParam>::VALUES, doc: "kernel specialisation" },)
         })
         .collect();
     let define_body = quote! {
@@ -534,8 +578,22 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
     let comptime_names: Vec<&Ident> = comptimes.iter().map(|(n, _)| *n).collect();
     let comptime_tys: Vec<&Ident> = comptimes.iter().map(|(_, t)| *t).collect();
     let comptime_strs: Vec<String> = comptimes.iter().map(|(n, _)| n.to_string()).collect();
-    let scalars_params: Vec<TokenStream> = scalars.iter().map(|(n, ty)| quote!(#n: #ty)).collect();
+    let problem_fields: Vec<TokenStream> = scalars
+        .iter()
+        .map(|(n, ty)| {
+            let doc = if comptimes.iter().any(|(c, _)| c == n) {
+                "A `#[comptime]` argument (one compiled variant per value)."
+            } else {
+                "A scalar argument."
+            };
+            quote!(#[doc = #doc] pub #n: #ty)
+        })
+        .collect();
     let scalar_names: Vec<&Ident> = scalars.iter().map(|(n, _)| *n).collect();
+    let args_struct = format_ident!("{}Args", camel_name);
+    let problem_struct = format_ident!("{}Problem", camel_name);
+    let doc_args = format!("The arguments of kernel `{reg_name}` by name: its tensors, scalars and `#[comptime]` values (`launch`, `tuned`).");
+    let doc_problem = format!("The problem of kernel `{reg_name}`: its scalar and `#[comptime]` arguments by name, what `space` and `key` read (`..Default::default()` fills the rest).");
     let rt_serde_path = format!("{rt}::serde").replace(' ', "");
     let doc_config = format!("A configuration of `{reg_name}`'s tunables.");
     let doc_host = format!("Host side of kernel `{reg_name}`: its tuning space, key, validated launch and autotuned launch.");
@@ -556,6 +614,25 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
             )*
         }
 
+        #[doc = #doc_args]
+        #[derive(Clone, Copy)]
+        #vis struct #args_struct<'a> {
+            #(#host_params,)*
+        }
+
+        #[doc = #doc_problem]
+        #[derive(Clone, Copy, Debug, Default, PartialEq)]
+        #vis struct #problem_struct {
+            #(#problem_fields,)*
+        }
+
+        impl #args_struct<'_> {
+            /// The scalar and `#[comptime]` arguments, as `space` and `key` take them.
+            pub fn problem(&self) -> #problem_struct {
+                #problem_struct { #(#scalar_names: self.#scalar_names),* }
+            }
+        }
+
         #[doc = #doc_host]
         #vis struct #host;
 
@@ -563,12 +640,21 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         impl #host {
             /// The registered name.
             pub const NAME: &'static str = #reg_name;
-            /// Hash of the kernel's source text (keys the autotune cache).
+            /// Hash of the kernel's source text alone.
             pub const SOURCE_HASH: &'static str = #source_hash;
+
+            /// Hash of the kernel's source and of the DSL sources it may call: keys the
+            /// autotune cache, so editing either tunes anew.
+            pub fn source_hash() -> String {
+                #rt::tune::fnv1a_hex(&[Self::SOURCE_HASH, #dsl::SOURCE_HASH].concat())
+            }
 
             /// Every configuration allowed on `client`'s device for these scalars, in
             /// declaration order (the first is what runs untuned).
-            pub fn space(client: &#rt::Client, #(#scalars_params),*) -> Vec<#config> {
+            pub fn space(client: &#rt::Client, problem: &#problem_struct) -> Vec<#config> {
+                let #problem_struct { #(#scalar_names),* } = *problem;
+                #[allow(unused_imports)]
+                use #rt::Capability;
                 let device = client.report();
                 let mut __out = Vec::new();
                 #nest
@@ -576,9 +662,10 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
             }
 
             /// The autotune key for a problem (scalars bucketed as declared).
-            pub fn key(__dtype: #rt::DType, #(#scalars_params),*) -> #rt::tune::TuneKey {
+            pub fn key(__dtype: #rt::DType, problem: &#problem_struct) -> #rt::tune::TuneKey {
+                let #problem_struct { #(#scalar_names),* } = *problem;
                 let __parts: Vec<String> = vec![#(#key_parts),*];
-                #rt::tune::TuneKey { kernel: #reg_name, source_hash: Self::SOURCE_HASH.into(), shape: __parts.join(";") }
+                #rt::tune::TuneKey { kernel: #reg_name, source_hash: Self::source_hash(), shape: __parts.join(";") }
             }
 
             /// `BM=64 TM=4`-style label of a configuration.
@@ -590,9 +677,12 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
             /// Launches with one configuration. Tensors are checked (device, contiguity,
             /// dtype) and errors name the argument; a configuration the device cannot
             /// run is refused.
-            pub fn launch(client: &#rt::Client, cfg: &#config, #(#host_params),*) -> #rt::Result<()> {
+            pub fn launch(client: &#rt::Client, cfg: &#config, args: &#args_struct<'_>) -> #rt::Result<()> {
+                let #args_struct { #(#host_names,)* .. } = *args;
                 let __dtype = #dtype_expr;
                 #(#tensor_checks)*
+                #[allow(unused_imports)]
+                use #rt::Capability;
                 let device = client.report();
                 #bind_tunables
                 #(#bind_scalars)*
@@ -622,22 +712,23 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
             /// validating every candidate's outputs against the first's within
             /// `tolerance`), launches it, and returns it. The kernel must write its
             /// outputs from its inputs alone (outputs are overwritten by each candidate).
-            pub fn tuned(client: &#rt::Client, tolerance: f64, #(#host_params),*) -> #rt::Result<#config> {
+            pub fn tuned(client: &#rt::Client, tolerance: f64, args: &#args_struct<'_>) -> #rt::Result<#config> {
+                let #args_struct { #(#host_names,)* .. } = *args;
                 let __dtype = #dtype_expr;
-                let __space = Self::space(client, #(#scalar_names),*);
-                let __key = Self::key(__dtype, #(#scalar_names),*);
+                let __space = Self::space(client, &args.problem());
+                let __key = Self::key(__dtype, &args.problem());
                 let cfg = #rt::tune::Autotuner::global().tune(
                     client,
                     &__key,
                     &__space,
                     Self::label,
                     |cfg| {
-                        Self::launch(client, cfg, #(#host_names),*)?;
+                        Self::launch(client, cfg, args)?;
                         Ok(vec![#((*#outputs).clone()),*])
                     },
                     tolerance,
                 )?;
-                Self::launch(client, &cfg, #(#host_names),*)?;
+                Self::launch(client, &cfg, args)?;
                 Ok(cfg)
             }
 
@@ -651,7 +742,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
                 )*
                 #(#joint_checks)*
                 #bind_tunables
-                #(let #comptime_names: #comptime_tys = cfg_in.get::<#comptime_tys>(#comptime_strs)?;)*
+                #(let #comptime_names: #comptime_tys = cfg_in.get_param::<#comptime_tys>(#comptime_strs)?;)*
                 let __dim = #cube_dim;
                 let __entry = format!("kiln_{}_{}_{}", #reg_name, __dtype, Self::label(&cfg).replace([' ', '='], "_"));
                 #rt::define::begin(&mut __b);
@@ -669,7 +760,12 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
                 #(#rt::ParamSpec { name: #tunable_strs, default: #tunable_defaults, values: #tunable_values, doc: "tunable" },)*
             ],
             define: #host::define,
-            tensor_cores: #tensor_cores,
+            capabilities: &[#(#rt::Capability::#capabilities),*],
+            source_hash: #host::source_hash,
         };
+
+        #rt::inventory::submit! {
+            #rt::KernelEntry { spec: &#spec_static, module: ::core::module_path!() }
+        }
     })
 }

@@ -129,14 +129,25 @@ pub fn analyse(f: &ItemFn) -> syn::Result<Signature> {
         };
         let name = pi.ident.clone();
         if comptime {
+            // `bool`, `u32`, or an enum (any other single name: the expansion requires
+            // `ComptimeParam` of it, which `comptime_enum!` implements). Other
+            // primitives are refused here: a float has no exact identity to key on.
+            const OTHER_PRIMITIVES: [&str; 11] = [
+                "f32", "f64", "f16", "i8", "i16", "i32", "i64", "u8", "u16", "u64", "usize",
+            ];
             let ty = match &*pt.ty {
-                Type::Path(p) if p.path.get_ident().is_some_and(|i| i == "bool" || i == "u32") => {
+                Type::Path(p)
+                    if p.qself.is_none()
+                        && p.path.get_ident().is_some_and(|i| {
+                            !OTHER_PRIMITIVES.iter().any(|o| i == o)
+                        }) =>
+                {
                     p.path.get_ident().cloned().unwrap_or_else(|| unreachable!())
                 }
                 other => {
                     return Err(syn::Error::new_spanned(
                         other,
-                        "#[comptime] parameters of a #[kiln::kernel] must be `bool` or `u32` (tunables go in `tune(...)`)",
+                        "#[comptime] parameters of a #[kiln::kernel] must be `bool`, `u32` or an enum declared with `comptime_enum!` (tunables go in `tune(...)`)",
                     ))
                 }
             };

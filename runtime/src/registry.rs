@@ -5,6 +5,19 @@ use crate::{Client, Error, HostTensor, Result, Tensor};
 use cubecl::prelude::{KernelBuilder, KernelDefinition};
 use std::collections::BTreeMap;
 
+/// How `kiln tune`, `kiln bench` and the registry-wide tests draw an input's values
+/// (its role decides: a scale must be positive, a log-decay gate at most 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExampleValues {
+    /// Standard normal floats; integers as their dtype allows (i32/u32 random bits,
+    /// i8 uniform codes in -127..=127, u8 uniform bytes).
+    Normal,
+    /// Uniform in [0.5, 1.5]: scales and divisors.
+    Positive,
+    /// `logsigmoid(randn)` clamped at -5: log decays (gates) of gated recurrences.
+    LogDecay,
+}
+
 /// A documented operator input or output.
 #[derive(Clone, Copy, Debug)]
 pub struct TensorSpec {
@@ -18,6 +31,8 @@ pub struct TensorSpec {
     pub optional: bool,
     /// One line on what it holds.
     pub doc: &'static str,
+    /// How example inputs are drawn (see [`ExampleValues`]).
+    pub example: ExampleValues,
 }
 
 impl TensorSpec {
@@ -35,7 +50,13 @@ impl TensorSpec {
             dtypes,
             optional,
             doc,
+            example: ExampleValues::Normal,
         }
+    }
+
+    /// The same spec with example values drawn as `example` says.
+    pub const fn example(self, example: ExampleValues) -> TensorSpec {
+        TensorSpec { example, ..self }
     }
 
     /// The dtype this tensor always has, when its spec names exactly one (`f32` for
@@ -95,6 +116,9 @@ pub struct OpSpec {
     /// Work for a `--shape` and element size in bytes: (floating-point operations,
     /// bytes moved to and from device memory at least once), for `kiln bench`.
     pub cost: fn(&[usize], usize) -> (f64, f64),
+    /// The operator's self-test cases (small, ragged inputs against its f64 reference),
+    /// run by `kiln selftest` and the test suites; at least one is required.
+    pub selftest: fn() -> Vec<crate::selftest::Case>,
 }
 
 impl OpSpec {
@@ -303,6 +327,17 @@ impl KernelConfig {
         })
     }
 
+    /// The value of a `#[comptime]` knob (given or default), or an error naming the
+    /// knob and listing its values.
+    pub fn get_param<T: ComptimeParam>(&self, name: &str) -> Result<T> {
+        let v = self.values.get(name).map(String::as_str).unwrap_or("");
+        v.trim().parse().map_err(|_| Error::Param {
+            param: name.into(),
+            expected: T::VALUES.into(),
+            found: v.into(),
+        })
+    }
+
     /// All values, defaults filled in.
     pub fn values(&self) -> &BTreeMap<String, String> {
         &self.values
@@ -320,7 +355,191 @@ pub struct KernelSpec {
     /// Expands the kernel into `builder` (already set up for the target) for a config
     /// and returns its definition.
     pub define: fn(KernelBuilder, &KernelConfig) -> Result<KernelDefinition>,
-    /// Whether the kernel uses tensor-core (cmma) instructions: only CUDA C++ can
-    /// express it, and it runs only on devices that report tensor cores.
-    pub tensor_cores: bool,
+    /// Device capabilities the kernel's instructions need (declared in its `require`
+    /// as `device.has(Capability::..)`); emission refuses a target without them.
+    pub capabilities: &'static [Capability],
+    /// Hash of the kernel's source and of the DSL it calls (keys the tune cache).
+    pub source_hash: fn() -> String,
+}
+
+impl KernelSpec {
+    /// Whether the kernel needs `capability`.
+    pub fn needs(&self, capability: Capability) -> bool {
+        self.capabilities.contains(&capability)
+    }
+}
+
+/// A device capability a kernel can require beyond the basics every backend has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Capability {
+    /// Cooperative-matrix (tensor core) instructions (`cmma`; CUDA `wmma`). WGSL has
+    /// none; on wgpu such a kernel would silently write nothing, so it is refused.
+    TensorCores,
+    /// Plane (warp / subgroup) operations.
+    PlaneOps,
+    /// f16 arithmetic and storage.
+    F16,
+    /// bf16 arithmetic and storage (CUDA; WGSL has no bf16).
+    Bf16,
+}
+
+impl crate::DeviceReport {
+    /// Whether the device has `capability`.
+    pub fn has(&self, capability: Capability) -> bool {
+        match capability {
+            Capability::TensorCores => self.tensor_cores,
+            Capability::PlaneOps => self.plane_ops,
+            Capability::F16 => self.f16,
+            Capability::Bf16 => self.bf16,
+        }
+    }
+}
+
+/// A value type a `#[comptime]` kernel argument may have: its value is part of the
+/// kernel (one compiled variant per value), parsed from `kiln emit --config`, shown in
+/// tune keys and tables by [`Display`](std::fmt::Display). Implemented for `bool` and
+/// `u32`; declare enums with [`comptime_enum!`](crate::comptime_enum).
+pub trait ComptimeParam: Copy + Default + std::fmt::Display + std::str::FromStr {
+    /// The values in words, e.g. `none | silu | gelu`.
+    const VALUES: &'static str;
+    /// The value emission uses when `--config` names none.
+    const DEFAULT: &'static str;
+}
+
+impl ComptimeParam for bool {
+    const VALUES: &'static str = "false | true";
+    const DEFAULT: &'static str = "false";
+}
+
+impl ComptimeParam for u32 {
+    const VALUES: &'static str = "u32";
+    const DEFAULT: &'static str = "0";
+}
+
+/// Declares a `#[comptime]` enum for kernels: the enum (with the derives cubecl needs
+/// of a comptime value), its words for `Display`/`FromStr`, and [`ComptimeParam`]. The
+/// first variant is the default.
+///
+/// ```
+/// kiln_runtime::comptime_enum! {
+///     /// The activation of a fused epilogue.
+///     pub enum Act { None = "none", Silu = "silu" }
+/// }
+/// assert_eq!("silu".parse::<Act>().unwrap(), Act::Silu);
+/// assert_eq!(Act::None.to_string(), "none");
+/// ```
+#[macro_export]
+macro_rules! comptime_enum {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident {
+            $(#[$fmeta:meta])* $first:ident = $first_word:literal
+            $(, $(#[$vmeta:meta])* $variant:ident = $word:literal)* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        $vis enum $name {
+            $(#[$fmeta])*
+            #[doc = concat!("`", $first_word, "`")]
+            #[default]
+            $first,
+            $(
+                $(#[$vmeta])*
+                #[doc = concat!("`", $word, "`")]
+                $variant,
+            )*
+        }
+
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.write_str(match self {
+                    $name::$first => $first_word,
+                    $($name::$variant => $word,)*
+                })
+            }
+        }
+
+        impl ::std::str::FromStr for $name {
+            type Err = $crate::Error;
+            fn from_str(s: &str) -> $crate::Result<Self> {
+                match s.trim() {
+                    $first_word => Ok($name::$first),
+                    $($word => Ok($name::$variant),)*
+                    other => Err($crate::Error::Param {
+                        param: stringify!($name).into(),
+                        expected: <$name as $crate::ComptimeParam>::VALUES.into(),
+                        found: other.into(),
+                    }),
+                }
+            }
+        }
+
+        impl $crate::ComptimeParam for $name {
+            const VALUES: &'static str = concat!($first_word $(, " | ", $word)*);
+            const DEFAULT: &'static str = $first_word;
+        }
+    };
+}
+
+/// An operator's place in the registry; made by [`register_op!`](crate::register_op).
+pub struct OpEntry {
+    /// The operator.
+    pub spec: &'static OpSpec,
+    /// The module that registered it (orders `kiln ops` by family).
+    pub module: &'static str,
+}
+inventory::collect!(OpEntry);
+
+/// A kernel's place in the registry; `#[kiln::kernel]` submits one for every kernel.
+pub struct KernelEntry {
+    /// The kernel.
+    pub spec: &'static KernelSpec,
+    /// The module that declared it.
+    pub module: &'static str,
+}
+inventory::collect!(KernelEntry);
+
+/// Registers operators (statics of type [`OpSpec`]) so that `kiln ops`, `kiln run`,
+/// the self-test and the registry-wide tests find them: one line beside the operator.
+///
+/// ```ignore
+/// kiln_runtime::register_op!(SOFTMAX, LOGSUMEXP);
+/// ```
+#[macro_export]
+macro_rules! register_op {
+    ($($op:path),+ $(,)?) => {
+        $(
+            $crate::inventory::submit! {
+                $crate::OpEntry { spec: &$op, module: ::core::module_path!() }
+            }
+        )+
+    };
+}
+
+/// Registers hand-written kernel specs (statics of type [`KernelSpec`]); kernels
+/// declared with `#[kiln::kernel]` register themselves.
+#[macro_export]
+macro_rules! register_kernel {
+    ($($k:path),+ $(,)?) => {
+        $(
+            $crate::inventory::submit! {
+                $crate::KernelEntry { spec: &$k, module: ::core::module_path!() }
+            }
+        )+
+    };
+}
+
+/// Every registered operator, by module then name.
+pub fn registered_ops() -> Vec<&'static OpSpec> {
+    let mut v: Vec<&OpEntry> = inventory::iter::<OpEntry>.into_iter().collect();
+    v.sort_by_key(|e| (e.module, e.spec.name));
+    v.into_iter().map(|e| e.spec).collect()
+}
+
+/// Every registered kernel, by module then name.
+pub fn registered_kernels() -> Vec<&'static KernelSpec> {
+    let mut v: Vec<&KernelEntry> = inventory::iter::<KernelEntry>.into_iter().collect();
+    v.sort_by_key(|e| (e.module, e.spec.name));
+    v.into_iter().map(|e| e.spec).collect()
 }

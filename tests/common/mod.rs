@@ -14,9 +14,33 @@ pub fn client() -> &'static Client {
     })
 }
 
-/// The conformance vectors copied from ../shared/vectors.
+/// The device a selector names (`wgpu`, `cuda`, ...), opened once per test binary; the
+/// refusal's text when this machine has none. Asserts that a refusal is a clear
+/// `Device` error (any other error, or a panic, fails the calling test).
+pub fn client_for(selector: &str) -> Result<&'static Client, String> {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    static CLIENTS: OnceLock<Mutex<BTreeMap<String, Result<&'static Client, String>>>> =
+        OnceLock::new();
+    let mut map = CLIENTS.get_or_init(Default::default).lock().unwrap();
+    let entry = map.entry(selector.to_string()).or_insert_with(|| {
+        match Device::parse(selector).and_then(|d| Client::open(&d)) {
+            Ok(c) => Ok(&*Box::leak(Box::new(c))),
+            Err(e @ kiln::Error::Device(_)) => Err(e.to_string()),
+            Err(e) => panic!("{selector}: opening the device failed without a Device error: {e}"),
+        }
+    });
+    entry.clone()
+}
+
+/// A conformance vector in the workspace's `tests/data` (computed by PyTorch and by
+/// fla's reference), from the root package's tests or from the command-line crate's.
 pub fn data(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(name)
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = if here.join("tests/data").is_dir() {
+        here.to_path_buf()
+    } else {
+        here.join("..")
+    };
+    root.join("tests/data").join(name)
 }

@@ -13,7 +13,7 @@
 //! are formed element-wise in f32 as `q_i k_j exp(b_i - b_j)` with `j <= i` (exponent
 //! `<= 0`), the inter-chunk weights are `exp(b) <= 1` and `exp(Gamma - b) <= 1`.
 
-use super::chunk::{load_state_tile, store_state_tile};
+use super::chunk_state::{load_state_tile, store_state_tile};
 use cubecl::prelude::*;
 use kiln_dsl::{reg_tile_mma_v4, reg_tile_mma_v4_outer, v4_tile_col, V4};
 

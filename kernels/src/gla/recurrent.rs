@@ -18,10 +18,21 @@ pub fn steps_per_round(dk_padded: u32, kg: u32, bv: u32) -> u32 {
         .unwrap_or(1)
 }
 
+kiln_runtime::comptime_enum! {
+    /// Where the recurrent kernel's initial state comes from.
+    pub enum StateInit {
+        /// A zero state.
+        Zero = "zero",
+        /// The `init` argument (`h0`).
+        FromInit = "from_init",
+        /// `state` itself: the in-place decode step.
+        InPlace = "in_place",
+    }
+}
+
 /// `S = diag(exp(g_t)) S + k_t^T v_t; o_t = scale q_t S` over each sequence's rows
-/// (`bounds`, `N + 1` entries), `g` in f32. The state comes from `init`
-/// (`init_mode = 1`), from `state` itself (`init_mode = 2`: the in-place decode step)
-/// or is zero (`init_mode = 0`), and the final state is written to `state`
+/// (`bounds`, `N + 1` entries), `g` in f32. The state comes from `init_mode` (zero,
+/// `init`, or `state` itself), and the final state is written to `state`
 /// `[N, H, K, V]`. `dk`, `dv` are comptime: a unit's state rows live in registers.
 #[kiln_macros::kernel(
     tune(BV = [32, 64, 16], KG = [8, 4]),
@@ -46,7 +57,7 @@ pub fn gla_recurrent<F: Float>(
     scale: f32,
     #[comptime] dk: u32,
     #[comptime] dv: u32,
-    #[comptime] init_mode: u32,
+    #[comptime] init_mode: StateInit,
 ) {
     let rows = comptime!(dk.div_ceil(KG));
     let kp = comptime!(rows * KG);
@@ -71,10 +82,10 @@ pub fn gla_recurrent<F: Float>(
         let kk = kg + r * KG;
         let mut init_v = 0.0f32;
         if kk < comptime!(dk) && vv < comptime!(dv) {
-            if comptime!(init_mode == 1) {
+            if comptime!(init_mode == StateInit::FromInit) {
                 init_v = init[(state_base + kk * comptime!(dv) + vv) as usize];
             }
-            if comptime!(init_mode == 2) {
+            if comptime!(init_mode == StateInit::InPlace) {
                 init_v = state[(state_base + kk * comptime!(dv) + vv) as usize];
             }
         }

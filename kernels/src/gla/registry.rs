@@ -1,30 +1,11 @@
-//! `kiln run` entries of the GLA family and its kernels for `kiln emit`.
+//! `kiln run` entries of the GLA family (its kernels register themselves).
 
-use super::chunk::{
-    GLA_BWD_DG_KERNEL, GLA_BWD_DQK_KERNEL, GLA_CHUNK_OUT_KERNEL, GLA_CUMSUM_KERNEL,
-    GLA_SCORES_KERNEL, GLA_STATE_PASS_KERNEL,
-};
-use super::fused::GLA_FUSED_FWD_KERNEL;
-use super::recurrent::{GLA_RECURRENT_KERNEL, TO_F32_KERNEL};
 use super::{
     gla, gla_backward, gla_recurrent, gla_step, GlaGradInputs, GlaInputs, GlaMode, GlaOptions,
 };
 use kiln_runtime::{
-    Client, DType, Error, KernelSpec, OpArgs, OpSpec, Outputs, ParamSpec, Result, TensorSpec,
+    Client, DType, Error, ExampleValues, OpArgs, OpSpec, Outputs, ParamSpec, Result, TensorSpec,
 };
-
-/// Every GLA kernel, for `kiln emit`.
-pub static KERNELS: [&KernelSpec; 9] = [
-    &GLA_FUSED_FWD_KERNEL,
-    &GLA_CUMSUM_KERNEL,
-    &GLA_STATE_PASS_KERNEL,
-    &GLA_SCORES_KERNEL,
-    &GLA_CHUNK_OUT_KERNEL,
-    &GLA_BWD_DQK_KERNEL,
-    &GLA_BWD_DG_KERNEL,
-    &GLA_RECURRENT_KERNEL,
-    &TO_F32_KERNEL,
-];
 
 const Q: TensorSpec = TensorSpec::new("q", "[B, T, H, K]", "f32 | f16 | bf16", false, "queries");
 const K: TensorSpec = TensorSpec::new("k", "[B, T, H, K]", "q's dtype", false, "keys");
@@ -35,7 +16,8 @@ const G: TensorSpec = TensorSpec::new(
     "f32 | q's dtype",
     false,
     "log decays (<= 0), e.g. logsigmoid of a gate projection",
-);
+)
+.example(ExampleValues::LogDecay);
 const H0: TensorSpec = TensorSpec::new(
     "h0",
     "[N, H, K, V]",
@@ -265,6 +247,7 @@ pub static GLA: OpSpec = OpSpec {
     problem: "B x T x H x D (K = V = D)",
     example_inputs: gla_inputs,
     cost: gla_cost,
+    selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "gla"),
 };
 
 /// `gla_recurrent`: the step-by-step forward.
@@ -278,6 +261,7 @@ pub static GLA_RECURRENT: OpSpec = OpSpec {
     problem: "B x T x H x D (K = V = D)",
     example_inputs: gla_inputs,
     cost: recurrent_cost,
+    selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "gla_recurrent"),
 };
 
 /// `gla_step`: one decode step, state updated in place.
@@ -306,7 +290,8 @@ pub static GLA_STEP: OpSpec = OpSpec {
             "f32 | q's dtype",
             false,
             "log decays (<= 0)",
-        ),
+        )
+        .example(ExampleValues::LogDecay),
         TensorSpec::new(
             "state",
             "[B, H, K, V]",
@@ -351,6 +336,7 @@ pub static GLA_STEP: OpSpec = OpSpec {
         ),
         _ => (0.0, 0.0),
     },
+    selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "gla_step"),
 };
 
 /// `gla_backward`: the chunked backward.
@@ -383,4 +369,7 @@ pub static GLA_BACKWARD: OpSpec = OpSpec {
         let (f, b) = gla_cost(dims, elem);
         (2.5 * f, 2.0 * b)
     },
+    selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "gla_backward"),
 };
+
+kiln_runtime::register_op!(GLA, GLA_RECURRENT, GLA_STEP, GLA_BACKWARD);

@@ -1,6 +1,6 @@
 //! The tensor-core path of `matmul` (f16 and bf16 operands, f32 accumulation), for
 //! devices that report cooperative-matrix support (CUDA `wmma`). Never a candidate
-//! elsewhere: its `require(device.tensor_cores)` keeps it out of the tuning space, its
+//! elsewhere: its `require(device.has(Capability::TensorCores))` keeps it out of the tuning space, its
 //! launch refuses such a device, and `kiln emit` refuses WGSL for it.
 //!
 //! A cube of `PLANES_M x PLANES_N` planes (32 units each) owns a
@@ -10,7 +10,7 @@
 //! fragments and multiplies. The accumulators go through shared memory to the fused
 //! epilogue (bias, activation, residual in f32, masked at the edges).
 
-use super::store_epilogue;
+use super::{store_epilogue, Activation};
 use cubecl::prelude::*;
 use kiln_dsl::{cmma_mma_32x32, cmma_zero_accumulator};
 
@@ -20,12 +20,11 @@ const FRAG: u32 = 16;
 /// `c = epilogue(a @ b)` on tensor cores.
 #[kiln_macros::kernel(
     tune(PLANES_M = [2, 1], PLANES_N = [2, 1]),
-    require(device.tensor_cores, device.plane_size.0 == 32),
+    require(device.has(Capability::TensorCores), device.plane_size.0 == 32),
     key(m = pow2, n = pow2, k = pow2, dtype),
     grid = (n.div_ceil(32 * PLANES_N), m.div_ceil(32 * PLANES_M)),
     cube = (32, PLANES_M * PLANES_N),
-    name = "matmul_cmma",
-    defaults(act = 0)
+    name = "matmul_cmma"
 )]
 pub fn matmul_cmma<F: Float>(
     a: &Array<F>,
@@ -39,7 +38,7 @@ pub fn matmul_cmma<F: Float>(
     #[comptime] trans_b: bool,
     #[comptime] has_bias: bool,
     #[comptime] has_residual: bool,
-    #[comptime] act: u32,
+    #[comptime] act: Activation,
 ) {
     let bm = comptime!(32 * PLANES_M);
     let bn = comptime!(32 * PLANES_N);

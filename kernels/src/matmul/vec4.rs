@@ -9,7 +9,7 @@
 //! and does `TM x TN x 4` FMAs. Rows and columns past the edge are clamped to the last
 //! one: computed, never stored, so the main loop has no branch.
 
-use super::{clamped_strided, store_epilogue};
+use super::{clamped_strided, store_epilogue, Activation};
 use cubecl::prelude::*;
 use kiln_dsl::V4;
 
@@ -37,8 +37,7 @@ use kiln_dsl::V4;
     key(m = pow2, n = pow2, k = pow2, dtype),
     grid = (n.div_ceil(BN), m.div_ceil(BM)),
     cube = ((BM / TM) * (BN / TN)),
-    name = "matmul_vec4",
-    defaults(act = 0)
+    name = "matmul_vec4"
 )]
 pub fn matmul_vec4<F: Float>(
     a: &Array<Vector<F, Const<4>>>,
@@ -52,7 +51,7 @@ pub fn matmul_vec4<F: Float>(
     #[comptime] trans_b: bool,
     #[comptime] has_bias: bool,
     #[comptime] has_residual: bool,
-    #[comptime] act: u32,
+    #[comptime] act: Activation,
 ) {
     let units_x = comptime!(BN / TN);
     let row_step = comptime!(BM / TM);

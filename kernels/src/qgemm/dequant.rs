@@ -1,11 +1,11 @@
 //! GEMMs with the weight dequantized inside the main loop: `y = x @ dequant(W)`.
 //!
-//! Two weight kinds (`wkind`, comptime) share the kernels:
-//! - 0, int4 in kiln's layout: `qweight` u32 `[K/8, N]`, eight consecutive k of one
+//! Two weight kinds (`wkind`, a comptime [`WeightKind`]) share the kernels:
+//! - `int4`, in kiln's layout: `qweight` u32 `[K/8, N]`, eight consecutive k of one
 //!   column per word, least-significant nibble first (GPTQ's packing); `scales` and
 //!   `zeros` f32 `[K/G, N]`; `w = (q - z) s` with the group of row k being `k / G`, or
 //!   `g_idx[k]` for act-order checkpoints (`act_order`).
-//! - 1, int8 with Double Rounding: `qweight` the bytes of `q8` `[K, N]`, `scales` the
+//! - `int8_bits`, int8 with Double Rounding: `qweight` the bytes of `q8` `[K, N]`, `scales` the
 //!   per-channel `s8` `[N]`; `w = clamp(round(q8 / 2^shift)) s8 2^shift`, ties to
 //!   even, clamped to the `8 - shift`-bit signed range.
 //!
@@ -16,6 +16,16 @@
 
 use cubecl::prelude::*;
 use kiln_dsl::{load_i8, load_tile, reg_tile_mma, shift_round_half_even, unpack_u4};
+
+kiln_runtime::comptime_enum! {
+    /// How the dequantizing kernels read and decode `qweight` (one compiled variant each).
+    pub enum WeightKind {
+        /// int4 codes in kiln's layout, group scales and zero points.
+        Int4 = "int4",
+        /// int8 codes served at fewer bits by Double Rounding, per-channel scales.
+        Int8Bits = "int8_bits",
+    }
+}
 
 /// Depth of a K step of the tiled kernel (a multiple of 8: whole int4 words).
 pub const TILE_K: u32 = 32;
@@ -39,7 +49,7 @@ pub fn dequant_i8(qweight: &Array<u32>, index: u32, scale: f32, shift: u32) -> f
     grid = (n.div_ceil(BN), m.div_ceil(mt)),
     cube = (BN, KS),
     name = "qgemm_gemv",
-    defaults(mt = 1, wkind = 0)
+    defaults(mt = 1)
 )]
 pub fn qgemm_gemv<F: Float>(
     x: &Array<F>,
@@ -54,7 +64,7 @@ pub fn qgemm_gemv<F: Float>(
     group_size: u32,
     shift: u32,
     #[comptime] mt: u32,
-    #[comptime] wkind: u32,
+    #[comptime] wkind: WeightKind,
     #[comptime] act_order: bool,
 ) {
     let nl = UNIT_POS_X;
@@ -70,7 +80,7 @@ pub fn qgemm_gemv<F: Float>(
         xrow[r as usize] = min(row0 + r, m - 1) * k;
         acc[r as usize] = 0.0;
     }
-    if comptime!(wkind == 0) {
+    if comptime!(wkind == WeightKind::Int4) {
         let mut w = ks;
         while w < k / 8 {
             let word = qweight[(w * n + colc) as usize];
@@ -158,8 +168,7 @@ pub fn qgemm_gemv<F: Float>(
     key(m = pow2, n = pow2, k = pow2, dtype),
     grid = (n.div_ceil(BN), m.div_ceil(BM)),
     cube = (BN / TN, BM / TM),
-    name = "qgemm_tiled",
-    defaults(wkind = 0)
+    name = "qgemm_tiled"
 )]
 pub fn qgemm_tiled<F: Float>(
     x: &Array<F>,
@@ -173,7 +182,7 @@ pub fn qgemm_tiled<F: Float>(
     k: u32,
     group_size: u32,
     shift: u32,
-    #[comptime] wkind: u32,
+    #[comptime] wkind: WeightKind,
     #[comptime] act_order: bool,
 ) {
     let units = comptime!((BM / TM) * (BN / TN));
@@ -203,7 +212,7 @@ pub fn qgemm_tiled<F: Float>(
             true,
             units,
         );
-        if comptime!(wkind == 0) {
+        if comptime!(wkind == WeightKind::Int4) {
             // One unit per int4 word: eight rows of one column.
             let mut idx = UNIT_POS;
             while idx < comptime!(TILE_K / 8 * BN) {

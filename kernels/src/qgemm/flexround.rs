@@ -7,8 +7,184 @@
 //! `dw = g s1 m / d`; `t = -g s1 m u` gives `dS2 = t / S2`, `ds3[o] = sum_i t / s3[o]`,
 //! `ds4[i] = sum_o t / s4[i]`; and `ds1 = sum g (c - m u)`. Reductions are f32.
 
+use crate::launch::{check_input, expect_shape, shape_err};
 use cubecl::prelude::*;
 use kiln_dsl::{cube_sum, round_half_even};
+use kiln_runtime::{DType, Error, Result, Tensor};
+
+// ---------------------------------------------------------------- host API
+
+/// FlexRound's inputs: `w` and `s2` `[rows, cols]`, `s1` one element, `s3` `[rows]`,
+/// `s4` `[cols]`, all of w's dtype; codes are clamped to `[qmin, qmax]`.
+#[derive(Clone, Copy)]
+pub struct FlexRoundInputs<'a> {
+    /// The weight `[rows, cols]` (output channels x input channels).
+    pub w: &'a Tensor,
+    /// Per-tensor scale, one element.
+    pub s1: &'a Tensor,
+    /// Per-element divisor `[rows, cols]`.
+    pub s2: &'a Tensor,
+    /// Per-output-channel divisor `[rows]`.
+    pub s3: &'a Tensor,
+    /// Per-input-channel divisor `[cols]`.
+    pub s4: &'a Tensor,
+    /// Smallest code (e.g. -8 for signed 4-bit).
+    pub qmin: f64,
+    /// Largest code (e.g. 7).
+    pub qmax: f64,
+}
+
+/// FlexRound's gradients, in w's dtype.
+pub struct FlexRoundGrads {
+    /// dL/dw `[rows, cols]`.
+    pub dw: Tensor,
+    /// dL/ds1 `[1]`.
+    pub ds1: Tensor,
+    /// dL/dS2 `[rows, cols]`.
+    pub ds2: Tensor,
+    /// dL/ds3 `[rows]`.
+    pub ds3: Tensor,
+    /// dL/ds4 `[cols]`.
+    pub ds4: Tensor,
+}
+
+fn check_flexround(p: &FlexRoundInputs<'_>) -> Result<(usize, usize)> {
+    let client = p.w.client();
+    check_input("w", p.w, client)?;
+    let &[rows, cols] = p.w.shape() else {
+        return Err(shape_err("w", "[rows, cols]".into(), p.w.shape()));
+    };
+    let dt = p.w.dtype();
+    for (name, t) in [("s1", p.s1), ("s2", p.s2), ("s3", p.s3), ("s4", p.s4)] {
+        check_input(name, t, client)?;
+        t.expect_dtype(name, &[dt])?;
+    }
+    if p.s1.numel() != 1 {
+        return Err(shape_err("s1", "one element".into(), p.s1.shape()));
+    }
+    expect_shape("s2", p.s2, &[rows, cols], "w's shape")?;
+    if p.s3.numel() != rows || p.s3.shape().last() != Some(&rows) && rows > 0 {
+        return Err(shape_err(
+            "s3",
+            format!("[{rows}] (rows of w)"),
+            p.s3.shape(),
+        ));
+    }
+    if p.s4.numel() != cols || p.s4.shape().last() != Some(&cols) && cols > 0 {
+        return Err(shape_err(
+            "s4",
+            format!("[{cols}] (cols of w)"),
+            p.s4.shape(),
+        ));
+    }
+    if !(p.qmin.is_finite() && p.qmax.is_finite() && p.qmin <= p.qmax) {
+        return Err(Error::Param {
+            param: "qmin, qmax".into(),
+            expected: "finite, qmin <= qmax".into(),
+            found: format!("{}, {}", p.qmin, p.qmax),
+        });
+    }
+    Ok((rows, cols))
+}
+
+/// `wq = s1 clamp(round(w / (s1 S2 s3 s4)), qmin, qmax)` (ties to even), w's dtype.
+pub fn flexround(p: &FlexRoundInputs<'_>) -> Result<Tensor> {
+    let (rows, cols) = check_flexround(p)?;
+    let client = p.w.client();
+    let wq = Tensor::empty(client, p.w.dtype(), p.w.shape())?;
+    if rows * cols > 0 {
+        FlexroundForward::tuned(
+            client,
+            0.0,
+            &FlexroundForwardArgs {
+                w: p.w,
+                s1: p.s1,
+                s2: p.s2,
+                s3: p.s3,
+                s4: p.s4,
+                wq: &wq,
+                len: (rows * cols) as u32,
+                cols: cols as u32,
+                qmin: p.qmin as f32,
+                qmax: p.qmax as f32,
+            },
+        )?;
+    }
+    Ok(wq)
+}
+
+/// The straight-through backward of [`flexround`] for the upstream gradient `grad`
+/// (w's shape and dtype).
+pub fn flexround_backward(p: &FlexRoundInputs<'_>, grad: &Tensor) -> Result<FlexRoundGrads> {
+    let (rows, cols) = check_flexround(p)?;
+    let client = p.w.client();
+    check_input("grad", grad, client)?;
+    grad.expect_dtype("grad", &[p.w.dtype()])?;
+    expect_shape("grad", grad, p.w.shape(), "w's shape")?;
+    let dt = p.w.dtype();
+    let g = FlexRoundGrads {
+        dw: Tensor::empty(client, dt, &[rows, cols])?,
+        ds1: Tensor::empty(client, dt, &[1])?,
+        ds2: Tensor::empty(client, dt, &[rows, cols])?,
+        ds3: Tensor::empty(client, dt, &[rows])?,
+        ds4: Tensor::empty(client, dt, &[cols])?,
+    };
+    let p1 = Tensor::empty(client, DType::F32, &[rows.max(1)])?;
+    let (r, c, lo, hi) = (rows as u32, cols as u32, p.qmin as f32, p.qmax as f32);
+    if rows > 0 {
+        FlexroundBackwardRows::tuned(
+            client,
+            1e-4,
+            &FlexroundBackwardRowsArgs {
+                w: p.w,
+                s1: p.s1,
+                s2: p.s2,
+                s3: p.s3,
+                s4: p.s4,
+                grad,
+                dw: &g.dw,
+                ds2: &g.ds2,
+                ds3: &g.ds3,
+                p1: &p1,
+                rows: r,
+                cols: c,
+                qmin: lo,
+                qmax: hi,
+            },
+        )?;
+    }
+    if cols > 0 {
+        FlexroundBackwardCols::tuned(
+            client,
+            0.0,
+            &FlexroundBackwardColsArgs {
+                w: p.w,
+                s1: p.s1,
+                s2: p.s2,
+                s3: p.s3,
+                s4: p.s4,
+                grad,
+                ds4: &g.ds4,
+                rows: r,
+                cols: c,
+                qmin: lo,
+                qmax: hi,
+            },
+        )?;
+    }
+    FlexroundBackwardTotal::tuned(
+        client,
+        0.0,
+        &FlexroundBackwardTotalArgs {
+            p1: &p1,
+            ds1: &g.ds1,
+            rows: r,
+        },
+    )?;
+    Ok(g)
+}
+
+// ---------------------------------------------------------------- kernels
 
 /// `wq = s1 clamp(round(w / (s1 S2 s3 s4)), qmin, qmax)` for `w` `[rows, cols]`.
 #[kiln_macros::kernel(

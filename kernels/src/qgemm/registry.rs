@@ -1,33 +1,12 @@
-//! `kiln run` entries of the quantized GEMMs and their kernels for `kiln emit`.
+//! `kiln run` entries of the quantized GEMMs (their kernels register themselves).
 
-use super::dequant::{QGEMM_GEMV_KERNEL, QGEMM_TILED_KERNEL, W4A16_REPACK_KERNEL};
-use super::flexround::{
-    FLEXROUND_BACKWARD_COLS_KERNEL, FLEXROUND_BACKWARD_ROWS_KERNEL,
-    FLEXROUND_BACKWARD_TOTAL_KERNEL, FLEXROUND_FORWARD_KERNEL,
-};
-use super::int8::{TOKEN_QUANTIZE_KERNEL, TOKEN_SCALE_KERNEL, W8A8_GEMM_KERNEL, W8A8_GEMV_KERNEL};
 use super::{
     flexround, flexround_backward, quantize_per_token, w4a16, w4a16_repack, w8_bits, w8a8,
     FlexRoundInputs, W4Format, W4Weights,
 };
 use kiln_runtime::{
-    Client, DType, Error, KernelSpec, OpArgs, OpSpec, Outputs, ParamSpec, Result, TensorSpec,
+    Client, DType, Error, ExampleValues, OpArgs, OpSpec, Outputs, ParamSpec, Result, TensorSpec,
 };
-
-/// Every quantized-GEMM kernel, for `kiln emit`.
-pub static KERNELS: [&KernelSpec; 11] = [
-    &QGEMM_GEMV_KERNEL,
-    &QGEMM_TILED_KERNEL,
-    &W4A16_REPACK_KERNEL,
-    &W8A8_GEMM_KERNEL,
-    &W8A8_GEMV_KERNEL,
-    &TOKEN_SCALE_KERNEL,
-    &TOKEN_QUANTIZE_KERNEL,
-    &FLEXROUND_FORWARD_KERNEL,
-    &FLEXROUND_BACKWARD_ROWS_KERNEL,
-    &FLEXROUND_BACKWARD_COLS_KERNEL,
-    &FLEXROUND_BACKWARD_TOTAL_KERNEL,
-];
 
 const fn p(
     name: &'static str,
@@ -57,7 +36,8 @@ const SCALES: TensorSpec = TensorSpec::new(
     "a float dtype (kiln: f32)",
     false,
     "group scales",
-);
+)
+.example(ExampleValues::Positive);
 const QZEROS: TensorSpec = TensorSpec::new(
     "qzeros",
     "gptq, awq: [K/G, N/8] i32; kiln: [K/G, N] f32",
@@ -160,6 +140,7 @@ pub static W4A16: OpSpec = OpSpec {
     problem: "M x N x K (a GPTQ v1 weight, G = 128)",
     example_inputs: w4_inputs,
     cost: |dims, elem| gemm_cost(dims, elem, 4.0),
+    selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "w4a16"),
 };
 
 fn run_w4a16_repack(_: &Client, a: &OpArgs) -> Result<Outputs> {
@@ -182,7 +163,8 @@ pub static W4A16_REPACK: OpSpec = OpSpec {
     inputs: &[QWEIGHT, SCALES, QZEROS, G_IDX],
     outputs: &[
         TensorSpec::new("qweight", "[K/8, N]", "i32", false, "codes packed along K"),
-        TensorSpec::new("scales", "[K/G, N]", "f32", false, "group scales"),
+        TensorSpec::new("scales", "[K/G, N]", "f32", false, "group scales")
+            .example(ExampleValues::Positive),
         TensorSpec::new("qzeros", "[K/G, N]", "f32", false, "true zero points"),
         TensorSpec::new("g_idx", "[K]", "i32", true, "act-order groups, when given"),
     ],
@@ -203,6 +185,7 @@ pub static W4A16_REPACK: OpSpec = OpSpec {
         &[n, k] => (0.0, (n * k) as f64),
         _ => (0.0, 0.0),
     },
+    selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "w4a16_repack"),
 };
 
 fn run_w8a8(_: &Client, a: &OpArgs) -> Result<Outputs> {
@@ -224,9 +207,11 @@ pub static W8A8: OpSpec = OpSpec {
     summary: "y = sx sw (xq @ wq^T) + bias with int8 operands and an exact i32 accumulator",
     inputs: &[
         TensorSpec::new("xq", "[M, K]", "i8", false, "quantized activations"),
-        TensorSpec::new("sx", "[M]", "f32", false, "per-token scales"),
+        TensorSpec::new("sx", "[M]", "f32", false, "per-token scales")
+            .example(ExampleValues::Positive),
         TensorSpec::new("wq", "[N, K]", "i8", false, "quantized weight (out x in)"),
-        TensorSpec::new("sw", "[N]", "f32", false, "per-channel scales"),
+        TensorSpec::new("sw", "[N]", "f32", false, "per-channel scales")
+            .example(ExampleValues::Positive),
         TensorSpec::new("bias", "[N]", "f32", true, "bias"),
     ],
     outputs: &[TensorSpec::new(
@@ -254,6 +239,7 @@ pub static W8A8: OpSpec = OpSpec {
         };
         (2.0 * (m * n * k) as f64, (m * k + n * k + 4 * m * n) as f64)
     },
+    selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "w8a8"),
 };
 
 fn run_quantize(_: &Client, a: &OpArgs) -> Result<Outputs> {
@@ -269,7 +255,8 @@ pub static QUANTIZE_PER_TOKEN: OpSpec = OpSpec {
     inputs: &[X],
     outputs: &[
         TensorSpec::new("xq", "[M, K]", "i8", false, "codes in -127..=127"),
-        TensorSpec::new("sx", "[M]", "f32", false, "per-token scales"),
+        TensorSpec::new("sx", "[M]", "f32", false, "per-token scales")
+            .example(ExampleValues::Positive),
     ],
     params: &[],
     run: run_quantize,
@@ -279,6 +266,7 @@ pub static QUANTIZE_PER_TOKEN: OpSpec = OpSpec {
         let n: usize = dims.iter().product();
         (2.0 * n as f64, (n * (elem + 1)) as f64)
     },
+    selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "quantize_per_token"),
 };
 
 fn run_w8_bits(_: &Client, a: &OpArgs) -> Result<Outputs> {
@@ -303,7 +291,8 @@ pub static W8_BITS: OpSpec = OpSpec {
             "f32",
             false,
             "per-channel scales of the int8 codes",
-        ),
+        )
+        .example(ExampleValues::Positive),
     ],
     outputs: &[TensorSpec::new(
         "y",
@@ -325,33 +314,38 @@ pub static W8_BITS: OpSpec = OpSpec {
         Ok(vec![("x", vec![m, k]), ("q8", vec![k, n]), ("s8", vec![n])])
     },
     cost: |dims, elem| gemm_cost(dims, elem, 8.0),
+    selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "w8_bits"),
 };
 
 const W: TensorSpec = TensorSpec::new("w", "[rows, cols]", "f32 | f16 | bf16", false, "the weight");
 const FLEX_INPUTS: [TensorSpec; 5] = [
     W,
-    TensorSpec::new("s1", "[1]", "w's dtype", false, "per-tensor scale"),
+    TensorSpec::new("s1", "[1]", "w's dtype", false, "per-tensor scale")
+        .example(ExampleValues::Positive),
     TensorSpec::new(
         "s2",
         "[rows, cols]",
         "w's dtype",
         false,
         "per-element divisor",
-    ),
+    )
+    .example(ExampleValues::Positive),
     TensorSpec::new(
         "s3",
         "[rows]",
         "w's dtype",
         false,
         "per-output-channel divisor",
-    ),
+    )
+    .example(ExampleValues::Positive),
     TensorSpec::new(
         "s4",
         "[cols]",
         "w's dtype",
         false,
         "per-input-channel divisor",
-    ),
+    )
+    .example(ExampleValues::Positive),
 ];
 const QMIN: ParamSpec = p("qmin", "-8", "a number <= qmax", "smallest code");
 const QMAX: ParamSpec = p("qmax", "7", "a number >= qmin", "largest code");
@@ -405,6 +399,7 @@ pub static FLEXROUND: OpSpec = OpSpec {
         let n: usize = dims.iter().product();
         (5.0 * n as f64, (3 * n * elem) as f64)
     },
+    selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "flexround"),
 };
 
 fn run_flex_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
@@ -449,4 +444,15 @@ pub static FLEXROUND_BACKWARD: OpSpec = OpSpec {
         let n: usize = dims.iter().product();
         (20.0 * n as f64, (8 * n * elem) as f64)
     },
+    selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "flexround_backward"),
 };
+
+kiln_runtime::register_op!(
+    W4A16,
+    W4A16_REPACK,
+    W8A8,
+    QUANTIZE_PER_TOKEN,
+    W8_BITS,
+    FLEXROUND,
+    FLEXROUND_BACKWARD
+);

@@ -261,10 +261,12 @@ fn devices(json: bool) -> Result<ExitCode> {
                 ""
             }
         );
-        println!(
-            "wgpu adapters (kiln opens those on {:?}):",
-            native_wgpu_backend()
-        );
+        match native_wgpu_backend() {
+            Some(b) => println!("wgpu adapters (kiln opens those on {b:?}):"),
+            None => {
+                println!("wgpu adapters: none (this kiln was built without the `wgpu` feature)")
+            }
+        }
         if adapters.is_empty() {
             println!("  none");
         }

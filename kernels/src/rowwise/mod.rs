@@ -12,12 +12,13 @@
 //! sum-reduction, and softmax re-reads `x` once to write. So softmax reads `x` twice
 //! and logsumexp once.
 
-use crate::launch::{check_input, elementwise_cost, x_only, DTYPE_PARAM};
+pub mod selftest;
+
+use crate::launch::{check_input, elementwise_cost, x_only};
 use cubecl::prelude::*;
 use kiln_dsl::{cube_online_softmax, exp_diff, linear_cube, OnlineSoftmax};
 use kiln_runtime::{
-    shape_str, Client, Error, HostTensor, KernelConfig, KernelSpec, OpArgs, OpSpec, Outputs,
-    ParamSpec, Result, Tensor, TensorSpec,
+    shape_str, Client, Error, HostTensor, OpArgs, OpSpec, Outputs, Result, Tensor, TensorSpec,
 };
 
 // ---------------------------------------------------------------- host API
@@ -57,7 +58,17 @@ fn rowwise(x: &Tensor, lse: bool) -> Result<Tensor> {
     // Candidates differ only in summation order: they agree to a few roundings.
     // check_input bounds rows * cols by 2^31: both fit in u32, as does every index.
     let tolerance = 16.0 * x.dtype().epsilon();
-    RowReduce::tuned(client, tolerance, x, &out, rows as u32, cols as u32, lse)?;
+    RowReduce::tuned(
+        client,
+        tolerance,
+        &RowReduceArgs {
+            x,
+            out: &out,
+            rows: rows as u32,
+            cols: cols as u32,
+            lse,
+        },
+    )?;
     Ok(out)
 }
 
@@ -158,13 +169,13 @@ pub mod reference {
 
 // ---------------------------------------------------------------- registry
 
-const X: TensorSpec = TensorSpec {
-    name: "x",
-    shape: "[..., D], rank >= 1",
-    dtypes: "f32 | f16 | bf16",
-    optional: false,
-    doc: "input; the operator works over the last dimension",
-};
+const X: TensorSpec = TensorSpec::new(
+    "x",
+    "[..., D], rank >= 1",
+    "f32 | f16 | bf16",
+    false,
+    "input; the operator works over the last dimension",
+);
 
 fn run_rowwise(client: &Client, a: &OpArgs, lse: bool) -> Result<Outputs> {
     let x = a.tensor("x")?;
@@ -183,31 +194,32 @@ pub static SOFTMAX: OpSpec = OpSpec {
     name: "softmax",
     summary: "softmax over the last dimension (stable; an all -inf row gives zeros)",
     inputs: &[X],
-    outputs: &[TensorSpec {
-        name: "out",
-        shape: "x's shape",
-        dtypes: "x's dtype",
-        optional: false,
-        doc: "probabilities",
-    }],
+    outputs: &[TensorSpec::new(
+        "out",
+        "x's shape",
+        "x's dtype",
+        false,
+        "probabilities",
+    )],
     params: &[],
     run: run_softmax,
     cost: |d, e| elementwise_cost(d, e, 25.0),
     problem: "shape of x",
     example_inputs: x_only,
+    selftest: || kiln_runtime::selftest::only(selftest::cases(), "softmax"),
 };
 /// `logsumexp` over the last dimension.
 pub static LOGSUMEXP: OpSpec = OpSpec {
     name: "logsumexp",
     summary: "log-sum-exp over the last dimension (stable; an all -inf row gives -inf)",
     inputs: &[X],
-    outputs: &[TensorSpec {
-        name: "out",
-        shape: "[...] (x's shape without D)",
-        dtypes: "x's dtype",
-        optional: false,
-        doc: "log-sum-exp of each row",
-    }],
+    outputs: &[TensorSpec::new(
+        "out",
+        "[...] (x's shape without D)",
+        "x's dtype",
+        false,
+        "log-sum-exp of each row",
+    )],
     params: &[],
     run: run_logsumexp,
     // Reads x once, writes one value per row.
@@ -219,45 +231,7 @@ pub static LOGSUMEXP: OpSpec = OpSpec {
     },
     problem: "shape of x",
     example_inputs: x_only,
+    selftest: || kiln_runtime::selftest::only(selftest::cases(), "logsumexp"),
 };
 
-/// Emission with the operator's `lse` preset (`kiln emit softmax --config UNITS=64`).
-fn define_preset(b: KernelBuilder, cfg: &KernelConfig, lse: bool) -> Result<KernelDefinition> {
-    let mut values = cfg.values().clone();
-    values.insert("lse".into(), lse.to_string());
-    let cfg = KernelConfig::new(&ROW_REDUCE_KERNEL, values)?;
-    (ROW_REDUCE_KERNEL.define)(b, &cfg)
-}
-fn define_softmax(b: KernelBuilder, c: &KernelConfig) -> Result<KernelDefinition> {
-    define_preset(b, c, false)
-}
-fn define_logsumexp(b: KernelBuilder, c: &KernelConfig) -> Result<KernelDefinition> {
-    define_preset(b, c, true)
-}
-
-const ROW_CONFIG: &[ParamSpec] = &[
-    DTYPE_PARAM,
-    ParamSpec {
-        name: "UNITS",
-        default: "256",
-        values: "256 | 128 | 64 | 32",
-        doc: "units per cube (one cube per row)",
-    },
-];
-
-/// Emission entry of the `softmax` kernel.
-pub static SOFTMAX_KERNEL: KernelSpec = KernelSpec {
-    name: "softmax",
-    summary: SOFTMAX.summary,
-    config: ROW_CONFIG,
-    define: define_softmax,
-    tensor_cores: false,
-};
-/// Emission entry of the `logsumexp` kernel.
-pub static LOGSUMEXP_KERNEL: KernelSpec = KernelSpec {
-    name: "logsumexp",
-    summary: LOGSUMEXP.summary,
-    config: ROW_CONFIG,
-    define: define_logsumexp,
-    tensor_cores: false,
-};
+kiln_runtime::register_op!(SOFTMAX, LOGSUMEXP);

@@ -1,13 +1,11 @@
 //! Selftest cases of the quantized GEMMs: small, ragged, through the checkpoint
 //! formats (built by the reference's packer), against dequantize-then-multiply in f64.
 
-use super::Case;
-use crate::check::Rng;
-use crate::kernels::qgemm::reference::{self as qr, W4Codes};
-use crate::HostTensor;
+use super::reference::{self as qr, W4Codes};
+use kiln_runtime::check::Rng;
+use kiln_runtime::selftest::{Case, CaseInputs as Inputs};
+use kiln_runtime::HostTensor;
 use std::collections::BTreeMap;
-
-type Inputs = Vec<(&'static str, Vec<usize>, Vec<f64>)>;
 
 const M: usize = 3;
 const N: usize = 40;
@@ -22,7 +20,7 @@ fn words(v: Vec<i32>) -> Vec<f64> {
 fn w4_codes(rng: &mut Rng) -> W4Codes {
     let mut c = W4Codes::quantize(&rng.normals(K * N, 0.05), K, N, G);
     for s in &mut c.s {
-        *s = crate::runtime::half::f16::from_f64(*s).to_f64();
+        *s = kiln_runtime::half::f16::from_f64(*s).to_f64();
     }
     c
 }
@@ -148,6 +146,7 @@ fn flex(i: &BTreeMap<String, HostTensor>) -> qr::FlexRound {
 }
 
 /// The quantized-GEMM cases, in `kiln ops` order.
+/// The quantized GEMMs' cases.
 pub fn cases() -> Vec<Case> {
     vec![
         Case {

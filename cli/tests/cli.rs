@@ -1,6 +1,7 @@
 //! The `kiln` tool end to end: exit codes and one-line errors that name the tensor or
 //! parameter.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use kiln::{load_safetensors, save_safetensors, HostTensor};
@@ -185,15 +186,15 @@ fn run_errors_name_the_tensor() {
 
 #[test]
 fn emit_prints_cuda_and_wgsl_without_a_device() {
-    let cuda = kiln(&["emit", "softmax", "--target", "cuda"]);
+    let cuda = kiln(&["emit", "row_reduce", "--target", "cuda"]);
     assert!(cuda.status.success());
     assert!(stdout(&cuda).contains("__global__"));
-    let wgsl = kiln(&["emit", "softmax", "--target", "wgsl"]);
+    let wgsl = kiln(&["emit", "row_reduce", "--target", "wgsl"]);
     assert!(wgsl.status.success());
     assert!(stdout(&wgsl).contains("@compute"));
     let m = kiln(&[
         "emit",
-        "softmax",
+        "row_reduce",
         "--target",
         "cuda",
         "--manifest",
@@ -204,11 +205,11 @@ fn emit_prints_cuda_and_wgsl_without_a_device() {
     assert_eq!(v["cube_dim"][0], 64);
     assert_eq!(v["shared_memory_bytes"], 64 * 4);
     assert_clear_error(
-        &kiln(&["emit", "softmax", "--target", "ptx"]),
+        &kiln(&["emit", "row_reduce", "--target", "ptx"]),
         &["unknown target `ptx`"],
     );
     assert_clear_error(
-        &kiln(&["emit", "softmax", "--config", "UNITS=48"]),
+        &kiln(&["emit", "row_reduce", "--config", "UNITS=48"]),
         &["parameter `UNITS`", "48"],
     );
     assert_clear_error(
@@ -269,4 +270,50 @@ fn run_ignores_other_tensors_of_any_dtype() {
     let got = load_safetensors(&out).unwrap()["out"].to_f64();
     let want = kiln::kernels::elementwise::reference::silu(&[0.5, -1.0, 2.0]);
     assert!(kiln::check::max_rel_error(&got, &want, 1e-6) < 1e-6);
+}
+
+fn tmpdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("kiln-cli-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn kiln_tune_twice_hits_the_cache() {
+    let dir = tmpdir("cli");
+    let kiln = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .env("KILN_CACHE_DIR", &dir)
+            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+            .output()
+            .unwrap()
+    };
+    let first = kiln(&["tune", "softmax", "--shape", "64x300"]);
+    let out = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        out.contains("UNITS=") && out.contains("tuned now") && out.contains("median"),
+        "{out}"
+    );
+    let second = kiln(&["tune", "softmax", "--shape", "64x300"]);
+    let out = String::from_utf8_lossy(&second.stdout);
+    assert!(
+        out.contains("from the cache") && !out.contains("median"),
+        "{out}"
+    );
+    // A truncated cache file: a warning, then a fresh tune.
+    std::fs::write(dir.join("autotune.json"), "{\"version\": 1, \"entr").unwrap();
+    let third = kiln(&["tune", "softmax", "--shape", "64x300"]);
+    assert!(third.status.success());
+    assert!(String::from_utf8_lossy(&third.stderr).contains("corrupt"));
+    assert!(String::from_utf8_lossy(&third.stdout).contains("tuned now"));
+    let bad = kiln(&["tune", "softmax", "--shape", "64xQ"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--shape"));
 }

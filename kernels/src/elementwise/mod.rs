@@ -8,6 +8,8 @@
 //! and shape. Activations are computed in f32 whatever the storage type.
 //! Kernels read and write 4-wide vectors where every length allows it.
 
+pub mod selftest;
+
 use crate::launch::{
     begin, check_input, config_dtype, elementwise_cost, finish, grid, grid_units, input_array,
     output_array, register_float, scalar_u32, vector_width, with_float, x_and_bias, x_only,
@@ -249,27 +251,15 @@ pub mod reference {
 
 // ---------------------------------------------------------------- registry
 
-const X: TensorSpec = TensorSpec {
-    name: "x",
-    shape: "[...]",
-    dtypes: "f32 | f16 | bf16",
-    optional: false,
-    doc: "input",
-};
-const Y: TensorSpec = TensorSpec {
-    name: "y",
-    shape: "a suffix of x's shape, e.g. [D] for x [..., D]",
-    dtypes: "x's dtype",
-    optional: false,
-    doc: "second operand, broadcast over x's leading dimensions",
-};
-const OUT: TensorSpec = TensorSpec {
-    name: "out",
-    shape: "x's shape",
-    dtypes: "x's dtype",
-    optional: false,
-    doc: "result",
-};
+const X: TensorSpec = TensorSpec::new("x", "[...]", "f32 | f16 | bf16", false, "input");
+const Y: TensorSpec = TensorSpec::new(
+    "y",
+    "a suffix of x's shape, e.g. [D] for x [..., D]",
+    "x's dtype",
+    false,
+    "second operand, broadcast over x's leading dimensions",
+);
+const OUT: TensorSpec = TensorSpec::new("out", "x's shape", "x's dtype", false, "result");
 
 fn run_binary(client: &Client, a: &OpArgs, op: u32) -> Result<Outputs> {
     let (x, y) = (a.tensor("x")?, a.tensor("y")?);
@@ -305,6 +295,7 @@ pub static ADD: OpSpec = OpSpec {
     cost: |d, e| elementwise_cost(d, e, 1.0),
     problem: "shape of x (y = its last dimension)",
     example_inputs: x_and_bias,
+    selftest: || kiln_runtime::selftest::only(selftest::cases(), "add"),
 };
 /// `mul`: `out = x * y`.
 pub static MUL: OpSpec = OpSpec {
@@ -317,6 +308,7 @@ pub static MUL: OpSpec = OpSpec {
     cost: |d, e| elementwise_cost(d, e, 1.0),
     problem: "shape of x (y = its last dimension)",
     example_inputs: x_and_bias,
+    selftest: || kiln_runtime::selftest::only(selftest::cases(), "mul"),
 };
 /// `silu`: `out = x * sigmoid(x)`.
 pub static SILU: OpSpec = OpSpec {
@@ -329,6 +321,7 @@ pub static SILU: OpSpec = OpSpec {
     cost: |d, e| elementwise_cost(d, e, 4.0),
     problem: "shape of x",
     example_inputs: x_only,
+    selftest: || kiln_runtime::selftest::only(selftest::cases(), "silu"),
 };
 /// `gelu`: tanh-approximated GELU.
 pub static GELU: OpSpec = OpSpec {
@@ -341,6 +334,7 @@ pub static GELU: OpSpec = OpSpec {
     cost: |d, e| elementwise_cost(d, e, 9.0),
     problem: "shape of x",
     example_inputs: x_only,
+    selftest: || kiln_runtime::selftest::only(selftest::cases(), "gelu"),
 };
 
 const VECTOR_PARAM: ParamSpec = ParamSpec {
@@ -449,7 +443,8 @@ pub static ADD_KERNEL: KernelSpec = KernelSpec {
     summary: ADD.summary,
     config: EW_CONFIG,
     define: define_add,
-    tensor_cores: false,
+    capabilities: &[],
+    source_hash: source_hash,
 };
 /// Emission entry of the `mul` kernel.
 pub static MUL_KERNEL: KernelSpec = KernelSpec {
@@ -457,7 +452,8 @@ pub static MUL_KERNEL: KernelSpec = KernelSpec {
     summary: MUL.summary,
     config: EW_CONFIG,
     define: define_mul,
-    tensor_cores: false,
+    capabilities: &[],
+    source_hash: source_hash,
 };
 /// Emission entry of the `silu` kernel.
 pub static SILU_KERNEL: KernelSpec = KernelSpec {
@@ -465,7 +461,8 @@ pub static SILU_KERNEL: KernelSpec = KernelSpec {
     summary: SILU.summary,
     config: EW_CONFIG,
     define: define_silu,
-    tensor_cores: false,
+    capabilities: &[],
+    source_hash: source_hash,
 };
 /// Emission entry of the `gelu` kernel.
 pub static GELU_KERNEL: KernelSpec = KernelSpec {
@@ -473,5 +470,14 @@ pub static GELU_KERNEL: KernelSpec = KernelSpec {
     summary: GELU.summary,
     config: EW_CONFIG,
     define: define_gelu,
-    tensor_cores: false,
+    capabilities: &[],
+    source_hash: source_hash,
 };
+
+/// Hash of this module's source and the DSL's (the tune-cache key of its kernels).
+fn source_hash() -> String {
+    kiln_runtime::tune::fnv1a_hex(&[include_str!("mod.rs"), kiln_dsl::SOURCE_HASH].concat())
+}
+
+kiln_runtime::register_op!(ADD, MUL, SILU, GELU);
+kiln_runtime::register_kernel!(ADD_KERNEL, MUL_KERNEL, SILU_KERNEL, GELU_KERNEL);

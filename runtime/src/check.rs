@@ -1,5 +1,5 @@
 //! Helpers for checking kernels against references: a seeded generator of test data
-//! and error metrics. Used by `kiln selftest` and the test suites.
+//! and error metrics. Used by the self-test cases, `kiln selftest` and the test suites.
 
 /// SplitMix64: a small, seeded, reproducible generator of test inputs.
 #[derive(Clone, Debug)]
@@ -63,25 +63,26 @@ pub fn tolerance(dtype: crate::DType, ulps: f64) -> f64 {
 /// Seeded random inputs of the shapes an operator derives from a `--shape` (`kiln
 /// tune`, `kiln bench`, and the tests that need every operator's inputs). Floats are
 /// normal and of `dtype`, except:
-/// - inputs whose spec names one dtype keep it ([`crate::runtime::TensorSpec::example_dtype`]):
+/// - inputs whose spec names one dtype keep it ([`crate::TensorSpec::example_dtype`]):
 ///   f32 states and scales, and integers: i32 (packed 4-bit codes) get random bits,
 ///   i8 uniform codes in -127..=127;
-/// - scales and divisors (by their documented role) are uniform in [0.5, 1.5];
-/// - GLA's log decays `g` are drawn as the spec's benchmarks draw them,
+/// - inputs whose spec says [`ExampleValues::Positive`] (scales, divisors) are uniform
+///   in [0.5, 1.5], and [`ExampleValues::LogDecay`] (gates of gated recurrences)
 ///   `logsigmoid(randn)` clamped at -5 (normal values would be positive gates).
 pub fn example_inputs(
-    spec: &crate::runtime::OpSpec,
+    spec: &crate::OpSpec,
     dims: &[usize],
     dtype: crate::DType,
 ) -> crate::Result<std::collections::BTreeMap<String, crate::HostTensor>> {
     use crate::DType;
+    use crate::ExampleValues;
     let mut rng = Rng::new(0x6b696c6e);
     let mut hosts = std::collections::BTreeMap::new();
     for (name, shape) in (spec.example_inputs)(dims)? {
         let n = shape.iter().product();
         let tspec = spec.inputs.iter().find(|t| t.name == name);
         let t = tspec.map_or(dtype, |t| t.example_dtype(dtype));
-        let positive = tspec.is_some_and(|t| t.doc.contains("scale") || t.doc.contains("divisor"));
+        let example = tspec.map_or(ExampleValues::Normal, |t| t.example);
         let values: Vec<f64> = match t {
             DType::I32 | DType::U32 => (0..n)
                 .map(|_| (rng.next_u64() as u32 as i32) as f64)
@@ -90,8 +91,10 @@ pub fn example_inputs(
                 .map(|_| (rng.uniform() * 255.0).floor() - 127.0)
                 .collect(),
             DType::U8 => (0..n).map(|_| (rng.uniform() * 256.0).floor()).collect(),
-            _ if positive => (0..n).map(|_| 0.5 + rng.uniform()).collect(),
-            _ if name == "g" && spec.name.starts_with("gla") => rng
+            _ if example == ExampleValues::Positive => {
+                (0..n).map(|_| 0.5 + rng.uniform()).collect()
+            }
+            _ if example == ExampleValues::LogDecay => rng
                 .normals(n, 1.0)
                 .into_iter()
                 .map(|x| (-(1.0 + (-x).exp()).ln()).max(-5.0))

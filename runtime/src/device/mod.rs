@@ -7,10 +7,8 @@
 //! enumerated before cubecl is asked to open one.
 
 use crate::{Error, Result};
-use cubecl::cuda::{CudaDevice, CudaRuntime};
 use cubecl::ir::{ElemType, FloatKind};
-use cubecl::prelude::{ComputeClient, Runtime};
-use cubecl::wgpu::{AutoGraphicsApi, GraphicsApi, WgpuDevice, WgpuRuntime};
+use cubecl::prelude::ComputeClient;
 use serde::Serialize;
 use std::fmt;
 use std::sync::Arc;
@@ -128,19 +126,6 @@ pub enum Backend {
     Other,
 }
 
-impl Backend {
-    fn from_wgpu(b: wgpu::Backend) -> Backend {
-        match b {
-            wgpu::Backend::Vulkan => Backend::Vulkan,
-            wgpu::Backend::Metal => Backend::Metal,
-            wgpu::Backend::Dx12 => Backend::Dx12,
-            wgpu::Backend::Gl => Backend::Gl,
-            wgpu::Backend::BrowserWebGpu => Backend::BrowserWebGpu,
-            _ => Backend::Other,
-        }
-    }
-}
-
 /// What kind of adapter a device is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum AdapterType {
@@ -157,15 +142,6 @@ pub enum AdapterType {
 }
 
 impl AdapterType {
-    fn from_wgpu(t: wgpu::DeviceType) -> AdapterType {
-        match t {
-            wgpu::DeviceType::DiscreteGpu => AdapterType::Discrete,
-            wgpu::DeviceType::IntegratedGpu => AdapterType::Integrated,
-            wgpu::DeviceType::VirtualGpu => AdapterType::Virtual,
-            wgpu::DeviceType::Cpu => AdapterType::Cpu,
-            wgpu::DeviceType::Other => AdapterType::Other,
-        }
-    }
     /// Lower is preferred by `auto`.
     fn rank(self) -> u8 {
         match self {
@@ -261,104 +237,6 @@ pub struct AdapterListing {
     pub usable: bool,
 }
 
-/// Whether the CUDA driver and NVRTC load and at least one device exists.
-/// Never panics, whatever is installed.
-pub fn cuda_device_count() -> usize {
-    // SAFETY: these only try to dlopen the libraries; they do not call into them.
-    let present = unsafe {
-        cudarc::driver::sys::is_culib_present() && cudarc::nvrtc::sys::is_culib_present()
-    };
-    if !present {
-        return 0;
-    }
-    std::panic::catch_unwind(|| cudarc::driver::CudaContext::device_count().unwrap_or(0))
-        .map_or(0, |n| n.max(0) as usize)
-}
-
-/// The wgpu backend cubecl opens adapters on here (Vulkan on Linux/Windows, Metal on macOS).
-pub fn native_wgpu_backend() -> Backend {
-    Backend::from_wgpu(<AutoGraphicsApi as GraphicsApi>::backend())
-}
-
-struct Adapter {
-    info: wgpu::AdapterInfo,
-    select: WgpuSelect,
-}
-
-fn enumerate(backends: wgpu::Backends) -> Vec<wgpu::AdapterInfo> {
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
-        backends,
-        ..wgpu::InstanceDescriptor::new_without_display_handle()
-    });
-    cubecl::future::block_on(instance.enumerate_adapters(backends))
-        .into_iter()
-        .map(|a| a.get_info())
-        .collect()
-}
-
-/// The adapters cubecl can open, with the selector that opens each (cubecl counts
-/// adapters per type in enumeration order on the native backend).
-fn native_adapters() -> Vec<Adapter> {
-    let backend = <AutoGraphicsApi as GraphicsApi>::backend();
-    let mut counts = [0usize; 5];
-    enumerate(backend.into())
-        .into_iter()
-        .filter_map(|info| {
-            let t = AdapterType::from_wgpu(info.device_type);
-            let n = counts[t.rank() as usize];
-            counts[t.rank() as usize] += 1;
-            let select = match t {
-                AdapterType::Discrete => WgpuSelect::Discrete(n),
-                AdapterType::Integrated => WgpuSelect::Integrated(n),
-                AdapterType::Virtual => WgpuSelect::Virtual(n),
-                AdapterType::Cpu if n == 0 => WgpuSelect::Cpu,
-                _ => return None,
-            };
-            Some(Adapter { info, select })
-        })
-        .collect()
-}
-
-fn driver_string(info: &wgpu::AdapterInfo) -> String {
-    match (info.driver.is_empty(), info.driver_info.is_empty()) {
-        (true, true) => "unknown".into(),
-        (false, true) => info.driver.clone(),
-        (true, false) => info.driver_info.clone(),
-        (false, false) => format!("{} {}", info.driver, info.driver_info),
-    }
-}
-
-/// Every adapter wgpu sees on every backend, marking the ones kiln can open.
-pub fn list_wgpu_adapters() -> Vec<AdapterListing> {
-    let native = native_adapters();
-    let mut out: Vec<AdapterListing> = native
-        .iter()
-        .map(|a| AdapterListing {
-            selector: Device::Wgpu(a.select).to_string(),
-            name: a.info.name.clone(),
-            backend: Backend::from_wgpu(a.info.backend),
-            adapter_type: AdapterType::from_wgpu(a.info.device_type),
-            driver: driver_string(&a.info),
-            usable: true,
-        })
-        .collect();
-    let native_backend = <AutoGraphicsApi as GraphicsApi>::backend();
-    for info in enumerate(wgpu::Backends::all()) {
-        if info.backend == native_backend {
-            continue;
-        }
-        out.push(AdapterListing {
-            selector: "-".into(),
-            name: info.name.clone(),
-            backend: Backend::from_wgpu(info.backend),
-            adapter_type: AdapterType::from_wgpu(info.device_type),
-            driver: driver_string(&info),
-            usable: false,
-        });
-    }
-    out
-}
-
 /// The concrete device `Auto` (or `Wgpu(Best)`) resolves to here, without opening it.
 pub fn resolve(device: &Device) -> Result<Device> {
     match device {
@@ -369,21 +247,21 @@ pub fn resolve(device: &Device) -> Result<Device> {
                 resolve(&Device::Wgpu(WgpuSelect::Best))
             }
         }
-        Device::Wgpu(WgpuSelect::Best) => native_adapters()
-            .into_iter()
-            .min_by_key(|a| AdapterType::from_wgpu(a.info.device_type).rank())
-            .map(|a| Device::Wgpu(a.select))
-            .ok_or_else(no_adapter),
+        Device::Wgpu(WgpuSelect::Best) => wgpu::best().map(Device::Wgpu).ok_or_else(no_adapter),
         other => Ok(other.clone()),
     }
 }
 
 fn no_adapter() -> Error {
-    Error::Device(format!(
-        "no wgpu adapter on {:?} and no CUDA device; on Linux without a GPU install lavapipe: \
-         apt-get install -y mesa-vulkan-drivers libvulkan1",
-        native_wgpu_backend()
-    ))
+    match native_wgpu_backend() {
+        Some(backend) => Error::Device(format!(
+            "no wgpu adapter on {backend:?} and no CUDA device; on Linux without a GPU install \
+             lavapipe: apt-get install -y mesa-vulkan-drivers libvulkan1"
+        )),
+        None => Error::Device(
+            "this build of kiln has no wgpu backend (built without the `wgpu` feature)".into(),
+        ),
+    }
 }
 
 /// An open device: a cubecl client of the right runtime plus the device report.
@@ -394,14 +272,43 @@ pub struct Client {
     report: Arc<DeviceReport>,
 }
 
+mod cuda;
+mod wgpu;
+pub use self::cuda::cuda_device_count;
+pub use self::wgpu::{list_wgpu_adapters, native_wgpu_backend};
+
+/// The cubecl runtime types behind [`ClientInner`]'s variants.
+///
+/// Each backend is a cargo feature (`wgpu`, `cuda`; both on by default). A build
+/// without one keeps its variant, typed with the other runtime, and never constructs
+/// it: [`dispatch!`](crate::dispatch) then needs no `cfg` in the crates that expand it
+/// (a `cfg` in a macro would be evaluated against the caller's features).
+pub mod runtimes {
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    compile_error!("kiln-runtime needs at least one backend feature: `wgpu` or `cuda`");
+
+    /// wgpu's runtime.
+    #[cfg(feature = "wgpu")]
+    pub type Wgpu = cubecl::wgpu::WgpuRuntime;
+    /// CUDA's runtime.
+    #[cfg(feature = "cuda")]
+    pub type Cuda = cubecl::cuda::CudaRuntime;
+    /// Stand-in: this build has no wgpu backend (the variant is never constructed).
+    #[cfg(all(feature = "cuda", not(feature = "wgpu")))]
+    pub type Wgpu = Cuda;
+    /// Stand-in: this build has no CUDA backend (the variant is never constructed).
+    #[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+    pub type Cuda = Wgpu;
+}
+
 /// cubecl 0.10 has no type-erased client: one variant per runtime. Use
 /// [`dispatch!`](crate::dispatch) to run generic `R: Runtime` code on it.
 #[derive(Clone)]
 pub enum ClientInner {
     /// wgpu (Vulkan, Metal, DX12, ...), kernels compiled to WGSL.
-    Wgpu(ComputeClient<WgpuRuntime>),
+    Wgpu(ComputeClient<runtimes::Wgpu>),
     /// CUDA, kernels compiled to CUDA C++.
-    Cuda(ComputeClient<CudaRuntime>),
+    Cuda(ComputeClient<runtimes::Cuda>),
 }
 
 /// Runs `$body` with `$c` bound to the typed `&ComputeClient<R>` of a [`Client`].
@@ -415,7 +322,7 @@ macro_rules! dispatch {
     };
 }
 
-fn report_from_props(
+pub(crate) fn report_from_props(
     selector: String,
     name: String,
     backend: Backend,
@@ -455,8 +362,8 @@ impl Client {
     /// Opens a device. `Auto` picks CUDA when usable, else the best wgpu adapter.
     pub fn open(device: &Device) -> Result<Client> {
         match resolve(device)? {
-            Device::Cuda(i) => Self::open_cuda(i),
-            Device::Wgpu(select) => Self::open_wgpu(select),
+            Device::Cuda(i) => cuda::open(i),
+            Device::Wgpu(select) => wgpu::open(select),
             Device::Auto => unreachable!("resolve never returns Auto"),
         }
     }
@@ -464,81 +371,6 @@ impl Client {
     /// Opens the device named by `KILN_DEVICE`, or `auto`.
     pub fn from_env() -> Result<Client> {
         Self::open(&Device::from_env()?)
-    }
-
-    fn open_cuda(index: usize) -> Result<Client> {
-        let n = cuda_device_count();
-        if index >= n {
-            return Err(Error::Device(if n == 0 {
-                "CUDA was asked for, but libcuda/NVRTC did not load or report no device".into()
-            } else {
-                format!("cuda:{index} asked for, but only {n} CUDA device(s) exist")
-            }));
-        }
-        // cudarc loads driver symbols lazily and panics on a missing one: catch it.
-        let (name, cc) = std::panic::catch_unwind(|| {
-            cudarc::driver::CudaContext::new(index)
-                .and_then(|ctx| Ok((ctx.name()?, ctx.compute_capability()?)))
-        })
-        .map_err(|p| Error::Device(format!("cuda:{index}: {}", panic_message(&*p))))?
-        .map_err(|e| Error::Device(format!("cuda:{index}: {e}")))?;
-        let client = std::panic::catch_unwind(|| CudaRuntime::client(&CudaDevice::new(index)))
-            .map_err(|p| Error::Device(format!("cuda:{index}: {}", panic_message(&*p))))?;
-        let report = report_from_props(
-            format!("cuda:{index}"),
-            name,
-            Backend::Cuda,
-            AdapterType::Discrete,
-            format!("compute capability {}.{}", cc.0, cc.1),
-            client.properties(),
-        );
-        Ok(Client {
-            inner: ClientInner::Cuda(client),
-            report: Arc::new(report),
-        })
-    }
-
-    fn open_wgpu(select: WgpuSelect) -> Result<Client> {
-        let adapters = native_adapters();
-        let adapter = adapters
-            .iter()
-            .find(|a| a.select == select)
-            .ok_or_else(|| {
-                if adapters.is_empty() {
-                    no_adapter()
-                } else {
-                    Error::Device(format!(
-                        "no adapter {} (adapters: {})",
-                        Device::Wgpu(select),
-                        adapters
-                            .iter()
-                            .map(|a| format!("{} = {}", Device::Wgpu(a.select), a.info.name))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ))
-                }
-            })?;
-        let wgpu_device = match select {
-            WgpuSelect::Discrete(i) => WgpuDevice::DiscreteGpu(i),
-            WgpuSelect::Integrated(i) => WgpuDevice::IntegratedGpu(i),
-            WgpuSelect::Virtual(i) => WgpuDevice::VirtualGpu(i),
-            WgpuSelect::Cpu => WgpuDevice::Cpu,
-            WgpuSelect::Best => WgpuDevice::DefaultDevice,
-        };
-        let client = std::panic::catch_unwind(|| WgpuRuntime::client(&wgpu_device))
-            .map_err(|p| Error::Device(format!("{}: {}", adapter.info.name, panic_message(&*p))))?;
-        let report = report_from_props(
-            Device::Wgpu(select).to_string(),
-            adapter.info.name.clone(),
-            Backend::from_wgpu(adapter.info.backend),
-            AdapterType::from_wgpu(adapter.info.device_type),
-            driver_string(&adapter.info),
-            client.properties(),
-        );
-        Ok(Client {
-            inner: ClientInner::Wgpu(client),
-            report: Arc::new(report),
-        })
     }
 
     /// What this device is and can do.

@@ -1,0 +1,201 @@
+//! Validation of GLA inputs (shapes, dtypes, varlen offsets) into a `Problem`, and the
+//! chunk tables the chunked kernels read.
+
+use super::*;
+use crate::launch::{check_input, expect_shape, shape_err};
+use kiln_runtime::{Client, DType, Error, HostTensor, Result, Tensor};
+
+/// Validated dimensions.
+pub(super) struct Problem {
+    pub(super) dk: usize,
+    pub(super) dv: usize,
+    pub(super) heads: usize,
+    /// Sequence bounds in rows (`N + 1`).
+    pub(super) bounds: Vec<usize>,
+    pub(super) dtype: DType,
+    pub(super) scale: f32,
+}
+
+impl Problem {
+    pub(super) fn n_seq(&self) -> usize {
+        self.bounds.len() - 1
+    }
+    pub(super) fn rows(&self) -> usize {
+        *self.bounds.last().unwrap_or(&0)
+    }
+    pub(super) fn state_shape(&self) -> [usize; 4] {
+        [self.n_seq(), self.heads, self.dk, self.dv]
+    }
+    pub(super) fn dims(&self) -> reference::Dims {
+        reference::Dims {
+            heads: self.heads,
+            dk: self.dk,
+            dv: self.dv,
+            bounds: self.bounds.clone(),
+        }
+    }
+}
+
+pub(super) fn check(inp: &GlaInputs<'_>, scale: Option<f64>) -> Result<Problem> {
+    let client = inp.q.client();
+    for (name, t) in [("q", inp.q), ("k", inp.k), ("v", inp.v), ("g", inp.g)] {
+        check_input(name, t, client)?;
+    }
+    let &[b, t, heads, dk] = inp.q.shape() else {
+        return Err(shape_err("q", "[B, T, H, K]".into(), inp.q.shape()));
+    };
+    expect_shape("k", inp.k, inp.q.shape(), "q's shape")?;
+    expect_shape("g", inp.g, inp.q.shape(), "q's shape")?;
+    let dv = match inp.v.shape() {
+        &[vb, vt, vh, dv] if (vb, vt, vh) == (b, t, heads) => dv,
+        other => {
+            return Err(shape_err(
+                "v",
+                format!("[{b}, {t}, {heads}, V] (B, T, H of q)"),
+                other,
+            ))
+        }
+    };
+    if dk == 0 || dv == 0 || heads == 0 {
+        return Err(shape_err(
+            "q",
+            "H, K and V of at least 1".into(),
+            inp.q.shape(),
+        ));
+    }
+    let dtype = inp.q.dtype();
+    inp.k.expect_dtype("k", &[dtype])?;
+    inp.v.expect_dtype("v", &[dtype])?;
+    inp.g.expect_dtype("g", &[DType::F32, dtype])?;
+    let bounds = match inp.cu_seqlens {
+        None => (0..=b).map(|i| i * t).collect::<Vec<_>>(),
+        Some(cu) => {
+            if b != 1 {
+                return Err(shape_err(
+                    "q",
+                    format!("[1, T, H, K] with cu_seqlens (B = 1)"),
+                    inp.q.shape(),
+                ));
+            }
+            let bad = |why: &str| Error::Param {
+                param: "cu_seqlens".into(),
+                expected: format!("N + 1 >= 2 offsets from 0 to T = {t}, non-decreasing"),
+                found: format!("{why}: {cu:?}"),
+            };
+            if cu.len() < 2 {
+                return Err(bad("fewer than 2 entries"));
+            }
+            if cu[0] != 0 {
+                return Err(bad("does not start at 0"));
+            }
+            if cu.windows(2).any(|w| w[1] < w[0]) {
+                return Err(bad("decreasing"));
+            }
+            if *cu.last().unwrap_or(&0) as usize != t || cu.iter().any(|&c| c < 0) {
+                return Err(bad("does not end at T"));
+            }
+            cu.iter().map(|&c| c as usize).collect()
+        }
+    };
+    let n_seq = bounds.len() - 1;
+    if let Some(h0) = inp.h0 {
+        h0.expect_usable("h0", client)?;
+        h0.expect_dtype("h0", &[DType::F32])?;
+        expect_shape("h0", h0, &[n_seq, heads, dk, dv], "[N, H, K, V]")?;
+    }
+    let scale = scale.unwrap_or(1.0 / (dk as f64).sqrt());
+    if !scale.is_finite() {
+        return Err(Error::Param {
+            param: "scale".into(),
+            expected: "a finite number".into(),
+            found: scale.to_string(),
+        });
+    }
+    Ok(Problem {
+        dk,
+        dv,
+        heads,
+        bounds,
+        dtype,
+        scale: scale as f32,
+    })
+}
+
+/// The host-side chunk table, on the device.
+pub(super) struct Chunks {
+    pub(super) count: usize,
+    /// `(first row, rows)` per chunk.
+    pub(super) table: Tensor,
+    /// First chunk of each sequence, `N + 1` entries.
+    pub(super) seq_chunks: Tensor,
+    /// Sequence bounds, `N + 1` entries.
+    pub(super) bounds: Tensor,
+}
+
+pub(super) fn upload_u32(client: &Client, name: &str, values: &[u32]) -> Result<Tensor> {
+    let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    // A zero-length buffer is not bindable everywhere: keep one element.
+    let (shape, data) = if values.is_empty() {
+        (vec![1], vec![0u8; 4])
+    } else {
+        (vec![values.len()], data)
+    };
+    Tensor::upload_named(
+        client,
+        name,
+        &HostTensor::from_bytes(DType::U32, shape, data)?,
+    )
+}
+
+pub(super) fn chunk_table(client: &Client, p: &Problem, chunk: usize) -> Result<Chunks> {
+    let mut table = Vec::new();
+    let mut seq_chunks = vec![0u32];
+    for w in p.bounds.windows(2) {
+        let mut r = w[0];
+        while r < w[1] {
+            let len = chunk.min(w[1] - r);
+            table.extend([r as u32, len as u32]);
+            r += len;
+        }
+        seq_chunks.push((table.len() / 2) as u32);
+    }
+    let count = table.len() / 2;
+    let states = count as u128 * (p.heads * p.dk * p.dv) as u128;
+    if states > u32::MAX as u128
+        || p.rows() as u128 * (p.heads * p.dk.max(p.dv)) as u128 > u32::MAX as u128
+    {
+        return Err(Error::Unsupported {
+            device: client.report().name.clone(),
+            feature: format!("GLA problems over 2^32 state or token elements ({count} chunks)"),
+        });
+    }
+    let bounds: Vec<u32> = p.bounds.iter().map(|&b| b as u32).collect();
+    Ok(Chunks {
+        count,
+        table: upload_u32(client, "chunks", &table)?,
+        seq_chunks: upload_u32(client, "seq_chunks", &seq_chunks)?,
+        bounds: upload_u32(client, "cu_seqlens", &bounds)?,
+    })
+}
+
+pub(super) fn check_chunk(chunk: usize) -> Result<()> {
+    if CHUNK_SIZES.contains(&chunk) {
+        Ok(())
+    } else {
+        Err(Error::Param {
+            param: "chunk_size".into(),
+            expected: "16 | 32 | 64".into(),
+            found: chunk.to_string(),
+        })
+    }
+}
+
+/// A placeholder for an absent optional f32 input (kernels do not read it).
+
+/// Candidates of the chunked kernels differ only in which unit computes what, never in
+/// summation order: they must agree to the last bit, up to this.
+pub(super) const CHUNK_TOLERANCE: f64 = 1e-5;
+/// Chunk sizes change the summation order of everything: a sanity bound.
+pub(super) const CHUNK_SIZE_TOLERANCE: f64 = 1e-2;
+/// Recurrent candidates split the K sum differently (KG): a sanity bound.
+pub(super) const RECURRENT_TOLERANCE: f64 = 1e-2;

@@ -1,0 +1,79 @@
+//! The `kiln run` entry of `matmul`.
+
+use super::{matmul, selftest, Activation, Epilogue};
+use kiln_runtime::{Client, Error, OpArgs, OpSpec, Outputs, ParamSpec, Result, TensorSpec};
+
+fn run_matmul(client: &Client, args: &OpArgs) -> Result<Outputs> {
+    let (a, b) = (args.tensor("a")?, args.tensor("b")?);
+    a.expect_usable("a", client)?;
+    let ep = Epilogue {
+        bias: args.optional_tensor("bias"),
+        activation: Activation::parse(&args.param("activation")?)?,
+        residual: args.optional_tensor("residual"),
+    };
+    let trans_b = args.param_choice("trans_b", &["false", "true"])? == "true";
+    Ok(vec![("c", matmul(a, b, trans_b, ep)?)])
+}
+
+/// `matmul`: `c = epilogue(a @ b)`.
+pub static MATMUL: OpSpec = OpSpec {
+    name: "matmul",
+    summary: "c = act(a @ b + bias) + residual, f32 accumulation, autotuned tiles",
+    inputs: &[
+        TensorSpec::new("a", "[M, K]", "f32 | f16 | bf16", false, "left operand"),
+        TensorSpec::new(
+            "b",
+            "[K, N] ([N, K] with trans_b)",
+            "a's dtype",
+            false,
+            "right operand",
+        ),
+        TensorSpec::new("bias", "[N]", "a's dtype", true, "added to every row"),
+        TensorSpec::new(
+            "residual",
+            "[M, N]",
+            "a's dtype",
+            true,
+            "added after the activation",
+        ),
+    ],
+    outputs: &[TensorSpec::new("c", "[M, N]", "a's dtype", false, "result")],
+    params: &[
+        ParamSpec {
+            name: "activation",
+            default: "none",
+            values: "none | silu | gelu",
+            doc: "applied after the bias",
+        },
+        ParamSpec {
+            name: "trans_b",
+            default: "false",
+            values: "false | true",
+            doc: "b is [N, K]",
+        },
+    ],
+    run: run_matmul,
+    cost: |d, e| match *d {
+        [m, n, k] => (
+            2.0 * (m * n * k) as f64,
+            ((m * k + k * n + m * n) * e) as f64,
+        ),
+        _ => (0.0, 0.0),
+    },
+    problem: "M x N x K",
+    example_inputs: matmul_inputs,
+    selftest: || kiln_runtime::selftest::only(selftest::cases(), "matmul"),
+};
+
+fn matmul_inputs(dims: &[usize]) -> Result<Vec<(&'static str, Vec<usize>)>> {
+    match *dims {
+        [m, n, k] => Ok(vec![("a", vec![m, k]), ("b", vec![k, n])]),
+        _ => Err(Error::Param {
+            param: "--shape".into(),
+            expected: "M x N x K".into(),
+            found: format!("{dims:?}"),
+        }),
+    }
+}
+
+kiln_runtime::register_op!(MATMUL);

@@ -1,0 +1,149 @@
+//! Launching a dequantizing GEMM: the output, the operands, and the autotuned choice
+//! between the GEMV and the tiled kernel (shared by W4A16, `w8_bits` and W8A8).
+
+use super::*;
+use crate::launch::{check_input, shape_err};
+use kiln_runtime::tune::Choice;
+use kiln_runtime::{Result, Tensor};
+
+/// Checks x `[..., K]` and allocates y `[..., N]`; returns the row count M.
+pub(super) fn gemm_output(x: &Tensor, k: usize, n: usize) -> Result<(usize, Tensor)> {
+    check_input("x", x, x.client())?;
+    let Some((&xk, lead)) = x.shape().split_last() else {
+        return Err(shape_err("x", format!("[..., {k}]"), x.shape()));
+    };
+    if xk != k {
+        return Err(shape_err(
+            "x",
+            format!("[..., {k}] (K of the weight)"),
+            x.shape(),
+        ));
+    }
+    let mut shape = lead.to_vec();
+    shape.push(n);
+    let m = lead.iter().product();
+    Ok((m, Tensor::empty(x.client(), x.dtype(), &shape)?))
+}
+
+/// The arguments of the dequantizing GEMM kernels.
+pub(super) struct Operands<'a> {
+    pub(super) x: &'a Tensor,
+    pub(super) qweight: Tensor,
+    pub(super) scales: &'a Tensor,
+    pub(super) zeros: &'a Tensor,
+    pub(super) g_idx: &'a Tensor,
+    pub(super) y: &'a Tensor,
+    /// M, N, K, group size.
+    pub(super) dims: [usize; 4],
+    pub(super) shift: u32,
+    pub(super) wkind: WeightKind,
+    pub(super) act_order: bool,
+}
+
+/// Which kernel computes a dequantizing GEMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(super) enum Path {
+    Gemv,
+    Tiled,
+}
+
+/// The GEMV and tiled kernels sum in different orders: a sanity bound.
+pub(super) const PATH_TOLERANCE: f64 = 1e-2;
+/// Candidates of one kernel differ in the split of K: a sanity bound.
+pub(super) const KERNEL_TOLERANCE: f64 = 1e-2;
+
+impl Operands<'_> {
+    pub(super) fn run(&self) -> Result<()> {
+        let [m, n, k, _] = self.dims;
+        let sources = [QgemmGemv::source_hash(), QgemmTiled::source_hash()];
+        let extra = [
+            ("wkind", self.wkind.to_string()),
+            ("act_order", self.act_order.to_string()),
+        ];
+        let path = choose_path(self.y, "qgemm_path", sources, [m, n, k], &extra, |p| {
+            self.launch(p).map(|_| self.y.clone())
+        })?;
+        self.launch(path)
+    }
+
+    pub(super) fn launch(&self, path: Path) -> Result<()> {
+        let client = self.x.client();
+        let [m, n, k, g] = self.dims.map(|d| d as u32);
+        match path {
+            Path::Gemv => QgemmGemv::tuned(
+                client,
+                KERNEL_TOLERANCE,
+                &QgemmGemvArgs {
+                    x: self.x,
+                    qweight: &self.qweight,
+                    scales: self.scales,
+                    zeros: self.zeros,
+                    g_idx: self.g_idx,
+                    y: self.y,
+                    m,
+                    n,
+                    k,
+                    group_size: g,
+                    shift: self.shift,
+                    mt: m.next_power_of_two().min(8),
+                    wkind: self.wkind,
+                    act_order: self.act_order,
+                },
+            )
+            .map(drop),
+            Path::Tiled => QgemmTiled::tuned(
+                client,
+                KERNEL_TOLERANCE,
+                &QgemmTiledArgs {
+                    x: self.x,
+                    qweight: &self.qweight,
+                    scales: self.scales,
+                    zeros: self.zeros,
+                    g_idx: self.g_idx,
+                    y: self.y,
+                    m,
+                    n,
+                    k,
+                    group_size: g,
+                    shift: self.shift,
+                    wkind: self.wkind,
+                    act_order: self.act_order,
+                },
+            )
+            .map(drop),
+        }
+    }
+}
+
+/// The autotuner's choice between the GEMV and the tiled kernel of a GEMM writing `y`
+/// (both tried for M <= [`GEMV_MAX_ROWS`], tiled only above), keyed by the kernels'
+/// sources, bucketed M, N, K, y's dtype and `extra` key parts. `run` launches one path.
+pub(super) fn choose_path(
+    y: &Tensor,
+    name: &'static str,
+    sources: [String; 2],
+    [m, n, k]: [usize; 3],
+    extra: &[(&str, String)],
+    run: impl Fn(Path) -> Result<Tensor>,
+) -> Result<Path> {
+    let paths: &[Path] = if m <= GEMV_MAX_ROWS {
+        &[Path::Gemv, Path::Tiled]
+    } else {
+        &[Path::Tiled]
+    };
+    let mut choice = Choice::new(name)
+        .sources(sources)
+        .dim("m", m)
+        .dim("n", n)
+        .dim("k", k)
+        .exact("dtype", y.dtype());
+    for (part, value) in extra {
+        choice = choice.exact(part, value);
+    }
+    choice.candidates(paths.iter().copied()).tune(
+        y.client(),
+        PATH_TOLERANCE,
+        |p| format!("{p:?}").to_lowercase(),
+        |&p| Ok(vec![run(p)?]),
+    )
+}

@@ -1,0 +1,144 @@
+//! W8A8's host side: `w8a8` (int8 x int8, exact i32 accumulation) and the per-token
+//! activation quantizer.
+
+use super::gemm::{choose_path, Path};
+use super::*;
+use crate::launch::{absent, check_input, expect_shape, shape_err};
+use kiln_runtime::{DType, Error, Result, Tensor};
+
+/// Output dtypes [`w8a8`] can write.
+pub const W8A8_OUT_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+/// `y[m, n] = sx[m] sw[n] sum_k xq[m, k] wq[n, k] (+ bias[n])`: `xq` i8 `[M, K]`,
+/// `sx` f32 `[M]`, `wq` i8 `[N, K]`, `sw` f32 `[N]`, `bias` f32 `[N]`; y `[M, N]` in
+/// `out_dtype` (f32, f16, or bf16 where the device has it).
+pub fn w8a8(
+    xq: &Tensor,
+    sx: &Tensor,
+    wq: &Tensor,
+    sw: &Tensor,
+    bias: Option<&Tensor>,
+    out_dtype: DType,
+) -> Result<Tensor> {
+    let client = xq.client();
+    for (name, t, dt) in [
+        ("xq", xq, DType::I8),
+        ("sx", sx, DType::F32),
+        ("wq", wq, DType::I8),
+        ("sw", sw, DType::F32),
+    ] {
+        t.expect_usable(name, client)?;
+        t.expect_dtype(name, &[dt])?;
+    }
+    let &[m, k] = xq.shape() else {
+        return Err(shape_err("xq", "[M, K]".into(), xq.shape()));
+    };
+    let n = match wq.shape() {
+        &[n, wk] if wk == k => n,
+        other => return Err(shape_err("wq", format!("[N, {k}] (K of xq)"), other)),
+    };
+    expect_shape("sx", sx, &[m], "[M], M of xq")?;
+    expect_shape("sw", sw, &[n], "[N], N of wq")?;
+    if let Some(b) = bias {
+        b.expect_usable("bias", client)?;
+        b.expect_dtype("bias", &[DType::F32])?;
+        expect_shape("bias", b, &[n], "[N], N of wq")?;
+    }
+    if !W8A8_OUT_DTYPES.contains(&out_dtype) {
+        return Err(Error::Param {
+            param: "out_dtype".into(),
+            expected: "f32 | f16 | bf16".into(),
+            found: out_dtype.name().into(),
+        });
+    }
+    client.require_dtype("y", out_dtype)?;
+    let y = Tensor::empty(client, out_dtype, &[m, n])?;
+    if m > 0 && n > 0 {
+        let placeholder = absent(client)?;
+        let (xw, ww) = (xq.as_words(), wq.as_words());
+        let b = bias.unwrap_or(&placeholder);
+        let (mu, nu, ku) = (m as u32, n as u32, k as u32);
+        let launch = |path: Path| match path {
+            Path::Gemv => W8a8Gemv::tuned(
+                client,
+                0.0,
+                &W8a8GemvArgs {
+                    xq: &xw,
+                    sx,
+                    wq: &ww,
+                    sw,
+                    bias: b,
+                    y: &y,
+                    m: mu,
+                    n: nu,
+                    k: ku,
+                    mt: mu.next_power_of_two().min(8),
+                    has_bias: bias.is_some(),
+                },
+            )
+            .map(drop),
+            Path::Tiled => W8a8Gemm::tuned(
+                client,
+                0.0,
+                &W8a8GemmArgs {
+                    xq: &xw,
+                    sx,
+                    wq: &ww,
+                    sw,
+                    bias: b,
+                    y: &y,
+                    m: mu,
+                    n: nu,
+                    k: ku,
+                    has_bias: bias.is_some(),
+                },
+            )
+            .map(drop),
+        };
+        let sources = [W8a8Gemv::source_hash(), W8a8Gemm::source_hash()];
+        let path = choose_path(&y, "w8a8_path", sources, [m, n, k], &[], |p| {
+            launch(p).map(|_| y.clone())
+        })?;
+        launch(path)?;
+    }
+    Ok(y)
+}
+
+/// Dynamic per-token int8 quantization of x `[M, K]` (any float dtype): returns `xq`
+/// i8 `[M, K]` and `sx` f32 `[M]` with `sx = max_k |x| / 127` and
+/// `xq = clamp(round(x / sx), -127, 127)` (ties to even; 0 for an all-zero row).
+pub fn quantize_per_token(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let client = x.client();
+    check_input("x", x, client)?;
+    let &[m, k] = x.shape() else {
+        return Err(shape_err("x", "[M, K]".into(), x.shape()));
+    };
+    let xq = Tensor::empty(client, DType::I8, &[m, k])?;
+    let sx = Tensor::empty(client, DType::F32, &[m])?;
+    if m > 0 && k > 0 {
+        TokenScale::tuned(
+            client,
+            0.0,
+            &TokenScaleArgs {
+                x,
+                sx: &sx,
+                rows: m as u32,
+                cols: k as u32,
+            },
+        )?;
+        let len = m * k;
+        TokenQuantize::tuned(
+            client,
+            0.0,
+            &TokenQuantizeArgs {
+                x,
+                sx: &sx,
+                xq: &xq.as_words(),
+                len: len as u32,
+                cols: k as u32,
+                words: len.div_ceil(4) as u32,
+            },
+        )?;
+    }
+    Ok((xq, sx))
+}

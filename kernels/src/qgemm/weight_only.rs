@@ -1,0 +1,335 @@
+//! The weight-only GEMMs' host side: W4A16 weights (formats, validation, repacking to
+//! kiln's layout) and `w8_bits`, both run by the dequantizing kernels.
+
+use super::gemm::{gemm_output, Operands};
+use super::*;
+use crate::launch::{absent, expect_shape, shape_err};
+use kiln_runtime::{Client, DType, Error, Result, Tensor};
+
+/// A W4A16 weight's storage layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum W4Format {
+    /// GPTQ: `qweight` i32 `[K/8, N]` packed along K (least-significant nibble
+    /// first), `qzeros` i32 `[K/G, N/8]` packed along N; version 1 stores `z - 1`,
+    /// version 2 stores `z`.
+    Gptq {
+        /// 1 or 2.
+        version: u32,
+    },
+    /// AWQ: `qweight` i32 `[K, N/8]` and `qzeros` i32 `[K/G, N/8]`, packed along N in
+    /// the column order [0, 2, 4, 6, 1, 3, 5, 7].
+    Awq,
+    /// kiln's repacked layout: `qweight` i32 `[K/8, N]` as GPTQ, `scales` and `qzeros`
+    /// f32 `[K/G, N]` (true zero points, 8 for symmetric checkpoints).
+    Kiln,
+}
+
+impl W4Format {
+    /// `gptq` (with `gptq_version` 1 or 2), `awq` or `kiln`.
+    pub fn parse(format: &str, gptq_version: u32) -> Result<W4Format> {
+        match (format, gptq_version) {
+            ("gptq", 1 | 2) => Ok(W4Format::Gptq {
+                version: gptq_version,
+            }),
+            ("gptq", v) => Err(Error::Param {
+                param: "gptq_version".into(),
+                expected: "1 (zeros stored as z - 1) or 2 (zeros stored as z)".into(),
+                found: v.to_string(),
+            }),
+            ("awq", _) => Ok(W4Format::Awq),
+            ("kiln", _) => Ok(W4Format::Kiln),
+            (other, _) => Err(Error::Param {
+                param: "format".into(),
+                expected: "gptq | awq | kiln".into(),
+                found: other.into(),
+            }),
+        }
+    }
+}
+
+/// A W4A16 weight as stored by a checkpoint (or repacked).
+#[derive(Clone, Copy)]
+pub struct W4Weights<'a> {
+    /// The layout of the tensors below.
+    pub format: W4Format,
+    /// Packed codes, i32 (shape per [`W4Format`]).
+    pub qweight: &'a Tensor,
+    /// Scales `[K/G, N]`: any float dtype (f32 for [`W4Format::Kiln`]).
+    pub scales: &'a Tensor,
+    /// Zero points (shape and dtype per [`W4Format`]); `None`: symmetric, z = 8.
+    /// Required for [`W4Format::Kiln`].
+    pub qzeros: Option<&'a Tensor>,
+    /// Act-order group of each row, i32 `[K]` in `0..K/G`; `None`: `k / G`.
+    pub g_idx: Option<&'a Tensor>,
+    /// Rows per group: 32, 64, 128, or -1 (per channel, G = K).
+    pub group_size: i64,
+}
+
+/// A W4A16 weight in kiln's layout ([`W4Format::Kiln`]), ready for [`w4a16_packed`].
+#[derive(Clone, Debug)]
+pub struct PackedW4 {
+    /// i32 `[K/8, N]`, eight rows per word, least-significant nibble first.
+    pub qweight: Tensor,
+    /// f32 `[K/G, N]`.
+    pub scales: Tensor,
+    /// f32 `[K/G, N]`, the true zero points.
+    pub qzeros: Tensor,
+    /// i32 `[K]`, when the checkpoint is act-order.
+    pub g_idx: Option<Tensor>,
+    /// Input features.
+    pub k: usize,
+    /// Output features.
+    pub n: usize,
+    /// Rows per group (K for per-channel).
+    pub group_size: usize,
+}
+
+impl PackedW4 {
+    /// The same weight as [`W4Weights`] (format `kiln`).
+    pub fn weights(&self) -> W4Weights<'_> {
+        W4Weights {
+            format: W4Format::Kiln,
+            qweight: &self.qweight,
+            scales: &self.scales,
+            qzeros: Some(&self.qzeros),
+            g_idx: self.g_idx.as_ref(),
+            group_size: self.group_size as i64,
+        }
+    }
+}
+
+/// K, N and the group size of a W4A16 weight, checked.
+struct W4Dims {
+    k: usize,
+    n: usize,
+    group_size: usize,
+}
+
+fn check_w4(w: &W4Weights<'_>, client: &Client) -> Result<W4Dims> {
+    let uses = |name: &str, t: &Tensor| t.expect_usable(name, client);
+    uses("qweight", w.qweight)?;
+    uses("scales", w.scales)?;
+    w.qweight.expect_dtype("qweight", &[DType::I32])?;
+    let &[rows, cols] = w.qweight.shape() else {
+        return Err(shape_err("qweight", "rank 2".into(), w.qweight.shape()));
+    };
+    let (k, n) = match w.format {
+        W4Format::Awq => (rows, cols * 8),
+        _ => (rows * 8, cols),
+    };
+    if k == 0 || n == 0 {
+        return Err(shape_err(
+            "qweight",
+            "K and N of at least 1".into(),
+            w.qweight.shape(),
+        ));
+    }
+    let group_size = match w.group_size {
+        -1 => k,
+        g @ (32 | 64 | 128) => g as usize,
+        g if g > 0 && g as usize == k => k, // per channel, spelled out
+        g => {
+            return Err(Error::Param {
+                param: "group_size".into(),
+                expected: "32, 64, 128, or -1 or K (per channel)".into(),
+                found: g.to_string(),
+            })
+        }
+    };
+    if k % group_size != 0 {
+        return Err(Error::Param {
+            param: "group_size".into(),
+            expected: format!("a divisor of K = {k} (K must be a multiple of the group size)"),
+            found: group_size.to_string(),
+        });
+    }
+    let groups = k / group_size;
+    let scales_dtypes: &[DType] = match w.format {
+        W4Format::Kiln => &[DType::F32],
+        _ => &DType::FLOATS,
+    };
+    w.scales.expect_dtype("scales", scales_dtypes)?;
+    client.require_dtype("scales", w.scales.dtype())?;
+    expect_shape("scales", w.scales, &[groups, n], "[K/G, N]")?;
+    match (w.format, w.qzeros) {
+        (W4Format::Kiln, None) => {
+            return Err(Error::MissingTensor {
+                op: "w4a16".into(),
+                tensor: "qzeros".into(),
+                expected: format!("f32 [{groups}, {n}] (format kiln)"),
+            })
+        }
+        (W4Format::Kiln, Some(z)) => {
+            uses("qzeros", z)?;
+            z.expect_dtype("qzeros", &[DType::F32])?;
+            expect_shape("qzeros", z, &[groups, n], "[K/G, N], format kiln")?;
+        }
+        (_, Some(z)) => {
+            uses("qzeros", z)?;
+            z.expect_dtype("qzeros", &[DType::I32])?;
+            if n % 8 != 0 {
+                return Err(shape_err(
+                    "scales",
+                    "N a multiple of 8 (zeros pack 8 columns per int32)".into(),
+                    w.scales.shape(),
+                ));
+            }
+            expect_shape("qzeros", z, &[groups, n / 8], "[K/G, N/8]")?;
+        }
+        (_, None) => {}
+    }
+    if let Some(gi) = w.g_idx {
+        uses("g_idx", gi)?;
+        gi.expect_dtype("g_idx", &[DType::I32])?;
+        expect_shape("g_idx", gi, &[k], "[K]")?;
+        let values = gi.download()?.to_f64();
+        if let Some((row, v)) = values
+            .iter()
+            .enumerate()
+            .find(|(_, &v)| v < 0.0 || v >= groups as f64)
+        {
+            return Err(Error::Param {
+                param: "g_idx".into(),
+                expected: format!("group indices in 0..{groups}"),
+                found: format!("{v} at row {row}"),
+            });
+        }
+    }
+    Ok(W4Dims { k, n, group_size })
+}
+
+/// Converts a checkpoint's W4A16 weight to kiln's layout (done once per model; a
+/// [`W4Format::Kiln`] weight comes back as it is).
+pub fn w4a16_repack(w: &W4Weights<'_>) -> Result<PackedW4> {
+    let client = w.qweight.client();
+    let d = check_w4(w, client)?;
+    let groups = d.k / d.group_size;
+    if w.format == W4Format::Kiln {
+        return Ok(PackedW4 {
+            qweight: w.qweight.clone(),
+            scales: w.scales.clone(),
+            qzeros: w.qzeros.cloned().ok_or_else(|| Error::MissingTensor {
+                op: "w4a16_repack".into(),
+                tensor: "qzeros".into(),
+                expected: "f32 [K/G, N]".into(),
+            })?,
+            g_idx: w.g_idx.cloned(),
+            k: d.k,
+            n: d.n,
+            group_size: d.group_size,
+        });
+    }
+    let qweight = Tensor::empty(client, DType::I32, &[d.k / 8, d.n])?;
+    let scales = Tensor::empty(client, DType::F32, &[groups, d.n])?;
+    let qzeros = Tensor::empty(client, DType::F32, &[groups, d.n])?;
+    let words = d.k / 8 * d.n;
+    let group_cols = groups * d.n;
+    let zero_offset = match w.format {
+        W4Format::Gptq { version: 1 } if w.qzeros.is_some() => 1,
+        _ => 0,
+    };
+    let placeholder = absent(client)?.as_words();
+    let zeros_in = w.qzeros.map_or(placeholder, Tensor::as_words);
+    W4a16Repack::tuned(
+        client,
+        0.0,
+        &W4a16RepackArgs {
+            qweight: &w.qweight.as_words(),
+            qzeros: &zeros_in,
+            scales: w.scales,
+            out_q: &qweight.as_words(),
+            out_s: &scales,
+            out_z: &qzeros,
+            n: d.n as u32,
+            words: words as u32,
+            group_cols: group_cols as u32,
+            items: words.max(group_cols) as u32,
+            zero_offset,
+            awq: w.format == W4Format::Awq,
+            has_zeros: w.qzeros.is_some(),
+        },
+    )?;
+    Ok(PackedW4 {
+        qweight,
+        scales,
+        qzeros,
+        g_idx: w.g_idx.cloned(),
+        k: d.k,
+        n: d.n,
+        group_size: d.group_size,
+    })
+}
+
+/// `y = x @ dequant(W)` for a checkpoint's weight: x `[..., K]`, y `[..., N]` in x's
+/// dtype. Non-kiln formats are repacked first (see [`w4a16_repack`]).
+pub fn w4a16(x: &Tensor, w: &W4Weights<'_>) -> Result<Tensor> {
+    let packed = w4a16_repack(w)?;
+    w4a16_packed(x, &packed)
+}
+
+/// `y = x @ dequant(W)` for a weight in kiln's layout.
+pub fn w4a16_packed(x: &Tensor, w: &PackedW4) -> Result<Tensor> {
+    let client = x.client();
+    check_w4(&w.weights(), client)?;
+    let (m, y) = gemm_output(x, w.k, w.n)?;
+    if m > 0 {
+        let act_order = w.g_idx.is_some();
+        let g_idx = match &w.g_idx {
+            Some(t) => t.as_words(),
+            None => absent(client)?.as_words(),
+        };
+        let operands = Operands {
+            x,
+            qweight: w.qweight.as_words(),
+            scales: &w.scales,
+            zeros: &w.qzeros,
+            g_idx: &g_idx,
+            y: &y,
+            dims: [m, w.n, w.k, w.group_size],
+            shift: 0,
+            wkind: WeightKind::Int4,
+            act_order,
+        };
+        operands.run()?;
+    }
+    Ok(y)
+}
+
+/// `y = x @ (double_round(q8, bits) s8 2^(8 - bits))`: x `[..., K]`, `q8` i8 `[K, N]`,
+/// `s8` f32 `[N]`; y in x's dtype. `bits` in 8, 6, 4, 2.
+pub fn w8_bits(x: &Tensor, q8: &Tensor, s8: &Tensor, bits: u32) -> Result<Tensor> {
+    let client = x.client();
+    if !SWITCH_BITS.contains(&bits) {
+        return Err(Error::Param {
+            param: "bits".into(),
+            expected: "8, 6, 4 or 2".into(),
+            found: bits.to_string(),
+        });
+    }
+    q8.expect_usable("q8", client)?;
+    q8.expect_dtype("q8", &[DType::I8])?;
+    let &[k, n] = q8.shape() else {
+        return Err(shape_err("q8", "[K, N]".into(), q8.shape()));
+    };
+    s8.expect_usable("s8", client)?;
+    s8.expect_dtype("s8", &[DType::F32])?;
+    expect_shape("s8", s8, &[n], "[N], N of q8")?;
+    let (m, y) = gemm_output(x, k, n)?;
+    if m > 0 && n > 0 {
+        let unused = absent(client)?;
+        Operands {
+            x,
+            qweight: q8.as_words(),
+            scales: s8,
+            zeros: &unused,
+            g_idx: &unused.as_words(),
+            y: &y,
+            dims: [m, n, k.max(1), k.max(1)],
+            shift: 8 - bits,
+            wkind: WeightKind::Int8Bits,
+            act_order: false,
+        }
+        .run()?;
+    }
+    Ok(y)
+}

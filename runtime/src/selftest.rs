@@ -1,0 +1,154 @@
+//! Self-test cases: an operator run on small, ragged inputs against its f64 reference,
+//! in every float dtype. A dtype the device lacks must be refused with a clear
+//! `Unsupported` error (and that refusal is what gets checked).
+//!
+//! Each operator's cases live beside it in the operator library (its [`OpSpec`]'s
+//! `selftest`); `kiln selftest` and the test suites run them through the registry,
+//! exactly as `kiln run` does.
+
+use crate::check::{max_rel_error, tolerance, Rng};
+use crate::{Client, DType, Error, HostTensor, OpSpec, Result};
+use std::collections::BTreeMap;
+
+/// Named f64 inputs of a case: (name, shape, values), named as the operator's inputs.
+pub type CaseInputs = Vec<(&'static str, Vec<usize>, Vec<f64>)>;
+
+/// One operator case: how to make its inputs, its reference, and its error budget.
+pub struct Case {
+    /// Operator name (as in `kiln ops`).
+    pub op: &'static str,
+    /// What the inputs look like.
+    pub what: &'static str,
+    /// Builds the f64 inputs (named as the operator's inputs) from a generator.
+    pub inputs: fn(&mut Rng) -> CaseInputs,
+    /// Operator parameters.
+    pub params: &'static [(&'static str, &'static str)],
+    /// The output checked.
+    pub output: &'static str,
+    /// The f64 reference of that output, from the inputs as rounded to the dtype.
+    pub reference: fn(&BTreeMap<String, HostTensor>) -> Vec<f64>,
+    /// Allowed error, in units of f32's epsilon (beyond one rounding to the dtype).
+    pub ulps: f64,
+    /// Denominator floor of the relative error (absolute error scale near zero).
+    pub floor: f64,
+}
+
+/// The cases of `op` among a family's: what an operator's `selftest` returns.
+pub fn only(cases: Vec<Case>, op: &str) -> Vec<Case> {
+    cases.into_iter().filter(|c| c.op == op).collect()
+}
+
+/// Every registered operator's cases, in registry order.
+pub fn cases() -> Vec<Case> {
+    crate::registered_ops()
+        .into_iter()
+        .flat_map(|o: &OpSpec| (o.selftest)())
+        .collect()
+}
+
+/// Smallest positive normal value of a float dtype: below it precision is absolute.
+fn min_normal(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => 2f64.powi(-14),
+        DType::BF16 | DType::F32 => f32::MIN_POSITIVE as f64,
+        _ => 0.0,
+    }
+}
+
+/// How a case ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Within tolerance: (max relative error, tolerance).
+    Pass(f64, f64),
+    /// Outside tolerance: (max relative error, tolerance).
+    Fail(f64, f64),
+    /// The device lacks the dtype and said so clearly.
+    Refused(String),
+    /// Anything else went wrong.
+    Error(String),
+}
+
+impl Outcome {
+    /// Whether this outcome is acceptable.
+    pub fn ok(&self) -> bool {
+        matches!(self, Outcome::Pass(..) | Outcome::Refused(_))
+    }
+}
+
+/// Runs one case in one dtype on `client`.
+pub fn run_case(client: &Client, case: &Case, dtype: DType, seed: u64) -> Outcome {
+    match try_case(client, case, dtype, seed) {
+        Ok(o) => o,
+        Err(Error::Unsupported { .. }) if !client.supports(dtype) => {
+            Outcome::Refused(format!("{dtype} refused: the device has no {dtype}"))
+        }
+        Err(e) => Outcome::Error(e.to_string()),
+    }
+}
+
+fn try_case(client: &Client, case: &Case, dtype: DType, seed: u64) -> Result<Outcome> {
+    let mut rng = Rng::new(seed);
+    let mut hosts = BTreeMap::new();
+    let op = crate::registered_ops()
+        .into_iter()
+        .find(|o| o.name == case.op)
+        .ok_or_else(|| Error::Unknown {
+            kind: "operator",
+            name: case.op.into(),
+            known: crate::join_names(crate::registered_ops().iter().map(|o| o.name)),
+        })?;
+    // Inputs whose spec names one dtype (f32 states and scales, integer codes) keep it.
+    let fixed = |specs: &[crate::TensorSpec], name: &str| {
+        specs
+            .iter()
+            .find(|t| t.name == name)
+            .and_then(|t| t.fixed_dtype())
+    };
+    for (name, shape, values) in (case.inputs)(&mut rng) {
+        let t = op
+            .inputs
+            .iter()
+            .find(|t| t.name == name)
+            .map_or(dtype, |t| t.example_dtype(dtype));
+        hosts.insert(name.to_string(), HostTensor::from_f64(t, shape, &values)?);
+    }
+    let want = (case.reference)(&hosts);
+    let params: BTreeMap<String, String> = case
+        .params
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let outs = op.call_host(client, &hosts, params.clone())?;
+    let got = outs.get(case.output).ok_or_else(|| Error::Kernel {
+        kernel: case.op.into(),
+        message: format!("no `{}`", case.output),
+    })?;
+    // The output's dtype: fixed by its spec, chosen by a parameter its spec names
+    // (w8a8's `out_dtype`), or the dtype under test.
+    let out_spec = op.outputs.iter().find(|t| t.name == case.output);
+    let by_param = op
+        .params
+        .iter()
+        .find(|p| out_spec.is_some_and(|t| t.dtypes.contains(p.name)));
+    let expected = match (fixed(op.outputs, case.output), by_param) {
+        (Some(d), _) => d,
+        (None, Some(p)) => DType::parse(params.get(p.name).map_or(p.default, |v| v.as_str()))?,
+        (None, None) => dtype,
+    };
+    if got.dtype != expected {
+        return Err(Error::DType {
+            tensor: case.output.into(),
+            expected: expected.name().into(),
+            found: got.dtype.name().into(),
+        });
+    }
+    let floor = case.floor.max(min_normal(got.dtype));
+    let err = max_rel_error(&got.to_f64(), &want, floor);
+    // One rounding of the output to its dtype, plus the case's f32 arithmetic budget.
+    let tol = tolerance(got.dtype, 1.0) + tolerance(DType::F32, case.ulps);
+    Ok(if err <= tol {
+        Outcome::Pass(err, tol)
+    } else {
+        Outcome::Fail(err, tol)
+    })
+}
