@@ -1,5 +1,5 @@
-//! Agreement with a peer: vectors computed by PyTorch (in f64, stored as f32), copied
-//! from ../shared/vectors into tests/data. Each runs through the operator registry
+//! Agreement with a peer: vectors computed by PyTorch (in f64, stored as f32) and by
+//! fla's GLA reference, in tests/data. Each runs through the operator registry
 //! exactly as `kiln run` does.
 
 mod common;

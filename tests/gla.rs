@@ -5,6 +5,9 @@
 //! Bars (fla's measure, RMS-relative error): 1e-5 in f32; 0.004 (outputs) and 0.005
 //! (gradients) in f16. bf16 is exercised where the device has it and must be refused
 //! with `Unsupported` where it has not.
+//!
+//! Longer than most files on purpose: one suite for the GLA family, whose cases share
+//! the input builders and the f64 reference checks defined at the top.
 
 mod common;
 

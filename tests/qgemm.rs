@@ -3,6 +3,9 @@
 //! PyTorch's (the conformance vectors); bad input.
 //!
 //! Bars (Marlin's measure, mean|Y - Y_ref| / mean|Y_ref|): 1e-3 in f16, 1e-5 in f32.
+//!
+//! Longer than most files on purpose: one suite for the quantized-GEMM family, whose
+//! cases share the checkpoint packers and fixtures defined at the top.
 
 mod common;
 

@@ -1,5 +1,8 @@
 //! Each DSL piece alone, on the default wgpu adapter (lavapipe in CI), against closed
 //! forms or f64.
+//!
+//! Longer than most files on purpose: each DSL piece tested alone, with one small
+//! launch helper shared by all.
 
 use cubecl::prelude::*;
 use cubecl::wgpu::WgpuRuntime;

@@ -3,17 +3,11 @@
 //!
 //! Uses kiln-runtime and kiln-dsl; must not depend on codegen or the root crate.
 
-// `#[cube]` generates undocumented expansion items inside the operator modules.
-#[allow(missing_docs)]
 pub mod elementwise;
-#[allow(missing_docs)]
 pub mod gla;
 mod launch;
-#[allow(missing_docs)]
 pub mod matmul;
-#[allow(missing_docs)]
 pub mod qgemm;
-#[allow(missing_docs)]
 pub mod rowwise;
 
 use kiln_runtime::{Error, KernelSpec, OpSpec, Result};

@@ -4,14 +4,18 @@
 //! (each a list of integer values, which become comptime `u32` parameters of the
 //! kernel), constraints among them, the shape and the device (`require`), the autotune
 //! key (`key`), the launch grid and the cube size. It generates the cubecl kernel, a
-//! typed config, a validated `launch` returning `Result`, `space`/`key`/`tuned` for the
-//! autotuner, and a `KernelSpec` for `kiln emit`. Misuse is a compile error at the
+//! typed config, named-argument structs (`FooArgs`, `FooProblem`), a validated `launch`
+//! returning `Result`, `space`/`key`/`tuned` for the autotuner, and a `KernelSpec` that
+//! registers itself for `kiln emit`. `#[comptime]` arguments may be `bool`, `u32` or
+//! enums (`comptime_enum!`); `require` may ask for typed device capabilities
+//! (`device.has(Capability::TensorCores)`). Misuse is a compile error at the
 //! offending span (pinned by the compile-fail tests in `tests/ui`).
 //!
 //! Must not depend on kiln's runtime or kernels: generated code names them by path.
 
 mod args;
 mod expand;
+mod names;
 mod signature;
 
 use proc_macro::TokenStream;

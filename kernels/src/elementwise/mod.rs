@@ -26,28 +26,43 @@ use kiln_runtime::{
 
 /// `x + y`, with `y` broadcast over `x`'s leading dimensions.
 pub fn add(x: &Tensor, y: &Tensor) -> Result<Tensor> {
-    binary(x, y, OP_ADD)
+    binary(x, y, BinaryOp::Add)
 }
 
 /// `x * y`, with `y` broadcast over `x`'s leading dimensions.
 pub fn mul(x: &Tensor, y: &Tensor) -> Result<Tensor> {
-    binary(x, y, OP_MUL)
+    binary(x, y, BinaryOp::Mul)
 }
 
 /// SiLU, `x * sigmoid(x)`, computed in f32.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    unary(x, OP_SILU)
+    unary(x, UnaryOp::Silu)
 }
 
 /// GELU (tanh approximation), computed in f32.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    unary(x, OP_GELU)
+    unary(x, UnaryOp::Gelu)
 }
 
-const OP_ADD: u32 = 0;
-const OP_MUL: u32 = 1;
-const OP_SILU: u32 = 2;
-const OP_GELU: u32 = 3;
+kiln_runtime::comptime_enum! {
+    /// The operation of the binary kernel (one compiled variant each).
+    pub enum BinaryOp {
+        /// `x + y`.
+        Add = "add",
+        /// `x * y`.
+        Mul = "mul",
+    }
+}
+
+kiln_runtime::comptime_enum! {
+    /// The activation of the unary kernel (one compiled variant each).
+    pub enum UnaryOp {
+        /// `x * sigmoid(x)`.
+        Silu = "silu",
+        /// GELU, tanh form.
+        Gelu = "gelu",
+    }
+}
 
 /// Checks that `y`'s shape is a suffix of `x`'s (ignoring leading 1s of `y`).
 fn check_broadcast(x: &[usize], y: &[usize]) -> Result<()> {
@@ -68,7 +83,7 @@ fn check_broadcast(x: &[usize], y: &[usize]) -> Result<()> {
     }
 }
 
-fn binary(x: &Tensor, y: &Tensor, op: u32) -> Result<Tensor> {
+fn binary(x: &Tensor, y: &Tensor, op: BinaryOp) -> Result<Tensor> {
     let client = x.client();
     check_input("x", x, client)?;
     check_input("y", y, client)?;
@@ -119,7 +134,7 @@ fn binary(x: &Tensor, y: &Tensor, op: u32) -> Result<Tensor> {
     Ok(out)
 }
 
-fn unary(x: &Tensor, op: u32) -> Result<Tensor> {
+fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
     let client = x.client();
     check_input("x", x, client)?;
     let out = Tensor::empty(client, x.dtype(), x.shape())?;
@@ -166,7 +181,7 @@ fn binary_kernel<F: Float, N: Size>(
     y_len: u32,
     stride: u32,
     step: u32,
-    #[comptime] op: u32,
+    #[comptime] op: BinaryOp,
 ) {
     let mut i = linear_unit();
     let mut j = i % y_len as usize;
@@ -175,7 +190,7 @@ fn binary_kernel<F: Float, N: Size>(
         if i < len as usize {
             let a = x[i];
             let b = y[j];
-            if comptime!(op == OP_ADD) {
+            if comptime!(op == BinaryOp::Add) {
                 out[i] = a + b;
             } else {
                 out[i] = a * b;
@@ -195,12 +210,12 @@ fn unary_kernel<F: Float, N: Size>(
     x: &Array<Vector<F, N>>,
     out: &mut Array<Vector<F, N>>,
     len: u32,
-    #[comptime] op: u32,
+    #[comptime] op: UnaryOp,
 ) {
     let i = linear_unit();
     if i < len as usize {
         let v = Vector::<f32, N>::cast_from(x[i]);
-        if comptime!(op == OP_SILU) {
+        if comptime!(op == UnaryOp::Silu) {
             out[i] = Vector::<F, N>::cast_from(silu_f32::<N>(v));
         } else {
             out[i] = Vector::<F, N>::cast_from(gelu_tanh::<N>(v));
@@ -261,27 +276,27 @@ const Y: TensorSpec = TensorSpec::new(
 );
 const OUT: TensorSpec = TensorSpec::new("out", "x's shape", "x's dtype", false, "result");
 
-fn run_binary(client: &Client, a: &OpArgs, op: u32) -> Result<Outputs> {
+fn run_binary(client: &Client, a: &OpArgs, op: BinaryOp) -> Result<Outputs> {
     let (x, y) = (a.tensor("x")?, a.tensor("y")?);
     x.expect_usable("x", client)?;
     Ok(vec![("out", binary(x, y, op)?)])
 }
-fn run_unary(client: &Client, a: &OpArgs, op: u32) -> Result<Outputs> {
+fn run_unary(client: &Client, a: &OpArgs, op: UnaryOp) -> Result<Outputs> {
     let x = a.tensor("x")?;
     x.expect_usable("x", client)?;
     Ok(vec![("out", unary(x, op)?)])
 }
 fn run_add(c: &Client, a: &OpArgs) -> Result<Outputs> {
-    run_binary(c, a, OP_ADD)
+    run_binary(c, a, BinaryOp::Add)
 }
 fn run_mul(c: &Client, a: &OpArgs) -> Result<Outputs> {
-    run_binary(c, a, OP_MUL)
+    run_binary(c, a, BinaryOp::Mul)
 }
 fn run_silu(c: &Client, a: &OpArgs) -> Result<Outputs> {
-    run_unary(c, a, OP_SILU)
+    run_unary(c, a, UnaryOp::Silu)
 }
 fn run_gelu(c: &Client, a: &OpArgs) -> Result<Outputs> {
-    run_unary(c, a, OP_GELU)
+    run_unary(c, a, UnaryOp::Gelu)
 }
 
 /// `add`: `out = x + y`.
@@ -357,26 +372,31 @@ fn config_vector(cfg: &KernelConfig) -> Result<usize> {
     }
 }
 
-fn define(
-    builder: KernelBuilder,
-    cfg: &KernelConfig,
-    op: u32,
-    name: &str,
-) -> Result<KernelDefinition> {
+/// The operation an element-wise kernel entry emits.
+#[derive(Clone, Copy)]
+enum Op {
+    Binary(BinaryOp),
+    Unary(UnaryOp),
+}
+
+fn define(builder: KernelBuilder, cfg: &KernelConfig, op: Op) -> Result<KernelDefinition> {
     let dtype = config_dtype(cfg)?;
     let w = config_vector(cfg)?;
+    let name = match op {
+        Op::Binary(o) => o.to_string(),
+        Op::Unary(o) => o.to_string(),
+    };
     let entry = format!("kiln_{name}_{dtype}_v{w}");
-    with_float!(dtype, F => Ok(if op == OP_ADD || op == OP_MUL {
-        define_binary::<F>(builder, w, op, entry)
-    } else {
-        define_unary::<F>(builder, w, op, entry)
+    with_float!(dtype, F => Ok(match op {
+        Op::Binary(o) => define_binary::<F>(builder, w, o, entry),
+        Op::Unary(o) => define_unary::<F>(builder, w, o, entry),
     }))
 }
 
 fn define_binary<F: Float>(
     mut b: KernelBuilder,
     w: usize,
-    op: u32,
+    op: BinaryOp,
     entry: String,
 ) -> KernelDefinition {
     type V = Vector<binary_kernel::F, binary_kernel::N>;
@@ -408,7 +428,7 @@ fn define_binary<F: Float>(
 fn define_unary<F: Float>(
     mut b: KernelBuilder,
     w: usize,
-    op: u32,
+    op: UnaryOp,
     entry: String,
 ) -> KernelDefinition {
     type V = Vector<unary_kernel::F, unary_kernel::N>;
@@ -423,16 +443,16 @@ fn define_unary<F: Float>(
 }
 
 fn define_add(b: KernelBuilder, c: &KernelConfig) -> Result<KernelDefinition> {
-    define(b, c, OP_ADD, "add")
+    define(b, c, Op::Binary(BinaryOp::Add))
 }
 fn define_mul(b: KernelBuilder, c: &KernelConfig) -> Result<KernelDefinition> {
-    define(b, c, OP_MUL, "mul")
+    define(b, c, Op::Binary(BinaryOp::Mul))
 }
 fn define_silu(b: KernelBuilder, c: &KernelConfig) -> Result<KernelDefinition> {
-    define(b, c, OP_SILU, "silu")
+    define(b, c, Op::Unary(UnaryOp::Silu))
 }
 fn define_gelu(b: KernelBuilder, c: &KernelConfig) -> Result<KernelDefinition> {
-    define(b, c, OP_GELU, "gelu")
+    define(b, c, Op::Unary(UnaryOp::Gelu))
 }
 
 const EW_CONFIG: &[ParamSpec] = &[DTYPE_PARAM, VECTOR_PARAM];

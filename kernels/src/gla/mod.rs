@@ -1,4 +1,4 @@
-//! Gated Linear Attention (spec: `shared/specs/gla.md`; Yang et al., arXiv 2312.06635).
+//! Gated Linear Attention (Yang et al., arXiv 2312.06635; the math and numerics are in `docs/gla.md`).
 //!
 //! Per (sequence, head), with the state `S` a `K x V` matrix:
 //! `S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t`, `o_t = scale q_t S_t`, `ht = S_T`.

@@ -28,8 +28,7 @@ use kiln_runtime::{shape_str, tune::Choice, Client, DType, Error, Result, Tensor
 pub use registry::MATMUL;
 use tiled::{clamped_strided, store_epilogue};
 pub use tiled::{
-    matmul_tiled, MatmulTiled, MatmulTiledArgs, MatmulTiledConfig, MatmulTiledProblem,
-    MATMUL_TILED_KERNEL,
+    MatmulTiled, MatmulTiledArgs, MatmulTiledConfig, MatmulTiledProblem, MATMUL_TILED_KERNEL,
 };
 pub use vec4::{
     MatmulVec4, MatmulVec4Args, MatmulVec4Config, MatmulVec4Problem, MATMUL_VEC4_KERNEL,
@@ -406,44 +405,27 @@ trait KernelChoice {
     ) -> Result<()>;
 }
 
-impl KernelChoice for TileConfig {
-    fn launch(
-        &self,
-        client: &Client,
-        a: &Tensor,
-        b: &Tensor,
-        c: &Tensor,
-        p: &Problem,
-        ep: &Epilogue<'_>,
-    ) -> Result<()> {
-        MatmulTiled::launch(client, self, &matmul_args!(MatmulTiledArgs, a, b, c, p, ep))
-    }
+/// `KernelChoice` for a kernel's configuration type: it launches that kernel.
+macro_rules! kernel_choice {
+    ($($config:ty => $kernel:ident, $args:ident;)*) => {$(
+        impl KernelChoice for $config {
+            fn launch(
+                &self,
+                client: &Client,
+                a: &Tensor,
+                b: &Tensor,
+                c: &Tensor,
+                p: &Problem,
+                ep: &Epilogue<'_>,
+            ) -> Result<()> {
+                $kernel::launch(client, self, &matmul_args!($args, a, b, c, p, ep))
+            }
+        }
+    )*};
 }
 
-impl KernelChoice for MatmulCmmaConfig {
-    fn launch(
-        &self,
-        client: &Client,
-        a: &Tensor,
-        b: &Tensor,
-        c: &Tensor,
-        p: &Problem,
-        ep: &Epilogue<'_>,
-    ) -> Result<()> {
-        MatmulCmma::launch(client, self, &matmul_args!(MatmulCmmaArgs, a, b, c, p, ep))
-    }
-}
-
-impl KernelChoice for MatmulVec4Config {
-    fn launch(
-        &self,
-        client: &Client,
-        a: &Tensor,
-        b: &Tensor,
-        c: &Tensor,
-        p: &Problem,
-        ep: &Epilogue<'_>,
-    ) -> Result<()> {
-        MatmulVec4::launch(client, self, &matmul_args!(MatmulVec4Args, a, b, c, p, ep))
-    }
+kernel_choice! {
+    TileConfig => MatmulTiled, MatmulTiledArgs;
+    MatmulCmmaConfig => MatmulCmma, MatmulCmmaArgs;
+    MatmulVec4Config => MatmulVec4, MatmulVec4Args;
 }

@@ -33,7 +33,7 @@ pub const TILE_K: u32 = 32;
 /// Double Rounding: the int8 code at byte `index`, shifted right by `shift` bits with
 /// ties to even, clamped to the signed `8 - shift`-bit range, times `scale 2^shift`.
 #[cube]
-pub fn dequant_i8(qweight: &Array<u32>, index: u32, scale: f32, shift: u32) -> f32 {
+pub(crate) fn dequant_i8(qweight: &Array<u32>, index: u32, scale: f32, shift: u32) -> f32 {
     let q = shift_round_half_even(load_i8(qweight, index), shift);
     let half = i32::cast_from(128u32 >> shift);
     let qc = clamp(q, -half, half - 1);
@@ -277,7 +277,7 @@ pub fn qgemm_tiled<F: Float>(
 /// The AWQ nibble slot of column `j` of a group of eight: AWQ packs columns in the
 /// order [0, 2, 4, 6, 1, 3, 5, 7], so column j sits in slot `j / 2 + 4 (j % 2)`.
 #[cube]
-pub fn awq_slot(j: u32) -> u32 {
+pub(crate) fn awq_slot(j: u32) -> u32 {
     j / 2 + 4 * (j % 2)
 }
 

@@ -1,4 +1,4 @@
-//! Quantized GEMMs (spec: `shared/specs/qgemm.md`): weight-only int4 (GPTQ and AWQ
+//! Quantized GEMMs (the math and numerics are in `docs/qgemm.md`): weight-only int4 (GPTQ and AWQ
 //! checkpoints), int8 x int8, int8 weights viewed at 8/6/4/2 bits (Double Rounding),
 //! and FlexRound's fake quantization for training.
 //!
@@ -29,8 +29,8 @@ mod w8a8_host;
 mod weight_only;
 
 pub use dequant::{
-    awq_slot, dequant_i8, QgemmGemv, QgemmGemvArgs, QgemmTiled, QgemmTiledArgs, W4a16Repack,
-    W4a16RepackArgs, WeightKind, TILE_K,
+    QgemmGemv, QgemmGemvArgs, QgemmTiled, QgemmTiledArgs, W4a16Repack, W4a16RepackArgs, WeightKind,
+    TILE_K,
 };
 pub use flexround::{
     FlexroundBackwardCols, FlexroundBackwardColsArgs, FlexroundBackwardRows,

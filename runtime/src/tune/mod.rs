@@ -16,8 +16,14 @@
 //! `cache` (use cached winners, else the first candidate, never time), `off` (always
 //! the first candidate).
 
+mod cache;
+mod choice;
+pub use cache::default_cache_dir;
+use cache::{device_prefix, write_atomic, CacheFile, Entry, CACHE_VERSION};
+pub use choice::Choice;
+
 use crate::{Client, Error, HostTensor, Result, Tensor};
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
@@ -59,97 +65,6 @@ pub struct TuneKey {
     pub source_hash: String,
     /// The bucketed problem key, e.g. `rows=2048;cols=2048;dtype=f32`.
     pub shape: String,
-}
-
-/// A tuning decision among candidates that may come from several kernels, or be
-/// whole algorithms (a GEMV against a tiled GEMM, a fused kernel against a pipeline):
-/// one key type and one validation rule for every such choice.
-///
-/// The key is the decision's name, a hash of the sources of every kernel a candidate
-/// may run (an edited kernel or DSL function is tuned anew), and named problem
-/// dimensions, bucketed to powers of two ([`Choice::dim`]) or exact ([`Choice::exact`]).
-///
-/// ```ignore
-/// let path = Choice::new("qgemm_path")
-///     .sources([QgemmGemv::source_hash(), QgemmTiled::source_hash()])
-///     .dim("m", m).dim("n", n).dim("k", k).exact("dtype", y.dtype())
-///     .candidates([Path::Gemv, Path::Tiled])
-///     .tune(client, 1e-2, |p| format!("{p:?}"), |&p| Ok(vec![run(p)?]))?;
-/// ```
-#[derive(Clone, Debug)]
-pub struct Choice<C> {
-    name: &'static str,
-    sources: Vec<String>,
-    shape: Vec<String>,
-    candidates: Vec<C>,
-}
-
-impl<C> Choice<C>
-where
-    C: Clone + PartialEq + Serialize + DeserializeOwned,
-{
-    /// A decision named `name` (as it appears in `kiln tune` and the cache).
-    pub fn new(name: &'static str) -> Self {
-        Choice {
-            name,
-            sources: Vec::new(),
-            shape: Vec::new(),
-            candidates: Vec::new(),
-        }
-    }
-
-    /// The source hashes of the kernels the candidates may run.
-    pub fn sources<S: Into<String>>(mut self, hashes: impl IntoIterator<Item = S>) -> Self {
-        self.sources.extend(hashes.into_iter().map(Into::into));
-        self
-    }
-
-    /// A problem dimension, rounded up to a power of two in the key.
-    pub fn dim(mut self, name: &str, value: usize) -> Self {
-        self.shape
-            .push(format!("{name}={}", value.next_power_of_two()));
-        self
-    }
-
-    /// A key part taken as it is (a dtype, a flag, a mode).
-    pub fn exact(mut self, name: &str, value: impl std::fmt::Display) -> Self {
-        self.shape.push(format!("{name}={value}"));
-        self
-    }
-
-    /// Adds candidates, in preference order: the first is what runs untuned, and the
-    /// reference every other candidate's outputs are checked against.
-    pub fn candidates(mut self, candidates: impl IntoIterator<Item = C>) -> Self {
-        self.candidates.extend(candidates);
-        self
-    }
-
-    /// The candidates so far.
-    pub fn list(&self) -> &[C] {
-        &self.candidates
-    }
-
-    /// The cache key of this decision.
-    pub fn key(&self) -> TuneKey {
-        TuneKey {
-            kernel: self.name,
-            source_hash: fnv1a_hex(&self.sources.concat()),
-            shape: self.shape.join(";"),
-        }
-    }
-
-    /// Picks a candidate with the global [`Autotuner`]: `run` launches one and returns
-    /// its outputs, which must agree with the first candidate's within `tolerance`
-    /// (see [`Autotuner::tune`]) before its time counts.
-    pub fn tune(
-        &self,
-        client: &Client,
-        tolerance: f64,
-        label: impl Fn(&C) -> String,
-        run: impl Fn(&C) -> Result<Vec<Tensor>>,
-    ) -> Result<C> {
-        Autotuner::global().tune(client, &self.key(), &self.candidates, label, run, tolerance)
-    }
 }
 
 /// How one candidate fared.
@@ -217,43 +132,8 @@ pub enum TuneEvent {
     },
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-struct Entry {
-    config: serde_json::Value,
-    label: String,
-    median_us: f64,
-}
-
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct CacheFile {
-    version: u32,
-    entries: BTreeMap<String, Entry>,
-}
-
-const CACHE_VERSION: u32 = 1;
-
 /// Timing budget per candidate after its first (validated) run.
 const TIME_BUDGET: Duration = Duration::from_millis(500);
-
-/// The default cache directory (see the module docs).
-pub fn default_cache_dir() -> PathBuf {
-    let env = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    if let Some(d) = env("KILN_CACHE_DIR") {
-        return d;
-    }
-    let base = if cfg!(target_os = "windows") {
-        env("LOCALAPPDATA")
-    } else if cfg!(target_os = "macos") {
-        env("HOME").map(|h| h.join("Library/Caches"))
-    } else {
-        env("XDG_CACHE_HOME").or_else(|| env("HOME").map(|h| h.join(".cache")))
-    };
-    base.unwrap_or_else(std::env::temp_dir).join("kiln")
-}
 
 /// The autotuner and its cache file.
 pub struct Autotuner {
@@ -577,22 +457,6 @@ impl Autotuner {
         self.persist(f.entries);
         Ok(n)
     }
-}
-
-fn device_prefix(client: &Client) -> String {
-    let r = client.report();
-    format!("{}|{:?}|{}|", r.name, r.backend, r.driver)
-}
-
-/// Writes JSON to a temporary file beside `path`, then renames it over `path`.
-fn write_atomic(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
 }
 
 /// `None` when every output agrees within `tolerance`, else what differs.

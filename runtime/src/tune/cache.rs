@@ -1,0 +1,57 @@
+//! The tune cache on disk: its file format, location and atomic writes.
+
+use crate::Client;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub(super) struct Entry {
+    pub(super) config: serde_json::Value,
+    pub(super) label: String,
+    pub(super) median_us: f64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(super) struct CacheFile {
+    pub(super) version: u32,
+    pub(super) entries: BTreeMap<String, Entry>,
+}
+
+pub(super) const CACHE_VERSION: u32 = 1;
+
+/// The default cache directory (see the module docs).
+pub fn default_cache_dir() -> PathBuf {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(d) = env("KILN_CACHE_DIR") {
+        return d;
+    }
+    let base = if cfg!(target_os = "windows") {
+        env("LOCALAPPDATA")
+    } else if cfg!(target_os = "macos") {
+        env("HOME").map(|h| h.join("Library/Caches"))
+    } else {
+        env("XDG_CACHE_HOME").or_else(|| env("HOME").map(|h| h.join(".cache")))
+    };
+    base.unwrap_or_else(std::env::temp_dir).join("kiln")
+}
+
+pub(super) fn device_prefix(client: &Client) -> String {
+    let r = client.report();
+    format!("{}|{:?}|{}|", r.name, r.backend, r.driver)
+}
+
+/// Writes JSON to a temporary file beside `path`, then renames it over `path`.
+pub(super) fn write_atomic(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}

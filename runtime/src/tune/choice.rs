@@ -1,0 +1,96 @@
+//! Choices between kernels or algorithms, tuned like a kernel's configurations.
+
+use super::{fnv1a_hex, Autotuner, TuneKey};
+use crate::{Client, Result, Tensor};
+use serde::{de::DeserializeOwned, Serialize};
+
+/// A tuning decision among candidates that may come from several kernels, or be
+/// whole algorithms (a GEMV against a tiled GEMM, a fused kernel against a pipeline):
+/// one key type and one validation rule for every such choice.
+///
+/// The key is the decision's name, a hash of the sources of every kernel a candidate
+/// may run (an edited kernel or DSL function is tuned anew), and named problem
+/// dimensions, bucketed to powers of two ([`Choice::dim`]) or exact ([`Choice::exact`]).
+///
+/// ```ignore
+/// let path = Choice::new("qgemm_path")
+///     .sources([QgemmGemv::source_hash(), QgemmTiled::source_hash()])
+///     .dim("m", m).dim("n", n).dim("k", k).exact("dtype", y.dtype())
+///     .candidates([Path::Gemv, Path::Tiled])
+///     .tune(client, 1e-2, |p| format!("{p:?}"), |&p| Ok(vec![run(p)?]))?;
+/// ```
+#[derive(Clone, Debug)]
+pub struct Choice<C> {
+    name: &'static str,
+    sources: Vec<String>,
+    shape: Vec<String>,
+    candidates: Vec<C>,
+}
+
+impl<C> Choice<C>
+where
+    C: Clone + PartialEq + Serialize + DeserializeOwned,
+{
+    /// A decision named `name` (as it appears in `kiln tune` and the cache).
+    pub fn new(name: &'static str) -> Self {
+        Choice {
+            name,
+            sources: Vec::new(),
+            shape: Vec::new(),
+            candidates: Vec::new(),
+        }
+    }
+
+    /// The source hashes of the kernels the candidates may run.
+    pub fn sources<S: Into<String>>(mut self, hashes: impl IntoIterator<Item = S>) -> Self {
+        self.sources.extend(hashes.into_iter().map(Into::into));
+        self
+    }
+
+    /// A problem dimension, rounded up to a power of two in the key.
+    pub fn dim(mut self, name: &str, value: usize) -> Self {
+        self.shape
+            .push(format!("{name}={}", value.next_power_of_two()));
+        self
+    }
+
+    /// A key part taken as it is (a dtype, a flag, a mode).
+    pub fn exact(mut self, name: &str, value: impl std::fmt::Display) -> Self {
+        self.shape.push(format!("{name}={value}"));
+        self
+    }
+
+    /// Adds candidates, in preference order: the first is what runs untuned, and the
+    /// reference every other candidate's outputs are checked against.
+    pub fn candidates(mut self, candidates: impl IntoIterator<Item = C>) -> Self {
+        self.candidates.extend(candidates);
+        self
+    }
+
+    /// The candidates so far.
+    pub fn list(&self) -> &[C] {
+        &self.candidates
+    }
+
+    /// The cache key of this decision.
+    pub fn key(&self) -> TuneKey {
+        TuneKey {
+            kernel: self.name,
+            source_hash: fnv1a_hex(&self.sources.concat()),
+            shape: self.shape.join(";"),
+        }
+    }
+
+    /// Picks a candidate with the global [`Autotuner`]: `run` launches one and returns
+    /// its outputs, which must agree with the first candidate's within `tolerance`
+    /// (see [`Autotuner::tune`]) before its time counts.
+    pub fn tune(
+        &self,
+        client: &Client,
+        tolerance: f64,
+        label: impl Fn(&C) -> String,
+        run: impl Fn(&C) -> Result<Vec<Tensor>>,
+    ) -> Result<C> {
+        Autotuner::global().tune(client, &self.key(), &self.candidates, label, run, tolerance)
+    }
+}
