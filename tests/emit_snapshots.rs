@@ -34,15 +34,19 @@ fn softmax_cuda_f16() {
 
 #[test]
 fn add_wgsl_f16_vec4() {
-    insta::assert_snapshot!(source("add", Target::Wgsl, &[("dtype", "f16")]));
+    insta::assert_snapshot!(source(
+        "elementwise_binary",
+        Target::Wgsl,
+        &[("dtype", "f16"), ("op", "add")]
+    ));
 }
 
 #[test]
 fn gelu_cuda_bf16_vec2() {
     insta::assert_snapshot!(source(
-        "gelu",
+        "elementwise_unary",
         Target::Cuda,
-        &[("dtype", "bf16"), ("vector", "2")]
+        &[("dtype", "bf16"), ("vector", "2"), ("op", "gelu")]
     ));
 }
 
@@ -63,7 +67,7 @@ fn emission_is_deterministic() {
 #[test]
 fn matmul_cuda_staged_f16_fused() {
     insta::assert_snapshot!(source(
-        "matmul",
+        "matmul_staged",
         Target::Cuda,
         &[
             ("dtype", "f16"),
@@ -72,7 +76,6 @@ fn matmul_cuda_staged_f16_fused() {
             ("BK", "16"),
             ("TM", "4"),
             ("TN", "4"),
-            ("STAGE", "1"),
             ("VEC", "4"),
             ("has_bias", "true"),
             ("act", "gelu")
@@ -99,16 +102,13 @@ fn matmul_vec4_wgsl_trans_b_bias() {
 #[test]
 fn matmul_wgsl_direct_trans_b() {
     insta::assert_snapshot!(source(
-        "matmul",
+        "matmul_direct",
         Target::Wgsl,
         &[
             ("BM", "4"),
             ("BN", "256"),
-            ("BK", "1"),
             ("TM", "1"),
             ("TN", "4"),
-            ("STAGE", "0"),
-            ("VEC", "1"),
             ("trans_b", "true"),
             ("has_residual", "true")
         ]

@@ -140,7 +140,7 @@ fn every_vec4_config(dtype: DType) {
                 activation: Activation::Silu,
                 residual: Some(&res),
             };
-            let c = matmul::matmul_vec4_with(&a, &b, trans_b, ep, cfg)
+            let c = matmul::matmul_with(&a, &b, trans_b, ep, matmul::MatmulConfig::Vec4(cfg))
                 .unwrap()
                 .download()
                 .unwrap();

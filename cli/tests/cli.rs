@@ -213,16 +213,19 @@ fn emit_prints_cuda_and_wgsl_without_a_device() {
         &["parameter `UNITS`", "48"],
     );
     assert_clear_error(
-        &kiln(&["emit", "add", "--config", "tile=4"]),
+        &kiln(&["emit", "elementwise_binary", "--config", "tile=4"]),
         &["no parameter `tile`"],
     );
-    assert_clear_error(&kiln(&["emit", "add", "--config", "dtype=bf16"]), &["bf16"]);
     assert_clear_error(
-        &kiln(&["emit", "add", "--config", "dtype=bfloat16"]),
+        &kiln(&["emit", "elementwise_binary", "--config", "dtype=bf16"]),
         &["bf16"],
     );
     assert_clear_error(
-        &kiln(&["emit", "add", "--config", "dtype=i8"]),
+        &kiln(&["emit", "elementwise_binary", "--config", "dtype=bfloat16"]),
+        &["bf16"],
+    );
+    assert_clear_error(
+        &kiln(&["emit", "elementwise_binary", "--config", "dtype=i8"]),
         &["parameter `dtype`", "f32 | f16 | bf16", "i8"],
     );
 }

@@ -46,6 +46,9 @@ pub struct KernelArgs {
     pub name: Option<LitStr>,
     /// Emission defaults of `#[comptime]` arguments (`defaults(chunk = 64)`).
     pub defaults: Vec<(Ident, Expr)>,
+    /// Vector widths of the kernel's `N: Size` generic, widest first (`vector = [4, 2, 1]`):
+    /// at launch, the widest that divides every `Array<Vector<_, N>>` argument's length.
+    pub vector: Option<(Span, Vec<u32>)>,
 }
 
 fn tuple_or_single(e: Expr) -> Vec<Expr> {
@@ -142,6 +145,7 @@ impl Parse for KernelArgs {
             cube: None,
             name: None,
             defaults: vec![],
+            vector: None,
         };
         while !input.is_empty() {
             let section: Ident = input.parse()?;
@@ -224,6 +228,23 @@ impl Parse for KernelArgs {
                     input.parse::<Token![=]>()?;
                     args.name = Some(input.parse()?);
                 }
+                "vector" => {
+                    input.parse::<Token![=]>()?;
+                    let list;
+                    let brackets = bracketed!(list in input);
+                    let lits = Punctuated::<LitInt, Token![,]>::parse_terminated(&list)?;
+                    let widths = lits
+                        .iter()
+                        .map(|l| l.base10_parse::<u32>())
+                        .collect::<syn::Result<Vec<_>>>()?;
+                    if widths.is_empty() || widths.iter().any(|w| ![1, 2, 4, 8].contains(w)) {
+                        return Err(syn::Error::new(
+                            brackets.span.join(),
+                            "`vector` lists widths among 1, 2, 4 and 8, widest first",
+                        ));
+                    }
+                    args.vector = Some((section.span(), widths));
+                }
                 "defaults" => {
                     let content;
                     parenthesized!(content in input);
@@ -247,7 +268,7 @@ impl Parse for KernelArgs {
                 other => {
                     return Err(syn::Error::new(
                         section.span(),
-                        format!("unknown `#[kiln::kernel]` section `{other}`: expected tune, require, key, grid, cube, name or defaults"),
+                        format!("unknown `#[kiln::kernel]` section `{other}`: expected tune, require, key, grid, cube, name, defaults or vector"),
                     ))
                 }
             }

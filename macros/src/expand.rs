@@ -57,7 +57,32 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
     let shape_names = format!("a tunable, a scalar argument of `{kname}`, or `device`");
     check_idents(&args.require, &allowed, "require", &shape_names)?;
     let grid = args.grid.clone().unwrap_or_default();
-    check_idents(&grid, &allowed, "grid", &shape_names)?;
+    // The kernel's vector width (`N: Size`), chosen at launch, may size the grid.
+    match (&sig.vector, &args.vector) {
+        (Some(n), None) => {
+            return Err(syn::Error::new(
+                n.span(),
+                format!("`{kname}` has a vector-width generic `{n}`: declare its widths, e.g. `vector = [4, 2, 1]`"),
+            ))
+        }
+        (None, Some((span, _))) => {
+            return Err(syn::Error::new(
+                *span,
+                format!("`vector` needs a vector-width generic on `{kname}` (`N: Size`, arrays `&Array<Vector<F, N>>`)"),
+            ))
+        }
+        _ => {}
+    }
+    let mut grid_allowed = allowed.clone();
+    if sig.vector.is_some() {
+        grid_allowed.push("VECTOR".into());
+    }
+    let grid_names = if sig.vector.is_some() {
+        format!("a tunable, a scalar argument of `{kname}`, `VECTOR` or `device`")
+    } else {
+        shape_names.clone()
+    };
+    check_idents(&grid, &grid_allowed, "grid", &grid_names)?;
     let cube = args.cube.clone().unwrap_or_default();
     let tun_names: Vec<String> = tunables.iter().map(|t| t.to_string()).collect();
     let mut cube_names = tun_names.clone();
@@ -162,7 +187,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         .filter_map(|a| match a {
             Arg::Input { name, elem, width } | Arg::Output { name, elem, width } => {
                 let n = name.to_string();
-                let width_check = (*width > 1).then(|| quote! {
+                let width_check = (*width > 1 && *width != 0).then(|| quote! {
                     if #name.numel() % (#width as usize) != 0 {
                         return Err(#rt::Error::Shape {
                             tensor: #n.into(),
@@ -222,19 +247,62 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         2 => quote!(#rt::cubecl::prelude::CubeDim::new_2d(#(#cube_exprs),*)),
         _ => quote!(#rt::cubecl::prelude::CubeDim::new_3d(#(#cube_exprs),*)),
     };
+    // `N: Size` arrays: the widest declared width dividing every one's length.
+    let vector_args: Vec<&Ident> = sig
+        .args
+        .iter()
+        .filter_map(|a| match a {
+            Arg::Input { name, width: 0, .. } | Arg::Output { name, width: 0, .. } => Some(name),
+            _ => None,
+        })
+        .collect();
+    let vector_widths: Vec<u32> = args
+        .vector
+        .as_ref()
+        .map(|(_, w)| w.clone())
+        .unwrap_or_default();
+    let vector_list = vector_widths
+        .iter()
+        .map(|w| w.to_string())
+        .collect::<Vec<_>>()
+        .join(" | ");
+    let bind_vector = match vector_args.first() {
+        Some(first) => {
+            let first_str = first.to_string();
+            quote! {
+                let VECTOR: u32 = {
+                    let __lens = [#(#vector_args.numel()),*];
+                    [#(#vector_widths),*]
+                        .into_iter()
+                        .find(|w| __lens.iter().all(|l| l % (*w as usize) == 0))
+                        .ok_or_else(|| #rt::Error::Shape {
+                            tensor: #first_str.into(),
+                            expected: format!("a number of elements divisible by one of the vector widths {}", #vector_list),
+                            found: #rt::shape_str(#first.shape()),
+                        })?
+                };
+            }
+        }
+        None => quote!(),
+    };
+    let vector_launch_arg = if sig.vector.is_some() {
+        quote!(VECTOR as usize,)
+    } else {
+        quote!()
+    };
     let kernel_call = match &sig.generic {
         Some(_) => quote! {
             #rt::dispatch!(client, __c => #rt::with_float!(__dtype, __F => {
                 // SAFETY: kiln kernels guard their own indices (launch_unchecked only
                 // skips cubecl's bounds checks); arrays are bound with their lengths.
-                unsafe { #kname::launch_unchecked::<__F, _>(__c, __count, __dim, #(#launch_args,)* #(cfg.#tunables),*) };
+                unsafe { #kname::launch_unchecked::<__F, _>(__c, __count, __dim, #vector_launch_arg #(#launch_args,)* #(cfg.#tunables),*) };
                 Ok(())
             }))
         },
         None => quote! {
             #rt::dispatch!(client, __c => {
                 // SAFETY: as above.
-                unsafe { #kname::launch_unchecked::<_>(__c, __count, __dim, #(#launch_args,)* #(cfg.#tunables),*) };
+                unsafe { #kname::launch_unchecked::<_>(__c, __count, __dim, #vector_launch_arg #(#launch_args,)* #(cfg.#tunables),*) };
                 Ok::<(), #rt::Error>(())
             })
         },
@@ -397,7 +465,9 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
                     Elem::Generic => quote!(#kname::F),
                     Elem::Concrete(t) => quote!(#t),
                 };
-                if width > 1 {
+                if width == 0 {
+                    quote!(#rt::cubecl::prelude::Vector<#t, #kname::N>)
+                } else if width > 1 {
                     let w = width as usize;
                     quote!(#rt::cubecl::prelude::Vector<#t, #rt::cubecl::prelude::Const<#w>>)
                 } else {
@@ -433,9 +503,37 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
                 };
             },
             quote!(#rt::define::register_float::<#kname::_F, __F>(&mut __b);),
-            quote!(::<#kname::F>),
+            if sig.vector.is_some() {
+                quote!(::<#kname::F, #kname::N>)
+            } else {
+                quote!(::<#kname::F>)
+            },
         ),
-        None => (quote!(let __dtype = #rt::DType::F32;), quote!(), quote!()),
+        None => (
+            quote!(let __dtype = #rt::DType::F32;),
+            quote!(),
+            if sig.vector.is_some() {
+                quote!(::<#kname::N>)
+            } else {
+                quote!()
+            },
+        ),
+    };
+    // Emission: the vector width is a configuration knob.
+    let (vector_param, define_vector, expand_vector) = if sig.vector.is_some() {
+        let default = vector_widths.first().copied().unwrap_or(1).to_string();
+        (
+            quote!(#rt::ParamSpec { name: "vector", default: #default, values: #vector_list, doc: "vector width of the `N` arrays" },),
+            quote! {
+                let __w: u32 = cfg_in.get::<u32>("vector")?;
+                if ![#(#vector_widths),*].contains(&__w) {
+                    return Err(#rt::Error::Param { param: "vector".into(), expected: #vector_list.into(), found: __w.to_string() });
+                }
+            },
+            quote!(__w as usize,),
+        )
+    } else {
+        (quote!(), quote!(), quote!())
     };
     let dtype_param = if sig.generic.is_some() {
         quote!(#rt::ParamSpec { name: "dtype", default: "f32", values: "f32 | f16 | bf16", doc: "element type" },)
@@ -462,9 +560,20 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
             quote!(#rt::ParamSpec { name: #s, default: #default, values: <#ty as #rt::ComptimeParam>::VALUES, doc: "kernel specialisation" },)
         })
         .collect();
+    let entry_suffix = if sig.vector.is_some() {
+        quote!(format!("_v{}", __w))
+    } else {
+        quote!("")
+    };
+    let register_vector = if sig.vector.is_some() {
+        quote!(__b.scope.register_size::<#kname::N>((__w as usize).into());)
+    } else {
+        quote!()
+    };
     let define_body = quote! {
+        #register_vector
         #(#define_args)*
-        #kname::expand #expand_generic(&mut __b.scope, #(#host_names,)* #(cfg.#tunables),*);
+        #kname::expand #expand_generic(&mut __b.scope, #expand_vector #(#host_names,)* #(cfg.#tunables),*);
         Ok(#rt::define::finish_with(__b, __entry, __dim))
     };
     let define_dispatch = match &sig.generic {
@@ -597,6 +706,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
                         feature: format!("kernel `{}` with {} on this shape (its `require` does not hold)", #reg_name, Self::label(cfg)),
                     });
                 }
+                #bind_vector
                 let __count = #count;
                 let __dim = #cube_dim;
                 let __profile = #rt::profile::start(client)?;
@@ -641,7 +751,8 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
                 #bind_tunables
                 #(let #comptime_names: #comptime_tys = cfg_in.get_param::<#comptime_tys>(#comptime_strs)?;)*
                 let __dim = #cube_dim;
-                let __entry = format!("kiln_{}_{}_{}", #reg_name, __dtype, Self::label(&cfg).replace([' ', '='], "_"));
+                #define_vector
+                let __entry = format!("kiln_{}_{}_{}{}", #reg_name, __dtype, Self::label(&cfg).replace([' ', '='], "_"), #entry_suffix);
                 #rt::define::begin(&mut __b);
                 #define_dispatch
             }
@@ -653,6 +764,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
             summary: #summary,
             config: &[
                 #dtype_param
+                #vector_param
                 #(#comptime_params)*
                 #(#rt::ParamSpec { name: #tunable_strs, default: #tunable_defaults, values: #tunable_values, doc: "tunable" },)*
             ],

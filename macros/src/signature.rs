@@ -13,7 +13,8 @@ pub enum Elem {
 
 /// One kernel argument.
 pub enum Arg {
-    /// `&Array<T>`, or `&Array<Vector<T, Const<W>>>` (`width` W, else 1).
+    /// `&Array<T>`, or `&Array<Vector<T, Const<W>>>` (`width` W, else 1), or
+    /// `&Array<Vector<T, N>>` with the kernel's `N: Size` (`width` 0: chosen at launch).
     Input { name: Ident, elem: Elem, width: u32 },
     /// `&mut Array<T>`, or `&mut Array<Vector<T, Const<W>>>`.
     Output { name: Ident, elem: Elem, width: u32 },
@@ -40,6 +41,8 @@ pub struct Signature {
     pub name: Ident,
     /// The float generic, if any.
     pub generic: Option<Ident>,
+    /// The vector-width generic (`N: Size`), if any.
+    pub vector: Option<Ident>,
     pub args: Vec<Arg>,
 }
 
@@ -70,8 +73,9 @@ fn angle_args(ty: &Type, name: &str) -> Option<Vec<syn::GenericArgument>> {
     Some(a.args.iter().cloned().collect())
 }
 
-/// `Array<T>` -> (T, 1); `Array<Vector<T, Const<W>>>` -> (T, W) for W in 2, 4, 8.
-fn array_elem(ty: &Type, generic: &Option<Ident>) -> Option<(Elem, u32)> {
+/// `Array<T>` -> (T, 1); `Array<Vector<T, Const<W>>>` -> (T, W) for W in 2, 4, 8;
+/// `Array<Vector<T, N>>` with the kernel's `N: Size` -> (T, 0).
+fn array_elem(ty: &Type, generic: &Option<Ident>, vector: &Option<Ident>) -> Option<(Elem, u32)> {
     let args = angle_args(ty, "Array")?;
     let Some(syn::GenericArgument::Type(inner)) = args.first() else {
         return None;
@@ -83,6 +87,14 @@ fn array_elem(ty: &Type, generic: &Option<Ident>) -> Option<(Elem, u32)> {
     let [syn::GenericArgument::Type(t), syn::GenericArgument::Type(size)] = v.as_slice() else {
         return None;
     };
+    if let Type::Path(p) = size {
+        if p.path
+            .get_ident()
+            .is_some_and(|i| vector.as_ref() == Some(i))
+        {
+            return Some((scalar_elem(t, generic)?, 0));
+        }
+    }
     let c = angle_args(size, "Const")?;
     let Some(syn::GenericArgument::Const(syn::Expr::Lit(lit))) = c.first() else {
         return None;
@@ -99,8 +111,15 @@ fn array_elem(ty: &Type, generic: &Option<Ident>) -> Option<(Elem, u32)> {
 
 pub fn analyse(f: &ItemFn) -> syn::Result<Signature> {
     let mut generic = None;
+    let mut vector = None;
     for g in &f.sig.generics.params {
         match g {
+            GenericParam::Type(t)
+                if vector.is_none()
+                    && t.bounds.iter().any(|b| matches!(b, TypeParamBound::Trait(tr) if tr.path.segments.last().is_some_and(|s| s.ident == "Size"))) =>
+            {
+                vector = Some(t.ident.clone());
+            }
             GenericParam::Type(t)
                 if generic.is_none()
                     && t.bounds.iter().any(|b| matches!(b, TypeParamBound::Trait(tr) if tr.path.segments.last().is_some_and(|s| s.ident == "Float"))) =>
@@ -108,7 +127,7 @@ pub fn analyse(f: &ItemFn) -> syn::Result<Signature> {
                 generic = Some(t.ident.clone());
             }
             other => {
-                return Err(syn::Error::new_spanned(other, "#[kiln::kernel] supports one generic parameter, `F: Float`"));
+                return Err(syn::Error::new_spanned(other, "#[kiln::kernel] supports one `F: Float` generic and one `N: Size` generic (vector width)"));
             }
         }
     }
@@ -156,7 +175,7 @@ pub fn analyse(f: &ItemFn) -> syn::Result<Signature> {
         }
         let arg = match &*pt.ty {
             Type::Reference(r) => {
-                let (elem, width) = array_elem(&r.elem, &generic)
+                let (elem, width) = array_elem(&r.elem, &generic, &vector)
                     .ok_or_else(|| syn::Error::new_spanned(&pt.ty, ARG_HELP))?;
                 if r.mutability.is_some() {
                     Arg::Output { name, elem, width }
@@ -210,6 +229,7 @@ pub fn analyse(f: &ItemFn) -> syn::Result<Signature> {
     Ok(Signature {
         name: f.sig.ident.clone(),
         generic,
+        vector,
         args,
     })
 }

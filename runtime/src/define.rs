@@ -46,23 +46,9 @@ pub fn output_array<C: CubePrimitive>(builder: &mut KernelBuilder) -> NativeExpa
     <Array<C> as LaunchArg>::expand_output(&ArrayCompilationArg { inplace: None }, builder)
 }
 
-/// A u32 scalar argument of a kernel under definition.
-pub fn scalar_u32(builder: &mut KernelBuilder) -> NativeExpand<u32> {
-    <u32 as LaunchArg>::expand(&(), builder)
-}
-
 /// Starts a device-free definition the way cubecl's launch does: 32-bit addressing.
 pub fn begin(builder: &mut KernelBuilder) {
     AddressType::U32.register(&mut builder.scope);
-}
-
-/// Finishes a definition with kiln's entry-point name and a 1-D cube of `units`.
-pub fn finish(builder: KernelBuilder, name: String, units: u32) -> KernelDefinition {
-    let settings = KernelSettings::default()
-        .kernel_name(name)
-        .cube_dim(CubeDim::new_1d(units))
-        .address_type(AddressType::U32);
-    builder.build(settings)
 }
 
 /// Finishes a definition with an entry-point name and any cube shape.

@@ -8,19 +8,17 @@
 //! and shape. Activations are computed in f32 whatever the storage type.
 //! Kernels read and write 4-wide vectors where every length allows it.
 
+mod kernels;
 pub mod selftest;
 
-use crate::launch::{
-    begin, check_input, config_dtype, elementwise_cost, finish, grid, grid_units, input_array,
-    output_array, register_float, scalar_u32, vector_width, with_float, x_and_bias, x_only,
-    DTYPE_PARAM, ELEMENTWISE_UNITS,
+pub use kernels::{
+    ElementwiseBinary, ElementwiseBinaryArgs, ElementwiseBinaryConfig, ElementwiseBinaryProblem,
+    ElementwiseUnary, ElementwiseUnaryArgs, ElementwiseUnaryConfig, ElementwiseUnaryProblem,
+    ELEMENTWISE_BINARY_KERNEL, ELEMENTWISE_UNARY_KERNEL,
 };
-use cubecl::prelude::*;
-use kiln_dsl::{gelu_tanh, linear_unit, silu as silu_f32};
-use kiln_runtime::{
-    dispatch, shape_str, Client, Error, KernelConfig, KernelSpec, OpArgs, OpSpec, Outputs,
-    ParamSpec, Result, Tensor, TensorSpec,
-};
+
+use crate::launch::{check_input, elementwise_cost, x_and_bias, x_only};
+use kiln_runtime::{shape_str, Client, Error, OpArgs, OpSpec, Outputs, Result, Tensor, TensorSpec};
 
 // ---------------------------------------------------------------- host API
 
@@ -99,38 +97,18 @@ fn binary(x: &Tensor, y: &Tensor, op: BinaryOp) -> Result<Tensor> {
     if x.numel() == 0 {
         return Ok(out);
     }
-    let w = vector_width(&[x.numel(), y.numel()]);
     // check_input bounds every length by 2^31: these fit in u32.
-    let len = (x.numel() / w) as u32;
-    let y_len = (y.numel() / w) as u32;
-    let per_cube = (ELEMENTWISE_UNITS * BINARY_PER_UNIT) as usize;
-    let count = grid((len as usize).div_ceil(per_cube))?;
-    // Units in the whole grid (<= len / 4 + 256): the distance between a unit's
-    // consecutive vectors.
-    let stride = grid_units(&count, ELEMENTWISE_UNITS) as u32;
-    let step = stride % y_len;
-    dispatch!(client, c => with_float!(x.dtype(), F => {
-        // SAFETY: the kernel guards every index of x and out with `len`, and keeps
-        // the index of y below `y_len`; both lengths are in vectors of width `w` and
-        // match the buffers.
-        unsafe {
-            binary_kernel::launch_unchecked::<F, _>(
-                c,
-                count,
-                CubeDim::new_1d(ELEMENTWISE_UNITS),
-                w,
-                ArrayArg::from_raw_parts(x.handle().clone(), x.numel()),
-                ArrayArg::from_raw_parts(y.handle().clone(), y.numel()),
-                ArrayArg::from_raw_parts(out.handle().clone(), out.numel()),
-                len,
-                y_len,
-                stride,
-                step,
-                op,
-            )
-        };
-        Ok(())
-    }))?;
+    let args = ElementwiseBinaryArgs {
+        x,
+        y,
+        out: &out,
+        len: x.numel() as u32,
+        y_len: y.numel() as u32,
+        op,
+    };
+    // One configuration: nothing to tune.
+    let cfg = only_config(ElementwiseBinary::space(client, &args.problem()))?;
+    ElementwiseBinary::launch(client, &cfg, &args)?;
     Ok(out)
 }
 
@@ -141,86 +119,23 @@ fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
     if x.numel() == 0 {
         return Ok(out);
     }
-    let w = vector_width(&[x.numel()]);
-    let len = (x.numel() / w) as u32;
-    let count = grid((len as usize).div_ceil(ELEMENTWISE_UNITS as usize))?;
-    dispatch!(client, c => with_float!(x.dtype(), F => {
-        // SAFETY: every index is guarded by `len` (in vectors of width `w`).
-        unsafe {
-            unary_kernel::launch_unchecked::<F, _>(
-                c,
-                count,
-                CubeDim::new_1d(ELEMENTWISE_UNITS),
-                w,
-                ArrayArg::from_raw_parts(x.handle().clone(), x.numel()),
-                ArrayArg::from_raw_parts(out.handle().clone(), out.numel()),
-                len,
-                op,
-            )
-        };
-        Ok(())
-    }))?;
+    let args = ElementwiseUnaryArgs {
+        x,
+        out: &out,
+        len: x.numel() as u32,
+        op,
+    };
+    let cfg = only_config(ElementwiseUnary::space(client, &args.problem()))?;
+    ElementwiseUnary::launch(client, &cfg, &args)?;
     Ok(out)
 }
 
-// ---------------------------------------------------------------- kernels
-
-/// Vectors each unit of the binary kernel handles, `stride` apart.
-const BINARY_PER_UNIT: u32 = 4;
-
-/// `out[i] = x[i] op y[i mod y_len]`, all in vectors of N elements. Each unit handles
-/// `BINARY_PER_UNIT` vectors `stride` apart (coalesced across units) and tracks
-/// `i mod y_len` incrementally (`step = stride mod y_len`): an integer division per
-/// vector costs as much as the memory traffic on CPU adapters, one per unit does not.
-#[cube(launch_unchecked)]
-fn binary_kernel<F: Float, N: Size>(
-    x: &Array<Vector<F, N>>,
-    y: &Array<Vector<F, N>>,
-    out: &mut Array<Vector<F, N>>,
-    len: u32,
-    y_len: u32,
-    stride: u32,
-    step: u32,
-    #[comptime] op: BinaryOp,
-) {
-    let mut i = linear_unit();
-    let mut j = i % y_len as usize;
-    #[unroll]
-    for _ in 0..BINARY_PER_UNIT {
-        if i < len as usize {
-            let a = x[i];
-            let b = y[j];
-            if comptime!(op == BinaryOp::Add) {
-                out[i] = a + b;
-            } else {
-                out[i] = a * b;
-            }
-        }
-        i += stride as usize;
-        j += step as usize;
-        if j >= y_len as usize {
-            j -= y_len as usize;
-        }
-    }
-}
-
-/// `out[i] = act(x[i])`, evaluated in f32 whatever F is (f16 would overflow `exp`).
-#[cube(launch_unchecked)]
-fn unary_kernel<F: Float, N: Size>(
-    x: &Array<Vector<F, N>>,
-    out: &mut Array<Vector<F, N>>,
-    len: u32,
-    #[comptime] op: UnaryOp,
-) {
-    let i = linear_unit();
-    if i < len as usize {
-        let v = Vector::<f32, N>::cast_from(x[i]);
-        if comptime!(op == UnaryOp::Silu) {
-            out[i] = Vector::<F, N>::cast_from(silu_f32::<N>(v));
-        } else {
-            out[i] = Vector::<F, N>::cast_from(gelu_tanh::<N>(v));
-        }
-    }
+/// The single declared configuration of an element-wise kernel.
+fn only_config<C>(space: Vec<C>) -> Result<C> {
+    space.into_iter().next().ok_or_else(|| Error::Kernel {
+        kernel: "elementwise".into(),
+        message: "the device cannot run 256 units per cube".into(),
+    })
 }
 
 // ---------------------------------------------------------------- reference
@@ -352,152 +267,4 @@ pub static GELU: OpSpec = OpSpec {
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "gelu"),
 };
 
-const VECTOR_PARAM: ParamSpec = ParamSpec {
-    name: "vector",
-    default: "4",
-    values: "1 | 2 | 4",
-    doc: "elements per load/store",
-};
-
-fn config_vector(cfg: &KernelConfig) -> Result<usize> {
-    let v: usize = cfg.get("vector")?;
-    if [1, 2, 4].contains(&v) {
-        Ok(v)
-    } else {
-        Err(Error::Param {
-            param: "vector".into(),
-            expected: VECTOR_PARAM.values.into(),
-            found: v.to_string(),
-        })
-    }
-}
-
-/// The operation an element-wise kernel entry emits.
-#[derive(Clone, Copy)]
-enum Op {
-    Binary(BinaryOp),
-    Unary(UnaryOp),
-}
-
-fn define(builder: KernelBuilder, cfg: &KernelConfig, op: Op) -> Result<KernelDefinition> {
-    let dtype = config_dtype(cfg)?;
-    let w = config_vector(cfg)?;
-    let name = match op {
-        Op::Binary(o) => o.to_string(),
-        Op::Unary(o) => o.to_string(),
-    };
-    let entry = format!("kiln_{name}_{dtype}_v{w}");
-    with_float!(dtype, F => Ok(match op {
-        Op::Binary(o) => define_binary::<F>(builder, w, o, entry),
-        Op::Unary(o) => define_unary::<F>(builder, w, o, entry),
-    }))
-}
-
-fn define_binary<F: Float>(
-    mut b: KernelBuilder,
-    w: usize,
-    op: BinaryOp,
-    entry: String,
-) -> KernelDefinition {
-    type V = Vector<binary_kernel::F, binary_kernel::N>;
-    begin(&mut b);
-    register_float::<binary_kernel::_F, F>(&mut b);
-    b.scope.register_size::<binary_kernel::N>(w.into());
-    let x = input_array::<V>(&mut b);
-    let y = input_array::<V>(&mut b);
-    let out = output_array::<V>(&mut b);
-    let len = scalar_u32(&mut b);
-    let y_len = scalar_u32(&mut b);
-    let stride = scalar_u32(&mut b);
-    let step = scalar_u32(&mut b);
-    binary_kernel::expand::<binary_kernel::F, binary_kernel::N>(
-        &mut b.scope,
-        w,
-        x,
-        y,
-        out,
-        len,
-        y_len,
-        stride,
-        step,
-        op,
-    );
-    finish(b, entry, ELEMENTWISE_UNITS)
-}
-
-fn define_unary<F: Float>(
-    mut b: KernelBuilder,
-    w: usize,
-    op: UnaryOp,
-    entry: String,
-) -> KernelDefinition {
-    type V = Vector<unary_kernel::F, unary_kernel::N>;
-    begin(&mut b);
-    register_float::<unary_kernel::_F, F>(&mut b);
-    b.scope.register_size::<unary_kernel::N>(w.into());
-    let x = input_array::<V>(&mut b);
-    let out = output_array::<V>(&mut b);
-    let len = scalar_u32(&mut b);
-    unary_kernel::expand::<unary_kernel::F, unary_kernel::N>(&mut b.scope, w, x, out, len, op);
-    finish(b, entry, ELEMENTWISE_UNITS)
-}
-
-fn define_add(b: KernelBuilder, c: &KernelConfig) -> Result<KernelDefinition> {
-    define(b, c, Op::Binary(BinaryOp::Add))
-}
-fn define_mul(b: KernelBuilder, c: &KernelConfig) -> Result<KernelDefinition> {
-    define(b, c, Op::Binary(BinaryOp::Mul))
-}
-fn define_silu(b: KernelBuilder, c: &KernelConfig) -> Result<KernelDefinition> {
-    define(b, c, Op::Unary(UnaryOp::Silu))
-}
-fn define_gelu(b: KernelBuilder, c: &KernelConfig) -> Result<KernelDefinition> {
-    define(b, c, Op::Unary(UnaryOp::Gelu))
-}
-
-const EW_CONFIG: &[ParamSpec] = &[DTYPE_PARAM, VECTOR_PARAM];
-
-/// Emission entry of the `add` kernel.
-pub static ADD_KERNEL: KernelSpec = KernelSpec {
-    name: "add",
-    summary: ADD.summary,
-    config: EW_CONFIG,
-    define: define_add,
-    capabilities: &[],
-    source_hash: source_hash,
-};
-/// Emission entry of the `mul` kernel.
-pub static MUL_KERNEL: KernelSpec = KernelSpec {
-    name: "mul",
-    summary: MUL.summary,
-    config: EW_CONFIG,
-    define: define_mul,
-    capabilities: &[],
-    source_hash: source_hash,
-};
-/// Emission entry of the `silu` kernel.
-pub static SILU_KERNEL: KernelSpec = KernelSpec {
-    name: "silu",
-    summary: SILU.summary,
-    config: EW_CONFIG,
-    define: define_silu,
-    capabilities: &[],
-    source_hash: source_hash,
-};
-/// Emission entry of the `gelu` kernel.
-pub static GELU_KERNEL: KernelSpec = KernelSpec {
-    name: "gelu",
-    summary: GELU.summary,
-    config: EW_CONFIG,
-    define: define_gelu,
-    capabilities: &[],
-    source_hash: source_hash,
-};
-
-/// Hash of this module's source and the DSL's (the tune-cache key of its kernels).
-fn source_hash() -> String {
-    kiln_runtime::tune::fnv1a_hex(&[include_str!("mod.rs"), kiln_dsl::SOURCE_HASH].concat())
-}
-
 kiln_runtime::register_op!(ADD, MUL, SILU, GELU);
-kiln_runtime::register_kernel!(ADD_KERNEL, MUL_KERNEL, SILU_KERNEL, GELU_KERNEL);

@@ -5,11 +5,16 @@
 //! store: `+ bias[n]`, then an activation (none, silu, gelu-tanh), then `+ residual[m, n]`.
 //! Output `c` [M, N] in a's dtype.
 //!
-//! Kernel: one cube computes a BM x BN tile of `c`; each of its (BM/TM)(BN/TN) units keeps a
-//! TM x TN register tile (rows and columns strided across units, see the kernel). The K loop stages BK-deep slices of `a` (stored k-major) and `b` in
-//! shared memory, zero-filled past the matrix edges, so ragged M, N, K need no special
-//! cases. This is the scalar-FMA path every device runs (lavapipe has no tensor cores);
-//! BM, BN, BK, TM, TN are chosen by the autotuner per device and bucketed shape.
+//! Kernels, all with the same arguments and the same fused epilogue, chosen per device
+//! and bucketed shape by the autotuner ([`MatmulConfig`], one `Choice`):
+//! - the register-tiled FMA kernels every device runs: `matmul_staged` and
+//!   `matmul_staged_v4` (K slices staged in shared memory, zero-filled past the edges:
+//!   the GPU path), `matmul_direct` and `matmul_direct_v4` (fragments read straight from
+//!   global memory, edges clamped: the CPU-adapter path); see `tiled`;
+//! - `matmul_vec4`: `a` and `b` read as 4-wide vectors (K and N multiples of 4);
+//! - `matmul_cmma`: tensor cores (`wmma`), only where the device reports them.
+//!
+//! Ragged M, N, K need no special cases in any of them.
 
 pub mod selftest;
 
@@ -17,19 +22,28 @@ use crate::launch::check_input;
 use serde::{Deserialize, Serialize};
 
 mod cmma;
+mod direct;
 pub mod reference;
 mod registry;
+mod staged;
 mod tiled;
 mod vec4;
 pub use cmma::{
     MatmulCmma, MatmulCmmaArgs, MatmulCmmaConfig, MatmulCmmaProblem, MATMUL_CMMA_KERNEL,
 };
+pub use direct::{
+    MatmulDirect, MatmulDirectArgs, MatmulDirectConfig, MatmulDirectProblem, MatmulDirectV4,
+    MatmulDirectV4Args, MatmulDirectV4Config, MatmulDirectV4Problem, MATMUL_DIRECT_KERNEL,
+    MATMUL_DIRECT_V4_KERNEL,
+};
 use kiln_runtime::{shape_str, tune::Choice, Client, DType, Error, Result, Tensor};
 pub use registry::MATMUL;
-use tiled::{clamped_strided, store_epilogue};
-pub use tiled::{
-    MatmulTiled, MatmulTiledArgs, MatmulTiledConfig, MatmulTiledProblem, MATMUL_TILED_KERNEL,
+pub use staged::{
+    MatmulStaged, MatmulStagedArgs, MatmulStagedConfig, MatmulStagedProblem, MatmulStagedV4,
+    MatmulStagedV4Args, MatmulStagedV4Config, MatmulStagedV4Problem, MATMUL_STAGED_KERNEL,
+    MATMUL_STAGED_V4_KERNEL,
 };
+use tiled::{clamped_strided, store_epilogue};
 pub use vec4::{
     MatmulVec4, MatmulVec4Args, MatmulVec4Config, MatmulVec4Problem, MATMUL_VEC4_KERNEL,
 };
@@ -118,53 +132,149 @@ impl Default for Epilogue<'_> {
     }
 }
 
-/// One tile configuration (the autotuner's search space): `BM x BN` of `c` per cube,
-/// `TM x TN` per unit, `BK`-deep K slices staged in shared memory (`STAGE = 1`, the GPU
-/// path), staged with b's slice and the accumulators as 4-wide vectors (`STAGE = 2`,
-/// `VEC = 4`: vector loads and vector FMAs), or read by each unit straight from global
-/// memory (`STAGE = 0`: no barriers; `STAGE = 3`: the same with 4-wide vector
-/// accumulators). With `STAGE = 1`, `VEC` is how many consecutive elements a unit
-/// stages per step.
-pub type TileConfig = MatmulTiledConfig;
-
-/// Units per cube of a configuration.
-pub fn units(c: &TileConfig) -> u32 {
-    (c.BM / c.TM) * (c.BN / c.TN)
+/// A configuration of one of the `matmul` kernels: what the autotuner chooses among,
+/// and what [`matmul_with`] runs. The register-tiled FMA kernels (every device) are
+/// described in the `tiled` module; `Vec4` reads `a` and `b` as 4-wide vectors (K and N
+/// multiples of 4); `Cmma` uses tensor cores (devices that have them, half precision).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MatmulConfig {
+    /// `matmul_staged`: K slices staged in shared memory.
+    Staged(MatmulStagedConfig),
+    /// `matmul_staged_v4`: staged, b's slice and the accumulators 4-wide.
+    StagedV4(MatmulStagedV4Config),
+    /// `matmul_direct_v4`: from global memory, 4-wide accumulators.
+    DirectV4(MatmulDirectV4Config),
+    /// `matmul_direct`: from global memory.
+    Direct(MatmulDirectConfig),
+    /// `matmul_vec4`: 4-wide vector operands.
+    Vec4(MatmulVec4Config),
+    /// `matmul_cmma`: tensor cores.
+    Cmma(MatmulCmmaConfig),
 }
 
-/// Every configuration of the kernel's declared list that fits `client`'s device.
-pub fn space(client: &Client) -> Vec<TileConfig> {
-    // The declared list pruned by the device alone: the smallest problem, plain epilogue.
-    let smallest = MatmulTiledProblem {
+impl MatmulConfig {
+    /// The kernel and its tunables, e.g. `staged BM=64 BN=64 ...` (tune tables).
+    pub fn label(&self) -> String {
+        match self {
+            MatmulConfig::Staged(c) => format!("staged {}", MatmulStaged::label(c)),
+            MatmulConfig::StagedV4(c) => format!("staged_v4 {}", MatmulStagedV4::label(c)),
+            MatmulConfig::DirectV4(c) => format!("direct_v4 {}", MatmulDirectV4::label(c)),
+            MatmulConfig::Direct(c) => format!("direct {}", MatmulDirect::label(c)),
+            MatmulConfig::Vec4(c) => format!("vec4 {}", MatmulVec4::label(c)),
+            MatmulConfig::Cmma(c) => format!("cmma {}", MatmulCmma::label(c)),
+        }
+    }
+
+    /// The `BM x BN` tile of `c` one cube computes.
+    pub fn tile(&self) -> (u32, u32) {
+        match self {
+            MatmulConfig::Staged(c) => (c.BM, c.BN),
+            MatmulConfig::StagedV4(c) => (c.BM, c.BN),
+            MatmulConfig::DirectV4(c) => (c.BM, c.BN),
+            MatmulConfig::Direct(c) => (c.BM, c.BN),
+            MatmulConfig::Vec4(c) => (c.BM, c.BN),
+            MatmulConfig::Cmma(c) => (32 * c.PLANES_M, 32 * c.PLANES_N),
+        }
+    }
+
+    /// Allocates `c` and launches this configuration's kernel.
+    fn launch(&self, a: &Tensor, b: &Tensor, p: &Problem, ep: &Epilogue<'_>) -> Result<Tensor> {
+        let (bm, bn) = self.tile();
+        if p.n.div_ceil(bn as usize) > 65_535 || p.m.div_ceil(bm as usize) > 65_535 {
+            return Err(Error::Shape {
+                tensor: "c".into(),
+                expected: format!("at most 65535 tiles of {bm}x{bn} per dimension"),
+                found: format!("[{}, {}]", p.m, p.n),
+            });
+        }
+        let c = Tensor::empty(a.client(), a.dtype(), &[p.m, p.n])?;
+        match self {
+            MatmulConfig::Staged(cfg) => cfg.launch(a.client(), a, b, &c, p, ep),
+            MatmulConfig::StagedV4(cfg) => cfg.launch(a.client(), a, b, &c, p, ep),
+            MatmulConfig::DirectV4(cfg) => cfg.launch(a.client(), a, b, &c, p, ep),
+            MatmulConfig::Direct(cfg) => cfg.launch(a.client(), a, b, &c, p, ep),
+            MatmulConfig::Vec4(cfg) => cfg.launch(a.client(), a, b, &c, p, ep),
+            MatmulConfig::Cmma(cfg) => cfg.launch(a.client(), a, b, &c, p, ep),
+        }?;
+        Ok(c)
+    }
+}
+
+/// The register-tiled FMA kernels' configurations that fit `problem` on `client`'s
+/// device, in declaration order (the first is what runs untuned).
+fn fma_configs(client: &Client, p: &Problem, ep: &Epilogue<'_>) -> Vec<MatmulConfig> {
+    let mut all: Vec<MatmulConfig> =
+        MatmulStaged::space(client, &matmul_problem!(MatmulStagedProblem, p, ep))
+            .into_iter()
+            .map(MatmulConfig::Staged)
+            .collect();
+    all.extend(
+        MatmulStagedV4::space(client, &matmul_problem!(MatmulStagedV4Problem, p, ep))
+            .into_iter()
+            .map(MatmulConfig::StagedV4),
+    );
+    all.extend(
+        MatmulDirectV4::space(client, &matmul_problem!(MatmulDirectV4Problem, p, ep))
+            .into_iter()
+            .map(MatmulConfig::DirectV4),
+    );
+    all.extend(
+        MatmulDirect::space(client, &matmul_problem!(MatmulDirectProblem, p, ep))
+            .into_iter()
+            .map(MatmulConfig::Direct),
+    );
+    all
+}
+
+/// Every configuration of the register-tiled FMA kernels that fits `client`'s device
+/// (their requirements do not depend on the shape): the space the tests sweep.
+pub fn space(client: &Client) -> Vec<MatmulConfig> {
+    let smallest = Problem {
         m: 1,
         n: 1,
         k: 1,
-        ..Default::default()
+        trans_b: false,
     };
-    MatmulTiled::space(client, &smallest)
+    fma_configs(client, &smallest, &Epilogue::default())
 }
 
-/// The candidates for a problem on a device: the declared configurations pruned by
-/// device limits (units per cube, shared memory, in the kernel's `require`), then by
-/// the shape: tiles more than twice the matrix (over 3/4 of the tile idle) are dropped,
-/// unless that leaves nothing, in which case the least wasteful tiles stay.
-pub fn candidates(client: &Client, m: usize, n: usize) -> Vec<TileConfig> {
-    snug(space(client), |c| (c.BM, c.BN), m, n)
+/// The candidates for a problem on a device: every kernel's configurations that fit
+/// the device and the problem (FMA tiles first, the reference the others are checked
+/// against; then the 4-wide vector kernel's where K and N are multiples of 4; then the
+/// tensor-core kernel's for half precision where the device has tensor cores), the
+/// tiled ones pruned by the shape: tiles more than twice the matrix (over 3/4 of the
+/// tile idle) are dropped, unless that leaves nothing.
+fn candidates(client: &Client, p: &Problem, ep: &Epilogue<'_>, dtype: DType) -> Vec<MatmulConfig> {
+    let mut all = snug(fma_configs(client, p, ep), p.m, p.n);
+    let vec4 = MatmulVec4::space(client, &matmul_problem!(MatmulVec4Problem, p, ep));
+    all.extend(snug(
+        vec4.into_iter().map(MatmulConfig::Vec4).collect(),
+        p.m,
+        p.n,
+    ));
+    if matches!(dtype, DType::F16 | DType::BF16) {
+        all.extend(
+            MatmulCmma::space(client, &matmul_problem!(MatmulCmmaProblem, p, ep))
+                .into_iter()
+                .map(MatmulConfig::Cmma),
+        );
+    }
+    all
 }
 
-/// Tiles (`BM x BN` by `tile`) at most twice the matrix, or the least wasteful ones.
-fn snug<T: Copy>(fits: Vec<T>, tile: impl Fn(&T) -> (u32, u32), m: usize, n: usize) -> Vec<T> {
-    let waste = |c: &T| {
-        let (bm, bn) = tile(c);
+/// Configurations whose tile is at most twice the matrix, or the least wasteful ones.
+fn snug(fits: Vec<MatmulConfig>, m: usize, n: usize) -> Vec<MatmulConfig> {
+    let waste = |c: &MatmulConfig| {
+        let (bm, bn) = c.tile();
         let rows = (bm as usize).div_ceil(m.max(1)).max(1);
         let cols = (bn as usize).div_ceil(n.max(1)).max(1);
         rows * cols
     };
-    let close: Vec<T> = fits
+    let close: Vec<MatmulConfig> = fits
         .iter()
         .copied()
         .filter(|c| {
-            let (bm, bn) = tile(c);
+            let (bm, bn) = c.tile();
             (bm as usize) <= 2 * m && (bn as usize) <= 2 * n
         })
         .collect();
@@ -173,6 +283,18 @@ fn snug<T: Copy>(fits: Vec<T>, tile: impl Fn(&T) -> (u32, u32), m: usize, n: usi
     }
     let least = fits.iter().map(waste).min().unwrap_or(0);
     fits.into_iter().filter(|c| waste(c) <= least * 2).collect()
+}
+
+/// The configurations the autotuner times for these operands, in order (the first is
+/// what runs untuned, and the reference the others are checked against).
+pub fn candidates_for(
+    a: &Tensor,
+    b: &Tensor,
+    trans_b: bool,
+    ep: Epilogue<'_>,
+) -> Result<Vec<MatmulConfig>> {
+    let p = Problem::check(a, b, trans_b, &ep)?;
+    Ok(candidates(a.client(), &p, &ep, a.dtype()))
 }
 
 /// `c = epilogue(a @ b)` with `b` [K, N] (`trans_b = false`) or [N, K] (`true`).
@@ -184,98 +306,52 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_b: bool, ep: Epilogue<'_>) -> Result
     }
     // Configurations differ in summation order only: a few roundings of the sum of |a||b|.
     let tolerance = 8.0 * a.dtype().epsilon() * (p.k as f64).sqrt().max(1.0);
-    // The scalar-FMA tiles first (the reference every candidate is checked against),
-    // then the 4-wide vector tiles where K and N are multiples of 4, then the
-    // tensor-core kernel where the device has tensor cores and the dtype is half.
-    let vec4 = MatmulVec4::space(client, &matmul_problem!(MatmulVec4Problem, p, ep));
-    let cmma = if matches!(a.dtype(), DType::F16 | DType::BF16) {
-        MatmulCmma::space(client, &matmul_problem!(MatmulCmmaProblem, p, ep))
-    } else {
-        Vec::new()
-    };
     let cfg = Choice::new("matmul")
         .sources([
-            MatmulTiled::source_hash(),
-            MatmulCmma::source_hash(),
+            MatmulStaged::source_hash(),
+            MatmulStagedV4::source_hash(),
+            MatmulDirectV4::source_hash(),
+            MatmulDirect::source_hash(),
             MatmulVec4::source_hash(),
+            MatmulCmma::source_hash(),
         ])
         .dim("m", p.m)
         .dim("n", p.n)
         .dim("k", p.k)
         .exact("dtype", a.dtype())
         .exact("trans_b", trans_b)
-        .candidates(candidates(client, p.m, p.n).into_iter().map(Candidate::Fma))
-        .candidates(
-            snug(vec4, |c| (c.BM, c.BN), p.m, p.n)
-                .into_iter()
-                .map(Candidate::Vec4),
-        )
-        .candidates(cmma.into_iter().map(Candidate::Cmma))
-        .tune(client, tolerance, Candidate::label, |c| {
+        .candidates(candidates(client, &p, &ep, a.dtype()))
+        .tune(client, tolerance, MatmulConfig::label, |c| {
             c.launch(a, b, &p, &ep).map(|t| vec![t])
         })?;
     cfg.launch(a, b, &p, &ep)
 }
 
-/// A candidate of the `matmul` autotuner.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-enum Candidate {
-    /// The scalar-FMA register-tile kernel.
-    Fma(TileConfig),
-    /// The tensor-core kernel.
-    Cmma(MatmulCmmaConfig),
-    /// The 4-wide vector kernel (K and N multiples of 4).
-    Vec4(MatmulVec4Config),
-}
-
-impl Candidate {
-    fn label(&self) -> String {
-        match self {
-            Candidate::Fma(c) => MatmulTiled::label(c),
-            Candidate::Cmma(c) => format!("cmma {}", MatmulCmma::label(c)),
-            Candidate::Vec4(c) => format!("vec4 {}", MatmulVec4::label(c)),
-        }
-    }
-
-    fn launch(&self, a: &Tensor, b: &Tensor, p: &Problem, ep: &Epilogue<'_>) -> Result<Tensor> {
-        match self {
-            Candidate::Fma(cfg) => launch(a, b, p, ep, *cfg),
-            Candidate::Cmma(cfg) => launch_into(a, b, p, ep, cfg),
-            Candidate::Vec4(cfg) => launch_into(a, b, p, ep, cfg),
-        }
-    }
-}
-
-/// `matmul` with a fixed tile configuration (no tuning): for benchmarks and tests.
+/// `matmul` with a fixed configuration (no tuning): for benchmarks and tests. The
+/// configuration must be one of its kernel's declared ones that fits the device and
+/// the problem.
 pub fn matmul_with(
     a: &Tensor,
     b: &Tensor,
     trans_b: bool,
     ep: Epilogue<'_>,
-    cfg: TileConfig,
+    cfg: MatmulConfig,
 ) -> Result<Tensor> {
     let p = Problem::check(a, b, trans_b, &ep)?;
-    if !space(a.client()).contains(&cfg) {
+    let client = a.client();
+    let mut fits = fma_configs(client, &p, &ep);
+    let vec4 = MatmulVec4::space(client, &matmul_problem!(MatmulVec4Problem, p, ep));
+    fits.extend(vec4.into_iter().map(MatmulConfig::Vec4));
+    let cmma = MatmulCmma::space(client, &matmul_problem!(MatmulCmmaProblem, p, ep));
+    fits.extend(cmma.into_iter().map(MatmulConfig::Cmma));
+    if !fits.contains(&cfg) {
         return Err(Error::Param {
-            param: "tile".into(),
-            expected: "one of matmul's declared configurations that fits the device".into(),
-            found: MatmulTiled::label(&cfg),
+            param: "config".into(),
+            expected: "one of the matmul kernels' declared configurations that fits the device and the problem".into(),
+            found: cfg.label(),
         });
     }
-    launch(a, b, &p, &ep, cfg)
-}
-
-/// `matmul` with a fixed configuration of the 4-wide vector kernel (K and N multiples
-/// of 4; no tuning): for benchmarks and tests.
-pub fn matmul_vec4_with(
-    a: &Tensor,
-    b: &Tensor,
-    trans_b: bool,
-    ep: Epilogue<'_>,
-    cfg: MatmulVec4Config,
-) -> Result<Tensor> {
-    let p = Problem::check(a, b, trans_b, &ep)?;
-    launch_into(a, b, &p, &ep, &cfg)
+    cfg.launch(a, b, &p, &ep)
 }
 
 struct Problem {
@@ -359,39 +435,6 @@ impl Problem {
     }
 }
 
-fn launch(
-    a: &Tensor,
-    b: &Tensor,
-    p: &Problem,
-    ep: &Epilogue<'_>,
-    cfg: TileConfig,
-) -> Result<Tensor> {
-    let gx = p.n.div_ceil(cfg.BN as usize);
-    let gy = p.m.div_ceil(cfg.BM as usize);
-    if gx > 65_535 || gy > 65_535 {
-        return Err(Error::Shape {
-            tensor: "c".into(),
-            expected: format!("at most 65535 tiles of {}x{} per dimension", cfg.BM, cfg.BN),
-            found: format!("[{}, {}]", p.m, p.n),
-        });
-    }
-    launch_into(a, b, p, ep, &cfg)
-}
-
-/// Allocates `c` and launches one of the `matmul` kernels with `cfg` on the operands
-/// and the epilogue.
-fn launch_into<C: KernelChoice>(
-    a: &Tensor,
-    b: &Tensor,
-    p: &Problem,
-    ep: &Epilogue<'_>,
-    cfg: &C,
-) -> Result<Tensor> {
-    let c = Tensor::empty(a.client(), a.dtype(), &[p.m, p.n])?;
-    cfg.launch(a.client(), a, b, &c, p, ep)?;
-    Ok(c)
-}
-
 /// A configuration of one of the `matmul` kernels, which launches that kernel.
 trait KernelChoice {
     fn launch(
@@ -425,7 +468,10 @@ macro_rules! kernel_choice {
 }
 
 kernel_choice! {
-    TileConfig => MatmulTiled, MatmulTiledArgs;
+    MatmulStagedConfig => MatmulStaged, MatmulStagedArgs;
+    MatmulStagedV4Config => MatmulStagedV4, MatmulStagedV4Args;
+    MatmulDirectV4Config => MatmulDirectV4, MatmulDirectV4Args;
+    MatmulDirectConfig => MatmulDirect, MatmulDirectArgs;
     MatmulCmmaConfig => MatmulCmma, MatmulCmmaArgs;
     MatmulVec4Config => MatmulVec4, MatmulVec4Args;
 }

@@ -1,0 +1,267 @@
+//! The direct register-tiled kernels: every unit reads its fragments straight from
+//! global memory, rows and columns past the edge clamped (no shared memory, no
+//! barriers: what CPU adapters want); `matmul_direct_v4` keeps 4-wide vector
+//! accumulators. Tile layout: see `tiled`.
+
+use super::tiled::{clamped_strided, store_tile};
+use super::Activation;
+use cubecl::prelude::*;
+
+/// `c = epilogue(a @ b)` with fragments read straight from global memory (no shared
+/// memory, no barriers), 4-wide vector accumulators.
+#[kiln_macros::kernel(
+    tune((BM, BN, TM, TN) = [(64, 64, 8, 8), (32, 128, 4, 8), (4, 256, 1, 4)]),
+    require(BM % TM == 0, BN % TN == 0, TN % 4 == 0),
+    key(m = pow2, n = pow2, k = pow2, dtype),
+    grid = (n.div_ceil(BN), m.div_ceil(BM)),
+    cube = ((BM / TM) * (BN / TN)),
+)]
+pub fn matmul_direct_v4<F: Float>(
+    a: &Array<F>,
+    b: &Array<F>,
+    bias: &Array<F>,
+    residual: &Array<F>,
+    c: &mut Array<F>,
+    m: u32,
+    n: u32,
+    k: u32,
+    #[comptime] trans_b: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] has_residual: bool,
+    #[comptime] act: Activation,
+) {
+    let (row0, col0, ty, tx) = (
+        CUBE_POS_Y * BM,
+        CUBE_POS_X * BN,
+        UNIT_POS / comptime!(BN / TN),
+        UNIT_POS % comptime!(BN / TN),
+    );
+    let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
+    direct_v4_product::<F>(
+        a, b, &mut acc, m, n, k, row0, col0, ty, tx, trans_b, BM, BN, TM, TN,
+    );
+    store_tile::<F>(
+        c,
+        bias,
+        residual,
+        &acc,
+        m,
+        n,
+        row0,
+        col0,
+        ty,
+        tx,
+        has_bias,
+        has_residual,
+        act,
+        BM,
+        BN,
+        TM,
+        TN,
+        true,
+    );
+}
+
+/// `c = epilogue(a @ b)` with fragments read straight from global memory (no shared
+/// memory, no barriers).
+#[kiln_macros::kernel(
+    tune((BM, BN, TM, TN) = [
+            (32, 32, 4, 4),
+            (64, 64, 8, 8),
+            (32, 128, 4, 8),
+            (4, 256, 1, 4),
+            (1, 256, 1, 4),
+            (1, 64, 1, 1),
+        ]),
+    require(BM % TM == 0, BN % TN == 0),
+    key(m = pow2, n = pow2, k = pow2, dtype),
+    grid = (n.div_ceil(BN), m.div_ceil(BM)),
+    cube = ((BM / TM) * (BN / TN)),
+)]
+pub fn matmul_direct<F: Float>(
+    a: &Array<F>,
+    b: &Array<F>,
+    bias: &Array<F>,
+    residual: &Array<F>,
+    c: &mut Array<F>,
+    m: u32,
+    n: u32,
+    k: u32,
+    #[comptime] trans_b: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] has_residual: bool,
+    #[comptime] act: Activation,
+) {
+    let (row0, col0, ty, tx) = (
+        CUBE_POS_Y * BM,
+        CUBE_POS_X * BN,
+        UNIT_POS / comptime!(BN / TN),
+        UNIT_POS % comptime!(BN / TN),
+    );
+    let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
+    direct_product::<F>(
+        a, b, &mut acc, m, n, k, row0, col0, ty, tx, trans_b, BM, BN, TM, TN,
+    );
+    store_tile::<F>(
+        c,
+        bias,
+        residual,
+        &acc,
+        m,
+        n,
+        row0,
+        col0,
+        ty,
+        tx,
+        has_bias,
+        has_residual,
+        act,
+        BM,
+        BN,
+        TM,
+        TN,
+        false,
+    );
+}
+
+/// The direct main loop with 4-wide vector accumulators: a unit reads its `TN / 4`
+/// column groups from global memory as one vector per step.
+#[cube]
+#[allow(clippy::too_many_arguments, unused_variables, non_snake_case)]
+fn direct_v4_product<F: Float>(
+    a: &Array<F>,
+    b: &Array<F>,
+    acc: &mut Array<f32>,
+    m: u32,
+    n: u32,
+    k: u32,
+    row0: u32,
+    col0: u32,
+    ty: u32,
+    tx: u32,
+    #[comptime] trans_b: bool,
+    #[comptime] bm: u32,
+    #[comptime] bn: u32,
+    #[comptime] tm: u32,
+    #[comptime] tn: u32,
+) {
+    let units = comptime!((bm / tm) * (bn / tn));
+    let cols_of_units = comptime!(bn / tn);
+    let rows_of_units = comptime!(bm / tm);
+    #[unroll]
+    for i in 0..tm * tn {
+        acc[i as usize] = 0.0;
+    }
+    let mut a_frag = Array::<f32>::new(comptime!(tm as usize));
+    // Direct, with 4-wide vector accumulators: a unit owns TN / 4 groups of 4
+    // adjacent columns, reads them from global memory as one vector per step and
+    // does TM x TN / 4 vector FMAs. Clamped rows and columns as in the scalar path.
+    let tnv = comptime!(tn / 4);
+    let mut accv = Array::<Vector<f32, Const<4>>>::new(comptime!((tm * tnv) as usize));
+    #[unroll]
+    for e in 0..tm * tnv {
+        accv[e as usize] = Vector::new(0.0f32);
+    }
+    let mut rows = Array::<u32>::new(comptime!(tm as usize));
+    let mut cols = Array::<u32>::new(comptime!(tn as usize));
+    clamped_strided(&mut rows, row0 + ty, rows_of_units, m - 1, tm);
+    #[unroll]
+    for j in 0..tn {
+        cols[j as usize] = min(col0 + (tx + (j / 4) * cols_of_units) * 4 + j % 4, n - 1);
+    }
+    let mut kk = 0u32;
+    while kk < k {
+        #[unroll]
+        for i in 0..tm {
+            a_frag[i as usize] = f32::cast_from(a[(rows[i as usize] * k + kk) as usize]);
+        }
+        #[unroll]
+        for jv in 0..tnv {
+            let mut bv = Vector::<f32, Const<4>>::empty();
+            #[unroll]
+            for e in 0..4u32 {
+                let cj = cols[(jv * 4 + e) as usize];
+                if comptime!(trans_b) {
+                    bv[e as usize] = f32::cast_from(b[(cj * k + kk) as usize]);
+                } else {
+                    bv[e as usize] = f32::cast_from(b[(kk * n + cj) as usize]);
+                }
+            }
+            #[unroll]
+            for i in 0..tm {
+                let e = (i * tnv + jv) as usize;
+                accv[e] += Vector::new(a_frag[i as usize]) * bv;
+            }
+        }
+        kk += 1;
+    }
+    #[unroll]
+    for i in 0..tm {
+        #[unroll]
+        for j in 0..tn {
+            acc[(i * tn + j) as usize] = accv[(i * tnv + j / 4) as usize][(j % 4) as usize];
+        }
+    }
+}
+
+/// The direct main loop: each unit reads its fragments from global memory, K exactly
+/// (no padding, no zero fill); rows and columns past the edge are clamped.
+#[cube]
+#[allow(clippy::too_many_arguments, unused_variables, non_snake_case)]
+fn direct_product<F: Float>(
+    a: &Array<F>,
+    b: &Array<F>,
+    acc: &mut Array<f32>,
+    m: u32,
+    n: u32,
+    k: u32,
+    row0: u32,
+    col0: u32,
+    ty: u32,
+    tx: u32,
+    #[comptime] trans_b: bool,
+    #[comptime] bm: u32,
+    #[comptime] bn: u32,
+    #[comptime] tm: u32,
+    #[comptime] tn: u32,
+) {
+    let units = comptime!((bm / tm) * (bn / tn));
+    let cols_of_units = comptime!(bn / tn);
+    let rows_of_units = comptime!(bm / tm);
+    #[unroll]
+    for i in 0..tm * tn {
+        acc[i as usize] = 0.0;
+    }
+    let mut a_frag = Array::<f32>::new(comptime!(tm as usize));
+    let mut b_frag = Array::<f32>::new(comptime!(tn as usize));
+    // Each unit reads its own fragments from global memory, K exactly (no padding,
+    // so no zero fill). Rows and columns past the edge are clamped to the last one:
+    // computed, never stored.
+    let mut rows = Array::<u32>::new(comptime!(tm as usize));
+    let mut cols = Array::<u32>::new(comptime!(tn as usize));
+    clamped_strided(&mut rows, row0 + ty, rows_of_units, m - 1, tm);
+    clamped_strided(&mut cols, col0 + tx, cols_of_units, n - 1, tn);
+    let mut kk = 0u32;
+    while kk < k {
+        #[unroll]
+        for i in 0..tm {
+            a_frag[i as usize] = f32::cast_from(a[(rows[i as usize] * k + kk) as usize]);
+        }
+        #[unroll]
+        for j in 0..tn {
+            if comptime!(trans_b) {
+                b_frag[j as usize] = f32::cast_from(b[(cols[j as usize] * k + kk) as usize]);
+            } else {
+                b_frag[j as usize] = f32::cast_from(b[(kk * n + cols[j as usize]) as usize]);
+            }
+        }
+        #[unroll]
+        for i in 0..tm {
+            #[unroll]
+            for j in 0..tn {
+                acc[(i * tn + j) as usize] += a_frag[i as usize] * b_frag[j as usize];
+            }
+        }
+        kk += 1;
+    }
+}

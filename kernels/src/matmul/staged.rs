@@ -1,0 +1,356 @@
+//! The staged register-tiled kernels: `BK`-deep K slices of `a` (k-major) and `b` in
+//! shared memory, zero-filled past the edges (the GPU path); `matmul_staged_v4` holds
+//! b's slice and the accumulators as 4-wide vectors. Tile layout: see `tiled`.
+
+use super::tiled::store_tile;
+use super::Activation;
+use cubecl::prelude::*;
+
+/// `c = epilogue(a @ b)` with K slices staged in shared memory (the GPU path).
+#[kiln_macros::kernel(
+    tune((BM, BN, BK, TM, TN, VEC) = [
+            (64, 64, 16, 4, 4, 1),
+            (64, 64, 8, 8, 8, 1),
+            (128, 128, 8, 8, 8, 1),
+            (64, 128, 16, 4, 8, 1),
+            (16, 64, 32, 1, 4, 1),
+            (64, 64, 16, 4, 4, 4),
+            (128, 128, 8, 8, 8, 4),
+        ]),
+    require(BM % TM == 0,
+        BN % TN == 0,
+        BK % VEC == 0,
+        BN % VEC == 0,
+        (((BM + BN) * BK * 4) as usize) <= device.max_shared_memory),
+    key(m = pow2, n = pow2, k = pow2, dtype),
+    grid = (n.div_ceil(BN), m.div_ceil(BM)),
+    cube = ((BM / TM) * (BN / TN)),
+)]
+pub fn matmul_staged<F: Float>(
+    a: &Array<F>,
+    b: &Array<F>,
+    bias: &Array<F>,
+    residual: &Array<F>,
+    c: &mut Array<F>,
+    m: u32,
+    n: u32,
+    k: u32,
+    #[comptime] trans_b: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] has_residual: bool,
+    #[comptime] act: Activation,
+) {
+    let (row0, col0, ty, tx) = (
+        CUBE_POS_Y * BM,
+        CUBE_POS_X * BN,
+        UNIT_POS / comptime!(BN / TN),
+        UNIT_POS % comptime!(BN / TN),
+    );
+    let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
+    staged_product::<F>(
+        a, b, &mut acc, m, n, k, row0, col0, ty, tx, trans_b, BM, BN, BK, TM, TN, VEC,
+    );
+    store_tile::<F>(
+        c,
+        bias,
+        residual,
+        &acc,
+        m,
+        n,
+        row0,
+        col0,
+        ty,
+        tx,
+        has_bias,
+        has_residual,
+        act,
+        BM,
+        BN,
+        TM,
+        TN,
+        false,
+    );
+}
+
+/// `c = epilogue(a @ b)` with K slices staged in shared memory, b's slice and the
+/// accumulators as 4-wide vectors.
+#[kiln_macros::kernel(
+    tune((BM, BN, BK, TM, TN) = [
+            (64, 64, 16, 4, 4),
+            (64, 64, 8, 8, 8),
+            (128, 128, 8, 8, 8),
+            (128, 128, 16, 8, 8),
+        ]),
+    require(BM % TM == 0,
+        BN % TN == 0,
+        TN % 4 == 0,
+        (((BM + BN) * BK * 4) as usize) <= device.max_shared_memory),
+    key(m = pow2, n = pow2, k = pow2, dtype),
+    grid = (n.div_ceil(BN), m.div_ceil(BM)),
+    cube = ((BM / TM) * (BN / TN)),
+)]
+pub fn matmul_staged_v4<F: Float>(
+    a: &Array<F>,
+    b: &Array<F>,
+    bias: &Array<F>,
+    residual: &Array<F>,
+    c: &mut Array<F>,
+    m: u32,
+    n: u32,
+    k: u32,
+    #[comptime] trans_b: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] has_residual: bool,
+    #[comptime] act: Activation,
+) {
+    let (row0, col0, ty, tx) = (
+        CUBE_POS_Y * BM,
+        CUBE_POS_X * BN,
+        UNIT_POS / comptime!(BN / TN),
+        UNIT_POS % comptime!(BN / TN),
+    );
+    let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
+    staged_v4_product::<F>(
+        a, b, &mut acc, m, n, k, row0, col0, ty, tx, trans_b, BM, BN, BK, TM, TN,
+    );
+    store_tile::<F>(
+        c,
+        bias,
+        residual,
+        &acc,
+        m,
+        n,
+        row0,
+        col0,
+        ty,
+        tx,
+        has_bias,
+        has_residual,
+        act,
+        BM,
+        BN,
+        TM,
+        TN,
+        true,
+    );
+}
+
+/// The staged main loop: `BK`-deep slices of `a` and `b` in shared memory, `VEC`
+/// consecutive elements per unit and staging step.
+#[cube]
+#[allow(clippy::too_many_arguments, unused_variables, non_snake_case)]
+fn staged_product<F: Float>(
+    a: &Array<F>,
+    b: &Array<F>,
+    acc: &mut Array<f32>,
+    m: u32,
+    n: u32,
+    k: u32,
+    row0: u32,
+    col0: u32,
+    ty: u32,
+    tx: u32,
+    #[comptime] trans_b: bool,
+    #[comptime] bm: u32,
+    #[comptime] bn: u32,
+    #[comptime] bk: u32,
+    #[comptime] tm: u32,
+    #[comptime] tn: u32,
+    #[comptime] vec_width: u32,
+) {
+    let units = comptime!((bm / tm) * (bn / tn));
+    let cols_of_units = comptime!(bn / tn);
+    let rows_of_units = comptime!(bm / tm);
+    #[unroll]
+    for i in 0..tm * tn {
+        acc[i as usize] = 0.0;
+    }
+    let mut a_frag = Array::<f32>::new(comptime!(tm as usize));
+    let mut b_frag = Array::<f32>::new(comptime!(tn as usize));
+    // The a slice is stored k-major ([bk][bm]), like b's ([bk][bn]).
+    let mut a_s = SharedMemory::<f32>::new(comptime!((bk * bm) as usize));
+    let mut b_s = SharedMemory::<f32>::new(comptime!((bk * bn) as usize));
+    let mut k0 = 0u32;
+    while k0 < k {
+        // Cooperative, bounds-masked loads: zeros past the edges keep the FMAs uniform.
+        // Each unit stages vec_width consecutive elements per step.
+        let mut idx = UNIT_POS;
+        while idx < comptime!(bm * bk / vec_width) {
+            // Consecutive units read consecutive k of one row of a (coalesced).
+            let r = idx / comptime!(bk / vec_width);
+            let kv = (idx % comptime!(bk / vec_width)) * vec_width;
+            #[unroll]
+            for e in 0..vec_width {
+                let kk = kv + e;
+                let (gr, gk) = (row0 + r, k0 + kk);
+                let mut v = 0.0f32;
+                if gr < m && gk < k {
+                    v = f32::cast_from(a[(gr * k + gk) as usize]);
+                }
+                a_s[(kk * bm + r) as usize] = v;
+            }
+            idx += units;
+        }
+        let mut idx = UNIT_POS;
+        while idx < comptime!(bk * bn / vec_width) {
+            #[unroll]
+            for e in 0..vec_width {
+                let mut v = 0.0f32;
+                if comptime!(trans_b) {
+                    // b is [N, K]: consecutive units read consecutive k of one column.
+                    let cc = idx / comptime!(bk / vec_width);
+                    let kk = (idx % comptime!(bk / vec_width)) * vec_width + e;
+                    let (gk, gc) = (k0 + kk, col0 + cc);
+                    if gk < k && gc < n {
+                        v = f32::cast_from(b[(gc * k + gk) as usize]);
+                    }
+                    b_s[(kk * bn + cc) as usize] = v;
+                } else {
+                    let kk = idx / comptime!(bn / vec_width);
+                    let cc = (idx % comptime!(bn / vec_width)) * vec_width + e;
+                    let (gk, gc) = (k0 + kk, col0 + cc);
+                    if gk < k && gc < n {
+                        v = f32::cast_from(b[(gk * n + gc) as usize]);
+                    }
+                    b_s[(kk * bn + cc) as usize] = v;
+                }
+            }
+            idx += units;
+        }
+        sync_cube();
+
+        #[unroll]
+        for kk in 0..bk {
+            // A unit owns rows ty + i * rows_of_units and columns tx + j * cols_of_units:
+            // neighbouring units read neighbouring shared addresses (no bank conflicts
+            // on GPUs, contiguous SIMD loads on CPU adapters) and store neighbouring
+            // columns of c (coalesced).
+            #[unroll]
+            for i in 0..tm {
+                a_frag[i as usize] = a_s[(kk * bm + ty + i * rows_of_units) as usize];
+            }
+            #[unroll]
+            for j in 0..tn {
+                b_frag[j as usize] = b_s[(kk * bn + tx + j * cols_of_units) as usize];
+            }
+            #[unroll]
+            for i in 0..tm {
+                #[unroll]
+                for j in 0..tn {
+                    acc[(i * tn + j) as usize] += a_frag[i as usize] * b_frag[j as usize];
+                }
+            }
+        }
+        sync_cube();
+        k0 += bk;
+    }
+}
+
+/// The staged main loop with b's slice and the accumulators as 4-wide vectors: a unit
+/// owns `TN / 4` groups of 4 adjacent columns (groups strided across units).
+#[cube]
+#[allow(clippy::too_many_arguments, unused_variables, non_snake_case)]
+fn staged_v4_product<F: Float>(
+    a: &Array<F>,
+    b: &Array<F>,
+    acc: &mut Array<f32>,
+    m: u32,
+    n: u32,
+    k: u32,
+    row0: u32,
+    col0: u32,
+    ty: u32,
+    tx: u32,
+    #[comptime] trans_b: bool,
+    #[comptime] bm: u32,
+    #[comptime] bn: u32,
+    #[comptime] bk: u32,
+    #[comptime] tm: u32,
+    #[comptime] tn: u32,
+) {
+    let units = comptime!((bm / tm) * (bn / tn));
+    let cols_of_units = comptime!(bn / tn);
+    let rows_of_units = comptime!(bm / tm);
+    #[unroll]
+    for i in 0..tm * tn {
+        acc[i as usize] = 0.0;
+    }
+    let mut a_frag = Array::<f32>::new(comptime!(tm as usize));
+    // Staged, with b's slice and the accumulators as 4-wide vectors: a unit owns
+    // TN / 4 groups of 4 adjacent columns (groups strided across units), so each
+    // step is one vector load of b and TM x TN / 4 vector FMAs (a's value splat).
+    let tnv = comptime!(tn / 4);
+    let bnv = comptime!(bn / 4);
+    let mut a_s = SharedMemory::<f32>::new(comptime!((bk * bm) as usize));
+    let mut b_s = SharedMemory::<Vector<f32, Const<4>>>::new(comptime!((bk * bnv) as usize));
+    let mut accv = Array::<Vector<f32, Const<4>>>::new(comptime!((tm * tnv) as usize));
+    #[unroll]
+    for e in 0..tm * tnv {
+        accv[e as usize] = Vector::new(0.0f32);
+    }
+    let mut k0 = 0u32;
+    while k0 < k {
+        let mut idx = UNIT_POS;
+        while idx < comptime!(bm * bk) {
+            let r = idx / bk;
+            let kk = idx % bk;
+            let (gr, gk) = (row0 + r, k0 + kk);
+            let mut v = 0.0f32;
+            if gr < m && gk < k {
+                v = f32::cast_from(a[(gr * k + gk) as usize]);
+            }
+            a_s[(kk * bm + r) as usize] = v;
+            idx += units;
+        }
+        let mut idx = UNIT_POS;
+        while idx < comptime!(bk * bnv) {
+            let kk = idx / bnv;
+            let cv = idx % bnv;
+            let gk = k0 + kk;
+            let mut v = Vector::<f32, Const<4>>::empty();
+            #[unroll]
+            for e in 0..4u32 {
+                let gc = col0 + cv * 4 + e;
+                let mut x = 0.0f32;
+                if gk < k && gc < n {
+                    if comptime!(trans_b) {
+                        x = f32::cast_from(b[(gc * k + gk) as usize]);
+                    } else {
+                        x = f32::cast_from(b[(gk * n + gc) as usize]);
+                    }
+                }
+                v[e as usize] = x;
+            }
+            b_s[idx as usize] = v;
+            idx += units;
+        }
+        sync_cube();
+        #[unroll]
+        for kk in 0..bk {
+            #[unroll]
+            for i in 0..tm {
+                a_frag[i as usize] = a_s[(kk * bm + ty + i * rows_of_units) as usize];
+            }
+            #[unroll]
+            for jv in 0..tnv {
+                let bv = b_s[(kk * bnv + tx + jv * cols_of_units) as usize];
+                #[unroll]
+                for i in 0..tm {
+                    let e = (i * tnv + jv) as usize;
+                    accv[e] += Vector::new(a_frag[i as usize]) * bv;
+                }
+            }
+        }
+        sync_cube();
+        k0 += bk;
+    }
+    // Into the scalar layout the epilogue reads (column j of the unit is lane j % 4
+    // of its group j / 4).
+    #[unroll]
+    for i in 0..tm {
+        #[unroll]
+        for j in 0..tn {
+            acc[(i * tn + j) as usize] = accv[(i * tnv + j / 4) as usize][(j % 4) as usize];
+        }
+    }
+}
