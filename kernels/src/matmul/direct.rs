@@ -3,7 +3,10 @@
 //! barriers: what CPU adapters want); `matmul_direct_v4` keeps 4-wide vector
 //! accumulators. Tile layout: see `tiled`.
 
-use super::tiled::{clamped_strided, store_tile};
+use super::tiled::{
+    clamped_strided, store_tile, tile_from_v4, unit_tile, zero_tile, zero_tile_v4, Fused,
+    TileShape, UnitTile,
+};
 use super::Activation;
 use cubecl::prelude::*;
 
@@ -30,36 +33,12 @@ pub fn matmul_direct_v4<F: Float>(
     #[comptime] has_residual: bool,
     #[comptime] act: Activation,
 ) {
-    let (row0, col0, ty, tx) = (
-        CUBE_POS_Y * BM,
-        CUBE_POS_X * BN,
-        UNIT_POS / comptime!(BN / TN),
-        UNIT_POS % comptime!(BN / TN),
-    );
+    let tile = comptime!(TileShape::new(BM, BN, TM, TN));
+    let unit = unit_tile(tile);
     let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
-    direct_v4_product::<F>(
-        a, b, &mut acc, m, n, k, row0, col0, ty, tx, trans_b, BM, BN, TM, TN,
-    );
-    store_tile::<F>(
-        c,
-        bias,
-        residual,
-        &acc,
-        m,
-        n,
-        row0,
-        col0,
-        ty,
-        tx,
-        has_bias,
-        has_residual,
-        act,
-        BM,
-        BN,
-        TM,
-        TN,
-        true,
-    );
+    direct_v4_product::<F>(a, b, &mut acc, m, n, k, &unit, trans_b, tile);
+    let fused = comptime!(Fused::new(has_bias, has_residual, act));
+    store_tile::<F>(c, bias, residual, &acc, m, n, &unit, fused, tile, true);
 }
 
 /// `c = epilogue(a @ b)` with fragments read straight from global memory (no shared
@@ -92,42 +71,18 @@ pub fn matmul_direct<F: Float>(
     #[comptime] has_residual: bool,
     #[comptime] act: Activation,
 ) {
-    let (row0, col0, ty, tx) = (
-        CUBE_POS_Y * BM,
-        CUBE_POS_X * BN,
-        UNIT_POS / comptime!(BN / TN),
-        UNIT_POS % comptime!(BN / TN),
-    );
+    let tile = comptime!(TileShape::new(BM, BN, TM, TN));
+    let unit = unit_tile(tile);
     let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
-    direct_product::<F>(
-        a, b, &mut acc, m, n, k, row0, col0, ty, tx, trans_b, BM, BN, TM, TN,
-    );
-    store_tile::<F>(
-        c,
-        bias,
-        residual,
-        &acc,
-        m,
-        n,
-        row0,
-        col0,
-        ty,
-        tx,
-        has_bias,
-        has_residual,
-        act,
-        BM,
-        BN,
-        TM,
-        TN,
-        false,
-    );
+    direct_product::<F>(a, b, &mut acc, m, n, k, &unit, trans_b, tile);
+    let fused = comptime!(Fused::new(has_bias, has_residual, act));
+    store_tile::<F>(c, bias, residual, &acc, m, n, &unit, fused, tile, false);
 }
 
 /// The direct main loop with 4-wide vector accumulators: a unit reads its `TN / 4`
 /// column groups from global memory as one vector per step.
 #[cube]
-#[allow(clippy::too_many_arguments, unused_variables, non_snake_case)]
+#[allow(clippy::too_many_arguments, unused_variables)]
 fn direct_v4_product<F: Float>(
     a: &Array<F>,
     b: &Array<F>,
@@ -135,33 +90,21 @@ fn direct_v4_product<F: Float>(
     m: u32,
     n: u32,
     k: u32,
-    row0: u32,
-    col0: u32,
-    ty: u32,
-    tx: u32,
+    unit: &UnitTile,
     #[comptime] trans_b: bool,
-    #[comptime] bm: u32,
-    #[comptime] bn: u32,
-    #[comptime] tm: u32,
-    #[comptime] tn: u32,
+    #[comptime] tile: TileShape,
 ) {
-    let units = comptime!((bm / tm) * (bn / tn));
-    let cols_of_units = comptime!(bn / tn);
-    let rows_of_units = comptime!(bm / tm);
-    #[unroll]
-    for i in 0..tm * tn {
-        acc[i as usize] = 0.0;
-    }
+    let (bm, bn, tm, tn) = comptime!((tile.bm, tile.bn, tile.tm, tile.tn));
+    let (units, rows_of_units, cols_of_units) = comptime!(tile.units());
+    let (row0, col0, ty, tx) = (unit.row0, unit.col0, unit.ty, unit.tx);
+    zero_tile(acc, tm * tn);
     let mut a_frag = Array::<f32>::new(comptime!(tm as usize));
     // Direct, with 4-wide vector accumulators: a unit owns TN / 4 groups of 4
     // adjacent columns, reads them from global memory as one vector per step and
     // does TM x TN / 4 vector FMAs. Clamped rows and columns as in the scalar path.
     let tnv = comptime!(tn / 4);
     let mut accv = Array::<Vector<f32, Const<4>>>::new(comptime!((tm * tnv) as usize));
-    #[unroll]
-    for e in 0..tm * tnv {
-        accv[e as usize] = Vector::new(0.0f32);
-    }
+    zero_tile_v4(&mut accv, tm * tnv);
     let mut rows = Array::<u32>::new(comptime!(tm as usize));
     let mut cols = Array::<u32>::new(comptime!(tn as usize));
     clamped_strided(&mut rows, row0 + ty, rows_of_units, m - 1, tm);
@@ -195,19 +138,13 @@ fn direct_v4_product<F: Float>(
         }
         kk += 1;
     }
-    #[unroll]
-    for i in 0..tm {
-        #[unroll]
-        for j in 0..tn {
-            acc[(i * tn + j) as usize] = accv[(i * tnv + j / 4) as usize][(j % 4) as usize];
-        }
-    }
+    tile_from_v4(&accv, acc, tm, tn);
 }
 
 /// The direct main loop: each unit reads its fragments from global memory, K exactly
 /// (no padding, no zero fill); rows and columns past the edge are clamped.
 #[cube]
-#[allow(clippy::too_many_arguments, unused_variables, non_snake_case)]
+#[allow(clippy::too_many_arguments, unused_variables)]
 fn direct_product<F: Float>(
     a: &Array<F>,
     b: &Array<F>,
@@ -215,23 +152,14 @@ fn direct_product<F: Float>(
     m: u32,
     n: u32,
     k: u32,
-    row0: u32,
-    col0: u32,
-    ty: u32,
-    tx: u32,
+    unit: &UnitTile,
     #[comptime] trans_b: bool,
-    #[comptime] bm: u32,
-    #[comptime] bn: u32,
-    #[comptime] tm: u32,
-    #[comptime] tn: u32,
+    #[comptime] tile: TileShape,
 ) {
-    let units = comptime!((bm / tm) * (bn / tn));
-    let cols_of_units = comptime!(bn / tn);
-    let rows_of_units = comptime!(bm / tm);
-    #[unroll]
-    for i in 0..tm * tn {
-        acc[i as usize] = 0.0;
-    }
+    let (bm, bn, tm, tn) = comptime!((tile.bm, tile.bn, tile.tm, tile.tn));
+    let (units, rows_of_units, cols_of_units) = comptime!(tile.units());
+    let (row0, col0, ty, tx) = (unit.row0, unit.col0, unit.ty, unit.tx);
+    zero_tile(acc, tm * tn);
     let mut a_frag = Array::<f32>::new(comptime!(tm as usize));
     let mut b_frag = Array::<f32>::new(comptime!(tn as usize));
     // Each unit reads its own fragments from global memory, K exactly (no padding,

@@ -2,7 +2,9 @@
 //! shared memory, zero-filled past the edges (the GPU path); `matmul_staged_v4` holds
 //! b's slice and the accumulators as 4-wide vectors. Tile layout: see `tiled`.
 
-use super::tiled::store_tile;
+use super::tiled::{
+    store_tile, tile_from_v4, unit_tile, zero_tile, zero_tile_v4, Fused, TileShape, UnitTile,
+};
 use super::Activation;
 use cubecl::prelude::*;
 
@@ -40,36 +42,12 @@ pub fn matmul_staged<F: Float>(
     #[comptime] has_residual: bool,
     #[comptime] act: Activation,
 ) {
-    let (row0, col0, ty, tx) = (
-        CUBE_POS_Y * BM,
-        CUBE_POS_X * BN,
-        UNIT_POS / comptime!(BN / TN),
-        UNIT_POS % comptime!(BN / TN),
-    );
+    let tile = comptime!(TileShape::new(BM, BN, TM, TN));
+    let unit = unit_tile(tile);
     let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
-    staged_product::<F>(
-        a, b, &mut acc, m, n, k, row0, col0, ty, tx, trans_b, BM, BN, BK, TM, TN, VEC,
-    );
-    store_tile::<F>(
-        c,
-        bias,
-        residual,
-        &acc,
-        m,
-        n,
-        row0,
-        col0,
-        ty,
-        tx,
-        has_bias,
-        has_residual,
-        act,
-        BM,
-        BN,
-        TM,
-        TN,
-        false,
-    );
+    staged_product::<F>(a, b, &mut acc, m, n, k, &unit, trans_b, tile, BK, VEC);
+    let fused = comptime!(Fused::new(has_bias, has_residual, act));
+    store_tile::<F>(c, bias, residual, &acc, m, n, &unit, fused, tile, false);
 }
 
 /// `c = epilogue(a @ b)` with K slices staged in shared memory, b's slice and the
@@ -103,42 +81,18 @@ pub fn matmul_staged_v4<F: Float>(
     #[comptime] has_residual: bool,
     #[comptime] act: Activation,
 ) {
-    let (row0, col0, ty, tx) = (
-        CUBE_POS_Y * BM,
-        CUBE_POS_X * BN,
-        UNIT_POS / comptime!(BN / TN),
-        UNIT_POS % comptime!(BN / TN),
-    );
+    let tile = comptime!(TileShape::new(BM, BN, TM, TN));
+    let unit = unit_tile(tile);
     let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
-    staged_v4_product::<F>(
-        a, b, &mut acc, m, n, k, row0, col0, ty, tx, trans_b, BM, BN, BK, TM, TN,
-    );
-    store_tile::<F>(
-        c,
-        bias,
-        residual,
-        &acc,
-        m,
-        n,
-        row0,
-        col0,
-        ty,
-        tx,
-        has_bias,
-        has_residual,
-        act,
-        BM,
-        BN,
-        TM,
-        TN,
-        true,
-    );
+    staged_v4_product::<F>(a, b, &mut acc, m, n, k, &unit, trans_b, tile, BK);
+    let fused = comptime!(Fused::new(has_bias, has_residual, act));
+    store_tile::<F>(c, bias, residual, &acc, m, n, &unit, fused, tile, true);
 }
 
 /// The staged main loop: `BK`-deep slices of `a` and `b` in shared memory, `VEC`
 /// consecutive elements per unit and staging step.
 #[cube]
-#[allow(clippy::too_many_arguments, unused_variables, non_snake_case)]
+#[allow(clippy::too_many_arguments, unused_variables)]
 fn staged_product<F: Float>(
     a: &Array<F>,
     b: &Array<F>,
@@ -146,25 +100,16 @@ fn staged_product<F: Float>(
     m: u32,
     n: u32,
     k: u32,
-    row0: u32,
-    col0: u32,
-    ty: u32,
-    tx: u32,
+    unit: &UnitTile,
     #[comptime] trans_b: bool,
-    #[comptime] bm: u32,
-    #[comptime] bn: u32,
+    #[comptime] tile: TileShape,
     #[comptime] bk: u32,
-    #[comptime] tm: u32,
-    #[comptime] tn: u32,
     #[comptime] vec_width: u32,
 ) {
-    let units = comptime!((bm / tm) * (bn / tn));
-    let cols_of_units = comptime!(bn / tn);
-    let rows_of_units = comptime!(bm / tm);
-    #[unroll]
-    for i in 0..tm * tn {
-        acc[i as usize] = 0.0;
-    }
+    let (bm, bn, tm, tn) = comptime!((tile.bm, tile.bn, tile.tm, tile.tn));
+    let (units, rows_of_units, cols_of_units) = comptime!(tile.units());
+    let (row0, col0, ty, tx) = (unit.row0, unit.col0, unit.ty, unit.tx);
+    zero_tile(acc, tm * tn);
     let mut a_frag = Array::<f32>::new(comptime!(tm as usize));
     let mut b_frag = Array::<f32>::new(comptime!(tn as usize));
     // The a slice is stored k-major ([bk][bm]), like b's ([bk][bn]).
@@ -249,7 +194,7 @@ fn staged_product<F: Float>(
 /// The staged main loop with b's slice and the accumulators as 4-wide vectors: a unit
 /// owns `TN / 4` groups of 4 adjacent columns (groups strided across units).
 #[cube]
-#[allow(clippy::too_many_arguments, unused_variables, non_snake_case)]
+#[allow(clippy::too_many_arguments, unused_variables)]
 fn staged_v4_product<F: Float>(
     a: &Array<F>,
     b: &Array<F>,
@@ -257,24 +202,15 @@ fn staged_v4_product<F: Float>(
     m: u32,
     n: u32,
     k: u32,
-    row0: u32,
-    col0: u32,
-    ty: u32,
-    tx: u32,
+    unit: &UnitTile,
     #[comptime] trans_b: bool,
-    #[comptime] bm: u32,
-    #[comptime] bn: u32,
+    #[comptime] tile: TileShape,
     #[comptime] bk: u32,
-    #[comptime] tm: u32,
-    #[comptime] tn: u32,
 ) {
-    let units = comptime!((bm / tm) * (bn / tn));
-    let cols_of_units = comptime!(bn / tn);
-    let rows_of_units = comptime!(bm / tm);
-    #[unroll]
-    for i in 0..tm * tn {
-        acc[i as usize] = 0.0;
-    }
+    let (bm, bn, tm, tn) = comptime!((tile.bm, tile.bn, tile.tm, tile.tn));
+    let (units, rows_of_units, cols_of_units) = comptime!(tile.units());
+    let (row0, col0, ty, tx) = (unit.row0, unit.col0, unit.ty, unit.tx);
+    zero_tile(acc, tm * tn);
     let mut a_frag = Array::<f32>::new(comptime!(tm as usize));
     // Staged, with b's slice and the accumulators as 4-wide vectors: a unit owns
     // TN / 4 groups of 4 adjacent columns (groups strided across units), so each
@@ -284,10 +220,7 @@ fn staged_v4_product<F: Float>(
     let mut a_s = SharedMemory::<f32>::new(comptime!((bk * bm) as usize));
     let mut b_s = SharedMemory::<Vector<f32, Const<4>>>::new(comptime!((bk * bnv) as usize));
     let mut accv = Array::<Vector<f32, Const<4>>>::new(comptime!((tm * tnv) as usize));
-    #[unroll]
-    for e in 0..tm * tnv {
-        accv[e as usize] = Vector::new(0.0f32);
-    }
+    zero_tile_v4(&mut accv, tm * tnv);
     let mut k0 = 0u32;
     while k0 < k {
         let mut idx = UNIT_POS;
@@ -344,13 +277,5 @@ fn staged_v4_product<F: Float>(
         sync_cube();
         k0 += bk;
     }
-    // Into the scalar layout the epilogue reads (column j of the unit is lane j % 4
-    // of its group j / 4).
-    #[unroll]
-    for i in 0..tm {
-        #[unroll]
-        for j in 0..tn {
-            acc[(i * tn + j) as usize] = accv[(i * tnv + j / 4) as usize][(j % 4) as usize];
-        }
-    }
+    tile_from_v4(&accv, acc, tm, tn);
 }

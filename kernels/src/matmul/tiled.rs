@@ -18,9 +18,110 @@ use super::Activation;
 use cubecl::prelude::*;
 use kiln_dsl::{gelu_tanh, silu};
 
+/// The shape of a register tile: `bm x bn` of `c` per cube, `tm x tn` per unit
+/// (comptime: one compiled kernel per shape).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct TileShape {
+    pub bm: u32,
+    pub bn: u32,
+    pub tm: u32,
+    pub tn: u32,
+}
+
+impl TileShape {
+    /// A tile of `bm x bn` per cube, `tm x tn` per unit.
+    pub fn new(bm: u32, bn: u32, tm: u32, tn: u32) -> Self {
+        TileShape { bm, bn, tm, tn }
+    }
+
+    /// Units per cube, rows of units and columns of units.
+    pub fn units(&self) -> (u32, u32, u32) {
+        let (rows, cols) = (self.bm / self.tm, self.bn / self.tn);
+        (rows * cols, rows, cols)
+    }
+}
+
+/// What the epilogue fuses (comptime).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct Fused {
+    pub has_bias: bool,
+    pub has_residual: bool,
+    pub act: Activation,
+}
+
+impl Fused {
+    /// The epilogue of these flags.
+    pub fn new(has_bias: bool, has_residual: bool, act: Activation) -> Self {
+        Fused {
+            has_bias,
+            has_residual,
+            act,
+        }
+    }
+}
+
+/// Where a unit's register tile sits: the cube's tile origin (`row0`, `col0`) and the
+/// unit's place among the cube's units (`ty`, `tx`).
+#[derive(CubeType, Clone, Copy)]
+pub(super) struct UnitTile {
+    pub row0: u32,
+    pub col0: u32,
+    pub ty: u32,
+    pub tx: u32,
+}
+
+/// This unit's [`UnitTile`] in a grid of `bm x bn` tiles.
+#[cube]
+pub(super) fn unit_tile(#[comptime] tile: TileShape) -> UnitTile {
+    let (bm, bn, cols) = comptime!((tile.bm, tile.bn, tile.bn / tile.tn));
+    UnitTile {
+        row0: CUBE_POS_Y * bm,
+        col0: CUBE_POS_X * bn,
+        ty: UNIT_POS / cols,
+        tx: UNIT_POS % cols,
+    }
+}
+
+/// Sets `len` accumulators to zero.
+#[cube]
+pub(super) fn zero_tile(acc: &mut Array<f32>, #[comptime] len: u32) {
+    #[unroll]
+    for i in 0..len {
+        acc[i as usize] = 0.0;
+    }
+}
+
+/// `tm x tn/4` 4-wide accumulators set to zero.
+#[cube]
+pub(super) fn zero_tile_v4(accv: &mut Array<Vector<f32, Const<4>>>, #[comptime] len: u32) {
+    #[unroll]
+    for e in 0..len {
+        accv[e as usize] = Vector::new(0.0f32);
+    }
+}
+
+/// 4-wide accumulators into the scalar layout the epilogue reads: column j of the unit
+/// is lane `j % 4` of its group `j / 4`.
+#[cube]
+pub(super) fn tile_from_v4(
+    accv: &Array<Vector<f32, Const<4>>>,
+    acc: &mut Array<f32>,
+    #[comptime] tm: u32,
+    #[comptime] tn: u32,
+) {
+    let tnv = comptime!(tn / 4);
+    #[unroll]
+    for i in 0..tm {
+        #[unroll]
+        for j in 0..tn {
+            acc[(i * tn + j) as usize] = accv[(i * tnv + j / 4) as usize][(j % 4) as usize];
+        }
+    }
+}
+
 /// The epilogue of a register tile: element (i, j) of the unit's accumulators is row
-/// `ty + i BM/TM` of the cube's tile and column `tx + j BN/TN`, or with
-/// `vector_columns` column `4 (tx + (j / 4) BN/TN) + j % 4`; masked to `m x n`.
+/// `ty + i bm/tm` of the cube's tile and column `tx + j bn/tn`, or with
+/// `vector_columns` column `4 (tx + (j / 4) bn/tn) + j % 4`; masked to `m x n`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn store_tile<F: Float>(
@@ -30,21 +131,15 @@ pub(super) fn store_tile<F: Float>(
     acc: &Array<f32>,
     m: u32,
     n: u32,
-    row0: u32,
-    col0: u32,
-    ty: u32,
-    tx: u32,
-    #[comptime] has_bias: bool,
-    #[comptime] has_residual: bool,
-    #[comptime] act: Activation,
-    #[comptime] bm: u32,
-    #[comptime] bn: u32,
-    #[comptime] tm: u32,
-    #[comptime] tn: u32,
+    unit: &UnitTile,
+    #[comptime] fused: Fused,
+    #[comptime] tile: TileShape,
     #[comptime] vector_columns: bool,
 ) {
-    let cols_of_units = comptime!(bn / tn);
-    let rows_of_units = comptime!(bm / tm);
+    let (tm, tn) = comptime!((tile.tm, tile.tn));
+    let (rows_of_units, cols_of_units) = comptime!((tile.bm / tile.tm, tile.bn / tile.tn));
+    let (row0, col0, ty, tx) = (unit.row0, unit.col0, unit.ty, unit.tx);
+    let (has_bias, has_residual, act) = comptime!((fused.has_bias, fused.has_residual, fused.act));
     #[unroll]
     for i in 0..tm {
         let r = row0 + ty + i * rows_of_units;
