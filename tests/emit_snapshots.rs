@@ -76,7 +76,6 @@ fn matmul_cuda_staged_f16_fused() {
             ("BK", "16"),
             ("TM", "4"),
             ("TN", "4"),
-            ("VEC", "4"),
             ("has_bias", "true"),
             ("act", "gelu")
         ]

@@ -1,28 +1,26 @@
-//! The staged register-tiled kernels: `BK`-deep K slices of `a` (k-major) and `b` in
-//! shared memory, zero-filled past the edges (the GPU path); `matmul_staged_v4` holds
-//! b's slice and the accumulators as 4-wide vectors. Tile layout: see `tiled`.
+//! The staged register-tiled kernels: `BK`-deep K slices of `a` (depth-major) and `b`
+//! in shared memory, zero-filled past the edges (the GPU path), loaded with the DSL's
+//! `load_tile`; `matmul_staged` multiplies with its `reg_tile_mma`, `matmul_staged_v4`
+//! holds b's slice and the accumulators as 4-wide vectors. Tile layout: see `tiled`.
 
 use super::tiled::{
     store_tile, tile_from_v4, unit_tile, zero_tile, zero_tile_v4, Fused, TileShape, UnitTile,
 };
 use super::Activation;
 use cubecl::prelude::*;
+use kiln_dsl::{load_tile, reg_tile_mma};
 
 /// `c = epilogue(a @ b)` with K slices staged in shared memory (the GPU path).
 #[kiln_macros::kernel(
-    tune((BM, BN, BK, TM, TN, VEC) = [
-            (64, 64, 16, 4, 4, 1),
-            (64, 64, 8, 8, 8, 1),
-            (128, 128, 8, 8, 8, 1),
-            (64, 128, 16, 4, 8, 1),
-            (16, 64, 32, 1, 4, 1),
-            (64, 64, 16, 4, 4, 4),
-            (128, 128, 8, 8, 8, 4),
+    tune((BM, BN, BK, TM, TN) = [
+            (64, 64, 16, 4, 4),
+            (64, 64, 8, 8, 8),
+            (128, 128, 8, 8, 8),
+            (64, 128, 16, 4, 8),
+            (16, 64, 32, 1, 4),
         ]),
     require(BM % TM == 0,
         BN % TN == 0,
-        BK % VEC == 0,
-        BN % VEC == 0,
         (((BM + BN) * BK * 4) as usize) <= device.max_shared_memory),
     key(m = pow2, n = pow2, k = pow2, dtype),
     grid = (n.div_ceil(BN), m.div_ceil(BM)),
@@ -45,7 +43,7 @@ pub fn matmul_staged<F: Float>(
     let tile = comptime!(TileShape::new(BM, BN, TM, TN));
     let unit = unit_tile(tile);
     let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
-    staged_product::<F>(a, b, &mut acc, m, n, k, &unit, trans_b, tile, BK, VEC);
+    staged_product::<F>(a, b, &mut acc, m, n, k, &unit, trans_b, tile, BK);
     let fused = comptime!(Fused::new(has_bias, has_residual, act));
     store_tile::<F>(c, bias, residual, &acc, m, n, &unit, fused, tile, false);
 }
@@ -89,8 +87,10 @@ pub fn matmul_staged_v4<F: Float>(
     store_tile::<F>(c, bias, residual, &acc, m, n, &unit, fused, tile, true);
 }
 
-/// The staged main loop: `BK`-deep slices of `a` and `b` in shared memory, `VEC`
-/// consecutive elements per unit and staging step.
+/// The staged main loop: `BK`-deep slices of `a` (depth-major) and `b` (row-major)
+/// loaded into shared memory by the DSL's bounds-masked `load_tile` (zeros past the
+/// edges keep the FMAs uniform), multiplied into the unit's register tile by its
+/// `reg_tile_mma` (rows and columns strided across units, see `tiled`).
 #[cube]
 #[allow(clippy::too_many_arguments, unused_variables)]
 fn staged_product<F: Float>(
@@ -104,88 +104,63 @@ fn staged_product<F: Float>(
     #[comptime] trans_b: bool,
     #[comptime] tile: TileShape,
     #[comptime] bk: u32,
-    #[comptime] vec_width: u32,
 ) {
     let (bm, bn, tm, tn) = comptime!((tile.bm, tile.bn, tile.tm, tile.tn));
-    let (units, rows_of_units, cols_of_units) = comptime!(tile.units());
-    let (row0, col0, ty, tx) = (unit.row0, unit.col0, unit.ty, unit.tx);
+    let (units, _, _) = comptime!(tile.units());
     zero_tile(acc, tm * tn);
-    let mut a_frag = Array::<f32>::new(comptime!(tm as usize));
-    let mut b_frag = Array::<f32>::new(comptime!(tn as usize));
-    // The a slice is stored k-major ([bk][bm]), like b's ([bk][bn]).
     let mut a_s = SharedMemory::<f32>::new(comptime!((bk * bm) as usize));
     let mut b_s = SharedMemory::<f32>::new(comptime!((bk * bn) as usize));
+    // The grid covers the matrix, so row0 < m and col0 < n.
+    let (rows, cols) = (m - unit.row0, n - unit.col0);
     let mut k0 = 0u32;
     while k0 < k {
-        // Cooperative, bounds-masked loads: zeros past the edges keep the FMAs uniform.
-        // Each unit stages vec_width consecutive elements per step.
-        let mut idx = UNIT_POS;
-        while idx < comptime!(bm * bk / vec_width) {
-            // Consecutive units read consecutive k of one row of a (coalesced).
-            let r = idx / comptime!(bk / vec_width);
-            let kv = (idx % comptime!(bk / vec_width)) * vec_width;
-            #[unroll]
-            for e in 0..vec_width {
-                let kk = kv + e;
-                let (gr, gk) = (row0 + r, k0 + kk);
-                let mut v = 0.0f32;
-                if gr < m && gk < k {
-                    v = f32::cast_from(a[(gr * k + gk) as usize]);
-                }
-                a_s[(kk * bm + r) as usize] = v;
-            }
-            idx += units;
-        }
-        let mut idx = UNIT_POS;
-        while idx < comptime!(bk * bn / vec_width) {
-            #[unroll]
-            for e in 0..vec_width {
-                let mut v = 0.0f32;
-                if comptime!(trans_b) {
-                    // b is [N, K]: consecutive units read consecutive k of one column.
-                    let cc = idx / comptime!(bk / vec_width);
-                    let kk = (idx % comptime!(bk / vec_width)) * vec_width + e;
-                    let (gk, gc) = (k0 + kk, col0 + cc);
-                    if gk < k && gc < n {
-                        v = f32::cast_from(b[(gc * k + gk) as usize]);
-                    }
-                    b_s[(kk * bn + cc) as usize] = v;
-                } else {
-                    let kk = idx / comptime!(bn / vec_width);
-                    let cc = (idx % comptime!(bn / vec_width)) * vec_width + e;
-                    let (gk, gc) = (k0 + kk, col0 + cc);
-                    if gk < k && gc < n {
-                        v = f32::cast_from(b[(gk * n + gc) as usize]);
-                    }
-                    b_s[(kk * bn + cc) as usize] = v;
-                }
-            }
-            idx += units;
+        let depth = k - k0;
+        // a [M, K]: rows row0.., depth k0.., stored depth-major ([bk][bm]).
+        load_tile::<F>(
+            &mut a_s,
+            0,
+            a,
+            unit.row0 * k + k0,
+            k,
+            rows,
+            depth,
+            bm,
+            bk,
+            true,
+            units,
+        );
+        if comptime!(trans_b) {
+            // b [N, K]: its rows are c's columns; depth-major is b_s's [bk][bn].
+            load_tile::<F>(
+                &mut b_s,
+                0,
+                b,
+                unit.col0 * k + k0,
+                k,
+                cols,
+                depth,
+                bn,
+                bk,
+                true,
+                units,
+            );
+        } else {
+            load_tile::<F>(
+                &mut b_s,
+                0,
+                b,
+                k0 * n + unit.col0,
+                n,
+                depth,
+                cols,
+                bk,
+                bn,
+                false,
+                units,
+            );
         }
         sync_cube();
-
-        #[unroll]
-        for kk in 0..bk {
-            // A unit owns rows ty + i * rows_of_units and columns tx + j * cols_of_units:
-            // neighbouring units read neighbouring shared addresses (no bank conflicts
-            // on GPUs, contiguous SIMD loads on CPU adapters) and store neighbouring
-            // columns of c (coalesced).
-            #[unroll]
-            for i in 0..tm {
-                a_frag[i as usize] = a_s[(kk * bm + ty + i * rows_of_units) as usize];
-            }
-            #[unroll]
-            for j in 0..tn {
-                b_frag[j as usize] = b_s[(kk * bn + tx + j * cols_of_units) as usize];
-            }
-            #[unroll]
-            for i in 0..tm {
-                #[unroll]
-                for j in 0..tn {
-                    acc[(i * tn + j) as usize] += a_frag[i as usize] * b_frag[j as usize];
-                }
-            }
-        }
+        reg_tile_mma::<f32>(acc, &a_s, 0, &b_s, 0, unit.ty, unit.tx, bm, bn, bk, tm, tn);
         sync_cube();
         k0 += bk;
     }
@@ -223,18 +198,20 @@ fn staged_v4_product<F: Float>(
     zero_tile_v4(&mut accv, tm * tnv);
     let mut k0 = 0u32;
     while k0 < k {
-        let mut idx = UNIT_POS;
-        while idx < comptime!(bm * bk) {
-            let r = idx / bk;
-            let kk = idx % bk;
-            let (gr, gk) = (row0 + r, k0 + kk);
-            let mut v = 0.0f32;
-            if gr < m && gk < k {
-                v = f32::cast_from(a[(gr * k + gk) as usize]);
-            }
-            a_s[(kk * bm + r) as usize] = v;
-            idx += units;
-        }
+        // a [M, K]: rows row0.., depth k0.., stored depth-major ([bk][bm]).
+        load_tile::<F>(
+            &mut a_s,
+            0,
+            a,
+            row0 * k + k0,
+            k,
+            m - row0,
+            k - k0,
+            bm,
+            bk,
+            true,
+            units,
+        );
         let mut idx = UNIT_POS;
         while idx < comptime!(bk * bnv) {
             let kk = idx / bnv;
