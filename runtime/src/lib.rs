@@ -23,8 +23,9 @@ pub use dtype::DType;
 pub use error::{shape_str, Error, Result};
 pub use host::{load_safetensors, load_safetensors_named, save_safetensors, HostTensor};
 pub use registry::{
-    join_names, registered_kernels, registered_ops, Capability, ComptimeParam, ExampleValues,
-    KernelConfig, KernelEntry, KernelSpec, OpArgs, OpEntry, OpSpec, Outputs, ParamSpec, TensorSpec,
+    join_names, registered_kernels, registered_ops, Capability, ComptimeParam, Dtypes,
+    ExampleValues, KernelConfig, KernelEntry, KernelSpec, OpArgs, OpEntry, OpSpec, Outputs,
+    ParamSpec, TensorSpec,
 };
 pub use tensor::{contiguous_strides, Tensor};
 pub use tune::{Autotuner, Choice, TuneKey, TuneMode};

@@ -129,7 +129,7 @@ fn try_case(client: &Client, case: &Case, dtype: DType, seed: u64) -> Result<Out
     let by_param = op
         .params
         .iter()
-        .find(|p| out_spec.is_some_and(|t| t.dtypes.contains(p.name)));
+        .find(|p| out_spec.is_some_and(|t| t.dtypes == crate::Dtypes::Param(p.name)));
     let expected = match (fixed(op.outputs, case.output), by_param) {
         (Some(d), _) => d,
         (None, Some(p)) => DType::parse(params.get(p.name).map_or(p.default, |v| v.as_str()))?,

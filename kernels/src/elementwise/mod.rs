@@ -18,7 +18,9 @@ pub use kernels::{
 };
 
 use crate::launch::{check_input, elementwise_cost, x_and_bias, x_only};
-use kiln_runtime::{shape_str, Client, Error, OpArgs, OpSpec, Outputs, Result, Tensor, TensorSpec};
+use kiln_runtime::{
+    shape_str, Client, Dtypes, Error, OpArgs, OpSpec, Outputs, Result, Tensor, TensorSpec,
+};
 
 // ---------------------------------------------------------------- host API
 
@@ -181,15 +183,15 @@ pub mod reference {
 
 // ---------------------------------------------------------------- registry
 
-const X: TensorSpec = TensorSpec::new("x", "[...]", "f32 | f16 | bf16", false, "input");
+const X: TensorSpec = TensorSpec::new("x", "[...]", Dtypes::Float, false, "input");
 const Y: TensorSpec = TensorSpec::new(
     "y",
     "a suffix of x's shape, e.g. [D] for x [..., D]",
-    "x's dtype",
+    Dtypes::Like("x"),
     false,
     "second operand, broadcast over x's leading dimensions",
 );
-const OUT: TensorSpec = TensorSpec::new("out", "x's shape", "x's dtype", false, "result");
+const OUT: TensorSpec = TensorSpec::new("out", "x's shape", Dtypes::Like("x"), false, "result");
 
 fn run_binary(client: &Client, a: &OpArgs, op: BinaryOp) -> Result<Outputs> {
     let (x, y) = (a.tensor("x")?, a.tensor("y")?);

@@ -4,16 +4,17 @@ use super::{
     gla, gla_backward, gla_recurrent, gla_step, GlaGradInputs, GlaInputs, GlaMode, GlaOptions,
 };
 use kiln_runtime::{
-    Client, DType, Error, ExampleValues, OpArgs, OpSpec, Outputs, ParamSpec, Result, TensorSpec,
+    Client, DType, Dtypes, Error, ExampleValues, OpArgs, OpSpec, Outputs, ParamSpec, Result,
+    TensorSpec,
 };
 
-const Q: TensorSpec = TensorSpec::new("q", "[B, T, H, K]", "f32 | f16 | bf16", false, "queries");
-const K: TensorSpec = TensorSpec::new("k", "[B, T, H, K]", "q's dtype", false, "keys");
-const V: TensorSpec = TensorSpec::new("v", "[B, T, H, V]", "q's dtype", false, "values");
+const Q: TensorSpec = TensorSpec::new("q", "[B, T, H, K]", Dtypes::Float, false, "queries");
+const K: TensorSpec = TensorSpec::new("k", "[B, T, H, K]", Dtypes::Like("q"), false, "keys");
+const V: TensorSpec = TensorSpec::new("v", "[B, T, H, V]", Dtypes::Like("q"), false, "values");
 const G: TensorSpec = TensorSpec::new(
     "g",
     "[B, T, H, K]",
-    "f32 | q's dtype",
+    Dtypes::F32OrLike("q"),
     false,
     "log decays (<= 0), e.g. logsigmoid of a gate projection",
 )
@@ -21,37 +22,37 @@ const G: TensorSpec = TensorSpec::new(
 const H0: TensorSpec = TensorSpec::new(
     "h0",
     "[N, H, K, V]",
-    "f32",
+    Dtypes::Fixed(DType::F32),
     true,
     "initial states (N = B, or the varlen sequence count)",
 );
 const CU: TensorSpec = TensorSpec::new(
     "cu_seqlens",
     "[N + 1]",
-    "i32",
+    Dtypes::Fixed(DType::I32),
     true,
     "varlen row offsets (0 first, T last, non-decreasing; B = 1)",
 );
 const DO: TensorSpec = TensorSpec::new(
     "do",
     "[B, T, H, V]",
-    "q's dtype",
+    Dtypes::Like("q"),
     false,
     "gradient of the loss with respect to o",
 );
 const DHT: TensorSpec = TensorSpec::new(
     "dht",
     "[N, H, K, V]",
-    "f32",
+    Dtypes::Fixed(DType::F32),
     true,
     "gradient of the loss with respect to ht",
 );
 
-const O: TensorSpec = TensorSpec::new("o", "[B, T, H, V]", "q's dtype", false, "outputs");
+const O: TensorSpec = TensorSpec::new("o", "[B, T, H, V]", Dtypes::Like("q"), false, "outputs");
 const HT: TensorSpec = TensorSpec::new(
     "ht",
     "[N, H, K, V]",
-    "f32",
+    Dtypes::Fixed(DType::F32),
     true,
     "final states (with output_final_state=true)",
 );
@@ -272,22 +273,28 @@ pub static GLA_STEP: OpSpec = OpSpec {
         TensorSpec::new(
             "q",
             "[B, 1, H, K]",
-            "f32 | f16 | bf16",
+            Dtypes::Float,
             false,
             "queries of one token",
         ),
-        TensorSpec::new("k", "[B, 1, H, K]", "q's dtype", false, "keys of one token"),
+        TensorSpec::new(
+            "k",
+            "[B, 1, H, K]",
+            Dtypes::Like("q"),
+            false,
+            "keys of one token",
+        ),
         TensorSpec::new(
             "v",
             "[B, 1, H, V]",
-            "q's dtype",
+            Dtypes::Like("q"),
             false,
             "values of one token",
         ),
         TensorSpec::new(
             "g",
             "[B, 1, H, K]",
-            "f32 | q's dtype",
+            Dtypes::F32OrLike("q"),
             false,
             "log decays (<= 0)",
         )
@@ -295,7 +302,7 @@ pub static GLA_STEP: OpSpec = OpSpec {
         TensorSpec::new(
             "state",
             "[B, H, K, V]",
-            "f32",
+            Dtypes::Fixed(DType::F32),
             false,
             "the recurrent state, updated in place",
         ),
@@ -304,11 +311,17 @@ pub static GLA_STEP: OpSpec = OpSpec {
         TensorSpec::new(
             "o",
             "[B, 1, H, V]",
-            "q's dtype",
+            Dtypes::Like("q"),
             false,
             "outputs of the token",
         ),
-        TensorSpec::new("state", "[B, H, K, V]", "f32", false, "the updated state"),
+        TensorSpec::new(
+            "state",
+            "[B, H, K, V]",
+            Dtypes::Fixed(DType::F32),
+            false,
+            "the updated state",
+        ),
     ],
     params: &[SCALE],
     run: run_gla_step,
@@ -345,14 +358,14 @@ pub static GLA_BACKWARD: OpSpec = OpSpec {
     summary: "gated linear attention backward, chunked (gradients in their input's dtype, dh0 f32)",
     inputs: &[Q, K, V, G, H0, DO, DHT, CU],
     outputs: &[
-        TensorSpec::new("dq", "[B, T, H, K]", "q's dtype", false, "dL/dq"),
-        TensorSpec::new("dk", "[B, T, H, K]", "q's dtype", false, "dL/dk"),
-        TensorSpec::new("dv", "[B, T, H, V]", "q's dtype", false, "dL/dv"),
-        TensorSpec::new("dg", "[B, T, H, K]", "g's dtype", false, "dL/dg"),
+        TensorSpec::new("dq", "[B, T, H, K]", Dtypes::Like("q"), false, "dL/dq"),
+        TensorSpec::new("dk", "[B, T, H, K]", Dtypes::Like("q"), false, "dL/dk"),
+        TensorSpec::new("dv", "[B, T, H, V]", Dtypes::Like("q"), false, "dL/dv"),
+        TensorSpec::new("dg", "[B, T, H, K]", Dtypes::Like("g"), false, "dL/dg"),
         TensorSpec::new(
             "dh0",
             "[N, H, K, V]",
-            "f32",
+            Dtypes::Fixed(DType::F32),
             true,
             "dL/dh0 (when h0 is given)",
         ),

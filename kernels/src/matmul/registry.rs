@@ -1,7 +1,7 @@
 //! The `kiln run` entry of `matmul`.
 
 use super::{matmul, selftest, Activation, Epilogue};
-use kiln_runtime::{Client, Error, OpArgs, OpSpec, Outputs, ParamSpec, Result, TensorSpec};
+use kiln_runtime::{Client, Dtypes, Error, OpArgs, OpSpec, Outputs, ParamSpec, Result, TensorSpec};
 
 fn run_matmul(client: &Client, args: &OpArgs) -> Result<Outputs> {
     let (a, b) = (args.tensor("a")?, args.tensor("b")?);
@@ -20,24 +20,30 @@ pub static MATMUL: OpSpec = OpSpec {
     name: "matmul",
     summary: "c = act(a @ b + bias) + residual, f32 accumulation, autotuned tiles",
     inputs: &[
-        TensorSpec::new("a", "[M, K]", "f32 | f16 | bf16", false, "left operand"),
+        TensorSpec::new("a", "[M, K]", Dtypes::Float, false, "left operand"),
         TensorSpec::new(
             "b",
             "[K, N] ([N, K] with trans_b)",
-            "a's dtype",
+            Dtypes::Like("a"),
             false,
             "right operand",
         ),
-        TensorSpec::new("bias", "[N]", "a's dtype", true, "added to every row"),
+        TensorSpec::new("bias", "[N]", Dtypes::Like("a"), true, "added to every row"),
         TensorSpec::new(
             "residual",
             "[M, N]",
-            "a's dtype",
+            Dtypes::Like("a"),
             true,
             "added after the activation",
         ),
     ],
-    outputs: &[TensorSpec::new("c", "[M, N]", "a's dtype", false, "result")],
+    outputs: &[TensorSpec::new(
+        "c",
+        "[M, N]",
+        Dtypes::Like("a"),
+        false,
+        "result",
+    )],
     params: &[
         ParamSpec {
             name: "activation",

@@ -5,7 +5,8 @@ use super::{
     FlexRoundInputs, W4Format, W4Weights,
 };
 use kiln_runtime::{
-    Client, DType, Error, ExampleValues, OpArgs, OpSpec, Outputs, ParamSpec, Result, TensorSpec,
+    Client, DType, Dtypes, Error, ExampleValues, OpArgs, OpSpec, Outputs, ParamSpec, Result,
+    TensorSpec,
 };
 
 const fn p(
@@ -22,33 +23,33 @@ const fn p(
     }
 }
 
-const X: TensorSpec = TensorSpec::new("x", "[M, K]", "f32 | f16 | bf16", false, "activations");
+const X: TensorSpec = TensorSpec::new("x", "[M, K]", Dtypes::Float, false, "activations");
 const QWEIGHT: TensorSpec = TensorSpec::new(
     "qweight",
     "gptq, kiln: [K/8, N]; awq: [K, N/8]",
-    "i32",
+    Dtypes::Fixed(DType::I32),
     false,
     "packed 4-bit codes",
 );
 const SCALES: TensorSpec = TensorSpec::new(
     "scales",
     "[K/G, N]",
-    "a float dtype (kiln: f32)",
+    Dtypes::Float,
     false,
-    "group scales",
+    "group scales (f32 in kiln's layout)",
 )
 .example(ExampleValues::Positive);
 const QZEROS: TensorSpec = TensorSpec::new(
     "qzeros",
     "gptq, awq: [K/G, N/8] i32; kiln: [K/G, N] f32",
-    "i32 | f32",
+    Dtypes::OneOf(&[DType::I32, DType::F32]),
     true,
     "zero points (absent: symmetric, z = 8)",
 );
 const G_IDX: TensorSpec = TensorSpec::new(
     "g_idx",
     "[K]",
-    "i32",
+    Dtypes::Fixed(DType::I32),
     true,
     "act-order group of each row (absent: k / G)",
 );
@@ -131,7 +132,7 @@ pub static W4A16: OpSpec = OpSpec {
     outputs: &[TensorSpec::new(
         "y",
         "[M, N]",
-        "x's dtype",
+        Dtypes::Like("x"),
         false,
         "the product",
     )],
@@ -162,11 +163,35 @@ pub static W4A16_REPACK: OpSpec = OpSpec {
     summary: "convert a GPTQ/AWQ int4 weight to kiln's layout (run w4a16 on it with format=kiln)",
     inputs: &[QWEIGHT, SCALES, QZEROS, G_IDX],
     outputs: &[
-        TensorSpec::new("qweight", "[K/8, N]", "i32", false, "codes packed along K"),
-        TensorSpec::new("scales", "[K/G, N]", "f32", false, "group scales")
-            .example(ExampleValues::Positive),
-        TensorSpec::new("qzeros", "[K/G, N]", "f32", false, "true zero points"),
-        TensorSpec::new("g_idx", "[K]", "i32", true, "act-order groups, when given"),
+        TensorSpec::new(
+            "qweight",
+            "[K/8, N]",
+            Dtypes::Fixed(DType::I32),
+            false,
+            "codes packed along K",
+        ),
+        TensorSpec::new(
+            "scales",
+            "[K/G, N]",
+            Dtypes::Fixed(DType::F32),
+            false,
+            "group scales",
+        )
+        .example(ExampleValues::Positive),
+        TensorSpec::new(
+            "qzeros",
+            "[K/G, N]",
+            Dtypes::Fixed(DType::F32),
+            false,
+            "true zero points",
+        ),
+        TensorSpec::new(
+            "g_idx",
+            "[K]",
+            Dtypes::Fixed(DType::I32),
+            true,
+            "act-order groups, when given",
+        ),
     ],
     params: &[FORMAT, GROUP, VERSION],
     run: run_w4a16_repack,
@@ -206,18 +231,42 @@ pub static W8A8: OpSpec = OpSpec {
     name: "w8a8",
     summary: "y = sx sw (xq @ wq^T) + bias with int8 operands and an exact i32 accumulator",
     inputs: &[
-        TensorSpec::new("xq", "[M, K]", "i8", false, "quantized activations"),
-        TensorSpec::new("sx", "[M]", "f32", false, "per-token scales")
-            .example(ExampleValues::Positive),
-        TensorSpec::new("wq", "[N, K]", "i8", false, "quantized weight (out x in)"),
-        TensorSpec::new("sw", "[N]", "f32", false, "per-channel scales")
-            .example(ExampleValues::Positive),
-        TensorSpec::new("bias", "[N]", "f32", true, "bias"),
+        TensorSpec::new(
+            "xq",
+            "[M, K]",
+            Dtypes::Fixed(DType::I8),
+            false,
+            "quantized activations",
+        ),
+        TensorSpec::new(
+            "sx",
+            "[M]",
+            Dtypes::Fixed(DType::F32),
+            false,
+            "per-token scales",
+        )
+        .example(ExampleValues::Positive),
+        TensorSpec::new(
+            "wq",
+            "[N, K]",
+            Dtypes::Fixed(DType::I8),
+            false,
+            "quantized weight (out x in)",
+        ),
+        TensorSpec::new(
+            "sw",
+            "[N]",
+            Dtypes::Fixed(DType::F32),
+            false,
+            "per-channel scales",
+        )
+        .example(ExampleValues::Positive),
+        TensorSpec::new("bias", "[N]", Dtypes::Fixed(DType::F32), true, "bias"),
     ],
     outputs: &[TensorSpec::new(
         "y",
         "[M, N]",
-        "out_dtype (f32 | f16 | bf16)",
+        Dtypes::Param("out_dtype"),
         false,
         "the product",
     )],
@@ -254,9 +303,21 @@ pub static QUANTIZE_PER_TOKEN: OpSpec = OpSpec {
         "dynamic per-token int8 quantization: sx = max|x| / 127, xq = round(x / sx) (ties to even)",
     inputs: &[X],
     outputs: &[
-        TensorSpec::new("xq", "[M, K]", "i8", false, "codes in -127..=127"),
-        TensorSpec::new("sx", "[M]", "f32", false, "per-token scales")
-            .example(ExampleValues::Positive),
+        TensorSpec::new(
+            "xq",
+            "[M, K]",
+            Dtypes::Fixed(DType::I8),
+            false,
+            "codes in -127..=127",
+        ),
+        TensorSpec::new(
+            "sx",
+            "[M]",
+            Dtypes::Fixed(DType::F32),
+            false,
+            "per-token scales",
+        )
+        .example(ExampleValues::Positive),
     ],
     params: &[],
     run: run_quantize,
@@ -284,11 +345,17 @@ pub static W8_BITS: OpSpec = OpSpec {
         "y = x @ W_b, the b-bit Double Rounding view of an int8 weight (shift-rounded in the GEMM)",
     inputs: &[
         X,
-        TensorSpec::new("q8", "[K, N]", "i8", false, "int8 codes"),
+        TensorSpec::new(
+            "q8",
+            "[K, N]",
+            Dtypes::Fixed(DType::I8),
+            false,
+            "int8 codes",
+        ),
         TensorSpec::new(
             "s8",
             "[N]",
-            "f32",
+            Dtypes::Fixed(DType::F32),
             false,
             "per-channel scales of the int8 codes",
         )
@@ -297,7 +364,7 @@ pub static W8_BITS: OpSpec = OpSpec {
     outputs: &[TensorSpec::new(
         "y",
         "[M, N]",
-        "x's dtype",
+        Dtypes::Like("x"),
         false,
         "the product",
     )],
@@ -317,15 +384,15 @@ pub static W8_BITS: OpSpec = OpSpec {
     selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "w8_bits"),
 };
 
-const W: TensorSpec = TensorSpec::new("w", "[rows, cols]", "f32 | f16 | bf16", false, "the weight");
+const W: TensorSpec = TensorSpec::new("w", "[rows, cols]", Dtypes::Float, false, "the weight");
 const FLEX_INPUTS: [TensorSpec; 5] = [
     W,
-    TensorSpec::new("s1", "[1]", "w's dtype", false, "per-tensor scale")
+    TensorSpec::new("s1", "[1]", Dtypes::Like("w"), false, "per-tensor scale")
         .example(ExampleValues::Positive),
     TensorSpec::new(
         "s2",
         "[rows, cols]",
-        "w's dtype",
+        Dtypes::Like("w"),
         false,
         "per-element divisor",
     )
@@ -333,7 +400,7 @@ const FLEX_INPUTS: [TensorSpec; 5] = [
     TensorSpec::new(
         "s3",
         "[rows]",
-        "w's dtype",
+        Dtypes::Like("w"),
         false,
         "per-output-channel divisor",
     )
@@ -341,7 +408,7 @@ const FLEX_INPUTS: [TensorSpec; 5] = [
     TensorSpec::new(
         "s4",
         "[cols]",
-        "w's dtype",
+        Dtypes::Like("w"),
         false,
         "per-input-channel divisor",
     )
@@ -387,7 +454,7 @@ pub static FLEXROUND: OpSpec = OpSpec {
     outputs: &[TensorSpec::new(
         "wq",
         "[rows, cols]",
-        "w's dtype",
+        Dtypes::Like("w"),
         false,
         "fake-quantized weight",
     )],
@@ -423,14 +490,14 @@ pub static FLEXROUND_BACKWARD: OpSpec = OpSpec {
         FLEX_INPUTS[2],
         FLEX_INPUTS[3],
         FLEX_INPUTS[4],
-        TensorSpec::new("grad", "[rows, cols]", "w's dtype", false, "dL/dwq"),
+        TensorSpec::new("grad", "[rows, cols]", Dtypes::Like("w"), false, "dL/dwq"),
     ],
     outputs: &[
-        TensorSpec::new("dw", "[rows, cols]", "w's dtype", false, "dL/dw"),
-        TensorSpec::new("ds1", "[1]", "w's dtype", false, "dL/ds1"),
-        TensorSpec::new("ds2", "[rows, cols]", "w's dtype", false, "dL/dS2"),
-        TensorSpec::new("ds3", "[rows]", "w's dtype", false, "dL/ds3"),
-        TensorSpec::new("ds4", "[cols]", "w's dtype", false, "dL/ds4"),
+        TensorSpec::new("dw", "[rows, cols]", Dtypes::Like("w"), false, "dL/dw"),
+        TensorSpec::new("ds1", "[1]", Dtypes::Like("w"), false, "dL/ds1"),
+        TensorSpec::new("ds2", "[rows, cols]", Dtypes::Like("w"), false, "dL/dS2"),
+        TensorSpec::new("ds3", "[rows]", Dtypes::Like("w"), false, "dL/ds3"),
+        TensorSpec::new("ds4", "[cols]", Dtypes::Like("w"), false, "dL/ds4"),
     ],
     params: &[QMIN, QMAX],
     run: run_flex_backward,

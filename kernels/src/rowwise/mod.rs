@@ -18,7 +18,8 @@ use crate::launch::{check_input, elementwise_cost, x_only};
 use cubecl::prelude::*;
 use kiln_dsl::{cube_online_softmax, exp_diff, linear_cube, OnlineSoftmax};
 use kiln_runtime::{
-    shape_str, Client, Error, HostTensor, OpArgs, OpSpec, Outputs, Result, Tensor, TensorSpec,
+    shape_str, Client, Dtypes, Error, HostTensor, OpArgs, OpSpec, Outputs, Result, Tensor,
+    TensorSpec,
 };
 
 // ---------------------------------------------------------------- host API
@@ -172,7 +173,7 @@ pub mod reference {
 const X: TensorSpec = TensorSpec::new(
     "x",
     "[..., D], rank >= 1",
-    "f32 | f16 | bf16",
+    Dtypes::Float,
     false,
     "input; the operator works over the last dimension",
 );
@@ -197,7 +198,7 @@ pub static SOFTMAX: OpSpec = OpSpec {
     outputs: &[TensorSpec::new(
         "out",
         "x's shape",
-        "x's dtype",
+        Dtypes::Like("x"),
         false,
         "probabilities",
     )],
@@ -216,7 +217,7 @@ pub static LOGSUMEXP: OpSpec = OpSpec {
     outputs: &[TensorSpec::new(
         "out",
         "[...] (x's shape without D)",
-        "x's dtype",
+        Dtypes::Like("x"),
         false,
         "log-sum-exp of each row",
     )],

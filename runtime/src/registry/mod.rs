@@ -7,7 +7,7 @@ mod kernel;
 pub use entries::{registered_kernels, registered_ops, KernelEntry, OpEntry};
 pub use kernel::{Capability, ComptimeParam, KernelConfig, KernelSpec};
 
-use crate::{Client, Error, HostTensor, Result, Tensor};
+use crate::{Client, DType, Error, HostTensor, Result, Tensor};
 use std::collections::BTreeMap;
 
 /// How `kiln tune`, `kiln bench` and the registry-wide tests draw an input's values
@@ -23,6 +23,41 @@ pub enum ExampleValues {
     LogDecay,
 }
 
+/// Which dtypes an operator's tensor may have: a typed rule that `kiln ops` prints, the
+/// self-test and the example inputs follow, and operators check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dtypes {
+    /// A float dtype: f32, f16, or bf16 where the device has it (the one the operator
+    /// runs in, unless its doc says otherwise).
+    Float,
+    /// Exactly this dtype (f32 states and scales, i32 packed codes, i8 codes).
+    Fixed(DType),
+    /// The dtype of the named tensor (`Like("q")`: q's dtype).
+    Like(&'static str),
+    /// f32, or the dtype of the named tensor (gates given in f32 or in q's dtype).
+    F32OrLike(&'static str),
+    /// One of these; example inputs use the first when it is an integer type.
+    OneOf(&'static [DType]),
+    /// A float dtype chosen by the named parameter (w8a8's `out_dtype`).
+    Param(&'static str),
+}
+
+impl std::fmt::Display for Dtypes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dtypes::Float => f.write_str("f32 | f16 | bf16"),
+            Dtypes::Fixed(d) => write!(f, "{d}"),
+            Dtypes::Like(t) => write!(f, "{t}'s dtype"),
+            Dtypes::F32OrLike(t) => write!(f, "f32 | {t}'s dtype"),
+            Dtypes::OneOf(l) => {
+                let names: Vec<&str> = l.iter().map(|d| d.name()).collect();
+                f.write_str(&names.join(" | "))
+            }
+            Dtypes::Param(p) => write!(f, "{p} (f32 | f16 | bf16)"),
+        }
+    }
+}
+
 /// A documented operator input or output.
 #[derive(Clone, Copy, Debug)]
 pub struct TensorSpec {
@@ -30,8 +65,8 @@ pub struct TensorSpec {
     pub name: &'static str,
     /// Shape in words, e.g. `[..., D]`.
     pub shape: &'static str,
-    /// Allowed dtypes in words, e.g. `f32 | f16 | bf16`.
-    pub dtypes: &'static str,
+    /// Allowed dtypes.
+    pub dtypes: Dtypes,
     /// Whether the operator runs without it.
     pub optional: bool,
     /// One line on what it holds.
@@ -45,7 +80,7 @@ impl TensorSpec {
     pub const fn new(
         name: &'static str,
         shape: &'static str,
-        dtypes: &'static str,
+        dtypes: Dtypes,
         optional: bool,
         doc: &'static str,
     ) -> TensorSpec {
@@ -64,21 +99,22 @@ impl TensorSpec {
         TensorSpec { example, ..self }
     }
 
-    /// The dtype this tensor always has, when its spec names exactly one (`f32` for
-    /// recurrent states and scales, `i32` for packed codes, `i8` ...); `None` when it
-    /// follows the operator's float dtype.
-    pub fn fixed_dtype(&self) -> Option<crate::DType> {
-        crate::DType::parse(self.dtypes.trim()).ok()
+    /// The dtype this tensor always has ([`Dtypes::Fixed`]: f32 recurrent states and
+    /// scales, i32 packed codes, i8 codes); `None` when it depends on the call.
+    pub fn fixed_dtype(&self) -> Option<DType> {
+        match self.dtypes {
+            Dtypes::Fixed(d) => Some(d),
+            _ => None,
+        }
     }
 
     /// The dtype test and benchmark inputs get when the operator runs in `float`: the
-    /// fixed dtype, else the first listed when it is an integer type (`i32 | f32`
+    /// fixed dtype, else the first of a list when it is an integer type (`i32 | f32`
     /// zero points default to packed ints), else `float`.
-    pub fn example_dtype(&self, float: crate::DType) -> crate::DType {
-        let first = self.dtypes.split('|').next().unwrap_or("").trim();
-        match (self.fixed_dtype(), crate::DType::parse(first)) {
-            (Some(d), _) => d,
-            (None, Ok(d)) if !d.is_float() => d,
+    pub fn example_dtype(&self, float: DType) -> DType {
+        match self.dtypes {
+            Dtypes::Fixed(d) => d,
+            Dtypes::OneOf(&[first, ..]) if !first.is_float() => first,
             _ => float,
         }
     }
