@@ -630,6 +630,17 @@ fn bad_inputs_are_clear_errors() {
         qgemm::w4a16(&x_bad, &weights(&ck, gptq, 64, None)),
         "tensor `x`",
     );
+    // ... also where the group size would not divide x's K: x is named, not group_size
+    let x100 = up(DType::F32, &[m, 100], &rng.normals(m * 100, 1.0));
+    expect_err(
+        qgemm::w4a16(&x100, &weights(&ck, gptq, 64, None)),
+        "tensor `x`: expected shape [..., 128]",
+    );
+    // GPTQ tensors declared as AWQ: the layout is named, not the group size
+    expect_err(
+        qgemm::w4a16(&x, &weights(&ck, W4Format::Awq, 64, None)),
+        "which is GPTQ's [K/8, N] (format gptq)",
+    );
     // qzeros of the wrong shape, qweight of the wrong dtype
     let bad_z = Ckpt {
         qzeros: Some(up_i32(&[2, n], &vec![0; 2 * n])),
@@ -750,4 +761,45 @@ fn bad_inputs_are_clear_errors() {
         qgemm::w4a16(&x, &weights(&ck, gptq, 48, None)),
         Err(Error::Param { .. })
     ));
+}
+
+#[test]
+fn quantize_per_token_propagates_nan_and_keeps_the_sign_of_infinities() {
+    // Row 0: a NaN -> scale NaN, codes 0 (the row dequantizes to NaN). Row 1: +inf ->
+    // scale inf, code +127 there (not -127), 0 elsewhere. Row 2: -inf -> -127. Row 3:
+    // both infinities and a NaN -> NaN scale. Row 4: ordinary values, untouched.
+    let (m, k) = (5, 37);
+    let mut rng = Rng::new(21);
+    let mut x = rounded(DType::F32, &rng.normals(m * k, 1.0));
+    x[3] = f64::NAN;
+    x[k + 7] = f64::INFINITY;
+    x[2 * k + 11] = f64::NEG_INFINITY;
+    x[3 * k] = f64::INFINITY;
+    x[3 * k + 1] = f64::NEG_INFINITY;
+    x[3 * k + 2] = f64::NAN;
+    for dtype in [DType::F32, DType::F16] {
+        let (xq, sx) = qgemm::quantize_per_token(&up(dtype, &[m, k], &x)).unwrap();
+        let xf: Vec<f32> = rounded(dtype, &x).iter().map(|&v| v as f32).collect();
+        let (q_ref, s_ref) = qr::quantize_per_token(&xf, m, k);
+        let got_q = xq.download().unwrap().to_f64();
+        let got_s = sx.download().unwrap().to_f64();
+        for i in 0..m {
+            let (g, w) = (got_s[i], s_ref[i] as f64);
+            assert!(
+                g == w || (g.is_nan() && w.is_nan()),
+                "{dtype} sx[{i}]: {g} vs {w}"
+            );
+        }
+        assert!(got_s[0].is_nan() && got_s[3].is_nan(), "{dtype}: NaN rows");
+        assert!(got_s[1].is_infinite() && got_s[2].is_infinite());
+        assert_eq!(got_q[k + 7], 127.0, "{dtype}: +inf keeps its sign");
+        assert_eq!(got_q[2 * k + 11], -127.0, "{dtype}: -inf");
+        for i in 0..m * k {
+            assert_eq!(
+                got_q[i], q_ref[i] as f64,
+                "{dtype} xq[{i}] of x = {}",
+                xf[i]
+            );
+        }
+    }
 }

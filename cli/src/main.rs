@@ -6,7 +6,7 @@ use kiln::codegen::{emit, Target};
 use kiln::runtime::{
     list_wgpu_adapters, native_wgpu_backend, resolve, KernelConfig, OpSpec, TensorSpec,
 };
-use kiln::runtime::{load_safetensors_named, panic_message};
+use kiln::runtime::{load_safetensors_split, panic_message};
 use kiln::selftest::{cases, run_case, Outcome};
 use kiln::{save_safetensors, Client, DType, Device, Error, Result};
 use std::collections::BTreeMap;
@@ -89,11 +89,11 @@ enum Command {
         /// Device (default: $KILN_DEVICE or auto).
         #[arg(long)]
         device: Option<String>,
-        /// Write this device's stored winners to FILE.
-        #[arg(long, value_name = "FILE", conflicts_with = "import")]
+        /// Write this device's stored winners to FILE (no tuning: takes no OP).
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["import", "op"])]
         export: Option<PathBuf>,
-        /// Merge winners from FILE (written by --export) into the cache.
-        #[arg(long, value_name = "FILE")]
+        /// Merge winners from FILE (written by --export) into the cache (takes no OP).
+        #[arg(long, value_name = "FILE", conflicts_with = "op")]
         import: Option<PathBuf>,
     },
     /// Time an operator at a shape (after tuning): median, throughput, fraction of peak.
@@ -109,15 +109,34 @@ enum Command {
         /// Device (default: $KILN_DEVICE or auto).
         #[arg(long)]
         device: Option<String>,
-        /// Timed runs (the median is reported).
-        #[arg(long, default_value_t = 5)]
-        samples: usize,
+        /// Timed runs (the median is reported), at least 1.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+        samples: u32,
         /// Operator parameter (repeatable), as for `kiln run`.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+    },
+    /// Compile every kernel x dtype x tuning configuration for CUDA with NVRTC and
+    /// ptxas (no GPU needed): registers, spills and shared memory per configuration.
+    CheckCuda {
+        /// Architectures, comma-separated.
+        #[arg(long, default_value = "sm_80,sm_90a", value_delimiter = ',')]
+        arch: Vec<String>,
+        /// Only these kernels (repeatable; default: every registered kernel).
+        #[arg(long)]
+        kernel: Vec<String>,
+        /// Also vary each `#[comptime]` knob and the vector width, one at a time.
+        #[arg(long)]
+        all_configs: bool,
+        /// Also write the table as Markdown to FILE (docs/cuda-registers.md).
+        #[arg(long, value_name = "FILE")]
+        markdown: Option<PathBuf>,
+        /// Compile threads (default: the machine's cores).
+        #[arg(long)]
+        jobs: Option<usize>,
     },
     /// Every operator against its f64 reference, in every float dtype, on one device.
     Selftest {
@@ -199,15 +218,23 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             &shape,
             &dtype,
             device,
-            samples,
+            samples as usize,
             &key_values(&set, "--set")?,
             json,
         ),
         Command::Selftest { device } => selftest(device),
+        Command::CheckCuda {
+            arch,
+            kernel,
+            all_configs,
+            markdown,
+            jobs,
+        } => check_cuda::run(&arch, &kernel, all_configs, markdown, jobs),
     }
 }
 
 mod bench;
+mod check_cuda;
 mod tune;
 
 fn device_arg(arg: Option<String>) -> Result<Device> {
@@ -218,18 +245,26 @@ fn device_arg(arg: Option<String>) -> Result<Device> {
 }
 
 fn key_values(pairs: &[String], what: &str) -> Result<BTreeMap<String, String>> {
-    pairs
-        .iter()
-        .map(|p| {
-            p.split_once('=')
-                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-                .ok_or_else(|| Error::Param {
-                    param: what.into(),
-                    expected: "KEY=VALUE".into(),
-                    found: p.clone(),
-                })
-        })
-        .collect()
+    let mut out = BTreeMap::new();
+    for p in pairs {
+        let (k, v) = p
+            .split_once('=')
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .ok_or_else(|| Error::Param {
+                param: what.into(),
+                expected: "KEY=VALUE".into(),
+                found: p.clone(),
+            })?;
+        if let Some(first) = out.insert(k.clone(), v.clone()) {
+            // Silently keeping the last of two values hides a typo in a script.
+            return Err(Error::Param {
+                param: format!("{what} {k}"),
+                expected: "each key once".into(),
+                found: format!("{k}={first} and {k}={v}"),
+            });
+        }
+    }
+    Ok(out)
 }
 
 fn devices(json: bool) -> Result<ExitCode> {
@@ -243,6 +278,10 @@ fn devices(json: bool) -> Result<ExitCode> {
     if json {
         let v = serde_json::json!({
             "cuda_devices": cuda,
+            "cuda_toolkit": match kiln::runtime::toolkit::find() {
+                Ok(tk) => serde_json::to_value(tk).unwrap_or_default(),
+                Err(e) => serde_json::json!({"error": e}),
+            },
             "wgpu_native_backend": native_wgpu_backend(),
             "wgpu_adapters": adapters,
             "auto": match &report {
@@ -261,6 +300,23 @@ fn devices(json: bool) -> Result<ExitCode> {
                 ""
             }
         );
+        match kiln::runtime::toolkit::find() {
+            Ok(tk) => println!(
+                "CUDA headers: {} (found by {}); NVRTC: {}",
+                tk.include_dirs
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                tk.found_by,
+                tk.nvrtc
+                    .as_ref()
+                    .map_or("the system library path".into(), |p| p
+                        .display()
+                        .to_string())
+            ),
+            Err(e) => println!("CUDA headers: none: {e}"),
+        }
         match native_wgpu_backend() {
             Some(b) => println!("wgpu adapters (kiln opens those on {b:?}):"),
             None => {
@@ -362,8 +418,16 @@ fn run(
             });
         }
     }
-    // Only the operator's inputs are read: other tensors may have any dtype.
-    let hosts = load_safetensors_named(input, &spec.input_names())?;
+    // Only the operator's inputs are read: other tensors may have any dtype. Those not
+    // used are named (a misspelled optional input would otherwise vanish silently).
+    let (hosts, unused) = load_safetensors_split(input, &spec.input_names())?;
+    if !unused.is_empty() {
+        eprintln!(
+            "note: not used by `{op}` (its inputs: {}): {}",
+            spec.input_names().join(", "),
+            unused.join(", ")
+        );
+    }
     let client = Client::open(&device_arg(device)?)?;
     let files = spec.call_host(&client, &hosts, params)?;
     save_safetensors(output, &files)?;

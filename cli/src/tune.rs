@@ -120,6 +120,11 @@ pub fn run(
         client.name(),
         client.report().backend
     );
+    // Configurations the tuning spaces left out on this device, and why (CUDA register
+    // budgets from `kiln check-cuda`).
+    for note in kiln::runtime::budget::take_notes() {
+        println!("{note}");
+    }
     if seen.decisions.is_empty() {
         println!("`{}` has no tunable kernel: nothing to tune", spec.name);
         return Ok(ExitCode::SUCCESS);
@@ -138,11 +143,12 @@ pub fn run(
         }
         println!();
     }
+    let stored = match tuner.store_error() {
+        None => format!("cache {}", tuner.path().display()),
+        Some(e) => format!("NOT stored ({e})"),
+    };
     for (kernel, winner, how) in &seen.decisions {
-        println!(
-            "{kernel}: {winner} ({how}); cache {}",
-            tuner.path().display()
-        );
+        println!("{kernel}: {winner} ({how}); {stored}");
     }
     Ok(ExitCode::SUCCESS)
 }

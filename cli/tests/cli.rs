@@ -4,48 +4,11 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
+mod support;
+
 use kiln::{load_safetensors, save_safetensors, HostTensor};
 use std::collections::BTreeMap;
-use std::process::{Command, Output};
-
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
-        .output()
-        .expect("kiln binary runs")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Asserts a user error: exit status 2 (not a panic's 101), exactly one line on
-/// stderr, containing every `needle`, and no panic text.
-fn assert_clear_error(o: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(
-        o.status.code(),
-        Some(2),
-        "expected a user error, stderr: {err}"
-    );
-    assert!(
-        !err.contains("panicked")
-            && !err.contains("internal error")
-            && !err.contains("RUST_BACKTRACE"),
-        "{err}"
-    );
-    assert_eq!(err.trim().lines().count(), 1, "one line expected: {err}");
-    for n in needles {
-        assert!(err.contains(n), "`{n}` missing from: {err}");
-    }
-}
-
-fn tmp(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("kiln-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
+use support::{assert_clear_error, kiln, kiln_in_cache, stdout, tmp, tmpdir};
 
 #[test]
 fn devices_reports_the_adapter_and_backend() {
@@ -275,24 +238,10 @@ fn run_ignores_other_tensors_of_any_dtype() {
     assert!(kiln::check::max_rel_error(&got, &want, 1e-6) < 1e-6);
 }
 
-fn tmpdir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("kiln-cli-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 #[test]
 fn kiln_tune_twice_hits_the_cache() {
     let dir = tmpdir("cli");
-    let kiln = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(args)
-            .env("KILN_CACHE_DIR", &dir)
-            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
-            .output()
-            .unwrap()
-    };
+    let kiln = |args: &[&str]| kiln_in_cache(&dir, args);
     let first = kiln(&["tune", "softmax", "--shape", "64x300"]);
     let out = String::from_utf8_lossy(&first.stdout);
     assert!(

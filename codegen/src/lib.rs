@@ -5,6 +5,8 @@
 //! hand-made device properties, then runs cubecl's own WGSL or CUDA C++ compiler.
 //! Uses kiln-runtime's registry types; knows nothing of the operator library itself.
 
+pub mod cuda_check;
+
 use cubecl::prelude::{AddressType, KernelBuilder};
 use cubecl::server::ExecutionMode;
 use cubecl::Compiler;
@@ -235,6 +237,18 @@ pub fn emit(spec: &KernelSpec, target: Target, config: &KernelConfig) -> Result<
 /// of consecutive such declarations is sorted (a struct block moves as one piece) and
 /// shared-memory offsets are masked. Everything else is left byte for byte.
 pub fn normalize(source: &str) -> String {
+    sort_declarations(source, true)
+}
+
+/// The source with cubecl's hash-ordered declaration runs sorted, as [`normalize`] does,
+/// but nothing masked: still compilable, and the same text on every run, so NVRTC and
+/// ptxas see the same program each time (`kiln check-cuda`; register allocation, and a
+/// few bytes of spill, otherwise change from run to run).
+pub fn canonical(source: &str) -> String {
+    sort_declarations(source, false)
+}
+
+fn sort_declarations(source: &str, mask: bool) -> String {
     let lines: Vec<&str> = source.lines().collect();
     let mut out: Vec<String> = Vec::new();
     let mut group: Vec<String> = Vec::new();
@@ -254,21 +268,46 @@ pub fn normalize(source: &str) -> String {
         {
             // The size comment travels with its declaration.
             i += 1;
-            group.push(format!("{line}\n{}", mask_numbers_after(lines[i], "[")));
-        } else if is_shared_decl(line) {
-            group.push(mask_numbers_after(line, "["));
-        } else if is_local_decl(line) {
+            group.push(format!("{line}\n{}", lines[i]));
+        } else if is_shared_decl(line) || is_local_decl(line) {
             group.push(line.to_string());
         } else {
-            group.sort();
-            out.append(&mut group);
+            flush(&mut group, &mut out, mask);
             out.push(line.to_string());
         }
         i += 1;
     }
-    group.sort();
-    out.append(&mut group);
+    flush(&mut group, &mut out, mask);
     out.join("\n")
+}
+
+/// Sorts a run of declarations by their text with shared-memory offsets masked (cubecl
+/// assigns those in hash order too); then masks the offsets (`mask`), or lays the
+/// arrays out again in the sorted order, each at a 16-byte boundary, so the text is
+/// the same on every run and still compiles.
+fn flush(group: &mut Vec<String>, out: &mut Vec<String>, mask: bool) {
+    group.sort_by_cached_key(|d| mask_numbers_after(d, "["));
+    let mut offset = 0usize;
+    for d in group.drain(..) {
+        if mask {
+            out.push(mask_numbers_after(&d, "["));
+            continue;
+        }
+        let bytes = d
+            .strip_prefix("// Shared array size")
+            .and_then(|c| c.split(" bytes").next())
+            .and_then(|c| c.rsplit(' ').next())
+            .and_then(|n| n.parse::<usize>().ok());
+        match (bytes, d.find("dynamic_shared_mem[")) {
+            (Some(bytes), Some(at)) => {
+                let start = at + "dynamic_shared_mem[".len();
+                let end = d[start..].find(']').map_or(start, |e| start + e);
+                out.push(format!("{}{offset}{}", &d[..start], &d[end..]));
+                offset += bytes.div_ceil(16) * 16;
+            }
+            _ => out.push(d),
+        }
+    }
 }
 
 fn is_shared_decl(line: &str) -> bool {

@@ -25,6 +25,27 @@ pub fn log_add_exp(a: f32, b: f32) -> f32 {
     hi + f32::ln(1.0 + f32::exp(d))
 }
 
+/// The floor kiln's chunked GLA kernels put under log gates before summing them:
+/// `exp(-110)` is 0 in f32 (below the smallest subnormal), so a gate at or below it
+/// already means full forgetting, and the floor keeps cumulative sums finite. A gate
+/// of `-inf` (the log of a zero decay) would otherwise make `b_i - b_j` of two later
+/// positions `-inf - -inf = NaN`; floored, it is exactly the full forgetting the
+/// recurrence gives. NaN stays NaN.
+pub const LOG_GATE_FLOOR: f32 = -110.0;
+
+/// `max(g, LOG_GATE_FLOOR)` that keeps NaN (see [`LOG_GATE_FLOOR`]).
+#[cube]
+pub fn floor_log_gate(g: f32) -> f32 {
+    select(g < -110.0, -110.0, g)
+}
+
+/// [`floor_log_gate`] on four lanes.
+#[cube]
+pub fn floor_log_gate_v4(g: Vector<f32, Const<4>>) -> Vector<f32, Const<4>> {
+    let floor = Vector::<f32, Const<4>>::new(-110.0);
+    select_many(g.less_than(floor), floor, g)
+}
+
 #[cube]
 fn combine(a: f32, b: f32, #[comptime] op: ScanOp) -> f32 {
     if comptime!(op == ScanOp::Sum) {

@@ -34,6 +34,72 @@ pub struct KeyItem {
     pub bucket: Bucket,
 }
 
+/// The values a `#[comptime] u32` argument may take: a list or an inclusive range.
+pub enum Domain {
+    /// `[16, 32, 64]`.
+    List(Vec<u32>),
+    /// `1..=1024`.
+    Range(u32, u32),
+}
+
+impl Domain {
+    /// How `kiln emit --list` and errors write it.
+    pub fn text(&self) -> String {
+        match self {
+            Domain::List(v) => v
+                .iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(" | "),
+            Domain::Range(a, b) => format!("{a}..={b}"),
+        }
+    }
+
+    /// The first value (the default when `defaults` names none).
+    pub fn first(&self) -> u32 {
+        match self {
+            Domain::List(v) => v[0],
+            Domain::Range(a, _) => *a,
+        }
+    }
+
+    fn parse(name: &Ident, e: &Expr) -> syn::Result<Domain> {
+        let lit = |e: &Expr| -> syn::Result<u32> {
+            match e {
+                Expr::Lit(syn::ExprLit {
+                    lit: syn::Lit::Int(i),
+                    ..
+                }) => i.base10_parse::<u32>(),
+                other => Err(syn::Error::new_spanned(
+                    other,
+                    "expected an integer literal",
+                )),
+            }
+        };
+        match e {
+            Expr::Array(a) if !a.elems.is_empty() => {
+                Ok(Domain::List(a.elems.iter().map(lit).collect::<syn::Result<_>>()?))
+            }
+            Expr::Range(r) if matches!(r.limits, syn::RangeLimits::Closed(_)) => {
+                match (&r.start, &r.end) {
+                    (Some(a), Some(b)) => {
+                        let (a, b) = (lit(a)?, lit(b)?);
+                        if a > b {
+                            return Err(syn::Error::new_spanned(e, "an empty range"));
+                        }
+                        Ok(Domain::Range(a, b))
+                    }
+                    _ => Err(syn::Error::new_spanned(e, "a range needs both ends: `1..=256`")),
+                }
+            }
+            _ => Err(syn::Error::new(
+                name.span(),
+                format!("the domain of `{name}` is a list `[16, 32, 64]` or an inclusive range `1..=256`"),
+            )),
+        }
+    }
+}
+
 /// Everything the attribute declares.
 pub struct KernelArgs {
     pub tunables: Vec<Tunable>,
@@ -49,6 +115,12 @@ pub struct KernelArgs {
     /// Vector widths of the kernel's `N: Size` generic, widest first (`vector = [4, 2, 1]`):
     /// at launch, the widest that divides every `Array<Vector<_, N>>` argument's length.
     pub vector: Option<(Span, Vec<u32>)>,
+    /// `dtypes = [f16, bf16]`: the float types the kernel accepts (default: all three);
+    /// others are refused by name at emission and launch.
+    pub dtypes: Option<Vec<Ident>>,
+    /// `domain(kp = [16, 32], dk = 1..=1024)`: the values of `#[comptime] u32`
+    /// arguments, checked before expansion (emission) and at launch.
+    pub domains: Vec<(Ident, Domain)>,
 }
 
 fn tuple_or_single(e: Expr) -> Vec<Expr> {
@@ -146,6 +218,8 @@ impl Parse for KernelArgs {
             name: None,
             defaults: vec![],
             vector: None,
+            dtypes: None,
+            domains: vec![],
         };
         while !input.is_empty() {
             let section: Ident = input.parse()?;
@@ -245,6 +319,38 @@ impl Parse for KernelArgs {
                     }
                     args.vector = Some((section.span(), widths));
                 }
+                "dtypes" => {
+                    input.parse::<Token![=]>()?;
+                    let list;
+                    let brackets = bracketed!(list in input);
+                    let names = Punctuated::<Ident, Token![,]>::parse_terminated(&list)?;
+                    if names.is_empty() {
+                        return Err(syn::Error::new(brackets.span.join(), "`dtypes` lists at least one of f32, f16, bf16"));
+                    }
+                    for n in &names {
+                        if !["f32", "f16", "bf16"].contains(&n.to_string().as_str()) {
+                            return Err(syn::Error::new(n.span(), format!("unknown dtype `{n}`: expected f32, f16 or bf16")));
+                        }
+                    }
+                    args.dtypes = Some(names.into_iter().collect());
+                }
+                "domain" => {
+                    let content;
+                    parenthesized!(content in input);
+                    while !content.is_empty() {
+                        let name: Ident = content.parse()?;
+                        content.parse::<Token![=]>()?;
+                        let e: Expr = content.parse()?;
+                        if args.domains.iter().any(|(n, _)| *n == name) {
+                            return Err(syn::Error::new(name.span(), format!("the domain of `{name}` is declared twice")));
+                        }
+                        let d = Domain::parse(&name, &e)?;
+                        args.domains.push((name, d));
+                        if !content.is_empty() {
+                            content.parse::<Token![,]>()?;
+                        }
+                    }
+                }
                 "defaults" => {
                     let content;
                     parenthesized!(content in input);
@@ -268,7 +374,7 @@ impl Parse for KernelArgs {
                 other => {
                     return Err(syn::Error::new(
                         section.span(),
-                        format!("unknown `#[kiln::kernel]` section `{other}`: expected tune, require, key, grid, cube, name, defaults or vector"),
+                        format!("unknown `#[kiln::kernel]` section `{other}`: expected tune, require, key, grid, cube, name, defaults, vector, dtypes or domain"),
                     ))
                 }
             }

@@ -6,7 +6,7 @@
 //! paths, identifier checks) are in `names.rs`.
 
 use crate::args::{Bucket, KernelArgs};
-use crate::names::{camel, check_idents, dsl_path, fnv1a, runtime_path, Capabilities};
+use crate::names::{camel, check_idents, dsl_path, fnv1a, mentions, runtime_path, Capabilities};
 use crate::signature::{analyse, Arg, Elem, Signature};
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote};
@@ -49,6 +49,41 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         .filter_map(|a| match a {
             Arg::Comptime { name, ty } => Some((name, ty)),
             _ => None,
+        })
+        .collect();
+    // Every `#[comptime] u32` has a declared domain, checked before expansion: a kernel
+    // specialised on `kp = 0` divides by zero, on `kp = 100000` unrolls without end.
+    for (n, ty) in &comptimes {
+        if *ty == "u32" && !args.domains.iter().any(|(d, _)| d == *n) {
+            return Err(syn::Error::new(
+                n.span(),
+                format!("`#[comptime] {n}: u32` needs its values: `domain({n} = [16, 32, 64])` or `domain({n} = 1..=256)` (the kernel is specialised on each)"),
+            ));
+        }
+    }
+    for (d, _) in &args.domains {
+        if !comptimes.iter().any(|(n, ty)| *n == d && *ty == "u32") {
+            return Err(syn::Error::new(
+                d.span(),
+                format!("`{d}` in `domain` is not a `#[comptime] u32` argument of `{kname}`"),
+            ));
+        }
+    }
+    let domain_checks: Vec<TokenStream> = args
+        .domains
+        .iter()
+        .map(|(n, d)| {
+            let s = n.to_string();
+            let text = d.text();
+            let holds = match d {
+                crate::args::Domain::List(v) => quote!([#(#v),*].contains(&#n)),
+                crate::args::Domain::Range(a, b) => quote!((#a..=#b).contains(&#n)),
+            };
+            quote! {
+                if !#holds {
+                    return Err(#rt::Error::Param { param: #s.into(), expected: #text.into(), found: #n.to_string() });
+                }
+            }
         })
         .collect();
     let mut allowed: Vec<String> = tunables.iter().map(|t| t.to_string()).collect();
@@ -325,46 +360,53 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         caps.visit_expr(e);
     }
     let capabilities = &caps.0;
-    let mut nest = quote! {
-        let cfg = #config { #(#tunables),* };
-        let _ = &cfg;
-        if (#cube_units) <= device.max_units_per_cube #(&& (#requires))* {
-            __out.push(cfg);
-        }
+    // What the autotuner may pick for some problem: the requirements that do not read
+    // a runtime scalar (those may hold for another problem), with the `#[comptime]`
+    // values bound (`declared`, for checks such as `kiln check-cuda`).
+    let runtime_scalars: Vec<String> = scalars
+        .iter()
+        .filter(|(n, _)| !comptimes.iter().any(|(c, _)| c == n))
+        .map(|(n, _)| n.to_string())
+        .collect();
+    let static_requires: Vec<&Expr> = requires
+        .iter()
+        .filter(|e| !mentions(e, &runtime_scalars))
+        .collect();
+    let static_units = if cube.iter().any(|e| mentions(e, &runtime_scalars)) {
+        quote!(true)
+    } else {
+        quote!((#cube_units) <= device.max_units_per_cube)
     };
-    // Loops outermost first in declaration order: a joint group loops over its
-    // configurations where its first name is declared; its other names add no loop.
-    let joint_of = |name: &Ident| {
-        args.joint
-            .iter()
-            .find(|j| j.names.iter().any(|n| n == name))
-    };
-    for (t, list) in tunables.iter().zip(&value_lists).rev() {
-        match joint_of(t) {
-            None => {
-                nest = quote! {
-                    for &#t in (#list as &[u32]) {
-                        #nest
-                    }
-                };
+    let ct_names: Vec<&Ident> = comptimes.iter().map(|(n, _)| *n).collect();
+    let ct_strs: Vec<String> = comptimes.iter().map(|(n, _)| n.to_string()).collect();
+    let nest = nest_loops(
+        &args,
+        &tunables,
+        &value_lists,
+        quote! {
+            let cfg = #config { #(#tunables),* };
+            let _ = &cfg;
+            if (#cube_units) <= device.max_units_per_cube #(&& (#requires))* {
+                // On CUDA, configurations `kiln check-cuda` found to spill are left out.
+                let __desc = [#(format!("{}={}", #ct_strs, #ct_names),)* Self::label(&cfg)].join(" ");
+                match #rt::budget::dropped_on(device, #reg_name, &__desc) {
+                    Some(__why) => #rt::budget::note(device, #reg_name, &__desc, __why),
+                    None => __out.push(cfg),
+                }
             }
-            Some(j) if j.names[0] == **t => {
-                let names: Vec<Ident> = j
-                    .names
-                    .iter()
-                    .map(|n| Ident::new(&n.to_string(), Span::call_site()))
-                    .collect();
-                let tuples = j.tuples.iter().map(|v| quote!([#(#v),*]));
-                let (width, count) = (j.names.len(), j.tuples.len());
-                nest = quote! {
-                    for &[#(#names),*] in ([#(#tuples),*] as [[u32; #width]; #count]).iter() {
-                        #nest
-                    }
-                };
+        },
+    );
+    let declared_nest = nest_loops(
+        &args,
+        &tunables,
+        &value_lists,
+        quote! {
+            let cfg = #config { #(#tunables),* };
+            if #static_units #(&& (#static_requires))* {
+                __out.push(vec![#((#tun_names, cfg.#tunables)),*]);
             }
-            Some(_) => {}
-        }
-    }
+        },
+    );
     // Emission accepts a joint group's values only as one of its configurations.
     let joint_checks: Vec<TokenStream> = args
         .joint
@@ -493,14 +535,46 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
             }
         })
         .collect();
+    if let (Some(list), None) = (&args.dtypes, &sig.generic) {
+        return Err(syn::Error::new(
+            list[0].span(),
+            format!("`dtypes`: `{kname}` has no float generic"),
+        ));
+    }
+    let dtype_names: Vec<String> = match &args.dtypes {
+        Some(list) => list.iter().map(|d| d.to_string()).collect(),
+        None => vec!["f32".into(), "f16".into(), "bf16".into()],
+    };
+    let dtype_default = dtype_names[0].clone();
+    let dtype_values = dtype_names.join(" | ");
+    let dtype_param = if sig.generic.is_some() {
+        quote!(#rt::ParamSpec { name: "dtype", default: #dtype_default, values: #dtype_values, doc: "element type" },)
+    } else {
+        quote!()
+    };
+    // A kernel that declares its dtypes refuses the others by name, at launch too.
+    let dtype_refusal = if args.dtypes.is_some() {
+        quote! {
+            if ![#(#dtype_names),*].contains(&__dtype.name()) {
+                return Err(#rt::Error::Param {
+                    param: "dtype".into(),
+                    expected: format!("{} (the dtypes kernel `{}` declares)", #dtype_values, #reg_name),
+                    found: __dtype.to_string(),
+                });
+            }
+        }
+    } else {
+        quote!()
+    };
     let (define_dtype, define_register, expand_generic) = match &sig.generic {
         Some(_) => (
             quote! {
                 let __text = cfg_in.get::<String>("dtype")?;
                 let __dtype = match #rt::DType::parse(&__text) {
                     Ok(d) if d.is_float() => d,
-                    _ => return Err(#rt::Error::Param { param: "dtype".into(), expected: "f32 | f16 | bf16".into(), found: __text }),
+                    _ => return Err(#rt::Error::Param { param: "dtype".into(), expected: #dtype_values.into(), found: __text }),
                 };
+                #dtype_refusal
             },
             quote!(#rt::define::register_float::<#kname::_F, __F>(&mut __b);),
             if sig.vector.is_some() {
@@ -535,11 +609,6 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
     } else {
         (quote!(), quote!(), quote!())
     };
-    let dtype_param = if sig.generic.is_some() {
-        quote!(#rt::ParamSpec { name: "dtype", default: "f32", values: "f32 | f16 | bf16", doc: "element type" },)
-    } else {
-        quote!()
-    };
     for (name, _) in &args.defaults {
         if !comptimes.iter().any(|(n, _)| *n == name) {
             return Err(syn::Error::new(
@@ -553,11 +622,23 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
         .map(|(n, ty)| {
             let s = n.to_string();
             let given = args.defaults.iter().find(|(d, _)| d == *n).map(|(_, e)| quote!(#e).to_string().replace(' ', ""));
-            let default = match given {
-                Some(d) => quote!(#d),
-                None => quote!(<#ty as #rt::ComptimeParam>::DEFAULT),
+            let domain = args.domains.iter().find(|(d, _)| d == *n).map(|(_, d)| d);
+            let default = match (given, domain) {
+                (Some(d), _) => quote!(#d),
+                (None, Some(d)) => {
+                    let first = d.first().to_string();
+                    quote!(#first)
+                }
+                (None, None) => quote!(<#ty as #rt::ComptimeParam>::DEFAULT),
             };
-            quote!(#rt::ParamSpec { name: #s, default: #default, values: <#ty as #rt::ComptimeParam>::VALUES, doc: "kernel specialisation" },)
+            let values = match domain {
+                Some(d) => {
+                    let text = d.text();
+                    quote!(#text)
+                }
+                None => quote!(<#ty as #rt::ComptimeParam>::VALUES),
+            };
+            quote!(#rt::ParamSpec { name: #s, default: #default, values: #values, doc: "kernel specialisation" },)
         })
         .collect();
     let entry_suffix = if sig.vector.is_some() {
@@ -667,6 +748,19 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
                 __out
             }
 
+            /// The declared configurations the autotuner may pick on `device` for some
+            /// problem, with the `#[comptime]` values of `cfg_in` (requirements that
+            /// read a runtime scalar are taken to hold), as `(tunable, value)` lists.
+            pub fn declared(device: &#rt::DeviceReport, cfg_in: &#rt::KernelConfig) -> #rt::Result<Vec<Vec<(&'static str, u32)>>> {
+                #[allow(unused_imports)]
+                use #rt::Capability;
+                #(let #comptime_names: #comptime_tys = cfg_in.get_param::<#comptime_tys>(#comptime_strs)?;)*
+                #(#domain_checks)*
+                let mut __out = Vec::new();
+                #declared_nest
+                Ok(__out)
+            }
+
             /// The autotune key for a problem (scalars bucketed as declared).
             pub fn key(__dtype: #rt::DType, problem: &#problem_struct) -> #rt::tune::TuneKey {
                 let #problem_struct { #(#scalar_names),* } = *problem;
@@ -686,6 +780,8 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
             pub fn launch(client: &#rt::Client, cfg: &#config, args: &#args_struct<'_>) -> #rt::Result<()> {
                 let #args_struct { #(#host_names,)* .. } = *args;
                 let __dtype = #dtype_expr;
+                #dtype_refusal
+                #(#domain_checks)*
                 #(#tensor_checks)*
                 #[allow(unused_imports)]
                 use #rt::Capability;
@@ -750,6 +846,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
                 #(#joint_checks)*
                 #bind_tunables
                 #(let #comptime_names: #comptime_tys = cfg_in.get_param::<#comptime_tys>(#comptime_strs)?;)*
+                #(#domain_checks)*
                 let __dim = #cube_dim;
                 #define_vector
                 let __entry = format!("kiln_{}_{}_{}{}", #reg_name, __dtype, Self::label(&cfg).replace([' ', '='], "_"), #entry_suffix);
@@ -769,6 +866,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
                 #(#rt::ParamSpec { name: #tunable_strs, default: #tunable_defaults, values: #tunable_values, doc: "tunable" },)*
             ],
             define: #host::define,
+            declared: #host::declared,
             capabilities: &[#(#rt::Capability::#capabilities),*],
             source_hash: #host::source_hash,
         };
@@ -777,4 +875,48 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
             #rt::KernelEntry { spec: &#spec_static, module: ::core::module_path!() }
         }
     })
+}
+
+/// Loops over the tunables (outermost first, in declaration order) around `body`: a
+/// joint group loops over its configurations where its first name is declared; its
+/// other names add no loop.
+fn nest_loops(
+    args: &KernelArgs,
+    tunables: &[&Ident],
+    value_lists: &[TokenStream],
+    body: TokenStream,
+) -> TokenStream {
+    let mut nest = body;
+    let joint_of = |name: &Ident| {
+        args.joint
+            .iter()
+            .find(|j| j.names.iter().any(|n| n == name))
+    };
+    for (t, list) in tunables.iter().zip(value_lists).rev() {
+        match joint_of(t) {
+            None => {
+                nest = quote! {
+                    for &#t in (#list as &[u32]) {
+                        #nest
+                    }
+                };
+            }
+            Some(j) if j.names[0] == **t => {
+                let names: Vec<Ident> = j
+                    .names
+                    .iter()
+                    .map(|n| Ident::new(&n.to_string(), Span::call_site()))
+                    .collect();
+                let tuples = j.tuples.iter().map(|v| quote!([#(#v),*]));
+                let (width, count) = (j.names.len(), j.tuples.len());
+                nest = quote! {
+                    for &[#(#names),*] in ([#(#tuples),*] as [[u32; #width]; #count]).iter() {
+                        #nest
+                    }
+                };
+            }
+            Some(_) => {}
+        }
+    }
+    nest
 }

@@ -83,6 +83,13 @@ impl<'a> Visit<'a> for FreeIdents {
     }
 }
 
+/// Whether `expr` mentions any of `names` as a free identifier.
+pub fn mentions(expr: &Expr, names: &[String]) -> bool {
+    let mut v = FreeIdents(vec![]);
+    v.visit_expr(expr);
+    v.0.iter().any(|id| names.contains(&id.to_string()))
+}
+
 pub fn check_idents(
     exprs: &[Expr],
     allowed: &[String],

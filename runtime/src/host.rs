@@ -91,7 +91,7 @@ impl HostTensor {
 
 /// Reads every tensor of a safetensors file, keyed by name.
 pub fn load_safetensors(path: impl AsRef<Path>) -> Result<BTreeMap<String, HostTensor>> {
-    load(path.as_ref(), None)
+    load(path.as_ref(), None).map(|(t, _)| t)
 }
 
 /// Reads only the tensors named in `names` (those present); others are skipped
@@ -100,10 +100,22 @@ pub fn load_safetensors_named(
     path: impl AsRef<Path>,
     names: &[&str],
 ) -> Result<BTreeMap<String, HostTensor>> {
+    load(path.as_ref(), Some(names)).map(|(t, _)| t)
+}
+
+/// As [`load_safetensors_named`], also returning the names of the file's other tensors
+/// (sorted), so a caller can say which were not used (a misspelled `Bias`).
+pub fn load_safetensors_split(
+    path: impl AsRef<Path>,
+    names: &[&str],
+) -> Result<(BTreeMap<String, HostTensor>, Vec<String>)> {
     load(path.as_ref(), Some(names))
 }
 
-fn load(path: &Path, names: Option<&[&str]>) -> Result<BTreeMap<String, HostTensor>> {
+fn load(
+    path: &Path,
+    names: Option<&[&str]>,
+) -> Result<(BTreeMap<String, HostTensor>, Vec<String>)> {
     let p = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|source| Error::Io {
         path: p.clone(),
@@ -114,8 +126,10 @@ fn load(path: &Path, names: Option<&[&str]>) -> Result<BTreeMap<String, HostTens
         message: format!("not a valid safetensors file: {e}"),
     })?;
     let mut out = BTreeMap::new();
+    let mut unused = Vec::new();
     for (name, view) in st.tensors() {
         if names.is_some_and(|n| !n.contains(&name.as_str())) {
+            unused.push(name);
             continue;
         }
         let dtype = DType::from_safetensors(view.dtype()).ok_or_else(|| Error::Format {
@@ -128,10 +142,13 @@ fn load(path: &Path, names: Option<&[&str]>) -> Result<BTreeMap<String, HostTens
         let t = HostTensor::from_bytes(dtype, view.shape().to_vec(), view.data().to_vec())?;
         out.insert(name, t);
     }
-    Ok(out)
+    unused.sort();
+    Ok((out, unused))
 }
 
-/// Writes tensors to a safetensors file (names sorted; the file is replaced atomically).
+/// Writes tensors to a safetensors file (names sorted). The file is replaced atomically
+/// through a unique temporary file beside it; a destination that is not a regular file
+/// is refused, a symbolic link is followed (see [`crate::fsio`]).
 pub fn save_safetensors(
     path: impl AsRef<Path>,
     tensors: &BTreeMap<String, HostTensor>,
@@ -153,8 +170,5 @@ pub fn save_safetensors(
         path: p.clone(),
         message: e.to_string(),
     })?;
-    let tmp = path.with_extension("safetensors.tmp");
-    std::fs::write(&tmp, bytes)
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|source| Error::Io { path: p, source })
+    crate::fsio::replace_file(path, &bytes).map_err(|source| Error::Io { path: p, source })
 }

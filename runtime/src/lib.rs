@@ -3,11 +3,13 @@
 //!
 //! Depends on cubecl only; it must not depend on kiln's kernels, codegen or macros.
 
+pub mod budget;
 pub mod check;
 pub mod define;
 mod device;
 mod dtype;
 mod error;
+pub mod fsio;
 mod host;
 pub mod profile;
 mod registry;
@@ -15,17 +17,22 @@ pub mod selftest;
 mod tensor;
 pub mod tune;
 
+pub use device::nvrtc::{CudaArch, KernelUsage};
+pub use device::toolkit::CudaToolkit;
 pub use device::{
-    cuda_device_count, list_wgpu_adapters, native_wgpu_backend, panic_message, resolve, runtimes,
-    AdapterListing, AdapterType, Backend, Client, ClientInner, Device, DeviceReport, WgpuSelect,
+    cuda_device_count, list_wgpu_adapters, native_wgpu_backend, nvrtc, panic_message, resolve,
+    runtimes, toolkit, AdapterListing, AdapterType, Backend, Client, ClientInner, Device,
+    DeviceReport, WgpuSelect,
 };
 pub use dtype::DType;
 pub use error::{shape_str, Error, Result};
-pub use host::{load_safetensors, load_safetensors_named, save_safetensors, HostTensor};
+pub use host::{
+    load_safetensors, load_safetensors_named, load_safetensors_split, save_safetensors, HostTensor,
+};
 pub use registry::{
     join_names, registered_kernels, registered_ops, Capability, ComptimeParam, Dtypes,
     ExampleValues, KernelConfig, KernelEntry, KernelSpec, OpArgs, OpEntry, OpSpec, Outputs,
-    ParamSpec, TensorSpec,
+    ParamSpec, TensorSpec, Tunables,
 };
 pub use tensor::{contiguous_strides, Tensor};
 pub use tune::{Autotuner, Choice, TuneKey, TuneMode};

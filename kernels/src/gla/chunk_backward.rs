@@ -13,11 +13,14 @@ use kiln_dsl::{load_tile, reg_tile_mma};
 /// The intra-chunk sums are element-wise in f32 (exponents <= 0). One shared buffer
 /// serves both phases (the inter-chunk operands, then dA and the q, k, b tiles).
 #[kiln_macros::kernel(
-    tune(BK = [16]),
+    // BK = 8: half the cube, for CUDA's sm_90a, where ptxas spills BK = 16 in half
+    // precision (docs/cuda-registers.md).
+    tune(BK = [16, 8]),
     key(n_chunks = pow2, heads = pow2, dk = pow2, dv = pow2, dtype),
     grid = (n_chunks, heads, dk.div_ceil(BK)),
     cube = (chunk / 4) * (BK / 4),
     name = "gla_bwd_dqk",
+    domain(chunk = [16, 32, 64]),
     defaults(chunk = 64)
 )]
 pub fn gla_bwd_dqk<F: Float>(

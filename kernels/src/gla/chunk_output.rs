@@ -23,6 +23,7 @@ use kiln_dsl::{load_tile_v4, reg_tile_mma_v4, v4_tile_col, V4};
     grid = (n_chunks, heads),
     cube = (chunk / 4) * (chunk / 4),
     name = "gla_scores",
+    domain(chunk = [16, 32, 64]),
     defaults(chunk = 64, decay = true)
 )]
 pub fn gla_scores<F: Float>(
@@ -240,6 +241,7 @@ pub fn gla_scores<F: Float>(
     grid = (n_chunks, heads, dv.div_ceil(BV)),
     cube = (chunk / TT) * (BV / TT),
     name = "gla_chunk_out",
+    domain(chunk = [16, 32, 64]),
     defaults(chunk = 64)
 )]
 pub fn gla_chunk_out<F: Float>(

@@ -15,7 +15,7 @@
 //! element-wise in f32 ("log space"), never as `exp(b) * exp(-b)`.
 
 use cubecl::prelude::*;
-use kiln_dsl::{load_tile_v4, reg_tile_mma_v4, v4_tile_col, V4};
+use kiln_dsl::{floor_log_gate, load_tile_v4, reg_tile_mma_v4, v4_tile_col, V4};
 
 /// `gc` = the chunk-local inclusive cumulative sum of `g` over time, in f32 (the `b`
 /// of the spec), one cube per (chunk, head).
@@ -43,7 +43,8 @@ pub fn gla_cumsum<F: Float>(
         let mut acc = 0.0f32;
         for t in 0..len {
             let i = ((start + t) * heads + h) * dk + kk;
-            acc += f32::cast_from(g[i as usize]);
+            // Floored: a -inf gate (full forgetting) keeps later differences finite.
+            acc += floor_log_gate(f32::cast_from(g[i as usize]));
             gc[i as usize] = acc;
         }
         kk += UNITS;
@@ -64,6 +65,7 @@ pub fn gla_cumsum<F: Float>(
     grid = (n_seq * heads, dk.div_ceil(BK), dv.div_ceil(BV)),
     cube = (BK / TT) * (BV / TT),
     name = "gla_state_pass",
+    domain(chunk = [16, 32, 64]),
     defaults(chunk = 64)
 )]
 pub fn gla_state_pass<F: Float>(

@@ -72,6 +72,14 @@ pub(super) fn forward_states(
 /// algorithm `opts.mode` names (autotuned by default).
 pub fn gla(inp: &GlaInputs<'_>, opts: &GlaOptions) -> Result<GlaOutput> {
     let p = check(inp, opts.scale)?;
+    if p.rows() == 0 {
+        // No tokens (T = 0): nothing to tune; `o` is empty and the state passes through.
+        let (o, ht) = forward_chunked(inp, &p, opts.chunk_size.unwrap_or(64))?;
+        return Ok(GlaOutput {
+            o,
+            ht: opts.output_final_state.then_some(ht),
+        });
+    }
     let fused = match (opts.mode, opts.chunk_size) {
         (GlaMode::FusedChunk, Some(c)) if c != FUSED_CHUNK as usize => {
             return Err(Error::Param {

@@ -15,7 +15,7 @@
 
 use super::chunk_state::{load_state_tile, store_state_tile};
 use cubecl::prelude::*;
-use kiln_dsl::{reg_tile_mma_v4, reg_tile_mma_v4_outer, v4_tile_col, V4};
+use kiln_dsl::{floor_log_gate_v4, reg_tile_mma_v4, reg_tile_mma_v4_outer, v4_tile_col, V4};
 
 /// Rows per chunk of the fused kernel.
 pub const FUSED_CHUNK: u32 = 16;
@@ -50,6 +50,7 @@ pub fn fused_arena_vectors(kp: u32, bv: u32) -> u32 {
     grid = (n_seq * heads, dv.div_ceil(BV)),
     cube = 16,
     name = "gla_fused_fwd",
+    domain(kp = [16, 32, 48, 64, 80, 96, 112, 128]),
     defaults(kp = 64)
 )]
 pub fn gla_fused_fwd<F: Float>(
@@ -146,7 +147,8 @@ pub fn gla_fused_fwd<F: Float>(
                     let i = ((t0 + t) * heads + h) * dkv + kg;
                     qv = V4::cast_from(q[i as usize]);
                     kv = V4::cast_from(k[i as usize]);
-                    b += g[i as usize];
+                    // Floored: a -inf gate (full forgetting) keeps b finite.
+                    b += floor_log_gate_v4(g[i as usize]);
                 }
                 arena[(q_at + t * kpv + kg) as usize] = qv;
                 arena[(k_at + t * kpv + kg) as usize] = kv;

@@ -36,6 +36,14 @@ impl Problem {
     }
 }
 
+/// The largest `|scale|` taken: 2^60, so `scale q k` of inputs within the f16 range
+/// and K <= 4096 stays below f32's maximum (65504^2 x 4096 x 2^60 ~ 2e31 < 3.4e38); a
+/// larger scale overflows the f32 scores to inf and, with both signs, to NaN.
+pub(super) const MAX_SCALE: f64 = 1_152_921_504_606_846_976.0;
+
+/// How the allowed scales read in errors and `kiln ops gla`.
+pub(super) const SCALE_RANGE: &str = "a finite number with |scale| <= 2^60 (~1.15e18)";
+
 pub(super) fn check(inp: &GlaInputs<'_>, scale: Option<f64>) -> Result<Problem> {
     let client = inp.q.client();
     for (name, t) in [("q", inp.q), ("k", inp.k), ("v", inp.v), ("g", inp.g)] {
@@ -104,10 +112,10 @@ pub(super) fn check(inp: &GlaInputs<'_>, scale: Option<f64>) -> Result<Problem> 
         expect_shape("h0", h0, &[n_seq, heads, dk, dv], "[N, H, K, V]")?;
     }
     let scale = scale.unwrap_or(1.0 / (dk as f64).sqrt());
-    if !scale.is_finite() {
+    if !(scale.is_finite() && scale.abs() <= MAX_SCALE) {
         return Err(Error::Param {
             param: "scale".into(),
-            expected: "a finite number".into(),
+            expected: SCALE_RANGE.into(),
             found: scale.to_string(),
         });
     }

@@ -41,6 +41,8 @@ kiln_runtime::comptime_enum! {
     grid = (n_seq * heads, dv.div_ceil(BV)),
     cube = (BV, KG),
     name = "gla_recurrent",
+    // A unit keeps ceil(dk / KG) state rows in registers.
+    domain(dk = 1..=1024, dv = 1..=1024),
     defaults(dk = 64, dv = 64)
 )]
 pub fn gla_recurrent<F: Float>(

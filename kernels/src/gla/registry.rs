@@ -60,7 +60,7 @@ const HT: TensorSpec = TensorSpec::new(
 const SCALE: ParamSpec = ParamSpec {
     name: "scale",
     default: "K^-1/2",
-    values: "a finite number",
+    values: super::problem::SCALE_RANGE,
     doc: "score scale",
 };
 const FINAL: ParamSpec = ParamSpec {

@@ -24,7 +24,9 @@ const FRAG: u32 = 16;
     key(m = pow2, n = pow2, k = pow2, dtype),
     grid = (n.div_ceil(32 * PLANES_N), m.div_ceil(32 * PLANES_M)),
     cube = (32, PLANES_M * PLANES_N),
-    name = "matmul_cmma"
+    name = "matmul_cmma",
+    // wmma has no 16x16x16 f32 fragment (f32 would need tf32 16x16x8 ones): refused.
+    dtypes = [f16, bf16]
 )]
 pub fn matmul_cmma<F: Float>(
     a: &Array<F>,

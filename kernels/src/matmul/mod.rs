@@ -36,7 +36,7 @@ pub use direct::{
     MatmulDirectV4Args, MatmulDirectV4Config, MatmulDirectV4Problem, MATMUL_DIRECT_KERNEL,
     MATMUL_DIRECT_V4_KERNEL,
 };
-use kiln_runtime::{shape_str, tune::Choice, Client, DType, Error, Result, Tensor};
+use kiln_runtime::{shape_str, tune::Choice, Client, DType, Error, HostTensor, Result, Tensor};
 pub use registry::MATMUL;
 pub use staged::{
     MatmulStaged, MatmulStagedArgs, MatmulStagedConfig, MatmulStagedProblem, MatmulStagedV4,
@@ -303,6 +303,24 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_b: bool, ep: Epilogue<'_>) -> Result
     let client = a.client();
     if p.m == 0 || p.n == 0 {
         return Tensor::empty(client, a.dtype(), &[p.m, p.n]);
+    }
+    if p.k == 0 {
+        // An empty sum is 0, so c is the epilogue of zeros. The kernels bind every
+        // operand and the backends refuse zero-length bindings: a K of one zero stands
+        // in (exact: 0 x 0 = 0).
+        let zeros = |shape: &[usize]| {
+            Tensor::upload(
+                client,
+                &HostTensor::from_f64(
+                    a.dtype(),
+                    shape.to_vec(),
+                    &vec![0.0; shape.iter().product()],
+                )?,
+            )
+        };
+        let za = zeros(&[p.m, 1])?;
+        let zb = zeros(&if trans_b { [p.n, 1] } else { [1, p.n] })?;
+        return matmul(&za, &zb, trans_b, ep);
     }
     // Configurations differ in summation order only: a few roundings of the sum of |a||b|.
     let tolerance = 8.0 * a.dtype().epsilon() * (p.k as f64).sqrt().max(1.0);

@@ -49,6 +49,7 @@ pub(crate) fn dequant_i8(qweight: &Array<u32>, index: u32, scale: f32, shift: u3
     grid = (n.div_ceil(BN), m.div_ceil(mt)),
     cube = (BN, KS),
     name = "qgemm_gemv",
+    domain(mt = [1, 2, 4, 8]),
     defaults(mt = 1)
 )]
 pub fn qgemm_gemv<F: Float>(

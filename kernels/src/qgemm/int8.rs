@@ -5,7 +5,7 @@
 //! works, aligned or not.
 
 use cubecl::prelude::*;
-use kiln_dsl::{cube_max, i8_bits, load_i8, reg_tile_mma, round_half_even};
+use kiln_dsl::{cube_max, cube_sum, i8_bits, load_i8, reg_tile_mma, round_half_even};
 
 /// Depth of a K step of the W8A8 kernel.
 pub const INT8_TILE_K: u32 = 32;
@@ -117,6 +117,7 @@ pub fn w8a8_gemm<F: Float>(
     grid = (n.div_ceil(BN), m.div_ceil(mt)),
     cube = (KS, BN),
     name = "w8a8_gemv",
+    domain(mt = [1, 2, 4, 8]),
     defaults(mt = 1)
 )]
 pub fn w8a8_gemv<F: Float>(
@@ -176,7 +177,7 @@ pub fn w8a8_gemv<F: Float>(
     }
 }
 
-/// `sx[row] = max_k |x[row, k]| / 127`, one cube per row.
+/// `sx[row] = max_k |x[row, k]| / 127`, one cube per row; NaN for a row holding a NaN.
 #[kiln_macros::kernel(
     tune(UNITS = [256, 64]),
     require(UNITS <= cols.next_power_of_two().max(64)),
@@ -190,20 +191,27 @@ pub fn token_scale<F: Float>(x: &Array<F>, sx: &mut Array<f32>, rows: u32, cols:
     // Every unit of the cube takes part in the reduction; a row past the end reads row 0.
     let base = select(row < rows, row, 0) * cols;
     let mut m = 0.0f32;
+    // `max` drops NaN on some backends (CUDA's fmaxf), a sum never does: NaNs are
+    // summed apart (0, or NaN when the row holds one) and added to the scale.
+    let mut nan = 0.0f32;
     let mut j = UNIT_POS;
     while j < cols {
-        m = max(m, f32::abs(f32::cast_from(x[(base + j) as usize])));
+        let a = f32::abs(f32::cast_from(x[(base + j) as usize]));
+        nan += select(a.is_nan(), a, 0.0);
+        m = max(m, select(a.is_nan(), 0.0, a));
         j += UNITS;
     }
     let mut smem = SharedMemory::<f32>::new(UNITS as usize);
     let mx = cube_max(&mut smem, m, UNITS);
+    let nan_sum = cube_sum(&mut smem, nan, UNITS);
     if UNIT_POS == 0 && row < rows {
-        sx[row as usize] = mx / 127.0;
+        // A row with a NaN gets a NaN scale, so it dequantizes to NaN.
+        sx[row as usize] = mx / 127.0 + nan_sum;
     }
 }
 
 /// `xq = clamp(round(x / sx[row]), -127, 127)`, ties to even (0 where the row is all
-/// zeros). One unit per output word of four bytes, which may span two rows.
+/// zeros or its scale is NaN; +-127 for +-inf). One unit per output word of four bytes, which may span two rows.
 #[kiln_macros::kernel(
     tune(UNITS = [256]),
     grid = (words.div_ceil(UNITS).min(65_535), words.div_ceil(UNITS).div_ceil(65_535)),
@@ -226,12 +234,17 @@ pub fn token_quantize<F: Float>(
             let e = w * 4 + b;
             if e < len {
                 let s = sx[(e / cols) as usize];
+                let xv = f32::cast_from(x[e as usize]);
                 let mut q = 0.0f32;
+                // A NaN scale fails `s > 0` (codes 0). An infinite scale comes from an
+                // infinity in the row, which keeps its sign at full scale (inf / inf
+                // would be NaN); finite values round to 0.
                 if s > 0.0 {
-                    q = clamp(
-                        round_half_even(f32::cast_from(x[e as usize]) / s),
-                        -127.0,
-                        127.0,
+                    // |x| above f32::MAX: an infinity.
+                    q = select(
+                        f32::abs(xv) > 3.402_823_5e38,
+                        select(xv > 0.0, 127.0, -127.0),
+                        clamp(round_half_even(xv / s), -127.0, 127.0),
                     );
                 }
                 word |= i8_bits(i32::cast_from(q)) << (b * 8);

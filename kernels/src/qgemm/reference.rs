@@ -172,10 +172,20 @@ pub fn quantize_per_token(x: &[f32], m: usize, k: usize) -> (Vec<i8>, Vec<f32>) 
     let mut s = vec![0f32; m];
     for i in 0..m {
         let row = &x[i * k..(i + 1) * k];
-        s[i] = row.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+        // A NaN anywhere makes the row's scale NaN (its codes 0): dequantized, the row
+        // is NaN. An infinity makes the scale infinite: +-inf code +-127, the rest 0.
+        s[i] = if row.iter().any(|v| v.is_nan()) {
+            f32::NAN
+        } else {
+            row.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0
+        };
         if s[i] > 0.0 {
             for (j, v) in row.iter().enumerate() {
-                q[i * k + j] = round_half_even((v / s[i]) as f64).clamp(-127.0, 127.0) as i8;
+                q[i * k + j] = if v.is_infinite() {
+                    127i8 * v.signum() as i8
+                } else {
+                    round_half_even((v / s[i]) as f64).clamp(-127.0, 127.0) as i8
+                };
             }
         }
     }

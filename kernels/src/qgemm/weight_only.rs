@@ -105,7 +105,9 @@ struct W4Dims {
     group_size: usize,
 }
 
-fn check_w4(w: &W4Weights<'_>, client: &Client) -> Result<W4Dims> {
+/// K and N of a weight from `qweight` in its format's layout, checked against the N of
+/// `scales` (naming the other layout when the tensors are in it).
+fn w4_layout(w: &W4Weights<'_>, client: &Client) -> Result<(usize, usize)> {
     let uses = |name: &str, t: &Tensor| t.expect_usable(name, client);
     uses("qweight", w.qweight)?;
     uses("scales", w.scales)?;
@@ -124,6 +126,35 @@ fn check_w4(w: &W4Weights<'_>, client: &Client) -> Result<W4Dims> {
             w.qweight.shape(),
         ));
     }
+    // N from `scales` [K/G, N] names the layout when qweight is in the other format's.
+    if let &[_, scale_n] = w.scales.shape() {
+        if scale_n != n {
+            let (this, other, other_n) = match w.format {
+                W4Format::Awq => ("AWQ's [K, N/8]", "GPTQ's [K/8, N] (format gptq)", cols),
+                _ => (
+                    "[K/8, N] (GPTQ and kiln)",
+                    "AWQ's [K, N/8] (format awq)",
+                    cols * 8,
+                ),
+            };
+            let hint = if other_n == scale_n {
+                format!(", which is {other}: check the `format` parameter")
+            } else {
+                String::new()
+            };
+            return Err(shape_err(
+                "qweight",
+                format!("{this} with N = {scale_n} from `scales`{hint}"),
+                w.qweight.shape(),
+            ));
+        }
+    }
+    Ok((k, n))
+}
+
+fn check_w4(w: &W4Weights<'_>, client: &Client) -> Result<W4Dims> {
+    let uses = |name: &str, t: &Tensor| t.expect_usable(name, client);
+    let (k, n) = w4_layout(w, client)?;
     let group_size = match w.group_size {
         -1 => k,
         g @ (32 | 64 | 128) => g as usize,
@@ -263,6 +294,18 @@ pub fn w4a16_repack(w: &W4Weights<'_>) -> Result<PackedW4> {
 /// `y = x @ dequant(W)` for a checkpoint's weight: x `[..., K]`, y `[..., N]` in x's
 /// dtype. Non-kiln formats are repacked first (see [`w4a16_repack`]).
 pub fn w4a16(x: &Tensor, w: &W4Weights<'_>) -> Result<Tensor> {
+    // The weight's layout, then x's K against it, before anything about groups: a
+    // mismatch is then named for what it is.
+    let (k, _) = w4_layout(w, x.client())?;
+    if let Some(&xk) = x.shape().last() {
+        if xk != k {
+            return Err(shape_err(
+                "x",
+                format!("[..., {k}] (K of the weight `qweight`)"),
+                x.shape(),
+            ));
+        }
+    }
     let packed = w4a16_repack(w)?;
     w4a16_packed(x, &packed)
 }

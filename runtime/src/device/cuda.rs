@@ -36,6 +36,10 @@ mod enabled {
                 format!("cuda:{index} asked for, but only {n} CUDA device(s) exist")
             }));
         }
+        // cubecl compiles every kernel with NVRTC and the CUDA headers: find them first
+        // (cubecl-cuda 0.10 panics at the first compile when it finds none).
+        super::super::toolkit::prepare()
+            .map_err(|e| Error::Device(format!("cuda:{index}: {e}")))?;
         // cudarc loads driver symbols lazily and panics on a missing one: catch it.
         let (name, cc) = std::panic::catch_unwind(|| {
             cudarc::driver::CudaContext::new(index)
@@ -45,7 +49,7 @@ mod enabled {
         .map_err(|e| Error::Device(format!("cuda:{index}: {e}")))?;
         let client = std::panic::catch_unwind(|| CudaRuntime::client(&CudaDevice::new(index)))
             .map_err(|p| Error::Device(format!("cuda:{index}: {}", panic_message(&*p))))?;
-        let report = report_from_props(
+        let mut report = report_from_props(
             format!("cuda:{index}"),
             name,
             Backend::Cuda,
@@ -53,6 +57,7 @@ mod enabled {
             format!("compute capability {}.{}", cc.0, cc.1),
             client.properties(),
         );
+        report.compute_capability = Some((cc.0 as u32, cc.1 as u32));
         Ok(Client {
             inner: ClientInner::Cuda(client),
             report: Arc::new(report),

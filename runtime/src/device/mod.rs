@@ -187,6 +187,34 @@ pub struct DeviceReport {
     pub max_cube_count: (u32, u32, u32),
     /// Largest single buffer, bytes.
     pub max_buffer_bytes: u64,
+    /// CUDA compute capability (major, minor); `None` on wgpu.
+    pub compute_capability: Option<(u32, u32)>,
+}
+
+impl DeviceReport {
+    /// A generic CUDA device of architecture `arch` as the autotuner sees it (48 KiB of
+    /// static shared memory, 1024 units per cube, tensor cores, planes of 32), for
+    /// checks that need no GPU (`kiln check-cuda`).
+    pub fn cuda_target(arch: nvrtc::CudaArch) -> DeviceReport {
+        DeviceReport {
+            selector: format!("cuda ({arch})"),
+            name: format!("generic {arch}"),
+            backend: Backend::Cuda,
+            adapter_type: AdapterType::Discrete,
+            driver: format!("compute capability {}.{}", arch.major, arch.minor),
+            f16: true,
+            bf16: arch.major >= 8,
+            f64: true,
+            tensor_cores: arch.major >= 7,
+            plane_ops: true,
+            plane_size: (32, 32),
+            max_shared_memory: 48 * 1024,
+            max_units_per_cube: 1024,
+            max_cube_count: (u32::MAX, 65_535, 65_535),
+            max_buffer_bytes: 1 << 40,
+            compute_capability: Some((arch.major, arch.minor)),
+        }
+    }
 }
 
 impl fmt::Display for DeviceReport {
@@ -241,7 +269,9 @@ pub struct AdapterListing {
 pub fn resolve(device: &Device) -> Result<Device> {
     match device {
         Device::Auto => {
-            if cuda_device_count() > 0 {
+            // A CUDA device is only usable with NVRTC's headers (cubecl compiles every
+            // kernel at first launch): without them `auto` falls back to wgpu.
+            if cuda_device_count() > 0 && toolkit::find().is_ok() {
                 Ok(Device::Cuda(0))
             } else {
                 resolve(&Device::Wgpu(WgpuSelect::Best))
@@ -273,6 +303,8 @@ pub struct Client {
 }
 
 mod cuda;
+pub mod nvrtc;
+pub mod toolkit;
 mod wgpu;
 pub use self::cuda::cuda_device_count;
 pub use self::wgpu::{list_wgpu_adapters, native_wgpu_backend};
@@ -347,6 +379,7 @@ pub(crate) fn report_from_props(
         max_units_per_cube: hw.max_units_per_cube,
         max_cube_count: hw.max_cube_count,
         max_buffer_bytes: props.memory.max_page_size,
+        compute_capability: None,
     }
 }
 

@@ -60,6 +60,9 @@ impl KernelConfig {
     }
 }
 
+/// One configuration of a kernel's tunables: `(name, value)` in declaration order.
+pub type Tunables = Vec<(&'static str, u32)>;
+
 /// A kernel whose source can be emitted without a device.
 pub struct KernelSpec {
     /// Name used by `kiln emit`.
@@ -71,6 +74,10 @@ pub struct KernelSpec {
     /// Expands the kernel into `builder` (already set up for the target) for a config
     /// and returns its definition.
     pub define: fn(KernelBuilder, &KernelConfig) -> Result<KernelDefinition>,
+    /// The declared tunable configurations the autotuner may pick on a device for some
+    /// problem, given the `#[comptime]` values of a config: `(tunable, value)` lists in
+    /// declaration order (what `kiln check-cuda` compiles).
+    pub declared: fn(&crate::DeviceReport, &KernelConfig) -> Result<Vec<Tunables>>,
     /// Device capabilities the kernel's instructions need (declared in its `require`
     /// as `device.has(Capability::..)`); emission refuses a target without them.
     pub capabilities: &'static [Capability],

@@ -5,7 +5,7 @@ mod entries;
 mod kernel;
 
 pub use entries::{registered_kernels, registered_ops, KernelEntry, OpEntry};
-pub use kernel::{Capability, ComptimeParam, KernelConfig, KernelSpec};
+pub use kernel::{Capability, ComptimeParam, KernelConfig, KernelSpec, Tunables};
 
 use crate::{Client, DType, Error, HostTensor, Result, Tensor};
 use std::collections::BTreeMap;

@@ -45,13 +45,28 @@ pub(super) fn device_prefix(client: &Client) -> String {
     format!("{}|{:?}|{}|", r.name, r.backend, r.driver)
 }
 
+/// Takes the cache's lock: an exclusive lock on `<path>.lock`, held until the returned
+/// file is dropped (several processes tuning into one cache take turns).
+pub(super) fn lock(path: &Path) -> std::io::Result<std::fs::File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::path::PathBuf::from(name))?;
+    f.lock()?;
+    Ok(f)
+}
+
 /// Writes JSON to a temporary file beside `path`, then renames it over `path`.
 pub(super) fn write_atomic(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    crate::fsio::replace_file(path, text.as_bytes())
 }

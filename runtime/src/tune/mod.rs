@@ -144,6 +144,8 @@ pub struct Autotuner {
     observer: Mutex<Option<Box<dyn Fn(&TuneEvent) + Send>>>,
     /// Whether a problem with the file was already reported (warn once per process).
     warned: std::sync::atomic::AtomicBool,
+    /// Why the last write of the cache failed, if it did (`kiln tune` reports it).
+    store_error: Mutex<Option<String>>,
     /// Samples timed per candidate after the warm-up.
     pub samples: usize,
 }
@@ -157,6 +159,7 @@ impl Autotuner {
             cache: Mutex::new(None),
             observer: Mutex::new(None),
             warned: Default::default(),
+            store_error: Mutex::new(None),
             samples: 5,
         }
     }
@@ -246,16 +249,30 @@ impl Autotuner {
     /// Merges `entries` into the file on disk (re-read first, so other processes'
     /// entries survive) and replaces it atomically. Failure to write is a warning.
     fn persist(&self, new: BTreeMap<String, Entry>) {
+        // Processes tuning into one cache take turns (an exclusive lock on a file
+        // beside it), so no read-merge-write loses another's entries.
+        let lock = cache::lock(&self.path);
         let mut file = self.read_file();
         file.version = CACHE_VERSION;
         file.entries.extend(new);
-        if let Err(e) = write_atomic(&self.path, &file) {
+        let written = lock.and_then(|_guard| write_atomic(&self.path, &file));
+        let error = written.err().map(|e| e.to_string());
+        if let Some(e) = &error {
             self.warn(format!(
                 "could not write autotune cache {}: {e}",
                 self.path.display()
             ));
         }
+        if let Ok(mut s) = self.store_error.lock() {
+            *s = error;
+        }
         self.with_cache(|c| *c = file);
+    }
+
+    /// Why the last write of the cache file failed (`None`: it was written, or nothing
+    /// was written yet).
+    pub fn store_error(&self) -> Option<String> {
+        self.store_error.lock().ok().and_then(|s| s.clone())
     }
 
     fn entry_key(client: &Client, key: &TuneKey) -> String {

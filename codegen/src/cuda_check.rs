@@ -1,0 +1,376 @@
+//! The CUDA build check (`kiln check-cuda`): every registered kernel, in every dtype it
+//! accepts, in every configuration the autotuner may pick on an architecture, emitted
+//! as CUDA C++, compiled by NVRTC and assembled by ptxas, with ptxas's register, spill
+//! and shared-memory report. No GPU is needed: NVRTC and the headers come from a CUDA
+//! toolkit or NVIDIA's Python packages (see `kiln_runtime::toolkit`).
+//!
+//! A row fails on a compile or assembly error, on a spill, or on more registers than a
+//! cube of its size can have on one SM (65,536 per SM), unless the configuration is
+//! refused by name for that dtype (never emitted) or dropped from the tuning space on
+//! that architecture (`kiln_runtime::budget`).
+
+use crate::{emit, Target};
+use kiln_runtime::{budget, CudaArch, DeviceReport, Error, KernelConfig, KernelSpec, KernelUsage};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// Registers of one SM: a cube of `units` threads needs `units x registers` of them.
+pub const REGISTERS_PER_SM: u32 = 65_536;
+
+/// Resident threads of one SM (sm_80 and sm_90 alike).
+pub const THREADS_PER_SM: u32 = 2048;
+
+/// The fraction of an SM's threads resident at once as far as registers allow (ptxas
+/// allocates per warp in units of 256 registers), for `registers` per thread and
+/// cubes of `units`: what a kernel's register use costs in latency hiding.
+pub fn register_occupancy(registers: u32, units: u32) -> f64 {
+    if registers == 0 || units == 0 {
+        return 0.0;
+    }
+    let warps = units.div_ceil(32);
+    let per_warp = (registers * 32).div_ceil(256) * 256;
+    let cubes = REGISTERS_PER_SM / (per_warp * warps);
+    let threads = (cubes * warps * 32).min(THREADS_PER_SM);
+    threads as f64 / THREADS_PER_SM as f64
+}
+
+/// One kernel x dtype x configuration x architecture.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Row {
+    /// The kernel's registered name.
+    pub kernel: String,
+    /// Element type (`-` for kernels without a float generic).
+    pub dtype: String,
+    /// Every knob that is not the default (comptime values) and every tunable.
+    pub config: String,
+    /// The architecture compiled for.
+    pub arch: String,
+    /// Every `#[comptime]` value and tunable as `key=value` words (what budget entries
+    /// are matched against).
+    #[serde(skip)]
+    pub description: String,
+    /// Units per cube.
+    pub units: u32,
+    /// ptxas's report, when it compiled.
+    pub usage: Option<KernelUsage>,
+    /// What the check concluded.
+    pub verdict: Verdict,
+}
+
+/// The check's conclusion for a row.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "verdict", content = "why", rename_all = "lowercase")]
+pub enum Verdict {
+    /// Compiled, no spill, fits an SM.
+    Ok,
+    /// Refused by name for this dtype or device (never emitted): the reason.
+    Refused(String),
+    /// Spills or cannot launch, and the tuning space drops it on this architecture.
+    Dropped(String),
+    /// A compile error, or a spill the autotuner could pick.
+    Fail(String),
+}
+
+impl Row {
+    /// Whether this row fails the check.
+    pub fn failed(&self) -> bool {
+        matches!(self.verdict, Verdict::Fail(_))
+    }
+}
+
+/// What to check.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Architectures to compile for.
+    pub archs: Vec<CudaArch>,
+    /// Also vary each `#[comptime]` knob (and vector width) over its values, one at a
+    /// time, with every declared configuration.
+    pub all_configs: bool,
+    /// Worker threads (NVRTC compiles independent programs concurrently).
+    pub jobs: usize,
+}
+
+struct Job {
+    spec: &'static KernelSpec,
+    knobs: BTreeMap<String, String>,
+    tunables: Vec<(&'static str, u32)>,
+    arch: CudaArch,
+}
+
+/// The knob values to check for one kernel: each dtype it accepts with the defaults,
+/// and with `all_configs` each other value of each enumerable knob, one at a time.
+fn variants(spec: &KernelSpec, all_configs: bool) -> Vec<BTreeMap<String, String>> {
+    let dtypes: Vec<&str> = match spec.config.iter().find(|p| p.name == "dtype") {
+        Some(p) => p.values.split('|').map(str::trim).collect(),
+        None => vec![""],
+    };
+    let mut out = Vec::new();
+    for d in dtypes {
+        let base: BTreeMap<String, String> = if d.is_empty() {
+            BTreeMap::new()
+        } else {
+            BTreeMap::from([("dtype".to_string(), d.to_string())])
+        };
+        out.push(base.clone());
+        if !all_configs {
+            continue;
+        }
+        for p in spec.config {
+            if p.name == "dtype" || p.doc == "tunable" || !p.values.contains('|') {
+                continue;
+            }
+            for v in p
+                .values
+                .split('|')
+                .map(str::trim)
+                .filter(|v| *v != p.default)
+            {
+                let mut k = base.clone();
+                k.insert(p.name.to_string(), v.to_string());
+                out.push(k);
+            }
+        }
+    }
+    out
+}
+
+fn label(knobs: &BTreeMap<String, String>, tunables: &[(&str, u32)]) -> String {
+    knobs
+        .iter()
+        .filter(|(k, _)| k.as_str() != "dtype")
+        .map(|(k, v)| format!("{k}={v}"))
+        .chain(tunables.iter().map(|(k, v)| format!("{k}={v}")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// What a budget entry is matched against, as the tuning space writes it: every
+/// `#[comptime]` value (defaults filled in), then the tunables.
+fn description(
+    spec: &KernelSpec,
+    knobs: &BTreeMap<String, String>,
+    tunables: &[(&str, u32)],
+) -> String {
+    spec.config
+        .iter()
+        .filter(|p| p.doc == "kernel specialisation")
+        .map(|p| {
+            format!(
+                "{}={}",
+                p.name,
+                knobs.get(p.name).map_or(p.default, String::as_str)
+            )
+        })
+        .chain(std::iter::once(budget::config_label(tunables)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn is_refusal(e: &Error) -> bool {
+    matches!(e, Error::Unsupported { .. })
+}
+
+fn check_one(job: &Job) -> Row {
+    let spec = job.spec;
+    let dtype = job
+        .knobs
+        .get("dtype")
+        .cloned()
+        .unwrap_or_else(|| "-".into());
+    let mut row = Row {
+        kernel: spec.name.into(),
+        dtype,
+        config: label(&job.knobs, &job.tunables),
+        arch: job.arch.to_string(),
+        description: description(spec, &job.knobs, &job.tunables),
+        units: 0,
+        usage: None,
+        verdict: Verdict::Ok,
+    };
+    let mut values = job.knobs.clone();
+    values.extend(
+        job.tunables
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let emitted = KernelConfig::new(spec, values).and_then(|c| emit(spec, Target::Cuda, &c));
+    let emitted = match emitted {
+        Ok(e) => e,
+        Err(e) if is_refusal(&e) => {
+            row.verdict = Verdict::Refused(e.to_string());
+            return row;
+        }
+        Err(e) => {
+            row.verdict = Verdict::Fail(format!("emission: {e}"));
+            return row;
+        }
+    };
+    let (x, y, z) = emitted.manifest.cube_dim;
+    row.units = x * y * z;
+    let source = crate::canonical(&emitted.source);
+    let mut usage = match kiln_runtime::nvrtc::compile(spec.name, &source, job.arch) {
+        Ok(c) => c.usage,
+        Err(e) => {
+            row.verdict = Verdict::Fail(e.to_string());
+            return row;
+        }
+    };
+    // cubecl declares shared memory dynamically: ptxas sees none, the layout says it.
+    usage.shared_bytes = usage
+        .shared_bytes
+        .max(emitted.manifest.shared_memory_bytes as u32);
+    let problem = if usage.spills() {
+        Some(format!(
+            "spills {} B stored / {} B loaded per thread",
+            usage.spill_stores, usage.spill_loads
+        ))
+    } else if usage.registers * row.units > REGISTERS_PER_SM {
+        Some(format!(
+            "{} registers x {} units > {REGISTERS_PER_SM} per SM (cannot launch)",
+            usage.registers, row.units
+        ))
+    } else {
+        None
+    };
+    row.usage = Some(usage);
+    if let Some(problem) = problem {
+        row.verdict = match budget::dropped(spec.name, &row.description, job.arch) {
+            Some(entry) => Verdict::Dropped(format!("{problem}; {}", entry.reason)),
+            None => Verdict::Fail(format!(
+                "{problem}, and the autotuner may pick it on {} (fix the kernel or list it in kernels/cuda-budget.txt)",
+                job.arch
+            )),
+        };
+    }
+    row
+}
+
+/// Runs the check over `kernels` (compiles in `plan.jobs` threads); rows come back in
+/// kernel, dtype, configuration and architecture order.
+pub fn check(kernels: &[&'static KernelSpec], plan: &Plan) -> Result<Vec<Row>, Error> {
+    let mut jobs = Vec::new();
+    for &spec in kernels {
+        for knobs in variants(spec, plan.all_configs) {
+            let cfg = KernelConfig::new(spec, knobs.clone())?;
+            for &arch in &plan.archs {
+                let device = DeviceReport::cuda_target(arch);
+                let configs = (spec.declared)(&device, &cfg)?;
+                if configs.is_empty() {
+                    // Nothing the autotuner may pick: e.g. a tensor-core kernel below sm_70.
+                    continue;
+                }
+                for tunables in configs {
+                    jobs.push(Job {
+                        spec,
+                        knobs: knobs.clone(),
+                        tunables,
+                        arch,
+                    });
+                }
+            }
+        }
+    }
+    let next = AtomicUsize::new(0);
+    let rows: Mutex<Vec<(usize, Row)>> = Mutex::new(Vec::with_capacity(jobs.len()));
+    std::thread::scope(|s| {
+        for _ in 0..plan.jobs.max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(job) = jobs.get(i) else { break };
+                let row = check_one(job);
+                if let Ok(mut r) = rows.lock() {
+                    r.push((i, row));
+                }
+            });
+        }
+    });
+    let mut rows = rows.into_inner().unwrap_or_default();
+    rows.sort_by_key(|(i, _)| *i);
+    Ok(rows.into_iter().map(|(_, r)| r).collect())
+}
+
+/// Budget entries for the checked kernels and architectures that drop a configuration
+/// which no longer fails (nothing to drop: remove the line), one message each.
+pub fn stale_entries(rows: &[Row]) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in budget::entries() {
+        let matching: Vec<&Row> = rows
+            .iter()
+            .filter(|r| {
+                r.kernel == e.kernel
+                    && budget::dropped(
+                        &r.kernel,
+                        &r.description,
+                        CudaArch::parse(&r.arch).unwrap_or(e.from),
+                    )
+                    .is_some_and(|d| d == e)
+                    && CudaArch::parse(&r.arch).is_ok_and(|a| a >= e.from)
+            })
+            .collect();
+        if !matching.is_empty()
+            && !matching
+                .iter()
+                .any(|r| matches!(r.verdict, Verdict::Dropped(_)))
+        {
+            out.push(format!(
+                "{} {} {}: listed in a budget table but no longer spills or overflows (remove the line)",
+                e.kernel, e.from, e.config
+            ));
+        }
+    }
+    out
+}
+
+/// The rows as a Markdown table (what `docs/cuda-registers.md` holds).
+pub fn markdown(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "| kernel | dtype | configuration | arch | units | registers | occupancy | spill st/ld (B) | stack (B) | smem (B) | verdict |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    for r in rows {
+        let (regs, spill, stack, smem) = match &r.usage {
+            Some(u) => (
+                format!(
+                    "{} | {:.0}%",
+                    u.registers,
+                    100.0 * register_occupancy(u.registers, r.units)
+                ),
+                format!("{}/{}", u.spill_stores, u.spill_loads),
+                u.stack_frame.to_string(),
+                u.shared_bytes.to_string(),
+            ),
+            None => ("- | -".into(), "-".into(), "-".into(), "-".into()),
+        };
+        let verdict = match &r.verdict {
+            Verdict::Ok => "ok".to_string(),
+            Verdict::Refused(w) => format!("refused: {w}"),
+            Verdict::Dropped(w) => format!("dropped: {w}"),
+            Verdict::Fail(w) => format!("FAIL: {w}"),
+        };
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {regs} | {spill} | {stack} | {smem} | {} |\n",
+            r.kernel,
+            r.dtype,
+            r.config.replace('|', "\\|"),
+            r.arch,
+            r.units,
+            verdict.replace('|', "\\|")
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::register_occupancy;
+
+    #[test]
+    fn occupancy_by_registers() {
+        // 32 registers: the thread limit binds (full occupancy).
+        assert_eq!(register_occupancy(32, 256), 1.0);
+        // 255 registers (256 per thread allocated), 256 units: one cube of 8 warps.
+        assert_eq!(register_occupancy(255, 256), 0.125);
+        // 72 registers (2304 per warp) x 2 warps: 14 cubes, 896 of 2048 threads.
+        assert!((register_occupancy(72, 64) - 0.4375).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,135 @@
+//! The CUDA build check, in the test suite: every registered kernel x dtype x tuning
+//! configuration compiles with NVRTC for sm_80 and sm_90a, and none the autotuner may
+//! pick there spills. Needs NVRTC and the CUDA headers (no GPU): `scripts/test`
+//! installs NVIDIA's Python packages first (`scripts/install-cuda-toolkit`). Where they
+//! cannot be installed, `KILN_SKIP_CUDA_CHECK=1` skips the compile test, loudly.
+
+use kiln::codegen::cuda_check::{check, stale_entries, Plan, Row, Verdict};
+use kiln::codegen::{emit, Target};
+use kiln::runtime::{CudaArch, KernelConfig};
+use std::collections::{BTreeMap, BTreeSet};
+
+fn archs() -> Vec<CudaArch> {
+    ["sm_80", "sm_90a"]
+        .iter()
+        .map(|a| CudaArch::parse(a).expect("arch"))
+        .collect()
+}
+
+#[test]
+fn every_kernel_and_configuration_compiles_for_cuda_without_spills() {
+    if std::env::var_os("KILN_SKIP_CUDA_CHECK").is_some() {
+        eprintln!("SKIPPED: KILN_SKIP_CUDA_CHECK is set: the CUDA compile check did not run");
+        return;
+    }
+    if let Err(e) = kiln::runtime::toolkit::find() {
+        panic!("{e}\n(run scripts/install-cuda-toolkit and export KILN_CUDA_TOOLKIT=<its output>, or set KILN_SKIP_CUDA_CHECK=1)");
+    }
+    let kernels = kiln::kernels::kernels();
+    let rows = check(
+        kernels,
+        &Plan {
+            archs: archs(),
+            all_configs: false,
+            jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        },
+    )
+    .expect("the check runs");
+    let failed: Vec<String> = rows
+        .iter()
+        .filter(|r| r.failed())
+        .map(|r| {
+            format!(
+                "{} {} {} {}: {:?}",
+                r.kernel, r.dtype, r.config, r.arch, r.verdict
+            )
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} failing rows:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+    let stale = stale_entries(&rows);
+    assert!(stale.is_empty(), "{}", stale.join("\n"));
+
+    // Every kernel was checked, and keeps a spill-free configuration per dtype and arch.
+    let mut usable: BTreeMap<(String, String, String), usize> = BTreeMap::new();
+    for r in &rows {
+        let n = usable
+            .entry((r.kernel.clone(), r.dtype.clone(), r.arch.clone()))
+            .or_default();
+        if r.verdict == Verdict::Ok {
+            *n += 1;
+        }
+    }
+    let none_left: Vec<_> = usable.iter().filter(|(_, n)| **n == 0).collect();
+    assert!(
+        none_left.is_empty(),
+        "no spill-free configuration left: {none_left:?}"
+    );
+    let checked: BTreeSet<&str> = rows.iter().map(|r: &Row| r.kernel.as_str()).collect();
+    for k in kernels {
+        assert!(
+            checked.contains(k.name),
+            "kernel `{}` was not checked",
+            k.name
+        );
+    }
+    // Register counts are real numbers, not defaults.
+    assert!(rows
+        .iter()
+        .filter_map(|r| r.usage.as_ref())
+        .all(|u| u.registers > 0 && !u.entry.is_empty()));
+}
+
+#[test]
+fn matmul_cmma_refuses_f32_by_name_instead_of_emitting_source_nvrtc_rejects() {
+    let spec = kiln::kernels::kernel("matmul_cmma").expect("registered");
+    let cfg = KernelConfig::new(spec, BTreeMap::from([("dtype".into(), "f32".into())]))
+        .expect("dtype is a knob");
+    let e = emit(spec, Target::Cuda, &cfg)
+        .err()
+        .expect("f32 is refused")
+        .to_string();
+    assert!(
+        e.contains("f16 | bf16") && e.contains("matmul_cmma") && e.contains("f32"),
+        "{e}"
+    );
+    // The declared dtypes are what `kiln emit --list` and the check enumerate.
+    let dtype = spec
+        .config
+        .iter()
+        .find(|p| p.name == "dtype")
+        .expect("dtype");
+    assert_eq!((dtype.default, dtype.values), ("f16", "f16 | bf16"));
+}
+
+#[test]
+fn on_cuda_the_tuning_space_drops_what_the_budget_lists_and_notes_why() {
+    use kiln::runtime::{budget, DeviceReport};
+    let spec = kiln::kernels::kernel("gla_fused_fwd").expect("registered");
+    let cfg = KernelConfig::new(spec, BTreeMap::new()).expect("defaults");
+    let sm90 = DeviceReport::cuda_target(CudaArch::parse("sm_90a").expect("arch"));
+    // `declared` lists every configuration (what the check compiles)...
+    let declared = (spec.declared)(&sm90, &cfg).expect("declared");
+    assert_eq!(declared.len(), 3);
+    // ...and the budget drops the spilling ones on CUDA, not on wgpu.
+    assert!(budget::dropped_on(&sm90, "gla_fused_fwd", "BV=64").is_some());
+    assert!(budget::dropped_on(&sm90, "gla_fused_fwd", "BV=16").is_none());
+    let mut wgpu_like = sm90.clone();
+    wgpu_like.compute_capability = None;
+    assert!(budget::dropped_on(&wgpu_like, "gla_fused_fwd", "BV=64").is_none());
+    budget::check_tables().expect("kernels/cuda-budget.txt parses");
+    // What `kiln tune` prints for a dropped configuration.
+    let entry = budget::dropped_on(&sm90, "gla_fused_fwd", "BV=64").expect("listed");
+    budget::note(&sm90, "gla_fused_fwd", "BV=64", entry);
+    let notes = budget::take_notes();
+    assert!(
+        notes.iter().any(|n| n.starts_with(
+            "gla_fused_fwd BV=64: dropped on generic sm_90a (from sm_80 up: 255 registers"
+        )),
+        "{notes:?}"
+    );
+}
