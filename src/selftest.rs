@@ -5,4 +5,4 @@
 //! The cases live beside each operator (its `OpSpec::selftest`); this gathers them
 //! from the registry, and the integration tests instantiate them per device and dtype.
 
-pub use kiln_runtime::selftest::{cases, only, run_case, Case, CaseInputs, Outcome};
+pub use kiln_runtime::selftest::{cases, only, run_case, run_case_on, Case, CaseInputs, Outcome};

@@ -290,7 +290,12 @@ fn flush(group: &mut Vec<String>, out: &mut Vec<String>, mask: bool) {
     let mut offset = 0usize;
     for d in group.drain(..) {
         if mask {
-            out.push(mask_numbers_after(&d, "["));
+            let shared = d.lines().any(is_shared_decl);
+            out.push(if shared {
+                mask_numbers_after(&d, "[")
+            } else {
+                d
+            });
             continue;
         }
         let bytes = d

@@ -29,6 +29,14 @@ pub fn i8_bits(value: i32) -> u32 {
     u32::cast_from(value + 256) & 255
 }
 
+/// `clamp(x, lo, hi)` that keeps NaN: backends' `min`/`max` return the other operand
+/// for NaN (CUDA's fminf/fmaxf, and WGSL leaves it undefined), which would turn an
+/// invalid value (`0 / 0`) into a valid-looking code.
+#[cube]
+pub fn clamp_keep_nan(x: f32, lo: f32, hi: f32) -> f32 {
+    select(x.is_nan(), x, clamp(x, lo, hi))
+}
+
 /// `x` rounded to the nearest integer, ties to even (IEEE's default; numpy's and
 /// PyTorch's `round`). Exact for |x| < 2^22.
 #[cube]

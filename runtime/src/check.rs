@@ -74,9 +74,19 @@ pub fn example_inputs(
     dims: &[usize],
     dtype: crate::DType,
 ) -> crate::Result<std::collections::BTreeMap<String, crate::HostTensor>> {
+    example_inputs_seeded(spec, dims, dtype, 0x6b696c6e)
+}
+
+/// [`example_inputs`] from a given seed (property tests draw many).
+pub fn example_inputs_seeded(
+    spec: &crate::OpSpec,
+    dims: &[usize],
+    dtype: crate::DType,
+    seed: u64,
+) -> crate::Result<std::collections::BTreeMap<String, crate::HostTensor>> {
     use crate::DType;
     use crate::ExampleValues;
-    let mut rng = Rng::new(0x6b696c6e);
+    let mut rng = Rng::new(seed);
     let mut hosts = std::collections::BTreeMap::new();
     for (name, shape) in (spec.example_inputs)(dims)? {
         let n = shape.iter().product();

@@ -77,7 +77,12 @@ impl Outcome {
 
 /// Runs one case in one dtype on `client`.
 pub fn run_case(client: &Client, case: &Case, dtype: DType, seed: u64) -> Outcome {
-    match try_case(client, case, dtype, seed) {
+    outcome(client, dtype, try_case(client, case, dtype, seed))
+}
+
+/// An error becomes `Refused` when the device lacks the dtype, else `Error`.
+fn outcome(client: &Client, dtype: DType, result: Result<Outcome>) -> Outcome {
+    match result {
         Ok(o) => o,
         Err(Error::Unsupported { .. }) if !client.supports(dtype) => {
             Outcome::Refused(format!("{dtype} refused: the device has no {dtype}"))
@@ -86,24 +91,33 @@ pub fn run_case(client: &Client, case: &Case, dtype: DType, seed: u64) -> Outcom
     }
 }
 
-fn try_case(client: &Client, case: &Case, dtype: DType, seed: u64) -> Result<Outcome> {
-    let mut rng = Rng::new(seed);
-    let mut hosts = BTreeMap::new();
-    let op = crate::registered_ops()
+/// Runs `case`'s operator, parameters and reference on inputs of the caller's (a
+/// property test's random shapes and values) in `dtype`; as [`run_case`] otherwise.
+pub fn run_case_on(
+    client: &Client,
+    case: &Case,
+    dtype: DType,
+    hosts: BTreeMap<String, HostTensor>,
+) -> Outcome {
+    let result = operator(case).and_then(|op| compare(client, op, case, dtype, hosts));
+    outcome(client, dtype, result)
+}
+
+fn operator(case: &Case) -> Result<&'static OpSpec> {
+    crate::registered_ops()
         .into_iter()
         .find(|o| o.name == case.op)
         .ok_or_else(|| Error::Unknown {
             kind: "operator",
             name: case.op.into(),
             known: crate::join_names(crate::registered_ops().iter().map(|o| o.name)),
-        })?;
-    // Inputs whose spec names one dtype (f32 states and scales, integer codes) keep it.
-    let fixed = |specs: &[crate::TensorSpec], name: &str| {
-        specs
-            .iter()
-            .find(|t| t.name == name)
-            .and_then(|t| t.fixed_dtype())
-    };
+        })
+}
+
+fn try_case(client: &Client, case: &Case, dtype: DType, seed: u64) -> Result<Outcome> {
+    let mut rng = Rng::new(seed);
+    let mut hosts = BTreeMap::new();
+    let op = operator(case)?;
     for (name, shape, values) in (case.inputs)(&mut rng) {
         let t = op
             .inputs
@@ -112,6 +126,23 @@ fn try_case(client: &Client, case: &Case, dtype: DType, seed: u64) -> Result<Out
             .map_or(dtype, |t| t.example_dtype(dtype));
         hosts.insert(name.to_string(), HostTensor::from_f64(t, shape, &values)?);
     }
+    compare(client, op, case, dtype, hosts)
+}
+
+fn compare(
+    client: &Client,
+    op: &'static OpSpec,
+    case: &Case,
+    dtype: DType,
+    hosts: BTreeMap<String, HostTensor>,
+) -> Result<Outcome> {
+    // Inputs whose spec names one dtype (f32 states and scales, integer codes) keep it.
+    let fixed = |specs: &[crate::TensorSpec], name: &str| {
+        specs
+            .iter()
+            .find(|t| t.name == name)
+            .and_then(|t| t.fixed_dtype())
+    };
     let want = (case.reference)(&hosts);
     let params: BTreeMap<String, String> = case
         .params

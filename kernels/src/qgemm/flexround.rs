@@ -9,7 +9,7 @@
 
 use crate::launch::{check_input, expect_shape, shape_err};
 use cubecl::prelude::*;
-use kiln_dsl::{cube_sum, round_half_even};
+use kiln_dsl::{clamp_keep_nan, cube_sum, round_half_even};
 use kiln_runtime::{DType, Error, Result, Tensor};
 
 // ---------------------------------------------------------------- host API
@@ -212,7 +212,7 @@ pub fn flexround_forward<F: Float>(
             * f32::cast_from(s2[i as usize])
             * f32::cast_from(s3[(i / cols) as usize])
             * f32::cast_from(s4[(i % cols) as usize]);
-        let c = clamp(
+        let c = clamp_keep_nan(
             round_half_even(f32::cast_from(w[i as usize]) / d),
             qmin,
             qmax,
@@ -270,7 +270,7 @@ pub fn flexround_backward_rows<F: Float>(
             ds2[i as usize] = F::cast_from(t / b2);
         }
         sum3 += t / b3;
-        sum1 += g * (clamp(q, qmin, qmax) - select(inside, u, 0.0));
+        sum1 += g * (clamp_keep_nan(q, qmin, qmax) - select(inside, u, 0.0));
         j += UNITS;
     }
     let mut smem = SharedMemory::<f32>::new(UNITS as usize);

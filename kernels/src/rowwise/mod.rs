@@ -16,7 +16,7 @@ pub mod selftest;
 
 use crate::launch::{check_input, elementwise_cost, x_only};
 use cubecl::prelude::*;
-use kiln_dsl::{cube_online_softmax, exp_diff, linear_cube, OnlineSoftmax};
+use kiln_dsl::{cube_online_softmax, cube_sum, exp_diff, linear_cube, OnlineSoftmax};
 use kiln_runtime::{
     shape_str, Client, Dtypes, Error, HostTensor, OpArgs, OpSpec, Outputs, Result, Tensor,
     TensorSpec,
@@ -104,26 +104,35 @@ fn row_reduce<F: Float>(
 
         // Online (max, sum) over this unit's strided slice, merged over the cube.
         let mut state = OnlineSoftmax::new();
+        // NaN is summed apart: the online update compares and clamps (`max` drops NaN
+        // on some backends), a sum keeps it.
+        let mut nan = 0.0f32;
         let mut j = UNIT_POS as usize;
         while j < cols as usize {
-            state.push(f32::cast_from(x[base + j]), one);
+            let v = f32::cast_from(x[base + j]);
+            nan += select(v.is_nan(), v, 0.0);
+            state.push(v, one);
             j += UNITS as usize;
         }
+        let nan_sum = cube_sum(&mut smem, nan, UNITS);
         let stats = cube_online_softmax(&mut smem, state, one, UNITS);
         let (row_max, row_sum) = (stats.max, stats.sum);
+        // A row holding NaN is NaN throughout, as in PyTorch: `poison` is 0 or NaN. (A
+        // row holding +inf has a NaN sum, exp(inf - inf), which the denominator keeps.)
+        let poison = nan_sum;
 
         if comptime!(lse) {
             if UNIT_POS == 0 {
                 // An all -inf row has row_sum == 0 and row_max the lowest finite f32,
                 // so this is ln(0) = -inf. Written without an infinity literal: WGSL
                 // rejects `f32(-inf)`, which is what cubecl emits for NEG_INFINITY.
-                out[row] = F::cast_from(stats.log_sum_exp());
+                out[row] = F::cast_from(stats.log_sum_exp() + poison);
             }
         } else {
             // An all -inf row has row_sum == 0: divide by 1 instead (every exp is 0),
             // writing zeros rather than 0/0. A division, not a reciprocal and a
             // product: one rounding instead of two.
-            let denom = select(row_sum > 0.0, row_sum, 1.0);
+            let denom = select(row_sum == 0.0, 1.0, row_sum) + poison;
             let mut j = UNIT_POS as usize;
             while j < cols as usize {
                 let v = f32::cast_from(x[base + j]);
