@@ -8,7 +8,7 @@ mod support;
 
 use kiln::{load_safetensors, save_safetensors, HostTensor};
 use std::collections::BTreeMap;
-use support::{assert_clear_error, kiln, kiln_in_cache, stdout, tmp, tmpdir};
+use support::{assert_clear_error, kiln, kiln_in_cache, run_op, stdout, tmp, tmpdir};
 
 #[test]
 fn devices_reports_the_adapter_and_backend() {
@@ -43,14 +43,7 @@ fn ops_lists_the_library_and_describes_one() {
 fn run_softmax_on_a_pytorch_file() {
     let out = tmp("softmax_out.safetensors");
     let input = common::data("softmax_f32.safetensors");
-    let o = kiln(&[
-        "run",
-        "softmax",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let o = run_op("softmax", &input, &out, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = load_safetensors(&out).unwrap();
     let want = load_safetensors(&input).unwrap();

@@ -7,7 +7,7 @@ mod support;
 use kiln::{load_safetensors, save_safetensors, HostTensor};
 use std::collections::BTreeMap;
 use std::path::Path;
-use support::{assert_clear_error, kiln, kiln_in_cache, tmpdir};
+use support::{assert_clear_error, kiln, kiln_in_cache, run_op, tmpdir};
 
 fn write(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
     let m: BTreeMap<String, HostTensor> = tensors
@@ -39,14 +39,7 @@ fn an_input_named_like_a_temporary_file_survives() {
     let input = d.join("t.safetensors.tmp");
     softmax_input(&input);
     let before = std::fs::read(&input).unwrap();
-    let o = kiln(&[
-        "run",
-        "softmax",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        d.join("t.safetensors").to_str().unwrap(),
-    ]);
+    let o = run_op("softmax", &input, &d.join("t.safetensors"), &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(
         std::fs::read(&input).unwrap(),
@@ -66,16 +59,7 @@ fn special_files_are_refused_and_symlinks_followed() {
     let d = tmpdir("special");
     let input = d.join("in.safetensors");
     softmax_input(&input);
-    let run = |out: &str| {
-        kiln(&[
-            "run",
-            "softmax",
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            out,
-        ])
-    };
+    let run = |out: &str| run_op("softmax", &input, Path::new(out), &[]);
     // A character device stays one.
     assert_clear_error(
         &run("/dev/full"),
@@ -129,14 +113,7 @@ fn empty_dimensions_are_results_not_panics() {
         ],
     );
     let out = d.join("k0.out.safetensors");
-    let o = kiln(&[
-        "run",
-        "matmul",
-        "--input",
-        mm.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let o = run_op("matmul", &mm, &out, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let c = load_safetensors(&out).unwrap()["c"].to_f64();
     assert_eq!(c, [1.0, -2.0, 0.5, 0.0, 3.0].repeat(3));
@@ -145,14 +122,7 @@ fn empty_dimensions_are_results_not_panics() {
     let e = |n| (n, vec![1, 0, 2, 8], vec![]);
     write(&g, &[e("q"), e("k"), e("v"), e("g")]);
     let out = d.join("t0.out.safetensors");
-    let o = kiln(&[
-        "run",
-        "gla",
-        "--input",
-        g.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let o = run_op("gla", &g, &out, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(load_safetensors(&out).unwrap()["o"].shape, vec![1, 0, 2, 8]);
 }
@@ -209,14 +179,7 @@ fn ambiguous_or_unused_arguments_are_reported() {
         ],
     );
     let out = d.join("out.safetensors");
-    let o = kiln(&[
-        "run",
-        "matmul",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let o = run_op("matmul", &input, &out, &[]);
     assert!(o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -224,18 +187,7 @@ fn ambiguous_or_unused_arguments_are_reported() {
         "{err}"
     );
     // A repeated --set is an error naming both values.
-    let o = kiln(&[
-        "run",
-        "softmax",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--set",
-        "x=1",
-        "--set",
-        "x=2",
-    ]);
+    let o = run_op("softmax", &input, &out, &["--set", "x=1", "--set", "x=2"]);
     assert_clear_error(&o, &["each key once", "x=1", "x=2"]);
     // --samples 0 is refused by the parser (exit 2), not silently 1.
     let o = kiln(&["bench", "softmax", "--shape", "4x4", "--samples", "0"]);

@@ -61,3 +61,22 @@ pub fn kiln_in_cache(dir: &std::path::Path, args: &[&str]) -> Output {
         .output()
         .expect("kiln binary runs")
 }
+
+/// `kiln run OP --input IN --output OUT EXTRA...`.
+pub fn run_op(
+    op: &str,
+    input: &std::path::Path,
+    output: &std::path::Path,
+    extra: &[&str],
+) -> Output {
+    let mut args = vec![
+        "run",
+        op,
+        "--input",
+        input.to_str().expect("utf-8 path"),
+        "--output",
+        output.to_str().expect("utf-8 path"),
+    ];
+    args.extend_from_slice(extra);
+    kiln(&args)
+}
