@@ -4,8 +4,9 @@
 //! and shared-memory report. No GPU is needed: NVRTC and the headers come from a CUDA
 //! toolkit or NVIDIA's Python packages (see `kiln_runtime::toolkit`).
 //!
-//! A row fails on a compile or assembly error, on a spill, or on more registers than a
-//! cube of its size can have on one SM (65,536 per SM), unless the configuration is
+//! A row fails on a compile or assembly error, on a spill, on more registers than a
+//! cube of its size can have on one SM (65,536 per SM), or on a register occupancy below
+//! what the kernel declares (`occupancy = ..`), unless the configuration is
 //! refused by name for that dtype (never emitted) or dropped from the tuning space on
 //! that architecture (`kiln_runtime::budget`).
 
@@ -229,6 +230,14 @@ fn check_one(job: &Job) -> Row {
         Some(format!(
             "{} registers x {} units > {REGISTERS_PER_SM} per SM (cannot launch)",
             usage.registers, row.units
+        ))
+    } else if register_occupancy(usage.registers, row.units) < spec.min_occupancy {
+        Some(format!(
+            "{} registers x {} units keep {:.1}% of an SM's threads resident, below the declared {:.1}%",
+            usage.registers,
+            row.units,
+            100.0 * register_occupancy(usage.registers, row.units),
+            100.0 * spec.min_occupancy
         ))
     } else {
         None

@@ -121,6 +121,9 @@ pub struct KernelArgs {
     /// `domain(kp = [16, 32], dk = 1..=1024)`: the values of `#[comptime] u32`
     /// arguments, checked before expansion (emission) and at launch.
     pub domains: Vec<(Ident, Domain)>,
+    /// `occupancy = 0.25`: the least fraction of an SM's threads the kernel must keep
+    /// resident on CUDA as far as registers allow (`kiln check-cuda` enforces it).
+    pub occupancy: Option<f64>,
 }
 
 fn tuple_or_single(e: Expr) -> Vec<Expr> {
@@ -220,6 +223,7 @@ impl Parse for KernelArgs {
             vector: None,
             dtypes: None,
             domains: vec![],
+            occupancy: None,
         };
         while !input.is_empty() {
             let section: Ident = input.parse()?;
@@ -334,6 +338,15 @@ impl Parse for KernelArgs {
                     }
                     args.dtypes = Some(names.into_iter().collect());
                 }
+                "occupancy" => {
+                    input.parse::<Token![=]>()?;
+                    let lit: syn::LitFloat = input.parse()?;
+                    let v: f64 = lit.base10_parse()?;
+                    if !(v > 0.0 && v <= 1.0) {
+                        return Err(syn::Error::new(lit.span(), "`occupancy` is a fraction of an SM's threads in (0, 1]"));
+                    }
+                    args.occupancy = Some(v);
+                }
                 "domain" => {
                     let content;
                     parenthesized!(content in input);
@@ -374,7 +387,7 @@ impl Parse for KernelArgs {
                 other => {
                     return Err(syn::Error::new(
                         section.span(),
-                        format!("unknown `#[kiln::kernel]` section `{other}`: expected tune, require, key, grid, cube, name, defaults, vector, dtypes or domain"),
+                        format!("unknown `#[kiln::kernel]` section `{other}`: expected tune, require, key, grid, cube, name, defaults, vector, dtypes, domain or occupancy"),
                     ))
                 }
             }

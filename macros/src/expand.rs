@@ -377,6 +377,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
     } else {
         quote!((#cube_units) <= device.max_units_per_cube)
     };
+    let min_occupancy = args.occupancy.unwrap_or(0.0);
     let ct_names: Vec<&Ident> = comptimes.iter().map(|(n, _)| *n).collect();
     let ct_strs: Vec<String> = comptimes.iter().map(|(n, _)| n.to_string()).collect();
     let nest = nest_loops(
@@ -867,6 +868,7 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
             ],
             define: #host::define,
             declared: #host::declared,
+            min_occupancy: #min_occupancy,
             capabilities: &[#(#rt::Capability::#capabilities),*],
             source_hash: #host::source_hash,
         };

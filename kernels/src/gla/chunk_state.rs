@@ -65,6 +65,9 @@ pub fn gla_cumsum<F: Float>(
     grid = (n_seq * heads, dk.div_ceil(BK), dv.div_ceil(BV)),
     cube = (BK / TT) * (BV / TT),
     name = "gla_state_pass",
+    // On CUDA, keep a quarter of an SM's threads resident: the 8 x 8 register tiles
+    // (212-251 registers, 8-32 units a cube) are dropped there by kernels/cuda-budget.txt.
+    occupancy = 0.25,
     domain(chunk = [16, 32, 64]),
     defaults(chunk = 64)
 )]

@@ -78,6 +78,10 @@ pub struct KernelSpec {
     /// problem, given the `#[comptime]` values of a config: `(tunable, value)` lists in
     /// declaration order (what `kiln check-cuda` compiles).
     pub declared: fn(&crate::DeviceReport, &KernelConfig) -> Result<Vec<Tunables>>,
+    /// The least fraction of an SM's threads the kernel keeps resident on CUDA as far as
+    /// its registers allow (`occupancy = ..` in `#[kiln::kernel]`; 0 when undeclared):
+    /// `kiln check-cuda` fails a configuration below it that the tuning space keeps.
+    pub min_occupancy: f64,
     /// Device capabilities the kernel's instructions need (declared in its `require`
     /// as `device.has(Capability::..)`); emission refuses a target without them.
     pub capabilities: &'static [Capability],
