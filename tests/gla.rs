@@ -684,3 +684,35 @@ fn no_tokens_gives_an_empty_output_and_the_initial_state() {
     assert_eq!(out.o.shape(), &[2, 0, 2, 4]);
     assert_eq!(down(out.ht.as_ref().unwrap()), c.h0.clone().unwrap());
 }
+
+#[test]
+fn a_scale_beyond_f32_arithmetic_is_refused_by_name() {
+    // 1e38 is an f32 but `scale q k` overflows the scores to inf (and inf - inf to NaN);
+    // 1e39 is not even an f32. Both are refused with the allowed range; 2^60 still runs.
+    let c = case(DType::F32, 1, 9, 1, 8, 4, false, false, None, 90);
+    let d = upload(&c);
+    let inp = inputs(&d, &c);
+    for scale in [1e38, 1e39, -1e38, f64::NAN, f64::INFINITY] {
+        let e = gla(
+            &inp,
+            &GlaOptions {
+                scale: Some(scale),
+                ..Default::default()
+            },
+        )
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`scale`") && e.contains("2^60"), "{scale}: {e}");
+    }
+    let o = gla(
+        &inp,
+        &GlaOptions {
+            scale: Some(2f64.powi(60)),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .o;
+    assert_eq!(o.shape(), &[1, 9, 1, 4]);
+}
