@@ -100,6 +100,19 @@ pub enum Error {
         /// What is wrong with it.
         message: String,
     },
+    /// A collective or point-to-point transfer failed: peers disagreed on sizes or
+    /// dtypes, a peer dropped out, or a wait timed out.
+    #[error("rank {rank}: {op} with rank {peer}: {message}")]
+    Comm {
+        /// The operation (`all_reduce`, `send`, ...).
+        op: String,
+        /// This rank.
+        rank: usize,
+        /// The peer involved.
+        peer: usize,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 /// kiln's result type.

@@ -5,6 +5,7 @@
 
 pub mod budget;
 pub mod check;
+pub mod comm;
 pub mod define;
 mod device;
 mod dtype;

@@ -1,0 +1,403 @@
+//! [`HostComm`]: P ranks in one process, one thread per rank, each with its own
+//! [`Client`]; every transfer goes device -> host -> device. A collective is built from
+//! point-to-point messages between every pair, each carrying the operation, dtype and
+//! shape, so every rank sees every other's view and a disagreement fails everywhere.
+
+use super::Communicator;
+use crate::{Client, DType, Error, HostTensor, Result, Tensor};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// One message between a pair of ranks.
+#[derive(Clone)]
+struct Msg {
+    op: &'static str,
+    payload: Payload,
+}
+
+#[derive(Clone)]
+enum Payload {
+    Tensor(HostTensor),
+    /// The receiver took a `send`: `Ok` or why it refused it.
+    Ack(std::result::Result<(), String>),
+}
+
+#[derive(Default)]
+struct State {
+    /// Messages in flight, per (from, to), in posting order.
+    queues: BTreeMap<(usize, usize), VecDeque<Msg>>,
+    /// Ranks that were dropped (their `HostComm` went away).
+    gone: Vec<bool>,
+}
+
+struct Hub {
+    state: Mutex<State>,
+    changed: Condvar,
+    timeout: Duration,
+}
+
+/// One rank of a host-staged communicator (see the module docs). Create all ranks
+/// together with [`HostComm::create`]; dropping a rank makes its peers' waits on it
+/// fail at once instead of timing out.
+pub struct HostComm {
+    rank: usize,
+    world: usize,
+    client: Client,
+    hub: Arc<Hub>,
+}
+
+impl HostComm {
+    /// The ranks of one communicator, rank `i` on `clients[i]` (the same device may
+    /// appear several times), with waits bounded by 30 s.
+    pub fn create(clients: Vec<Client>) -> Vec<HostComm> {
+        Self::with_timeout(clients, Duration::from_secs(30))
+    }
+
+    /// As [`create`](Self::create), with every blocking wait bounded by `timeout`.
+    pub fn with_timeout(clients: Vec<Client>, timeout: Duration) -> Vec<HostComm> {
+        let world = clients.len();
+        let hub = Arc::new(Hub {
+            state: Mutex::new(State {
+                queues: BTreeMap::new(),
+                gone: vec![false; world],
+            }),
+            changed: Condvar::new(),
+            timeout,
+        });
+        clients
+            .into_iter()
+            .enumerate()
+            .map(|(rank, client)| HostComm {
+                rank,
+                world,
+                client,
+                hub: hub.clone(),
+            })
+            .collect()
+    }
+
+    /// The device this rank's tensors live on.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn err(&self, op: &str, peer: usize, message: impl Into<String>) -> Error {
+        Error::Comm {
+            op: op.into(),
+            rank: self.rank,
+            peer,
+            message: message.into(),
+        }
+    }
+
+    fn check_peer(&self, op: &str, peer: usize) -> Result<()> {
+        if peer >= self.world {
+            return Err(self.err(
+                op,
+                peer,
+                format!("no such rank (world size {})", self.world),
+            ));
+        }
+        Ok(())
+    }
+
+    fn post(&self, to: usize, msg: Msg) {
+        let mut s = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.queues.entry((self.rank, to)).or_default().push_back(msg);
+        self.hub.changed.notify_all();
+    }
+
+    /// The next message from `from` to this rank, waiting at most the timeout.
+    fn take(&self, op: &str, from: usize) -> Result<Msg> {
+        let deadline = Instant::now() + self.hub.timeout;
+        let mut s = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(m) = s
+                .queues
+                .get_mut(&(from, self.rank))
+                .and_then(VecDeque::pop_front)
+            {
+                return Ok(m);
+            }
+            if s.gone[from] {
+                return Err(self.err(op, from, "the peer dropped out"));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(self.err(
+                    op,
+                    from,
+                    format!(
+                        "no message within {:?} (the peer did not take part)",
+                        self.hub.timeout
+                    ),
+                ));
+            }
+            s = self
+                .hub
+                .changed
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn take_tensor(&self, op: &'static str, from: usize) -> Result<HostTensor> {
+        let m = self.take(op, from)?;
+        match m.payload {
+            Payload::Tensor(h) if m.op == op => Ok(h),
+            _ => Err(self.err(op, from, format!("the peer is in `{}`", m.op))),
+        }
+    }
+
+    /// Every rank's host tensor for a collective (this rank's own included), after
+    /// checking that they agree on dtype and on the trailing shape (`all_rows`: the
+    /// first dimension too). Every rank sees the same messages, so all fail together.
+    fn exchange(
+        &self,
+        op: &'static str,
+        mine: &HostTensor,
+        all_rows: bool,
+    ) -> Result<Vec<HostTensor>> {
+        for peer in (0..self.world).filter(|&p| p != self.rank) {
+            self.post(
+                peer,
+                Msg {
+                    op,
+                    payload: Payload::Tensor(mine.clone()),
+                },
+            );
+        }
+        let mut all = Vec::with_capacity(self.world);
+        for peer in 0..self.world {
+            all.push(if peer == self.rank {
+                mine.clone()
+            } else {
+                self.take_tensor(op, peer)?
+            });
+        }
+        // Check only after everything arrived, so no rank leaves a peer waiting.
+        for (peer, h) in all.iter().enumerate() {
+            let shape_ok = if all_rows {
+                h.shape == mine.shape
+            } else {
+                h.shape.get(1..) == mine.shape.get(1..) && h.shape.len() == mine.shape.len()
+            };
+            if h.dtype != mine.dtype || !shape_ok {
+                let (r0, p0) = (&all[self.rank], h);
+                return Err(self.err(
+                    op,
+                    peer,
+                    format!(
+                        "ranks disagree: {} {:?} here, {} {:?} there",
+                        r0.dtype, r0.shape, p0.dtype, p0.shape
+                    ),
+                ));
+            }
+        }
+        Ok(all)
+    }
+
+    fn upload(&self, h: &HostTensor) -> Result<Tensor> {
+        Tensor::upload(&self.client, h)
+    }
+}
+
+impl Drop for HostComm {
+    fn drop(&mut self) {
+        let mut s = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.gone[self.rank] = true;
+        self.hub.changed.notify_all();
+    }
+}
+
+/// Rows `[start, start + n)` of a row-major host tensor.
+fn rows(h: &HostTensor, start: usize, n: usize) -> Result<HostTensor> {
+    let row_bytes = h.dtype.size() * h.shape.iter().skip(1).product::<usize>();
+    let mut shape = h.shape.clone();
+    shape[0] = n;
+    HostTensor::from_bytes(
+        h.dtype,
+        shape,
+        h.data[start * row_bytes..(start + n) * row_bytes].to_vec(),
+    )
+}
+
+/// Host tensors with equal trailing shapes stacked along the first dimension.
+fn concat(parts: &[HostTensor], like: &HostTensor) -> Result<HostTensor> {
+    let mut shape = like.shape.clone();
+    shape[0] = parts.iter().map(|p| p.shape[0]).sum();
+    let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
+    HostTensor::from_bytes(like.dtype, shape, data)
+}
+
+fn rank1(t: &Tensor, op: &str) -> Result<()> {
+    if t.rank() == 0 {
+        return Err(Error::Shape {
+            tensor: format!("{op} input"),
+            expected: "rank >= 1 (tensors move along their first dimension)".into(),
+            found: "[]".into(),
+        });
+    }
+    Ok(())
+}
+
+impl Communicator for HostComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn send(&self, t: &Tensor, peer: usize) -> Result<()> {
+        self.check_peer("send", peer)?;
+        self.post(
+            peer,
+            Msg {
+                op: "send",
+                payload: Payload::Tensor(t.download()?),
+            },
+        );
+        // Wait for the receiver's verdict, so a mismatch fails here too.
+        let m = self.take("send", peer)?;
+        match m.payload {
+            Payload::Ack(Ok(())) => Ok(()),
+            Payload::Ack(Err(why)) => Err(self.err("send", peer, why)),
+            Payload::Tensor(_) => Err(self.err("send", peer, format!("the peer is in `{}`", m.op))),
+        }
+    }
+
+    fn recv(&self, peer: usize, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        self.check_peer("recv", peer)?;
+        let h = self.take_tensor("send", peer)?;
+        let verdict = if h.dtype == dtype && h.shape == shape {
+            Ok(())
+        } else {
+            Err(format!(
+                "sent {} {:?}, the receiver expected {dtype} {shape:?}",
+                h.dtype, h.shape
+            ))
+        };
+        self.post(
+            peer,
+            Msg {
+                op: "send",
+                payload: Payload::Ack(verdict.clone()),
+            },
+        );
+        verdict.map_err(|why| self.err("recv", peer, why))?;
+        self.upload(&h)
+    }
+
+    fn send_recv(&self, t: &Tensor, to: usize, from: usize) -> Result<Tensor> {
+        self.check_peer("send_recv", to)?;
+        self.check_peer("send_recv", from)?;
+        let mine = t.download()?;
+        self.post(
+            to,
+            Msg {
+                op: "send_recv",
+                payload: Payload::Tensor(mine.clone()),
+            },
+        );
+        let got = self.take_tensor("send_recv", from)?;
+        if got.dtype != mine.dtype {
+            return Err(self.err(
+                "send_recv",
+                from,
+                format!("received {}, sending {}", got.dtype, mine.dtype),
+            ));
+        }
+        self.upload(&got)
+    }
+
+    fn all_to_all(&self, t: &Tensor, send_rows: &[usize]) -> Result<(Tensor, Vec<usize>)> {
+        rank1(t, "all_to_all")?;
+        let op = "all_to_all";
+        let total: usize = send_rows.iter().sum();
+        if send_rows.len() != self.world || total != t.shape()[0] {
+            return Err(Error::Param {
+                param: "send_rows".into(),
+                expected: format!(
+                    "{} counts (one per rank) summing to {} (the rows of the input)",
+                    self.world,
+                    t.shape()[0]
+                ),
+                found: format!("{send_rows:?}"),
+            });
+        }
+        let mine = t.download()?;
+        let mut start = 0;
+        let mut own = None;
+        for (peer, &n) in send_rows.iter().enumerate() {
+            let part = rows(&mine, start, n)?;
+            start += n;
+            if peer == self.rank {
+                own = Some(part);
+            } else {
+                self.post(
+                    peer,
+                    Msg {
+                        op,
+                        payload: Payload::Tensor(part),
+                    },
+                );
+            }
+        }
+        let mut parts = Vec::with_capacity(self.world);
+        for peer in 0..self.world {
+            parts.push(match (peer == self.rank, &own) {
+                (true, Some(p)) => p.clone(),
+                _ => self.take_tensor(op, peer)?,
+            });
+        }
+        for (peer, p) in parts.iter().enumerate() {
+            if p.dtype != mine.dtype || p.shape.get(1..) != mine.shape.get(1..) {
+                return Err(self.err(
+                    op,
+                    peer,
+                    format!(
+                        "ranks disagree: {} {:?} here, {} {:?} there",
+                        mine.dtype, mine.shape, p.dtype, p.shape
+                    ),
+                ));
+            }
+        }
+        let counts = parts.iter().map(|p| p.shape[0]).collect();
+        Ok((self.upload(&concat(&parts, &mine)?)?, counts))
+    }
+
+    fn all_reduce(&self, t: &Tensor) -> Result<Tensor> {
+        if !t.dtype().is_float() {
+            return Err(Error::DType {
+                tensor: "all_reduce input".into(),
+                expected: "f32, f16 or bf16".into(),
+                found: t.dtype().name().into(),
+            });
+        }
+        let mine = t.download()?;
+        let all = self.exchange("all_reduce", &mine, true)?;
+        let mut sum = vec![0f64; mine.shape.iter().product()];
+        for h in &all {
+            for (s, v) in sum.iter_mut().zip(h.to_f64()) {
+                *s += v;
+            }
+        }
+        self.upload(&HostTensor::from_f64(mine.dtype, mine.shape.clone(), &sum)?)
+    }
+
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
+        rank1(t, "all_gather")?;
+        let mine = t.download()?;
+        let all = self.exchange("all_gather", &mine, false)?;
+        self.upload(&concat(&all, &mine)?)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        let token = HostTensor::from_bytes(DType::U8, vec![0], vec![])?;
+        self.exchange("barrier", &token, true).map(|_| ())
+    }
+}

@@ -1,0 +1,218 @@
+//! The host-staged communicator on lavapipe, P = 1..4 ranks in threads sharing the
+//! device: every collective against a host reference, uneven and empty all-to-all
+//! splits, a ring of `send_recv` steps, and the error cases (a peer that drops out,
+//! ranks that disagree), none of which may hang (bounded waits).
+
+mod common;
+
+use common::client;
+use kiln::runtime::comm::{Communicator, HostComm};
+use kiln::{DType, Error, HostTensor, Tensor};
+use std::time::Duration;
+
+/// Runs `body(rank's communicator)` on every rank in its own thread; the results in
+/// rank order.
+fn on_ranks<T: Send>(p: usize, timeout: Duration, body: impl Fn(&HostComm) -> T + Sync) -> Vec<T> {
+    let comms = HostComm::with_timeout(vec![client().clone(); p], timeout);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                let body = &body;
+                s.spawn(move || body(&c))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank thread"))
+            .collect()
+    })
+}
+
+/// Rank `r`'s example values: distinct per rank and element, exact in f16.
+fn values(r: usize, n: usize) -> Vec<f64> {
+    (0..n).map(|i| (r * 100 + i) as f64 * 0.25 - 3.0).collect()
+}
+
+fn up(dtype: DType, shape: &[usize], v: &[f64]) -> Tensor {
+    Tensor::upload(
+        client(),
+        &HostTensor::from_f64(dtype, shape.to_vec(), v).unwrap(),
+    )
+    .unwrap()
+}
+
+fn down(t: &Tensor) -> Vec<f64> {
+    t.download().unwrap().to_f64()
+}
+
+const T: Duration = Duration::from_secs(20);
+
+#[test]
+fn all_reduce_and_all_gather_match_the_host_reference() {
+    for p in 1..=4 {
+        for dtype in [DType::F32, DType::F16] {
+            let shape = [3, 5];
+            let got = on_ranks(p, T, |c| {
+                let t = up(dtype, &shape, &values(c.rank(), 15));
+                let sum = down(&c.all_reduce(&t).unwrap());
+                let gathered = c.all_gather(&t).unwrap();
+                (sum, gathered.shape().to_vec(), down(&gathered))
+            });
+            let want_sum: Vec<f64> = (0..15)
+                .map(|i| (0..p).map(|r| values(r, 15)[i]).sum())
+                .collect();
+            let want_gather: Vec<f64> = (0..p).flat_map(|r| values(r, 15)).collect();
+            for (r, (sum, gshape, gathered)) in got.iter().enumerate() {
+                assert_eq!(sum, &want_sum, "P={p} {dtype} rank {r} all_reduce");
+                assert_eq!(gshape, &vec![3 * p, 5]);
+                assert_eq!(gathered, &want_gather, "P={p} {dtype} rank {r} all_gather");
+            }
+        }
+    }
+}
+
+#[test]
+fn all_to_all_with_uneven_and_empty_splits() {
+    for p in 1..=4 {
+        // Rank r sends (r + j) % 3 rows to rank j: zero-size splits included.
+        let split = |r: usize, j: usize| (r + j) % 3;
+        let got = on_ranks(p, T, |c| {
+            let r = c.rank();
+            let counts: Vec<usize> = (0..p).map(|j| split(r, j)).collect();
+            let n: usize = counts.iter().sum();
+            let t = up(DType::F32, &[n, 2], &values(r, 2 * n));
+            let (out, from) = c.all_to_all(&t, &counts).unwrap();
+            (down(&out), from)
+        });
+        for (j, (out, from)) in got.iter().enumerate() {
+            let mut want = Vec::new();
+            for r in 0..p {
+                let before: usize = (0..j).map(|k| split(r, k)).sum();
+                want.extend_from_slice(&values(r, 2 * (before + split(r, j)))[2 * before..]);
+            }
+            assert_eq!(
+                from,
+                &(0..p).map(|r| split(r, j)).collect::<Vec<_>>(),
+                "P={p} rank {j}"
+            );
+            assert_eq!(out, &want, "P={p} rank {j}");
+        }
+    }
+}
+
+#[test]
+fn a_ring_of_send_recv_returns_every_block_to_its_owner() {
+    for p in 1..=4 {
+        let got = on_ranks(p, T, |c| {
+            let (r, w) = (c.rank(), c.world_size());
+            let mut block = up(DType::F32, &[4], &values(r, 4));
+            for _ in 0..w {
+                block = c.send_recv(&block, (r + 1) % w, (r + w - 1) % w).unwrap();
+            }
+            c.barrier().unwrap();
+            down(&block)
+        });
+        for (r, b) in got.iter().enumerate() {
+            assert_eq!(
+                b,
+                &values(r, 4),
+                "P={p}: after P steps rank {r} has its own block"
+            );
+        }
+    }
+}
+
+#[test]
+fn send_and_recv_match_in_order_and_check_what_arrives() {
+    let got = on_ranks(2, T, |c| {
+        if c.rank() == 0 {
+            c.send(&up(DType::F32, &[2], &[1.0, 2.0]), 1).unwrap();
+            c.send(&up(DType::F32, &[1], &[3.0]), 1).unwrap();
+            // The receiver expects [2] but gets [3]: an error on both sides.
+            c.send(&up(DType::F32, &[3], &[4.0, 5.0, 6.0]), 1)
+                .err()
+                .map(|e| e.to_string())
+        } else {
+            let a = down(&c.recv(0, DType::F32, &[2]).unwrap());
+            let b = down(&c.recv(0, DType::F32, &[1]).unwrap());
+            assert_eq!((a, b), (vec![1.0, 2.0], vec![3.0]));
+            c.recv(0, DType::F32, &[2]).err().map(|e| e.to_string())
+        }
+    });
+    for (r, e) in got.iter().enumerate() {
+        let e = e.as_ref().unwrap_or_else(|| panic!("rank {r} must fail"));
+        assert!(
+            e.contains("F32 [3]") || e.contains("f32 [3]"),
+            "rank {r}: {e}"
+        );
+        assert!(
+            e.contains(&format!("rank {r}:")) && e.contains("with rank"),
+            "rank {r}: {e}"
+        );
+    }
+}
+
+#[test]
+fn ranks_that_disagree_fail_together_and_name_the_peer() {
+    for p in 2..=4 {
+        let got = on_ranks(p, T, |c| {
+            // The last rank brings one element too many.
+            let n = if c.rank() == p - 1 { 5 } else { 4 };
+            c.all_reduce(&up(DType::F32, &[n], &values(c.rank(), n)))
+                .err()
+        });
+        for (r, e) in got.into_iter().enumerate() {
+            let e = e.unwrap_or_else(|| panic!("P={p}: rank {r} must fail"));
+            let Error::Comm { op, rank, .. } = &e else {
+                panic!("{e}")
+            };
+            assert_eq!((op.as_str(), *rank), ("all_reduce", r));
+            assert!(e.to_string().contains("ranks disagree"), "{e}");
+        }
+    }
+}
+
+#[test]
+fn a_peer_that_drops_out_is_an_error_not_a_hang() {
+    let start = std::time::Instant::now();
+    let got = on_ranks(3, Duration::from_secs(60), |c| {
+        if c.rank() == 2 {
+            return None; // leaves without taking part; its HostComm is dropped after
+        }
+        c.all_gather(&up(DType::F32, &[1], &[c.rank() as f64]))
+            .err()
+    });
+    // The survivors fail because rank 2 dropped out, long before the 60 s timeout.
+    for e in got.into_iter().take(2) {
+        let e = e.expect("must fail").to_string();
+        assert!(
+            e.contains("all_gather with rank 2") && e.contains("dropped out"),
+            "{e}"
+        );
+    }
+    assert!(start.elapsed() < Duration::from_secs(30));
+    // And a peer that never arrives is a timeout naming it.
+    let comms = HostComm::with_timeout(vec![client().clone(); 2], Duration::from_millis(300));
+    let e = comms[0].barrier().unwrap_err().to_string();
+    assert!(
+        e.contains("barrier with rank 1") && e.contains("no message within"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_arguments_are_typed_errors() {
+    let comms = HostComm::create(vec![client().clone(); 2]);
+    let t = up(DType::F32, &[3], &[1.0, 2.0, 3.0]);
+    let e = comms[0].all_to_all(&t, &[1, 1]).unwrap_err().to_string();
+    assert!(e.contains("send_rows") && e.contains("summing to 3"), "{e}");
+    let e = comms[0].send(&t, 7).unwrap_err().to_string();
+    assert!(e.contains("no such rank"), "{e}");
+    let ints = Tensor::upload(
+        client(),
+        &HostTensor::from_f64(DType::I32, vec![1], &[1.0]).unwrap(),
+    )
+    .unwrap();
+    assert!(comms[0].all_reduce(&ints).is_err());
+}
