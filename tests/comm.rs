@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::client;
+use common::{client, down, up};
 use kiln::runtime::comm::{Communicator, HostComm};
 use kiln::{DType, Error, HostTensor, Tensor};
 use std::time::Duration;
@@ -32,18 +32,6 @@ fn on_ranks<T: Send>(p: usize, timeout: Duration, body: impl Fn(&HostComm) -> T 
 /// Rank `r`'s example values: distinct per rank and element, exact in f16.
 fn values(r: usize, n: usize) -> Vec<f64> {
     (0..n).map(|i| (r * 100 + i) as f64 * 0.25 - 3.0).collect()
-}
-
-fn up(dtype: DType, shape: &[usize], v: &[f64]) -> Tensor {
-    Tensor::upload(
-        client(),
-        &HostTensor::from_f64(dtype, shape.to_vec(), v).unwrap(),
-    )
-    .unwrap()
-}
-
-fn down(t: &Tensor) -> Vec<f64> {
-    t.download().unwrap().to_f64()
 }
 
 const T: Duration = Duration::from_secs(20);

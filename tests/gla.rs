@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::data;
+use common::{data, down, up};
 
 /// The device, with autotuning off in this binary: every kernel runs its first
 /// configuration, so the many shapes here do not each compile and time every candidate
@@ -107,18 +107,6 @@ fn case(
         None => (0..=b).map(|i| i * t).collect(),
     };
     c
-}
-
-fn up(dtype: DType, shape: &[usize], v: &[f64]) -> Tensor {
-    Tensor::upload(
-        client(),
-        &HostTensor::from_f64(dtype, shape.to_vec(), v).unwrap(),
-    )
-    .unwrap()
-}
-
-fn down(t: &Tensor) -> Vec<f64> {
-    t.download().unwrap().to_f64()
 }
 
 /// Device tensors of a case: q, k, v, g (f32), h0, do, dht.

@@ -33,6 +33,20 @@ pub fn client_for(selector: &str) -> Result<&'static Client, String> {
     entry.clone()
 }
 
+/// `v` uploaded to the test device as `dtype` (rounded once).
+pub fn up(dtype: kiln::DType, shape: &[usize], v: &[f64]) -> kiln::Tensor {
+    kiln::Tensor::upload(
+        client(),
+        &kiln::HostTensor::from_f64(dtype, shape.to_vec(), v).unwrap(),
+    )
+    .unwrap()
+}
+
+/// A device tensor's values as f64.
+pub fn down(t: &kiln::Tensor) -> Vec<f64> {
+    t.download().unwrap().to_f64()
+}
+
 /// A conformance vector in the workspace's `tests/data` (computed by PyTorch and by
 /// fla's reference), from the root package's tests or from the command-line crate's.
 pub fn data(name: &str) -> std::path::PathBuf {
