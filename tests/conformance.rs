@@ -87,3 +87,39 @@ fn matmul_f16_matches_pytorch() {
     let e = conformance_with("matmul_f16.safetensors", "matmul", &[], "c", 1.0);
     assert!(e < 1e-3, "max rel err {e:e}");
 }
+
+/// Runs `op` on the file's inputs with `params` and returns, per output named in
+/// `outputs`, the max relative error against `expected_<name>` (denominators floored
+/// at 1: the values are O(1)).
+fn conformance_outputs(file: &str, op: &str, params: &[(&str, &str)], outputs: &[&str]) -> Vec<(String, f64)> {
+    outputs
+        .iter()
+        .map(|o| (o.to_string(), conformance_with(file, op, params, o, 1.0)))
+        .collect()
+}
+
+#[test]
+fn attention_gqa_causal_offset_matches_pytorch() {
+    // PyTorch's scaled_dot_product_attention in f64: 8 query heads over 2 KV heads,
+    // 64 queries at positions 32..95 of 96 keys.
+    let p = [("causal", "true"), ("q_offset", "32")];
+    for (name, e) in conformance_outputs("attention_gqa_causal_offset_f32.safetensors", "attention", &p, &["out", "lse"]) {
+        assert!(e < 1e-5, "{name}: max rel err {e:e}");
+    }
+}
+
+#[test]
+fn attention_varlen_causal_matches_pytorch() {
+    // Sequences of 0, 1, 49 and 73 tokens packed along the token axis.
+    for (name, e) in conformance_outputs("attention_varlen_causal_f32.safetensors", "attention", &[("causal", "true")], &["out", "lse"]) {
+        assert!(e < 1e-5, "{name}: max rel err {e:e}");
+    }
+}
+
+#[test]
+fn attention_merge_matches_pytorch() {
+    // Keys 0..61 and 61..150 of one attention, merged: the whole attention.
+    for (name, e) in conformance_outputs("attention_merge_f32.safetensors", "attention_merge", &[], &["out", "lse"]) {
+        assert!(e < 1e-6, "{name}: max rel err {e:e}");
+    }
+}

@@ -1,7 +1,7 @@
 //! Host-side checks and shapes shared by the operator modules: input validation,
 //! shape errors, absent optional inputs, and `--shape` helpers for `kiln tune`/`bench`.
 
-use kiln_runtime::{shape_str, Client, DType, Error, Result, Tensor};
+use kiln_runtime::{shape_str, Client, DType, Error, HostTensor, Result, Tensor};
 
 /// Most elements a kernel input may have: kernels index in 32 bits, and grid-stride
 /// offsets may reach twice the length before the bounds check.
@@ -67,4 +67,39 @@ pub(crate) fn expect_shape(name: &str, t: &Tensor, want: &[usize], what: &str) -
 /// leaves unread (an absent optional input).
 pub(crate) fn absent(client: &Client) -> Result<Tensor> {
     Tensor::empty(client, DType::F32, &[1])
+}
+
+/// `values` as a u32 device tensor named `name` (tables and offsets the host builds).
+/// An empty list becomes one 0: a zero-length buffer is not bindable everywhere.
+pub(crate) fn upload_u32(client: &Client, name: &str, values: &[u32]) -> Result<Tensor> {
+    let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let (shape, data) = if values.is_empty() {
+        (vec![1], vec![0u8; 4])
+    } else {
+        (vec![values.len()], data)
+    };
+    Tensor::upload_named(client, name, &HostTensor::from_bytes(DType::U32, shape, data)?)
+}
+
+/// Varlen offsets `cu` (parameter `name`) as row bounds: `N + 1 >= 2` entries, 0 first,
+/// `total` (the token count, called `what` in the error) last, non-decreasing.
+pub(crate) fn check_offsets(name: &str, cu: &[i32], total: usize, what: &str) -> Result<Vec<usize>> {
+    let bad = |why: &str| Error::Param {
+        param: name.into(),
+        expected: format!("N + 1 >= 2 offsets from 0 to {what} = {total}, non-decreasing"),
+        found: format!("{why}: {cu:?}"),
+    };
+    if cu.len() < 2 {
+        return Err(bad("fewer than 2 entries"));
+    }
+    if cu[0] != 0 {
+        return Err(bad("does not start at 0"));
+    }
+    if cu.windows(2).any(|w| w[1] < w[0]) {
+        return Err(bad("decreasing"));
+    }
+    if *cu.last().unwrap_or(&0) as usize != total || cu.iter().any(|&c| c < 0) {
+        return Err(bad(&format!("does not end at {what}")));
+    }
+    Ok(cu.iter().map(|&c| c as usize).collect())
 }

@@ -3,6 +3,7 @@
 //!
 //! Uses kiln-runtime and kiln-dsl; must not depend on codegen or the root crate.
 
+pub mod attention;
 pub mod elementwise;
 pub mod gla;
 mod launch;

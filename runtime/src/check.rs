@@ -34,6 +34,23 @@ impl Rng {
     }
 }
 
+/// `sqrt(mean((x - r)^2)) / sqrt(mean(r^2))`: fla's error measure (the absolute RMS
+/// when `r` is all 0). Infinities at the same place and sign in both count as equal.
+pub fn rms_relative(x: &[f64], r: &[f64]) -> f64 {
+    assert_eq!(x.len(), r.len(), "rms_relative: lengths differ");
+    let num: f64 = x
+        .iter()
+        .zip(r)
+        .map(|(a, b)| if a == b { 0.0 } else { (a - b) * (a - b) })
+        .sum();
+    let den: f64 = r.iter().filter(|b| b.is_finite()).map(|b| b * b).sum();
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
 /// Largest `|got - want| / (|want| + floor)` over all elements; matching infinities
 /// count as exact, NaN on either side alone counts as infinitely wrong, and so does a
 /// length mismatch.

@@ -3,7 +3,7 @@
 
 use super::problem::*;
 use super::*;
-use crate::launch::absent;
+use crate::launch::{absent, upload_u32};
 use kiln_runtime::tune::Choice;
 use kiln_runtime::{DType, Error, Result, Tensor};
 

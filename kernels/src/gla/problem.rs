@@ -2,8 +2,8 @@
 //! chunk tables the chunked kernels read.
 
 use super::*;
-use crate::launch::{check_input, expect_shape, shape_err};
-use kiln_runtime::{Client, DType, Error, HostTensor, Result, Tensor};
+use crate::launch::{check_input, check_offsets, expect_shape, shape_err, upload_u32};
+use kiln_runtime::{Client, DType, Error, Result, Tensor};
 
 /// Validated dimensions.
 pub(super) struct Problem {
@@ -85,24 +85,7 @@ pub(super) fn check(inp: &GlaInputs<'_>, scale: Option<f64>) -> Result<Problem> 
                     inp.q.shape(),
                 ));
             }
-            let bad = |why: &str| Error::Param {
-                param: "cu_seqlens".into(),
-                expected: format!("N + 1 >= 2 offsets from 0 to T = {t}, non-decreasing"),
-                found: format!("{why}: {cu:?}"),
-            };
-            if cu.len() < 2 {
-                return Err(bad("fewer than 2 entries"));
-            }
-            if cu[0] != 0 {
-                return Err(bad("does not start at 0"));
-            }
-            if cu.windows(2).any(|w| w[1] < w[0]) {
-                return Err(bad("decreasing"));
-            }
-            if *cu.last().unwrap_or(&0) as usize != t || cu.iter().any(|&c| c < 0) {
-                return Err(bad("does not end at T"));
-            }
-            cu.iter().map(|&c| c as usize).collect()
+            check_offsets("cu_seqlens", cu, t, "T")?
         }
     };
     let n_seq = bounds.len() - 1;
@@ -138,21 +121,6 @@ pub(super) struct Chunks {
     pub(super) seq_chunks: Tensor,
     /// Sequence bounds, `N + 1` entries.
     pub(super) bounds: Tensor,
-}
-
-pub(super) fn upload_u32(client: &Client, name: &str, values: &[u32]) -> Result<Tensor> {
-    let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    // A zero-length buffer is not bindable everywhere: keep one element.
-    let (shape, data) = if values.is_empty() {
-        (vec![1], vec![0u8; 4])
-    } else {
-        (vec![values.len()], data)
-    };
-    Tensor::upload_named(
-        client,
-        name,
-        &HostTensor::from_bytes(DType::U32, shape, data)?,
-    )
 }
 
 pub(super) fn chunk_table(client: &Client, p: &Problem, chunk: usize) -> Result<Chunks> {

@@ -213,17 +213,7 @@ pub fn backward(
     out
 }
 
-/// `sqrt(mean((x - r)^2)) / sqrt(mean(r^2))`: fla's error measure (0 when both are 0).
-pub fn rms_relative(x: &[f64], r: &[f64]) -> f64 {
-    assert_eq!(x.len(), r.len(), "rms_relative: lengths differ");
-    let num: f64 = x.iter().zip(r).map(|(a, b)| (a - b) * (a - b)).sum();
-    let den: f64 = r.iter().map(|b| b * b).sum();
-    if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    }
-}
+pub use kiln_runtime::check::rms_relative;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,204 @@
+//! `kiln run` entries of the attention family (its kernels register themselves).
+
+use super::problem::SCALE_RANGE;
+use super::*;
+use crate::launch::shape_err;
+use kiln_runtime::{Client, DType, Dtypes, Error, OpArgs, OpSpec, Outputs, ParamSpec, Result, TensorSpec};
+
+const Q: TensorSpec = TensorSpec::new("q", "[B, Sq, H, D]", Dtypes::Float, false, "queries");
+const K: TensorSpec = TensorSpec::new(
+    "k",
+    "[B, Sk, Hkv, D]",
+    Dtypes::Like("q"),
+    false,
+    "keys (Hkv divides H: grouped-query attention)",
+);
+const V: TensorSpec = TensorSpec::new("v", "[B, Sk, Hkv, Dv]", Dtypes::Like("q"), false, "values");
+const CU_Q: TensorSpec = TensorSpec::new(
+    "cu_seqlens_q",
+    "[N + 1]",
+    Dtypes::Fixed(DType::I32),
+    true,
+    "varlen query offsets (0 first, Sq last, non-decreasing; B = 1; with cu_seqlens_k)",
+);
+const CU_K: TensorSpec = TensorSpec::new(
+    "cu_seqlens_k",
+    "[N + 1]",
+    Dtypes::Fixed(DType::I32),
+    true,
+    "varlen key offsets (0 first, Sk last, non-decreasing; B = 1; with cu_seqlens_q)",
+);
+const OUT: TensorSpec = TensorSpec::new(
+    "out",
+    "[B, Sq, H, Dv]",
+    Dtypes::Param("out_dtype"),
+    false,
+    "attention output (0 for a row that sees no key)",
+);
+const LSE: TensorSpec = TensorSpec::new(
+    "lse",
+    "[B, H, Sq]",
+    Dtypes::Fixed(DType::F32),
+    false,
+    "natural log-sum-exp of each row's scores (-inf for a row that sees no key)",
+);
+
+const fn p(name: &'static str, default: &'static str, values: &'static str, doc: &'static str) -> ParamSpec {
+    ParamSpec {
+        name,
+        default,
+        values,
+        doc,
+    }
+}
+
+/// The parameters every attention operator takes.
+pub(super) const PARAMS: [ParamSpec; 7] = [
+    p("scale", "D^-1/2", SCALE_RANGE, "score scale"),
+    p("causal", "false", "false | true", "mask keys after the query (k_offset + j <= q_offset + i)"),
+    p("q_offset", "0", "0 ..= 2^30 - 1", "position of the first query row in the whole sequence"),
+    p("k_offset", "0", "0 ..= 2^30 - 1", "position of the first key in the whole sequence"),
+    p("temperature", "1", "a finite number > 0", "softmax temperature T (APE): softmax(s / T), lse scaled by T"),
+    p("lse_scale", "1", "a finite number > 0", "APE scale S: ln S is added to lse"),
+    p("out_dtype", "q", "q | f32", "dtype of out: q's, or f32 for partial blocks"),
+];
+
+/// The options of an attention call from its parameters.
+pub(super) fn options(a: &OpArgs) -> Result<AttentionOptions> {
+    let scale = match a.param("scale")?.as_str() {
+        "D^-1/2" => None,
+        _ => Some(a.param_as::<f64>("scale")?),
+    };
+    let out_dtype = match a.param_choice("out_dtype", &["q", "f32"])?.as_str() {
+        "f32" => Some(DType::F32),
+        _ => None,
+    };
+    Ok(AttentionOptions {
+        scale,
+        causal: a.param_as("causal")?,
+        q_offset: a.param_as("q_offset")?,
+        k_offset: a.param_as("k_offset")?,
+        temperature: a.param_as("temperature")?,
+        lse_scale: a.param_as("lse_scale")?,
+        out_dtype,
+    })
+}
+
+/// An i32 offsets tensor's values (the host builds the tile bounds from them).
+pub(super) fn offsets(a: &OpArgs, name: &str) -> Result<Option<Vec<i32>>> {
+    let Some(t) = a.optional_tensor(name) else {
+        return Ok(None);
+    };
+    t.expect_dtype(name, &[DType::I32])?;
+    if t.rank() != 1 {
+        return Err(shape_err(name, "[N + 1]".into(), t.shape()));
+    }
+    Ok(Some(t.download()?.to_f64().into_iter().map(|v| v as i32).collect()))
+}
+
+fn run_attention(_: &Client, a: &OpArgs) -> Result<Outputs> {
+    let opts = options(a)?;
+    let (cq, ck) = (offsets(a, "cu_seqlens_q")?, offsets(a, "cu_seqlens_k")?);
+    let inp = AttentionInputs {
+        q: a.tensor("q")?,
+        k: a.tensor("k")?,
+        v: a.tensor("v")?,
+        cu_seqlens_q: cq.as_deref(),
+        cu_seqlens_k: ck.as_deref(),
+    };
+    let r = attention(&inp, &opts)?;
+    Ok(vec![("out", r.out), ("lse", r.lse)])
+}
+
+/// `--shape B x S x H x D` (Hkv = H, Sq = Sk, Dv = D) or `B x S x H x Hkv x D`.
+pub(super) fn qkv_shapes(dims: &[usize]) -> Result<(usize, usize, usize, usize, usize)> {
+    match *dims {
+        [b, s, h, d] => Ok((b, s, h, h, d)),
+        [b, s, h, hkv, d] => Ok((b, s, h, hkv, d)),
+        _ => Err(Error::Param {
+            param: "--shape".into(),
+            expected: "B x S x H x D or B x S x H x Hkv x D".into(),
+            found: format!("{dims:?}"),
+        }),
+    }
+}
+
+pub(super) fn qkv_inputs(dims: &[usize]) -> Result<Vec<(&'static str, Vec<usize>)>> {
+    let (b, s, h, hkv, d) = qkv_shapes(dims)?;
+    Ok(vec![
+        ("q", vec![b, s, h, d]),
+        ("k", vec![b, s, hkv, d]),
+        ("v", vec![b, s, hkv, d]),
+    ])
+}
+
+/// FLOPs of the non-causal forward (`Q K^T` and `P V`: 4 B H S^2 D) and the bytes of
+/// q, k, v and out.
+pub(super) fn forward_cost(dims: &[usize], elem: usize) -> (f64, f64) {
+    let Ok((b, s, h, hkv, d)) = qkv_shapes(dims) else {
+        return (0.0, 0.0);
+    };
+    let (b, s, h, hkv, d) = (b as f64, s as f64, h as f64, hkv as f64, d as f64);
+    (4.0 * b * h * s * s * d, b * s * d * (2.0 * h + 2.0 * hkv) * elem as f64)
+}
+
+/// `attention`: the forward block with its log-sum-exp.
+pub static ATTENTION: OpSpec = OpSpec {
+    name: "attention",
+    summary: "flash attention (GQA, causal with offsets, varlen, APE temperature) returning out and its log-sum-exp",
+    inputs: &[Q, K, V, CU_Q, CU_K],
+    outputs: &[OUT, LSE],
+    params: &PARAMS,
+    run: run_attention,
+    problem: "B x S x H x D or B x S x H x Hkv x D (Sq = Sk, Dv = D)",
+    example_inputs: qkv_inputs,
+    cost: forward_cost,
+    selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "attention"),
+};
+
+fn run_merge(_: &Client, a: &OpArgs) -> Result<Outputs> {
+    let (out_a, lse_a) = (a.tensor("out_a")?, a.tensor("lse_a")?);
+    attention_merge(out_a, lse_a, a.tensor("out_b")?, a.tensor("lse_b")?)?;
+    Ok(vec![("out", out_a.clone()), ("lse", lse_a.clone())])
+}
+
+/// `attention_merge`: two partial results over disjoint key sets into one.
+pub static ATTENTION_MERGE: OpSpec = OpSpec {
+    name: "attention_merge",
+    summary: "merge two partial attention results by their log-sum-exp (stable sigmoid form)",
+    inputs: &[
+        TensorSpec::new("out_a", "[B, S, H, Dv]", Dtypes::Float, false, "first partial output"),
+        TensorSpec::new("lse_a", "[B, H, S]", Dtypes::Fixed(DType::F32), false, "its log-sum-exp"),
+        TensorSpec::new("out_b", "[B, S, H, Dv]", Dtypes::Like("out_a"), false, "second partial output"),
+        TensorSpec::new("lse_b", "[B, H, S]", Dtypes::Fixed(DType::F32), false, "its log-sum-exp"),
+    ],
+    outputs: &[
+        TensorSpec::new("out", "[B, S, H, Dv]", Dtypes::Like("out_a"), false, "merged output"),
+        TensorSpec::new("lse", "[B, H, S]", Dtypes::Fixed(DType::F32), false, "merged log-sum-exp"),
+    ],
+    params: &[],
+    run: run_merge,
+    problem: "B x S x H x Dv",
+    example_inputs: |dims| {
+        let &[b, s, h, dv] = dims else {
+            return Err(Error::Param {
+                param: "--shape".into(),
+                expected: "B x S x H x Dv".into(),
+                found: format!("{dims:?}"),
+            });
+        };
+        Ok(vec![
+            ("out_a", vec![b, s, h, dv]),
+            ("lse_a", vec![b, h, s]),
+            ("out_b", vec![b, s, h, dv]),
+            ("lse_b", vec![b, h, s]),
+        ])
+    },
+    cost: |dims, elem| {
+        let n: usize = dims.iter().product();
+        (3.0 * n as f64, (3 * n * elem) as f64)
+    },
+    selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "attention_merge"),
+};
+
+kiln_runtime::register_op!(ATTENTION, ATTENTION_MERGE);

@@ -1,0 +1,74 @@
+//! Self-test cases of the attention family: a ragged causal GQA block with offsets
+//! and the merge of two blocks, against the f64 reference.
+
+use super::reference::{self as rf, Dims};
+use kiln_runtime::check::Rng;
+use kiln_runtime::selftest::{Case, CaseInputs};
+use kiln_runtime::HostTensor;
+use std::collections::BTreeMap;
+
+/// B = 2, Sq = 37, Sk = 53 (ragged against every tile), H = 4 over Hkv = 2, D = 24,
+/// Dv = 20; queries at positions 16.. of the keys (causal, q_offset = 16).
+fn attention_inputs(rng: &mut Rng) -> CaseInputs {
+    let (b, sq, sk, h, hkv, d, dv) = (2, 37, 53, 4, 2, 24, 20);
+    vec![
+        ("q", vec![b, sq, h, d], rng.normals(b * sq * h * d, 1.0)),
+        ("k", vec![b, sk, hkv, d], rng.normals(b * sk * hkv * d, 1.0)),
+        ("v", vec![b, sk, hkv, dv], rng.normals(b * sk * hkv * dv, 1.0)),
+    ]
+}
+
+/// The dims of dense inputs named q, k, v.
+pub fn dense_dims(i: &BTreeMap<String, HostTensor>) -> Dims {
+    let (q, k, v) = (&i["q"].shape, &i["k"].shape, &i["v"].shape);
+    Dims::dense(q[0], q[1], k[1], q[2], k[2], q[3], v[3])
+}
+
+fn attention_reference(i: &BTreeMap<String, HostTensor>) -> Vec<f64> {
+    let mut d = dense_dims(i);
+    d.causal = true;
+    d.shift = 16;
+    rf::forward(&d, &i["q"].to_f64(), &i["k"].to_f64(), &i["v"].to_f64()).0
+}
+
+/// Two partial results `[1, 29, 3, 12]` with lse in -3..3 and one row -inf on side b.
+fn merge_inputs(rng: &mut Rng) -> CaseInputs {
+    let (s, h, dv) = (29, 3, 12);
+    let mut lse_b: Vec<f64> = rng.normals(h * s, 3.0);
+    lse_b[5] = f64::NEG_INFINITY;
+    vec![
+        ("out_a", vec![1, s, h, dv], rng.normals(s * h * dv, 1.0)),
+        ("lse_a", vec![1, h, s], rng.normals(h * s, 3.0)),
+        ("out_b", vec![1, s, h, dv], rng.normals(s * h * dv, 1.0)),
+        ("lse_b", vec![1, h, s], lse_b),
+    ]
+}
+
+/// The attention family's cases.
+pub fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            op: "attention",
+            params: &[("causal", "true"), ("q_offset", "16")],
+            output: "out",
+            what: "[2,37,4,24] over [2,53,2,24] causal at offset 16, GQA 2:1",
+            inputs: attention_inputs,
+            reference: attention_reference,
+            ulps: 64.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "attention_merge",
+            params: &[],
+            output: "out",
+            what: "[1,29,3,12] two partial blocks, one side -inf in a row",
+            inputs: merge_inputs,
+            reference: |i| {
+                let f = |n: &str| i[n].to_f64();
+                rf::merge(&f("out_a"), &f("lse_a"), &f("out_b"), &f("lse_b"), [1, 29, 3, 12]).0
+            },
+            ulps: 16.0,
+            floor: 1.0,
+        },
+    ]
+}
