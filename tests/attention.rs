@@ -348,3 +348,87 @@ fn bad_input_is_one_clear_line() {
     let l_bad = up(DType::F32, &[1, 4, 2], &[0.0; 8]);
     expect_err(attention_merge(&o, &l, &o, &l_bad), "lse_b");
 }
+
+use kiln::kernels::attention::{attention_backward, AttentionGradInputs};
+
+/// The backward from the kernels' own forward (`out`, `lse`) against the f64
+/// gradients; returns the rel-RMS errors of dq, dk, dv.
+fn backward_errors(x: &Qkv, opts: &AttentionOptions, dims: &rf::Dims, inp: AttentionInputs<'_>, seed: u64) -> [f64; 3] {
+    let fwd = attention(&inp, opts).unwrap();
+    let d_o_shape = fwd.out.shape().to_vec();
+    let dtype = x.tq.dtype();
+    let d_o = round(dtype, &d_o_shape, &Rng::new(seed).normals(d_o_shape.iter().product(), 1.0));
+    let td_o = up(dtype, &d_o_shape, &d_o);
+    let g = attention_backward(
+        &inp,
+        &AttentionGradInputs {
+            out: &fwd.out,
+            lse: &fwd.lse,
+            d_o: &td_o,
+        },
+        opts,
+    )
+    .unwrap();
+    let (dq, dk, dv) = rf::backward(dims, &x.q, &x.k, &x.v, &d_o);
+    [rms_relative(&down(&g.dq), &dq), rms_relative(&down(&g.dk), &dk), rms_relative(&down(&g.dv), &dv)]
+}
+
+#[test]
+fn backward_ragged_gqa_f32_matches_the_reference() {
+    let x = Qkv::new(DType::F32, 21, 2, 77, 133, 6, 2, 40, 40);
+    for (causal, q_offset, k_offset) in [(false, 0, 0), (true, 0, 0), (true, 56, 0), (true, 10, 30)] {
+        let opts = AttentionOptions {
+            causal,
+            q_offset,
+            k_offset,
+            ..Default::default()
+        };
+        let e = backward_errors(&x, &opts, &with_mask(x.dims(), &opts), x.inputs(), 5);
+        assert!(e.iter().all(|&v| v <= 1e-4), "causal={causal} offsets=({q_offset},{k_offset}): dq, dk, dv {e:?}");
+    }
+}
+
+#[test]
+fn backward_wide_heads_varlen_and_ape() {
+    for (d, dv) in [(256, 256), (100, 12)] {
+        let x = Qkv::new(DType::F32, 22, 1, 19, 40, 4, 1, d, dv);
+        let opts = AttentionOptions::default();
+        let e = backward_errors(&x, &opts, &x.dims(), x.inputs(), 6);
+        assert!(e.iter().all(|&v| v <= 1e-4), "D={d} Dv={dv}: {e:?}");
+    }
+    let cu_q = [0, 0, 1, 1, 38, 50, 55];
+    let cu_k = [0, 0, 1, 6, 43, 93, 93];
+    let x = Qkv::new(DType::F32, 23, 1, 55, 93, 4, 2, 24, 16);
+    let opts = AttentionOptions {
+        causal: true,
+        temperature: 0.9,
+        lse_scale: 0.9,
+        ..Default::default()
+    };
+    let mut dims = with_mask(x.dims(), &opts);
+    dims.bounds_q = cu_q.iter().map(|&c| c as usize).collect();
+    dims.bounds_k = cu_k.iter().map(|&c| c as usize).collect();
+    dims.varlen = true;
+    let inp = AttentionInputs {
+        cu_seqlens_q: Some(&cu_q),
+        cu_seqlens_k: Some(&cu_k),
+        ..x.inputs()
+    };
+    let e = backward_errors(&x, &opts, &dims, inp, 7);
+    assert!(e.iter().all(|&v| v <= 1e-4), "varlen causal APE: {e:?}");
+}
+
+#[test]
+fn backward_f16_within_bounds() {
+    if client().require_dtype("q", DType::F16).is_err() {
+        return;
+    }
+    let x = Qkv::new(DType::F16, 24, 1, 45, 61, 4, 2, 32, 32);
+    let opts = AttentionOptions {
+        causal: true,
+        q_offset: 16,
+        ..Default::default()
+    };
+    let e = backward_errors(&x, &opts, &with_mask(x.dims(), &opts), x.inputs(), 8);
+    assert!(e.iter().all(|&v| v <= 5e-3), "f16: {e:?}");
+}

@@ -123,3 +123,25 @@ fn attention_merge_matches_pytorch() {
         assert!(e < 1e-6, "{name}: max rel err {e:e}");
     }
 }
+
+#[test]
+fn attention_backward_matches_pytorch_autograd() {
+    // The forward's expected out and lse are the backward's out and lse inputs.
+    let mut hosts = load_safetensors(data("attention_gqa_causal_offset_f32.safetensors")).unwrap();
+    for name in ["out", "lse"] {
+        let t = hosts[&format!("expected_{name}")].clone();
+        hosts.insert(name.to_string(), t);
+    }
+    let spec = kiln::kernels::op("attention_backward").unwrap();
+    let params = [("causal", "true"), ("q_offset", "32")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let outs = spec.call_host(client(), &hosts, params).unwrap();
+    for name in ["dq", "dk", "dv"] {
+        let (got, want) = (&outs[name], &hosts[&format!("expected_{name}")]);
+        assert_eq!(got.shape, want.shape);
+        let e = kiln::check::rms_relative(&got.to_f64(), &want.to_f64());
+        assert!(e < 1e-5, "{name}: rel-RMS {e:e}");
+    }
+}

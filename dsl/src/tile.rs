@@ -335,3 +335,52 @@ pub fn reg_tile_mma_v4_outer(
         }
     }
 }
+
+/// `acc = X Y^T` for one unit's `tm x tn` register tile (the layout of
+/// [`reg_tile_mma_v4`]), with X (`rows x depth`) and Y (`cols x depth`) read straight
+/// from global memory, both row-major: row `r` of X at `x[x_base + r * x_stride ..]`,
+/// rows `>= x_rows` (and of Y, `>= y_rows`) read as 0. The depth is walked in chunks
+/// of `bd`, staged as X `[r][d / 4]` in `xs` (`rows * bd / 4` vectors) and Y transposed
+/// as `[d][c / 4]` in `yt` (`bd * cols / 4`). The attention scores `Q K^T` and their
+/// gradients `dO V^T` are this product. Contains the barriers of its staging: every
+/// unit of the cube must call it; the caller needs no barrier before reading `acc`,
+/// and `xs`/`yt` may be rewritten right after.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn tile_product_nt<F: Float>(
+    acc: &mut Array<V4>,
+    xs: &mut SharedMemory<V4>,
+    yt: &mut SharedMemory<V4>,
+    x: &Array<F>,
+    x_base: u32,
+    x_stride: u32,
+    x_rows: u32,
+    y: &Array<F>,
+    y_base: u32,
+    y_stride: u32,
+    y_rows: u32,
+    depth: u32,
+    ty: u32,
+    tx: u32,
+    #[comptime] rows: u32,
+    #[comptime] cols: u32,
+    #[comptime] bd: u32,
+    #[comptime] tm: u32,
+    #[comptime] tn: u32,
+    #[comptime] units: u32,
+) {
+    #[unroll]
+    for e in 0..tm * tn / 4 {
+        acc[e as usize] = V4::new(0.0f32);
+    }
+    let mut d0 = 0u32;
+    while d0 < depth {
+        let valid = min(depth - d0, bd);
+        load_tile_v4::<F>(xs, 0, x, x_base + d0, x_stride, 1, x_rows, valid, rows, bd, units);
+        load_tile_v4::<F>(yt, 0, y, y_base + d0, 1, y_stride, valid, y_rows, bd, cols, units);
+        sync_cube();
+        reg_tile_mma_v4(acc, xs, 0, yt, 0, ty, tx, rows, cols, bd, tm, tn);
+        sync_cube();
+        d0 += bd;
+    }
+}

@@ -11,7 +11,7 @@ use super::problem::{check, Problem};
 use super::*;
 use crate::launch::absent;
 use cubecl::prelude::*;
-use kiln_dsl::{load_tile_v4, reg_tile_mma_v4, v4_tile_col, V4};
+use kiln_dsl::{load_tile_v4, reg_tile_mma_v4, tile_product_nt, v4_tile_col, V4};
 use kiln_runtime::{DType, Result, Tensor};
 
 /// Candidates change tile shapes, never the order of the sums within a key tile, but
@@ -188,32 +188,28 @@ pub fn attention_fwd<F: Float>(
     while k0 < kmax {
         let keys = min(kmax - k0, BK);
         // 1. S = Q K^T over depth chunks (K staged transposed: depth rows, key columns).
-        #[unroll]
-        for e in 0..TQ * tkv {
-            acc_s[e as usize] = zero;
-        }
-        let mut d0 = 0u32;
-        while d0 < dk {
-            let depth = min(dk - d0, BD);
-            load_tile_v4::<F>(&mut qs, 0, q, q_base + d0, heads * dk, 1, rows, depth, BQ, BD, units);
-            load_tile_v4::<F>(
-                &mut kt,
-                0,
-                k,
-                k_base + k0 * kv_heads * dk + d0,
-                1,
-                kv_heads * dk,
-                depth,
-                keys,
-                BD,
-                BK,
-                units,
-            );
-            sync_cube();
-            reg_tile_mma_v4(&mut acc_s, &qs, 0, &kt, 0, ty, tx, BQ, BK, BD, TQ, TK);
-            sync_cube();
-            d0 += BD;
-        }
+        tile_product_nt::<F>(
+            &mut acc_s,
+            &mut qs,
+            &mut kt,
+            q,
+            q_base,
+            heads * dk,
+            rows,
+            k,
+            k_base + k0 * kv_heads * dk,
+            kv_heads * dk,
+            keys,
+            dk,
+            ty,
+            tx,
+            BQ,
+            BK,
+            BD,
+            TQ,
+            TK,
+            units,
+        );
         // 2. Scaled, masked scores into `ps`; stage the V tile.
         #[unroll]
         for i in 0..TQ {

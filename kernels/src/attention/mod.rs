@@ -15,9 +15,12 @@
 //!
 //! - [`attention`]: one pass over key tiles with an online softmax (nothing of size
 //!   `Sq x Sk` in memory); f32 accumulation for every dtype.
+//! - [`attention_backward`]: dq, dk, dv from `out`, `lse` and `do` (delta computed once;
+//!   dk and dv summed over each KV head's query group without atomics).
 //! - [`attention_merge`]: `out = out_a - sigmoid(lse_b - lse_a) (out_a - out_b)`,
 //!   `lse = lse_a - logsigmoid(lse_a - lse_b)`, in place on `out_a` / `lse_a`.
 
+mod backward;
 mod forward;
 mod merge;
 mod problem;
@@ -25,9 +28,13 @@ pub mod reference;
 mod registry;
 pub mod selftest;
 
+pub use backward::{
+    attention_backward, AttentionBwdDkv, AttentionBwdDkvArgs, AttentionBwdDq, AttentionBwdDqArgs,
+    AttentionBwdPrep, AttentionBwdPrepArgs, AttentionGradInputs, AttentionGrads,
+};
 pub use forward::{attention, AttentionFwd, AttentionFwdArgs};
 pub use merge::{attention_merge, AttentionMergeRows, AttentionMergeRowsArgs, AttentionMergeRowsProblem};
-pub use registry::{ATTENTION, ATTENTION_MERGE};
+pub use registry::{ATTENTION, ATTENTION_BACKWARD, ATTENTION_MERGE};
 
 use kiln_runtime::{DType, Tensor};
 

@@ -49,23 +49,6 @@ impl Problem {
     pub(super) fn out_shape(&self) -> [usize; 4] {
         [self.batch, self.sq, self.heads, self.dv]
     }
-    /// The reference's view of the problem.
-    pub(super) fn dims(&self) -> reference::Dims {
-        reference::Dims {
-            heads: self.heads,
-            kv_heads: self.kv_heads,
-            dk: self.dk,
-            dv: self.dv,
-            bounds_q: self.bounds_q.clone(),
-            bounds_k: self.bounds_k.clone(),
-            varlen: self.varlen,
-            scale: self.scale,
-            causal: self.causal,
-            shift: self.shift,
-            temperature: self.temperature,
-            lse_scale: self.lse_scale,
-        }
-    }
     /// The scale applied inside the kernels: `scale / T`.
     pub(super) fn score_scale(&self) -> f32 {
         (self.scale / self.temperature) as f32

@@ -126,6 +126,23 @@ pub fn forward(dims: &Dims, q: &[f64], k: &[f64], v: &[f64]) -> (Vec<f64>, Vec<f
 
 /// `(dq, dk, dv)` of `sum(do * out)`, in the layouts of q, k, v.
 pub fn backward(dims: &Dims, q: &[f64], k: &[f64], v: &[f64], d_o: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (out, lse) = forward(dims, q, k, v);
+    backward_with(dims, q, k, v, &out, &lse, d_o)
+}
+
+/// The block backward as the kernels define it: the probabilities from the given
+/// `lse` (`p = exp(c s - (lse - ln S) / T)`, `c = scale / T`) and `delta = do . out`
+/// from the given `out`. With the forward's own `out` and `lse` this is the exact
+/// gradient; with a ring's merged ones, the block's share of the whole gradient.
+pub fn backward_with(
+    dims: &Dims,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    out: &[f64],
+    lse: &[f64],
+    d_o: &[f64],
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let (h_n, hkv, d, e) = (dims.heads, dims.kv_heads, dims.dk, dims.dv);
     let group = h_n / hkv;
     let c = dims.scale / dims.temperature;
@@ -133,23 +150,31 @@ pub fn backward(dims: &Dims, q: &[f64], k: &[f64], v: &[f64], d_o: &[f64]) -> (V
     let mut dk = vec![0.0; k.len()];
     let mut dvv = vec![0.0; v.len()];
     for (n, t, h) in dims.rows() {
-        let (p, _) = dims.row(q, k, n, t, h);
+        let l = (lse[dims.lse_index(n, t, h)] - dims.lse_scale.ln()) / dims.temperature;
+        if l == f64::NEG_INFINITY {
+            continue;
+        }
         let hk = h / group;
-        let dor = &d_o[(t * h_n + h) * e..][..e];
-        let kidx = |jj: usize| (dims.bounds_k[n] + jj) * hkv + hk;
-        // dp_j = do . v_j; ds_j = p_j (dp_j - sum_l p_l dp_l).
-        let dp: Vec<f64> = (0..p.len())
-            .map(|jj| dor.iter().zip(&v[kidx(jj) * e..][..e]).map(|(a, b)| a * b).sum())
-            .collect();
-        let delta: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
-        for jj in 0..p.len() {
-            let ds = p[jj] * (dp[jj] - delta) * c;
+        let i = t - dims.bounds_q[n];
+        let row = (t * h_n + h) * e;
+        let dor = &d_o[row..][..e];
+        let delta: f64 = dor.iter().zip(&out[row..][..e]).map(|(a, b)| a * b).sum();
+        let qr = &q[(t * h_n + h) * d..][..d];
+        for jj in 0..dims.bounds_k[n + 1] - dims.bounds_k[n] {
+            if !dims.sees(i, jj) {
+                continue;
+            }
+            let kt = (dims.bounds_k[n] + jj) * hkv + hk;
+            let s: f64 = qr.iter().zip(&k[kt * d..][..d]).map(|(a, b)| a * b).sum();
+            let p = (c * s - l).exp();
+            let dp: f64 = dor.iter().zip(&v[kt * e..][..e]).map(|(a, b)| a * b).sum();
+            let ds = p * (dp - delta) * c;
             for x in 0..e {
-                dvv[kidx(jj) * e + x] += p[jj] * dor[x];
+                dvv[kt * e + x] += p * dor[x];
             }
             for x in 0..d {
-                dq[(t * h_n + h) * d + x] += ds * k[kidx(jj) * d + x];
-                dk[kidx(jj) * d + x] += ds * q[(t * h_n + h) * d + x];
+                dq[(t * h_n + h) * d + x] += ds * k[kt * d + x];
+                dk[kt * d + x] += ds * qr[x];
             }
         }
     }

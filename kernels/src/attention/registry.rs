@@ -156,6 +156,75 @@ pub static ATTENTION: OpSpec = OpSpec {
     selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "attention"),
 };
 
+fn run_attention_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
+    let opts = options(a)?;
+    let (cq, ck) = (offsets(a, "cu_seqlens_q")?, offsets(a, "cu_seqlens_k")?);
+    let inp = AttentionInputs {
+        q: a.tensor("q")?,
+        k: a.tensor("k")?,
+        v: a.tensor("v")?,
+        cu_seqlens_q: cq.as_deref(),
+        cu_seqlens_k: ck.as_deref(),
+    };
+    let grad = AttentionGradInputs {
+        out: a.tensor("out")?,
+        lse: a.tensor("lse")?,
+        d_o: a.tensor("do")?,
+    };
+    let g = attention_backward(&inp, &grad, &opts)?;
+    Ok(vec![("dq", g.dq), ("dk", g.dk), ("dv", g.dv)])
+}
+
+/// The backward's inputs beyond q, k, v and the offsets.
+pub(super) const GRAD_INPUTS: [TensorSpec; 3] = [
+    TensorSpec::new(
+        "out",
+        "[B, Sq, H, Dv]",
+        Dtypes::F32OrLike("q"),
+        false,
+        "the forward's output (the merged whole-sequence one for a block of a ring)",
+    ),
+    TensorSpec::new(
+        "lse",
+        "[B, H, Sq]",
+        Dtypes::Fixed(DType::F32),
+        false,
+        "the forward's log-sum-exp (likewise)",
+    ),
+    TensorSpec::new("do", "[B, Sq, H, Dv]", Dtypes::Like("q"), false, "gradient of the loss with respect to out"),
+];
+
+/// The gradients' outputs.
+pub(super) const GRADS: [TensorSpec; 3] = [
+    TensorSpec::new("dq", "[B, Sq, H, D]", Dtypes::Like("q"), false, "dL/dq"),
+    TensorSpec::new("dk", "[B, Sk, Hkv, D]", Dtypes::Like("q"), false, "dL/dk (summed over each KV head's query group)"),
+    TensorSpec::new("dv", "[B, Sk, Hkv, Dv]", Dtypes::Like("q"), false, "dL/dv (likewise)"),
+];
+
+/// `attention_backward`: dq, dk, dv of the forward block.
+pub static ATTENTION_BACKWARD: OpSpec = OpSpec {
+    name: "attention_backward",
+    summary: "attention backward (FlashAttention-2 recomputation from lse; dk/dv without atomics)",
+    inputs: &[Q, K, V, GRAD_INPUTS[0], GRAD_INPUTS[1], GRAD_INPUTS[2], CU_Q, CU_K],
+    outputs: &GRADS,
+    params: &PARAMS,
+    run: run_attention_backward,
+    problem: "B x S x H x D or B x S x H x Hkv x D (Sq = Sk, Dv = D)",
+    example_inputs: |dims| {
+        let mut v = qkv_inputs(dims)?;
+        let (b, s, h, _, d) = qkv_shapes(dims)?;
+        v.push(("out", vec![b, s, h, d]));
+        v.push(("lse", vec![b, h, s]));
+        v.push(("do", vec![b, s, h, d]));
+        Ok(v)
+    },
+    cost: |dims, elem| {
+        let (f, b) = forward_cost(dims, elem);
+        (2.5 * f, 2.0 * b)
+    },
+    selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "attention_backward"),
+};
+
 fn run_merge(_: &Client, a: &OpArgs) -> Result<Outputs> {
     let (out_a, lse_a) = (a.tensor("out_a")?, a.tensor("lse_a")?);
     attention_merge(out_a, lse_a, a.tensor("out_b")?, a.tensor("lse_b")?)?;
@@ -201,4 +270,4 @@ pub static ATTENTION_MERGE: OpSpec = OpSpec {
     selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "attention_merge"),
 };
 
-kiln_runtime::register_op!(ATTENTION, ATTENTION_MERGE);
+kiln_runtime::register_op!(ATTENTION, ATTENTION_BACKWARD, ATTENTION_MERGE);

@@ -18,6 +18,26 @@ fn attention_inputs(rng: &mut Rng) -> CaseInputs {
     ]
 }
 
+/// [`attention_inputs`] with `do`, and `out`/`lse` from the f64 reference of the
+/// unrounded inputs (the reference below uses them as given, as the kernels do).
+fn backward_inputs(rng: &mut Rng) -> CaseInputs {
+    let mut v = attention_inputs(rng);
+    let (b, sq, h, dv) = (2, 37, 4, 20);
+    let (out, lse) = rf::forward(&case_dims(), &v[0].2, &v[1].2, &v[2].2);
+    v.push(("out", vec![b, sq, h, dv], out));
+    v.push(("lse", vec![b, h, sq], lse));
+    v.push(("do", vec![b, sq, h, dv], rng.normals(b * sq * h * dv, 1.0)));
+    v
+}
+
+/// The problem of [`attention_inputs`] with the cases' parameters.
+fn case_dims() -> Dims {
+    let mut d = Dims::dense(2, 37, 53, 4, 2, 24, 20);
+    d.causal = true;
+    d.shift = 16;
+    d
+}
+
 /// The dims of dense inputs named q, k, v.
 pub fn dense_dims(i: &BTreeMap<String, HostTensor>) -> Dims {
     let (q, k, v) = (&i["q"].shape, &i["k"].shape, &i["v"].shape);
@@ -25,10 +45,7 @@ pub fn dense_dims(i: &BTreeMap<String, HostTensor>) -> Dims {
 }
 
 fn attention_reference(i: &BTreeMap<String, HostTensor>) -> Vec<f64> {
-    let mut d = dense_dims(i);
-    d.causal = true;
-    d.shift = 16;
-    rf::forward(&d, &i["q"].to_f64(), &i["k"].to_f64(), &i["v"].to_f64()).0
+    rf::forward(&case_dims(), &i["q"].to_f64(), &i["k"].to_f64(), &i["v"].to_f64()).0
 }
 
 /// Two partial results `[1, 29, 3, 12]` with lse in -3..3 and one row -inf on side b.
@@ -55,6 +72,20 @@ pub fn cases() -> Vec<Case> {
             inputs: attention_inputs,
             reference: attention_reference,
             ulps: 64.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "attention_backward",
+            params: &[("causal", "true"), ("q_offset", "16")],
+            output: "dk",
+            what: "[2,37,4,24] over [2,53,2,24] causal at offset 16, GQA 2:1: dk",
+            inputs: backward_inputs,
+            reference: |i| {
+                let f = |n: &str| i[n].to_f64();
+                let (q, k, v) = (f("q"), f("k"), f("v"));
+                rf::backward_with(&case_dims(), &q, &k, &v, &f("out"), &f("lse"), &f("do")).1
+            },
+            ulps: 256.0,
             floor: 1.0,
         },
         Case {
