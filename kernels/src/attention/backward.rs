@@ -63,7 +63,7 @@ pub fn attention_backward(
     Ok(AttentionGrads { dq, dk, dv })
 }
 
-fn check_grad_inputs(grad: &AttentionGradInputs<'_>, p: &Problem) -> Result<()> {
+pub(super) fn check_grad_inputs(grad: &AttentionGradInputs<'_>, p: &Problem) -> Result<()> {
     let client = grad.out.client();
     crate::launch::check_input("do", grad.d_o, client)?;
     crate::launch::check_input("out", grad.out, client)?;
@@ -76,7 +76,8 @@ fn check_grad_inputs(grad: &AttentionGradInputs<'_>, p: &Problem) -> Result<()> 
     expect_shape("lse", grad.lse, &p.lse_shape(), "[B, H, Sq] of q")
 }
 
-/// Runs the three backward kernels of a checked problem into dq, dk, dv.
+/// Runs the three backward kernels of a checked problem into dq, dk, dv (all in q's
+/// dtype, or all f32: the partial gradients a ring sums).
 pub(super) fn backward_into(
     inp: &AttentionInputs<'_>,
     grad: &AttentionGradInputs<'_>,
@@ -119,6 +120,17 @@ pub(super) fn backward_into(
             },
         )?;
     }
+    let grad_f32 = dq.dtype() == DType::F32 && p.dtype != DType::F32;
+    // The outputs the kernels do not write are bound to one-element placeholders.
+    let ph_f = Tensor::empty(client, p.dtype, &[1])?;
+    let ph_32 = absent(client)?;
+    let pick = |t: &'_ Tensor| -> (Tensor, Tensor) {
+        match grad_f32 {
+            true => (ph_f.clone(), t.clone()),
+            false => (t.clone(), ph_32.clone()),
+        }
+    };
+    let ((dq_f, dq_32), (dk_f, dk_32), (dv_f, dv_32)) = (pick(dq), pick(dk), pick(dv));
     let longest_q = Problem::longest(&p.bounds_q) as u32;
     let longest_k = Problem::longest(&p.bounds_k) as u32;
     if rows > 0 {
@@ -134,7 +146,8 @@ pub(super) fn backward_into(
                 delta: &delta,
                 bounds_q: &bounds_q,
                 bounds_k: &bounds_k,
-                dq,
+                dq: &dq_f,
+                dq32: &dq_32,
                 n_seq: p.n_seq() as u32,
                 max_q: longest_q,
                 max_k: longest_k,
@@ -147,6 +160,7 @@ pub(super) fn backward_into(
                 scale: p.score_scale(),
                 causal: p.causal,
                 varlen: p.varlen,
+                grad_f32,
             },
         )?;
     }
@@ -163,8 +177,10 @@ pub(super) fn backward_into(
                 delta: &delta,
                 bounds_q: &bounds_q,
                 bounds_k: &bounds_k,
-                dk_out: dk,
-                dv_out: dv,
+                dk_out: &dk_f,
+                dv_out: &dv_f,
+                dk32: &dk_32,
+                dv32: &dv_32,
                 n_seq: p.n_seq() as u32,
                 max_q: longest_q,
                 max_k: longest_k,
@@ -177,6 +193,7 @@ pub(super) fn backward_into(
                 scale: p.score_scale(),
                 causal: p.causal,
                 varlen: p.varlen,
+                grad_f32,
             },
         )?;
     }
@@ -251,7 +268,7 @@ pub fn attention_bwd_prep<F: Float>(
     grid = (n_seq * max_q.div_ceil(BQ), heads, dk.div_ceil(BC)),
     cube = (BQ / TQ) * (BK / TK),
     name = "attention_bwd_dq",
-    defaults(causal = false, varlen = false)
+    defaults(causal = false, varlen = false, grad_f32 = false)
 )]
 pub fn attention_bwd_dq<F: Float>(
     q: &Array<F>,
@@ -263,6 +280,7 @@ pub fn attention_bwd_dq<F: Float>(
     bounds_q: &Array<u32>,
     bounds_k: &Array<u32>,
     dq: &mut Array<F>,
+    dq32: &mut Array<f32>,
     n_seq: u32,
     max_q: u32,
     max_k: u32,
@@ -275,6 +293,7 @@ pub fn attention_bwd_dq<F: Float>(
     scale: f32,
     #[comptime] causal: bool,
     #[comptime] varlen: bool,
+    #[comptime] grad_f32: bool,
 ) {
     let units = comptime!((BQ / TQ) * (BK / TK));
     let tiles_per_seq = (max_q + BQ - 1) / BQ;
@@ -390,7 +409,12 @@ pub fn attention_bwd_dq<F: Float>(
         for j in 0..tc {
             let c = v4_tile_col(tx, j, BC, tc);
             if r < rows && c0 + c < dk {
-                dq[(base_out + c) as usize] = F::cast_from(acc[(i * tcv + j / 4) as usize][(j % 4) as usize] * scale);
+                let value = acc[(i * tcv + j / 4) as usize][(j % 4) as usize] * scale;
+                if comptime!(grad_f32) {
+                    dq32[(base_out + c) as usize] = value;
+                } else {
+                    dq[(base_out + c) as usize] = F::cast_from(value);
+                }
             }
         }
     }
@@ -413,7 +437,7 @@ pub fn attention_bwd_dq<F: Float>(
     grid = (n_seq * max_k.div_ceil(BKR), heads / group, dk.max(dv).div_ceil(BC)),
     cube = (BKR / TR) * (BQC / TC),
     name = "attention_bwd_dkv",
-    defaults(causal = false, varlen = false)
+    defaults(causal = false, varlen = false, grad_f32 = false)
 )]
 pub fn attention_bwd_dkv<F: Float>(
     q: &Array<F>,
@@ -426,6 +450,8 @@ pub fn attention_bwd_dkv<F: Float>(
     bounds_k: &Array<u32>,
     dk_out: &mut Array<F>,
     dv_out: &mut Array<F>,
+    dk32: &mut Array<f32>,
+    dv32: &mut Array<f32>,
     n_seq: u32,
     max_q: u32,
     max_k: u32,
@@ -438,6 +464,7 @@ pub fn attention_bwd_dkv<F: Float>(
     scale: f32,
     #[comptime] causal: bool,
     #[comptime] varlen: bool,
+    #[comptime] grad_f32: bool,
 ) {
     let units = comptime!((BKR / TR) * (BQC / TC));
     let tiles_per_seq = (max_k + BKR - 1) / BKR;
@@ -567,11 +594,21 @@ pub fn attention_bwd_dkv<F: Float>(
         for j in 0..tc {
             let c = v4_tile_col(tx, j, BC, tc);
             let x = (i * tcv + j / 4) as usize;
+            let gk = acc_k[x][(j % 4) as usize] * scale;
+            let gv = acc_v[x][(j % 4) as usize];
             if r < keys && c < dk_cols {
-                dk_out[(kb + c) as usize] = F::cast_from(acc_k[x][(j % 4) as usize] * scale);
+                if comptime!(grad_f32) {
+                    dk32[(kb + c) as usize] = gk;
+                } else {
+                    dk_out[(kb + c) as usize] = F::cast_from(gk);
+                }
             }
             if r < keys && c < dv_cols {
-                dv_out[(vb + c) as usize] = F::cast_from(acc_v[x][(j % 4) as usize]);
+                if comptime!(grad_f32) {
+                    dv32[(vb + c) as usize] = gv;
+                } else {
+                    dv_out[(vb + c) as usize] = F::cast_from(gv);
+                }
             }
         }
     }

@@ -26,6 +26,7 @@ mod merge;
 mod problem;
 pub mod reference;
 mod registry;
+mod ring;
 pub mod selftest;
 
 pub use backward::{
@@ -34,7 +35,13 @@ pub use backward::{
 };
 pub use forward::{attention, AttentionFwd, AttentionFwdArgs};
 pub use merge::{attention_merge, AttentionMergeRows, AttentionMergeRowsArgs, AttentionMergeRowsProblem};
-pub use registry::{ATTENTION, ATTENTION_BACKWARD, ATTENTION_MERGE};
+pub use ring::{
+    ring_attention, ring_attention_backward, ring_attention_backward_local_ranks,
+    ring_attention_local_ranks, RingLayout, RingSchedule, LOCAL_RANK_TIMEOUT,
+};
+pub use registry::{
+    ATTENTION, ATTENTION_BACKWARD, ATTENTION_MERGE, RING_ATTENTION, RING_ATTENTION_BACKWARD,
+};
 
 use kiln_runtime::{DType, Tensor};
 

@@ -73,11 +73,14 @@ pub(super) fn options(a: &OpArgs) -> Result<AttentionOptions> {
         "f32" => Some(DType::F32),
         _ => None,
     };
+    // The ring operators place their blocks themselves: no offsets.
+    let declared = |name: &str| a.spec().params.iter().any(|p| p.name == name);
+    let offset = |name: &str| if declared(name) { a.param_as(name) } else { Ok(0) };
     Ok(AttentionOptions {
         scale,
         causal: a.param_as("causal")?,
-        q_offset: a.param_as("q_offset")?,
-        k_offset: a.param_as("k_offset")?,
+        q_offset: offset("q_offset")?,
+        k_offset: offset("k_offset")?,
         temperature: a.param_as("temperature")?,
         lse_scale: a.param_as("lse_scale")?,
         out_dtype,
@@ -270,4 +273,77 @@ pub static ATTENTION_MERGE: OpSpec = OpSpec {
     selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "attention_merge"),
 };
 
-kiln_runtime::register_op!(ATTENTION, ATTENTION_BACKWARD, ATTENTION_MERGE);
+/// The ring operators' parameters: the attention ones without offsets, and the ring.
+const RING_PARAMS: [ParamSpec; 7] = [
+    PARAMS[0],
+    PARAMS[1],
+    PARAMS[4],
+    PARAMS[5],
+    PARAMS[6],
+    p("world_size", "1", "1 ..= 1024", "ranks of the ring (run in this process on the chosen device)"),
+    p(
+        "schedule",
+        "contiguous",
+        "contiguous | zigzag | tokenring",
+        "how the sequence is cut and what travels (zigzag: 2P chunks, balanced causal work; tokenring: Q travels, partials return)",
+    ),
+];
+
+fn ring_args(a: &OpArgs) -> Result<(usize, RingSchedule)> {
+    Ok((a.param_as("world_size")?, RingSchedule::parse(&a.param("schedule")?)?))
+}
+
+fn run_ring(_: &Client, a: &OpArgs) -> Result<Outputs> {
+    let opts = options(a)?;
+    let (p, schedule) = ring_args(a)?;
+    let r = ring_attention_local_ranks(a.tensor("q")?, a.tensor("k")?, a.tensor("v")?, p, schedule, &opts)?;
+    Ok(vec![("out", r.out), ("lse", r.lse)])
+}
+
+fn run_ring_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
+    let opts = options(a)?;
+    let (p, schedule) = ring_args(a)?;
+    let grad = AttentionGradInputs {
+        out: a.tensor("out")?,
+        lse: a.tensor("lse")?,
+        d_o: a.tensor("do")?,
+    };
+    let g = ring_attention_backward_local_ranks(a.tensor("q")?, a.tensor("k")?, a.tensor("v")?, &grad, p, schedule, &opts)?;
+    Ok(vec![("dq", g.dq), ("dk", g.dk), ("dv", g.dv)])
+}
+
+/// `ring_attention`: the whole sequence split over `world_size` ranks in this process.
+pub static RING_ATTENTION: OpSpec = OpSpec {
+    name: "ring_attention",
+    summary: "ring attention over world_size ranks in one process (host-staged communicator): whole q, k, v in, whole out and lse out",
+    inputs: &[Q, K, V],
+    outputs: &[OUT, LSE],
+    params: &RING_PARAMS,
+    run: run_ring,
+    problem: "B x S x H x D or B x S x H x Hkv x D",
+    example_inputs: qkv_inputs,
+    cost: forward_cost,
+    selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "ring_attention"),
+};
+
+/// `ring_attention_backward`: the ring backward, whole tensors in and out.
+pub static RING_ATTENTION_BACKWARD: OpSpec = OpSpec {
+    name: "ring_attention_backward",
+    summary: "ring attention backward over world_size ranks in one process: dq, dk, dv of the whole sequence",
+    inputs: &[Q, K, V, GRAD_INPUTS[0], GRAD_INPUTS[1], GRAD_INPUTS[2]],
+    outputs: &GRADS,
+    params: &RING_PARAMS,
+    run: run_ring_backward,
+    problem: "B x S x H x D or B x S x H x Hkv x D",
+    example_inputs: ATTENTION_BACKWARD.example_inputs,
+    cost: ATTENTION_BACKWARD.cost,
+    selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "ring_attention_backward"),
+};
+
+kiln_runtime::register_op!(
+    ATTENTION,
+    ATTENTION_BACKWARD,
+    ATTENTION_MERGE,
+    RING_ATTENTION,
+    RING_ATTENTION_BACKWARD
+);

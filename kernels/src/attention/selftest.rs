@@ -38,6 +38,32 @@ fn case_dims() -> Dims {
     d
 }
 
+/// One sequence of 53 tokens, H = 4 over Hkv = 2, D = 24, Dv = 20, causal.
+fn ring_dims() -> Dims {
+    let mut d = Dims::dense(2, 53, 53, 4, 2, 24, 20);
+    d.causal = true;
+    d
+}
+
+fn ring_inputs(rng: &mut Rng) -> CaseInputs {
+    let (b, s, h, hkv, d, dv) = (2, 53, 4, 2, 24, 20);
+    vec![
+        ("q", vec![b, s, h, d], rng.normals(b * s * h * d, 1.0)),
+        ("k", vec![b, s, hkv, d], rng.normals(b * s * hkv * d, 1.0)),
+        ("v", vec![b, s, hkv, dv], rng.normals(b * s * hkv * dv, 1.0)),
+    ]
+}
+
+fn ring_backward_inputs(rng: &mut Rng) -> CaseInputs {
+    let mut v = ring_inputs(rng);
+    let (b, s, h, dv) = (2, 53, 4, 20);
+    let (out, lse) = rf::forward(&ring_dims(), &v[0].2, &v[1].2, &v[2].2);
+    v.push(("out", vec![b, s, h, dv], out));
+    v.push(("lse", vec![b, h, s], lse));
+    v.push(("do", vec![b, s, h, dv], rng.normals(b * s * h * dv, 1.0)));
+    v
+}
+
 /// The dims of dense inputs named q, k, v.
 pub fn dense_dims(i: &BTreeMap<String, HostTensor>) -> Dims {
     let (q, k, v) = (&i["q"].shape, &i["k"].shape, &i["v"].shape);
@@ -84,6 +110,30 @@ pub fn cases() -> Vec<Case> {
                 let f = |n: &str| i[n].to_f64();
                 let (q, k, v) = (f("q"), f("k"), f("v"));
                 rf::backward_with(&case_dims(), &q, &k, &v, &f("out"), &f("lse"), &f("do")).1
+            },
+            ulps: 256.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "ring_attention",
+            params: &[("causal", "true"), ("world_size", "3"), ("schedule", "zigzag")],
+            output: "out",
+            what: "[2,53,2,24] causal, zigzag over 3 ranks (ragged chunks)",
+            inputs: ring_inputs,
+            reference: |i| rf::forward(&ring_dims(), &i["q"].to_f64(), &i["k"].to_f64(), &i["v"].to_f64()).0,
+            ulps: 64.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "ring_attention_backward",
+            params: &[("causal", "true"), ("world_size", "2"), ("schedule", "tokenring")],
+            output: "dk",
+            what: "[2,53,2,24] causal, tokenring over 2 ranks: dk",
+            inputs: ring_backward_inputs,
+            reference: |i| {
+                let f = |n: &str| i[n].to_f64();
+                let (q, k, v) = (f("q"), f("k"), f("v"));
+                rf::backward_with(&ring_dims(), &q, &k, &v, &f("out"), &f("lse"), &f("do")).1
             },
             ulps: 256.0,
             floor: 1.0,

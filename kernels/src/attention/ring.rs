@@ -1,0 +1,642 @@
+//! Ring attention over any [`Communicator`]: `P` ranks, each holding its chunk(s) of
+//! one sequence, compute exact attention of the whole sequence by passing blocks
+//! around the ring and merging block results by their log-sum-exp.
+//!
+//! Layout ([`RingLayout`]): the `S` tokens are cut into `P` chunks (`contiguous`,
+//! `tokenring`) or `2P` chunks (`zigzag`; rank `r` holds chunks `r` and `2P - 1 - r`,
+//! concatenated along its tokens), chunk `c` covering `[c S / n, (c + 1) S / n)`: sizes
+//! differ by at most one token when `S` is not divisible, nothing is padded.
+//!
+//! Schedules (rank `r` at step `t` works with the blocks of rank `src = (r - t) mod P`):
+//! - `contiguous`, `zigzag`: KV chunks travel forward (`send_recv` to `r + 1`, from
+//!   `r - 1`). Each (query chunk, key chunk) pair is computed only if the causal mask
+//!   leaves something: fully visible pairs run unmasked, the diagonal pairs masked with
+//!   their positions as offsets, fully masked pairs are skipped. For `zigzag` this is
+//!   exactly its schedule (step 0 causal; `src < r`: all of q against the first KV
+//!   chunk; `src > r`: the second q chunk against all of the KV), with balanced work.
+//! - `tokenring`: Q travels forward; each rank computes the travelling Q against its
+//!   own KV and sends the partial `(out, lse)` straight back to Q's owner (one grouped
+//!   `send_recv` per step), which merges. KV never moves.
+//!
+//! Backward (from the merged `out` and `lse`): every block runs the block backward with
+//! the global `out`/`lse` ([`super::backward`]); `contiguous`/`zigzag` carry dk and dv
+//! (f32) with their KV chunk and return them to its owner after the last step;
+//! `tokenring` keeps dk/dv local and returns each dq partial to its owner. All partial
+//! results are f32 and summed/merged in f32.
+
+use super::backward::{backward_into, check_grad_inputs, AttentionGradInputs, AttentionGrads};
+use super::forward::forward_into;
+use super::problem::check;
+use super::*;
+use crate::elementwise::add;
+use crate::rows::{copy_rows, slice_rows};
+use kiln_runtime::comm::Communicator;
+use kiln_runtime::{DType, Error, HostTensor, Result, Tensor};
+use std::ops::Range;
+
+/// Which blocks travel and how the sequence is cut; see the module docs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RingSchedule {
+    /// `P` contiguous chunks, KV travels (causal work is unbalanced).
+    #[default]
+    Contiguous,
+    /// `2P` chunks, rank `r` holding `r` and `2P - 1 - r`, KV travels (balanced).
+    Zigzag,
+    /// `P` contiguous chunks, Q travels forward and partial results return to Q's owner.
+    TokenRing,
+}
+
+impl RingSchedule {
+    /// Parses `contiguous`, `zigzag` or `tokenring`.
+    pub fn parse(s: &str) -> Result<RingSchedule> {
+        match s {
+            "contiguous" => Ok(RingSchedule::Contiguous),
+            "zigzag" => Ok(RingSchedule::Zigzag),
+            "tokenring" => Ok(RingSchedule::TokenRing),
+            other => Err(Error::Param {
+                param: "schedule".into(),
+                expected: "contiguous | zigzag | tokenring".into(),
+                found: other.into(),
+            }),
+        }
+    }
+}
+
+/// How a sequence of `seq_len` tokens is cut over `world_size` ranks.
+#[derive(Clone, Debug)]
+pub struct RingLayout {
+    /// Tokens of the whole sequence.
+    pub seq_len: usize,
+    /// Ranks in the ring.
+    pub world_size: usize,
+    /// The schedule the cut is for.
+    pub schedule: RingSchedule,
+}
+
+impl RingLayout {
+    /// The layout; `world_size` must be at least 1.
+    pub fn new(seq_len: usize, world_size: usize, schedule: RingSchedule) -> Result<RingLayout> {
+        if world_size == 0 || world_size > 1024 {
+            return Err(Error::Param {
+                param: "world_size".into(),
+                expected: "1 ..= 1024 ranks".into(),
+                found: world_size.to_string(),
+            });
+        }
+        Ok(RingLayout {
+            seq_len,
+            world_size,
+            schedule,
+        })
+    }
+
+    fn chunk(&self, c: usize, n: usize) -> Range<usize> {
+        c * self.seq_len / n..(c + 1) * self.seq_len / n
+    }
+
+    /// The global token ranges of rank `r`'s chunks, in the order its local tensors
+    /// hold them.
+    pub fn rank_chunks(&self, r: usize) -> Vec<Range<usize>> {
+        let p = self.world_size;
+        match self.schedule {
+            RingSchedule::Zigzag => vec![self.chunk(r, 2 * p), self.chunk(2 * p - 1 - r, 2 * p)],
+            _ => vec![self.chunk(r, p)],
+        }
+    }
+
+    /// Tokens rank `r` holds.
+    pub fn local_len(&self, r: usize) -> usize {
+        self.rank_chunks(r).iter().map(|c| c.len()).sum()
+    }
+}
+
+/// What a causal mask leaves of a (query chunk, key chunk) pair.
+enum Pair {
+    Skip,
+    Full,
+    Diagonal,
+}
+
+fn pair(q: &Range<usize>, k: &Range<usize>, causal: bool) -> Pair {
+    if q.is_empty() || k.is_empty() {
+        Pair::Skip
+    } else if !causal || k.end - 1 <= q.start {
+        Pair::Full
+    } else if k.start > q.end - 1 {
+        Pair::Skip
+    } else {
+        Pair::Diagonal
+    }
+}
+
+/// The options of one block: the pair's mask, positions as offsets, f32 output.
+fn block_options(opts: &AttentionOptions, q: &Range<usize>, k: &Range<usize>) -> AttentionOptions {
+    let diagonal = matches!(pair(q, k, opts.causal), Pair::Diagonal);
+    AttentionOptions {
+        causal: diagonal || (opts.causal && matches!(pair(q, k, true), Pair::Skip)),
+        q_offset: q.start,
+        k_offset: k.start,
+        out_dtype: Some(DType::F32),
+        ..opts.clone()
+    }
+}
+
+/// Local tensor `t` (`[B, local, ...]`) cut into the chunks of `chunks` (f32 or not).
+fn split(t: &Tensor, chunks: &[Range<usize>], to: Option<DType>) -> Result<Vec<Tensor>> {
+    let mut at = 0;
+    chunks
+        .iter()
+        .map(|c| {
+            let s = slice_rows(t, 1, at, c.len(), to.unwrap_or(t.dtype()));
+            at += c.len();
+            s
+        })
+        .collect()
+}
+
+/// The same rows of `[B, H, local]` lse tensors (axis 2).
+fn split_lse(t: &Tensor, chunks: &[Range<usize>]) -> Result<Vec<Tensor>> {
+    let mut at = 0;
+    chunks
+        .iter()
+        .map(|c| {
+            let s = slice_rows(t, 2, at, c.len(), DType::F32);
+            at += c.len();
+            s
+        })
+        .collect()
+}
+
+fn zeros(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    let n = t.numel();
+    Tensor::upload(t.client(), &HostTensor::from_f64(dtype, t.shape().to_vec(), &vec![0.0; n])?)
+}
+
+fn ring_check(comm: &dyn Communicator, layout: &RingLayout, q: &Tensor, k: &Tensor, opts: &AttentionOptions) -> Result<()> {
+    if comm.world_size() != layout.world_size {
+        return Err(Error::Param {
+            param: "world_size".into(),
+            expected: format!("the communicator's {} ranks", comm.world_size()),
+            found: layout.world_size.to_string(),
+        });
+    }
+    if opts.q_offset != 0 || opts.k_offset != 0 {
+        return Err(Error::Param {
+            param: "q_offset".into(),
+            expected: "0 (a ring places its chunks itself)".into(),
+            found: format!("q_offset {} k_offset {}", opts.q_offset, opts.k_offset),
+        });
+    }
+    let want = layout.local_len(comm.rank());
+    for (name, t) in [("q", q), ("k", k)] {
+        if t.rank() != 4 || t.shape()[1] != want {
+            return Err(Error::Shape {
+                tensor: name.into(),
+                expected: format!(
+                    "[B, {want}, heads, D]: rank {}'s {want} tokens of {} ({:?} over {} ranks)",
+                    comm.rank(),
+                    layout.seq_len,
+                    layout.schedule,
+                    layout.world_size
+                ),
+                found: kiln_runtime::shape_str(t.shape()),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Merges a partial (f32 out, lse) into an accumulator slot.
+fn merge_into(acc: &mut Option<(Tensor, Tensor)>, part: (Tensor, Tensor)) -> Result<()> {
+    match acc {
+        None => *acc = Some(part),
+        Some((o, l)) => attention_merge(o, l, &part.0, &part.1)?,
+    }
+    Ok(())
+}
+
+/// One block's forward (f32 out) with the pair's options.
+fn block(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttentionOptions) -> Result<(Tensor, Tensor)> {
+    let inp = AttentionInputs::new(q, k, v);
+    let p = check(&inp, opts)?;
+    let out = Tensor::empty(q.client(), DType::F32, &p.out_shape())?;
+    let lse = Tensor::empty(q.client(), DType::F32, &p.lse_shape())?;
+    forward_into(&inp, &p, &out, &lse)?;
+    Ok((out, lse))
+}
+
+/// This rank's part of ring attention: `q` `[B, local, H, D]`, `k`/`v` `[B, local, Hkv,
+/// D|Dv]` hold the rank's chunks of `layout` (concatenated), and every rank of `comm`
+/// calls this with the same layout and options (`q_offset`/`k_offset` must be 0; the
+/// layout gives the positions). Returns the rank's rows of the whole sequence's
+/// attention: `out` `[B, local, H, Dv]` and `lse` `[B, H, local]`.
+pub fn ring_attention(
+    comm: &dyn Communicator,
+    layout: &RingLayout,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: &AttentionOptions,
+) -> Result<AttentionOutput> {
+    ring_check(comm, layout, q, k, opts)?;
+    // The whole-problem check (shapes, dtypes, options) once, on the local tensors.
+    let whole = check(&AttentionInputs::new(q, k, v), opts)?;
+    let (r, p) = (comm.rank(), layout.world_size);
+    let (next, prev) = ((r + 1) % p, (r + p - 1) % p);
+    let mine = layout.rank_chunks(r);
+    let qs = split(q, &mine, None)?;
+    let mut acc: Vec<Option<(Tensor, Tensor)>> = vec![None; mine.len()];
+    match layout.schedule {
+        RingSchedule::Contiguous | RingSchedule::Zigzag => {
+            let mut kv: Vec<(Tensor, Tensor)> = split(k, &mine, None)?.into_iter().zip(split(v, &mine, None)?).collect();
+            for t in 0..p {
+                let src = (r + p - t) % p;
+                for (kc, (kb, vb)) in layout.rank_chunks(src).iter().zip(&kv) {
+                    for ((qc, qa), slot) in mine.iter().zip(&qs).zip(acc.iter_mut()) {
+                        if matches!(pair(qc, kc, opts.causal), Pair::Skip) {
+                            continue;
+                        }
+                        merge_into(slot, block(qa, kb, vb, &block_options(opts, qc, kc))?)?;
+                    }
+                }
+                if t + 1 < p {
+                    kv = kv
+                        .iter()
+                        .map(|(kb, vb)| Ok((comm.send_recv(kb, next, prev)?, comm.send_recv(vb, next, prev)?)))
+                        .collect::<Result<_>>()?;
+                }
+            }
+        }
+        RingSchedule::TokenRing => {
+            let (kv_k, kv_v) = (k, v);
+            let mut q_cur = qs.clone();
+            for t in 0..p {
+                let owner = (r + p - t) % p;
+                let kc = &mine[0];
+                let parts: Vec<(Tensor, Tensor)> = layout
+                    .rank_chunks(owner)
+                    .iter()
+                    .zip(&q_cur)
+                    .map(|(qc, qa)| block(qa, kv_k, kv_v, &block_options(opts, qc, kc)))
+                    .collect::<Result<_>>()?;
+                for (a, (o, l)) in parts.into_iter().enumerate() {
+                    let back = if t == 0 {
+                        (o, l)
+                    } else {
+                        // To Q's owner; from the rank that holds our Q this step.
+                        let from = (r + t) % p;
+                        (comm.send_recv(&o, owner, from)?, comm.send_recv(&l, owner, from)?)
+                    };
+                    merge_into(&mut acc[a], back)?;
+                }
+                if t + 1 < p {
+                    q_cur = q_cur.iter().map(|x| comm.send_recv(x, next, prev)).collect::<Result<_>>()?;
+                }
+            }
+        }
+    }
+    let out = Tensor::empty(q.client(), whole.out_dtype, &whole.out_shape())?;
+    let lse = Tensor::empty(q.client(), DType::F32, &whole.lse_shape())?;
+    let mut at = 0;
+    for ((qc, qa), slot) in mine.iter().zip(&qs).zip(acc) {
+        // Only an empty chunk has no block (its diagonal pair is always computed).
+        let Some((o, l)) = slot else {
+            debug_assert!(qa.shape()[1] == 0);
+            continue;
+        };
+        copy_rows(&o, 1, 0, &out, at, qc.len())?;
+        copy_rows(&l, 2, 0, &lse, at, qc.len())?;
+        at += qc.len();
+    }
+    Ok(AttentionOutput { out, lse })
+}
+
+/// One block's backward into f32 partial gradients (with the global out/lse rows of
+/// the query chunk).
+fn block_backward(
+    qa: &Tensor,
+    kb: &Tensor,
+    vb: &Tensor,
+    grad: &AttentionGradInputs<'_>,
+    opts: &AttentionOptions,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let inp = AttentionInputs::new(qa, kb, vb);
+    let p = check(&inp, opts)?;
+    let f = |t: &Tensor| Tensor::empty(t.client(), DType::F32, t.shape());
+    let (dq, dk, dv) = (f(qa)?, f(kb)?, f(vb)?);
+    backward_into(&inp, grad, &p, &dq, &dk, &dv)?;
+    Ok((dq, dk, dv))
+}
+
+fn add_into(acc: &mut Tensor, part: &Tensor) -> Result<()> {
+    *acc = add(acc, part)?;
+    Ok(())
+}
+
+/// This rank's part of the ring backward: the local `q`, `k`, `v` as for
+/// [`ring_attention`], with the rank's rows of the merged `out`, `lse` and of `do`.
+/// Returns the rank's rows of dq, dk, dv of the whole sequence (dk/dv of its own KV
+/// chunks, summed over every query that sees them), in q's dtype.
+#[allow(clippy::too_many_arguments)]
+pub fn ring_attention_backward(
+    comm: &dyn Communicator,
+    layout: &RingLayout,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    grad: &AttentionGradInputs<'_>,
+    opts: &AttentionOptions,
+) -> Result<AttentionGrads> {
+    ring_check(comm, layout, q, k, opts)?;
+    let whole = check(&AttentionInputs::new(q, k, v), opts)?;
+    let (r, p) = (comm.rank(), layout.world_size);
+    let (next, prev) = ((r + 1) % p, (r + p - 1) % p);
+    let mine = layout.rank_chunks(r);
+    let qs = split(q, &mine, None)?;
+    let outs = split(grad.out, &mine, None)?;
+    let lses = split_lse(grad.lse, &mine)?;
+    let dos = split(grad.d_o, &mine, None)?;
+    let ks = split(k, &mine, None)?;
+    let vs = split(v, &mine, None)?;
+    let f32_zeros = |ts: &[Tensor]| ts.iter().map(|t| zeros(t, DType::F32)).collect::<Result<Vec<_>>>();
+    let mut dq = f32_zeros(&qs)?;
+    let (dk, dv) = match layout.schedule {
+        RingSchedule::Contiguous | RingSchedule::Zigzag => {
+            let mut kv: Vec<[Tensor; 4]> = Vec::new();
+            for ((kb, vb), (dkb, dvb)) in ks.iter().zip(&vs).zip(f32_zeros(&ks)?.into_iter().zip(f32_zeros(&vs)?)) {
+                kv.push([kb.clone(), vb.clone(), dkb, dvb]);
+            }
+            for t in 0..p {
+                let src = (r + p - t) % p;
+                for (kc, [kb, vb, dkb, dvb]) in layout.rank_chunks(src).iter().zip(kv.iter_mut()) {
+                    for (a, qc) in mine.iter().enumerate() {
+                        if matches!(pair(qc, kc, opts.causal), Pair::Skip) {
+                            continue;
+                        }
+                        let g = AttentionGradInputs {
+                            out: &outs[a],
+                            lse: &lses[a],
+                            d_o: &dos[a],
+                        };
+                        let (pq, pk, pv) = block_backward(&qs[a], kb, vb, &g, &block_options(opts, qc, kc))?;
+                        add_into(&mut dq[a], &pq)?;
+                        add_into(dkb, &pk)?;
+                        add_into(dvb, &pv)?;
+                    }
+                }
+                if t + 1 < p {
+                    kv = kv
+                        .iter()
+                        .map(|x| {
+                            Ok([
+                                comm.send_recv(&x[0], next, prev)?,
+                                comm.send_recv(&x[1], next, prev)?,
+                                comm.send_recv(&x[2], next, prev)?,
+                                comm.send_recv(&x[3], next, prev)?,
+                            ])
+                        })
+                        .collect::<Result<_>>()?;
+                }
+            }
+            // After the last step rank r holds the KV of r + 1: one more hop home.
+            let mut dk = Vec::new();
+            let mut dv = Vec::new();
+            for x in kv {
+                let [_, _, dkb, dvb] = x;
+                if p > 1 {
+                    dk.push(comm.send_recv(&dkb, next, prev)?);
+                    dv.push(comm.send_recv(&dvb, next, prev)?);
+                } else {
+                    dk.push(dkb);
+                    dv.push(dvb);
+                }
+            }
+            (dk, dv)
+        }
+        RingSchedule::TokenRing => {
+            let mut dk = f32_zeros(&ks)?;
+            let mut dv = f32_zeros(&vs)?;
+            let mut cur: Vec<[Tensor; 4]> = (0..mine.len())
+                .map(|a| [qs[a].clone(), outs[a].clone(), lses[a].clone(), dos[a].clone()])
+                .collect();
+            let kc = &mine[0];
+            for t in 0..p {
+                let owner = (r + p - t) % p;
+                for (a, (qc, [qa, oa, la, da])) in layout.rank_chunks(owner).iter().zip(&cur).enumerate() {
+                    let g = AttentionGradInputs {
+                        out: oa,
+                        lse: la,
+                        d_o: da,
+                    };
+                    let (pq, pk, pv) = if matches!(pair(qc, kc, opts.causal), Pair::Skip) {
+                        (zeros(qa, DType::F32)?, zeros(&ks[0], DType::F32)?, zeros(&vs[0], DType::F32)?)
+                    } else {
+                        block_backward(qa, &ks[0], &vs[0], &g, &block_options(opts, qc, kc))?
+                    };
+                    add_into(&mut dk[0], &pk)?;
+                    add_into(&mut dv[0], &pv)?;
+                    let back = if t == 0 { pq } else { comm.send_recv(&pq, owner, (r + t) % p)? };
+                    add_into(&mut dq[a], &back)?;
+                }
+                if t + 1 < p {
+                    cur = cur
+                        .iter()
+                        .map(|x| {
+                            Ok([
+                                comm.send_recv(&x[0], next, prev)?,
+                                comm.send_recv(&x[1], next, prev)?,
+                                comm.send_recv(&x[2], next, prev)?,
+                                comm.send_recv(&x[3], next, prev)?,
+                            ])
+                        })
+                        .collect::<Result<_>>()?;
+                }
+            }
+            (dk, dv)
+        }
+    };
+    let dtype = whole.dtype;
+    let join = |parts: &[Tensor], like: &Tensor| -> Result<Tensor> {
+        let out = Tensor::empty(like.client(), dtype, like.shape())?;
+        let mut at = 0;
+        for (c, part) in mine.iter().zip(parts) {
+            copy_rows(part, 1, 0, &out, at, c.len())?;
+            at += c.len();
+        }
+        Ok(out)
+    };
+    Ok(AttentionGrads {
+        dq: join(&dq, q)?,
+        dk: join(&dk, k)?,
+        dv: join(&dv, v)?,
+    })
+}
+
+/// How long a rank of [`ring_attention_local_ranks`] waits for a peer: the first call
+/// of a shape may autotune its kernels (seconds to minutes on a CPU adapter) while the
+/// peers wait.
+pub const LOCAL_RANK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(900);
+
+/// Rank `r`'s local tensor of the whole-sequence tensor `t` (`[B, S, ...]`): its chunks
+/// concatenated along the tokens.
+fn gather_local(t: &Tensor, chunks: &[Range<usize>]) -> Result<Tensor> {
+    let mut shape = t.shape().to_vec();
+    shape[1] = chunks.iter().map(|c| c.len()).sum();
+    let local = Tensor::empty(t.client(), t.dtype(), &shape)?;
+    let mut at = 0;
+    for c in chunks {
+        copy_rows(t, 1, c.start, &local, at, c.len())?;
+        at += c.len();
+    }
+    Ok(local)
+}
+
+/// Writes rank-local rows back into the whole tensor `whole` at their positions
+/// (`axis` 1 for token-major tensors, 2 for lse).
+fn scatter_local(local: &Tensor, chunks: &[Range<usize>], whole: &Tensor, axis: usize) -> Result<()> {
+    let mut at = 0;
+    for c in chunks {
+        copy_rows(local, axis, at, whole, c.start, c.len())?;
+        at += c.len();
+    }
+    Ok(())
+}
+
+fn whole_layout(q: &Tensor, world_size: usize, schedule: RingSchedule) -> Result<RingLayout> {
+    let Some(&seq_len) = q.shape().get(1) else {
+        return Err(Error::Shape {
+            tensor: "q".into(),
+            expected: "[B, S, H, D]".into(),
+            found: kiln_runtime::shape_str(q.shape()),
+        });
+    };
+    RingLayout::new(seq_len, world_size, schedule)
+}
+
+/// Runs `body(rank's communicator)` on `p` ranks in threads sharing `q`'s device (the
+/// host-staged communicator); the results in rank order, or the first error.
+fn on_local_ranks<T: Send>(q: &Tensor, p: usize, body: impl Fn(&kiln_runtime::comm::HostComm) -> Result<T> + Sync) -> Result<Vec<T>> {
+    let comms = kiln_runtime::comm::HostComm::with_timeout(vec![q.client().clone(); p], LOCAL_RANK_TIMEOUT);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                let body = &body;
+                s.spawn(move || body(&c))
+            })
+            .collect();
+        let results: Vec<Result<T>> = handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::Kernel {
+                        kernel: "ring_attention".into(),
+                        message: "a rank's thread panicked".into(),
+                    })
+                })
+            })
+            .collect();
+        // A rank's own error before the errors its peers saw because it stopped.
+        let first_own = results.iter().position(|r| matches!(r, Err(e) if !matches!(e, Error::Comm { .. })));
+        let mut out = Vec::with_capacity(p);
+        let mut first_err = None;
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(v) => out.push(v),
+                Err(e) => {
+                    if first_err.is_none() || Some(i) == first_own {
+                        first_err = Some(e);
+                    }
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    })
+}
+
+/// Ring attention of whole-sequence tensors (`[B, S, ...]`) over `world_size` ranks in
+/// this process (threads on q's device, the host-staged communicator): splits the
+/// sequence as `schedule` prescribes, runs every rank, and returns the whole `out` and
+/// `lse`. What `kiln run ring_attention` does; equal to [`attention`] of the whole.
+pub fn ring_attention_local_ranks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    world_size: usize,
+    schedule: RingSchedule,
+    opts: &AttentionOptions,
+) -> Result<AttentionOutput> {
+    let layout = whole_layout(q, world_size, schedule)?;
+    let whole = check(&AttentionInputs::new(q, k, v), opts)?;
+    if k.shape()[1] != layout.seq_len {
+        return Err(Error::Shape {
+            tensor: "k".into(),
+            expected: format!("[B, {}, Hkv, D] (one sequence: Sk = Sq)", layout.seq_len),
+            found: kiln_runtime::shape_str(k.shape()),
+        });
+    }
+    let parts = on_local_ranks(q, world_size, |c| {
+        let chunks = layout.rank_chunks(c.rank());
+        let (lq, lk, lv) = (gather_local(q, &chunks)?, gather_local(k, &chunks)?, gather_local(v, &chunks)?);
+        ring_attention(c, &layout, &lq, &lk, &lv, opts)
+    })?;
+    let out = Tensor::empty(q.client(), whole.out_dtype, &whole.out_shape())?;
+    let lse = Tensor::empty(q.client(), DType::F32, &whole.lse_shape())?;
+    for (r, part) in parts.iter().enumerate() {
+        let chunks = layout.rank_chunks(r);
+        scatter_local(&part.out, &chunks, &out, 1)?;
+        scatter_local(&part.lse, &chunks, &lse, 2)?;
+    }
+    Ok(AttentionOutput { out, lse })
+}
+
+/// The backward of [`ring_attention_local_ranks`]: whole `q`, `k`, `v`, `out`, `lse`,
+/// `do` in, whole dq, dk, dv out.
+pub fn ring_attention_backward_local_ranks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    grad: &AttentionGradInputs<'_>,
+    world_size: usize,
+    schedule: RingSchedule,
+    opts: &AttentionOptions,
+) -> Result<AttentionGrads> {
+    let layout = whole_layout(q, world_size, schedule)?;
+    let whole = check(&AttentionInputs::new(q, k, v), opts)?;
+    check_grad_inputs(grad, &whole)?;
+    let parts = on_local_ranks(q, world_size, |c| {
+        let chunks = layout.rank_chunks(c.rank());
+        let local = |t: &Tensor| gather_local(t, &chunks);
+        let lse = {
+            let mut shape = grad.lse.shape().to_vec();
+            shape[2] = chunks.iter().map(|x| x.len()).sum();
+            let l = Tensor::empty(q.client(), DType::F32, &shape)?;
+            let mut at = 0;
+            for ch in &chunks {
+                copy_rows(grad.lse, 2, ch.start, &l, at, ch.len())?;
+                at += ch.len();
+            }
+            l
+        };
+        let (out, d_o) = (local(grad.out)?, local(grad.d_o)?);
+        let g = AttentionGradInputs {
+            out: &out,
+            lse: &lse,
+            d_o: &d_o,
+        };
+        ring_attention_backward(c, &layout, &local(q)?, &local(k)?, &local(v)?, &g, opts)
+    })?;
+    let dq = Tensor::empty(q.client(), q.dtype(), q.shape())?;
+    let dk = Tensor::empty(q.client(), q.dtype(), k.shape())?;
+    let dv = Tensor::empty(q.client(), q.dtype(), v.shape())?;
+    for (r, part) in parts.iter().enumerate() {
+        let chunks = layout.rank_chunks(r);
+        scatter_local(&part.dq, &chunks, &dq, 1)?;
+        scatter_local(&part.dk, &chunks, &dk, 1)?;
+        scatter_local(&part.dv, &chunks, &dv, 1)?;
+    }
+    Ok(AttentionGrads { dq, dk, dv })
+}
