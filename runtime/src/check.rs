@@ -85,7 +85,8 @@ pub fn tolerance(dtype: crate::DType, ulps: f64) -> f64 {
 ///   i8 uniform codes in -127..=127;
 /// - inputs whose spec says [`ExampleValues::Positive`] (scales, divisors) are uniform
 ///   in [0.5, 1.5], and [`ExampleValues::LogDecay`] (gates of gated recurrences)
-///   `logsigmoid(randn)` clamped at -5 (normal values would be positive gates).
+///   `logsigmoid(randn)` clamped at -5 (normal values would be positive gates), and
+///   [`ExampleValues::LogSumExp`] (an attention backward's lse) uniform in [4, 6].
 pub fn example_inputs(
     spec: &crate::OpSpec,
     dims: &[usize],
@@ -120,6 +121,9 @@ pub fn example_inputs_seeded(
             DType::U8 => (0..n).map(|_| (rng.uniform() * 256.0).floor()).collect(),
             _ if example == ExampleValues::Positive => {
                 (0..n).map(|_| 0.5 + rng.uniform()).collect()
+            }
+            _ if example == ExampleValues::LogSumExp => {
+                (0..n).map(|_| 4.0 + 2.0 * rng.uniform()).collect()
             }
             _ if example == ExampleValues::LogDecay => rng
                 .normals(n, 1.0)

@@ -155,7 +155,7 @@ fn compare(
         message: format!("no `{}`", case.output),
     })?;
     // The output's dtype: fixed by its spec, chosen by a parameter its spec names
-    // (w8a8's `out_dtype`), or the dtype under test.
+    // (w8a8's and attention's `out_dtype`), or the dtype under test.
     let out_spec = op.outputs.iter().find(|t| t.name == case.output);
     let by_param = op
         .params
@@ -163,7 +163,9 @@ fn compare(
         .find(|p| out_spec.is_some_and(|t| t.dtypes == crate::Dtypes::Param(p.name)));
     let expected = match (fixed(op.outputs, case.output), by_param) {
         (Some(d), _) => d,
-        (None, Some(p)) => DType::parse(params.get(p.name).map_or(p.default, |v| v.as_str()))?,
+        // A value that names no dtype (attention's `out_dtype=q`: q's dtype) means the
+        // dtype under test.
+        (None, Some(p)) => DType::parse(params.get(p.name).map_or(p.default, |v| v.as_str())).unwrap_or(dtype),
         (None, None) => dtype,
     };
     if got.dtype != expected {

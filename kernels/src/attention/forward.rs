@@ -85,15 +85,14 @@ pub(super) fn forward_into(inp: &AttentionInputs<'_>, p: &Problem, out: &Tensor,
 /// written in F, or in f32 to `out32` when `out_f32`.
 #[kiln_macros::kernel(
     tune(
-        (BQ, BK, TQ, TK) = [(32, 32, 4, 4), (64, 32, 8, 4), (16, 32, 2, 4), (32, 64, 4, 8)],
+        (BQ, BK, TQ, TK) = [(32, 32, 4, 4), (64, 32, 8, 4), (16, 32, 2, 4)],
         BV = [64, 32, 128],
-        BD = [32, 64]
+        BD = [32]
     ),
     require(
         BV % (4 * (BK / TK)) == 0,
         BK / TK >= TQ,
         BV <= 32 || dv > BV / 2,
-        BD <= 32 || dk > 32,
         (BQ * BD + BD * BK + BQ * BK + BK * BV + 2 * BQ) as usize * 4 <= device.max_shared_memory
     ),
     key(n_seq = pow2, max_q = pow2, max_k = pow2, heads = pow2, dk = pow2, dv = pow2, dtype),
@@ -236,6 +235,8 @@ pub fn attention_fwd<F: Float>(
         sync_cube();
         // 3. Online softmax: unit r owns row r. Masked scores (lowest) give p = 0, also
         //    while the row has seen nothing else (m = lowest, where exp(0) would be 1).
+        //    A NaN score gives NaN p, so l and the row become NaN, as in PyTorch
+        //    (`max` may drop NaN, the exponential and the sum do not).
         if UNIT_POS < BQ {
             let r = UNIT_POS;
             let mut tmax = lowest;
@@ -254,7 +255,8 @@ pub fn attention_fwd<F: Float>(
                 let mut pv = V4::exp(s - V4::new(m_new));
                 #[unroll]
                 for e in 0..4u32 {
-                    pv[e as usize] = select(s[e as usize] > lowest, pv[e as usize], 0.0f32);
+                    // Masked keys hold exactly `lowest`; NaN scores are kept (as NaN p).
+                    pv[e as usize] = select(s[e as usize] == lowest, 0.0f32, pv[e as usize]);
                     sum += pv[e as usize];
                 }
                 ps[(r * bkv + jv) as usize] = pv;

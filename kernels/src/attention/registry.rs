@@ -3,7 +3,7 @@
 use super::problem::SCALE_RANGE;
 use super::*;
 use crate::launch::shape_err;
-use kiln_runtime::{Client, DType, Dtypes, Error, OpArgs, OpSpec, Outputs, ParamSpec, Result, TensorSpec};
+use kiln_runtime::{Client, DType, Dtypes, Error, ExampleValues, OpArgs, OpSpec, Outputs, ParamSpec, Result, TensorSpec};
 
 const Q: TensorSpec = TensorSpec::new("q", "[B, Sq, H, D]", Dtypes::Float, false, "queries");
 const K: TensorSpec = TensorSpec::new(
@@ -193,7 +193,8 @@ pub(super) const GRAD_INPUTS: [TensorSpec; 3] = [
         Dtypes::Fixed(DType::F32),
         false,
         "the forward's log-sum-exp (likewise)",
-    ),
+    )
+    .example(ExampleValues::LogSumExp),
     TensorSpec::new("do", "[B, Sq, H, Dv]", Dtypes::Like("q"), false, "gradient of the loss with respect to out"),
 ];
 

@@ -64,6 +64,14 @@ fn ring_backward_inputs(rng: &mut Rng) -> CaseInputs {
     v
 }
 
+/// The dims of the dense inputs `i` with the cases' causal mask at `shift`.
+fn case_dims_of(i: &BTreeMap<String, HostTensor>, shift: i64) -> Dims {
+    let mut d = dense_dims(i);
+    d.causal = true;
+    d.shift = shift;
+    d
+}
+
 /// The dims of dense inputs named q, k, v.
 pub fn dense_dims(i: &BTreeMap<String, HostTensor>) -> Dims {
     let (q, k, v) = (&i["q"].shape, &i["k"].shape, &i["v"].shape);
@@ -71,7 +79,7 @@ pub fn dense_dims(i: &BTreeMap<String, HostTensor>) -> Dims {
 }
 
 fn attention_reference(i: &BTreeMap<String, HostTensor>) -> Vec<f64> {
-    rf::forward(&case_dims(), &i["q"].to_f64(), &i["k"].to_f64(), &i["v"].to_f64()).0
+    rf::forward(&case_dims_of(i, 16), &i["q"].to_f64(), &i["k"].to_f64(), &i["v"].to_f64()).0
 }
 
 /// Two partial results `[1, 29, 3, 12]` with lse in -3..3 and one row -inf on side b.
@@ -109,7 +117,7 @@ pub fn cases() -> Vec<Case> {
             reference: |i| {
                 let f = |n: &str| i[n].to_f64();
                 let (q, k, v) = (f("q"), f("k"), f("v"));
-                rf::backward_with(&case_dims(), &q, &k, &v, &f("out"), &f("lse"), &f("do")).1
+                rf::backward_with(&case_dims_of(i, 16), &q, &k, &v, &f("out"), &f("lse"), &f("do")).1
             },
             ulps: 256.0,
             floor: 1.0,
@@ -120,7 +128,7 @@ pub fn cases() -> Vec<Case> {
             output: "out",
             what: "[2,53,2,24] causal, zigzag over 3 ranks (ragged chunks)",
             inputs: ring_inputs,
-            reference: |i| rf::forward(&ring_dims(), &i["q"].to_f64(), &i["k"].to_f64(), &i["v"].to_f64()).0,
+            reference: |i| rf::forward(&case_dims_of(i, 0), &i["q"].to_f64(), &i["k"].to_f64(), &i["v"].to_f64()).0,
             ulps: 64.0,
             floor: 1.0,
         },
@@ -133,7 +141,7 @@ pub fn cases() -> Vec<Case> {
             reference: |i| {
                 let f = |n: &str| i[n].to_f64();
                 let (q, k, v) = (f("q"), f("k"), f("v"));
-                rf::backward_with(&ring_dims(), &q, &k, &v, &f("out"), &f("lse"), &f("do")).1
+                rf::backward_with(&case_dims_of(i, 0), &q, &k, &v, &f("out"), &f("lse"), &f("do")).1
             },
             ulps: 256.0,
             floor: 1.0,
@@ -146,7 +154,8 @@ pub fn cases() -> Vec<Case> {
             inputs: merge_inputs,
             reference: |i| {
                 let f = |n: &str| i[n].to_f64();
-                rf::merge(&f("out_a"), &f("lse_a"), &f("out_b"), &f("lse_b"), [1, 29, 3, 12]).0
+                let s = &i["out_a"].shape;
+                rf::merge(&f("out_a"), &f("lse_a"), &f("out_b"), &f("lse_b"), [s[0], s[1], s[2], s[3]]).0
             },
             ulps: 16.0,
             floor: 1.0,

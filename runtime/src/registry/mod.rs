@@ -21,6 +21,9 @@ pub enum ExampleValues {
     Positive,
     /// `logsigmoid(randn)` clamped at -5: log decays (gates) of gated recurrences.
     LogDecay,
+    /// Uniform in [4, 6]: the log-sum-exp of a row of O(1) scores over tens of keys
+    /// (an attention backward's `lse`), so that `exp(s - lse)` stays near or below 1.
+    LogSumExp,
 }
 
 /// Which dtypes an operator's tensor may have: a typed rule that `kiln ops` prints, the
