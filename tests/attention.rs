@@ -23,7 +23,9 @@ fn client() -> &'static kiln::Client {
 }
 
 fn round(dtype: DType, shape: &[usize], v: &[f64]) -> Vec<f64> {
-    HostTensor::from_f64(dtype, shape.to_vec(), v).unwrap().to_f64()
+    HostTensor::from_f64(dtype, shape.to_vec(), v)
+        .unwrap()
+        .to_f64()
 }
 
 /// q, k, v of a problem, rounded to `dtype`, with their device tensors.
@@ -38,7 +40,17 @@ struct Qkv {
 
 impl Qkv {
     #[allow(clippy::too_many_arguments)]
-    fn new(dtype: DType, seed: u64, b: usize, sq: usize, sk: usize, h: usize, hkv: usize, d: usize, dv: usize) -> Qkv {
+    fn new(
+        dtype: DType,
+        seed: u64,
+        b: usize,
+        sq: usize,
+        sk: usize,
+        h: usize,
+        hkv: usize,
+        d: usize,
+        dv: usize,
+    ) -> Qkv {
         let _ = client();
         let mut rng = Rng::new(seed);
         let (sq_, sk_, sv_) = ([b, sq, h, d], [b, sk, hkv, d], [b, sk, hkv, dv]);
@@ -64,7 +76,12 @@ impl Qkv {
 }
 
 /// Runs `attention` and returns the rel-RMS errors of out and lse against the reference.
-fn errors(x: &Qkv, opts: &AttentionOptions, dims: &rf::Dims, inp: AttentionInputs<'_>) -> (f64, f64, Vec<f64>, Vec<f64>) {
+fn errors(
+    x: &Qkv,
+    opts: &AttentionOptions,
+    dims: &rf::Dims,
+    inp: AttentionInputs<'_>,
+) -> (f64, f64, Vec<f64>, Vec<f64>) {
     let r = attention(&inp, opts).unwrap();
     let (o_ref, l_ref) = rf::forward(dims, &x.q, &x.k, &x.v);
     let (o, l) = (down(&r.out), down(&r.lse));
@@ -88,7 +105,8 @@ fn with_mask(mut d: rf::Dims, o: &AttentionOptions) -> rf::Dims {
 fn ragged_gqa_f32_matches_the_reference() {
     // The shape: Sq = 77, Sk = 133, D = 40, H = 6 over Hkv = 2 (3:1).
     let x = Qkv::new(DType::F32, 1, 2, 77, 133, 6, 2, 40, 40);
-    for (causal, q_offset, k_offset) in [(false, 0, 0), (true, 0, 0), (true, 56, 0), (true, 10, 30)] {
+    for (causal, q_offset, k_offset) in [(false, 0, 0), (true, 0, 0), (true, 56, 0), (true, 10, 30)]
+    {
         let opts = AttentionOptions {
             causal,
             q_offset,
@@ -96,7 +114,29 @@ fn ragged_gqa_f32_matches_the_reference() {
             ..Default::default()
         };
         let (eo, el, _, _) = errors(&x, &opts, &with_mask(x.dims(), &opts), x.inputs());
-        assert!(eo <= 1e-5 && el <= 1e-5, "causal={causal} offsets=({q_offset},{k_offset}): out {eo:.2e}, lse {el:.2e}");
+        assert!(
+            eo <= 1e-5 && el <= 1e-5,
+            "causal={causal} offsets=({q_offset},{k_offset}): out {eo:.2e}, lse {el:.2e}"
+        );
+    }
+}
+
+#[test]
+fn head_dims_off_the_vector_width_ragged_causal_f32() {
+    // D = 30, Dv = 18: not multiples of 4 (tiles load them with masked lanes).
+    let x = Qkv::new(DType::F32, 9, 2, 77, 133, 6, 2, 30, 18);
+    for (causal, q_offset, k_offset) in [(false, 0, 0), (true, 56, 0), (true, 10, 30)] {
+        let opts = AttentionOptions {
+            causal,
+            q_offset,
+            k_offset,
+            ..Default::default()
+        };
+        let (eo, el, _, _) = errors(&x, &opts, &with_mask(x.dims(), &opts), x.inputs());
+        assert!(
+            eo <= 1e-5 && el <= 1e-5,
+            "causal={causal} offsets=({q_offset},{k_offset}): out {eo:.2e}, lse {el:.2e}"
+        );
     }
 }
 
@@ -117,17 +157,23 @@ fn f16_and_bf16_match_within_2e3() {
         };
         let (eo, el, _, _) = errors(&x, &opts, &with_mask(x.dims(), &opts), x.inputs());
         let bar = if dtype == DType::F16 { 2e-3 } else { 1e-2 };
-        assert!(eo <= bar && el <= 1e-5, "{dtype}: out {eo:.2e}, lse {el:.2e}");
+        assert!(
+            eo <= bar && el <= 1e-5,
+            "{dtype}: out {eo:.2e}, lse {el:.2e}"
+        );
     }
 }
 
 #[test]
 fn wide_heads_up_to_256_and_dv_unlike_d() {
-    for (d, dv) in [(256, 256), (100, 12), (4, 200), (1, 1)] {
+    for (d, dv) in [(256, 256), (100, 12), (4, 200), (1, 1), (30, 18), (255, 7)] {
         let x = Qkv::new(DType::F32, 3, 1, 19, 40, 2, 1, d, dv);
         let opts = AttentionOptions::default();
         let (eo, el, _, _) = errors(&x, &opts, &x.dims(), x.inputs());
-        assert!(eo <= 1e-5 && el <= 1e-5, "D={d} Dv={dv}: out {eo:.2e}, lse {el:.2e}");
+        assert!(
+            eo <= 1e-5 && el <= 1e-5,
+            "D={d} Dv={dv}: out {eo:.2e}, lse {el:.2e}"
+        );
     }
 }
 
@@ -177,7 +223,10 @@ fn varlen_with_empty_and_one_token_sequences() {
             ..x.inputs()
         };
         let (eo, el, _, l) = errors(&x, &opts, &dims, inp);
-        assert!(eo <= 1e-5 && el <= 1e-5, "causal={causal}: out {eo:.2e}, lse {el:.2e}");
+        assert!(
+            eo <= 1e-5 && el <= 1e-5,
+            "causal={causal}: out {eo:.2e}, lse {el:.2e}"
+        );
         // The last sequence has no keys.
         assert!(l[50..55].iter().all(|&v| v == f64::NEG_INFINITY));
     }
@@ -227,7 +276,9 @@ fn merging_random_key_splits_equals_one_block() {
     let (o_one, l_one) = (down(&whole.out), down(&whole.lse));
     for parts in 1..=5usize {
         // Cut points: sorted distinct positions in 1..sk.
-        let mut cuts: Vec<usize> = (0..parts - 1).map(|_| 1 + (rng.uniform() * (sk - 1) as f64) as usize).collect();
+        let mut cuts: Vec<usize> = (0..parts - 1)
+            .map(|_| 1 + (rng.uniform() * (sk - 1) as f64) as usize)
+            .collect();
         cuts.sort();
         cuts.dedup();
         let mut edges = vec![0];
@@ -236,8 +287,12 @@ fn merging_random_key_splits_equals_one_block() {
         let mut blocks: Vec<(Tensor, Tensor)> = edges
             .windows(2)
             .map(|w| {
-                let kb: Vec<f64> = (0..b).flat_map(|bi| x.k[(bi * sk + w[0]) * h * d..(bi * sk + w[1]) * h * d].to_vec()).collect();
-                let vb: Vec<f64> = (0..b).flat_map(|bi| x.v[(bi * sk + w[0]) * h * d..(bi * sk + w[1]) * h * d].to_vec()).collect();
+                let kb: Vec<f64> = (0..b)
+                    .flat_map(|bi| x.k[(bi * sk + w[0]) * h * d..(bi * sk + w[1]) * h * d].to_vec())
+                    .collect();
+                let vb: Vec<f64> = (0..b)
+                    .flat_map(|bi| x.v[(bi * sk + w[0]) * h * d..(bi * sk + w[1]) * h * d].to_vec())
+                    .collect();
                 let shape = [b, w[1] - w[0], h, d];
                 let (tk, tv) = (up(DType::F32, &shape, &kb), up(DType::F32, &shape, &vb));
                 let r = attention(
@@ -257,13 +312,19 @@ fn merging_random_key_splits_equals_one_block() {
             blocks.swap(i, j.min(i));
         }
         let (acc_o, acc_l) = &blocks[0];
-        let (before_o, before_l) = (down(&blocks.last().unwrap().0), down(&blocks.last().unwrap().1));
+        let (before_o, before_l) = (
+            down(&blocks.last().unwrap().0),
+            down(&blocks.last().unwrap().1),
+        );
         for (o, l) in &blocks[1..] {
             attention_merge(acc_o, acc_l, o, l).unwrap();
         }
         let eo = rms_relative(&down(acc_o), &o_one);
         let el = rms_relative(&down(acc_l), &l_one);
-        assert!(eo <= 1e-6 && el <= 1e-6, "{parts} parts {edges:?}: out {eo:.2e}, lse {el:.2e}");
+        assert!(
+            eo <= 1e-6 && el <= 1e-6,
+            "{parts} parts {edges:?}: out {eo:.2e}, lse {el:.2e}"
+        );
         if blocks.len() > 1 {
             // Side b is never modified.
             assert_eq!(down(&blocks.last().unwrap().0), before_o);
@@ -287,7 +348,11 @@ fn merge_with_an_empty_side_keeps_the_other() {
     assert_eq!(&o[0..3], &oa[0..3]);
     assert_eq!(&o[3..6], &ob[3..6]);
     assert_eq!(&o[6..9], &oa[6..9]);
-    assert!(o[9..12].iter().all(|&v| v.abs() < 1e-6), "equal weights: {:?}", &o[9..12]);
+    assert!(
+        o[9..12].iter().all(|&v| v.abs() < 1e-6),
+        "equal weights: {:?}",
+        &o[9..12]
+    );
     assert_eq!(l[0], 0.5);
     assert_eq!(l[1], 1.5);
     assert_eq!(l[2], ninf);
@@ -299,7 +364,10 @@ fn expect_err(r: kiln::Result<impl Sized>, needle: &str) {
         Ok(_) => panic!("accepted; expected an error mentioning {needle:?}"),
         Err(e) => {
             let text = e.to_string();
-            assert!(text.contains(needle), "{text:?} does not mention {needle:?}");
+            assert!(
+                text.contains(needle),
+                "{text:?} does not mention {needle:?}"
+            );
             assert_eq!(text.lines().count(), 1, "not one line: {text:?}");
             assert!(!matches!(e, Error::Kernel { .. }), "{text}");
         }
@@ -310,10 +378,19 @@ fn expect_err(r: kiln::Result<impl Sized>, needle: &str) {
 fn bad_input_is_one_clear_line() {
     let x = Qkv::new(DType::F32, 13, 1, 8, 8, 6, 4, 16, 16);
     // Hkv = 4 does not divide H = 6.
-    expect_err(attention(&x.inputs(), &AttentionOptions::default()), "Hkv dividing");
+    expect_err(
+        attention(&x.inputs(), &AttentionOptions::default()),
+        "Hkv dividing",
+    );
     let y = Qkv::new(DType::F32, 13, 1, 8, 8, 4, 2, 16, 16);
     let k_bad = up(DType::F32, &[1, 8, 2, 12], &[0.0; 192]);
-    expect_err(attention(&AttentionInputs::new(&y.tq, &k_bad, &y.tv), &AttentionOptions::default()), "k");
+    expect_err(
+        attention(
+            &AttentionInputs::new(&y.tq, &k_bad, &y.tv),
+            &AttentionOptions::default(),
+        ),
+        "k",
+    );
     let cu_bad = [0, 5, 3, 8];
     let cu_ok = [0, 3, 5, 8];
     let not_end = [0, 3, 7];
@@ -335,10 +412,34 @@ fn bad_input_is_one_clear_line() {
     expect_err(var(cu_bad, cu_ok), "cu_seqlens_q");
     expect_err(var(cu_ok, not_end), "cu_seqlens_k");
     for (opts, needle) in [
-        (AttentionOptions { temperature: 0.0, ..Default::default() }, "temperature"),
-        (AttentionOptions { lse_scale: -1.0, ..Default::default() }, "lse_scale"),
-        (AttentionOptions { scale: Some(f64::NAN), ..Default::default() }, "scale"),
-        (AttentionOptions { out_dtype: Some(DType::F16), ..Default::default() }, "out_dtype"),
+        (
+            AttentionOptions {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            "temperature",
+        ),
+        (
+            AttentionOptions {
+                lse_scale: -1.0,
+                ..Default::default()
+            },
+            "lse_scale",
+        ),
+        (
+            AttentionOptions {
+                scale: Some(f64::NAN),
+                ..Default::default()
+            },
+            "scale",
+        ),
+        (
+            AttentionOptions {
+                out_dtype: Some(DType::F16),
+                ..Default::default()
+            },
+            "out_dtype",
+        ),
     ] {
         expect_err(attention(&y.inputs(), &opts), needle);
     }
@@ -353,11 +454,21 @@ use kiln::kernels::attention::{attention_backward, AttentionGradInputs};
 
 /// The backward from the kernels' own forward (`out`, `lse`) against the f64
 /// gradients; returns the rel-RMS errors of dq, dk, dv.
-fn backward_errors(x: &Qkv, opts: &AttentionOptions, dims: &rf::Dims, inp: AttentionInputs<'_>, seed: u64) -> [f64; 3] {
+fn backward_errors(
+    x: &Qkv,
+    opts: &AttentionOptions,
+    dims: &rf::Dims,
+    inp: AttentionInputs<'_>,
+    seed: u64,
+) -> [f64; 3] {
     let fwd = attention(&inp, opts).unwrap();
     let d_o_shape = fwd.out.shape().to_vec();
     let dtype = x.tq.dtype();
-    let d_o = round(dtype, &d_o_shape, &Rng::new(seed).normals(d_o_shape.iter().product(), 1.0));
+    let d_o = round(
+        dtype,
+        &d_o_shape,
+        &Rng::new(seed).normals(d_o_shape.iter().product(), 1.0),
+    );
     let td_o = up(dtype, &d_o_shape, &d_o);
     let g = attention_backward(
         &inp,
@@ -370,13 +481,18 @@ fn backward_errors(x: &Qkv, opts: &AttentionOptions, dims: &rf::Dims, inp: Atten
     )
     .unwrap();
     let (dq, dk, dv) = rf::backward(dims, &x.q, &x.k, &x.v, &d_o);
-    [rms_relative(&down(&g.dq), &dq), rms_relative(&down(&g.dk), &dk), rms_relative(&down(&g.dv), &dv)]
+    [
+        rms_relative(&down(&g.dq), &dq),
+        rms_relative(&down(&g.dk), &dk),
+        rms_relative(&down(&g.dv), &dv),
+    ]
 }
 
 #[test]
 fn backward_ragged_gqa_f32_matches_the_reference() {
     let x = Qkv::new(DType::F32, 21, 2, 77, 133, 6, 2, 40, 40);
-    for (causal, q_offset, k_offset) in [(false, 0, 0), (true, 0, 0), (true, 56, 0), (true, 10, 30)] {
+    for (causal, q_offset, k_offset) in [(false, 0, 0), (true, 0, 0), (true, 56, 0), (true, 10, 30)]
+    {
         let opts = AttentionOptions {
             causal,
             q_offset,
@@ -384,7 +500,10 @@ fn backward_ragged_gqa_f32_matches_the_reference() {
             ..Default::default()
         };
         let e = backward_errors(&x, &opts, &with_mask(x.dims(), &opts), x.inputs(), 5);
-        assert!(e.iter().all(|&v| v <= 1e-4), "causal={causal} offsets=({q_offset},{k_offset}): dq, dk, dv {e:?}");
+        assert!(
+            e.iter().all(|&v| v <= 1e-4),
+            "causal={causal} offsets=({q_offset},{k_offset}): dq, dk, dv {e:?}"
+        );
     }
 }
 

@@ -7,32 +7,30 @@ mod common;
 use common::{client, down, up};
 use kiln::check::{rms_relative, Rng};
 use kiln::kernels::attention::{
-    attention, attention_backward, reference as rf, AttentionGradInputs, AttentionInputs, AttentionOptions,
+    attention, attention_backward, reference as rf, AttentionGradInputs, AttentionInputs,
+    AttentionOptions,
 };
-use kiln::runtime::tune::{Autotuner, CandidateStatus, TuneEvent};
+use kiln::runtime::tune::CandidateStatus;
 use kiln::{DType, HostTensor};
-use std::sync::{Arc, Mutex};
 
 #[test]
 fn tuned_forward_and_backward_match_the_reference() {
     // A fresh cache, so that every candidate is timed (one test in this binary).
-    let dir = std::env::temp_dir().join(format!("kiln-attention-tune-{}", std::process::id()));
-    std::env::set_var("KILN_CACHE_DIR", &dir);
-    std::env::set_var("KILN_AUTOTUNE", "on");
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
-    Autotuner::global().observe(move |e| {
-        if let TuneEvent::Candidate { label, status } = e {
-            log.lock().unwrap().push((label.clone(), status.clone()));
-        }
-    });
+    let (dir, seen) = common::tune_from_scratch("attention");
     // Dv = 72 > 64 keeps BV = 128 and the wide dq/dkv column tiles in the space.
     let (b, sq, sk, h, hkv, d, dv) = (1, 70, 83, 4, 2, 72, 72);
     let mut rng = Rng::new(5);
     let mut round = |s: &[usize], n: usize| {
-        HostTensor::from_f64(DType::F32, s.to_vec(), &rng.normals(n, 1.0)).unwrap().to_f64()
+        HostTensor::from_f64(DType::F32, s.to_vec(), &rng.normals(n, 1.0))
+            .unwrap()
+            .to_f64()
     };
-    let (sq_, sk_, sv_, so_) = ([b, sq, h, d], [b, sk, hkv, d], [b, sk, hkv, dv], [b, sq, h, dv]);
+    let (sq_, sk_, sv_, so_) = (
+        [b, sq, h, d],
+        [b, sk, hkv, d],
+        [b, sk, hkv, dv],
+        [b, sq, h, dv],
+    );
     let q = round(&sq_, b * sq * h * d);
     let k = round(&sk_, b * sk * hkv * d);
     let v = round(&sv_, b * sk * hkv * dv);
@@ -43,7 +41,12 @@ fn tuned_forward_and_backward_match_the_reference() {
     let (o_ref, l_ref) = rf::forward(&dims, &q, &k, &v);
     let (dq_ref, dk_ref, dv_ref) = rf::backward(&dims, &q, &k, &v, &d_o);
     let _ = client();
-    let (tq, tk, tv, tdo) = (up(DType::F32, &sq_, &q), up(DType::F32, &sk_, &k), up(DType::F32, &sv_, &v), up(DType::F32, &so_, &d_o));
+    let (tq, tk, tv, tdo) = (
+        up(DType::F32, &sq_, &q),
+        up(DType::F32, &sk_, &k),
+        up(DType::F32, &sv_, &v),
+        up(DType::F32, &so_, &d_o),
+    );
     let inp = AttentionInputs::new(&tq, &tk, &tv);
     let opts = AttentionOptions {
         causal: true,
@@ -51,8 +54,14 @@ fn tuned_forward_and_backward_match_the_reference() {
         ..Default::default()
     };
     let fwd = attention(&inp, &opts).unwrap();
-    let (eo, el) = (rms_relative(&down(&fwd.out), &o_ref), rms_relative(&down(&fwd.lse), &l_ref));
-    assert!(eo <= 1e-5 && el <= 1e-5, "tuned forward: out {eo:.2e} lse {el:.2e}");
+    let (eo, el) = (
+        rms_relative(&down(&fwd.out), &o_ref),
+        rms_relative(&down(&fwd.lse), &l_ref),
+    );
+    assert!(
+        eo <= 1e-5 && el <= 1e-5,
+        "tuned forward: out {eo:.2e} lse {el:.2e}"
+    );
     let g = attention_backward(
         &inp,
         &AttentionGradInputs {
@@ -63,7 +72,11 @@ fn tuned_forward_and_backward_match_the_reference() {
         &opts,
     )
     .unwrap();
-    for (name, got, want) in [("dq", &g.dq, &dq_ref), ("dk", &g.dk, &dk_ref), ("dv", &g.dv, &dv_ref)] {
+    for (name, got, want) in [
+        ("dq", &g.dq, &dq_ref),
+        ("dk", &g.dk, &dk_ref),
+        ("dv", &g.dv, &dv_ref),
+    ] {
         let e = rms_relative(&down(got), want);
         assert!(e <= 1e-4, "tuned backward {name}: {e:.2e}");
     }
@@ -71,6 +84,9 @@ fn tuned_forward_and_backward_match_the_reference() {
     let seen = seen.lock().unwrap();
     assert!(seen.len() > 15, "tuning timed {} candidates", seen.len());
     for (label, status) in seen.iter() {
-        assert!(matches!(status, CandidateStatus::Timed(_)), "{label}: {status:?}");
+        assert!(
+            matches!(status, CandidateStatus::Timed(_)),
+            "{label}: {status:?}"
+        );
     }
 }

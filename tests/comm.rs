@@ -13,20 +13,10 @@ use std::time::Duration;
 /// Runs `body(rank's communicator)` on every rank in its own thread; the results in
 /// rank order.
 fn on_ranks<T: Send>(p: usize, timeout: Duration, body: impl Fn(&HostComm) -> T + Sync) -> Vec<T> {
-    let comms = HostComm::with_timeout(vec![client().clone(); p], timeout);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .into_iter()
-            .map(|c| {
-                let body = &body;
-                s.spawn(move || body(&c))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("rank thread"))
-            .collect()
-    })
+    HostComm::run(vec![client().clone(); p], timeout, body)
+        .into_iter()
+        .map(|r| r.expect("rank thread"))
+        .collect()
 }
 
 /// Rank `r`'s example values: distinct per rank and element, exact in f16.

@@ -91,7 +91,12 @@ fn matmul_f16_matches_pytorch() {
 /// Runs `op` on the file's inputs with `params` and returns, per output named in
 /// `outputs`, the max relative error against `expected_<name>` (denominators floored
 /// at 1: the values are O(1)).
-fn conformance_outputs(file: &str, op: &str, params: &[(&str, &str)], outputs: &[&str]) -> Vec<(String, f64)> {
+fn conformance_outputs(
+    file: &str,
+    op: &str,
+    params: &[(&str, &str)],
+    outputs: &[&str],
+) -> Vec<(String, f64)> {
     outputs
         .iter()
         .map(|o| (o.to_string(), conformance_with(file, op, params, o, 1.0)))
@@ -103,7 +108,12 @@ fn attention_gqa_causal_offset_matches_pytorch() {
     // PyTorch's scaled_dot_product_attention in f64: 8 query heads over 2 KV heads,
     // 64 queries at positions 32..95 of 96 keys.
     let p = [("causal", "true"), ("q_offset", "32")];
-    for (name, e) in conformance_outputs("attention_gqa_causal_offset_f32.safetensors", "attention", &p, &["out", "lse"]) {
+    for (name, e) in conformance_outputs(
+        "attention_gqa_causal_offset_f32.safetensors",
+        "attention",
+        &p,
+        &["out", "lse"],
+    ) {
         assert!(e < 1e-5, "{name}: max rel err {e:e}");
     }
 }
@@ -111,7 +121,12 @@ fn attention_gqa_causal_offset_matches_pytorch() {
 #[test]
 fn attention_varlen_causal_matches_pytorch() {
     // Sequences of 0, 1, 49 and 73 tokens packed along the token axis.
-    for (name, e) in conformance_outputs("attention_varlen_causal_f32.safetensors", "attention", &[("causal", "true")], &["out", "lse"]) {
+    for (name, e) in conformance_outputs(
+        "attention_varlen_causal_f32.safetensors",
+        "attention",
+        &[("causal", "true")],
+        &["out", "lse"],
+    ) {
         assert!(e < 1e-5, "{name}: max rel err {e:e}");
     }
 }
@@ -119,7 +134,12 @@ fn attention_varlen_causal_matches_pytorch() {
 #[test]
 fn attention_merge_matches_pytorch() {
     // Keys 0..61 and 61..150 of one attention, merged: the whole attention.
-    for (name, e) in conformance_outputs("attention_merge_f32.safetensors", "attention_merge", &[], &["out", "lse"]) {
+    for (name, e) in conformance_outputs(
+        "attention_merge_f32.safetensors",
+        "attention_merge",
+        &[],
+        &["out", "lse"],
+    ) {
         assert!(e < 1e-6, "{name}: max rel err {e:e}");
     }
 }

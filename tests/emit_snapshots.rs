@@ -224,3 +224,29 @@ fn tensor_core_kernels_are_refused_for_wgsl() {
     assert!(matches!(e, kiln::Error::Unsupported { .. }), "{e}");
     assert!(e.to_string().contains("cmma"), "{e}");
 }
+
+#[test]
+fn attention_fwd_wgsl_causal_varlen() {
+    insta::assert_snapshot!(source(
+        "attention_fwd",
+        Target::Wgsl,
+        &[
+            ("causal", "true"),
+            ("varlen", "true"),
+            ("BQ", "16"),
+            ("BK", "32"),
+            ("TQ", "2"),
+            ("TK", "4"),
+            ("BV", "32")
+        ]
+    ));
+}
+
+#[test]
+fn attention_bwd_dkv_cuda_bf16_causal() {
+    insta::assert_snapshot!(source(
+        "attention_bwd_dkv",
+        Target::Cuda,
+        &[("dtype", "bf16"), ("causal", "true"), ("grad_f32", "true")]
+    ));
+}

@@ -7,9 +7,8 @@ mod common;
 use common::client;
 use kiln::check::Rng;
 use kiln::kernels::gla::{gla, gla_backward, reference, GlaGradInputs, GlaInputs, GlaOptions};
-use kiln::runtime::tune::{Autotuner, CandidateStatus, TuneEvent};
+use kiln::runtime::tune::CandidateStatus;
 use kiln::{DType, HostTensor, Tensor};
-use std::sync::{Arc, Mutex};
 
 fn up(shape: &[usize], v: &[f64]) -> Tensor {
     Tensor::upload(
@@ -21,18 +20,8 @@ fn up(shape: &[usize], v: &[f64]) -> Tensor {
 
 #[test]
 fn tuned_forward_and_backward_match_the_reference() {
-    // A fresh cache, so that every candidate is timed (this binary has one test, and
-    // the global autotuner is created by the first operator call below).
-    let dir = std::env::temp_dir().join(format!("kiln-gla-tune-{}", std::process::id()));
-    std::env::set_var("KILN_CACHE_DIR", &dir);
-    std::env::set_var("KILN_AUTOTUNE", "on");
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
-    Autotuner::global().observe(move |e| {
-        if let TuneEvent::Candidate { label, status } = e {
-            log.lock().unwrap().push((label.clone(), status.clone()));
-        }
-    });
+    // A fresh cache, so that every candidate is timed (one test in this binary).
+    let (dir, seen) = common::tune_from_scratch("gla");
     let (b, t, h, dk, dv) = (1usize, 150usize, 2usize, 40usize, 24usize);
     let mut rng = Rng::new(99);
     let nk = b * t * h * dk;

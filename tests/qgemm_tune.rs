@@ -8,9 +8,8 @@ mod common;
 use common::client;
 use kiln::check::Rng;
 use kiln::kernels::qgemm::{self, reference as qr, reference::W4Codes, W4Format, W4Weights};
-use kiln::runtime::tune::{Autotuner, CandidateStatus, TuneEvent};
+use kiln::runtime::tune::CandidateStatus;
 use kiln::{DType, HostTensor, Tensor};
-use std::sync::{Arc, Mutex};
 
 fn up(dtype: DType, shape: &[usize], v: &[f64]) -> Tensor {
     Tensor::upload(
@@ -27,17 +26,8 @@ fn mean_rel(got: &[f64], want: &[f64]) -> f64 {
 
 #[test]
 fn tuned_quantized_gemms_match_f64_and_every_candidate_validates() {
-    // A fresh cache, so that every candidate is timed (this binary has one test).
-    let dir = std::env::temp_dir().join(format!("kiln-qgemm-tune-{}", std::process::id()));
-    std::env::set_var("KILN_CACHE_DIR", &dir);
-    std::env::set_var("KILN_AUTOTUNE", "on");
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
-    Autotuner::global().observe(move |e| {
-        if let TuneEvent::Candidate { label, status } = e {
-            log.lock().unwrap().push((label.clone(), status.clone()));
-        }
-    });
+    // A fresh cache, so that every candidate is timed (one test in this binary).
+    let (dir, seen) = common::tune_from_scratch("qgemm");
     let mut rng = Rng::new(21);
     let (n, k) = (72, 256);
     let c = W4Codes::quantize(&rng.normals(k * n, 0.05), k, n, 128);

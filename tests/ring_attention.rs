@@ -8,8 +8,8 @@ mod common;
 use common::{down, up};
 use kiln::check::{rms_relative, Rng};
 use kiln::kernels::attention::{
-    reference as rf, ring_attention_backward_local_ranks, ring_attention_local_ranks, AttentionGradInputs,
-    AttentionOptions, RingLayout, RingSchedule,
+    reference as rf, ring_attention_backward_local_ranks, ring_attention_local_ranks,
+    AttentionGradInputs, AttentionOptions, RingLayout, RingSchedule,
 };
 use kiln::{load_safetensors, DType, HostTensor};
 
@@ -19,10 +19,16 @@ fn client() -> &'static kiln::Client {
     common::client()
 }
 
-const SCHEDULES: [RingSchedule; 3] = [RingSchedule::Contiguous, RingSchedule::Zigzag, RingSchedule::TokenRing];
+const SCHEDULES: [RingSchedule; 3] = [
+    RingSchedule::Contiguous,
+    RingSchedule::Zigzag,
+    RingSchedule::TokenRing,
+];
 
 fn round(shape: &[usize], v: &[f64]) -> Vec<f64> {
-    HostTensor::from_f64(DType::F32, shape.to_vec(), v).unwrap().to_f64()
+    HostTensor::from_f64(DType::F32, shape.to_vec(), v)
+        .unwrap()
+        .to_f64()
 }
 
 #[test]
@@ -46,7 +52,10 @@ fn every_schedule_and_world_size_equals_whole_attention() {
         dims.causal = causal;
         let (o_ref, l_ref) = rf::forward(&dims, &q, &k, &v);
         let (dq_ref, dk_ref, dv_ref) = rf::backward(&dims, &q, &k, &v, &d_o);
-        let (to, tl) = (up(DType::F32, &[b, s, h, dv], &o_ref), up(DType::F32, &[b, h, s], &l_ref));
+        let (to, tl) = (
+            up(DType::F32, &[b, s, h, dv], &o_ref),
+            up(DType::F32, &[b, h, s], &l_ref),
+        );
         let opts = AttentionOptions {
             causal,
             ..Default::default()
@@ -54,8 +63,14 @@ fn every_schedule_and_world_size_equals_whole_attention() {
         for schedule in SCHEDULES {
             for p in 1..=4 {
                 let r = ring_attention_local_ranks(&tq, &tk, &tv, p, schedule, &opts).unwrap();
-                let (eo, el) = (rms_relative(&down(&r.out), &o_ref), rms_relative(&down(&r.lse), &l_ref));
-                assert!(eo <= 1e-5 && el <= 1e-5, "{schedule:?} P={p} causal={causal}: out {eo:.2e} lse {el:.2e}");
+                let (eo, el) = (
+                    rms_relative(&down(&r.out), &o_ref),
+                    rms_relative(&down(&r.lse), &l_ref),
+                );
+                assert!(
+                    eo <= 1e-5 && el <= 1e-5,
+                    "{schedule:?} P={p} causal={causal}: out {eo:.2e} lse {el:.2e}"
+                );
                 let g = ring_attention_backward_local_ranks(
                     &tq,
                     &tk,
@@ -70,9 +85,16 @@ fn every_schedule_and_world_size_equals_whole_attention() {
                     &opts,
                 )
                 .unwrap();
-                for (name, got, want) in [("dq", &g.dq, &dq_ref), ("dk", &g.dk, &dk_ref), ("dv", &g.dv, &dv_ref)] {
+                for (name, got, want) in [
+                    ("dq", &g.dq, &dq_ref),
+                    ("dk", &g.dk, &dk_ref),
+                    ("dv", &g.dv, &dv_ref),
+                ] {
                     let e = rms_relative(&down(got), want);
-                    assert!(e <= 1e-4, "{schedule:?} P={p} causal={causal}: {name} {e:.2e}");
+                    assert!(
+                        e <= 1e-4,
+                        "{schedule:?} P={p} causal={causal}: {name} {e:.2e}"
+                    );
                 }
             }
         }
@@ -85,13 +107,20 @@ fn pytorch_vector_through_the_registry_for_every_schedule() {
     let spec = kiln::kernels::op("ring_attention").unwrap();
     for schedule in ["contiguous", "zigzag", "tokenring"] {
         for p in 1..=4 {
-            let params = [("causal", "true".to_string()), ("world_size", p.to_string()), ("schedule", schedule.to_string())]
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect();
+            let params = [
+                ("causal", "true".to_string()),
+                ("world_size", p.to_string()),
+                ("schedule", schedule.to_string()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
             let outs = spec.call_host(client(), &hosts, params).unwrap();
             for name in ["out", "lse"] {
-                let e = rms_relative(&outs[name].to_f64(), &hosts[&format!("expected_{name}")].to_f64());
+                let e = rms_relative(
+                    &outs[name].to_f64(),
+                    &hosts[&format!("expected_{name}")].to_f64(),
+                );
                 assert!(e <= 1e-5, "{schedule} P={p}: {name} {e:.2e}");
             }
         }
@@ -119,17 +148,34 @@ fn layouts_cut_ragged_chunks_without_padding() {
 fn bad_ring_input_is_one_clear_line() {
     let _ = client();
     let t = up(DType::F32, &[1, 8, 2, 4], &[0.5; 64]);
-    let e = ring_attention_local_ranks(&t, &t, &t, 0, RingSchedule::Zigzag, &AttentionOptions::default())
-        .err()
-        .expect("world_size 0 accepted");
+    let e = ring_attention_local_ranks(
+        &t,
+        &t,
+        &t,
+        0,
+        RingSchedule::Zigzag,
+        &AttentionOptions::default(),
+    )
+    .err()
+    .expect("world_size 0 accepted");
     let text = e.to_string();
-    assert!(text.contains("world_size") && text.lines().count() == 1, "{text}");
+    assert!(
+        text.contains("world_size") && text.lines().count() == 1,
+        "{text}"
+    );
     let e = RingSchedule::parse("ring").err().unwrap().to_string();
     assert!(e.contains("contiguous | zigzag | tokenring"), "{e}");
     let k3 = up(DType::F32, &[1, 8, 3, 4], &[0.5; 96]);
-    let e = ring_attention_local_ranks(&t, &k3, &k3, 2, RingSchedule::Contiguous, &AttentionOptions::default())
-        .err()
-        .expect("Hkv = 3 with H = 2 accepted")
-        .to_string();
+    let e = ring_attention_local_ranks(
+        &t,
+        &k3,
+        &k3,
+        2,
+        RingSchedule::Contiguous,
+        &AttentionOptions::default(),
+    )
+    .err()
+    .expect("Hkv = 3 with H = 2 accepted")
+    .to_string();
     assert!(e.contains("Hkv dividing"), "{e}");
 }

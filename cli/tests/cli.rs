@@ -273,18 +273,31 @@ fn run_ring_attention_zigzag_over_three_ranks() {
         "ring_attention",
         &input,
         &out,
-        &["--set", "causal=true", "--set", "world_size=3", "--set", "schedule=zigzag"],
+        &[
+            "--set",
+            "causal=true",
+            "--set",
+            "world_size=3",
+            "--set",
+            "schedule=zigzag",
+        ],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = load_safetensors(&out).unwrap();
     let want = load_safetensors(&input).unwrap();
     for name in ["out", "lse"] {
-        let e = kiln::check::rms_relative(&got[name].to_f64(), &want[&format!("expected_{name}")].to_f64());
+        let e = kiln::check::rms_relative(
+            &got[name].to_f64(),
+            &want[&format!("expected_{name}")].to_f64(),
+        );
         assert!(e < 1e-5, "{name}: {e:e}");
     }
     // Only q, k, v (no note about unused tensors before the error line).
     let qkv = tmp("ring_qkv.safetensors");
-    let only: BTreeMap<String, HostTensor> = want.into_iter().filter(|(k, _)| ["q", "k", "v"].contains(&k.as_str())).collect();
+    let only: BTreeMap<String, HostTensor> = want
+        .into_iter()
+        .filter(|(k, _)| ["q", "k", "v"].contains(&k.as_str()))
+        .collect();
     save_safetensors(&qkv, &only).unwrap();
     assert_clear_error(
         &run_op("ring_attention", &qkv, &out, &["--set", "world_size=0"]),

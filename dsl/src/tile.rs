@@ -376,8 +376,32 @@ pub fn tile_product_nt<F: Float>(
     let mut d0 = 0u32;
     while d0 < depth {
         let valid = min(depth - d0, bd);
-        load_tile_v4::<F>(xs, 0, x, x_base + d0, x_stride, 1, x_rows, valid, rows, bd, units);
-        load_tile_v4::<F>(yt, 0, y, y_base + d0, 1, y_stride, valid, y_rows, bd, cols, units);
+        load_tile_v4::<F>(
+            xs,
+            0,
+            x,
+            x_base + d0,
+            x_stride,
+            1,
+            x_rows,
+            valid,
+            rows,
+            bd,
+            units,
+        );
+        load_tile_v4::<F>(
+            yt,
+            0,
+            y,
+            y_base + d0,
+            1,
+            y_stride,
+            valid,
+            y_rows,
+            bd,
+            cols,
+            units,
+        );
         sync_cube();
         reg_tile_mma_v4(acc, xs, 0, yt, 0, ty, tx, rows, cols, bd, tm, tn);
         sync_cube();

@@ -78,12 +78,21 @@ pub(crate) fn upload_u32(client: &Client, name: &str, values: &[u32]) -> Result<
     } else {
         (vec![values.len()], data)
     };
-    Tensor::upload_named(client, name, &HostTensor::from_bytes(DType::U32, shape, data)?)
+    Tensor::upload_named(
+        client,
+        name,
+        &HostTensor::from_bytes(DType::U32, shape, data)?,
+    )
 }
 
 /// Varlen offsets `cu` (parameter `name`) as row bounds: `N + 1 >= 2` entries, 0 first,
 /// `total` (the token count, called `what` in the error) last, non-decreasing.
-pub(crate) fn check_offsets(name: &str, cu: &[i32], total: usize, what: &str) -> Result<Vec<usize>> {
+pub(crate) fn check_offsets(
+    name: &str,
+    cu: &[i32],
+    total: usize,
+    what: &str,
+) -> Result<Vec<usize>> {
     let bad = |why: &str| Error::Param {
         param: name.into(),
         expected: format!("N + 1 >= 2 offsets from 0 to {what} = {total}, non-decreasing"),

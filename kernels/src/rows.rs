@@ -28,18 +28,33 @@ pub fn slice_rows(t: &Tensor, axis: usize, r0: usize, n: usize, to: DType) -> Re
 /// Copies rows `[src_r0, src_r0 + n)` of `src` into rows `[dst_r0, dst_r0 + n)` of
 /// `dst` along dimension `axis` (the other dimensions equal), converting the dtype.
 /// `dst` is written in place.
-pub fn copy_rows(src: &Tensor, axis: usize, src_r0: usize, dst: &Tensor, dst_r0: usize, n: usize) -> Result<()> {
+pub fn copy_rows(
+    src: &Tensor,
+    axis: usize,
+    src_r0: usize,
+    dst: &Tensor,
+    dst_r0: usize,
+    n: usize,
+) -> Result<()> {
     let client = src.client();
     check_input("src", src, client)?;
     check_input("dst", dst, client)?;
     let (ss, ds) = (src.shape(), dst.shape());
     let same_rest = ss.len() == ds.len()
         && axis < ss.len()
-        && ss.iter().zip(ds).enumerate().all(|(i, (a, b))| i == axis || a == b);
+        && ss
+            .iter()
+            .zip(ds)
+            .enumerate()
+            .all(|(i, (a, b))| i == axis || a == b);
     if !same_rest || src_r0 + n > ss[axis] || dst_r0 + n > ds[axis] {
         return Err(Error::Shape {
             tensor: "dst".into(),
-            expected: format!("the shape of src {} but dimension {axis}, rows {dst_r0}..{}", shape_str(ss), dst_r0 + n),
+            expected: format!(
+                "the shape of src {} but dimension {axis}, rows {dst_r0}..{}",
+                shape_str(ss),
+                dst_r0 + n
+            ),
             found: shape_str(ds),
         });
     }
@@ -58,7 +73,10 @@ pub fn copy_rows(src: &Tensor, axis: usize, src_r0: usize, dst: &Tensor, dst_r0:
         return Ok(());
     }
     // The kernel's F is the non-f32 side (or f32 when both are).
-    let (src_f32, dst_f32) = (sd == DType::F32 && dd != DType::F32, dd == DType::F32 && sd != DType::F32);
+    let (src_f32, dst_f32) = (
+        sd == DType::F32 && dd != DType::F32,
+        dd == DType::F32 && sd != DType::F32,
+    );
     let f = if src_f32 { dd } else { sd };
     let client = src.client();
     let ph_f = Tensor::empty(client, f, &[1])?;

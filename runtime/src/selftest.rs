@@ -165,7 +165,9 @@ fn compare(
         (Some(d), _) => d,
         // A value that names no dtype (attention's `out_dtype=q`: q's dtype) means the
         // dtype under test.
-        (None, Some(p)) => DType::parse(params.get(p.name).map_or(p.default, |v| v.as_str())).unwrap_or(dtype),
+        (None, Some(p)) => {
+            DType::parse(params.get(p.name).map_or(p.default, |v| v.as_str())).unwrap_or(dtype)
+        }
         (None, None) => dtype,
     };
     if got.dtype != expected {

@@ -58,3 +58,26 @@ pub fn data(name: &str) -> std::path::PathBuf {
     };
     root.join("tests/data").join(name)
 }
+
+/// Every candidate the autotuner timed: (label, status), in order.
+pub type TuneLog =
+    std::sync::Arc<std::sync::Mutex<Vec<(String, kiln::runtime::tune::CandidateStatus)>>>;
+
+/// Autotuning on, in a fresh cache of its own (so that every candidate is timed), with
+/// a log of the candidates: for a test binary with one test, before the first operator
+/// call creates the global autotuner. Returns the cache folder (to remove at the end)
+/// and the log.
+pub fn tune_from_scratch(name: &str) -> (std::path::PathBuf, TuneLog) {
+    use kiln::runtime::tune::{Autotuner, TuneEvent};
+    let dir = std::env::temp_dir().join(format!("kiln-{name}-tune-{}", std::process::id()));
+    std::env::set_var("KILN_CACHE_DIR", &dir);
+    std::env::set_var("KILN_AUTOTUNE", "on");
+    let seen = TuneLog::default();
+    let log = seen.clone();
+    Autotuner::global().observe(move |e| {
+        if let TuneEvent::Candidate { label, status } = e {
+            log.lock().unwrap().push((label.clone(), status.clone()));
+        }
+    });
+    (dir, seen)
+}

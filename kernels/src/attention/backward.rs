@@ -98,7 +98,11 @@ pub(super) fn backward_into(
             true => Tensor::empty(client, p.dtype, &[1])?,
             false => absent(client)?,
         };
-        let (o, o32) = if out_f32 { (&placeholder, grad.out) } else { (grad.out, &placeholder) };
+        let (o, o32) = if out_f32 {
+            (&placeholder, grad.out)
+        } else {
+            (grad.out, &placeholder)
+        };
         AttentionBwdPrep::tuned(
             client,
             0.0,
@@ -349,7 +353,11 @@ pub fn attention_bwd_dq<F: Float>(
     for i in 0..TQ {
         let r = ty + i * row_step;
         // Rows past the tile (or of an idle cube) read entry 0 and are flagged.
-        let li = select(r < rows, (b * heads + h) * lse_rows + bos_q + i0 + r - base, 0u32) as usize;
+        let li = select(
+            r < rows,
+            (b * heads + h) * lse_rows + bos_q + i0 + r - base,
+            0u32,
+        ) as usize;
         lr[i as usize] = select(r < rows, lse_n[li], f32::min_value());
         dr[i as usize] = delta[li];
     }
@@ -362,12 +370,48 @@ pub fn attention_bwd_dq<F: Float>(
     while k0 < kmax {
         let keys = min(kmax - k0, BK);
         tile_product_nt::<F>(
-            &mut acc_s, &mut xs, &mut yt, q, q_base, heads * dk, rows, k,
-            k_row + k0 * kv_heads * dk, kv_heads * dk, keys, dk, ty, tx, BQ, BK, BD, TQ, TK, units,
+            &mut acc_s,
+            &mut xs,
+            &mut yt,
+            q,
+            q_base,
+            heads * dk,
+            rows,
+            k,
+            k_row + k0 * kv_heads * dk,
+            kv_heads * dk,
+            keys,
+            dk,
+            ty,
+            tx,
+            BQ,
+            BK,
+            BD,
+            TQ,
+            TK,
+            units,
         );
         tile_product_nt::<F>(
-            &mut acc_dp, &mut xs, &mut yt, d_o, o_base, heads * dv, rows, v,
-            v_row + k0 * kv_heads * dv, kv_heads * dv, keys, dv, ty, tx, BQ, BK, BD, TQ, TK, units,
+            &mut acc_dp,
+            &mut xs,
+            &mut yt,
+            d_o,
+            o_base,
+            heads * dv,
+            rows,
+            v,
+            v_row + k0 * kv_heads * dv,
+            kv_heads * dv,
+            keys,
+            dv,
+            ty,
+            tx,
+            BQ,
+            BK,
+            BD,
+            TQ,
+            TK,
+            units,
         );
         #[unroll]
         for i in 0..TQ {
@@ -395,7 +439,19 @@ pub fn attention_bwd_dq<F: Float>(
             }
         }
         let cols = select(c0 < dk, min(dk - c0, BC), 0u32);
-        load_tile_v4::<F>(&mut kc, 0, k, k_row + k0 * kv_heads * dk + c0, kv_heads * dk, 1, keys, cols, BK, BC, units);
+        load_tile_v4::<F>(
+            &mut kc,
+            0,
+            k,
+            k_row + k0 * kv_heads * dk + c0,
+            kv_heads * dk,
+            1,
+            keys,
+            cols,
+            BK,
+            BC,
+            units,
+        );
         sync_cube();
         reg_tile_mma_v4(&mut acc, &ds_s, 0, &kc, 0, ty, tx, BQ, BC, BK, TQ, tc);
         sync_cube();
@@ -531,7 +587,8 @@ pub fn attention_bwd_dkv<F: Float>(
             // The tile's L and delta per query column (read before the first barrier).
             let mut idx = UNIT_POS;
             while idx < BQC {
-                let li = ((b * heads + h) * lse_rows + bos_q + i0 + min(idx, qs - 1) - base) as usize;
+                let li =
+                    ((b * heads + h) * lse_rows + bos_q + i0 + min(idx, qs - 1) - base) as usize;
                 lcol[idx as usize] = select(idx < qs, lse_n[li], f32::min_value());
                 dcol[idx as usize] = delta[li];
                 idx += units;
@@ -539,12 +596,48 @@ pub fn attention_bwd_dkv<F: Float>(
             let q_base = ((bos_q + i0) * heads + h) * dk;
             let o_base = ((bos_q + i0) * heads + h) * dv;
             tile_product_nt::<F>(
-                &mut acc_s, &mut xs, &mut yt, k, k_base, kv_heads * dk, keys, q, q_base,
-                heads * dk, qs, dk, ty, tx, BKR, BQC, BD, TR, TC, units,
+                &mut acc_s,
+                &mut xs,
+                &mut yt,
+                k,
+                k_base,
+                kv_heads * dk,
+                keys,
+                q,
+                q_base,
+                heads * dk,
+                qs,
+                dk,
+                ty,
+                tx,
+                BKR,
+                BQC,
+                BD,
+                TR,
+                TC,
+                units,
             );
             tile_product_nt::<F>(
-                &mut acc_dp, &mut xs, &mut yt, v, v_base, kv_heads * dv, keys, d_o, o_base,
-                heads * dv, qs, dv, ty, tx, BKR, BQC, BD, TR, TC, units,
+                &mut acc_dp,
+                &mut xs,
+                &mut yt,
+                v,
+                v_base,
+                kv_heads * dv,
+                keys,
+                d_o,
+                o_base,
+                heads * dv,
+                qs,
+                dv,
+                ty,
+                tx,
+                BKR,
+                BQC,
+                BD,
+                TR,
+                TC,
+                units,
             );
             #[unroll]
             for i in 0..TR {
@@ -574,11 +667,35 @@ pub fn attention_bwd_dkv<F: Float>(
                 }
             }
             // dv += P^T dO, then dk += dS^T Q (the column tile of each).
-            load_tile_v4::<F>(&mut yc, 0, d_o, o_base + c0, heads * dv, 1, qs, dv_cols, BQC, BC, units);
+            load_tile_v4::<F>(
+                &mut yc,
+                0,
+                d_o,
+                o_base + c0,
+                heads * dv,
+                1,
+                qs,
+                dv_cols,
+                BQC,
+                BC,
+                units,
+            );
             sync_cube();
             reg_tile_mma_v4(&mut acc_v, &pt, 0, &yc, 0, ty, tx, BKR, BC, BQC, TR, tc);
             sync_cube();
-            load_tile_v4::<F>(&mut yc, 0, q, q_base + c0, heads * dk, 1, qs, dk_cols, BQC, BC, units);
+            load_tile_v4::<F>(
+                &mut yc,
+                0,
+                q,
+                q_base + c0,
+                heads * dk,
+                1,
+                qs,
+                dk_cols,
+                BQC,
+                BC,
+                units,
+            );
             sync_cube();
             reg_tile_mma_v4(&mut acc_k, &dst, 0, &yc, 0, ty, tx, BKR, BC, BQC, TR, tc);
             sync_cube();

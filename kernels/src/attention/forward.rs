@@ -30,7 +30,12 @@ pub fn attention(inp: &AttentionInputs<'_>, opts: &AttentionOptions) -> Result<A
 }
 
 /// Runs the forward kernel of a checked problem into `out` and `lse`.
-pub(super) fn forward_into(inp: &AttentionInputs<'_>, p: &Problem, out: &Tensor, lse: &Tensor) -> Result<()> {
+pub(super) fn forward_into(
+    inp: &AttentionInputs<'_>,
+    p: &Problem,
+    out: &Tensor,
+    lse: &Tensor,
+) -> Result<()> {
     let client = inp.q.client();
     if p.sq * p.batch == 0 {
         return Ok(());
@@ -43,7 +48,11 @@ pub(super) fn forward_into(inp: &AttentionInputs<'_>, p: &Problem, out: &Tensor,
         true => Tensor::empty(client, p.dtype, &[1])?,
         false => absent(client)?,
     };
-    let (o, o32) = if out_f32 { (&placeholder, out) } else { (out, &placeholder) };
+    let (o, o32) = if out_f32 {
+        (&placeholder, out)
+    } else {
+        (out, &placeholder)
+    };
     AttentionFwd::tuned(
         client,
         TOLERANCE,
@@ -231,7 +240,19 @@ pub fn attention_fwd<F: Float>(
             }
         }
         let cols = select(v0 < dv, min(dv - v0, BV), 0u32);
-        load_tile_v4::<F>(&mut vs, 0, v, v_base + k0 * kv_heads * dv, kv_heads * dv, 1, keys, cols, BK, BV, units);
+        load_tile_v4::<F>(
+            &mut vs,
+            0,
+            v,
+            v_base + k0 * kv_heads * dv,
+            kv_heads * dv,
+            1,
+            keys,
+            cols,
+            BK,
+            BV,
+            units,
+        );
         sync_cube();
         // 3. Online softmax: unit r owns row r. Masked scores (lowest) give p = 0, also
         //    while the row has seen nothing else (m = lowest, where exp(0) would be 1).

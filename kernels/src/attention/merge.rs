@@ -12,7 +12,12 @@ use kiln_runtime::{DType, Error, Result, Tensor};
 /// Merges (`out_b`, `lse_b`) into (`out_a`, `lse_a`) in place: `out_*` `[B, S, H, Dv]`
 /// (one float dtype; f32 keeps partial results exact enough to merge many blocks),
 /// `lse_*` `[B, H, S]` f32. `out_b` and `lse_b` are not modified.
-pub fn attention_merge(out_a: &Tensor, lse_a: &Tensor, out_b: &Tensor, lse_b: &Tensor) -> Result<()> {
+pub fn attention_merge(
+    out_a: &Tensor,
+    lse_a: &Tensor,
+    out_b: &Tensor,
+    lse_b: &Tensor,
+) -> Result<()> {
     let client = out_a.client();
     check_input("out_a", out_a, client)?;
     check_input("out_b", out_b, client)?;

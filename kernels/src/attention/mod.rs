@@ -34,13 +34,15 @@ pub use backward::{
     AttentionBwdPrep, AttentionBwdPrepArgs, AttentionGradInputs, AttentionGrads,
 };
 pub use forward::{attention, AttentionFwd, AttentionFwdArgs};
-pub use merge::{attention_merge, AttentionMergeRows, AttentionMergeRowsArgs, AttentionMergeRowsProblem};
-pub use ring::{
-    ring_attention, ring_attention_backward, ring_attention_backward_local_ranks,
-    ring_attention_local_ranks, RingLayout, RingSchedule, LOCAL_RANK_TIMEOUT,
+pub use merge::{
+    attention_merge, AttentionMergeRows, AttentionMergeRowsArgs, AttentionMergeRowsProblem,
 };
 pub use registry::{
     ATTENTION, ATTENTION_BACKWARD, ATTENTION_MERGE, RING_ATTENTION, RING_ATTENTION_BACKWARD,
+};
+pub use ring::{
+    ring_attention, ring_attention_backward, ring_attention_backward_local_ranks,
+    ring_attention_local_ranks, RingLayout, RingSchedule, LOCAL_RANK_TIMEOUT,
 };
 
 use kiln_runtime::{DType, Tensor};

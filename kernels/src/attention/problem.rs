@@ -190,7 +190,10 @@ pub(super) fn check(inp: &AttentionInputs<'_>, opts: &AttentionOptions) -> Resul
     if b * sq * heads * dv > crate::launch::MAX_ELEMENTS {
         return Err(shape_err(
             "v",
-            format!("B Sq H Dv <= {} (out is indexed in 32 bits)", crate::launch::MAX_ELEMENTS),
+            format!(
+                "B Sq H Dv <= {} (out is indexed in 32 bits)",
+                crate::launch::MAX_ELEMENTS
+            ),
             inp.v.shape(),
         ));
     }

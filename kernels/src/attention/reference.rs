@@ -35,7 +35,15 @@ pub struct Dims {
 impl Dims {
     /// Dense batches of `b` sequences, `sq` queries and `sk` keys each.
     #[allow(clippy::too_many_arguments)]
-    pub fn dense(b: usize, sq: usize, sk: usize, heads: usize, kv_heads: usize, dk: usize, dv: usize) -> Dims {
+    pub fn dense(
+        b: usize,
+        sq: usize,
+        sk: usize,
+        heads: usize,
+        kv_heads: usize,
+        dk: usize,
+        dv: usize,
+    ) -> Dims {
         Dims {
             heads,
             kv_heads,
@@ -92,7 +100,10 @@ impl Dims {
             return (vec![0.0; s.len()], f64::NEG_INFINITY);
         }
         let sum: f64 = s.iter().map(|x| (x - m).exp()).sum();
-        (s.iter().map(|x| (x - m).exp() / sum).collect(), m + sum.ln())
+        (
+            s.iter().map(|x| (x - m).exp() / sum).collect(),
+            m + sum.ln(),
+        )
     }
 
     fn rows(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
@@ -125,7 +136,13 @@ pub fn forward(dims: &Dims, q: &[f64], k: &[f64], v: &[f64]) -> (Vec<f64>, Vec<f
 }
 
 /// `(dq, dk, dv)` of `sum(do * out)`, in the layouts of q, k, v.
-pub fn backward(dims: &Dims, q: &[f64], k: &[f64], v: &[f64], d_o: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+pub fn backward(
+    dims: &Dims,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    d_o: &[f64],
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let (out, lse) = forward(dims, q, k, v);
     backward_with(dims, q, k, v, &out, &lse, d_o)
 }
@@ -193,7 +210,9 @@ pub fn merge(
     let [b, s, h, dv] = shape;
     let mut out = out_a.to_vec();
     let mut lse = lse_a.to_vec();
-    for (bi, si, hi) in (0..b).flat_map(|bi| (0..s).flat_map(move |si| (0..h).map(move |hi| (bi, si, hi)))) {
+    for (bi, si, hi) in
+        (0..b).flat_map(|bi| (0..s).flat_map(move |si| (0..h).map(move |hi| (bi, si, hi))))
+    {
         let r = (bi * h + hi) * s + si;
         let o = ((bi * s + si) * h + hi) * dv;
         let (la, lb) = (lse_a[r], lse_b[r]);

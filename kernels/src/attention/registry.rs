@@ -3,7 +3,10 @@
 use super::problem::SCALE_RANGE;
 use super::*;
 use crate::launch::shape_err;
-use kiln_runtime::{Client, DType, Dtypes, Error, ExampleValues, OpArgs, OpSpec, Outputs, ParamSpec, Result, TensorSpec};
+use kiln_runtime::{
+    Client, DType, Dtypes, Error, ExampleValues, OpArgs, OpSpec, Outputs, ParamSpec, Result,
+    TensorSpec,
+};
 
 const Q: TensorSpec = TensorSpec::new("q", "[B, Sq, H, D]", Dtypes::Float, false, "queries");
 const K: TensorSpec = TensorSpec::new(
@@ -43,7 +46,12 @@ const LSE: TensorSpec = TensorSpec::new(
     "natural log-sum-exp of each row's scores (-inf for a row that sees no key)",
 );
 
-const fn p(name: &'static str, default: &'static str, values: &'static str, doc: &'static str) -> ParamSpec {
+const fn p(
+    name: &'static str,
+    default: &'static str,
+    values: &'static str,
+    doc: &'static str,
+) -> ParamSpec {
     ParamSpec {
         name,
         default,
@@ -55,12 +63,42 @@ const fn p(name: &'static str, default: &'static str, values: &'static str, doc:
 /// The parameters every attention operator takes.
 pub(super) const PARAMS: [ParamSpec; 7] = [
     p("scale", "D^-1/2", SCALE_RANGE, "score scale"),
-    p("causal", "false", "false | true", "mask keys after the query (k_offset + j <= q_offset + i)"),
-    p("q_offset", "0", "0 ..= 2^30 - 1", "position of the first query row in the whole sequence"),
-    p("k_offset", "0", "0 ..= 2^30 - 1", "position of the first key in the whole sequence"),
-    p("temperature", "1", "a finite number > 0", "softmax temperature T (APE): softmax(s / T), lse scaled by T"),
-    p("lse_scale", "1", "a finite number > 0", "APE scale S: ln S is added to lse"),
-    p("out_dtype", "q", "q | f32", "dtype of out: q's, or f32 for partial blocks"),
+    p(
+        "causal",
+        "false",
+        "false | true",
+        "mask keys after the query (k_offset + j <= q_offset + i)",
+    ),
+    p(
+        "q_offset",
+        "0",
+        "0 ..= 2^30 - 1",
+        "position of the first query row in the whole sequence",
+    ),
+    p(
+        "k_offset",
+        "0",
+        "0 ..= 2^30 - 1",
+        "position of the first key in the whole sequence",
+    ),
+    p(
+        "temperature",
+        "1",
+        "a finite number > 0",
+        "softmax temperature T (APE): softmax(s / T), lse scaled by T",
+    ),
+    p(
+        "lse_scale",
+        "1",
+        "a finite number > 0",
+        "APE scale S: ln S is added to lse",
+    ),
+    p(
+        "out_dtype",
+        "q",
+        "q | f32",
+        "dtype of out: q's, or f32 for partial blocks",
+    ),
 ];
 
 /// The options of an attention call from its parameters.
@@ -75,7 +113,13 @@ pub(super) fn options(a: &OpArgs) -> Result<AttentionOptions> {
     };
     // The ring operators place their blocks themselves: no offsets.
     let declared = |name: &str| a.spec().params.iter().any(|p| p.name == name);
-    let offset = |name: &str| if declared(name) { a.param_as(name) } else { Ok(0) };
+    let offset = |name: &str| {
+        if declared(name) {
+            a.param_as(name)
+        } else {
+            Ok(0)
+        }
+    };
     Ok(AttentionOptions {
         scale,
         causal: a.param_as("causal")?,
@@ -96,7 +140,13 @@ pub(super) fn offsets(a: &OpArgs, name: &str) -> Result<Option<Vec<i32>>> {
     if t.rank() != 1 {
         return Err(shape_err(name, "[N + 1]".into(), t.shape()));
     }
-    Ok(Some(t.download()?.to_f64().into_iter().map(|v| v as i32).collect()))
+    Ok(Some(
+        t.download()?
+            .to_f64()
+            .into_iter()
+            .map(|v| v as i32)
+            .collect(),
+    ))
 }
 
 fn run_attention(_: &Client, a: &OpArgs) -> Result<Outputs> {
@@ -142,7 +192,10 @@ pub(super) fn forward_cost(dims: &[usize], elem: usize) -> (f64, f64) {
         return (0.0, 0.0);
     };
     let (b, s, h, hkv, d) = (b as f64, s as f64, h as f64, hkv as f64, d as f64);
-    (4.0 * b * h * s * s * d, b * s * d * (2.0 * h + 2.0 * hkv) * elem as f64)
+    (
+        4.0 * b * h * s * s * d,
+        b * s * d * (2.0 * h + 2.0 * hkv) * elem as f64,
+    )
 }
 
 /// `attention`: the forward block with its log-sum-exp.
@@ -195,21 +248,48 @@ pub(super) const GRAD_INPUTS: [TensorSpec; 3] = [
         "the forward's log-sum-exp (likewise)",
     )
     .example(ExampleValues::LogSumExp),
-    TensorSpec::new("do", "[B, Sq, H, Dv]", Dtypes::Like("q"), false, "gradient of the loss with respect to out"),
+    TensorSpec::new(
+        "do",
+        "[B, Sq, H, Dv]",
+        Dtypes::Like("q"),
+        false,
+        "gradient of the loss with respect to out",
+    ),
 ];
 
 /// The gradients' outputs.
 pub(super) const GRADS: [TensorSpec; 3] = [
     TensorSpec::new("dq", "[B, Sq, H, D]", Dtypes::Like("q"), false, "dL/dq"),
-    TensorSpec::new("dk", "[B, Sk, Hkv, D]", Dtypes::Like("q"), false, "dL/dk (summed over each KV head's query group)"),
-    TensorSpec::new("dv", "[B, Sk, Hkv, Dv]", Dtypes::Like("q"), false, "dL/dv (likewise)"),
+    TensorSpec::new(
+        "dk",
+        "[B, Sk, Hkv, D]",
+        Dtypes::Like("q"),
+        false,
+        "dL/dk (summed over each KV head's query group)",
+    ),
+    TensorSpec::new(
+        "dv",
+        "[B, Sk, Hkv, Dv]",
+        Dtypes::Like("q"),
+        false,
+        "dL/dv (likewise)",
+    ),
 ];
 
 /// `attention_backward`: dq, dk, dv of the forward block.
 pub static ATTENTION_BACKWARD: OpSpec = OpSpec {
     name: "attention_backward",
     summary: "attention backward (FlashAttention-2 recomputation from lse; dk/dv without atomics)",
-    inputs: &[Q, K, V, GRAD_INPUTS[0], GRAD_INPUTS[1], GRAD_INPUTS[2], CU_Q, CU_K],
+    inputs: &[
+        Q,
+        K,
+        V,
+        GRAD_INPUTS[0],
+        GRAD_INPUTS[1],
+        GRAD_INPUTS[2],
+        CU_Q,
+        CU_K,
+    ],
     outputs: &GRADS,
     params: &PARAMS,
     run: run_attention_backward,
@@ -240,14 +320,50 @@ pub static ATTENTION_MERGE: OpSpec = OpSpec {
     name: "attention_merge",
     summary: "merge two partial attention results by their log-sum-exp (stable sigmoid form)",
     inputs: &[
-        TensorSpec::new("out_a", "[B, S, H, Dv]", Dtypes::Float, false, "first partial output"),
-        TensorSpec::new("lse_a", "[B, H, S]", Dtypes::Fixed(DType::F32), false, "its log-sum-exp"),
-        TensorSpec::new("out_b", "[B, S, H, Dv]", Dtypes::Like("out_a"), false, "second partial output"),
-        TensorSpec::new("lse_b", "[B, H, S]", Dtypes::Fixed(DType::F32), false, "its log-sum-exp"),
+        TensorSpec::new(
+            "out_a",
+            "[B, S, H, Dv]",
+            Dtypes::Float,
+            false,
+            "first partial output",
+        ),
+        TensorSpec::new(
+            "lse_a",
+            "[B, H, S]",
+            Dtypes::Fixed(DType::F32),
+            false,
+            "its log-sum-exp",
+        ),
+        TensorSpec::new(
+            "out_b",
+            "[B, S, H, Dv]",
+            Dtypes::Like("out_a"),
+            false,
+            "second partial output",
+        ),
+        TensorSpec::new(
+            "lse_b",
+            "[B, H, S]",
+            Dtypes::Fixed(DType::F32),
+            false,
+            "its log-sum-exp",
+        ),
     ],
     outputs: &[
-        TensorSpec::new("out", "[B, S, H, Dv]", Dtypes::Like("out_a"), false, "merged output"),
-        TensorSpec::new("lse", "[B, H, S]", Dtypes::Fixed(DType::F32), false, "merged log-sum-exp"),
+        TensorSpec::new(
+            "out",
+            "[B, S, H, Dv]",
+            Dtypes::Like("out_a"),
+            false,
+            "merged output",
+        ),
+        TensorSpec::new(
+            "lse",
+            "[B, H, S]",
+            Dtypes::Fixed(DType::F32),
+            false,
+            "merged log-sum-exp",
+        ),
     ],
     params: &[],
     run: run_merge,
@@ -291,13 +407,23 @@ const RING_PARAMS: [ParamSpec; 7] = [
 ];
 
 fn ring_args(a: &OpArgs) -> Result<(usize, RingSchedule)> {
-    Ok((a.param_as("world_size")?, RingSchedule::parse(&a.param("schedule")?)?))
+    Ok((
+        a.param_as("world_size")?,
+        RingSchedule::parse(&a.param("schedule")?)?,
+    ))
 }
 
 fn run_ring(_: &Client, a: &OpArgs) -> Result<Outputs> {
     let opts = options(a)?;
     let (p, schedule) = ring_args(a)?;
-    let r = ring_attention_local_ranks(a.tensor("q")?, a.tensor("k")?, a.tensor("v")?, p, schedule, &opts)?;
+    let r = ring_attention_local_ranks(
+        a.tensor("q")?,
+        a.tensor("k")?,
+        a.tensor("v")?,
+        p,
+        schedule,
+        &opts,
+    )?;
     Ok(vec![("out", r.out), ("lse", r.lse)])
 }
 
@@ -309,7 +435,15 @@ fn run_ring_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
         lse: a.tensor("lse")?,
         d_o: a.tensor("do")?,
     };
-    let g = ring_attention_backward_local_ranks(a.tensor("q")?, a.tensor("k")?, a.tensor("v")?, &grad, p, schedule, &opts)?;
+    let g = ring_attention_backward_local_ranks(
+        a.tensor("q")?,
+        a.tensor("k")?,
+        a.tensor("v")?,
+        &grad,
+        p,
+        schedule,
+        &opts,
+    )?;
     Ok(vec![("dq", g.dq), ("dk", g.dk), ("dv", g.dv)])
 }
 

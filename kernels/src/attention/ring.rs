@@ -169,10 +169,19 @@ fn split_lse(t: &Tensor, chunks: &[Range<usize>]) -> Result<Vec<Tensor>> {
 
 fn zeros(t: &Tensor, dtype: DType) -> Result<Tensor> {
     let n = t.numel();
-    Tensor::upload(t.client(), &HostTensor::from_f64(dtype, t.shape().to_vec(), &vec![0.0; n])?)
+    Tensor::upload(
+        t.client(),
+        &HostTensor::from_f64(dtype, t.shape().to_vec(), &vec![0.0; n])?,
+    )
 }
 
-fn ring_check(comm: &dyn Communicator, layout: &RingLayout, q: &Tensor, k: &Tensor, opts: &AttentionOptions) -> Result<()> {
+fn ring_check(
+    comm: &dyn Communicator,
+    layout: &RingLayout,
+    q: &Tensor,
+    k: &Tensor,
+    opts: &AttentionOptions,
+) -> Result<()> {
     if comm.world_size() != layout.world_size {
         return Err(Error::Param {
             param: "world_size".into(),
@@ -248,10 +257,14 @@ pub fn ring_attention(
     let mut acc: Vec<Option<(Tensor, Tensor)>> = vec![None; mine.len()];
     match layout.schedule {
         RingSchedule::Contiguous | RingSchedule::Zigzag => {
-            let mut kv: Vec<(Tensor, Tensor)> = split(k, &mine, None)?.into_iter().zip(split(v, &mine, None)?).collect();
+            let mut kv: Vec<[Tensor; 2]> = split(k, &mine, None)?
+                .into_iter()
+                .zip(split(v, &mine, None)?)
+                .map(|(a, b)| [a, b])
+                .collect();
             for t in 0..p {
                 let src = (r + p - t) % p;
-                for (kc, (kb, vb)) in layout.rank_chunks(src).iter().zip(&kv) {
+                for (kc, [kb, vb]) in layout.rank_chunks(src).iter().zip(&kv) {
                     for ((qc, qa), slot) in mine.iter().zip(&qs).zip(acc.iter_mut()) {
                         if matches!(pair(qc, kc, opts.causal), Pair::Skip) {
                             continue;
@@ -260,10 +273,7 @@ pub fn ring_attention(
                     }
                 }
                 if t + 1 < p {
-                    kv = kv
-                        .iter()
-                        .map(|(kb, vb)| Ok((comm.send_recv(kb, next, prev)?, comm.send_recv(vb, next, prev)?)))
-                        .collect::<Result<_>>()?;
+                    kv = pass_on(comm, &kv, next, prev)?;
                 }
             }
         }
@@ -285,12 +295,18 @@ pub fn ring_attention(
                     } else {
                         // To Q's owner; from the rank that holds our Q this step.
                         let from = (r + t) % p;
-                        (comm.send_recv(&o, owner, from)?, comm.send_recv(&l, owner, from)?)
+                        (
+                            comm.send_recv(&o, owner, from)?,
+                            comm.send_recv(&l, owner, from)?,
+                        )
                     };
                     merge_into(&mut acc[a], back)?;
                 }
                 if t + 1 < p {
-                    q_cur = q_cur.iter().map(|x| comm.send_recv(x, next, prev)).collect::<Result<_>>()?;
+                    q_cur = q_cur
+                        .iter()
+                        .map(|x| comm.send_recv(x, next, prev))
+                        .collect::<Result<_>>()?;
                 }
             }
         }
@@ -328,6 +344,27 @@ fn block_backward(
     Ok((dq, dk, dv))
 }
 
+/// One ring step for groups of tensors that travel together: each sent to `next`,
+/// its successor received from `prev`.
+fn pass_on<const N: usize>(
+    comm: &dyn Communicator,
+    groups: &[[Tensor; N]],
+    next: usize,
+    prev: usize,
+) -> Result<Vec<[Tensor; N]>> {
+    groups
+        .iter()
+        .map(|g| {
+            let v = g
+                .iter()
+                .map(|t| comm.send_recv(t, next, prev))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(v.try_into()
+                .unwrap_or_else(|_| unreachable!("N tensors in, N out")))
+        })
+        .collect()
+}
+
 fn add_into(acc: &mut Tensor, part: &Tensor) -> Result<()> {
     *acc = add(acc, part)?;
     Ok(())
@@ -358,12 +395,20 @@ pub fn ring_attention_backward(
     let dos = split(grad.d_o, &mine, None)?;
     let ks = split(k, &mine, None)?;
     let vs = split(v, &mine, None)?;
-    let f32_zeros = |ts: &[Tensor]| ts.iter().map(|t| zeros(t, DType::F32)).collect::<Result<Vec<_>>>();
+    let f32_zeros = |ts: &[Tensor]| {
+        ts.iter()
+            .map(|t| zeros(t, DType::F32))
+            .collect::<Result<Vec<_>>>()
+    };
     let mut dq = f32_zeros(&qs)?;
     let (dk, dv) = match layout.schedule {
         RingSchedule::Contiguous | RingSchedule::Zigzag => {
             let mut kv: Vec<[Tensor; 4]> = Vec::new();
-            for ((kb, vb), (dkb, dvb)) in ks.iter().zip(&vs).zip(f32_zeros(&ks)?.into_iter().zip(f32_zeros(&vs)?)) {
+            for ((kb, vb), (dkb, dvb)) in ks
+                .iter()
+                .zip(&vs)
+                .zip(f32_zeros(&ks)?.into_iter().zip(f32_zeros(&vs)?))
+            {
                 kv.push([kb.clone(), vb.clone(), dkb, dvb]);
             }
             for t in 0..p {
@@ -378,24 +423,15 @@ pub fn ring_attention_backward(
                             lse: &lses[a],
                             d_o: &dos[a],
                         };
-                        let (pq, pk, pv) = block_backward(&qs[a], kb, vb, &g, &block_options(opts, qc, kc))?;
+                        let (pq, pk, pv) =
+                            block_backward(&qs[a], kb, vb, &g, &block_options(opts, qc, kc))?;
                         add_into(&mut dq[a], &pq)?;
                         add_into(dkb, &pk)?;
                         add_into(dvb, &pv)?;
                     }
                 }
                 if t + 1 < p {
-                    kv = kv
-                        .iter()
-                        .map(|x| {
-                            Ok([
-                                comm.send_recv(&x[0], next, prev)?,
-                                comm.send_recv(&x[1], next, prev)?,
-                                comm.send_recv(&x[2], next, prev)?,
-                                comm.send_recv(&x[3], next, prev)?,
-                            ])
-                        })
-                        .collect::<Result<_>>()?;
+                    kv = pass_on(comm, &kv, next, prev)?;
                 }
             }
             // After the last step rank r holds the KV of r + 1: one more hop home.
@@ -417,39 +453,46 @@ pub fn ring_attention_backward(
             let mut dk = f32_zeros(&ks)?;
             let mut dv = f32_zeros(&vs)?;
             let mut cur: Vec<[Tensor; 4]> = (0..mine.len())
-                .map(|a| [qs[a].clone(), outs[a].clone(), lses[a].clone(), dos[a].clone()])
+                .map(|a| {
+                    [
+                        qs[a].clone(),
+                        outs[a].clone(),
+                        lses[a].clone(),
+                        dos[a].clone(),
+                    ]
+                })
                 .collect();
             let kc = &mine[0];
             for t in 0..p {
                 let owner = (r + p - t) % p;
-                for (a, (qc, [qa, oa, la, da])) in layout.rank_chunks(owner).iter().zip(&cur).enumerate() {
+                for (a, (qc, [qa, oa, la, da])) in
+                    layout.rank_chunks(owner).iter().zip(&cur).enumerate()
+                {
                     let g = AttentionGradInputs {
                         out: oa,
                         lse: la,
                         d_o: da,
                     };
                     let (pq, pk, pv) = if matches!(pair(qc, kc, opts.causal), Pair::Skip) {
-                        (zeros(qa, DType::F32)?, zeros(&ks[0], DType::F32)?, zeros(&vs[0], DType::F32)?)
+                        (
+                            zeros(qa, DType::F32)?,
+                            zeros(&ks[0], DType::F32)?,
+                            zeros(&vs[0], DType::F32)?,
+                        )
                     } else {
                         block_backward(qa, &ks[0], &vs[0], &g, &block_options(opts, qc, kc))?
                     };
                     add_into(&mut dk[0], &pk)?;
                     add_into(&mut dv[0], &pv)?;
-                    let back = if t == 0 { pq } else { comm.send_recv(&pq, owner, (r + t) % p)? };
+                    let back = if t == 0 {
+                        pq
+                    } else {
+                        comm.send_recv(&pq, owner, (r + t) % p)?
+                    };
                     add_into(&mut dq[a], &back)?;
                 }
                 if t + 1 < p {
-                    cur = cur
-                        .iter()
-                        .map(|x| {
-                            Ok([
-                                comm.send_recv(&x[0], next, prev)?,
-                                comm.send_recv(&x[1], next, prev)?,
-                                comm.send_recv(&x[2], next, prev)?,
-                                comm.send_recv(&x[3], next, prev)?,
-                            ])
-                        })
-                        .collect::<Result<_>>()?;
+                    cur = pass_on(comm, &cur, next, prev)?;
                 }
             }
             (dk, dv)
@@ -493,7 +536,12 @@ fn gather_local(t: &Tensor, chunks: &[Range<usize>]) -> Result<Tensor> {
 
 /// Writes rank-local rows back into the whole tensor `whole` at their positions
 /// (`axis` 1 for token-major tensors, 2 for lse).
-fn scatter_local(local: &Tensor, chunks: &[Range<usize>], whole: &Tensor, axis: usize) -> Result<()> {
+fn scatter_local(
+    local: &Tensor,
+    chunks: &[Range<usize>],
+    whole: &Tensor,
+    axis: usize,
+) -> Result<()> {
     let mut at = 0;
     for c in chunks {
         copy_rows(local, axis, at, whole, c.start, c.len())?;
@@ -515,20 +563,16 @@ fn whole_layout(q: &Tensor, world_size: usize, schedule: RingSchedule) -> Result
 
 /// Runs `body(rank's communicator)` on `p` ranks in threads sharing `q`'s device (the
 /// host-staged communicator); the results in rank order, or the first error.
-fn on_local_ranks<T: Send>(q: &Tensor, p: usize, body: impl Fn(&kiln_runtime::comm::HostComm) -> Result<T> + Sync) -> Result<Vec<T>> {
-    let comms = kiln_runtime::comm::HostComm::with_timeout(vec![q.client().clone(); p], LOCAL_RANK_TIMEOUT);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = comms
+fn on_local_ranks<T: Send>(
+    q: &Tensor,
+    p: usize,
+    body: impl Fn(&kiln_runtime::comm::HostComm) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let results: Vec<Result<T>> =
+        kiln_runtime::comm::HostComm::run(vec![q.client().clone(); p], LOCAL_RANK_TIMEOUT, body)
             .into_iter()
-            .map(|c| {
-                let body = &body;
-                s.spawn(move || body(&c))
-            })
-            .collect();
-        let results: Vec<Result<T>> = handles
-            .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
+            .map(|r| {
+                r.unwrap_or_else(|_| {
                     Err(Error::Kernel {
                         kernel: "ring_attention".into(),
                         message: "a rank's thread panicked".into(),
@@ -536,25 +580,24 @@ fn on_local_ranks<T: Send>(q: &Tensor, p: usize, body: impl Fn(&kiln_runtime::co
                 })
             })
             .collect();
-        // A rank's own error before the errors its peers saw because it stopped.
-        let first_own = results.iter().position(|r| matches!(r, Err(e) if !matches!(e, Error::Comm { .. })));
-        let mut out = Vec::with_capacity(p);
-        let mut first_err = None;
-        for (i, r) in results.into_iter().enumerate() {
-            match r {
-                Ok(v) => out.push(v),
-                Err(e) => {
-                    if first_err.is_none() || Some(i) == first_own {
-                        first_err = Some(e);
-                    }
-                }
-            }
+    // A rank's own error (bad input, a kernel) before the communication errors its
+    // peers saw because it stopped.
+    let own = results
+        .iter()
+        .position(|r| matches!(r, Err(e) if !matches!(e, Error::Comm { .. })));
+    let mut out = Vec::with_capacity(p);
+    let mut first_err = None;
+    for (i, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(v) => out.push(v),
+            Err(e) if first_err.is_none() || Some(i) == own => first_err = Some(e),
+            Err(_) => {}
         }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
-    })
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
 }
 
 /// Ring attention of whole-sequence tensors (`[B, S, ...]`) over `world_size` ranks in
@@ -580,7 +623,11 @@ pub fn ring_attention_local_ranks(
     }
     let parts = on_local_ranks(q, world_size, |c| {
         let chunks = layout.rank_chunks(c.rank());
-        let (lq, lk, lv) = (gather_local(q, &chunks)?, gather_local(k, &chunks)?, gather_local(v, &chunks)?);
+        let (lq, lk, lv) = (
+            gather_local(q, &chunks)?,
+            gather_local(k, &chunks)?,
+            gather_local(v, &chunks)?,
+        );
         ring_attention(c, &layout, &lq, &lk, &lv, opts)
     })?;
     let out = Tensor::empty(q.client(), whole.out_dtype, &whole.out_shape())?;

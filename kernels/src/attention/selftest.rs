@@ -14,7 +14,11 @@ fn attention_inputs(rng: &mut Rng) -> CaseInputs {
     vec![
         ("q", vec![b, sq, h, d], rng.normals(b * sq * h * d, 1.0)),
         ("k", vec![b, sk, hkv, d], rng.normals(b * sk * hkv * d, 1.0)),
-        ("v", vec![b, sk, hkv, dv], rng.normals(b * sk * hkv * dv, 1.0)),
+        (
+            "v",
+            vec![b, sk, hkv, dv],
+            rng.normals(b * sk * hkv * dv, 1.0),
+        ),
     ]
 }
 
@@ -79,7 +83,13 @@ pub fn dense_dims(i: &BTreeMap<String, HostTensor>) -> Dims {
 }
 
 fn attention_reference(i: &BTreeMap<String, HostTensor>) -> Vec<f64> {
-    rf::forward(&case_dims_of(i, 16), &i["q"].to_f64(), &i["k"].to_f64(), &i["v"].to_f64()).0
+    rf::forward(
+        &case_dims_of(i, 16),
+        &i["q"].to_f64(),
+        &i["k"].to_f64(),
+        &i["v"].to_f64(),
+    )
+    .0
 }
 
 /// Two partial results `[1, 29, 3, 12]` with lse in -3..3 and one row -inf on side b.
@@ -117,31 +127,65 @@ pub fn cases() -> Vec<Case> {
             reference: |i| {
                 let f = |n: &str| i[n].to_f64();
                 let (q, k, v) = (f("q"), f("k"), f("v"));
-                rf::backward_with(&case_dims_of(i, 16), &q, &k, &v, &f("out"), &f("lse"), &f("do")).1
+                rf::backward_with(
+                    &case_dims_of(i, 16),
+                    &q,
+                    &k,
+                    &v,
+                    &f("out"),
+                    &f("lse"),
+                    &f("do"),
+                )
+                .1
             },
             ulps: 256.0,
             floor: 1.0,
         },
         Case {
             op: "ring_attention",
-            params: &[("causal", "true"), ("world_size", "3"), ("schedule", "zigzag")],
+            params: &[
+                ("causal", "true"),
+                ("world_size", "3"),
+                ("schedule", "zigzag"),
+            ],
             output: "out",
             what: "[2,53,2,24] causal, zigzag over 3 ranks (ragged chunks)",
             inputs: ring_inputs,
-            reference: |i| rf::forward(&case_dims_of(i, 0), &i["q"].to_f64(), &i["k"].to_f64(), &i["v"].to_f64()).0,
+            reference: |i| {
+                rf::forward(
+                    &case_dims_of(i, 0),
+                    &i["q"].to_f64(),
+                    &i["k"].to_f64(),
+                    &i["v"].to_f64(),
+                )
+                .0
+            },
             ulps: 64.0,
             floor: 1.0,
         },
         Case {
             op: "ring_attention_backward",
-            params: &[("causal", "true"), ("world_size", "2"), ("schedule", "tokenring")],
+            params: &[
+                ("causal", "true"),
+                ("world_size", "2"),
+                ("schedule", "tokenring"),
+            ],
             output: "dk",
             what: "[2,53,2,24] causal, tokenring over 2 ranks: dk",
             inputs: ring_backward_inputs,
             reference: |i| {
                 let f = |n: &str| i[n].to_f64();
                 let (q, k, v) = (f("q"), f("k"), f("v"));
-                rf::backward_with(&case_dims_of(i, 0), &q, &k, &v, &f("out"), &f("lse"), &f("do")).1
+                rf::backward_with(
+                    &case_dims_of(i, 0),
+                    &q,
+                    &k,
+                    &v,
+                    &f("out"),
+                    &f("lse"),
+                    &f("do"),
+                )
+                .1
             },
             ulps: 256.0,
             floor: 1.0,
@@ -155,7 +199,14 @@ pub fn cases() -> Vec<Case> {
             reference: |i| {
                 let f = |n: &str| i[n].to_f64();
                 let s = &i["out_a"].shape;
-                rf::merge(&f("out_a"), &f("lse_a"), &f("out_b"), &f("lse_b"), [s[0], s[1], s[2], s[3]]).0
+                rf::merge(
+                    &f("out_a"),
+                    &f("lse_a"),
+                    &f("out_b"),
+                    &f("lse_b"),
+                    [s[0], s[1], s[2], s[3]],
+                )
+                .0
             },
             ulps: 16.0,
             floor: 1.0,

@@ -77,6 +77,28 @@ impl HostComm {
             .collect()
     }
 
+    /// Runs `body` on every rank of a new communicator over `clients` (waits bounded
+    /// by `timeout`), one scoped thread per rank, and returns each rank's result in rank
+    /// order (`Err` with the panic payload where a rank's thread panicked; its peers'
+    /// waits on it then fail at once).
+    pub fn run<T: Send>(
+        clients: Vec<Client>,
+        timeout: Duration,
+        body: impl Fn(&HostComm) -> T + Sync,
+    ) -> Vec<std::thread::Result<T>> {
+        let comms = Self::with_timeout(clients, timeout);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = comms
+                .into_iter()
+                .map(|c| {
+                    let body = &body;
+                    s.spawn(move || body(&c))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join()).collect()
+        })
+    }
+
     /// The device this rank's tensors live on.
     pub fn client(&self) -> &Client {
         &self.client
