@@ -310,9 +310,18 @@ pub static ATTENTION_BACKWARD: OpSpec = OpSpec {
 };
 
 fn run_merge(_: &Client, a: &OpArgs) -> Result<Outputs> {
-    let (out_a, lse_a) = (a.tensor("out_a")?, a.tensor("lse_a")?);
-    attention_merge(out_a, lse_a, a.tensor("out_b")?, a.tensor("lse_b")?)?;
-    Ok(vec![("out", out_a.clone()), ("lse", lse_a.clone())])
+    // Merged into copies: an operator call leaves its inputs as they were (the Rust
+    // API merges in place).
+    let copy = |t: &kiln_runtime::Tensor| match t.shape().first() {
+        Some(&rows) => crate::rows::slice_rows(t, 0, 0, rows, t.dtype()),
+        None => Ok(t.clone()),
+    };
+    let (oa, la) = (a.tensor("out_a")?, a.tensor("lse_a")?);
+    crate::launch::check_input("out_a", oa, oa.client())?;
+    la.expect_dtype("lse_a", &[DType::F32])?;
+    let (out_a, lse_a) = (copy(oa)?, copy(la)?);
+    attention_merge(&out_a, &lse_a, a.tensor("out_b")?, a.tensor("lse_b")?)?;
+    Ok(vec![("out", out_a), ("lse", lse_a)])
 }
 
 /// `attention_merge`: two partial results over disjoint key sets into one.
