@@ -1,6 +1,6 @@
 //! Attention blocks that also return their log-sum-exp, the stable merge of two
-//! partial results, and (on top of both) ring attention. Spec:
-//! `../shared/specs/ring_attention.md`; the numerics are in `docs/attention.md`.
+//! partial results, and (on top of both) ring attention. The math, schedules and
+//! numerics are in `docs/attention.md`.
 //!
 //! Layouts (token-major, as flash-attention): `q` `[B, Sq, H, D]`, `k` `[B, Sk, Hkv, D]`,
 //! `v` `[B, Sk, Hkv, Dv]` with `H` a multiple of `Hkv` (grouped-query: query head `h`

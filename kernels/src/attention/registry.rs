@@ -46,54 +46,40 @@ const LSE: TensorSpec = TensorSpec::new(
     "natural log-sum-exp of each row's scores (-inf for a row that sees no key)",
 );
 
-const fn p(
-    name: &'static str,
-    default: &'static str,
-    values: &'static str,
-    doc: &'static str,
-) -> ParamSpec {
-    ParamSpec {
-        name,
-        default,
-        values,
-        doc,
-    }
-}
-
 /// The parameters every attention operator takes.
 pub(super) const PARAMS: [ParamSpec; 7] = [
-    p("scale", "D^-1/2", SCALE_RANGE, "score scale"),
-    p(
+    ParamSpec::new("scale", "D^-1/2", SCALE_RANGE, "score scale"),
+    ParamSpec::new(
         "causal",
         "false",
         "false | true",
         "mask keys after the query (k_offset + j <= q_offset + i)",
     ),
-    p(
+    ParamSpec::new(
         "q_offset",
         "0",
         "0 ..= 2^30 - 1",
         "position of the first query row in the whole sequence",
     ),
-    p(
+    ParamSpec::new(
         "k_offset",
         "0",
         "0 ..= 2^30 - 1",
         "position of the first key in the whole sequence",
     ),
-    p(
+    ParamSpec::new(
         "temperature",
         "1",
         "a finite number > 0",
         "softmax temperature T (APE): softmax(s / T), lse scaled by T",
     ),
-    p(
+    ParamSpec::new(
         "lse_scale",
         "1",
         "a finite number > 0",
         "APE scale S: ln S is added to lse",
     ),
-    p(
+    ParamSpec::new(
         "out_dtype",
         "q",
         "q | f32",
@@ -406,8 +392,8 @@ const RING_PARAMS: [ParamSpec; 7] = [
     PARAMS[4],
     PARAMS[5],
     PARAMS[6],
-    p("world_size", "1", "1 ..= 1024", "ranks of the ring (run in this process on the chosen device)"),
-    p(
+    ParamSpec::new("world_size", "1", "1 ..= 1024", "ranks of the ring (run in this process on the chosen device)"),
+    ParamSpec::new(
         "schedule",
         "contiguous",
         "contiguous | zigzag | tokenring",

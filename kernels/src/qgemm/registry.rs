@@ -9,20 +9,6 @@ use kiln_runtime::{
     TensorSpec,
 };
 
-const fn p(
-    name: &'static str,
-    default: &'static str,
-    values: &'static str,
-    doc: &'static str,
-) -> ParamSpec {
-    ParamSpec {
-        name,
-        default,
-        values,
-        doc,
-    }
-}
-
 const X: TensorSpec = TensorSpec::new("x", "[M, K]", Dtypes::Float, false, "activations");
 const QWEIGHT: TensorSpec = TensorSpec::new(
     "qweight",
@@ -53,14 +39,15 @@ const G_IDX: TensorSpec = TensorSpec::new(
     true,
     "act-order group of each row (absent: k / G)",
 );
-const FORMAT: ParamSpec = p("format", "gptq", "gptq | awq | kiln", "checkpoint layout");
-const GROUP: ParamSpec = p(
+const FORMAT: ParamSpec =
+    ParamSpec::new("format", "gptq", "gptq | awq | kiln", "checkpoint layout");
+const GROUP: ParamSpec = ParamSpec::new(
     "group_size",
     "128",
     "32 | 64 | 128 | -1",
     "rows per group (-1: per channel)",
 );
-const VERSION: ParamSpec = p(
+const VERSION: ParamSpec = ParamSpec::new(
     "gptq_version",
     "1",
     "1 | 2",
@@ -270,7 +257,12 @@ pub static W8A8: OpSpec = OpSpec {
         false,
         "the product",
     )],
-    params: &[p("out_dtype", "f32", "f32 | f16 | bf16", "dtype of y")],
+    params: &[ParamSpec::new(
+        "out_dtype",
+        "f32",
+        "f32 | f16 | bf16",
+        "dtype of y",
+    )],
     run: run_w8a8,
     problem: "M x N x K",
     example_inputs: |dims| {
@@ -368,7 +360,7 @@ pub static W8_BITS: OpSpec = OpSpec {
         false,
         "the product",
     )],
-    params: &[p(
+    params: &[ParamSpec::new(
         "bits",
         "8",
         "8 | 6 | 4 | 2",
@@ -414,8 +406,8 @@ const FLEX_INPUTS: [TensorSpec; 5] = [
     )
     .example(ExampleValues::Positive),
 ];
-const QMIN: ParamSpec = p("qmin", "-8", "a number <= qmax", "smallest code");
-const QMAX: ParamSpec = p("qmax", "7", "a number >= qmin", "largest code");
+const QMIN: ParamSpec = ParamSpec::new("qmin", "-8", "a number <= qmax", "smallest code");
+const QMAX: ParamSpec = ParamSpec::new("qmax", "7", "a number >= qmin", "largest code");
 
 fn flex_inputs(a: &OpArgs) -> Result<FlexRoundInputs<'_>> {
     Ok(FlexRoundInputs {

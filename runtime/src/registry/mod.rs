@@ -136,6 +136,23 @@ pub struct ParamSpec {
     pub doc: &'static str,
 }
 
+impl ParamSpec {
+    /// A parameter: its name, default, allowed values and what it does.
+    pub const fn new(
+        name: &'static str,
+        default: &'static str,
+        values: &'static str,
+        doc: &'static str,
+    ) -> ParamSpec {
+        ParamSpec {
+            name,
+            default,
+            values,
+            doc,
+        }
+    }
+}
+
 /// The named outputs of an operator run.
 pub type Outputs = Vec<(&'static str, Tensor)>;
 
