@@ -165,3 +165,83 @@ fn attention_backward_matches_pytorch_autograd() {
         assert!(e < 1e-5, "{name}: rel-RMS {e:e}");
     }
 }
+
+/// The file's `expected_<name>` beside kiln's `<name>` for every listed output of `op`.
+fn moe_outputs(file: &str, op: &str, params: &[(&str, &str)], outputs: &[&str]) {
+    let hosts = load_safetensors(data(file)).unwrap();
+    let spec = kiln::kernels::op(op).unwrap();
+    let params = params
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let outs = spec.call_host(client(), &hosts, params).unwrap();
+    for name in outputs {
+        let (got, want) = (&outs[*name], &hosts[&format!("expected_{name}")]);
+        assert_eq!(got.shape, want.shape, "{file}: {name}");
+        let (g, w) = (got.to_f64(), want.to_f64());
+        if got.dtype.is_float() {
+            // Relative to max(|y|, 1): the values are O(1), and a y that cancels to near
+            // zero carries the rounding of its O(1) terms.
+            let e = max_rel_error(&g, &w, 1.0);
+            assert!(e < 1e-6, "{file}: {name}: max rel err {e:e}");
+        } else {
+            // Ids, locations and the capacity: identical, drops included.
+            assert_eq!(g, w, "{file}: {name}");
+        }
+    }
+}
+
+#[test]
+fn moe_gate_matches_pytorch_routing() {
+    // Rows 10..19 are exact ties (the lower expert wins), expert 1 is hot in rows
+    // 0..7; cf 0 is dropless. Ids, locations (-1 for drops) and capacity identical.
+    for (file, k, cf) in [
+        ("moe_gate_S257_E8_k2_cf1.25.safetensors", "2", "1.25"),
+        ("moe_gate_S100_E16_k4_cf0.0.safetensors", "4", "0"),
+        ("moe_gate_S64_E4_k1_cf0.5.safetensors", "1", "0.5"),
+    ] {
+        moe_outputs(
+            file,
+            "moe_gate",
+            &[("top_k", k), ("capacity_factor", cf)],
+            &["expert_ids", "locations", "capacity", "gates", "l_aux"],
+        );
+    }
+}
+
+#[test]
+fn moe_layer_matches_pytorch_and_each_stage_alone() {
+    let file = "moe_layer_silu_f32.safetensors";
+    for path in ["capacity", "dropless"] {
+        moe_outputs(
+            file,
+            "moe_layer",
+            &[("top_k", "2"), ("capacity_factor", "1"), ("path", path)],
+            &["y", "l_aux"],
+        );
+    }
+    // The layer's routing is the file's.
+    let hosts = load_safetensors(data(file)).unwrap();
+    let params = [("top_k", "2")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let outs = kiln::kernels::op("moe_layer").unwrap().call_host(client(), &hosts, params).unwrap();
+    for name in ["expert_ids", "locations"] {
+        assert_eq!(outs[name].to_f64(), hosts[name].to_f64(), "{name}");
+    }
+    // Dispatch alone from the file's routing; the expert FFN alone from its dispatched
+    // slots; combine alone from its expert outputs.
+    let mut hosts = load_safetensors(data(file)).unwrap();
+    let run = |op: &str, hosts: &std::collections::BTreeMap<String, kiln::HostTensor>, params: &[(&str, &str)]| {
+        let params = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        kiln::kernels::op(op).unwrap().call_host(client(), hosts, params).unwrap()
+    };
+    let d = run("moe_dispatch", &hosts, &[("num_experts", "4"), ("capacity", "60")]);
+    assert_eq!(d["dispatched"].to_f64(), hosts["expected_dispatched"].to_f64());
+    hosts.insert("dispatched".into(), hosts["expected_dispatched"].clone());
+    let f = run("moe_expert_ffn", &hosts, &[("activation", "silu")]);
+    let e = max_rel_error(&f["expert_out"].to_f64(), &hosts["expected_expert_out"].to_f64(), 1.0);
+    assert!(e < 1e-6, "expert_out: max rel err {e:e}");
+    hosts.insert("expert_out".into(), hosts["expected_expert_out"].clone());
+    let c = run("moe_combine", &hosts, &[]);
+    let e = max_rel_error(&c["y"].to_f64(), &hosts["expected_y"].to_f64(), 1.0);
+    assert!(e < 1e-6, "y: max rel err {e:e}");
+}

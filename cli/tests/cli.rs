@@ -304,3 +304,42 @@ fn run_ring_attention_zigzag_over_three_ranks() {
         &["world_size", "1 ..= 1024", "0"],
     );
 }
+
+#[test]
+fn run_moe_layer_expert_parallel_over_two_ranks() {
+    // The command: the whole batch in, experts sharded over two ranks in this
+    // process, the whole result out, equal to the PyTorch layer (routing included).
+    let out = tmp("moe_out.safetensors");
+    let input = common::data("moe_layer_silu_f32.safetensors");
+    let o = run_op(
+        "moe_layer",
+        &input,
+        &out,
+        &["--set", "top_k=2", "--set", "capacity_factor=1", "--set", "world_size=2"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = load_safetensors(&out).unwrap();
+    let want = load_safetensors(&input).unwrap();
+    for name in ["y", "l_aux"] {
+        let e = kiln::check::max_rel_error(
+            &got[name].to_f64(),
+            &want[&format!("expected_{name}")].to_f64(),
+            1.0,
+        );
+        assert!(e < 1e-6, "{name}: {e:e}");
+    }
+    for name in ["expert_ids", "locations"] {
+        assert_eq!(got[name].to_f64(), want[name].to_f64(), "{name}");
+    }
+    // Four experts do not split over three ranks: one clear line naming world_size.
+    let layer_in = tmp("moe_layer_in.safetensors");
+    let only: BTreeMap<String, HostTensor> = want
+        .into_iter()
+        .filter(|(k, _)| ["x", "w_gate", "w1", "w2"].contains(&k.as_str()))
+        .collect();
+    save_safetensors(&layer_in, &only).unwrap();
+    assert_clear_error(
+        &run_op("moe_layer", &layer_in, &out, &["--set", "world_size=3"]),
+        &["world_size", "divisor", "3"],
+    );
+}

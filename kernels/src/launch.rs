@@ -112,3 +112,49 @@ pub(crate) fn check_offsets(
     }
     Ok(cu.iter().map(|&c| c as usize).collect())
 }
+
+/// How long a rank run by [`on_local_ranks`] (ring attention, expert parallelism)
+/// waits for a peer: the first call
+/// of a shape may autotune its kernels (seconds to minutes on a CPU adapter) while the
+/// peers wait.
+pub const LOCAL_RANK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(900);
+
+/// Runs `body(rank's communicator)` on `p` ranks in threads sharing `client`'s device (the
+/// host-staged communicator); the results in rank order, or the first error.
+pub(crate) fn on_local_ranks<T: Send>(
+    client: &Client,
+    op: &str,
+    p: usize,
+    body: impl Fn(&kiln_runtime::comm::HostComm) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    let results: Vec<Result<T>> =
+        kiln_runtime::comm::HostComm::run(vec![client.clone(); p], LOCAL_RANK_TIMEOUT, body)
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|_| {
+                    Err(Error::Kernel {
+                        kernel: op.into(),
+                        message: "a rank's thread panicked".into(),
+                    })
+                })
+            })
+            .collect();
+    // A rank's own error (bad input, a kernel) before the communication errors its
+    // peers saw because it stopped.
+    let own = results
+        .iter()
+        .position(|r| matches!(r, Err(e) if !matches!(e, Error::Comm { .. })));
+    let mut out = Vec::with_capacity(p);
+    let mut first_err = None;
+    for (i, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(v) => out.push(v),
+            Err(e) if first_err.is_none() || Some(i) == own => first_err = Some(e),
+            Err(_) => {}
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}

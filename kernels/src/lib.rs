@@ -8,6 +8,7 @@ pub mod elementwise;
 pub mod gla;
 mod launch;
 pub mod matmul;
+pub mod moe;
 pub mod qgemm;
 pub mod rows;
 pub mod rowwise;

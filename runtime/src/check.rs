@@ -86,7 +86,9 @@ pub fn tolerance(dtype: crate::DType, ulps: f64) -> f64 {
 /// - inputs whose spec says [`ExampleValues::Positive`] (scales, divisors) are uniform
 ///   in [0.5, 1.5], and [`ExampleValues::LogDecay`] (gates of gated recurrences)
 ///   `logsigmoid(randn)` clamped at -5 (normal values would be positive gates), and
-///   [`ExampleValues::LogSumExp`] (an attention backward's lse) uniform in [4, 6].
+///   [`ExampleValues::LogSumExp`] (an attention backward's lse) uniform in [4, 6];
+/// - MoE routes ([`ExampleValues::ExpertIds`], [`ExampleValues::SlotLocations`]): a
+///   valid routing in which every slot is full.
 pub fn example_inputs(
     spec: &crate::OpSpec,
     dims: &[usize],
@@ -111,7 +113,14 @@ pub fn example_inputs_seeded(
         let tspec = spec.inputs.iter().find(|t| t.name == name);
         let t = tspec.map_or(dtype, |t| t.example_dtype(dtype));
         let example = tspec.map_or(ExampleValues::Normal, |t| t.example);
+        let cols = shape.last().copied().unwrap_or(1).max(1);
         let values: Vec<f64> = match t {
+            _ if example == ExampleValues::ExpertIds => {
+                (0..n).map(|j| (j % cols) as f64).collect()
+            }
+            _ if example == ExampleValues::SlotLocations => {
+                (0..n).map(|j| (j / cols) as f64).collect()
+            }
             DType::I32 | DType::U32 => (0..n)
                 .map(|_| (rng.next_u64() as u32 as i32) as f64)
                 .collect(),

@@ -42,7 +42,7 @@ pub use registry::{
 };
 pub use ring::{
     ring_attention, ring_attention_backward, ring_attention_backward_local_ranks,
-    ring_attention_local_ranks, RingLayout, RingSchedule, LOCAL_RANK_TIMEOUT,
+    ring_attention_local_ranks, RingLayout, RingSchedule,
 };
 
 use kiln_runtime::{DType, Tensor};

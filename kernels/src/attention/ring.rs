@@ -515,11 +515,6 @@ pub fn ring_attention_backward(
     })
 }
 
-/// How long a rank of [`ring_attention_local_ranks`] waits for a peer: the first call
-/// of a shape may autotune its kernels (seconds to minutes on a CPU adapter) while the
-/// peers wait.
-pub const LOCAL_RANK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(900);
-
 /// Rank `r`'s local tensor of the whole-sequence tensor `t` (`[B, S, ...]`): its chunks
 /// concatenated along the tokens.
 fn gather_local(t: &Tensor, chunks: &[Range<usize>]) -> Result<Tensor> {
@@ -561,44 +556,6 @@ fn whole_layout(q: &Tensor, world_size: usize, schedule: RingSchedule) -> Result
     RingLayout::new(seq_len, world_size, schedule)
 }
 
-/// Runs `body(rank's communicator)` on `p` ranks in threads sharing `q`'s device (the
-/// host-staged communicator); the results in rank order, or the first error.
-fn on_local_ranks<T: Send>(
-    q: &Tensor,
-    p: usize,
-    body: impl Fn(&kiln_runtime::comm::HostComm) -> Result<T> + Sync,
-) -> Result<Vec<T>> {
-    let results: Vec<Result<T>> =
-        kiln_runtime::comm::HostComm::run(vec![q.client().clone(); p], LOCAL_RANK_TIMEOUT, body)
-            .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|_| {
-                    Err(Error::Kernel {
-                        kernel: "ring_attention".into(),
-                        message: "a rank's thread panicked".into(),
-                    })
-                })
-            })
-            .collect();
-    // A rank's own error (bad input, a kernel) before the communication errors its
-    // peers saw because it stopped.
-    let own = results
-        .iter()
-        .position(|r| matches!(r, Err(e) if !matches!(e, Error::Comm { .. })));
-    let mut out = Vec::with_capacity(p);
-    let mut first_err = None;
-    for (i, r) in results.into_iter().enumerate() {
-        match r {
-            Ok(v) => out.push(v),
-            Err(e) if first_err.is_none() || Some(i) == own => first_err = Some(e),
-            Err(_) => {}
-        }
-    }
-    match first_err {
-        Some(e) => Err(e),
-        None => Ok(out),
-    }
-}
 
 /// Ring attention of whole-sequence tensors (`[B, S, ...]`) over `world_size` ranks in
 /// this process (threads on q's device, the host-staged communicator): splits the
@@ -621,7 +578,7 @@ pub fn ring_attention_local_ranks(
             found: kiln_runtime::shape_str(k.shape()),
         });
     }
-    let parts = on_local_ranks(q, world_size, |c| {
+    let parts = crate::launch::on_local_ranks(q.client(), "ring_attention", world_size, |c| {
         let chunks = layout.rank_chunks(c.rank());
         let (lq, lk, lv) = (
             gather_local(q, &chunks)?,
@@ -654,7 +611,7 @@ pub fn ring_attention_backward_local_ranks(
     let layout = whole_layout(q, world_size, schedule)?;
     let whole = check(&AttentionInputs::new(q, k, v), opts)?;
     check_grad_inputs(grad, &whole)?;
-    let parts = on_local_ranks(q, world_size, |c| {
+    let parts = crate::launch::on_local_ranks(q.client(), "ring_attention", world_size, |c| {
         let chunks = layout.rank_chunks(c.rank());
         let local = |t: &Tensor| gather_local(t, &chunks);
         let lse = {

@@ -44,6 +44,7 @@ pub use staged::{
     MATMUL_STAGED_V4_KERNEL,
 };
 use tiled::{clamped_strided, store_epilogue};
+pub(crate) use tiled::activate;
 pub use vec4::{
     MatmulVec4, MatmulVec4Args, MatmulVec4Config, MatmulVec4Problem, MATMUL_VEC4_KERNEL,
 };
@@ -97,11 +98,13 @@ kiln_runtime::comptime_enum! {
         Silu = "silu",
         /// GELU, tanh approximation.
         Gelu = "gelu",
+        /// `max(x, 0)`.
+        Relu = "relu",
     }
 }
 
 impl Activation {
-    /// Parses `none`, `silu` or `gelu`; the error names the `activation` parameter.
+    /// Parses `none`, `silu`, `gelu` or `relu`; the error names the `activation` parameter.
     pub fn parse(s: &str) -> Result<Self> {
         s.parse().map_err(|_| Error::Param {
             param: "activation".into(),

@@ -1,7 +1,7 @@
 //! f64 reference, written from the spec.
 
 /// `epilogue(a @ b)`: `a` [m, k], `b` [k, n] or [n, k] (`trans_b`), `activation`
-/// one of `none`, `silu`, `gelu`.
+/// one of `none`, `silu`, `gelu`, `relu`.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     a: &[f64],
@@ -25,11 +25,7 @@ pub fn matmul(
             if let Some(bias) = bias {
                 s += bias[j];
             }
-            s = match activation {
-                "silu" => crate::elementwise::reference::silu(&[s])[0],
-                "gelu" => crate::elementwise::reference::gelu(&[s])[0],
-                _ => s,
-            };
+            s = activate(s, activation);
             if let Some(r) = residual {
                 s += r[i * n + j];
             }
@@ -37,4 +33,14 @@ pub fn matmul(
         }
     }
     c
+}
+
+/// The epilogue activation `none | silu | gelu | relu` of one value.
+pub fn activate(s: f64, activation: &str) -> f64 {
+    match activation {
+        "silu" => crate::elementwise::reference::silu(&[s])[0],
+        "gelu" => crate::elementwise::reference::gelu(&[s])[0],
+        "relu" => s.max(0.0),
+        _ => s,
+    }
 }

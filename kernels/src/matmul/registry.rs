@@ -48,7 +48,7 @@ pub static MATMUL: OpSpec = OpSpec {
         ParamSpec {
             name: "activation",
             default: "none",
-            values: "none | silu | gelu",
+            values: "none | silu | gelu | relu",
             doc: "applied after the bias",
         },
         ParamSpec {

@@ -205,14 +205,25 @@ pub(crate) fn store_epilogue<F: Float>(
     if comptime!(has_bias) {
         v += f32::cast_from(bias[col as usize]);
     }
+    v = activate(v, act);
+    if comptime!(has_residual) {
+        v += f32::cast_from(residual[(r * n + col) as usize]);
+    }
+    c[(r * n + col) as usize] = F::cast_from(v);
+}
+
+/// The epilogue activation of one f32 value (comptime-selected; `None` is the identity).
+#[cube]
+pub(crate) fn activate(v: f32, #[comptime] act: Activation) -> f32 {
+    let mut v = v;
     if comptime!(act == Activation::Silu) {
         v = silu::<Const<1>>(Vector::new(v))[0];
     }
     if comptime!(act == Activation::Gelu) {
         v = gelu_tanh::<Const<1>>(Vector::new(v))[0];
     }
-    if comptime!(has_residual) {
-        v += f32::cast_from(residual[(r * n + col) as usize]);
+    if comptime!(act == Activation::Relu) {
+        v = max(v, 0.0f32);
     }
-    c[(r * n + col) as usize] = F::cast_from(v);
+    v
 }

@@ -24,6 +24,12 @@ pub enum ExampleValues {
     /// Uniform in [4, 6]: the log-sum-exp of a row of O(1) scores over tens of keys
     /// (an attention backward's `lse`), so that `exp(s - lse)` stays near or below 1.
     LogSumExp,
+    /// MoE routes `[S, k]`: choice `i` of every token goes to expert `i` (k distinct
+    /// experts per token), so `E = k` experts by default.
+    ExpertIds,
+    /// MoE slots `[S, k]` matching [`ExampleValues::ExpertIds`]: token `s` in slot `s`
+    /// of each of its experts (every slot full, capacity `S`).
+    SlotLocations,
 }
 
 /// Which dtypes an operator's tensor may have: a typed rule that `kiln ops` prints, the

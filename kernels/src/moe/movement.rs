@@ -1,0 +1,337 @@
+//! Dispatch and combine, forward and backward, as gathers (WGSL has no float atomics):
+//! dispatch and the expert-output gradient read each slot's route from the slot ->
+//! route map; combine, the input gradient and the gate gradient read each token's k
+//! routes. Every sum runs over the choices in order: deterministic.
+
+use super::routing::{MoeRouting, RowLayout, NO_ROUTE};
+use crate::launch::{check_input, shape_err};
+use cubecl::prelude::*;
+use kiln_dsl::linear_unit;
+use kiln_runtime::{DType, Result, Tensor};
+
+/// `[S, M]` rows of a routing's tokens: checks `x` and returns `M`.
+fn check_tokens(name: &str, x: &Tensor, routing: &MoeRouting) -> Result<usize> {
+    check_input(name, x, routing.expert_ids.client())?;
+    let &[s, m] = x.shape() else {
+        return Err(shape_err(name, "[S, M]".into(), x.shape()));
+    };
+    if s != routing.tokens() {
+        return Err(shape_err(
+            name,
+            format!("[{}, M] (S of expert_ids)", routing.tokens()),
+            x.shape(),
+        ));
+    }
+    Ok(m)
+}
+
+/// Checks expert rows `[E, C, M]` of the capacity layout and returns `M`.
+fn check_slots(name: &str, t: &Tensor, routing: &MoeRouting) -> Result<usize> {
+    check_input(name, t, routing.expert_ids.client())?;
+    let (e, c) = (routing.num_experts, routing.capacity);
+    match *t.shape() {
+        [te, tc, m] if te == e && tc == c => Ok(m),
+        _ => Err(shape_err(
+            name,
+            format!("[{e}, {c}, M] (num_experts, capacity)"),
+            t.shape(),
+        )),
+    }
+}
+
+/// Gathers `src` rows into the rows of `layout`: row `j` gets token `route / k`'s row of
+/// `src` (times its gate with `scaled`) or zeros. Returns `[rows, M]`.
+pub(super) fn gather_into_layout(
+    src: &Tensor,
+    routing: &MoeRouting,
+    layout: RowLayout,
+    scaled: bool,
+) -> Result<Tensor> {
+    let (rows, _) = routing.rows(layout);
+    if rows * src.shape()[1] == 0 {
+        return Tensor::empty(src.client(), src.dtype(), &[rows, src.shape()[1]]);
+    }
+    let (map, _) = routing.slot_routes(layout)?;
+    let gates = if scaled { Some(routing.gates()?) } else { None };
+    gather_by_map(src, &map, rows, routing.top_k(), gates)
+}
+
+/// `out[j] = w * src[map[j] / top_k]` for `j < rows` (`map` u32, [`NO_ROUTE`] for a
+/// zero row; `w` = `gates[map[j]]` when given, else 1): `[rows, M]` in src's dtype.
+pub(super) fn gather_by_map(
+    src: &Tensor,
+    map: &Tensor,
+    rows: usize,
+    top_k: usize,
+    gates: Option<&Tensor>,
+) -> Result<Tensor> {
+    let client = src.client();
+    let m = src.shape()[1];
+    let out = Tensor::empty(client, src.dtype(), &[rows, m])?;
+    if rows * m == 0 {
+        return Ok(out);
+    }
+    let ph = crate::launch::absent(client)?;
+    MoeGatherRows::tuned(
+        client,
+        0.0,
+        &MoeGatherRowsArgs {
+            src,
+            gates: gates.unwrap_or(&ph),
+            slot_route: map,
+            out: &out,
+            len: (rows * m) as u32,
+            cols: m as u32,
+            top_k: top_k as u32,
+            scaled: gates.is_some(),
+        },
+    )?;
+    Ok(out)
+}
+
+/// Sums each token's routes' rows of `src` (in `layout`, or indexed by route with
+/// `by_route`), weighted by the gates with `weighted`: `[S, M]` in `src`'s dtype.
+pub(super) fn combine_from_layout(
+    src: &Tensor,
+    routing: &MoeRouting,
+    layout: RowLayout,
+    weighted: bool,
+    by_route: bool,
+) -> Result<Tensor> {
+    let client = src.client();
+    let (s, m) = (routing.tokens(), src.shape()[src.rank() - 1]);
+    let out = Tensor::empty(client, src.dtype(), &[s, m])?;
+    if s * m == 0 {
+        return Ok(out);
+    }
+    let (_, base) = routing.rows(layout);
+    let base: Vec<u32> = base.iter().map(|&b| b as u32).collect();
+    let row_base = crate::launch::upload_u32(client, "row_base", &base)?;
+    let gates = match weighted {
+        true => routing.gates()?.clone(),
+        false => crate::launch::absent(client)?,
+    };
+    MoeCombineRows::tuned(
+        client,
+        0.0,
+        &MoeCombineRowsArgs {
+            src,
+            gates: &gates,
+            expert_ids: &routing.expert_ids,
+            locations: &routing.locations,
+            row_base: &row_base,
+            out: &out,
+            len: (s * m) as u32,
+            cols: m as u32,
+            top_k: routing.top_k() as u32,
+            weighted,
+            by_route,
+        },
+    )?;
+    Ok(out)
+}
+
+/// Dispatch: `x` `[S, M]` into the capacity layout `[E, C, M]` (x's dtype): slot
+/// `(e, loc)` holds its token's row, empty slots are zero.
+pub fn moe_dispatch(x: &Tensor, routing: &MoeRouting) -> Result<Tensor> {
+    let m = check_tokens("x", x, routing)?;
+    gather_into_layout(x, routing, RowLayout::Capacity, false)?.reshape(&[
+        routing.num_experts,
+        routing.capacity,
+        m,
+    ])
+}
+
+/// Combine: `y[s] = sum_i keep_i g_i expert_out[I_i, loc_i]` from `expert_out`
+/// `[E, C, M]`; `[S, M]` in expert_out's dtype (f32 accumulation). Needs the gates.
+pub fn moe_combine(expert_out: &Tensor, routing: &MoeRouting) -> Result<Tensor> {
+    check_slots("expert_out", expert_out, routing)?;
+    routing.gates()?;
+    combine_from_layout(expert_out, routing, RowLayout::Capacity, true, false)
+}
+
+/// The gradient of dispatch: `dx[s] = sum_i keep_i d_dispatched[I_i, loc_i]`
+/// (`d_dispatched` `[E, C, M]`; `[S, M]` in its dtype).
+pub fn moe_dispatch_backward(d_dispatched: &Tensor, routing: &MoeRouting) -> Result<Tensor> {
+    check_slots("d_dispatched", d_dispatched, routing)?;
+    combine_from_layout(d_dispatched, routing, RowLayout::Capacity, false, false)
+}
+
+/// The gradients of combine from `dy` `[S, M]`: `d_expert_out` `[E, C, M]` (dy's
+/// dtype; `g_i dy[s]` in a kept route's slot, zero in empty ones) and `d_gates`
+/// `[S, k]` f32 (`<dy[s], expert_out[I_i, loc_i]>`, zero for a dropped route).
+pub fn moe_combine_backward(
+    dy: &Tensor,
+    expert_out: &Tensor,
+    routing: &MoeRouting,
+) -> Result<(Tensor, Tensor)> {
+    let m = check_tokens("dy", dy, routing)?;
+    let me = check_slots("expert_out", expert_out, routing)?;
+    expert_out.expect_dtype("expert_out", &[dy.dtype()])?;
+    if me != m {
+        return Err(shape_err(
+            "expert_out",
+            format!("[E, C, {m}] (M of dy)"),
+            expert_out.shape(),
+        ));
+    }
+    let d_out = gather_into_layout(dy, routing, RowLayout::Capacity, true)?.reshape(&[
+        routing.num_experts,
+        routing.capacity,
+        m,
+    ])?;
+    let d_gates = gate_grads(dy, expert_out, routing, RowLayout::Capacity)?;
+    Ok((d_out, d_gates))
+}
+
+/// `d_gates[s, i] = keep_i <dy[s], rows[row(s, i)]>` with `rows` in `layout`.
+pub(super) fn gate_grads(
+    dy: &Tensor,
+    rows: &Tensor,
+    routing: &MoeRouting,
+    layout: RowLayout,
+) -> Result<Tensor> {
+    let client = dy.client();
+    let (s, k) = (routing.tokens(), routing.top_k());
+    let d_gates = Tensor::empty(client, DType::F32, &[s, k])?;
+    if s * k == 0 {
+        return Ok(d_gates);
+    }
+    let (_, base) = routing.rows(layout);
+    let base: Vec<u32> = base.iter().map(|&b| b as u32).collect();
+    let row_base = crate::launch::upload_u32(client, "row_base", &base)?;
+    MoeGateGrads::tuned(
+        client,
+        0.0,
+        &MoeGateGradsArgs {
+            dy,
+            rows,
+            expert_ids: &routing.expert_ids,
+            locations: &routing.locations,
+            row_base: &row_base,
+            d_gates: &d_gates,
+            routes: (s * k) as u32,
+            cols: dy.shape()[1] as u32,
+            top_k: k as u32,
+        },
+    )?;
+    Ok(d_gates)
+}
+
+/// `out[j, c] = w * src[route / k, c]` for the route filling row `j` (`w` its gate with
+/// `scaled`, else 1), zero for an empty row; one element per unit, grid-stride.
+#[kiln_macros::kernel(
+    tune(UNITS = [256]),
+    key(len = pow2, cols = pow2, dtype),
+    grid = (len.div_ceil(UNITS).min(65_535), len.div_ceil(UNITS).div_ceil(65_535).min(65_535)),
+    cube = UNITS,
+    defaults(scaled = false)
+)]
+pub fn moe_gather_rows<F: Float>(
+    src: &Array<F>,
+    gates: &Array<f32>,
+    slot_route: &Array<u32>,
+    out: &mut Array<F>,
+    len: u32,
+    cols: u32,
+    top_k: u32,
+    #[comptime] scaled: bool,
+) {
+    let stride = CUBE_COUNT_X * CUBE_COUNT_Y * UNITS;
+    let mut at = linear_unit() as u32;
+    while at < len {
+        let route = slot_route[(at / cols) as usize];
+        let mut v = F::new(0.0);
+        if route != comptime!(NO_ROUTE) {
+            v = src[((route / top_k) * cols + at % cols) as usize];
+            if comptime!(scaled) {
+                v = F::cast_from(gates[route as usize] * f32::cast_from(v));
+            }
+        }
+        out[at as usize] = v;
+        at += stride;
+    }
+}
+
+/// `out[s, c] = sum_i keep_i w_i src[row_i, c]` over token `s`'s routes in order (f32
+/// accumulation): `row_i = row_base[I_i] + loc_i`, or the route `s k + i` itself with
+/// `by_route`; `w_i` the gate with `weighted`, else 1. One element per unit.
+#[kiln_macros::kernel(
+    tune(UNITS = [256]),
+    key(len = pow2, cols = pow2, dtype),
+    grid = (len.div_ceil(UNITS).min(65_535), len.div_ceil(UNITS).div_ceil(65_535).min(65_535)),
+    cube = UNITS,
+    defaults(weighted = false, by_route = false)
+)]
+pub fn moe_combine_rows<F: Float>(
+    src: &Array<F>,
+    gates: &Array<f32>,
+    expert_ids: &Array<i32>,
+    locations: &Array<i32>,
+    row_base: &Array<u32>,
+    out: &mut Array<F>,
+    len: u32,
+    cols: u32,
+    top_k: u32,
+    #[comptime] weighted: bool,
+    #[comptime] by_route: bool,
+) {
+    let stride = CUBE_COUNT_X * CUBE_COUNT_Y * UNITS;
+    let mut at = linear_unit() as u32;
+    while at < len {
+        let s = at / cols;
+        let c = at % cols;
+        let mut acc = 0.0f32;
+        for i in 0..top_k {
+            let r = s * top_k + i;
+            let loc = locations[r as usize];
+            if loc >= 0 {
+                let mut row = r;
+                if comptime!(!by_route) {
+                    row = row_base[expert_ids[r as usize] as usize] + loc as u32;
+                }
+                let mut v = f32::cast_from(src[(row * cols + c) as usize]);
+                if comptime!(weighted) {
+                    v *= gates[r as usize];
+                }
+                acc += v;
+            }
+        }
+        out[at as usize] = F::cast_from(acc);
+        at += stride;
+    }
+}
+
+/// `d_gates[r] = <dy[r / k], rows[row_base[I] + loc]>` for a kept route `r`, else 0:
+/// one unit per route, the dot product in order (f32).
+#[kiln_macros::kernel(
+    tune(UNITS = [64]),
+    key(routes = pow2, cols = pow2, dtype),
+    grid = (routes.div_ceil(UNITS).min(65_535), routes.div_ceil(UNITS).div_ceil(65_535)),
+    cube = UNITS,
+)]
+pub fn moe_gate_grads<F: Float>(
+    dy: &Array<F>,
+    rows: &Array<F>,
+    expert_ids: &Array<i32>,
+    locations: &Array<i32>,
+    row_base: &Array<u32>,
+    d_gates: &mut Array<f32>,
+    routes: u32,
+    cols: u32,
+    top_k: u32,
+) {
+    let r = linear_unit() as u32;
+    if r < routes {
+        let loc = locations[r as usize];
+        let mut acc = 0.0f32;
+        if loc >= 0 {
+            let row = row_base[expert_ids[r as usize] as usize] + loc as u32;
+            let (a, b) = ((r / top_k) * cols, row * cols);
+            for c in 0..cols {
+                acc += f32::cast_from(dy[(a + c) as usize]) * f32::cast_from(rows[(b + c) as usize]);
+            }
+        }
+        d_gates[r as usize] = acc;
+    }
+}

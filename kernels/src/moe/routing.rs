@@ -1,0 +1,460 @@
+//! Routes and slots: [`MoeRouting`] (who goes where, validated once), the deterministic
+//! slot counting of the gate (`moe_route_counts`, `moe_route_locate`), and the slot ->
+//! route map every gather reads (`moe_route_slots`).
+
+use crate::launch::{shape_err, upload_u32};
+use cubecl::prelude::*;
+use kiln_dsl::linear_unit;
+use kiln_runtime::{shape_str, Client, DType, Error, Result, Tensor};
+
+/// Tokens per chunk of the slot count: each chunk is counted on its own, then the
+/// chunks' counts are scanned in token order on the host.
+pub(super) const CHUNK: usize = 128;
+
+/// "No route": an empty slot of the slot -> route map.
+pub(super) const NO_ROUTE: u32 = u32::MAX;
+
+/// Where every route of a batch goes: `expert_ids` and `locations` `[S, k]` i32
+/// (`-1`: dropped), the gates `[S, k]` f32 when known, and the slot count per expert.
+/// Built by [`super::moe_gate`], or from tensors by [`MoeRouting::from_tensors`] (which
+/// validates them), so the data-movement kernels never see an inconsistent routing.
+#[derive(Clone)]
+pub struct MoeRouting {
+    /// `[S, k]` i32, in `0..num_experts`.
+    pub expert_ids: Tensor,
+    /// `[S, k]` i32: the route's slot at its expert, `-1` where dropped.
+    pub locations: Tensor,
+    /// `[S, k]` f32 gate weights (absent where only dispatch is needed).
+    pub gates: Option<Tensor>,
+    /// `E`.
+    pub num_experts: usize,
+    /// `C`: slots per expert in the capacity layout.
+    pub capacity: usize,
+    /// Per expert: 1 + its largest kept location (the rows it takes in the sorted
+    /// layout; the kept-route count for a gate's routing).
+    pub rows_per_expert: Vec<usize>,
+}
+
+/// How the expert rows are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowLayout {
+    /// `[E, C, M]`: slot `(e, loc)` at row `e C + loc`.
+    Capacity,
+    /// Expert `e`'s rows at `offsets[e] + loc` (no padding).
+    Sorted,
+}
+
+impl MoeRouting {
+    /// Tokens `S`.
+    pub fn tokens(&self) -> usize {
+        self.expert_ids.shape()[0]
+    }
+
+    /// Choices per token `k`.
+    pub fn top_k(&self) -> usize {
+        self.expert_ids.shape()[1]
+    }
+
+    /// A routing from `expert_ids` and `locations` (`[S, k]` i32, `-1` for a dropped
+    /// route) and optional `gates` (`[S, k]` f32), checked on the host: ids in
+    /// `0..num_experts`, kept locations below `capacity`, no two routes in one slot.
+    pub fn from_tensors(
+        expert_ids: &Tensor,
+        locations: &Tensor,
+        gates: Option<&Tensor>,
+        num_experts: usize,
+        capacity: usize,
+    ) -> Result<MoeRouting> {
+        let client = expert_ids.client();
+        expert_ids.expect_usable("expert_ids", client)?;
+        locations.expect_usable("locations", client)?;
+        expert_ids.expect_dtype("expert_ids", &[DType::I32])?;
+        locations.expect_dtype("locations", &[DType::I32])?;
+        let &[s, k] = expert_ids.shape() else {
+            return Err(shape_err("expert_ids", "[S, k]".into(), expert_ids.shape()));
+        };
+        crate::launch::expect_shape("locations", locations, &[s, k], "[S, k] of expert_ids")?;
+        if num_experts == 0 {
+            return Err(param("num_experts", "at least 1", "0"));
+        }
+        if k == 0 || k > num_experts.min(super::MAX_TOP_K) {
+            return Err(param(
+                "expert_ids",
+                &format!("k = 1 ..= min(8, num_experts = {num_experts}) choices per token"),
+                &format!("k = {k}"),
+            ));
+        }
+        if let Some(g) = gates {
+            g.expect_usable("gates", client)?;
+            g.expect_dtype("gates", &[DType::F32])?;
+            crate::launch::expect_shape("gates", g, &[s, k], "[S, k] of expert_ids")?;
+        }
+        let ids = expert_ids.download()?.to_f64();
+        let locs = locations.download()?.to_f64();
+        let mut used = vec![false; num_experts * capacity];
+        let mut rows_per_expert = vec![0usize; num_experts];
+        for (r, (&e, &l)) in ids.iter().zip(&locs).enumerate() {
+            let (tok, i) = (r / k, r % k);
+            if e < 0.0 || e >= num_experts as f64 {
+                return Err(param(
+                    "expert_ids",
+                    &format!("expert ids in 0..{num_experts}"),
+                    &format!("{e} at token {tok}, choice {i}"),
+                ));
+            }
+            if l < 0.0 {
+                if l != -1.0 {
+                    return Err(param(
+                        "locations",
+                        "a slot >= 0, or -1 for a dropped route",
+                        &format!("{l} at token {tok}, choice {i}"),
+                    ));
+                }
+                continue;
+            }
+            let (e, l) = (e as usize, l as usize);
+            if l >= capacity {
+                return Err(param(
+                    "capacity",
+                    &format!("more than every kept location (token {tok}, choice {i} is at slot {l} of expert {e})"),
+                    &capacity.to_string(),
+                ));
+            }
+            if std::mem::replace(&mut used[e * capacity + l], true) {
+                return Err(param(
+                    "locations",
+                    "one route per slot",
+                    &format!("slot {l} of expert {e} taken twice (again by token {tok}, choice {i})"),
+                ));
+            }
+            rows_per_expert[e] = rows_per_expert[e].max(l + 1);
+        }
+        Ok(MoeRouting {
+            expert_ids: expert_ids.clone(),
+            locations: locations.clone(),
+            gates: gates.cloned(),
+            num_experts,
+            capacity,
+            rows_per_expert,
+        })
+    }
+
+    /// The gates, or an error naming `gates` where the routing has none.
+    pub fn gates(&self) -> Result<&Tensor> {
+        self.gates.as_ref().ok_or_else(|| Error::Param {
+            param: "gates".into(),
+            expected: "gate weights [S, k] f32 with the routing".into(),
+            found: "none".into(),
+        })
+    }
+
+    /// `offsets[e] .. offsets[e + 1]`: expert `e`'s rows in the sorted layout.
+    pub fn sorted_offsets(&self) -> Vec<usize> {
+        let mut off = Vec::with_capacity(self.num_experts + 1);
+        off.push(0);
+        for n in &self.rows_per_expert {
+            off.push(off.last().copied().unwrap_or(0) + n);
+        }
+        off
+    }
+
+    /// Rows of the layout, and each expert's first row.
+    pub fn rows(&self, layout: RowLayout) -> (usize, Vec<usize>) {
+        match layout {
+            RowLayout::Capacity => (
+                self.num_experts * self.capacity,
+                (0..self.num_experts).map(|e| e * self.capacity).collect(),
+            ),
+            RowLayout::Sorted => {
+                let off = self.sorted_offsets();
+                (off[self.num_experts], off[..self.num_experts].to_vec())
+            }
+        }
+    }
+
+    /// The slot -> route map of a layout: `[rows]` u32 holding the route `s k + i` that
+    /// fills each row, or [`NO_ROUTE`]; and the experts' first rows `[E]` u32.
+    pub(super) fn slot_routes(&self, layout: RowLayout) -> Result<(Tensor, Tensor)> {
+        let client = self.expert_ids.client();
+        let (rows, base) = self.rows(layout);
+        let base: Vec<u32> = base.iter().map(|&b| b as u32).collect();
+        let row_base = upload_u32(client, "row_base", &base)?;
+        let map = Tensor::empty(client, DType::U32, &[rows.max(1)])?;
+        let routes = self.tokens() * self.top_k();
+        for fill in [false, true] {
+            MoeRouteSlots::tuned(
+                client,
+                0.0,
+                &MoeRouteSlotsArgs {
+                    expert_ids: &self.expert_ids,
+                    locations: &self.locations,
+                    row_base: &row_base,
+                    slot_route: &map,
+                    routes: routes as u32,
+                    rows: rows as u32,
+                    fill,
+                },
+            )?;
+        }
+        Ok((map, row_base))
+    }
+}
+
+fn param(name: &str, expected: &str, found: &str) -> Error {
+    Error::Param {
+        param: name.into(),
+        expected: expected.into(),
+        found: found.into(),
+    }
+}
+
+/// What the host reads back from the slot count: per (choice, expert, chunk) how many
+/// of the chunk's routes go there.
+pub(super) struct SlotCounts {
+    pub counts: Vec<u32>,
+    pub chunks: usize,
+    pub experts: usize,
+    pub top_k: usize,
+}
+
+impl SlotCounts {
+    /// Routes of choice `i` at expert `e` over all chunks.
+    pub fn total(&self, i: usize, e: usize) -> usize {
+        let at = (i * self.experts + e) * self.chunks;
+        self.counts[at..at + self.chunks].iter().map(|&c| c as usize).sum()
+    }
+
+    /// The first location of every (choice, expert, chunk): the routes of earlier
+    /// choices at that expert, then those of earlier chunks of the same choice.
+    pub fn bases(&self) -> Vec<u32> {
+        self.bases_from(|i, e| (0..i).map(|j| self.total(j, e) as u32).sum())
+    }
+
+    /// The first location of every (choice, expert, chunk) when choice `i`'s routes at
+    /// expert `e` start at `start(i, e)` (expert parallelism adds the other ranks').
+    pub fn bases_from(&self, start: impl Fn(usize, usize) -> u32) -> Vec<u32> {
+        let mut out = vec![0u32; self.counts.len()];
+        for i in 0..self.top_k {
+            for e in 0..self.experts {
+                let mut run = start(i, e);
+                for c in 0..self.chunks {
+                    let at = (i * self.experts + e) * self.chunks + c;
+                    out[at] = run;
+                    run += self.counts[at];
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Counts the routes of every (chunk, choice, expert) and returns them on the host.
+/// `order` (with `prioritized`) lists the tokens in counting order.
+pub(super) fn count_slots(
+    client: &Client,
+    expert_ids: &Tensor,
+    order: &Tensor,
+    prioritized: bool,
+    experts: usize,
+) -> Result<SlotCounts> {
+    let (s, k) = (expert_ids.shape()[0], expert_ids.shape()[1]);
+    let chunks = s.div_ceil(CHUNK).max(1);
+    let counts = Tensor::empty(client, DType::U32, &[chunks * k * experts])?;
+    MoeRouteCounts::tuned(
+        client,
+        0.0,
+        &MoeRouteCountsArgs {
+            expert_ids,
+            order,
+            counts: &counts,
+            tokens: s as u32,
+            top_k: k as u32,
+            experts: experts as u32,
+            chunks: chunks as u32,
+            chunk: CHUNK as u32,
+            prioritized,
+        },
+    )?;
+    let counts = counts
+        .download()?
+        .to_f64()
+        .into_iter()
+        .map(|c| c as u32)
+        .collect();
+    Ok(SlotCounts {
+        counts,
+        chunks,
+        experts,
+        top_k: k,
+    })
+}
+
+/// Writes every route's location (`-1` where `>= capacity`) from the chunks' `bases`
+/// ([`SlotCounts::bases`]).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn locate_slots(
+    client: &Client,
+    expert_ids: &Tensor,
+    order: &Tensor,
+    prioritized: bool,
+    counts: &SlotCounts,
+    bases: &[u32],
+    capacity: usize,
+    locations: &Tensor,
+) -> Result<()> {
+    let (s, k) = (expert_ids.shape()[0], expert_ids.shape()[1]);
+    let bases = upload_u32(client, "slot_bases", bases)?;
+    MoeRouteLocate::tuned(
+        client,
+        0.0,
+        &MoeRouteLocateArgs {
+            expert_ids,
+            order,
+            bases: &bases,
+            locations,
+            tokens: s as u32,
+            top_k: k as u32,
+            experts: counts.experts as u32,
+            chunks: counts.chunks as u32,
+            chunk: CHUNK as u32,
+            capacity: capacity.min(i32::MAX as usize) as u32,
+            prioritized,
+        },
+    )
+    .map(|_| ())
+}
+
+/// Checks the token count fits the kernels' 32-bit route indices.
+pub(super) fn check_routes(name: &str, shape: &[usize], s: usize, k: usize) -> Result<()> {
+    if s.saturating_mul(k) >= i32::MAX as usize {
+        return Err(Error::Shape {
+            tensor: name.into(),
+            expected: "fewer than 2^31 routes (S k)".into(),
+            found: shape_str(shape),
+        });
+    }
+    Ok(())
+}
+
+/// `counts[(i E + e) chunks + c]` = routes of choice `i` to expert `e` among the tokens
+/// at positions `c CHUNK ..` of the counting order: one unit per (chunk, choice,
+/// expert), walking its chunk in order (no atomics).
+#[kiln_macros::kernel(
+    tune(UNITS = [64]),
+    key(tokens = pow2, experts = pow2),
+    grid = ((chunks * top_k * experts).div_ceil(UNITS)),
+    cube = UNITS,
+    defaults(prioritized = false)
+)]
+pub fn moe_route_counts(
+    expert_ids: &Array<i32>,
+    order: &Array<u32>,
+    counts: &mut Array<u32>,
+    tokens: u32,
+    top_k: u32,
+    experts: u32,
+    chunks: u32,
+    chunk: u32,
+    #[comptime] prioritized: bool,
+) {
+    let u = linear_unit() as u32;
+    if u < chunks * top_k * experts {
+        let e = u % experts;
+        let i = (u / experts) % top_k;
+        let c = u / (experts * top_k);
+        let end = min(tokens, (c + 1) * chunk);
+        let mut n = 0u32;
+        let mut pos = c * chunk;
+        while pos < end {
+            let mut t = pos;
+            if comptime!(prioritized) {
+                t = order[pos as usize];
+            }
+            if expert_ids[(t * top_k + i) as usize] == e as i32 {
+                n += 1;
+            }
+            pos += 1;
+        }
+        counts[((i * experts + e) * chunks + c) as usize] = n;
+    }
+}
+
+/// `locations[t k + i]` for every route: its (choice, expert, chunk) base plus the
+/// routes before it in the chunk, or -1 at or past `capacity`. One unit per (chunk,
+/// choice, expert), as in `moe_route_counts`.
+#[kiln_macros::kernel(
+    tune(UNITS = [64]),
+    key(tokens = pow2, experts = pow2),
+    grid = ((chunks * top_k * experts).div_ceil(UNITS)),
+    cube = UNITS,
+    defaults(prioritized = false)
+)]
+pub fn moe_route_locate(
+    expert_ids: &Array<i32>,
+    order: &Array<u32>,
+    bases: &Array<u32>,
+    locations: &mut Array<i32>,
+    tokens: u32,
+    top_k: u32,
+    experts: u32,
+    chunks: u32,
+    chunk: u32,
+    capacity: u32,
+    #[comptime] prioritized: bool,
+) {
+    let u = linear_unit() as u32;
+    if u < chunks * top_k * experts {
+        let e = u % experts;
+        let i = (u / experts) % top_k;
+        let c = u / (experts * top_k);
+        let end = min(tokens, (c + 1) * chunk);
+        let mut run = bases[((i * experts + e) * chunks + c) as usize];
+        let mut pos = c * chunk;
+        while pos < end {
+            let mut t = pos;
+            if comptime!(prioritized) {
+                t = order[pos as usize];
+            }
+            let r = (t * top_k + i) as usize;
+            if expert_ids[r] == e as i32 {
+                locations[r] = select(run < capacity, run as i32, -1i32);
+                run += 1;
+            }
+            pos += 1;
+        }
+    }
+}
+
+/// The slot -> route map: with `fill = false` every row is cleared to `NO_ROUTE`;
+/// with `fill = true`, `slot_route[row_base[e] + loc] = r` for every kept route `r`
+/// (slots are unique, so the writes never collide). Two launches, so that every clear
+/// precedes every fill (no barrier spans cubes).
+#[kiln_macros::kernel(
+    tune(UNITS = [256]),
+    key(routes = pow2, rows = pow2),
+    grid = (routes.max(rows).div_ceil(UNITS).min(65_535), routes.max(rows).div_ceil(UNITS).div_ceil(65_535)),
+    cube = UNITS,
+)]
+pub fn moe_route_slots(
+    expert_ids: &Array<i32>,
+    locations: &Array<i32>,
+    row_base: &Array<u32>,
+    slot_route: &mut Array<u32>,
+    routes: u32,
+    rows: u32,
+    #[comptime] fill: bool,
+) {
+    let u = linear_unit() as u32;
+    if comptime!(fill) {
+        if u < routes {
+            let loc = locations[u as usize];
+            if loc >= 0 {
+                let e = expert_ids[u as usize] as u32;
+                let row = row_base[e as usize] + loc as u32;
+                slot_route[row as usize] = u;
+            }
+        }
+    } else if u < rows {
+        slot_route[u as usize] = 0xFFFF_FFFFu32;
+    }
+}

@@ -1,0 +1,379 @@
+//! Mixture-of-Experts against the f64 reference written from the spec: the gate over
+//! S in {1, 7, 513}, E in {1, 4, 8, 64}, k in {1, 2, 4}, capacity factors {0, 0.5, 1,
+//! 2} (identical ids, locations and drops), adversarial routings, the layer on both
+//! paths, determinism, expert parallelism against one device, gradients against finite
+//! differences, and bad input.
+
+mod common;
+
+use common::{down, up};
+use kiln::check::{max_rel_error, Rng};
+use kiln::kernels::matmul::Activation;
+use kiln::kernels::moe::{
+    moe_combine, moe_combine_backward, moe_dispatch, moe_dispatch_backward, moe_gate,
+    moe_gate_backward, moe_layer, moe_layer_local_ranks, reference as rf, ExpertWeights,
+    GateOptions, LayerOptions, MoePath, MoeRouting,
+};
+use kiln::{DType, HostTensor, Tensor};
+
+fn client() -> &'static kiln::Client {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| std::env::set_var("KILN_AUTOTUNE", "off"));
+    common::client()
+}
+
+fn round(dtype: DType, shape: &[usize], v: &[f64]) -> Vec<f64> {
+    HostTensor::from_f64(dtype, shape.to_vec(), v).unwrap().to_f64()
+}
+
+fn ints(t: &Tensor) -> Vec<i64> {
+    down(t).iter().map(|&v| v as i64).collect()
+}
+
+/// Router logits with the adversarial rows of the issue mixed in: exact ties, a row
+/// with every logit equal, `-inf` entries, and a hot expert.
+fn logits(rng: &mut Rng, s: usize, e: usize) -> Vec<f64> {
+    let mut l = rng.normals(s * e, 2.0);
+    for t in 0..s {
+        match t % 11 {
+            3 => l[t * e..(t + 1) * e].fill(0.25),
+            5 if e > 1 => l[t * e + e - 1] = f64::NEG_INFINITY,
+            7 => l[t * e + (t % e)] += 6.0,
+            8 if e > 2 => {
+                l[t * e + 2] = l[t * e];
+            }
+            _ => {}
+        }
+    }
+    l
+}
+
+fn check_gate(s: usize, e: usize, k: usize, cf: f64, prioritized: bool, l: &[f64]) {
+    let what = format!("S={s} E={e} k={k} cf={cf} prioritized={prioritized}");
+    let lt = up(DType::F32, &[s, e], l);
+    let mut opts = GateOptions::new(k, cf);
+    opts.batch_prioritized = prioritized;
+    let g = moe_gate(&lt, &opts).unwrap();
+    let want = rf::gate(&round(DType::F32, &[s, e], l), e, k, cf, k > 1, prioritized);
+    let r = &g.routing;
+    let ids: Vec<i64> = want.ids.iter().map(|&x| x as i64).collect();
+    assert_eq!(ints(&r.expert_ids), ids, "{what}: expert_ids");
+    assert_eq!(ints(&r.locations), want.locations, "{what}: locations");
+    assert_eq!(r.capacity, want.capacity, "{what}: capacity");
+    let eg = max_rel_error(&down(r.gates.as_ref().unwrap()), &want.gates, 1e-3);
+    assert!(eg < 1e-6, "{what}: gates {eg:e}");
+    let el = max_rel_error(&down(&g.l_aux), &[want.l_aux], 1e-3);
+    assert!(el < 1e-6, "{what}: l_aux {el:e}");
+}
+
+#[test]
+fn gate_matches_reference_over_the_issue_matrix() {
+    let _ = client();
+    let mut rng = Rng::new(5);
+    for s in [1, 7, 513] {
+        for e in [1, 4, 8, 64] {
+            let l = logits(&mut rng, s, e);
+            for k in [1, 2, 4].into_iter().filter(|&k| k <= e) {
+                for cf in [0.0, 0.5, 1.0, 2.0] {
+                    check_gate(s, e, k, cf, false, &l);
+                }
+            }
+            check_gate(s, e, 1.min(e), 1.0, true, &l);
+        }
+    }
+}
+
+#[test]
+fn adversarial_routings() {
+    let _ = client();
+    let (s, e) = (50, 4);
+    // Every token to one expert: locations 0..C-1 there, the rest dropped.
+    let mut hot = vec![0.0; s * e];
+    for t in 0..s {
+        hot[t * e + 2] = 10.0;
+    }
+    check_gate(s, e, 1, 1.0, false, &hot);
+    check_gate(s, e, 2, 0.5, false, &hot);
+    // All logits equal: ties everywhere, the lower experts win.
+    check_gate(s, e, 2, 1.0, false, &vec![0.3; s * e]);
+    // -inf everywhere but one expert, and rows of nothing but -inf.
+    let mut inf = vec![f64::NEG_INFINITY; s * e];
+    for t in 0..s / 2 {
+        inf[t * e + t % e] = 0.0;
+    }
+    check_gate(s, e, 2, 2.0, false, &inf);
+    // E = 1, and k = E.
+    check_gate(s, 1, 1, 1.0, false, &vec![0.0; s]);
+    let mut rng = Rng::new(9);
+    check_gate(s, e, e, 0.0, false, &rng.normals(s * e, 1.0));
+    // The gates of a row with no mass are 0 and never NaN.
+    let g = moe_gate(&up(DType::F32, &[s, e], &inf), &GateOptions::new(2, 1.0)).unwrap();
+    assert!(down(g.routing.gates.as_ref().unwrap()).iter().all(|v| v.is_finite()));
+}
+
+struct Layer {
+    s: usize,
+    m: usize,
+    f: usize,
+    e: usize,
+    x: Vec<f64>,
+    w_gate: Vec<f64>,
+    w1: Vec<f64>,
+    w2: Vec<f64>,
+    b1: Vec<f64>,
+    b2: Vec<f64>,
+}
+
+impl Layer {
+    fn new(rng: &mut Rng, s: usize, m: usize, f: usize, e: usize, dtype: DType) -> Layer {
+        let mut g = |shape: &[usize], scale: f64| {
+            let n = shape.iter().product();
+            round(dtype, shape, &rng.normals(n, scale))
+        };
+        Layer {
+            s,
+            m,
+            f,
+            e,
+            x: g(&[s, m], 1.0),
+            w_gate: g(&[m, e], 0.5),
+            w1: g(&[e, m, f], 0.3),
+            w2: g(&[e, f, m], 0.3),
+            b1: g(&[e, f], 0.3),
+            b2: g(&[e, m], 0.3),
+        }
+    }
+
+    fn reference(&self, k: usize, cf: f64) -> (rf::Routing, Vec<f64>) {
+        let logits = rf::gate_logits(&self.x, &self.w_gate, self.m, self.e);
+        let r = rf::gate(&logits, self.e, k, cf, k > 1, false);
+        let w = rf::Experts {
+            w1: &self.w1,
+            b1: Some(&self.b1),
+            w2: &self.w2,
+            b2: Some(&self.b2),
+            m: self.m,
+            f: self.f,
+            activation: "gelu",
+        };
+        let y = rf::layer(&self.x, &r, &w);
+        // The dense per-token loop (dropless reference) agrees with GShard's einsums.
+        let y2 = rf::layer_per_token(&self.x, &r, &w);
+        assert!(max_rel_error(&y, &y2, 1.0) < 1e-12);
+        (r, y)
+    }
+
+    fn run(&self, dtype: DType, k: usize, cf: f64, path: MoePath, world_size: usize) -> kiln::kernels::moe::LayerOutput {
+        let t = |shape: &[usize], v: &[f64]| up(dtype, shape, v);
+        let (s, m, f, e) = (self.s, self.m, self.f, self.e);
+        let (x, wg, w1, w2, b1, b2) = (
+            t(&[s, m], &self.x),
+            t(&[m, e], &self.w_gate),
+            t(&[e, m, f], &self.w1),
+            t(&[e, f, m], &self.w2),
+            t(&[e, f], &self.b1),
+            t(&[e, m], &self.b2),
+        );
+        let w = ExpertWeights {
+            w1: &w1,
+            b1: Some(&b1),
+            w2: &w2,
+            b2: Some(&b2),
+            activation: Activation::Gelu,
+        };
+        let opts = LayerOptions {
+            gate: GateOptions::new(k, cf),
+            path,
+        };
+        if world_size == 1 {
+            moe_layer(&x, &wg, &w, &opts).unwrap()
+        } else {
+            moe_layer_local_ranks(&x, &wg, &w, &opts, world_size).unwrap()
+        }
+    }
+}
+
+#[test]
+fn layer_matches_reference_on_both_paths() {
+    let _ = client();
+    let mut rng = Rng::new(17);
+    for (s, e) in [(7, 4), (513, 8)] {
+        let layer = Layer::new(&mut rng, s, 20, 24, e, DType::F32);
+        for k in [1, 2] {
+            for cf in [0.0, 1.0] {
+                let (r, want) = layer.reference(k, cf);
+                for path in [MoePath::Capacity, MoePath::Dropless] {
+                    let out = layer.run(DType::F32, k, cf, path, 1);
+                    let what = format!("S={s} E={e} k={k} cf={cf} {path:?}");
+                    assert_eq!(ints(&out.routing.locations), r.locations, "{what}");
+                    let err = max_rel_error(&down(&out.y), &want, 1.0);
+                    assert!(err < 1e-6, "{what}: y {err:e}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn half_precision_layer_within_1e3() {
+    let _ = client();
+    let mut rng = Rng::new(23);
+    let layer = Layer::new(&mut rng, 61, 16, 24, 4, DType::F16);
+    let (_, want) = layer.reference(2, 1.0);
+    for path in [MoePath::Capacity, MoePath::Dropless] {
+        let out = layer.run(DType::F16, 2, 1.0, path, 1);
+        assert_eq!(out.y.dtype(), DType::F16);
+        let err = max_rel_error(&down(&out.y), &want, 1.0);
+        assert!(err < 1e-3, "{path:?}: y {err:e}");
+    }
+}
+
+#[test]
+fn ten_runs_are_bit_identical() {
+    let _ = client();
+    let mut rng = Rng::new(29);
+    let layer = Layer::new(&mut rng, 513, 16, 16, 8, DType::F32);
+    let first = layer.run(DType::F32, 2, 1.0, MoePath::Dropless, 1);
+    let bits = |t: &Tensor| t.download().unwrap().to_f64().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let (y0, ids0, loc0) = (bits(&first.y), bits(&first.routing.expert_ids), bits(&first.routing.locations));
+    for _ in 0..9 {
+        let out = layer.run(DType::F32, 2, 1.0, MoePath::Dropless, 1);
+        assert_eq!(bits(&out.y), y0);
+        assert_eq!(bits(&out.routing.expert_ids), ids0);
+        assert_eq!(bits(&out.routing.locations), loc0);
+    }
+}
+
+#[test]
+fn expert_parallel_equals_one_device() {
+    let _ = client();
+    let mut rng = Rng::new(31);
+    // 509 tokens (not divisible by 2 or 4), 8 experts over 2 or 4 ranks.
+    let layer = Layer::new(&mut rng, 509, 16, 12, 8, DType::F32);
+    for cf in [0.0, 1.0] {
+        let one = layer.run(DType::F32, 2, cf, MoePath::Capacity, 1);
+        for p in [2, 4] {
+            let ep = layer.run(DType::F32, 2, cf, MoePath::Capacity, p);
+            assert_eq!(ints(&ep.routing.expert_ids), ints(&one.routing.expert_ids), "P={p} cf={cf}");
+            assert_eq!(ints(&ep.routing.locations), ints(&one.routing.locations), "P={p} cf={cf}");
+            let err = max_rel_error(&down(&ep.y), &down(&one.y), 1.0);
+            assert!(err < 1e-6, "P={p} cf={cf}: y {err:e}");
+            let el = max_rel_error(&down(&ep.l_aux), &down(&one.l_aux), 1e-3);
+            assert!(el < 1e-6, "P={p} cf={cf}: l_aux {el:e}");
+        }
+    }
+}
+
+/// A routing of random logits and its f64 reference.
+fn routing(rng: &mut Rng, s: usize, e: usize, k: usize, cf: f64) -> (MoeRouting, rf::Routing) {
+    let l = round(DType::F32, &[s, e], &rng.normals(s * e, 1.5));
+    let g = moe_gate(&up(DType::F32, &[s, e], &l), &GateOptions::new(k, cf)).unwrap();
+    (g.routing, rf::gate(&l, e, k, cf, k > 1, false))
+}
+
+/// Central differences of `f` at `x` along every coordinate.
+fn finite_differences(x: &[f64], h: f64, f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
+    (0..x.len())
+        .map(|i| {
+            let (mut a, mut b) = (x.to_vec(), x.to_vec());
+            a[i] += h;
+            b[i] -= h;
+            (f(&a) - f(&b)) / (2.0 * h)
+        })
+        .collect()
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[test]
+fn gradients_match_finite_differences_of_the_reference() {
+    let _ = client();
+    let mut rng = Rng::new(41);
+    let (s, e, k, m) = (23, 5, 2, 6);
+    // Gate: L = <d_gates, gates(logits)> + d_l_aux l_aux(logits), selection fixed.
+    let l = round(DType::F32, &[s, e], &rng.normals(s * e, 1.0));
+    let dg = round(DType::F32, &[s, k], &rng.normals(s * k, 1.0));
+    let d_l_aux = 0.6;
+    let got = down(
+        &moe_gate_backward(&up(DType::F32, &[s, e], &l), &up(DType::F32, &[s, k], &dg), d_l_aux, &GateOptions::new(k, 1.0))
+            .unwrap(),
+    );
+    let fd = finite_differences(&l, 1e-6, |x| {
+        let r = rf::gate(x, e, k, 1.0, true, false);
+        dot(&dg, &r.gates) + d_l_aux * r.l_aux
+    });
+    let err = max_rel_error(&got, &fd, 1.0);
+    assert!(err < 1e-5, "d_logits {err:e}");
+
+    // Dispatch and combine are linear: their gradients against differences of
+    // <upstream, op(input)>.
+    let (r, rr) = routing(&mut rng, s, e, k, 1.0);
+    let c = r.capacity;
+    let x = round(DType::F32, &[s, m], &rng.normals(s * m, 1.0));
+    let d_d = round(DType::F32, &[e, c, m], &rng.normals(e * c * m, 1.0));
+    let dx = down(&moe_dispatch_backward(&up(DType::F32, &[e, c, m], &d_d), &r).unwrap());
+    let fd = finite_differences(&x, 1e-3, |x| dot(&d_d, &rr.dispatch(x, m)));
+    assert!(max_rel_error(&dx, &fd, 1.0) < 1e-5, "dx");
+    let y_e = round(DType::F32, &[e, c, m], &rng.normals(e * c * m, 1.0));
+    let dy = round(DType::F32, &[s, m], &rng.normals(s * m, 1.0));
+    let (d_out, d_gates) =
+        moe_combine_backward(&up(DType::F32, &[s, m], &dy), &up(DType::F32, &[e, c, m], &y_e), &r).unwrap();
+    let fd = finite_differences(&y_e, 1e-3, |v| dot(&dy, &rr.combine(v, m)));
+    assert!(max_rel_error(&down(&d_out), &fd, 1.0) < 1e-5, "d_expert_out");
+    let fd = finite_differences(&rr.gates, 1e-3, |g| {
+        let mut r2 = rr.clone();
+        r2.gates = g.to_vec();
+        dot(&dy, &r2.combine(&y_e, m))
+    });
+    assert!(max_rel_error(&down(&d_gates), &fd, 1.0) < 1e-5, "d_gates");
+    // And the forward ops against the same reference.
+    let disp = down(&moe_dispatch(&up(DType::F32, &[s, m], &x), &r).unwrap());
+    assert_eq!(disp, rr.dispatch(&x, m));
+    let y = down(&moe_combine(&up(DType::F32, &[e, c, m], &y_e), &r).unwrap());
+    assert!(max_rel_error(&y, &rr.combine(&y_e, m), 1.0) < 1e-6);
+}
+
+#[test]
+fn bad_input_is_one_clear_line() {
+    let _ = client();
+    let one_line = |e: kiln::Error, names: &[&str]| {
+        let msg = e.to_string();
+        assert!(!msg.contains('\n'), "{msg}");
+        assert!(names.iter().any(|n| msg.contains(n)), "{msg} names none of {names:?}");
+    };
+    let i32s = |shape: &[usize], v: &[f64]| up(DType::I32, shape, v);
+    // Ids out of range.
+    let ids = i32s(&[2, 1], &[0.0, 4.0]);
+    let locs = i32s(&[2, 1], &[0.0, 0.0]);
+    one_line(MoeRouting::from_tensors(&ids, &locs, None, 4, 2).err().unwrap(), &["expert_ids"]);
+    // A capacity too small for the given locations.
+    let ids = i32s(&[2, 1], &[0.0, 0.0]);
+    let locs = i32s(&[2, 1], &[0.0, 3.0]);
+    one_line(MoeRouting::from_tensors(&ids, &locs, None, 4, 2).err().unwrap(), &["capacity"]);
+    // Two routes in one slot.
+    let locs = i32s(&[2, 1], &[1.0, 1.0]);
+    one_line(MoeRouting::from_tensors(&ids, &locs, None, 4, 2).err().unwrap(), &["locations"]);
+    // k > E.
+    let l = up(DType::F32, &[3, 4], &[0.0; 12]);
+    one_line(moe_gate(&l, &GateOptions::new(5, 1.0)).err().unwrap(), &["top_k"]);
+    one_line(moe_gate(&l, &GateOptions::new(2, -1.0)).err().unwrap(), &["capacity_factor"]);
+    // Shape mismatches.
+    let locs = i32s(&[2, 1], &[0.0, 1.0]);
+    let r = MoeRouting::from_tensors(&ids, &locs, None, 4, 2).unwrap();
+    let x = up(DType::F32, &[3, 8], &[0.0; 24]);
+    one_line(moe_dispatch(&x, &r).err().unwrap(), &["x"]);
+    let out = up(DType::F32, &[4, 3, 8], &[0.0; 96]);
+    one_line(moe_combine(&out, &r).err().unwrap(), &["expert_out", "gates"]);
+    let x = up(DType::F32, &[5, 8], &[0.0; 40]);
+    let wg = up(DType::F32, &[8, 4], &[0.0; 32]);
+    let w1 = up(DType::F32, &[4, 8, 6], &[0.0; 192]);
+    let w2 = up(DType::F32, &[4, 8, 6], &[0.0; 192]);
+    let w = ExpertWeights { w1: &w1, b1: None, w2: &w2, b2: None, activation: Activation::Silu };
+    let opts = LayerOptions { gate: GateOptions::new(2, 1.0), path: MoePath::Auto };
+    one_line(moe_layer(&x, &wg, &w, &opts).err().unwrap(), &["w2"]);
+    let w2 = up(DType::F32, &[4, 6, 8], &[0.0; 192]);
+    let w = ExpertWeights { w2: &w2, ..w };
+    one_line(moe_layer_local_ranks(&x, &wg, &w, &opts, 3).err().unwrap(), &["world_size"]);
+}
