@@ -11,7 +11,7 @@ use kiln::check::{max_rel_error, Rng};
 use kiln::kernels::matmul::Activation;
 use kiln::kernels::moe::{
     moe_combine, moe_combine_backward, moe_dispatch, moe_dispatch_backward, moe_gate,
-    moe_gate_backward, moe_layer, moe_layer_local_ranks, reference as rf, ExpertWeights,
+    moe_gate_backward, moe_layer, moe_layer_backward, moe_layer_local_ranks, reference as rf, ExpertWeights,
     GateOptions, LayerOptions, MoePath, MoeRouting,
 };
 use kiln::{DType, HostTensor, Tensor};
@@ -333,6 +333,54 @@ fn gradients_match_finite_differences_of_the_reference() {
     assert_eq!(disp, rr.dispatch(&x, m));
     let y = down(&moe_combine(&up(DType::F32, &[e, c, m], &y_e), &r).unwrap());
     assert!(max_rel_error(&y, &rr.combine(&y_e, m), 1.0) < 1e-6);
+}
+
+#[test]
+fn layer_backward_matches_finite_differences_for_every_input() {
+    let _ = client();
+    let mut rng = Rng::new(43);
+    // 11 tokens, M = 5, 4 experts of F = 6, top-2 at cf 0.5 (drops), gelu, d_l_aux.
+    let (s, m, f, e, k) = (11, 5, 6, 4, 2);
+    let mut g = |n: usize, scale: f64| round(DType::F32, &[n], &rng.normals(n, scale));
+    let inputs = rf::LayerInputs {
+        x: g(s * m, 1.0),
+        w_gate: g(m * e, 0.5),
+        w1: g(e * m * f, 0.4),
+        b1: g(e * f, 0.3),
+        w2: g(e * f * m, 0.4),
+        b2: g(e * m, 0.3),
+        m,
+        f,
+        e,
+        k,
+        cf: 0.5,
+        activation: "gelu",
+    };
+    let dy = g(s * m, 1.0);
+    let d_l_aux = 0.8;
+    let t = |shape: &[usize], v: &[f64]| up(DType::F32, shape, v);
+    let (x, wg, w1, w2, b1, b2) = (
+        t(&[s, m], &inputs.x),
+        t(&[m, e], &inputs.w_gate),
+        t(&[e, m, f], &inputs.w1),
+        t(&[e, f, m], &inputs.w2),
+        t(&[e, f], &inputs.b1),
+        t(&[e, m], &inputs.b2),
+    );
+    let w = ExpertWeights { w1: &w1, b1: Some(&b1), w2: &w2, b2: Some(&b2), activation: Activation::Gelu };
+    let grads = moe_layer_backward(&x, &wg, &w, &GateOptions::new(k, 0.5), &t(&[s, m], &dy), d_l_aux).unwrap();
+    for (name, got) in [
+        ("x", &grads.dx),
+        ("w_gate", &grads.d_w_gate),
+        ("w1", &grads.d_w1),
+        ("b1", &grads.d_b1),
+        ("w2", &grads.d_w2),
+        ("b2", &grads.d_b2),
+    ] {
+        let fd = inputs.grad_fd(name, &dy, d_l_aux);
+        let err = max_rel_error(&down(got), &fd, 1.0);
+        assert!(err < 1e-5, "d_{name}: {err:e}");
+    }
 }
 
 #[test]

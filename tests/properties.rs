@@ -172,6 +172,7 @@ fn every_operator_matches_its_reference_on_random_shapes_or_refuses_clearly() {
         "moe_combine_backward",
         "moe_expert_ffn",
         "moe_layer",
+        "moe_layer_backward",
     ] {
         assert!(
             checked.get(op).is_some_and(|&n| n > 0),

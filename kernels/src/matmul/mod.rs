@@ -43,8 +43,8 @@ pub use staged::{
     MatmulStagedV4Args, MatmulStagedV4Config, MatmulStagedV4Problem, MATMUL_STAGED_KERNEL,
     MATMUL_STAGED_V4_KERNEL,
 };
-use tiled::{clamped_strided, store_epilogue};
-pub(crate) use tiled::activate;
+use tiled::store_epilogue;
+pub(crate) use tiled::{activate, clamped_strided};
 pub use vec4::{
     MatmulVec4, MatmulVec4Args, MatmulVec4Config, MatmulVec4Problem, MATMUL_VEC4_KERNEL,
 };

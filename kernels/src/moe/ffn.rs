@@ -5,11 +5,13 @@
 
 use super::movement::{combine_from_layout, gather_into_layout};
 use super::routing::{MoeRouting, RowLayout, NO_ROUTE};
-use crate::launch::{absent, check_input, shape_err, upload_u32};
-use crate::matmul::{activate, Activation};
+use crate::launch::{check_input, shape_err, upload_u32};
+use crate::matmul::{activate, clamped_strided, Activation};
 use cubecl::prelude::*;
 use kiln_dsl::{load_tile_v4, reg_tile_mma_v4, v4_tile_col, V4};
+use kiln_runtime::tune::Choice;
 use kiln_runtime::{DType, Error, Result, Tensor};
+use serde::{Deserialize, Serialize};
 
 /// Candidates change tile shapes, never the order of a dot product's terms.
 const TOLERANCE: f64 = 1e-5;
@@ -63,10 +65,10 @@ impl ExpertWeights<'_> {
 /// Each expert's rows of the grouped GEMM's left operand: `start[e] .. start[e] +
 /// count[e]`.
 pub(super) struct Groups {
-    start: Tensor,
-    count: Tensor,
-    max_rows: usize,
-    experts: usize,
+    pub start: Tensor,
+    pub count: Tensor,
+    pub max_rows: usize,
+    pub experts: usize,
 }
 
 impl Groups {
@@ -89,6 +91,159 @@ impl Groups {
             RowLayout::Sorted => routing.rows_per_expert.clone(),
         };
         Groups::new(a, &start, &count)
+    }
+}
+
+/// A configuration of one of the grouped GEMM kernels (what the autotuner picks
+/// among): `Staged` stages K through shared memory (the GPU path), `Vec4` reads both
+/// operands as 4-wide vectors straight from global memory (K and N multiples of 4, no
+/// `trans_b`: the CPU-adapter path).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupedConfig {
+    /// `moe_grouped_matmul`.
+    Staged(MoeGroupedMatmulConfig),
+    /// `moe_grouped_matmul_v4`.
+    Vec4(MoeGroupedMatmulV4Config),
+}
+
+impl GroupedConfig {
+    /// The kernel and its tunables (tune tables).
+    pub fn label(&self) -> String {
+        match self {
+            GroupedConfig::Staged(c) => format!("staged {}", MoeGroupedMatmul::label(c)),
+            GroupedConfig::Vec4(c) => format!("vec4 {}", MoeGroupedMatmulV4::label(c)),
+        }
+    }
+}
+
+/// What both kernels' spaces read.
+struct GroupedProblem<'a> {
+    groups: &'a Groups,
+    n: usize,
+    k: usize,
+    trans_b: bool,
+    has_bias: bool,
+    act: Activation,
+    a_f32: bool,
+    c_f32: bool,
+}
+
+impl GroupedProblem<'_> {
+    /// Launches `cfg` writing `c` (f32 with `c_f32`), scattering through `scatter`.
+    fn launch(
+        &self,
+        client: &kiln_runtime::Client,
+        cfg: &GroupedConfig,
+        o: &GroupedOperands<'_>,
+        c: &Tensor,
+        scatter: Option<&Scatter<'_>>,
+        no_routes: &Tensor,
+    ) -> Result<()> {
+        let g = self.groups;
+        let (c_f, c32) = if self.c_f32 { (o.placeholder_f, c) } else { (c, o.placeholder_32) };
+        let (slot_route, gates) = match scatter {
+            Some(s) => (s.slot_route, s.gates),
+            None => (no_routes, o.placeholder_32),
+        };
+        let (n, k) = (self.n as u32, self.k as u32);
+        match cfg {
+            GroupedConfig::Staged(cfg) => MoeGroupedMatmul::launch(
+                client,
+                cfg,
+                &MoeGroupedMatmulArgs {
+                    a: o.a,
+                    a32: o.a32,
+                    b: o.b,
+                    bias: o.bias,
+                    row_start: &g.start,
+                    row_count: &g.count,
+                    slot_route,
+                    gates,
+                    c: c_f,
+                    c32,
+                    n,
+                    k,
+                    experts: g.experts as u32,
+                    max_rows: g.max_rows as u32,
+                    trans_b: self.trans_b,
+                    has_bias: self.has_bias,
+                    act: self.act,
+                    scatter: scatter.is_some(),
+                    a_f32: self.a_f32,
+                    c_f32: self.c_f32,
+                },
+            ),
+            GroupedConfig::Vec4(cfg) => MoeGroupedMatmulV4::launch(
+                client,
+                cfg,
+                &MoeGroupedMatmulV4Args {
+                    a: o.a,
+                    a32: o.a32,
+                    b: o.b,
+                    bias: o.bias,
+                    row_start: &g.start,
+                    row_count: &g.count,
+                    slot_route,
+                    gates,
+                    c: c_f,
+                    c32,
+                    n,
+                    k,
+                    experts: g.experts as u32,
+                    max_rows: g.max_rows as u32,
+                    has_bias: self.has_bias,
+                    act: self.act,
+                    scatter: scatter.is_some(),
+                    a_f32: self.a_f32,
+                    c_f32: self.c_f32,
+                },
+            ),
+        }
+    }
+
+    /// Staged configurations first (the reference the others are checked against),
+    /// then the vector kernel's where it applies.
+    fn candidates(&self, client: &kiln_runtime::Client) -> Vec<GroupedConfig> {
+        let (g, n, k) = (self.groups, self.n as u32, self.k as u32);
+        let mut all: Vec<GroupedConfig> = MoeGroupedMatmul::space(
+            client,
+            &MoeGroupedMatmulProblem {
+                n,
+                k,
+                experts: g.experts as u32,
+                max_rows: g.max_rows as u32,
+                trans_b: self.trans_b,
+                has_bias: self.has_bias,
+                act: self.act,
+                scatter: false,
+                a_f32: self.a_f32,
+                c_f32: self.c_f32,
+            },
+        )
+        .into_iter()
+        .map(GroupedConfig::Staged)
+        .collect();
+        if !self.trans_b {
+            all.extend(
+                MoeGroupedMatmulV4::space(
+                    client,
+                    &MoeGroupedMatmulV4Problem {
+                        n,
+                        k,
+                        experts: g.experts as u32,
+                        max_rows: g.max_rows as u32,
+                        has_bias: self.has_bias,
+                        act: self.act,
+                        scatter: false,
+                        a_f32: self.a_f32,
+                        c_f32: self.c_f32,
+                    },
+                )
+                .into_iter()
+                .map(GroupedConfig::Vec4),
+            );
+        }
+        all
     }
 }
 
@@ -118,13 +273,12 @@ pub(super) fn grouped_matmul(
 ) -> Result<Tensor> {
     let client = a.client();
     let (rows, k) = (a.shape()[0], a.shape()[1]);
-    let out_rows = scatter.map_or(rows, |s| s.routes);
     let dtype = b.dtype();
     // Half-precision experts keep the hidden activations in f32 between the GEMMs.
     let (a_f32, c_f32) = (a.dtype() != dtype, out_f32 && dtype != DType::F32);
-    let c = Tensor::empty(client, if c_f32 { DType::F32 } else { dtype }, &[out_rows, n])?;
+    let out_dtype = if c_f32 { DType::F32 } else { dtype };
     if groups.max_rows == 0 || n == 0 {
-        return Ok(c);
+        return Tensor::empty(client, out_dtype, &[scatter.map_or(rows, |s| s.routes), n]);
     }
     if groups.experts > 65_535 {
         return Err(Error::Param {
@@ -133,42 +287,60 @@ pub(super) fn grouped_matmul(
             found: groups.experts.to_string(),
         });
     }
-    let ph = absent(client)?;
-    let ph_f = Tensor::empty(client, dtype, &[1])?;
+    // Four elements: the vector kernel reads its placeholders as 4-wide arrays.
+    let ph = Tensor::empty(client, DType::F32, &[4])?;
+    let ph_f = Tensor::empty(client, dtype, &[4])?;
     let ph_u32 = upload_u32(client, "slot_route", &[])?;
-    let (a_f, a32) = if a_f32 { (b, a) } else { (a, &ph) };
-    let (c_f, c32) = if c_f32 { (&ph_f, &c) } else { (&c, &ph) };
-    let (slot_route, gates) = match scatter {
-        Some(s) => (s.slot_route, s.gates),
-        None => (&ph_u32, &ph),
+    let problem = GroupedProblem {
+        groups,
+        n,
+        k,
+        trans_b,
+        has_bias: bias.is_some(),
+        act,
+        a_f32,
+        c_f32,
     };
-    MoeGroupedMatmul::tuned(
-        client,
-        TOLERANCE,
-        &MoeGroupedMatmulArgs {
-            a: a_f,
-            a32,
-            b,
-            bias: bias.unwrap_or(b),
-            row_start: &groups.start,
-            row_count: &groups.count,
-            slot_route,
-            gates,
-            c: c_f,
-            c32,
-            n: n as u32,
-            k: k as u32,
-            experts: groups.experts as u32,
-            max_rows: groups.max_rows as u32,
-            trans_b,
-            has_bias: bias.is_some(),
-            act,
-            scatter: scatter.is_some(),
-            a_f32,
-            c_f32,
-        },
-    )?;
+    let operands = GroupedOperands {
+        a: if a_f32 { b } else { a },
+        a32: if a_f32 { a } else { &ph },
+        b,
+        bias: bias.unwrap_or(b),
+        placeholder_f: &ph_f,
+        placeholder_32: &ph,
+    };
+    // Tuned on the plain store into fresh outputs (a scattering candidate leaves the
+    // rows of dropped routes unwritten, so candidates could not be compared); the
+    // scatter changes the epilogue's addresses, not the main loop being tuned.
+    let cfg = Choice::new("moe_grouped_gemm")
+        .sources([MoeGroupedMatmul::source_hash(), MoeGroupedMatmulV4::source_hash()])
+        .dim("max_rows", groups.max_rows)
+        .dim("n", n)
+        .dim("k", k)
+        .dim("experts", groups.experts)
+        .exact("dtype", dtype)
+        .exact("trans_b", trans_b)
+        .exact("act", act)
+        .candidates(problem.candidates(client))
+        .tune(client, TOLERANCE, GroupedConfig::label, |cfg| {
+            let c = Tensor::empty(client, out_dtype, &[rows, n])?;
+            problem.launch(client, cfg, &operands, &c, None, &ph_u32)?;
+            Ok(vec![c])
+        })?;
+    let c = Tensor::empty(client, out_dtype, &[scatter.map_or(rows, |s| s.routes), n])?;
+    problem.launch(client, &cfg, &operands, &c, scatter, &ph_u32)?;
     Ok(c)
+}
+
+/// The tensors bound to a grouped GEMM: the left operand in b's dtype (`a`) or in f32
+/// (`a32`), and placeholders for the unused side of each pair.
+struct GroupedOperands<'a> {
+    a: &'a Tensor,
+    a32: &'a Tensor,
+    b: &'a Tensor,
+    bias: &'a Tensor,
+    placeholder_f: &'a Tensor,
+    placeholder_32: &'a Tensor,
 }
 
 /// The expert FFN in the capacity layout: `dispatched` `[E, C, M]` ->
@@ -313,21 +485,157 @@ pub fn moe_grouped_matmul<F: Float>(
             for j in 0..TN {
                 let col = v4_tile_col(tx, j, BN, TN);
                 if r < rows_valid && col < cols_valid {
-                    let mut v = acc[(i * comptime!(TN / 4) + j / 4) as usize][(j % 4) as usize];
-                    if comptime!(has_bias) {
-                        v += f32::cast_from(bias[(e * n + col0 + col) as usize]);
+                    let v = acc[(i * comptime!(TN / 4) + j / 4) as usize][(j % 4) as usize];
+                    store_grouped::<F>(
+                        c, c32, bias, slot_route, gates, v, row0 + r, col0 + col, e, n, has_bias, act,
+                        scatter, c_f32,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The grouped GEMMs' epilogue for one f32 value `v` of row `row` (absolute), column
+/// `col` of expert `e`: `+ bias[e, col]`, the activation, then the store: to `c` (or
+/// `c32`), or with `scatter` times the gate of the route that fills the row, into that
+/// route's row. The caller masks the edges.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_grouped<F: Float>(
+    c: &mut Array<F>,
+    c32: &mut Array<f32>,
+    bias: &Array<F>,
+    slot_route: &Array<u32>,
+    gates: &Array<f32>,
+    v: f32,
+    row: u32,
+    col: u32,
+    e: u32,
+    n: u32,
+    #[comptime] has_bias: bool,
+    #[comptime] act: Activation,
+    #[comptime] scatter: bool,
+    #[comptime] c_f32: bool,
+) {
+    let mut v = v;
+    if comptime!(has_bias) {
+        v += f32::cast_from(bias[(e * n + col) as usize]);
+    }
+    v = activate(v, act);
+    if comptime!(scatter) {
+        let route = slot_route[row as usize];
+        if route != comptime!(NO_ROUTE) {
+            c[(route * n + col) as usize] = F::cast_from(gates[route as usize] * v);
+        }
+    } else if comptime!(c_f32) {
+        c32[(row * n + col) as usize] = v;
+    } else {
+        c[(row * n + col) as usize] = F::cast_from(v);
+    }
+}
+
+/// The grouped GEMM with both operands read as 4-wide vectors straight from global
+/// memory (K and N multiples of 4; no shared memory, no barriers: the CPU-adapter path,
+/// as `matmul_vec4`): a `TM x TN` register tile per unit, rows clamped to the expert's
+/// last row and columns to the last one (computed, never stored). Grid, groups and
+/// epilogue as `moe_grouped_matmul`.
+#[kiln_macros::kernel(
+    tune((BM, BN, TM, TN) = [
+            (64, 64, 8, 8),
+            (128, 128, 16, 8),
+            (64, 128, 8, 16),
+            (128, 128, 16, 16),
+            (32, 128, 4, 8),
+            (16, 64, 4, 4),
+        ]),
+    require(BM % TM == 0, BN % TN == 0, TN % 4 == 0, k % 4 == 0, n % 4 == 0),
+    key(max_rows = pow2, n = pow2, k = pow2, experts = pow2, dtype),
+    grid = (n.div_ceil(BN), max_rows.div_ceil(BM), experts),
+    cube = ((BM / TM) * (BN / TN)),
+    defaults(has_bias = false, act = none, scatter = false, a_f32 = false, c_f32 = false)
+)]
+pub fn moe_grouped_matmul_v4<F: Float>(
+    a: &Array<Vector<F, Const<4>>>,
+    a32: &Array<Vector<f32, Const<4>>>,
+    b: &Array<Vector<F, Const<4>>>,
+    bias: &Array<F>,
+    row_start: &Array<u32>,
+    row_count: &Array<u32>,
+    slot_route: &Array<u32>,
+    gates: &Array<f32>,
+    c: &mut Array<F>,
+    c32: &mut Array<f32>,
+    n: u32,
+    k: u32,
+    experts: u32,
+    max_rows: u32,
+    #[comptime] has_bias: bool,
+    #[comptime] act: Activation,
+    #[comptime] scatter: bool,
+    #[comptime] a_f32: bool,
+    #[comptime] c_f32: bool,
+) {
+    let e = CUBE_POS_Z;
+    let count = row_count[e as usize];
+    let tile_row = CUBE_POS_Y * BM;
+    if tile_row < count {
+        let units_x = comptime!(BN / TN);
+        let row_step = comptime!(BM / TM);
+        let tnv = comptime!(TN / 4);
+        let (ty, tx) = (UNIT_POS / units_x, UNIT_POS % units_x);
+        let start = row_start[e as usize];
+        let row0 = start + tile_row;
+        let col0 = CUBE_POS_X * BN;
+        let (kv, nv) = (k / 4, n / 4);
+        let b_base = e * k * nv;
+        let mut rows = Array::<u32>::new(comptime!(TM as usize));
+        clamped_strided(&mut rows, row0 + ty, row_step, start + count - 1, TM);
+        let mut cols = Array::<u32>::new(comptime!(tnv as usize));
+        clamped_strided(&mut cols, col0 / 4 + tx, units_x, nv - 1, tnv);
+        let mut av = Array::<V4>::new(comptime!(TM as usize));
+        let mut accv = Array::<V4>::new(comptime!((TM * tnv) as usize));
+        #[unroll]
+        for z in 0..TM * tnv {
+            accv[z as usize] = V4::new(0.0f32);
+        }
+        let mut kq = 0u32;
+        while kq < kv {
+            #[unroll]
+            for i in 0..TM {
+                let at = (rows[i as usize] * kv + kq) as usize;
+                if comptime!(a_f32) {
+                    av[i as usize] = a32[at];
+                } else {
+                    av[i as usize] = V4::cast_from(a[at]);
+                }
+            }
+            #[unroll]
+            for d in 0..4u32 {
+                #[unroll]
+                for jv in 0..tnv {
+                    let bv = V4::cast_from(b[(b_base + (kq * 4 + d) * nv + cols[jv as usize]) as usize]);
+                    #[unroll]
+                    for i in 0..TM {
+                        let x = (i * tnv + jv) as usize;
+                        accv[x] += V4::new(av[i as usize][d as usize]) * bv;
                     }
-                    v = activate(v, act);
-                    if comptime!(scatter) {
-                        let route = slot_route[(row0 + r) as usize];
-                        if route != comptime!(NO_ROUTE) {
-                            c[(route * n + col0 + col) as usize] = F::cast_from(gates[route as usize] * v);
-                        }
-                    } else if comptime!(c_f32) {
-                        c32[((row0 + r) * n + col0 + col) as usize] = v;
-                    } else {
-                        c[((row0 + r) * n + col0 + col) as usize] = F::cast_from(v);
-                    }
+                }
+            }
+            kq += 1;
+        }
+        #[unroll]
+        for i in 0..TM {
+            let r = ty + i * row_step;
+            #[unroll]
+            for j in 0..TN {
+                let col = col0 + (tx + (j / 4) * units_x) * 4 + j % 4;
+                if tile_row + r < count && col < n {
+                    let v = accv[(i * tnv + j / 4) as usize][(j % 4) as usize];
+                    store_grouped::<F>(
+                        c, c32, bias, slot_route, gates, v, row0 + r, col, e, n, has_bias, act,
+                        scatter, c_f32,
+                    );
                 }
             }
         }

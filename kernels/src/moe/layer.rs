@@ -4,7 +4,9 @@
 //! two all-to-alls (uneven splits), slots counted over the global batch so that every
 //! rank count gives the routing and the output of one device.
 
-use super::ffn::{moe_expert_ffn, moe_expert_ffn_sorted, ExpertWeights, MoeGroupedMatmul};
+use super::ffn::{
+    moe_expert_ffn, moe_expert_ffn_sorted, ExpertWeights, MoeGroupedMatmul, MoeGroupedMatmulV4,
+};
 use super::gate::{check_gate, moe_gate, top_k, GateOptions};
 use super::movement::{combine_from_layout, gather_by_map, gather_into_layout, MoeCombineRows, MoeGatherRows};
 use super::routing::{count_slots, locate_slots, MoeRouting, RowLayout, NO_ROUTE};
@@ -68,7 +70,7 @@ pub struct LayerOutput {
 
 /// `x @ w_gate` in f32 (`x` `[S, M]`, `w_gate` `[M, E]` in x's dtype; half precision is
 /// widened first, so the logits are never rounded to it).
-fn gate_logits(x: &Tensor, w_gate: &Tensor) -> Result<Tensor> {
+pub(super) fn gate_logits(x: &Tensor, w_gate: &Tensor) -> Result<Tensor> {
     check_input("x", x, x.client())?;
     check_input("w_gate", w_gate, x.client())?;
     w_gate.expect_dtype("w_gate", &[x.dtype()])?;
@@ -119,6 +121,7 @@ pub fn moe_layer(
         MoePath::Auto => Choice::new("moe_path")
             .sources([
                 MoeGroupedMatmul::source_hash(),
+                MoeGroupedMatmulV4::source_hash(),
                 MoeGatherRows::source_hash(),
                 MoeCombineRows::source_hash(),
             ])

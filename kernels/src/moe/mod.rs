@@ -29,6 +29,7 @@
 //! expert, expert `e`'s rows at `offsets[e] .. offsets[e + 1]`, no padding at all: a
 //! GEMM tile never straddles two experts because tiles are cut per expert).
 
+mod backward;
 mod ffn;
 mod gate;
 mod layer;
@@ -38,8 +39,13 @@ mod registry;
 mod routing;
 pub mod selftest;
 
+pub use backward::{
+    moe_layer_backward, LayerGrads, MoeActivation, MoeActivationArgs, MoeGroupedMatmulTn,
+    MoeGroupedMatmulTnArgs,
+};
 pub use ffn::{
-    moe_expert_ffn, moe_expert_ffn_sorted, ExpertWeights, MoeGroupedMatmul, MoeGroupedMatmulArgs,
+    moe_expert_ffn, moe_expert_ffn_sorted, ExpertWeights, GroupedConfig, MoeGroupedMatmul,
+    MoeGroupedMatmulArgs, MoeGroupedMatmulV4, MoeGroupedMatmulV4Args,
 };
 pub use gate::{
     moe_gate, moe_gate_backward, GateOptions, GateOutput, MoeGateBackwardRows,
@@ -54,7 +60,7 @@ pub use movement::{
 };
 pub use registry::{
     MOE_COMBINE, MOE_COMBINE_BACKWARD, MOE_DISPATCH, MOE_DISPATCH_BACKWARD, MOE_EXPERT_FFN,
-    MOE_GATE, MOE_GATE_BACKWARD, MOE_LAYER,
+    MOE_GATE, MOE_GATE_BACKWARD, MOE_LAYER, MOE_LAYER_BACKWARD,
 };
 pub use routing::{MoeRouting, MoeRouteCounts, MoeRouteLocate, MoeRouteSlots};
 

@@ -337,3 +337,100 @@ pub fn gate_backward(
     }
     out
 }
+
+/// A whole layer's inputs in f64, for gradient checks by finite differences.
+#[derive(Clone)]
+pub struct LayerInputs {
+    /// `[S, M]`.
+    pub x: Vec<f64>,
+    /// `[M, E]`.
+    pub w_gate: Vec<f64>,
+    /// `[E, M, F]`.
+    pub w1: Vec<f64>,
+    /// `[E, F]`.
+    pub b1: Vec<f64>,
+    /// `[E, F, M]`.
+    pub w2: Vec<f64>,
+    /// `[E, M]`.
+    pub b2: Vec<f64>,
+    /// Model width `M`.
+    pub m: usize,
+    /// Hidden width `F`.
+    pub f: usize,
+    /// Experts `E`.
+    pub e: usize,
+    /// `top_k`.
+    pub k: usize,
+    /// Capacity factor.
+    pub cf: f64,
+    /// `none | silu | gelu | relu`.
+    pub activation: &'static str,
+}
+
+impl LayerInputs {
+    /// `y` and `l_aux` of the layer (GShard form).
+    pub fn forward(&self) -> (Vec<f64>, f64) {
+        let logits = gate_logits(&self.x, &self.w_gate, self.m, self.e);
+        let r = gate(&logits, self.e, self.k, self.cf, self.k > 1, false);
+        let w = Experts {
+            w1: &self.w1,
+            b1: Some(&self.b1),
+            w2: &self.w2,
+            b2: Some(&self.b2),
+            m: self.m,
+            f: self.f,
+            activation: self.activation,
+        };
+        (layer(&self.x, &r, &w), r.l_aux)
+    }
+
+    /// `L = <dy, y> + d_l_aux l_aux`.
+    pub fn loss(&self, dy: &[f64], d_l_aux: f64) -> f64 {
+        let (y, l) = self.forward();
+        y.iter().zip(dy).map(|(a, b)| a * b).sum::<f64>() + d_l_aux * l
+    }
+
+    /// `dL / d which` (`x | w_gate | w1 | b1 | w2 | b2`) by central differences (step
+    /// `1e-6`; the routing does not change under such a step away from ties).
+    pub fn grad_fd(&self, which: &str, dy: &[f64], d_l_aux: f64) -> Vec<f64> {
+        let len = self.field(which).len();
+        (0..len)
+            .map(|i| {
+                let h = 1e-6;
+                let at = |delta: f64| {
+                    let mut p = self.clone();
+                    p.field_mut(which)[i] += delta;
+                    p.loss(dy, d_l_aux)
+                };
+                (at(h) - at(-h)) / (2.0 * h)
+            })
+            .collect()
+    }
+
+    /// The number of entries of `which`.
+    pub fn field_len(&self, which: &str) -> usize {
+        self.field(which).len()
+    }
+
+    fn field(&self, which: &str) -> &Vec<f64> {
+        match which {
+            "x" => &self.x,
+            "w_gate" => &self.w_gate,
+            "w1" => &self.w1,
+            "b1" => &self.b1,
+            "w2" => &self.w2,
+            _ => &self.b2,
+        }
+    }
+
+    fn field_mut(&mut self, which: &str) -> &mut Vec<f64> {
+        match which {
+            "x" => &mut self.x,
+            "w_gate" => &mut self.w_gate,
+            "w1" => &mut self.w1,
+            "b1" => &mut self.b1,
+            "w2" => &mut self.w2,
+            _ => &mut self.b2,
+        }
+    }
+}

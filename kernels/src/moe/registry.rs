@@ -147,17 +147,22 @@ pub static MOE_GATE: OpSpec = OpSpec {
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "moe_gate"),
 };
 
-fn run_gate_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
-    let d_l_aux = match a.optional_tensor("d_l_aux") {
+/// An optional f32 scalar input's value (0 when absent).
+fn scalar_input(a: &OpArgs, name: &str) -> Result<f64> {
+    match a.optional_tensor(name) {
         Some(t) => {
-            t.expect_dtype("d_l_aux", &[DType::F32])?;
+            t.expect_dtype(name, &[DType::F32])?;
             if t.numel() != 1 {
-                return Err(shape_err("d_l_aux", "[] (a scalar)".into(), t.shape()));
+                return Err(shape_err(name, "[] (a scalar)".into(), t.shape()));
             }
-            t.download()?.to_f64()[0]
+            Ok(t.download()?.to_f64()[0])
         }
-        None => 0.0,
-    };
+        None => Ok(0.0),
+    }
+}
+
+fn run_gate_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
+    let d_l_aux = scalar_input(a, "d_l_aux")?;
     let d = moe_gate_backward(a.tensor("logits")?, a.tensor("d_gates")?, d_l_aux, &gate_options(a)?)?;
     Ok(vec![("d_logits", d)])
 }
@@ -463,6 +468,57 @@ pub static MOE_LAYER: OpSpec = OpSpec {
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "moe_layer"),
 };
 
+fn run_layer_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
+    let w = weights(a, Activation::parse(&a.param("activation")?)?)?;
+    let d_l_aux = scalar_input(a, "d_l_aux")?;
+    let g = moe_layer_backward(a.tensor("x")?, a.tensor("w_gate")?, &w, &gate_options(a)?, a.tensor("dy")?, d_l_aux)?;
+    Ok(vec![
+        ("dx", g.dx),
+        ("d_w_gate", g.d_w_gate),
+        ("d_w1", g.d_w1),
+        ("d_w2", g.d_w2),
+        ("d_b1", g.d_b1),
+        ("d_b2", g.d_b2),
+    ])
+}
+
+/// `moe_layer_backward`: gradients of the layer's inputs and weights.
+pub static MOE_LAYER_BACKWARD: OpSpec = OpSpec {
+    name: "moe_layer_backward",
+    summary: "MoE layer backward (one device): dx, d_w_gate, d_w1, d_w2, d_b1, d_b2 from dy and d_l_aux, routing recomputed and held fixed",
+    inputs: &[
+        X,
+        TensorSpec::new("w_gate", "[M, E]", Dtypes::Like("x"), false, "router weights"),
+        W1,
+        W2,
+        B1,
+        B2,
+        TensorSpec::new("dy", "[S, M]", Dtypes::Like("x"), false, "gradient of y"),
+        TensorSpec::new("d_l_aux", "[]", Dtypes::Fixed(DType::F32), true, "gradient of l_aux (default 0)"),
+    ],
+    outputs: &[
+        TensorSpec::new("dx", "[S, M]", Dtypes::Like("x"), false, "through the experts and the gate"),
+        TensorSpec::new("d_w_gate", "[M, E]", Dtypes::Like("x"), false, "router weights' gradient"),
+        TensorSpec::new("d_w1", "[E, M, F]", Dtypes::Like("x"), false, "first GEMM's gradient"),
+        TensorSpec::new("d_w2", "[E, F, M]", Dtypes::Like("x"), false, "second GEMM's gradient"),
+        TensorSpec::new("d_b1", "[E, F]", Dtypes::Like("x"), false, "first bias's gradient"),
+        TensorSpec::new("d_b2", "[E, M]", Dtypes::Like("x"), false, "second bias's gradient"),
+    ],
+    params: &[TOP_K, CF, NORMALIZE, PRIORITIZED, ACTIVATION],
+    run: run_layer_backward,
+    problem: "S x M x F x E",
+    example_inputs: |dims| {
+        let mut v = (MOE_LAYER.example_inputs)(dims)?;
+        v.push(("dy", vec![dims[0], dims[1]]));
+        Ok(v)
+    },
+    cost: |dims, elem| {
+        let (f, b) = (MOE_LAYER.cost)(dims, elem);
+        (3.0 * f, 2.0 * b)
+    },
+    selftest: || kiln_runtime::selftest::only(selftest::cases(), "moe_layer_backward"),
+};
+
 kiln_runtime::register_op!(
     MOE_GATE,
     MOE_GATE_BACKWARD,
@@ -471,5 +527,6 @@ kiln_runtime::register_op!(
     MOE_DISPATCH_BACKWARD,
     MOE_COMBINE_BACKWARD,
     MOE_EXPERT_FFN,
-    MOE_LAYER
+    MOE_LAYER,
+    MOE_LAYER_BACKWARD
 );

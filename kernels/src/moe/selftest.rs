@@ -321,6 +321,26 @@ pub fn cases() -> Vec<Case> {
             floor: LAYER_FLOOR,
         },
         Case {
+            op: "moe_layer_backward",
+            params: &[],
+            output: "d_w1",
+            what: "13 tokens, M = 6, 4 experts of F = 5, top-2, cf 1: d_w1 against finite differences",
+            inputs: layer_backward_inputs,
+            reference: |i| layer_grad(i, "w1"),
+            ulps: 128.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "moe_layer_backward",
+            params: &[],
+            output: "dx",
+            what: "the same: dx (experts and gate, d_l_aux = 0.5) against finite differences",
+            inputs: layer_backward_inputs,
+            reference: |i| layer_grad(i, "x"),
+            ulps: 128.0,
+            floor: 1.0,
+        },
+        Case {
             op: "moe_layer",
             params: &[("world_size", "2")],
             output: "y",
@@ -331,6 +351,56 @@ pub fn cases() -> Vec<Case> {
             floor: LAYER_FLOOR,
         },
     ]
+}
+
+/// A small layer with `dy` and `d_l_aux`: 13 tokens of M = 6, 4 experts of F = 5.
+fn layer_backward_inputs(rng: &mut Rng) -> CaseInputs {
+    let (s, m, f, e) = (13, 6, 5, 4);
+    vec![
+        ("x", vec![s, m], rng.normals(s * m, 1.0)),
+        ("w_gate", vec![m, e], rng.normals(m * e, 0.5)),
+        ("w1", vec![e, m, f], rng.normals(e * m * f, 0.3)),
+        ("w2", vec![e, f, m], rng.normals(e * f * m, 0.3)),
+        ("b1", vec![e, f], rng.normals(e * f, 0.3)),
+        ("b2", vec![e, m], rng.normals(e * m, 0.3)),
+        ("dy", vec![s, m], rng.normals(s * m, 1.0)),
+        ("d_l_aux", vec![], vec![0.5]),
+    ]
+}
+
+/// Finite differences of the f64 layer's loss with respect to `which`.
+fn layer_grad(i: &BTreeMap<String, HostTensor>, which: &str) -> Vec<f64> {
+    let get = |n: &str| i[n].to_f64();
+    let (m, e) = (i["w_gate"].shape[0], i["w_gate"].shape[1]);
+    let f = i["w1"].shape[2];
+    let zeros = |n: usize| vec![0.0; n];
+    let inputs = rf::LayerInputs {
+        x: get("x"),
+        w_gate: get("w_gate"),
+        w1: get("w1"),
+        b1: i.get("b1").map_or(zeros(e * f), |t| t.to_f64()),
+        w2: get("w2"),
+        b2: i.get("b2").map_or(zeros(e * m), |t| t.to_f64()),
+        m,
+        f,
+        e,
+        k: K,
+        cf: 1.0,
+        activation: "silu",
+    };
+    // Two layer evaluations per coordinate: written for small problems (the property
+    // tests' random shapes beyond this run the operator without a reference).
+    let s = i["x"].shape[0];
+    let work = inputs.field_len(which) * s * K * m * f;
+    assert!(work <= 20_000_000, "finite differences of a layer this large: skip");
+    // A NaN or infinite input makes every difference NaN, also for weights the loss
+    // does not depend on (whose gradient is exactly 0): no reference there.
+    assert!(
+        i.values().all(|t| t.to_f64().iter().all(|v| v.is_finite())),
+        "finite differences need finite inputs"
+    );
+    let d = i.get("d_l_aux").map_or(0.0, |t| t.to_f64()[0]);
+    inputs.grad_fd(which, &get("dy"), d)
 }
 
 fn combine_backward_inputs(rng: &mut Rng) -> CaseInputs {

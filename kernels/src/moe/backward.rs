@@ -1,0 +1,302 @@
+//! The layer's backward, by recomputation through the capacity layout: the gate and the
+//! routing again (deterministic, so the same routes), the expert FFN's pre-activations,
+//! then the gradients of every input and weight. The weight gradients are grouped
+//! `A_e^T B_e` products summed over each expert's rows (`moe_grouped_matmul_tn`: one
+//! cube per output tile and expert, no atomics); the bias gradients are the same
+//! product with a column of ones.
+
+use super::ffn::{grouped_matmul, ExpertWeights, Groups};
+use super::gate::{moe_gate, moe_gate_backward};
+use super::layer::gate_logits;
+use super::movement::{combine_from_layout, gather_into_layout, gate_grads};
+use super::routing::RowLayout;
+use super::GateOptions;
+use crate::launch::{check_input, expect_shape};
+use crate::matmul::{matmul, Activation, Epilogue};
+use crate::rows::slice_rows;
+use cubecl::prelude::*;
+use kiln_dsl::{linear_unit, load_tile_v4, reg_tile_mma_v4, v4_tile_col, V4};
+use kiln_runtime::{DType, HostTensor, Result, Tensor};
+
+/// The gradients of [`super::moe_layer`]'s inputs and weights (each in its tensor's
+/// dtype; `d_b1`/`d_b2` are what a bias there would receive, given or not).
+pub struct LayerGrads {
+    /// `[S, M]`: through the experts and through the gate.
+    pub dx: Tensor,
+    /// `[M, E]`.
+    pub d_w_gate: Tensor,
+    /// `[E, M, F]`.
+    pub d_w1: Tensor,
+    /// `[E, F, M]`.
+    pub d_w2: Tensor,
+    /// `[E, F]`.
+    pub d_b1: Tensor,
+    /// `[E, M]`.
+    pub d_b2: Tensor,
+}
+
+/// The backward of [`super::moe_layer`] on one device: from `dy` `[S, M]` (x's dtype)
+/// and the gradient of `l_aux` (a number), the gradients of `x`, `w_gate` and the
+/// experts' weights. The routing is recomputed (the same as the forward's: it is
+/// deterministic) and held fixed, as every MoE implementation does.
+pub fn moe_layer_backward(
+    x: &Tensor,
+    w_gate: &Tensor,
+    w: &ExpertWeights<'_>,
+    gate: &GateOptions,
+    dy: &Tensor,
+    d_l_aux: f64,
+) -> Result<LayerGrads> {
+    let logits = gate_logits(x, w_gate)?;
+    let (s, m, e) = (x.shape()[0], x.shape()[1], logits.shape()[1]);
+    let f = w.check(e, m, x)?;
+    check_input("dy", dy, x.client())?;
+    dy.expect_dtype("dy", &[x.dtype()])?;
+    expect_shape("dy", dy, &[s, m], "[S, M] of x")?;
+    let routing = moe_gate(&logits, gate)?.routing;
+    let client = x.client();
+    let dtype = x.dtype();
+
+    // Forward recomputation in the capacity layout: D, pre = D W1 + b1 (f32), H, Y.
+    let d = gather_into_layout(x, &routing, RowLayout::Capacity, false)?;
+    let groups = Groups::of(&d, &routing, RowLayout::Capacity)?;
+    let pre = grouped_matmul(&d, w.w1, w.b1, Activation::None, &groups, f, false, None, true)?;
+    let h = activation(&pre, None, w.activation)?;
+    let y_e = grouped_matmul(&h, w.w2, w.b2, Activation::None, &groups, m, false, None, false)?;
+
+    // Combine's backward: dY in the slots, and the gates' gradient.
+    let d_y = gather_into_layout(dy, &routing, RowLayout::Capacity, true)?;
+    let d_gates = gate_grads(dy, &y_e, &routing, RowLayout::Capacity)?;
+    // The FFN's backward: dH = dY W2^T, dPre = dH act'(pre), dD = dPre W1^T.
+    let d_h = grouped_matmul(&d_y, w.w2, None, Activation::None, &groups, f, true, None, true)?;
+    let d_pre = activation(&pre, Some(&d_h), w.activation)?;
+    let d_d = grouped_matmul(&d_pre, w.w1, None, Activation::None, &groups, m, true, None, false)?;
+    let ones = ones(client, d.shape()[0], dtype)?;
+    let d_w2 = grouped_tn(&h, &d_y, &groups, dtype)?.reshape(&[e, f, m])?;
+    let d_b2 = grouped_tn(&ones, &d_y, &groups, dtype)?.reshape(&[e, m])?;
+    let d_w1 = grouped_tn(&d, &d_pre, &groups, dtype)?.reshape(&[e, m, f])?;
+    let d_b1 = grouped_tn(&ones, &d_pre, &groups, dtype)?.reshape(&[e, f])?;
+
+    // dx: through dispatch, and through the gate (d_logits W_gate^T).
+    let dx_experts = combine_from_layout(&d_d, &routing, RowLayout::Capacity, false, false)?;
+    let d_logits = moe_gate_backward(&logits, &d_gates, d_l_aux, gate)?;
+    let w_gate32 = match dtype {
+        DType::F32 => w_gate.clone(),
+        _ => slice_rows(w_gate, 0, 0, m, DType::F32)?,
+    };
+    let dx_gate = matmul(&d_logits, &w_gate32, true, Epilogue::default())?;
+    let dx_gate = match dtype {
+        DType::F32 => dx_gate,
+        _ => slice_rows(&dx_gate, 0, 0, s, dtype)?,
+    };
+    let dx = crate::elementwise::add(&dx_experts, &dx_gate)?;
+    let whole = Groups::new(x, &[0], &[s])?;
+    let d_w_gate = grouped_tn(x, &d_logits, &whole, dtype)?.reshape(&[m, e])?;
+    Ok(LayerGrads {
+        dx,
+        d_w_gate,
+        d_w1,
+        d_w2,
+        d_b1,
+        d_b2,
+    })
+}
+
+/// A column of `rows` ones, `[rows, 1]`, in `dtype` (f32 for half: the products read it
+/// as f32).
+fn ones(client: &kiln_runtime::Client, rows: usize, dtype: DType) -> Result<Tensor> {
+    let d = if dtype == DType::F32 { dtype } else { DType::F32 };
+    Tensor::upload(client, &HostTensor::from_f64(d, vec![rows.max(1), 1], &vec![1.0; rows.max(1)])?)
+}
+
+/// `act(pre)` (without `d_h`) or `d_h act'(pre)`, f32 in and out.
+fn activation(pre: &Tensor, d_h: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+    let client = pre.client();
+    let out = Tensor::empty(client, DType::F32, pre.shape())?;
+    let len = pre.numel();
+    if len == 0 {
+        return Ok(out);
+    }
+    let ph = crate::launch::absent(client)?;
+    MoeActivation::tuned(
+        client,
+        0.0,
+        &MoeActivationArgs {
+            pre,
+            d_h: d_h.unwrap_or(&ph),
+            out: &out,
+            len: len as u32,
+            act,
+            grad: d_h.is_some(),
+        },
+    )?;
+    Ok(out)
+}
+
+/// `c[e] = a_e^T b_e` summed over expert `e`'s rows (`a` `[R, Ka]`, `b` `[R, N]`, each
+/// in `dtype` or f32): `[E, Ka, N]` in `dtype`.
+fn grouped_tn(a: &Tensor, b: &Tensor, groups: &Groups, dtype: DType) -> Result<Tensor> {
+    let client = a.client();
+    let (ka, n) = (a.shape()[1], b.shape()[1]);
+    let experts = groups.experts;
+    let c = Tensor::empty(client, dtype, &[experts, ka, n])?;
+    if c.numel() == 0 {
+        return Ok(c);
+    }
+    let ph = Tensor::empty(client, DType::F32, &[4])?;
+    let ph_f = Tensor::empty(client, dtype, &[4])?;
+    let (a_f32, b_f32) = (a.dtype() != dtype, b.dtype() != dtype);
+    MoeGroupedMatmulTn::tuned(
+        client,
+        1e-5,
+        &MoeGroupedMatmulTnArgs {
+            a: if a_f32 { &ph_f } else { a },
+            a32: if a_f32 { a } else { &ph },
+            b: if b_f32 { &ph_f } else { b },
+            b32: if b_f32 { b } else { &ph },
+            row_start: &groups.start,
+            row_count: &groups.count,
+            c: &c,
+            ka: ka as u32,
+            n: n as u32,
+            experts: experts as u32,
+            max_rows: groups.max_rows as u32,
+            a_f32,
+            b_f32,
+        },
+    )?;
+    Ok(c)
+}
+
+/// `out = act(pre)`, or with `grad` `out = d_h act'(pre)` (f32, one element per unit,
+/// grid-stride). `act'`: silu `s (1 + x (1 - s))`, gelu (tanh form) `0.5 (1 + t) + 0.5 x
+/// (1 - t^2) c (1 + 3 a x^2)` with `t = tanh(c (x + a x^3))`, relu `[x > 0]`, none 1.
+#[kiln_macros::kernel(
+    tune(UNITS = [256]),
+    key(len = pow2),
+    grid = (len.div_ceil(UNITS).min(65_535), len.div_ceil(UNITS).div_ceil(65_535).min(65_535)),
+    cube = UNITS,
+    defaults(act = silu, grad = false)
+)]
+pub fn moe_activation(
+    pre: &Array<f32>,
+    d_h: &Array<f32>,
+    out: &mut Array<f32>,
+    len: u32,
+    #[comptime] act: Activation,
+    #[comptime] grad: bool,
+) {
+    let stride = CUBE_COUNT_X * CUBE_COUNT_Y * UNITS;
+    let mut i = linear_unit() as u32;
+    while i < len {
+        let x = pre[i as usize];
+        if comptime!(grad) {
+            let mut dx = 1.0f32;
+            if comptime!(act == Activation::Silu) {
+                let s = 1.0 / (1.0 + f32::exp(-x));
+                dx = s * (1.0 + x * (1.0 - s));
+            }
+            if comptime!(act == Activation::Gelu) {
+                let c = 0.797_884_6f32;
+                let u = c * (x + 0.044_715 * x * x * x);
+                // tanh(u) = 2 sigmoid(2u) - 1 (no overflow for large |u|).
+                let t = 2.0 / (1.0 + f32::exp(-2.0 * u)) - 1.0;
+                dx = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044_715 * x * x);
+            }
+            if comptime!(act == Activation::Relu) {
+                dx = select(x > 0.0, 1.0f32, 0.0f32);
+            }
+            out[i as usize] = d_h[i as usize] * dx;
+        } else {
+            out[i as usize] = crate::matmul::activate(x, act);
+        }
+        i += stride;
+    }
+}
+
+/// `c[e] = a_e^T b_e` over expert `e`'s rows `row_start[e] ..` (`a` `[R, Ka]`, `b`
+/// `[R, N]`): one cube per (column tile, row tile of Ka, expert) walks the expert's
+/// rows in `BK` slices staged through shared memory as 4-wide vectors, f32
+/// accumulators; an expert without rows writes zeros. The rows are the reduction, so
+/// no two cubes add into one output: no atomics.
+#[kiln_macros::kernel(
+    tune((BM, BN, BK, TM, TN) = [
+            (32, 64, 16, 4, 8),
+            (64, 64, 16, 4, 8),
+            (16, 64, 16, 2, 8),
+        ]),
+    require(BM % TM == 0,
+        BN % TN == 0,
+        TN % 4 == 0,
+        BK % 4 == 0,
+        (((BM + BN) * BK * 4) as usize) <= device.max_shared_memory),
+    key(ka = pow2, n = pow2, max_rows = pow2, experts = pow2, dtype),
+    grid = (n.div_ceil(BN), ka.div_ceil(BM), experts),
+    cube = ((BM / TM) * (BN / TN)),
+    defaults(a_f32 = false, b_f32 = false)
+)]
+pub fn moe_grouped_matmul_tn<F: Float>(
+    a: &Array<F>,
+    a32: &Array<f32>,
+    b: &Array<F>,
+    b32: &Array<f32>,
+    row_start: &Array<u32>,
+    row_count: &Array<u32>,
+    c: &mut Array<F>,
+    ka: u32,
+    n: u32,
+    experts: u32,
+    max_rows: u32,
+    #[comptime] a_f32: bool,
+    #[comptime] b_f32: bool,
+) {
+    let e = CUBE_POS_Z;
+    let start = row_start[e as usize];
+    let count = row_count[e as usize];
+    let units = comptime!((BM / TM) * (BN / TN));
+    let cols_of_units = comptime!(BN / TN);
+    let row0 = CUBE_POS_Y * BM;
+    let col0 = CUBE_POS_X * BN;
+    let (ty, tx) = (UNIT_POS / cols_of_units, UNIT_POS % cols_of_units);
+    let mut acc = Array::<V4>::new(comptime!((TM * TN / 4) as usize));
+    #[unroll]
+    for z in 0..comptime!(TM * TN / 4) {
+        acc[z as usize] = V4::new(0.0f32);
+    }
+    let mut xs = SharedMemory::<V4>::new(comptime!((BM * BK / 4) as usize));
+    let mut ys = SharedMemory::<V4>::new(comptime!((BK * BN / 4) as usize));
+    let mut d0 = 0u32;
+    while d0 < count {
+        let depth = count - d0;
+        let base = start + d0;
+        // X (output row i, depth d) = a[(base + d) Ka + row0 + i].
+        if comptime!(a_f32) {
+            load_tile_v4::<f32>(&mut xs, 0, a32, base * ka + row0, 1, ka, ka - row0, depth, BM, BK, units);
+        } else {
+            load_tile_v4::<F>(&mut xs, 0, a, base * ka + row0, 1, ka, ka - row0, depth, BM, BK, units);
+        }
+        // Y (depth d, column j) = b[(base + d) N + col0 + j].
+        if comptime!(b_f32) {
+            load_tile_v4::<f32>(&mut ys, 0, b32, base * n + col0, n, 1, depth, n - col0, BK, BN, units);
+        } else {
+            load_tile_v4::<F>(&mut ys, 0, b, base * n + col0, n, 1, depth, n - col0, BK, BN, units);
+        }
+        sync_cube();
+        reg_tile_mma_v4(&mut acc, &xs, 0, &ys, 0, ty, tx, BM, BN, BK, TM, TN);
+        sync_cube();
+        d0 += BK;
+    }
+    let row_step = comptime!(BM / TM);
+    #[unroll]
+    for i in 0..TM {
+        let r = row0 + ty + i * row_step;
+        #[unroll]
+        for j in 0..TN {
+            let col = col0 + v4_tile_col(tx, j, BN, TN);
+            if r < ka && col < n {
+                let v = acc[(i * comptime!(TN / 4) + j / 4) as usize][(j % 4) as usize];
+                c[((e * ka + r) * n + col) as usize] = F::cast_from(v);
+            }
+        }
+    }
+}
