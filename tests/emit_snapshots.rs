@@ -250,3 +250,17 @@ fn attention_bwd_dkv_cuda_bf16_causal() {
         &[("dtype", "bf16"), ("causal", "true"), ("grad_f32", "true")]
     ));
 }
+
+#[test]
+fn moe_grouped_matmul_v4_wgsl_scatter_silu() {
+    insta::assert_snapshot!(source(
+        "moe_grouped_matmul_v4",
+        Target::Wgsl,
+        &[("has_bias", "true"), ("act", "silu"), ("scatter", "true"), ("BM", "64"), ("BN", "64")]
+    ));
+}
+
+#[test]
+fn moe_gate_topk_cuda_f16_normalized() {
+    insta::assert_snapshot!(source("moe_gate_topk", Target::Cuda, &[("dtype", "f16"), ("normalize", "true")]));
+}

@@ -192,6 +192,7 @@ pub fn moe_gate(logits: &Tensor, opts: &GateOptions) -> Result<GateOutput> {
             num_experts: e,
             capacity,
             rows_per_expert: per_expert.iter().map(|&n| n.min(capacity)).collect(),
+            slot_maps: Default::default(),
         },
         l_aux,
     })

@@ -8,7 +8,10 @@ use super::ffn::{
     moe_expert_ffn, moe_expert_ffn_sorted, ExpertWeights, MoeGroupedMatmul, MoeGroupedMatmulV4,
 };
 use super::gate::{check_gate, moe_gate, top_k, GateOptions};
-use super::movement::{combine_from_layout, gather_by_map, gather_into_layout, MoeCombineRows, MoeGatherRows};
+use super::movement::{
+    combine_from_layout, gather_by_map, gather_into_layout, MoeCombineRows, MoeCombineRowsV4,
+    MoeGatherRows, MoeGatherRowsV4,
+};
 use super::routing::{count_slots, locate_slots, MoeRouting, RowLayout, NO_ROUTE};
 use super::{capacity_for, MoeGateLoss, MoeGateLossArgs};
 use crate::launch::{check_input, on_local_ranks, shape_err, upload_u32};
@@ -123,7 +126,9 @@ pub fn moe_layer(
                 MoeGroupedMatmul::source_hash(),
                 MoeGroupedMatmulV4::source_hash(),
                 MoeGatherRows::source_hash(),
+                MoeGatherRowsV4::source_hash(),
                 MoeCombineRows::source_hash(),
+                MoeCombineRowsV4::source_hash(),
             ])
             .dim("tokens", routing.tokens())
             .dim("m", x.shape()[1])
@@ -218,6 +223,7 @@ pub fn moe_layer_expert_parallel(
         num_experts: e,
         capacity,
         rows_per_expert: per_expert.iter().map(|&n| n.min(capacity)).collect(),
+        slot_maps: Default::default(),
     };
 
     // l_aux = E sum_e share_e mean_s p: this rank's part, then the sum over ranks.
@@ -362,6 +368,7 @@ pub fn moe_layer_local_ranks(
             num_experts: e,
             capacity: first.4,
             rows_per_expert: first.5,
+            slot_maps: Default::default(),
         },
     })
 }

@@ -56,7 +56,8 @@ pub use layer::{
 };
 pub use movement::{
     moe_combine, moe_combine_backward, moe_dispatch, moe_dispatch_backward, MoeCombineRows,
-    MoeCombineRowsArgs, MoeGateGrads, MoeGateGradsArgs, MoeGatherRows, MoeGatherRowsArgs,
+    MoeCombineRowsArgs, MoeCombineRowsV4, MoeCombineRowsV4Args, MoeGateGrads, MoeGateGradsArgs,
+    MoeGatherRows, MoeGatherRowsArgs, MoeGatherRowsV4, MoeGatherRowsV4Args,
 };
 pub use registry::{
     MOE_COMBINE, MOE_COMBINE_BACKWARD, MOE_DISPATCH, MOE_DISPATCH_BACKWARD, MOE_EXPERT_FFN,

@@ -6,7 +6,7 @@
 use super::routing::{MoeRouting, RowLayout, NO_ROUTE};
 use crate::launch::{check_input, shape_err};
 use cubecl::prelude::*;
-use kiln_dsl::linear_unit;
+use kiln_dsl::{linear_unit, V4};
 use kiln_runtime::{DType, Result, Tensor};
 
 /// `[S, M]` rows of a routing's tokens: checks `x` and returns `M`.
@@ -72,12 +72,31 @@ pub(super) fn gather_by_map(
         return Ok(out);
     }
     let ph = crate::launch::absent(client)?;
+    let gates_or = gates.unwrap_or(&ph);
+    if m % 4 == 0 {
+        // Four elements per access (a CPU adapter's memory loop is per access).
+        MoeGatherRowsV4::tuned(
+            client,
+            0.0,
+            &MoeGatherRowsV4Args {
+                src,
+                gates: gates_or,
+                slot_route: map,
+                out: &out,
+                rows: rows as u32,
+                cols: (m / 4) as u32,
+                top_k: top_k as u32,
+                scaled: gates.is_some(),
+            },
+        )?;
+        return Ok(out);
+    }
     MoeGatherRows::tuned(
         client,
         0.0,
         &MoeGatherRowsArgs {
             src,
-            gates: gates.unwrap_or(&ph),
+            gates: gates_or,
             slot_route: map,
             out: &out,
             len: (rows * m) as u32,
@@ -111,6 +130,27 @@ pub(super) fn combine_from_layout(
         true => routing.gates()?.clone(),
         false => crate::launch::absent(client)?,
     };
+    let top_k = routing.top_k() as u32;
+    if m % 4 == 0 {
+        MoeCombineRowsV4::tuned(
+            client,
+            0.0,
+            &MoeCombineRowsV4Args {
+                src,
+                gates: &gates,
+                expert_ids: &routing.expert_ids,
+                locations: &routing.locations,
+                row_base: &row_base,
+                out: &out,
+                tokens: s as u32,
+                cols: (m / 4) as u32,
+                top_k,
+                weighted,
+                by_route,
+            },
+        )?;
+        return Ok(out);
+    }
     MoeCombineRows::tuned(
         client,
         0.0,
@@ -123,7 +163,7 @@ pub(super) fn combine_from_layout(
             out: &out,
             len: (s * m) as u32,
             cols: m as u32,
-            top_k: routing.top_k() as u32,
+            top_k,
             weighted,
             by_route,
         },
@@ -333,5 +373,100 @@ pub fn moe_gate_grads<F: Float>(
             }
         }
         d_gates[r as usize] = acc;
+    }
+}
+
+/// `moe_gather_rows` four elements at a time (`M % 4 == 0`; `cols` counts 4-wide
+/// vectors): one cube per row (grid-stride over rows), its units across the row, so
+/// the row's route is read once per cube and the copy is contiguous per unit.
+#[kiln_macros::kernel(
+    tune(UNITS = [64, 128, 32, 256]),
+    key(rows = pow2, cols = pow2, dtype),
+    grid = (rows.min(65_535)),
+    cube = UNITS,
+    defaults(scaled = false)
+)]
+pub fn moe_gather_rows_v4<F: Float>(
+    src: &Array<Vector<F, Const<4>>>,
+    gates: &Array<f32>,
+    slot_route: &Array<u32>,
+    out: &mut Array<Vector<F, Const<4>>>,
+    rows: u32,
+    cols: u32,
+    top_k: u32,
+    #[comptime] scaled: bool,
+) {
+    let mut r = CUBE_POS_X;
+    while r < rows {
+        let route = slot_route[r as usize];
+        let kept = route != comptime!(NO_ROUTE);
+        let from = select(kept, (route / top_k) * cols, 0u32);
+        let mut w = 1.0f32;
+        if comptime!(scaled) {
+            w = select(kept, gates[select(kept, route, 0u32) as usize], 0.0f32);
+        }
+        let mut c = UNIT_POS;
+        while c < cols {
+            let mut v = Vector::<F, Const<4>>::cast_from(V4::new(0.0f32));
+            if kept {
+                v = src[(from + c) as usize];
+                if comptime!(scaled) {
+                    v = Vector::<F, Const<4>>::cast_from(V4::cast_from(v) * V4::new(w));
+                }
+            }
+            out[(r * cols + c) as usize] = v;
+            c += UNITS;
+        }
+        r += CUBE_COUNT_X;
+    }
+}
+
+/// `moe_combine_rows` four elements at a time (`M % 4 == 0`; `cols` counts 4-wide
+/// vectors), f32 accumulation: one cube per token (grid-stride), its units across the
+/// row, the token's routes read once per cube.
+#[kiln_macros::kernel(
+    tune(UNITS = [64, 128, 32, 256]),
+    key(tokens = pow2, cols = pow2, dtype),
+    grid = (tokens.min(65_535)),
+    cube = UNITS,
+    defaults(weighted = false, by_route = false)
+)]
+pub fn moe_combine_rows_v4<F: Float>(
+    src: &Array<Vector<F, Const<4>>>,
+    gates: &Array<f32>,
+    expert_ids: &Array<i32>,
+    locations: &Array<i32>,
+    row_base: &Array<u32>,
+    out: &mut Array<Vector<F, Const<4>>>,
+    tokens: u32,
+    cols: u32,
+    top_k: u32,
+    #[comptime] weighted: bool,
+    #[comptime] by_route: bool,
+) {
+    let mut s = CUBE_POS_X;
+    while s < tokens {
+        let mut c = UNIT_POS;
+        while c < cols {
+            let mut acc = V4::new(0.0f32);
+            for i in 0..top_k {
+                let r = s * top_k + i;
+                let loc = locations[r as usize];
+                if loc >= 0 {
+                    let mut row = r;
+                    if comptime!(!by_route) {
+                        row = row_base[expert_ids[r as usize] as usize] + loc as u32;
+                    }
+                    let mut v = V4::cast_from(src[(row * cols + c) as usize]);
+                    if comptime!(weighted) {
+                        v *= V4::new(gates[r as usize]);
+                    }
+                    acc += v;
+                }
+            }
+            out[(s * cols + c) as usize] = Vector::<F, Const<4>>::cast_from(acc);
+            c += UNITS;
+        }
+        s += CUBE_COUNT_X;
     }
 }

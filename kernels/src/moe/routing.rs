@@ -33,7 +33,14 @@ pub struct MoeRouting {
     /// Per expert: 1 + its largest kept location (the rows it takes in the sorted
     /// layout; the kept-route count for a gate's routing).
     pub rows_per_expert: Vec<usize>,
+    /// The slot -> route maps built so far (per layout), shared by the clones: built
+    /// once per routing, read by dispatch, the FFN and the backward.
+    pub(super) slot_maps: SlotMaps,
 }
+
+/// Lazily built slot -> route maps and row bases, one per [`RowLayout`].
+#[derive(Clone, Default)]
+pub(super) struct SlotMaps(std::sync::Arc<[std::sync::OnceLock<(Tensor, Tensor)>; 2]>);
 
 /// How the expert rows are laid out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,6 +143,7 @@ impl MoeRouting {
             num_experts,
             capacity,
             rows_per_expert,
+            slot_maps: SlotMaps::default(),
         })
     }
 
@@ -175,6 +183,15 @@ impl MoeRouting {
     /// The slot -> route map of a layout: `[rows]` u32 holding the route `s k + i` that
     /// fills each row, or [`NO_ROUTE`]; and the experts' first rows `[E]` u32.
     pub(super) fn slot_routes(&self, layout: RowLayout) -> Result<(Tensor, Tensor)> {
+        let cell = &self.slot_maps.0[layout as usize];
+        if let Some(built) = cell.get() {
+            return Ok(built.clone());
+        }
+        let built = self.build_slot_routes(layout)?;
+        Ok(cell.get_or_init(|| built).clone())
+    }
+
+    fn build_slot_routes(&self, layout: RowLayout) -> Result<(Tensor, Tensor)> {
         let client = self.expert_ids.client();
         let (rows, base) = self.rows(layout);
         let base: Vec<u32> = base.iter().map(|&b| b as u32).collect();
