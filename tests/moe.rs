@@ -194,20 +194,30 @@ impl Layer {
 }
 
 #[test]
-fn layer_matches_reference_on_both_paths() {
+fn layer_matches_reference_over_the_issue_matrix() {
     let _ = client();
     let mut rng = Rng::new(17);
-    for (s, e) in [(7, 4), (513, 8)] {
-        let layer = Layer::new(&mut rng, s, 20, 24, e, DType::F32);
-        for k in [1, 2] {
-            for cf in [0.0, 1.0] {
-                let (r, want) = layer.reference(k, cf);
-                for path in [MoePath::Capacity, MoePath::Dropless] {
-                    let out = layer.run(DType::F32, k, cf, path, 1);
-                    let what = format!("S={s} E={e} k={k} cf={cf} {path:?}");
-                    assert_eq!(ints(&out.routing.locations), r.locations, "{what}");
-                    let err = max_rel_error(&down(&out.y), &want, 1.0);
-                    assert!(err < 1e-6, "{what}: y {err:e}");
+    let mut n = 0;
+    for s in [1, 7, 513] {
+        for e in [1, 4, 8, 64] {
+            let layer = Layer::new(&mut rng, s, 8, 12, e, DType::F32);
+            for k in [1, 2, 4].into_iter().filter(|&k| k <= e) {
+                for cf in [0.0, 0.5, 1.0, 2.0] {
+                    let (r, want) = layer.reference(k, cf);
+                    // Both paths on a quarter of the cases, alternating otherwise.
+                    let paths: &[MoePath] = match n % 4 {
+                        0 => &[MoePath::Capacity, MoePath::Dropless],
+                        1 | 3 => &[MoePath::Dropless],
+                        _ => &[MoePath::Capacity],
+                    };
+                    n += 1;
+                    for &path in paths {
+                        let out = layer.run(DType::F32, k, cf, path, 1);
+                        let what = format!("S={s} E={e} k={k} cf={cf} {path:?}");
+                        assert_eq!(ints(&out.routing.locations), r.locations, "{what}");
+                        let err = max_rel_error(&down(&out.y), &want, 1.0);
+                        assert!(err < 1e-6, "{what}: y {err:e}");
+                    }
                 }
             }
         }

@@ -94,6 +94,54 @@ impl Groups {
     }
 }
 
+/// The arguments both grouped kernels take (their `*Args` structs share these fields;
+/// `extra` adds a kernel's own).
+macro_rules! grouped_args {
+    ($args:ident, $p:expr, $o:expr, $c:expr, $c32:expr, $slot:expr, $gates:expr, $scatter:expr
+        $(, $field:ident: $value:expr)*) => {
+        $args {
+            a: $o.a,
+            a32: $o.a32,
+            b: $o.b,
+            bias: $o.bias,
+            row_start: &$p.groups.start,
+            row_count: &$p.groups.count,
+            slot_route: $slot,
+            gates: $gates,
+            c: $c,
+            c32: $c32,
+            n: $p.n as u32,
+            k: $p.k as u32,
+            experts: $p.groups.experts as u32,
+            max_rows: $p.groups.max_rows as u32,
+            has_bias: $p.has_bias,
+            act: $p.act,
+            scatter: $scatter,
+            a_f32: $p.a_f32,
+            c_f32: $p.c_f32,
+            $($field: $value,)*
+        }
+    };
+}
+
+/// The problem both grouped kernels' `space` reads (tuned without the scatter).
+macro_rules! grouped_problem {
+    ($problem:ident, $p:expr $(, $field:ident: $value:expr)*) => {
+        $problem {
+            n: $p.n as u32,
+            k: $p.k as u32,
+            experts: $p.groups.experts as u32,
+            max_rows: $p.groups.max_rows as u32,
+            has_bias: $p.has_bias,
+            act: $p.act,
+            scatter: false,
+            a_f32: $p.a_f32,
+            c_f32: $p.c_f32,
+            $($field: $value,)*
+        }
+    };
+}
+
 /// A configuration of one of the grouped GEMM kernels (what the autotuner picks
 /// among): `Staged` stages K through shared memory (the GPU path), `Vec4` reads both
 /// operands as 4-wide vectors straight from global memory (K and N multiples of 4, no
@@ -139,64 +187,22 @@ impl GroupedProblem<'_> {
         scatter: Option<&Scatter<'_>>,
         no_routes: &Tensor,
     ) -> Result<()> {
-        let g = self.groups;
         let (c_f, c32) = if self.c_f32 { (o.placeholder_f, c) } else { (c, o.placeholder_32) };
         let (slot_route, gates) = match scatter {
             Some(s) => (s.slot_route, s.gates),
             None => (no_routes, o.placeholder_32),
         };
-        let (n, k) = (self.n as u32, self.k as u32);
+        let on = scatter.is_some();
         match cfg {
             GroupedConfig::Staged(cfg) => MoeGroupedMatmul::launch(
                 client,
                 cfg,
-                &MoeGroupedMatmulArgs {
-                    a: o.a,
-                    a32: o.a32,
-                    b: o.b,
-                    bias: o.bias,
-                    row_start: &g.start,
-                    row_count: &g.count,
-                    slot_route,
-                    gates,
-                    c: c_f,
-                    c32,
-                    n,
-                    k,
-                    experts: g.experts as u32,
-                    max_rows: g.max_rows as u32,
-                    trans_b: self.trans_b,
-                    has_bias: self.has_bias,
-                    act: self.act,
-                    scatter: scatter.is_some(),
-                    a_f32: self.a_f32,
-                    c_f32: self.c_f32,
-                },
+                &grouped_args!(MoeGroupedMatmulArgs, self, o, c_f, c32, slot_route, gates, on, trans_b: self.trans_b),
             ),
             GroupedConfig::Vec4(cfg) => MoeGroupedMatmulV4::launch(
                 client,
                 cfg,
-                &MoeGroupedMatmulV4Args {
-                    a: o.a,
-                    a32: o.a32,
-                    b: o.b,
-                    bias: o.bias,
-                    row_start: &g.start,
-                    row_count: &g.count,
-                    slot_route,
-                    gates,
-                    c: c_f,
-                    c32,
-                    n,
-                    k,
-                    experts: g.experts as u32,
-                    max_rows: g.max_rows as u32,
-                    has_bias: self.has_bias,
-                    act: self.act,
-                    scatter: scatter.is_some(),
-                    a_f32: self.a_f32,
-                    c_f32: self.c_f32,
-                },
+                &grouped_args!(MoeGroupedMatmulV4Args, self, o, c_f, c32, slot_route, gates, on),
             ),
         }
     }
@@ -204,44 +210,16 @@ impl GroupedProblem<'_> {
     /// Staged configurations first (the reference the others are checked against),
     /// then the vector kernel's where it applies.
     fn candidates(&self, client: &kiln_runtime::Client) -> Vec<GroupedConfig> {
-        let (g, n, k) = (self.groups, self.n as u32, self.k as u32);
         let mut all: Vec<GroupedConfig> = MoeGroupedMatmul::space(
             client,
-            &MoeGroupedMatmulProblem {
-                n,
-                k,
-                experts: g.experts as u32,
-                max_rows: g.max_rows as u32,
-                trans_b: self.trans_b,
-                has_bias: self.has_bias,
-                act: self.act,
-                scatter: false,
-                a_f32: self.a_f32,
-                c_f32: self.c_f32,
-            },
+            &grouped_problem!(MoeGroupedMatmulProblem, self, trans_b: self.trans_b),
         )
         .into_iter()
         .map(GroupedConfig::Staged)
         .collect();
         if !self.trans_b {
-            all.extend(
-                MoeGroupedMatmulV4::space(
-                    client,
-                    &MoeGroupedMatmulV4Problem {
-                        n,
-                        k,
-                        experts: g.experts as u32,
-                        max_rows: g.max_rows as u32,
-                        has_bias: self.has_bias,
-                        act: self.act,
-                        scatter: false,
-                        a_f32: self.a_f32,
-                        c_f32: self.c_f32,
-                    },
-                )
-                .into_iter()
-                .map(GroupedConfig::Vec4),
-            );
+            let p = grouped_problem!(MoeGroupedMatmulV4Problem, self);
+            all.extend(MoeGroupedMatmulV4::space(client, &p).into_iter().map(GroupedConfig::Vec4));
         }
         all
     }

@@ -185,15 +185,7 @@ pub fn moe_gate(logits: &Tensor, opts: &GateOptions) -> Result<GateOutput> {
         },
     )?;
     Ok(GateOutput {
-        routing: MoeRouting {
-            expert_ids: t.ids,
-            locations,
-            gates: Some(t.gates),
-            num_experts: e,
-            capacity,
-            rows_per_expert: per_expert.iter().map(|&n| n.min(capacity)).collect(),
-            slot_maps: Default::default(),
-        },
+        routing: MoeRouting::from_gate(t.ids, locations, Some(t.gates), capacity, &per_expert),
         l_aux,
     })
 }

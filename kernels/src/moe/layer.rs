@@ -216,15 +216,7 @@ pub fn moe_layer_expert_parallel(
     if s_r > 0 {
         locate_slots(client, &t.ids, &order, false, &counts, &bases, capacity, &locations)?;
     }
-    let routing = MoeRouting {
-        expert_ids: t.ids,
-        locations,
-        gates: Some(t.gates),
-        num_experts: e,
-        capacity,
-        rows_per_expert: per_expert.iter().map(|&n| n.min(capacity)).collect(),
-        slot_maps: Default::default(),
-    };
+    let routing = MoeRouting::from_gate(t.ids, locations, Some(t.gates), capacity, &per_expert);
 
     // l_aux = E sum_e share_e mean_s p: this rank's part, then the sum over ranks.
     let share: Vec<f64> = (0..e).map(|x| global(0, x) as f64 / s_total.max(1) as f64).collect();

@@ -63,7 +63,7 @@ pub use registry::{
     MOE_COMBINE, MOE_COMBINE_BACKWARD, MOE_DISPATCH, MOE_DISPATCH_BACKWARD, MOE_EXPERT_FFN,
     MOE_GATE, MOE_GATE_BACKWARD, MOE_LAYER, MOE_LAYER_BACKWARD,
 };
-pub use routing::{MoeRouting, MoeRouteCounts, MoeRouteLocate, MoeRouteSlots};
+pub use routing::{MoeRouteScan, MoeRouteScanArgs, MoeRouteSlots, MoeRouteSlotsArgs, MoeRouting};
 
 /// Largest `top_k` (the gating kernels keep the k choices of a token in registers).
 pub const MAX_TOP_K: usize = 8;

@@ -147,6 +147,26 @@ impl MoeRouting {
         })
     }
 
+    /// A routing made by a gate: every kept location is below `capacity` and unique by
+    /// construction; `routes_per_expert` counts all routes (kept or not) per expert.
+    pub(super) fn from_gate(
+        expert_ids: Tensor,
+        locations: Tensor,
+        gates: Option<Tensor>,
+        capacity: usize,
+        routes_per_expert: &[usize],
+    ) -> MoeRouting {
+        MoeRouting {
+            expert_ids,
+            locations,
+            gates,
+            num_experts: routes_per_expert.len(),
+            capacity,
+            rows_per_expert: routes_per_expert.iter().map(|&n| n.min(capacity)).collect(),
+            slot_maps: SlotMaps::default(),
+        }
+    }
+
     /// The gates, or an error naming `gates` where the routing has none.
     pub fn gates(&self) -> Result<&Tensor> {
         self.gates.as_ref().ok_or_else(|| Error::Param {
@@ -277,19 +297,24 @@ pub(super) fn count_slots(
     let (s, k) = (expert_ids.shape()[0], expert_ids.shape()[1]);
     let chunks = s.div_ceil(CHUNK).max(1);
     let counts = Tensor::empty(client, DType::U32, &[chunks * k * experts])?;
-    MoeRouteCounts::tuned(
+    let (no_bases, no_locations) = (upload_u32(client, "bases", &[])?, Tensor::empty(client, DType::I32, &[1])?);
+    MoeRouteScan::tuned(
         client,
         0.0,
-        &MoeRouteCountsArgs {
+        &MoeRouteScanArgs {
             expert_ids,
             order,
+            bases: &no_bases,
             counts: &counts,
+            locations: &no_locations,
             tokens: s as u32,
             top_k: k as u32,
             experts: experts as u32,
             chunks: chunks as u32,
             chunk: CHUNK as u32,
+            capacity: 0,
             prioritized,
+            locate: false,
         },
     )?;
     let counts = counts
@@ -321,13 +346,15 @@ pub(super) fn locate_slots(
 ) -> Result<()> {
     let (s, k) = (expert_ids.shape()[0], expert_ids.shape()[1]);
     let bases = upload_u32(client, "slot_bases", bases)?;
-    MoeRouteLocate::tuned(
+    let no_counts = upload_u32(client, "counts", &[])?;
+    MoeRouteScan::tuned(
         client,
         0.0,
-        &MoeRouteLocateArgs {
+        &MoeRouteScanArgs {
             expert_ids,
             order,
             bases: &bases,
+            counts: &no_counts,
             locations,
             tokens: s as u32,
             top_k: k as u32,
@@ -336,6 +363,7 @@ pub(super) fn locate_slots(
             chunk: CHUNK as u32,
             capacity: capacity.min(i32::MAX as usize) as u32,
             prioritized,
+            locate: true,
         },
     )
     .map(|_| ())
@@ -353,63 +381,23 @@ pub(super) fn check_routes(name: &str, shape: &[usize], s: usize, k: usize) -> R
     Ok(())
 }
 
-/// `counts[(i E + e) chunks + c]` = routes of choice `i` to expert `e` among the tokens
-/// at positions `c CHUNK ..` of the counting order: one unit per (chunk, choice,
-/// expert), walking its chunk in order (no atomics).
+/// The slot count, one unit per (chunk, choice `i`, expert `e`) walking its chunk of
+/// the counting order (no atomics). Without `locate`: `counts[(i E + e) chunks + c]` =
+/// the chunk's routes of choice `i` to expert `e`. With `locate`: each such route's
+/// location, its (choice, expert, chunk) base from `bases` plus the routes before it
+/// in the chunk, or -1 at or past `capacity`.
 #[kiln_macros::kernel(
     tune(UNITS = [64]),
     key(tokens = pow2, experts = pow2),
     grid = ((chunks * top_k * experts).div_ceil(UNITS)),
     cube = UNITS,
-    defaults(prioritized = false)
+    defaults(prioritized = false, locate = false)
 )]
-pub fn moe_route_counts(
-    expert_ids: &Array<i32>,
-    order: &Array<u32>,
-    counts: &mut Array<u32>,
-    tokens: u32,
-    top_k: u32,
-    experts: u32,
-    chunks: u32,
-    chunk: u32,
-    #[comptime] prioritized: bool,
-) {
-    let u = linear_unit() as u32;
-    if u < chunks * top_k * experts {
-        let e = u % experts;
-        let i = (u / experts) % top_k;
-        let c = u / (experts * top_k);
-        let end = min(tokens, (c + 1) * chunk);
-        let mut n = 0u32;
-        let mut pos = c * chunk;
-        while pos < end {
-            let mut t = pos;
-            if comptime!(prioritized) {
-                t = order[pos as usize];
-            }
-            if expert_ids[(t * top_k + i) as usize] == e as i32 {
-                n += 1;
-            }
-            pos += 1;
-        }
-        counts[((i * experts + e) * chunks + c) as usize] = n;
-    }
-}
-
-/// `locations[t k + i]` for every route: its (choice, expert, chunk) base plus the
-/// routes before it in the chunk, or -1 at or past `capacity`. One unit per (chunk,
-/// choice, expert), as in `moe_route_counts`.
-#[kiln_macros::kernel(
-    tune(UNITS = [64]),
-    key(tokens = pow2, experts = pow2),
-    grid = ((chunks * top_k * experts).div_ceil(UNITS)),
-    cube = UNITS,
-    defaults(prioritized = false)
-)]
-pub fn moe_route_locate(
+pub fn moe_route_scan(
     expert_ids: &Array<i32>,
     order: &Array<u32>,
     bases: &Array<u32>,
+    counts: &mut Array<u32>,
     locations: &mut Array<i32>,
     tokens: u32,
     top_k: u32,
@@ -418,14 +406,19 @@ pub fn moe_route_locate(
     chunk: u32,
     capacity: u32,
     #[comptime] prioritized: bool,
+    #[comptime] locate: bool,
 ) {
     let u = linear_unit() as u32;
     if u < chunks * top_k * experts {
         let e = u % experts;
         let i = (u / experts) % top_k;
         let c = u / (experts * top_k);
+        let at = ((i * experts + e) * chunks + c) as usize;
         let end = min(tokens, (c + 1) * chunk);
-        let mut run = bases[((i * experts + e) * chunks + c) as usize];
+        let mut run = 0u32;
+        if comptime!(locate) {
+            run = bases[at];
+        }
         let mut pos = c * chunk;
         while pos < end {
             let mut t = pos;
@@ -434,10 +427,15 @@ pub fn moe_route_locate(
             }
             let r = (t * top_k + i) as usize;
             if expert_ids[r] == e as i32 {
-                locations[r] = select(run < capacity, run as i32, -1i32);
+                if comptime!(locate) {
+                    locations[r] = select(run < capacity, run as i32, -1i32);
+                }
                 run += 1;
             }
             pos += 1;
+        }
+        if comptime!(!locate) {
+            counts[at] = run;
         }
     }
 }
