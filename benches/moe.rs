@@ -63,7 +63,9 @@ fn bench(cr: &mut Criterion) {
     let slots = moe_dispatch(&x, &routing).unwrap();
     let y_e = moe_expert_ffn(&slots, &w).unwrap();
     moe_combine(&y_e, &routing).unwrap();
-    let mut g = cr.benchmark_group(format!("moe data movement f32 S={s} M={m} E={e} k={k} cf=1"));
+    let mut g = cr.benchmark_group(format!(
+        "moe data movement f32 S={s} M={m} E={e} k={k} cf=1"
+    ));
     g.sample_size(20);
     let copy_out = Tensor::empty(&client, DType::F32, &[e * c * m]).unwrap();
     let flat = slots.reshape(&[e * c * m]).unwrap();
@@ -94,13 +96,21 @@ fn bench(cr: &mut Criterion) {
 
     // The experts: one grouped launch per GEMM against E pairs of matmuls.
     let per_expert = |t: &Tensor| -> Vec<Tensor> {
-        (0..e).map(|i| slice_rows(t, 0, i, 1, DType::F32).unwrap()).collect()
+        (0..e)
+            .map(|i| slice_rows(t, 0, i, 1, DType::F32).unwrap())
+            .collect()
     };
     let squeeze = |v: Vec<Tensor>, shape: &[usize]| -> Vec<Tensor> {
         v.into_iter().map(|t| t.reshape(shape).unwrap()).collect()
     };
-    let (w1s, w2s) = (squeeze(per_expert(&w1), &[m, f]), squeeze(per_expert(&w2), &[f, m]));
-    let (b1s, b2s) = (squeeze(per_expert(&b1), &[f]), squeeze(per_expert(&b2), &[m]));
+    let (w1s, w2s) = (
+        squeeze(per_expert(&w1), &[m, f]),
+        squeeze(per_expert(&w2), &[f, m]),
+    );
+    let (b1s, b2s) = (
+        squeeze(per_expert(&b1), &[f]),
+        squeeze(per_expert(&b2), &[m]),
+    );
     let slots_e = squeeze(per_expert(&slots), &[c, m]);
     let loop_ffn = |d: &[Tensor]| -> Vec<Tensor> {
         (0..e)
@@ -140,13 +150,16 @@ fn bench(cr: &mut Criterion) {
             y
         })
     });
-    g.bench_function(BenchmarkId::new("loop of matmuls", format!("{} launches", 2 * e)), |b| {
-        b.iter(|| {
-            let y = loop_ffn(&slots_e);
-            client.sync().unwrap();
-            y
-        })
-    });
+    g.bench_function(
+        BenchmarkId::new("loop of matmuls", format!("{} launches", 2 * e)),
+        |b| {
+            b.iter(|| {
+                let y = loop_ffn(&slots_e);
+                client.sync().unwrap();
+                y
+            })
+        },
+    );
     g.finish();
 
     // The whole layer.
@@ -156,20 +169,28 @@ fn bench(cr: &mut Criterion) {
     for path in [MoePath::Capacity, MoePath::Dropless] {
         let opts = LayerOptions { gate, path };
         moe_layer(&x, &w_gate, &w, &opts).unwrap();
-        g.bench_function(BenchmarkId::new("moe_layer", format!("{path:?}").to_lowercase()), |b| {
-            b.iter(|| {
-                let out = moe_layer(&x, &w_gate, &w, &opts).unwrap();
-                client.sync().unwrap();
-                out.y
-            })
-        });
+        g.bench_function(
+            BenchmarkId::new("moe_layer", format!("{path:?}").to_lowercase()),
+            |b| {
+                b.iter(|| {
+                    let out = moe_layer(&x, &w_gate, &w, &opts).unwrap();
+                    client.sync().unwrap();
+                    out.y
+                })
+            },
+        );
     }
     let looped_layer = || {
         let logits = matmul(&x, &w_gate, false, Epilogue::default()).unwrap();
         let r = moe_gate(&logits, &gate).unwrap().routing;
         let d = moe_dispatch(&x, &r).unwrap();
         let d_e: Vec<Tensor> = (0..e)
-            .map(|i| slice_rows(&d, 0, i, 1, DType::F32).unwrap().reshape(&[c, m]).unwrap())
+            .map(|i| {
+                slice_rows(&d, 0, i, 1, DType::F32)
+                    .unwrap()
+                    .reshape(&[c, m])
+                    .unwrap()
+            })
             .collect();
         let outs = loop_ffn(&d_e);
         let y_e = Tensor::empty(&client, DType::F32, &[e * c, m]).unwrap();
@@ -181,7 +202,9 @@ fn bench(cr: &mut Criterion) {
         y
     };
     looped_layer();
-    g.bench_function("same layer, experts as E pairs of matmuls", |b| b.iter(looped_layer));
+    g.bench_function("same layer, experts as E pairs of matmuls", |b| {
+        b.iter(looped_layer)
+    });
     g.finish();
 }
 

@@ -222,23 +222,48 @@ fn moe_layer_matches_pytorch_and_each_stage_alone() {
     }
     // The layer's routing is the file's.
     let hosts = load_safetensors(data(file)).unwrap();
-    let params = [("top_k", "2")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let outs = kiln::kernels::op("moe_layer").unwrap().call_host(client(), &hosts, params).unwrap();
+    let params = [("top_k", "2")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let outs = kiln::kernels::op("moe_layer")
+        .unwrap()
+        .call_host(client(), &hosts, params)
+        .unwrap();
     for name in ["expert_ids", "locations"] {
         assert_eq!(outs[name].to_f64(), hosts[name].to_f64(), "{name}");
     }
     // Dispatch alone from the file's routing; the expert FFN alone from its dispatched
     // slots; combine alone from its expert outputs.
     let mut hosts = load_safetensors(data(file)).unwrap();
-    let run = |op: &str, hosts: &std::collections::BTreeMap<String, kiln::HostTensor>, params: &[(&str, &str)]| {
-        let params = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        kiln::kernels::op(op).unwrap().call_host(client(), hosts, params).unwrap()
+    let run = |op: &str,
+               hosts: &std::collections::BTreeMap<String, kiln::HostTensor>,
+               params: &[(&str, &str)]| {
+        let params = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        kiln::kernels::op(op)
+            .unwrap()
+            .call_host(client(), hosts, params)
+            .unwrap()
     };
-    let d = run("moe_dispatch", &hosts, &[("num_experts", "4"), ("capacity", "60")]);
-    assert_eq!(d["dispatched"].to_f64(), hosts["expected_dispatched"].to_f64());
+    let d = run(
+        "moe_dispatch",
+        &hosts,
+        &[("num_experts", "4"), ("capacity", "60")],
+    );
+    assert_eq!(
+        d["dispatched"].to_f64(),
+        hosts["expected_dispatched"].to_f64()
+    );
     hosts.insert("dispatched".into(), hosts["expected_dispatched"].clone());
     let f = run("moe_expert_ffn", &hosts, &[("activation", "silu")]);
-    let e = max_rel_error(&f["expert_out"].to_f64(), &hosts["expected_expert_out"].to_f64(), 1.0);
+    let e = max_rel_error(
+        &f["expert_out"].to_f64(),
+        &hosts["expected_expert_out"].to_f64(),
+        1.0,
+    );
     assert!(e < 1e-6, "expert_out: max rel err {e:e}");
     hosts.insert("expert_out".into(), hosts["expected_expert_out"].clone());
     let c = run("moe_combine", &hosts, &[]);

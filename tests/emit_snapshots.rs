@@ -256,11 +256,21 @@ fn moe_grouped_matmul_v4_wgsl_scatter_silu() {
     insta::assert_snapshot!(source(
         "moe_grouped_matmul_v4",
         Target::Wgsl,
-        &[("has_bias", "true"), ("act", "silu"), ("scatter", "true"), ("BM", "64"), ("BN", "64")]
+        &[
+            ("has_bias", "true"),
+            ("act", "silu"),
+            ("scatter", "true"),
+            ("BM", "64"),
+            ("BN", "64")
+        ]
     ));
 }
 
 #[test]
 fn moe_gate_topk_cuda_f16_normalized() {
-    insta::assert_snapshot!(source("moe_gate_topk", Target::Cuda, &[("dtype", "f16"), ("normalize", "true")]));
+    insta::assert_snapshot!(source(
+        "moe_gate_topk",
+        Target::Cuda,
+        &[("dtype", "f16"), ("normalize", "true")]
+    ));
 }

@@ -11,8 +11,9 @@ use kiln::check::{max_rel_error, Rng};
 use kiln::kernels::matmul::Activation;
 use kiln::kernels::moe::{
     moe_combine, moe_combine_backward, moe_dispatch, moe_dispatch_backward, moe_gate,
-    moe_gate_backward, moe_layer, moe_layer_backward, moe_layer_local_ranks, reference as rf, ExpertWeights,
-    GateOptions, LayerOptions, MoePath, MoeRouting,
+    moe_gate_backward, moe_layer, moe_layer_backward, moe_layer_backward_local_ranks,
+    moe_layer_local_ranks, reference as rf, ExpertWeights, GateOptions, LayerOptions, MoePath,
+    MoeRouting,
 };
 use kiln::{DType, HostTensor, Tensor};
 
@@ -23,7 +24,9 @@ fn client() -> &'static kiln::Client {
 }
 
 fn round(dtype: DType, shape: &[usize], v: &[f64]) -> Vec<f64> {
-    HostTensor::from_f64(dtype, shape.to_vec(), v).unwrap().to_f64()
+    HostTensor::from_f64(dtype, shape.to_vec(), v)
+        .unwrap()
+        .to_f64()
 }
 
 fn ints(t: &Tensor) -> Vec<i64> {
@@ -108,7 +111,9 @@ fn adversarial_routings() {
     check_gate(s, e, e, 0.0, false, &rng.normals(s * e, 1.0));
     // The gates of a row with no mass are 0 and never NaN.
     let g = moe_gate(&up(DType::F32, &[s, e], &inf), &GateOptions::new(2, 1.0)).unwrap();
-    assert!(down(g.routing.gates.as_ref().unwrap()).iter().all(|v| v.is_finite()));
+    assert!(down(g.routing.gates.as_ref().unwrap())
+        .iter()
+        .all(|v| v.is_finite()));
 }
 
 struct Layer {
@@ -163,7 +168,14 @@ impl Layer {
         (r, y)
     }
 
-    fn run(&self, dtype: DType, k: usize, cf: f64, path: MoePath, world_size: usize) -> kiln::kernels::moe::LayerOutput {
+    fn run(
+        &self,
+        dtype: DType,
+        k: usize,
+        cf: f64,
+        path: MoePath,
+        world_size: usize,
+    ) -> kiln::kernels::moe::LayerOutput {
         let t = |shape: &[usize], v: &[f64]| up(dtype, shape, v);
         let (s, m, f, e) = (self.s, self.m, self.f, self.e);
         let (x, wg, w1, w2, b1, b2) = (
@@ -244,13 +256,67 @@ fn ten_runs_are_bit_identical() {
     let mut rng = Rng::new(29);
     let layer = Layer::new(&mut rng, 513, 16, 16, 8, DType::F32);
     let first = layer.run(DType::F32, 2, 1.0, MoePath::Dropless, 1);
-    let bits = |t: &Tensor| t.download().unwrap().to_f64().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-    let (y0, ids0, loc0) = (bits(&first.y), bits(&first.routing.expert_ids), bits(&first.routing.locations));
+    let bits = |t: &Tensor| {
+        t.download()
+            .unwrap()
+            .to_f64()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<_>>()
+    };
+    let (y0, ids0, loc0) = (
+        bits(&first.y),
+        bits(&first.routing.expert_ids),
+        bits(&first.routing.locations),
+    );
     for _ in 0..9 {
         let out = layer.run(DType::F32, 2, 1.0, MoePath::Dropless, 1);
         assert_eq!(bits(&out.y), y0);
         assert_eq!(bits(&out.routing.expert_ids), ids0);
         assert_eq!(bits(&out.routing.locations), loc0);
+    }
+}
+
+#[test]
+fn expert_parallel_backward_equals_one_device() {
+    let _ = client();
+    let mut rng = Rng::new(37);
+    // 61 tokens over 2 or 4 ranks, 8 experts, cf 1 (some drops), d_l_aux.
+    let layer = Layer::new(&mut rng, 61, 12, 8, 8, DType::F32);
+    let (s, m, f, e) = (layer.s, layer.m, layer.f, layer.e);
+    let t = |shape: &[usize], v: &[f64]| up(DType::F32, shape, v);
+    let (x, wg, w1, w2, b1, b2) = (
+        t(&[s, m], &layer.x),
+        t(&[m, e], &layer.w_gate),
+        t(&[e, m, f], &layer.w1),
+        t(&[e, f, m], &layer.w2),
+        t(&[e, f], &layer.b1),
+        t(&[e, m], &layer.b2),
+    );
+    let dy = t(&[s, m], &rng.normals(s * m, 1.0));
+    let w = ExpertWeights {
+        w1: &w1,
+        b1: Some(&b1),
+        w2: &w2,
+        b2: Some(&b2),
+        activation: Activation::Gelu,
+    };
+    let gate = GateOptions::new(2, 1.0);
+    let one = moe_layer_backward(&x, &wg, &w, &gate, &dy, 0.7).unwrap();
+    for p in [2, 4] {
+        let ep = moe_layer_backward_local_ranks(&x, &wg, &w, &gate, &dy, 0.7, p).unwrap();
+        for (name, a, b) in [
+            ("dx", &ep.dx, &one.dx),
+            ("d_w_gate", &ep.d_w_gate, &one.d_w_gate),
+            ("d_w1", &ep.d_w1, &one.d_w1),
+            ("d_w2", &ep.d_w2, &one.d_w2),
+            ("d_b1", &ep.d_b1, &one.d_b1),
+            ("d_b2", &ep.d_b2, &one.d_b2),
+        ] {
+            assert_eq!(a.shape(), b.shape(), "P={p} {name}");
+            let err = max_rel_error(&down(a), &down(b), 1.0);
+            assert!(err < 1e-6, "P={p} {name}: {err:e}");
+        }
     }
 }
 
@@ -264,8 +330,16 @@ fn expert_parallel_equals_one_device() {
         let one = layer.run(DType::F32, 2, cf, MoePath::Capacity, 1);
         for p in [2, 4] {
             let ep = layer.run(DType::F32, 2, cf, MoePath::Capacity, p);
-            assert_eq!(ints(&ep.routing.expert_ids), ints(&one.routing.expert_ids), "P={p} cf={cf}");
-            assert_eq!(ints(&ep.routing.locations), ints(&one.routing.locations), "P={p} cf={cf}");
+            assert_eq!(
+                ints(&ep.routing.expert_ids),
+                ints(&one.routing.expert_ids),
+                "P={p} cf={cf}"
+            );
+            assert_eq!(
+                ints(&ep.routing.locations),
+                ints(&one.routing.locations),
+                "P={p} cf={cf}"
+            );
             let err = max_rel_error(&down(&ep.y), &down(&one.y), 1.0);
             assert!(err < 1e-6, "P={p} cf={cf}: y {err:e}");
             let el = max_rel_error(&down(&ep.l_aux), &down(&one.l_aux), 1e-3);
@@ -307,8 +381,13 @@ fn gradients_match_finite_differences_of_the_reference() {
     let dg = round(DType::F32, &[s, k], &rng.normals(s * k, 1.0));
     let d_l_aux = 0.6;
     let got = down(
-        &moe_gate_backward(&up(DType::F32, &[s, e], &l), &up(DType::F32, &[s, k], &dg), d_l_aux, &GateOptions::new(k, 1.0))
-            .unwrap(),
+        &moe_gate_backward(
+            &up(DType::F32, &[s, e], &l),
+            &up(DType::F32, &[s, k], &dg),
+            d_l_aux,
+            &GateOptions::new(k, 1.0),
+        )
+        .unwrap(),
     );
     let fd = finite_differences(&l, 1e-6, |x| {
         let r = rf::gate(x, e, k, 1.0, true, false);
@@ -328,10 +407,17 @@ fn gradients_match_finite_differences_of_the_reference() {
     assert!(max_rel_error(&dx, &fd, 1.0) < 1e-5, "dx");
     let y_e = round(DType::F32, &[e, c, m], &rng.normals(e * c * m, 1.0));
     let dy = round(DType::F32, &[s, m], &rng.normals(s * m, 1.0));
-    let (d_out, d_gates) =
-        moe_combine_backward(&up(DType::F32, &[s, m], &dy), &up(DType::F32, &[e, c, m], &y_e), &r).unwrap();
+    let (d_out, d_gates) = moe_combine_backward(
+        &up(DType::F32, &[s, m], &dy),
+        &up(DType::F32, &[e, c, m], &y_e),
+        &r,
+    )
+    .unwrap();
     let fd = finite_differences(&y_e, 1e-3, |v| dot(&dy, &rr.combine(v, m)));
-    assert!(max_rel_error(&down(&d_out), &fd, 1.0) < 1e-5, "d_expert_out");
+    assert!(
+        max_rel_error(&down(&d_out), &fd, 1.0) < 1e-5,
+        "d_expert_out"
+    );
     let fd = finite_differences(&rr.gates, 1e-3, |g| {
         let mut r2 = rr.clone();
         r2.gates = g.to_vec();
@@ -377,8 +463,22 @@ fn layer_backward_matches_finite_differences_for_every_input() {
         t(&[e, f], &inputs.b1),
         t(&[e, m], &inputs.b2),
     );
-    let w = ExpertWeights { w1: &w1, b1: Some(&b1), w2: &w2, b2: Some(&b2), activation: Activation::Gelu };
-    let grads = moe_layer_backward(&x, &wg, &w, &GateOptions::new(k, 0.5), &t(&[s, m], &dy), d_l_aux).unwrap();
+    let w = ExpertWeights {
+        w1: &w1,
+        b1: Some(&b1),
+        w2: &w2,
+        b2: Some(&b2),
+        activation: Activation::Gelu,
+    };
+    let grads = moe_layer_backward(
+        &x,
+        &wg,
+        &w,
+        &GateOptions::new(k, 0.5),
+        &t(&[s, m], &dy),
+        d_l_aux,
+    )
+    .unwrap();
     for (name, got) in [
         ("x", &grads.dx),
         ("w_gate", &grads.d_w_gate),
@@ -399,39 +499,78 @@ fn bad_input_is_one_clear_line() {
     let one_line = |e: kiln::Error, names: &[&str]| {
         let msg = e.to_string();
         assert!(!msg.contains('\n'), "{msg}");
-        assert!(names.iter().any(|n| msg.contains(n)), "{msg} names none of {names:?}");
+        assert!(
+            names.iter().any(|n| msg.contains(n)),
+            "{msg} names none of {names:?}"
+        );
     };
     let i32s = |shape: &[usize], v: &[f64]| up(DType::I32, shape, v);
     // Ids out of range.
     let ids = i32s(&[2, 1], &[0.0, 4.0]);
     let locs = i32s(&[2, 1], &[0.0, 0.0]);
-    one_line(MoeRouting::from_tensors(&ids, &locs, None, 4, 2).err().unwrap(), &["expert_ids"]);
+    one_line(
+        MoeRouting::from_tensors(&ids, &locs, None, 4, 2)
+            .err()
+            .unwrap(),
+        &["expert_ids"],
+    );
     // A capacity too small for the given locations.
     let ids = i32s(&[2, 1], &[0.0, 0.0]);
     let locs = i32s(&[2, 1], &[0.0, 3.0]);
-    one_line(MoeRouting::from_tensors(&ids, &locs, None, 4, 2).err().unwrap(), &["capacity"]);
+    one_line(
+        MoeRouting::from_tensors(&ids, &locs, None, 4, 2)
+            .err()
+            .unwrap(),
+        &["capacity"],
+    );
     // Two routes in one slot.
     let locs = i32s(&[2, 1], &[1.0, 1.0]);
-    one_line(MoeRouting::from_tensors(&ids, &locs, None, 4, 2).err().unwrap(), &["locations"]);
+    one_line(
+        MoeRouting::from_tensors(&ids, &locs, None, 4, 2)
+            .err()
+            .unwrap(),
+        &["locations"],
+    );
     // k > E.
     let l = up(DType::F32, &[3, 4], &[0.0; 12]);
-    one_line(moe_gate(&l, &GateOptions::new(5, 1.0)).err().unwrap(), &["top_k"]);
-    one_line(moe_gate(&l, &GateOptions::new(2, -1.0)).err().unwrap(), &["capacity_factor"]);
+    one_line(
+        moe_gate(&l, &GateOptions::new(5, 1.0)).err().unwrap(),
+        &["top_k"],
+    );
+    one_line(
+        moe_gate(&l, &GateOptions::new(2, -1.0)).err().unwrap(),
+        &["capacity_factor"],
+    );
     // Shape mismatches.
     let locs = i32s(&[2, 1], &[0.0, 1.0]);
     let r = MoeRouting::from_tensors(&ids, &locs, None, 4, 2).unwrap();
     let x = up(DType::F32, &[3, 8], &[0.0; 24]);
     one_line(moe_dispatch(&x, &r).err().unwrap(), &["x"]);
     let out = up(DType::F32, &[4, 3, 8], &[0.0; 96]);
-    one_line(moe_combine(&out, &r).err().unwrap(), &["expert_out", "gates"]);
+    one_line(
+        moe_combine(&out, &r).err().unwrap(),
+        &["expert_out", "gates"],
+    );
     let x = up(DType::F32, &[5, 8], &[0.0; 40]);
     let wg = up(DType::F32, &[8, 4], &[0.0; 32]);
     let w1 = up(DType::F32, &[4, 8, 6], &[0.0; 192]);
     let w2 = up(DType::F32, &[4, 8, 6], &[0.0; 192]);
-    let w = ExpertWeights { w1: &w1, b1: None, w2: &w2, b2: None, activation: Activation::Silu };
-    let opts = LayerOptions { gate: GateOptions::new(2, 1.0), path: MoePath::Auto };
+    let w = ExpertWeights {
+        w1: &w1,
+        b1: None,
+        w2: &w2,
+        b2: None,
+        activation: Activation::Silu,
+    };
+    let opts = LayerOptions {
+        gate: GateOptions::new(2, 1.0),
+        path: MoePath::Auto,
+    };
     one_line(moe_layer(&x, &wg, &w, &opts).err().unwrap(), &["w2"]);
     let w2 = up(DType::F32, &[4, 6, 8], &[0.0; 192]);
     let w = ExpertWeights { w2: &w2, ..w };
-    one_line(moe_layer_local_ranks(&x, &wg, &w, &opts, 3).err().unwrap(), &["world_size"]);
+    one_line(
+        moe_layer_local_ranks(&x, &wg, &w, &opts, 3).err().unwrap(),
+        &["world_size"],
+    );
 }

@@ -8,7 +8,9 @@ mod common;
 use common::{client, down, up};
 use kiln::check::{max_rel_error, Rng};
 use kiln::kernels::matmul::Activation;
-use kiln::kernels::moe::{moe_layer, reference as rf, ExpertWeights, GateOptions, LayerOptions, MoePath};
+use kiln::kernels::moe::{
+    moe_layer, reference as rf, ExpertWeights, GateOptions, LayerOptions, MoePath,
+};
 use kiln::runtime::tune::CandidateStatus;
 use kiln::{DType, HostTensor};
 
@@ -20,7 +22,9 @@ fn tuned_layer_matches_the_reference() {
     let mut rng = Rng::new(7);
     let mut gen = |shape: &[usize], scale: f64| {
         let n = shape.iter().product();
-        HostTensor::from_f64(DType::F32, shape.to_vec(), &rng.normals(n, scale)).unwrap().to_f64()
+        HostTensor::from_f64(DType::F32, shape.to_vec(), &rng.normals(n, scale))
+            .unwrap()
+            .to_f64()
     };
     let (x, wg, w1, w2, b1, b2) = (
         gen(&[s, m], 1.0),
@@ -34,7 +38,15 @@ fn tuned_layer_matches_the_reference() {
     let want = rf::layer(
         &x,
         &r,
-        &rf::Experts { w1: &w1, b1: Some(&b1), w2: &w2, b2: Some(&b2), m, f, activation: "relu" },
+        &rf::Experts {
+            w1: &w1,
+            b1: Some(&b1),
+            w2: &w2,
+            b2: Some(&b2),
+            m,
+            f,
+            activation: "relu",
+        },
     );
     let _ = client();
     let t = |shape: &[usize], v: &[f64]| up(DType::F32, shape, v);
@@ -46,9 +58,24 @@ fn tuned_layer_matches_the_reference() {
         t(&[e, f], &b1),
         t(&[e, m], &b2),
     );
-    let w = ExpertWeights { w1: &tw1, b1: Some(&tb1), w2: &tw2, b2: Some(&tb2), activation: Activation::Relu };
+    let w = ExpertWeights {
+        w1: &tw1,
+        b1: Some(&tb1),
+        w2: &tw2,
+        b2: Some(&tb2),
+        activation: Activation::Relu,
+    };
     for path in [MoePath::Auto, MoePath::Capacity, MoePath::Dropless] {
-        let out = moe_layer(&tx, &twg, &w, &LayerOptions { gate: GateOptions::new(k, 1.0), path }).unwrap();
+        let out = moe_layer(
+            &tx,
+            &twg,
+            &w,
+            &LayerOptions {
+                gate: GateOptions::new(k, 1.0),
+                path,
+            },
+        )
+        .unwrap();
         // F = 44 products per hidden unit and M = 36 per output: f32 rounding of a few
         // 1e-7 per sum (relative to max(|y|, 1)).
         let err = max_rel_error(&down(&out.y), &want, 1.0);
@@ -57,9 +84,15 @@ fn tuned_layer_matches_the_reference() {
     let _ = std::fs::remove_dir_all(&dir);
     let seen = seen.lock().unwrap();
     for kind in ["staged", "vec4", "capacity", "dropless"] {
-        assert!(seen.iter().any(|(l, _)| l.starts_with(kind)), "no `{kind}` candidate timed: {seen:?}");
+        assert!(
+            seen.iter().any(|(l, _)| l.starts_with(kind)),
+            "no `{kind}` candidate timed: {seen:?}"
+        );
     }
     for (label, status) in seen.iter() {
-        assert!(matches!(status, CandidateStatus::Timed(_)), "{label}: {status:?}");
+        assert!(
+            matches!(status, CandidateStatus::Timed(_)),
+            "{label}: {status:?}"
+        );
     }
 }

@@ -30,4 +30,3 @@ pub fn copy(x: &Tensor, out: &Tensor) {
         )
     });
 }
-

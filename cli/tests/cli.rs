@@ -315,7 +315,14 @@ fn run_moe_layer_expert_parallel_over_two_ranks() {
         "moe_layer",
         &input,
         &out,
-        &["--set", "top_k=2", "--set", "capacity_factor=1", "--set", "world_size=2"],
+        &[
+            "--set",
+            "top_k=2",
+            "--set",
+            "capacity_factor=1",
+            "--set",
+            "world_size=2",
+        ],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = load_safetensors(&out).unwrap();

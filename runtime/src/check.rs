@@ -115,9 +115,7 @@ pub fn example_inputs_seeded(
         let example = tspec.map_or(ExampleValues::Normal, |t| t.example);
         let cols = shape.last().copied().unwrap_or(1).max(1);
         let values: Vec<f64> = match t {
-            _ if example == ExampleValues::ExpertIds => {
-                (0..n).map(|j| (j % cols) as f64).collect()
-            }
+            _ if example == ExampleValues::ExpertIds => (0..n).map(|j| (j % cols) as f64).collect(),
             _ if example == ExampleValues::SlotLocations => {
                 (0..n).map(|j| (j / cols) as f64).collect()
             }

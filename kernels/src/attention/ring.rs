@@ -556,7 +556,6 @@ fn whole_layout(q: &Tensor, world_size: usize, schedule: RingSchedule) -> Result
     RingLayout::new(seq_len, world_size, schedule)
 }
 
-
 /// Ring attention of whole-sequence tensors (`[B, S, ...]`) over `world_size` ranks in
 /// this process (threads on q's device, the host-staged communicator): splits the
 /// sequence as `schedule` prescribes, runs every rank, and returns the whole `out` and

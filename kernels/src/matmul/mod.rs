@@ -44,7 +44,7 @@ pub use staged::{
     MATMUL_STAGED_V4_KERNEL,
 };
 use tiled::store_epilogue;
-pub(crate) use tiled::{activate, clamped_strided};
+pub(crate) use tiled::{activate, clamped_strided, zero_tile_v4};
 pub use vec4::{
     MatmulVec4, MatmulVec4Args, MatmulVec4Config, MatmulVec4Problem, MATMUL_VEC4_KERNEL,
 };

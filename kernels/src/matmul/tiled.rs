@@ -93,7 +93,7 @@ pub(super) fn zero_tile(acc: &mut Array<f32>, #[comptime] len: u32) {
 
 /// `tm x tn/4` 4-wide accumulators set to zero.
 #[cube]
-pub(super) fn zero_tile_v4(accv: &mut Array<Vector<f32, Const<4>>>, #[comptime] len: u32) {
+pub(crate) fn zero_tile_v4(accv: &mut Array<Vector<f32, Const<4>>>, #[comptime] len: u32) {
     #[unroll]
     for e in 0..len {
         accv[e as usize] = Vector::new(0.0f32);

@@ -8,11 +8,11 @@
 use super::ffn::{grouped_matmul, ExpertWeights, Groups};
 use super::gate::{moe_gate, moe_gate_backward};
 use super::layer::gate_logits;
-use super::movement::{combine_from_layout, gather_into_layout, gate_grads};
+use super::movement::{combine_from_layout, gate_grads, gather_into_layout};
 use super::routing::RowLayout;
 use super::GateOptions;
 use crate::launch::{check_input, expect_shape};
-use crate::matmul::{matmul, Activation, Epilogue};
+use crate::matmul::{matmul, zero_tile_v4, Activation, Epilogue};
 use crate::rows::slice_rows;
 use cubecl::prelude::*;
 use kiln_dsl::{linear_unit, load_tile_v4, reg_tile_mma_v4, v4_tile_col, V4};
@@ -48,65 +48,183 @@ pub fn moe_layer_backward(
     d_l_aux: f64,
 ) -> Result<LayerGrads> {
     let logits = gate_logits(x, w_gate)?;
-    let (s, m, e) = (x.shape()[0], x.shape()[1], logits.shape()[1]);
+    let (m, e) = (x.shape()[1], logits.shape()[1]);
     let f = w.check(e, m, x)?;
-    check_input("dy", dy, x.client())?;
-    dy.expect_dtype("dy", &[x.dtype()])?;
-    expect_shape("dy", dy, &[s, m], "[S, M] of x")?;
+    check_dy(dy, x)?;
     let routing = moe_gate(&logits, gate)?.routing;
-    let client = x.client();
-    let dtype = x.dtype();
-
-    // Forward recomputation in the capacity layout: D, pre = D W1 + b1 (f32), H, Y.
+    // Forward recomputation in the capacity layout, then the gradients.
     let d = gather_into_layout(x, &routing, RowLayout::Capacity, false)?;
     let groups = Groups::of(&d, &routing, RowLayout::Capacity)?;
-    let pre = grouped_matmul(&d, w.w1, w.b1, Activation::None, &groups, f, false, None, true)?;
-    let h = activation(&pre, None, w.activation)?;
-    let y_e = grouped_matmul(&h, w.w2, w.b2, Activation::None, &groups, m, false, None, false)?;
-
-    // Combine's backward: dY in the slots, and the gates' gradient.
+    let fwd = FfnForward::new(&d, &groups, w, m, f)?;
     let d_y = gather_into_layout(dy, &routing, RowLayout::Capacity, true)?;
-    let d_gates = gate_grads(dy, &y_e, &routing, RowLayout::Capacity)?;
-    // The FFN's backward: dH = dY W2^T, dPre = dH act'(pre), dD = dPre W1^T.
-    let d_h = grouped_matmul(&d_y, w.w2, None, Activation::None, &groups, f, true, None, true)?;
-    let d_pre = activation(&pre, Some(&d_h), w.activation)?;
-    let d_d = grouped_matmul(&d_pre, w.w1, None, Activation::None, &groups, m, true, None, false)?;
-    let ones = ones(client, d.shape()[0], dtype)?;
-    let d_w2 = grouped_tn(&h, &d_y, &groups, dtype)?.reshape(&[e, f, m])?;
-    let d_b2 = grouped_tn(&ones, &d_y, &groups, dtype)?.reshape(&[e, m])?;
-    let d_w1 = grouped_tn(&d, &d_pre, &groups, dtype)?.reshape(&[e, m, f])?;
-    let d_b1 = grouped_tn(&ones, &d_pre, &groups, dtype)?.reshape(&[e, f])?;
-
-    // dx: through dispatch, and through the gate (d_logits W_gate^T).
-    let dx_experts = combine_from_layout(&d_d, &routing, RowLayout::Capacity, false, false)?;
+    let d_gates = gate_grads(dy, &fwd.y_e, &routing, RowLayout::Capacity, false)?;
+    let g = fwd.backward(&d, &d_y, &groups, w, m, f, e)?;
+    let dx_experts = combine_from_layout(&g.d_d, &routing, RowLayout::Capacity, false, false)?;
     let d_logits = moe_gate_backward(&logits, &d_gates, d_l_aux, gate)?;
+    let (dx, d_w_gate) = gate_input_grads(x, w_gate, &dx_experts, &d_logits)?;
+    Ok(LayerGrads {
+        dx,
+        d_w_gate: match x.dtype() {
+            DType::F32 => d_w_gate,
+            dt => slice_rows(&d_w_gate, 0, 0, m, dt)?,
+        },
+        d_w1: g.d_w1,
+        d_w2: g.d_w2,
+        d_b1: g.d_b1,
+        d_b2: g.d_b2,
+    })
+}
+
+/// The expert FFN's forward pieces its backward needs: `pre = D W1 + b1` and
+/// `h = act(pre)` (f32 `[R, F]`), and `y_e = h W2 + b2` (`[R, M]`, the model's dtype).
+pub(super) struct FfnForward {
+    pre: Tensor,
+    h: Tensor,
+    /// The experts' outputs.
+    pub y_e: Tensor,
+}
+
+/// The gradients of the FFN: `d_d` `[R, M]` (of its input rows) and of the weights.
+pub(super) struct FfnGrads {
+    pub d_d: Tensor,
+    pub d_w1: Tensor,
+    pub d_w2: Tensor,
+    pub d_b1: Tensor,
+    pub d_b2: Tensor,
+}
+
+impl FfnForward {
+    /// Recomputes the forward of the FFN on rows `d` `[R, M]` grouped by expert.
+    pub(super) fn new(
+        d: &Tensor,
+        groups: &Groups,
+        w: &ExpertWeights<'_>,
+        m: usize,
+        f: usize,
+    ) -> Result<Self> {
+        let pre = grouped_matmul(
+            d,
+            w.w1,
+            w.b1,
+            Activation::None,
+            groups,
+            f,
+            false,
+            None,
+            true,
+        )?;
+        let h = activation(&pre, None, w.activation)?;
+        let y_e = grouped_matmul(
+            &h,
+            w.w2,
+            w.b2,
+            Activation::None,
+            groups,
+            m,
+            false,
+            None,
+            false,
+        )?;
+        Ok(FfnForward { pre, h, y_e })
+    }
+
+    /// From `d_y` (the rows' output gradient, `[R, M]`): `dH = dY W2^T`, `dPre = dH
+    /// act'(pre)`, `dD = dPre W1^T`, and the weight and bias gradients summed over each
+    /// of the `e` experts' rows.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward(
+        &self,
+        d: &Tensor,
+        d_y: &Tensor,
+        groups: &Groups,
+        w: &ExpertWeights<'_>,
+        m: usize,
+        f: usize,
+        e: usize,
+    ) -> Result<FfnGrads> {
+        let dtype = d.dtype();
+        let d_h = grouped_matmul(
+            d_y,
+            w.w2,
+            None,
+            Activation::None,
+            groups,
+            f,
+            true,
+            None,
+            true,
+        )?;
+        let d_pre = activation(&self.pre, Some(&d_h), w.activation)?;
+        let ones = ones(d.client(), d.shape()[0], dtype)?;
+        Ok(FfnGrads {
+            d_d: grouped_matmul(
+                &d_pre,
+                w.w1,
+                None,
+                Activation::None,
+                groups,
+                m,
+                true,
+                None,
+                false,
+            )?,
+            d_w2: grouped_tn(&self.h, d_y, groups, dtype)?.reshape(&[e, f, m])?,
+            d_b2: grouped_tn(&ones, d_y, groups, dtype)?.reshape(&[e, m])?,
+            d_w1: grouped_tn(d, &d_pre, groups, dtype)?.reshape(&[e, m, f])?,
+            d_b1: grouped_tn(&ones, &d_pre, groups, dtype)?.reshape(&[e, f])?,
+        })
+    }
+}
+
+/// `dx = dx_experts + d_logits W_gate^T` (x's dtype) and `d_w_gate = x^T d_logits`
+/// (f32 `[M, E]`, summed over this device's tokens), from the gate's f32 `d_logits`.
+pub(super) fn gate_input_grads(
+    x: &Tensor,
+    w_gate: &Tensor,
+    dx_experts: &Tensor,
+    d_logits: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (s, m) = (x.shape()[0], x.shape()[1]);
+    let dtype = x.dtype();
     let w_gate32 = match dtype {
         DType::F32 => w_gate.clone(),
         _ => slice_rows(w_gate, 0, 0, m, DType::F32)?,
     };
-    let dx_gate = matmul(&d_logits, &w_gate32, true, Epilogue::default())?;
+    let dx_gate = matmul(d_logits, &w_gate32, true, Epilogue::default())?;
     let dx_gate = match dtype {
         DType::F32 => dx_gate,
         _ => slice_rows(&dx_gate, 0, 0, s, dtype)?,
     };
-    let dx = crate::elementwise::add(&dx_experts, &dx_gate)?;
+    let dx = crate::elementwise::add(dx_experts, &dx_gate)?;
     let whole = Groups::new(x, &[0], &[s])?;
-    let d_w_gate = grouped_tn(x, &d_logits, &whole, dtype)?.reshape(&[m, e])?;
-    Ok(LayerGrads {
-        dx,
-        d_w_gate,
-        d_w1,
-        d_w2,
-        d_b1,
-        d_b2,
-    })
+    let e = d_logits.shape()[1];
+    let x32 = match dtype {
+        DType::F32 => x.clone(),
+        _ => slice_rows(x, 0, 0, s, DType::F32)?,
+    };
+    let d_w_gate = grouped_tn(&x32, d_logits, &whole, DType::F32)?.reshape(&[m, e])?;
+    Ok((dx, d_w_gate))
+}
+
+/// Checks the upstream gradient `dy` against `x` `[S, M]` (shape and dtype).
+pub(super) fn check_dy(dy: &Tensor, x: &Tensor) -> Result<()> {
+    check_input("dy", dy, x.client())?;
+    dy.expect_dtype("dy", &[x.dtype()])?;
+    expect_shape("dy", dy, x.shape(), "[S, M] of x")
 }
 
 /// A column of `rows` ones, `[rows, 1]`, in `dtype` (f32 for half: the products read it
 /// as f32).
 fn ones(client: &kiln_runtime::Client, rows: usize, dtype: DType) -> Result<Tensor> {
-    let d = if dtype == DType::F32 { dtype } else { DType::F32 };
-    Tensor::upload(client, &HostTensor::from_f64(d, vec![rows.max(1), 1], &vec![1.0; rows.max(1)])?)
+    let d = if dtype == DType::F32 {
+        dtype
+    } else {
+        DType::F32
+    };
+    Tensor::upload(
+        client,
+        &HostTensor::from_f64(d, vec![rows.max(1), 1], &vec![1.0; rows.max(1)])?,
+    )
 }
 
 /// `act(pre)` (without `d_h`) or `d_h act'(pre)`, f32 in and out.
@@ -201,7 +319,8 @@ pub fn moe_activation(
                 let u = c * (x + 0.044_715 * x * x * x);
                 // tanh(u) = 2 sigmoid(2u) - 1 (no overflow for large |u|).
                 let t = 2.0 / (1.0 + f32::exp(-2.0 * u)) - 1.0;
-                dx = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044_715 * x * x);
+                dx =
+                    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044_715 * x * x);
             }
             if comptime!(act == Activation::Relu) {
                 dx = select(x > 0.0, 1.0f32, 0.0f32);
@@ -259,10 +378,7 @@ pub fn moe_grouped_matmul_tn<F: Float>(
     let col0 = CUBE_POS_X * BN;
     let (ty, tx) = (UNIT_POS / cols_of_units, UNIT_POS % cols_of_units);
     let mut acc = Array::<V4>::new(comptime!((TM * TN / 4) as usize));
-    #[unroll]
-    for z in 0..comptime!(TM * TN / 4) {
-        acc[z as usize] = V4::new(0.0f32);
-    }
+    zero_tile_v4(&mut acc, TM * TN / 4);
     let mut xs = SharedMemory::<V4>::new(comptime!((BM * BK / 4) as usize));
     let mut ys = SharedMemory::<V4>::new(comptime!((BK * BN / 4) as usize));
     let mut d0 = 0u32;
@@ -271,15 +387,63 @@ pub fn moe_grouped_matmul_tn<F: Float>(
         let base = start + d0;
         // X (output row i, depth d) = a[(base + d) Ka + row0 + i].
         if comptime!(a_f32) {
-            load_tile_v4::<f32>(&mut xs, 0, a32, base * ka + row0, 1, ka, ka - row0, depth, BM, BK, units);
+            load_tile_v4::<f32>(
+                &mut xs,
+                0,
+                a32,
+                base * ka + row0,
+                1,
+                ka,
+                ka - row0,
+                depth,
+                BM,
+                BK,
+                units,
+            );
         } else {
-            load_tile_v4::<F>(&mut xs, 0, a, base * ka + row0, 1, ka, ka - row0, depth, BM, BK, units);
+            load_tile_v4::<F>(
+                &mut xs,
+                0,
+                a,
+                base * ka + row0,
+                1,
+                ka,
+                ka - row0,
+                depth,
+                BM,
+                BK,
+                units,
+            );
         }
         // Y (depth d, column j) = b[(base + d) N + col0 + j].
         if comptime!(b_f32) {
-            load_tile_v4::<f32>(&mut ys, 0, b32, base * n + col0, n, 1, depth, n - col0, BK, BN, units);
+            load_tile_v4::<f32>(
+                &mut ys,
+                0,
+                b32,
+                base * n + col0,
+                n,
+                1,
+                depth,
+                n - col0,
+                BK,
+                BN,
+                units,
+            );
         } else {
-            load_tile_v4::<F>(&mut ys, 0, b, base * n + col0, n, 1, depth, n - col0, BK, BN, units);
+            load_tile_v4::<F>(
+                &mut ys,
+                0,
+                b,
+                base * n + col0,
+                n,
+                1,
+                depth,
+                n - col0,
+                BK,
+                BN,
+                units,
+            );
         }
         sync_cube();
         reg_tile_mma_v4(&mut acc, &xs, 0, &ys, 0, ty, tx, BM, BN, BK, TM, TN);

@@ -6,7 +6,7 @@
 use super::movement::{combine_from_layout, gather_into_layout};
 use super::routing::{MoeRouting, RowLayout, NO_ROUTE};
 use crate::launch::{check_input, shape_err, upload_u32};
-use crate::matmul::{activate, clamped_strided, Activation};
+use crate::matmul::{activate, clamped_strided, zero_tile_v4, Activation};
 use cubecl::prelude::*;
 use kiln_dsl::{load_tile_v4, reg_tile_mma_v4, v4_tile_col, V4};
 use kiln_runtime::tune::Choice;
@@ -187,7 +187,11 @@ impl GroupedProblem<'_> {
         scatter: Option<&Scatter<'_>>,
         no_routes: &Tensor,
     ) -> Result<()> {
-        let (c_f, c32) = if self.c_f32 { (o.placeholder_f, c) } else { (c, o.placeholder_32) };
+        let (c_f, c32) = if self.c_f32 {
+            (o.placeholder_f, c)
+        } else {
+            (c, o.placeholder_32)
+        };
         let (slot_route, gates) = match scatter {
             Some(s) => (s.slot_route, s.gates),
             None => (no_routes, o.placeholder_32),
@@ -202,7 +206,16 @@ impl GroupedProblem<'_> {
             GroupedConfig::Vec4(cfg) => MoeGroupedMatmulV4::launch(
                 client,
                 cfg,
-                &grouped_args!(MoeGroupedMatmulV4Args, self, o, c_f, c32, slot_route, gates, on),
+                &grouped_args!(
+                    MoeGroupedMatmulV4Args,
+                    self,
+                    o,
+                    c_f,
+                    c32,
+                    slot_route,
+                    gates,
+                    on
+                ),
             ),
         }
     }
@@ -219,7 +232,11 @@ impl GroupedProblem<'_> {
         .collect();
         if !self.trans_b {
             let p = grouped_problem!(MoeGroupedMatmulV4Problem, self);
-            all.extend(MoeGroupedMatmulV4::space(client, &p).into_iter().map(GroupedConfig::Vec4));
+            all.extend(
+                MoeGroupedMatmulV4::space(client, &p)
+                    .into_iter()
+                    .map(GroupedConfig::Vec4),
+            );
         }
         all
     }
@@ -291,7 +308,10 @@ pub(super) fn grouped_matmul(
     // rows of dropped routes unwritten, so candidates could not be compared); the
     // scatter changes the epilogue's addresses, not the main loop being tuned.
     let cfg = Choice::new("moe_grouped_gemm")
-        .sources([MoeGroupedMatmul::source_hash(), MoeGroupedMatmulV4::source_hash()])
+        .sources([
+            MoeGroupedMatmul::source_hash(),
+            MoeGroupedMatmulV4::source_hash(),
+        ])
         .dim("max_rows", groups.max_rows)
         .dim("n", n)
         .dim("k", k)
@@ -328,14 +348,29 @@ struct GroupedOperands<'a> {
 pub fn moe_expert_ffn(dispatched: &Tensor, w: &ExpertWeights<'_>) -> Result<Tensor> {
     check_input("dispatched", dispatched, dispatched.client())?;
     let &[e, c, m] = dispatched.shape() else {
-        return Err(shape_err("dispatched", "[E, C, M]".into(), dispatched.shape()));
+        return Err(shape_err(
+            "dispatched",
+            "[E, C, M]".into(),
+            dispatched.shape(),
+        ));
     };
     let f = w.check(e, m, dispatched)?;
     let a = dispatched.reshape(&[e * c, m])?;
     let starts: Vec<usize> = (0..e).map(|x| x * c).collect();
     let groups = Groups::new(&a, &starts, &vec![c; e])?;
     let h = grouped_matmul(&a, w.w1, w.b1, w.activation, &groups, f, false, None, true)?;
-    grouped_matmul(&h, w.w2, w.b2, Activation::None, &groups, m, false, None, false)?.reshape(&[e, c, m])
+    grouped_matmul(
+        &h,
+        w.w2,
+        w.b2,
+        Activation::None,
+        &groups,
+        m,
+        false,
+        None,
+        false,
+    )?
+    .reshape(&[e, c, m])
 }
 
 /// The expert FFN in the sorted layout, from tokens to the combined output: `x`
@@ -350,7 +385,11 @@ pub fn moe_expert_ffn_sorted(
     check_input("x", x, x.client())?;
     let m = x.shape().get(1).copied().unwrap_or(0);
     if x.shape() != [routing.tokens(), m] {
-        return Err(shape_err("x", format!("[{}, M]", routing.tokens()), x.shape()));
+        return Err(shape_err(
+            "x",
+            format!("[{}, M]", routing.tokens()),
+            x.shape(),
+        ));
     }
     let f = w.check(routing.num_experts, m, x)?;
     let gates = routing.gates()?;
@@ -363,8 +402,17 @@ pub fn moe_expert_ffn_sorted(
         gates,
         routes: routing.tokens() * routing.top_k(),
     };
-    let per_route =
-        grouped_matmul(&h, w.w2, w.b2, Activation::None, &groups, m, false, Some(&scatter), false)?;
+    let per_route = grouped_matmul(
+        &h,
+        w.w2,
+        w.b2,
+        Activation::None,
+        &groups,
+        m,
+        false,
+        Some(&scatter),
+        false,
+    )?;
     combine_from_layout(&per_route, routing, RowLayout::Sorted, false, true)
 }
 
@@ -428,10 +476,7 @@ pub fn moe_grouped_matmul<F: Float>(
         let cols_valid = n - col0;
         let (ty, tx) = (UNIT_POS / cols_of_units, UNIT_POS % cols_of_units);
         let mut acc = Array::<V4>::new(comptime!((TM * TN / 4) as usize));
-        #[unroll]
-        for z in 0..comptime!(TM * TN / 4) {
-            acc[z as usize] = V4::new(0.0f32);
-        }
+        zero_tile_v4(&mut acc, TM * TN / 4);
         let mut xs = SharedMemory::<V4>::new(comptime!((BM * BK / 4) as usize));
         let mut ys = SharedMemory::<V4>::new(comptime!((BK * BN / 4) as usize));
         let b_base = e * k * n;
@@ -440,15 +485,63 @@ pub fn moe_grouped_matmul<F: Float>(
             let depth = k - k0;
             // a: (row r, depth d) at a[(row0 + r) K + k0 + d].
             if comptime!(a_f32) {
-                load_tile_v4::<f32>(&mut xs, 0, a32, row0 * k + k0, k, 1, rows_valid, depth, BM, BK, units);
+                load_tile_v4::<f32>(
+                    &mut xs,
+                    0,
+                    a32,
+                    row0 * k + k0,
+                    k,
+                    1,
+                    rows_valid,
+                    depth,
+                    BM,
+                    BK,
+                    units,
+                );
             } else {
-                load_tile_v4::<F>(&mut xs, 0, a, row0 * k + k0, k, 1, rows_valid, depth, BM, BK, units);
+                load_tile_v4::<F>(
+                    &mut xs,
+                    0,
+                    a,
+                    row0 * k + k0,
+                    k,
+                    1,
+                    rows_valid,
+                    depth,
+                    BM,
+                    BK,
+                    units,
+                );
             }
             if comptime!(trans_b) {
                 // b[e] is [N, K]: (depth d, column c) at (col0 + c) K + k0 + d.
-                load_tile_v4::<F>(&mut ys, 0, b, b_base + col0 * k + k0, 1, k, depth, cols_valid, BK, BN, units);
+                load_tile_v4::<F>(
+                    &mut ys,
+                    0,
+                    b,
+                    b_base + col0 * k + k0,
+                    1,
+                    k,
+                    depth,
+                    cols_valid,
+                    BK,
+                    BN,
+                    units,
+                );
             } else {
-                load_tile_v4::<F>(&mut ys, 0, b, b_base + k0 * n + col0, n, 1, depth, cols_valid, BK, BN, units);
+                load_tile_v4::<F>(
+                    &mut ys,
+                    0,
+                    b,
+                    b_base + k0 * n + col0,
+                    n,
+                    1,
+                    depth,
+                    cols_valid,
+                    BK,
+                    BN,
+                    units,
+                );
             }
             sync_cube();
             reg_tile_mma_v4(&mut acc, &xs, 0, &ys, 0, ty, tx, BM, BN, BK, TM, TN);
@@ -465,8 +558,20 @@ pub fn moe_grouped_matmul<F: Float>(
                 if r < rows_valid && col < cols_valid {
                     let v = acc[(i * comptime!(TN / 4) + j / 4) as usize][(j % 4) as usize];
                     store_grouped::<F>(
-                        c, c32, bias, slot_route, gates, v, row0 + r, col0 + col, e, n, has_bias, act,
-                        scatter, c_f32,
+                        c,
+                        c32,
+                        bias,
+                        slot_route,
+                        gates,
+                        v,
+                        row0 + r,
+                        col0 + col,
+                        e,
+                        n,
+                        has_bias,
+                        act,
+                        scatter,
+                        c_f32,
                     );
                 }
             }
@@ -573,10 +678,7 @@ pub fn moe_grouped_matmul_v4<F: Float>(
         clamped_strided(&mut cols, col0 / 4 + tx, units_x, nv - 1, tnv);
         let mut av = Array::<V4>::new(comptime!(TM as usize));
         let mut accv = Array::<V4>::new(comptime!((TM * tnv) as usize));
-        #[unroll]
-        for z in 0..TM * tnv {
-            accv[z as usize] = V4::new(0.0f32);
-        }
+        zero_tile_v4(&mut accv, TM * tnv);
         let mut kq = 0u32;
         while kq < kv {
             #[unroll]
@@ -592,7 +694,8 @@ pub fn moe_grouped_matmul_v4<F: Float>(
             for d in 0..4u32 {
                 #[unroll]
                 for jv in 0..tnv {
-                    let bv = V4::cast_from(b[(b_base + (kq * 4 + d) * nv + cols[jv as usize]) as usize]);
+                    let bv =
+                        V4::cast_from(b[(b_base + (kq * 4 + d) * nv + cols[jv as usize]) as usize]);
                     #[unroll]
                     for i in 0..TM {
                         let x = (i * tnv + jv) as usize;
@@ -611,8 +714,20 @@ pub fn moe_grouped_matmul_v4<F: Float>(
                 if tile_row + r < count && col < n {
                     let v = accv[(i * tnv + j / 4) as usize][(j % 4) as usize];
                     store_grouped::<F>(
-                        c, c32, bias, slot_route, gates, v, row0 + r, col, e, n, has_bias, act,
-                        scatter, c_f32,
+                        c,
+                        c32,
+                        bias,
+                        slot_route,
+                        gates,
+                        v,
+                        row0 + r,
+                        col,
+                        e,
+                        n,
+                        has_bias,
+                        act,
+                        scatter,
+                        c_f32,
                     );
                 }
             }

@@ -55,7 +55,11 @@ pub(super) fn check_gate(logits: &Tensor, opts: &GateOptions) -> Result<(usize, 
         return Err(shape_err("logits", "[S, E]".into(), logits.shape()));
     };
     if e == 0 {
-        return Err(shape_err("logits", "[S, E] with E >= 1 experts".into(), logits.shape()));
+        return Err(shape_err(
+            "logits",
+            "[S, E] with E >= 1 experts".into(),
+            logits.shape(),
+        ));
     }
     if opts.top_k == 0 || opts.top_k > e.min(MAX_TOP_K) {
         return Err(Error::Param {
@@ -85,7 +89,13 @@ pub(super) struct TopK {
     pub top1: Tensor,
 }
 
-pub(super) fn top_k(logits: &Tensor, s: usize, e: usize, k: usize, normalize: bool) -> Result<TopK> {
+pub(super) fn top_k(
+    logits: &Tensor,
+    s: usize,
+    e: usize,
+    k: usize,
+    normalize: bool,
+) -> Result<TopK> {
     let client = logits.client();
     let t = TopK {
         ids: Tensor::empty(client, DType::I32, &[s, k])?,
@@ -213,21 +223,39 @@ pub fn moe_gate_backward(
             found: d_l_aux.to_string(),
         });
     }
-    let d_logits = Tensor::empty(client, logits.dtype(), &[s, e])?;
     if s == 0 {
-        return Ok(d_logits);
+        return Tensor::empty(client, logits.dtype(), &[s, e]);
     }
-    let t = top_k(logits, s, e, k, opts.normalize())?;
     let order = upload_u32(client, "order", &[])?;
+    let t = top_k(logits, s, e, k, opts.normalize())?;
     let counts = count_slots(client, &t.ids, &order, false, e)?;
     let aux: Vec<f64> = top1_share(&counts, s)
         .iter()
         .map(|sh| d_l_aux * e as f64 * sh / s as f64)
         .collect();
+    gate_backward_with(logits, d_gates, &aux, opts)
+}
+
+/// [`moe_gate_backward`] with the gradient of `l_aux` through each expert's
+/// probabilities given (`aux[e] = d l_aux / d p[s, e]` times the upstream gradient):
+/// expert parallelism passes the global top-1 shares and token count.
+pub(super) fn gate_backward_with(
+    logits: &Tensor,
+    d_gates: &Tensor,
+    aux: &[f64],
+    opts: &GateOptions,
+) -> Result<Tensor> {
+    let (s, e) = (logits.shape()[0], logits.shape()[1]);
+    let (k, client) = (opts.top_k, logits.client());
+    let d_logits = Tensor::empty(client, logits.dtype(), &[s, e])?;
+    if s == 0 {
+        return Ok(d_logits);
+    }
+    let t = top_k(logits, s, e, k, opts.normalize())?;
     let aux = Tensor::upload_named(
         client,
         "aux_grad",
-        &HostTensor::from_f64(DType::F32, vec![e], &aux)?,
+        &HostTensor::from_f64(DType::F32, vec![e], aux)?,
     )?;
     MoeGateBackwardRows::tuned(
         client,

@@ -4,17 +4,18 @@
 //! two all-to-alls (uneven splits), slots counted over the global batch so that every
 //! rank count gives the routing and the output of one device.
 
+use super::backward::{moe_layer_backward, LayerGrads};
+use super::expert_parallel::{moe_layer_backward_expert_parallel, moe_layer_expert_parallel};
 use super::ffn::{
     moe_expert_ffn, moe_expert_ffn_sorted, ExpertWeights, MoeGroupedMatmul, MoeGroupedMatmulV4,
 };
-use super::gate::{check_gate, moe_gate, top_k, GateOptions};
+use super::gate::{moe_gate, GateOptions};
 use super::movement::{
-    combine_from_layout, gather_by_map, gather_into_layout, MoeCombineRows, MoeCombineRowsV4,
-    MoeGatherRows, MoeGatherRowsV4,
+    combine_from_layout, gather_into_layout, MoeCombineRows, MoeCombineRowsV4, MoeGatherRows,
+    MoeGatherRowsV4,
 };
-use super::routing::{count_slots, locate_slots, MoeRouting, RowLayout, NO_ROUTE};
-use super::{capacity_for, MoeGateLoss, MoeGateLossArgs};
-use crate::launch::{check_input, on_local_ranks, shape_err, upload_u32};
+use super::routing::{MoeRouting, RowLayout};
+use crate::launch::{check_input, on_local_ranks, shape_err};
 use crate::matmul::{matmul, Epilogue};
 use crate::rows::{copy_rows, slice_rows};
 use kiln_runtime::comm::Communicator;
@@ -82,7 +83,13 @@ pub(super) fn gate_logits(x: &Tensor, w_gate: &Tensor) -> Result<Tensor> {
     };
     match *w_gate.shape() {
         [wm, e] if wm == m && e > 0 => e,
-        _ => return Err(shape_err("w_gate", format!("[{m}, E] (M of x)"), w_gate.shape())),
+        _ => {
+            return Err(shape_err(
+                "w_gate",
+                format!("[{m}, E] (M of x)"),
+                w_gate.shape(),
+            ))
+        }
     };
     if x.dtype() == DType::F32 {
         return matmul(x, w_gate, false, Epilogue::default());
@@ -93,7 +100,12 @@ pub(super) fn gate_logits(x: &Tensor, w_gate: &Tensor) -> Result<Tensor> {
 }
 
 /// The experts of one path from tokens to `y`.
-fn run_path(x: &Tensor, routing: &MoeRouting, w: &ExpertWeights<'_>, path: MoePath) -> Result<Tensor> {
+fn run_path(
+    x: &Tensor,
+    routing: &MoeRouting,
+    w: &ExpertWeights<'_>,
+    path: MoePath,
+) -> Result<Tensor> {
     match path {
         MoePath::Dropless => moe_expert_ffn_sorted(x, routing, w),
         _ => {
@@ -135,12 +147,22 @@ pub fn moe_layer(
             .dim("f", w.w1.shape()[2])
             .dim("experts", e)
             .exact("top_k", routing.top_k())
-            .exact("capacity", if opts.gate.capacity_factor > 0.0 { "factor" } else { "dropless" })
+            .exact(
+                "capacity",
+                if opts.gate.capacity_factor > 0.0 {
+                    "factor"
+                } else {
+                    "dropless"
+                },
+            )
             .exact("dtype", x.dtype())
             .candidates([MoePath::Capacity, MoePath::Dropless])
-            .tune(x.client(), 1e-4, |p| format!("{p:?}").to_lowercase(), |&p| {
-                Ok(vec![run_path(x, &routing, w, p)?])
-            })?,
+            .tune(
+                x.client(),
+                1e-4,
+                |p| format!("{p:?}").to_lowercase(),
+                |&p| Ok(vec![run_path(x, &routing, w, p)?]),
+            )?,
         p => p,
     };
     let y = run_path(x, &routing, w, path)?;
@@ -149,134 +171,6 @@ pub fn moe_layer(
         l_aux: g.l_aux,
         routing,
     })
-}
-
-/// One rank of the expert-parallel layer: this rank's tokens `x` `[S_r, M]`, the whole
-/// `w_gate` `[M, E]`, and this rank's experts `E / P` (rank `r` owns experts
-/// `r E/P ..`, weights `[E/P, M, F]` ...). Slots are counted over the global batch
-/// (every rank's tokens in rank order, as one device would), so ids, locations, drops
-/// and `y` match [`moe_layer`] on the concatenated tokens; `l_aux` is the global one on
-/// every rank. Tokens travel to their experts' ranks and back with two all-to-alls.
-pub fn moe_layer_expert_parallel(
-    comm: &dyn Communicator,
-    x: &Tensor,
-    w_gate: &Tensor,
-    w: &ExpertWeights<'_>,
-    opts: &LayerOptions,
-) -> Result<LayerOutput> {
-    let (p, rank) = (comm.world_size(), comm.rank());
-    let client = x.client();
-    let logits = gate_logits(x, w_gate)?;
-    let (s_r, e) = check_gate(&logits, &opts.gate)?;
-    let m = x.shape()[1];
-    if e % p != 0 {
-        return Err(Error::Param {
-            param: "world_size".into(),
-            expected: format!("a divisor of the expert count E = {e}"),
-            found: p.to_string(),
-        });
-    }
-    let e_local = e / p;
-    w.check(e_local, m, x)?;
-    if opts.gate.batch_prioritized {
-        return Err(Error::Param {
-            param: "batch_prioritized".into(),
-            expected: "false with world_size > 1 (a global sort of every rank's tokens)".into(),
-            found: "true".into(),
-        });
-    }
-    let k = opts.gate.top_k;
-    let t = top_k(&logits, s_r, e, k, opts.gate.normalize())?;
-    let order = upload_u32(client, "order", &[])?;
-    let counts = count_slots(client, &t.ids, &order, false, e)?;
-
-    // Every rank's route totals per (choice, expert) and token count, in rank order.
-    let width = k * e + 1;
-    let mut mine: Vec<f64> = (0..k)
-        .flat_map(|i| (0..e).map(move |x| (i, x)))
-        .map(|(i, x)| counts.total(i, x) as f64)
-        .collect();
-    mine.push(s_r as f64);
-    let mine = Tensor::upload(client, &HostTensor::from_f64(DType::F32, vec![1, width], &mine)?)?;
-    let all = comm.all_gather(&mine)?.download()?.to_f64();
-    let at = |q: usize, i: usize, x: usize| all[q * width + i * e + x] as usize;
-    let s_total: usize = (0..p).map(|q| all[q * width + k * e] as usize).sum();
-    let global = |i: usize, x: usize| (0..p).map(|q| at(q, i, x)).sum::<usize>();
-    let per_expert: Vec<usize> = (0..e).map(|x| (0..k).map(|i| global(i, x)).sum()).collect();
-    let capacity = if opts.gate.capacity_factor > 0.0 {
-        capacity_for(s_total, e, k, opts.gate.capacity_factor)
-    } else {
-        per_expert.iter().copied().max().unwrap_or(0)
-    };
-    let bases = counts.bases_from(|i, x| {
-        ((0..i).map(|j| global(j, x)).sum::<usize>() + (0..rank).map(|q| at(q, i, x)).sum::<usize>())
-            as u32
-    });
-    let locations = Tensor::empty(client, DType::I32, &[s_r, k])?;
-    if s_r > 0 {
-        locate_slots(client, &t.ids, &order, false, &counts, &bases, capacity, &locations)?;
-    }
-    let routing = MoeRouting::from_gate(t.ids, locations, Some(t.gates), capacity, &per_expert);
-
-    // l_aux = E sum_e share_e mean_s p: this rank's part, then the sum over ranks.
-    let share: Vec<f64> = (0..e).map(|x| global(0, x) as f64 / s_total.max(1) as f64).collect();
-    let share = Tensor::upload(client, &HostTensor::from_f64(DType::F32, vec![e], &share)?)?;
-    let part = Tensor::empty(client, DType::F32, &[])?;
-    MoeGateLoss::tuned(
-        client,
-        0.0,
-        &MoeGateLossArgs {
-            probs: &t.probs,
-            top1_share: &share,
-            l_aux: &part,
-            tokens: s_r as u32,
-            experts: e as u32,
-        },
-    )?;
-    let part = part.download()?.to_f64()[0] * s_r as f64 / s_total.max(1) as f64;
-    let part = Tensor::upload(client, &HostTensor::from_f64(DType::F32, vec![1], &[part])?)?;
-    let l_aux = comm.all_reduce(&part)?.reshape(&[])?;
-
-    // Kept routes grouped by their expert's rank (route order within), each with its
-    // slot row in the owner's [E/P, C, M].
-    let ids = routing.expert_ids.download()?.to_f64();
-    let locs = routing.locations.download()?.to_f64();
-    let mut by_rank: Vec<Vec<(u32, i32)>> = vec![Vec::new(); p];
-    for (r, (&id, &loc)) in ids.iter().zip(&locs).enumerate() {
-        if loc >= 0.0 {
-            let id = id as usize;
-            let slot = (id % e_local) * capacity + loc as usize;
-            by_rank[id / e_local].push((r as u32, slot as i32));
-        }
-    }
-    let send_rows: Vec<usize> = by_rank.iter().map(Vec::len).collect();
-    let (routes, slots): (Vec<u32>, Vec<f64>) =
-        by_rank.concat().into_iter().map(|(r, s)| (r, s as f64)).unzip();
-    let send_x = gather_by_map(x, &upload_u32(client, "send_routes", &routes)?, routes.len(), k, None)?;
-    let slots = Tensor::upload(client, &HostTensor::from_f64(DType::I32, vec![slots.len(), 1], &slots)?)?;
-    let (recv_x, recv_rows) = comm.all_to_all(&send_x, &send_rows)?;
-    let (recv_slots, _) = comm.all_to_all(&slots, &send_rows)?;
-    let recv_slots: Vec<u32> = recv_slots.download()?.to_f64().iter().map(|&v| v as u32).collect();
-
-    // The owner's capacity layout from the received rows; the FFN; the rows back.
-    let mut slot_map = vec![NO_ROUTE; e_local * capacity];
-    for (i, &slot) in recv_slots.iter().enumerate() {
-        slot_map[slot as usize] = i as u32;
-    }
-    let dispatched = gather_by_map(&recv_x, &upload_u32(client, "slot_map", &slot_map)?, slot_map.len(), 1, None)?;
-    let y_e = moe_expert_ffn(&dispatched.reshape(&[e_local, capacity, m])?, w)?;
-    let y_e = y_e.reshape(&[e_local * capacity, m])?;
-    let reply = gather_by_map(&y_e, &upload_u32(client, "reply_slots", &recv_slots)?, recv_slots.len(), 1, None)?;
-    let (back, _) = comm.all_to_all(&reply, &recv_rows)?;
-
-    // Back in send order: put each row at its route, then the gate-weighted sum.
-    let mut route_map = vec![NO_ROUTE; s_r * k];
-    for (j, &r) in routes.iter().enumerate() {
-        route_map[r as usize] = j as u32;
-    }
-    let per_route = gather_by_map(&back, &upload_u32(client, "route_map", &route_map)?, s_r * k, 1, None)?;
-    let y = combine_from_layout(&per_route, &routing, RowLayout::Capacity, true, true)?;
-    Ok(LayerOutput { y, l_aux, routing })
 }
 
 /// The expert-parallel layer over `world_size` ranks in this process (threads on x's
@@ -290,61 +184,35 @@ pub fn moe_layer_local_ranks(
     opts: &LayerOptions,
     world_size: usize,
 ) -> Result<LayerOutput> {
-    if world_size <= 1 {
-        if world_size == 0 {
-            return Err(Error::Param {
-                param: "world_size".into(),
-                expected: "at least 1".into(),
-                found: "0".into(),
-            });
-        }
+    if world_size == 1 {
         return moe_layer(x, w_gate, w, opts);
     }
-    check_input("x", x, x.client())?;
-    let &[s, m] = x.shape() else {
-        return Err(shape_err("x", "[S, M]".into(), x.shape()));
-    };
-    let e = w.w1.shape().first().copied().unwrap_or(0);
-    if e % world_size != 0 || e == 0 {
-        return Err(Error::Param {
-            param: "world_size".into(),
-            expected: format!("a divisor of the expert count E = {e}"),
-            found: world_size.to_string(),
-        });
-    }
-    let e_local = e / world_size;
-    let span = |q: usize| (q * s / world_size, (q + 1) * s / world_size);
-    let parts = on_local_ranks(x.client(), "moe_layer", world_size, |c| {
-        let r = c.rank();
-        let (s0, s1) = span(r);
-        let xs = slice_rows(x, 0, s0, s1 - s0, x.dtype())?;
-        let shard = |t: &Tensor| slice_rows(t, 0, r * e_local, e_local, t.dtype());
-        let (w1, w2) = (shard(w.w1)?, shard(w.w2)?);
-        let b1 = w.b1.map(shard).transpose()?;
-        let b2 = w.b2.map(shard).transpose()?;
-        let local = ExpertWeights {
-            w1: &w1,
-            b1: b1.as_ref(),
-            w2: &w2,
-            b2: b2.as_ref(),
-            activation: w.activation,
-        };
-        let out = moe_layer_expert_parallel(c, &xs, w_gate, &local, opts)?;
+    let ranks = LocalRanks::new(x, w, world_size)?;
+    let parts = ranks.run(x, w, &[], |c, xs, _, local| {
+        let out = moe_layer_expert_parallel(c, xs, w_gate, local, opts)?;
         let ids = out.routing.expert_ids.download()?;
         let locs = out.routing.locations.download()?;
-        Ok((out.y, out.l_aux, ids, locs, out.routing.capacity, out.routing.rows_per_expert))
+        Ok((
+            out.y,
+            out.l_aux,
+            ids,
+            locs,
+            out.routing.capacity,
+            out.routing.rows_per_expert,
+        ))
     })?;
-    let y = Tensor::empty(x.client(), x.dtype(), &[s, m])?;
+    let y = ranks.concat(x, parts.iter().map(|p| &p.0), 0)?;
     let (mut ids, mut locs) = (Vec::new(), Vec::new());
-    for (q, part) in parts.iter().enumerate() {
-        let (s0, s1) = span(q);
-        copy_rows(&part.0, 0, 0, &y, s0, s1 - s0)?;
+    for part in &parts {
         ids.extend(part.2.to_f64());
         locs.extend(part.3.to_f64());
     }
-    let k = opts.gate.top_k;
+    let (s, k) = (x.shape()[0], opts.gate.top_k);
     let whole = |v: &[f64]| -> Result<Tensor> {
-        Tensor::upload(x.client(), &HostTensor::from_f64(DType::I32, vec![s, k], v)?)
+        Tensor::upload(
+            x.client(),
+            &HostTensor::from_f64(DType::I32, vec![s, k], v)?,
+        )
     };
     let first = parts.into_iter().next().ok_or_else(|| Error::Kernel {
         kernel: "moe_layer".into(),
@@ -353,14 +221,121 @@ pub fn moe_layer_local_ranks(
     Ok(LayerOutput {
         y,
         l_aux: first.1,
-        routing: MoeRouting {
-            expert_ids: whole(&ids)?,
-            locations: whole(&locs)?,
-            gates: None,
-            num_experts: e,
-            capacity: first.4,
-            rows_per_expert: first.5,
-            slot_maps: Default::default(),
-        },
+        routing: MoeRouting::from_gate(whole(&ids)?, whole(&locs)?, None, first.4, &first.5),
     })
+}
+
+/// The expert-parallel backward over `world_size` ranks in this process, whole tensors
+/// in and out (what `kiln run moe_layer_backward world_size=P` does).
+pub fn moe_layer_backward_local_ranks(
+    x: &Tensor,
+    w_gate: &Tensor,
+    w: &ExpertWeights<'_>,
+    gate: &GateOptions,
+    dy: &Tensor,
+    d_l_aux: f64,
+    world_size: usize,
+) -> Result<LayerGrads> {
+    if world_size == 1 {
+        return moe_layer_backward(x, w_gate, w, gate, dy, d_l_aux);
+    }
+    let ranks = LocalRanks::new(x, w, world_size)?;
+    let parts = ranks.run(x, w, &[dy], |c, xs, rows, local| {
+        moe_layer_backward_expert_parallel(c, xs, w_gate, local, gate, &rows[0], d_l_aux)
+    })?;
+    let shards = |f: fn(&LayerGrads) -> &Tensor| ranks.concat(x, parts.iter().map(f), 0);
+    Ok(LayerGrads {
+        dx: ranks.concat(x, parts.iter().map(|g| &g.dx), 0)?,
+        d_w_gate: parts[0].d_w_gate.clone(),
+        d_w1: shards(|g| &g.d_w1)?,
+        d_w2: shards(|g| &g.d_w2)?,
+        d_b1: shards(|g| &g.d_b1)?,
+        d_b2: shards(|g| &g.d_b2)?,
+    })
+}
+
+/// P ranks in threads on one device: token chunks `[q S / P, (q + 1) S / P)` and expert
+/// shards `[q E / P, (q + 1) E / P)`.
+struct LocalRanks {
+    p: usize,
+    s: usize,
+    e: usize,
+}
+
+impl LocalRanks {
+    fn new(x: &Tensor, w: &ExpertWeights<'_>, p: usize) -> Result<LocalRanks> {
+        check_input("x", x, x.client())?;
+        let &[s, _] = x.shape() else {
+            return Err(shape_err("x", "[S, M]".into(), x.shape()));
+        };
+        let e = w.w1.shape().first().copied().unwrap_or(0);
+        if p == 0 || e == 0 || e % p != 0 {
+            return Err(Error::Param {
+                param: "world_size".into(),
+                expected: format!("a divisor of the expert count E = {e}"),
+                found: p.to_string(),
+            });
+        }
+        Ok(LocalRanks { p, s, e })
+    }
+
+    fn tokens(&self, q: usize) -> (usize, usize) {
+        (q * self.s / self.p, (q + 1) * self.s / self.p)
+    }
+
+    /// Runs `body(comm, x chunk, chunks of `rows`, expert shard)` on every rank.
+    fn run<T: Send>(
+        &self,
+        x: &Tensor,
+        w: &ExpertWeights<'_>,
+        rows: &[&Tensor],
+        body: impl Fn(&dyn Communicator, &Tensor, &[Tensor], &ExpertWeights<'_>) -> Result<T> + Sync,
+    ) -> Result<Vec<T>> {
+        let el = self.e / self.p;
+        on_local_ranks(x.client(), "moe_layer", self.p, |c| {
+            let r = c.rank();
+            let (s0, s1) = self.tokens(r);
+            let xs = slice_rows(x, 0, s0, s1 - s0, x.dtype())?;
+            let chunks: Vec<Tensor> = rows
+                .iter()
+                .map(|t| slice_rows(t, 0, s0, s1 - s0, t.dtype()))
+                .collect::<Result<_>>()?;
+            let shard = |t: &Tensor| slice_rows(t, 0, r * el, el, t.dtype());
+            let (w1, w2) = (shard(w.w1)?, shard(w.w2)?);
+            let b1 = w.b1.map(shard).transpose()?;
+            let b2 = w.b2.map(shard).transpose()?;
+            let local = ExpertWeights {
+                w1: &w1,
+                b1: b1.as_ref(),
+                w2: &w2,
+                b2: b2.as_ref(),
+                activation: w.activation,
+            };
+            body(c, &xs, &chunks, &local)
+        })
+    }
+
+    /// The ranks' parts concatenated along `axis` 0 (tokens or experts).
+    fn concat<'a>(
+        &self,
+        like: &Tensor,
+        parts: impl Iterator<Item = &'a Tensor>,
+        axis: usize,
+    ) -> Result<Tensor> {
+        let parts: Vec<&Tensor> = parts.collect();
+        let mut shape = parts.first().map_or(vec![0], |t| t.shape().to_vec());
+        shape[axis] = parts.iter().map(|t| t.shape()[axis]).sum();
+        let out = Tensor::empty(
+            like.client(),
+            parts.first().map_or(like.dtype(), |t| t.dtype()),
+            &shape,
+        )?;
+        let mut at = 0;
+        for t in parts {
+            let n = t.shape()[axis];
+            copy_rows(t, axis, 0, &out, at, n)?;
+            at += n;
+        }
+        Ok(out)
+    }
 }

@@ -30,6 +30,7 @@
 //! GEMM tile never straddles two experts because tiles are cut per expert).
 
 mod backward;
+mod expert_parallel;
 mod ffn;
 mod gate;
 mod layer;
@@ -43,6 +44,7 @@ pub use backward::{
     moe_layer_backward, LayerGrads, MoeActivation, MoeActivationArgs, MoeGroupedMatmulTn,
     MoeGroupedMatmulTnArgs,
 };
+pub use expert_parallel::{moe_layer_backward_expert_parallel, moe_layer_expert_parallel};
 pub use ffn::{
     moe_expert_ffn, moe_expert_ffn_sorted, ExpertWeights, GroupedConfig, MoeGroupedMatmul,
     MoeGroupedMatmulArgs, MoeGroupedMatmulV4, MoeGroupedMatmulV4Args,
@@ -52,7 +54,8 @@ pub use gate::{
     MoeGateBackwardRowsArgs, MoeGateLoss, MoeGateLossArgs, MoeGateTopk, MoeGateTopkArgs,
 };
 pub use layer::{
-    moe_layer, moe_layer_expert_parallel, moe_layer_local_ranks, LayerOptions, LayerOutput, MoePath,
+    moe_layer, moe_layer_backward_local_ranks, moe_layer_local_ranks, LayerOptions, LayerOutput,
+    MoePath,
 };
 pub use movement::{
     moe_combine, moe_combine_backward, moe_dispatch, moe_dispatch_backward, MoeCombineRows,

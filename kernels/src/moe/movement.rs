@@ -220,16 +220,18 @@ pub fn moe_combine_backward(
         routing.capacity,
         m,
     ])?;
-    let d_gates = gate_grads(dy, expert_out, routing, RowLayout::Capacity)?;
+    let d_gates = gate_grads(dy, expert_out, routing, RowLayout::Capacity, false)?;
     Ok((d_out, d_gates))
 }
 
-/// `d_gates[s, i] = keep_i <dy[s], rows[row(s, i)]>` with `rows` in `layout`.
+/// `d_gates[s, i] = keep_i <dy[s], rows[row(s, i)]>` with `rows` in `layout`, or
+/// indexed by route (`[S k, M]`) with `by_route`.
 pub(super) fn gate_grads(
     dy: &Tensor,
     rows: &Tensor,
     routing: &MoeRouting,
     layout: RowLayout,
+    by_route: bool,
 ) -> Result<Tensor> {
     let client = dy.client();
     let (s, k) = (routing.tokens(), routing.top_k());
@@ -253,6 +255,7 @@ pub(super) fn gate_grads(
             routes: (s * k) as u32,
             cols: dy.shape()[1] as u32,
             top_k: k as u32,
+            by_route,
         },
     )?;
     Ok(d_gates)
@@ -342,13 +345,14 @@ pub fn moe_combine_rows<F: Float>(
     }
 }
 
-/// `d_gates[r] = <dy[r / k], rows[row_base[I] + loc]>` for a kept route `r`, else 0:
-/// one unit per route, the dot product in order (f32).
+/// `d_gates[r] = <dy[r / k], rows[row_base[I] + loc]>` (or `rows[r]` with `by_route`)
+/// for a kept route `r`, else 0: one unit per route, the dot product in order (f32).
 #[kiln_macros::kernel(
     tune(UNITS = [64]),
     key(routes = pow2, cols = pow2, dtype),
     grid = (routes.div_ceil(UNITS).min(65_535), routes.div_ceil(UNITS).div_ceil(65_535)),
     cube = UNITS,
+    defaults(by_route = false)
 )]
 pub fn moe_gate_grads<F: Float>(
     dy: &Array<F>,
@@ -360,16 +364,21 @@ pub fn moe_gate_grads<F: Float>(
     routes: u32,
     cols: u32,
     top_k: u32,
+    #[comptime] by_route: bool,
 ) {
     let r = linear_unit() as u32;
     if r < routes {
         let loc = locations[r as usize];
         let mut acc = 0.0f32;
         if loc >= 0 {
-            let row = row_base[expert_ids[r as usize] as usize] + loc as u32;
+            let mut row = r;
+            if comptime!(!by_route) {
+                row = row_base[expert_ids[r as usize] as usize] + loc as u32;
+            }
             let (a, b) = ((r / top_k) * cols, row * cols);
             for c in 0..cols {
-                acc += f32::cast_from(dy[(a + c) as usize]) * f32::cast_from(rows[(b + c) as usize]);
+                acc +=
+                    f32::cast_from(dy[(a + c) as usize]) * f32::cast_from(rows[(b + c) as usize]);
             }
         }
         d_gates[r as usize] = acc;

@@ -41,7 +41,11 @@ pub fn softmax(row: &[f64]) -> Vec<f64> {
 /// The top-k experts of one row of probabilities (descending, ties to the lower index).
 pub fn top_k(p: &[f64], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..p.len()).collect();
-    idx.sort_by(|&a, &b| p[b].partial_cmp(&p[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&b)));
+    idx.sort_by(|&a, &b| {
+        p[b].partial_cmp(&p[a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
     idx.truncate(k);
     idx
 }
@@ -71,7 +75,11 @@ pub fn gate(
     let mut order: Vec<usize> = (0..s).collect();
     if batch_prioritized {
         let top1 = |t: usize| probs[t][ids[t * top_k_]];
-        order.sort_by(|&a, &b| top1(b).partial_cmp(&top1(a)).unwrap_or(std::cmp::Ordering::Equal));
+        order.sort_by(|&a, &b| {
+            top1(b)
+                .partial_cmp(&top1(a))
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
     }
     let mut count = vec![0usize; experts];
     let mut loc_raw = vec![0usize; s * top_k_];
@@ -183,7 +191,12 @@ impl Routing {
 
     /// The gradients of combine: `d_expert_out = einsum("sec,sm->ecm", combine, dy)` and
     /// `d_gates[s, i] = <dy[s], expert_out[I_i, loc_i]>` for kept routes.
-    pub fn combine_backward(&self, dy: &[f64], expert_out: &[f64], m: usize) -> (Vec<f64>, Vec<f64>) {
+    pub fn combine_backward(
+        &self,
+        dy: &[f64],
+        expert_out: &[f64],
+        m: usize,
+    ) -> (Vec<f64>, Vec<f64>) {
         let (s, e, c, k) = (self.tokens, self.experts, self.capacity, self.top_k);
         let (comb, _) = self.combine_tensor();
         let mut d_out = vec![0.0; e * c * m];
@@ -201,7 +214,9 @@ impl Routing {
                 let l = self.locations[t * k + i];
                 if l >= 0 {
                     let row = self.ids[t * k + i] * c + l as usize;
-                    d_gates[t * k + i] = (0..m).map(|j| dy[t * m + j] * expert_out[row * m + j]).sum();
+                    d_gates[t * k + i] = (0..m)
+                        .map(|j| dy[t * m + j] * expert_out[row * m + j])
+                        .sum();
                 }
             }
         }
@@ -266,7 +281,11 @@ impl Experts<'_> {
 pub fn gate_logits(x: &[f64], w_gate: &[f64], m: usize, e: usize) -> Vec<f64> {
     let s = x.len() / m.max(1);
     (0..s * e)
-        .map(|se| (0..m).map(|i| x[(se / e) * m + i] * w_gate[i * e + se % e]).sum())
+        .map(|se| {
+            (0..m)
+                .map(|i| x[(se / e) * m + i] * w_gate[i * e + se % e])
+                .sum()
+        })
         .collect()
 }
 

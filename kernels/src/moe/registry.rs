@@ -46,8 +46,20 @@ const EXPERT_OUT: TensorSpec = TensorSpec::new(
     false,
     "the experts' outputs in the capacity layout",
 );
-const W1: TensorSpec = TensorSpec::new("w1", "[E, M, F]", Dtypes::Like("x"), false, "first expert GEMM");
-const W2: TensorSpec = TensorSpec::new("w2", "[E, F, M]", Dtypes::Like("x"), false, "second expert GEMM");
+const W1: TensorSpec = TensorSpec::new(
+    "w1",
+    "[E, M, F]",
+    Dtypes::Like("x"),
+    false,
+    "first expert GEMM",
+);
+const W2: TensorSpec = TensorSpec::new(
+    "w2",
+    "[E, F, M]",
+    Dtypes::Like("x"),
+    false,
+    "second expert GEMM",
+);
 const B1: TensorSpec = TensorSpec::new("b1", "[E, F]", Dtypes::Like("x"), true, "first bias");
 const B2: TensorSpec = TensorSpec::new("b2", "[E, M]", Dtypes::Like("x"), true, "second bias");
 
@@ -70,6 +82,12 @@ const PRIORITIZED: ParamSpec = ParamSpec::new(
     "false | true",
     "count slots with tokens by descending top-1 probability",
 );
+const WORLD_SIZE: ParamSpec = ParamSpec::new(
+    "world_size",
+    "1",
+    "1 ..= E (a divisor of E)",
+    "expert-parallel ranks (run in this process on the chosen device)",
+);
 const ACTIVATION: ParamSpec = ParamSpec::new(
     "activation",
     "silu",
@@ -82,13 +100,24 @@ fn gate_options(a: &OpArgs) -> Result<GateOptions> {
     let declared = |name: &str| a.spec().params.iter().any(|p| p.name == name);
     Ok(GateOptions {
         top_k,
-        capacity_factor: if declared("capacity_factor") { a.param_as("capacity_factor")? } else { 1.0 },
-        normalize: match a.param_choice("normalize", &["k > 1", "true", "false"])?.as_str() {
+        capacity_factor: if declared("capacity_factor") {
+            a.param_as("capacity_factor")?
+        } else {
+            1.0
+        },
+        normalize: match a
+            .param_choice("normalize", &["k > 1", "true", "false"])?
+            .as_str()
+        {
             "true" => Some(true),
             "false" => Some(false),
             _ => None,
         },
-        batch_prioritized: if declared("batch_prioritized") { a.param_as("batch_prioritized")? } else { false },
+        batch_prioritized: if declared("batch_prioritized") {
+            a.param_as("batch_prioritized")?
+        } else {
+            false
+        },
     })
 }
 
@@ -163,7 +192,12 @@ fn scalar_input(a: &OpArgs, name: &str) -> Result<f64> {
 
 fn run_gate_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
     let d_l_aux = scalar_input(a, "d_l_aux")?;
-    let d = moe_gate_backward(a.tensor("logits")?, a.tensor("d_gates")?, d_l_aux, &gate_options(a)?)?;
+    let d = moe_gate_backward(
+        a.tensor("logits")?,
+        a.tensor("d_gates")?,
+        d_l_aux,
+        &gate_options(a)?,
+    )?;
     Ok(vec![("d_logits", d)])
 }
 
@@ -173,10 +207,28 @@ pub static MOE_GATE_BACKWARD: OpSpec = OpSpec {
     summary: "MoE gate backward: d_logits from d_gates and d_l_aux (top-k choice held fixed)",
     inputs: &[
         LOGITS,
-        TensorSpec::new("d_gates", "[S, k]", Dtypes::Fixed(DType::F32), false, "gradient of the gates (0 for dropped routes)"),
-        TensorSpec::new("d_l_aux", "[]", Dtypes::Fixed(DType::F32), true, "gradient of l_aux (default 0)"),
+        TensorSpec::new(
+            "d_gates",
+            "[S, k]",
+            Dtypes::Fixed(DType::F32),
+            false,
+            "gradient of the gates (0 for dropped routes)",
+        ),
+        TensorSpec::new(
+            "d_l_aux",
+            "[]",
+            Dtypes::Fixed(DType::F32),
+            true,
+            "gradient of l_aux (default 0)",
+        ),
     ],
-    outputs: &[TensorSpec::new("d_logits", "[S, E]", Dtypes::Like("logits"), false, "gradient of the logits")],
+    outputs: &[TensorSpec::new(
+        "d_logits",
+        "[S, E]",
+        Dtypes::Like("logits"),
+        false,
+        "gradient of the logits",
+    )],
     params: &[TOP_K, NORMALIZE],
     run: run_gate_backward,
     problem: "S x E",
@@ -193,7 +245,11 @@ pub static MOE_GATE_BACKWARD: OpSpec = OpSpec {
 /// from `slots` (`[E, C, M]`) or from the parameters.
 fn routing(a: &OpArgs, slots: Option<&Tensor>, with_gates: bool) -> Result<MoeRouting> {
     let (ids, locs) = (a.tensor("expert_ids")?, a.tensor("locations")?);
-    let gates = if with_gates { Some(a.tensor("gates")?) } else { None };
+    let gates = if with_gates {
+        Some(a.tensor("gates")?)
+    } else {
+        None
+    };
     let (e, c) = match slots {
         Some(t) => match *t.shape() {
             [e, c, _] => (e, c),
@@ -201,14 +257,24 @@ fn routing(a: &OpArgs, slots: Option<&Tensor>, with_gates: bool) -> Result<MoeRo
         },
         None => {
             let max_of = |t: &Tensor| -> Result<usize> {
-                Ok(t.download()?.to_f64().into_iter().fold(-1.0f64, f64::max).max(-1.0) as i64 as usize)
+                Ok(t.download()?
+                    .to_f64()
+                    .into_iter()
+                    .fold(-1.0f64, f64::max)
+                    .max(-1.0) as i64 as usize)
             };
             let e = match a.param("num_experts")?.as_str() {
-                "1 + max id" => ids.expect_dtype("expert_ids", &[DType::I32]).and_then(|_| max_of(ids)).map(|m| m.wrapping_add(1))?,
+                "1 + max id" => ids
+                    .expect_dtype("expert_ids", &[DType::I32])
+                    .and_then(|_| max_of(ids))
+                    .map(|m| m.wrapping_add(1))?,
                 _ => a.param_as("num_experts")?,
             };
             let c = match a.param("capacity")?.as_str() {
-                "1 + max location" => locs.expect_dtype("locations", &[DType::I32]).and_then(|_| max_of(locs)).map(|m| m.wrapping_add(1))?,
+                "1 + max location" => locs
+                    .expect_dtype("locations", &[DType::I32])
+                    .and_then(|_| max_of(locs))
+                    .map(|m| m.wrapping_add(1))?,
                 _ => a.param_as("capacity")?,
             };
             (e, c)
@@ -240,7 +306,12 @@ fn run_dispatch(_: &Client, a: &OpArgs) -> Result<Outputs> {
 
 fn routes_for(dims: &[usize]) -> Result<(usize, usize, usize, Vec<(&'static str, Vec<usize>)>)> {
     let (s, m, k) = movement_shapes(dims)?;
-    Ok((s, m, k, vec![("expert_ids", vec![s, k]), ("locations", vec![s, k])]))
+    Ok((
+        s,
+        m,
+        k,
+        vec![("expert_ids", vec![s, k]), ("locations", vec![s, k])],
+    ))
 }
 
 /// `moe_dispatch`: tokens into the capacity layout.
@@ -300,11 +371,23 @@ pub static MOE_DISPATCH_BACKWARD: OpSpec = OpSpec {
     name: "moe_dispatch_backward",
     summary: "MoE dispatch backward: dx[s] = sum_i keep_i d_dispatched[I_i, loc_i]",
     inputs: &[
-        TensorSpec::new("d_dispatched", "[E, C, M]", Dtypes::Float, false, "gradient of dispatched"),
+        TensorSpec::new(
+            "d_dispatched",
+            "[E, C, M]",
+            Dtypes::Float,
+            false,
+            "gradient of dispatched",
+        ),
         IDS,
         LOCATIONS,
     ],
-    outputs: &[TensorSpec::new("dx", "[S, M]", Dtypes::Like("d_dispatched"), false, "gradient of x")],
+    outputs: &[TensorSpec::new(
+        "dx",
+        "[S, M]",
+        Dtypes::Like("d_dispatched"),
+        false,
+        "gradient of x",
+    )],
     params: &[],
     run: run_dispatch_backward,
     problem: "S x M x k (E = k, C = S)",
@@ -327,7 +410,8 @@ fn run_combine_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
 /// `moe_combine_backward`: gradients of combine.
 pub static MOE_COMBINE_BACKWARD: OpSpec = OpSpec {
     name: "moe_combine_backward",
-    summary: "MoE combine backward: d_expert_out = g dy in each kept slot, d_gates = <dy, expert_out>",
+    summary:
+        "MoE combine backward: d_expert_out = g dy in each kept slot, d_gates = <dy, expert_out>",
     inputs: &[
         TensorSpec::new("dy", "[S, M]", Dtypes::Float, false, "gradient of y"),
         EXPERT_OUT,
@@ -336,8 +420,20 @@ pub static MOE_COMBINE_BACKWARD: OpSpec = OpSpec {
         GATES,
     ],
     outputs: &[
-        TensorSpec::new("d_expert_out", "[E, C, M]", Dtypes::Like("dy"), false, "gradient of expert_out (zero in empty slots)"),
-        TensorSpec::new("d_gates", "[S, k]", Dtypes::Fixed(DType::F32), false, "gradient of the gates (zero for dropped routes)"),
+        TensorSpec::new(
+            "d_expert_out",
+            "[E, C, M]",
+            Dtypes::Like("dy"),
+            false,
+            "gradient of expert_out (zero in empty slots)",
+        ),
+        TensorSpec::new(
+            "d_gates",
+            "[S, k]",
+            Dtypes::Fixed(DType::F32),
+            false,
+            "gradient of the gates (zero for dropped routes)",
+        ),
     ],
     params: &[],
     run: run_combine_backward,
@@ -365,7 +461,10 @@ fn weights<'a>(a: &'a OpArgs, activation: Activation) -> Result<ExpertWeights<'a
 
 fn run_expert_ffn(_: &Client, a: &OpArgs) -> Result<Outputs> {
     let w = weights(a, Activation::parse(&a.param("activation")?)?)?;
-    Ok(vec![("expert_out", moe_expert_ffn(a.tensor("dispatched")?, &w)?)])
+    Ok(vec![(
+        "expert_out",
+        moe_expert_ffn(a.tensor("dispatched")?, &w)?,
+    )])
 }
 
 /// `--shape E x C x M x F` (expert FFN) or `S x M x F x E` (layer).
@@ -410,7 +509,13 @@ fn run_layer(client: &Client, a: &OpArgs) -> Result<Outputs> {
         gate: gate_options(a)?,
         path: MoePath::parse(&a.param("path")?)?,
     };
-    let out = moe_layer_local_ranks(a.tensor("x")?, a.tensor("w_gate")?, &w, &opts, a.param_as("world_size")?)?;
+    let out = moe_layer_local_ranks(
+        a.tensor("x")?,
+        a.tensor("w_gate")?,
+        &w,
+        &opts,
+        a.param_as("world_size")?,
+    )?;
     let _ = client;
     Ok(vec![
         ("y", out.y),
@@ -445,7 +550,7 @@ pub static MOE_LAYER: OpSpec = OpSpec {
         PRIORITIZED,
         ACTIVATION,
         ParamSpec::new("path", "auto", "auto | capacity | dropless", "expert layout: capacity [E, C, M], dropless (sorted by expert, no padding), or auto (autotuned)"),
-        ParamSpec::new("world_size", "1", "1 ..= E (a divisor of E)", "expert-parallel ranks (run in this process on the chosen device)"),
+        WORLD_SIZE,
     ],
     run: run_layer,
     problem: "S x M x F x E",
@@ -471,7 +576,15 @@ pub static MOE_LAYER: OpSpec = OpSpec {
 fn run_layer_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
     let w = weights(a, Activation::parse(&a.param("activation")?)?)?;
     let d_l_aux = scalar_input(a, "d_l_aux")?;
-    let g = moe_layer_backward(a.tensor("x")?, a.tensor("w_gate")?, &w, &gate_options(a)?, a.tensor("dy")?, d_l_aux)?;
+    let g = moe_layer_backward_local_ranks(
+        a.tensor("x")?,
+        a.tensor("w_gate")?,
+        &w,
+        &gate_options(a)?,
+        a.tensor("dy")?,
+        d_l_aux,
+        a.param_as("world_size")?,
+    )?;
     Ok(vec![
         ("dx", g.dx),
         ("d_w_gate", g.d_w_gate),
@@ -485,7 +598,7 @@ fn run_layer_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
 /// `moe_layer_backward`: gradients of the layer's inputs and weights.
 pub static MOE_LAYER_BACKWARD: OpSpec = OpSpec {
     name: "moe_layer_backward",
-    summary: "MoE layer backward (one device): dx, d_w_gate, d_w1, d_w2, d_b1, d_b2 from dy and d_l_aux, routing recomputed and held fixed",
+    summary: "MoE layer backward: dx, d_w_gate, d_w1, d_w2, d_b1, d_b2 from dy and d_l_aux, routing recomputed and held fixed; world_size > 1: expert parallel in this process",
     inputs: &[
         X,
         TensorSpec::new("w_gate", "[M, E]", Dtypes::Like("x"), false, "router weights"),
@@ -504,7 +617,7 @@ pub static MOE_LAYER_BACKWARD: OpSpec = OpSpec {
         TensorSpec::new("d_b1", "[E, F]", Dtypes::Like("x"), false, "first bias's gradient"),
         TensorSpec::new("d_b2", "[E, M]", Dtypes::Like("x"), false, "second bias's gradient"),
     ],
-    params: &[TOP_K, CF, NORMALIZE, PRIORITIZED, ACTIVATION],
+    params: &[TOP_K, CF, NORMALIZE, PRIORITIZED, ACTIVATION, WORLD_SIZE],
     run: run_layer_backward,
     problem: "S x M x F x E",
     example_inputs: |dims| {

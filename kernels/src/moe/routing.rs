@@ -131,7 +131,9 @@ impl MoeRouting {
                 return Err(param(
                     "locations",
                     "one route per slot",
-                    &format!("slot {l} of expert {e} taken twice (again by token {tok}, choice {i})"),
+                    &format!(
+                        "slot {l} of expert {e} taken twice (again by token {tok}, choice {i})"
+                    ),
                 ));
             }
             rows_per_expert[e] = rows_per_expert[e].max(l + 1);
@@ -258,7 +260,10 @@ impl SlotCounts {
     /// Routes of choice `i` at expert `e` over all chunks.
     pub fn total(&self, i: usize, e: usize) -> usize {
         let at = (i * self.experts + e) * self.chunks;
-        self.counts[at..at + self.chunks].iter().map(|&c| c as usize).sum()
+        self.counts[at..at + self.chunks]
+            .iter()
+            .map(|&c| c as usize)
+            .sum()
     }
 
     /// The first location of every (choice, expert, chunk): the routes of earlier
@@ -297,25 +302,21 @@ pub(super) fn count_slots(
     let (s, k) = (expert_ids.shape()[0], expert_ids.shape()[1]);
     let chunks = s.div_ceil(CHUNK).max(1);
     let counts = Tensor::empty(client, DType::U32, &[chunks * k * experts])?;
-    let (no_bases, no_locations) = (upload_u32(client, "bases", &[])?, Tensor::empty(client, DType::I32, &[1])?);
-    MoeRouteScan::tuned(
+    let no_locations = Tensor::empty(client, DType::I32, &[1])?;
+    let scan = Scan {
+        expert_ids,
+        order,
+        prioritized,
+        experts,
+        chunks,
+    };
+    scan.launch(
         client,
-        0.0,
-        &MoeRouteScanArgs {
-            expert_ids,
-            order,
-            bases: &no_bases,
-            counts: &counts,
-            locations: &no_locations,
-            tokens: s as u32,
-            top_k: k as u32,
-            experts: experts as u32,
-            chunks: chunks as u32,
-            chunk: CHUNK as u32,
-            capacity: 0,
-            prioritized,
-            locate: false,
-        },
+        &upload_u32(client, "bases", &[])?,
+        &counts,
+        &no_locations,
+        0,
+        false,
     )?;
     let counts = counts
         .download()?
@@ -344,29 +345,66 @@ pub(super) fn locate_slots(
     capacity: usize,
     locations: &Tensor,
 ) -> Result<()> {
-    let (s, k) = (expert_ids.shape()[0], expert_ids.shape()[1]);
+    let scan = Scan {
+        expert_ids,
+        order,
+        prioritized,
+        experts: counts.experts,
+        chunks: counts.chunks,
+    };
     let bases = upload_u32(client, "slot_bases", bases)?;
-    let no_counts = upload_u32(client, "counts", &[])?;
-    MoeRouteScan::tuned(
+    let capacity = capacity.min(i32::MAX as usize) as u32;
+    scan.launch(
         client,
-        0.0,
-        &MoeRouteScanArgs {
-            expert_ids,
-            order,
-            bases: &bases,
-            counts: &no_counts,
-            locations,
-            tokens: s as u32,
-            top_k: k as u32,
-            experts: counts.experts as u32,
-            chunks: counts.chunks as u32,
-            chunk: CHUNK as u32,
-            capacity: capacity.min(i32::MAX as usize) as u32,
-            prioritized,
-            locate: true,
-        },
+        &bases,
+        &upload_u32(client, "counts", &[])?,
+        locations,
+        capacity,
+        true,
     )
-    .map(|_| ())
+}
+
+/// One pass of `moe_route_scan` over a routing's ids.
+struct Scan<'a> {
+    expert_ids: &'a Tensor,
+    order: &'a Tensor,
+    prioritized: bool,
+    experts: usize,
+    chunks: usize,
+}
+
+impl Scan<'_> {
+    fn launch(
+        &self,
+        client: &Client,
+        bases: &Tensor,
+        counts: &Tensor,
+        locations: &Tensor,
+        capacity: u32,
+        locate: bool,
+    ) -> Result<()> {
+        let (s, k) = (self.expert_ids.shape()[0], self.expert_ids.shape()[1]);
+        MoeRouteScan::tuned(
+            client,
+            0.0,
+            &MoeRouteScanArgs {
+                expert_ids: self.expert_ids,
+                order: self.order,
+                bases,
+                counts,
+                locations,
+                tokens: s as u32,
+                top_k: k as u32,
+                experts: self.experts as u32,
+                chunks: self.chunks as u32,
+                chunk: CHUNK as u32,
+                capacity,
+                prioritized: self.prioritized,
+                locate,
+            },
+        )
+        .map(|_| ())
+    }
 }
 
 /// Checks the token count fits the kernels' 32-bit route indices.

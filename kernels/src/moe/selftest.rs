@@ -68,7 +68,10 @@ fn routing_of(i: &BTreeMap<String, HostTensor>, slots: Option<&str>) -> Routing 
         // The operator's defaults: 1 + the largest id and location.
         None => {
             let max = |n: &str| i[n].to_f64().into_iter().fold(-1.0f64, f64::max) as i64;
-            ((max("expert_ids") + 1) as usize, (max("locations") + 1) as usize)
+            (
+                (max("expert_ids") + 1) as usize,
+                (max("locations") + 1) as usize,
+            )
         }
     };
     Routing {
@@ -103,7 +106,11 @@ fn ffn_inputs(rng: &mut Rng) -> CaseInputs {
     ]
 }
 
-fn experts<'a>(i: &'a BTreeMap<String, HostTensor>, w: &'a [Vec<f64>; 4], activation: &'a str) -> Experts<'a> {
+fn experts<'a>(
+    i: &'a BTreeMap<String, HostTensor>,
+    w: &'a [Vec<f64>; 4],
+    activation: &'a str,
+) -> Experts<'a> {
     let w1 = &i["w1"].shape;
     Experts {
         w1: &w[0],
@@ -158,17 +165,33 @@ pub fn cases() -> Vec<Case> {
             output: "expert_ids",
             what: "[37,6] top-2 with exact ties and -inf rows",
             inputs: gate_inputs,
-            reference: |i| gate_ref(i, 1.0, false).ids.iter().map(|&x| x as f64).collect(),
+            reference: |i| {
+                gate_ref(i, 1.0, false)
+                    .ids
+                    .iter()
+                    .map(|&x| x as f64)
+                    .collect()
+            },
             ulps: 0.0,
             floor: 1.0,
         },
         Case {
             op: "moe_gate",
-            params: &[("top_k", "2"), ("capacity_factor", "0.5"), ("batch_prioritized", "true")],
+            params: &[
+                ("top_k", "2"),
+                ("capacity_factor", "0.5"),
+                ("batch_prioritized", "true"),
+            ],
             output: "locations",
             what: "[37,6] top-2, cf 0.5 (drops), batch-prioritized",
             inputs: gate_inputs,
-            reference: |i| gate_ref(i, 0.5, true).locations.iter().map(|&x| x as f64).collect(),
+            reference: |i| {
+                gate_ref(i, 0.5, true)
+                    .locations
+                    .iter()
+                    .map(|&x| x as f64)
+                    .collect()
+            },
             ulps: 0.0,
             floor: 1.0,
         },
@@ -238,7 +261,10 @@ pub fn cases() -> Vec<Case> {
                 v.push(("expert_out", vec![E, c, M], rng.normals(E * c * M, 1.0)));
                 v
             },
-            reference: |i| routing_of(i, Some("expert_out")).combine(&i["expert_out"].to_f64(), width(i, "expert_out")),
+            reference: |i| {
+                routing_of(i, Some("expert_out"))
+                    .combine(&i["expert_out"].to_f64(), width(i, "expert_out"))
+            },
             ulps: 4.0,
             floor: 1.0,
         },
@@ -254,7 +280,10 @@ pub fn cases() -> Vec<Case> {
                 v.push(("d_dispatched", vec![E, c, M], rng.normals(E * c * M, 1.0)));
                 v
             },
-            reference: |i| routing_of(i, Some("d_dispatched")).dispatch_backward(&i["d_dispatched"].to_f64(), width(i, "d_dispatched")),
+            reference: |i| {
+                routing_of(i, Some("d_dispatched"))
+                    .dispatch_backward(&i["d_dispatched"].to_f64(), width(i, "d_dispatched"))
+            },
             ulps: 4.0,
             floor: 1.0,
         },
@@ -324,7 +353,8 @@ pub fn cases() -> Vec<Case> {
             op: "moe_layer_backward",
             params: &[],
             output: "d_w1",
-            what: "13 tokens, M = 6, 4 experts of F = 5, top-2, cf 1: d_w1 against finite differences",
+            what:
+                "13 tokens, M = 6, 4 experts of F = 5, top-2, cf 1: d_w1 against finite differences",
             inputs: layer_backward_inputs,
             reference: |i| layer_grad(i, "w1"),
             ulps: 128.0,
@@ -337,6 +367,16 @@ pub fn cases() -> Vec<Case> {
             what: "the same: dx (experts and gate, d_l_aux = 0.5) against finite differences",
             inputs: layer_backward_inputs,
             reference: |i| layer_grad(i, "x"),
+            ulps: 128.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "moe_layer_backward",
+            params: &[("world_size", "2")],
+            output: "d_w2",
+            what: "the same, expert parallel over 2 ranks: d_w2 against finite differences",
+            inputs: layer_backward_inputs,
+            reference: |i| layer_grad(i, "w2"),
             ulps: 128.0,
             floor: 1.0,
         },
@@ -392,7 +432,10 @@ fn layer_grad(i: &BTreeMap<String, HostTensor>, which: &str) -> Vec<f64> {
     // tests' random shapes beyond this run the operator without a reference).
     let s = i["x"].shape[0];
     let work = inputs.field_len(which) * s * K * m * f;
-    assert!(work <= 20_000_000, "finite differences of a layer this large: skip");
+    assert!(
+        work <= 20_000_000,
+        "finite differences of a layer this large: skip"
+    );
     // A NaN or infinite input makes every difference NaN, also for weights the loss
     // does not depend on (whose gradient is exactly 0): no reference there.
     assert!(
