@@ -454,23 +454,31 @@ pub fn moe_combine_rows_v4<F: Float>(
     #[comptime] by_route: bool,
 ) {
     let mut s = CUBE_POS_X;
+    // The token's routes (row, weight) once per cube, not once per column vector.
+    let mut rows = Array::<u32>::new(comptime!(crate::moe::MAX_TOP_K));
+    let mut weights = Array::<f32>::new(comptime!(crate::moe::MAX_TOP_K));
     while s < tokens {
+        for i in 0..top_k {
+            let r = s * top_k + i;
+            let loc = locations[r as usize];
+            let mut row = r;
+            if comptime!(!by_route) {
+                row = row_base[expert_ids[r as usize] as usize] + select(loc >= 0, loc as u32, 0u32);
+            }
+            let mut w = 1.0f32;
+            if comptime!(weighted) {
+                w = gates[r as usize];
+            }
+            rows[i as usize] = select(loc >= 0, row * cols, comptime!(NO_ROUTE));
+            weights[i as usize] = w;
+        }
         let mut c = UNIT_POS;
         while c < cols {
             let mut acc = V4::new(0.0f32);
             for i in 0..top_k {
-                let r = s * top_k + i;
-                let loc = locations[r as usize];
-                if loc >= 0 {
-                    let mut row = r;
-                    if comptime!(!by_route) {
-                        row = row_base[expert_ids[r as usize] as usize] + loc as u32;
-                    }
-                    let mut v = V4::cast_from(src[(row * cols + c) as usize]);
-                    if comptime!(weighted) {
-                        v *= V4::new(gates[r as usize]);
-                    }
-                    acc += v;
+                let at = rows[i as usize];
+                if at != comptime!(NO_ROUTE) {
+                    acc += V4::cast_from(src[(at + c) as usize]) * V4::new(weights[i as usize]);
                 }
             }
             out[(s * cols + c) as usize] = Vector::<F, Const<4>>::cast_from(acc);
