@@ -463,7 +463,8 @@ pub fn moe_combine_rows_v4<F: Float>(
             let loc = locations[r as usize];
             let mut row = r;
             if comptime!(!by_route) {
-                row = row_base[expert_ids[r as usize] as usize] + select(loc >= 0, loc as u32, 0u32);
+                row =
+                    row_base[expert_ids[r as usize] as usize] + select(loc >= 0, loc as u32, 0u32);
             }
             let mut w = 1.0f32;
             if comptime!(weighted) {
