@@ -17,16 +17,10 @@ use cubek_std::InputBinding;
 use kiln::check::Rng;
 use kiln::kernels::matmul::{self, Epilogue};
 use kiln::runtime::dispatch;
-use kiln::{Client, DType, Device, HostTensor, Tensor};
+use kiln::{Client, DType, Device, Tensor};
 
-fn upload(client: &Client, shape: Vec<usize>, rng: &mut Rng) -> Tensor {
-    let n = shape.iter().product();
-    Tensor::upload(
-        client,
-        &HostTensor::from_f64(DType::F32, shape, &rng.normals(n, 1.0)).unwrap(),
-    )
-    .unwrap()
-}
+#[path = "support/data.rs"]
+mod data;
 
 fn binding<R: Runtime>(t: &Tensor, shape: [usize; 3]) -> TensorBinding<R> {
     let strides = [shape[1] * shape[2], shape[2], 1];
@@ -80,8 +74,8 @@ fn bench(cr: &mut Criterion) {
     for (m, n, k) in shapes {
         let id = format!("{m}x{n}x{k}");
         let (a, b) = (
-            upload(&client, vec![m, k], &mut rng),
-            upload(&client, vec![k, n], &mut rng),
+            data::normals(&client, &[m, k], &mut rng, 1.0),
+            data::normals(&client, &[k, n], &mut rng, 1.0),
         );
         let c = Tensor::empty(&client, DType::F32, &[m, n]).unwrap();
         g.throughput(Throughput::Elements((2 * m * n * k) as u64));

@@ -19,31 +19,24 @@ use kiln::kernels::moe::{
     LayerOptions, MoePath,
 };
 use kiln::kernels::rows::{copy_rows, slice_rows};
-use kiln::{Client, DType, Device, HostTensor, Tensor};
+use kiln::{Client, DType, Device, Tensor};
 
 #[path = "support/copy.rs"]
 mod copy;
-
-fn upload(client: &Client, shape: &[usize], rng: &mut Rng, scale: f64) -> Tensor {
-    let n = shape.iter().product();
-    Tensor::upload(
-        client,
-        &HostTensor::from_f64(DType::F32, shape.to_vec(), &rng.normals(n, scale)).unwrap(),
-    )
-    .unwrap()
-}
+#[path = "support/data.rs"]
+mod data;
 
 fn bench(cr: &mut Criterion) {
     let client = Client::open(&Device::from_env().unwrap()).expect("a device");
     eprintln!("{}", client.report());
     let (s, m, f, e, k) = (2048usize, 512usize, 512usize, 8usize, 2usize);
     let mut rng = Rng::new(11);
-    let x = upload(&client, &[s, m], &mut rng, 1.0);
-    let w_gate = upload(&client, &[m, e], &mut rng, 0.05);
-    let w1 = upload(&client, &[e, m, f], &mut rng, 0.05);
-    let w2 = upload(&client, &[e, f, m], &mut rng, 0.05);
-    let b1 = upload(&client, &[e, f], &mut rng, 0.05);
-    let b2 = upload(&client, &[e, m], &mut rng, 0.05);
+    let x = data::normals(&client, &[s, m], &mut rng, 1.0);
+    let w_gate = data::normals(&client, &[m, e], &mut rng, 0.05);
+    let w1 = data::normals(&client, &[e, m, f], &mut rng, 0.05);
+    let w2 = data::normals(&client, &[e, f, m], &mut rng, 0.05);
+    let b1 = data::normals(&client, &[e, f], &mut rng, 0.05);
+    let b2 = data::normals(&client, &[e, m], &mut rng, 0.05);
     let w = ExpertWeights {
         w1: &w1,
         b1: Some(&b1),

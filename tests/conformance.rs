@@ -270,3 +270,24 @@ fn moe_layer_matches_pytorch_and_each_stage_alone() {
     let e = max_rel_error(&c["y"].to_f64(), &hosts["expected_y"].to_f64(), 1.0);
     assert!(e < 1e-6, "y: max rel err {e:e}");
 }
+
+#[test]
+fn s2ft_adamw_step_matches_pytorch_adamw() {
+    // One step at step 5 from a non-zero state (torch.optim.AdamW in f64); the flat
+    // parameter is one row, the whole row the block. Floors: a tenth of each tensor's
+    // largest value (an f32 sum of O(max) terms that cancels is O(eps max) off).
+    let file = "adamw_step5_f32.safetensors";
+    let hosts = load_safetensors(data(file)).unwrap();
+    let floor = |n: &str| hosts[n].to_f64().iter().fold(0.0f64, |a, b| a.max(b.abs())) / 10.0;
+    let params = [("lr", "0.003"), ("weight_decay", "0.05"), ("step", "5")];
+    for out in ["param", "m", "v"] {
+        let e = conformance_with(
+            file,
+            "s2ft_adamw_step",
+            &params,
+            out,
+            floor(&format!("expected_{out}")),
+        );
+        assert!(e <= 1e-6, "{out}: {e:.2e}");
+    }
+}

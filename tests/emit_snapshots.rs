@@ -274,3 +274,21 @@ fn moe_gate_topk_cuda_f16_normalized() {
         &[("dtype", "f16"), ("normalize", "true")]
     ));
 }
+
+#[test]
+fn s2ft_adamw_blocks_wgsl_f16_master() {
+    insta::assert_snapshot!(source(
+        "s2ft_adamw_blocks",
+        Target::Wgsl,
+        &[("dtype", "f16"), ("master", "true")]
+    ));
+}
+
+#[test]
+fn grouped_matmul_tn_cuda_bf16() {
+    insta::assert_snapshot!(source(
+        "grouped_matmul_tn",
+        Target::Cuda,
+        &[("dtype", "bf16"), ("BM", "32"), ("BN", "64")]
+    ));
+}

@@ -350,3 +350,80 @@ fn run_moe_layer_expert_parallel_over_two_ranks() {
         &["world_size", "divisor", "3"],
     );
 }
+
+#[test]
+fn run_s2ft_select_then_permute_then_verify() {
+    // Another program's flow through files: pick units, permute an FFN with the
+    // returned `perm`, check the permuted layer; then one clear line for a bad head_dim.
+    let mut rng = kiln::check::Rng::new(4);
+    let (t, d, f) = (5usize, 8usize, 12usize);
+    let host = |shape: Vec<usize>, rng: &mut kiln::check::Rng| {
+        let n = shape.iter().product();
+        HostTensor::from_f64(kiln::DType::F32, shape, &rng.normals(n, 0.3)).unwrap()
+    };
+    let mut ffn: BTreeMap<String, HostTensor> = BTreeMap::new();
+    ffn.insert("x".into(), host(vec![t, d], &mut rng));
+    ffn.insert("w_up".into(), host(vec![f, d], &mut rng));
+    ffn.insert("w_gate".into(), host(vec![f, d], &mut rng));
+    ffn.insert("w_down".into(), host(vec![d, f], &mut rng));
+    let (weights, selected) = (tmp("s2ft_ffn.safetensors"), tmp("s2ft_perm.safetensors"));
+    save_safetensors(&weights, &ffn).unwrap();
+    let o = run_op(
+        "s2ft_select",
+        &weights,
+        &selected,
+        &[
+            "--set",
+            "num_units=12",
+            "--set",
+            "count_a=3",
+            "--set",
+            "count_b=2",
+            "--set",
+            "seed=9",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let sel = load_safetensors(&selected).unwrap();
+    let perm: Vec<f64> = sel["perm"].to_f64();
+    let mut sorted = perm.clone();
+    sorted.sort_by(f64::total_cmp);
+    assert_eq!(sorted, (0..f).map(|u| u as f64).collect::<Vec<_>>());
+    assert_eq!(sel["row_block"].to_f64(), vec![0.0, 3.0]);
+    ffn.insert("perm".into(), sel["perm"].clone());
+    save_safetensors(&weights, &ffn).unwrap();
+    let permuted = tmp("s2ft_permuted.safetensors");
+    let o = run_op("s2ft_permute", &weights, &permuted, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let p = load_safetensors(&permuted).unwrap();
+    let (up, up_p) = (ffn["w_up"].to_f64(), p["w_up"].to_f64());
+    for (row, &u) in perm.iter().enumerate() {
+        let u = u as usize;
+        assert_eq!(
+            up_p[row * d..(row + 1) * d],
+            up[u * d..(u + 1) * d],
+            "row {row}"
+        );
+    }
+    let verified = tmp("s2ft_verified.safetensors");
+    let o = run_op("s2ft_verify", &weights, &verified, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v = load_safetensors(&verified).unwrap();
+    assert!(v["max_abs_diff"].to_f64()[0] <= v["bound"].to_f64()[0]);
+    let mut attn: BTreeMap<String, HostTensor> = BTreeMap::new();
+    attn.insert(
+        "perm".into(),
+        HostTensor::from_f64(kiln::DType::I32, vec![2], &[1.0, 0.0]).unwrap(),
+    );
+    attn.insert("w_k".into(), host(vec![10, d], &mut rng));
+    save_safetensors(&weights, &attn).unwrap();
+    assert_clear_error(
+        &run_op(
+            "s2ft_permute",
+            &weights,
+            &permuted,
+            &["--set", "head_dim=3"],
+        ),
+        &["head_dim", "w_k", "10"],
+    );
+}

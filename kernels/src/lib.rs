@@ -12,6 +12,7 @@ pub mod moe;
 pub mod qgemm;
 pub mod rows;
 pub mod rowwise;
+pub mod s2ft;
 
 use kiln_runtime::{Error, KernelSpec, OpSpec, Result};
 

@@ -88,7 +88,8 @@ pub fn tolerance(dtype: crate::DType, ulps: f64) -> f64 {
 ///   `logsigmoid(randn)` clamped at -5 (normal values would be positive gates), and
 ///   [`ExampleValues::LogSumExp`] (an attention backward's lse) uniform in [4, 6];
 /// - MoE routes ([`ExampleValues::ExpertIds`], [`ExampleValues::SlotLocations`]): a
-///   valid routing in which every slot is full.
+///   valid routing in which every slot is full; [`ExampleValues::Permutation`] a
+///   shuffle of `0..n`, [`ExampleValues::Zero`] zeros.
 pub fn example_inputs(
     spec: &crate::OpSpec,
     dims: &[usize],
@@ -118,6 +119,14 @@ pub fn example_inputs_seeded(
             _ if example == ExampleValues::ExpertIds => (0..n).map(|j| (j % cols) as f64).collect(),
             _ if example == ExampleValues::SlotLocations => {
                 (0..n).map(|j| (j / cols) as f64).collect()
+            }
+            _ if example == ExampleValues::Zero => vec![0.0; n],
+            _ if example == ExampleValues::Permutation => {
+                let mut p: Vec<f64> = (0..n).map(|j| j as f64).collect();
+                for i in (1..n).rev() {
+                    p.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+                }
+                p
             }
             DType::I32 | DType::U32 => (0..n)
                 .map(|_| (rng.next_u64() as u32 as i32) as f64)

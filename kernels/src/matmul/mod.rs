@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 mod cmma;
 mod direct;
+mod grouped_tn;
 pub mod reference;
 mod registry;
 mod staged;
@@ -36,6 +37,8 @@ pub use direct::{
     MatmulDirectV4Args, MatmulDirectV4Config, MatmulDirectV4Problem, MATMUL_DIRECT_KERNEL,
     MATMUL_DIRECT_V4_KERNEL,
 };
+pub(crate) use grouped_tn::{grouped_tn_product, ColumnWindow, RowGroups};
+pub use grouped_tn::{GroupedMatmulTn, GroupedMatmulTnArgs};
 use kiln_runtime::{shape_str, tune::Choice, Client, DType, Error, HostTensor, Result, Tensor};
 pub use registry::MATMUL;
 pub use staged::{

@@ -1,7 +1,7 @@
 //! The layer's backward, by recomputation through the capacity layout: the gate and the
 //! routing again (deterministic, so the same routes), the expert FFN's pre-activations,
 //! then the gradients of every input and weight. The weight gradients are grouped
-//! `A_e^T B_e` products summed over each expert's rows (`moe_grouped_matmul_tn`: one
+//! `A_e^T B_e` products summed over each expert's rows (`grouped_matmul_tn`: one
 //! cube per output tile and expert, no atomics); the bias gradients are the same
 //! product with a column of ones.
 
@@ -12,10 +12,10 @@ use super::movement::{combine_from_layout, gate_grads, gather_into_layout};
 use super::routing::RowLayout;
 use super::GateOptions;
 use crate::launch::{check_input, expect_shape};
-use crate::matmul::{matmul, zero_tile_v4, Activation, Epilogue};
+use crate::matmul::{grouped_tn_product, matmul, Activation, ColumnWindow, Epilogue};
 use crate::rows::slice_rows;
 use cubecl::prelude::*;
-use kiln_dsl::{linear_unit, load_tile_v4, reg_tile_mma_v4, v4_tile_col, V4};
+use kiln_dsl::linear_unit;
 use kiln_runtime::{DType, HostTensor, Result, Tensor};
 
 /// The gradients of [`super::moe_layer`]'s inputs and weights (each in its tensor's
@@ -251,41 +251,6 @@ fn activation(pre: &Tensor, d_h: Option<&Tensor>, act: Activation) -> Result<Ten
     Ok(out)
 }
 
-/// `c[e] = a_e^T b_e` summed over expert `e`'s rows (`a` `[R, Ka]`, `b` `[R, N]`, each
-/// in `dtype` or f32): `[E, Ka, N]` in `dtype`.
-fn grouped_tn(a: &Tensor, b: &Tensor, groups: &Groups, dtype: DType) -> Result<Tensor> {
-    let client = a.client();
-    let (ka, n) = (a.shape()[1], b.shape()[1]);
-    let experts = groups.experts;
-    let c = Tensor::empty(client, dtype, &[experts, ka, n])?;
-    if c.numel() == 0 {
-        return Ok(c);
-    }
-    let ph = Tensor::empty(client, DType::F32, &[4])?;
-    let ph_f = Tensor::empty(client, dtype, &[4])?;
-    let (a_f32, b_f32) = (a.dtype() != dtype, b.dtype() != dtype);
-    MoeGroupedMatmulTn::tuned(
-        client,
-        1e-5,
-        &MoeGroupedMatmulTnArgs {
-            a: if a_f32 { &ph_f } else { a },
-            a32: if a_f32 { a } else { &ph },
-            b: if b_f32 { &ph_f } else { b },
-            b32: if b_f32 { b } else { &ph },
-            row_start: &groups.start,
-            row_count: &groups.count,
-            c: &c,
-            ka: ka as u32,
-            n: n as u32,
-            experts: experts as u32,
-            max_rows: groups.max_rows as u32,
-            a_f32,
-            b_f32,
-        },
-    )?;
-    Ok(c)
-}
-
 /// `out = act(pre)`, or with `grad` `out = d_h act'(pre)` (f32, one element per unit,
 /// grid-stride). `act'`: silu `s (1 + x (1 - s))`, gelu (tanh form) `0.5 (1 + t) + 0.5 x
 /// (1 - t^2) c (1 + 3 a x^2)` with `t = tanh(c (x + a x^3))`, relu `[x > 0]`, none 1.
@@ -333,134 +298,8 @@ pub fn moe_activation(
     }
 }
 
-/// `c[e] = a_e^T b_e` over expert `e`'s rows `row_start[e] ..` (`a` `[R, Ka]`, `b`
-/// `[R, N]`): one cube per (column tile, row tile of Ka, expert) walks the expert's
-/// rows in `BK` slices staged through shared memory as 4-wide vectors, f32
-/// accumulators; an expert without rows writes zeros. The rows are the reduction, so
-/// no two cubes add into one output: no atomics.
-#[kiln_macros::kernel(
-    tune((BM, BN, BK, TM, TN) = [
-            (32, 64, 16, 4, 8),
-            (64, 64, 16, 4, 8),
-            (16, 64, 16, 2, 8),
-        ]),
-    require(BM % TM == 0,
-        BN % TN == 0,
-        TN % 4 == 0,
-        BK % 4 == 0,
-        (((BM + BN) * BK * 4) as usize) <= device.max_shared_memory),
-    key(ka = pow2, n = pow2, max_rows = pow2, experts = pow2, dtype),
-    grid = (n.div_ceil(BN), ka.div_ceil(BM), experts),
-    cube = ((BM / TM) * (BN / TN)),
-    defaults(a_f32 = false, b_f32 = false)
-)]
-pub fn moe_grouped_matmul_tn<F: Float>(
-    a: &Array<F>,
-    a32: &Array<f32>,
-    b: &Array<F>,
-    b32: &Array<f32>,
-    row_start: &Array<u32>,
-    row_count: &Array<u32>,
-    c: &mut Array<F>,
-    ka: u32,
-    n: u32,
-    experts: u32,
-    max_rows: u32,
-    #[comptime] a_f32: bool,
-    #[comptime] b_f32: bool,
-) {
-    let e = CUBE_POS_Z;
-    let start = row_start[e as usize];
-    let count = row_count[e as usize];
-    let units = comptime!((BM / TM) * (BN / TN));
-    let cols_of_units = comptime!(BN / TN);
-    let row0 = CUBE_POS_Y * BM;
-    let col0 = CUBE_POS_X * BN;
-    let (ty, tx) = (UNIT_POS / cols_of_units, UNIT_POS % cols_of_units);
-    let mut acc = Array::<V4>::new(comptime!((TM * TN / 4) as usize));
-    zero_tile_v4(&mut acc, TM * TN / 4);
-    let mut xs = SharedMemory::<V4>::new(comptime!((BM * BK / 4) as usize));
-    let mut ys = SharedMemory::<V4>::new(comptime!((BK * BN / 4) as usize));
-    let mut d0 = 0u32;
-    while d0 < count {
-        let depth = count - d0;
-        let base = start + d0;
-        // X (output row i, depth d) = a[(base + d) Ka + row0 + i].
-        if comptime!(a_f32) {
-            load_tile_v4::<f32>(
-                &mut xs,
-                0,
-                a32,
-                base * ka + row0,
-                1,
-                ka,
-                ka - row0,
-                depth,
-                BM,
-                BK,
-                units,
-            );
-        } else {
-            load_tile_v4::<F>(
-                &mut xs,
-                0,
-                a,
-                base * ka + row0,
-                1,
-                ka,
-                ka - row0,
-                depth,
-                BM,
-                BK,
-                units,
-            );
-        }
-        // Y (depth d, column j) = b[(base + d) N + col0 + j].
-        if comptime!(b_f32) {
-            load_tile_v4::<f32>(
-                &mut ys,
-                0,
-                b32,
-                base * n + col0,
-                n,
-                1,
-                depth,
-                n - col0,
-                BK,
-                BN,
-                units,
-            );
-        } else {
-            load_tile_v4::<F>(
-                &mut ys,
-                0,
-                b,
-                base * n + col0,
-                n,
-                1,
-                depth,
-                n - col0,
-                BK,
-                BN,
-                units,
-            );
-        }
-        sync_cube();
-        reg_tile_mma_v4(&mut acc, &xs, 0, &ys, 0, ty, tx, BM, BN, BK, TM, TN);
-        sync_cube();
-        d0 += BK;
-    }
-    let row_step = comptime!(BM / TM);
-    #[unroll]
-    for i in 0..TM {
-        let r = row0 + ty + i * row_step;
-        #[unroll]
-        for j in 0..TN {
-            let col = col0 + v4_tile_col(tx, j, BN, TN);
-            if r < ka && col < n {
-                let v = acc[(i * comptime!(TN / 4) + j / 4) as usize][(j % 4) as usize];
-                c[((e * ka + r) * n + col) as usize] = F::cast_from(v);
-            }
-        }
-    }
+/// `c[e] = a_e^T b_e` summed over expert `e`'s rows (`a` `[R, Ka]`, `b` `[R, N]`, each
+/// in `dtype` or f32): `[E, Ka, N]` in `dtype`.
+fn grouped_tn(a: &Tensor, b: &Tensor, groups: &Groups, dtype: DType) -> Result<Tensor> {
+    grouped_tn_product(ColumnWindow::all(a), ColumnWindow::all(b), groups, dtype)
 }

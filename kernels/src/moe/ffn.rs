@@ -64,25 +64,9 @@ impl ExpertWeights<'_> {
 
 /// Each expert's rows of the grouped GEMM's left operand: `start[e] .. start[e] +
 /// count[e]`.
-pub(super) struct Groups {
-    pub start: Tensor,
-    pub count: Tensor,
-    pub max_rows: usize,
-    pub experts: usize,
-}
+pub(super) use crate::matmul::RowGroups as Groups;
 
 impl Groups {
-    pub(super) fn new(a: &Tensor, start: &[usize], count: &[usize]) -> Result<Groups> {
-        let c = a.client();
-        let as_u32 = |v: &[usize]| v.iter().map(|&x| x as u32).collect::<Vec<_>>();
-        Ok(Groups {
-            start: upload_u32(c, "row_start", &as_u32(start))?,
-            count: upload_u32(c, "row_count", &as_u32(count))?,
-            max_rows: count.iter().copied().max().unwrap_or(0),
-            experts: count.len(),
-        })
-    }
-
     /// The groups of a routing's layout (capacity: every slot; sorted: the kept rows).
     pub(super) fn of(a: &Tensor, routing: &MoeRouting, layout: RowLayout) -> Result<Groups> {
         let (_, start) = routing.rows(layout);

@@ -40,10 +40,7 @@ mod registry;
 mod routing;
 pub mod selftest;
 
-pub use backward::{
-    moe_layer_backward, LayerGrads, MoeActivation, MoeActivationArgs, MoeGroupedMatmulTn,
-    MoeGroupedMatmulTnArgs,
-};
+pub use backward::{moe_layer_backward, LayerGrads, MoeActivation, MoeActivationArgs};
 pub use expert_parallel::{moe_layer_backward_expert_parallel, moe_layer_expert_parallel};
 pub use ffn::{
     moe_expert_ffn, moe_expert_ffn_sorted, ExpertWeights, GroupedConfig, MoeGroupedMatmul,

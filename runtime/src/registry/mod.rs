@@ -30,6 +30,10 @@ pub enum ExampleValues {
     /// MoE slots `[S, k]` matching [`ExampleValues::ExpertIds`]: token `s` in slot `s`
     /// of each of its experts (every slot full, capacity `S`).
     SlotLocations,
+    /// A permutation of `0..n` (`[n]`, a seeded shuffle): S²FT's `perm`.
+    Permutation,
+    /// All zeros: indices valid for any table of at least one entry (adapter ids).
+    Zero,
 }
 
 /// Which dtypes an operator's tensor may have: a typed rule that `kiln ops` prints, the
