@@ -10,20 +10,22 @@
 //! One launch updates up to [`BLOCKS_PER_LAUNCH`] blocks of different weights (a
 //! table of (element offset, block width, weight row stride, ...) per slot; each unit
 //! finds its slot by comparing its element index with the slots' starts), so an S²FT
-//! layer's `W_v`, `W_o`, `W_up`, `W_gate` and `W_down` blocks take two launches. The
-//! slots are separate bindings (WGSL has no arrays of buffers): 4 weights + 4 grads +
-//! state + table = 10 storage buffers, within every desktop backend's limit.
+//! layer's `W_v`, `W_o`, `W_up`, `W_gate` and `W_down` blocks take one launch. The
+//! slots are separate bindings (WGSL has no arrays of buffers): 6 weights + 6 grads +
+//! state + table = 14 storage buffers, within every desktop backend's limit (a device
+//! with fewer is refused with a clear error).
 
 use super::grads::Block;
 use crate::launch::{check_input, expect_shape, upload_u32};
 use cubecl::prelude::*;
-use kiln_dsl::linear_unit;
 use kiln_runtime::{DType, Error, HostTensor, Result, Tensor};
 
 /// Blocks one launch updates.
-pub const BLOCKS_PER_LAUNCH: usize = 4;
+pub const BLOCKS_PER_LAUNCH: usize = 6;
 /// `u32` words per slot in the block table.
 const SLOT_WORDS: usize = 6;
+/// Units per cube of the AdamW kernel (its one configuration, `UNITS = [256]`).
+const ADAMW_UNITS: usize = 256;
 
 /// AdamW's hyper-parameters (PyTorch's defaults).
 #[derive(Clone, Copy, Debug)]
@@ -275,12 +277,24 @@ impl S2ftAdamW {
     ) -> Result<()> {
         let client = self.state.client();
         let dtype = self.blocks[range.start].dtype;
+        let bindings = 2 * BLOCKS_PER_LAUNCH as u32 + 2;
+        if client.report().max_bindings < bindings {
+            return Err(Error::Unsupported {
+                device: client.name().into(),
+                feature: format!(
+                    "s2ft_adamw_blocks binds {bindings} storage buffers; the device allows {}",
+                    client.report().max_bindings
+                ),
+            });
+        }
+        // Each cube updates UNITS elements of one block (the slot is uniform in a cube):
+        // a slot's first cube, then its element count, width, weight stride and offsets.
         let mut table = Vec::with_capacity(SLOT_WORDS * BLOCKS_PER_LAUNCH);
-        let mut len = 0usize;
+        let (mut len, mut cubes) = (0usize, 0usize);
         for b in &self.blocks[range.clone()] {
             let [_, cols] = b.shape();
             table.extend([
-                len,
+                cubes,
                 b.len(),
                 cols.max(1),
                 b.weight[1],
@@ -288,8 +302,9 @@ impl S2ftAdamW {
                 b.offset,
             ]);
             len += b.len();
+            cubes += b.len().div_ceil(ADAMW_UNITS);
         }
-        // Unused slots start past the end: no element selects them.
+        // Unused slots start past the last cube: no cube selects them.
         while table.len() < SLOT_WORDS * BLOCKS_PER_LAUNCH {
             table.extend([usize::MAX >> 32, 0, 1, 0, 0, 0]);
         }
@@ -332,13 +347,18 @@ impl S2ftAdamW {
                 w1: &w[1],
                 w2: &w[2],
                 w3: &w[3],
+                w4: &w[4],
+                w5: &w[5],
                 g0: &g[0],
                 g1: &g[1],
                 g2: &g[2],
                 g3: &g[3],
+                g4: &g[4],
+                g5: &g[5],
                 state: &self.state,
                 table: &table,
                 len: len as u32,
+                cubes: cubes as u32,
                 decay: (1.0 - c.lr * c.weight_decay) as f32,
                 beta1: c.beta1 as f32,
                 beta2: c.beta2 as f32,
@@ -396,8 +416,9 @@ fn block_values(w: &Tensor, b: &BlockState) -> Result<Vec<f64>> {
         .collect())
 }
 
-/// AdamW over up to four blocks (see the module doc): one unit per block element,
-/// grid-stride. Slot `s`'s table words: element start, length, block width, weight row
+/// AdamW over up to six blocks (see the module doc): one unit per block element, each
+/// cube within one block, so the slot (and every branch on it) is uniform in a cube.
+/// Slot `s`'s table words: first cube, length, block width, weight row
 /// stride, weight offset, state offset. With `master` (half-precision weights) the
 /// state holds an f32 master copy of every block, which is the parameter; the weight
 /// only receives its rounding. f32 arithmetic throughout. In place: one configuration,
@@ -405,7 +426,7 @@ fn block_values(w: &Tensor, b: &BlockState) -> Result<Vec<f64>> {
 #[kiln_macros::kernel(
     tune(UNITS = [256]),
     key(len = pow2, dtype),
-    grid = (len.div_ceil(UNITS).min(65_535), len.div_ceil(UNITS).div_ceil(65_535).min(65_535)),
+    grid = (cubes.min(65_535), cubes.div_ceil(65_535)),
     cube = UNITS
 )]
 pub fn s2ft_adamw_blocks<F: Float>(
@@ -413,13 +434,18 @@ pub fn s2ft_adamw_blocks<F: Float>(
     w1: &mut Array<F>,
     w2: &mut Array<F>,
     w3: &mut Array<F>,
+    w4: &mut Array<F>,
+    w5: &mut Array<F>,
     g0: &Array<F>,
     g1: &Array<F>,
     g2: &Array<F>,
     g3: &Array<F>,
+    g4: &Array<F>,
+    g5: &Array<F>,
     state: &mut Array<f32>,
     table: &Array<u32>,
     len: u32,
+    cubes: u32,
     decay: f32,
     beta1: f32,
     beta2: f32,
@@ -430,52 +456,57 @@ pub fn s2ft_adamw_blocks<F: Float>(
     eps: f32,
     #[comptime] master: bool,
 ) {
-    let stride = CUBE_COUNT_X * CUBE_COUNT_Y * UNITS;
-    let mut at = linear_unit() as u32;
-    while at < len {
-        // The slot: the last whose start is <= at (unused slots start past the end).
+    let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
+    if cube < cubes {
+        // The slot: the last whose first cube is <= this cube (unused slots start past
+        // the end).
         let mut b = 0u32;
         #[unroll]
-        for s in 1..4u32 {
-            if at >= table[(s * comptime!(SLOT_WORDS as u32)) as usize] {
+        for s in 1..comptime!(BLOCKS_PER_LAUNCH as u32) {
+            if cube >= table[(s * comptime!(SLOT_WORDS as u32)) as usize] {
                 b = s;
             }
         }
         let t = b * comptime!(SLOT_WORDS as u32);
-        let e = at - table[t as usize];
+        let e = (cube - table[t as usize]) * UNITS + UNIT_POS;
         let n = table[(t + 1) as usize];
-        let cols = table[(t + 2) as usize];
-        let ld = table[(t + 3) as usize];
-        let w_at = table[(t + 4) as usize] + (e / cols) * ld + e % cols;
-        let s_at = table[(t + 5) as usize] + e;
-        let g = f32::cast_from(select_slot(g0, g1, g2, g3, b, e));
-        let mut p = 0.0f32;
-        if comptime!(master) {
-            p = state[(s_at + 2 * n) as usize];
+        if e < n {
+            let cols = table[(t + 2) as usize];
+            let ld = table[(t + 3) as usize];
+            let w_at = table[(t + 4) as usize] + (e / cols) * ld + e % cols;
+            let s_at = table[(t + 5) as usize] + e;
+            let g = f32::cast_from(select_slot(g0, g1, g2, g3, g4, g5, b, e));
+            let mut p = 0.0f32;
+            if comptime!(master) {
+                p = state[(s_at + 2 * n) as usize];
+            }
+            if comptime!(!master) {
+                p = f32::cast_from(select_slot(w0, w1, w2, w3, w4, w5, b, w_at));
+            }
+            p *= decay;
+            let m = beta1 * state[s_at as usize] + one_minus_beta1 * g;
+            let v = beta2 * state[(s_at + n) as usize] + one_minus_beta2 * g * g;
+            p -= step_size * m / (f32::sqrt(v) / bc2_sqrt + eps);
+            state[s_at as usize] = m;
+            state[(s_at + n) as usize] = v;
+            if comptime!(master) {
+                state[(s_at + 2 * n) as usize] = p;
+            }
+            let out = F::cast_from(p);
+            if b == 0 {
+                w0[w_at as usize] = out;
+            } else if b == 1 {
+                w1[w_at as usize] = out;
+            } else if b == 2 {
+                w2[w_at as usize] = out;
+            } else if b == 3 {
+                w3[w_at as usize] = out;
+            } else if b == 4 {
+                w4[w_at as usize] = out;
+            } else {
+                w5[w_at as usize] = out;
+            }
         }
-        if comptime!(!master) {
-            p = f32::cast_from(select_slot(w0, w1, w2, w3, b, w_at));
-        }
-        p *= decay;
-        let m = beta1 * state[s_at as usize] + one_minus_beta1 * g;
-        let v = beta2 * state[(s_at + n) as usize] + one_minus_beta2 * g * g;
-        p -= step_size * m / (f32::sqrt(v) / bc2_sqrt + eps);
-        state[s_at as usize] = m;
-        state[(s_at + n) as usize] = v;
-        if comptime!(master) {
-            state[(s_at + 2 * n) as usize] = p;
-        }
-        let out = F::cast_from(p);
-        if b == 0 {
-            w0[w_at as usize] = out;
-        } else if b == 1 {
-            w1[w_at as usize] = out;
-        } else if b == 2 {
-            w2[w_at as usize] = out;
-        } else {
-            w3[w_at as usize] = out;
-        }
-        at += stride;
     }
 }
 
@@ -486,6 +517,8 @@ fn select_slot<F: Float>(
     s1: &Array<F>,
     s2: &Array<F>,
     s3: &Array<F>,
+    s4: &Array<F>,
+    s5: &Array<F>,
     b: u32,
     i: u32,
 ) -> F {
@@ -498,6 +531,10 @@ fn select_slot<F: Float>(
         v = s2[i as usize];
     } else if b == 3 {
         v = s3[i as usize];
+    } else if b == 4 {
+        v = s4[i as usize];
+    } else if b == 5 {
+        v = s5[i as usize];
     }
     v
 }

@@ -187,6 +187,9 @@ pub struct DeviceReport {
     pub max_cube_count: (u32, u32, u32),
     /// Largest single buffer, bytes.
     pub max_buffer_bytes: u64,
+    /// Most storage buffers one kernel may bind (wgpu: the adapter's per-stage limit
+    /// less the one wgpu keeps; CUDA: no such limit).
+    pub max_bindings: u32,
     /// CUDA compute capability (major, minor); `None` on wgpu.
     pub compute_capability: Option<(u32, u32)>,
 }
@@ -212,6 +215,7 @@ impl DeviceReport {
             max_units_per_cube: 1024,
             max_cube_count: (u32::MAX, 65_535, 65_535),
             max_buffer_bytes: 1 << 40,
+            max_bindings: u32::MAX,
             compute_capability: Some((arch.major, arch.minor)),
         }
     }
@@ -379,6 +383,7 @@ pub(crate) fn report_from_props(
         max_units_per_cube: hw.max_units_per_cube,
         max_cube_count: hw.max_cube_count,
         max_buffer_bytes: props.memory.max_page_size,
+        max_bindings: hw.max_bindings,
         compute_capability: None,
     }
 }
