@@ -8,7 +8,7 @@
 //!   in threads on this device) against the single-device block at the same total
 //!   length, P = 2 and 4.
 //!
-//! `cargo bench --bench attention`; `KILN_BENCH_QUICK=1` keeps S = 512 and 2048.
+//! `cargo bench -p kiln-benches --bench attention`; `KILN_BENCH_QUICK=1` keeps S = 512 and 2048.
 //! Throughput: FLOPs of the non-causal form (4 S^2 D H); causal runs do about half.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};

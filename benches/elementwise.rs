@@ -3,7 +3,7 @@
 //! copy of the same bytes, side by side in one run on the default device
 //! (`KILN_DEVICE` to pick another). kiln's goal: at least 90% of the copy.
 //!
-//! `cargo bench --bench elementwise`; criterion prints GiB/s for each.
+//! `cargo bench -p kiln-benches --bench elementwise`; criterion prints GiB/s for each.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kiln::check::Rng;

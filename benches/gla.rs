@@ -5,7 +5,7 @@
 //! K = V = 64, T in {256, 1024, 4096}, f32, gates logsigmoid(randn) clamped at -5 (the
 //! spec's benchmark inputs). Criterion's throughput is tokens (B T) per second.
 //!
-//! `cargo bench --bench gla`; `KILN_BENCH_QUICK=1` keeps T = 256 and 1024.
+//! `cargo bench -p kiln-benches --bench gla`; `KILN_BENCH_QUICK=1` keeps T = 256 and 1024.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kiln::check::Rng;

@@ -5,7 +5,7 @@
 //! Llama-7B projection shape K = N = 4096 with M = 1, 16, 128 (and 2048, see below; the f32 weights
 //! of the wider Llama projections exceed lavapipe's 128 MiB binding limit).
 //!
-//! `cargo bench --bench matmul`; `KILN_BENCH_QUICK=1` keeps only the small shapes,
+//! `cargo bench -p kiln-benches --bench matmul`; `KILN_BENCH_QUICK=1` keeps only the small shapes,
 //! `KILN_BENCH_FULL=1` adds 2048 x 4096 x 4096.
 //! Criterion reports time and FLOP/s (`Throughput::Elements` counts flops here).
 

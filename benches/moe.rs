@@ -9,7 +9,7 @@
 //! - the whole layer: the capacity path, the dropless (sorted) path, and the same layer
 //!   with its experts as E separate pairs of kiln `matmul`s (goal: at least 2x).
 //!
-//! `cargo bench --bench moe`.
+//! `cargo bench -p kiln-benches --bench moe`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kiln::check::Rng;

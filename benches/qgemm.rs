@@ -5,7 +5,7 @@
 //! (11008, 4096) and M in {1, 4, 16, 64} (and 256 for the square shape). Activations f16.
 //! Criterion's throughput is the GEMM's 2 M N K flops.
 //!
-//! `cargo bench --bench qgemm`; `KILN_BENCH_QUICK=1` keeps (4096, 4096) at M = 1, 16.
+//! `cargo bench -p kiln-benches --bench qgemm`; `KILN_BENCH_QUICK=1` keeps (4096, 4096) at M = 1, 16.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kiln::check::Rng;

@@ -9,7 +9,7 @@
 //!   in one batch against the base GEMM alone (the cost of the per-token deltas);
 //! - the in-place block AdamW in GB/s against a 4-wide copy of the bytes it touches.
 //!
-//! `cargo bench --bench s2ft`; `KILN_S2FT_BENCH=small` runs d = 256 for a quick look.
+//! `cargo bench -p kiln-benches --bench s2ft`; `KILN_S2FT_BENCH=small` runs d = 256 for a quick look.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kiln::check::Rng;

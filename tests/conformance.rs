@@ -271,23 +271,27 @@ fn moe_layer_matches_pytorch_and_each_stage_alone() {
     assert!(e < 1e-6, "y: max rel err {e:e}");
 }
 
-#[test]
-fn s2ft_adamw_step_matches_pytorch_adamw() {
-    // One step at step 5 from a non-zero state (torch.optim.AdamW in f64); the flat
-    // parameter is one row, the whole row the block. Floors: a tenth of each tensor's
-    // largest value (an f32 sum of O(max) terms that cancels is O(eps max) off).
+/// One AdamW step at step 5 from a non-zero state (torch.optim.AdamW in f64) through
+/// `op`: `param`, `m`, `v` within 1e-6, each relative with a floor of a tenth of the
+/// tensor's largest value (an f32 sum of O(max) terms that cancels is O(eps max) off).
+fn adamw_vector(op: &str) {
     let file = "adamw_step5_f32.safetensors";
     let hosts = load_safetensors(data(file)).unwrap();
     let floor = |n: &str| hosts[n].to_f64().iter().fold(0.0f64, |a, b| a.max(b.abs())) / 10.0;
     let params = [("lr", "0.003"), ("weight_decay", "0.05"), ("step", "5")];
     for out in ["param", "m", "v"] {
-        let e = conformance_with(
-            file,
-            "s2ft_adamw_step",
-            &params,
-            out,
-            floor(&format!("expected_{out}")),
-        );
-        assert!(e <= 1e-6, "{out}: {e:.2e}");
+        let e = conformance_with(file, op, &params, out, floor(&format!("expected_{out}")));
+        assert!(e <= 1e-6, "{op} {out}: {e:.2e}");
     }
+}
+
+#[test]
+fn s2ft_adamw_step_matches_pytorch_adamw() {
+    // The flat parameter is one row, the whole row the block.
+    adamw_vector("s2ft_adamw_step");
+}
+
+#[test]
+fn adamw_matches_pytorch_adamw() {
+    adamw_vector("adamw");
 }

@@ -276,11 +276,11 @@ fn moe_gate_topk_cuda_f16_normalized() {
 }
 
 #[test]
-fn s2ft_adamw_blocks_wgsl_f16_master() {
+fn optim_step_wgsl_f16_adan_master() {
     insta::assert_snapshot!(source(
-        "s2ft_adamw_blocks",
+        "optim_step",
         Target::Wgsl,
-        &[("dtype", "f16"), ("master", "true")]
+        &[("dtype", "f16"), ("rule", "adan"), ("master", "true")]
     ));
 }
 

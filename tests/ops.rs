@@ -166,8 +166,8 @@ fn empty_tensors_give_empty_outputs() {
 #[test]
 fn inputs_are_not_modified() {
     for op in kiln::kernels::ops() {
-        // Two-dimensional problems, or the three of a GEMM.
-        let hosts = [&[4usize, 10][..], &[4, 10, 6], &[2, 10, 3, 8]]
+        // Two-dimensional problems, the three of a GEMM, four, or one (an optimizer's N).
+        let hosts = [&[4usize, 10][..], &[4, 10, 6], &[2, 10, 3, 8], &[40]]
             .into_iter()
             .find_map(|d| kiln::check::example_inputs(op, d, DType::F32).ok())
             .unwrap();

@@ -9,6 +9,7 @@ pub mod gla;
 mod launch;
 pub mod matmul;
 pub mod moe;
+pub mod optim;
 pub mod qgemm;
 pub mod rows;
 pub mod rowwise;

@@ -37,7 +37,7 @@ mod registry;
 mod select;
 pub mod selftest;
 
-pub use adamw::{AdamWConfig, S2ftAdamW, S2ftAdamwBlocks, S2ftAdamwBlocksArgs, BLOCKS_PER_LAUNCH};
+pub use adamw::{AdamWConfig, S2ftAdamW, BLOCKS_PER_LAUNCH};
 pub use adapter::{
     s2ft_adapter_forward, s2ft_merge, S2ftAdapterDelta, S2ftAdapterDeltaArgs, S2ftBlockAdd,
     S2ftBlockAddArgs,

@@ -463,64 +463,10 @@ pub static S2FT_PARTIAL_BACKWARD: OpSpec = OpSpec {
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "s2ft_partial_backward"),
 };
 
-fn run_adamw(_: &Client, a: &OpArgs) -> Result<Outputs> {
-    let given = a.tensor("param")?;
-    // A vector is one row (PyTorch's flat parameters).
-    let w = match given.rank() {
-        1 => given.reshape(&[1, given.numel()])?,
-        2 => given.clone(),
-        _ => return Err(shape_err("param", "[out, in] or [n]".into(), given.shape())),
-    };
-    let as_given = |t: Tensor| {
-        if given.rank() == 1 {
-            t.reshape(given.shape())
-        } else {
-            Ok(t)
-        }
-    };
-    let block = block_of(a, w.shape()[0], w.shape()[1])?;
-    let config = AdamWConfig {
-        lr: a.param_as("lr")?,
-        beta1: a.param_as("beta1")?,
-        beta2: a.param_as("beta2")?,
-        eps: a.param_as("eps")?,
-        weight_decay: a.param_as("weight_decay")?,
-    };
-    let step: u64 = a.param_as("step")?;
-    if step == 0 {
-        return Err(Error::Param {
-            param: "step".into(),
-            expected: "the step being taken, >= 1".into(),
-            found: "0".into(),
-        });
-    }
-    // Out of place: the update goes into a copy of w.
-    let w = crate::rows::slice_rows(&w, 0, 0, w.shape()[0], w.dtype())?;
-    let block_2d = |name: &str| -> Result<Tensor> {
-        let t = a.tensor(name)?;
-        match given.rank() {
-            1 if t.rank() == 1 => t.reshape(&[1, t.numel()]),
-            _ => Ok(t.clone()),
-        }
-    };
-    let (m, v, grad) = (block_2d("m")?, block_2d("v")?, block_2d("grad")?);
-    let master = match a.optional_tensor("master") {
-        Some(_) => Some(block_2d("master")?),
-        None => None,
-    };
-    let state = [Some((&m, &v, master.as_ref()))];
-    let mut opt = S2ftAdamW::with_state(&[(&w, block)], config, &state, step - 1)?;
-    opt.step(&[&w], &[&grad])?;
-    let (m, v, master) = opt.state_of(0)?;
-    let mut outs: Outputs = vec![
-        ("param", as_given(w)?),
-        ("m", as_given(m)?),
-        ("v", as_given(v)?),
-    ];
-    if let Some(master) = master {
-        outs.push(("master", as_given(master)?));
-    }
-    Ok(outs)
+fn run_adamw(client: &Client, a: &OpArgs) -> Result<Outputs> {
+    crate::optim::run_step(crate::optim::Rule::AdamW, client, a, |out, inp| {
+        block_of(a, out, inp)
+    })
 }
 
 /// `s2ft_adamw_step`: AdamW on one block of `w` (out of place through `kiln run`).

@@ -4,9 +4,7 @@
 //! strategies, partial backprop at ragged sizes in f32 and f16, the multi-block AdamW
 //! (and PyTorch's AdamW vector), serving many fine-tunes, and bad input.
 
-mod common;
-
-use common::{down, up};
+use crate::common::{self, down, up};
 use kiln::check::{max_rel_error, Rng};
 use kiln::kernels::s2ft::{
     ffn_forward, reference as rf, s2ft_adapter_forward, s2ft_merge, s2ft_partial_backward,

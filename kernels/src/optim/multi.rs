@@ -1,0 +1,655 @@
+//! The fused multi-tensor step: one launch updates up to [`SLOTS`] tensors (or blocks of
+//! tensors) of different sizes in place, with their optimizer state packed in one f32
+//! buffer and the step counter on the device.
+//!
+//! Slots: WGSL has no arrays of buffers, so the launch binds [`SLOTS`] weights and
+//! [`SLOTS`] gradients as separate arguments (unused ones get a one-element placeholder),
+//! plus the state, a table and the step counter: 15 storage buffers (Vulkan, Metal and
+//! D3D12 drivers allow at least 31; a device with fewer is refused with a clear error).
+//! Each cube updates `UNITS` elements of one slot, so the slot (and every branch on it)
+//! is uniform in a cube. A slot is a [`Block`] of a row-major `[rows, cols]` weight: all of
+//! it, rows `start..end`, or columns `start..end` (strided; S²FT's submatrices).
+//!
+//! State: per slot the rule's tensors (`Rule::state_names`) one after the other, then,
+//! for an f16/bf16 weight, an f32 master copy of the slot, which is the parameter that is
+//! updated and then rounded into the weight.
+//!
+//! Step counter: a `u32` on the device. Every launch of a step reads `t = counter + 1`;
+//! one more one-unit launch advances it afterwards (ordered on the stream: no host
+//! synchronisation per step). Bias corrections `1 - beta^t` are formed in the kernel as
+//! `-expm1(t ln beta)` (series below |x| = 1/2), so `1 - 0.999^5` keeps f32's relative
+//! precision instead of losing 8 bits to cancellation.
+
+use super::rules::{Hyper, Rule};
+use crate::launch::{check_input, expect_shape, shape_err, upload_u32};
+use cubecl::prelude::*;
+use kiln_runtime::{DType, Error, HostTensor, Result, Tensor};
+
+/// Tensors (or blocks) one launch updates.
+pub const SLOTS: usize = 6;
+/// `u32` words per slot in the table: first cube, length, width, weight row stride,
+/// weight offset, state offset.
+const SLOT_WORDS: usize = 6;
+/// Units per cube of the step kernel (its one configuration, `UNITS = [256]`).
+const STEP_UNITS: usize = 256;
+
+/// The part of a row-major weight `[out, in]` a step updates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Block {
+    /// `W[start:end, :]` (`Rows { start: 0, end: out }`: the whole weight).
+    Rows {
+        /// First row.
+        start: usize,
+        /// One past the last row.
+        end: usize,
+    },
+    /// `W[:, start:end]`.
+    Columns {
+        /// First column.
+        start: usize,
+        /// One past the last column.
+        end: usize,
+    },
+}
+
+impl Block {
+    /// All of a weight with `rows` rows.
+    pub fn whole(rows: usize) -> Block {
+        Block::Rows {
+            start: 0,
+            end: rows,
+        }
+    }
+
+    /// A block from `kiln run`'s `block` (`rows` | `columns`), `start` and `end`.
+    pub fn parse(kind: &str, start: usize, end: usize) -> Result<Block> {
+        match kind {
+            "rows" => Ok(Block::Rows { start, end }),
+            "columns" => Ok(Block::Columns { start, end }),
+            _ => Err(Error::Param {
+                param: "block".into(),
+                expected: "rows | columns".into(),
+                found: kind.into(),
+            }),
+        }
+    }
+
+    /// `(start, end)`.
+    pub fn range(&self) -> (usize, usize) {
+        match *self {
+            Block::Rows { start, end } | Block::Columns { start, end } => (start, end),
+        }
+    }
+
+    /// The block's shape inside a weight of shape `[out, in]`.
+    pub fn shape(&self, out: usize, inp: usize) -> [usize; 2] {
+        let (s, e) = self.range();
+        match self {
+            Block::Rows { .. } => [e - s, inp],
+            Block::Columns { .. } => [out, e - s],
+        }
+    }
+
+    /// Checks the block against `w`'s shape `[out, in]` (`start <= end <=` the extent);
+    /// errors name `start..end` and the weight `name`.
+    pub fn check(&self, name: &str, out: usize, inp: usize) -> Result<()> {
+        let (s, e) = self.range();
+        let (extent, what) = match self {
+            Block::Rows { .. } => (out, "rows"),
+            Block::Columns { .. } => (inp, "columns"),
+        };
+        if s > e || e > extent {
+            return Err(Error::Param {
+                param: "start..end".into(),
+                expected: format!("start <= end <= {extent} ({name}'s {what})"),
+                found: format!("{s}..{e}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// One slot: a block of a weight and its place in the packed state.
+#[derive(Clone, Debug)]
+struct Slot {
+    block: Block,
+    /// The weight's `[out, in]`.
+    weight: [usize; 2],
+    dtype: DType,
+    /// Offset of the slot's first state tensor in the state buffer.
+    offset: usize,
+}
+
+impl Slot {
+    fn shape(&self) -> [usize; 2] {
+        self.block.shape(self.weight[0], self.weight[1])
+    }
+    fn len(&self) -> usize {
+        let [r, c] = self.shape();
+        r * c
+    }
+    fn master(&self) -> bool {
+        self.dtype != DType::F32
+    }
+    /// Index of the block's first element in the weight.
+    fn weight_offset(&self) -> usize {
+        match self.block {
+            Block::Rows { start, .. } => start * self.weight[1],
+            Block::Columns { start, .. } => start,
+        }
+    }
+}
+
+/// Given state of one slot: the rule's state tensors in order (f32, the block's shape)
+/// and, for a half-precision weight, optionally its f32 master copy (else read from the
+/// weight).
+pub struct GivenState<'a> {
+    /// By `Rule::state_names` order.
+    pub tensors: Vec<&'a Tensor>,
+    /// The f32 master copy.
+    pub master: Option<&'a Tensor>,
+}
+
+/// A fused optimizer over a list of weights (or blocks of weights): its state and its
+/// device step counter; [`MultiTensorStep::step`] updates the weights in place.
+pub struct MultiTensorStep {
+    /// The update rule.
+    pub rule: Rule,
+    /// Hyper-parameters (may change between steps, e.g. by a schedule).
+    pub hyper: Hyper,
+    slots: Vec<Slot>,
+    state: Tensor,
+    counter: Tensor,
+    steps: u64,
+}
+
+impl MultiTensorStep {
+    /// Zero state for each `(weight, block)` (each weight `[out, in]`; a vector is
+    /// `[1, n]`), and the f32 master copy of each half-precision block (read now).
+    pub fn new(rule: Rule, hyper: Hyper, weights: &[(&Tensor, Block)]) -> Result<Self> {
+        let none: Vec<Option<GivenState<'_>>> = weights.iter().map(|_| None).collect();
+        Self::with_state(rule, hyper, weights, &none, 0)
+    }
+
+    /// Resumes after `steps` steps from given state (`None`: zeros) per block.
+    pub fn with_state(
+        rule: Rule,
+        hyper: Hyper,
+        weights: &[(&Tensor, Block)],
+        state: &[Option<GivenState<'_>>],
+        steps: u64,
+    ) -> Result<Self> {
+        hyper.check(rule)?;
+        let Some((first, _)) = weights.first() else {
+            return Err(Error::Param {
+                param: "params".into(),
+                expected: "at least one tensor".into(),
+                found: "none".into(),
+            });
+        };
+        let client = first.client().clone();
+        let k = rule.state_names().len();
+        let (mut slots, mut host) = (Vec::new(), Vec::new());
+        for (i, ((w, block), given)) in weights.iter().zip(state).enumerate() {
+            let name = format!("param[{i}]");
+            check_input(&name, w, &client)?;
+            let &[out, inp] = w.shape() else {
+                return Err(shape_err(&name, "[out, in]".into(), w.shape()));
+            };
+            block.check(&name, out, inp)?;
+            let s = Slot {
+                block: *block,
+                weight: [out, inp],
+                dtype: w.dtype(),
+                offset: host.len(),
+            };
+            let read = |t: &Tensor, what: &str| -> Result<Vec<f64>> {
+                t.expect_dtype(what, &[DType::F32])?;
+                expect_shape(what, t, &s.shape(), "the block's shape")?;
+                Ok(t.download()?.to_f64())
+            };
+            match given {
+                Some(g) => {
+                    if g.tensors.len() != k {
+                        return Err(Error::Param {
+                            param: "state".into(),
+                            expected: format!("{k} tensors ({})", rule.state_names().join(", ")),
+                            found: g.tensors.len().to_string(),
+                        });
+                    }
+                    for (t, what) in g.tensors.iter().zip(rule.state_names()) {
+                        host.extend(read(t, what)?);
+                    }
+                }
+                None => host.extend(std::iter::repeat_n(0.0, k * s.len())),
+            }
+            if s.master() {
+                match given.as_ref().and_then(|g| g.master) {
+                    Some(m) => host.extend(read(m, "master")?),
+                    None => host.extend(block_values(w, &s)?),
+                }
+            }
+            slots.push(s);
+        }
+        if host.is_empty() {
+            host.push(0.0);
+        }
+        let state = Tensor::upload(
+            &client,
+            &HostTensor::from_f64(DType::F32, vec![host.len()], &host)?,
+        )?;
+        let counter = upload_u32(&client, "step", &[steps as u32])?;
+        Ok(Self {
+            rule,
+            hyper,
+            slots,
+            state,
+            counter,
+            steps,
+        })
+    }
+
+    /// Steps taken (a host mirror of the device counter).
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Bytes of optimizer state (f32 state tensors, master copies of half blocks).
+    pub fn state_bytes(&self) -> usize {
+        let k = self.rule.state_names().len();
+        self.slots
+            .iter()
+            .map(|s| s.len() * 4 * (k + s.master() as usize))
+            .sum()
+    }
+
+    /// One step: `weights[i]`'s block updated in place from `grads[i]` (the block's
+    /// shape, the weight's dtype), in the order given at creation. Launches: one per
+    /// [`SLOTS`] consecutive blocks of one dtype and distinct weights, and one to
+    /// advance the step counter. No host synchronisation.
+    pub fn step(&mut self, weights: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
+        let n = self.slots.len();
+        if weights.len() != n || grads.len() != n {
+            return Err(Error::Param {
+                param: "params".into(),
+                expected: format!("{n} params and grads (as created)"),
+                found: format!("{} params, {} grads", weights.len(), grads.len()),
+            });
+        }
+        for (i, (s, (w, g))) in self.slots.iter().zip(weights.iter().zip(grads)).enumerate() {
+            let (wn, gn) = (format!("param[{i}]"), format!("grad[{i}]"));
+            check_input(&wn, w, self.state.client())?;
+            w.expect_dtype(&wn, &[s.dtype])?;
+            expect_shape(&wn, w, &s.weight, "as created")?;
+            check_input(&gn, g, self.state.client())?;
+            g.expect_dtype(&gn, &[s.dtype])?;
+            expect_shape(&gn, g, &s.shape(), "the block's shape")?;
+        }
+        self.hyper.check(self.rule)?;
+        let mut start = 0;
+        while start < n {
+            let mut end = start + 1;
+            while end < n
+                && end - start < SLOTS
+                && self.slots[end].dtype == self.slots[start].dtype
+                && !weights[start..end]
+                    .iter()
+                    .any(|w| std::ptr::eq(*w, weights[end]))
+            {
+                end += 1;
+            }
+            self.launch(start..end, weights, grads)?;
+            start = end;
+        }
+        OptimAdvanceStep::tuned(
+            self.state.client(),
+            0.0,
+            &OptimAdvanceStepArgs {
+                counter: &self.counter,
+            },
+        )?;
+        self.steps += 1;
+        Ok(())
+    }
+
+    fn launch(
+        &self,
+        range: std::ops::Range<usize>,
+        weights: &[&Tensor],
+        grads: &[&Tensor],
+    ) -> Result<()> {
+        let client = self.state.client();
+        let dtype = self.slots[range.start].dtype;
+        let bindings = 2 * SLOTS as u32 + 3;
+        if client.report().max_bindings < bindings {
+            return Err(Error::Unsupported {
+                device: client.name().into(),
+                feature: format!(
+                    "the fused optimizer step binds {bindings} storage buffers; the device allows {}",
+                    client.report().max_bindings
+                ),
+            });
+        }
+        let mut table = Vec::with_capacity(SLOT_WORDS * SLOTS);
+        let (mut len, mut cubes) = (0usize, 0usize);
+        for s in &self.slots[range.clone()] {
+            let [_, cols] = s.shape();
+            table.extend([
+                cubes,
+                s.len(),
+                cols.max(1),
+                s.weight[1],
+                s.weight_offset(),
+                s.offset,
+            ]);
+            len += s.len();
+            cubes += s.len().div_ceil(STEP_UNITS);
+        }
+        // Unused slots start past the last cube: no cube selects them.
+        while table.len() < SLOT_WORDS * SLOTS {
+            table.extend([u32::MAX as usize, 0, 1, 0, 0, 0]);
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        if len > crate::launch::MAX_ELEMENTS {
+            return Err(Error::Shape {
+                tensor: "params".into(),
+                expected: format!(
+                    "at most {} elements per launch",
+                    crate::launch::MAX_ELEMENTS
+                ),
+                found: len.to_string(),
+            });
+        }
+        let table: Vec<u32> = table.into_iter().map(|x| x as u32).collect();
+        let table = upload_u32(client, "slot_table", &table)?;
+        let ph: Vec<Tensor> = (0..2 * SLOTS)
+            .map(|_| Tensor::empty(client, dtype, &[1]))
+            .collect::<Result<_>>()?;
+        let slot = |i: usize, list: &[&Tensor], spare: usize| -> Tensor {
+            match list.get(range.start + i) {
+                Some(t) if range.start + i < range.end => (*t).clone(),
+                _ => ph[spare].clone(),
+            }
+        };
+        let w: Vec<Tensor> = (0..SLOTS).map(|i| slot(i, weights, i)).collect();
+        let g: Vec<Tensor> = (0..SLOTS).map(|i| slot(i, grads, SLOTS + i)).collect();
+        let h = &self.hyper;
+        let decoupled = 1.0 - h.lr * h.weight_decay;
+        let (before, after) = match self.rule {
+            Rule::AdamW | Rule::AdaBelief => (decoupled, 1.0),
+            Rule::Adan if h.no_prox => (decoupled, 1.0),
+            Rule::Adan => (1.0, 1.0 / (1.0 + h.lr * h.weight_decay)),
+            Rule::AdaGrad => (1.0, 1.0),
+        };
+        // 1 - beta and ln(beta) from the f64 values: in f32, 1 - f32(0.999) is 1.3e-5 off.
+        let ln = |b: f64| b.ln() as f32;
+        OptimStep::tuned(
+            client,
+            0.0,
+            &OptimStepArgs {
+                w0: &w[0],
+                w1: &w[1],
+                w2: &w[2],
+                w3: &w[3],
+                w4: &w[4],
+                w5: &w[5],
+                g0: &g[0],
+                g1: &g[1],
+                g2: &g[2],
+                g3: &g[3],
+                g4: &g[4],
+                g5: &g[5],
+                state: &self.state,
+                table: &table,
+                counter: &self.counter,
+                len: len as u32,
+                cubes: cubes as u32,
+                lr: h.lr as f32,
+                beta1: h.beta1 as f32,
+                beta2: h.beta2 as f32,
+                beta3: h.beta3 as f32,
+                one_minus_beta1: (1.0 - h.beta1) as f32,
+                one_minus_beta2: (1.0 - h.beta2) as f32,
+                one_minus_beta3: (1.0 - h.beta3) as f32,
+                ln_beta1: ln(h.beta1),
+                ln_beta2: ln(h.beta2),
+                ln_beta3: ln(h.beta3),
+                eps: h.eps as f32,
+                weight_decay: h.weight_decay as f32,
+                decay_before: before as f32,
+                decay_after: after as f32,
+                rule: self.rule,
+                master: dtype != DType::F32,
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Slot `i`'s state as f32 tensors of the block's shape, in `Rule::state_names`
+    /// order, and its master copy (half-precision weights).
+    pub fn state_of(&self, i: usize) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+        let s = self.slots.get(i).ok_or_else(|| Error::Param {
+            param: "slot".into(),
+            expected: format!("< {}", self.slots.len()),
+            found: i.to_string(),
+        })?;
+        let n = s.len();
+        let flat = self.state.reshape(&[self.state.numel(), 1])?;
+        let part = |j: usize| -> Result<Tensor> {
+            if n == 0 {
+                return Tensor::empty(self.state.client(), DType::F32, &s.shape());
+            }
+            crate::rows::slice_rows(&flat, 0, s.offset + j * n, n, DType::F32)?.reshape(&s.shape())
+        };
+        let k = self.rule.state_names().len();
+        let tensors = (0..k).map(part).collect::<Result<Vec<_>>>()?;
+        let master = if s.master() { Some(part(k)?) } else { None };
+        Ok((tensors, master))
+    }
+}
+
+/// The block's current values (f64, row-major), read from the weight on the host.
+fn block_values(w: &Tensor, s: &Slot) -> Result<Vec<f64>> {
+    let all = w.download()?.to_f64();
+    let [r, c] = s.shape();
+    let (off, ld) = (s.weight_offset(), s.weight[1]);
+    Ok((0..r * c)
+        .map(|e| all[off + (e / c) * ld + e % c])
+        .collect())
+}
+
+/// `1 - beta^t = -expm1(t ln beta)`: a series below `|x| = 1/2` (ten terms, Horner), so a
+/// `beta^t` close to 1 does not cancel; `1 - exp(x)` beyond. `ln beta = -inf` gives 1.
+#[cube]
+fn one_minus_pow(ln_beta: f32, t: f32) -> f32 {
+    let x = t * ln_beta;
+    let mut r = 1.0f32 - f32::exp(x);
+    if x > -0.5f32 {
+        let mut s = 1.0f32;
+        #[unroll]
+        for k in 0..10u32 {
+            s = 1.0f32 + x * s / f32::cast_from(11 - k);
+        }
+        r = -x * s;
+    }
+    r
+}
+
+/// `slots[b][i]` for a slot index known only at run time (WGSL has no arrays of buffers).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn select_slot<F: Float>(
+    s0: &Array<F>,
+    s1: &Array<F>,
+    s2: &Array<F>,
+    s3: &Array<F>,
+    s4: &Array<F>,
+    s5: &Array<F>,
+    b: u32,
+    i: u32,
+) -> F {
+    let mut v = F::new(0.0);
+    if b == 0 {
+        v = s0[i as usize];
+    } else if b == 1 {
+        v = s1[i as usize];
+    } else if b == 2 {
+        v = s2[i as usize];
+    } else if b == 3 {
+        v = s3[i as usize];
+    } else if b == 4 {
+        v = s4[i as usize];
+    } else if b == 5 {
+        v = s5[i as usize];
+    }
+    v
+}
+
+/// The fused step over up to six slots (see the module doc): one unit per element,
+/// each cube within one slot. `t = counter[0] + 1`. f32 arithmetic throughout; with
+/// `master` the state's master copy is the parameter and the weight receives its
+/// rounding. In place: one configuration, so the autotuner never runs it twice.
+#[kiln_macros::kernel(
+    tune(UNITS = [256]),
+    key(len = pow2, dtype),
+    grid = (cubes.min(65_535), cubes.div_ceil(65_535)),
+    cube = UNITS
+)]
+pub fn optim_step<F: Float>(
+    w0: &mut Array<F>,
+    w1: &mut Array<F>,
+    w2: &mut Array<F>,
+    w3: &mut Array<F>,
+    w4: &mut Array<F>,
+    w5: &mut Array<F>,
+    g0: &Array<F>,
+    g1: &Array<F>,
+    g2: &Array<F>,
+    g3: &Array<F>,
+    g4: &Array<F>,
+    g5: &Array<F>,
+    state: &mut Array<f32>,
+    table: &Array<u32>,
+    counter: &Array<u32>,
+    len: u32,
+    cubes: u32,
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    beta3: f32,
+    one_minus_beta1: f32,
+    one_minus_beta2: f32,
+    one_minus_beta3: f32,
+    ln_beta1: f32,
+    ln_beta2: f32,
+    ln_beta3: f32,
+    eps: f32,
+    weight_decay: f32,
+    decay_before: f32,
+    decay_after: f32,
+    #[comptime] rule: Rule,
+    #[comptime] master: bool,
+) {
+    let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
+    if cube < cubes {
+        // The slot: the last whose first cube is <= this cube.
+        let mut b = 0u32;
+        #[unroll]
+        for s in 1..comptime!(SLOTS as u32) {
+            if cube >= table[(s * comptime!(SLOT_WORDS as u32)) as usize] {
+                b = s;
+            }
+        }
+        let t = b * comptime!(SLOT_WORDS as u32);
+        let e = (cube - table[t as usize]) * UNITS + UNIT_POS;
+        let n = table[(t + 1) as usize];
+        if e < n {
+            let cols = table[(t + 2) as usize];
+            let ld = table[(t + 3) as usize];
+            let w_at = table[(t + 4) as usize] + (e / cols) * ld + e % cols;
+            let s_at = table[(t + 5) as usize] + e;
+            let step = counter[0];
+            let tf = f32::cast_from(step + 1);
+            let g = f32::cast_from(select_slot(g0, g1, g2, g3, g4, g5, b, e));
+            let states = comptime!(rule.state_names().len() as u32);
+            let mut p = 0.0f32;
+            if comptime!(master) {
+                p = state[(s_at + states * n) as usize];
+            }
+            if comptime!(!master) {
+                p = f32::cast_from(select_slot(w0, w1, w2, w3, w4, w5, b, w_at));
+            }
+            p *= decay_before;
+            if comptime!(rule == Rule::AdamW) {
+                let m = beta1 * state[s_at as usize] + one_minus_beta1 * g;
+                let v = beta2 * state[(s_at + n) as usize] + one_minus_beta2 * g * g;
+                let bc1 = one_minus_pow(ln_beta1, tf);
+                let bc2 = one_minus_pow(ln_beta2, tf);
+                p -= lr / bc1 * m / (f32::sqrt(v) / f32::sqrt(bc2) + eps);
+                state[s_at as usize] = m;
+                state[(s_at + n) as usize] = v;
+            }
+            if comptime!(rule == Rule::AdaBelief) {
+                let m = beta1 * state[s_at as usize] + one_minus_beta1 * g;
+                let d = g - m;
+                let s = beta2 * state[(s_at + n) as usize] + one_minus_beta2 * d * d + eps;
+                let bc1 = one_minus_pow(ln_beta1, tf);
+                let bc2 = one_minus_pow(ln_beta2, tf);
+                p -= lr / bc1 * m / (f32::sqrt(s) / f32::sqrt(bc2) + eps);
+                state[s_at as usize] = m;
+                state[(s_at + n) as usize] = s;
+            }
+            if comptime!(rule == Rule::Adan) {
+                // The difference is 0 at the first step (grad_prev is not yet a gradient).
+                let delta = select(step == 0, 0.0f32, g - state[(s_at + 3 * n) as usize]);
+                let m = beta1 * state[s_at as usize] + one_minus_beta1 * g;
+                let d = beta2 * state[(s_at + n) as usize] + one_minus_beta2 * delta;
+                let u = g + beta2 * delta;
+                let nn = beta3 * state[(s_at + 2 * n) as usize] + one_minus_beta3 * u * u;
+                let bc1 = one_minus_pow(ln_beta1, tf);
+                let bc2 = one_minus_pow(ln_beta2, tf);
+                let bc3 = one_minus_pow(ln_beta3, tf);
+                let den = f32::sqrt(nn) / f32::sqrt(bc3) + eps;
+                p -= lr / bc1 * m / den + lr * beta2 / bc2 * d / den;
+                state[s_at as usize] = m;
+                state[(s_at + n) as usize] = d;
+                state[(s_at + 2 * n) as usize] = nn;
+                state[(s_at + 3 * n) as usize] = g;
+            }
+            if comptime!(rule == Rule::AdaGrad) {
+                let gg = g + weight_decay * p;
+                let v = state[s_at as usize] + gg * gg;
+                p -= lr * gg / (f32::sqrt(v) + eps);
+                state[s_at as usize] = v;
+            }
+            p *= decay_after;
+            if comptime!(master) {
+                state[(s_at + states * n) as usize] = p;
+            }
+            let out = F::cast_from(p);
+            if b == 0 {
+                w0[w_at as usize] = out;
+            } else if b == 1 {
+                w1[w_at as usize] = out;
+            } else if b == 2 {
+                w2[w_at as usize] = out;
+            } else if b == 3 {
+                w3[w_at as usize] = out;
+            } else if b == 4 {
+                w4[w_at as usize] = out;
+            } else {
+                w5[w_at as usize] = out;
+            }
+        }
+    }
+}
+
+/// `counter[0] += 1`, one unit: ordered after the step's launches on the stream.
+#[kiln_macros::kernel(tune(UNITS = [1]), grid = (1), cube = UNITS)]
+pub fn optim_advance_step(counter: &mut Array<u32>) {
+    if UNIT_POS == 0 {
+        counter[0] = counter[0] + 1;
+    }
+}

@@ -1,0 +1,8 @@
+//! Training: S²FT (structured-sparse fine-tuning) and the fused optimizers, against f64
+//! references written from the specs. One test binary for both families (each test
+//! binary links all of kiln: fewer binaries, shorter CI).
+
+#[path = "../common/mod.rs"]
+mod common;
+mod optim;
+mod s2ft;

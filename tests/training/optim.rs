@@ -1,0 +1,215 @@
+//! The fused optimizers against the f64 reference written from the spec: five steps
+//! of every rule over one list holding a 1-element, a ragged and a 10^6 + 3-element
+//! tensor (one launch), with weight decay, bias correction and a step of zero
+//! gradients; an f16 parameter with its f32 master copy; the device step counter
+//! resumed from a given step; and bad input.
+
+use crate::common::{self, down, up};
+use kiln::check::{max_rel_error, Rng};
+use kiln::kernels::optim::{reference, Block, GivenState, Hyper, MultiTensorStep, Rule};
+use kiln::{DType, HostTensor, Tensor};
+
+const RULES: [Rule; 4] = [Rule::AdamW, Rule::Adan, Rule::AdaBelief, Rule::AdaGrad];
+
+fn hyper(rule: Rule) -> Hyper {
+    Hyper {
+        lr: 0.01,
+        weight_decay: 0.1,
+        ..Hyper::defaults(rule)
+    }
+}
+
+fn f32s(rng: &mut Rng, n: usize) -> Vec<f64> {
+    let v = rng.normals(n, 1.0);
+    HostTensor::from_f64(DType::F32, vec![n], &v)
+        .unwrap()
+        .to_f64()
+}
+
+/// Relative to each value with a floor of the tensor's largest magnitude: a state that
+/// cancels (Adan's `d`, a moment after a sign change) carries O(eps) error relative to
+/// its terms, which are of the tensor's scale, not of its own value.
+fn close(got: &[f64], want: &[f64]) -> f64 {
+    let floor = want.iter().fold(0.0f64, |a, b| a.max(b.abs()));
+    max_rel_error(got, want, floor.max(1e-30))
+}
+
+#[test]
+fn five_steps_of_every_rule_over_one_list_match_the_f64_reference() {
+    let sizes = [1usize, 4099, 1_000_003];
+    for rule in RULES {
+        let h = hyper(rule);
+        let mut rng = Rng::new(7 + rule as u64);
+        let mut params: Vec<Vec<f64>> = sizes.iter().map(|&n| f32s(&mut rng, n)).collect();
+        let ts: Vec<Tensor> = params
+            .iter()
+            .map(|p| up(DType::F32, &[1, p.len()], p))
+            .collect();
+        let list: Vec<(&Tensor, Block)> = ts.iter().map(|t| (t, Block::whole(1))).collect();
+        let mut opt = MultiTensorStep::new(rule, h, &list).unwrap();
+        let k = rule.state_names().len();
+        let mut state: Vec<Vec<Vec<f64>>> = sizes.iter().map(|&n| vec![vec![0.0; n]; k]).collect();
+        for t in 1..=5u64 {
+            let grads: Vec<Vec<f64>> = sizes
+                .iter()
+                .map(|&n| {
+                    if t == 3 {
+                        vec![0.0; n]
+                    } else {
+                        f32s(&mut rng, n)
+                    }
+                })
+                .collect();
+            let gt: Vec<Tensor> = grads
+                .iter()
+                .map(|g| up(DType::F32, &[1, g.len()], g))
+                .collect();
+            opt.step(
+                &ts.iter().collect::<Vec<_>>(),
+                &gt.iter().collect::<Vec<_>>(),
+            )
+            .unwrap();
+            for i in 0..sizes.len() {
+                reference::step(rule, &h, t, &mut params[i], &grads[i], &mut state[i]);
+            }
+        }
+        assert_eq!(opt.steps(), 5);
+        for (i, n) in sizes.iter().enumerate() {
+            let err = close(&down(&ts[i]), &params[i]);
+            assert!(err <= 1e-6, "{rule:?} n={n} param: {err:.2e}");
+            let (got, master) = opt.state_of(i).unwrap();
+            assert!(master.is_none());
+            for (j, name) in rule.state_names().iter().enumerate() {
+                let err = close(&down(&got[j]), &state[i][j]);
+                assert!(err <= 1e-6, "{rule:?} n={n} {name}: {err:.2e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn half_parameters_step_an_f32_master_copy() {
+    let client = common::client();
+    if !client.supports(DType::F16) {
+        return;
+    }
+    let mut rng = Rng::new(3);
+    let n = 777;
+    for rule in RULES {
+        let h = hyper(rule);
+        let p0 = HostTensor::from_f64(DType::F16, vec![n], &rng.normals(n, 1.0))
+            .unwrap()
+            .to_f64();
+        let w = up(DType::F16, &[1, n], &p0);
+        let mut opt = MultiTensorStep::new(rule, h, &[(&w, Block::whole(1))]).unwrap();
+        let (mut p, mut st) = (p0.clone(), vec![vec![0.0; n]; rule.state_names().len()]);
+        for t in 1..=3u64 {
+            let g = HostTensor::from_f64(DType::F16, vec![n], &rng.normals(n, 1.0))
+                .unwrap()
+                .to_f64();
+            opt.step(&[&w], &[&up(DType::F16, &[1, n], &g)]).unwrap();
+            reference::step(rule, &h, t, &mut p, &g, &mut st);
+        }
+        let (_, master) = opt.state_of(0).unwrap();
+        let err = close(
+            &down(&master.expect("an f16 parameter has a master copy")),
+            &p,
+        );
+        assert!(err <= 1e-6, "{rule:?} master: {err:.2e}");
+        let rounded = HostTensor::from_f64(DType::F16, vec![n], &p)
+            .unwrap()
+            .to_f64();
+        let err = max_rel_error(&down(&w), &rounded, 1e-3);
+        assert!(err <= DType::F16.epsilon(), "{rule:?} f16 param: {err:.2e}");
+    }
+}
+
+#[test]
+fn the_device_step_counter_resumes_from_a_given_state() {
+    // Two steps from scratch equal one step, then a new optimizer resumed at step 1
+    // from the first's state.
+    let mut rng = Rng::new(12);
+    let n = 300;
+    for rule in RULES {
+        let h = hyper(rule);
+        let p = f32s(&mut rng, n);
+        let (g1, g2) = (f32s(&mut rng, n), f32s(&mut rng, n));
+        let (a, b) = (up(DType::F32, &[1, n], &p), up(DType::F32, &[1, n], &p));
+        let (g1t, g2t) = (up(DType::F32, &[1, n], &g1), up(DType::F32, &[1, n], &g2));
+        let mut whole = MultiTensorStep::new(rule, h, &[(&a, Block::whole(1))]).unwrap();
+        whole.step(&[&a], &[&g1t]).unwrap();
+        whole.step(&[&a], &[&g2t]).unwrap();
+        let mut first = MultiTensorStep::new(rule, h, &[(&b, Block::whole(1))]).unwrap();
+        first.step(&[&b], &[&g1t]).unwrap();
+        let (st, _) = first.state_of(0).unwrap();
+        let given = GivenState {
+            tensors: st.iter().collect(),
+            master: None,
+        };
+        let mut resumed =
+            MultiTensorStep::with_state(rule, h, &[(&b, Block::whole(1))], &[Some(given)], 1)
+                .unwrap();
+        resumed.step(&[&b], &[&g2t]).unwrap();
+        assert_eq!(down(&a), down(&b), "{rule:?}: bitwise the same");
+    }
+}
+
+#[test]
+fn bad_input_is_one_clear_line() {
+    let w = up(DType::F32, &[1, 4], &[0.5; 4]);
+    let check = |e: kiln::Error, words: &[&str]| {
+        let m = e.to_string();
+        assert!(!m.contains('\n'), "{m}");
+        for w in words {
+            assert!(m.contains(w), "`{w}` not in: {m}");
+        }
+    };
+    let bad = Hyper {
+        beta3: 1.5,
+        ..Hyper::defaults(Rule::Adan)
+    };
+    check(
+        MultiTensorStep::new(Rule::Adan, bad, &[(&w, Block::whole(1))])
+            .err()
+            .unwrap(),
+        &["beta3", "1.5"],
+    );
+    let bad = Hyper {
+        eps: 0.0,
+        ..Hyper::defaults(Rule::AdamW)
+    };
+    check(
+        MultiTensorStep::new(Rule::AdamW, bad, &[(&w, Block::whole(1))])
+            .err()
+            .unwrap(),
+        &["eps"],
+    );
+    let mut opt = MultiTensorStep::new(
+        Rule::AdamW,
+        Hyper::defaults(Rule::AdamW),
+        &[(&w, Block::whole(1))],
+    )
+    .unwrap();
+    let g = up(DType::F32, &[1, 3], &[0.5; 3]);
+    check(opt.step(&[&w], &[&g]).unwrap_err(), &["grad[0]", "[1, 4]"]);
+    check(
+        opt.step(&[&w, &w], &[&g]).unwrap_err(),
+        &["1 params and grads"],
+    );
+    let given = GivenState {
+        tensors: vec![&w],
+        master: None,
+    };
+    check(
+        MultiTensorStep::with_state(
+            Rule::AdamW,
+            Hyper::defaults(Rule::AdamW),
+            &[(&w, Block::whole(1))],
+            &[Some(given)],
+            0,
+        )
+        .err()
+        .unwrap(),
+        &["state", "m, v"],
+    );
+}
