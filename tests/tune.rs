@@ -37,8 +37,9 @@ fn input() -> Tensor {
     .unwrap()
 }
 
-/// Candidates: 0 = slow (30 softmax launches), 1 = fast (one), 2 = fastest but wrong
-/// (scaled output), 3 = fails. The tuner must pick 1.
+/// Candidates: 0 = slow (30 softmax launches and a 100 ms pause: slow by construction,
+/// so that other tests sharing the 2 cores cannot make it look fast), 1 = fast (one),
+/// 2 = fastest but wrong (scaled output), 3 = fails. The tuner must pick 1.
 fn run_candidate(x: &Tensor, c: u32, calls: &AtomicUsize) -> kiln::Result<Vec<Tensor>> {
     calls.fetch_add(1, Ordering::Relaxed);
     match c {
@@ -47,6 +48,7 @@ fn run_candidate(x: &Tensor, c: u32, calls: &AtomicUsize) -> kiln::Result<Vec<Te
             for _ in 0..29 {
                 out = rowwise::softmax(x)?;
             }
+            std::thread::sleep(std::time::Duration::from_millis(100));
             Ok(vec![out])
         }
         1 => Ok(vec![rowwise::softmax(x)?]),
