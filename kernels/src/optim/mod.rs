@@ -1,4 +1,4 @@
-//! Fused optimizer steps (`../shared/specs/optim.md`; the math and numbers are in
+//! Fused optimizer steps (the formulas, their sources and the measured numbers are in
 //! `docs/optim.md`): memory-bound kernels that read and write every state once.
 //!
 //! - Rules ([`Rule`]): `adamw` (PyTorch's AdamW), `adan` (sail-sg), `adabelief`,

@@ -1,4 +1,4 @@
-//! The update rules and their hyper-parameters (`../shared/specs/optim.md`; PyTorch's
+//! The update rules and their hyper-parameters (`docs/optim.md`; PyTorch's
 //! defaults where PyTorch has the optimizer, the paper's code otherwise).
 
 use kiln_runtime::{Error, Result};
