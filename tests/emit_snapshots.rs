@@ -292,3 +292,17 @@ fn grouped_matmul_tn_cuda_bf16() {
         &[("dtype", "bf16"), ("BM", "32"), ("BN", "64")]
     ));
 }
+
+#[test]
+fn optim_step_wgsl_lamb_norms_pass() {
+    insta::assert_snapshot!(source(
+        "optim_step",
+        Target::Wgsl,
+        &[("dtype", "f32"), ("rule", "lamb"), ("phase", "norms")]
+    ));
+}
+
+#[test]
+fn perturb_normal_cuda_bf16() {
+    insta::assert_snapshot!(source("perturb_normal", Target::Cuda, &[("dtype", "bf16")]));
+}

@@ -16,6 +16,8 @@ pub mod grid;
 #[allow(missing_docs)]
 pub mod quant;
 #[allow(missing_docs)]
+pub mod random;
+#[allow(missing_docs)]
 pub mod reduce;
 #[allow(missing_docs)]
 pub mod scan;
@@ -27,6 +29,7 @@ pub mod tile;
 pub use activation::*;
 pub use grid::*;
 pub use quant::*;
+pub use random::*;
 pub use reduce::*;
 pub use scan::*;
 pub use softmax::*;

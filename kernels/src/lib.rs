@@ -11,6 +11,7 @@ pub mod matmul;
 pub mod moe;
 pub mod optim;
 pub mod qgemm;
+pub mod random;
 pub mod rows;
 pub mod rowwise;
 pub mod s2ft;

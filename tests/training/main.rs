@@ -5,4 +5,5 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod optim;
+mod perturb;
 mod s2ft;

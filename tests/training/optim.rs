@@ -9,7 +9,21 @@ use kiln::check::{max_rel_error, Rng};
 use kiln::kernels::optim::{reference, Block, GivenState, Hyper, MultiTensorStep, Rule};
 use kiln::{DType, HostTensor, Tensor};
 
-const RULES: [Rule; 4] = [Rule::AdamW, Rule::Adan, Rule::AdaBelief, Rule::AdaGrad];
+const RULES: [Rule; 6] = [
+    Rule::AdamW,
+    Rule::Adan,
+    Rule::AdaBelief,
+    Rule::AdaGrad,
+    Rule::Lamb,
+    Rule::AdaGradNorm,
+];
+
+/// Zero state of `rule` for a tensor of `n` elements (scalars as one-element vectors).
+fn zero_state(rule: Rule, n: usize) -> Vec<Vec<f64>> {
+    (0..rule.state_names().len())
+        .map(|j| vec![0.0; rule.state_len(j, n)])
+        .collect()
+}
 
 fn hyper(rule: Rule) -> Hyper {
     Hyper {
@@ -47,8 +61,7 @@ fn five_steps_of_every_rule_over_one_list_match_the_f64_reference() {
             .collect();
         let list: Vec<(&Tensor, Block)> = ts.iter().map(|t| (t, Block::whole(1))).collect();
         let mut opt = MultiTensorStep::new(rule, h, &list).unwrap();
-        let k = rule.state_names().len();
-        let mut state: Vec<Vec<Vec<f64>>> = sizes.iter().map(|&n| vec![vec![0.0; n]; k]).collect();
+        let mut state: Vec<Vec<Vec<f64>>> = sizes.iter().map(|&n| zero_state(rule, n)).collect();
         for t in 1..=5u64 {
             let grads: Vec<Vec<f64>> = sizes
                 .iter()
@@ -102,7 +115,7 @@ fn half_parameters_step_an_f32_master_copy() {
             .to_f64();
         let w = up(DType::F16, &[1, n], &p0);
         let mut opt = MultiTensorStep::new(rule, h, &[(&w, Block::whole(1))]).unwrap();
-        let (mut p, mut st) = (p0.clone(), vec![vec![0.0; n]; rule.state_names().len()]);
+        let (mut p, mut st) = (p0.clone(), zero_state(rule, n));
         for t in 1..=3u64 {
             let g = HostTensor::from_f64(DType::F16, vec![n], &rng.normals(n, 1.0))
                 .unwrap()
@@ -212,4 +225,49 @@ fn bad_input_is_one_clear_line() {
         .unwrap(),
         &["state", "m, v"],
     );
+}
+
+#[test]
+fn lamb_trust_ratio_is_one_where_a_norm_is_zero_and_norms_are_per_tensor() {
+    // Tensor 0: p = 0 (||p|| = 0: trust 1, the step is lr r). Tensor 1: p = 0 and g = 0
+    // (r = 0: no NaN, p stays 0). Tensor 2: p of scale 100 beside tensor 3 of scale
+    // 0.01 in the same launch: each gets its own ratio.
+    let h = hyper(Rule::Lamb);
+    let mut rng = Rng::new(21);
+    let n = 1000;
+    let mut params = vec![
+        vec![0.0; n],
+        vec![0.0; n],
+        rng.normals(n, 100.0),
+        rng.normals(n, 0.01),
+    ];
+    let grads = [
+        f32s(&mut rng, n),
+        vec![0.0; n],
+        f32s(&mut rng, n),
+        f32s(&mut rng, n),
+    ];
+    for p in params.iter_mut() {
+        *p = HostTensor::from_f64(DType::F32, vec![n], p)
+            .unwrap()
+            .to_f64();
+    }
+    let ts: Vec<Tensor> = params.iter().map(|p| up(DType::F32, &[1, n], p)).collect();
+    let gs: Vec<Tensor> = grads.iter().map(|g| up(DType::F32, &[1, n], g)).collect();
+    let list: Vec<(&Tensor, Block)> = ts.iter().map(|t| (t, Block::whole(1))).collect();
+    let mut opt = MultiTensorStep::new(Rule::Lamb, h, &list).unwrap();
+    opt.step(
+        &ts.iter().collect::<Vec<_>>(),
+        &gs.iter().collect::<Vec<_>>(),
+    )
+    .unwrap();
+    for i in 0..4 {
+        let mut st = zero_state(Rule::Lamb, n);
+        reference::step(Rule::Lamb, &h, 1, &mut params[i], &grads[i], &mut st);
+        let got = down(&ts[i]);
+        assert!(got.iter().all(|v| v.is_finite()), "tensor {i}: not finite");
+        let err = close(&got, &params[i]);
+        assert!(err <= 1e-6, "tensor {i}: {err:.2e}");
+    }
+    assert!(down(&ts[1]).iter().all(|&v| v == 0.0));
 }

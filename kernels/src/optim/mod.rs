@@ -2,24 +2,32 @@
 //! `docs/optim.md`): memory-bound kernels that read and write every state once.
 //!
 //! - Rules ([`Rule`]): `adamw` (PyTorch's AdamW), `adan` (sail-sg), `adabelief`,
-//!   `adagrad` (PyTorch's), with PyTorch's or the papers' defaults ([`Hyper::defaults`]).
+//!   `adagrad` (PyTorch's), `lamb` and `adagrad_norm` (per-tensor norms: a reducing
+//!   pass, then the update), with PyTorch's or the papers' defaults ([`Hyper::defaults`]).
 //! - Multi-tensor ([`MultiTensorStep`]): one launch updates up to [`SLOTS`] tensors (or
 //!   blocks of tensors: S²FT's submatrices) of different sizes in place; f32 state
 //!   packed in one buffer; f32/f16/bf16 parameters with an f32 master copy of half ones;
 //!   the step counter lives on the device (no host synchronisation per step).
-//! - `kiln run adamw|adan|adabelief|adagrad`: one tensor, out of place: inputs `param`,
+//! - Seeded perturbation ([`perturb()`], [`zo_update`]): MeZO's `θ += ε z(seed)` and its update
+//!   `θ −= lr Σ pᵢ z(seedᵢ)`, with `z ~ N(0, I)` regenerated in the kernel (Philox),
+//!   bit-identical on every backend and on the host.
+//! - `kiln run adamw|adan|adabelief|adagrad|lamb|adagrad_norm`: one tensor, out of place: inputs `param`,
 //!   `grad` and the states by their formula names, outputs the same names.
 
 mod multi;
+mod perturb;
 pub mod reference;
 mod registry;
 mod rules;
 pub mod selftest;
 
 pub use multi::{
-    Block, GivenState, MultiTensorStep, OptimAdvanceStep, OptimAdvanceStepArgs, OptimStep,
-    OptimStepArgs, SLOTS,
+    Block, GivenState, MultiTensorStep, OptimAdvanceStep, OptimAdvanceStepArgs, OptimSlotNorms,
+    OptimSlotNormsArgs, OptimStep, OptimStepArgs, Phase, SLOTS,
+};
+pub use perturb::{
+    perturb, perturb_host, perturb_stream, perturb_sum, zo_update, PerturbNormal, PerturbNormalArgs,
 };
 pub(crate) use registry::run_step;
-pub use registry::{ADABELIEF, ADAGRAD, ADAMW, ADAN};
+pub use registry::{ADABELIEF, ADAGRAD, ADAGRAD_NORM, ADAMW, ADAN, LAMB, PERTURB, ZO_UPDATE};
 pub use rules::{Hyper, Rule};

@@ -10,9 +10,16 @@
 //! is uniform in a cube. A slot is a [`Block`] of a row-major `[rows, cols]` weight: all of
 //! it, rows `start..end`, or columns `start..end` (strided; S²FT's submatrices).
 //!
-//! State: per slot the rule's tensors (`Rule::state_names`) one after the other, then,
-//! for an f16/bf16 weight, an f32 master copy of the slot, which is the parameter that is
-//! updated and then rounded into the weight.
+//! State: per slot the rule's per-element tensors (`Rule::state_names`) one after the
+//! other, its per-tensor scalars (AdaGrad-Norm's `b2`), then, for an f16/bf16 weight, an
+//! f32 master copy of the slot, which is the parameter that is updated and then rounded
+//! into the weight.
+//!
+//! Per-tensor norms (LAMB, AdaGrad-Norm): three launches per group instead of one. The
+//! step kernel in [`Phase::Norms`] writes each cube's partial sums of squares (LAMB: the
+//! moments too); `optim_slot_norms` (one cube per slot) sums a slot's partials in a
+//! fixed order (deterministic; no atomics, which WGSL lacks for floats); the step kernel
+//! in [`Phase::Update`] then applies the update with the slot's norms.
 //!
 //! Step counter: a `u32` on the device. Every launch of a step reads `t = counter + 1`;
 //! one more one-unit launch advances it afterwards (ordered on the stream: no host
@@ -23,15 +30,28 @@
 use super::rules::{Hyper, Rule};
 use crate::launch::{check_input, expect_shape, shape_err, upload_u32};
 use cubecl::prelude::*;
+use kiln_dsl::cube_sum;
 use kiln_runtime::{DType, Error, HostTensor, Result, Tensor};
 
 /// Tensors (or blocks) one launch updates.
 pub const SLOTS: usize = 6;
+// `optim_slot_norms` launches one cube per slot: `grid = (6)`.
+const _: () = assert!(SLOTS == 6);
 /// `u32` words per slot in the table: first cube, length, width, weight row stride,
 /// weight offset, state offset.
 const SLOT_WORDS: usize = 6;
 /// Units per cube of the step kernel (its one configuration, `UNITS = [256]`).
 const STEP_UNITS: usize = 256;
+
+kiln_runtime::comptime_enum! {
+    /// Which pass of the step kernel runs (a `#[comptime]` specialisation).
+    pub enum Phase {
+        /// The update (every rule; for LAMB and AdaGrad-Norm with the slot's norms).
+        Update = "update",
+        /// LAMB and AdaGrad-Norm's first pass: per-cube partial sums of squares.
+        Norms = "norms",
+    }
+}
 
 /// The part of a row-major weight `[out, in]` a step updates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,9 +160,9 @@ impl Slot {
     }
 }
 
-/// Given state of one slot: the rule's state tensors in order (f32, the block's shape)
-/// and, for a half-precision weight, optionally its f32 master copy (else read from the
-/// weight).
+/// Given state of one slot: the rule's state tensors in order (f32; the block's shape,
+/// `[1]` for a per-tensor scalar) and, for a half-precision weight, optionally its f32
+/// master copy (else read from the weight).
 pub struct GivenState<'a> {
     /// By `Rule::state_names` order.
     pub tensors: Vec<&'a Tensor>,
@@ -203,10 +223,14 @@ impl MultiTensorStep {
                 dtype: w.dtype(),
                 offset: host.len(),
             };
-            let read = |t: &Tensor, what: &str| -> Result<Vec<f64>> {
+            let read_as = |t: &Tensor, what: &str, shape: &[usize], says: &str| {
                 t.expect_dtype(what, &[DType::F32])?;
-                expect_shape(what, t, &s.shape(), "the block's shape")?;
-                Ok(t.download()?.to_f64())
+                expect_shape(what, t, shape, says)?;
+                Ok::<_, Error>(t.download()?.to_f64())
+            };
+            let read = |t: &Tensor, what: &str, j: usize| match j < rule.element_states() {
+                true => read_as(t, what, &s.shape(), "the block's shape"),
+                false => read_as(t, what, &[1], "one per tensor"),
             };
             match given {
                 Some(g) => {
@@ -217,15 +241,18 @@ impl MultiTensorStep {
                             found: g.tensors.len().to_string(),
                         });
                     }
-                    for (t, what) in g.tensors.iter().zip(rule.state_names()) {
-                        host.extend(read(t, what)?);
+                    for (j, (t, what)) in g.tensors.iter().zip(rule.state_names()).enumerate() {
+                        host.extend(read(t, what, j)?);
                     }
                 }
-                None => host.extend(std::iter::repeat_n(0.0, k * s.len())),
+                None => host.extend(std::iter::repeat_n(
+                    0.0,
+                    rule.element_states() * s.len() + rule.scalar_states(),
+                )),
             }
             if s.master() {
                 match given.as_ref().and_then(|g| g.master) {
-                    Some(m) => host.extend(read(m, "master")?),
+                    Some(m) => host.extend(read(m, "master", 0)?),
                     None => host.extend(block_values(w, &s)?),
                 }
             }
@@ -256,17 +283,18 @@ impl MultiTensorStep {
 
     /// Bytes of optimizer state (f32 state tensors, master copies of half blocks).
     pub fn state_bytes(&self) -> usize {
-        let k = self.rule.state_names().len();
+        let (k, scalars) = (self.rule.element_states(), self.rule.scalar_states());
         self.slots
             .iter()
-            .map(|s| s.len() * 4 * (k + s.master() as usize))
+            .map(|s| 4 * (s.len() * (k + s.master() as usize) + scalars))
             .sum()
     }
 
     /// One step: `weights[i]`'s block updated in place from `grads[i]` (the block's
     /// shape, the weight's dtype), in the order given at creation. Launches: one per
-    /// [`SLOTS`] consecutive blocks of one dtype and distinct weights, and one to
-    /// advance the step counter. No host synchronisation.
+    /// [`SLOTS`] consecutive blocks of one dtype and distinct weights (three for the
+    /// rules with per-tensor norms), and one to advance the step counter. No host
+    /// synchronisation.
     pub fn step(&mut self, weights: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
         let n = self.slots.len();
         if weights.len() != n || grads.len() != n {
@@ -320,7 +348,7 @@ impl MultiTensorStep {
     ) -> Result<()> {
         let client = self.state.client();
         let dtype = self.slots[range.start].dtype;
-        let bindings = 2 * SLOTS as u32 + 3;
+        let bindings = 2 * SLOTS as u32 + 4;
         if client.report().max_bindings < bindings {
             return Err(Error::Unsupported {
                 device: client.name().into(),
@@ -381,54 +409,78 @@ impl MultiTensorStep {
             Rule::AdamW | Rule::AdaBelief => (decoupled, 1.0),
             Rule::Adan if h.no_prox => (decoupled, 1.0),
             Rule::Adan => (1.0, 1.0 / (1.0 + h.lr * h.weight_decay)),
-            Rule::AdaGrad => (1.0, 1.0),
+            Rule::AdaGrad | Rule::Lamb | Rule::AdaGradNorm => (1.0, 1.0),
+        };
+        // Per-cube partial sums (two per cube), then two norms per slot.
+        let partials = match self.rule.needs_norms() {
+            true => Tensor::empty(client, DType::F32, &[2 * cubes + 2 * SLOTS])?,
+            false => crate::launch::absent(client)?,
         };
         // 1 - beta and ln(beta) from the f64 values: in f32, 1 - f32(0.999) is 1.3e-5 off.
         let ln = |b: f64| b.ln() as f32;
-        OptimStep::tuned(
-            client,
-            0.0,
-            &OptimStepArgs {
-                w0: &w[0],
-                w1: &w[1],
-                w2: &w[2],
-                w3: &w[3],
-                w4: &w[4],
-                w5: &w[5],
-                g0: &g[0],
-                g1: &g[1],
-                g2: &g[2],
-                g3: &g[3],
-                g4: &g[4],
-                g5: &g[5],
-                state: &self.state,
-                table: &table,
-                counter: &self.counter,
-                len: len as u32,
-                cubes: cubes as u32,
-                lr: h.lr as f32,
-                beta1: h.beta1 as f32,
-                beta2: h.beta2 as f32,
-                beta3: h.beta3 as f32,
-                one_minus_beta1: (1.0 - h.beta1) as f32,
-                one_minus_beta2: (1.0 - h.beta2) as f32,
-                one_minus_beta3: (1.0 - h.beta3) as f32,
-                ln_beta1: ln(h.beta1),
-                ln_beta2: ln(h.beta2),
-                ln_beta3: ln(h.beta3),
-                eps: h.eps as f32,
-                weight_decay: h.weight_decay as f32,
-                decay_before: before as f32,
-                decay_after: after as f32,
-                rule: self.rule,
-                master: dtype != DType::F32,
-            },
-        )?;
-        Ok(())
+        let step = |phase: Phase| -> Result<()> {
+            OptimStep::tuned(
+                client,
+                0.0,
+                &OptimStepArgs {
+                    w0: &w[0],
+                    w1: &w[1],
+                    w2: &w[2],
+                    w3: &w[3],
+                    w4: &w[4],
+                    w5: &w[5],
+                    g0: &g[0],
+                    g1: &g[1],
+                    g2: &g[2],
+                    g3: &g[3],
+                    g4: &g[4],
+                    g5: &g[5],
+                    state: &self.state,
+                    table: &table,
+                    counter: &self.counter,
+                    partials: &partials,
+                    len: len as u32,
+                    cubes: cubes as u32,
+                    lr: h.lr as f32,
+                    beta1: h.beta1 as f32,
+                    beta2: h.beta2 as f32,
+                    beta3: h.beta3 as f32,
+                    one_minus_beta1: (1.0 - h.beta1) as f32,
+                    one_minus_beta2: (1.0 - h.beta2) as f32,
+                    one_minus_beta3: (1.0 - h.beta3) as f32,
+                    ln_beta1: ln(h.beta1),
+                    ln_beta2: ln(h.beta2),
+                    ln_beta3: ln(h.beta3),
+                    eps: h.eps as f32,
+                    weight_decay: h.weight_decay as f32,
+                    decay_before: before as f32,
+                    decay_after: after as f32,
+                    rule: self.rule,
+                    master: dtype != DType::F32,
+                    phase,
+                },
+            )?;
+            Ok(())
+        };
+        if self.rule.needs_norms() {
+            step(Phase::Norms)?;
+            OptimSlotNorms::tuned(
+                client,
+                0.0,
+                &OptimSlotNormsArgs {
+                    partials: &partials,
+                    state: &self.state,
+                    table: &table,
+                    cubes: cubes as u32,
+                    rule: self.rule,
+                },
+            )?;
+        }
+        step(Phase::Update)
     }
 
-    /// Slot `i`'s state as f32 tensors of the block's shape, in `Rule::state_names`
-    /// order, and its master copy (half-precision weights).
+    /// Slot `i`'s state as f32 tensors (the block's shape; `[1]` for a per-tensor
+    /// scalar) in `Rule::state_names` order, and its master copy (half weights).
     pub fn state_of(&self, i: usize) -> Result<(Vec<Tensor>, Option<Tensor>)> {
         let s = self.slots.get(i).ok_or_else(|| Error::Param {
             param: "slot".into(),
@@ -437,15 +489,23 @@ impl MultiTensorStep {
         })?;
         let n = s.len();
         let flat = self.state.reshape(&[self.state.numel(), 1])?;
-        let part = |j: usize| -> Result<Tensor> {
-            if n == 0 {
-                return Tensor::empty(self.state.client(), DType::F32, &s.shape());
+        let part = |at: usize, len: usize, shape: &[usize]| -> Result<Tensor> {
+            if len == 0 {
+                return Tensor::empty(self.state.client(), DType::F32, shape);
             }
-            crate::rows::slice_rows(&flat, 0, s.offset + j * n, n, DType::F32)?.reshape(&s.shape())
+            crate::rows::slice_rows(&flat, 0, s.offset + at, len, DType::F32)?.reshape(shape)
         };
-        let k = self.rule.state_names().len();
-        let tensors = (0..k).map(part).collect::<Result<Vec<_>>>()?;
-        let master = if s.master() { Some(part(k)?) } else { None };
+        let (k, scalars) = (self.rule.element_states(), self.rule.scalar_states());
+        let mut tensors = (0..k)
+            .map(|j| part(j * n, n, &s.shape()))
+            .collect::<Result<Vec<_>>>()?;
+        for j in 0..scalars {
+            tensors.push(part(k * n + j, 1, &[1])?);
+        }
+        let master = match s.master() {
+            true => Some(part(k * n + scalars, n, &s.shape())?),
+            false => None,
+        };
         Ok((tensors, master))
     }
 }
@@ -511,6 +571,8 @@ fn select_slot<F: Float>(
 /// each cube within one slot. `t = counter[0] + 1`. f32 arithmetic throughout; with
 /// `master` the state's master copy is the parameter and the weight receives its
 /// rounding. In place: one configuration, so the autotuner never runs it twice.
+/// `phase` = `Norms` (LAMB, AdaGrad-Norm) writes the cube's sums of squares to
+/// `partials[2 cube ..]` instead of the weight.
 #[kiln_macros::kernel(
     tune(UNITS = [256]),
     key(len = pow2, dtype),
@@ -533,6 +595,7 @@ pub fn optim_step<F: Float>(
     state: &mut Array<f32>,
     table: &Array<u32>,
     counter: &Array<u32>,
+    partials: &mut Array<f32>,
     len: u32,
     cubes: u32,
     lr: f32,
@@ -551,6 +614,7 @@ pub fn optim_step<F: Float>(
     decay_after: f32,
     #[comptime] rule: Rule,
     #[comptime] master: bool,
+    #[comptime] phase: Phase,
 ) {
     let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
     if cube < cubes {
@@ -565,82 +629,200 @@ pub fn optim_step<F: Float>(
         let t = b * comptime!(SLOT_WORDS as u32);
         let e = (cube - table[t as usize]) * UNITS + UNIT_POS;
         let n = table[(t + 1) as usize];
-        if e < n {
-            let cols = table[(t + 2) as usize];
-            let ld = table[(t + 3) as usize];
-            let w_at = table[(t + 4) as usize] + (e / cols) * ld + e % cols;
-            let s_at = table[(t + 5) as usize] + e;
-            let step = counter[0];
-            let tf = f32::cast_from(step + 1);
-            let g = f32::cast_from(select_slot(g0, g1, g2, g3, g4, g5, b, e));
-            let states = comptime!(rule.state_names().len() as u32);
-            let mut p = 0.0f32;
+        let inside = e < n;
+        // Out-of-slot units read element 0 (a slot has one, or no cube) and add nothing.
+        let ei = select(inside, e, 0u32);
+        let cols = table[(t + 2) as usize];
+        let ld = table[(t + 3) as usize];
+        let w_at = table[(t + 4) as usize] + (ei / cols) * ld + ei % cols;
+        let base = table[(t + 5) as usize];
+        let s_at = base + ei;
+        // Per-element states at base + j n + e, scalars at base + K n + j, master after.
+        let k = comptime!(rule.element_states() as u32);
+        let scalars_at = base + k * n;
+        let master_at = scalars_at + comptime!(rule.scalar_states() as u32) + ei;
+        let step = counter[0];
+        let tf = f32::cast_from(step + 1);
+        let mut g = 0.0f32;
+        let mut p = 0.0f32;
+        if inside {
+            g = f32::cast_from(select_slot(g0, g1, g2, g3, g4, g5, b, ei));
             if comptime!(master) {
-                p = state[(s_at + states * n) as usize];
+                p = state[master_at as usize];
             }
             if comptime!(!master) {
                 p = f32::cast_from(select_slot(w0, w1, w2, w3, w4, w5, b, w_at));
             }
-            p *= decay_before;
-            if comptime!(rule == Rule::AdamW) {
-                let m = beta1 * state[s_at as usize] + one_minus_beta1 * g;
-                let v = beta2 * state[(s_at + n) as usize] + one_minus_beta2 * g * g;
-                let bc1 = one_minus_pow(ln_beta1, tf);
-                let bc2 = one_minus_pow(ln_beta2, tf);
-                p -= lr / bc1 * m / (f32::sqrt(v) / f32::sqrt(bc2) + eps);
-                state[s_at as usize] = m;
-                state[(s_at + n) as usize] = v;
+        }
+        if comptime!(phase == Phase::Norms) {
+            let mut sq0 = 0.0f32;
+            let mut sq1 = 0.0f32;
+            if inside {
+                if comptime!(rule == Rule::Lamb) {
+                    let m = beta1 * state[s_at as usize] + one_minus_beta1 * g;
+                    let v = beta2 * state[(s_at + n) as usize] + one_minus_beta2 * g * g;
+                    state[s_at as usize] = m;
+                    state[(s_at + n) as usize] = v;
+                    let r = lamb_direction(m, v, p, tf, ln_beta1, ln_beta2, eps, weight_decay);
+                    sq0 = p * p;
+                    sq1 = r * r;
+                }
+                if comptime!(rule == Rule::AdaGradNorm) {
+                    let gg = g + weight_decay * p;
+                    sq0 = gg * gg;
+                }
             }
-            if comptime!(rule == Rule::AdaBelief) {
-                let m = beta1 * state[s_at as usize] + one_minus_beta1 * g;
-                let d = g - m;
-                let s = beta2 * state[(s_at + n) as usize] + one_minus_beta2 * d * d + eps;
-                let bc1 = one_minus_pow(ln_beta1, tf);
-                let bc2 = one_minus_pow(ln_beta2, tf);
-                p -= lr / bc1 * m / (f32::sqrt(s) / f32::sqrt(bc2) + eps);
-                state[s_at as usize] = m;
-                state[(s_at + n) as usize] = s;
+            let mut smem = SharedMemory::<f32>::new(UNITS as usize);
+            let total0 = cube_sum(&mut smem, sq0, UNITS);
+            let total1 = cube_sum(&mut smem, sq1, UNITS);
+            if UNIT_POS == 0 {
+                partials[(2 * cube) as usize] = total0;
+                partials[(2 * cube + 1) as usize] = total1;
             }
-            if comptime!(rule == Rule::Adan) {
-                // The difference is 0 at the first step (grad_prev is not yet a gradient).
-                let delta = select(step == 0, 0.0f32, g - state[(s_at + 3 * n) as usize]);
-                let m = beta1 * state[s_at as usize] + one_minus_beta1 * g;
-                let d = beta2 * state[(s_at + n) as usize] + one_minus_beta2 * delta;
-                let u = g + beta2 * delta;
-                let nn = beta3 * state[(s_at + 2 * n) as usize] + one_minus_beta3 * u * u;
-                let bc1 = one_minus_pow(ln_beta1, tf);
-                let bc2 = one_minus_pow(ln_beta2, tf);
-                let bc3 = one_minus_pow(ln_beta3, tf);
-                let den = f32::sqrt(nn) / f32::sqrt(bc3) + eps;
-                p -= lr / bc1 * m / den + lr * beta2 / bc2 * d / den;
-                state[s_at as usize] = m;
-                state[(s_at + n) as usize] = d;
-                state[(s_at + 2 * n) as usize] = nn;
-                state[(s_at + 3 * n) as usize] = g;
+        }
+        if comptime!(phase == Phase::Update) {
+            if inside {
+                p *= decay_before;
+                if comptime!(rule == Rule::AdamW) {
+                    let m = beta1 * state[s_at as usize] + one_minus_beta1 * g;
+                    let v = beta2 * state[(s_at + n) as usize] + one_minus_beta2 * g * g;
+                    let bc1 = one_minus_pow(ln_beta1, tf);
+                    let bc2 = one_minus_pow(ln_beta2, tf);
+                    p -= lr / bc1 * m / (f32::sqrt(v) / f32::sqrt(bc2) + eps);
+                    state[s_at as usize] = m;
+                    state[(s_at + n) as usize] = v;
+                }
+                if comptime!(rule == Rule::AdaBelief) {
+                    let m = beta1 * state[s_at as usize] + one_minus_beta1 * g;
+                    let d = g - m;
+                    let s = beta2 * state[(s_at + n) as usize] + one_minus_beta2 * d * d + eps;
+                    let bc1 = one_minus_pow(ln_beta1, tf);
+                    let bc2 = one_minus_pow(ln_beta2, tf);
+                    p -= lr / bc1 * m / (f32::sqrt(s) / f32::sqrt(bc2) + eps);
+                    state[s_at as usize] = m;
+                    state[(s_at + n) as usize] = s;
+                }
+                if comptime!(rule == Rule::Adan) {
+                    // The difference is 0 at the first step (grad_prev is not yet a gradient).
+                    let delta = select(step == 0, 0.0f32, g - state[(s_at + 3 * n) as usize]);
+                    let m = beta1 * state[s_at as usize] + one_minus_beta1 * g;
+                    let d = beta2 * state[(s_at + n) as usize] + one_minus_beta2 * delta;
+                    let u = g + beta2 * delta;
+                    let nn = beta3 * state[(s_at + 2 * n) as usize] + one_minus_beta3 * u * u;
+                    let bc1 = one_minus_pow(ln_beta1, tf);
+                    let bc2 = one_minus_pow(ln_beta2, tf);
+                    let bc3 = one_minus_pow(ln_beta3, tf);
+                    let den = f32::sqrt(nn) / f32::sqrt(bc3) + eps;
+                    p -= lr / bc1 * m / den + lr * beta2 / bc2 * d / den;
+                    state[s_at as usize] = m;
+                    state[(s_at + n) as usize] = d;
+                    state[(s_at + 2 * n) as usize] = nn;
+                    state[(s_at + 3 * n) as usize] = g;
+                }
+                if comptime!(rule == Rule::AdaGrad) {
+                    let gg = g + weight_decay * p;
+                    let v = state[s_at as usize] + gg * gg;
+                    p -= lr * gg / (f32::sqrt(v) + eps);
+                    state[s_at as usize] = v;
+                }
+                if comptime!(rule == Rule::Lamb) {
+                    // The moments were advanced by the norms pass; the same r again.
+                    let r = lamb_direction(
+                        state[s_at as usize],
+                        state[(s_at + n) as usize],
+                        p,
+                        tf,
+                        ln_beta1,
+                        ln_beta2,
+                        eps,
+                        weight_decay,
+                    );
+                    let w_norm = f32::sqrt(partials[(2 * cubes + 2 * b) as usize]);
+                    let r_norm = f32::sqrt(partials[(2 * cubes + 2 * b + 1) as usize]);
+                    let trust = select(w_norm > 0.0 && r_norm > 0.0, w_norm / r_norm, 1.0f32);
+                    p -= lr * trust * r;
+                }
+                if comptime!(rule == Rule::AdaGradNorm) {
+                    // b2 was advanced by the slot reduction.
+                    let gg = g + weight_decay * p;
+                    p -= lr * gg / (f32::sqrt(state[scalars_at as usize]) + eps);
+                }
+                p *= decay_after;
+                if comptime!(master) {
+                    state[master_at as usize] = p;
+                }
+                let out = F::cast_from(p);
+                if b == 0 {
+                    w0[w_at as usize] = out;
+                } else if b == 1 {
+                    w1[w_at as usize] = out;
+                } else if b == 2 {
+                    w2[w_at as usize] = out;
+                } else if b == 3 {
+                    w3[w_at as usize] = out;
+                } else if b == 4 {
+                    w4[w_at as usize] = out;
+                } else {
+                    w5[w_at as usize] = out;
+                }
             }
-            if comptime!(rule == Rule::AdaGrad) {
-                let gg = g + weight_decay * p;
-                let v = state[s_at as usize] + gg * gg;
-                p -= lr * gg / (f32::sqrt(v) + eps);
-                state[s_at as usize] = v;
+        }
+    }
+}
+
+/// LAMB's direction `r = m̂ / (sqrt(v̂) + eps) + wd p` from this step's moments.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn lamb_direction(
+    m: f32,
+    v: f32,
+    p: f32,
+    t: f32,
+    ln_beta1: f32,
+    ln_beta2: f32,
+    eps: f32,
+    weight_decay: f32,
+) -> f32 {
+    let bc1 = one_minus_pow(ln_beta1, t);
+    let bc2 = one_minus_pow(ln_beta2, t);
+    m / bc1 / (f32::sqrt(v) / f32::sqrt(bc2) + eps) + weight_decay * p
+}
+
+/// Per-slot sums of the step kernel's per-cube partials (`Phase::Norms`), one cube per
+/// slot, in a fixed order: LAMB's `||p||^2, ||r||^2` to `partials[2 cubes + 2 slot ..]`;
+/// AdaGrad-Norm's `||g||^2` added to the slot's `b2`. Unused slots do nothing.
+#[kiln_macros::kernel(tune(UNITS = [256]), grid = (6), cube = UNITS)]
+pub fn optim_slot_norms(
+    partials: &mut Array<f32>,
+    state: &mut Array<f32>,
+    table: &Array<u32>,
+    cubes: u32,
+    #[comptime] rule: Rule,
+) {
+    let t = CUBE_POS_X * comptime!(SLOT_WORDS as u32);
+    let first = table[t as usize];
+    if first < cubes {
+        let n = table[(t + 1) as usize];
+        let count = (n + comptime!(STEP_UNITS as u32 - 1)) / comptime!(STEP_UNITS as u32);
+        let mut s0 = 0.0f32;
+        let mut s1 = 0.0f32;
+        let mut i = UNIT_POS;
+        while i < count {
+            s0 += partials[(2 * (first + i)) as usize];
+            s1 += partials[(2 * (first + i) + 1) as usize];
+            i += UNITS;
+        }
+        let mut smem = SharedMemory::<f32>::new(UNITS as usize);
+        let total0 = cube_sum(&mut smem, s0, UNITS);
+        let total1 = cube_sum(&mut smem, s1, UNITS);
+        if UNIT_POS == 0 {
+            if comptime!(rule == Rule::AdaGradNorm) {
+                let at = table[(t + 5) as usize] + comptime!(rule.element_states() as u32) * n;
+                state[at as usize] += total0;
             }
-            p *= decay_after;
-            if comptime!(master) {
-                state[(s_at + states * n) as usize] = p;
-            }
-            let out = F::cast_from(p);
-            if b == 0 {
-                w0[w_at as usize] = out;
-            } else if b == 1 {
-                w1[w_at as usize] = out;
-            } else if b == 2 {
-                w2[w_at as usize] = out;
-            } else if b == 3 {
-                w3[w_at as usize] = out;
-            } else if b == 4 {
-                w4[w_at as usize] = out;
-            } else {
-                w5[w_at as usize] = out;
+            if comptime!(rule != Rule::AdaGradNorm) {
+                partials[(2 * cubes + 2 * CUBE_POS_X) as usize] = total0;
+                partials[(2 * cubes + 2 * CUBE_POS_X + 1) as usize] = total1;
             }
         }
     }

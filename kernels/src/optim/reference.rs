@@ -5,9 +5,42 @@ use super::rules::{Hyper, Rule};
 
 /// One step `t` (from 1) of `rule` on `p` with gradient `g` and the rule's state tensors
 /// `state` (in `Rule::state_names` order), all in place.
+/// `state` in `Rule::state_names` order: per-element tensors of `p`'s length, then the
+/// per-tensor scalars (AdaGrad-Norm's `b2`) as one-element vectors. LAMB and
+/// AdaGrad-Norm take their norms over the whole of `p` (one tensor or block).
 pub fn step(rule: Rule, h: &Hyper, t: u64, p: &mut [f64], g: &[f64], state: &mut [Vec<f64>]) {
     let bc = |b: f64| 1.0 - b.powi(t as i32);
     let decoupled = 1.0 - h.lr * h.weight_decay;
+    let norm = |v: &mut dyn Iterator<Item = f64>| v.map(|x| x * x).sum::<f64>().sqrt();
+    match rule {
+        Rule::Lamb => {
+            let r: Vec<f64> = (0..p.len())
+                .map(|i| {
+                    state[0][i] = h.beta1 * state[0][i] + (1.0 - h.beta1) * g[i];
+                    state[1][i] = h.beta2 * state[1][i] + (1.0 - h.beta2) * g[i] * g[i];
+                    let m_hat = state[0][i] / bc(h.beta1);
+                    let v_hat = state[1][i] / bc(h.beta2);
+                    m_hat / (v_hat.sqrt() + h.eps) + h.weight_decay * p[i]
+                })
+                .collect();
+            let (wn, rn) = (norm(&mut p.iter().copied()), norm(&mut r.iter().copied()));
+            let trust = if wn > 0.0 && rn > 0.0 { wn / rn } else { 1.0 };
+            for (pi, ri) in p.iter_mut().zip(&r) {
+                *pi -= h.lr * trust * ri;
+            }
+            return;
+        }
+        Rule::AdaGradNorm => {
+            let gg: Vec<f64> = (0..p.len()).map(|i| g[i] + h.weight_decay * p[i]).collect();
+            state[0][0] += gg.iter().map(|x| x * x).sum::<f64>();
+            let b = state[0][0].sqrt();
+            for (pi, gi) in p.iter_mut().zip(&gg) {
+                *pi -= h.lr * gi / (b + h.eps);
+            }
+            return;
+        }
+        _ => {}
+    }
     for i in 0..p.len() {
         match rule {
             Rule::AdamW => {
@@ -47,6 +80,7 @@ pub fn step(rule: Rule, h: &Hyper, t: u64, p: &mut [f64], g: &[f64], state: &mut
                 state[0][i] += gg * gg;
                 p[i] -= h.lr * gg / (state[0][i].sqrt() + h.eps);
             }
+            Rule::Lamb | Rule::AdaGradNorm => unreachable!("handled above"),
         }
     }
 }

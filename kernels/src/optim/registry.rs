@@ -75,14 +75,26 @@ pub(crate) fn run_step(
     // Out of place: the update goes into a copy of param.
     let param = crate::rows::slice_rows(&p2, 0, 0, p2.shape()[0], p2.dtype())?;
     let shape = block.shape(p2.shape()[0], p2.shape()[1]);
-    let zeros = Tensor::upload(
-        client,
-        &HostTensor::from_f64(DType::F32, shape.to_vec(), &vec![0.0; shape[0] * shape[1]])?,
-    )?;
+    let zeros = |shape: &[usize]| {
+        let n = shape.iter().product();
+        Tensor::upload(
+            client,
+            &HostTensor::from_f64(DType::F32, shape.to_vec(), &vec![0.0; n])?,
+        )
+    };
+    // Per-element states in the block's shape; per-tensor scalars (`b2`) as `[1]`.
     let states: Vec<Tensor> = rule
         .state_names()
         .iter()
-        .map(|n| a.optional_tensor(n).map_or(Ok(zeros.clone()), to_2d))
+        .enumerate()
+        .map(
+            |(j, n)| match (a.optional_tensor(n), j < rule.element_states()) {
+                (Some(t), true) => to_2d(t),
+                (Some(t), false) => t.reshape(&[t.numel()]),
+                (None, true) => zeros(&shape),
+                (None, false) => zeros(&[1]),
+            },
+        )
         .collect::<Result<_>>()?;
     let master = a.optional_tensor("master").map(to_2d).transpose()?;
     let grad = to_2d(a.tensor("grad")?)?;
@@ -183,7 +195,8 @@ fn example(dims: &[usize], rule: Rule) -> Result<Vec<(&'static str, Vec<usize>)>
         return Err(shape_err("--shape", "N (elements)".into(), dims));
     };
     let mut v = vec![("param", vec![n]), ("grad", vec![n])];
-    v.extend(rule.state_names().iter().map(|s| (*s, vec![n])));
+    let names = rule.state_names().iter().enumerate();
+    v.extend(names.map(|(j, s)| (*s, vec![rule.state_len(j, n)])));
     Ok(v)
 }
 
@@ -250,4 +263,160 @@ pub static ADAGRAD: OpSpec = OpSpec {
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "adagrad"),
 };
 
-kiln_runtime::register_op!(ADAMW, ADAN, ADABELIEF, ADAGRAD);
+/// `param` copied (out of place), perturbed by `f`, in `param`'s shape.
+fn run_perturb(a: &OpArgs, f: impl FnOnce(&Tensor, u32) -> Result<()>) -> Result<Outputs> {
+    let given = a.tensor("param")?;
+    let flat = given.reshape(&[1, given.numel()])?;
+    let param = crate::rows::slice_rows(&flat, 0, 0, 1, given.dtype())?;
+    f(&param, a.param_as("stream")?)?;
+    Ok(vec![("param", param.reshape(given.shape())?)])
+}
+
+/// `kiln run`'s `seeds`: comma-separated u64; empty = `0, 1, .., n-1`.
+fn seeds_list(a: &OpArgs, n: usize) -> Result<Vec<u64>> {
+    let raw = a.param("seeds")?;
+    if raw.trim().is_empty() {
+        return Ok((0..n as u64).collect());
+    }
+    let bad = || Error::Param {
+        param: "seeds".into(),
+        expected: format!("{n} comma-separated u64 seeds (one per projected gradient)"),
+        found: raw.clone(),
+    };
+    let v: Vec<u64> = raw
+        .split(',')
+        .map(|s| s.trim().parse().map_err(|_| bad()))
+        .collect::<Result<_>>()?;
+    if v.len() != n {
+        return Err(bad());
+    }
+    Ok(v)
+}
+
+const STREAM: ParamSpec = ParamSpec::new(
+    "stream",
+    "0",
+    "a u32",
+    "the tensor's position in its list (the generator's second counter word)",
+);
+
+fn perturb_example(dims: &[usize]) -> Result<Vec<(&'static str, Vec<usize>)>> {
+    let [n] = *dims else {
+        return Err(shape_err("--shape", "N (elements)".into(), dims));
+    };
+    Ok(vec![("param", vec![n])])
+}
+
+/// `perturb`: `param += eps z(seed)`, `z ~ N(0, I)` from Philox, never stored.
+pub static PERTURB: OpSpec = OpSpec {
+    name: "perturb",
+    summary: "MeZO-style seeded perturbation param += eps z, z ~ N(0, I) drawn in the kernel from Philox4x32-10 keyed by (seed, stream, index), bit-identical on every backend and on the host (kiln::kernels::random::normal)",
+    inputs: &[TensorSpec::new("param", "any", Dtypes::Float, false, "the parameter")],
+    outputs: &[TensorSpec::new("param", "param's shape", Dtypes::Like("param"), false, "the perturbed parameter")],
+    params: &[
+        ParamSpec::new("seed", "0", "a u64", "the generator's key"),
+        ParamSpec::new("eps", "0.001", "a finite number", "the perturbation scale"),
+        STREAM,
+    ],
+    run: |_, a| {
+        let (seed, eps): (u64, f64) = (a.param_as("seed")?, a.param_as("eps")?);
+        run_perturb(a, |p, stream| perturb::perturb_stream(p, stream, &[seed], &[eps]))
+    },
+    problem: "N",
+    example_inputs: perturb_example,
+    cost: |d, e| {
+        let n: usize = d.iter().product();
+        (n as f64, (2 * n * e) as f64)
+    },
+    selftest: || kiln_runtime::selftest::only(selftest::cases(), "perturb"),
+};
+
+/// `zo_update`: MeZO's update `param -= lr sum_i projected_grads[i] z(seeds[i])`.
+pub static ZO_UPDATE: OpSpec = OpSpec {
+    name: "zo_update",
+    summary: "MeZO's zeroth-order update param -= lr sum_i projected_grads[i] z(seeds[i]) in one pass (z as in perturb, regenerated, never stored)",
+    inputs: &[
+        TensorSpec::new("param", "any", Dtypes::Float, false, "the parameter"),
+        TensorSpec::new("projected_grads", "[n]", Dtypes::Fixed(DType::F32), false, "the projected gradient of each seed's step"),
+    ],
+    outputs: &[TensorSpec::new("param", "param's shape", Dtypes::Like("param"), false, "the updated parameter")],
+    params: &[
+        ParamSpec::new("seeds", "", "comma-separated u64, one per projected gradient (empty: 0, 1, .., n-1)", "each step's seed"),
+        lr("0.000001"),
+        STREAM,
+    ],
+    run: |_, a| {
+        let p = a.tensor("projected_grads")?;
+        p.expect_dtype("projected_grads", &[DType::F32])?;
+        if p.rank() != 1 {
+            return Err(shape_err("projected_grads", "[n]".into(), p.shape()));
+        }
+        let grads = p.download()?.to_f64();
+        let seeds = seeds_list(a, grads.len())?;
+        let lr: f64 = a.param_as("lr")?;
+        run_perturb(a, |t, stream| {
+            let coeffs: Vec<f64> = grads.iter().map(|g| -lr * g).collect();
+            if !(lr.is_finite() && lr >= 0.0) {
+                return Err(Error::Param {
+                    param: "lr".into(),
+                    expected: "a finite number >= 0".into(),
+                    found: lr.to_string(),
+                });
+            }
+            perturb::perturb_stream(t, stream, &seeds, &coeffs)
+        })
+    },
+    problem: "N",
+    example_inputs: |d| {
+        let mut v = perturb_example(d)?;
+        v.push(("projected_grads", vec![4]));
+        Ok(v)
+    },
+    cost: |d, e| {
+        let n: usize = d.iter().product();
+        (8.0 * n as f64, (2 * n * e) as f64)
+    },
+    selftest: || kiln_runtime::selftest::only(selftest::cases(), "zo_update"),
+};
+
+/// `lamb`: the LAMB step (per-tensor trust ratio).
+pub static LAMB: OpSpec = OpSpec {
+    name: "lamb",
+    summary: "LAMB step (r = m_hat / (sqrt(v_hat) + eps) + weight_decay param; param -= lr (||param|| / ||r||) r, trust ratio 1 where either norm is 0): per-tensor norms by a deterministic reduction, then the update; f32 state",
+    inputs: &[PARAM, GRAD, state("m", "first moment (default 0)", ExampleValues::Normal), state("v", "second moment (default 0)", ExampleValues::Positive), MASTER],
+    outputs: &[OUT_PARAM, out_state("m", "first moment"), out_state("v", "second moment"), OUT_MASTER],
+    params: &[lr("0.001"), beta("beta1", "0.9", "first-moment decay"), beta("beta2", "0.999", "second-moment decay"), eps("1e-6"), weight_decay("0.01", "inside the trust-ratio direction r"), STEP],
+    run: |c, a| run(Rule::Lamb, c, a),
+    problem: "N",
+    example_inputs: |d| example(d, Rule::Lamb),
+    cost: |d, e| cost(d, e, 2),
+    selftest: || kiln_runtime::selftest::only(selftest::cases(), "lamb"),
+};
+
+/// `adagrad_norm`: AdaGrad-Norm (one adaptive step size per tensor).
+pub static ADAGRAD_NORM: OpSpec = OpSpec {
+    name: "adagrad_norm",
+    summary: "AdaGrad-Norm step (g += weight_decay param; b2 += ||g||^2 over the tensor; param -= lr g / (sqrt(b2) + eps)): the norm by a deterministic reduction, then the update",
+    inputs: &[PARAM, GRAD, TensorSpec::new("b2", "[1]", Dtypes::Fixed(DType::F32), true, "sum of squared gradient norms (default 0)").example(ExampleValues::Positive), MASTER],
+    outputs: &[OUT_PARAM, TensorSpec::new("b2", "[1]", Dtypes::Fixed(DType::F32), false, "sum of squared gradient norms"), OUT_MASTER],
+    params: &[lr("0.01"), eps("1e-10"), weight_decay("0", "L2: g += weight_decay param"), STEP],
+    run: |c, a| run(Rule::AdaGradNorm, c, a),
+    problem: "N",
+    example_inputs: |d| example(d, Rule::AdaGradNorm),
+    cost: |d, e| {
+        let n: usize = d.iter().product();
+        ((6 * n) as f64, (n * 3 * e) as f64)
+    },
+    selftest: || kiln_runtime::selftest::only(selftest::cases(), "adagrad_norm"),
+};
+
+kiln_runtime::register_op!(
+    ADAMW,
+    ADAN,
+    ADABELIEF,
+    ADAGRAD,
+    LAMB,
+    ADAGRAD_NORM,
+    PERTURB,
+    ZO_UPDATE
+);

@@ -16,17 +16,53 @@ kiln_runtime::comptime_enum! {
         AdaBelief = "adabelief",
         /// PyTorch's Adagrad: `g += wd p` (L2), `v += g^2`, `p -= lr g / (sqrt(v) + eps)`.
         AdaGrad = "adagrad",
+        /// LAMB: Adam's bias-corrected direction plus decoupled decay, `r`, scaled per
+        /// tensor by the trust ratio `||p|| / ||r||` (1 where either norm is 0).
+        Lamb = "lamb",
+        /// AdaGrad-Norm: one step size per tensor, `b2 += ||g||^2` (`g += wd p`, L2),
+        /// `p -= lr g / (sqrt(b2) + eps)`.
+        AdaGradNorm = "adagrad_norm",
     }
 }
 
 impl Rule {
-    /// The per-element state tensors, by their formula names, in storage order.
+    /// The state tensors, by their formula names, in storage order: the per-element
+    /// ones (the parameter's shape), then [`Rule::scalar_states`] per-tensor scalars.
     pub fn state_names(self) -> &'static [&'static str] {
         match self {
-            Rule::AdamW => &["m", "v"],
+            Rule::AdamW | Rule::Lamb => &["m", "v"],
             Rule::Adan => &["m", "d", "n", "grad_prev"],
             Rule::AdaBelief => &["m", "s"],
             Rule::AdaGrad => &["v"],
+            Rule::AdaGradNorm => &["b2"],
+        }
+    }
+
+    /// How many of the last [`Rule::state_names`] are one scalar per tensor (shape `[1]`).
+    pub fn scalar_states(self) -> usize {
+        match self {
+            Rule::AdaGradNorm => 1,
+            _ => 0,
+        }
+    }
+
+    /// How many of [`Rule::state_names`] have the parameter's shape.
+    pub fn element_states(self) -> usize {
+        self.state_names().len() - self.scalar_states()
+    }
+
+    /// Whether the update needs per-tensor norms first (a reducing pass, then the
+    /// update: three launches per group of tensors instead of one).
+    pub fn needs_norms(self) -> bool {
+        matches!(self, Rule::Lamb | Rule::AdaGradNorm)
+    }
+
+    /// The length of state `j` for a tensor of `n` elements.
+    pub fn state_len(self, j: usize, n: usize) -> usize {
+        if j < self.element_states() {
+            n
+        } else {
+            1
         }
     }
 }
@@ -53,7 +89,9 @@ pub struct Hyper {
 impl Hyper {
     /// The defaults of `rule`: AdamW (PyTorch) lr 1e-3, betas 0.9/0.999, eps 1e-8, wd
     /// 1e-2; Adan (sail-sg) lr 1e-3, betas 0.98/0.92/0.99, eps 1e-8, wd 0; AdaBelief lr
-    /// 1e-3, betas 0.9/0.999, eps 1e-16, wd 0; AdaGrad (PyTorch) lr 1e-2, eps 1e-10, wd 0.
+    /// 1e-3, betas 0.9/0.999, eps 1e-16, wd 0; AdaGrad (PyTorch) and AdaGrad-Norm lr
+    /// 1e-2, eps 1e-10, wd 0; LAMB (NVIDIA apex's FusedLAMB) lr 1e-3, betas 0.9/0.999,
+    /// eps 1e-6, wd 1e-2.
     pub fn defaults(rule: Rule) -> Self {
         let base = Hyper {
             lr: 1e-3,
@@ -76,9 +114,14 @@ impl Hyper {
                 ..base
             },
             Rule::AdaBelief => Hyper { eps: 1e-16, ..base },
-            Rule::AdaGrad => Hyper {
+            Rule::AdaGrad | Rule::AdaGradNorm => Hyper {
                 lr: 1e-2,
                 eps: 1e-10,
+                ..base
+            },
+            Rule::Lamb => Hyper {
+                eps: 1e-6,
+                weight_decay: 1e-2,
                 ..base
             },
         }
@@ -95,7 +138,7 @@ impl Hyper {
             return Err(bad("lr", "a finite number >= 0", self.lr));
         }
         let betas: &[(&str, f64)] = match rule {
-            Rule::AdaGrad => &[],
+            Rule::AdaGrad | Rule::AdaGradNorm => &[],
             Rule::Adan => &[
                 ("beta1", self.beta1),
                 ("beta2", self.beta2),

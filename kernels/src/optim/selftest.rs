@@ -16,12 +16,14 @@ fn inputs(rng: &mut Rng, rule: Rule, shape: &[usize]) -> CaseInputs {
         ("param", shape.to_vec(), rng.normals(n, 1.0)),
         ("grad", shape.to_vec(), rng.normals(n, 1.0)),
     ];
-    for &s in rule.state_names() {
+    for (j, &s) in rule.state_names().iter().enumerate() {
+        let len = rule.state_len(j, n);
         let values = match s {
-            "v" | "s" | "n" => (0..n).map(|_| 0.05 * rng.uniform()).collect(),
-            _ => rng.normals(n, 0.2),
+            "v" | "s" | "n" | "b2" => (0..len).map(|_| 0.05 * rng.uniform()).collect(),
+            _ => rng.normals(len, 0.2),
         };
-        v.push((s, shape.to_vec(), values));
+        let shape = if len == n { shape.to_vec() } else { vec![1] };
+        v.push((s, shape, values));
     }
     v
 }
@@ -44,7 +46,11 @@ fn after(i: &BTreeMap<String, HostTensor>, rule: Rule, output: &str) -> Vec<f64>
     let mut state: Vec<Vec<f64>> = rule
         .state_names()
         .iter()
-        .map(|s| i.get(*s).map_or(vec![0.0; n], |t| t.to_f64()))
+        .enumerate()
+        .map(|(j, s)| {
+            i.get(*s)
+                .map_or(vec![0.0; rule.state_len(j, n)], |t| t.to_f64())
+        })
         .collect();
     reference::step(
         rule,
@@ -87,12 +93,59 @@ macro_rules! cases_of {
     };
 }
 
+/// `param + sum_i coeffs[i] z(seeds[i], stream 2)` in f64 from the host generator.
+fn perturbed(i: &BTreeMap<String, HostTensor>, seeds: &[u64], coeffs: &[f64]) -> Vec<f64> {
+    let p = i["param"].to_f64();
+    (0..p.len())
+        .map(|e| {
+            let dz: f64 = seeds
+                .iter()
+                .zip(coeffs)
+                .map(|(&s, c)| c * crate::random::normal(s, 2, e as u64) as f64)
+                .sum();
+            p[e] + dz
+        })
+        .collect()
+}
+
 /// The optimizer family's cases.
 pub fn cases() -> Vec<Case> {
-    let mut v = Vec::new();
+    let mut v = vec![
+        Case {
+            op: "perturb",
+            what: "37 elements, seed 7, eps 0.5, stream 2",
+            inputs: |r| vec![("param", vec![37], r.normals(37, 1.0))],
+            params: &[("seed", "7"), ("eps", "0.5"), ("stream", "2")],
+            output: "param",
+            reference: |i| perturbed(i, &[7], &[0.5]),
+            ulps: 4.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "zo_update",
+            what: "a [5, 13] matrix, three seeds, lr 0.1, stream 2",
+            inputs: |r| {
+                vec![
+                    ("param", vec![5, 13], r.normals(65, 1.0)),
+                    ("projected_grads", vec![3], vec![1.5, -0.25, 2.0]),
+                ]
+            },
+            params: &[
+                ("seeds", "3, 5, 18446744073709551615"),
+                ("lr", "0.1"),
+                ("stream", "2"),
+            ],
+            output: "param",
+            reference: |i| perturbed(i, &[3, 5, u64::MAX], &[-0.15, 0.025, -0.2]),
+            ulps: 8.0,
+            floor: 1.0,
+        },
+    ];
     v.extend(cases_of!(Rule::AdamW, "adamw", "v"));
     v.extend(cases_of!(Rule::Adan, "adan", "n"));
     v.extend(cases_of!(Rule::AdaBelief, "adabelief", "s"));
     v.extend(cases_of!(Rule::AdaGrad, "adagrad", "v"));
+    v.extend(cases_of!(Rule::Lamb, "lamb", "v"));
+    v.extend(cases_of!(Rule::AdaGradNorm, "adagrad_norm", "b2"));
     v
 }
