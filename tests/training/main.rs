@@ -4,6 +4,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod compress;
 mod optim;
 mod perturb;
 mod s2ft;

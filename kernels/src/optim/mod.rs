@@ -11,16 +11,21 @@
 //! - Seeded perturbation ([`perturb()`], [`zo_update`]): MeZO's `θ += ε z(seed)` and its update
 //!   `θ −= lr Σ pᵢ z(seedᵢ)`, with `z ~ N(0, I)` regenerated in the kernel (Philox),
 //!   bit-identical on every backend and on the host.
+//! - Gradient compressors ([`topk_ef`], [`randk`]): error feedback, exact top-k by a
+//!   device radix select (deterministic, no atomics), `(indices, values)` outputs.
 //! - `kiln run adamw|adan|adabelief|adagrad|lamb|adagrad_norm`: one tensor, out of place: inputs `param`,
 //!   `grad` and the states by their formula names, outputs the same names.
 
+pub mod compress;
 mod multi;
 mod perturb;
 pub mod reference;
 mod registry;
 mod rules;
 pub mod selftest;
+mod topk;
 
+pub use compress::{randk, topk_ef, Compressed};
 pub use multi::{
     Block, GivenState, MultiTensorStep, OptimAdvanceStep, OptimAdvanceStepArgs, OptimSlotNorms,
     OptimSlotNormsArgs, OptimStep, OptimStepArgs, Phase, SLOTS,
@@ -31,3 +36,8 @@ pub use perturb::{
 pub(crate) use registry::run_step;
 pub use registry::{ADABELIEF, ADAGRAD, ADAGRAD_NORM, ADAMW, ADAN, LAMB, PERTURB, ZO_UPDATE};
 pub use rules::{Hyper, Rule};
+pub use topk::{
+    KeySource, TopkCount, TopkCountArgs, TopkKeys, TopkKeysArgs, TopkRadixChoose,
+    TopkRadixChooseArgs, TopkRadixHistogram, TopkRadixHistogramArgs, TopkScan, TopkScanArgs,
+    TopkWrite, TopkWriteArgs,
+};

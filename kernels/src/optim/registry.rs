@@ -410,6 +410,109 @@ pub static ADAGRAD_NORM: OpSpec = OpSpec {
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "adagrad_norm"),
 };
 
+/// `kiln run topk_ef|randk`: `grad` (any shape), optional `error`; outputs `indices`,
+/// `values` and `error` (grad's shape).
+fn run_compress(a: &OpArgs, random: bool) -> Result<Outputs> {
+    let grad = a.tensor("grad")?;
+    let k: usize = a.param_as("k")?;
+    let error = a.optional_tensor("error");
+    let out = match random {
+        true => compress::randk(grad, error, k, a.param_as("seed")?)?,
+        false => compress::topk_ef(grad, error, k)?,
+    };
+    Ok(vec![
+        ("indices", out.indices),
+        ("values", out.values),
+        ("error", out.error.reshape(grad.shape())?),
+    ])
+}
+
+const COMPRESS_INPUTS: &[TensorSpec] = &[
+    TensorSpec::new(
+        "grad",
+        "any",
+        Dtypes::Float,
+        false,
+        "the gradient (flattened)",
+    ),
+    TensorSpec::new(
+        "error",
+        "grad's shape",
+        Dtypes::Fixed(DType::F32),
+        true,
+        "the error-feedback state (default 0)",
+    ),
+];
+const COMPRESS_OUTPUTS: &[TensorSpec] = &[
+    TensorSpec::new(
+        "indices",
+        "[k]",
+        Dtypes::Fixed(DType::I32),
+        false,
+        "selected positions in the flattened gradient, increasing",
+    ),
+    TensorSpec::new(
+        "values",
+        "[k]",
+        Dtypes::Fixed(DType::F32),
+        false,
+        "the compressed values at those positions",
+    ),
+    TensorSpec::new(
+        "error",
+        "grad's shape",
+        Dtypes::Fixed(DType::F32),
+        false,
+        "the new error-feedback state a - c",
+    ),
+];
+const K: ParamSpec = ParamSpec::new(
+    "k",
+    "1",
+    "1 <= k <= grad's elements",
+    "how many coordinates are kept",
+);
+
+fn compress_example(dims: &[usize]) -> Result<Vec<(&'static str, Vec<usize>)>> {
+    Ok(vec![("grad", dims.to_vec()), ("error", dims.to_vec())])
+}
+
+/// Bytes a compressor moves per element at least: grad and error read, `a`, the key
+/// and the error written, the key read by each of the eight radix passes and the
+/// compaction's two.
+fn compress_cost(dims: &[usize], elem: usize) -> (f64, f64) {
+    let n: usize = dims.iter().product();
+    (n as f64 * 12.0, (n * (elem + 4 * 4 + 4 * 10)) as f64)
+}
+
+/// `topk_ef`: top-k with error feedback (exact device radix select).
+pub static TOPK_EF: OpSpec = OpSpec {
+    name: "topk_ef",
+    summary: "top-k gradient compression with error feedback: a = error + grad; the k largest |a| (exact, by a deterministic device radix select; ties to the lower index, NaN above inf) as (indices, values); error = a - c",
+    inputs: COMPRESS_INPUTS,
+    outputs: COMPRESS_OUTPUTS,
+    params: &[K],
+    run: |_, a| run_compress(a, false),
+    problem: "shape of grad",
+    example_inputs: compress_example,
+    cost: compress_cost,
+    selftest: || kiln_runtime::selftest::only(selftest::cases(), "topk_ef"),
+};
+
+/// `randk`: rand-k with error feedback (a seed shared by all workers picks the subset).
+pub static RANDK: OpSpec = OpSpec {
+    name: "randk",
+    summary: "rand-k gradient compression with error feedback: a = error + grad; k coordinates drawn from seed (the same on every worker and backend), values (n / k) a_S; error = a - c",
+    inputs: COMPRESS_INPUTS,
+    outputs: COMPRESS_OUTPUTS,
+    params: &[K, ParamSpec::new("seed", "0", "a u64", "the subset's seed, shared by all workers")],
+    run: |_, a| run_compress(a, true),
+    problem: "shape of grad",
+    example_inputs: compress_example,
+    cost: compress_cost,
+    selftest: || kiln_runtime::selftest::only(selftest::cases(), "randk"),
+};
+
 kiln_runtime::register_op!(
     ADAMW,
     ADAN,
@@ -418,5 +521,7 @@ kiln_runtime::register_op!(
     LAMB,
     ADAGRAD_NORM,
     PERTURB,
-    ZO_UPDATE
+    ZO_UPDATE,
+    TOPK_EF,
+    RANDK
 );

@@ -2,8 +2,8 @@
 //! and a matrix, step 3 (bias corrections and Adan's gradient difference active), weight
 //! decay on.
 
-use super::reference;
 use super::rules::{Hyper, Rule};
+use super::{compress, reference};
 use kiln_runtime::check::Rng;
 use kiln_runtime::selftest::{Case, CaseInputs};
 use kiln_runtime::HostTensor;
@@ -108,6 +108,48 @@ fn perturbed(i: &BTreeMap<String, HostTensor>, seeds: &[u64], coeffs: &[f64]) ->
         .collect()
 }
 
+/// `output` of a compressor on the case's `grad` and `error` (a = error + grad in f32,
+/// as the kernel forms it), keeping `k` by `keys`, values scaled by `n / k` if `scaled`.
+fn compressed(
+    i: &BTreeMap<String, HostTensor>,
+    k: usize,
+    keys: fn(&[f32]) -> Vec<u32>,
+    scaled: bool,
+    output: &str,
+) -> Vec<f64> {
+    let g = i["grad"].to_f64();
+    let scale = if scaled {
+        g.len() as f64 / k as f64
+    } else {
+        1.0
+    };
+    let e = i.get("error").map_or(vec![0.0; g.len()], |t| t.to_f64());
+    let a: Vec<f32> = g
+        .iter()
+        .zip(&e)
+        .map(|(g, e)| *e as f32 + *g as f32)
+        .collect();
+    let taken = compress::reference_select(&keys(&a), k);
+    match output {
+        "indices" => taken.iter().map(|&t| t as f64).collect(),
+        "values" => taken.iter().map(|&t| scale * a[t] as f64).collect(),
+        _ => {
+            let mut err: Vec<f64> = a.iter().map(|&v| v as f64).collect();
+            for &t in &taken {
+                err[t] -= scale * a[t] as f64;
+            }
+            err
+        }
+    }
+}
+
+fn grad_and_error(r: &mut Rng) -> CaseInputs {
+    vec![
+        ("grad", vec![5000], r.normals(5000, 1.0)),
+        ("error", vec![5000], r.normals(5000, 0.3)),
+    ]
+}
+
 /// The optimizer family's cases.
 pub fn cases() -> Vec<Case> {
     let mut v = vec![
@@ -144,6 +186,38 @@ pub fn cases() -> Vec<Case> {
     v.extend(cases_of!(Rule::AdamW, "adamw", "v"));
     v.extend(cases_of!(Rule::Adan, "adan", "n"));
     v.extend(cases_of!(Rule::AdaBelief, "adabelief", "s"));
+    v.extend([
+        Case {
+            op: "topk_ef",
+            what: "5000 elements over two cubes, k 700: the indices",
+            inputs: grad_and_error,
+            params: &[("k", "700")],
+            output: "indices",
+            reference: |i| compressed(i, 700, compress::magnitude_keys, false, "indices"),
+            ulps: 0.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "topk_ef",
+            what: "5000 elements, k 700: the error feedback",
+            inputs: grad_and_error,
+            params: &[("k", "700")],
+            output: "error",
+            reference: |i| compressed(i, 700, compress::magnitude_keys, false, "error"),
+            ulps: 1.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "randk",
+            what: "5000 elements, k 64, seed 9: the scaled values",
+            inputs: grad_and_error,
+            params: &[("k", "64"), ("seed", "9")],
+            output: "values",
+            reference: |i| compressed(i, 64, |a| compress::random_keys(a.len(), 9), true, "values"),
+            ulps: 2.0,
+            floor: 1.0,
+        },
+    ]);
     v.extend(cases_of!(Rule::AdaGrad, "adagrad", "v"));
     v.extend(cases_of!(Rule::Lamb, "lamb", "v"));
     v.extend(cases_of!(Rule::AdaGradNorm, "adagrad_norm", "b2"));

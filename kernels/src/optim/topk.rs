@@ -1,0 +1,439 @@
+//! Exact top-k selection on the device by radix select, the engine of the gradient
+//! compressors (`topk_ef` ranks by magnitude, `randk` by a seeded random key).
+//!
+//! Keys are u32 (`|a|`'s f32 bits, which order like the magnitudes, NaN above +inf; or
+//! Philox words). Eight passes of 4-bit digits, most significant first, find the k-th
+//! largest key `T` and how many of the keys equal to `T` are taken: per-cube histograms
+//! (each unit counts into its own shared-memory column: no atomics), then one cube sums
+//! them in a fixed order and picks the digit. Ties at `T` go to the lower indices. The
+//! selection is then compacted in index order: per-cube counts, a one-cube scan, and a
+//! write pass that also forms the error feedback. Everything is integer or exact, so
+//! the same input selects the same indices on every run and every backend; no host
+//! synchronisation between the passes.
+
+use crate::launch::upload_u32;
+use cubecl::prelude::*;
+use kiln_dsl::{cube_exclusive_sum, cube_sum, philox4x32_10};
+use kiln_runtime::{DType, Result, Tensor};
+
+/// Units per cube of the selection kernels (their one configuration, `UNITS = [256]`).
+const CUBE: u32 = 256;
+/// Consecutive elements per unit: a cube covers `UNITS * PER_UNIT` elements.
+const PER_UNIT: u32 = 16;
+/// Elements per cube.
+const CHUNK: u32 = CUBE * PER_UNIT;
+/// Bits per radix digit, and digits (bins).
+const DIGIT_BITS: u32 = 4;
+const BINS: u32 = 1 << DIGIT_BITS;
+
+kiln_runtime::comptime_enum! {
+    /// What a selection ranks by.
+    pub enum KeySource {
+        /// `|a|` (f32 bits; NaN ranks above +inf).
+        Magnitude = "magnitude",
+        /// A Philox word of (seed, index): a uniformly random subset.
+        Random = "random",
+    }
+}
+
+/// The selected elements, in increasing index order.
+pub struct Selected {
+    /// `[k]` i32 indices into the flattened input.
+    pub indices: Tensor,
+    /// `[k]` f32: `scale · a[indices]`.
+    pub values: Tensor,
+    /// `[n]` f32 error feedback `a − c` (`c` the dense compressed vector).
+    pub error: Tensor,
+}
+
+/// Selects `k` (1..=n) of `a = error + grad` (flattened; `error` f32, absent = 0) by
+/// `source` and compacts them: see the module doc. `seed` keys the random source.
+pub(crate) fn select_top_k(
+    grad: &Tensor,
+    error: Option<&Tensor>,
+    k: usize,
+    source: KeySource,
+    seed: u64,
+    scale: f32,
+) -> Result<Selected> {
+    let client = grad.client();
+    let n = grad.numel();
+    let cubes = n.div_ceil(CHUNK as usize);
+    let key = crate::random::seed_key(seed);
+    let keys = Tensor::empty(client, DType::U32, &[n])?;
+    let a = Tensor::empty(client, DType::F32, &[n])?;
+    let absent = crate::launch::absent(client)?;
+    TopkKeys::tuned(
+        client,
+        0.0,
+        &TopkKeysArgs {
+            grad,
+            error: error.unwrap_or(&absent),
+            a: &a,
+            keys: &keys,
+            n: n as u32,
+            key0: key[0],
+            key1: key[1],
+            source,
+            has_error: error.is_some(),
+        },
+    )?;
+    let a = &a;
+    // [threshold prefix, ties still to take].
+    let state = upload_u32(client, "topk_state", &[0, k as u32])?;
+    let hist = Tensor::empty(client, DType::U32, &[cubes * BINS as usize])?;
+    for pass in 0..32 / DIGIT_BITS {
+        let shift = 32 - DIGIT_BITS * (pass + 1);
+        // The bits above this digit, which must equal the prefix chosen so far.
+        let high = match shift + DIGIT_BITS {
+            32 => 0,
+            s => !((1u32 << s) - 1),
+        };
+        TopkRadixHistogram::tuned(
+            client,
+            0.0,
+            &TopkRadixHistogramArgs {
+                keys: &keys,
+                state: &state,
+                hist: &hist,
+                n: n as u32,
+                cubes: cubes as u32,
+                shift,
+                high,
+            },
+        )?;
+        TopkRadixChoose::tuned(
+            client,
+            0.0,
+            &TopkRadixChooseArgs {
+                hist: &hist,
+                state: &state,
+                cubes: cubes as u32,
+                shift,
+            },
+        )?;
+    }
+    let counts = Tensor::empty(client, DType::U32, &[2 * cubes])?;
+    TopkCount::tuned(
+        client,
+        0.0,
+        &TopkCountArgs {
+            keys: &keys,
+            state: &state,
+            counts: &counts,
+            n: n as u32,
+            cubes: cubes as u32,
+        },
+    )?;
+    let offsets = Tensor::empty(client, DType::U32, &[2 * cubes])?;
+    TopkScan::tuned(
+        client,
+        0.0,
+        &TopkScanArgs {
+            counts: &counts,
+            offsets: &offsets,
+            cubes: cubes as u32,
+        },
+    )?;
+    let indices = Tensor::empty(client, DType::I32, &[k])?;
+    let values = Tensor::empty(client, DType::F32, &[k])?;
+    let error = Tensor::empty(client, DType::F32, &[n])?;
+    TopkWrite::tuned(
+        client,
+        0.0,
+        &TopkWriteArgs {
+            a,
+            keys: &keys,
+            state: &state,
+            offsets: &offsets,
+            indices: &indices,
+            values: &values,
+            error: &error,
+            n: n as u32,
+            cubes: cubes as u32,
+            scale,
+        },
+    )?;
+    Ok(Selected {
+        indices,
+        values,
+        error,
+    })
+}
+
+/// `a = error + grad` in f32 and the ranking key of every element: `|a|`'s bits, or a
+/// Philox word of its index.
+#[kiln_macros::kernel(
+    tune(UNITS = [256]),
+    key(n = pow2, dtype),
+    grid = (n.div_ceil(UNITS).min(65_535), n.div_ceil(UNITS).div_ceil(65_535)),
+    cube = UNITS
+)]
+pub fn topk_keys<F: Float>(
+    grad: &Array<F>,
+    error: &Array<f32>,
+    a: &mut Array<f32>,
+    keys: &mut Array<u32>,
+    n: u32,
+    key0: u32,
+    key1: u32,
+    #[comptime] source: KeySource,
+    #[comptime] has_error: bool,
+) {
+    let i = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * UNITS + UNIT_POS;
+    if i < n {
+        let mut v = f32::cast_from(grad[i as usize]);
+        if comptime!(has_error) {
+            v = error[i as usize] + v;
+        }
+        a[i as usize] = v;
+        if comptime!(source == KeySource::Magnitude) {
+            keys[i as usize] = u32::reinterpret(v) & 0x7FFF_FFFFu32;
+        }
+        if comptime!(source == KeySource::Random) {
+            // Lane i % 4 of the block at counter (i / 4, 0, 0, 0), as crate::random::word.
+            let r = philox4x32_10(i / 4, 0u32, 0u32, 0u32, key0, key1);
+            let lane = i % 4;
+            let w = select(
+                lane == 0,
+                r.x0,
+                select(lane == 1, r.x1, select(lane == 2, r.x2, r.x3)),
+            );
+            keys[i as usize] = w;
+        }
+    }
+}
+
+/// Per-cube histogram of this pass's digit over the keys that match the prefix chosen
+/// so far (`(key & high) == (prefix & high)`): unit `u` counts into column `u` of a
+/// `[BINS, UNITS]` shared table (no atomics), then units `0..BINS` sum their bin's row.
+#[kiln_macros::kernel(
+    tune(UNITS = [256]),
+    grid = (cubes.min(65_535), cubes.div_ceil(65_535)),
+    cube = UNITS
+)]
+pub fn topk_radix_histogram(
+    keys: &Array<u32>,
+    state: &Array<u32>,
+    hist: &mut Array<u32>,
+    n: u32,
+    cubes: u32,
+    shift: u32,
+    high: u32,
+) {
+    let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
+    let mut table = SharedMemory::<u32>::new(comptime!((BINS * CUBE) as usize));
+    #[unroll]
+    for b in 0..comptime!(BINS) {
+        table[(b * UNITS + UNIT_POS) as usize] = 0u32;
+    }
+    let prefix = state[0] & high;
+    let base = cube * comptime!(CHUNK);
+    for j in 0..comptime!(PER_UNIT) {
+        let e = base + j * UNITS + UNIT_POS;
+        if cube < cubes && e < n {
+            let key = keys[e as usize];
+            if (key & high) == prefix {
+                let d = (key >> shift) & comptime!(BINS - 1);
+                table[(d * UNITS + UNIT_POS) as usize] += 1u32;
+            }
+        }
+    }
+    sync_cube();
+    if cube < cubes && UNIT_POS < comptime!(BINS) {
+        let mut total = 0u32;
+        for u in 0..UNITS {
+            total += table[(UNIT_POS * UNITS + u) as usize];
+        }
+        hist[(cube * comptime!(BINS) + UNIT_POS) as usize] = total;
+    }
+}
+
+/// One cube: sums the per-cube histograms per digit (units `0..BINS`, cubes in order),
+/// then walks the digits from the largest: the digit where the count of larger keys
+/// first reaches `k_rem` joins the prefix, and `k_rem` drops by the keys above it.
+#[kiln_macros::kernel(tune(UNITS = [256]), grid = (1), cube = UNITS)]
+pub fn topk_radix_choose(hist: &Array<u32>, state: &mut Array<u32>, cubes: u32, shift: u32) {
+    let mut sums = SharedMemory::<u32>::new(comptime!(BINS as usize));
+    if UNIT_POS < comptime!(BINS) {
+        let mut total = 0u32;
+        for c in 0..cubes {
+            total += hist[(c * comptime!(BINS) + UNIT_POS) as usize];
+        }
+        sums[UNIT_POS as usize] = total;
+    }
+    sync_cube();
+    if UNIT_POS == 0 {
+        let k_rem = state[1];
+        let mut above = 0u32;
+        let mut digit = 0u32;
+        let mut found = false;
+        for i in 0..comptime!(BINS) {
+            let d = comptime!(BINS - 1) - i;
+            let c = sums[d as usize];
+            if !found && above + c >= k_rem {
+                digit = d;
+                found = true;
+            }
+            if !found {
+                above += c;
+            }
+        }
+        state[0] = state[0] | (digit << shift);
+        state[1] = k_rem - above;
+    }
+}
+
+/// Per cube: how many keys are above the threshold `T = state[0]` and how many equal
+/// it (summed in f32 over the cube's 4096 keys: exact; stored as u32).
+#[kiln_macros::kernel(
+    tune(UNITS = [256]),
+    grid = (cubes.min(65_535), cubes.div_ceil(65_535)),
+    cube = UNITS
+)]
+pub fn topk_count(
+    keys: &Array<u32>,
+    state: &Array<u32>,
+    counts: &mut Array<u32>,
+    n: u32,
+    cubes: u32,
+) {
+    let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
+    let t = state[0];
+    let base = cube * comptime!(CHUNK);
+    let mut gt = 0.0f32;
+    let mut eq = 0.0f32;
+    for j in 0..comptime!(PER_UNIT) {
+        let e = base + j * UNITS + UNIT_POS;
+        if cube < cubes && e < n {
+            let key = keys[e as usize];
+            gt += select(key > t, 1.0f32, 0.0f32);
+            eq += select(key == t, 1.0f32, 0.0f32);
+        }
+    }
+    let mut smem = SharedMemory::<f32>::new(UNITS as usize);
+    let gt_total = cube_sum(&mut smem, gt, UNITS);
+    let eq_total = cube_sum(&mut smem, eq, UNITS);
+    if cube < cubes && UNIT_POS == 0 {
+        counts[(2 * cube) as usize] = u32::cast_from(gt_total);
+        counts[(2 * cube + 1) as usize] = u32::cast_from(eq_total);
+    }
+}
+
+/// Exclusive prefix sum of a u32 over the cube (Hillis–Steele in shared memory: exact
+/// where an f32 scan would round above 2^24). All `units` units must call it.
+#[cube]
+fn cube_exclusive_sum_u32(smem: &mut SharedMemory<u32>, value: u32, #[comptime] units: u32) -> u32 {
+    let u = UNIT_POS as usize;
+    smem[u] = value;
+    sync_cube();
+    #[unroll]
+    for level in 0..comptime!(units.trailing_zeros()) {
+        let offset = (1u32 << level) as usize;
+        let add = select(u >= offset, smem[select(u >= offset, u - offset, 0)], 0u32);
+        sync_cube();
+        smem[u] += add;
+        sync_cube();
+    }
+    let inclusive = smem[u];
+    sync_cube();
+    inclusive - value
+}
+
+/// One cube: exclusive prefix sums over the cubes, in order, of the keys above `T`
+/// (`offsets[2c]`) and of the keys equal to it (`offsets[2c + 1]`). Each unit takes a
+/// contiguous run of cubes.
+#[kiln_macros::kernel(tune(UNITS = [256]), grid = (1), cube = UNITS)]
+pub fn topk_scan(counts: &Array<u32>, offsets: &mut Array<u32>, cubes: u32) {
+    let per = (cubes + UNITS - 1) / UNITS;
+    let first = UNIT_POS * per;
+    let mut gt = 0u32;
+    let mut eq = 0u32;
+    for i in 0..per {
+        let c = first + i;
+        if c < cubes {
+            gt += counts[(2 * c) as usize];
+            eq += counts[(2 * c + 1) as usize];
+        }
+    }
+    let mut smem = SharedMemory::<u32>::new(UNITS as usize);
+    let mut gt_before = cube_exclusive_sum_u32(&mut smem, gt, UNITS);
+    let mut eq_before = cube_exclusive_sum_u32(&mut smem, eq, UNITS);
+    for i in 0..per {
+        let c = first + i;
+        if c < cubes {
+            offsets[(2 * c) as usize] = gt_before;
+            offsets[(2 * c + 1) as usize] = eq_before;
+            gt_before += counts[(2 * c) as usize];
+            eq_before += counts[(2 * c + 1) as usize];
+        }
+    }
+}
+
+/// The compaction: unit `u` of cube `c` owns elements `c CHUNK + u PER_UNIT ..` (16 in
+/// a row, so a cube-wide exclusive scan orders them). An element is taken when its key
+/// is above `T`, or equal with fewer than `k_rem` equal keys before it. Its slot is the
+/// number of taken elements before it; every element's error is `a − scale a` if taken
+/// (0 for top-k's scale 1), `a` otherwise.
+#[kiln_macros::kernel(
+    tune(UNITS = [256]),
+    grid = (cubes.min(65_535), cubes.div_ceil(65_535)),
+    cube = UNITS
+)]
+pub fn topk_write(
+    a: &Array<f32>,
+    keys: &Array<u32>,
+    state: &Array<u32>,
+    offsets: &Array<u32>,
+    indices: &mut Array<i32>,
+    values: &mut Array<f32>,
+    error: &mut Array<f32>,
+    n: u32,
+    cubes: u32,
+    scale: f32,
+) {
+    let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
+    let c = select(cube < cubes, cube, 0u32);
+    let t = state[0];
+    let k_rem = state[1];
+    let base = c * comptime!(CHUNK) + UNIT_POS * comptime!(PER_UNIT);
+    let mut gt = 0.0f32;
+    let mut eq = 0.0f32;
+    for j in 0..comptime!(PER_UNIT) {
+        let e = base + j;
+        if e < n {
+            let key = keys[e as usize];
+            gt += select(key > t, 1.0f32, 0.0f32);
+            eq += select(key == t, 1.0f32, 0.0f32);
+        }
+    }
+    let mut smem = SharedMemory::<f32>::new(UNITS as usize);
+    let gt_before = cube_exclusive_sum(&mut smem, gt, UNITS);
+    let eq_before = cube_exclusive_sum(&mut smem, eq, UNITS);
+    if cube < cubes {
+        let mut ties = offsets[(2 * c + 1) as usize] + u32::cast_from(eq_before);
+        // Taken ties before this unit: all earlier ties, capped at k_rem.
+        let mut slot = offsets[(2 * c) as usize]
+            + u32::cast_from(gt_before)
+            + min(
+                offsets[(2 * c + 1) as usize] + u32::cast_from(eq_before),
+                k_rem,
+            );
+        for j in 0..comptime!(PER_UNIT) {
+            let e = base + j;
+            if e < n {
+                let key = keys[e as usize];
+                let v = a[e as usize];
+                let tie = key == t;
+                let taken = key > t || (tie && ties < k_rem);
+                if taken {
+                    indices[slot as usize] = i32::cast_from(e);
+                    values[slot as usize] = scale * v;
+                    slot += 1;
+                }
+                error[e as usize] = select(taken, v - scale * v, v);
+                ties += select(tie, 1u32, 0u32);
+            }
+        }
+    }
+}

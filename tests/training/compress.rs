@@ -1,0 +1,246 @@
+//! Gradient compressors against a host reference written from the definition (sort by
+//! key, ties to the lower index): exact indices, bit-exact values and error feedback,
+//! over ragged sizes from 1 to 3·10^6 and k from 1 to n; ties, ±inf and NaN; rand-k's
+//! shared seed and its uniformity; error feedback's conservation over steps; bad input.
+
+use crate::common::{client, down, up};
+use kiln::check::Rng;
+use kiln::kernels::optim::compress::{magnitude_keys, random_keys, reference_select};
+use kiln::kernels::optim::{randk, topk_ef, Compressed};
+use kiln::{DType, HostTensor, Tensor};
+
+/// `a = error + grad` in f32, as the kernel forms it.
+fn accumulate(g: &[f64], e: Option<&[f64]>) -> Vec<f32> {
+    g.iter()
+        .enumerate()
+        .map(|(i, &g)| e.map_or(0.0, |e| e[i] as f32) + g as f32)
+        .collect()
+}
+
+fn ints(t: &Tensor) -> Vec<usize> {
+    down(t).iter().map(|&v| v as usize).collect()
+}
+
+/// Checks `got` against the reference selection of `a` by `keys`, values scaled by
+/// `scale`: indices equal, values and error equal bit for bit.
+fn check(got: &Compressed, a: &[f32], keys: &[u32], k: usize, scale: f32, what: &str) {
+    let want = reference_select(keys, k);
+    assert_eq!(ints(&got.indices), want, "{what}: indices");
+    let values: Vec<f32> = want.iter().map(|&i| scale * a[i]).collect();
+    let got_values: Vec<f32> = down(&got.values).iter().map(|&v| v as f32).collect();
+    assert_eq!(
+        same_bits(&got_values, &values),
+        None,
+        "{what}: first differing value"
+    );
+    let mut error = a.to_vec();
+    for &i in &want {
+        error[i] = a[i] - scale * a[i];
+    }
+    let got_error: Vec<f32> = down(&got.error).iter().map(|&v| v as f32).collect();
+    assert_eq!(
+        same_bits(&got_error, &error),
+        None,
+        "{what}: first differing error element"
+    );
+}
+
+/// The first position where `x` and `y` differ in bits (any NaN equals any NaN).
+fn same_bits(x: &[f32], y: &[f32]) -> Option<usize> {
+    assert_eq!(x.len(), y.len());
+    x.iter()
+        .zip(y)
+        .position(|(x, y)| x.to_bits() != y.to_bits() && !(x.is_nan() && y.is_nan()))
+}
+
+#[test]
+fn topk_ef_is_exact_over_ragged_sizes_and_every_k() {
+    let mut rng = Rng::new(1);
+    for (n, ks) in [
+        (1usize, vec![1usize]),
+        (4097, vec![1, 17, 4096, 4097]),
+        (100_003, vec![1, 1000, 65_537]),
+        (3_000_001, vec![30_000]),
+    ] {
+        let g = rng.normals(n, 1.0);
+        let e = rng.normals(n, 0.3);
+        let (gt, et) = (up(DType::F32, &[n], &g), up(DType::F32, &[n], &e));
+        for &k in &ks {
+            for with_error in [true, false] {
+                let a = accumulate(&g, with_error.then_some(&e[..]));
+                let got = topk_ef(&gt, with_error.then_some(&et), k).unwrap();
+                check(
+                    &got,
+                    &a,
+                    &magnitude_keys(&a),
+                    k,
+                    1.0,
+                    &format!("n {n} k {k} error {with_error}"),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn ties_infinities_and_nan_are_ranked_deterministically() {
+    // All equal magnitudes (signs alternate): the first k indices.
+    let n = 10_000;
+    let g: Vec<f64> = (0..n)
+        .map(|i| if i % 2 == 0 { 0.5 } else { -0.5 })
+        .collect();
+    let got = topk_ef(&up(DType::F32, &[n], &g), None, 4321).unwrap();
+    assert_eq!(ints(&got.indices), (0..4321).collect::<Vec<_>>());
+    // Blocks of duplicates, +-inf and a NaN: NaN first, then the infinities, then ties
+    // by index.
+    let mut g: Vec<f64> = (0..n).map(|i| ((i * 7919) % 13) as f64).collect();
+    g[77] = f64::INFINITY;
+    g[5000] = f64::NEG_INFINITY;
+    g[9999] = f64::NAN;
+    let a = accumulate(&g, None);
+    for k in [1, 2, 3, 500, 777] {
+        let got = topk_ef(&up(DType::F32, &[n], &g), None, k).unwrap();
+        check(
+            &got,
+            &a,
+            &magnitude_keys(&a),
+            k,
+            1.0,
+            &format!("duplicates k {k}"),
+        );
+    }
+    let got = topk_ef(&up(DType::F32, &[n], &g), None, 3).unwrap();
+    assert_eq!(ints(&got.indices), vec![77, 5000, 9999]);
+    // Ten runs: the same bits.
+    let t = up(DType::F32, &[n], &g);
+    let first = down(&topk_ef(&t, None, 999).unwrap().indices);
+    for _ in 0..9 {
+        assert_eq!(down(&topk_ef(&t, None, 999).unwrap().indices), first);
+    }
+}
+
+#[test]
+fn half_gradients_accumulate_in_f32() {
+    let mut rng = Rng::new(2);
+    let n = 20_011;
+    for dtype in [DType::F16, DType::BF16] {
+        let g = HostTensor::from_f64(dtype, vec![n], &rng.normals(n, 1.0))
+            .unwrap()
+            .to_f64();
+        let e = HostTensor::from_f64(DType::F32, vec![n], &rng.normals(n, 0.3))
+            .unwrap()
+            .to_f64();
+        let gt = match client().supports(dtype) {
+            true => up(dtype, &[n], &g),
+            false => {
+                let h = HostTensor::from_f64(dtype, vec![n], &g).unwrap();
+                let err = Tensor::upload(client(), &h)
+                    .and_then(|t| topk_ef(&t, None, 1).map(|_| ()))
+                    .unwrap_err();
+                assert!(err.to_string().contains(&dtype.to_string()), "{err}");
+                continue;
+            }
+        };
+        let a = accumulate(&g, Some(&e));
+        let got = topk_ef(&gt, Some(&up(DType::F32, &[n], &e)), 2000).unwrap();
+        check(&got, &a, &magnitude_keys(&a), 2000, 1.0, &dtype.to_string());
+    }
+}
+
+#[test]
+fn error_feedback_conserves_the_gradient_sum() {
+    // e_T + sum_t c_t = sum_t g_t (to f32 rounding): nothing is lost, only delayed.
+    let mut rng = Rng::new(3);
+    let (n, k, steps) = (5000usize, 50usize, 20);
+    let mut error: Option<Tensor> = None;
+    let (mut sent, mut total) = (vec![0.0f64; n], vec![0.0f64; n]);
+    for _ in 0..steps {
+        let g = rng.normals(n, 1.0);
+        for (t, v) in total.iter_mut().zip(&g) {
+            *t += (*v as f32) as f64;
+        }
+        let out = topk_ef(&up(DType::F32, &[n], &g), error.as_ref(), k).unwrap();
+        for (i, v) in ints(&out.indices).into_iter().zip(down(&out.values)) {
+            sent[i] += v;
+        }
+        error = Some(out.error);
+    }
+    let e = down(error.as_ref().unwrap());
+    let worst = (0..n)
+        .map(|i| (e[i] + sent[i] - total[i]).abs())
+        .fold(0.0, f64::max);
+    assert!(worst < 1e-4, "{worst:e}");
+}
+
+#[test]
+fn randk_uses_the_shared_seed_and_is_uniform() {
+    let mut rng = Rng::new(4);
+    let n = 70_001;
+    let g = rng.normals(n, 1.0);
+    let e = rng.normals(n, 0.3);
+    let (gt, et) = (up(DType::F32, &[n], &g), up(DType::F32, &[n], &e));
+    let a = accumulate(&g, Some(&e));
+    for (k, seed) in [(1usize, 0u64), (700, 42), (n, u64::MAX)] {
+        let got = randk(&gt, Some(&et), k, seed).unwrap();
+        let scale = (n as f64 / k as f64) as f32;
+        check(
+            &got,
+            &a,
+            &random_keys(n, seed),
+            k,
+            scale,
+            &format!("randk k {k} seed {seed}"),
+        );
+        // Another worker with other values and the same seed picks the same subset.
+        let other = randk(&up(DType::F32, &[n], &e), None, k, seed).unwrap();
+        assert_eq!(down(&other.indices), down(&got.indices));
+    }
+    assert_ne!(
+        down(&randk(&gt, None, 700, 1).unwrap().indices),
+        down(&randk(&gt, None, 700, 2).unwrap().indices)
+    );
+    // Over 400 seeds each of 64 coordinates is kept 400 * 8 / 64 = 50 times on average
+    // (binomial sd 6.6): all within 5 sd.
+    let (m, k) = (64usize, 8usize);
+    let small = up(DType::F32, &[m], &vec![1.0; m]);
+    let mut hits = vec![0usize; m];
+    for seed in 0..400u64 {
+        for i in ints(&randk(&small, None, k, seed).unwrap().indices) {
+            hits[i] += 1;
+        }
+    }
+    assert!(hits.iter().all(|&h| (17..=83).contains(&h)), "{hits:?}");
+}
+
+#[test]
+fn bad_input_is_one_clear_line() {
+    let g = up(DType::F32, &[4, 5], &[0.5; 20]);
+    let check = |e: kiln::Error, words: &[&str]| {
+        let m = e.to_string();
+        assert!(!m.contains('\n'), "{m}");
+        for w in words {
+            assert!(m.contains(w), "`{w}` not in: {m}");
+        }
+    };
+    check(
+        topk_ef(&g, None, 0).err().unwrap(),
+        &["k", "1 <= k <= 20", "0"],
+    );
+    check(randk(&g, None, 21, 0).err().unwrap(), &["k", "21"]);
+    let short = up(DType::F32, &[19], &[0.0; 19]);
+    check(
+        topk_ef(&g, Some(&short), 3).err().unwrap(),
+        &["error", "20 elements"],
+    );
+    let ints = Tensor::upload(
+        client(),
+        &HostTensor::from_f64(DType::I32, vec![20], &[1.0; 20]).unwrap(),
+    )
+    .unwrap();
+    check(
+        topk_ef(&g, Some(&ints), 3).err().unwrap(),
+        &["error", "i32"],
+    );
+    check(topk_ef(&ints, None, 3).err().unwrap(), &["grad", "i32"]);
+    assert_eq!(down(&g), vec![0.5; 20]);
+}
