@@ -3,13 +3,18 @@
 //! - each rule's step on 4M f32 elements in GiB/s against a 4-wide copy of the bytes it
 //!   must touch (goal: at least 0.9 of the copy);
 //! - AdamW over 200 tensors of mixed sizes (1 .. 64K elements): the multi-tensor step
-//!   (six per launch) against one launch per tensor.
+//!   (six per launch) against one launch per tensor;
+//! - the seeded perturbation (one seed; MeZO's update with 8 seeds) and the gradient
+//!   compressors (top-k and rand-k at k = n/100, with error feedback) on 4M elements
+//!   against a copy of the bytes they must touch.
 //!
 //! `cargo bench -p kiln-benches --bench optim`.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kiln::check::Rng;
-use kiln::kernels::optim::{Block, Hyper, MultiTensorStep, Rule};
+use kiln::kernels::optim::{
+    perturb, randk, topk_ef, zo_update, Block, Hyper, MultiTensorStep, Rule,
+};
 use kiln::{Client, DType, Device, Tensor};
 
 #[path = "support/copy.rs"]
@@ -24,9 +29,17 @@ fn bench(cr: &mut Criterion) {
     let n = 1usize << 22;
     let param = data::normals(&client, &[1, n], &mut rng, 1.0);
     let grad = data::normals(&client, &[1, n], &mut rng, 1.0);
-    for rule in [Rule::AdamW, Rule::Adan, Rule::AdaBelief, Rule::AdaGrad] {
-        let k = rule.state_names().len();
-        // Read: param, grad, the states; written: param, the states (4 bytes each).
+    for rule in [
+        Rule::AdamW,
+        Rule::Adan,
+        Rule::AdaBelief,
+        Rule::AdaGrad,
+        Rule::Lamb,
+        Rule::AdaGradNorm,
+    ] {
+        let k = rule.element_states();
+        // Read: param, grad, the states; written: param, the states (4 bytes each). LAMB
+        // and AdaGrad-Norm read some twice (norms, then update): not counted.
         let bytes = 4 * n * (3 + 2 * k);
         let mut opt =
             MultiTensorStep::new(rule, Hyper::defaults(rule), &[(&param, Block::whole(1))])
@@ -49,6 +62,58 @@ fn bench(cr: &mut Criterion) {
         g.bench_function("fused step", |b| {
             b.iter(|| {
                 opt.step(&[&param], &[&grad]).unwrap();
+                client.sync().unwrap();
+            })
+        });
+        g.finish();
+    }
+
+    // Seeded perturbation and compressors, each against a copy of its minimal bytes.
+    let error = data::normals(&client, &[1, n], &mut rng, 0.3);
+    let seeds: Vec<u64> = (0..8).collect();
+    let grads8 = vec![0.5; 8];
+    type Run<'a> = Box<dyn Fn() + 'a>;
+    let cases: Vec<(&str, usize, Run)> = vec![
+        (
+            "perturb (1 seed)",
+            8 * n,
+            Box::new(|| perturb(&[&param], 7, 1e-3).unwrap()),
+        ),
+        (
+            "zo_update (8 seeds)",
+            8 * n,
+            Box::new(|| zo_update(&[&param], &seeds, &grads8, 1e-6).unwrap()),
+        ),
+        (
+            "topk_ef (k = n/100)",
+            12 * n,
+            Box::new(|| drop(topk_ef(&grad, Some(&error), n / 100).unwrap())),
+        ),
+        (
+            "randk (k = n/100)",
+            12 * n,
+            Box::new(|| drop(randk(&grad, Some(&error), n / 100, 3).unwrap())),
+        ),
+    ];
+    for (name, bytes, run) in &cases {
+        let half = bytes / 8;
+        let (src, dst) = (
+            Tensor::empty(&client, DType::F32, &[half]).unwrap(),
+            Tensor::empty(&client, DType::F32, &[half]).unwrap(),
+        );
+        run();
+        let mut g = cr.benchmark_group(format!("optim {name} f32 {n} elements"));
+        g.sample_size(10);
+        g.throughput(Throughput::Bytes(*bytes as u64));
+        g.bench_function("copy (vector 4, baseline)", |b| {
+            b.iter(|| {
+                copy::copy(&src, &dst);
+                client.sync().unwrap();
+            })
+        });
+        g.bench_function("kiln", |b| {
+            b.iter(|| {
+                run();
                 client.sync().unwrap();
             })
         });

@@ -81,3 +81,12 @@ pub fn tune_from_scratch(name: &str) -> (std::path::PathBuf, TuneLog) {
     });
     (dir, seen)
 }
+
+/// Asserts that `e`'s message is one line and contains each of `words`.
+pub fn assert_clear(e: kiln::Error, words: &[&str]) {
+    let m = e.to_string();
+    assert!(!m.contains('\n'), "{m}");
+    for w in words {
+        assert!(m.contains(w), "`{w}` not in: {m}");
+    }
+}

@@ -215,13 +215,7 @@ fn randk_uses_the_shared_seed_and_is_uniform() {
 #[test]
 fn bad_input_is_one_clear_line() {
     let g = up(DType::F32, &[4, 5], &[0.5; 20]);
-    let check = |e: kiln::Error, words: &[&str]| {
-        let m = e.to_string();
-        assert!(!m.contains('\n'), "{m}");
-        for w in words {
-            assert!(m.contains(w), "`{w}` not in: {m}");
-        }
-    };
+    let check = crate::common::assert_clear;
     check(
         topk_ef(&g, None, 0).err().unwrap(),
         &["k", "1 <= k <= 20", "0"],

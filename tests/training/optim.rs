@@ -170,13 +170,7 @@ fn the_device_step_counter_resumes_from_a_given_state() {
 #[test]
 fn bad_input_is_one_clear_line() {
     let w = up(DType::F32, &[1, 4], &[0.5; 4]);
-    let check = |e: kiln::Error, words: &[&str]| {
-        let m = e.to_string();
-        assert!(!m.contains('\n'), "{m}");
-        for w in words {
-            assert!(m.contains(w), "`{w}` not in: {m}");
-        }
-    };
+    let check = crate::common::assert_clear;
     let bad = Hyper {
         beta3: 1.5,
         ..Hyper::defaults(Rule::Adan)

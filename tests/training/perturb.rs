@@ -195,13 +195,7 @@ fn zeroth_order_descent_converges_on_a_quadratic() {
 #[test]
 fn bad_input_is_one_clear_line() {
     let t = up(DType::F32, &[4], &[0.5; 4]);
-    let check = |e: kiln::Error, words: &[&str]| {
-        let m = e.to_string();
-        assert!(!m.contains('\n'), "{m}");
-        for w in words {
-            assert!(m.contains(w), "`{w}` not in: {m}");
-        }
-    };
+    let check = crate::common::assert_clear;
     check(
         perturb_sum(&[&t], &[1, 2], &[0.5]).unwrap_err(),
         &["seeds", "2 seeds"],

@@ -659,11 +659,20 @@ pub fn optim_step<F: Float>(
             let mut sq1 = 0.0f32;
             if inside {
                 if comptime!(rule == Rule::Lamb) {
-                    let m = beta1 * state[s_at as usize] + one_minus_beta1 * g;
-                    let v = beta2 * state[(s_at + n) as usize] + one_minus_beta2 * g * g;
-                    state[s_at as usize] = m;
-                    state[(s_at + n) as usize] = v;
-                    let r = lamb_direction(m, v, p, tf, ln_beta1, ln_beta2, eps, weight_decay);
+                    adam_moments(
+                        state,
+                        s_at,
+                        n,
+                        g,
+                        beta1,
+                        beta2,
+                        one_minus_beta1,
+                        one_minus_beta2,
+                        eps,
+                        false,
+                    );
+                    let r = adam_direction(state, s_at, n, tf, ln_beta1, ln_beta2, eps)
+                        + weight_decay * p;
                     sq0 = p * p;
                     sq1 = r * r;
                 }
@@ -683,24 +692,21 @@ pub fn optim_step<F: Float>(
         if comptime!(phase == Phase::Update) {
             if inside {
                 p *= decay_before;
-                if comptime!(rule == Rule::AdamW) {
-                    let m = beta1 * state[s_at as usize] + one_minus_beta1 * g;
-                    let v = beta2 * state[(s_at + n) as usize] + one_minus_beta2 * g * g;
-                    let bc1 = one_minus_pow(ln_beta1, tf);
-                    let bc2 = one_minus_pow(ln_beta2, tf);
-                    p -= lr / bc1 * m / (f32::sqrt(v) / f32::sqrt(bc2) + eps);
-                    state[s_at as usize] = m;
-                    state[(s_at + n) as usize] = v;
-                }
-                if comptime!(rule == Rule::AdaBelief) {
-                    let m = beta1 * state[s_at as usize] + one_minus_beta1 * g;
-                    let d = g - m;
-                    let s = beta2 * state[(s_at + n) as usize] + one_minus_beta2 * d * d + eps;
-                    let bc1 = one_minus_pow(ln_beta1, tf);
-                    let bc2 = one_minus_pow(ln_beta2, tf);
-                    p -= lr / bc1 * m / (f32::sqrt(s) / f32::sqrt(bc2) + eps);
-                    state[s_at as usize] = m;
-                    state[(s_at + n) as usize] = s;
+                if comptime!(rule == Rule::AdamW || rule == Rule::AdaBelief) {
+                    let belief = comptime!(rule == Rule::AdaBelief);
+                    adam_moments(
+                        state,
+                        s_at,
+                        n,
+                        g,
+                        beta1,
+                        beta2,
+                        one_minus_beta1,
+                        one_minus_beta2,
+                        eps,
+                        belief,
+                    );
+                    p -= lr * adam_direction(state, s_at, n, tf, ln_beta1, ln_beta2, eps);
                 }
                 if comptime!(rule == Rule::Adan) {
                     // The difference is 0 at the first step (grad_prev is not yet a gradient).
@@ -727,16 +733,8 @@ pub fn optim_step<F: Float>(
                 }
                 if comptime!(rule == Rule::Lamb) {
                     // The moments were advanced by the norms pass; the same r again.
-                    let r = lamb_direction(
-                        state[s_at as usize],
-                        state[(s_at + n) as usize],
-                        p,
-                        tf,
-                        ln_beta1,
-                        ln_beta2,
-                        eps,
-                        weight_decay,
-                    );
+                    let r = adam_direction(state, s_at, n, tf, ln_beta1, ln_beta2, eps)
+                        + weight_decay * p;
                     let w_norm = f32::sqrt(partials[(2 * cubes + 2 * b) as usize]);
                     let r_norm = f32::sqrt(partials[(2 * cubes + 2 * b + 1) as usize]);
                     let trust = select(w_norm > 0.0 && r_norm > 0.0, w_norm / r_norm, 1.0f32);
@@ -770,22 +768,51 @@ pub fn optim_step<F: Float>(
     }
 }
 
-/// LAMB's direction `r = m̂ / (sqrt(v̂) + eps) + wd p` from this step's moments.
+/// Advances the first and second moments at `state[s_at]`, `state[s_at + n]` by `g`:
+/// Adam's `v` of `g²`, or with `belief` AdaBelief's `s` of `(g − m)²` plus `eps`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn lamb_direction(
-    m: f32,
-    v: f32,
-    p: f32,
+fn adam_moments(
+    state: &mut Array<f32>,
+    s_at: u32,
+    n: u32,
+    g: f32,
+    beta1: f32,
+    beta2: f32,
+    one_minus_beta1: f32,
+    one_minus_beta2: f32,
+    eps: f32,
+    #[comptime] belief: bool,
+) {
+    let m = beta1 * state[s_at as usize] + one_minus_beta1 * g;
+    let mut d = g;
+    if comptime!(belief) {
+        d = g - m;
+    }
+    let mut v = beta2 * state[(s_at + n) as usize] + one_minus_beta2 * d * d;
+    if comptime!(belief) {
+        v += eps;
+    }
+    state[s_at as usize] = m;
+    state[(s_at + n) as usize] = v;
+}
+
+/// The bias-corrected Adam direction `m̂ / (sqrt(v̂) + eps)` from the moments at
+/// `state[s_at]`, `state[s_at + n]` (AdamW's and AdaBelief's step over `lr`, LAMB's `r`
+/// before its decay term).
+#[cube]
+fn adam_direction(
+    state: &Array<f32>,
+    s_at: u32,
+    n: u32,
     t: f32,
     ln_beta1: f32,
     ln_beta2: f32,
     eps: f32,
-    weight_decay: f32,
 ) -> f32 {
     let bc1 = one_minus_pow(ln_beta1, t);
     let bc2 = one_minus_pow(ln_beta2, t);
-    m / bc1 / (f32::sqrt(v) / f32::sqrt(bc2) + eps) + weight_decay * p
+    state[s_at as usize] / bc1 / (f32::sqrt(state[(s_at + n) as usize]) / f32::sqrt(bc2) + eps)
 }
 
 /// Per-slot sums of the step kernel's per-cube partials (`Phase::Norms`), one cube per
