@@ -186,7 +186,7 @@ fn randk_uses_the_shared_seed_and_is_uniform() {
         check(
             &got,
             &a,
-            &random_keys(n, seed),
+            &random_keys(n, seed, 0),
             k,
             scale,
             &format!("randk k {k} seed {seed}"),

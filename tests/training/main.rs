@@ -5,6 +5,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod compress;
+mod frugal;
 mod optim;
 mod perturb;
 mod s2ft;

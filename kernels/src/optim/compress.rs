@@ -20,7 +20,7 @@ pub use super::topk::Selected as Compressed;
 /// `error` (f32, grad's element count; absent = 0): see the module doc.
 pub fn topk_ef(grad: &Tensor, error: Option<&Tensor>, k: usize) -> Result<Compressed> {
     check(grad, error, k)?;
-    topk::select_top_k(grad, error, k, KeySource::Magnitude, 0, 1.0)
+    topk::select_top_k(grad, error, k, KeySource::Magnitude, (0, 0), 1.0)
 }
 
 /// Rand-k with error feedback: `k` coordinates drawn from `seed` (shared by all
@@ -32,7 +32,7 @@ pub fn randk(grad: &Tensor, error: Option<&Tensor>, k: usize, seed: u64) -> Resu
         error,
         k,
         KeySource::Random,
-        seed,
+        (seed, 0),
         (n as f64 / k as f64) as f32,
     )
 }
@@ -77,9 +77,10 @@ pub fn magnitude_keys(a: &[f32]) -> Vec<u32> {
     a.iter().map(|v| v.to_bits() & 0x7FFF_FFFF).collect()
 }
 
-/// The keys [`randk`] ranks `n` elements by under `seed`.
-pub fn random_keys(n: usize, seed: u64) -> Vec<u32> {
+/// The keys [`randk`] ranks `n` elements by under `seed` (stream 0; FRUGAL's subspace
+/// `j` uses stream `j`).
+pub fn random_keys(n: usize, seed: u64, stream: u32) -> Vec<u32> {
     (0..n as u64)
-        .map(|i| crate::random::word(seed, 0, i))
+        .map(|i| crate::random::word(seed, stream, i))
         .collect()
 }

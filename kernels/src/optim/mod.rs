@@ -11,12 +11,15 @@
 //! - Seeded perturbation ([`perturb()`], [`zo_update`]): MeZO's `θ += ε z(seed)` and its update
 //!   `θ −= lr Σ pᵢ z(seedᵢ)`, with `z ~ N(0, I)` regenerated in the kernel (Philox),
 //!   bit-identical on every backend and on the host.
+//! - FRUGAL ([`Frugal`]): Adam state on a seeded, periodically redrawn coordinate
+//!   subset, signSGD on the rest.
 //! - Gradient compressors ([`topk_ef`], [`randk`]): error feedback, exact top-k by a
 //!   device radix select (deterministic, no atomics), `(indices, values)` outputs.
 //! - `kiln run adamw|adan|adabelief|adagrad|lamb|adagrad_norm`: one tensor, out of place: inputs `param`,
 //!   `grad` and the states by their formula names, outputs the same names.
 
 pub mod compress;
+mod frugal;
 mod multi;
 mod perturb;
 pub mod reference;
@@ -26,6 +29,7 @@ pub mod selftest;
 mod topk;
 
 pub use compress::{randk, topk_ef, Compressed};
+pub use frugal::{Frugal, FrugalConfig, FrugalMask, FrugalMaskArgs, FrugalStep, FrugalStepArgs};
 pub use multi::{
     Block, GivenState, MultiTensorStep, OptimAdvanceStep, OptimAdvanceStepArgs, OptimSlotNorms,
     OptimSlotNormsArgs, OptimStep, OptimStepArgs, Phase, SLOTS,

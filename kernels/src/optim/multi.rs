@@ -772,7 +772,7 @@ pub fn optim_step<F: Float>(
 /// Adam's `v` of `g²`, or with `belief` AdaBelief's `s` of `(g − m)²` plus `eps`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn adam_moments(
+pub(super) fn adam_moments(
     state: &mut Array<f32>,
     s_at: u32,
     n: u32,
@@ -801,7 +801,7 @@ fn adam_moments(
 /// `state[s_at]`, `state[s_at + n]` (AdamW's and AdaBelief's step over `lr`, LAMB's `r`
 /// before its decay term).
 #[cube]
-fn adam_direction(
+pub(super) fn adam_direction(
     state: &Array<f32>,
     s_at: u32,
     n: u32,

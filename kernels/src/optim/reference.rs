@@ -84,3 +84,47 @@ pub fn step(rule: Rule, h: &Hyper, t: u64, p: &mut [f64], g: &[f64], state: &mut
         }
     }
 }
+
+/// One FRUGAL step `t` (from 1) on `p` by `g` with the subset and its moments `m`, `v`
+/// (all length `k`, the subset increasing): at the first step of each subspace the
+/// subset is redrawn (the `k` largest Philox words of `(seed, stream t / gap)`) and the
+/// moments are zeroed; Adam (AdamW's formula, bias corrections counted from the
+/// redraw) on the subset, `p -= lr_free sign(g)` elsewhere, decoupled decay on all.
+#[allow(clippy::too_many_arguments)]
+pub fn frugal_step(
+    h: &Hyper,
+    c: &super::FrugalConfig,
+    t: u64,
+    p: &mut [f64],
+    g: &[f64],
+    subset: &mut Vec<usize>,
+    m: &mut Vec<f64>,
+    v: &mut Vec<f64>,
+) {
+    let n = p.len();
+    let k = c.active(n);
+    let j = (t - 1) / c.update_gap;
+    if (t - 1) % c.update_gap == 0 {
+        let keys = super::compress::random_keys(n, c.seed, j as u32);
+        *subset = super::compress::reference_select(&keys, k);
+        *m = vec![0.0; k];
+        *v = vec![0.0; k];
+    }
+    let local = ((t - 1) % c.update_gap + 1) as i32;
+    let (bc1, bc2) = (1.0 - h.beta1.powi(local), 1.0 - h.beta2.powi(local));
+    let mut slot = vec![None; n];
+    for (s, &i) in subset.iter().enumerate() {
+        slot[i] = Some(s);
+    }
+    for i in 0..n {
+        p[i] *= 1.0 - h.lr * h.weight_decay;
+        match slot[i] {
+            Some(s) => {
+                m[s] = h.beta1 * m[s] + (1.0 - h.beta1) * g[i];
+                v[s] = h.beta2 * v[s] + (1.0 - h.beta2) * g[i] * g[i];
+                p[i] -= h.lr * (m[s] / bc1) / ((v[s] / bc2).sqrt() + h.eps);
+            }
+            None => p[i] -= c.lr_free * g[i].signum() * (g[i] != 0.0) as u8 as f64,
+        }
+    }
+}

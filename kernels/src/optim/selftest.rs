@@ -150,6 +150,57 @@ fn grad_and_error(r: &mut Rng) -> CaseInputs {
     ]
 }
 
+/// FRUGAL's `output` after step 3 (subspace 0, density 0.25, mid-subspace state
+/// given) from the case's inputs.
+fn frugal_after(i: &BTreeMap<String, HostTensor>, output: &str) -> Vec<f64> {
+    let mut p = i["param"].to_f64();
+    let h = Hyper {
+        lr: 0.01,
+        weight_decay: 0.1,
+        ..Hyper::defaults(Rule::AdamW)
+    };
+    let c = super::FrugalConfig {
+        lr_free: 0.002,
+        seed: 5,
+        ..Default::default()
+    };
+    let n = p.len();
+    let keys = compress::random_keys(n, c.seed, 0);
+    let mut subset = compress::reference_select(&keys, c.active(n));
+    let (mut m, mut v) = (i["m"].to_f64(), i["v"].to_f64());
+    reference::frugal_step(
+        &h,
+        &c,
+        3,
+        &mut p,
+        &i["grad"].to_f64(),
+        &mut subset,
+        &mut m,
+        &mut v,
+    );
+    match output {
+        "v" => v,
+        _ => p,
+    }
+}
+
+fn frugal_inputs(r: &mut Rng) -> CaseInputs {
+    vec![
+        ("param", vec![37], r.normals(37, 1.0)),
+        ("grad", vec![37], r.normals(37, 1.0)),
+        ("m", vec![10], r.normals(10, 0.2)),
+        ("v", vec![10], (0..10).map(|_| 0.05 * r.uniform()).collect()),
+    ]
+}
+
+const FRUGAL_PARAMS: &[(&str, &str)] = &[
+    ("lr", "0.01"),
+    ("weight_decay", "0.1"),
+    ("lr_free", "0.002"),
+    ("seed", "5"),
+    ("step", "3"),
+];
+
 /// The optimizer family's cases.
 pub fn cases() -> Vec<Case> {
     let mut v = vec![
@@ -213,8 +264,38 @@ pub fn cases() -> Vec<Case> {
             inputs: grad_and_error,
             params: &[("k", "64"), ("seed", "9")],
             output: "values",
-            reference: |i| compressed(i, 64, |a| compress::random_keys(a.len(), 9), true, "values"),
+            reference: |i| {
+                compressed(
+                    i,
+                    64,
+                    |a| compress::random_keys(a.len(), 9, 0),
+                    true,
+                    "values",
+                )
+            },
             ulps: 2.0,
+            floor: 1.0,
+        },
+    ]);
+    v.extend([
+        Case {
+            op: "frugal",
+            what: "37 elements, 10 with state, step 3 of subspace 0",
+            inputs: frugal_inputs,
+            params: FRUGAL_PARAMS,
+            output: "param",
+            reference: |i| frugal_after(i, "param"),
+            ulps: 16.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "frugal",
+            what: "37 elements, step 3: the second moment of the subset",
+            inputs: frugal_inputs,
+            params: FRUGAL_PARAMS,
+            output: "v",
+            reference: |i| frugal_after(i, "v"),
+            ulps: 16.0,
             floor: 1.0,
         },
     ]);

@@ -47,13 +47,14 @@ pub struct Selected {
 }
 
 /// Selects `k` (1..=n) of `a = error + grad` (flattened; `error` f32, absent = 0) by
-/// `source` and compacts them: see the module doc. `seed` keys the random source.
+/// `source` and compacts them: see the module doc. `(seed, stream)` key the random
+/// source (`crate::random::word(seed, stream, i)` of element `i`).
 pub(crate) fn select_top_k(
     grad: &Tensor,
     error: Option<&Tensor>,
     k: usize,
     source: KeySource,
-    seed: u64,
+    (seed, stream): (u64, u32),
     scale: f32,
 ) -> Result<Selected> {
     let client = grad.client();
@@ -74,6 +75,7 @@ pub(crate) fn select_top_k(
             n: n as u32,
             key0: key[0],
             key1: key[1],
+            stream,
             source,
             has_error: error.is_some(),
         },
@@ -177,6 +179,7 @@ pub fn topk_keys<F: Float>(
     n: u32,
     key0: u32,
     key1: u32,
+    stream: u32,
     #[comptime] source: KeySource,
     #[comptime] has_error: bool,
 ) {
@@ -191,8 +194,9 @@ pub fn topk_keys<F: Float>(
             keys[i as usize] = u32::reinterpret(v) & 0x7FFF_FFFFu32;
         }
         if comptime!(source == KeySource::Random) {
-            // Lane i % 4 of the block at counter (i / 4, 0, 0, 0), as crate::random::word.
-            let r = philox4x32_10(i / 4, 0u32, 0u32, 0u32, key0, key1);
+            // Lane i % 4 of the block at counter (i / 4, stream, 0, 0), as
+            // crate::random::word.
+            let r = philox4x32_10(i / 4, stream, 0u32, 0u32, key0, key1);
             let lane = i % 4;
             let w = select(
                 lane == 0,
