@@ -3,9 +3,11 @@
 //! over ragged sizes from 1 to 3·10^6 and k from 1 to n; ties, ±inf and NaN; rand-k's
 //! shared seed and its uniformity; error feedback's conservation over steps; bad input.
 
-use crate::common::{client, down, up};
+use crate::common::{assert_clear, client, down, up};
 use kiln::check::Rng;
-use kiln::kernels::optim::compress::{magnitude_keys, random_keys, reference_select};
+use kiln::kernels::optim::compress::{
+    compression_errors, lgreco_plan, magnitude_keys, random_keys, reference_select,
+};
 use kiln::kernels::optim::{randk, topk_ef, Compressed};
 use kiln::{DType, HostTensor, Tensor};
 
@@ -237,4 +239,99 @@ fn bad_input_is_one_clear_line() {
     );
     check(topk_ef(&ints, None, 3).err().unwrap(), &["grad", "i32"]);
     assert_eq!(down(&g), vec![0.5; 20]);
+}
+
+#[test]
+fn per_layer_compression_errors_match_the_host() {
+    let mut rng = Rng::new(6);
+    let sizes = [1usize, 5000, 70_001];
+    let densities = [0.001, 0.01, 0.1, 1.0];
+    let layers: Vec<Vec<f64>> = sizes.iter().map(|&n| rng.normals(n, 1.0)).collect();
+    let tensors: Vec<Tensor> = layers
+        .iter()
+        .map(|l| up(DType::F32, &[l.len()], l))
+        .collect();
+    let got = compression_errors(&tensors.iter().collect::<Vec<_>>(), &densities).unwrap();
+    for (l, layer) in layers.iter().enumerate() {
+        let a = accumulate(layer, None);
+        let n = a.len();
+        for (j, d) in densities.iter().enumerate() {
+            let k = ((d * n as f64).ceil() as usize).clamp(1, n);
+            let taken = reference_select(&magnitude_keys(&a), k);
+            let mut keep = vec![true; n];
+            for i in taken {
+                keep[i] = false;
+            }
+            let want = (0..n)
+                .filter(|&i| keep[i])
+                .map(|i| (a[i] as f64).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let e = (got[l][j] - want).abs() / want.max(1e-30);
+            assert!(
+                e < 1e-5 || (want == 0.0 && got[l][j] == 0.0),
+                "layer {l} density {d}: {} vs {want}",
+                got[l][j]
+            );
+        }
+    }
+    assert_clear(
+        compression_errors(&[&tensors[0]], &[0.0]).unwrap_err(),
+        &["densities", "0"],
+    );
+}
+
+#[test]
+fn lgreco_plan_is_the_brute_force_optimum() {
+    let mut rng = Rng::new(7);
+    for trial in 0..40 {
+        let (layers, levels) = (4usize, 3usize);
+        let errors: Vec<Vec<f64>> = (0..layers)
+            .map(|_| (0..levels).map(|_| rng.uniform()).collect())
+            .collect();
+        let sizes: Vec<Vec<usize>> = (0..layers)
+            .map(|_| {
+                (0..levels)
+                    .map(|_| 1 + (rng.uniform() * 20.0) as usize)
+                    .collect()
+            })
+            .collect();
+        let budget = 10 + trial;
+        let least: usize = sizes.iter().map(|s| *s.iter().min().unwrap()).sum();
+        // Brute force over all 3^4 plans.
+        let mut best: Option<(f64, Vec<usize>)> = None;
+        for code in 0..levels.pow(layers as u32) {
+            let plan: Vec<usize> = (0..layers)
+                .map(|l| code / levels.pow(l as u32) % levels)
+                .collect();
+            let size: usize = plan.iter().enumerate().map(|(l, &c)| sizes[l][c]).sum();
+            let err: f64 = plan
+                .iter()
+                .enumerate()
+                .map(|(l, &c)| errors[l][c].powi(2))
+                .sum();
+            if size <= budget && best.as_ref().is_none_or(|(b, _)| err < *b) {
+                best = Some((err, plan));
+            }
+        }
+        match (lgreco_plan(&errors, &sizes, budget, budget), best) {
+            (Ok(plan), Some((want, _))) => {
+                let size: usize = plan.iter().enumerate().map(|(l, &c)| sizes[l][c]).sum();
+                let err: f64 = plan
+                    .iter()
+                    .enumerate()
+                    .map(|(l, &c)| errors[l][c].powi(2))
+                    .sum();
+                assert!(size <= budget, "trial {trial}: {size} > {budget}");
+                assert!((err - want).abs() < 1e-12, "trial {trial}: {err} vs {want}");
+            }
+            (Err(e), None) => assert!(least > budget, "trial {trial}: {e}"),
+            (got, want) => panic!("trial {trial}: {got:?} vs brute force {want:?}"),
+        }
+        // Coarse buckets: still within budget.
+        if let Ok(plan) = lgreco_plan(&errors, &sizes, budget, 4) {
+            let size: usize = plan.iter().enumerate().map(|(l, &c)| sizes[l][c]).sum();
+            assert!(size <= budget);
+        }
+    }
 }

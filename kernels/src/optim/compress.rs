@@ -84,3 +84,108 @@ pub fn random_keys(n: usize, seed: u64, stream: u32) -> Vec<u32> {
         .map(|i| crate::random::word(seed, stream, i))
         .collect()
 }
+
+/// The top-k compression error `‖a − top-k(a)‖₂` of each of `grads` (flattened) at each
+/// of `densities` (`k = ceil(density · n)`, at least 1): `errors[layer][level]`, the
+/// table L-GreCo's per-layer choice needs ([`lgreco_plan`]). One exact selection per
+/// (layer, level) on the device; one small download each.
+pub fn compression_errors(grads: &[&Tensor], densities: &[f64]) -> Result<Vec<Vec<f64>>> {
+    if let Some(d) = densities.iter().find(|d| !(**d > 0.0 && **d <= 1.0)) {
+        return Err(Error::Param {
+            param: "densities".into(),
+            expected: "each in (0, 1]".into(),
+            found: d.to_string(),
+        });
+    }
+    grads
+        .iter()
+        .enumerate()
+        .map(|(l, g)| {
+            check_input(&format!("grads[{l}]"), g, g.client())?;
+            let n = g.numel();
+            densities
+                .iter()
+                .map(|d| {
+                    if n == 0 {
+                        return Ok(0.0);
+                    }
+                    let k = ((d * n as f64).ceil() as usize).clamp(1, n);
+                    topk::select_top_k(g, None, k, KeySource::Magnitude, (0, 0), 1.0)?.error_norm()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// L-GreCo's per-layer choice of compression level (Markov et al., 2024): the level of
+/// each layer minimising the total squared error `Σ errors[l][c_l]²` subject to
+/// `Σ sizes[l][c_l] <= budget` (sizes in any unit, e.g. elements sent), by dynamic
+/// programming over the budget in `buckets` steps (sizes rounded up to a step, so a
+/// returned plan always fits; with `buckets >= budget` and integer sizes it is exact).
+/// Errors when no plan fits or the tables disagree in shape.
+pub fn lgreco_plan(
+    errors: &[Vec<f64>],
+    sizes: &[Vec<usize>],
+    budget: usize,
+    buckets: usize,
+) -> Result<Vec<usize>> {
+    let bad = |expected: String, found: String| Error::Param {
+        param: "lgreco_plan".into(),
+        expected,
+        found,
+    };
+    if errors.len() != sizes.len()
+        || errors
+            .iter()
+            .zip(sizes)
+            .any(|(e, s)| e.len() != s.len() || e.is_empty())
+    {
+        return Err(bad(
+            "errors and sizes of the same shape, at least one level per layer".into(),
+            format!("{} and {} layers", errors.len(), sizes.len()),
+        ));
+    }
+    let buckets = buckets.clamp(1, budget.max(1));
+    let step = budget.div_ceil(buckets).max(1);
+    let cap = budget / step;
+    // best[b] = least total error of the layers so far using b steps; choice per layer.
+    let mut best = vec![0.0f64; cap + 1];
+    let mut choice: Vec<Vec<usize>> = Vec::with_capacity(errors.len());
+    for (e, s) in errors.iter().zip(sizes) {
+        let mut next = vec![f64::INFINITY; cap + 1];
+        let mut pick = vec![usize::MAX; cap + 1];
+        for b in 0..=cap {
+            for (c, (&err, &size)) in e.iter().zip(s).enumerate() {
+                let need = size.div_ceil(step);
+                if need <= b && best[b - need].is_finite() {
+                    let total = best[b - need] + err * err;
+                    if total < next[b] {
+                        next[b] = total;
+                        pick[b] = c;
+                    }
+                }
+            }
+        }
+        best = next;
+        choice.push(pick);
+    }
+    if !best[cap].is_finite() {
+        let least: usize = sizes
+            .iter()
+            .map(|s| s.iter().copied().min().unwrap_or(0))
+            .sum();
+        return Err(bad(
+            format!("a budget of at least {least} (every layer at its smallest level)"),
+            budget.to_string(),
+        ));
+    }
+    // Walk back from the full budget.
+    let mut plan = vec![0; errors.len()];
+    let mut b = cap;
+    for l in (0..errors.len()).rev() {
+        let c = choice[l][b];
+        plan[l] = c;
+        b -= sizes[l][c].div_ceil(step);
+    }
+    Ok(plan)
+}

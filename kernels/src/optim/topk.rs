@@ -44,6 +44,22 @@ pub struct Selected {
     pub values: Tensor,
     /// `[n]` f32 error feedback `a − c` (`c` the dense compressed vector).
     pub error: Tensor,
+    /// `[cubes]` f32 per-cube sums of `error²` (the compression error, summed on the
+    /// host in f64 by [`Selected::error_norm`]).
+    pub residual: Tensor,
+}
+
+impl Selected {
+    /// `‖a − c‖₂`, from the per-cube partial sums (one small download).
+    pub fn error_norm(&self) -> Result<f64> {
+        Ok(self
+            .residual
+            .download()?
+            .to_f64()
+            .iter()
+            .sum::<f64>()
+            .sqrt())
+    }
 }
 
 /// Selects `k` (1..=n) of `a = error + grad` (flattened; `error` f32, absent = 0) by
@@ -140,6 +156,7 @@ pub(crate) fn select_top_k(
     let indices = Tensor::empty(client, DType::I32, &[k])?;
     let values = Tensor::empty(client, DType::F32, &[k])?;
     let error = Tensor::empty(client, DType::F32, &[n])?;
+    let residual = Tensor::empty(client, DType::F32, &[cubes])?;
     TopkWrite::tuned(
         client,
         0.0,
@@ -151,6 +168,7 @@ pub(crate) fn select_top_k(
             indices: &indices,
             values: &values,
             error: &error,
+            residual: &residual,
             n: n as u32,
             cubes: cubes as u32,
             scale,
@@ -160,6 +178,7 @@ pub(crate) fn select_top_k(
         indices,
         values,
         error,
+        residual,
     })
 }
 
@@ -378,7 +397,7 @@ pub fn topk_scan(counts: &Array<u32>, offsets: &mut Array<u32>, cubes: u32) {
 /// a row, so a cube-wide exclusive scan orders them). An element is taken when its key
 /// is above `T`, or equal with fewer than `k_rem` equal keys before it. Its slot is the
 /// number of taken elements before it; every element's error is `a − scale a` if taken
-/// (0 for top-k's scale 1), `a` otherwise.
+/// (0 for top-k's scale 1), `a` otherwise; `residual[c]` is the cube's sum of error².
 #[kiln_macros::kernel(
     tune(UNITS = [256]),
     grid = (cubes.min(65_535), cubes.div_ceil(65_535)),
@@ -392,6 +411,7 @@ pub fn topk_write(
     indices: &mut Array<i32>,
     values: &mut Array<f32>,
     error: &mut Array<f32>,
+    residual: &mut Array<f32>,
     n: u32,
     cubes: u32,
     scale: f32,
@@ -414,6 +434,7 @@ pub fn topk_write(
     let mut smem = SharedMemory::<f32>::new(UNITS as usize);
     let gt_before = cube_exclusive_sum(&mut smem, gt, UNITS);
     let eq_before = cube_exclusive_sum(&mut smem, eq, UNITS);
+    let mut squares = 0.0f32;
     if cube < cubes {
         let mut ties = offsets[(2 * c + 1) as usize] + u32::cast_from(eq_before);
         // Taken ties before this unit: all earlier ties, capped at k_rem.
@@ -435,9 +456,15 @@ pub fn topk_write(
                     values[slot as usize] = scale * v;
                     slot += 1;
                 }
-                error[e as usize] = select(taken, v - scale * v, v);
+                let r = select(taken, v - scale * v, v);
+                error[e as usize] = r;
+                squares += r * r;
                 ties += select(tie, 1u32, 0u32);
             }
         }
+    }
+    let total = cube_sum(&mut smem, squares, UNITS);
+    if cube < cubes && UNIT_POS == 0 {
+        residual[cube as usize] = total;
     }
 }
