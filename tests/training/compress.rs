@@ -335,3 +335,49 @@ fn lgreco_plan_is_the_brute_force_optimum() {
         }
     }
 }
+
+#[test]
+fn the_threshold_estimate_sends_about_k_and_everything_above_its_threshold() {
+    use kiln::kernels::optim::topk_ef_estimated;
+    let mut rng = Rng::new(9);
+    let n = 200_003;
+    let g = rng.normals(n, 1.0);
+    let e = rng.normals(n, 0.3);
+    let (gt, et) = (up(DType::F32, &[n], &g), up(DType::F32, &[n], &e));
+    let a = accumulate(&g, Some(&e));
+    let keys = magnitude_keys(&a);
+    for (k, sample) in [
+        (2000usize, 20_000usize),
+        (20_000, 50_000),
+        (1, 1000),
+        (5000, n),
+    ] {
+        let got = topk_ef_estimated(&gt, Some(&et), k, sample, 11).unwrap();
+        let idx = ints(&got.indices);
+        let sent = idx.len();
+        // Exactly the elements at or above the smallest key sent: a threshold cut.
+        let threshold = idx.iter().map(|&i| keys[i]).min().unwrap();
+        let want: Vec<usize> = (0..n).filter(|&i| keys[i] >= threshold).collect();
+        assert_eq!(idx, want, "k {k} sample {sample}");
+        let exact = reference_select(&keys, sent);
+        check(
+            &got,
+            &a,
+            &keys,
+            sent,
+            1.0,
+            &format!("k {k} sample {sample}"),
+        );
+        assert_eq!(exact, want);
+        // About k: within 4 sd of the sample quantile's spread (sampling with replacement).
+        let sd = (k as f64 * (1.0 - k as f64 / n as f64) * n as f64 / sample as f64).sqrt();
+        assert!(
+            (sent as f64 - k as f64).abs() <= 4.0 * sd + n as f64 / sample as f64 + 1.0,
+            "k {k} sample {sample}: sent {sent}"
+        );
+    }
+    assert_clear(
+        topk_ef_estimated(&gt, None, 10, 0, 1).err().unwrap(),
+        &["sample"],
+    );
+}

@@ -2,6 +2,8 @@
 //!
 //! - [`topk_ef`]: `a = e + g`; `c = top-k(|a|)` (exact: ties to the lower index; NaN
 //!   ranks above ±inf); `e = a − c`.
+//! - [`topk_ef_estimated`]: the threshold-estimate variant: the threshold from a
+//!   seeded sample, every `|a|` above it sent (about k values).
 //! - [`randk`]: `a = e + g`; `c = (n/k) a_S` with `S` a uniformly random k-subset drawn
 //!   from `seed` (Philox; every worker with the same seed picks the same `S`, so the
 //!   values can be summed across workers without sending indices); `e = a − c`.
@@ -21,6 +23,29 @@ pub use super::topk::Selected as Compressed;
 pub fn topk_ef(grad: &Tensor, error: Option<&Tensor>, k: usize) -> Result<Compressed> {
     check(grad, error, k)?;
     topk::select_top_k(grad, error, k, KeySource::Magnitude, (0, 0), 1.0)
+}
+
+/// Top-k with error feedback and an estimated threshold (faster, not exact): the
+/// threshold is the `round(k · sample / n)`-th largest `|a|` of `sample` positions
+/// drawn from `seed`, and every `|a|` at or above it is sent, so about `k` values
+/// (their number is the outputs' length). Eight radix passes over the sample instead
+/// of over `a`; two small downloads size the outputs.
+pub fn topk_ef_estimated(
+    grad: &Tensor,
+    error: Option<&Tensor>,
+    k: usize,
+    sample: usize,
+    seed: u64,
+) -> Result<Compressed> {
+    check(grad, error, k)?;
+    if sample == 0 {
+        return Err(Error::Param {
+            param: "sample".into(),
+            expected: ">= 1".into(),
+            found: "0".into(),
+        });
+    }
+    topk::select_above_estimate(grad, error, k, sample, seed)
 }
 
 /// Rand-k with error feedback: `k` coordinates drawn from `seed` (shared by all

@@ -28,7 +28,7 @@ mod rules;
 pub mod selftest;
 mod topk;
 
-pub use compress::{randk, topk_ef, Compressed};
+pub use compress::{randk, topk_ef, topk_ef_estimated, Compressed};
 pub use frugal::{Frugal, FrugalConfig, FrugalMask, FrugalMaskArgs, FrugalStep, FrugalStepArgs};
 pub use multi::{
     Block, GivenState, MultiTensorStep, OptimAdvanceStep, OptimAdvanceStepArgs, OptimSlotNorms,
@@ -42,6 +42,6 @@ pub use registry::{ADABELIEF, ADAGRAD, ADAGRAD_NORM, ADAMW, ADAN, LAMB, PERTURB,
 pub use rules::{Hyper, Rule};
 pub use topk::{
     KeySource, TopkCount, TopkCountArgs, TopkKeys, TopkKeysArgs, TopkRadixChoose,
-    TopkRadixChooseArgs, TopkRadixHistogram, TopkRadixHistogramArgs, TopkScan, TopkScanArgs,
-    TopkWrite, TopkWriteArgs,
+    TopkRadixChooseArgs, TopkRadixHistogram, TopkRadixHistogramArgs, TopkSample, TopkSampleArgs,
+    TopkScan, TopkScanArgs, TopkWrite, TopkWriteArgs,
 };

@@ -416,9 +416,17 @@ fn run_compress(a: &OpArgs, random: bool) -> Result<Outputs> {
     let grad = a.tensor("grad")?;
     let k: usize = a.param_as("k")?;
     let error = a.optional_tensor("error");
-    let out = match random {
-        true => compress::randk(grad, error, k, a.param_as("seed")?)?,
-        false => compress::topk_ef(grad, error, k)?,
+    let method = match random {
+        true => "random".to_string(),
+        false => a.param_choice("method", &["exact", "threshold"])?,
+    };
+    let out = match method.as_str() {
+        "random" => compress::randk(grad, error, k, a.param_as("seed")?)?,
+        "threshold" => {
+            let sample = a.param_as("sample")?;
+            compress::topk_ef_estimated(grad, error, k, sample, a.param_as("seed")?)?
+        }
+        _ => compress::topk_ef(grad, error, k)?,
     };
     Ok(vec![
         ("indices", out.indices),
@@ -491,7 +499,12 @@ pub static TOPK_EF: OpSpec = OpSpec {
     summary: "top-k gradient compression with error feedback: a = error + grad; the k largest |a| (exact, by a deterministic device radix select; ties to the lower index, NaN above inf) as (indices, values); error = a - c",
     inputs: COMPRESS_INPUTS,
     outputs: COMPRESS_OUTPUTS,
-    params: &[K],
+    params: &[
+        K,
+        ParamSpec::new("method", "exact", "exact | threshold", "exact: the k largest; threshold: every |a| at or above the k-th largest of a seeded sample (about k values)"),
+        ParamSpec::new("sample", "65536", ">= 1 (clamped to the elements)", "threshold: sampled positions"),
+        ParamSpec::new("seed", "0", "a u64", "threshold: the sample's seed"),
+    ],
     run: |_, a| run_compress(a, false),
     problem: "shape of grad",
     example_inputs: compress_example,

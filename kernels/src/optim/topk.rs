@@ -70,12 +70,63 @@ pub(crate) fn select_top_k(
     error: Option<&Tensor>,
     k: usize,
     source: KeySource,
-    (seed, stream): (u64, u32),
+    seed: (u64, u32),
     scale: f32,
+) -> Result<Selected> {
+    let (a, keys) = keys_of(grad, error, source, seed)?;
+    let state = radix_select(&keys, k)?;
+    let (offsets, _) = count_and_scan(&keys, &state, false)?;
+    compact(&a, &keys, &state, &offsets, k, scale)
+}
+
+/// Top-k with an estimated threshold: the `round(k s / n)`-th largest `|a|` of `sample`
+/// positions drawn from `seed` (uniform, with replacement) is the threshold, and every
+/// element at or above it is taken (about `k`, not exactly; ties all taken). Radix
+/// passes over the sample only, then one count, scan and write over `a`; two small
+/// downloads (the threshold, the count) size the outputs.
+pub(crate) fn select_above_estimate(
+    grad: &Tensor,
+    error: Option<&Tensor>,
+    k: usize,
+    sample: usize,
+    seed: u64,
 ) -> Result<Selected> {
     let client = grad.client();
     let n = grad.numel();
-    let cubes = n.div_ceil(CHUNK as usize);
+    let (a, keys) = keys_of(grad, error, KeySource::Magnitude, (0, 0))?;
+    let sample = sample.clamp(1, n);
+    let sampled = Tensor::empty(client, DType::U32, &[sample])?;
+    let key = crate::random::seed_key(seed);
+    TopkSample::tuned(
+        client,
+        0.0,
+        &TopkSampleArgs {
+            keys: &keys,
+            sampled: &sampled,
+            n: n as u32,
+            sample: sample as u32,
+            key0: key[0],
+            key1: key[1],
+        },
+    )?;
+    let k_sample = ((k as f64 * sample as f64 / n as f64).round() as usize).clamp(1, sample);
+    let threshold = radix_select(&sampled, k_sample)?.download()?.to_f64()[0] as u32;
+    // Every key >= threshold: all ties taken.
+    let state = upload_u32(client, "topk_state", &[threshold, u32::MAX])?;
+    // At least the sampled element whose key is the threshold is taken.
+    let (offsets, taken) = count_and_scan(&keys, &state, true)?;
+    compact(&a, &keys, &state, &offsets, taken, 1.0)
+}
+
+/// `a = error + grad` (f32) and the ranking keys.
+fn keys_of(
+    grad: &Tensor,
+    error: Option<&Tensor>,
+    source: KeySource,
+    (seed, stream): (u64, u32),
+) -> Result<(Tensor, Tensor)> {
+    let client = grad.client();
+    let n = grad.numel();
     let key = crate::random::seed_key(seed);
     let keys = Tensor::empty(client, DType::U32, &[n])?;
     let a = Tensor::empty(client, DType::F32, &[n])?;
@@ -96,8 +147,15 @@ pub(crate) fn select_top_k(
             has_error: error.is_some(),
         },
     )?;
-    let a = &a;
-    // [threshold prefix, ties still to take].
+    Ok((a, keys))
+}
+
+/// The radix select of the `k`-th largest of `keys` (`k` in 1..=len): a `[2]` u32 state
+/// `[T, ties of T to take]` on the device.
+fn radix_select(keys: &Tensor, k: usize) -> Result<Tensor> {
+    let client = keys.client();
+    let n = keys.numel();
+    let cubes = n.div_ceil(CHUNK as usize);
     let state = upload_u32(client, "topk_state", &[0, k as u32])?;
     let hist = Tensor::empty(client, DType::U32, &[cubes * BINS as usize])?;
     for pass in 0..32 / DIGIT_BITS {
@@ -111,7 +169,7 @@ pub(crate) fn select_top_k(
             client,
             0.0,
             &TopkRadixHistogramArgs {
-                keys: &keys,
+                keys,
                 state: &state,
                 hist: &hist,
                 n: n as u32,
@@ -131,13 +189,22 @@ pub(crate) fn select_top_k(
             },
         )?;
     }
+    Ok(state)
+}
+
+/// Per-cube counts above and at `T` and their exclusive scan (`offsets`); with `total`,
+/// also the number taken (every key above or at `T`: one download of the counts).
+fn count_and_scan(keys: &Tensor, state: &Tensor, total: bool) -> Result<(Tensor, usize)> {
+    let client = keys.client();
+    let n = keys.numel();
+    let cubes = n.div_ceil(CHUNK as usize);
     let counts = Tensor::empty(client, DType::U32, &[2 * cubes])?;
     TopkCount::tuned(
         client,
         0.0,
         &TopkCountArgs {
-            keys: &keys,
-            state: &state,
+            keys,
+            state,
             counts: &counts,
             n: n as u32,
             cubes: cubes as u32,
@@ -153,6 +220,25 @@ pub(crate) fn select_top_k(
             cubes: cubes as u32,
         },
     )?;
+    let taken = match total {
+        true => counts.download()?.to_f64().iter().sum::<f64>() as usize,
+        false => 0,
+    };
+    Ok((offsets, taken))
+}
+
+/// The write pass: `k` output slots (see [`topk_write`]).
+fn compact(
+    a: &Tensor,
+    keys: &Tensor,
+    state: &Tensor,
+    offsets: &Tensor,
+    k: usize,
+    scale: f32,
+) -> Result<Selected> {
+    let client = a.client();
+    let n = a.numel();
+    let cubes = n.div_ceil(CHUNK as usize);
     let indices = Tensor::empty(client, DType::I32, &[k])?;
     let values = Tensor::empty(client, DType::F32, &[k])?;
     let error = Tensor::empty(client, DType::F32, &[n])?;
@@ -162,9 +248,9 @@ pub(crate) fn select_top_k(
         0.0,
         &TopkWriteArgs {
             a,
-            keys: &keys,
-            state: &state,
-            offsets: &offsets,
+            keys,
+            state,
+            offsets,
             indices: &indices,
             values: &values,
             error: &error,
@@ -180,6 +266,34 @@ pub(crate) fn select_top_k(
         error,
         residual,
     })
+}
+
+/// `sampled[j] = keys[p_j]`, `p_j` uniform in `0..n` from Philox word `j` of `seed`
+/// (`mul_hi(word, n)`: bias below `n / 2^32`).
+#[kiln_macros::kernel(
+    tune(UNITS = [256]),
+    grid = (sample.div_ceil(UNITS).min(65_535), sample.div_ceil(UNITS).div_ceil(65_535)),
+    cube = UNITS
+)]
+pub fn topk_sample(
+    keys: &Array<u32>,
+    sampled: &mut Array<u32>,
+    n: u32,
+    sample: u32,
+    key0: u32,
+    key1: u32,
+) {
+    let j = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * UNITS + UNIT_POS;
+    if j < sample {
+        let r = philox4x32_10(j / 4, 1u32, 0u32, 0u32, key0, key1);
+        let lane = j % 4;
+        let w = select(
+            lane == 0,
+            r.x0,
+            select(lane == 1, r.x1, select(lane == 2, r.x2, r.x3)),
+        );
+        sampled[j as usize] = keys[u32::mul_hi(w, n) as usize];
+    }
 }
 
 /// `a = error + grad` in f32 and the ranking key of every element: `|a|`'s bits, or a
