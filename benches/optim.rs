@@ -29,14 +29,7 @@ fn bench(cr: &mut Criterion) {
     let n = 1usize << 22;
     let param = data::normals(&client, &[1, n], &mut rng, 1.0);
     let grad = data::normals(&client, &[1, n], &mut rng, 1.0);
-    for rule in [
-        Rule::AdamW,
-        Rule::Adan,
-        Rule::AdaBelief,
-        Rule::AdaGrad,
-        Rule::Lamb,
-        Rule::AdaGradNorm,
-    ] {
+    for rule in Rule::ALL {
         let k = rule.element_states();
         // Read: param, grad, the states; written: param, the states (4 bytes each). LAMB
         // and AdaGrad-Norm read some twice (norms, then update): not counted.

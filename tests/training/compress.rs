@@ -19,6 +19,16 @@ fn accumulate(g: &[f64], e: Option<&[f64]>) -> Vec<f32> {
         .collect()
 }
 
+/// A gradient and an error of `n` elements drawn from `seed`, on the device, and their
+/// sum `a` as the kernels form it.
+fn gradient_and_error(seed: u64, n: usize) -> (Tensor, Tensor, Vec<f32>) {
+    let mut rng = Rng::new(seed);
+    let g = rng.normals(n, 1.0);
+    let e = rng.normals(n, 0.3);
+    let a = accumulate(&g, Some(&e));
+    (up(DType::F32, &[n], &g), up(DType::F32, &[n], &e), a)
+}
+
 fn ints(t: &Tensor) -> Vec<usize> {
     down(t).iter().map(|&v| v as usize).collect()
 }
@@ -176,12 +186,8 @@ fn error_feedback_conserves_the_gradient_sum() {
 
 #[test]
 fn randk_uses_the_shared_seed_and_is_uniform() {
-    let mut rng = Rng::new(4);
     let n = 70_001;
-    let g = rng.normals(n, 1.0);
-    let e = rng.normals(n, 0.3);
-    let (gt, et) = (up(DType::F32, &[n], &g), up(DType::F32, &[n], &e));
-    let a = accumulate(&g, Some(&e));
+    let (gt, et, a) = gradient_and_error(4, n);
     for (k, seed) in [(1usize, 0u64), (700, 42), (n, u64::MAX)] {
         let got = randk(&gt, Some(&et), k, seed).unwrap();
         let scale = (n as f64 / k as f64) as f32;
@@ -194,7 +200,7 @@ fn randk_uses_the_shared_seed_and_is_uniform() {
             &format!("randk k {k} seed {seed}"),
         );
         // Another worker with other values and the same seed picks the same subset.
-        let other = randk(&up(DType::F32, &[n], &e), None, k, seed).unwrap();
+        let other = randk(&et, None, k, seed).unwrap();
         assert_eq!(down(&other.indices), down(&got.indices));
     }
     assert_ne!(
@@ -339,12 +345,8 @@ fn lgreco_plan_is_the_brute_force_optimum() {
 #[test]
 fn the_threshold_estimate_sends_about_k_and_everything_above_its_threshold() {
     use kiln::kernels::optim::topk_ef_estimated;
-    let mut rng = Rng::new(9);
     let n = 200_003;
-    let g = rng.normals(n, 1.0);
-    let e = rng.normals(n, 0.3);
-    let (gt, et) = (up(DType::F32, &[n], &g), up(DType::F32, &[n], &e));
-    let a = accumulate(&g, Some(&e));
+    let (gt, et, a) = gradient_and_error(9, n);
     let keys = magnitude_keys(&a);
     for (k, sample) in [
         (2000usize, 20_000usize),

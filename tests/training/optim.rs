@@ -9,14 +9,7 @@ use kiln::check::{max_rel_error, Rng};
 use kiln::kernels::optim::{reference, Block, GivenState, Hyper, MultiTensorStep, Rule};
 use kiln::{DType, HostTensor, Tensor};
 
-const RULES: [Rule; 6] = [
-    Rule::AdamW,
-    Rule::Adan,
-    Rule::AdaBelief,
-    Rule::AdaGrad,
-    Rule::Lamb,
-    Rule::AdaGradNorm,
-];
+const RULES: [Rule; 6] = Rule::ALL;
 
 /// Zero state of `rule` for a tensor of `n` elements (scalars as one-element vectors).
 fn zero_state(rule: Rule, n: usize) -> Vec<Vec<f64>> {

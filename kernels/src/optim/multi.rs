@@ -643,6 +643,15 @@ pub fn optim_step<F: Float>(
         let master_at = scalars_at + comptime!(rule.scalar_states() as u32) + ei;
         let step = counter[0];
         let tf = f32::cast_from(step + 1);
+        let moments = Moments {
+            beta1,
+            beta2,
+            one_minus_beta1,
+            one_minus_beta2,
+            ln_beta1,
+            ln_beta2,
+            eps,
+        };
         let mut g = 0.0f32;
         let mut p = 0.0f32;
         if inside {
@@ -659,20 +668,8 @@ pub fn optim_step<F: Float>(
             let mut sq1 = 0.0f32;
             if inside {
                 if comptime!(rule == Rule::Lamb) {
-                    adam_moments(
-                        state,
-                        s_at,
-                        n,
-                        g,
-                        beta1,
-                        beta2,
-                        one_minus_beta1,
-                        one_minus_beta2,
-                        eps,
-                        false,
-                    );
-                    let r = adam_direction(state, s_at, n, tf, ln_beta1, ln_beta2, eps)
-                        + weight_decay * p;
+                    adam_moments(state, s_at, n, g, moments, false);
+                    let r = adam_direction(state, s_at, n, tf, moments) + weight_decay * p;
                     sq0 = p * p;
                     sq1 = r * r;
                 }
@@ -694,19 +691,8 @@ pub fn optim_step<F: Float>(
                 p *= decay_before;
                 if comptime!(rule == Rule::AdamW || rule == Rule::AdaBelief) {
                     let belief = comptime!(rule == Rule::AdaBelief);
-                    adam_moments(
-                        state,
-                        s_at,
-                        n,
-                        g,
-                        beta1,
-                        beta2,
-                        one_minus_beta1,
-                        one_minus_beta2,
-                        eps,
-                        belief,
-                    );
-                    p -= lr * adam_direction(state, s_at, n, tf, ln_beta1, ln_beta2, eps);
+                    adam_moments(state, s_at, n, g, moments, belief);
+                    p -= lr * adam_direction(state, s_at, n, tf, moments);
                 }
                 if comptime!(rule == Rule::Adan) {
                     // The difference is 0 at the first step (grad_prev is not yet a gradient).
@@ -733,8 +719,7 @@ pub fn optim_step<F: Float>(
                 }
                 if comptime!(rule == Rule::Lamb) {
                     // The moments were advanced by the norms pass; the same r again.
-                    let r = adam_direction(state, s_at, n, tf, ln_beta1, ln_beta2, eps)
-                        + weight_decay * p;
+                    let r = adam_direction(state, s_at, n, tf, moments) + weight_decay * p;
                     let w_norm = f32::sqrt(partials[(2 * cubes + 2 * b) as usize]);
                     let r_norm = f32::sqrt(partials[(2 * cubes + 2 * b + 1) as usize]);
                     let trust = select(w_norm > 0.0 && r_norm > 0.0, w_norm / r_norm, 1.0f32);
@@ -768,51 +753,51 @@ pub fn optim_step<F: Float>(
     }
 }
 
+/// Adam's constants in a kernel: the decays, `1 − β` and `ln β` (from f64 on the host),
+/// and `eps`.
+#[derive(CubeType, Clone, Copy)]
+pub(super) struct Moments {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta1: f32,
+    pub one_minus_beta2: f32,
+    pub ln_beta1: f32,
+    pub ln_beta2: f32,
+    pub eps: f32,
+}
+
 /// Advances the first and second moments at `state[s_at]`, `state[s_at + n]` by `g`:
 /// Adam's `v` of `g²`, or with `belief` AdaBelief's `s` of `(g − m)²` plus `eps`.
 #[cube]
-#[allow(clippy::too_many_arguments)]
 pub(super) fn adam_moments(
     state: &mut Array<f32>,
     s_at: u32,
     n: u32,
     g: f32,
-    beta1: f32,
-    beta2: f32,
-    one_minus_beta1: f32,
-    one_minus_beta2: f32,
-    eps: f32,
+    c: Moments,
     #[comptime] belief: bool,
 ) {
-    let m = beta1 * state[s_at as usize] + one_minus_beta1 * g;
+    let m = c.beta1 * state[s_at as usize] + c.one_minus_beta1 * g;
     let mut d = g;
     if comptime!(belief) {
         d = g - m;
     }
-    let mut v = beta2 * state[(s_at + n) as usize] + one_minus_beta2 * d * d;
+    let mut v = c.beta2 * state[(s_at + n) as usize] + c.one_minus_beta2 * d * d;
     if comptime!(belief) {
-        v += eps;
+        v += c.eps;
     }
     state[s_at as usize] = m;
     state[(s_at + n) as usize] = v;
 }
 
-/// The bias-corrected Adam direction `m̂ / (sqrt(v̂) + eps)` from the moments at
-/// `state[s_at]`, `state[s_at + n]` (AdamW's and AdaBelief's step over `lr`, LAMB's `r`
-/// before its decay term).
+/// The bias-corrected Adam direction `m̂ / (sqrt(v̂) + eps)` at step `t` from the
+/// moments at `state[s_at]`, `state[s_at + n]` (AdamW's and AdaBelief's step over `lr`,
+/// LAMB's `r` before its decay term, FRUGAL's active coordinates).
 #[cube]
-pub(super) fn adam_direction(
-    state: &Array<f32>,
-    s_at: u32,
-    n: u32,
-    t: f32,
-    ln_beta1: f32,
-    ln_beta2: f32,
-    eps: f32,
-) -> f32 {
-    let bc1 = one_minus_pow(ln_beta1, t);
-    let bc2 = one_minus_pow(ln_beta2, t);
-    state[s_at as usize] / bc1 / (f32::sqrt(state[(s_at + n) as usize]) / f32::sqrt(bc2) + eps)
+pub(super) fn adam_direction(state: &Array<f32>, s_at: u32, n: u32, t: f32, c: Moments) -> f32 {
+    let bc1 = one_minus_pow(c.ln_beta1, t);
+    let bc2 = one_minus_pow(c.ln_beta2, t);
+    state[s_at as usize] / bc1 / (f32::sqrt(state[(s_at + n) as usize]) / f32::sqrt(bc2) + c.eps)
 }
 
 /// Per-slot sums of the step kernel's per-cube partials (`Phase::Norms`), one cube per

@@ -26,6 +26,16 @@ kiln_runtime::comptime_enum! {
 }
 
 impl Rule {
+    /// Every rule, in declaration order.
+    pub const ALL: [Rule; 6] = [
+        Rule::AdamW,
+        Rule::Adan,
+        Rule::AdaBelief,
+        Rule::AdaGrad,
+        Rule::Lamb,
+        Rule::AdaGradNorm,
+    ];
+
     /// The state tensors, by their formula names, in storage order: the per-element
     /// ones (the parameter's shape), then [`Rule::scalar_states`] per-tensor scalars.
     pub fn state_names(self) -> &'static [&'static str] {
