@@ -207,12 +207,27 @@ fn cost(dims: &[usize], elem: usize, states: usize) -> (f64, f64) {
     ((12 * n) as f64, (n * (3 * elem + 8 * states)) as f64)
 }
 
+/// The tensors of the rules with Adam's moments (`adamw`, `lamb`).
+const ADAM_INPUTS: &[TensorSpec] = &[
+    PARAM,
+    GRAD,
+    state("m", "first moment (default 0)", ExampleValues::Normal),
+    state("v", "second moment (default 0)", ExampleValues::Positive),
+    MASTER,
+];
+const ADAM_OUTPUTS: &[TensorSpec] = &[
+    OUT_PARAM,
+    out_state("m", "first moment"),
+    out_state("v", "second moment"),
+    OUT_MASTER,
+];
+
 /// `adamw`: PyTorch's AdamW step.
 pub static ADAMW: OpSpec = OpSpec {
     name: "adamw",
     summary: "AdamW step (PyTorch's: decoupled decay param *= 1 - lr weight_decay, bias-corrected moments), fused; f32 state; multi-tensor through the Rust API",
-    inputs: &[PARAM, GRAD, state("m", "first moment (default 0)", ExampleValues::Normal), state("v", "second moment (default 0)", ExampleValues::Positive), MASTER],
-    outputs: &[OUT_PARAM, out_state("m", "first moment"), out_state("v", "second moment"), OUT_MASTER],
+    inputs: ADAM_INPUTS,
+    outputs: ADAM_OUTPUTS,
     params: &[lr("0.001"), beta("beta1", "0.9", "first-moment decay"), beta("beta2", "0.999", "second-moment decay"), eps("1e-8"), weight_decay("0.01", "decoupled: param *= 1 - lr weight_decay"), STEP],
     run: |c, a| run(Rule::AdamW, c, a),
     problem: "N",
@@ -383,8 +398,8 @@ pub static ZO_UPDATE: OpSpec = OpSpec {
 pub static LAMB: OpSpec = OpSpec {
     name: "lamb",
     summary: "LAMB step (r = m_hat / (sqrt(v_hat) + eps) + weight_decay param; param -= lr (||param|| / ||r||) r, trust ratio 1 where either norm is 0): per-tensor norms by a deterministic reduction, then the update; f32 state",
-    inputs: &[PARAM, GRAD, state("m", "first moment (default 0)", ExampleValues::Normal), state("v", "second moment (default 0)", ExampleValues::Positive), MASTER],
-    outputs: &[OUT_PARAM, out_state("m", "first moment"), out_state("v", "second moment"), OUT_MASTER],
+    inputs: ADAM_INPUTS,
+    outputs: ADAM_OUTPUTS,
     params: &[lr("0.001"), beta("beta1", "0.9", "first-moment decay"), beta("beta2", "0.999", "second-moment decay"), eps("1e-6"), weight_decay("0.01", "inside the trust-ratio direction r"), STEP],
     run: |c, a| run(Rule::Lamb, c, a),
     problem: "N",
