@@ -1,6 +1,7 @@
 //! Gradient compressors against a host reference written from the definition (sort by
-//! key, ties to the lower index): exact indices, bit-exact values and error feedback,
-//! over ragged sizes from 1 to 3·10^6 and k from 1 to n; ties, ±inf and NaN; rand-k's
+//! key, ties to the lower index): exact indices, bit-exact values and error feedback
+//! (`c + e == a` bit for bit), over ragged sizes from 1 to 3·10^6 and k from 1 (0.1 %,
+//! 1 %, 50 %) to n; ties, ±inf and NaN; rand-k's
 //! shared seed and its uniformity; error feedback's conservation over steps; bad input.
 
 use crate::common::{assert_clear, client, down, up};
@@ -46,8 +47,9 @@ fn check(got: &Compressed, a: &[f32], keys: &[u32], k: usize, scale: f32, what: 
         "{what}: first differing value"
     );
     let mut error = a.to_vec();
+    let keep = 1.0 - scale;
     for &i in &want {
-        error[i] = a[i] - scale * a[i];
+        error[i] = if keep == 0.0 { 0.0 } else { keep * a[i] };
     }
     let got_error: Vec<f32> = down(&got.error).iter().map(|&v| v as f32).collect();
     assert_eq!(
@@ -55,6 +57,14 @@ fn check(got: &Compressed, a: &[f32], keys: &[u32], k: usize, scale: f32, what: 
         None,
         "{what}: first differing error element"
     );
+    if scale == 1.0 {
+        // Error feedback conserves a exactly: c + e == a, bit for bit.
+        let mut dense = got_error.clone();
+        for (&i, v) in want.iter().zip(&got_values) {
+            dense[i] += v;
+        }
+        assert_eq!(same_bits(&dense, a), None, "{what}: c + e differs from a");
+    }
 }
 
 /// The first position where `x` and `y` differ in bits (any NaN equals any NaN).
@@ -71,7 +81,7 @@ fn topk_ef_is_exact_over_ragged_sizes_and_every_k() {
     for (n, ks) in [
         (1usize, vec![1usize]),
         (4097, vec![1, 17, 4096, 4097]),
-        (100_003, vec![1, 1000, 65_537]),
+        (100_003, vec![1, 100, 1000, 50_002, 65_537]),
         (3_000_001, vec![30_000]),
     ] {
         let g = rng.normals(n, 1.0);

@@ -136,7 +136,7 @@ fn compressed(
         _ => {
             let mut err: Vec<f64> = a.iter().map(|&v| v as f64).collect();
             for &t in &taken {
-                err[t] -= scale * a[t] as f64;
+                err[t] *= 1.0 - scale;
             }
             err
         }

@@ -42,7 +42,8 @@ pub struct Selected {
     pub indices: Tensor,
     /// `[k]` f32: `scale · a[indices]`.
     pub values: Tensor,
-    /// `[n]` f32 error feedback `a − c` (`c` the dense compressed vector).
+    /// `[n]` f32 error feedback `a − c` (`c` the dense compressed vector): `(1 − scale) a`
+    /// where taken (exactly 0 for top-k), `a` elsewhere.
     pub error: Tensor,
     /// `[cubes]` f32 per-cube sums of `error²` (the compression error, summed on the
     /// host in f64 by [`Selected::error_norm`]).
@@ -258,6 +259,8 @@ fn compact(
             n: n as u32,
             cubes: cubes as u32,
             scale,
+            // Exact in f32 for 1/2 <= scale <= 2^24 (Sterbenz; then an integer part).
+            keep: 1.0 - scale,
         },
     )?;
     Ok(Selected {
@@ -510,8 +513,9 @@ pub fn topk_scan(counts: &Array<u32>, offsets: &mut Array<u32>, cubes: u32) {
 /// The compaction: unit `u` of cube `c` owns elements `c CHUNK + u PER_UNIT ..` (16 in
 /// a row, so a cube-wide exclusive scan orders them). An element is taken when its key
 /// is above `T`, or equal with fewer than `k_rem` equal keys before it. Its slot is the
-/// number of taken elements before it; every element's error is `a − scale a` if taken
-/// (0 for top-k's scale 1), `a` otherwise; `residual[c]` is the cube's sum of error².
+/// number of taken elements before it; every element's error is `keep · a` (`keep =
+/// 1 − scale`) if taken — exactly 0 for top-k's `keep = 0`, even where `a` is ±inf —
+/// and `a` otherwise; `residual[c]` is the cube's sum of error².
 #[kiln_macros::kernel(
     tune(UNITS = [256]),
     grid = (cubes.min(65_535), cubes.div_ceil(65_535)),
@@ -529,6 +533,7 @@ pub fn topk_write(
     n: u32,
     cubes: u32,
     scale: f32,
+    keep: f32,
 ) {
     let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
     let c = select(cube < cubes, cube, 0u32);
@@ -570,7 +575,9 @@ pub fn topk_write(
                     values[slot as usize] = scale * v;
                     slot += 1;
                 }
-                let r = select(taken, v - scale * v, v);
+                // inf * 0 would be NaN: a taken value leaves exactly nothing behind.
+                let sent_rest = select(keep == 0.0, 0.0f32, keep * v);
+                let r = select(taken, sent_rest, v);
                 error[e as usize] = r;
                 squares += r * r;
                 ties += select(tie, 1u32, 0u32);
