@@ -1,4 +1,5 @@
-//! Gradient compressors with error feedback (the selection engine is [`super::topk`]).
+//! Gradient compressors with error feedback (the selection engine is the private
+//! `optim::topk` module: an exact, deterministic device radix select).
 //!
 //! - [`topk_ef`]: `a = e + g`; `c = top-k(|a|)` (exact: ties to the lower index; NaN
 //!   ranks above ±inf); `e = a − c`.

@@ -9,7 +9,9 @@
 //! selection is then compacted in index order: per-cube counts, a one-cube scan, and a
 //! write pass that also forms the error feedback. Everything is integer or exact, so
 //! the same input selects the same indices on every run and every backend; no host
-//! synchronisation between the passes.
+//! synchronisation between the passes. The threshold-estimate variant runs the radix
+//! passes over a seeded sample instead and takes every key at or above the sample's
+//! quantile (two small downloads size its outputs).
 
 use crate::launch::upload_u32;
 use cubecl::prelude::*;
