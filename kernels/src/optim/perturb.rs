@@ -39,6 +39,11 @@ pub fn zo_update(
     projected_grads: &[f64],
     lr: f64,
 ) -> Result<()> {
+    perturb_sum(params, seeds, &zo_coeffs(projected_grads, lr)?)
+}
+
+/// MeZO's coefficients `−lr · pᵢ`; an error names `lr` unless it is finite and >= 0.
+pub(super) fn zo_coeffs(projected_grads: &[f64], lr: f64) -> Result<Vec<f64>> {
     if !(lr.is_finite() && lr >= 0.0) {
         return Err(Error::Param {
             param: "lr".into(),
@@ -46,8 +51,7 @@ pub fn zo_update(
             found: lr.to_string(),
         });
     }
-    let coeffs: Vec<f64> = projected_grads.iter().map(|p| -lr * p).collect();
-    perturb_sum(params, seeds, &coeffs)
+    Ok(projected_grads.iter().map(|p| -lr * p).collect())
 }
 
 /// `θ_j += Σᵢ coeffs[i] · z(seeds[i], stream = j)` for every tensor `j`, in place.

@@ -80,7 +80,8 @@ pub fn step(rule: Rule, h: &Hyper, t: u64, p: &mut [f64], g: &[f64], state: &mut
                 state[0][i] += gg * gg;
                 p[i] -= h.lr * gg / (state[0][i].sqrt() + h.eps);
             }
-            Rule::Lamb | Rule::AdaGradNorm => unreachable!("handled above"),
+            // Whole-tensor rules: stepped (and returned) above.
+            Rule::Lamb | Rule::AdaGradNorm => {}
         }
     }
 }

@@ -368,16 +368,8 @@ pub static ZO_UPDATE: OpSpec = OpSpec {
         }
         let grads = p.download()?.to_f64();
         let seeds = seeds_list(a, grads.len())?;
-        let lr: f64 = a.param_as("lr")?;
+        let coeffs = perturb::zo_coeffs(&grads, a.param_as("lr")?)?;
         run_perturb(a, |t, stream| {
-            let coeffs: Vec<f64> = grads.iter().map(|g| -lr * g).collect();
-            if !(lr.is_finite() && lr >= 0.0) {
-                return Err(Error::Param {
-                    param: "lr".into(),
-                    expected: "a finite number >= 0".into(),
-                    found: lr.to_string(),
-                });
-            }
             perturb::perturb_stream(t, stream, &seeds, &coeffs)
         })
     },
