@@ -194,3 +194,20 @@ fn bad_arguments_are_typed_errors() {
     .unwrap();
     assert!(comms[0].all_reduce(&ints).is_err());
 }
+
+#[test]
+fn the_library_check_that_comm_check_runs_passes_on_one_to_four_ranks() {
+    // `kiln::runtime::comm::check::check_collectives` is what `kiln comm-check` (and
+    // the GPU script, over NCCL) runs: it must pass over HostComm on every world size.
+    for p in 1..=4 {
+        let got = on_ranks(p, T, |c| kiln::runtime::comm::check::check_collectives(c));
+        for (r, lines) in got.into_iter().enumerate() {
+            let lines = lines.unwrap_or_else(|e| panic!("P={p} rank {r}: {e}"));
+            assert!(
+                lines.iter().any(|l| l.contains("all_to_all i32")),
+                "{lines:?}"
+            );
+            assert_eq!(lines.last().map(String::as_str), Some("ok  barrier"));
+        }
+    }
+}

@@ -138,6 +138,26 @@ enum Command {
         #[arg(long)]
         jobs: Option<usize>,
     },
+    /// Print a fresh NCCL unique id (256 hex digits) for `KILN_NCCL_ID`: run it once,
+    /// on rank 0's machine, and hand the line to every rank. Needs NCCL, not a GPU.
+    NcclId,
+    /// Every collective of a communicator against a host reference: `--ranks` ranks in
+    /// one process, one thread each; prints one line per case and rank.
+    CommCheck {
+        /// `host` (staged through host memory, any device) or `nccl` (CUDA devices:
+        /// cuda:0..N-1 where there are N, else every rank on cuda:0 if NCCL allows it).
+        #[arg(long, default_value = "host")]
+        backend: String,
+        /// Number of ranks, at least 1.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+        ranks: u32,
+        /// Device of every rank for `host` (default: $KILN_DEVICE or auto).
+        #[arg(long)]
+        device: Option<String>,
+        /// Bound on every wait, seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
     /// Every operator against its f64 reference, in every float dtype, on one device.
     Selftest {
         /// Device (default: $KILN_DEVICE or auto).
@@ -176,6 +196,13 @@ fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Devices { json } => devices(json),
+        Command::NcclId => comm::nccl_id(),
+        Command::CommCheck {
+            backend,
+            ranks,
+            device,
+            timeout,
+        } => comm::comm_check(&backend, ranks as usize, device, timeout),
         Command::Ops { op } => ops(op.as_deref()),
         Command::Run {
             op,
@@ -235,6 +262,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
 
 mod bench;
 mod check_cuda;
+mod comm;
 mod tune;
 
 fn device_arg(arg: Option<String>) -> Result<Device> {
@@ -282,6 +310,10 @@ fn devices(json: bool) -> Result<ExitCode> {
                 Ok(tk) => serde_json::to_value(tk).unwrap_or_default(),
                 Err(e) => serde_json::json!({"error": e}),
             },
+            "nccl": match kiln::runtime::comm::nccl::nccl_version() {
+                Ok((v, at)) => serde_json::json!({"version": v.to_string(), "location": at}),
+                Err(e) => serde_json::json!({"error": e.to_string()}),
+            },
             "wgpu_native_backend": native_wgpu_backend(),
             "wgpu_adapters": adapters,
             "auto": match &report {
@@ -316,6 +348,16 @@ fn devices(json: bool) -> Result<ExitCode> {
                         .to_string())
             ),
             Err(e) => println!("CUDA headers: none: {e}"),
+        }
+        match kiln::runtime::comm::nccl::nccl_version() {
+            Ok((v, at)) => println!(
+                "NCCL: {v} ({}, found by {})",
+                at.path
+                    .as_ref()
+                    .map_or("libnccl.so.2".into(), |p| p.display().to_string()),
+                at.found_by
+            ),
+            Err(e) => println!("NCCL: none: {e}"),
         }
         match native_wgpu_backend() {
             Some(b) => println!("wgpu adapters (kiln opens those on {b:?}):"),

@@ -102,14 +102,15 @@ pub enum Error {
     },
     /// A collective or point-to-point transfer failed: peers disagreed on sizes or
     /// dtypes, a peer dropped out, or a wait timed out.
-    #[error("rank {rank}: {op} with rank {peer}: {message}")]
+    #[error("rank {rank}: {op}{}: {message}", peer.map_or(String::new(), |p| format!(" with rank {p}")))]
     Comm {
         /// The operation (`all_reduce`, `send`, ...).
         op: String,
         /// This rank.
         rank: usize,
-        /// The peer involved.
-        peer: usize,
+        /// The peer involved, where one is known (a collective that timed out on NCCL
+        /// cannot tell which rank did not take part).
+        peer: Option<usize>,
         /// What went wrong.
         message: String,
     },

@@ -3,7 +3,7 @@
 //! point-to-point messages between every pair, each carrying the operation, dtype and
 //! shape, so every rank sees every other's view and a disagreement fails everywhere.
 
-use super::Communicator;
+use super::{check_agreement, check_reducible, check_send_rows, rank1, Agree, Communicator};
 use crate::{Client, DType, Error, HostTensor, Result, Tensor};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
@@ -99,16 +99,11 @@ impl HostComm {
         })
     }
 
-    /// The device this rank's tensors live on.
-    pub fn client(&self) -> &Client {
-        &self.client
-    }
-
     fn err(&self, op: &str, peer: usize, message: impl Into<String>) -> Error {
         Error::Comm {
             op: op.into(),
             rank: self.rank,
-            peer,
+            peer: Some(peer),
             message: message.into(),
         }
     }
@@ -200,24 +195,13 @@ impl HostComm {
             });
         }
         // Check only after everything arrived, so no rank leaves a peer waiting.
-        for (peer, h) in all.iter().enumerate() {
-            let shape_ok = if all_rows {
-                h.shape == mine.shape
-            } else {
-                h.shape.get(1..) == mine.shape.get(1..) && h.shape.len() == mine.shape.len()
-            };
-            if h.dtype != mine.dtype || !shape_ok {
-                let (r0, p0) = (&all[self.rank], h);
-                return Err(self.err(
-                    op,
-                    peer,
-                    format!(
-                        "ranks disagree: {} {:?} here, {} {:?} there",
-                        r0.dtype, r0.shape, p0.dtype, p0.shape
-                    ),
-                ));
-            }
-        }
+        let views: Vec<_> = all.iter().map(|h| (h.dtype, h.shape.as_slice())).collect();
+        let agree = if all_rows {
+            Agree::Whole
+        } else {
+            Agree::Trailing
+        };
+        check_agreement(op, self.rank, &views, agree)?;
         Ok(all)
     }
 
@@ -254,17 +238,6 @@ fn concat(parts: &[HostTensor], like: &HostTensor) -> Result<HostTensor> {
     HostTensor::from_bytes(like.dtype, shape, data)
 }
 
-fn rank1(t: &Tensor, op: &str) -> Result<()> {
-    if t.rank() == 0 {
-        return Err(Error::Shape {
-            tensor: format!("{op} input"),
-            expected: "rank >= 1 (tensors move along their first dimension)".into(),
-            found: "[]".into(),
-        });
-    }
-    Ok(())
-}
-
 impl Communicator for HostComm {
     fn rank(&self) -> usize {
         self.rank
@@ -272,6 +245,10 @@ impl Communicator for HostComm {
 
     fn world_size(&self) -> usize {
         self.world
+    }
+
+    fn client(&self) -> &Client {
+        &self.client
     }
 
     fn send(&self, t: &Tensor, peer: usize) -> Result<()> {
@@ -339,18 +316,7 @@ impl Communicator for HostComm {
     fn all_to_all(&self, t: &Tensor, send_rows: &[usize]) -> Result<(Tensor, Vec<usize>)> {
         rank1(t, "all_to_all")?;
         let op = "all_to_all";
-        let total: usize = send_rows.iter().sum();
-        if send_rows.len() != self.world || total != t.shape()[0] {
-            return Err(Error::Param {
-                param: "send_rows".into(),
-                expected: format!(
-                    "{} counts (one per rank) summing to {} (the rows of the input)",
-                    self.world,
-                    t.shape()[0]
-                ),
-                found: format!("{send_rows:?}"),
-            });
-        }
+        check_send_rows(self.world, t, send_rows)?;
         let mine = t.download()?;
         let mut start = 0;
         let mut own = None;
@@ -376,30 +342,17 @@ impl Communicator for HostComm {
                 _ => self.take_tensor(op, peer)?,
             });
         }
-        for (peer, p) in parts.iter().enumerate() {
-            if p.dtype != mine.dtype || p.shape.get(1..) != mine.shape.get(1..) {
-                return Err(self.err(
-                    op,
-                    peer,
-                    format!(
-                        "ranks disagree: {} {:?} here, {} {:?} there",
-                        mine.dtype, mine.shape, p.dtype, p.shape
-                    ),
-                ));
-            }
-        }
+        let views: Vec<_> = parts
+            .iter()
+            .map(|p| (p.dtype, p.shape.as_slice()))
+            .collect();
+        check_agreement(op, self.rank, &views, Agree::Trailing)?;
         let counts = parts.iter().map(|p| p.shape[0]).collect();
         Ok((self.upload(&concat(&parts, &mine)?)?, counts))
     }
 
     fn all_reduce(&self, t: &Tensor) -> Result<Tensor> {
-        if !t.dtype().is_float() {
-            return Err(Error::DType {
-                tensor: "all_reduce input".into(),
-                expected: "f32, f16 or bf16".into(),
-                found: t.dtype().name().into(),
-            });
-        }
+        check_reducible(t)?;
         let mine = t.download()?;
         let all = self.exchange("all_reduce", &mine, true)?;
         let mut sum = vec![0f64; mine.shape.iter().product()];

@@ -14,11 +14,15 @@
 //! kernels that write it) and uploads what it receives, so each call is ordered with the
 //! rank's launches by construction, at the price of a host round trip.
 
+pub mod check;
 mod host;
+pub mod nccl;
 
 pub use host::HostComm;
+#[cfg(feature = "cuda")]
+pub use nccl::NcclComm;
 
-use crate::{DType, Result, Tensor};
+use crate::{Client, DType, Error, Result, Tensor};
 
 /// Collective and point-to-point transfers of kiln tensors among `world_size` ranks.
 /// Every tensor moves along its first dimension (rows); the rest of the shape travels
@@ -28,6 +32,8 @@ pub trait Communicator: Send {
     fn rank(&self) -> usize;
     /// The number of ranks.
     fn world_size(&self) -> usize;
+    /// The device this rank's tensors live on.
+    fn client(&self) -> &Client;
     /// Sends `t` to `peer` (blocks until `peer` has taken it, so a mismatch is an
     /// error on both sides).
     fn send(&self, t: &Tensor, peer: usize) -> Result<()>;
@@ -47,4 +53,84 @@ pub trait Communicator: Send {
     fn all_gather(&self, t: &Tensor) -> Result<Tensor>;
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()>;
+}
+
+/// Which part of the shape the ranks of a collective must agree on.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Agree {
+    /// The whole shape (`all_reduce`, `barrier`).
+    Whole,
+    /// Every dimension but the first (`all_gather`, `all_to_all`: rows may differ).
+    Trailing,
+}
+
+/// Checks every rank's (dtype, shape) of a collective against this rank's. Every rank
+/// checks the same list, so a disagreement fails on all of them, naming the first
+/// rank that differs from this one.
+pub(crate) fn check_agreement(
+    op: &str,
+    rank: usize,
+    views: &[(DType, &[usize])],
+    agree: Agree,
+) -> Result<()> {
+    let (dtype, shape) = views[rank];
+    for (peer, &(peer_dtype, peer_shape)) in views.iter().enumerate() {
+        let shape_ok = match agree {
+            Agree::Whole => peer_shape == shape,
+            Agree::Trailing => {
+                peer_shape.len() == shape.len() && peer_shape.get(1..) == shape.get(1..)
+            }
+        };
+        if peer_dtype != dtype || !shape_ok {
+            return Err(Error::Comm {
+                op: op.into(),
+                rank,
+                peer: Some(peer),
+                message: format!(
+                    "ranks disagree: {dtype} {shape:?} here, {peer_dtype} {peer_shape:?} there"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Tensors move along their first dimension: rank 0 has none.
+pub(crate) fn rank1(t: &Tensor, op: &str) -> Result<()> {
+    if t.rank() == 0 {
+        return Err(Error::Shape {
+            tensor: format!("{op} input"),
+            expected: "rank >= 1 (tensors move along their first dimension)".into(),
+            found: "[]".into(),
+        });
+    }
+    Ok(())
+}
+
+/// `all_to_all`'s split: one row count per rank, summing to the input's rows.
+pub(crate) fn check_send_rows(world: usize, t: &Tensor, send_rows: &[usize]) -> Result<()> {
+    let total: usize = send_rows.iter().sum();
+    if send_rows.len() != world || total != t.shape()[0] {
+        return Err(Error::Param {
+            param: "send_rows".into(),
+            expected: format!(
+                "{world} counts (one per rank) summing to {} (the rows of the input)",
+                t.shape()[0]
+            ),
+            found: format!("{send_rows:?}"),
+        });
+    }
+    Ok(())
+}
+
+/// `all_reduce` sums floats only.
+pub(crate) fn check_reducible(t: &Tensor) -> Result<()> {
+    if !t.dtype().is_float() {
+        return Err(Error::DType {
+            tensor: "all_reduce input".into(),
+            expected: "f32, f16 or bf16".into(),
+            found: t.dtype().name().into(),
+        });
+    }
+    Ok(())
 }

@@ -58,7 +58,7 @@ fn nvrtc_in(dir: &Path) -> Option<PathBuf> {
 }
 
 /// The site-packages directories to look in for NVIDIA's Python packages.
-fn python_sites(env: &dyn Fn(&str) -> Option<String>) -> Vec<PathBuf> {
+pub(crate) fn python_sites(env: &dyn Fn(&str) -> Option<String>) -> Vec<PathBuf> {
     let mut sites = Vec::new();
     if let Some(d) = env("KILN_CUDA_TOOLKIT") {
         sites.push(PathBuf::from(d));

@@ -1,0 +1,819 @@
+//! [`NcclComm`]: the [`Communicator`] on NVIDIA GPUs, over NCCL.
+//!
+//! **Ordering with kernel launches.** cubecl 0.10 launches each thread's kernels on a
+//! CUDA stream of its own and exposes neither the stream nor an event hook, so NCCL
+//! cannot be put on that stream or made to wait on an event recorded there. NcclComm
+//! therefore orders each call on the host: it waits for the rank's queued kernels
+//! (`Client::sync`: they write the inputs, and the memory of the outputs may still be
+//! read by them), posts NCCL on a stream of its own, and waits for that stream before
+//! returning (so the next launches read the result). Two host waits per call; kernels
+//! queued before the call still run back to back. cubecl's own collectives (all-reduce
+//! and send/recv between devices of one process) use events between its compute and
+//! communication streams; the day cubecl exposes its stream, `post` puts NCCL there
+//! and both waits go.
+//!
+//! **Agreement and errors.** Before any data moves, the ranks exchange the operation,
+//! dtype and shape (an `all_gather` of a few words, or a header between the pair for
+//! point-to-point), and check them as [`HostComm`](super::super::HostComm) does: a
+//! disagreement is the same error on every rank, never a hang. Every wait polls the
+//! stream and NCCL's asynchronous error, with a timeout (30 s by default); on a
+//! timeout or an error the communicator is aborted (`ncclCommAbort`, which unblocks
+//! its kernels) and every later call says so.
+
+use super::super::{check_agreement, check_reducible, check_send_rows, rank1, Agree};
+use super::ffi::{self, dtype as nccl_dtype, Nccl, RawComm, Stream, UniqueId};
+use super::{NcclId, RankEnv};
+use crate::comm::Communicator;
+use crate::{Client, ClientInner, DType, Error, Result, Tensor};
+use cudarc::driver::{CudaContext, CudaStream, DevicePtr, DevicePtrMut};
+use std::ffi::c_int;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The operations, numbered for the header ranks exchange.
+const OPS: [&str; 7] = [
+    "send",
+    "recv",
+    "send_recv",
+    "all_to_all",
+    "all_reduce",
+    "all_gather",
+    "barrier",
+];
+/// Dimensions a header carries.
+const MAX_DIMS: usize = 8;
+/// Header words: operation, dtype, rank of the shape, the dimensions.
+const HEADER: usize = 3 + MAX_DIMS;
+
+/// What a rank says about its side of a call.
+#[derive(Clone, Debug, PartialEq)]
+struct Header {
+    op: &'static str,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Per-operation words (`all_to_all`: the rows this rank sends to each rank).
+    extra: Vec<u64>,
+}
+
+impl Header {
+    fn encode(&self) -> Result<Vec<u64>> {
+        if self.shape.len() > MAX_DIMS {
+            return Err(Error::Shape {
+                tensor: format!("{} input", self.op),
+                expected: format!("rank <= {MAX_DIMS}"),
+                found: crate::shape_str(&self.shape),
+            });
+        }
+        let code = |op| OPS.iter().position(|o| *o == op).unwrap_or(OPS.len()) as u64;
+        let mut w = vec![0u64; HEADER];
+        w[0] = code(self.op);
+        w[1] = DType::ALL
+            .iter()
+            .position(|d| *d == self.dtype)
+            .unwrap_or(0) as u64;
+        w[2] = self.shape.len() as u64;
+        for (i, d) in self.shape.iter().enumerate() {
+            w[3 + i] = *d as u64;
+        }
+        w.extend_from_slice(&self.extra);
+        Ok(w)
+    }
+
+    fn decode(w: &[u64]) -> Option<Header> {
+        let op = *OPS.get(usize::try_from(w[0]).ok()?)?;
+        let dtype = *DType::ALL.get(usize::try_from(w[1]).ok()?)?;
+        let dims = usize::try_from(w[2]).ok().filter(|&n| n <= MAX_DIMS)?;
+        Some(Header {
+            op,
+            dtype,
+            shape: w[3..3 + dims].iter().map(|&d| d as usize).collect(),
+            extra: w[HEADER..].to_vec(),
+        })
+    }
+}
+
+/// A live `ncclComm_t`.
+struct RawHandle(RawComm);
+// SAFETY: an NCCL communicator may be used from any thread, one call at a time; the
+// `Communicator` trait is `Send` but not `Sync`, and every call takes `&self` of the
+// one owner.
+unsafe impl Send for RawHandle {}
+
+/// One rank of an NCCL communicator over kiln tensors on a CUDA device (see the
+/// module docs for ordering and errors). Call a rank's operations from the thread that
+/// launches its kernels.
+pub struct NcclComm {
+    nccl: &'static Nccl,
+    comm: RawHandle,
+    rank: usize,
+    world: usize,
+    client: Client,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    timeout: Duration,
+    aborted: AtomicBool,
+}
+
+/// The CUDA device index of a client, or an error naming the rank.
+fn cuda_index(client: &Client, rank: usize) -> Result<usize> {
+    let index = match &client.inner {
+        ClientInner::Cuda(_) => client
+            .report()
+            .selector
+            .strip_prefix("cuda:")
+            .and_then(|i| i.parse().ok()),
+        ClientInner::Wgpu(_) => None,
+    };
+    index.ok_or_else(|| {
+        Error::Device(format!(
+            "NcclComm: rank {rank}'s device `{}` ({}) is not a CUDA device; use HostComm there",
+            client.name(),
+            client.report().selector
+        ))
+    })
+}
+
+fn driver(e: cudarc::driver::DriverError) -> Error {
+    Error::Device(format!("CUDA: {e}"))
+}
+
+impl NcclComm {
+    /// One process driving several GPUs: rank `i` on `clients[i]` (CUDA devices;
+    /// `ncclCommInitAll`). Run each rank's calls on its own thread.
+    pub fn from_devices(clients: &[Client]) -> Result<Vec<NcclComm>> {
+        let nccl = ffi::nccl().map_err(Error::Device)?;
+        let devices = clients
+            .iter()
+            .enumerate()
+            .map(|(r, c)| cuda_index(c, r).map(|i| i as c_int))
+            .collect::<Result<Vec<_>>>()?;
+        if devices.is_empty() {
+            return Err(Error::Param {
+                param: "clients".into(),
+                expected: "at least one CUDA client".into(),
+                found: "none".into(),
+            });
+        }
+        let mut comms = vec![std::ptr::null_mut(); devices.len()];
+        // SAFETY: `comms` has room for one communicator per device.
+        let rc = unsafe {
+            (nccl.comm_init_all)(comms.as_mut_ptr(), devices.len() as c_int, devices.as_ptr())
+        };
+        nccl.check(rc, &format!("ncclCommInitAll on devices {devices:?}"))
+            .map_err(Error::Device)?;
+        let world = clients.len();
+        let mut out = Vec::with_capacity(world);
+        for (rank, (client, comm)) in clients.iter().zip(comms).enumerate() {
+            out.push(Self::wrap(nccl, comm, rank, world, client)?);
+        }
+        Ok(out)
+    }
+
+    /// One rank of a communicator spread over processes (and machines): every rank
+    /// passes the same `id` (made once, by [`NcclId::new`] or `kiln nccl-id`).
+    /// Blocks until all `world_size` ranks have joined.
+    pub fn from_rank(
+        client: &Client,
+        id: &NcclId,
+        rank: usize,
+        world_size: usize,
+    ) -> Result<NcclComm> {
+        if rank >= world_size {
+            return Err(Error::Param {
+                param: "rank".into(),
+                expected: format!("a rank in 0..{world_size}"),
+                found: rank.to_string(),
+            });
+        }
+        let nccl = ffi::nccl().map_err(Error::Device)?;
+        let index = cuda_index(client, rank)?;
+        let ctx = CudaContext::new(index).map_err(driver)?;
+        ctx.bind_to_thread().map_err(driver)?;
+        let mut comm = std::ptr::null_mut();
+        // SAFETY: writes one communicator; the device's context is current.
+        let rc = unsafe {
+            (nccl.comm_init_rank)(
+                &mut comm,
+                world_size as c_int,
+                UniqueId { internal: id.0 },
+                rank as c_int,
+            )
+        };
+        nccl.check(
+            rc,
+            &format!("ncclCommInitRank (rank {rank} of {world_size})"),
+        )
+        .map_err(Error::Device)?;
+        Self::wrap(nccl, comm, rank, world_size, client)
+    }
+
+    /// [`from_rank`](Self::from_rank) with `KILN_NCCL_ID`, `KILN_RANK` and
+    /// `KILN_WORLD_SIZE` (see [`RankEnv`]).
+    pub fn from_env(client: &Client) -> Result<NcclComm> {
+        let env = RankEnv::from_env()?;
+        Self::from_rank(client, &env.id, env.rank, env.world_size)
+    }
+
+    fn wrap(
+        nccl: &'static Nccl,
+        comm: RawComm,
+        rank: usize,
+        world: usize,
+        client: &Client,
+    ) -> Result<NcclComm> {
+        let handle = RawHandle(comm);
+        // The primary context, which cubecl-cuda uses too: device pointers agree.
+        let ctx = CudaContext::new(cuda_index(client, rank)?).map_err(driver)?;
+        let stream = ctx.new_stream().map_err(driver)?;
+        Ok(NcclComm {
+            nccl,
+            comm: handle,
+            rank,
+            world,
+            client: client.clone(),
+            ctx,
+            stream,
+            timeout: Duration::from_secs(30),
+            aborted: AtomicBool::new(false),
+        })
+    }
+
+    /// Bounds every wait by `timeout` (default 30 s).
+    pub fn with_timeout(mut self, timeout: Duration) -> NcclComm {
+        self.timeout = timeout;
+        self
+    }
+
+    fn err(&self, op: &str, peer: Option<usize>, message: impl Into<String>) -> Error {
+        Error::Comm {
+            op: op.into(),
+            rank: self.rank,
+            peer,
+            message: message.into(),
+        }
+    }
+
+    fn check_peer(&self, op: &str, peer: usize) -> Result<()> {
+        if peer >= self.world {
+            return Err(self.err(
+                op,
+                Some(peer),
+                format!("no such rank (world size {})", self.world),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs `post` (NCCL calls on this communicator's stream) ordered after the rank's
+    /// queued kernels, and waits for it (see the module docs).
+    fn run(
+        &self,
+        op: &str,
+        peer: Option<usize>,
+        post: impl FnOnce(&Nccl, RawComm, Stream) -> std::result::Result<(), String>,
+    ) -> Result<()> {
+        if self.aborted.load(Ordering::Acquire) {
+            return Err(self.err(
+                op,
+                peer,
+                "the communicator was aborted by an earlier failure",
+            ));
+        }
+        self.client.sync()?;
+        self.ctx.bind_to_thread().map_err(driver)?;
+        post(self.nccl, self.comm.0, self.stream.cu_stream())
+            .map_err(|m| self.fail(op, peer, m))?;
+        let deadline = Instant::now() + self.timeout;
+        let mut pause = Duration::from_micros(5);
+        loop {
+            // SAFETY: the stream is this communicator's own and alive.
+            let q = unsafe { cudarc::driver::sys::cuStreamQuery(self.stream.cu_stream()) };
+            match q {
+                cudarc::driver::sys::CUresult::CUDA_SUCCESS => return Ok(()),
+                cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => {}
+                e => return Err(self.fail(op, peer, format!("CUDA stream: {e:?}"))),
+            }
+            if let Err(m) = self.nccl.async_error(self.comm.0) {
+                return Err(self.fail(op, peer, m));
+            }
+            if Instant::now() >= deadline {
+                return Err(self.fail(
+                    op,
+                    peer,
+                    format!(
+                        "no completion within {:?} (a peer did not take part); the communicator was aborted",
+                        self.timeout
+                    ),
+                ));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(1));
+        }
+    }
+
+    /// Aborts the communicator (unblocking its kernels) and makes the error.
+    fn fail(&self, op: &str, peer: Option<usize>, message: String) -> Error {
+        if !self.aborted.swap(true, Ordering::AcqRel) {
+            // SAFETY: the communicator is live; abort frees it and unblocks its work.
+            unsafe { (self.nccl.comm_abort)(self.comm.0) };
+        }
+        self.err(op, peer, message)
+    }
+
+    /// Device addresses of tensors on this rank's device, with what keeps each
+    /// allocation alive until the call has waited for its stream.
+    fn addresses(&self, op: &str, ts: &[&Tensor]) -> Result<(Vec<u64>, impl Sized)> {
+        let ClientInner::Cuda(c) = &self.client.inner else {
+            return Err(Error::Device(format!(
+                "{op}: NcclComm's client is not a CUDA device"
+            )));
+        };
+        let mut keep = Vec::with_capacity(ts.len());
+        let mut ptrs = Vec::with_capacity(ts.len());
+        for t in ts {
+            if !t.is_contiguous()
+                || !matches!(t.client().inner, ClientInner::Cuda(_))
+                || t.client().report().selector != self.client.report().selector
+            {
+                return Err(Error::Device(format!(
+                    "{op}: the tensor must be contiguous and on {} (this rank's device); it is on {}",
+                    self.client.report().selector,
+                    t.client().report().selector
+                )));
+            }
+            let r = c
+                .get_resource(t.handle().clone())
+                .map_err(|e| Error::Device(format!("{op}: {e:?}")))?;
+            ptrs.push(r.resource().ptr);
+            keep.push(r);
+        }
+        Ok((ptrs, keep))
+    }
+
+    /// Every rank's header for a collective (an all-gather of the words), after checking
+    /// that all ranks are in the same operation.
+    fn exchange(&self, mine: &Header) -> Result<Vec<Header>> {
+        let words = mine.encode()?;
+        let n = words.len();
+        let send = self.stream.clone_htod(&words).map_err(driver)?;
+        let mut recv = self
+            .stream
+            .alloc_zeros::<u64>(n * self.world)
+            .map_err(driver)?;
+        {
+            let (s, _s) = send.device_ptr(&self.stream);
+            let (r, _r) = recv.device_ptr_mut(&self.stream);
+            self.run(mine.op, None, |nccl, comm, stream| {
+                // SAFETY: `s` holds n words, `r` n words per rank, both on this device.
+                let rc = unsafe {
+                    (nccl.all_gather)(s as _, r as _, n * 8, nccl_dtype::UINT8, comm, stream)
+                };
+                nccl.check(rc, "ncclAllGather")
+            })?;
+        }
+        let all = self.stream.clone_dtoh(&recv).map_err(driver)?;
+        self.decode_all(mine.op, &all, n)
+    }
+
+    fn decode_all(&self, op: &str, words: &[u64], n: usize) -> Result<Vec<Header>> {
+        let mut out = Vec::with_capacity(self.world);
+        for (peer, w) in words.chunks(n).enumerate() {
+            let h = Header::decode(w)
+                .ok_or_else(|| self.err(op, Some(peer), "the peer sent an unreadable header"))?;
+            if h.op != op {
+                return Err(self.err(op, Some(peer), format!("the peer is in `{}`", h.op)));
+            }
+            out.push(h);
+        }
+        Ok(out)
+    }
+
+    /// Point-to-point header exchange in one group: send `mine` to `to` (if any),
+    /// receive `n` words from `from` (if any).
+    fn swap_words(
+        &self,
+        op: &str,
+        mine: Option<(&[u64], usize)>,
+        from: Option<(usize, usize)>,
+    ) -> Result<Option<Vec<u64>>> {
+        let send = match mine {
+            Some((w, _)) => Some(self.stream.clone_htod(w).map_err(driver)?),
+            None => None,
+        };
+        let mut recv = match from {
+            Some((_, n)) => Some(self.stream.alloc_zeros::<u64>(n).map_err(driver)?),
+            None => None,
+        };
+        {
+            let s = send.as_ref().map(|b| (b.device_ptr(&self.stream), b.len()));
+            let r = recv.as_mut().map(|b| {
+                let len = b.len();
+                (b.device_ptr_mut(&self.stream), len)
+            });
+            let peer = mine.map(|m| m.1).or(from.map(|f| f.0));
+            self.run(op, peer, |nccl, comm, stream| {
+                group(nccl, || {
+                    if let (Some(((p, _), len)), Some((_, to))) = (&s, mine) {
+                        // SAFETY: `p` holds `len` words on this device.
+                        let rc = unsafe {
+                            (nccl.send)(
+                                *p as _,
+                                len * 8,
+                                nccl_dtype::UINT8,
+                                to as c_int,
+                                comm,
+                                stream,
+                            )
+                        };
+                        nccl.check(rc, "ncclSend")?;
+                    }
+                    if let (Some(((p, _), len)), Some((f, _))) = (&r, from) {
+                        // SAFETY: `p` has room for `len` words on this device.
+                        let rc = unsafe {
+                            (nccl.recv)(
+                                *p as _,
+                                len * 8,
+                                nccl_dtype::UINT8,
+                                f as c_int,
+                                comm,
+                                stream,
+                            )
+                        };
+                        nccl.check(rc, "ncclRecv")?;
+                    }
+                    Ok(())
+                })
+            })?;
+        }
+        match recv {
+            Some(b) => Ok(Some(self.stream.clone_dtoh(&b).map_err(driver)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Moves bytes in one NCCL group: `sends` (address, bytes, peer) and `recvs`.
+    fn move_bytes(
+        &self,
+        op: &str,
+        peer: Option<usize>,
+        sends: &[(u64, usize, usize)],
+        recvs: &[(u64, usize, usize)],
+    ) -> Result<()> {
+        self.run(op, peer, |nccl, comm, stream| {
+            group(nccl, || {
+                for &(p, bytes, to) in sends.iter().filter(|s| s.1 > 0) {
+                    // SAFETY: `p` addresses `bytes` bytes of a live tensor on this device.
+                    let rc = unsafe {
+                        (nccl.send)(p as _, bytes, nccl_dtype::UINT8, to as c_int, comm, stream)
+                    };
+                    nccl.check(rc, "ncclSend")?;
+                }
+                for &(p, bytes, from) in recvs.iter().filter(|r| r.1 > 0) {
+                    // SAFETY: `p` has room for `bytes` bytes of a live tensor on this device.
+                    let rc = unsafe {
+                        (nccl.recv)(
+                            p as _,
+                            bytes,
+                            nccl_dtype::UINT8,
+                            from as c_int,
+                            comm,
+                            stream,
+                        )
+                    };
+                    nccl.check(rc, "ncclRecv")?;
+                }
+                Ok(())
+            })
+        })
+    }
+
+    /// Bytes of one row of `shape` (its first dimension moves).
+    fn row_bytes(dtype: DType, shape: &[usize]) -> usize {
+        dtype.size() * shape.iter().skip(1).product::<usize>()
+    }
+}
+
+/// Runs `body` between `ncclGroupStart` and `ncclGroupEnd` (closing the group even
+/// when `body` fails).
+fn group(
+    nccl: &Nccl,
+    body: impl FnOnce() -> std::result::Result<(), String>,
+) -> std::result::Result<(), String> {
+    // SAFETY: group calls have no arguments.
+    nccl.check(unsafe { (nccl.group_start)() }, "ncclGroupStart")?;
+    let r = body();
+    // SAFETY: as above.
+    let end = nccl.check(unsafe { (nccl.group_end)() }, "ncclGroupEnd");
+    r.and(end)
+}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        if !self.aborted.load(Ordering::Acquire) {
+            // SAFETY: the communicator is live and used by nobody else now.
+            unsafe { (self.nccl.comm_destroy)(self.comm.0) };
+        }
+    }
+}
+
+impl Communicator for NcclComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn send(&self, t: &Tensor, peer: usize) -> Result<()> {
+        self.check_peer("send", peer)?;
+        let mine = Header {
+            op: "send",
+            dtype: t.dtype(),
+            shape: t.shape().to_vec(),
+            extra: vec![],
+        }
+        .encode()?;
+        // Our header out, the receiver's expectation back, in one group.
+        let theirs = self
+            .swap_words("send", Some((&mine, peer)), Some((peer, HEADER)))?
+            .unwrap_or_default();
+        let expected = Header::decode(&theirs)
+            .ok_or_else(|| self.err("send", Some(peer), "the peer sent an unreadable header"))?;
+        if expected.op != "recv" {
+            return Err(self.err(
+                "send",
+                Some(peer),
+                format!("the peer is in `{}`", expected.op),
+            ));
+        }
+        if (expected.dtype, expected.shape.as_slice()) != (t.dtype(), t.shape()) {
+            return Err(self.err(
+                "send",
+                Some(peer),
+                format!(
+                    "sent {} {:?}, the receiver expected {} {:?}",
+                    t.dtype(),
+                    t.shape(),
+                    expected.dtype,
+                    expected.shape
+                ),
+            ));
+        }
+        let (ptr, _keep) = self.addresses("send", &[t])?;
+        let bytes = t.numel() * t.dtype().size();
+        self.move_bytes("send", Some(peer), &[(ptr[0], bytes, peer)], &[])
+    }
+
+    fn recv(&self, peer: usize, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        self.check_peer("recv", peer)?;
+        let mine = Header {
+            op: "recv",
+            dtype,
+            shape: shape.to_vec(),
+            extra: vec![],
+        }
+        .encode()?;
+        let theirs = self
+            .swap_words("recv", Some((&mine, peer)), Some((peer, HEADER)))?
+            .unwrap_or_default();
+        let sent = Header::decode(&theirs)
+            .ok_or_else(|| self.err("recv", Some(peer), "the peer sent an unreadable header"))?;
+        if sent.op != "send" {
+            return Err(self.err("recv", Some(peer), format!("the peer is in `{}`", sent.op)));
+        }
+        if (sent.dtype, sent.shape.as_slice()) != (dtype, shape) {
+            return Err(self.err(
+                "recv",
+                Some(peer),
+                format!(
+                    "sent {} {:?}, the receiver expected {dtype} {shape:?}",
+                    sent.dtype, sent.shape
+                ),
+            ));
+        }
+        let out = Tensor::empty(&self.client, dtype, shape)?;
+        let (ptr, _keep) = self.addresses("recv", &[&out])?;
+        let bytes = out.numel() * dtype.size();
+        self.move_bytes("recv", Some(peer), &[], &[(ptr[0], bytes, peer)])?;
+        Ok(out)
+    }
+
+    fn send_recv(&self, t: &Tensor, to: usize, from: usize) -> Result<Tensor> {
+        let op = "send_recv";
+        self.check_peer(op, to)?;
+        self.check_peer(op, from)?;
+        let mine = Header {
+            op,
+            dtype: t.dtype(),
+            shape: t.shape().to_vec(),
+            extra: vec![],
+        }
+        .encode()?;
+        let got = self
+            .swap_words(op, Some((&mine, to)), Some((from, HEADER)))?
+            .unwrap_or_default();
+        let got = Header::decode(&got)
+            .filter(|h| h.op == op)
+            .ok_or_else(|| self.err(op, Some(from), "the peer is not in `send_recv`"))?;
+        // The verdict goes back to the sender, so a mismatch fails both sides.
+        let verdict = [u64::from(got.dtype != t.dtype())];
+        let theirs = self
+            .swap_words(op, Some((&verdict, from)), Some((to, 1)))?
+            .unwrap_or_default();
+        if got.dtype != t.dtype() {
+            return Err(self.err(
+                op,
+                Some(from),
+                format!("received {}, sending {}", got.dtype, t.dtype()),
+            ));
+        }
+        if theirs.first() != Some(&0) {
+            return Err(self.err(op, Some(to), "the receiver refused the dtype sent"));
+        }
+        let out = Tensor::empty(&self.client, t.dtype(), &got.shape)?;
+        let (ptrs, _keep) = self.addresses(op, &[t, &out])?;
+        let size = t.dtype().size();
+        self.move_bytes(
+            op,
+            Some(from),
+            &[(ptrs[0], t.numel() * size, to)],
+            &[(ptrs[1], out.numel() * size, from)],
+        )?;
+        Ok(out)
+    }
+
+    fn all_to_all(&self, t: &Tensor, send_rows: &[usize]) -> Result<(Tensor, Vec<usize>)> {
+        let op = "all_to_all";
+        rank1(t, op)?;
+        check_send_rows(self.world, t, send_rows)?;
+        let all = self.exchange(&Header {
+            op,
+            dtype: t.dtype(),
+            shape: t.shape().to_vec(),
+            extra: send_rows.iter().map(|&r| r as u64).collect(),
+        })?;
+        let views: Vec<_> = all.iter().map(|h| (h.dtype, h.shape.as_slice())).collect();
+        check_agreement(op, self.rank, &views, Agree::Trailing)?;
+        let recv_rows: Vec<usize> = all.iter().map(|h| h.extra[self.rank] as usize).collect();
+        let mut shape = t.shape().to_vec();
+        shape[0] = recv_rows.iter().sum();
+        let out = Tensor::empty(&self.client, t.dtype(), &shape)?;
+        let (ptrs, _keep) = self.addresses(op, &[t, &out])?;
+        let row = Self::row_bytes(t.dtype(), t.shape()) as u64;
+        let (mut s_off, mut r_off) = (0u64, 0u64);
+        let mut sends = Vec::with_capacity(self.world);
+        let mut recvs = Vec::with_capacity(self.world);
+        for peer in 0..self.world {
+            let (s, r) = (send_rows[peer] as u64, recv_rows[peer] as u64);
+            sends.push((ptrs[0] + s_off * row, (s * row) as usize, peer));
+            recvs.push((ptrs[1] + r_off * row, (r * row) as usize, peer));
+            s_off += s;
+            r_off += r;
+        }
+        self.move_bytes(op, None, &sends, &recvs)?;
+        Ok((out, recv_rows))
+    }
+
+    fn all_reduce(&self, t: &Tensor) -> Result<Tensor> {
+        let op = "all_reduce";
+        check_reducible(t)?;
+        let all = self.exchange(&Header {
+            op,
+            dtype: t.dtype(),
+            shape: t.shape().to_vec(),
+            extra: vec![],
+        })?;
+        let views: Vec<_> = all.iter().map(|h| (h.dtype, h.shape.as_slice())).collect();
+        check_agreement(op, self.rank, &views, Agree::Whole)?;
+        let out = Tensor::empty(&self.client, t.dtype(), t.shape())?;
+        let (ptrs, _keep) = self.addresses(op, &[t, &out])?;
+        let dtype = match t.dtype() {
+            DType::F16 => nccl_dtype::FLOAT16,
+            DType::BF16 => nccl_dtype::BFLOAT16,
+            _ => nccl_dtype::FLOAT32,
+        };
+        let count = t.numel();
+        self.run(op, None, |nccl, comm, stream| {
+            // SAFETY: both addresses hold `count` elements of `dtype` on this device.
+            let rc = unsafe {
+                (nccl.all_reduce)(
+                    ptrs[0] as _,
+                    ptrs[1] as _,
+                    count,
+                    dtype,
+                    ffi::SUM,
+                    comm,
+                    stream,
+                )
+            };
+            nccl.check(rc, "ncclAllReduce")
+        })?;
+        Ok(out)
+    }
+
+    fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
+        let op = "all_gather";
+        rank1(t, op)?;
+        let all = self.exchange(&Header {
+            op,
+            dtype: t.dtype(),
+            shape: t.shape().to_vec(),
+            extra: vec![],
+        })?;
+        let views: Vec<_> = all.iter().map(|h| (h.dtype, h.shape.as_slice())).collect();
+        check_agreement(op, self.rank, &views, Agree::Trailing)?;
+        let rows: Vec<usize> = all.iter().map(|h| h.shape[0]).collect();
+        let mut shape = t.shape().to_vec();
+        shape[0] = rows.iter().sum();
+        let out = Tensor::empty(&self.client, t.dtype(), &shape)?;
+        let (ptrs, _keep) = self.addresses(op, &[t, &out])?;
+        let row = Self::row_bytes(t.dtype(), t.shape());
+        if rows.iter().all(|&r| r == rows[0]) {
+            let bytes = rows[0] * row;
+            return self
+                .run(op, None, |nccl, comm, stream| {
+                    // SAFETY: `ptrs[0]` holds `bytes`, `ptrs[1]` `bytes` per rank.
+                    let rc = unsafe {
+                        (nccl.all_gather)(
+                            ptrs[0] as _,
+                            ptrs[1] as _,
+                            bytes,
+                            nccl_dtype::UINT8,
+                            comm,
+                            stream,
+                        )
+                    };
+                    nccl.check(rc, "ncclAllGather")
+                })
+                .map(|()| out);
+        }
+        // Uneven rows: every rank sends its rows to every rank, in one group.
+        let mut offset = 0u64;
+        let mut recvs = Vec::with_capacity(self.world);
+        for (peer, &r) in rows.iter().enumerate() {
+            recvs.push((ptrs[1] + offset, r * row, peer));
+            offset += (r * row) as u64;
+        }
+        let sends: Vec<_> = (0..self.world)
+            .map(|peer| (ptrs[0], t.numel() * t.dtype().size(), peer))
+            .collect();
+        self.move_bytes(op, None, &sends, &recvs)?;
+        Ok(out)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        let all = self.exchange(&Header {
+            op: "barrier",
+            dtype: DType::U8,
+            shape: vec![0],
+            extra: vec![],
+        })?;
+        let views: Vec<_> = all.iter().map(|h| (h.dtype, h.shape.as_slice())).collect();
+        check_agreement("barrier", self.rank, &views, Agree::Whole)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_and_refuse_what_they_cannot_carry() {
+        let h = Header {
+            op: "all_to_all",
+            dtype: DType::BF16,
+            shape: vec![5, 3, 2],
+            extra: vec![1, 0, 4],
+        };
+        let w = h.encode().expect("encode");
+        assert_eq!(w.len(), HEADER + 3);
+        assert_eq!(Header::decode(&w), Some(h));
+        let deep = Header {
+            op: "send",
+            dtype: DType::F32,
+            shape: vec![1; MAX_DIMS + 1],
+            extra: vec![],
+        };
+        assert!(deep
+            .encode()
+            .expect_err("rank 9")
+            .to_string()
+            .contains("rank <= 8"));
+        let mut bad = Header {
+            op: "send",
+            dtype: DType::F32,
+            shape: vec![2],
+            extra: vec![],
+        }
+        .encode()
+        .expect("encode");
+        bad[0] = 99;
+        assert_eq!(Header::decode(&bad), None);
+    }
+}
