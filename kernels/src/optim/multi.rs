@@ -6,8 +6,9 @@
 //! [`SLOTS`] gradients as separate arguments (unused ones get a one-element placeholder),
 //! plus the state, a table and the step counter: 15 storage buffers (Vulkan, Metal and
 //! D3D12 drivers allow at least 31; a device with fewer is refused with a clear error).
-//! Each cube updates `UNITS` elements of one slot, so the slot (and every branch on it)
-//! is uniform in a cube. A slot is a [`Block`] of a row-major `[rows, cols]` weight: all of
+//! Each cube updates `UNITS` vectors of one slot, so the slot (and every branch on it)
+//! is uniform in a cube. Vectors are 4 wide when every slot of the launch is 4-aligned
+//! (lengths, columns, row strides, offsets; state offsets are padded to 4), else 1. A slot is a [`Block`] of a row-major `[rows, cols]` weight: all of
 //! it, rows `start..end`, or columns `start..end` (strided; S²FT's submatrices).
 //!
 //! State: per slot the rule's per-element tensors (`Rule::state_names`) one after the
@@ -217,6 +218,8 @@ impl MultiTensorStep {
                 return Err(shape_err(&name, "[out, in]".into(), w.shape()));
             };
             block.check(&name, out, inp)?;
+            // Slot state starts 4-aligned, so the step can read it in 4-wide vectors.
+            host.resize(host.len().next_multiple_of(4), 0.0);
             let s = Slot {
                 block: *block,
                 weight: [out, inp],
@@ -258,9 +261,7 @@ impl MultiTensorStep {
             }
             slots.push(s);
         }
-        if host.is_empty() {
-            host.push(0.0);
-        }
+        host.resize(host.len().next_multiple_of(4).max(4), 0.0);
         let state = Tensor::upload(
             &client,
             &HostTensor::from_f64(DType::F32, vec![host.len()], &host)?,
@@ -358,6 +359,20 @@ impl MultiTensorStep {
                 ),
             });
         }
+        // 4-wide when every slot's elements, rows and state fall on 4-element boundaries
+        // (a master copy behind AdaGrad-Norm's scalar does not); else one element a unit.
+        let aligned = |s: &Slot| {
+            let [_, cols] = s.shape();
+            [s.len(), cols, s.weight[1], s.weight_offset(), s.offset]
+                .iter()
+                .all(|x| x % 4 == 0)
+                && !(s.master() && self.rule.scalar_states() > 0)
+        };
+        let width = match self.slots[range.clone()].iter().all(aligned) {
+            true => 4,
+            false => 1,
+        };
+        let per_cube = STEP_UNITS * width;
         let mut table = Vec::with_capacity(SLOT_WORDS * SLOTS);
         let (mut len, mut cubes) = (0usize, 0usize);
         for s in &self.slots[range.clone()] {
@@ -371,7 +386,7 @@ impl MultiTensorStep {
                 s.offset,
             ]);
             len += s.len();
-            cubes += s.len().div_ceil(STEP_UNITS);
+            cubes += s.len().div_ceil(per_cube);
         }
         // Unused slots start past the last cube: no cube selects them.
         while table.len() < SLOT_WORDS * SLOTS {
@@ -392,9 +407,11 @@ impl MultiTensorStep {
         }
         let table: Vec<u32> = table.into_iter().map(|x| x as u32).collect();
         let table = upload_u32(client, "slot_table", &table)?;
+        // Placeholders hold one vector; `guard`'s length caps the kernel's vector width.
         let ph: Vec<Tensor> = (0..2 * SLOTS)
-            .map(|_| Tensor::empty(client, dtype, &[1]))
+            .map(|_| Tensor::empty(client, dtype, &[4]))
             .collect::<Result<_>>()?;
+        let guard = Tensor::empty(client, DType::F32, &[width])?;
         let slot = |i: usize, list: &[&Tensor], spare: usize| -> Tensor {
             match list.get(range.start + i) {
                 Some(t) if range.start + i < range.end => (*t).clone(),
@@ -436,6 +453,7 @@ impl MultiTensorStep {
                     g4: &g[4],
                     g5: &g[5],
                     state: &self.state,
+                    width: &guard,
                     table: &table,
                     counter: &self.counter,
                     partials: &partials,
@@ -472,6 +490,7 @@ impl MultiTensorStep {
                     state: &self.state,
                     table: &table,
                     cubes: cubes as u32,
+                    per_cube: per_cube as u32,
                     rule: self.rule,
                 },
             )?;
@@ -540,17 +559,17 @@ fn one_minus_pow(ln_beta: f32, t: f32) -> f32 {
 /// `slots[b][i]` for a slot index known only at run time (WGSL has no arrays of buffers).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn select_slot<F: Float>(
-    s0: &Array<F>,
-    s1: &Array<F>,
-    s2: &Array<F>,
-    s3: &Array<F>,
-    s4: &Array<F>,
-    s5: &Array<F>,
+fn select_slot<F: Float, N: Size>(
+    s0: &Array<Vector<F, N>>,
+    s1: &Array<Vector<F, N>>,
+    s2: &Array<Vector<F, N>>,
+    s3: &Array<Vector<F, N>>,
+    s4: &Array<Vector<F, N>>,
+    s5: &Array<Vector<F, N>>,
     b: u32,
     i: u32,
-) -> F {
-    let mut v = F::new(0.0);
+) -> Vector<F, N> {
+    let mut v = Vector::<F, N>::new(F::new(0.0));
     if b == 0 {
         v = s0[i as usize];
     } else if b == 1 {
@@ -567,32 +586,49 @@ fn select_slot<F: Float>(
     v
 }
 
-/// The fused step over up to six slots (see the module doc): one unit per element,
-/// each cube within one slot. `t = counter[0] + 1`. f32 arithmetic throughout; with
-/// `master` the state's master copy is the parameter and the weight receives its
-/// rounding. In place: one configuration, so the autotuner never runs it twice.
-/// `phase` = `Norms` (LAMB, AdaGrad-Norm) writes the cube's sums of squares to
-/// `partials[2 cube ..]` instead of the weight.
+/// The sum of a vector's lanes.
+#[cube]
+fn lane_sum<N: Size>(v: Vector<f32, N>) -> f32 {
+    let width = N::value().comptime() as u32;
+    let mut s = 0.0f32;
+    #[unroll]
+    for l in 0..width {
+        s += v[l as usize];
+    }
+    s
+}
+
+/// The fused step over up to six slots (see the module doc): each unit updates one
+/// `N`-wide vector of one slot's elements (`N` = 4 when every slot of the launch is
+/// 4-aligned: lengths, columns, row strides and offsets; else 1: the `width` array's
+/// length caps it), each cube within one slot. Table entries are in elements.
+/// `t = counter[0] + 1`. f32 arithmetic throughout; with `master` the state's master
+/// copy is the parameter and the weight receives its rounding. In place: one
+/// configuration, so the autotuner never runs it twice. `phase` = `Norms` (LAMB,
+/// AdaGrad-Norm) writes the cube's sums of squares to `partials[2 cube ..]` instead of
+/// the weight.
 #[kiln_macros::kernel(
     tune(UNITS = [256]),
+    vector = [4, 1],
     key(len = pow2, dtype),
     grid = (cubes.min(65_535), cubes.div_ceil(65_535)),
     cube = UNITS
 )]
-pub fn optim_step<F: Float>(
-    w0: &mut Array<F>,
-    w1: &mut Array<F>,
-    w2: &mut Array<F>,
-    w3: &mut Array<F>,
-    w4: &mut Array<F>,
-    w5: &mut Array<F>,
-    g0: &Array<F>,
-    g1: &Array<F>,
-    g2: &Array<F>,
-    g3: &Array<F>,
-    g4: &Array<F>,
-    g5: &Array<F>,
-    state: &mut Array<f32>,
+pub fn optim_step<F: Float, N: Size>(
+    w0: &mut Array<Vector<F, N>>,
+    w1: &mut Array<Vector<F, N>>,
+    w2: &mut Array<Vector<F, N>>,
+    w3: &mut Array<Vector<F, N>>,
+    w4: &mut Array<Vector<F, N>>,
+    w5: &mut Array<Vector<F, N>>,
+    g0: &Array<Vector<F, N>>,
+    g1: &Array<Vector<F, N>>,
+    g2: &Array<Vector<F, N>>,
+    g3: &Array<Vector<F, N>>,
+    g4: &Array<Vector<F, N>>,
+    g5: &Array<Vector<F, N>>,
+    state: &mut Array<Vector<f32, N>>,
+    width: &Array<Vector<f32, N>>,
     table: &Array<u32>,
     counter: &Array<u32>,
     partials: &mut Array<f32>,
@@ -616,6 +652,8 @@ pub fn optim_step<F: Float>(
     #[comptime] master: bool,
     #[comptime] phase: Phase,
 ) {
+    let _ = width[0];
+    let nw = N::value().comptime() as u32;
     let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
     if cube < cubes {
         // The slot: the last whose first cube is <= this cube.
@@ -627,20 +665,25 @@ pub fn optim_step<F: Float>(
             }
         }
         let t = b * comptime!(SLOT_WORDS as u32);
+        // Vector index within the slot, and the slot's length in elements and vectors.
         let e = (cube - table[t as usize]) * UNITS + UNIT_POS;
         let n = table[(t + 1) as usize];
-        let inside = e < n;
-        // Out-of-slot units read element 0 (a slot has one, or no cube) and add nothing.
+        let nv = n / nw;
+        let inside = e < nv;
+        // Out-of-slot units read vector 0 (a slot has one, or no cube) and add nothing.
         let ei = select(inside, e, 0u32);
+        let first = ei * nw;
         let cols = table[(t + 2) as usize];
         let ld = table[(t + 3) as usize];
-        let w_at = table[(t + 4) as usize] + (ei / cols) * ld + ei % cols;
+        let w_at = (table[(t + 4) as usize] + (first / cols) * ld + first % cols) / nw;
         let base = table[(t + 5) as usize];
-        let s_at = base + ei;
-        // Per-element states at base + j n + e, scalars at base + K n + j, master after.
+        // Per-element states at base + j n + e, scalars at base + K n + j, master after
+        // (all 4-aligned when N = 4: the host pads slot offsets, and refuses N = 4 for a
+        // master copy behind per-tensor scalars).
         let k = comptime!(rule.element_states() as u32);
+        let s_at = base / nw + ei;
         let scalars_at = base + k * n;
-        let master_at = scalars_at + comptime!(rule.scalar_states() as u32) + ei;
+        let master_at = (scalars_at + comptime!(rule.scalar_states() as u32)) / nw + ei;
         let step = counter[0];
         let tf = f32::cast_from(step + 1);
         let moments = Moments {
@@ -652,15 +695,17 @@ pub fn optim_step<F: Float>(
             ln_beta2,
             eps,
         };
-        let mut g = 0.0f32;
-        let mut p = 0.0f32;
+        let zero = Vector::<f32, N>::new(0.0);
+        let wd = Vector::<f32, N>::new(weight_decay);
+        let mut g = zero;
+        let mut p = zero;
         if inside {
-            g = f32::cast_from(select_slot(g0, g1, g2, g3, g4, g5, b, ei));
+            g = Vector::<f32, N>::cast_from(select_slot(g0, g1, g2, g3, g4, g5, b, ei));
             if comptime!(master) {
                 p = state[master_at as usize];
             }
             if comptime!(!master) {
-                p = f32::cast_from(select_slot(w0, w1, w2, w3, w4, w5, b, w_at));
+                p = Vector::<f32, N>::cast_from(select_slot(w0, w1, w2, w3, w4, w5, b, w_at));
             }
         }
         if comptime!(phase == Phase::Norms) {
@@ -668,14 +713,22 @@ pub fn optim_step<F: Float>(
             let mut sq1 = 0.0f32;
             if inside {
                 if comptime!(rule == Rule::Lamb) {
-                    adam_moments(state, s_at, n, g, moments, false);
-                    let r = adam_direction(state, s_at, n, tf, moments) + weight_decay * p;
-                    sq0 = p * p;
-                    sq1 = r * r;
+                    let mv = adam_moments_of(
+                        state[s_at as usize],
+                        state[(s_at + nv) as usize],
+                        g,
+                        moments,
+                        false,
+                    );
+                    state[s_at as usize] = mv.m;
+                    state[(s_at + nv) as usize] = mv.v;
+                    let r = adam_direction_of(mv.m, mv.v, tf, moments) + wd * p;
+                    sq0 = lane_sum(p * p);
+                    sq1 = lane_sum(r * r);
                 }
                 if comptime!(rule == Rule::AdaGradNorm) {
-                    let gg = g + weight_decay * p;
-                    sq0 = gg * gg;
+                    let gg = g + wd * p;
+                    sq0 = lane_sum(gg * gg);
                 }
             }
             let mut smem = SharedMemory::<f32>::new(UNITS as usize);
@@ -688,53 +741,77 @@ pub fn optim_step<F: Float>(
         }
         if comptime!(phase == Phase::Update) {
             if inside {
-                p *= decay_before;
+                p *= Vector::<f32, N>::new(decay_before);
                 if comptime!(rule == Rule::AdamW || rule == Rule::AdaBelief) {
                     let belief = comptime!(rule == Rule::AdaBelief);
-                    adam_moments(state, s_at, n, g, moments, belief);
-                    p -= lr * adam_direction(state, s_at, n, tf, moments);
+                    let mv = adam_moments_of(
+                        state[s_at as usize],
+                        state[(s_at + nv) as usize],
+                        g,
+                        moments,
+                        belief,
+                    );
+                    state[s_at as usize] = mv.m;
+                    state[(s_at + nv) as usize] = mv.v;
+                    p -= Vector::<f32, N>::new(lr) * adam_direction_of(mv.m, mv.v, tf, moments);
                 }
                 if comptime!(rule == Rule::Adan) {
                     // The difference is 0 at the first step (grad_prev is not yet a gradient).
-                    let delta = select(step == 0, 0.0f32, g - state[(s_at + 3 * n) as usize]);
-                    let m = beta1 * state[s_at as usize] + one_minus_beta1 * g;
-                    let d = beta2 * state[(s_at + n) as usize] + one_minus_beta2 * delta;
-                    let u = g + beta2 * delta;
-                    let nn = beta3 * state[(s_at + 2 * n) as usize] + one_minus_beta3 * u * u;
+                    let mut delta = g - state[(s_at + 3 * nv) as usize];
+                    if step == 0 {
+                        delta = zero;
+                    }
+                    let m = Vector::<f32, N>::new(beta1) * state[s_at as usize]
+                        + Vector::<f32, N>::new(one_minus_beta1) * g;
+                    let d = Vector::<f32, N>::new(beta2) * state[(s_at + nv) as usize]
+                        + Vector::<f32, N>::new(one_minus_beta2) * delta;
+                    let u = g + Vector::<f32, N>::new(beta2) * delta;
+                    let nn = Vector::<f32, N>::new(beta3) * state[(s_at + 2 * nv) as usize]
+                        + Vector::<f32, N>::new(one_minus_beta3) * u * u;
                     let bc1 = one_minus_pow(ln_beta1, tf);
                     let bc2 = one_minus_pow(ln_beta2, tf);
                     let bc3 = one_minus_pow(ln_beta3, tf);
-                    let den = f32::sqrt(nn) / f32::sqrt(bc3) + eps;
-                    p -= lr / bc1 * m / den + lr * beta2 / bc2 * d / den;
+                    let den = Vector::sqrt(nn) / Vector::<f32, N>::new(f32::sqrt(bc3))
+                        + Vector::<f32, N>::new(eps);
+                    p -= Vector::<f32, N>::new(lr / bc1) * m / den
+                        + Vector::<f32, N>::new(lr * beta2 / bc2) * d / den;
                     state[s_at as usize] = m;
-                    state[(s_at + n) as usize] = d;
-                    state[(s_at + 2 * n) as usize] = nn;
-                    state[(s_at + 3 * n) as usize] = g;
+                    state[(s_at + nv) as usize] = d;
+                    state[(s_at + 2 * nv) as usize] = nn;
+                    state[(s_at + 3 * nv) as usize] = g;
                 }
                 if comptime!(rule == Rule::AdaGrad) {
-                    let gg = g + weight_decay * p;
+                    let gg = g + wd * p;
                     let v = state[s_at as usize] + gg * gg;
-                    p -= lr * gg / (f32::sqrt(v) + eps);
+                    p -= Vector::<f32, N>::new(lr) * gg
+                        / (Vector::sqrt(v) + Vector::<f32, N>::new(eps));
                     state[s_at as usize] = v;
                 }
                 if comptime!(rule == Rule::Lamb) {
                     // The moments were advanced by the norms pass; the same r again.
-                    let r = adam_direction(state, s_at, n, tf, moments) + weight_decay * p;
+                    let r = adam_direction_of(
+                        state[s_at as usize],
+                        state[(s_at + nv) as usize],
+                        tf,
+                        moments,
+                    ) + wd * p;
                     let w_norm = f32::sqrt(partials[(2 * cubes + 2 * b) as usize]);
                     let r_norm = f32::sqrt(partials[(2 * cubes + 2 * b + 1) as usize]);
                     let trust = select(w_norm > 0.0 && r_norm > 0.0, w_norm / r_norm, 1.0f32);
-                    p -= lr * trust * r;
+                    p -= Vector::<f32, N>::new(lr * trust) * r;
                 }
                 if comptime!(rule == Rule::AdaGradNorm) {
-                    // b2 was advanced by the slot reduction.
-                    let gg = g + weight_decay * p;
-                    p -= lr * gg / (f32::sqrt(state[scalars_at as usize]) + eps);
+                    // b2 was advanced by the slot reduction; it sits 4-aligned (lane 0)
+                    // or alone (N = 1).
+                    let b2 = state[(scalars_at / nw) as usize][0];
+                    let gg = g + wd * p;
+                    p -= Vector::<f32, N>::new(lr / (f32::sqrt(b2) + eps)) * gg;
                 }
-                p *= decay_after;
+                p *= Vector::<f32, N>::new(decay_after);
                 if comptime!(master) {
                     state[master_at as usize] = p;
                 }
-                let out = F::cast_from(p);
+                let out = Vector::<F, N>::cast_from(p);
                 if b == 0 {
                     w0[w_at as usize] = out;
                 } else if b == 1 {
@@ -766,8 +843,53 @@ pub(super) struct Moments {
     pub eps: f32,
 }
 
-/// Advances the first and second moments at `state[s_at]`, `state[s_at + n]` by `g`:
-/// Adam's `v` of `g²`, or with `belief` AdaBelief's `s` of `(g − m)²` plus `eps`.
+/// Adam's first and second moments after a step.
+#[derive(CubeType, Clone, Copy)]
+pub(super) struct AdamMoments<N: Size> {
+    pub m: Vector<f32, N>,
+    pub v: Vector<f32, N>,
+}
+
+/// The moments `m`, `v` advanced by `g`: Adam's `v` of `g²`, or with `belief`
+/// AdaBelief's `s` of `(g − m)²` plus `eps`.
+#[cube]
+pub(super) fn adam_moments_of<N: Size>(
+    m: Vector<f32, N>,
+    v: Vector<f32, N>,
+    g: Vector<f32, N>,
+    c: Moments,
+    #[comptime] belief: bool,
+) -> AdamMoments<N> {
+    let m = Vector::<f32, N>::new(c.beta1) * m + Vector::<f32, N>::new(c.one_minus_beta1) * g;
+    let mut d = g;
+    if comptime!(belief) {
+        d = g - m;
+    }
+    let mut v =
+        Vector::<f32, N>::new(c.beta2) * v + Vector::<f32, N>::new(c.one_minus_beta2) * d * d;
+    if comptime!(belief) {
+        v += Vector::<f32, N>::new(c.eps);
+    }
+    AdamMoments::<N> { m, v }
+}
+
+/// The bias-corrected Adam direction `m̂ / (sqrt(v̂) + eps)` at step `t` (AdamW's and
+/// AdaBelief's step over `lr`, LAMB's `r` before its decay term, FRUGAL's active
+/// coordinates).
+#[cube]
+pub(super) fn adam_direction_of<N: Size>(
+    m: Vector<f32, N>,
+    v: Vector<f32, N>,
+    t: f32,
+    c: Moments,
+) -> Vector<f32, N> {
+    let bc1 = one_minus_pow(c.ln_beta1, t);
+    let bc2 = one_minus_pow(c.ln_beta2, t);
+    m / Vector::<f32, N>::new(bc1)
+        / (Vector::sqrt(v) / Vector::<f32, N>::new(f32::sqrt(bc2)) + Vector::<f32, N>::new(c.eps))
+}
+
+/// [`adam_moments_of`] on scalar state at `state[s_at]`, `state[s_at + n]`, in place.
 #[cube]
 pub(super) fn adam_moments(
     state: &mut Array<f32>,
@@ -777,31 +899,30 @@ pub(super) fn adam_moments(
     c: Moments,
     #[comptime] belief: bool,
 ) {
-    let m = c.beta1 * state[s_at as usize] + c.one_minus_beta1 * g;
-    let mut d = g;
-    if comptime!(belief) {
-        d = g - m;
-    }
-    let mut v = c.beta2 * state[(s_at + n) as usize] + c.one_minus_beta2 * d * d;
-    if comptime!(belief) {
-        v += c.eps;
-    }
-    state[s_at as usize] = m;
-    state[(s_at + n) as usize] = v;
+    let mv = adam_moments_of::<Const<1>>(
+        Vector::new(state[s_at as usize]),
+        Vector::new(state[(s_at + n) as usize]),
+        Vector::new(g),
+        c,
+        belief,
+    );
+    state[s_at as usize] = mv.m[0];
+    state[(s_at + n) as usize] = mv.v[0];
 }
 
-/// The bias-corrected Adam direction `m̂ / (sqrt(v̂) + eps)` at step `t` from the
-/// moments at `state[s_at]`, `state[s_at + n]` (AdamW's and AdaBelief's step over `lr`,
-/// LAMB's `r` before its decay term, FRUGAL's active coordinates).
+/// [`adam_direction_of`] on scalar state at `state[s_at]`, `state[s_at + n]`.
 #[cube]
 pub(super) fn adam_direction(state: &Array<f32>, s_at: u32, n: u32, t: f32, c: Moments) -> f32 {
-    let bc1 = one_minus_pow(c.ln_beta1, t);
-    let bc2 = one_minus_pow(c.ln_beta2, t);
-    state[s_at as usize] / bc1 / (f32::sqrt(state[(s_at + n) as usize]) / f32::sqrt(bc2) + c.eps)
+    adam_direction_of::<Const<1>>(
+        Vector::new(state[s_at as usize]),
+        Vector::new(state[(s_at + n) as usize]),
+        t,
+        c,
+    )[0]
 }
 
-/// Per-slot sums of the step kernel's per-cube partials (`Phase::Norms`), one cube per
-/// slot, in a fixed order: LAMB's `||p||^2, ||r||^2` to `partials[2 cubes + 2 slot ..]`;
+/// Per-slot sums of the step kernel's per-cube partials (`Phase::Norms`; `per_cube`
+/// elements per cube), one cube per slot, in a fixed order: LAMB's `||p||^2, ||r||^2` to `partials[2 cubes + 2 slot ..]`;
 /// AdaGrad-Norm's `||g||^2` added to the slot's `b2`. Unused slots do nothing.
 #[kiln_macros::kernel(tune(UNITS = [256]), grid = (6), cube = UNITS)]
 pub fn optim_slot_norms(
@@ -809,13 +930,14 @@ pub fn optim_slot_norms(
     state: &mut Array<f32>,
     table: &Array<u32>,
     cubes: u32,
+    per_cube: u32,
     #[comptime] rule: Rule,
 ) {
     let t = CUBE_POS_X * comptime!(SLOT_WORDS as u32);
     let first = table[t as usize];
     if first < cubes {
         let n = table[(t + 1) as usize];
-        let count = (n + comptime!(STEP_UNITS as u32 - 1)) / comptime!(STEP_UNITS as u32);
+        let count = (n + per_cube - 1) / per_cube;
         let mut s0 = 0.0f32;
         let mut s1 = 0.0f32;
         let mut i = UNIT_POS;
