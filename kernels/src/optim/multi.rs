@@ -713,15 +713,7 @@ pub fn optim_step<F: Float, N: Size>(
             let mut sq1 = 0.0f32;
             if inside {
                 if comptime!(rule == Rule::Lamb) {
-                    let mv = adam_moments_of(
-                        state[s_at as usize],
-                        state[(s_at + nv) as usize],
-                        g,
-                        moments,
-                        false,
-                    );
-                    state[s_at as usize] = mv.m;
-                    state[(s_at + nv) as usize] = mv.v;
+                    let mv = advance_moments(state, s_at, nv, g, moments, false);
                     let r = adam_direction_of(mv.m, mv.v, tf, moments) + wd * p;
                     sq0 = lane_sum(p * p);
                     sq1 = lane_sum(r * r);
@@ -744,15 +736,7 @@ pub fn optim_step<F: Float, N: Size>(
                 p *= Vector::<f32, N>::new(decay_before);
                 if comptime!(rule == Rule::AdamW || rule == Rule::AdaBelief) {
                     let belief = comptime!(rule == Rule::AdaBelief);
-                    let mv = adam_moments_of(
-                        state[s_at as usize],
-                        state[(s_at + nv) as usize],
-                        g,
-                        moments,
-                        belief,
-                    );
-                    state[s_at as usize] = mv.m;
-                    state[(s_at + nv) as usize] = mv.v;
+                    let mv = advance_moments(state, s_at, nv, g, moments, belief);
                     p -= Vector::<f32, N>::new(lr) * adam_direction_of(mv.m, mv.v, tf, moments);
                 }
                 if comptime!(rule == Rule::Adan) {
@@ -887,6 +871,29 @@ pub(super) fn adam_direction_of<N: Size>(
     let bc2 = one_minus_pow(c.ln_beta2, t);
     m / Vector::<f32, N>::new(bc1)
         / (Vector::sqrt(v) / Vector::<f32, N>::new(f32::sqrt(bc2)) + Vector::<f32, N>::new(c.eps))
+}
+
+/// [`adam_moments_of`] on the vectors `state[s_at]`, `state[s_at + nv]`, in place; returns
+/// the new moments.
+#[cube]
+fn advance_moments<N: Size>(
+    state: &mut Array<Vector<f32, N>>,
+    s_at: u32,
+    nv: u32,
+    g: Vector<f32, N>,
+    c: Moments,
+    #[comptime] belief: bool,
+) -> AdamMoments<N> {
+    let mv = adam_moments_of(
+        state[s_at as usize],
+        state[(s_at + nv) as usize],
+        g,
+        c,
+        belief,
+    );
+    state[s_at as usize] = mv.m;
+    state[(s_at + nv) as usize] = mv.v;
+    mv
 }
 
 /// [`adam_moments_of`] on scalar state at `state[s_at]`, `state[s_at + n]`, in place.

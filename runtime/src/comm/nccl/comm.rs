@@ -488,6 +488,52 @@ impl NcclComm {
         })
     }
 
+    /// `send`'s and `recv`'s handshake: each side sends its header (what it sends, or
+    /// what it expects) and receives the other's in one group, and both check that what
+    /// is sent is what is expected, so a mismatch fails both sides.
+    fn handshake(
+        &self,
+        op: &'static str,
+        peer: usize,
+        dtype: DType,
+        shape: &[usize],
+    ) -> Result<()> {
+        self.check_peer(op, peer)?;
+        let sending = op == "send";
+        let mine = Header {
+            op,
+            dtype,
+            shape: shape.to_vec(),
+            extra: vec![],
+        }
+        .encode()?;
+        let theirs = self
+            .swap_words(op, Some((&mine, peer)), Some((peer, HEADER)))?
+            .unwrap_or_default();
+        let theirs = Header::decode(&theirs)
+            .ok_or_else(|| self.err(op, Some(peer), "the peer sent an unreadable header"))?;
+        if theirs.op != if sending { "recv" } else { "send" } {
+            return Err(self.err(op, Some(peer), format!("the peer is in `{}`", theirs.op)));
+        }
+        let (mine, theirs) = ((dtype, shape), (theirs.dtype, theirs.shape.as_slice()));
+        let (sent, expected) = if sending {
+            (mine, theirs)
+        } else {
+            (theirs, mine)
+        };
+        if sent != expected {
+            return Err(self.err(
+                op,
+                Some(peer),
+                format!(
+                    "sent {} {:?}, the receiver expected {} {:?}",
+                    sent.0, sent.1, expected.0, expected.1
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Bytes of one row of `shape` (its first dimension moves).
     fn row_bytes(dtype: DType, shape: &[usize]) -> usize {
         dtype.size() * shape.iter().skip(1).product::<usize>()
@@ -531,72 +577,14 @@ impl Communicator for NcclComm {
     }
 
     fn send(&self, t: &Tensor, peer: usize) -> Result<()> {
-        self.check_peer("send", peer)?;
-        let mine = Header {
-            op: "send",
-            dtype: t.dtype(),
-            shape: t.shape().to_vec(),
-            extra: vec![],
-        }
-        .encode()?;
-        // Our header out, the receiver's expectation back, in one group.
-        let theirs = self
-            .swap_words("send", Some((&mine, peer)), Some((peer, HEADER)))?
-            .unwrap_or_default();
-        let expected = Header::decode(&theirs)
-            .ok_or_else(|| self.err("send", Some(peer), "the peer sent an unreadable header"))?;
-        if expected.op != "recv" {
-            return Err(self.err(
-                "send",
-                Some(peer),
-                format!("the peer is in `{}`", expected.op),
-            ));
-        }
-        if (expected.dtype, expected.shape.as_slice()) != (t.dtype(), t.shape()) {
-            return Err(self.err(
-                "send",
-                Some(peer),
-                format!(
-                    "sent {} {:?}, the receiver expected {} {:?}",
-                    t.dtype(),
-                    t.shape(),
-                    expected.dtype,
-                    expected.shape
-                ),
-            ));
-        }
+        self.handshake("send", peer, t.dtype(), t.shape())?;
         let (ptr, _keep) = self.addresses("send", &[t])?;
         let bytes = t.numel() * t.dtype().size();
         self.move_bytes("send", Some(peer), &[(ptr[0], bytes, peer)], &[])
     }
 
     fn recv(&self, peer: usize, dtype: DType, shape: &[usize]) -> Result<Tensor> {
-        self.check_peer("recv", peer)?;
-        let mine = Header {
-            op: "recv",
-            dtype,
-            shape: shape.to_vec(),
-            extra: vec![],
-        }
-        .encode()?;
-        let theirs = self
-            .swap_words("recv", Some((&mine, peer)), Some((peer, HEADER)))?
-            .unwrap_or_default();
-        let sent = Header::decode(&theirs)
-            .ok_or_else(|| self.err("recv", Some(peer), "the peer sent an unreadable header"))?;
-        if sent.op != "send" {
-            return Err(self.err("recv", Some(peer), format!("the peer is in `{}`", sent.op)));
-        }
-        if (sent.dtype, sent.shape.as_slice()) != (dtype, shape) {
-            return Err(self.err(
-                "recv",
-                Some(peer),
-                format!(
-                    "sent {} {:?}, the receiver expected {dtype} {shape:?}",
-                    sent.dtype, sent.shape
-                ),
-            ));
-        }
+        self.handshake("recv", peer, dtype, shape)?;
         let out = Tensor::empty(&self.client, dtype, shape)?;
         let (ptr, _keep) = self.addresses("recv", &[&out])?;
         let bytes = out.numel() * dtype.size();
