@@ -406,45 +406,20 @@ impl NcclComm {
             None => None,
         };
         {
-            let s = send.as_ref().map(|b| (b.device_ptr(&self.stream), b.len()));
-            let r = recv.as_mut().map(|b| {
-                let len = b.len();
-                (b.device_ptr_mut(&self.stream), len)
-            });
+            let s = send.as_ref().map(|b| b.device_ptr(&self.stream));
+            let r = recv.as_mut().map(|b| b.device_ptr_mut(&self.stream));
+            let sends: Vec<_> = s
+                .iter()
+                .zip(mine)
+                .map(|((p, _), (w, to))| (*p, w.len() * 8, to))
+                .collect();
+            let recvs: Vec<_> = r
+                .iter()
+                .zip(from)
+                .map(|((p, _), (f, n))| (*p, n * 8, f))
+                .collect();
             let peer = mine.map(|m| m.1).or(from.map(|f| f.0));
-            self.run(op, peer, |nccl, comm, stream| {
-                group(nccl, || {
-                    if let (Some(((p, _), len)), Some((_, to))) = (&s, mine) {
-                        // SAFETY: `p` holds `len` words on this device.
-                        let rc = unsafe {
-                            (nccl.send)(
-                                *p as _,
-                                len * 8,
-                                nccl_dtype::UINT8,
-                                to as c_int,
-                                comm,
-                                stream,
-                            )
-                        };
-                        nccl.check(rc, "ncclSend")?;
-                    }
-                    if let (Some(((p, _), len)), Some((f, _))) = (&r, from) {
-                        // SAFETY: `p` has room for `len` words on this device.
-                        let rc = unsafe {
-                            (nccl.recv)(
-                                *p as _,
-                                len * 8,
-                                nccl_dtype::UINT8,
-                                f as c_int,
-                                comm,
-                                stream,
-                            )
-                        };
-                        nccl.check(rc, "ncclRecv")?;
-                    }
-                    Ok(())
-                })
-            })?;
+            self.move_bytes(op, peer, &sends, &recvs)?;
         }
         match recv {
             Some(b) => Ok(Some(self.stream.clone_dtoh(&b).map_err(driver)?)),
