@@ -376,6 +376,27 @@ impl NcclComm {
         self.decode_all(mine.op, &all, n)
     }
 
+    /// A collective's headers from every rank, checked like HostComm's: all in `op`, with
+    /// agreeing dtypes and shapes (`agree`).
+    fn agree(
+        &self,
+        op: &'static str,
+        dtype: DType,
+        shape: &[usize],
+        extra: Vec<u64>,
+        agree: Agree,
+    ) -> Result<Vec<Header>> {
+        let all = self.exchange(&Header {
+            op,
+            dtype,
+            shape: shape.to_vec(),
+            extra,
+        })?;
+        let views: Vec<_> = all.iter().map(|h| (h.dtype, h.shape.as_slice())).collect();
+        check_agreement(op, self.rank, &views, agree)?;
+        Ok(all)
+    }
+
     fn decode_all(&self, op: &str, words: &[u64], n: usize) -> Result<Vec<Header>> {
         let mut out = Vec::with_capacity(self.world);
         for (peer, w) in words.chunks(n).enumerate() {
@@ -615,14 +636,8 @@ impl Communicator for NcclComm {
         let op = "all_to_all";
         rank1(t, op)?;
         check_send_rows(self.world, t, send_rows)?;
-        let all = self.exchange(&Header {
-            op,
-            dtype: t.dtype(),
-            shape: t.shape().to_vec(),
-            extra: send_rows.iter().map(|&r| r as u64).collect(),
-        })?;
-        let views: Vec<_> = all.iter().map(|h| (h.dtype, h.shape.as_slice())).collect();
-        check_agreement(op, self.rank, &views, Agree::Trailing)?;
+        let extra = send_rows.iter().map(|&r| r as u64).collect();
+        let all = self.agree(op, t.dtype(), t.shape(), extra, Agree::Trailing)?;
         let recv_rows: Vec<usize> = all.iter().map(|h| h.extra[self.rank] as usize).collect();
         let mut shape = t.shape().to_vec();
         shape[0] = recv_rows.iter().sum();
@@ -646,14 +661,7 @@ impl Communicator for NcclComm {
     fn all_reduce(&self, t: &Tensor) -> Result<Tensor> {
         let op = "all_reduce";
         check_reducible(t)?;
-        let all = self.exchange(&Header {
-            op,
-            dtype: t.dtype(),
-            shape: t.shape().to_vec(),
-            extra: vec![],
-        })?;
-        let views: Vec<_> = all.iter().map(|h| (h.dtype, h.shape.as_slice())).collect();
-        check_agreement(op, self.rank, &views, Agree::Whole)?;
+        self.agree(op, t.dtype(), t.shape(), vec![], Agree::Whole)?;
         let out = Tensor::empty(&self.client, t.dtype(), t.shape())?;
         let (ptrs, _keep) = self.addresses(op, &[t, &out])?;
         let dtype = match t.dtype() {
@@ -683,14 +691,7 @@ impl Communicator for NcclComm {
     fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
         let op = "all_gather";
         rank1(t, op)?;
-        let all = self.exchange(&Header {
-            op,
-            dtype: t.dtype(),
-            shape: t.shape().to_vec(),
-            extra: vec![],
-        })?;
-        let views: Vec<_> = all.iter().map(|h| (h.dtype, h.shape.as_slice())).collect();
-        check_agreement(op, self.rank, &views, Agree::Trailing)?;
+        let all = self.agree(op, t.dtype(), t.shape(), vec![], Agree::Trailing)?;
         let rows: Vec<usize> = all.iter().map(|h| h.shape[0]).collect();
         let mut shape = t.shape().to_vec();
         shape[0] = rows.iter().sum();
@@ -731,14 +732,8 @@ impl Communicator for NcclComm {
     }
 
     fn barrier(&self) -> Result<()> {
-        let all = self.exchange(&Header {
-            op: "barrier",
-            dtype: DType::U8,
-            shape: vec![0],
-            extra: vec![],
-        })?;
-        let views: Vec<_> = all.iter().map(|h| (h.dtype, h.shape.as_slice())).collect();
-        check_agreement("barrier", self.rank, &views, Agree::Whole)
+        self.agree("barrier", DType::U8, &[0], vec![], Agree::Whole)
+            .map(|_| ())
     }
 }
 
