@@ -6,7 +6,9 @@
 //! paths, identifier checks) are in `names.rs`.
 
 use crate::args::{Bucket, KernelArgs};
-use crate::names::{camel, check_idents, dsl_path, fnv1a, mentions, runtime_path, Capabilities};
+use crate::names::{
+    camel, check_idents, dsl_path, fnv1a, mentions, respan_to_call_site, runtime_path, Capabilities,
+};
 use crate::signature::{analyse, Arg, Elem, Signature};
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote};
@@ -14,6 +16,15 @@ use syn::visit::Visit;
 use syn::{Expr, Ident, ItemFn};
 
 pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
+    // The checks run on the tokens as written, so a diagnostic points at the user's
+    // token with nothing added; the code is generated from the re-spanned tokens.
+    generate(attr.clone(), item.clone())?;
+    // One set of bindings however the kernel's tokens were written (`respan_to_call_site`).
+    generate(respan_to_call_site(attr), respan_to_call_site(item))
+}
+
+/// Checks a kernel's attribute and function and generates its items.
+fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
     let args: KernelArgs = syn::parse2(attr)?;
     let mut func: ItemFn = syn::parse2(item.clone())?;
     let sig: Signature = analyse(&func)?;

@@ -126,3 +126,28 @@ pub fn fnv1a(text: &str) -> String {
     }
     format!("{h:016x}")
 }
+
+/// Gives every token in `tokens` the hygiene of the attribute's call site, keeping
+/// its source location (for errors): the kernel then reads as if written in one piece
+/// where the attribute stands, even when a `macro_rules!` pasted it together from its
+/// own template (the signature) and the caller's tokens (tunables, `require`, body).
+/// macro_rules hygiene would otherwise keep a parameter the template declares apart
+/// from the same name in the caller's body, and cubecl's `#[cube]` expansion, which
+/// introduces its own bindings at the tokens' spans, apart from itself.
+pub fn respan_to_call_site(tokens: TokenStream) -> TokenStream {
+    use proc_macro2::{Group, TokenTree};
+    tokens
+        .into_iter()
+        .map(|tt| match tt {
+            TokenTree::Group(g) => {
+                let mut out = Group::new(g.delimiter(), respan_to_call_site(g.stream()));
+                out.set_span(g.span().resolved_at(Span::call_site()));
+                TokenTree::Group(out)
+            }
+            mut other => {
+                other.set_span(other.span().resolved_at(Span::call_site()));
+                other
+            }
+        })
+        .collect()
+}

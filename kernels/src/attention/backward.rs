@@ -15,6 +15,7 @@
 //! share of the whole gradient.
 
 use super::problem::{check, Problem};
+use super::tile::query_tile;
 use super::*;
 use crate::launch::{absent, expect_shape};
 use cubecl::prelude::*;
@@ -135,70 +136,34 @@ pub(super) fn backward_into(
         }
     };
     let ((dq_f, dq_32), (dk_f, dk_32), (dv_f, dv_32)) = (pick(dq), pick(dk), pick(dv));
-    let longest_q = Problem::longest(&p.bounds_q) as u32;
-    let longest_k = Problem::longest(&p.bounds_k) as u32;
     if rows > 0 {
         AttentionBwdDq::tuned(
             client,
             TOLERANCE,
-            &AttentionBwdDqArgs {
-                q: inp.q,
-                k: inp.k,
-                v: inp.v,
+            &attention_args!(AttentionBwdDqArgs, inp, p, &bounds_q, &bounds_k, {
                 d_o: grad.d_o,
                 lse_n: &lse_n,
                 delta: &delta,
-                bounds_q: &bounds_q,
-                bounds_k: &bounds_k,
                 dq: &dq_f,
                 dq32: &dq_32,
-                n_seq: p.n_seq() as u32,
-                max_q: longest_q,
-                max_k: longest_k,
-                heads: p.heads as u32,
-                group: (p.heads / p.kv_heads) as u32,
-                dk: p.dk as u32,
-                dv: p.dv as u32,
-                lse_rows: p.sq as u32,
-                shift: p.shift as i32,
-                scale: p.score_scale(),
-                causal: p.causal,
-                varlen: p.varlen,
                 grad_f32,
-            },
+            }),
         )?;
     }
-    if longest_k > 0 {
+    if Problem::longest(&p.bounds_k) > 0 {
         AttentionBwdDkv::tuned(
             client,
             TOLERANCE,
-            &AttentionBwdDkvArgs {
-                q: inp.q,
-                k: inp.k,
-                v: inp.v,
+            &attention_args!(AttentionBwdDkvArgs, inp, p, &bounds_q, &bounds_k, {
                 d_o: grad.d_o,
                 lse_n: &lse_n,
                 delta: &delta,
-                bounds_q: &bounds_q,
-                bounds_k: &bounds_k,
                 dk_out: &dk_f,
                 dv_out: &dv_f,
                 dk32: &dk_32,
                 dv32: &dv_32,
-                n_seq: p.n_seq() as u32,
-                max_q: longest_q,
-                max_k: longest_k,
-                heads: p.heads as u32,
-                group: (p.heads / p.kv_heads) as u32,
-                dk: p.dk as u32,
-                dv: p.dv as u32,
-                lse_rows: p.sq as u32,
-                shift: p.shift as i32,
-                scale: p.score_scale(),
-                causal: p.causal,
-                varlen: p.varlen,
                 grad_f32,
-            },
+            }),
         )?;
     }
     Ok(())
@@ -210,9 +175,8 @@ pub(super) fn backward_into(
 #[kiln_macros::kernel(
     tune(UNITS = [64]),
     key(rows = pow2, dv = pow2, dtype),
-    grid = (rows.div_ceil(UNITS).min(65_535), rows.div_ceil(UNITS).div_ceil(65_535)),
+    grid = cubes(rows.div_ceil(UNITS)),
     cube = UNITS,
-    name = "attention_bwd_prep",
     defaults(out_f32 = false, varlen = false)
 )]
 pub fn attention_bwd_prep<F: Float>(
@@ -255,476 +219,436 @@ pub fn attention_bwd_prep<F: Float>(
     }
 }
 
-/// dq of one (sequence, query tile of `BQ`, head, dq column tile of `BC`): walks the
-/// keys the tile sees in tiles of `BK`; `ds` staged in shared memory for `dq += ds K`.
-#[kiln_macros::kernel(
-    tune(
-        (BQ, BK, TQ, TK) = [(32, 32, 4, 4), (64, 32, 8, 4), (16, 32, 2, 4)],
-        BC = [64, 32, 128],
-        BD = [32]
-    ),
-    require(
-        BC % (4 * (BK / TK)) == 0,
-        BC <= 32 || dk > BC / 2,
-        (BQ * BD + BD * BK + BQ * BK + BK * BC) as usize * 4 <= device.max_shared_memory
-    ),
-    key(n_seq = pow2, max_q = pow2, max_k = pow2, heads = pow2, dk = pow2, dv = pow2, dtype),
-    grid = (n_seq * max_q.div_ceil(BQ), heads, dk.div_ceil(BC)),
-    cube = (BQ / TQ) * (BK / TK),
-    name = "attention_bwd_dq",
-    defaults(causal = false, varlen = false, grad_f32 = false)
-)]
-pub fn attention_bwd_dq<F: Float>(
-    q: &Array<F>,
-    k: &Array<F>,
-    v: &Array<F>,
-    d_o: &Array<F>,
-    lse_n: &Array<f32>,
-    delta: &Array<f32>,
-    bounds_q: &Array<u32>,
-    bounds_k: &Array<u32>,
-    dq: &mut Array<F>,
-    dq32: &mut Array<f32>,
-    n_seq: u32,
-    max_q: u32,
-    max_k: u32,
-    heads: u32,
-    group: u32,
-    dk: u32,
-    dv: u32,
-    lse_rows: u32,
-    shift: i32,
-    scale: f32,
-    #[comptime] causal: bool,
-    #[comptime] varlen: bool,
-    #[comptime] grad_f32: bool,
-) {
-    let units = comptime!((BQ / TQ) * (BK / TK));
-    let tiles_per_seq = (max_q + BQ - 1) / BQ;
-    let n = CUBE_POS_X / tiles_per_seq;
-    let i0 = (CUBE_POS_X % tiles_per_seq) * BQ;
-    let h = CUBE_POS_Y;
-    let c0 = CUBE_POS_Z * BC;
-    let hk = h / group;
-    let kv_heads = heads / group;
-    let bos_q = bounds_q[n as usize];
-    let sq = bounds_q[(n + 1) as usize] - bos_q;
-    let bos_k = bounds_k[n as usize];
-    let sk = min(bounds_k[(n + 1) as usize] - bos_k, max_k);
-    let rows = select(i0 < sq, min(sq - i0, BQ), 0u32);
-    let mut kmax = sk;
-    if comptime!(causal) {
-        let seen = i32::cast_from(i0 + max(rows, 1) - 1) + shift + 1;
-        kmax = select(seen <= 0, 0u32, min(u32::cast_from(max(seen, 0)), sk));
-    }
-    if rows == 0 {
-        kmax = 0;
-    }
+attention_kernel! {
+    /// dq of one (sequence, query tile of `BQ`, head, dq column tile of `BC`): walks the
+    /// keys the tile sees in tiles of `BK`; `ds` staged in shared memory for `dq += ds K`.
+    #[kernel(
+        tune(
+            (BQ, BK, TQ, TK) = [(32, 32, 4, 4), (64, 32, 8, 4), (16, 32, 2, 4)],
+            BC = [64, 32, 128],
+            BD = [32]
+        ),
+        require(
+            BC % (4 * (BK / TK)) == 0,
+            BC <= 32 || dk > BC / 2,
+            (BQ * BD + BD * BK + BQ * BK + BK * BC) as usize * 4 <= device.max_shared_memory
+        ),
+        grid = (n_seq * max_q.div_ceil(BQ), heads, dk.div_ceil(BC)),
+        cube = (BQ / TQ) * (BK / TK),
+        defaults(causal = false, varlen = false, grad_f32 = false),
+    )]
+    attention_bwd_dq(
+        d_o: &Array<F>,
+        lse_n: &Array<f32>,
+        delta: &Array<f32>,
+        dq: &mut Array<F>,
+        dq32: &mut Array<f32>,
+    )
+    scalars()
+    comptime(
+        #[comptime] grad_f32: bool,
+    )
+    {
+        let units = comptime!((BQ / TQ) * (BK / TK));
+        let tile = query_tile(bounds_q, bounds_k, max_q, max_k, group, shift, BQ, causal);
+        let (n, i0, h, hk) = (tile.n, tile.i0, tile.h, tile.hk);
+        let (bos_q, sq, bos_k, sk) = (tile.bos_q, tile.sq, tile.bos_k, tile.sk);
+        let (rows, kmax) = (tile.rows, tile.kmax);
+        let kv_heads = heads / group;
+        let c0 = CUBE_POS_Z * BC;
 
-    let ux = comptime!(BK / TK);
-    let ty = UNIT_POS / ux;
-    let tx = UNIT_POS % ux;
-    let row_step = comptime!(BQ / TQ);
-    let tkv = comptime!(TK / 4);
-    let bkv = comptime!(BK / 4);
-    let tc = comptime!(BC / (BK / TK));
-    let tcv = comptime!(tc / 4);
-    let mut xs = SharedMemory::<V4>::new(comptime!((BQ * BD / 4) as usize));
-    let mut yt = SharedMemory::<V4>::new(comptime!((BD * BK / 4) as usize));
-    let mut ds_s = SharedMemory::<V4>::new(comptime!((BQ * bkv) as usize));
-    let mut kc = SharedMemory::<V4>::new(comptime!((BK * BC / 4) as usize));
-    let mut acc_s = Array::<V4>::new(comptime!((TQ * tkv) as usize));
-    let mut acc_dp = Array::<V4>::new(comptime!((TQ * tkv) as usize));
-    let mut acc = Array::<V4>::new(comptime!((TQ * tcv) as usize));
-    #[unroll]
-    for e in 0..TQ * tcv {
-        acc[e as usize] = V4::new(0.0f32);
-    }
-    // The unit's rows' L and delta (rows past the tile: L = -inf through the flag).
-    let mut lr = Array::<f32>::new(comptime!(TQ as usize));
-    let mut dr = Array::<f32>::new(comptime!(TQ as usize));
-    let mut b = n;
-    let mut base = bos_q;
-    if comptime!(varlen) {
-        b = 0;
-        base = 0;
-    }
-    #[unroll]
-    for i in 0..TQ {
-        let r = ty + i * row_step;
-        // Rows past the tile (or of an idle cube) read entry 0 and are flagged.
-        let li = select(
-            r < rows,
-            (b * heads + h) * lse_rows + bos_q + i0 + r - base,
-            0u32,
-        ) as usize;
-        lr[i as usize] = select(r < rows, lse_n[li], f32::min_value());
-        dr[i as usize] = delta[li];
-    }
-
-    let q_base = ((bos_q + i0) * heads + h) * dk;
-    let o_base = ((bos_q + i0) * heads + h) * dv;
-    let k_row = (bos_k * kv_heads + hk) * dk;
-    let v_row = (bos_k * kv_heads + hk) * dv;
-    let mut k0 = 0u32;
-    while k0 < kmax {
-        let keys = min(kmax - k0, BK);
-        tile_product_nt::<F>(
-            &mut acc_s,
-            &mut xs,
-            &mut yt,
-            q,
-            q_base,
-            heads * dk,
-            rows,
-            k,
-            k_row + k0 * kv_heads * dk,
-            kv_heads * dk,
-            keys,
-            dk,
-            ty,
-            tx,
-            BQ,
-            BK,
-            BD,
-            TQ,
-            TK,
-            units,
-        );
-        tile_product_nt::<F>(
-            &mut acc_dp,
-            &mut xs,
-            &mut yt,
-            d_o,
-            o_base,
-            heads * dv,
-            rows,
-            v,
-            v_row + k0 * kv_heads * dv,
-            kv_heads * dv,
-            keys,
-            dv,
-            ty,
-            tx,
-            BQ,
-            BK,
-            BD,
-            TQ,
-            TK,
-            units,
-        );
+        let ux = comptime!(BK / TK);
+        let ty = UNIT_POS / ux;
+        let tx = UNIT_POS % ux;
+        let row_step = comptime!(BQ / TQ);
+        let tkv = comptime!(TK / 4);
+        let bkv = comptime!(BK / 4);
+        let tc = comptime!(BC / (BK / TK));
+        let tcv = comptime!(tc / 4);
+        let mut xs = SharedMemory::<V4>::new(comptime!((BQ * BD / 4) as usize));
+        let mut yt = SharedMemory::<V4>::new(comptime!((BD * BK / 4) as usize));
+        let mut ds_s = SharedMemory::<V4>::new(comptime!((BQ * bkv) as usize));
+        let mut kc = SharedMemory::<V4>::new(comptime!((BK * BC / 4) as usize));
+        let mut acc_s = Array::<V4>::new(comptime!((TQ * tkv) as usize));
+        let mut acc_dp = Array::<V4>::new(comptime!((TQ * tkv) as usize));
+        let mut acc = Array::<V4>::new(comptime!((TQ * tcv) as usize));
+        #[unroll]
+        for e in 0..TQ * tcv {
+            acc[e as usize] = V4::new(0.0f32);
+        }
+        // The unit's rows' L and delta (rows past the tile: L = -inf through the flag).
+        let mut lr = Array::<f32>::new(comptime!(TQ as usize));
+        let mut dr = Array::<f32>::new(comptime!(TQ as usize));
+        let mut b = n;
+        let mut base = bos_q;
+        if comptime!(varlen) {
+            b = 0;
+            base = 0;
+        }
         #[unroll]
         for i in 0..TQ {
             let r = ty + i * row_step;
-            let pos = i32::cast_from(i0 + r) + shift;
-            #[unroll]
-            for jv in 0..tkv {
-                let cv = tx + jv * ux;
-                let x = (i * tkv + jv) as usize;
-                let mut ds = V4::new(0.0f32);
-                #[unroll]
-                for e in 0..4u32 {
-                    let j = cv * 4 + e;
-                    let mut ok = j < keys && lr[i as usize] > f32::min_value();
-                    if comptime!(causal) {
-                        ok = ok && i32::cast_from(k0 + j) <= pos;
-                    }
-                    // L = -inf (a row that sees no key) or a masked key: p = 0, where
-                    // the exponential would give inf or 1.
-                    let pe = f32::exp(acc_s[x][e as usize] * scale - lr[i as usize]);
-                    let pv = select(ok, pe, 0.0f32);
-                    ds[e as usize] = pv * (acc_dp[x][e as usize] - dr[i as usize]);
-                }
-                ds_s[(r * bkv + cv) as usize] = ds;
-            }
+            // Rows past the tile (or of an idle cube) read entry 0 and are flagged.
+            let li = select(
+                r < rows,
+                (b * heads + h) * lse_rows + bos_q + i0 + r - base,
+                0u32,
+            ) as usize;
+            lr[i as usize] = select(r < rows, lse_n[li], f32::min_value());
+            dr[i as usize] = delta[li];
         }
-        let cols = select(c0 < dk, min(dk - c0, BC), 0u32);
-        load_tile_v4::<F>(
-            &mut kc,
-            0,
-            k,
-            k_row + k0 * kv_heads * dk + c0,
-            kv_heads * dk,
-            1,
-            keys,
-            cols,
-            BK,
-            BC,
-            units,
-        );
-        sync_cube();
-        reg_tile_mma_v4(&mut acc, &ds_s, 0, &kc, 0, ty, tx, BQ, BC, BK, TQ, tc);
-        sync_cube();
-        k0 += BK;
-    }
-    #[unroll]
-    for i in 0..TQ {
-        let r = ty + i * row_step;
-        let base_out = ((bos_q + i0 + r) * heads + h) * dk + c0;
-        #[unroll]
-        for j in 0..tc {
-            let c = v4_tile_col(tx, j, BC, tc);
-            if r < rows && c0 + c < dk {
-                let value = acc[(i * tcv + j / 4) as usize][(j % 4) as usize] * scale;
-                if comptime!(grad_f32) {
-                    dq32[(base_out + c) as usize] = value;
-                } else {
-                    dq[(base_out + c) as usize] = F::cast_from(value);
-                }
-            }
-        }
-    }
-}
 
-/// dk and dv of one (sequence, key tile of `BKR`, KV head, column tile of `BC` of both):
-/// walks the query heads of the group and the query tiles (of `BQC`) that see the keys.
-#[kiln_macros::kernel(
-    tune(
-        (BKR, BQC, TR, TC) = [(32, 32, 4, 4), (64, 32, 8, 4), (16, 32, 2, 4)],
-        BC = [64, 32, 128],
-        BD = [32]
-    ),
-    require(
-        BC % (4 * (BQC / TC)) == 0,
-        BC <= 32 || dk > BC / 2 || dv > BC / 2,
-        (BKR * BD + BD * BQC + 2 * BKR * BQC + BQC * BC + 2 * BQC) as usize * 4 <= device.max_shared_memory
-    ),
-    key(n_seq = pow2, max_q = pow2, max_k = pow2, heads = pow2, dk = pow2, dv = pow2, dtype),
-    grid = (n_seq * max_k.div_ceil(BKR), heads / group, dk.max(dv).div_ceil(BC)),
-    cube = (BKR / TR) * (BQC / TC),
-    name = "attention_bwd_dkv",
-    defaults(causal = false, varlen = false, grad_f32 = false)
-)]
-pub fn attention_bwd_dkv<F: Float>(
-    q: &Array<F>,
-    k: &Array<F>,
-    v: &Array<F>,
-    d_o: &Array<F>,
-    lse_n: &Array<f32>,
-    delta: &Array<f32>,
-    bounds_q: &Array<u32>,
-    bounds_k: &Array<u32>,
-    dk_out: &mut Array<F>,
-    dv_out: &mut Array<F>,
-    dk32: &mut Array<f32>,
-    dv32: &mut Array<f32>,
-    n_seq: u32,
-    max_q: u32,
-    max_k: u32,
-    heads: u32,
-    group: u32,
-    dk: u32,
-    dv: u32,
-    lse_rows: u32,
-    shift: i32,
-    scale: f32,
-    #[comptime] causal: bool,
-    #[comptime] varlen: bool,
-    #[comptime] grad_f32: bool,
-) {
-    let units = comptime!((BKR / TR) * (BQC / TC));
-    let tiles_per_seq = (max_k + BKR - 1) / BKR;
-    let n = CUBE_POS_X / tiles_per_seq;
-    let j0 = (CUBE_POS_X % tiles_per_seq) * BKR;
-    let hk = CUBE_POS_Y;
-    let c0 = CUBE_POS_Z * BC;
-    let kv_heads = heads / group;
-    let bos_q = bounds_q[n as usize];
-    let sq = min(bounds_q[(n + 1) as usize] - bos_q, max_q);
-    let bos_k = bounds_k[n as usize];
-    let sk = bounds_k[(n + 1) as usize] - bos_k;
-    let keys = select(j0 < sk, min(sk - j0, BKR), 0u32);
-    // The first query that sees key j0: i >= j0 - shift (causal).
-    let mut qmin = 0u32;
-    if comptime!(causal) {
-        let first = i32::cast_from(j0) - shift;
-        qmin = select(first <= 0, 0u32, min(u32::cast_from(max(first, 0)), sq));
-    }
-    let mut qend = sq;
-    if keys == 0 {
-        qend = 0;
-    }
-
-    let ux = comptime!(BQC / TC);
-    let ty = UNIT_POS / ux;
-    let tx = UNIT_POS % ux;
-    let row_step = comptime!(BKR / TR);
-    let tcv_s = comptime!(TC / 4);
-    let bqv = comptime!(BQC / 4);
-    let tc = comptime!(BC / (BQC / TC));
-    let tcv = comptime!(tc / 4);
-    let mut xs = SharedMemory::<V4>::new(comptime!((BKR * BD / 4) as usize));
-    let mut yt = SharedMemory::<V4>::new(comptime!((BD * BQC / 4) as usize));
-    let mut pt = SharedMemory::<V4>::new(comptime!((BKR * bqv) as usize));
-    let mut dst = SharedMemory::<V4>::new(comptime!((BKR * bqv) as usize));
-    let mut yc = SharedMemory::<V4>::new(comptime!((BQC * BC / 4) as usize));
-    let mut lcol = SharedMemory::<f32>::new(comptime!(BQC as usize));
-    let mut dcol = SharedMemory::<f32>::new(comptime!(BQC as usize));
-    let mut acc_s = Array::<V4>::new(comptime!((TR * tcv_s) as usize));
-    let mut acc_dp = Array::<V4>::new(comptime!((TR * tcv_s) as usize));
-    let mut acc_k = Array::<V4>::new(comptime!((TR * tcv) as usize));
-    let mut acc_v = Array::<V4>::new(comptime!((TR * tcv) as usize));
-    #[unroll]
-    for e in 0..TR * tcv {
-        acc_k[e as usize] = V4::new(0.0f32);
-        acc_v[e as usize] = V4::new(0.0f32);
-    }
-    let mut b = n;
-    let mut base = bos_q;
-    if comptime!(varlen) {
-        b = 0;
-        base = 0;
-    }
-    let k_base = ((bos_k + j0) * kv_heads + hk) * dk;
-    let v_base = ((bos_k + j0) * kv_heads + hk) * dv;
-    let dk_cols = select(c0 < dk, min(dk - c0, BC), 0u32);
-    let dv_cols = select(c0 < dv, min(dv - c0, BC), 0u32);
-    for g in 0..group {
-        let h = hk * group + g;
-        let mut i0 = qmin;
-        while i0 < qend {
-            let qs = min(qend - i0, BQC);
-            // The tile's L and delta per query column (read before the first barrier).
-            let mut idx = UNIT_POS;
-            while idx < BQC {
-                let li =
-                    ((b * heads + h) * lse_rows + bos_q + i0 + min(idx, qs - 1) - base) as usize;
-                lcol[idx as usize] = select(idx < qs, lse_n[li], f32::min_value());
-                dcol[idx as usize] = delta[li];
-                idx += units;
-            }
-            let q_base = ((bos_q + i0) * heads + h) * dk;
-            let o_base = ((bos_q + i0) * heads + h) * dv;
+        let q_base = ((bos_q + i0) * heads + h) * dk;
+        let o_base = ((bos_q + i0) * heads + h) * dv;
+        let k_row = (bos_k * kv_heads + hk) * dk;
+        let v_row = (bos_k * kv_heads + hk) * dv;
+        let mut k0 = 0u32;
+        while k0 < kmax {
+            let keys = min(kmax - k0, BK);
             tile_product_nt::<F>(
                 &mut acc_s,
                 &mut xs,
                 &mut yt,
-                k,
-                k_base,
-                kv_heads * dk,
-                keys,
                 q,
                 q_base,
                 heads * dk,
-                qs,
+                rows,
+                k,
+                k_row + k0 * kv_heads * dk,
+                kv_heads * dk,
+                keys,
                 dk,
                 ty,
                 tx,
-                BKR,
-                BQC,
+                BQ,
+                BK,
                 BD,
-                TR,
-                TC,
+                TQ,
+                TK,
                 units,
             );
             tile_product_nt::<F>(
                 &mut acc_dp,
                 &mut xs,
                 &mut yt,
-                v,
-                v_base,
-                kv_heads * dv,
-                keys,
                 d_o,
                 o_base,
                 heads * dv,
-                qs,
+                rows,
+                v,
+                v_row + k0 * kv_heads * dv,
+                kv_heads * dv,
+                keys,
                 dv,
                 ty,
                 tx,
-                BKR,
-                BQC,
+                BQ,
+                BK,
                 BD,
-                TR,
-                TC,
+                TQ,
+                TK,
                 units,
             );
             #[unroll]
-            for i in 0..TR {
+            for i in 0..TQ {
                 let r = ty + i * row_step;
-                let key_pos = i32::cast_from(j0 + r);
+                let pos = i32::cast_from(i0 + r) + shift;
                 #[unroll]
-                for jv in 0..tcv_s {
+                for jv in 0..tkv {
                     let cv = tx + jv * ux;
-                    let x = (i * tcv_s + jv) as usize;
-                    let mut p = V4::new(0.0f32);
+                    let x = (i * tkv + jv) as usize;
                     let mut ds = V4::new(0.0f32);
                     #[unroll]
                     for e in 0..4u32 {
-                        let col = cv * 4 + e;
-                        let mut ok = r < keys && col < qs;
+                        let j = cv * 4 + e;
+                        let mut ok = j < keys && lr[i as usize] > f32::min_value();
                         if comptime!(causal) {
-                            ok = ok && key_pos <= i32::cast_from(i0 + col) + shift;
+                            ok = ok && i32::cast_from(k0 + j) <= pos;
                         }
-                        let l = lcol[col as usize];
-                        let pe = f32::exp(acc_s[x][e as usize] * scale - l);
-                        let pv = select(ok && l > f32::min_value(), pe, 0.0f32);
-                        p[e as usize] = pv;
-                        ds[e as usize] = pv * (acc_dp[x][e as usize] - dcol[col as usize]);
+                        // L = -inf (a row that sees no key) or a masked key: p = 0, where
+                        // the exponential would give inf or 1.
+                        let pe = f32::exp(acc_s[x][e as usize] * scale - lr[i as usize]);
+                        let pv = select(ok, pe, 0.0f32);
+                        ds[e as usize] = pv * (acc_dp[x][e as usize] - dr[i as usize]);
                     }
-                    pt[(r * bqv + cv) as usize] = p;
-                    dst[(r * bqv + cv) as usize] = ds;
+                    ds_s[(r * bkv + cv) as usize] = ds;
                 }
             }
-            // dv += P^T dO, then dk += dS^T Q (the column tile of each).
+            let cols = select(c0 < dk, min(dk - c0, BC), 0u32);
             load_tile_v4::<F>(
-                &mut yc,
+                &mut kc,
                 0,
-                d_o,
-                o_base + c0,
-                heads * dv,
+                k,
+                k_row + k0 * kv_heads * dk + c0,
+                kv_heads * dk,
                 1,
-                qs,
-                dv_cols,
-                BQC,
+                keys,
+                cols,
+                BK,
                 BC,
                 units,
             );
             sync_cube();
-            reg_tile_mma_v4(&mut acc_v, &pt, 0, &yc, 0, ty, tx, BKR, BC, BQC, TR, tc);
+            reg_tile_mma_v4(&mut acc, &ds_s, 0, &kc, 0, ty, tx, BQ, BC, BK, TQ, tc);
             sync_cube();
-            load_tile_v4::<F>(
-                &mut yc,
-                0,
-                q,
-                q_base + c0,
-                heads * dk,
-                1,
-                qs,
-                dk_cols,
-                BQC,
-                BC,
-                units,
-            );
-            sync_cube();
-            reg_tile_mma_v4(&mut acc_k, &dst, 0, &yc, 0, ty, tx, BKR, BC, BQC, TR, tc);
-            sync_cube();
-            i0 += BQC;
+            k0 += BK;
+        }
+        #[unroll]
+        for i in 0..TQ {
+            let r = ty + i * row_step;
+            let base_out = ((bos_q + i0 + r) * heads + h) * dk + c0;
+            #[unroll]
+            for j in 0..tc {
+                let c = v4_tile_col(tx, j, BC, tc);
+                if r < rows && c0 + c < dk {
+                    let value = acc[(i * tcv + j / 4) as usize][(j % 4) as usize] * scale;
+                    if comptime!(grad_f32) {
+                        dq32[(base_out + c) as usize] = value;
+                    } else {
+                        dq[(base_out + c) as usize] = F::cast_from(value);
+                    }
+                }
+            }
         }
     }
-    #[unroll]
-    for i in 0..TR {
-        let r = ty + i * row_step;
-        let kb = ((bos_k + j0 + r) * kv_heads + hk) * dk + c0;
-        let vb = ((bos_k + j0 + r) * kv_heads + hk) * dv + c0;
+}
+
+attention_kernel! {
+    /// dk and dv of one (sequence, key tile of `BKR`, KV head, column tile of `BC` of both):
+    /// walks the query heads of the group and the query tiles (of `BQC`) that see the keys.
+    #[kernel(
+        tune(
+            (BKR, BQC, TR, TC) = [(32, 32, 4, 4), (64, 32, 8, 4), (16, 32, 2, 4)],
+            BC = [64, 32, 128],
+            BD = [32]
+        ),
+        require(
+            BC % (4 * (BQC / TC)) == 0,
+            BC <= 32 || dk > BC / 2 || dv > BC / 2,
+            (BKR * BD + BD * BQC + 2 * BKR * BQC + BQC * BC + 2 * BQC) as usize * 4 <= device.max_shared_memory
+        ),
+        grid = (n_seq * max_k.div_ceil(BKR), heads / group, dk.max(dv).div_ceil(BC)),
+        cube = (BKR / TR) * (BQC / TC),
+        defaults(causal = false, varlen = false, grad_f32 = false),
+    )]
+    attention_bwd_dkv(
+        d_o: &Array<F>,
+        lse_n: &Array<f32>,
+        delta: &Array<f32>,
+        dk_out: &mut Array<F>,
+        dv_out: &mut Array<F>,
+        dk32: &mut Array<f32>,
+        dv32: &mut Array<f32>,
+    )
+    scalars()
+    comptime(
+        #[comptime] grad_f32: bool,
+    )
+    {
+        let units = comptime!((BKR / TR) * (BQC / TC));
+        let tiles_per_seq = (max_k + BKR - 1) / BKR;
+        let n = CUBE_POS_X / tiles_per_seq;
+        let j0 = (CUBE_POS_X % tiles_per_seq) * BKR;
+        let hk = CUBE_POS_Y;
+        let c0 = CUBE_POS_Z * BC;
+        let kv_heads = heads / group;
+        let bos_q = bounds_q[n as usize];
+        let sq = min(bounds_q[(n + 1) as usize] - bos_q, max_q);
+        let bos_k = bounds_k[n as usize];
+        let sk = bounds_k[(n + 1) as usize] - bos_k;
+        let keys = select(j0 < sk, min(sk - j0, BKR), 0u32);
+        // The first query that sees key j0: i >= j0 - shift (causal).
+        let mut qmin = 0u32;
+        if comptime!(causal) {
+            let first = i32::cast_from(j0) - shift;
+            qmin = select(first <= 0, 0u32, min(u32::cast_from(max(first, 0)), sq));
+        }
+        let mut qend = sq;
+        if keys == 0 {
+            qend = 0;
+        }
+
+        let ux = comptime!(BQC / TC);
+        let ty = UNIT_POS / ux;
+        let tx = UNIT_POS % ux;
+        let row_step = comptime!(BKR / TR);
+        let tcv_s = comptime!(TC / 4);
+        let bqv = comptime!(BQC / 4);
+        let tc = comptime!(BC / (BQC / TC));
+        let tcv = comptime!(tc / 4);
+        let mut xs = SharedMemory::<V4>::new(comptime!((BKR * BD / 4) as usize));
+        let mut yt = SharedMemory::<V4>::new(comptime!((BD * BQC / 4) as usize));
+        let mut pt = SharedMemory::<V4>::new(comptime!((BKR * bqv) as usize));
+        let mut dst = SharedMemory::<V4>::new(comptime!((BKR * bqv) as usize));
+        let mut yc = SharedMemory::<V4>::new(comptime!((BQC * BC / 4) as usize));
+        let mut lcol = SharedMemory::<f32>::new(comptime!(BQC as usize));
+        let mut dcol = SharedMemory::<f32>::new(comptime!(BQC as usize));
+        let mut acc_s = Array::<V4>::new(comptime!((TR * tcv_s) as usize));
+        let mut acc_dp = Array::<V4>::new(comptime!((TR * tcv_s) as usize));
+        let mut acc_k = Array::<V4>::new(comptime!((TR * tcv) as usize));
+        let mut acc_v = Array::<V4>::new(comptime!((TR * tcv) as usize));
         #[unroll]
-        for j in 0..tc {
-            let c = v4_tile_col(tx, j, BC, tc);
-            let x = (i * tcv + j / 4) as usize;
-            let gk = acc_k[x][(j % 4) as usize] * scale;
-            let gv = acc_v[x][(j % 4) as usize];
-            if r < keys && c < dk_cols {
-                if comptime!(grad_f32) {
-                    dk32[(kb + c) as usize] = gk;
-                } else {
-                    dk_out[(kb + c) as usize] = F::cast_from(gk);
+        for e in 0..TR * tcv {
+            acc_k[e as usize] = V4::new(0.0f32);
+            acc_v[e as usize] = V4::new(0.0f32);
+        }
+        let mut b = n;
+        let mut base = bos_q;
+        if comptime!(varlen) {
+            b = 0;
+            base = 0;
+        }
+        let k_base = ((bos_k + j0) * kv_heads + hk) * dk;
+        let v_base = ((bos_k + j0) * kv_heads + hk) * dv;
+        let dk_cols = select(c0 < dk, min(dk - c0, BC), 0u32);
+        let dv_cols = select(c0 < dv, min(dv - c0, BC), 0u32);
+        for g in 0..group {
+            let h = hk * group + g;
+            let mut i0 = qmin;
+            while i0 < qend {
+                let qs = min(qend - i0, BQC);
+                // The tile's L and delta per query column (read before the first barrier).
+                let mut idx = UNIT_POS;
+                while idx < BQC {
+                    let li =
+                        ((b * heads + h) * lse_rows + bos_q + i0 + min(idx, qs - 1) - base) as usize;
+                    lcol[idx as usize] = select(idx < qs, lse_n[li], f32::min_value());
+                    dcol[idx as usize] = delta[li];
+                    idx += units;
                 }
+                let q_base = ((bos_q + i0) * heads + h) * dk;
+                let o_base = ((bos_q + i0) * heads + h) * dv;
+                tile_product_nt::<F>(
+                    &mut acc_s,
+                    &mut xs,
+                    &mut yt,
+                    k,
+                    k_base,
+                    kv_heads * dk,
+                    keys,
+                    q,
+                    q_base,
+                    heads * dk,
+                    qs,
+                    dk,
+                    ty,
+                    tx,
+                    BKR,
+                    BQC,
+                    BD,
+                    TR,
+                    TC,
+                    units,
+                );
+                tile_product_nt::<F>(
+                    &mut acc_dp,
+                    &mut xs,
+                    &mut yt,
+                    v,
+                    v_base,
+                    kv_heads * dv,
+                    keys,
+                    d_o,
+                    o_base,
+                    heads * dv,
+                    qs,
+                    dv,
+                    ty,
+                    tx,
+                    BKR,
+                    BQC,
+                    BD,
+                    TR,
+                    TC,
+                    units,
+                );
+                #[unroll]
+                for i in 0..TR {
+                    let r = ty + i * row_step;
+                    let key_pos = i32::cast_from(j0 + r);
+                    #[unroll]
+                    for jv in 0..tcv_s {
+                        let cv = tx + jv * ux;
+                        let x = (i * tcv_s + jv) as usize;
+                        let mut p = V4::new(0.0f32);
+                        let mut ds = V4::new(0.0f32);
+                        #[unroll]
+                        for e in 0..4u32 {
+                            let col = cv * 4 + e;
+                            let mut ok = r < keys && col < qs;
+                            if comptime!(causal) {
+                                ok = ok && key_pos <= i32::cast_from(i0 + col) + shift;
+                            }
+                            let l = lcol[col as usize];
+                            let pe = f32::exp(acc_s[x][e as usize] * scale - l);
+                            let pv = select(ok && l > f32::min_value(), pe, 0.0f32);
+                            p[e as usize] = pv;
+                            ds[e as usize] = pv * (acc_dp[x][e as usize] - dcol[col as usize]);
+                        }
+                        pt[(r * bqv + cv) as usize] = p;
+                        dst[(r * bqv + cv) as usize] = ds;
+                    }
+                }
+                // dv += P^T dO, then dk += dS^T Q (the column tile of each).
+                load_tile_v4::<F>(
+                    &mut yc,
+                    0,
+                    d_o,
+                    o_base + c0,
+                    heads * dv,
+                    1,
+                    qs,
+                    dv_cols,
+                    BQC,
+                    BC,
+                    units,
+                );
+                sync_cube();
+                reg_tile_mma_v4(&mut acc_v, &pt, 0, &yc, 0, ty, tx, BKR, BC, BQC, TR, tc);
+                sync_cube();
+                load_tile_v4::<F>(
+                    &mut yc,
+                    0,
+                    q,
+                    q_base + c0,
+                    heads * dk,
+                    1,
+                    qs,
+                    dk_cols,
+                    BQC,
+                    BC,
+                    units,
+                );
+                sync_cube();
+                reg_tile_mma_v4(&mut acc_k, &dst, 0, &yc, 0, ty, tx, BKR, BC, BQC, TR, tc);
+                sync_cube();
+                i0 += BQC;
             }
-            if r < keys && c < dv_cols {
-                if comptime!(grad_f32) {
-                    dv32[(vb + c) as usize] = gv;
-                } else {
-                    dv_out[(vb + c) as usize] = F::cast_from(gv);
+        }
+        #[unroll]
+        for i in 0..TR {
+            let r = ty + i * row_step;
+            let kb = ((bos_k + j0 + r) * kv_heads + hk) * dk + c0;
+            let vb = ((bos_k + j0 + r) * kv_heads + hk) * dv + c0;
+            #[unroll]
+            for j in 0..tc {
+                let c = v4_tile_col(tx, j, BC, tc);
+                let x = (i * tcv + j / 4) as usize;
+                let gk = acc_k[x][(j % 4) as usize] * scale;
+                let gv = acc_v[x][(j % 4) as usize];
+                if r < keys && c < dk_cols {
+                    if comptime!(grad_f32) {
+                        dk32[(kb + c) as usize] = gk;
+                    } else {
+                        dk_out[(kb + c) as usize] = F::cast_from(gk);
+                    }
+                }
+                if r < keys && c < dv_cols {
+                    if comptime!(grad_f32) {
+                        dv32[(vb + c) as usize] = gv;
+                    } else {
+                        dv_out[(vb + c) as usize] = F::cast_from(gv);
+                    }
                 }
             }
         }

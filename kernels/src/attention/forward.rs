@@ -8,6 +8,7 @@
 //! Causal cubes stop at the last key their last row sees.
 
 use super::problem::{check, Problem};
+use super::tile::query_tile;
 use super::*;
 use crate::launch::absent;
 use cubecl::prelude::*;
@@ -56,283 +57,238 @@ pub(super) fn forward_into(
     AttentionFwd::tuned(
         client,
         TOLERANCE,
-        &AttentionFwdArgs {
-            q: inp.q,
-            k: inp.k,
-            v: inp.v,
-            bounds_q: &bounds_q,
-            bounds_k: &bounds_k,
+        &attention_args!(AttentionFwdArgs, inp, p, &bounds_q, &bounds_k, {
             out: o,
             out32: o32,
             lse,
-            n_seq: p.n_seq() as u32,
-            max_q: Problem::longest(&p.bounds_q) as u32,
-            max_k: Problem::longest(&p.bounds_k) as u32,
-            heads: p.heads as u32,
-            group: (p.heads / p.kv_heads) as u32,
-            dk: p.dk as u32,
-            dv: p.dv as u32,
-            lse_rows: p.sq as u32,
-            shift: p.shift as i32,
-            scale: p.score_scale(),
             temperature: p.temperature as f32,
             log_lse_scale: p.lse_scale.ln() as f32,
-            causal: p.causal,
             out_f32,
-            varlen: p.varlen,
-        },
+        }),
     )?;
     Ok(())
 }
 
-/// Attention forward with log-sum-exp; see the module docs. Inputs token-major (`q`
-/// row `t` at `(t H + h) D`, `k`/`v` at `(t Hkv + h / group) D`), sequence `n` spans
-/// query rows `bounds_q[n]..bounds_q[n + 1]` and keys `bounds_k[n]..bounds_k[n + 1]`.
-/// Query `i` sees key `j` (positions within the sequence) iff `!causal || j <= i +
-/// shift`. Masked keys score the lowest finite f32 (WGSL has no infinity
-/// literal), which is also the running max before any key. `scale` is `scale / T`; `lse = T (m + ln l) + log_lse_scale`. `out` is
-/// written in F, or in f32 to `out32` when `out_f32`.
-#[kiln_macros::kernel(
-    tune(
-        (BQ, BK, TQ, TK) = [(32, 32, 4, 4), (64, 32, 8, 4), (16, 32, 2, 4)],
-        BV = [64, 32, 128],
-        BD = [32]
-    ),
-    require(
-        BV % (4 * (BK / TK)) == 0,
-        BK / TK >= TQ,
-        BV <= 32 || dv > BV / 2,
-        (BQ * BD + BD * BK + BQ * BK + BK * BV + 2 * BQ) as usize * 4 <= device.max_shared_memory
-    ),
-    key(n_seq = pow2, max_q = pow2, max_k = pow2, heads = pow2, dk = pow2, dv = pow2, dtype),
-    grid = (n_seq * max_q.div_ceil(BQ), heads, dv.div_ceil(BV)),
-    cube = (BQ / TQ) * (BK / TK),
-    name = "attention_fwd",
-    defaults(causal = false, out_f32 = false, varlen = false)
-)]
-pub fn attention_fwd<F: Float>(
-    q: &Array<F>,
-    k: &Array<F>,
-    v: &Array<F>,
-    bounds_q: &Array<u32>,
-    bounds_k: &Array<u32>,
-    out: &mut Array<F>,
-    out32: &mut Array<f32>,
-    lse: &mut Array<f32>,
-    n_seq: u32,
-    max_q: u32,
-    max_k: u32,
-    heads: u32,
-    group: u32,
-    dk: u32,
-    dv: u32,
-    lse_rows: u32,
-    shift: i32,
-    scale: f32,
-    temperature: f32,
-    log_lse_scale: f32,
-    #[comptime] causal: bool,
-    #[comptime] out_f32: bool,
-    #[comptime] varlen: bool,
-) {
-    let units = comptime!((BQ / TQ) * (BK / TK));
-    let tiles_per_seq = (max_q + BQ - 1) / BQ;
-    let lowest = f32::min_value();
-    let n = CUBE_POS_X / tiles_per_seq;
-    let i0 = (CUBE_POS_X % tiles_per_seq) * BQ;
-    let h = CUBE_POS_Y;
-    let v0 = CUBE_POS_Z * BV;
-    let hk = h / group;
-    let bos_q = bounds_q[n as usize];
-    let sq = bounds_q[(n + 1) as usize] - bos_q;
-    let bos_k = bounds_k[n as usize];
-    let sk = min(bounds_k[(n + 1) as usize] - bos_k, max_k);
-    let kv_heads = heads / group;
-    // Cubes past the end of a shorter sequence have no rows (uniform per cube).
-    let rows = select(i0 < sq, min(sq - i0, BQ), 0u32);
+attention_kernel! {
+    /// Attention forward with log-sum-exp; see the module docs. Inputs token-major (`q`
+    /// row `t` at `(t H + h) D`, `k`/`v` at `(t Hkv + h / group) D`), sequence `n` spans
+    /// query rows `bounds_q[n]..bounds_q[n + 1]` and keys `bounds_k[n]..bounds_k[n + 1]`.
+    /// Query `i` sees key `j` (positions within the sequence) iff `!causal || j <= i +
+    /// shift`. Masked keys score the lowest finite f32 (WGSL has no infinity literal),
+    /// which is also the running max before any key. `scale` is `scale / T`; `lse = T (m
+    /// + ln l) + log_lse_scale`. `out` is written in F, or in f32 to `out32` when
+    /// `out_f32`.
+    #[kernel(
+        tune(
+            (BQ, BK, TQ, TK) = [(32, 32, 4, 4), (64, 32, 8, 4), (16, 32, 2, 4)],
+            BV = [64, 32, 128],
+            BD = [32]
+        ),
+        require(
+            BV % (4 * (BK / TK)) == 0,
+            BK / TK >= TQ,
+            BV <= 32 || dv > BV / 2,
+            (BQ * BD + BD * BK + BQ * BK + BK * BV + 2 * BQ) as usize * 4 <= device.max_shared_memory
+        ),
+        grid = (n_seq * max_q.div_ceil(BQ), heads, dv.div_ceil(BV)),
+        cube = (BQ / TQ) * (BK / TK),
+        defaults(causal = false, out_f32 = false, varlen = false),
+    )]
+    attention_fwd(
+        out: &mut Array<F>,
+        out32: &mut Array<f32>,
+        lse: &mut Array<f32>,
+    )
+    scalars(
+        temperature: f32,
+        log_lse_scale: f32,
+    )
+    comptime(
+        #[comptime] out_f32: bool,
+    )
+    {
+        let units = comptime!((BQ / TQ) * (BK / TK));
+        let lowest = f32::min_value();
+        let tile = query_tile(bounds_q, bounds_k, max_q, max_k, group, shift, BQ, causal);
+        let (n, i0, h, hk) = (tile.n, tile.i0, tile.h, tile.hk);
+        let (bos_q, sq, bos_k, sk) = (tile.bos_q, tile.sq, tile.bos_k, tile.sk);
+        let (rows, kmax) = (tile.rows, tile.kmax);
+        let kv_heads = heads / group;
+        let v0 = CUBE_POS_Z * BV;
 
-    // Keys the cube's last row sees: all of them, or up to `i_last + shift` (causal).
-    let mut kmax = sk;
-    if comptime!(causal) {
-        let seen = i32::cast_from(i0 + max(rows, 1) - 1) + shift + 1;
-        kmax = select(seen <= 0, 0u32, min(u32::cast_from(max(seen, 0)), sk));
-    }
-    if rows == 0 {
-        kmax = 0;
-    }
+        let bdv = comptime!(BD / 4);
+        let bkv = comptime!(BK / 4);
+        let bvv = comptime!(BV / 4);
+        let mut qs = SharedMemory::<V4>::new(comptime!((BQ * bdv) as usize));
+        let mut kt = SharedMemory::<V4>::new(comptime!((BD * bkv) as usize));
+        let mut ps = SharedMemory::<V4>::new(comptime!((BQ * bkv) as usize));
+        let mut vs = SharedMemory::<V4>::new(comptime!((BK * bvv) as usize));
+        // Per row: the rescale factor of the current tile, then the final denominator.
+        let mut stat = SharedMemory::<f32>::new(comptime!(BQ as usize));
 
-    let bdv = comptime!(BD / 4);
-    let bkv = comptime!(BK / 4);
-    let bvv = comptime!(BV / 4);
-    let mut qs = SharedMemory::<V4>::new(comptime!((BQ * bdv) as usize));
-    let mut kt = SharedMemory::<V4>::new(comptime!((BD * bkv) as usize));
-    let mut ps = SharedMemory::<V4>::new(comptime!((BQ * bkv) as usize));
-    let mut vs = SharedMemory::<V4>::new(comptime!((BK * bvv) as usize));
-    // Per row: the rescale factor of the current tile, then the final denominator.
-    let mut stat = SharedMemory::<f32>::new(comptime!(BQ as usize));
+        let ux = comptime!(BK / TK);
+        let ty = UNIT_POS / ux;
+        let tx = UNIT_POS % ux;
+        let row_step = comptime!(BQ / TQ);
+        let tkv = comptime!(TK / 4);
+        let tv = comptime!(BV / (BK / TK));
+        let tvv = comptime!(tv / 4);
+        let mut acc_s = Array::<V4>::new(comptime!((TQ * tkv) as usize));
+        let mut acc_o = Array::<V4>::new(comptime!((TQ * tvv) as usize));
+        let zero = V4::new(0.0f32);
+        #[unroll]
+        for e in 0..TQ * tvv {
+            acc_o[e as usize] = zero;
+        }
+        // The running (max, sum) of row UNIT_POS (< BQ), kept by that unit.
+        let mut m_run = lowest;
+        let mut l_run = 0.0f32;
 
-    let ux = comptime!(BK / TK);
-    let ty = UNIT_POS / ux;
-    let tx = UNIT_POS % ux;
-    let row_step = comptime!(BQ / TQ);
-    let tkv = comptime!(TK / 4);
-    let tv = comptime!(BV / (BK / TK));
-    let tvv = comptime!(tv / 4);
-    let mut acc_s = Array::<V4>::new(comptime!((TQ * tkv) as usize));
-    let mut acc_o = Array::<V4>::new(comptime!((TQ * tvv) as usize));
-    let zero = V4::new(0.0f32);
-    #[unroll]
-    for e in 0..TQ * tvv {
-        acc_o[e as usize] = zero;
-    }
-    // The running (max, sum) of row UNIT_POS (< BQ), kept by that unit.
-    let mut m_run = lowest;
-    let mut l_run = 0.0f32;
+        let q_base = ((bos_q + i0) * heads + h) * dk;
+        let k_base = (bos_k * kv_heads + hk) * dk;
+        let v_base = (bos_k * kv_heads + hk) * dv + v0;
+        let mut k0 = 0u32;
+        while k0 < kmax {
+            let keys = min(kmax - k0, BK);
+            // 1. S = Q K^T over depth chunks (K staged transposed: depth rows, key columns).
+            tile_product_nt::<F>(
+                &mut acc_s,
+                &mut qs,
+                &mut kt,
+                q,
+                q_base,
+                heads * dk,
+                rows,
+                k,
+                k_base + k0 * kv_heads * dk,
+                kv_heads * dk,
+                keys,
+                dk,
+                ty,
+                tx,
+                BQ,
+                BK,
+                BD,
+                TQ,
+                TK,
+                units,
+            );
+            // 2. Scaled, masked scores into `ps`; stage the V tile.
+            #[unroll]
+            for i in 0..TQ {
+                let r = ty + i * row_step;
+                let pos = i32::cast_from(i0 + r) + shift;
+                #[unroll]
+                for jv in 0..tkv {
+                    let cv = tx + jv * ux;
+                    let mut s = acc_s[(i * tkv + jv) as usize] * V4::new(scale);
+                    #[unroll]
+                    for e in 0..4u32 {
+                        let j = cv * 4 + e;
+                        let mut seen = j < keys;
+                        if comptime!(causal) {
+                            seen = seen && i32::cast_from(k0 + j) <= pos;
+                        }
+                        s[e as usize] = select(seen, s[e as usize], lowest);
+                    }
+                    ps[(r * bkv + cv) as usize] = s;
+                }
+            }
+            let cols = select(v0 < dv, min(dv - v0, BV), 0u32);
+            load_tile_v4::<F>(
+                &mut vs,
+                0,
+                v,
+                v_base + k0 * kv_heads * dv,
+                kv_heads * dv,
+                1,
+                keys,
+                cols,
+                BK,
+                BV,
+                units,
+            );
+            sync_cube();
+            // 3. Online softmax: unit r owns row r. Masked scores (lowest) give p = 0, also
+            //    while the row has seen nothing else (m = lowest, where exp(0) would be 1).
+            //    A NaN score gives NaN p, so l and the row become NaN, as in PyTorch
+            //    (`max` may drop NaN, the exponential and the sum do not).
+            if UNIT_POS < BQ {
+                let r = UNIT_POS;
+                let mut tmax = lowest;
+                for jv in 0..bkv {
+                    let s = ps[(r * bkv + jv) as usize];
+                    #[unroll]
+                    for e in 0..4u32 {
+                        tmax = max(tmax, s[e as usize]);
+                    }
+                }
+                let m_new = max(m_run, tmax);
+                let alpha = f32::exp(m_run - m_new);
+                let mut sum = 0.0f32;
+                for jv in 0..bkv {
+                    let s = ps[(r * bkv + jv) as usize];
+                    let mut pv = V4::exp(s - V4::new(m_new));
+                    #[unroll]
+                    for e in 0..4u32 {
+                        // Masked keys hold exactly `lowest`; NaN scores are kept (as NaN p).
+                        pv[e as usize] = select(s[e as usize] == lowest, 0.0f32, pv[e as usize]);
+                        sum += pv[e as usize];
+                    }
+                    ps[(r * bkv + jv) as usize] = pv;
+                }
+                l_run = l_run * alpha + sum;
+                m_run = m_new;
+                stat[r as usize] = alpha;
+            }
+            sync_cube();
+            // 4. O = alpha O + P V.
+            #[unroll]
+            for i in 0..TQ {
+                let alpha = V4::new(stat[(ty + i * row_step) as usize]);
+                #[unroll]
+                for jv in 0..tvv {
+                    let x = (i * tvv + jv) as usize;
+                    acc_o[x] = acc_o[x] * alpha;
+                }
+            }
+            reg_tile_mma_v4(&mut acc_o, &ps, 0, &vs, 0, ty, tx, BQ, BV, BK, TQ, tv);
+            k0 += BK;
+        }
 
-    let q_base = ((bos_q + i0) * heads + h) * dk;
-    let k_base = (bos_k * kv_heads + hk) * dk;
-    let v_base = (bos_k * kv_heads + hk) * dv + v0;
-    let mut k0 = 0u32;
-    while k0 < kmax {
-        let keys = min(kmax - k0, BK);
-        // 1. S = Q K^T over depth chunks (K staged transposed: depth rows, key columns).
-        tile_product_nt::<F>(
-            &mut acc_s,
-            &mut qs,
-            &mut kt,
-            q,
-            q_base,
-            heads * dk,
-            rows,
-            k,
-            k_base + k0 * kv_heads * dk,
-            kv_heads * dk,
-            keys,
-            dk,
-            ty,
-            tx,
-            BQ,
-            BK,
-            BD,
-            TQ,
-            TK,
-            units,
-        );
-        // 2. Scaled, masked scores into `ps`; stage the V tile.
+        // The row's log-sum-exp and denominator (an empty row: l = 0, lse = -inf through
+        // ln(0), and 1 as the denominator of an all-zero accumulator).
+        if UNIT_POS < BQ {
+            let r = UNIT_POS;
+            stat[r as usize] = select(l_run == 0.0, 1.0f32, l_run);
+            if CUBE_POS_Z == 0 && r < rows {
+                let t = bos_q + i0 + r;
+                let mut b = n;
+                let mut base = bos_q;
+                if comptime!(varlen) {
+                    b = 0;
+                    base = 0;
+                }
+                lse[((b * heads + h) * lse_rows + t - base) as usize] =
+                    temperature * (m_run + f32::ln(l_run)) + log_lse_scale;
+            }
+        }
+        sync_cube();
         #[unroll]
         for i in 0..TQ {
             let r = ty + i * row_step;
-            let pos = i32::cast_from(i0 + r) + shift;
+            let denom = stat[r as usize];
+            let o_base = ((bos_q + i0 + r) * heads + h) * dv + v0;
             #[unroll]
-            for jv in 0..tkv {
-                let cv = tx + jv * ux;
-                let mut s = acc_s[(i * tkv + jv) as usize] * V4::new(scale);
-                #[unroll]
-                for e in 0..4u32 {
-                    let j = cv * 4 + e;
-                    let mut seen = j < keys;
-                    if comptime!(causal) {
-                        seen = seen && i32::cast_from(k0 + j) <= pos;
+            for j in 0..tv {
+                let c = v4_tile_col(tx, j, BV, tv);
+                if r < rows && v0 + c < dv {
+                    let value = acc_o[(i * tvv + j / 4) as usize][(j % 4) as usize] / denom;
+                    if comptime!(out_f32) {
+                        out32[(o_base + c) as usize] = value;
+                    } else {
+                        out[(o_base + c) as usize] = F::cast_from(value);
                     }
-                    s[e as usize] = select(seen, s[e as usize], lowest);
-                }
-                ps[(r * bkv + cv) as usize] = s;
-            }
-        }
-        let cols = select(v0 < dv, min(dv - v0, BV), 0u32);
-        load_tile_v4::<F>(
-            &mut vs,
-            0,
-            v,
-            v_base + k0 * kv_heads * dv,
-            kv_heads * dv,
-            1,
-            keys,
-            cols,
-            BK,
-            BV,
-            units,
-        );
-        sync_cube();
-        // 3. Online softmax: unit r owns row r. Masked scores (lowest) give p = 0, also
-        //    while the row has seen nothing else (m = lowest, where exp(0) would be 1).
-        //    A NaN score gives NaN p, so l and the row become NaN, as in PyTorch
-        //    (`max` may drop NaN, the exponential and the sum do not).
-        if UNIT_POS < BQ {
-            let r = UNIT_POS;
-            let mut tmax = lowest;
-            for jv in 0..bkv {
-                let s = ps[(r * bkv + jv) as usize];
-                #[unroll]
-                for e in 0..4u32 {
-                    tmax = max(tmax, s[e as usize]);
-                }
-            }
-            let m_new = max(m_run, tmax);
-            let alpha = f32::exp(m_run - m_new);
-            let mut sum = 0.0f32;
-            for jv in 0..bkv {
-                let s = ps[(r * bkv + jv) as usize];
-                let mut pv = V4::exp(s - V4::new(m_new));
-                #[unroll]
-                for e in 0..4u32 {
-                    // Masked keys hold exactly `lowest`; NaN scores are kept (as NaN p).
-                    pv[e as usize] = select(s[e as usize] == lowest, 0.0f32, pv[e as usize]);
-                    sum += pv[e as usize];
-                }
-                ps[(r * bkv + jv) as usize] = pv;
-            }
-            l_run = l_run * alpha + sum;
-            m_run = m_new;
-            stat[r as usize] = alpha;
-        }
-        sync_cube();
-        // 4. O = alpha O + P V.
-        #[unroll]
-        for i in 0..TQ {
-            let alpha = V4::new(stat[(ty + i * row_step) as usize]);
-            #[unroll]
-            for jv in 0..tvv {
-                let x = (i * tvv + jv) as usize;
-                acc_o[x] = acc_o[x] * alpha;
-            }
-        }
-        reg_tile_mma_v4(&mut acc_o, &ps, 0, &vs, 0, ty, tx, BQ, BV, BK, TQ, tv);
-        k0 += BK;
-    }
-
-    // The row's log-sum-exp and denominator (an empty row: l = 0, lse = -inf through
-    // ln(0), and 1 as the denominator of an all-zero accumulator).
-    if UNIT_POS < BQ {
-        let r = UNIT_POS;
-        stat[r as usize] = select(l_run == 0.0, 1.0f32, l_run);
-        if CUBE_POS_Z == 0 && r < rows {
-            let t = bos_q + i0 + r;
-            let mut b = n;
-            let mut base = bos_q;
-            if comptime!(varlen) {
-                b = 0;
-                base = 0;
-            }
-            lse[((b * heads + h) * lse_rows + t - base) as usize] =
-                temperature * (m_run + f32::ln(l_run)) + log_lse_scale;
-        }
-    }
-    sync_cube();
-    #[unroll]
-    for i in 0..TQ {
-        let r = ty + i * row_step;
-        let denom = stat[r as usize];
-        let o_base = ((bos_q + i0 + r) * heads + h) * dv + v0;
-        #[unroll]
-        for j in 0..tv {
-            let c = v4_tile_col(tx, j, BV, tv);
-            if r < rows && v0 + c < dv {
-                let value = acc_o[(i * tvv + j / 4) as usize][(j % 4) as usize] / denom;
-                if comptime!(out_f32) {
-                    out32[(o_base + c) as usize] = value;
-                } else {
-                    out[(o_base + c) as usize] = F::cast_from(value);
                 }
             }
         }

@@ -72,7 +72,7 @@ pub fn attention_merge(
 #[kiln_macros::kernel(
     tune(UNITS = [64]),
     key(rows = pow2, dv = pow2, dtype),
-    grid = (rows.div_ceil(UNITS).min(65_535), rows.div_ceil(UNITS).div_ceil(65_535)),
+    grid = cubes(rows.div_ceil(UNITS)),
     cube = UNITS,
     name = "attention_merge"
 )]

@@ -20,6 +20,8 @@
 //! - [`attention_merge`]: `out = out_a - sigmoid(lse_b - lse_a) (out_a - out_b)`,
 //!   `lse = lse_a - logsigmoid(lse_a - lse_b)`, in place on `out_a` / `lse_a`.
 
+#[macro_use]
+mod tile;
 mod backward;
 mod forward;
 mod merge;

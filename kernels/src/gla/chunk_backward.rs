@@ -19,7 +19,6 @@ use kiln_dsl::{load_tile, reg_tile_mma};
     key(n_chunks = pow2, heads = pow2, dk = pow2, dv = pow2, dtype),
     grid = (n_chunks, heads, dk.div_ceil(BK)),
     cube = (chunk / 4) * (BK / 4),
-    name = "gla_bwd_dqk",
     domain(chunk = [16, 32, 64]),
     defaults(chunk = 64)
 )]
@@ -238,7 +237,6 @@ pub fn gla_bwd_dqk<F: Float>(
     key(dk = pow2, dtype),
     grid = (n_seq * heads, dk.div_ceil(UNITS)),
     cube = UNITS,
-    name = "gla_bwd_dg"
 )]
 pub fn gla_bwd_dg<F: Float>(
     dgt: &Array<f32>,

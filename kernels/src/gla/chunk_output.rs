@@ -22,7 +22,6 @@ use kiln_dsl::{load_tile_v4, reg_tile_mma_v4, v4_tile_col, V4};
     key(n_chunks = pow2, heads = pow2, dd = pow2, dtype),
     grid = (n_chunks, heads),
     cube = (chunk / 4) * (chunk / 4),
-    name = "gla_scores",
     domain(chunk = [16, 32, 64]),
     defaults(chunk = 64, decay = true)
 )]
@@ -240,7 +239,6 @@ pub fn gla_scores<F: Float>(
     key(n_chunks = pow2, heads = pow2, dk = pow2, dv = pow2, dtype),
     grid = (n_chunks, heads, dv.div_ceil(BV)),
     cube = (chunk / TT) * (BV / TT),
-    name = "gla_chunk_out",
     domain(chunk = [16, 32, 64]),
     defaults(chunk = 64)
 )]

@@ -24,7 +24,6 @@ use kiln_dsl::{floor_log_gate, load_tile_v4, reg_tile_mma_v4, v4_tile_col, V4};
     key(dk = pow2, dtype),
     grid = (n_chunks, heads),
     cube = UNITS,
-    name = "gla_cumsum"
 )]
 pub fn gla_cumsum<F: Float>(
     g: &Array<F>,
@@ -64,7 +63,6 @@ pub fn gla_cumsum<F: Float>(
     key(n_seq = pow2, heads = pow2, dk = pow2, dv = pow2, dtype),
     grid = (n_seq * heads, dk.div_ceil(BK), dv.div_ceil(BV)),
     cube = (BK / TT) * (BV / TT),
-    name = "gla_state_pass",
     // On CUDA, keep a quarter of an SM's threads resident: the 8 x 8 register tiles
     // (212-251 registers, 8-32 units a cube) are dropped there by kernels/cuda-budget.txt.
     occupancy = 0.25,

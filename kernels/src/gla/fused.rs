@@ -49,7 +49,6 @@ pub fn fused_arena_vectors(kp: u32, bv: u32) -> u32 {
     key(n_seq = pow2, heads = pow2, dk = pow2, dv = pow2, dtype),
     grid = (n_seq * heads, dv.div_ceil(BV)),
     cube = 16,
-    name = "gla_fused_fwd",
     domain(kp = [16, 32, 48, 64, 80, 96, 112, 128]),
     defaults(kp = 64)
 )]

@@ -40,7 +40,6 @@ kiln_runtime::comptime_enum! {
     key(n_seq = pow2, dtype),
     grid = (n_seq * heads, dv.div_ceil(BV)),
     cube = (BV, KG),
-    name = "gla_recurrent",
     // A unit keeps ceil(dk / KG) state rows in registers.
     domain(dk = 1..=1024, dv = 1..=1024),
     defaults(dk = 64, dv = 64)
@@ -169,7 +168,7 @@ pub fn gla_recurrent<F: Float>(
 /// recurrent kernels read them.
 #[kiln_macros::kernel(
     tune(UNITS = [256]),
-    grid = (len.div_ceil(UNITS).min(65_535), len.div_ceil(UNITS).div_ceil(65_535)),
+    grid = cubes(len.div_ceil(UNITS)),
     cube = UNITS,
     name = "gla_upcast"
 )]

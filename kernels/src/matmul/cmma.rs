@@ -17,146 +17,133 @@ use kiln_dsl::{cmma_mma_32x32, cmma_zero_accumulator};
 /// Fragment edge (m = n = k = 16, the shape every tensor-core generation has).
 const FRAG: u32 = 16;
 
-/// `c = epilogue(a @ b)` on tensor cores.
-#[kiln_macros::kernel(
-    tune(PLANES_M = [2, 1], PLANES_N = [2, 1]),
-    require(device.has(Capability::TensorCores), device.plane_size.0 == 32),
-    key(m = pow2, n = pow2, k = pow2, dtype),
-    grid = (n.div_ceil(32 * PLANES_N), m.div_ceil(32 * PLANES_M)),
-    cube = (32, PLANES_M * PLANES_N),
-    name = "matmul_cmma",
-    // wmma has no 16x16x16 f32 fragment (f32 would need tf32 16x16x8 ones): refused.
-    dtypes = [f16, bf16]
-)]
-pub fn matmul_cmma<F: Float>(
-    a: &Array<F>,
-    b: &Array<F>,
-    bias: &Array<F>,
-    residual: &Array<F>,
-    c: &mut Array<F>,
-    m: u32,
-    n: u32,
-    k: u32,
-    #[comptime] trans_b: bool,
-    #[comptime] has_bias: bool,
-    #[comptime] has_residual: bool,
-    #[comptime] act: Activation,
-) {
-    let bm = comptime!(32 * PLANES_M);
-    let bn = comptime!(32 * PLANES_N);
-    let units = comptime!(32 * PLANES_M * PLANES_N);
-    let plane = UNIT_POS_Y;
-    let pr = plane / PLANES_N;
-    let pc = plane % PLANES_N;
-    let row0 = CUBE_POS_Y * bm;
-    let col0 = CUBE_POS_X * bn;
+matmul_kernel! {
+    /// `c = epilogue(a @ b)` on tensor cores.
+    #[kernel(
+        tune(PLANES_M = [2, 1], PLANES_N = [2, 1]),
+        require(device.has(Capability::TensorCores), device.plane_size.0 == 32),
+        grid = (n.div_ceil(32 * PLANES_N), m.div_ceil(32 * PLANES_M)),
+        cube = (32, PLANES_M * PLANES_N),
+        // wmma has no 16x16x16 f32 fragment (f32 would need tf32 16x16x8 ones): refused.
+        dtypes = [f16, bf16],
+    )]
+    matmul_cmma<[F]> {
+        let bm = comptime!(32 * PLANES_M);
+        let bn = comptime!(32 * PLANES_N);
+        let units = comptime!(32 * PLANES_M * PLANES_N);
+        let plane = UNIT_POS_Y;
+        let pr = plane / PLANES_N;
+        let pc = plane % PLANES_N;
+        let row0 = CUBE_POS_Y * bm;
+        let col0 = CUBE_POS_X * bn;
 
-    // a's slice row-major [bm][16], b's row-major [16][bn].
-    let mut a_s = SharedMemory::<F>::new(comptime!((bm * FRAG) as usize));
-    let mut b_s = SharedMemory::<F>::new(comptime!((FRAG * bn) as usize));
-    let c00 = cmma_zero_accumulator();
-    let c01 = cmma_zero_accumulator();
-    let c10 = cmma_zero_accumulator();
-    let c11 = cmma_zero_accumulator();
+        // a's slice row-major [bm][16], b's row-major [16][bn].
+        let mut a_s = SharedMemory::<F>::new(comptime!((bm * FRAG) as usize));
+        let mut b_s = SharedMemory::<F>::new(comptime!((FRAG * bn) as usize));
+        let c00 = cmma_zero_accumulator();
+        let c01 = cmma_zero_accumulator();
+        let c10 = cmma_zero_accumulator();
+        let c11 = cmma_zero_accumulator();
 
-    let mut k0 = 0u32;
-    while k0 < k {
-        let mut idx = UNIT_POS;
-        while idx < comptime!(bm * FRAG) {
-            let r = idx / FRAG;
-            let kk = idx % FRAG;
-            let mut v = F::cast_from(0.0f32);
-            if row0 + r < m && k0 + kk < k {
-                v = a[((row0 + r) * k + k0 + kk) as usize];
-            }
-            a_s[idx as usize] = v;
-            idx += units;
-        }
-        let mut idx = UNIT_POS;
-        while idx < comptime!(FRAG * bn) {
-            let mut v = F::cast_from(0.0f32);
-            if comptime!(trans_b) {
-                let cc = idx / FRAG;
+        let mut k0 = 0u32;
+        while k0 < k {
+            let mut idx = UNIT_POS;
+            while idx < comptime!(bm * FRAG) {
+                let r = idx / FRAG;
                 let kk = idx % FRAG;
-                if col0 + cc < n && k0 + kk < k {
-                    v = b[((col0 + cc) * k + k0 + kk) as usize];
+                let mut v = F::cast_from(0.0f32);
+                if row0 + r < m && k0 + kk < k {
+                    v = a[((row0 + r) * k + k0 + kk) as usize];
                 }
-                b_s[(kk * bn + cc) as usize] = v;
-            } else {
-                let kk = idx / bn;
-                let cc = idx % bn;
-                if col0 + cc < n && k0 + kk < k {
-                    v = b[((k0 + kk) * n + col0 + cc) as usize];
-                }
-                b_s[idx as usize] = v;
+                a_s[idx as usize] = v;
+                idx += units;
             }
-            idx += units;
+            let mut idx = UNIT_POS;
+            while idx < comptime!(FRAG * bn) {
+                let mut v = F::cast_from(0.0f32);
+                if comptime!(trans_b) {
+                    let cc = idx / FRAG;
+                    let kk = idx % FRAG;
+                    if col0 + cc < n && k0 + kk < k {
+                        v = b[((col0 + cc) * k + k0 + kk) as usize];
+                    }
+                    b_s[(kk * bn + cc) as usize] = v;
+                } else {
+                    let kk = idx / bn;
+                    let cc = idx % bn;
+                    if col0 + cc < n && k0 + kk < k {
+                        v = b[((k0 + kk) * n + col0 + cc) as usize];
+                    }
+                    b_s[idx as usize] = v;
+                }
+                idx += units;
+            }
+            sync_cube();
+            cmma_mma_32x32::<F>(
+                &c00,
+                &c01,
+                &c10,
+                &c11,
+                &a_s,
+                pr * 32 * FRAG,
+                &b_s,
+                pc * 32,
+                bn,
+            );
+            sync_cube();
+            k0 += FRAG;
         }
-        sync_cube();
-        cmma_mma_32x32::<F>(
+
+        // Accumulators to shared memory, then the epilogue over the whole tile.
+        let mut c_s = SharedMemory::<f32>::new(comptime!((bm * bn) as usize));
+        let base = pr * 32 * bn + pc * 32;
+        cmma::store(
+            &mut c_s.slice_mut(base as usize, (base + 15 * bn + 16) as usize),
             &c00,
-            &c01,
-            &c10,
-            &c11,
-            &a_s,
-            pr * 32 * FRAG,
-            &b_s,
-            pc * 32,
             bn,
+            cmma::MatrixLayout::RowMajor,
+        );
+        cmma::store(
+            &mut c_s.slice_mut((base + 16) as usize, (base + 15 * bn + 32) as usize),
+            &c01,
+            bn,
+            cmma::MatrixLayout::RowMajor,
+        );
+        cmma::store(
+            &mut c_s.slice_mut((base + 16 * bn) as usize, (base + 31 * bn + 16) as usize),
+            &c10,
+            bn,
+            cmma::MatrixLayout::RowMajor,
+        );
+        cmma::store(
+            &mut c_s.slice_mut(
+                (base + 16 * bn + 16) as usize,
+                (base + 31 * bn + 32) as usize,
+            ),
+            &c11,
+            bn,
+            cmma::MatrixLayout::RowMajor,
         );
         sync_cube();
-        k0 += FRAG;
-    }
-
-    // Accumulators to shared memory, then the epilogue over the whole tile.
-    let mut c_s = SharedMemory::<f32>::new(comptime!((bm * bn) as usize));
-    let base = pr * 32 * bn + pc * 32;
-    cmma::store(
-        &mut c_s.slice_mut(base as usize, (base + 15 * bn + 16) as usize),
-        &c00,
-        bn,
-        cmma::MatrixLayout::RowMajor,
-    );
-    cmma::store(
-        &mut c_s.slice_mut((base + 16) as usize, (base + 15 * bn + 32) as usize),
-        &c01,
-        bn,
-        cmma::MatrixLayout::RowMajor,
-    );
-    cmma::store(
-        &mut c_s.slice_mut((base + 16 * bn) as usize, (base + 31 * bn + 16) as usize),
-        &c10,
-        bn,
-        cmma::MatrixLayout::RowMajor,
-    );
-    cmma::store(
-        &mut c_s.slice_mut(
-            (base + 16 * bn + 16) as usize,
-            (base + 31 * bn + 32) as usize,
-        ),
-        &c11,
-        bn,
-        cmma::MatrixLayout::RowMajor,
-    );
-    sync_cube();
-    let mut idx = UNIT_POS;
-    while idx < comptime!(bm * bn) {
-        let r = row0 + idx / bn;
-        let col = col0 + idx % bn;
-        if r < m && col < n {
-            store_epilogue::<F>(
-                c,
-                bias,
-                residual,
-                c_s[idx as usize],
-                r,
-                col,
-                n,
-                has_bias,
-                has_residual,
-                act,
-            );
+        let mut idx = UNIT_POS;
+        while idx < comptime!(bm * bn) {
+            let r = row0 + idx / bn;
+            let col = col0 + idx % bn;
+            if r < m && col < n {
+                store_epilogue::<F>(
+                    c,
+                    bias,
+                    residual,
+                    c_s[idx as usize],
+                    r,
+                    col,
+                    n,
+                    has_bias,
+                    has_residual,
+                    act,
+                );
+            }
+            idx += units;
         }
-        idx += units;
     }
 }

@@ -4,100 +4,50 @@
 //! accumulators. Tile layout: see `tiled`.
 
 use super::tiled::{
-    clamped_strided, store_tile, tile_from_v4, unit_tile, zero_tile, zero_tile_v4, Fused,
-    TileShape, UnitTile,
+    clamped_strided, fma_matmul, tile_from_v4, zero_tile_v4, FmaPlan, Fused, MainLoop, TileShape,
+    UnitTile,
 };
 use super::Activation;
 use cubecl::prelude::*;
 
-/// `c = epilogue(a @ b)` with fragments read straight from global memory (no shared
-/// memory, no barriers), 4-wide vector accumulators.
-#[kiln_macros::kernel(
+fma_kernel! {
+    /// `c = epilogue(a @ b)` with fragments read straight from global memory (no shared
+    /// memory, no barriers), 4-wide vector accumulators.
+    matmul_direct_v4 = DirectV4,
     tune((BM, BN, TM, TN) = [(64, 64, 8, 8), (32, 128, 4, 8), (4, 256, 1, 4)]),
-    require(BM % TM == 0, BN % TN == 0, TN % 4 == 0),
-    key(m = pow2, n = pow2, k = pow2, dtype),
-    grid = (n.div_ceil(BN), m.div_ceil(BM)),
-    cube = ((BM / TM) * (BN / TN)),
-)]
-pub fn matmul_direct_v4<F: Float>(
-    a: &Array<F>,
-    b: &Array<F>,
-    bias: &Array<F>,
-    residual: &Array<F>,
-    c: &mut Array<F>,
-    m: u32,
-    n: u32,
-    k: u32,
-    #[comptime] trans_b: bool,
-    #[comptime] has_bias: bool,
-    #[comptime] has_residual: bool,
-    #[comptime] act: Activation,
-) {
-    let tile = comptime!(TileShape::new(BM, BN, TM, TN));
-    let unit = unit_tile(tile);
-    let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
-    direct_v4_product::<F>(a, b, &mut acc, m, n, k, &unit, trans_b, tile);
-    let fused = comptime!(Fused::new(has_bias, has_residual, act));
-    store_tile::<F>(c, bias, residual, &acc, m, n, &unit, fused, tile, true);
+    require(TN % 4 == 0),
+    bk = 0,
 }
 
-/// `c = epilogue(a @ b)` with fragments read straight from global memory (no shared
-/// memory, no barriers).
-#[kiln_macros::kernel(
+fma_kernel! {
+    /// `c = epilogue(a @ b)` with fragments read straight from global memory (no shared
+    /// memory, no barriers).
+    matmul_direct = Direct,
     tune((BM, BN, TM, TN) = [
-            (32, 32, 4, 4),
-            (64, 64, 8, 8),
-            (32, 128, 4, 8),
-            (4, 256, 1, 4),
-            (1, 256, 1, 4),
-            (1, 64, 1, 1),
-        ]),
-    require(BM % TM == 0, BN % TN == 0),
-    key(m = pow2, n = pow2, k = pow2, dtype),
-    grid = (n.div_ceil(BN), m.div_ceil(BM)),
-    cube = ((BM / TM) * (BN / TN)),
-)]
-pub fn matmul_direct<F: Float>(
-    a: &Array<F>,
-    b: &Array<F>,
-    bias: &Array<F>,
-    residual: &Array<F>,
-    c: &mut Array<F>,
-    m: u32,
-    n: u32,
-    k: u32,
-    #[comptime] trans_b: bool,
-    #[comptime] has_bias: bool,
-    #[comptime] has_residual: bool,
-    #[comptime] act: Activation,
-) {
-    let tile = comptime!(TileShape::new(BM, BN, TM, TN));
-    let unit = unit_tile(tile);
-    let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
-    direct_product::<F>(a, b, &mut acc, m, n, k, &unit, trans_b, tile);
-    let fused = comptime!(Fused::new(has_bias, has_residual, act));
-    store_tile::<F>(c, bias, residual, &acc, m, n, &unit, fused, tile, false);
+        (32, 32, 4, 4),
+        (64, 64, 8, 8),
+        (32, 128, 4, 8),
+        (4, 256, 1, 4),
+        (1, 256, 1, 4),
+        (1, 64, 1, 1),
+    ]),
+    require(),
+    bk = 0,
 }
 
 /// The direct main loop with 4-wide vector accumulators: a unit reads its `TN / 4`
 /// column groups from global memory as one vector per step.
 #[cube]
-#[allow(clippy::too_many_arguments, unused_variables)]
-fn direct_v4_product<F: Float>(
+pub(super) fn direct_v4_product<F: Float>(
     a: &Array<F>,
     b: &Array<F>,
     acc: &mut Array<f32>,
-    m: u32,
-    n: u32,
-    k: u32,
     unit: &UnitTile,
-    #[comptime] trans_b: bool,
-    #[comptime] tile: TileShape,
+    #[comptime] plan: FmaPlan,
 ) {
-    let (bm, bn, tm, tn) = comptime!((tile.bm, tile.bn, tile.tm, tile.tn));
-    let (units, rows_of_units, cols_of_units) = comptime!(tile.units());
-    let (row0, col0, ty, tx) = (unit.row0, unit.col0, unit.ty, unit.tx);
-    zero_tile(acc, tm * tn);
+    let (tm, tn, trans_b) = comptime!((plan.tile.tm, plan.tile.tn, plan.trans_b));
+    let (_, rows_of_units, cols_of_units) = comptime!(plan.tile.units());
+    let (m, n, k) = (unit.m, unit.n, unit.k);
     let mut a_frag = Array::<f32>::new(comptime!(tm as usize));
     // Direct, with 4-wide vector accumulators: a unit owns TN / 4 groups of 4
     // adjacent columns, reads them from global memory as one vector per step and
@@ -107,10 +57,13 @@ fn direct_v4_product<F: Float>(
     zero_tile_v4(&mut accv, tm * tnv);
     let mut rows = Array::<u32>::new(comptime!(tm as usize));
     let mut cols = Array::<u32>::new(comptime!(tn as usize));
-    clamped_strided(&mut rows, row0 + ty, rows_of_units, m - 1, tm);
+    clamped_strided(&mut rows, unit.row0 + unit.ty, rows_of_units, m - 1, tm);
     #[unroll]
     for j in 0..tn {
-        cols[j as usize] = min(col0 + (tx + (j / 4) * cols_of_units) * 4 + j % 4, n - 1);
+        cols[j as usize] = min(
+            unit.col0 + (unit.tx + (j / 4) * cols_of_units) * 4 + j % 4,
+            n - 1,
+        );
     }
     let mut kk = 0u32;
     while kk < k {
@@ -144,22 +97,16 @@ fn direct_v4_product<F: Float>(
 /// The direct main loop: each unit reads its fragments from global memory, K exactly
 /// (no padding, no zero fill); rows and columns past the edge are clamped.
 #[cube]
-#[allow(clippy::too_many_arguments, unused_variables)]
-fn direct_product<F: Float>(
+pub(super) fn direct_product<F: Float>(
     a: &Array<F>,
     b: &Array<F>,
     acc: &mut Array<f32>,
-    m: u32,
-    n: u32,
-    k: u32,
     unit: &UnitTile,
-    #[comptime] trans_b: bool,
-    #[comptime] tile: TileShape,
+    #[comptime] plan: FmaPlan,
 ) {
-    let (bm, bn, tm, tn) = comptime!((tile.bm, tile.bn, tile.tm, tile.tn));
-    let (units, rows_of_units, cols_of_units) = comptime!(tile.units());
-    let (row0, col0, ty, tx) = (unit.row0, unit.col0, unit.ty, unit.tx);
-    zero_tile(acc, tm * tn);
+    let (tm, tn, trans_b) = comptime!((plan.tile.tm, plan.tile.tn, plan.trans_b));
+    let (_, rows_of_units, cols_of_units) = comptime!(plan.tile.units());
+    let (m, n, k) = (unit.m, unit.n, unit.k);
     let mut a_frag = Array::<f32>::new(comptime!(tm as usize));
     let mut b_frag = Array::<f32>::new(comptime!(tn as usize));
     // Each unit reads its own fragments from global memory, K exactly (no padding,
@@ -167,8 +114,8 @@ fn direct_product<F: Float>(
     // computed, never stored.
     let mut rows = Array::<u32>::new(comptime!(tm as usize));
     let mut cols = Array::<u32>::new(comptime!(tn as usize));
-    clamped_strided(&mut rows, row0 + ty, rows_of_units, m - 1, tm);
-    clamped_strided(&mut cols, col0 + tx, cols_of_units, n - 1, tn);
+    clamped_strided(&mut rows, unit.row0 + unit.ty, rows_of_units, m - 1, tm);
+    clamped_strided(&mut cols, unit.col0 + unit.tx, cols_of_units, n - 1, tn);
     let mut kk = 0u32;
     while kk < k {
         #[unroll]

@@ -17,6 +17,8 @@
 //! Ragged M, N, K need no special cases in any of them.
 
 pub mod selftest;
+#[macro_use]
+mod signature;
 
 use crate::launch::check_input;
 use serde::{Deserialize, Serialize};

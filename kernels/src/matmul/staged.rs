@@ -4,87 +4,38 @@
 //! holds b's slice and the accumulators as 4-wide vectors. Tile layout: see `tiled`.
 
 use super::tiled::{
-    store_tile, tile_from_v4, unit_tile, zero_tile, zero_tile_v4, Fused, TileShape, UnitTile,
+    fma_matmul, tile_from_v4, zero_tile_v4, FmaPlan, Fused, MainLoop, TileShape, UnitTile,
 };
 use super::Activation;
 use cubecl::prelude::*;
 use kiln_dsl::{load_tile, reg_tile_mma};
 
-/// `c = epilogue(a @ b)` with K slices staged in shared memory (the GPU path).
-#[kiln_macros::kernel(
+fma_kernel! {
+    /// `c = epilogue(a @ b)` with K slices staged in shared memory (the GPU path).
+    matmul_staged = Staged,
     tune((BM, BN, BK, TM, TN) = [
-            (64, 64, 16, 4, 4),
-            (64, 64, 8, 8, 8),
-            (128, 128, 8, 8, 8),
-            (64, 128, 16, 4, 8),
-            (16, 64, 32, 1, 4),
-        ]),
-    require(BM % TM == 0,
-        BN % TN == 0,
-        (((BM + BN) * BK * 4) as usize) <= device.max_shared_memory),
-    key(m = pow2, n = pow2, k = pow2, dtype),
-    grid = (n.div_ceil(BN), m.div_ceil(BM)),
-    cube = ((BM / TM) * (BN / TN)),
-)]
-pub fn matmul_staged<F: Float>(
-    a: &Array<F>,
-    b: &Array<F>,
-    bias: &Array<F>,
-    residual: &Array<F>,
-    c: &mut Array<F>,
-    m: u32,
-    n: u32,
-    k: u32,
-    #[comptime] trans_b: bool,
-    #[comptime] has_bias: bool,
-    #[comptime] has_residual: bool,
-    #[comptime] act: Activation,
-) {
-    let tile = comptime!(TileShape::new(BM, BN, TM, TN));
-    let unit = unit_tile(tile);
-    let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
-    staged_product::<F>(a, b, &mut acc, m, n, k, &unit, trans_b, tile, BK);
-    let fused = comptime!(Fused::new(has_bias, has_residual, act));
-    store_tile::<F>(c, bias, residual, &acc, m, n, &unit, fused, tile, false);
+        (64, 64, 16, 4, 4),
+        (64, 64, 8, 8, 8),
+        (128, 128, 8, 8, 8),
+        (64, 128, 16, 4, 8),
+        (16, 64, 32, 1, 4),
+    ]),
+    require((((BM + BN) * BK * 4) as usize) <= device.max_shared_memory),
+    bk = BK,
 }
 
-/// `c = epilogue(a @ b)` with K slices staged in shared memory, b's slice and the
-/// accumulators as 4-wide vectors.
-#[kiln_macros::kernel(
+fma_kernel! {
+    /// `c = epilogue(a @ b)` with K slices staged in shared memory, b's slice and the
+    /// accumulators as 4-wide vectors.
+    matmul_staged_v4 = StagedV4,
     tune((BM, BN, BK, TM, TN) = [
-            (64, 64, 16, 4, 4),
-            (64, 64, 8, 8, 8),
-            (128, 128, 8, 8, 8),
-            (128, 128, 16, 8, 8),
-        ]),
-    require(BM % TM == 0,
-        BN % TN == 0,
-        TN % 4 == 0,
-        (((BM + BN) * BK * 4) as usize) <= device.max_shared_memory),
-    key(m = pow2, n = pow2, k = pow2, dtype),
-    grid = (n.div_ceil(BN), m.div_ceil(BM)),
-    cube = ((BM / TM) * (BN / TN)),
-)]
-pub fn matmul_staged_v4<F: Float>(
-    a: &Array<F>,
-    b: &Array<F>,
-    bias: &Array<F>,
-    residual: &Array<F>,
-    c: &mut Array<F>,
-    m: u32,
-    n: u32,
-    k: u32,
-    #[comptime] trans_b: bool,
-    #[comptime] has_bias: bool,
-    #[comptime] has_residual: bool,
-    #[comptime] act: Activation,
-) {
-    let tile = comptime!(TileShape::new(BM, BN, TM, TN));
-    let unit = unit_tile(tile);
-    let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
-    staged_v4_product::<F>(a, b, &mut acc, m, n, k, &unit, trans_b, tile, BK);
-    let fused = comptime!(Fused::new(has_bias, has_residual, act));
-    store_tile::<F>(c, bias, residual, &acc, m, n, &unit, fused, tile, true);
+        (64, 64, 16, 4, 4),
+        (64, 64, 8, 8, 8),
+        (128, 128, 8, 8, 8),
+        (128, 128, 16, 8, 8),
+    ]),
+    require(TN % 4 == 0, (((BM + BN) * BK * 4) as usize) <= device.max_shared_memory),
+    bk = BK,
 }
 
 /// The staged main loop: `BK`-deep slices of `a` (depth-major) and `b` (row-major)
@@ -93,21 +44,17 @@ pub fn matmul_staged_v4<F: Float>(
 /// `reg_tile_mma` (rows and columns strided across units, see `tiled`).
 #[cube]
 #[allow(clippy::too_many_arguments, unused_variables)]
-fn staged_product<F: Float>(
+pub(super) fn staged_product<F: Float>(
     a: &Array<F>,
     b: &Array<F>,
     acc: &mut Array<f32>,
-    m: u32,
-    n: u32,
-    k: u32,
     unit: &UnitTile,
-    #[comptime] trans_b: bool,
-    #[comptime] tile: TileShape,
-    #[comptime] bk: u32,
+    #[comptime] plan: FmaPlan,
 ) {
+    let (tile, trans_b, bk) = comptime!((plan.tile, plan.trans_b, plan.bk));
     let (bm, bn, tm, tn) = comptime!((tile.bm, tile.bn, tile.tm, tile.tn));
     let (units, _, _) = comptime!(tile.units());
-    zero_tile(acc, tm * tn);
+    let (m, n, k) = (unit.m, unit.n, unit.k);
     let mut a_s = SharedMemory::<f32>::new(comptime!((bk * bm) as usize));
     let mut b_s = SharedMemory::<f32>::new(comptime!((bk * bn) as usize));
     // The grid covers the matrix, so row0 < m and col0 < n.
@@ -170,22 +117,18 @@ fn staged_product<F: Float>(
 /// owns `TN / 4` groups of 4 adjacent columns (groups strided across units).
 #[cube]
 #[allow(clippy::too_many_arguments, unused_variables)]
-fn staged_v4_product<F: Float>(
+pub(super) fn staged_v4_product<F: Float>(
     a: &Array<F>,
     b: &Array<F>,
     acc: &mut Array<f32>,
-    m: u32,
-    n: u32,
-    k: u32,
     unit: &UnitTile,
-    #[comptime] trans_b: bool,
-    #[comptime] tile: TileShape,
-    #[comptime] bk: u32,
+    #[comptime] plan: FmaPlan,
 ) {
+    let (tile, trans_b, bk) = comptime!((plan.tile, plan.trans_b, plan.bk));
     let (bm, bn, tm, tn) = comptime!((tile.bm, tile.bn, tile.tm, tile.tn));
     let (units, rows_of_units, cols_of_units) = comptime!(tile.units());
+    let (m, n, k) = (unit.m, unit.n, unit.k);
     let (row0, col0, ty, tx) = (unit.row0, unit.col0, unit.ty, unit.tx);
-    zero_tile(acc, tm * tn);
     let mut a_frag = Array::<f32>::new(comptime!(tm as usize));
     // Staged, with b's slice and the accumulators as 4-wide vectors: a unit owns
     // TN / 4 groups of 4 adjacent columns (groups strided across units), so each

@@ -4,8 +4,9 @@
 //! One cube computes a `BM x BN` tile of `c`; each of its `(BM/TM)(BN/TN)` units keeps
 //! a `TM x TN` register tile of f32 accumulators, its rows `ty + i BM/TM` and columns
 //! `tx + j BN/TN` strided across units (neighbouring units touch neighbouring
-//! addresses). Four main loops, one kernel each, share the signature, the tile
-//! origin, the accumulators and the epilogue ([`store_tile`]):
+//! addresses). Four main loops ([`MainLoop`]), one kernel each (declared by
+//! `fma_kernel!`), share the signature, the tile origin, the accumulators and the
+//! epilogue ([`fma_matmul`], [`store_tile`]):
 //! - `matmul_staged`: `BK`-deep K slices of `a` (k-major) and `b` staged in shared
 //!   memory, zero-filled past the edges (the GPU path); `VEC` consecutive elements per
 //!   staging step.
@@ -14,6 +15,8 @@
 //!   columns past the edge clamped (no shared memory, no barriers: CPU adapters).
 //! - `matmul_direct_v4`: the same with 4-wide vector accumulators.
 
+use super::direct::{direct_product, direct_v4_product};
+use super::staged::{staged_product, staged_v4_product};
 use super::Activation;
 use cubecl::prelude::*;
 use kiln_dsl::{gelu_tanh, silu};
@@ -60,26 +63,93 @@ impl Fused {
     }
 }
 
-/// Where a unit's register tile sits: the cube's tile origin (`row0`, `col0`) and the
-/// unit's place among the cube's units (`ty`, `tx`).
+/// The main loop of a register-tiled FMA kernel (comptime; one kernel each, see the
+/// module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) enum MainLoop {
+    /// `matmul_staged`.
+    Staged,
+    /// `matmul_staged_v4`.
+    StagedV4,
+    /// `matmul_direct`.
+    Direct,
+    /// `matmul_direct_v4`.
+    DirectV4,
+}
+
+/// What an FMA kernel's product is specialised on (comptime).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct FmaPlan {
+    /// The main loop.
+    pub main: MainLoop,
+    /// The register tile.
+    pub tile: TileShape,
+    /// Depth of a staged K slice (unused by the direct loops).
+    pub bk: u32,
+    /// `b` is [N, K].
+    pub trans_b: bool,
+}
+
+/// Where a unit's register tile sits: the problem (`m`, `n`, `k`), the cube's tile
+/// origin (`row0`, `col0`) and the unit's place among the cube's units (`ty`, `tx`).
 #[derive(CubeType, Clone, Copy)]
 pub(super) struct UnitTile {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
     pub row0: u32,
     pub col0: u32,
     pub ty: u32,
     pub tx: u32,
 }
 
-/// This unit's [`UnitTile`] in a grid of `bm x bn` tiles.
+/// This unit's [`UnitTile`] in a grid of `bm x bn` tiles of an `m x n x k` product.
 #[cube]
-pub(super) fn unit_tile(#[comptime] tile: TileShape) -> UnitTile {
+pub(super) fn unit_tile(m: u32, n: u32, k: u32, #[comptime] tile: TileShape) -> UnitTile {
     let (bm, bn, cols) = comptime!((tile.bm, tile.bn, tile.bn / tile.tn));
     UnitTile {
+        m,
+        n,
+        k,
         row0: CUBE_POS_Y * bm,
         col0: CUBE_POS_X * bn,
         ty: UNIT_POS / cols,
         tx: UNIT_POS % cols,
     }
+}
+
+/// The body of every register-tiled FMA kernel: the unit's tile, the plan's main loop
+/// into f32 accumulators, then the fused epilogue.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn fma_matmul<F: Float>(
+    a: &Array<F>,
+    b: &Array<F>,
+    bias: &Array<F>,
+    residual: &Array<F>,
+    c: &mut Array<F>,
+    m: u32,
+    n: u32,
+    k: u32,
+    #[comptime] plan: FmaPlan,
+    #[comptime] fused: Fused,
+) {
+    let tile = comptime!(plan.tile);
+    let unit = unit_tile(m, n, k, tile);
+    let mut acc = Array::<f32>::new(comptime!((tile.tm * tile.tn) as usize));
+    zero_tile(&mut acc, tile.tm * tile.tn);
+    let main = comptime!(plan.main);
+    if comptime!(main == MainLoop::Staged) {
+        staged_product::<F>(a, b, &mut acc, &unit, plan);
+    } else if comptime!(main == MainLoop::StagedV4) {
+        staged_v4_product::<F>(a, b, &mut acc, &unit, plan);
+    } else if comptime!(main == MainLoop::Direct) {
+        direct_product::<F>(a, b, &mut acc, &unit, plan);
+    } else {
+        direct_v4_product::<F>(a, b, &mut acc, &unit, plan);
+    }
+    let vector_columns = comptime!(matches!(main, MainLoop::StagedV4 | MainLoop::DirectV4));
+    store_tile::<F>(c, bias, residual, &acc, &unit, fused, tile, vector_columns);
 }
 
 /// Sets `len` accumulators to zero.
@@ -129,8 +199,6 @@ pub(super) fn store_tile<F: Float>(
     bias: &Array<F>,
     residual: &Array<F>,
     acc: &Array<f32>,
-    m: u32,
-    n: u32,
     unit: &UnitTile,
     #[comptime] fused: Fused,
     #[comptime] tile: TileShape,
@@ -138,6 +206,7 @@ pub(super) fn store_tile<F: Float>(
 ) {
     let (tm, tn) = comptime!((tile.tm, tile.tn));
     let (rows_of_units, cols_of_units) = comptime!((tile.bm / tile.tm, tile.bn / tile.tn));
+    let (m, n) = (unit.m, unit.n);
     let (row0, col0, ty, tx) = (unit.row0, unit.col0, unit.ty, unit.tx);
     let (has_bias, has_residual, act) = comptime!((fused.has_bias, fused.has_residual, fused.act));
     #[unroll]

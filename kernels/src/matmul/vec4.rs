@@ -13,10 +13,10 @@ use super::{clamped_strided, store_epilogue, Activation};
 use cubecl::prelude::*;
 use kiln_dsl::V4;
 
-/// `c = epilogue(a @ b)` with `a`, `b` as 4-wide vectors (`k % 4 == 0`, `n % 4 == 0`).
-#[kiln_macros::kernel(
-    tune(
-        (BM, BN, TM, TN) = [
+matmul_kernel! {
+    /// `c = epilogue(a @ b)` with `a`, `b` as 4-wide vectors (`k % 4 == 0`, `n % 4 == 0`).
+    #[kernel(
+        tune((BM, BN, TM, TN) = [
             (64, 64, 8, 8),
             (64, 128, 8, 16),
             (128, 128, 16, 8),
@@ -31,127 +31,112 @@ use kiln_dsl::V4;
             (64, 256, 8, 32),
             (16, 256, 8, 16),
             (1, 1024, 1, 32),
-        ]
-    ),
-    require(BM % TM == 0, BN % TN == 0, TN % 4 == 0, k % 4 == 0, n % 4 == 0),
-    key(m = pow2, n = pow2, k = pow2, dtype),
-    grid = (n.div_ceil(BN), m.div_ceil(BM)),
-    cube = ((BM / TM) * (BN / TN)),
-    name = "matmul_vec4"
-)]
-pub fn matmul_vec4<F: Float>(
-    a: &Array<Vector<F, Const<4>>>,
-    b: &Array<Vector<F, Const<4>>>,
-    bias: &Array<F>,
-    residual: &Array<F>,
-    c: &mut Array<F>,
-    m: u32,
-    n: u32,
-    k: u32,
-    #[comptime] trans_b: bool,
-    #[comptime] has_bias: bool,
-    #[comptime] has_residual: bool,
-    #[comptime] act: Activation,
-) {
-    let units_x = comptime!(BN / TN);
-    let row_step = comptime!(BM / TM);
-    let tnv = comptime!(TN / 4);
-    let ty = UNIT_POS / units_x;
-    let tx = UNIT_POS % units_x;
-    let row0 = CUBE_POS_Y * BM;
-    let col0 = CUBE_POS_X * BN;
-    let kv = k / 4;
-    let nv = n / 4;
-    let mut rows = Array::<u32>::new(comptime!(TM as usize));
-    clamped_strided(&mut rows, row0 + ty, row_step, m - 1, TM);
-    let mut av = Array::<V4>::new(comptime!(TM as usize));
-    // The unit's column of element j of its row: without trans_b, lane j % 4 of the
-    // column vector tx + (j / 4) BN / TN of the tile (vectors of 4 N); with trans_b,
-    // the strided column tx + j BN / TN (each read as 4 K at a time).
-    let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
-    if comptime!(!trans_b) {
-        let mut cols = Array::<u32>::new(comptime!(tnv as usize));
-        clamped_strided(&mut cols, col0 / 4 + tx, units_x, nv - 1, tnv);
-        let mut accv = Array::<V4>::new(comptime!((TM * tnv) as usize));
-        #[unroll]
-        for e in 0..TM * tnv {
-            accv[e as usize] = V4::new(0.0f32);
-        }
-        let mut kq = 0u32;
-        while kq < kv {
-            load_rows::<F>(&mut av, a, &rows, kv, kq, TM);
+        ]),
+        require(BM % TM == 0, BN % TN == 0, TN % 4 == 0, k % 4 == 0, n % 4 == 0),
+        grid = (n.div_ceil(BN), m.div_ceil(BM)),
+        cube = ((BM / TM) * (BN / TN)),
+    )]
+    matmul_vec4<[Vector<F, Const<4>>]> {
+        let units_x = comptime!(BN / TN);
+        let row_step = comptime!(BM / TM);
+        let tnv = comptime!(TN / 4);
+        let ty = UNIT_POS / units_x;
+        let tx = UNIT_POS % units_x;
+        let row0 = CUBE_POS_Y * BM;
+        let col0 = CUBE_POS_X * BN;
+        let kv = k / 4;
+        let nv = n / 4;
+        let mut rows = Array::<u32>::new(comptime!(TM as usize));
+        clamped_strided(&mut rows, row0 + ty, row_step, m - 1, TM);
+        let mut av = Array::<V4>::new(comptime!(TM as usize));
+        // The unit's column of element j of its row: without trans_b, lane j % 4 of the
+        // column vector tx + (j / 4) BN / TN of the tile (vectors of 4 N); with trans_b,
+        // the strided column tx + j BN / TN (each read as 4 K at a time).
+        let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
+        if comptime!(!trans_b) {
+            let mut cols = Array::<u32>::new(comptime!(tnv as usize));
+            clamped_strided(&mut cols, col0 / 4 + tx, units_x, nv - 1, tnv);
+            let mut accv = Array::<V4>::new(comptime!((TM * tnv) as usize));
             #[unroll]
-            for e in 0..4u32 {
+            for e in 0..TM * tnv {
+                accv[e as usize] = V4::new(0.0f32);
+            }
+            let mut kq = 0u32;
+            while kq < kv {
+                load_rows::<F>(&mut av, a, &rows, kv, kq, TM);
                 #[unroll]
-                for jv in 0..tnv {
-                    let bv = V4::cast_from(b[((kq * 4 + e) * nv + cols[jv as usize]) as usize]);
+                for e in 0..4u32 {
                     #[unroll]
-                    for i in 0..TM {
-                        let x = (i * tnv + jv) as usize;
-                        accv[x] += V4::new(av[i as usize][e as usize]) * bv;
+                    for jv in 0..tnv {
+                        let bv = V4::cast_from(b[((kq * 4 + e) * nv + cols[jv as usize]) as usize]);
+                        #[unroll]
+                        for i in 0..TM {
+                            let x = (i * tnv + jv) as usize;
+                            accv[x] += V4::new(av[i as usize][e as usize]) * bv;
+                        }
                     }
                 }
+                kq += 1;
             }
-            kq += 1;
-        }
-        #[unroll]
-        for i in 0..TM {
             #[unroll]
-            for j in 0..TN {
-                acc[(i * TN + j) as usize] = accv[(i * tnv + j / 4) as usize][(j % 4) as usize];
-            }
-        }
-    } else {
-        let mut cols = Array::<u32>::new(comptime!(TN as usize));
-        clamped_strided(&mut cols, col0 + tx, units_x, n - 1, TN);
-        // Four partial sums per element (one per lane of K), added at the end.
-        let mut accd = Array::<V4>::new(comptime!((TM * TN) as usize));
-        #[unroll]
-        for e in 0..TM * TN {
-            accd[e as usize] = V4::new(0.0f32);
-        }
-        let mut kq = 0u32;
-        while kq < kv {
-            load_rows::<F>(&mut av, a, &rows, kv, kq, TM);
-            #[unroll]
-            for j in 0..TN {
-                let bv = V4::cast_from(b[(cols[j as usize] * kv + kq) as usize]);
+            for i in 0..TM {
                 #[unroll]
-                for i in 0..TM {
-                    accd[(i * TN + j) as usize] += av[i as usize] * bv;
+                for j in 0..TN {
+                    acc[(i * TN + j) as usize] = accv[(i * tnv + j / 4) as usize][(j % 4) as usize];
                 }
             }
-            kq += 1;
-        }
-        #[unroll]
-        for e in 0..TM * TN {
-            let p = accd[e as usize];
-            acc[e as usize] = p[0] + p[1] + p[2] + p[3];
-        }
-    }
-
-    #[unroll]
-    for i in 0..TM {
-        let r = row0 + ty + i * row_step;
-        #[unroll]
-        for j in 0..TN {
-            let mut col = col0 + tx + j * units_x;
-            if comptime!(!trans_b) {
-                col = col0 + (tx + (j / 4) * units_x) * 4 + j % 4;
+        } else {
+            let mut cols = Array::<u32>::new(comptime!(TN as usize));
+            clamped_strided(&mut cols, col0 + tx, units_x, n - 1, TN);
+            // Four partial sums per element (one per lane of K), added at the end.
+            let mut accd = Array::<V4>::new(comptime!((TM * TN) as usize));
+            #[unroll]
+            for e in 0..TM * TN {
+                accd[e as usize] = V4::new(0.0f32);
             }
-            if r < m && col < n {
-                store_epilogue::<F>(
-                    c,
-                    bias,
-                    residual,
-                    acc[(i * TN + j) as usize],
-                    r,
-                    col,
-                    n,
-                    has_bias,
-                    has_residual,
-                    act,
-                );
+            let mut kq = 0u32;
+            while kq < kv {
+                load_rows::<F>(&mut av, a, &rows, kv, kq, TM);
+                #[unroll]
+                for j in 0..TN {
+                    let bv = V4::cast_from(b[(cols[j as usize] * kv + kq) as usize]);
+                    #[unroll]
+                    for i in 0..TM {
+                        accd[(i * TN + j) as usize] += av[i as usize] * bv;
+                    }
+                }
+                kq += 1;
+            }
+            #[unroll]
+            for e in 0..TM * TN {
+                let p = accd[e as usize];
+                acc[e as usize] = p[0] + p[1] + p[2] + p[3];
+            }
+        }
+
+        #[unroll]
+        for i in 0..TM {
+            let r = row0 + ty + i * row_step;
+            #[unroll]
+            for j in 0..TN {
+                let mut col = col0 + tx + j * units_x;
+                if comptime!(!trans_b) {
+                    col = col0 + (tx + (j / 4) * units_x) * 4 + j % 4;
+                }
+                if r < m && col < n {
+                    store_epilogue::<F>(
+                        c,
+                        bias,
+                        residual,
+                        acc[(i * TN + j) as usize],
+                        r,
+                        col,
+                        n,
+                        has_bias,
+                        has_residual,
+                        act,
+                    );
+                }
             }
         }
     }

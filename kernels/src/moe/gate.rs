@@ -305,7 +305,7 @@ fn row_inv_sum<F: Float>(logits: &Array<F>, row: u32, experts: u32, mx: f32) -> 
 #[kiln_macros::kernel(
     tune(UNITS = [64]),
     key(tokens = pow2, experts = pow2, dtype),
-    grid = (tokens.div_ceil(UNITS).min(65_535), tokens.div_ceil(UNITS).div_ceil(65_535)),
+    grid = cubes(tokens.div_ceil(UNITS)),
     cube = UNITS,
     defaults(normalize = true)
 )]
@@ -411,7 +411,7 @@ pub fn moe_gate_loss(
 #[kiln_macros::kernel(
     tune(UNITS = [64]),
     key(tokens = pow2, experts = pow2, dtype),
-    grid = (tokens.div_ceil(UNITS).min(65_535), tokens.div_ceil(UNITS).div_ceil(65_535)),
+    grid = cubes(tokens.div_ceil(UNITS)),
     cube = UNITS,
     defaults(normalize = true)
 )]

@@ -33,6 +33,7 @@ mod backward;
 mod expert_parallel;
 mod ffn;
 mod gate;
+mod grouped;
 mod layer;
 mod movement;
 pub mod reference;

@@ -350,7 +350,7 @@ pub fn moe_combine_rows<F: Float>(
 #[kiln_macros::kernel(
     tune(UNITS = [64]),
     key(routes = pow2, cols = pow2, dtype),
-    grid = (routes.div_ceil(UNITS).min(65_535), routes.div_ceil(UNITS).div_ceil(65_535)),
+    grid = cubes(routes.div_ceil(UNITS)),
     cube = UNITS,
     defaults(by_route = false)
 )]

@@ -485,7 +485,7 @@ pub fn moe_route_scan(
 #[kiln_macros::kernel(
     tune(UNITS = [256]),
     key(routes = pow2, rows = pow2),
-    grid = (routes.max(rows).div_ceil(UNITS).min(65_535), routes.max(rows).div_ceil(UNITS).div_ceil(65_535)),
+    grid = cubes(routes.max(rows).div_ceil(UNITS)),
     cube = UNITS,
 )]
 pub fn moe_route_slots(

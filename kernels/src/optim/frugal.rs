@@ -299,11 +299,7 @@ fn lower_bound(indices: &Array<i32>, k: u32, e: u32) -> u32 {
 
 /// The subset's bitmask: unit `w` sets bit `b` of `mask[w]` where `32 w + b` is in
 /// `indices` (sorted), found by binary search: one writer per word, no atomics.
-#[kiln_macros::kernel(
-    tune(UNITS = [256]),
-    grid = (words.div_ceil(UNITS).min(65_535), words.div_ceil(UNITS).div_ceil(65_535)),
-    cube = UNITS
-)]
+#[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(words.div_ceil(UNITS)), cube = UNITS)]
 pub fn frugal_mask(indices: &Array<i32>, mask: &mut Array<u32>, k: u32, words: u32) {
     let w = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * UNITS + UNIT_POS;
     if w < words {
@@ -324,12 +320,7 @@ pub fn frugal_mask(indices: &Array<i32>, mask: &mut Array<u32>, k: u32, words: u
 /// One FRUGAL step, one unit per coordinate: Adam (state slot by binary search) where
 /// the mask is set, signSGD elsewhere; `t = counter[0] + 1` counts from the redraw.
 /// In place: one configuration.
-#[kiln_macros::kernel(
-    tune(UNITS = [256]),
-    key(n = pow2),
-    grid = (cubes.min(65_535), cubes.div_ceil(65_535)),
-    cube = UNITS
-)]
+#[kiln_macros::kernel(tune(UNITS = [256]), key(n = pow2), grid = cubes(cubes), cube = UNITS)]
 pub fn frugal_step(
     param: &mut Array<f32>,
     grad: &Array<f32>,

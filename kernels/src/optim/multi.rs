@@ -611,7 +611,7 @@ fn lane_sum<N: Size>(v: Vector<f32, N>) -> f32 {
     tune(UNITS = [256]),
     vector = [4, 1],
     key(len = pow2, dtype),
-    grid = (cubes.min(65_535), cubes.div_ceil(65_535)),
+    grid = cubes(cubes),
     cube = UNITS
 )]
 pub fn optim_step<F: Float, N: Size>(

@@ -127,7 +127,7 @@ pub fn perturb_stream(param: &Tensor, stream: u32, seeds: &[u64], coeffs: &[f64]
 #[kiln_macros::kernel(
     tune(UNITS = [256]),
     key(len = pow2, dtype),
-    grid = (cubes.min(65_535), cubes.div_ceil(65_535)),
+    grid = cubes(cubes),
     cube = UNITS
 )]
 pub fn perturb_normal<F: Float>(

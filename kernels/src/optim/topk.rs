@@ -275,11 +275,7 @@ fn compact(
 
 /// `sampled[j] = keys[p_j]`, `p_j` uniform in `0..n` from Philox word `j` of `seed`
 /// (`mul_hi(word, n)`: bias below `n / 2^32`).
-#[kiln_macros::kernel(
-    tune(UNITS = [256]),
-    grid = (sample.div_ceil(UNITS).min(65_535), sample.div_ceil(UNITS).div_ceil(65_535)),
-    cube = UNITS
-)]
+#[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(sample.div_ceil(UNITS)), cube = UNITS)]
 pub fn topk_sample(
     keys: &Array<u32>,
     sampled: &mut Array<u32>,
@@ -306,7 +302,7 @@ pub fn topk_sample(
 #[kiln_macros::kernel(
     tune(UNITS = [256]),
     key(n = pow2, dtype),
-    grid = (n.div_ceil(UNITS).min(65_535), n.div_ceil(UNITS).div_ceil(65_535)),
+    grid = cubes(n.div_ceil(UNITS)),
     cube = UNITS
 )]
 pub fn topk_keys<F: Float>(
@@ -349,11 +345,7 @@ pub fn topk_keys<F: Float>(
 /// Per-cube histogram of this pass's digit over the keys that match the prefix chosen
 /// so far (`(key & high) == (prefix & high)`): unit `u` counts into column `u` of a
 /// `[BINS, UNITS]` shared table (no atomics), then units `0..BINS` sum their bin's row.
-#[kiln_macros::kernel(
-    tune(UNITS = [256]),
-    grid = (cubes.min(65_535), cubes.div_ceil(65_535)),
-    cube = UNITS
-)]
+#[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(cubes), cube = UNITS)]
 pub fn topk_radix_histogram(
     keys: &Array<u32>,
     state: &Array<u32>,
@@ -428,11 +420,7 @@ pub fn topk_radix_choose(hist: &Array<u32>, state: &mut Array<u32>, cubes: u32, 
 
 /// Per cube: how many keys are above the threshold `T = state[0]` and how many equal
 /// it (summed in f32 over the cube's 4096 keys: exact; stored as u32).
-#[kiln_macros::kernel(
-    tune(UNITS = [256]),
-    grid = (cubes.min(65_535), cubes.div_ceil(65_535)),
-    cube = UNITS
-)]
+#[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(cubes), cube = UNITS)]
 pub fn topk_count(
     keys: &Array<u32>,
     state: &Array<u32>,
@@ -518,11 +506,7 @@ pub fn topk_scan(counts: &Array<u32>, offsets: &mut Array<u32>, cubes: u32) {
 /// number of taken elements before it; every element's error is `keep · a` (`keep =
 /// 1 − scale`) if taken — exactly 0 for top-k's `keep = 0`, even where `a` is ±inf —
 /// and `a` otherwise; `residual[c]` is the cube's sum of error².
-#[kiln_macros::kernel(
-    tune(UNITS = [256]),
-    grid = (cubes.min(65_535), cubes.div_ceil(65_535)),
-    cube = UNITS
-)]
+#[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(cubes), cube = UNITS)]
 pub fn topk_write(
     a: &Array<f32>,
     keys: &Array<u32>,

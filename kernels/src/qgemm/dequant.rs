@@ -30,6 +30,39 @@ kiln_runtime::comptime_enum! {
 /// Depth of a K step of the tiled kernel (a multiple of 8: whole int4 words).
 pub const TILE_K: u32 = 32;
 
+/// Declares a dequantizing GEMM kernel: `x` `[M, K]`, the quantized weight `qweight`
+/// with its `scales`, `zeros` and `g_idx` (see the module docs), `y` `[M, N]`, the shape
+/// `m`, `n`, `k`, the int4 `group_size`, the int8 Double Rounding `shift`, the comptime
+/// weight kind and act-order switch, then the kernel's own comptime arguments; keyed by
+/// the shape's power-of-two buckets and the dtype. The caller gives the rest of the
+/// attribute and the body.
+macro_rules! qgemm_kernel {
+    (
+        $(#[doc = $doc:literal])*
+        #[kernel($($attr:tt)*)]
+        $name:ident($($own:tt)*) $body:block
+    ) => {
+        $(#[doc = $doc])*
+        #[kiln_macros::kernel(key(m = pow2, n = pow2, k = pow2, dtype), $($attr)*)]
+        pub fn $name<F: Float>(
+            x: &Array<F>,
+            qweight: &Array<u32>,
+            scales: &Array<f32>,
+            zeros: &Array<f32>,
+            g_idx: &Array<u32>,
+            y: &mut Array<F>,
+            m: u32,
+            n: u32,
+            k: u32,
+            group_size: u32,
+            shift: u32,
+            #[comptime] wkind: WeightKind,
+            #[comptime] act_order: bool,
+            $($own)*
+        ) $body
+    };
+}
+
 /// Double Rounding: the int8 code at byte `index`, shifted right by `shift` bits with
 /// ties to even, clamped to the signed `8 - shift`-bit range, times `scale 2^shift`.
 #[cube]
@@ -40,236 +73,213 @@ pub(crate) fn dequant_i8(qweight: &Array<u32>, index: u32, scale: f32, shift: u3
     f32::cast_from(qc) * scale * f32::cast_from(1u32 << shift)
 }
 
-/// `y[m, n] = sum_k x[m, k] w[k, n]` for `mt` rows per cube (comptime) and `BN`
-/// columns, K split over `KS` unit rows. `x` `[M, K]`, `y` `[M, N]` in `F`.
-#[kiln_macros::kernel(
-    tune(BN = [64, 32, 128], KS = [4, 8, 16]),
-    require(BN * KS <= 1024, BN <= n.next_power_of_two().max(32)),
-    key(m = pow2, n = pow2, k = pow2, dtype),
-    grid = (n.div_ceil(BN), m.div_ceil(mt)),
-    cube = (BN, KS),
-    name = "qgemm_gemv",
-    domain(mt = [1, 2, 4, 8]),
-    defaults(mt = 1)
-)]
-pub fn qgemm_gemv<F: Float>(
-    x: &Array<F>,
-    qweight: &Array<u32>,
-    scales: &Array<f32>,
-    zeros: &Array<f32>,
-    g_idx: &Array<u32>,
-    y: &mut Array<F>,
-    m: u32,
-    n: u32,
-    k: u32,
-    group_size: u32,
-    shift: u32,
-    #[comptime] mt: u32,
-    #[comptime] wkind: WeightKind,
-    #[comptime] act_order: bool,
-) {
-    let nl = UNIT_POS_X;
-    let ks = UNIT_POS_Y;
-    let col = CUBE_POS_X * BN + nl;
-    let row0 = CUBE_POS_Y * mt;
-    // Out-of-range columns and rows read a valid address and are never stored.
-    let colc = min(col, n - 1);
-    let mut xrow = Array::<u32>::new(comptime!(mt as usize));
-    let mut acc = Array::<f32>::new(comptime!(mt as usize));
-    #[unroll]
-    for r in 0..mt {
-        xrow[r as usize] = min(row0 + r, m - 1) * k;
-        acc[r as usize] = 0.0;
-    }
-    if comptime!(wkind == WeightKind::Int4) {
-        let mut w = ks;
-        while w < k / 8 {
-            let word = qweight[(w * n + colc) as usize];
-            if comptime!(act_order) {
-                #[unroll]
-                for i in 0..8u32 {
-                    let kk = w * 8 + i;
-                    let g = g_idx[kk as usize];
-                    let wv = (f32::cast_from(unpack_u4(word, i)) - zeros[(g * n + colc) as usize])
-                        * scales[(g * n + colc) as usize];
-                    #[unroll]
-                    for r in 0..mt {
-                        acc[r as usize] += f32::cast_from(x[(xrow[r as usize] + kk) as usize]) * wv;
-                    }
-                }
-            } else {
-                // One group per word: sum x q and x over the word, then apply the scale
-                // and zero point once, s (sum x q - z sum x), instead of per element.
-                let g = (w * 8) / group_size;
-                let s = scales[(g * n + colc) as usize];
-                let z = zeros[(g * n + colc) as usize];
-                let mut xq = Array::<f32>::new(comptime!(mt as usize));
-                let mut xs = Array::<f32>::new(comptime!(mt as usize));
-                #[unroll]
-                for r in 0..mt {
-                    xq[r as usize] = 0.0;
-                    xs[r as usize] = 0.0;
-                }
-                #[unroll]
-                for i in 0..8u32 {
-                    let q = f32::cast_from(unpack_u4(word, i));
-                    #[unroll]
-                    for r in 0..mt {
-                        let xv = f32::cast_from(x[(xrow[r as usize] + w * 8 + i) as usize]);
-                        xq[r as usize] += xv * q;
-                        xs[r as usize] += xv;
-                    }
-                }
-                #[unroll]
-                for r in 0..mt {
-                    acc[r as usize] += s * (xq[r as usize] - z * xs[r as usize]);
-                }
-            }
-            w += KS;
-        }
-    } else {
-        let s = scales[colc as usize];
-        let mut kk = ks;
-        while kk < k {
-            let wv = dequant_i8(qweight, kk * n + colc, s, shift);
-            #[unroll]
-            for r in 0..mt {
-                acc[r as usize] += f32::cast_from(x[(xrow[r as usize] + kk) as usize]) * wv;
-            }
-            kk += KS;
-        }
-    }
-    let mut part = SharedMemory::<f32>::new(comptime!((KS * mt * BN) as usize));
-    #[unroll]
-    for r in 0..mt {
-        part[((ks * mt + r) * BN + nl) as usize] = acc[r as usize];
-    }
-    sync_cube();
-    // Unit row ks sums the partials of output rows ks, ks + KS, ...
-    let mut r = ks;
-    while r < mt {
-        let mut sum = 0.0f32;
+qgemm_kernel! {
+    /// `y[m, n] = sum_k x[m, k] w[k, n]` for `mt` rows per cube (comptime) and `BN`
+    /// columns, K split over `KS` unit rows. `x` `[M, K]`, `y` `[M, N]` in `F`.
+    #[kernel(
+        tune(BN = [64, 32, 128], KS = [4, 8, 16]),
+        require(BN * KS <= 1024, BN <= n.next_power_of_two().max(32)),
+        grid = (n.div_ceil(BN), m.div_ceil(mt)),
+        cube = (BN, KS),
+        domain(mt = [1, 2, 4, 8]),
+        defaults(mt = 1),
+    )]
+    qgemm_gemv(#[comptime] mt: u32) {
+        let nl = UNIT_POS_X;
+        let ks = UNIT_POS_Y;
+        let col = CUBE_POS_X * BN + nl;
+        let row0 = CUBE_POS_Y * mt;
+        // Out-of-range columns and rows read a valid address and are never stored.
+        let colc = min(col, n - 1);
+        let mut xrow = Array::<u32>::new(comptime!(mt as usize));
+        let mut acc = Array::<f32>::new(comptime!(mt as usize));
         #[unroll]
-        for j in 0..KS {
-            sum += part[((j * mt + r) * BN + nl) as usize];
+        for r in 0..mt {
+            xrow[r as usize] = min(row0 + r, m - 1) * k;
+            acc[r as usize] = 0.0;
         }
-        if col < n && row0 + r < m {
-            y[((row0 + r) * n + col) as usize] = F::cast_from(sum);
+        if comptime!(wkind == WeightKind::Int4) {
+            let mut w = ks;
+            while w < k / 8 {
+                let word = qweight[(w * n + colc) as usize];
+                if comptime!(act_order) {
+                    #[unroll]
+                    for i in 0..8u32 {
+                        let kk = w * 8 + i;
+                        let g = g_idx[kk as usize];
+                        let wv = (f32::cast_from(unpack_u4(word, i)) - zeros[(g * n + colc) as usize])
+                            * scales[(g * n + colc) as usize];
+                        #[unroll]
+                        for r in 0..mt {
+                            acc[r as usize] += f32::cast_from(x[(xrow[r as usize] + kk) as usize]) * wv;
+                        }
+                    }
+                } else {
+                    // One group per word: sum x q and x over the word, then apply the scale
+                    // and zero point once, s (sum x q - z sum x), instead of per element.
+                    let g = (w * 8) / group_size;
+                    let s = scales[(g * n + colc) as usize];
+                    let z = zeros[(g * n + colc) as usize];
+                    let mut xq = Array::<f32>::new(comptime!(mt as usize));
+                    let mut xs = Array::<f32>::new(comptime!(mt as usize));
+                    #[unroll]
+                    for r in 0..mt {
+                        xq[r as usize] = 0.0;
+                        xs[r as usize] = 0.0;
+                    }
+                    #[unroll]
+                    for i in 0..8u32 {
+                        let q = f32::cast_from(unpack_u4(word, i));
+                        #[unroll]
+                        for r in 0..mt {
+                            let xv = f32::cast_from(x[(xrow[r as usize] + w * 8 + i) as usize]);
+                            xq[r as usize] += xv * q;
+                            xs[r as usize] += xv;
+                        }
+                    }
+                    #[unroll]
+                    for r in 0..mt {
+                        acc[r as usize] += s * (xq[r as usize] - z * xs[r as usize]);
+                    }
+                }
+                w += KS;
+            }
+        } else {
+            let s = scales[colc as usize];
+            let mut kk = ks;
+            while kk < k {
+                let wv = dequant_i8(qweight, kk * n + colc, s, shift);
+                #[unroll]
+                for r in 0..mt {
+                    acc[r as usize] += f32::cast_from(x[(xrow[r as usize] + kk) as usize]) * wv;
+                }
+                kk += KS;
+            }
         }
-        r += KS;
+        let mut part = SharedMemory::<f32>::new(comptime!((KS * mt * BN) as usize));
+        #[unroll]
+        for r in 0..mt {
+            part[((ks * mt + r) * BN + nl) as usize] = acc[r as usize];
+        }
+        sync_cube();
+        // Unit row ks sums the partials of output rows ks, ks + KS, ...
+        let mut r = ks;
+        while r < mt {
+            let mut sum = 0.0f32;
+            #[unroll]
+            for j in 0..KS {
+                sum += part[((j * mt + r) * BN + nl) as usize];
+            }
+            if col < n && row0 + r < m {
+                y[((row0 + r) * n + col) as usize] = F::cast_from(sum);
+            }
+            r += KS;
+        }
     }
 }
 
-/// `y = x @ w` with `BM x BN` output tiles per cube and `TM x TN` per unit: each K
-/// step stages x `[BM, 32]` and the dequantized weight `[32, BN]` in shared memory as
-/// f32, then multiplies from registers.
-#[kiln_macros::kernel(
-    tune((BM, BN, TM, TN) = [(64, 64, 4, 4), (64, 64, 8, 8), (128, 64, 8, 8), (32, 64, 4, 4), (32, 32, 4, 4)]),
-    require((BM / TM) * (BN / TN) <= 1024, BM <= m.next_power_of_two().max(32)),
-    key(m = pow2, n = pow2, k = pow2, dtype),
-    grid = (n.div_ceil(BN), m.div_ceil(BM)),
-    cube = (BN / TN, BM / TM),
-    name = "qgemm_tiled"
-)]
-pub fn qgemm_tiled<F: Float>(
-    x: &Array<F>,
-    qweight: &Array<u32>,
-    scales: &Array<f32>,
-    zeros: &Array<f32>,
-    g_idx: &Array<u32>,
-    y: &mut Array<F>,
-    m: u32,
-    n: u32,
-    k: u32,
-    group_size: u32,
-    shift: u32,
-    #[comptime] wkind: WeightKind,
-    #[comptime] act_order: bool,
-) {
-    let units = comptime!((BM / TM) * (BN / TN));
-    let tx = UNIT_POS_X;
-    let ty = UNIT_POS_Y;
-    let m0 = CUBE_POS_Y * BM;
-    let n0 = CUBE_POS_X * BN;
-    let mut xs = SharedMemory::<f32>::new(comptime!((BM * TILE_K) as usize));
-    let mut ws = SharedMemory::<f32>::new(comptime!((TILE_K * BN) as usize));
-    let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
-    #[unroll]
-    for e in 0..TM * TN {
-        acc[e as usize] = 0.0;
-    }
-    let mut k0 = 0u32;
-    while k0 < k {
-        load_tile::<F>(
-            &mut xs,
-            0,
-            x,
-            m0 * k + k0,
-            k,
-            m - m0,
-            k - k0,
-            BM,
-            TILE_K,
-            true,
-            units,
-        );
-        if comptime!(wkind == WeightKind::Int4) {
-            // One unit per int4 word: eight rows of one column.
-            let mut idx = UNIT_POS;
-            while idx < comptime!(TILE_K / 8 * BN) {
-                let wl = idx / BN;
-                let nl = idx % BN;
-                let kw = k0 / 8 + wl;
-                let col = n0 + nl;
-                if kw * 8 < k && col < n {
-                    let word = qweight[(kw * n + col) as usize];
-                    let g = (kw * 8) / group_size;
-                    let mut s = scales[(g * n + col) as usize];
-                    let mut z = zeros[(g * n + col) as usize];
-                    #[unroll]
-                    for i in 0..8u32 {
-                        if comptime!(act_order) {
-                            let ga = g_idx[(kw * 8 + i) as usize];
-                            s = scales[(ga * n + col) as usize];
-                            z = zeros[(ga * n + col) as usize];
-                        }
-                        ws[((wl * 8 + i) * BN + nl) as usize] =
-                            (f32::cast_from(unpack_u4(word, i)) - z) * s;
-                    }
-                } else {
-                    #[unroll]
-                    for i in 0..8u32 {
-                        ws[((wl * 8 + i) * BN + nl) as usize] = 0.0;
-                    }
-                }
-                idx += units;
-            }
-        } else {
-            let mut idx = UNIT_POS;
-            while idx < comptime!(TILE_K * BN) {
-                let kk = k0 + idx / BN;
-                let col = n0 + idx % BN;
-                let mut v = 0.0f32;
-                if kk < k && col < n {
-                    v = dequant_i8(qweight, kk * n + col, scales[col as usize], shift);
-                }
-                ws[idx as usize] = v;
-                idx += units;
-            }
-        }
-        sync_cube();
-        reg_tile_mma::<f32>(&mut acc, &xs, 0, &ws, 0, ty, tx, BM, BN, TILE_K, TM, TN);
-        sync_cube();
-        k0 += TILE_K;
-    }
-    #[unroll]
-    for i in 0..TM {
+qgemm_kernel! {
+    /// `y = x @ w` with `BM x BN` output tiles per cube and `TM x TN` per unit: each K
+    /// step stages x `[BM, 32]` and the dequantized weight `[32, BN]` in shared memory as
+    /// f32, then multiplies from registers.
+    #[kernel(
+        tune((BM, BN, TM, TN) = [
+            (64, 64, 4, 4),
+            (64, 64, 8, 8),
+            (128, 64, 8, 8),
+            (32, 64, 4, 4),
+            (32, 32, 4, 4),
+        ]),
+        require((BM / TM) * (BN / TN) <= 1024, BM <= m.next_power_of_two().max(32)),
+        grid = (n.div_ceil(BN), m.div_ceil(BM)),
+        cube = (BN / TN, BM / TM),
+    )]
+    qgemm_tiled() {
+        let units = comptime!((BM / TM) * (BN / TN));
+        let tx = UNIT_POS_X;
+        let ty = UNIT_POS_Y;
+        let m0 = CUBE_POS_Y * BM;
+        let n0 = CUBE_POS_X * BN;
+        let mut xs = SharedMemory::<f32>::new(comptime!((BM * TILE_K) as usize));
+        let mut ws = SharedMemory::<f32>::new(comptime!((TILE_K * BN) as usize));
+        let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
         #[unroll]
-        for j in 0..TN {
-            let row = m0 + ty + i * comptime!(BM / TM);
-            let col = n0 + tx + j * comptime!(BN / TN);
-            if row < m && col < n {
-                y[(row * n + col) as usize] = F::cast_from(acc[(i * TN + j) as usize]);
+        for e in 0..TM * TN {
+            acc[e as usize] = 0.0;
+        }
+        let mut k0 = 0u32;
+        while k0 < k {
+            load_tile::<F>(
+                &mut xs,
+                0,
+                x,
+                m0 * k + k0,
+                k,
+                m - m0,
+                k - k0,
+                BM,
+                TILE_K,
+                true,
+                units,
+            );
+            if comptime!(wkind == WeightKind::Int4) {
+                // One unit per int4 word: eight rows of one column.
+                let mut idx = UNIT_POS;
+                while idx < comptime!(TILE_K / 8 * BN) {
+                    let wl = idx / BN;
+                    let nl = idx % BN;
+                    let kw = k0 / 8 + wl;
+                    let col = n0 + nl;
+                    if kw * 8 < k && col < n {
+                        let word = qweight[(kw * n + col) as usize];
+                        let g = (kw * 8) / group_size;
+                        let mut s = scales[(g * n + col) as usize];
+                        let mut z = zeros[(g * n + col) as usize];
+                        #[unroll]
+                        for i in 0..8u32 {
+                            if comptime!(act_order) {
+                                let ga = g_idx[(kw * 8 + i) as usize];
+                                s = scales[(ga * n + col) as usize];
+                                z = zeros[(ga * n + col) as usize];
+                            }
+                            ws[((wl * 8 + i) * BN + nl) as usize] =
+                                (f32::cast_from(unpack_u4(word, i)) - z) * s;
+                        }
+                    } else {
+                        #[unroll]
+                        for i in 0..8u32 {
+                            ws[((wl * 8 + i) * BN + nl) as usize] = 0.0;
+                        }
+                    }
+                    idx += units;
+                }
+            } else {
+                let mut idx = UNIT_POS;
+                while idx < comptime!(TILE_K * BN) {
+                    let kk = k0 + idx / BN;
+                    let col = n0 + idx % BN;
+                    let mut v = 0.0f32;
+                    if kk < k && col < n {
+                        v = dequant_i8(qweight, kk * n + col, scales[col as usize], shift);
+                    }
+                    ws[idx as usize] = v;
+                    idx += units;
+                }
+            }
+            sync_cube();
+            reg_tile_mma::<f32>(&mut acc, &xs, 0, &ws, 0, ty, tx, BM, BN, TILE_K, TM, TN);
+            sync_cube();
+            k0 += TILE_K;
+        }
+        #[unroll]
+        for i in 0..TM {
+            #[unroll]
+            for j in 0..TN {
+                let row = m0 + ty + i * comptime!(BM / TM);
+                let col = n0 + tx + j * comptime!(BN / TN);
+                if row < m && col < n {
+                    y[(row * n + col) as usize] = F::cast_from(acc[(i * TN + j) as usize]);
+                }
             }
         }
     }
@@ -287,12 +297,7 @@ pub(crate) fn awq_slot(j: u32) -> u32 {
 /// `[K/G, N]`. `zero_offset` is 1 for GPTQ v1 (which stores z - 1); without
 /// `has_zeros` the zero point is 8 (symmetric). One unit per output word and per
 /// (group, column).
-#[kiln_macros::kernel(
-    tune(UNITS = [256]),
-    grid = (items.div_ceil(UNITS).min(65_535), items.div_ceil(UNITS).div_ceil(65_535)),
-    cube = UNITS,
-    name = "w4a16_repack"
-)]
+#[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(items.div_ceil(UNITS)), cube = UNITS)]
 pub fn w4a16_repack<F: Float>(
     qweight: &Array<u32>,
     qzeros: &Array<u32>,

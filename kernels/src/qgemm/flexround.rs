@@ -187,12 +187,7 @@ pub fn flexround_backward(p: &FlexRoundInputs<'_>, grad: &Tensor) -> Result<Flex
 // ---------------------------------------------------------------- kernels
 
 /// `wq = s1 clamp(round(w / (s1 S2 s3 s4)), qmin, qmax)` for `w` `[rows, cols]`.
-#[kiln_macros::kernel(
-    tune(UNITS = [256]),
-    grid = (len.div_ceil(UNITS).min(65_535), len.div_ceil(UNITS).div_ceil(65_535)),
-    cube = UNITS,
-    name = "flexround_forward"
-)]
+#[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(len.div_ceil(UNITS)), cube = UNITS)]
 pub fn flexround_forward<F: Float>(
     w: &Array<F>,
     s1: &Array<F>,
@@ -227,9 +222,8 @@ pub fn flexround_forward<F: Float>(
     tune(UNITS = [256, 64]),
     require(UNITS <= cols.next_power_of_two().max(64)),
     key(rows = pow2, cols = pow2, dtype),
-    grid = (rows.min(65_535), rows.div_ceil(65_535)),
+    grid = cubes(rows),
     cube = UNITS,
-    name = "flexround_backward_rows"
 )]
 pub fn flexround_backward_rows<F: Float>(
     w: &Array<F>,
@@ -284,12 +278,7 @@ pub fn flexround_backward_rows<F: Float>(
 
 /// `ds4[i] = sum_o t[o, i] / s4[i]`: one unit per column, rows in order (consecutive
 /// units read consecutive columns).
-#[kiln_macros::kernel(
-    tune(UNITS = [256]),
-    grid = (cols.div_ceil(UNITS).min(65_535), cols.div_ceil(UNITS).div_ceil(65_535)),
-    cube = UNITS,
-    name = "flexround_backward_cols"
-)]
+#[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(cols.div_ceil(UNITS)), cube = UNITS)]
 pub fn flexround_backward_cols<F: Float>(
     w: &Array<F>,
     s1: &Array<F>,
@@ -322,12 +311,7 @@ pub fn flexround_backward_cols<F: Float>(
 }
 
 /// `ds1 = sum(p1)` in one cube.
-#[kiln_macros::kernel(
-    tune(UNITS = [256]),
-    grid = (1),
-    cube = UNITS,
-    name = "flexround_backward_total"
-)]
+#[kiln_macros::kernel(tune(UNITS = [256]), grid = (1), cube = UNITS)]
 pub fn flexround_backward_total<F: Float>(p1: &Array<f32>, ds1: &mut Array<F>, rows: u32) {
     let mut sum = 0.0f32;
     let mut j = UNIT_POS;

@@ -18,7 +18,6 @@ pub const INT8_TILE_K: u32 = 32;
     key(m = pow2, n = pow2, k = pow2, dtype),
     grid = (n.div_ceil(BN), m.div_ceil(BM)),
     cube = (BN / TN, BM / TM),
-    name = "w8a8_gemm"
 )]
 pub fn w8a8_gemm<F: Float>(
     xq: &Array<u32>,
@@ -116,7 +115,6 @@ pub fn w8a8_gemm<F: Float>(
     key(m = pow2, n = pow2, k = pow2, dtype),
     grid = (n.div_ceil(BN), m.div_ceil(mt)),
     cube = (KS, BN),
-    name = "w8a8_gemv",
     domain(mt = [1, 2, 4, 8]),
     defaults(mt = 1)
 )]
@@ -182,9 +180,8 @@ pub fn w8a8_gemv<F: Float>(
     tune(UNITS = [256, 64]),
     require(UNITS <= cols.next_power_of_two().max(64)),
     key(rows = pow2, cols = pow2, dtype),
-    grid = (rows.min(65_535), rows.div_ceil(65_535)),
+    grid = cubes(rows),
     cube = UNITS,
-    name = "token_scale"
 )]
 pub fn token_scale<F: Float>(x: &Array<F>, sx: &mut Array<f32>, rows: u32, cols: u32) {
     let row = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
@@ -212,12 +209,7 @@ pub fn token_scale<F: Float>(x: &Array<F>, sx: &mut Array<f32>, rows: u32, cols:
 
 /// `xq = clamp(round(x / sx[row]), -127, 127)`, ties to even (0 where the row is all
 /// zeros or its scale is NaN; +-127 for +-inf). One unit per output word of four bytes, which may span two rows.
-#[kiln_macros::kernel(
-    tune(UNITS = [256]),
-    grid = (words.div_ceil(UNITS).min(65_535), words.div_ceil(UNITS).div_ceil(65_535)),
-    cube = UNITS,
-    name = "token_quantize"
-)]
+#[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(words.div_ceil(UNITS)), cube = UNITS)]
 pub fn token_quantize<F: Float>(
     x: &Array<F>,
     sx: &Array<f32>,

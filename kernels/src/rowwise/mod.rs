@@ -83,7 +83,7 @@ fn rowwise(x: &Tensor, lse: bool) -> Result<Tensor> {
     tune(UNITS = [256, 128, 64, 32]),
     require(UNITS as usize <= cols.next_power_of_two().max(32) as usize),
     key(rows = pow2, cols = pow2, dtype),
-    grid = (rows.min(65_535), rows.div_ceil(65_535)),
+    grid = cubes(rows),
     cube = UNITS,
 )]
 fn row_reduce<F: Float>(

@@ -289,7 +289,7 @@ fn unit_scores(
 #[kiln_macros::kernel(
     tune(UNITS = [256, 64]),
     key(units = pow2, outer = pow2, unit_size = pow2, dtype),
-    grid = (units.min(65_535), units.div_ceil(65_535)),
+    grid = cubes(units),
     cube = UNITS,
     defaults(squares = true)
 )]

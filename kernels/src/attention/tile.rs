@@ -1,0 +1,149 @@
+//! What the attention kernels share: their signature (`attention_kernel!`) and the
+//! query tile a forward or dq cube owns (`query_tile`).
+
+/// Declares an attention kernel: `q` `[B, Sq, H, D]`, `k` `[B, Sk, Hkv, D]`, `v` `[B, Sk,
+/// Hkv, Dv]`, the sequence bounds `bounds_q` / `bounds_k` (N + 1 token offsets each),
+/// then the kernel's own tensors, the shape (`n_seq` sequences of at most `max_q`
+/// queries and `max_k` keys, `heads` query heads in groups of `group` per KV head,
+/// head dims `dk`, `dv`), the rows of `lse` per head (`lse_rows`), the causal `shift`
+/// (query `i` sees key `j` iff `j <= i + shift`), the score `scale`, then the kernel's
+/// own scalars, and the comptime switches `causal`, `varlen` and the kernel's own;
+/// keyed by the shape's power-of-two buckets and the dtype. The caller gives the rest
+/// of the attribute (tunables, requirements, grid, cube, defaults) and the body.
+macro_rules! attention_kernel {
+    (
+        $(#[doc = $doc:literal])*
+        #[kernel($($attr:tt)*)]
+        $name:ident($($tensors:tt)*)
+        scalars($($scalars:tt)*)
+        comptime($($flags:tt)*)
+        $body:block
+    ) => {
+        $(#[doc = $doc])*
+        #[kiln_macros::kernel(
+            key(n_seq = pow2, max_q = pow2, max_k = pow2, heads = pow2, dk = pow2, dv = pow2, dtype),
+            $($attr)*
+        )]
+        pub fn $name<F: Float>(
+            q: &Array<F>,
+            k: &Array<F>,
+            v: &Array<F>,
+            bounds_q: &Array<u32>,
+            bounds_k: &Array<u32>,
+            $($tensors)*
+            n_seq: u32,
+            max_q: u32,
+            max_k: u32,
+            heads: u32,
+            group: u32,
+            dk: u32,
+            dv: u32,
+            lse_rows: u32,
+            shift: i32,
+            scale: f32,
+            $($scalars)*
+            #[comptime] causal: bool,
+            #[comptime] varlen: bool,
+            $($flags)*
+        ) $body
+    };
+}
+
+/// The arguments struct `$args` of an `attention_kernel!` kernel: the shared fields from
+/// the inputs `$inp`, the checked problem `$p` and its uploaded sequence bounds
+/// `$bounds_q` / `$bounds_k`, then the kernel's own fields.
+macro_rules! attention_args {
+    ($args:ident, $inp:expr, $p:expr, $bounds_q:expr, $bounds_k:expr, { $($own:tt)* }) => {
+        $args {
+            q: $inp.q,
+            k: $inp.k,
+            v: $inp.v,
+            bounds_q: $bounds_q,
+            bounds_k: $bounds_k,
+            n_seq: $p.n_seq() as u32,
+            max_q: Problem::longest(&$p.bounds_q) as u32,
+            max_k: Problem::longest(&$p.bounds_k) as u32,
+            heads: $p.heads as u32,
+            group: ($p.heads / $p.kv_heads) as u32,
+            dk: $p.dk as u32,
+            dv: $p.dv as u32,
+            lse_rows: $p.sq as u32,
+            shift: $p.shift as i32,
+            scale: $p.score_scale(),
+            causal: $p.causal,
+            varlen: $p.varlen,
+            $($own)*
+        }
+    };
+}
+
+use cubecl::prelude::*;
+
+/// The query tile of a forward or dq cube: cube `(x, h, _)` owns rows `i0..i0 + rows`
+/// of sequence `n`, query head `h` (KV head `hk`).
+#[derive(CubeType, Clone, Copy)]
+pub(super) struct QueryTile {
+    /// The sequence.
+    pub n: u32,
+    /// The tile's first row, within the sequence.
+    pub i0: u32,
+    /// The query head.
+    pub h: u32,
+    /// Its KV head.
+    pub hk: u32,
+    /// The sequence's first query token and its query count.
+    pub bos_q: u32,
+    pub sq: u32,
+    /// The sequence's first key token and its key count (at most `max_k`).
+    pub bos_k: u32,
+    pub sk: u32,
+    /// The tile's rows inside the sequence: 0 for cubes past the end of a shorter
+    /// sequence (uniform per cube).
+    pub rows: u32,
+    /// Keys the tile's last row sees: all, or up to `i_last + shift` (causal); 0 when
+    /// the tile has no rows.
+    pub kmax: u32,
+}
+
+/// This cube's [`QueryTile`] for query tiles of `bq` rows.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn query_tile(
+    bounds_q: &Array<u32>,
+    bounds_k: &Array<u32>,
+    max_q: u32,
+    max_k: u32,
+    group: u32,
+    shift: i32,
+    #[comptime] bq: u32,
+    #[comptime] causal: bool,
+) -> QueryTile {
+    let tiles_per_seq = (max_q + bq - 1) / bq;
+    let n = CUBE_POS_X / tiles_per_seq;
+    let i0 = (CUBE_POS_X % tiles_per_seq) * bq;
+    let bos_q = bounds_q[n as usize];
+    let sq = bounds_q[(n + 1) as usize] - bos_q;
+    let bos_k = bounds_k[n as usize];
+    let sk = min(bounds_k[(n + 1) as usize] - bos_k, max_k);
+    let rows = select(i0 < sq, min(sq - i0, bq), 0u32);
+    let mut kmax = sk;
+    if comptime!(causal) {
+        let seen = i32::cast_from(i0 + max(rows, 1) - 1) + shift + 1;
+        kmax = select(seen <= 0, 0u32, min(u32::cast_from(max(seen, 0)), sk));
+    }
+    if rows == 0 {
+        kmax = 0;
+    }
+    QueryTile {
+        n,
+        i0,
+        h: CUBE_POS_Y,
+        hk: CUBE_POS_Y / group,
+        bos_q,
+        sq,
+        bos_k,
+        sk,
+        rows,
+        kmax,
+    }
+}

@@ -1,0 +1,339 @@
+//! The grouped GEMM kernels of the expert FFN: one launch over every expert, a tile
+//! never straddling two experts (`grouped_kernel!` declares their shared signature).
+
+use super::routing::NO_ROUTE;
+use crate::matmul::{activate, clamped_strided, zero_tile_v4, Activation};
+use cubecl::prelude::*;
+use kiln_dsl::{load_tile_v4, reg_tile_mma_v4, v4_tile_col, V4};
+
+/// Declares a grouped GEMM kernel: the left operand `a` (or `a32` with `a_f32`) holds
+/// every expert's rows, expert `e`'s `row_count[e]` rows from `row_start[e]`; `b`
+/// `[E, K, N]` (or `[E, N, K]` with `trans_b`) as `Array<$operand>`; `bias` `[E, N]`;
+/// `slot_route` and `gates` for the scatter epilogue; the result in `c` (or `c32` with
+/// `c_f32`); `n`, `k`, `experts`, `max_rows` (the most rows of any expert); the
+/// epilogue's comptime switches, then the kernel's own. One cube per (column tile, row
+/// tile, expert), keyed by the shape's power-of-two buckets and the dtype. The caller
+/// gives the tunables, requirements, defaults and the body.
+macro_rules! grouped_kernel {
+    (
+        $(#[doc = $doc:literal])*
+        #[kernel($($attr:tt)*)]
+        $name:ident<[$($operand:tt)*], [$($operand32:tt)*]>($($flags:tt)*)
+        $body:block
+    ) => {
+        $(#[doc = $doc])*
+        #[kiln_macros::kernel(
+            key(max_rows = pow2, n = pow2, k = pow2, experts = pow2, dtype),
+            grid = (n.div_ceil(BN), max_rows.div_ceil(BM), experts),
+            cube = ((BM / TM) * (BN / TN)),
+            $($attr)*
+        )]
+        pub fn $name<F: Float>(
+            a: &Array<$($operand)*>,
+            a32: &Array<$($operand32)*>,
+            b: &Array<$($operand)*>,
+            bias: &Array<F>,
+            row_start: &Array<u32>,
+            row_count: &Array<u32>,
+            slot_route: &Array<u32>,
+            gates: &Array<f32>,
+            c: &mut Array<F>,
+            c32: &mut Array<f32>,
+            n: u32,
+            k: u32,
+            experts: u32,
+            max_rows: u32,
+            #[comptime] has_bias: bool,
+            #[comptime] act: Activation,
+            #[comptime] scatter: bool,
+            #[comptime] a_f32: bool,
+            #[comptime] c_f32: bool,
+            $($flags)*
+        ) $body
+    };
+}
+
+grouped_kernel! {
+    /// One cube per (column tile, row tile, expert): a `BM x BN` tile of expert `e`'s rows
+    /// `row_start[e] + CUBE_POS_Y BM ..` (tiles are cut per expert, so none straddles two
+    /// and cubes past an expert's last row return at once), K staged through shared memory
+    /// as 4-wide vectors (zero past the edges), f32 accumulators in registers. Epilogue:
+    /// `+ bias[e]`, the activation, then a plain store (to f32 with `c_f32`: a half
+    /// model's hidden activations), or with `scatter` the row's gate times the value into
+    /// the row of the route that fills it. `a_f32` reads the left operand from `a32`.
+    #[kernel(
+        tune((BM, BN, BK, TM, TN) = [
+            (32, 64, 16, 4, 8),
+            (64, 64, 16, 4, 8),
+            (64, 64, 32, 8, 8),
+            (16, 64, 16, 2, 8),
+            (64, 128, 16, 8, 8),
+        ]),
+        require(
+            BM % TM == 0,
+            BN % TN == 0,
+            TN % 4 == 0,
+            BK % 4 == 0,
+            (((BM + BN) * BK * 4) as usize) <= device.max_shared_memory,
+        ),
+        defaults(
+            trans_b = false,
+            has_bias = false,
+            act = none,
+            scatter = false,
+            a_f32 = false,
+            c_f32 = false,
+        ),
+    )]
+    moe_grouped_matmul<[F], [f32]>(#[comptime] trans_b: bool) {
+        let e = CUBE_POS_Z;
+        let count = row_count[e as usize];
+        let tile_row = CUBE_POS_Y * BM;
+        // Uniform per cube: a cube past its expert's rows skips the barriers together.
+        if tile_row < count {
+            let units = comptime!((BM / TM) * (BN / TN));
+            let cols_of_units = comptime!(BN / TN);
+            let row0 = row_start[e as usize] + tile_row;
+            let rows_valid = count - tile_row;
+            let col0 = CUBE_POS_X * BN;
+            let cols_valid = n - col0;
+            let (ty, tx) = (UNIT_POS / cols_of_units, UNIT_POS % cols_of_units);
+            let mut acc = Array::<V4>::new(comptime!((TM * TN / 4) as usize));
+            zero_tile_v4(&mut acc, TM * TN / 4);
+            let mut xs = SharedMemory::<V4>::new(comptime!((BM * BK / 4) as usize));
+            let mut ys = SharedMemory::<V4>::new(comptime!((BK * BN / 4) as usize));
+            let b_base = e * k * n;
+            let mut k0 = 0u32;
+            while k0 < k {
+                let depth = k - k0;
+                // a: (row r, depth d) at a[(row0 + r) K + k0 + d].
+                if comptime!(a_f32) {
+                    load_tile_v4::<f32>(
+                        &mut xs,
+                        0,
+                        a32,
+                        row0 * k + k0,
+                        k,
+                        1,
+                        rows_valid,
+                        depth,
+                        BM,
+                        BK,
+                        units,
+                    );
+                } else {
+                    load_tile_v4::<F>(
+                        &mut xs,
+                        0,
+                        a,
+                        row0 * k + k0,
+                        k,
+                        1,
+                        rows_valid,
+                        depth,
+                        BM,
+                        BK,
+                        units,
+                    );
+                }
+                if comptime!(trans_b) {
+                    // b[e] is [N, K]: (depth d, column c) at (col0 + c) K + k0 + d.
+                    load_tile_v4::<F>(
+                        &mut ys,
+                        0,
+                        b,
+                        b_base + col0 * k + k0,
+                        1,
+                        k,
+                        depth,
+                        cols_valid,
+                        BK,
+                        BN,
+                        units,
+                    );
+                } else {
+                    load_tile_v4::<F>(
+                        &mut ys,
+                        0,
+                        b,
+                        b_base + k0 * n + col0,
+                        n,
+                        1,
+                        depth,
+                        cols_valid,
+                        BK,
+                        BN,
+                        units,
+                    );
+                }
+                sync_cube();
+                reg_tile_mma_v4(&mut acc, &xs, 0, &ys, 0, ty, tx, BM, BN, BK, TM, TN);
+                sync_cube();
+                k0 += BK;
+            }
+            let row_step = comptime!(BM / TM);
+            #[unroll]
+            for i in 0..TM {
+                let r = ty + i * row_step;
+                #[unroll]
+                for j in 0..TN {
+                    let col = v4_tile_col(tx, j, BN, TN);
+                    if r < rows_valid && col < cols_valid {
+                        let v = acc[(i * comptime!(TN / 4) + j / 4) as usize][(j % 4) as usize];
+                        store_grouped::<F>(
+                            c,
+                            c32,
+                            bias,
+                            slot_route,
+                            gates,
+                            v,
+                            row0 + r,
+                            col0 + col,
+                            e,
+                            n,
+                            has_bias,
+                            act,
+                            scatter,
+                            c_f32,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The grouped GEMMs' epilogue for one f32 value `v` of row `row` (absolute), column
+/// `col` of expert `e`: `+ bias[e, col]`, the activation, then the store: to `c` (or
+/// `c32`), or with `scatter` times the gate of the route that fills the row, into that
+/// route's row. The caller masks the edges.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_grouped<F: Float>(
+    c: &mut Array<F>,
+    c32: &mut Array<f32>,
+    bias: &Array<F>,
+    slot_route: &Array<u32>,
+    gates: &Array<f32>,
+    v: f32,
+    row: u32,
+    col: u32,
+    e: u32,
+    n: u32,
+    #[comptime] has_bias: bool,
+    #[comptime] act: Activation,
+    #[comptime] scatter: bool,
+    #[comptime] c_f32: bool,
+) {
+    let mut v = v;
+    if comptime!(has_bias) {
+        v += f32::cast_from(bias[(e * n + col) as usize]);
+    }
+    v = activate(v, act);
+    if comptime!(scatter) {
+        let route = slot_route[row as usize];
+        if route != comptime!(NO_ROUTE) {
+            c[(route * n + col) as usize] = F::cast_from(gates[route as usize] * v);
+        }
+    } else if comptime!(c_f32) {
+        c32[(row * n + col) as usize] = v;
+    } else {
+        c[(row * n + col) as usize] = F::cast_from(v);
+    }
+}
+
+grouped_kernel! {
+    /// The grouped GEMM with both operands read as 4-wide vectors straight from global
+    /// memory (K and N multiples of 4; no shared memory, no barriers: the CPU-adapter path,
+    /// as `matmul_vec4`): a `TM x TN` register tile per unit, rows clamped to the expert's
+    /// last row and columns to the last one (computed, never stored). Grid, groups and
+    /// epilogue as `moe_grouped_matmul`.
+    #[kernel(
+        tune((BM, BN, TM, TN) = [
+            (64, 64, 8, 8),
+            (128, 128, 16, 8),
+            (64, 128, 8, 16),
+            (128, 128, 16, 16),
+            (32, 128, 4, 8),
+            (16, 64, 4, 4),
+        ]),
+        require(BM % TM == 0, BN % TN == 0, TN % 4 == 0, k % 4 == 0, n % 4 == 0),
+        defaults(has_bias = false, act = none, scatter = false, a_f32 = false, c_f32 = false),
+    )]
+    moe_grouped_matmul_v4<[Vector<F, Const<4>>], [Vector<f32, Const<4>>]>() {
+        let e = CUBE_POS_Z;
+        let count = row_count[e as usize];
+        let tile_row = CUBE_POS_Y * BM;
+        if tile_row < count {
+            let units_x = comptime!(BN / TN);
+            let row_step = comptime!(BM / TM);
+            let tnv = comptime!(TN / 4);
+            let (ty, tx) = (UNIT_POS / units_x, UNIT_POS % units_x);
+            let start = row_start[e as usize];
+            let row0 = start + tile_row;
+            let col0 = CUBE_POS_X * BN;
+            let (kv, nv) = (k / 4, n / 4);
+            let b_base = e * k * nv;
+            let mut rows = Array::<u32>::new(comptime!(TM as usize));
+            clamped_strided(&mut rows, row0 + ty, row_step, start + count - 1, TM);
+            let mut cols = Array::<u32>::new(comptime!(tnv as usize));
+            clamped_strided(&mut cols, col0 / 4 + tx, units_x, nv - 1, tnv);
+            let mut av = Array::<V4>::new(comptime!(TM as usize));
+            let mut accv = Array::<V4>::new(comptime!((TM * tnv) as usize));
+            zero_tile_v4(&mut accv, TM * tnv);
+            let mut kq = 0u32;
+            while kq < kv {
+                #[unroll]
+                for i in 0..TM {
+                    let at = (rows[i as usize] * kv + kq) as usize;
+                    if comptime!(a_f32) {
+                        av[i as usize] = a32[at];
+                    } else {
+                        av[i as usize] = V4::cast_from(a[at]);
+                    }
+                }
+                #[unroll]
+                for d in 0..4u32 {
+                    #[unroll]
+                    for jv in 0..tnv {
+                        let bv =
+                            V4::cast_from(b[(b_base + (kq * 4 + d) * nv + cols[jv as usize]) as usize]);
+                        #[unroll]
+                        for i in 0..TM {
+                            let x = (i * tnv + jv) as usize;
+                            accv[x] += V4::new(av[i as usize][d as usize]) * bv;
+                        }
+                    }
+                }
+                kq += 1;
+            }
+            #[unroll]
+            for i in 0..TM {
+                let r = ty + i * row_step;
+                #[unroll]
+                for j in 0..TN {
+                    let col = col0 + (tx + (j / 4) * units_x) * 4 + j % 4;
+                    if tile_row + r < count && col < n {
+                        let v = accv[(i * tnv + j / 4) as usize][(j % 4) as usize];
+                        store_grouped::<F>(
+                            c,
+                            c32,
+                            bias,
+                            slot_route,
+                            gates,
+                            v,
+                            row0 + r,
+                            col,
+                            e,
+                            n,
+                            has_bias,
+                            act,
+                            scatter,
+                            c_f32,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
