@@ -297,7 +297,7 @@ impl Parse for KernelArgs {
                         return Err(syn::Error::new(section.span(), format!("`{section}` takes one to three expressions")));
                     }
                     if section == "grid" {
-                        args.grid = Some(spread_cubes(v));
+                        args.grid = Some(spread_cubes(v)?);
                     } else {
                         args.cube = Some(v);
                     }
@@ -414,16 +414,20 @@ impl Parse for KernelArgs {
 /// `grid = cubes(n)`: `n` cubes over a one-dimensional problem, laid out as
 /// `(min(n, 65535), ceil(n / 65535))` because a grid dimension holds at most 65535 cubes
 /// on some backends (kernels index them with the DSL's `linear_unit`/`linear_cube`).
-fn spread_cubes(v: Vec<Expr>) -> Vec<Expr> {
+fn spread_cubes(v: Vec<Expr>) -> syn::Result<Vec<Expr>> {
     if let [Expr::Call(call)] = v.as_slice() {
-        if matches!(&*call.func, Expr::Path(p) if p.path.is_ident("cubes")) && call.args.len() == 1
-        {
-            let n = &call.args[0];
-            return vec![
+        if matches!(&*call.func, Expr::Path(p) if p.path.is_ident("cubes")) {
+            let [n] = call.args.iter().collect::<Vec<_>>()[..] else {
+                return Err(syn::Error::new_spanned(
+                    call,
+                    "`cubes` takes one expression, the number of cubes: `grid = cubes(len.div_ceil(UNITS))`",
+                ));
+            };
+            return Ok(vec![
                 syn::parse_quote!((#n).min(65_535)),
                 syn::parse_quote!((#n).div_ceil(65_535)),
-            ];
+            ]);
         }
     }
-    v
+    Ok(v)
 }

@@ -12,7 +12,7 @@ macro_rules! unary_kernel {
             tune($($tune)*),
             require($($req)*),
             key(len = pow2),
-            grid = (len.div_ceil(UNITS)),
+            grid = cubes(len.div_ceil(UNITS)),
             cube = UNITS,
         )]
         pub fn $name(x: &Array<f32>, out: &mut Array<f32>, len: u32, #[comptime] negate: bool) $body

@@ -123,9 +123,8 @@ pub(super) fn combine_from_layout(
     if s * m == 0 {
         return Ok(out);
     }
-    let (_, base) = routing.rows(layout);
-    let base: Vec<u32> = base.iter().map(|&b| b as u32).collect();
-    let row_base = crate::launch::upload_u32(client, "row_base", &base)?;
+    // The experts' first rows, on the device once per routing (not uploaded per call).
+    let (_, row_base) = routing.slot_routes(layout)?;
     let gates = match weighted {
         true => routing.gates()?.clone(),
         false => crate::launch::absent(client)?,
@@ -393,6 +392,7 @@ pub fn moe_gate_grads<F: Float>(
     key(rows = pow2, cols = pow2, dtype),
     grid = (rows.min(65_535)),
     cube = UNITS,
+    domain(top_k = 1..=8),
     defaults(scaled = false)
 )]
 pub fn moe_gather_rows_v4<F: Float>(
@@ -402,7 +402,7 @@ pub fn moe_gather_rows_v4<F: Float>(
     out: &mut Array<Vector<F, Const<4>>>,
     rows: u32,
     cols: u32,
-    top_k: u32,
+    #[comptime] top_k: u32,
     #[comptime] scaled: bool,
 ) {
     let mut r = CUBE_POS_X;
@@ -438,6 +438,7 @@ pub fn moe_gather_rows_v4<F: Float>(
     key(tokens = pow2, cols = pow2, dtype),
     grid = (tokens.min(65_535)),
     cube = UNITS,
+    domain(top_k = 1..=8),
     defaults(weighted = false, by_route = false)
 )]
 pub fn moe_combine_rows_v4<F: Float>(
@@ -449,15 +450,18 @@ pub fn moe_combine_rows_v4<F: Float>(
     out: &mut Array<Vector<F, Const<4>>>,
     tokens: u32,
     cols: u32,
-    top_k: u32,
+    #[comptime] top_k: u32,
     #[comptime] weighted: bool,
     #[comptime] by_route: bool,
 ) {
     let mut s = CUBE_POS_X;
     // The token's routes (row, weight) once per cube, not once per column vector.
-    let mut rows = Array::<u32>::new(comptime!(crate::moe::MAX_TOP_K));
-    let mut weights = Array::<f32>::new(comptime!(crate::moe::MAX_TOP_K));
+    // `top_k` is comptime: the loops over routes unroll and `rows`/`weights` stay in
+    // registers (a runtime k put them in memory: half the bandwidth on lavapipe).
+    let mut rows = Array::<u32>::new(comptime!(top_k as usize));
+    let mut weights = Array::<f32>::new(comptime!(top_k as usize));
     while s < tokens {
+        #[unroll]
         for i in 0..top_k {
             let r = s * top_k + i;
             let loc = locations[r as usize];
@@ -476,6 +480,7 @@ pub fn moe_combine_rows_v4<F: Float>(
         let mut c = UNIT_POS;
         while c < cols {
             let mut acc = V4::new(0.0f32);
+            #[unroll]
             for i in 0..top_k {
                 let at = rows[i as usize];
                 if at != comptime!(NO_ROUTE) {
