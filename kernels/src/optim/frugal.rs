@@ -17,7 +17,7 @@
 //! `8k` bytes of moments, `n/8` of mask, `4k` of indices — at density 0.25, 40% of
 //! Adam's `8n`.
 
-use super::multi::{adam_direction, adam_moments, Moments};
+use super::multi::{adam_constants, adam_direction, adam_moments};
 use super::topk::{select_top_k, KeySource};
 use super::{Hyper, Rule};
 use crate::launch::{check_input, expect_shape, upload_u32};
@@ -350,7 +350,7 @@ pub fn frugal_step(
         if ((mask[(e / 32) as usize] >> (e % 32)) & 1u32) == 1u32 {
             let j = lower_bound(indices, k, e);
             let t = f32::cast_from(counter[0] + 1);
-            let moments = Moments {
+            let moments = adam_constants(
                 beta1,
                 beta2,
                 one_minus_beta1,
@@ -358,9 +358,10 @@ pub fn frugal_step(
                 ln_beta1,
                 ln_beta2,
                 eps,
-            };
+                t,
+            );
             adam_moments(state, j, k, g, moments, false);
-            p -= lr * adam_direction(state, j, k, t, moments);
+            p -= lr * adam_direction(state, j, k, moments);
         } else {
             // sign(0) = 0: a zero gradient leaves the coordinate alone.
             let s = select(g > 0.0, 1.0f32, select(g < 0.0, -1.0f32, 0.0f32));

@@ -6,7 +6,7 @@
 //! [`SLOTS`] gradients as separate arguments (unused ones get a one-element placeholder),
 //! plus the state, a table and the step counter: 15 storage buffers (Vulkan, Metal and
 //! D3D12 drivers allow at least 31; a device with fewer is refused with a clear error).
-//! Each cube updates `UNITS` vectors of one slot, so the slot (and every branch on it)
+//! Each cube updates `UNITS x PER` vectors of one slot, so the slot (and every branch on it)
 //! is uniform in a cube. Vectors are 4 wide when every slot of the launch is 4-aligned
 //! (lengths, columns, row strides, offsets; state offsets are padded to 4), else 1. A slot is a [`Block`] of a row-major `[rows, cols]` weight: all of
 //! it, rows `start..end`, or columns `start..end` (strided; S²FT's submatrices).
@@ -43,6 +43,8 @@ const _: () = assert!(SLOTS == 6);
 const SLOT_WORDS: usize = 6;
 /// Units per cube of the step kernel (its one configuration, `UNITS = [256]`).
 const STEP_UNITS: usize = 256;
+/// Vectors per unit of the step kernel (its one configuration, `PER = [4]`).
+const STEP_PER: usize = 4;
 
 kiln_runtime::comptime_enum! {
     /// Which pass of the step kernel runs (a `#[comptime]` specialisation).
@@ -372,7 +374,7 @@ impl MultiTensorStep {
             true => 4,
             false => 1,
         };
-        let per_cube = STEP_UNITS * width;
+        let per_cube = STEP_UNITS * STEP_PER * width;
         let mut table = Vec::with_capacity(SLOT_WORDS * SLOTS);
         let (mut len, mut cubes) = (0usize, 0usize);
         for s in &self.slots[range.clone()] {
@@ -608,7 +610,7 @@ fn lane_sum<N: Size>(v: Vector<f32, N>) -> f32 {
 /// AdaGrad-Norm) writes the cube's sums of squares to `partials[2 cube ..]` instead of
 /// the weight.
 #[kiln_macros::kernel(
-    tune(UNITS = [256]),
+    tune(UNITS = [256], PER = [4]),
     vector = [4, 1],
     key(len = pow2, dtype),
     grid = cubes(cubes),
@@ -665,28 +667,23 @@ pub fn optim_step<F: Float, N: Size>(
             }
         }
         let t = b * comptime!(SLOT_WORDS as u32);
-        // Vector index within the slot, and the slot's length in elements and vectors.
-        let e = (cube - table[t as usize]) * UNITS + UNIT_POS;
+        // The slot's length in elements and vectors, its weight layout and state base.
         let n = table[(t + 1) as usize];
         let nv = n / nw;
-        let inside = e < nv;
-        // Out-of-slot units read vector 0 (a slot has one, or no cube) and add nothing.
-        let ei = select(inside, e, 0u32);
-        let first = ei * nw;
         let cols = table[(t + 2) as usize];
         let ld = table[(t + 3) as usize];
-        let w_at = (table[(t + 4) as usize] + (first / cols) * ld + first % cols) / nw;
+        let w_off = table[(t + 4) as usize];
         let base = table[(t + 5) as usize];
+        // A whole row-major weight (or a rows block): no division per vector.
+        let contiguous = ld == cols;
         // Per-element states at base + j n + e, scalars at base + K n + j, master after
         // (all 4-aligned when N = 4: the host pads slot offsets, and refuses N = 4 for a
         // master copy behind per-tensor scalars).
         let k = comptime!(rule.element_states() as u32);
-        let s_at = base / nw + ei;
         let scalars_at = base + k * n;
-        let master_at = (scalars_at + comptime!(rule.scalar_states() as u32)) / nw + ei;
         let step = counter[0];
         let tf = f32::cast_from(step + 1);
-        let moments = Moments {
+        let moments = adam_constants(
             beta1,
             beta2,
             one_minus_beta1,
@@ -694,35 +691,137 @@ pub fn optim_step<F: Float, N: Size>(
             ln_beta1,
             ln_beta2,
             eps,
-        };
+            tf,
+        );
+        // Adan's other bias corrections, also once per unit.
+        let mut adan_bc2 = 1.0f32;
+        let mut adan_sqrt_bc3 = 1.0f32;
+        if comptime!(rule == Rule::Adan) {
+            adan_bc2 = one_minus_pow(ln_beta2, tf);
+            adan_sqrt_bc3 = f32::sqrt(one_minus_pow(ln_beta3, tf));
+        }
         let zero = Vector::<f32, N>::new(0.0);
         let wd = Vector::<f32, N>::new(weight_decay);
-        let mut g = zero;
-        let mut p = zero;
-        if inside {
-            g = Vector::<f32, N>::cast_from(select_slot(g0, g1, g2, g3, g4, g5, b, ei));
-            if comptime!(master) {
-                p = state[master_at as usize];
+        let mut sq0 = 0.0f32;
+        let mut sq1 = 0.0f32;
+        // Each unit updates PER vectors, UNITS apart (consecutive units touch consecutive
+        // vectors): the slot lookup and the step's constants are paid once per PER.
+        #[unroll]
+        for rep in 0..PER {
+            let e = (cube - table[t as usize]) * comptime!(UNITS * PER) + rep * UNITS + UNIT_POS;
+            let inside = e < nv;
+            // Out-of-slot units read vector 0 (a slot has one, or no cube) and add nothing.
+            let ei = select(inside, e, 0u32);
+            let first = ei * nw;
+            let mut w_at = (w_off + first) / nw;
+            if !contiguous {
+                w_at = (w_off + (first / cols) * ld + first % cols) / nw;
             }
-            if comptime!(!master) {
-                p = Vector::<f32, N>::cast_from(select_slot(w0, w1, w2, w3, w4, w5, b, w_at));
+            let s_at = base / nw + ei;
+            let master_at = (scalars_at + comptime!(rule.scalar_states() as u32)) / nw + ei;
+            let mut g = zero;
+            let mut p = zero;
+            if inside {
+                g = Vector::<f32, N>::cast_from(select_slot(g0, g1, g2, g3, g4, g5, b, ei));
+                if comptime!(master) {
+                    p = state[master_at as usize];
+                }
+                if comptime!(!master) {
+                    p = Vector::<f32, N>::cast_from(select_slot(w0, w1, w2, w3, w4, w5, b, w_at));
+                }
+            }
+            if comptime!(phase == Phase::Norms) {
+                if inside {
+                    if comptime!(rule == Rule::Lamb) {
+                        let mv = advance_moments(state, s_at, nv, g, moments, false);
+                        let r = adam_direction_of(mv.m, mv.v, moments) + wd * p;
+                        sq0 += lane_sum(p * p);
+                        sq1 += lane_sum(r * r);
+                    }
+                    if comptime!(rule == Rule::AdaGradNorm) {
+                        let gg = g + wd * p;
+                        sq0 += lane_sum(gg * gg);
+                    }
+                }
+            }
+            if comptime!(phase == Phase::Update) {
+                if inside {
+                    p *= Vector::<f32, N>::new(decay_before);
+                    if comptime!(rule == Rule::AdamW || rule == Rule::AdaBelief) {
+                        let belief = comptime!(rule == Rule::AdaBelief);
+                        let mv = advance_moments(state, s_at, nv, g, moments, belief);
+                        p -= Vector::<f32, N>::new(lr) * adam_direction_of(mv.m, mv.v, moments);
+                    }
+                    if comptime!(rule == Rule::Adan) {
+                        // The difference is 0 at the first step (grad_prev is not yet a gradient).
+                        let mut delta = g - state[(s_at + 3 * nv) as usize];
+                        if step == 0 {
+                            delta = zero;
+                        }
+                        let m = Vector::<f32, N>::new(beta1) * state[s_at as usize]
+                            + Vector::<f32, N>::new(one_minus_beta1) * g;
+                        let d = Vector::<f32, N>::new(beta2) * state[(s_at + nv) as usize]
+                            + Vector::<f32, N>::new(one_minus_beta2) * delta;
+                        let u = g + Vector::<f32, N>::new(beta2) * delta;
+                        let nn = Vector::<f32, N>::new(beta3) * state[(s_at + 2 * nv) as usize]
+                            + Vector::<f32, N>::new(one_minus_beta3) * u * u;
+                        let den = Vector::sqrt(nn) / Vector::<f32, N>::new(adan_sqrt_bc3)
+                            + Vector::<f32, N>::new(eps);
+                        p -= Vector::<f32, N>::new(lr / moments.bc1) * m / den
+                            + Vector::<f32, N>::new(lr * beta2 / adan_bc2) * d / den;
+                        state[s_at as usize] = m;
+                        state[(s_at + nv) as usize] = d;
+                        state[(s_at + 2 * nv) as usize] = nn;
+                        state[(s_at + 3 * nv) as usize] = g;
+                    }
+                    if comptime!(rule == Rule::AdaGrad) {
+                        let gg = g + wd * p;
+                        let v = state[s_at as usize] + gg * gg;
+                        p -= Vector::<f32, N>::new(lr) * gg
+                            / (Vector::sqrt(v) + Vector::<f32, N>::new(eps));
+                        state[s_at as usize] = v;
+                    }
+                    if comptime!(rule == Rule::Lamb) {
+                        // The moments were advanced by the norms pass; the same r again.
+                        let r = adam_direction_of(
+                            state[s_at as usize],
+                            state[(s_at + nv) as usize],
+                            moments,
+                        ) + wd * p;
+                        let w_norm = f32::sqrt(partials[(2 * cubes + 2 * b) as usize]);
+                        let r_norm = f32::sqrt(partials[(2 * cubes + 2 * b + 1) as usize]);
+                        let trust = select(w_norm > 0.0 && r_norm > 0.0, w_norm / r_norm, 1.0f32);
+                        p -= Vector::<f32, N>::new(lr * trust) * r;
+                    }
+                    if comptime!(rule == Rule::AdaGradNorm) {
+                        // b2 was advanced by the slot reduction; it sits 4-aligned (lane 0)
+                        // or alone (N = 1).
+                        let b2 = state[(scalars_at / nw) as usize][0];
+                        let gg = g + wd * p;
+                        p -= Vector::<f32, N>::new(lr / (f32::sqrt(b2) + eps)) * gg;
+                    }
+                    p *= Vector::<f32, N>::new(decay_after);
+                    if comptime!(master) {
+                        state[master_at as usize] = p;
+                    }
+                    let out = Vector::<F, N>::cast_from(p);
+                    if b == 0 {
+                        w0[w_at as usize] = out;
+                    } else if b == 1 {
+                        w1[w_at as usize] = out;
+                    } else if b == 2 {
+                        w2[w_at as usize] = out;
+                    } else if b == 3 {
+                        w3[w_at as usize] = out;
+                    } else if b == 4 {
+                        w4[w_at as usize] = out;
+                    } else {
+                        w5[w_at as usize] = out;
+                    }
+                }
             }
         }
         if comptime!(phase == Phase::Norms) {
-            let mut sq0 = 0.0f32;
-            let mut sq1 = 0.0f32;
-            if inside {
-                if comptime!(rule == Rule::Lamb) {
-                    let mv = advance_moments(state, s_at, nv, g, moments, false);
-                    let r = adam_direction_of(mv.m, mv.v, tf, moments) + wd * p;
-                    sq0 = lane_sum(p * p);
-                    sq1 = lane_sum(r * r);
-                }
-                if comptime!(rule == Rule::AdaGradNorm) {
-                    let gg = g + wd * p;
-                    sq0 = lane_sum(gg * gg);
-                }
-            }
             let mut smem = SharedMemory::<f32>::new(UNITS as usize);
             let total0 = cube_sum(&mut smem, sq0, UNITS);
             let total1 = cube_sum(&mut smem, sq1, UNITS);
@@ -731,100 +830,45 @@ pub fn optim_step<F: Float, N: Size>(
                 partials[(2 * cube + 1) as usize] = total1;
             }
         }
-        if comptime!(phase == Phase::Update) {
-            if inside {
-                p *= Vector::<f32, N>::new(decay_before);
-                if comptime!(rule == Rule::AdamW || rule == Rule::AdaBelief) {
-                    let belief = comptime!(rule == Rule::AdaBelief);
-                    let mv = advance_moments(state, s_at, nv, g, moments, belief);
-                    p -= Vector::<f32, N>::new(lr) * adam_direction_of(mv.m, mv.v, tf, moments);
-                }
-                if comptime!(rule == Rule::Adan) {
-                    // The difference is 0 at the first step (grad_prev is not yet a gradient).
-                    let mut delta = g - state[(s_at + 3 * nv) as usize];
-                    if step == 0 {
-                        delta = zero;
-                    }
-                    let m = Vector::<f32, N>::new(beta1) * state[s_at as usize]
-                        + Vector::<f32, N>::new(one_minus_beta1) * g;
-                    let d = Vector::<f32, N>::new(beta2) * state[(s_at + nv) as usize]
-                        + Vector::<f32, N>::new(one_minus_beta2) * delta;
-                    let u = g + Vector::<f32, N>::new(beta2) * delta;
-                    let nn = Vector::<f32, N>::new(beta3) * state[(s_at + 2 * nv) as usize]
-                        + Vector::<f32, N>::new(one_minus_beta3) * u * u;
-                    let bc1 = one_minus_pow(ln_beta1, tf);
-                    let bc2 = one_minus_pow(ln_beta2, tf);
-                    let bc3 = one_minus_pow(ln_beta3, tf);
-                    let den = Vector::sqrt(nn) / Vector::<f32, N>::new(f32::sqrt(bc3))
-                        + Vector::<f32, N>::new(eps);
-                    p -= Vector::<f32, N>::new(lr / bc1) * m / den
-                        + Vector::<f32, N>::new(lr * beta2 / bc2) * d / den;
-                    state[s_at as usize] = m;
-                    state[(s_at + nv) as usize] = d;
-                    state[(s_at + 2 * nv) as usize] = nn;
-                    state[(s_at + 3 * nv) as usize] = g;
-                }
-                if comptime!(rule == Rule::AdaGrad) {
-                    let gg = g + wd * p;
-                    let v = state[s_at as usize] + gg * gg;
-                    p -= Vector::<f32, N>::new(lr) * gg
-                        / (Vector::sqrt(v) + Vector::<f32, N>::new(eps));
-                    state[s_at as usize] = v;
-                }
-                if comptime!(rule == Rule::Lamb) {
-                    // The moments were advanced by the norms pass; the same r again.
-                    let r = adam_direction_of(
-                        state[s_at as usize],
-                        state[(s_at + nv) as usize],
-                        tf,
-                        moments,
-                    ) + wd * p;
-                    let w_norm = f32::sqrt(partials[(2 * cubes + 2 * b) as usize]);
-                    let r_norm = f32::sqrt(partials[(2 * cubes + 2 * b + 1) as usize]);
-                    let trust = select(w_norm > 0.0 && r_norm > 0.0, w_norm / r_norm, 1.0f32);
-                    p -= Vector::<f32, N>::new(lr * trust) * r;
-                }
-                if comptime!(rule == Rule::AdaGradNorm) {
-                    // b2 was advanced by the slot reduction; it sits 4-aligned (lane 0)
-                    // or alone (N = 1).
-                    let b2 = state[(scalars_at / nw) as usize][0];
-                    let gg = g + wd * p;
-                    p -= Vector::<f32, N>::new(lr / (f32::sqrt(b2) + eps)) * gg;
-                }
-                p *= Vector::<f32, N>::new(decay_after);
-                if comptime!(master) {
-                    state[master_at as usize] = p;
-                }
-                let out = Vector::<F, N>::cast_from(p);
-                if b == 0 {
-                    w0[w_at as usize] = out;
-                } else if b == 1 {
-                    w1[w_at as usize] = out;
-                } else if b == 2 {
-                    w2[w_at as usize] = out;
-                } else if b == 3 {
-                    w3[w_at as usize] = out;
-                } else if b == 4 {
-                    w4[w_at as usize] = out;
-                } else {
-                    w5[w_at as usize] = out;
-                }
-            }
-        }
     }
 }
 
-/// Adam's constants in a kernel: the decays, `1 − β` and `ln β` (from f64 on the host),
-/// and `eps`.
+/// Adam's constants at one step in a kernel: the decays and `1 − β` (from f64 on the
+/// host), `eps`, and the bias corrections `1 − β1^t` and `sqrt(1 − β2^t)` (formed once
+/// per unit by [`adam_constants`], not per element).
 #[derive(CubeType, Clone, Copy)]
 pub(super) struct Moments {
     pub beta1: f32,
     pub beta2: f32,
     pub one_minus_beta1: f32,
     pub one_minus_beta2: f32,
-    pub ln_beta1: f32,
-    pub ln_beta2: f32,
     pub eps: f32,
+    pub bc1: f32,
+    pub sqrt_bc2: f32,
+}
+
+/// [`Moments`] at step `t` (1-based, as f32) from the decays, `1 − β`, `ln β` and `eps`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn adam_constants(
+    beta1: f32,
+    beta2: f32,
+    one_minus_beta1: f32,
+    one_minus_beta2: f32,
+    ln_beta1: f32,
+    ln_beta2: f32,
+    eps: f32,
+    t: f32,
+) -> Moments {
+    Moments {
+        beta1,
+        beta2,
+        one_minus_beta1,
+        one_minus_beta2,
+        eps,
+        bc1: one_minus_pow(ln_beta1, t),
+        sqrt_bc2: f32::sqrt(one_minus_pow(ln_beta2, t)),
+    }
 }
 
 /// Adam's first and second moments after a step.
@@ -857,20 +901,17 @@ pub(super) fn adam_moments_of<N: Size>(
     AdamMoments::<N> { m, v }
 }
 
-/// The bias-corrected Adam direction `m̂ / (sqrt(v̂) + eps)` at step `t` (AdamW's and
+/// The bias-corrected Adam direction `m̂ / (sqrt(v̂) + eps)` at `c`'s step (AdamW's and
 /// AdaBelief's step over `lr`, LAMB's `r` before its decay term, FRUGAL's active
 /// coordinates).
 #[cube]
 pub(super) fn adam_direction_of<N: Size>(
     m: Vector<f32, N>,
     v: Vector<f32, N>,
-    t: f32,
     c: Moments,
 ) -> Vector<f32, N> {
-    let bc1 = one_minus_pow(c.ln_beta1, t);
-    let bc2 = one_minus_pow(c.ln_beta2, t);
-    m / Vector::<f32, N>::new(bc1)
-        / (Vector::sqrt(v) / Vector::<f32, N>::new(f32::sqrt(bc2)) + Vector::<f32, N>::new(c.eps))
+    m / Vector::<f32, N>::new(c.bc1)
+        / (Vector::sqrt(v) / Vector::<f32, N>::new(c.sqrt_bc2) + Vector::<f32, N>::new(c.eps))
 }
 
 /// [`adam_moments_of`] on the vectors `state[s_at]`, `state[s_at + nv]`, in place; returns
@@ -919,11 +960,10 @@ pub(super) fn adam_moments(
 
 /// [`adam_direction_of`] on scalar state at `state[s_at]`, `state[s_at + n]`.
 #[cube]
-pub(super) fn adam_direction(state: &Array<f32>, s_at: u32, n: u32, t: f32, c: Moments) -> f32 {
+pub(super) fn adam_direction(state: &Array<f32>, s_at: u32, n: u32, c: Moments) -> f32 {
     adam_direction_of::<Const<1>>(
         Vector::new(state[s_at as usize]),
         Vector::new(state[(s_at + n) as usize]),
-        t,
         c,
     )[0]
 }
