@@ -17,7 +17,13 @@ pub enum ReduceOp {
 
 /// Reduces `value` over the `units` units of the cube (`units` a power of two equal to
 /// the cube size, `smem` at least `units` long). Every unit receives the result. The
-/// tree order is fixed, so sums are deterministic run to run.
+/// order is fixed, so sums are deterministic run to run.
+///
+/// Two levels instead of a binary tree: `L = min(units, 16)` leaders each combine the
+/// column `leader, leader + L, ...` (conflict-free on GPUs' shared-memory banks), then
+/// every unit combines the `L` column results in the same order. Three barriers instead
+/// of `log2(units) + 2`: a barrier is cheap on a GPU but, on a CPU adapter (lavapipe),
+/// a switch of every SIMD slice of the cube, which made LAMB's norms pass barrier-bound.
 #[cube]
 pub fn cube_reduce(
     smem: &mut SharedMemory<f32>,
@@ -25,24 +31,40 @@ pub fn cube_reduce(
     #[comptime] units: u32,
     #[comptime] op: ReduceOp,
 ) -> f32 {
+    let leaders = comptime!(if units < 16 { units } else { 16 });
+    let per_leader = comptime!({
+        assert!(units % leaders == 0, "cube_reduce: units must be a power of two");
+        units / leaders
+    });
     let u = UNIT_POS as usize;
     smem[u] = value;
     sync_cube();
-    let mut stride = (units / 2).runtime();
-    while stride > 0 {
-        if UNIT_POS < stride {
-            let other = smem[u + stride as usize];
+    if UNIT_POS < leaders {
+        let mut acc = smem[u];
+        #[unroll]
+        for j in 1..per_leader {
+            let other = smem[u + (j * leaders) as usize];
             if comptime!(op == ReduceOp::Sum) {
-                smem[u] += other;
+                acc += other;
             } else {
-                smem[u] = max(smem[u], other);
+                acc = max(acc, other);
             }
         }
-        sync_cube();
-        stride /= 2;
+        // Only this leader reads index u < leaders at this level: safe to overwrite.
+        smem[u] = acc;
     }
-    let r = smem[0];
-    // Nobody may overwrite smem[0] until every unit has read it.
+    sync_cube();
+    let mut r = smem[0];
+    #[unroll]
+    for j in 1..leaders {
+        let other = smem[j as usize];
+        if comptime!(op == ReduceOp::Sum) {
+            r += other;
+        } else {
+            r = max(r, other);
+        }
+    }
+    // Nobody may overwrite smem[0..leaders] until every unit has read it.
     sync_cube();
     r
 }
