@@ -33,7 +33,10 @@ pub fn cube_reduce(
 ) -> f32 {
     let leaders = comptime!(if units < 16 { units } else { 16 });
     let per_leader = comptime!({
-        assert!(units % leaders == 0, "cube_reduce: units must be a power of two");
+        assert!(
+            units % leaders == 0,
+            "cube_reduce: units must be a power of two"
+        );
         units / leaders
     });
     let u = UNIT_POS as usize;

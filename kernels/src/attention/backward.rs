@@ -219,7 +219,7 @@ pub fn attention_bwd_prep<F: Float>(
     }
 }
 
-attention_kernel! {
+attention_grad_kernel! {
     /// dq of one (sequence, query tile of `BQ`, head, dq column tile of `BC`): walks the
     /// keys the tile sees in tiles of `BK`; `ds` staged in shared memory for `dq += ds K`.
     #[kernel(
@@ -235,20 +235,8 @@ attention_kernel! {
         ),
         grid = (n_seq * max_q.div_ceil(BQ), heads, dk.div_ceil(BC)),
         cube = (BQ / TQ) * (BK / TK),
-        defaults(causal = false, varlen = false, grad_f32 = false),
     )]
-    attention_bwd_dq(
-        d_o: &Array<F>,
-        lse_n: &Array<f32>,
-        delta: &Array<f32>,
-        dq: &mut Array<F>,
-        dq32: &mut Array<f32>,
-    )
-    scalars()
-    comptime(
-        #[comptime] grad_f32: bool,
-    )
-    {
+    attention_bwd_dq(dq: &mut Array<F>, dq32: &mut Array<f32>) {
         let units = comptime!((BQ / TQ) * (BK / TK));
         let tile = query_tile(bounds_q, bounds_k, max_q, max_k, group, shift, BQ, causal);
         let (n, i0, h, hk) = (tile.n, tile.i0, tile.h, tile.hk);
@@ -413,7 +401,7 @@ attention_kernel! {
     }
 }
 
-attention_kernel! {
+attention_grad_kernel! {
     /// dk and dv of one (sequence, key tile of `BKR`, KV head, column tile of `BC` of both):
     /// walks the query heads of the group and the query tiles (of `BQC`) that see the keys.
     #[kernel(
@@ -429,22 +417,13 @@ attention_kernel! {
         ),
         grid = (n_seq * max_k.div_ceil(BKR), heads / group, dk.max(dv).div_ceil(BC)),
         cube = (BKR / TR) * (BQC / TC),
-        defaults(causal = false, varlen = false, grad_f32 = false),
     )]
     attention_bwd_dkv(
-        d_o: &Array<F>,
-        lse_n: &Array<f32>,
-        delta: &Array<f32>,
         dk_out: &mut Array<F>,
         dv_out: &mut Array<F>,
         dk32: &mut Array<f32>,
-        dv32: &mut Array<f32>,
-    )
-    scalars()
-    comptime(
-        #[comptime] grad_f32: bool,
-    )
-    {
+        dv32: &mut Array<f32>
+    ) {
         let units = comptime!((BKR / TR) * (BQC / TC));
         let tiles_per_seq = (max_k + BKR - 1) / BKR;
         let n = CUBE_POS_X / tiles_per_seq;

@@ -103,10 +103,7 @@ attention_kernel! {
         temperature: f32,
         log_lse_scale: f32,
     )
-    comptime(
-        #[comptime] out_f32: bool,
-    )
-    {
+    comptime(#[comptime] out_f32: bool,) {
         let units = comptime!((BQ / TQ) * (BK / TK));
         let lowest = f32::min_value();
         let tile = query_tile(bounds_q, bounds_k, max_q, max_k, group, shift, BQ, causal);

@@ -49,6 +49,28 @@ macro_rules! attention_kernel {
     };
 }
 
+/// Declares a backward attention kernel: an `attention_kernel!` that also reads `d_o`
+/// (dL/dout, q's layout), `lse_n` (the rows' natural log-sum-exp of `c s`) and `delta`
+/// (`rowsum(do * out)`), then its own outputs, and writes them in F or, with
+/// `grad_f32`, in f32 (`..32` outputs). `causal`, `varlen` and `grad_f32` default to
+/// false. The caller's attribute ends with a comma.
+macro_rules! attention_grad_kernel {
+    (
+        $(#[doc = $doc:literal])*
+        #[kernel($($attr:tt)*)]
+        $name:ident($($outputs:tt)*) $body:block
+    ) => {
+        attention_kernel! {
+            $(#[doc = $doc])*
+            #[kernel($($attr)* defaults(causal = false, varlen = false, grad_f32 = false),)]
+            $name(d_o: &Array<F>, lse_n: &Array<f32>, delta: &Array<f32>, $($outputs)*,)
+            scalars()
+            comptime(#[comptime] grad_f32: bool,)
+            $body
+        }
+    };
+}
+
 /// The arguments struct `$args` of an `attention_kernel!` kernel: the shared fields from
 /// the inputs `$inp`, the checked problem `$p` and its uploaded sequence bounds
 /// `$bounds_q` / `$bounds_k`, then the kernel's own fields.

@@ -2,6 +2,7 @@
 //! scores; dg from the products of the forward and backward quantities). Layouts and
 //! numerics as in `chunk_state`.
 
+use super::chunk_state::chunk_at;
 use cubecl::prelude::*;
 use kiln_dsl::{load_tile, reg_tile_mma};
 
@@ -42,11 +43,9 @@ pub fn gla_bwd_dqk<F: Float>(
     scale: f32,
     #[comptime] chunk: u32,
 ) {
-    let c = CUBE_POS_X;
-    let h = CUBE_POS_Y;
+    let at = chunk_at(chunks);
+    let (c, h, start, len) = (at.c, at.h, at.start, at.len);
     let k0 = CUBE_POS_Z * BK;
-    let start = chunks[(2 * c) as usize];
-    let len = chunks[(2 * c + 1) as usize];
     let units = comptime!((chunk / 4) * (BK / 4));
     let ty = UNIT_POS / comptime!(BK / 4);
     let tx = UNIT_POS % comptime!(BK / 4);

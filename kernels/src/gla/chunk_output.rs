@@ -1,6 +1,7 @@
 //! The chunkwise-parallel kernels, part 2: the intra-chunk scores and the chunk output
 //! `o = scale q e^b S + A v` (layouts and numerics as in `chunk_state`).
 
+use super::chunk_state::chunk_at;
 use cubecl::prelude::*;
 use kiln_dsl::{load_tile_v4, reg_tile_mma_v4, v4_tile_col, V4};
 
@@ -38,10 +39,8 @@ pub fn gla_scores<F: Float>(
     #[comptime] chunk: u32,
     #[comptime] decay: bool,
 ) {
-    let c = CUBE_POS_X;
-    let h = CUBE_POS_Y;
-    let start = chunks[(2 * c) as usize];
-    let len = chunks[(2 * c + 1) as usize];
+    let at = chunk_at(chunks);
+    let (c, h, start, len) = (at.c, at.h, at.start, at.len);
     let units = comptime!((chunk / 4) * (chunk / 4));
     let n_sub = comptime!(chunk / 16);
     let factor = comptime!(decay && chunk > 16);
@@ -258,11 +257,9 @@ pub fn gla_chunk_out<F: Float>(
     #[comptime] chunk: u32,
     #[comptime] backward: bool,
 ) {
-    let c = CUBE_POS_X;
-    let h = CUBE_POS_Y;
+    let at = chunk_at(chunks);
+    let (c, h, start, len) = (at.c, at.h, at.start, at.len);
     let v0 = CUBE_POS_Z * BV;
-    let start = chunks[(2 * c) as usize];
-    let len = chunks[(2 * c + 1) as usize];
     let last_row = start + len - 1;
     let units = comptime!((chunk / TT) * (BV / TT));
     let tnv = comptime!(TT / 4);

@@ -17,6 +17,29 @@
 use cubecl::prelude::*;
 use kiln_dsl::{floor_log_gate, load_tile_v4, reg_tile_mma_v4, v4_tile_col, V4};
 
+/// Where a chunk-parallel cube works: chunk `c` (`CUBE_POS_X`) of the chunk table
+/// (`chunks[2c]` its first token, `chunks[2c + 1]` its length) and head `h`
+/// (`CUBE_POS_Y`).
+#[derive(CubeType, Clone, Copy)]
+pub(super) struct ChunkAt {
+    pub c: u32,
+    pub h: u32,
+    pub start: u32,
+    pub len: u32,
+}
+
+/// This cube's [`ChunkAt`].
+#[cube]
+pub(super) fn chunk_at(chunks: &Array<u32>) -> ChunkAt {
+    let c = CUBE_POS_X;
+    ChunkAt {
+        c,
+        h: CUBE_POS_Y,
+        start: chunks[(2 * c) as usize],
+        len: chunks[(2 * c + 1) as usize],
+    }
+}
+
 /// `gc` = the chunk-local inclusive cumulative sum of `g` over time, in f32 (the `b`
 /// of the spec), one cube per (chunk, head).
 #[kiln_macros::kernel(
@@ -33,10 +56,8 @@ pub fn gla_cumsum<F: Float>(
     heads: u32,
     dk: u32,
 ) {
-    let c = CUBE_POS_X;
-    let h = CUBE_POS_Y;
-    let start = chunks[(2 * c) as usize];
-    let len = chunks[(2 * c + 1) as usize];
+    let at = chunk_at(chunks);
+    let (c, h, start, len) = (at.c, at.h, at.start, at.len);
     let mut kk = UNIT_POS;
     while kk < dk {
         let mut acc = 0.0f32;
