@@ -25,6 +25,9 @@ pub fn expand(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> 
 
 /// Checks a kernel's attribute and function and generates its items.
 fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
+    // The attribute is hashed with the function: a changed tune list or requirement
+    // invalidates the cached decisions as a changed body does.
+    let attr_text = attr.to_string();
     let args: KernelArgs = syn::parse2(attr)?;
     let mut func: ItemFn = syn::parse2(item.clone())?;
     let sig: Signature = analyse(&func)?;
@@ -181,7 +184,7 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
     let host = format_ident!("{}", camel_name);
     let config = format_ident!("{}Config", camel_name);
     let spec_static = format_ident!("{}_KERNEL", kname.to_string().to_uppercase());
-    let source_hash = fnv1a(&item.to_string());
+    let source_hash = fnv1a(&format!("{attr_text} {item}"));
     let summary = func
         .attrs
         .iter()
