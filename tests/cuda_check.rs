@@ -4,7 +4,7 @@
 //! installs NVIDIA's Python packages first (`scripts/install-cuda-toolkit`). Where they
 //! cannot be installed, `KILN_SKIP_CUDA_CHECK=1` skips the compile test, loudly.
 
-use kiln::codegen::cuda_check::{check, stale_entries, Plan, Row, Verdict};
+use kiln::codegen::cuda_check::{check, job_count, stale_entries, Plan, Row, Verdict};
 use kiln::codegen::{emit, Target};
 use kiln::runtime::{CudaArch, KernelConfig};
 use std::collections::{BTreeMap, BTreeSet};
@@ -16,8 +16,53 @@ fn archs() -> Vec<CudaArch> {
         .collect()
 }
 
-#[test]
-fn every_kernel_and_configuration_compiles_for_cuda_without_spills() {
+/// The check is split into parts of about equal work, so that no test runs for minutes;
+/// together they cover every kernel.
+const PARTS: usize = 8;
+
+macro_rules! cuda_check_parts {
+    ($($name:ident = $part:expr),* $(,)?) => {$(
+        #[test]
+        fn $name() {
+            check_part($part);
+        }
+    )*};
+}
+
+cuda_check_parts!(
+    every_kernel_compiles_for_cuda_without_spills_part_1 = 0,
+    every_kernel_compiles_for_cuda_without_spills_part_2 = 1,
+    every_kernel_compiles_for_cuda_without_spills_part_3 = 2,
+    every_kernel_compiles_for_cuda_without_spills_part_4 = 3,
+    every_kernel_compiles_for_cuda_without_spills_part_5 = 4,
+    every_kernel_compiles_for_cuda_without_spills_part_6 = 5,
+    every_kernel_compiles_for_cuda_without_spills_part_7 = 6,
+    every_kernel_compiles_for_cuda_without_spills_part_8 = 7,
+);
+
+/// The kernels of part `part`: every registered kernel in exactly one part, the parts
+/// balanced by their number of compiles (heaviest kernel first, to the lightest part).
+fn part_kernels(plan: &Plan, part: usize) -> Vec<&'static kiln::runtime::KernelSpec> {
+    let mut weighted: Vec<(usize, &'static kiln::runtime::KernelSpec)> = kiln::kernels::kernels()
+        .iter()
+        .map(|&k| (job_count(k, plan).expect("configurations"), k))
+        .collect();
+    weighted.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.name.cmp(b.1.name)));
+    let mut load = [0usize; PARTS];
+    let mut mine = Vec::new();
+    for (w, k) in weighted {
+        let lightest = (0..PARTS).min_by_key(|&p| (load[p], p)).unwrap_or(0);
+        load[lightest] += w.max(1);
+        if lightest == part {
+            mine.push(k);
+        }
+    }
+    mine
+}
+
+/// Every configuration of part `part`'s kernels compiles with NVRTC and assembles with
+/// ptxas for sm_80 and sm_90a, with no spill except those the budget drops.
+fn check_part(part: usize) {
     if std::env::var_os("KILN_SKIP_CUDA_CHECK").is_some() {
         eprintln!("SKIPPED: KILN_SKIP_CUDA_CHECK is set: the CUDA compile check did not run");
         return;
@@ -25,16 +70,13 @@ fn every_kernel_and_configuration_compiles_for_cuda_without_spills() {
     if let Err(e) = kiln::runtime::toolkit::find() {
         panic!("{e}\n(run scripts/install-cuda-toolkit and export KILN_CUDA_TOOLKIT=<its output>, or set KILN_SKIP_CUDA_CHECK=1)");
     }
-    let kernels = kiln::kernels::kernels();
-    let rows = check(
-        kernels,
-        &Plan {
-            archs: archs(),
-            all_configs: false,
-            jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
-        },
-    )
-    .expect("the check runs");
+    let plan = Plan {
+        archs: archs(),
+        all_configs: false,
+        jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
+    };
+    let kernels = part_kernels(&plan, part);
+    let rows = check(&kernels, &plan).expect("the check runs");
     let failed: Vec<String> = rows
         .iter()
         .filter(|r| r.failed())
@@ -70,7 +112,7 @@ fn every_kernel_and_configuration_compiles_for_cuda_without_spills() {
         "no spill-free configuration left: {none_left:?}"
     );
     let checked: BTreeSet<&str> = rows.iter().map(|r: &Row| r.kernel.as_str()).collect();
-    for k in kernels {
+    for k in &kernels {
         assert!(
             checked.contains(k.name),
             "kernel `{}` was not checked",

@@ -233,44 +233,66 @@ fn check_case(c: &Case, chunk: usize, fwd: f64, bwd: f64, what: &str) -> (f64, f
     (worst_f, worst_b)
 }
 
-#[test]
-fn fla_shapes_f32_k100() {
-    // fla's T list with K = V = 100 (not a power of two), alternating h0 and dht.
-    for (i, t) in [130usize, 146, 162, 178, 300, 2048].into_iter().enumerate() {
-        let c = case(
-            DType::F32,
-            2,
-            t,
-            2,
-            100,
-            100,
-            i % 2 == 0,
-            i % 3 != 1,
-            None,
-            10 + i as u64,
-        );
-        check_case(&c, 64, 1e-5, 1e-5, &format!("f32 T={t} K=V=100"));
-    }
+/// fla's T list with K = V = 100 (not a power of two), alternating h0 and dht: case
+/// `i` of the list, in three tests so that none runs for minutes.
+fn fla_shape_k100(i: usize) {
+    let t = [130usize, 146, 162, 178, 300, 2048][i];
+    let c = case(
+        DType::F32,
+        2,
+        t,
+        2,
+        100,
+        100,
+        i % 2 == 0,
+        i % 3 != 1,
+        None,
+        10 + i as u64,
+    );
+    check_case(&c, 64, 1e-5, 1e-5, &format!("f32 T={t} K=V=100"));
 }
 
 #[test]
-fn fla_shapes_f32_k300() {
-    // K = V = 300: wider than every tile, with and without h0 / dht.
-    for (i, t) in [130usize, 300].into_iter().enumerate() {
-        let c = case(
-            DType::F32,
-            1,
-            t,
-            2,
-            300,
-            300,
-            i == 0,
-            i == 1,
-            None,
-            20 + i as u64,
-        );
-        check_case(&c, 64, 1e-5, 1e-5, &format!("f32 T={t} K=V=300"));
-    }
+fn fla_shapes_f32_k100_short() {
+    (0..3).for_each(fla_shape_k100);
+}
+
+#[test]
+fn fla_shapes_f32_k100_medium() {
+    (3..5).for_each(fla_shape_k100);
+}
+
+#[test]
+fn fla_shapes_f32_k100_long() {
+    fla_shape_k100(5);
+}
+
+/// K = V = 300: wider than every tile, with h0 (T = 130) and with dht (T = 300).
+fn fla_shape_k300(i: usize) {
+    let t = [130usize, 300][i];
+    let c = case(
+        DType::F32,
+        1,
+        t,
+        2,
+        300,
+        300,
+        i == 0,
+        i == 1,
+        None,
+        20 + i as u64,
+    );
+    check_case(&c, 64, 1e-5, 1e-5, &format!("f32 T={t} K=V=300"));
+}
+
+#[test]
+fn fla_shapes_f32_k300_with_h0() {
+    fla_shape_k300(0);
+}
+
+#[test]
+fn fla_shapes_f32_k300_with_dht() {
+    fla_shape_k300(1);
 }
 
 #[test]

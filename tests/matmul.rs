@@ -38,9 +38,11 @@ fn up(h: &HostTensor) -> Tensor {
 }
 
 /// Max error relative to max(|c|, 1): accumulation error scales with the magnitude of
-/// the terms, not of the (possibly cancelling) sum.
+/// the terms, not of the (possibly cancelling) sum. With the whole epilogue (bias, `act`,
+/// residual) unless `act` is `"none"`.
 fn check(p: &Problem, got: &HostTensor, trans_b: bool, act: &str, dtype: DType, what: &str) {
     let h = &p.hosts;
+    let epilogue = act != "none";
     let want = reference::matmul(
         &h["a"].to_f64(),
         &h["b"].to_f64(),
@@ -48,9 +50,9 @@ fn check(p: &Problem, got: &HostTensor, trans_b: bool, act: &str, dtype: DType, 
         p.n,
         p.k,
         trans_b,
-        Some(&h["bias"].to_f64()),
+        epilogue.then(|| h["bias"].to_f64()).as_deref(),
         act,
-        Some(&h["residual"].to_f64()),
+        epilogue.then(|| h["residual"].to_f64()).as_deref(),
     );
     let err = max_rel_error(&got.to_f64(), &want, 1.0);
     // One rounding of the output, plus f32 accumulation over K terms of size ~1.
@@ -326,5 +328,43 @@ fn bad_inputs_name_the_tensor() {
     let only_a = BTreeMap::from([("a".to_string(), a)]);
     assert!(
         matches!(op.call(client(), only_a, BTreeMap::new()), Err(Error::MissingTensor { tensor, .. }) if tensor == "b")
+    );
+}
+
+#[test]
+fn cubek_matmul_is_a_candidate_with_a_plain_epilogue_and_agrees() {
+    use matmul::MatmulConfig::Cubek;
+    for dtype in [DType::F32, DType::F16] {
+        if refused(dtype) {
+            continue;
+        }
+        for trans_b in [false, true] {
+            let p = problem(37, 53, 71, trans_b, dtype, 12);
+            let (a, b) = (up(&p.hosts["a"]), up(&p.hosts["b"]));
+            let plain = Epilogue::default();
+            let cands = matmul::candidates_for(&a, &b, trans_b, plain).unwrap();
+            assert!(cands.contains(&Cubek), "{cands:?}");
+            let got = matmul::matmul_with(&a, &b, trans_b, plain, Cubek)
+                .unwrap()
+                .download()
+                .unwrap();
+            let what = format!("cubek {dtype} trans_b={trans_b}");
+            check(&p, &got, trans_b, "none", dtype, &what);
+        }
+    }
+    // With an epilogue it is not offered, and asking for it names the reason.
+    let p = problem(8, 8, 8, false, DType::F32, 13);
+    let (a, b, bias) = (up(&p.hosts["a"]), up(&p.hosts["b"]), up(&p.hosts["bias"]));
+    let ep = Epilogue {
+        bias: Some(&bias),
+        ..Epilogue::default()
+    };
+    assert!(!matmul::candidates_for(&a, &b, false, ep)
+        .unwrap()
+        .contains(&Cubek));
+    let e = matmul::matmul_with(&a, &b, false, ep, Cubek).unwrap_err();
+    assert!(
+        matches!(&e, Error::Param { param, .. } if param == "config"),
+        "{e}"
     );
 }

@@ -803,3 +803,134 @@ fn quantize_per_token_propagates_nan_and_keeps_the_sign_of_infinities() {
         }
     }
 }
+
+/// The direct dequantizing kernel (register tiles from global memory), every
+/// configuration, against f64: int4 in kiln's layout with and without act order (f32 and
+/// f16 activations) and int8 Double Rounding with K not a multiple of 8; M and N ragged
+/// against every tile.
+#[test]
+fn qgemm_direct_every_config_matches_f64() {
+    use kiln::kernels::qgemm::{QgemmDirect, QgemmDirectArgs, QgemmDirectProblem, WeightKind};
+    let mut rng = Rng::new(21);
+    let run = |x: &Tensor,
+               qweight: &Tensor,
+               scales: &Tensor,
+               zeros: &Tensor,
+               g_idx: &Tensor,
+               [m, n, k, g]: [usize; 4],
+               shift: u32,
+               wkind: WeightKind,
+               act_order: bool,
+               want: &[f64],
+               what: &str| {
+        let problem = QgemmDirectProblem {
+            m: m as u32,
+            n: n as u32,
+            k: k as u32,
+            group_size: g as u32,
+            shift,
+            wkind,
+            act_order,
+        };
+        let space = QgemmDirect::space(client(), &problem);
+        assert!(!space.is_empty(), "{what}: no configuration");
+        for cfg in space {
+            let y = Tensor::empty(client(), x.dtype(), &[m, n]).unwrap();
+            QgemmDirect::launch(
+                client(),
+                &cfg,
+                &QgemmDirectArgs {
+                    x,
+                    qweight,
+                    scales,
+                    zeros,
+                    g_idx,
+                    y: &y,
+                    m: m as u32,
+                    n: n as u32,
+                    k: k as u32,
+                    group_size: g as u32,
+                    shift,
+                    wkind,
+                    act_order,
+                },
+            )
+            .unwrap();
+            let err = mean_rel(&y.download().unwrap().to_f64(), want);
+            assert!(err < bar(x.dtype()), "{what} {cfg:?}: {err:e}");
+        }
+    };
+
+    let (m, n, k, g) = (37, 72, 256, 32);
+    let c = codes(&mut rng, k, n, g, DType::F32);
+    let ck = checkpoint(&c, W4Format::Gptq { version: 2 }, DType::F32, true);
+    let w = weights(&ck, W4Format::Gptq { version: 2 }, g as i64, None);
+    let packed = qgemm::w4a16_repack(&w).unwrap();
+    let words = packed.qweight.as_words();
+    for dtype in [DType::F32, DType::F16] {
+        let x = rounded(dtype, &rng.normals(m * k, 1.0));
+        let want = qr::matmul(&x, &c.dequantize(None), m, k, n);
+        let xt = up(dtype, &[m, k], &x);
+        let what = format!("int4 {dtype}");
+        run(
+            &xt,
+            &words,
+            &packed.scales,
+            &packed.qzeros,
+            &words,
+            [m, n, k, g],
+            0,
+            WeightKind::Int4,
+            false,
+            &want,
+            &what,
+        );
+    }
+    // Act order: rows visit the groups in a shuffled order.
+    let groups = k / g;
+    let g_idx: Vec<usize> = (0..k).map(|r| (r * 5 + r / 7) % groups).collect();
+    let gi = up_i32(&[k], &g_idx.iter().map(|&v| v as i32).collect::<Vec<_>>());
+    let x = rng.normals(m * k, 1.0);
+    let want = qr::matmul(&x, &c.dequantize(Some(&g_idx)), m, k, n);
+    run(
+        &up(DType::F32, &[m, k], &x),
+        &words,
+        &packed.scales,
+        &packed.qzeros,
+        &gi.as_words(),
+        [m, n, k, g],
+        0,
+        WeightKind::Int4,
+        true,
+        &want,
+        "int4 act order",
+    );
+
+    // int8 served at 4 bits (shift 4), K = 77.
+    let (m, n, k) = (19, 37, 77);
+    let q8 = ints(&mut rng, k * n, -128, 127);
+    let q8i: Vec<i8> = q8.iter().map(|&v| v as i8).collect();
+    let s8 = rounded(
+        DType::F32,
+        &(0..n)
+            .map(|_| 0.01 + 0.01 * rng.uniform())
+            .collect::<Vec<_>>(),
+    );
+    let wq = qr::w8_bits_weight(&q8i, &s8, k, n, 4);
+    let x = rng.normals(m * k, 1.0);
+    let want = qr::matmul(&x, &wq, m, k, n);
+    let (qt, st) = (up(DType::I8, &[k, n], &q8), up(DType::F32, &[n], &s8));
+    run(
+        &up(DType::F32, &[m, k], &x),
+        &qt.as_words(),
+        &st,
+        &st,
+        &qt.as_words(),
+        [m, n, k, k],
+        4,
+        WeightKind::Int8Bits,
+        false,
+        &want,
+        "int8 at 4 bits",
+    );
+}

@@ -6,7 +6,7 @@ mod common;
 
 use common::client;
 use kiln::kernels::rowwise;
-use kiln::runtime::tune::{Autotuner, TuneEvent, TuneKey, TuneMode};
+use kiln::runtime::tune::{Autotuner, CandidateStatus, Search, TuneEvent, TuneKey, TuneMode};
 use kiln::{DType, Error, HostTensor, Tensor};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -236,4 +236,112 @@ fn export_then_import_moves_winners() {
         )
         .unwrap();
     assert_eq!(won, 1);
+}
+
+/// Tunes `cands` with a cost model (`cost[c]`), returning the winner, each candidate's
+/// status by label, and the `Start` event's finalist count (`None`: nothing ran).
+fn tune_ranked(
+    t: &Autotuner,
+    hash: &str,
+    cands: &[u32],
+    cost: &[f64],
+) -> (u32, Vec<(String, CandidateStatus)>, Option<usize>) {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let e2 = Arc::clone(&events);
+    t.observe(move |e| e2.lock().unwrap().push(e.clone()));
+    let x = input();
+    let calls = AtomicUsize::new(0);
+    let model = |c: &u32| cost[*c as usize];
+    let won = t
+        .tune_ranked(
+            client(),
+            &key(hash),
+            cands,
+            |c| format!("c{c}"),
+            |&c| run_candidate(&x, c, &calls),
+            1e-5,
+            Some(&model),
+        )
+        .unwrap();
+    let ev = events.lock().unwrap().clone();
+    let statuses = ev
+        .iter()
+        .filter_map(|e| match e {
+            TuneEvent::Candidate { label, status } => Some((label.clone(), status.clone())),
+            _ => None,
+        })
+        .collect();
+    let finalists = ev.iter().find_map(|e| match e {
+        TuneEvent::Start { finalists, .. } => Some(*finalists),
+        _ => None,
+    });
+    (won, statuses, finalists)
+}
+
+#[test]
+fn a_ranked_search_times_only_the_cost_models_finalists() {
+    use CandidateStatus::*;
+    let mut t = Autotuner::new(tmpdir("ranked"), TuneMode::On);
+    t.finalists = 1;
+    // The model ranks c1 first: only c1 runs, the rest are reported with their rank.
+    let (won, st, finalists) = tune_ranked(&t, "r1", &[0, 1, 2, 3], &[3.0, 1.0, 2.0, 4.0]);
+    assert_eq!((won, finalists), (1, Some(1)));
+    assert_eq!(st[0].0, "c1");
+    assert!(matches!(st[0].1, Timed(_)));
+    let not_timed: Vec<(&str, usize)> = st[1..]
+        .iter()
+        .map(|(l, s)| match s {
+            NotTimed { rank } => (l.as_str(), *rank),
+            other => panic!("{l} should not run: {other:?}"),
+        })
+        .collect();
+    assert_eq!(not_timed, [("c2", 2), ("c0", 3), ("c3", 4)]);
+
+    // The best-ranked fails: the search goes on down the ranking until one is valid,
+    // never erring where an exhaustive search would not.
+    let (won, st, _) = tune_ranked(&t, "r2", &[0, 1, 2, 3], &[3.0, 2.0, 4.0, 1.0]);
+    assert_eq!(won, 1);
+    assert!(matches!(st[0], (ref l, Failed(_)) if l == "c3"));
+    assert!(matches!(st[1], (ref l, Timed(_)) if l == "c1"));
+    assert!(st[2..].iter().all(|(_, s)| matches!(s, NotTimed { .. })));
+
+    // Estimates within 10 % of the last finalist's are not a ranking: both run.
+    let (_, st, finalists) = tune_ranked(&t, "r3", &[0, 1, 2, 3], &[1.05, 1.0, 2.0, 3.0]);
+    assert_eq!(finalists, Some(2));
+    assert!(matches!(st[0].1, Timed(_)) && matches!(st[1].1, Timed(_)));
+    assert!(matches!(st[2].1, NotTimed { rank: 3 }));
+
+    // Over twice the best estimate, the model is sure: even with room for four
+    // finalists, only the best runs.
+    t.finalists = 4;
+    let (won, st, finalists) = tune_ranked(&t, "r4", &[0, 1, 2, 3], &[2.5, 1.0, 3.0, 4.0]);
+    assert_eq!((won, finalists), (1, Some(1)));
+    assert_eq!(st.iter().filter(|(_, s)| matches!(s, Timed(_))).count(), 1);
+}
+
+#[test]
+fn an_exhaustive_search_times_everything_and_retunes_ranked_decisions() {
+    use CandidateStatus::*;
+    let dir = tmpdir("exhaustive");
+    let mut t = Autotuner::new(&dir, TuneMode::On);
+    t.finalists = 1;
+    let costs = [3.0, 1.0, 2.0, 4.0];
+    let (_, st, _) = tune_ranked(&t, "e", &[0, 1, 2, 3], &costs);
+    assert_eq!(st.iter().filter(|(_, s)| matches!(s, Timed(_))).count(), 1);
+    // Ranked again: the cached decision stands (no candidate runs).
+    let (won, st, finalists) = tune_ranked(&t, "e", &[0, 1, 2, 3], &costs);
+    assert_eq!((won, st.len(), finalists), (1, 0, None));
+    // Exhaustive: the ranked decision is not trusted; every candidate runs.
+    t.set_search(Search::Exhaustive);
+    let (won, st, finalists) = tune_ranked(&t, "e", &[0, 1, 2, 3], &costs);
+    assert_eq!((won, finalists), (1, Some(4)));
+    assert_eq!(
+        st.iter().map(|(l, _)| l.as_str()).collect::<Vec<_>>(),
+        ["c0", "c1", "c2", "c3"],
+        "declaration order, the model ignored"
+    );
+    assert!(matches!(st[2].1, Mismatch(_)) && matches!(st[3].1, Failed(_)));
+    // ...and its decision is trusted by a later exhaustive search.
+    let (won, st, finalists) = tune_ranked(&t, "e", &[0, 1, 2, 3], &costs);
+    assert_eq!((won, st.len(), finalists), (1, 0, None), "cached: {st:?}");
 }

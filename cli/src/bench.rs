@@ -50,6 +50,7 @@ pub fn run(
         client.sync()
     };
     // First call tunes (on first use) and compiles; the second warms caches.
+    crate::progress::announce_tuning(spec.name);
     call()?;
     call()?;
     let mut times = Vec::with_capacity(samples.max(1));

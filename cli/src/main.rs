@@ -95,6 +95,10 @@ enum Command {
         /// Merge winners from FILE (written by --export) into the cache (takes no OP).
         #[arg(long, value_name = "FILE", conflicts_with = "op")]
         import: Option<PathBuf>,
+        /// Time every candidate fully instead of the cost model's finalists (re-tunes
+        /// keys a ranked search decided).
+        #[arg(long)]
+        exhaustive: bool,
     },
     /// Time an operator at a shape (after tuning): median, throughput, fraction of peak.
     Bench {
@@ -163,6 +167,10 @@ enum Command {
         /// Device (default: $KILN_DEVICE or auto).
         #[arg(long)]
         device: Option<String>,
+        /// Tune kernels on first use as the operators do (default: each kernel's first
+        /// configuration, untuned, unless KILN_AUTOTUNE is set; tuning is `kiln tune`'s job).
+        #[arg(long)]
+        tune: bool,
     },
 }
 
@@ -231,7 +239,16 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             device,
             export,
             import,
-        } => tune::run(op.as_deref(), &shape, &dtype, device, export, import),
+            exhaustive,
+        } => tune::run(
+            op.as_deref(),
+            &shape,
+            &dtype,
+            device,
+            export,
+            import,
+            exhaustive,
+        ),
         Command::Bench {
             op,
             shape,
@@ -249,7 +266,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             &key_values(&set, "--set")?,
             json,
         ),
-        Command::Selftest { device } => selftest(device),
+        Command::Selftest { device, tune } => selftest(device, tune),
         Command::CheckCuda {
             arch,
             kernel,
@@ -263,6 +280,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
 mod bench;
 mod check_cuda;
 mod comm;
+mod progress;
 mod tune;
 
 fn device_arg(arg: Option<String>) -> Result<Device> {
@@ -471,6 +489,7 @@ fn run(
         );
     }
     let client = Client::open(&device_arg(device)?)?;
+    progress::announce_tuning(op);
     let files = spec.call_host(&client, &hosts, params)?;
     save_safetensors(output, &files)?;
     for (name, h) in &files {
@@ -518,9 +537,28 @@ fn emit_kernel(name: &str, target: &str, config: &[String], manifest: bool) -> R
     Ok(ExitCode::SUCCESS)
 }
 
-fn selftest(device: Option<String>) -> Result<ExitCode> {
+fn selftest(device: Option<String>, tune: bool) -> Result<ExitCode> {
     let client = Client::open(&device_arg(device)?)?;
     println!("{}\n", client.report());
+    // The self-test checks results, not speed: untuned (the first configuration of each
+    // kernel, which the tests check like every other) unless asked, or unless
+    // KILN_AUTOTUNE says otherwise. Tuning compiles every candidate, which on a fresh
+    // lavapipe machine is most of the time (175 s against 45 s).
+    let tuner = kiln::runtime::tune::Autotuner::global();
+    if tune {
+        tuner.set_mode(kiln::runtime::tune::TuneMode::On);
+    } else if std::env::var_os("KILN_AUTOTUNE").is_none() {
+        tuner.set_mode(kiln::runtime::tune::TuneMode::Off);
+    }
+    println!(
+        "tuning: {:?} ({})\n",
+        tuner.mode(),
+        if tune {
+            "--tune"
+        } else {
+            "each kernel's first configuration unless KILN_AUTOTUNE is set; --tune to tune as it goes"
+        }
+    );
     println!(
         "{:<10} {:<5} {:<52} {}",
         "operator", "dtype", "case", "result"

@@ -1,9 +1,9 @@
 //! `kiln tune`: autotune an operator's kernels for one shape with a progress bar and a
 //! final table; `--export` / `--import` move a device's stored winners between machines.
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use kiln::check::example_inputs;
-use kiln::runtime::tune::{Autotuner, CandidateStatus, Decision, TuneEvent};
+use kiln::runtime::tune::{Autotuner, CandidateStatus, Decision, Search, Spent, TuneEvent};
 use kiln::{Client, DType, Device, Error, Result};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 struct Seen {
     bar: Option<ProgressBar>,
     rows: Vec<(String, CandidateStatus)>,
-    decisions: Vec<(String, String, Decision)>,
+    decisions: Vec<(String, String, Decision, Spent)>,
 }
 
 /// Parses `2048x2048` (or `2048,2048`) into dimensions.
@@ -41,8 +41,12 @@ pub fn run(
     device: Option<String>,
     export: Option<PathBuf>,
     import: Option<PathBuf>,
+    exhaustive: bool,
 ) -> Result<ExitCode> {
     let tuner = Autotuner::global();
+    if exhaustive {
+        tuner.set_search(Search::Exhaustive);
+    }
     if let Some(file) = import {
         let n = tuner.import(&file)?;
         println!(
@@ -82,30 +86,36 @@ pub fn run(
                 kernel,
                 shape,
                 candidates,
+                finalists,
             } => {
-                let bar = ProgressBar::new(*candidates as u64);
-                bar.set_style(
-                    ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} candidates")
-                        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                let bar = crate::progress::candidate_bar(
+                    *finalists,
+                    if finalists < candidates {
+                        format!("tuning {kernel} ({shape}, the cost model's best {finalists} of {candidates})")
+                    } else {
+                        format!("tuning {kernel} ({shape})")
+                    },
                 );
-                bar.set_message(format!("tuning {kernel} ({shape})"));
                 s.bar = Some(bar);
             }
-            TuneEvent::Candidate { label, status } => {
+            TuneEvent::FirstRun { .. } => {
                 if let Some(b) = &s.bar {
                     b.inc(1);
                 }
+            }
+            TuneEvent::Candidate { label, status } => {
                 s.rows.push((label.clone(), status.clone()));
             }
             TuneEvent::Done {
                 kernel,
                 winner,
                 how,
+                spent,
             } => {
                 if let Some(b) = s.bar.take() {
                     b.finish_and_clear();
                 }
-                s.decisions.push((kernel.clone(), winner.clone(), *how));
+                s.decisions.push((kernel.clone(), winner.clone(), *how, *spent));
             }
         }
     });
@@ -130,7 +140,14 @@ pub fn run(
         return Ok(ExitCode::SUCCESS);
     }
     if !seen.rows.is_empty() {
-        println!("\n{:<16} {:>12}  status", "config", "median");
+        let w = seen
+            .rows
+            .iter()
+            .map(|(l, _)| l.len())
+            .max()
+            .unwrap_or(0)
+            .max(6);
+        println!("\n{:<w$} {:>12}  status", "config", "median");
         for (label, status) in &seen.rows {
             let (time, text) = match status {
                 CandidateStatus::Timed(t) => {
@@ -138,8 +155,11 @@ pub fn run(
                 }
                 CandidateStatus::Mismatch(m) => ("inf".into(), format!("rejected: {m}")),
                 CandidateStatus::Failed(m) => ("inf".into(), format!("failed: {m}")),
+                CandidateStatus::NotTimed { rank } => {
+                    ("-".into(), format!("not run (cost model rank {rank})"))
+                }
             };
-            println!("{label:<16} {time:>12}  {text}");
+            println!("{label:<w$} {time:>12}  {text}");
         }
         println!();
     }
@@ -147,8 +167,16 @@ pub fn run(
         None => format!("cache {}", tuner.path().display()),
         Some(e) => format!("NOT stored ({e})"),
     };
-    for (kernel, winner, how) in &seen.decisions {
+    for (kernel, winner, how, spent) in &seen.decisions {
         println!("{kernel}: {winner} ({how}); {stored}");
+        if *how == Decision::Tuned {
+            println!(
+                "  {} candidate(s) run: {:.2} s in first runs (compile, launch, check), {:.2} s timing",
+                spent.run,
+                spent.first_runs.as_secs_f64(),
+                spent.timing.as_secs_f64()
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

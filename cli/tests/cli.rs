@@ -264,6 +264,84 @@ fn kiln_tune_twice_hits_the_cache() {
 }
 
 #[test]
+fn kiln_tune_matmul_times_the_cost_models_finalists() {
+    let dir = tmpdir("ranked");
+    let ranked = kiln_in_cache(&dir, &["tune", "matmul", "--shape", "96x80x64"]);
+    let out = stdout(&ranked);
+    assert!(
+        ranked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ranked.stderr)
+    );
+    assert!(
+        out.contains("tuned now")
+            && out.contains("not run (cost model rank")
+            && out.contains("candidate(s) run:")
+            && out.contains("s timing"),
+        "{out}"
+    );
+    let timed = |out: &str| out.lines().filter(|l| l.ends_with("  ok")).count();
+    assert!((1..=6).contains(&timed(&out)), "{out}");
+    // --exhaustive does not trust the ranked decision: every candidate runs.
+    let all = kiln_in_cache(
+        &dir,
+        &["tune", "matmul", "--shape", "96x80x64", "--exhaustive"],
+    );
+    let out_all = stdout(&all);
+    assert!(
+        out_all.contains("tuned now") && !out_all.contains("not run"),
+        "{out_all}"
+    );
+    assert!(timed(&out_all) > timed(&out), "{out_all}");
+}
+
+#[test]
+fn first_use_tuning_is_announced_once_on_stderr() {
+    let dir = tmpdir("first-use");
+    let input = common::data("softmax_f32.safetensors");
+    let out = tmp("first_use_out.safetensors");
+    let run = || {
+        kiln_in_cache(
+            &dir,
+            &[
+                "run",
+                "softmax",
+                "--input",
+                input.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+            ],
+        )
+    };
+    let first = run();
+    let err = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains("on first use")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    for needle in [
+        "`softmax` is tuning",
+        "candidates",
+        "autotune.json",
+        "kiln tune softmax --shape",
+        "KILN_AUTOTUNE=off",
+    ] {
+        assert!(
+            lines[0].contains(needle),
+            "`{needle}` missing: {}",
+            lines[0]
+        );
+    }
+    // The decision is cached: the second run tunes nothing and says nothing of it.
+    let second = run();
+    assert!(second.status.success());
+    assert!(
+        !String::from_utf8_lossy(&second.stderr).contains("on first use"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+}
+
+#[test]
 fn run_ring_attention_zigzag_over_three_ranks() {
     // The command: the whole sequence in, three ranks in this process, the
     // whole result out, equal to PyTorch's whole-sequence attention.

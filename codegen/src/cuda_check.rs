@@ -258,6 +258,33 @@ fn check_one(job: &Job) -> Row {
 /// Runs the check over `kernels` (compiles in `plan.jobs` threads); rows come back in
 /// kernel, dtype, configuration and architecture order.
 pub fn check(kernels: &[&'static KernelSpec], plan: &Plan) -> Result<Vec<Row>, Error> {
+    let jobs = jobs(kernels, plan)?;
+    let next = AtomicUsize::new(0);
+    let rows: Mutex<Vec<(usize, Row)>> = Mutex::new(Vec::with_capacity(jobs.len()));
+    std::thread::scope(|s| {
+        for _ in 0..plan.jobs.max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(job) = jobs.get(i) else { break };
+                let row = check_one(job);
+                if let Ok(mut r) = rows.lock() {
+                    r.push((i, row));
+                }
+            });
+        }
+    });
+    let mut rows = rows.into_inner().unwrap_or_default();
+    rows.sort_by_key(|(i, _)| *i);
+    Ok(rows.into_iter().map(|(_, r)| r).collect())
+}
+
+/// How many compiles [`check`] runs for `spec` under `plan` (to split the work evenly).
+pub fn job_count(spec: &'static KernelSpec, plan: &Plan) -> Result<usize, Error> {
+    Ok(jobs(&[spec], plan)?.len())
+}
+
+/// One compile per kernel x knob variant x architecture x declared configuration.
+fn jobs(kernels: &[&'static KernelSpec], plan: &Plan) -> Result<Vec<Job>, Error> {
     let mut jobs = Vec::new();
     for &spec in kernels {
         for knobs in variants(spec, plan.all_configs) {
@@ -280,23 +307,7 @@ pub fn check(kernels: &[&'static KernelSpec], plan: &Plan) -> Result<Vec<Row>, E
             }
         }
     }
-    let next = AtomicUsize::new(0);
-    let rows: Mutex<Vec<(usize, Row)>> = Mutex::new(Vec::with_capacity(jobs.len()));
-    std::thread::scope(|s| {
-        for _ in 0..plan.jobs.max(1) {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(job) = jobs.get(i) else { break };
-                let row = check_one(job);
-                if let Ok(mut r) = rows.lock() {
-                    r.push((i, row));
-                }
-            });
-        }
-    });
-    let mut rows = rows.into_inner().unwrap_or_default();
-    rows.sort_by_key(|(i, _)| *i);
-    Ok(rows.into_iter().map(|(_, r)| r).collect())
+    Ok(jobs)
 }
 
 /// Budget entries for the checked kernels and architectures that drop a configuration

@@ -63,15 +63,18 @@ pub fn data(name: &str) -> std::path::PathBuf {
 pub type TuneLog =
     std::sync::Arc<std::sync::Mutex<Vec<(String, kiln::runtime::tune::CandidateStatus)>>>;
 
-/// Autotuning on, in a fresh cache of its own (so that every candidate is timed), with
+/// Autotuning on, exhaustive, in a fresh cache of its own (so that every candidate is timed), with
 /// a log of the candidates: for a test binary with one test, before the first operator
 /// call creates the global autotuner. Returns the cache folder (to remove at the end)
 /// and the log.
 pub fn tune_from_scratch(name: &str) -> (std::path::PathBuf, TuneLog) {
-    use kiln::runtime::tune::{Autotuner, TuneEvent};
+    use kiln::runtime::tune::{Autotuner, Search, TuneEvent};
     let dir = std::env::temp_dir().join(format!("kiln-{name}-tune-{}", std::process::id()));
     std::env::set_var("KILN_CACHE_DIR", &dir);
     std::env::set_var("KILN_AUTOTUNE", "on");
+    // Every candidate runs, whatever a cost model thinks of it (tests/tune.rs checks the
+    // ranked search itself).
+    Autotuner::global().set_search(Search::Exhaustive);
     let seen = TuneLog::default();
     let log = seen.clone();
     Autotuner::global().observe(move |e| {

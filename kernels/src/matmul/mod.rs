@@ -24,6 +24,9 @@ use crate::launch::check_input;
 use serde::{Deserialize, Serialize};
 
 mod cmma;
+mod cost;
+#[cfg(feature = "cubek")]
+mod cubek;
 mod direct;
 mod grouped_tn;
 pub mod reference;
@@ -158,6 +161,9 @@ pub enum MatmulConfig {
     Vec4(MatmulVec4Config),
     /// `matmul_cmma`: tensor cores.
     Cmma(MatmulCmmaConfig),
+    /// cubek-matmul 0.2's `Strategy::Auto` (cubecl's own GEMM; plain epilogue only;
+    /// cargo feature `cubek`, on by default).
+    Cubek,
 }
 
 impl MatmulConfig {
@@ -170,24 +176,26 @@ impl MatmulConfig {
             MatmulConfig::Direct(c) => format!("direct {}", MatmulDirect::label(c)),
             MatmulConfig::Vec4(c) => format!("vec4 {}", MatmulVec4::label(c)),
             MatmulConfig::Cmma(c) => format!("cmma {}", MatmulCmma::label(c)),
+            MatmulConfig::Cubek => "cubek-matmul Auto".into(),
         }
     }
 
-    /// The `BM x BN` tile of `c` one cube computes.
-    pub fn tile(&self) -> (u32, u32) {
-        match self {
+    /// The `BM x BN` tile of `c` one cube computes (cubek's own choice: `None`).
+    pub fn tile(&self) -> Option<(u32, u32)> {
+        Some(match self {
             MatmulConfig::Staged(c) => (c.BM, c.BN),
             MatmulConfig::StagedV4(c) => (c.BM, c.BN),
             MatmulConfig::DirectV4(c) => (c.BM, c.BN),
             MatmulConfig::Direct(c) => (c.BM, c.BN),
             MatmulConfig::Vec4(c) => (c.BM, c.BN),
             MatmulConfig::Cmma(c) => (32 * c.PLANES_M, 32 * c.PLANES_N),
-        }
+            MatmulConfig::Cubek => return None,
+        })
     }
 
     /// Allocates `c` and launches this configuration's kernel.
     fn launch(&self, a: &Tensor, b: &Tensor, p: &Problem, ep: &Epilogue<'_>) -> Result<Tensor> {
-        let (bm, bn) = self.tile();
+        let (bm, bn) = self.tile().unwrap_or((65_535, 65_535));
         if p.n.div_ceil(bn as usize) > 65_535 || p.m.div_ceil(bm as usize) > 65_535 {
             return Err(Error::Shape {
                 tensor: "c".into(),
@@ -203,9 +211,40 @@ impl MatmulConfig {
             MatmulConfig::Direct(cfg) => cfg.launch(a.client(), a, b, &c, p, ep),
             MatmulConfig::Vec4(cfg) => cfg.launch(a.client(), a, b, &c, p, ep),
             MatmulConfig::Cmma(cfg) => cfg.launch(a.client(), a, b, &c, p, ep),
+            MatmulConfig::Cubek => cubek_launch(a, b, &c, p, ep),
         }?;
         Ok(c)
     }
+}
+
+/// cubek-matmul as a candidate: a plain epilogue only (see `cubek.rs`).
+fn cubek_launch(a: &Tensor, b: &Tensor, c: &Tensor, p: &Problem, ep: &Epilogue<'_>) -> Result<()> {
+    if !cubek_fits(ep) {
+        return Err(Error::Param {
+            param: "config".into(),
+            expected: "cubek-matmul only with a plain epilogue (no bias, activation or residual)"
+                .into(),
+            found: "an epilogue".into(),
+        });
+    }
+    #[cfg(feature = "cubek")]
+    return cubek::launch(a, b, c, p);
+    #[cfg(not(feature = "cubek"))]
+    {
+        let _ = (a, b, c, p);
+        Err(Error::Unsupported {
+            device: a.client().name().to_string(),
+            feature: "cubek-matmul (kiln-kernels built without its `cubek` feature)".into(),
+        })
+    }
+}
+
+/// Whether cubek-matmul is offered: built in, and a plain epilogue.
+fn cubek_fits(ep: &Epilogue<'_>) -> bool {
+    cfg!(feature = "cubek")
+        && ep.bias.is_none()
+        && ep.residual.is_none()
+        && ep.activation == Activation::None
 }
 
 /// The register-tiled FMA kernels' configurations that fit `problem` on `client`'s
@@ -267,13 +306,16 @@ fn candidates(client: &Client, p: &Problem, ep: &Epilogue<'_>, dtype: DType) -> 
                 .map(MatmulConfig::Cmma),
         );
     }
+    if cubek_fits(ep) {
+        all.push(MatmulConfig::Cubek);
+    }
     all
 }
 
 /// Configurations whose tile is at most twice the matrix, or the least wasteful ones.
 fn snug(fits: Vec<MatmulConfig>, m: usize, n: usize) -> Vec<MatmulConfig> {
     let waste = |c: &MatmulConfig| {
-        let (bm, bn) = c.tile();
+        let (bm, bn) = c.tile().unwrap_or((1, 1));
         let rows = (bm as usize).div_ceil(m.max(1)).max(1);
         let cols = (bn as usize).div_ceil(n.max(1)).max(1);
         rows * cols
@@ -282,7 +324,7 @@ fn snug(fits: Vec<MatmulConfig>, m: usize, n: usize) -> Vec<MatmulConfig> {
         .iter()
         .copied()
         .filter(|c| {
-            let (bm, bn) = c.tile();
+            let (bm, bn) = c.tile().unwrap_or((1, 1));
             (bm as usize) <= 2 * m && (bn as usize) <= 2 * n
         })
         .collect();
@@ -332,6 +374,7 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_b: bool, ep: Epilogue<'_>) -> Result
     }
     // Configurations differ in summation order only: a few roundings of the sum of |a||b|.
     let tolerance = 8.0 * a.dtype().epsilon() * (p.k as f64).sqrt().max(1.0);
+    let cands = candidates(client, &p, &ep, a.dtype());
     let cfg = Choice::new("matmul")
         .sources([
             MatmulStaged::source_hash(),
@@ -346,7 +389,8 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_b: bool, ep: Epilogue<'_>) -> Result
         .dim("k", p.k)
         .exact("dtype", a.dtype())
         .exact("trans_b", trans_b)
-        .candidates(candidates(client, &p, &ep, a.dtype()))
+        .candidates(cands.iter().copied())
+        .cost(cost::model(client, &p, a.dtype().size(), &cands))
         .tune(client, tolerance, MatmulConfig::label, |c| {
             c.launch(a, b, &p, &ep).map(|t| vec![t])
         })?;
@@ -370,6 +414,9 @@ pub fn matmul_with(
     fits.extend(vec4.into_iter().map(MatmulConfig::Vec4));
     let cmma = MatmulCmma::space(client, &matmul_problem!(MatmulCmmaProblem, p, ep));
     fits.extend(cmma.into_iter().map(MatmulConfig::Cmma));
+    if cubek_fits(&ep) {
+        fits.push(MatmulConfig::Cubek);
+    }
     if !fits.contains(&cfg) {
         return Err(Error::Param {
             param: "config".into(),
@@ -380,6 +427,7 @@ pub fn matmul_with(
     cfg.launch(a, b, &p, &ep)
 }
 
+#[derive(Clone, Copy)]
 struct Problem {
     m: usize,
     n: usize,

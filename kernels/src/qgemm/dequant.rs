@@ -9,10 +9,12 @@
 //!   per-channel `s8` `[N]`; `w = clamp(round(q8 / 2^shift)) s8 2^shift`, ties to
 //!   even, clamped to the `8 - shift`-bit signed range.
 //!
-//! Two shapes of kernel: [`qgemm_gemv`] for few rows (a cube owns `BN` columns and
+//! Three shapes of kernel: [`qgemm_gemv`] for few rows (a cube owns `BN` columns and
 //! splits K over `KS` unit rows, reducing in shared memory: every weight word is read
-//! once per `mt` rows), and [`qgemm_tiled`] for many rows (x and the dequantized weight
-//! tile staged in shared memory, register-tiled FMA). The autotuner picks between them.
+//! once per `mt` rows), [`qgemm_tiled`] for many rows (x and the dequantized weight
+//! tile staged in shared memory, register-tiled FMA), and [`qgemm_direct`] (register
+//! tiles fed straight from global memory, no barriers: what a CPU adapter rewards, as
+//! `matmul_vec4` showed). The autotuner picks among them.
 
 use cubecl::prelude::*;
 use kiln_dsl::{load_i8, load_tile, reg_tile_mma, shift_round_half_even, unpack_u4};
@@ -61,6 +63,37 @@ macro_rules! qgemm_kernel {
             $($own)*
         ) $body
     };
+}
+
+/// Stores a unit's `tm x tn` f32 accumulators `acc` (row-major) as `F` in `y` `[m, n]`:
+/// row `i` of the tile at `row0 + i (bm / tm)`, column `j` at `col0 + j (bn / tn)`
+/// (units of a cube interleave, so neighbouring units write neighbouring columns),
+/// skipping what falls outside the matrix.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn store_strided_tile<F: Float>(
+    y: &mut Array<F>,
+    acc: &Array<f32>,
+    row0: u32,
+    col0: u32,
+    m: u32,
+    n: u32,
+    #[comptime] bm: u32,
+    #[comptime] bn: u32,
+    #[comptime] tm: u32,
+    #[comptime] tn: u32,
+) {
+    #[unroll]
+    for i in 0..tm {
+        #[unroll]
+        for j in 0..tn {
+            let row = row0 + i * comptime!(bm / tm);
+            let col = col0 + j * comptime!(bn / tn);
+            if row < m && col < n {
+                y[(row * n + col) as usize] = F::cast_from(acc[(i * tn + j) as usize]);
+            }
+        }
+    }
 }
 
 /// Double Rounding: the int8 code at byte `index`, shifted right by `shift` bits with
@@ -271,17 +304,99 @@ qgemm_kernel! {
             sync_cube();
             k0 += TILE_K;
         }
+        store_strided_tile::<F>(y, &acc, m0 + ty, n0 + tx, m, n, BM, BN, TM, TN);
+    }
+}
+
+qgemm_kernel! {
+    /// `y = x @ w` straight from global memory (no shared memory, no barriers): a unit
+    /// owns `TM` rows (`BM / TM` apart) and `TN` columns (`BN / TN` apart, so that
+    /// neighbouring units read neighbouring columns) and, per step of eight rows of K
+    /// (one int4 word per column), dequantizes its `8 x TN` weights once into registers
+    /// for all its `TM` rows.
+    #[kernel(
+        tune((BM, BN, TM, TN) = [
+            (64, 64, 8, 8),
+            (32, 128, 4, 8),
+            (64, 128, 8, 16),
+            (16, 128, 4, 8),
+            (128, 64, 16, 4),
+            (128, 128, 16, 16),
+            (64, 256, 8, 32),
+        ]),
+        require((BM / TM) * (BN / TN) <= 1024, BM <= m.next_power_of_two().max(16)),
+        grid = (n.div_ceil(BN), m.div_ceil(BM)),
+        cube = (BN / TN, BM / TM),
+    )]
+    qgemm_direct() {
+        let tx = UNIT_POS_X;
+        let ty = UNIT_POS_Y;
+        let m0 = CUBE_POS_Y * BM;
+        let n0 = CUBE_POS_X * BN;
+        // Out-of-range rows and columns read row m - 1 or column n - 1, never stored.
+        let mut xrow = Array::<u32>::new(comptime!(TM as usize));
         #[unroll]
         for i in 0..TM {
+            xrow[i as usize] = min(m0 + ty + i * comptime!(BM / TM), m - 1) * k;
+        }
+        let mut cols = Array::<u32>::new(comptime!(TN as usize));
+        #[unroll]
+        for j in 0..TN {
+            cols[j as usize] = min(n0 + tx + j * comptime!(BN / TN), n - 1);
+        }
+        let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
+        #[unroll]
+        for e in 0..TM * TN {
+            acc[e as usize] = 0.0;
+        }
+        let mut wv = Array::<f32>::new(comptime!((8 * TN) as usize));
+        let mut k0 = 0u32;
+        while k0 < k {
             #[unroll]
             for j in 0..TN {
-                let row = m0 + ty + i * comptime!(BM / TM);
-                let col = n0 + tx + j * comptime!(BN / TN);
-                if row < m && col < n {
-                    y[(row * n + col) as usize] = F::cast_from(acc[(i * TN + j) as usize]);
+                let col = cols[j as usize];
+                if comptime!(wkind == WeightKind::Int4) {
+                    // K is a multiple of 8 (and of G): the word and its group are whole.
+                    let word = qweight[((k0 / 8) * n + col) as usize];
+                    let g = k0 / group_size;
+                    let mut s = scales[(g * n + col) as usize];
+                    let mut z = zeros[(g * n + col) as usize];
+                    #[unroll]
+                    for i in 0..8u32 {
+                        if comptime!(act_order) {
+                            let ga = g_idx[(k0 + i) as usize];
+                            s = scales[(ga * n + col) as usize];
+                            z = zeros[(ga * n + col) as usize];
+                        }
+                        wv[(i * TN + j) as usize] = (f32::cast_from(unpack_u4(word, i)) - z) * s;
+                    }
+                } else {
+                    // int8 rows past K weigh zero (K need not be a multiple of 8).
+                    let s = scales[col as usize];
+                    #[unroll]
+                    for i in 0..8u32 {
+                        let mut v = 0.0f32;
+                        if k0 + i < k {
+                            v = dequant_i8(qweight, (k0 + i) * n + col, s, shift);
+                        }
+                        wv[(i * TN + j) as usize] = v;
+                    }
                 }
             }
+            #[unroll]
+            for r in 0..TM {
+                #[unroll]
+                for i in 0..8u32 {
+                    let xv = f32::cast_from(x[(xrow[r as usize] + min(k0 + i, k - 1)) as usize]);
+                    #[unroll]
+                    for j in 0..TN {
+                        acc[(r * TN + j) as usize] += xv * wv[(i * TN + j) as usize];
+                    }
+                }
+            }
+            k0 += 8;
         }
+        store_strided_tile::<F>(y, &acc, m0 + ty, n0 + tx, m, n, BM, BN, TM, TN);
     }
 }
 

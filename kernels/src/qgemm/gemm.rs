@@ -1,5 +1,6 @@
 //! Launching a dequantizing GEMM: the output, the operands, and the autotuned choice
-//! between the GEMV and the tiled kernel (shared by W4A16, `w8_bits` and W8A8).
+//! between the GEMV, the tiled and the direct kernel (shared by W4A16, `w8_bits` and,
+//! GEMV or tiled, W8A8).
 
 use super::*;
 use crate::launch::{check_input, shape_err};
@@ -45,6 +46,8 @@ pub(super) struct Operands<'a> {
 pub(super) enum Path {
     Gemv,
     Tiled,
+    /// Register tiles from global memory (`qgemm_direct`; not for W8A8).
+    Direct,
 }
 
 /// The GEMV and tiled kernels sum in different orders: a sanity bound.
@@ -55,82 +58,91 @@ pub(super) const KERNEL_TOLERANCE: f64 = 1e-2;
 impl Operands<'_> {
     pub(super) fn run(&self) -> Result<()> {
         let [m, n, k, _] = self.dims;
-        let sources = [QgemmGemv::source_hash(), QgemmTiled::source_hash()];
+        let sources = [
+            QgemmGemv::source_hash(),
+            QgemmTiled::source_hash(),
+            QgemmDirect::source_hash(),
+        ];
         let extra = [
             ("wkind", self.wkind.to_string()),
             ("act_order", self.act_order.to_string()),
         ];
-        let path = choose_path(self.y, "qgemm_path", sources, [m, n, k], &extra, |p| {
-            self.launch(p).map(|_| self.y.clone())
-        })?;
+        let path = choose_path(
+            self.y,
+            "qgemm_path",
+            &sources,
+            [m, n, k],
+            &extra,
+            true,
+            |p| self.launch(p).map(|_| self.y.clone()),
+        )?;
         self.launch(path)
     }
 
     pub(super) fn launch(&self, path: Path) -> Result<()> {
         let client = self.x.client();
         let [m, n, k, g] = self.dims.map(|d| d as u32);
+        // The fields every dequantizing kernel's arguments share, then its own.
+        macro_rules! args {
+            ($args:ident { $($own:tt)* }) => {
+                $args {
+                    x: self.x,
+                    qweight: &self.qweight,
+                    scales: self.scales,
+                    zeros: self.zeros,
+                    g_idx: self.g_idx,
+                    y: self.y,
+                    m,
+                    n,
+                    k,
+                    group_size: g,
+                    shift: self.shift,
+                    wkind: self.wkind,
+                    act_order: self.act_order,
+                    $($own)*
+                }
+            };
+        }
         match path {
             Path::Gemv => QgemmGemv::tuned(
                 client,
                 KERNEL_TOLERANCE,
-                &QgemmGemvArgs {
-                    x: self.x,
-                    qweight: &self.qweight,
-                    scales: self.scales,
-                    zeros: self.zeros,
-                    g_idx: self.g_idx,
-                    y: self.y,
-                    m,
-                    n,
-                    k,
-                    group_size: g,
-                    shift: self.shift,
+                &args!(QgemmGemvArgs {
                     mt: m.next_power_of_two().min(8),
-                    wkind: self.wkind,
-                    act_order: self.act_order,
-                },
+                }),
             )
             .map(drop),
-            Path::Tiled => QgemmTiled::tuned(
-                client,
-                KERNEL_TOLERANCE,
-                &QgemmTiledArgs {
-                    x: self.x,
-                    qweight: &self.qweight,
-                    scales: self.scales,
-                    zeros: self.zeros,
-                    g_idx: self.g_idx,
-                    y: self.y,
-                    m,
-                    n,
-                    k,
-                    group_size: g,
-                    shift: self.shift,
-                    wkind: self.wkind,
-                    act_order: self.act_order,
-                },
-            )
-            .map(drop),
+            Path::Direct => {
+                QgemmDirect::tuned(client, KERNEL_TOLERANCE, &args!(QgemmDirectArgs {})).map(drop)
+            }
+            Path::Tiled => {
+                QgemmTiled::tuned(client, KERNEL_TOLERANCE, &args!(QgemmTiledArgs {})).map(drop)
+            }
         }
     }
 }
 
-/// The autotuner's choice between the GEMV and the tiled kernel of a GEMM writing `y`
-/// (both tried for M <= [`GEMV_MAX_ROWS`], tiled only above), keyed by the kernels'
-/// sources, bucketed M, N, K, y's dtype and `extra` key parts. `run` launches one path.
+/// The autotuner's choice among the GEMV, the tiled and (where the caller has it,
+/// `direct`) the direct kernel of a GEMM writing `y` (the GEMV tried for
+/// M <= [`GEMV_MAX_ROWS`] only), keyed by the kernels' sources, bucketed M, N, K, y's
+/// dtype and `extra` key parts. `run` launches one path.
 pub(super) fn choose_path(
     y: &Tensor,
     name: &'static str,
-    sources: [String; 2],
+    sources: &[String],
     [m, n, k]: [usize; 3],
     extra: &[(&str, String)],
+    direct: bool,
     run: impl Fn(Path) -> Result<Tensor>,
 ) -> Result<Path> {
-    let paths: &[Path] = if m <= GEMV_MAX_ROWS {
-        &[Path::Gemv, Path::Tiled]
-    } else {
-        &[Path::Tiled]
-    };
+    let mut paths = Vec::new();
+    if m <= GEMV_MAX_ROWS {
+        paths.push(Path::Gemv);
+    }
+    paths.push(Path::Tiled);
+    if direct {
+        paths.push(Path::Direct);
+    }
     let mut choice = Choice::new(name)
         .sources(sources)
         .dim("m", m)
@@ -140,7 +152,7 @@ pub(super) fn choose_path(
     for (part, value) in extra {
         choice = choice.exact(part, value);
     }
-    choice.candidates(paths.iter().copied()).tune(
+    choice.candidates(paths).tune(
         y.client(),
         PATH_TOLERANCE,
         |p| format!("{p:?}").to_lowercase(),

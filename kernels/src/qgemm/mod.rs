@@ -29,8 +29,8 @@ mod w8a8_host;
 mod weight_only;
 
 pub use dequant::{
-    QgemmGemv, QgemmGemvArgs, QgemmTiled, QgemmTiledArgs, W4a16Repack, W4a16RepackArgs, WeightKind,
-    TILE_K,
+    QgemmDirect, QgemmDirectArgs, QgemmDirectProblem, QgemmGemv, QgemmGemvArgs, QgemmTiled,
+    QgemmTiledArgs, W4a16Repack, W4a16RepackArgs, WeightKind, TILE_K,
 };
 pub use flexround::{
     FlexroundBackwardCols, FlexroundBackwardColsArgs, FlexroundBackwardRows,

@@ -58,6 +58,7 @@ pub fn w8a8(
         let (xw, ww) = (xq.as_words(), wq.as_words());
         let b = bias.unwrap_or(&placeholder);
         let (mu, nu, ku) = (m as u32, n as u32, k as u32);
+        // `choose_path` offers W8A8 no direct path (`direct = false`): the tiled one.
         let launch = |path: Path| match path {
             Path::Gemv => W8a8Gemv::tuned(
                 client,
@@ -77,7 +78,7 @@ pub fn w8a8(
                 },
             )
             .map(drop),
-            Path::Tiled => W8a8Gemm::tuned(
+            Path::Tiled | Path::Direct => W8a8Gemm::tuned(
                 client,
                 0.0,
                 &W8a8GemmArgs {
@@ -96,7 +97,7 @@ pub fn w8a8(
             .map(drop),
         };
         let sources = [W8a8Gemv::source_hash(), W8a8Gemm::source_hash()];
-        let path = choose_path(&y, "w8a8_path", sources, [m, n, k], &[], |p| {
+        let path = choose_path(&y, "w8a8_path", &sources, [m, n, k], &[], false, |p| {
             launch(p).map(|_| y.clone())
         })?;
         launch(path)?;

@@ -10,6 +10,9 @@ pub(super) struct Entry {
     pub(super) config: serde_json::Value,
     pub(super) label: String,
     pub(super) median_us: f64,
+    /// Whether every candidate was timed (files from before ranked search: `false`).
+    #[serde(default)]
+    pub(super) exhaustive: bool,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]

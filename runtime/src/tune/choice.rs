@@ -3,6 +3,7 @@
 use super::{fnv1a_hex, Autotuner, TuneKey};
 use crate::{Client, Result, Tensor};
 use serde::{de::DeserializeOwned, Serialize};
+use std::sync::Arc;
 
 /// A tuning decision among candidates that may come from several kernels, or be
 /// whole algorithms (a GEMV against a tiled GEMM, a fused kernel against a pipeline):
@@ -19,12 +20,24 @@ use serde::{de::DeserializeOwned, Serialize};
 ///     .candidates([Path::Gemv, Path::Tiled])
 ///     .tune(client, 1e-2, |p| format!("{p:?}"), |&p| Ok(vec![run(p)?]))?;
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Choice<C> {
     name: &'static str,
     sources: Vec<String>,
     shape: Vec<String>,
     candidates: Vec<C>,
+    cost: Option<Arc<dyn Fn(&C) -> f64>>,
+}
+
+impl<C: std::fmt::Debug> std::fmt::Debug for Choice<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Choice")
+            .field("name", &self.name)
+            .field("shape", &self.shape.join(";"))
+            .field("candidates", &self.candidates)
+            .field("cost_model", &self.cost.is_some())
+            .finish()
+    }
 }
 
 impl<C> Choice<C>
@@ -38,6 +51,7 @@ where
             sources: Vec::new(),
             shape: Vec::new(),
             candidates: Vec::new(),
+            cost: None,
         }
     }
 
@@ -67,6 +81,25 @@ where
         self
     }
 
+    /// A cost model: the estimated time of a candidate in any unit (lower is better).
+    /// With one, a ranked search ([`super::Search`]) times only the best-ranked few.
+    pub fn cost(mut self, model: impl Fn(&C) -> f64 + 'static) -> Self {
+        self.cost = Some(Arc::new(model));
+        self
+    }
+
+    /// The candidates in the cost model's order, best first, each with its estimate
+    /// (declaration order and no estimate without a model).
+    pub fn ranking(&self) -> Vec<(C, Option<f64>)> {
+        match &self.cost {
+            Some(cost) => super::rank(&self.candidates, cost.as_ref())
+                .into_iter()
+                .map(|(i, e)| (self.candidates[i].clone(), Some(e)))
+                .collect(),
+            None => self.candidates.iter().map(|c| (c.clone(), None)).collect(),
+        }
+    }
+
     /// The candidates so far.
     pub fn list(&self) -> &[C] {
         &self.candidates
@@ -91,6 +124,14 @@ where
         label: impl Fn(&C) -> String,
         run: impl Fn(&C) -> Result<Vec<Tensor>>,
     ) -> Result<C> {
-        Autotuner::global().tune(client, &self.key(), &self.candidates, label, run, tolerance)
+        Autotuner::global().tune_ranked(
+            client,
+            &self.key(),
+            &self.candidates,
+            label,
+            run,
+            tolerance,
+            self.cost.as_deref(),
+        )
     }
 }

@@ -2,10 +2,23 @@
 //! bucketed problem shape, and remember it in a cache kiln controls.
 //!
 //! For each candidate (already pruned by the caller for device limits and constraints):
-//! run it once (this also compiles it), compare its outputs with those of the first
-//! candidate that ran, and only then time it (warm-up, then the median of several runs,
-//! each ended by a device sync). A candidate that fails or disagrees scores +inf and is
-//! reported, never fatal. The winner is stored in a JSON file keyed by device (name,
+//! run it once (this also compiles it and is its warm-up), compare its outputs with
+//! those of the first candidate that ran, and only then time it: the valid candidates
+//! run in rounds, one run of each per round (each ended by a device sync), so that the
+//! machine's drift is shared among them; a candidate's time is the median of its runs.
+//! A candidate that fails or disagrees scores +inf and is reported, never fatal.
+//!
+//! How many candidates run ([`Search`]): by default (`ranked`), a decision that comes
+//! with a cost model ([`Choice::cost`]) runs candidates in the model's order and times
+//! only its finalists: the best [`Autotuner::finalists`] (4), less those estimated at
+//! over twice the best (the model is sure they lose), plus any within 10 % of the last
+//! one kept (estimates that close are not a ranking); it goes on down the ranking while
+//! none is valid. A lone finalist is run once (it must work) and not timed. After each
+//! round, a candidate whose fastest run is over 1.5x the best median drops out. `KILN_TUNE_SEARCH=exhaustive` (or `kiln tune --exhaustive`) times
+//! every candidate fully, cutting only at 3x, as kiln did before it had cost models, and
+//! re-tunes keys a ranked search decided.
+//! Candidates compile one after another: wgpu and CUDA compile on the launching thread,
+//! and compiling beside a timed run would perturb its time on a machine with few cores. The winner is stored in a JSON file keyed by device (name,
 //! backend, driver), kernel, kernel source hash, kiln version and the shape key; the file
 //! is written atomically, and a corrupt or unreadable one is ignored (with a warning)
 //! and rewritten.
@@ -43,16 +56,56 @@ pub enum TuneMode {
 impl TuneMode {
     /// `KILN_AUTOTUNE`: `on` (default), `cache` or `off`.
     pub fn from_env() -> Result<TuneMode> {
-        match std::env::var("KILN_AUTOTUNE").as_deref().map(str::trim) {
-            Err(_) | Ok("") | Ok("on") => Ok(TuneMode::On),
-            Ok("cache") => Ok(TuneMode::CacheOnly),
-            Ok("off") => Ok(TuneMode::Off),
-            Ok(other) => Err(Error::Param {
-                param: "KILN_AUTOTUNE".into(),
-                expected: "on | cache | off".into(),
-                found: other.into(),
-            }),
-        }
+        env_choice(
+            "KILN_AUTOTUNE",
+            &[
+                ("on", TuneMode::On),
+                ("cache", TuneMode::CacheOnly),
+                ("off", TuneMode::Off),
+            ],
+        )
+    }
+}
+
+/// The value of environment variable `var` among `choices` (the first is the default,
+/// for an unset or empty variable); anything else is an error naming the variable.
+fn env_choice<T: Copy>(var: &str, choices: &[(&str, T)]) -> Result<T> {
+    let value = std::env::var(var).unwrap_or_default();
+    let value = value.trim();
+    if value.is_empty() {
+        return Ok(choices[0].1);
+    }
+    choices
+        .iter()
+        .find(|(name, _)| *name == value)
+        .map(|&(_, t)| t)
+        .ok_or_else(|| Error::Param {
+            param: var.into(),
+            expected: choices.iter().map(|c| c.0).collect::<Vec<_>>().join(" | "),
+            found: value.into(),
+        })
+}
+
+/// How many candidates the tuner times (`KILN_TUNE_SEARCH`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Search {
+    /// With a cost model, time only the best-ranked finalists; cut clear losers after
+    /// one run (the default).
+    Ranked,
+    /// Time every candidate fully (cut only at 3x the best), ignoring cost models.
+    Exhaustive,
+}
+
+impl Search {
+    /// `KILN_TUNE_SEARCH`: `ranked` (default) or `exhaustive`.
+    pub fn from_env() -> Result<Search> {
+        env_choice(
+            "KILN_TUNE_SEARCH",
+            &[
+                ("ranked", Search::Ranked),
+                ("exhaustive", Search::Exhaustive),
+            ],
+        )
     }
 }
 
@@ -76,6 +129,11 @@ pub enum CandidateStatus {
     Mismatch(String),
     /// Failed to run.
     Failed(String),
+    /// Not run: the cost model ranked it `rank`-th (1-based), below the finalists.
+    NotTimed {
+        /// Its place in the cost model's ranking.
+        rank: usize,
+    },
 }
 
 /// How a tuning decision was made.
@@ -113,8 +171,17 @@ pub enum TuneEvent {
         shape: String,
         /// How many candidates.
         candidates: usize,
+        /// How many of them will be run (the finalists of a ranked search, else all).
+        finalists: usize,
     },
-    /// One candidate finished.
+    /// A candidate's first run (compile, launch, check) is done; its result comes with
+    /// [`TuneEvent::Candidate`] once every candidate is timed (for progress displays).
+    FirstRun {
+        /// Its label.
+        label: String,
+    },
+    /// How one candidate fared (after all are timed, in the order they ran, those not
+    /// run last).
     Candidate {
         /// Its label, e.g. `units=64`.
         label: String,
@@ -129,16 +196,30 @@ pub enum TuneEvent {
         winner: String,
         /// How it was decided.
         how: Decision,
+        /// Where the time went (zero unless `how` is [`Decision::Tuned`]).
+        spent: Spent,
     },
 }
 
-/// Timing budget per candidate after its first (validated) run.
-const TIME_BUDGET: Duration = Duration::from_millis(500);
+/// Where one tuning decision spent its time.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Spent {
+    /// Candidates run (each at least once).
+    pub run: usize,
+    /// First runs: compilation, one launch, download and the check against the
+    /// reference candidate.
+    pub first_runs: Duration,
+    /// Timed runs after them.
+    pub timing: Duration,
+}
+
+/// Timing budget per valid candidate after the first runs.
+const TIME_BUDGET: Duration = Duration::from_millis(400);
 
 /// The autotuner and its cache file.
 pub struct Autotuner {
     path: PathBuf,
-    mode: TuneMode,
+    mode: Mutex<TuneMode>,
     /// Entries as last read or written; `None` until first needed.
     cache: Mutex<Option<CacheFile>>,
     observer: Mutex<Option<Box<dyn Fn(&TuneEvent) + Send>>>,
@@ -148,6 +229,9 @@ pub struct Autotuner {
     store_error: Mutex<Option<String>>,
     /// Samples timed per candidate after the warm-up.
     pub samples: usize,
+    /// Candidates a ranked search times (the cost model's best; at least 1).
+    pub finalists: usize,
+    search: Mutex<Search>,
 }
 
 impl Autotuner {
@@ -155,12 +239,14 @@ impl Autotuner {
     pub fn new(dir: impl AsRef<Path>, mode: TuneMode) -> Self {
         Self {
             path: dir.as_ref().join("autotune.json"),
-            mode,
+            mode: Mutex::new(mode),
             cache: Mutex::new(None),
             observer: Mutex::new(None),
             warned: Default::default(),
             store_error: Mutex::new(None),
             samples: 5,
+            finalists: 4,
+            search: Mutex::new(Search::Ranked),
         }
     }
 
@@ -173,8 +259,24 @@ impl Autotuner {
                 eprintln!("warning: {e}; tuning on first use");
                 TuneMode::On
             });
-            Autotuner::new(default_cache_dir(), mode)
+            let t = Autotuner::new(default_cache_dir(), mode);
+            t.set_search(Search::from_env().unwrap_or_else(|e| {
+                eprintln!("warning: {e}; ranked search");
+                Search::Ranked
+            }));
+            t
         })
+    }
+
+    /// How many candidates tuning times from now on. `Exhaustive` also re-tunes keys
+    /// whose cached decision came from a ranked search.
+    pub fn set_search(&self, search: Search) {
+        *self.search.lock().unwrap_or_else(|p| p.into_inner()) = search;
+    }
+
+    /// The search in force.
+    pub fn search(&self) -> Search {
+        *self.search.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The cache file.
@@ -184,7 +286,12 @@ impl Autotuner {
 
     /// The mode.
     pub fn mode(&self) -> TuneMode {
-        self.mode
+        *self.mode.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the mode from now on (e.g. `kiln selftest` checks operators untuned).
+    pub fn set_mode(&self, mode: TuneMode) {
+        *self.mode.lock().unwrap_or_else(|p| p.into_inner()) = mode;
     }
 
     /// Shows tuning progress to `f` (replaces any earlier observer).
@@ -293,7 +400,8 @@ impl Autotuner {
     /// `key` on `client`'s device. `run` launches one candidate and returns its
     /// outputs; `tolerance` bounds the max relative difference allowed between a
     /// candidate's outputs and the reference candidate's (each element's, with a floor
-    /// of 1e-3 of the output's largest magnitude plus 1e-6).
+    /// of 1e-3 of the output's largest magnitude plus 1e-6). Without a cost model every
+    /// candidate runs (see [`Autotuner::tune_ranked`]).
     pub fn tune<C>(
         &self,
         client: &Client,
@@ -306,65 +414,143 @@ impl Autotuner {
     where
         C: Clone + PartialEq + Serialize + DeserializeOwned,
     {
+        self.tune_ranked(client, key, candidates, label, run, tolerance, None)
+    }
+
+    /// [`Autotuner::tune`] with a cost model: `cost` estimates a candidate's time in
+    /// any unit (lower is better). A ranked search runs candidates in the model's order,
+    /// the first that runs being the reference the others are checked against, and
+    /// stops after [`Autotuner::finalists`] valid ones; the rest are reported as
+    /// [`CandidateStatus::NotTimed`]. An exhaustive search ignores the model.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tune_ranked<C>(
+        &self,
+        client: &Client,
+        key: &TuneKey,
+        candidates: &[C],
+        label: impl Fn(&C) -> String,
+        run: impl Fn(&C) -> Result<Vec<Tensor>>,
+        tolerance: f64,
+        cost: Option<&dyn Fn(&C) -> f64>,
+    ) -> Result<C>
+    where
+        C: Clone + PartialEq + Serialize + DeserializeOwned,
+    {
         let first = candidates.first().cloned().ok_or_else(|| Error::Kernel {
             kernel: key.kernel.into(),
             message: "no configuration fits this device and shape".into(),
         })?;
-        let done = |winner: &C, how: Decision| {
+        let done = |winner: &C, how: Decision, spent: Spent| {
             self.emit(TuneEvent::Done {
                 kernel: key.kernel.into(),
                 winner: label(winner),
                 how,
+                spent,
             })
         };
         if candidates.len() == 1 {
-            done(&first, Decision::OnlyCandidate);
+            done(&first, Decision::OnlyCandidate, Spent::default());
             return Ok(first);
         }
-        if self.mode == TuneMode::Off {
-            done(&first, Decision::Mode);
+        let mode = self.mode();
+        if mode == TuneMode::Off {
+            done(&first, Decision::Mode, Spent::default());
             return Ok(first);
         }
+        let search = self.search();
         let ekey = Self::entry_key(client, key);
         let cached = self.with_cache(|c| c.entries.get(&ekey).cloned());
         if let Some(entry) = cached {
+            // An exhaustive search does not trust a ranked one's decision.
+            let trusted = search == Search::Ranked || entry.exhaustive;
             if let Ok(config) = serde_json::from_value::<C>(entry.config) {
-                if candidates.contains(&config) {
-                    done(&config, Decision::Cached);
+                if candidates.contains(&config) && (trusted || mode == TuneMode::CacheOnly) {
+                    done(&config, Decision::Cached, Spent::default());
                     return Ok(config);
                 }
             }
         }
-        if self.mode == TuneMode::CacheOnly {
-            done(&first, Decision::Mode);
+        if mode == TuneMode::CacheOnly {
+            done(&first, Decision::Mode, Spent::default());
             return Ok(first);
         }
 
+        // The order candidates run in, and how many valid ones end the search.
+        // The order candidates run in, and how many valid ones end the search.
+        let (order, finalists) = match cost {
+            Some(cost) if search == Search::Ranked => {
+                let ranked = rank(candidates, cost);
+                let finalists = finalist_count(&ranked, self.finalists);
+                (ranked.into_iter().map(|(i, _)| i).collect(), finalists)
+            }
+            _ => ((0..candidates.len()).collect::<Vec<_>>(), candidates.len()),
+        };
+        let cut = if search == Search::Exhaustive {
+            3.0
+        } else {
+            1.5
+        };
         self.emit(TuneEvent::Start {
             kernel: key.kernel.into(),
             shape: key.shape.clone(),
             candidates: candidates.len(),
+            finalists,
         });
+        // First runs, in order: compile, launch, check against the reference (the first
+        // candidate that ran). Past the finalists, a candidate runs only while none of
+        // them is valid.
         let mut reference: Option<Vec<HostTensor>> = None;
-        let mut best: Option<(Duration, &C)> = None;
-        for c in candidates {
-            let status = self.measure(
-                client,
-                c,
-                &run,
-                &mut reference,
-                tolerance,
-                best.map(|b| b.0),
-            );
-            if let CandidateStatus::Timed(t) = status {
-                if best.is_none_or(|(bt, _)| t < bt) {
-                    best = Some((t, c));
-                }
+        let mut spent = Spent::default();
+        let mut status: Vec<Option<CandidateStatus>> = vec![None; order.len()];
+        let mut valid: Vec<(usize, Duration)> = Vec::new();
+        for (pos, &i) in order.iter().enumerate() {
+            let c = &candidates[i];
+            if valid.len() >= finalists {
+                status[pos] = Some(CandidateStatus::NotTimed { rank: pos + 1 });
+                continue;
             }
-            self.emit(TuneEvent::Candidate {
-                label: label(c),
-                status,
+            spent.run += 1;
+            let started = Instant::now();
+            let checked = self.first_run(c, &run, &mut reference, tolerance);
+            let first_run = started.elapsed();
+            spent.first_runs += first_run;
+            self.emit(TuneEvent::FirstRun { label: label(c) });
+            match checked {
+                None => valid.push((pos, first_run)),
+                Some(failed) => status[pos] = Some(failed),
+            }
+        }
+        // A lone valid candidate has nothing to be timed against: its first run decides.
+        let times = if let [(pos, first_run)] = valid[..] {
+            vec![(pos, Ok(vec![first_run]))]
+        } else {
+            let started = Instant::now();
+            let times = self.time_rounds(client, candidates, &order, &valid, &run, cut);
+            spent.timing = started.elapsed();
+            times
+        };
+        let mut best: Option<(Duration, &C)> = None;
+        for (pos, t) in times {
+            let c = &candidates[order[pos]];
+            status[pos] = Some(match t {
+                Ok(mut t) => {
+                    t.sort();
+                    let median = t[t.len() / 2];
+                    if best.is_none_or(|(bt, _)| median < bt) {
+                        best = Some((median, c));
+                    }
+                    CandidateStatus::Timed(median)
+                }
+                Err(e) => CandidateStatus::Failed(e),
             });
+        }
+        for (pos, s) in status.into_iter().enumerate() {
+            if let Some(status) = s {
+                self.emit(TuneEvent::Candidate {
+                    label: label(&candidates[order[pos]]),
+                    status,
+                });
+            }
         }
         let Some((time, winner)) = best else {
             return Err(Error::Kernel {
@@ -379,52 +565,98 @@ impl Autotuner {
             })?,
             label: label(winner),
             median_us: time.as_secs_f64() * 1e6,
+            exhaustive: finalists == candidates.len(),
         };
         self.persist(BTreeMap::from([(ekey, entry)]));
-        done(winner, Decision::Tuned);
+        done(winner, Decision::Tuned, spent);
         Ok(winner.clone())
     }
 
-    fn measure<C>(
+    /// Runs `c` once (compiling it) and checks its outputs against the reference's (the
+    /// first candidate's to get here becomes the reference). `None`: valid.
+    fn first_run<C>(
         &self,
-        client: &Client,
         c: &C,
         run: &impl Fn(&C) -> Result<Vec<Tensor>>,
         reference: &mut Option<Vec<HostTensor>>,
         tolerance: f64,
-        best: Option<Duration>,
-    ) -> CandidateStatus {
-        // The first run compiles the candidate; its outputs are what is validated.
+    ) -> Option<CandidateStatus> {
         let outputs =
             match run(c).and_then(|o| o.iter().map(Tensor::download).collect::<Result<Vec<_>>>()) {
                 Ok(o) => o,
-                Err(e) => return CandidateStatus::Failed(e.to_string()),
+                Err(e) => return Some(CandidateStatus::Failed(e.to_string())),
             };
         match reference {
-            None => *reference = Some(outputs),
-            Some(r) => {
-                if let Some(msg) = disagreement(r, &outputs, tolerance) {
-                    return CandidateStatus::Mismatch(msg);
+            None => {
+                *reference = Some(outputs);
+                None
+            }
+            Some(r) => disagreement(r, &outputs, tolerance).map(CandidateStatus::Mismatch),
+        }
+    }
+
+    /// Times the `valid` candidates (positions in `order`) in rounds, one run of each
+    /// per round, so that the machine's drift is shared among them. After each round, a
+    /// candidate whose fastest run is over `cut` times the best median so far drops
+    /// out. Rounds end after [`Autotuner::samples`], when one candidate is left, or when
+    /// the budget ([`TIME_BUDGET`] per valid candidate) is spent. Each candidate's run
+    /// times, or why a run failed.
+    fn time_rounds<C>(
+        &self,
+        client: &Client,
+        candidates: &[C],
+        order: &[usize],
+        valid: &[(usize, Duration)],
+        run: &impl Fn(&C) -> Result<Vec<Tensor>>,
+        cut: f64,
+    ) -> Vec<(usize, std::result::Result<Vec<Duration>, String>)> {
+        let mut times: Vec<(usize, std::result::Result<Vec<Duration>, String>)> = valid
+            .iter()
+            .map(|&(pos, _)| (pos, Ok(Vec::new())))
+            .collect();
+        let mut alive = vec![true; valid.len()];
+        let budget = TIME_BUDGET * valid.len() as u32;
+        let started = Instant::now();
+        let median = |t: &[Duration]| {
+            let mut t = t.to_vec();
+            t.sort();
+            t[t.len() / 2]
+        };
+        for _ in 0..self.samples.max(1) {
+            for (v, (pos, result)) in times.iter_mut().enumerate() {
+                let Ok(samples) = result else { continue };
+                if !alive[v] {
+                    continue;
+                }
+                let start = Instant::now();
+                match run(&candidates[order[*pos]]).and_then(|_| client.sync()) {
+                    Ok(()) => samples.push(start.elapsed()),
+                    Err(e) => {
+                        *result = Err(e.to_string());
+                        alive[v] = false;
+                    }
                 }
             }
-        }
-        let mut times = Vec::with_capacity(self.samples);
-        let started = Instant::now();
-        for _ in 0..self.samples.max(1) {
-            let start = Instant::now();
-            if let Err(e) = run(c).and_then(|_| client.sync()) {
-                return CandidateStatus::Failed(e.to_string());
+            let best = times
+                .iter()
+                .zip(&alive)
+                .filter_map(|((_, t), &a)| t.as_ref().ok().filter(|_| a))
+                .map(|t| median(t))
+                .min();
+            let Some(best) = best else { break };
+            for (v, (_, t)) in times.iter().enumerate() {
+                if let Ok(t) = t {
+                    let fastest = t.iter().min().copied().unwrap_or_default();
+                    if fastest.as_secs_f64() > cut * best.as_secs_f64() {
+                        alive[v] = false;
+                    }
+                }
             }
-            let t = start.elapsed();
-            times.push(t);
-            // Slow kernels get fewer samples: a clear loser (3x the best so far) or a
-            // spent time budget ends the candidate early.
-            if best.is_some_and(|b| t > 3 * b) || started.elapsed() > TIME_BUDGET {
+            if alive.iter().filter(|&&a| a).count() <= 1 || started.elapsed() > budget {
                 break;
             }
         }
-        times.sort();
-        CandidateStatus::Timed(times[times.len() / 2])
+        times
     }
 
     /// Copies the cache entries of `client`'s device to `file` (for shipping tuned
@@ -475,6 +707,41 @@ impl Autotuner {
         Ok(n)
     }
 }
+
+/// Candidate indices by estimated cost, best first (NaN counts as +inf; ties keep
+/// the declaration order), each with its estimate.
+pub(crate) fn rank<C>(candidates: &[C], cost: &dyn Fn(&C) -> f64) -> Vec<(usize, f64)> {
+    let mut order: Vec<(usize, f64)> = candidates
+        .iter()
+        .map(cost)
+        .map(|e| if e.is_nan() { f64::INFINITY } else { e })
+        .enumerate()
+        .collect();
+    order.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+    order
+}
+
+/// How many of the `ranked` candidates (best first) a ranked search times: the best
+/// `most`, less those the model puts over [`CONFIDENT`] times the best estimate (it is
+/// sure they lose), plus any within 10 % of the last one kept (estimates that close are
+/// not a ranking). At least one.
+fn finalist_count(ranked: &[(usize, f64)], most: usize) -> usize {
+    let Some(&(_, best)) = ranked.first() else {
+        return 0;
+    };
+    let kept = ranked
+        .iter()
+        .take(most.max(1))
+        .take_while(|(_, e)| *e <= CONFIDENT * best)
+        .count()
+        .max(1);
+    let last = ranked[kept - 1].1;
+    ranked.iter().filter(|(_, e)| *e <= last * 1.1).count()
+}
+
+/// A candidate the cost model estimates at more than this many times the best one is
+/// not timed.
+const CONFIDENT: f64 = 2.0;
 
 /// `None` when every output agrees within `tolerance`, else what differs.
 fn disagreement(reference: &[HostTensor], got: &[HostTensor], tolerance: f64) -> Option<String> {
