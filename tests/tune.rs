@@ -345,3 +345,16 @@ fn an_exhaustive_search_times_everything_and_retunes_ranked_decisions() {
     let (won, st, finalists) = tune_ranked(&t, "e", &[0, 1, 2, 3], &costs);
     assert_eq!((won, st.len(), finalists), (1, 0, None), "cached: {st:?}");
 }
+
+#[test]
+fn a_choice_reports_its_cost_models_ranking() {
+    use kiln::runtime::Choice;
+    let choice = Choice::new("ranking")
+        .candidates([0u32, 1, 2, 3])
+        .cost(|c: &u32| [3.0, 1.0, f64::NAN, 1.0][*c as usize]);
+    // Best first; ties keep the declaration order; NaN counts as +inf.
+    let order: Vec<u32> = choice.ranking().into_iter().map(|(c, _)| c).collect();
+    assert_eq!(order, [1, 3, 0, 2]);
+    let plain = Choice::new("plain").candidates([5u32, 4]);
+    assert_eq!(plain.ranking(), [(5, None), (4, None)]);
+}
