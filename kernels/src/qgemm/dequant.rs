@@ -350,17 +350,37 @@ qgemm_kernel! {
             acc[e as usize] = 0.0;
         }
         let mut wv = Array::<f32>::new(comptime!((8 * TN) as usize));
+        // The columns' scales and zero points, loaded once per group of G rows (int4
+        // without act order) or once (int8: per channel), not once per word.
+        let mut sg = Array::<f32>::new(comptime!(TN as usize));
+        let mut zg = Array::<f32>::new(comptime!(TN as usize));
+        if comptime!(wkind != WeightKind::Int4) {
+            #[unroll]
+            for j in 0..TN {
+                sg[j as usize] = scales[cols[j as usize] as usize];
+            }
+        }
         let mut k0 = 0u32;
         while k0 < k {
+            if comptime!(wkind == WeightKind::Int4 && !act_order) {
+                if k0 % group_size == 0 {
+                    let g = k0 / group_size;
+                    #[unroll]
+                    for j in 0..TN {
+                        let col = cols[j as usize];
+                        sg[j as usize] = scales[(g * n + col) as usize];
+                        zg[j as usize] = zeros[(g * n + col) as usize];
+                    }
+                }
+            }
             #[unroll]
             for j in 0..TN {
                 let col = cols[j as usize];
                 if comptime!(wkind == WeightKind::Int4) {
                     // K is a multiple of 8 (and of G): the word and its group are whole.
                     let word = qweight[((k0 / 8) * n + col) as usize];
-                    let g = k0 / group_size;
-                    let mut s = scales[(g * n + col) as usize];
-                    let mut z = zeros[(g * n + col) as usize];
+                    let mut s = sg[j as usize];
+                    let mut z = zg[j as usize];
                     #[unroll]
                     for i in 0..8u32 {
                         if comptime!(act_order) {
@@ -372,7 +392,7 @@ qgemm_kernel! {
                     }
                 } else {
                     // int8 rows past K weigh zero (K need not be a multiple of 8).
-                    let s = scales[col as usize];
+                    let s = sg[j as usize];
                     #[unroll]
                     for i in 0..8u32 {
                         let mut v = 0.0f32;
