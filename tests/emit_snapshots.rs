@@ -184,6 +184,22 @@ fn qgemm_tiled_cuda_int8_bits() {
 }
 
 #[test]
+fn w8a8_direct_wgsl() {
+    insta::assert_snapshot!(source(
+        "w8a8_direct",
+        Target::Wgsl,
+        &[
+            ("dtype", "f32"),
+            ("has_bias", "false"),
+            ("BM", "16"),
+            ("BN", "128"),
+            ("TM", "4"),
+            ("TN", "8")
+        ]
+    ));
+}
+
+#[test]
 fn w8a8_gemm_cuda_bias() {
     insta::assert_snapshot!(source(
         "w8a8_gemm",

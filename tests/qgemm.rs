@@ -934,3 +934,79 @@ fn qgemm_direct_every_config_matches_f64() {
         "int8 at 4 bits",
     );
 }
+
+/// The direct W8A8 kernel (register tiles from global memory, whole words of K), every
+/// configuration, against f64: M and N ragged against every tile, K a multiple of 4 but
+/// not of 8, codes over the whole range -128..=127 (exact i32 sums), with and without
+/// bias, f32 and f16 outputs.
+#[test]
+fn w8a8_direct_every_config_matches_f64() {
+    use kiln::kernels::qgemm::{W8a8Direct, W8a8DirectArgs, W8a8DirectProblem};
+    let mut rng = Rng::new(23);
+    let (m, n, k) = (37, 72, 84);
+    let xq = ints(&mut rng, m * k, -128, 127);
+    let wq = ints(&mut rng, n * k, -128, 127);
+    let sx = rounded(
+        DType::F32,
+        &(0..m)
+            .map(|_| 0.01 + rng.uniform() * 0.02)
+            .collect::<Vec<_>>(),
+    );
+    let sw = rounded(
+        DType::F32,
+        &(0..n)
+            .map(|_| 0.01 + rng.uniform() * 0.02)
+            .collect::<Vec<_>>(),
+    );
+    let bias = rounded(DType::F32, &rng.normals(n, 1.0));
+    let (xt, wt) = (up(DType::I8, &[m, k], &xq), up(DType::I8, &[n, k], &wq));
+    let (sxt, swt, bt) = (
+        up(DType::F32, &[m], &sx),
+        up(DType::F32, &[n], &sw),
+        up(DType::F32, &[n], &bias),
+    );
+    for has_bias in [false, true] {
+        let want = qr::w8a8(&xq, &sx, &wq, &sw, has_bias.then_some(&bias[..]), m, n, k);
+        for out in [DType::F32, DType::F16] {
+            let problem = W8a8DirectProblem {
+                m: m as u32,
+                n: n as u32,
+                k: k as u32,
+                has_bias,
+            };
+            let space = W8a8Direct::space(client(), &problem);
+            assert!(space.len() >= 4, "{} configurations", space.len());
+            for cfg in space {
+                let y = Tensor::empty(client(), out, &[m, n]).unwrap();
+                W8a8Direct::launch(
+                    client(),
+                    &cfg,
+                    &W8a8DirectArgs {
+                        xq: &xt.as_words(),
+                        sx: &sxt,
+                        wq: &wt.as_words(),
+                        sw: &swt,
+                        bias: &bt,
+                        y: &y,
+                        m: m as u32,
+                        n: n as u32,
+                        k: k as u32,
+                        has_bias,
+                    },
+                )
+                .unwrap();
+                let err = mean_rel(&y.download().unwrap().to_f64(), &want);
+                let tol = if out == DType::F32 { 1e-6 } else { 1e-3 };
+                assert!(err < tol, "{cfg:?} bias={has_bias} {out}: {err:e}");
+            }
+        }
+    }
+    // K not a multiple of 4: no configuration (the host does not offer the kernel).
+    let problem = W8a8DirectProblem {
+        m: 4,
+        n: 8,
+        k: 77,
+        has_bias: false,
+    };
+    assert!(W8a8Direct::space(client(), &problem).is_empty());
+}

@@ -18,7 +18,14 @@ pub fn unpack_u4(word: u32, slot: u32) -> u32 {
 /// `8 (i % 4) ..` of word `i / 4`, little-endian), sign-extended to i32.
 #[cube]
 pub fn load_i8(words: &Array<u32>, index: u32) -> i32 {
-    let byte = (words[(index / 4) as usize] >> ((index % 4) * 8)) & 255;
+    unpack_i8(words[(index / 4) as usize], index % 4)
+}
+
+/// The signed byte `slot` (0..4, least-significant first) of `word`, sign-extended to
+/// i32.
+#[cube]
+pub fn unpack_i8(word: u32, slot: u32) -> i32 {
+    let byte = (word >> (slot * 8)) & 255;
     // Two's complement: bytes 128..255 are -128..-1.
     i32::cast_from(byte) - i32::cast_from(byte >> 7) * 256
 }

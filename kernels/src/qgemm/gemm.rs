@@ -46,7 +46,7 @@ pub(super) struct Operands<'a> {
 pub(super) enum Path {
     Gemv,
     Tiled,
-    /// Register tiles from global memory (`qgemm_direct`; not for W8A8).
+    /// Register tiles from global memory (`qgemm_direct`, `w8a8_direct`).
     Direct,
 }
 

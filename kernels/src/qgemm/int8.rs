@@ -5,7 +5,7 @@
 //! works, aligned or not.
 
 use cubecl::prelude::*;
-use kiln_dsl::{cube_max, cube_sum, i8_bits, load_i8, reg_tile_mma, round_half_even};
+use kiln_dsl::{cube_max, cube_sum, i8_bits, load_i8, reg_tile_mma, round_half_even, unpack_i8};
 
 /// Depth of a K step of the W8A8 kernel.
 pub const INT8_TILE_K: u32 = 32;
@@ -86,14 +86,54 @@ pub fn w8a8_gemm<F: Float>(
         sync_cube();
         k0 += INT8_TILE_K;
     }
+    store_scaled_tile::<F>(
+        y,
+        &acc,
+        sx,
+        sw,
+        bias,
+        m0 + ty,
+        n0 + tx,
+        m,
+        n,
+        BM,
+        BN,
+        TM,
+        TN,
+        has_bias,
+    );
+}
+
+/// The W8A8 epilogue of a unit's `tm x tn` i32 accumulators `acc` (row-major):
+/// `y[row, col] = acc sx[row] sw[col] (+ bias[col])` in `F`, row `i` of the tile at
+/// `row0 + i (bm / tm)` and column `j` at `col0 + j (bn / tn)`, skipping what falls
+/// outside `[m, n]`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_scaled_tile<F: Float>(
+    y: &mut Array<F>,
+    acc: &Array<i32>,
+    sx: &Array<f32>,
+    sw: &Array<f32>,
+    bias: &Array<f32>,
+    row0: u32,
+    col0: u32,
+    m: u32,
+    n: u32,
+    #[comptime] bm: u32,
+    #[comptime] bn: u32,
+    #[comptime] tm: u32,
+    #[comptime] tn: u32,
+    #[comptime] has_bias: bool,
+) {
     #[unroll]
-    for i in 0..TM {
+    for i in 0..tm {
         #[unroll]
-        for j in 0..TN {
-            let row = m0 + ty + i * comptime!(BM / TM);
-            let col = n0 + tx + j * comptime!(BN / TN);
+        for j in 0..tn {
+            let row = row0 + i * comptime!(bm / tm);
+            let col = col0 + j * comptime!(bn / tn);
             if row < m && col < n {
-                let mut v = f32::cast_from(acc[(i * TN + j) as usize])
+                let mut v = f32::cast_from(acc[(i * tn + j) as usize])
                     * sx[row as usize]
                     * sw[col as usize];
                 if comptime!(has_bias) {
@@ -103,6 +143,115 @@ pub fn w8a8_gemm<F: Float>(
             }
         }
     }
+}
+
+/// W8A8 straight from global memory (no shared memory, no barriers; what a CPU adapter
+/// rewards, as `qgemm_direct` showed for W4A16): a unit owns `TM` rows (`BM / TM`
+/// apart) and `TN` columns (`BN / TN` apart) and, per 32-bit word of K (four bytes of
+/// each K-contiguous row of `xq` and `wq`), unpacks its `4 TM` and `4 TN` codes once and
+/// multiplies them all, exactly in i32. Needs `k % 4 == 0` (rows start on a word; the
+/// host offers this kernel only then).
+#[kiln_macros::kernel(
+    tune((BM, BN, TM, TN) = [
+        (64, 64, 8, 8),
+        (32, 128, 4, 8),
+        (16, 128, 4, 8),
+        (64, 128, 8, 16),
+        (128, 64, 16, 4),
+        (128, 128, 16, 16),
+    ]),
+    require(
+        (BM / TM) * (BN / TN) <= 1024,
+        BM <= m.next_power_of_two().max(16),
+        k % 4 == 0,
+    ),
+    key(m = pow2, n = pow2, k = pow2, dtype),
+    grid = (n.div_ceil(BN), m.div_ceil(BM)),
+    cube = (BN / TN, BM / TM),
+)]
+pub fn w8a8_direct<F: Float>(
+    xq: &Array<u32>,
+    sx: &Array<f32>,
+    wq: &Array<u32>,
+    sw: &Array<f32>,
+    bias: &Array<f32>,
+    y: &mut Array<F>,
+    m: u32,
+    n: u32,
+    k: u32,
+    #[comptime] has_bias: bool,
+) {
+    let tx = UNIT_POS_X;
+    let ty = UNIT_POS_Y;
+    let m0 = CUBE_POS_Y * BM;
+    let n0 = CUBE_POS_X * BN;
+    let words = k / 4;
+    // Out-of-range rows and columns read row m - 1 or column n - 1, never stored.
+    let mut xrow = Array::<u32>::new(comptime!(TM as usize));
+    #[unroll]
+    for i in 0..TM {
+        xrow[i as usize] = min(m0 + ty + i * comptime!(BM / TM), m - 1) * words;
+    }
+    let mut wrow = Array::<u32>::new(comptime!(TN as usize));
+    #[unroll]
+    for j in 0..TN {
+        wrow[j as usize] = min(n0 + tx + j * comptime!(BN / TN), n - 1) * words;
+    }
+    let mut acc = Array::<i32>::new(comptime!((TM * TN) as usize));
+    #[unroll]
+    for e in 0..TM * TN {
+        acc[e as usize] = 0;
+    }
+    let mut xv = Array::<i32>::new(comptime!((4 * TM) as usize));
+    let mut wv = Array::<i32>::new(comptime!((4 * TN) as usize));
+    let mut w = 0u32;
+    while w < words {
+        #[unroll]
+        for i in 0..TM {
+            let word = xq[(xrow[i as usize] + w) as usize];
+            #[unroll]
+            for b in 0..4u32 {
+                xv[(i * 4 + b) as usize] = unpack_i8(word, b);
+            }
+        }
+        #[unroll]
+        for j in 0..TN {
+            let word = wq[(wrow[j as usize] + w) as usize];
+            #[unroll]
+            for b in 0..4u32 {
+                wv[(j * 4 + b) as usize] = unpack_i8(word, b);
+            }
+        }
+        #[unroll]
+        for i in 0..TM {
+            #[unroll]
+            for j in 0..TN {
+                let mut dot = acc[(i * TN + j) as usize];
+                #[unroll]
+                for b in 0..4u32 {
+                    dot += xv[(i * 4 + b) as usize] * wv[(j * 4 + b) as usize];
+                }
+                acc[(i * TN + j) as usize] = dot;
+            }
+        }
+        w += 1;
+    }
+    store_scaled_tile::<F>(
+        y,
+        &acc,
+        sx,
+        sw,
+        bias,
+        m0 + ty,
+        n0 + tx,
+        m,
+        n,
+        BM,
+        BN,
+        TM,
+        TN,
+        has_bias,
+    );
 }
 
 /// W8A8 for few rows: a cube owns `BN` columns and `mt` rows (comptime, <= 8); the

@@ -38,8 +38,8 @@ pub use flexround::{
     FlexroundForward, FlexroundForwardArgs,
 };
 pub use int8::{
-    TokenQuantize, TokenQuantizeArgs, TokenScale, TokenScaleArgs, W8a8Gemm, W8a8GemmArgs, W8a8Gemv,
-    W8a8GemvArgs, INT8_TILE_K,
+    TokenQuantize, TokenQuantizeArgs, TokenScale, TokenScaleArgs, W8a8Direct, W8a8DirectArgs,
+    W8a8DirectProblem, W8a8Gemm, W8a8GemmArgs, W8a8Gemv, W8a8GemvArgs, INT8_TILE_K,
 };
 pub use registry::{
     FLEXROUND, FLEXROUND_BACKWARD, QUANTIZE_PER_TOKEN, W4A16, W4A16_REPACK, W8A8, W8_BITS,

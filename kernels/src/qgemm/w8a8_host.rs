@@ -58,46 +58,44 @@ pub fn w8a8(
         let (xw, ww) = (xq.as_words(), wq.as_words());
         let b = bias.unwrap_or(&placeholder);
         let (mu, nu, ku) = (m as u32, n as u32, k as u32);
-        // `choose_path` offers W8A8 no direct path (`direct = false`): the tiled one.
+        // The fields every W8A8 kernel's arguments share, then its own.
+        macro_rules! args {
+            ($args:ident { $($own:tt)* }) => {
+                $args {
+                    xq: &xw,
+                    sx,
+                    wq: &ww,
+                    sw,
+                    bias: b,
+                    y: &y,
+                    m: mu,
+                    n: nu,
+                    k: ku,
+                    has_bias: bias.is_some(),
+                    $($own)*
+                }
+            };
+        }
         let launch = |path: Path| match path {
             Path::Gemv => W8a8Gemv::tuned(
                 client,
                 0.0,
-                &W8a8GemvArgs {
-                    xq: &xw,
-                    sx,
-                    wq: &ww,
-                    sw,
-                    bias: b,
-                    y: &y,
-                    m: mu,
-                    n: nu,
-                    k: ku,
+                &args!(W8a8GemvArgs {
                     mt: mu.next_power_of_two().min(8),
-                    has_bias: bias.is_some(),
-                },
+                }),
             )
             .map(drop),
-            Path::Tiled | Path::Direct => W8a8Gemm::tuned(
-                client,
-                0.0,
-                &W8a8GemmArgs {
-                    xq: &xw,
-                    sx,
-                    wq: &ww,
-                    sw,
-                    bias: b,
-                    y: &y,
-                    m: mu,
-                    n: nu,
-                    k: ku,
-                    has_bias: bias.is_some(),
-                },
-            )
-            .map(drop),
+            Path::Tiled => W8a8Gemm::tuned(client, 0.0, &args!(W8a8GemmArgs {})).map(drop),
+            Path::Direct => W8a8Direct::tuned(client, 0.0, &args!(W8a8DirectArgs {})).map(drop),
         };
-        let sources = [W8a8Gemv::source_hash(), W8a8Gemm::source_hash()];
-        let path = choose_path(&y, "w8a8_path", &sources, [m, n, k], &[], false, |p| {
+        let sources = [
+            W8a8Gemv::source_hash(),
+            W8a8Gemm::source_hash(),
+            W8a8Direct::source_hash(),
+        ];
+        // The direct kernel reads whole words of a row: rows must start on one.
+        let direct = k % 4 == 0;
+        let path = choose_path(&y, "w8a8_path", &sources, [m, n, k], &[], direct, |p| {
             launch(p).map(|_| y.clone())
         })?;
         launch(path)?;
