@@ -230,15 +230,34 @@ fn matmul_cmma_cuda_f16_bias_gelu() {
     ));
 }
 
+/// The tensor-core W4A16 path: int4 dequantized into f16 shared memory, `wmma`
+/// fragments, y in f16.
+#[test]
+fn qgemm_cmma_cuda_f16_int4() {
+    insta::assert_snapshot!(source(
+        "qgemm_cmma",
+        Target::Cuda,
+        &[
+            ("dtype", "f16"),
+            ("PLANES_M", "2"),
+            ("PLANES_N", "1"),
+            ("wkind", "int4"),
+            ("act_order", "false")
+        ]
+    ));
+}
+
 /// Tensor-core kernels cannot be expressed in WGSL: a clear refusal, not a panic.
 #[test]
 fn tensor_core_kernels_are_refused_for_wgsl() {
-    let spec = kiln::kernels::kernel("matmul_cmma").unwrap();
-    assert!(spec.needs(kiln::runtime::Capability::TensorCores));
-    let cfg = KernelConfig::new(spec, BTreeMap::new()).unwrap();
-    let e = emit(spec, Target::Wgsl, &cfg).unwrap_err();
-    assert!(matches!(e, kiln::Error::Unsupported { .. }), "{e}");
-    assert!(e.to_string().contains("cmma"), "{e}");
+    for name in ["matmul_cmma", "qgemm_cmma"] {
+        let spec = kiln::kernels::kernel(name).unwrap();
+        assert!(spec.needs(kiln::runtime::Capability::TensorCores), "{name}");
+        let cfg = KernelConfig::new(spec, BTreeMap::new()).unwrap();
+        let e = emit(spec, Target::Wgsl, &cfg).unwrap_err();
+        assert!(matches!(e, kiln::Error::Unsupported { .. }), "{name}: {e}");
+        assert!(e.to_string().contains("cmma"), "{name}: {e}");
+    }
 }
 
 #[test]

@@ -32,13 +32,45 @@ pub fn load_tile<F: Float>(
     #[comptime] depth_major: bool,
     #[comptime] units: u32,
 ) {
+    load_tile_as::<F, f32>(
+        dst,
+        dst_base,
+        src,
+        src_base,
+        row_stride,
+        rows_valid,
+        cols_valid,
+        rows,
+        cols,
+        depth_major,
+        units,
+    );
+}
+
+/// [`load_tile`] into shared memory of any float type `T` (the operand dtype itself for
+/// tensor-core fragments).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn load_tile_as<F: Float, T: Float>(
+    dst: &mut SharedMemory<T>,
+    dst_base: u32,
+    src: &Array<F>,
+    src_base: u32,
+    row_stride: u32,
+    rows_valid: u32,
+    cols_valid: u32,
+    #[comptime] rows: u32,
+    #[comptime] cols: u32,
+    #[comptime] depth_major: bool,
+    #[comptime] units: u32,
+) {
     let mut idx = UNIT_POS;
     while idx < comptime!(rows * cols) {
         let r = idx / cols;
         let c = idx % cols;
-        let mut value = 0.0f32;
+        let mut value = T::cast_from(0.0f32);
         if r < rows_valid && c < cols_valid {
-            value = f32::cast_from(src[(src_base + r * row_stride + c) as usize]);
+            value = T::cast_from(src[(src_base + r * row_stride + c) as usize]);
         }
         if comptime!(depth_major) {
             dst[(dst_base + c * rows + r) as usize] = value;
@@ -158,6 +190,52 @@ pub fn cmma_mma_32x32<F: Float>(
     cmma::execute::<F, F, f32, f32>(&x0, &y1, c01, c01);
     cmma::execute::<F, F, f32, f32>(&x1, &y0, c10, c10);
     cmma::execute::<F, F, f32, f32>(&x1, &y1, c11, c11);
+}
+
+/// Stores the 2 x 2 accumulator fragments of [`cmma_mma_32x32`] (a 32 x 32 f32 block)
+/// row-major into `dst` at `base` with row stride `stride`. All 32 units of the plane
+/// call it; the caller synchronises before reading `dst`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn cmma_store_32x32(
+    c00: &cmma::Matrix<f32>,
+    c01: &cmma::Matrix<f32>,
+    c10: &cmma::Matrix<f32>,
+    c11: &cmma::Matrix<f32>,
+    dst: &mut SharedMemory<f32>,
+    base: u32,
+    stride: u32,
+) {
+    cmma::store(
+        &mut dst.slice_mut(base as usize, (base + 15 * stride + 16) as usize),
+        c00,
+        stride,
+        cmma::MatrixLayout::RowMajor,
+    );
+    cmma::store(
+        &mut dst.slice_mut((base + 16) as usize, (base + 15 * stride + 32) as usize),
+        c01,
+        stride,
+        cmma::MatrixLayout::RowMajor,
+    );
+    cmma::store(
+        &mut dst.slice_mut(
+            (base + 16 * stride) as usize,
+            (base + 31 * stride + 16) as usize,
+        ),
+        c10,
+        stride,
+        cmma::MatrixLayout::RowMajor,
+    );
+    cmma::store(
+        &mut dst.slice_mut(
+            (base + 16 * stride + 16) as usize,
+            (base + 31 * stride + 32) as usize,
+        ),
+        c11,
+        stride,
+        cmma::MatrixLayout::RowMajor,
+    );
 }
 
 /// A 16 x 16 f32 accumulator fragment of zeros, for [`cmma_mma_32x32`].

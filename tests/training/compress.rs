@@ -2,14 +2,16 @@
 //! key, ties to the lower index): exact indices, bit-exact values and error feedback
 //! (`c + e == a` bit for bit), over ragged sizes from 1 to 3·10^6 and k from 1 (0.1 %,
 //! 1 %, 50 %) to n; ties, ±inf and NaN; rand-k's
-//! shared seed and its uniformity; error feedback's conservation over steps; bad input.
+//! shared seed and its uniformity; error feedback's conservation over steps; EControl
+//! stepped against its f64 reference; bad input.
 
 use crate::common::{assert_clear, client, down, up};
 use kiln::check::Rng;
 use kiln::kernels::optim::compress::{
     compression_errors, lgreco_plan, magnitude_keys, random_keys, reference_select,
 };
-use kiln::kernels::optim::{randk, topk_ef, Compressed};
+use kiln::kernels::optim::reference::econtrol_step;
+use kiln::kernels::optim::{econtrol, randk, topk_ef, Compressed};
 use kiln::{DType, HostTensor, Tensor};
 
 /// `a = error + grad` in f32, as the kernel forms it.
@@ -392,4 +394,82 @@ fn the_threshold_estimate_sends_about_k_and_everything_above_its_threshold() {
         topk_ef_estimated(&gt, None, 10, 0, 1).err().unwrap(),
         &["sample"],
     );
+}
+
+/// EControl over five steps against the f64 reference (`p = eta e + g - h`,
+/// `Δ = top-k(p)`, `e' = e + g - h - Δ`, `h' = h + Δ`), on a ragged size spanning
+/// several selection cubes, at k = 1, 0.1 %, 10 % and 50 %, half gradients, `eta` 0 and
+/// 1 as well as the papers' 0.1, from `h = g_0` and from no state; and its invariant
+/// `e' + h' = e + g`.
+#[test]
+fn econtrol_steps_match_the_f64_reference() {
+    let n = 9_001;
+    for (k, eta, dtype, warm) in [
+        (1usize, 0.1f32, DType::F32, true),
+        (9, 0.1, DType::F32, false),
+        (900, 0.1, DType::F16, true),
+        (4_500, 1.0, DType::F32, false),
+        (900, 0.0, DType::F32, true),
+    ] {
+        let mut rng = Rng::new(k as u64 + 7);
+        let what = format!("k {k} eta {eta} {dtype} warm {warm}");
+        let round = |v: Vec<f64>| down(&up(dtype, &[n], &v));
+        let mut e_ref = vec![0.0; n];
+        let mut h_ref = vec![0.0; n];
+        let (mut e_dev, mut h_dev): (Option<Tensor>, Option<Tensor>) = (None, None);
+        if warm {
+            // The implementations' start: h = the first gradient, uncompressed.
+            h_ref = round(rng.normals(n, 1.0));
+            h_dev = Some(up(DType::F32, &[n], &h_ref));
+        }
+        for step in 0..5 {
+            let g = round(rng.normals(n, 1.0));
+            let out =
+                econtrol(&up(dtype, &[n], &g), e_dev.as_ref(), h_dev.as_ref(), k, eta).unwrap();
+            let e_old = e_ref.clone();
+            let (taken, values) = econtrol_step(&g, &mut e_ref, &mut h_ref, eta as f64, k);
+            assert_eq!(ints(&out.indices), taken, "{what} step {step}: indices");
+            let close = |got: &[f64], want: &[f64], name: &str| {
+                let worst = got
+                    .iter()
+                    .zip(want)
+                    .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+                    .fold(0.0, f64::max);
+                // f32 state carried over five steps, each e' a sum of four O(1) terms
+                // (each rounded to half an ulp of up to ~4): a few ulps of the operands.
+                assert!(worst < 4e-6, "{what} step {step}: {name} off by {worst:e}");
+            };
+            close(&down(&out.values), &values, "values");
+            let (e_new, h_new) = (down(&out.error), down(&out.h));
+            close(&e_new, &e_ref, "error");
+            close(&h_new, &h_ref, "h");
+            // What is not yet in h stays in e.
+            let sums: Vec<f64> = (0..n).map(|i| e_old[i] + g[i]).collect();
+            let got: Vec<f64> = (0..n).map(|i| e_new[i] + h_new[i]).collect();
+            close(&got, &sums, "e' + h' against e + g");
+            // Keep the device's state (as a worker does), and the reference's own.
+            e_dev = Some(out.error);
+            h_dev = Some(out.h);
+        }
+    }
+}
+
+#[test]
+fn econtrol_bad_input_is_one_clear_line() {
+    let g = up(DType::F32, &[4, 5], &[0.5; 20]);
+    let h = up(DType::F32, &[19], &[0.0; 19]);
+    assert_clear(
+        econtrol(&g, None, Some(&h), 3, 0.1).err().unwrap(),
+        &["h", "20 elements"],
+    );
+    assert_clear(
+        econtrol(&g, None, None, 3, f32::NAN).err().unwrap(),
+        &["eta", ">= 0", "NaN"],
+    );
+    assert_clear(
+        econtrol(&g, None, None, 3, -0.5).err().unwrap(),
+        &["eta", "-0.5"],
+    );
+    assert_clear(econtrol(&g, None, None, 0, 0.1).err().unwrap(), &["k", "0"]);
+    assert_eq!(down(&g), vec![0.5; 20]);
 }

@@ -12,7 +12,7 @@
 
 use super::{store_epilogue, Activation};
 use cubecl::prelude::*;
-use kiln_dsl::{cmma_mma_32x32, cmma_zero_accumulator};
+use kiln_dsl::{cmma_mma_32x32, cmma_store_32x32, cmma_zero_accumulator, load_tile_as};
 
 /// Fragment edge (m = n = k = 16, the shape every tensor-core generation has).
 const FRAG: u32 = 16;
@@ -47,36 +47,12 @@ matmul_kernel! {
 
         let mut k0 = 0u32;
         while k0 < k {
-            let mut idx = UNIT_POS;
-            while idx < comptime!(bm * FRAG) {
-                let r = idx / FRAG;
-                let kk = idx % FRAG;
-                let mut v = F::cast_from(0.0f32);
-                if row0 + r < m && k0 + kk < k {
-                    v = a[((row0 + r) * k + k0 + kk) as usize];
-                }
-                a_s[idx as usize] = v;
-                idx += units;
-            }
-            let mut idx = UNIT_POS;
-            while idx < comptime!(FRAG * bn) {
-                let mut v = F::cast_from(0.0f32);
-                if comptime!(trans_b) {
-                    let cc = idx / FRAG;
-                    let kk = idx % FRAG;
-                    if col0 + cc < n && k0 + kk < k {
-                        v = b[((col0 + cc) * k + k0 + kk) as usize];
-                    }
-                    b_s[(kk * bn + cc) as usize] = v;
-                } else {
-                    let kk = idx / bn;
-                    let cc = idx % bn;
-                    if col0 + cc < n && k0 + kk < k {
-                        v = b[((k0 + kk) * n + col0 + cc) as usize];
-                    }
-                    b_s[idx as usize] = v;
-                }
-                idx += units;
+            load_tile_as::<F, F>(&mut a_s, 0, a, row0 * k + k0, k, m - row0, k - k0, bm, FRAG, false, units);
+            if comptime!(trans_b) {
+                // b `[N, K]`: element (kk, cc) of the slice is b[col0 + cc, k0 + kk].
+                load_tile_as::<F, F>(&mut b_s, 0, b, col0 * k + k0, k, n - col0, k - k0, bn, FRAG, true, units);
+            } else {
+                load_tile_as::<F, F>(&mut b_s, 0, b, k0 * n + col0, n, k - k0, n - col0, FRAG, bn, false, units);
             }
             sync_cube();
             cmma_mma_32x32::<F>(
@@ -96,34 +72,7 @@ matmul_kernel! {
 
         // Accumulators to shared memory, then the epilogue over the whole tile.
         let mut c_s = SharedMemory::<f32>::new(comptime!((bm * bn) as usize));
-        let base = pr * 32 * bn + pc * 32;
-        cmma::store(
-            &mut c_s.slice_mut(base as usize, (base + 15 * bn + 16) as usize),
-            &c00,
-            bn,
-            cmma::MatrixLayout::RowMajor,
-        );
-        cmma::store(
-            &mut c_s.slice_mut((base + 16) as usize, (base + 15 * bn + 32) as usize),
-            &c01,
-            bn,
-            cmma::MatrixLayout::RowMajor,
-        );
-        cmma::store(
-            &mut c_s.slice_mut((base + 16 * bn) as usize, (base + 31 * bn + 16) as usize),
-            &c10,
-            bn,
-            cmma::MatrixLayout::RowMajor,
-        );
-        cmma::store(
-            &mut c_s.slice_mut(
-                (base + 16 * bn + 16) as usize,
-                (base + 31 * bn + 32) as usize,
-            ),
-            &c11,
-            bn,
-            cmma::MatrixLayout::RowMajor,
-        );
+        cmma_store_32x32(&c00, &c01, &c10, &c11, &mut c_s, pr * 32 * bn + pc * 32, bn);
         sync_cube();
         let mut idx = UNIT_POS;
         while idx < comptime!(bm * bn) {

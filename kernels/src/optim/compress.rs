@@ -22,7 +22,7 @@ pub use super::topk::Selected as Compressed;
 /// Top-k with error feedback of `grad` (any shape, f32/f16/bf16) and the running error
 /// `error` (f32, grad's element count; absent = 0): see the module doc.
 pub fn topk_ef(grad: &Tensor, error: Option<&Tensor>, k: usize) -> Result<Compressed> {
-    check(grad, error, k)?;
+    check(grad, &[("error", error)], k)?;
     topk::select_top_k(grad, error, k, KeySource::Magnitude, (0, 0), 1.0)
 }
 
@@ -38,7 +38,7 @@ pub fn topk_ef_estimated(
     sample: usize,
     seed: u64,
 ) -> Result<Compressed> {
-    check(grad, error, k)?;
+    check(grad, &[("error", error)], k)?;
     if sample == 0 {
         return Err(Error::Param {
             param: "sample".into(),
@@ -52,7 +52,7 @@ pub fn topk_ef_estimated(
 /// Rand-k with error feedback: `k` coordinates drawn from `seed` (shared by all
 /// workers), values scaled by `n / k` (unbiased); see the module doc.
 pub fn randk(grad: &Tensor, error: Option<&Tensor>, k: usize, seed: u64) -> Result<Compressed> {
-    let n = check(grad, error, k)?;
+    let n = check(grad, &[("error", error)], k)?;
     topk::select_top_k(
         grad,
         error,
@@ -63,19 +63,17 @@ pub fn randk(grad: &Tensor, error: Option<&Tensor>, k: usize, seed: u64) -> Resu
     )
 }
 
-/// Errors name `grad`, `error` or `k`; returns the element count.
-fn check(grad: &Tensor, error: Option<&Tensor>, k: usize) -> Result<usize> {
+/// Errors name `grad`, the f32 state tensor (`error`, EControl's `h`) or `k`; returns
+/// the element count.
+pub(crate) fn check(grad: &Tensor, states: &[(&str, Option<&Tensor>)], k: usize) -> Result<usize> {
     check_input("grad", grad, grad.client())?;
     let n = grad.numel();
-    if let Some(e) = error {
-        e.expect_dtype("error", &[DType::F32])?;
-        e.expect_usable("error", grad.client())?;
-        if e.numel() != n {
-            return Err(shape_err(
-                "error",
-                format!("{n} elements (grad's)"),
-                e.shape(),
-            ));
+    for &(name, state) in states {
+        let Some(t) = state else { continue };
+        t.expect_dtype(name, &[DType::F32])?;
+        t.expect_usable(name, grad.client())?;
+        if t.numel() != n {
+            return Err(shape_err(name, format!("{n} elements (grad's)"), t.shape()));
         }
     }
     if k == 0 || k > n {

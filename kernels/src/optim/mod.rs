@@ -13,12 +13,14 @@
 //!   bit-identical on every backend and on the host.
 //! - FRUGAL ([`Frugal`]): Adam state on a seeded, periodically redrawn coordinate
 //!   subset, signSGD on the rest.
-//! - Gradient compressors ([`topk_ef`], [`randk`]): error feedback, exact top-k by a
+//! - Gradient compressors ([`topk_ef`], [`randk`], [`econtrol`]): error feedback
+//!   (EControl's with a controlled strength and an estimator `h`), exact top-k by a
 //!   device radix select (deterministic, no atomics), `(indices, values)` outputs.
 //! - `kiln run adamw|adan|adabelief|adagrad|lamb|adagrad_norm`: one tensor, out of place: inputs `param`,
 //!   `grad` and the states by their formula names, outputs the same names.
 
 pub mod compress;
+mod econtrol;
 mod frugal;
 mod multi;
 mod perturb;
@@ -29,6 +31,7 @@ pub mod selftest;
 mod topk;
 
 pub use compress::{randk, topk_ef, topk_ef_estimated, Compressed};
+pub use econtrol::{econtrol, EControlStep, EcontrolUpdate, EcontrolUpdateArgs};
 pub use frugal::{Frugal, FrugalConfig, FrugalMask, FrugalMaskArgs, FrugalStep, FrugalStepArgs};
 pub use multi::{
     Block, GivenState, MultiTensorStep, OptimAdvanceStep, OptimAdvanceStepArgs, OptimSlotNorms,

@@ -129,3 +129,31 @@ pub fn frugal_step(
         }
     }
 }
+
+/// One EControl worker step (`optim::econtrol`) in f64: `p = eta e + g - h`, `Δ` the `k`
+/// largest `|p|` (ties to the lower index), `e -= ...` and `h += Δ` in place as
+/// `e' = e + g - h - Δ`, `h' = h + Δ`. Returns the taken positions (increasing) and
+/// `Δ`'s values there.
+pub fn econtrol_step(
+    g: &[f64],
+    e: &mut [f64],
+    h: &mut [f64],
+    eta: f64,
+    k: usize,
+) -> (Vec<usize>, Vec<f64>) {
+    let p: Vec<f64> = (0..g.len()).map(|i| eta * e[i] + g[i] - h[i]).collect();
+    let mut order: Vec<usize> = (0..p.len()).collect();
+    order.sort_by(|&i, &j| p[j].abs().total_cmp(&p[i].abs()).then(i.cmp(&j)));
+    let mut taken = order[..k].to_vec();
+    taken.sort_unstable();
+    let mut sent = vec![0.0; p.len()];
+    for &t in &taken {
+        sent[t] = p[t];
+    }
+    for i in 0..p.len() {
+        e[i] = e[i] + g[i] - h[i] - sent[i];
+        h[i] += sent[i];
+    }
+    let values = taken.iter().map(|&t| p[t]).collect();
+    (taken, values)
+}

@@ -533,6 +533,73 @@ pub static RANDK: OpSpec = OpSpec {
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "randk"),
 };
 
+/// `kiln run econtrol`: one worker's EControl step out of place.
+fn run_econtrol(a: &OpArgs) -> Result<Outputs> {
+    let grad = a.tensor("grad")?;
+    let step = super::econtrol(
+        grad,
+        a.optional_tensor("error"),
+        a.optional_tensor("h"),
+        a.param_as("k")?,
+        a.param_as("eta")?,
+    )?;
+    Ok(vec![
+        ("indices", step.indices),
+        ("values", step.values),
+        ("error", step.error.reshape(grad.shape())?),
+        ("h", step.h.reshape(grad.shape())?),
+    ])
+}
+
+/// `econtrol`: EControl's compressor step (error feedback with a controlled strength).
+pub static ECONTROL: OpSpec = OpSpec {
+    name: "econtrol",
+    summary: "EControl (Gao, Islamov, Stich, ICLR 2024) on one worker: p = eta error + grad - h; delta = the k largest |p| (exact device radix select, ties to the lower index) as (indices, values); error = error + grad - h - delta; h = h + delta",
+    inputs: &[
+        COMPRESS_INPUTS[0],
+        COMPRESS_INPUTS[1],
+        TensorSpec::new(
+            "h",
+            "grad's shape",
+            Dtypes::Fixed(DType::F32),
+            true,
+            "the gradient estimator (default 0; the first gradient to start as the paper's code does)",
+        ),
+    ],
+    outputs: &[
+        COMPRESS_OUTPUTS[0],
+        COMPRESS_OUTPUTS[1],
+        TensorSpec::new(
+            "error",
+            "grad's shape",
+            Dtypes::Fixed(DType::F32),
+            false,
+            "the new error error + grad - h - delta",
+        ),
+        TensorSpec::new(
+            "h",
+            "grad's shape",
+            Dtypes::Fixed(DType::F32),
+            false,
+            "the new estimator h + delta",
+        ),
+    ],
+    params: &[
+        K,
+        ParamSpec::new("eta", "0.1", "finite, >= 0", "the error feedback's strength (the theory's delta / 400; tuned in practice)"),
+    ],
+    run: |_, a| run_econtrol(a),
+    problem: "shape of grad",
+    example_inputs: |d| Ok(vec![("grad", d.to_vec()), ("error", d.to_vec()), ("h", d.to_vec())]),
+    cost: |d, e| {
+        let (flops, bytes) = compress_cost(d, e);
+        let n: usize = d.iter().product();
+        // h read twice, p and the rest read and the new error and h written.
+        (flops + 4.0 * n as f64, bytes + (n * 4 * 6) as f64)
+    },
+    selftest: || kiln_runtime::selftest::only(selftest::cases(), "econtrol"),
+};
+
 /// `kiln run frugal`: one step of FRUGAL out of place (see [`super::Frugal`]).
 fn run_frugal(a: &OpArgs) -> Result<Outputs> {
     let given = a.tensor("param")?;
@@ -633,5 +700,6 @@ kiln_runtime::register_op!(
     PERTURB,
     ZO_UPDATE,
     TOPK_EF,
-    RANDK
+    RANDK,
+    ECONTROL
 );

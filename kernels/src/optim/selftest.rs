@@ -150,6 +150,23 @@ fn grad_and_error(r: &mut Rng) -> CaseInputs {
     ]
 }
 
+fn grad_error_and_h(r: &mut Rng) -> CaseInputs {
+    let mut v = grad_and_error(r);
+    v.push(("h", vec![5000], r.normals(5000, 0.5)));
+    v
+}
+
+/// EControl's `output` (`h` or `error`) after one step with k = 700, eta = 0.1.
+fn econtrol_after(i: &BTreeMap<String, HostTensor>, output: &str) -> Vec<f64> {
+    let (mut e, mut h) = (i["error"].to_f64(), i["h"].to_f64());
+    reference::econtrol_step(&i["grad"].to_f64(), &mut e, &mut h, 0.1, 700);
+    if output == "h" {
+        h
+    } else {
+        e
+    }
+}
+
 /// FRUGAL's `output` after step 3 (subspace 0, density 0.25, mid-subspace state
 /// given) from the case's inputs.
 fn frugal_after(i: &BTreeMap<String, HostTensor>, output: &str) -> Vec<f64> {
@@ -256,6 +273,26 @@ pub fn cases() -> Vec<Case> {
             output: "error",
             reference: |i| compressed(i, 700, compress::magnitude_keys, false, "error"),
             ulps: 1.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "econtrol",
+            what: "5000 elements, k 700, eta 0.1: the new estimator h",
+            inputs: grad_error_and_h,
+            params: &[("k", "700"), ("eta", "0.1")],
+            output: "h",
+            reference: |i| econtrol_after(i, "h"),
+            ulps: 16.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "econtrol",
+            what: "5000 elements, k 700, eta 0.1: the new error",
+            inputs: grad_error_and_h,
+            params: &[("k", "700"), ("eta", "0.1")],
+            output: "error",
+            reference: |i| econtrol_after(i, "error"),
+            ulps: 16.0,
             floor: 1.0,
         },
         Case {

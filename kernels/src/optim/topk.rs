@@ -76,10 +76,30 @@ pub(crate) fn select_top_k(
     seed: (u64, u32),
     scale: f32,
 ) -> Result<Selected> {
-    let (a, keys) = keys_of(grad, error, source, seed)?;
-    let state = radix_select(&keys, k)?;
-    let (offsets, _) = count_and_scan(&keys, &state, false)?;
-    compact(&a, &keys, &state, &offsets, k, scale)
+    let (a, keys) = keys_of(grad, error, None, 1.0, source, seed)?;
+    select_keys(&a, &keys, k, scale)
+}
+
+/// EControl's selection: the `k` largest `|p|` of `p = eta error + grad - h` (`error`
+/// and `h` f32, absent = 0), compacted unscaled. Returns `p` and the selection, whose
+/// `error` is `p - Δ` (`Δ` the dense compressed vector).
+pub(crate) fn select_controlled(
+    grad: &Tensor,
+    error: Option<&Tensor>,
+    h: Option<&Tensor>,
+    eta: f32,
+    k: usize,
+) -> Result<(Tensor, Selected)> {
+    let (p, keys) = keys_of(grad, error, h, eta, KeySource::Magnitude, (0, 0))?;
+    let selected = select_keys(&p, &keys, k, 1.0)?;
+    Ok((p, selected))
+}
+
+/// The exact selection of the `k` largest `keys` of `a`, compacted with `scale`.
+fn select_keys(a: &Tensor, keys: &Tensor, k: usize, scale: f32) -> Result<Selected> {
+    let state = radix_select(keys, k)?;
+    let (offsets, _) = count_and_scan(keys, &state, false)?;
+    compact(a, keys, &state, &offsets, k, scale)
 }
 
 /// Top-k with an estimated threshold: the `round(k s / n)`-th largest `|a|` of `sample`
@@ -96,7 +116,7 @@ pub(crate) fn select_above_estimate(
 ) -> Result<Selected> {
     let client = grad.client();
     let n = grad.numel();
-    let (a, keys) = keys_of(grad, error, KeySource::Magnitude, (0, 0))?;
+    let (a, keys) = keys_of(grad, error, None, 1.0, KeySource::Magnitude, (0, 0))?;
     let sample = sample.clamp(1, n);
     let sampled = Tensor::empty(client, DType::U32, &[sample])?;
     let key = crate::random::seed_key(seed);
@@ -121,10 +141,13 @@ pub(crate) fn select_above_estimate(
     compact(&a, &keys, &state, &offsets, taken, 1.0)
 }
 
-/// `a = error + grad` (f32) and the ranking keys.
+/// `a = eta error + grad - h` (f32; `eta = 1` and no `h` for plain error feedback) and
+/// the ranking keys.
 fn keys_of(
     grad: &Tensor,
     error: Option<&Tensor>,
+    h: Option<&Tensor>,
+    eta: f32,
     source: KeySource,
     (seed, stream): (u64, u32),
 ) -> Result<(Tensor, Tensor)> {
@@ -140,14 +163,17 @@ fn keys_of(
         &TopkKeysArgs {
             grad,
             error: error.unwrap_or(&absent),
+            h: h.unwrap_or(&absent),
             a: &a,
             keys: &keys,
             n: n as u32,
+            eta,
             key0: key[0],
             key1: key[1],
             stream,
             source,
             has_error: error.is_some(),
+            has_h: h.is_some(),
         },
     )?;
     Ok((a, keys))
@@ -297,8 +323,9 @@ pub fn topk_sample(
     }
 }
 
-/// `a = error + grad` in f32 and the ranking key of every element: `|a|`'s bits, or a
-/// Philox word of its index.
+/// `a = eta error + grad - h` in f32 (`eta = 1` and no `h` for plain error feedback:
+/// `1 * error` is exact, so `a = error + grad` bit for bit) and the ranking key of
+/// every element: `|a|`'s bits, or a Philox word of its index.
 #[kiln_macros::kernel(
     tune(UNITS = [256]),
     key(n = pow2, dtype),
@@ -308,20 +335,26 @@ pub fn topk_sample(
 pub fn topk_keys<F: Float>(
     grad: &Array<F>,
     error: &Array<f32>,
+    h: &Array<f32>,
     a: &mut Array<f32>,
     keys: &mut Array<u32>,
     n: u32,
+    eta: f32,
     key0: u32,
     key1: u32,
     stream: u32,
     #[comptime] source: KeySource,
     #[comptime] has_error: bool,
+    #[comptime] has_h: bool,
 ) {
     let i = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * UNITS + UNIT_POS;
     if i < n {
         let mut v = f32::cast_from(grad[i as usize]);
         if comptime!(has_error) {
-            v = error[i as usize] + v;
+            v = eta * error[i as usize] + v;
+        }
+        if comptime!(has_h) {
+            v -= h[i as usize];
         }
         a[i as usize] = v;
         if comptime!(source == KeySource::Magnitude) {

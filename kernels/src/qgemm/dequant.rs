@@ -106,6 +106,76 @@ pub(crate) fn dequant_i8(qweight: &Array<u32>, index: u32, scale: f32, shift: u3
     f32::cast_from(qc) * scale * f32::cast_from(1u32 << shift)
 }
 
+/// Stages rows `k0 .. k0 + tile_k` of the dequantized weight, columns
+/// `n0 .. n0 + bn`, row-major in `ws` `[tile_k, bn]` as `T` (zero past K and N);
+/// `units` units of the cube share the work (one int4 word, eight rows of a column,
+/// per unit and step). `tile_k` is a multiple of 8 and `k0` of `tile_k`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn stage_weight_tile<T: Float>(
+    ws: &mut SharedMemory<T>,
+    qweight: &Array<u32>,
+    scales: &Array<f32>,
+    zeros: &Array<f32>,
+    g_idx: &Array<u32>,
+    k0: u32,
+    n0: u32,
+    n: u32,
+    k: u32,
+    group_size: u32,
+    shift: u32,
+    #[comptime] tile_k: u32,
+    #[comptime] bn: u32,
+    #[comptime] units: u32,
+    #[comptime] wkind: WeightKind,
+    #[comptime] act_order: bool,
+) {
+    if comptime!(wkind == WeightKind::Int4) {
+        // One unit per int4 word: eight rows of one column.
+        let mut idx = UNIT_POS;
+        while idx < comptime!(tile_k / 8 * bn) {
+            let wl = idx / bn;
+            let nl = idx % bn;
+            let kw = k0 / 8 + wl;
+            let col = n0 + nl;
+            if kw * 8 < k && col < n {
+                let word = qweight[(kw * n + col) as usize];
+                let g = (kw * 8) / group_size;
+                let mut s = scales[(g * n + col) as usize];
+                let mut z = zeros[(g * n + col) as usize];
+                #[unroll]
+                for i in 0..8u32 {
+                    if comptime!(act_order) {
+                        let ga = g_idx[(kw * 8 + i) as usize];
+                        s = scales[(ga * n + col) as usize];
+                        z = zeros[(ga * n + col) as usize];
+                    }
+                    ws[((wl * 8 + i) * bn + nl) as usize] =
+                        T::cast_from((f32::cast_from(unpack_u4(word, i)) - z) * s);
+                }
+            } else {
+                #[unroll]
+                for i in 0..8u32 {
+                    ws[((wl * 8 + i) * bn + nl) as usize] = T::cast_from(0.0f32);
+                }
+            }
+            idx += units;
+        }
+    } else {
+        let mut idx = UNIT_POS;
+        while idx < comptime!(tile_k * bn) {
+            let kk = k0 + idx / bn;
+            let col = n0 + idx % bn;
+            let mut v = 0.0f32;
+            if kk < k && col < n {
+                v = dequant_i8(qweight, kk * n + col, scales[col as usize], shift);
+            }
+            ws[idx as usize] = T::cast_from(v);
+            idx += units;
+        }
+    }
+}
+
 qgemm_kernel! {
     /// `y[m, n] = sum_k x[m, k] w[k, n]` for `mt` rows per cube (comptime) and `BN`
     /// columns, K split over `KS` unit rows. `x` `[M, K]`, `y` `[M, N]` in `F`.
@@ -255,50 +325,24 @@ qgemm_kernel! {
                 true,
                 units,
             );
-            if comptime!(wkind == WeightKind::Int4) {
-                // One unit per int4 word: eight rows of one column.
-                let mut idx = UNIT_POS;
-                while idx < comptime!(TILE_K / 8 * BN) {
-                    let wl = idx / BN;
-                    let nl = idx % BN;
-                    let kw = k0 / 8 + wl;
-                    let col = n0 + nl;
-                    if kw * 8 < k && col < n {
-                        let word = qweight[(kw * n + col) as usize];
-                        let g = (kw * 8) / group_size;
-                        let mut s = scales[(g * n + col) as usize];
-                        let mut z = zeros[(g * n + col) as usize];
-                        #[unroll]
-                        for i in 0..8u32 {
-                            if comptime!(act_order) {
-                                let ga = g_idx[(kw * 8 + i) as usize];
-                                s = scales[(ga * n + col) as usize];
-                                z = zeros[(ga * n + col) as usize];
-                            }
-                            ws[((wl * 8 + i) * BN + nl) as usize] =
-                                (f32::cast_from(unpack_u4(word, i)) - z) * s;
-                        }
-                    } else {
-                        #[unroll]
-                        for i in 0..8u32 {
-                            ws[((wl * 8 + i) * BN + nl) as usize] = 0.0;
-                        }
-                    }
-                    idx += units;
-                }
-            } else {
-                let mut idx = UNIT_POS;
-                while idx < comptime!(TILE_K * BN) {
-                    let kk = k0 + idx / BN;
-                    let col = n0 + idx % BN;
-                    let mut v = 0.0f32;
-                    if kk < k && col < n {
-                        v = dequant_i8(qweight, kk * n + col, scales[col as usize], shift);
-                    }
-                    ws[idx as usize] = v;
-                    idx += units;
-                }
-            }
+            stage_weight_tile::<f32>(
+                &mut ws,
+                qweight,
+                scales,
+                zeros,
+                g_idx,
+                k0,
+                n0,
+                n,
+                k,
+                group_size,
+                shift,
+                TILE_K,
+                BN,
+                units,
+                wkind,
+                act_order,
+            );
             sync_cube();
             reg_tile_mma::<f32>(&mut acc, &xs, 0, &ws, 0, ty, tx, BM, BN, TILE_K, TM, TN);
             sync_cube();

@@ -48,6 +48,8 @@ pub(super) enum Path {
     Tiled,
     /// Register tiles from global memory (`qgemm_direct`, `w8a8_direct`).
     Direct,
+    /// Tensor cores (`qgemm_cmma`; devices that have them, f16/bf16 activations).
+    TensorCore,
 }
 
 /// The GEMV and tiled kernels sum in different orders: a sanity bound.
@@ -62,21 +64,41 @@ impl Operands<'_> {
             QgemmGemv::source_hash(),
             QgemmTiled::source_hash(),
             QgemmDirect::source_hash(),
+            QgemmCmma::source_hash(),
         ];
         let extra = [
             ("wkind", self.wkind.to_string()),
             ("act_order", self.act_order.to_string()),
         ];
+        let mut more = vec![Path::Direct];
+        if self.tensor_cores() {
+            more.push(Path::TensorCore);
+        }
         let path = choose_path(
             self.y,
             "qgemm_path",
             &sources,
             [m, n, k],
             &extra,
-            true,
+            &more,
             |p| self.launch(p).map(|_| self.y.clone()),
         )?;
         self.launch(path)
+    }
+
+    /// Whether the tensor-core kernel has a configuration for this device and dtype.
+    fn tensor_cores(&self) -> bool {
+        let [m, n, k, g] = self.dims.map(|d| d as u32);
+        let problem = QgemmCmmaProblem {
+            m,
+            n,
+            k,
+            group_size: g,
+            shift: self.shift,
+            wkind: self.wkind,
+            act_order: self.act_order,
+        };
+        !QgemmCmma::space(self.x.client(), &problem).is_empty()
     }
 
     pub(super) fn launch(&self, path: Path) -> Result<()> {
@@ -118,13 +140,16 @@ impl Operands<'_> {
             Path::Tiled => {
                 QgemmTiled::tuned(client, KERNEL_TOLERANCE, &args!(QgemmTiledArgs {})).map(drop)
             }
+            Path::TensorCore => {
+                QgemmCmma::tuned(client, KERNEL_TOLERANCE, &args!(QgemmCmmaArgs {})).map(drop)
+            }
         }
     }
 }
 
-/// The autotuner's choice among the GEMV, the tiled and (where the caller has it,
-/// `direct`) the direct kernel of a GEMM writing `y` (the GEMV tried for
-/// M <= [`GEMV_MAX_ROWS`] only), keyed by the kernels' sources, bucketed M, N, K, y's
+/// The autotuner's choice among the GEMV, the tiled and the caller's `more` paths
+/// (direct, tensor cores: those it has for this problem) of a GEMM writing `y` (the
+/// GEMV tried for M <= [`GEMV_MAX_ROWS`] only), keyed by the kernels' sources, bucketed M, N, K, y's
 /// dtype and `extra` key parts. `run` launches one path.
 pub(super) fn choose_path(
     y: &Tensor,
@@ -132,7 +157,7 @@ pub(super) fn choose_path(
     sources: &[String],
     [m, n, k]: [usize; 3],
     extra: &[(&str, String)],
-    direct: bool,
+    more: &[Path],
     run: impl Fn(Path) -> Result<Tensor>,
 ) -> Result<Path> {
     let mut paths = Vec::new();
@@ -140,9 +165,7 @@ pub(super) fn choose_path(
         paths.push(Path::Gemv);
     }
     paths.push(Path::Tiled);
-    if direct {
-        paths.push(Path::Direct);
-    }
+    paths.extend_from_slice(more);
     let mut choice = Choice::new(name)
         .sources(sources)
         .dim("m", m)

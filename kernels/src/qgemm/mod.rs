@@ -18,6 +18,7 @@
 //! inside the GEMM's main loop; few rows take a split-K GEMV kernel, many rows a
 //! register-tiled one, chosen by the autotuner.
 
+#[macro_use]
 mod dequant;
 mod flexround;
 mod gemm;
@@ -25,6 +26,7 @@ mod int8;
 pub mod reference;
 mod registry;
 pub mod selftest;
+mod tensor_core;
 mod w8a8_host;
 mod weight_only;
 
@@ -44,6 +46,7 @@ pub use int8::{
 pub use registry::{
     FLEXROUND, FLEXROUND_BACKWARD, QUANTIZE_PER_TOKEN, W4A16, W4A16_REPACK, W8A8, W8_BITS,
 };
+pub use tensor_core::{QgemmCmma, QgemmCmmaArgs, QgemmCmmaProblem};
 
 pub use flexround::{flexround, flexround_backward, FlexRoundGrads, FlexRoundInputs};
 pub use w8a8_host::{quantize_per_token, w8a8, W8A8_OUT_DTYPES};

@@ -87,6 +87,7 @@ pub fn w8a8(
             .map(drop),
             Path::Tiled => W8a8Gemm::tuned(client, 0.0, &args!(W8a8GemmArgs {})).map(drop),
             Path::Direct => W8a8Direct::tuned(client, 0.0, &args!(W8a8DirectArgs {})).map(drop),
+            Path::TensorCore => unreachable!("W8A8 is not offered a tensor-core path"),
         };
         let sources = [
             W8a8Gemv::source_hash(),
@@ -94,8 +95,8 @@ pub fn w8a8(
             W8a8Direct::source_hash(),
         ];
         // The direct kernel reads whole words of a row: rows must start on one.
-        let direct = k % 4 == 0;
-        let path = choose_path(&y, "w8a8_path", &sources, [m, n, k], &[], direct, |p| {
+        let more: &[Path] = if k % 4 == 0 { &[Path::Direct] } else { &[] };
+        let path = choose_path(&y, "w8a8_path", &sources, [m, n, k], &[], more, |p| {
             launch(p).map(|_| y.clone())
         })?;
         launch(path)?;
