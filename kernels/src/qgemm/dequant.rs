@@ -367,8 +367,18 @@ qgemm_kernel! {
             (128, 64, 16, 4),
             (128, 128, 16, 16),
             (64, 256, 8, 32),
+            // Few rows: one unit row owns all of them, so each x element is read
+            // once per 16 columns (a GEMV that reads one column per unit reads it
+            // once per column).
+            (1, 256, 1, 16),
+            (4, 256, 4, 16),
         ]),
-        require((BM / TM) * (BN / TN) <= 1024, BM <= m.next_power_of_two().max(16)),
+        require(
+            (BM / TM) * (BN / TN) <= 1024,
+            BM <= m.next_power_of_two().max(16),
+            // The few-row tiles only where they cover M.
+            BM >= 16 || BM >= m.next_power_of_two(),
+        ),
         grid = (n.div_ceil(BN), m.div_ceil(BM)),
         cube = (BN / TN, BM / TM),
     )]

@@ -159,10 +159,16 @@ fn store_scaled_tile<F: Float>(
         (64, 128, 8, 16),
         (128, 64, 16, 4),
         (128, 128, 16, 16),
+        // Few rows: one unit row owns all of them (each word of x read once per 16
+        // columns).
+        (1, 256, 1, 16),
+        (4, 256, 4, 16),
     ]),
     require(
         (BM / TM) * (BN / TN) <= 1024,
         BM <= m.next_power_of_two().max(16),
+        // The few-row tiles only where they cover M.
+        BM >= 16 || BM >= m.next_power_of_two(),
         k % 4 == 0,
     ),
     key(m = pow2, n = pow2, k = pow2, dtype),
