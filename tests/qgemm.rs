@@ -1017,3 +1017,67 @@ fn w8a8_direct_case(rng: &mut Rng, m: usize) {
         }
     }
 }
+
+/// The tensor-core W4A16 kernel, every configuration, against f64, where the device
+/// has tensor cores (CUDA; elsewhere its tuning space is empty and the test says so
+/// and checks only that): f16 activations, M and N ragged against the 32 x 32 blocks,
+/// K = 264 with one group per column (K a multiple of 8 but not of the 16-deep step)
+/// and K = 256 with G = 32.
+#[test]
+fn qgemm_cmma_every_config_matches_f64_where_there_are_tensor_cores() {
+    use kiln::kernels::qgemm::{QgemmCmma, QgemmCmmaArgs, QgemmCmmaProblem, WeightKind};
+    let mut rng = Rng::new(29);
+    for (m, n, k, g) in [(37, 72, 264, 264), (70, 40, 256, 32)] {
+        let problem = QgemmCmmaProblem {
+            m: m as u32,
+            n: n as u32,
+            k: k as u32,
+            group_size: g as u32,
+            shift: 0,
+            wkind: WeightKind::Int4,
+            act_order: false,
+        };
+        let space = QgemmCmma::space(client(), &problem);
+        if space.is_empty() {
+            assert!(
+                !client().report().tensor_cores,
+                "tensor cores reported but no qgemm_cmma configuration"
+            );
+            eprintln!("qgemm_cmma: no tensor cores on this device, nothing to run");
+            return;
+        }
+        let c = codes(&mut rng, k, n, g, DType::F16);
+        let ck = checkpoint(&c, W4Format::Gptq { version: 2 }, DType::F16, true);
+        let w = weights(&ck, W4Format::Gptq { version: 2 }, g as i64, None);
+        let packed = qgemm::w4a16_repack(&w).unwrap();
+        let words = packed.qweight.as_words();
+        let x = rounded(DType::F16, &rng.normals(m * k, 1.0));
+        let want = qr::matmul(&x, &c.dequantize(None), m, k, n);
+        let xt = up(DType::F16, &[m, k], &x);
+        for cfg in space {
+            let y = Tensor::empty(client(), DType::F16, &[m, n]).unwrap();
+            QgemmCmma::launch(
+                client(),
+                &cfg,
+                &QgemmCmmaArgs {
+                    x: &xt,
+                    qweight: &words,
+                    scales: &packed.scales,
+                    zeros: &packed.qzeros,
+                    g_idx: &words,
+                    y: &y,
+                    m: m as u32,
+                    n: n as u32,
+                    k: k as u32,
+                    group_size: g as u32,
+                    shift: 0,
+                    wkind: WeightKind::Int4,
+                    act_order: false,
+                },
+            )
+            .unwrap();
+            let err = mean_rel(&y.download().unwrap().to_f64(), &want);
+            assert!(err < bar(DType::F16), "M={m} N={n} K={k} {cfg:?}: {err:e}");
+        }
+    }
+}

@@ -12,7 +12,9 @@
 //!
 //! The server keeps the mean of the workers' `h` (adding the mean of the received `Δ`)
 //! and steps `x -= lr · mean(h')`. Initial state: `e = 0`; `h` the first gradient
-//! (uncompressed) or 0. `e' + h' = e + g`: what is not yet in `h` stays in `e`.
+//! (uncompressed) or 0. `e' + h' = e + g`: what is not yet in `h` stays in `e`. Where a
+//! coordinate is sent, `e' = (1 - eta) e` exactly as the formula gives it, formed without
+//! the formula's cancellation (so a sent ±inf leaves a finite error, not `inf - inf`).
 //!
 //! Sources: the paper's text could not be read from this machine; the equations are
 //! those of three independent implementations that agree term for term (the
@@ -85,6 +87,7 @@ pub fn econtrol(
             new_error: &new_error,
             new_h: &new_h,
             n: n as u32,
+            eta,
             has_error: error.is_some(),
             has_h: h.is_some(),
         },
@@ -97,8 +100,10 @@ pub fn econtrol(
     })
 }
 
-/// `Δ` from `p` and `rest = p - Δ` (0 where taken, `p` elsewhere), then
-/// `e' = e + g - h - Δ` and `h' = h + Δ` in f32, one element per unit.
+/// The state update from `p` and the selection's `rest` (0 where taken, `p` elsewhere,
+/// bit for bit): where taken, `Δ = p`, `e' = (1 - eta) e` (what `e + g - h - p` is,
+/// without its cancellation, and finite where `p` is ±inf) and `h' = h + p`; elsewhere
+/// `Δ = 0`, `e' = e + g - h` and `h' = h`. f32, one element per unit.
 #[kiln_macros::kernel(
     tune(UNITS = [256]),
     key(n = pow2, dtype),
@@ -114,25 +119,26 @@ pub fn econtrol_update<F: Float>(
     new_error: &mut Array<f32>,
     new_h: &mut Array<f32>,
     n: u32,
+    eta: f32,
     #[comptime] has_error: bool,
     #[comptime] has_h: bool,
 ) {
     let i = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * UNITS + UNIT_POS;
     if i < n {
-        // Not taken: `rest` is `p`, bit for bit (also for ±inf and NaN, where `p - rest`
-        // would not be 0); taken: `rest` is 0 and Δ is `p`.
         let pv = p[i as usize];
-        let rv = rest[i as usize];
-        let sent = select(u32::reinterpret(rv) == u32::reinterpret(pv), 0.0f32, pv);
-        let mut e = f32::cast_from(grad[i as usize]);
+        // Not taken: `rest` is `p` bit for bit (±inf and NaN included, where `p - rest`
+        // would not be 0). A taken +0 reads as not taken, which is the same step.
+        let taken = u32::reinterpret(rest[i as usize]) != u32::reinterpret(pv);
+        let mut e = 0.0f32;
         if comptime!(has_error) {
-            e += error[i as usize];
+            e = error[i as usize];
         }
         let mut hv = 0.0f32;
         if comptime!(has_h) {
             hv = h[i as usize];
         }
-        new_error[i as usize] = e - hv - sent;
-        new_h[i as usize] = hv + sent;
+        let g = f32::cast_from(grad[i as usize]);
+        new_error[i as usize] = select(taken, (1.0 - eta) * e, g + e - hv);
+        new_h[i as usize] = select(taken, hv + pv, hv);
     }
 }

@@ -367,6 +367,9 @@ qgemm_kernel! {
             (128, 64, 16, 4),
             (128, 128, 16, 16),
             (64, 256, 8, 32),
+            // 16 rows in two or one unit rows: each weight serves 8 or 16 rows.
+            (16, 256, 8, 16),
+            (16, 128, 16, 8),
             // Few rows: one unit row owns all of them, so each x element is read
             // once per 16 columns (a GEMV that reads one column per unit reads it
             // once per column).
@@ -414,10 +417,23 @@ qgemm_kernel! {
                 sg[j as usize] = scales[cols[j as usize] as usize];
             }
         }
+        // int4 without act order sums per group, then scales once:
+        // sum_k x (q - z) s = s (sum_k x q - z sum_k x). `part` holds the group's
+        // sum_k x q of each output, `xsum` its sum_k x of each row; a weight then costs
+        // its unpacking and one FMA per row, not a subtraction and a product more.
+        let folded = comptime!(wkind == WeightKind::Int4 && !act_order);
+        let mut part = Array::<f32>::new(comptime!((TM * TN) as usize));
+        let mut xsum = Array::<f32>::new(comptime!(TM as usize));
+        if comptime!(folded) {
+            zero_group_sums(&mut part, &mut xsum, TM, TN);
+        }
         let mut k0 = 0u32;
         while k0 < k {
-            if comptime!(wkind == WeightKind::Int4 && !act_order) {
+            if comptime!(folded) {
                 if k0 % group_size == 0 {
+                    if k0 > 0 {
+                        fold_group(&mut acc, &mut part, &mut xsum, &sg, &zg, TM, TN);
+                    }
                     let g = k0 / group_size;
                     #[unroll]
                     for j in 0..TN {
@@ -433,16 +449,17 @@ qgemm_kernel! {
                 if comptime!(wkind == WeightKind::Int4) {
                     // K is a multiple of 8 (and of G): the word and its group are whole.
                     let word = qweight[((k0 / 8) * n + col) as usize];
-                    let mut s = sg[j as usize];
-                    let mut z = zg[j as usize];
                     #[unroll]
                     for i in 0..8u32 {
+                        let q = f32::cast_from(unpack_u4(word, i));
                         if comptime!(act_order) {
                             let ga = g_idx[(k0 + i) as usize];
-                            s = scales[(ga * n + col) as usize];
-                            z = zeros[(ga * n + col) as usize];
+                            let s = scales[(ga * n + col) as usize];
+                            let z = zeros[(ga * n + col) as usize];
+                            wv[(i * TN + j) as usize] = (q - z) * s;
+                        } else {
+                            wv[(i * TN + j) as usize] = q;
                         }
-                        wv[(i * TN + j) as usize] = (f32::cast_from(unpack_u4(word, i)) - z) * s;
                     }
                 } else {
                     // int8 rows past K weigh zero (K need not be a multiple of 8).
@@ -462,16 +479,69 @@ qgemm_kernel! {
                 #[unroll]
                 for i in 0..8u32 {
                     let xv = f32::cast_from(x[(xrow[r as usize] + min(k0 + i, k - 1)) as usize]);
-                    #[unroll]
-                    for j in 0..TN {
-                        acc[(r * TN + j) as usize] += xv * wv[(i * TN + j) as usize];
+                    if comptime!(folded) {
+                        xsum[r as usize] += xv;
+                        #[unroll]
+                        for j in 0..TN {
+                            part[(r * TN + j) as usize] += xv * wv[(i * TN + j) as usize];
+                        }
+                    } else {
+                        #[unroll]
+                        for j in 0..TN {
+                            acc[(r * TN + j) as usize] += xv * wv[(i * TN + j) as usize];
+                        }
                     }
                 }
             }
             k0 += 8;
         }
+        if comptime!(folded) {
+            fold_group(&mut acc, &mut part, &mut xsum, &sg, &zg, TM, TN);
+        }
         store_strided_tile::<F>(y, &acc, m0 + ty, n0 + tx, m, n, BM, BN, TM, TN);
     }
+}
+
+/// Zeroes a group's running sums: `part` `[tm, tn]` (sum x q) and `xsum` `[tm]` (sum x).
+#[cube]
+fn zero_group_sums(
+    part: &mut Array<f32>,
+    xsum: &mut Array<f32>,
+    #[comptime] tm: u32,
+    #[comptime] tn: u32,
+) {
+    #[unroll]
+    for e in 0..tm * tn {
+        part[e as usize] = 0.0;
+    }
+    #[unroll]
+    for r in 0..tm {
+        xsum[r as usize] = 0.0;
+    }
+}
+
+/// Adds a finished group to the accumulators, `acc[r, j] += s[j] (part[r, j] - z[j]
+/// xsum[r])`, and zeroes its sums for the next group.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn fold_group(
+    acc: &mut Array<f32>,
+    part: &mut Array<f32>,
+    xsum: &mut Array<f32>,
+    sg: &Array<f32>,
+    zg: &Array<f32>,
+    #[comptime] tm: u32,
+    #[comptime] tn: u32,
+) {
+    #[unroll]
+    for r in 0..tm {
+        #[unroll]
+        for j in 0..tn {
+            let e = (r * tn + j) as usize;
+            acc[e] += sg[j as usize] * (part[e] - zg[j as usize] * xsum[r as usize]);
+        }
+    }
+    zero_group_sums(part, xsum, tm, tn);
 }
 
 /// The AWQ nibble slot of column `j` of a group of eight: AWQ packs columns in the

@@ -5,7 +5,7 @@
 use super::*;
 use crate::launch::{check_input, shape_err};
 use kiln_runtime::tune::Choice;
-use kiln_runtime::{Result, Tensor};
+use kiln_runtime::{DType, Result, Tensor};
 
 /// Checks x `[..., K]` and allocates y `[..., N]`; returns the row count M.
 pub(super) fn gemm_output(x: &Tensor, k: usize, n: usize) -> Result<(usize, Tensor)> {
@@ -86,8 +86,12 @@ impl Operands<'_> {
         self.launch(path)
     }
 
-    /// Whether the tensor-core kernel has a configuration for this device and dtype.
+    /// Whether the tensor-core kernel has a configuration for this device and the
+    /// activations are half precision (its only dtypes).
     fn tensor_cores(&self) -> bool {
+        if !matches!(self.x.dtype(), DType::F16 | DType::BF16) {
+            return false;
+        }
         let [m, n, k, g] = self.dims.map(|d| d as u32);
         let problem = QgemmCmmaProblem {
             m,

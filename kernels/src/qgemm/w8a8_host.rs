@@ -94,9 +94,12 @@ pub fn w8a8(
             W8a8Gemm::source_hash(),
             W8a8Direct::source_hash(),
         ];
-        // The direct kernel reads whole words of a row: rows must start on one.
-        let more: &[Path] = if k % 4 == 0 { &[Path::Direct] } else { &[] };
-        let path = choose_path(&y, "w8a8_path", &sources, [m, n, k], &[], more, |p| {
+        // The direct kernel reads whole words of a row: rows must start on one. Its
+        // presence is part of the key (K is bucketed, so K = 4094 and 4096 share one).
+        let aligned = k % 4 == 0;
+        let more: &[Path] = if aligned { &[Path::Direct] } else { &[] };
+        let extra = [("k_words", aligned.to_string())];
+        let path = choose_path(&y, "w8a8_path", &sources, [m, n, k], &extra, more, |p| {
             launch(p).map(|_| y.clone())
         })?;
         launch(path)?;
