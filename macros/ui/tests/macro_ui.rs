@@ -2,9 +2,16 @@
 //! span in `tests/ui/*.stderr` (refresh with `TRYBUILD=overwrite` after an intended
 //! change, and review the diff), and kernels that must compile and run as written
 //! (`tests/ui-pass`: comptime enums, named arguments, capabilities, joint tunables).
+//!
+//! trybuild builds the cases as a project of their own, dependencies included. That
+//! build is most of this test's time, so it is kept lean: the package depends on kiln
+//! for wgpu only (see its Cargo.toml), and the build carries no debug info (trybuild's
+//! project has no profile of its own; cargo reads these variables from the environment).
 
 #[test]
 fn kernel_macro_diagnostics() {
+    std::env::set_var("CARGO_PROFILE_DEV_DEBUG", "false");
+    std::env::set_var("CARGO_INCREMENTAL", "0");
     let t = trybuild::TestCases::new();
     t.compile_fail("tests/ui/*.rs");
     t.pass("tests/ui-pass/*.rs");
