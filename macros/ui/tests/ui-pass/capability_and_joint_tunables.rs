@@ -1,8 +1,9 @@
 //! Joint tunables, a typed device capability in `require`, and 4-wide vector arrays:
 //! the capability is recorded in the kernel's registry entry.
+#![allow(missing_docs)] // a test crate of its own: its items are examples, not API
+use cubecl::prelude::*;
 use kiln::runtime::cubecl;
 use kiln::runtime::Capability;
-use cubecl::prelude::*;
 
 #[kiln::kernel(
     tune((UNITS, PER) = [(64, 1), (32, 2)]),
@@ -23,5 +24,7 @@ fn main() {
     assert!(SCALE4_KERNEL.needs(Capability::PlaneOps));
     assert!(!SCALE4_KERNEL.needs(Capability::TensorCores));
     // Registered without a line of its own.
-    assert!(kiln::runtime::registered_kernels().iter().any(|k| k.name == "scale4"));
+    assert!(kiln::runtime::registered_kernels()
+        .iter()
+        .any(|k| k.name == "scale4"));
 }

@@ -1,8 +1,9 @@
 //! A kernel with a `#[comptime]` enum, called with named arguments: the argument
 //! struct, the problem struct with `..Default::default()`, and the enum by name in the
 //! emission config and the tune key.
-use kiln::runtime::cubecl;
+#![allow(missing_docs)] // a test crate of its own: its items are examples, not API
 use cubecl::prelude::*;
+use kiln::runtime::cubecl;
 
 kiln::runtime::comptime_enum! {
     /// What the kernel does to each element.
@@ -28,10 +29,23 @@ pub fn map<F: Float>(x: &Array<F>, out: &mut Array<F>, len: u32, #[comptime] op:
 
 fn main() {
     // The problem struct: named fields, defaults for the rest (op = copy).
-    let p = MapProblem { len: 1000, ..Default::default() };
+    let p = MapProblem {
+        len: 1000,
+        ..Default::default()
+    };
     assert_eq!(p.op, Op::Copy);
-    let key = Map::key(kiln::DType::F32, &MapProblem { op: Op::Negate, ..p });
-    assert!(key.shape.contains("len=1024") && key.shape.contains("op=negate"), "{}", key.shape);
+    let key = Map::key(
+        kiln::DType::F32,
+        &MapProblem {
+            op: Op::Negate,
+            ..p
+        },
+    );
+    assert!(
+        key.shape.contains("len=1024") && key.shape.contains("op=negate"),
+        "{}",
+        key.shape
+    );
     // The enum's words are its emission values.
     let spec = &MAP_KERNEL;
     let op = spec.config.iter().find(|c| c.name == "op").unwrap();

@@ -1,8 +1,9 @@
 //! A `#[comptime] u32` with its declared domain and a kernel that declares its dtypes:
 //! both show in the emission config, and emission refuses what they exclude by name
 //! before expanding anything.
-use kiln::runtime::cubecl;
+#![allow(missing_docs)] // a test crate of its own: its items are examples, not API
 use cubecl::prelude::*;
+use kiln::runtime::cubecl;
 use std::collections::BTreeMap;
 
 #[kiln::kernel(
@@ -20,16 +21,24 @@ pub fn scale_by<F: Float>(x: &Array<F>, out: &mut Array<F>, len: u32, #[comptime
 }
 
 fn config(pairs: &[(&str, &str)]) -> kiln::Result<kiln::runtime::KernelConfig> {
-    let values: BTreeMap<String, String> =
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let values: BTreeMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     kiln::runtime::KernelConfig::new(&SCALE_BY_KERNEL, values)
 }
 
 fn main() {
     let spec = &SCALE_BY_KERNEL;
     let knob = |n: &str| spec.config.iter().find(|c| c.name == n).unwrap();
-    assert_eq!((knob("width").default, knob("width").values), ("1", "1 | 2 | 4"));
-    assert_eq!((knob("dtype").default, knob("dtype").values), ("f16", "f16 | bf16"));
+    assert_eq!(
+        (knob("width").default, knob("width").values),
+        ("1", "1 | 2 | 4")
+    );
+    assert_eq!(
+        (knob("dtype").default, knob("dtype").values),
+        ("f16", "f16 | bf16")
+    );
     let emit = |pairs: &[(&str, &str)]| {
         kiln::codegen::emit(spec, kiln::codegen::Target::Cuda, &config(pairs).unwrap())
     };

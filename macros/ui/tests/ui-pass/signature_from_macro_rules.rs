@@ -3,8 +3,9 @@
 //! the grid. The body and `require` name arguments and tunables the macro's template
 //! declares (`x`, `len`, `UNITS`, `device`), which macro_rules hygiene would keep
 //! apart; `#[kiln::kernel]` binds them as one set.
-use kiln::runtime::cubecl;
+#![allow(missing_docs)] // a test crate of its own: its items are examples, not API
 use cubecl::prelude::*;
+use kiln::runtime::cubecl;
 
 macro_rules! unary_kernel {
     ($name:ident, tune($($tune:tt)*), require($($req:tt)*), $body:block) => {
@@ -32,21 +33,19 @@ unary_kernel!(
     }
 );
 
-unary_kernel!(
-    square,
-    tune(UNITS = [128]),
-    require(UNITS % 32 == 0),
-    {
-        let i = ABSOLUTE_POS;
-        if i < len as usize {
-            let y = x[i] * x[i];
-            out[i] = if negate { -y } else { y };
-        }
+unary_kernel!(square, tune(UNITS = [128]), require(UNITS % 32 == 0), {
+    let i = ABSOLUTE_POS;
+    if i < len as usize {
+        let y = x[i] * x[i];
+        out[i] = if negate { -y } else { y };
     }
-);
+});
 
 fn main() {
-    let names: Vec<&str> = kiln::runtime::registered_kernels().iter().map(|k| k.name).collect();
+    let names: Vec<&str> = kiln::runtime::registered_kernels()
+        .iter()
+        .map(|k| k.name)
+        .collect();
     assert!(names.contains(&"double") && names.contains(&"square"));
     assert_eq!(DoubleConfig { UNITS: 64 }.UNITS, 64);
 }
