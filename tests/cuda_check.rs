@@ -4,7 +4,9 @@
 //! installs NVIDIA's Python packages first (`scripts/install-cuda-toolkit`). Where they
 //! cannot be installed, `KILN_SKIP_CUDA_CHECK=1` skips the compile test, loudly.
 
-use kiln::codegen::cuda_check::{check, job_count, stale_entries, Plan, Row, Verdict};
+use kiln::codegen::cuda_check::{
+    check, job_count, stale_entries, Compile, CompileRecord, Plan, Row, Verdict,
+};
 use kiln::codegen::{emit, Target};
 use kiln::runtime::{CudaArch, KernelConfig};
 use std::collections::{BTreeMap, BTreeSet};
@@ -70,13 +72,25 @@ fn check_part(part: usize) {
     if let Err(e) = kiln::runtime::toolkit::find() {
         panic!("{e}\n(run scripts/install-cuda-toolkit and export KILN_CUDA_TOOLKIT=<its output>, or set KILN_SKIP_CUDA_CHECK=1)");
     }
+    let record = record();
     let plan = Plan {
         archs: archs(),
         all_configs: false,
         jobs: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        verify_record: true,
+        record,
     };
     let kernels = part_kernels(&plan, part);
     let rows = check(&kernels, &plan).expect("the check runs");
+    let count = |c: Compile| rows.iter().filter(|r| r.compile == c).count();
+    eprintln!(
+        "part {}: {} rows: {} compiled ({} of them compared with the record), {} from the record",
+        part + 1,
+        rows.len(),
+        count(Compile::Fresh) + count(Compile::Verified),
+        count(Compile::Verified),
+        count(Compile::Recorded)
+    );
     let failed: Vec<String> = rows
         .iter()
         .filter(|r| r.failed())
@@ -124,6 +138,51 @@ fn check_part(part: usize) {
         .iter()
         .filter_map(|r| r.usage.as_ref())
         .all(|u| u.registers > 0 && !u.entry.is_empty()));
+
+    if plan.record.is_some() {
+        // The record stands for compiles only where NVRTC agrees with it: one row of
+        // every kernel was compiled and compared (a disagreement failed above).
+        for k in &kernels {
+            assert!(
+                rows.iter()
+                    .any(|r| r.kernel == k.name && r.compile == Compile::Verified),
+                "kernel `{}`: no row compiled and compared with {RECORD}",
+                k.name
+            );
+        }
+        // Sources the record lacks compiled above (and passed); keep the record current
+        // so that the next run need not compile them again.
+        let fresh: Vec<String> = rows
+            .iter()
+            .filter(|r| r.compile == Compile::Fresh)
+            .map(|r| format!("{} {} {} {}", r.kernel, r.dtype, r.config, r.arch))
+            .collect();
+        assert!(
+            fresh.is_empty(),
+            "{} rows compiled fine but their sources are not in {RECORD} (a kernel changed): \
+             record them with `scripts/cuda-check --record`:\n{}",
+            fresh.len(),
+            fresh.join("\n")
+        );
+    }
+}
+
+/// The compile record, relative to the repository root.
+const RECORD: &str = "kernels/cuda-compiled.txt";
+
+/// The compile record when it was made by the NVRTC found here (else every row compiles).
+fn record() -> Option<CompileRecord> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(RECORD);
+    let record = CompileRecord::read(&path).expect("the compile record parses")?;
+    let nvrtc = kiln::runtime::nvrtc::version().expect("NVRTC's version");
+    if record.nvrtc != nvrtc {
+        eprintln!(
+            "{RECORD} was made by NVRTC {}, this is NVRTC {nvrtc}: compiling every row",
+            record.nvrtc
+        );
+        return None;
+    }
+    Some(record)
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! `kiln check-cuda`: the CUDA build check (see `kiln::codegen::cuda_check`).
 
-use kiln::codegen::cuda_check::{check, markdown, stale_entries, Plan, Verdict};
+use kiln::codegen::cuda_check::{
+    check, markdown, stale_entries, Compile, CompileRecord, Plan, Verdict,
+};
 use kiln::runtime::{budget, toolkit, CudaArch};
 use kiln::{Error, Result};
 use std::path::PathBuf;
@@ -12,7 +14,9 @@ pub fn run(
     all_configs: bool,
     markdown_file: Option<PathBuf>,
     jobs: Option<usize>,
+    record_file: Option<PathBuf>,
 ) -> Result<ExitCode> {
+    let default_archs = archs == ["sm_80", "sm_90a"];
     let archs = archs
         .iter()
         .map(|a| CudaArch::parse(a))
@@ -44,6 +48,22 @@ pub fn run(
                 .to_string())
     );
     let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let nvrtc = kiln::runtime::nvrtc::version()?;
+    let record = match &record_file {
+        Some(path) => match CompileRecord::read(path)? {
+            Some(r) if r.nvrtc == nvrtc => Some(r),
+            Some(r) => {
+                eprintln!(
+                    "{}: made by NVRTC {}, this is NVRTC {nvrtc}: compiling everything",
+                    path.display(),
+                    r.nvrtc
+                );
+                None
+            }
+            None => None,
+        },
+        None => None,
+    };
     let start = std::time::Instant::now();
     let rows = check(
         &specs,
@@ -51,6 +71,8 @@ pub fn run(
             archs,
             all_configs,
             jobs,
+            record: record.clone(),
+            verify_record: false,
         },
     )?;
     println!(
@@ -92,6 +114,28 @@ pub fn run(
         stale.len(),
         start.elapsed().as_secs_f64()
     );
+    if let Some(path) = record_file {
+        // A run over every kernel and the default architectures is the whole record;
+        // a narrower one updates its part.
+        let mut out = match record {
+            Some(r) if !kernels.is_empty() || !default_archs => r,
+            _ => CompileRecord::new(&nvrtc),
+        };
+        out.add_rows(&rows);
+        std::fs::write(&path, out.to_text()).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let compiled = rows.iter().filter(|r| r.compile == Compile::Fresh).count();
+        eprintln!(
+            "wrote {} ({} entries; {compiled} rows compiled now, {} from the record)",
+            path.display(),
+            out.len(),
+            rows.iter()
+                .filter(|r| r.compile == Compile::Recorded)
+                .count()
+        );
+    }
     if let Some(path) = markdown_file {
         std::fs::write(&path, markdown(&rows)).map_err(|source| Error::Io {
             path: path.display().to_string(),

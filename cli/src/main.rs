@@ -141,6 +141,12 @@ enum Command {
         /// Compile threads (default: the machine's cores).
         #[arg(long)]
         jobs: Option<usize>,
+        /// A compile record (kernels/cuda-compiled.txt): rows whose emitted source it
+        /// holds take their report from it, the others compile; then FILE is rewritten
+        /// with this run's reports (entries of other kernels and architectures kept
+        /// only with --kernel or --arch).
+        #[arg(long, value_name = "FILE")]
+        record: Option<PathBuf>,
     },
     /// Print a fresh NCCL unique id (256 hex digits) for `KILN_NCCL_ID`: run it once,
     /// on rank 0's machine, and hand the line to every rank. Needs NCCL, not a GPU.
@@ -273,7 +279,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             all_configs,
             markdown,
             jobs,
-        } => check_cuda::run(&arch, &kernel, all_configs, markdown, jobs),
+            record,
+        } => check_cuda::run(&arch, &kernel, all_configs, markdown, jobs, record),
     }
 }
 

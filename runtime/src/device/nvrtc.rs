@@ -189,6 +189,42 @@ pub fn compile(kernel: &str, source: &str, arch: CudaArch) -> Result<Compiled> {
     Ok(Compiled { usage, log })
 }
 
+/// The version of the NVRTC that [`compile`] uses, as `major.minor` (`12.9`): what a
+/// record of earlier compiles must match to stand for a compile here.
+#[cfg(feature = "cuda")]
+pub fn version() -> Result<String> {
+    super::toolkit::prepare().map_err(|e| Error::Unsupported {
+        device: "this machine".into(),
+        feature: format!("NVRTC: {e}"),
+    })?;
+    // SAFETY: only dlopens the library, as probing does.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(Error::Unsupported {
+            device: "this machine".into(),
+            feature: "NVRTC (libnvrtc.so.12 not found)".into(),
+        });
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two out-parameters, written by NVRTC.
+    let status = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    if status != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(Error::Unsupported {
+            device: "this machine".into(),
+            feature: format!("NVRTC's version ({status:?})"),
+        });
+    }
+    Ok(format!("{major}.{minor}"))
+}
+
+/// NVRTC's version needs the `cuda` feature.
+#[cfg(not(feature = "cuda"))]
+pub fn version() -> Result<String> {
+    Err(Error::Unsupported {
+        device: "this build of kiln".into(),
+        feature: "NVRTC (built without the `cuda` feature)".into(),
+    })
+}
+
 /// Compiling needs NVRTC, which this build (without the `cuda` feature) cannot load.
 #[cfg(not(feature = "cuda"))]
 pub fn compile(kernel: &str, _source: &str, _arch: CudaArch) -> Result<Compiled> {

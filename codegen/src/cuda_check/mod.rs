@@ -9,12 +9,18 @@
 //! what the kernel declares (`occupancy = ..`), unless the configuration is
 //! refused by name for that dtype (never emitted) or dropped from the tuning space on
 //! that architecture (`kiln_runtime::budget`).
+//!
+//! With a [`CompileRecord`] (`Plan::record`), a row whose emitted source the record
+//! holds takes its report from there instead of compiling (see [`record`]).
 
 use crate::{emit, Target};
 use kiln_runtime::{budget, CudaArch, DeviceReport, Error, KernelConfig, KernelSpec, KernelUsage};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+
+pub mod record;
+pub use record::{source_key, CompileRecord};
 
 /// Registers of one SM: a cube of `units` threads needs `units x registers` of them.
 pub const REGISTERS_PER_SM: u32 = 65_536;
@@ -55,6 +61,12 @@ pub struct Row {
     pub units: u32,
     /// ptxas's report, when it compiled.
     pub usage: Option<KernelUsage>,
+    /// Where the report came from.
+    #[serde(skip)]
+    pub compile: Compile,
+    /// The record's key of the emitted source ([`source_key`]), when it was emitted.
+    #[serde(skip)]
+    pub source_key: Option<String>,
     /// What the check concluded.
     pub verdict: Verdict,
 }
@@ -71,6 +83,20 @@ pub enum Verdict {
     Dropped(String),
     /// A compile error, or a spill the autotuner could pick.
     Fail(String),
+}
+
+/// Where a row's report came from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Compile {
+    /// Nothing was compiled (refused, or emission failed).
+    #[default]
+    None,
+    /// NVRTC compiled it now; the record (if any) did not hold its source.
+    Fresh,
+    /// From the record: the same source compiled earlier with the same NVRTC.
+    Recorded,
+    /// NVRTC compiled it now and the record held the same report (`verify_record`).
+    Verified,
 }
 
 impl Row {
@@ -90,6 +116,12 @@ pub struct Plan {
     pub all_configs: bool,
     /// Worker threads (NVRTC compiles independent programs concurrently).
     pub jobs: usize,
+    /// Reports of earlier compiles to use for unchanged sources (made by the same NVRTC
+    /// version: the caller checks).
+    pub record: Option<CompileRecord>,
+    /// With a record: still compile the first row of every kernel, and fail the row
+    /// when the record disagrees with NVRTC.
+    pub verify_record: bool,
 }
 
 struct Job {
@@ -97,6 +129,8 @@ struct Job {
     knobs: BTreeMap<String, String>,
     tunables: Vec<(&'static str, u32)>,
     arch: CudaArch,
+    /// Compile even when the record holds the source, and compare.
+    verify: bool,
 }
 
 /// The knob values to check for one kernel: each dtype it accepts with the defaults,
@@ -172,7 +206,7 @@ fn is_refusal(e: &Error) -> bool {
     matches!(e, Error::Unsupported { .. })
 }
 
-fn check_one(job: &Job) -> Row {
+fn check_one(job: &Job, record: Option<&CompileRecord>) -> Row {
     let spec = job.spec;
     let dtype = job
         .knobs
@@ -187,6 +221,8 @@ fn check_one(job: &Job) -> Row {
         description: description(spec, &job.knobs, &job.tunables),
         units: 0,
         usage: None,
+        compile: Compile::None,
+        source_key: None,
         verdict: Verdict::Ok,
     };
     let mut values = job.knobs.clone();
@@ -209,18 +245,42 @@ fn check_one(job: &Job) -> Row {
     };
     let (x, y, z) = emitted.manifest.cube_dim;
     row.units = x * y * z;
+    let shared_bytes = emitted.manifest.shared_memory_bytes as u32;
     let source = crate::canonical(&emitted.source);
-    let mut usage = match kiln_runtime::nvrtc::compile(spec.name, &source, job.arch) {
-        Ok(c) => c.usage,
-        Err(e) => {
-            row.verdict = Verdict::Fail(e.to_string());
-            return row;
+    let key = source_key(&source);
+    let recorded = record.and_then(|r| r.get(&row.arch, &key)).cloned();
+    row.source_key = Some(key);
+    let mut usage = match recorded {
+        Some(usage) if !job.verify => {
+            row.compile = Compile::Recorded;
+            usage
         }
+        _ => match kiln_runtime::nvrtc::compile(spec.name, &source, job.arch) {
+            Ok(c) => {
+                // The record holds reports as rows carry them (shared memory from the
+                // layout, below): compare in that form.
+                let mut fresh = c.usage;
+                fresh.shared_bytes = fresh.shared_bytes.max(shared_bytes);
+                row.compile = Compile::Fresh;
+                if let Some(r) = recorded {
+                    if r != fresh {
+                        row.verdict = Verdict::Fail(format!(
+                            "the compile record says {r:?}, NVRTC now reports {fresh:?} for the same source: the record is wrong (rewrite it: scripts/cuda-check --docs)"
+                        ));
+                        return row;
+                    }
+                    row.compile = Compile::Verified;
+                }
+                fresh
+            }
+            Err(e) => {
+                row.verdict = Verdict::Fail(e.to_string());
+                return row;
+            }
+        },
     };
     // cubecl declares shared memory dynamically: ptxas sees none, the layout says it.
-    usage.shared_bytes = usage
-        .shared_bytes
-        .max(emitted.manifest.shared_memory_bytes as u32);
+    usage.shared_bytes = usage.shared_bytes.max(shared_bytes);
     let problem = if usage.spills() {
         Some(format!(
             "spills {} B stored / {} B loaded per thread",
@@ -258,7 +318,11 @@ fn check_one(job: &Job) -> Row {
 /// Runs the check over `kernels` (compiles in `plan.jobs` threads); rows come back in
 /// kernel, dtype, configuration and architecture order.
 pub fn check(kernels: &[&'static KernelSpec], plan: &Plan) -> Result<Vec<Row>, Error> {
-    let jobs = jobs(kernels, plan)?;
+    let mut jobs = jobs(kernels, plan)?;
+    if plan.verify_record && plan.record.is_some() {
+        mark_verified(&mut jobs, &plan.archs);
+    }
+    let record = plan.record.as_ref();
     let next = AtomicUsize::new(0);
     let rows: Mutex<Vec<(usize, Row)>> = Mutex::new(Vec::with_capacity(jobs.len()));
     std::thread::scope(|s| {
@@ -266,7 +330,7 @@ pub fn check(kernels: &[&'static KernelSpec], plan: &Plan) -> Result<Vec<Row>, E
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(job) = jobs.get(i) else { break };
-                let row = check_one(job);
+                let row = check_one(job, record);
                 if let Ok(mut r) = rows.lock() {
                     r.push((i, row));
                 }
@@ -302,12 +366,32 @@ fn jobs(kernels: &[&'static KernelSpec], plan: &Plan) -> Result<Vec<Job>, Error>
                         knobs: knobs.clone(),
                         tunables,
                         arch,
+                        verify: false,
                     });
                 }
             }
         }
     }
     Ok(jobs)
+}
+
+/// Marks one job per kernel to compile and compare with the record: its first job on
+/// one architecture (the kernels take the architectures in turn), or its first job.
+fn mark_verified(jobs: &mut [Job], archs: &[CudaArch]) {
+    let mut kernels: Vec<&'static str> = Vec::new();
+    for i in 0..jobs.len() {
+        let name = jobs[i].spec.name;
+        if kernels.contains(&name) {
+            continue;
+        }
+        let arch = archs.get(kernels.len() % archs.len().max(1)).copied();
+        kernels.push(name);
+        let pick = (i..jobs.len())
+            .take_while(|&j| jobs[j].spec.name == name)
+            .find(|&j| Some(jobs[j].arch) == arch)
+            .unwrap_or(i);
+        jobs[pick].verify = true;
+    }
 }
 
 /// Budget entries for the checked kernels and architectures that drop a configuration
