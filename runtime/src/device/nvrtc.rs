@@ -116,12 +116,9 @@ pub struct Compiled {
     pub log: String,
 }
 
-/// Compiles `source` for `arch` with NVRTC (found as [`super::toolkit`] says) and the
-/// toolkit's headers; assembles with NVRTC's ptxas and returns its report. A compile
-/// error returns its log as [`Error::Kernel`] naming `kernel`.
+/// The toolkit prepared and NVRTC loaded, or why not (what to install).
 #[cfg(feature = "cuda")]
-pub fn compile(kernel: &str, source: &str, arch: CudaArch) -> Result<Compiled> {
-    use cudarc::nvrtc::result as nvrtc;
+fn loaded() -> Result<&'static super::toolkit::CudaToolkit> {
     let tk = super::toolkit::prepare().map_err(|e| Error::Unsupported {
         device: "this machine".into(),
         feature: format!("NVRTC compiles: {e}"),
@@ -136,6 +133,16 @@ pub fn compile(kernel: &str, source: &str, arch: CudaArch) -> Result<Compiled> {
             ),
         });
     }
+    Ok(tk)
+}
+
+/// Compiles `source` for `arch` with NVRTC (found as [`super::toolkit`] says) and the
+/// toolkit's headers; assembles with NVRTC's ptxas and returns its report. A compile
+/// error returns its log as [`Error::Kernel`] naming `kernel`.
+#[cfg(feature = "cuda")]
+pub fn compile(kernel: &str, source: &str, arch: CudaArch) -> Result<Compiled> {
+    use cudarc::nvrtc::result as nvrtc;
+    let tk = loaded()?;
     let mut options = vec![
         format!("--gpu-architecture={}", arch.nvrtc_name()),
         "--ptxas-options=-v".to_string(),
@@ -193,17 +200,7 @@ pub fn compile(kernel: &str, source: &str, arch: CudaArch) -> Result<Compiled> {
 /// record of earlier compiles must match to stand for a compile here.
 #[cfg(feature = "cuda")]
 pub fn version() -> Result<String> {
-    super::toolkit::prepare().map_err(|e| Error::Unsupported {
-        device: "this machine".into(),
-        feature: format!("NVRTC: {e}"),
-    })?;
-    // SAFETY: only dlopens the library, as probing does.
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        return Err(Error::Unsupported {
-            device: "this machine".into(),
-            feature: "NVRTC (libnvrtc.so.12 not found)".into(),
-        });
-    }
+    loaded()?;
     let (mut major, mut minor) = (0, 0);
     // SAFETY: two out-parameters, written by NVRTC.
     let status = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
