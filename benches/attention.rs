@@ -1,7 +1,7 @@
 #![allow(missing_docs)]
 //! Attention on the default device, side by side in one run:
-//! - the fused block (`attention`: one pass over key tiles, online softmax) against the
-//!   unfused kiln path (per head: `matmul(q, k^T)` with the causal mask as the
+//! - the fused block (`attention`: one pass over key tiles, online softmax; and each of
+//!   its two forward kernels alone, `Staged` and `Rows`) against the unfused kiln path (per head: `matmul(q, k^T)` with the causal mask as the
 //!   epilogue's residual, `softmax`, `matmul(p, v)`), B = 1, H = 8, D = 64, f32,
 //!   S in {512, 2048, 4096}, causal and not (the shapes);
 //! - ring overhead: `ring_attention` (zigzag, causal, host-staged communicator, P ranks
@@ -14,7 +14,8 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kiln::check::Rng;
 use kiln::kernels::attention::{
-    attention, ring_attention_local_ranks, AttentionInputs, AttentionOptions, RingSchedule,
+    attention, attention_with, ring_attention_local_ranks, AttentionInputs, AttentionOptions,
+    ForwardKernel, RingSchedule,
 };
 use kiln::kernels::matmul::{matmul, Epilogue};
 use kiln::kernels::rowwise::softmax;
@@ -102,6 +103,18 @@ fn bench(cr: &mut Criterion) {
                     r
                 })
             });
+            // Each forward kernel alone (its tiles tuned), to show what the choice is between.
+            for kernel in [ForwardKernel::Staged, ForwardKernel::Rows] {
+                let inp = AttentionInputs::new(&q, &k, &v);
+                attention_with(&inp, &opts, kernel).unwrap();
+                group.bench_function(BenchmarkId::new(format!("{kernel:?} kernel"), &tag), |b| {
+                    b.iter(|| {
+                        let r = attention_with(&inp, &opts, kernel).unwrap();
+                        client.sync().unwrap();
+                        r
+                    })
+                });
+            }
             let unfused = || {
                 let outs: Vec<Tensor> = heads
                     .iter()

@@ -10,7 +10,8 @@ mod common;
 use common::{down, up};
 use kiln::check::{rms_relative, Rng};
 use kiln::kernels::attention::{
-    attention, attention_merge, reference as rf, AttentionInputs, AttentionOptions,
+    attention, attention_merge, attention_with, reference as rf, AttentionInputs, AttentionOptions,
+    ForwardKernel,
 };
 use kiln::{DType, Error, HostTensor, Tensor};
 
@@ -75,19 +76,50 @@ impl Qkv {
     }
 }
 
-/// Runs `attention` and returns the rel-RMS errors of out and lse against the reference.
+/// Runs `attention` with each forward kernel that takes the problem and returns the
+/// worst rel-RMS errors of out and lse against the reference, with the last kernel's
+/// out and lse. Every kernel must give exactly `lse = -inf` and `out = 0` where the
+/// reference row sees no key, and no NaN.
 fn errors(
     x: &Qkv,
     opts: &AttentionOptions,
     dims: &rf::Dims,
     inp: AttentionInputs<'_>,
 ) -> (f64, f64, Vec<f64>, Vec<f64>) {
-    let r = attention(&inp, opts).unwrap();
     let (o_ref, l_ref) = rf::forward(dims, &x.q, &x.k, &x.v);
-    let (o, l) = (down(&r.out), down(&r.lse));
-    assert!(o.iter().all(|x| !x.is_nan()), "NaN in out");
-    assert!(l.iter().all(|x| !x.is_nan()), "NaN in lse");
-    (rms_relative(&o, &o_ref), rms_relative(&l, &l_ref), o, l)
+    let (dk, dv) = (x.tq.shape()[3], x.tv.shape()[3]);
+    let mut worst = (0.0f64, 0.0f64, Vec::new(), Vec::new());
+    for kernel in [ForwardKernel::Staged, ForwardKernel::Rows] {
+        if kernel == ForwardKernel::Rows && (dk % 4 != 0 || dv % 4 != 0) {
+            let err = attention_with(&inp, opts, kernel).err().expect("refused");
+            assert!(err.to_string().contains("multiples of 4"), "{err}");
+            continue;
+        }
+        let r = attention_with(&inp, opts, kernel).unwrap();
+        let (o, l) = (down(&r.out), down(&r.lse));
+        assert!(o.iter().all(|x| !x.is_nan()), "{kernel:?}: NaN in out");
+        assert!(l.iter().all(|x| !x.is_nan()), "{kernel:?}: NaN in lse");
+        let (heads, rows) = (r.lse.shape()[1], r.lse.shape()[2]);
+        for (at, (&got, &want)) in l.iter().zip(&l_ref).enumerate() {
+            assert_eq!(
+                got == f64::NEG_INFINITY,
+                want == f64::NEG_INFINITY,
+                "{kernel:?}: lse {at}"
+            );
+            if want == f64::NEG_INFINITY {
+                let (b, h, i) = (at / (heads * rows), at / rows % heads, at % rows);
+                let row = &o[((b * rows + i) * heads + h) * dv..][..dv];
+                assert!(
+                    row.iter().all(|&v| v == 0.0),
+                    "{kernel:?}: out row {i} head {h}"
+                );
+            }
+        }
+        worst.0 = worst.0.max(rms_relative(&o, &o_ref));
+        worst.1 = worst.1.max(rms_relative(&l, &l_ref));
+        (worst.2, worst.3) = (o, l);
+    }
+    worst
 }
 
 fn with_mask(mut d: rf::Dims, o: &AttentionOptions) -> rf::Dims {

@@ -278,6 +278,23 @@ fn attention_fwd_wgsl_causal_varlen() {
 }
 
 #[test]
+fn attention_fwd_rows_wgsl_causal_f16() {
+    insta::assert_snapshot!(source(
+        "attention_fwd_rows",
+        Target::Wgsl,
+        &[
+            ("dtype", "f16"),
+            ("causal", "true"),
+            ("BQ", "64"),
+            ("TQ", "4"),
+            ("TK", "2"),
+            ("DQ", "16"),
+            ("BV", "64")
+        ]
+    ));
+}
+
+#[test]
 fn attention_bwd_dkv_cuda_bf16_causal() {
     insta::assert_snapshot!(source(
         "attention_bwd_dkv",

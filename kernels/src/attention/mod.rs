@@ -29,13 +29,14 @@ mod problem;
 pub mod reference;
 mod registry;
 mod ring;
+mod rows;
 pub mod selftest;
 
 pub use backward::{
     attention_backward, AttentionBwdDkv, AttentionBwdDkvArgs, AttentionBwdDq, AttentionBwdDqArgs,
     AttentionBwdPrep, AttentionBwdPrepArgs, AttentionGradInputs, AttentionGrads,
 };
-pub use forward::{attention, AttentionFwd, AttentionFwdArgs};
+pub use forward::{attention, attention_with, AttentionFwd, AttentionFwdArgs, ForwardKernel};
 pub use merge::{
     attention_merge, AttentionMergeRows, AttentionMergeRowsArgs, AttentionMergeRowsProblem,
 };
@@ -46,6 +47,7 @@ pub use ring::{
     ring_attention, ring_attention_backward, ring_attention_backward_local_ranks,
     ring_attention_local_ranks, RingLayout, RingSchedule,
 };
+pub use rows::{AttentionFwdRows, AttentionFwdRowsArgs, AttentionFwdRowsProblem};
 
 use kiln_runtime::{DType, Tensor};
 

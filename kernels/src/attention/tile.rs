@@ -2,7 +2,8 @@
 //! query tile a forward or dq cube owns (`query_tile`).
 
 /// Declares an attention kernel: `q` `[B, Sq, H, D]`, `k` `[B, Sk, Hkv, D]`, `v` `[B, Sk,
-/// Hkv, Dv]`, the sequence bounds `bounds_q` / `bounds_k` (N + 1 token offsets each),
+/// Hkv, Dv]` (as `Array<F>`, or as `Array<OPERAND>` written `name<[OPERAND]>(..)`), the
+/// sequence bounds `bounds_q` / `bounds_k` (N + 1 token offsets each),
 /// then the kernel's own tensors, the shape (`n_seq` sequences of at most `max_q`
 /// queries and `max_k` keys, `heads` query heads in groups of `group` per KV head,
 /// head dims `dk`, `dv`), the rows of `lse` per head (`lse_rows`), the causal `shift`
@@ -19,15 +20,32 @@ macro_rules! attention_kernel {
         comptime($($flags:tt)*)
         $body:block
     ) => {
+        attention_kernel! {
+            $(#[doc = $doc])*
+            #[kernel($($attr)*)]
+            $name<[F]>($($tensors)*)
+            scalars($($scalars)*)
+            comptime($($flags)*)
+            $body
+        }
+    };
+    (
+        $(#[doc = $doc:literal])*
+        #[kernel($($attr:tt)*)]
+        $name:ident<[$($operand:tt)*]>($($tensors:tt)*)
+        scalars($($scalars:tt)*)
+        comptime($($flags:tt)*)
+        $body:block
+    ) => {
         $(#[doc = $doc])*
         #[kiln_macros::kernel(
             key(n_seq = pow2, max_q = pow2, max_k = pow2, heads = pow2, dk = pow2, dv = pow2, dtype),
             $($attr)*
         )]
         pub fn $name<F: Float>(
-            q: &Array<F>,
-            k: &Array<F>,
-            v: &Array<F>,
+            q: &Array<$($operand)*>,
+            k: &Array<$($operand)*>,
+            v: &Array<$($operand)*>,
             bounds_q: &Array<u32>,
             bounds_k: &Array<u32>,
             $($tensors)*
