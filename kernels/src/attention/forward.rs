@@ -188,7 +188,7 @@ fn launch(
     }
 }
 
-attention_kernel! {
+attention_fwd_kernel! {
     /// Attention forward with log-sum-exp; see the module docs. Inputs token-major (`q`
     /// row `t` at `(t H + h) D`, `k`/`v` at `(t Hkv + h / group) D`), sequence `n` spans
     /// query rows `bounds_q[n]..bounds_q[n + 1]` and keys `bounds_k[n]..bounds_k[n + 1]`.
@@ -211,18 +211,8 @@ attention_kernel! {
         ),
         grid = (n_seq * max_q.div_ceil(BQ), heads, dv.div_ceil(BV)),
         cube = (BQ / TQ) * (BK / TK),
-        defaults(causal = false, out_f32 = false, varlen = false),
     )]
-    attention_fwd(
-        out: &mut Array<F>,
-        out32: &mut Array<f32>,
-        lse: &mut Array<f32>,
-    )
-    scalars(
-        temperature: f32,
-        log_lse_scale: f32,
-    )
-    comptime(#[comptime] out_f32: bool,) {
+    attention_fwd<[F]> {
         let units = comptime!((BQ / TQ) * (BK / TK));
         let lowest = f32::min_value();
         let tile = query_tile(bounds_q, bounds_k, max_q, max_k, group, shift, BQ, causal);

@@ -23,7 +23,7 @@ use cubecl::prelude::*;
 use kiln_dsl::V4;
 use kiln_runtime::AdapterType;
 
-attention_kernel! {
+attention_fwd_kernel! {
     /// Attention forward with log-sum-exp, one unit per `TQ` query rows (see the module
     /// docs); the same arguments and results as `attention_fwd`, with `q`, `k`, `v` as
     /// 4-wide vectors (`D % 4 == 0`, `Dv % 4 == 0`). `DQ` is the number of 4-wide `q`
@@ -61,18 +61,8 @@ attention_kernel! {
         ),
         grid = (n_seq * max_q.div_ceil(BQ), heads, dv.div_ceil(BV)),
         cube = BQ / TQ,
-        defaults(causal = false, out_f32 = false, varlen = false),
     )]
-    attention_fwd_rows<[Vector<F, Const<4>>]>(
-        out: &mut Array<F>,
-        out32: &mut Array<f32>,
-        lse: &mut Array<f32>,
-    )
-    scalars(
-        temperature: f32,
-        log_lse_scale: f32,
-    )
-    comptime(#[comptime] out_f32: bool,) {
+    attention_fwd_rows<[Vector<F, Const<4>>]> {
         let lowest = f32::min_value();
         let zero = V4::new(0.0f32);
         let tile = query_tile(bounds_q, bounds_k, max_q, max_k, group, shift, BQ, causal);

@@ -67,6 +67,31 @@ macro_rules! attention_kernel {
     };
 }
 
+/// Declares a forward attention kernel: an `attention_kernel!` (operands as written,
+/// `name<[OPERAND]>`) that writes `out` in F, or in f32 to `out32` with `out_f32`, and
+/// `lse` (f32), with APE's `temperature` and `log_lse_scale`. `causal`, `varlen` and
+/// `out_f32` default to false. The caller's attribute ends with a comma.
+macro_rules! attention_fwd_kernel {
+    (
+        $(#[doc = $doc:literal])*
+        #[kernel($($attr:tt)*)]
+        $name:ident<[$($operand:tt)*]> $body:block
+    ) => {
+        attention_kernel! {
+            $(#[doc = $doc])*
+            #[kernel($($attr)* defaults(causal = false, out_f32 = false, varlen = false),)]
+            $name<[$($operand)*]>(
+                out: &mut Array<F>,
+                out32: &mut Array<f32>,
+                lse: &mut Array<f32>,
+            )
+            scalars(temperature: f32, log_lse_scale: f32,)
+            comptime(#[comptime] out_f32: bool,)
+            $body
+        }
+    };
+}
+
 /// Declares a backward attention kernel: an `attention_kernel!` that also reads `d_o`
 /// (dL/dout, q's layout), `lse_n` (the rows' natural log-sum-exp of `c s`) and `delta`
 /// (`rowsum(do * out)`), then its own outputs, and writes them in F or, with
