@@ -289,12 +289,14 @@ fn out_dtype_f32_from_f16_inputs() {
         out_dtype: Some(DType::F32),
         ..Default::default()
     };
-    let r = attention(&x.inputs(), &opts).unwrap();
-    assert_eq!(r.out.dtype(), DType::F32);
     let (o_ref, _) = rf::forward(&x.dims(), &x.q, &x.k, &x.v);
-    // f32 output of f16 inputs: only the f32 accumulation's error remains.
-    let e = rms_relative(&down(&r.out), &o_ref);
-    assert!(e <= 1e-5, "out {e:.2e}");
+    for kernel in [ForwardKernel::Staged, ForwardKernel::Rows] {
+        let r = attention_with(&x.inputs(), &opts, kernel).unwrap();
+        assert_eq!(r.out.dtype(), DType::F32);
+        // f32 output of f16 inputs: only the f32 accumulation's error remains.
+        let e = rms_relative(&down(&r.out), &o_ref);
+        assert!(e <= 1e-5, "{kernel:?}: out {e:.2e}");
+    }
 }
 
 /// Random splits of the key set into 1..=5 blocks, attention per block (f32 partial
