@@ -85,6 +85,26 @@ pub fn tune_from_scratch(name: &str) -> (std::path::PathBuf, TuneLog) {
     (dir, seen)
 }
 
+/// Asserts that an attention forward's `out` and `lse` are within `1e-5` rel-RMS of the
+/// reference's (f32 bars of the attention tests); `what` names the run in the message.
+#[allow(dead_code)]
+pub fn assert_forward_close(
+    what: &str,
+    out: &kiln::Tensor,
+    lse: &kiln::Tensor,
+    o_ref: &[f64],
+    l_ref: &[f64],
+) {
+    let (eo, el) = (
+        kiln::check::rms_relative(&down(out), o_ref),
+        kiln::check::rms_relative(&down(lse), l_ref),
+    );
+    assert!(
+        eo <= 1e-5 && el <= 1e-5,
+        "{what}: out {eo:.2e} lse {el:.2e}"
+    );
+}
+
 /// Asserts that `e`'s message is one line and contains each of `words`.
 pub fn assert_clear(e: kiln::Error, words: &[&str]) {
     let m = e.to_string();
