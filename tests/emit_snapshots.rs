@@ -345,12 +345,31 @@ fn grouped_matmul_tn_cuda_bf16() {
     ));
 }
 
+/// What a CPU adapter runs: scalar arguments copied into locals before the first branch.
+#[test]
+fn optim_step_wgsl_adamw_cpu_adapter() {
+    insta::assert_snapshot!(source(
+        "optim_step",
+        Target::Wgsl,
+        &[
+            ("dtype", "f32"),
+            ("rule", "adamw"),
+            ("local_scalars", "true")
+        ]
+    ));
+}
+
 #[test]
 fn optim_step_wgsl_lamb_norms_pass() {
     insta::assert_snapshot!(source(
         "optim_step",
         Target::Wgsl,
-        &[("dtype", "f32"), ("rule", "lamb"), ("phase", "norms")]
+        &[
+            ("dtype", "f32"),
+            ("rule", "lamb"),
+            ("phase", "norms"),
+            ("slots", "6")
+        ]
     ));
 }
 

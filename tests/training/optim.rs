@@ -43,10 +43,19 @@ fn close(got: &[f64], want: &[f64]) -> f64 {
 
 #[test]
 fn five_steps_of_every_rule_over_one_list_match_the_f64_reference() {
-    // Ragged sizes (one element a unit) and 4-aligned ones (4-wide vectors).
-    for (sizes, rule) in [[1usize, 4099, 1_000_003], [4, 4100, 65_536]]
-        .into_iter()
-        .flat_map(|s| RULES.into_iter().map(move |r| (s, r)))
+    // Ragged sizes (one element a unit), 4-aligned ones (4-wide vectors), and both
+    // interleaved, more than six of each (launches group blocks by vector width: a full
+    // group of each kind launches before the list ends).
+    let interleaved: Vec<usize> = (0..14)
+        .map(|i| if i % 2 == 0 { 2 * i + 1 } else { 4 * i })
+        .collect();
+    for (sizes, rule) in [
+        vec![1usize, 4099, 1_000_003],
+        vec![4, 4100, 65_536],
+        interleaved,
+    ]
+    .into_iter()
+    .flat_map(|s| RULES.into_iter().map(move |r| (s.clone(), r)))
     {
         let h = hyper(rule);
         let mut rng = Rng::new(7 + rule as u64);

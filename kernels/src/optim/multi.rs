@@ -295,8 +295,8 @@ impl MultiTensorStep {
 
     /// One step: `weights[i]`'s block updated in place from `grads[i]` (the block's
     /// shape, the weight's dtype), in the order given at creation. Launches: one per
-    /// [`SLOTS`] consecutive blocks of one dtype and distinct weights (three for the
-    /// rules with per-tensor norms), and one to advance the step counter. No host
+    /// [`SLOTS`] blocks of one dtype, one vector width and distinct weights (three for
+    /// the rules with per-tensor norms), and one to advance the step counter. No host
     /// synchronisation.
     pub fn step(&mut self, weights: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
         let n = self.slots.len();
@@ -317,20 +317,26 @@ impl MultiTensorStep {
             expect_shape(&gn, g, &s.shape(), "the block's shape")?;
         }
         self.hyper.check(self.rule)?;
-        let mut start = 0;
-        while start < n {
-            let mut end = start + 1;
-            while end < n
-                && end - start < SLOTS
-                && self.slots[end].dtype == self.slots[start].dtype
-                && !weights[start..end]
-                    .iter()
-                    .any(|w| std::ptr::eq(*w, weights[end]))
-            {
-                end += 1;
+        // Launches of up to SLOTS blocks sharing a dtype and a vector width (so that a
+        // ragged block does not hold its neighbours to one element a unit), in order
+        // within each kind, never the same weight twice in one launch (its bindings
+        // would alias).
+        let mut open: Vec<Vec<usize>> = Vec::new();
+        for i in 0..n {
+            let kind = |j: usize| (self.slots[j].dtype, self.aligned(&self.slots[j]));
+            let joins = |g: &Vec<usize>| {
+                kind(g[0]) == kind(i) && !g.iter().any(|&j| std::ptr::eq(weights[j], weights[i]))
+            };
+            match open.iter().position(joins) {
+                Some(at) => open[at].push(i),
+                None => open.push(vec![i]),
             }
-            self.launch(start..end, weights, grads)?;
-            start = end;
+            if let Some(at) = open.iter().position(|g| g.len() == SLOTS) {
+                self.launch(&open.remove(at), weights, grads)?;
+            }
+        }
+        for group in open {
+            self.launch(&group, weights, grads)?;
         }
         OptimAdvanceStep::tuned(
             self.state.client(),
@@ -343,14 +349,23 @@ impl MultiTensorStep {
         Ok(())
     }
 
-    fn launch(
-        &self,
-        range: std::ops::Range<usize>,
-        weights: &[&Tensor],
-        grads: &[&Tensor],
-    ) -> Result<()> {
+    /// Whether `s` can be read and written in 4-wide vectors: its elements, rows and
+    /// state fall on 4-element boundaries (a master copy behind AdaGrad-Norm's scalar
+    /// does not).
+    fn aligned(&self, s: &Slot) -> bool {
+        let [_, cols] = s.shape();
+        [s.len(), cols, s.weight[1], s.weight_offset(), s.offset]
+            .iter()
+            .all(|x| x % 4 == 0)
+            && !(s.master() && self.rule.scalar_states() > 0)
+    }
+
+    /// One launch of the step over the blocks `group` (at most [`SLOTS`], one dtype,
+    /// distinct weights).
+    fn launch(&self, group: &[usize], weights: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
         let client = self.state.client();
-        let dtype = self.slots[range.start].dtype;
+        let slots: Vec<&Slot> = group.iter().map(|&i| &self.slots[i]).collect();
+        let dtype = slots[0].dtype;
         let bindings = 2 * SLOTS as u32 + 4;
         if client.report().max_bindings < bindings {
             return Err(Error::Unsupported {
@@ -361,23 +376,16 @@ impl MultiTensorStep {
                 ),
             });
         }
-        // 4-wide when every slot's elements, rows and state fall on 4-element boundaries
-        // (a master copy behind AdaGrad-Norm's scalar does not); else one element a unit.
-        let aligned = |s: &Slot| {
-            let [_, cols] = s.shape();
-            [s.len(), cols, s.weight[1], s.weight_offset(), s.offset]
-                .iter()
-                .all(|x| x % 4 == 0)
-                && !(s.master() && self.rule.scalar_states() > 0)
-        };
-        let width = match self.slots[range.clone()].iter().all(aligned) {
+        // 4-wide when every slot is aligned; else one element a unit.
+        let width = match slots.iter().all(|s| self.aligned(s)) {
             true => 4,
             false => 1,
         };
         let per_cube = STEP_UNITS * STEP_PER * width;
+        let strided = slots.iter().any(|s| s.shape()[1] != s.weight[1]);
         let mut table = Vec::with_capacity(SLOT_WORDS * SLOTS);
         let (mut len, mut cubes) = (0usize, 0usize);
-        for s in &self.slots[range.clone()] {
+        for s in &slots {
             let [_, cols] = s.shape();
             table.extend([
                 cubes,
@@ -415,9 +423,9 @@ impl MultiTensorStep {
             .collect::<Result<_>>()?;
         let guard = Tensor::empty(client, DType::F32, &[width])?;
         let slot = |i: usize, list: &[&Tensor], spare: usize| -> Tensor {
-            match list.get(range.start + i) {
-                Some(t) if range.start + i < range.end => (*t).clone(),
-                _ => ph[spare].clone(),
+            match group.get(i) {
+                Some(&j) => list[j].clone(),
+                None => ph[spare].clone(),
             }
         };
         let w: Vec<Tensor> = (0..SLOTS).map(|i| slot(i, weights, i)).collect();
@@ -478,6 +486,8 @@ impl MultiTensorStep {
                     rule: self.rule,
                     master: dtype != DType::F32,
                     phase,
+                    slots: group.len() as u32,
+                    strided,
                 },
             )?;
             Ok(())
@@ -558,7 +568,10 @@ fn one_minus_pow(ln_beta: f32, t: f32) -> f32 {
     r
 }
 
-/// `slots[b][i]` for a slot index known only at run time (WGSL has no arrays of buffers).
+/// `slots[b][i]` for a slot index known only at run time (WGSL has no arrays of buffers),
+/// among the launch's first `slots` (comptime): one slot reads without a branch. Why it
+/// matters: lavapipe runs every branch masked, so each slot costs a load (a 4-wide copy
+/// through a six-way pick ran at 0.61-0.66 of the plain copy).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn select_slot<F: Float, N: Size>(
@@ -570,22 +583,87 @@ fn select_slot<F: Float, N: Size>(
     s5: &Array<Vector<F, N>>,
     b: u32,
     i: u32,
+    #[comptime] slots: u32,
 ) -> Vector<F, N> {
     let mut v = Vector::<F, N>::new(F::new(0.0));
-    if b == 0 {
+    if comptime!(slots == 1) {
         v = s0[i as usize];
-    } else if b == 1 {
-        v = s1[i as usize];
-    } else if b == 2 {
-        v = s2[i as usize];
-    } else if b == 3 {
-        v = s3[i as usize];
-    } else if b == 4 {
-        v = s4[i as usize];
-    } else if b == 5 {
-        v = s5[i as usize];
+    } else {
+        if b == 0 {
+            v = s0[i as usize];
+        }
+        if b == 1 {
+            v = s1[i as usize];
+        }
+        if comptime!(slots > 2) {
+            if b == 2 {
+                v = s2[i as usize];
+            }
+        }
+        if comptime!(slots > 3) {
+            if b == 3 {
+                v = s3[i as usize];
+            }
+        }
+        if comptime!(slots > 4) {
+            if b == 4 {
+                v = s4[i as usize];
+            }
+        }
+        if comptime!(slots > 5) {
+            if b == 5 {
+                v = s5[i as usize];
+            }
+        }
     }
     v
+}
+
+/// `slots[b][i] = v` among the launch's first `slots` (comptime), as [`select_slot`].
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_slot<F: Float, N: Size>(
+    s0: &mut Array<Vector<F, N>>,
+    s1: &mut Array<Vector<F, N>>,
+    s2: &mut Array<Vector<F, N>>,
+    s3: &mut Array<Vector<F, N>>,
+    s4: &mut Array<Vector<F, N>>,
+    s5: &mut Array<Vector<F, N>>,
+    b: u32,
+    i: u32,
+    v: Vector<F, N>,
+    #[comptime] slots: u32,
+) {
+    if comptime!(slots == 1) {
+        s0[i as usize] = v;
+    } else {
+        if b == 0 {
+            s0[i as usize] = v;
+        }
+        if b == 1 {
+            s1[i as usize] = v;
+        }
+        if comptime!(slots > 2) {
+            if b == 2 {
+                s2[i as usize] = v;
+            }
+        }
+        if comptime!(slots > 3) {
+            if b == 3 {
+                s3[i as usize] = v;
+            }
+        }
+        if comptime!(slots > 4) {
+            if b == 4 {
+                s4[i as usize] = v;
+            }
+        }
+        if comptime!(slots > 5) {
+            if b == 5 {
+                s5[i as usize] = v;
+            }
+        }
+    }
 }
 
 /// The sum of a vector's lanes.
@@ -614,7 +692,8 @@ fn lane_sum<N: Size>(v: Vector<f32, N>) -> f32 {
     vector = [4, 1],
     key(len = pow2, dtype),
     grid = cubes(cubes),
-    cube = UNITS
+    cube = UNITS,
+    domain(slots = 1..=6)
 )]
 pub fn optim_step<F: Float, N: Size>(
     w0: &mut Array<Vector<F, N>>,
@@ -653,35 +732,45 @@ pub fn optim_step<F: Float, N: Size>(
     #[comptime] rule: Rule,
     #[comptime] master: bool,
     #[comptime] phase: Phase,
+    #[comptime] slots: u32,
+    #[comptime] strided: bool,
 ) {
     let _ = width[0];
     let nw = N::value().comptime() as u32;
     let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
+    // The slot and its constants before any branch: the addresses are uniform in the
+    // cube, so a CPU adapter loads each once (inside control flow it gathers per lane).
+    // The slot: the last whose first cube is <= this cube.
+    let mut b = 0u32;
+    #[unroll]
+    for s in 1..slots {
+        b = select(
+            cube >= table[(s * comptime!(SLOT_WORDS as u32)) as usize],
+            s,
+            b,
+        );
+    }
+    let t = b * comptime!(SLOT_WORDS as u32);
+    // The slot's first cube, its length in elements and vectors, its weight layout and
+    // state base.
+    let first_cube = table[t as usize];
+    let n = table[(t + 1) as usize];
+    let nv = n / nw;
+    let cols = table[(t + 2) as usize];
+    let ld = table[(t + 3) as usize];
+    let w_off = table[(t + 4) as usize];
+    let base = table[(t + 5) as usize];
+    let step = counter[0];
     if cube < cubes {
-        // The slot: the last whose first cube is <= this cube.
-        let mut b = 0u32;
-        #[unroll]
-        for s in 1..comptime!(SLOTS as u32) {
-            if cube >= table[(s * comptime!(SLOT_WORDS as u32)) as usize] {
-                b = s;
-            }
-        }
-        let t = b * comptime!(SLOT_WORDS as u32);
-        // The slot's length in elements and vectors, its weight layout and state base.
-        let n = table[(t + 1) as usize];
-        let nv = n / nw;
-        let cols = table[(t + 2) as usize];
-        let ld = table[(t + 3) as usize];
-        let w_off = table[(t + 4) as usize];
-        let base = table[(t + 5) as usize];
-        // A whole row-major weight (or a rows block): no division per vector.
+        // A whole row-major weight (or a rows block): no division per vector. `strided`
+        // (comptime: a column block in the launch) because lavapipe would compute the
+        // division of an untaken branch anyway.
         let contiguous = ld == cols;
         // Per-element states at base + j n + e, scalars at base + K n + j, master after
         // (all 4-aligned when N = 4: the host pads slot offsets, and refuses N = 4 for a
         // master copy behind per-tensor scalars).
         let k = comptime!(rule.element_states() as u32);
         let scalars_at = base + k * n;
-        let step = counter[0];
         let tf = f32::cast_from(step + 1);
         let moments = adam_constants(
             beta1,
@@ -708,26 +797,30 @@ pub fn optim_step<F: Float, N: Size>(
         // vectors): the slot lookup and the step's constants are paid once per PER.
         #[unroll]
         for rep in 0..PER {
-            let e = (cube - table[t as usize]) * comptime!(UNITS * PER) + rep * UNITS + UNIT_POS;
+            let e = (cube - first_cube) * comptime!(UNITS * PER) + rep * UNITS + UNIT_POS;
             let inside = e < nv;
             // Out-of-slot units read vector 0 (a slot has one, or no cube) and add nothing.
             let ei = select(inside, e, 0u32);
             let first = ei * nw;
             let mut w_at = (w_off + first) / nw;
-            if !contiguous {
-                w_at = (w_off + (first / cols) * ld + first % cols) / nw;
+            if comptime!(strided) {
+                if !contiguous {
+                    w_at = (w_off + (first / cols) * ld + first % cols) / nw;
+                }
             }
             let s_at = base / nw + ei;
             let master_at = (scalars_at + comptime!(rule.scalar_states() as u32)) / nw + ei;
             let mut g = zero;
             let mut p = zero;
             if inside {
-                g = Vector::<f32, N>::cast_from(select_slot(g0, g1, g2, g3, g4, g5, b, ei));
+                g = Vector::<f32, N>::cast_from(select_slot(g0, g1, g2, g3, g4, g5, b, ei, slots));
                 if comptime!(master) {
                     p = state[master_at as usize];
                 }
                 if comptime!(!master) {
-                    p = Vector::<f32, N>::cast_from(select_slot(w0, w1, w2, w3, w4, w5, b, w_at));
+                    p = Vector::<f32, N>::cast_from(select_slot(
+                        w0, w1, w2, w3, w4, w5, b, w_at, slots,
+                    ));
                 }
             }
             if comptime!(phase == Phase::Norms) {
@@ -805,19 +898,7 @@ pub fn optim_step<F: Float, N: Size>(
                         state[master_at as usize] = p;
                     }
                     let out = Vector::<F, N>::cast_from(p);
-                    if b == 0 {
-                        w0[w_at as usize] = out;
-                    } else if b == 1 {
-                        w1[w_at as usize] = out;
-                    } else if b == 2 {
-                        w2[w_at as usize] = out;
-                    } else if b == 3 {
-                        w3[w_at as usize] = out;
-                    } else if b == 4 {
-                        w4[w_at as usize] = out;
-                    } else {
-                        w5[w_at as usize] = out;
-                    }
+                    store_slot(w0, w1, w2, w3, w4, w5, b, w_at, out, slots);
                 }
             }
         }
