@@ -420,17 +420,19 @@ pub fn moe_gather_rows_v4<F: Float>(
     if comptime!(scaled) {
         w = select(kept, gates[select(kept, route, 0u32) as usize], 0.0f32);
     }
+    // The load under `kept` alone (the column clamped into the row), the store under the
+    // bounds: branches side by side, not nested, measured faster on lavapipe.
     #[unroll]
     for j in 0..PER {
         let c = first + j * span;
-        if inside && c < cols {
-            let mut v = Vector::<F, Const<4>>::cast_from(V4::new(0.0f32));
-            if kept {
-                v = src[(from + c) as usize];
-                if comptime!(scaled) {
-                    v = Vector::<F, Const<4>>::cast_from(V4::cast_from(v) * V4::new(w));
-                }
+        let mut v = Vector::<F, Const<4>>::cast_from(V4::new(0.0f32));
+        if kept {
+            v = src[(from + select(c < cols, c, 0u32)) as usize];
+            if comptime!(scaled) {
+                v = Vector::<F, Const<4>>::cast_from(V4::cast_from(v) * V4::new(w));
             }
+        }
+        if inside && c < cols {
             out[(r * cols + c) as usize] = v;
         }
     }
@@ -487,19 +489,33 @@ pub fn moe_combine_rows_v4<F: Float>(
         rows[i as usize] = select(loc >= 0, row * cols, comptime!(NO_ROUTE));
         weights[i as usize] = w;
     }
+    // Route-major: one branch per route (not per route and vector), the column clamped
+    // into the row instead of a branch around the loads, only the stores guarded: on
+    // lavapipe every branch runs masked (0.90-0.99 of a copy's time with the branches
+    // nested per vector, 1.01-1.12 so).
+    let mut acc = Array::<V4>::new(comptime!(PER as usize));
+    #[unroll]
+    for j in 0..PER {
+        acc[j as usize] = V4::new(0.0f32);
+    }
+    #[unroll]
+    for i in 0..top_k {
+        let at = rows[i as usize];
+        if at != comptime!(NO_ROUTE) {
+            let w = V4::new(weights[i as usize]);
+            #[unroll]
+            for j in 0..PER {
+                let c = first + j * span;
+                let c = select(c < cols, c, 0u32);
+                acc[j as usize] += V4::cast_from(src[(at + c) as usize]) * w;
+            }
+        }
+    }
     #[unroll]
     for j in 0..PER {
         let c = first + j * span;
         if inside && c < cols {
-            let mut acc = V4::new(0.0f32);
-            #[unroll]
-            for i in 0..top_k {
-                let at = rows[i as usize];
-                if at != comptime!(NO_ROUTE) {
-                    acc += V4::cast_from(src[(at + c) as usize]) * V4::new(weights[i as usize]);
-                }
-            }
-            out[(s * cols + c) as usize] = Vector::<F, Const<4>>::cast_from(acc);
+            out[(s * cols + c) as usize] = Vector::<F, Const<4>>::cast_from(acc[j as usize]);
         }
     }
 }
