@@ -189,6 +189,8 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
             .args
             .iter()
             .filter_map(|a| match a {
+                // `mut`: cubecl gives a mutable binding its own local variable (an
+                // immutable one would alias the argument, read at each use again).
                 Arg::Scalar { name, .. } => Some(syn::parse_quote! {
                     let #name = if comptime!(#local_flag) {
                         let mut __local = #name;
@@ -370,25 +372,25 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
     } else {
         quote!()
     };
-    let mut launch_trailing: Vec<TokenStream> = tunables.iter().map(|t| quote!(cfg.#t)).collect();
-    let mut define_trailing = launch_trailing.clone();
+    // The trailing comptime arguments, in the order they were appended to the kernel: the
+    // tunables, then `local_scalars` (bound as `__local_scalars` at launch and emission).
+    let mut trailing: Vec<TokenStream> = tunables.iter().map(|t| quote!(cfg.#t)).collect();
     if has_scalars {
-        launch_trailing.push(quote!(__local_scalars));
-        define_trailing.push(quote!(__local_scalars));
+        trailing.push(quote!(__local_scalars));
     }
     let kernel_dispatch = match &sig.generic {
         Some(_) => quote! {
             #rt::dispatch!(client, __c => #rt::with_float!(__dtype, __F => {
                 // SAFETY: kiln kernels guard their own indices (launch_unchecked only
                 // skips cubecl's bounds checks); arrays are bound with their lengths.
-                unsafe { #kname::launch_unchecked::<__F, _>(__c, __count, __dim, #vector_launch_arg #(#launch_args,)* #(#launch_trailing),*) };
+                unsafe { #kname::launch_unchecked::<__F, _>(__c, __count, __dim, #vector_launch_arg #(#launch_args,)* #(#trailing),*) };
                 Ok(())
             }))
         },
         None => quote! {
             #rt::dispatch!(client, __c => {
                 // SAFETY: as above.
-                unsafe { #kname::launch_unchecked::<_>(__c, __count, __dim, #vector_launch_arg #(#launch_args,)* #(#launch_trailing),*) };
+                unsafe { #kname::launch_unchecked::<_>(__c, __count, __dim, #vector_launch_arg #(#launch_args,)* #(#trailing),*) };
                 Ok::<(), #rt::Error>(())
             })
         },
@@ -720,7 +722,7 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
         #register_vector
         #(#define_args)*
         #define_local
-        #kname::expand #expand_generic(&mut __b.scope, #expand_vector #(#host_names,)* #(#define_trailing),*);
+        #kname::expand #expand_generic(&mut __b.scope, #expand_vector #(#host_names,)* #(#trailing),*);
         Ok(#rt::define::finish_with(__b, __entry, __dim))
     };
     let define_dispatch = match &sig.generic {
