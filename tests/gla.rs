@@ -144,23 +144,24 @@ fn inputs<'a>(d: &'a Dev, c: &'a Case) -> GlaInputs<'a> {
     }
 }
 
+/// Which results [`check_parts`] checks: a case split in two tests compiles (and tunes)
+/// the forward kernels in one and the backward kernels in the other.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Parts {
+    Both,
+    Forward,
+    Backward,
+}
+
 /// Runs everything on one case and checks each result against the reference within
-/// `fwd` (o, ht) and `bwd` (gradients) RMS-relative error; returns the worst errors.
-fn check_case(c: &Case, chunk: usize, fwd: f64, bwd: f64, what: &str) -> (f64, f64) {
+/// `fwd` (o, ht) and `bwd` (gradients) RMS-relative error.
+fn check_case(c: &Case, chunk: usize, fwd: f64, bwd: f64, what: &str) {
+    check_parts(c, chunk, fwd, bwd, what, Parts::Both)
+}
+
+/// [`check_case`] for the forward forms, the gradients, or both.
+fn check_parts(c: &Case, chunk: usize, fwd: f64, bwd: f64, what: &str, parts: Parts) {
     let scale = 1.0 / (c.dims.dk as f64).sqrt();
-    let (o_ref, ht_ref) =
-        reference::forward(&c.q, &c.k, &c.v, &c.g, c.h0.as_deref(), &c.dims, scale);
-    let gr = reference::backward(
-        &c.q,
-        &c.k,
-        &c.v,
-        &c.g,
-        c.h0.as_deref(),
-        &c.d_o,
-        c.dht.as_deref(),
-        &c.dims,
-        scale,
-    );
     let d = upload(c);
     let inp = inputs(&d, c);
     let opts = GlaOptions {
@@ -168,12 +169,31 @@ fn check_case(c: &Case, chunk: usize, fwd: f64, bwd: f64, what: &str) -> (f64, f
         chunk_size: Some(chunk),
         ..Default::default()
     };
+    if parts != Parts::Backward {
+        check_forward(c, &inp, &opts, scale, fwd, what);
+    }
+    if parts != Parts::Forward {
+        check_backward(c, &d, &inp, &opts, scale, bwd, what);
+    }
+}
+
+/// The chunked, recurrent and (where it applies) fused forward forms against the
+/// reference and each other.
+fn check_forward(
+    c: &Case,
+    inp: &GlaInputs<'_>,
+    opts: &GlaOptions,
+    scale: f64,
+    fwd: f64,
+    what: &str,
+) {
+    let (o_ref, ht_ref) =
+        reference::forward(&c.q, &c.k, &c.v, &c.g, c.h0.as_deref(), &c.dims, scale);
     let mut worst_f = 0.0f64;
-    let mut worst_b = 0.0f64;
     let mut chunked_o = Vec::new();
     let mut forms = vec![
-        ("chunked", gla(&inp, &opts).unwrap()),
-        ("recurrent", gla_recurrent(&inp, &opts).unwrap()),
+        ("chunked", gla(inp, opts).unwrap()),
+        ("recurrent", gla_recurrent(inp, opts).unwrap()),
     ];
     // The fused kernel where it applies (K <= 128, K and V multiples of 4).
     if c.dims.dk <= 128 && c.dims.dk % 4 == 0 && c.dims.dv % 4 == 0 {
@@ -182,7 +202,7 @@ fn check_case(c: &Case, chunk: usize, fwd: f64, bwd: f64, what: &str) -> (f64, f
             mode: GlaMode::FusedChunk,
             ..Default::default()
         };
-        forms.push(("fused", gla(&inp, &fused).unwrap()));
+        forms.push(("fused", gla(inp, &fused).unwrap()));
     }
     for (form, out) in forms {
         let o = down(&out.o);
@@ -201,13 +221,38 @@ fn check_case(c: &Case, chunk: usize, fwd: f64, bwd: f64, what: &str) -> (f64, f
             assert!(e < fwd, "{what}: chunked vs {form} o differ by {e:.2e}");
         }
     }
+    eprintln!("{what}: forward {worst_f:.2e}");
+}
+
+/// The gradients against the reference's.
+fn check_backward(
+    c: &Case,
+    d: &Dev,
+    inp: &GlaInputs<'_>,
+    opts: &GlaOptions,
+    scale: f64,
+    bwd: f64,
+    what: &str,
+) {
+    let gr = reference::backward(
+        &c.q,
+        &c.k,
+        &c.v,
+        &c.g,
+        c.h0.as_deref(),
+        &c.d_o,
+        c.dht.as_deref(),
+        &c.dims,
+        scale,
+    );
+    let mut worst_b = 0.0f64;
     let g = gla_backward(
-        &inp,
+        inp,
         &GlaGradInputs {
             d_o: &d.d_o,
             dht: d.dht.as_ref(),
         },
-        &opts,
+        opts,
     )
     .unwrap();
     let mut pairs = vec![
@@ -229,8 +274,7 @@ fn check_case(c: &Case, chunk: usize, fwd: f64, bwd: f64, what: &str) -> (f64, f
         assert!(e < bwd, "{what}: {name} error {e:.2e} (bar {bwd:.0e})");
         worst_b = worst_b.max(e);
     }
-    eprintln!("{what}: forward {worst_f:.2e}, backward {worst_b:.2e}");
-    (worst_f, worst_b)
+    eprintln!("{what}: backward {worst_b:.2e}");
 }
 
 /// fla's T list with K = V = 100 (not a power of two), alternating h0 and dht: case
@@ -238,6 +282,11 @@ fn check_case(c: &Case, chunk: usize, fwd: f64, bwd: f64, what: &str) -> (f64, f
 /// B = H = 1 at T = 2048, where the f64 reference (a debug build's, 4 steps of K x V
 /// per token and head) was most of the suite's longest test.
 fn fla_shape_k100(i: usize) {
+    fla_shape_k100_parts(i, Parts::Both)
+}
+
+/// [`fla_shape_k100`]'s forward, backward or both.
+fn fla_shape_k100_parts(i: usize, parts: Parts) {
     let t = [130usize, 146, 162, 178, 300, 2048][i];
     let bh = if t > 1000 { 1 } else { 2 };
     let c = case(
@@ -252,7 +301,7 @@ fn fla_shape_k100(i: usize) {
         None,
         10 + i as u64,
     );
-    check_case(&c, 64, 1e-5, 1e-5, &format!("f32 T={t} K=V=100"));
+    check_parts(&c, 64, 1e-5, 1e-5, &format!("f32 T={t} K=V=100"), parts);
 }
 
 #[test]
@@ -265,14 +314,22 @@ fn fla_shapes_f32_k100_medium() {
     (3..5).for_each(fla_shape_k100);
 }
 
+/// T = 2048 (a shape bucket of its own: every kernel tunes again), forward and backward
+/// in two tests.
 #[test]
-fn fla_shapes_f32_k100_long() {
-    fla_shape_k100(5);
+fn fla_shapes_f32_k100_long_forward() {
+    fla_shape_k100_parts(5, Parts::Forward);
+}
+
+#[test]
+fn fla_shapes_f32_k100_long_backward() {
+    fla_shape_k100_parts(5, Parts::Backward);
 }
 
 /// K = V = 300: wider than every tile, with h0 (T = 130) and with dht (T = 300); one
-/// head (the reference's K x V steps dominate these tests).
-fn fla_shape_k300(i: usize) {
+/// head (the reference's K x V steps dominate these tests); forward and backward in two
+/// tests each.
+fn fla_shape_k300(i: usize, parts: Parts) {
     let t = [130usize, 300][i];
     let c = case(
         DType::F32,
@@ -286,48 +343,99 @@ fn fla_shape_k300(i: usize) {
         None,
         20 + i as u64,
     );
-    check_case(&c, 64, 1e-5, 1e-5, &format!("f32 T={t} K=V=300"));
+    check_parts(&c, 64, 1e-5, 1e-5, &format!("f32 T={t} K=V=300"), parts);
 }
 
 #[test]
-fn fla_shapes_f32_k300_with_h0() {
-    fla_shape_k300(0);
+fn fla_shapes_f32_k300_with_h0_forward() {
+    fla_shape_k300(0, Parts::Forward);
 }
 
 #[test]
-fn fla_shapes_f32_k300_with_dht() {
-    fla_shape_k300(1);
+fn fla_shapes_f32_k300_with_h0_backward() {
+    fla_shape_k300(0, Parts::Backward);
 }
 
 #[test]
-fn every_chunk_size_and_uneven_k_v() {
-    for (chunk, dk, dv) in [(16usize, 24usize, 40usize), (32, 64, 17), (64, 7, 130)] {
-        let c = case(
-            DType::F32,
-            2,
-            77,
-            3,
-            dk,
-            dv,
-            true,
-            true,
-            None,
-            30 + chunk as u64,
-        );
-        check_case(
-            &c,
-            chunk,
-            1e-5,
-            1e-5,
-            &format!("chunk {chunk} K={dk} V={dv}"),
-        );
-    }
+fn fla_shapes_f32_k300_with_dht_forward() {
+    fla_shape_k300(1, Parts::Forward);
 }
 
 #[test]
-fn half_precision_within_fla_bars() {
+fn fla_shapes_f32_k300_with_dht_backward() {
+    fla_shape_k300(1, Parts::Backward);
+}
+
+/// Every chunk size with K, V not multiples of the tiles (two tests per chunk size, the
+/// forward and the backward: each compiles its own kernels).
+fn chunk_size_with_uneven_k_v(chunk: usize, dk: usize, dv: usize, parts: Parts) {
+    let c = case(
+        DType::F32,
+        2,
+        77,
+        3,
+        dk,
+        dv,
+        true,
+        true,
+        None,
+        30 + chunk as u64,
+    );
+    check_parts(
+        &c,
+        chunk,
+        1e-5,
+        1e-5,
+        &format!("chunk {chunk} K={dk} V={dv}"),
+        parts,
+    );
+}
+
+#[test]
+fn chunk_size_16_with_uneven_k_v_forward() {
+    chunk_size_with_uneven_k_v(16, 24, 40, Parts::Forward);
+}
+
+#[test]
+fn chunk_size_16_with_uneven_k_v_backward() {
+    chunk_size_with_uneven_k_v(16, 24, 40, Parts::Backward);
+}
+
+#[test]
+fn chunk_size_32_with_uneven_k_v_forward() {
+    chunk_size_with_uneven_k_v(32, 64, 17, Parts::Forward);
+}
+
+#[test]
+fn chunk_size_32_with_uneven_k_v_backward() {
+    chunk_size_with_uneven_k_v(32, 64, 17, Parts::Backward);
+}
+
+#[test]
+fn chunk_size_64_with_uneven_k_v_forward() {
+    chunk_size_with_uneven_k_v(64, 7, 130, Parts::Forward);
+}
+
+#[test]
+fn chunk_size_64_with_uneven_k_v_backward() {
+    chunk_size_with_uneven_k_v(64, 7, 130, Parts::Backward);
+}
+
+/// f16 inputs (f32 accumulation) within fla's bars; forward and backward in two tests
+/// (each compiles and tunes its own f16 kernels).
+fn half_precision(parts: Parts) {
     let c = case(DType::F16, 2, 162, 2, 100, 100, true, true, None, 40);
-    check_case(&c, 64, 0.004, 0.005, "f16 T=162 K=V=100");
+    check_parts(&c, 64, 0.004, 0.005, "f16 T=162 K=V=100", parts);
+}
+
+#[test]
+fn half_precision_forward_within_fla_bars() {
+    half_precision(Parts::Forward);
+}
+
+#[test]
+fn half_precision_backward_within_fla_bars() {
+    half_precision(Parts::Backward);
 }
 
 #[test]
@@ -359,27 +467,37 @@ fn bf16_runs_or_is_refused_clearly() {
     }
 }
 
-#[test]
-fn varlen_sequences_restart_from_their_own_state() {
-    // Four sequences, one empty, one shorter than a chunk, one spanning three chunks.
+/// Four packed sequences, one empty, one shorter than a chunk, one spanning three
+/// chunks (of 64), with h0; at chunk 64 also without h0.
+fn varlen_sequences(chunk: usize) {
     let cu = vec![0, 37, 37, 190, 200];
-    for chunk in [64usize, 16] {
-        let c = case(
-            DType::F32,
-            1,
-            200,
-            2,
-            48,
-            40,
-            true,
-            true,
-            Some(cu.clone()),
-            50,
-        );
-        check_case(&c, chunk, 1e-5, 1e-5, &format!("varlen chunk {chunk}"));
+    let c = case(
+        DType::F32,
+        1,
+        200,
+        2,
+        48,
+        40,
+        true,
+        true,
+        Some(cu.clone()),
+        50,
+    );
+    check_case(&c, chunk, 1e-5, 1e-5, &format!("varlen chunk {chunk}"));
+    if chunk == 64 {
+        let c = case(DType::F32, 1, 200, 2, 48, 40, false, false, Some(cu), 51);
+        check_case(&c, 64, 1e-5, 1e-5, "varlen without h0");
     }
-    let c = case(DType::F32, 1, 200, 2, 48, 40, false, false, Some(cu), 51);
-    check_case(&c, 64, 1e-5, 1e-5, "varlen without h0");
+}
+
+#[test]
+fn varlen_sequences_restart_from_their_own_state_chunk_64() {
+    varlen_sequences(64);
+}
+
+#[test]
+fn varlen_sequences_restart_from_their_own_state_chunk_16() {
+    varlen_sequences(16);
 }
 
 #[test]
@@ -418,11 +536,18 @@ fn decode_steps_reproduce_the_sequence() {
 /// fla's own vectors (naive_recurrent_gla + autograd, f32): the operator registry
 /// path of `kiln run`, and our f64 reference, both agree with them.
 #[test]
-fn fla_vectors_agree() {
-    for file in [
-        "gla_T130_D100_f32.safetensors",
-        "gla_T300_D64_f32.safetensors",
-    ] {
+fn fla_vectors_agree_t130_d100() {
+    fla_vectors_agree("gla_T130_D100_f32.safetensors");
+}
+
+/// As [`fla_vectors_agree_t130_d100`], T = 300, K = V = 64.
+#[test]
+fn fla_vectors_agree_t300_d64() {
+    fla_vectors_agree("gla_T300_D64_f32.safetensors");
+}
+
+fn fla_vectors_agree(file: &str) {
+    {
         let hosts = load_safetensors(data(file)).unwrap();
         let f = |n: &str| hosts[n].to_f64();
         let shape = hosts["q"].shape.clone();
@@ -651,34 +776,41 @@ fn bad_inputs_are_named() {
     expect(msg, &["`state`"]);
 }
 
-#[test]
-fn minus_infinity_gates_are_full_forgetting() {
-    // A gate of -inf is the log of a zero decay: the state is wiped at that step. Every
-    // form agrees with the recurrence (no `-inf - -inf = NaN` in the chunked cumsums),
-    // forward and backward, for a whole row of -inf and for single and consecutive
-    // -inf elements, with chunks that start before, at and after them.
+/// A gate of -inf is the log of a zero decay: the state is wiped at that step. Every
+/// form agrees with the recurrence (no `-inf - -inf = NaN` in the chunked cumsums),
+/// forward and backward, for a whole row of -inf and for single and consecutive -inf
+/// elements, with chunks that start before, at and after them.
+fn minus_infinity_gates(chunk: usize) {
     let (h, dk, dv, t) = (2usize, 16usize, 12usize, 50usize);
-    for chunk in [16usize, 64] {
-        let mut c = case(
-            DType::F32,
-            2,
-            t,
-            h,
-            dk,
-            dv,
-            true,
-            true,
-            None,
-            70 + chunk as u64,
-        );
-        for e in &mut c.g[7 * h * dk..8 * h * dk] {
-            *e = f64::NEG_INFINITY;
-        }
-        c.g[(t + 20) * h * dk + 3] = f64::NEG_INFINITY;
-        c.g[(t + 21) * h * dk + 3] = f64::NEG_INFINITY;
-        c.g[(t + 33) * h * dk + dk + 5] = f64::NEG_INFINITY;
-        check_case(&c, chunk, 1e-5, 1e-5, &format!("-inf gates, chunk {chunk}"));
+    let mut c = case(
+        DType::F32,
+        2,
+        t,
+        h,
+        dk,
+        dv,
+        true,
+        true,
+        None,
+        70 + chunk as u64,
+    );
+    for e in &mut c.g[7 * h * dk..8 * h * dk] {
+        *e = f64::NEG_INFINITY;
     }
+    c.g[(t + 20) * h * dk + 3] = f64::NEG_INFINITY;
+    c.g[(t + 21) * h * dk + 3] = f64::NEG_INFINITY;
+    c.g[(t + 33) * h * dk + dk + 5] = f64::NEG_INFINITY;
+    check_case(&c, chunk, 1e-5, 1e-5, &format!("-inf gates, chunk {chunk}"));
+}
+
+#[test]
+fn minus_infinity_gates_are_full_forgetting_chunk_16() {
+    minus_infinity_gates(16);
+}
+
+#[test]
+fn minus_infinity_gates_are_full_forgetting_chunk_64() {
+    minus_infinity_gates(64);
 }
 
 #[test]

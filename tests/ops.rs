@@ -59,11 +59,17 @@ macro_rules! testgen_ops {
     (@ops $selector:expr, $dtype:expr, [$($op:ident),* $(,)?]) => {
         $(#[test] fn $op() { run_op_on($selector, stringify!($op), $dtype) })*
         #[test]
-        fn every_other_op() {
-            for op in kiln::kernels::ops().iter().filter(|o| !TESTED.contains(&o.name)) {
-                run_op_on($selector, op.name, $dtype);
-            }
-        }
+        fn every_other_op_1_of_6() { every_other_op($selector, $dtype, 0) }
+        #[test]
+        fn every_other_op_2_of_6() { every_other_op($selector, $dtype, 1) }
+        #[test]
+        fn every_other_op_3_of_6() { every_other_op($selector, $dtype, 2) }
+        #[test]
+        fn every_other_op_4_of_6() { every_other_op($selector, $dtype, 3) }
+        #[test]
+        fn every_other_op_5_of_6() { every_other_op($selector, $dtype, 4) }
+        #[test]
+        fn every_other_op_6_of_6() { every_other_op($selector, $dtype, 5) }
     };
 }
 
@@ -76,6 +82,38 @@ testgen_ops!(
         w4a16, w4a16_repack, w8a8, quantize_per_token, w8_bits, flexround, flexround_backward,
     ]
 );
+
+/// Tests run in parallel (and each under a minute, cold): the operators the list does
+/// not name, and `inputs_are_not_modified`'s, are dealt into [`SHARDS`] tests ([`dealt`]).
+const SHARDS: usize = 6;
+
+/// The operators of `ops` that fall to `shard`: dealt round-robin, the ones that compile
+/// many kernels (backward passes, ring attention, GLA, a whole MoE layer) first, so that
+/// they spread over the shards.
+fn dealt(
+    ops: impl Iterator<Item = &'static kiln::runtime::OpSpec>,
+    shard: usize,
+) -> Vec<&'static kiln::runtime::OpSpec> {
+    let heavy = |name: &str| {
+        ["backward", "ring_", "gla", "layer"]
+            .iter()
+            .any(|w| name.contains(w))
+    };
+    let mut ops: Vec<_> = ops.collect();
+    ops.sort_by_key(|o| !heavy(o.name));
+    ops.into_iter().skip(shard).step_by(SHARDS).collect()
+}
+
+/// `shard` of the operators the list does not name, on `selector`'s device.
+fn every_other_op(selector: &str, dtype: DType, shard: usize) {
+    let unlisted = kiln::kernels::ops()
+        .iter()
+        .copied()
+        .filter(|o| !TESTED.contains(&o.name));
+    for op in dealt(unlisted, shard) {
+        run_op_on(selector, op.name, dtype);
+    }
+}
 
 /// Runs `op`'s cases on the device `selector` names; on a machine without that device,
 /// `client_for` has asserted that it is refused with a clear `Device` error.
@@ -163,9 +201,9 @@ fn empty_tensors_give_empty_outputs() {
     assert_eq!(elementwise::silu(&x).unwrap().shape(), &[0, 5]);
 }
 
-#[test]
-fn inputs_are_not_modified() {
-    for op in kiln::kernels::ops() {
+/// No operator modifies an input it does not also output, `shard` of the registry.
+fn inputs_are_not_modified(shard: usize) {
+    for op in dealt(kiln::kernels::ops().iter().copied(), shard) {
         // Two-dimensional problems, the three of a GEMM, four, or one (an optimizer's N).
         let hosts = [&[4usize, 10][..], &[4, 10, 6], &[2, 10, 3, 8], &[40]]
             .into_iter()
@@ -192,6 +230,36 @@ fn inputs_are_not_modified() {
             );
         }
     }
+}
+
+#[test]
+fn inputs_are_not_modified_1_of_6() {
+    inputs_are_not_modified(0);
+}
+
+#[test]
+fn inputs_are_not_modified_2_of_6() {
+    inputs_are_not_modified(1);
+}
+
+#[test]
+fn inputs_are_not_modified_3_of_6() {
+    inputs_are_not_modified(2);
+}
+
+#[test]
+fn inputs_are_not_modified_4_of_6() {
+    inputs_are_not_modified(3);
+}
+
+#[test]
+fn inputs_are_not_modified_5_of_6() {
+    inputs_are_not_modified(4);
+}
+
+#[test]
+fn inputs_are_not_modified_6_of_6() {
+    inputs_are_not_modified(5);
 }
 
 #[test]

@@ -6,7 +6,7 @@
 
 use crate::common::{self, down, up};
 use kiln::check::{max_rel_error, Rng};
-use kiln::kernels::optim::{reference, Block, GivenState, Hyper, MultiTensorStep, Rule};
+use kiln::kernels::optim::{reference, Block, GivenState, Hyper, MultiTensorStep, Rule, Sums};
 use kiln::{DType, HostTensor, Tensor};
 
 const RULES: [Rule; 6] = Rule::ALL;
@@ -57,50 +57,72 @@ fn five_steps_of_every_rule_over_one_list_match_the_f64_reference() {
     .into_iter()
     .flat_map(|s| RULES.into_iter().map(move |r| (s.clone(), r)))
     {
-        let h = hyper(rule);
-        let mut rng = Rng::new(7 + rule as u64);
-        let mut params: Vec<Vec<f64>> = sizes.iter().map(|&n| f32s(&mut rng, n)).collect();
-        let ts: Vec<Tensor> = params
-            .iter()
-            .map(|p| up(DType::F32, &[1, p.len()], p))
-            .collect();
-        let list: Vec<(&Tensor, Block)> = ts.iter().map(|t| (t, Block::whole(1))).collect();
-        let mut opt = MultiTensorStep::new(rule, h, &list).unwrap();
-        let mut state: Vec<Vec<Vec<f64>>> = sizes.iter().map(|&n| zero_state(rule, n)).collect();
-        for t in 1..=5u64 {
-            let grads: Vec<Vec<f64>> = sizes
-                .iter()
-                .map(|&n| {
-                    if t == 3 {
-                        vec![0.0; n]
-                    } else {
-                        f32s(&mut rng, n)
-                    }
-                })
-                .collect();
-            let gt: Vec<Tensor> = grads
-                .iter()
-                .map(|g| up(DType::F32, &[1, g.len()], g))
-                .collect();
-            opt.step(
-                &ts.iter().collect::<Vec<_>>(),
-                &gt.iter().collect::<Vec<_>>(),
-            )
-            .unwrap();
-            for i in 0..sizes.len() {
-                reference::step(rule, &h, t, &mut params[i], &grads[i], &mut state[i]);
-            }
+        five_steps_match_the_reference(&sizes, rule, None);
+    }
+}
+
+/// LAMB and AdaGrad-Norm with their norms' partial sums per cube (a GPU's default) and
+/// per unit (a CPU adapter's): both within 1e-6 of the f64 reference, whatever device
+/// runs the suite.
+#[test]
+fn norm_rules_match_the_reference_with_either_partial_sums() {
+    for sums in [Sums::PerCube, Sums::PerUnit] {
+        for rule in [Rule::Lamb, Rule::AdaGradNorm] {
+            five_steps_match_the_reference(&[1, 4099, 70_001, 12], rule, Some(sums));
         }
-        assert_eq!(opt.steps(), 5);
-        for (i, n) in sizes.iter().enumerate() {
-            let err = close(&down(&ts[i]), &params[i]);
-            assert!(err <= 1e-6, "{rule:?} n={n} param: {err:.2e}");
-            let (got, master) = opt.state_of(i).unwrap();
-            assert!(master.is_none());
-            for (j, name) in rule.state_names().iter().enumerate() {
-                let err = close(&down(&got[j]), &state[i][j]);
-                assert!(err <= 1e-6, "{rule:?} n={n} {name}: {err:.2e}");
-            }
+    }
+}
+
+/// Five steps of `rule` over tensors of `sizes` (one list; zero gradients at step 3),
+/// with `sums` where given, against the f64 reference: parameters and states within
+/// 1e-6.
+fn five_steps_match_the_reference(sizes: &[usize], rule: Rule, sums: Option<Sums>) {
+    let h = hyper(rule);
+    let mut rng = Rng::new(7 + rule as u64);
+    let mut params: Vec<Vec<f64>> = sizes.iter().map(|&n| f32s(&mut rng, n)).collect();
+    let ts: Vec<Tensor> = params
+        .iter()
+        .map(|p| up(DType::F32, &[1, p.len()], p))
+        .collect();
+    let list: Vec<(&Tensor, Block)> = ts.iter().map(|t| (t, Block::whole(1))).collect();
+    let mut opt = MultiTensorStep::new(rule, h, &list).unwrap();
+    if let Some(sums) = sums {
+        opt.set_sums(sums);
+    }
+    let mut state: Vec<Vec<Vec<f64>>> = sizes.iter().map(|&n| zero_state(rule, n)).collect();
+    for t in 1..=5u64 {
+        let grads: Vec<Vec<f64>> = sizes
+            .iter()
+            .map(|&n| {
+                if t == 3 {
+                    vec![0.0; n]
+                } else {
+                    f32s(&mut rng, n)
+                }
+            })
+            .collect();
+        let gt: Vec<Tensor> = grads
+            .iter()
+            .map(|g| up(DType::F32, &[1, g.len()], g))
+            .collect();
+        opt.step(
+            &ts.iter().collect::<Vec<_>>(),
+            &gt.iter().collect::<Vec<_>>(),
+        )
+        .unwrap();
+        for i in 0..sizes.len() {
+            reference::step(rule, &h, t, &mut params[i], &grads[i], &mut state[i]);
+        }
+    }
+    assert_eq!(opt.steps(), 5);
+    for (i, n) in sizes.iter().enumerate() {
+        let err = close(&down(&ts[i]), &params[i]);
+        assert!(err <= 1e-6, "{rule:?} {sums:?} n={n} param: {err:.2e}");
+        let (got, master) = opt.state_of(i).unwrap();
+        assert!(master.is_none());
+        for (j, name) in rule.state_names().iter().enumerate() {
+            let err = close(&down(&got[j]), &state[i][j]);
+            assert!(err <= 1e-6, "{rule:?} {sums:?} n={n} {name}: {err:.2e}");
         }
     }
 }

@@ -35,7 +35,7 @@ pub use econtrol::{econtrol, EControlStep, EcontrolUpdate, EcontrolUpdateArgs};
 pub use frugal::{Frugal, FrugalConfig, FrugalMask, FrugalMaskArgs, FrugalStep, FrugalStepArgs};
 pub use multi::{
     Block, GivenState, MultiTensorStep, OptimAdvanceStep, OptimAdvanceStepArgs, OptimSlotNorms,
-    OptimSlotNormsArgs, OptimStep, OptimStepArgs, Phase, SLOTS,
+    OptimSlotNormsArgs, OptimStep, OptimStepArgs, Phase, Sums, SLOTS,
 };
 pub use perturb::{
     perturb, perturb_host, perturb_stream, perturb_sum, zo_update, PerturbNormal, PerturbNormalArgs,
