@@ -33,6 +33,7 @@ use crate::launch::{check_input, expect_shape, shape_err, upload_u32};
 use cubecl::prelude::*;
 use kiln_dsl::cube_sum;
 use kiln_runtime::{DType, Error, HostTensor, Result, Tensor};
+use std::collections::hash_map::Entry;
 
 /// Tensors (or blocks) one launch updates.
 pub const SLOTS: usize = 6;
@@ -211,6 +212,20 @@ pub struct MultiTensorStep {
     counter: Tensor,
     steps: u64,
     sums: Sums,
+    cache: std::sync::Mutex<LaunchCache>,
+}
+
+/// Device buffers a launch binds besides the weights, gradients, state and counter, kept
+/// across steps (AdamW over 200 aligned tensors on lavapipe spent most of its step making
+/// them: 13 placeholders, a guard, a table and a partials buffer per launch).
+#[derive(Default)]
+struct LaunchCache {
+    /// Per group of slots (and `Sums`): its slot table and partial sums buffer.
+    groups: std::collections::HashMap<(Vec<usize>, Sums), (Tensor, Tensor)>,
+    /// Per dtype: `2 SLOTS` one-vector placeholders for unused slots.
+    spares: std::collections::HashMap<DType, Vec<Tensor>>,
+    /// Per vector width: the array whose length caps the launch's width.
+    guards: std::collections::HashMap<usize, Tensor>,
 }
 
 impl MultiTensorStep {
@@ -304,6 +319,7 @@ impl MultiTensorStep {
             counter,
             steps,
             sums: Sums::for_device(&client),
+            cache: Default::default(),
         })
     }
 
@@ -449,13 +465,41 @@ impl MultiTensorStep {
                 found: len.to_string(),
             });
         }
-        let table: Vec<u32> = table.into_iter().map(|x| x as u32).collect();
-        let table = upload_u32(client, "slot_table", &table)?;
-        // Placeholders hold one vector; `guard`'s length caps the kernel's vector width.
-        let ph: Vec<Tensor> = (0..2 * SLOTS)
-            .map(|_| Tensor::empty(client, dtype, &[4]))
-            .collect::<Result<_>>()?;
-        let guard = Tensor::empty(client, DType::F32, &[width])?;
+        // Two norms per slot, then partial sums of squares (two per cube, or per unit).
+        let sums_per_cube = match self.sums {
+            Sums::PerCube => 1,
+            Sums::PerUnit => STEP_UNITS,
+        };
+        // The group's table, partial sums, placeholders and guard: made at its first step,
+        // then reused (each is a round trip to the device's server thread to create).
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (group.to_vec(), self.sums);
+        if let Entry::Vacant(slot) = cache.groups.entry(key.clone()) {
+            let table: Vec<u32> = table.into_iter().map(|x| x as u32).collect();
+            let partials = match self.rule.needs_norms() {
+                true => {
+                    Tensor::empty(client, DType::F32, &[2 * SLOTS + 2 * cubes * sums_per_cube])?
+                }
+                false => crate::launch::absent(client)?,
+            };
+            let table = upload_u32(client, "slot_table", &table)?;
+            slot.insert((table, partials));
+        }
+        if let Entry::Vacant(slot) = cache.spares.entry(dtype) {
+            // Placeholders hold one vector (never written: no cube selects their slot).
+            let ph: Vec<Tensor> = (0..2 * SLOTS)
+                .map(|_| Tensor::empty(client, dtype, &[4]))
+                .collect::<Result<_>>()?;
+            slot.insert(ph);
+        }
+        if let Entry::Vacant(slot) = cache.guards.entry(width) {
+            // `guard`'s length caps the kernel's vector width.
+            slot.insert(Tensor::empty(client, DType::F32, &[width])?);
+        }
+        let (table, partials) = cache.groups[&key].clone();
+        let ph = cache.spares[&dtype].clone();
+        let guard = cache.guards[&width].clone();
+        drop(cache);
         let slot = |i: usize, list: &[&Tensor], spare: usize| -> Tensor {
             match group.get(i) {
                 Some(&j) => list[j].clone(),
@@ -471,15 +515,6 @@ impl MultiTensorStep {
             Rule::Adan if h.no_prox => (decoupled, 1.0),
             Rule::Adan => (1.0, 1.0 / (1.0 + h.lr * h.weight_decay)),
             Rule::AdaGrad | Rule::Lamb | Rule::AdaGradNorm => (1.0, 1.0),
-        };
-        // Two norms per slot, then partial sums of squares (two per cube, or per unit).
-        let sums_per_cube = match self.sums {
-            Sums::PerCube => 1,
-            Sums::PerUnit => STEP_UNITS,
-        };
-        let partials = match self.rule.needs_norms() {
-            true => Tensor::empty(client, DType::F32, &[2 * SLOTS + 2 * cubes * sums_per_cube])?,
-            false => crate::launch::absent(client)?,
         };
         // 1 - beta and ln(beta) from the f64 values: in f32, 1 - f32(0.999) is 1.3e-5 off.
         let ln = |b: f64| b.ln() as f32;
