@@ -2,8 +2,8 @@
 //! Fused optimizer steps on the default device, side by side in one run:
 //! - each rule's step on 4M f32 elements in GiB/s against a 4-wide copy of the bytes it
 //!   must touch (goal: at least 0.9 of the copy);
-//! - AdamW over 200 tensors of mixed sizes (1 .. 64K elements): the multi-tensor step
-//!   (six per launch) against one launch per tensor;
+//! - AdamW and FRUGAL over 200 tensors of mixed sizes (1 .. 64K elements): the
+//!   multi-tensor step (six per launch) against one launch per tensor;
 //! - the seeded perturbation (one seed; MeZO's update with 8 seeds) and the gradient
 //!   compressors (top-k and rand-k at k = n/100, with error feedback) on 4M elements
 //!   against a copy of the bytes they must touch.
@@ -13,7 +13,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kiln::check::Rng;
 use kiln::kernels::optim::{
-    perturb, randk, topk_ef, zo_update, Block, Hyper, MultiTensorStep, Rule,
+    perturb, randk, topk_ef, zo_update, Block, Frugal, FrugalConfig, Hyper, MultiTensorStep, Rule,
 };
 use kiln::{Client, DType, Device, Tensor};
 
@@ -148,6 +148,48 @@ fn bench(cr: &mut Criterion) {
     g.bench_function("multi-tensor (6 per launch)", |b| {
         b.iter(|| {
             multi.step(&pr, &gr).unwrap();
+            client.sync().unwrap();
+        })
+    });
+    g.finish();
+
+    // The same 200 tensors, FRUGAL (density 0.25; no redraw while timing).
+    let c = FrugalConfig {
+        update_gap: 1 << 40,
+        ..Default::default()
+    };
+    let mut multi = Frugal::new_multi(&pr, h, c).unwrap();
+    let mut single: Vec<Frugal> = params
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let own = FrugalConfig {
+                seed: c.seed_of(i),
+                ..c
+            };
+            Frugal::new(p, h, own).unwrap()
+        })
+        .collect();
+    multi.step_multi(&pr, &gr).unwrap();
+    for (o, (p, gr)) in single.iter_mut().zip(params.iter().zip(&grads)) {
+        o.step(p, gr).unwrap();
+    }
+    let mut g = cr.benchmark_group(format!(
+        "optim FRUGAL 200 tensors, {} elements",
+        sizes.iter().sum::<usize>()
+    ));
+    g.sample_size(20);
+    g.bench_function("one launch per tensor (baseline)", |b| {
+        b.iter(|| {
+            for (o, (p, gr)) in single.iter_mut().zip(params.iter().zip(&grads)) {
+                o.step(p, gr).unwrap();
+            }
+            client.sync().unwrap();
+        })
+    });
+    g.bench_function("multi-tensor (6 per launch)", |b| {
+        b.iter(|| {
+            multi.step_multi(&pr, &gr).unwrap();
             client.sync().unwrap();
         })
     });

@@ -1,6 +1,6 @@
 //! FRUGAL (Zmushko et al., 2024), random-coordinate variant: Adam state only on a
-//! seeded subset of `k = ceil(density · n)` coordinates, signSGD on the rest, the
-//! subset redrawn every `update_gap` steps (and its state reset to zero):
+//! seeded subset of `k = ceil(density · n)` coordinates of each tensor, signSGD on the
+//! rest, the subsets redrawn every `update_gap` steps (and their state reset to zero):
 //!
 //! ```text
 //! p *= 1 - lr wd                                   (decoupled, every coordinate)
@@ -8,21 +8,31 @@
 //! inactive: p -= lr_free sign(g)                   (sign(0) = 0)
 //! ```
 //!
-//! Subspace `j` (steps `j·gap + 1 ..= (j+1)·gap`) is the `k` coordinates with the
-//! largest Philox words of `(seed, stream j)`, by the exact device selection of the
-//! compressors (`super::topk`): a uniformly random subset, the same on every backend.
-//! A redraw also builds a bitmask of the subset (one u32 per 32 coordinates); a step is
-//! one launch over every coordinate (active ones find their state slot by binary
-//! search in the sorted subset) and one to advance the device step counter. State:
-//! `8k` bytes of moments, `n/8` of mask, `4k` of indices — at density 0.25, 40% of
-//! Adam's `8n`.
+//! Subspace `j` (steps `j·gap + 1 ..= (j+1)·gap`) of tensor `i` is the `k` coordinates
+//! with the largest Philox words of `(seed_of(i), stream j)`, by the exact device
+//! selection of the compressors (`super::topk`): a uniformly random subset, the same on
+//! every backend, independent between the tensors of a list.
+//!
+//! Multi-tensor: one [`Frugal`] updates a list of f32 tensors of any sizes. The subsets,
+//! their bitmasks (one u32 per 32 coordinates) and the moments of every tensor are
+//! packed each in one buffer; a step is one launch per [`SLOTS`] tensors (the slot
+//! machinery of the fused step, `super::multi`: each cube within one tensor) and one to
+//! advance the device step counter. Active coordinates find their state slot by binary
+//! search in the tensor's sorted subset. A redraw selects each tensor's subset (a device
+//! radix select per tensor, every `update_gap` steps) and packs it with its mask. State:
+//! `8k` bytes of moments, `n/8` of mask, `4k` of indices per tensor — at density 0.25,
+//! 40% of Adam's `8n`.
 
-use super::multi::{adam_constants, adam_direction, adam_moments};
+use super::multi::{
+    adam_constants, adam_direction, adam_moments, launch_groups, select_slot, slot_of, store_slot,
+    SLOTS, SLOT_WORDS,
+};
 use super::topk::{select_top_k, KeySource};
 use super::{Hyper, Rule};
 use crate::launch::{check_input, expect_shape, upload_u32};
 use cubecl::prelude::*;
 use kiln_runtime::{DType, Error, HostTensor, Result, Tensor};
+use std::collections::HashMap;
 
 /// Units per cube of the FRUGAL kernels (their one configuration, `UNITS = [256]`).
 const CUBE: usize = 256;
@@ -37,7 +47,7 @@ pub struct FrugalConfig {
     pub update_gap: u64,
     /// Step size of the state-free signSGD part.
     pub lr_free: f64,
-    /// Seed of the subsets.
+    /// Seed of the subsets (of the first tensor; see [`FrugalConfig::seed_of`]).
     pub seed: u64,
 }
 
@@ -78,25 +88,59 @@ impl FrugalConfig {
         Ok(())
     }
 
-    /// Coordinates with state for a tensor of `n`: `ceil(density · n)`, at least 1.
+    /// Coordinates with state for a tensor of `n`: `ceil(density · n)`, at least 1
+    /// (none for an empty tensor).
     pub fn active(&self, n: usize) -> usize {
-        ((self.density * n as f64).ceil() as usize).clamp(1, n.max(1))
+        match n {
+            0 => 0,
+            _ => ((self.density * n as f64).ceil() as usize).clamp(1, n),
+        }
+    }
+
+    /// The seed of the subsets of the `i`-th tensor of a list: `seed + i · 0x9E37_79B9_7F4A_7C15`
+    /// (wrapping; splitmix64's increment), so tensor 0 draws from `seed` itself and
+    /// tensors of the same size get independent subsets.
+    pub fn seed_of(&self, i: usize) -> u64 {
+        self.seed
+            .wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
     }
 }
 
-/// A FRUGAL optimizer for one f32 tensor: its subset, its state and its device step
-/// counter; [`Frugal::step`] updates the tensor in place.
-pub struct Frugal {
-    /// Adam's part (`lr`, `beta1`, `beta2`, `eps`, `weight_decay`).
-    pub hyper: Hyper,
-    /// FRUGAL's part.
-    pub config: FrugalConfig,
+/// Where tensor `i` of a [`Frugal`] list keeps its part of the packed buffers.
+#[derive(Clone, Copy, Debug)]
+struct Packed {
+    /// Coordinates, and those with state.
     n: usize,
+    k: usize,
+    /// Offsets (in elements) of its subset, its mask words and its moments (`m` then
+    /// `v`, `k` each).
+    indices: usize,
+    mask: usize,
+    state: usize,
+}
+
+/// A FRUGAL optimizer for a list of f32 tensors (one, or many of different sizes): their
+/// subsets, their state and the device step counter; [`Frugal::step`] (one tensor) and
+/// [`Frugal::step_multi`] (the list) update the tensors in place.
+pub struct Frugal {
+    /// Adam's part (`lr`, `beta1`, `beta2`, `eps`, `weight_decay`; may change between
+    /// steps).
+    pub hyper: Hyper,
+    /// FRUGAL's part (`lr_free` may change between steps; density and seed are fixed at
+    /// creation).
+    pub config: FrugalConfig,
+    packed: Vec<Packed>,
+    /// Density and seed at creation (the packing depends on them).
+    drawn_with: (f64, u64),
     indices: Tensor,
     mask: Tensor,
     state: Tensor,
     counter: Tensor,
     steps: u64,
+    /// `2 SLOTS` one-element placeholders for the unused slots of a launch.
+    spares: Vec<Tensor>,
+    /// Per launch (group of tensors): its slot table and cube count.
+    tables: HashMap<Vec<usize>, (Tensor, usize)>,
 }
 
 impl Frugal {
@@ -104,6 +148,11 @@ impl Frugal {
     /// step).
     pub fn new(param: &Tensor, hyper: Hyper, config: FrugalConfig) -> Result<Self> {
         Self::resume(param, hyper, config, 0, None)
+    }
+
+    /// Zero state for each of `params` (f32, any shapes and sizes, distinct tensors).
+    pub fn new_multi(params: &[&Tensor], hyper: Hyper, config: FrugalConfig) -> Result<Self> {
+        Self::resume_multi(params, hyper, config, 0, &[])
     }
 
     /// Resumes after `steps` steps with the current subspace's moments `(m, v)` (`[k]`
@@ -115,43 +164,93 @@ impl Frugal {
         steps: u64,
         moments: Option<(&Tensor, &Tensor)>,
     ) -> Result<Self> {
+        Self::resume_multi(&[param], hyper, config, steps, &[moments])
+    }
+
+    /// [`Frugal::resume`] for a list: `moments[i]` for `params[i]` (an empty slice: all
+    /// zeros).
+    pub fn resume_multi(
+        params: &[&Tensor],
+        hyper: Hyper,
+        config: FrugalConfig,
+        steps: u64,
+        moments: &[Option<(&Tensor, &Tensor)>],
+    ) -> Result<Self> {
         hyper.check(Rule::AdamW)?;
         config.check()?;
-        check_input("param", param, param.client())?;
-        param.expect_dtype("param", &[DType::F32])?;
-        let client = param.client();
-        let n = param.numel();
-        let k = config.active(n);
-        let state = match moments {
-            Some((m, v)) => {
-                for (t, name) in [(m, "m"), (v, "v")] {
-                    t.expect_dtype(name, &[DType::F32])?;
-                    expect_shape(name, t, &[k], "ceil(density * n): the subset's size")?;
-                }
-                let mut host = m.download()?.to_f64();
-                host.extend(v.download()?.to_f64());
-                Tensor::upload(
-                    client,
-                    &HostTensor::from_f64(DType::F32, vec![2 * k], &host)?,
-                )?
-            }
-            None => zeros(client, 2 * k)?,
+        let Some(first) = params.first() else {
+            return Err(Error::Param {
+                param: "params".into(),
+                expected: "at least one tensor".into(),
+                found: "none".into(),
+            });
         };
+        if !moments.is_empty() && moments.len() != params.len() {
+            return Err(Error::Param {
+                param: "moments".into(),
+                expected: format!("one entry per param ({}), or none", params.len()),
+                found: moments.len().to_string(),
+            });
+        }
+        let client = first.client().clone();
+        let (mut packed, mut host) = (Vec::new(), Vec::new());
+        let (mut indices, mut words) = (0usize, 0usize);
+        for (i, param) in params.iter().enumerate() {
+            let name = param_name(params.len(), "param", i);
+            check_input(&name, param, &client)?;
+            param.expect_dtype(&name, &[DType::F32])?;
+            let (n, k) = (param.numel(), config.active(param.numel()));
+            packed.push(Packed {
+                n,
+                k,
+                indices,
+                mask: words,
+                state: host.len(),
+            });
+            indices += k;
+            words += n.div_ceil(32);
+            match moments.get(i).copied().flatten() {
+                Some((m, v)) => {
+                    for (t, what) in [(m, "m"), (v, "v")] {
+                        let what = param_name(params.len(), what, i);
+                        t.expect_dtype(&what, &[DType::F32])?;
+                        expect_shape(&what, t, &[k], "ceil(density * n): the subset's size")?;
+                        host.extend(t.download()?.to_f64());
+                    }
+                }
+                None => host.extend(std::iter::repeat_n(0.0, 2 * k)),
+            }
+        }
+        let state = upload_f32(&client, &host)?;
         let local = steps % config.update_gap;
+        let spares = (0..2 * SLOTS)
+            .map(|_| Tensor::empty(&client, DType::F32, &[1]))
+            .collect::<Result<_>>()?;
         let mut f = Frugal {
             hyper,
             config,
-            n,
-            indices: upload_u32(client, "indices", &[0])?,
-            mask: upload_u32(client, "mask", &[0])?,
+            packed,
+            drawn_with: (config.density, config.seed),
+            // Zeros until the first draw (`state` reads the subset before any step).
+            indices: Tensor::upload(
+                &client,
+                &HostTensor::from_bytes(
+                    DType::I32,
+                    vec![indices.max(1)],
+                    vec![0; 4 * indices.max(1)],
+                )?,
+            )?,
+            mask: upload_u32(&client, "mask", &vec![0; words])?,
             state,
-            counter: upload_u32(client, "step", &[local as u32])?,
+            counter: upload_u32(&client, "step", &[local as u32])?,
             steps,
+            spares,
+            tables: HashMap::new(),
         };
-        if n > 0 && local != 0 {
-            // Mid-subspace: the current subset, keeping the given state. (At a redraw
+        if local != 0 {
+            // Mid-subspace: the current subsets, keeping the given state. (At a redraw
             // the next step resets the state anyway.)
-            f.draw(param, steps / config.update_gap)?;
+            f.draw(params, steps / config.update_gap)?;
         }
         Ok(f)
     }
@@ -161,20 +260,33 @@ impl Frugal {
         self.steps
     }
 
-    /// The current subset (`[k]` i32, increasing) and moments `(m, v)` (`[k]` f32).
+    /// The current subset (`[k]` i32, increasing) and moments `(m, v)` (`[k]` f32) of
+    /// the (first) tensor.
     pub fn state(&self) -> Result<(Tensor, Tensor, Tensor)> {
-        let k = self.config.active(self.n);
-        let flat = self.state.reshape(&[2 * k, 1])?;
-        let part = |at: usize| -> Result<Tensor> {
-            crate::rows::slice_rows(&flat, 0, at, k, DType::F32)?.reshape(&[k])
-        };
-        Ok((self.indices.clone(), part(0)?, part(k)?))
+        self.state_of(0)
     }
 
-    /// Draws subspace `j`'s subset and its mask.
-    fn draw(&mut self, param: &Tensor, j: u64) -> Result<()> {
-        let client = param.client();
-        let k = self.config.active(self.n);
+    /// [`Frugal::state`] of the `i`-th tensor of the list (read through the host).
+    pub fn state_of(&self, i: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let p = *self.packed.get(i).ok_or_else(|| Error::Param {
+            param: "tensor".into(),
+            expected: format!("< {}", self.packed.len()),
+            found: i.to_string(),
+        })?;
+        let client = self.state.client();
+        let indices = self.indices.download()?.data[4 * p.indices..4 * (p.indices + p.k)].to_vec();
+        let indices = HostTensor::from_bytes(DType::I32, vec![p.k], indices)?;
+        let state = self.state.download()?.to_f64();
+        let part = |at: usize| upload_f32(client, &state[at..at + p.k]);
+        Ok((
+            Tensor::upload(client, &indices)?,
+            part(p.state)?,
+            part(p.state + p.k)?,
+        ))
+    }
+
+    /// Draws subspace `j`'s subsets and packs them with their masks.
+    fn draw(&mut self, params: &[&Tensor], j: u64) -> Result<()> {
         let stream = u32::try_from(j).map_err(|_| Error::Param {
             param: "step".into(),
             expected: format!(
@@ -183,72 +295,167 @@ impl Frugal {
             ),
             found: self.steps.to_string(),
         })?;
-        let picked = select_top_k(
-            param,
-            None,
-            k,
-            KeySource::Random,
-            (self.config.seed, stream),
-            1.0,
-        )?;
-        self.indices = picked.indices;
-        let words = self.n.div_ceil(32);
-        self.mask = Tensor::empty(client, DType::U32, &[words])?;
-        FrugalMask::tuned(
-            client,
-            0.0,
-            &FrugalMaskArgs {
-                indices: &self.indices,
-                mask: &self.mask,
-                k: k as u32,
-                words: words as u32,
-            },
-        )?;
+        for (i, (p, param)) in self.packed.iter().zip(params).enumerate() {
+            if p.n == 0 {
+                continue;
+            }
+            let picked = select_top_k(
+                param,
+                None,
+                p.k,
+                KeySource::Random,
+                (self.config.seed_of(i), stream),
+                1.0,
+            )?;
+            let words = p.n.div_ceil(32);
+            FrugalMask::tuned(
+                param.client(),
+                0.0,
+                &FrugalMaskArgs {
+                    picked: &picked.indices,
+                    indices: &self.indices,
+                    mask: &self.mask,
+                    k: p.k as u32,
+                    words: words as u32,
+                    units: words.max(p.k) as u32,
+                    indices_at: p.indices as u32,
+                    mask_at: p.mask as u32,
+                },
+            )?;
+        }
         Ok(())
     }
 
     /// One step of `param` (as created) by `grad` (f32, param's shape), in place. At the
     /// first step of a subspace the subset is redrawn and the moments reset.
     pub fn step(&mut self, param: &Tensor, grad: &Tensor) -> Result<()> {
-        check_input("param", param, self.state.client())?;
-        param.expect_dtype("param", &[DType::F32])?;
-        if param.numel() != self.n {
-            return Err(Error::Shape {
-                tensor: "param".into(),
-                expected: format!("{} elements (as created)", self.n),
-                found: format!("{:?}", param.shape()),
+        self.step_multi(&[param], &[grad])
+    }
+
+    /// One step of every tensor of the list (as created, in order) by its gradient (f32,
+    /// the tensor's shape), in place: one launch per [`SLOTS`] tensors and one to advance
+    /// the step counter, no host synchronisation (a redraw adds a selection per tensor).
+    pub fn step_multi(&mut self, params: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
+        let count = self.packed.len();
+        if params.len() != count || grads.len() != count {
+            return Err(Error::Param {
+                param: "params".into(),
+                expected: format!("{count} params and grads (as created)"),
+                found: format!("{} params, {} grads", params.len(), grads.len()),
             });
         }
-        check_input("grad", grad, self.state.client())?;
-        grad.expect_dtype("grad", &[DType::F32])?;
-        expect_shape("grad", grad, param.shape(), "param's shape")?;
+        let client = self.state.client().clone();
+        for (i, (p, (param, grad))) in self.packed.iter().zip(params.iter().zip(grads)).enumerate()
+        {
+            let (pn, gn) = (param_name(count, "param", i), param_name(count, "grad", i));
+            check_input(&pn, param, &client)?;
+            param.expect_dtype(&pn, &[DType::F32])?;
+            if param.numel() != p.n {
+                return Err(Error::Shape {
+                    tensor: pn,
+                    expected: format!("{} elements (as created)", p.n),
+                    found: format!("{:?}", param.shape()),
+                });
+            }
+            check_input(&gn, grad, &client)?;
+            grad.expect_dtype(&gn, &[DType::F32])?;
+            expect_shape(&gn, grad, param.shape(), "param's shape")?;
+        }
         self.hyper.check(Rule::AdamW)?;
         self.config.check()?;
-        if self.n == 0 {
-            self.steps += 1;
-            return Ok(());
+        if (self.config.density, self.config.seed) != self.drawn_with {
+            return Err(Error::Param {
+                param: "density, seed".into(),
+                expected: format!(
+                    "{:?} (as created: they fix the state's size)",
+                    self.drawn_with
+                ),
+                found: format!("{:?}", (self.config.density, self.config.seed)),
+            });
         }
-        let client = param.client().clone();
         if self.steps % self.config.update_gap == 0 {
-            self.draw(param, self.steps / self.config.update_gap)?;
-            let k = self.config.active(self.n);
-            self.state = zeros(&client, 2 * k)?;
+            self.draw(params, self.steps / self.config.update_gap)?;
+            let total: usize = self.packed.iter().map(|p| 2 * p.k).sum();
+            self.state = upload_f32(&client, &vec![0.0; total])?;
             self.counter = upload_u32(&client, "step", &[0])?;
         }
+        let live = (0..count).filter(|&i| self.packed[i].n > 0);
+        for group in launch_groups(live, |_| (), params) {
+            self.launch(&group, params, grads)?;
+        }
+        super::OptimAdvanceStep::tuned(
+            &client,
+            0.0,
+            &super::OptimAdvanceStepArgs {
+                counter: &self.counter,
+            },
+        )?;
+        self.steps += 1;
+        Ok(())
+    }
+
+    /// One launch of the step over the tensors `group` (at most [`SLOTS`], distinct).
+    fn launch(&mut self, group: &[usize], params: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
+        let client = self.state.client().clone();
+        let bindings = 2 * SLOTS as u32 + 5;
+        if client.report().max_bindings < bindings {
+            return Err(Error::Unsupported {
+                device: client.name().into(),
+                feature: format!(
+                    "the FRUGAL step binds {bindings} storage buffers; the device allows {}",
+                    client.report().max_bindings
+                ),
+            });
+        }
+        if !self.tables.contains_key(group) {
+            let mut table = Vec::with_capacity(SLOT_WORDS * SLOTS);
+            let mut cubes = 0usize;
+            for &i in group {
+                let p = self.packed[i];
+                table.extend([cubes, p.n, p.k, p.indices, p.mask, p.state]);
+                cubes += p.n.div_ceil(CUBE);
+            }
+            // Unused slots start past the last cube: no cube selects them.
+            while table.len() < SLOT_WORDS * SLOTS {
+                table.extend([u32::MAX as usize, 0, 0, 0, 0, 0]);
+            }
+            let table: Vec<u32> = table.into_iter().map(|x| x as u32).collect();
+            let table = upload_u32(&client, "slot_table", &table)?;
+            self.tables.insert(group.to_vec(), (table, cubes));
+        }
+        let (table, cubes) = self.tables[group].clone();
+        let len: usize = group.iter().map(|&i| self.packed[i].n).sum();
+        let slot = |s: usize, list: &[&Tensor], spare: usize| -> Tensor {
+            match group.get(s) {
+                Some(&i) => list[i].clone(),
+                None => self.spares[spare].clone(),
+            }
+        };
+        let w: Vec<Tensor> = (0..SLOTS).map(|s| slot(s, params, s)).collect();
+        let g: Vec<Tensor> = (0..SLOTS).map(|s| slot(s, grads, SLOTS + s)).collect();
         let h = &self.hyper;
-        let cubes = self.n.div_ceil(CUBE);
         FrugalStep::tuned(
             &client,
             0.0,
             &FrugalStepArgs {
-                param,
-                grad,
+                w0: &w[0],
+                w1: &w[1],
+                w2: &w[2],
+                w3: &w[3],
+                w4: &w[4],
+                w5: &w[5],
+                g0: &g[0],
+                g1: &g[1],
+                g2: &g[2],
+                g3: &g[3],
+                g4: &g[4],
+                g5: &g[5],
                 mask: &self.mask,
                 indices: &self.indices,
                 state: &self.state,
+                table: &table,
                 counter: &self.counter,
-                n: self.n as u32,
-                k: self.config.active(self.n) as u32,
+                len: len as u32,
                 cubes: cubes as u32,
                 lr: h.lr as f32,
                 lr_free: self.config.lr_free as f32,
@@ -260,35 +467,42 @@ impl Frugal {
                 ln_beta2: h.beta2.ln() as f32,
                 eps: h.eps as f32,
                 decay: (1.0 - h.lr * h.weight_decay) as f32,
+                slots: group.len() as u32,
             },
         )?;
-        super::OptimAdvanceStep::tuned(
-            &client,
-            0.0,
-            &super::OptimAdvanceStepArgs {
-                counter: &self.counter,
-            },
-        )?;
-        self.steps += 1;
         Ok(())
     }
 }
 
-fn zeros(client: &kiln_runtime::Client, n: usize) -> Result<Tensor> {
+/// `param` for a one-tensor list (as the single-tensor API names it), `param[i]` else.
+fn param_name(count: usize, what: &str, i: usize) -> String {
+    match count {
+        1 => what.to_string(),
+        _ => format!("{what}[{i}]"),
+    }
+}
+
+/// An f32 vector on the device (`[1]` zeros when empty: a binding is never empty).
+fn upload_f32(client: &kiln_runtime::Client, values: &[f64]) -> Result<Tensor> {
+    let values = match values.is_empty() {
+        true => &[0.0][..],
+        false => values,
+    };
     Tensor::upload(
         client,
-        &HostTensor::from_f64(DType::F32, vec![n], &vec![0.0; n])?,
+        &HostTensor::from_f64(DType::F32, vec![values.len()], values)?,
     )
 }
 
-/// Position of the first `indices[..k]` (increasing) that is >= `e`.
+/// Position of the first of `indices[at .. at + k]` (increasing) that is `>= e`, counted
+/// from `at`.
 #[cube]
-fn lower_bound(indices: &Array<i32>, k: u32, e: u32) -> u32 {
+fn lower_bound(indices: &Array<i32>, at: u32, k: u32, e: u32) -> u32 {
     let mut lo = 0u32;
     let mut hi = k;
     while lo < hi {
         let mid = (lo + hi) / 2;
-        if u32::cast_from(indices[mid as usize]) < e {
+        if u32::cast_from(indices[(at + mid) as usize]) < e {
             lo = mid + 1;
         } else {
             hi = mid;
@@ -297,39 +511,75 @@ fn lower_bound(indices: &Array<i32>, k: u32, e: u32) -> u32 {
     lo
 }
 
-/// The subset's bitmask: unit `w` sets bit `b` of `mask[w]` where `32 w + b` is in
-/// `indices` (sorted), found by binary search: one writer per word, no atomics.
-#[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(words.div_ceil(UNITS)), cube = UNITS)]
-pub fn frugal_mask(indices: &Array<i32>, mask: &mut Array<u32>, k: u32, words: u32) {
+/// Packs one tensor's subset: copies `picked[..k]` (sorted) to `indices[indices_at ..]`
+/// and sets bit `b` of `mask[mask_at + w]` where `32 w + b` is in it (unit `w` finds its
+/// word's entries by binary search: one writer per word, no atomics). `units` =
+/// `max(words, k)`.
+#[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(units.div_ceil(UNITS)), cube = UNITS)]
+pub fn frugal_mask(
+    picked: &Array<i32>,
+    indices: &mut Array<i32>,
+    mask: &mut Array<u32>,
+    k: u32,
+    words: u32,
+    units: u32,
+    indices_at: u32,
+    mask_at: u32,
+) {
     let w = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * UNITS + UNIT_POS;
-    if w < words {
-        let mut j = lower_bound(indices, k, w * 32);
-        let mut bits = 0u32;
-        while j < k {
-            let i = u32::cast_from(indices[j as usize]);
-            if i >= w * 32 + 32 {
-                break;
-            }
-            bits |= 1u32 << (i - w * 32);
-            j += 1;
+    if w < units {
+        if w < k {
+            indices[(indices_at + w) as usize] = picked[w as usize];
         }
-        mask[w as usize] = bits;
+        if w < words {
+            let mut j = lower_bound(picked, 0, k, w * 32);
+            let mut bits = 0u32;
+            while j < k {
+                let i = u32::cast_from(picked[j as usize]);
+                if i >= w * 32 + 32 {
+                    break;
+                }
+                bits |= 1u32 << (i - w * 32);
+                j += 1;
+            }
+            mask[(mask_at + w) as usize] = bits;
+        }
     }
 }
 
-/// One FRUGAL step, one unit per coordinate: Adam (state slot by binary search) where
-/// the mask is set, signSGD elsewhere; `t = counter[0] + 1` counts from the redraw.
-/// In place: one configuration.
-#[kiln_macros::kernel(tune(UNITS = [256]), key(n = pow2), grid = cubes(cubes), cube = UNITS)]
-pub fn frugal_step(
-    param: &mut Array<f32>,
-    grad: &Array<f32>,
+/// One FRUGAL step over up to six tensors (slots; the table's words per slot: first
+/// cube, `n`, `k`, subset, mask and state offsets), one unit per coordinate, each cube
+/// within one slot: Adam (state slot by binary search in the subset) where the mask is
+/// set, signSGD elsewhere; `t = counter[0] + 1` counts from the redraw. In place: one
+/// configuration.
+#[kiln_macros::kernel(
+    tune(UNITS = [256]),
+    vector = [1],
+    dtypes = [f32],
+    key(len = pow2),
+    grid = cubes(cubes),
+    cube = UNITS,
+    domain(slots = 1..=6)
+)]
+pub fn frugal_step<F: Float, N: Size>(
+    w0: &mut Array<Vector<F, N>>,
+    w1: &mut Array<Vector<F, N>>,
+    w2: &mut Array<Vector<F, N>>,
+    w3: &mut Array<Vector<F, N>>,
+    w4: &mut Array<Vector<F, N>>,
+    w5: &mut Array<Vector<F, N>>,
+    g0: &Array<Vector<F, N>>,
+    g1: &Array<Vector<F, N>>,
+    g2: &Array<Vector<F, N>>,
+    g3: &Array<Vector<F, N>>,
+    g4: &Array<Vector<F, N>>,
+    g5: &Array<Vector<F, N>>,
     mask: &Array<u32>,
     indices: &Array<i32>,
     state: &mut Array<f32>,
+    table: &Array<u32>,
     counter: &Array<u32>,
-    n: u32,
-    k: u32,
+    len: u32,
     cubes: u32,
     lr: f32,
     lr_free: f32,
@@ -341,32 +591,44 @@ pub fn frugal_step(
     ln_beta2: f32,
     eps: f32,
     decay: f32,
+    #[comptime] slots: u32,
 ) {
     let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
-    let e = cube * UNITS + UNIT_POS;
-    if cube < cubes && e < n {
-        let g = grad[e as usize];
-        let mut p = param[e as usize] * decay;
-        if ((mask[(e / 32) as usize] >> (e % 32)) & 1u32) == 1u32 {
-            let j = lower_bound(indices, k, e);
-            let t = f32::cast_from(counter[0] + 1);
-            let moments = adam_constants(
-                beta1,
-                beta2,
-                one_minus_beta1,
-                one_minus_beta2,
-                ln_beta1,
-                ln_beta2,
-                eps,
-                t,
-            );
-            adam_moments(state, j, k, g, moments, false);
-            p -= lr * adam_direction(state, j, k, moments);
-        } else {
-            // sign(0) = 0: a zero gradient leaves the coordinate alone.
-            let s = select(g > 0.0, 1.0f32, select(g < 0.0, -1.0f32, 0.0f32));
-            p -= lr_free * s;
+    // The slot and its constants before any branch (uniform in the cube: loaded once).
+    let b = slot_of(table, cube, slots);
+    let t = b * comptime!(SLOT_WORDS as u32);
+    let first_cube = table[t as usize];
+    let n = table[(t + 1) as usize];
+    let k = table[(t + 2) as usize];
+    let indices_at = table[(t + 3) as usize];
+    let mask_at = table[(t + 4) as usize];
+    let state_at = table[(t + 5) as usize];
+    let moments = adam_constants(
+        beta1,
+        beta2,
+        one_minus_beta1,
+        one_minus_beta2,
+        ln_beta1,
+        ln_beta2,
+        eps,
+        f32::cast_from(counter[0] + 1),
+    );
+    if cube < cubes {
+        let e = (cube - first_cube) * UNITS + UNIT_POS;
+        if e < n {
+            let g = f32::cast_from(select_slot(g0, g1, g2, g3, g4, g5, b, e, slots)[0]);
+            let mut p = f32::cast_from(select_slot(w0, w1, w2, w3, w4, w5, b, e, slots)[0]) * decay;
+            if ((mask[(mask_at + e / 32) as usize] >> (e % 32)) & 1u32) == 1u32 {
+                let j = state_at + lower_bound(indices, indices_at, k, e);
+                adam_moments(state, j, k, g, moments, false);
+                p -= lr * adam_direction(state, j, k, moments);
+            } else {
+                // sign(0) = 0: a zero gradient leaves the coordinate alone.
+                let s = select(g > 0.0, 1.0f32, select(g < 0.0, -1.0f32, 0.0f32));
+                p -= lr_free * s;
+            }
+            let out = Vector::<F, N>::new(F::cast_from(p));
+            store_slot(w0, w1, w2, w3, w4, w5, b, e, out, slots);
         }
-        param[e as usize] = p;
     }
 }

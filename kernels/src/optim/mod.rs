@@ -12,7 +12,7 @@
 //!   `θ −= lr Σ pᵢ z(seedᵢ)`, with `z ~ N(0, I)` regenerated in the kernel (Philox),
 //!   bit-identical on every backend and on the host.
 //! - FRUGAL ([`Frugal`]): Adam state on a seeded, periodically redrawn coordinate
-//!   subset, signSGD on the rest.
+//!   subset, signSGD on the rest; one tensor or a list (six per launch, a subset each).
 //! - Gradient compressors ([`topk_ef`], [`randk`], [`econtrol`]): error feedback
 //!   (EControl's with a controlled strength and an estimator `h`), exact top-k by a
 //!   device radix select (deterministic, no atomics), `(indices, values)` outputs.

@@ -41,7 +41,7 @@ pub const SLOTS: usize = 6;
 const _: () = assert!(SLOTS == 6);
 /// `u32` words per slot in the table: first cube, length, width, weight row stride,
 /// weight offset, state offset.
-const SLOT_WORDS: usize = 6;
+pub(super) const SLOT_WORDS: usize = 6;
 /// Units per cube of the step kernel (its one configuration, `UNITS = [256]`).
 const STEP_UNITS: usize = 256;
 /// Vectors per unit of the step kernel (its one configuration, `PER = [4]`).
@@ -371,21 +371,8 @@ impl MultiTensorStep {
         // ragged block does not hold its neighbours to one element a unit), in order
         // within each kind, never the same weight twice in one launch (its bindings
         // would alias).
-        let mut open: Vec<Vec<usize>> = Vec::new();
-        for i in 0..n {
-            let kind = |j: usize| (self.slots[j].dtype, self.aligned(&self.slots[j]));
-            let joins = |g: &Vec<usize>| {
-                kind(g[0]) == kind(i) && !g.iter().any(|&j| std::ptr::eq(weights[j], weights[i]))
-            };
-            match open.iter().position(joins) {
-                Some(at) => open[at].push(i),
-                None => open.push(vec![i]),
-            }
-            if let Some(at) = open.iter().position(|g| g.len() == SLOTS) {
-                self.launch(&open.remove(at), weights, grads)?;
-            }
-        }
-        for group in open {
+        let kind = |j: usize| (self.slots[j].dtype, self.aligned(&self.slots[j]));
+        for group in launch_groups(0..n, kind, weights) {
             self.launch(&group, weights, grads)?;
         }
         OptimAdvanceStep::tuned(
@@ -626,6 +613,32 @@ fn block_values(w: &Tensor, s: &Slot) -> Result<Vec<f64>> {
         .collect())
 }
 
+/// The launches of a step: the tensors `items` in groups of up to [`SLOTS`] of one
+/// `kind` (dtype, vector width), in order within each kind, never the same weight twice
+/// in one group (its bindings would alias). A group is listed when it fills, the open
+/// ones last.
+pub(super) fn launch_groups<K: PartialEq>(
+    items: impl IntoIterator<Item = usize>,
+    kind: impl Fn(usize) -> K,
+    weights: &[&Tensor],
+) -> Vec<Vec<usize>> {
+    let (mut open, mut full): (Vec<Vec<usize>>, Vec<Vec<usize>>) = (vec![], vec![]);
+    for i in items {
+        let joins = |g: &Vec<usize>| {
+            kind(g[0]) == kind(i) && !g.iter().any(|&j| std::ptr::eq(weights[j], weights[i]))
+        };
+        match open.iter().position(joins) {
+            Some(at) => open[at].push(i),
+            None => open.push(vec![i]),
+        }
+        if let Some(at) = open.iter().position(|g| g.len() == SLOTS) {
+            full.push(open.remove(at));
+        }
+    }
+    full.extend(open);
+    full
+}
+
 /// `1 - beta^t = -expm1(t ln beta)`: a series below `|x| = 1/2` (ten terms, Horner), so a
 /// `beta^t` close to 1 does not cancel; `1 - exp(x)` beyond. `ln beta = -inf` gives 1.
 #[cube]
@@ -643,13 +656,29 @@ fn one_minus_pow(ln_beta: f32, t: f32) -> f32 {
     r
 }
 
+/// The slot of `cube`: the last of the launch's first `slots` (comptime) whose first cube
+/// (word 0 of its `SLOT_WORDS` in `table`) is `<= cube`.
+#[cube]
+pub(super) fn slot_of(table: &Array<u32>, cube: u32, #[comptime] slots: u32) -> u32 {
+    let mut b = 0u32;
+    #[unroll]
+    for s in 1..slots {
+        b = select(
+            cube >= table[(s * comptime!(SLOT_WORDS as u32)) as usize],
+            s,
+            b,
+        );
+    }
+    b
+}
+
 /// `slots[b][i]` for a slot index known only at run time (WGSL has no arrays of buffers),
 /// among the launch's first `slots` (comptime): one slot reads without a branch. Why it
 /// matters: lavapipe runs every branch masked, so each slot costs a load (a 4-wide copy
 /// through a six-way pick ran at 0.61-0.66 of the plain copy).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn select_slot<F: Float, N: Size>(
+pub(super) fn select_slot<F: Float, N: Size>(
     s0: &Array<Vector<F, N>>,
     s1: &Array<Vector<F, N>>,
     s2: &Array<Vector<F, N>>,
@@ -697,7 +726,7 @@ fn select_slot<F: Float, N: Size>(
 /// `slots[b][i] = v` among the launch's first `slots` (comptime), as [`select_slot`].
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn store_slot<F: Float, N: Size>(
+pub(super) fn store_slot<F: Float, N: Size>(
     s0: &mut Array<Vector<F, N>>,
     s1: &mut Array<Vector<F, N>>,
     s2: &mut Array<Vector<F, N>>,
@@ -816,16 +845,7 @@ pub fn optim_step<F: Float, N: Size>(
     let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
     // The slot and its constants before any branch: the addresses are uniform in the
     // cube, so a CPU adapter loads each once (inside control flow it gathers per lane).
-    // The slot: the last whose first cube is <= this cube.
-    let mut b = 0u32;
-    #[unroll]
-    for s in 1..slots {
-        b = select(
-            cube >= table[(s * comptime!(SLOT_WORDS as u32)) as usize],
-            s,
-            b,
-        );
-    }
+    let b = slot_of(table, cube, slots);
     let t = b * comptime!(SLOT_WORDS as u32);
     // The slot's first cube, its length in elements and vectors, its weight layout and
     // state base.
