@@ -113,9 +113,12 @@ fn every_vec4_config(dtype: DType) {
         return;
     }
     // K and N multiples of 4 (the kernel's requirement), neither a multiple of a tile;
-    // M ragged; N past one tile of every width.
-    let (m, n, k) = (37, 260, 68);
-    for trans_b in [false, true] {
+    // M ragged (37 for the tiles of 16 rows and more; 3 and 1 for the few-row tiles,
+    // offered only where they cover M); N past one tile of every width. Each
+    // configuration is checked once, at the first M that offers it.
+    let (n, k) = (260, 68);
+    let mut tested: Vec<String> = Vec::new();
+    for (m, trans_b) in [37, 3, 1].into_iter().flat_map(|m| [(m, false), (m, true)]) {
         let p = problem(m, n, k, trans_b, dtype, 12);
         let (a, b, bias, res) = (
             up(&p.hosts["a"]),
@@ -135,8 +138,12 @@ fn every_vec4_config(dtype: DType) {
                 act: Activation::Silu,
             },
         );
-        assert!(space.len() >= 10, "{} vector configurations", space.len());
         for cfg in space {
+            let label = format!("{cfg:?} trans_b={trans_b}");
+            if tested.contains(&label) {
+                continue;
+            }
+            tested.push(label);
             let ep = Epilogue {
                 bias: Some(&bias),
                 activation: Activation::Silu,
@@ -152,10 +159,12 @@ fn every_vec4_config(dtype: DType) {
                 trans_b,
                 "silu",
                 dtype,
-                &format!("vec4 {cfg:?} trans_b={trans_b}"),
+                &format!("vec4 {cfg:?} trans_b={trans_b} M={m}"),
             );
         }
     }
+    // Every declared configuration, with and without trans_b.
+    assert_eq!(tested.len(), 2 * 17, "{tested:?}");
     // K or N not a multiple of 4: no vector configuration at all.
     assert!(MatmulVec4::space(
         client(),

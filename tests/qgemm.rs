@@ -806,8 +806,8 @@ fn quantize_per_token_propagates_nan_and_keeps_the_sign_of_infinities() {
 
 /// The direct dequantizing kernel (register tiles from global memory), every
 /// configuration, against f64: int4 in kiln's layout with and without act order (f32 and
-/// f16 activations) and int8 Double Rounding with K not a multiple of 8; M and N ragged
-/// against every tile.
+/// f16 activations) and int8 Double Rounding with K a multiple of 4 but not of 8 (K = 77:
+/// no configuration); M and N ragged against every tile.
 #[test]
 fn qgemm_direct_every_config_matches_f64() {
     use kiln::kernels::qgemm::{QgemmDirect, QgemmDirectArgs, QgemmDirectProblem, WeightKind};
@@ -912,8 +912,9 @@ fn qgemm_direct_every_config_matches_f64() {
         "int4 act order",
     );
 
-    // int8 served at 4 bits (shift 4), K = 77.
-    let (m, n, k) = (19, 37, 77);
+    // int8 served at 4 bits (shift 4), K = 84: a multiple of the kernel's vectors of x but
+    // not of its steps of 8 (the last step ends half-way).
+    let (m, n, k) = (19, 37, 84);
     let q8 = ints(&mut rng, k * n, -128, 127);
     let q8i: Vec<i8> = q8.iter().map(|&v| v as i8).collect();
     let s8 = rounded(
@@ -939,6 +940,18 @@ fn qgemm_direct_every_config_matches_f64() {
         &want,
         "int8 at 4 bits",
     );
+    // K not a multiple of 4 (rows of x not on vectors): no configuration; the host's
+    // path choice then has the GEMV and the tiled kernel (`tests/qgemm.rs`' K = 77 cases).
+    let problem = QgemmDirectProblem {
+        m: 4,
+        n: 8,
+        k: 77,
+        group_size: 77,
+        shift: 4,
+        wkind: WeightKind::Int8Bits,
+        act_order: false,
+    };
+    assert!(QgemmDirect::space(client(), &problem).is_empty());
 }
 
 /// The direct W8A8 kernel (register tiles from global memory, whole words of K), every

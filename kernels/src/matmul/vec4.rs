@@ -24,6 +24,10 @@ matmul_kernel! {
             (16, 64, 4, 4),
             (16, 128, 8, 8),
             (4, 256, 1, 4),
+            // Few rows in one unit row: each vector of b serves all 4 or 8 of them.
+            (4, 128, 4, 8),
+            (4, 256, 4, 16),
+            (8, 256, 8, 16),
             (1, 256, 1, 4),
             (1, 256, 1, 8),
             (1, 512, 1, 16),
@@ -32,7 +36,15 @@ matmul_kernel! {
             (16, 256, 8, 16),
             (1, 1024, 1, 32),
         ]),
-        require(BM % TM == 0, BN % TN == 0, TN % 4 == 0, k % 4 == 0, n % 4 == 0),
+        require(
+            BM % TM == 0,
+            BN % TN == 0,
+            TN % 4 == 0,
+            k % 4 == 0,
+            n % 4 == 0,
+            // Tiles of fewer than 16 rows only where they cover M.
+            BM >= 16 || BM >= m.next_power_of_two(),
+        ),
         grid = (n.div_ceil(BN), m.div_ceil(BM)),
         cube = ((BM / TM) * (BN / TN)),
     )]

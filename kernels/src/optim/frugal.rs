@@ -24,8 +24,8 @@
 //! 40% of Adam's `8n`.
 
 use super::multi::{
-    adam_constants, adam_direction, adam_moments, launch_groups, select_slot, slot_of, store_slot,
-    SLOTS, SLOT_WORDS,
+    adam_constants, adam_direction, adam_moments, launch_groups, select_slot, slot_args,
+    slot_kernel, slot_of, store_slot, SLOTS, SLOT_WORDS,
 };
 use super::topk::{select_top_k, KeySource};
 use super::{Hyper, Rule};
@@ -437,19 +437,7 @@ impl Frugal {
         FrugalStep::tuned(
             &client,
             0.0,
-            &FrugalStepArgs {
-                w0: &w[0],
-                w1: &w[1],
-                w2: &w[2],
-                w3: &w[3],
-                w4: &w[4],
-                w5: &w[5],
-                g0: &g[0],
-                g1: &g[1],
-                g2: &g[2],
-                g3: &g[3],
-                g4: &g[4],
-                g5: &g[5],
+            &slot_args!(FrugalStepArgs, w, g, {
                 mask: &self.mask,
                 indices: &self.indices,
                 state: &self.state,
@@ -468,7 +456,7 @@ impl Frugal {
                 eps: h.eps as f32,
                 decay: (1.0 - h.lr * h.weight_decay) as f32,
                 slots: group.len() as u32,
-            },
+            }),
         )?;
         Ok(())
     }
@@ -547,88 +535,78 @@ pub fn frugal_mask(
     }
 }
 
-/// One FRUGAL step over up to six tensors (slots; the table's words per slot: first
-/// cube, `n`, `k`, subset, mask and state offsets), one unit per coordinate, each cube
-/// within one slot: Adam (state slot by binary search in the subset) where the mask is
-/// set, signSGD elsewhere; `t = counter[0] + 1` counts from the redraw. In place: one
-/// configuration.
-#[kiln_macros::kernel(
-    tune(UNITS = [256]),
-    vector = [1],
-    dtypes = [f32],
-    key(len = pow2),
-    grid = cubes(cubes),
-    cube = UNITS,
-    domain(slots = 1..=6)
-)]
-pub fn frugal_step<F: Float, N: Size>(
-    w0: &mut Array<Vector<F, N>>,
-    w1: &mut Array<Vector<F, N>>,
-    w2: &mut Array<Vector<F, N>>,
-    w3: &mut Array<Vector<F, N>>,
-    w4: &mut Array<Vector<F, N>>,
-    w5: &mut Array<Vector<F, N>>,
-    g0: &Array<Vector<F, N>>,
-    g1: &Array<Vector<F, N>>,
-    g2: &Array<Vector<F, N>>,
-    g3: &Array<Vector<F, N>>,
-    g4: &Array<Vector<F, N>>,
-    g5: &Array<Vector<F, N>>,
-    mask: &Array<u32>,
-    indices: &Array<i32>,
-    state: &mut Array<f32>,
-    table: &Array<u32>,
-    counter: &Array<u32>,
-    len: u32,
-    cubes: u32,
-    lr: f32,
-    lr_free: f32,
-    beta1: f32,
-    beta2: f32,
-    one_minus_beta1: f32,
-    one_minus_beta2: f32,
-    ln_beta1: f32,
-    ln_beta2: f32,
-    eps: f32,
-    decay: f32,
-    #[comptime] slots: u32,
-) {
-    let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
-    // The slot and its constants before any branch (uniform in the cube: loaded once).
-    let b = slot_of(table, cube, slots);
-    let t = b * comptime!(SLOT_WORDS as u32);
-    let first_cube = table[t as usize];
-    let n = table[(t + 1) as usize];
-    let k = table[(t + 2) as usize];
-    let indices_at = table[(t + 3) as usize];
-    let mask_at = table[(t + 4) as usize];
-    let state_at = table[(t + 5) as usize];
-    let moments = adam_constants(
-        beta1,
-        beta2,
-        one_minus_beta1,
-        one_minus_beta2,
-        ln_beta1,
-        ln_beta2,
-        eps,
-        f32::cast_from(counter[0] + 1),
-    );
-    if cube < cubes {
-        let e = (cube - first_cube) * UNITS + UNIT_POS;
-        if e < n {
-            let g = f32::cast_from(select_slot(g0, g1, g2, g3, g4, g5, b, e, slots)[0]);
-            let mut p = f32::cast_from(select_slot(w0, w1, w2, w3, w4, w5, b, e, slots)[0]) * decay;
-            if ((mask[(mask_at + e / 32) as usize] >> (e % 32)) & 1u32) == 1u32 {
-                let j = state_at + lower_bound(indices, indices_at, k, e);
-                adam_moments(state, j, k, g, moments, false);
-                p -= lr * adam_direction(state, j, k, moments);
-            } else {
-                // sign(0) = 0: a zero gradient leaves the coordinate alone.
-                let s = select(g > 0.0, 1.0f32, select(g < 0.0, -1.0f32, 0.0f32));
-                p -= lr_free * s;
+slot_kernel! {
+    /// One FRUGAL step over up to six tensors (slots; the table's words per slot: first
+    /// cube, `n`, `k`, subset, mask and state offsets), one unit per coordinate, each cube
+    /// within one slot: Adam (state slot by binary search in the subset) where the mask is
+    /// set, signSGD elsewhere; `t = counter[0] + 1` counts from the redraw. In place: one
+    /// configuration.
+    #[kernel(
+        tune(UNITS = [256]),
+        vector = [1],
+        dtypes = [f32],
+        key(len = pow2),
+        grid = cubes(cubes),
+        cube = UNITS,
+        domain(slots = 1..=6)
+    )]
+    pub fn frugal_step(
+        mask: &Array<u32>,
+        indices: &Array<i32>,
+        state: &mut Array<f32>,
+        table: &Array<u32>,
+        counter: &Array<u32>,
+        len: u32,
+        cubes: u32,
+        lr: f32,
+        lr_free: f32,
+        beta1: f32,
+        beta2: f32,
+        one_minus_beta1: f32,
+        one_minus_beta2: f32,
+        ln_beta1: f32,
+        ln_beta2: f32,
+        eps: f32,
+        decay: f32,
+        #[comptime] slots: u32,
+    ) {
+        let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
+        // The slot and its constants before any branch (uniform in the cube: loaded once).
+        let b = slot_of(table, cube, slots);
+        let t = b * comptime!(SLOT_WORDS as u32);
+        let first_cube = table[t as usize];
+        let n = table[(t + 1) as usize];
+        let k = table[(t + 2) as usize];
+        let indices_at = table[(t + 3) as usize];
+        let mask_at = table[(t + 4) as usize];
+        let state_at = table[(t + 5) as usize];
+        let moments = adam_constants(
+            beta1,
+            beta2,
+            one_minus_beta1,
+            one_minus_beta2,
+            ln_beta1,
+            ln_beta2,
+            eps,
+            f32::cast_from(counter[0] + 1),
+        );
+        if cube < cubes {
+            let e = (cube - first_cube) * UNITS + UNIT_POS;
+            if e < n {
+                let g = f32::cast_from(select_slot(g0, g1, g2, g3, g4, g5, b, e, slots)[0]);
+                let mut p = f32::cast_from(select_slot(w0, w1, w2, w3, w4, w5, b, e, slots)[0]) * decay;
+                if ((mask[(mask_at + e / 32) as usize] >> (e % 32)) & 1u32) == 1u32 {
+                    let j = state_at + lower_bound(indices, indices_at, k, e);
+                    adam_moments(state, j, k, g, moments, false);
+                    p -= lr * adam_direction(state, j, k, moments);
+                } else {
+                    // sign(0) = 0: a zero gradient leaves the coordinate alone.
+                    let s = select(g > 0.0, 1.0f32, select(g < 0.0, -1.0f32, 0.0f32));
+                    p -= lr_free * s;
+                }
+                let out = Vector::<F, N>::new(F::cast_from(p));
+                store_slot(w0, w1, w2, w3, w4, w5, b, e, out, slots);
             }
-            let out = Vector::<F, N>::new(F::cast_from(p));
-            store_slot(w0, w1, w2, w3, w4, w5, b, e, out, slots);
         }
     }
 }

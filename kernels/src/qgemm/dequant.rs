@@ -44,10 +44,22 @@ macro_rules! qgemm_kernel {
         #[kernel($($attr:tt)*)]
         $name:ident($($own:tt)*) $body:block
     ) => {
+        qgemm_kernel! {
+            $(#[doc = $doc])*
+            #[kernel($($attr)*)]
+            $name[Array<F>]($($own)*) $body
+        }
+    };
+    // `x`'s type given: `Array<Vector<F, Const<4>>>` for a kernel reading 4-wide vectors.
+    (
+        $(#[doc = $doc:literal])*
+        #[kernel($($attr:tt)*)]
+        $name:ident[$($x:tt)*]($($own:tt)*) $body:block
+    ) => {
         $(#[doc = $doc])*
         #[kiln_macros::kernel(key(m = pow2, n = pow2, k = pow2, dtype), $($attr)*)]
         pub fn $name<F: Float>(
-            x: &Array<F>,
+            x: &$($x)*,
             qweight: &Array<u32>,
             scales: &Array<f32>,
             zeros: &Array<f32>,
@@ -357,7 +369,9 @@ qgemm_kernel! {
     /// owns `TM` rows (`BM / TM` apart) and `TN` columns (`BN / TN` apart, so that
     /// neighbouring units read neighbouring columns) and, per step of eight rows of K
     /// (one int4 word per column), dequantizes its `8 x TN` weights once into registers
-    /// for all its `TM` rows.
+    /// for all its `TM` rows, reading `x` in 4-wide vectors (two per row and step: on a
+    /// CPU adapter a vector costs about what one element does). Needs `k % 4 == 0` (rows
+    /// start on a vector; int4 has K a multiple of 8).
     #[kernel(
         tune((BM, BN, TM, TN) = [
             (64, 64, 8, 8),
@@ -381,20 +395,23 @@ qgemm_kernel! {
             BM <= m.next_power_of_two().max(16),
             // The few-row tiles only where they cover M.
             BM >= 16 || BM >= m.next_power_of_two(),
+            k % 4 == 0,
         ),
         grid = (n.div_ceil(BN), m.div_ceil(BM)),
         cube = (BN / TN, BM / TM),
     )]
-    qgemm_direct() {
+    qgemm_direct[Array<Vector<F, Const<4>>>]() {
         let tx = UNIT_POS_X;
         let ty = UNIT_POS_Y;
         let m0 = CUBE_POS_Y * BM;
         let n0 = CUBE_POS_X * BN;
         // Out-of-range rows and columns read row m - 1 or column n - 1, never stored.
+        // Rows of x in vectors.
+        let kv = k / 4;
         let mut xrow = Array::<u32>::new(comptime!(TM as usize));
         #[unroll]
         for i in 0..TM {
-            xrow[i as usize] = min(m0 + ty + i * comptime!(BM / TM), m - 1) * k;
+            xrow[i as usize] = min(m0 + ty + i * comptime!(BM / TM), m - 1) * kv;
         }
         let mut cols = Array::<u32>::new(comptime!(TN as usize));
         #[unroll]
@@ -477,18 +494,29 @@ qgemm_kernel! {
             #[unroll]
             for r in 0..TM {
                 #[unroll]
-                for i in 0..8u32 {
-                    let xv = f32::cast_from(x[(xrow[r as usize] + min(k0 + i, k - 1)) as usize]);
-                    if comptime!(folded) {
-                        xsum[r as usize] += xv;
-                        #[unroll]
-                        for j in 0..TN {
-                            part[(r * TN + j) as usize] += xv * wv[(i * TN + j) as usize];
-                        }
-                    } else {
-                        #[unroll]
-                        for j in 0..TN {
-                            acc[(r * TN + j) as usize] += xv * wv[(i * TN + j) as usize];
+                for h in 0..2u32 {
+                    // Two vectors a step; int8's K may end half-way (K % 8 == 4): its
+                    // last vector is read again there, against zero weights.
+                    let mut vi = k0 / 4 + h;
+                    if comptime!(wkind != WeightKind::Int4) {
+                        vi = min(vi, kv - 1);
+                    }
+                    let xq = x[(xrow[r as usize] + vi) as usize];
+                    #[unroll]
+                    for l in 0..4u32 {
+                        let i = h * 4 + l;
+                        let xv = f32::cast_from(xq[l as usize]);
+                        if comptime!(folded) {
+                            xsum[r as usize] += xv;
+                            #[unroll]
+                            for j in 0..TN {
+                                part[(r * TN + j) as usize] += xv * wv[(i * TN + j) as usize];
+                            }
+                        } else {
+                            #[unroll]
+                            for j in 0..TN {
+                                acc[(r * TN + j) as usize] += xv * wv[(i * TN + j) as usize];
+                            }
                         }
                     }
                 }

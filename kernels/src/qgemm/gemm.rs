@@ -66,11 +66,19 @@ impl Operands<'_> {
             QgemmDirect::source_hash(),
             QgemmCmma::source_hash(),
         ];
+        // The direct kernel reads rows of x in 4-wide vectors: rows must start on one
+        // (always for int4, whose K is a multiple of 8). Its presence is part of the key
+        // (K is bucketed, so K = 4094 and 4096 share one).
+        let aligned = k % 4 == 0;
         let extra = [
             ("wkind", self.wkind.to_string()),
             ("act_order", self.act_order.to_string()),
+            ("k_vectors", aligned.to_string()),
         ];
-        let mut more = vec![Path::Direct];
+        let mut more = match aligned {
+            true => vec![Path::Direct],
+            false => vec![],
+        };
         if self.tensor_cores() {
             more.push(Path::TensorCore);
         }
