@@ -1,7 +1,7 @@
 //! FRUGAL against the f64 reference written from the spec: many steps across several
 //! redraws of the subset (densities 1/n, 0.25 and 1), the subset equal to the host
-//! generator's, a list of tensors of ragged sizes in one optimizer (two launches),
-//! resuming mid-subspace bitwise, and bad input.
+//! generator's, a list of tensors of ragged sizes in one optimizer (two launches), f16
+//! tensors with their f32 master copies, resuming mid-subspace bitwise, and bad input.
 
 use crate::common::{assert_clear, down, up};
 use kiln::check::{max_rel_error, Rng};
@@ -142,6 +142,136 @@ fn a_list_of_tensors_matches_the_reference_per_tensor() {
     assert_clear(opt.state_of(8).err().unwrap(), &["tensor", "8"]);
 }
 
+/// f32 and f16 tensors (bf16 too where the device has it) in one optimizer: one launch
+/// per dtype, across a redraw. An f16 tensor's f32 master copy follows the f64 reference
+/// within 1e-6 (a step far below half an f16 ulp is kept), the tensor is its rounding;
+/// `set_master` replaces the copy.
+#[test]
+fn half_tensors_step_an_f32_master_copy() {
+    let mut dtypes = vec![DType::F32, DType::F16, DType::F16];
+    if crate::common::client().supports(DType::BF16) {
+        dtypes.push(DType::BF16);
+    } else {
+        let h = HostTensor::from_f64(DType::BF16, vec![4], &[0.5; 4]).unwrap();
+        assert_clear(
+            kiln::Tensor::upload(crate::common::client(), &h).unwrap_err(),
+            &["bf16"],
+        );
+    }
+    let sizes = [301usize, 1003, 64, 257];
+    let c = FrugalConfig {
+        density: 0.25,
+        update_gap: 3,
+        lr_free: 1e-5,
+        seed: 11,
+    };
+    // lr 1e-5: each step moves a value by ~1e-5, far below half an f16 ulp at 1 (4.9e-4).
+    let h = Hyper {
+        lr: 1e-5,
+        ..hyper()
+    };
+    let mut rng = Rng::new(31);
+    let round = |d: DType, v: &[f64]| HostTensor::from_f64(d, vec![v.len()], v).unwrap().to_f64();
+    let mut p: Vec<Vec<f64>> = dtypes
+        .iter()
+        .zip(sizes)
+        .map(|(&d, n)| round(d, &rng.normals(n, 1.0)))
+        .collect();
+    let ts: Vec<_> = dtypes
+        .iter()
+        .zip(&p)
+        .map(|(&d, v)| up(d, &[v.len()], v))
+        .collect();
+    let refs: Vec<&kiln::Tensor> = ts.iter().collect();
+    let mut opt = Frugal::new_multi(&refs, h, c).unwrap();
+    assert!(opt.master_of(0).unwrap().is_none());
+    let initial = p.clone();
+    let mut refstate = vec![(Vec::new(), Vec::new(), Vec::new()); dtypes.len()];
+    for step in 1..=5u64 {
+        let g: Vec<Vec<f64>> = dtypes
+            .iter()
+            .zip(sizes)
+            .map(|(&d, n)| round(d, &rng.normals(n, 1.0)))
+            .collect();
+        let gt: Vec<_> = dtypes
+            .iter()
+            .zip(&g)
+            .map(|(&d, v)| up(d, &[v.len()], v))
+            .collect();
+        let grefs: Vec<&kiln::Tensor> = gt.iter().collect();
+        opt.step_multi(&refs, &grefs).unwrap();
+        for (i, (subset, m, v)) in refstate.iter_mut().enumerate() {
+            let own = FrugalConfig {
+                seed: c.seed_of(i),
+                ..c
+            };
+            reference::frugal_step(&h, &own, step, &mut p[i], &g[i], subset, m, v);
+        }
+    }
+    let floor = |w: &[f64]| w.iter().fold(1e-30f64, |a, b| a.max(b.abs()));
+    for (i, &d) in dtypes.iter().enumerate() {
+        let (_, m, v) = &refstate[i];
+        let (_, dm, dv) = opt.state_of(i).unwrap();
+        for (what, got, want) in [("m", down(&dm), m), ("v", down(&dv), v)] {
+            let e = max_rel_error(&got, want, floor(want));
+            assert!(e <= 1e-6, "tensor {i} ({d}) {what}: {e:.2e}");
+        }
+        let master = opt.master_of(i).unwrap();
+        let exact = match master {
+            Some(m) => down(&m),
+            None => down(&ts[i]),
+        };
+        let e = max_rel_error(&exact, &p[i], floor(&p[i]));
+        assert!(e <= 1e-6, "tensor {i} ({d}) master: {e:.2e}");
+        assert_eq!(
+            down(&ts[i]),
+            round(d, &exact),
+            "tensor {i} ({d}): the master's rounding"
+        );
+    }
+    // The f16 tensor's master copy moved at (almost) every coordinate, though the steps were
+    // below half an ulp of the f16 value (the tensor itself kept most of its values).
+    let master = down(&opt.master_of(1).unwrap().unwrap());
+    let moved = master
+        .iter()
+        .zip(&initial[1])
+        .filter(|(a, b)| a != b)
+        .count();
+    // (Signs of ±lr steps may cancel exactly at a rare coordinate.)
+    assert!(
+        moved >= sizes[1] * 99 / 100,
+        "f16 master: {moved} of {} moved",
+        sizes[1]
+    );
+    // A given master copy is what the next step updates.
+    let given = up(DType::F32, &[sizes[1]], &vec![2.0; sizes[1]]);
+    opt.set_master(1, &given).unwrap();
+    assert_eq!(
+        down(&opt.master_of(1).unwrap().unwrap()),
+        vec![2.0; sizes[1]]
+    );
+    assert_clear(
+        opt.set_master(0, &given).unwrap_err(),
+        &["master[0]", "f32"],
+    );
+    let short = up(DType::F32, &[3], &[1.0; 3]);
+    assert_clear(
+        opt.set_master(2, &short).unwrap_err(),
+        &["master[2]", "64", "[3]"],
+    );
+    // A gradient in another dtype than its tensor's.
+    let mut wrong: Vec<kiln::Tensor> = ts
+        .iter()
+        .map(|t| up(t.dtype(), t.shape(), &vec![0.0; t.numel()]))
+        .collect();
+    wrong[1] = up(DType::F32, &[sizes[1]], &vec![0.5; sizes[1]]);
+    let wrong: Vec<&kiln::Tensor> = wrong.iter().collect();
+    assert_clear(
+        opt.step_multi(&refs, &wrong).unwrap_err(),
+        &["grad[1]", "f16"],
+    );
+}
+
 #[test]
 fn resuming_mid_subspace_continues_bitwise() {
     let n = 3001;
@@ -185,12 +315,12 @@ fn bad_input_is_one_clear_line() {
     let mut opt = Frugal::new(&t, hyper(), FrugalConfig::default()).unwrap();
     let g = up(DType::F32, &[7], &[0.5; 7]);
     assert_clear(opt.step(&t, &g).unwrap_err(), &["grad", "[8]"]);
-    let h = up(DType::F16, &[8], &[0.5; 8]);
+    let h = up(DType::I32, &[8], &[5.0; 8]);
     assert_clear(
         Frugal::new(&h, hyper(), FrugalConfig::default())
             .err()
             .unwrap(),
-        &["param", "f16"],
+        &["param", "i32"],
     );
     let (m, v) = (
         up(DType::F32, &[3], &[0.0; 3]),

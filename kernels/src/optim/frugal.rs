@@ -13,15 +13,18 @@
 //! selection of the compressors (`super::topk`): a uniformly random subset, the same on
 //! every backend, independent between the tensors of a list.
 //!
-//! Multi-tensor: one [`Frugal`] updates a list of f32 tensors of any sizes. The subsets,
-//! their bitmasks (one u32 per 32 coordinates) and the moments of every tensor are
-//! packed each in one buffer; a step is one launch per [`SLOTS`] tensors (the slot
-//! machinery of the fused step, `super::multi`: each cube within one tensor) and one to
-//! advance the device step counter. Active coordinates find their state slot by binary
-//! search in the tensor's sorted subset. A redraw selects each tensor's subset (a device
-//! radix select per tensor, every `update_gap` steps) and packs it with its mask. State:
-//! `8k` bytes of moments, `n/8` of mask, `4k` of indices per tensor — at density 0.25,
-//! 40% of Adam's `8n`.
+//! Multi-tensor: one [`Frugal`] updates a list of f32, f16 or bf16 tensors of any sizes.
+//! The subsets, their bitmasks (one u32 per 32 coordinates) and the moments of every
+//! tensor are packed each in one buffer; a step is one launch per [`SLOTS`] tensors of
+//! one dtype (the slot machinery of the fused step, `super::multi`: each cube within one
+//! tensor) and one to advance the device step counter. Active coordinates find their
+//! state slot by binary search in the tensor's sorted subset. A redraw selects each
+//! tensor's subset (a device radix select per tensor, every `update_gap` steps) and packs
+//! it with its mask; the step after it (device counter 0) starts the moments from zero.
+//! State: `8k` bytes of moments, `n/8` of mask, `4k` of indices per tensor — at density
+//! 0.25, 40% of Adam's `8n` — and for an f16/bf16 tensor an f32 master copy (`4n` bytes,
+//! behind its moments), which is what is updated (the tensor receives its rounding: a
+//! step smaller than half an ulp of the half value is not lost).
 
 use super::multi::{
     adam_constants, adam_direction, adam_moments, launch_groups, select_slot, slot_args,
@@ -112,15 +115,23 @@ struct Packed {
     /// Coordinates, and those with state.
     n: usize,
     k: usize,
-    /// Offsets (in elements) of its subset, its mask words and its moments (`m` then
-    /// `v`, `k` each).
+    /// Offsets (in elements) of its subset, its mask words and its state (`m` then
+    /// `v`, `k` each, then the master copy, `n`, for a half tensor).
     indices: usize,
     mask: usize,
     state: usize,
+    /// The tensor's dtype (f16/bf16: it has a master copy).
+    dtype: DType,
 }
 
-/// A FRUGAL optimizer for a list of f32 tensors (one, or many of different sizes): their
-/// subsets, their state and the device step counter; [`Frugal::step`] (one tensor) and
+impl Packed {
+    fn master(&self) -> bool {
+        self.dtype != DType::F32
+    }
+}
+
+/// A FRUGAL optimizer for a list of f32/f16/bf16 tensors (one, or many of different
+/// sizes and dtypes): their subsets, their state and the device step counter; [`Frugal::step`] (one tensor) and
 /// [`Frugal::step_multi`] (the list) update the tensors in place.
 pub struct Frugal {
     /// Adam's part (`lr`, `beta1`, `beta2`, `eps`, `weight_decay`; may change between
@@ -137,26 +148,28 @@ pub struct Frugal {
     state: Tensor,
     counter: Tensor,
     steps: u64,
-    /// `2 SLOTS` one-element placeholders for the unused slots of a launch.
-    spares: Vec<Tensor>,
+    /// Per dtype: `2 SLOTS` one-element placeholders for the unused slots of a launch.
+    spares: HashMap<DType, Vec<Tensor>>,
     /// Per launch (group of tensors): its slot table and cube count.
     tables: HashMap<Vec<usize>, (Tensor, usize)>,
 }
 
 impl Frugal {
-    /// Zero state for `param` (f32, any shape; the first subset is drawn at the first
-    /// step).
+    /// Zero state for `param` (f32, f16 or bf16, any shape; the first subset is drawn at
+    /// the first step; a half `param`'s f32 master copy is read now).
     pub fn new(param: &Tensor, hyper: Hyper, config: FrugalConfig) -> Result<Self> {
         Self::resume(param, hyper, config, 0, None)
     }
 
-    /// Zero state for each of `params` (f32, any shapes and sizes, distinct tensors).
+    /// Zero state for each of `params` (f32/f16/bf16, any shapes and sizes, distinct
+    /// tensors).
     pub fn new_multi(params: &[&Tensor], hyper: Hyper, config: FrugalConfig) -> Result<Self> {
         Self::resume_multi(params, hyper, config, 0, &[])
     }
 
     /// Resumes after `steps` steps with the current subspace's moments `(m, v)` (`[k]`
-    /// f32 each, in the order of the subset's increasing indices; `None`: zeros).
+    /// f32 each, in the order of the subset's increasing indices; `None`: zeros). A half
+    /// `param`'s master copy is read from it; [`Frugal::set_master`] gives a saved one.
     pub fn resume(
         param: &Tensor,
         hyper: Hyper,
@@ -198,15 +211,17 @@ impl Frugal {
         for (i, param) in params.iter().enumerate() {
             let name = param_name(params.len(), "param", i);
             check_input(&name, param, &client)?;
-            param.expect_dtype(&name, &[DType::F32])?;
+            param.expect_dtype(&name, &[DType::F32, DType::F16, DType::BF16])?;
             let (n, k) = (param.numel(), config.active(param.numel()));
-            packed.push(Packed {
+            let p = Packed {
                 n,
                 k,
                 indices,
                 mask: words,
                 state: host.len(),
-            });
+                dtype: param.dtype(),
+            };
+            packed.push(p);
             indices += k;
             words += n.div_ceil(32);
             match moments.get(i).copied().flatten() {
@@ -220,12 +235,12 @@ impl Frugal {
                 }
                 None => host.extend(std::iter::repeat_n(0.0, 2 * k)),
             }
+            if p.master() {
+                host.extend(param.download()?.to_f64());
+            }
         }
         let state = upload_f32(&client, &host)?;
         let local = steps % config.update_gap;
-        let spares = (0..2 * SLOTS)
-            .map(|_| Tensor::empty(&client, DType::F32, &[1]))
-            .collect::<Result<_>>()?;
         let mut f = Frugal {
             hyper,
             config,
@@ -244,7 +259,7 @@ impl Frugal {
             state,
             counter: upload_u32(&client, "step", &[local as u32])?,
             steps,
-            spares,
+            spares: HashMap::new(),
             tables: HashMap::new(),
         };
         if local != 0 {
@@ -268,11 +283,7 @@ impl Frugal {
 
     /// [`Frugal::state`] of the `i`-th tensor of the list (read through the host).
     pub fn state_of(&self, i: usize) -> Result<(Tensor, Tensor, Tensor)> {
-        let p = *self.packed.get(i).ok_or_else(|| Error::Param {
-            param: "tensor".into(),
-            expected: format!("< {}", self.packed.len()),
-            found: i.to_string(),
-        })?;
+        let p = self.packed_at(i)?;
         let client = self.state.client();
         let indices = self.indices.download()?.data[4 * p.indices..4 * (p.indices + p.k)].to_vec();
         let indices = HostTensor::from_bytes(DType::I32, vec![p.k], indices)?;
@@ -283,6 +294,54 @@ impl Frugal {
             part(p.state)?,
             part(p.state + p.k)?,
         ))
+    }
+
+    /// The f32 master copy of the `i`-th tensor (`None` for an f32 tensor), in its shape
+    /// flattened to `[n]` (read through the host).
+    pub fn master_of(&self, i: usize) -> Result<Option<Tensor>> {
+        let p = self.packed_at(i)?;
+        if !p.master() {
+            return Ok(None);
+        }
+        let state = self.state.download()?.to_f64();
+        let at = p.state + 2 * p.k;
+        upload_f32(self.state.client(), &state[at..at + p.n]).map(Some)
+    }
+
+    /// Replaces the master copy of the `i`-th tensor (an f16/bf16 one) by `master` (f32,
+    /// as many elements as the tensor), e.g. a saved one when resuming (through the host).
+    pub fn set_master(&mut self, i: usize, master: &Tensor) -> Result<()> {
+        let p = self.packed_at(i)?;
+        let name = param_name(self.packed.len(), "master", i);
+        if !p.master() {
+            return Err(Error::Param {
+                param: name,
+                expected: "a master copy only for an f16/bf16 tensor".into(),
+                found: format!("tensor {i} is {}", p.dtype),
+            });
+        }
+        check_input(&name, master, self.state.client())?;
+        master.expect_dtype(&name, &[DType::F32])?;
+        if master.numel() != p.n {
+            return Err(Error::Shape {
+                tensor: name,
+                expected: format!("{} elements (the tensor's)", p.n),
+                found: format!("{:?}", master.shape()),
+            });
+        }
+        let mut state = self.state.download()?.to_f64();
+        let at = p.state + 2 * p.k;
+        state[at..at + p.n].copy_from_slice(&master.download()?.to_f64());
+        self.state = upload_f32(self.state.client(), &state)?;
+        Ok(())
+    }
+
+    fn packed_at(&self, i: usize) -> Result<Packed> {
+        self.packed.get(i).copied().ok_or_else(|| Error::Param {
+            param: "tensor".into(),
+            expected: format!("< {}", self.packed.len()),
+            found: i.to_string(),
+        })
     }
 
     /// Draws subspace `j`'s subsets and packs them with their masks.
@@ -326,15 +385,15 @@ impl Frugal {
         Ok(())
     }
 
-    /// One step of `param` (as created) by `grad` (f32, param's shape), in place. At the
-    /// first step of a subspace the subset is redrawn and the moments reset.
+    /// One step of `param` (as created) by `grad` (param's dtype and shape), in place. At
+    /// the first step of a subspace the subset is redrawn and the moments reset.
     pub fn step(&mut self, param: &Tensor, grad: &Tensor) -> Result<()> {
         self.step_multi(&[param], &[grad])
     }
 
-    /// One step of every tensor of the list (as created, in order) by its gradient (f32,
-    /// the tensor's shape), in place: one launch per [`SLOTS`] tensors and one to advance
-    /// the step counter, no host synchronisation (a redraw adds a selection per tensor).
+    /// One step of every tensor of the list (as created, in order) by its gradient (the
+    /// tensor's dtype and shape), in place: one launch per [`SLOTS`] tensors of one dtype
+    /// and one to advance the step counter, no host synchronisation (a redraw adds a selection per tensor).
     pub fn step_multi(&mut self, params: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
         let count = self.packed.len();
         if params.len() != count || grads.len() != count {
@@ -349,7 +408,7 @@ impl Frugal {
         {
             let (pn, gn) = (param_name(count, "param", i), param_name(count, "grad", i));
             check_input(&pn, param, &client)?;
-            param.expect_dtype(&pn, &[DType::F32])?;
+            param.expect_dtype(&pn, &[p.dtype])?;
             if param.numel() != p.n {
                 return Err(Error::Shape {
                     tensor: pn,
@@ -358,7 +417,7 @@ impl Frugal {
                 });
             }
             check_input(&gn, grad, &client)?;
-            grad.expect_dtype(&gn, &[DType::F32])?;
+            grad.expect_dtype(&gn, &[p.dtype])?;
             expect_shape(&gn, grad, param.shape(), "param's shape")?;
         }
         self.hyper.check(Rule::AdamW)?;
@@ -375,12 +434,11 @@ impl Frugal {
         }
         if self.steps % self.config.update_gap == 0 {
             self.draw(params, self.steps / self.config.update_gap)?;
-            let total: usize = self.packed.iter().map(|p| 2 * p.k).sum();
-            self.state = upload_f32(&client, &vec![0.0; total])?;
+            // Counter 0: the step starts the new subsets' moments from zero.
             self.counter = upload_u32(&client, "step", &[0])?;
         }
         let live = (0..count).filter(|&i| self.packed[i].n > 0);
-        for group in launch_groups(live, |_| (), params) {
+        for group in launch_groups(live, |i| self.packed[i].dtype, params) {
             self.launch(&group, params, grads)?;
         }
         super::OptimAdvanceStep::tuned(
@@ -425,10 +483,18 @@ impl Frugal {
         }
         let (table, cubes) = self.tables[group].clone();
         let len: usize = group.iter().map(|&i| self.packed[i].n).sum();
+        let dtype = self.packed[group[0]].dtype;
+        if !self.spares.contains_key(&dtype) {
+            let spares = (0..2 * SLOTS)
+                .map(|_| Tensor::empty(&client, dtype, &[1]))
+                .collect::<Result<_>>()?;
+            self.spares.insert(dtype, spares);
+        }
+        let spares = &self.spares[&dtype];
         let slot = |s: usize, list: &[&Tensor], spare: usize| -> Tensor {
             match group.get(s) {
                 Some(&i) => list[i].clone(),
-                None => self.spares[spare].clone(),
+                None => spares[spare].clone(),
             }
         };
         let w: Vec<Tensor> = (0..SLOTS).map(|s| slot(s, params, s)).collect();
@@ -455,6 +521,7 @@ impl Frugal {
                 ln_beta2: h.beta2.ln() as f32,
                 eps: h.eps as f32,
                 decay: (1.0 - h.lr * h.weight_decay) as f32,
+                master: dtype != DType::F32,
                 slots: group.len() as u32,
             }),
         )?;
@@ -539,13 +606,14 @@ slot_kernel! {
     /// One FRUGAL step over up to six tensors (slots; the table's words per slot: first
     /// cube, `n`, `k`, subset, mask and state offsets), one unit per coordinate, each cube
     /// within one slot: Adam (state slot by binary search in the subset) where the mask is
-    /// set, signSGD elsewhere; `t = counter[0] + 1` counts from the redraw. In place: one
-    /// configuration.
+    /// set, signSGD elsewhere; `t = counter[0] + 1` counts from the redraw (at `t = 1` the
+    /// moments start from zero). f32 arithmetic; with `master` the slot's f32 master copy
+    /// (behind its moments) is the parameter and the weight receives its rounding. In
+    /// place: one configuration.
     #[kernel(
         tune(UNITS = [256]),
         vector = [1],
-        dtypes = [f32],
-        key(len = pow2),
+        key(len = pow2, dtype),
         grid = cubes(cubes),
         cube = UNITS,
         domain(slots = 1..=6)
@@ -568,6 +636,7 @@ slot_kernel! {
         ln_beta2: f32,
         eps: f32,
         decay: f32,
+        #[comptime] master: bool,
         #[comptime] slots: u32,
     ) {
         let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
@@ -580,6 +649,7 @@ slot_kernel! {
         let indices_at = table[(t + 3) as usize];
         let mask_at = table[(t + 4) as usize];
         let state_at = table[(t + 5) as usize];
+        let local = counter[0];
         let moments = adam_constants(
             beta1,
             beta2,
@@ -588,21 +658,37 @@ slot_kernel! {
             ln_beta1,
             ln_beta2,
             eps,
-            f32::cast_from(counter[0] + 1),
+            f32::cast_from(local + 1),
         );
         if cube < cubes {
             let e = (cube - first_cube) * UNITS + UNIT_POS;
             if e < n {
                 let g = f32::cast_from(select_slot(g0, g1, g2, g3, g4, g5, b, e, slots)[0]);
-                let mut p = f32::cast_from(select_slot(w0, w1, w2, w3, w4, w5, b, e, slots)[0]) * decay;
+                let master_at = state_at + 2 * k + e;
+                let mut p = 0.0f32;
+                if comptime!(master) {
+                    p = state[master_at as usize];
+                }
+                if comptime!(!master) {
+                    p = f32::cast_from(select_slot(w0, w1, w2, w3, w4, w5, b, e, slots)[0]);
+                }
+                p *= decay;
                 if ((mask[(mask_at + e / 32) as usize] >> (e % 32)) & 1u32) == 1u32 {
                     let j = state_at + lower_bound(indices, indices_at, k, e);
+                    if local == 0u32 {
+                        // First step of a subspace: the slot held another coordinate's state.
+                        state[j as usize] = 0.0;
+                        state[(j + k) as usize] = 0.0;
+                    }
                     adam_moments(state, j, k, g, moments, false);
                     p -= lr * adam_direction(state, j, k, moments);
                 } else {
                     // sign(0) = 0: a zero gradient leaves the coordinate alone.
                     let s = select(g > 0.0, 1.0f32, select(g < 0.0, -1.0f32, 0.0f32));
                     p -= lr_free * s;
+                }
+                if comptime!(master) {
+                    state[master_at as usize] = p;
                 }
                 let out = Vector::<F, N>::new(F::cast_from(p));
                 store_slot(w0, w1, w2, w3, w4, w5, b, e, out, slots);

@@ -639,31 +639,35 @@ fn run_frugal(a: &OpArgs) -> Result<Outputs> {
         }
     };
     let mut opt = Frugal::resume(&param, hyper, config, step - 1, moments)?;
+    if let Some(master) = a.optional_tensor("master") {
+        opt.set_master(0, master)?;
+    }
     opt.step(&param, a.tensor("grad")?)?;
     let (indices, m, v) = opt.state()?;
-    Ok(vec![
-        ("param", param),
-        ("m", m),
-        ("v", v),
-        ("indices", indices),
-    ])
+    let mut outs: Outputs = vec![("param", param), ("m", m), ("v", v), ("indices", indices)];
+    if let Some(master) = opt.master_of(0)? {
+        outs.push(("master", master.reshape(given.shape())?));
+    }
+    Ok(outs)
 }
 
 /// `frugal`: FRUGAL's step (Adam on a seeded coordinate subset, signSGD on the rest).
 pub static FRUGAL: OpSpec = OpSpec {
     name: "frugal",
-    summary: "FRUGAL step, random-coordinate variant: Adam state on k = ceil(density n) coordinates drawn from (seed, step / update_gap) and redrawn (state reset) every update_gap steps, param -= lr_free sign(grad) on the rest, decoupled decay on all; f32",
+    summary: "FRUGAL step, random-coordinate variant: Adam state on k = ceil(density n) coordinates drawn from (seed, step / update_gap) and redrawn (state reset) every update_gap steps, param -= lr_free sign(grad) on the rest, decoupled decay on all; f32 state, f32/f16/bf16 param (with an f32 master copy)",
     inputs: &[
-        TensorSpec::new("param", "any", Dtypes::Fixed(DType::F32), false, "the parameter"),
-        TensorSpec::new("grad", "param's shape", Dtypes::Fixed(DType::F32), false, "its gradient"),
+        TensorSpec::new("param", "any", Dtypes::Float, false, "the parameter"),
+        TensorSpec::new("grad", "param's shape", Dtypes::Like("param"), false, "its gradient"),
         TensorSpec::new("m", "[k]", Dtypes::Fixed(DType::F32), true, "first moment of the subset, in index order (default 0; ignored at a redraw)").example(ExampleValues::Normal),
         TensorSpec::new("v", "[k]", Dtypes::Fixed(DType::F32), true, "second moment of the subset (default 0; ignored at a redraw)").example(ExampleValues::Positive),
+        MASTER,
     ],
     outputs: &[
-        TensorSpec::new("param", "param's shape", Dtypes::Fixed(DType::F32), false, "the updated parameter"),
+        TensorSpec::new("param", "param's shape", Dtypes::Like("param"), false, "the updated parameter"),
         TensorSpec::new("m", "[k]", Dtypes::Fixed(DType::F32), false, "first moment of the subset"),
         TensorSpec::new("v", "[k]", Dtypes::Fixed(DType::F32), false, "second moment of the subset"),
         TensorSpec::new("indices", "[k]", Dtypes::Fixed(DType::I32), false, "the subset (increasing positions)"),
+        OUT_MASTER,
     ],
     params: &[
         lr("0.001"),
