@@ -17,13 +17,10 @@ use std::cell::RefCell;
 mod copy;
 #[path = "support/data.rs"]
 mod data;
+#[path = "support/interleaved.rs"]
+mod interleaved;
 
-/// Rounds of every variant in turn.
-const ROUNDS: usize = 20;
-/// Launches per variant per round (one synchronisation after them).
-const STEPS: usize = 10;
-
-type Variant<'a> = (String, Box<dyn Fn() + 'a>);
+use interleaved::{interleaved, Variant};
 
 fn main() {
     let client = Client::open(&Device::from_env().unwrap()).expect("a device");
@@ -83,30 +80,4 @@ fn main() {
         };
         println!("| {name} | {min:.2} ms | {median:.2} ms | {ratio} |");
     }
-}
-
-/// `(minimum, median)` in ms per launch of each variant over `ROUNDS` interleaved rounds.
-fn interleaved(client: &Client, variants: &[Variant<'_>]) -> Vec<(f64, f64)> {
-    // One warm-up launch each (compiles, and tunes where a kernel tunes).
-    for (_, f) in variants {
-        f();
-        client.sync().unwrap();
-    }
-    let mut all = vec![Vec::with_capacity(ROUNDS); variants.len()];
-    for _ in 0..ROUNDS {
-        for (i, (_, f)) in variants.iter().enumerate() {
-            let t = std::time::Instant::now();
-            for _ in 0..STEPS {
-                f();
-            }
-            client.sync().unwrap();
-            all[i].push(t.elapsed().as_secs_f64() * 1e3 / STEPS as f64);
-        }
-    }
-    all.into_iter()
-        .map(|mut v| {
-            v.sort_by(f64::total_cmp);
-            (v[0], v[v.len() / 2])
-        })
-        .collect()
 }

@@ -148,6 +148,23 @@ impl Tensor {
         Ok(t)
     }
 
+    /// The first `len` elements of a contiguous tensor as a `[len]` tensor over the same
+    /// buffer (no copy): a kernel bound to it sees `len` elements (e.g. a multiple of its
+    /// vector width, where the whole tensor is not).
+    pub fn prefix(&self, len: usize) -> Result<Tensor> {
+        if len > self.numel() || !self.is_contiguous() {
+            return Err(Error::Shape {
+                tensor: "prefix".into(),
+                expected: format!("at most {} elements, contiguous", self.numel()),
+                found: len.to_string(),
+            });
+        }
+        let mut t = self.clone();
+        t.shape = vec![len];
+        t.strides = vec![1];
+        Ok(t)
+    }
+
     /// The same buffer seen as `[ceil(bytes / 4)]` u32 words (no copy): how kernels
     /// read packed 8-bit and 4-bit data, since WGSL has no 8-bit storage. Byte `i` of
     /// the tensor is bits `8 (i % 4)..` of word `i / 4` (little-endian).

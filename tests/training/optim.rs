@@ -296,3 +296,87 @@ fn lamb_trust_ratio_is_one_where_a_norm_is_zero_and_norms_are_per_tensor() {
     }
     assert!(down(&ts[1]).iter().all(|&v| v == 0.0));
 }
+
+/// Contiguous blocks whose lengths are not multiples of 4 run as a 4-wide body and a
+/// tail (the body bound as a prefix of the weight, whose own length need not be a
+/// multiple of 4); one whose offset is not 4-aligned runs one element a unit. Five
+/// steps of AdamW and Adan (four states) against the f64 reference on each block, the
+/// rest of each weight untouched.
+#[test]
+fn ragged_contiguous_blocks_match_the_reference() {
+    // [3, 5] whole: 12 + 3 across rows; [3, 6] rows 0..2: 12 of a weight of 18 (no tail);
+    // [7, 3] rows 1..6: offset 3, one a unit; [5, 7] rows 4..5: offset 28, 4 + 3; a
+    // [1, 10^5 + 1] vector.
+    let blocks = [
+        ([3usize, 5usize], Block::whole(3)),
+        ([3, 6], Block::Rows { start: 0, end: 2 }),
+        ([7, 3], Block::Rows { start: 1, end: 6 }),
+        ([5, 7], Block::Rows { start: 4, end: 5 }),
+        ([1, 100_001], Block::whole(1)),
+    ];
+    for rule in [Rule::AdamW, Rule::Adan] {
+        let h = hyper(rule);
+        let mut rng = Rng::new(40 + rule as u64);
+        let full: Vec<Vec<f64>> = blocks
+            .iter()
+            .map(|([r, c], _)| f32s(&mut rng, r * c))
+            .collect();
+        let ws: Vec<Tensor> = blocks
+            .iter()
+            .zip(&full)
+            .map(|(([r, c], _), v)| up(DType::F32, &[*r, *c], v))
+            .collect();
+        let list: Vec<(&Tensor, Block)> =
+            ws.iter().zip(&blocks).map(|(w, (_, b))| (w, *b)).collect();
+        let mut opt = MultiTensorStep::new(rule, h, &list).unwrap();
+        // The block of each weight: its offset and length (all rows blocks: contiguous).
+        let span = |i: usize| {
+            let ([_, c], b) = blocks[i];
+            let (s, e) = b.range();
+            (s * c, (e - s) * c)
+        };
+        let mut params: Vec<Vec<f64>> = (0..blocks.len())
+            .map(|i| {
+                let (at, n) = span(i);
+                full[i][at..at + n].to_vec()
+            })
+            .collect();
+        let mut state: Vec<Vec<Vec<f64>>> =
+            params.iter().map(|p| zero_state(rule, p.len())).collect();
+        for t in 1..=5u64 {
+            let grads: Vec<Vec<f64>> = params.iter().map(|p| f32s(&mut rng, p.len())).collect();
+            let gt: Vec<Tensor> = (0..blocks.len())
+                .map(|i| {
+                    let ([_, c], b) = blocks[i];
+                    let (s, e) = b.range();
+                    up(DType::F32, &[e - s, c], &grads[i])
+                })
+                .collect();
+            opt.step(
+                &ws.iter().collect::<Vec<_>>(),
+                &gt.iter().collect::<Vec<_>>(),
+            )
+            .unwrap();
+            for i in 0..blocks.len() {
+                reference::step(rule, &h, t, &mut params[i], &grads[i], &mut state[i]);
+            }
+        }
+        for i in 0..blocks.len() {
+            let (at, n) = span(i);
+            let got = down(&ws[i]);
+            let err = close(&got[at..at + n], &params[i]);
+            assert!(err <= 1e-6, "{rule:?} block {i}: {err:.2e}");
+            assert_eq!(&got[..at], &full[i][..at], "{rule:?} block {i}: before it");
+            assert_eq!(
+                &got[at + n..],
+                &full[i][at + n..],
+                "{rule:?} block {i}: after it"
+            );
+            let (st, _) = opt.state_of(i).unwrap();
+            for (j, name) in rule.state_names().iter().enumerate() {
+                let err = close(&down(&st[j]), &state[i][j]);
+                assert!(err <= 1e-6, "{rule:?} block {i} {name}: {err:.2e}");
+            }
+        }
+    }
+}

@@ -470,12 +470,12 @@ impl Frugal {
             let mut cubes = 0usize;
             for &i in group {
                 let p = self.packed[i];
-                table.extend([cubes, p.n, p.k, p.indices, p.mask, p.state]);
+                table.extend([cubes, p.n, p.k, p.indices, p.mask, p.state, 0, 0]);
                 cubes += p.n.div_ceil(CUBE);
             }
             // Unused slots start past the last cube: no cube selects them.
             while table.len() < SLOT_WORDS * SLOTS {
-                table.extend([u32::MAX as usize, 0, 0, 0, 0, 0]);
+                table.extend([u32::MAX as usize, 0, 0, 0, 0, 0, 0, 0]);
             }
             let table: Vec<u32> = table.into_iter().map(|x| x as u32).collect();
             let table = upload_u32(&client, "slot_table", &table)?;
@@ -604,7 +604,7 @@ pub fn frugal_mask(
 
 slot_kernel! {
     /// One FRUGAL step over up to six tensors (slots; the table's words per slot: first
-    /// cube, `n`, `k`, subset, mask and state offsets), one unit per coordinate, each cube
+    /// cube, `n`, `k`, subset, mask and state offsets, two unused), one unit per coordinate, each cube
     /// within one slot: Adam (state slot by binary search in the subset) where the mask is
     /// set, signSGD elsewhere; `t = counter[0] + 1` counts from the redraw (at `t = 1` the
     /// moments start from zero). f32 arithmetic; with `master` the slot's f32 master copy

@@ -1,0 +1,120 @@
+//! The multi-tensor step over a list of 200 tensors of mixed sizes (1 .. 64K elements)
+//! against one launch per tensor, interleaved (see `support/interleaved.rs`): AdamW, with
+//! the list as drawn (three in four tensors of a length that is not a multiple of 4) and
+//! rounded up to multiples of 4, beside one tensor of all their elements and a 4-wide copy
+//! of the bytes (7 f32 streams).
+//!
+//! `cargo bench -p kiln-benches --bench optim_lists`.
+
+use kiln::check::Rng;
+use kiln::kernels::optim::{Block, Hyper, MultiTensorStep, Rule};
+use kiln::{Client, DType, Device, Tensor};
+use std::cell::RefCell;
+
+#[path = "support/copy.rs"]
+mod copy;
+#[path = "support/data.rs"]
+mod data;
+#[path = "support/interleaved.rs"]
+mod interleaved;
+use interleaved::{interleaved, Variant};
+
+/// A list of tensors with their gradients, one optimizer over all of them and one per
+/// tensor.
+struct List {
+    params: Vec<Tensor>,
+    grads: Vec<Tensor>,
+    multi: RefCell<MultiTensorStep>,
+    single: RefCell<Vec<MultiTensorStep>>,
+}
+
+impl List {
+    fn new(client: &Client, sizes: &[usize], rng: &mut Rng) -> List {
+        let make = |rng: &mut Rng| -> Vec<Tensor> {
+            sizes
+                .iter()
+                .map(|&s| data::normals(client, &[1, s], rng, 1.0))
+                .collect()
+        };
+        let (params, grads) = (make(rng), make(rng));
+        let h = Hyper::defaults(Rule::AdamW);
+        let list: Vec<(&Tensor, Block)> = params.iter().map(|p| (p, Block::whole(1))).collect();
+        let multi = MultiTensorStep::new(Rule::AdamW, h, &list).unwrap();
+        let single = params
+            .iter()
+            .map(|p| MultiTensorStep::new(Rule::AdamW, h, &[(p, Block::whole(1))]).unwrap())
+            .collect();
+        List {
+            params,
+            grads,
+            multi: RefCell::new(multi),
+            single: RefCell::new(single),
+        }
+    }
+
+    fn step_multi(&self) {
+        let p: Vec<&Tensor> = self.params.iter().collect();
+        let g: Vec<&Tensor> = self.grads.iter().collect();
+        self.multi.borrow_mut().step(&p, &g).unwrap();
+    }
+
+    fn step_each(&self) {
+        let mut single = self.single.borrow_mut();
+        for (o, (p, g)) in single.iter_mut().zip(self.params.iter().zip(&self.grads)) {
+            o.step(&[p], &[g]).unwrap();
+        }
+    }
+}
+
+fn main() {
+    let client = Client::open(&Device::from_env().unwrap()).expect("a device");
+    eprintln!("{}", client.report());
+    let mut rng = Rng::new(1);
+    let drawn: Vec<usize> = (0..200).map(|i| 1 + (i * 7919) % 65_536).collect();
+    let rounded: Vec<usize> = drawn.iter().map(|s| s.next_multiple_of(4)).collect();
+    let total: usize = rounded.iter().sum();
+    let ragged = List::new(&client, &drawn, &mut rng);
+    let aligned = List::new(&client, &rounded, &mut rng);
+    let one = List::new(&client, &[total], &mut rng);
+    let (src, dst) = (
+        Tensor::empty(&client, DType::F32, &[total * 7 / 2 / 4 * 4]).unwrap(),
+        Tensor::empty(&client, DType::F32, &[total * 7 / 2 / 4 * 4]).unwrap(),
+    );
+    let variants: Vec<Variant<'_>> = vec![
+        (
+            "copy of 7 streams".into(),
+            Box::new(|| copy::copy(&src, &dst)),
+        ),
+        (
+            "one tensor of all elements".into(),
+            Box::new(|| one.step_multi()),
+        ),
+        (
+            "drawn sizes: multi-tensor".into(),
+            Box::new(|| ragged.step_multi()),
+        ),
+        (
+            "drawn sizes: one launch per tensor".into(),
+            Box::new(|| ragged.step_each()),
+        ),
+        (
+            "sizes rounded to 4: multi-tensor".into(),
+            Box::new(|| aligned.step_multi()),
+        ),
+        (
+            "sizes rounded to 4: one launch per tensor".into(),
+            Box::new(|| aligned.step_each()),
+        ),
+    ];
+    let times = interleaved(&client, &variants);
+    println!("AdamW over 200 tensors, {total} elements (rounded sizes)");
+    println!("| variant | min | median | the copy's min / min |");
+    println!("|---|---|---|---|");
+    for (i, (name, _)) in variants.iter().enumerate() {
+        let (min, median) = times[i];
+        println!(
+            "| {name} | {min:.2} ms | {median:.2} ms | {:.2} |",
+            times[0].0 / min
+        );
+    }
+}
