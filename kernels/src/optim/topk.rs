@@ -15,18 +15,22 @@
 
 use crate::launch::upload_u32;
 use cubecl::prelude::*;
-use kiln_dsl::{cube_exclusive_sum, cube_sum, philox4x32_10};
+use kiln_dsl::{cube_sum, philox4x32_10};
 use kiln_runtime::{DType, Result, Tensor};
 
 /// Units per cube of the selection kernels (their one configuration, `UNITS = [256]`).
 const CUBE: u32 = 256;
-/// Consecutive elements per unit: a cube covers `UNITS * PER_UNIT` elements.
-const PER_UNIT: u32 = 16;
+/// Elements per unit: a cube covers `UNITS * PER_UNIT` elements (64: on a CPU adapter
+/// a cube's fixed costs, its barriers above all, weigh on fewer elements at 16).
+const PER_UNIT: u32 = 64;
 /// Elements per cube.
 const CHUNK: u32 = CUBE * PER_UNIT;
 /// Bits per radix digit, and digits (bins).
 const DIGIT_BITS: u32 = 4;
 const BINS: u32 = 1 << DIGIT_BITS;
+// The histogram's two-step reduction (`CUBE / BINS` groups of `BINS` units), its 8-bit
+// counters, and the two 16-bit counts of `above_and_ties`.
+const _: () = assert!(CUBE == BINS * BINS && PER_UNIT < 256 && CHUNK < 65536);
 
 kiln_runtime::comptime_enum! {
     /// What a selection ranks by.
@@ -376,8 +380,14 @@ pub fn topk_keys<F: Float>(
 }
 
 /// Per-cube histogram of this pass's digit over the keys that match the prefix chosen
-/// so far (`(key & high) == (prefix & high)`): unit `u` counts into column `u` of a
-/// `[BINS, UNITS]` shared table (no atomics), then units `0..BINS` sum their bin's row.
+/// so far (`(key & high) == (prefix & high)`), over `CHUNK` keys a cube.
+/// Each unit counts in registers, four 8-bit counters a word (`PER_UNIT` < 256 keys
+/// a unit: no overflow), a key adding `1 << 8 (d % 4)` to word `d / 4` by a compare and
+/// a select per word: a CPU adapter runs these as vector operations, where a
+/// shared-memory counter per key is a gather and a scatter per lane (lavapipe, 4M keys:
+/// 20 ms a pass); then the units' counters go through shared memory as a `[BINS, UNITS]`
+/// table, summed by all units in two steps (16 columns each, then 16 partials per bin).
+/// No atomics.
 #[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(cubes), cube = UNITS)]
 pub fn topk_radix_histogram(
     keys: &Array<u32>,
@@ -389,28 +399,54 @@ pub fn topk_radix_histogram(
     high: u32,
 ) {
     let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
-    let mut table = SharedMemory::<u32>::new(comptime!((BINS * CUBE) as usize));
-    #[unroll]
-    for b in 0..comptime!(BINS) {
-        table[(b * UNITS + UNIT_POS) as usize] = 0u32;
-    }
     let prefix = state[0] & high;
     let base = cube * comptime!(CHUNK);
+    let mut packed = Array::<u32>::new(comptime!((BINS / 4) as usize));
+    #[unroll]
+    for w in 0..comptime!(BINS / 4) {
+        packed[w as usize] = 0u32;
+    }
     for j in 0..comptime!(PER_UNIT) {
         let e = base + j * UNITS + UNIT_POS;
         if cube < cubes && e < n {
             let key = keys[e as usize];
-            if (key & high) == prefix {
-                let d = (key >> shift) & comptime!(BINS - 1);
-                table[(d * UNITS + UNIT_POS) as usize] += 1u32;
+            // A key outside the prefix counts in no bin (`BINS`).
+            let d = select(
+                (key & high) == prefix,
+                (key >> shift) & comptime!(BINS - 1),
+                comptime!(BINS),
+            );
+            let one = 1u32 << ((d & 3u32) * 8u32);
+            let word = d >> 2u32;
+            #[unroll]
+            for w in 0..comptime!(BINS / 4) {
+                packed[w as usize] += select(word == w, one, 0u32);
             }
         }
     }
+    let mut table = SharedMemory::<u32>::new(comptime!((BINS * CUBE) as usize));
+    #[unroll]
+    for b in 0..comptime!(BINS) {
+        let count = (packed[(b / 4) as usize] >> ((b % 4) * 8)) & 255u32;
+        table[(b * UNITS + UNIT_POS) as usize] = count;
+    }
+    sync_cube();
+    // Unit u: bin u % BINS over the 16 columns of group u / BINS.
+    let bin = UNIT_POS % comptime!(BINS);
+    let group = UNIT_POS / comptime!(BINS);
+    let mut partial = 0u32;
+    #[unroll]
+    for i in 0..comptime!(CUBE / BINS) {
+        partial += table[(bin * UNITS + group * comptime!(CUBE / BINS) + i) as usize];
+    }
+    sync_cube();
+    table[UNIT_POS as usize] = partial;
     sync_cube();
     if cube < cubes && UNIT_POS < comptime!(BINS) {
         let mut total = 0u32;
-        for u in 0..UNITS {
-            total += table[(UNIT_POS * UNITS + u) as usize];
+        #[unroll]
+        for g in 0..comptime!(CUBE / BINS) {
+            total += table[(g * comptime!(BINS) + UNIT_POS) as usize];
         }
         hist[(cube * comptime!(BINS) + UNIT_POS) as usize] = total;
     }
@@ -452,7 +488,7 @@ pub fn topk_radix_choose(hist: &Array<u32>, state: &mut Array<u32>, cubes: u32, 
 }
 
 /// Per cube: how many keys are above the threshold `T = state[0]` and how many equal
-/// it (summed in f32 over the cube's 4096 keys: exact; stored as u32).
+/// it (summed in f32 over the cube's `CHUNK` keys: exact; stored as u32).
 #[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(cubes), cube = UNITS)]
 pub fn topk_count(
     keys: &Array<u32>,
@@ -483,24 +519,47 @@ pub fn topk_count(
     }
 }
 
-/// Exclusive prefix sum of a u32 over the cube (Hillis–Steele in shared memory: exact
-/// where an f32 scan would round above 2^24). All `units` units must call it.
+/// Exclusive prefix sum of a u32 over the cube's `CUBE` units, in unit order (exact):
+/// `BINS` units each scan `BINS` consecutive values serially, then one unit the `BINS`
+/// group totals. Four barriers, where a Hillis–Steele scan takes eighteen: on a CPU
+/// adapter each barrier switches every SIMD slice of the cube. `smem` holds
+/// `CUBE + BINS` words; every unit must call it.
 #[cube]
-fn cube_exclusive_sum_u32(smem: &mut SharedMemory<u32>, value: u32, #[comptime] units: u32) -> u32 {
-    let u = UNIT_POS as usize;
-    smem[u] = value;
+fn cube_exclusive_sum_u32(smem: &mut SharedMemory<u32>, value: u32) -> u32 {
+    let groups = comptime!(CUBE / BINS);
+    smem[UNIT_POS as usize] = value;
     sync_cube();
-    #[unroll]
-    for level in 0..comptime!(units.trailing_zeros()) {
-        let offset = (1u32 << level) as usize;
-        let add = select(u >= offset, smem[select(u >= offset, u - offset, 0)], 0u32);
-        sync_cube();
-        smem[u] += add;
-        sync_cube();
+    if UNIT_POS < groups {
+        let mut run = 0u32;
+        for i in 0..comptime!(BINS) {
+            let at = (UNIT_POS * comptime!(BINS) + i) as usize;
+            let v = smem[at];
+            smem[at] = run;
+            run += v;
+        }
+        smem[(comptime!(CUBE) + UNIT_POS) as usize] = run;
     }
-    let inclusive = smem[u];
     sync_cube();
-    inclusive - value
+    if UNIT_POS == 0 {
+        let mut run = 0u32;
+        for g in 0..groups {
+            let at = (comptime!(CUBE) + g) as usize;
+            let v = smem[at];
+            smem[at] = run;
+            run += v;
+        }
+    }
+    sync_cube();
+    let r = smem[UNIT_POS as usize] + smem[(comptime!(CUBE) + UNIT_POS / comptime!(BINS)) as usize];
+    sync_cube();
+    r
+}
+
+/// `1` for a key above `t`, `1 << 16` for a key equal to it: a unit's (or a cube's)
+/// counts of both in one u32 (at most `CHUNK` = 16384 each).
+#[cube]
+fn above_and_ties(key: u32, t: u32) -> u32 {
+    select(key > t, 1u32, 0u32) + select(key == t, 65536u32, 0u32)
 }
 
 /// One cube: exclusive prefix sums over the cubes, in order, of the keys above `T`
@@ -519,9 +578,9 @@ pub fn topk_scan(counts: &Array<u32>, offsets: &mut Array<u32>, cubes: u32) {
             eq += counts[(2 * c + 1) as usize];
         }
     }
-    let mut smem = SharedMemory::<u32>::new(UNITS as usize);
-    let mut gt_before = cube_exclusive_sum_u32(&mut smem, gt, UNITS);
-    let mut eq_before = cube_exclusive_sum_u32(&mut smem, eq, UNITS);
+    let mut smem = SharedMemory::<u32>::new(comptime!((CUBE + BINS) as usize));
+    let mut gt_before = cube_exclusive_sum_u32(&mut smem, gt);
+    let mut eq_before = cube_exclusive_sum_u32(&mut smem, eq);
     for i in 0..per {
         let c = first + i;
         if c < cubes {
@@ -533,7 +592,7 @@ pub fn topk_scan(counts: &Array<u32>, offsets: &mut Array<u32>, cubes: u32) {
     }
 }
 
-/// The compaction: unit `u` of cube `c` owns elements `c CHUNK + u PER_UNIT ..` (16 in
+/// The compaction: unit `u` of cube `c` owns elements `c CHUNK + u PER_UNIT ..` (64 in
 /// a row, so a cube-wide exclusive scan orders them). An element is taken when its key
 /// is above `T`, or equal with fewer than `k_rem` equal keys before it. Its slot is the
 /// number of taken elements before it; every element's error is `keep · a` (`keep =
@@ -559,29 +618,23 @@ pub fn topk_write(
     let t = state[0];
     let k_rem = state[1];
     let base = c * comptime!(CHUNK) + UNIT_POS * comptime!(PER_UNIT);
-    let mut gt = 0.0f32;
-    let mut eq = 0.0f32;
+    let mut both = 0u32;
     for j in 0..comptime!(PER_UNIT) {
         let e = base + j;
         if e < n {
-            let key = keys[e as usize];
-            gt += select(key > t, 1.0f32, 0.0f32);
-            eq += select(key == t, 1.0f32, 0.0f32);
+            both += above_and_ties(keys[e as usize], t);
         }
     }
+    let mut counts = SharedMemory::<u32>::new(comptime!((CUBE + BINS) as usize));
+    let before = cube_exclusive_sum_u32(&mut counts, both);
+    let gt_before = before & 65535u32;
+    let eq_before = before >> 16u32;
     let mut smem = SharedMemory::<f32>::new(UNITS as usize);
-    let gt_before = cube_exclusive_sum(&mut smem, gt, UNITS);
-    let eq_before = cube_exclusive_sum(&mut smem, eq, UNITS);
     let mut squares = 0.0f32;
     if cube < cubes {
-        let mut ties = offsets[(2 * c + 1) as usize] + u32::cast_from(eq_before);
+        let mut ties = offsets[(2 * c + 1) as usize] + eq_before;
         // Taken ties before this unit: all earlier ties, capped at k_rem.
-        let mut slot = offsets[(2 * c) as usize]
-            + u32::cast_from(gt_before)
-            + min(
-                offsets[(2 * c + 1) as usize] + u32::cast_from(eq_before),
-                k_rem,
-            );
+        let mut slot = offsets[(2 * c) as usize] + gt_before + min(ties, k_rem);
         for j in 0..comptime!(PER_UNIT) {
             let e = base + j;
             if e < n {
