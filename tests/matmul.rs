@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::client;
+use common::{client, refused};
 use kiln::check::{max_rel_error, Rng};
 use kiln::kernels::matmul::{self, reference, Activation, Epilogue};
 use kiln::{DType, Error, HostTensor, Tensor};
@@ -58,18 +58,6 @@ fn check(p: &Problem, got: &HostTensor, trans_b: bool, act: &str, dtype: DType, 
     // One rounding of the output, plus f32 accumulation over K terms of size ~1.
     let bound = dtype.epsilon() + 8.0 * f32::EPSILON as f64 * (p.k as f64).sqrt();
     assert!(err <= bound, "{what}: max rel err {err:.2e} > {bound:.2e}");
-}
-
-/// Whether the device lacks `dtype`; if so, asserts that a matmul operand of that
-/// dtype is refused with `Unsupported` (never computed).
-fn refused(dtype: DType) -> bool {
-    if client().supports(dtype) {
-        return false;
-    }
-    let a = HostTensor::from_f64(dtype, vec![2, 2], &[1.0; 4]).unwrap();
-    let e = Tensor::upload_named(client(), "a", &a).unwrap_err();
-    assert!(matches!(e, Error::Unsupported { .. }), "{dtype}: {e}");
-    true
 }
 
 fn every_config(dtype: DType) {

@@ -33,6 +33,22 @@ pub fn client_for(selector: &str) -> Result<&'static Client, String> {
     entry.clone()
 }
 
+/// Whether the test device lacks `dtype`; if so, asserts that a tensor of that dtype is
+/// refused by name with `Unsupported` (so a test that then skips the dtype has checked
+/// the refusal, never skipped silently).
+pub fn refused(dtype: kiln::DType) -> bool {
+    if client().supports(dtype) {
+        return false;
+    }
+    let h = kiln::HostTensor::from_f64(dtype, vec![2, 2], &[1.0; 4]).unwrap();
+    let e = kiln::Tensor::upload_named(client(), "a", &h).unwrap_err();
+    assert!(
+        matches!(e, kiln::Error::Unsupported { .. }) && e.to_string().contains(dtype.name()),
+        "{dtype}: {e}"
+    );
+    true
+}
+
 /// `v` uploaded to the test device as `dtype` (rounded once).
 pub fn up(dtype: kiln::DType, shape: &[usize], v: &[f64]) -> kiln::Tensor {
     kiln::Tensor::upload(
