@@ -16,7 +16,7 @@
 //! Multi-tensor: one [`Frugal`] updates a list of f32, f16 or bf16 tensors of any sizes.
 //! The subsets, their bitmasks (one u32 per 32 coordinates) and the moments of every
 //! tensor are packed each in one buffer; a step is one launch per [`SLOTS`] tensors of
-//! one dtype (the slot machinery of the fused step, `super::multi`: each cube within one
+//! one dtype (the slot machinery of the fused step, `super::slots`: each cube within one
 //! tensor) and one to advance the device step counter. Active coordinates find their
 //! state slot by binary search in the tensor's sorted subset. A redraw selects each
 //! tensor's subset (a device radix select per tensor, every `update_gap` steps) and packs
@@ -26,9 +26,9 @@
 //! behind its moments), which is what is updated (the tensor receives its rounding: a
 //! step smaller than half an ulp of the half value is not lost).
 
-use super::multi::{
-    adam_constants, adam_direction, adam_moments, launch_groups, select_slot, slot_args,
-    slot_kernel, slot_of, store_slot, SLOTS, SLOT_WORDS,
+use super::adam::{adam_constants, adam_direction, adam_moments};
+use super::slots::{
+    launch_groups, select_slot, slot_args, slot_kernel, slot_of, store_slot, SLOTS, SLOT_WORDS,
 };
 use super::topk::{select_top_k, KeySource};
 use super::{Hyper, Rule};

@@ -19,6 +19,8 @@
 //! - `kiln run adamw|adan|adabelief|adagrad|lamb|adagrad_norm`: one tensor, out of place: inputs `param`,
 //!   `grad` and the states by their formula names, outputs the same names.
 
+mod adam;
+mod block;
 pub mod compress;
 mod econtrol;
 mod frugal;
@@ -28,21 +30,26 @@ pub mod reference;
 mod registry;
 mod rules;
 pub mod selftest;
+mod slots;
+mod step;
 mod topk;
 
+pub use block::Block;
 pub use compress::{randk, topk_ef, topk_ef_estimated, Compressed};
 pub use econtrol::{econtrol, EControlStep, EcontrolUpdate, EcontrolUpdateArgs};
 pub use frugal::{Frugal, FrugalConfig, FrugalMask, FrugalMaskArgs, FrugalStep, FrugalStepArgs};
-pub use multi::{
-    Block, GivenState, MultiTensorStep, OptimAdvanceStep, OptimAdvanceStepArgs, OptimSlotNorms,
-    OptimSlotNormsArgs, OptimStep, OptimStepArgs, Phase, Sums, SLOTS,
-};
+pub use multi::{GivenState, MultiTensorStep};
 pub use perturb::{
     perturb, perturb_host, perturb_stream, perturb_sum, zo_update, PerturbNormal, PerturbNormalArgs,
 };
 pub(crate) use registry::run_step;
 pub use registry::{ADABELIEF, ADAGRAD, ADAGRAD_NORM, ADAMW, ADAN, LAMB, PERTURB, ZO_UPDATE};
 pub use rules::{Hyper, Rule};
+pub use slots::SLOTS;
+pub use step::{
+    OptimAdvanceStep, OptimAdvanceStepArgs, OptimSlotNorms, OptimSlotNormsArgs, OptimStep,
+    OptimStepArgs, Phase, Sums,
+};
 pub use topk::{
     KeySource, TopkCount, TopkCountArgs, TopkKeys, TopkKeysArgs, TopkRadixChoose,
     TopkRadixChooseArgs, TopkRadixHistogram, TopkRadixHistogramArgs, TopkSample, TopkSampleArgs,
