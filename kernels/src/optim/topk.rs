@@ -25,6 +25,8 @@ const CUBE: u32 = 256;
 const PER_UNIT: u32 = 64;
 /// Elements per cube.
 const CHUNK: u32 = CUBE * PER_UNIT;
+/// Candidate regions (one per unit of the full passes) a unit of a candidates pass reads.
+const CANDIDATE_GROUPS: u32 = 16;
 /// Bits per radix digit, and digits (bins).
 const DIGIT_BITS: u32 = 4;
 const BINS: u32 = 1 << DIGIT_BITS;
@@ -39,6 +41,19 @@ kiln_runtime::comptime_enum! {
         Magnitude = "magnitude",
         /// A Philox word of (seed, index): a uniformly random subset.
         Random = "random",
+    }
+}
+
+kiln_runtime::comptime_enum! {
+    /// What a radix histogram pass reads.
+    pub enum RadixSource {
+        /// Every key.
+        Keys = "keys",
+        /// Every key, and copies those that match the prefix so far to the candidates
+        /// (each unit to its own region, with their count per region).
+        Compact = "compact",
+        /// The candidates only.
+        Candidates = "candidates",
     }
 }
 
@@ -191,7 +206,21 @@ fn radix_select(keys: &Tensor, k: usize) -> Result<Tensor> {
     let cubes = n.div_ceil(CHUNK as usize);
     let state = upload_u32(client, "topk_state", &[0, k as u32])?;
     let hist = Tensor::empty(client, DType::U32, &[cubes * BINS as usize])?;
+    // After two passes (8 bits of the prefix) the keys that can still be the k-th are
+    // usually a small part (magnitudes: a factor-4 range of |a|; random keys: 1/256), so
+    // the third pass copies them out per cube and the last five read only those.
+    let regions = cubes * CUBE as usize;
+    let candidates = Tensor::empty(client, DType::U32, &[regions * PER_UNIT as usize])?;
+    let counts = Tensor::empty(client, DType::U32, &[regions])?;
     for pass in 0..32 / DIGIT_BITS {
+        let (source, cubes) = match pass {
+            0 | 1 => (RadixSource::Keys, cubes),
+            2 => (RadixSource::Compact, cubes),
+            _ => (
+                RadixSource::Candidates,
+                regions.div_ceil(CANDIDATE_GROUPS as usize * CUBE as usize),
+            ),
+        };
         let shift = 32 - DIGIT_BITS * (pass + 1);
         // The bits above this digit, which must equal the prefix chosen so far.
         let high = match shift + DIGIT_BITS {
@@ -205,10 +234,14 @@ fn radix_select(keys: &Tensor, k: usize) -> Result<Tensor> {
                 keys,
                 state: &state,
                 hist: &hist,
+                candidates: &candidates,
+                counts: &counts,
                 n: n as u32,
                 cubes: cubes as u32,
+                regions: regions as u32,
                 shift,
                 high,
+                source,
             },
         )?;
         TopkRadixChoose::tuned(
@@ -387,40 +420,75 @@ pub fn topk_keys<F: Float>(
 /// shared-memory counter per key is a gather and a scatter per lane (lavapipe, 4M keys:
 /// 20 ms a pass); then the units' counters go through shared memory as a `[BINS, UNITS]`
 /// table, summed by all units in two steps (16 columns each, then 16 partials per bin).
-/// No atomics.
+/// No atomics. `source` says what a cube reads: its `CHUNK` keys; the same while each
+/// unit copies those in the prefix to its own region of `PER_UNIT` slots of
+/// `candidates` (their number to `counts[region]`, region = `cube UNITS + unit`); or the
+/// candidates of `CANDIDATE_GROUPS x UNITS` regions (a unit `CANDIDATE_GROUPS` of them,
+/// `UNITS` apart), so that a pass over few candidates runs few cubes: the reduction
+/// above costs a cube as much as reading 16K keys on lavapipe.
 #[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(cubes), cube = UNITS)]
 pub fn topk_radix_histogram(
     keys: &Array<u32>,
     state: &Array<u32>,
     hist: &mut Array<u32>,
+    candidates: &mut Array<u32>,
+    counts: &mut Array<u32>,
     n: u32,
     cubes: u32,
+    regions: u32,
     shift: u32,
     high: u32,
+    #[comptime] source: RadixSource,
 ) {
     let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
     let prefix = state[0] & high;
-    let base = cube * comptime!(CHUNK);
     let mut packed = Array::<u32>::new(comptime!((BINS / 4) as usize));
     #[unroll]
     for w in 0..comptime!(BINS / 4) {
         packed[w as usize] = 0u32;
     }
-    for j in 0..comptime!(PER_UNIT) {
-        let e = base + j * UNITS + UNIT_POS;
-        if cube < cubes && e < n {
-            let key = keys[e as usize];
-            // A key outside the prefix counts in no bin (`BINS`).
-            let d = select(
-                (key & high) == prefix,
-                (key >> shift) & comptime!(BINS - 1),
-                comptime!(BINS),
-            );
-            let one = 1u32 << ((d & 3u32) * 8u32);
-            let word = d >> 2u32;
-            #[unroll]
-            for w in 0..comptime!(BINS / 4) {
-                packed[w as usize] += select(word == w, one, 0u32);
+    if comptime!(source == RadixSource::Candidates) {
+        #[unroll]
+        for g in 0..comptime!(CANDIDATE_GROUPS) {
+            let region = (cube * comptime!(CANDIDATE_GROUPS) + g) * UNITS + UNIT_POS;
+            let mut len = 0u32;
+            if cube < cubes && region < regions {
+                len = counts[region as usize];
+            }
+            let at = region * comptime!(PER_UNIT);
+            for i in 0..len {
+                let key = candidates[(at + i) as usize];
+                count_digit(&mut packed, key, (key & high) == prefix, shift);
+            }
+        }
+    } else {
+        let base = cube * comptime!(CHUNK);
+        // The keys this cube reads (uniform: the loop runs as often for every unit).
+        let mut len = 0u32;
+        if cube < cubes {
+            len = min(n - base, comptime!(CHUNK));
+        }
+        let region = cube * UNITS + UNIT_POS;
+        let mut stored = 0u32;
+        let mut j = 0u32;
+        while j * UNITS < len {
+            let e = j * UNITS + UNIT_POS;
+            if e < len {
+                let key = keys[(base + e) as usize];
+                let hit = (key & high) == prefix;
+                count_digit(&mut packed, key, hit, shift);
+                if comptime!(source == RadixSource::Compact) {
+                    if hit {
+                        candidates[(region * comptime!(PER_UNIT) + stored) as usize] = key;
+                        stored += 1;
+                    }
+                }
+            }
+            j += 1;
+        }
+        if comptime!(source == RadixSource::Compact) {
+            if cube < cubes {
+                counts[region as usize] = stored;
             }
         }
     }
@@ -449,6 +517,19 @@ pub fn topk_radix_histogram(
             total += table[(g * comptime!(BINS) + UNIT_POS) as usize];
         }
         hist[(cube * comptime!(BINS) + UNIT_POS) as usize] = total;
+    }
+}
+
+/// Adds a key's digit (`(key >> shift) % BINS`) to a unit's packed 8-bit counters
+/// (nothing when `hit` is false: a key outside the prefix).
+#[cube]
+fn count_digit(packed: &mut Array<u32>, key: u32, hit: bool, shift: u32) {
+    let d = select(hit, (key >> shift) & comptime!(BINS - 1), comptime!(BINS));
+    let one = 1u32 << ((d & 3u32) * 8u32);
+    let word = d >> 2u32;
+    #[unroll]
+    for w in 0..comptime!(BINS / 4) {
+        packed[w as usize] += select(word == w, one, 0u32);
     }
 }
 
