@@ -117,8 +117,8 @@ pub(crate) fn select_controlled(
 /// The exact selection of the `k` largest `keys` of `a`, compacted with `scale`.
 fn select_keys(a: &Tensor, keys: &Tensor, k: usize, scale: f32) -> Result<Selected> {
     let state = radix_select(keys, k)?;
-    let (offsets, _) = count_and_scan(keys, &state, false)?;
-    compact(a, keys, &state, &offsets, k, scale)
+    let (offsets, before, _) = count_and_scan(keys, &state, false)?;
+    compact(a, keys, &state, &offsets, &before, k, scale)
 }
 
 /// Top-k with an estimated threshold: the `round(k s / n)`-th largest `|a|` of `sample`
@@ -156,8 +156,8 @@ pub(crate) fn select_above_estimate(
     // Every key >= threshold: all ties taken.
     let state = upload_u32(client, "topk_state", &[threshold, u32::MAX])?;
     // At least the sampled element whose key is the threshold is taken.
-    let (offsets, taken) = count_and_scan(&keys, &state, true)?;
-    compact(&a, &keys, &state, &offsets, taken, 1.0)
+    let (offsets, before, taken) = count_and_scan(&keys, &state, true)?;
+    compact(&a, &keys, &state, &offsets, &before, taken, 1.0)
 }
 
 /// `a = eta error + grad - h` (f32; `eta = 1` and no `h` for plain error feedback) and
@@ -258,13 +258,15 @@ fn radix_select(keys: &Tensor, k: usize) -> Result<Tensor> {
     Ok(state)
 }
 
-/// Per-cube counts above and at `T` and their exclusive scan (`offsets`); with `total`,
-/// also the number taken (every key above or at `T`: one download of the counts).
-fn count_and_scan(keys: &Tensor, state: &Tensor, total: bool) -> Result<(Tensor, usize)> {
+/// Per-cube counts above and at `T` and their exclusive scan (`offsets`), each unit's
+/// counts before it in its cube (`before`, both in one u32); with `total`, also the number
+/// taken (every key above or at `T`: one download of the counts).
+fn count_and_scan(keys: &Tensor, state: &Tensor, total: bool) -> Result<(Tensor, Tensor, usize)> {
     let client = keys.client();
     let n = keys.numel();
     let cubes = n.div_ceil(CHUNK as usize);
     let counts = Tensor::empty(client, DType::U32, &[2 * cubes])?;
+    let before = Tensor::empty(client, DType::U32, &[cubes * CUBE as usize])?;
     TopkCount::tuned(
         client,
         0.0,
@@ -272,6 +274,7 @@ fn count_and_scan(keys: &Tensor, state: &Tensor, total: bool) -> Result<(Tensor,
             keys,
             state,
             counts: &counts,
+            before: &before,
             n: n as u32,
             cubes: cubes as u32,
         },
@@ -290,7 +293,7 @@ fn count_and_scan(keys: &Tensor, state: &Tensor, total: bool) -> Result<(Tensor,
         true => counts.download()?.to_f64().iter().sum::<f64>() as usize,
         false => 0,
     };
-    Ok((offsets, taken))
+    Ok((offsets, before, taken))
 }
 
 /// The write pass: `k` output slots (see [`topk_write`]).
@@ -299,6 +302,7 @@ fn compact(
     keys: &Tensor,
     state: &Tensor,
     offsets: &Tensor,
+    before: &Tensor,
     k: usize,
     scale: f32,
 ) -> Result<Selected> {
@@ -317,6 +321,7 @@ fn compact(
             keys,
             state,
             offsets,
+            before,
             indices: &indices,
             values: &values,
             error: &error,
@@ -568,35 +573,40 @@ pub fn topk_radix_choose(hist: &Array<u32>, state: &mut Array<u32>, cubes: u32, 
     }
 }
 
-/// Per cube: how many keys are above the threshold `T = state[0]` and how many equal
-/// it (summed in f32 over the cube's `CHUNK` keys: exact; stored as u32).
+/// Per cube: how many keys are above the threshold `T = state[0]` and how many equal it
+/// (`counts[2 cube ..]`), and per unit how many of each come before its `PER_UNIT`
+/// consecutive keys in the cube (`before[cube UNITS + unit]`, both in one u32: the write
+/// pass's slots without counting again).
 #[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(cubes), cube = UNITS)]
 pub fn topk_count(
     keys: &Array<u32>,
     state: &Array<u32>,
     counts: &mut Array<u32>,
+    before: &mut Array<u32>,
     n: u32,
     cubes: u32,
 ) {
     let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
     let t = state[0];
-    let base = cube * comptime!(CHUNK);
-    let mut gt = 0.0f32;
-    let mut eq = 0.0f32;
-    for j in 0..comptime!(PER_UNIT) {
-        let e = base + j * UNITS + UNIT_POS;
-        if cube < cubes && e < n {
-            let key = keys[e as usize];
-            gt += select(key > t, 1.0f32, 0.0f32);
-            eq += select(key == t, 1.0f32, 0.0f32);
+    let base = cube * comptime!(CHUNK) + UNIT_POS * comptime!(PER_UNIT);
+    let mut both = 0u32;
+    if cube < cubes {
+        for j in 0..comptime!(PER_UNIT) {
+            let e = base + j;
+            if e < n {
+                both += above_and_ties(keys[e as usize], t);
+            }
         }
     }
-    let mut smem = SharedMemory::<f32>::new(UNITS as usize);
-    let gt_total = cube_sum(&mut smem, gt, UNITS);
-    let eq_total = cube_sum(&mut smem, eq, UNITS);
-    if cube < cubes && UNIT_POS == 0 {
-        counts[(2 * cube) as usize] = u32::cast_from(gt_total);
-        counts[(2 * cube + 1) as usize] = u32::cast_from(eq_total);
+    let mut smem = SharedMemory::<u32>::new(comptime!((CUBE + BINS) as usize));
+    let mine = cube_exclusive_sum_u32(&mut smem, both);
+    if cube < cubes {
+        before[(cube * UNITS + UNIT_POS) as usize] = mine;
+        if UNIT_POS == comptime!(CUBE - 1) {
+            let total = mine + both;
+            counts[(2 * cube) as usize] = total & 65535u32;
+            counts[(2 * cube + 1) as usize] = total >> 16u32;
+        }
     }
 }
 
@@ -674,7 +684,7 @@ pub fn topk_scan(counts: &Array<u32>, offsets: &mut Array<u32>, cubes: u32) {
 }
 
 /// The compaction: unit `u` of cube `c` owns elements `c CHUNK + u PER_UNIT ..` (64 in
-/// a row, so a cube-wide exclusive scan orders them). An element is taken when its key
+/// a row, so the count pass's in-cube scan, `before`, orders them). An element is taken when its key
 /// is above `T`, or equal with fewer than `k_rem` equal keys before it. Its slot is the
 /// number of taken elements before it; every element's error is `keep · a` (`keep =
 /// 1 − scale`) if taken — exactly 0 for top-k's `keep = 0`, even where `a` is ±inf —
@@ -685,6 +695,7 @@ pub fn topk_write(
     keys: &Array<u32>,
     state: &Array<u32>,
     offsets: &Array<u32>,
+    before: &Array<u32>,
     indices: &mut Array<i32>,
     values: &mut Array<f32>,
     error: &mut Array<f32>,
@@ -699,17 +710,9 @@ pub fn topk_write(
     let t = state[0];
     let k_rem = state[1];
     let base = c * comptime!(CHUNK) + UNIT_POS * comptime!(PER_UNIT);
-    let mut both = 0u32;
-    for j in 0..comptime!(PER_UNIT) {
-        let e = base + j;
-        if e < n {
-            both += above_and_ties(keys[e as usize], t);
-        }
-    }
-    let mut counts = SharedMemory::<u32>::new(comptime!((CUBE + BINS) as usize));
-    let before = cube_exclusive_sum_u32(&mut counts, both);
-    let gt_before = before & 65535u32;
-    let eq_before = before >> 16u32;
+    let mine = before[(c * UNITS + UNIT_POS) as usize];
+    let gt_before = mine & 65535u32;
+    let eq_before = mine >> 16u32;
     let mut smem = SharedMemory::<f32>::new(UNITS as usize);
     let mut squares = 0.0f32;
     if cube < cubes {
