@@ -89,11 +89,106 @@ fn is_typed(message: &str) -> bool {
     !message.contains("panicked") && !message.contains("internal error")
 }
 
-#[test]
-fn every_operator_matches_its_reference_on_random_shapes_or_refuses_clearly() {
+/// The operator families the random-shape property runs as separate tests (each
+/// compiles its own kernels: one test over every operator took over a minute). An
+/// operator no family below claims is in `core`, so a new one is never skipped.
+const FAMILIES: &[&str] = &[
+    "core",
+    "gla",
+    "gla_backward",
+    "quantized",
+    "attention",
+    "moe",
+    "s2ft",
+    "optim",
+];
+
+fn family_of(name: &str) -> &'static str {
+    const QUANTIZED: &[&str] = &[
+        "flexround",
+        "quantize_per_token",
+        "w4a16",
+        "w8_bits",
+        "w8a8",
+    ];
+    const OPTIM: &[&str] = &[
+        "adabelief",
+        "adagrad",
+        "adamw",
+        "adan",
+        "econtrol",
+        "frugal",
+        "lamb",
+        "perturb",
+        "randk",
+        "topk_ef",
+        "zo_update",
+    ];
+    let stem = name.split("_backward").next().unwrap_or(name);
+    if name == "gla_backward" {
+        "gla_backward"
+    } else if name.starts_with("gla") {
+        "gla"
+    } else if QUANTIZED.iter().any(|q| stem.starts_with(q)) {
+        "quantized"
+    } else if name.contains("attention") {
+        "attention"
+    } else if name.starts_with("moe_") {
+        "moe"
+    } else if name.starts_with("s2ft_") {
+        "s2ft"
+    } else if OPTIM.iter().any(|o| stem.starts_with(o)) {
+        "optim"
+    } else {
+        "core"
+    }
+}
+
+/// The operators whose problem shape is just sizes: each must be checked by value at
+/// least once. (The quantized GEMMs' self-test references are written for their cases'
+/// shapes: on random shapes they are checked for results or typed errors only.)
+const VALUE_CHECKED: &[&str] = &[
+    "add",
+    "silu",
+    "softmax",
+    "logsumexp",
+    "matmul",
+    "gla",
+    "gla_recurrent",
+    "flexround",
+    "attention",
+    "attention_backward",
+    "attention_merge",
+    "ring_attention",
+    "ring_attention_backward",
+    "moe_gate",
+    "moe_gate_backward",
+    "moe_dispatch",
+    "moe_combine",
+    "moe_dispatch_backward",
+    "moe_combine_backward",
+    "moe_expert_ffn",
+    "moe_layer",
+    "moe_layer_backward",
+    "s2ft_permute",
+    "s2ft_verify",
+    "s2ft_partial_backward",
+    "s2ft_adamw_step",
+    "adamw",
+    "adan",
+    "adabelief",
+    "adagrad",
+];
+
+/// Every operator of `family` on random shapes and dtypes: it matches its reference
+/// within its self-test bar, or returns a typed error.
+fn every_operator_of(family: &str) {
     untuned();
     let mut checked = BTreeMap::new();
-    for op in kiln::kernels::ops() {
+    for op in kiln::kernels::ops()
+        .iter()
+        .filter(|op| family_of(op.name) == family)
+    {
         let Some(n) = arity(op) else {
             panic!("`{}`: no problem shape of 1 to 4 dims is accepted", op.name)
         };
@@ -146,47 +241,63 @@ fn every_operator_matches_its_reference_on_random_shapes_or_refuses_clearly() {
             .unwrap_or_else(|e| panic!("{e}"));
         checked.insert(op.name, values_checked.get());
     }
-    eprintln!("value-checked cases per operator: {checked:?}");
-    // The operators whose problem shape is just sizes must have been checked by value.
-    // (The quantized GEMMs' self-test references are written for their cases' shapes:
-    // on random shapes they are checked for results or typed errors only.)
-    for op in [
-        "add",
-        "silu",
-        "softmax",
-        "logsumexp",
-        "matmul",
-        "gla",
-        "gla_recurrent",
-        "flexround",
-        "attention",
-        "attention_backward",
-        "attention_merge",
-        "ring_attention",
-        "ring_attention_backward",
-        "moe_gate",
-        "moe_gate_backward",
-        "moe_dispatch",
-        "moe_combine",
-        "moe_dispatch_backward",
-        "moe_combine_backward",
-        "moe_expert_ffn",
-        "moe_layer",
-        "moe_layer_backward",
-        "s2ft_permute",
-        "s2ft_verify",
-        "s2ft_partial_backward",
-        "s2ft_adamw_step",
-        "adamw",
-        "adan",
-        "adabelief",
-        "adagrad",
-    ] {
+    eprintln!("{family}: value-checked cases per operator: {checked:?}");
+    assert!(!checked.is_empty(), "no operator in family `{family}`");
+    for op in VALUE_CHECKED.iter().filter(|op| family_of(op) == family) {
         assert!(
             checked.get(op).is_some_and(|&n| n > 0),
             "`{op}` never ran: {checked:?}"
         );
     }
+}
+
+#[test]
+fn families_cover_the_value_checked_operators() {
+    let names: Vec<&str> = kiln::kernels::ops().iter().map(|op| op.name).collect();
+    for op in VALUE_CHECKED {
+        assert!(names.contains(op), "`{op}` is not a registered operator");
+        assert!(FAMILIES.contains(&family_of(op)));
+    }
+}
+
+#[test]
+fn every_core_operator_matches_its_reference_on_random_shapes_or_refuses_clearly() {
+    every_operator_of("core");
+}
+
+#[test]
+fn every_gla_operator_matches_its_reference_on_random_shapes_or_refuses_clearly() {
+    every_operator_of("gla");
+}
+
+#[test]
+fn every_gla_backward_operator_matches_its_reference_on_random_shapes_or_refuses_clearly() {
+    every_operator_of("gla_backward");
+}
+
+#[test]
+fn every_quantized_operator_matches_its_reference_on_random_shapes_or_refuses_clearly() {
+    every_operator_of("quantized");
+}
+
+#[test]
+fn every_attention_operator_matches_its_reference_on_random_shapes_or_refuses_clearly() {
+    every_operator_of("attention");
+}
+
+#[test]
+fn every_moe_operator_matches_its_reference_on_random_shapes_or_refuses_clearly() {
+    every_operator_of("moe");
+}
+
+#[test]
+fn every_s2ft_operator_matches_its_reference_on_random_shapes_or_refuses_clearly() {
+    every_operator_of("s2ft");
+}
+
+#[test]
+fn every_optim_operator_matches_its_reference_on_random_shapes_or_refuses_clearly() {
+    every_operator_of("optim");
 }
 
 /// Special values to plant: signed zeros, infinities, NaN, a subnormal, f16's extremes.

@@ -92,7 +92,7 @@ where
     /// (declaration order and no estimate without a model).
     pub fn ranking(&self) -> Vec<(C, Option<f64>)> {
         match &self.cost {
-            Some(cost) => super::rank(&self.candidates, cost.as_ref())
+            Some(cost) => super::search::rank(&self.candidates, cost.as_ref())
                 .into_iter()
                 .map(|(i, e)| (self.candidates[i].clone(), Some(e)))
                 .collect(),

@@ -1,0 +1,153 @@
+//! FRUGAL's kernels: packing a redrawn subset into its sorted indices and bit mask, and
+//! the step (Adam on the subset's coordinates, found by binary search; signSGD on the
+//! rest), over up to `SLOTS` tensors a launch.
+
+use super::*;
+
+/// Position of the first of `indices[at .. at + k]` (increasing) that is `>= e`, counted
+/// from `at`.
+#[cube]
+fn lower_bound(indices: &Array<i32>, at: u32, k: u32, e: u32) -> u32 {
+    let mut lo = 0u32;
+    let mut hi = k;
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if u32::cast_from(indices[(at + mid) as usize]) < e {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// Packs one tensor's subset: copies `picked[..k]` (sorted) to `indices[indices_at ..]`
+/// and sets bit `b` of `mask[mask_at + w]` where `32 w + b` is in it (unit `w` finds its
+/// word's entries by binary search: one writer per word, no atomics). `units` =
+/// `max(words, k)`.
+#[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(units.div_ceil(UNITS)), cube = UNITS)]
+pub fn frugal_mask(
+    picked: &Array<i32>,
+    indices: &mut Array<i32>,
+    mask: &mut Array<u32>,
+    k: u32,
+    words: u32,
+    units: u32,
+    indices_at: u32,
+    mask_at: u32,
+) {
+    let w = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * UNITS + UNIT_POS;
+    if w < units {
+        if w < k {
+            indices[(indices_at + w) as usize] = picked[w as usize];
+        }
+        if w < words {
+            let mut j = lower_bound(picked, 0, k, w * 32);
+            let mut bits = 0u32;
+            while j < k {
+                let i = u32::cast_from(picked[j as usize]);
+                if i >= w * 32 + 32 {
+                    break;
+                }
+                bits |= 1u32 << (i - w * 32);
+                j += 1;
+            }
+            mask[(mask_at + w) as usize] = bits;
+        }
+    }
+}
+
+slot_kernel! {
+    /// One FRUGAL step over up to six tensors (slots; the table's words per slot: first
+    /// cube, `n`, `k`, subset, mask and state offsets, two unused), one unit per coordinate, each cube
+    /// within one slot: Adam (state slot by binary search in the subset) where the mask is
+    /// set, signSGD elsewhere; `t = counter[0] + 1` counts from the redraw (at `t = 1` the
+    /// moments start from zero). f32 arithmetic; with `master` the slot's f32 master copy
+    /// (behind its moments) is the parameter and the weight receives its rounding. In
+    /// place: one configuration.
+    #[kernel(
+        tune(UNITS = [256]),
+        vector = [1],
+        key(len = pow2, dtype),
+        grid = cubes(cubes),
+        cube = UNITS,
+        domain(slots = 1..=6)
+    )]
+    pub fn frugal_step(
+        mask: &Array<u32>,
+        indices: &Array<i32>,
+        state: &mut Array<f32>,
+        table: &Array<u32>,
+        counter: &Array<u32>,
+        len: u32,
+        cubes: u32,
+        lr: f32,
+        lr_free: f32,
+        beta1: f32,
+        beta2: f32,
+        one_minus_beta1: f32,
+        one_minus_beta2: f32,
+        ln_beta1: f32,
+        ln_beta2: f32,
+        eps: f32,
+        decay: f32,
+        #[comptime] master: bool,
+        #[comptime] slots: u32,
+    ) {
+        let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
+        // The slot and its constants before any branch (uniform in the cube: loaded once).
+        let b = slot_of(table, cube, slots);
+        let t = b * comptime!(SLOT_WORDS as u32);
+        let first_cube = table[t as usize];
+        let n = table[(t + 1) as usize];
+        let k = table[(t + 2) as usize];
+        let indices_at = table[(t + 3) as usize];
+        let mask_at = table[(t + 4) as usize];
+        let state_at = table[(t + 5) as usize];
+        let local = counter[0];
+        let moments = adam_constants(
+            beta1,
+            beta2,
+            one_minus_beta1,
+            one_minus_beta2,
+            ln_beta1,
+            ln_beta2,
+            eps,
+            f32::cast_from(local + 1),
+        );
+        if cube < cubes {
+            let e = (cube - first_cube) * UNITS + UNIT_POS;
+            if e < n {
+                let g = f32::cast_from(select_slot(g0, g1, g2, g3, g4, g5, b, e, slots)[0]);
+                let master_at = state_at + 2 * k + e;
+                let mut p = 0.0f32;
+                if comptime!(master) {
+                    p = state[master_at as usize];
+                }
+                if comptime!(!master) {
+                    p = f32::cast_from(select_slot(w0, w1, w2, w3, w4, w5, b, e, slots)[0]);
+                }
+                p *= decay;
+                if ((mask[(mask_at + e / 32) as usize] >> (e % 32)) & 1u32) == 1u32 {
+                    let j = state_at + lower_bound(indices, indices_at, k, e);
+                    if local == 0u32 {
+                        // First step of a subspace: the slot held another coordinate's state.
+                        state[j as usize] = 0.0;
+                        state[(j + k) as usize] = 0.0;
+                    }
+                    adam_moments(state, j, k, g, moments, false);
+                    p -= lr * adam_direction(state, j, k, moments);
+                } else {
+                    // sign(0) = 0: a zero gradient leaves the coordinate alone.
+                    let s = select(g > 0.0, 1.0f32, select(g < 0.0, -1.0f32, 0.0f32));
+                    p -= lr_free * s;
+                }
+                if comptime!(master) {
+                    state[master_at as usize] = p;
+                }
+                let out = Vector::<F, N>::new(F::cast_from(p));
+                store_slot(w0, w1, w2, w3, w4, w5, b, e, out, slots);
+            }
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Compaction of the selection in index order: per-cube counts (and each unit's
+//! offset inside its cube), a one-cube scan of the counts, and the write pass that
+//! also forms the error feedback.
+
+use super::*;
+
+/// Per cube: how many keys are above the threshold `T = state[0]` and how many equal it
+/// (`counts[2 cube ..]`), and per unit how many of each come before its `PER_UNIT`
+/// consecutive keys in the cube (`before[cube UNITS + unit]`, both in one u32: the write
+/// pass's slots without counting again).
+#[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(cubes), cube = UNITS)]
+pub fn topk_count(
+    keys: &Array<u32>,
+    state: &Array<u32>,
+    counts: &mut Array<u32>,
+    before: &mut Array<u32>,
+    n: u32,
+    cubes: u32,
+) {
+    let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
+    let t = state[0];
+    let base = cube * comptime!(CHUNK) + UNIT_POS * comptime!(PER_UNIT);
+    let mut both = 0u32;
+    if cube < cubes {
+        for j in 0..comptime!(PER_UNIT) {
+            let e = base + j;
+            if e < n {
+                both += above_and_ties(keys[e as usize], t);
+            }
+        }
+    }
+    let mut smem = SharedMemory::<u32>::new(comptime!((CUBE + BINS) as usize));
+    let mine = cube_exclusive_sum_u32(&mut smem, both);
+    if cube < cubes {
+        before[(cube * UNITS + UNIT_POS) as usize] = mine;
+        if UNIT_POS == comptime!(CUBE - 1) {
+            let total = mine + both;
+            counts[(2 * cube) as usize] = total & 65535u32;
+            counts[(2 * cube + 1) as usize] = total >> 16u32;
+        }
+    }
+}
+
+/// Exclusive prefix sum of a u32 over the cube's `CUBE` units, in unit order (exact):
+/// `BINS` units each scan `BINS` consecutive values serially, then one unit the `BINS`
+/// group totals. Four barriers, where a Hillis–Steele scan takes eighteen: on a CPU
+/// adapter each barrier switches every SIMD slice of the cube. `smem` holds
+/// `CUBE + BINS` words; every unit must call it.
+#[cube]
+fn cube_exclusive_sum_u32(smem: &mut SharedMemory<u32>, value: u32) -> u32 {
+    let groups = comptime!(CUBE / BINS);
+    smem[UNIT_POS as usize] = value;
+    sync_cube();
+    if UNIT_POS < groups {
+        let mut run = 0u32;
+        for i in 0..comptime!(BINS) {
+            let at = (UNIT_POS * comptime!(BINS) + i) as usize;
+            let v = smem[at];
+            smem[at] = run;
+            run += v;
+        }
+        smem[(comptime!(CUBE) + UNIT_POS) as usize] = run;
+    }
+    sync_cube();
+    if UNIT_POS == 0 {
+        let mut run = 0u32;
+        for g in 0..groups {
+            let at = (comptime!(CUBE) + g) as usize;
+            let v = smem[at];
+            smem[at] = run;
+            run += v;
+        }
+    }
+    sync_cube();
+    let r = smem[UNIT_POS as usize] + smem[(comptime!(CUBE) + UNIT_POS / comptime!(BINS)) as usize];
+    sync_cube();
+    r
+}
+
+/// `1` for a key above `t`, `1 << 16` for a key equal to it: a unit's (or a cube's)
+/// counts of both in one u32 (at most `CHUNK` = 16384 each).
+#[cube]
+fn above_and_ties(key: u32, t: u32) -> u32 {
+    select(key > t, 1u32, 0u32) + select(key == t, 65536u32, 0u32)
+}
+
+/// One cube: exclusive prefix sums over the cubes, in order, of the keys above `T`
+/// (`offsets[2c]`) and of the keys equal to it (`offsets[2c + 1]`). Each unit takes a
+/// contiguous run of cubes.
+#[kiln_macros::kernel(tune(UNITS = [256]), grid = (1), cube = UNITS)]
+pub fn topk_scan(counts: &Array<u32>, offsets: &mut Array<u32>, cubes: u32) {
+    let per = (cubes + UNITS - 1) / UNITS;
+    let first = UNIT_POS * per;
+    let mut gt = 0u32;
+    let mut eq = 0u32;
+    for i in 0..per {
+        let c = first + i;
+        if c < cubes {
+            gt += counts[(2 * c) as usize];
+            eq += counts[(2 * c + 1) as usize];
+        }
+    }
+    let mut smem = SharedMemory::<u32>::new(comptime!((CUBE + BINS) as usize));
+    let mut gt_before = cube_exclusive_sum_u32(&mut smem, gt);
+    let mut eq_before = cube_exclusive_sum_u32(&mut smem, eq);
+    for i in 0..per {
+        let c = first + i;
+        if c < cubes {
+            offsets[(2 * c) as usize] = gt_before;
+            offsets[(2 * c + 1) as usize] = eq_before;
+            gt_before += counts[(2 * c) as usize];
+            eq_before += counts[(2 * c + 1) as usize];
+        }
+    }
+}
+
+/// The compaction: unit `u` of cube `c` owns elements `c CHUNK + u PER_UNIT ..` (64 in
+/// a row, so the count pass's in-cube scan, `before`, orders them). An element is taken when its key
+/// is above `T`, or equal with fewer than `k_rem` equal keys before it. Its slot is the
+/// number of taken elements before it; every element's error is `keep · a` (`keep =
+/// 1 − scale`) if taken — exactly 0 for top-k's `keep = 0`, even where `a` is ±inf —
+/// and `a` otherwise; `residual[c]` is the cube's sum of error².
+#[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(cubes), cube = UNITS)]
+pub fn topk_write(
+    a: &Array<f32>,
+    keys: &Array<u32>,
+    state: &Array<u32>,
+    offsets: &Array<u32>,
+    before: &Array<u32>,
+    indices: &mut Array<i32>,
+    values: &mut Array<f32>,
+    error: &mut Array<f32>,
+    residual: &mut Array<f32>,
+    n: u32,
+    cubes: u32,
+    scale: f32,
+    keep: f32,
+) {
+    let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
+    let c = select(cube < cubes, cube, 0u32);
+    let t = state[0];
+    let k_rem = state[1];
+    let base = c * comptime!(CHUNK) + UNIT_POS * comptime!(PER_UNIT);
+    let mine = before[(c * UNITS + UNIT_POS) as usize];
+    let gt_before = mine & 65535u32;
+    let eq_before = mine >> 16u32;
+    let mut smem = SharedMemory::<f32>::new(UNITS as usize);
+    let mut squares = 0.0f32;
+    if cube < cubes {
+        let mut ties = offsets[(2 * c + 1) as usize] + eq_before;
+        // Taken ties before this unit: all earlier ties, capped at k_rem.
+        let mut slot = offsets[(2 * c) as usize] + gt_before + min(ties, k_rem);
+        for j in 0..comptime!(PER_UNIT) {
+            let e = base + j;
+            if e < n {
+                let key = keys[e as usize];
+                let v = a[e as usize];
+                let tie = key == t;
+                let taken = key > t || (tie && ties < k_rem);
+                if taken {
+                    indices[slot as usize] = i32::cast_from(e);
+                    values[slot as usize] = scale * v;
+                    slot += 1;
+                }
+                // inf * 0 would be NaN: a taken value leaves exactly nothing behind.
+                let sent_rest = select(keep == 0.0, 0.0f32, keep * v);
+                let r = select(taken, sent_rest, v);
+                error[e as usize] = r;
+                squares += r * r;
+                ties += select(tie, 1u32, 0u32);
+            }
+        }
+    }
+    let total = cube_sum(&mut smem, squares, UNITS);
+    if cube < cubes && UNIT_POS == 0 {
+        residual[cube as usize] = total;
+    }
+}

@@ -1,0 +1,352 @@
+//! The search: running, validating and timing a decision's candidates ([`Autotuner::tune`],
+//! [`Autotuner::tune_ranked`]), and the cost-model ranking that decides which run. The
+//! module's documentation (in `mod.rs`) describes the rules.
+
+use super::*;
+
+impl Autotuner {
+    /// Picks a configuration among `candidates` (non-empty, in preference order) for
+    /// `key` on `client`'s device. `run` launches one candidate and returns its
+    /// outputs; `tolerance` bounds the max relative difference allowed between a
+    /// candidate's outputs and the reference candidate's (each element's, with a floor
+    /// of 1e-3 of the output's largest magnitude plus 1e-6). Without a cost model every
+    /// candidate runs (see [`Autotuner::tune_ranked`]).
+    pub fn tune<C>(
+        &self,
+        client: &Client,
+        key: &TuneKey,
+        candidates: &[C],
+        label: impl Fn(&C) -> String,
+        run: impl Fn(&C) -> Result<Vec<Tensor>>,
+        tolerance: f64,
+    ) -> Result<C>
+    where
+        C: Clone + PartialEq + Serialize + DeserializeOwned,
+    {
+        self.tune_ranked(client, key, candidates, label, run, tolerance, None)
+    }
+
+    /// [`Autotuner::tune`] with a cost model: `cost` estimates a candidate's time in
+    /// any unit (lower is better). A ranked search runs candidates in the model's order,
+    /// the first that runs being the reference the others are checked against, and
+    /// stops after [`Autotuner::finalists`] valid ones; the rest are reported as
+    /// [`CandidateStatus::NotTimed`]. An exhaustive search ignores the model.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tune_ranked<C>(
+        &self,
+        client: &Client,
+        key: &TuneKey,
+        candidates: &[C],
+        label: impl Fn(&C) -> String,
+        run: impl Fn(&C) -> Result<Vec<Tensor>>,
+        tolerance: f64,
+        cost: Option<&dyn Fn(&C) -> f64>,
+    ) -> Result<C>
+    where
+        C: Clone + PartialEq + Serialize + DeserializeOwned,
+    {
+        let first = candidates.first().cloned().ok_or_else(|| Error::Kernel {
+            kernel: key.kernel.into(),
+            message: "no configuration fits this device and shape".into(),
+        })?;
+        let done = |winner: &C, how: Decision, spent: Spent| {
+            self.emit(TuneEvent::Done {
+                kernel: key.kernel.into(),
+                winner: label(winner),
+                how,
+                spent,
+            })
+        };
+        if candidates.len() == 1 {
+            done(&first, Decision::OnlyCandidate, Spent::default());
+            return Ok(first);
+        }
+        let mode = self.mode();
+        if mode == TuneMode::Off {
+            done(&first, Decision::Mode, Spent::default());
+            return Ok(first);
+        }
+        let search = self.search();
+        let ekey = Self::entry_key(client, key);
+        let cached = self.with_cache(|c| c.entries.get(&ekey).cloned());
+        if let Some(entry) = cached {
+            // An exhaustive search does not trust a ranked one's decision.
+            let trusted = search == Search::Ranked || entry.exhaustive;
+            if let Ok(config) = serde_json::from_value::<C>(entry.config) {
+                if candidates.contains(&config) && (trusted || mode == TuneMode::CacheOnly) {
+                    done(&config, Decision::Cached, Spent::default());
+                    return Ok(config);
+                }
+            }
+        }
+        if mode == TuneMode::CacheOnly {
+            done(&first, Decision::Mode, Spent::default());
+            return Ok(first);
+        }
+
+        // The order candidates run in, and how many valid ones end the search.
+        // The order candidates run in, and how many valid ones end the search.
+        let (order, finalists) = match cost {
+            Some(cost) if search == Search::Ranked => {
+                let ranked = rank(candidates, cost);
+                let finalists = finalist_count(&ranked, self.finalists);
+                (ranked.into_iter().map(|(i, _)| i).collect(), finalists)
+            }
+            _ => ((0..candidates.len()).collect::<Vec<_>>(), candidates.len()),
+        };
+        let cut = if search == Search::Exhaustive {
+            3.0
+        } else {
+            1.5
+        };
+        self.emit(TuneEvent::Start {
+            kernel: key.kernel.into(),
+            shape: key.shape.clone(),
+            candidates: candidates.len(),
+            finalists,
+        });
+        // First runs, in order: compile, launch, check against the reference (the first
+        // candidate that ran). Past the finalists, a candidate runs only while none of
+        // them is valid.
+        let mut reference: Option<Vec<HostTensor>> = None;
+        let mut spent = Spent::default();
+        let mut status: Vec<Option<CandidateStatus>> = vec![None; order.len()];
+        let mut valid: Vec<(usize, Duration)> = Vec::new();
+        for (pos, &i) in order.iter().enumerate() {
+            let c = &candidates[i];
+            if valid.len() >= finalists {
+                status[pos] = Some(CandidateStatus::NotTimed { rank: pos + 1 });
+                continue;
+            }
+            spent.run += 1;
+            let started = Instant::now();
+            let checked = self.first_run(c, &run, &mut reference, tolerance);
+            let first_run = started.elapsed();
+            spent.first_runs += first_run;
+            self.emit(TuneEvent::FirstRun { label: label(c) });
+            match checked {
+                None => valid.push((pos, first_run)),
+                Some(failed) => status[pos] = Some(failed),
+            }
+        }
+        // A lone valid candidate has nothing to be timed against: its first run decides.
+        let times = if let [(pos, first_run)] = valid[..] {
+            vec![(pos, Ok(vec![first_run]))]
+        } else {
+            let started = Instant::now();
+            let times = self.time_rounds(client, candidates, &order, &valid, &run, cut);
+            spent.timing = started.elapsed();
+            times
+        };
+        let mut best: Option<(Duration, &C)> = None;
+        for (pos, t) in times {
+            let c = &candidates[order[pos]];
+            status[pos] = Some(match t {
+                Ok(mut t) => {
+                    t.sort();
+                    let median = t[t.len() / 2];
+                    if best.is_none_or(|(bt, _)| median < bt) {
+                        best = Some((median, c));
+                    }
+                    CandidateStatus::Timed(median)
+                }
+                Err(e) => CandidateStatus::Failed(e),
+            });
+        }
+        for (pos, s) in status.into_iter().enumerate() {
+            if let Some(status) = s {
+                self.emit(TuneEvent::Candidate {
+                    label: label(&candidates[order[pos]]),
+                    status,
+                });
+            }
+        }
+        let Some((time, winner)) = best else {
+            return Err(Error::Kernel {
+                kernel: key.kernel.into(),
+                message: "every candidate configuration failed".into(),
+            });
+        };
+        let entry = Entry {
+            config: serde_json::to_value(winner).map_err(|e| Error::Kernel {
+                kernel: key.kernel.into(),
+                message: format!("config not serializable: {e}"),
+            })?,
+            label: label(winner),
+            median_us: time.as_secs_f64() * 1e6,
+            exhaustive: finalists == candidates.len(),
+        };
+        self.persist(BTreeMap::from([(ekey, entry)]));
+        done(winner, Decision::Tuned, spent);
+        Ok(winner.clone())
+    }
+
+    /// Runs `c` once (compiling it) and checks its outputs against the reference's (the
+    /// first candidate's to get here becomes the reference). `None`: valid.
+    fn first_run<C>(
+        &self,
+        c: &C,
+        run: &impl Fn(&C) -> Result<Vec<Tensor>>,
+        reference: &mut Option<Vec<HostTensor>>,
+        tolerance: f64,
+    ) -> Option<CandidateStatus> {
+        let outputs =
+            match run(c).and_then(|o| o.iter().map(Tensor::download).collect::<Result<Vec<_>>>()) {
+                Ok(o) => o,
+                Err(e) => return Some(CandidateStatus::Failed(e.to_string())),
+            };
+        match reference {
+            None => {
+                *reference = Some(outputs);
+                None
+            }
+            Some(r) => disagreement(r, &outputs, tolerance).map(CandidateStatus::Mismatch),
+        }
+    }
+
+    /// Times the `valid` candidates (positions in `order`) in rounds, one run of each
+    /// per round, so that the machine's drift is shared among them. After each round, a
+    /// candidate whose fastest run is over `cut` times the best median so far drops
+    /// out. Rounds end after [`Autotuner::samples`], when one candidate is left, or when
+    /// the budget ([`TIME_BUDGET`] per valid candidate) is spent. Each candidate's run
+    /// times, or why a run failed.
+    fn time_rounds<C>(
+        &self,
+        client: &Client,
+        candidates: &[C],
+        order: &[usize],
+        valid: &[(usize, Duration)],
+        run: &impl Fn(&C) -> Result<Vec<Tensor>>,
+        cut: f64,
+    ) -> Vec<(usize, std::result::Result<Vec<Duration>, String>)> {
+        let mut times: Vec<(usize, std::result::Result<Vec<Duration>, String>)> = valid
+            .iter()
+            .map(|&(pos, _)| (pos, Ok(Vec::new())))
+            .collect();
+        let mut alive = vec![true; valid.len()];
+        let budget = TIME_BUDGET * valid.len() as u32;
+        let started = Instant::now();
+        let median = |t: &[Duration]| {
+            let mut t = t.to_vec();
+            t.sort();
+            t[t.len() / 2]
+        };
+        for _ in 0..self.samples.max(1) {
+            for (v, (pos, result)) in times.iter_mut().enumerate() {
+                let Ok(samples) = result else { continue };
+                if !alive[v] {
+                    continue;
+                }
+                let start = Instant::now();
+                match run(&candidates[order[*pos]]).and_then(|_| client.sync()) {
+                    Ok(()) => samples.push(start.elapsed()),
+                    Err(e) => {
+                        *result = Err(e.to_string());
+                        alive[v] = false;
+                    }
+                }
+            }
+            let best = times
+                .iter()
+                .zip(&alive)
+                .filter_map(|((_, t), &a)| t.as_ref().ok().filter(|_| a))
+                .map(|t| median(t))
+                .min();
+            let Some(best) = best else { break };
+            for (v, (_, t)) in times.iter().enumerate() {
+                if let Ok(t) = t {
+                    let fastest = t.iter().min().copied().unwrap_or_default();
+                    if fastest.as_secs_f64() > cut * best.as_secs_f64() {
+                        alive[v] = false;
+                    }
+                }
+            }
+            if alive.iter().filter(|&&a| a).count() <= 1 || started.elapsed() > budget {
+                break;
+            }
+        }
+        times
+    }
+}
+
+/// Candidate indices by estimated cost, best first (NaN counts as +inf; ties keep
+/// the declaration order), each with its estimate.
+pub(crate) fn rank<C>(candidates: &[C], cost: &dyn Fn(&C) -> f64) -> Vec<(usize, f64)> {
+    let mut order: Vec<(usize, f64)> = candidates
+        .iter()
+        .map(cost)
+        .map(|e| if e.is_nan() { f64::INFINITY } else { e })
+        .enumerate()
+        .collect();
+    order.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+    order
+}
+
+/// How many of the `ranked` candidates (best first) a ranked search times: the best
+/// `most`, less those the model puts over [`CONFIDENT`] times the best estimate (it is
+/// sure they lose), plus any within 10 % of the last one kept (estimates that close are
+/// not a ranking). At least one.
+fn finalist_count(ranked: &[(usize, f64)], most: usize) -> usize {
+    let Some(&(_, best)) = ranked.first() else {
+        return 0;
+    };
+    let kept = ranked
+        .iter()
+        .take(most.max(1))
+        .take_while(|(_, e)| *e <= CONFIDENT * best)
+        .count()
+        .max(1);
+    let last = ranked[kept - 1].1;
+    ranked.iter().filter(|(_, e)| *e <= last * 1.1).count()
+}
+
+/// A candidate the cost model estimates at more than this many times the best one is
+/// not timed.
+const CONFIDENT: f64 = 2.0;
+
+/// `None` when every output agrees within `tolerance`, else what differs.
+fn disagreement(reference: &[HostTensor], got: &[HostTensor], tolerance: f64) -> Option<String> {
+    if reference.len() != got.len() {
+        return Some(format!(
+            "{} outputs, reference has {}",
+            got.len(),
+            reference.len()
+        ));
+    }
+    for (i, (r, g)) in reference.iter().zip(got).enumerate() {
+        if r.shape != g.shape || r.dtype != g.dtype {
+            return Some(format!(
+                "output {i}: {} {:?} vs {} {:?}",
+                g.dtype, g.shape, r.dtype, r.shape
+            ));
+        }
+        let want = r.to_f64();
+        // Relative to each element, floored at 1e-3 of the output's largest magnitude:
+        // an element that cancels to near zero is judged on the output's scale, not its
+        // own (a different summation order moves it by an ulp of the scale).
+        let scale = want
+            .iter()
+            .filter(|a| a.is_finite())
+            .fold(0.0f64, |m, a| m.max(a.abs()));
+        let worst = want
+            .iter()
+            .zip(g.to_f64())
+            .map(|(&a, b)| {
+                if a == b || (a.is_nan() && b.is_nan()) {
+                    0.0
+                } else {
+                    (a - b).abs() / (a.abs() + 1e-3 * scale + 1e-6)
+                }
+            })
+            .fold(
+                0.0f64,
+                |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) },
+            );
+        if worst > tolerance {
+            return Some(format!(
+                "output {i} differs from the reference config by {worst:.2e} (relative)"
+            ));
+        }
+    }
+    None
+}

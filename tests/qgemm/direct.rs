@@ -1,0 +1,295 @@
+//! The register-tiled direct kernels (int4/int8 dequantizing, W8A8) and the tensor-core
+//! W4A16 kernel: every configuration against f64, M and N ragged against every tile.
+
+use super::*;
+
+/// The direct dequantizing kernel (register tiles from global memory), every
+/// configuration, against f64: int4 in kiln's layout with and without act order (f32 and
+/// f16 activations) and int8 Double Rounding with K a multiple of 4 but not of 8 (K = 77:
+/// no configuration); M and N ragged against every tile.
+#[test]
+fn qgemm_direct_every_config_matches_f64() {
+    use kiln::kernels::qgemm::{QgemmDirect, QgemmDirectArgs, QgemmDirectProblem, WeightKind};
+    let mut rng = Rng::new(21);
+    let run = |x: &Tensor,
+               qweight: &Tensor,
+               scales: &Tensor,
+               zeros: &Tensor,
+               g_idx: &Tensor,
+               [m, n, k, g]: [usize; 4],
+               shift: u32,
+               wkind: WeightKind,
+               act_order: bool,
+               want: &[f64],
+               what: &str| {
+        let problem = QgemmDirectProblem {
+            m: m as u32,
+            n: n as u32,
+            k: k as u32,
+            group_size: g as u32,
+            shift,
+            wkind,
+            act_order,
+        };
+        let space = QgemmDirect::space(client(), &problem);
+        assert!(!space.is_empty(), "{what}: no configuration");
+        for cfg in space {
+            let y = Tensor::empty(client(), x.dtype(), &[m, n]).unwrap();
+            QgemmDirect::launch(
+                client(),
+                &cfg,
+                &QgemmDirectArgs {
+                    x,
+                    qweight,
+                    scales,
+                    zeros,
+                    g_idx,
+                    y: &y,
+                    m: m as u32,
+                    n: n as u32,
+                    k: k as u32,
+                    group_size: g as u32,
+                    shift,
+                    wkind,
+                    act_order,
+                },
+            )
+            .unwrap();
+            let err = mean_rel(&y.download().unwrap().to_f64(), want);
+            assert!(err < bar(x.dtype()), "{what} {cfg:?}: {err:e}");
+        }
+    };
+
+    let (m, n, k, g) = (37, 72, 256, 32);
+    let c = codes(&mut rng, k, n, g, DType::F32);
+    let ck = checkpoint(&c, W4Format::Gptq { version: 2 }, DType::F32, true);
+    let w = weights(&ck, W4Format::Gptq { version: 2 }, g as i64, None);
+    let packed = qgemm::w4a16_repack(&w).unwrap();
+    let words = packed.qweight.as_words();
+    // M = 1 and 3 reach the few-row tiles (BM = 1, 4).
+    for (m, dtype) in [
+        (m, DType::F32),
+        (m, DType::F16),
+        (1, DType::F32),
+        (3, DType::F16),
+    ] {
+        let x = rounded(dtype, &rng.normals(m * k, 1.0));
+        let want = qr::matmul(&x, &c.dequantize(None), m, k, n);
+        let xt = up(dtype, &[m, k], &x);
+        let what = format!("int4 M={m} {dtype}");
+        run(
+            &xt,
+            &words,
+            &packed.scales,
+            &packed.qzeros,
+            &words,
+            [m, n, k, g],
+            0,
+            WeightKind::Int4,
+            false,
+            &want,
+            &what,
+        );
+    }
+    // Act order: rows visit the groups in a shuffled order.
+    let groups = k / g;
+    let g_idx: Vec<usize> = (0..k).map(|r| (r * 5 + r / 7) % groups).collect();
+    let gi = up_i32(&[k], &g_idx.iter().map(|&v| v as i32).collect::<Vec<_>>());
+    let x = rng.normals(m * k, 1.0);
+    let want = qr::matmul(&x, &c.dequantize(Some(&g_idx)), m, k, n);
+    run(
+        &up(DType::F32, &[m, k], &x),
+        &words,
+        &packed.scales,
+        &packed.qzeros,
+        &gi.as_words(),
+        [m, n, k, g],
+        0,
+        WeightKind::Int4,
+        true,
+        &want,
+        "int4 act order",
+    );
+
+    // int8 served at 4 bits (shift 4), K = 84: a multiple of the kernel's vectors of x but
+    // not of its steps of 8 (the last step ends half-way).
+    let (m, n, k) = (19, 37, 84);
+    let q8 = ints(&mut rng, k * n, -128, 127);
+    let q8i: Vec<i8> = q8.iter().map(|&v| v as i8).collect();
+    let s8 = rounded(
+        DType::F32,
+        &(0..n)
+            .map(|_| 0.01 + 0.01 * rng.uniform())
+            .collect::<Vec<_>>(),
+    );
+    let wq = qr::w8_bits_weight(&q8i, &s8, k, n, 4);
+    let x = rng.normals(m * k, 1.0);
+    let want = qr::matmul(&x, &wq, m, k, n);
+    let (qt, st) = (up(DType::I8, &[k, n], &q8), up(DType::F32, &[n], &s8));
+    run(
+        &up(DType::F32, &[m, k], &x),
+        &qt.as_words(),
+        &st,
+        &st,
+        &qt.as_words(),
+        [m, n, k, k],
+        4,
+        WeightKind::Int8Bits,
+        false,
+        &want,
+        "int8 at 4 bits",
+    );
+    // K not a multiple of 4 (rows of x not on vectors): no configuration; the host's
+    // path choice then has the GEMV and the tiled kernel (K = 77 in `int8.rs`).
+    let problem = QgemmDirectProblem {
+        m: 4,
+        n: 8,
+        k: 77,
+        group_size: 77,
+        shift: 4,
+        wkind: WeightKind::Int8Bits,
+        act_order: false,
+    };
+    assert!(QgemmDirect::space(client(), &problem).is_empty());
+}
+
+/// The direct W8A8 kernel (register tiles from global memory, whole words of K), every
+/// configuration, against f64: M and N ragged against every tile (M = 1 and 3 reach the
+/// few-row tiles), K a multiple of 4 but not of 8, codes over the whole range
+/// -128..=127 (exact i32 sums), with and without bias, f32 and f16 outputs.
+#[test]
+fn w8a8_direct_every_config_matches_f64() {
+    use kiln::kernels::qgemm::{W8a8Direct, W8a8DirectProblem};
+    let mut rng = Rng::new(23);
+    for m in [37, 1, 3] {
+        w8a8_direct_case(&mut rng, m);
+    }
+    // K not a multiple of 4: no configuration (the host does not offer the kernel).
+    let problem = W8a8DirectProblem {
+        m: 4,
+        n: 8,
+        k: 77,
+        has_bias: false,
+    };
+    assert!(W8a8Direct::space(client(), &problem).is_empty());
+}
+
+/// `w8a8_direct`'s every configuration at M = `m`, N = 72, K = 84 against f64.
+fn w8a8_direct_case(rng: &mut Rng, m: usize) {
+    use kiln::kernels::qgemm::{W8a8Direct, W8a8DirectArgs, W8a8DirectProblem};
+    let (n, k) = (72, 84);
+    let xq = ints(rng, m * k, -128, 127);
+    let wq = ints(rng, n * k, -128, 127);
+    let mut scales = |len: usize| -> Vec<f64> {
+        let v: Vec<f64> = (0..len).map(|_| 0.01 + rng.uniform() * 0.02).collect();
+        rounded(DType::F32, &v)
+    };
+    let (sx, sw) = (scales(m), scales(n));
+    let bias = rounded(DType::F32, &rng.normals(n, 1.0));
+    let (xt, wt) = (up(DType::I8, &[m, k], &xq), up(DType::I8, &[n, k], &wq));
+    let (sxt, swt, bt) = (
+        up(DType::F32, &[m], &sx),
+        up(DType::F32, &[n], &sw),
+        up(DType::F32, &[n], &bias),
+    );
+    for has_bias in [false, true] {
+        let want = qr::w8a8(&xq, &sx, &wq, &sw, has_bias.then_some(&bias[..]), m, n, k);
+        for out in [DType::F32, DType::F16] {
+            let problem = W8a8DirectProblem {
+                m: m as u32,
+                n: n as u32,
+                k: k as u32,
+                has_bias,
+            };
+            let space = W8a8Direct::space(client(), &problem);
+            assert!(!space.is_empty(), "M={m}: no configuration");
+            for cfg in space {
+                let y = Tensor::empty(client(), out, &[m, n]).unwrap();
+                W8a8Direct::launch(
+                    client(),
+                    &cfg,
+                    &W8a8DirectArgs {
+                        xq: &xt.as_words(),
+                        sx: &sxt,
+                        wq: &wt.as_words(),
+                        sw: &swt,
+                        bias: &bt,
+                        y: &y,
+                        m: m as u32,
+                        n: n as u32,
+                        k: k as u32,
+                        has_bias,
+                    },
+                )
+                .unwrap();
+                let err = mean_rel(&y.download().unwrap().to_f64(), &want);
+                let tol = if out == DType::F32 { 1e-6 } else { 1e-3 };
+                assert!(err < tol, "M={m} {cfg:?} bias={has_bias} {out}: {err:e}");
+            }
+        }
+    }
+}
+
+/// The tensor-core W4A16 kernel, every configuration, against f64, where the device
+/// has tensor cores (CUDA; elsewhere its tuning space is empty and the test says so
+/// and checks only that): f16 activations, M and N ragged against the 32 x 32 blocks,
+/// K = 264 with one group per column (K a multiple of 8 but not of the 16-deep step)
+/// and K = 256 with G = 32.
+#[test]
+fn qgemm_cmma_every_config_matches_f64_where_there_are_tensor_cores() {
+    use kiln::kernels::qgemm::{QgemmCmma, QgemmCmmaArgs, QgemmCmmaProblem, WeightKind};
+    let mut rng = Rng::new(29);
+    for (m, n, k, g) in [(37, 72, 264, 264), (70, 40, 256, 32)] {
+        let problem = QgemmCmmaProblem {
+            m: m as u32,
+            n: n as u32,
+            k: k as u32,
+            group_size: g as u32,
+            shift: 0,
+            wkind: WeightKind::Int4,
+            act_order: false,
+        };
+        let space = QgemmCmma::space(client(), &problem);
+        if space.is_empty() {
+            assert!(
+                !client().report().tensor_cores,
+                "tensor cores reported but no qgemm_cmma configuration"
+            );
+            eprintln!("qgemm_cmma: no tensor cores on this device, nothing to run");
+            return;
+        }
+        let c = codes(&mut rng, k, n, g, DType::F16);
+        let ck = checkpoint(&c, W4Format::Gptq { version: 2 }, DType::F16, true);
+        let w = weights(&ck, W4Format::Gptq { version: 2 }, g as i64, None);
+        let packed = qgemm::w4a16_repack(&w).unwrap();
+        let words = packed.qweight.as_words();
+        let x = rounded(DType::F16, &rng.normals(m * k, 1.0));
+        let want = qr::matmul(&x, &c.dequantize(None), m, k, n);
+        let xt = up(DType::F16, &[m, k], &x);
+        for cfg in space {
+            let y = Tensor::empty(client(), DType::F16, &[m, n]).unwrap();
+            QgemmCmma::launch(
+                client(),
+                &cfg,
+                &QgemmCmmaArgs {
+                    x: &xt,
+                    qweight: &words,
+                    scales: &packed.scales,
+                    zeros: &packed.qzeros,
+                    g_idx: &words,
+                    y: &y,
+                    m: m as u32,
+                    n: n as u32,
+                    k: k as u32,
+                    group_size: g as u32,
+                    shift: 0,
+                    wkind: WeightKind::Int4,
+                    act_order: false,
+                },
+            )
+            .unwrap();
+            let err = mean_rel(&y.download().unwrap().to_f64(), &want);
+            assert!(err < bar(DType::F16), "M={m} N={n} K={k} {cfg:?}: {err:e}");
+        }
+    }
+}
