@@ -69,6 +69,14 @@ pub(crate) fn absent(client: &Client) -> Result<Tensor> {
     Tensor::empty(client, DType::F32, &[1])
 }
 
+/// `t` (a shared handle), or [`absent`]'s placeholder when the optional input is not given.
+pub(crate) fn or_absent(client: &Client, t: Option<&Tensor>) -> Result<Tensor> {
+    match t {
+        Some(t) => Ok(t.clone()),
+        None => absent(client),
+    }
+}
+
 /// `values` as a u32 device tensor named `name` (tables and offsets the host builds).
 /// An empty list becomes one 0: a zero-length buffer is not bindable everywhere.
 pub(crate) fn upload_u32(client: &Client, name: &str, values: &[u32]) -> Result<Tensor> {

@@ -3,7 +3,7 @@
 use super::forward::{chunk_size, forward_states};
 use super::problem::*;
 use super::*;
-use crate::launch::{absent, check_input, expect_shape};
+use crate::launch::{check_input, expect_shape, or_absent};
 use kiln_runtime::{DType, Result, Tensor};
 
 /// The chunked backward of [`gla`]'s `o` (and `ht`, through `dht`).
@@ -31,10 +31,7 @@ pub fn gla_backward(
 
     let dhs = Tensor::empty(client, DType::F32, &[c.count.max(1), p.heads, p.dk, p.dv])?;
     let dh0 = Tensor::empty(client, DType::F32, &p.state_shape())?;
-    let dht = match grad.dht {
-        Some(t) => t.clone(),
-        None => absent(client)?,
-    };
+    let dht = or_absent(client, grad.dht)?;
     GlaStatePass::tuned(
         client,
         CHUNK_TOLERANCE,

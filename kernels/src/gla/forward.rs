@@ -3,7 +3,7 @@
 
 use super::problem::*;
 use super::*;
-use crate::launch::{absent, upload_u32};
+use crate::launch::{or_absent, upload_u32};
 use kiln_runtime::tune::Choice;
 use kiln_runtime::{DType, Error, Result, Tensor};
 
@@ -39,10 +39,7 @@ pub(super) fn forward_states(
     }
     let hs = Tensor::empty(client, DType::F32, &[c.count.max(1), h, dk, dv])?;
     let ht = Tensor::empty(client, DType::F32, &p.state_shape())?;
-    let init = match inp.h0 {
-        Some(t) => t.clone(),
-        None => absent(client)?,
-    };
+    let init = or_absent(client, inp.h0)?;
     GlaStatePass::tuned(
         client,
         CHUNK_TOLERANCE,
@@ -177,10 +174,7 @@ pub(super) fn forward_fused(inp: &GlaInputs<'_>, p: &Problem) -> Result<(Tensor,
     let bounds = upload_u32(client, "cu_seqlens", &bounds)?;
     let o = Tensor::empty(client, p.dtype, inp.v.shape())?;
     let ht = Tensor::empty(client, DType::F32, &p.state_shape())?;
-    let init = match inp.h0 {
-        Some(t) => t.clone(),
-        None => absent(client)?,
-    };
+    let init = or_absent(client, inp.h0)?;
     if p.n_seq() > 0 {
         GlaFusedFwd::tuned(
             client,

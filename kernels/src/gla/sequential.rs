@@ -3,7 +3,7 @@
 use super::forward::gates_f32;
 use super::problem::*;
 use super::*;
-use crate::launch::{absent, shape_err};
+use crate::launch::{absent, or_absent, shape_err};
 use kiln_runtime::{DType, Error, Result, Tensor};
 
 /// The recurrent forward: same contract as [`gla`] (`chunk_size` is ignored).
@@ -14,10 +14,7 @@ pub fn gla_recurrent(inp: &GlaInputs<'_>, opts: &GlaOptions) -> Result<GlaOutput
     let g = gates_f32(inp.g)?;
     let state = Tensor::empty(client, DType::F32, &p.state_shape())?;
     let o = Tensor::empty(client, p.dtype, inp.v.shape())?;
-    let init = match inp.h0 {
-        Some(t) => t.clone(),
-        None => absent(client)?,
-    };
+    let init = or_absent(client, inp.h0)?;
     GlaRecurrent::tuned(
         client,
         RECURRENT_TOLERANCE,
