@@ -15,11 +15,9 @@ use kiln::kernels::attention::{
 };
 use kiln::{DType, Error, HostTensor, Tensor};
 
-/// Autotuning off in this binary: every kernel runs its first configuration
-/// (`tests/attention_tune.rs` tunes, and so runs every candidate).
+/// The device; this binary runs untuned (`common::UNTUNED`: every kernel its first
+/// configuration; the `*_tune` binaries tune and validate every candidate).
 fn client() -> &'static kiln::Client {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| std::env::set_var("KILN_AUTOTUNE", "off"));
     common::client()
 }
 

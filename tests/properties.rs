@@ -5,6 +5,9 @@
 //! reference has NaN (docs/numerics.md says where a kernel may add NaN); `kiln emit` over every kernel's declared configuration domain
 //! (and values outside it) returns source or a typed error, never a panic.
 //!
+//! Operators tune on first use of a shape bucket; here every case would be a new one, so
+//! this binary runs untuned (`common::UNTUNED`; the tuning path has its own tests).
+//!
 //! The seed is fixed, so CI runs the same cases every time. Run longer with
 //! `KILN_PROPTEST_CASES=200 cargo test --test properties` (default 6 per operator).
 
@@ -45,12 +48,6 @@ fn runner(salt: u64) -> TestRunner {
         },
         TestRng::from_seed(RngAlgorithm::ChaCha, &seed),
     )
-}
-
-/// Operators tune on first use of a shape bucket; here every case would be a new one,
-/// so they run untuned (the tuning path has its own tests).
-fn untuned() {
-    std::env::set_var("KILN_AUTOTUNE", "off");
 }
 
 /// How many dimensions the operator's problem shape has (what `kiln tune --shape`
@@ -183,7 +180,6 @@ const VALUE_CHECKED: &[&str] = &[
 /// Every operator of `family` on random shapes and dtypes: it matches its reference
 /// within its self-test bar, or returns a typed error.
 fn every_operator_of(family: &str) {
-    untuned();
     let mut checked = BTreeMap::new();
     for op in kiln::kernels::ops()
         .iter()
@@ -315,7 +311,6 @@ const SPECIAL: &[f64] = &[
 
 #[test]
 fn special_values_never_panic_and_nan_in_the_reference_is_nan_in_the_result() {
-    untuned();
     for op in kiln::kernels::ops() {
         let Some(n) = arity(op) else { continue };
         let case = (op.selftest)()
@@ -453,7 +448,6 @@ fn emit_over_every_declared_domain_returns_source_or_a_typed_error() {
 
 #[test]
 fn softmax_and_logsumexp_rows_with_nan_or_inf_are_nan_as_in_pytorch() {
-    untuned();
     // Row 0: a NaN; row 1: +inf; row 2: -inf only in one place (fine); row 3: all -inf.
     let cols = 5;
     let inf = f64::INFINITY;

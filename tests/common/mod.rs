@@ -5,13 +5,43 @@
 use kiln::{Client, Device};
 use std::sync::OnceLock;
 
-/// The device the tests run on: `KILN_DEVICE`, or auto (lavapipe in CI).
+/// The test binaries whose suites run untuned: every kernel its first configuration, so
+/// that their many shapes do not each compile and time every candidate (the `*_tune`
+/// binaries tune, and so validate every candidate, on a few shapes).
+const UNTUNED: &[&str] = &[
+    "attention",
+    "gla",
+    "moe",
+    "properties",
+    "qgemm",
+    "ring_attention",
+    "training",
+];
+
+/// The device the tests run on: `KILN_DEVICE`, or auto (lavapipe in CI). In an
+/// [`UNTUNED`] binary it also turns the global autotuner off, directly: every operator
+/// call needs a tensor, and so this, first (`KILN_AUTOTUNE` set by a test would be read
+/// only if that test happened to create the autotuner).
 pub fn client() -> &'static Client {
     static CLIENT: OnceLock<Client> = OnceLock::new();
     CLIENT.get_or_init(|| {
+        if UNTUNED.contains(&binary_name().as_str()) {
+            use kiln::runtime::tune::{Autotuner, TuneMode};
+            Autotuner::global().set_mode(TuneMode::Off);
+        }
         let device = Device::from_env().expect("KILN_DEVICE must be valid");
         Client::open(&device).expect("tests need a device: install mesa-vulkan-drivers")
     })
+}
+
+/// This test binary's target name (`gla` for `target/debug/deps/gla-<hash>`).
+pub fn binary_name() -> String {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let stem = exe.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+    match stem.rsplit_once('-') {
+        Some((name, _hash)) => name.to_string(),
+        None => stem.to_string(),
+    }
 }
 
 /// The device a selector names (`wgpu`, `cuda`, ...), opened once per test binary; the

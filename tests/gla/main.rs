@@ -19,13 +19,9 @@ mod vectors;
 
 use common::{data, down, up};
 
-/// The device, with autotuning off in this binary: every kernel runs its first
-/// configuration, so the many shapes here do not each compile and time every candidate
-/// (`tests/gla_tune.rs` tunes, and so validates every candidate, on one shape).
+/// The device; this binary runs untuned (`common::UNTUNED`: every kernel its first
+/// configuration; the `*_tune` binaries tune and validate every candidate).
 fn client() -> &'static kiln::Client {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    // Before the first operator call creates the global autotuner.
-    ONCE.call_once(|| std::env::set_var("KILN_AUTOTUNE", "off"));
     common::client()
 }
 use kiln::check::Rng;

@@ -23,11 +23,9 @@ use kiln::kernels::qgemm::{
 use kiln::{load_safetensors, DType, Error, HostTensor, Tensor};
 use std::collections::BTreeMap;
 
-/// The device, with autotuning off in this binary: M <= 64 runs the GEMV kernel, larger
-/// M the tiled one (`tests/qgemm_tune.rs` tunes and validates every candidate).
+/// The device; this binary runs untuned (`common::UNTUNED`: every kernel its first
+/// configuration; the `*_tune` binaries tune and validate every candidate).
 fn client() -> &'static kiln::Client {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| std::env::set_var("KILN_AUTOTUNE", "off"));
     common::client()
 }
 

@@ -14,9 +14,9 @@ use kiln::kernels::s2ft::{
 };
 use kiln::{DType, HostTensor, Tensor};
 
+/// The device; this binary runs untuned (`common::UNTUNED`: every kernel its first
+/// configuration; the `*_tune` binaries tune and validate every candidate).
 fn client() -> &'static kiln::Client {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| std::env::set_var("KILN_AUTOTUNE", "off"));
     common::client()
 }
 
