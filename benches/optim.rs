@@ -13,7 +13,8 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kiln::check::Rng;
 use kiln::kernels::optim::{
-    perturb, randk, topk_ef, zo_update, Block, Frugal, FrugalConfig, Hyper, MultiTensorStep, Rule,
+    perturb, randk, topk_ef, topk_ef_estimated, zo_update, Block, Frugal, FrugalConfig, Hyper,
+    MultiTensorStep, Rule,
 };
 use kiln::{Client, DType, Device, Tensor};
 
@@ -81,6 +82,11 @@ fn bench(cr: &mut Criterion) {
             "topk_ef (k = n/100)",
             12 * n,
             Box::new(|| drop(topk_ef(&grad, Some(&error), n / 100).unwrap())),
+        ),
+        (
+            "topk_ef threshold estimate (k about n/100)",
+            12 * n,
+            Box::new(|| drop(topk_ef_estimated(&grad, Some(&error), n / 100, 65536, 7).unwrap())),
         ),
         (
             "randk (k = n/100)",

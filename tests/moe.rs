@@ -3,6 +3,9 @@
 //! 2} (identical ids, locations and drops), adversarial routings, the layer on both
 //! paths, determinism, expert parallelism against one device, gradients against finite
 //! differences, and bad input.
+//!
+//! One suite for the family (longer than most files): its tests share the reference
+//! helpers at the top.
 
 mod common;
 

@@ -1,5 +1,8 @@
 //! The `kiln` command-line tool: devices, the operator library, running operators on
 //! safetensors files, emitting kernel source, and the self-test.
+//!
+//! Longer than most files: clap's command definitions and each command's body, one
+//! function per command, in the order `kiln --help` lists them.
 
 use clap::{Parser, Subcommand};
 use kiln::codegen::{emit, Target};

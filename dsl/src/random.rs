@@ -87,13 +87,20 @@ pub fn gaussian_from_bits(table: &Array<i32>, w: u32) -> f32 {
     let ri = max(r, nodes);
     let octave = 31u32 - u32::leading_zeros(ri);
     let shift = octave - GAUSSIAN_NODES_LOG2;
-    let k = nodes + shift * nodes + ((ri >> shift) - nodes);
-    let bits = min(shift, GAUSSIAN_INTERP_BITS);
-    let below = (ri & ((1u32 << shift) - 1u32)) >> (shift - bits);
+    let interp = min(shift, GAUSSIAN_INTERP_BITS);
+    // r < N reads entry r itself through the same two loads (the interpolation weight is
+    // 0: `lo` exactly), so each value costs two table loads, per-lane gathers on a CPU.
+    let small = r < nodes;
+    let k = select(small, r, nodes + shift * nodes + ((ri >> shift) - nodes));
+    let below = select(
+        small,
+        0u32,
+        (ri & ((1u32 << shift) - 1u32)) >> (shift - interp),
+    );
+    let bits = select(small, 0u32, interp);
     let lo = table[k as usize];
     let hi = table[(k + 1) as usize];
-    let interpolated = lo + (((hi - lo) * i32::cast_from(below)) >> i32::cast_from(bits));
-    let q = select(r < nodes, table[min(r, nodes - 1) as usize], interpolated);
+    let q = lo + (((hi - lo) * i32::cast_from(below)) >> i32::cast_from(bits));
     let signed = select((w >> 31u32) == 1u32, -q, q);
     // Exact: |q| < 2^23, and a power-of-two scale.
     f32::cast_from(signed) * comptime!(1.0f32 / (1u32 << GAUSSIAN_FRACTION_BITS) as f32)

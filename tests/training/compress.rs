@@ -80,10 +80,16 @@ fn same_bits(x: &[f32], y: &[f32]) -> Option<usize> {
 #[test]
 fn topk_ef_is_exact_over_ragged_sizes_and_every_k() {
     let mut rng = Rng::new(1);
+    // Ragged sizes run the keys pass one element a unit, multiples of 4 four-wide; the
+    // selection kernels read 4-wide either way, past n in the ragged ones.
     for (n, ks) in [
         (1usize, vec![1usize]),
+        (2, vec![1, 2]),
+        (3, vec![2]),
+        (4096, vec![1, 17, 4095, 4096]),
         (4097, vec![1, 17, 4096, 4097]),
         (100_003, vec![1, 100, 1000, 50_002, 65_537]),
+        (262_144, vec![2621, 131_072]),
         (3_000_001, vec![30_000]),
     ] {
         let g = rng.normals(n, 1.0);
@@ -197,24 +203,32 @@ fn error_feedback_conserves_the_gradient_sum() {
 }
 
 #[test]
-fn randk_uses_the_shared_seed_and_is_uniform() {
-    let n = 70_001;
-    let (gt, et, a) = gradient_and_error(4, n);
-    for (k, seed) in [(1usize, 0u64), (700, 42), (n, u64::MAX)] {
-        let got = randk(&gt, Some(&et), k, seed).unwrap();
-        let scale = (n as f64 / k as f64) as f32;
-        check(
-            &got,
-            &a,
-            &random_keys(n, seed, 0),
-            k,
-            scale,
-            &format!("randk k {k} seed {seed}"),
-        );
-        // Another worker with other values and the same seed picks the same subset.
-        let other = randk(&et, None, k, seed).unwrap();
-        assert_eq!(down(&other.indices), down(&got.indices));
+fn randk_uses_the_shared_seed() {
+    // A ragged size (keys one element a unit) and a multiple of 4 (a Philox block a
+    // vector).
+    for n in [70_001, 70_000] {
+        let (gt, et, a) = gradient_and_error(4, n);
+        for (k, seed) in [(1usize, 0u64), (700, 42), (n, u64::MAX)] {
+            let got = randk(&gt, Some(&et), k, seed).unwrap();
+            let scale = (n as f64 / k as f64) as f32;
+            check(
+                &got,
+                &a,
+                &random_keys(n, seed, 0),
+                k,
+                scale,
+                &format!("randk n {n} k {k} seed {seed}"),
+            );
+            // Another worker with other values and the same seed picks the same subset.
+            let other = randk(&et, None, k, seed).unwrap();
+            assert_eq!(down(&other.indices), down(&got.indices));
+        }
     }
+}
+
+#[test]
+fn randk_subsets_differ_by_seed_and_are_uniform() {
+    let (gt, _, _) = gradient_and_error(4, 70_001);
     assert_ne!(
         down(&randk(&gt, None, 700, 1).unwrap().indices),
         down(&randk(&gt, None, 700, 2).unwrap().indices)
@@ -357,39 +371,57 @@ fn lgreco_plan_is_the_brute_force_optimum() {
 #[test]
 fn the_threshold_estimate_sends_about_k_and_everything_above_its_threshold() {
     use kiln::kernels::optim::topk_ef_estimated;
-    let n = 200_003;
-    let (gt, et, a) = gradient_and_error(9, n);
-    let keys = magnitude_keys(&a);
-    for (k, sample) in [
-        (2000usize, 20_000usize),
-        (20_000, 50_000),
-        (1, 1000),
-        (5000, n),
-    ] {
-        let got = topk_ef_estimated(&gt, Some(&et), k, sample, 11).unwrap();
-        let idx = ints(&got.indices);
-        let sent = idx.len();
-        // Exactly the elements at or above the smallest key sent: a threshold cut.
-        let threshold = idx.iter().map(|&i| keys[i]).min().unwrap();
-        let want: Vec<usize> = (0..n).filter(|&i| keys[i] >= threshold).collect();
-        assert_eq!(idx, want, "k {k} sample {sample}");
-        let exact = reference_select(&keys, sent);
-        check(
-            &got,
-            &a,
-            &keys,
-            sent,
-            1.0,
-            &format!("k {k} sample {sample}"),
-        );
-        assert_eq!(exact, want);
-        // About k: within 4 sd of the sample quantile's spread (sampling with replacement).
-        let sd = (k as f64 * (1.0 - k as f64 / n as f64) * n as f64 / sample as f64).sqrt();
-        assert!(
-            (sent as f64 - k as f64).abs() <= 4.0 * sd + n as f64 / sample as f64 + 1.0,
-            "k {k} sample {sample}: sent {sent}"
-        );
+    // A ragged size (read one element a unit) and a multiple of 4 (4-wide), with and
+    // without an error state, and a half gradient (a = f32(g) + e).
+    let cases = [
+        (
+            200_003usize,
+            true,
+            DType::F32,
+            vec![
+                (2000usize, 20_000usize),
+                (20_000, 50_000),
+                (1, 1000),
+                (5000, 200_003),
+            ],
+        ),
+        (200_000, true, DType::F32, vec![(2000, 20_000), (1, 999)]),
+        (200_000, false, DType::F32, vec![(2000, 20_001)]),
+        (40_003, true, DType::F16, vec![(400, 4000)]),
+        (40_000, false, DType::F16, vec![(400, 4000)]),
+    ];
+    for (n, with_error, dtype, runs) in cases {
+        let mut rng = Rng::new(9);
+        // g as the device holds it (rounded to its dtype).
+        let g = HostTensor::from_f64(dtype, vec![n], &rng.normals(n, 1.0))
+            .unwrap()
+            .to_f64();
+        let e = rng.normals(n, 0.3);
+        let gt = up(dtype, &[n], &g);
+        let et = up(DType::F32, &[n], &e);
+        let a = accumulate(&g, with_error.then_some(&e[..]));
+        let keys = magnitude_keys(&a);
+        for (k, sample) in runs {
+            let what = format!("n {n} {dtype:?} error {with_error} k {k} sample {sample}");
+            let got = topk_ef_estimated(&gt, with_error.then_some(&et), k, sample, 11).unwrap();
+            let idx = ints(&got.indices);
+            let sent = idx.len();
+            // Exactly the elements at or above the smallest key sent: a threshold cut.
+            let threshold = idx.iter().map(|&i| keys[i]).min().unwrap();
+            let want: Vec<usize> = (0..n).filter(|&i| keys[i] >= threshold).collect();
+            assert_eq!(idx, want, "{what}");
+            check(&got, &a, &keys, sent, 1.0, &what);
+            assert_eq!(reference_select(&keys, sent), want, "{what}");
+            // About k: within 4 sd of the sample quantile's spread (sampling with
+            // replacement).
+            let sd = (k as f64 * (1.0 - k as f64 / n as f64) * n as f64 / sample as f64).sqrt();
+            assert!(
+                (sent as f64 - k as f64).abs() <= 4.0 * sd + n as f64 / sample as f64 + 1.0,
+                "{what}: sent {sent}"
+            );
+        }
     }
+    let (gt, _, _) = gradient_and_error(9, 1000);
     assert_clear(
         topk_ef_estimated(&gt, None, 10, 0, 1).err().unwrap(),
         &["sample"],

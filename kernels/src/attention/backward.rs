@@ -13,6 +13,9 @@
 //! Each recomputes `p` from `L`, so nothing of size `Sq x Sk` is stored. Passing the
 //! global `out` and `lse` of a ring (instead of the block's own) gives that block's
 //! share of the whole gradient.
+//!
+//! Longer than most files: the host side and the kernels of one backward pass (`delta`,
+//! then dq and dk/dv), which share the recomputation of `p` from `lse`.
 
 use super::problem::{check, Problem};
 use super::tile::query_tile;

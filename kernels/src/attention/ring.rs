@@ -23,6 +23,9 @@
 //! (f32) with their KV chunk and return them to its owner after the last step;
 //! `tokenring` keeps dk/dv local and returns each dq partial to its owner. All partial
 //! results are f32 and summed/merged in f32.
+//!
+//! Longer than most files: the forward and backward rings share the layout, the order of
+//! a schedule's steps and the block helpers, and stay together so both walk the ring alike.
 
 use super::backward::{backward_into, check_grad_inputs, AttentionGradInputs, AttentionGrads};
 use super::forward::forward_into;

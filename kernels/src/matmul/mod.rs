@@ -15,6 +15,10 @@
 //! - `matmul_cmma`: tensor cores (`wmma`), only where the device reports them.
 //!
 //! Ragged M, N, K need no special cases in any of them.
+//!
+//! Longer than most files: the host API, the candidate space over the four kernels and
+//! cubek-matmul, and validation, in the order a call goes through them; each kernel is in
+//! its own file.
 
 pub mod selftest;
 #[macro_use]

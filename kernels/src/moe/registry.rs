@@ -1,4 +1,8 @@
 //! `kiln run` entries of the MoE family (its kernels register themselves).
+//!
+//! Longer than most files: one short entry per MoE operator (gate, dispatch, combine, the
+//! grouped FFN, the layer and their backward passes), kept together so that the `kiln run`
+//! tensor and parameter names the family shares read in one place.
 
 use super::*;
 use crate::launch::shape_err;

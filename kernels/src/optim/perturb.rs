@@ -126,12 +126,13 @@ pub fn perturb_stream(param: &Tensor, stream: u32, seeds: &[u64], coeffs: &[f64]
 /// per seed and updates its four elements. In place: one configuration.
 #[kiln_macros::kernel(
     tune(UNITS = [256]),
+    vector = [4, 1],
     key(len = pow2, dtype),
     grid = cubes(cubes),
     cube = UNITS
 )]
-pub fn perturb_normal<F: Float>(
-    param: &mut Array<F>,
+pub fn perturb_normal<F: Float, N: Size>(
+    param: &mut Array<Vector<F, N>>,
     table: &Array<i32>,
     keys: &Array<u32>,
     coeffs: &Array<f32>,
@@ -140,14 +141,12 @@ pub fn perturb_normal<F: Float>(
     seeds: u32,
     stream: u32,
 ) {
+    let nw = N::value().comptime() as u32;
     let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
     let q = cube * UNITS + UNIT_POS;
     let e = q * 4u32;
     if cube < cubes && e < len {
-        let mut a0 = 0.0f32;
-        let mut a1 = 0.0f32;
-        let mut a2 = 0.0f32;
-        let mut a3 = 0.0f32;
+        let mut acc = Vector::<f32, Const<4>>::new(0.0f32);
         for i in 0..seeds {
             let r = philox4x32_10(
                 q,
@@ -158,20 +157,25 @@ pub fn perturb_normal<F: Float>(
                 keys[(2 * i + 1) as usize],
             );
             let c = coeffs[i as usize];
-            a0 += c * gaussian_from_bits(table, r.x0);
-            a1 += c * gaussian_from_bits(table, r.x1);
-            a2 += c * gaussian_from_bits(table, r.x2);
-            a3 += c * gaussian_from_bits(table, r.x3);
+            acc[0] += c * gaussian_from_bits(table, r.x0);
+            acc[1] += c * gaussian_from_bits(table, r.x1);
+            acc[2] += c * gaussian_from_bits(table, r.x2);
+            acc[3] += c * gaussian_from_bits(table, r.x3);
         }
-        param[e as usize] = F::cast_from(f32::cast_from(param[e as usize]) + a0);
-        if e + 1 < len {
-            param[(e + 1) as usize] = F::cast_from(f32::cast_from(param[(e + 1) as usize]) + a1);
-        }
-        if e + 2 < len {
-            param[(e + 2) as usize] = F::cast_from(f32::cast_from(param[(e + 2) as usize]) + a2);
-        }
-        if e + 3 < len {
-            param[(e + 3) as usize] = F::cast_from(f32::cast_from(param[(e + 3) as usize]) + a3);
+        // The unit's four elements: one 4-wide access where `len % 4 == 0`, else four.
+        #[unroll]
+        for s in 0..comptime!(4 / nw) {
+            let first = e + s * nw;
+            if first < len {
+                let at = (first / nw) as usize;
+                let mut v = param[at];
+                #[unroll]
+                for l in 0..nw {
+                    v[l as usize] =
+                        F::cast_from(f32::cast_from(v[l as usize]) + acc[(s * nw + l) as usize]);
+                }
+                param[at] = v;
+            }
         }
     }
 }

@@ -15,6 +15,9 @@
 //! tile staged in shared memory, register-tiled FMA), and [`qgemm_direct`] (register
 //! tiles fed straight from global memory, no barriers: what a CPU adapter rewards, as
 //! `matmul_vec4` showed). The autotuner picks among them.
+//!
+//! Longer than most files: the three kernels share the dequantization helpers (group sums,
+//! folded zero points, strided tile stores) defined beside them.
 
 use cubecl::prelude::*;
 use kiln_dsl::{load_i8, load_tile, reg_tile_mma, shift_round_half_even, unpack_u4};

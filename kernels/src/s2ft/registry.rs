@@ -1,4 +1,7 @@
 //! `kiln run` entries of the S²FT family (its kernels register themselves).
+//!
+//! Longer than most files: one short entry per S²FT operator, kept together so that the
+//! `kiln run` tensor and parameter names the family shares read in one place.
 
 use super::*;
 use crate::launch::shape_err;

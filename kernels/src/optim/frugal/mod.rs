@@ -25,6 +25,9 @@
 //! 0.25, 40% of Adam's `8n` — and for an f16/bf16 tensor an f32 master copy (`4n` bytes,
 //! behind its moments), which is what is updated (the tensor receives its rounding: a
 //! step smaller than half an ulp of the half value is not lost).
+//!
+//! Longer than most files: the optimizer's host side in the order of a step (subsets and
+//! redraws, grouping into launches, resuming); its kernels are in `kernels.rs`.
 
 mod kernels;
 

@@ -7,25 +7,45 @@ use super::*;
 /// Per cube: how many keys are above the threshold `T = state[0]` and how many equal it
 /// (`counts[2 cube ..]`), and per unit how many of each come before its `PER_UNIT`
 /// consecutive keys in the cube (`before[cube UNITS + unit]`, both in one u32: the write
-/// pass's slots without counting again).
-#[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(cubes), cube = UNITS)]
-pub fn topk_count(
-    keys: &Array<u32>,
+/// pass's slots without counting again). Keys past `n` are not counted. The keys are
+/// `keys` (`formed` false), or formed here as `|grad + error|`'s bits from `input` =
+/// grad and `error` (`formed`: the threshold estimate, which stores no keys); see
+/// [`a_of`]. Read `VECTOR` wide (4 for the stored keys).
+#[kiln_macros::kernel(
+    tune(UNITS = [256]),
+    vector = [4, 1],
+    key(n = pow2, dtype),
+    grid = cubes(cubes),
+    cube = UNITS
+)]
+pub fn topk_count<F: Float, N: Size>(
+    input: &Array<Vector<F, N>>,
+    error: &Array<Vector<f32, N>>,
+    keys: &Array<Vector<u32, N>>,
     state: &Array<u32>,
     counts: &mut Array<u32>,
     before: &mut Array<u32>,
     n: u32,
     cubes: u32,
+    #[comptime] formed: bool,
+    #[comptime] has_error: bool,
 ) {
+    let nw = N::value().comptime() as u32;
     let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
     let t = state[0];
     let base = cube * comptime!(CHUNK) + UNIT_POS * comptime!(PER_UNIT);
     let mut both = 0u32;
     if cube < cubes {
-        for j in 0..comptime!(PER_UNIT) {
-            let e = base + j;
-            if e < n {
-                both += above_and_ties(keys[e as usize], t);
+        #[unroll]
+        for j in 0..comptime!(PER_UNIT / nw) {
+            let first = base + nw * j;
+            if first < n {
+                let v = first / nw;
+                let kv = keys_at(input, error, keys, v, formed, has_error);
+                #[unroll]
+                for l in 0..nw {
+                    both += select(first + l < n, above_and_ties(kv[l as usize], t), 0u32);
+                }
             }
         }
     }
@@ -38,6 +58,51 @@ pub fn topk_count(
             counts[(2 * cube) as usize] = total & 65535u32;
             counts[(2 * cube + 1) as usize] = total >> 16u32;
         }
+    }
+}
+
+/// Vector `v` of `a`: `input` (the stored `a`, f32), or formed as `grad + error` in f32
+/// from `input` = grad (`error` absent without `has_error`), as `topk_keys` forms it.
+#[cube]
+fn a_of<F: Float, N: Size>(
+    input: &Array<Vector<F, N>>,
+    error: &Array<Vector<f32, N>>,
+    v: u32,
+    #[comptime] has_error: bool,
+) -> Vector<f32, N> {
+    let mut a = Vector::<f32, N>::cast_from(input[v as usize]);
+    if comptime!(has_error) {
+        a = error[v as usize] + a;
+    }
+    a
+}
+
+/// `|a|`'s bits, which order like the magnitudes (NaN above +inf).
+#[cube]
+fn magnitude_keys<N: Size>(a: Vector<f32, N>) -> Vector<u32, N> {
+    let nw = N::value().comptime() as u32;
+    let mut kv = Vector::<u32, N>::new(0u32);
+    #[unroll]
+    for l in 0..nw {
+        kv[l as usize] = u32::reinterpret(a[l as usize]) & 0x7FFF_FFFFu32;
+    }
+    kv
+}
+
+/// Vector `v` of the ranking keys: stored in `keys`, or `formed` from `a` (magnitudes).
+#[cube]
+fn keys_at<F: Float, N: Size>(
+    input: &Array<Vector<F, N>>,
+    error: &Array<Vector<f32, N>>,
+    keys: &Array<Vector<u32, N>>,
+    v: u32,
+    #[comptime] formed: bool,
+    #[comptime] has_error: bool,
+) -> Vector<u32, N> {
+    if comptime!(formed) {
+        magnitude_keys(a_of(input, error, v, has_error))
+    } else {
+        keys[v as usize]
     }
 }
 
@@ -120,22 +185,35 @@ pub fn topk_scan(counts: &Array<u32>, offsets: &mut Array<u32>, cubes: u32) {
 /// number of taken elements before it; every element's error is `keep · a` (`keep =
 /// 1 − scale`) if taken — exactly 0 for top-k's `keep = 0`, even where `a` is ±inf —
 /// and `a` otherwise; `residual[c]` is the cube's sum of error².
-#[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(cubes), cube = UNITS)]
-pub fn topk_write(
-    a: &Array<f32>,
-    keys: &Array<u32>,
+/// `a` and its keys are read as [`topk_count`] reads them (stored, or `formed` from
+/// `input` = grad and `error_in`), `VECTOR` wide; `error` is `n` rounded up to 4 long,
+/// and elements past `n` are neither taken nor summed.
+#[kiln_macros::kernel(
+    tune(UNITS = [256]),
+    vector = [4, 1],
+    key(n = pow2, dtype),
+    grid = cubes(cubes),
+    cube = UNITS
+)]
+pub fn topk_write<F: Float, N: Size>(
+    input: &Array<Vector<F, N>>,
+    error_in: &Array<Vector<f32, N>>,
+    keys: &Array<Vector<u32, N>>,
     state: &Array<u32>,
     offsets: &Array<u32>,
     before: &Array<u32>,
     indices: &mut Array<i32>,
     values: &mut Array<f32>,
-    error: &mut Array<f32>,
+    error: &mut Array<Vector<f32, N>>,
     residual: &mut Array<f32>,
     n: u32,
     cubes: u32,
     scale: f32,
     keep: f32,
+    #[comptime] formed: bool,
+    #[comptime] has_error: bool,
 ) {
+    let nw = N::value().comptime() as u32;
     let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
     let c = select(cube < cubes, cube, 0u32);
     let t = state[0];
@@ -150,24 +228,38 @@ pub fn topk_write(
         let mut ties = offsets[(2 * c + 1) as usize] + eq_before;
         // Taken ties before this unit: all earlier ties, capped at k_rem.
         let mut slot = offsets[(2 * c) as usize] + gt_before + min(ties, k_rem);
-        for j in 0..comptime!(PER_UNIT) {
-            let e = base + j;
-            if e < n {
-                let key = keys[e as usize];
-                let v = a[e as usize];
-                let tie = key == t;
-                let taken = key > t || (tie && ties < k_rem);
-                if taken {
-                    indices[slot as usize] = i32::cast_from(e);
-                    values[slot as usize] = scale * v;
-                    slot += 1;
+        for j in 0..comptime!(PER_UNIT / nw) {
+            let first = base + nw * j;
+            if first < n {
+                let vi = first / nw;
+                let av = a_of(input, error_in, vi, has_error);
+                let kv = if comptime!(formed) {
+                    magnitude_keys(av)
+                } else {
+                    keys[vi as usize]
+                };
+                let mut rv = Vector::<f32, N>::new(0.0f32);
+                #[unroll]
+                for l in 0..nw {
+                    let e = first + l;
+                    let inside = e < n;
+                    let key = kv[l as usize];
+                    let v = av[l as usize];
+                    let tie = key == t && inside;
+                    let taken = (key > t && inside) || (tie && ties < k_rem);
+                    if taken {
+                        indices[slot as usize] = i32::cast_from(e);
+                        values[slot as usize] = scale * v;
+                        slot += 1;
+                    }
+                    // inf * 0 would be NaN: a taken value leaves exactly nothing behind.
+                    let sent_rest = select(keep == 0.0, 0.0f32, keep * v);
+                    let r = select(inside, select(taken, sent_rest, v), 0.0f32);
+                    rv[l as usize] = r;
+                    squares += r * r;
+                    ties += select(tie, 1u32, 0u32);
                 }
-                // inf * 0 would be NaN: a taken value leaves exactly nothing behind.
-                let sent_rest = select(keep == 0.0, 0.0f32, keep * v);
-                let r = select(taken, sent_rest, v);
-                error[e as usize] = r;
-                squares += r * r;
-                ties += select(tie, 1u32, 0u32);
+                error[vi as usize] = rv;
             }
         }
     }

@@ -102,7 +102,7 @@ pub(crate) fn select_top_k(
     scale: f32,
 ) -> Result<Selected> {
     let (a, keys) = keys_of(grad, error, None, 1.0, source, seed)?;
-    select_keys(&a, &keys, k, scale)
+    select_keys(&a, &keys, grad.numel(), k, scale)
 }
 
 /// EControl's selection: the `k` largest `|p|` of `p = eta error + grad - h` (`error`
@@ -116,22 +116,66 @@ pub(crate) fn select_controlled(
     k: usize,
 ) -> Result<(Tensor, Selected)> {
     let (p, keys) = keys_of(grad, error, h, eta, KeySource::Magnitude, (0, 0))?;
-    let selected = select_keys(&p, &keys, k, 1.0)?;
+    let selected = select_keys(&p, &keys, grad.numel(), k, 1.0)?;
     Ok((p, selected))
 }
 
-/// The exact selection of the `k` largest `keys` of `a`, compacted with `scale`.
-fn select_keys(a: &Tensor, keys: &Tensor, k: usize, scale: f32) -> Result<Selected> {
-    let state = radix_select(keys, k)?;
-    let (offsets, before, _) = count_and_scan(keys, &state, false)?;
-    compact(a, keys, &state, &offsets, &before, k, scale)
+/// The exact selection of the `k` largest of the first `n` `keys` of `a`, compacted
+/// with `scale`.
+fn select_keys(a: &Tensor, keys: &Tensor, n: usize, k: usize, scale: f32) -> Result<Selected> {
+    let state = radix_select(keys, n, k)?;
+    let source = Source::Stored { a, keys };
+    let (offsets, before, _) = count_and_scan(&source, n, &state, false)?;
+    compact(&source, n, &state, &offsets, &before, k, scale)
+}
+
+/// Where the count and write passes read `a` and its ranking keys.
+enum Source<'t> {
+    /// Stored by [`topk_keys`] (`n` rounded up to 4 long).
+    Stored { a: &'t Tensor, keys: &'t Tensor },
+    /// Formed in the pass from the inputs (`a = error + grad`, magnitudes), so the
+    /// threshold estimate reads each input twice and stores no `a` or keys.
+    Formed {
+        grad: &'t Tensor,
+        error: Option<&'t Tensor>,
+    },
+}
+
+impl Source<'_> {
+    /// The count and write kernels' `input`, `error` and `keys` bindings, and their
+    /// `formed` and `has_error` switches (absent bindings are four long, so that they do
+    /// not hold a launch to width 1).
+    fn bindings(&self) -> Result<([Tensor; 3], bool, bool)> {
+        let client = match self {
+            Source::Stored { a, .. } => a.client(),
+            Source::Formed { grad, .. } => grad.client(),
+        };
+        let absent = |dtype| Tensor::empty(client, dtype, &[4]);
+        Ok(match *self {
+            Source::Stored { a, keys } => {
+                ([a.clone(), absent(DType::F32)?, keys.clone()], false, false)
+            }
+            Source::Formed { grad, error } => {
+                let e = match error {
+                    Some(e) => e.clone(),
+                    None => absent(DType::F32)?,
+                };
+                (
+                    [grad.clone(), e, absent(DType::U32)?],
+                    true,
+                    error.is_some(),
+                )
+            }
+        })
+    }
 }
 
 /// Top-k with an estimated threshold: the `round(k s / n)`-th largest `|a|` of `sample`
 /// positions drawn from `seed` (uniform, with replacement) is the threshold, and every
 /// element at or above it is taken (about `k`, not exactly; ties all taken). Radix
-/// passes over the sample only, then one count, scan and write over `a`; two small
-/// downloads (the threshold, the count) size the outputs.
+/// passes over the sample only, then one count, scan and write over `grad` and `error`
+/// (`a` formed in each pass: no `a` or keys stored); two small downloads (the threshold,
+/// the count) size the outputs.
 pub(crate) fn select_above_estimate(
     grad: &Tensor,
     error: Option<&Tensor>,
@@ -141,33 +185,37 @@ pub(crate) fn select_above_estimate(
 ) -> Result<Selected> {
     let client = grad.client();
     let n = grad.numel();
-    let (a, keys) = keys_of(grad, error, None, 1.0, KeySource::Magnitude, (0, 0))?;
     let sample = sample.clamp(1, n);
-    let sampled = Tensor::empty(client, DType::U32, &[sample])?;
+    let sampled = Tensor::empty(client, DType::U32, &[sample.next_multiple_of(4)])?;
     let key = crate::random::seed_key(seed);
     TopkSample::tuned(
         client,
         0.0,
         &TopkSampleArgs {
-            keys: &keys,
+            grad,
+            error: &crate::launch::or_absent(client, error)?,
             sampled: &sampled,
             n: n as u32,
             sample: sample as u32,
             key0: key[0],
             key1: key[1],
+            has_error: error.is_some(),
         },
     )?;
     let k_sample = ((k as f64 * sample as f64 / n as f64).round() as usize).clamp(1, sample);
-    let threshold = radix_select(&sampled, k_sample)?.download()?.to_f64()[0] as u32;
+    let threshold = radix_select(&sampled, sample, k_sample)?
+        .download()?
+        .to_f64()[0] as u32;
     // Every key >= threshold: all ties taken.
     let state = upload_u32(client, "topk_state", &[threshold, u32::MAX])?;
     // At least the sampled element whose key is the threshold is taken.
-    let (offsets, before, taken) = count_and_scan(&keys, &state, true)?;
-    compact(&a, &keys, &state, &offsets, &before, taken, 1.0)
+    let source = Source::Formed { grad, error };
+    let (offsets, before, taken) = count_and_scan(&source, n, &state, true)?;
+    compact(&source, n, &state, &offsets, &before, taken, 1.0)
 }
 
 /// `a = eta error + grad - h` (f32; `eta = 1` and no `h` for plain error feedback) and
-/// the ranking keys.
+/// the ranking keys, both `n` rounded up to 4 long (see [`topk_keys`]).
 fn keys_of(
     grad: &Tensor,
     error: Option<&Tensor>,
@@ -179,9 +227,10 @@ fn keys_of(
     let client = grad.client();
     let n = grad.numel();
     let key = crate::random::seed_key(seed);
-    let keys = Tensor::empty(client, DType::U32, &[n])?;
-    let a = Tensor::empty(client, DType::F32, &[n])?;
-    let absent = crate::launch::absent(client)?;
+    let keys = Tensor::empty(client, DType::U32, &[n.next_multiple_of(4)])?;
+    let a = Tensor::empty(client, DType::F32, &[n.next_multiple_of(4)])?;
+    // Four long, so that an absent state does not hold the launch to width 1.
+    let absent = Tensor::empty(client, DType::F32, &[4])?;
     TopkKeys::tuned(
         client,
         0.0,
@@ -204,11 +253,10 @@ fn keys_of(
     Ok((a, keys))
 }
 
-/// The radix select of the `k`-th largest of `keys` (`k` in 1..=len): a `[2]` u32 state
-/// `[T, ties of T to take]` on the device.
-fn radix_select(keys: &Tensor, k: usize) -> Result<Tensor> {
+/// The radix select of the `k`-th largest of the first `n` `keys` (`k` in 1..=n; `keys`
+/// `n` rounded up to 4 long): a `[2]` u32 state `[T, ties of T to take]` on the device.
+fn radix_select(keys: &Tensor, n: usize, k: usize) -> Result<Tensor> {
     let client = keys.client();
-    let n = keys.numel();
     let cubes = n.div_ceil(CHUNK as usize);
     let state = upload_u32(client, "topk_state", &[0, k as u32])?;
     let hist = Tensor::empty(client, DType::U32, &[cubes * BINS as usize])?;
@@ -266,10 +314,16 @@ fn radix_select(keys: &Tensor, k: usize) -> Result<Tensor> {
 
 /// Per-cube counts above and at `T` and their exclusive scan (`offsets`), each unit's
 /// counts before it in its cube (`before`, both in one u32); with `total`, also the number
-/// taken (every key above or at `T`: one download of the counts).
-fn count_and_scan(keys: &Tensor, state: &Tensor, total: bool) -> Result<(Tensor, Tensor, usize)> {
-    let client = keys.client();
-    let n = keys.numel();
+/// taken (every key above or at `T`: one download of the counts). Over the first `n`
+/// keys.
+fn count_and_scan(
+    source: &Source,
+    n: usize,
+    state: &Tensor,
+    total: bool,
+) -> Result<(Tensor, Tensor, usize)> {
+    let ([input, error, keys], formed, has_error) = source.bindings()?;
+    let client = input.client();
     let cubes = n.div_ceil(CHUNK as usize);
     let counts = Tensor::empty(client, DType::U32, &[2 * cubes])?;
     let before = Tensor::empty(client, DType::U32, &[cubes * CUBE as usize])?;
@@ -277,12 +331,16 @@ fn count_and_scan(keys: &Tensor, state: &Tensor, total: bool) -> Result<(Tensor,
         client,
         0.0,
         &TopkCountArgs {
-            keys,
+            input: &input,
+            error: &error,
+            keys: &keys,
             state,
             counts: &counts,
             before: &before,
             n: n as u32,
             cubes: cubes as u32,
+            formed,
+            has_error,
         },
     )?;
     let offsets = Tensor::empty(client, DType::U32, &[2 * cubes])?;
@@ -302,29 +360,31 @@ fn count_and_scan(keys: &Tensor, state: &Tensor, total: bool) -> Result<(Tensor,
     Ok((offsets, before, taken))
 }
 
-/// The write pass: `k` output slots (see [`topk_write`]).
+/// The write pass over the first `n` elements: `k` output slots (see [`topk_write`]).
+#[allow(clippy::too_many_arguments)]
 fn compact(
-    a: &Tensor,
-    keys: &Tensor,
+    source: &Source,
+    n: usize,
     state: &Tensor,
     offsets: &Tensor,
     before: &Tensor,
     k: usize,
     scale: f32,
 ) -> Result<Selected> {
-    let client = a.client();
-    let n = a.numel();
+    let ([input, error_in, keys], formed, has_error) = source.bindings()?;
+    let client = input.client();
     let cubes = n.div_ceil(CHUNK as usize);
     let indices = Tensor::empty(client, DType::I32, &[k])?;
     let values = Tensor::empty(client, DType::F32, &[k])?;
-    let error = Tensor::empty(client, DType::F32, &[n])?;
+    let error = Tensor::empty(client, DType::F32, &[n.next_multiple_of(4)])?;
     let residual = Tensor::empty(client, DType::F32, &[cubes])?;
     TopkWrite::tuned(
         client,
         0.0,
         &TopkWriteArgs {
-            a,
-            keys,
+            input: &input,
+            error_in: &error_in,
+            keys: &keys,
             state,
             offsets,
             before,
@@ -337,26 +397,36 @@ fn compact(
             scale,
             // Exact in f32 for 1/2 <= scale <= 2^24 (Sterbenz; then an integer part).
             keep: 1.0 - scale,
+            formed,
+            has_error,
         },
     )?;
     Ok(Selected {
         indices,
         values,
-        error,
+        error: error.prefix(n)?,
         residual,
     })
 }
 
-/// `sampled[j] = keys[p_j]`, `p_j` uniform in `0..n` from Philox word `j` of `seed`
-/// (`mul_hi(word, n)`: bias below `n / 2^32`).
-#[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(sample.div_ceil(UNITS)), cube = UNITS)]
-pub fn topk_sample(
-    keys: &Array<u32>,
+/// `sampled[j]` = the magnitude key of `a[p_j] = error[p_j] + grad[p_j]` (f32, as
+/// [`topk_keys`] forms it; no `error` without `has_error`), `p_j` uniform in `0..n` from
+/// Philox word `j` of `seed` (`mul_hi(word, n)`: bias below `n / 2^32`).
+#[kiln_macros::kernel(
+    tune(UNITS = [256]),
+    key(n = pow2, dtype),
+    grid = cubes(sample.div_ceil(UNITS)),
+    cube = UNITS
+)]
+pub fn topk_sample<F: Float>(
+    grad: &Array<F>,
+    error: &Array<f32>,
     sampled: &mut Array<u32>,
     n: u32,
     sample: u32,
     key0: u32,
     key1: u32,
+    #[comptime] has_error: bool,
 ) {
     let j = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * UNITS + UNIT_POS;
     if j < sample {
@@ -367,25 +437,34 @@ pub fn topk_sample(
             r.x0,
             select(lane == 1, r.x1, select(lane == 2, r.x2, r.x3)),
         );
-        sampled[j as usize] = keys[u32::mul_hi(w, n) as usize];
+        let p = u32::mul_hi(w, n) as usize;
+        let mut v = f32::cast_from(grad[p]);
+        if comptime!(has_error) {
+            v = error[p] + v;
+        }
+        sampled[j as usize] = u32::reinterpret(v) & 0x7FFF_FFFFu32;
     }
 }
 
 /// `a = eta error + grad - h` in f32 (`eta = 1` and no `h` for plain error feedback:
 /// `1 * error` is exact, so `a = error + grad` bit for bit) and the ranking key of
-/// every element: `|a|`'s bits, or a Philox word of its index.
+/// every element: `|a|`'s bits, or a Philox word of its index. 4-wide where `n` is a
+/// multiple of 4 (a CPU adapter issues one load per lane and access, so a vector access
+/// does four elements' work for one's cost); `a` and `keys` are `n` rounded up to 4 long
+/// (the selection kernels read them 4-wide), their tail past `n` is never read.
 #[kiln_macros::kernel(
     tune(UNITS = [256]),
+    vector = [4, 1],
     key(n = pow2, dtype),
-    grid = cubes(n.div_ceil(UNITS)),
+    grid = cubes(n.div_ceil(VECTOR * UNITS)),
     cube = UNITS
 )]
-pub fn topk_keys<F: Float>(
-    grad: &Array<F>,
-    error: &Array<f32>,
-    h: &Array<f32>,
-    a: &mut Array<f32>,
-    keys: &mut Array<u32>,
+pub fn topk_keys<F: Float, N: Size>(
+    grad: &Array<Vector<F, N>>,
+    error: &Array<Vector<f32, N>>,
+    h: &Array<Vector<f32, N>>,
+    a: &mut Array<Vector<f32, N>>,
+    keys: &mut Array<Vector<u32, N>>,
     n: u32,
     eta: f32,
     key0: u32,
@@ -395,30 +474,40 @@ pub fn topk_keys<F: Float>(
     #[comptime] has_error: bool,
     #[comptime] has_h: bool,
 ) {
+    let nw = N::value().comptime() as u32;
     let i = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * UNITS + UNIT_POS;
-    if i < n {
-        let mut v = f32::cast_from(grad[i as usize]);
+    // The first element of this vector (4-wide only when n % 4 == 0: whole vectors).
+    let first = i * nw;
+    if first < n {
+        let mut v = Vector::<f32, N>::cast_from(grad[i as usize]);
         if comptime!(has_error) {
-            v = eta * error[i as usize] + v;
+            v = Vector::<f32, N>::new(eta) * error[i as usize] + v;
         }
         if comptime!(has_h) {
             v -= h[i as usize];
         }
         a[i as usize] = v;
+        let mut kv = Vector::<u32, N>::new(0u32);
         if comptime!(source == KeySource::Magnitude) {
-            keys[i as usize] = u32::reinterpret(v) & 0x7FFF_FFFFu32;
+            #[unroll]
+            for l in 0..nw {
+                kv[l as usize] = u32::reinterpret(v[l as usize]) & 0x7FFF_FFFFu32;
+            }
         }
         if comptime!(source == KeySource::Random) {
-            // Lane i % 4 of the block at counter (i / 4, stream, 0, 0), as
-            // crate::random::word.
-            let r = philox4x32_10(i / 4, stream, 0u32, 0u32, key0, key1);
-            let lane = i % 4;
-            let w = select(
-                lane == 0,
-                r.x0,
-                select(lane == 1, r.x1, select(lane == 2, r.x2, r.x3)),
-            );
-            keys[i as usize] = w;
+            // Element e is lane e % 4 of the block at counter (e / 4, stream, 0, 0), as
+            // crate::random::word: one block serves a whole 4-wide vector.
+            let r = philox4x32_10(first / 4, stream, 0u32, 0u32, key0, key1);
+            #[unroll]
+            for l in 0..nw {
+                let lane = (first + l) % 4;
+                kv[l as usize] = select(
+                    lane == 0,
+                    r.x0,
+                    select(lane == 1, r.x1, select(lane == 2, r.x2, r.x3)),
+                );
+            }
         }
+        keys[i as usize] = kv;
     }
 }

@@ -5,7 +5,8 @@
 use super::*;
 
 /// Per-cube histogram of this pass's digit over the keys that match the prefix chosen
-/// so far (`(key & high) == (prefix & high)`), over `CHUNK` keys a cube.
+/// so far (`(key & high) == (prefix & high)`), over `CHUNK` keys a cube, read 4-wide
+/// (`keys` is `n` rounded up to 4 long; keys past `n` are not counted).
 /// Each unit counts in registers, four 8-bit counters a word (`PER_UNIT` < 256 keys
 /// a unit: no overflow), a key adding `1 << 8 (d % 4)` to word `d / 4` by a compare and
 /// a select per word: a CPU adapter runs these as vector operations, where a
@@ -20,7 +21,7 @@ use super::*;
 /// above costs a cube as much as reading 16K keys on lavapipe.
 #[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(cubes), cube = UNITS)]
 pub fn topk_radix_histogram(
-    keys: &Array<u32>,
+    keys: &Array<Vector<u32, Const<4>>>,
     state: &Array<u32>,
     hist: &mut Array<u32>,
     candidates: &mut Array<u32>,
@@ -63,16 +64,21 @@ pub fn topk_radix_histogram(
         let region = cube * UNITS + UNIT_POS;
         let mut stored = 0u32;
         let mut j = 0u32;
-        while j * UNITS < len {
-            let e = j * UNITS + UNIT_POS;
-            if e < len {
-                let key = keys[(base + e) as usize];
-                let hit = (key & high) == prefix;
-                count_digit(&mut packed, key, hit, shift);
-                if comptime!(source == RadixSource::Compact) {
-                    if hit {
-                        candidates[(region * comptime!(PER_UNIT) + stored) as usize] = key;
-                        stored += 1;
+        // Vector `j UNITS + unit` of the cube: PER_UNIT / 4 vectors a unit.
+        while j * UNITS * 4u32 < len {
+            let first = (j * UNITS + UNIT_POS) * 4u32;
+            if first < len {
+                let kv = keys[((base + first) / 4u32) as usize];
+                #[unroll]
+                for l in 0..4u32 {
+                    let key = kv[l as usize];
+                    let hit = (key & high) == prefix && first + l < len;
+                    count_digit(&mut packed, key, hit, shift);
+                    if comptime!(source == RadixSource::Compact) {
+                        if hit {
+                            candidates[(region * comptime!(PER_UNIT) + stored) as usize] = key;
+                            stored += 1;
+                        }
                     }
                 }
             }

@@ -1,0 +1,89 @@
+//! Bad input to every S²FT entry point: one clear line naming the tensor or parameter.
+
+use super::*;
+
+#[test]
+fn bad_input_is_one_clear_line() {
+    let one_line = |e: kiln::Error, words: &[&str]| {
+        let m = e.to_string();
+        assert!(!m.contains('\n'), "{m}");
+        for w in words {
+            assert!(m.contains(w), "`{w}` not in: {m}");
+        }
+    };
+    one_line(
+        s2ft_select(6, 1, 7, 1, &Strategy::Random { seed: 0 }).unwrap_err(),
+        &["count_a", "6", "7"],
+    );
+    one_line(
+        s2ft_select(
+            6,
+            1,
+            1,
+            2,
+            &Strategy::Explicit {
+                a: &[9],
+                b: &[0, 1],
+            },
+        )
+        .unwrap_err(),
+        &["units_a"],
+    );
+    let w = t32(&[10, 4], &[0.5; 40]);
+    let perm = S2ftPermutation::from_perm(vec![1, 0, 2]).unwrap();
+    one_line(
+        s2ft_permute("w_k", &w, &perm, 3, Axis::Rows, "head_dim").unwrap_err(),
+        &["head_dim", "w_k", "10"],
+    );
+    one_line(
+        S2ftPermutation::from_perm(vec![0, 0, 1]).unwrap_err(),
+        &["perm", "permutation"],
+    );
+    let heads = HeadLayout {
+        heads: 6,
+        kv_heads: 4,
+        head_dim: 2,
+    };
+    let aw = AttentionWeights {
+        w_q: &w,
+        w_k: &w,
+        w_v: &w,
+        w_o: &w,
+    };
+    let x = t32(&[2, 4], &[0.1; 8]);
+    one_line(
+        s2ft_verify_attention(&aw, &heads, &perm, &x, false)
+            .err()
+            .unwrap(),
+        &["kv_heads"],
+    );
+    let deltas = t32(&[2, 3, 4], &[0.0; 24]);
+    let ids = up(DType::I32, &[2], &[0.0, 2.0]);
+    one_line(
+        s2ft_adapter_forward(&x, &w, &deltas, &ids, true, 0).unwrap_err(),
+        &["adapter_ids", "2", "token 1"],
+    );
+    one_line(
+        s2ft_merge(&w, &deltas, 5, true, 0, false).unwrap_err(),
+        &["adapter", "5"],
+    );
+    one_line(
+        s2ft_merge(&w, &deltas, 0, true, 8, false).unwrap_err(),
+        &["start", "10"],
+    );
+    let dy = t32(&[2, 10], &[0.0; 20]);
+    one_line(
+        s2ft_partial_backward(&dy, &x, None, Block::Rows { start: 4, end: 12 }).unwrap_err(),
+        &["12"],
+    );
+    let bad = AdamWConfig {
+        beta2: 1.0,
+        ..AdamWConfig::default()
+    };
+    one_line(
+        S2ftAdamW::new(&[(&w, Block::Rows { start: 0, end: 1 })], bad)
+            .err()
+            .unwrap(),
+        &["beta2"],
+    );
+}
