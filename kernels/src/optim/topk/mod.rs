@@ -4,14 +4,16 @@
 //! Keys are u32 (`|a|`'s f32 bits, which order like the magnitudes, NaN above +inf; or
 //! Philox words). Eight passes of 4-bit digits, most significant first, find the k-th
 //! largest key `T` and how many of the keys equal to `T` are taken: per-cube histograms
-//! (each unit counts into its own shared-memory column: no atomics), then one cube sums
-//! them in a fixed order and picks the digit. Ties at `T` go to the lower indices. The
-//! selection is then compacted in index order: per-cube counts, a one-cube scan, and a
-//! write pass that also forms the error feedback. Everything is integer or exact, so
-//! the same input selects the same indices on every run and every backend; no host
-//! synchronisation between the passes. The threshold-estimate variant runs the radix
-//! passes over a seeded sample instead and takes every key at or above the sample's
-//! quantile (two small downloads size its outputs).
+//! (each unit counts in its own registers, summed through shared memory: no atomics),
+//! then one cube sums them in a fixed order and picks the digit. Ties at `T` go to the
+//! lower indices. The selection is then compacted in index order: per-cube counts, a
+//! one-cube scan, and a write pass that also forms the error feedback. Everything is
+//! integer or exact, so the same input selects the same indices on every run and every
+//! backend; no host synchronisation between the passes. The passes over every element
+//! read 4-wide (`a` and the keys are stored `n` rounded up to 4 long; nothing past `n`
+//! counts). The threshold-estimate variant runs the radix passes over a seeded sample
+//! instead and takes every key at or above the sample's quantile, forming `a` and its
+//! keys in its count and write passes (two small downloads size its outputs).
 
 mod compact;
 mod radix;
