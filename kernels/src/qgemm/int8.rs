@@ -7,101 +7,119 @@
 use cubecl::prelude::*;
 use kiln_dsl::{cube_max, cube_sum, i8_bits, load_i8, reg_tile_mma, round_half_even, unpack_i8};
 
+/// Declares a W8A8 kernel: `xq` `[M, K]` and `wq` `[N, K]` int8 (K-contiguous rows, read
+/// as the bytes of u32 words), their scales `sx` `[M]` and `sw` `[N]`, the optional
+/// `bias` `[N]` (`has_bias`), the output `y` `[M, N]` in `F`, and `m`, `n`, `k`; keyed by
+/// their power-of-two buckets and the dtype. The caller gives the rest of the attribute
+/// (tunables, requirements, grid, cube) and the body.
+macro_rules! w8a8_kernel {
+    (
+        $(#[doc = $doc:literal])*
+        #[kernel($($attr:tt)*)]
+        $name:ident $body:block
+    ) => {
+        $(#[doc = $doc])*
+        #[kiln_macros::kernel(key(m = pow2, n = pow2, k = pow2, dtype), $($attr)*)]
+        pub fn $name<F: Float>(
+            xq: &Array<u32>,
+            sx: &Array<f32>,
+            wq: &Array<u32>,
+            sw: &Array<f32>,
+            bias: &Array<f32>,
+            y: &mut Array<F>,
+            m: u32,
+            n: u32,
+            k: u32,
+            #[comptime] has_bias: bool,
+        ) $body
+    };
+}
+
 /// Depth of a K step of the W8A8 kernel.
 pub const INT8_TILE_K: u32 = 32;
 
-/// Both operands are K-contiguous (`xq` `[M, K]`, `wq` `[N, K]`): each K step stages
-/// them depth-major as i32, multiplies exactly in i32, and the epilogue scales once.
-#[kiln_macros::kernel(
-    tune((BM, BN, TM, TN) = [(64, 64, 4, 4), (64, 64, 8, 8), (128, 64, 8, 8), (32, 64, 4, 4), (32, 32, 4, 4)]),
-    require((BM / TM) * (BN / TN) <= 1024, BM <= m.next_power_of_two().max(32)),
-    key(m = pow2, n = pow2, k = pow2, dtype),
-    grid = (n.div_ceil(BN), m.div_ceil(BM)),
-    cube = (BN / TN, BM / TM),
-)]
-pub fn w8a8_gemm<F: Float>(
-    xq: &Array<u32>,
-    sx: &Array<f32>,
-    wq: &Array<u32>,
-    sw: &Array<f32>,
-    bias: &Array<f32>,
-    y: &mut Array<F>,
-    m: u32,
-    n: u32,
-    k: u32,
-    #[comptime] has_bias: bool,
-) {
-    let units = comptime!((BM / TM) * (BN / TN));
-    let tx = UNIT_POS_X;
-    let ty = UNIT_POS_Y;
-    let m0 = CUBE_POS_Y * BM;
-    let n0 = CUBE_POS_X * BN;
-    let mut xs = SharedMemory::<i32>::new(comptime!((BM * INT8_TILE_K) as usize));
-    let mut ws = SharedMemory::<i32>::new(comptime!((BN * INT8_TILE_K) as usize));
-    let mut acc = Array::<i32>::new(comptime!((TM * TN) as usize));
-    #[unroll]
-    for e in 0..TM * TN {
-        acc[e as usize] = 0;
-    }
-    let mut k0 = 0u32;
-    while k0 < k {
-        // Consecutive units read consecutive bytes of a row; stored depth-major.
-        let mut idx = UNIT_POS;
-        while idx < comptime!(BM * INT8_TILE_K) {
-            let r = idx / INT8_TILE_K;
-            let d = idx % INT8_TILE_K;
-            let mut v = 0i32;
-            if m0 + r < m && k0 + d < k {
-                v = load_i8(xq, (m0 + r) * k + k0 + d);
-            }
-            xs[(d * BM + r) as usize] = v;
-            idx += units;
+w8a8_kernel! {
+    /// Both operands are K-contiguous (`xq` `[M, K]`, `wq` `[N, K]`): each K step stages
+    /// them depth-major as i32, multiplies exactly in i32, and the epilogue scales once.
+    #[kernel(
+        tune((BM, BN, TM, TN) = [(64, 64, 4, 4), (64, 64, 8, 8), (128, 64, 8, 8), (32, 64, 4, 4), (32, 32, 4, 4)]),
+        require((BM / TM) * (BN / TN) <= 1024, BM <= m.next_power_of_two().max(32)),
+        grid = (n.div_ceil(BN), m.div_ceil(BM)),
+        cube = (BN / TN, BM / TM),
+    )]
+    w8a8_gemm {
+        let units = comptime!((BM / TM) * (BN / TN));
+        let tx = UNIT_POS_X;
+        let ty = UNIT_POS_Y;
+        let m0 = CUBE_POS_Y * BM;
+        let n0 = CUBE_POS_X * BN;
+        let mut xs = SharedMemory::<i32>::new(comptime!((BM * INT8_TILE_K) as usize));
+        let mut ws = SharedMemory::<i32>::new(comptime!((BN * INT8_TILE_K) as usize));
+        let mut acc = Array::<i32>::new(comptime!((TM * TN) as usize));
+        #[unroll]
+        for e in 0..TM * TN {
+            acc[e as usize] = 0;
         }
-        let mut idx = UNIT_POS;
-        while idx < comptime!(BN * INT8_TILE_K) {
-            let c = idx / INT8_TILE_K;
-            let d = idx % INT8_TILE_K;
-            let mut v = 0i32;
-            if n0 + c < n && k0 + d < k {
-                v = load_i8(wq, (n0 + c) * k + k0 + d);
+        let mut k0 = 0u32;
+        while k0 < k {
+            // Consecutive units read consecutive bytes of a row; stored depth-major.
+            let mut idx = UNIT_POS;
+            while idx < comptime!(BM * INT8_TILE_K) {
+                let r = idx / INT8_TILE_K;
+                let d = idx % INT8_TILE_K;
+                let mut v = 0i32;
+                if m0 + r < m && k0 + d < k {
+                    v = load_i8(xq, (m0 + r) * k + k0 + d);
+                }
+                xs[(d * BM + r) as usize] = v;
+                idx += units;
             }
-            ws[(d * BN + c) as usize] = v;
-            idx += units;
+            let mut idx = UNIT_POS;
+            while idx < comptime!(BN * INT8_TILE_K) {
+                let c = idx / INT8_TILE_K;
+                let d = idx % INT8_TILE_K;
+                let mut v = 0i32;
+                if n0 + c < n && k0 + d < k {
+                    v = load_i8(wq, (n0 + c) * k + k0 + d);
+                }
+                ws[(d * BN + c) as usize] = v;
+                idx += units;
+            }
+            sync_cube();
+            reg_tile_mma::<i32>(
+                &mut acc,
+                &xs,
+                0,
+                &ws,
+                0,
+                ty,
+                tx,
+                BM,
+                BN,
+                INT8_TILE_K,
+                TM,
+                TN,
+            );
+            sync_cube();
+            k0 += INT8_TILE_K;
         }
-        sync_cube();
-        reg_tile_mma::<i32>(
-            &mut acc,
-            &xs,
-            0,
-            &ws,
-            0,
-            ty,
-            tx,
+        store_scaled_tile::<F>(
+            y,
+            &acc,
+            sx,
+            sw,
+            bias,
+            m0 + ty,
+            n0 + tx,
+            m,
+            n,
             BM,
             BN,
-            INT8_TILE_K,
             TM,
             TN,
+            has_bias,
         );
-        sync_cube();
-        k0 += INT8_TILE_K;
     }
-    store_scaled_tile::<F>(
-        y,
-        &acc,
-        sx,
-        sw,
-        bias,
-        m0 + ty,
-        n0 + tx,
-        m,
-        n,
-        BM,
-        BN,
-        TM,
-        TN,
-        has_bias,
-    );
 }
 
 /// The W8A8 epilogue of a unit's `tm x tn` i32 accumulators `acc` (row-major):
@@ -145,119 +163,109 @@ fn store_scaled_tile<F: Float>(
     }
 }
 
-/// W8A8 straight from global memory (no shared memory, no barriers; what a CPU adapter
-/// rewards, as `qgemm_direct` showed for W4A16): a unit owns `TM` rows (`BM / TM`
-/// apart) and `TN` columns (`BN / TN` apart) and, per 32-bit word of K (four bytes of
-/// each K-contiguous row of `xq` and `wq`), unpacks its `4 TM` and `4 TN` codes once and
-/// multiplies them all, exactly in i32. Needs `k % 4 == 0` (rows start on a word; the
-/// host offers this kernel only then).
-#[kiln_macros::kernel(
-    tune((BM, BN, TM, TN) = [
-        (64, 64, 8, 8),
-        (32, 128, 4, 8),
-        (16, 128, 4, 8),
-        (64, 128, 8, 16),
-        (128, 64, 16, 4),
-        (128, 128, 16, 16),
-        // Few rows: one unit row owns all of them (each word of x read once per 16
-        // columns).
-        (1, 256, 1, 16),
-        (4, 256, 4, 16),
-    ]),
-    require(
-        (BM / TM) * (BN / TN) <= 1024,
-        BM <= m.next_power_of_two().max(16),
-        // The few-row tiles only where they cover M.
-        BM >= 16 || BM >= m.next_power_of_two(),
-        k % 4 == 0,
-    ),
-    key(m = pow2, n = pow2, k = pow2, dtype),
-    grid = (n.div_ceil(BN), m.div_ceil(BM)),
-    cube = (BN / TN, BM / TM),
-)]
-pub fn w8a8_direct<F: Float>(
-    xq: &Array<u32>,
-    sx: &Array<f32>,
-    wq: &Array<u32>,
-    sw: &Array<f32>,
-    bias: &Array<f32>,
-    y: &mut Array<F>,
-    m: u32,
-    n: u32,
-    k: u32,
-    #[comptime] has_bias: bool,
-) {
-    let tx = UNIT_POS_X;
-    let ty = UNIT_POS_Y;
-    let m0 = CUBE_POS_Y * BM;
-    let n0 = CUBE_POS_X * BN;
-    let words = k / 4;
-    // Out-of-range rows and columns read row m - 1 or column n - 1, never stored.
-    let mut xrow = Array::<u32>::new(comptime!(TM as usize));
-    #[unroll]
-    for i in 0..TM {
-        xrow[i as usize] = min(m0 + ty + i * comptime!(BM / TM), m - 1) * words;
-    }
-    let mut wrow = Array::<u32>::new(comptime!(TN as usize));
-    #[unroll]
-    for j in 0..TN {
-        wrow[j as usize] = min(n0 + tx + j * comptime!(BN / TN), n - 1) * words;
-    }
-    let mut acc = Array::<i32>::new(comptime!((TM * TN) as usize));
-    #[unroll]
-    for e in 0..TM * TN {
-        acc[e as usize] = 0;
-    }
-    let mut xv = Array::<i32>::new(comptime!((4 * TM) as usize));
-    let mut wv = Array::<i32>::new(comptime!((4 * TN) as usize));
-    let mut w = 0u32;
-    while w < words {
+w8a8_kernel! {
+    /// W8A8 straight from global memory (no shared memory, no barriers; what a CPU adapter
+    /// rewards, as `qgemm_direct` showed for W4A16): a unit owns `TM` rows (`BM / TM`
+    /// apart) and `TN` columns (`BN / TN` apart) and, per 32-bit word of K (four bytes of
+    /// each K-contiguous row of `xq` and `wq`), unpacks its `4 TM` and `4 TN` codes once and
+    /// multiplies them all, exactly in i32. Needs `k % 4 == 0` (rows start on a word; the
+    /// host offers this kernel only then).
+    #[kernel(
+        tune((BM, BN, TM, TN) = [
+            (64, 64, 8, 8),
+            (32, 128, 4, 8),
+            (16, 128, 4, 8),
+            (64, 128, 8, 16),
+            (128, 64, 16, 4),
+            (128, 128, 16, 16),
+            // Few rows: one unit row owns all of them (each word of x read once per 16
+            // columns).
+            (1, 256, 1, 16),
+            (4, 256, 4, 16),
+        ]),
+        require(
+            (BM / TM) * (BN / TN) <= 1024,
+            BM <= m.next_power_of_two().max(16),
+            // The few-row tiles only where they cover M.
+            BM >= 16 || BM >= m.next_power_of_two(),
+            k % 4 == 0,
+        ),
+        grid = (n.div_ceil(BN), m.div_ceil(BM)),
+        cube = (BN / TN, BM / TM),
+    )]
+    w8a8_direct {
+        let tx = UNIT_POS_X;
+        let ty = UNIT_POS_Y;
+        let m0 = CUBE_POS_Y * BM;
+        let n0 = CUBE_POS_X * BN;
+        let words = k / 4;
+        // Out-of-range rows and columns read row m - 1 or column n - 1, never stored.
+        let mut xrow = Array::<u32>::new(comptime!(TM as usize));
         #[unroll]
         for i in 0..TM {
-            let word = xq[(xrow[i as usize] + w) as usize];
-            #[unroll]
-            for b in 0..4u32 {
-                xv[(i * 4 + b) as usize] = unpack_i8(word, b);
-            }
+            xrow[i as usize] = min(m0 + ty + i * comptime!(BM / TM), m - 1) * words;
         }
+        let mut wrow = Array::<u32>::new(comptime!(TN as usize));
         #[unroll]
         for j in 0..TN {
-            let word = wq[(wrow[j as usize] + w) as usize];
-            #[unroll]
-            for b in 0..4u32 {
-                wv[(j * 4 + b) as usize] = unpack_i8(word, b);
-            }
+            wrow[j as usize] = min(n0 + tx + j * comptime!(BN / TN), n - 1) * words;
         }
+        let mut acc = Array::<i32>::new(comptime!((TM * TN) as usize));
         #[unroll]
-        for i in 0..TM {
+        for e in 0..TM * TN {
+            acc[e as usize] = 0;
+        }
+        let mut xv = Array::<i32>::new(comptime!((4 * TM) as usize));
+        let mut wv = Array::<i32>::new(comptime!((4 * TN) as usize));
+        let mut w = 0u32;
+        while w < words {
             #[unroll]
-            for j in 0..TN {
-                let mut dot = acc[(i * TN + j) as usize];
+            for i in 0..TM {
+                let word = xq[(xrow[i as usize] + w) as usize];
                 #[unroll]
                 for b in 0..4u32 {
-                    dot += xv[(i * 4 + b) as usize] * wv[(j * 4 + b) as usize];
+                    xv[(i * 4 + b) as usize] = unpack_i8(word, b);
                 }
-                acc[(i * TN + j) as usize] = dot;
             }
+            #[unroll]
+            for j in 0..TN {
+                let word = wq[(wrow[j as usize] + w) as usize];
+                #[unroll]
+                for b in 0..4u32 {
+                    wv[(j * 4 + b) as usize] = unpack_i8(word, b);
+                }
+            }
+            #[unroll]
+            for i in 0..TM {
+                #[unroll]
+                for j in 0..TN {
+                    let mut dot = acc[(i * TN + j) as usize];
+                    #[unroll]
+                    for b in 0..4u32 {
+                        dot += xv[(i * 4 + b) as usize] * wv[(j * 4 + b) as usize];
+                    }
+                    acc[(i * TN + j) as usize] = dot;
+                }
+            }
+            w += 1;
         }
-        w += 1;
+        store_scaled_tile::<F>(
+            y,
+            &acc,
+            sx,
+            sw,
+            bias,
+            m0 + ty,
+            n0 + tx,
+            m,
+            n,
+            BM,
+            BN,
+            TM,
+            TN,
+            has_bias,
+        );
     }
-    store_scaled_tile::<F>(
-        y,
-        &acc,
-        sx,
-        sw,
-        bias,
-        m0 + ty,
-        n0 + tx,
-        m,
-        n,
-        BM,
-        BN,
-        TM,
-        TN,
-        has_bias,
-    );
 }
 
 /// W8A8 for few rows: a cube owns `BN` columns and `mt` rows (comptime, <= 8); the
