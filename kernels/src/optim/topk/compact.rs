@@ -4,59 +4,78 @@
 
 use super::*;
 
-/// Per cube: how many keys are above the threshold `T = state[0]` and how many equal it
-/// (`counts[2 cube ..]`), and per unit how many of each come before its `PER_UNIT`
-/// consecutive keys in the cube (`before[cube UNITS + unit]`, both in one u32: the write
-/// pass's slots without counting again). Keys past `n` are not counted. The keys are
-/// `keys` (`formed` false), or formed here as `|grad + error|`'s bits from `input` =
-/// grad and `error` (`formed`: the threshold estimate, which stores no keys); see
-/// [`a_of`]. Read `VECTOR` wide (4 for the stored keys).
-#[kiln_macros::kernel(
-    tune(UNITS = [256]),
-    vector = [4, 1],
-    key(n = pow2, dtype),
-    grid = cubes(cubes),
-    cube = UNITS
-)]
-pub fn topk_count<F: Float, N: Size>(
-    input: &Array<Vector<F, N>>,
-    error: &Array<Vector<f32, N>>,
-    keys: &Array<Vector<u32, N>>,
-    state: &Array<u32>,
-    counts: &mut Array<u32>,
-    before: &mut Array<u32>,
-    n: u32,
-    cubes: u32,
-    #[comptime] formed: bool,
-    #[comptime] has_error: bool,
-) {
-    let nw = N::value().comptime() as u32;
-    let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
-    let t = state[0];
-    let base = cube * comptime!(CHUNK) + UNIT_POS * comptime!(PER_UNIT);
-    let mut both = 0u32;
-    if cube < cubes {
-        #[unroll]
-        for j in 0..comptime!(PER_UNIT / nw) {
-            let first = base + nw * j;
-            if first < n {
-                let v = first / nw;
-                let kv = keys_at(input, error, keys, v, formed, has_error);
-                #[unroll]
-                for l in 0..nw {
-                    both += select(first + l < n, above_and_ties(kv[l as usize], t), 0u32);
+/// Declares a pass over the selection's elements (the count and the write): `input`
+/// (the stored `a`, or the gradient when `formed`), `error_in` (the error, read when
+/// `formed` and `has_error`), the stored `keys` (read unless `formed`), the radix
+/// `state`, then the pass's own arguments, all `VECTOR` wide where they are vectors,
+/// one cube per `CHUNK` elements; see [`a_of`] and [`keys_at`].
+macro_rules! selection_pass {
+    (
+        $(#[doc = $doc:literal])*
+        $name:ident($($own:tt)*) $body:block
+    ) => {
+        $(#[doc = $doc])*
+        #[kiln_macros::kernel(
+            tune(UNITS = [256]),
+            vector = [4, 1],
+            key(n = pow2, dtype),
+            grid = cubes(cubes),
+            cube = UNITS
+        )]
+        pub fn $name<F: Float, N: Size>(
+            input: &Array<Vector<F, N>>,
+            error_in: &Array<Vector<f32, N>>,
+            keys: &Array<Vector<u32, N>>,
+            state: &Array<u32>,
+            $($own)*
+            #[comptime] formed: bool,
+            #[comptime] has_error: bool,
+        ) $body
+    };
+}
+
+selection_pass! {
+    /// Per cube: how many keys are above the threshold `T = state[0]` and how many equal it
+    /// (`counts[2 cube ..]`), and per unit how many of each come before its `PER_UNIT`
+    /// consecutive keys in the cube (`before[cube UNITS + unit]`, both in one u32: the write
+    /// pass's slots without counting again). Keys past `n` are not counted. The keys are
+    /// `keys` (`formed` false), or formed here as `|grad + error|`'s bits from `input` =
+    /// grad and `error_in` (`formed`: the threshold estimate, which stores no keys); see
+    /// [`a_of`]. Read `VECTOR` wide (4 for the stored keys).
+    topk_count(
+        counts: &mut Array<u32>,
+        before: &mut Array<u32>,
+        n: u32,
+        cubes: u32,
+    ) {
+        let nw = N::value().comptime() as u32;
+        let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
+        let t = state[0];
+        let base = cube * comptime!(CHUNK) + UNIT_POS * comptime!(PER_UNIT);
+        let mut both = 0u32;
+        if cube < cubes {
+            #[unroll]
+            for j in 0..comptime!(PER_UNIT / nw) {
+                let first = base + nw * j;
+                if first < n {
+                    let v = first / nw;
+                    let kv = keys_at(input, error_in, keys, v, formed, has_error);
+                    #[unroll]
+                    for l in 0..nw {
+                        both += select(first + l < n, above_and_ties(kv[l as usize], t), 0u32);
+                    }
                 }
             }
         }
-    }
-    let mut smem = SharedMemory::<u32>::new(comptime!((CUBE + BINS) as usize));
-    let mine = cube_exclusive_sum_u32(&mut smem, both);
-    if cube < cubes {
-        before[(cube * UNITS + UNIT_POS) as usize] = mine;
-        if UNIT_POS == comptime!(CUBE - 1) {
-            let total = mine + both;
-            counts[(2 * cube) as usize] = total & 65535u32;
-            counts[(2 * cube + 1) as usize] = total >> 16u32;
+        let mut smem = SharedMemory::<u32>::new(comptime!((CUBE + BINS) as usize));
+        let mine = cube_exclusive_sum_u32(&mut smem, both);
+        if cube < cubes {
+            before[(cube * UNITS + UNIT_POS) as usize] = mine;
+            if UNIT_POS == comptime!(CUBE - 1) {
+                let total = mine + both;
+                counts[(2 * cube) as usize] = total & 65535u32;
+                counts[(2 * cube + 1) as usize] = total >> 16u32;
+            }
         }
     }
 }
@@ -179,92 +198,81 @@ pub fn topk_scan(counts: &Array<u32>, offsets: &mut Array<u32>, cubes: u32) {
     }
 }
 
-/// The compaction: unit `u` of cube `c` owns elements `c CHUNK + u PER_UNIT ..` (64 in
-/// a row, so the count pass's in-cube scan, `before`, orders them). An element is taken when its key
-/// is above `T`, or equal with fewer than `k_rem` equal keys before it. Its slot is the
-/// number of taken elements before it; every element's error is `keep · a` (`keep =
-/// 1 − scale`) if taken — exactly 0 for top-k's `keep = 0`, even where `a` is ±inf —
-/// and `a` otherwise; `residual[c]` is the cube's sum of error².
-/// `a` and its keys are read as [`topk_count`] reads them (stored, or `formed` from
-/// `input` = grad and `error_in`), `VECTOR` wide; `error` is `n` rounded up to 4 long,
-/// and elements past `n` are neither taken nor summed.
-#[kiln_macros::kernel(
-    tune(UNITS = [256]),
-    vector = [4, 1],
-    key(n = pow2, dtype),
-    grid = cubes(cubes),
-    cube = UNITS
-)]
-pub fn topk_write<F: Float, N: Size>(
-    input: &Array<Vector<F, N>>,
-    error_in: &Array<Vector<f32, N>>,
-    keys: &Array<Vector<u32, N>>,
-    state: &Array<u32>,
-    offsets: &Array<u32>,
-    before: &Array<u32>,
-    indices: &mut Array<i32>,
-    values: &mut Array<f32>,
-    error: &mut Array<Vector<f32, N>>,
-    residual: &mut Array<f32>,
-    n: u32,
-    cubes: u32,
-    scale: f32,
-    keep: f32,
-    #[comptime] formed: bool,
-    #[comptime] has_error: bool,
-) {
-    let nw = N::value().comptime() as u32;
-    let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
-    let c = select(cube < cubes, cube, 0u32);
-    let t = state[0];
-    let k_rem = state[1];
-    let base = c * comptime!(CHUNK) + UNIT_POS * comptime!(PER_UNIT);
-    let mine = before[(c * UNITS + UNIT_POS) as usize];
-    let gt_before = mine & 65535u32;
-    let eq_before = mine >> 16u32;
-    let mut smem = SharedMemory::<f32>::new(UNITS as usize);
-    let mut squares = 0.0f32;
-    if cube < cubes {
-        let mut ties = offsets[(2 * c + 1) as usize] + eq_before;
-        // Taken ties before this unit: all earlier ties, capped at k_rem.
-        let mut slot = offsets[(2 * c) as usize] + gt_before + min(ties, k_rem);
-        for j in 0..comptime!(PER_UNIT / nw) {
-            let first = base + nw * j;
-            if first < n {
-                let vi = first / nw;
-                let av = a_of(input, error_in, vi, has_error);
-                let kv = if comptime!(formed) {
-                    magnitude_keys(av)
-                } else {
-                    keys[vi as usize]
-                };
-                let mut rv = Vector::<f32, N>::new(0.0f32);
-                #[unroll]
-                for l in 0..nw {
-                    let e = first + l;
-                    let inside = e < n;
-                    let key = kv[l as usize];
-                    let v = av[l as usize];
-                    let tie = key == t && inside;
-                    let taken = (key > t && inside) || (tie && ties < k_rem);
-                    if taken {
-                        indices[slot as usize] = i32::cast_from(e);
-                        values[slot as usize] = scale * v;
-                        slot += 1;
+selection_pass! {
+    /// The compaction: unit `u` of cube `c` owns elements `c CHUNK + u PER_UNIT ..` (64 in
+    /// a row, so the count pass's in-cube scan, `before`, orders them). An element is taken when its key
+    /// is above `T`, or equal with fewer than `k_rem` equal keys before it. Its slot is the
+    /// number of taken elements before it; every element's error is `keep · a` (`keep =
+    /// 1 − scale`) if taken — exactly 0 for top-k's `keep = 0`, even where `a` is ±inf —
+    /// and `a` otherwise; `residual[c]` is the cube's sum of error².
+    /// `a` and its keys are read as [`topk_count`] reads them (stored, or `formed` from
+    /// `input` = grad and `error_in`), `VECTOR` wide; `error` is `n` rounded up to 4 long,
+    /// and elements past `n` are neither taken nor summed.
+    topk_write(
+        offsets: &Array<u32>,
+        before: &Array<u32>,
+        indices: &mut Array<i32>,
+        values: &mut Array<f32>,
+        error: &mut Array<Vector<f32, N>>,
+        residual: &mut Array<f32>,
+        n: u32,
+        cubes: u32,
+        scale: f32,
+        keep: f32,
+    ) {
+        let nw = N::value().comptime() as u32;
+        let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
+        let c = select(cube < cubes, cube, 0u32);
+        let t = state[0];
+        let k_rem = state[1];
+        let base = c * comptime!(CHUNK) + UNIT_POS * comptime!(PER_UNIT);
+        let mine = before[(c * UNITS + UNIT_POS) as usize];
+        let gt_before = mine & 65535u32;
+        let eq_before = mine >> 16u32;
+        let mut smem = SharedMemory::<f32>::new(UNITS as usize);
+        let mut squares = 0.0f32;
+        if cube < cubes {
+            let mut ties = offsets[(2 * c + 1) as usize] + eq_before;
+            // Taken ties before this unit: all earlier ties, capped at k_rem.
+            let mut slot = offsets[(2 * c) as usize] + gt_before + min(ties, k_rem);
+            for j in 0..comptime!(PER_UNIT / nw) {
+                let first = base + nw * j;
+                if first < n {
+                    let vi = first / nw;
+                    let av = a_of(input, error_in, vi, has_error);
+                    let kv = if comptime!(formed) {
+                        magnitude_keys(av)
+                    } else {
+                        keys[vi as usize]
+                    };
+                    let mut rv = Vector::<f32, N>::new(0.0f32);
+                    #[unroll]
+                    for l in 0..nw {
+                        let e = first + l;
+                        let inside = e < n;
+                        let key = kv[l as usize];
+                        let v = av[l as usize];
+                        let tie = key == t && inside;
+                        let taken = (key > t && inside) || (tie && ties < k_rem);
+                        if taken {
+                            indices[slot as usize] = i32::cast_from(e);
+                            values[slot as usize] = scale * v;
+                            slot += 1;
+                        }
+                        // inf * 0 would be NaN: a taken value leaves exactly nothing behind.
+                        let sent_rest = select(keep == 0.0, 0.0f32, keep * v);
+                        let r = select(inside, select(taken, sent_rest, v), 0.0f32);
+                        rv[l as usize] = r;
+                        squares += r * r;
+                        ties += select(tie, 1u32, 0u32);
                     }
-                    // inf * 0 would be NaN: a taken value leaves exactly nothing behind.
-                    let sent_rest = select(keep == 0.0, 0.0f32, keep * v);
-                    let r = select(inside, select(taken, sent_rest, v), 0.0f32);
-                    rv[l as usize] = r;
-                    squares += r * r;
-                    ties += select(tie, 1u32, 0u32);
+                    error[vi as usize] = rv;
                 }
-                error[vi as usize] = rv;
             }
         }
-    }
-    let total = cube_sum(&mut smem, squares, UNITS);
-    if cube < cubes && UNIT_POS == 0 {
-        residual[cube as usize] = total;
+        let total = cube_sum(&mut smem, squares, UNITS);
+        if cube < cubes && UNIT_POS == 0 {
+            residual[cube as usize] = total;
+        }
     }
 }

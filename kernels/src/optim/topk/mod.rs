@@ -334,7 +334,7 @@ fn count_and_scan(
         0.0,
         &TopkCountArgs {
             input: &input,
-            error: &error,
+            error_in: &error,
             keys: &keys,
             state,
             counts: &counts,
