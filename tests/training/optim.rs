@@ -57,27 +57,38 @@ fn five_steps_of_every_rule_over_one_list_match_the_f64_reference() {
     .into_iter()
     .flat_map(|s| RULES.into_iter().map(move |r| (s.clone(), r)))
     {
-        five_steps_match_the_reference(&sizes, rule, None);
+        five_steps_match_the_reference(&sizes, rule, hyper(rule), None);
     }
 }
 
 /// LAMB and AdaGrad-Norm with their norms' partial sums per cube (a GPU's default) and
 /// per unit (a CPU adapter's): both within 1e-6 of the f64 reference, whatever device
-/// runs the suite.
+/// runs the suite. AdaGrad-Norm also without weight decay (its default), where its norms
+/// pass skips the weight.
 #[test]
 fn norm_rules_match_the_reference_with_either_partial_sums() {
     for sums in [Sums::PerCube, Sums::PerUnit] {
         for rule in [Rule::Lamb, Rule::AdaGradNorm] {
-            five_steps_match_the_reference(&[1, 4099, 70_001, 12], rule, Some(sums));
+            five_steps_match_the_reference(&[1, 4099, 70_001, 12], rule, hyper(rule), Some(sums));
         }
+        let no_decay = Hyper {
+            lr: 0.01,
+            ..Hyper::defaults(Rule::AdaGradNorm)
+        };
+        assert_eq!(no_decay.weight_decay, 0.0);
+        five_steps_match_the_reference(
+            &[1, 4099, 70_001, 12],
+            Rule::AdaGradNorm,
+            no_decay,
+            Some(sums),
+        );
     }
 }
 
-/// Five steps of `rule` over tensors of `sizes` (one list; zero gradients at step 3),
+/// Five steps of `rule` with `h` over tensors of `sizes` (one list; zero gradients at step 3),
 /// with `sums` where given, against the f64 reference: parameters and states within
 /// 1e-6.
-fn five_steps_match_the_reference(sizes: &[usize], rule: Rule, sums: Option<Sums>) {
-    let h = hyper(rule);
+fn five_steps_match_the_reference(sizes: &[usize], rule: Rule, h: Hyper, sums: Option<Sums>) {
     let mut rng = Rng::new(7 + rule as u64);
     let mut params: Vec<Vec<f64>> = sizes.iter().map(|&n| f32s(&mut rng, n)).collect();
     let ts: Vec<Tensor> = params

@@ -131,16 +131,31 @@ slot_kernel! {
         let start = table[(t + 7) as usize];
         let sv = stride / nw;
         let step = counter[0];
+        // Per-element states at base + j stride + e, scalars at base + K stride + j,
+        // master after (all 4-aligned when N = 4: the host pads slot offsets and
+        // strides, and refuses N = 4 for a master copy behind per-tensor scalars).
+        let k = comptime!(rule.element_states() as u32);
+        let scalars_at = base + k * stride;
+        // The update's per-slot factors, here for the same reason: LAMB's trust ratio
+        // from the slot's norms; AdaGrad-Norm's step size from its `b2` (advanced by the
+        // slot reduction; it sits 4-aligned, lane 0, or alone when N = 1). Inside the
+        // loop each would be one more gather per vector, as dear as a stream.
+        let mut trust = 1.0f32;
+        if comptime!(rule == Rule::Lamb && phase == Phase::Update) {
+            let w_norm = f32::sqrt(partials[(2 * b) as usize]);
+            let r_norm = f32::sqrt(partials[(2 * b + 1) as usize]);
+            trust = select(w_norm > 0.0 && r_norm > 0.0, w_norm / r_norm, 1.0f32);
+        }
+        let mut b2_step = 0.0f32;
+        if comptime!(rule == Rule::AdaGradNorm && phase == Phase::Update) {
+            let b2 = state[(scalars_at / nw) as usize][0];
+            b2_step = lr / (f32::sqrt(b2) + eps);
+        }
         if cube < cubes {
             // A whole row-major weight (or a rows block): no division per vector. `strided`
             // (comptime: a column block in the launch) because lavapipe would compute the
             // division of an untaken branch anyway.
             let contiguous = ld == cols;
-            // Per-element states at base + j stride + e, scalars at base + K stride + j,
-            // master after (all 4-aligned when N = 4: the host pads slot offsets and
-            // strides, and refuses N = 4 for a master copy behind per-tensor scalars).
-            let k = comptime!(rule.element_states() as u32);
-            let scalars_at = base + k * stride;
             let tf = f32::cast_from(step + 1);
             let moments = adam_constants(
                 beta1,
@@ -163,6 +178,15 @@ slot_kernel! {
             let wd = Vector::<f32, N>::new(weight_decay);
             let mut sq0 = 0.0f32;
             let mut sq1 = 0.0f32;
+            // What this pass reads besides the states: LAMB's update has its direction from
+            // m and v (no gradient), AdaGrad-Norm's norms pass needs the weight only for
+            // its decay term. A stream not read is a stream of memory traffic saved
+            // (uniform branches: no lane reads it).
+            let reads_g = comptime!(!(phase == Phase::Update && rule == Rule::Lamb));
+            let mut reads_p = true;
+            if comptime!(phase == Phase::Norms && rule == Rule::AdaGradNorm) {
+                reads_p = weight_decay != 0.0;
+            }
             // Each unit updates PER vectors, UNITS apart (consecutive units touch consecutive
             // vectors): the slot lookup and the step's constants are paid once per PER.
             #[unroll]
@@ -184,16 +208,20 @@ slot_kernel! {
                 let mut g = zero;
                 let mut p = zero;
                 if inside {
-                    g = Vector::<f32, N>::cast_from(select_slot(
-                        g0, g1, g2, g3, g4, g5, b, start / nw + ei, slots,
-                    ));
-                    if comptime!(master) {
-                        p = state[master_at as usize];
-                    }
-                    if comptime!(!master) {
-                        p = Vector::<f32, N>::cast_from(select_slot(
-                            w0, w1, w2, w3, w4, w5, b, w_at, slots,
+                    if comptime!(reads_g) {
+                        g = Vector::<f32, N>::cast_from(select_slot(
+                            g0, g1, g2, g3, g4, g5, b, start / nw + ei, slots,
                         ));
+                    }
+                    if reads_p {
+                        if comptime!(master) {
+                            p = state[master_at as usize];
+                        }
+                        if comptime!(!master) {
+                            p = Vector::<f32, N>::cast_from(select_slot(
+                                w0, w1, w2, w3, w4, w5, b, w_at, slots,
+                            ));
+                        }
                     }
                 }
                 if comptime!(phase == Phase::Norms) {
@@ -254,17 +282,11 @@ slot_kernel! {
                                 state[(s_at + sv) as usize],
                                 moments,
                             ) + wd * p;
-                            let w_norm = f32::sqrt(partials[(2 * b) as usize]);
-                            let r_norm = f32::sqrt(partials[(2 * b + 1) as usize]);
-                            let trust = select(w_norm > 0.0 && r_norm > 0.0, w_norm / r_norm, 1.0f32);
                             p -= Vector::<f32, N>::new(lr * trust) * r;
                         }
                         if comptime!(rule == Rule::AdaGradNorm) {
-                            // b2 was advanced by the slot reduction; it sits 4-aligned (lane 0)
-                            // or alone (N = 1).
-                            let b2 = state[(scalars_at / nw) as usize][0];
                             let gg = g + wd * p;
-                            p -= Vector::<f32, N>::new(lr / (f32::sqrt(b2) + eps)) * gg;
+                            p -= Vector::<f32, N>::new(b2_step) * gg;
                         }
                         p *= Vector::<f32, N>::new(decay_after);
                         if comptime!(master) {
@@ -281,11 +303,16 @@ slot_kernel! {
                 if comptime!(sums == Sums::PerUnit) {
                     let at = totals + 2 * (cube * UNITS + UNIT_POS);
                     partials[at as usize] = sq0;
-                    partials[(at + 1) as usize] = sq1;
+                    if comptime!(rule == Rule::Lamb) {
+                        partials[(at + 1) as usize] = sq1;
+                    }
                 } else {
                     let mut smem = SharedMemory::<f32>::new(UNITS as usize);
                     let total0 = cube_sum(&mut smem, sq0, UNITS);
-                    let total1 = cube_sum(&mut smem, sq1, UNITS);
+                    let mut total1 = 0.0f32;
+                    if comptime!(rule == Rule::Lamb) {
+                        total1 = cube_sum(&mut smem, sq1, UNITS);
+                    }
                     if UNIT_POS == 0 {
                         partials[(totals + 2 * cube) as usize] = total0;
                         partials[(totals + 2 * cube + 1) as usize] = total1;
@@ -320,12 +347,18 @@ pub fn optim_slot_norms(
         let mut i = UNIT_POS;
         while i < count {
             s0 += partials[(base + 2 * i) as usize];
-            s1 += partials[(base + 2 * i + 1) as usize];
+            // AdaGrad-Norm has one sum (its second is never written): half the loads.
+            if comptime!(rule == Rule::Lamb) {
+                s1 += partials[(base + 2 * i + 1) as usize];
+            }
             i += UNITS;
         }
         let mut smem = SharedMemory::<f32>::new(UNITS as usize);
         let total0 = cube_sum(&mut smem, s0, UNITS);
-        let total1 = cube_sum(&mut smem, s1, UNITS);
+        let mut total1 = 0.0f32;
+        if comptime!(rule == Rule::Lamb) {
+            total1 = cube_sum(&mut smem, s1, UNITS);
+        }
         if UNIT_POS == 0 {
             if comptime!(rule == Rule::AdaGradNorm) {
                 let at = table[(t + 5) as usize]
