@@ -8,6 +8,12 @@
 //! and `TN` vectors of `b` (four N of a K row, or four K of an N row with `trans_b`),
 //! and does `TM x TN x 4` FMAs. Rows and columns past the edge are clamped to the last
 //! one: computed, never stored, so the main loop has no branch.
+//!
+//! Measured and not kept (lavapipe, 2026-12-02, alternating runs): register tiles past
+//! 16 x 16 and 8 x 32 (16 x 32, 32 x 16, 32 x 32, 16 x 64 in cubes of 64-256 rows) were
+//! no faster beyond the machine's noise at 256^3-2048^3 and cost llvmpipe seconds of
+//! compilation each; taking each accumulator through its four steps of K in a row
+//! (loading the tile's `b` vectors first) ran about 10x slower on llvmpipe.
 
 use super::{clamped_strided, store_epilogue, Activation};
 use cubecl::prelude::*;

@@ -127,9 +127,9 @@ pub struct MultiTensorStep {
 /// them: 13 placeholders, a guard, a table and a partials buffer per launch).
 #[derive(Default)]
 struct LaunchCache {
-    /// Per group of parts (their slots and starts; and `Sums`): its slot table and
-    /// partial sums buffer.
-    groups: std::collections::HashMap<(Vec<(usize, usize)>, Sums), (Tensor, Tensor)>,
+    /// Per group of parts (their slots and starts; and `Sums`): its slot table, partial
+    /// sums buffer and per-slot totals (LAMB's norms).
+    groups: std::collections::HashMap<(Vec<(usize, usize)>, Sums), (Tensor, Tensor, Tensor)>,
     /// Per dtype: `2 SLOTS` one-vector placeholders for unused slots.
     spares: std::collections::HashMap<DType, Vec<Tensor>>,
     /// Per vector width: the array whose length caps the launch's width.
@@ -380,9 +380,11 @@ impl MultiTensorStep {
                 found: len.to_string(),
             });
         }
-        // Two norms per slot, then partial sums of squares (two per cube, or per unit).
+        // Partial sums of squares past `2 SLOTS` words: a pair per unit, or two pairs per
+        // cube (the second zero), so that each cube's start is 4-aligned for the slot
+        // reduction's 4-wide reads.
         let sums_per_cube = match self.sums {
-            Sums::PerCube => 1,
+            Sums::PerCube => 2,
             Sums::PerUnit => STEP_UNITS,
         };
         // The group's table, partial sums, placeholders and guard: made at its first step,
@@ -391,14 +393,19 @@ impl MultiTensorStep {
         let key = (group.iter().map(|p| (p.slot, p.start)).collect(), self.sums);
         if let Entry::Vacant(slot) = cache.groups.entry(key.clone()) {
             let table: Vec<u32> = table.into_iter().map(|x| x as u32).collect();
-            let partials = match self.rule.needs_norms() {
-                true => {
-                    Tensor::empty(client, DType::F32, &[2 * SLOTS + 2 * cubes * sums_per_cube])?
-                }
-                false => crate::launch::absent(client)?,
+            // The partial sums, and the per-slot totals the reduction leaves for the update.
+            let (partials, totals) = match self.rule.needs_norms() {
+                true => (
+                    Tensor::empty(client, DType::F32, &[2 * SLOTS + 2 * cubes * sums_per_cube])?,
+                    Tensor::empty(client, DType::F32, &[2 * SLOTS])?,
+                ),
+                false => (
+                    crate::launch::absent(client)?,
+                    crate::launch::absent(client)?,
+                ),
             };
             let table = upload_u32(client, "slot_table", &table)?;
-            slot.insert((table, partials));
+            slot.insert((table, partials, totals));
         }
         if let Entry::Vacant(slot) = cache.spares.entry(dtype) {
             // Placeholders hold one vector (never written: no cube selects their slot).
@@ -411,7 +418,7 @@ impl MultiTensorStep {
             // `guard`'s length caps the kernel's vector width.
             slot.insert(Tensor::empty(client, DType::F32, &[width])?);
         }
-        let (table, partials) = cache.groups[&key].clone();
+        let (table, partials, totals) = cache.groups[&key].clone();
         let ph = cache.spares[&dtype].clone();
         let guard = cache.guards[&width].clone();
         drop(cache);
@@ -456,6 +463,10 @@ impl MultiTensorStep {
         // 1 - beta and ln(beta) from the f64 values: in f32, 1 - f32(0.999) is 1.3e-5 off.
         let ln = |b: f64| b.ln() as f32;
         let step = |phase: Phase| -> Result<()> {
+            let partials = match phase {
+                Phase::Norms => &partials,
+                Phase::Update => &totals,
+            };
             OptimStep::tuned(
                 client,
                 0.0,
@@ -464,7 +475,7 @@ impl MultiTensorStep {
                     width: &guard,
                     table: &table,
                     counter: &self.counter,
-                    partials: &partials,
+                    partials,
                     len: len as u32,
                     cubes: cubes as u32,
                     lr: h.lr as f32,
@@ -498,6 +509,7 @@ impl MultiTensorStep {
                 0.0,
                 &OptimSlotNormsArgs {
                     partials: &partials,
+                    totals: &totals,
                     state: &self.state,
                     table: &table,
                     cubes: cubes as u32,

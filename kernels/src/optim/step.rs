@@ -70,8 +70,9 @@ slot_kernel! {
     /// `t = counter[0] + 1`. f32 arithmetic throughout; with `master` the state's master
     /// copy is the parameter and the weight receives its rounding. In place: one
     /// configuration, so the autotuner never runs it twice. `phase` = `Norms` (LAMB,
-    /// AdaGrad-Norm) writes the cube's sums of squares to `partials[2 cube ..]` instead of
-    /// the weight.
+    /// AdaGrad-Norm) writes the cube's sums of squares to `partials` (past `2 SLOTS`
+    /// words) instead of the weight; LAMB's update reads the slot's norms at
+    /// `partials[2 slot ..]` (the slot reduction's `totals`, bound in its place).
     #[kernel(
         tune(UNITS = [256], PER = [4]),
         vector = [4, 1],
@@ -298,7 +299,9 @@ slot_kernel! {
                 }
             }
             if comptime!(phase == Phase::Norms) {
-                // Past the slots' totals (`2 SLOTS` words): one pair per unit, or per cube.
+                // Past `2 SLOTS` words (kept free so that every cube's sums start 4-aligned):
+                // one pair per unit, or two per cube (the second zero), so that the slot
+                // reduction reads them two pairs to a 4-wide vector.
                 let totals = comptime!(2 * SLOTS as u32);
                 if comptime!(sums == Sums::PerUnit) {
                     let at = totals + 2 * (cube * UNITS + UNIT_POS);
@@ -314,8 +317,11 @@ slot_kernel! {
                         total1 = cube_sum(&mut smem, sq1, UNITS);
                     }
                     if UNIT_POS == 0 {
-                        partials[(totals + 2 * cube) as usize] = total0;
-                        partials[(totals + 2 * cube + 1) as usize] = total1;
+                        let at = totals + 4 * cube;
+                        partials[at as usize] = total0;
+                        partials[(at + 1) as usize] = total1;
+                        partials[(at + 2) as usize] = 0.0;
+                        partials[(at + 3) as usize] = 0.0;
                     }
                 }
             }
@@ -323,12 +329,15 @@ slot_kernel! {
     }
 }
 
-/// Per-slot sums of the step kernel's per-cube partials (`Phase::Norms`; `per_cube`
-/// elements per cube), one cube per slot, in a fixed order: LAMB's `||p||^2, ||r||^2` to `partials[2 cubes + 2 slot ..]`;
+/// Per-slot sums of the step kernel's partials (`Phase::Norms`; `per_cube` elements per
+/// cube, `sums_per_cube` pairs per cube, read two pairs to a 4-wide vector: the pairs of
+/// a slot start 4-aligned and are even in number), one cube per slot, in a fixed order:
+/// LAMB's `||p||^2, ||r||^2` to `totals[2 slot ..]` (the update reads them there);
 /// AdaGrad-Norm's `||g||^2` added to the slot's `b2`. Unused slots do nothing.
 #[kiln_macros::kernel(tune(UNITS = [256]), grid = (6), cube = UNITS)]
 pub fn optim_slot_norms(
-    partials: &mut Array<f32>,
+    partials: &Array<Vector<f32, Const<4>>>,
+    totals: &mut Array<f32>,
     state: &mut Array<f32>,
     table: &Array<u32>,
     cubes: u32,
@@ -340,16 +349,17 @@ pub fn optim_slot_norms(
     let first = table[t as usize];
     if first < cubes {
         let n = table[(t + 1) as usize];
-        let count = (n + per_cube - 1) / per_cube * sums_per_cube;
-        let base = comptime!(2 * SLOTS as u32) + 2 * first * sums_per_cube;
+        let count = (n + per_cube - 1) / per_cube * sums_per_cube / 2;
+        let base = (comptime!(2 * SLOTS as u32) + 2 * first * sums_per_cube) / 4;
         let mut s0 = 0.0f32;
         let mut s1 = 0.0f32;
         let mut i = UNIT_POS;
         while i < count {
-            s0 += partials[(base + 2 * i) as usize];
-            // AdaGrad-Norm has one sum (its second is never written): half the loads.
+            let v = partials[(base + i) as usize];
+            s0 += v[0] + v[2];
+            // AdaGrad-Norm has one sum (its second is never written).
             if comptime!(rule == Rule::Lamb) {
-                s1 += partials[(base + 2 * i + 1) as usize];
+                s1 += v[1] + v[3];
             }
             i += UNITS;
         }
@@ -366,8 +376,8 @@ pub fn optim_slot_norms(
                 state[at as usize] += total0;
             }
             if comptime!(rule != Rule::AdaGradNorm) {
-                partials[(2 * CUBE_POS_X) as usize] = total0;
-                partials[(2 * CUBE_POS_X + 1) as usize] = total1;
+                totals[(2 * CUBE_POS_X) as usize] = total0;
+                totals[(2 * CUBE_POS_X + 1) as usize] = total1;
             }
         }
     }
