@@ -197,12 +197,20 @@ pub fn emit(spec: &KernelSpec, target: Target, config: &KernelConfig) -> Result<
         warp_size: 32,
         ..Default::default()
     };
-    let cuda = CudaCompiler::default()
-        .compile(cuda_def, &options, mode, addr)
-        .map_err(|e| compile_error(spec.name, e))?;
-    let shared_memory_bytes = cuda.shared_memory_size();
+    // cubecl-cpp numbers its temporaries (`_tmp_N`) from one process-wide counter that
+    // each compilation resets and its formatting advances: two emissions at once (the
+    // CUDA check's threads, parallel tests) would number from each other's state, or
+    // give one kernel the same name twice. One CUDA emission at a time.
+    static CUDA_EMISSION: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let (shared_memory_bytes, cuda_source) = {
+        let _one_at_a_time = CUDA_EMISSION.lock().unwrap_or_else(|p| p.into_inner());
+        let cuda = CudaCompiler::default()
+            .compile(cuda_def, &options, mode, addr)
+            .map_err(|e| compile_error(spec.name, e))?;
+        (cuda.shared_memory_size(), cuda.to_string())
+    };
     let source = match target {
-        Target::Cuda => cuda.to_string(),
+        Target::Cuda => cuda_source,
         #[cfg(feature = "wgpu")]
         Target::Wgsl => {
             let def = (spec.define)(builder(Target::Wgsl), config)?;
@@ -237,7 +245,7 @@ pub fn emit(spec: &KernelSpec, target: Target, config: &KernelConfig) -> Result<
 /// of consecutive such declarations is sorted (a struct block moves as one piece) and
 /// shared-memory offsets are masked. Everything else is left byte for byte.
 pub fn normalize(source: &str) -> String {
-    sort_declarations(source, true)
+    renumber_temporaries(&sort_declarations(source, true))
 }
 
 /// The source with cubecl's hash-ordered declaration runs sorted, as [`normalize`] does,
@@ -245,7 +253,47 @@ pub fn normalize(source: &str) -> String {
 /// ptxas see the same program each time (`kiln check-cuda`; register allocation, and a
 /// few bytes of spill, otherwise change from run to run).
 pub fn canonical(source: &str) -> String {
-    sort_declarations(source, false)
+    renumber_temporaries(&sort_declarations(source, false))
+}
+
+/// Renames cubecl-cpp's temporaries (`_tmp_N`) `_tmp_0`, `_tmp_1`, ... in the order they
+/// first appear. Their numbers come from a process-wide counter that every CUDA
+/// compilation resets and advances, so kernels emitted on several threads at once
+/// (`kiln check-cuda`'s jobs) number them from wherever another thread left it.
+fn renumber_temporaries(source: &str) -> String {
+    const TMP: &str = "_tmp_";
+    let mut names: Vec<&str> = Vec::new();
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(at) = rest.find(TMP) {
+        let digits = rest[at + TMP.len()..]
+            .bytes()
+            .take_while(u8::is_ascii_digit)
+            .count();
+        let starts_word = rest[..at]
+            .bytes()
+            .next_back()
+            .is_none_or(|b| !(b.is_ascii_alphanumeric() || b == b'_'));
+        let end = at + TMP.len() + digits;
+        let ends_word = rest[end..]
+            .bytes()
+            .next()
+            .is_none_or(|b| !(b.is_ascii_alphanumeric() || b == b'_'));
+        out.push_str(&rest[..at]);
+        if digits > 0 && starts_word && ends_word {
+            let name = &rest[at..end];
+            let n = names.iter().position(|&x| x == name).unwrap_or_else(|| {
+                names.push(name);
+                names.len() - 1
+            });
+            out.push_str(&format!("{TMP}{n}"));
+        } else {
+            out.push_str(&rest[at..end]);
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn sort_declarations(source: &str, mask: bool) -> String {
@@ -355,5 +403,21 @@ fn mask_numbers_after(line: &str, marker: &str) -> String {
             format!("{head}{masked}")
         }
         None => line.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temporaries_are_numbered_by_first_appearance() {
+        let a = "T _tmp_4 = T{x};\nU l_1 = f(_tmp_4);\nT _tmp_5 = T{y};\ng(_tmp_5, _tmp_4);";
+        let b = "T _tmp_0 = T{x};\nU l_1 = f(_tmp_0);\nT _tmp_1 = T{y};\ng(_tmp_1, _tmp_0);";
+        assert_eq!(canonical(a), b);
+        assert_eq!(canonical(a), canonical(b));
+        // Other identifiers that contain the prefix stay as they are.
+        let c = "my_tmp_3 _tmp_ x_tmp_2y _tmp_9";
+        assert_eq!(renumber_temporaries(c), "my_tmp_3 _tmp_ x_tmp_2y _tmp_0");
     }
 }

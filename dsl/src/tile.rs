@@ -127,120 +127,120 @@ pub fn reg_tile_mma<N: Numeric>(
     }
 }
 
-/// The tensor-core `mma` (cmma; CUDA `wmma`), for one plane of 32 units: the 2 x 2
-/// f32 accumulator fragments `c00 c01 / c10 c11` (a 32 x 32 block) += X Y, with X a
-/// 32 x 16 row-major operand at `x_base` of `xs` (row stride 16) and Y a 16 x 32
-/// row-major operand at `y_base` of `ys` (row stride `y_stride`), both in the operand
-/// dtype. Only for devices that report tensor cores (`DeviceReport::tensor_cores`):
-/// elsewhere cubecl cannot run it (on wgpu it would silently write nothing), and
-/// [`reg_tile_mma`] is the path. All 32 units of the plane call it.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-pub fn cmma_mma_32x32<F: Float>(
-    c00: &cmma::Matrix<f32>,
-    c01: &cmma::Matrix<f32>,
-    c10: &cmma::Matrix<f32>,
-    c11: &cmma::Matrix<f32>,
-    xs: &SharedMemory<F>,
-    x_base: u32,
-    ys: &SharedMemory<F>,
-    y_base: u32,
-    y_stride: u32,
-) {
-    let x0 = cmma::Matrix::<F>::from_slice(
-        cmma::MatrixIdent::A,
-        16usize,
-        16usize,
-        16usize,
-        cmma::MatrixLayout::RowMajor,
-        &xs.slice(x_base as usize, (x_base + 256) as usize),
-        16u32,
-    );
-    let x1 = cmma::Matrix::<F>::from_slice(
-        cmma::MatrixIdent::A,
-        16usize,
-        16usize,
-        16usize,
-        cmma::MatrixLayout::RowMajor,
-        &xs.slice((x_base + 256) as usize, (x_base + 512) as usize),
-        16u32,
-    );
-    let y0 = cmma::Matrix::<F>::from_slice(
-        cmma::MatrixIdent::B,
-        16usize,
-        16usize,
-        16usize,
-        cmma::MatrixLayout::RowMajor,
-        &ys.slice(y_base as usize, (y_base + 15 * y_stride + 16) as usize),
-        y_stride,
-    );
-    let y1 = cmma::Matrix::<F>::from_slice(
-        cmma::MatrixIdent::B,
-        16usize,
-        16usize,
-        16usize,
-        cmma::MatrixLayout::RowMajor,
-        &ys.slice(
-            (y_base + 16) as usize,
-            (y_base + 15 * y_stride + 32) as usize,
-        ),
-        y_stride,
-    );
-    cmma::execute::<F, F, f32, f32>(&x0, &y0, c00, c00);
-    cmma::execute::<F, F, f32, f32>(&x0, &y1, c01, c01);
-    cmma::execute::<F, F, f32, f32>(&x1, &y0, c10, c10);
-    cmma::execute::<F, F, f32, f32>(&x1, &y1, c11, c11);
+/// One plane's share of a tensor-core tile (cmma; CUDA `wmma`): a cube of
+/// `planes_m x planes_n` planes (32 units each, the plane index in `UNIT_POS_Y`) owns
+/// the `32 planes_m x 32 planes_n` tile of the output at (`row0`, `col0`), and each
+/// plane accumulates a 32 x 32 block of it as 2 x 2 f32 fragments of 16 x 16
+/// (`c00 c01 / c10 c11`). Operands are staged by the caller in shared memory in the
+/// operand dtype: X the cube's `[32 planes_m][16]` row-major K slice, Y the
+/// `[16][32 planes_n]` one. Only for devices that report tensor cores
+/// (`DeviceReport::tensor_cores`): elsewhere cubecl cannot run it (on wgpu it would
+/// silently write nothing), and [`reg_tile_mma`] is the path. All units of the cube
+/// call every method.
+#[derive(CubeType)]
+pub struct CmmaBlock {
+    /// Output row of the cube's tile's first row.
+    pub row0: u32,
+    /// Output column of the cube's tile's first column.
+    pub col0: u32,
+    /// This plane's row of blocks in the cube's tile (`0..planes_m`).
+    plane_row: u32,
+    /// This plane's column of blocks in the cube's tile (`0..planes_n`).
+    plane_col: u32,
+    c00: cmma::Matrix<f32>,
+    c01: cmma::Matrix<f32>,
+    c10: cmma::Matrix<f32>,
+    c11: cmma::Matrix<f32>,
+    #[cube(comptime)]
+    planes_n: u32,
 }
 
-/// Stores the 2 x 2 accumulator fragments of [`cmma_mma_32x32`] (a 32 x 32 f32 block)
-/// row-major into `dst` at `base` with row stride `stride`. All 32 units of the plane
-/// call it; the caller synchronises before reading `dst`.
 #[cube]
-#[allow(clippy::too_many_arguments)]
-pub fn cmma_store_32x32(
-    c00: &cmma::Matrix<f32>,
-    c01: &cmma::Matrix<f32>,
-    c10: &cmma::Matrix<f32>,
-    c11: &cmma::Matrix<f32>,
-    dst: &mut SharedMemory<f32>,
+impl CmmaBlock {
+    /// This plane's block of the cube at `CUBE_POS`, its accumulators zero.
+    pub fn new(#[comptime] planes_m: u32, #[comptime] planes_n: u32) -> CmmaBlock {
+        let plane = UNIT_POS_Y;
+        CmmaBlock {
+            row0: CUBE_POS_Y * comptime!(32 * planes_m),
+            col0: CUBE_POS_X * comptime!(32 * planes_n),
+            plane_row: plane / planes_n,
+            plane_col: plane % planes_n,
+            c00: zero_accumulator(),
+            c01: zero_accumulator(),
+            c10: zero_accumulator(),
+            c11: zero_accumulator(),
+            planes_n,
+        }
+    }
+
+    /// The block += X Y over one K slice of 16: X `xs` `[32 planes_m][16]`, Y `ys`
+    /// `[16][32 planes_n]`, both row-major. The caller synchronises the cube between
+    /// staging the slices and this call, and again before restaging them.
+    pub fn mma<F: Float>(&self, xs: &SharedMemory<F>, ys: &SharedMemory<F>) {
+        let y_stride = comptime!(32 * self.planes_n);
+        let x_base = self.plane_row * 512;
+        let y_base = self.plane_col * 32;
+        let x0 = operand_fragment::<F>(xs, x_base, cmma::MatrixIdent::A, 16u32);
+        let x1 = operand_fragment::<F>(xs, x_base + 256, cmma::MatrixIdent::A, 16u32);
+        let y0 = operand_fragment::<F>(ys, y_base, cmma::MatrixIdent::B, y_stride);
+        let y1 = operand_fragment::<F>(ys, y_base + 16, cmma::MatrixIdent::B, y_stride);
+        cmma::execute::<F, F, f32, f32>(&x0, &y0, &self.c00, &self.c00);
+        cmma::execute::<F, F, f32, f32>(&x0, &y1, &self.c01, &self.c01);
+        cmma::execute::<F, F, f32, f32>(&x1, &y0, &self.c10, &self.c10);
+        cmma::execute::<F, F, f32, f32>(&x1, &y1, &self.c11, &self.c11);
+    }
+
+    /// Stores the block at its place in `tile`, the cube's whole tile in f32 row-major
+    /// `[32 planes_m][32 planes_n]`; the caller synchronises before reading it.
+    pub fn store(&self, tile: &mut SharedMemory<f32>) {
+        let stride = comptime!(32 * self.planes_n);
+        let base = self.plane_row * 32 * stride + self.plane_col * 32;
+        store_fragment(tile, base, &self.c00, stride);
+        store_fragment(tile, base + 16, &self.c01, stride);
+        store_fragment(tile, base + 16 * stride, &self.c10, stride);
+        store_fragment(tile, base + 16 * stride + 16, &self.c11, stride);
+    }
+}
+
+/// The 16 x 16 row-major operand fragment of `smem` whose first element is at `base`,
+/// rows `stride` apart.
+#[cube]
+fn operand_fragment<F: Float>(
+    smem: &SharedMemory<F>,
     base: u32,
-    stride: u32,
+    #[comptime] ident: cmma::MatrixIdent,
+    #[comptime] stride: u32,
+) -> cmma::Matrix<F> {
+    cmma::Matrix::<F>::from_slice(
+        ident,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::RowMajor,
+        &smem.slice(base as usize, (base + 15 * stride + 16) as usize),
+        stride,
+    )
+}
+
+/// Stores the 16 x 16 fragment `c` row-major into `tile` at `base`, rows `stride` apart.
+#[cube]
+fn store_fragment(
+    tile: &mut SharedMemory<f32>,
+    base: u32,
+    c: &cmma::Matrix<f32>,
+    #[comptime] stride: u32,
 ) {
     cmma::store(
-        &mut dst.slice_mut(base as usize, (base + 15 * stride + 16) as usize),
-        c00,
-        stride,
-        cmma::MatrixLayout::RowMajor,
-    );
-    cmma::store(
-        &mut dst.slice_mut((base + 16) as usize, (base + 15 * stride + 32) as usize),
-        c01,
-        stride,
-        cmma::MatrixLayout::RowMajor,
-    );
-    cmma::store(
-        &mut dst.slice_mut(
-            (base + 16 * stride) as usize,
-            (base + 31 * stride + 16) as usize,
-        ),
-        c10,
-        stride,
-        cmma::MatrixLayout::RowMajor,
-    );
-    cmma::store(
-        &mut dst.slice_mut(
-            (base + 16 * stride + 16) as usize,
-            (base + 31 * stride + 32) as usize,
-        ),
-        c11,
+        &mut tile.slice_mut(base as usize, (base + 15 * stride + 16) as usize),
+        c,
         stride,
         cmma::MatrixLayout::RowMajor,
     );
 }
 
-/// A 16 x 16 f32 accumulator fragment of zeros, for [`cmma_mma_32x32`].
+/// A 16 x 16 f32 accumulator fragment of zeros.
 #[cube]
-pub fn cmma_zero_accumulator() -> cmma::Matrix<f32> {
+fn zero_accumulator() -> cmma::Matrix<f32> {
     cmma::Matrix::<f32>::from_value(
         cmma::MatrixIdent::Accumulator,
         16usize,

@@ -12,7 +12,7 @@
 
 use super::{store_epilogue, Activation};
 use cubecl::prelude::*;
-use kiln_dsl::{cmma_mma_32x32, cmma_store_32x32, cmma_zero_accumulator, load_tile_as};
+use kiln_dsl::{load_tile_as, CmmaBlock};
 
 /// Fragment edge (m = n = k = 16, the shape every tensor-core generation has).
 const FRAG: u32 = 16;
@@ -31,20 +31,12 @@ matmul_kernel! {
         let bm = comptime!(32 * PLANES_M);
         let bn = comptime!(32 * PLANES_N);
         let units = comptime!(32 * PLANES_M * PLANES_N);
-        let plane = UNIT_POS_Y;
-        let pr = plane / PLANES_N;
-        let pc = plane % PLANES_N;
-        let row0 = CUBE_POS_Y * bm;
-        let col0 = CUBE_POS_X * bn;
+        let block = CmmaBlock::new(PLANES_M, PLANES_N);
+        let (row0, col0) = (block.row0, block.col0);
 
         // a's slice row-major [bm][16], b's row-major [16][bn].
         let mut a_s = SharedMemory::<F>::new(comptime!((bm * FRAG) as usize));
         let mut b_s = SharedMemory::<F>::new(comptime!((FRAG * bn) as usize));
-        let c00 = cmma_zero_accumulator();
-        let c01 = cmma_zero_accumulator();
-        let c10 = cmma_zero_accumulator();
-        let c11 = cmma_zero_accumulator();
-
         let mut k0 = 0u32;
         while k0 < k {
             load_tile_as::<F, F>(&mut a_s, 0, a, row0 * k + k0, k, m - row0, k - k0, bm, FRAG, false, units);
@@ -55,24 +47,14 @@ matmul_kernel! {
                 load_tile_as::<F, F>(&mut b_s, 0, b, k0 * n + col0, n, k - k0, n - col0, FRAG, bn, false, units);
             }
             sync_cube();
-            cmma_mma_32x32::<F>(
-                &c00,
-                &c01,
-                &c10,
-                &c11,
-                &a_s,
-                pr * 32 * FRAG,
-                &b_s,
-                pc * 32,
-                bn,
-            );
+            block.mma::<F>(&a_s, &b_s);
             sync_cube();
             k0 += FRAG;
         }
 
         // Accumulators to shared memory, then the epilogue over the whole tile.
         let mut c_s = SharedMemory::<f32>::new(comptime!((bm * bn) as usize));
-        cmma_store_32x32(&c00, &c01, &c10, &c11, &mut c_s, pr * 32 * bn + pc * 32, bn);
+        block.store(&mut c_s);
         sync_cube();
         let mut idx = UNIT_POS;
         while idx < comptime!(bm * bn) {

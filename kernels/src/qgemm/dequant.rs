@@ -393,13 +393,7 @@ qgemm_kernel! {
             (1, 256, 1, 16),
             (4, 256, 4, 16),
         ]),
-        require(
-            (BM / TM) * (BN / TN) <= 1024,
-            BM <= m.next_power_of_two().max(16),
-            // The few-row tiles only where they cover M.
-            BM >= 16 || BM >= m.next_power_of_two(),
-            k % 4 == 0,
-        ),
+        require((BM / TM) * (BN / TN) <= 1024, super::direct_rows_fit(BM, m), k % 4 == 0),
         grid = (n.div_ceil(BN), m.div_ceil(BM)),
         cube = (BN / TN, BM / TM),
     )]

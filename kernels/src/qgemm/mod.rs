@@ -52,6 +52,14 @@ pub use flexround::{flexround, flexround_backward, FlexRoundGrads, FlexRoundInpu
 pub use w8a8_host::{quantize_per_token, w8a8, W8A8_OUT_DTYPES};
 pub use weight_only::{w4a16, w4a16_packed, w4a16_repack, w8_bits, PackedW4, W4Format, W4Weights};
 
+/// The rows of a direct kernel's cube tile (`bm`) against the problem's `m`: no more
+/// than M rounds up to (16 at the least), and a few-row tile (`bm < 16`) only where
+/// it covers M. Keeps tiles that are mostly past the edge out of the tuning space.
+fn direct_rows_fit(bm: u32, m: u32) -> bool {
+    let rows = m.next_power_of_two();
+    bm <= rows.max(16) && (bm >= 16 || bm >= rows)
+}
+
 /// Group sizes W4A16 accepts (`-1`: one group per column, G = K).
 pub const GROUP_SIZES: [i64; 4] = [32, 64, 128, -1];
 /// Bit widths [`w8_bits`] serves from one int8 weight.

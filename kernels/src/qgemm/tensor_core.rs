@@ -8,11 +8,11 @@
 //!
 //! A cube of `PLANES_M x PLANES_N` planes (32 units each) owns a
 //! `32 PLANES_M x 32 PLANES_N` tile of `y`; each plane accumulates a 32 x 32 block as
-//! 2 x 2 fragments of 16 x 16 (`kiln_dsl::cmma_mma_32x32`).
+//! 2 x 2 fragments of 16 x 16 (`kiln_dsl::CmmaBlock`).
 
 use super::dequant::{stage_weight_tile, WeightKind};
 use cubecl::prelude::*;
-use kiln_dsl::{cmma_mma_32x32, cmma_store_32x32, cmma_zero_accumulator, load_tile_as};
+use kiln_dsl::{load_tile_as, CmmaBlock};
 
 /// Depth of a K step: one fragment (two int4 words per column).
 const FRAG: u32 = 16;
@@ -33,20 +33,12 @@ qgemm_kernel! {
         let bm = comptime!(32 * PLANES_M);
         let bn = comptime!(32 * PLANES_N);
         let units = comptime!(32 * PLANES_M * PLANES_N);
-        let plane = UNIT_POS_Y;
-        let pr = plane / PLANES_N;
-        let pc = plane % PLANES_N;
-        let row0 = CUBE_POS_Y * bm;
-        let col0 = CUBE_POS_X * bn;
+        let block = CmmaBlock::new(PLANES_M, PLANES_N);
+        let (row0, col0) = (block.row0, block.col0);
 
         // x's slice row-major [bm][16], the weight's row-major [16][bn].
         let mut xs = SharedMemory::<F>::new(comptime!((bm * FRAG) as usize));
         let mut ws = SharedMemory::<F>::new(comptime!((FRAG * bn) as usize));
-        let c00 = cmma_zero_accumulator();
-        let c01 = cmma_zero_accumulator();
-        let c10 = cmma_zero_accumulator();
-        let c11 = cmma_zero_accumulator();
-
         let mut k0 = 0u32;
         while k0 < k {
             load_tile_as::<F, F>(
@@ -81,14 +73,14 @@ qgemm_kernel! {
                 act_order,
             );
             sync_cube();
-            cmma_mma_32x32::<F>(&c00, &c01, &c10, &c11, &xs, pr * 32 * FRAG, &ws, pc * 32, bn);
+            block.mma::<F>(&xs, &ws);
             sync_cube();
             k0 += FRAG;
         }
 
         // Accumulators to shared memory, then y over the whole tile.
         let mut ys = SharedMemory::<f32>::new(comptime!((bm * bn) as usize));
-        cmma_store_32x32(&c00, &c01, &c10, &c11, &mut ys, pr * 32 * bn + pc * 32, bn);
+        block.store(&mut ys);
         sync_cube();
         let mut idx = UNIT_POS;
         while idx < comptime!(bm * bn) {
