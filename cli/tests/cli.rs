@@ -263,6 +263,33 @@ fn kiln_tune_twice_hits_the_cache() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--shape"));
 }
 
+/// `kiln bench` times an optimizer step in place (set up once, the step repeated, as in
+/// training: the out-of-place `run` would time its copies of every state) and says so;
+/// other operators it times through `run`.
+#[test]
+fn kiln_bench_times_optimizer_steps_in_place() {
+    let dir = tmpdir("bench");
+    for (op, shape, in_place) in [
+        ("adamw", "4099", true),
+        ("perturb", "4099", true),
+        ("softmax", "4x40", false),
+    ] {
+        let o = kiln_in_cache(&dir, &["bench", op, "--shape", shape, "--json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("one JSON line");
+        assert_eq!(v["op"], op);
+        assert_eq!(v["in_place"], in_place, "{v}");
+        assert!(v["median_ms"].as_f64().is_some_and(|t| t > 0.0), "{v}");
+        let text = kiln_in_cache(&dir, &["bench", op, "--shape", shape, "--samples", "1"]);
+        assert_eq!(
+            stdout(&text).contains("in place"),
+            in_place,
+            "{}",
+            stdout(&text)
+        );
+    }
+}
+
 #[test]
 fn kiln_tune_matmul_times_the_cost_models_finalists() {
     let dir = tmpdir("ranked");

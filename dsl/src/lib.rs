@@ -14,6 +14,8 @@ pub mod activation;
 #[allow(missing_docs)]
 pub mod grid;
 #[allow(missing_docs)]
+pub mod permutation;
+#[allow(missing_docs)]
 pub mod quant;
 #[allow(missing_docs)]
 pub mod random;
@@ -28,6 +30,7 @@ pub mod tile;
 
 pub use activation::*;
 pub use grid::*;
+pub use permutation::*;
 pub use quant::*;
 pub use random::*;
 pub use reduce::*;

@@ -5,6 +5,9 @@
 //! Keys and counters: a 64-bit `seed` is the key `(low word, high word)`; kiln's
 //! element-wise users draw element `i` of stream `s` (a tensor's position in a list)
 //! from lane `i % 4` of the block at counter `(i / 4, s, 0, 0)`.
+//!
+//! Also the host mirror of the seeded index permutation (`kiln_dsl::permutation`,
+//! [`permute_index`]) that draws rand-k's subsets.
 
 use kiln_dsl::{
     GAUSSIAN_FRACTION_BITS, GAUSSIAN_INTERP_BITS, GAUSSIAN_NODES_LOG2, GAUSSIAN_TABLE_LEN,
@@ -38,6 +41,54 @@ pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 /// The key of a 64-bit seed: `(low word, high word)`.
 pub fn seed_key(seed: u64) -> [u32; 2] {
     [seed as u32, (seed >> 32) as u32]
+}
+
+/// `kiln_dsl::mix32` on the host.
+fn mix32(x: u32) -> u32 {
+    let mut h = x;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7feb_352d);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x846c_a68b);
+    h ^= h >> 16;
+    h
+}
+
+/// The bits of the index permutation of `0..n`: `max(2, ceil(log2 n))`.
+pub fn permutation_bits(n: u32) -> u32 {
+    (32 - n.saturating_sub(1).leading_zeros()).max(2)
+}
+
+/// The round keys of the index permutation under `seed` (`kiln_dsl::permutation_round_key`).
+pub fn permutation_round_keys(seed: u64) -> [u32; kiln_dsl::PERMUTATION_ROUNDS as usize] {
+    let [k0, k1] = seed_key(seed);
+    std::array::from_fn(|r| {
+        mix32(k0 ^ mix32(k1.wrapping_add((r as u32).wrapping_mul(0x9e37_79b9))))
+    })
+}
+
+/// The image of `i` (`i < n`) under the seeded permutation of `0..n` that the kernels
+/// evaluate (`kiln_dsl::permute_index`; the construction is in `kiln_dsl::permutation`).
+pub fn permute_index(seed: u64, n: u32, i: u32) -> u32 {
+    assert!(i < n, "index {i} outside 0..{n}");
+    let bits = permutation_bits(n);
+    let keys = permutation_round_keys(seed);
+    let (u, v) = (bits / 2, bits - bits / 2);
+    let (mask_u, mask_v) = ((1u32 << u) - 1, (1u32 << v) - 1);
+    let mut x = i;
+    loop {
+        let (mut a, mut b) = (x >> v, x & mask_v);
+        for pair in keys.chunks_exact(2) {
+            let c = a.wrapping_add(mix32(b ^ pair[0])) & mask_u;
+            (a, b) = (b, c);
+            let c = a.wrapping_add(mix32(b ^ pair[1])) & mask_v;
+            (a, b) = (b, c);
+        }
+        x = (a << v) | b;
+        if x < n {
+            return x;
+        }
+    }
 }
 
 /// The 32-bit word element `index` of stream `stream` draws under `seed`.
@@ -121,6 +172,39 @@ pub fn normal(seed: u64, stream: u32, index: u64) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The index permutation is a bijection of `0..n` (ragged sizes, powers of two and
+    /// the smallest), differs by seed, and its subsets `{i : π(i) < k}` cover every
+    /// index about equally over seeds.
+    #[test]
+    fn index_permutation_is_a_bijection_and_uniform() {
+        for n in [1u32, 2, 3, 5, 64, 100, 1000, 4096, 70_001] {
+            for seed in [0u64, 1, u64::MAX] {
+                let mut seen = vec![false; n as usize];
+                for i in 0..n {
+                    let p = permute_index(seed, n, i);
+                    assert!(p < n && !seen[p as usize], "n {n} seed {seed}: {i} -> {p}");
+                    seen[p as usize] = true;
+                }
+            }
+        }
+        let image = |seed| {
+            (0..1000)
+                .map(|i| permute_index(seed, 1000, i))
+                .collect::<Vec<_>>()
+        };
+        assert_ne!(image(1), image(2));
+        assert_ne!(image(1), (0..1000).collect::<Vec<_>>());
+        // 4000 draws of 8 of 64: each index kept 500 times on average (binomial sd 20.9).
+        let (n, k) = (64u32, 8u32);
+        let mut hits = [0u32; 64];
+        for seed in 0..4000u64 {
+            for i in 0..n {
+                hits[i as usize] += u32::from(permute_index(seed, n, i) < k);
+            }
+        }
+        assert!(hits.iter().all(|&h| (400..=600).contains(&h)), "{hits:?}");
+    }
 
     /// Random123's known-answer vectors (its `kat_vectors`) for Philox4x32-10.
     #[test]

@@ -8,7 +8,7 @@
 use crate::common::{assert_clear, client, down, up};
 use kiln::check::Rng;
 use kiln::kernels::optim::compress::{
-    compression_errors, lgreco_plan, magnitude_keys, random_keys, reference_select,
+    compression_errors, lgreco_plan, magnitude_keys, randk_keys, reference_select,
 };
 use kiln::kernels::optim::reference::econtrol_step;
 use kiln::kernels::optim::{econtrol, randk, topk_ef, Compressed};
@@ -204,8 +204,7 @@ fn error_feedback_conserves_the_gradient_sum() {
 
 #[test]
 fn randk_uses_the_shared_seed() {
-    // A ragged size (keys one element a unit) and a multiple of 4 (a Philox block a
-    // vector).
+    // A ragged size (keys one element a unit) and a multiple of 4 (four keys a unit).
     for n in [70_001, 70_000] {
         let (gt, et, a) = gradient_and_error(4, n);
         for (k, seed) in [(1usize, 0u64), (700, 42), (n, u64::MAX)] {
@@ -214,7 +213,7 @@ fn randk_uses_the_shared_seed() {
             check(
                 &got,
                 &a,
-                &random_keys(n, seed, 0),
+                &randk_keys(n, seed),
                 k,
                 scale,
                 &format!("randk n {n} k {k} seed {seed}"),

@@ -196,6 +196,7 @@ pub static ATTENTION: OpSpec = OpSpec {
     example_inputs: qkv_inputs,
     cost: forward_cost,
     selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "attention"),
+    in_place: None,
 };
 
 fn run_attention_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
@@ -293,6 +294,7 @@ pub static ATTENTION_BACKWARD: OpSpec = OpSpec {
         (2.5 * f, 2.0 * b)
     },
     selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "attention_backward"),
+    in_place: None,
 };
 
 fn run_merge(_: &Client, a: &OpArgs) -> Result<Outputs> {
@@ -383,6 +385,7 @@ pub static ATTENTION_MERGE: OpSpec = OpSpec {
         (3.0 * n as f64, (3 * n * elem) as f64)
     },
     selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "attention_merge"),
+    in_place: None,
 };
 
 /// The ring operators' parameters: the attention ones without offsets, and the ring.
@@ -454,6 +457,7 @@ pub static RING_ATTENTION: OpSpec = OpSpec {
     example_inputs: qkv_inputs,
     cost: forward_cost,
     selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "ring_attention"),
+    in_place: None,
 };
 
 /// `ring_attention_backward`: the ring backward, whole tensors in and out.
@@ -468,6 +472,7 @@ pub static RING_ATTENTION_BACKWARD: OpSpec = OpSpec {
     example_inputs: ATTENTION_BACKWARD.example_inputs,
     cost: ATTENTION_BACKWARD.cost,
     selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "ring_attention_backward"),
+    in_place: None,
 };
 
 kiln_runtime::register_op!(

@@ -228,6 +228,7 @@ pub static ADD: OpSpec = OpSpec {
     problem: "shape of x (y = its last dimension)",
     example_inputs: x_and_bias,
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "add"),
+    in_place: None,
 };
 /// `mul`: `out = x * y`.
 pub static MUL: OpSpec = OpSpec {
@@ -241,6 +242,7 @@ pub static MUL: OpSpec = OpSpec {
     problem: "shape of x (y = its last dimension)",
     example_inputs: x_and_bias,
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "mul"),
+    in_place: None,
 };
 /// `silu`: `out = x * sigmoid(x)`.
 pub static SILU: OpSpec = OpSpec {
@@ -254,6 +256,7 @@ pub static SILU: OpSpec = OpSpec {
     problem: "shape of x",
     example_inputs: x_only,
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "silu"),
+    in_place: None,
 };
 /// `gelu`: tanh-approximated GELU.
 pub static GELU: OpSpec = OpSpec {
@@ -267,6 +270,7 @@ pub static GELU: OpSpec = OpSpec {
     problem: "shape of x",
     example_inputs: x_only,
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "gelu"),
+    in_place: None,
 };
 
 kiln_runtime::register_op!(ADD, MUL, SILU, GELU);

@@ -249,6 +249,7 @@ pub static GLA: OpSpec = OpSpec {
     example_inputs: gla_inputs,
     cost: gla_cost,
     selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "gla"),
+    in_place: None,
 };
 
 /// `gla_recurrent`: the step-by-step forward.
@@ -263,6 +264,7 @@ pub static GLA_RECURRENT: OpSpec = OpSpec {
     example_inputs: gla_inputs,
     cost: recurrent_cost,
     selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "gla_recurrent"),
+    in_place: None,
 };
 
 /// `gla_step`: one decode step, state updated in place.
@@ -350,6 +352,7 @@ pub static GLA_STEP: OpSpec = OpSpec {
         _ => (0.0, 0.0),
     },
     selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "gla_step"),
+    in_place: None,
 };
 
 /// `gla_backward`: the chunked backward.
@@ -383,6 +386,7 @@ pub static GLA_BACKWARD: OpSpec = OpSpec {
         (2.5 * f, 2.0 * b)
     },
     selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "gla_backward"),
+    in_place: None,
 };
 
 kiln_runtime::register_op!(GLA, GLA_RECURRENT, GLA_STEP, GLA_BACKWARD);

@@ -69,6 +69,7 @@ pub static MATMUL: OpSpec = OpSpec {
     problem: "M x N x K",
     example_inputs: matmul_inputs,
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "matmul"),
+    in_place: None,
 };
 
 fn matmul_inputs(dims: &[usize]) -> Result<Vec<(&'static str, Vec<usize>)>> {

@@ -178,6 +178,7 @@ pub static MOE_GATE: OpSpec = OpSpec {
         (10.0 * n as f64, (n * (elem + 4)) as f64)
     },
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "moe_gate"),
+    in_place: None,
 };
 
 /// An optional f32 scalar input's value (0 when absent).
@@ -243,6 +244,7 @@ pub static MOE_GATE_BACKWARD: OpSpec = OpSpec {
     },
     cost: MOE_GATE.cost,
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "moe_gate_backward"),
+    in_place: None,
 };
 
 /// The routing of a data-movement call: ids and locations, gates when named, E and C
@@ -337,6 +339,7 @@ pub static MOE_DISPATCH: OpSpec = OpSpec {
     },
     cost: movement_cost,
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "moe_dispatch"),
+    in_place: None,
 };
 
 fn run_combine(_: &Client, a: &OpArgs) -> Result<Outputs> {
@@ -362,6 +365,7 @@ pub static MOE_COMBINE: OpSpec = OpSpec {
     },
     cost: movement_cost,
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "moe_combine"),
+    in_place: None,
 };
 
 fn run_dispatch_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
@@ -402,6 +406,7 @@ pub static MOE_DISPATCH_BACKWARD: OpSpec = OpSpec {
     },
     cost: movement_cost,
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "moe_dispatch_backward"),
+    in_place: None,
 };
 
 fn run_combine_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
@@ -451,6 +456,7 @@ pub static MOE_COMBINE_BACKWARD: OpSpec = OpSpec {
     },
     cost: movement_cost,
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "moe_combine_backward"),
+    in_place: None,
 };
 
 fn weights<'a>(a: &'a OpArgs, activation: Activation) -> Result<ExpertWeights<'a>> {
@@ -505,6 +511,7 @@ pub static MOE_EXPERT_FFN: OpSpec = OpSpec {
         ((4 * e * c * m * f) as f64, ((2 * e * m * f + 2 * e * c * m) * elem) as f64)
     },
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "moe_expert_ffn"),
+    in_place: None,
 };
 
 fn run_layer(client: &Client, a: &OpArgs) -> Result<Outputs> {
@@ -575,6 +582,7 @@ pub static MOE_LAYER: OpSpec = OpSpec {
         ((2 * 4 * s * m * f + 2 * s * m * e) as f64, ((2 * e * m * f + 6 * s * m) * elem) as f64)
     },
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "moe_layer"),
+    in_place: None,
 };
 
 fn run_layer_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
@@ -634,6 +642,7 @@ pub static MOE_LAYER_BACKWARD: OpSpec = OpSpec {
         (3.0 * f, 2.0 * b)
     },
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "moe_layer_backward"),
+    in_place: None,
 };
 
 kiln_runtime::register_op!(

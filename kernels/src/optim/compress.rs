@@ -6,8 +6,9 @@
 //! - [`topk_ef_estimated`]: the threshold-estimate variant: the threshold from a
 //!   seeded sample, every `|a|` above it sent (about k values).
 //! - [`randk`]: `a = e + g`; `c = (n/k) a_S` with `S` a uniformly random k-subset drawn
-//!   from `seed` (Philox; every worker with the same seed picks the same `S`, so the
-//!   values can be summed across workers without sending indices); `e = a − c`.
+//!   from `seed` (the indices a seeded permutation of `0..n` sends below `k`; every
+//!   worker with the same seed picks the same `S`, so the values can be summed across
+//!   workers without sending indices); `e = a − c`.
 //!
 //! The compressed vector travels as `(indices, values)`: `[k]` i32 indices into the
 //! flattened gradient in increasing order and `[k]` f32 values, which the
@@ -57,7 +58,7 @@ pub fn randk(grad: &Tensor, error: Option<&Tensor>, k: usize, seed: u64) -> Resu
         grad,
         error,
         k,
-        KeySource::Random,
+        KeySource::Permutation,
         (seed, 0),
         (n as f64 / k as f64) as f32,
     )
@@ -101,8 +102,18 @@ pub fn magnitude_keys(a: &[f32]) -> Vec<u32> {
     a.iter().map(|v| v.to_bits() & 0x7FFF_FFFF).collect()
 }
 
-/// The keys [`randk`] ranks `n` elements by under `seed` (stream 0; FRUGAL's subspace
-/// `j` uses stream `j`).
+/// The keys [`randk`] ranks `n` elements by under `seed`: `n - 1 - π(i)`, `π` the seeded
+/// permutation of `0..n` ([`crate::random::permute_index`]), so the `k` largest are
+/// the indices `π` sends below `k`.
+pub fn randk_keys(n: usize, seed: u64) -> Vec<u32> {
+    let n32 = n as u32;
+    (0..n32)
+        .map(|i| n32 - 1 - crate::random::permute_index(seed, n32, i))
+        .collect()
+}
+
+/// The keys FRUGAL's subspace `j` ranks `n` elements by under `seed`: Philox words of
+/// stream `j`.
 pub fn random_keys(n: usize, seed: u64, stream: u32) -> Vec<u32> {
     (0..n as u64)
         .map(|i| crate::random::word(seed, stream, i))

@@ -301,15 +301,7 @@ pub fn cases() -> Vec<Case> {
             inputs: grad_and_error,
             params: &[("k", "64"), ("seed", "9")],
             output: "values",
-            reference: |i| {
-                compressed(
-                    i,
-                    64,
-                    |a| compress::random_keys(a.len(), 9, 0),
-                    true,
-                    "values",
-                )
-            },
+            reference: |i| compressed(i, 64, |a| compress::randk_keys(a.len(), 9), true, "values"),
             ulps: 2.0,
             floor: 1.0,
         },

@@ -129,6 +129,7 @@ pub static W4A16: OpSpec = OpSpec {
     example_inputs: w4_inputs,
     cost: |dims, elem| gemm_cost(dims, elem, 4.0),
     selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "w4a16"),
+    in_place: None,
 };
 
 fn run_w4a16_repack(_: &Client, a: &OpArgs) -> Result<Outputs> {
@@ -198,6 +199,7 @@ pub static W4A16_REPACK: OpSpec = OpSpec {
         _ => (0.0, 0.0),
     },
     selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "w4a16_repack"),
+    in_place: None,
 };
 
 fn run_w8a8(_: &Client, a: &OpArgs) -> Result<Outputs> {
@@ -281,6 +283,7 @@ pub static W8A8: OpSpec = OpSpec {
         (2.0 * (m * n * k) as f64, (m * k + n * k + 4 * m * n) as f64)
     },
     selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "w8a8"),
+    in_place: None,
 };
 
 fn run_quantize(_: &Client, a: &OpArgs) -> Result<Outputs> {
@@ -320,6 +323,7 @@ pub static QUANTIZE_PER_TOKEN: OpSpec = OpSpec {
         (2.0 * n as f64, (n * (elem + 1)) as f64)
     },
     selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "quantize_per_token"),
+    in_place: None,
 };
 
 fn run_w8_bits(_: &Client, a: &OpArgs) -> Result<Outputs> {
@@ -374,6 +378,7 @@ pub static W8_BITS: OpSpec = OpSpec {
     },
     cost: |dims, elem| gemm_cost(dims, elem, 8.0),
     selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "w8_bits"),
+    in_place: None,
 };
 
 const W: TensorSpec = TensorSpec::new("w", "[rows, cols]", Dtypes::Float, false, "the weight");
@@ -459,6 +464,7 @@ pub static FLEXROUND: OpSpec = OpSpec {
         (5.0 * n as f64, (3 * n * elem) as f64)
     },
     selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "flexround"),
+    in_place: None,
 };
 
 fn run_flex_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
@@ -504,6 +510,7 @@ pub static FLEXROUND_BACKWARD: OpSpec = OpSpec {
         (20.0 * n as f64, (8 * n * elem) as f64)
     },
     selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "flexround_backward"),
+    in_place: None,
 };
 
 kiln_runtime::register_op!(

@@ -217,6 +217,7 @@ pub static SOFTMAX: OpSpec = OpSpec {
     problem: "shape of x",
     example_inputs: x_only,
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "softmax"),
+    in_place: None,
 };
 /// `logsumexp` over the last dimension.
 pub static LOGSUMEXP: OpSpec = OpSpec {
@@ -242,6 +243,7 @@ pub static LOGSUMEXP: OpSpec = OpSpec {
     problem: "shape of x",
     example_inputs: x_only,
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "logsumexp"),
+    in_place: None,
 };
 
 kiln_runtime::register_op!(SOFTMAX, LOGSUMEXP);

@@ -255,6 +255,7 @@ pub static S2FT_SELECT: OpSpec = OpSpec {
         (2.0 * n as f64, (2 * n * elem) as f64)
     },
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "s2ft_select"),
+    in_place: None,
 };
 
 fn run_permute(_: &Client, a: &OpArgs) -> Result<Outputs> {
@@ -337,6 +338,7 @@ pub static S2FT_PERMUTE: OpSpec = OpSpec {
         (0.0, (6 * n * elem) as f64)
     },
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "s2ft_permute"),
+    in_place: None,
 };
 
 fn run_verify(client: &Client, a: &OpArgs) -> Result<Outputs> {
@@ -408,6 +410,7 @@ pub static S2FT_VERIFY: OpSpec = OpSpec {
         _ => (0.0, 0.0),
     },
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "s2ft_verify"),
+    in_place: None,
 };
 
 fn run_partial_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
@@ -464,6 +467,7 @@ pub static S2FT_PARTIAL_BACKWARD: OpSpec = OpSpec {
         _ => (0.0, 0.0),
     },
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "s2ft_partial_backward"),
+    in_place: None,
 };
 
 fn run_adamw(client: &Client, a: &OpArgs) -> Result<Outputs> {
@@ -511,6 +515,7 @@ pub static S2FT_ADAMW_STEP: OpSpec = OpSpec {
         ((12 * n) as f64, (n * (3 * elem + 16)) as f64)
     },
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "s2ft_adamw_step"),
+    in_place: None,
 };
 
 fn rows_param(a: &OpArgs) -> Result<bool> {
@@ -567,6 +572,7 @@ pub static S2FT_ADAPTER_FORWARD: OpSpec = OpSpec {
         _ => (0.0, 0.0),
     },
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "s2ft_adapter_forward"),
+    in_place: None,
 };
 
 fn run_merge(_: &Client, a: &OpArgs) -> Result<Outputs> {
@@ -622,6 +628,7 @@ pub static S2FT_MERGE: OpSpec = OpSpec {
         _ => (0.0, 0.0),
     },
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "s2ft_merge"),
+    in_place: None,
 };
 
 kiln_runtime::register_op!(

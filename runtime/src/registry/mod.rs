@@ -166,6 +166,10 @@ impl ParamSpec {
 /// The named outputs of an operator run.
 pub type Outputs = Vec<(&'static str, Tensor)>;
 
+/// An operator's in-place form for `kiln bench` ([`OpSpec::in_place`]): set up once from
+/// the bound arguments, it returns the work to repeat, each call one in-place step.
+pub type InPlace = fn(&Client, &OpArgs) -> Result<Box<dyn FnMut() -> Result<()>>>;
+
 /// A library operator callable by name.
 pub struct OpSpec {
     /// Name used by `kiln run` and `kiln ops`.
@@ -190,6 +194,11 @@ pub struct OpSpec {
     /// The operator's self-test cases (small, ragged inputs against its f64 reference),
     /// run by `kiln selftest` and the test suites; at least one is required.
     pub selftest: fn() -> Vec<crate::selftest::Case>,
+    /// For an operator whose `run` copies its inputs to stay out of place around work a
+    /// user's program does in place (optimizer steps, perturbations): that work as a
+    /// training loop repeats it, what `kiln bench` times (the copies would otherwise
+    /// dominate). `None`: `kiln bench` times `run`.
+    pub in_place: Option<InPlace>,
 }
 
 impl OpSpec {

@@ -102,6 +102,7 @@ pub static TOPK_EF: OpSpec = OpSpec {
     example_inputs: compress_example,
     cost: compress_cost,
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "topk_ef"),
+    in_place: None,
 };
 
 /// `randk`: rand-k with error feedback (a seed shared by all workers picks the subset).
@@ -116,6 +117,7 @@ pub static RANDK: OpSpec = OpSpec {
     example_inputs: compress_example,
     cost: compress_cost,
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "randk"),
+    in_place: None,
 };
 
 /// `kiln run econtrol`: one worker's EControl step out of place.
@@ -183,4 +185,5 @@ pub static ECONTROL: OpSpec = OpSpec {
         (flops + 4.0 * n as f64, bytes + (n * 4 * 6) as f64)
     },
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "econtrol"),
+    in_place: None,
 };

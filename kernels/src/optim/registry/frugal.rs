@@ -5,6 +5,27 @@ use super::*;
 /// `kiln run frugal`: one step of FRUGAL out of place (see [`super::super::Frugal`]).
 fn run_frugal(a: &OpArgs) -> Result<Outputs> {
     let given = a.tensor("param")?;
+    let (mut opt, param) = prepare_frugal(a)?;
+    opt.step(&param, a.tensor("grad")?)?;
+    let (indices, m, v) = opt.state()?;
+    let mut outs: Outputs = vec![("param", param), ("m", m), ("v", v), ("indices", indices)];
+    if let Some(master) = opt.master_of(0)? {
+        outs.push(("master", master.reshape(given.shape())?));
+    }
+    Ok(outs)
+}
+
+/// `kiln bench`'s form ([`OpSpec::in_place`]): the copy and the optimizer made once,
+/// then one in-place step a call (redrawing every `update_gap` steps, as in training).
+fn frugal_in_place(a: &OpArgs) -> Result<Box<dyn FnMut() -> Result<()>>> {
+    let (mut opt, param) = prepare_frugal(a)?;
+    let grad = a.tensor("grad")?.clone();
+    Ok(Box::new(move || opt.step(&param, &grad)))
+}
+
+/// The optimizer over a copy of `param` (in param's shape), from `kiln run`'s arguments.
+fn prepare_frugal(a: &OpArgs) -> Result<(Frugal, Tensor)> {
+    let given = a.tensor("param")?;
     let flat = given.reshape(&[1, given.numel()])?;
     let param = crate::rows::slice_rows(&flat, 0, 0, 1, given.dtype())?.reshape(given.shape())?;
     let hyper = Hyper {
@@ -44,13 +65,7 @@ fn run_frugal(a: &OpArgs) -> Result<Outputs> {
     if let Some(master) = a.optional_tensor("master") {
         opt.set_master(0, master)?;
     }
-    opt.step(&param, a.tensor("grad")?)?;
-    let (indices, m, v) = opt.state()?;
-    let mut outs: Outputs = vec![("param", param), ("m", m), ("v", v), ("indices", indices)];
-    if let Some(master) = opt.master_of(0)? {
-        outs.push(("master", master.reshape(given.shape())?));
-    }
-    Ok(outs)
+    Ok((opt, param))
 }
 
 /// `frugal`: FRUGAL's step (Adam on a seeded coordinate subset, signSGD on the rest).
@@ -93,4 +108,5 @@ pub static FRUGAL: OpSpec = OpSpec {
     },
     cost: |d, e| cost(d, e, 1),
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "frugal"),
+    in_place: Some(|_, a| frugal_in_place(a)),
 };

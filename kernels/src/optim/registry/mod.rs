@@ -21,6 +21,19 @@ fn run(rule: Rule, client: &Client, a: &OpArgs) -> Result<Outputs> {
     run_step(rule, client, a, |rows, _| Ok(Block::whole(rows)))
 }
 
+/// `kiln bench`'s form of a rule's step ([`OpSpec::in_place`]): [`run_step`]'s copies
+/// and optimizer made once, then one in-place step a call (the step counter advancing
+/// on the device, as in training).
+fn in_place(rule: Rule, client: &Client, a: &OpArgs) -> Result<Box<dyn FnMut() -> Result<()>>> {
+    let Prepared {
+        mut opt,
+        param,
+        grad,
+        ..
+    } = prepare_step(rule, client, a, |rows, _| Ok(Block::whole(rows)))?;
+    Ok(Box::new(move || opt.step(&[&param], &[&grad])))
+}
+
 /// A step of `rule` on `kiln run`'s `param` (`[n]`: one row, or `[out, in]`) for the
 /// block `block_of(out, in)` chooses, out of place: `grad`, the states (absent: zeros)
 /// and `master` in the block's shape (`[n]` for a whole vector); the updated `param` and
@@ -31,18 +44,53 @@ pub(crate) fn run_step(
     a: &OpArgs,
     block_of: impl FnOnce(usize, usize) -> Result<Block>,
 ) -> Result<Outputs> {
+    let Prepared {
+        mut opt,
+        param,
+        grad,
+        vector,
+    } = prepare_step(rule, client, a, block_of)?;
+    opt.step(&[&param], &[&grad])?;
+    let back = |t: Tensor| -> Result<Tensor> {
+        match vector {
+            true => t.reshape(&[t.numel()]),
+            false => Ok(t),
+        }
+    };
+    let (tensors, master) = opt.state_of(0)?;
+    let mut outs: Outputs = vec![("param", back(param)?)];
+    for (name, t) in rule.state_names().iter().zip(tensors) {
+        outs.push((name, back(t)?));
+    }
+    if let Some(m) = master {
+        outs.push(("master", back(m)?));
+    }
+    Ok(outs)
+}
+
+/// What a step of `kiln run` works on: the optimizer over a copy of `param` (`[out, in]`,
+/// `[1, n]` for a vector), that copy, the gradient in its shape, and whether `param`
+/// was a vector.
+struct Prepared {
+    opt: MultiTensorStep,
+    param: Tensor,
+    grad: Tensor,
+    vector: bool,
+}
+
+/// [`run_step`]'s checks and set-up, before the step.
+fn prepare_step(
+    rule: Rule,
+    client: &Client,
+    a: &OpArgs,
+    block_of: impl FnOnce(usize, usize) -> Result<Block>,
+) -> Result<Prepared> {
     let given = a.tensor("param")?;
     let vector = given.rank() == 1;
     let to_2d = |t: &Tensor| -> Result<Tensor> {
         match t.rank() {
             1 => t.reshape(&[1, t.numel()]),
             _ => Ok(t.clone()),
-        }
-    };
-    let back = |t: Tensor| -> Result<Tensor> {
-        match vector {
-            true => t.reshape(&[t.numel()]),
-            false => Ok(t),
         }
     };
     if !matches!(given.rank(), 1 | 2) {
@@ -110,23 +158,19 @@ pub(crate) fn run_step(
         tensors: states.iter().collect(),
         master: master.as_ref(),
     };
-    let mut opt = MultiTensorStep::with_state(
+    let opt = MultiTensorStep::with_state(
         rule,
         hyper,
         &[(&param, block)],
         &[Some(given_state)],
         step - 1,
     )?;
-    opt.step(&[&param], &[&grad])?;
-    let (tensors, master) = opt.state_of(0)?;
-    let mut outs: Outputs = vec![("param", back(param)?)];
-    for (name, t) in rule.state_names().iter().zip(tensors) {
-        outs.push((name, back(t)?));
-    }
-    if let Some(m) = master {
-        outs.push(("master", back(m)?));
-    }
-    Ok(outs)
+    Ok(Prepared {
+        opt,
+        param,
+        grad,
+        vector,
+    })
 }
 
 const PARAM: TensorSpec = TensorSpec::new(
@@ -242,6 +286,7 @@ pub static ADAMW: OpSpec = OpSpec {
     example_inputs: |d| example(d, Rule::AdamW),
     cost: |d, e| cost(d, e, 2),
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "adamw"),
+    in_place: Some(|c, a| in_place(Rule::AdamW, c, a)),
 };
 
 /// `adan`: the Adan step (sail-sg's).
@@ -256,6 +301,7 @@ pub static ADAN: OpSpec = OpSpec {
     example_inputs: |d| example(d, Rule::Adan),
     cost: |d, e| cost(d, e, 4),
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "adan"),
+    in_place: Some(|c, a| in_place(Rule::Adan, c, a)),
 };
 
 /// `adabelief`: the AdaBelief step.
@@ -270,6 +316,7 @@ pub static ADABELIEF: OpSpec = OpSpec {
     example_inputs: |d| example(d, Rule::AdaBelief),
     cost: |d, e| cost(d, e, 2),
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "adabelief"),
+    in_place: Some(|c, a| in_place(Rule::AdaBelief, c, a)),
 };
 
 /// `adagrad`: PyTorch's Adagrad step.
@@ -284,6 +331,7 @@ pub static ADAGRAD: OpSpec = OpSpec {
     example_inputs: |d| example(d, Rule::AdaGrad),
     cost: |d, e| cost(d, e, 1),
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "adagrad"),
+    in_place: Some(|c, a| in_place(Rule::AdaGrad, c, a)),
 };
 
 /// `lamb`: the LAMB step (per-tensor trust ratio).
@@ -298,6 +346,7 @@ pub static LAMB: OpSpec = OpSpec {
     example_inputs: |d| example(d, Rule::Lamb),
     cost: |d, e| cost(d, e, 2),
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "lamb"),
+    in_place: Some(|c, a| in_place(Rule::Lamb, c, a)),
 };
 
 /// `adagrad_norm`: AdaGrad-Norm (one adaptive step size per tensor).
@@ -315,6 +364,7 @@ pub static ADAGRAD_NORM: OpSpec = OpSpec {
         ((6 * n) as f64, (n * 3 * e) as f64)
     },
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "adagrad_norm"),
+    in_place: Some(|c, a| in_place(Rule::AdaGradNorm, c, a)),
 };
 
 kiln_runtime::register_op!(

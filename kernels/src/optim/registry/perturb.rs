@@ -6,10 +6,45 @@ use super::*;
 /// `param` copied (out of place), perturbed by `f`, in `param`'s shape.
 fn run_perturb(a: &OpArgs, f: impl FnOnce(&Tensor, u32) -> Result<()>) -> Result<Outputs> {
     let given = a.tensor("param")?;
-    let flat = given.reshape(&[1, given.numel()])?;
-    let param = crate::rows::slice_rows(&flat, 0, 0, 1, given.dtype())?;
+    let param = flat_copy(given)?;
     f(&param, a.param_as("stream")?)?;
     Ok(vec![("param", param.reshape(given.shape())?)])
+}
+
+/// `kiln bench`'s form ([`OpSpec::in_place`]): `param` copied once, then `f` in place on
+/// the copy at each call.
+fn perturb_in_place(
+    a: &OpArgs,
+    mut f: impl FnMut(&Tensor, u32) -> Result<()> + 'static,
+) -> Result<Box<dyn FnMut() -> Result<()>>> {
+    let param = flat_copy(a.tensor("param")?)?;
+    let stream = a.param_as("stream")?;
+    Ok(Box::new(move || f(&param, stream)))
+}
+
+/// A `[1, n]` copy of `t`.
+fn flat_copy(t: &Tensor) -> Result<Tensor> {
+    crate::rows::slice_rows(&t.reshape(&[1, t.numel()])?, 0, 0, 1, t.dtype())
+}
+
+/// `perturb`'s update under `kiln run`'s parameters.
+fn perturb_update(a: &OpArgs) -> Result<impl FnMut(&Tensor, u32) -> Result<()> + 'static> {
+    let (seed, eps): (u64, f64) = (a.param_as("seed")?, a.param_as("eps")?);
+    Ok(move |p: &Tensor, stream| crate::optim::perturb::perturb_stream(p, stream, &[seed], &[eps]))
+}
+
+/// `zo_update`'s update under `kiln run`'s inputs and parameters (the projected gradients
+/// downloaded once).
+fn zo_update(a: &OpArgs) -> Result<impl FnMut(&Tensor, u32) -> Result<()> + 'static> {
+    let p = a.tensor("projected_grads")?;
+    p.expect_dtype("projected_grads", &[DType::F32])?;
+    if p.rank() != 1 {
+        return Err(shape_err("projected_grads", "[n]".into(), p.shape()));
+    }
+    let grads = p.download()?.to_f64();
+    let seeds = seeds_list(a, grads.len())?;
+    let coeffs = crate::optim::perturb::zo_coeffs(&grads, a.param_as("lr")?)?;
+    Ok(move |t: &Tensor, stream| crate::optim::perturb::perturb_stream(t, stream, &seeds, &coeffs))
 }
 
 /// `kiln run`'s `seeds`: comma-separated u64; empty = `0, 1, .., n-1`.
@@ -58,10 +93,7 @@ pub static PERTURB: OpSpec = OpSpec {
         ParamSpec::new("eps", "0.001", "a finite number", "the perturbation scale"),
         STREAM,
     ],
-    run: |_, a| {
-        let (seed, eps): (u64, f64) = (a.param_as("seed")?, a.param_as("eps")?);
-        run_perturb(a, |p, stream| crate::optim::perturb::perturb_stream(p, stream, &[seed], &[eps]))
-    },
+    run: |_, a| run_perturb(a, perturb_update(a)?),
     problem: "N",
     example_inputs: perturb_example,
     cost: |d, e| {
@@ -69,6 +101,7 @@ pub static PERTURB: OpSpec = OpSpec {
         (n as f64, (2 * n * e) as f64)
     },
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "perturb"),
+    in_place: Some(|_, a| perturb_in_place(a, perturb_update(a)?)),
 };
 
 /// `zo_update`: MeZO's update `param -= lr sum_i projected_grads[i] z(seeds[i])`.
@@ -85,19 +118,7 @@ pub static ZO_UPDATE: OpSpec = OpSpec {
         lr("0.000001"),
         STREAM,
     ],
-    run: |_, a| {
-        let p = a.tensor("projected_grads")?;
-        p.expect_dtype("projected_grads", &[DType::F32])?;
-        if p.rank() != 1 {
-            return Err(shape_err("projected_grads", "[n]".into(), p.shape()));
-        }
-        let grads = p.download()?.to_f64();
-        let seeds = seeds_list(a, grads.len())?;
-        let coeffs = crate::optim::perturb::zo_coeffs(&grads, a.param_as("lr")?)?;
-        run_perturb(a, |t, stream| {
-            crate::optim::perturb::perturb_stream(t, stream, &seeds, &coeffs)
-        })
-    },
+    run: |_, a| run_perturb(a, zo_update(a)?),
     problem: "N",
     example_inputs: |d| {
         let mut v = perturb_example(d)?;
@@ -109,4 +130,5 @@ pub static ZO_UPDATE: OpSpec = OpSpec {
         (8.0 * n as f64, (2 * n * e) as f64)
     },
     selftest: || kiln_runtime::selftest::only(selftest::cases(), "zo_update"),
+    in_place: Some(|_, a| perturb_in_place(a, zo_update(a)?)),
 };

@@ -1,5 +1,6 @@
 //! Exact top-k selection on the device by radix select, the engine of the gradient
-//! compressors (`topk_ef` ranks by magnitude, `randk` by a seeded random key).
+//! compressors (`topk_ef` ranks by magnitude; FRUGAL's subspaces by a Philox word;
+//! `randk` by a seeded permutation, whose threshold is known: no radix pass).
 //!
 //! Keys are u32 (`|a|`'s f32 bits, which order like the magnitudes, NaN above +inf; or
 //! Philox words). Eight passes of 4-bit digits, most significant first, find the k-th
@@ -23,7 +24,7 @@ pub use radix::*;
 
 use crate::launch::upload_u32;
 use cubecl::prelude::*;
-use kiln_dsl::{cube_sum, philox4x32_10};
+use kiln_dsl::{cube_sum, permutation_round_key, permute_index, philox4x32_10, PERMUTATION_ROUNDS};
 use kiln_runtime::{DType, Result, Tensor};
 
 /// Units per cube of the selection kernels (their one configuration, `UNITS = [256]`).
@@ -49,6 +50,10 @@ kiln_runtime::comptime_enum! {
         Magnitude = "magnitude",
         /// A Philox word of (seed, index): a uniformly random subset.
         Random = "random",
+        /// `n - 1 - π(index)`, `π` the seeded permutation of `0..n`
+        /// (`kiln_dsl::permutation`): the `k` largest are the indices `π` sends below
+        /// `k`, so the threshold `n - k` is known and no radix pass runs.
+        Permutation = "permutation",
     }
 }
 
@@ -104,7 +109,15 @@ pub(crate) fn select_top_k(
     scale: f32,
 ) -> Result<Selected> {
     let (a, keys) = keys_of(grad, error, None, 1.0, source, seed)?;
-    select_keys(&a, &keys, grad.numel(), k, scale)
+    let n = grad.numel();
+    if source == KeySource::Permutation {
+        // Exactly one key equals each of 0..n: those at or above n - k are the k taken.
+        let state = upload_u32(grad.client(), "topk_state", &[(n - k) as u32, u32::MAX])?;
+        let source = Source::Stored { a: &a, keys: &keys };
+        let (offsets, before, _) = count_and_scan(&source, n, &state, false)?;
+        return compact(&source, n, &state, &offsets, &before, k, scale);
+    }
+    select_keys(&a, &keys, n, k, scale)
 }
 
 /// EControl's selection: the `k` largest `|p|` of `p = eta error + grad - h` (`error`
@@ -247,6 +260,7 @@ fn keys_of(
             key0: key[0],
             key1: key[1],
             stream,
+            bits: crate::random::permutation_bits(n as u32),
             source,
             has_error: error.is_some(),
             has_h: h.is_some(),
@@ -450,7 +464,8 @@ pub fn topk_sample<F: Float>(
 
 /// `a = eta error + grad - h` in f32 (`eta = 1` and no `h` for plain error feedback:
 /// `1 * error` is exact, so `a = error + grad` bit for bit) and the ranking key of
-/// every element: `|a|`'s bits, or a Philox word of its index. 4-wide where `n` is a
+/// every element: `|a|`'s bits, a Philox word of its index, or `n - 1 - π(index)` for
+/// the seeded permutation `π` of `0..n` (`bits` = `max(2, ceil(log2 n))`). 4-wide where `n` is a
 /// multiple of 4 (a CPU adapter issues one load per lane and access, so a vector access
 /// does four elements' work for one's cost); `a` and `keys` are `n` rounded up to 4 long
 /// (the selection kernels read them 4-wide), their tail past `n` is never read.
@@ -472,11 +487,21 @@ pub fn topk_keys<F: Float, N: Size>(
     key0: u32,
     key1: u32,
     stream: u32,
+    bits: u32,
     #[comptime] source: KeySource,
     #[comptime] has_error: bool,
     #[comptime] has_h: bool,
 ) {
     let nw = N::value().comptime() as u32;
+    // The permutation's round keys, in registers (computed, not loaded: a load costs a
+    // loop over the SIMD lanes on a CPU adapter).
+    let mut round_keys = Array::<u32>::new(comptime!(PERMUTATION_ROUNDS as usize));
+    if comptime!(source == KeySource::Permutation) {
+        #[unroll]
+        for r in 0..PERMUTATION_ROUNDS {
+            round_keys[r as usize] = permutation_round_key(key0, key1, r);
+        }
+    }
     let i = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * UNITS + UNIT_POS;
     // The first element of this vector (4-wide only when n % 4 == 0: whole vectors).
     let first = i * nw;
@@ -508,6 +533,12 @@ pub fn topk_keys<F: Float, N: Size>(
                     r.x0,
                     select(lane == 1, r.x1, select(lane == 2, r.x2, r.x3)),
                 );
+            }
+        }
+        if comptime!(source == KeySource::Permutation) {
+            #[unroll]
+            for l in 0..nw {
+                kv[l as usize] = n - 1 - permute_index(first + l, n, bits, &round_keys);
             }
         }
         keys[i as usize] = kv;

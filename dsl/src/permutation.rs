@@ -1,0 +1,69 @@
+//! A seeded permutation of the indices `0..n`, evaluated one index at a time with no
+//! table: what draws a uniformly random k-subset without sorting or selecting anything
+//! (the indices `i` with `permute_index(i) < k` are exactly `k` of them).
+//!
+//! The construction is a Feistel network in the shape of NIST's FF1 over the `bits`-bit
+//! integers (`bits = max(2, ceil(log2 n))`): the index splits into a high half of
+//! `u = bits / 2` bits and a low half of `v = bits - u`, and each of
+//! [`PERMUTATION_ROUNDS`] rounds replaces the halves `(a, b)` with
+//! `(b, (a + F_r(b)) mod 2^m)`, `m` alternating `u`, `v` (so an unbalanced split stays a
+//! bijection). `F_r` is a 32-bit integer mix (lowbias32) of `b` and round `r`'s key.
+//! Values past `n` walk the cycle (apply the network again) until they land in `0..n`:
+//! fewer than two steps on average, as `2^bits < 2n`. Integer arithmetic only, so
+//! every backend and the host mirror (`kiln_kernels::random::permute_index`) give the
+//! same permutation. Statistically uniform, not a cryptographic permutation.
+
+use cubecl::prelude::*;
+
+/// Rounds of the Feistel network (even, so the halves end where they started).
+pub const PERMUTATION_ROUNDS: u32 = 6;
+
+/// The round function's integer mix (Wellons' lowbias32: a bijection of u32 with
+/// good avalanche).
+#[cube]
+pub fn mix32(x: u32) -> u32 {
+    let mut h = x;
+    h ^= h >> 16;
+    h *= 0x7feb_352du32;
+    h ^= h >> 15;
+    h *= 0x846c_a68bu32;
+    h ^= h >> 16;
+    h
+}
+
+/// Round `round`'s key under the 64-bit seed `(key0, key1)` (low, high word).
+#[cube]
+pub fn permutation_round_key(key0: u32, key1: u32, round: u32) -> u32 {
+    mix32(key0 ^ mix32(key1 + round * 0x9e37_79b9u32))
+}
+
+/// The image of index `i` (`i < n`) under the permutation of `0..n` keyed by
+/// `round_keys` ([`PERMUTATION_ROUNDS`] of [`permutation_round_key`]); `bits` =
+/// `max(2, ceil(log2 n))`.
+#[cube]
+pub fn permute_index(i: u32, n: u32, bits: u32, round_keys: &Array<u32>) -> u32 {
+    let u = bits / 2;
+    let v = bits - u;
+    let mask_u = (1u32 << u) - 1;
+    let mask_v = (1u32 << v) - 1;
+    let mut x = i;
+    loop {
+        let mut a = x >> v;
+        let mut b = x & mask_v;
+        #[unroll]
+        for r in 0..PERMUTATION_ROUNDS / 2 {
+            // Even round: `a` has u bits; odd round: v bits.
+            let c = (a + mix32(b ^ round_keys[(2 * r) as usize])) & mask_u;
+            a = b;
+            b = c;
+            let c = (a + mix32(b ^ round_keys[(2 * r + 1) as usize])) & mask_v;
+            a = b;
+            b = c;
+        }
+        x = (a << v) | b;
+        if x < n {
+            break;
+        }
+    }
+    x
+}
