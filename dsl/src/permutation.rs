@@ -38,7 +38,7 @@ pub fn permutation_round_key(key0: u32, key1: u32, round: u32) -> u32 {
 }
 
 /// The image of index `i` (`i < n`) under the permutation of `0..n` keyed by
-/// `round_keys` ([`PERMUTATION_ROUNDS`] of [`permutation_round_key`]); `bits` =
+/// `round_keys` ([`PERMUTATION_ROUNDS`] of [`permutation_round_key()`]); `bits` =
 /// `max(2, ceil(log2 n))`.
 #[cube]
 pub fn permute_index(i: u32, n: u32, bits: u32, round_keys: &Array<u32>) -> u32 {

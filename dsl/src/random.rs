@@ -6,7 +6,7 @@
 //! and `cos`, and compilers fuse `a * b + c` into an FMA or not as they like, so a
 //! Box–Muller transform in f32 cannot promise identical bits. Here a normal value is a
 //! lookup with integer interpolation in a quantile table built on the host (the layout
-//! is [`gaussian_from_bits`]'s doc), then one exact conversion to f32.
+//! is [`gaussian_from_bits()`]'s doc), then one exact conversion to f32.
 
 use cubecl::prelude::*;
 
@@ -19,7 +19,7 @@ const W1: u32 = 0xBB67_AE85;
 /// log2 of the nodes per octave of the normal quantile table (and of its direct
 /// entries): 256.
 pub const GAUSSIAN_NODES_LOG2: u32 = 8;
-/// Entries of the table [`gaussian_from_bits`] reads: 256 direct entries, 23 octaves of
+/// Entries of the table [`gaussian_from_bits()`] reads: 256 direct entries, 23 octaves of
 /// 256 nodes, one final node (24 KiB of i32).
 pub const GAUSSIAN_TABLE_LEN: usize = 256 + 23 * 256 + 1;
 /// Fixed-point scale of the table: a value `q` means `q / 2^20`.

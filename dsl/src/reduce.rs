@@ -6,7 +6,7 @@
 
 use cubecl::prelude::*;
 
-/// Which combination [`cube_reduce`] applies.
+/// Which combination [`cube_reduce()`] applies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ReduceOp {
     /// Sum.
@@ -72,13 +72,13 @@ pub fn cube_reduce(
     r
 }
 
-/// Maximum over the cube; see [`cube_reduce`].
+/// Maximum over the cube; see [`cube_reduce()`].
 #[cube]
 pub fn cube_max(smem: &mut SharedMemory<f32>, value: f32, #[comptime] units: u32) -> f32 {
     cube_reduce(smem, value, units, ReduceOp::Max)
 }
 
-/// Sum over the cube; see [`cube_reduce`].
+/// Sum over the cube; see [`cube_reduce()`].
 #[cube]
 pub fn cube_sum(smem: &mut SharedMemory<f32>, value: f32, #[comptime] units: u32) -> f32 {
     cube_reduce(smem, value, units, ReduceOp::Sum)

@@ -39,7 +39,7 @@ pub fn floor_log_gate(g: f32) -> f32 {
     select(g < -110.0, -110.0, g)
 }
 
-/// [`floor_log_gate`] on four lanes.
+/// [`floor_log_gate()`] on four lanes.
 #[cube]
 pub fn floor_log_gate_v4(g: Vector<f32, Const<4>>) -> Vector<f32, Const<4>> {
     let floor = Vector::<f32, Const<4>>::new(-110.0);

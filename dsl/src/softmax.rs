@@ -29,7 +29,7 @@ impl OnlineSoftmax {
 
     /// Folds in `v`, with one exponential and no divergent branch: the smaller of the
     /// old max and `v` is rescaled to the larger. `one` is 1.0 opaque to the shader
-    /// compiler (see [`exp_diff`]).
+    /// compiler (see [`exp_diff()`]).
     pub fn push(&mut self, v: f32, one: f32) {
         let hi = max(self.max, v);
         let e = exp_diff(min(self.max, v), hi, one);
@@ -44,7 +44,7 @@ impl OnlineSoftmax {
 }
 
 /// Merges every unit's state over the cube (a max-, then a sum-reduction; see
-/// [`crate::cube_reduce`]): every unit receives the cube's state. All `units` units
+/// [`crate::cube_reduce()`]): every unit receives the cube's state. All `units` units
 /// must call it.
 #[cube]
 pub fn cube_online_softmax(

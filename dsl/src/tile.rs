@@ -47,7 +47,7 @@ pub fn load_tile<F: Float>(
     );
 }
 
-/// [`load_tile`] into shared memory of any float type `T` (the operand dtype itself for
+/// [`load_tile()`] into shared memory of any float type `T` (the operand dtype itself for
 /// tensor-core fragments).
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -135,7 +135,7 @@ pub fn reg_tile_mma<N: Numeric>(
 /// operand dtype: X the cube's `[32 planes_m][16]` row-major K slice, Y the
 /// `[16][32 planes_n]` one. Only for devices that report tensor cores
 /// (`DeviceReport::tensor_cores`): elsewhere cubecl cannot run it (on wgpu it would
-/// silently write nothing), and [`reg_tile_mma`] is the path. All units of the cube
+/// silently write nothing), and [`reg_tile_mma()`] is the path. All units of the cube
 /// call every method.
 #[derive(CubeType)]
 pub struct CmmaBlock {
@@ -299,12 +299,12 @@ pub fn load_tile_v4<F: Float>(
 }
 
 /// `acc += X Y` over `depth` for one unit's `tm x tn` register tile held as `tm x tn / 4`
-/// vectors ([`V4`]), both operands in vector tiles as [`load_tile_v4`] writes them:
+/// vectors ([`V4`]), both operands in vector tiles as [`load_tile_v4()`] writes them:
 /// `X` with `rows` rows and the depth along its vectors (element (r, d) in lane `d % 4`
 /// of `xs[x_base + r * depth / 4 + d / 4]`), `Y` with `depth` rows and `cols` columns
 /// along its vectors (element (d, c) in lane `c % 4` of `ys[y_base + d * cols / 4 + c / 4]`).
 /// The unit owns rows `ty + i * rows / tm` and the column vectors
-/// `tx + jv * cols / tn` (`jv < tn / 4`; see [`v4_tile_col`]). Per four depths: `tm + tn`
+/// `tx + jv * cols / tn` (`jv < tn / 4`; see [`v4_tile_col()`]). Per four depths: `tm + tn`
 /// vector loads and `tm x tn` FMAs (4-wide). `depth`, `cols` and `tn` are multiples of 4.
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -350,7 +350,7 @@ pub fn reg_tile_mma_v4(
 }
 
 /// The column (within the tile) of element `j < tn` of a unit's row in a
-/// [`reg_tile_mma_v4`] tile: lane `j % 4` of column vector `tx + (j / 4) * cols / tn`.
+/// [`reg_tile_mma_v4()`] tile: lane `j % 4` of column vector `tx + (j / 4) * cols / tn`.
 /// The value itself is `acc[i * tn / 4 + j / 4][j % 4]`.
 #[cube]
 pub fn v4_tile_col(tx: u32, #[comptime] j: u32, #[comptime] cols: u32, #[comptime] tn: u32) -> u32 {
@@ -364,7 +364,7 @@ pub fn v4_tile_col(tx: u32, #[comptime] j: u32, #[comptime] cols: u32, #[comptim
 /// tile staged as it lies in memory, as in `k^T v`). The unit owns the row vectors
 /// `ty + iv * rows / tm` and the column vectors `tx + jv * cols / tn`; its element
 /// (i, j) is lane `j % 4` of `acc[i * tn / 4 + j / 4]`, row `(ty + (i / 4) * rows / tm) * 4
-/// + i % 4` (see [`v4_tile_col`] for both). Per depth: `(tm + tn) / 4` vector loads and
+/// + i % 4` (see [`v4_tile_col()`] for both). Per depth: `(tm + tn) / 4` vector loads and
 /// `tm x tn` FMAs (4-wide). `rows`, `cols`, `tm` and `tn` are multiples of 4.
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -415,7 +415,7 @@ pub fn reg_tile_mma_v4_outer(
 }
 
 /// `acc = X Y^T` for one unit's `tm x tn` register tile (the layout of
-/// [`reg_tile_mma_v4`]), with X (`rows x depth`) and Y (`cols x depth`) read straight
+/// [`reg_tile_mma_v4()`]), with X (`rows x depth`) and Y (`cols x depth`) read straight
 /// from global memory, both row-major: row `r` of X at `x[x_base + r * x_stride ..]`,
 /// rows `>= x_rows` (and of Y, `>= y_rows`) read as 0. The depth is walked in chunks
 /// of `bd`, staged as X `[r][d / 4]` in `xs` (`rows * bd / 4` vectors) and Y transposed

@@ -83,13 +83,13 @@ pub fn tolerance(dtype: crate::DType, ulps: f64) -> f64 {
 /// - inputs whose spec names one dtype keep it ([`crate::TensorSpec::example_dtype`]):
 ///   f32 states and scales, and integers: i32 (packed 4-bit codes) get random bits,
 ///   i8 uniform codes in -127..=127;
-/// - inputs whose spec says [`ExampleValues::Positive`] (scales, divisors) are uniform
-///   in [0.5, 1.5], and [`ExampleValues::LogDecay`] (gates of gated recurrences)
+/// - inputs whose spec says [`ExampleValues::Positive`](crate::ExampleValues::Positive) (scales, divisors) are uniform
+///   in [0.5, 1.5], and [`ExampleValues::LogDecay`](crate::ExampleValues::LogDecay) (gates of gated recurrences)
 ///   `logsigmoid(randn)` clamped at -5 (normal values would be positive gates), and
-///   [`ExampleValues::LogSumExp`] (an attention backward's lse) uniform in [4, 6];
-/// - MoE routes ([`ExampleValues::ExpertIds`], [`ExampleValues::SlotLocations`]): a
-///   valid routing in which every slot is full; [`ExampleValues::Permutation`] a
-///   shuffle of `0..n`, [`ExampleValues::Zero`] zeros.
+///   [`ExampleValues::LogSumExp`](crate::ExampleValues::LogSumExp) (an attention backward's lse) uniform in [4, 6];
+/// - MoE routes ([`ExampleValues::ExpertIds`](crate::ExampleValues::ExpertIds), [`ExampleValues::SlotLocations`](crate::ExampleValues::SlotLocations)): a
+///   valid routing in which every slot is full; [`ExampleValues::Permutation`](crate::ExampleValues::Permutation) a
+///   shuffle of `0..n`, [`ExampleValues::Zero`](crate::ExampleValues::Zero) zeros.
 pub fn example_inputs(
     spec: &crate::OpSpec,
     dims: &[usize],
