@@ -258,8 +258,9 @@ pub fn canonical(source: &str) -> String {
 
 /// Renames cubecl-cpp's temporaries (`_tmp_N`) `_tmp_0`, `_tmp_1`, ... in the order they
 /// first appear. Their numbers come from a process-wide counter that every CUDA
-/// compilation resets and advances, so kernels emitted on several threads at once
-/// (`kiln check-cuda`'s jobs) number them from wherever another thread left it.
+/// compilation resets and advances. [`emit`]'s lock keeps kiln's own emissions from
+/// interleaving, but not cubecl's runtime compiles on a CUDA device's thread in the
+/// same process (a test binary run on a GPU), which can still shift the numbering.
 fn renumber_temporaries(source: &str) -> String {
     const TMP: &str = "_tmp_";
     let mut names: Vec<&str> = Vec::new();

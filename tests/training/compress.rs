@@ -174,6 +174,18 @@ fn half_gradients_accumulate_in_f32() {
         let a = accumulate(&g, Some(&e));
         let got = topk_ef(&gt, Some(&up(DType::F32, &[n], &e)), 2000).unwrap();
         check(&got, &a, &magnitude_keys(&a), 2000, 1.0, &dtype.to_string());
+        // Rand-k on the same half gradient: its subset from the permutation, values
+        // scaled in f32.
+        let got = randk(&gt, Some(&up(DType::F32, &[n], &e)), 2000, 7).unwrap();
+        let scale = (n as f64 / 2000.0) as f32;
+        check(
+            &got,
+            &a,
+            &randk_keys(n, 7),
+            2000,
+            scale,
+            &format!("randk {dtype}"),
+        );
     }
 }
 

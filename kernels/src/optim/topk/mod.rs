@@ -110,14 +110,14 @@ pub(crate) fn select_top_k(
 ) -> Result<Selected> {
     let (a, keys) = keys_of(grad, error, None, 1.0, source, seed)?;
     let n = grad.numel();
-    if source == KeySource::Permutation {
+    let state = match source {
         // Exactly one key equals each of 0..n: those at or above n - k are the k taken.
-        let state = upload_u32(grad.client(), "topk_state", &[(n - k) as u32, u32::MAX])?;
-        let source = Source::Stored { a: &a, keys: &keys };
-        let (offsets, before, _) = count_and_scan(&source, n, &state, false)?;
-        return compact(&source, n, &state, &offsets, &before, k, scale);
-    }
-    select_keys(&a, &keys, n, k, scale)
+        KeySource::Permutation => {
+            upload_u32(grad.client(), "topk_state", &[(n - k) as u32, u32::MAX])?
+        }
+        _ => radix_select(&keys, n, k)?,
+    };
+    compact_stored(&a, &keys, n, &state, k, scale)
 }
 
 /// EControl's selection: the `k` largest `|p|` of `p = eta error + grad - h` (`error`
@@ -131,17 +131,24 @@ pub(crate) fn select_controlled(
     k: usize,
 ) -> Result<(Tensor, Selected)> {
     let (p, keys) = keys_of(grad, error, h, eta, KeySource::Magnitude, (0, 0))?;
-    let selected = select_keys(&p, &keys, grad.numel(), k, 1.0)?;
+    let n = grad.numel();
+    let selected = compact_stored(&p, &keys, n, &radix_select(&keys, n, k)?, k, 1.0)?;
     Ok((p, selected))
 }
 
-/// The exact selection of the `k` largest of the first `n` `keys` of `a`, compacted
-/// with `scale`.
-fn select_keys(a: &Tensor, keys: &Tensor, n: usize, k: usize, scale: f32) -> Result<Selected> {
-    let state = radix_select(keys, n, k)?;
+/// The `k` elements of `a` whose stored keys the selection `state` takes (of the first
+/// `n`), compacted with `scale`.
+fn compact_stored(
+    a: &Tensor,
+    keys: &Tensor,
+    n: usize,
+    state: &Tensor,
+    k: usize,
+    scale: f32,
+) -> Result<Selected> {
     let source = Source::Stored { a, keys };
-    let (offsets, before, _) = count_and_scan(&source, n, &state, false)?;
-    compact(&source, n, &state, &offsets, &before, k, scale)
+    let (offsets, before, _) = count_and_scan(&source, n, state, false)?;
+    compact(&source, n, state, &offsets, &before, k, scale)
 }
 
 /// Where the count and write passes read `a` and its ranking keys.
