@@ -75,12 +75,15 @@ pub fn philox4x32_10(c0: u32, c1: u32, c2: u32, c3: u32, k0: u32, k1: u32) -> Ph
 /// With `N = 256` ([`GAUSSIAN_NODES_LOG2`]), `table` holds `Q(p)` in fixed point
 /// (`q / 2^20`) at `p = (r + ½) / 2^31` of each entry's `r`: entries `0..N` for `r < N`;
 /// then for each octave `o` = 8..=30 of `r` (`2^o <= r < 2^(o+1)`), `N` nodes at
-/// `r = (N + j) << (o − 8)`; and a last node at `r = 2^31` (`Q = 0`). Between nodes:
+/// `r = (N + j) << (o − 8)`; and a last node at `r = 2^31` (`Q = 0`). `pairs[k]` holds
+/// entries `k` and `k + 1` ([`GAUSSIAN_TABLE_LEN`] − 1 pairs), so that a value costs one
+/// 2-wide load (a CPU adapter runs every load as a loop over its SIMD lanes, a 2-wide one
+/// for the price of a scalar one). Between nodes:
 /// linear interpolation on the top [`GAUSSIAN_INTERP_BITS`] bits below the node, in i32
 /// (arithmetic shift). `|z − Q| < 1.5·10⁻⁶` (kiln's tests); `|z| <= 6.34`, so `q`
 /// fits 23 bits and converts to f32 exactly.
 #[cube]
-pub fn gaussian_from_bits(table: &Array<i32>, w: u32) -> f32 {
+pub fn gaussian_from_bits(pairs: &Array<Vector<i32, Const<2>>>, w: u32) -> f32 {
     let r = w & 0x7FFF_FFFFu32;
     let nodes = comptime!(1u32 << GAUSSIAN_NODES_LOG2);
     // Both paths are computed (no divergent branch); `ri` keeps the octave path in range.
@@ -88,8 +91,8 @@ pub fn gaussian_from_bits(table: &Array<i32>, w: u32) -> f32 {
     let octave = 31u32 - u32::leading_zeros(ri);
     let shift = octave - GAUSSIAN_NODES_LOG2;
     let interp = min(shift, GAUSSIAN_INTERP_BITS);
-    // r < N reads entry r itself through the same two loads (the interpolation weight is
-    // 0: `lo` exactly), so each value costs two table loads, per-lane gathers on a CPU.
+    // r < N reads entry r itself through the same load (the interpolation weight is 0:
+    // `lo` exactly), so each value costs one pair load, a per-lane gather on a CPU.
     let small = r < nodes;
     let k = select(small, r, nodes + shift * nodes + ((ri >> shift) - nodes));
     let below = select(
@@ -98,8 +101,9 @@ pub fn gaussian_from_bits(table: &Array<i32>, w: u32) -> f32 {
         (ri & ((1u32 << shift) - 1u32)) >> (shift - interp),
     );
     let bits = select(small, 0u32, interp);
-    let lo = table[k as usize];
-    let hi = table[(k + 1) as usize];
+    let pair = pairs[k as usize];
+    let lo = pair[0];
+    let hi = pair[1];
     let q = lo + (((hi - lo) * i32::cast_from(below)) >> i32::cast_from(bits));
     let signed = select((w >> 31u32) == 1u32, -q, q);
     // Exact: |q| < 2^23, and a power-of-two scale.

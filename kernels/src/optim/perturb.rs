@@ -95,10 +95,15 @@ pub fn perturb_stream(param: &Tensor, stream: u32, seeds: &[u64], coeffs: &[f64]
         client,
         &HostTensor::from_f64(DType::U32, vec![keys.len()], &keys)?,
     )?;
-    let table: Vec<f64> = gaussian_table().iter().map(|&q| f64::from(q)).collect();
-    let table = Tensor::upload(
+    // The quantile table as pairs of neighbouring entries (kiln_dsl::gaussian_from_bits).
+    let table = gaussian_table();
+    let pairs: Vec<f64> = table
+        .windows(2)
+        .flat_map(|w| [f64::from(w[0]), f64::from(w[1])])
+        .collect();
+    let pairs = Tensor::upload(
         client,
-        &HostTensor::from_f64(DType::I32, vec![table.len()], &table)?,
+        &HostTensor::from_f64(DType::I32, vec![pairs.len()], &pairs)?,
     )?;
     let coeffs = Tensor::upload(
         client,
@@ -110,7 +115,7 @@ pub fn perturb_stream(param: &Tensor, stream: u32, seeds: &[u64], coeffs: &[f64]
         0.0,
         &PerturbNormalArgs {
             param,
-            table: &table,
+            pairs: &pairs,
             keys: &keys,
             coeffs: &coeffs,
             len: len as u32,
@@ -133,7 +138,7 @@ pub fn perturb_stream(param: &Tensor, stream: u32, seeds: &[u64], coeffs: &[f64]
 )]
 pub fn perturb_normal<F: Float, N: Size>(
     param: &mut Array<Vector<F, N>>,
-    table: &Array<i32>,
+    pairs: &Array<Vector<i32, Const<2>>>,
     keys: &Array<u32>,
     coeffs: &Array<f32>,
     len: u32,
@@ -157,10 +162,10 @@ pub fn perturb_normal<F: Float, N: Size>(
                 keys[(2 * i + 1) as usize],
             );
             let c = coeffs[i as usize];
-            acc[0] += c * gaussian_from_bits(table, r.x0);
-            acc[1] += c * gaussian_from_bits(table, r.x1);
-            acc[2] += c * gaussian_from_bits(table, r.x2);
-            acc[3] += c * gaussian_from_bits(table, r.x3);
+            acc[0] += c * gaussian_from_bits(pairs, r.x0);
+            acc[1] += c * gaussian_from_bits(pairs, r.x1);
+            acc[2] += c * gaussian_from_bits(pairs, r.x2);
+            acc[3] += c * gaussian_from_bits(pairs, r.x3);
         }
         // The unit's four elements: one 4-wide access where `len % 4 == 0`, else four.
         #[unroll]

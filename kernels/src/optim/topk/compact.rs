@@ -54,7 +54,7 @@ selection_pass! {
         let base = cube * comptime!(CHUNK) + UNIT_POS * comptime!(PER_UNIT);
         let mut both = 0u32;
         if cube < cubes {
-            #[unroll]
+            // Not unrolled: ptxas spilled the unrolled 32 vectors (sm_90a) at 128 a unit.
             for j in 0..comptime!(PER_UNIT / nw) {
                 let first = base + nw * j;
                 if first < n {
@@ -199,8 +199,8 @@ pub fn topk_scan(counts: &Array<u32>, offsets: &mut Array<u32>, cubes: u32) {
 }
 
 selection_pass! {
-    /// The compaction: unit `u` of cube `c` owns elements `c CHUNK + u PER_UNIT ..` (64 in
-    /// a row, so the count pass's in-cube scan, `before`, orders them). An element is taken when its key
+    /// The compaction: unit `u` of cube `c` owns elements `c CHUNK + u PER_UNIT ..` (`PER_UNIT`
+    /// in a row, so the count pass's in-cube scan, `before`, orders them). An element is taken when its key
     /// is above `T`, or equal with fewer than `k_rem` equal keys before it. Its slot is the
     /// number of taken elements before it; every element's error is `keep · a` (`keep =
     /// 1 − scale`) if taken — exactly 0 for top-k's `keep = 0`, even where `a` is ±inf —

@@ -29,9 +29,12 @@ use kiln_runtime::{DType, Result, Tensor};
 
 /// Units per cube of the selection kernels (their one configuration, `UNITS = [256]`).
 const CUBE: u32 = 256;
-/// Elements per unit: a cube covers `UNITS * PER_UNIT` elements (64: on a CPU adapter
-/// a cube's fixed costs, its barriers above all, weigh on fewer elements at 16).
-const PER_UNIT: u32 = 64;
+/// Elements per unit: a cube covers `UNITS * PER_UNIT` elements (128: on a CPU adapter
+/// a cube's fixed costs, its barriers and shared-memory reduction above all, weigh on
+/// fewer elements at 16 and 64; 64 -> 128 took top-k on 4M elements from 295-319 to
+/// 269-288 ms, every pass a little faster). At most 255 (the histogram's 8-bit counters)
+/// and `CHUNK` below 2^16 (the count pass's 16-bit halves).
+const PER_UNIT: u32 = 128;
 /// Elements per cube.
 const CHUNK: u32 = CUBE * PER_UNIT;
 /// Candidate regions (one per unit of the full passes) a unit of a candidates pass reads.
