@@ -72,7 +72,7 @@ pub fn philox4x32_10(c0: u32, c1: u32, c2: u32, c3: u32, k0: u32, k1: u32) -> Ph
 ///
 /// The sign is bit 31; `r` = the low 31 bits is a tail position, `|z| = Q(r / 2^31)`
 /// with `Q(p) = Φ⁻¹(1 − p/2)` (the half-normal quantile of the upper-tail mass `p`).
-/// With `N = 256` ([`GAUSSIAN_NODES_LOG2`]), `table` holds `Q(p)` in fixed point
+/// With `N = 256` ([`GAUSSIAN_NODES_LOG2`]), the table holds `Q(p)` in fixed point
 /// (`q / 2^20`) at `p = (r + ½) / 2^31` of each entry's `r`: entries `0..N` for `r < N`;
 /// then for each octave `o` = 8..=30 of `r` (`2^o <= r < 2^(o+1)`), `N` nodes at
 /// `r = (N + j) << (o − 8)`; and a last node at `r = 2^31` (`Q = 0`). `pairs[k]` holds

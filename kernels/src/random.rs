@@ -122,7 +122,7 @@ fn half_normal_quantile(p: f64) -> f64 {
     q
 }
 
-/// The normal quantile table `kiln_dsl::gaussian_from_bits` reads (its doc gives the
+/// The normal quantile table `kiln_dsl::gaussian_from_bits` reads, as pairs of neighbours (its doc gives the
 /// layout), built once: `round(Q(p) · 2^20)` at `p = (r + ½) / 2^31` of each entry's `r`.
 pub fn gaussian_table() -> &'static [i32] {
     static TABLE: OnceLock<Vec<i32>> = OnceLock::new();
