@@ -51,7 +51,7 @@ pub use step::{
     OptimStepArgs, Phase, Sums,
 };
 pub use topk::{
-    KeySource, RadixSource, TopkCount, TopkCountArgs, TopkKeys, TopkKeysArgs, TopkRadixChoose,
-    TopkRadixChooseArgs, TopkRadixHistogram, TopkRadixHistogramArgs, TopkSample, TopkSampleArgs,
-    TopkScan, TopkScanArgs, TopkWrite, TopkWriteArgs,
+    KeySource, KeysFrom, RadixSource, TopkCount, TopkCountArgs, TopkKeys, TopkKeysArgs,
+    TopkRadixChoose, TopkRadixChooseArgs, TopkRadixHistogram, TopkRadixHistogramArgs, TopkSample,
+    TopkSampleArgs, TopkScan, TopkScanArgs, TopkWrite, TopkWriteArgs,
 };

@@ -5,10 +5,11 @@
 use super::*;
 
 /// Declares a pass over the selection's elements (the count and the write): `input`
-/// (the stored `a`, or the gradient when `formed`), `error_in` (the error, read when
-/// `formed` and `has_error`), the stored `keys` (read unless `formed`), the radix
-/// `state`, then the pass's own arguments, all `VECTOR` wide where they are vectors,
-/// one cube per `CHUNK` elements; see [`a_of`] and [`keys_at`].
+/// (the stored `a`, or the gradient), `error_in` (the error, added to `input` when
+/// `has_error`), the stored `keys` (read when `keys_from` is Stored), the radix
+/// `state`, the permutation's key and width (`key0`, `key1`, `bits`: read when
+/// `keys_from` is Permutation), then the pass's own arguments, all `VECTOR` wide where
+/// they are vectors, one cube per `CHUNK` elements; see [`a_of`] and [`keys_at`].
 macro_rules! selection_pass {
     (
         $(#[doc = $doc:literal])*
@@ -27,8 +28,11 @@ macro_rules! selection_pass {
             error_in: &Array<Vector<f32, N>>,
             keys: &Array<Vector<u32, N>>,
             state: &Array<u32>,
+            key0: u32,
+            key1: u32,
+            bits: u32,
             $($own)*
-            #[comptime] formed: bool,
+            #[comptime] keys_from: KeysFrom,
             #[comptime] has_error: bool,
         ) $body
     };
@@ -39,9 +43,8 @@ selection_pass! {
     /// (`counts[2 cube ..]`), and per unit how many of each come before its `PER_UNIT`
     /// consecutive keys in the cube (`before[cube UNITS + unit]`, both in one u32: the write
     /// pass's slots without counting again). Keys past `n` are not counted. The keys are
-    /// `keys` (`formed` false), or formed here as `|grad + error|`'s bits from `input` =
-    /// grad and `error_in` (`formed`: the threshold estimate, which stores no keys); see
-    /// [`a_of`]. Read `VECTOR` wide (4 for the stored keys).
+    /// read or formed as `keys_from` says ([`keys_at`]): rand-k's permutation reads no
+    /// memory here. Read `VECTOR` wide (4 for stored `a` and keys).
     topk_count(
         counts: &mut Array<u32>,
         before: &mut Array<u32>,
@@ -52,14 +55,17 @@ selection_pass! {
         let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
         let t = state[0];
         let base = cube * comptime!(CHUNK) + UNIT_POS * comptime!(PER_UNIT);
+        let mut round_keys = Array::<u32>::new(comptime!(PERMUTATION_ROUNDS as usize));
+        round_keys_of(&mut round_keys, key0, key1, keys_from);
         let mut both = 0u32;
         if cube < cubes {
             // Not unrolled: ptxas spilled the unrolled 32 vectors (sm_90a) at 128 a unit.
             for j in 0..comptime!(PER_UNIT / nw) {
                 let first = base + nw * j;
                 if first < n {
-                    let v = first / nw;
-                    let kv = keys_at(input, error_in, keys, v, formed, has_error);
+                    let kv = keys_at(
+                        input, error_in, keys, &round_keys, first, n, bits, keys_from, has_error,
+                    );
                     #[unroll]
                     for l in 0..nw {
                         both += select(first + l < n, above_and_ties(kv[l as usize], t), 0u32);
@@ -108,20 +114,67 @@ fn magnitude_keys<N: Size>(a: Vector<f32, N>) -> Vector<u32, N> {
     kv
 }
 
-/// Vector `v` of the ranking keys: stored in `keys`, or `formed` from `a` (magnitudes).
+/// `n - 1 - π(e)` of the vector's elements `e = first..` (`π` the seeded permutation of
+/// `0..n`, `bits` wide, `round_keys` from [`round_keys_of`]).
 #[cube]
+fn permutation_keys<N: Size>(
+    first: u32,
+    n: u32,
+    bits: u32,
+    round_keys: &Array<u32>,
+) -> Vector<u32, N> {
+    let nw = N::value().comptime() as u32;
+    let mut kv = Vector::<u32, N>::new(0u32);
+    #[unroll]
+    for l in 0..nw {
+        // Past n the cycle walk need not end (a cycle of π may lie wholly above n): such
+        // lanes rank index 0 instead, and the passes never count them.
+        let e = select(first + l < n, first + l, 0u32);
+        kv[l as usize] = n - 1 - permute_index(e, n, bits, round_keys);
+    }
+    kv
+}
+
+/// The permutation's round keys, in registers (computed, not loaded: a load costs a
+/// loop over the SIMD lanes on a CPU adapter); left unset unless `keys_from` is
+/// Permutation.
+#[cube]
+fn round_keys_of(
+    round_keys: &mut Array<u32>,
+    key0: u32,
+    key1: u32,
+    #[comptime] keys_from: KeysFrom,
+) {
+    if comptime!(keys_from == KeysFrom::Permutation) {
+        #[unroll]
+        for r in 0..PERMUTATION_ROUNDS {
+            round_keys[r as usize] = permutation_round_key(key0, key1, r);
+        }
+    }
+}
+
+/// The ranking keys of the vector whose first element is `first` (a multiple of the
+/// width): stored in `keys`, `a`'s magnitudes (`a` from [`a_of`]), or the permutation's.
+#[cube]
+#[allow(clippy::too_many_arguments)]
 fn keys_at<F: Float, N: Size>(
     input: &Array<Vector<F, N>>,
     error: &Array<Vector<f32, N>>,
     keys: &Array<Vector<u32, N>>,
-    v: u32,
-    #[comptime] formed: bool,
+    round_keys: &Array<u32>,
+    first: u32,
+    n: u32,
+    bits: u32,
+    #[comptime] keys_from: KeysFrom,
     #[comptime] has_error: bool,
 ) -> Vector<u32, N> {
-    if comptime!(formed) {
+    let v = first / N::value().comptime() as u32;
+    if comptime!(keys_from == KeysFrom::Stored) {
+        keys[v as usize]
+    } else if comptime!(keys_from == KeysFrom::Magnitude) {
         magnitude_keys(a_of(input, error, v, has_error))
     } else {
-        keys[v as usize]
+        permutation_keys(first, n, bits, round_keys)
     }
 }
 
@@ -205,9 +258,8 @@ selection_pass! {
     /// number of taken elements before it; every element's error is `keep · a` (`keep =
     /// 1 − scale`) if taken — exactly 0 for top-k's `keep = 0`, even where `a` is ±inf —
     /// and `a` otherwise; `residual[c]` is the cube's sum of error².
-    /// `a` and its keys are read as [`topk_count`] reads them (stored, or `formed` from
-    /// `input` = grad and `error_in`), `VECTOR` wide; `error` is `n` rounded up to 4 long,
-    /// and elements past `n` are neither taken nor summed.
+    /// `a` and its keys are read or formed as [`topk_count`] does, `VECTOR` wide; `error`
+    /// is `n` rounded up to 4 long, and elements past `n` are neither taken nor summed.
     topk_write(
         offsets: &Array<u32>,
         before: &Array<u32>,
@@ -229,6 +281,8 @@ selection_pass! {
         let mine = before[(c * UNITS + UNIT_POS) as usize];
         let gt_before = mine & 65535u32;
         let eq_before = mine >> 16u32;
+        let mut round_keys = Array::<u32>::new(comptime!(PERMUTATION_ROUNDS as usize));
+        round_keys_of(&mut round_keys, key0, key1, keys_from);
         let mut smem = SharedMemory::<f32>::new(UNITS as usize);
         let mut squares = 0.0f32;
         if cube < cubes {
@@ -240,10 +294,12 @@ selection_pass! {
                 if first < n {
                     let vi = first / nw;
                     let av = a_of(input, error_in, vi, has_error);
-                    let kv = if comptime!(formed) {
+                    let kv = if comptime!(keys_from == KeysFrom::Stored) {
+                        keys[vi as usize]
+                    } else if comptime!(keys_from == KeysFrom::Magnitude) {
                         magnitude_keys(av)
                     } else {
-                        keys[vi as usize]
+                        permutation_keys(first, n, bits, &round_keys)
                     };
                     let mut rv = Vector::<f32, N>::new(0.0f32);
                     #[unroll]

@@ -3,7 +3,9 @@
 //! `randk` by a seeded permutation, whose threshold is known: no radix pass).
 //!
 //! Keys are u32 (`|a|`'s f32 bits, which order like the magnitudes, NaN above +inf; or
-//! Philox words). Eight passes of 4-bit digits, most significant first, find the k-th
+//! Philox words). Magnitude keys are not stored: every pass reads `a`'s bits and masks
+//! the sign (one stream less to write in the keys pass and to read in the write pass).
+//! Eight passes of 4-bit digits, most significant first, find the k-th
 //! largest key `T` and how many of the keys equal to `T` are taken: per-cube histograms
 //! (each unit counts in its own registers, summed through shared memory: no atomics),
 //! then one cube sums them in a fixed order and picks the digit. Ties at `T` go to the
@@ -14,7 +16,10 @@
 //! read 4-wide (`a` and the keys are stored `n` rounded up to 4 long; nothing past `n`
 //! counts). The threshold-estimate variant runs the radix passes over a seeded sample
 //! instead and takes every key at or above the sample's quantile, forming `a` and its
-//! keys in its count and write passes (two small downloads size its outputs).
+//! keys in its count and write passes (two small downloads size its outputs). Rand-k
+//! stores nothing either: its keys depend on the index alone, so the count pass reads
+//! no memory and the write pass forms `a` (three streams in all, against eight when
+//! `a` and the keys were stored).
 
 mod compact;
 mod radix;
@@ -56,6 +61,18 @@ kiln_runtime::comptime_enum! {
         /// `n - 1 - π(index)`, `π` the seeded permutation of `0..n`
         /// (`kiln_dsl::permutation`): the `k` largest are the indices `π` sends below
         /// `k`, so the threshold `n - k` is known and no radix pass runs.
+        Permutation = "permutation",
+    }
+}
+
+kiln_runtime::comptime_enum! {
+    /// Where the count and write passes take an element's ranking key from.
+    pub enum KeysFrom {
+        /// The stored `keys` (Philox words).
+        Stored = "stored",
+        /// `|a|`'s bits, `a` as the pass reads or forms it.
+        Magnitude = "magnitude",
+        /// `n - 1 - π(index)`: the index alone.
         Permutation = "permutation",
     }
 }
@@ -111,17 +128,36 @@ pub(crate) fn select_top_k(
     seed: (u64, u32),
     scale: f32,
 ) -> Result<Selected> {
-    let (a, keys) = keys_of(grad, error, None, 1.0, source, seed)?;
     let n = grad.numel();
-    let state = match source {
+    match source {
         // Exactly one key equals each of 0..n: those at or above n - k are the k taken.
+        // Nothing is stored: the keys follow from the index, `a` is formed where written.
         KeySource::Permutation => {
-            upload_u32(grad.client(), "topk_state", &[(n - k) as u32, u32::MAX])?
+            let state = upload_u32(grad.client(), "topk_state", &[(n - k) as u32, u32::MAX])?;
+            let source = Source::Formed {
+                grad,
+                error,
+                keys: KeysFrom::Permutation,
+                seed: seed.0,
+            };
+            let (offsets, before, _) = count_and_scan(&source, n, &state, false)?;
+            compact(&source, n, &state, &offsets, &before, k, scale)
         }
-        _ => radix_select(&keys, n, k)?,
-    };
-    compact_stored(&a, &keys, n, &state, k, scale)
+        KeySource::Magnitude => {
+            let (a, _) = keys_of(grad, error, None, 1.0, source, seed)?;
+            let state = radix_select(&a.as_words(), MAGNITUDE, n, k)?;
+            compact_stored(&a, None, n, &state, k, scale)
+        }
+        KeySource::Random => {
+            let (a, keys) = keys_of(grad, error, None, 1.0, source, seed)?;
+            let state = radix_select(&keys, u32::MAX, n, k)?;
+            compact_stored(&a, Some(&keys), n, &state, k, scale)
+        }
+    }
 }
+
+/// The mask that makes an f32's bits its magnitude key (the sign cleared).
+const MAGNITUDE: u32 = 0x7FFF_FFFF;
 
 /// EControl's selection: the `k` largest `|p|` of `p = eta error + grad - h` (`error`
 /// and `h` f32, absent = 0), compacted unscaled. Returns `p` and the selection, whose
@@ -133,17 +169,18 @@ pub(crate) fn select_controlled(
     eta: f32,
     k: usize,
 ) -> Result<(Tensor, Selected)> {
-    let (p, keys) = keys_of(grad, error, h, eta, KeySource::Magnitude, (0, 0))?;
+    let (p, _) = keys_of(grad, error, h, eta, KeySource::Magnitude, (0, 0))?;
     let n = grad.numel();
-    let selected = compact_stored(&p, &keys, n, &radix_select(&keys, n, k)?, k, 1.0)?;
+    let state = radix_select(&p.as_words(), MAGNITUDE, n, k)?;
+    let selected = compact_stored(&p, None, n, &state, k, 1.0)?;
     Ok((p, selected))
 }
 
-/// The `k` elements of `a` whose stored keys the selection `state` takes (of the first
-/// `n`), compacted with `scale`.
+/// The `k` elements of `a` whose keys (stored, or `None`: `a`'s magnitudes) the
+/// selection `state` takes (of the first `n`), compacted with `scale`.
 fn compact_stored(
     a: &Tensor,
-    keys: &Tensor,
+    keys: Option<&Tensor>,
     n: usize,
     state: &Tensor,
     k: usize,
@@ -156,41 +193,75 @@ fn compact_stored(
 
 /// Where the count and write passes read `a` and its ranking keys.
 enum Source<'t> {
-    /// Stored by [`topk_keys`] (`n` rounded up to 4 long).
-    Stored { a: &'t Tensor, keys: &'t Tensor },
-    /// Formed in the pass from the inputs (`a = error + grad`, magnitudes), so the
-    /// threshold estimate reads each input twice and stores no `a` or keys.
+    /// `a` stored by [`topk_keys`] (`n` rounded up to 4 long), and its keys: stored
+    /// beside it, or `None` for its magnitudes.
+    Stored {
+        a: &'t Tensor,
+        keys: Option<&'t Tensor>,
+    },
+    /// Formed in the pass from the inputs (`a = error + grad`), ranked by magnitude
+    /// (the threshold estimate) or by the permutation of `seed` (rand-k), so no `a` or
+    /// keys are stored.
     Formed {
         grad: &'t Tensor,
         error: Option<&'t Tensor>,
+        keys: KeysFrom,
+        seed: u64,
     },
 }
 
+/// The count and write kernels' common arguments (see [`Source::pass`]).
+struct PassInputs {
+    /// `input`, `error_in` and `keys` (absent ones four long, so that they do not hold a
+    /// launch to width 1).
+    bindings: [Tensor; 3],
+    keys_from: KeysFrom,
+    has_error: bool,
+    /// The permutation's key and width (unused by other sources).
+    key: [u32; 2],
+    bits: u32,
+}
+
 impl Source<'_> {
-    /// The count and write kernels' `input`, `error` and `keys` bindings, and their
-    /// `formed` and `has_error` switches (absent bindings are four long, so that they do
-    /// not hold a launch to width 1).
-    fn bindings(&self) -> Result<([Tensor; 3], bool, bool)> {
+    /// The count and write kernels' bindings and switches over the first `n` elements.
+    fn pass(&self, n: usize) -> Result<PassInputs> {
         let client = match self {
             Source::Stored { a, .. } => a.client(),
             Source::Formed { grad, .. } => grad.client(),
         };
         let absent = |dtype| Tensor::empty(client, dtype, &[4]);
+        let bits = crate::random::permutation_bits(n as u32);
         Ok(match *self {
-            Source::Stored { a, keys } => {
-                ([a.clone(), absent(DType::F32)?, keys.clone()], false, false)
-            }
-            Source::Formed { grad, error } => {
-                let e = match error {
-                    Some(e) => e.clone(),
-                    None => absent(DType::F32)?,
-                };
-                (
-                    [grad.clone(), e, absent(DType::U32)?],
-                    true,
-                    error.is_some(),
-                )
-            }
+            Source::Stored { a, keys } => PassInputs {
+                bindings: [
+                    a.clone(),
+                    absent(DType::F32)?,
+                    keys.map_or_else(|| absent(DType::U32), |k| Ok(k.clone()))?,
+                ],
+                keys_from: match keys {
+                    Some(_) => KeysFrom::Stored,
+                    None => KeysFrom::Magnitude,
+                },
+                has_error: false,
+                key: [0, 0],
+                bits,
+            },
+            Source::Formed {
+                grad,
+                error,
+                keys,
+                seed,
+            } => PassInputs {
+                bindings: [
+                    grad.clone(),
+                    error.map_or_else(|| absent(DType::F32), |e| Ok(e.clone()))?,
+                    absent(DType::U32)?,
+                ],
+                keys_from: keys,
+                has_error: error.is_some(),
+                key: crate::random::seed_key(seed),
+                bits,
+            },
         })
     }
 }
@@ -228,19 +299,25 @@ pub(crate) fn select_above_estimate(
         },
     )?;
     let k_sample = ((k as f64 * sample as f64 / n as f64).round() as usize).clamp(1, sample);
-    let threshold = radix_select(&sampled, sample, k_sample)?
+    let threshold = radix_select(&sampled, u32::MAX, sample, k_sample)?
         .download()?
         .to_f64()[0] as u32;
     // Every key >= threshold: all ties taken.
     let state = upload_u32(client, "topk_state", &[threshold, u32::MAX])?;
     // At least the sampled element whose key is the threshold is taken.
-    let source = Source::Formed { grad, error };
+    let source = Source::Formed {
+        grad,
+        error,
+        keys: KeysFrom::Magnitude,
+        seed: 0,
+    };
     let (offsets, before, taken) = count_and_scan(&source, n, &state, true)?;
     compact(&source, n, &state, &offsets, &before, taken, 1.0)
 }
 
 /// `a = eta error + grad - h` (f32; `eta = 1` and no `h` for plain error feedback) and
-/// the ranking keys, both `n` rounded up to 4 long (see [`topk_keys`]).
+/// the ranking keys (`source` Random: Philox words; Magnitude: none, a four-long
+/// placeholder), both `n` rounded up to 4 long (see [`topk_keys`]).
 fn keys_of(
     grad: &Tensor,
     error: Option<&Tensor>,
@@ -252,7 +329,11 @@ fn keys_of(
     let client = grad.client();
     let n = grad.numel();
     let key = crate::random::seed_key(seed);
-    let keys = Tensor::empty(client, DType::U32, &[n.next_multiple_of(4)])?;
+    let stored = match source {
+        KeySource::Magnitude => 4,
+        _ => n.next_multiple_of(4),
+    };
+    let keys = Tensor::empty(client, DType::U32, &[stored])?;
     let a = Tensor::empty(client, DType::F32, &[n.next_multiple_of(4)])?;
     // Four long, so that an absent state does not hold the launch to width 1.
     let absent = Tensor::empty(client, DType::F32, &[4])?;
@@ -270,7 +351,6 @@ fn keys_of(
             key0: key[0],
             key1: key[1],
             stream,
-            bits: crate::random::permutation_bits(n as u32),
             source,
             has_error: error.is_some(),
             has_h: h.is_some(),
@@ -279,9 +359,10 @@ fn keys_of(
     Ok((a, keys))
 }
 
-/// The radix select of the `k`-th largest of the first `n` `keys` (`k` in 1..=n; `keys`
-/// `n` rounded up to 4 long): a `[2]` u32 state `[T, ties of T to take]` on the device.
-fn radix_select(keys: &Tensor, n: usize, k: usize) -> Result<Tensor> {
+/// The radix select of the `k`-th largest of the first `n` keys `keys & key_mask` (`k`
+/// in 1..=n; `keys` `n` rounded up to 4 long; [`MAGNITUDE`] ranks f32 words by
+/// magnitude): a `[2]` u32 state `[T, ties of T to take]` on the device.
+fn radix_select(keys: &Tensor, key_mask: u32, n: usize, k: usize) -> Result<Tensor> {
     let client = keys.client();
     let cubes = n.div_ceil(CHUNK as usize);
     let state = upload_u32(client, "topk_state", &[0, k as u32])?;
@@ -321,6 +402,7 @@ fn radix_select(keys: &Tensor, n: usize, k: usize) -> Result<Tensor> {
                 regions: regions as u32,
                 shift,
                 high,
+                key_mask,
                 source,
             },
         )?;
@@ -348,7 +430,8 @@ fn count_and_scan(
     state: &Tensor,
     total: bool,
 ) -> Result<(Tensor, Tensor, usize)> {
-    let ([input, error, keys], formed, has_error) = source.bindings()?;
+    let pass = source.pass(n)?;
+    let [input, error, keys] = &pass.bindings;
     let client = input.client();
     let cubes = n.div_ceil(CHUNK as usize);
     let counts = Tensor::empty(client, DType::U32, &[2 * cubes])?;
@@ -357,16 +440,19 @@ fn count_and_scan(
         client,
         0.0,
         &TopkCountArgs {
-            input: &input,
-            error_in: &error,
-            keys: &keys,
+            input,
+            error_in: error,
+            keys,
             state,
+            key0: pass.key[0],
+            key1: pass.key[1],
+            bits: pass.bits,
             counts: &counts,
             before: &before,
             n: n as u32,
             cubes: cubes as u32,
-            formed,
-            has_error,
+            keys_from: pass.keys_from,
+            has_error: pass.has_error,
         },
     )?;
     let offsets = Tensor::empty(client, DType::U32, &[2 * cubes])?;
@@ -397,7 +483,8 @@ fn compact(
     k: usize,
     scale: f32,
 ) -> Result<Selected> {
-    let ([input, error_in, keys], formed, has_error) = source.bindings()?;
+    let pass = source.pass(n)?;
+    let [input, error_in, keys] = &pass.bindings;
     let client = input.client();
     let cubes = n.div_ceil(CHUNK as usize);
     let indices = Tensor::empty(client, DType::I32, &[k])?;
@@ -408,10 +495,13 @@ fn compact(
         client,
         0.0,
         &TopkWriteArgs {
-            input: &input,
-            error_in: &error_in,
-            keys: &keys,
+            input,
+            error_in,
+            keys,
             state,
+            key0: pass.key[0],
+            key1: pass.key[1],
+            bits: pass.bits,
             offsets,
             before,
             indices: &indices,
@@ -423,8 +513,8 @@ fn compact(
             scale,
             // Exact in f32 for 1/2 <= scale <= 2^24 (Sterbenz; then an integer part).
             keep: 1.0 - scale,
-            formed,
-            has_error,
+            keys_from: pass.keys_from,
+            has_error: pass.has_error,
         },
     )?;
     Ok(Selected {
@@ -473,12 +563,13 @@ pub fn topk_sample<F: Float>(
 }
 
 /// `a = eta error + grad - h` in f32 (`eta = 1` and no `h` for plain error feedback:
-/// `1 * error` is exact, so `a = error + grad` bit for bit) and the ranking key of
-/// every element: `|a|`'s bits, a Philox word of its index, or `n - 1 - π(index)` for
-/// the seeded permutation `π` of `0..n` (`bits` = `max(2, ceil(log2 n))`). 4-wide where `n` is a
-/// multiple of 4 (a CPU adapter issues one load per lane and access, so a vector access
-/// does four elements' work for one's cost); `a` and `keys` are `n` rounded up to 4 long
-/// (the selection kernels read them 4-wide), their tail past `n` is never read.
+/// `1 * error` is exact, so `a = error + grad` bit for bit) and, for `source` Random, the
+/// ranking key of every element: a Philox word of its index (magnitude keys are `a`'s
+/// bits, read from `a` by the passes; rand-k's permutation runs no keys pass). 4-wide
+/// where `n` is a multiple of 4 (a CPU adapter issues one load per lane and access, so
+/// a vector access does four elements' work for one's cost); `a` and `keys` are `n`
+/// rounded up to 4 long (the selection kernels read them 4-wide), their tail past `n`
+/// is never read.
 #[kiln_macros::kernel(
     tune(UNITS = [256]),
     vector = [4, 1],
@@ -497,21 +588,11 @@ pub fn topk_keys<F: Float, N: Size>(
     key0: u32,
     key1: u32,
     stream: u32,
-    bits: u32,
     #[comptime] source: KeySource,
     #[comptime] has_error: bool,
     #[comptime] has_h: bool,
 ) {
     let nw = N::value().comptime() as u32;
-    // The permutation's round keys, in registers (computed, not loaded: a load costs a
-    // loop over the SIMD lanes on a CPU adapter).
-    let mut round_keys = Array::<u32>::new(comptime!(PERMUTATION_ROUNDS as usize));
-    if comptime!(source == KeySource::Permutation) {
-        #[unroll]
-        for r in 0..PERMUTATION_ROUNDS {
-            round_keys[r as usize] = permutation_round_key(key0, key1, r);
-        }
-    }
     let i = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * UNITS + UNIT_POS;
     // The first element of this vector (4-wide only when n % 4 == 0: whole vectors).
     let first = i * nw;
@@ -524,17 +605,11 @@ pub fn topk_keys<F: Float, N: Size>(
             v -= h[i as usize];
         }
         a[i as usize] = v;
-        let mut kv = Vector::<u32, N>::new(0u32);
-        if comptime!(source == KeySource::Magnitude) {
-            #[unroll]
-            for l in 0..nw {
-                kv[l as usize] = u32::reinterpret(v[l as usize]) & 0x7FFF_FFFFu32;
-            }
-        }
         if comptime!(source == KeySource::Random) {
             // Element e is lane e % 4 of the block at counter (e / 4, stream, 0, 0), as
             // crate::random::word: one block serves a whole 4-wide vector.
             let r = philox4x32_10(first / 4, stream, 0u32, 0u32, key0, key1);
+            let mut kv = Vector::<u32, N>::new(0u32);
             #[unroll]
             for l in 0..nw {
                 let lane = (first + l) % 4;
@@ -544,13 +619,7 @@ pub fn topk_keys<F: Float, N: Size>(
                     select(lane == 1, r.x1, select(lane == 2, r.x2, r.x3)),
                 );
             }
+            keys[i as usize] = kv;
         }
-        if comptime!(source == KeySource::Permutation) {
-            #[unroll]
-            for l in 0..nw {
-                kv[l as usize] = n - 1 - permute_index(first + l, n, bits, &round_keys);
-            }
-        }
-        keys[i as usize] = kv;
     }
 }

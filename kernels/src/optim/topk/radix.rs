@@ -6,7 +6,9 @@ use super::*;
 
 /// Per-cube histogram of this pass's digit over the keys that match the prefix chosen
 /// so far (`(key & high) == (prefix & high)`), over `CHUNK` keys a cube, read 4-wide
-/// (`keys` is `n` rounded up to 4 long; keys past `n` are not counted).
+/// (`keys` is `n` rounded up to 4 long; keys past `n` are not counted). A key is the
+/// word read `& key_mask` (`0x7FFF_FFFF` reads `a`'s f32 bits as magnitude keys, so
+/// they need not be stored; candidates are stored masked).
 /// Each unit counts in registers, four 8-bit counters a word (`PER_UNIT` < 256 keys
 /// a unit: no overflow), a key adding `1 << 8 (d % 4)` to word `d / 4` by a compare and
 /// a select per word: a CPU adapter runs these as vector operations, where a
@@ -31,6 +33,7 @@ pub fn topk_radix_histogram(
     regions: u32,
     shift: u32,
     high: u32,
+    key_mask: u32,
     #[comptime] source: RadixSource,
 ) {
     let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
@@ -71,7 +74,7 @@ pub fn topk_radix_histogram(
                 let kv = keys[((base + first) / 4u32) as usize];
                 #[unroll]
                 for l in 0..4u32 {
-                    let key = kv[l as usize];
+                    let key = kv[l as usize] & key_mask;
                     let hit = (key & high) == prefix && first + l < len;
                     count_digit(&mut packed, key, hit, shift);
                     if comptime!(source == RadixSource::Compact) {
