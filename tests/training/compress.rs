@@ -109,6 +109,9 @@ fn topk_ef_is_exact_over_ragged_sizes_and_every_k() {
                 );
             }
         }
+        // Without an error an f32 gradient is read in place: never written.
+        let uploaded: Vec<f64> = g.iter().map(|&v| v as f32 as f64).collect();
+        assert_eq!(down(&gt), uploaded, "n {n}: the gradient was modified");
     }
 }
 

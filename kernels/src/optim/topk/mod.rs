@@ -144,7 +144,13 @@ pub(crate) fn select_top_k(
             compact(&source, n, &state, &offsets, &before, k, scale)
         }
         KeySource::Magnitude => {
-            let (a, _) = keys_of(grad, error, None, 1.0, source, seed)?;
+            // Without an error an f32 gradient is `a` itself, and when its length is a
+            // multiple of 4 the passes can read it in place (4-wide, never written):
+            // no keys pass (three streams fewer; L-GreCo's per-layer errors, a first step).
+            let a = match (error, grad.dtype(), n % 4) {
+                (None, DType::F32, 0) => grad.prefix(n)?,
+                _ => keys_of(grad, error, None, 1.0, source, seed)?.0,
+            };
             let state = radix_select(&a.as_words(), MAGNITUDE, n, k)?;
             compact_stored(&a, None, n, &state, k, scale)
         }
