@@ -199,8 +199,9 @@ fn compact_stored(
 
 /// Where the count and write passes read `a` and its ranking keys.
 enum Source<'t> {
-    /// `a` stored by [`topk_keys`] (`n` rounded up to 4 long), and its keys: stored
-    /// beside it, or `None` for its magnitudes.
+    /// `a` stored by [`topk_keys`] (`n` rounded up to 4 long; or an f32 gradient of a
+    /// multiple of 4 elements read in place, when there is no error), and its keys:
+    /// stored beside it, or `None` for its magnitudes.
     Stored {
         a: &'t Tensor,
         keys: Option<&'t Tensor>,
