@@ -95,20 +95,24 @@ fn every_config(dtype: DType) {
     }
 }
 
-/// Every configuration of the vector kernel offered at one of `ms` (and not at an
-/// earlier one), for each of `trans`: `count` of them per trans_b.
-fn every_vec4_config(dtype: DType, ms: &[usize], trans: &[bool], count: usize) {
+/// Every configuration of the vector kernel offered at one of `shapes` (M x N, and not
+/// at an earlier one), for each of `trans`: `count` of them per trans_b.
+fn every_vec4_config(dtype: DType, shapes: &[(usize, usize)], trans: &[bool], count: usize) {
     use kiln::kernels::matmul::{MatmulVec4, MatmulVec4Problem};
     if refused(dtype) {
         return;
     }
     // K and N multiples of 4 (the kernel's requirement), neither a multiple of a tile;
-    // M ragged (37 for the tiles of 16 rows and more; 3 and 1 for the few-row tiles,
-    // offered only where they cover M); N past one tile of every width. Each
-    // configuration is checked once, at the first M that offers it.
-    let (n, k) = (260, 68);
+    // M ragged: 37 x 260 for the tiles of 16 rows and more; 3 and 1 rows for the
+    // few-row tiles (offered only where they cover M); 133 x 516 for the register tiles
+    // past 16 x 16 (offered only where the problem fills a cube). Each configuration is
+    // checked once, at the first shape that offers it.
+    let k = 68;
     let mut tested: Vec<String> = Vec::new();
-    for (m, trans_b) in ms.iter().flat_map(|&m| trans.iter().map(move |&t| (m, t))) {
+    let runs = shapes
+        .iter()
+        .flat_map(|&(m, n)| trans.iter().map(move |&t| (m, n, t)));
+    for (m, n, trans_b) in runs {
         let p = problem(m, n, k, trans_b, dtype, 12);
         let (a, b, bias, res) = (
             up(&p.hosts["a"]),
@@ -116,7 +120,7 @@ fn every_vec4_config(dtype: DType, ms: &[usize], trans: &[bool], count: usize) {
             up(&p.hosts["bias"]),
             up(&p.hosts["residual"]),
         );
-        let space_at = |m: usize| {
+        let space_at = |m: usize, n: usize| {
             MatmulVec4::space(
                 client(),
                 &MatmulVec4Problem {
@@ -130,11 +134,10 @@ fn every_vec4_config(dtype: DType, ms: &[usize], trans: &[bool], count: usize) {
                 },
             )
         };
-        let space = space_at(m);
-        // Below 16 rows, what M = 37 offers too (the tiles of 16 rows or more) is the
-        // other tests' part.
-        let big: Vec<String> = match m < 16 {
-            true => space_at(37)
+        let space = space_at(m, n);
+        // Elsewhere than at 37 x 260, what 37 x 260 offers too is the other tests' part.
+        let big: Vec<String> = match (m, n) != (37, 260) {
+            true => space_at(37, 260)
                 .iter()
                 .map(|c| format!("{c:?} trans_b={trans_b}"))
                 .collect(),
@@ -195,38 +198,59 @@ fn every_vec4_config(dtype: DType, ms: &[usize], trans: &[bool], count: usize) {
     .is_empty());
 }
 
-// The 17 declared configurations: 9 of 16 rows or more (offered at M = 37), 8 of 1, 4 and
-// 8 rows (at M = 3 and 1). Six tests, each compiling its own kernels: a large unrolled
-// tile takes seconds to compile on lavapipe (the 9 large ones, both layouts of b, in one
-// test took 116 s from a cold shader cache).
+// The 21 declared configurations: 9 of 16 rows or more (offered at 37 x 260), 9 of 1, 4
+// and 8 rows (at M = 3 and 1), 3 past 16 x 16 accumulators (at 133 x 516, where they fill
+// a cube). Ten tests, each compiling its own kernels: a large unrolled tile takes seconds
+// to compile on lavapipe (the 9 large ones, both layouts of b, in one test took 116 s
+// from a cold shader cache; a 32 x 32 tile alone 11 s on a slow 2-core machine).
 #[test]
 fn every_vec4_config_matches_the_reference_f32() {
-    every_vec4_config(DType::F32, &[37], &[false], 9);
+    every_vec4_config(DType::F32, &[(37, 260)], &[false], 9);
 }
 
 #[test]
 fn every_vec4_config_matches_the_reference_f32_trans_b() {
-    every_vec4_config(DType::F32, &[37], &[true], 9);
+    every_vec4_config(DType::F32, &[(37, 260)], &[true], 9);
 }
 
 #[test]
 fn every_vec4_config_matches_the_reference_f16() {
-    every_vec4_config(DType::F16, &[37], &[false], 9);
+    every_vec4_config(DType::F16, &[(37, 260)], &[false], 9);
 }
 
 #[test]
 fn every_vec4_config_matches_the_reference_f16_trans_b() {
-    every_vec4_config(DType::F16, &[37], &[true], 9);
+    every_vec4_config(DType::F16, &[(37, 260)], &[true], 9);
 }
 
 #[test]
 fn few_row_vec4_configs_match_the_reference_f32() {
-    every_vec4_config(DType::F32, &[3, 1], &[false, true], 8);
+    every_vec4_config(DType::F32, &[(3, 260), (1, 260)], &[false, true], 9);
 }
 
 #[test]
 fn few_row_vec4_configs_match_the_reference_f16() {
-    every_vec4_config(DType::F16, &[3, 1], &[false, true], 8);
+    every_vec4_config(DType::F16, &[(3, 260), (1, 260)], &[false, true], 9);
+}
+
+#[test]
+fn large_tile_vec4_configs_match_the_reference_f32() {
+    every_vec4_config(DType::F32, &[(133, 516)], &[false], 2);
+}
+
+#[test]
+fn large_tile_vec4_configs_match_the_reference_f32_trans_b() {
+    every_vec4_config(DType::F32, &[(133, 516)], &[true], 2);
+}
+
+#[test]
+fn large_tile_vec4_configs_match_the_reference_f16() {
+    every_vec4_config(DType::F16, &[(133, 516)], &[false], 2);
+}
+
+#[test]
+fn large_tile_vec4_configs_match_the_reference_f16_trans_b() {
+    every_vec4_config(DType::F16, &[(133, 516)], &[true], 2);
 }
 
 #[test]

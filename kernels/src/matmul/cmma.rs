@@ -27,7 +27,7 @@ matmul_kernel! {
         // wmma has no 16x16x16 f32 fragment (f32 would need tf32 16x16x8 ones): refused.
         dtypes = [f16, bf16],
     )]
-    matmul_cmma<[F]> {
+    matmul_cmma<[F], [F]> {
         let bm = comptime!(32 * PLANES_M);
         let bn = comptime!(32 * PLANES_N);
         let units = comptime!(32 * PLANES_M * PLANES_N);

@@ -5,7 +5,8 @@
 //! arguments the macro's template declares.)
 
 /// Declares a `matmul` kernel: operands `a`, `b` as `Array<$operand>`, the epilogue's
-/// `bias` [N] and `residual` [M, N], the output `c` [M, N], the shape `m`, `n`, `k`,
+/// `bias` [N] and `residual` [M, N] and the output `c` [M, N] as `Array<$out>` (scalars,
+/// or 4-wide vectors along N where N is a multiple of 4), the shape `m`, `n`, `k`,
 /// and the epilogue's comptime switches (`trans_b`, `has_bias`, `has_residual`, `act`),
 /// keyed by the shape's power-of-two buckets and the dtype. The caller gives the rest
 /// of the attribute (tunables, requirements, grid, cube) and the body.
@@ -13,16 +14,16 @@ macro_rules! matmul_kernel {
     (
         $(#[doc = $doc:literal])*
         #[kernel($($attr:tt)*)]
-        $name:ident<[$($operand:tt)*]> $body:block
+        $name:ident<[$($operand:tt)*], [$($out:tt)*]> $body:block
     ) => {
         $(#[doc = $doc])*
         #[kiln_macros::kernel(key(m = pow2, n = pow2, k = pow2, dtype), $($attr)*)]
         pub fn $name<F: Float>(
             a: &Array<$($operand)*>,
             b: &Array<$($operand)*>,
-            bias: &Array<F>,
-            residual: &Array<F>,
-            c: &mut Array<F>,
+            bias: &Array<$($out)*>,
+            residual: &Array<$($out)*>,
+            c: &mut Array<$($out)*>,
             m: u32,
             n: u32,
             k: u32,
@@ -54,7 +55,7 @@ macro_rules! fma_kernel {
                 grid = (n.div_ceil(BN), m.div_ceil(BM)),
                 cube = ((BM / TM) * (BN / TN)),
             )]
-            $name<[F]> {
+            $name<[F], [F]> {
                 let plan = comptime!(FmaPlan {
                     main: MainLoop::$main,
                     tile: TileShape::new(BM, BN, TM, TN),

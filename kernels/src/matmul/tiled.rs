@@ -19,7 +19,7 @@ use super::direct::{direct_product, direct_v4_product};
 use super::staged::{staged_product, staged_v4_product};
 use super::Activation;
 use cubecl::prelude::*;
-use kiln_dsl::{gelu_tanh, silu};
+use kiln_dsl::{gelu_tanh, silu, V4};
 
 /// The shape of a register tile: `bm x bn` of `c` per cube, `tm x tn` per unit
 /// (comptime: one compiled kernel per shape).
@@ -281,18 +281,56 @@ pub(crate) fn store_epilogue<F: Float>(
     c[(r * n + col) as usize] = F::cast_from(v);
 }
 
+/// [`store_epilogue`] for four adjacent columns at once: `v` holds columns `4 cv ..
+/// 4 cv + 3` of row `r`; `bias_v` is `bias`'s vector `cv` (read by the caller, once per
+/// column vector of its tile), `nv` the row length in vectors. The caller masks
+/// `r < m`, `cv < nv`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn store_epilogue_v4<F: Float>(
+    c: &mut Array<Vector<F, Const<4>>>,
+    residual: &Array<Vector<F, Const<4>>>,
+    v: V4,
+    bias_v: V4,
+    r: u32,
+    cv: u32,
+    nv: u32,
+    #[comptime] has_bias: bool,
+    #[comptime] has_residual: bool,
+    #[comptime] act: Activation,
+) {
+    let mut v = v;
+    if comptime!(has_bias) {
+        v += bias_v;
+    }
+    v = activate_vector::<Const<4>>(v, act);
+    if comptime!(has_residual) {
+        v += V4::cast_from(residual[(r * nv + cv) as usize]);
+    }
+    c[(r * nv + cv) as usize] = Vector::<F, Const<4>>::cast_from(v);
+}
+
 /// The epilogue activation of one f32 value (comptime-selected; `None` is the identity).
 #[cube]
 pub(crate) fn activate(v: f32, #[comptime] act: Activation) -> f32 {
+    activate_vector::<Const<1>>(Vector::new(v), act)[0]
+}
+
+/// [`activate`] on each lane of a vector of f32.
+#[cube]
+pub(crate) fn activate_vector<N: Size>(
+    v: Vector<f32, N>,
+    #[comptime] act: Activation,
+) -> Vector<f32, N> {
     let mut v = v;
     if comptime!(act == Activation::Silu) {
-        v = silu::<Const<1>>(Vector::new(v))[0];
+        v = silu::<N>(v);
     }
     if comptime!(act == Activation::Gelu) {
-        v = gelu_tanh::<Const<1>>(Vector::new(v))[0];
+        v = gelu_tanh::<N>(v);
     }
     if comptime!(act == Activation::Relu) {
-        v = max(v, 0.0f32);
+        v = max(v, Vector::<f32, N>::new(0.0f32));
     }
     v
 }

@@ -7,15 +7,22 @@
 //! price of one. Per four steps of K a unit reads `TM` vectors of `a` (four K of a row)
 //! and `TN` vectors of `b` (four N of a K row, or four K of an N row with `trans_b`),
 //! and does `TM x TN x 4` FMAs. Rows and columns past the edge are clamped to the last
-//! one: computed, never stored, so the main loop has no branch.
+//! one: computed, never stored, so the main loop has no branch. In both layouts a unit
+//! owns four adjacent columns per vector of its tile, so the epilogue reads `bias` and
+//! `residual` and writes `c` as vectors too (a quarter of the stores, and a quarter of
+//! the code llvmpipe compiles: a 32 x 32 tile with bias, residual and SiLU took 117 s
+//! to compile with a scalar epilogue, 19 s with this one, on a slow 2-core machine).
 //!
-//! Measured and not kept (lavapipe, 2026-12-02, alternating runs): register tiles past
-//! 16 x 16 and 8 x 32 (16 x 32, 32 x 16, 32 x 32, 16 x 64 in cubes of 64-256 rows) were
-//! no faster beyond the machine's noise at 256^3-2048^3 and cost llvmpipe seconds of
-//! compilation each; taking each accumulator through its four steps of K in a row
-//! (loading the tile's `b` vectors first) ran about 10x slower on llvmpipe.
+//! Which register tile wins depends on the machine: on one 2-core machine (2026-12-02)
+//! tiles past 16 x 16 were no faster beyond the noise; on another (a slower 2-core AMD
+//! EPYC, the same day) 32 x 32 ran 1.8-1.95x faster than 16 x 16 at 512^3-2048^3 and 16 x 32
+//! 1.9x at 16 x 4096 x 4096, where the loads are the cost (a variant reading a quarter
+//! of `b`'s vectors ran 1.8x faster). The tuner times both where the problem fills a
+//! cube. On CUDA the large tiles spill (kernels/cuda-budget.txt drops them).
+//! Taking each accumulator through its four steps of K in a row (loading the tile's
+//! `b` vectors first) made no difference on the second machine.
 
-use super::{clamped_strided, store_epilogue, Activation};
+use super::{clamped_strided, store_epilogue_v4, Activation};
 use cubecl::prelude::*;
 use kiln_dsl::V4;
 
@@ -41,6 +48,12 @@ matmul_kernel! {
             (64, 256, 8, 32),
             (16, 256, 8, 16),
             (1, 1024, 1, 32),
+            // 32 x 32: twice the FMAs per load of 16 x 16 (the loads are what lavapipe
+            // pays for), at about 8x the compile time (11 s against 1.4 s on a 2-core
+            // machine): offered only where the problem fills a cube.
+            (128, 128, 32, 32),
+            (16, 512, 16, 32),
+            (8, 512, 8, 32),
         ]),
         require(
             BM % TM == 0,
@@ -50,11 +63,12 @@ matmul_kernel! {
             n % 4 == 0,
             // Tiles of fewer than 16 rows only where they cover M.
             BM >= 16 || BM >= m.next_power_of_two(),
+            TM * TN <= 256 || (m >= BM && n >= BN),
         ),
         grid = (n.div_ceil(BN), m.div_ceil(BM)),
         cube = ((BM / TM) * (BN / TN)),
     )]
-    matmul_vec4<[Vector<F, Const<4>>]> {
+    matmul_vec4<[Vector<F, Const<4>>], [Vector<F, Const<4>>]> {
         let units_x = comptime!(BN / TN);
         let row_step = comptime!(BM / TM);
         let tnv = comptime!(TN / 4);
@@ -66,19 +80,17 @@ matmul_kernel! {
         let nv = n / 4;
         let mut rows = Array::<u32>::new(comptime!(TM as usize));
         clamped_strided(&mut rows, row0 + ty, row_step, m - 1, TM);
+        // The unit's columns, in both layouts of b: four adjacent ones per vector jv,
+        // vector tx + jv BN / TN of the tile (so the epilogue reads and writes vectors).
+        let mut cols = Array::<u32>::new(comptime!(tnv as usize));
+        clamped_strided(&mut cols, col0 / 4 + tx, units_x, nv - 1, tnv);
         let mut av = Array::<V4>::new(comptime!(TM as usize));
-        // The unit's column of element j of its row: without trans_b, lane j % 4 of the
-        // column vector tx + (j / 4) BN / TN of the tile (vectors of 4 N); with trans_b,
-        // the strided column tx + j BN / TN (each read as 4 K at a time).
-        let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
+        let mut accv = Array::<V4>::new(comptime!((TM * tnv) as usize));
+        #[unroll]
+        for e in 0..TM * tnv {
+            accv[e as usize] = V4::new(0.0f32);
+        }
         if comptime!(!trans_b) {
-            let mut cols = Array::<u32>::new(comptime!(tnv as usize));
-            clamped_strided(&mut cols, col0 / 4 + tx, units_x, nv - 1, tnv);
-            let mut accv = Array::<V4>::new(comptime!((TM * tnv) as usize));
-            #[unroll]
-            for e in 0..TM * tnv {
-                accv[e as usize] = V4::new(0.0f32);
-            }
             let mut kq = 0u32;
             while kq < kv {
                 load_rows::<F>(&mut av, a, &rows, kv, kq, TM);
@@ -96,60 +108,70 @@ matmul_kernel! {
                 }
                 kq += 1;
             }
-            #[unroll]
-            for i in 0..TM {
-                #[unroll]
-                for j in 0..TN {
-                    acc[(i * TN + j) as usize] = accv[(i * tnv + j / 4) as usize][(j % 4) as usize];
-                }
-            }
         } else {
-            let mut cols = Array::<u32>::new(comptime!(TN as usize));
-            clamped_strided(&mut cols, col0 + tx, units_x, n - 1, TN);
-            // Four partial sums per element (one per lane of K), added at the end.
-            let mut accd = Array::<V4>::new(comptime!((TM * TN) as usize));
+            // b is [N, K]: column 4 cols[jv] + l is row 4 cols[jv] + l of b, read four K
+            // at a time. Each element is one sum through its four K in order (a dot
+            // product), kept as a scalar: four partial sums would hold four times the
+            // accumulators.
+            let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
             #[unroll]
             for e in 0..TM * TN {
-                accd[e as usize] = V4::new(0.0f32);
+                acc[e as usize] = 0.0f32;
             }
             let mut kq = 0u32;
             while kq < kv {
                 load_rows::<F>(&mut av, a, &rows, kv, kq, TM);
                 #[unroll]
                 for j in 0..TN {
-                    let bv = V4::cast_from(b[(cols[j as usize] * kv + kq) as usize]);
+                    let col = cols[(j / 4) as usize] * 4 + j % 4;
+                    let bv = V4::cast_from(b[(col * kv + kq) as usize]);
                     #[unroll]
                     for i in 0..TM {
-                        accd[(i * TN + j) as usize] += av[i as usize] * bv;
+                        let x = (i * TN + j) as usize;
+                        let p = av[i as usize];
+                        let mut s = acc[x];
+                        #[unroll]
+                        for e in 0..4u32 {
+                            s += p[e as usize] * bv[e as usize];
+                        }
+                        acc[x] = s;
                     }
                 }
                 kq += 1;
             }
             #[unroll]
-            for e in 0..TM * TN {
-                let p = accd[e as usize];
-                acc[e as usize] = p[0] + p[1] + p[2] + p[3];
+            for e in 0..TM * tnv {
+                let mut v = V4::new(0.0f32);
+                #[unroll]
+                for l in 0..4u32 {
+                    v[l as usize] = acc[(e * 4 + l) as usize];
+                }
+                accv[e as usize] = v;
             }
         }
 
+        // The epilogue, a vector of four columns at a time: `bias` read once per column
+        // vector, one masked store per row and vector (N is a multiple of 4, so a vector
+        // is all in or all out).
         #[unroll]
-        for i in 0..TM {
-            let r = row0 + ty + i * row_step;
+        for jv in 0..tnv {
+            let cv = col0 / 4 + tx + jv * units_x;
+            let mut bias_v = V4::new(0.0f32);
+            if comptime!(has_bias) {
+                bias_v = V4::cast_from(bias[cols[jv as usize] as usize]);
+            }
             #[unroll]
-            for j in 0..TN {
-                let mut col = col0 + tx + j * units_x;
-                if comptime!(!trans_b) {
-                    col = col0 + (tx + (j / 4) * units_x) * 4 + j % 4;
-                }
-                if r < m && col < n {
-                    store_epilogue::<F>(
+            for i in 0..TM {
+                let r = row0 + ty + i * row_step;
+                if r < m && cv < nv {
+                    store_epilogue_v4::<F>(
                         c,
-                        bias,
                         residual,
-                        acc[(i * TN + j) as usize],
+                        accv[(i * tnv + jv) as usize],
+                        bias_v,
                         r,
-                        col,
-                        n,
+                        cv,
+                        nv,
                         has_bias,
                         has_residual,
                         act,
