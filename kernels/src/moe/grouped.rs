@@ -256,8 +256,18 @@ grouped_kernel! {
             (128, 128, 16, 16),
             (32, 128, 4, 8),
             (16, 64, 4, 4),
+            // As matmul_vec4's: past 16 x 16 accumulators only where the rows and
+            // columns fill a cube.
+            (128, 128, 32, 32),
         ]),
-        require(BM % TM == 0, BN % TN == 0, TN % 4 == 0, k % 4 == 0, n % 4 == 0),
+        require(
+            BM % TM == 0,
+            BN % TN == 0,
+            TN % 4 == 0,
+            k % 4 == 0,
+            n % 4 == 0,
+            TM * TN <= 256 || (max_rows >= BM && n >= BN),
+        ),
         defaults(has_bias = false, act = none, scatter = false, a_f32 = false, c_f32 = false),
     )]
     moe_grouped_matmul_v4<[Vector<F, Const<4>>], [Vector<f32, Const<4>>]>() {
