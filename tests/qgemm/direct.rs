@@ -6,7 +6,8 @@ use super::*;
 /// The direct dequantizing kernel (register tiles from global memory), every
 /// configuration, against f64: int4 in kiln's layout with and without act order (f32 and
 /// f16 activations) and int8 Double Rounding with K a multiple of 4 but not of 8 (K = 77:
-/// no configuration); M and N ragged against every tile.
+/// no configuration); M and N ragged against every tile, 133 x 264 for the tiles past
+/// 16 x 16 outputs a unit.
 #[test]
 fn qgemm_direct_every_config_matches_f64() {
     use kiln::kernels::qgemm::{QgemmDirect, QgemmDirectArgs, QgemmDirectProblem, WeightKind};
@@ -60,56 +61,82 @@ fn qgemm_direct_every_config_matches_f64() {
         }
     };
 
-    let (m, n, k, g) = (37, 72, 256, 32);
-    let c = codes(&mut rng, k, n, g, DType::F32);
-    let ck = checkpoint(&c, W4Format::Gptq { version: 2 }, DType::F32, true);
-    let w = weights(&ck, W4Format::Gptq { version: 2 }, g as i64, None);
-    let packed = qgemm::w4a16_repack(&w).unwrap();
-    let words = packed.qweight.as_words();
-    // M = 1 and 3 reach the few-row tiles (BM = 1, 4).
-    for (m, dtype) in [
-        (m, DType::F32),
-        (m, DType::F16),
-        (1, DType::F32),
-        (3, DType::F16),
-    ] {
-        let x = rounded(dtype, &rng.normals(m * k, 1.0));
-        let want = qr::matmul(&x, &c.dequantize(None), m, k, n);
-        let xt = up(dtype, &[m, k], &x);
-        let what = format!("int4 M={m} {dtype}");
+    // N = 72 with M = 37, 1 and 3 (the few-row tiles: BM = 1, 4); N = 264 with M = 133
+    // reaches the register tiles past 16 x 16 (offered only where M and N fill a cube).
+    let (k, g) = (256, 32);
+    let shapes = [
+        (
+            72,
+            vec![
+                (37, DType::F32),
+                (37, DType::F16),
+                (1, DType::F32),
+                (3, DType::F16),
+            ],
+        ),
+        (264, vec![(133, DType::F32), (133, DType::F16)]),
+    ];
+    for (n, rows) in shapes {
+        let c = codes(&mut rng, k, n, g, DType::F32);
+        let ck = checkpoint(&c, W4Format::Gptq { version: 2 }, DType::F32, true);
+        let w = weights(&ck, W4Format::Gptq { version: 2 }, g as i64, None);
+        let packed = qgemm::w4a16_repack(&w).unwrap();
+        let words = packed.qweight.as_words();
+        if n == 264 {
+            let problem = QgemmDirectProblem {
+                m: 133,
+                n: n as u32,
+                k: k as u32,
+                group_size: g as u32,
+                shift: 0,
+                wkind: WeightKind::Int4,
+                act_order: false,
+            };
+            let space = QgemmDirect::space(client(), &problem);
+            assert!(space
+                .iter()
+                .any(|c| QgemmDirect::label(c).ends_with("TM=16 TN=32")));
+        }
+        for &(m, dtype) in &rows {
+            let x = rounded(dtype, &rng.normals(m * k, 1.0));
+            let want = qr::matmul(&x, &c.dequantize(None), m, k, n);
+            let xt = up(dtype, &[m, k], &x);
+            let what = format!("int4 M={m} N={n} {dtype}");
+            run(
+                &xt,
+                &words,
+                &packed.scales,
+                &packed.qzeros,
+                &words,
+                [m, n, k, g],
+                0,
+                WeightKind::Int4,
+                false,
+                &want,
+                &what,
+            );
+        }
+        // Act order: rows visit the groups in a shuffled order.
+        let m = rows[0].0;
+        let groups = k / g;
+        let g_idx: Vec<usize> = (0..k).map(|r| (r * 5 + r / 7) % groups).collect();
+        let gi = up_i32(&[k], &g_idx.iter().map(|&v| v as i32).collect::<Vec<_>>());
+        let x = rng.normals(m * k, 1.0);
+        let want = qr::matmul(&x, &c.dequantize(Some(&g_idx)), m, k, n);
         run(
-            &xt,
+            &up(DType::F32, &[m, k], &x),
             &words,
             &packed.scales,
             &packed.qzeros,
-            &words,
+            &gi.as_words(),
             [m, n, k, g],
             0,
             WeightKind::Int4,
-            false,
+            true,
             &want,
-            &what,
+            &format!("int4 act order M={m} N={n}"),
         );
     }
-    // Act order: rows visit the groups in a shuffled order.
-    let groups = k / g;
-    let g_idx: Vec<usize> = (0..k).map(|r| (r * 5 + r / 7) % groups).collect();
-    let gi = up_i32(&[k], &g_idx.iter().map(|&v| v as i32).collect::<Vec<_>>());
-    let x = rng.normals(m * k, 1.0);
-    let want = qr::matmul(&x, &c.dequantize(Some(&g_idx)), m, k, n);
-    run(
-        &up(DType::F32, &[m, k], &x),
-        &words,
-        &packed.scales,
-        &packed.qzeros,
-        &gi.as_words(),
-        [m, n, k, g],
-        0,
-        WeightKind::Int4,
-        true,
-        &want,
-        "int4 act order",
-    );
 
     // int8 served at 4 bits (shift 4), K = 84: a multiple of the kernel's vectors of x but
     // not of its steps of 8 (the last step ends half-way).

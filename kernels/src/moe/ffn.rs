@@ -253,6 +253,24 @@ pub(super) fn grouped_matmul(
     scatter: Option<&Scatter<'_>>,
     out_f32: bool,
 ) -> Result<Tensor> {
+    grouped_matmul_on(a, b, bias, act, groups, n, trans_b, scatter, out_f32, None)
+}
+
+/// [`grouped_matmul`] on the configuration `force` (one of the problem's candidates),
+/// or tuned with `None`.
+#[allow(clippy::too_many_arguments)]
+fn grouped_matmul_on(
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    act: Activation,
+    groups: &Groups,
+    n: usize,
+    trans_b: bool,
+    scatter: Option<&Scatter<'_>>,
+    out_f32: bool,
+    force: Option<GroupedConfig>,
+) -> Result<Tensor> {
     let client = a.client();
     let (rows, k) = (a.shape()[0], a.shape()[1]);
     let dtype = b.dtype();
@@ -291,10 +309,37 @@ pub(super) fn grouped_matmul(
         placeholder_f: &ph_f,
         placeholder_32: &ph,
     };
-    // Tuned on the plain store into fresh outputs (a scattering candidate leaves the
-    // rows of dropped routes unwritten, so candidates could not be compared); the
-    // scatter changes the epilogue's addresses, not the main loop being tuned.
-    let cfg = Choice::new("moe_grouped_gemm")
+    let cfg = match force {
+        Some(cfg) if problem.candidates(client).contains(&cfg) => cfg,
+        Some(cfg) => {
+            return Err(Error::Param {
+                param: "config".into(),
+                expected: "one of the grouped GEMM kernels' declared configurations that fits the device and the problem".into(),
+                found: cfg.label(),
+            })
+        }
+        None => tuned(client, &problem, &operands, rows, out_dtype, &ph_u32)?,
+    };
+    let c = Tensor::empty(client, out_dtype, &[scatter.map_or(rows, |s| s.routes), n])?;
+    problem.launch(client, &cfg, &operands, &c, scatter, &ph_u32)?;
+    Ok(c)
+}
+
+/// The tuned configuration of `problem` (see [`grouped_matmul`]): `rows` rows of
+/// `out_dtype` out. Tuned on the plain store into fresh outputs (a scattering candidate
+/// leaves the rows of dropped routes unwritten, so candidates could not be compared);
+/// the scatter changes the epilogue's addresses, not the main loop being tuned.
+fn tuned(
+    client: &kiln_runtime::Client,
+    problem: &GroupedProblem<'_>,
+    operands: &GroupedOperands<'_>,
+    rows: usize,
+    out_dtype: DType,
+    no_routes: &Tensor,
+) -> Result<GroupedConfig> {
+    let (groups, n, k, dtype) = (problem.groups, problem.n, problem.k, operands.b.dtype());
+    let (trans_b, act) = (problem.trans_b, problem.act);
+    Choice::new("moe_grouped_gemm")
         .sources([
             MoeGroupedMatmul::source_hash(),
             MoeGroupedMatmulV4::source_hash(),
@@ -309,12 +354,9 @@ pub(super) fn grouped_matmul(
         .candidates(problem.candidates(client))
         .tune(client, TOLERANCE, GroupedConfig::label, |cfg| {
             let c = Tensor::empty(client, out_dtype, &[rows, n])?;
-            problem.launch(client, cfg, &operands, &c, None, &ph_u32)?;
+            problem.launch(client, cfg, operands, &c, None, no_routes)?;
             Ok(vec![c])
-        })?;
-    let c = Tensor::empty(client, out_dtype, &[scatter.map_or(rows, |s| s.routes), n])?;
-    problem.launch(client, &cfg, &operands, &c, scatter, &ph_u32)?;
-    Ok(c)
+        })
 }
 
 /// The tensors bound to a grouped GEMM: the left operand in b's dtype (`a`) or in f32
@@ -333,6 +375,25 @@ struct GroupedOperands<'a> {
 /// accumulation), two grouped launches. Empty slots (zero rows) give `b2`'s row
 /// through the FFN, as in Tutel; combine never reads them.
 pub fn moe_expert_ffn(dispatched: &Tensor, w: &ExpertWeights<'_>) -> Result<Tensor> {
+    expert_ffn(dispatched, w, None)
+}
+
+/// [`moe_expert_ffn`] with both grouped GEMMs on the configuration `cfg` (no tuning):
+/// for tests and benchmarks. `cfg` must fit the device and both GEMMs (e.g. a `Vec4`
+/// one needs M and F multiples of 4).
+pub fn moe_expert_ffn_with(
+    dispatched: &Tensor,
+    w: &ExpertWeights<'_>,
+    cfg: GroupedConfig,
+) -> Result<Tensor> {
+    expert_ffn(dispatched, w, Some(cfg))
+}
+
+fn expert_ffn(
+    dispatched: &Tensor,
+    w: &ExpertWeights<'_>,
+    force: Option<GroupedConfig>,
+) -> Result<Tensor> {
     check_input("dispatched", dispatched, dispatched.client())?;
     let &[e, c, m] = dispatched.shape() else {
         return Err(shape_err(
@@ -345,8 +406,19 @@ pub fn moe_expert_ffn(dispatched: &Tensor, w: &ExpertWeights<'_>) -> Result<Tens
     let a = dispatched.reshape(&[e * c, m])?;
     let starts: Vec<usize> = (0..e).map(|x| x * c).collect();
     let groups = Groups::new(&a, &starts, &vec![c; e])?;
-    let h = grouped_matmul(&a, w.w1, w.b1, w.activation, &groups, f, false, None, true)?;
-    grouped_matmul(
+    let h = grouped_matmul_on(
+        &a,
+        w.w1,
+        w.b1,
+        w.activation,
+        &groups,
+        f,
+        false,
+        None,
+        true,
+        force,
+    )?;
+    grouped_matmul_on(
         &h,
         w.w2,
         w.b2,
@@ -356,6 +428,7 @@ pub fn moe_expert_ffn(dispatched: &Tensor, w: &ExpertWeights<'_>) -> Result<Tens
         false,
         None,
         false,
+        force,
     )?
     .reshape(&[e, c, m])
 }
@@ -368,6 +441,26 @@ pub fn moe_expert_ffn_sorted(
     x: &Tensor,
     routing: &MoeRouting,
     w: &ExpertWeights<'_>,
+) -> Result<Tensor> {
+    expert_ffn_sorted(x, routing, w, None)
+}
+
+/// [`moe_expert_ffn_sorted`] with both grouped GEMMs on the configuration `cfg` (no
+/// tuning; the second with the scatter epilogue): for tests and benchmarks.
+pub fn moe_expert_ffn_sorted_with(
+    x: &Tensor,
+    routing: &MoeRouting,
+    w: &ExpertWeights<'_>,
+    cfg: GroupedConfig,
+) -> Result<Tensor> {
+    expert_ffn_sorted(x, routing, w, Some(cfg))
+}
+
+fn expert_ffn_sorted(
+    x: &Tensor,
+    routing: &MoeRouting,
+    w: &ExpertWeights<'_>,
+    force: Option<GroupedConfig>,
 ) -> Result<Tensor> {
     check_input("x", x, x.client())?;
     let m = x.shape().get(1).copied().unwrap_or(0);
@@ -382,14 +475,25 @@ pub fn moe_expert_ffn_sorted(
     let gates = routing.gates()?;
     let d = gather_into_layout(x, routing, RowLayout::Sorted, false)?;
     let groups = Groups::of(&d, routing, RowLayout::Sorted)?;
-    let h = grouped_matmul(&d, w.w1, w.b1, w.activation, &groups, f, false, None, true)?;
+    let h = grouped_matmul_on(
+        &d,
+        w.w1,
+        w.b1,
+        w.activation,
+        &groups,
+        f,
+        false,
+        None,
+        true,
+        force,
+    )?;
     let (map, _) = routing.slot_routes(RowLayout::Sorted)?;
     let scatter = Scatter {
         slot_route: &map,
         gates,
         routes: routing.tokens() * routing.top_k(),
     };
-    let per_route = grouped_matmul(
+    let per_route = grouped_matmul_on(
         &h,
         w.w2,
         w.b2,
@@ -399,6 +503,7 @@ pub fn moe_expert_ffn_sorted(
         false,
         Some(&scatter),
         false,
+        force,
     )?;
     combine_from_layout(&per_route, routing, RowLayout::Sorted, false, true)
 }

@@ -2,7 +2,7 @@
 //! never straddling two experts (`grouped_kernel!` declares their shared signature).
 
 use super::routing::NO_ROUTE;
-use crate::matmul::{activate, clamped_strided, zero_tile_v4, Activation};
+use crate::matmul::{activate, activate_vector, clamped_strided, zero_tile_v4, Activation};
 use cubecl::prelude::*;
 use kiln_dsl::{load_tile_v4, reg_tile_mma_v4, v4_tile_col, V4};
 
@@ -10,7 +10,7 @@ use kiln_dsl::{load_tile_v4, reg_tile_mma_v4, v4_tile_col, V4};
 /// every expert's rows, expert `e`'s `row_count[e]` rows from `row_start[e]`; `b`
 /// `[E, K, N]` (or `[E, N, K]` with `trans_b`) as `Array<$operand>`; `bias` `[E, N]`;
 /// `slot_route` and `gates` for the scatter epilogue; the result in `c` (or `c32` with
-/// `c_f32`); `n`, `k`, `experts`, `max_rows` (the most rows of any expert); the
+/// `c_f32`), `bias`, `c` and `c32` as `Array<$out>` / `Array<$out32>`; `n`, `k`, `experts`, `max_rows` (the most rows of any expert); the
 /// epilogue's comptime switches, then the kernel's own. One cube per (column tile, row
 /// tile, expert), keyed by the shape's power-of-two buckets and the dtype. The caller
 /// gives the tunables, requirements, defaults and the body.
@@ -18,7 +18,9 @@ macro_rules! grouped_kernel {
     (
         $(#[doc = $doc:literal])*
         #[kernel($($attr:tt)*)]
-        $name:ident<[$($operand:tt)*], [$($operand32:tt)*]>($($flags:tt)*)
+        $name:ident<
+            [$($operand:tt)*], [$($operand32:tt)*], [$($out:tt)*], [$($out32:tt)*]
+        >($($flags:tt)*)
         $body:block
     ) => {
         $(#[doc = $doc])*
@@ -32,13 +34,13 @@ macro_rules! grouped_kernel {
             a: &Array<$($operand)*>,
             a32: &Array<$($operand32)*>,
             b: &Array<$($operand)*>,
-            bias: &Array<F>,
+            bias: &Array<$($out)*>,
             row_start: &Array<u32>,
             row_count: &Array<u32>,
             slot_route: &Array<u32>,
             gates: &Array<f32>,
-            c: &mut Array<F>,
-            c32: &mut Array<f32>,
+            c: &mut Array<$($out)*>,
+            c32: &mut Array<$($out32)*>,
             n: u32,
             k: u32,
             experts: u32,
@@ -85,7 +87,7 @@ grouped_kernel! {
             c_f32 = false,
         ),
     )]
-    moe_grouped_matmul<[F], [f32]>(#[comptime] trans_b: bool) {
+    moe_grouped_matmul<[F], [f32], [F], [f32]>(#[comptime] trans_b: bool) {
         let e = CUBE_POS_Z;
         let count = row_count[e as usize];
         let tile_row = CUBE_POS_Y * BM;
@@ -247,7 +249,8 @@ grouped_kernel! {
     /// memory (K and N multiples of 4; no shared memory, no barriers: the CPU-adapter path,
     /// as `matmul_vec4`): a `TM x TN` register tile per unit, rows clamped to the expert's
     /// last row and columns to the last one (computed, never stored). Grid, groups and
-    /// epilogue as `moe_grouped_matmul`.
+    /// epilogue as `moe_grouped_matmul`'s, the epilogue on 4-wide vectors (a unit owns
+    /// four adjacent columns per vector: `bias` read, `c` or `c32` written as vectors).
     #[kernel(
         tune((BM, BN, TM, TN) = [
             (64, 64, 8, 8),
@@ -270,7 +273,9 @@ grouped_kernel! {
         ),
         defaults(has_bias = false, act = none, scatter = false, a_f32 = false, c_f32 = false),
     )]
-    moe_grouped_matmul_v4<[Vector<F, Const<4>>], [Vector<f32, Const<4>>]>() {
+    moe_grouped_matmul_v4<
+        [Vector<F, Const<4>>], [Vector<f32, Const<4>>], [Vector<F, Const<4>>], [Vector<f32, Const<4>>]
+    >() {
         let e = CUBE_POS_Z;
         let count = row_count[e as usize];
         let tile_row = CUBE_POS_Y * BM;
@@ -317,26 +322,29 @@ grouped_kernel! {
                 }
                 kq += 1;
             }
+            // The epilogue, a vector of four adjacent columns at a time (a unit owns four per
+            // vector of its tile; N is a multiple of 4, so a vector is all in or all out):
+            // `bias` read once per column vector, one masked store per row and vector.
             #[unroll]
-            for i in 0..TM {
-                let r = ty + i * row_step;
+            for jv in 0..tnv {
+                let cv = col0 / 4 + tx + jv * units_x;
+                let mut bias_v = V4::new(0.0f32);
+                if comptime!(has_bias) {
+                    bias_v = V4::cast_from(bias[(e * nv + cols[jv as usize]) as usize]);
+                }
                 #[unroll]
-                for j in 0..TN {
-                    let col = col0 + (tx + (j / 4) * units_x) * 4 + j % 4;
-                    if tile_row + r < count && col < n {
-                        let v = accv[(i * tnv + j / 4) as usize][(j % 4) as usize];
-                        store_grouped::<F>(
+                for i in 0..TM {
+                    let r = ty + i * row_step;
+                    if tile_row + r < count && cv < nv {
+                        store_grouped_v4::<F>(
                             c,
                             c32,
-                            bias,
                             slot_route,
                             gates,
-                            v,
+                            accv[(i * tnv + jv) as usize] + bias_v,
                             row0 + r,
-                            col,
-                            e,
-                            n,
-                            has_bias,
+                            cv,
+                            nv,
                             act,
                             scatter,
                             c_f32,
@@ -345,5 +353,37 @@ grouped_kernel! {
                 }
             }
         }
+    }
+}
+
+/// [`store_grouped`] for four adjacent columns at once: `v` (bias added) holds columns
+/// `4 cv .. 4 cv + 3` of row `row`, `nv` the row length in vectors. The caller masks
+/// the edges.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_grouped_v4<F: Float>(
+    c: &mut Array<Vector<F, Const<4>>>,
+    c32: &mut Array<V4>,
+    slot_route: &Array<u32>,
+    gates: &Array<f32>,
+    v: V4,
+    row: u32,
+    cv: u32,
+    nv: u32,
+    #[comptime] act: Activation,
+    #[comptime] scatter: bool,
+    #[comptime] c_f32: bool,
+) {
+    let v = activate_vector::<Const<4>>(v, act);
+    if comptime!(scatter) {
+        let route = slot_route[row as usize];
+        if route != comptime!(NO_ROUTE) {
+            let gate = V4::new(gates[route as usize]);
+            c[(route * nv + cv) as usize] = Vector::<F, Const<4>>::cast_from(gate * v);
+        }
+    } else if comptime!(c_f32) {
+        c32[(row * nv + cv) as usize] = v;
+    } else {
+        c[(row * nv + cv) as usize] = Vector::<F, Const<4>>::cast_from(v);
     }
 }

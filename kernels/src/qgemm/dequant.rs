@@ -392,8 +392,19 @@ qgemm_kernel! {
             // once per column).
             (1, 256, 1, 16),
             (4, 256, 4, 16),
+            // Past 16 x 16 outputs a unit (more FMAs per load, where the loads are what a
+            // CPU adapter pays for, as matmul_vec4's): only where M and N fill a cube. At
+            // 256 x 4096 x 4096 on a slow 2-core machine 742 ms against 1150 ms for 16 x 16
+            // (and 816 ms for 32 x 32 in a 128 x 128 cube, left out: no faster, slower to
+            // compile).
+            (64, 256, 16, 32),
         ]),
-        require((BM / TM) * (BN / TN) <= 1024, super::direct_rows_fit(BM, m), k % 4 == 0),
+        require(
+            (BM / TM) * (BN / TN) <= 1024,
+            super::direct_rows_fit(BM, m),
+            k % 4 == 0,
+            TM * TN <= 256 || (m >= BM && n >= BN),
+        ),
         grid = (n.div_ceil(BN), m.div_ceil(BM)),
         cube = (BN / TN, BM / TM),
     )]
@@ -431,11 +442,15 @@ qgemm_kernel! {
                 sg[j as usize] = scales[cols[j as usize] as usize];
             }
         }
-        // int4 without act order sums per group, then scales once:
+        // int4 without act order: the columns' scales and zero points change every G rows.
+        let grouped = comptime!(wkind == WeightKind::Int4 && !act_order);
+        // With few rows a unit sums per group, then scales once:
         // sum_k x (q - z) s = s (sum_k x q - z sum_k x). `part` holds the group's
         // sum_k x q of each output, `xsum` its sum_k x of each row; a weight then costs
-        // its unpacking and one FMA per row, not a subtraction and a product more.
-        let folded = comptime!(wkind == WeightKind::Int4 && !act_order);
+        // its unpacking and one FMA per row, not a subtraction and a product more. With
+        // TM >= 16 rows the two operations of `(q - z) s` are a small share of a weight's
+        // TM FMAs, and dequantizing it once saves the second TM x TN tile of sums.
+        let folded = comptime!(grouped && TM < 16);
         let mut part = Array::<f32>::new(comptime!((TM * TN) as usize));
         let mut xsum = Array::<f32>::new(comptime!(TM as usize));
         if comptime!(folded) {
@@ -443,10 +458,12 @@ qgemm_kernel! {
         }
         let mut k0 = 0u32;
         while k0 < k {
-            if comptime!(folded) {
+            if comptime!(grouped) {
                 if k0 % group_size == 0 {
-                    if k0 > 0 {
-                        fold_group(&mut acc, &mut part, &mut xsum, &sg, &zg, TM, TN);
+                    if comptime!(folded) {
+                        if k0 > 0 {
+                            fold_group(&mut acc, &mut part, &mut xsum, &sg, &zg, TM, TN);
+                        }
                     }
                     let g = k0 / group_size;
                     #[unroll]
@@ -471,8 +488,10 @@ qgemm_kernel! {
                             let s = scales[(ga * n + col) as usize];
                             let z = zeros[(ga * n + col) as usize];
                             wv[(i * TN + j) as usize] = (q - z) * s;
-                        } else {
+                        } else if comptime!(folded) {
                             wv[(i * TN + j) as usize] = q;
+                        } else {
+                            wv[(i * TN + j) as usize] = (q - zg[j as usize]) * sg[j as usize];
                         }
                     }
                 } else {
