@@ -2,7 +2,7 @@
 //! S in {1, 7, 513}, E in {1, 4, 8, 64}, k in {1, 2, 4}, capacity factors {0, 0.5, 1,
 //! 2} (identical ids, locations and drops), adversarial routings, the layer on both
 //! paths, determinism, expert parallelism against one device, gradients against finite
-//! differences, and bad input.
+//! differences, bad input, and every configuration of the grouped GEMM kernels forced.
 //!
 //! One suite for the family (longer than most files): its tests share the reference
 //! helpers at the top.
@@ -13,10 +13,11 @@ use common::{down, up};
 use kiln::check::{max_rel_error, Rng};
 use kiln::kernels::matmul::Activation;
 use kiln::kernels::moe::{
-    moe_combine, moe_combine_backward, moe_dispatch, moe_dispatch_backward, moe_gate,
-    moe_gate_backward, moe_layer, moe_layer_backward, moe_layer_backward_local_ranks,
-    moe_layer_local_ranks, reference as rf, ExpertWeights, GateOptions, LayerOptions, MoePath,
-    MoeRouting,
+    moe_combine, moe_combine_backward, moe_dispatch, moe_dispatch_backward,
+    moe_expert_ffn_sorted_with, moe_expert_ffn_with, moe_gate, moe_gate_backward, moe_layer,
+    moe_layer_backward, moe_layer_backward_local_ranks, moe_layer_local_ranks, reference as rf,
+    ExpertWeights, GateOptions, GroupedConfig, LayerOptions, MoeGroupedMatmul,
+    MoeGroupedMatmulProblem, MoeGroupedMatmulV4, MoeGroupedMatmulV4Problem, MoePath, MoeRouting,
 };
 use kiln::{DType, HostTensor, Tensor};
 
@@ -152,10 +153,9 @@ impl Layer {
         }
     }
 
-    fn reference(&self, k: usize, cf: f64) -> (rf::Routing, Vec<f64>) {
-        let logits = rf::gate_logits(&self.x, &self.w_gate, self.m, self.e);
-        let r = rf::gate(&logits, self.e, k, cf, k > 1, false);
-        let w = rf::Experts {
+    /// The experts in f64 (GELU).
+    fn experts(&self) -> rf::Experts<'_> {
+        rf::Experts {
             w1: &self.w1,
             b1: Some(&self.b1),
             w2: &self.w2,
@@ -163,7 +163,13 @@ impl Layer {
             m: self.m,
             f: self.f,
             activation: "gelu",
-        };
+        }
+    }
+
+    fn reference(&self, k: usize, cf: f64) -> (rf::Routing, Vec<f64>) {
+        let logits = rf::gate_logits(&self.x, &self.w_gate, self.m, self.e);
+        let r = rf::gate(&logits, self.e, k, cf, k > 1, false);
+        let w = self.experts();
         let y = rf::layer(&self.x, &r, &w);
         // The dense per-token loop (dropless reference) agrees with GShard's einsums.
         let y2 = rf::layer_per_token(&self.x, &r, &w);
@@ -179,23 +185,13 @@ impl Layer {
         path: MoePath,
         world_size: usize,
     ) -> kiln::kernels::moe::LayerOutput {
-        let t = |shape: &[usize], v: &[f64]| up(dtype, shape, v);
-        let (s, m, f, e) = (self.s, self.m, self.f, self.e);
-        let (x, wg, w1, w2, b1, b2) = (
-            t(&[s, m], &self.x),
-            t(&[m, e], &self.w_gate),
-            t(&[e, m, f], &self.w1),
-            t(&[e, f, m], &self.w2),
-            t(&[e, f], &self.b1),
-            t(&[e, m], &self.b2),
+        let (s, m, e) = (self.s, self.m, self.e);
+        let (x, wg) = (
+            up(dtype, &[s, m], &self.x),
+            up(dtype, &[m, e], &self.w_gate),
         );
-        let w = ExpertWeights {
-            w1: &w1,
-            b1: Some(&b1),
-            w2: &w2,
-            b2: Some(&b2),
-            activation: Activation::Gelu,
-        };
+        let device = DeviceExperts::up(dtype, &self.experts(), e, Activation::Gelu);
+        let w = device.weights();
         let opts = LayerOptions {
             gate: GateOptions::new(k, cf),
             path,
@@ -576,4 +572,186 @@ fn bad_input_is_one_clear_line() {
         moe_layer_local_ranks(&x, &wg, &w, &opts, 3).err().unwrap(),
         &["world_size"],
     );
+}
+
+/// The configurations of both grouped kernels offered to both GEMMs of an FFN of width
+/// `m`, hidden width `f`, `experts` experts of at most `max_rows` rows.
+fn grouped_configs(max_rows: usize, m: usize, f: usize, experts: usize) -> Vec<GroupedConfig> {
+    let offered = |n: usize, k: usize| {
+        let (n, k, experts, max_rows) = (n as u32, k as u32, experts as u32, max_rows as u32);
+        let staged = MoeGroupedMatmul::space(
+            client(),
+            &MoeGroupedMatmulProblem {
+                n,
+                k,
+                experts,
+                max_rows,
+                has_bias: true,
+                act: Activation::Gelu,
+                scatter: false,
+                a_f32: false,
+                c_f32: false,
+                trans_b: false,
+            },
+        );
+        let vec4 = MoeGroupedMatmulV4::space(
+            client(),
+            &MoeGroupedMatmulV4Problem {
+                n,
+                k,
+                experts,
+                max_rows,
+                has_bias: true,
+                act: Activation::Gelu,
+                scatter: false,
+                a_f32: false,
+                c_f32: false,
+            },
+        );
+        let mut all: Vec<GroupedConfig> = staged.into_iter().map(GroupedConfig::Staged).collect();
+        all.extend(vec4.into_iter().map(GroupedConfig::Vec4));
+        all
+    };
+    let second = offered(m, f);
+    offered(f, m)
+        .into_iter()
+        .filter(|c| second.contains(c))
+        .collect()
+}
+
+/// Every configuration of both grouped kernels forced on both GEMMs of the expert FFN:
+/// f32 in the capacity layout (bias + GELU, plain stores), f16 in the sorted layout
+/// (hidden activations in f32, the second GEMM scaling each row by its gate into its
+/// route's row). M = 132, F = 260 and 133 or 300 rows an expert: ragged against every
+/// tile, and large enough for the register tiles past 16 x 16 (offered only where an
+/// expert's rows and N fill a cube).
+#[test]
+fn every_grouped_config_matches_the_reference() {
+    let (m, f, e) = (132, 260, 2);
+    let mut rng = Rng::new(23);
+    let mut gen = |dtype: DType, shape: &[usize], scale: f64| {
+        let n = shape.iter().product();
+        HostTensor::from_f64(dtype, shape.to_vec(), &rng.normals(n, scale))
+            .unwrap()
+            .to_f64()
+    };
+    for (dtype, sorted) in [(DType::F32, false), (DType::F16, true)] {
+        if common::refused(dtype) {
+            continue;
+        }
+        let (w1, w2, b1, b2) = (
+            gen(dtype, &[e, m, f], 0.3),
+            gen(dtype, &[e, f, m], 0.3),
+            gen(dtype, &[e, f], 0.3),
+            gen(dtype, &[e, m], 0.3),
+        );
+        let experts = rf::Experts {
+            w1: &w1,
+            b1: Some(&b1),
+            w2: &w2,
+            b2: Some(&b2),
+            m,
+            f,
+            activation: "gelu",
+        };
+        let t = |shape: &[usize], v: &[f64]| up(dtype, shape, v);
+        let device = DeviceExperts::up(dtype, &experts, e, Activation::Gelu);
+        let w = device.weights();
+        // Relative to |y| + `floor`. f32: sums of M = 132 and F = 260 terms of a few units
+        // each, 8 eps sqrt(K) per GEMM (the matmul tests' bound), floor 1. f16: each
+        // route's row (|g Y| up to a few times y's RMS, so the two of a token can cancel)
+        // and their sum rounded to f16 once each: 8 half-ulps, floor y's RMS.
+        let (bound, floor) = if dtype == DType::F32 {
+            (16.0 * f32::EPSILON as f64 * (f as f64).sqrt(), 1.0)
+        } else {
+            (8.0 * DType::F16.epsilon() / 2.0, 0.0f64)
+        };
+        if sorted {
+            // Top-2 of 2 experts, dropless: all 300 tokens at each expert.
+            let s = 300;
+            let x = gen(dtype, &[s, m], 1.0);
+            let l = gen(DType::F32, &[s, e], 1.5);
+            let g = moe_gate(&up(DType::F32, &[s, e], &l), &GateOptions::new(2, 0.0)).unwrap();
+            let want = rf::layer(&x, &rf::gate(&l, e, 2, 0.0, true, false), &experts);
+            let tx = t(&[s, m], &x);
+            let configs = grouped_configs(s, m, f, e);
+            let rms = (want.iter().map(|v| v * v).sum::<f64>() / want.len() as f64).sqrt();
+            each_config(dtype, &configs, &want, bound, floor.max(rms), |cfg| {
+                moe_expert_ffn_sorted_with(&tx, &g.routing, &w, cfg)
+            });
+        } else {
+            let c = 133;
+            let d = gen(dtype, &[e, c, m], 1.0);
+            let want = experts.ffn_slots(&d, e);
+            let td = t(&[e, c, m], &d);
+            let configs = grouped_configs(c, m, f, e);
+            each_config(dtype, &configs, &want, bound, floor, |cfg| {
+                moe_expert_ffn_with(&td, &w, cfg)
+            });
+            // A configuration the problem does not offer is refused by name: the 32 x 32
+            // tile with 20 rows an expert.
+            let big = *configs
+                .iter()
+                .find(|c| c.label().ends_with("TM=32 TN=32"))
+                .unwrap();
+            let few = t(&[e, 20, m], &d[..e * 20 * m]);
+            let err = moe_expert_ffn_with(&few, &w, big).unwrap_err();
+            common::assert_clear(err, &["config", "TM=32 TN=32"]);
+        }
+    }
+}
+
+/// Runs `run` on each of `configs` (which must include staged ones and the 32 x 32 vector
+/// tile) and checks it against `want` within `bound` (relative to |want| + `floor`).
+fn each_config(
+    dtype: DType,
+    configs: &[GroupedConfig],
+    want: &[f64],
+    bound: f64,
+    floor: f64,
+    run: impl Fn(GroupedConfig) -> kiln::Result<kiln::Tensor>,
+) {
+    for kind in ["staged", "vec4 BM=128 BN=128 TM=32 TN=32"] {
+        assert!(
+            configs.iter().any(|c| c.label().starts_with(kind)),
+            "{dtype}: no `{kind}` configuration offered: {configs:?}"
+        );
+    }
+    for &cfg in configs {
+        let err = max_rel_error(&down(&run(cfg).unwrap()), want, floor);
+        assert!(err < bound, "{dtype} {}: {err:e} >= {bound:e}", cfg.label());
+    }
+}
+
+/// An expert FFN's weights on the device, uploaded from the f64 reference's.
+struct DeviceExperts {
+    w1: kiln::Tensor,
+    b1: kiln::Tensor,
+    w2: kiln::Tensor,
+    b2: kiln::Tensor,
+    activation: Activation,
+}
+
+impl DeviceExperts {
+    /// `w`'s weights and biases (both present) in `dtype`, `e` experts.
+    fn up(dtype: DType, w: &rf::Experts<'_>, e: usize, activation: Activation) -> Self {
+        let (m, f) = (w.m, w.f);
+        DeviceExperts {
+            w1: up(dtype, &[e, m, f], w.w1),
+            b1: up(dtype, &[e, f], w.b1.expect("b1")),
+            w2: up(dtype, &[e, f, m], w.w2),
+            b2: up(dtype, &[e, m], w.b2.expect("b2")),
+            activation,
+        }
+    }
+
+    fn weights(&self) -> ExpertWeights<'_> {
+        ExpertWeights {
+            w1: &self.w1,
+            b1: Some(&self.b1),
+            w2: &self.w2,
+            b2: Some(&self.b2),
+            activation: self.activation,
+        }
+    }
 }

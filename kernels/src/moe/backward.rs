@@ -112,6 +112,7 @@ impl FfnForward {
             false,
             None,
             true,
+            None,
         )?;
         let h = activation(&pre, None, w.activation)?;
         let y_e = grouped_matmul(
@@ -124,6 +125,7 @@ impl FfnForward {
             false,
             None,
             false,
+            None,
         )?;
         Ok(FfnForward { pre, h, y_e })
     }
@@ -153,6 +155,7 @@ impl FfnForward {
             true,
             None,
             true,
+            None,
         )?;
         let d_pre = activation(&self.pre, Some(&d_h), w.activation)?;
         let ones = ones(d.client(), d.shape()[0], dtype)?;
@@ -167,6 +170,7 @@ impl FfnForward {
                 true,
                 None,
                 false,
+                None,
             )?,
             d_w2: grouped_tn(&self.h, d_y, groups, dtype)?.reshape(&[e, f, m])?,
             d_b2: grouped_tn(&ones, d_y, groups, dtype)?.reshape(&[e, m])?,

@@ -63,6 +63,29 @@ impl ExpertWeights<'_> {
         }
         Ok(f)
     }
+
+    /// The first GEMM of the FFN on rows `a` grouped by expert: `act(a W1_e + b1_e)`,
+    /// `[R, F]` (f32 for half-precision experts), on `force` or tuned.
+    fn hidden(
+        &self,
+        a: &Tensor,
+        groups: &Groups,
+        f: usize,
+        force: Option<GroupedConfig>,
+    ) -> Result<Tensor> {
+        grouped_matmul(
+            a,
+            self.w1,
+            self.b1,
+            self.activation,
+            groups,
+            f,
+            false,
+            None,
+            true,
+            force,
+        )
+    }
 }
 
 /// Each expert's rows of the grouped GEMM's left operand: `start[e] .. start[e] +
@@ -240,26 +263,10 @@ pub(super) struct Scatter<'a> {
 /// `c[rows of e] = act(a[rows of e] @ b[e] + bias[e])` for every expert in one launch:
 /// `a` `[R, K]` (b's dtype, or f32), `b` `[E, K, N]` (`[E, N, K]` with `trans_b`),
 /// `bias` `[E, N]`; `c` `[R, N]` (f32 with `out_f32`, else b's dtype), or `[S k, N]`
-/// through `scatter`.
+/// through `scatter`; on the configuration `force` (one of the problem's candidates), or
+/// tuned with `None`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn grouped_matmul(
-    a: &Tensor,
-    b: &Tensor,
-    bias: Option<&Tensor>,
-    act: Activation,
-    groups: &Groups,
-    n: usize,
-    trans_b: bool,
-    scatter: Option<&Scatter<'_>>,
-    out_f32: bool,
-) -> Result<Tensor> {
-    grouped_matmul_on(a, b, bias, act, groups, n, trans_b, scatter, out_f32, None)
-}
-
-/// [`grouped_matmul`] on the configuration `force` (one of the problem's candidates),
-/// or tuned with `None`.
-#[allow(clippy::too_many_arguments)]
-fn grouped_matmul_on(
     a: &Tensor,
     b: &Tensor,
     bias: Option<&Tensor>,
@@ -406,19 +413,8 @@ fn expert_ffn(
     let a = dispatched.reshape(&[e * c, m])?;
     let starts: Vec<usize> = (0..e).map(|x| x * c).collect();
     let groups = Groups::new(&a, &starts, &vec![c; e])?;
-    let h = grouped_matmul_on(
-        &a,
-        w.w1,
-        w.b1,
-        w.activation,
-        &groups,
-        f,
-        false,
-        None,
-        true,
-        force,
-    )?;
-    grouped_matmul_on(
+    let h = w.hidden(&a, &groups, f, force)?;
+    grouped_matmul(
         &h,
         w.w2,
         w.b2,
@@ -475,25 +471,14 @@ fn expert_ffn_sorted(
     let gates = routing.gates()?;
     let d = gather_into_layout(x, routing, RowLayout::Sorted, false)?;
     let groups = Groups::of(&d, routing, RowLayout::Sorted)?;
-    let h = grouped_matmul_on(
-        &d,
-        w.w1,
-        w.b1,
-        w.activation,
-        &groups,
-        f,
-        false,
-        None,
-        true,
-        force,
-    )?;
+    let h = w.hidden(&d, &groups, f, force)?;
     let (map, _) = routing.slot_routes(RowLayout::Sorted)?;
     let scatter = Scatter {
         slot_route: &map,
         gates,
         routes: routing.tokens() * routing.top_k(),
     };
-    let per_route = grouped_matmul_on(
+    let per_route = grouped_matmul(
         &h,
         w.w2,
         w.b2,
