@@ -184,6 +184,23 @@ fn qgemm_tiled_cuda_int8_bits() {
 }
 
 #[test]
+fn qgemm_direct_wgsl_int8_col_words() {
+    insta::assert_snapshot!(source(
+        "qgemm_direct",
+        Target::Wgsl,
+        &[
+            ("dtype", "f16"),
+            ("wkind", "int8_bits"),
+            ("col_words", "true"),
+            ("BM", "16"),
+            ("BN", "128"),
+            ("TM", "4"),
+            ("TN", "8")
+        ]
+    ));
+}
+
+#[test]
 fn w8a8_direct_wgsl() {
     insta::assert_snapshot!(source(
         "w8a8_direct",

@@ -8,7 +8,8 @@ mod common;
 use common::client;
 use kiln::check::Rng;
 use kiln::kernels::qgemm::{self, reference as qr, reference::W4Codes, W4Format, W4Weights};
-use kiln::runtime::tune::CandidateStatus;
+use kiln::runtime::tune::{Autotuner, CandidateStatus, Search};
+use kiln::runtime::AdapterType;
 use kiln::{DType, HostTensor, Tensor};
 
 fn up(dtype: DType, shape: &[usize], v: &[f64]) -> Tensor {
@@ -90,7 +91,8 @@ fn tuned_quantized_gemms_match_f64_and_every_candidate_validates() {
     let want = qr::w8a8(&xq, &sx, &wt, &s8, None, 20, n, k);
     assert!(mean_rel(&y.download().unwrap().to_f64(), &want) < 1e-6);
 
-    let seen = seen.lock().unwrap();
+    let log = seen;
+    let seen = log.lock().unwrap();
     let timed = seen
         .iter()
         .filter(|(_, s)| matches!(s, CandidateStatus::Timed(_)))
@@ -106,5 +108,57 @@ fn tuned_quantized_gemms_match_f64_and_every_candidate_validates() {
         "{seen:?}"
     );
     assert!(timed >= 10, "only {timed} candidates timed");
+    drop(seen);
+    ranked_search_on_a_cpu_adapter(&log, &w, &wf, &mut rng);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The default (ranked) search where the quantized GEMMs' cost model applies (CPU
+/// adapters): W4A16 at M = 64 runs the direct path alone (the GEMV's and the tiled
+/// kernel's estimates are past twice its own, so neither runs) and times only the direct
+/// kernel's best-ranked configurations; the result matches f64.
+fn ranked_search_on_a_cpu_adapter(
+    log: &common::TuneLog,
+    w: &W4Weights<'_>,
+    wf: &[f64],
+    rng: &mut Rng,
+) {
+    if client().report().adapter_type != AdapterType::Cpu {
+        eprintln!("not a CPU adapter: the quantized GEMMs have no cost model here");
+        return;
+    }
+    Autotuner::global().set_search(Search::Ranked);
+    log.lock().unwrap().clear();
+    let (m, k, n) = (64, 256, 72);
+    let x = rng.normals(m * k, 1.0);
+    let y = qgemm::w4a16(&up(DType::F32, &[m, k], &x), w).unwrap();
+    let err = mean_rel(
+        &y.download().unwrap().to_f64(),
+        &qr::matmul(&x, wf, m, k, n),
+    );
+    assert!(err < 1e-5, "w4a16 M={m} ranked: {err:e}");
+    let seen = log.lock().unwrap();
+    let status = |label: &str| {
+        seen.iter()
+            .find(|(l, _)| l == label)
+            .map(|(_, s)| s.clone())
+    };
+    assert!(
+        matches!(status("direct"), Some(CandidateStatus::Timed(_))),
+        "{seen:?}"
+    );
+    for path in ["gemv", "tiled"] {
+        assert!(
+            matches!(status(path), Some(CandidateStatus::NotTimed { .. })),
+            "{path}: {seen:?}"
+        );
+    }
+    let not_timed = seen
+        .iter()
+        .filter(|(_, s)| matches!(s, CandidateStatus::NotTimed { .. }))
+        .count();
+    assert!(
+        not_timed > 2,
+        "the direct kernel's configurations all ran: {seen:?}"
+    );
 }

@@ -135,7 +135,9 @@ enum Command {
         /// Only these kernels (repeatable; default: every registered kernel).
         #[arg(long)]
         kernel: Vec<String>,
-        /// Also vary each `#[comptime]` knob and the vector width, one at a time.
+        /// Also vary each `#[comptime]` knob and the vector width, one at a time (a value
+        /// that needs another knob changed, with the first such change that gives it
+        /// configurations).
         #[arg(long)]
         all_configs: bool,
         /// Also write the table as Markdown to FILE (docs/cuda-registers.md).

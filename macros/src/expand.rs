@@ -884,11 +884,23 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
             /// `tolerance`), launches it, and returns it. The kernel must write its
             /// outputs from its inputs alone (outputs are overwritten by each candidate).
             pub fn tuned(client: &#rt::Client, tolerance: f64, args: &#args_struct<'_>) -> #rt::Result<#config> {
+                Self::tuned_ranked(client, tolerance, args, None)
+            }
+
+            /// [`Self::tuned`] with a cost model (`cost`: a configuration's estimated time in
+            /// any unit, lower is better): a ranked search times only the best-ranked few
+            /// (see `kiln_runtime::tune::Search`).
+            pub fn tuned_ranked(
+                client: &#rt::Client,
+                tolerance: f64,
+                args: &#args_struct<'_>,
+                cost: Option<&dyn Fn(&#config) -> f64>,
+            ) -> #rt::Result<#config> {
                 let #args_struct { #(#host_names,)* .. } = *args;
                 let __dtype = #dtype_expr;
                 let __space = Self::space(client, &args.problem());
                 let __key = Self::key(__dtype, &args.problem());
-                let cfg = #rt::tune::Autotuner::global().tune(
+                let cfg = #rt::tune::Autotuner::global().tune_ranked(
                     client,
                     &__key,
                     &__space,
@@ -898,6 +910,7 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
                         Ok(vec![#((*#outputs).clone()),*])
                     },
                     tolerance,
+                    cost,
                 )?;
                 Self::launch(client, &cfg, args)?;
                 Ok(cfg)

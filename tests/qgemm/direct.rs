@@ -19,8 +19,7 @@ fn qgemm_direct_every_config_matches_f64() {
                g_idx: &Tensor,
                [m, n, k, g]: [usize; 4],
                shift: u32,
-               wkind: WeightKind,
-               act_order: bool,
+               (wkind, act_order, col_words): (WeightKind, bool, bool),
                want: &[f64],
                what: &str| {
         let problem = QgemmDirectProblem {
@@ -31,6 +30,7 @@ fn qgemm_direct_every_config_matches_f64() {
             shift,
             wkind,
             act_order,
+            col_words,
         };
         let space = QgemmDirect::space(client(), &problem);
         assert!(!space.is_empty(), "{what}: no configuration");
@@ -53,6 +53,7 @@ fn qgemm_direct_every_config_matches_f64() {
                     shift,
                     wkind,
                     act_order,
+                    col_words,
                 },
             )
             .unwrap();
@@ -97,8 +98,7 @@ fn qgemm_direct_every_config_matches_f64() {
                 &words,
                 [m, n, k, g],
                 0,
-                WeightKind::Int4,
-                false,
+                (WeightKind::Int4, false, false),
                 &want,
                 &what,
             );
@@ -124,41 +124,67 @@ fn qgemm_direct_every_config_matches_f64() {
             &gi.as_words(),
             [m, n, k, g],
             0,
-            WeightKind::Int4,
-            true,
+            (WeightKind::Int4, true, false),
             &want,
             &format!("int4 act order M={m} N={n}"),
         );
     }
 
     // int8 served at 4 bits (shift 4), K = 84: a multiple of the kernel's vectors of x but
-    // not of its steps of 8 (the last step ends half-way).
-    let (m, n, k) = (19, 37, 84);
-    let q8 = ints(&mut rng, k * n, -128, 127);
-    let q8i: Vec<i8> = q8.iter().map(|&v| v as i8).collect();
-    let s8 = rounded(
-        DType::F32,
-        &(0..n)
-            .map(|_| 0.01 + 0.01 * rng.uniform())
-            .collect::<Vec<_>>(),
-    );
-    let wq = qr::w8_bits_weight(&q8i, &s8, k, n, 4);
-    let x = rng.normals(m * k, 1.0);
-    let want = qr::matmul(&x, &wq, m, k, n);
-    let (qt, st) = (up(DType::I8, &[k, n], &q8), up(DType::F32, &[n], &s8));
-    run(
-        &up(DType::F32, &[m, k], &x),
-        &qt.as_words(),
-        &st,
-        &st,
-        &qt.as_words(),
-        [m, n, k, k],
-        4,
-        WeightKind::Int8Bits,
-        false,
-        &want,
-        "int8 at 4 bits",
-    );
+    // not of its steps of 8 (the last step ends half-way). N = 37: one byte load a weight;
+    // N = 72 and 264 (multiples of 4): `col_words`, four columns a word, ragged M and N
+    // against every tile, 133 x 264 reaching the 16 x 32 tile.
+    let k = 84;
+    for (m, n, col_words) in [(19, 37, false), (19, 72, true), (133, 264, true)] {
+        let q8 = ints(&mut rng, k * n, -128, 127);
+        let q8i: Vec<i8> = q8.iter().map(|&v| v as i8).collect();
+        let s8 = rounded(
+            DType::F32,
+            &(0..n)
+                .map(|_| 0.01 + 0.01 * rng.uniform())
+                .collect::<Vec<_>>(),
+        );
+        let wq = qr::w8_bits_weight(&q8i, &s8, k, n, 4);
+        let x = rng.normals(m * k, 1.0);
+        let want = qr::matmul(&x, &wq, m, k, n);
+        let (qt, st) = (up(DType::I8, &[k, n], &q8), up(DType::F32, &[n], &s8));
+        let what = format!("int8 at 4 bits M={m} N={n} col_words={col_words}");
+        let ran = run(
+            &up(DType::F32, &[m, k], &x),
+            &qt.as_words(),
+            &st,
+            &st,
+            &qt.as_words(),
+            [m, n, k, k],
+            4,
+            (WeightKind::Int8Bits, false, col_words),
+            &want,
+            &what,
+        );
+        if n == 264 {
+            assert!(
+                ran.iter().any(|l| l.ends_with("TM=16 TN=32")),
+                "{what}: {ran:?}"
+            );
+        }
+    }
+    // `col_words` needs int8 and N a multiple of 4.
+    for (wkind, n) in [(WeightKind::Int8Bits, 37), (WeightKind::Int4, 72)] {
+        let problem = QgemmDirectProblem {
+            m: 19,
+            n,
+            k: 256,
+            group_size: 32,
+            shift: 0,
+            wkind,
+            act_order: false,
+            col_words: true,
+        };
+        assert!(
+            QgemmDirect::space(client(), &problem).is_empty(),
+            "col_words offered for {wkind} at N = {n}"
+        );
+    }
     // K not a multiple of 4 (rows of x not on vectors): no configuration; the host's
     // path choice then has the GEMV and the tiled kernel (K = 77 in `int8.rs`).
     let problem = QgemmDirectProblem {
@@ -169,6 +195,7 @@ fn qgemm_direct_every_config_matches_f64() {
         shift: 4,
         wkind: WeightKind::Int8Bits,
         act_order: false,
+        col_words: false,
     };
     assert!(QgemmDirect::space(client(), &problem).is_empty());
 }

@@ -134,7 +134,8 @@ struct Job {
 }
 
 /// The knob values to check for one kernel: each dtype it accepts with the defaults,
-/// and with `all_configs` each other value of each enumerable knob, one at a time.
+/// and with `all_configs` each other value of each enumerable knob, one at a time
+/// (`jobs` pairs a value that has no configuration alone with another change).
 fn variants(spec: &KernelSpec, all_configs: bool) -> Vec<BTreeMap<String, String>> {
     let dtypes: Vec<&str> = match spec.config.iter().find(|p| p.name == "dtype") {
         Some(p) => p.values.split('|').map(str::trim).collect(),
@@ -351,11 +352,31 @@ pub fn job_count(spec: &'static KernelSpec, plan: &Plan) -> Result<usize, Error>
 fn jobs(kernels: &[&'static KernelSpec], plan: &Plan) -> Result<Vec<Job>, Error> {
     let mut jobs = Vec::new();
     for &spec in kernels {
-        for knobs in variants(spec, plan.all_configs) {
-            let cfg = KernelConfig::new(spec, knobs.clone())?;
+        let all = variants(spec, plan.all_configs);
+        for knobs in &all {
             for &arch in &plan.archs {
                 let device = DeviceReport::cuda_target(arch);
-                let configs = (spec.declared)(&device, &cfg)?;
+                let declared = |knobs: &BTreeMap<String, String>| -> Result<_, Error> {
+                    let cfg = KernelConfig::new(spec, knobs.clone())?;
+                    (spec.declared)(&device, &cfg)
+                };
+                let mut knobs = knobs.clone();
+                let mut configs = declared(&knobs)?;
+                if configs.is_empty() && plan.all_configs {
+                    // A knob value that needs another (`col_words` only with int8
+                    // weights): with the first other single change under which it has
+                    // configurations.
+                    for other in &all {
+                        let joint = joined(&knobs, other);
+                        if joint.len() == knobs.len() + 1 {
+                            let c = declared(&joint)?;
+                            if !c.is_empty() {
+                                (knobs, configs) = (joint, c);
+                                break;
+                            }
+                        }
+                    }
+                }
                 if configs.is_empty() {
                     // Nothing the autotuner may pick: e.g. a tensor-core kernel below sm_70.
                     continue;
@@ -373,6 +394,18 @@ fn jobs(kernels: &[&'static KernelSpec], plan: &Plan) -> Result<Vec<Job>, Error>
         }
     }
     Ok(jobs)
+}
+
+/// `a` with `b`'s knobs added where `a` lacks them (the same dtype: else `a` itself).
+fn joined(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    if a.get("dtype") != b.get("dtype") {
+        return a.clone();
+    }
+    let mut out = a.clone();
+    for (k, v) in b {
+        out.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+    out
 }
 
 /// Marks one job per kernel to compile and compare with the record: its first job on

@@ -20,7 +20,7 @@
 //! folded zero points, strided tile stores) defined beside them.
 
 use cubecl::prelude::*;
-use kiln_dsl::{load_i8, load_tile, reg_tile_mma, shift_round_half_even, unpack_u4};
+use kiln_dsl::{load_i8, load_tile, reg_tile_mma, shift_round_half_even, unpack_i8, unpack_u4};
 
 kiln_runtime::comptime_enum! {
     /// How the dequantizing kernels read and decode `qweight` (one compiled variant each).
@@ -81,8 +81,9 @@ macro_rules! qgemm_kernel {
 }
 
 /// Stores a unit's `tm x tn` f32 accumulators `acc` (row-major) as `F` in `y` `[m, n]`:
-/// row `i` of the tile at `row0 + i (bm / tm)`, column `j` at `col0 + j (bn / tn)`
-/// (units of a cube interleave, so neighbouring units write neighbouring columns),
+/// row `i` of the tile at `row0 + i (bm / tm)`; the columns in runs of `span` adjacent
+/// ones, run `r` at `col0 + r span (bn / tn)` (units of a cube interleave, so
+/// neighbouring units write neighbouring runs; `col0` is the unit's first column),
 /// skipping what falls outside the matrix.
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -97,13 +98,15 @@ pub(crate) fn store_strided_tile<F: Float>(
     #[comptime] bn: u32,
     #[comptime] tm: u32,
     #[comptime] tn: u32,
+    #[comptime] span: u32,
 ) {
     #[unroll]
     for i in 0..tm {
         #[unroll]
         for j in 0..tn {
             let row = row0 + i * comptime!(bm / tm);
-            let col = col0 + j * comptime!(bn / tn);
+            let col =
+                col0 + (j / comptime!(span)) * comptime!(span * (bn / tn)) + j % comptime!(span);
             if row < m && col < n {
                 y[(row * n + col) as usize] = F::cast_from(acc[(i * tn + j) as usize]);
             }
@@ -115,7 +118,13 @@ pub(crate) fn store_strided_tile<F: Float>(
 /// ties to even, clamped to the signed `8 - shift`-bit range, times `scale 2^shift`.
 #[cube]
 pub(crate) fn dequant_i8(qweight: &Array<u32>, index: u32, scale: f32, shift: u32) -> f32 {
-    let q = shift_round_half_even(load_i8(qweight, index), shift);
+    dequant_i8_code(load_i8(qweight, index), scale, shift)
+}
+
+/// [`dequant_i8`] of an int8 code already loaded (sign-extended).
+#[cube]
+pub(crate) fn dequant_i8_code(code: i32, scale: f32, shift: u32) -> f32 {
+    let q = shift_round_half_even(code, shift);
     let half = i32::cast_from(128u32 >> shift);
     let qc = clamp(q, -half, half - 1);
     f32::cast_from(qc) * scale * f32::cast_from(1u32 << shift)
@@ -363,7 +372,7 @@ qgemm_kernel! {
             sync_cube();
             k0 += TILE_K;
         }
-        store_strided_tile::<F>(y, &acc, m0 + ty, n0 + tx, m, n, BM, BN, TM, TN);
+        store_strided_tile::<F>(y, &acc, m0 + ty, n0 + tx, m, n, BM, BN, TM, TN, 1u32);
     }
 }
 
@@ -374,7 +383,10 @@ qgemm_kernel! {
     /// (one int4 word per column), dequantizes its `8 x TN` weights once into registers
     /// for all its `TM` rows, reading `x` in 4-wide vectors (two per row and step: on a
     /// CPU adapter a vector costs about what one element does). Needs `k % 4 == 0` (rows
-    /// start on a vector; int4 has K a multiple of 8).
+    /// start on a vector; int4 has K a multiple of 8). With `col_words` (int8, N a multiple
+    /// of 4) a unit's columns come in runs of four adjacent ones, so that one load of an
+    /// int8 word serves four columns (each column's bytes are a word apart: one load a
+    /// weight otherwise).
     #[kernel(
         tune((BM, BN, TM, TN) = [
             (64, 64, 8, 8),
@@ -404,11 +416,14 @@ qgemm_kernel! {
             super::direct_rows_fit(BM, m),
             k % 4 == 0,
             TM * TN <= 256 || (m >= BM && n >= BN),
+            !col_words || wkind == WeightKind::Int8Bits,
+            !col_words || n % 4 == 0,
         ),
+        defaults(col_words = false),
         grid = (n.div_ceil(BN), m.div_ceil(BM)),
         cube = (BN / TN, BM / TM),
     )]
-    qgemm_direct[Array<Vector<F, Const<4>>>]() {
+    qgemm_direct[Array<Vector<F, Const<4>>>](#[comptime] col_words: bool) {
         let tx = UNIT_POS_X;
         let ty = UNIT_POS_Y;
         let m0 = CUBE_POS_Y * BM;
@@ -421,10 +436,25 @@ qgemm_kernel! {
         for i in 0..TM {
             xrow[i as usize] = min(m0 + ty + i * comptime!(BM / TM), m - 1) * kv;
         }
+        // A unit's columns: runs of `span` adjacent ones, `span BN / TN` apart (the runs
+        // of neighbouring units are neighbours). `words`: the first column of each run of
+        // four, as a word of its row (`col_words`; N % 4 == 0, so it is the run's word).
+        let span = comptime!(if col_words { 4u32 } else { 1u32 });
+        let col0 = n0 + tx * span;
         let mut cols = Array::<u32>::new(comptime!(TN as usize));
         #[unroll]
         for j in 0..TN {
-            cols[j as usize] = min(n0 + tx + j * comptime!(BN / TN), n - 1);
+            let run = j / comptime!(span);
+            let col = col0 + run * comptime!(span * (BN / TN)) + j % comptime!(span);
+            cols[j as usize] = min(col, n - 1);
+        }
+        let runs = comptime!(if col_words { TN / 4 } else { 1u32 });
+        let mut words = Array::<u32>::new(comptime!(runs as usize));
+        if comptime!(col_words) {
+            #[unroll]
+            for r in 0..runs {
+                words[r as usize] = min(col0 + r * comptime!(4 * (BN / TN)), n - 4) / 4;
+            }
         }
         let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
         #[unroll]
@@ -494,7 +524,7 @@ qgemm_kernel! {
                             wv[(i * TN + j) as usize] = (q - zg[j as usize]) * sg[j as usize];
                         }
                     }
-                } else {
+                } else if comptime!(!col_words) {
                     // int8 rows past K weigh zero (K need not be a multiple of 8).
                     let s = sg[j as usize];
                     #[unroll]
@@ -504,6 +534,24 @@ qgemm_kernel! {
                             v = dequant_i8(qweight, (k0 + i) * n + col, s, shift);
                         }
                         wv[(i * TN + j) as usize] = v;
+                    }
+                }
+            }
+            if comptime!(col_words) {
+                // One word: the bytes of four adjacent columns of one row.
+                let nw = n / 4;
+                #[unroll]
+                for r in 0..runs {
+                    #[unroll]
+                    for i in 0..8u32 {
+                        let row = min(k0 + i, k - 1);
+                        let word = qweight[(row * nw + words[r as usize]) as usize];
+                        #[unroll]
+                        for l in 0..4u32 {
+                            let j = r * 4 + l;
+                            let v = dequant_i8_code(unpack_i8(word, l), sg[j as usize], shift);
+                            wv[(i * TN + j) as usize] = select(k0 + i < k, v, 0.0f32);
+                        }
                     }
                 }
             }
@@ -542,7 +590,7 @@ qgemm_kernel! {
         if comptime!(folded) {
             fold_group(&mut acc, &mut part, &mut xsum, &sg, &zg, TM, TN);
         }
-        store_strided_tile::<F>(y, &acc, m0 + ty, n0 + tx, m, n, BM, BN, TM, TN);
+        store_strided_tile::<F>(y, &acc, m0 + ty, col0, m, n, BM, BN, TM, TN, span);
     }
 }
 

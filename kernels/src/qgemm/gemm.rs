@@ -7,6 +7,25 @@ use crate::launch::{check_input, shape_err};
 use kiln_runtime::tune::Choice;
 use kiln_runtime::{DType, Result, Tensor};
 
+/// One path's kernel (a `#[kiln::kernel]` host type) with its arguments and cost model
+/// (`|config| estimate`): with `estimate_only` the model's estimate of its best
+/// configuration for these arguments, else its launch, tuned (ranked by the model where
+/// it applies: `cost::applies`); `Ok(0.0)` then.
+macro_rules! launch_or_estimate {
+    ($kernel:ident, $client:expr, $tolerance:expr, $args:expr, $cost:expr, $estimate_only:expr) => {{
+        let (client, args, cost) = ($client, $args, $cost);
+        if $estimate_only {
+            let space = $kernel::space(client, &args.problem());
+            Ok($crate::qgemm::cost::best(space.iter().map(&cost)))
+        } else {
+            let modelled = $crate::qgemm::cost::applies(client.report());
+            let ranked: Option<&dyn Fn(&_) -> f64> = modelled.then_some(&cost);
+            $kernel::tuned_ranked(client, $tolerance, &args, ranked).map(|_| 0.0)
+        }
+    }};
+}
+pub(super) use launch_or_estimate;
+
 /// Checks x `[..., K]` and allocates y `[..., N]`; returns the row count M.
 pub(super) fn gemm_output(x: &Tensor, k: usize, n: usize) -> Result<(usize, Tensor)> {
     check_input("x", x, x.client())?;
@@ -89,6 +108,7 @@ impl Operands<'_> {
             [m, n, k],
             &extra,
             &more,
+            |p| self.estimate(p),
             |p| self.launch(p).map(|_| self.y.clone()),
         )?;
         self.launch(path)
@@ -113,8 +133,37 @@ impl Operands<'_> {
         !QgemmCmma::space(self.x.client(), &problem).is_empty()
     }
 
+    /// Whether int8 columns are read four to a word (`qgemm_direct`'s `col_words`: rows
+    /// of the weight start on a word).
+    fn col_words(&self) -> bool {
+        self.wkind == WeightKind::Int8Bits && self.dims[1].is_multiple_of(4)
+    }
+
+    /// The problem as the cost model sees it.
+    fn cost_shape(&self) -> cost::Shape {
+        cost::Shape {
+            m: self.dims[0],
+            n: self.dims[1],
+            x_bytes: self.x.dtype().size() as f64,
+            weights: (self.wkind, self.act_order, self.col_words()).into(),
+        }
+    }
+
     pub(super) fn launch(&self, path: Path) -> Result<()> {
+        self.launch_or_estimate(path, false).map(drop)
+    }
+
+    /// The cost model's estimate of `path` (its best configuration's).
+    fn estimate(&self, path: Path) -> f64 {
+        self.launch_or_estimate(path, true).unwrap_or(f64::INFINITY)
+    }
+
+    /// Launches `path`'s kernel, tuned (ranked by the cost model where it applies), or
+    /// with `estimate_only` returns the model's estimate of its best configuration.
+    fn launch_or_estimate(&self, path: Path, estimate_only: bool) -> Result<f64> {
         let client = self.x.client();
+        let device = client.report();
+        let s = self.cost_shape();
         let [m, n, k, g] = self.dims.map(|d| d as u32);
         // The fields every dequantizing kernel's arguments share, then its own.
         macro_rules! args {
@@ -137,24 +186,37 @@ impl Operands<'_> {
                 }
             };
         }
+        macro_rules! path {
+            ($kernel:ident, $args:expr, $cost:expr) => {
+                launch_or_estimate!(
+                    $kernel,
+                    client,
+                    KERNEL_TOLERANCE,
+                    $args,
+                    $cost,
+                    estimate_only
+                )
+            };
+        }
         match path {
-            Path::Gemv => QgemmGemv::tuned(
-                client,
-                KERNEL_TOLERANCE,
-                &args!(QgemmGemvArgs {
-                    mt: m.next_power_of_two().min(8),
+            Path::Gemv => {
+                let mt = m.next_power_of_two().min(8);
+                path!(QgemmGemv, args!(QgemmGemvArgs { mt }), |c: &_| {
+                    cost::qgemm_gemv(c, mt, &s, device)
+                })
+            }
+            Path::Direct => path!(
+                QgemmDirect,
+                args!(QgemmDirectArgs {
+                    col_words: self.col_words(),
                 }),
-            )
-            .map(drop),
-            Path::Direct => {
-                QgemmDirect::tuned(client, KERNEL_TOLERANCE, &args!(QgemmDirectArgs {})).map(drop)
-            }
-            Path::Tiled => {
-                QgemmTiled::tuned(client, KERNEL_TOLERANCE, &args!(QgemmTiledArgs {})).map(drop)
-            }
-            Path::TensorCore => {
-                QgemmCmma::tuned(client, KERNEL_TOLERANCE, &args!(QgemmCmmaArgs {})).map(drop)
-            }
+                |c: &_| cost::qgemm_direct(c, &s, device)
+            ),
+            Path::Tiled => path!(QgemmTiled, args!(QgemmTiledArgs {}), |c: &_| {
+                cost::qgemm_tiled(c, &s, device)
+            }),
+            // Tensor cores exist on GPUs only, where the model does not apply.
+            Path::TensorCore => path!(QgemmCmma, args!(QgemmCmmaArgs {}), |_: &_| 0.0),
         }
     }
 }
@@ -162,7 +224,10 @@ impl Operands<'_> {
 /// The autotuner's choice among the GEMV, the tiled and the caller's `more` paths
 /// (direct, tensor cores: those it has for this problem) of a GEMM writing `y` (the
 /// GEMV tried for M <= [`GEMV_MAX_ROWS`] only), keyed by the kernels' sources, bucketed M, N, K, y's
-/// dtype and `extra` key parts. `run` launches one path.
+/// dtype and `extra` key parts. `estimate` is the cost model's estimate of a path (its
+/// best configuration's), used where the model applies (`cost::applies`); `run` launches
+/// one path.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn choose_path(
     y: &Tensor,
     name: &'static str,
@@ -170,6 +235,7 @@ pub(super) fn choose_path(
     [m, n, k]: [usize; 3],
     extra: &[(&str, String)],
     more: &[Path],
+    estimate: impl Fn(Path) -> f64,
     run: impl Fn(Path) -> Result<Tensor>,
 ) -> Result<Path> {
     let mut paths = Vec::new();
@@ -186,6 +252,15 @@ pub(super) fn choose_path(
         .exact("dtype", y.dtype());
     for (part, value) in extra {
         choice = choice.exact(part, value);
+    }
+    if cost::applies(y.client().report()) {
+        let estimates: Vec<(Path, f64)> = paths.iter().map(|&p| (p, estimate(p))).collect();
+        choice = choice.cost(move |p| {
+            estimates
+                .iter()
+                .find(|(q, _)| q == p)
+                .map_or(f64::INFINITY, |&(_, e)| e)
+        });
     }
     choice.candidates(paths).tune(
         y.client(),

@@ -18,6 +18,7 @@
 //! inside the GEMM's main loop; few rows take a split-K GEMV kernel, many rows a
 //! register-tiled one, chosen by the autotuner.
 
+mod cost;
 #[macro_use]
 mod dequant;
 mod flexround;

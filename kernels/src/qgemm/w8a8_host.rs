@@ -1,7 +1,7 @@
 //! W8A8's host side: `w8a8` (int8 x int8, exact i32 accumulation) and the per-token
 //! activation quantizer.
 
-use super::gemm::{choose_path, Path};
+use super::gemm::{choose_path, launch_or_estimate, Path};
 use super::*;
 use crate::launch::{absent, check_input, expect_shape, shape_err};
 use kiln_runtime::{DType, Error, Result, Tensor};
@@ -76,19 +76,46 @@ pub fn w8a8(
                 }
             };
         }
-        let launch = |path: Path| match path {
-            Path::Gemv => W8a8Gemv::tuned(
+        let device = client.report();
+        let shape = cost::Shape {
+            m,
+            n,
+            x_bytes: 1.0,
+            weights: cost::Weights::W8a8,
+        };
+        let s = &shape;
+        // A path's estimate (`estimate_only`) or its tuned launch.
+        let run_path = |path: Path, estimate_only: bool| match path {
+            Path::Gemv => {
+                let mt = mu.next_power_of_two().min(8);
+                launch_or_estimate!(
+                    W8a8Gemv,
+                    client,
+                    0.0,
+                    args!(W8a8GemvArgs { mt }),
+                    |c: &_| cost::w8a8_gemv(c, mt, s, device),
+                    estimate_only
+                )
+            }
+            Path::Tiled => launch_or_estimate!(
+                W8a8Gemm,
                 client,
                 0.0,
-                &args!(W8a8GemvArgs {
-                    mt: mu.next_power_of_two().min(8),
-                }),
-            )
-            .map(drop),
-            Path::Tiled => W8a8Gemm::tuned(client, 0.0, &args!(W8a8GemmArgs {})).map(drop),
-            Path::Direct => W8a8Direct::tuned(client, 0.0, &args!(W8a8DirectArgs {})).map(drop),
+                args!(W8a8GemmArgs {}),
+                |c: &_| cost::w8a8_gemm(c, s, device),
+                estimate_only
+            ),
+            Path::Direct => launch_or_estimate!(
+                W8a8Direct,
+                client,
+                0.0,
+                args!(W8a8DirectArgs {}),
+                |c: &_| cost::w8a8_direct(c, s, device),
+                estimate_only
+            ),
             Path::TensorCore => unreachable!("W8A8 is not offered a tensor-core path"),
         };
+        let launch = |p: Path| run_path(p, false).map(drop);
         let sources = [
             W8a8Gemv::source_hash(),
             W8a8Gemm::source_hash(),
@@ -99,9 +126,17 @@ pub fn w8a8(
         let aligned = k % 4 == 0;
         let more: &[Path] = if aligned { &[Path::Direct] } else { &[] };
         let extra = [("k_words", aligned.to_string())];
-        let path = choose_path(&y, "w8a8_path", &sources, [m, n, k], &extra, more, |p| {
-            launch(p).map(|_| y.clone())
-        })?;
+        let estimate = |p| run_path(p, true).unwrap_or(f64::INFINITY);
+        let path = choose_path(
+            &y,
+            "w8a8_path",
+            &sources,
+            [m, n, k],
+            &extra,
+            more,
+            estimate,
+            |p| launch(p).map(|_| y.clone()),
+        )?;
         launch(path)?;
     }
     Ok(y)
