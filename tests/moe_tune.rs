@@ -1,7 +1,8 @@
 //! The MoE layer with autotuning on (the default): the grouped GEMM's candidates from
 //! both kernels (shared-memory staged, 4-wide direct) and both layer paths are each
 //! checked against the first before being timed, and the tuned layer still matches the
-//! f64 reference.
+//! f64 reference; then the default ranked search (CPU adapters: the grouped GEMMs' cost
+//! model) leaves configurations untimed and still matches.
 
 mod common;
 
@@ -11,7 +12,8 @@ use kiln::kernels::matmul::Activation;
 use kiln::kernels::moe::{
     moe_layer, reference as rf, ExpertWeights, GateOptions, LayerOptions, MoePath,
 };
-use kiln::runtime::tune::CandidateStatus;
+use kiln::runtime::tune::{Autotuner, CandidateStatus, Search};
+use kiln::runtime::AdapterType;
 use kiln::{DType, HostTensor};
 
 #[test]
@@ -35,19 +37,16 @@ fn tuned_layer_matches_the_reference() {
         gen(&[e, m], 0.3),
     );
     let r = rf::gate(&rf::gate_logits(&x, &wg, m, e), e, k, 1.0, true, false);
-    let want = rf::layer(
-        &x,
-        &r,
-        &rf::Experts {
-            w1: &w1,
-            b1: Some(&b1),
-            w2: &w2,
-            b2: Some(&b2),
-            m,
-            f,
-            activation: "relu",
-        },
-    );
+    let experts = rf::Experts {
+        w1: &w1,
+        b1: Some(&b1),
+        w2: &w2,
+        b2: Some(&b2),
+        m,
+        f,
+        activation: "relu",
+    };
+    let want = rf::layer(&x, &r, &experts);
     let _ = client();
     let t = |shape: &[usize], v: &[f64]| up(DType::F32, shape, v);
     let (tx, twg, tw1, tw2, tb1, tb2) = (
@@ -81,8 +80,8 @@ fn tuned_layer_matches_the_reference() {
         let err = max_rel_error(&down(&out.y), &want, 1.0);
         assert!(err < 4e-6, "tuned {path:?}: y {err:e}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    let seen = seen.lock().unwrap();
+    let log = seen;
+    let seen = log.lock().unwrap();
     for kind in ["staged", "vec4", "capacity", "dropless"] {
         assert!(
             seen.iter().any(|(l, _)| l.starts_with(kind)),
@@ -95,4 +94,36 @@ fn tuned_layer_matches_the_reference() {
             "{label}: {status:?}"
         );
     }
+    drop(seen);
+
+    // The default (ranked) search where the grouped GEMMs' cost model applies (CPU
+    // adapters): the first 41 tokens (capacity 21 rows an expert: a fresh key) time only
+    // the best-ranked grouped configurations, and the layer still matches.
+    if client().report().adapter_type == AdapterType::Cpu {
+        Autotuner::global().set_search(Search::Ranked);
+        log.lock().unwrap().clear();
+        let s = 41;
+        let x = &x[..s * m];
+        let r = rf::gate(&rf::gate_logits(x, &wg, m, e), e, k, 1.0, true, false);
+        let want = rf::layer(x, &r, &experts);
+        let out = moe_layer(
+            &t(&[s, m], x),
+            &twg,
+            &w,
+            &LayerOptions {
+                gate: GateOptions::new(k, 1.0),
+                path: MoePath::Capacity,
+            },
+        )
+        .unwrap();
+        let err = max_rel_error(&down(&out.y), &want, 1.0);
+        assert!(err < 4e-6, "ranked: y {err:e}");
+        let seen = log.lock().unwrap();
+        assert!(
+            seen.iter()
+                .any(|(_, st)| matches!(st, CandidateStatus::NotTimed { .. })),
+            "every grouped configuration ran: {seen:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

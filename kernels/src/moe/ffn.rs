@@ -346,7 +346,7 @@ fn tuned(
 ) -> Result<GroupedConfig> {
     let (groups, n, k, dtype) = (problem.groups, problem.n, problem.k, operands.b.dtype());
     let (trans_b, act) = (problem.trans_b, problem.act);
-    Choice::new("moe_grouped_gemm")
+    let mut choice = Choice::new("moe_grouped_gemm")
         .sources([
             MoeGroupedMatmul::source_hash(),
             MoeGroupedMatmulV4::source_hash(),
@@ -358,12 +358,15 @@ fn tuned(
         .exact("dtype", dtype)
         .exact("trans_b", trans_b)
         .exact("act", act)
-        .candidates(problem.candidates(client))
-        .tune(client, TOLERANCE, GroupedConfig::label, |cfg| {
-            let c = Tensor::empty(client, out_dtype, &[rows, n])?;
-            problem.launch(client, cfg, operands, &c, None, no_routes)?;
-            Ok(vec![c])
-        })
+        .candidates(problem.candidates(client));
+    if let Some(model) = super::cost::model(client.report(), groups.max_rows, n, dtype.size()) {
+        choice = choice.cost(model);
+    }
+    choice.tune(client, TOLERANCE, GroupedConfig::label, |cfg| {
+        let c = Tensor::empty(client, out_dtype, &[rows, n])?;
+        problem.launch(client, cfg, operands, &c, None, no_routes)?;
+        Ok(vec![c])
+    })
 }
 
 /// The tensors bound to a grouped GEMM: the left operand in b's dtype (`a`) or in f32

@@ -30,6 +30,7 @@
 //! GEMM tile never straddles two experts because tiles are cut per expert).
 
 mod backward;
+mod cost;
 mod expert_parallel;
 mod ffn;
 mod gate;
