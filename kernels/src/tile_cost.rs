@@ -44,6 +44,21 @@ pub(crate) struct Tile {
     pub b_bytes: f64,
 }
 
+impl Tile {
+    /// A plain GEMM's tile: both operands of `elem` bytes, no other arithmetic.
+    pub fn plain(kind: f64, fmas_per_load: f64, (bm, bn): (u32, u32), elem: usize) -> Tile {
+        Tile {
+            kind,
+            fmas_per_load,
+            ops_per_fma: 0.0,
+            bm,
+            bn,
+            a_bytes: elem as f64,
+            b_bytes: elem as f64,
+        }
+    }
+}
+
 /// Estimated time of `t` on an `m x n` output on `device`, relative (lower is better).
 pub(crate) fn estimate(t: &Tile, m: usize, n: usize, device: &DeviceReport) -> f64 {
     let (bm, bn) = (t.bm.max(1) as usize, t.bn.max(1) as usize);

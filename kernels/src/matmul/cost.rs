@@ -57,15 +57,6 @@ fn cost(c: &MatmulConfig, p: &Problem, elem: usize, device: &DeviceReport) -> f6
         MatmulConfig::Cmma(_) => (0.1, 64.0),
         MatmulConfig::Cubek => return f64::INFINITY,
     };
-    let (bm, bn) = c.tile().unwrap_or((1, 1));
-    let tile = Tile {
-        kind,
-        fmas_per_load,
-        ops_per_fma: 0.0,
-        bm,
-        bn,
-        a_bytes: elem as f64,
-        b_bytes: elem as f64,
-    };
+    let tile = Tile::plain(kind, fmas_per_load, c.tile().unwrap_or((1, 1)), elem);
     estimate(&tile, p.m, p.n, device)
 }

@@ -25,15 +25,7 @@ pub(super) fn model(
             GroupedConfig::Staged(c) => (1.5, b_vec4(f(c.TM), f(c.TN)), c.BM, c.BN),
             GroupedConfig::Vec4(c) => (1.0, 4.0 * scalar(f(c.TM), f(c.TN)), c.BM, c.BN),
         };
-        let tile = Tile {
-            kind,
-            fmas_per_load,
-            ops_per_fma: 0.0,
-            bm,
-            bn,
-            a_bytes: elem as f64,
-            b_bytes: elem as f64,
-        };
+        let tile = Tile::plain(kind, fmas_per_load, (bm, bn), elem);
         estimate(&tile, max_rows, n, &device)
     })
 }

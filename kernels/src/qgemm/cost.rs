@@ -91,17 +91,17 @@ pub(super) fn qgemm_direct(c: &QgemmDirectConfig, s: &Shape, device: &DeviceRepo
     estimate(&tile, s.m, s.n, device)
 }
 
-/// `qgemm_tiled`: register tiles from shared memory (scalar loads), staged with barriers
-/// (1.5x on a CPU), each weight decoded once per cube of `BM` rows.
+/// `qgemm_tiled`: see [`staged`].
 pub(super) fn qgemm_tiled(c: &QgemmTiledConfig, s: &Shape, device: &DeviceReport) -> f64 {
-    let (tm, tn) = (c.TM as f64, c.TN as f64);
-    let tile = s.tile(
-        1.5,
-        scalar(tm, tn),
-        s.decode_ops() / c.BM as f64,
-        c.BM,
-        c.BN,
-    );
+    staged((c.BM, c.BN, c.TM, c.TN), s, device)
+}
+
+/// The shared-memory kernels (`qgemm_tiled`, `w8a8_gemm`): register tiles from shared
+/// memory (scalar loads), staged with barriers (1.5x on a CPU), each weight decoded once
+/// per cube of `BM` rows.
+fn staged((bm, bn, tm, tn): (u32, u32, u32, u32), s: &Shape, device: &DeviceReport) -> f64 {
+    let ops = s.decode_ops() / bm as f64;
+    let tile = s.tile(1.5, scalar(tm as f64, tn as f64), ops, bm, bn);
     estimate(&tile, s.m, s.n, device)
 }
 
@@ -122,17 +122,9 @@ pub(super) fn w8a8_direct(c: &W8a8DirectConfig, s: &Shape, device: &DeviceReport
     estimate(&tile, s.m, s.n, device)
 }
 
-/// `w8a8_gemm`: staged as i32 through shared memory (scalar loads, barriers).
+/// `w8a8_gemm`: staged as i32 through shared memory ([`staged`]).
 pub(super) fn w8a8_gemm(c: &W8a8GemmConfig, s: &Shape, device: &DeviceReport) -> f64 {
-    let (tm, tn) = (c.TM as f64, c.TN as f64);
-    let tile = s.tile(
-        1.5,
-        scalar(tm, tn),
-        s.decode_ops() / c.BM as f64,
-        c.BM,
-        c.BN,
-    );
-    estimate(&tile, s.m, s.n, device)
+    staged((c.BM, c.BN, c.TM, c.TN), s, device)
 }
 
 /// `w8a8_gemv`: a unit walks a column's words of K for `mt` rows (one word of the weight
