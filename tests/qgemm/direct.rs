@@ -60,18 +60,21 @@ fn qgemm_direct_every_config_matches_f64() {
             let err = mean_rel(&y.download().unwrap().to_f64(), want);
             assert!(err < bar(x.dtype()), "{what} {cfg:?}: {err:e}");
         }
-        // At 264 columns (133 rows) the 16 x 32 tile is offered and ran.
+        // 133 x 264 reaches the 16 x 32 tile in a 64 x 256 cube, 19 x 520 in a 16 x 512 one.
         let ran: Vec<String> = space.iter().map(QgemmDirect::label).collect();
-        if n == 264 {
-            assert!(
-                ran.iter().any(|l| l.ends_with("TM=16 TN=32")),
-                "{what}: {ran:?}"
-            );
+        let large = match n {
+            264 => Some("BM=64 BN=256 TM=16 TN=32"),
+            520 => Some("BM=16 BN=512 TM=16 TN=32"),
+            _ => None,
+        };
+        if let Some(large) = large {
+            assert!(ran.iter().any(|l| l == large), "{what}: {ran:?}");
         }
     };
 
-    // N = 72 with M = 37, 1 and 3 (the few-row tiles: BM = 1, 4); N = 264 with M = 133
-    // reaches the register tiles past 16 x 16 (offered only where M and N fill a cube).
+    // N = 72 with M = 37, 1 and 3 (the few-row tiles: BM = 1, 4); N = 264 with M = 133 and
+    // N = 520 with M = 19 reach the register tiles past 16 x 16 (offered only where M and N
+    // fill a cube).
     let (k, g) = (256, 32);
     let shapes = [
         (
@@ -84,6 +87,7 @@ fn qgemm_direct_every_config_matches_f64() {
             ],
         ),
         (264, vec![(133, DType::F32), (133, DType::F16)]),
+        (520, vec![(19, DType::F32)]),
     ];
     for (n, rows) in shapes {
         let c = codes(&mut rng, k, n, g, DType::F32);
@@ -132,10 +136,15 @@ fn qgemm_direct_every_config_matches_f64() {
 
     // int8 served at 4 bits (shift 4), K = 84: a multiple of the kernel's vectors of x but
     // not of its steps of 8 (the last step ends half-way). N = 37: one byte load a weight;
-    // N = 72 and 264 (multiples of 4): `col_words`, four columns a word, ragged M and N
-    // against every tile, 133 x 264 reaching the 16 x 32 tile.
+    // N = 72, 264 and 520 (multiples of 4): `col_words`, four columns a word, ragged M and
+    // N against every tile, 133 x 264 and 19 x 520 reaching the 16 x 32 tiles.
     let k = 84;
-    for (m, n, col_words) in [(19, 37, false), (19, 72, true), (133, 264, true)] {
+    for (m, n, col_words) in [
+        (19, 37, false),
+        (19, 72, true),
+        (133, 264, true),
+        (19, 520, true),
+    ] {
         let q8 = ints(&mut rng, k * n, -128, 127);
         let q8i: Vec<i8> = q8.iter().map(|&v| v as i8).collect();
         let s8 = rounded(

@@ -410,6 +410,9 @@ qgemm_kernel! {
             // (and 816 ms for 32 x 32 in a 128 x 128 cube, left out: no faster, slower to
             // compile).
             (64, 256, 16, 32),
+            // The same 16 x 32 tile for 16 rows (one unit row, 16 units along N), where
+            // M and N fill it, as `matmul_vec4`'s 16 x 512 cube.
+            (16, 512, 16, 32),
         ]),
         require(
             (BM / TM) * (BN / TN) <= 1024,
