@@ -182,8 +182,20 @@ w8a8_kernel! {
             // columns).
             (1, 256, 1, 16),
             (4, 256, 4, 16),
+            // Past 16 x 16 outputs a unit (more multiplies per load, where the loads are
+            // what a CPU adapter pays for), as `qgemm_direct`'s: 16 rows in one unit row
+            // of a 16 x 512 cube, only where M and N fill it. At 16 and 64 x 4096 x 4096 on
+            // a slow 2-core machine 38-44 and 175 ms against 113 and 265 ms for the best
+            // tile before. (The same tile in a 64 x 256 cube, as `qgemm_direct` has, was
+            // no faster at M = 128 and 256 and costs llvmpipe over a minute to compile.)
+            (16, 512, 16, 32),
         ]),
-        require((BM / TM) * (BN / TN) <= 1024, super::direct_rows_fit(BM, m), k % 4 == 0),
+        require(
+            (BM / TM) * (BN / TN) <= 1024,
+            super::direct_rows_fit(BM, m),
+            k % 4 == 0,
+            TM * TN <= 256 || (m >= BM && n >= BN),
+        ),
         grid = (n.div_ceil(BN), m.div_ceil(BM)),
         cube = (BN / TN, BM / TM),
     )]
