@@ -415,10 +415,7 @@ qgemm_kernel! {
             (16, 512, 16, 32),
         ]),
         require(
-            (BM / TM) * (BN / TN) <= 1024,
-            super::direct_rows_fit(BM, m),
-            k % 4 == 0,
-            TM * TN <= 256 || (m >= BM && n >= BN),
+            super::direct_tile_fits((BM, BN, TM, TN), m, n, k),
             !col_words || wkind == WeightKind::Int8Bits,
             !col_words || n % 4 == 0,
         ),

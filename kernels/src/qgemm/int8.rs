@@ -190,12 +190,7 @@ w8a8_kernel! {
             // no faster at M = 128 and 256 and costs llvmpipe over a minute to compile.)
             (16, 512, 16, 32),
         ]),
-        require(
-            (BM / TM) * (BN / TN) <= 1024,
-            super::direct_rows_fit(BM, m),
-            k % 4 == 0,
-            TM * TN <= 256 || (m >= BM && n >= BN),
-        ),
+        require(super::direct_tile_fits((BM, BN, TM, TN), m, n, k)),
         grid = (n.div_ceil(BN), m.div_ceil(BM)),
         cube = (BN / TN, BM / TM),
     )]

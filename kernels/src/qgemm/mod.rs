@@ -53,12 +53,19 @@ pub use flexround::{flexround, flexround_backward, FlexRoundGrads, FlexRoundInpu
 pub use w8a8_host::{quantize_per_token, w8a8, W8A8_OUT_DTYPES};
 pub use weight_only::{w4a16, w4a16_packed, w4a16_repack, w8_bits, PackedW4, W4Format, W4Weights};
 
-/// The rows of a direct kernel's cube tile (`bm`) against the problem's `m`: no more
-/// than M rounds up to (16 at the least), and a few-row tile (`bm < 16`) only where
-/// it covers M. Keeps tiles that are mostly past the edge out of the tuning space.
-fn direct_rows_fit(bm: u32, m: u32) -> bool {
+/// The direct kernels' (`qgemm_direct`, `w8a8_direct`) common requirements on a cube
+/// of `bm x bn` outputs in `tm x tn` register tiles for an `m x n x k` problem: at most
+/// 1024 units; `bm` no more than M rounds up to (16 at the least), and a few-row tile
+/// (`bm < 16`) only where it covers M (tiles mostly past the edge stay out of the tuning
+/// space); K a multiple of 4 (rows start on a vector or word); and tiles past 16 x 16
+/// outputs a unit only where M and N fill the cube (their compiles are the costliest).
+fn direct_tile_fits((bm, bn, tm, tn): (u32, u32, u32, u32), m: u32, n: u32, k: u32) -> bool {
     let rows = m.next_power_of_two();
-    bm <= rows.max(16) && (bm >= 16 || bm >= rows)
+    (bm / tm) * (bn / tn) <= 1024
+        && bm <= rows.max(16)
+        && (bm >= 16 || bm >= rows)
+        && k % 4 == 0
+        && (tm * tn <= 256 || (m >= bm && n >= bn))
 }
 
 /// Group sizes W4A16 accepts (`-1`: one group per column, G = K).
