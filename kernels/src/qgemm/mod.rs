@@ -64,7 +64,7 @@ fn direct_tile_fits((bm, bn, tm, tn): (u32, u32, u32, u32), m: u32, n: u32, k: u
     (bm / tm) * (bn / tn) <= 1024
         && bm <= rows.max(16)
         && (bm >= 16 || bm >= rows)
-        && k % 4 == 0
+        && k.is_multiple_of(4)
         && (tm * tn <= 256 || (m >= bm && n >= bn))
 }
 
