@@ -185,9 +185,10 @@ w8a8_kernel! {
             // Past 16 x 16 outputs a unit (more multiplies per load, where the loads are
             // what a CPU adapter pays for), as `qgemm_direct`'s: 16 rows in one unit row
             // of a 16 x 512 cube, only where M and N fill it. At 16 and 64 x 4096 x 4096 on
-            // a slow 2-core machine 38-44 and 175 ms against 113 and 265 ms for the best
-            // tile before. (The same tile in a 64 x 256 cube, as `qgemm_direct` has, was
-            // no faster at M = 128 and 256 and costs llvmpipe over a minute to compile.)
+            // a slow 2-core machine 35-43 and 128-132 ms against 100-102 and 215-260 ms
+            // before (docs/performance.md). (The same tile in a 64 x 256 cube, as
+            // `qgemm_direct` has, was no faster at M = 128 and 256 and costs llvmpipe over
+            // half a minute to compile.)
             (16, 512, 16, 32),
         ]),
         require(super::direct_tile_fits((BM, BN, TM, TN), m, n, k)),
