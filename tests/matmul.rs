@@ -263,19 +263,23 @@ fn every_config_matches_the_reference_f16() {
     every_config(DType::F16);
 }
 
+/// Tuned (the tuner compiles each candidate on one tile with a short K before its first
+/// run: `warm_up`), with the whole epilogue, both layouts of `b`.
 #[test]
 fn tuned_matmul_on_skinny_and_edge_shapes() {
-    for (m, n, k) in [
-        (1, 1, 1),
-        (1, 300, 257),
-        (2, 3, 1000),
-        (130, 1, 65),
-        (65, 129, 33),
+    for (m, n, k, trans_b) in [
+        (1, 1, 1, false),
+        (1, 300, 257, false),
+        (2, 3, 1000, false),
+        (130, 1, 65, false),
+        (65, 129, 33, false),
+        (65, 129, 33, true),
         // K and N multiples of 4: the vector kernel competes too.
-        (1, 300, 256),
-        (33, 132, 100),
+        (1, 300, 256, false),
+        (33, 132, 100, false),
+        (33, 132, 100, true),
     ] {
-        let p = problem(m, n, k, false, DType::F32, (m * 1000 + n) as u64);
+        let p = problem(m, n, k, trans_b, DType::F32, (m * 1000 + n) as u64);
         let (a, b, bias, res) = (
             up(&p.hosts["a"]),
             up(&p.hosts["b"]),
@@ -287,12 +291,19 @@ fn tuned_matmul_on_skinny_and_edge_shapes() {
             activation: Activation::Gelu,
             residual: Some(&res),
         };
-        let c = matmul::matmul(&a, &b, false, ep)
+        let c = matmul::matmul(&a, &b, trans_b, ep)
             .unwrap()
             .download()
             .unwrap();
         assert_eq!(c.shape, vec![m, n]);
-        check(&p, &c, false, "gelu", DType::F32, &format!("{m}x{n}x{k}"));
+        check(
+            &p,
+            &c,
+            trans_b,
+            "gelu",
+            DType::F32,
+            &format!("{m}x{n}x{k} trans_b={trans_b}"),
+        );
     }
 }
 

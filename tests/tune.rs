@@ -358,3 +358,95 @@ fn a_choice_reports_its_cost_models_ranking() {
     let plain = Choice::new("plain").candidates([5u32, 4]);
     assert_eq!(plain.ranking(), [(5, None), (4, None)]);
 }
+
+/// With a warm-up ([`Autotuner::tune_warmed`]), a candidate's first run on the real
+/// problem is its first timed sample: a clear loser (c0, 6x c1) drops out before any
+/// timing round and runs once. The warm-up runs once per candidate, before its first
+/// run. Without a warm-up, or with one that fails or declines, the first run is not
+/// timed and the loser runs again in the first round. (Pauses stand for long kernels,
+/// above `SAMPLE_FLOOR`.)
+#[test]
+fn a_warmed_first_run_is_timed_and_clear_losers_skip_the_rounds() {
+    let x = input();
+    let log = Mutex::new(Vec::<String>::new());
+    let run = |&c: &u32| {
+        log.lock().unwrap().push(format!("r{c}"));
+        std::thread::sleep(std::time::Duration::from_millis(if c == 0 {
+            120
+        } else {
+            20
+        }));
+        Ok(vec![rowwise::softmax(&x)?])
+    };
+    let tune = |name: &str, warm: Option<&dyn Fn(&u32) -> kiln::Result<bool>>| {
+        log.lock().unwrap().clear();
+        let t = Autotuner::new(tmpdir(name), TuneMode::On);
+        let won = t
+            .tune_warmed(
+                client(),
+                &key("w"),
+                &[0u32, 1],
+                |c| format!("c{c}"),
+                &run,
+                1e-5,
+                None,
+                warm,
+            )
+            .unwrap();
+        assert_eq!(won, 1);
+        log.lock().unwrap().clone()
+    };
+    let warm = |&c: &u32| {
+        log.lock().unwrap().push(format!("w{c}"));
+        Ok(true)
+    };
+    assert_eq!(tune("warmed", Some(&warm)), ["w0", "r0", "w1", "r1"]);
+    assert_eq!(tune("cold", None), ["r0", "r1", "r0", "r1"]);
+    let declines = |_: &u32| Ok(false);
+    assert_eq!(tune("declined", Some(&declines)), ["r0", "r1", "r0", "r1"]);
+    let fails = |_: &u32| -> kiln::Result<bool> {
+        Err(Error::Kernel {
+            kernel: "test".into(),
+            message: "warm-up failed".into(),
+        })
+    };
+    assert_eq!(tune("failed", Some(&fails)), ["r0", "r1", "r0", "r1"]);
+
+    // Ranked: c1 (fast) first, then c0 (6x slower), then c2 (as fast as c1). c0 over the
+    // cut with an estimate 50 % above c1's confirms the model, so c2, estimated no
+    // better than c0, is not run. With c0's estimate within 10 % of c1's, the model
+    // did not tell them apart: c2 runs.
+    let ranked = |name: &str, cost: [f64; 3]| {
+        log.lock().unwrap().clear();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let e2 = Arc::clone(&events);
+        let t = Autotuner::new(tmpdir(name), TuneMode::On);
+        t.observe(move |e| e2.lock().unwrap().push(e.clone()));
+        let model = |c: &u32| cost[*c as usize];
+        t.tune_warmed(
+            client(),
+            &key("w"),
+            &[0u32, 1, 2],
+            |c| format!("c{c}"),
+            &run,
+            1e-5,
+            Some(&model),
+            Some(&warm),
+        )
+        .unwrap();
+        let not_run = events.lock().unwrap().iter().any(|e| {
+            matches!(e, TuneEvent::Candidate { label, status: CandidateStatus::NotTimed { rank: 3 } } if label == "c2")
+        });
+        (log.lock().unwrap().clone(), not_run)
+    };
+    let (runs, not_run) = ranked("confirmed", [1.5, 1.0, 1.6]);
+    assert_eq!(
+        (runs, not_run),
+        (
+            vec!["w1".to_string(), "r1".into(), "w0".into(), "r0".into()],
+            true
+        )
+    );
+    let (runs, not_run) = ranked("unconfirmed", [1.05, 1.0, 1.6]);
+    assert!(runs.contains(&"r2".to_string()) && !not_run, "{runs:?}");
+}

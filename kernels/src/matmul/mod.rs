@@ -395,10 +395,55 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_b: bool, ep: Epilogue<'_>) -> Result
         .exact("trans_b", trans_b)
         .candidates(cands.iter().copied())
         .cost(cost::model(client, &p, a.dtype().size(), &cands))
-        .tune(client, tolerance, MatmulConfig::label, |c| {
-            c.launch(a, b, &p, &ep).map(|t| vec![t])
-        })?;
+        .tune_warmed(
+            client,
+            tolerance,
+            MatmulConfig::label,
+            Some(&|c| warm_up(c, a, &p, &ep)),
+            |c| c.launch(a, b, &p, &ep).map(|t| vec![t]),
+        )?;
     cfg.launch(a, b, &p, &ep)
+}
+
+/// Compiles `c` for the autotuner before its first run on the real problem (which can
+/// then be timed): launches it on at most one `BM x BN` tile with a K of 16 to 19 (K
+/// mod 4 kept), on uninitialised operands, with the same dtype, layout and epilogue.
+/// A kernel's compiled code depends on those and its tile only, and every requirement
+/// that holds for the real shape holds for this one (they ask for K and N multiples of
+/// 4 and M, N at least a tile, never at most). cubek-matmul picks its kernel by shape:
+/// not warmed (`false`).
+fn warm_up(c: &MatmulConfig, a: &Tensor, p: &Problem, ep: &Epilogue<'_>) -> Result<bool> {
+    let Some((bm, bn)) = c.tile() else {
+        return Ok(false);
+    };
+    let small = Problem {
+        m: p.m.min(bm as usize),
+        n: p.n.min(bn as usize),
+        k: if p.k <= 19 { p.k } else { 16 + p.k % 4 },
+        trans_b: p.trans_b,
+    };
+    let empty = |like: &Tensor, shape: &[usize]| Tensor::empty(a.client(), like.dtype(), shape);
+    let sa = empty(a, &[small.m, small.k])?;
+    let sb = empty(
+        a,
+        &if p.trans_b {
+            [small.n, small.k]
+        } else {
+            [small.k, small.n]
+        },
+    )?;
+    let bias = ep.bias.map(|t| empty(t, &[small.n])).transpose()?;
+    let residual = ep
+        .residual
+        .map(|t| empty(t, &[small.m, small.n]))
+        .transpose()?;
+    let small_ep = Epilogue {
+        bias: bias.as_ref(),
+        activation: ep.activation,
+        residual: residual.as_ref(),
+    };
+    c.launch(&sa, &sb, &small, &small_ep)?;
+    Ok(true)
 }
 
 /// `matmul` with a fixed configuration (no tuning): for benchmarks and tests. The

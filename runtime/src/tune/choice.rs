@@ -1,6 +1,6 @@
 //! Choices between kernels or algorithms, tuned like a kernel's configurations.
 
-use super::{fnv1a_hex, Autotuner, TuneKey};
+use super::{fnv1a_hex, Autotuner, TuneKey, WarmUp};
 use crate::{Client, Result, Tensor};
 use serde::{de::DeserializeOwned, Serialize};
 use std::sync::Arc;
@@ -124,7 +124,21 @@ where
         label: impl Fn(&C) -> String,
         run: impl Fn(&C) -> Result<Vec<Tensor>>,
     ) -> Result<C> {
-        Autotuner::global().tune_ranked(
+        self.tune_warmed(client, tolerance, label, None, run)
+    }
+
+    /// [`Choice::tune`] with a warm-up: `warm` compiles a candidate by launching it on a
+    /// small problem that needs the same compiled kernel, or returns `false` where it
+    /// cannot (see [`Autotuner::tune_warmed`]).
+    pub fn tune_warmed(
+        &self,
+        client: &Client,
+        tolerance: f64,
+        label: impl Fn(&C) -> String,
+        warm: Option<WarmUp<'_, C>>,
+        run: impl Fn(&C) -> Result<Vec<Tensor>>,
+    ) -> Result<C> {
+        Autotuner::global().tune_warmed(
             client,
             &self.key(),
             &self.candidates,
@@ -132,6 +146,7 @@ where
             run,
             tolerance,
             self.cost.as_deref(),
+            warm,
         )
     }
 }

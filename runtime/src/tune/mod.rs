@@ -13,15 +13,24 @@
 //! only its finalists: the best [`Autotuner::finalists`] (4), less those estimated at
 //! over twice the best (the model is sure they lose), plus any within 10 % of the last
 //! one kept (estimates that close are not a ranking); it goes on down the ranking while
-//! none is valid. A lone finalist is run once (it must work) and not timed. After each
-//! round, a candidate whose fastest run is over 1.5x the best median drops out. `KILN_TUNE_SEARCH=exhaustive` (or `kiln tune --exhaustive`) times
-//! every candidate fully, cutting only at 3x, as kiln did before it had cost models, and
-//! re-tunes keys a ranked search decided.
-//! Candidates compile one after another: wgpu and CUDA compile on the launching thread,
-//! and compiling beside a timed run would perturb its time on a machine with few cores. The winner is stored in a JSON file keyed by device (name,
-//! backend, driver), kernel, kernel source hash, kiln version and the shape key; the file
-//! is written atomically, and a corrupt or unreadable one is ignored (with a warning)
-//! and rewritten.
+//! none is valid. A lone finalist is run once (it must work) and not timed. Before each
+//! round, a candidate whose fastest run is over 1.5x the best median drops out.
+//!
+//! Where the operator can compile a candidate on a small problem first
+//! ([`Autotuner::tune_warmed`]; `matmul` does), its first run on the real problem is its
+//! first timed sample: clear losers drop out before any round, and a clear loser the
+//! model also put over 10 % above the best confirms the ranking there: finalists it
+//! estimates no better are not run at all (compiling them is most of a ranked search's
+//! time on lavapipe, 1-2 s for a 32 x 32 register tile).
+//!
+//! `KILN_TUNE_SEARCH=exhaustive` (or `kiln tune --exhaustive`) times every candidate
+//! fully, cutting only at 3x, as kiln did before it had cost models, and re-tunes keys a
+//! ranked search decided. Candidates compile one after another: wgpu and CUDA compile
+//! on the launching thread (lavapipe at the first dispatch), and compiling beside a
+//! timed run would perturb its time on a machine with few cores. The winner is stored
+//! in a JSON file keyed by device (name, backend, driver), kernel, kernel source hash,
+//! kiln version and the shape key; the file is written atomically, and a corrupt or
+//! unreadable one is ignored (with a warning) and rewritten.
 //!
 //! Location: `$KILN_CACHE_DIR/autotune.json`, else the user's cache directory
 //! (`$XDG_CACHE_HOME/kiln`, `~/.cache/kiln`, `~/Library/Caches/kiln`,
@@ -35,6 +44,7 @@ mod search;
 pub use cache::default_cache_dir;
 use cache::{device_prefix, write_atomic, CacheFile, Entry, CACHE_VERSION};
 pub use choice::Choice;
+pub use search::SAMPLE_FLOOR;
 
 use crate::{Client, Error, HostTensor, Result, Tensor};
 use serde::{de::DeserializeOwned, Serialize};
@@ -42,6 +52,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+/// A warm-up for [`Autotuner::tune_warmed`]: compiles a candidate by launching it on a
+/// small problem that needs the same compiled kernel; `false` where it cannot.
+pub type WarmUp<'a, C> = &'a dyn Fn(&C) -> Result<bool>;
 
 /// When the tuner times candidates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,7 +144,8 @@ pub enum CandidateStatus {
     Mismatch(String),
     /// Failed to run.
     Failed(String),
-    /// Not run: the cost model ranked it `rank`-th (1-based), below the finalists.
+    /// Not run: the cost model ranked it `rank`-th (1-based), below the finalists, or
+    /// no better than a finalist whose timed first run confirmed it a clear loser.
     NotTimed {
         /// Its place in the cost model's ranking.
         rank: usize,

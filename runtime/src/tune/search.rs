@@ -45,6 +45,32 @@ impl Autotuner {
     where
         C: Clone + PartialEq + Serialize + DeserializeOwned,
     {
+        self.tune_warmed(client, key, candidates, label, run, tolerance, cost, None)
+    }
+
+    /// [`Autotuner::tune_ranked`] with a warm-up: `warm` compiles a candidate by
+    /// launching it on a small problem that needs the same compiled kernel (returning
+    /// `false` where it cannot, e.g. for a library GEMM that picks its kernel by shape).
+    /// A warmed candidate's first run on the real problem is then no longer compilation
+    /// plus a run thrown away but its first timed sample (where it takes at least
+    /// [`SAMPLE_FLOOR`]), and candidates clearly slower than the best are cut before
+    /// the timing rounds: one run of each fewer. On lavapipe, which compiles a shader at
+    /// its first dispatch, this is the only way to tell compilation from the run.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tune_warmed<C>(
+        &self,
+        client: &Client,
+        key: &TuneKey,
+        candidates: &[C],
+        label: impl Fn(&C) -> String,
+        run: impl Fn(&C) -> Result<Vec<Tensor>>,
+        tolerance: f64,
+        cost: Option<&dyn Fn(&C) -> f64>,
+        warm: Option<WarmUp<'_, C>>,
+    ) -> Result<C>
+    where
+        C: Clone + PartialEq + Serialize + DeserializeOwned,
+    {
         let first = candidates.first().cloned().ok_or_else(|| Error::Kernel {
             kernel: key.kernel.into(),
             message: "no configuration fits this device and shape".into(),
@@ -86,13 +112,18 @@ impl Autotuner {
 
         // The order candidates run in, and how many valid ones end the search.
         // The order candidates run in, and how many valid ones end the search.
-        let (order, finalists) = match cost {
+        let (order, estimates, finalists) = match cost {
             Some(cost) if search == Search::Ranked => {
                 let ranked = rank(candidates, cost);
                 let finalists = finalist_count(&ranked, self.finalists);
-                (ranked.into_iter().map(|(i, _)| i).collect(), finalists)
+                let (order, estimates) = ranked.into_iter().map(|(i, e)| (i, Some(e))).unzip();
+                (order, estimates, finalists)
             }
-            _ => ((0..candidates.len()).collect::<Vec<_>>(), candidates.len()),
+            _ => (
+                (0..candidates.len()).collect::<Vec<_>>(),
+                vec![None; candidates.len()],
+                candidates.len(),
+            ),
         };
         let cut = if search == Search::Exhaustive {
             3.0
@@ -107,31 +138,49 @@ impl Autotuner {
         });
         // First runs, in order: compile, launch, check against the reference (the first
         // candidate that ran). Past the finalists, a candidate runs only while none of
-        // them is valid.
+        // them is valid. A timed first run can confirm the model: a finalist over the cut
+        // (clearly slower than the best so far) that the model also put over 10 % above
+        // the best is a confirmed loser, and finalists estimated no better than it are
+        // not run (their compilation is most of a ranked search's time).
         let mut reference: Option<Vec<HostTensor>> = None;
         let mut spent = Spent::default();
         let mut status: Vec<Option<CandidateStatus>> = vec![None; order.len()];
-        let mut valid: Vec<(usize, Duration)> = Vec::new();
+        let mut valid: Vec<(usize, Duration, Option<Duration>)> = Vec::new();
+        let mut best_sample: Option<(Duration, f64)> = None;
+        let mut loser_estimate = f64::INFINITY;
         for (pos, &i) in order.iter().enumerate() {
             let c = &candidates[i];
-            if valid.len() >= finalists {
+            if valid.len() >= finalists || estimates[pos].is_some_and(|e| e >= loser_estimate) {
                 status[pos] = Some(CandidateStatus::NotTimed { rank: pos + 1 });
                 continue;
             }
             spent.run += 1;
             let started = Instant::now();
-            let checked = self.first_run(c, &run, &mut reference, tolerance);
+            let checked = self.first_run(client, c, &run, warm, &mut reference, tolerance);
             let first_run = started.elapsed();
             spent.first_runs += first_run;
             self.emit(TuneEvent::FirstRun { label: label(c) });
             match checked {
-                None => valid.push((pos, first_run)),
-                Some(failed) => status[pos] = Some(failed),
+                Ok(sample) => {
+                    if let (Some(t), Some(e)) = (sample, estimates[pos]) {
+                        match best_sample {
+                            Some((best, best_e)) if t.as_secs_f64() > cut * best.as_secs_f64() => {
+                                if e > 1.1 * best_e {
+                                    loser_estimate = loser_estimate.min(e);
+                                }
+                            }
+                            Some((best, _)) if t >= best => {}
+                            _ => best_sample = Some((t, e)),
+                        }
+                    }
+                    valid.push((pos, first_run, sample))
+                }
+                Err(failed) => status[pos] = Some(failed),
             }
         }
         // A lone valid candidate has nothing to be timed against: its first run decides.
-        let times = if let [(pos, first_run)] = valid[..] {
-            vec![(pos, Ok(vec![first_run]))]
+        let times = if let [(pos, first_run, sample)] = valid[..] {
+            vec![(pos, Ok(vec![sample.unwrap_or(first_run)]))]
         } else {
             let started = Instant::now();
             let times = self.time_rounds(client, candidates, &order, &valid, &run, cut);
@@ -181,33 +230,49 @@ impl Autotuner {
         Ok(winner.clone())
     }
 
-    /// Runs `c` once (compiling it) and checks its outputs against the reference's (the
-    /// first candidate's to get here becomes the reference). `None`: valid.
+    /// Runs `c` once (compiling it, or after `warm` compiled it) and checks its outputs
+    /// against the reference's (the first candidate's to get here becomes the
+    /// reference). `Ok`: valid, with the run as a timing sample where it was warmed and
+    /// took at least [`SAMPLE_FLOOR`].
     fn first_run<C>(
         &self,
+        client: &Client,
         c: &C,
         run: &impl Fn(&C) -> Result<Vec<Tensor>>,
+        warm: Option<WarmUp<'_, C>>,
         reference: &mut Option<Vec<HostTensor>>,
         tolerance: f64,
-    ) -> Option<CandidateStatus> {
-        let outputs =
-            match run(c).and_then(|o| o.iter().map(Tensor::download).collect::<Result<Vec<_>>>()) {
-                Ok(o) => o,
-                Err(e) => return Some(CandidateStatus::Failed(e.to_string())),
-            };
+    ) -> std::result::Result<Option<Duration>, CandidateStatus> {
+        let failed = |e: Error| CandidateStatus::Failed(e.to_string());
+        // A warm-up that fails only leaves the first run untimed: the real run shows
+        // whether the candidate works.
+        let warmed = warm.is_some_and(|warm| {
+            warm(c)
+                .and_then(|w| client.sync().map(|()| w))
+                .unwrap_or(false)
+        });
+        let start = Instant::now();
+        let outputs = run(c).and_then(|o| client.sync().map(|()| o));
+        let took = start.elapsed();
+        let outputs = outputs
+            .and_then(|o| o.iter().map(Tensor::download).collect::<Result<Vec<_>>>())
+            .map_err(failed)?;
         match reference {
-            None => {
-                *reference = Some(outputs);
-                None
+            None => *reference = Some(outputs),
+            Some(r) => {
+                if let Some(why) = disagreement(r, &outputs, tolerance) {
+                    return Err(CandidateStatus::Mismatch(why));
+                }
             }
-            Some(r) => disagreement(r, &outputs, tolerance).map(CandidateStatus::Mismatch),
         }
+        Ok((warmed && took >= SAMPLE_FLOOR).then_some(took))
     }
 
-    /// Times the `valid` candidates (positions in `order`) in rounds, one run of each
-    /// per round, so that the machine's drift is shared among them. After each round, a
-    /// candidate whose fastest run is over `cut` times the best median so far drops
-    /// out. Rounds end after [`Autotuner::samples`], when one candidate is left, or when
+    /// Times the `valid` candidates (positions in `order`, each with the sample its
+    /// warmed first run gave, if any) in rounds, one run of each per round, so that the
+    /// machine's drift is shared among them. Before each round, a candidate whose
+    /// fastest run is over `cut` times the best median so far drops out. Rounds end
+    /// when every candidate left has [`Autotuner::samples`], when one is left, or when
     /// the budget ([`TIME_BUDGET`] per valid candidate) is spent. Each candidate's run
     /// times, or why a run failed.
     fn time_rounds<C>(
@@ -215,13 +280,13 @@ impl Autotuner {
         client: &Client,
         candidates: &[C],
         order: &[usize],
-        valid: &[(usize, Duration)],
+        valid: &[(usize, Duration, Option<Duration>)],
         run: &impl Fn(&C) -> Result<Vec<Tensor>>,
         cut: f64,
     ) -> Vec<(usize, std::result::Result<Vec<Duration>, String>)> {
         let mut times: Vec<(usize, std::result::Result<Vec<Duration>, String>)> = valid
             .iter()
-            .map(|&(pos, _)| (pos, Ok(Vec::new())))
+            .map(|&(pos, _, sample)| (pos, Ok(sample.into_iter().collect())))
             .collect();
         let mut alive = vec![true; valid.len()];
         let budget = TIME_BUDGET * valid.len() as u32;
@@ -231,7 +296,32 @@ impl Autotuner {
             t.sort();
             t[t.len() / 2]
         };
-        for _ in 0..self.samples.max(1) {
+        loop {
+            let best = times
+                .iter()
+                .zip(&alive)
+                .filter_map(|((_, t), &a)| t.as_ref().ok().filter(|t| a && !t.is_empty()))
+                .map(|t| median(t))
+                .min();
+            if let Some(best) = best {
+                for (v, (_, t)) in times.iter().enumerate() {
+                    if let Ok(t) = t {
+                        let fastest = t.iter().min().copied().unwrap_or_default();
+                        if fastest.as_secs_f64() > cut * best.as_secs_f64() {
+                            alive[v] = false;
+                        }
+                    }
+                }
+            }
+            let left = times
+                .iter()
+                .zip(&alive)
+                .filter(|((_, t), &a)| a && t.is_ok())
+                .map(|((_, t), _)| t.as_ref().map_or(0, Vec::len));
+            let (count, fewest) = left.fold((0, usize::MAX), |(n, f), l| (n + 1, f.min(l)));
+            if count <= 1 || fewest >= self.samples.max(1) || started.elapsed() > budget {
+                break;
+            }
             for (v, (pos, result)) in times.iter_mut().enumerate() {
                 let Ok(samples) = result else { continue };
                 if !alive[v] {
@@ -245,24 +335,6 @@ impl Autotuner {
                         alive[v] = false;
                     }
                 }
-            }
-            let best = times
-                .iter()
-                .zip(&alive)
-                .filter_map(|((_, t), &a)| t.as_ref().ok().filter(|_| a))
-                .map(|t| median(t))
-                .min();
-            let Some(best) = best else { break };
-            for (v, (_, t)) in times.iter().enumerate() {
-                if let Ok(t) = t {
-                    let fastest = t.iter().min().copied().unwrap_or_default();
-                    if fastest.as_secs_f64() > cut * best.as_secs_f64() {
-                        alive[v] = false;
-                    }
-                }
-            }
-            if alive.iter().filter(|&&a| a).count() <= 1 || started.elapsed() > budget {
-                break;
             }
         }
         times
@@ -299,6 +371,10 @@ fn finalist_count(ranked: &[(usize, f64)], most: usize) -> usize {
     let last = ranked[kept - 1].1;
     ranked.iter().filter(|(_, e)| *e <= last * 1.1).count()
 }
+
+/// The shortest warmed first run that counts as a timing sample: below it, what only a
+/// first run pays (allocating the outputs, the first download) is not negligible.
+pub const SAMPLE_FLOOR: Duration = Duration::from_millis(10);
 
 /// A candidate the cost model estimates at more than this many times the best one is
 /// not timed.
