@@ -64,6 +64,40 @@ fn tuned_rms_norm_matches_the_reference_on_ragged_sizes() {
     }
 }
 
+/// `warm_up` (what `tuned` runs before each configuration's first run, to compile it)
+/// launches the grid's first cube alone: row 0 of the output is written, as by a
+/// launch, and no other; an empty grid launches nothing.
+#[test]
+fn warm_up_runs_the_first_cube_alone() {
+    let (rows, cols) = (5, 40);
+    let (xh, wh) = inputs(rows, cols, DType::F32);
+    let (x, w) = (
+        Tensor::upload(client(), &xh).unwrap(),
+        Tensor::upload(client(), &wh).unwrap(),
+    );
+    let sentinel = HostTensor::from_f32(vec![rows, cols], &vec![7.0; rows * cols]).unwrap();
+    let out = Tensor::upload(client(), &sentinel).unwrap();
+    let mut args = RmsNormArgs {
+        x: &x,
+        w: &w,
+        out: &out,
+        rows: rows as u32,
+        cols: cols as u32,
+        eps: 1e-6,
+    };
+    let cfg = RmsNormConfig { UNITS: 32 };
+    assert!(RmsNorm::warm_up(client(), &cfg, &args).unwrap());
+    let got = out.download().unwrap().to_f64();
+    let want = reference(&xh.to_f64(), &wh.to_f64(), cols, 1e-6);
+    assert!(max_rel_error(&got[..cols], &want[..cols], 1e-3) < 1e-5);
+    assert!(
+        got[cols..].iter().all(|&v| v == 7.0),
+        "only the first cube runs"
+    );
+    args.rows = 0;
+    assert!(!RmsNorm::warm_up(client(), &cfg, &args).unwrap());
+}
+
 #[test]
 fn space_applies_require_and_device_limits_in_declaration_order() {
     let all: Vec<u32> = RmsNorm::space(

@@ -846,6 +846,21 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
             /// dtype) and errors name the argument; a configuration the device cannot
             /// run is refused.
             pub fn launch(client: &#rt::Client, cfg: &#config, args: &#args_struct<'_>) -> #rt::Result<()> {
+                Self::launch_cubes(client, cfg, args, true).map(drop)
+            }
+
+            /// Compiles a configuration for the autotuner: [`Self::launch`] with only the
+            /// grid's first cube (the compiled kernel does not depend on the grid), so that
+            /// the configuration's next launch is its run alone. `false` (nothing
+            /// launched) where the grid is empty. It writes part of the outputs, as a
+            /// launch writes all of them.
+            pub fn warm_up(client: &#rt::Client, cfg: &#config, args: &#args_struct<'_>) -> #rt::Result<bool> {
+                Self::launch_cubes(client, cfg, args, false)
+            }
+
+            /// [`Self::launch`] over the whole grid (`whole`) or its first cube only
+            /// ([`Self::warm_up`]; `false` where the grid is empty, nothing launched).
+            fn launch_cubes(client: &#rt::Client, cfg: &#config, args: &#args_struct<'_>, whole: bool) -> #rt::Result<bool> {
                 let #args_struct { #(#host_names,)* .. } = *args;
                 let __dtype = #dtype_expr;
                 #dtype_refusal
@@ -871,12 +886,21 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
                     });
                 }
                 #bind_vector
-                let __count = #count;
+                let mut __count = #count;
+                if !whole {
+                    match __count {
+                        #rt::cubecl::prelude::CubeCount::Static(x, y, z) if x > 0 && y > 0 && z > 0 => {
+                            __count = #rt::cubecl::prelude::CubeCount::Static(1, 1, 1);
+                        }
+                        _ => return Ok(false),
+                    }
+                }
                 let __dim = #cube_dim;
-                let __profile = #rt::profile::start(client)?;
+                let __profile = if whole { #rt::profile::start(client)? } else { None };
                 let __launched: #rt::Result<()> = #kernel_call;
                 __launched?;
-                #rt::profile::finish(client, __profile, #reg_name, || Self::label(cfg))
+                #rt::profile::finish(client, __profile, #reg_name, || Self::label(cfg))?;
+                Ok(true)
             }
 
             /// Picks a configuration with the autotuner (tuning on first use of the key,
@@ -900,7 +924,7 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
                 let __dtype = #dtype_expr;
                 let __space = Self::space(client, &args.problem());
                 let __key = Self::key(__dtype, &args.problem());
-                let cfg = #rt::tune::Autotuner::global().tune_ranked(
+                let cfg = #rt::tune::Autotuner::global().tune_warmed(
                     client,
                     &__key,
                     &__space,
@@ -911,6 +935,7 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
                     },
                     tolerance,
                     cost,
+                    Some(&|cfg| Self::warm_up(client, cfg, args)),
                 )?;
                 Self::launch(client, &cfg, args)?;
                 Ok(cfg)

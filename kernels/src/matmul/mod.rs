@@ -221,6 +221,25 @@ impl MatmulConfig {
     }
 }
 
+impl MatmulConfig {
+    /// Compiles this configuration for the autotuner (its kernel's `warm_up`: the first
+    /// cube of the grid only), so that its next launch is its run alone. cubek-matmul
+    /// picks its kernel by shape inside its launch: not warmed (`false`).
+    fn warm_up(&self, a: &Tensor, b: &Tensor, p: &Problem, ep: &Epilogue<'_>) -> Result<bool> {
+        let c = Tensor::empty(a.client(), a.dtype(), &[p.m, p.n])?;
+        let client = a.client();
+        match self {
+            MatmulConfig::Staged(cfg) => cfg.warm_up(client, a, b, &c, p, ep),
+            MatmulConfig::StagedV4(cfg) => cfg.warm_up(client, a, b, &c, p, ep),
+            MatmulConfig::DirectV4(cfg) => cfg.warm_up(client, a, b, &c, p, ep),
+            MatmulConfig::Direct(cfg) => cfg.warm_up(client, a, b, &c, p, ep),
+            MatmulConfig::Vec4(cfg) => cfg.warm_up(client, a, b, &c, p, ep),
+            MatmulConfig::Cmma(cfg) => cfg.warm_up(client, a, b, &c, p, ep),
+            MatmulConfig::Cubek => Ok(false),
+        }
+    }
+}
+
 /// cubek-matmul as a candidate: a plain epilogue only (see `cubek.rs`).
 fn cubek_launch(a: &Tensor, b: &Tensor, c: &Tensor, p: &Problem, ep: &Epilogue<'_>) -> Result<()> {
     if !cubek_fits(ep) {
@@ -399,80 +418,9 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_b: bool, ep: Epilogue<'_>) -> Result
             client,
             tolerance,
             MatmulConfig::label,
-            Some(&|c| warm_up(c, a, &p, &ep)),
+            Some(&|c| c.warm_up(a, b, &p, &ep)),
             |c| c.launch(a, b, &p, &ep).map(|t| vec![t]),
         )?;
-    cfg.launch(a, b, &p, &ep)
-}
-
-/// Compiles `c` for the autotuner before its first run on the real problem (which can
-/// then be timed): launches it on at most one `BM x BN` tile with a K of 16 to 19 (K
-/// mod 4 kept), on uninitialised operands, with the same dtype, layout and epilogue.
-/// A kernel's compiled code depends on those and its tile only, and every requirement
-/// that holds for the real shape holds for this one (they ask for K and N multiples of
-/// 4 and M, N at least a tile, never at most). cubek-matmul picks its kernel by shape:
-/// not warmed (`false`).
-fn warm_up(c: &MatmulConfig, a: &Tensor, p: &Problem, ep: &Epilogue<'_>) -> Result<bool> {
-    let Some((bm, bn)) = c.tile() else {
-        return Ok(false);
-    };
-    let small = Problem {
-        m: p.m.min(bm as usize),
-        n: p.n.min(bn as usize),
-        k: if p.k <= 19 { p.k } else { 16 + p.k % 4 },
-        trans_b: p.trans_b,
-    };
-    let empty = |like: &Tensor, shape: &[usize]| Tensor::empty(a.client(), like.dtype(), shape);
-    let sa = empty(a, &[small.m, small.k])?;
-    let sb = empty(
-        a,
-        &if p.trans_b {
-            [small.n, small.k]
-        } else {
-            [small.k, small.n]
-        },
-    )?;
-    let bias = ep.bias.map(|t| empty(t, &[small.n])).transpose()?;
-    let residual = ep
-        .residual
-        .map(|t| empty(t, &[small.m, small.n]))
-        .transpose()?;
-    let small_ep = Epilogue {
-        bias: bias.as_ref(),
-        activation: ep.activation,
-        residual: residual.as_ref(),
-    };
-    c.launch(&sa, &sb, &small, &small_ep)?;
-    Ok(true)
-}
-
-/// `matmul` with a fixed configuration (no tuning): for benchmarks and tests. The
-/// configuration must be one of its kernel's declared ones that fits the device and
-/// the problem.
-pub fn matmul_with(
-    a: &Tensor,
-    b: &Tensor,
-    trans_b: bool,
-    ep: Epilogue<'_>,
-    cfg: MatmulConfig,
-) -> Result<Tensor> {
-    let p = Problem::check(a, b, trans_b, &ep)?;
-    let client = a.client();
-    let mut fits = fma_configs(client, &p, &ep);
-    let vec4 = MatmulVec4::space(client, &matmul_problem!(MatmulVec4Problem, p, ep));
-    fits.extend(vec4.into_iter().map(MatmulConfig::Vec4));
-    let cmma = MatmulCmma::space(client, &matmul_problem!(MatmulCmmaProblem, p, ep));
-    fits.extend(cmma.into_iter().map(MatmulConfig::Cmma));
-    if cubek_fits(&ep) {
-        fits.push(MatmulConfig::Cubek);
-    }
-    if !fits.contains(&cfg) {
-        return Err(Error::Param {
-            param: "config".into(),
-            expected: "one of the matmul kernels' declared configurations that fits the device and the problem".into(),
-            found: cfg.label(),
-        });
-    }
     cfg.launch(a, b, &p, &ep)
 }
 
@@ -558,7 +506,8 @@ impl Problem {
     }
 }
 
-/// A configuration of one of the `matmul` kernels, which launches that kernel.
+/// A configuration of one of the `matmul` kernels, which launches that kernel (whole,
+/// or its first cube only to compile it: `warm_up`).
 trait KernelChoice {
     fn launch(
         &self,
@@ -569,6 +518,16 @@ trait KernelChoice {
         p: &Problem,
         ep: &Epilogue<'_>,
     ) -> Result<()>;
+
+    fn warm_up(
+        &self,
+        client: &Client,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        p: &Problem,
+        ep: &Epilogue<'_>,
+    ) -> Result<bool>;
 }
 
 /// `KernelChoice` for a kernel's configuration type: it launches that kernel.
@@ -585,6 +544,18 @@ macro_rules! kernel_choice {
                 ep: &Epilogue<'_>,
             ) -> Result<()> {
                 $kernel::launch(client, self, &matmul_args!($args, a, b, c, p, ep))
+            }
+
+            fn warm_up(
+                &self,
+                client: &Client,
+                a: &Tensor,
+                b: &Tensor,
+                c: &Tensor,
+                p: &Problem,
+                ep: &Epilogue<'_>,
+            ) -> Result<bool> {
+                $kernel::warm_up(client, self, &matmul_args!($args, a, b, c, p, ep))
             }
         }
     )*};

@@ -127,9 +127,9 @@ where
         self.tune_warmed(client, tolerance, label, None, run)
     }
 
-    /// [`Choice::tune`] with a warm-up: `warm` compiles a candidate by launching it on a
-    /// small problem that needs the same compiled kernel, or returns `false` where it
-    /// cannot (see [`Autotuner::tune_warmed`]).
+    /// [`Choice::tune`] with a warm-up: `warm` compiles a candidate by launching the same
+    /// kernel on little work (a `#[kiln::kernel]` kernel's `warm_up`), or returns `false`
+    /// where it cannot (see [`Autotuner::tune_warmed`]).
     pub fn tune_warmed(
         &self,
         client: &Client,

@@ -16,9 +16,9 @@
 //! none is valid. A lone finalist is run once (it must work) and not timed. Before each
 //! round, a candidate whose fastest run is over 1.5x the best median drops out.
 //!
-//! Where the operator can compile a candidate on a small problem first
-//! ([`Autotuner::tune_warmed`]; `matmul` does), its first run on the real problem is its
-//! first timed sample: clear losers drop out before any round, and a clear loser the
+//! Where the operator can compile a candidate before its first run
+//! ([`Autotuner::tune_warmed`]: every `#[kiln::kernel]` kernel's `tuned` and `matmul`
+//! launch the grid's first cube alone), that first run is its first timed sample: clear losers drop out before any round, and a clear loser the
 //! model also put over 10 % above the best confirms the ranking there: finalists it
 //! estimates no better are not run at all (compiling them is most of a ranked search's
 //! time on lavapipe, 1-2 s for a 32 x 32 register tile).
@@ -53,8 +53,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// A warm-up for [`Autotuner::tune_warmed`]: compiles a candidate by launching it on a
-/// small problem that needs the same compiled kernel; `false` where it cannot.
+/// A warm-up for [`Autotuner::tune_warmed`]: compiles a candidate by launching the same
+/// kernel on little work (e.g. the grid's first cube alone); `false` where it cannot.
 pub type WarmUp<'a, C> = &'a dyn Fn(&C) -> Result<bool>;
 
 /// When the tuner times candidates.

@@ -49,8 +49,9 @@ impl Autotuner {
     }
 
     /// [`Autotuner::tune_ranked`] with a warm-up: `warm` compiles a candidate by
-    /// launching it on a small problem that needs the same compiled kernel (returning
-    /// `false` where it cannot, e.g. for a library GEMM that picks its kernel by shape).
+    /// launching the same kernel on little work (a `#[kiln::kernel]` kernel's `warm_up`:
+    /// the grid's first cube alone), returning `false` where it cannot (e.g. a library
+    /// GEMM that picks its kernel by shape).
     /// A warmed candidate's first run on the real problem is then no longer compilation
     /// plus a run thrown away but its first timed sample (where it takes at least
     /// [`SAMPLE_FLOOR`]), and candidates clearly slower than the best are cut before
