@@ -24,27 +24,32 @@ fn inputs(rows: usize, cols: usize, dtype: DType) -> (HostTensor, HostTensor) {
     )
 }
 
+/// The inputs on the device.
+fn upload(xh: &HostTensor, wh: &HostTensor) -> (Tensor, Tensor) {
+    (
+        Tensor::upload(client(), xh).unwrap(),
+        Tensor::upload(client(), wh).unwrap(),
+    )
+}
+
+/// RMSNorm's arguments for `x` [rows, cols], eps 1e-6.
+fn args<'a>(x: &'a Tensor, w: &'a Tensor, out: &'a Tensor) -> RmsNormArgs<'a> {
+    RmsNormArgs {
+        x,
+        w,
+        out,
+        rows: x.shape()[0] as u32,
+        cols: x.shape()[1] as u32,
+        eps: 1e-6,
+    }
+}
+
 fn run(rows: usize, cols: usize, dtype: DType) {
     let (xh, wh) = inputs(rows, cols, dtype);
-    let (x, w) = (
-        Tensor::upload(client(), &xh).unwrap(),
-        Tensor::upload(client(), &wh).unwrap(),
-    );
+    let (x, w) = upload(&xh, &wh);
     let out = Tensor::empty(client(), dtype, &[rows, cols]).unwrap();
     let tol = 4.0 * dtype.epsilon();
-    RmsNorm::tuned(
-        client(),
-        tol,
-        &RmsNormArgs {
-            x: &x,
-            w: &w,
-            out: &out,
-            rows: rows as u32,
-            cols: cols as u32,
-            eps: 1e-6,
-        },
-    )
-    .unwrap();
+    RmsNorm::tuned(client(), tol, &args(&x, &w, &out)).unwrap();
     let want = reference(&xh.to_f64(), &wh.to_f64(), cols, 1e-6);
     let err = max_rel_error(&out.download().unwrap().to_f64(), &want, 1e-3);
     let bound = dtype.epsilon() + 1e-5;
@@ -71,20 +76,10 @@ fn tuned_rms_norm_matches_the_reference_on_ragged_sizes() {
 fn warm_up_runs_the_first_cube_alone() {
     let (rows, cols) = (5, 40);
     let (xh, wh) = inputs(rows, cols, DType::F32);
-    let (x, w) = (
-        Tensor::upload(client(), &xh).unwrap(),
-        Tensor::upload(client(), &wh).unwrap(),
-    );
+    let (x, w) = upload(&xh, &wh);
     let sentinel = HostTensor::from_f32(vec![rows, cols], &vec![7.0; rows * cols]).unwrap();
     let out = Tensor::upload(client(), &sentinel).unwrap();
-    let mut args = RmsNormArgs {
-        x: &x,
-        w: &w,
-        out: &out,
-        rows: rows as u32,
-        cols: cols as u32,
-        eps: 1e-6,
-    };
+    let mut args = args(&x, &w, &out);
     let cfg = RmsNormConfig { UNITS: 32 };
     assert!(RmsNorm::warm_up(client(), &cfg, &args).unwrap());
     let got = out.download().unwrap().to_f64();
@@ -156,25 +151,11 @@ fn key_buckets_as_declared() {
 #[test]
 fn launch_checks_name_the_argument() {
     let (xh, wh) = inputs(2, 8, DType::F32);
-    let (x, w) = (
-        Tensor::upload(client(), &xh).unwrap(),
-        Tensor::upload(client(), &wh).unwrap(),
-    );
+    let (x, w) = upload(&xh, &wh);
     let w16 = Tensor::upload(client(), &wh.cast(DType::F16).unwrap()).unwrap();
     let out = Tensor::empty(client(), DType::F32, &[2, 8]).unwrap();
     let cfg = RmsNormConfig { UNITS: 32 };
-    match RmsNorm::launch(
-        client(),
-        &cfg,
-        &RmsNormArgs {
-            x: &x,
-            w: &w16,
-            out: &out,
-            rows: 2,
-            cols: 8,
-            eps: 1e-6,
-        },
-    ) {
+    match RmsNorm::launch(client(), &cfg, &args(&x, &w16, &out)) {
         Err(Error::DType {
             tensor,
             expected,
@@ -189,18 +170,7 @@ fn launch_checks_name_the_argument() {
     }
     let too_many = RmsNormConfig { UNITS: 4096 };
     assert!(matches!(
-        RmsNorm::launch(
-            client(),
-            &too_many,
-            &RmsNormArgs {
-                    x: &x,
-                    w: &w,
-                    out: &out,
-                    rows: 2,
-                    cols: 8,
-                    eps: 1e-6,
-            },
-        ),
+        RmsNorm::launch(client(), &too_many, &args(&x, &w, &out)),
         Err(Error::Unsupported { feature, .. }) if feature.contains("4096 units")
     ));
 }

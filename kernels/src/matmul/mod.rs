@@ -208,33 +208,38 @@ impl MatmulConfig {
             });
         }
         let c = Tensor::empty(a.client(), a.dtype(), &[p.m, p.n])?;
-        match self {
-            MatmulConfig::Staged(cfg) => cfg.launch(a.client(), a, b, &c, p, ep),
-            MatmulConfig::StagedV4(cfg) => cfg.launch(a.client(), a, b, &c, p, ep),
-            MatmulConfig::DirectV4(cfg) => cfg.launch(a.client(), a, b, &c, p, ep),
-            MatmulConfig::Direct(cfg) => cfg.launch(a.client(), a, b, &c, p, ep),
-            MatmulConfig::Vec4(cfg) => cfg.launch(a.client(), a, b, &c, p, ep),
-            MatmulConfig::Cmma(cfg) => cfg.launch(a.client(), a, b, &c, p, ep),
-            MatmulConfig::Cubek => cubek_launch(a, b, &c, p, ep),
-        }?;
+        self.dispatch(a, b, &c, p, ep, true)?;
         Ok(c)
     }
-}
 
-impl MatmulConfig {
     /// Compiles this configuration for the autotuner (its kernel's `warm_up`: the first
     /// cube of the grid only), so that its next launch is its run alone. cubek-matmul
     /// picks its kernel by shape inside its launch: not warmed (`false`).
     fn warm_up(&self, a: &Tensor, b: &Tensor, p: &Problem, ep: &Epilogue<'_>) -> Result<bool> {
         let c = Tensor::empty(a.client(), a.dtype(), &[p.m, p.n])?;
+        self.dispatch(a, b, &c, p, ep, false)
+    }
+
+    /// Launches this configuration's kernel into `c`: the whole grid, or (not `whole`)
+    /// its first cube only (see [`KernelChoice`]).
+    fn dispatch(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        p: &Problem,
+        ep: &Epilogue<'_>,
+        whole: bool,
+    ) -> Result<bool> {
         let client = a.client();
         match self {
-            MatmulConfig::Staged(cfg) => cfg.warm_up(client, a, b, &c, p, ep),
-            MatmulConfig::StagedV4(cfg) => cfg.warm_up(client, a, b, &c, p, ep),
-            MatmulConfig::DirectV4(cfg) => cfg.warm_up(client, a, b, &c, p, ep),
-            MatmulConfig::Direct(cfg) => cfg.warm_up(client, a, b, &c, p, ep),
-            MatmulConfig::Vec4(cfg) => cfg.warm_up(client, a, b, &c, p, ep),
-            MatmulConfig::Cmma(cfg) => cfg.warm_up(client, a, b, &c, p, ep),
+            MatmulConfig::Staged(cfg) => cfg.launch(client, a, b, c, p, ep, whole),
+            MatmulConfig::StagedV4(cfg) => cfg.launch(client, a, b, c, p, ep, whole),
+            MatmulConfig::DirectV4(cfg) => cfg.launch(client, a, b, c, p, ep, whole),
+            MatmulConfig::Direct(cfg) => cfg.launch(client, a, b, c, p, ep, whole),
+            MatmulConfig::Vec4(cfg) => cfg.launch(client, a, b, c, p, ep, whole),
+            MatmulConfig::Cmma(cfg) => cfg.launch(client, a, b, c, p, ep, whole),
+            MatmulConfig::Cubek if whole => cubek_launch(a, b, c, p, ep).map(|()| true),
             MatmulConfig::Cubek => Ok(false),
         }
     }
@@ -424,6 +429,36 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_b: bool, ep: Epilogue<'_>) -> Result
     cfg.launch(a, b, &p, &ep)
 }
 
+/// `matmul` with a fixed configuration (no tuning): for benchmarks and tests. The
+/// configuration must be one of its kernel's declared ones that fits the device and
+/// the problem.
+pub fn matmul_with(
+    a: &Tensor,
+    b: &Tensor,
+    trans_b: bool,
+    ep: Epilogue<'_>,
+    cfg: MatmulConfig,
+) -> Result<Tensor> {
+    let p = Problem::check(a, b, trans_b, &ep)?;
+    let client = a.client();
+    let mut fits = fma_configs(client, &p, &ep);
+    let vec4 = MatmulVec4::space(client, &matmul_problem!(MatmulVec4Problem, p, ep));
+    fits.extend(vec4.into_iter().map(MatmulConfig::Vec4));
+    let cmma = MatmulCmma::space(client, &matmul_problem!(MatmulCmmaProblem, p, ep));
+    fits.extend(cmma.into_iter().map(MatmulConfig::Cmma));
+    if cubek_fits(&ep) {
+        fits.push(MatmulConfig::Cubek);
+    }
+    if !fits.contains(&cfg) {
+        return Err(Error::Param {
+            param: "config".into(),
+            expected: "one of the matmul kernels' declared configurations that fits the device and the problem".into(),
+            found: cfg.label(),
+        });
+    }
+    cfg.launch(a, b, &p, &ep)
+}
+
 #[derive(Clone, Copy)]
 struct Problem {
     m: usize,
@@ -506,9 +541,11 @@ impl Problem {
     }
 }
 
-/// A configuration of one of the `matmul` kernels, which launches that kernel (whole,
-/// or its first cube only to compile it: `warm_up`).
+/// A configuration of one of the `matmul` kernels, which launches that kernel: the
+/// whole grid (`whole`), or its first cube only to compile it (its `warm_up`; `false`
+/// where the grid is empty).
 trait KernelChoice {
+    #[allow(clippy::too_many_arguments)]
     fn launch(
         &self,
         client: &Client,
@@ -517,16 +554,7 @@ trait KernelChoice {
         c: &Tensor,
         p: &Problem,
         ep: &Epilogue<'_>,
-    ) -> Result<()>;
-
-    fn warm_up(
-        &self,
-        client: &Client,
-        a: &Tensor,
-        b: &Tensor,
-        c: &Tensor,
-        p: &Problem,
-        ep: &Epilogue<'_>,
+        whole: bool,
     ) -> Result<bool>;
 }
 
@@ -542,20 +570,13 @@ macro_rules! kernel_choice {
                 c: &Tensor,
                 p: &Problem,
                 ep: &Epilogue<'_>,
-            ) -> Result<()> {
-                $kernel::launch(client, self, &matmul_args!($args, a, b, c, p, ep))
-            }
-
-            fn warm_up(
-                &self,
-                client: &Client,
-                a: &Tensor,
-                b: &Tensor,
-                c: &Tensor,
-                p: &Problem,
-                ep: &Epilogue<'_>,
+                whole: bool,
             ) -> Result<bool> {
-                $kernel::warm_up(client, self, &matmul_args!($args, a, b, c, p, ep))
+                let args = matmul_args!($args, a, b, c, p, ep);
+                match whole {
+                    true => $kernel::launch(client, self, &args).map(|()| true),
+                    false => $kernel::warm_up(client, self, &args),
+                }
             }
         }
     )*};

@@ -111,8 +111,8 @@ impl Autotuner {
             return Ok(first);
         }
 
-        // The order candidates run in, and how many valid ones end the search.
-        // The order candidates run in, and how many valid ones end the search.
+        // The order candidates run in (with the model's estimates), and how many valid
+        // ones end the search.
         let (order, estimates, finalists) = match cost {
             Some(cost) if search == Search::Ranked => {
                 let ranked = rank(candidates, cost);
