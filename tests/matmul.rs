@@ -96,8 +96,15 @@ fn every_config(dtype: DType) {
 }
 
 /// Every configuration of the vector kernel offered at one of `shapes` (M x N, and not
-/// at an earlier one), for each of `trans`: `count` of them per trans_b.
-fn every_vec4_config(dtype: DType, shapes: &[(usize, usize)], trans: &[bool], count: usize) {
+/// at an earlier one) whose label contains `only`, for each of `trans`: `count` of them
+/// per trans_b.
+fn every_vec4_config(
+    dtype: DType,
+    shapes: &[(usize, usize)],
+    trans: &[bool],
+    only: &str,
+    count: usize,
+) {
     use kiln::kernels::matmul::{MatmulVec4, MatmulVec4Problem};
     if refused(dtype) {
         return;
@@ -145,7 +152,7 @@ fn every_vec4_config(dtype: DType, shapes: &[(usize, usize)], trans: &[bool], co
         };
         for cfg in space {
             let label = format!("{cfg:?} trans_b={trans_b}");
-            if tested.contains(&label) || big.contains(&label) {
+            if tested.contains(&label) || big.contains(&label) || !label.contains(only) {
                 continue;
             }
             tested.push(label);
@@ -200,57 +207,38 @@ fn every_vec4_config(dtype: DType, shapes: &[(usize, usize)], trans: &[bool], co
 
 // The 21 declared configurations: 9 of 16 rows or more (offered at 37 x 260), 9 of 1, 4
 // and 8 rows (at M = 3 and 1), 3 past 16 x 16 accumulators (at 133 x 516, where they fill
-// a cube). Ten tests, each compiling its own kernels: a large unrolled tile takes seconds
-// to compile on lavapipe (the 9 large ones, both layouts of b, in one test took 116 s
-// from a cold shader cache; a 32 x 32 tile alone 11 s on a slow 2-core machine).
-#[test]
-fn every_vec4_config_matches_the_reference_f32() {
-    every_vec4_config(DType::F32, &[(37, 260)], &[false], 9);
+// a cube). Each test compiles its own kernels: a large unrolled tile takes seconds to
+// compile on lavapipe (the 9 large ones, both layouts of b, in one test took 116 s from a
+// cold shader cache; a 32 x 32 tile alone 11 s on a slow 2-core machine, and its f16
+// variant with `trans_b` 25-30 s without LLVM's passes), so those have a test each.
+macro_rules! vec4_tests {
+    ($($name:ident: $dtype:expr, $shapes:expr, $trans:expr, $only:expr, $count:expr;)*) => {
+        $(#[test]
+        fn $name() {
+            every_vec4_config($dtype, $shapes, $trans, $only, $count);
+        })*
+    };
 }
 
-#[test]
-fn every_vec4_config_matches_the_reference_f32_trans_b() {
-    every_vec4_config(DType::F32, &[(37, 260)], &[true], 9);
-}
+const ROWS_16: &[(usize, usize)] = &[(37, 260)];
+const FEW_ROWS: &[(usize, usize)] = &[(3, 260), (1, 260)];
+const LARGE: &[(usize, usize)] = &[(133, 516)];
 
-#[test]
-fn every_vec4_config_matches_the_reference_f16() {
-    every_vec4_config(DType::F16, &[(37, 260)], &[false], 9);
-}
-
-#[test]
-fn every_vec4_config_matches_the_reference_f16_trans_b() {
-    every_vec4_config(DType::F16, &[(37, 260)], &[true], 9);
-}
-
-#[test]
-fn few_row_vec4_configs_match_the_reference_f32() {
-    every_vec4_config(DType::F32, &[(3, 260), (1, 260)], &[false, true], 9);
-}
-
-#[test]
-fn few_row_vec4_configs_match_the_reference_f16() {
-    every_vec4_config(DType::F16, &[(3, 260), (1, 260)], &[false, true], 9);
-}
-
-#[test]
-fn large_tile_vec4_configs_match_the_reference_f32() {
-    every_vec4_config(DType::F32, &[(133, 516)], &[false], 2);
-}
-
-#[test]
-fn large_tile_vec4_configs_match_the_reference_f32_trans_b() {
-    every_vec4_config(DType::F32, &[(133, 516)], &[true], 2);
-}
-
-#[test]
-fn large_tile_vec4_configs_match_the_reference_f16() {
-    every_vec4_config(DType::F16, &[(133, 516)], &[false], 2);
-}
-
-#[test]
-fn large_tile_vec4_configs_match_the_reference_f16_trans_b() {
-    every_vec4_config(DType::F16, &[(133, 516)], &[true], 2);
+vec4_tests! {
+    every_vec4_config_matches_the_reference_f32: DType::F32, ROWS_16, &[false], "", 9;
+    every_vec4_config_matches_the_reference_f32_trans_b: DType::F32, ROWS_16, &[true], "", 9;
+    every_vec4_config_matches_the_reference_f16: DType::F16, ROWS_16, &[false], "", 9;
+    every_vec4_config_matches_the_reference_f16_trans_b: DType::F16, ROWS_16, &[true], "", 9;
+    few_row_vec4_configs_match_the_reference_f32: DType::F32, FEW_ROWS, &[false, true], "", 9;
+    few_row_vec4_configs_match_the_reference_f16: DType::F16, FEW_ROWS, &[false, true], "", 9;
+    tile_32x32_vec4_matches_the_reference_f32: DType::F32, LARGE, &[false], "TM: 32", 1;
+    tile_32x32_vec4_matches_the_reference_f32_trans_b: DType::F32, LARGE, &[true], "TM: 32", 1;
+    tile_32x32_vec4_matches_the_reference_f16: DType::F16, LARGE, &[false], "TM: 32", 1;
+    tile_32x32_vec4_matches_the_reference_f16_trans_b: DType::F16, LARGE, &[true], "TM: 32", 1;
+    tile_16x32_vec4_matches_the_reference_f32: DType::F32, LARGE, &[false], "TM: 16", 1;
+    tile_16x32_vec4_matches_the_reference_f32_trans_b: DType::F32, LARGE, &[true], "TM: 16", 1;
+    tile_16x32_vec4_matches_the_reference_f16: DType::F16, LARGE, &[false], "TM: 16", 1;
+    tile_16x32_vec4_matches_the_reference_f16_trans_b: DType::F16, LARGE, &[true], "TM: 16", 1;
 }
 
 #[test]

@@ -9,7 +9,7 @@
 //! registers itself for `kiln emit`. `#[comptime]` arguments may be `bool`, `u32` or
 //! enums (`comptime_enum!`); `require` may ask for typed device capabilities
 //! (`device.has(Capability::TensorCores)`). Misuse is a compile error at the
-//! offending span (pinned by the compile-fail tests in `macros/ui/tests/ui`).
+//! offending span (pinned by the compile-fail tests in `macros/diagnostics/tests/ui`).
 //!
 //! Must not depend on kiln's runtime or kernels: generated code names them by path.
 

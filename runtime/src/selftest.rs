@@ -149,7 +149,8 @@ fn compare(
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let outs = op.call_host(client, &hosts, params.clone())?;
+    // Every case also checks that the operator leaves its inputs as they were.
+    let outs = op.call_host_checked(client, &hosts, params.clone())?;
     let got = outs.get(case.output).ok_or_else(|| Error::Kernel {
         kernel: case.op.into(),
         message: format!("no `{}`", case.output),

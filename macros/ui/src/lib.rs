@@ -1,2 +1,3 @@
-//! Nothing to use: this package holds the compile tests of `#[kiln::kernel]`
-//! (`tests/macro_ui.rs`, cases in `tests/ui` and `tests/ui-pass`).
+//! Nothing to use: this package holds the compile-and-run cases of `#[kiln::kernel]`
+//! (`tests/ui-pass`, each a test target of its own); its diagnostics are pinned in
+//! `macros/diagnostics`.

@@ -254,6 +254,40 @@ impl OpSpec {
         hosts: &BTreeMap<String, HostTensor>,
         params: BTreeMap<String, String>,
     ) -> Result<BTreeMap<String, HostTensor>> {
+        let (_, outs) = self.upload_and_call(client, hosts, params)?;
+        download_all(outs)
+    }
+
+    /// [`OpSpec::call_host`] that also holds the operator to its contract on its inputs:
+    /// after the call, every input it does not also output (those are updated in place
+    /// by contract, as `gla_step`'s `state`) must be on the device bit for bit as it was
+    /// uploaded; one that changed is an error naming the operator and the input. The
+    /// self-test runs every case through this, so every operator is checked in every
+    /// dtype on every device `kiln selftest` runs on.
+    pub fn call_host_checked(
+        &'static self,
+        client: &Client,
+        hosts: &BTreeMap<String, HostTensor>,
+        params: BTreeMap<String, String>,
+    ) -> Result<BTreeMap<String, HostTensor>> {
+        let (inputs, outs) = self.upload_and_call(client, hosts, params)?;
+        let outs = download_all(outs)?;
+        for (name, t) in &inputs {
+            if !self.outputs.iter().any(|o| o.name == name.as_str()) {
+                unmodified(self.name, name, &hosts[name], &t.download()?)?;
+            }
+        }
+        Ok(outs)
+    }
+
+    /// Uploads the host tensors named as this operator's inputs (others are ignored) and
+    /// runs it: the uploaded inputs and the outputs. Parameters are checked first.
+    fn upload_and_call(
+        &'static self,
+        client: &Client,
+        hosts: &BTreeMap<String, HostTensor>,
+        params: BTreeMap<String, String>,
+    ) -> Result<(BTreeMap<String, Tensor>, Outputs)> {
         // Parameters are checked before anything is uploaded.
         self.bind(BTreeMap::new(), params.clone())?;
         let mut tensors = BTreeMap::new();
@@ -262,16 +296,61 @@ impl OpSpec {
                 tensors.insert(t.name.to_string(), Tensor::upload_named(client, t.name, h)?);
             }
         }
-        self.call(client, tensors, params)?
-            .into_iter()
-            .map(|(n, t)| Ok((n.to_string(), t.download()?)))
-            .collect()
+        let outs = self.call(client, tensors.clone(), params)?;
+        Ok((tensors, outs))
     }
 
     /// The names of the inputs, in declaration order.
     pub fn input_names(&self) -> Vec<&'static str> {
         self.inputs.iter().map(|t| t.name).collect()
     }
+}
+
+/// Every output downloaded, by name.
+fn download_all(outs: Outputs) -> Result<BTreeMap<String, HostTensor>> {
+    outs.into_iter()
+        .map(|(n, t)| Ok((n.to_string(), t.download()?)))
+        .collect()
+}
+
+/// `Ok` when input `name` of operator `op` is `after` the call what it was `before`, bit
+/// for bit (a NaN stays the same NaN); else an error naming the operator, the input and
+/// how much of it changed.
+pub(crate) fn unmodified(
+    op: &str,
+    name: &str,
+    before: &HostTensor,
+    after: &HostTensor,
+) -> Result<()> {
+    let size = before.dtype.size().max(1);
+    let changed: Vec<usize> = before
+        .data
+        .chunks(size)
+        .zip(after.data.chunks(size))
+        .enumerate()
+        .filter(|(_, (b, a))| b != a)
+        .map(|(i, _)| i)
+        .collect();
+    let same_layout = before.dtype == after.dtype && before.shape == after.shape;
+    if same_layout && before.data.len() == after.data.len() && changed.is_empty() {
+        return Ok(());
+    }
+    let message = match changed.first() {
+        Some(first) if same_layout => format!(
+            "modified its input `{name}`, which it does not output: {} of {} elements \
+             changed, the first at flat index {first}",
+            changed.len(),
+            before.data.len() / size,
+        ),
+        _ => format!(
+            "modified its input `{name}`, which it does not output: {} {:?} became {} {:?}",
+            before.dtype, before.shape, after.dtype, after.shape
+        ),
+    };
+    Err(Error::Kernel {
+        kernel: op.into(),
+        message,
+    })
 }
 
 /// `a, b, c`, or `none`: lists of names in error messages.
@@ -367,5 +446,39 @@ impl OpArgs {
         } else {
             Err(self.bad(name, v))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DType;
+
+    #[test]
+    fn a_modified_input_is_named_with_how_much_changed() {
+        let before =
+            HostTensor::from_f64(DType::F32, vec![2, 3], &[1., 2., 3., 4., 5., f64::NAN]).unwrap();
+        assert!(unmodified("op", "x", &before, &before.clone()).is_ok());
+        let mut after = before.clone();
+        after.data[4] ^= 1; // element 1, one bit
+        after.data[12] ^= 1; // element 3
+        let e = unmodified("scale", "x", &before, &after)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "kernel `scale`: modified its input `x`, which it does not output: 2 of 6 \
+             elements changed, the first at flat index 1"
+        );
+        // -0.0 and 0.0 compare equal as floats, not as bits: still a modification.
+        let zero = HostTensor::from_f64(DType::F32, vec![1], &[0.0]).unwrap();
+        let neg = HostTensor::from_f64(DType::F32, vec![1], &[-0.0]).unwrap();
+        assert!(unmodified("op", "x", &zero, &neg).is_err());
+        let reshaped =
+            HostTensor::from_f64(DType::F32, vec![3, 2], &[1., 2., 3., 4., 5., 6.]).unwrap();
+        let e = unmodified("op", "w", &before, &reshaped)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("f32 [2, 3] became f32 [3, 2]"), "{e}");
     }
 }
