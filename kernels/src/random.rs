@@ -99,7 +99,7 @@ pub fn word(seed: u64, stream: u32, index: u64) -> u32 {
 
 /// The half-normal quantile `Q(p) = Φ⁻¹(1 − p/2)`, i.e. `erfc(Q/√2) = p`, in f64:
 /// bisection on `erfc` (decreasing), then Newton steps.
-fn half_normal_quantile(p: f64) -> f64 {
+pub fn half_normal_quantile(p: f64) -> f64 {
     if p >= 1.0 {
         return 0.0;
     }
@@ -167,108 +167,4 @@ pub fn gaussian_from_bits(w: u32) -> f32 {
 /// `z` of element `index` of stream `stream` under `seed`: what kiln's kernels draw.
 pub fn normal(seed: u64, stream: u32, index: u64) -> f32 {
     gaussian_from_bits(word(seed, stream, index))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The index permutation is a bijection of `0..n` (ragged sizes, powers of two and
-    /// the smallest), differs by seed, and its subsets `{i : π(i) < k}` cover every
-    /// index about equally over seeds.
-    #[test]
-    fn index_permutation_is_a_bijection_and_uniform() {
-        for n in [1u32, 2, 3, 5, 64, 100, 1000, 4096, 70_001] {
-            for seed in [0u64, 1, u64::MAX] {
-                let mut seen = vec![false; n as usize];
-                for i in 0..n {
-                    let p = permute_index(seed, n, i);
-                    assert!(p < n && !seen[p as usize], "n {n} seed {seed}: {i} -> {p}");
-                    seen[p as usize] = true;
-                }
-            }
-        }
-        let image = |seed| {
-            (0..1000)
-                .map(|i| permute_index(seed, 1000, i))
-                .collect::<Vec<_>>()
-        };
-        assert_ne!(image(1), image(2));
-        assert_ne!(image(1), (0..1000).collect::<Vec<_>>());
-        // 4000 draws of 8 of 64: each index kept 500 times on average (binomial sd 20.9).
-        let (n, k) = (64u32, 8u32);
-        let mut hits = [0u32; 64];
-        for seed in 0..4000u64 {
-            for i in 0..n {
-                hits[i as usize] += u32::from(permute_index(seed, n, i) < k);
-            }
-        }
-        assert!(hits.iter().all(|&h| (400..=600).contains(&h)), "{hits:?}");
-    }
-
-    /// Random123's known-answer vectors (its `kat_vectors`) for Philox4x32-10.
-    #[test]
-    fn philox_matches_random123() {
-        let kat = [
-            (
-                [0u32; 4],
-                [0u32; 2],
-                [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8],
-            ),
-            (
-                [u32::MAX; 4],
-                [u32::MAX; 2],
-                [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd],
-            ),
-            (
-                [0x243f_6a88, 0x85a3_08d3, 0x1319_8a2e, 0x0370_7344],
-                [0xa409_3822, 0x299f_31d0],
-                [0xd16c_fe09, 0x94fd_cceb, 0x5001_e420, 0x2412_6ea1],
-            ),
-        ];
-        for (c, k, want) in kat {
-            assert_eq!(philox4x32_10(c, k), want);
-        }
-    }
-
-    /// Closed forms: `Q(1) = 0`, `Q(0.05) = 1.959963984540054` (the two-sided 95%
-    /// point), `Q(2^-32)` ≈ 6.3; the table is monotone; interpolated values lie within
-    /// 1.5e-6 of the exact quantile in every octave (20 000 positions).
-    #[test]
-    fn quantile_table_is_accurate() {
-        assert_eq!(half_normal_quantile(1.0), 0.0);
-        assert!((half_normal_quantile(0.05) - 1.959_963_984_540_054).abs() < 1e-12);
-        let t = gaussian_table();
-        assert!(t.windows(2).all(|w| w[0] >= w[1]), "not monotone");
-        assert!((6.2..6.4).contains(&(t[0] as f64 / 1048576.0)));
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        for i in 0..20_000u64 {
-            // SplitMix64 positions spread over the 31 octaves.
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut x = state;
-            x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            let r = ((x ^ (x >> 31)) as u32 & 0x7FFF_FFFF) >> (i % 31);
-            let exact = half_normal_quantile((r as f64 + 0.5) / 2f64.powi(31));
-            let got = gaussian_from_bits(r) as f64;
-            assert!((got - exact).abs() < 1.5e-6, "r={r}: {got} vs {exact}");
-            assert_eq!(gaussian_from_bits(r | 1 << 31), -gaussian_from_bits(r));
-        }
-    }
-
-    /// Moments of 2^18 draws: mean 0, variance 1, kurtosis 3 (to sampling error), and
-    /// the fraction beyond 1.96 is 5%.
-    #[test]
-    fn draws_are_standard_normal() {
-        let n = 1usize << 18;
-        let z: Vec<f64> = (0..n as u64).map(|i| normal(42, 0, i) as f64).collect();
-        let mean = z.iter().sum::<f64>() / n as f64;
-        let var = z.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
-        let kurt = z.iter().map(|x| (x - mean).powi(4)).sum::<f64>() / n as f64 / var / var;
-        let tail = z.iter().filter(|x| x.abs() > 1.959_964).count() as f64 / n as f64;
-        assert!(mean.abs() < 0.01, "mean {mean}");
-        assert!((var - 1.0).abs() < 0.01, "variance {var}");
-        assert!((kurt - 3.0).abs() < 0.05, "kurtosis {kurt}");
-        assert!((tail - 0.05).abs() < 0.002, "tail {tail}");
-    }
 }

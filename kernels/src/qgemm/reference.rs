@@ -250,7 +250,8 @@ pub struct FlexRoundGrads {
 }
 
 impl FlexRound {
-    fn divisor(&self, i: usize) -> f64 {
+    /// FlexRound's divisor of element `i` (row-major): `s1 · s2[i] · s3[row] · s4[col]`.
+    pub fn divisor(&self, i: usize) -> f64 {
         self.s1 * self.s2[i] * self.s3[i / self.cols] * self.s4[i % self.cols]
     }
 
@@ -290,121 +291,5 @@ impl FlexRound {
             out.ds1 += g[i] * (c - if inside { u } else { 0.0 });
         }
         out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ties_round_to_even() {
-        for (x, r) in [
-            (0.5, 0.0),
-            (1.5, 2.0),
-            (2.5, 2.0),
-            (-0.5, 0.0),
-            (-1.5, -2.0),
-            (-2.5, -2.0),
-            (2.4, 2.0),
-            (-2.6, -3.0),
-        ] {
-            assert_eq!(round_half_even(x), r, "{x}");
-        }
-        // 2-bit view of 96 = 1.5 * 64 rounds to 2, clamps to 1; -96 rounds to -2.
-        assert_eq!(double_round(96, 2), 1);
-        assert_eq!(double_round(-96, 2), -2);
-        assert_eq!(double_round(-32, 2), 0); // -0.5 -> 0 (even)
-        assert_eq!(double_round(-127, 4), -8);
-        assert_eq!(double_round(24, 4), 2); // 1.5 -> 2
-        assert_eq!(double_round(40, 4), 2); // 2.5 -> 2
-        assert_eq!(double_round(77, 8), 77);
-    }
-
-    #[test]
-    fn packers_round_trip_and_put_nibbles_where_the_formats_say() {
-        let (k, n, g) = (64, 16, 32);
-        let w: Vec<f64> = (0..k * n)
-            .map(|i| ((i * 37 % 101) as f64 - 50.0) / 17.0)
-            .collect();
-        let c = W4Codes::quantize(&w, k, n, g);
-        // Quantization error is at most half a step.
-        let back = c.dequantize(None);
-        for i in 0..k * n {
-            let s = c.s[(i / n / g) * n + i % n];
-            assert!((back[i] - w[i]).abs() <= 0.5 * s + 1e-12, "element {i}");
-        }
-        let qw = c.gptq_qweight();
-        // GPTQ: row 8w + j of column c is nibble j of word (w, c).
-        assert_eq!((qw[n + 3] as u32 >> 8) & 15, c.q[10 * n + 3] as u32);
-        let aw = c.awq_qweight();
-        // AWQ: column 8w + 1 of row r is slot 4 of word (r, w).
-        assert_eq!(
-            (aw[5 * (n / 8) + 1] as u32 >> 16) & 15,
-            c.q[5 * n + 9] as u32
-        );
-        let z1 = c.qzeros("gptq", 1);
-        let z2 = c.qzeros("gptq", 2);
-        assert_eq!((z2[0] as u32 >> 4) & 15, c.z[1] as u32);
-        assert_eq!(((z1[0] as u32 >> 4) + 1) & 15, c.z[1] as u32 & 15);
-    }
-
-    /// The straight-through gradient is the exact gradient of the surrogate
-    /// `s1 (c0 + m0 (u - u0))`, with the code `c0`, mask `m0` and `u0` frozen at the
-    /// base point: central differences of that surrogate check every formula.
-    #[test]
-    fn flexround_backward_matches_finite_differences_of_the_surrogate() {
-        let (rows, cols) = (3, 5);
-        let n = rows * cols;
-        let f = FlexRound {
-            rows,
-            cols,
-            w: (0..n).map(|i| ((i * 7 % 11) as f64 - 5.3) * 0.37).collect(),
-            s1: 0.21,
-            s2: (0..n).map(|i| 0.8 + 0.03 * i as f64).collect(),
-            s3: vec![1.1, 0.7, 1.3],
-            s4: vec![0.9, 1.2, 1.0, 0.6, 1.4],
-            qmin: -4.0,
-            qmax: 3.0,
-        };
-        let g: Vec<f64> = (0..n).map(|i| ((i * 5 % 7) as f64 - 3.0) * 0.5).collect();
-        let frozen: Vec<(f64, f64, f64)> = (0..n)
-            .map(|i| {
-                let u = f.w[i] / f.divisor(i);
-                let r = round_half_even(u);
-                let m = if r >= f.qmin && r <= f.qmax { 1.0 } else { 0.0 };
-                (r.clamp(f.qmin, f.qmax), m, u)
-            })
-            .collect();
-        let loss = |p: &FlexRound| -> f64 {
-            (0..n)
-                .map(|i| {
-                    let (c0, m0, u0) = frozen[i];
-                    g[i] * p.s1 * (c0 + m0 * (p.w[i] / p.divisor(i) - u0))
-                })
-                .sum()
-        };
-        let grads = f.backward(&g);
-        let h = 1e-6;
-        let fd = |bump: &dyn Fn(&mut FlexRound, f64)| {
-            let (mut a, mut b) = (f.clone(), f.clone());
-            bump(&mut a, h);
-            bump(&mut b, -h);
-            (loss(&a) - loss(&b)) / (2.0 * h)
-        };
-        let close = |x: f64, y: f64, what: &str| {
-            assert!((x - y).abs() < 1e-6 * (1.0 + y.abs()), "{what}: {x} vs {y}")
-        };
-        close(grads.ds1, fd(&|p, e| p.s1 += e), "ds1");
-        for i in 0..n {
-            close(grads.dw[i], fd(&|p, e| p.w[i] += e), "dw");
-            close(grads.ds2[i], fd(&|p, e| p.s2[i] += e), "ds2");
-        }
-        for r in 0..rows {
-            close(grads.ds3[r], fd(&|p, e| p.s3[r] += e), "ds3");
-        }
-        for c in 0..cols {
-            close(grads.ds4[c], fd(&|p, e| p.s4[c] += e), "ds4");
-        }
     }
 }
