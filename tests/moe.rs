@@ -185,6 +185,16 @@ impl Layer {
         path: MoePath,
         world_size: usize,
     ) -> kiln::kernels::moe::LayerOutput {
+        self.run_gate(dtype, GateOptions::new(k, cf), path, world_size)
+    }
+
+    fn run_gate(
+        &self,
+        dtype: DType,
+        gate: GateOptions,
+        path: MoePath,
+        world_size: usize,
+    ) -> kiln::kernels::moe::LayerOutput {
         let (s, m, e) = (self.s, self.m, self.e);
         let (x, wg) = (
             up(dtype, &[s, m], &self.x),
@@ -192,10 +202,7 @@ impl Layer {
         );
         let device = DeviceExperts::up(dtype, &self.experts(), e, Activation::Gelu);
         let w = device.weights();
-        let opts = LayerOptions {
-            gate: GateOptions::new(k, cf),
-            path,
-        };
+        let opts = LayerOptions { gate, path };
         if world_size == 1 {
             moe_layer(&x, &wg, &w, &opts).unwrap()
         } else {
@@ -323,26 +330,33 @@ fn expert_parallel_backward_equals_one_device() {
 fn expert_parallel_equals_one_device() {
     let _ = client();
     let mut rng = Rng::new(31);
-    // 509 tokens (not divisible by 2 or 4), 8 experts over 2 or 4 ranks.
+    // 509 tokens (not divisible by 2 or 4), 8 experts over 2 or 4 ranks; slots counted
+    // in token order, or by top-1 probability over every rank's tokens (where cf 0.5
+    // drops, which routes survive depends on all of them).
     let layer = Layer::new(&mut rng, 509, 16, 12, 8, DType::F32);
-    for cf in [0.0, 1.0] {
-        let one = layer.run(DType::F32, 2, cf, MoePath::Capacity, 1);
+    for (cf, prioritized) in [(0.0, false), (1.0, false), (0.5, true), (0.0, true)] {
+        let mut gate = GateOptions::new(2, cf);
+        gate.batch_prioritized = prioritized;
+        let what = |p: usize| format!("P={p} cf={cf} prioritized={prioritized}");
+        let one = layer.run_gate(DType::F32, gate, MoePath::Capacity, 1);
         for p in [2, 4] {
-            let ep = layer.run(DType::F32, 2, cf, MoePath::Capacity, p);
+            let ep = layer.run_gate(DType::F32, gate, MoePath::Capacity, p);
             assert_eq!(
                 ints(&ep.routing.expert_ids),
                 ints(&one.routing.expert_ids),
-                "P={p} cf={cf}"
+                "{}",
+                what(p)
             );
             assert_eq!(
                 ints(&ep.routing.locations),
                 ints(&one.routing.locations),
-                "P={p} cf={cf}"
+                "{}",
+                what(p)
             );
             let err = max_rel_error(&down(&ep.y), &down(&one.y), 1.0);
-            assert!(err < 1e-6, "P={p} cf={cf}: y {err:e}");
+            assert!(err < 1e-6, "{}: y {err:e}", what(p));
             let el = max_rel_error(&down(&ep.l_aux), &down(&one.l_aux), 1e-3);
-            assert!(el < 1e-6, "P={p} cf={cf}: l_aux {el:e}");
+            assert!(el < 1e-6, "{}: l_aux {el:e}", what(p));
         }
     }
 }

@@ -7,11 +7,11 @@
 
 use super::backward::{check_dy, gate_input_grads, FfnForward, LayerGrads};
 use super::ffn::{moe_expert_ffn, ExpertWeights, Groups};
-use super::gate::{check_gate, gate_backward_with, top_k};
+use super::gate::{capacity_of, check_gate, counting_order, gate_backward_with, top_k, TopK};
 use super::layer::{gate_logits, LayerOptions, LayerOutput};
 use super::movement::{combine_from_layout, gate_grads, gather_by_map};
 use super::routing::{count_slots, locate_slots, MoeRouting, RowLayout, NO_ROUTE};
-use super::{capacity_for, GateOptions, MoeGateLoss, MoeGateLossArgs};
+use super::{GateOptions, MoeGateLoss, MoeGateLossArgs};
 use crate::launch::upload_u32;
 use crate::rows::slice_rows;
 use kiln_runtime::comm::Communicator;
@@ -53,7 +53,7 @@ impl EpPlan {
         e_local: usize,
         gate: &GateOptions,
     ) -> Result<EpPlan> {
-        let (p, rank) = (comm.world_size(), comm.rank());
+        let p = comm.world_size();
         let client = x.client();
         let logits = gate_logits(x, w_gate)?;
         let (s_r, e) = check_gate(&logits, gate)?;
@@ -64,55 +64,26 @@ impl EpPlan {
                 found: p.to_string(),
             });
         }
-        if gate.batch_prioritized {
-            return Err(Error::Param {
-                param: "batch_prioritized".into(),
-                expected: "false with world_size > 1 (a global sort of every rank's tokens)".into(),
-                found: "true".into(),
-            });
-        }
-        let k = gate.top_k;
-        let t = top_k(&logits, s_r, e, k, gate.normalize())?;
-        let order = upload_u32(client, "order", &[])?;
-        let counts = count_slots(client, &t.ids, &order, false, e)?;
-
-        // Every rank's route totals per (choice, expert) and token count, in rank order.
-        let width = k * e + 1;
-        let mut mine: Vec<f64> = (0..k * e)
-            .map(|ie| counts.total(ie / e, ie % e) as f64)
-            .collect();
-        mine.push(s_r as f64);
-        let mine = Tensor::upload(
-            client,
-            &HostTensor::from_f64(DType::F32, vec![1, width], &mine)?,
-        )?;
-        let all = comm.all_gather(&mine)?.download()?.to_f64();
-        let at = |q: usize, i: usize, x: usize| all[q * width + i * e + x] as usize;
-        let s_total: usize = (0..p).map(|q| all[q * width + k * e] as usize).sum();
-        let global = |i: usize, x: usize| (0..p).map(|q| at(q, i, x)).sum::<usize>();
-        let per_expert: Vec<usize> = (0..e).map(|x| (0..k).map(|i| global(i, x)).sum()).collect();
-        let capacity = if gate.capacity_factor > 0.0 {
-            capacity_for(s_total, e, k, gate.capacity_factor)
+        let t = top_k(&logits, s_r, e, gate.top_k, gate.normalize())?;
+        let slots = if gate.batch_prioritized {
+            GlobalSlots::prioritized(comm, &t, s_r, e, gate)?
         } else {
-            per_expert.iter().copied().max().unwrap_or(0)
+            GlobalSlots::in_rank_order(comm, &t, s_r, e, gate)?
         };
-        // This rank's routes start after every earlier choice of every rank and the
-        // same choice of earlier ranks.
-        let bases = counts.bases_from(|i, x| {
-            ((0..i).map(|j| global(j, x)).sum::<usize>()
-                + (0..rank).map(|q| at(q, i, x)).sum::<usize>()) as u32
-        });
-        let locations = Tensor::empty(client, DType::I32, &[s_r, k])?;
-        if s_r > 0 {
-            locate_slots(
-                client, &t.ids, &order, false, &counts, &bases, capacity, &locations,
-            )?;
-        }
-        let routing = MoeRouting::from_gate(t.ids, locations, Some(t.gates), capacity, &per_expert);
+        let (s_total, capacity) = (slots.s_total, slots.capacity);
+        let routing = MoeRouting::from_gate(
+            t.ids,
+            slots.locations,
+            Some(t.gates),
+            capacity,
+            &slots.per_expert,
+        );
 
         // l_aux = E sum_e share_e mean_s p: this rank's part, then the sum over ranks.
-        let share: Vec<f64> = (0..e)
-            .map(|x| global(0, x) as f64 / s_total.max(1) as f64)
+        let share: Vec<f64> = slots
+            .top1
+            .iter()
+            .map(|&c| c as f64 / s_total.max(1) as f64)
             .collect();
         let share_t = Tensor::upload(client, &HostTensor::from_f64(DType::F32, vec![e], &share)?)?;
         let part = Tensor::empty(client, DType::F32, &[])?;
@@ -160,7 +131,7 @@ impl EpPlan {
         for (i, &slot) in recv_slots.iter().enumerate() {
             slot_map[slot as usize] = i as u32;
         }
-        let mut route_map = vec![NO_ROUTE; s_r * k];
+        let mut route_map = vec![NO_ROUTE; s_r * gate.top_k];
         for (j, &r) in routes.iter().enumerate() {
             route_map[r as usize] = j as u32;
         }
@@ -216,6 +187,140 @@ impl EpPlan {
         let starts: Vec<usize> = (0..self.e_local).map(|i| i * c).collect();
         Groups::new(like, &starts, &vec![c; self.e_local])
     }
+}
+
+/// The slot counting of the global batch (every rank's tokens in rank order, as one
+/// device would count them), as one rank sees it.
+struct GlobalSlots {
+    /// Tokens over all ranks.
+    s_total: usize,
+    /// Routes per expert over the global batch, every choice.
+    per_expert: Vec<usize>,
+    /// Top-1 routes per expert over the global batch.
+    top1: Vec<usize>,
+    capacity: usize,
+    /// This rank's routes' locations `[S_r, k]` (i32, `-1` where dropped).
+    locations: Tensor,
+}
+
+impl GlobalSlots {
+    /// Tokens counted in token order: one `all_gather` of every rank's route totals
+    /// per (choice, expert); this rank's routes start after every earlier choice of
+    /// every rank and the same choice of earlier ranks.
+    fn in_rank_order(
+        comm: &dyn Communicator,
+        t: &TopK,
+        s_r: usize,
+        e: usize,
+        gate: &GateOptions,
+    ) -> Result<GlobalSlots> {
+        let (p, rank, k) = (comm.world_size(), comm.rank(), gate.top_k);
+        let client = t.ids.client();
+        let order = upload_u32(client, "order", &[])?;
+        let counts = count_slots(client, &t.ids, &order, false, e)?;
+        // Every rank's route totals per (choice, expert) and token count, in rank order.
+        let width = k * e + 1;
+        let mut mine: Vec<f64> = (0..k * e)
+            .map(|ie| counts.total(ie / e, ie % e) as f64)
+            .collect();
+        mine.push(s_r as f64);
+        let mine = Tensor::upload(
+            client,
+            &HostTensor::from_f64(DType::F32, vec![1, width], &mine)?,
+        )?;
+        let all = comm.all_gather(&mine)?.download()?.to_f64();
+        let at = |q: usize, i: usize, x: usize| all[q * width + i * e + x] as usize;
+        let s_total: usize = (0..p).map(|q| all[q * width + k * e] as usize).sum();
+        let global = |i: usize, x: usize| (0..p).map(|q| at(q, i, x)).sum::<usize>();
+        let per_expert: Vec<usize> = (0..e).map(|x| (0..k).map(|i| global(i, x)).sum()).collect();
+        let capacity = capacity_of(s_total, e, gate, &per_expert);
+        let bases = counts.bases_from(|i, x| {
+            ((0..i).map(|j| global(j, x)).sum::<usize>()
+                + (0..rank).map(|q| at(q, i, x)).sum::<usize>()) as u32
+        });
+        let locations = Tensor::empty(client, DType::I32, &[s_r, k])?;
+        if s_r > 0 {
+            locate_slots(
+                client, &t.ids, &order, false, &counts, &bases, capacity, &locations,
+            )?;
+        }
+        Ok(GlobalSlots {
+            s_total,
+            top1: (0..e).map(|x| global(0, x)).collect(),
+            per_expert,
+            capacity,
+            locations,
+        })
+    }
+
+    /// Tokens counted by descending top-1 probability over the global batch (ties to
+    /// the earlier token, an earlier rank's first): no rank's slots can be placed from
+    /// totals alone, so every rank gathers every rank's top-1 probabilities and expert
+    /// ids (`S k` integers and `S` floats, an uneven `all_to_all`), runs one device's
+    /// scan on the concatenation, and keeps its own rows' locations. Routing is
+    /// O(S k) work, repeated on each rank; the rows themselves still move only to
+    /// their experts.
+    fn prioritized(
+        comm: &dyn Communicator,
+        t: &TopK,
+        s_r: usize,
+        e: usize,
+        gate: &GateOptions,
+    ) -> Result<GlobalSlots> {
+        let (rank, k) = (comm.rank(), gate.top_k);
+        let client = t.ids.client();
+        let (ids, from) = gather_rows(comm, &t.ids.reshape(&[s_r, k])?)?;
+        let (top1, _) = gather_rows(comm, &t.top1.reshape(&[s_r, 1])?)?;
+        let s_total: usize = from.iter().sum();
+        let order = counting_order(client, &top1, true)?;
+        let counts = count_slots(client, &ids, &order, true, e)?;
+        let per_expert: Vec<usize> = (0..e)
+            .map(|x| (0..k).map(|i| counts.total(i, x)).sum())
+            .collect();
+        let capacity = capacity_of(s_total, e, gate, &per_expert);
+        let all = Tensor::empty(client, DType::I32, &[s_total, k])?;
+        if s_total > 0 {
+            locate_slots(
+                client,
+                &ids,
+                &order,
+                true,
+                &counts,
+                &counts.bases(),
+                capacity,
+                &all,
+            )?;
+        }
+        let first: usize = from[..rank].iter().sum();
+        let all = all.download()?.to_f64();
+        let mine = &all[first * k..(first + s_r) * k];
+        Ok(GlobalSlots {
+            s_total,
+            top1: (0..e).map(|x| counts.total(0, x)).collect(),
+            per_expert,
+            capacity,
+            locations: Tensor::upload(
+                t.ids.client(),
+                &HostTensor::from_f64(DType::I32, vec![s_r, k], mine)?,
+            )?,
+        })
+    }
+}
+
+/// Every rank's rows of `t` `[S_r, c]`, concatenated in rank order on every rank (an
+/// `all_to_all` of `P` copies: ranks may hold different numbers of rows), with how
+/// many came from each rank.
+fn gather_rows(comm: &dyn Communicator, t: &Tensor) -> Result<(Tensor, Vec<usize>)> {
+    let p = comm.world_size();
+    let host = t.download()?;
+    let values = host.to_f64();
+    let mut shape = t.shape().to_vec();
+    shape[0] *= p;
+    let copies = HostTensor::from_f64(t.dtype(), shape, &values.repeat(p))?;
+    comm.all_to_all(
+        &Tensor::upload(t.client(), &copies)?,
+        &vec![t.shape()[0]; p],
+    )
 }
 
 /// One rank of the expert-parallel layer: this rank's tokens `x` `[S_r, M]`, the whole

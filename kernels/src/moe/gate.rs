@@ -125,7 +125,7 @@ pub(super) fn top_k(
 
 /// The counting order: tokens by descending top-1 probability (stable), as u32 on the
 /// device; a one-element placeholder when not prioritised.
-fn counting_order(client: &Client, top1: &Tensor, prioritized: bool) -> Result<Tensor> {
+pub(super) fn counting_order(client: &Client, top1: &Tensor, prioritized: bool) -> Result<Tensor> {
     if !prioritized {
         return upload_u32(client, "order", &[]);
     }
@@ -138,6 +138,16 @@ fn counting_order(client: &Client, top1: &Tensor, prioritized: bool) -> Result<T
             .unwrap_or_else(|| x.is_nan().cmp(&y.is_nan()))
     });
     upload_u32(client, "order", &order)
+}
+
+/// The capacity of a batch of `s` tokens: from the capacity factor, or (dropless) the
+/// busiest expert's routes.
+pub(super) fn capacity_of(s: usize, e: usize, opts: &GateOptions, per_expert: &[usize]) -> usize {
+    if opts.capacity_factor > 0.0 {
+        capacity_for(s, e, opts.top_k, opts.capacity_factor)
+    } else {
+        per_expert.iter().copied().max().unwrap_or(0)
+    }
 }
 
 /// Each expert's share of top-1 routes, `count / S` (f32 `[E]`), from the slot counts.
@@ -159,11 +169,7 @@ pub fn moe_gate(logits: &Tensor, opts: &GateOptions) -> Result<GateOutput> {
     let per_expert: Vec<usize> = (0..e)
         .map(|x| (0..k).map(|i| counts.total(i, x)).sum())
         .collect();
-    let capacity = if opts.capacity_factor > 0.0 {
-        capacity_for(s, e, k, opts.capacity_factor)
-    } else {
-        per_expert.iter().copied().max().unwrap_or(0)
-    };
+    let capacity = capacity_of(s, e, opts, &per_expert);
     let locations = Tensor::empty(client, DType::I32, &[s, k])?;
     if s > 0 {
         locate_slots(

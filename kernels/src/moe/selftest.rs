@@ -147,11 +147,11 @@ fn layer_inputs(rng: &mut Rng) -> CaseInputs {
     ]
 }
 
-fn layer_ref(i: &BTreeMap<String, HostTensor>, cf: f64) -> Vec<f64> {
+fn layer_ref(i: &BTreeMap<String, HostTensor>, cf: f64, prioritized: bool) -> Vec<f64> {
     let (m, e) = (i["w_gate"].shape[0], i["w_gate"].shape[1]);
     let x = i["x"].to_f64();
     let logits = rf::gate_logits(&x, &i["w_gate"].to_f64(), m, e);
-    let r = rf::gate(&logits, e, K, cf, true, false);
+    let r = rf::gate(&logits, e, K, cf, true, prioritized);
     let w = weights_of(i);
     rf::layer_per_token(&x, &r, &experts(i, &w, "silu"))
 }
@@ -335,7 +335,7 @@ pub fn cases() -> Vec<Case> {
             output: "y",
             what: "[37,12] tokens, 6 experts of F = 10, top-2, cf 1, capacity path",
             inputs: layer_inputs,
-            reference: |i| layer_ref(i, 1.0),
+            reference: |i| layer_ref(i, 1.0, false),
             ulps: 512.0,
             floor: LAYER_FLOOR,
         },
@@ -345,7 +345,7 @@ pub fn cases() -> Vec<Case> {
             output: "y",
             what: "[37,12] tokens, 6 experts, top-2, dropless sorted path",
             inputs: layer_inputs,
-            reference: |i| layer_ref(i, 0.0),
+            reference: |i| layer_ref(i, 0.0, false),
             ulps: 512.0,
             floor: LAYER_FLOOR,
         },
@@ -386,7 +386,21 @@ pub fn cases() -> Vec<Case> {
             output: "y",
             what: "[37,12] tokens, 6 experts, top-2, cf 1, expert parallel over 2 ranks",
             inputs: layer_inputs,
-            reference: |i| layer_ref(i, 1.0),
+            reference: |i| layer_ref(i, 1.0, false),
+            ulps: 512.0,
+            floor: LAYER_FLOOR,
+        },
+        Case {
+            op: "moe_layer",
+            params: &[
+                ("world_size", "3"),
+                ("capacity_factor", "0.5"),
+                ("batch_prioritized", "true"),
+            ],
+            output: "y",
+            what: "the same over 3 ranks (13, 12, 12 tokens), cf 0.5, batch-prioritized: drops by top-1 probability over every rank's tokens",
+            inputs: layer_inputs,
+            reference: |i| layer_ref(i, 0.5, true),
             ulps: 512.0,
             floor: LAYER_FLOOR,
         },
