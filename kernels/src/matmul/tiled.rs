@@ -149,7 +149,16 @@ pub(super) fn fma_matmul<F: Float>(
         direct_v4_product::<F>(a, b, &mut acc, &unit, plan);
     }
     let vector_columns = comptime!(matches!(main, MainLoop::StagedV4 | MainLoop::DirectV4));
-    store_tile::<F>(c, bias, residual, &acc, &unit, fused, tile, vector_columns);
+    store_tile::<F>(
+        c,
+        bias,
+        residual,
+        &mut acc,
+        &unit,
+        fused,
+        tile,
+        vector_columns,
+    );
 }
 
 /// Sets `len` accumulators to zero.
@@ -192,13 +201,14 @@ pub(super) fn tile_from_v4(
 /// The epilogue of a register tile: element (i, j) of the unit's accumulators is row
 /// `ty + i bm/tm` of the cube's tile and column `tx + j bn/tn`, or with
 /// `vector_columns` column `4 (tx + (j / 4) bn/tn) + j % 4`; masked to `m x n`.
+/// Consumes `acc` (a loop over the rows, see [`shift_rows`]).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn store_tile<F: Float>(
     c: &mut Array<F>,
     bias: &Array<F>,
     residual: &Array<F>,
-    acc: &Array<f32>,
+    acc: &mut Array<f32>,
     unit: &UnitTile,
     #[comptime] fused: Fused,
     #[comptime] tile: TileShape,
@@ -209,7 +219,6 @@ pub(super) fn store_tile<F: Float>(
     let (m, n) = (unit.m, unit.n);
     let (row0, col0, ty, tx) = (unit.row0, unit.col0, unit.ty, unit.tx);
     let (has_bias, has_residual, act) = comptime!((fused.has_bias, fused.has_residual, fused.act));
-    #[unroll]
     for i in 0..tm {
         let r = row0 + ty + i * rows_of_units;
         #[unroll]
@@ -223,7 +232,7 @@ pub(super) fn store_tile<F: Float>(
                     c,
                     bias,
                     residual,
-                    acc[(i * tn + j) as usize],
+                    acc[j as usize],
                     r,
                     col,
                     n,
@@ -233,6 +242,30 @@ pub(super) fn store_tile<F: Float>(
                 );
             }
         }
+        shift_rows(acc, tm, tn);
+    }
+}
+
+/// Moves a `rows x width` register tile up one row (`acc[x] = acc[x + width]`, the last
+/// row left as it was), so that a loop over the rows that is not unrolled can always
+/// store row 0 with constant indices.
+///
+/// Why: llvmpipe turns every global load and store with a per-lane address into a
+/// loop over the SIMD lanes, and LLVM 15's coroutine split (every llvmpipe compute
+/// shader is a coroutine) is superlinear in basic blocks; a dynamic index into the
+/// registers is worse (NIR lowers it to a ladder of branches). Unrolled, the stores of
+/// a 32 x 32 vector tile with bias and residual were most of its blocks and most of its
+/// compile time (perf: 57-76 % in `coro::buildCoroutineFrame`; 12-28 s -> 0.9-2.3 s
+/// without LLVM's passes). The moves are registers, once per row.
+#[cube]
+pub(crate) fn shift_rows<T: CubePrimitive>(
+    acc: &mut Array<T>,
+    #[comptime] rows: u32,
+    #[comptime] width: u32,
+) {
+    #[unroll]
+    for x in 0..(rows - 1) * width {
+        acc[x as usize] = acc[(x + width) as usize];
     }
 }
 

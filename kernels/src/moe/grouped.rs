@@ -2,7 +2,9 @@
 //! never straddling two experts (`grouped_kernel!` declares their shared signature).
 
 use super::routing::NO_ROUTE;
-use crate::matmul::{activate, activate_vector, clamped_strided, zero_tile_v4, Activation};
+use crate::matmul::{
+    activate, activate_vector, clamped_strided, shift_rows, zero_tile_v4, Activation,
+};
 use cubecl::prelude::*;
 use kiln_dsl::{load_tile_v4, reg_tile_mma_v4, v4_tile_col, V4};
 
@@ -174,14 +176,15 @@ grouped_kernel! {
                 k0 += BK;
             }
             let row_step = comptime!(BM / TM);
-            #[unroll]
+            // A loop over the rows, not unrolled (`shift_rows`: llvmpipe compiles
+            // unrolled stores slowly).
             for i in 0..TM {
                 let r = ty + i * row_step;
                 #[unroll]
                 for j in 0..TN {
                     let col = v4_tile_col(tx, j, BN, TN);
                     if r < rows_valid && col < cols_valid {
-                        let v = acc[(i * comptime!(TN / 4) + j / 4) as usize][(j % 4) as usize];
+                        let v = acc[(j / 4) as usize][(j % 4) as usize];
                         store_grouped::<F>(
                             c,
                             c32,
@@ -200,6 +203,7 @@ grouped_kernel! {
                         );
                     }
                 }
+                shift_rows(&mut acc, TM, comptime!(TN / 4));
             }
         }
     }
@@ -325,23 +329,28 @@ grouped_kernel! {
             // The epilogue, a vector of four adjacent columns at a time (a unit owns four per
             // vector of its tile; N is a multiple of 4, so a vector is all in or all out):
             // `bias` read once per column vector, one masked store per row and vector.
+            // A loop over the rows, not unrolled (`shift_rows`).
+            let mut bias_v = Array::<V4>::new(comptime!(tnv as usize));
             #[unroll]
             for jv in 0..tnv {
-                let cv = col0 / 4 + tx + jv * units_x;
-                let mut bias_v = V4::new(0.0f32);
+                bias_v[jv as usize] = V4::new(0.0f32);
                 if comptime!(has_bias) {
-                    bias_v = V4::cast_from(bias[(e * nv + cols[jv as usize]) as usize]);
+                    bias_v[jv as usize] =
+                        V4::cast_from(bias[(e * nv + cols[jv as usize]) as usize]);
                 }
+            }
+            for i in 0..TM {
+                let r = ty + i * row_step;
                 #[unroll]
-                for i in 0..TM {
-                    let r = ty + i * row_step;
+                for jv in 0..tnv {
+                    let cv = col0 / 4 + tx + jv * units_x;
                     if tile_row + r < count && cv < nv {
                         store_grouped_v4::<F>(
                             c,
                             c32,
                             slot_route,
                             gates,
-                            accv[(i * tnv + jv) as usize] + bias_v,
+                            accv[jv as usize] + bias_v[jv as usize],
                             row0 + r,
                             cv,
                             nv,
@@ -351,6 +360,7 @@ grouped_kernel! {
                         );
                     }
                 }
+                shift_rows(&mut accv, TM, tnv);
             }
         }
     }

@@ -19,6 +19,7 @@
 //! Longer than most files: the three kernels share the dequantization helpers (group sums,
 //! folded zero points, strided tile stores) defined beside them.
 
+use crate::matmul::shift_rows;
 use cubecl::prelude::*;
 use kiln_dsl::{load_i8, load_tile, reg_tile_mma, shift_round_half_even, unpack_i8, unpack_u4};
 
@@ -84,12 +85,12 @@ macro_rules! qgemm_kernel {
 /// row `i` of the tile at `row0 + i (bm / tm)`; the columns in runs of `span` adjacent
 /// ones, run `r` at `col0 + r span (bn / tn)` (units of a cube interleave, so
 /// neighbouring units write neighbouring runs; `col0` is the unit's first column),
-/// skipping what falls outside the matrix.
+/// skipping what falls outside the matrix. Consumes `acc`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn store_strided_tile<F: Float>(
     y: &mut Array<F>,
-    acc: &Array<f32>,
+    acc: &mut Array<f32>,
     row0: u32,
     col0: u32,
     m: u32,
@@ -100,7 +101,8 @@ pub(crate) fn store_strided_tile<F: Float>(
     #[comptime] tn: u32,
     #[comptime] span: u32,
 ) {
-    #[unroll]
+    // A loop over the rows, not unrolled (`shift_rows`: llvmpipe compiles unrolled
+    // stores slowly).
     for i in 0..tm {
         #[unroll]
         for j in 0..tn {
@@ -108,9 +110,10 @@ pub(crate) fn store_strided_tile<F: Float>(
             let col =
                 col0 + (j / comptime!(span)) * comptime!(span * (bn / tn)) + j % comptime!(span);
             if row < m && col < n {
-                y[(row * n + col) as usize] = F::cast_from(acc[(i * tn + j) as usize]);
+                y[(row * n + col) as usize] = F::cast_from(acc[j as usize]);
             }
         }
+        shift_rows(acc, tm, tn);
     }
 }
 
@@ -372,7 +375,7 @@ qgemm_kernel! {
             sync_cube();
             k0 += TILE_K;
         }
-        store_strided_tile::<F>(y, &acc, m0 + ty, n0 + tx, m, n, BM, BN, TM, TN, 1u32);
+        store_strided_tile::<F>(y, &mut acc, m0 + ty, n0 + tx, m, n, BM, BN, TM, TN, 1u32);
     }
 }
 
@@ -590,7 +593,7 @@ qgemm_kernel! {
         if comptime!(folded) {
             fold_group(&mut acc, &mut part, &mut xsum, &sg, &zg, TM, TN);
         }
-        store_strided_tile::<F>(y, &acc, m0 + ty, col0, m, n, BM, BN, TM, TN, span);
+        store_strided_tile::<F>(y, &mut acc, m0 + ty, col0, m, n, BM, BN, TM, TN, span);
     }
 }
 

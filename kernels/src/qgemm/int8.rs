@@ -4,6 +4,7 @@
 //! int8 tensors are read as the bytes of 32-bit words (`kiln_dsl::load_i8`), so any K
 //! works, aligned or not.
 
+use crate::matmul::shift_rows;
 use cubecl::prelude::*;
 use kiln_dsl::{cube_max, cube_sum, i8_bits, load_i8, reg_tile_mma, round_half_even, unpack_i8};
 
@@ -105,7 +106,7 @@ w8a8_kernel! {
         }
         store_scaled_tile::<F>(
             y,
-            &acc,
+            &mut acc,
             sx,
             sw,
             bias,
@@ -125,12 +126,12 @@ w8a8_kernel! {
 /// The W8A8 epilogue of a unit's `tm x tn` i32 accumulators `acc` (row-major):
 /// `y[row, col] = acc sx[row] sw[col] (+ bias[col])` in `F`, row `i` of the tile at
 /// `row0 + i (bm / tm)` and column `j` at `col0 + j (bn / tn)`, skipping what falls
-/// outside `[m, n]`.
+/// outside `[m, n]`. Consumes `acc`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn store_scaled_tile<F: Float>(
     y: &mut Array<F>,
-    acc: &Array<i32>,
+    acc: &mut Array<i32>,
     sx: &Array<f32>,
     sw: &Array<f32>,
     bias: &Array<f32>,
@@ -144,22 +145,22 @@ fn store_scaled_tile<F: Float>(
     #[comptime] tn: u32,
     #[comptime] has_bias: bool,
 ) {
-    #[unroll]
+    // A loop over the rows, not unrolled (`shift_rows`: llvmpipe compiles unrolled
+    // stores slowly).
     for i in 0..tm {
         #[unroll]
         for j in 0..tn {
             let row = row0 + i * comptime!(bm / tm);
             let col = col0 + j * comptime!(bn / tn);
             if row < m && col < n {
-                let mut v = f32::cast_from(acc[(i * tn + j) as usize])
-                    * sx[row as usize]
-                    * sw[col as usize];
+                let mut v = f32::cast_from(acc[j as usize]) * sx[row as usize] * sw[col as usize];
                 if comptime!(has_bias) {
                     v += bias[col as usize];
                 }
                 y[(row * n + col) as usize] = F::cast_from(v);
             }
         }
+        shift_rows(acc, tm, tn);
     }
 }
 
@@ -253,7 +254,7 @@ w8a8_kernel! {
         }
         store_scaled_tile::<F>(
             y,
-            &acc,
+            &mut acc,
             sx,
             sw,
             bias,
