@@ -98,6 +98,25 @@ fn matmul_vec4_wgsl_trans_b_bias() {
     ));
 }
 
+/// What a CPU adapter runs: the epilogue a loop over the tile's rows (row 0 stored, the
+/// rest moved up a row), not unrolled.
+#[test]
+fn matmul_vec4_wgsl_cpu_adapter_rows_loop() {
+    insta::assert_snapshot!(source(
+        "matmul_vec4",
+        Target::Wgsl,
+        &[
+            ("has_bias", "true"),
+            ("has_residual", "true"),
+            ("BM", "16"),
+            ("BN", "64"),
+            ("TM", "4"),
+            ("TN", "4"),
+            ("local_scalars", "true")
+        ]
+    ));
+}
+
 #[test]
 fn matmul_wgsl_direct_trans_b() {
     insta::assert_snapshot!(source(

@@ -181,7 +181,9 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
     // lane, while a read before any branch is one load: measured, an AdamW step that read
     // its eight scalars in its loop ran at 0.69 of a 4-wide copy, 0.90 with the copies. On
     // a GPU the copies would only hold registers (NVRTC spilled 4-16 bytes in 23 of 1164
-    // CUDA configurations with them), so GPUs get the body as written.
+    // CUDA configurations with them), so GPUs get the body as written. The body may read
+    // the flag too: kernels with a register tile store it with a loop over its rows on a
+    // CPU adapter (`shift_rows` in kiln-kernels' matmul module).
     let has_scalars = sig.args.iter().any(|a| matches!(a, Arg::Scalar { .. }));
     let local_flag = format_ident!("local_scalars");
     if has_scalars {
@@ -704,7 +706,7 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
     let (define_local, local_param) = match has_scalars {
         true => (
             quote!(let __local_scalars: bool = cfg_in.get_param::<bool>("local_scalars")?;),
-            quote!(#rt::ParamSpec { name: "local_scalars", default: "false", values: "false | true", doc: "scalar arguments copied into locals first (what a CPU adapter runs)" },),
+            quote!(#rt::ParamSpec { name: "local_scalars", default: "false", values: "false | true", doc: "a CPU adapter's form: scalar arguments copied into locals first, register-tile epilogues as loops over rows" },),
         ),
         false => (quote!(), quote!()),
     };

@@ -63,7 +63,8 @@ macro_rules! fma_kernel {
                     trans_b,
                 });
                 let fused = comptime!(Fused::new(has_bias, has_residual, act));
-                fma_matmul::<F>(a, b, bias, residual, c, m, n, k, plan, fused);
+                // On a CPU adapter (`local_scalars`) the epilogue loops over rows.
+                fma_matmul::<F>(a, b, bias, residual, c, m, n, k, plan, fused, local_scalars);
             }
         }
     };

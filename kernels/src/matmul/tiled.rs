@@ -119,7 +119,7 @@ pub(super) fn unit_tile(m: u32, n: u32, k: u32, #[comptime] tile: TileShape) -> 
 }
 
 /// The body of every register-tiled FMA kernel: the unit's tile, the plan's main loop
-/// into f32 accumulators, then the fused epilogue.
+/// into f32 accumulators, then the fused epilogue (`rows_loop`: see [`store_tile`]).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn fma_matmul<F: Float>(
@@ -133,6 +133,7 @@ pub(super) fn fma_matmul<F: Float>(
     k: u32,
     #[comptime] plan: FmaPlan,
     #[comptime] fused: Fused,
+    #[comptime] rows_loop: bool,
 ) {
     let tile = comptime!(plan.tile);
     let unit = unit_tile(m, n, k, tile);
@@ -158,6 +159,7 @@ pub(super) fn fma_matmul<F: Float>(
         fused,
         tile,
         vector_columns,
+        rows_loop,
     );
 }
 
@@ -200,8 +202,9 @@ pub(super) fn tile_from_v4(
 
 /// The epilogue of a register tile: element (i, j) of the unit's accumulators is row
 /// `ty + i bm/tm` of the cube's tile and column `tx + j bn/tn`, or with
-/// `vector_columns` column `4 (tx + (j / 4) bn/tn) + j % 4`; masked to `m x n`.
-/// Consumes `acc` (a loop over the rows, see [`shift_rows`]).
+/// `vector_columns` column `4 (tx + (j / 4) bn/tn) + j % 4`; masked to `m x n`. With
+/// `rows_loop` (a CPU adapter) a loop over the rows that consumes `acc` ([`shift_rows`]),
+/// else unrolled (a GPU keeps the tile in registers; NVRTC spilled the loop's moves).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn store_tile<F: Float>(
@@ -213,36 +216,85 @@ pub(super) fn store_tile<F: Float>(
     #[comptime] fused: Fused,
     #[comptime] tile: TileShape,
     #[comptime] vector_columns: bool,
+    #[comptime] rows_loop: bool,
 ) {
     let (tm, tn) = comptime!((tile.tm, tile.tn));
-    let (rows_of_units, cols_of_units) = comptime!((tile.bm / tile.tm, tile.bn / tile.tn));
-    let (m, n) = (unit.m, unit.n);
-    let (row0, col0, ty, tx) = (unit.row0, unit.col0, unit.ty, unit.tx);
-    let (has_bias, has_residual, act) = comptime!((fused.has_bias, fused.has_residual, fused.act));
-    for i in 0..tm {
-        let r = row0 + ty + i * rows_of_units;
-        #[unroll]
-        for j in 0..tn {
-            let mut col = col0 + tx + j * cols_of_units;
-            if comptime!(vector_columns) {
-                col = col0 + (tx + (j / 4) * cols_of_units) * 4 + j % 4;
-            }
-            if r < m && col < n {
-                store_epilogue::<F>(
-                    c,
-                    bias,
-                    residual,
-                    acc[j as usize],
-                    r,
-                    col,
-                    n,
-                    has_bias,
-                    has_residual,
-                    act,
-                );
-            }
+    let rows_of_units = comptime!(tile.bm / tile.tm);
+    let r0 = unit.row0 + unit.ty;
+    if comptime!(rows_loop) {
+        for i in 0..tm {
+            store_tile_row::<F>(
+                c,
+                bias,
+                residual,
+                acc,
+                0u32,
+                r0 + i * rows_of_units,
+                unit,
+                fused,
+                tile,
+                vector_columns,
+            );
+            shift_rows(acc, tm, tn);
         }
-        shift_rows(acc, tm, tn);
+    } else {
+        #[unroll]
+        for i in 0..tm {
+            store_tile_row::<F>(
+                c,
+                bias,
+                residual,
+                acc,
+                comptime!(i * tn),
+                r0 + i * rows_of_units,
+                unit,
+                fused,
+                tile,
+                vector_columns,
+            );
+        }
+    }
+}
+
+/// One row `r` of [`store_tile`], from `acc[first ..]`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_tile_row<F: Float>(
+    c: &mut Array<F>,
+    bias: &Array<F>,
+    residual: &Array<F>,
+    acc: &Array<f32>,
+    #[comptime] first: u32,
+    r: u32,
+    unit: &UnitTile,
+    #[comptime] fused: Fused,
+    #[comptime] tile: TileShape,
+    #[comptime] vector_columns: bool,
+) {
+    let tn = comptime!(tile.tn);
+    let cols_of_units = comptime!(tile.bn / tile.tn);
+    let (m, n, col0, tx) = (unit.m, unit.n, unit.col0, unit.tx);
+    let (has_bias, has_residual, act) = comptime!((fused.has_bias, fused.has_residual, fused.act));
+    #[unroll]
+    for j in 0..tn {
+        let mut col = col0 + tx + j * cols_of_units;
+        if comptime!(vector_columns) {
+            col = col0 + (tx + (j / 4) * cols_of_units) * 4 + j % 4;
+        }
+        if r < m && col < n {
+            store_epilogue::<F>(
+                c,
+                bias,
+                residual,
+                acc[(first + j) as usize],
+                r,
+                col,
+                n,
+                has_bias,
+                has_residual,
+                act,
+            );
+        }
     }
 }
 

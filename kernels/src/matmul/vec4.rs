@@ -11,7 +11,8 @@
 //! owns four adjacent columns per vector of its tile, so the epilogue reads `bias` and
 //! `residual` and writes `c` as vectors too (a quarter of the stores, and a quarter of
 //! the code llvmpipe compiles: a 32 x 32 tile with bias, residual and SiLU took 117 s
-//! to compile with a scalar epilogue, 19 s with this one, on a slow 2-core machine).
+//! to compile with a scalar epilogue, 19 s with this one, on a slow 2-core machine; with
+//! the epilogue a loop over the rows, `shift_rows`, about 1-2 s without LLVM's passes).
 //!
 //! Which register tile wins depends on the machine: on one 2-core machine (2026-12-02)
 //! tiles past 16 x 16 were no faster beyond the noise; on another (a slower 2-core AMD
@@ -49,8 +50,9 @@ matmul_kernel! {
             (16, 256, 8, 16),
             (1, 1024, 1, 32),
             // 32 x 32: twice the FMAs per load of 16 x 16 (the loads are what lavapipe
-            // pays for), at about 8x the compile time (11 s against 1.4 s on a 2-core
-            // machine): offered only where the problem fills a cube.
+            // pays for), at a longer compile (11 s against 1.4 s on a 2-core machine with
+            // an unrolled epilogue; 1.3 s per tuning candidate since): offered only where
+            // the problem fills a cube.
             (128, 128, 32, 32),
             (16, 512, 16, 32),
             (8, 512, 8, 32),
@@ -152,8 +154,9 @@ matmul_kernel! {
 
         // The epilogue, a vector of four columns at a time: `bias` read once per column
         // vector, one masked store per row and vector (N is a multiple of 4, so a vector
-        // is all in or all out). A loop over the rows, not unrolled (`shift_rows`: an
-        // unrolled one made a 32 x 32 tile compile 10x slower on llvmpipe).
+        // is all in or all out). On a CPU adapter (`local_scalars`) a loop over the rows,
+        // not unrolled (`shift_rows`: unrolled, a 32 x 32 tile compiled 10x slower on
+        // llvmpipe); on a GPU unrolled (NVRTC spilled the loop's register moves).
         let mut bias_v = Array::<V4>::new(comptime!(tnv as usize));
         #[unroll]
         for jv in 0..tnv {
@@ -162,27 +165,59 @@ matmul_kernel! {
                 bias_v[jv as usize] = V4::cast_from(bias[cols[jv as usize] as usize]);
             }
         }
-        for i in 0..TM {
-            let r = row0 + ty + i * row_step;
-            #[unroll]
-            for jv in 0..tnv {
-                let cv = col0 / 4 + tx + jv * units_x;
-                if r < m && cv < nv {
-                    store_epilogue_v4::<F>(
-                        c,
-                        residual,
-                        accv[jv as usize],
-                        bias_v[jv as usize],
-                        r,
-                        cv,
-                        nv,
-                        has_bias,
-                        has_residual,
-                        act,
-                    );
-                }
+        let (r0, cv0) = (row0 + ty, col0 / 4 + tx);
+        if comptime!(local_scalars) {
+            for i in 0..TM {
+                let r = r0 + i * row_step;
+                store_row_v4::<F>(c, residual, &accv, &bias_v, 0u32, r, m, cv0, nv, units_x, tnv, has_bias, has_residual, act);
+                shift_rows(&mut accv, TM, tnv);
             }
-            shift_rows(&mut accv, TM, tnv);
+        } else {
+            #[unroll]
+            for i in 0..TM {
+                let r = r0 + i * row_step;
+                store_row_v4::<F>(c, residual, &accv, &bias_v, comptime!(i * tnv), r, m, cv0, nv, units_x, tnv, has_bias, has_residual, act);
+            }
+        }
+    }
+}
+
+/// Row `r` of the vector epilogue from `accv[first ..]`: vector `jv` is column vector
+/// `cv0 + jv units_x`, plus `bias_v[jv]`, masked to `r < m`, `cv < nv`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_row_v4<F: Float>(
+    c: &mut Array<Vector<F, Const<4>>>,
+    residual: &Array<Vector<F, Const<4>>>,
+    accv: &Array<V4>,
+    bias_v: &Array<V4>,
+    #[comptime] first: u32,
+    r: u32,
+    m: u32,
+    cv0: u32,
+    nv: u32,
+    #[comptime] units_x: u32,
+    #[comptime] tnv: u32,
+    #[comptime] has_bias: bool,
+    #[comptime] has_residual: bool,
+    #[comptime] act: Activation,
+) {
+    #[unroll]
+    for jv in 0..tnv {
+        let cv = cv0 + jv * units_x;
+        if r < m && cv < nv {
+            store_epilogue_v4::<F>(
+                c,
+                residual,
+                accv[(first + jv) as usize],
+                bias_v[jv as usize],
+                r,
+                cv,
+                nv,
+                has_bias,
+                has_residual,
+                act,
+            );
         }
     }
 }

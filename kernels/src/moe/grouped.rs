@@ -176,35 +176,73 @@ grouped_kernel! {
                 k0 += BK;
             }
             let row_step = comptime!(BM / TM);
-            // A loop over the rows, not unrolled (`shift_rows`: llvmpipe compiles
-            // unrolled stores slowly).
-            for i in 0..TM {
-                let r = ty + i * row_step;
-                #[unroll]
-                for j in 0..TN {
-                    let col = v4_tile_col(tx, j, BN, TN);
-                    if r < rows_valid && col < cols_valid {
-                        let v = acc[(j / 4) as usize][(j % 4) as usize];
-                        store_grouped::<F>(
-                            c,
-                            c32,
-                            bias,
-                            slot_route,
-                            gates,
-                            v,
-                            row0 + r,
-                            col0 + col,
-                            e,
-                            n,
-                            has_bias,
-                            act,
-                            scatter,
-                            c_f32,
-                        );
-                    }
+            // On a CPU adapter (`local_scalars`) a loop over the rows, not unrolled
+            // (`shift_rows`: llvmpipe compiles unrolled stores slowly); on a GPU unrolled.
+            if comptime!(local_scalars) {
+                for i in 0..TM {
+                    let r = ty + i * row_step;
+                    store_grouped_row::<F>(c, c32, bias, slot_route, gates, &acc, 0u32, r, rows_valid, row0, col0, cols_valid, tx, e, n, BN, TN, has_bias, act, scatter, c_f32);
+                    shift_rows(&mut acc, TM, comptime!(TN / 4));
                 }
-                shift_rows(&mut acc, TM, comptime!(TN / 4));
+            } else {
+                #[unroll]
+                for i in 0..TM {
+                    let r = ty + i * row_step;
+                    store_grouped_row::<F>(c, c32, bias, slot_route, gates, &acc, comptime!(i * (TN / 4)), r, rows_valid, row0, col0, cols_valid, tx, e, n, BN, TN, has_bias, act, scatter, c_f32);
+                }
             }
+        }
+    }
+}
+
+/// Row `r` of a unit's tile in the staged grouped kernel, from the 4-wide accumulators
+/// `acc[first ..]`, masked to `rows_valid x cols_valid`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_grouped_row<F: Float>(
+    c: &mut Array<F>,
+    c32: &mut Array<f32>,
+    bias: &Array<F>,
+    slot_route: &Array<u32>,
+    gates: &Array<f32>,
+    acc: &Array<V4>,
+    #[comptime] first: u32,
+    r: u32,
+    rows_valid: u32,
+    row0: u32,
+    col0: u32,
+    cols_valid: u32,
+    tx: u32,
+    e: u32,
+    n: u32,
+    #[comptime] bn: u32,
+    #[comptime] tn: u32,
+    #[comptime] has_bias: bool,
+    #[comptime] act: Activation,
+    #[comptime] scatter: bool,
+    #[comptime] c_f32: bool,
+) {
+    #[unroll]
+    for j in 0..tn {
+        let col = v4_tile_col(tx, j, bn, tn);
+        if r < rows_valid && col < cols_valid {
+            let v = acc[(first + j / 4) as usize][(j % 4) as usize];
+            store_grouped::<F>(
+                c,
+                c32,
+                bias,
+                slot_route,
+                gates,
+                v,
+                row0 + r,
+                col0 + col,
+                e,
+                n,
+                has_bias,
+                act,
+                scatter,
+                c_f32,
+            );
         }
     }
 }
@@ -329,7 +367,7 @@ grouped_kernel! {
             // The epilogue, a vector of four adjacent columns at a time (a unit owns four per
             // vector of its tile; N is a multiple of 4, so a vector is all in or all out):
             // `bias` read once per column vector, one masked store per row and vector.
-            // A loop over the rows, not unrolled (`shift_rows`).
+            // On a CPU adapter a loop over the rows (`shift_rows`), on a GPU unrolled.
             let mut bias_v = Array::<V4>::new(comptime!(tnv as usize));
             #[unroll]
             for jv in 0..tnv {
@@ -339,29 +377,66 @@ grouped_kernel! {
                         V4::cast_from(bias[(e * nv + cols[jv as usize]) as usize]);
                 }
             }
-            for i in 0..TM {
-                let r = ty + i * row_step;
-                #[unroll]
-                for jv in 0..tnv {
-                    let cv = col0 / 4 + tx + jv * units_x;
-                    if tile_row + r < count && cv < nv {
-                        store_grouped_v4::<F>(
-                            c,
-                            c32,
-                            slot_route,
-                            gates,
-                            accv[jv as usize] + bias_v[jv as usize],
-                            row0 + r,
-                            cv,
-                            nv,
-                            act,
-                            scatter,
-                            c_f32,
-                        );
-                    }
+            let cv0 = col0 / 4 + tx;
+            if comptime!(local_scalars) {
+                for i in 0..TM {
+                    let r = ty + i * row_step;
+                    store_grouped_row_v4::<F>(c, c32, slot_route, gates, &accv, &bias_v, 0u32, r, tile_row, count, row0, cv0, nv, units_x, tnv, act, scatter, c_f32);
+                    shift_rows(&mut accv, TM, tnv);
                 }
-                shift_rows(&mut accv, TM, tnv);
+            } else {
+                #[unroll]
+                for i in 0..TM {
+                    let r = ty + i * row_step;
+                    store_grouped_row_v4::<F>(c, c32, slot_route, gates, &accv, &bias_v, comptime!(i * tnv), r, tile_row, count, row0, cv0, nv, units_x, tnv, act, scatter, c_f32);
+                }
             }
+        }
+    }
+}
+
+/// Row `r` of a unit's tile in the direct grouped kernel, from `accv[first ..]` plus
+/// `bias_v`, vector `jv` at column vector `cv0 + jv units_x`, masked to the group's
+/// `count` rows and `nv` vectors.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_grouped_row_v4<F: Float>(
+    c: &mut Array<Vector<F, Const<4>>>,
+    c32: &mut Array<V4>,
+    slot_route: &Array<u32>,
+    gates: &Array<f32>,
+    accv: &Array<V4>,
+    bias_v: &Array<V4>,
+    #[comptime] first: u32,
+    r: u32,
+    tile_row: u32,
+    count: u32,
+    row0: u32,
+    cv0: u32,
+    nv: u32,
+    #[comptime] units_x: u32,
+    #[comptime] tnv: u32,
+    #[comptime] act: Activation,
+    #[comptime] scatter: bool,
+    #[comptime] c_f32: bool,
+) {
+    #[unroll]
+    for jv in 0..tnv {
+        let cv = cv0 + jv * units_x;
+        if tile_row + r < count && cv < nv {
+            store_grouped_v4::<F>(
+                c,
+                c32,
+                slot_route,
+                gates,
+                accv[(first + jv) as usize] + bias_v[jv as usize],
+                row0 + r,
+                cv,
+                nv,
+                act,
+                scatter,
+                c_f32,
+            );
         }
     }
 }

@@ -85,7 +85,8 @@ macro_rules! qgemm_kernel {
 /// row `i` of the tile at `row0 + i (bm / tm)`; the columns in runs of `span` adjacent
 /// ones, run `r` at `col0 + r span (bn / tn)` (units of a cube interleave, so
 /// neighbouring units write neighbouring runs; `col0` is the unit's first column),
-/// skipping what falls outside the matrix. Consumes `acc`.
+/// skipping what falls outside the matrix. With `rows_loop` (a CPU adapter) a loop over
+/// the rows that consumes `acc` (`shift_rows`), else unrolled.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn store_strided_tile<F: Float>(
@@ -100,20 +101,54 @@ pub(crate) fn store_strided_tile<F: Float>(
     #[comptime] tm: u32,
     #[comptime] tn: u32,
     #[comptime] span: u32,
+    #[comptime] rows_loop: bool,
 ) {
-    // A loop over the rows, not unrolled (`shift_rows`: llvmpipe compiles unrolled
-    // stores slowly).
-    for i in 0..tm {
-        #[unroll]
-        for j in 0..tn {
-            let row = row0 + i * comptime!(bm / tm);
-            let col =
-                col0 + (j / comptime!(span)) * comptime!(span * (bn / tn)) + j % comptime!(span);
-            if row < m && col < n {
-                y[(row * n + col) as usize] = F::cast_from(acc[j as usize]);
-            }
+    let row_step = comptime!(bm / tm);
+    if comptime!(rows_loop) {
+        for i in 0..tm {
+            store_strided_row::<F>(y, acc, 0u32, row0 + i * row_step, col0, m, n, bn, tn, span);
+            shift_rows(acc, tm, tn);
         }
-        shift_rows(acc, tm, tn);
+    } else {
+        #[unroll]
+        for i in 0..tm {
+            store_strided_row::<F>(
+                y,
+                acc,
+                comptime!(i * tn),
+                row0 + i * row_step,
+                col0,
+                m,
+                n,
+                bn,
+                tn,
+                span,
+            );
+        }
+    }
+}
+
+/// Row `row` of [`store_strided_tile`], from `acc[first ..]`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_strided_row<F: Float>(
+    y: &mut Array<F>,
+    acc: &Array<f32>,
+    #[comptime] first: u32,
+    row: u32,
+    col0: u32,
+    m: u32,
+    n: u32,
+    #[comptime] bn: u32,
+    #[comptime] tn: u32,
+    #[comptime] span: u32,
+) {
+    #[unroll]
+    for j in 0..tn {
+        let col = col0 + (j / comptime!(span)) * comptime!(span * (bn / tn)) + j % comptime!(span);
+        if row < m && col < n {
+            y[(row * n + col) as usize] = F::cast_from(acc[(first + j) as usize]);
+        }
     }
 }
 
@@ -375,7 +410,7 @@ qgemm_kernel! {
             sync_cube();
             k0 += TILE_K;
         }
-        store_strided_tile::<F>(y, &mut acc, m0 + ty, n0 + tx, m, n, BM, BN, TM, TN, 1u32);
+        store_strided_tile::<F>(y, &mut acc, m0 + ty, n0 + tx, m, n, BM, BN, TM, TN, 1u32, local_scalars);
     }
 }
 
@@ -593,7 +628,7 @@ qgemm_kernel! {
         if comptime!(folded) {
             fold_group(&mut acc, &mut part, &mut xsum, &sg, &zg, TM, TN);
         }
-        store_strided_tile::<F>(y, &mut acc, m0 + ty, col0, m, n, BM, BN, TM, TN, span);
+        store_strided_tile::<F>(y, &mut acc, m0 + ty, col0, m, n, BM, BN, TM, TN, span, local_scalars);
     }
 }
 

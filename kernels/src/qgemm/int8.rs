@@ -119,6 +119,7 @@ w8a8_kernel! {
             TM,
             TN,
             has_bias,
+            local_scalars,
         );
     }
 }
@@ -126,7 +127,8 @@ w8a8_kernel! {
 /// The W8A8 epilogue of a unit's `tm x tn` i32 accumulators `acc` (row-major):
 /// `y[row, col] = acc sx[row] sw[col] (+ bias[col])` in `F`, row `i` of the tile at
 /// `row0 + i (bm / tm)` and column `j` at `col0 + j (bn / tn)`, skipping what falls
-/// outside `[m, n]`. Consumes `acc`.
+/// outside `[m, n]`. With `rows_loop` (a CPU adapter) a loop over the rows that
+/// consumes `acc` (`shift_rows`), else unrolled.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn store_scaled_tile<F: Float>(
@@ -144,23 +146,79 @@ fn store_scaled_tile<F: Float>(
     #[comptime] tm: u32,
     #[comptime] tn: u32,
     #[comptime] has_bias: bool,
+    #[comptime] rows_loop: bool,
 ) {
-    // A loop over the rows, not unrolled (`shift_rows`: llvmpipe compiles unrolled
-    // stores slowly).
-    for i in 0..tm {
-        #[unroll]
-        for j in 0..tn {
-            let row = row0 + i * comptime!(bm / tm);
-            let col = col0 + j * comptime!(bn / tn);
-            if row < m && col < n {
-                let mut v = f32::cast_from(acc[j as usize]) * sx[row as usize] * sw[col as usize];
-                if comptime!(has_bias) {
-                    v += bias[col as usize];
-                }
-                y[(row * n + col) as usize] = F::cast_from(v);
-            }
+    let row_step = comptime!(bm / tm);
+    if comptime!(rows_loop) {
+        for i in 0..tm {
+            store_scaled_row::<F>(
+                y,
+                acc,
+                0u32,
+                row0 + i * row_step,
+                sx,
+                sw,
+                bias,
+                col0,
+                m,
+                n,
+                bn,
+                tn,
+                has_bias,
+            );
+            shift_rows(acc, tm, tn);
         }
-        shift_rows(acc, tm, tn);
+    } else {
+        #[unroll]
+        for i in 0..tm {
+            store_scaled_row::<F>(
+                y,
+                acc,
+                comptime!(i * tn),
+                row0 + i * row_step,
+                sx,
+                sw,
+                bias,
+                col0,
+                m,
+                n,
+                bn,
+                tn,
+                has_bias,
+            );
+        }
+    }
+}
+
+/// Row `row` of [`store_scaled_tile`], from `acc[first ..]`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn store_scaled_row<F: Float>(
+    y: &mut Array<F>,
+    acc: &Array<i32>,
+    #[comptime] first: u32,
+    row: u32,
+    sx: &Array<f32>,
+    sw: &Array<f32>,
+    bias: &Array<f32>,
+    col0: u32,
+    m: u32,
+    n: u32,
+    #[comptime] bn: u32,
+    #[comptime] tn: u32,
+    #[comptime] has_bias: bool,
+) {
+    #[unroll]
+    for j in 0..tn {
+        let col = col0 + j * comptime!(bn / tn);
+        if row < m && col < n {
+            let mut v =
+                f32::cast_from(acc[(first + j) as usize]) * sx[row as usize] * sw[col as usize];
+            if comptime!(has_bias) {
+                v += bias[col as usize];
+            }
+            y[(row * n + col) as usize] = F::cast_from(v);
+        }
     }
 }
 
@@ -267,6 +325,7 @@ w8a8_kernel! {
             TM,
             TN,
             has_bias,
+            local_scalars,
         );
     }
 }
