@@ -361,6 +361,55 @@ fn expert_parallel_equals_one_device() {
     }
 }
 
+/// Fewer tokens than ranks: rank 3 of 4 holds none (3 tokens), in both counting orders.
+#[test]
+fn expert_parallel_with_an_empty_rank_equals_one_device() {
+    let _ = client();
+    let mut rng = Rng::new(41);
+    let layer = Layer::new(&mut rng, 3, 8, 8, 4, DType::F32);
+    for prioritized in [false, true] {
+        let mut gate = GateOptions::new(2, 1.0);
+        gate.batch_prioritized = prioritized;
+        let one = layer.run_gate(DType::F32, gate, MoePath::Capacity, 1);
+        let ep = layer.run_gate(DType::F32, gate, MoePath::Capacity, 4);
+        assert_eq!(ints(&ep.routing.expert_ids), ints(&one.routing.expert_ids));
+        assert_eq!(ints(&ep.routing.locations), ints(&one.routing.locations));
+        let err = max_rel_error(&down(&ep.y), &down(&one.y), 1.0);
+        assert!(err < 1e-6, "prioritized={prioritized}: y {err:e}");
+    }
+    // The backward, rank 3 with no tokens.
+    let (s, m, f, e) = (layer.s, layer.m, layer.f, layer.e);
+    let t = |shape: &[usize], v: &[f64]| up(DType::F32, shape, v);
+    let (x, wg, w1, w2, b1, b2) = (
+        t(&[s, m], &layer.x),
+        t(&[m, e], &layer.w_gate),
+        t(&[e, m, f], &layer.w1),
+        t(&[e, f, m], &layer.w2),
+        t(&[e, f], &layer.b1),
+        t(&[e, m], &layer.b2),
+    );
+    let dy = t(&[s, m], &rng.normals(s * m, 1.0));
+    let w = ExpertWeights {
+        w1: &w1,
+        b1: Some(&b1),
+        w2: &w2,
+        b2: Some(&b2),
+        activation: Activation::Gelu,
+    };
+    let gate = GateOptions::new(2, 1.0);
+    let one = moe_layer_backward(&x, &wg, &w, &gate, &dy, 0.7).unwrap();
+    let ep = moe_layer_backward_local_ranks(&x, &wg, &w, &gate, &dy, 0.7, 4).unwrap();
+    for (name, a, b) in [
+        ("dx", &ep.dx, &one.dx),
+        ("d_w_gate", &ep.d_w_gate, &one.d_w_gate),
+        ("d_w1", &ep.d_w1, &one.d_w1),
+        ("d_w2", &ep.d_w2, &one.d_w2),
+    ] {
+        let err = max_rel_error(&down(a), &down(b), 1.0);
+        assert!(err < 1e-6, "backward {name}: {err:e}");
+    }
+}
+
 /// A routing of random logits and its f64 reference.
 fn routing(rng: &mut Rng, s: usize, e: usize, k: usize, cf: f64) -> (MoeRouting, rf::Routing) {
     let l = round(DType::F32, &[s, e], &rng.normals(s * e, 1.5));

@@ -7,7 +7,7 @@ use super::routing::{MoeRouting, RowLayout, NO_ROUTE};
 use crate::launch::{check_input, shape_err};
 use cubecl::prelude::*;
 use kiln_dsl::{linear_unit, V4};
-use kiln_runtime::{DType, Result, Tensor};
+use kiln_runtime::{DType, HostTensor, Result, Tensor};
 
 /// `[S, M]` rows of a routing's tokens: checks `x` and returns `M`.
 fn check_tokens(name: &str, x: &Tensor, routing: &MoeRouting) -> Result<usize> {
@@ -70,6 +70,15 @@ pub(super) fn gather_by_map(
     let out = Tensor::empty(client, src.dtype(), &[rows, m])?;
     if rows * m == 0 {
         return Ok(out);
+    }
+    if src.numel() == 0 {
+        // No source rows (an expert-parallel rank that holds no tokens, or receives no
+        // rows): every map entry is `NO_ROUTE`, so the result is zeros. A launch would
+        // bind an empty tensor's one-element placeholder as vectors, which wgpu refuses.
+        return Tensor::upload(
+            client,
+            &HostTensor::from_f64(src.dtype(), vec![rows, m], &vec![0.0; rows * m])?,
+        );
     }
     let ph = crate::launch::absent(client)?;
     let gates_or = gates.unwrap_or(&ph);
