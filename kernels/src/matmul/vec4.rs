@@ -22,6 +22,11 @@
 //! cube. On CUDA the large tiles spill (kernels/cuda-budget.txt drops them).
 //! Taking each accumulator through its four steps of K in a row (loading the tile's
 //! `b` vectors first) made no difference on the second machine.
+//!
+//! On a CPU adapter (`local_scalars`) the four K of a vector are a loop (`next_component`
+//! moves the vectors' components down), not unrolled: LLVM's register allocation over the
+//! unrolled body was most of a large tile's compile (1024^3 tuning: 4.2-4.7 s of first
+//! runs against 8.1-9.4 s; runtime the same within the noise, docs/performance.md).
 
 use super::{clamped_strided, shift_rows, store_epilogue_v4, Activation};
 use cubecl::prelude::*;
@@ -96,16 +101,21 @@ matmul_kernel! {
             let mut kq = 0u32;
             while kq < kv {
                 load_rows::<F>(&mut av, a, &rows, kv, kq, TM);
-                #[unroll]
-                for e in 0..4u32 {
+                if comptime!(local_scalars) {
+                    // On a CPU adapter the four K of a vector are a loop, not unrolled:
+                    // a quarter of the code LLVM allocates registers for (a 32 x 32
+                    // tile's unrolled body is 1024 vector FMAs over 256 accumulators,
+                    // most of its compile time). Each step uses component 0 of `av`
+                    // and moves the others down (register moves, not a dynamic index,
+                    // which NIR lowers to a branch ladder).
+                    for e in 0..4u32 {
+                        fma_k_row::<F>(&mut accv, &av, b, &cols, kq * 4 + e, nv, 0u32, TM, tnv);
+                        next_component(&mut av, TM);
+                    }
+                } else {
                     #[unroll]
-                    for jv in 0..tnv {
-                        let bv = V4::cast_from(b[((kq * 4 + e) * nv + cols[jv as usize]) as usize]);
-                        #[unroll]
-                        for i in 0..TM {
-                            let x = (i * tnv + jv) as usize;
-                            accv[x] += V4::new(av[i as usize][e as usize]) * bv;
-                        }
+                    for e in 0..4u32 {
+                        fma_k_row::<F>(&mut accv, &av, b, &cols, kq * 4 + e, nv, comptime!(e), TM, tnv);
                     }
                 }
                 kq += 1;
@@ -123,20 +133,43 @@ matmul_kernel! {
             let mut kq = 0u32;
             while kq < kv {
                 load_rows::<F>(&mut av, a, &rows, kv, kq, TM);
-                #[unroll]
-                for j in 0..TN {
-                    let col = cols[(j / 4) as usize] * 4 + j % 4;
-                    let bv = V4::cast_from(b[(col * kv + kq) as usize]);
+                if comptime!(local_scalars) {
+                    // As above: the four K a loop on a CPU adapter, `b`'s vectors loaded
+                    // first; each element still sums its four K in order.
+                    let mut bvs = Array::<V4>::new(comptime!(TN as usize));
                     #[unroll]
-                    for i in 0..TM {
-                        let x = (i * TN + j) as usize;
-                        let p = av[i as usize];
-                        let mut s = acc[x];
+                    for j in 0..TN {
+                        let col = cols[(j / 4) as usize] * 4 + j % 4;
+                        bvs[j as usize] = V4::cast_from(b[(col * kv + kq) as usize]);
+                    }
+                    for _e in 0..4u32 {
                         #[unroll]
-                        for e in 0..4u32 {
-                            s += p[e as usize] * bv[e as usize];
+                        for j in 0..TN {
+                            #[unroll]
+                            for i in 0..TM {
+                                let x = (i * TN + j) as usize;
+                                acc[x] += av[i as usize][0] * bvs[j as usize][0];
+                            }
                         }
-                        acc[x] = s;
+                        next_component(&mut av, TM);
+                        next_component(&mut bvs, TN);
+                    }
+                } else {
+                    #[unroll]
+                    for j in 0..TN {
+                        let col = cols[(j / 4) as usize] * 4 + j % 4;
+                        let bv = V4::cast_from(b[(col * kv + kq) as usize]);
+                        #[unroll]
+                        for i in 0..TM {
+                            let x = (i * TN + j) as usize;
+                            let p = av[i as usize];
+                            let mut s = acc[x];
+                            #[unroll]
+                            for e in 0..4u32 {
+                                s += p[e as usize] * bv[e as usize];
+                            }
+                            acc[x] = s;
+                        }
                     }
                 }
                 kq += 1;
@@ -219,6 +252,45 @@ fn store_row_v4<F: Float>(
                 act,
             );
         }
+    }
+}
+
+/// One K of the tile: `accv[i, jv] += av[i][c] * b[kk, cols[jv]]` (`b` row `kk` of
+/// `nv` vectors; `c`: which component of `av` holds that K).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn fma_k_row<F: Float>(
+    accv: &mut Array<V4>,
+    av: &Array<V4>,
+    b: &Array<Vector<F, Const<4>>>,
+    cols: &Array<u32>,
+    kk: u32,
+    nv: u32,
+    #[comptime] c: u32,
+    #[comptime] tm: u32,
+    #[comptime] tnv: u32,
+) {
+    #[unroll]
+    for jv in 0..tnv {
+        let bv = V4::cast_from(b[(kk * nv + cols[jv as usize]) as usize]);
+        #[unroll]
+        for i in 0..tm {
+            accv[(i * tnv + jv) as usize] += V4::new(av[i as usize][c as usize]) * bv;
+        }
+    }
+}
+
+/// Moves components 1..4 of every `av[i]` down one (component 0 is the next K).
+#[cube]
+fn next_component(av: &mut Array<V4>, #[comptime] tm: u32) {
+    #[unroll]
+    for i in 0..tm {
+        let v = av[i as usize];
+        let mut w = V4::new(v[3]);
+        w[0] = v[1];
+        w[1] = v[2];
+        w[2] = v[3];
+        av[i as usize] = w;
     }
 }
 
