@@ -240,13 +240,24 @@ fn bench(cr: &mut Criterion) {
         })
     });
     for p in [2usize, 4] {
-        ring_attention_local_ranks(&q, &k, &v, p, RingSchedule::Zigzag, &opts).unwrap();
+        ring_attention_local_ranks(
+            &AttentionInputs::new(&q, &k, &v),
+            p,
+            RingSchedule::Zigzag,
+            &opts,
+        )
+        .unwrap();
         group.bench_function(
             BenchmarkId::new("zigzag ring, host-staged", format!("P={p}")),
             |b| {
                 b.iter(|| {
-                    let r = ring_attention_local_ranks(&q, &k, &v, p, RingSchedule::Zigzag, &opts)
-                        .unwrap();
+                    let r = ring_attention_local_ranks(
+                        &AttentionInputs::new(&q, &k, &v),
+                        p,
+                        RingSchedule::Zigzag,
+                        &opts,
+                    )
+                    .unwrap();
                     client.sync().unwrap();
                     r
                 })

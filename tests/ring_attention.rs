@@ -1,7 +1,8 @@
 //! Ring attention over the host-staged communicator (P ranks in threads on the test
 //! device): every schedule, P = 1..4, causal and not, GQA 4:1, sequence lengths not
-//! divisible by P or 2P, forward and backward against the f64 whole-sequence
-//! reference; PyTorch's vector through the registry for every schedule and P; bad input.
+//! divisible by P or 2P, dense batches and packed (varlen) sequences with an empty and
+//! a one-token one, forward and backward against the f64 whole-sequence reference;
+//! PyTorch's vector through the registry for every schedule and P; bad input.
 
 mod common;
 
@@ -9,7 +10,7 @@ use common::{down, up};
 use kiln::check::{rms_relative, Rng};
 use kiln::kernels::attention::{
     reference as rf, ring_attention_backward_local_ranks, ring_attention_local_ranks,
-    AttentionGradInputs, AttentionOptions, RingLayout, RingSchedule,
+    AttentionGradInputs, AttentionInputs, AttentionOptions, RingLayout, RingSchedule,
 };
 use kiln::{load_safetensors, DType, HostTensor};
 
@@ -31,12 +32,14 @@ fn round(shape: &[usize], v: &[f64]) -> Vec<f64> {
         .to_f64()
 }
 
-#[test]
-fn every_schedule_and_world_size_equals_whole_attention() {
+/// Every schedule, P = 1..=4, causal and not: the ring forward and backward of whole
+/// tensors (`b` sequences of `s` tokens, or with `cu` the packed sequences of one row)
+/// against the f64 reference of attention over the whole sequences; 8 query heads over
+/// 2 KV heads.
+fn every_schedule_equals_whole_attention(b: usize, s: usize, cu: Option<&[i32]>, seed: u64) {
     let _ = client();
-    // S = 37: not divisible by 2, 3, 4, 6 or 8; 8 query heads over 2 KV heads.
-    let (b, s, h, hkv, d, dv) = (2, 37, 8, 2, 16, 12);
-    let mut rng = Rng::new(31);
+    let (h, hkv, d, dv) = (8, 2, 16, 12);
+    let mut rng = Rng::new(seed);
     let q = round(&[b, s, h, d], &rng.normals(b * s * h * d, 1.0));
     let k = round(&[b, s, hkv, d], &rng.normals(b * s * hkv * d, 1.0));
     let v = round(&[b, s, hkv, dv], &rng.normals(b * s * hkv * dv, 1.0));
@@ -47,9 +50,19 @@ fn every_schedule_and_world_size_equals_whole_attention() {
         up(DType::F32, &[b, s, hkv, dv], &v),
         up(DType::F32, &[b, s, h, dv], &d_o),
     );
+    let inp = AttentionInputs {
+        cu_seqlens_q: cu,
+        cu_seqlens_k: cu,
+        ..AttentionInputs::new(&tq, &tk, &tv)
+    };
     for causal in [false, true] {
         let mut dims = rf::Dims::dense(b, s, s, h, hkv, d, dv);
         dims.causal = causal;
+        if let Some(cu) = cu {
+            dims.bounds_q = cu.iter().map(|&x| x as usize).collect();
+            dims.bounds_k = dims.bounds_q.clone();
+            dims.varlen = true;
+        }
         let (o_ref, l_ref) = rf::forward(&dims, &q, &k, &v);
         let (dq_ref, dk_ref, dv_ref) = rf::backward(&dims, &q, &k, &v, &d_o);
         let (to, tl) = (
@@ -62,37 +75,39 @@ fn every_schedule_and_world_size_equals_whole_attention() {
         };
         for schedule in SCHEDULES {
             for p in 1..=4 {
-                let r = ring_attention_local_ranks(&tq, &tk, &tv, p, schedule, &opts).unwrap();
-                let what = format!("{schedule:?} P={p} causal={causal}");
+                let r = ring_attention_local_ranks(&inp, p, schedule, &opts).unwrap();
+                let what = format!("{schedule:?} P={p} causal={causal} varlen={}", cu.is_some());
                 common::assert_forward_close(&what, &r.out, &r.lse, &o_ref, &l_ref);
-                let g = ring_attention_backward_local_ranks(
-                    &tq,
-                    &tk,
-                    &tv,
-                    &AttentionGradInputs {
-                        out: &to,
-                        lse: &tl,
-                        d_o: &tdo,
-                    },
-                    p,
-                    schedule,
-                    &opts,
-                )
-                .unwrap();
+                let grad = AttentionGradInputs {
+                    out: &to,
+                    lse: &tl,
+                    d_o: &tdo,
+                };
+                let g =
+                    ring_attention_backward_local_ranks(&inp, &grad, p, schedule, &opts).unwrap();
                 for (name, got, want) in [
                     ("dq", &g.dq, &dq_ref),
                     ("dk", &g.dk, &dk_ref),
                     ("dv", &g.dv, &dv_ref),
                 ] {
                     let e = rms_relative(&down(got), want);
-                    assert!(
-                        e <= 1e-4,
-                        "{schedule:?} P={p} causal={causal}: {name} {e:.2e}"
-                    );
+                    assert!(e <= 1e-4, "{what}: {name} {e:.2e}");
                 }
             }
         }
     }
+}
+
+#[test]
+fn every_schedule_and_world_size_equals_whole_attention() {
+    // S = 37: not divisible by 2, 3, 4, 6 or 8.
+    every_schedule_equals_whole_attention(2, 37, None, 31);
+}
+
+#[test]
+fn packed_sequences_every_schedule_and_world_size_equal_whole_attention() {
+    // Sequences of 9, 0, 1, 23 and 4 tokens: shorter than 2P chunks, empty, one token.
+    every_schedule_equals_whole_attention(1, 37, Some(&[0, 9, 9, 10, 33, 37]), 32);
 }
 
 #[test]
@@ -127,7 +142,10 @@ fn layouts_cut_ragged_chunks_without_padding() {
         for p in 1..=4 {
             for schedule in SCHEDULES {
                 let l = RingLayout::new(s, p, schedule).unwrap();
-                let mut all: Vec<usize> = (0..p).flat_map(|r| l.rank_chunks(r)).flatten().collect();
+                let mut all: Vec<usize> = (0..p)
+                    .flat_map(|r| l.rank_chunks(r))
+                    .flat_map(|c| c.tokens().collect::<Vec<_>>())
+                    .collect();
                 all.sort();
                 assert_eq!(all, (0..s).collect::<Vec<_>>(), "S={s} P={p} {schedule:?}");
                 let lens: Vec<usize> = (0..p).map(|r| l.local_len(r)).collect();
@@ -139,13 +157,49 @@ fn layouts_cut_ragged_chunks_without_padding() {
 }
 
 #[test]
+fn packed_layouts_cut_every_sequence_alike() {
+    let cu = [0, 9, 9, 10, 33, 37];
+    for p in 1..=4 {
+        for schedule in SCHEDULES {
+            let l = RingLayout::varlen(&cu, p, schedule).unwrap();
+            let n = if schedule == RingSchedule::Zigzag {
+                2 * p
+            } else {
+                p
+            };
+            let mut all = Vec::new();
+            for r in 0..p {
+                for c in l.rank_chunks(r) {
+                    // Chunk c of every sequence, in sequence order.
+                    assert_eq!(c.segments.len(), cu.len() - 1);
+                    for (w, seg) in cu.windows(2).zip(&c.segments) {
+                        let (start, len) = (w[0] as usize, (w[1] - w[0]) as usize);
+                        assert_eq!(seg.start, start + c.index * len / n, "P={p} {schedule:?}");
+                        assert_eq!(
+                            seg.end,
+                            start + (c.index + 1) * len / n,
+                            "P={p} {schedule:?}"
+                        );
+                    }
+                    all.extend(c.tokens());
+                }
+            }
+            all.sort();
+            assert_eq!(all, (0..37).collect::<Vec<_>>(), "P={p} {schedule:?}");
+        }
+    }
+    let e = RingLayout::varlen(&[0, 5, 3], 2, RingSchedule::Zigzag)
+        .err()
+        .unwrap();
+    common::assert_clear(e, &["cu_seqlens", "non-decreasing"]);
+}
+
+#[test]
 fn bad_ring_input_is_one_clear_line() {
     let _ = client();
     let t = up(DType::F32, &[1, 8, 2, 4], &[0.5; 64]);
     let e = ring_attention_local_ranks(
-        &t,
-        &t,
-        &t,
+        &AttentionInputs::new(&t, &t, &t),
         0,
         RingSchedule::Zigzag,
         &AttentionOptions::default(),
@@ -161,9 +215,7 @@ fn bad_ring_input_is_one_clear_line() {
     assert!(e.contains("contiguous | zigzag | tokenring"), "{e}");
     let k3 = up(DType::F32, &[1, 8, 3, 4], &[0.5; 96]);
     let e = ring_attention_local_ranks(
-        &t,
-        &k3,
-        &k3,
+        &AttentionInputs::new(&t, &k3, &k3),
         2,
         RingSchedule::Contiguous,
         &AttentionOptions::default(),
@@ -172,4 +224,18 @@ fn bad_ring_input_is_one_clear_line() {
     .expect("Hkv = 3 with H = 2 accepted")
     .to_string();
     assert!(e.contains("Hkv dividing"), "{e}");
+    // Packed sequences: the key offsets must be the query offsets.
+    let e = ring_attention_local_ranks(
+        &AttentionInputs {
+            cu_seqlens_q: Some(&[0, 3, 8]),
+            cu_seqlens_k: Some(&[0, 4, 8]),
+            ..AttentionInputs::new(&t, &t, &t)
+        },
+        2,
+        RingSchedule::Zigzag,
+        &AttentionOptions::default(),
+    )
+    .err()
+    .expect("different cu_seqlens_k accepted");
+    common::assert_clear(e, &["cu_seqlens_k", "cu_seqlens_q"]);
 }

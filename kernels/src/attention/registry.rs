@@ -135,17 +135,28 @@ pub(super) fn offsets(a: &OpArgs, name: &str) -> Result<Option<Vec<i32>>> {
     ))
 }
 
-fn run_attention(_: &Client, a: &OpArgs) -> Result<Outputs> {
-    let opts = options(a)?;
-    let (cq, ck) = (offsets(a, "cu_seqlens_q")?, offsets(a, "cu_seqlens_k")?);
-    let inp = AttentionInputs {
+/// The varlen offsets `cu_seqlens_q`, `cu_seqlens_k` of a call (each optional).
+type Offsets = (Option<Vec<i32>>, Option<Vec<i32>>);
+
+fn call_offsets(a: &OpArgs) -> Result<Offsets> {
+    Ok((offsets(a, "cu_seqlens_q")?, offsets(a, "cu_seqlens_k")?))
+}
+
+/// `q`, `k`, `v` and the offsets of a call.
+fn call_inputs<'a>(a: &'a OpArgs, (cq, ck): &'a Offsets) -> Result<AttentionInputs<'a>> {
+    Ok(AttentionInputs {
         q: a.tensor("q")?,
         k: a.tensor("k")?,
         v: a.tensor("v")?,
         cu_seqlens_q: cq.as_deref(),
         cu_seqlens_k: ck.as_deref(),
-    };
-    let r = attention(&inp, &opts)?;
+    })
+}
+
+fn run_attention(_: &Client, a: &OpArgs) -> Result<Outputs> {
+    let opts = options(a)?;
+    let offsets = call_offsets(a)?;
+    let r = attention(&call_inputs(a, &offsets)?, &opts)?;
     Ok(vec![("out", r.out), ("lse", r.lse)])
 }
 
@@ -201,20 +212,8 @@ pub static ATTENTION: OpSpec = OpSpec {
 
 fn run_attention_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
     let opts = options(a)?;
-    let (cq, ck) = (offsets(a, "cu_seqlens_q")?, offsets(a, "cu_seqlens_k")?);
-    let inp = AttentionInputs {
-        q: a.tensor("q")?,
-        k: a.tensor("k")?,
-        v: a.tensor("v")?,
-        cu_seqlens_q: cq.as_deref(),
-        cu_seqlens_k: ck.as_deref(),
-    };
-    let grad = AttentionGradInputs {
-        out: a.tensor("out")?,
-        lse: a.tensor("lse")?,
-        d_o: a.tensor("do")?,
-    };
-    let g = attention_backward(&inp, &grad, &opts)?;
+    let offsets = call_offsets(a)?;
+    let g = attention_backward(&call_inputs(a, &offsets)?, &grad_inputs(a)?, &opts)?;
     Ok(vec![("dq", g.dq), ("dk", g.dk), ("dv", g.dv)])
 }
 
@@ -388,6 +387,23 @@ pub static ATTENTION_MERGE: OpSpec = OpSpec {
     in_place: None,
 };
 
+/// The ring operators' varlen offsets: packed sequences, each cut over the ranks as one
+/// sequence would be (a ring attends a sequence to itself, so both are the same).
+const RING_CU_Q: TensorSpec = TensorSpec::new(
+    "cu_seqlens_q",
+    "[N + 1]",
+    Dtypes::Fixed(DType::I32),
+    true,
+    "varlen offsets of the packed sequences (0 first, S last, non-decreasing; B = 1; each sequence cut over the ranks as the schedule prescribes)",
+);
+const RING_CU_K: TensorSpec = TensorSpec::new(
+    "cu_seqlens_k",
+    "[N + 1]",
+    Dtypes::Fixed(DType::I32),
+    true,
+    "equal to cu_seqlens_q",
+);
+
 /// The ring operators' parameters: the attention ones without offsets, and the ring.
 const RING_PARAMS: [ParamSpec; 7] = [
     PARAMS[0],
@@ -414,30 +430,27 @@ fn ring_args(a: &OpArgs) -> Result<(usize, RingSchedule)> {
 fn run_ring(_: &Client, a: &OpArgs) -> Result<Outputs> {
     let opts = options(a)?;
     let (p, schedule) = ring_args(a)?;
-    let r = ring_attention_local_ranks(
-        a.tensor("q")?,
-        a.tensor("k")?,
-        a.tensor("v")?,
-        p,
-        schedule,
-        &opts,
-    )?;
+    let offsets = call_offsets(a)?;
+    let r = ring_attention_local_ranks(&call_inputs(a, &offsets)?, p, schedule, &opts)?;
     Ok(vec![("out", r.out), ("lse", r.lse)])
+}
+
+/// `out`, `lse` and `do` of a backward call.
+fn grad_inputs(a: &OpArgs) -> Result<AttentionGradInputs<'_>> {
+    Ok(AttentionGradInputs {
+        out: a.tensor("out")?,
+        lse: a.tensor("lse")?,
+        d_o: a.tensor("do")?,
+    })
 }
 
 fn run_ring_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
     let opts = options(a)?;
     let (p, schedule) = ring_args(a)?;
-    let grad = AttentionGradInputs {
-        out: a.tensor("out")?,
-        lse: a.tensor("lse")?,
-        d_o: a.tensor("do")?,
-    };
+    let offsets = call_offsets(a)?;
     let g = ring_attention_backward_local_ranks(
-        a.tensor("q")?,
-        a.tensor("k")?,
-        a.tensor("v")?,
-        &grad,
+        &call_inputs(a, &offsets)?,
+        &grad_inputs(a)?,
         p,
         schedule,
         &opts,
@@ -449,7 +462,7 @@ fn run_ring_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
 pub static RING_ATTENTION: OpSpec = OpSpec {
     name: "ring_attention",
     summary: "ring attention over world_size ranks in one process (host-staged communicator): whole q, k, v in, whole out and lse out",
-    inputs: &[Q, K, V],
+    inputs: &[Q, K, V, RING_CU_Q, RING_CU_K],
     outputs: &[OUT, LSE],
     params: &RING_PARAMS,
     run: run_ring,
@@ -464,7 +477,7 @@ pub static RING_ATTENTION: OpSpec = OpSpec {
 pub static RING_ATTENTION_BACKWARD: OpSpec = OpSpec {
     name: "ring_attention_backward",
     summary: "ring attention backward over world_size ranks in one process: dq, dk, dv of the whole sequence",
-    inputs: &[Q, K, V, GRAD_INPUTS[0], GRAD_INPUTS[1], GRAD_INPUTS[2]],
+    inputs: &[Q, K, V, GRAD_INPUTS[0], GRAD_INPUTS[1], GRAD_INPUTS[2], RING_CU_Q, RING_CU_K],
     outputs: &GRADS,
     params: &RING_PARAMS,
     run: run_ring_backward,

@@ -7,6 +7,13 @@
 //! concatenated along its tokens), chunk `c` covering `[c S / n, (c + 1) S / n)`: sizes
 //! differ by at most one token when `S` is not divisible, nothing is padded.
 //!
+//! Varlen (`cu_seqlens`, B = 1): every packed sequence is cut the same way, and chunk `c`
+//! is chunk `c` of every sequence, packed in sequence order ([`RingChunk`]); a block is
+//! then a varlen attention call whose sequence bounds are the two chunks' segment
+//! lengths. Because every sequence is cut alike, a (query chunk, key chunk) pair is
+//! fully visible, diagonal or fully masked for all sequences at once, so the schedules
+//! below are unchanged.
+//!
 //! Schedules (rank `r` at step `t` works with the blocks of rank `src = (r - t) mod P`):
 //! - `contiguous`, `zigzag`: KV chunks travel forward (`send_recv` to `r + 1`, from
 //!   `r - 1`). Each (query chunk, key chunk) pair is computed only if the causal mask
@@ -65,20 +72,88 @@ impl RingSchedule {
     }
 }
 
-/// How a sequence of `seq_len` tokens is cut over `world_size` ranks.
+/// How a sequence of `seq_len` tokens (or several packed ones) is cut over `world_size`
+/// ranks.
 #[derive(Clone, Debug)]
 pub struct RingLayout {
-    /// Tokens of the whole sequence.
+    /// Tokens of the whole sequence (all packed sequences together).
     pub seq_len: usize,
     /// Ranks in the ring.
     pub world_size: usize,
     /// The schedule the cut is for.
     pub schedule: RingSchedule,
+    /// Sequence bounds over the tokens (`N + 1`; `[0, seq_len]` for one sequence).
+    bounds: Vec<usize>,
+    varlen: bool,
+}
+
+/// One chunk of a [`RingLayout`]: chunk `index` of every sequence, packed in sequence
+/// order (one segment for a single sequence).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RingChunk {
+    /// Which chunk of each sequence (0-based; `P` or `2P` chunks per sequence).
+    pub index: usize,
+    /// Its global token range in every sequence, in sequence order (empty where a
+    /// sequence is shorter than the number of chunks).
+    pub segments: Vec<Range<usize>>,
+}
+
+impl RingChunk {
+    /// Tokens of the chunk.
+    pub fn len(&self) -> usize {
+        self.segments.iter().map(|s| s.len()).sum()
+    }
+    /// Whether the chunk holds no token.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Its global token positions, in its local order.
+    pub fn tokens(&self) -> impl Iterator<Item = usize> + '_ {
+        self.segments.iter().flat_map(|s| s.clone())
+    }
+    /// Local sequence offsets of the chunk's segments (`N + 1`, 0 first).
+    fn cu_seqlens(&self) -> Vec<i32> {
+        let mut at = 0;
+        let mut cu = vec![0];
+        for s in &self.segments {
+            at += s.len() as i32;
+            cu.push(at);
+        }
+        cu
+    }
 }
 
 impl RingLayout {
-    /// The layout; `world_size` must be at least 1.
+    /// The layout of one sequence (of every batch row); `world_size` must be 1..=1024.
     pub fn new(seq_len: usize, world_size: usize, schedule: RingSchedule) -> Result<RingLayout> {
+        Self::with_bounds(vec![0, seq_len], false, world_size, schedule)
+    }
+
+    /// The layout of packed sequences (B = 1): `cu_seqlens` (`N + 1` offsets, 0 first,
+    /// non-decreasing), every sequence cut as one sequence would be.
+    pub fn varlen(
+        cu_seqlens: &[i32],
+        world_size: usize,
+        schedule: RingSchedule,
+    ) -> Result<RingLayout> {
+        let ok = cu_seqlens.first() == Some(&0) && cu_seqlens.windows(2).all(|w| w[0] <= w[1]);
+        if !ok {
+            return Err(Error::Param {
+                param: "cu_seqlens".into(),
+                expected: "N + 1 >= 1 offsets, 0 first, non-decreasing".into(),
+                found: format!("{cu_seqlens:?}"),
+            });
+        }
+        let bounds = cu_seqlens.iter().map(|&x| x as usize).collect();
+        Self::with_bounds(bounds, true, world_size, schedule)
+    }
+
+    fn with_bounds(
+        bounds: Vec<usize>,
+        varlen: bool,
+        world_size: usize,
+        schedule: RingSchedule,
+    ) -> Result<RingLayout> {
         if world_size == 0 || world_size > 1024 {
             return Err(Error::Param {
                 param: "world_size".into(),
@@ -87,19 +162,29 @@ impl RingLayout {
             });
         }
         Ok(RingLayout {
-            seq_len,
+            seq_len: *bounds.last().unwrap_or(&0),
             world_size,
             schedule,
+            bounds,
+            varlen,
         })
     }
 
-    fn chunk(&self, c: usize, n: usize) -> Range<usize> {
-        c * self.seq_len / n..(c + 1) * self.seq_len / n
+    /// Chunk `c` of `n` of every sequence.
+    fn chunk(&self, c: usize, n: usize) -> RingChunk {
+        let segments = self
+            .bounds
+            .windows(2)
+            .map(|w| {
+                let (start, len) = (w[0], w[1] - w[0]);
+                start + c * len / n..start + (c + 1) * len / n
+            })
+            .collect();
+        RingChunk { index: c, segments }
     }
 
-    /// The global token ranges of rank `r`'s chunks, in the order its local tensors
-    /// hold them.
-    pub fn rank_chunks(&self, r: usize) -> Vec<Range<usize>> {
+    /// Rank `r`'s chunks, in the order its local tensors hold them.
+    pub fn rank_chunks(&self, r: usize) -> Vec<RingChunk> {
         let p = self.world_size;
         match self.schedule {
             RingSchedule::Zigzag => vec![self.chunk(r, 2 * p), self.chunk(2 * p - 1 - r, 2 * p)],
@@ -111,41 +196,77 @@ impl RingLayout {
     pub fn local_len(&self, r: usize) -> usize {
         self.rank_chunks(r).iter().map(|c| c.len()).sum()
     }
+
+    /// Whether the layout is of packed sequences ([`RingLayout::varlen`]).
+    pub fn is_varlen(&self) -> bool {
+        self.varlen
+    }
 }
 
-/// What a causal mask leaves of a (query chunk, key chunk) pair.
+/// What a causal mask leaves of a (query chunk, key chunk) pair. Every sequence is cut
+/// alike, so chunk indices decide for all of them: an earlier key chunk ends before the
+/// query chunk starts, a later one starts after it ends.
 enum Pair {
     Skip,
     Full,
     Diagonal,
 }
 
-fn pair(q: &Range<usize>, k: &Range<usize>, causal: bool) -> Pair {
+fn pair(q: &RingChunk, k: &RingChunk, causal: bool) -> Pair {
     if q.is_empty() || k.is_empty() {
         Pair::Skip
-    } else if !causal || k.end - 1 <= q.start {
+    } else if !causal || k.index < q.index {
         Pair::Full
-    } else if k.start > q.end - 1 {
+    } else if k.index > q.index {
         Pair::Skip
     } else {
         Pair::Diagonal
     }
 }
 
-/// The options of one block: the pair's mask, positions as offsets, f32 output.
-fn block_options(opts: &AttentionOptions, q: &Range<usize>, k: &Range<usize>) -> AttentionOptions {
-    let diagonal = matches!(pair(q, k, opts.causal), Pair::Diagonal);
+/// The options of one block, f32 output: a diagonal pair is causal within each
+/// sequence (both chunks start at the same position, so no offset); a fully masked pair
+/// (run only by `tokenring`'s forward, for its partial of -inf) is causal with every key
+/// placed after every query.
+fn block_options(opts: &AttentionOptions, q: &RingChunk, k: &RingChunk) -> AttentionOptions {
+    let (causal, k_offset) = match pair(q, k, opts.causal) {
+        Pair::Full => (false, 0),
+        Pair::Diagonal => (true, 0),
+        Pair::Skip => (true, q.len().max(1)),
+    };
     AttentionOptions {
-        causal: diagonal || (opts.causal && matches!(pair(q, k, true), Pair::Skip)),
-        q_offset: q.start,
-        k_offset: k.start,
+        causal,
+        q_offset: 0,
+        k_offset,
         out_dtype: Some(DType::F32),
         ..opts.clone()
     }
 }
 
+/// A block's inputs: the chunks' segment bounds where the layout is varlen.
+struct BlockBounds {
+    q: Option<Vec<i32>>,
+    k: Option<Vec<i32>>,
+}
+
+impl BlockBounds {
+    fn of(layout: &RingLayout, q: &RingChunk, k: &RingChunk) -> BlockBounds {
+        let b = |c: &RingChunk| layout.varlen.then(|| c.cu_seqlens());
+        BlockBounds { q: b(q), k: b(k) }
+    }
+    fn inputs<'a>(&'a self, q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> AttentionInputs<'a> {
+        AttentionInputs {
+            q,
+            k,
+            v,
+            cu_seqlens_q: self.q.as_deref(),
+            cu_seqlens_k: self.k.as_deref(),
+        }
+    }
+}
+
 /// Local tensor `t` (`[B, local, ...]`) cut into the chunks of `chunks` (f32 or not).
-fn split(t: &Tensor, chunks: &[Range<usize>], to: Option<DType>) -> Result<Vec<Tensor>> {
+fn split(t: &Tensor, chunks: &[RingChunk], to: Option<DType>) -> Result<Vec<Tensor>> {
     let mut at = 0;
     chunks
         .iter()
@@ -158,7 +279,7 @@ fn split(t: &Tensor, chunks: &[Range<usize>], to: Option<DType>) -> Result<Vec<T
 }
 
 /// The same rows of `[B, H, local]` lse tensors (axis 2).
-fn split_lse(t: &Tensor, chunks: &[Range<usize>]) -> Result<Vec<Tensor>> {
+fn split_lse(t: &Tensor, chunks: &[RingChunk]) -> Result<Vec<Tensor>> {
     let mut at = 0;
     chunks
         .iter()
@@ -199,6 +320,14 @@ fn ring_check(
             found: format!("q_offset {} k_offset {}", opts.q_offset, opts.k_offset),
         });
     }
+    if layout.varlen && q.shape().first() != Some(&1) {
+        return Err(Error::Shape {
+            tensor: "q".into(),
+            expected: "[1, tokens, heads, D] (varlen packs sequences along the tokens: B = 1)"
+                .into(),
+            found: kiln_runtime::shape_str(q.shape()),
+        });
+    }
     let want = layout.local_len(comm.rank());
     for (name, t) in [("q", q), ("k", k)] {
         if t.rank() != 4 || t.shape()[1] != want {
@@ -227,10 +356,19 @@ fn merge_into(acc: &mut Option<(Tensor, Tensor)>, part: (Tensor, Tensor)) -> Res
     Ok(())
 }
 
-/// One block's forward (f32 out) with the pair's options.
-fn block(q: &Tensor, k: &Tensor, v: &Tensor, opts: &AttentionOptions) -> Result<(Tensor, Tensor)> {
-    let inp = AttentionInputs::new(q, k, v);
-    let p = check(&inp, opts)?;
+/// The block of query chunk `qc` (rows `q`) against key chunk `kc` (`k`, `v`): its
+/// forward with f32 out.
+fn block(
+    layout: &RingLayout,
+    (qc, kc): (&RingChunk, &RingChunk),
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    opts: &AttentionOptions,
+) -> Result<(Tensor, Tensor)> {
+    let bounds = BlockBounds::of(layout, qc, kc);
+    let inp = bounds.inputs(q, k, v);
+    let p = check(&inp, &block_options(opts, qc, kc))?;
     let out = Tensor::empty(q.client(), DType::F32, &p.out_shape())?;
     let lse = Tensor::empty(q.client(), DType::F32, &p.lse_shape())?;
     forward_into(&inp, &p, &out, &lse)?;
@@ -272,7 +410,7 @@ pub fn ring_attention(
                         if matches!(pair(qc, kc, opts.causal), Pair::Skip) {
                             continue;
                         }
-                        merge_into(slot, block(qa, kb, vb, &block_options(opts, qc, kc))?)?;
+                        merge_into(slot, block(layout, (qc, kc), qa, kb, vb, opts)?)?;
                     }
                 }
                 if t + 1 < p {
@@ -290,7 +428,7 @@ pub fn ring_attention(
                     .rank_chunks(owner)
                     .iter()
                     .zip(&q_cur)
-                    .map(|(qc, qa)| block(qa, kv_k, kv_v, &block_options(opts, qc, kc)))
+                    .map(|(qc, qa)| block(layout, (qc, kc), qa, kv_k, kv_v, opts))
                     .collect::<Result<_>>()?;
                 for (a, (o, l)) in parts.into_iter().enumerate() {
                     let back = if t == 0 {
@@ -333,14 +471,17 @@ pub fn ring_attention(
 /// One block's backward into f32 partial gradients (with the global out/lse rows of
 /// the query chunk).
 fn block_backward(
+    layout: &RingLayout,
+    (qc, kc): (&RingChunk, &RingChunk),
     qa: &Tensor,
     kb: &Tensor,
     vb: &Tensor,
     grad: &AttentionGradInputs<'_>,
     opts: &AttentionOptions,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let inp = AttentionInputs::new(qa, kb, vb);
-    let p = check(&inp, opts)?;
+    let bounds = BlockBounds::of(layout, qc, kc);
+    let inp = bounds.inputs(qa, kb, vb);
+    let p = check(&inp, &block_options(opts, qc, kc))?;
     let f = |t: &Tensor| Tensor::empty(t.client(), DType::F32, t.shape());
     let (dq, dk, dv) = (f(qa)?, f(kb)?, f(vb)?);
     backward_into(&inp, grad, &p, &dq, &dk, &dv)?;
@@ -427,7 +568,7 @@ pub fn ring_attention_backward(
                             d_o: &dos[a],
                         };
                         let (pq, pk, pv) =
-                            block_backward(&qs[a], kb, vb, &g, &block_options(opts, qc, kc))?;
+                            block_backward(layout, (qc, kc), &qs[a], kb, vb, &g, opts)?;
                         add_into(&mut dq[a], &pq)?;
                         add_into(dkb, &pk)?;
                         add_into(dvb, &pv)?;
@@ -483,7 +624,7 @@ pub fn ring_attention_backward(
                             zeros(&vs[0], DType::F32)?,
                         )
                     } else {
-                        block_backward(qa, &ks[0], &vs[0], &g, &block_options(opts, qc, kc))?
+                        block_backward(layout, (qc, kc), qa, &ks[0], &vs[0], &g, opts)?
                     };
                     add_into(&mut dk[0], &pk)?;
                     add_into(&mut dv[0], &pv)?;
@@ -518,76 +659,77 @@ pub fn ring_attention_backward(
     })
 }
 
-/// Rank `r`'s local tensor of the whole-sequence tensor `t` (`[B, S, ...]`): its chunks
-/// concatenated along the tokens.
-fn gather_local(t: &Tensor, chunks: &[Range<usize>]) -> Result<Tensor> {
+/// Rank `r`'s local tensor of the whole-sequence tensor `t` (token axis `axis`: 1 for
+/// `[B, S, ...]`, 2 for lse `[B, H, S]`): its chunks' segments concatenated.
+fn gather_local(t: &Tensor, chunks: &[RingChunk], axis: usize) -> Result<Tensor> {
     let mut shape = t.shape().to_vec();
-    shape[1] = chunks.iter().map(|c| c.len()).sum();
+    shape[axis] = chunks.iter().map(|c| c.len()).sum();
     let local = Tensor::empty(t.client(), t.dtype(), &shape)?;
     let mut at = 0;
-    for c in chunks {
-        copy_rows(t, 1, c.start, &local, at, c.len())?;
-        at += c.len();
+    for s in chunks.iter().flat_map(|c| &c.segments) {
+        copy_rows(t, axis, s.start, &local, at, s.len())?;
+        at += s.len();
     }
     Ok(local)
 }
 
-/// Writes rank-local rows back into the whole tensor `whole` at their positions
-/// (`axis` 1 for token-major tensors, 2 for lse).
-fn scatter_local(
-    local: &Tensor,
-    chunks: &[Range<usize>],
-    whole: &Tensor,
-    axis: usize,
-) -> Result<()> {
+/// Writes rank-local rows back into the whole tensor `whole` at their positions.
+fn scatter_local(local: &Tensor, chunks: &[RingChunk], whole: &Tensor, axis: usize) -> Result<()> {
     let mut at = 0;
-    for c in chunks {
-        copy_rows(local, axis, at, whole, c.start, c.len())?;
-        at += c.len();
+    for s in chunks.iter().flat_map(|c| &c.segments) {
+        copy_rows(local, axis, at, whole, s.start, s.len())?;
+        at += s.len();
     }
     Ok(())
 }
 
-fn whole_layout(q: &Tensor, world_size: usize, schedule: RingSchedule) -> Result<RingLayout> {
-    let Some(&seq_len) = q.shape().get(1) else {
+/// The layout of whole-sequence inputs (already checked as one attention call): one
+/// sequence per batch row, or the packed sequences of `cu_seqlens_q`, which must equal
+/// `cu_seqlens_k` (a ring attends a sequence to itself).
+fn whole_layout(
+    inp: &AttentionInputs<'_>,
+    world_size: usize,
+    schedule: RingSchedule,
+) -> Result<RingLayout> {
+    let (q, k) = (inp.q, inp.k);
+    if k.shape()[1] != q.shape()[1] {
         return Err(Error::Shape {
-            tensor: "q".into(),
-            expected: "[B, S, H, D]".into(),
-            found: kiln_runtime::shape_str(q.shape()),
+            tensor: "k".into(),
+            expected: format!("[B, {}, Hkv, D] (one sequence: Sk = Sq)", q.shape()[1]),
+            found: kiln_runtime::shape_str(k.shape()),
         });
-    };
-    RingLayout::new(seq_len, world_size, schedule)
+    }
+    match (inp.cu_seqlens_q, inp.cu_seqlens_k) {
+        (None, None) => RingLayout::new(q.shape()[1], world_size, schedule),
+        (Some(cq), Some(ck)) if cq == ck => RingLayout::varlen(cq, world_size, schedule),
+        (cq, ck) => Err(Error::Param {
+            param: "cu_seqlens_k".into(),
+            expected: format!(
+                "equal to cu_seqlens_q {cq:?} (a ring attends each sequence to itself)"
+            ),
+            found: format!("{ck:?}"),
+        }),
+    }
 }
 
-/// Ring attention of whole-sequence tensors (`[B, S, ...]`) over `world_size` ranks in
-/// this process (threads on q's device, the host-staged communicator): splits the
-/// sequence as `schedule` prescribes, runs every rank, and returns the whole `out` and
-/// `lse`. What `kiln run ring_attention` does; equal to [`attention`] of the whole.
+/// Ring attention of whole-sequence tensors (`[B, S, ...]`, or packed sequences with
+/// `cu_seqlens_q` = `cu_seqlens_k` and B = 1) over `world_size` ranks in this process
+/// (threads on q's device, the host-staged communicator): splits the sequence(s) as
+/// `schedule` prescribes, runs every rank, and returns the whole `out` and `lse`. What
+/// `kiln run ring_attention` does; equal to [`attention`] of the whole.
 pub fn ring_attention_local_ranks(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    inp: &AttentionInputs<'_>,
     world_size: usize,
     schedule: RingSchedule,
     opts: &AttentionOptions,
 ) -> Result<AttentionOutput> {
-    let layout = whole_layout(q, world_size, schedule)?;
-    let whole = check(&AttentionInputs::new(q, k, v), opts)?;
-    if k.shape()[1] != layout.seq_len {
-        return Err(Error::Shape {
-            tensor: "k".into(),
-            expected: format!("[B, {}, Hkv, D] (one sequence: Sk = Sq)", layout.seq_len),
-            found: kiln_runtime::shape_str(k.shape()),
-        });
-    }
+    let whole = check(inp, opts)?;
+    let layout = whole_layout(inp, world_size, schedule)?;
+    let (q, k, v) = (inp.q, inp.k, inp.v);
     let parts = crate::launch::on_local_ranks(q.client(), "ring_attention", world_size, |c| {
         let chunks = layout.rank_chunks(c.rank());
-        let (lq, lk, lv) = (
-            gather_local(q, &chunks)?,
-            gather_local(k, &chunks)?,
-            gather_local(v, &chunks)?,
-        );
-        ring_attention(c, &layout, &lq, &lk, &lv, opts)
+        let local = |t: &Tensor| gather_local(t, &chunks, 1);
+        ring_attention(c, &layout, &local(q)?, &local(k)?, &local(v)?, opts)
     })?;
     let out = Tensor::empty(q.client(), whole.out_dtype, &whole.out_shape())?;
     let lse = Tensor::empty(q.client(), DType::F32, &whole.lse_shape())?;
@@ -599,35 +741,27 @@ pub fn ring_attention_local_ranks(
     Ok(AttentionOutput { out, lse })
 }
 
-/// The backward of [`ring_attention_local_ranks`]: whole `q`, `k`, `v`, `out`, `lse`,
-/// `do` in, whole dq, dk, dv out.
+/// The backward of [`ring_attention_local_ranks`]: whole `q`, `k`, `v` (with their
+/// `cu_seqlens`), `out`, `lse`, `do` in, whole dq, dk, dv out.
 pub fn ring_attention_backward_local_ranks(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    inp: &AttentionInputs<'_>,
     grad: &AttentionGradInputs<'_>,
     world_size: usize,
     schedule: RingSchedule,
     opts: &AttentionOptions,
 ) -> Result<AttentionGrads> {
-    let layout = whole_layout(q, world_size, schedule)?;
-    let whole = check(&AttentionInputs::new(q, k, v), opts)?;
+    let whole = check(inp, opts)?;
     check_grad_inputs(grad, &whole)?;
+    let layout = whole_layout(inp, world_size, schedule)?;
+    let (q, k, v) = (inp.q, inp.k, inp.v);
     let parts = crate::launch::on_local_ranks(q.client(), "ring_attention", world_size, |c| {
         let chunks = layout.rank_chunks(c.rank());
-        let local = |t: &Tensor| gather_local(t, &chunks);
-        let lse = {
-            let mut shape = grad.lse.shape().to_vec();
-            shape[2] = chunks.iter().map(|x| x.len()).sum();
-            let l = Tensor::empty(q.client(), DType::F32, &shape)?;
-            let mut at = 0;
-            for ch in &chunks {
-                copy_rows(grad.lse, 2, ch.start, &l, at, ch.len())?;
-                at += ch.len();
-            }
-            l
-        };
-        let (out, d_o) = (local(grad.out)?, local(grad.d_o)?);
+        let local = |t: &Tensor| gather_local(t, &chunks, 1);
+        let (out, lse, d_o) = (
+            local(grad.out)?,
+            gather_local(grad.lse, &chunks, 2)?,
+            local(grad.d_o)?,
+        );
         let g = AttentionGradInputs {
             out: &out,
             lse: &lse,

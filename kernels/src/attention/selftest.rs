@@ -58,6 +58,22 @@ fn ring_inputs(rng: &mut Rng) -> CaseInputs {
     ]
 }
 
+/// The packed sequences of [`packed_ring_inputs`]: 20, 0, 1 and 32 tokens.
+const PACKED: [i32; 5] = [0, 20, 20, 21, 53];
+
+/// One row of [`ring_inputs`]' shape holding the sequences of [`PACKED`].
+fn packed_ring_inputs(rng: &mut Rng) -> CaseInputs {
+    let mut v = ring_inputs(rng);
+    for (_, shape, values) in &mut v {
+        values.truncate(values.len() / shape[0]);
+        shape[0] = 1;
+    }
+    let cu: Vec<f64> = PACKED.iter().map(|&x| x as f64).collect();
+    v.push(("cu_seqlens_q", vec![cu.len()], cu.clone()));
+    v.push(("cu_seqlens_k", vec![cu.len()], cu));
+    v
+}
+
 fn ring_backward_inputs(rng: &mut Rng) -> CaseInputs {
     let mut v = ring_inputs(rng);
     let (b, s, h, dv) = (2, 53, 4, 20);
@@ -159,6 +175,26 @@ pub fn cases() -> Vec<Case> {
                     &i["v"].to_f64(),
                 )
                 .0
+            },
+            ulps: 64.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "ring_attention",
+            params: &[
+                ("causal", "true"),
+                ("world_size", "4"),
+                ("schedule", "contiguous"),
+            ],
+            output: "out",
+            what: "[1,53,4,24] packed sequences of 20, 0, 1, 32 tokens, causal, contiguous over 4 ranks",
+            inputs: packed_ring_inputs,
+            reference: |i| {
+                let mut d = case_dims_of(i, 0);
+                d.bounds_q = PACKED.iter().map(|&x| x as usize).collect();
+                d.bounds_k = d.bounds_q.clone();
+                d.varlen = true;
+                rf::forward(&d, &i["q"].to_f64(), &i["k"].to_f64(), &i["v"].to_f64()).0
             },
             ulps: 64.0,
             floor: 1.0,
