@@ -254,6 +254,29 @@ fn half_precision_layer_within_1e3() {
         let err = max_rel_error(&down(&out.y), &want, 1.0);
         assert!(err < 1e-3, "{path:?}: y {err:e}");
     }
+    // Expert parallelism in f16, in both counting orders (cf 0.5 drops: which routes
+    // survive depends on every rank's tokens): the same routes as one device.
+    for (cf, prioritized) in [(1.0, false), (0.5, true)] {
+        let mut gate = GateOptions::new(2, cf);
+        gate.batch_prioritized = prioritized;
+        let one = layer.run_gate(DType::F16, gate, MoePath::Capacity, 1);
+        for p in [2, 4] {
+            let what = format!("f16 P={p} cf={cf} prioritized={prioritized}");
+            let ep = layer.run_gate(DType::F16, gate, MoePath::Capacity, p);
+            assert_eq!(
+                ints(&ep.routing.expert_ids),
+                ints(&one.routing.expert_ids),
+                "{what}"
+            );
+            assert_eq!(
+                ints(&ep.routing.locations),
+                ints(&one.routing.locations),
+                "{what}"
+            );
+            let err = max_rel_error(&down(&ep.y), &down(&one.y), 1.0);
+            assert!(err < 1e-3, "{what}: y {err:e}");
+        }
+    }
 }
 
 #[test]

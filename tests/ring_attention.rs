@@ -111,6 +111,13 @@ fn packed_sequences_every_schedule_and_world_size_equal_whole_attention() {
 }
 
 #[test]
+fn fewer_tokens_than_chunks_leave_ranks_empty() {
+    // 3 tokens over up to 8 chunks: whole chunks (and ranks) hold nothing.
+    every_schedule_equals_whole_attention(1, 3, None, 33);
+    every_schedule_equals_whole_attention(1, 3, Some(&[0, 1, 3]), 34);
+}
+
+#[test]
 fn pytorch_vector_through_the_registry_for_every_schedule() {
     let hosts = load_safetensors(common::data("ring_attention_causal_f32.safetensors")).unwrap();
     let spec = kiln::kernels::op("ring_attention").unwrap();
