@@ -55,7 +55,9 @@ pub use staged::{
     MatmulStagedV4Args, MatmulStagedV4Config, MatmulStagedV4Problem, MATMUL_STAGED_KERNEL,
     MATMUL_STAGED_V4_KERNEL,
 };
-pub(crate) use tiled::{activate, activate_vector, clamped_strided, shift_rows, zero_tile_v4};
+pub(crate) use tiled::{
+    activate, activate_vector, clamped_strided, row_first, shift_rows, zero_tile_v4,
+};
 use tiled::{store_epilogue, store_epilogue_v4};
 pub use vec4::{
     MatmulVec4, MatmulVec4Args, MatmulVec4Config, MatmulVec4Problem, MATMUL_VEC4_KERNEL,

@@ -221,37 +221,22 @@ pub(super) fn store_tile<F: Float>(
     let (tm, tn) = comptime!((tile.tm, tile.tn));
     let rows_of_units = comptime!(tile.bm / tile.tm);
     let r0 = unit.row0 + unit.ty;
-    if comptime!(rows_loop) {
-        for i in 0..tm {
-            store_tile_row::<F>(
-                c,
-                bias,
-                residual,
-                acc,
-                0u32,
-                r0 + i * rows_of_units,
-                unit,
-                fused,
-                tile,
-                vector_columns,
-            );
+    #[unroll(!rows_loop)]
+    for i in 0..tm {
+        store_tile_row::<F>(
+            c,
+            bias,
+            residual,
+            acc,
+            row_first(i, tn, rows_loop),
+            r0 + i * rows_of_units,
+            unit,
+            fused,
+            tile,
+            vector_columns,
+        );
+        if comptime!(rows_loop) {
             shift_rows(acc, tm, tn);
-        }
-    } else {
-        #[unroll]
-        for i in 0..tm {
-            store_tile_row::<F>(
-                c,
-                bias,
-                residual,
-                acc,
-                comptime!(i * tn),
-                r0 + i * rows_of_units,
-                unit,
-                fused,
-                tile,
-                vector_columns,
-            );
         }
     }
 }
@@ -264,7 +249,7 @@ fn store_tile_row<F: Float>(
     bias: &Array<F>,
     residual: &Array<F>,
     acc: &Array<f32>,
-    #[comptime] first: u32,
+    first: u32,
     r: u32,
     unit: &UnitTile,
     #[comptime] fused: Fused,
@@ -318,6 +303,18 @@ pub(crate) fn shift_rows<T: CubePrimitive>(
     #[unroll]
     for x in 0..(rows - 1) * width {
         acc[x as usize] = acc[(x + width) as usize];
+    }
+}
+
+/// Where row `i` of a `width`-wide register tile starts in an epilogue's loop over the
+/// rows (`#[unroll(!rows_loop)]`): `i width` unrolled (a constant), 0 in a loop that
+/// consumes the tile with [`shift_rows`].
+#[cube]
+pub(crate) fn row_first(i: u32, #[comptime] width: u32, #[comptime] rows_loop: bool) -> u32 {
+    if comptime!(rows_loop) {
+        u32::new(0)
+    } else {
+        i * width
     }
 }
 

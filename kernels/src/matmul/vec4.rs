@@ -28,7 +28,7 @@
 //! unrolled body was most of a large tile's compile (1024^3 tuning: 4.2-4.7 s of first
 //! runs against 8.1-9.4 s; runtime the same within the noise, docs/performance.md).
 
-use super::{clamped_strided, shift_rows, store_epilogue_v4, Activation};
+use super::{clamped_strided, row_first, shift_rows, store_epilogue_v4, Activation};
 use cubecl::prelude::*;
 use kiln_dsl::V4;
 
@@ -199,17 +199,13 @@ matmul_kernel! {
             }
         }
         let (r0, cv0) = (row0 + ty, col0 / 4 + tx);
-        if comptime!(local_scalars) {
-            for i in 0..TM {
-                let r = r0 + i * row_step;
-                store_row_v4::<F>(c, residual, &accv, &bias_v, 0u32, r, m, cv0, nv, units_x, tnv, has_bias, has_residual, act);
+        #[unroll(!local_scalars)]
+        for i in 0..TM {
+            let r = r0 + i * row_step;
+            let first = row_first(i, tnv, local_scalars);
+            store_row_v4::<F>(c, residual, &accv, &bias_v, first, r, m, cv0, nv, units_x, tnv, has_bias, has_residual, act);
+            if comptime!(local_scalars) {
                 shift_rows(&mut accv, TM, tnv);
-            }
-        } else {
-            #[unroll]
-            for i in 0..TM {
-                let r = r0 + i * row_step;
-                store_row_v4::<F>(c, residual, &accv, &bias_v, comptime!(i * tnv), r, m, cv0, nv, units_x, tnv, has_bias, has_residual, act);
             }
         }
     }
@@ -224,7 +220,7 @@ fn store_row_v4<F: Float>(
     residual: &Array<Vector<F, Const<4>>>,
     accv: &Array<V4>,
     bias_v: &Array<V4>,
-    #[comptime] first: u32,
+    first: u32,
     r: u32,
     m: u32,
     cv0: u32,

@@ -3,7 +3,7 @@
 
 use super::routing::NO_ROUTE;
 use crate::matmul::{
-    activate, activate_vector, clamped_strided, shift_rows, zero_tile_v4, Activation,
+    activate, activate_vector, clamped_strided, row_first, shift_rows, zero_tile_v4, Activation,
 };
 use cubecl::prelude::*;
 use kiln_dsl::{load_tile_v4, reg_tile_mma_v4, v4_tile_col, V4};
@@ -178,17 +178,13 @@ grouped_kernel! {
             let row_step = comptime!(BM / TM);
             // On a CPU adapter (`local_scalars`) a loop over the rows, not unrolled
             // (`shift_rows`: llvmpipe compiles unrolled stores slowly); on a GPU unrolled.
-            if comptime!(local_scalars) {
-                for i in 0..TM {
-                    let r = ty + i * row_step;
-                    store_grouped_row::<F>(c, c32, bias, slot_route, gates, &acc, 0u32, r, rows_valid, row0, col0, cols_valid, tx, e, n, BN, TN, has_bias, act, scatter, c_f32);
+            #[unroll(!local_scalars)]
+            for i in 0..TM {
+                let r = ty + i * row_step;
+                let first = row_first(i, comptime!(TN / 4), local_scalars);
+                store_grouped_row::<F>(c, c32, bias, slot_route, gates, &acc, first, r, rows_valid, row0, col0, cols_valid, tx, e, n, BN, TN, has_bias, act, scatter, c_f32);
+                if comptime!(local_scalars) {
                     shift_rows(&mut acc, TM, comptime!(TN / 4));
-                }
-            } else {
-                #[unroll]
-                for i in 0..TM {
-                    let r = ty + i * row_step;
-                    store_grouped_row::<F>(c, c32, bias, slot_route, gates, &acc, comptime!(i * (TN / 4)), r, rows_valid, row0, col0, cols_valid, tx, e, n, BN, TN, has_bias, act, scatter, c_f32);
                 }
             }
         }
@@ -206,7 +202,7 @@ fn store_grouped_row<F: Float>(
     slot_route: &Array<u32>,
     gates: &Array<f32>,
     acc: &Array<V4>,
-    #[comptime] first: u32,
+    first: u32,
     r: u32,
     rows_valid: u32,
     row0: u32,
@@ -378,17 +374,13 @@ grouped_kernel! {
                 }
             }
             let cv0 = col0 / 4 + tx;
-            if comptime!(local_scalars) {
-                for i in 0..TM {
-                    let r = ty + i * row_step;
-                    store_grouped_row_v4::<F>(c, c32, slot_route, gates, &accv, &bias_v, 0u32, r, tile_row, count, row0, cv0, nv, units_x, tnv, act, scatter, c_f32);
+            #[unroll(!local_scalars)]
+            for i in 0..TM {
+                let r = ty + i * row_step;
+                let first = row_first(i, tnv, local_scalars);
+                store_grouped_row_v4::<F>(c, c32, slot_route, gates, &accv, &bias_v, first, r, tile_row, count, row0, cv0, nv, units_x, tnv, act, scatter, c_f32);
+                if comptime!(local_scalars) {
                     shift_rows(&mut accv, TM, tnv);
-                }
-            } else {
-                #[unroll]
-                for i in 0..TM {
-                    let r = ty + i * row_step;
-                    store_grouped_row_v4::<F>(c, c32, slot_route, gates, &accv, &bias_v, comptime!(i * tnv), r, tile_row, count, row0, cv0, nv, units_x, tnv, act, scatter, c_f32);
                 }
             }
         }
@@ -407,7 +399,7 @@ fn store_grouped_row_v4<F: Float>(
     gates: &Array<f32>,
     accv: &Array<V4>,
     bias_v: &Array<V4>,
-    #[comptime] first: u32,
+    first: u32,
     r: u32,
     tile_row: u32,
     count: u32,

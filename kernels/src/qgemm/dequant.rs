@@ -19,7 +19,7 @@
 //! Longer than most files: the three kernels share the dequantization helpers (group sums,
 //! folded zero points, strided tile stores) defined beside them.
 
-use crate::matmul::shift_rows;
+use crate::matmul::{row_first, shift_rows};
 use cubecl::prelude::*;
 use kiln_dsl::{load_i8, load_tile, reg_tile_mma, shift_round_half_even, unpack_i8, unpack_u4};
 
@@ -104,26 +104,12 @@ pub(crate) fn store_strided_tile<F: Float>(
     #[comptime] rows_loop: bool,
 ) {
     let row_step = comptime!(bm / tm);
-    if comptime!(rows_loop) {
-        for i in 0..tm {
-            store_strided_row::<F>(y, acc, 0u32, row0 + i * row_step, col0, m, n, bn, tn, span);
+    #[unroll(!rows_loop)]
+    for i in 0..tm {
+        let first = row_first(i, tn, rows_loop);
+        store_strided_row::<F>(y, acc, first, row0 + i * row_step, col0, m, n, bn, tn, span);
+        if comptime!(rows_loop) {
             shift_rows(acc, tm, tn);
-        }
-    } else {
-        #[unroll]
-        for i in 0..tm {
-            store_strided_row::<F>(
-                y,
-                acc,
-                comptime!(i * tn),
-                row0 + i * row_step,
-                col0,
-                m,
-                n,
-                bn,
-                tn,
-                span,
-            );
         }
     }
 }
@@ -134,7 +120,7 @@ pub(crate) fn store_strided_tile<F: Float>(
 fn store_strided_row<F: Float>(
     y: &mut Array<F>,
     acc: &Array<f32>,
-    #[comptime] first: u32,
+    first: u32,
     row: u32,
     col0: u32,
     m: u32,

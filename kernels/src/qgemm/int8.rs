@@ -4,7 +4,7 @@
 //! int8 tensors are read as the bytes of 32-bit words (`kiln_dsl::load_i8`), so any K
 //! works, aligned or not.
 
-use crate::matmul::shift_rows;
+use crate::matmul::{row_first, shift_rows};
 use cubecl::prelude::*;
 use kiln_dsl::{cube_max, cube_sum, i8_bits, load_i8, reg_tile_mma, round_half_even, unpack_i8};
 
@@ -149,43 +149,25 @@ fn store_scaled_tile<F: Float>(
     #[comptime] rows_loop: bool,
 ) {
     let row_step = comptime!(bm / tm);
-    if comptime!(rows_loop) {
-        for i in 0..tm {
-            store_scaled_row::<F>(
-                y,
-                acc,
-                0u32,
-                row0 + i * row_step,
-                sx,
-                sw,
-                bias,
-                col0,
-                m,
-                n,
-                bn,
-                tn,
-                has_bias,
-            );
+    #[unroll(!rows_loop)]
+    for i in 0..tm {
+        store_scaled_row::<F>(
+            y,
+            acc,
+            row_first(i, tn, rows_loop),
+            row0 + i * row_step,
+            sx,
+            sw,
+            bias,
+            col0,
+            m,
+            n,
+            bn,
+            tn,
+            has_bias,
+        );
+        if comptime!(rows_loop) {
             shift_rows(acc, tm, tn);
-        }
-    } else {
-        #[unroll]
-        for i in 0..tm {
-            store_scaled_row::<F>(
-                y,
-                acc,
-                comptime!(i * tn),
-                row0 + i * row_step,
-                sx,
-                sw,
-                bias,
-                col0,
-                m,
-                n,
-                bn,
-                tn,
-                has_bias,
-            );
         }
     }
 }
@@ -196,7 +178,7 @@ fn store_scaled_tile<F: Float>(
 fn store_scaled_row<F: Float>(
     y: &mut Array<F>,
     acc: &Array<i32>,
-    #[comptime] first: u32,
+    first: u32,
     row: u32,
     sx: &Array<f32>,
     sw: &Array<f32>,
