@@ -6,7 +6,9 @@ mod common;
 
 use common::client;
 use kiln::kernels::rowwise;
-use kiln::runtime::tune::{Autotuner, CandidateStatus, Search, TuneEvent, TuneKey, TuneMode};
+use kiln::runtime::tune::{
+    Autotuner, CandidateStatus, Ranking, Search, TuneEvent, TuneKey, TuneMode,
+};
 use kiln::{DType, Error, HostTensor, Tensor};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -246,6 +248,18 @@ fn tune_ranked(
     cands: &[u32],
     cost: &[f64],
 ) -> (u32, Vec<(String, CandidateStatus)>, Option<usize>) {
+    tune_trusting(t, hash, cands, cost, None, Ranking::<u32>::DEFAULT_TIES)
+}
+
+/// [`tune_ranked`] with the decision's own finalist count and ties ([`Ranking`]).
+fn tune_trusting(
+    t: &Autotuner,
+    hash: &str,
+    cands: &[u32],
+    cost: &[f64],
+    finalists: Option<usize>,
+    ties: f64,
+) -> (u32, Vec<(String, CandidateStatus)>, Option<usize>) {
     let events = Arc::new(Mutex::new(Vec::new()));
     let e2 = Arc::clone(&events);
     t.observe(move |e| e2.lock().unwrap().push(e.clone()));
@@ -253,14 +267,19 @@ fn tune_ranked(
     let calls = AtomicUsize::new(0);
     let model = |c: &u32| cost[*c as usize];
     let won = t
-        .tune_ranked(
+        .tune_warmed(
             client(),
             &key(hash),
             cands,
             |c| format!("c{c}"),
             |&c| run_candidate(&x, c, &calls),
             1e-5,
-            Some(&model),
+            Some(Ranking {
+                cost: &model,
+                finalists,
+                ties,
+            }),
+            None,
         )
         .unwrap();
     let ev = events.lock().unwrap().clone();
@@ -317,6 +336,18 @@ fn a_ranked_search_times_only_the_cost_models_finalists() {
     let (won, st, finalists) = tune_ranked(&t, "r4", &[0, 1, 2, 3], &[2.5, 1.0, 3.0, 4.0]);
     assert_eq!((won, finalists), (1, Some(1)));
     assert_eq!(st.iter().filter(|(_, s)| matches!(s, Timed(_))).count(), 1);
+
+    // A decision's own ranking overrides the tuner's count and the 10 % ties: two
+    // finalists, the third (4 % above the second) timed only with ties of 5 %.
+    let costs = [1.0, 1.5, 1.56, 1.7];
+    let (_, _, finalists) = tune_trusting(&t, "r5", &[0, 1, 2, 3], &costs, Some(2), 0.05);
+    assert_eq!(finalists, Some(3));
+    let (_, st, finalists) = tune_trusting(&t, "r6", &[0, 1, 2, 3], &costs, Some(2), 0.03);
+    assert_eq!(finalists, Some(2));
+    assert!(matches!(st[2].1, NotTimed { rank: 3 }), "{st:?}");
+    // The tuner's default (4, 10 %) would time all four.
+    let (_, _, finalists) = tune_ranked(&t, "r7", &[0, 1, 2, 3], &costs);
+    assert_eq!(finalists, Some(4));
 }
 
 #[test]
@@ -430,7 +461,7 @@ fn a_warmed_first_run_is_timed_and_clear_losers_skip_the_rounds() {
             |c| format!("c{c}"),
             &run,
             1e-5,
-            Some(&model),
+            Some(Ranking::new(&model)),
             Some(&warm),
         )
         .unwrap();

@@ -936,7 +936,7 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
                         Ok(vec![#((*#outputs).clone()),*])
                     },
                     tolerance,
-                    cost,
+                    cost.map(#rt::tune::Ranking::new),
                     Some(&|cfg| Self::warm_up(client, cfg, args)),
                 )?;
                 Self::launch(client, &cfg, args)?;

@@ -6,7 +6,7 @@
 //! overhead, padding, load imbalance, memory traffic); here, what each kind of matmul
 //! configuration loads. At small M the memory term dominates: there the estimates of all
 //! candidates come within a few percent, and the tuner times every candidate within
-//! 10 % of its last finalist.
+//! [`TIES`] of its last finalist.
 //!
 //! Tensor-core configurations, where the device has them, rank first for half precision.
 //!
@@ -17,6 +17,18 @@
 //! an exhaustive search times it there.
 
 use super::{MatmulConfig, Problem};
+
+/// How many of the model's best a ranked search times. Against exhaustive searches at
+/// 256^3, 512^3 and 1024^3 on lavapipe (docs/performance.md) the best 3 held the winner
+/// or one within 5.4 %; ranks 4-5 never won. Each finalist costs a compilation (about
+/// 1 s for a 32 x 32 register tile there), so a fourth is most of a second for nothing.
+pub(super) const FINALISTS: usize = 3;
+
+/// Estimates within 5 % of the third are timed too: at small M, where the memory term
+/// makes every tile's estimate come within a few percent, the model does not rank and
+/// timing decides; at 1024^3 the next tiles (8 x 16, 16 x 8: 1.75 against 8 x 32's
+/// 1.625, 7.7 % apart) measured 15-80 % slower.
+pub(super) const TIES: f64 = 0.05;
 use crate::tile_cost::{b_vec4, estimate, is_cpu, scalar, Tile};
 use kiln_runtime::{Client, DeviceReport};
 

@@ -421,6 +421,7 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_b: bool, ep: Epilogue<'_>) -> Result
         .exact("trans_b", trans_b)
         .candidates(cands.iter().copied())
         .cost(cost::model(client, &p, a.dtype().size(), &cands))
+        .finalists(cost::FINALISTS, cost::TIES)
         .tune_warmed(
             client,
             tolerance,

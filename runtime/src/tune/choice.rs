@@ -1,6 +1,6 @@
 //! Choices between kernels or algorithms, tuned like a kernel's configurations.
 
-use super::{fnv1a_hex, Autotuner, TuneKey, WarmUp};
+use super::{fnv1a_hex, Autotuner, Ranking, TuneKey, WarmUp};
 use crate::{Client, Result, Tensor};
 use serde::{de::DeserializeOwned, Serialize};
 use std::sync::Arc;
@@ -27,6 +27,9 @@ pub struct Choice<C> {
     shape: Vec<String>,
     candidates: Vec<C>,
     cost: Option<Arc<dyn Fn(&C) -> f64>>,
+    /// The ranked search's finalists and ties (see [`Choice::finalists`]).
+    finalists: Option<usize>,
+    ties: f64,
 }
 
 impl<C: std::fmt::Debug> std::fmt::Debug for Choice<C> {
@@ -52,6 +55,8 @@ where
             shape: Vec::new(),
             candidates: Vec::new(),
             cost: None,
+            finalists: None,
+            ties: Ranking::<C>::DEFAULT_TIES,
         }
     }
 
@@ -85,6 +90,16 @@ where
     /// With one, a ranked search ([`super::Search`]) times only the best-ranked few.
     pub fn cost(mut self, model: impl Fn(&C) -> f64 + 'static) -> Self {
         self.cost = Some(Arc::new(model));
+        self
+    }
+
+    /// How far a ranked search trusts the cost model: it times the model's best `most`
+    /// (not the tuner's default [`Autotuner::finalists`]) plus those estimated within
+    /// `ties` (relative) of the last of them. For a model checked against exhaustive
+    /// searches of this decision; each finalist's compilation is most of a search.
+    pub fn finalists(mut self, most: usize, ties: f64) -> Self {
+        self.finalists = Some(most);
+        self.ties = ties;
         self
     }
 
@@ -145,7 +160,11 @@ where
             label,
             run,
             tolerance,
-            self.cost.as_deref(),
+            self.cost.as_deref().map(|cost| Ranking {
+                cost,
+                finalists: self.finalists,
+                ties: self.ties,
+            }),
             warm,
         )
     }

@@ -13,8 +13,10 @@
 //! only its finalists: the best [`Autotuner::finalists`] (4), less those estimated at
 //! over twice the best (the model is sure they lose), plus any within 10 % of the last
 //! one kept (estimates that close are not a ranking); it goes on down the ranking while
-//! none is valid. A lone finalist is run once (it must work) and not timed. Before each
-//! round, a candidate whose fastest run is over 1.5x the best median drops out.
+//! none is valid. A decision whose model was checked against exhaustive searches gives
+//! its own count and tie window ([`Ranking`], [`Choice::finalists`]). A lone finalist is run once (it must work) and not timed. Before each
+//! round, a candidate whose fastest run is over 1.5x the best median drops out; a round
+//! that would end past the timing budget is not started.
 //!
 //! Where the operator can compile a candidate before its first run
 //! ([`Autotuner::tune_warmed`]: every `#[kiln::kernel]` kernel's `tuned` and `matmul`
@@ -44,7 +46,7 @@ mod search;
 pub use cache::default_cache_dir;
 use cache::{device_prefix, write_atomic, CacheFile, Entry, CACHE_VERSION};
 pub use choice::Choice;
-pub use search::SAMPLE_FLOOR;
+pub use search::{Ranking, SAMPLE_FLOOR};
 
 use crate::{Client, Error, HostTensor, Result, Tensor};
 use serde::{de::DeserializeOwned, Serialize};

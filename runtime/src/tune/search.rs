@@ -45,10 +45,14 @@ impl Autotuner {
     where
         C: Clone + PartialEq + Serialize + DeserializeOwned,
     {
-        self.tune_warmed(client, key, candidates, label, run, tolerance, cost, None)
+        let ranking = cost.map(Ranking::new);
+        self.tune_warmed(
+            client, key, candidates, label, run, tolerance, ranking, None,
+        )
     }
 
-    /// [`Autotuner::tune_ranked`] with a warm-up: `warm` compiles a candidate by
+    /// [`Autotuner::tune_ranked`] with the decision's own [`Ranking`] (how many
+    /// finalists its cost model deserves) and a warm-up: `warm` compiles a candidate by
     /// launching the same kernel on little work (a `#[kiln::kernel]` kernel's `warm_up`:
     /// the grid's first cube alone), returning `false` where it cannot (e.g. a library
     /// GEMM that picks its kernel by shape).
@@ -66,7 +70,7 @@ impl Autotuner {
         label: impl Fn(&C) -> String,
         run: impl Fn(&C) -> Result<Vec<Tensor>>,
         tolerance: f64,
-        cost: Option<&dyn Fn(&C) -> f64>,
+        ranking: Option<Ranking<'_, C>>,
         warm: Option<WarmUp<'_, C>>,
     ) -> Result<C>
     where
@@ -113,10 +117,11 @@ impl Autotuner {
 
         // The order candidates run in (with the model's estimates), and how many valid
         // ones end the search.
-        let (order, estimates, finalists) = match cost {
-            Some(cost) if search == Search::Ranked => {
-                let ranked = rank(candidates, cost);
-                let finalists = finalist_count(&ranked, self.finalists);
+        let (order, estimates, finalists) = match ranking {
+            Some(r) if search == Search::Ranked => {
+                let ranked = rank(candidates, r.cost);
+                let most = r.finalists.unwrap_or(self.finalists);
+                let finalists = finalist_count(&ranked, most, r.ties);
                 let (order, estimates) = ranked.into_iter().map(|(i, e)| (i, Some(e))).unzip();
                 (order, estimates, finalists)
             }
@@ -274,8 +279,8 @@ impl Autotuner {
     /// machine's drift is shared among them. Before each round, a candidate whose
     /// fastest run is over `cut` times the best median so far drops out. Rounds end
     /// when every candidate left has [`Autotuner::samples`], when one is left, or when
-    /// the budget ([`TIME_BUDGET`] per valid candidate) is spent. Each candidate's run
-    /// times, or why a run failed.
+    /// the next round would end past the budget ([`TIME_BUDGET`] per valid candidate;
+    /// the first round always runs). Each candidate's run times, or why a run failed.
     fn time_rounds<C>(
         &self,
         client: &Client,
@@ -292,6 +297,7 @@ impl Autotuner {
         let mut alive = vec![true; valid.len()];
         let budget = TIME_BUDGET * valid.len() as u32;
         let started = Instant::now();
+        let mut round: Option<Duration> = None;
         let median = |t: &[Duration]| {
             let mut t = t.to_vec();
             t.sort();
@@ -320,9 +326,13 @@ impl Autotuner {
                 .filter(|((_, t), &a)| a && t.is_ok())
                 .map(|((_, t), _)| t.as_ref().map_or(0, Vec::len));
             let (count, fewest) = left.fold((0, usize::MAX), |(n, f), l| (n + 1, f.min(l)));
-            if count <= 1 || fewest >= self.samples.max(1) || started.elapsed() > budget {
+            // A round takes about as long as the last; after the first (which always
+            // runs), one that would end past the budget is not started.
+            let over = round.is_some_and(|r| started.elapsed() + r > budget);
+            if count <= 1 || fewest >= self.samples.max(1) || over {
                 break;
             }
+            let round_start = Instant::now();
             for (v, (pos, result)) in times.iter_mut().enumerate() {
                 let Ok(samples) = result else { continue };
                 if !alive[v] {
@@ -337,6 +347,7 @@ impl Autotuner {
                     }
                 }
             }
+            round = Some(round_start.elapsed());
         }
         times
     }
@@ -357,9 +368,9 @@ pub(crate) fn rank<C>(candidates: &[C], cost: &dyn Fn(&C) -> f64) -> Vec<(usize,
 
 /// How many of the `ranked` candidates (best first) a ranked search times: the best
 /// `most`, less those the model puts over [`CONFIDENT`] times the best estimate (it is
-/// sure they lose), plus any within 10 % of the last one kept (estimates that close are
-/// not a ranking). At least one.
-fn finalist_count(ranked: &[(usize, f64)], most: usize) -> usize {
+/// sure they lose), plus any within `ties` (relative) of the last one kept (estimates
+/// that close are not a ranking). At least one.
+fn finalist_count(ranked: &[(usize, f64)], most: usize, ties: f64) -> usize {
     let Some(&(_, best)) = ranked.first() else {
         return 0;
     };
@@ -370,8 +381,45 @@ fn finalist_count(ranked: &[(usize, f64)], most: usize) -> usize {
         .count()
         .max(1);
     let last = ranked[kept - 1].1;
-    ranked.iter().filter(|(_, e)| *e <= last * 1.1).count()
+    ranked
+        .iter()
+        .filter(|(_, e)| *e <= last * (1.0 + ties))
+        .count()
 }
+
+/// A decision's cost model and how far a ranked search trusts it ([`Search::Ranked`]).
+pub struct Ranking<'a, C> {
+    /// A candidate's estimated time, in any unit (lower is better).
+    pub cost: &'a dyn Fn(&C) -> f64,
+    /// How many of the model's best a ranked search times; `None`: the tuner's
+    /// [`Autotuner::finalists`]. A model validated against exhaustive searches of its
+    /// decision may ask for fewer (each finalist's compilation is most of a search).
+    pub finalists: Option<usize>,
+    /// Candidates whose estimate is within this fraction of the last finalist's are
+    /// timed too ([`Ranking::DEFAULT_TIES`] unless the model is finer).
+    pub ties: f64,
+}
+
+impl<'a, C> Ranking<'a, C> {
+    /// Estimates within 10 % of each other are not a ranking (unless a model says so).
+    pub const DEFAULT_TIES: f64 = 0.10;
+
+    /// `cost` with the tuner's finalist count and [`Ranking::DEFAULT_TIES`].
+    pub fn new(cost: &'a dyn Fn(&C) -> f64) -> Self {
+        Ranking {
+            cost,
+            finalists: None,
+            ties: Self::DEFAULT_TIES,
+        }
+    }
+}
+
+impl<C> Clone for Ranking<'_, C> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<C> Copy for Ranking<'_, C> {}
 
 /// The shortest warmed first run that counts as a timing sample: below it, what only a
 /// first run pays (allocating the outputs, the first download) is not negligible.
