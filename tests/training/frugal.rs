@@ -1,11 +1,12 @@
 //! FRUGAL against the f64 reference written from the spec: many steps across several
 //! redraws of the subset (densities 1/n, 0.25 and 1), the subset equal to the host
-//! generator's, a list of tensors of ragged sizes in one optimizer (two launches), f16
+//! generator's, a list of tensors of ragged sizes in one optimizer (two launches), row and
+//! column subspaces of matrices (whole lines, checked by their structure too), f16
 //! tensors with their f32 master copies, resuming mid-subspace bitwise, and bad input.
 
 use crate::common::{assert_clear, down, up};
 use kiln::check::{max_rel_error, Rng};
-use kiln::kernels::optim::{reference, Frugal, FrugalConfig, Hyper, Rule};
+use kiln::kernels::optim::{frugal_matrix, reference, Frugal, FrugalConfig, Hyper, Rule, Subspace};
 use kiln::{DType, HostTensor};
 
 fn f32s(rng: &mut Rng, n: usize) -> Vec<f64> {
@@ -31,6 +32,7 @@ fn steps_across_redraws_match_the_f64_reference() {
             update_gap: 7,
             lr_free: 0.003,
             seed: 99,
+            ..Default::default()
         };
         let mut rng = Rng::new(8);
         let mut p = f32s(&mut rng, n);
@@ -45,7 +47,17 @@ fn steps_across_redraws_match_the_f64_reference() {
                 f32s(&mut rng, n)
             };
             opt.step(&t, &up(DType::F32, &[n], &g)).unwrap();
-            reference::frugal_step(&hyper(), &c, step, &mut p, &g, &mut subset, &mut m, &mut v);
+            reference::frugal_step(
+                &hyper(),
+                &c,
+                step,
+                &[n],
+                &mut p,
+                &g,
+                &mut subset,
+                &mut m,
+                &mut v,
+            );
             let (idx, dm, dv) = opt.state().unwrap();
             let idx: Vec<usize> = down(&idx).iter().map(|&i| i as usize).collect();
             assert_eq!(idx, subset, "density {density} step {step}: subset");
@@ -75,6 +87,7 @@ fn a_list_of_tensors_matches_the_reference_per_tensor() {
         update_gap: 3,
         lr_free: 0.003,
         seed: 5,
+        ..Default::default()
     };
     let mut rng = Rng::new(21);
     let mut p: Vec<Vec<f64>> = sizes.iter().map(|&n| f32s(&mut rng, n)).collect();
@@ -106,7 +119,17 @@ fn a_list_of_tensors_matches_the_reference_per_tensor() {
                 ..c
             };
             let (subset, m, v) = &mut refstate[i];
-            reference::frugal_step(&hyper(), &own, step, &mut p[i], &g[i], subset, m, v);
+            reference::frugal_step(
+                &hyper(),
+                &own,
+                step,
+                &[sizes[i]],
+                &mut p[i],
+                &g[i],
+                subset,
+                m,
+                v,
+            );
         }
         if step % 3 != 1 && step != 7 {
             continue;
@@ -164,6 +187,7 @@ fn half_tensors_step_an_f32_master_copy() {
         update_gap: 3,
         lr_free: 1e-5,
         seed: 11,
+        ..Default::default()
     };
     // lr 1e-5: each step moves a value by ~1e-5, far below half an f16 ulp at 1 (4.9e-4).
     let h = Hyper {
@@ -205,7 +229,7 @@ fn half_tensors_step_an_f32_master_copy() {
                 seed: c.seed_of(i),
                 ..c
             };
-            reference::frugal_step(&h, &own, step, &mut p[i], &g[i], subset, m, v);
+            reference::frugal_step(&h, &own, step, &[sizes[i]], &mut p[i], &g[i], subset, m, v);
         }
     }
     let floor = |w: &[f64]| w.iter().fold(1e-30f64, |a, b| a.max(b.abs()));
@@ -270,6 +294,123 @@ fn half_tensors_step_an_f32_master_copy() {
         opt.step_multi(&refs, &wrong).unwrap_err(),
         &["grad[1]", "f16"],
     );
+}
+
+/// Row and column subspaces: a list of a ragged matrix, a rank-3 tensor (seen as
+/// `[5, 21]`), a vector (one row) and a one-row matrix, across three subspaces, at
+/// densities taking one line, a quarter and every line. Each subset is whole lines — the
+/// same `taken` columns in every row, or every entry of `taken` rows — and equal to the
+/// host's; parameters and moments follow the f64 reference within 1e-6.
+#[test]
+fn row_and_column_subspaces_match_the_reference() {
+    let shapes: [&[usize]; 4] = [&[37, 53], &[5, 3, 7], &[41], &[1, 9]];
+    for subspace in [Subspace::Columns, Subspace::Rows] {
+        for density in [1e-9, 0.25, 1.0] {
+            let c = FrugalConfig {
+                density,
+                update_gap: 3,
+                lr_free: 0.003,
+                seed: 17,
+                subspace,
+            };
+            let what = format!("{subspace} density {density}");
+            let mut rng = Rng::new(41);
+            let mut p: Vec<Vec<f64>> = shapes
+                .iter()
+                .map(|s| f32s(&mut rng, s.iter().product()))
+                .collect();
+            let ts: Vec<_> = shapes
+                .iter()
+                .zip(&p)
+                .map(|(s, v)| up(DType::F32, s, v))
+                .collect();
+            let refs: Vec<&kiln::Tensor> = ts.iter().collect();
+            let mut opt = Frugal::new_multi(&refs, hyper(), c).unwrap();
+            let mut refstate = vec![(Vec::new(), Vec::new(), Vec::new()); shapes.len()];
+            let mut first_subsets = Vec::new();
+            for step in 1..=7u64 {
+                let g: Vec<Vec<f64>> = p.iter().map(|v| f32s(&mut rng, v.len())).collect();
+                let gt: Vec<_> = shapes
+                    .iter()
+                    .zip(&g)
+                    .map(|(s, v)| up(DType::F32, s, v))
+                    .collect();
+                let grefs: Vec<&kiln::Tensor> = gt.iter().collect();
+                opt.step_multi(&refs, &grefs).unwrap();
+                for (i, (subset, m, v)) in refstate.iter_mut().enumerate() {
+                    let own = FrugalConfig {
+                        seed: c.seed_of(i),
+                        ..c
+                    };
+                    reference::frugal_step(
+                        &hyper(),
+                        &own,
+                        step,
+                        shapes[i],
+                        &mut p[i],
+                        &g[i],
+                        subset,
+                        m,
+                        v,
+                    );
+                }
+                for (i, (subset, m, v)) in refstate.iter().enumerate() {
+                    let (idx, dm, dv) = opt.state_of(i).unwrap();
+                    let idx: Vec<usize> = down(&idx).iter().map(|&x| x as usize).collect();
+                    assert_eq!(&idx, subset, "{what} tensor {i} step {step}: subset");
+                    assert_whole_lines(&idx, shapes[i], subspace, c.lines(shapes[i]).unwrap().1);
+                    if step == 1 {
+                        first_subsets.push(idx);
+                    }
+                    let floor = |w: &[f64]| w.iter().fold(1e-30f64, |a, b| a.max(b.abs()));
+                    for (name, got, want) in [
+                        ("param", down(&ts[i]), &p[i]),
+                        ("m", down(&dm), m),
+                        ("v", down(&dv), v),
+                    ] {
+                        let e = max_rel_error(&got, want, floor(want));
+                        assert!(e <= 1e-6, "{what} tensor {i} step {step} {name}: {e:.2e}");
+                    }
+                }
+            }
+            // A redraw picks other lines of the 37 x 53 matrix (when not all are taken).
+            if density < 1.0 {
+                let (now, _, _) = opt.state_of(0).unwrap();
+                let now: Vec<usize> = down(&now).iter().map(|&x| x as usize).collect();
+                assert_ne!(now, first_subsets[0], "{what}: subspace 2 against 0");
+            }
+        }
+    }
+    // The subspace fixes the state's size: changing it after creation is refused.
+    let t = up(DType::F32, &[4, 8], &[0.5; 32]);
+    let mut opt = Frugal::new(&t, hyper(), FrugalConfig::default()).unwrap();
+    opt.config.subspace = Subspace::Rows;
+    assert_clear(opt.step(&t, &t).unwrap_err(), &["subspace", "Rows"]);
+}
+
+/// `subset` is whole lines of `shape`'s matrix: `taken` columns present in every row, or
+/// `taken` rows present in full (closed-form, independent of the reference's draw).
+fn assert_whole_lines(subset: &[usize], shape: &[usize], subspace: Subspace, taken: usize) {
+    let (rows, cols) = frugal_matrix(shape);
+    let line = |i: &usize| match subspace {
+        Subspace::Rows => i / cols,
+        _ => i % cols,
+    };
+    let mut lines: Vec<usize> = subset.iter().map(line).collect();
+    lines.sort_unstable();
+    lines.dedup();
+    let length = if subspace == Subspace::Rows {
+        cols
+    } else {
+        rows
+    };
+    assert_eq!(lines.len(), taken, "{shape:?} {subspace}: lines taken");
+    assert_eq!(
+        subset.len(),
+        taken * length,
+        "{shape:?} {subspace}: whole lines"
+    );
+    assert!(subset.windows(2).all(|w| w[0] < w[1]), "increasing");
 }
 
 #[test]

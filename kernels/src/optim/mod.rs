@@ -37,7 +37,10 @@ mod topk;
 pub use block::Block;
 pub use compress::{randk, topk_ef, topk_ef_estimated, Compressed};
 pub use econtrol::{econtrol, EControlStep, EcontrolUpdate, EcontrolUpdateArgs};
-pub use frugal::{Frugal, FrugalConfig, FrugalMask, FrugalMaskArgs, FrugalStep, FrugalStepArgs};
+pub use frugal::{
+    frugal_matrix, Frugal, FrugalConfig, FrugalLines, FrugalLinesArgs, FrugalMask, FrugalMaskArgs,
+    FrugalStep, FrugalStepArgs, Subspace,
+};
 pub use multi::{GivenState, MultiTensorStep};
 pub use perturb::{
     perturb, perturb_host, perturb_stream, perturb_sum, zo_update, PerturbNormal, PerturbNormalArgs,

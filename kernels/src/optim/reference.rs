@@ -86,9 +86,35 @@ pub fn step(rule: Rule, h: &Hyper, t: u64, p: &mut [f64], g: &[f64], state: &mut
     }
 }
 
-/// One FRUGAL step `t` (from 1) on `p` by `g` with the subset and its moments `m`, `v`
-/// (all length `k`, the subset increasing): at the first step of each subspace the
-/// subset is redrawn (the `k` largest Philox words of `(seed, stream t / gap)`) and the
+/// FRUGAL's subset `j` of a tensor of `shape` (increasing positions): the
+/// `c.active(shape)` coordinates, or the rows or columns of `frugal_matrix(shape)`, with
+/// the largest Philox words of `(c.seed, stream j)`, rows and columns expanded to their
+/// coordinates.
+pub fn frugal_subset(c: &super::FrugalConfig, shape: &[usize], j: u32) -> Vec<usize> {
+    let n: usize = shape.iter().product();
+    let pick = |count: usize, k: usize| {
+        let keys = super::compress::random_keys(count, c.seed, j);
+        super::compress::reference_select(&keys, k)
+    };
+    let (rows, cols) = super::frugal_matrix(shape);
+    match (c.subspace, c.lines(shape)) {
+        (super::Subspace::Rows, Some((_, taken))) => pick(rows, taken)
+            .into_iter()
+            .flat_map(|r| r * cols..(r + 1) * cols)
+            .collect(),
+        (super::Subspace::Columns, Some((_, taken))) => {
+            let chosen = pick(cols, taken);
+            (0..rows)
+                .flat_map(|r| chosen.iter().map(move |&col| r * cols + col))
+                .collect()
+        }
+        _ => pick(n, c.active(shape)),
+    }
+}
+
+/// One FRUGAL step `t` (from 1) on `p` (a tensor of `shape`) by `g` with the subset and
+/// its moments `m`, `v` (all length `k`, the subset increasing): at the first step of
+/// each subspace the subset is redrawn ([`frugal_subset`] of stream `t / gap`) and the
 /// moments are zeroed; Adam (AdamW's formula, bias corrections counted from the
 /// redraw) on the subset, `p -= lr_free sign(g)` elsewhere, decoupled decay on all.
 #[allow(clippy::too_many_arguments)]
@@ -96,6 +122,7 @@ pub fn frugal_step(
     h: &Hyper,
     c: &super::FrugalConfig,
     t: u64,
+    shape: &[usize],
     p: &mut [f64],
     g: &[f64],
     subset: &mut Vec<usize>,
@@ -103,11 +130,11 @@ pub fn frugal_step(
     v: &mut Vec<f64>,
 ) {
     let n = p.len();
-    let k = c.active(n);
+    assert_eq!(n, shape.iter().product::<usize>(), "p is a tensor of shape");
+    let k = c.active(shape);
     let j = (t - 1) / c.update_gap;
     if (t - 1) % c.update_gap == 0 {
-        let keys = super::compress::random_keys(n, c.seed, j as u32);
-        *subset = super::compress::reference_select(&keys, k);
+        *subset = frugal_subset(c, shape, j as u32);
         *m = vec![0.0; k];
         *v = vec![0.0; k];
     }

@@ -3,7 +3,7 @@
 //! decay on.
 
 use super::rules::{Hyper, Rule};
-use super::{compress, reference};
+use super::{compress, reference, Subspace};
 use kiln_runtime::check::Rng;
 use kiln_runtime::selftest::{Case, CaseInputs};
 use kiln_runtime::HostTensor;
@@ -169,7 +169,7 @@ fn econtrol_after(i: &BTreeMap<String, HostTensor>, output: &str) -> Vec<f64> {
 
 /// FRUGAL's `output` after step 3 (subspace 0, density 0.25, mid-subspace state
 /// given) from the case's inputs.
-fn frugal_after(i: &BTreeMap<String, HostTensor>, output: &str) -> Vec<f64> {
+fn frugal_after(i: &BTreeMap<String, HostTensor>, output: &str, subspace: Subspace) -> Vec<f64> {
     let mut p = i["param"].to_f64();
     let h = Hyper {
         lr: 0.01,
@@ -179,16 +179,17 @@ fn frugal_after(i: &BTreeMap<String, HostTensor>, output: &str) -> Vec<f64> {
     let c = super::FrugalConfig {
         lr_free: 0.002,
         seed: 5,
+        subspace,
         ..Default::default()
     };
-    let n = p.len();
-    let keys = compress::random_keys(n, c.seed, 0);
-    let mut subset = compress::reference_select(&keys, c.active(n));
+    let shape = i["param"].shape.clone();
+    let mut subset = reference::frugal_subset(&c, &shape, 0);
     let (mut m, mut v) = (i["m"].to_f64(), i["v"].to_f64());
     reference::frugal_step(
         &h,
         &c,
         3,
+        &shape,
         &mut p,
         &i["grad"].to_f64(),
         &mut subset,
@@ -216,6 +217,25 @@ const FRUGAL_PARAMS: &[(&str, &str)] = &[
     ("lr_free", "0.002"),
     ("seed", "5"),
     ("step", "3"),
+];
+
+/// A 6 x 7 matrix: 2 of its 7 columns (12 coordinates) have state.
+fn frugal_column_inputs(r: &mut Rng) -> CaseInputs {
+    vec![
+        ("param", vec![6, 7], r.normals(42, 1.0)),
+        ("grad", vec![6, 7], r.normals(42, 1.0)),
+        ("m", vec![12], r.normals(12, 0.2)),
+        ("v", vec![12], (0..12).map(|_| 0.05 * r.uniform()).collect()),
+    ]
+}
+
+const FRUGAL_COLUMN_PARAMS: &[(&str, &str)] = &[
+    ("lr", "0.01"),
+    ("weight_decay", "0.1"),
+    ("lr_free", "0.002"),
+    ("seed", "5"),
+    ("step", "3"),
+    ("subspace", "columns"),
 ];
 
 /// The optimizer family's cases.
@@ -313,7 +333,7 @@ pub fn cases() -> Vec<Case> {
             inputs: frugal_inputs,
             params: FRUGAL_PARAMS,
             output: "param",
-            reference: |i| frugal_after(i, "param"),
+            reference: |i| frugal_after(i, "param", Subspace::Coordinates),
             ulps: 16.0,
             floor: 1.0,
         },
@@ -323,7 +343,17 @@ pub fn cases() -> Vec<Case> {
             inputs: frugal_inputs,
             params: FRUGAL_PARAMS,
             output: "v",
-            reference: |i| frugal_after(i, "v"),
+            reference: |i| frugal_after(i, "v", Subspace::Coordinates),
+            ulps: 16.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "frugal",
+            what: "a 6 x 7 matrix, 2 columns with state, step 3",
+            inputs: frugal_column_inputs,
+            params: FRUGAL_COLUMN_PARAMS,
+            output: "param",
+            reference: |i| frugal_after(i, "param", Subspace::Columns),
             ulps: 16.0,
             floor: 1.0,
         },

@@ -1,4 +1,5 @@
-//! FRUGAL's kernels: packing a redrawn subset into its sorted indices and bit mask, and
+//! FRUGAL's kernels: expanding chosen rows or columns into coordinates, packing a
+//! redrawn subset into its sorted indices and bit mask, and
 //! the step (Adam on the subset's coordinates, found by binary search; signSGD on the
 //! rest), over up to `SLOTS` tensors a launch.
 
@@ -54,6 +55,32 @@ pub fn frugal_mask(
             }
             mask[(mask_at + w) as usize] = bits;
         }
+    }
+}
+
+/// Expands the `taken` chosen lines (`lines`, increasing) of a `[rows, cols]` matrix into
+/// their `k` coordinates, increasing: with `columns`, row `r`'s entry of every chosen
+/// column (`k = rows · taken`, position `r · taken + c`); else every entry of each chosen
+/// row (`k = taken · cols`). Row-major order keeps the subset sorted for the mask and
+/// the step's binary search.
+#[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(k.div_ceil(UNITS)), cube = UNITS)]
+pub fn frugal_lines(
+    lines: &Array<i32>,
+    picked: &mut Array<i32>,
+    k: u32,
+    taken: u32,
+    cols: u32,
+    columns: u32,
+) {
+    let u = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * UNITS + UNIT_POS;
+    if u < k {
+        let mut at = 0u32;
+        if columns == 1u32 {
+            at = (u / taken) * cols + u32::cast_from(lines[(u % taken) as usize]);
+        } else {
+            at = u32::cast_from(lines[(u / cols) as usize]) * cols + u % cols;
+        }
+        picked[u as usize] = i32::cast_from(at);
     }
 }
 

@@ -1,5 +1,6 @@
-//! FRUGAL (Zmushko et al., 2024), random-coordinate variant: Adam state only on a
-//! seeded subset of `k = ceil(density · n)` coordinates of each tensor, signSGD on the
+//! FRUGAL (Zmushko et al., 2024), its coordinate variants: Adam state only on a seeded
+//! subset of each tensor's coordinates — `k = ceil(density · n)` single coordinates, or
+//! whole rows or columns of the tensor seen as a matrix ([`Subspace`]) — signSGD on the
 //! rest, the subsets redrawn every `update_gap` steps (and their state reset to zero):
 //!
 //! ```text
@@ -9,9 +10,11 @@
 //! ```
 //!
 //! Subspace `j` (steps `j·gap + 1 ..= (j+1)·gap`) of tensor `i` is the `k` coordinates
-//! with the largest Philox words of `(seed_of(i), stream j)`, by the exact device
-//! selection of the compressors (`super::topk`): a uniformly random subset, the same on
-//! every backend, independent between the tensors of a list.
+//! (rows, columns) with the largest Philox words of `(seed_of(i), stream j)`, by the
+//! exact device selection of the compressors (`super::topk`): a uniformly random subset,
+//! the same on every backend, independent between the tensors of a list. Rows and
+//! columns are expanded to their coordinates once per redraw; the step is the same
+//! masked kernel for every variant.
 //!
 //! Multi-tensor: one [`Frugal`] updates a list of f32, f16 or bf16 tensors of any sizes.
 //! The subsets, their bitmasks (one u32 per 32 coordinates) and the moments of every
@@ -47,6 +50,33 @@ use std::collections::HashMap;
 /// Units per cube of the FRUGAL kernels (their one configuration, `UNITS = [256]`).
 const CUBE: usize = 256;
 
+kiln_runtime::comptime_enum! {
+    /// Which coordinates of a tensor FRUGAL's state-full subset is made of (FRUGAL's
+    /// `coord_choice`). A tensor of rank 2 or more is seen as the matrix
+    /// `[shape[0], numel / shape[0]]` (a linear layer's `[out, in]` weight as it is); a
+    /// vector (rank 0 or 1) is one row.
+    pub enum Subspace {
+        /// `ceil(density · n)` single coordinates (random-coordinate FRUGAL, RandK).
+        Coordinates = "coordinates",
+        /// `ceil(density · rows)` whole rows (a vector: all of it).
+        Rows = "rows",
+        /// `ceil(density · columns)` whole columns, the same in every row (FRUGAL's
+        /// default for linear weights).
+        Columns = "columns",
+    }
+}
+
+/// The matrix FRUGAL's row and column subspaces see a tensor of `shape` as: `(rows,
+/// columns)`, `[shape[0], numel / shape[0]]` from rank 2, one row of `numel` below.
+pub fn frugal_matrix(shape: &[usize]) -> (usize, usize) {
+    let n: usize = shape.iter().product();
+    match shape {
+        [rows, _, ..] if *rows > 0 => (*rows, n / rows),
+        [_, _, ..] => (0, 0),
+        _ => (1, n),
+    }
+}
+
 /// FRUGAL's hyper-parameters beyond Adam's ([`Hyper`]: `lr`, `beta1`, `beta2`, `eps`,
 /// `weight_decay`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -59,17 +89,20 @@ pub struct FrugalConfig {
     pub lr_free: f64,
     /// Seed of the subsets (of the first tensor; see [`FrugalConfig::seed_of`]).
     pub seed: u64,
+    /// What the subsets are made of: coordinates, rows or columns.
+    pub subspace: Subspace,
 }
 
 impl Default for FrugalConfig {
     /// Density 0.25, a redraw every 200 steps (the paper's defaults), `lr_free` 1e-3,
-    /// seed 0.
+    /// seed 0, single coordinates.
     fn default() -> Self {
         FrugalConfig {
             density: 0.25,
             update_gap: 200,
             lr_free: 1e-3,
             seed: 0,
+            subspace: Subspace::Coordinates,
         }
     }
 }
@@ -98,12 +131,33 @@ impl FrugalConfig {
         Ok(())
     }
 
-    /// Coordinates with state for a tensor of `n`: `ceil(density · n)`, at least 1
-    /// (none for an empty tensor).
-    pub fn active(&self, n: usize) -> usize {
-        match n {
+    /// Coordinates with state for a tensor of `shape`: `ceil(density · n)`, at least 1
+    /// (none for an empty tensor); for rows or columns, that many whole lines of
+    /// [`frugal_matrix`] times a line's length.
+    pub fn active(&self, shape: &[usize]) -> usize {
+        match self.lines(shape) {
+            Some((lines, taken)) => taken * (shape.iter().product::<usize>() / lines.max(1)),
+            None => self.taken(shape.iter().product()),
+        }
+    }
+
+    /// For rows or columns: how many lines the tensor has and how many are taken; `None`
+    /// for single coordinates.
+    pub fn lines(&self, shape: &[usize]) -> Option<(usize, usize)> {
+        let (rows, cols) = frugal_matrix(shape);
+        let lines = match self.subspace {
+            Subspace::Coordinates => return None,
+            Subspace::Rows => rows,
+            Subspace::Columns => cols,
+        };
+        Some((lines, self.taken(lines)))
+    }
+
+    /// `ceil(density · count)`, at least 1 of a non-empty set.
+    fn taken(&self, count: usize) -> usize {
+        match count {
             0 => 0,
-            _ => ((self.density * n as f64).ceil() as usize).clamp(1, n),
+            _ => ((self.density * count as f64).ceil() as usize).clamp(1, count),
         }
     }
 
@@ -122,6 +176,9 @@ struct Packed {
     /// Coordinates, and those with state.
     n: usize,
     k: usize,
+    /// The matrix it is seen as, for row and column subspaces (`frugal_matrix`).
+    rows: usize,
+    cols: usize,
     /// Offsets (in elements) of its subset, its mask words and its state (`m` then
     /// `v`, `k` each, then the master copy, `n`, for a half tensor).
     indices: usize,
@@ -148,8 +205,8 @@ pub struct Frugal {
     /// creation).
     pub config: FrugalConfig,
     packed: Vec<Packed>,
-    /// Density and seed at creation (the packing depends on them).
-    drawn_with: (f64, u64),
+    /// Density, seed and subspace at creation (the packing depends on them).
+    drawn_with: (f64, u64, Subspace),
     indices: Tensor,
     mask: Tensor,
     state: Tensor,
@@ -219,10 +276,13 @@ impl Frugal {
             let name = param_name(params.len(), "param", i);
             check_input(&name, param, &client)?;
             param.expect_dtype(&name, &[DType::F32, DType::F16, DType::BF16])?;
-            let (n, k) = (param.numel(), config.active(param.numel()));
+            let (n, k) = (param.numel(), config.active(param.shape()));
+            let (rows, cols) = frugal_matrix(param.shape());
             let p = Packed {
                 n,
                 k,
+                rows,
+                cols,
                 indices,
                 mask: words,
                 state: host.len(),
@@ -236,7 +296,12 @@ impl Frugal {
                     for (t, what) in [(m, "m"), (v, "v")] {
                         let what = param_name(params.len(), what, i);
                         t.expect_dtype(&what, &[DType::F32])?;
-                        expect_shape(&what, t, &[k], "ceil(density * n): the subset's size")?;
+                        expect_shape(
+                            &what,
+                            t,
+                            &[k],
+                            "the subset's size (see FrugalConfig::active)",
+                        )?;
                         host.extend(t.download()?.to_f64());
                     }
                 }
@@ -252,7 +317,7 @@ impl Frugal {
             hyper,
             config,
             packed,
-            drawn_with: (config.density, config.seed),
+            drawn_with: (config.density, config.seed, config.subspace),
             // Zeros until the first draw (`state` reads the subset before any step).
             indices: Tensor::upload(
                 &client,
@@ -365,20 +430,45 @@ impl Frugal {
             if p.n == 0 {
                 continue;
             }
-            let picked = select_top_k(
-                param,
-                None,
-                p.k,
-                KeySource::Random,
-                (self.config.seed_of(i), stream),
-                1.0,
-            )?;
+            let seed = (self.config.seed_of(i), stream);
+            let picked = match self.config.subspace {
+                Subspace::Coordinates => {
+                    select_top_k(param, None, p.k, KeySource::Random, seed, 1.0)?.indices
+                }
+                // The lines by the same selection (over as many keys as lines; the
+                // values it gathers from the parameter's first elements are unused),
+                // then their coordinates, increasing.
+                lines => {
+                    let count = if lines == Subspace::Rows {
+                        p.rows
+                    } else {
+                        p.cols
+                    };
+                    let taken = p.k / (p.n / count);
+                    let keys = param.prefix(count)?;
+                    let chosen = select_top_k(&keys, None, taken, KeySource::Random, seed, 1.0)?;
+                    let picked = Tensor::empty(param.client(), DType::I32, &[p.k])?;
+                    FrugalLines::tuned(
+                        param.client(),
+                        0.0,
+                        &FrugalLinesArgs {
+                            lines: &chosen.indices,
+                            picked: &picked,
+                            k: p.k as u32,
+                            taken: taken as u32,
+                            cols: p.cols as u32,
+                            columns: (lines == Subspace::Columns) as u32,
+                        },
+                    )?;
+                    picked
+                }
+            };
             let words = p.n.div_ceil(32);
             FrugalMask::tuned(
                 param.client(),
                 0.0,
                 &FrugalMaskArgs {
-                    picked: &picked.indices,
+                    picked: &picked,
                     indices: &self.indices,
                     mask: &self.mask,
                     k: p.k as u32,
@@ -429,14 +519,15 @@ impl Frugal {
         }
         self.hyper.check(Rule::AdamW)?;
         self.config.check()?;
-        if (self.config.density, self.config.seed) != self.drawn_with {
+        let c = &self.config;
+        if (c.density, c.seed, c.subspace) != self.drawn_with {
             return Err(Error::Param {
-                param: "density, seed".into(),
+                param: "density, seed, subspace".into(),
                 expected: format!(
                     "{:?} (as created: they fix the state's size)",
                     self.drawn_with
                 ),
-                found: format!("{:?}", (self.config.density, self.config.seed)),
+                found: format!("{:?}", (c.density, c.seed, c.subspace)),
             });
         }
         if self.steps % self.config.update_gap == 0 {

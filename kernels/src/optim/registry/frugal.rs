@@ -41,6 +41,7 @@ fn prepare_frugal(a: &OpArgs) -> Result<(Frugal, Tensor)> {
         update_gap: a.param_as("update_gap")?,
         lr_free: a.param_as("lr_free")?,
         seed: a.param_as("seed")?,
+        subspace: a.param_as("subspace")?,
     };
     let step: u64 = a.param_as("step")?;
     if step == 0 {
@@ -68,10 +69,11 @@ fn prepare_frugal(a: &OpArgs) -> Result<(Frugal, Tensor)> {
     Ok((opt, param))
 }
 
-/// `frugal`: FRUGAL's step (Adam on a seeded coordinate subset, signSGD on the rest).
+/// `frugal`: FRUGAL's step (Adam on a seeded subset of coordinates, rows or columns,
+/// signSGD on the rest).
 pub static FRUGAL: OpSpec = OpSpec {
     name: "frugal",
-    summary: "FRUGAL step, random-coordinate variant: Adam state on k = ceil(density n) coordinates drawn from (seed, step / update_gap) and redrawn (state reset) every update_gap steps, param -= lr_free sign(grad) on the rest, decoupled decay on all; f32 state, f32/f16/bf16 param (with an f32 master copy)",
+    summary: "FRUGAL step, coordinate variants: Adam state on k coordinates (ceil(density n) single ones, or whole rows or columns of param seen as [shape[0], rest]) drawn from (seed, step / update_gap) and redrawn (state reset) every update_gap steps, param -= lr_free sign(grad) on the rest, decoupled decay on all; f32 state, f32/f16/bf16 param (with an f32 master copy)",
     inputs: &[
         TensorSpec::new("param", "any", Dtypes::Float, false, "the parameter"),
         TensorSpec::new("grad", "param's shape", Dtypes::Like("param"), false, "its gradient"),
@@ -97,6 +99,7 @@ pub static FRUGAL: OpSpec = OpSpec {
         ParamSpec::new("density", "0.25", "0 < density <= 1", "fraction of coordinates with Adam state"),
         ParamSpec::new("update_gap", "200", ">= 1", "steps between redraws of the subset"),
         ParamSpec::new("seed", "0", "a u64", "the subsets' seed"),
+        ParamSpec::new("subspace", "coordinates", "coordinates | rows | columns", "what the subset is made of: single coordinates (k = ceil(density n)), or ceil(density lines) whole rows or columns of param seen as [shape[0], numel / shape[0]] (a vector is one row)"),
     ],
     run: |_, a| run_frugal(a),
     problem: "N",
