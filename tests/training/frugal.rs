@@ -413,6 +413,169 @@ fn assert_whole_lines(subset: &[usize], shape: &[usize], subspace: Subspace, tak
     assert!(subset.windows(2).all(|w| w[0] < w[1]), "increasing");
 }
 
+/// Blocks (FRUGAL's blockwise projection, BAdam-like): of six tensors (f32 and f16,
+/// ragged), `ceil(0.4 · 6) = 3` hold Adam state on all their coordinates and the others
+/// none, the three redrawn every two steps over four subspaces. Each subspace's active
+/// set is the host's; every tensor, moment and f16 master copy (moved at each re-layout)
+/// follows the f64 reference within 1e-6; the state holds only the active tensors'
+/// moments (and the master copies).
+#[test]
+fn blocks_hold_state_on_whole_tensors_in_turn() {
+    let specs: [(&[usize], DType); 6] = [
+        (&[33, 7], DType::F32),
+        (&[100], DType::F16),
+        (&[5], DType::F32),
+        (&[4099], DType::F16),
+        (&[1], DType::F32),
+        (&[64, 3], DType::F32),
+    ];
+    let c = FrugalConfig {
+        density: 0.4,
+        update_gap: 2,
+        lr_free: 0.003,
+        seed: 23,
+        subspace: Subspace::Blocks,
+    };
+    let shapes: Vec<Vec<usize>> = specs.iter().map(|(s, _)| s.to_vec()).collect();
+    let round = |d: DType, v: &[f64]| HostTensor::from_f64(d, vec![v.len()], v).unwrap().to_f64();
+    let mut rng = Rng::new(43);
+    let mut p: Vec<Vec<f64>> = specs
+        .iter()
+        .map(|(s, d)| round(*d, &rng.normals(s.iter().product(), 1.0)))
+        .collect();
+    let ts: Vec<_> = specs
+        .iter()
+        .zip(&p)
+        .map(|((s, d), v)| up(*d, s, v))
+        .collect();
+    let refs: Vec<&kiln::Tensor> = ts.iter().collect();
+    let mut opt = Frugal::new_multi(&refs, hyper(), c).unwrap();
+    let mut refstate = vec![(Vec::new(), Vec::new(), Vec::new()); specs.len()];
+    let mut sets = Vec::new();
+    for step in 1..=8u64 {
+        let g: Vec<Vec<f64>> = specs
+            .iter()
+            .zip(&p)
+            .map(|((_, d), v)| round(*d, &rng.normals(v.len(), 1.0)))
+            .collect();
+        let gt: Vec<_> = specs
+            .iter()
+            .zip(&g)
+            .map(|((s, d), v)| up(*d, s, v))
+            .collect();
+        let grefs: Vec<&kiln::Tensor> = gt.iter().collect();
+        opt.step_multi(&refs, &grefs).unwrap();
+        reference::frugal_step_list(&hyper(), &c, step, &shapes, &mut p, &g, &mut refstate);
+        let mut active = Vec::new();
+        for (i, (subset, m, v)) in refstate.iter().enumerate() {
+            let (idx, dm, dv) = opt.state_of(i).unwrap();
+            let idx: Vec<usize> = down(&idx).iter().map(|&x| x as usize).collect();
+            assert_eq!(&idx, subset, "tensor {i} step {step}: subset");
+            let n = p[i].len();
+            assert!(
+                idx.is_empty() || idx == (0..n).collect::<Vec<_>>(),
+                "whole tensors"
+            );
+            if !idx.is_empty() {
+                active.push(i);
+            }
+            let floor = |w: &[f64]| w.iter().fold(1e-30f64, |a, b| a.max(b.abs()));
+            let exact = match opt.master_of(i).unwrap() {
+                Some(master) => {
+                    let master = down(&master);
+                    assert_eq!(
+                        down(&ts[i]),
+                        round(specs[i].1, &master),
+                        "tensor {i}: rounding"
+                    );
+                    master
+                }
+                None => down(&ts[i]),
+            };
+            for (what, got, want) in [
+                ("param", exact, &p[i]),
+                ("m", down(&dm), m),
+                ("v", down(&dv), v),
+            ] {
+                let e = max_rel_error(&got, want, floor(want));
+                assert!(e <= 1e-6, "tensor {i} step {step} {what}: {e:.2e}");
+            }
+        }
+        let j = ((step - 1) / 2) as u32;
+        assert_eq!(
+            active,
+            c.active_tensors(specs.len(), j),
+            "step {step}: active set"
+        );
+        assert_eq!(active.len(), 3, "ceil(0.4 * 6) tensors");
+        // Moments for the active tensors only, and the f16 tensors' master copies.
+        let state: usize = active.iter().map(|&i| 2 * p[i].len()).sum::<usize>() + 100 + 4099;
+        assert_eq!(
+            opt.state_bytes(),
+            4 * (state + 2),
+            "step {step}: state bytes"
+        );
+        sets.push(active);
+    }
+    sets.dedup();
+    assert!(
+        sets.len() > 1,
+        "the active blocks change between subspaces: {sets:?}"
+    );
+
+    // Resuming mid-subspace: the active tensors' moments given, none for the others.
+    let mut rng = Rng::new(5);
+    let sizes = [10usize, 20, 30];
+    let init: Vec<Vec<f64>> = sizes.iter().map(|&n| f32s(&mut rng, n)).collect();
+    let grads: Vec<Vec<Vec<f64>>> = (0..6)
+        .map(|_| sizes.iter().map(|&n| f32s(&mut rng, n)).collect())
+        .collect();
+    let c = FrugalConfig {
+        density: 0.5,
+        update_gap: 3,
+        ..c
+    };
+    let tensors = |v: &[Vec<f64>]| -> Vec<kiln::Tensor> {
+        v.iter().map(|x| up(DType::F32, &[x.len()], x)).collect()
+    };
+    let (a, b) = (tensors(&init), tensors(&init));
+    let (ar, br): (Vec<&kiln::Tensor>, Vec<&kiln::Tensor>) =
+        (a.iter().collect(), b.iter().collect());
+    let mut whole = Frugal::new_multi(&ar, hyper(), c).unwrap();
+    let mut first = Frugal::new_multi(&br, hyper(), c).unwrap();
+    for (s, g) in grads.iter().enumerate() {
+        let gt = tensors(g);
+        let gr: Vec<&kiln::Tensor> = gt.iter().collect();
+        whole.step_multi(&ar, &gr).unwrap();
+        if s < 4 {
+            first.step_multi(&br, &gr).unwrap();
+        }
+    }
+    let saved: Vec<_> = (0..3).map(|i| first.state_of(i).unwrap()).collect();
+    let moments: Vec<Option<(&kiln::Tensor, &kiln::Tensor)>> = saved
+        .iter()
+        .map(|(idx, m, v)| (idx.numel() > 0).then_some((m, v)))
+        .collect();
+    let mut resumed = Frugal::resume_multi(&br, hyper(), c, 4, &moments).unwrap();
+    for g in &grads[4..] {
+        let gt = tensors(g);
+        let gr: Vec<&kiln::Tensor> = gt.iter().collect();
+        resumed.step_multi(&br, &gr).unwrap();
+    }
+    for i in 0..3 {
+        assert_eq!(down(&a[i]), down(&b[i]), "tensor {i} resumed");
+    }
+    // Moments for a tensor that holds none in this subspace are refused by name.
+    let inactive = (0..3).find(|i| moments[*i].is_none()).unwrap();
+    let (_, m, v) = &saved[(inactive + 1) % 3];
+    let mut wrong = moments.clone();
+    wrong[inactive] = Some((m, v));
+    let err = Frugal::resume_multi(&br, hyper(), c, 4, &wrong)
+        .err()
+        .unwrap();
+    assert_clear(err, &[&format!("m[{inactive}]"), "none"]);
+}
+
 #[test]
 fn resuming_mid_subspace_continues_bitwise() {
     let n = 3001;

@@ -98,6 +98,8 @@ pub fn frugal_subset(c: &super::FrugalConfig, shape: &[usize], j: u32) -> Vec<us
     };
     let (rows, cols) = super::frugal_matrix(shape);
     match (c.subspace, c.lines(shape)) {
+        // A list of one: its one tensor is the block taken.
+        (super::Subspace::Blocks, _) => (0..n).collect(),
         (super::Subspace::Rows, Some((_, taken))) => pick(rows, taken)
             .into_iter()
             .flat_map(|r| r * cols..(r + 1) * cols)
@@ -129,12 +131,64 @@ pub fn frugal_step(
     m: &mut Vec<f64>,
     v: &mut Vec<f64>,
 ) {
-    let n = p.len();
-    assert_eq!(n, shape.iter().product::<usize>(), "p is a tensor of shape");
-    let k = c.active(shape);
-    let j = (t - 1) / c.update_gap;
+    assert_eq!(
+        p.len(),
+        shape.iter().product::<usize>(),
+        "p is a tensor of shape"
+    );
     if (t - 1) % c.update_gap == 0 {
-        *subset = frugal_subset(c, shape, j as u32);
+        *subset = frugal_subset(c, shape, ((t - 1) / c.update_gap) as u32);
+    }
+    frugal_apply(h, c, t, p, g, subset, m, v);
+}
+
+/// FRUGAL's step `t` over a list of tensors (`shapes[i]`, `p[i]`, `g[i]`, each with its
+/// `(subset, m, v)`), as `Frugal::step_multi`: tensor `i` draws with `c.seed_of(i)`;
+/// for blocks the tensors of [`super::FrugalConfig::active_tensors`] hold state on all
+/// their coordinates and the others on none.
+#[allow(clippy::type_complexity)]
+pub fn frugal_step_list(
+    h: &Hyper,
+    c: &super::FrugalConfig,
+    t: u64,
+    shapes: &[Vec<usize>],
+    p: &mut [Vec<f64>],
+    g: &[Vec<f64>],
+    state: &mut [(Vec<usize>, Vec<f64>, Vec<f64>)],
+) {
+    let j = ((t - 1) / c.update_gap) as u32;
+    let active = c.active_tensors(shapes.len(), j);
+    for (i, (subset, m, v)) in state.iter_mut().enumerate() {
+        let own = super::FrugalConfig {
+            seed: c.seed_of(i),
+            ..*c
+        };
+        if (t - 1) % c.update_gap == 0 {
+            *subset = match (c.subspace, active.contains(&i)) {
+                (super::Subspace::Blocks, true) => (0..p[i].len()).collect(),
+                (super::Subspace::Blocks, false) => Vec::new(),
+                _ => frugal_subset(&own, &shapes[i], j),
+            };
+        }
+        frugal_apply(h, &own, t, &mut p[i], &g[i], subset, m, v);
+    }
+}
+
+/// [`frugal_step`] with the subset drawn: moments zeroed at the first step of a
+/// subspace, Adam on `subset`, signSGD elsewhere, decoupled decay on all.
+#[allow(clippy::too_many_arguments)]
+fn frugal_apply(
+    h: &Hyper,
+    c: &super::FrugalConfig,
+    t: u64,
+    p: &mut [f64],
+    g: &[f64],
+    subset: &[usize],
+    m: &mut Vec<f64>,
+    v: &mut Vec<f64>,
+) {
+    let (n, k) = (p.len(), subset.len());
+    if (t - 1) % c.update_gap == 0 {
         *m = vec![0.0; k];
         *v = vec![0.0; k];
     }

@@ -88,7 +88,7 @@ slot_kernel! {
     /// One FRUGAL step over up to six tensors (slots; the table's words per slot: first
     /// cube, `n`, `k`, subset, mask and state offsets, two unused), one unit per coordinate, each cube
     /// within one slot: Adam (state slot by binary search in the subset) where the mask is
-    /// set, signSGD elsewhere; `t = counter[0] + 1` counts from the redraw (at `t = 1` the
+    /// set (everywhere when `k = n`, nowhere when `k = 0`), signSGD elsewhere; `t = counter[0] + 1` counts from the redraw (at `t = 1` the
     /// moments start from zero). f32 arithmetic; with `master` the slot's f32 master copy
     /// (behind its moments) is the parameter and the weight receives its rounding. In
     /// place: one configuration.
@@ -155,8 +155,18 @@ slot_kernel! {
                     p = f32::cast_from(select_slot(w0, w1, w2, w3, w4, w5, b, e, slots)[0]);
                 }
                 p *= decay;
-                if ((mask[(mask_at + e / 32) as usize] >> (e % 32)) & 1u32) == 1u32 {
-                    let j = state_at + lower_bound(indices, indices_at, k, e);
+                // A whole tensor with state (`k = n`: a density of 1, or an active block)
+                // or none (`k = 0`: an inactive block) needs neither its mask nor a search.
+                let full = k == n;
+                let mut active = full;
+                if !full && k > 0u32 {
+                    active = ((mask[(mask_at + e / 32) as usize] >> (e % 32)) & 1u32) == 1u32;
+                }
+                if active {
+                    let mut j = state_at + e;
+                    if !full {
+                        j = state_at + lower_bound(indices, indices_at, k, e);
+                    }
                     if local == 0u32 {
                         // First step of a subspace: the slot held another coordinate's state.
                         state[j as usize] = 0.0;

@@ -1,7 +1,8 @@
-//! FRUGAL (Zmushko et al., 2024), its coordinate variants: Adam state only on a seeded
-//! subset of each tensor's coordinates — `k = ceil(density · n)` single coordinates, or
-//! whole rows or columns of the tensor seen as a matrix ([`Subspace`]) — signSGD on the
-//! rest, the subsets redrawn every `update_gap` steps (and their state reset to zero):
+//! FRUGAL (Zmushko et al., 2024), its coordinate and blockwise variants: Adam state only
+//! on a seeded subset of each tensor's coordinates — `k = ceil(density · n)` single
+//! coordinates, or whole rows or columns of the tensor seen as a matrix — or on whole
+//! tensors of the list in turn ([`Subspace`]), signSGD on the rest, the subsets redrawn
+//! every `update_gap` steps (and their state reset to zero):
 //!
 //! ```text
 //! p *= 1 - lr wd                                   (decoupled, every coordinate)
@@ -63,6 +64,10 @@ kiln_runtime::comptime_enum! {
         /// `ceil(density · columns)` whole columns, the same in every row (FRUGAL's
         /// default for linear weights).
         Columns = "columns",
+        /// `ceil(density · T)` whole tensors of the list of `T` (FRUGAL's blockwise
+        /// projection, BAdam-like, random block order): those hold Adam state on every
+        /// coordinate, the others none; the state is laid out anew at each redraw.
+        Blocks = "blocks",
     }
 }
 
@@ -134,10 +139,28 @@ impl FrugalConfig {
     /// Coordinates with state for a tensor of `shape`: `ceil(density · n)`, at least 1
     /// (none for an empty tensor); for rows or columns, that many whole lines of
     /// [`frugal_matrix`] times a line's length.
+    ///
+    /// For blocks: an active tensor's, all of it ([`FrugalConfig::active_tensors`] says
+    /// which are).
     pub fn active(&self, shape: &[usize]) -> usize {
-        match self.lines(shape) {
-            Some((lines, taken)) => taken * (shape.iter().product::<usize>() / lines.max(1)),
-            None => self.taken(shape.iter().product()),
+        let n = shape.iter().product();
+        match (self.subspace, self.lines(shape)) {
+            (Subspace::Blocks, _) => n,
+            (_, Some((lines, taken))) => taken * (n / lines.max(1)),
+            (_, None) => self.taken(n),
+        }
+    }
+
+    /// Which of a list of `count` tensors hold state in subspace `j` (increasing): for
+    /// blocks the `ceil(density · count)` with the largest Philox words of `(seed, stream
+    /// j)` (the list's seed, not each tensor's); every tensor otherwise.
+    pub fn active_tensors(&self, count: usize, j: u32) -> Vec<usize> {
+        match self.subspace {
+            Subspace::Blocks => {
+                let keys = super::compress::random_keys(count, self.seed, j);
+                super::compress::reference_select(&keys, self.taken(count))
+            }
+            _ => (0..count).collect(),
         }
     }
 
@@ -146,7 +169,7 @@ impl FrugalConfig {
     pub fn lines(&self, shape: &[usize]) -> Option<(usize, usize)> {
         let (rows, cols) = frugal_matrix(shape);
         let lines = match self.subspace {
-            Subspace::Coordinates => return None,
+            Subspace::Coordinates | Subspace::Blocks => return None,
             Subspace::Rows => rows,
             Subspace::Columns => cols,
         };
@@ -270,38 +293,34 @@ impl Frugal {
             });
         }
         let client = first.client().clone();
-        let (mut packed, mut host) = (Vec::new(), Vec::new());
-        let (mut indices, mut words) = (0usize, 0usize);
         for (i, param) in params.iter().enumerate() {
             let name = param_name(params.len(), "param", i);
             check_input(&name, param, &client)?;
             param.expect_dtype(&name, &[DType::F32, DType::F16, DType::BF16])?;
-            let (n, k) = (param.numel(), config.active(param.shape()));
-            let (rows, cols) = frugal_matrix(param.shape());
-            let p = Packed {
-                n,
-                k,
-                rows,
-                cols,
-                indices,
-                mask: words,
-                state: host.len(),
-                dtype: param.dtype(),
-            };
-            packed.push(p);
-            indices += k;
-            words += n.div_ceil(32);
+        }
+        // The current subspace's sizes (a redraw at the next step keeps them, but blocks).
+        let subspace = subspace_index(&config, steps)?;
+        let active = config.active_tensors(params.len(), subspace);
+        let ks: Vec<usize> = (0..params.len())
+            .map(|i| match active.contains(&i) {
+                true => config.active(params[i].shape()),
+                false => 0,
+            })
+            .collect();
+        let (packed, indices, words, _) = pack(params, &ks, config.subspace);
+        let mut host = Vec::new();
+        for (i, (param, p)) in params.iter().zip(&packed).enumerate() {
+            let k = p.k;
             match moments.get(i).copied().flatten() {
                 Some((m, v)) => {
                     for (t, what) in [(m, "m"), (v, "v")] {
                         let what = param_name(params.len(), what, i);
                         t.expect_dtype(&what, &[DType::F32])?;
-                        expect_shape(
-                            &what,
-                            t,
-                            &[k],
-                            "the subset's size (see FrugalConfig::active)",
-                        )?;
+                        let why = match k {
+                            0 => "none: the tensor holds no state in this subspace (blocks)",
+                            _ => "the subset's size (see FrugalConfig::active)",
+                        };
+                        expect_shape(&what, t, &[k], why)?;
                         host.extend(t.download()?.to_f64());
                     }
                 }
@@ -327,7 +346,7 @@ impl Frugal {
                     vec![0; 4 * indices.max(1)],
                 )?,
             )?,
-            mask: upload_u32(&client, "mask", &vec![0; words])?,
+            mask: upload_u32(&client, "mask", &vec![0; words.max(1)])?,
             state,
             counter: upload_u32(&client, "step", &[local as u32])?,
             steps,
@@ -337,9 +356,15 @@ impl Frugal {
         if local != 0 {
             // Mid-subspace: the current subsets, keeping the given state. (At a redraw
             // the next step resets the state anyway.)
-            f.draw(params, steps / config.update_gap)?;
+            f.draw(params, subspace)?;
         }
         Ok(f)
+    }
+
+    /// Device memory the optimizer holds, in bytes: the packed subsets, masks and state
+    /// (moments and master copies; for blocks, those of the tensors now active).
+    pub fn state_bytes(&self) -> usize {
+        4 * (self.indices.numel() + self.mask.numel() + self.state.numel())
     }
 
     /// Steps taken.
@@ -357,10 +382,23 @@ impl Frugal {
     pub fn state_of(&self, i: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let p = self.packed_at(i)?;
         let client = self.state.client();
-        let indices = self.indices.download()?.data[4 * p.indices..4 * (p.indices + p.k)].to_vec();
+        // A whole tensor (density 1, an active block) is its own subset; a block's has
+        // no entries in the packed subsets.
+        let indices = match (self.config.subspace, p.k == p.n) {
+            (Subspace::Blocks, _) | (_, true) => {
+                (0..p.k as i32).flat_map(i32::to_le_bytes).collect()
+            }
+            _ => self.indices.download()?.data[4 * p.indices..4 * (p.indices + p.k)].to_vec(),
+        };
         let indices = HostTensor::from_bytes(DType::I32, vec![p.k], indices)?;
         let state = self.state.download()?.to_f64();
-        let part = |at: usize| upload_f32(client, &state[at..at + p.k]);
+        let part = |at: usize| {
+            let values = &state[at..at + p.k];
+            Tensor::upload(
+                client,
+                &HostTensor::from_f64(DType::F32, vec![p.k], values)?,
+            )
+        };
         Ok((
             Tensor::upload(client, &indices)?,
             part(p.state)?,
@@ -416,16 +454,12 @@ impl Frugal {
         })
     }
 
-    /// Draws subspace `j`'s subsets and packs them with their masks.
-    fn draw(&mut self, params: &[&Tensor], j: u64) -> Result<()> {
-        let stream = u32::try_from(j).map_err(|_| Error::Param {
-            param: "step".into(),
-            expected: format!(
-                "fewer than 2^32 subspaces of {} steps",
-                self.config.update_gap
-            ),
-            found: self.steps.to_string(),
-        })?;
+    /// Draws subspace `j`'s subsets and packs them with their masks (for blocks: lays
+    /// the state out for the tensors now active).
+    fn draw(&mut self, params: &[&Tensor], stream: u32) -> Result<()> {
+        if self.config.subspace == Subspace::Blocks {
+            return self.relayout(params, stream);
+        }
         for (i, (p, param)) in self.packed.iter().zip(params).enumerate() {
             if p.n == 0 {
                 continue;
@@ -482,6 +516,35 @@ impl Frugal {
         Ok(())
     }
 
+    /// Blocks: the tensors active in subspace `j` get moments for all their coordinates
+    /// (zeroed by the step at the redraw), the others none; half tensors' master copies
+    /// move to their new places (a device copy each; the state is otherwise rebuilt).
+    fn relayout(&mut self, params: &[&Tensor], j: u32) -> Result<()> {
+        let active = self.config.active_tensors(params.len(), j);
+        let ks: Vec<usize> = (0..params.len())
+            .map(|i| match active.contains(&i) {
+                true => self.packed[i].n,
+                false => 0,
+            })
+            .collect();
+        if ks.iter().zip(&self.packed).all(|(&k, p)| k == p.k) {
+            return Ok(());
+        }
+        let (packed, _, _, len) = pack(params, &ks, self.config.subspace);
+        let state = Tensor::empty(self.state.client(), DType::F32, &[len.max(1)])?;
+        for (old, new) in self.packed.iter().zip(&packed) {
+            if old.master() && old.n > 0 {
+                let (from, to) = (old.state + 2 * old.k, new.state + 2 * new.k);
+                crate::rows::copy_rows(&self.state, 0, from, &state, to, old.n)?;
+            }
+        }
+        self.packed = packed;
+        self.state = state;
+        // The launches' slot tables hold the old offsets.
+        self.tables.clear();
+        Ok(())
+    }
+
     /// One step of `param` (as created) by `grad` (param's dtype and shape), in place. At
     /// the first step of a subspace the subset is redrawn and the moments reset.
     pub fn step(&mut self, param: &Tensor, grad: &Tensor) -> Result<()> {
@@ -531,7 +594,7 @@ impl Frugal {
             });
         }
         if self.steps % self.config.update_gap == 0 {
-            self.draw(params, self.steps / self.config.update_gap)?;
+            self.draw(params, subspace_index(&self.config, self.steps)?)?;
             // Counter 0: the step starts the new subsets' moments from zero.
             self.counter = upload_u32(&client, "step", &[0])?;
         }
@@ -625,6 +688,48 @@ impl Frugal {
         )?;
         Ok(())
     }
+}
+
+/// The subspace step `steps + 1` belongs to, as the generator's stream.
+fn subspace_index(config: &FrugalConfig, steps: u64) -> Result<u32> {
+    u32::try_from(steps / config.update_gap).map_err(|_| Error::Param {
+        param: "step".into(),
+        expected: format!("fewer than 2^32 subspaces of {} steps", config.update_gap),
+        found: steps.to_string(),
+    })
+}
+
+/// The packed layout of `params` with `ks[i]` coordinates of state each: per tensor its
+/// subset, mask words and state (`m`, `v`, then an f16/bf16 tensor's master copy), and
+/// the lengths of the three buffers. Blocks keep no subsets or masks (a tensor is all in
+/// or all out).
+fn pack(
+    params: &[&Tensor],
+    ks: &[usize],
+    subspace: Subspace,
+) -> (Vec<Packed>, usize, usize, usize) {
+    let (mut packed, mut indices, mut words, mut state) = (Vec::new(), 0, 0, 0);
+    for (param, &k) in params.iter().zip(ks) {
+        let n = param.numel();
+        let (rows, cols) = frugal_matrix(param.shape());
+        let p = Packed {
+            n,
+            k,
+            rows,
+            cols,
+            indices,
+            mask: words,
+            state,
+            dtype: param.dtype(),
+        };
+        packed.push(p);
+        if subspace != Subspace::Blocks {
+            indices += k;
+            words += n.div_ceil(32);
+        }
+        state += 2 * k + if p.master() { n } else { 0 };
+    }
+    (packed, indices, words, state)
 }
 
 /// `param` for a one-tensor list (as the single-tensor API names it), `param[i]` else.

@@ -73,7 +73,7 @@ fn prepare_frugal(a: &OpArgs) -> Result<(Frugal, Tensor)> {
 /// signSGD on the rest).
 pub static FRUGAL: OpSpec = OpSpec {
     name: "frugal",
-    summary: "FRUGAL step, coordinate variants: Adam state on k coordinates (ceil(density n) single ones, or whole rows or columns of param seen as [shape[0], rest]) drawn from (seed, step / update_gap) and redrawn (state reset) every update_gap steps, param -= lr_free sign(grad) on the rest, decoupled decay on all; f32 state, f32/f16/bf16 param (with an f32 master copy)",
+    summary: "FRUGAL step: Adam state on k coordinates (ceil(density n) single ones, whole rows or columns of param seen as [shape[0], rest], or whole tensors of a list) drawn from (seed, step / update_gap) and redrawn (state reset) every update_gap steps, param -= lr_free sign(grad) on the rest, decoupled decay on all; f32 state, f32/f16/bf16 param (with an f32 master copy)",
     inputs: &[
         TensorSpec::new("param", "any", Dtypes::Float, false, "the parameter"),
         TensorSpec::new("grad", "param's shape", Dtypes::Like("param"), false, "its gradient"),
@@ -99,7 +99,7 @@ pub static FRUGAL: OpSpec = OpSpec {
         ParamSpec::new("density", "0.25", "0 < density <= 1", "fraction of coordinates with Adam state"),
         ParamSpec::new("update_gap", "200", ">= 1", "steps between redraws of the subset"),
         ParamSpec::new("seed", "0", "a u64", "the subsets' seed"),
-        ParamSpec::new("subspace", "coordinates", "coordinates | rows | columns", "what the subset is made of: single coordinates (k = ceil(density n)), or ceil(density lines) whole rows or columns of param seen as [shape[0], numel / shape[0]] (a vector is one row)"),
+        ParamSpec::new("subspace", "coordinates", "coordinates | rows | columns | blocks", "what the subset is made of: single coordinates (k = ceil(density n)), or ceil(density lines) whole rows or columns of param seen as [shape[0], numel / shape[0]] (a vector is one row); blocks: whole tensors of a list (here a list of one: all of param)"),
     ],
     run: |_, a| run_frugal(a),
     problem: "N",
