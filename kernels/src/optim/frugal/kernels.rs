@@ -23,9 +23,10 @@ fn lower_bound(indices: &Array<i32>, at: u32, k: u32, e: u32) -> u32 {
 }
 
 /// Packs one tensor's subset: copies `picked[..k]` (sorted) to `indices[indices_at ..]`
-/// and sets bit `b` of `mask[mask_at + w]` where `32 w + b` is in it (unit `w` finds its
-/// word's entries by binary search: one writer per word, no atomics). `units` =
-/// `max(words, k)`.
+/// and writes word `w`'s pair `mask[mask_at + 2 w ..]`: its bits (bit `b` set where
+/// `32 w + b` is in the subset) and how many of the subset come before it (its first
+/// entry's state slot). Unit `w` finds its word's entries by binary search: one writer
+/// per word, no atomics. `units` = `max(words, k)`.
 #[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(units.div_ceil(UNITS)), cube = UNITS)]
 pub fn frugal_mask(
     picked: &Array<i32>,
@@ -44,6 +45,7 @@ pub fn frugal_mask(
         }
         if w < words {
             let mut j = lower_bound(picked, 0, k, w * 32);
+            mask[(mask_at + 2 * w + 1) as usize] = j;
             let mut bits = 0u32;
             while j < k {
                 let i = u32::cast_from(picked[j as usize]);
@@ -53,7 +55,7 @@ pub fn frugal_mask(
                 bits |= 1u32 << (i - w * 32);
                 j += 1;
             }
-            mask[(mask_at + w) as usize] = bits;
+            mask[(mask_at + 2 * w) as usize] = bits;
         }
     }
 }
@@ -87,8 +89,9 @@ pub fn frugal_lines(
 slot_kernel! {
     /// One FRUGAL step over up to six tensors (slots; the table's words per slot: first
     /// cube, `n`, `k`, subset, mask and state offsets, two unused), one unit per coordinate, each cube
-    /// within one slot: Adam (state slot by binary search in the subset) where the mask is
-    /// set (everywhere when `k = n`, nowhere when `k = 0`), signSGD elsewhere; `t = counter[0] + 1` counts from the redraw (at `t = 1` the
+    /// within one slot: Adam where the mask is set (everywhere when `k = n`, nowhere when
+    /// `k = 0`), its state slot the word's count of earlier entries plus the set bits
+    /// below it (O(1): no search), signSGD elsewhere; `t = counter[0] + 1` counts from the redraw (at `t = 1` the
     /// moments start from zero). f32 arithmetic; with `master` the slot's f32 master copy
     /// (behind its moments) is the parameter and the weight receives its rounding. In
     /// place: one configuration.
@@ -102,7 +105,6 @@ slot_kernel! {
     )]
     pub fn frugal_step(
         mask: &Array<u32>,
-        indices: &Array<i32>,
         state: &mut Array<f32>,
         table: &Array<u32>,
         counter: &Array<u32>,
@@ -128,7 +130,6 @@ slot_kernel! {
         let first_cube = table[t as usize];
         let n = table[(t + 1) as usize];
         let k = table[(t + 2) as usize];
-        let indices_at = table[(t + 3) as usize];
         let mask_at = table[(t + 4) as usize];
         let state_at = table[(t + 5) as usize];
         let local = counter[0];
@@ -156,17 +157,22 @@ slot_kernel! {
                 }
                 p *= decay;
                 // A whole tensor with state (`k = n`: a density of 1, or an active block)
-                // or none (`k = 0`: an inactive block) needs neither its mask nor a search.
+                // or none (`k = 0`: an inactive block) needs no mask. Otherwise the
+                // coordinate's word gives both whether it has state and where: the
+                // subset's entries before the word plus the set bits below this one (a
+                // binary search here cost 20 dependent loads a coordinate at k = 10^6).
                 let full = k == n;
                 let mut active = full;
+                let mut j = state_at + e;
                 if !full && k > 0u32 {
-                    active = ((mask[(mask_at + e / 32) as usize] >> (e % 32)) & 1u32) == 1u32;
+                    let at = mask_at + 2 * (e / 32);
+                    let bit = e % 32;
+                    let word = mask[at as usize];
+                    active = ((word >> bit) & 1u32) == 1u32;
+                    let below = word & ((1u32 << bit) - 1u32);
+                    j = state_at + mask[(at + 1) as usize] + u32::count_ones(below);
                 }
                 if active {
-                    let mut j = state_at + e;
-                    if !full {
-                        j = state_at + lower_bound(indices, indices_at, k, e);
-                    }
                     if local == 0u32 {
                         // First step of a subspace: the slot held another coordinate's state.
                         state[j as usize] = 0.0;

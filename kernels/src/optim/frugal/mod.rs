@@ -18,15 +18,16 @@
 //! masked kernel for every variant.
 //!
 //! Multi-tensor: one [`Frugal`] updates a list of f32, f16 or bf16 tensors of any sizes.
-//! The subsets, their bitmasks (one u32 per 32 coordinates) and the moments of every
-//! tensor are packed each in one buffer; a step is one launch per [`SLOTS`] tensors of
-//! one dtype (the slot machinery of the fused step, `super::slots`: each cube within one
-//! tensor) and one to advance the device step counter. Active coordinates find their
-//! state slot by binary search in the tensor's sorted subset. A redraw selects each
-//! tensor's subset (a device radix select per tensor, every `update_gap` steps) and packs
-//! it with its mask; the step after it (device counter 0) starts the moments from zero.
-//! State: `8k` bytes of moments, `n/8` of mask, `4k` of indices per tensor — at density
-//! 0.25, 40% of Adam's `8n` — and for an f16/bf16 tensor an f32 master copy (`4n` bytes,
+//! The subsets, their masks (per 32 coordinates, a u32 of bits and the count of the
+//! subset before them) and the moments of every tensor are packed each in one buffer; a
+//! step is one launch per [`SLOTS`] tensors of one dtype (the slot machinery of the fused
+//! step, `super::slots`: each cube within one tensor) and one to advance the device step
+//! counter. An active coordinate's state slot is its word's count plus the set bits below
+//! it. A redraw selects each tensor's subset (a device radix select per tensor, every
+//! `update_gap` steps) and packs it with its mask; the step after it (device counter 0)
+//! starts the moments from zero. State: `8k` bytes of moments, `n/4` of mask, `4k` of
+//! indices per tensor — at density 0.25, 44% of Adam's `8n` — and for an f16/bf16
+//! tensor an f32 master copy (`4n` bytes,
 //! behind its moments), which is what is updated (the tensor receives its rounding: a
 //! step smaller than half an ulp of the half value is not lost).
 //!
@@ -616,7 +617,7 @@ impl Frugal {
     /// One launch of the step over the tensors `group` (at most [`SLOTS`], distinct).
     fn launch(&mut self, group: &[usize], params: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
         let client = self.state.client().clone();
-        let bindings = 2 * SLOTS as u32 + 5;
+        let bindings = 2 * SLOTS as u32 + 4;
         if client.report().max_bindings < bindings {
             return Err(Error::Unsupported {
                 device: client.name().into(),
@@ -666,7 +667,6 @@ impl Frugal {
             0.0,
             &slot_args!(FrugalStepArgs, w, g, {
                 mask: &self.mask,
-                indices: &self.indices,
                 state: &self.state,
                 table: &table,
                 counter: &self.counter,
@@ -725,7 +725,8 @@ fn pack(
         packed.push(p);
         if subspace != Subspace::Blocks {
             indices += k;
-            words += n.div_ceil(32);
+            // Per 32 coordinates: their bits and the count of the subset before them.
+            words += 2 * n.div_ceil(32);
         }
         state += 2 * k + if p.master() { n } else { 0 };
     }
