@@ -23,6 +23,36 @@ fn hyper() -> Hyper {
     }
 }
 
+/// One tensor's reference state: its subset, `m` and `v`.
+type RefState = (Vec<usize>, Vec<f64>, Vec<f64>);
+
+/// Tensor `i` of `opt` against the reference: its subset equal to `state`'s, `param` (the
+/// tensor or its master copy, as read) within 1e-6 of `want`, and its moments within 1e-6
+/// of `state`'s. Returns the subset.
+fn check_tensor(
+    opt: &Frugal,
+    i: usize,
+    param: &[f64],
+    want: &[f64],
+    state: &RefState,
+    at: &str,
+) -> Vec<usize> {
+    let (subset, m, v) = state;
+    let (idx, dm, dv) = opt.state_of(i).unwrap();
+    let idx: Vec<usize> = down(&idx).iter().map(|&x| x as usize).collect();
+    assert_eq!(&idx, subset, "{at}: subset");
+    let floor = |w: &[f64]| w.iter().fold(1e-30f64, |a, b| a.max(b.abs()));
+    for (what, got, want) in [
+        ("param", param.to_vec(), want),
+        ("m", down(&dm), m),
+        ("v", down(&dv), v),
+    ] {
+        let e = max_rel_error(&got, want, floor(want));
+        assert!(e <= 1e-6, "{at} {what}: {e:.2e}");
+    }
+    idx
+}
+
 #[test]
 fn steps_across_redraws_match_the_f64_reference() {
     let n = 10_007;
@@ -134,19 +164,9 @@ fn a_list_of_tensors_matches_the_reference_per_tensor() {
         if step % 3 != 1 && step != 7 {
             continue;
         }
-        for (i, (subset, m, v)) in refstate.iter().enumerate() {
-            let (idx, dm, dv) = opt.state_of(i).unwrap();
-            let idx: Vec<usize> = down(&idx).iter().map(|&x| x as usize).collect();
-            assert_eq!(&idx, subset, "tensor {i} step {step}: subset");
-            let floor = |w: &[f64]| w.iter().fold(1e-30f64, |a, b| a.max(b.abs()));
-            for (what, got, want) in [
-                ("param", down(&ts[i]), &p[i]),
-                ("m", down(&dm), m),
-                ("v", down(&dv), v),
-            ] {
-                let e = max_rel_error(&got, want, floor(want));
-                assert!(e <= 1e-6, "tensor {i} step {step} {what}: {e:.2e}");
-            }
+        for (i, state) in refstate.iter().enumerate() {
+            let at = format!("tensor {i} step {step}");
+            check_tensor(&opt, i, &down(&ts[i]), &p[i], state, &at);
             assert_eq!(
                 down(&ts[i]),
                 down(&alone[i]),
@@ -354,22 +374,12 @@ fn row_and_column_subspaces_match_the_reference() {
                         v,
                     );
                 }
-                for (i, (subset, m, v)) in refstate.iter().enumerate() {
-                    let (idx, dm, dv) = opt.state_of(i).unwrap();
-                    let idx: Vec<usize> = down(&idx).iter().map(|&x| x as usize).collect();
-                    assert_eq!(&idx, subset, "{what} tensor {i} step {step}: subset");
+                for (i, state) in refstate.iter().enumerate() {
+                    let at = format!("{what} tensor {i} step {step}");
+                    let idx = check_tensor(&opt, i, &down(&ts[i]), &p[i], state, &at);
                     assert_whole_lines(&idx, shapes[i], subspace, c.lines(shapes[i]).unwrap().1);
                     if step == 1 {
                         first_subsets.push(idx);
-                    }
-                    let floor = |w: &[f64]| w.iter().fold(1e-30f64, |a, b| a.max(b.abs()));
-                    for (name, got, want) in [
-                        ("param", down(&ts[i]), &p[i]),
-                        ("m", down(&dm), m),
-                        ("v", down(&dv), v),
-                    ] {
-                        let e = max_rel_error(&got, want, floor(want));
-                        assert!(e <= 1e-6, "{what} tensor {i} step {step} {name}: {e:.2e}");
                     }
                 }
             }
@@ -467,19 +477,7 @@ fn blocks_hold_state_on_whole_tensors_in_turn() {
         opt.step_multi(&refs, &grefs).unwrap();
         reference::frugal_step_list(&hyper(), &c, step, &shapes, &mut p, &g, &mut refstate);
         let mut active = Vec::new();
-        for (i, (subset, m, v)) in refstate.iter().enumerate() {
-            let (idx, dm, dv) = opt.state_of(i).unwrap();
-            let idx: Vec<usize> = down(&idx).iter().map(|&x| x as usize).collect();
-            assert_eq!(&idx, subset, "tensor {i} step {step}: subset");
-            let n = p[i].len();
-            assert!(
-                idx.is_empty() || idx == (0..n).collect::<Vec<_>>(),
-                "whole tensors"
-            );
-            if !idx.is_empty() {
-                active.push(i);
-            }
-            let floor = |w: &[f64]| w.iter().fold(1e-30f64, |a, b| a.max(b.abs()));
+        for (i, state) in refstate.iter().enumerate() {
             let exact = match opt.master_of(i).unwrap() {
                 Some(master) => {
                     let master = down(&master);
@@ -492,13 +490,15 @@ fn blocks_hold_state_on_whole_tensors_in_turn() {
                 }
                 None => down(&ts[i]),
             };
-            for (what, got, want) in [
-                ("param", exact, &p[i]),
-                ("m", down(&dm), m),
-                ("v", down(&dv), v),
-            ] {
-                let e = max_rel_error(&got, want, floor(want));
-                assert!(e <= 1e-6, "tensor {i} step {step} {what}: {e:.2e}");
+            let at = format!("tensor {i} step {step}");
+            let idx = check_tensor(&opt, i, &exact, &p[i], state, &at);
+            let n = p[i].len();
+            assert!(
+                idx.is_empty() || idx == (0..n).collect::<Vec<_>>(),
+                "whole tensors"
+            );
+            if !idx.is_empty() {
+                active.push(i);
             }
         }
         let j = ((step - 1) / 2) as u32;

@@ -4,6 +4,7 @@
 //! rest), over up to `SLOTS` tensors a launch.
 
 use super::*;
+use kiln_dsl::linear_unit;
 
 /// Position of the first of `indices[at .. at + k]` (increasing) that is `>= e`, counted
 /// from `at`.
@@ -38,7 +39,7 @@ pub fn frugal_mask(
     indices_at: u32,
     mask_at: u32,
 ) {
-    let w = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * UNITS + UNIT_POS;
+    let w = linear_unit() as u32;
     if w < units {
         if w < k {
             indices[(indices_at + w) as usize] = picked[w as usize];
@@ -63,8 +64,8 @@ pub fn frugal_mask(
 /// Expands the `taken` chosen lines (`lines`, increasing) of a `[rows, cols]` matrix into
 /// their `k` coordinates, increasing: with `columns`, row `r`'s entry of every chosen
 /// column (`k = rows · taken`, position `r · taken + c`); else every entry of each chosen
-/// row (`k = taken · cols`). Row-major order keeps the subset sorted for the mask and
-/// the step's binary search.
+/// row (`k = taken · cols`). Row-major order keeps the subset sorted, as the mask's
+/// binary search wants it.
 #[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(k.div_ceil(UNITS)), cube = UNITS)]
 pub fn frugal_lines(
     lines: &Array<i32>,
@@ -74,7 +75,7 @@ pub fn frugal_lines(
     cols: u32,
     columns: u32,
 ) {
-    let u = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * UNITS + UNIT_POS;
+    let u = linear_unit() as u32;
     if u < k {
         let mut at = 0u32;
         if columns == 1u32 {
