@@ -97,7 +97,7 @@ slot_kernel! {
     /// (behind its moments) is the parameter and the weight receives its rounding. In
     /// place: one configuration.
     #[kernel(
-        tune(UNITS = [256]),
+        tune(UNITS = [256], PER = [4]),
         vector = [1],
         key(len = pow2, dtype),
         grid = cubes(cubes),
@@ -145,52 +145,58 @@ slot_kernel! {
             f32::cast_from(local + 1),
         );
         if cube < cubes {
-            let e = (cube - first_cube) * UNITS + UNIT_POS;
-            if e < n {
-                let g = f32::cast_from(select_slot(g0, g1, g2, g3, g4, g5, b, e, slots)[0]);
-                let master_at = state_at + 2 * k + e;
-                let mut p = 0.0f32;
-                if comptime!(master) {
-                    p = state[master_at as usize];
-                }
-                if comptime!(!master) {
-                    p = f32::cast_from(select_slot(w0, w1, w2, w3, w4, w5, b, e, slots)[0]);
-                }
-                p *= decay;
-                // A whole tensor with state (`k = n`: a density of 1, or an active block)
-                // or none (`k = 0`: an inactive block) needs no mask. Otherwise the
-                // coordinate's word gives both whether it has state and where: the
-                // subset's entries before the word plus the set bits below this one (a
-                // binary search here cost 20 dependent loads a coordinate at k = 10^6).
-                let full = k == n;
-                let mut active = full;
-                let mut j = state_at + e;
-                if !full && k > 0u32 {
-                    let at = mask_at + 2 * (e / 32);
-                    let bit = e % 32;
-                    let word = mask[at as usize];
-                    active = ((word >> bit) & 1u32) == 1u32;
-                    let below = word & ((1u32 << bit) - 1u32);
-                    j = state_at + mask[(at + 1) as usize] + u32::count_ones(below);
-                }
-                if active {
-                    if local == 0u32 {
-                        // First step of a subspace: the slot held another coordinate's state.
-                        state[j as usize] = 0.0;
-                        state[(j + k) as usize] = 0.0;
+            // Each unit updates PER coordinates, UNITS apart (consecutive units touch
+            // consecutive coordinates): the slot lookup and the step's constants (two
+            // exponentials) are paid once per PER, not per coordinate.
+            #[unroll]
+            for rep in 0..PER {
+                let e = (cube - first_cube) * comptime!(UNITS * PER) + rep * UNITS + UNIT_POS;
+                if e < n {
+                    let g = f32::cast_from(select_slot(g0, g1, g2, g3, g4, g5, b, e, slots)[0]);
+                    let master_at = state_at + 2 * k + e;
+                    let mut p = 0.0f32;
+                    if comptime!(master) {
+                        p = state[master_at as usize];
                     }
-                    adam_moments(state, j, k, g, moments, false);
-                    p -= lr * adam_direction(state, j, k, moments);
-                } else {
-                    // sign(0) = 0: a zero gradient leaves the coordinate alone.
-                    let s = select(g > 0.0, 1.0f32, select(g < 0.0, -1.0f32, 0.0f32));
-                    p -= lr_free * s;
+                    if comptime!(!master) {
+                        p = f32::cast_from(select_slot(w0, w1, w2, w3, w4, w5, b, e, slots)[0]);
+                    }
+                    p *= decay;
+                    // A whole tensor with state (`k = n`: a density of 1, or an active block)
+                    // or none (`k = 0`: an inactive block) needs no mask. Otherwise the
+                    // coordinate's word gives both whether it has state and where: the
+                    // subset's entries before the word plus the set bits below this one (a
+                    // binary search here cost 20 dependent loads a coordinate at k = 10^6).
+                    let full = k == n;
+                    let mut active = full;
+                    let mut j = state_at + e;
+                    if !full && k > 0u32 {
+                        let at = mask_at + 2 * (e / 32);
+                        let bit = e % 32;
+                        let word = mask[at as usize];
+                        active = ((word >> bit) & 1u32) == 1u32;
+                        let below = word & ((1u32 << bit) - 1u32);
+                        j = state_at + mask[(at + 1) as usize] + u32::count_ones(below);
+                    }
+                    if active {
+                        if local == 0u32 {
+                            // First step of a subspace: the slot held another coordinate's state.
+                            state[j as usize] = 0.0;
+                            state[(j + k) as usize] = 0.0;
+                        }
+                        adam_moments(state, j, k, g, moments, false);
+                        p -= lr * adam_direction(state, j, k, moments);
+                    } else {
+                        // sign(0) = 0: a zero gradient leaves the coordinate alone.
+                        let s = select(g > 0.0, 1.0f32, select(g < 0.0, -1.0f32, 0.0f32));
+                        p -= lr_free * s;
+                    }
+                    if comptime!(master) {
+                        state[master_at as usize] = p;
+                    }
+                    let out = Vector::<F, N>::new(F::cast_from(p));
+                    store_slot(w0, w1, w2, w3, w4, w5, b, e, out, slots);
                 }
-                if comptime!(master) {
-                    state[master_at as usize] = p;
-                }
-                let out = Vector::<F, N>::new(F::cast_from(p));
-                store_slot(w0, w1, w2, w3, w4, w5, b, e, out, slots);
             }
         }
     }

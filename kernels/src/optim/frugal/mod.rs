@@ -52,6 +52,9 @@ use std::collections::HashMap;
 /// Units per cube of the FRUGAL kernels (their one configuration, `UNITS = [256]`).
 const CUBE: usize = 256;
 
+/// Coordinates per unit of the step (its one configuration, `PER = [4]`).
+const STEP_PER: usize = 4;
+
 kiln_runtime::comptime_enum! {
     /// Which coordinates of a tensor FRUGAL's state-full subset is made of (FRUGAL's
     /// `coord_choice`). A tensor of rank 2 or more is seen as the matrix
@@ -633,7 +636,7 @@ impl Frugal {
             for &i in group {
                 let p = self.packed[i];
                 table.extend([cubes, p.n, p.k, p.indices, p.mask, p.state, 0, 0]);
-                cubes += p.n.div_ceil(CUBE);
+                cubes += p.n.div_ceil(CUBE * STEP_PER);
             }
             // Unused slots start past the last cube: no cube selects them.
             while table.len() < SLOT_WORDS * SLOTS {
