@@ -38,8 +38,8 @@ pub use block::Block;
 pub use compress::{randk, topk_ef, topk_ef_estimated, Compressed};
 pub use econtrol::{econtrol, EControlStep, EcontrolUpdate, EcontrolUpdateArgs};
 pub use frugal::{
-    frugal_matrix, Frugal, FrugalConfig, FrugalLines, FrugalLinesArgs, FrugalMask, FrugalMaskArgs,
-    FrugalStep, FrugalStepArgs, Subspace,
+    frugal_matrix, Frugal, FrugalAdamStep, FrugalAdamStepArgs, FrugalConfig, FrugalLines,
+    FrugalLinesArgs, FrugalMask, FrugalMaskArgs, FrugalSignStep, FrugalSignStepArgs, Subspace,
 };
 pub use multi::{GivenState, MultiTensorStep};
 pub use perturb::{

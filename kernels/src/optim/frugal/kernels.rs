@@ -1,7 +1,8 @@
 //! FRUGAL's kernels: expanding chosen rows or columns into coordinates, packing a
-//! redrawn subset into its sorted indices and bit mask, and
-//! the step (Adam on the subset's coordinates, found by binary search; signSGD on the
-//! rest), over up to `SLOTS` tensors a launch.
+//! redrawn subset into its sorted indices and mask, and the step in two passes over up
+//! to `SLOTS` tensors a launch: signSGD where the mask is clear, then Adam over the
+//! subset's state slots (on a SIMD machine one masked pass ran both sides for nearly
+//! every group of lanes).
 
 use super::*;
 use kiln_dsl::linear_unit;
@@ -24,10 +25,9 @@ fn lower_bound(indices: &Array<i32>, at: u32, k: u32, e: u32) -> u32 {
 }
 
 /// Packs one tensor's subset: copies `picked[..k]` (sorted) to `indices[indices_at ..]`
-/// and writes word `w`'s pair `mask[mask_at + 2 w ..]`: its bits (bit `b` set where
-/// `32 w + b` is in the subset) and how many of the subset come before it (its first
-/// entry's state slot). Unit `w` finds its word's entries by binary search: one writer
-/// per word, no atomics. `units` = `max(words, k)`.
+/// and sets bit `b` of `mask[mask_at + w]` where `32 w + b` is in it (unit `w` finds its
+/// word's entries by binary search: one writer per word, no atomics). `units` =
+/// `max(words, k)`.
 #[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(units.div_ceil(UNITS)), cube = UNITS)]
 pub fn frugal_mask(
     picked: &Array<i32>,
@@ -46,7 +46,6 @@ pub fn frugal_mask(
         }
         if w < words {
             let mut j = lower_bound(picked, 0, k, w * 32);
-            mask[(mask_at + 2 * w + 1) as usize] = j;
             let mut bits = 0u32;
             while j < k {
                 let i = u32::cast_from(picked[j as usize]);
@@ -56,7 +55,7 @@ pub fn frugal_mask(
                 bits |= 1u32 << (i - w * 32);
                 j += 1;
             }
-            mask[(mask_at + 2 * w) as usize] = bits;
+            mask[(mask_at + w) as usize] = bits;
         }
     }
 }
@@ -88,14 +87,96 @@ pub fn frugal_lines(
 }
 
 slot_kernel! {
-    /// One FRUGAL step over up to six tensors (slots; the table's words per slot: first
-    /// cube, `n`, `k`, subset, mask and state offsets, two unused), one unit per coordinate, each cube
-    /// within one slot: Adam where the mask is set (everywhere when `k = n`, nowhere when
-    /// `k = 0`), its state slot the word's count of earlier entries plus the set bits
-    /// below it (O(1): no search), signSGD elsewhere; `t = counter[0] + 1` counts from the redraw (at `t = 1` the
-    /// moments start from zero). f32 arithmetic; with `master` the slot's f32 master copy
-    /// (behind its moments) is the parameter and the weight receives its rounding. In
-    /// place: one configuration.
+    /// FRUGAL's state-free part over up to six tensors (slots; the table's words per slot:
+    /// first cube, `n`, `k`, subset, mask and state offsets, two unused), each unit `PER`
+    /// `N`-wide vectors of coordinates `UNITS` apart (`N` = 4 where every slot's length is
+    /// a multiple of 4, else 1), each cube within one slot: where the mask is clear,
+    /// decoupled decay and `p -= lr_free sign(g)`; coordinates with state keep their value
+    /// here and are [`frugal_adam_step`]'s, which runs after (a whole tensor with state
+    /// has no cubes here). Branch-free over a vector's lanes (the vector shares one mask
+    /// word). With `master` the slot's f32 master copy (behind its moments) is the
+    /// parameter and the weight receives its rounding. In place: one configuration.
+    #[kernel(
+        tune(UNITS = [256], PER = [4]),
+        vector = [4, 1],
+        key(len = pow2, dtype),
+        grid = cubes(cubes),
+        cube = UNITS,
+        domain(slots = 1..=6)
+    )]
+    pub fn frugal_sign_step(
+        mask: &Array<u32>,
+        state: &mut Array<f32>,
+        width: &Array<Vector<f32, N>>,
+        table: &Array<u32>,
+        len: u32,
+        cubes: u32,
+        lr_free: f32,
+        decay: f32,
+        #[comptime] master: bool,
+        #[comptime] slots: u32,
+    ) {
+        // `width`'s length caps the launch's vector width.
+        let _ = width[0];
+        let nw = N::value().comptime() as u32;
+        let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
+        // The slot and its constants before any branch (uniform in the cube: loaded once).
+        let b = slot_of(table, cube, slots);
+        let t = b * comptime!(SLOT_WORDS as u32);
+        let first_cube = table[t as usize];
+        let n = table[(t + 1) as usize];
+        let k = table[(t + 2) as usize];
+        let mask_at = table[(t + 4) as usize];
+        let state_at = table[(t + 5) as usize];
+        if cube < cubes {
+            #[unroll]
+            for rep in 0..PER {
+                let v = (cube - first_cube) * comptime!(UNITS * PER) + rep * UNITS + UNIT_POS;
+                if v * nw < n {
+                    let e0 = v * nw;
+                    let gv = select_slot(g0, g1, g2, g3, g4, g5, b, v, slots);
+                    let mut out = Vector::<F, N>::new(F::new(0.0));
+                    if comptime!(!master) {
+                        out = select_slot(w0, w1, w2, w3, w4, w5, b, v, slots);
+                    }
+                    let mut word = 0u32;
+                    if k > 0u32 {
+                        word = mask[(mask_at + e0 / 32) as usize];
+                    }
+                    #[unroll]
+                    for l in 0..nw {
+                        let e = e0 + l;
+                        let g = f32::cast_from(gv[l as usize]);
+                        let master_at = state_at + 2 * k + e;
+                        let mut p = f32::cast_from(out[l as usize]);
+                        if comptime!(master) {
+                            p = state[master_at as usize];
+                        }
+                        // sign(0) = 0: a zero gradient leaves the coordinate alone.
+                        let s = select(g > 0.0, 1.0f32, select(g < 0.0, -1.0f32, 0.0f32));
+                        let with_state = ((word >> (e % 32)) & 1u32) == 1u32;
+                        let q = select(with_state, p, p * decay - lr_free * s);
+                        if comptime!(master) {
+                            state[master_at as usize] = q;
+                        }
+                        out[l as usize] = F::cast_from(q);
+                    }
+                    store_slot(w0, w1, w2, w3, w4, w5, b, v, out, slots);
+                }
+            }
+        }
+    }
+}
+
+slot_kernel! {
+    /// FRUGAL's Adam part over up to six tensors (the table as [`frugal_sign_step`]'s, its
+    /// first cubes counting state slots): each unit `PER` of a slot's `k` state slots,
+    /// `UNITS` apart: slot `s` is coordinate `indices[subset + s]` (`s` itself for a
+    /// whole tensor), its moments contiguous at `state + s` and `state + k + s` (so a
+    /// SIMD group reads them as a stream and gathers only `g` and `p`); decoupled decay
+    /// and AdamW's update, `t = counter[0] + 1` counting from the redraw (at `t = 1` the
+    /// slot, which held another coordinate's state, starts from zero). f32 arithmetic;
+    /// `master` as in [`frugal_sign_step`]. In place: one configuration.
     #[kernel(
         tune(UNITS = [256], PER = [4]),
         vector = [1],
@@ -104,15 +185,14 @@ slot_kernel! {
         cube = UNITS,
         domain(slots = 1..=6)
     )]
-    pub fn frugal_step(
-        mask: &Array<u32>,
+    pub fn frugal_adam_step(
+        indices: &Array<i32>,
         state: &mut Array<f32>,
         table: &Array<u32>,
         counter: &Array<u32>,
         len: u32,
         cubes: u32,
         lr: f32,
-        lr_free: f32,
         beta1: f32,
         beta2: f32,
         one_minus_beta1: f32,
@@ -125,13 +205,12 @@ slot_kernel! {
         #[comptime] slots: u32,
     ) {
         let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
-        // The slot and its constants before any branch (uniform in the cube: loaded once).
         let b = slot_of(table, cube, slots);
         let t = b * comptime!(SLOT_WORDS as u32);
         let first_cube = table[t as usize];
         let n = table[(t + 1) as usize];
         let k = table[(t + 2) as usize];
-        let mask_at = table[(t + 4) as usize];
+        let indices_at = table[(t + 3) as usize];
         let state_at = table[(t + 5) as usize];
         let local = counter[0];
         let moments = adam_constants(
@@ -145,13 +224,14 @@ slot_kernel! {
             f32::cast_from(local + 1),
         );
         if cube < cubes {
-            // Each unit updates PER coordinates, UNITS apart (consecutive units touch
-            // consecutive coordinates): the slot lookup and the step's constants (two
-            // exponentials) are paid once per PER, not per coordinate.
             #[unroll]
             for rep in 0..PER {
-                let e = (cube - first_cube) * comptime!(UNITS * PER) + rep * UNITS + UNIT_POS;
-                if e < n {
+                let s = (cube - first_cube) * comptime!(UNITS * PER) + rep * UNITS + UNIT_POS;
+                if s < k {
+                    let mut e = s;
+                    if k < n {
+                        e = u32::cast_from(indices[(indices_at + s) as usize]);
+                    }
                     let g = f32::cast_from(select_slot(g0, g1, g2, g3, g4, g5, b, e, slots)[0]);
                     let master_at = state_at + 2 * k + e;
                     let mut p = 0.0f32;
@@ -161,36 +241,13 @@ slot_kernel! {
                     if comptime!(!master) {
                         p = f32::cast_from(select_slot(w0, w1, w2, w3, w4, w5, b, e, slots)[0]);
                     }
-                    p *= decay;
-                    // A whole tensor with state (`k = n`: a density of 1, or an active block)
-                    // or none (`k = 0`: an inactive block) needs no mask. Otherwise the
-                    // coordinate's word gives both whether it has state and where: the
-                    // subset's entries before the word plus the set bits below this one (a
-                    // binary search here cost 20 dependent loads a coordinate at k = 10^6).
-                    let full = k == n;
-                    let mut active = full;
-                    let mut j = state_at + e;
-                    if !full && k > 0u32 {
-                        let at = mask_at + 2 * (e / 32);
-                        let bit = e % 32;
-                        let word = mask[at as usize];
-                        active = ((word >> bit) & 1u32) == 1u32;
-                        let below = word & ((1u32 << bit) - 1u32);
-                        j = state_at + mask[(at + 1) as usize] + u32::count_ones(below);
+                    let j = state_at + s;
+                    if local == 0u32 {
+                        state[j as usize] = 0.0;
+                        state[(j + k) as usize] = 0.0;
                     }
-                    if active {
-                        if local == 0u32 {
-                            // First step of a subspace: the slot held another coordinate's state.
-                            state[j as usize] = 0.0;
-                            state[(j + k) as usize] = 0.0;
-                        }
-                        adam_moments(state, j, k, g, moments, false);
-                        p -= lr * adam_direction(state, j, k, moments);
-                    } else {
-                        // sign(0) = 0: a zero gradient leaves the coordinate alone.
-                        let s = select(g > 0.0, 1.0f32, select(g < 0.0, -1.0f32, 0.0f32));
-                        p -= lr_free * s;
-                    }
+                    adam_moments(state, j, k, g, moments, false);
+                    p = p * decay - lr * adam_direction(state, j, k, moments);
                     if comptime!(master) {
                         state[master_at as usize] = p;
                     }

@@ -18,16 +18,16 @@
 //! masked kernel for every variant.
 //!
 //! Multi-tensor: one [`Frugal`] updates a list of f32, f16 or bf16 tensors of any sizes.
-//! The subsets, their masks (per 32 coordinates, a u32 of bits and the count of the
-//! subset before them) and the moments of every tensor are packed each in one buffer; a
-//! step is one launch per [`SLOTS`] tensors of one dtype (the slot machinery of the fused
-//! step, `super::slots`: each cube within one tensor) and one to advance the device step
-//! counter. An active coordinate's state slot is its word's count plus the set bits below
-//! it. A redraw selects each tensor's subset (a device radix select per tensor, every
-//! `update_gap` steps) and packs it with its mask; the step after it (device counter 0)
-//! starts the moments from zero. State: `8k` bytes of moments, `n/4` of mask, `4k` of
-//! indices per tensor — at density 0.25, 44% of Adam's `8n` — and for an f16/bf16
-//! tensor an f32 master copy (`4n` bytes,
+//! The subsets, their bitmasks (one u32 per 32 coordinates) and the moments of every
+//! tensor are packed each in one buffer; a step is two launches per [`SLOTS`] tensors of
+//! one dtype (the slot machinery of the fused step, `super::slots`: each cube within one
+//! tensor) and one to advance the device step counter: signSGD over the coordinates whose
+//! mask bit is clear, then Adam over the state slots, slot `s` being the subset's `s`-th
+//! coordinate (its moments contiguous). A redraw selects each tensor's subset (a device
+//! radix select per tensor, every `update_gap` steps) and packs it with its mask; the
+//! step after it (device counter 0) starts the moments from zero. State: `8k` bytes of
+//! moments, `n/8` of mask, `4k` of indices per tensor — at density 0.25, 40% of Adam's
+//! `8n` — and for an f16/bf16 tensor an f32 master copy (`4n` bytes,
 //! behind its moments), which is what is updated (the tensor receives its rounding: a
 //! step smaller than half an ulp of the half value is not lost).
 //!
@@ -219,6 +219,16 @@ impl Packed {
     fn master(&self) -> bool {
         self.dtype != DType::F32
     }
+
+    /// The signSGD pass's vector width for this tensor: 4 when its length is a multiple
+    /// of 4 (a vector's four coordinates then share one mask word).
+    fn width(&self) -> usize {
+        if self.n % 4 == 0 {
+            4
+        } else {
+            1
+        }
+    }
 }
 
 /// A FRUGAL optimizer for a list of f32/f16/bf16 tensors (one, or many of different
@@ -241,8 +251,10 @@ pub struct Frugal {
     steps: u64,
     /// Per dtype: `2 SLOTS` one-element placeholders for the unused slots of a launch.
     spares: HashMap<DType, Vec<Tensor>>,
-    /// Per launch (group of tensors): its slot table and cube count.
-    tables: HashMap<Vec<usize>, (Tensor, usize)>,
+    /// Per group of tensors: the slot table and cube count of each pass (signSGD, Adam).
+    tables: HashMap<Vec<usize>, [(Tensor, usize); 2]>,
+    /// Per vector width: the array whose length caps the signSGD pass's width.
+    guards: HashMap<usize, Tensor>,
 }
 
 impl Frugal {
@@ -356,6 +368,7 @@ impl Frugal {
             steps,
             spares: HashMap::new(),
             tables: HashMap::new(),
+            guards: HashMap::new(),
         };
         if local != 0 {
             // Mid-subspace: the current subsets, keeping the given state. (At a redraw
@@ -603,7 +616,8 @@ impl Frugal {
             self.counter = upload_u32(&client, "step", &[0])?;
         }
         let live = (0..count).filter(|&i| self.packed[i].n > 0);
-        for group in launch_groups(live, |i| self.packed[i].dtype, params) {
+        let kind = |i: usize| (self.packed[i].dtype, self.packed[i].width());
+        for group in launch_groups(live, kind, params) {
             self.launch(&group, params, grads)?;
         }
         super::OptimAdvanceStep::tuned(
@@ -617,9 +631,12 @@ impl Frugal {
         Ok(())
     }
 
-    /// One launch of the step over the tensors `group` (at most [`SLOTS`], distinct).
+    /// The step over the tensors `group` (at most [`SLOTS`], distinct): one launch of the
+    /// signSGD pass over every coordinate without state, one of the Adam pass over the
+    /// state slots (none where no tensor of the group has state).
     fn launch(&mut self, group: &[usize], params: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
         let client = self.state.client().clone();
+        // Either pass: the slots, then four buffers of its own.
         let bindings = 2 * SLOTS as u32 + 4;
         if client.report().max_bindings < bindings {
             return Err(Error::Unsupported {
@@ -631,30 +648,33 @@ impl Frugal {
             });
         }
         if !self.tables.contains_key(group) {
-            let mut table = Vec::with_capacity(SLOT_WORDS * SLOTS);
-            let mut cubes = 0usize;
-            for &i in group {
-                let p = self.packed[i];
-                table.extend([cubes, p.n, p.k, p.indices, p.mask, p.state, 0, 0]);
-                cubes += p.n.div_ceil(CUBE * STEP_PER);
-            }
-            // Unused slots start past the last cube: no cube selects them.
-            while table.len() < SLOT_WORDS * SLOTS {
-                table.extend([u32::MAX as usize, 0, 0, 0, 0, 0, 0, 0]);
-            }
-            let table: Vec<u32> = table.into_iter().map(|x| x as u32).collect();
-            let table = upload_u32(&client, "slot_table", &table)?;
-            self.tables.insert(group.to_vec(), (table, cubes));
+            // Per pass, each slot's first cube: the signSGD pass covers a tensor's
+            // coordinates (none for a whole tensor with state), the Adam pass its slots.
+            let packed: Vec<Packed> = group.iter().map(|&i| self.packed[i]).collect();
+            let sign = slot_table(&client, &packed, |p| match p.k == p.n {
+                true => 0,
+                false => p.n / p.width(),
+            })?;
+            let adam = slot_table(&client, &packed, |p| p.k)?;
+            self.tables.insert(group.to_vec(), [sign, adam]);
         }
-        let (table, cubes) = self.tables[group].clone();
+        let [(sign_table, sign_cubes), (adam_table, adam_cubes)] = self.tables[group].clone();
         let len: usize = group.iter().map(|&i| self.packed[i].n).sum();
         let dtype = self.packed[group[0]].dtype;
         if !self.spares.contains_key(&dtype) {
+            // Four elements: a placeholder never narrows a 4-wide launch.
             let spares = (0..2 * SLOTS)
-                .map(|_| Tensor::empty(&client, dtype, &[1]))
+                .map(|_| Tensor::empty(&client, dtype, &[4]))
                 .collect::<Result<_>>()?;
             self.spares.insert(dtype, spares);
         }
+        let width = self.packed[group[0]].width();
+        if !self.guards.contains_key(&width) {
+            // Its length caps the launch's vector width (the widest dividing every binding).
+            let guard = Tensor::empty(&client, DType::F32, &[width])?;
+            self.guards.insert(width, guard);
+        }
+        let guard = self.guards[&width].clone();
         let spares = &self.spares[&dtype];
         let slot = |s: usize, list: &[&Tensor], spare: usize| -> Tensor {
             match group.get(s) {
@@ -665,32 +685,75 @@ impl Frugal {
         let w: Vec<Tensor> = (0..SLOTS).map(|s| slot(s, params, s)).collect();
         let g: Vec<Tensor> = (0..SLOTS).map(|s| slot(s, grads, SLOTS + s)).collect();
         let h = &self.hyper;
-        FrugalStep::tuned(
-            &client,
-            0.0,
-            &slot_args!(FrugalStepArgs, w, g, {
-                mask: &self.mask,
-                state: &self.state,
-                table: &table,
-                counter: &self.counter,
-                len: len as u32,
-                cubes: cubes as u32,
-                lr: h.lr as f32,
-                lr_free: self.config.lr_free as f32,
-                beta1: h.beta1 as f32,
-                beta2: h.beta2 as f32,
-                one_minus_beta1: (1.0 - h.beta1) as f32,
-                one_minus_beta2: (1.0 - h.beta2) as f32,
-                ln_beta1: h.beta1.ln() as f32,
-                ln_beta2: h.beta2.ln() as f32,
-                eps: h.eps as f32,
-                decay: (1.0 - h.lr * h.weight_decay) as f32,
-                master: dtype != DType::F32,
-                slots: group.len() as u32,
-            }),
-        )?;
+        let (master, slots) = (dtype != DType::F32, group.len() as u32);
+        let decay = (1.0 - h.lr * h.weight_decay) as f32;
+        if sign_cubes > 0 {
+            FrugalSignStep::tuned(
+                &client,
+                0.0,
+                &slot_args!(FrugalSignStepArgs, w, g, {
+                    mask: &self.mask,
+                    state: &self.state,
+                    width: &guard,
+                    table: &sign_table,
+                    len: len as u32,
+                    cubes: sign_cubes as u32,
+                    lr_free: self.config.lr_free as f32,
+                    decay,
+                    master,
+                    slots,
+                }),
+            )?;
+        }
+        if adam_cubes > 0 {
+            FrugalAdamStep::tuned(
+                &client,
+                0.0,
+                &slot_args!(FrugalAdamStepArgs, w, g, {
+                    indices: &self.indices,
+                    state: &self.state,
+                    table: &adam_table,
+                    counter: &self.counter,
+                    len: len as u32,
+                    cubes: adam_cubes as u32,
+                    lr: h.lr as f32,
+                    beta1: h.beta1 as f32,
+                    beta2: h.beta2 as f32,
+                    one_minus_beta1: (1.0 - h.beta1) as f32,
+                    one_minus_beta2: (1.0 - h.beta2) as f32,
+                    ln_beta1: h.beta1.ln() as f32,
+                    ln_beta2: h.beta2.ln() as f32,
+                    eps: h.eps as f32,
+                    decay,
+                    master,
+                    slots,
+                }),
+            )?;
+        }
         Ok(())
     }
+}
+
+/// A launch's slot table (`SLOT_WORDS` per slot: first cube, `n`, `k`, subset, mask and
+/// state offsets, two unused) for a pass that covers `units(p)` of each tensor, `PER`
+/// to a unit; and its cube count.
+fn slot_table(
+    client: &kiln_runtime::Client,
+    packed: &[Packed],
+    units: impl Fn(&Packed) -> usize,
+) -> Result<(Tensor, usize)> {
+    let mut table = Vec::with_capacity(SLOT_WORDS * SLOTS);
+    let mut cubes = 0usize;
+    for p in packed {
+        table.extend([cubes, p.n, p.k, p.indices, p.mask, p.state, 0, 0]);
+        cubes += units(p).div_ceil(CUBE * STEP_PER);
+    }
+    // Unused slots start past the last cube: no cube selects them.
+    while table.len() < SLOT_WORDS * SLOTS {
+        table.extend([u32::MAX as usize, 0, 0, 0, 0, 0, 0, 0]);
+    }
+    let table: Vec<u32> = table.into_iter().map(|x| x as u32).collect();
+    Ok((upload_u32(client, "slot_table", &table)?, cubes))
 }
 
 /// The subspace step `steps + 1` belongs to, as the generator's stream.
@@ -728,8 +791,7 @@ fn pack(
         packed.push(p);
         if subspace != Subspace::Blocks {
             indices += k;
-            // Per 32 coordinates: their bits and the count of the subset before them.
-            words += 2 * n.div_ceil(32);
+            words += n.div_ceil(32);
         }
         state += 2 * k + if p.master() { n } else { 0 };
     }
