@@ -244,13 +244,8 @@ fn half_tensors_step_an_f32_master_copy() {
             .collect();
         let grefs: Vec<&kiln::Tensor> = gt.iter().collect();
         opt.step_multi(&refs, &grefs).unwrap();
-        for (i, (subset, m, v)) in refstate.iter_mut().enumerate() {
-            let own = FrugalConfig {
-                seed: c.seed_of(i),
-                ..c
-            };
-            reference::frugal_step(&h, &own, step, &[sizes[i]], &mut p[i], &g[i], subset, m, v);
-        }
+        let shapes: Vec<Vec<usize>> = sizes.iter().map(|&n| vec![n]).collect();
+        reference::frugal_step_list(&h, &c, step, &shapes, &mut p, &g, &mut refstate);
     }
     let floor = |w: &[f64]| w.iter().fold(1e-30f64, |a, b| a.max(b.abs()));
     for (i, &d) in dtypes.iter().enumerate() {
@@ -357,23 +352,8 @@ fn row_and_column_subspaces_match_the_reference() {
                     .collect();
                 let grefs: Vec<&kiln::Tensor> = gt.iter().collect();
                 opt.step_multi(&refs, &grefs).unwrap();
-                for (i, (subset, m, v)) in refstate.iter_mut().enumerate() {
-                    let own = FrugalConfig {
-                        seed: c.seed_of(i),
-                        ..c
-                    };
-                    reference::frugal_step(
-                        &hyper(),
-                        &own,
-                        step,
-                        shapes[i],
-                        &mut p[i],
-                        &g[i],
-                        subset,
-                        m,
-                        v,
-                    );
-                }
+                let owned: Vec<Vec<usize>> = shapes.iter().map(|s| s.to_vec()).collect();
+                reference::frugal_step_list(&hyper(), &c, step, &owned, &mut p, &g, &mut refstate);
                 for (i, state) in refstate.iter().enumerate() {
                     let at = format!("{what} tensor {i} step {step}");
                     let idx = check_tensor(&opt, i, &down(&ts[i]), &p[i], state, &at);

@@ -86,6 +86,36 @@ pub fn frugal_lines(
     }
 }
 
+/// One slot's entry of a FRUGAL step's table (see [`frugal_sign_step`]).
+#[derive(CubeType, Clone, Copy)]
+struct FrugalSlot {
+    /// The slot (0..slots).
+    b: u32,
+    first_cube: u32,
+    n: u32,
+    k: u32,
+    indices_at: u32,
+    mask_at: u32,
+    state_at: u32,
+}
+
+/// `cube`'s slot and its table entry, read before any branch (uniform in the cube: a CPU
+/// adapter loads each word once; inside control flow it would gather per lane).
+#[cube]
+fn frugal_slot(table: &Array<u32>, cube: u32, #[comptime] slots: u32) -> FrugalSlot {
+    let b = slot_of(table, cube, slots);
+    let t = b * comptime!(SLOT_WORDS as u32);
+    FrugalSlot {
+        b,
+        first_cube: table[t as usize],
+        n: table[(t + 1) as usize],
+        k: table[(t + 2) as usize],
+        indices_at: table[(t + 3) as usize],
+        mask_at: table[(t + 4) as usize],
+        state_at: table[(t + 5) as usize],
+    }
+}
+
 slot_kernel! {
     /// FRUGAL's state-free part over up to six tensors (slots; the table's words per slot:
     /// first cube, `n`, `k`, subset, mask and state offsets, two unused), each unit `PER`
@@ -120,14 +150,13 @@ slot_kernel! {
         let _ = width[0];
         let nw = N::value().comptime() as u32;
         let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
-        // The slot and its constants before any branch (uniform in the cube: loaded once).
-        let b = slot_of(table, cube, slots);
-        let t = b * comptime!(SLOT_WORDS as u32);
-        let first_cube = table[t as usize];
-        let n = table[(t + 1) as usize];
-        let k = table[(t + 2) as usize];
-        let mask_at = table[(t + 4) as usize];
-        let state_at = table[(t + 5) as usize];
+        let slot = frugal_slot(table, cube, slots);
+        let b = slot.b;
+        let first_cube = slot.first_cube;
+        let n = slot.n;
+        let k = slot.k;
+        let mask_at = slot.mask_at;
+        let state_at = slot.state_at;
         if cube < cubes {
             #[unroll]
             for rep in 0..PER {
@@ -205,13 +234,13 @@ slot_kernel! {
         #[comptime] slots: u32,
     ) {
         let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
-        let b = slot_of(table, cube, slots);
-        let t = b * comptime!(SLOT_WORDS as u32);
-        let first_cube = table[t as usize];
-        let n = table[(t + 1) as usize];
-        let k = table[(t + 2) as usize];
-        let indices_at = table[(t + 3) as usize];
-        let state_at = table[(t + 5) as usize];
+        let slot = frugal_slot(table, cube, slots);
+        let b = slot.b;
+        let first_cube = slot.first_cube;
+        let n = slot.n;
+        let k = slot.k;
+        let indices_at = slot.indices_at;
+        let state_at = slot.state_at;
         let local = counter[0];
         let moments = adam_constants(
             beta1,
