@@ -151,32 +151,26 @@ slot_kernel! {
         let nw = N::value().comptime() as u32;
         let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
         let slot = frugal_slot(table, cube, slots);
-        let b = slot.b;
-        let first_cube = slot.first_cube;
-        let n = slot.n;
-        let k = slot.k;
-        let mask_at = slot.mask_at;
-        let state_at = slot.state_at;
         if cube < cubes {
             #[unroll]
             for rep in 0..PER {
-                let v = (cube - first_cube) * comptime!(UNITS * PER) + rep * UNITS + UNIT_POS;
-                if v * nw < n {
+                let v = (cube - slot.first_cube) * comptime!(UNITS * PER) + rep * UNITS + UNIT_POS;
+                if v * nw < slot.n {
                     let e0 = v * nw;
-                    let gv = select_slot(g0, g1, g2, g3, g4, g5, b, v, slots);
+                    let gv = select_slot(g0, g1, g2, g3, g4, g5, slot.b, v, slots);
                     let mut out = Vector::<F, N>::new(F::new(0.0));
                     if comptime!(!master) {
-                        out = select_slot(w0, w1, w2, w3, w4, w5, b, v, slots);
+                        out = select_slot(w0, w1, w2, w3, w4, w5, slot.b, v, slots);
                     }
                     let mut word = 0u32;
-                    if k > 0u32 {
-                        word = mask[(mask_at + e0 / 32) as usize];
+                    if slot.k > 0u32 {
+                        word = mask[(slot.mask_at + e0 / 32) as usize];
                     }
                     #[unroll]
                     for l in 0..nw {
                         let e = e0 + l;
                         let g = f32::cast_from(gv[l as usize]);
-                        let master_at = state_at + 2 * k + e;
+                        let master_at = slot.state_at + 2 * slot.k + e;
                         let mut p = f32::cast_from(out[l as usize]);
                         if comptime!(master) {
                             p = state[master_at as usize];
@@ -190,7 +184,7 @@ slot_kernel! {
                         }
                         out[l as usize] = F::cast_from(q);
                     }
-                    store_slot(w0, w1, w2, w3, w4, w5, b, v, out, slots);
+                    store_slot(w0, w1, w2, w3, w4, w5, slot.b, v, out, slots);
                 }
             }
         }
@@ -235,12 +229,6 @@ slot_kernel! {
     ) {
         let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
         let slot = frugal_slot(table, cube, slots);
-        let b = slot.b;
-        let first_cube = slot.first_cube;
-        let n = slot.n;
-        let k = slot.k;
-        let indices_at = slot.indices_at;
-        let state_at = slot.state_at;
         let local = counter[0];
         let moments = adam_constants(
             beta1,
@@ -255,33 +243,35 @@ slot_kernel! {
         if cube < cubes {
             #[unroll]
             for rep in 0..PER {
-                let s = (cube - first_cube) * comptime!(UNITS * PER) + rep * UNITS + UNIT_POS;
-                if s < k {
+                let s = (cube - slot.first_cube) * comptime!(UNITS * PER) + rep * UNITS + UNIT_POS;
+                if s < slot.k {
                     let mut e = s;
-                    if k < n {
-                        e = u32::cast_from(indices[(indices_at + s) as usize]);
+                    if slot.k < slot.n {
+                        e = u32::cast_from(indices[(slot.indices_at + s) as usize]);
                     }
-                    let g = f32::cast_from(select_slot(g0, g1, g2, g3, g4, g5, b, e, slots)[0]);
-                    let master_at = state_at + 2 * k + e;
+                    let gv = select_slot(g0, g1, g2, g3, g4, g5, slot.b, e, slots);
+                    let g = f32::cast_from(gv[0]);
+                    let master_at = slot.state_at + 2 * slot.k + e;
                     let mut p = 0.0f32;
                     if comptime!(master) {
                         p = state[master_at as usize];
                     }
                     if comptime!(!master) {
-                        p = f32::cast_from(select_slot(w0, w1, w2, w3, w4, w5, b, e, slots)[0]);
+                        let pv = select_slot(w0, w1, w2, w3, w4, w5, slot.b, e, slots);
+                        p = f32::cast_from(pv[0]);
                     }
-                    let j = state_at + s;
+                    let j = slot.state_at + s;
                     if local == 0u32 {
                         state[j as usize] = 0.0;
-                        state[(j + k) as usize] = 0.0;
+                        state[(j + slot.k) as usize] = 0.0;
                     }
-                    adam_moments(state, j, k, g, moments, false);
-                    p = p * decay - lr * adam_direction(state, j, k, moments);
+                    adam_moments(state, j, slot.k, g, moments, false);
+                    p = p * decay - lr * adam_direction(state, j, slot.k, moments);
                     if comptime!(master) {
                         state[master_at as usize] = p;
                     }
                     let out = Vector::<F, N>::new(F::cast_from(p));
-                    store_slot(w0, w1, w2, w3, w4, w5, b, e, out, slots);
+                    store_slot(w0, w1, w2, w3, w4, w5, slot.b, e, out, slots);
                 }
             }
         }
