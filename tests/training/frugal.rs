@@ -6,7 +6,9 @@
 
 use crate::common::{assert_clear, down, up};
 use kiln::check::{max_rel_error, Rng};
-use kiln::kernels::optim::{frugal_matrix, reference, Frugal, FrugalConfig, Hyper, Rule, Subspace};
+use kiln::kernels::optim::{
+    frugal_matrix, reference, BlockOrder, Frugal, FrugalConfig, Hyper, Rule, Subspace,
+};
 use kiln::{DType, HostTensor};
 
 fn f32s(rng: &mut Rng, n: usize) -> Vec<f64> {
@@ -327,6 +329,7 @@ fn row_and_column_subspaces_match_the_reference() {
                 lr_free: 0.003,
                 seed: 17,
                 subspace,
+                ..Default::default()
             };
             let what = format!("{subspace} density {density}");
             let mut rng = Rng::new(41);
@@ -425,6 +428,7 @@ fn blocks_hold_state_on_whole_tensors_in_turn() {
         lr_free: 0.003,
         seed: 23,
         subspace: Subspace::Blocks,
+        ..Default::default()
     };
     let shapes: Vec<Vec<usize>> = specs.iter().map(|(s, _)| s.to_vec()).collect();
     let round = |d: DType, v: &[f64]| HostTensor::from_f64(d, vec![v.len()], v).unwrap().to_f64();
@@ -554,6 +558,79 @@ fn blocks_hold_state_on_whole_tensors_in_turn() {
         .err()
         .unwrap();
     assert_clear(err, &[&format!("m[{inactive}]"), "none"]);
+}
+
+/// Block orders as the authors' code takes them (closed forms for six tensors, two active):
+/// ascending `[0, 1], [2, 3], [4, 5], [0, 1]`, descending `[4, 5], [2, 3], [0, 1], [4, 5]`,
+/// mirror `[0, 5], [1, 4], [2, 3], [0, 5]`; a list stepped in ascending order holds state
+/// on those tensors and follows the f64 reference; mirror with an odd count is refused.
+#[test]
+fn block_orders_take_turns() {
+    let c = FrugalConfig {
+        density: 1.0 / 3.0,
+        update_gap: 2,
+        lr_free: 0.003,
+        seed: 3,
+        subspace: Subspace::Blocks,
+        ..Default::default()
+    };
+    let expect: [(BlockOrder, [[usize; 2]; 4]); 3] = [
+        (BlockOrder::Ascending, [[0, 1], [2, 3], [4, 5], [0, 1]]),
+        (BlockOrder::Descending, [[4, 5], [2, 3], [0, 1], [4, 5]]),
+        (BlockOrder::Mirror, [[0, 5], [1, 4], [2, 3], [0, 5]]),
+    ];
+    for (order, sets) in expect {
+        let c = FrugalConfig {
+            block_order: order,
+            ..c
+        };
+        for (j, set) in sets.iter().enumerate() {
+            assert_eq!(
+                c.active_tensors(6, j as u32),
+                set.to_vec(),
+                "{order} subspace {j}"
+            );
+        }
+    }
+    let c = FrugalConfig {
+        block_order: BlockOrder::Ascending,
+        ..c
+    };
+    let shapes: Vec<Vec<usize>> = [5usize, 8, 3, 12, 1, 7].iter().map(|&n| vec![n]).collect();
+    let mut rng = Rng::new(9);
+    let mut p: Vec<Vec<f64>> = shapes.iter().map(|s| f32s(&mut rng, s[0])).collect();
+    let ts: Vec<_> = p.iter().map(|v| up(DType::F32, &[v.len()], v)).collect();
+    let refs: Vec<&kiln::Tensor> = ts.iter().collect();
+    let mut opt = Frugal::new_multi(&refs, hyper(), c).unwrap();
+    let mut refstate = vec![(Vec::new(), Vec::new(), Vec::new()); shapes.len()];
+    for step in 1..=6u64 {
+        let g: Vec<Vec<f64>> = p.iter().map(|v| f32s(&mut rng, v.len())).collect();
+        let gt: Vec<_> = g.iter().map(|v| up(DType::F32, &[v.len()], v)).collect();
+        let grefs: Vec<&kiln::Tensor> = gt.iter().collect();
+        opt.step_multi(&refs, &grefs).unwrap();
+        reference::frugal_step_list(&hyper(), &c, step, &shapes, &mut p, &g, &mut refstate);
+        let mut active = Vec::new();
+        for (i, state) in refstate.iter().enumerate() {
+            let at = format!("tensor {i} step {step}");
+            if !check_tensor(&opt, i, &down(&ts[i]), &p[i], state, &at).is_empty() {
+                active.push(i);
+            }
+        }
+        let turn = ((step - 1) / 2) as usize;
+        assert_eq!(
+            active,
+            [2 * turn, 2 * turn + 1],
+            "step {step}: ascending turn"
+        );
+    }
+    let mirror = FrugalConfig {
+        block_order: BlockOrder::Mirror,
+        ..c
+    };
+    let err = Frugal::new_multi(&refs[..5], hyper(), mirror)
+        .err()
+        .unwrap();
+    assert_clear(err, &["block_order", "5 tensors"]);
 }
 
 #[test]

@@ -38,8 +38,9 @@ pub use block::Block;
 pub use compress::{randk, topk_ef, topk_ef_estimated, Compressed};
 pub use econtrol::{econtrol, EControlStep, EcontrolUpdate, EcontrolUpdateArgs};
 pub use frugal::{
-    frugal_matrix, Frugal, FrugalAdamStep, FrugalAdamStepArgs, FrugalConfig, FrugalLines,
-    FrugalLinesArgs, FrugalMask, FrugalMaskArgs, FrugalSignStep, FrugalSignStepArgs, Subspace,
+    frugal_matrix, BlockOrder, Frugal, FrugalAdamStep, FrugalAdamStepArgs, FrugalConfig,
+    FrugalLines, FrugalLinesArgs, FrugalMask, FrugalMaskArgs, FrugalSignStep, FrugalSignStepArgs,
+    Subspace,
 };
 pub use multi::{GivenState, MultiTensorStep};
 pub use perturb::{

@@ -75,6 +75,22 @@ kiln_runtime::comptime_enum! {
     }
 }
 
+kiln_runtime::comptime_enum! {
+    /// Which tensors of a list take their turn holding state (the `blocks` subspace; the
+    /// authors' `block_order`), `a = ceil(density · T)` of `T` at each redraw `j`.
+    pub enum BlockOrder {
+        /// The `a` with the largest Philox words of `(seed, stream j)`.
+        Random = "random",
+        /// `j a, j a + 1, ..` (mod `T`): the list in order, round and round.
+        Ascending = "ascending",
+        /// `T - 1 - j a, T - 2 - j a, ..` (mod `T`): from the end.
+        Descending = "descending",
+        /// `a / 2` from each end in turn: `i` and `T - 1 - i` for `i` from `j a / 2` (mod
+        /// `T / 2`); `a` and `T` even.
+        Mirror = "mirror",
+    }
+}
+
 /// The matrix FRUGAL's row and column subspaces see a tensor of `shape` as: `(rows,
 /// columns)`, `[shape[0], numel / shape[0]]` from rank 2, one row of `numel` below.
 pub fn frugal_matrix(shape: &[usize]) -> (usize, usize) {
@@ -98,8 +114,10 @@ pub struct FrugalConfig {
     pub lr_free: f64,
     /// Seed of the subsets (of the first tensor; see [`FrugalConfig::seed_of`]).
     pub seed: u64,
-    /// What the subsets are made of: coordinates, rows or columns.
+    /// What the subsets are made of: coordinates, rows, columns or blocks.
     pub subspace: Subspace,
+    /// For blocks: the order in which tensors take their turn.
+    pub block_order: BlockOrder,
 }
 
 impl Default for FrugalConfig {
@@ -112,6 +130,7 @@ impl Default for FrugalConfig {
             lr_free: 1e-3,
             seed: 0,
             subspace: Subspace::Coordinates,
+            block_order: BlockOrder::Random,
         }
     }
 }
@@ -156,16 +175,56 @@ impl FrugalConfig {
     }
 
     /// Which of a list of `count` tensors hold state in subspace `j` (increasing): for
-    /// blocks the `ceil(density · count)` with the largest Philox words of `(seed, stream
-    /// j)` (the list's seed, not each tensor's); every tensor otherwise.
+    /// blocks `a = ceil(density · count)` of them in [`FrugalConfig::block_order`]
+    /// (random: the largest Philox words of `(seed, stream j)`, the list's seed, not each
+    /// tensor's); every tensor otherwise.
     pub fn active_tensors(&self, count: usize, j: u32) -> Vec<usize> {
-        match self.subspace {
-            Subspace::Blocks => {
-                let keys = super::compress::random_keys(count, self.seed, j);
-                super::compress::reference_select(&keys, self.taken(count))
-            }
-            _ => (0..count).collect(),
+        if self.subspace != Subspace::Blocks || count == 0 {
+            return (0..count).collect();
         }
+        let a = self.taken(count);
+        let turn = j as usize * a;
+        let mut taken: Vec<usize> = match self.block_order {
+            BlockOrder::Random => {
+                let keys = super::compress::random_keys(count, self.seed, j);
+                super::compress::reference_select(&keys, a)
+            }
+            BlockOrder::Ascending => (0..a).map(|x| (turn + x) % count).collect(),
+            BlockOrder::Descending => {
+                let start = count - 1 - turn % count;
+                (0..a).map(|x| (start + count - x) % count).collect()
+            }
+            BlockOrder::Mirror => {
+                let half = (count / 2).max(1);
+                let start = (j as usize * (a / 2)) % half;
+                (0..a / 2)
+                    .map(|x| (start + x) % half)
+                    .flat_map(|i| [i, count - 1 - i])
+                    .collect()
+            }
+        };
+        taken.sort_unstable();
+        taken.dedup();
+        taken
+    }
+
+    /// For blocks in mirror order: `a` and the list's length `count` must be even (a
+    /// tensor from each end at a time); the error names `block_order`.
+    fn check_blocks(&self, count: usize) -> Result<()> {
+        let a = self.taken(count);
+        if self.subspace == Subspace::Blocks
+            && self.block_order == BlockOrder::Mirror
+            && (a % 2 != 0 || count % 2 != 0)
+        {
+            return Err(Error::Param {
+                param: "block_order".into(),
+                expected:
+                    "mirror: an even number of tensors and of active ones (ceil(density * tensors))"
+                        .into(),
+                found: format!("{a} of {count} tensors"),
+            });
+        }
+        Ok(())
     }
 
     /// For rows or columns: how many lines the tensor has and how many are taken; `None`
@@ -301,6 +360,7 @@ impl Frugal {
                 found: "none".into(),
             });
         };
+        config.check_blocks(params.len())?;
         if !moments.is_empty() && moments.len() != params.len() {
             return Err(Error::Param {
                 param: "moments".into(),
@@ -599,6 +659,7 @@ impl Frugal {
         }
         self.hyper.check(Rule::AdamW)?;
         self.config.check()?;
+        self.config.check_blocks(count)?;
         let c = &self.config;
         if (c.density, c.seed, c.subspace) != self.drawn_with {
             return Err(Error::Param {

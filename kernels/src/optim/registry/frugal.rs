@@ -42,6 +42,7 @@ fn prepare_frugal(a: &OpArgs) -> Result<(Frugal, Tensor)> {
         lr_free: a.param_as("lr_free")?,
         seed: a.param_as("seed")?,
         subspace: a.param_as("subspace")?,
+        block_order: a.param_as("block_order")?,
     };
     let step: u64 = a.param_as("step")?;
     if step == 0 {
@@ -100,6 +101,7 @@ pub static FRUGAL: OpSpec = OpSpec {
         ParamSpec::new("update_gap", "200", ">= 1", "steps between redraws of the subset"),
         ParamSpec::new("seed", "0", "a u64", "the subsets' seed"),
         ParamSpec::new("subspace", "coordinates", "coordinates | rows | columns | blocks", "what the subset is made of: single coordinates (k = ceil(density n)), or ceil(density lines) whole rows or columns of param seen as [shape[0], numel / shape[0]] (a vector is one row); blocks: whole tensors of a list (here a list of one: all of param)"),
+        ParamSpec::new("block_order", "random", "random | ascending | descending | mirror", "blocks: the order in which tensors take their turn (a list of one: always param)"),
     ],
     run: |_, a| run_frugal(a),
     problem: "N",
