@@ -228,7 +228,7 @@ impl FrugalConfig {
     }
 
     /// For rows or columns: how many lines the tensor has and how many are taken; `None`
-    /// for single coordinates.
+    /// for single coordinates and blocks.
     pub fn lines(&self, shape: &[usize]) -> Option<(usize, usize)> {
         let (rows, cols) = frugal_matrix(shape);
         let lines = match self.subspace {
@@ -629,7 +629,7 @@ impl Frugal {
     }
 
     /// One step of every tensor of the list (as created, in order) by its gradient (the
-    /// tensor's dtype and shape), in place: one launch per [`SLOTS`] tensors of one dtype
+    /// tensor's dtype and shape), in place: two launches per [`SLOTS`] tensors of one dtype and vector width
     /// and one to advance the step counter, no host synchronisation (a redraw adds a selection per tensor).
     pub fn step_multi(&mut self, params: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
         let count = self.packed.len();
