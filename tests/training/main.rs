@@ -6,6 +6,7 @@
 mod common;
 mod compress;
 mod frugal;
+mod frugal_svd;
 mod optim;
 mod perturb;
 mod s2ft;

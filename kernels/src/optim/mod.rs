@@ -13,6 +13,8 @@
 //!   bit-identical on every backend and on the host.
 //! - FRUGAL ([`Frugal`]): Adam state on a seeded, periodically redrawn coordinate
 //!   subset, signSGD on the rest; one tensor or a list (six per launch, a subset each).
+//!   [`FrugalSvd`]: the SVD projection (Adam on the gradient's leading singular
+//!   directions, from the device's Jacobi SVD, [`crate::svd`]).
 //! - Gradient compressors ([`topk_ef`], [`randk`], [`econtrol`]): error feedback
 //!   (EControl's with a controlled strength and an estimator `h`), exact top-k by a
 //!   device radix select (deterministic, no atomics), `(indices, values)` outputs.
@@ -39,8 +41,9 @@ pub use compress::{randk, topk_ef, topk_ef_estimated, Compressed};
 pub use econtrol::{econtrol, EControlStep, EcontrolUpdate, EcontrolUpdateArgs};
 pub use frugal::{
     frugal_matrix, BlockOrder, Frugal, FrugalAdamStep, FrugalAdamStepArgs, FrugalConfig,
-    FrugalLines, FrugalLinesArgs, FrugalMask, FrugalMaskArgs, FrugalSignStep, FrugalSignStepArgs,
-    Subspace,
+    FrugalLines, FrugalLinesArgs, FrugalLowRankAdam, FrugalLowRankAdamArgs, FrugalMask,
+    FrugalMaskArgs, FrugalProjectedUpdate, FrugalProjectedUpdateArgs, FrugalSignStep,
+    FrugalSignStepArgs, FrugalSvd, Subspace, SvdState,
 };
 pub use multi::{GivenState, MultiTensorStep};
 pub use perturb::{

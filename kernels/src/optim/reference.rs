@@ -211,6 +211,83 @@ fn frugal_apply(
     }
 }
 
+/// FRUGAL's SVD projection for a gradient `g` of `shape` (seen as
+/// [`super::frugal_matrix`]): its `c.rank(shape)` leading right singular vectors
+/// (`[r, cols]`, when rows >= cols) or left ones (`[r, rows]`), row-major, in f64.
+pub fn frugal_svd_projection(c: &super::FrugalConfig, shape: &[usize], g: &[f64]) -> Vec<f64> {
+    let (rows, cols) = super::frugal_matrix(shape);
+    let side = match rows >= cols {
+        true => crate::svd::Side::Right,
+        false => crate::svd::Side::Left,
+    };
+    crate::svd::reference::top_singular_vectors(g, rows, cols, c.rank(shape), side).0
+}
+
+/// One FRUGAL step `t` (from 1) with the SVD projection `proj` (the subspace's:
+/// [`frugal_svd_projection`] of its first step's gradient, or the device's) on `p` (a
+/// tensor of `shape`) by `g`, with the low-rank moments `m`, `v` (zeroed at a subspace's
+/// first step): `low = G P^T` or `P G`, Adam on it (bias corrections from the
+/// subspace's start), `p = p (1 - lr wd) + up(-lr m̂ / (sqrt(v̂) + eps)) - lr_free
+/// sign(G - up(low))`.
+#[allow(clippy::too_many_arguments)]
+pub fn frugal_svd_step(
+    h: &Hyper,
+    c: &super::FrugalConfig,
+    t: u64,
+    shape: &[usize],
+    p: &mut [f64],
+    g: &[f64],
+    proj: &[f64],
+    m: &mut Vec<f64>,
+    v: &mut Vec<f64>,
+) {
+    let (rows, cols) = super::frugal_matrix(shape);
+    let r = c.rank(shape);
+    let right = rows >= cols;
+    // low's shape, and up(x)[i][j] for a low-rank x.
+    let (a, b) = if right { (rows, r) } else { (r, cols) };
+    let low: Vec<f64> = (0..a * b)
+        .map(|e| {
+            let (i, j) = (e / b, e % b);
+            match right {
+                true => (0..cols)
+                    .map(|k| g[i * cols + k] * proj[j * cols + k])
+                    .sum(),
+                false => (0..rows)
+                    .map(|k| proj[i * rows + k] * g[k * cols + j])
+                    .sum(),
+            }
+        })
+        .collect();
+    let up = |x: &[f64], i: usize, j: usize| -> f64 {
+        match right {
+            true => (0..r).map(|q| x[i * r + q] * proj[q * cols + j]).sum(),
+            false => (0..r).map(|q| proj[q * rows + i] * x[q * cols + j]).sum(),
+        }
+    };
+    if (t - 1) % c.update_gap == 0 {
+        *m = vec![0.0; a * b];
+        *v = vec![0.0; a * b];
+    }
+    let local = ((t - 1) % c.update_gap + 1) as i32;
+    let (bc1, bc2) = (1.0 - h.beta1.powi(local), 1.0 - h.beta2.powi(local));
+    let dir: Vec<f64> = (0..a * b)
+        .map(|e| {
+            m[e] = h.beta1 * m[e] + (1.0 - h.beta1) * low[e];
+            v[e] = h.beta2 * v[e] + (1.0 - h.beta2) * low[e] * low[e];
+            -h.lr * (m[e] / bc1) / ((v[e] / bc2).sqrt() + h.eps)
+        })
+        .collect();
+    for i in 0..rows {
+        for j in 0..cols {
+            let e = i * cols + j;
+            let rest = g[e] - up(&low, i, j);
+            let sign = rest.signum() * (rest != 0.0) as u8 as f64;
+            p[e] = p[e] * (1.0 - h.lr * h.weight_decay) + up(&dir, i, j) - c.lr_free * sign;
+        }
+    }
+}
+
 /// One EControl worker step (`optim::econtrol`) in f64: `p = eta e + g - h`, `Δ` the `k`
 /// largest `|p|` (ties to the lower index), `e -= ...` and `h += Δ` in place as
 /// `e' = e + g - h - Δ`, `h' = h + Δ`. Returns the taken positions (increasing) and

@@ -202,6 +202,47 @@ fn frugal_after(i: &BTreeMap<String, HostTensor>, output: &str, subspace: Subspa
     }
 }
 
+/// `kiln run frugal --set subspace=svd` at a subspace's first step: the projection is the
+/// gradient's (f64 one-sided Jacobi here, the device's in f32 there: the same subspace, the
+/// sign of each vector aside, which the step does not see), the moments start at zero.
+fn frugal_svd_after(i: &BTreeMap<String, HostTensor>) -> Vec<f64> {
+    let mut p = i["param"].to_f64();
+    let g = i["grad"].to_f64();
+    let h = Hyper {
+        lr: 0.01,
+        weight_decay: 0.1,
+        ..Hyper::defaults(Rule::AdamW)
+    };
+    let c = super::FrugalConfig {
+        lr_free: 0.002,
+        density: 0.4,
+        subspace: Subspace::Svd,
+        ..Default::default()
+    };
+    let shape = i["param"].shape.clone();
+    let proj = reference::frugal_svd_projection(&c, &shape, &g);
+    let (mut m, mut v) = (Vec::new(), Vec::new());
+    reference::frugal_svd_step(&h, &c, 1, &shape, &mut p, &g, &proj, &mut m, &mut v);
+    p
+}
+
+/// A 7 x 5 matrix (rank 2 of 5 at density 0.4).
+fn frugal_svd_inputs(r: &mut Rng) -> CaseInputs {
+    vec![
+        ("param", vec![7, 5], r.normals(35, 1.0)),
+        ("grad", vec![7, 5], r.normals(35, 1.0)),
+    ]
+}
+
+const FRUGAL_SVD_PARAMS: &[(&str, &str)] = &[
+    ("lr", "0.01"),
+    ("weight_decay", "0.1"),
+    ("lr_free", "0.002"),
+    ("density", "0.4"),
+    ("subspace", "svd"),
+    ("step", "1"),
+];
+
 fn frugal_inputs(r: &mut Rng) -> CaseInputs {
     vec![
         ("param", vec![37], r.normals(37, 1.0)),
@@ -354,6 +395,16 @@ pub fn cases() -> Vec<Case> {
             params: FRUGAL_COLUMN_PARAMS,
             output: "param",
             reference: |i| frugal_after(i, "param", Subspace::Columns),
+            ulps: 16.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "frugal",
+            what: "a 7 x 5 matrix, svd: 2 right singular vectors, step 1",
+            inputs: frugal_svd_inputs,
+            params: FRUGAL_SVD_PARAMS,
+            output: "param",
+            reference: frugal_svd_after,
             ulps: 16.0,
             floor: 1.0,
         },

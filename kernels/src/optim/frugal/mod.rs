@@ -35,8 +35,10 @@
 //! redraws, grouping into launches, resuming); its kernels are in `kernels.rs`.
 
 mod kernels;
+mod svd;
 
 pub use kernels::*;
+pub use svd::*;
 
 use super::adam::{adam_constants, adam_direction, adam_moments};
 use super::slots::{
@@ -72,6 +74,10 @@ kiln_runtime::comptime_enum! {
         /// projection, BAdam-like, random block order): those hold Adam state on every
         /// coordinate, the others none; the state is laid out anew at each redraw.
         Blocks = "blocks",
+        /// The leading `ceil(density · min(rows, cols))` singular vectors of the
+        /// gradient (FRUGAL's SVD projection, GaLore's subspace): Adam on the projected
+        /// gradient, signSGD on the residual. [`FrugalSvd`] (not [`Frugal`]) steps it.
+        Svd = "svd",
     }
 }
 
@@ -164,11 +170,15 @@ impl FrugalConfig {
     /// [`frugal_matrix`] times a line's length.
     ///
     /// For blocks: an active tensor's, all of it ([`FrugalConfig::active_tensors`] says
-    /// which are).
+    /// which are). For svd: the elements of each moment, `rank · max(rows, cols)`.
     pub fn active(&self, shape: &[usize]) -> usize {
         let n = shape.iter().product();
         match (self.subspace, self.lines(shape)) {
             (Subspace::Blocks, _) => n,
+            (Subspace::Svd, _) => {
+                let (rows, cols) = frugal_matrix(shape);
+                self.rank(shape) * rows.max(cols)
+            }
             (_, Some((lines, taken))) => taken * (n / lines.max(1)),
             (_, None) => self.taken(n),
         }
@@ -232,11 +242,18 @@ impl FrugalConfig {
     pub fn lines(&self, shape: &[usize]) -> Option<(usize, usize)> {
         let (rows, cols) = frugal_matrix(shape);
         let lines = match self.subspace {
-            Subspace::Coordinates | Subspace::Blocks => return None,
+            Subspace::Coordinates | Subspace::Blocks | Subspace::Svd => return None,
             Subspace::Rows => rows,
             Subspace::Columns => cols,
         };
         Some((lines, self.taken(lines)))
+    }
+
+    /// The SVD subspace's rank for a tensor of `shape`: `ceil(density · min(rows, cols))`
+    /// of [`frugal_matrix`], at least 1 (0 for an empty tensor).
+    pub fn rank(&self, shape: &[usize]) -> usize {
+        let (rows, cols) = frugal_matrix(shape);
+        self.taken(rows.min(cols))
     }
 
     /// `ceil(density · count)`, at least 1 of a non-empty set.
@@ -361,6 +378,13 @@ impl Frugal {
             });
         };
         config.check_blocks(params.len())?;
+        if config.subspace == Subspace::Svd {
+            return Err(Error::Param {
+                param: "subspace".into(),
+                expected: "coordinates, rows, columns or blocks (svd: FrugalSvd steps it)".into(),
+                found: "svd".into(),
+            });
+        }
         if !moments.is_empty() && moments.len() != params.len() {
             return Err(Error::Param {
                 param: "moments".into(),
