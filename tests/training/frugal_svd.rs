@@ -193,7 +193,7 @@ fn config() -> FrugalConfig {
 /// one's master copy) and moment within 1e-6.
 #[test]
 fn steps_across_subspaces_match_the_f64_reference() {
-    let shapes: Vec<Vec<usize>> = vec![
+    let shapes = [
         vec![13, 9],
         vec![6, 11],
         vec![10],
@@ -201,11 +201,36 @@ fn steps_across_subspaces_match_the_f64_reference() {
         vec![12, 8],
     ];
     let dtypes = [DType::F32, DType::F32, DType::F32, DType::F32, DType::F16];
-    let c = config();
-    let mut rng = Rng::new(44);
+    steps_match(&shapes, &dtypes, config(), &[3, 2, 1, 1, 2], 44);
+}
+
+/// At density 1 (`r = min(rows, cols)`) the projection spans everything: the residual is
+/// zero, its rounding is not signed (a mutation that signs it moves every coordinate by
+/// `lr_free`, 3e-3, and fails), and the step is Adam in the singular basis.
+#[test]
+fn full_rank_steps_have_no_sign_term() {
+    let c = FrugalConfig {
+        density: 1.0,
+        ..config()
+    };
+    let shapes = [vec![6, 4], vec![3, 5], vec![5, 5]];
+    let dtypes = [DType::F32, DType::F32, DType::F16];
+    steps_match(&shapes, &dtypes, c, &[4, 3, 5], 45);
+}
+
+/// Seven steps of a list from `seed`; see [`steps_across_subspaces_match_the_f64_reference`].
+fn steps_match(
+    shapes: &[Vec<usize>],
+    dtypes: &[DType],
+    c: FrugalConfig,
+    ranks: &[usize],
+    seed: u64,
+) {
+    let dtypes = dtypes.to_vec();
+    let mut rng = Rng::new(seed);
     let mut p: Vec<Vec<f64>> = shapes
         .iter()
-        .zip(dtypes)
+        .zip(dtypes.iter().copied())
         .map(|(s, d)| {
             let n = s.iter().product();
             down(&up(d, &[n], &f32s(&mut rng, n)))
@@ -214,19 +239,19 @@ fn steps_across_subspaces_match_the_f64_reference() {
     let ts: Vec<_> = shapes
         .iter()
         .zip(&p)
-        .zip(dtypes)
+        .zip(dtypes.iter().copied())
         .map(|((s, v), d)| up(d, s, v))
         .collect();
     let refs: Vec<&kiln::Tensor> = ts.iter().collect();
     let mut opt = FrugalSvd::new_multi(&refs, hyper(), c).unwrap();
-    let ranks: Vec<usize> = (0..shapes.len()).map(|i| opt.rank_of(i).unwrap()).collect();
-    assert_eq!(ranks, [3, 2, 1, 1, 2], "ceil(density min(rows, cols))");
+    let got: Vec<usize> = (0..shapes.len()).map(|i| opt.rank_of(i).unwrap()).collect();
+    assert_eq!(got, ranks, "ceil(density min(rows, cols))");
     let mut proj = vec![Vec::new(); shapes.len()];
     let mut moments = vec![(Vec::new(), Vec::new()); shapes.len()];
     for step in 1..=7u64 {
         let g: Vec<Vec<f64>> = shapes
             .iter()
-            .zip(dtypes)
+            .zip(dtypes.iter().copied())
             .map(|(s, d)| {
                 let n = s.iter().product();
                 down(&up(d, &[n], &f32s(&mut rng, n)))
@@ -235,7 +260,7 @@ fn steps_across_subspaces_match_the_f64_reference() {
         let gt: Vec<_> = shapes
             .iter()
             .zip(&g)
-            .zip(dtypes)
+            .zip(dtypes.iter().copied())
             .map(|((s, v), d)| up(d, s, v))
             .collect();
         let grefs: Vec<&kiln::Tensor> = gt.iter().collect();
@@ -370,4 +395,8 @@ fn bad_input_is_refused_by_name() {
     opt.config.density = 0.5;
     let e = opt.step_multi(&[&t], &[&t]).err().unwrap();
     assert_clear(e, &["density", "0.25", "0.5"]);
+    opt.config.density = 0.25;
+    opt.config.subspace = Subspace::Rows;
+    let e = opt.step_multi(&[&t], &[&t]).err().unwrap();
+    assert_clear(e, &["subspace", "svd", "rows"]);
 }

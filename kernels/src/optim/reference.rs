@@ -228,7 +228,8 @@ pub fn frugal_svd_projection(c: &super::FrugalConfig, shape: &[usize], g: &[f64]
 /// tensor of `shape`) by `g`, with the low-rank moments `m`, `v` (zeroed at a subspace's
 /// first step): `low = G P^T` or `P G`, Adam on it (bias corrections from the
 /// subspace's start), `p = p (1 - lr wd) + up(-lr m̂ / (sqrt(v̂) + eps)) - lr_free
-/// sign(G - up(low))`.
+/// sign(G - up(low))`, the last term left out at full rank (`r = min(rows, cols)`, where
+/// the residual is zero).
 #[allow(clippy::too_many_arguments)]
 pub fn frugal_svd_step(
     h: &Hyper,
@@ -278,12 +279,14 @@ pub fn frugal_svd_step(
             -h.lr * (m[e] / bc1) / ((v[e] / bc2).sqrt() + h.eps)
         })
         .collect();
+    // At full rank P spans everything: the residual is zero (its rounding is not signed).
+    let lr_free = if r == rows.min(cols) { 0.0 } else { c.lr_free };
     for i in 0..rows {
         for j in 0..cols {
             let e = i * cols + j;
             let rest = g[e] - up(&low, i, j);
             let sign = rest.signum() * (rest != 0.0) as u8 as f64;
-            p[e] = p[e] * (1.0 - h.lr * h.weight_decay) + up(&dir, i, j) - c.lr_free * sign;
+            p[e] = p[e] * (1.0 - h.lr * h.weight_decay) + up(&dir, i, j) - lr_free * sign;
         }
     }
 }

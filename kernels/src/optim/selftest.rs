@@ -234,6 +234,62 @@ fn frugal_svd_inputs(r: &mut Rng) -> CaseInputs {
     ]
 }
 
+/// `kiln run frugal --set subspace=svd` mid-subspace (step 3 of 200): the given projection
+/// and moments step on, nothing is recomputed.
+fn frugal_svd_mid_after(i: &BTreeMap<String, HostTensor>) -> Vec<f64> {
+    let mut p = i["param"].to_f64();
+    let h = Hyper {
+        lr: 0.01,
+        weight_decay: 0.1,
+        ..Hyper::defaults(Rule::AdamW)
+    };
+    let c = super::FrugalConfig {
+        lr_free: 0.002,
+        density: 0.4,
+        subspace: Subspace::Svd,
+        ..Default::default()
+    };
+    let shape = i["param"].shape.clone();
+    let (mut m, mut v) = (i["m"].to_f64(), i["v"].to_f64());
+    let proj = i["projection"].to_f64();
+    let g = i["grad"].to_f64();
+    reference::frugal_svd_step(&h, &c, 3, &shape, &mut p, &g, &proj, &mut m, &mut v);
+    p
+}
+
+/// A 5 x 8 matrix mid-subspace: rank 2 of 5, left side (`P` [2, 5], rows orthonormal by
+/// Gram-Schmidt; moments [2, 8]).
+fn frugal_svd_mid_inputs(r: &mut Rng) -> CaseInputs {
+    let a = r.normals(5, 1.0);
+    let mut b = r.normals(5, 1.0);
+    let norm = |x: &[f64]| x.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let a: Vec<f64> = a.iter().map(|v| v / norm(&a)).collect();
+    let dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+    b.iter_mut().zip(&a).for_each(|(y, x)| *y -= dot * x);
+    let nb = norm(&b);
+    let proj = a.into_iter().chain(b.into_iter().map(|v| v / nb)).collect();
+    vec![
+        ("param", vec![5, 8], r.normals(40, 1.0)),
+        ("grad", vec![5, 8], r.normals(40, 1.0)),
+        ("projection", vec![2, 5], proj),
+        ("m", vec![2, 8], r.normals(16, 0.2)),
+        (
+            "v",
+            vec![2, 8],
+            r.normals(16, 0.3).into_iter().map(|x| x * x).collect(),
+        ),
+    ]
+}
+
+const FRUGAL_SVD_MID_PARAMS: &[(&str, &str)] = &[
+    ("lr", "0.01"),
+    ("weight_decay", "0.1"),
+    ("lr_free", "0.002"),
+    ("density", "0.4"),
+    ("subspace", "svd"),
+    ("step", "3"),
+];
+
 const FRUGAL_SVD_PARAMS: &[(&str, &str)] = &[
     ("lr", "0.01"),
     ("weight_decay", "0.1"),
@@ -405,6 +461,16 @@ pub fn cases() -> Vec<Case> {
             params: FRUGAL_SVD_PARAMS,
             output: "param",
             reference: frugal_svd_after,
+            ulps: 16.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "frugal",
+            what: "a 5 x 8 matrix, svd mid-subspace: projection and moments given, step 3",
+            inputs: frugal_svd_mid_inputs,
+            params: FRUGAL_SVD_MID_PARAMS,
+            output: "param",
+            reference: frugal_svd_mid_after,
             ulps: 16.0,
             floor: 1.0,
         },

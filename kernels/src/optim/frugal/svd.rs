@@ -14,12 +14,14 @@
 //!
 //! The singular vectors come from the device's one-sided Jacobi ([`crate::svd`]); a step
 //! is five launches per tensor (the low-rank product, Adam on it, the two products back,
-//! the update) and one to advance the device step counter, no host synchronisation
+//! the update; a sixth copies an f16/bf16 gradient to f32; at full rank, `r = s`, the
+//! residual is zero and neither formed nor signed, since its rounding would move every
+//! coordinate by `lr_free`) and one to advance the device step counter, no host synchronisation
 //! (a new P adds the Jacobi sweeps, which read one value per sweep back). State per
 //! tensor: `P` (`4 r s` bytes; also transposed, `4 r rows`, when the left side is
 //! taken), the moments (`8 r max(rows, cols)`) and, for an f16/bf16 tensor, its f32
-//! master copy; scratch during a step: the low-rank gradient and direction and two
-//! `[rows, cols]` f32 products. The rank is `ceil(density s)` (the authors round; kiln's
+//! master copy; scratch during a step: the low-rank gradient and direction, two
+//! `[rows, cols]` f32 products and a half gradient's f32 copy. The rank is `ceil(density s)` (the authors round; kiln's
 //! line and block subspaces count `ceil` too), at least 1.
 
 use super::super::adam::{adam_constants, adam_direction_of, adam_moments_of};
@@ -319,6 +321,13 @@ impl FrugalSvd {
         }
         self.hyper.check(Rule::AdamW)?;
         self.config.check()?;
+        if self.config.subspace != Subspace::Svd {
+            return Err(Error::Param {
+                param: "subspace".into(),
+                expected: "svd (as created: FrugalSvd steps only the SVD subspace)".into(),
+                found: self.config.subspace.to_string(),
+            });
+        }
         if self.config.density != self.density {
             return Err(Error::Param {
                 param: "density".into(),
@@ -395,15 +404,19 @@ impl FrugalSvd {
             residual: Some(&g),
             ..plain
         };
-        let (up, rest) = match (t.side, &t.transposed) {
-            (Side::Left, Some(pt)) => (
-                matmul(pt, &dir, false, plain)?,
-                matmul(pt, &low, false, with_g)?,
-            ),
-            _ => (
-                matmul(&dir, &t.projection, false, plain)?,
-                matmul(&low, &t.projection, false, with_g)?,
-            ),
+        // At full rank (r = min(rows, cols)) P spans everything and the residual is zero:
+        // its rounding noise is not signed (lr_free 0), and its product is not formed.
+        let full = t.rank == rows.min(cols);
+        let lr_free = if full { 0.0 } else { lr_free };
+        let back = |x: &Tensor, epilogue| match (t.side, &t.transposed) {
+            (Side::Left, Some(pt)) => matmul(pt, x, false, epilogue),
+            _ => matmul(x, &t.projection, false, epilogue),
+        };
+        let up = back(&dir, plain)?;
+        let rest = if full {
+            up.clone()
+        } else {
+            back(&low, with_g)?
         };
         let has_master = t.dtype != DType::F32;
         FrugalProjectedUpdate::tuned(
