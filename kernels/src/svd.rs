@@ -66,13 +66,7 @@ pub fn top_singular_vectors(x: &Tensor, r: usize, side: Side) -> Result<Singular
     let client = x.client();
     check_input("x", x, client)?;
     x.expect_dtype("x", &[DType::F32, DType::F16, DType::BF16])?;
-    let &[rows, cols] = x.shape() else {
-        return Err(Error::Shape {
-            tensor: "x".into(),
-            expected: "[rows, cols] (a matrix)".into(),
-            found: shape_str(x.shape()),
-        });
-    };
+    let [rows, cols] = matrix_dims(x)?;
     // The rows Jacobi orthogonalises: X's (left) or X^T's (right).
     let (s, l) = match side {
         Side::Left => (rows, cols),
@@ -199,15 +193,21 @@ pub fn load_f32(x: &Tensor, transpose: bool) -> Result<Tensor> {
     load_padded(x, transpose, 1)
 }
 
-/// [`load_f32`] with each row zero-padded to a multiple of `align` elements (`[rows', l']`).
-fn load_padded(x: &Tensor, transpose: bool, align: usize) -> Result<Tensor> {
-    let &[rows, cols] = x.shape() else {
-        return Err(Error::Shape {
+/// `x`'s `[rows, cols]`, or an error naming `x` unless it is a matrix.
+fn matrix_dims(x: &Tensor) -> Result<[usize; 2]> {
+    match *x.shape() {
+        [rows, cols] => Ok([rows, cols]),
+        _ => Err(Error::Shape {
             tensor: "x".into(),
             expected: "[rows, cols] (a matrix)".into(),
             found: shape_str(x.shape()),
-        });
-    };
+        }),
+    }
+}
+
+/// [`load_f32`] with each row zero-padded to a multiple of `align` elements (`[rows', l']`).
+fn load_padded(x: &Tensor, transpose: bool, align: usize) -> Result<Tensor> {
+    let [rows, cols] = matrix_dims(x)?;
     let (out_rows, l) = if transpose {
         (cols, rows)
     } else {

@@ -226,22 +226,19 @@ fn steps_match(
     ranks: &[usize],
     seed: u64,
 ) {
-    let dtypes = dtypes.to_vec();
     let mut rng = Rng::new(seed);
-    let mut p: Vec<Vec<f64>> = shapes
-        .iter()
-        .zip(dtypes.iter().copied())
-        .map(|(s, d)| {
-            let n = s.iter().product();
-            down(&up(d, &[n], &f32s(&mut rng, n)))
-        })
-        .collect();
-    let ts: Vec<_> = shapes
-        .iter()
-        .zip(&p)
-        .zip(dtypes.iter().copied())
-        .map(|((s, v), d)| up(d, s, v))
-        .collect();
+    // A random tensor of each shape and dtype: its values (rounded to the dtype) and it.
+    let mut draw = || -> (Vec<Vec<f64>>, Vec<kiln::Tensor>) {
+        shapes
+            .iter()
+            .zip(dtypes)
+            .map(|(s, &d)| {
+                let t = up(d, s, &f32s(&mut rng, s.iter().product()));
+                (down(&t), t)
+            })
+            .unzip()
+    };
+    let (mut p, ts) = draw();
     let refs: Vec<&kiln::Tensor> = ts.iter().collect();
     let mut opt = FrugalSvd::new_multi(&refs, hyper(), c).unwrap();
     let got: Vec<usize> = (0..shapes.len()).map(|i| opt.rank_of(i).unwrap()).collect();
@@ -249,20 +246,7 @@ fn steps_match(
     let mut proj = vec![Vec::new(); shapes.len()];
     let mut moments = vec![(Vec::new(), Vec::new()); shapes.len()];
     for step in 1..=7u64 {
-        let g: Vec<Vec<f64>> = shapes
-            .iter()
-            .zip(dtypes.iter().copied())
-            .map(|(s, d)| {
-                let n = s.iter().product();
-                down(&up(d, &[n], &f32s(&mut rng, n)))
-            })
-            .collect();
-        let gt: Vec<_> = shapes
-            .iter()
-            .zip(&g)
-            .zip(dtypes.iter().copied())
-            .map(|((s, v), d)| up(d, s, v))
-            .collect();
+        let (g, gt) = draw();
         let grefs: Vec<&kiln::Tensor> = gt.iter().collect();
         opt.step_multi(&refs, &grefs).unwrap();
         for i in 0..shapes.len() {

@@ -62,3 +62,16 @@ pub use topk::{
     TopkRadixChoose, TopkRadixChooseArgs, TopkRadixHistogram, TopkRadixHistogramArgs, TopkSample,
     TopkSampleArgs, TopkScan, TopkScanArgs, TopkWrite, TopkWriteArgs,
 };
+
+/// An error naming `params` unless a step got one param and one grad for each of the
+/// `count` tensors the optimizer was created with.
+fn expect_list(count: usize, params: usize, grads: usize) -> kiln_runtime::Result<()> {
+    if params == count && grads == count {
+        return Ok(());
+    }
+    Err(kiln_runtime::Error::Param {
+        param: "params".into(),
+        expected: format!("{count} params and grads (as created)"),
+        found: format!("{params} params, {grads} grads"),
+    })
+}

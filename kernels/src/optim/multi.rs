@@ -262,13 +262,7 @@ impl MultiTensorStep {
     /// counter. No host synchronisation.
     pub fn step(&mut self, weights: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
         let n = self.slots.len();
-        if weights.len() != n || grads.len() != n {
-            return Err(Error::Param {
-                param: "params".into(),
-                expected: format!("{n} params and grads (as created)"),
-                found: format!("{} params, {} grads", weights.len(), grads.len()),
-            });
-        }
+        super::expect_list(n, weights.len(), grads.len())?;
         for (i, (s, (w, g))) in self.slots.iter().zip(weights.iter().zip(grads)).enumerate() {
             let (wn, gn) = (format!("param[{i}]"), format!("grad[{i}]"));
             check_input(&wn, w, self.state.client())?;

@@ -202,10 +202,12 @@ fn frugal_after(i: &BTreeMap<String, HostTensor>, output: &str, subspace: Subspa
     }
 }
 
-/// `kiln run frugal --set subspace=svd` at a subspace's first step: the projection is the
-/// gradient's (f64 one-sided Jacobi here, the device's in f32 there: the same subspace, the
-/// sign of each vector aside, which the step does not see), the moments start at zero.
-fn frugal_svd_after(i: &BTreeMap<String, HostTensor>) -> Vec<f64> {
+/// `kiln run frugal --set subspace=svd` at `step` (of update_gap 200). At a subspace's
+/// first step the projection is the gradient's (f64 one-sided Jacobi here, the device's in
+/// f32 there: the same subspace, the sign of each vector aside, which the step does not
+/// see) and the moments start at zero; mid-subspace the given projection and moments step
+/// on, nothing recomputed.
+fn frugal_svd_after(i: &BTreeMap<String, HostTensor>, step: u64) -> Vec<f64> {
     let mut p = i["param"].to_f64();
     let g = i["grad"].to_f64();
     let h = Hyper {
@@ -220,9 +222,15 @@ fn frugal_svd_after(i: &BTreeMap<String, HostTensor>) -> Vec<f64> {
         ..Default::default()
     };
     let shape = i["param"].shape.clone();
-    let proj = reference::frugal_svd_projection(&c, &shape, &g);
-    let (mut m, mut v) = (Vec::new(), Vec::new());
-    reference::frugal_svd_step(&h, &c, 1, &shape, &mut p, &g, &proj, &mut m, &mut v);
+    let (proj, mut m, mut v) = match step {
+        1 => (
+            reference::frugal_svd_projection(&c, &shape, &g),
+            Vec::new(),
+            Vec::new(),
+        ),
+        _ => (i["projection"].to_f64(), i["m"].to_f64(), i["v"].to_f64()),
+    };
+    reference::frugal_svd_step(&h, &c, step, &shape, &mut p, &g, &proj, &mut m, &mut v);
     p
 }
 
@@ -232,29 +240,6 @@ fn frugal_svd_inputs(r: &mut Rng) -> CaseInputs {
         ("param", vec![7, 5], r.normals(35, 1.0)),
         ("grad", vec![7, 5], r.normals(35, 1.0)),
     ]
-}
-
-/// `kiln run frugal --set subspace=svd` mid-subspace (step 3 of 200): the given projection
-/// and moments step on, nothing is recomputed.
-fn frugal_svd_mid_after(i: &BTreeMap<String, HostTensor>) -> Vec<f64> {
-    let mut p = i["param"].to_f64();
-    let h = Hyper {
-        lr: 0.01,
-        weight_decay: 0.1,
-        ..Hyper::defaults(Rule::AdamW)
-    };
-    let c = super::FrugalConfig {
-        lr_free: 0.002,
-        density: 0.4,
-        subspace: Subspace::Svd,
-        ..Default::default()
-    };
-    let shape = i["param"].shape.clone();
-    let (mut m, mut v) = (i["m"].to_f64(), i["v"].to_f64());
-    let proj = i["projection"].to_f64();
-    let g = i["grad"].to_f64();
-    reference::frugal_svd_step(&h, &c, 3, &shape, &mut p, &g, &proj, &mut m, &mut v);
-    p
 }
 
 /// A 5 x 8 matrix mid-subspace: rank 2 of 5, left side (`P` [2, 5], rows orthonormal by
@@ -460,7 +445,7 @@ pub fn cases() -> Vec<Case> {
             inputs: frugal_svd_inputs,
             params: FRUGAL_SVD_PARAMS,
             output: "param",
-            reference: frugal_svd_after,
+            reference: |i| frugal_svd_after(i, 1),
             ulps: 16.0,
             floor: 1.0,
         },
@@ -470,7 +455,7 @@ pub fn cases() -> Vec<Case> {
             inputs: frugal_svd_mid_inputs,
             params: FRUGAL_SVD_MID_PARAMS,
             output: "param",
-            reference: frugal_svd_mid_after,
+            reference: |i| frugal_svd_after(i, 3),
             ulps: 16.0,
             floor: 1.0,
         },

@@ -657,29 +657,11 @@ impl Frugal {
     /// and one to advance the step counter, no host synchronisation (a redraw adds a selection per tensor).
     pub fn step_multi(&mut self, params: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
         let count = self.packed.len();
-        if params.len() != count || grads.len() != count {
-            return Err(Error::Param {
-                param: "params".into(),
-                expected: format!("{count} params and grads (as created)"),
-                found: format!("{} params, {} grads", params.len(), grads.len()),
-            });
-        }
+        super::expect_list(count, params.len(), grads.len())?;
         let client = self.state.client().clone();
         for (i, (p, (param, grad))) in self.packed.iter().zip(params.iter().zip(grads)).enumerate()
         {
-            let (pn, gn) = (param_name(count, "param", i), param_name(count, "grad", i));
-            check_input(&pn, param, &client)?;
-            param.expect_dtype(&pn, &[p.dtype])?;
-            if param.numel() != p.n {
-                return Err(Error::Shape {
-                    tensor: pn,
-                    expected: format!("{} elements (as created)", p.n),
-                    found: format!("{:?}", param.shape()),
-                });
-            }
-            check_input(&gn, grad, &client)?;
-            grad.expect_dtype(&gn, &[p.dtype])?;
-            expect_shape(&gn, grad, param.shape(), "param's shape")?;
+            check_step_pair(count, i, param, grad, p.n, p.dtype, &client)?;
         }
         self.hyper.check(Rule::AdamW)?;
         self.config.check()?;
@@ -881,6 +863,33 @@ fn pack(
         state += 2 * k + if p.master() { n } else { 0 };
     }
     (packed, indices, words, state)
+}
+
+/// Checks tensor `i` of a list of `count` at a step: `param` on `client`, of `dtype` and
+/// `n` elements (as created), `grad` of its dtype and shape; errors name `param[i]` or
+/// `grad[i]` (`param` / `grad` for a list of one).
+fn check_step_pair(
+    count: usize,
+    i: usize,
+    param: &Tensor,
+    grad: &Tensor,
+    n: usize,
+    dtype: DType,
+    client: &kiln_runtime::Client,
+) -> Result<()> {
+    let (pn, gn) = (param_name(count, "param", i), param_name(count, "grad", i));
+    check_input(&pn, param, client)?;
+    param.expect_dtype(&pn, &[dtype])?;
+    if param.numel() != n {
+        return Err(Error::Shape {
+            tensor: pn,
+            expected: format!("{n} elements (as created)"),
+            found: format!("{:?}", param.shape()),
+        });
+    }
+    check_input(&gn, grad, client)?;
+    grad.expect_dtype(&gn, &[dtype])?;
+    expect_shape(&gn, grad, param.shape(), "param's shape")
 }
 
 /// `param` for a one-tensor list (as the single-tensor API names it), `param[i]` else.

@@ -26,7 +26,7 @@
 
 use super::super::adam::{adam_constants, adam_direction_of, adam_moments_of};
 use super::super::{Hyper, OptimAdvanceStep, OptimAdvanceStepArgs, Rule};
-use super::{frugal_matrix, param_name, FrugalConfig, Subspace};
+use super::{check_step_pair, frugal_matrix, param_name, FrugalConfig, Subspace};
 use crate::launch::{check_input, expect_shape, upload_u32};
 use crate::matmul::{matmul, Epilogue};
 use crate::svd::{load_f32, top_singular_vectors, Side};
@@ -291,13 +291,7 @@ impl FrugalSvd {
     /// taken from that step's gradient and the moments restart from zero.
     pub fn step_multi(&mut self, params: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
         let count = self.tensors.len();
-        if params.len() != count || grads.len() != count {
-            return Err(Error::Param {
-                param: "params".into(),
-                expected: format!("{count} params and grads (as created)"),
-                found: format!("{} params, {} grads", params.len(), grads.len()),
-            });
-        }
+        super::super::expect_list(count, params.len(), grads.len())?;
         let client = self.counter.client().clone();
         for (i, (t, (param, grad))) in self
             .tensors
@@ -305,19 +299,7 @@ impl FrugalSvd {
             .zip(params.iter().zip(grads))
             .enumerate()
         {
-            let (pn, gn) = (param_name(count, "param", i), param_name(count, "grad", i));
-            check_input(&pn, param, &client)?;
-            param.expect_dtype(&pn, &[t.dtype])?;
-            if param.numel() != t.rows * t.cols {
-                return Err(Error::Shape {
-                    tensor: pn,
-                    expected: format!("{} elements (as created)", t.rows * t.cols),
-                    found: format!("{:?}", param.shape()),
-                });
-            }
-            check_input(&gn, grad, &client)?;
-            grad.expect_dtype(&gn, &[t.dtype])?;
-            expect_shape(&gn, grad, param.shape(), "param's shape")?;
+            check_step_pair(count, i, param, grad, t.rows * t.cols, t.dtype, &client)?;
         }
         self.hyper.check(Rule::AdamW)?;
         self.config.check()?;
