@@ -5,7 +5,7 @@
 //! subspaces for both projection sides, a vector, a rank-3 tensor and an f16 tensor with
 //! its master copy, resuming mid-subspace bitwise, and bad input.
 
-use crate::common::{assert_clear, down, up};
+use crate::common::{assert_clear, client, down, up};
 use kiln::check::{max_rel_error, Rng};
 use kiln::kernels::optim::{
     frugal_matrix, reference, Frugal, FrugalConfig, FrugalSvd, Hyper, Rule, Subspace,
@@ -383,4 +383,29 @@ fn bad_input_is_refused_by_name() {
     opt.config.subspace = Subspace::Rows;
     let e = opt.step_multi(&[&t], &[&t]).err().unwrap();
     assert_clear(e, &["subspace", "svd", "rows"]);
+    // Through `kiln run`'s registry: mid-subspace without the state's inputs, an
+    // update_gap of 0 (before any modulo), a projection for another subspace.
+    let op = kiln::kernels::op("frugal").unwrap();
+    let run = |params: &[(&str, &str)], with_projection: bool| {
+        let mut tensors = std::collections::BTreeMap::new();
+        tensors.insert("param".to_string(), t.clone());
+        tensors.insert("grad".to_string(), t.clone());
+        if with_projection {
+            tensors.insert("projection".to_string(), wrong.clone());
+        }
+        let params = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        op.call(client(), tensors, params).err().unwrap()
+    };
+    let e = run(&[("subspace", "svd"), ("step", "3")], false);
+    assert_clear(e, &["projection, m, v", "step 3", "none"]);
+    let e = run(
+        &[("subspace", "svd"), ("update_gap", "0"), ("step", "3")],
+        false,
+    );
+    assert_clear(e, &["update_gap", ">= 1", "0"]);
+    let e = run(&[("subspace", "rows")], true);
+    assert_clear(e, &["projection", "svd", "rows"]);
 }

@@ -91,9 +91,21 @@ fn prepare_frugal(a: &OpArgs) -> Result<(Prepared, Tensor)> {
         }
     };
     let projection = a.optional_tensor("projection");
+    config.check()?;
     let mut opt = if config.subspace == Subspace::Svd {
         let state = match (projection, moments) {
             (Some(p), Some((m, v))) => vec![Some((p, m, v))],
+            (None, None) if (step - 1) % config.update_gap != 0 => {
+                return Err(Error::Param {
+                    param: "projection, m, v".into(),
+                    expected: format!(
+                        "the subspace's projection and moments as inputs at step {step} \
+                         (mid-subspace: new ones are taken at steps 1, 1 + update_gap ({}), ...)",
+                        config.update_gap
+                    ),
+                    found: "none".into(),
+                })
+            }
             (None, None) => vec![],
             _ => {
                 return Err(Error::Param {
