@@ -109,7 +109,9 @@ pub fn top_singular_vectors(x: &Tensor, r: usize, side: Side) -> Result<Singular
     let frobenius: f64 = row_norms(&work, s, lp)?.iter().map(|n| n * n).sum();
     let null = (l as f64 * f32::EPSILON as f64).powi(2) * frobenius;
     let (mut sweeps, mut off_diagonal) = (0, 0.0);
-    while players > 1 && sweeps < MAX_SWEEPS && l > 0 {
+    // A NaN or an infinite |X|_F (an entry whose square overflows f32) leaves no
+    // trustworthy rotation and no null-space bound: no sweep, V^T = I.
+    while players > 1 && sweeps < MAX_SWEEPS && l > 0 && frobenius.is_finite() {
         for round in 0..players - 1 {
             SvdJacobiRound::tuned(
                 client,

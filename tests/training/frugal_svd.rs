@@ -348,6 +348,35 @@ fn resume_mid_subspace_is_bitwise() {
     assert_clear(e, &["projection", "mid-subspace"]);
 }
 
+/// Extreme gradients (one entry NaN, infinite, or 1e30, whose square overflows f32):
+/// no rotation can be trusted and the null-space bound is lost, so no sweep runs and the
+/// projection is rows of the identity (orthonormal); the step runs, a NaN reaching the
+/// parameter as Adam's would, with no panic and no hang (without the rule the NaN case
+/// ran two sweeps, rotating the finite rows with the null-space bound NaN).
+#[test]
+fn nan_and_infinite_gradients_neither_panic_nor_hang() {
+    for bad in [f64::NAN, f64::INFINITY, 1e30] {
+        let mut g = vec![0.25; 24];
+        g[7] = bad;
+        let grad = up(DType::F32, &[6, 4], &g);
+        let got = top_singular_vectors(&grad, 2, Side::Right).unwrap();
+        assert_eq!(got.sweeps, 0, "{bad}");
+        let v = down(&got.vectors);
+        for a in 0..2 {
+            for b in 0..2 {
+                let dot: f64 = (0..4).map(|k| v[a * 4 + k] * v[b * 4 + k]).sum();
+                assert_eq!(dot, (a == b) as u8 as f64, "{bad}: rows {a}, {b}");
+            }
+        }
+        let param = up(DType::F32, &[6, 4], &[0.5; 24]);
+        let mut opt = FrugalSvd::new_multi(&[&param], hyper(), config()).unwrap();
+        opt.step_multi(&[&param], &[&grad]).unwrap();
+        if bad.is_nan() {
+            assert!(down(&param).iter().any(|p| p.is_nan()), "NaN carried");
+        }
+    }
+}
+
 #[test]
 fn bad_input_is_refused_by_name() {
     let t = up(DType::F32, &[6, 4], &[0.5; 24]);
