@@ -171,11 +171,7 @@ fn econtrol_after(i: &BTreeMap<String, HostTensor>, output: &str) -> Vec<f64> {
 /// given) from the case's inputs.
 fn frugal_after(i: &BTreeMap<String, HostTensor>, output: &str, subspace: Subspace) -> Vec<f64> {
     let mut p = i["param"].to_f64();
-    let h = Hyper {
-        lr: 0.01,
-        weight_decay: 0.1,
-        ..Hyper::defaults(Rule::AdamW)
-    };
+    let h = hyper(Rule::AdamW);
     let c = super::FrugalConfig {
         lr_free: 0.002,
         seed: 5,
@@ -210,11 +206,7 @@ fn frugal_after(i: &BTreeMap<String, HostTensor>, output: &str, subspace: Subspa
 fn frugal_svd_after(i: &BTreeMap<String, HostTensor>, step: u64) -> Vec<f64> {
     let mut p = i["param"].to_f64();
     let g = i["grad"].to_f64();
-    let h = Hyper {
-        lr: 0.01,
-        weight_decay: 0.1,
-        ..Hyper::defaults(Rule::AdamW)
-    };
+    let h = hyper(Rule::AdamW);
     let c = super::FrugalConfig {
         lr_free: 0.002,
         density: 0.4,
