@@ -428,7 +428,10 @@ fn mark_verified(jobs: &mut [Job], archs: &[CudaArch]) {
 }
 
 /// Budget entries for the checked kernels and architectures that drop a configuration
-/// which no longer fails (nothing to drop: remove the line), one message each.
+/// which no longer fails (nothing to drop: remove the line), one message each. An entry
+/// is judged only where its own architecture (`from-arch`) was checked: an `sm_80` entry
+/// may spill on sm_80 alone and rightly drop (conservatively) on newer ones too, so a run
+/// with `--arch sm_90a` cannot call it stale.
 pub fn stale_entries(rows: &[Row]) -> Vec<String> {
     let mut out = Vec::new();
     for e in budget::entries() {
@@ -445,7 +448,10 @@ pub fn stale_entries(rows: &[Row]) -> Vec<String> {
                     && CudaArch::parse(&r.arch).is_ok_and(|a| a >= e.from)
             })
             .collect();
-        if !matching.is_empty()
+        let own_arch_checked = matching
+            .iter()
+            .any(|r| CudaArch::parse(&r.arch).is_ok_and(|a| a == e.from));
+        if own_arch_checked
             && !matching
                 .iter()
                 .any(|r| matches!(r.verdict, Verdict::Dropped(_)))

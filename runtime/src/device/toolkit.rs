@@ -6,8 +6,9 @@
 //!
 //! 1. `KILN_CUDA_INCLUDE`: include directories, `:`-separated;
 //! 2. `CUDA_PATH`, `/usr/local/cuda`, `/opt/cuda`, `/usr` (`<root>/include`, `<root>/lib64`);
-//! 3. NVIDIA's Python packages (`nvidia-cuda-runtime-cu12`, `nvidia-cuda-nvcc-cu12`,
-//!    `nvidia-cuda-nvrtc-cu12`) in `KILN_CUDA_TOOLKIT` (a `pip install --target`
+//! 3. NVIDIA's Python packages (CUDA 13: `nvidia-cuda-runtime`, `nvidia-cuda-crt`,
+//!    `nvidia-cuda-nvrtc`, sharing `nvidia/cu13/`; CUDA 12: `nvidia-cuda-runtime-cu12`,
+//!    `nvidia-cuda-nvcc-cu12`, `nvidia-cuda-nvrtc-cu12`) in `KILN_CUDA_TOOLKIT` (a `pip install --target`
 //!    directory, what `scripts/install-cuda-toolkit` makes), `$VIRTUAL_ENV`, and the
 //!    site-packages of `python3` on the `PATH` (`KILN_PYTHON` overrides).
 //!
@@ -36,7 +37,7 @@ pub struct CudaToolkit {
 }
 
 /// The one line a user reads when no headers were found.
-pub const INSTALL_HINT: &str = "CUDA headers not found (looked in KILN_CUDA_INCLUDE, CUDA_PATH, /usr/local/cuda, /opt/cuda and NVIDIA's Python packages); install a CUDA toolkit or run `pip install nvidia-cuda-runtime-cu12 nvidia-cuda-nvcc-cu12 nvidia-cuda-nvrtc-cu12` (or set KILN_CUDA_INCLUDE)";
+pub const INSTALL_HINT: &str = "CUDA headers not found (looked in KILN_CUDA_INCLUDE, CUDA_PATH, /usr/local/cuda, /opt/cuda and NVIDIA's Python packages); install a CUDA toolkit or run `pip install nvidia-cuda-runtime nvidia-cuda-crt nvidia-cuda-nvrtc` (CUDA 13; for 12: `nvidia-cuda-runtime-cu12 nvidia-cuda-nvcc-cu12 nvidia-cuda-nvrtc-cu12`), or set KILN_CUDA_INCLUDE";
 
 fn has_headers(dirs: &[PathBuf]) -> bool {
     let has = |rel: &str| dirs.iter().any(|d| d.join(rel).is_file());
@@ -55,6 +56,23 @@ fn nvrtc_in(dir: &Path) -> Option<PathBuf> {
         .collect();
     names.sort();
     names.into_iter().next()
+}
+
+/// NVRTC's builtins library in the directory of `nvrtc` (`libnvrtc-builtins.so.13.0`
+/// beside `libnvrtc.so.13`; not the `.alt` variant), if there.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn builtins_beside(nvrtc: &Path) -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(nvrtc.parent()?)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libnvrtc-builtins.so"))
+        })
+        .collect();
+    found.sort();
+    found.pop()
 }
 
 /// The site-packages directories to look in for NVIDIA's Python packages.
@@ -152,17 +170,29 @@ fn find_headers(
     }
     for site in sites() {
         let nv = site.join("nvidia");
-        let dirs: Vec<PathBuf> = ["cuda_runtime", "cuda_nvcc", "cuda_nvrtc"]
-            .iter()
-            .map(|p| nv.join(p).join("include"))
-            .filter(|d| d.is_dir())
-            .collect();
-        if has_headers(&dirs) {
-            return Ok(CudaToolkit {
-                include_dirs: dirs,
-                nvrtc: nvrtc_in(&nv.join("cuda_nvrtc").join("lib")),
-                found_by: format!("Python packages in {}", site.display()),
-            });
+        // CUDA 13's wheels share one `nvidia/cu13/{include,lib}` (`nvidia-cuda-runtime`,
+        // `nvidia-cuda-crt`, `nvidia-cuda-nvrtc` 13.x); CUDA 12's keep one directory per
+        // package. The newer layout first: headers and NVRTC of one release together.
+        let cu13 = nv.join("cu13");
+        let layouts: [(Vec<PathBuf>, PathBuf); 2] = [
+            (vec![cu13.join("include")], cu13.join("lib")),
+            (
+                ["cuda_runtime", "cuda_nvcc", "cuda_nvrtc"]
+                    .iter()
+                    .map(|p| nv.join(p).join("include"))
+                    .filter(|d| d.is_dir())
+                    .collect(),
+                nv.join("cuda_nvrtc").join("lib"),
+            ),
+        ];
+        for (dirs, lib) in layouts {
+            if has_headers(&dirs) {
+                return Ok(CudaToolkit {
+                    include_dirs: dirs,
+                    nvrtc: nvrtc_in(&lib),
+                    found_by: format!("Python packages in {}", site.display()),
+                });
+            }
         }
     }
     Err(INSTALL_HINT.into())
@@ -238,11 +268,17 @@ pub fn prepare() -> Result<&'static CudaToolkit, String> {
         .get_or_init(|| {
             #[cfg(feature = "cuda")]
             if let Some(lib) = &tk.nvrtc {
-                // SAFETY: loading NVRTC runs no initialiser with preconditions; the
-                // library stays loaded for the process (cudarc holds it by soname).
-                match unsafe { libloading::Library::new(lib) } {
-                    Ok(l) => std::mem::forget(l),
-                    Err(e) => return Err(format!("NVRTC at {}: {e}", lib.display())),
+                // NVRTC opens its builtins (`libnvrtc-builtins.so.13.0`) by name at its
+                // first compile, which fails where its directory is on no library path
+                // (NVIDIA's wheels, a toolkit outside ld.so.conf): loaded here by path
+                // first, the by-name open finds it by soname.
+                for l in builtins_beside(lib).iter().chain([lib]) {
+                    // SAFETY: loading NVRTC runs no initialiser with preconditions; the
+                    // library stays loaded for the process (cudarc holds it by soname).
+                    match unsafe { libloading::Library::new(l) } {
+                        Ok(l) => std::mem::forget(l),
+                        Err(e) => return Err(format!("NVRTC at {}: {e}", l.display())),
+                    }
                 }
             }
             let root = tk
@@ -311,6 +347,32 @@ mod tests {
     }
 
     #[test]
+    fn finds_cuda_13_wheels_sharing_one_directory() {
+        let tmp = std::env::temp_dir().join(format!("kiln-tk13-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        // A CUDA 12 layout in the same site too: the CUDA 13 one wins, with its NVRTC.
+        fake_pip_site(&tmp.join("site"));
+        let cu13 = tmp.join("site/nvidia/cu13");
+        for file in ["include/cuda_fp16.h", "include/cuda_bf16.h", "include/mma.h", "include/crt/mma.h", "lib/libnvrtc.so.13"] {
+            let p = cu13.join(file);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&p, "").expect("write");
+        }
+        let site = tmp.join("site").display().to_string();
+        let env = |k: &str| match k {
+            "KILN_CUDA_TOOLKIT" => Some(site.clone()),
+            "KILN_PYTHON" => Some("/nonexistent/python".into()),
+            _ => None,
+        };
+        let tk = find_with(&env).expect("found");
+        assert_eq!(tk.include_dirs, vec![cu13.join("include")]);
+        assert_eq!(tk.nvrtc, Some(cu13.join("lib/libnvrtc.so.13")));
+        // One include directory named `include`: its parent is the root cubecl reads.
+        assert_eq!(tk.cuda_root(&tmp.join("cache")).expect("root"), cu13);
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    #[test]
     fn headers_from_kiln_cuda_include_and_nvrtc_from_pytorchs_wheels() {
         let tmp = std::env::temp_dir().join(format!("kiln-tk2-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
@@ -345,6 +407,22 @@ mod tests {
     }
 
     #[test]
+    fn nvrtc_builtins_are_found_beside_nvrtc_not_their_alt_variant() {
+        let tmp = std::env::temp_dir().join(format!("kiln-tk-b-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).expect("mkdir");
+        for f in ["libnvrtc.so.13", "libnvrtc-builtins.so.13.0", "libnvrtc-builtins.alt.so.13.0"] {
+            std::fs::write(tmp.join(f), "").expect("write");
+        }
+        assert_eq!(
+            builtins_beside(&tmp.join("libnvrtc.so.13")),
+            Some(tmp.join("libnvrtc-builtins.so.13.0"))
+        );
+        let _ = std::fs::remove_dir_all(&tmp);
+        assert_eq!(builtins_beside(&tmp.join("libnvrtc.so.13")), None);
+    }
+
+    #[test]
     fn nothing_found_is_one_clear_line() {
         let env = |k: &str| match k {
             "KILN_PYTHON" => Some("/nonexistent/python".into()),
@@ -358,7 +436,7 @@ mod tests {
             return; // a machine with a toolkit: nothing to refuse
         }
         let e = find_with(&env).expect_err("nothing there");
-        assert!(e.contains("pip install nvidia-cuda-runtime-cu12"), "{e}");
+        assert!(e.contains("pip install nvidia-cuda-runtime"), "{e}");
         assert!(!e.contains('\n'));
     }
 

@@ -2,7 +2,7 @@
 //!
 //! kiln loads `libnccl.so.2` at run time, like the rest of CUDA, and looks for it in
 //! this order: `KILN_NCCL_LIB` (the library's path); NVIDIA's Python package
-//! `nvidia-nccl-cu12` (`nvidia/nccl/lib/libnccl.so.2`) in `KILN_CUDA_TOOLKIT`,
+//! `nvidia-nccl-cu12` or `-cu13` (`nvidia/nccl/lib/libnccl.so.2`) in `KILN_CUDA_TOOLKIT`,
 //! `$VIRTUAL_ENV` and `python3`'s site-packages; the system's library search. Without
 //! it, every NCCL entry point returns one error that says what to install
 //! ([`NCCL_HINT`]). Querying the version and making a unique id need no GPU.
@@ -25,7 +25,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 /// The one line a user reads when NCCL is not there.
-pub const NCCL_HINT: &str = "NCCL (libnccl.so.2) not found (looked in KILN_NCCL_LIB, NVIDIA's Python packages and the system's library path); run `pip install nvidia-nccl-cu12` (or set KILN_NCCL_LIB to the library's path)";
+pub const NCCL_HINT: &str = "NCCL (libnccl.so.2) not found (looked in KILN_NCCL_LIB, NVIDIA's Python packages and the system's library path); run `pip install nvidia-nccl-cu12` (`nvidia-nccl-cu13` for CUDA 13; or set KILN_NCCL_LIB to the library's path)";
 
 /// Where kiln found NCCL.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
