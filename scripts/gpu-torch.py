@@ -70,9 +70,10 @@ def gla():
     # fla's chunked GLA (carried as wheels by scripts/gpu-bundle), [B, T, H, D] inputs.
     from fla.ops.gla import chunk_gla
     for T in z([1024, 4096, 16384], [64]):
-        q, k, v = (torch.randn(16, T, 8, 128, device=DEV, dtype=torch.bfloat16) for _ in range(3))
-        g = F.logsigmoid(torch.randn(16, T, 8, 128, device=DEV, dtype=torch.bfloat16))
-        print(f"fla chunk_gla bf16 B=16 T={T} H=8 D=128: {t(lambda: chunk_gla(q, k, v, g)):.3f} ms")
+        # f16, as kiln's line (`kiln bench gla --dtype f16`).
+        q, k, v = (torch.randn(16, T, 8, 128, device=DEV, dtype=torch.float16) for _ in range(3))
+        g = F.logsigmoid(torch.randn(16, T, 8, 128, device=DEV, dtype=torch.float16))
+        print(f"fla chunk_gla f16 B=16 T={T} H=8 D=128: {t(lambda: chunk_gla(q, k, v, g)):.3f} ms")
 
 
 def moe():

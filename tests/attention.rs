@@ -7,6 +7,7 @@
 //!
 //! One suite for the forward, merge and backward blocks (longer than most files): they
 //! share the f64 reference helpers at the top.
+#![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 
 mod common;
 

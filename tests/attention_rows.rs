@@ -3,6 +3,7 @@
 //! tests, whose shapes are smaller, run only its small tiles. Here the kernel tunes
 //! over both on a ragged shape that has them (every candidate checked against the
 //! first, all timed), and the tuned result must match the f64 reference.
+#![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Attention with autotuning on (the default): tuning runs every candidate
 //! configuration of the forward and backward kernels, checks each against the first
 //! before timing it, and the tuned results must still match the f64 reference.
+#![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 
 mod common;
 

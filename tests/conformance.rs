@@ -1,6 +1,7 @@
 //! Agreement with a peer: vectors computed by PyTorch (in f64, stored as f32) and by
 //! fla's GLA reference, in tests/data. Each runs through the operator registry
 //! exactly as `kiln run` does.
+#![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 
 mod common;
 

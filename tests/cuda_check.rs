@@ -3,6 +3,7 @@
 //! pick there spills. Needs NVRTC and the CUDA headers (no GPU): `scripts/test`
 //! installs NVIDIA's Python packages first (`scripts/install-cuda-toolkit`). Where they
 //! cannot be installed, `KILN_SKIP_CUDA_CHECK=1` skips the compile test, loudly.
+#![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 
 use kiln::codegen::cuda_check::{
     check, job_count, stale_entries, Compile, CompileRecord, Plan, Row, Verdict,
@@ -191,8 +192,7 @@ fn matmul_cmma_refuses_f32_by_name_instead_of_emitting_source_nvrtc_rejects() {
     let cfg = KernelConfig::new(spec, BTreeMap::from([("dtype".into(), "f32".into())]))
         .expect("dtype is a knob");
     let e = emit(spec, Target::Cuda, &cfg)
-        .err()
-        .expect("f32 is refused")
+        .expect_err("f32 is refused")
         .to_string();
     assert!(
         e.contains("f16 | bf16") && e.contains("matmul_cmma") && e.contains("f32"),

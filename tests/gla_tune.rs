@@ -1,6 +1,7 @@
 //! GLA with autotuning on (the default): tuning validates every candidate configuration
 //! of every GLA kernel (and every chunk size) against the first before timing it, and
 //! the tuned results must still match the f64 reference.
+#![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 
 mod common;
 

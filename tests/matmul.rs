@@ -1,6 +1,7 @@
 //! The fused GEMM: every configuration of the tuning space against the f64 reference
 //! on ragged shapes (no tile divides M, N or K), both layouts of b, the whole epilogue,
 //! f32 and f16; then bad inputs.
+#![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 
 mod common;
 

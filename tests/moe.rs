@@ -6,6 +6,7 @@
 //!
 //! One suite for the family (longer than most files): its tests share the reference
 //! helpers at the top.
+#![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 
 mod common;
 

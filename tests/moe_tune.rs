@@ -3,6 +3,7 @@
 //! checked against the first before being timed, and the tuned layer still matches the
 //! f64 reference; then the default ranked search (CPU adapters: the grouped GEMMs' cost
 //! model) leaves configurations untimed and still matches.
+#![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 
 mod common;
 

@@ -10,6 +10,7 @@
 //!
 //! The seed is fixed, so CI runs the same cases every time. Run longer with
 //! `KILN_PROPTEST_CASES=200 cargo test --test properties` (default 6 per operator).
+#![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 
 mod common;
 

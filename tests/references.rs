@@ -7,6 +7,7 @@
 //! (`test = false` in its Cargo.toml: a second compilation of the whole operator
 //! library, about 100 s of CI's build, for host-only tests), so they live here, and
 //! `kernels_has_no_unit_tests` keeps new ones from being written where they would not run.
+#![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 
 mod gla {
     use kiln::kernels::gla::reference::*;

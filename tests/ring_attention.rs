@@ -3,6 +3,7 @@
 //! divisible by P or 2P, dense batches and packed (varlen) sequences with an empty and
 //! a one-token one, forward and backward against the f64 whole-sequence reference;
 //! PyTorch's vector through the registry for every schedule and P; bad input.
+#![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 
 mod common;
 

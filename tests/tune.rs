@@ -1,6 +1,7 @@
 //! The autotuner: validation before timing, failures scored +inf, the persistent
 //! cache (hits, corruption, source-hash and mode handling), export/import, and the
 //! `kiln tune` command end to end.
+#![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 
 mod common;
 
@@ -397,6 +398,7 @@ fn a_choice_reports_its_cost_models_ranking() {
 /// timed and the loser runs again in the first round. (Pauses stand for long kernels,
 /// above `SAMPLE_FLOOR`.)
 #[test]
+#[allow(clippy::type_complexity)]
 fn a_warmed_first_run_is_timed_and_clear_losers_skip_the_rounds() {
     let x = input();
     let log = Mutex::new(Vec::<String>::new());
@@ -418,7 +420,7 @@ fn a_warmed_first_run_is_timed_and_clear_losers_skip_the_rounds() {
                 &key("w"),
                 &[0u32, 1],
                 |c| format!("c{c}"),
-                &run,
+                run,
                 1e-5,
                 None,
                 warm,
@@ -459,7 +461,7 @@ fn a_warmed_first_run_is_timed_and_clear_losers_skip_the_rounds() {
             &key("w"),
             &[0u32, 1, 2],
             |c| format!("c{c}"),
-            &run,
+            run,
             1e-5,
             Some(Ranking::new(&model)),
             Some(&warm),

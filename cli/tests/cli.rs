@@ -1,5 +1,6 @@
 //! The `kiln` tool end to end: exit codes and one-line errors that name the tensor or
 //! parameter.
+#![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 
 #[path = "../../tests/common/mod.rs"]
 mod common;

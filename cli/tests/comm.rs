@@ -3,6 +3,7 @@
 //! without a GPU (NVIDIA's `nvidia-nccl-cu12` package, which `scripts/install-cuda-toolkit`
 //! puts in `KILN_CUDA_TOOLKIT`; the NCCL collectives themselves need a GPU:
 //! `scripts/gpu-check`).
+#![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 
 mod support;
 

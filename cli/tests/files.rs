@@ -1,6 +1,7 @@
 //! What `kiln` does with files and odd requests: no input destroyed, no special file
 //! replaced, nothing left behind, no panic, several processes sharing one tune cache
 //! (issue 13's reproductions, each a regression test).
+#![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 
 mod support;
 

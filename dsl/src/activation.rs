@@ -24,7 +24,7 @@ pub fn silu<N: Size>(x: Vector<f32, N>) -> Vector<f32, N> {
 #[cube]
 pub fn gelu_tanh<N: Size>(x: Vector<f32, N>) -> Vector<f32, N> {
     // 2 * sqrt(2 / pi)
-    let two_k = Vector::<f32, N>::new(1.595_769_1);
+    let two_k = Vector::<f32, N>::new(1.595_769);
     let c = Vector::<f32, N>::new(0.044_715);
     let z = two_k * (x + c * x * x * x);
     mul_sigmoid::<N>(x, z)
@@ -60,7 +60,7 @@ pub fn exp_diff(a: f32, b: f32, one: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 5e-1;
     let e = p * r * r + r + 1.0;
     select(d_hi < -87.0, 0.0, e * scale)
 }

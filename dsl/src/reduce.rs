@@ -34,7 +34,7 @@ pub fn cube_reduce(
     let leaders = comptime!(if units < 16 { units } else { 16 });
     let per_leader = comptime!({
         assert!(
-            units % leaders == 0,
+            units.is_multiple_of(leaders),
             "cube_reduce: units must be a power of two"
         );
         units / leaders

@@ -2,6 +2,7 @@
 //! (one pass over the data, one exponential per value), merged across a cube, and the
 //! log-sum-exp that follows from it. What softmax, log-sum-exp and attention-style
 //! kernels share.
+#![allow(clippy::new_without_default)] // a cube type: built inside kernels, where `Default` is not callable
 
 use crate::{cube_max, cube_sum, exp_diff};
 use cubecl::prelude::*;

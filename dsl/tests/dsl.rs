@@ -3,6 +3,7 @@
 //!
 //! Longer than most files on purpose: each DSL piece tested alone, with one small
 //! launch helper shared by all.
+#![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 
 use cubecl::prelude::*;
 use cubecl::wgpu::WgpuRuntime;

@@ -32,8 +32,8 @@ pub use host::{
 };
 pub use registry::{
     join_names, registered_kernels, registered_ops, Capability, ComptimeParam, Dtypes,
-    ExampleValues, InPlace, KernelConfig, KernelEntry, KernelSpec, OpArgs, OpEntry, OpSpec,
-    Outputs, ParamSpec, TensorSpec, Tunables,
+    ExampleValues, InPlace, InputShapes, KernelConfig, KernelEntry, KernelSpec, OpArgs, OpEntry,
+    OpSpec, Outputs, ParamSpec, TensorSpec, Tunables,
 };
 pub use tensor::{contiguous_strides, Tensor};
 pub use tune::{Autotuner, Choice, TuneKey, TuneMode};

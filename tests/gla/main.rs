@@ -8,6 +8,7 @@
 //!
 //! One binary for the family (each test binary links all of kiln): the input builders
 //! and the f64 reference checks are here, the cases in one module per concern.
+#![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 
 mod bad_input;
 #[path = "../common/mod.rs"]
@@ -198,7 +199,7 @@ fn check_forward(
         ("recurrent", gla_recurrent(inp, opts).unwrap()),
     ];
     // The fused kernel where it applies (K <= 128, K and V multiples of 4).
-    if c.dims.dk <= 128 && c.dims.dk % 4 == 0 && c.dims.dv % 4 == 0 {
+    if c.dims.dk <= 128 && c.dims.dk.is_multiple_of(4) && c.dims.dv.is_multiple_of(4) {
         let fused = GlaOptions {
             output_final_state: true,
             mode: GlaMode::FusedChunk,

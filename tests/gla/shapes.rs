@@ -22,7 +22,7 @@ fn fla_shape_k100_parts(i: usize, parts: Parts) {
         bh,
         100,
         100,
-        i % 2 == 0,
+        i.is_multiple_of(2),
         i % 3 != 1,
         None,
         10 + i as u64,

@@ -6,6 +6,7 @@
 //!
 //! One binary for the family (each test binary links all of kiln): the checkpoint
 //! packers and fixtures are here, the cases in one module per kernel family.
+#![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 
 mod bad_input;
 #[path = "../common/mod.rs"]

@@ -36,6 +36,7 @@ fn apply(x: &[f64], rows: usize, cols: usize, side: Side, u: &[f64]) -> Vec<f64>
 /// within 1e-5 of `sigma_max²`, their singular values those of the f64 reference within
 /// 1e-5 of `sigma_max` (plus, past the rank, the null-space bound `l eps |X|_F`).
 /// Returns the reference's values.
+#[allow(clippy::needless_range_loop)] // `a` is a vector index and a row of `want`
 fn assert_leading(
     x: &[f64],
     rows: usize,

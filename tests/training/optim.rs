@@ -270,7 +270,7 @@ fn lamb_trust_ratio_is_one_where_a_norm_is_zero_and_norms_are_per_tensor() {
     let h = hyper(Rule::Lamb);
     let mut rng = Rng::new(21);
     let n = 1000;
-    let mut params = vec![
+    let mut params = [
         vec![0.0; n],
         vec![0.0; n],
         rng.normals(n, 100.0),

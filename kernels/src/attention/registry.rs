@@ -173,7 +173,7 @@ pub(super) fn qkv_shapes(dims: &[usize]) -> Result<(usize, usize, usize, usize, 
     }
 }
 
-pub(super) fn qkv_inputs(dims: &[usize]) -> Result<Vec<(&'static str, Vec<usize>)>> {
+pub(super) fn qkv_inputs(dims: &[usize]) -> Result<kiln_runtime::InputShapes> {
     let (b, s, h, hkv, d) = qkv_shapes(dims)?;
     Ok(vec![
         ("q", vec![b, s, h, d]),

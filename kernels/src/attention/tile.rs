@@ -1,5 +1,6 @@
 //! What the attention kernels share: their signature (`attention_kernel!`) and the
 //! query tile a forward or dq cube owns (`query_tile`).
+#![allow(clippy::manual_div_ceil)] // kernel code: `(a + b - 1) / b` is what the emitted code does, written as such
 
 /// Declares an attention kernel: `q` `[B, Sq, H, D]`, `k` `[B, Sk, Hkv, D]`, `v` `[B, Sk,
 /// Hkv, Dv]` (as `Array<F>`, or as `Array<OPERAND>` written `name<[OPERAND]>(..)`), the

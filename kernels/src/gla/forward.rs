@@ -120,7 +120,7 @@ pub(super) const FUSED_MAX_K: usize = 128;
 /// Whether the fused kernel takes this problem: K <= 128, and K and V multiples of 4
 /// (it reads and writes rows as 4-wide vectors).
 pub(super) fn fused_fits(p: &Problem) -> bool {
-    p.dk <= FUSED_MAX_K && p.dk % 4 == 0 && p.dv % 4 == 0
+    p.dk <= FUSED_MAX_K && p.dk.is_multiple_of(4) && p.dv.is_multiple_of(4)
 }
 
 /// Whether the autotuner picks the fused kernel over the chunk-parallel ones (each

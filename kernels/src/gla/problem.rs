@@ -81,7 +81,7 @@ pub(super) fn check(inp: &GlaInputs<'_>, scale: Option<f64>) -> Result<Problem> 
             if b != 1 {
                 return Err(shape_err(
                     "q",
-                    format!("[1, T, H, K] with cu_seqlens (B = 1)"),
+                    "[1, T, H, K] with cu_seqlens (B = 1)".to_string(),
                     inp.q.shape(),
                 ));
             }
@@ -165,8 +165,6 @@ pub(super) fn check_chunk(chunk: usize) -> Result<()> {
         })
     }
 }
-
-/// A placeholder for an absent optional f32 input (kernels do not read it).
 
 /// Candidates of the chunked kernels differ only in which unit computes what, never in
 /// summation order: they must agree to the last bit, up to this.

@@ -201,7 +201,7 @@ fn run_gla_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
 }
 
 /// `--shape B x T x H x D` (K = V = D): q, k, v, g of the benchmark shapes.
-fn gla_inputs(dims: &[usize]) -> Result<Vec<(&'static str, Vec<usize>)>> {
+fn gla_inputs(dims: &[usize]) -> Result<kiln_runtime::InputShapes> {
     let &[b, t, h, d] = dims else {
         return Err(Error::Param {
             param: "--shape".into(),

@@ -72,7 +72,7 @@ pub static MATMUL: OpSpec = OpSpec {
     in_place: None,
 };
 
-fn matmul_inputs(dims: &[usize]) -> Result<Vec<(&'static str, Vec<usize>)>> {
+fn matmul_inputs(dims: &[usize]) -> Result<kiln_runtime::InputShapes> {
     match *dims {
         [m, n, k] => Ok(vec![("a", vec![m, k]), ("b", vec![k, n])]),
         _ => Err(Error::Param {

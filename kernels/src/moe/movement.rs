@@ -2,6 +2,7 @@
 //! dispatch and the expert-output gradient read each slot's route from the slot ->
 //! route map; combine, the input gradient and the gate gradient read each token's k
 //! routes. Every sum runs over the choices in order: deterministic.
+#![allow(clippy::manual_div_ceil)] // kernel code: `(a + b - 1) / b` is what the emitted code does, written as such
 
 use super::routing::{MoeRouting, RowLayout, NO_ROUTE};
 use crate::launch::{check_input, shape_err};
@@ -82,7 +83,7 @@ pub(super) fn gather_by_map(
     }
     let ph = crate::launch::absent(client)?;
     let gates_or = gates.unwrap_or(&ph);
-    if m % 4 == 0 {
+    if m.is_multiple_of(4) {
         // Four elements per access (a CPU adapter's memory loop is per access).
         MoeGatherRowsV4::tuned(
             client,

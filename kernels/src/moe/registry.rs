@@ -8,8 +8,8 @@ use super::*;
 use crate::launch::shape_err;
 use crate::matmul::Activation;
 use kiln_runtime::{
-    Client, DType, Dtypes, Error, ExampleValues, HostTensor, OpArgs, OpSpec, Outputs, ParamSpec,
-    Result, Tensor, TensorSpec,
+    Client, DType, Dtypes, Error, ExampleValues, HostTensor, InputShapes, OpArgs, OpSpec, Outputs,
+    ParamSpec, Result, Tensor, TensorSpec,
 };
 
 const LOGITS: TensorSpec = TensorSpec::new(
@@ -142,7 +142,7 @@ fn run_gate(client: &Client, a: &OpArgs) -> Result<Outputs> {
 }
 
 /// `--shape S x E`.
-fn logits_only(dims: &[usize]) -> Result<Vec<(&'static str, Vec<usize>)>> {
+fn logits_only(dims: &[usize]) -> Result<InputShapes> {
     match *dims {
         [s, e] => Ok(vec![("logits", vec![s, e])]),
         _ => Err(shape_arg("S x E", dims)),
@@ -310,7 +310,7 @@ fn run_dispatch(_: &Client, a: &OpArgs) -> Result<Outputs> {
     Ok(vec![("dispatched", moe_dispatch(a.tensor("x")?, &r)?)])
 }
 
-fn routes_for(dims: &[usize]) -> Result<(usize, usize, usize, Vec<(&'static str, Vec<usize>)>)> {
+fn routes_for(dims: &[usize]) -> Result<(usize, usize, usize, InputShapes)> {
     let (s, m, k) = movement_shapes(dims)?;
     Ok((
         s,

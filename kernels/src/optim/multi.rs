@@ -125,11 +125,14 @@ pub struct MultiTensorStep {
 /// Device buffers a launch binds besides the weights, gradients, state and counter, kept
 /// across steps (AdamW over 200 aligned tensors on lavapipe spent most of its step making
 /// them: 13 placeholders, a guard, a table and a partials buffer per launch).
+/// A launch group: its parts' (slot, start) pairs and what it sums.
+type GroupKey = (Vec<(usize, usize)>, Sums);
+
 #[derive(Default)]
 struct LaunchCache {
     /// Per group of parts (their slots and starts; and `Sums`): its slot table, partial
     /// sums buffer and per-slot totals (LAMB's norms).
-    groups: std::collections::HashMap<(Vec<(usize, usize)>, Sums), (Tensor, Tensor, Tensor)>,
+    groups: std::collections::HashMap<GroupKey, (Tensor, Tensor, Tensor)>,
     /// Per dtype: `2 SLOTS` one-vector placeholders for unused slots.
     spares: std::collections::HashMap<DType, Vec<Tensor>>,
     /// Per vector width: the array whose length caps the launch's width.

@@ -136,7 +136,7 @@ pub fn frugal_step(
         shape.iter().product::<usize>(),
         "p is a tensor of shape"
     );
-    if (t - 1) % c.update_gap == 0 {
+    if (t - 1).is_multiple_of(c.update_gap) {
         *subset = frugal_subset(c, shape, ((t - 1) / c.update_gap) as u32);
     }
     frugal_apply(h, c, t, p, g, subset, m, v);
@@ -163,7 +163,7 @@ pub fn frugal_step_list(
             seed: c.seed_of(i),
             ..*c
         };
-        if (t - 1) % c.update_gap == 0 {
+        if (t - 1).is_multiple_of(c.update_gap) {
             *subset = match (c.subspace, active.contains(&i)) {
                 (super::Subspace::Blocks, true) => (0..p[i].len()).collect(),
                 (super::Subspace::Blocks, false) => Vec::new(),
@@ -188,7 +188,7 @@ fn frugal_apply(
     v: &mut Vec<f64>,
 ) {
     let (n, k) = (p.len(), subset.len());
-    if (t - 1) % c.update_gap == 0 {
+    if (t - 1).is_multiple_of(c.update_gap) {
         *m = vec![0.0; k];
         *v = vec![0.0; k];
     }
@@ -266,7 +266,7 @@ pub fn frugal_svd_step(
             false => (0..r).map(|q| proj[q * rows + i] * x[q * cols + j]).sum(),
         }
     };
-    if (t - 1) % c.update_gap == 0 {
+    if (t - 1).is_multiple_of(c.update_gap) {
         *m = vec![0.0; a * b];
         *v = vec![0.0; a * b];
     }

@@ -2,6 +2,7 @@
 //! AdaGrad-Norm's two), `optim_slot_norms` (the per-slot sums of those two rules, in a
 //! fixed order) and `optim_advance_step` (the device step counter). The host side, the
 //! state layout and the numerics: `super::multi`.
+#![allow(clippy::manual_div_ceil)] // kernel code: `(a + b - 1) / b` is what the emitted code does, written as such
 
 use super::adam::{adam_constants, adam_direction_of, advance_moments, one_minus_pow};
 use super::rules::Rule;

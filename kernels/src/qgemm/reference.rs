@@ -265,6 +265,7 @@ impl FlexRound {
     }
 
     /// The straight-through backward for an upstream gradient `g` `[rows, cols]`.
+    #[allow(clippy::needless_range_loop)] // `i` indexes five arrays, its row and its column
     pub fn backward(&self, g: &[f64]) -> FlexRoundGrads {
         let (rows, cols) = (self.rows, self.cols);
         let mut out = FlexRoundGrads {

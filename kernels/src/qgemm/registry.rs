@@ -67,7 +67,7 @@ fn w4_weights<'a>(a: &'a OpArgs) -> Result<W4Weights<'a>> {
 
 /// `--shape M x N x K`: x and a GPTQ v1 weight with G = 128 (K rounded up to a multiple
 /// of 128; symmetric when N is not a multiple of 8).
-fn w4_inputs(dims: &[usize]) -> Result<Vec<(&'static str, Vec<usize>)>> {
+fn w4_inputs(dims: &[usize]) -> Result<kiln_runtime::InputShapes> {
     let (m, n, k) = mnk(dims)?;
     // K rounded up to the default group size; zero points where N packs into words.
     let k = k.div_ceil(128) * 128;
@@ -426,7 +426,7 @@ fn flex_inputs(a: &OpArgs) -> Result<FlexRoundInputs<'_>> {
     })
 }
 
-fn flex_shapes(dims: &[usize]) -> Result<Vec<(&'static str, Vec<usize>)>> {
+fn flex_shapes(dims: &[usize]) -> Result<kiln_runtime::InputShapes> {
     let &[r, c] = dims else {
         return Err(Error::Param {
             param: "--shape".into(),

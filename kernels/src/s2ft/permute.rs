@@ -39,7 +39,7 @@ pub struct HeadLayout {
 impl HeadLayout {
     /// Errors unless `kv_heads` divides `heads` and `head_dim >= 1`.
     pub fn check(&self) -> Result<()> {
-        if self.kv_heads == 0 || self.head_dim == 0 || self.heads % self.kv_heads != 0 {
+        if self.kv_heads == 0 || self.head_dim == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return Err(Error::Param {
                 param: "kv_heads".into(),
                 expected: format!("a divisor of heads = {} (and head_dim >= 1)", self.heads),

@@ -9,6 +9,7 @@
 //! code); `kiln` is a stand-in with the real macro (see this package's Cargo.toml); and no
 //! debug info (trybuild's project has no profile of its own; cargo reads these variables
 //! from the environment).
+#![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 
 #[test]
 fn kernel_macro_diagnostics() {

@@ -353,7 +353,13 @@ mod tests {
         // A CUDA 12 layout in the same site too: the CUDA 13 one wins, with its NVRTC.
         fake_pip_site(&tmp.join("site"));
         let cu13 = tmp.join("site/nvidia/cu13");
-        for file in ["include/cuda_fp16.h", "include/cuda_bf16.h", "include/mma.h", "include/crt/mma.h", "lib/libnvrtc.so.13"] {
+        for file in [
+            "include/cuda_fp16.h",
+            "include/cuda_bf16.h",
+            "include/mma.h",
+            "include/crt/mma.h",
+            "lib/libnvrtc.so.13",
+        ] {
             let p = cu13.join(file);
             std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
             std::fs::write(&p, "").expect("write");
@@ -411,7 +417,11 @@ mod tests {
         let tmp = std::env::temp_dir().join(format!("kiln-tk-b-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).expect("mkdir");
-        for f in ["libnvrtc.so.13", "libnvrtc-builtins.so.13.0", "libnvrtc-builtins.alt.so.13.0"] {
+        for f in [
+            "libnvrtc.so.13",
+            "libnvrtc-builtins.so.13.0",
+            "libnvrtc-builtins.alt.so.13.0",
+        ] {
             std::fs::write(tmp.join(f), "").expect("write");
         }
         assert_eq!(

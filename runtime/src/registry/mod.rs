@@ -166,6 +166,9 @@ impl ParamSpec {
 /// The named outputs of an operator run.
 pub type Outputs = Vec<(&'static str, Tensor)>;
 
+/// Named input shapes, what [`OpSpec::example_inputs`] returns for a `--shape`.
+pub type InputShapes = Vec<(&'static str, Vec<usize>)>;
+
 /// An operator's in-place form for `kiln bench` ([`OpSpec::in_place`]): set up once from
 /// the bound arguments, it returns the work to repeat, each call one in-place step.
 pub type InPlace = fn(&Client, &OpArgs) -> Result<Box<dyn FnMut() -> Result<()>>>;
@@ -187,7 +190,7 @@ pub struct OpSpec {
     /// What `--shape` means for `kiln tune` / `kiln bench`, e.g. `M x N x K`.
     pub problem: &'static str,
     /// The input shapes for a `--shape` (dims as given), or an error naming `--shape`.
-    pub example_inputs: fn(&[usize]) -> Result<Vec<(&'static str, Vec<usize>)>>,
+    pub example_inputs: fn(&[usize]) -> Result<InputShapes>,
     /// Work for a `--shape` and element size in bytes: (floating-point operations,
     /// bytes moved to and from device memory at least once), for `kiln bench`.
     pub cost: fn(&[usize], usize) -> (f64, f64),

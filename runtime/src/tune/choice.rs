@@ -5,6 +5,9 @@ use crate::{Client, Result, Tensor};
 use serde::{de::DeserializeOwned, Serialize};
 use std::sync::Arc;
 
+/// A candidate's predicted cost (lower is better), shared by the choice's copies.
+type CostModel<C> = Arc<dyn Fn(&C) -> f64>;
+
 /// A tuning decision among candidates that may come from several kernels, or be
 /// whole algorithms (a GEMV against a tiled GEMM, a fused kernel against a pipeline):
 /// one key type and one validation rule for every such choice.
@@ -26,7 +29,7 @@ pub struct Choice<C> {
     sources: Vec<String>,
     shape: Vec<String>,
     candidates: Vec<C>,
-    cost: Option<Arc<dyn Fn(&C) -> f64>>,
+    cost: Option<CostModel<C>>,
     /// The ranked search's finalists and ties (see [`Choice::finalists`]).
     finalists: Option<usize>,
     ties: f64,

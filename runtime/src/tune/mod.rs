@@ -234,13 +234,16 @@ pub struct Spent {
 /// Timing budget per valid candidate after the first runs.
 const TIME_BUDGET: Duration = Duration::from_millis(400);
 
+/// What [`Autotuner::observe`] registers: called with each tuning event.
+type Observer = Box<dyn Fn(&TuneEvent) + Send>;
+
 /// The autotuner and its cache file.
 pub struct Autotuner {
     path: PathBuf,
     mode: Mutex<TuneMode>,
     /// Entries as last read or written; `None` until first needed.
     cache: Mutex<Option<CacheFile>>,
-    observer: Mutex<Option<Box<dyn Fn(&TuneEvent) + Send>>>,
+    observer: Mutex<Option<Observer>>,
     /// Whether a problem with the file was already reported (warn once per process).
     warned: std::sync::atomic::AtomicBool,
     /// Why the last write of the cache failed, if it did (`kiln tune` reports it).

@@ -224,7 +224,7 @@ impl FrugalConfig {
         let a = self.taken(count);
         if self.subspace == Subspace::Blocks
             && self.block_order == BlockOrder::Mirror
-            && (a % 2 != 0 || count % 2 != 0)
+            && (!a.is_multiple_of(2) || !count.is_multiple_of(2))
         {
             return Err(Error::Param {
                 param: "block_order".into(),
@@ -299,7 +299,7 @@ impl Packed {
     /// The signSGD pass's vector width for this tensor: 4 when its length is a multiple
     /// of 4 (a vector's four coordinates then share one mask word).
     fn width(&self) -> usize {
-        if self.n % 4 == 0 {
+        if self.n.is_multiple_of(4) {
             4
         } else {
             1
@@ -677,7 +677,7 @@ impl Frugal {
                 found: format!("{:?}", (c.density, c.seed, c.subspace)),
             });
         }
-        if self.steps % self.config.update_gap == 0 {
+        if self.steps.is_multiple_of(self.config.update_gap) {
             self.draw(params, subspace_index(&self.config, self.steps)?)?;
             // Counter 0: the step starts the new subsets' moments from zero.
             self.counter = upload_u32(&client, "step", &[0])?;
@@ -728,18 +728,18 @@ impl Frugal {
         let [(sign_table, sign_cubes), (adam_table, adam_cubes)] = self.tables[group].clone();
         let len: usize = group.iter().map(|&i| self.packed[i].n).sum();
         let dtype = self.packed[group[0]].dtype;
-        if !self.spares.contains_key(&dtype) {
+        if let std::collections::hash_map::Entry::Vacant(e) = self.spares.entry(dtype) {
             // Four elements: a placeholder never narrows a 4-wide launch.
             let spares = (0..2 * SLOTS)
                 .map(|_| Tensor::empty(&client, dtype, &[4]))
                 .collect::<Result<_>>()?;
-            self.spares.insert(dtype, spares);
+            e.insert(spares);
         }
         let width = self.packed[group[0]].width();
-        if !self.guards.contains_key(&width) {
+        if let std::collections::hash_map::Entry::Vacant(e) = self.guards.entry(width) {
             // Its length caps the launch's vector width (the widest dividing every binding).
             let guard = Tensor::empty(&client, DType::F32, &[width])?;
-            self.guards.insert(width, guard);
+            e.insert(guard);
         }
         let guard = self.guards[&width].clone();
         let spares = &self.spares[&dtype];

@@ -73,7 +73,7 @@ const K: ParamSpec = ParamSpec::new(
     "how many coordinates are kept",
 );
 
-fn compress_example(dims: &[usize]) -> Result<Vec<(&'static str, Vec<usize>)>> {
+fn compress_example(dims: &[usize]) -> Result<kiln_runtime::InputShapes> {
     Ok(vec![("grad", dims.to_vec()), ("error", dims.to_vec())])
 }
 

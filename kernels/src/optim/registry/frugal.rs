@@ -37,8 +37,8 @@ fn frugal_in_place(a: &OpArgs) -> Result<Box<dyn FnMut() -> Result<()>>> {
 
 /// The optimizer of the subspace asked for.
 enum Prepared {
-    Subset(Frugal),
-    Svd(FrugalSvd),
+    Subset(Box<Frugal>),
+    Svd(Box<FrugalSvd>),
 }
 
 impl Prepared {
@@ -95,7 +95,7 @@ fn prepare_frugal(a: &OpArgs) -> Result<(Prepared, Tensor)> {
     let mut opt = if config.subspace == Subspace::Svd {
         let state = match (projection, moments) {
             (Some(p), Some((m, v))) => vec![Some((p, m, v))],
-            (None, None) if (step - 1) % config.update_gap != 0 => {
+            (None, None) if !(step - 1).is_multiple_of(config.update_gap) => {
                 return Err(Error::Param {
                     param: "projection, m, v".into(),
                     expected: format!(
@@ -115,13 +115,13 @@ fn prepare_frugal(a: &OpArgs) -> Result<(Prepared, Tensor)> {
                 })
             }
         };
-        Prepared::Svd(FrugalSvd::resume_multi(
+        Prepared::Svd(Box::new(FrugalSvd::resume_multi(
             &[&param],
             hyper,
             config,
             step - 1,
             &state,
-        )?)
+        )?))
     } else {
         if projection.is_some() {
             return Err(Error::Param {
@@ -130,7 +130,13 @@ fn prepare_frugal(a: &OpArgs) -> Result<(Prepared, Tensor)> {
                 found: config.subspace.to_string(),
             });
         }
-        Prepared::Subset(Frugal::resume(&param, hyper, config, step - 1, moments)?)
+        Prepared::Subset(Box::new(Frugal::resume(
+            &param,
+            hyper,
+            config,
+            step - 1,
+            moments,
+        )?))
     };
     if let Some(master) = a.optional_tensor("master") {
         match &mut opt {

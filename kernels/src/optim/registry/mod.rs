@@ -242,7 +242,7 @@ const STEP: ParamSpec = ParamSpec::new(
     "the step being taken (bias corrections use it)",
 );
 
-fn example(dims: &[usize], rule: Rule) -> Result<Vec<(&'static str, Vec<usize>)>> {
+fn example(dims: &[usize], rule: Rule) -> Result<kiln_runtime::InputShapes> {
     let [n] = *dims else {
         return Err(shape_err("--shape", "N (elements)".into(), dims));
     };

@@ -75,7 +75,7 @@ const STREAM: ParamSpec = ParamSpec::new(
     "the tensor's position in its list (the generator's second counter word)",
 );
 
-fn perturb_example(dims: &[usize]) -> Result<Vec<(&'static str, Vec<usize>)>> {
+fn perturb_example(dims: &[usize]) -> Result<kiln_runtime::InputShapes> {
     let [n] = *dims else {
         return Err(shape_err("--shape", "N (elements)".into(), dims));
     };

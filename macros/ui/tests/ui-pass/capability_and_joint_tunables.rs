@@ -1,6 +1,7 @@
 //! Joint tunables, a typed device capability in `require`, and 4-wide vector arrays:
 //! the capability is recorded in the kernel's registry entry.
 #![allow(missing_docs)] // a test crate of its own: its items are examples, not API
+#![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 use cubecl::prelude::*;
 use kiln::runtime::cubecl;
 use kiln::runtime::Capability;

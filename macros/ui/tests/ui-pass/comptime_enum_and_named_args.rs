@@ -2,6 +2,7 @@
 //! struct, the problem struct with `..Default::default()`, and the enum by name in the
 //! emission config and the tune key.
 #![allow(missing_docs)] // a test crate of its own: its items are examples, not API
+#![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 use cubecl::prelude::*;
 use kiln::runtime::cubecl;
 

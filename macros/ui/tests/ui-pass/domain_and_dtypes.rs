@@ -2,6 +2,7 @@
 //! both show in the emission config, and emission refuses what they exclude by name
 //! before expanding anything.
 #![allow(missing_docs)] // a test crate of its own: its items are examples, not API
+#![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 use cubecl::prelude::*;
 use kiln::runtime::cubecl;
 use std::collections::BTreeMap;

@@ -4,6 +4,7 @@
 //! declares (`x`, `len`, `UNITS`, `device`), which macro_rules hygiene would keep
 //! apart; `#[kiln::kernel]` binds them as one set.
 #![allow(missing_docs)] // a test crate of its own: its items are examples, not API
+#![allow(clippy::unwrap_used)] // in tests a failed unwrap is a failed test
 use cubecl::prelude::*;
 use kiln::runtime::cubecl;
 
