@@ -20,7 +20,9 @@
 //! stores nothing either: its keys depend on the index alone, so the count pass reads
 //! no memory and the write pass forms `a` (three streams in all, against eight when
 //! `a` and the keys were stored).
-#![allow(clippy::duplicate_underscore_argument)] // `n` beside the `_n` of cubecl's launch expansion
+// `n` beside the `_n` that cubecl's launch expansion gives the `Size` generic `N`
+// (an attribute on the kernel does not reach that expansion).
+#![allow(clippy::duplicate_underscore_argument)]
 #![allow(clippy::assign_op_pattern)] // kernel code: the operand order is the emitted code's
 
 mod compact;
