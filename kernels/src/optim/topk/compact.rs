@@ -1,7 +1,8 @@
 //! Compaction of the selection in index order: per-cube counts (and each unit's
 //! offset inside its cube), a one-cube scan of the counts, and the write pass that
 //! also forms the error feedback.
-#![allow(clippy::manual_div_ceil)] // kernel code: `(a + b - 1) / b` is what the emitted code does, written as such
+// Kernel code: `(a + b - 1) / b` is what the emitted code does, written as such.
+#![allow(clippy::manual_div_ceil)]
 // `n` beside the `_n` that cubecl's launch expansion gives the `Size` generic `N`
 // (an attribute on the kernel does not reach that expansion).
 #![allow(clippy::duplicate_underscore_argument)]
