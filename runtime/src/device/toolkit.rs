@@ -298,20 +298,38 @@ pub fn prepare() -> Result<&'static CudaToolkit, String> {
 mod tests {
     use super::*;
 
-    fn fake_pip_site(dir: &Path) {
-        let nv = dir.join("nvidia");
-        for (pkg, file) in [
-            ("cuda_runtime", "cuda_fp16.h"),
-            ("cuda_runtime", "cuda_bf16.h"),
-            ("cuda_runtime", "mma.h"),
-            ("cuda_nvcc", "crt/mma.h"),
-        ] {
-            let p = nv.join(pkg).join("include").join(file);
+    /// Empty files at `dir/rel` for each `rel`, with their directories.
+    fn touch(dir: &Path, rels: &[&str]) {
+        for rel in rels {
+            let p = dir.join(rel);
             std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
             std::fs::write(&p, "").expect("write");
         }
-        std::fs::create_dir_all(nv.join("cuda_nvrtc/lib")).expect("mkdir");
-        std::fs::write(nv.join("cuda_nvrtc/lib/libnvrtc.so.12"), "").expect("write");
+    }
+
+    /// CUDA 12's wheels: one directory per package.
+    fn fake_pip_site(dir: &Path) {
+        touch(
+            &dir.join("nvidia"),
+            &[
+                "cuda_runtime/include/cuda_fp16.h",
+                "cuda_runtime/include/cuda_bf16.h",
+                "cuda_runtime/include/mma.h",
+                "cuda_nvcc/include/crt/mma.h",
+                "cuda_nvrtc/lib/libnvrtc.so.12",
+            ],
+        );
+    }
+
+    /// The environment of a search in the packages at `site` alone: no CUDA_PATH, and
+    /// KILN_PYTHON pointing at nothing so only KILN_CUDA_TOOLKIT counts.
+    fn only_packages_at(site: &Path) -> impl Fn(&str) -> Option<String> {
+        let site = site.display().to_string();
+        move |k: &str| match k {
+            "KILN_CUDA_TOOLKIT" => Some(site.clone()),
+            "KILN_PYTHON" => Some("/nonexistent/python".into()),
+            _ => None,
+        }
     }
 
     #[test]
@@ -319,14 +337,7 @@ mod tests {
         let tmp = std::env::temp_dir().join(format!("kiln-tk-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         fake_pip_site(&tmp.join("site"));
-        let site = tmp.join("site").display().to_string();
-        // No CUDA_PATH; KILN_PYTHON points at nothing so only KILN_CUDA_TOOLKIT counts.
-        let env = |k: &str| match k {
-            "KILN_CUDA_TOOLKIT" => Some(site.clone()),
-            "KILN_PYTHON" => Some("/nonexistent/python".into()),
-            _ => None,
-        };
-        let tk = find_with(&env).expect("found");
+        let tk = find_with(&only_packages_at(&tmp.join("site"))).expect("found");
         assert!(
             tk.found_by.starts_with("Python packages"),
             "{}",
@@ -353,24 +364,17 @@ mod tests {
         // A CUDA 12 layout in the same site too: the CUDA 13 one wins, with its NVRTC.
         fake_pip_site(&tmp.join("site"));
         let cu13 = tmp.join("site/nvidia/cu13");
-        for file in [
-            "include/cuda_fp16.h",
-            "include/cuda_bf16.h",
-            "include/mma.h",
-            "include/crt/mma.h",
-            "lib/libnvrtc.so.13",
-        ] {
-            let p = cu13.join(file);
-            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
-            std::fs::write(&p, "").expect("write");
-        }
-        let site = tmp.join("site").display().to_string();
-        let env = |k: &str| match k {
-            "KILN_CUDA_TOOLKIT" => Some(site.clone()),
-            "KILN_PYTHON" => Some("/nonexistent/python".into()),
-            _ => None,
-        };
-        let tk = find_with(&env).expect("found");
+        touch(
+            &cu13,
+            &[
+                "include/cuda_fp16.h",
+                "include/cuda_bf16.h",
+                "include/mma.h",
+                "include/crt/mma.h",
+                "lib/libnvrtc.so.13",
+            ],
+        );
+        let tk = find_with(&only_packages_at(&tmp.join("site"))).expect("found");
         assert_eq!(tk.include_dirs, vec![cu13.join("include")]);
         assert_eq!(tk.nvrtc, Some(cu13.join("lib/libnvrtc.so.13")));
         // One include directory named `include`: its parent is the root cubecl reads.
@@ -383,9 +387,10 @@ mod tests {
         let tmp = std::env::temp_dir().join(format!("kiln-tk2-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         fake_pip_site(&tmp.join("headers"));
-        let torch_lib = tmp.join("venv/lib/python3.12/site-packages/nvidia/cu13/lib");
-        std::fs::create_dir_all(&torch_lib).expect("mkdir");
-        std::fs::write(torch_lib.join("libnvrtc.so.13"), "").expect("write");
+        touch(
+            &tmp,
+            &["venv/lib/python3.12/site-packages/nvidia/cu13/lib/libnvrtc.so.13"],
+        );
         let nv = tmp.join("headers/nvidia");
         let include = std::env::join_paths([
             nv.join("cuda_runtime/include"),
@@ -416,14 +421,14 @@ mod tests {
     fn nvrtc_builtins_are_found_beside_nvrtc_not_their_alt_variant() {
         let tmp = std::env::temp_dir().join(format!("kiln-tk-b-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).expect("mkdir");
-        for f in [
-            "libnvrtc.so.13",
-            "libnvrtc-builtins.so.13.0",
-            "libnvrtc-builtins.alt.so.13.0",
-        ] {
-            std::fs::write(tmp.join(f), "").expect("write");
-        }
+        touch(
+            &tmp,
+            &[
+                "libnvrtc.so.13",
+                "libnvrtc-builtins.so.13.0",
+                "libnvrtc-builtins.alt.so.13.0",
+            ],
+        );
         assert_eq!(
             builtins_beside(&tmp.join("libnvrtc.so.13")),
             Some(tmp.join("libnvrtc-builtins.so.13.0"))
