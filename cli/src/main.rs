@@ -182,11 +182,6 @@ enum Command {
         /// configuration, untuned, unless KILN_AUTOTUNE is set; tuning is `kiln tune`'s job).
         #[arg(long)]
         tune: bool,
-        /// Cases run at once, each on its own thread (default: up to 8 on CUDA, where
-        /// NVRTC compiling each kernel at its first launch is most of the time; 1 on
-        /// other devices). Results print in case order either way.
-        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
-        jobs: Option<u32>,
     },
 }
 
@@ -282,7 +277,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             &key_values(&set, "--set")?,
             json,
         ),
-        Command::Selftest { device, tune, jobs } => selftest(device, tune, jobs),
+        Command::Selftest { device, tune } => selftest(device, tune),
         Command::CheckCuda {
             arch,
             kernel,
@@ -297,7 +292,6 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
 mod bench;
 mod check_cuda;
 mod comm;
-mod ordered;
 mod progress;
 mod tune;
 
@@ -555,7 +549,7 @@ fn emit_kernel(name: &str, target: &str, config: &[String], manifest: bool) -> R
     Ok(ExitCode::SUCCESS)
 }
 
-fn selftest(device: Option<String>, tune: bool, jobs: Option<u32>) -> Result<ExitCode> {
+fn selftest(device: Option<String>, tune: bool) -> Result<ExitCode> {
     let client = Client::open(&device_arg(device)?)?;
     println!("{}\n", client.report());
     // The self-test checks results, not speed: untuned (the first configuration of each
@@ -577,66 +571,40 @@ fn selftest(device: Option<String>, tune: bool, jobs: Option<u32>) -> Result<Exi
             "each kernel's first configuration unless KILN_AUTOTUNE is set; --tune to tune as it goes"
         }
     );
-    // Each case compiles its kernels at their first launch: on CUDA that is NVRTC on one
-    // core per case, so cases run side by side there; a CPU adapter's compiler and
-    // kernels already use every core.
-    let jobs = jobs.map_or_else(
-        || match client.report().backend {
-            kiln::runtime::Backend::Cuda => std::thread::available_parallelism()
-                .map_or(1, |n| n.get())
-                .min(8),
-            _ => 1,
-        },
-        |j| j as usize,
-    );
     println!("{:<10} {:<5} {:<52} result", "operator", "dtype", "case");
-    let cases = cases();
-    let runs: Vec<(usize, DType)> = (0..cases.len())
-        .flat_map(|i| DType::FLOATS.into_iter().map(move |d| (i, d)))
-        .collect();
     let (mut passed, mut failed) = (0, 0);
     let start = std::time::Instant::now();
-    let mut report = |(i, dtype): (usize, DType), outcome: &Outcome| {
-        let text = match outcome {
-            Outcome::Pass(e, t) => format!("ok    max rel err {e:.2e} (bound {t:.1e})"),
-            Outcome::Fail(e, t) => format!("FAIL  max rel err {e:.2e} (bound {t:.1e})"),
-            Outcome::Refused(m) => format!("ok    {m}"),
-            Outcome::Error(m) => format!("FAIL  {m}"),
-        };
-        println!(
-            "{:<10} {:<5} {:<52} {text}",
-            cases[i].op,
-            dtype.name(),
-            cases[i].what
-        );
-        if outcome.ok() {
-            passed += 1;
-        } else {
-            failed += 1;
+    for (i, case) in cases().iter().enumerate() {
+        for dtype in DType::FLOATS {
+            // A panicking case is a failed case, not the end of the self-test: a
+            // device's first run should report every case.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run_case(&client, case, dtype, 1000 + i as u64)
+            }))
+            .unwrap_or_else(|p| Outcome::Error(format!("panicked: {}", panic_message(&*p))));
+            let text = match &outcome {
+                Outcome::Pass(e, t) => format!("ok    max rel err {e:.2e} (bound {t:.1e})"),
+                Outcome::Fail(e, t) => format!("FAIL  max rel err {e:.2e} (bound {t:.1e})"),
+                Outcome::Refused(m) => format!("ok    {m}"),
+                Outcome::Error(m) => format!("FAIL  {m}"),
+            };
+            println!(
+                "{:<10} {:<5} {:<52} {text}",
+                case.op,
+                dtype.name(),
+                case.what
+            );
+            if outcome.ok() {
+                passed += 1;
+            } else {
+                failed += 1;
+            }
         }
-    };
-    // A panicking case is a failed case, not the end of the self-test.
-    let run = |client: &Client, (i, dtype): (usize, DType)| -> Outcome {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_case(client, &cases[i], dtype, 1000 + i as u64)
-        }))
-        .unwrap_or_else(|p| Outcome::Error(format!("panicked: {}", panic_message(&*p))))
-    };
-    ordered::run_in_order(
-        &runs,
-        jobs,
-        |&r| run(&client, r),
-        |&r, outcome| report(r, &outcome),
-    );
+    }
     println!(
-        "\nselftest on {}: {passed} passed, {failed} failed in {:.1} s{}",
+        "\nselftest on {}: {passed} passed, {failed} failed in {:.1} s",
         client.report().name,
-        start.elapsed().as_secs_f64(),
-        if jobs > 1 {
-            format!(" ({jobs} cases at a time)")
-        } else {
-            String::new()
-        }
+        start.elapsed().as_secs_f64()
     );
     Ok(if failed == 0 {
         ExitCode::SUCCESS
