@@ -8,9 +8,10 @@
 //! 2. `CUDA_PATH`, `/usr/local/cuda`, `/opt/cuda`, `/usr` (`<root>/include`, `<root>/lib64`);
 //! 3. NVIDIA's Python packages (CUDA 13: `nvidia-cuda-runtime`, `nvidia-cuda-crt`,
 //!    `nvidia-cuda-nvrtc`, sharing `nvidia/cu13/`; CUDA 12: `nvidia-cuda-runtime-cu12`,
-//!    `nvidia-cuda-nvcc-cu12`, `nvidia-cuda-nvrtc-cu12`) in `KILN_CUDA_TOOLKIT` (a `pip install --target`
-//!    directory, what `scripts/install-cuda-toolkit` makes), `$VIRTUAL_ENV`, and the
-//!    site-packages of `python3` on the `PATH` (`KILN_PYTHON` overrides).
+//!    `nvidia-cuda-nvcc-cu12`, `nvidia-cuda-nvrtc-cu12`) in `KILN_CUDA_TOOLKIT` (a
+//!    `pip install --target` directory, what `scripts/install-cuda-toolkit` makes),
+//!    `$VIRTUAL_ENV`, and the site-packages of `python3` on the `PATH` (`KILN_PYTHON`
+//!    overrides).
 //!
 //! NVRTC is taken from beside the headers, else from any `nvidia/*/lib` of those
 //! site-packages (PyTorch's wheels bring it, but not the headers), else from the
@@ -44,35 +45,33 @@ fn has_headers(dirs: &[PathBuf]) -> bool {
     has("cuda_fp16.h") && has("cuda_bf16.h") && has("crt/mma.h")
 }
 
-fn nvrtc_in(dir: &Path) -> Option<PathBuf> {
-    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
+/// The files of `dir` whose names start with one of `prefixes`, sorted by name.
+fn named_in(dir: &Path, prefixes: &[&str]) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libnvrtc.so") || n.starts_with("nvrtc64"))
+                .is_some_and(|n| prefixes.iter().any(|pre| n.starts_with(pre)))
         })
         .collect();
-    names.sort();
-    names.into_iter().next()
+    found.sort();
+    found
+}
+
+fn nvrtc_in(dir: &Path) -> Option<PathBuf> {
+    named_in(dir, &["libnvrtc.so", "nvrtc64"])
+        .into_iter()
+        .next()
 }
 
 /// NVRTC's builtins library in the directory of `nvrtc` (`libnvrtc-builtins.so.13.0`
 /// beside `libnvrtc.so.13`; not the `.alt` variant), if there.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn builtins_beside(nvrtc: &Path) -> Option<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir(nvrtc.parent()?)
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libnvrtc-builtins.so"))
-        })
-        .collect();
-    found.sort();
-    found.pop()
+    named_in(nvrtc.parent()?, &["libnvrtc-builtins.so"]).pop()
 }
 
 /// The site-packages directories to look in for NVIDIA's Python packages.
