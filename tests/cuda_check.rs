@@ -219,6 +219,16 @@ fn on_cuda_the_tuning_space_drops_what_the_budget_lists_and_notes_why() {
     // ...and the budget drops the spilling ones on CUDA, not on wgpu.
     assert!(budget::dropped_on(&sm90, "gla_fused_fwd", "BV=64").is_some());
     assert!(budget::dropped_on(&sm90, "gla_fused_fwd", "BV=16").is_none());
+    // At K = 128 every tile spills: GLA's `auto` mode then runs the chunked pipeline
+    // without timing the modes (on the H200 that timing took 30 s, the fused candidate
+    // failing with "no configuration fits").
+    for bv in [64, 32, 16] {
+        let tile = format!("kp=128 BV={bv}");
+        assert!(
+            budget::dropped_on(&sm90, "gla_fused_fwd", &tile).is_some(),
+            "{tile}"
+        );
+    }
     let mut wgpu_like = sm90.clone();
     wgpu_like.compute_capability = None;
     assert!(budget::dropped_on(&wgpu_like, "gla_fused_fwd", "BV=64").is_none());

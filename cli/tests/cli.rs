@@ -281,6 +281,16 @@ fn kiln_bench_times_optimizer_steps_in_place() {
         assert_eq!(v["op"], op);
         assert_eq!(v["in_place"], in_place, "{v}");
         assert!(v["median_ms"].as_f64().is_some_and(|t| t > 0.0), "{v}");
+        // Calls back to back then one sync, as many as make a sample of 10 ms by the
+        // fastest latency (one call with its sync), at most 200: a call of under 5 ms
+        // is timed several to a sample.
+        let reps = v["calls_per_sample"].as_u64().expect("calls_per_sample");
+        assert!((1..=200).contains(&reps), "{v}");
+        let latency = v["latency_ms"].as_f64().expect("latency_ms");
+        assert!(latency > 0.0, "{v}");
+        if latency < 5.0 {
+            assert!(reps >= 2, "{v}");
+        }
         let text = kiln_in_cache(&dir, &["bench", op, "--shape", shape, "--samples", "1"]);
         assert_eq!(
             stdout(&text).contains("in place"),

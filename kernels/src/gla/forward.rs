@@ -5,7 +5,7 @@ use super::problem::*;
 use super::*;
 use crate::launch::{or_absent, upload_u32};
 use kiln_runtime::tune::Choice;
-use kiln_runtime::{DType, Error, Result, Tensor};
+use kiln_runtime::{Client, DType, Error, Result, Tensor};
 
 /// gc, the per-chunk states and the final state of the forward pass.
 pub(super) struct ForwardStates {
@@ -86,12 +86,13 @@ pub fn gla(inp: &GlaInputs<'_>, opts: &GlaOptions) -> Result<GlaOutput> {
             })
         }
         (GlaMode::FusedChunk, _) => {
-            if !fused_fits(&p) {
+            if !fused_fits(inp.q.client(), &p) {
                 return Err(Error::Param {
                     param: "mode".into(),
                     expected: format!(
-                        "chunk or auto unless K <= {FUSED_MAX_K} and K, V are multiples of 4 \
-                         (fused_chunk keeps the state in registers and reads 4-wide vectors)"
+                        "chunk or auto unless K <= {FUSED_MAX_K}, K and V are multiples of 4 \
+                         (fused_chunk keeps the state in registers and reads 4-wide vectors), \
+                         and the device allows a tile of it (CUDA: K <= 112)"
                     ),
                     found: format!("fused_chunk with K = {}, V = {}", p.dk, p.dv),
                 });
@@ -117,19 +118,36 @@ pub fn gla(inp: &GlaInputs<'_>, opts: &GlaOptions) -> Result<GlaOutput> {
 /// The widest key dimension the fused kernel takes.
 pub(super) const FUSED_MAX_K: usize = 128;
 
-/// Whether the fused kernel takes this problem: K <= 128, and K and V multiples of 4
-/// (it reads and writes rows as 4-wide vectors).
-pub(super) fn fused_fits(p: &Problem) -> bool {
-    p.dk <= FUSED_MAX_K && p.dk.is_multiple_of(4) && p.dv.is_multiple_of(4)
+/// Whether the fused kernel takes this problem on `client`'s device: K <= 128, K and V
+/// multiples of 4 (it reads and writes rows as 4-wide vectors), and a tile the device
+/// allows (on CUDA every tile spills at K > 112: kernels/cuda-budget.txt).
+pub(super) fn fused_fits(client: &Client, p: &Problem) -> bool {
+    let shape_fits = p.dk <= FUSED_MAX_K && p.dk.is_multiple_of(4) && p.dv.is_multiple_of(4);
+    // Without this, `auto` timed the modes on CUDA at K = 128: the chunked pipeline was
+    // the lone valid candidate and its first run (tuning its chunk size and every
+    // kernel's tiles) was recorded as its time, 30 s on the H200.
+    shape_fits
+        && !GlaFusedFwd::space(
+            client,
+            &GlaFusedFwdProblem {
+                kp: p.dk.next_multiple_of(16) as u32,
+                dk: p.dk as u32,
+                dv: p.dv as u32,
+                heads: p.heads as u32,
+                n_seq: p.n_seq() as u32,
+                ..Default::default()
+            },
+        )
+        .is_empty()
 }
 
 /// Whether the autotuner picks the fused kernel over the chunk-parallel ones (each
 /// at its tuned chunk size) for this device and bucketed shape.
 pub(super) fn forward_mode_is_fused(inp: &GlaInputs<'_>, p: &Problem) -> Result<bool> {
-    if !fused_fits(p) {
+    let client = inp.q.client();
+    if !fused_fits(client, p) {
         return Ok(false);
     }
-    let client = inp.q.client();
     // The first candidate is what runs untuned (`KILN_AUTOTUNE=off`): the fused kernel
     // on a CPU adapter, where it is several times faster, the chunk-parallel pipeline
     // on a GPU, which needs the parallelism.

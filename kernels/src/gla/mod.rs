@@ -37,7 +37,7 @@ pub use chunk_backward::{GlaBwdDg, GlaBwdDgArgs, GlaBwdDqk, GlaBwdDqkArgs};
 pub use chunk_output::{GlaChunkOut, GlaChunkOutArgs, GlaScores, GlaScoresArgs};
 pub use chunk_state::{GlaCumsum, GlaCumsumArgs, GlaStatePass, GlaStatePassArgs};
 pub use forward::gla;
-pub use fused::{GlaFusedFwd, GlaFusedFwdArgs, FUSED_CHUNK};
+pub use fused::{GlaFusedFwd, GlaFusedFwdArgs, GlaFusedFwdProblem, FUSED_CHUNK};
 pub use recurrent::{
     steps_per_round, GlaRecurrent, GlaRecurrentArgs, GlaRecurrentProblem, StateInit, ToF32,
     ToF32Args,
