@@ -38,6 +38,36 @@ fn up(h: &HostTensor) -> Tensor {
     Tensor::upload(client(), h).unwrap()
 }
 
+/// `a`, `b`, `bias` and `residual` on the device.
+fn operands(p: &Problem) -> (Tensor, Tensor, Tensor, Tensor) {
+    let h = &p.hosts;
+    (up(&h["a"]), up(&h["b"]), up(&h["bias"]), up(&h["residual"]))
+}
+
+/// The whole epilogue (bias, `activation`, residual).
+fn whole<'a>(bias: &'a Tensor, res: &'a Tensor, activation: Activation) -> Epilogue<'a> {
+    Epilogue {
+        bias: Some(bias),
+        activation,
+        residual: Some(res),
+    }
+}
+
+/// A kernel's `*Problem` (what its `space` reads) with the whole SiLU epilogue.
+macro_rules! silu_problem {
+    ($ty:ident, $m:expr, $n:expr, $k:expr, $trans_b:expr) => {
+        $ty {
+            m: $m as u32,
+            n: $n as u32,
+            k: $k as u32,
+            trans_b: $trans_b,
+            has_bias: true,
+            has_residual: true,
+            act: Activation::Silu,
+        }
+    };
+}
+
 /// Max error relative to max(|c|, 1): accumulation error scales with the magnitude of
 /// the terms, not of the (possibly cancelling) sum. With the whole epilogue (bias, `act`,
 /// residual) unless `act` is `"none"`.
@@ -67,18 +97,9 @@ fn every_config(dtype: DType) {
     }
     for trans_b in [false, true] {
         let p = problem(37, 53, 71, trans_b, dtype, 11);
-        let (a, b, bias, res) = (
-            up(&p.hosts["a"]),
-            up(&p.hosts["b"]),
-            up(&p.hosts["bias"]),
-            up(&p.hosts["residual"]),
-        );
+        let (a, b, bias, res) = operands(&p);
         for cfg in &matmul::space(client()) {
-            let ep = Epilogue {
-                bias: Some(&bias),
-                activation: Activation::Silu,
-                residual: Some(&res),
-            };
+            let ep = whole(&bias, &res, Activation::Silu);
             let c = matmul::matmul_with(&a, &b, trans_b, ep, *cfg)
                 .unwrap()
                 .download()
@@ -122,24 +143,11 @@ fn every_vec4_config(
         .flat_map(|&(m, n)| trans.iter().map(move |&t| (m, n, t)));
     for (m, n, trans_b) in runs {
         let p = problem(m, n, k, trans_b, dtype, 12);
-        let (a, b, bias, res) = (
-            up(&p.hosts["a"]),
-            up(&p.hosts["b"]),
-            up(&p.hosts["bias"]),
-            up(&p.hosts["residual"]),
-        );
+        let (a, b, bias, res) = operands(&p);
         let space_at = |m: usize, n: usize| {
             MatmulVec4::space(
                 client(),
-                &MatmulVec4Problem {
-                    m: m as u32,
-                    n: n as u32,
-                    k: k as u32,
-                    trans_b,
-                    has_bias: true,
-                    has_residual: true,
-                    act: Activation::Silu,
-                },
+                &silu_problem!(MatmulVec4Problem, m, n, k, trans_b),
             )
         };
         let space = space_at(m, n);
@@ -157,11 +165,7 @@ fn every_vec4_config(
                 continue;
             }
             tested.push(label);
-            let ep = Epilogue {
-                bias: Some(&bias),
-                activation: Activation::Silu,
-                residual: Some(&res),
-            };
+            let ep = whole(&bias, &res, Activation::Silu);
             let c = matmul::matmul_with(&a, &b, trans_b, ep, matmul::MatmulConfig::Vec4(cfg))
                 .unwrap()
                 .download()
@@ -242,14 +246,65 @@ vec4_tests! {
     tile_16x32_vec4_matches_the_reference_f16_trans_b: DType::F16, LARGE, &[true], "TM: 16", 1;
 }
 
-#[test]
-fn every_config_matches_the_reference_f32() {
-    every_config(DType::F32);
+/// The split-K kernel for few rows: every configuration, at M = 1, 3 and 9 (each MT
+/// that fits, ragged against it), with N and K ragged against BN and KS (53 x 71), and
+/// K and N below them (M = 2, N = 7, K = 5: most units of a cube have no K to walk),
+/// both layouts of b, the whole epilogue.
+fn every_gemv_config(dtype: DType) {
+    use kiln::kernels::matmul::{MatmulConfig, MatmulGemv, MatmulGemvProblem};
+    if refused(dtype) {
+        return;
+    }
+    let mut tested = std::collections::BTreeSet::new();
+    for (m, n, k) in [(1, 53, 71), (3, 53, 71), (9, 53, 71), (2, 7, 5)] {
+        for trans_b in [false, true] {
+            let p = problem(m, n, k, trans_b, dtype, 13);
+            let (a, b, bias, res) = operands(&p);
+            let problem = silu_problem!(MatmulGemvProblem, m, n, k, trans_b);
+            let space = MatmulGemv::space(client(), &problem);
+            assert!(!space.is_empty(), "M = {m}: no configuration");
+            for cfg in space {
+                let ep = whole(&bias, &res, Activation::Silu);
+                let c = matmul::matmul_with(&a, &b, trans_b, ep, MatmulConfig::Gemv(cfg))
+                    .unwrap()
+                    .download()
+                    .unwrap();
+                let what = format!("gemv {cfg:?} trans_b={trans_b} {m}x{n}x{k}");
+                check(&p, &c, trans_b, "silu", dtype, &what);
+                tested.insert(format!("{cfg:?}"));
+            }
+        }
+    }
+    // 4 (BN, KS) pairs x MT in 1, 4, 8.
+    assert_eq!(tested.len(), 12, "{tested:?}");
+    // The autotuner is offered them up to GEMV_MAX_ROWS rows.
+    for (m, offered) in [
+        (matmul::GEMV_MAX_ROWS, true),
+        (matmul::GEMV_MAX_ROWS + 1, false),
+    ] {
+        let p = problem(m, 8, 8, false, dtype, 14);
+        let (a, b) = (up(&p.hosts["a"]), up(&p.hosts["b"]));
+        let cands = matmul::candidates_for(&a, &b, false, Epilogue::default()).unwrap();
+        let gemv = cands.iter().any(|c| matches!(c, MatmulConfig::Gemv(_)));
+        assert_eq!(gemv, offered, "M = {m}: {cands:?}");
+    }
 }
 
-#[test]
-fn every_config_matches_the_reference_f16() {
-    every_config(DType::F16);
+/// One test per sweep and dtype.
+macro_rules! sweep_tests {
+    ($($name:ident: $sweep:ident($dtype:expr);)*) => {
+        $(#[test]
+        fn $name() {
+            $sweep($dtype);
+        })*
+    };
+}
+
+sweep_tests! {
+    every_gemv_config_matches_the_reference_f32: every_gemv_config(DType::F32);
+    every_gemv_config_matches_the_reference_f16: every_gemv_config(DType::F16);
+    every_config_matches_the_reference_f32: every_config(DType::F32);
+    every_config_matches_the_reference_f16: every_config(DType::F16);
 }
 
 /// Tuned (the tuner compiles each candidate on one tile with a short K before its first
@@ -269,17 +324,8 @@ fn tuned_matmul_on_skinny_and_edge_shapes() {
         (33, 132, 100, true),
     ] {
         let p = problem(m, n, k, trans_b, DType::F32, (m * 1000 + n) as u64);
-        let (a, b, bias, res) = (
-            up(&p.hosts["a"]),
-            up(&p.hosts["b"]),
-            up(&p.hosts["bias"]),
-            up(&p.hosts["residual"]),
-        );
-        let ep = Epilogue {
-            bias: Some(&bias),
-            activation: Activation::Gelu,
-            residual: Some(&res),
-        };
+        let (a, b, bias, res) = operands(&p);
+        let ep = whole(&bias, &res, Activation::Gelu);
         let c = matmul::matmul(&a, &b, trans_b, ep)
             .unwrap()
             .download()

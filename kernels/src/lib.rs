@@ -15,6 +15,7 @@ pub mod random;
 pub mod rows;
 pub mod rowwise;
 pub mod s2ft;
+mod split_k;
 pub mod svd;
 mod tile_cost;
 

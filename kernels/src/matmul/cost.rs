@@ -10,6 +10,13 @@
 //!
 //! Tensor-core configurations, where the device has them, rank first for half precision.
 //!
+//! The split-K kernel for few rows (`matmul_gemv`) is outside the tile model. On a GPU
+//! its configurations with the most rows per cube rank just behind cubek, so both are
+//! always timed. On a H200 at M = 1, register tiles walked all of K per unit and reached
+//! 80 GB/s (docs/measured/h200-2026-12-04). On a CPU adapter it is not ranked (estimated
+//! +inf): a cube there runs its SIMD groups one after another, and the tiles already run
+//! the few-row shapes at 4.5-6x cubek.
+//!
 //! cubek-matmul (cubecl's own GEMM, whose tiles kiln does not see) is estimated from
 //! kiln's best estimate: on a GPU just under it, so it is always a finalist (on NVIDIA its
 //! tensor-core pipelines are cubecl's strongest GEMMs); on a CPU adapter at 2.5x it (its
@@ -44,12 +51,25 @@ pub(super) fn model(
     let p = *p;
     let kiln_best = candidates
         .iter()
-        .filter(|c| **c != MatmulConfig::Cubek)
+        .filter(|c| !matches!(c, MatmulConfig::Cubek | MatmulConfig::Gemv(_)))
         .map(|c| cost(c, &p, elem, &device))
         .fold(f64::INFINITY, f64::min);
-    let cubek = kiln_best * if is_cpu(&device) { 2.5 } else { 0.95 };
+    let cpu = is_cpu(&device);
+    let cubek = kiln_best * if cpu { 2.5 } else { 0.95 };
+    // The split-K configurations that read b once for the most rows (the others read
+    // it once per MT rows: ranked past the ties).
+    let gemv_rows = candidates
+        .iter()
+        .filter_map(|c| match c {
+            MatmulConfig::Gemv(g) => Some(g.MT),
+            _ => None,
+        })
+        .max();
     move |c| match c {
         MatmulConfig::Cubek => cubek,
+        MatmulConfig::Gemv(_) if cpu => f64::INFINITY,
+        MatmulConfig::Gemv(g) if Some(g.MT) == gemv_rows => kiln_best * 0.96,
+        MatmulConfig::Gemv(_) => kiln_best * 1.2,
         c => cost(c, &p, elem, &device),
     }
 }
@@ -67,7 +87,7 @@ fn cost(c: &MatmulConfig, p: &Problem, elem: usize, device: &DeviceReport) -> f6
         MatmulConfig::Vec4(c) => (if cpu { 1.0 } else { 1.2 }, 4.0 * scalar(f(c.TM), f(c.TN))),
         // A 16x16x16 fragment product per plane step: far above any FMA tile.
         MatmulConfig::Cmma(_) => (0.1, 64.0),
-        MatmulConfig::Cubek => return f64::INFINITY,
+        MatmulConfig::Cubek | MatmulConfig::Gemv(_) => return f64::INFINITY,
     };
     let tile = Tile::plain(kind, fmas_per_load, c.tile().unwrap_or((1, 1)), elem);
     estimate(&tile, p.m, p.n, device)

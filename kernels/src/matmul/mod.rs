@@ -12,6 +12,7 @@
 //!   the GPU path), `matmul_direct` and `matmul_direct_v4` (fragments read straight from
 //!   global memory, edges clamped: the CPU-adapter path); see `tiled`;
 //! - `matmul_vec4`: `a` and `b` read as 4-wide vectors (K and N multiples of 4);
+//! - `matmul_gemv`: few rows (M <= 16), K split across a cube's units (see `gemv`);
 //! - `matmul_cmma`: tensor cores (`wmma`), only where the device reports them.
 //!
 //! Ragged M, N, K need no special cases in any of them.
@@ -32,6 +33,7 @@ mod cost;
 #[cfg(feature = "cubek")]
 mod cubek;
 mod direct;
+mod gemv;
 mod grouped_tn;
 pub mod reference;
 mod registry;
@@ -45,6 +47,10 @@ pub use direct::{
     MatmulDirect, MatmulDirectArgs, MatmulDirectConfig, MatmulDirectProblem, MatmulDirectV4,
     MatmulDirectV4Args, MatmulDirectV4Config, MatmulDirectV4Problem, MATMUL_DIRECT_KERNEL,
     MATMUL_DIRECT_V4_KERNEL,
+};
+pub use gemv::{
+    MatmulGemv, MatmulGemvArgs, MatmulGemvConfig, MatmulGemvProblem, GEMV_MAX_ROWS,
+    MATMUL_GEMV_KERNEL,
 };
 pub(crate) use grouped_tn::{grouped_tn_product, ColumnWindow, RowGroups};
 pub use grouped_tn::{GroupedMatmulTn, GroupedMatmulTnArgs};
@@ -167,6 +173,8 @@ pub enum MatmulConfig {
     Vec4(MatmulVec4Config),
     /// `matmul_cmma`: tensor cores.
     Cmma(MatmulCmmaConfig),
+    /// `matmul_gemv`: few rows, K split across a cube's units.
+    Gemv(MatmulGemvConfig),
     /// cubek-matmul 0.2's `Strategy::Auto` (cubecl's own GEMM; plain epilogue only;
     /// cargo feature `cubek`, on by default).
     Cubek,
@@ -182,6 +190,7 @@ impl MatmulConfig {
             MatmulConfig::Direct(c) => format!("direct {}", MatmulDirect::label(c)),
             MatmulConfig::Vec4(c) => format!("vec4 {}", MatmulVec4::label(c)),
             MatmulConfig::Cmma(c) => format!("cmma {}", MatmulCmma::label(c)),
+            MatmulConfig::Gemv(c) => format!("gemv {}", MatmulGemv::label(c)),
             MatmulConfig::Cubek => "cubek-matmul Auto".into(),
         }
     }
@@ -195,6 +204,7 @@ impl MatmulConfig {
             MatmulConfig::Direct(c) => (c.BM, c.BN),
             MatmulConfig::Vec4(c) => (c.BM, c.BN),
             MatmulConfig::Cmma(c) => (32 * c.PLANES_M, 32 * c.PLANES_N),
+            MatmulConfig::Gemv(c) => (c.MT, c.BN),
             MatmulConfig::Cubek => return None,
         })
     }
@@ -241,6 +251,7 @@ impl MatmulConfig {
             MatmulConfig::Direct(cfg) => cfg.launch(client, a, b, c, p, ep, whole),
             MatmulConfig::Vec4(cfg) => cfg.launch(client, a, b, c, p, ep, whole),
             MatmulConfig::Cmma(cfg) => cfg.launch(client, a, b, c, p, ep, whole),
+            MatmulConfig::Gemv(cfg) => cfg.launch(client, a, b, c, p, ep, whole),
             MatmulConfig::Cubek if whole => cubek_launch(a, b, c, p, ep).map(|()| true),
             MatmulConfig::Cubek => Ok(false),
         }
@@ -336,10 +347,22 @@ fn candidates(client: &Client, p: &Problem, ep: &Epilogue<'_>, dtype: DType) -> 
                 .map(MatmulConfig::Cmma),
         );
     }
+    if p.m <= GEMV_MAX_ROWS {
+        all.extend(gemv_configs(client, p, ep));
+    }
     if cubek_fits(ep) {
         all.push(MatmulConfig::Cubek);
     }
     all
+}
+
+/// The split-K kernel's configurations that fit the device and the problem (any M;
+/// `candidates` offers them up to [`GEMV_MAX_ROWS`] rows).
+fn gemv_configs(client: &Client, p: &Problem, ep: &Epilogue<'_>) -> Vec<MatmulConfig> {
+    MatmulGemv::space(client, &matmul_problem!(MatmulGemvProblem, p, ep))
+        .into_iter()
+        .map(MatmulConfig::Gemv)
+        .collect()
 }
 
 /// Configurations whose tile is at most twice the matrix, or the least wasteful ones.
@@ -413,6 +436,7 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_b: bool, ep: Epilogue<'_>) -> Result
             MatmulDirect::source_hash(),
             MatmulVec4::source_hash(),
             MatmulCmma::source_hash(),
+            MatmulGemv::source_hash(),
         ])
         .dim("m", p.m)
         .dim("n", p.n)
@@ -449,6 +473,7 @@ pub fn matmul_with(
     fits.extend(vec4.into_iter().map(MatmulConfig::Vec4));
     let cmma = MatmulCmma::space(client, &matmul_problem!(MatmulCmmaProblem, p, ep));
     fits.extend(cmma.into_iter().map(MatmulConfig::Cmma));
+    fits.extend(gemv_configs(client, &p, &ep));
     if cubek_fits(&ep) {
         fits.push(MatmulConfig::Cubek);
     }
@@ -592,4 +617,5 @@ kernel_choice! {
     MatmulDirectConfig => MatmulDirect, MatmulDirectArgs;
     MatmulCmmaConfig => MatmulCmma, MatmulCmmaArgs;
     MatmulVec4Config => MatmulVec4, MatmulVec4Args;
+    MatmulGemvConfig => MatmulGemv, MatmulGemvArgs;
 }

@@ -20,6 +20,7 @@
 //! folded zero points, strided tile stores) defined beside them.
 
 use crate::matmul::{row_first, shift_rows};
+use crate::split_k::{partials_sum, stage_partials};
 use cubecl::prelude::*;
 use kiln_dsl::{load_i8, load_tile, reg_tile_mma, shift_round_half_even, unpack_i8, unpack_u4};
 
@@ -308,19 +309,11 @@ qgemm_kernel! {
             }
         }
         let mut part = SharedMemory::<f32>::new(comptime!((KS * mt * BN) as usize));
-        #[unroll]
-        for r in 0..mt {
-            part[((ks * mt + r) * BN + nl) as usize] = acc[r as usize];
-        }
-        sync_cube();
+        stage_partials(&mut part, &acc, ks, nl, mt, BN);
         // Unit row ks sums the partials of output rows ks, ks + KS, ...
         let mut r = ks;
         while r < mt {
-            let mut sum = 0.0f32;
-            #[unroll]
-            for j in 0..KS {
-                sum += part[((j * mt + r) * BN + nl) as usize];
-            }
+            let sum = partials_sum(&part, r, nl, mt, BN, KS);
             if col < n && row0 + r < m {
                 y[((row0 + r) * n + col) as usize] = F::cast_from(sum);
             }
