@@ -6,14 +6,23 @@
 //! Offered only with a plain epilogue (no bias, activation or residual: applying kiln's
 //! epilogue after it would cost a second pass over `c`, which is slower than kiln's
 //! fused kernels wherever cubek is not already far ahead), and validated against the
-//! reference candidate like every other.
+//! reference candidate like every other. Not offered for f32 where the device has TF32:
+//! there its tensor-core routines round f32 operands to TF32 (a 10-bit mantissa).
 
 use super::Problem;
 use cubecl::prelude::*;
 use cubek_matmul::definition::{MatmulElems, MatmulGlobalElems};
 use cubek_matmul::launch::Strategy;
 use cubek_std::InputBinding;
-use kiln_runtime::{dispatch, DType, Error, Result, Tensor};
+use kiln_runtime::{dispatch, Client, DType, Error, Result, Tensor};
+
+/// Whether cubek's tensor-core routines would stage f32 operands as TF32 on `client`'s
+/// device (cubek-matmul 0.2's `adjust_dtypes` does so wherever the device supports TF32:
+/// NVIDIA from sm_80).
+pub(super) fn rounds_f32_to_tf32(client: &Client) -> bool {
+    let tf32 = cubecl::tf32::as_type_native_unchecked().storage_type();
+    dispatch!(client, cc => cc.properties().supports_type(tf32))
+}
 
 /// A rank-3 (batch 1) binding of `t` with the given logical shape and strides.
 fn binding<R: Runtime>(t: &Tensor, shape: [usize; 3], strides: [usize; 3]) -> TensorBinding<R> {

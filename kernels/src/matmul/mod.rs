@@ -258,7 +258,8 @@ impl MatmulConfig {
     }
 }
 
-/// cubek-matmul as a candidate: a plain epilogue only (see `cubek.rs`).
+/// cubek-matmul as a candidate: a plain epilogue only, and not f32 where it would round
+/// the operands to TF32 (see `cubek.rs`).
 fn cubek_launch(a: &Tensor, b: &Tensor, c: &Tensor, p: &Problem, ep: &Epilogue<'_>) -> Result<()> {
     if !cubek_fits(ep) {
         return Err(Error::Param {
@@ -266,6 +267,15 @@ fn cubek_launch(a: &Tensor, b: &Tensor, c: &Tensor, p: &Problem, ep: &Epilogue<'
             expected: "cubek-matmul only with a plain epilogue (no bias, activation or residual)"
                 .into(),
             found: "an epilogue".into(),
+        });
+    }
+    if !cubek_keeps_precision(a.client(), a.dtype()) {
+        return Err(Error::Param {
+            param: "config".into(),
+            expected: "cubek-matmul only where it keeps f32 operands in f32 (on this device \
+                       its tensor-core routines round them to TF32, a 10-bit mantissa)"
+                .into(),
+            found: "cubek-matmul with f32 operands".into(),
         });
     }
     #[cfg(feature = "cubek")]
@@ -286,6 +296,21 @@ fn cubek_fits(ep: &Epilogue<'_>) -> bool {
         && ep.bias.is_none()
         && ep.residual.is_none()
         && ep.activation == Activation::None
+}
+
+/// Whether cubek-matmul computes `dtype` at kiln's precision on `client`'s device: not
+/// f32 where the device has TF32. There cubek's Auto strategy stages f32 operands as TF32
+/// (cubek-matmul 0.2, `adjust_dtypes`). As the first-ranked candidate it then became the
+/// reference that kiln's exact f32 kernels were checked against, and they were rejected.
+/// On the H200 an f32 4096 x 8 x 4096 product tuned to cubek alone.
+fn cubek_keeps_precision(client: &Client, dtype: DType) -> bool {
+    #[cfg(feature = "cubek")]
+    return dtype != DType::F32 || !cubek::rounds_f32_to_tf32(client);
+    #[cfg(not(feature = "cubek"))]
+    {
+        let _ = (client, dtype);
+        true
+    }
 }
 
 /// The register-tiled FMA kernels' configurations that fit `problem` on `client`'s
@@ -350,7 +375,7 @@ fn candidates(client: &Client, p: &Problem, ep: &Epilogue<'_>, dtype: DType) -> 
     if p.m <= GEMV_MAX_ROWS {
         all.extend(gemv_configs(client, p, ep));
     }
-    if cubek_fits(ep) {
+    if cubek_fits(ep) && cubek_keeps_precision(client, dtype) {
         all.push(MatmulConfig::Cubek);
     }
     all
@@ -475,6 +500,7 @@ pub fn matmul_with(
     fits.extend(cmma.into_iter().map(MatmulConfig::Cmma));
     fits.extend(gemv_configs(client, &p, &ep));
     if cubek_fits(&ep) {
+        // Refused with its reason at launch where it would round f32 to TF32.
         fits.push(MatmulConfig::Cubek);
     }
     if !fits.contains(&cfg) {
