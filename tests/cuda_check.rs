@@ -244,3 +244,39 @@ fn on_cuda_the_tuning_space_drops_what_the_budget_lists_and_notes_why() {
         "{notes:?}"
     );
 }
+
+/// The tensor-core tiles are the autotuner's on CUDA: every declared configuration of
+/// `matmul_cmma` and `moe_grouped_matmul_cmma` is there on sm_90a, up to 128 x 256 per
+/// cube, none dropped by the register budget (ptxas found no spill: the check above).
+#[test]
+fn on_cuda_every_tensor_core_tile_is_a_candidate() {
+    use kiln::runtime::{budget, DeviceReport};
+    let sm90 = DeviceReport::cuda_target(CudaArch::parse("sm_90a").expect("arch"));
+    for (name, count) in [("matmul_cmma", 10), ("moe_grouped_matmul_cmma", 7)] {
+        let spec = kiln::kernels::kernel(name).expect("registered");
+        let cfg = KernelConfig::new(spec, BTreeMap::new()).expect("defaults");
+        let declared = (spec.declared)(&sm90, &cfg).expect("declared");
+        assert_eq!(declared.len(), count, "{name}");
+        let labels: Vec<String> = declared
+            .iter()
+            .map(|t| {
+                t.iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect();
+        for tile in &labels {
+            assert!(
+                budget::dropped_on(&sm90, name, tile).is_none(),
+                "{name} {tile}"
+            );
+        }
+        assert!(
+            labels
+                .iter()
+                .any(|t| t == "PLANES_M=2 PLANES_N=4 FRAGS_M=4 FRAGS_N=4 BK=32"),
+            "{name}: {labels:?}"
+        );
+    }
+}

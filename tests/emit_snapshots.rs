@@ -261,6 +261,9 @@ fn matmul_cmma_cuda_f16_bias_gelu() {
             ("dtype", "f16"),
             ("PLANES_M", "2"),
             ("PLANES_N", "2"),
+            ("FRAGS_M", "2"),
+            ("FRAGS_N", "2"),
+            ("BK", "32"),
             ("has_bias", "true"),
             ("act", "gelu")
         ]
@@ -287,7 +290,7 @@ fn qgemm_cmma_cuda_f16_int4() {
 /// Tensor-core kernels cannot be expressed in WGSL: a clear refusal, not a panic.
 #[test]
 fn tensor_core_kernels_are_refused_for_wgsl() {
-    for name in ["matmul_cmma", "qgemm_cmma"] {
+    for name in ["matmul_cmma", "qgemm_cmma", "moe_grouped_matmul_cmma"] {
         let spec = kiln::kernels::kernel(name).unwrap();
         assert!(spec.needs(kiln::runtime::Capability::TensorCores), "{name}");
         let cfg = KernelConfig::new(spec, BTreeMap::new()).unwrap();
@@ -351,6 +354,26 @@ fn moe_grouped_matmul_v4_wgsl_scatter_silu() {
             ("scatter", "true"),
             ("BM", "64"),
             ("BN", "64")
+        ]
+    ));
+}
+
+/// The tensor-core grouped GEMM of the MoE layer's second product in the sorted
+/// layout: 8-wide operand loads, wmma fragments, each row scaled by its gate and
+/// written to its route's row.
+#[test]
+fn moe_grouped_matmul_cmma_cuda_bf16_scatter() {
+    insta::assert_snapshot!(source(
+        "moe_grouped_matmul_cmma",
+        Target::Cuda,
+        &[
+            ("dtype", "bf16"),
+            ("scatter", "true"),
+            ("PLANES_M", "2"),
+            ("PLANES_N", "2"),
+            ("FRAGS_M", "2"),
+            ("FRAGS_N", "2"),
+            ("BK", "32")
         ]
     ));
 }

@@ -257,8 +257,11 @@ fn joint_configurations_and_device_requirements() {
         let t = |s: &[usize]| Tensor::empty(client(), DType::F16, s).unwrap();
         let (a, b, c) = (t(&[16, 16]), t(&[16, 16]), t(&[16, 16]));
         let cfg = kiln::kernels::matmul::MatmulCmmaConfig {
-            PLANES_M: 1,
-            PLANES_N: 1,
+            PLANES_M: 2,
+            PLANES_N: 2,
+            FRAGS_M: 2,
+            FRAGS_N: 2,
+            BK: 32,
         };
         if client().supports(DType::F16) {
             let e = MatmulCmma::launch(
@@ -307,6 +310,99 @@ mod vector_args {
         let i = ABSOLUTE_POS;
         if i < n4 as usize {
             out[i] = x[i] * Vector::new(F::cast_from(a)) + y[i];
+        }
+    }
+}
+
+/// The tensor-core kernels' operand staging (`fetch_tile_v8`, `stage_tile_v8`) alone: it
+/// runs on every device, so lavapipe checks what the `wmma` kernels stage.
+mod staging_v8 {
+    use cubecl::prelude::*;
+    use kiln::runtime::cubecl;
+    use kiln_dsl::{fetch_tile_v8, stage_tile_v8, V8};
+
+    /// A 5 x 16 tile of `src` (f32, rows `row_stride` vectors apart, from vector
+    /// `src_base`; 10 vectors over 4 units, the last round partial) fetched as `F`,
+    /// staged with rows 24 elements apart, then written to `out` row-major `[5][16]`.
+    #[kiln::kernel(
+        tune(UNITS = [4]),
+        grid = (1),
+        cube = UNITS,
+        name = "test_stage_v8"
+    )]
+    pub fn stage_v8<F: Float>(
+        src: &Array<Vector<f32, Const<8>>>,
+        out: &mut Array<F>,
+        src_base: u32,
+        row_stride: u32,
+        rows_valid: u32,
+        cols_valid: u32,
+    ) {
+        let mut regs = Array::<V8<F>>::new(3usize);
+        fetch_tile_v8::<f32, F>(
+            &mut regs, src, src_base, row_stride, rows_valid, cols_valid, 5u32, 16u32, UNITS,
+        );
+        let mut smem = SharedMemory::<V8<F>>::new(15usize);
+        stage_tile_v8::<F>(&mut smem, &regs, 5u32, 16u32, UNITS);
+        sync_cube();
+        if UNIT_POS == 0 {
+            for r in 0..5u32 {
+                for cv in 0..2u32 {
+                    let v = smem[(r * 3 + cv) as usize];
+                    #[unroll]
+                    for l in 0..8u32 {
+                        out[(r * 16 + cv * 8 + l) as usize] = v[l as usize];
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn tensor_core_staging_fetches_masks_converts_and_pads() {
+    use staging_v8::{StageV8, StageV8Args};
+    // src: 7 rows of 24 f32 (3 vectors); the tile starts at row 1, vector 1; 4 rows and 8
+    // columns are real: row 4 and the second vector of each row are zero.
+    let (rows, cols) = (7usize, 24usize);
+    let src_h: Vec<f64> = (0..rows * cols).map(|i| (i as f64 * 0.37).sin()).collect();
+    let src = Tensor::upload(
+        client(),
+        &HostTensor::from_f64(DType::F32, vec![rows * cols], &src_h).unwrap(),
+    )
+    .unwrap();
+    for dtype in [DType::F32, DType::F16] {
+        if common::refused(dtype) {
+            continue;
+        }
+        let out = Tensor::empty(client(), dtype, &[80]).unwrap();
+        StageV8::tuned(
+            client(),
+            0.0,
+            &StageV8Args {
+                src: &src,
+                out: &out,
+                src_base: 3 + 1,
+                row_stride: 3,
+                rows_valid: 4,
+                cols_valid: 8,
+            },
+        )
+        .unwrap();
+        let got = out.download().unwrap().to_f64();
+        for r in 0..5 {
+            for c in 0..16 {
+                let want = if r < 4 && c < 8 {
+                    src_h[(1 + r) * cols + 8 + c]
+                } else {
+                    0.0
+                };
+                let g = got[r * 16 + c];
+                assert!(
+                    (g - want).abs() <= dtype.epsilon() * want.abs(),
+                    "{dtype} ({r}, {c}): {g} vs {want}"
+                );
+            }
         }
     }
 }

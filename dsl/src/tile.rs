@@ -128,15 +128,19 @@ pub fn reg_tile_mma<N: Numeric>(
 }
 
 /// One plane's share of a tensor-core tile (cmma; CUDA `wmma`): a cube of
-/// `planes_m x planes_n` planes (32 units each, the plane index in `UNIT_POS_Y`) owns
-/// the `32 planes_m x 32 planes_n` tile of the output at (`row0`, `col0`), and each
-/// plane accumulates a 32 x 32 block of it as 2 x 2 f32 fragments of 16 x 16
-/// (`c00 c01 / c10 c11`). Operands are staged by the caller in shared memory in the
-/// operand dtype: X the cube's `[32 planes_m][16]` row-major K slice, Y the
-/// `[16][32 planes_n]` one. Only for devices that report tensor cores
-/// (`DeviceReport::tensor_cores`): elsewhere cubecl cannot run it (on wgpu it would
-/// silently write nothing), and [`reg_tile_mma()`] is the path. All units of the cube
-/// call every method.
+/// `planes_m x planes_n` planes (32 units each, plane `UNIT_POS / 32`) owns
+/// the `16 frags_m planes_m x 16 frags_n planes_n` tile of the output at (`row0`,
+/// `col0`), and each plane accumulates a `16 frags_m x 16 frags_n` block of it as
+/// `frags_m x frags_n` f32 fragments of 16 x 16. Operands are staged by the caller in
+/// shared memory in the operand dtype, as scalars or as vectors of `width` elements
+/// (every offset below is in elements; fragment rows start on a vector): X the cube's
+/// row-major K slice (element (r, d) at `r x_stride + d`), Y either row-major
+/// (element (d, c) at `d y_stride + c`) or, `y_col_major`, one row per output column
+/// (element (d, c) at `c y_stride + d`: a `[N, K]` operand staged as it lies). Strides
+/// are multiples of 8 elements (wmma's rule for 16-bit operands). Only for devices that
+/// report tensor cores (`DeviceReport::tensor_cores`): elsewhere cubecl cannot run it
+/// (on wgpu it would silently write nothing), and [`reg_tile_mma()`] is the path. All
+/// units of the cube call every method.
 #[derive(CubeType)]
 pub struct CmmaBlock {
     /// Output row of the cube's tile's first row.
@@ -147,79 +151,175 @@ pub struct CmmaBlock {
     plane_row: u32,
     /// This plane's column of blocks in the cube's tile (`0..planes_n`).
     plane_col: u32,
-    c00: cmma::Matrix<f32>,
-    c01: cmma::Matrix<f32>,
-    c10: cmma::Matrix<f32>,
-    c11: cmma::Matrix<f32>,
+    /// The accumulators, fragment (i, j) of the plane's block at `i frags_n + j`.
+    acc: Sequence<cmma::Matrix<f32>>,
     #[cube(comptime)]
-    planes_n: u32,
+    frags_m: u32,
+    #[cube(comptime)]
+    frags_n: u32,
 }
 
 #[cube]
 impl CmmaBlock {
     /// This plane's block of the cube at `CUBE_POS`, its accumulators zero.
-    pub fn new(#[comptime] planes_m: u32, #[comptime] planes_n: u32) -> CmmaBlock {
-        let plane = UNIT_POS_Y;
+    pub fn new(
+        #[comptime] planes_m: u32,
+        #[comptime] planes_n: u32,
+        #[comptime] frags_m: u32,
+        #[comptime] frags_n: u32,
+    ) -> CmmaBlock {
+        // The plane's index in a cube of (32, planes) units or of 32 planes units.
+        let plane = UNIT_POS / 32;
+        let mut acc = Sequence::<cmma::Matrix<f32>>::new();
+        #[unroll]
+        for _ in 0..comptime!((frags_m * frags_n) as usize) {
+            acc.push(zero_accumulator());
+        }
         CmmaBlock {
-            row0: CUBE_POS_Y * comptime!(32 * planes_m),
-            col0: CUBE_POS_X * comptime!(32 * planes_n),
+            row0: CUBE_POS_Y * comptime!(16 * frags_m * planes_m),
+            col0: CUBE_POS_X * comptime!(16 * frags_n * planes_n),
             plane_row: plane / planes_n,
             plane_col: plane % planes_n,
-            c00: zero_accumulator(),
-            c01: zero_accumulator(),
-            c10: zero_accumulator(),
-            c11: zero_accumulator(),
-            planes_n,
+            acc,
+            frags_m,
+            frags_n,
         }
     }
 
-    /// The block += X Y over one K slice of 16: X `xs` `[32 planes_m][16]`, Y `ys`
-    /// `[16][32 planes_n]`, both row-major. The caller synchronises the cube between
-    /// staging the slices and this call, and again before restaging them.
-    pub fn mma<F: Float>(&self, xs: &SharedMemory<F>, ys: &SharedMemory<F>) {
-        let y_stride = comptime!(32 * self.planes_n);
-        let x_base = self.plane_row * 512;
-        let y_base = self.plane_col * 32;
-        let x0 = operand_fragment::<F>(xs, x_base, cmma::MatrixIdent::A, 16u32);
-        let x1 = operand_fragment::<F>(xs, x_base + 256, cmma::MatrixIdent::A, 16u32);
-        let y0 = operand_fragment::<F>(ys, y_base, cmma::MatrixIdent::B, y_stride);
-        let y1 = operand_fragment::<F>(ys, y_base + 16, cmma::MatrixIdent::B, y_stride);
-        cmma::execute::<F, F, f32, f32>(&x0, &y0, &self.c00, &self.c00);
-        cmma::execute::<F, F, f32, f32>(&x0, &y1, &self.c01, &self.c01);
-        cmma::execute::<F, F, f32, f32>(&x1, &y0, &self.c10, &self.c10);
-        cmma::execute::<F, F, f32, f32>(&x1, &y1, &self.c11, &self.c11);
+    /// The block += X Y over one staged K slice of `depth` (a multiple of 16), the
+    /// operands laid out as the type's documentation says. The caller synchronises the
+    /// cube between staging the slices and this call, and again before restaging them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mma<F: Float, V: CubePrimitive>(
+        &self,
+        xs: &SharedMemory<V>,
+        #[comptime] x_stride: u32,
+        ys: &SharedMemory<V>,
+        #[comptime] y_stride: u32,
+        #[comptime] y_col_major: bool,
+        #[comptime] depth: u32,
+        #[comptime] width: u32,
+    ) {
+        let frags_m = comptime!(self.frags_m);
+        let frags_n = comptime!(self.frags_n);
+        let y_layout = comptime!(if y_col_major {
+            cmma::MatrixLayout::ColMajor
+        } else {
+            cmma::MatrixLayout::RowMajor
+        });
+        let x_row0 = self.plane_row * comptime!(16 * frags_m);
+        let y_col0 = self.plane_col * comptime!(16 * frags_n);
+        #[unroll]
+        for kk in 0..comptime!(depth / 16) {
+            let d0 = comptime!(kk * 16);
+            let mut xf = Sequence::<cmma::Matrix<F>>::new();
+            #[unroll]
+            for i in 0..comptime!(frags_m as usize) {
+                let base = (x_row0 + comptime!(i as u32 * 16)) * x_stride + d0;
+                xf.push(operand_fragment::<F, V>(
+                    xs,
+                    base,
+                    cmma::MatrixIdent::A,
+                    cmma::MatrixLayout::RowMajor,
+                    x_stride,
+                    width,
+                ));
+            }
+            #[unroll]
+            for j in 0..comptime!(frags_n as usize) {
+                let col = y_col0 + comptime!(j as u32 * 16);
+                let mut base = d0 * y_stride + col;
+                if comptime!(y_col_major) {
+                    base = col * y_stride + d0;
+                }
+                let yf = operand_fragment::<F, V>(
+                    ys,
+                    base,
+                    cmma::MatrixIdent::B,
+                    y_layout,
+                    y_stride,
+                    width,
+                );
+                #[unroll]
+                for i in 0..comptime!(frags_m as usize) {
+                    let acc = self.acc.index(comptime!(i * frags_n as usize + j));
+                    cmma::execute::<F, F, f32, f32>(xf.index(i), &yf, acc, acc);
+                }
+            }
+        }
     }
 
     /// Stores the block at its place in `tile`, the cube's whole tile in f32 row-major
-    /// `[32 planes_m][32 planes_n]`; the caller synchronises before reading it.
-    pub fn store(&self, tile: &mut SharedMemory<f32>) {
-        let stride = comptime!(32 * self.planes_n);
-        let base = self.plane_row * 32 * stride + self.plane_col * 32;
-        store_fragment(tile, base, &self.c00, stride);
-        store_fragment(tile, base + 16, &self.c01, stride);
-        store_fragment(tile, base + 16 * stride, &self.c10, stride);
-        store_fragment(tile, base + 16 * stride + 16, &self.c11, stride);
+    /// with rows `stride` apart; the caller synchronises before reading it.
+    pub fn store(&self, tile: &mut SharedMemory<f32>, #[comptime] stride: u32) {
+        let frags_m = comptime!(self.frags_m);
+        let frags_n = comptime!(self.frags_n);
+        #[unroll]
+        for i in 0..comptime!(frags_m as usize) {
+            #[unroll]
+            for j in 0..comptime!(frags_n as usize) {
+                let (r, c) = self.fragment_origin(comptime!(i as u32), comptime!(j as u32));
+                store_fragment(
+                    tile,
+                    r * stride + c,
+                    self.acc.index(comptime!(i * frags_n as usize + j)),
+                    stride,
+                );
+            }
+        }
+    }
+
+    /// Stores fragment (`i`, `j`) of this plane's block into `scratch` at `base`, 16 x 16
+    /// f32 row-major, and returns its origin in the cube's tile (row, column). For an
+    /// epilogue that goes a fragment at a time through a plane's own 1 KiB: the caller
+    /// calls `sync_plane()` before its units read the fragment, and again before the
+    /// next fragment overwrites it.
+    pub fn store_one(
+        &self,
+        scratch: &mut SharedMemory<f32>,
+        base: u32,
+        #[comptime] i: u32,
+        #[comptime] j: u32,
+    ) -> (u32, u32) {
+        let frags_n = comptime!(self.frags_n);
+        store_fragment(
+            scratch,
+            base,
+            self.acc.index(comptime!((i * frags_n + j) as usize)),
+            16u32,
+        );
+        self.fragment_origin(i, j)
+    }
+
+    /// Row and column in the cube's tile of fragment (`i`, `j`) of this plane's block.
+    fn fragment_origin(&self, #[comptime] i: u32, #[comptime] j: u32) -> (u32, u32) {
+        let frags_m = comptime!(self.frags_m);
+        let frags_n = comptime!(self.frags_n);
+        (
+            self.plane_row * comptime!(16 * frags_m) + comptime!(16 * i),
+            self.plane_col * comptime!(16 * frags_n) + comptime!(16 * j),
+        )
     }
 }
 
-/// The 16 x 16 row-major operand fragment of `smem` whose first element is at `base`,
-/// rows `stride` apart.
+/// The 16 x 16 operand fragment of `smem` (scalars, or vectors of `width` elements)
+/// whose first element is element `base`, rows (or, column-major, columns) `stride`
+/// elements apart.
 #[cube]
-fn operand_fragment<F: Float>(
-    smem: &SharedMemory<F>,
+fn operand_fragment<F: Float, V: CubePrimitive>(
+    smem: &SharedMemory<V>,
     base: u32,
     #[comptime] ident: cmma::MatrixIdent,
+    #[comptime] layout: cmma::MatrixLayout,
     #[comptime] stride: u32,
+    #[comptime] width: u32,
 ) -> cmma::Matrix<F> {
-    cmma::Matrix::<F>::from_slice(
-        ident,
-        16usize,
-        16usize,
-        16usize,
-        cmma::MatrixLayout::RowMajor,
-        &smem.slice(base as usize, (base + 15 * stride + 16) as usize),
-        stride,
-    )
+    let fragment =
+        unsafe { cmma::Matrix::<F>::uninitialized(ident, 16usize, 16usize, 16usize, layout) };
+    let start = base / width;
+    let end = (base + comptime!(15 * stride + 16 + width - 1)) / width;
+    cmma::load(&fragment, &smem.slice(start as usize, end as usize), stride);
+    fragment
 }
 
 /// Stores the 16 x 16 fragment `c` row-major into `tile` at `base`, rows `stride` apart.
@@ -249,6 +349,70 @@ fn zero_accumulator() -> cmma::Matrix<f32> {
         cmma::MatrixLayout::Undefined,
         0.0f32,
     )
+}
+
+/// Eight elements of an operand: 16 bytes in half precision, the widest global load and
+/// the unit of the tensor-core tiles' staging ([`fetch_tile_v8()`], [`stage_tile_v8()`]).
+pub type V8<F> = Vector<F, Const<8>>;
+
+/// A unit's share of the `rows x cols` tile (`cols` a multiple of 8) whose element
+/// (r, c) is element `c` of row `r` of `src`, a row-major matrix of 8-wide vectors with
+/// rows `row_stride` vectors apart, from vector `src_base`: into registers (`regs`,
+/// converted from `src`'s element type to `F` where they differ,
+/// `ceil(rows cols / 8 / units)` vectors), zero where `r >= rows_valid` or
+/// `c >= cols_valid` (row lengths are multiples of 8, so a vector is all in or all out).
+/// Consecutive units read consecutive vectors of a row (coalesced). Loading into
+/// registers first lets a K loop issue the next slice's loads before multiplying the
+/// current one, then [`stage_tile_v8()`] them after the barrier.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn fetch_tile_v8<S: Float, F: Float>(
+    regs: &mut Array<V8<F>>,
+    src: &Array<V8<S>>,
+    src_base: u32,
+    row_stride: u32,
+    rows_valid: u32,
+    cols_valid: u32,
+    #[comptime] rows: u32,
+    #[comptime] cols: u32,
+    #[comptime] units: u32,
+) {
+    let colv = comptime!(cols / 8);
+    let total = comptime!(rows * cols / 8);
+    #[unroll]
+    for t in 0..comptime!(total.div_ceil(units)) {
+        let v = UNIT_POS + comptime!(t * units);
+        let r = v / colv;
+        let cv = v % colv;
+        let mut value = V8::<F>::new(F::cast_from(0.0f32));
+        if v < total && r < rows_valid && cv * 8 < cols_valid {
+            value = V8::<F>::cast_from(src[(src_base + r * row_stride + cv) as usize]);
+        }
+        regs[t as usize] = value;
+    }
+}
+
+/// Writes a unit's share fetched by [`fetch_tile_v8()`] (the same `rows`, `cols`,
+/// `units`) into `dst`: row-major, rows `cols + 8` elements apart (the 8 elements of
+/// padding spread the rows over the shared-memory banks; the stride stays a multiple of
+/// 8, wmma's rule). The caller synchronises before reading `dst`.
+#[cube]
+pub fn stage_tile_v8<F: Float>(
+    dst: &mut SharedMemory<V8<F>>,
+    regs: &Array<V8<F>>,
+    #[comptime] rows: u32,
+    #[comptime] cols: u32,
+    #[comptime] units: u32,
+) {
+    let colv = comptime!(cols / 8);
+    let total = comptime!(rows * cols / 8);
+    #[unroll]
+    for t in 0..comptime!(total.div_ceil(units)) {
+        let v = UNIT_POS + comptime!(t * units);
+        if v < total {
+            dst[((v / colv) * comptime!(colv + 1) + v % colv) as usize] = regs[t as usize];
+        }
+    }
 }
 
 /// Four f32 lanes: the element of the vector tiles below. On a CPU adapter (lavapipe)

@@ -65,8 +65,17 @@ pub(super) fn model(
             _ => None,
         })
         .max();
+    // The tensor-core tiles' estimates differ by their padding and fill only: the model
+    // does not know their pipelines, so those within 30 % of the best are all estimated
+    // at kiln's best (ties: every one is timed, a dozen launches of a fast kernel).
+    let cmma_best = candidates
+        .iter()
+        .filter(|c| matches!(c, MatmulConfig::Cmma(_)))
+        .map(|c| cost(c, &p, elem, &device))
+        .fold(f64::INFINITY, f64::min);
     move |c| match c {
         MatmulConfig::Cubek => cubek,
+        MatmulConfig::Cmma(_) if cost(c, &p, elem, &device) <= 1.3 * cmma_best => kiln_best,
         MatmulConfig::Gemv(_) if cpu => f64::INFINITY,
         MatmulConfig::Gemv(g) if Some(g.MT) == gemv_rows => kiln_best * 0.96,
         MatmulConfig::Gemv(_) => kiln_best * 1.2,

@@ -40,6 +40,7 @@ mod registry;
 mod staged;
 mod tiled;
 mod vec4;
+pub(crate) use cmma::cmma_product;
 pub use cmma::{
     MatmulCmma, MatmulCmmaArgs, MatmulCmmaConfig, MatmulCmmaProblem, MATMUL_CMMA_KERNEL,
 };
@@ -203,7 +204,7 @@ impl MatmulConfig {
             MatmulConfig::DirectV4(c) => (c.BM, c.BN),
             MatmulConfig::Direct(c) => (c.BM, c.BN),
             MatmulConfig::Vec4(c) => (c.BM, c.BN),
-            MatmulConfig::Cmma(c) => (32 * c.PLANES_M, 32 * c.PLANES_N),
+            MatmulConfig::Cmma(c) => (16 * c.FRAGS_M * c.PLANES_M, 16 * c.FRAGS_N * c.PLANES_N),
             MatmulConfig::Gemv(c) => (c.MT, c.BN),
             MatmulConfig::Cubek => return None,
         })

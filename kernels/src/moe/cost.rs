@@ -24,6 +24,8 @@ pub(super) fn model(
             // Staged through shared memory as vectors, read back per scalar of a.
             GroupedConfig::Staged(c) => (1.5, b_vec4(f(c.TM), f(c.TN)), c.BM, c.BN),
             GroupedConfig::Vec4(c) => (1.0, 4.0 * scalar(f(c.TM), f(c.TN)), c.BM, c.BN),
+            // Tensor cores: never a CPU adapter's candidate.
+            GroupedConfig::Cmma(_) => return f64::INFINITY,
         };
         let tile = Tile::plain(kind, fmas_per_load, (bm, bn), elem);
         estimate(&tile, max_rows, n, &device)

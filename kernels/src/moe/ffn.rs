@@ -4,8 +4,9 @@
 //! writes it to its route's row (the un-permute), so combine is a sum over k rows.
 
 pub use super::grouped::{
-    MoeGroupedMatmul, MoeGroupedMatmulArgs, MoeGroupedMatmulConfig, MoeGroupedMatmulProblem,
-    MoeGroupedMatmulV4, MoeGroupedMatmulV4Args, MoeGroupedMatmulV4Config,
+    MoeGroupedMatmul, MoeGroupedMatmulArgs, MoeGroupedMatmulCmma, MoeGroupedMatmulCmmaArgs,
+    MoeGroupedMatmulCmmaConfig, MoeGroupedMatmulCmmaProblem, MoeGroupedMatmulConfig,
+    MoeGroupedMatmulProblem, MoeGroupedMatmulV4, MoeGroupedMatmulV4Args, MoeGroupedMatmulV4Config,
     MoeGroupedMatmulV4Problem,
 };
 use super::movement::{combine_from_layout, gather_into_layout};
@@ -16,8 +17,27 @@ use kiln_runtime::tune::Choice;
 use kiln_runtime::{DType, Error, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-/// Candidates change tile shapes, never the order of a dot product's terms.
+/// The FMA candidates change tile shapes, never the order of a dot product's terms.
 const TOLERANCE: f64 = 1e-5;
+
+/// How far a candidate may differ from the reference (the first staged FMA tile) for an
+/// output of `out_dtype`: [`TOLERANCE`] among FMA tiles; with tensor-core candidates,
+/// which sum a dot product in another order (16-deep fragments), a few roundings: of
+/// the output dtype where it is half precision, else of an f32 partial sum measured
+/// against the check's floor (1e-3 of the output's largest magnitude, where one
+/// rounding of a large partial sum is about 1e3 f32 epsilons). On the H200 every
+/// tensor-core tile of a bf16 layer (K = 264, f32 hidden out) differed by 6.42e-5 and
+/// was rejected by 1e-5. A tile that drops or repeats a K slice differs by 1e-1 or more.
+fn tolerance(candidates: &[GroupedConfig], out_dtype: DType) -> f64 {
+    if candidates
+        .iter()
+        .any(|c| matches!(c, GroupedConfig::Cmma(_)))
+    {
+        4.0 * out_dtype.epsilon().max(2.5e-4)
+    } else {
+        TOLERANCE
+    }
+}
 
 /// The experts' weights: `w1` `[E, M, F]`, `w2` `[E, F, M]`, optional biases `b1`
 /// `[E, F]` and `b2` `[E, M]` (all in the activations' dtype), and the activation.
@@ -155,13 +175,16 @@ macro_rules! grouped_problem {
 /// A configuration of one of the grouped GEMM kernels (what the autotuner picks
 /// among): `Staged` stages K through shared memory (the GPU path), `Vec4` reads both
 /// operands as 4-wide vectors straight from global memory (K and N multiples of 4, no
-/// `trans_b`: the CPU-adapter path).
+/// `trans_b`: the CPU-adapter path); `Cmma` multiplies on tensor cores (half precision
+/// where the device has them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GroupedConfig {
     /// `moe_grouped_matmul`.
     Staged(MoeGroupedMatmulConfig),
     /// `moe_grouped_matmul_v4`.
     Vec4(MoeGroupedMatmulV4Config),
+    /// `moe_grouped_matmul_cmma`.
+    Cmma(MoeGroupedMatmulCmmaConfig),
 }
 
 impl GroupedConfig {
@@ -170,6 +193,7 @@ impl GroupedConfig {
         match self {
             GroupedConfig::Staged(c) => format!("staged {}", MoeGroupedMatmul::label(c)),
             GroupedConfig::Vec4(c) => format!("vec4 {}", MoeGroupedMatmulV4::label(c)),
+            GroupedConfig::Cmma(c) => format!("cmma {}", MoeGroupedMatmulCmma::label(c)),
         }
     }
 }
@@ -227,11 +251,16 @@ impl GroupedProblem<'_> {
                     on
                 ),
             ),
+            GroupedConfig::Cmma(cfg) => MoeGroupedMatmulCmma::launch(
+                client,
+                cfg,
+                &grouped_args!(MoeGroupedMatmulCmmaArgs, self, o, c_f, c32, slot_route, gates, on, trans_b: self.trans_b),
+            ),
         }
     }
 
     /// Staged configurations first (the reference the others are checked against),
-    /// then the vector kernel's where it applies.
+    /// then the vector kernel's where it applies, then the tensor-core kernel's.
     fn candidates(&self, client: &kiln_runtime::Client) -> Vec<GroupedConfig> {
         let mut all: Vec<GroupedConfig> = MoeGroupedMatmul::space(
             client,
@@ -248,6 +277,14 @@ impl GroupedProblem<'_> {
                     .map(GroupedConfig::Vec4),
             );
         }
+        all.extend(
+            MoeGroupedMatmulCmma::space(
+                client,
+                &grouped_problem!(MoeGroupedMatmulCmmaProblem, self, trans_b: self.trans_b),
+            )
+            .into_iter()
+            .map(GroupedConfig::Cmma),
+        );
         all
     }
 }
@@ -294,9 +331,9 @@ pub(super) fn grouped_matmul(
             found: groups.experts.to_string(),
         });
     }
-    // Four elements: the vector kernel reads its placeholders as 4-wide arrays.
-    let ph = Tensor::empty(client, DType::F32, &[4])?;
-    let ph_f = Tensor::empty(client, dtype, &[4])?;
+    // Eight elements: the vector kernels read their placeholders as 4- or 8-wide arrays.
+    let ph = Tensor::empty(client, DType::F32, &[8])?;
+    let ph_f = Tensor::empty(client, dtype, &[8])?;
     let ph_u32 = upload_u32(client, "slot_route", &[])?;
     let problem = GroupedProblem {
         groups,
@@ -350,6 +387,7 @@ fn tuned(
         .sources([
             MoeGroupedMatmul::source_hash(),
             MoeGroupedMatmulV4::source_hash(),
+            MoeGroupedMatmulCmma::source_hash(),
         ])
         .dim("max_rows", groups.max_rows)
         .dim("n", n)
@@ -359,10 +397,11 @@ fn tuned(
         .exact("trans_b", trans_b)
         .exact("act", act)
         .candidates(problem.candidates(client));
+    let tolerance = tolerance(&problem.candidates(client), out_dtype);
     if let Some(model) = super::cost::model(client.report(), groups.max_rows, n, dtype.size()) {
         choice = choice.cost(model);
     }
-    choice.tune(client, TOLERANCE, GroupedConfig::label, |cfg| {
+    choice.tune(client, tolerance, GroupedConfig::label, |cfg| {
         let c = Tensor::empty(client, out_dtype, &[rows, n])?;
         problem.launch(client, cfg, operands, &c, None, no_routes)?;
         Ok(vec![c])

@@ -2,11 +2,12 @@
 //! never straddling two experts (`grouped_kernel!` declares their shared signature).
 
 use super::routing::NO_ROUTE;
+use crate::matmul::cmma_product;
 use crate::matmul::{
     activate, activate_vector, clamped_strided, row_first, shift_rows, zero_tile_v4, Activation,
 };
 use cubecl::prelude::*;
-use kiln_dsl::{load_tile_v4, reg_tile_mma_v4, v4_tile_col, V4};
+use kiln_dsl::{load_tile_v4, reg_tile_mma_v4, v4_tile_col, CmmaBlock, V4};
 
 /// Declares a grouped GEMM kernel: the left operand `a` (or `a32` with `a_f32`) holds
 /// every expert's rows, expert `e`'s `row_count[e]` rows from `row_start[e]`; `b`
@@ -17,7 +18,23 @@ use kiln_dsl::{load_tile_v4, reg_tile_mma_v4, v4_tile_col, V4};
 /// tile, expert), keyed by the shape's power-of-two buckets and the dtype. The caller
 /// gives the tunables, requirements, defaults and the body.
 macro_rules! grouped_kernel {
+    // A register-tiled kernel: `BM x BN` per cube, `TM x TN` per unit.
     (
+        $(#[doc = $doc:literal])*
+        #[kernel($($attr:tt)*)]
+        $name:ident<$($rest:tt)*
+    ) => {
+        grouped_kernel! {
+            @tiles(BM, BN; (BM / TM) * (BN / TN))
+            $(#[doc = $doc])*
+            #[kernel($($attr)*)]
+            $name<$($rest)*
+        }
+    };
+    // Any other tiling: the tile's rows and columns and the cube's shape, as expressions
+    // of the tunables.
+    (
+        @tiles($bm:expr, $bn:expr; $($cube:tt)*)
         $(#[doc = $doc:literal])*
         #[kernel($($attr:tt)*)]
         $name:ident<
@@ -28,8 +45,8 @@ macro_rules! grouped_kernel {
         $(#[doc = $doc])*
         #[kiln_macros::kernel(
             key(max_rows = pow2, n = pow2, k = pow2, experts = pow2, dtype),
-            grid = (n.div_ceil(BN), max_rows.div_ceil(BM), experts),
-            cube = ((BM / TM) * (BN / TN)),
+            grid = (n.div_ceil($bn), max_rows.div_ceil($bm), experts),
+            cube = $($cube)*,
             $($attr)*
         )]
         pub fn $name<F: Float>(
@@ -462,5 +479,88 @@ fn store_grouped_v4<F: Float>(
         c32[(row * nv + cv) as usize] = v;
     } else {
         c[(row * nv + cv) as usize] = Vector::<F, Const<4>>::cast_from(v);
+    }
+}
+
+grouped_kernel! {
+    @tiles(16 * FRAGS_M * PLANES_M, 16 * FRAGS_N * PLANES_N; (32, PLANES_M * PLANES_N))
+    /// The grouped GEMM on tensor cores (half precision on devices that report them; see
+    /// `matmul_cmma`, whose K loop it shares: `a` and `b` as 8-wide vectors, K and N
+    /// multiples of 8): a `16 FRAGS_M PLANES_M x 16 FRAGS_N PLANES_N` tile of one expert's
+    /// rows per cube, the rows past the expert's last zero in the staged slice. The
+    /// epilogue goes a fragment at a time through each plane's 16 x 16 f32 scratch into
+    /// `store_grouped` (bias, activation, the plain or scattering store). A left operand
+    /// in f32 (`a_f32`: the layer's hidden activations between its GEMMs) is rounded to
+    /// `F` as it is staged, the precision the tensor cores multiply in.
+    #[kernel(
+        tune((PLANES_M, PLANES_N, FRAGS_M, FRAGS_N, BK) = [
+            (2, 2, 4, 4, 32),
+            (2, 4, 4, 2, 32),
+            (4, 2, 2, 4, 32),
+            (2, 2, 4, 2, 32),
+            (2, 2, 2, 4, 32),
+            (2, 2, 2, 2, 32),
+            (2, 4, 4, 4, 32),
+        ]),
+        require(
+            device.has(Capability::TensorCores),
+            device.plane_size.0 == 32,
+            k % 8 == 0,
+            trans_b || n % 8 == 0,
+            (((16 * FRAGS_M * PLANES_M + 16 * FRAGS_N * PLANES_N + 8) * (BK + 8) * 2
+                + 1024 * PLANES_M * PLANES_N) as usize) <= device.max_shared_memory,
+        ),
+        dtypes = [f16, bf16],
+        defaults(
+            trans_b = false,
+            has_bias = false,
+            act = none,
+            scatter = false,
+            a_f32 = false,
+            c_f32 = false,
+        ),
+    )]
+    moe_grouped_matmul_cmma<[Vector<F, Const<8>>], [Vector<f32, Const<8>>], [F], [f32]>(#[comptime] trans_b: bool) {
+        let e = CUBE_POS_Z;
+        let count = row_count[e as usize];
+        let bm = comptime!(16 * FRAGS_M * PLANES_M);
+        let bn = comptime!(16 * FRAGS_N * PLANES_N);
+        let tile_row = CUBE_POS_Y * bm;
+        // Uniform per cube: a cube past its expert's rows skips the barriers together.
+        if tile_row < count {
+            let units = comptime!(32 * PLANES_M * PLANES_N);
+            let block = CmmaBlock::new(PLANES_M, PLANES_N, FRAGS_M, FRAGS_N);
+            let row0 = row_start[e as usize] + tile_row;
+            let rows_valid = count - tile_row;
+            let col0 = block.col0;
+            let b_base = e * k * (n / 8);
+            if comptime!(a_f32) {
+                cmma_product::<f32, F>(&block, a32, row0, rows_valid, b, b_base, col0, n, k, bm, bn, BK, units, trans_b);
+            } else {
+                cmma_product::<F, F>(&block, a, row0, rows_valid, b, b_base, col0, n, k, bm, bn, BK, units, trans_b);
+            }
+
+            // A fragment at a time through the plane's scratch: 8 elements per unit.
+            let mut scratch = SharedMemory::<f32>::new(comptime!((256 * PLANES_M * PLANES_N) as usize));
+            let base = (UNIT_POS / 32) * 256;
+            #[unroll]
+            for i in 0..FRAGS_M {
+                #[unroll]
+                for j in 0..FRAGS_N {
+                    let (fr, fc) = block.store_one(&mut scratch, base, i, j);
+                    sync_plane();
+                    #[unroll]
+                    for t in 0..8u32 {
+                        let idx = UNIT_POS % 32 + t * 32;
+                        let r = fr + idx / 16;
+                        let col = col0 + fc + idx % 16;
+                        if r < rows_valid && col < n {
+                            store_grouped::<F>(c, c32, bias, slot_route, gates, scratch[(base + idx) as usize], row0 + r, col, e, n, has_bias, act, scatter, c_f32);
+                        }
+                    }
+                    sync_plane();
+                }
+            }
+        }
     }
 }

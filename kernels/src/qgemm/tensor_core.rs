@@ -33,7 +33,7 @@ qgemm_kernel! {
         let bm = comptime!(32 * PLANES_M);
         let bn = comptime!(32 * PLANES_N);
         let units = comptime!(32 * PLANES_M * PLANES_N);
-        let block = CmmaBlock::new(PLANES_M, PLANES_N);
+        let block = CmmaBlock::new(PLANES_M, PLANES_N, 2u32, 2u32);
         let (row0, col0) = (block.row0, block.col0);
 
         // x's slice row-major [bm][16], the weight's row-major [16][bn].
@@ -73,14 +73,14 @@ qgemm_kernel! {
                 act_order,
             );
             sync_cube();
-            block.mma::<F>(&xs, &ws);
+            block.mma::<F, F>(&xs, FRAG, &ws, bn, false, FRAG, 1u32);
             sync_cube();
             k0 += FRAG;
         }
 
         // Accumulators to shared memory, then y over the whole tile.
         let mut ys = SharedMemory::<f32>::new(comptime!((bm * bn) as usize));
-        block.store(&mut ys);
+        block.store(&mut ys, bn);
         sync_cube();
         let mut idx = UNIT_POS;
         while idx < comptime!(bm * bn) {
