@@ -6,6 +6,10 @@
 //! those of the first candidate that ran, and only then time it: the valid candidates
 //! run in rounds, one run of each per round (each ended by a device sync), so that the
 //! machine's drift is shared among them; a candidate's time is the median of its runs.
+//! A candidate whose last sample took under [`BATCH_BELOW`] (1 ms) is sampled next as a
+//! batch of calls back to back and one sync (about 1 ms of them, at most [`MAX_BATCH`]),
+//! its time per call: how a model runs it and `kiln bench` times it, without the sync's
+//! cost and jitter in every sample (on a GPU, where most kernels take under 1 ms).
 //! A candidate that fails or disagrees scores +inf and is reported, never fatal.
 //!
 //! How many candidates run ([`Search`]): by default (`ranked`), a decision that comes
@@ -46,7 +50,7 @@ mod search;
 pub use cache::default_cache_dir;
 use cache::{device_prefix, write_atomic, CacheFile, Entry, CACHE_VERSION};
 pub use choice::Choice;
-pub use search::{Ranking, SAMPLE_FLOOR};
+pub use search::{Ranking, BATCH_BELOW, MAX_BATCH, SAMPLE_FLOOR};
 
 use crate::{Client, Error, HostTensor, Result, Tensor};
 use serde::{de::DeserializeOwned, Serialize};

@@ -275,7 +275,8 @@ impl Autotuner {
     }
 
     /// Times the `valid` candidates (positions in `order`, each with the sample its
-    /// warmed first run gave, if any) in rounds, one run of each per round, so that the
+    /// warmed first run gave, if any) in rounds, one sample of each per round (one run,
+    /// or a batch where the last sample was under [`BATCH_BELOW`]), so that the
     /// machine's drift is shared among them. Before each round, a candidate whose
     /// fastest run is over `cut` times the best median so far drops out. Rounds end
     /// when every candidate left has [`Autotuner::samples`], when one is left, or when
@@ -338,9 +339,17 @@ impl Autotuner {
                 if !alive[v] {
                     continue;
                 }
+                // A short run is timed as several back to back and one sync, as a
+                // model runs them (and `kiln bench` times them): alone, the sync's cost
+                // and its jitter are a large part of it.
+                let reps = batch(samples.last().copied());
+                let c = &candidates[order[*pos]];
                 let start = Instant::now();
-                match run(&candidates[order[*pos]]).and_then(|_| client.sync()) {
-                    Ok(()) => samples.push(start.elapsed()),
+                let ran = (0..reps)
+                    .try_for_each(|_| run(c).map(drop))
+                    .and_then(|()| client.sync());
+                match ran {
+                    Ok(()) => samples.push(start.elapsed() / reps),
                     Err(e) => {
                         *result = Err(e.to_string());
                         alive[v] = false;
@@ -425,6 +434,27 @@ impl<C> Copy for Ranking<'_, C> {}
 /// first run pays (allocating the outputs, the first download) is not negligible.
 pub const SAMPLE_FLOOR: Duration = Duration::from_millis(10);
 
+/// A timing sample shorter than this is taken again as a batch of calls run back to
+/// back before one sync, the batch about this long (at most [`MAX_BATCH`] calls). On the
+/// H200 a sync cost about 20 us, and at 128 x 4096 x 4096 f16 (about 0.3 ms a call) the
+/// tuner picked a tensor-core tile that `kiln bench`, timing calls back to back, then
+/// measured 60 % slower than the cubek pick of an earlier run.
+pub const BATCH_BELOW: Duration = Duration::from_millis(1);
+
+/// The most calls in one timing sample (see [`BATCH_BELOW`]).
+pub const MAX_BATCH: u32 = 32;
+
+/// How many calls the next sample of a candidate whose last sample took `last` runs.
+fn batch(last: Option<Duration>) -> u32 {
+    match last {
+        Some(t) if t < BATCH_BELOW => {
+            let ratio = BATCH_BELOW.as_secs_f64() / t.as_secs_f64().max(1e-7);
+            (ratio.ceil() as u32).clamp(1, MAX_BATCH)
+        }
+        _ => 1,
+    }
+}
+
 /// A candidate the cost model estimates at more than this many times the best one is
 /// not timed.
 const CONFIDENT: f64 = 2.0;
@@ -474,4 +504,24 @@ fn disagreement(reference: &[HostTensor], got: &[HostTensor], tolerance: f64) ->
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_under_a_millisecond_are_batched_to_about_one() {
+        let us = Duration::from_micros;
+        // No sample yet, or one of a millisecond or more: one call.
+        assert_eq!(batch(None), 1);
+        assert_eq!(batch(Some(BATCH_BELOW)), 1);
+        assert_eq!(batch(Some(us(30_000))), 1);
+        // Shorter: as many calls as fill a millisecond (rounded up), at most MAX_BATCH.
+        assert_eq!(batch(Some(us(300))), 4);
+        assert_eq!(batch(Some(us(999))), 2);
+        assert_eq!(batch(Some(us(50))), 20);
+        assert_eq!(batch(Some(us(8))), MAX_BATCH);
+        assert_eq!(batch(Some(Duration::ZERO)), MAX_BATCH);
+    }
 }
