@@ -476,3 +476,70 @@ fn cubek_matmul_is_a_candidate_with_a_plain_epilogue_and_agrees() {
         "{e}"
     );
 }
+
+/// `kernel` narrows the autotuner's choice: `fma` (kiln's FMA tiles only) matches the
+/// f64 reference; `tensor_cores` is refused by name where the device has none, and
+/// anywhere for f32 or a K that is not a multiple of 8; a bad value names the parameter.
+#[test]
+fn kernel_family_narrows_the_choice_or_is_refused_by_name() {
+    use kiln::kernels::matmul::{matmul_among, KernelFamily};
+    let p = problem(21, 40, 24, false, DType::F32, 11);
+    let (a, b, bias, res) = operands(&p);
+    let got = matmul_among(
+        &a,
+        &b,
+        false,
+        whole(&bias, &res, Activation::Silu),
+        KernelFamily::Fma,
+    )
+    .unwrap();
+    check(
+        &p,
+        &got.download().unwrap(),
+        false,
+        "silu",
+        DType::F32,
+        "kernel=fma",
+    );
+    // f32 never has tensor-core tiles; nor does lavapipe any dtype.
+    let e = matmul_among(
+        &a,
+        &b,
+        false,
+        Epilogue::default(),
+        KernelFamily::TensorCores,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, Error::Unsupported { feature, .. } if feature.starts_with("tensor cores")
+            && feature.contains("found f32")),
+        "{e}"
+    );
+    if !client().report().tensor_cores && !refused(DType::F16) {
+        let p = problem(16, 16, 16, false, DType::F16, 12);
+        let (a, b, _, _) = operands(&p);
+        let e = matmul_among(
+            &a,
+            &b,
+            false,
+            Epilogue::default(),
+            KernelFamily::TensorCores,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("reports no tensor cores"), "{e}");
+    }
+    for (value, family) in [
+        ("auto", KernelFamily::Auto),
+        ("tensor_cores", KernelFamily::TensorCores),
+        ("fma", KernelFamily::Fma),
+    ] {
+        assert_eq!(KernelFamily::parse(value).unwrap(), family);
+        assert_eq!(family.name(), value);
+    }
+    let e = KernelFamily::parse("wmma").unwrap_err();
+    assert!(
+        matches!(&e, Error::Param { param, .. } if param == "kernel")
+            && e.to_string().contains("auto | tensor_cores | fma"),
+        "{e}"
+    );
+}

@@ -23,6 +23,13 @@ fn run_op(client: &Client, op: &str, dtype: DType) {
         // A device with the dtype must pass; one without must refuse it, not compute.
         match (&outcome, client.supports(dtype) || dtype_free) {
             (Outcome::Pass(..), true) | (Outcome::Refused(_), false) => {}
+            // Tensor-core cases: where they cannot run, a clear refusal naming them.
+            (Outcome::Unavailable(m), _) if case_needs_tensor_cores(case) => {
+                assert!(
+                    !client.report().tensor_cores || dtype == DType::F32,
+                    "{op} {dtype}: refused on a device with tensor cores: {m}"
+                );
+            }
             (o, has) => panic!(
                 "{op} {dtype} ({}), device has {dtype}: {has}: {o:?}",
                 case.what
@@ -31,6 +38,11 @@ fn run_op(client: &Client, op: &str, dtype: DType) {
         ran += 1;
     }
     assert!(ran > 0, "no case for {op}");
+}
+
+/// Whether `case` asks for the tensor-core tiles (`matmul`'s `kernel=tensor_cores`).
+fn case_needs_tensor_cores(case: &kiln::selftest::Case) -> bool {
+    case.params.contains(&("kernel", "tensor_cores"))
 }
 
 /// The suite, instantiated per device and dtype: `device::dtype::op` for the listed

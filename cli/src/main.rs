@@ -572,7 +572,7 @@ fn selftest(device: Option<String>, tune: bool) -> Result<ExitCode> {
         }
     );
     println!("{:<10} {:<5} {:<52} result", "operator", "dtype", "case");
-    let (mut passed, mut failed) = (0, 0);
+    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     let start = std::time::Instant::now();
     for (i, case) in cases().iter().enumerate() {
         for dtype in DType::FLOATS {
@@ -586,6 +586,7 @@ fn selftest(device: Option<String>, tune: bool) -> Result<ExitCode> {
                 Outcome::Pass(e, t) => format!("ok    max rel err {e:.2e} (bound {t:.1e})"),
                 Outcome::Fail(e, t) => format!("FAIL  max rel err {e:.2e} (bound {t:.1e})"),
                 Outcome::Refused(m) => format!("ok    {m}"),
+                Outcome::Unavailable(m) => format!("skip  {m}"),
                 Outcome::Error(m) => format!("FAIL  {m}"),
             };
             println!(
@@ -594,15 +595,20 @@ fn selftest(device: Option<String>, tune: bool) -> Result<ExitCode> {
                 dtype.name(),
                 case.what
             );
-            if outcome.ok() {
-                passed += 1;
-            } else {
-                failed += 1;
+            match outcome {
+                Outcome::Unavailable(_) => skipped += 1,
+                o if o.ok() => passed += 1,
+                _ => failed += 1,
             }
         }
     }
+    let skipped = if skipped > 0 {
+        format!(", {skipped} skipped (tensor-core cases where there are none)")
+    } else {
+        String::new()
+    };
     println!(
-        "\nselftest on {}: {passed} passed, {failed} failed in {:.1} s",
+        "\nselftest on {}: {passed} passed, {failed} failed{skipped} in {:.1} s",
         client.report().name,
         start.elapsed().as_secs_f64()
     );

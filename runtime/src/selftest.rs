@@ -64,6 +64,9 @@ pub enum Outcome {
     Fail(f64, f64),
     /// The device lacks the dtype and said so clearly.
     Refused(String),
+    /// The case needs tensor cores the device (or the dtype) does not have, and the
+    /// operator said so clearly (`kernel=tensor_cores` cases on a CPU adapter or in f32).
+    Unavailable(String),
     /// Anything else went wrong.
     Error(String),
 }
@@ -71,7 +74,10 @@ pub enum Outcome {
 impl Outcome {
     /// Whether this outcome is acceptable.
     pub fn ok(&self) -> bool {
-        matches!(self, Outcome::Pass(..) | Outcome::Refused(_))
+        matches!(
+            self,
+            Outcome::Pass(..) | Outcome::Refused(_) | Outcome::Unavailable(_)
+        )
     }
 }
 
@@ -80,12 +86,16 @@ pub fn run_case(client: &Client, case: &Case, dtype: DType, seed: u64) -> Outcom
     outcome(client, dtype, try_case(client, case, dtype, seed))
 }
 
-/// An error becomes `Refused` when the device lacks the dtype, else `Error`.
+/// An error becomes `Refused` when the device lacks the dtype, `Unavailable` when the
+/// case needs tensor cores that are not there for it, else `Error`.
 fn outcome(client: &Client, dtype: DType, result: Result<Outcome>) -> Outcome {
     match result {
         Ok(o) => o,
         Err(Error::Unsupported { .. }) if !client.supports(dtype) => {
             Outcome::Refused(format!("{dtype} refused: the device has no {dtype}"))
+        }
+        Err(Error::Unsupported { feature, .. }) if feature.starts_with("tensor cores") => {
+            Outcome::Unavailable(format!("refused: no {feature}"))
         }
         Err(e) => Outcome::Error(e.to_string()),
     }

@@ -426,8 +426,70 @@ pub fn candidates_for(
     Ok(candidates(a.client(), &p, &ep, a.dtype()))
 }
 
+/// Which of `matmul`'s kernels the autotuner may choose among (`kiln run matmul`'s
+/// `kernel` parameter).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KernelFamily {
+    /// Every kernel that fits the device and the problem (the default).
+    #[default]
+    Auto,
+    /// Only the tensor-core tiles (`matmul_cmma`): f16/bf16, K (and N unless `trans_b`)
+    /// a multiple of 8, on a device that reports tensor cores; refused elsewhere
+    /// ([`Error::Unsupported`], its feature naming tensor cores).
+    TensorCores,
+    /// Only kiln's FMA kernels (register tiles, vector tiles, split-K): f32 accumulation
+    /// in kiln's own order on every device, no tensor cores and no cubek.
+    Fma,
+}
+
+impl KernelFamily {
+    /// `auto`, `tensor_cores` or `fma`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(KernelFamily::Auto),
+            "tensor_cores" => Ok(KernelFamily::TensorCores),
+            "fma" => Ok(KernelFamily::Fma),
+            _ => Err(Error::Param {
+                param: "kernel".into(),
+                expected: "auto | tensor_cores | fma".into(),
+                found: s.into(),
+            }),
+        }
+    }
+
+    /// The name `parse` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelFamily::Auto => "auto",
+            KernelFamily::TensorCores => "tensor_cores",
+            KernelFamily::Fma => "fma",
+        }
+    }
+
+    /// Whether `c` belongs to this family.
+    fn admits(self, c: &MatmulConfig) -> bool {
+        match self {
+            KernelFamily::Auto => true,
+            KernelFamily::TensorCores => matches!(c, MatmulConfig::Cmma(_)),
+            KernelFamily::Fma => !matches!(c, MatmulConfig::Cmma(_) | MatmulConfig::Cubek),
+        }
+    }
+}
+
 /// `c = epilogue(a @ b)` with `b` [K, N] (`trans_b = false`) or [N, K] (`true`).
 pub fn matmul(a: &Tensor, b: &Tensor, trans_b: bool, ep: Epilogue<'_>) -> Result<Tensor> {
+    matmul_among(a, b, trans_b, ep, KernelFamily::Auto)
+}
+
+/// [`matmul`] with the autotuner choosing only among `family`'s kernels (tuned and
+/// cached apart from the default's choice).
+pub fn matmul_among(
+    a: &Tensor,
+    b: &Tensor,
+    trans_b: bool,
+    ep: Epilogue<'_>,
+    family: KernelFamily,
+) -> Result<Tensor> {
     let p = Problem::check(a, b, trans_b, &ep)?;
     let client = a.client();
     if p.m == 0 || p.n == 0 {
@@ -447,14 +509,46 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_b: bool, ep: Epilogue<'_>) -> Result
                 )?,
             )
         };
-        let za = zeros(&[p.m, 1])?;
-        let zb = zeros(&if trans_b { [p.n, 1] } else { [1, p.n] })?;
-        return matmul(&za, &zb, trans_b, ep);
+        // Eight: the tensor-core tiles read K in vectors of 8.
+        let kz = if family == KernelFamily::TensorCores {
+            8
+        } else {
+            1
+        };
+        let za = zeros(&[p.m, kz])?;
+        let zb = zeros(&if trans_b { [p.n, kz] } else { [kz, p.n] })?;
+        return matmul_among(&za, &zb, trans_b, ep, family);
     }
     // Configurations differ in summation order only: a few roundings of the sum of |a||b|.
     let tolerance = 8.0 * a.dtype().epsilon() * (p.k as f64).sqrt().max(1.0);
-    let cands = candidates(client, &p, &ep, a.dtype());
-    let cfg = Choice::new("matmul")
+    let cands: Vec<MatmulConfig> = candidates(client, &p, &ep, a.dtype())
+        .into_iter()
+        .filter(|c| family.admits(c))
+        .collect();
+    if cands.is_empty() {
+        return Err(Error::Unsupported {
+            device: client.name().to_string(),
+            feature: format!(
+                "tensor cores for this matmul (kernel=tensor_cores: wmma tiles take f16 or bf16 \
+                 with K{} a multiple of 8; found {} with K = {}, N = {}, on a device that \
+                 reports {}tensor cores)",
+                if trans_b { "" } else { " and N" },
+                a.dtype(),
+                p.k,
+                p.n,
+                if client.report().tensor_cores {
+                    ""
+                } else {
+                    "no "
+                }
+            ),
+        });
+    }
+    let mut choice = Choice::new("matmul");
+    if family != KernelFamily::Auto {
+        choice = choice.exact("kernel", family.name());
+    }
+    let cfg = choice
         .sources([
             MatmulStaged::source_hash(),
             MatmulStagedV4::source_hash(),

@@ -1,6 +1,6 @@
 //! The `kiln run` entry of `matmul`.
 
-use super::{matmul, selftest, Activation, Epilogue};
+use super::{matmul_among, selftest, Activation, Epilogue, KernelFamily};
 use kiln_runtime::{Client, Dtypes, Error, OpArgs, OpSpec, Outputs, ParamSpec, Result, TensorSpec};
 
 fn run_matmul(client: &Client, args: &OpArgs) -> Result<Outputs> {
@@ -12,7 +12,8 @@ fn run_matmul(client: &Client, args: &OpArgs) -> Result<Outputs> {
         residual: args.optional_tensor("residual"),
     };
     let trans_b = args.param_choice("trans_b", &["false", "true"])? == "true";
-    Ok(vec![("c", matmul(a, b, trans_b, ep)?)])
+    let family = KernelFamily::parse(&args.param("kernel")?)?;
+    Ok(vec![("c", matmul_among(a, b, trans_b, ep, family)?)])
 }
 
 /// `matmul`: `c = epilogue(a @ b)`.
@@ -56,6 +57,12 @@ pub static MATMUL: OpSpec = OpSpec {
             default: "false",
             values: "false | true",
             doc: "b is [N, K]",
+        },
+        ParamSpec {
+            name: "kernel",
+            default: "auto",
+            values: "auto | tensor_cores | fma",
+            doc: "which kernels the autotuner chooses among: all; only the tensor-core tiles (f16/bf16, K and N multiples of 8, a device with tensor cores); only kiln's FMA tiles (kiln's own f32 summation order, no cubek)",
         },
     ],
     run: run_matmul,

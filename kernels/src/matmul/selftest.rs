@@ -1,5 +1,5 @@
-//! Self-test cases of `matmul`: a ragged GEMM with the whole epilogue, and a GEMV with
-//! `b` transposed, against the f64 reference.
+//! Self-test cases of `matmul`: a ragged GEMM with the whole epilogue, a GEMV with `b`
+//! transposed, and both again on the tensor-core tiles alone, against the f64 reference.
 
 use super::reference as mm;
 use kiln_runtime::check::Rng;
@@ -23,6 +23,27 @@ fn gemv_inputs(rng: &mut Rng) -> CaseInputs {
     let (k, n) = (300, 67);
     vec![
         ("a", vec![1, k], rng.normals(k, 1.0)),
+        ("b", vec![n, k], rng.normals(n * k, 1.0)),
+    ]
+}
+
+/// a [77, 136] @ b [136, 40] with bias and residual, for the tensor-core tiles (K and N
+/// multiples of 8; 77 rows and 40 columns fill no 16 x 16 fragment grid of any tile).
+fn tensor_core_inputs(rng: &mut Rng) -> CaseInputs {
+    let (m, k, n) = (77, 136, 40);
+    vec![
+        ("a", vec![m, k], rng.normals(m * k, 1.0)),
+        ("b", vec![k, n], rng.normals(k * n, 1.0)),
+        ("bias", vec![n], rng.normals(n, 1.0)),
+        ("residual", vec![m, n], rng.normals(m * n, 1.0)),
+    ]
+}
+
+/// a [33, 264] @ b [72, 264]^T: b as it lies, read as column-major fragments.
+fn tensor_core_trans_inputs(rng: &mut Rng) -> CaseInputs {
+    let (m, k, n) = (33, 264, 72);
+    vec![
+        ("a", vec![m, k], rng.normals(m * k, 1.0)),
         ("b", vec![n, k], rng.normals(n * k, 1.0)),
     ]
 }
@@ -65,6 +86,29 @@ pub fn cases() -> Vec<Case> {
             output: "c",
             what: "[1,300]@[67,300]^T (GEMV)",
             inputs: gemv_inputs,
+            reference: |i| matmul_reference(i, true, "none"),
+            ulps: 64.0,
+            floor: 1.0,
+        },
+        // The tensor-core tiles alone (skipped, saying so, where there are none: CPU
+        // adapters, f32). Untuned, the first tile (128 x 128, 4 x 4 fragments per plane);
+        // with `kiln selftest --tune`, the tile the autotuner picks among them.
+        Case {
+            op: "matmul",
+            params: &[("kernel", "tensor_cores"), ("activation", "gelu")],
+            output: "c",
+            what: "[77,136]@[136,40], whole epilogue, tensor cores",
+            inputs: tensor_core_inputs,
+            reference: |i| matmul_reference(i, false, "gelu"),
+            ulps: 64.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "matmul",
+            params: &[("kernel", "tensor_cores"), ("trans_b", "true")],
+            output: "c",
+            what: "[33,264]@[72,264]^T, tensor cores",
+            inputs: tensor_core_trans_inputs,
             reference: |i| matmul_reference(i, true, "none"),
             ulps: 64.0,
             floor: 1.0,
