@@ -502,14 +502,10 @@ fn kernel_family_narrows_the_choice_or_is_refused_by_name() {
         "kernel=fma",
     );
     // f32 never has tensor-core tiles; nor does lavapipe any dtype.
-    let e = matmul_among(
-        &a,
-        &b,
-        false,
-        Epilogue::default(),
-        KernelFamily::TensorCores,
-    )
-    .unwrap_err();
+    let refusal = |a: &Tensor, b: &Tensor| {
+        matmul_among(a, b, false, Epilogue::default(), KernelFamily::TensorCores).unwrap_err()
+    };
+    let e = refusal(&a, &b);
     assert!(
         matches!(&e, Error::Unsupported { feature, .. } if feature.starts_with("tensor cores")
             && feature.contains("found f32")),
@@ -518,14 +514,7 @@ fn kernel_family_narrows_the_choice_or_is_refused_by_name() {
     if !client().report().tensor_cores && !refused(DType::F16) {
         let p = problem(16, 16, 16, false, DType::F16, 12);
         let (a, b, _, _) = operands(&p);
-        let e = matmul_among(
-            &a,
-            &b,
-            false,
-            Epilogue::default(),
-            KernelFamily::TensorCores,
-        )
-        .unwrap_err();
+        let e = refusal(&a, &b);
         assert!(e.to_string().contains("reports no tensor cores"), "{e}");
     }
     for (value, family) in [
