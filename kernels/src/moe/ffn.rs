@@ -383,6 +383,8 @@ fn tuned(
 ) -> Result<GroupedConfig> {
     let (groups, n, k, dtype) = (problem.groups, problem.n, problem.k, operands.b.dtype());
     let (trans_b, act) = (problem.trans_b, problem.act);
+    let candidates = problem.candidates(client);
+    let tolerance = tolerance(&candidates, out_dtype);
     let mut choice = Choice::new("moe_grouped_gemm")
         .sources([
             MoeGroupedMatmul::source_hash(),
@@ -396,8 +398,7 @@ fn tuned(
         .exact("dtype", dtype)
         .exact("trans_b", trans_b)
         .exact("act", act)
-        .candidates(problem.candidates(client));
-    let tolerance = tolerance(&problem.candidates(client), out_dtype);
+        .candidates(candidates.iter().copied());
     if let Some(model) = super::cost::model(client.report(), groups.max_rows, n, dtype.size()) {
         choice = choice.cost(model);
     }
