@@ -58,9 +58,11 @@ pub use step::{
     OptimStepArgs, Phase, Sums,
 };
 pub use topk::{
-    KeySource, KeysFrom, RadixSource, TopkCount, TopkCountArgs, TopkKeys, TopkKeysArgs,
-    TopkRadixChoose, TopkRadixChooseArgs, TopkRadixHistogram, TopkRadixHistogramArgs, TopkSample,
-    TopkSampleArgs, TopkScan, TopkScanArgs, TopkWrite, TopkWriteArgs,
+    KeySource, KeysFrom, RadixSource, TopkCandidatesCount, TopkCandidatesCountArgs,
+    TopkCandidatesWrite, TopkCandidatesWriteArgs, TopkFormCandidates, TopkFormCandidatesArgs,
+    TopkKeys, TopkKeysArgs, TopkRadixChoose, TopkRadixChooseArgs, TopkRadixCompact,
+    TopkRadixCompactArgs, TopkRadixHistogram, TopkRadixHistogramArgs, TopkSample, TopkSampleArgs,
+    TopkScan, TopkScanArgs,
 };
 
 /// An error naming `params` unless a step got one param and one grad for each of the

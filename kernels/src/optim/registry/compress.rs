@@ -77,12 +77,13 @@ fn compress_example(dims: &[usize]) -> Result<kiln_runtime::InputShapes> {
     Ok(vec![("grad", dims.to_vec()), ("error", dims.to_vec())])
 }
 
-/// Bytes exact top-k moves per element at least: grad and error read, `a` written, `a`
-/// read by the three full radix passes (the key is its masked bits), the count and the
-/// write, the error written (the five candidate passes read a few per cent).
+/// Bytes exact top-k moves per element at least: grad and error read, `a` written (it
+/// becomes the error), `a` read by the second and third radix passes (the key is its
+/// masked bits; the first digit is counted as `a` is formed, the last five and the
+/// compaction read the candidates: a few per cent).
 fn compress_cost(dims: &[usize], elem: usize) -> (f64, f64) {
     let n: usize = dims.iter().product();
-    (n as f64 * 12.0, (n * (elem + 4 * 8)) as f64)
+    (n as f64 * 12.0, (n * (elem + 4 * 4)) as f64)
 }
 
 /// Bytes rand-k moves per element: grad and error read, the error written (its keys

@@ -4,37 +4,41 @@
 //!
 //! Keys are u32 (`|a|`'s f32 bits, which order like the magnitudes, NaN above +inf; or
 //! Philox words). Magnitude keys are not stored: every pass reads `a`'s bits and masks
-//! the sign (one stream less to write in the keys pass and to read in the write pass).
-//! Eight passes of 4-bit digits, most significant first, find the k-th
-//! largest key `T` and how many of the keys equal to `T` are taken: per-cube histograms
-//! (each unit counts in its own registers, summed through shared memory: no atomics),
-//! then one cube sums them in a fixed order and picks the digit. Ties at `T` go to the
-//! lower indices. The selection is then compacted in index order: per-cube counts, a
-//! one-cube scan, and a write pass that also forms the error feedback. Everything is
-//! integer or exact, so the same input selects the same indices on every run and every
-//! backend; no host synchronisation between the passes. The passes over every element
-//! read 4-wide (`a` and the keys are stored `n` rounded up to 4 long; nothing past `n`
-//! counts). The threshold-estimate variant runs the radix passes over a seeded sample
-//! instead and takes every key at or above the sample's quantile, forming `a` and its
-//! keys in its count and write passes (two small downloads size its outputs). Rand-k
-//! stores nothing either: its keys depend on the index alone, so the count pass reads
-//! no memory and the write pass forms `a` (three streams in all, against eight when
-//! `a` and the keys were stored).
+//! the sign. The keys pass forms and writes `a` and counts the first 4-bit digit; seven
+//! more passes, most significant digit first, find the k-th largest key `T` and how
+//! many of the keys equal to `T` are taken: per-cube histograms (each unit counts in its
+//! own registers, summed through shared memory: no atomics), then one cube sums them in
+//! a fixed order and picks the digit. Ties at `T` go to the lower indices. The third
+//! digit's pass keeps every key at or above the first two digits' prefix (a few per
+//! cent of them) as candidates, in index order ([`Kept`]); the last five passes, and the
+//! compaction in index order (per-cube counts, a one-cube scan, a write), read only
+//! those. The error feedback `a − c` is `a` as the keys pass wrote it, overwritten where
+//! taken: five streams in all with an error (gradient and error read, `a` written, read
+//! twice). Everything is integer or exact, so the same input selects the same indices on
+//! every run and every backend; no host synchronisation between the passes. The passes
+//! over every element read 4-wide (`a` and the keys are stored `n` rounded up to 4 long;
+//! nothing past `n` counts). Where the threshold is known before (rand-k's permutation;
+//! the threshold estimate, which runs the radix passes over a seeded sample and takes
+//! every key at or above the sample's quantile), one pass forms `a`, writes it and keeps
+//! the candidates ([`topk_form_candidates`]): the three streams a copy moves, then the
+//! compaction (the estimate counts what it took with one small download).
 // `n` beside the `_n` that cubecl's launch expansion gives the `Size` generic `N`
 // (an attribute on the kernel does not reach that expansion).
 #![allow(clippy::duplicate_underscore_argument)]
 #![allow(clippy::assign_op_pattern)] // kernel code: the operand order is the emitted code's
 
+mod candidates;
 mod compact;
 mod radix;
 
+pub use candidates::*;
 pub use compact::*;
 pub use radix::*;
 
 use crate::launch::upload_u32;
 use cubecl::prelude::*;
 use kiln_dsl::{cube_sum, permutation_round_key, permute_index, philox4x32_10, PERMUTATION_ROUNDS};
-use kiln_runtime::{DType, Result, Tensor};
+use kiln_runtime::{Client, DType, Result, Tensor};
 
 /// Units per cube of the selection kernels (their one configuration, `UNITS = [256]`).
 const CUBE: u32 = 256;
@@ -52,7 +56,8 @@ const CANDIDATE_GROUPS: u32 = 16;
 const DIGIT_BITS: u32 = 4;
 const BINS: u32 = 1 << DIGIT_BITS;
 // The histogram's two-step reduction (`CUBE / BINS` groups of `BINS` units), its 8-bit
-// counters, and the two 16-bit counts of `above_and_ties`.
+// counters and the candidates' 8-bit offsets, and the two 16-bit counts of
+// `above_and_ties`.
 const _: () = assert!(CUBE == BINS * BINS && PER_UNIT < 256 && CHUNK < 65536);
 
 kiln_runtime::comptime_enum! {
@@ -70,11 +75,9 @@ kiln_runtime::comptime_enum! {
 }
 
 kiln_runtime::comptime_enum! {
-    /// Where the count and write passes take an element's ranking key from.
+    /// How [`topk_form_candidates`] ranks an element (the threshold known before).
     pub enum KeysFrom {
-        /// The stored `keys` (Philox words).
-        Stored = "stored",
-        /// `|a|`'s bits, `a` as the pass reads or forms it.
+        /// `|a|`'s bits, `a` as the pass forms it (the threshold estimate).
         Magnitude = "magnitude",
         /// `n - 1 - π(index)`: the index alone.
         Permutation = "permutation",
@@ -86,10 +89,7 @@ kiln_runtime::comptime_enum! {
     pub enum RadixSource {
         /// Every key.
         Keys = "keys",
-        /// Every key, and copies those that match the prefix so far to the candidates
-        /// (each unit to its own region, with their count per region).
-        Compact = "compact",
-        /// The candidates only.
+        /// The candidates [`topk_radix_compact`] kept.
         Candidates = "candidates",
     }
 }
@@ -135,33 +135,22 @@ pub(crate) fn select_top_k(
     let n = grad.numel();
     match source {
         // Exactly one key equals each of 0..n: those at or above n - k are the k taken.
-        // Nothing is stored: the keys follow from the index, `a` is formed where written.
+        // No radix pass, no keys stored: they follow from the index.
         KeySource::Permutation => {
             let state = upload_u32(grad.client(), "topk_state", &[(n - k) as u32, u32::MAX])?;
-            let source = Source::Formed {
-                grad,
-                error,
-                keys: KeysFrom::Permutation,
-                seed: seed.0,
-            };
-            let (offsets, before, _) = count_and_scan(&source, n, &state, false)?;
-            compact(&source, n, &state, &offsets, &before, k, scale)
+            let (a, kept) = form_candidates(grad, error, state, KeysFrom::Permutation, seed.0)?;
+            compact_candidates(&a, &kept, n, Some(k), scale)
         }
         KeySource::Magnitude => {
-            // Without an error an f32 gradient is `a` itself, and when its length is a
-            // multiple of 4 the passes can read it in place (4-wide, never written):
-            // no keys pass (three streams fewer; L-GreCo's per-layer errors, a first step).
-            let a = match (error, grad.dtype(), n % 4) {
-                (None, DType::F32, 0) => grad.prefix(n)?,
-                _ => keys_of(grad, error, None, 1.0, source, seed)?.0,
-            };
-            let state = radix_select(&a.as_words(), MAGNITUDE, n, k)?;
-            compact_stored(&a, None, n, &state, k, scale)
+            // `a`'s words are its keys; `a` becomes the error feedback.
+            let (a, _, first) = keys_of(grad, error, None, 1.0, source, seed, false)?;
+            let kept = radix_select(&a.as_words(), None, MAGNITUDE, n, k, Some(first))?;
+            compact_candidates(&a, &kept, n, Some(k), scale)
         }
         KeySource::Random => {
-            let (a, keys) = keys_of(grad, error, None, 1.0, source, seed)?;
-            let state = radix_select(&keys, u32::MAX, n, k)?;
-            compact_stored(&a, Some(&keys), n, &state, k, scale)
+            let (a, keys, first) = keys_of(grad, error, None, 1.0, source, seed, false)?;
+            let kept = radix_select(&keys, Some(&a), u32::MAX, n, k, Some(first))?;
+            compact_candidates(&a, &kept, n, Some(k), scale)
         }
     }
 }
@@ -179,102 +168,172 @@ pub(crate) fn select_controlled(
     eta: f32,
     k: usize,
 ) -> Result<(Tensor, Selected)> {
-    let (p, _) = keys_of(grad, error, h, eta, KeySource::Magnitude, (0, 0))?;
+    // `p` twice: the update reads it, and its copy becomes the selection's error.
+    let (p, rest, first) = keys_of(grad, error, h, eta, KeySource::Magnitude, (0, 0), true)?;
     let n = grad.numel();
-    let state = radix_select(&p.as_words(), MAGNITUDE, n, k)?;
-    let selected = compact_stored(&p, None, n, &state, k, 1.0)?;
+    let kept = radix_select(&rest.as_words(), None, MAGNITUDE, n, k, Some(first))?;
+    let selected = compact_candidates(&rest, &kept, n, Some(k), 1.0)?;
     Ok((p, selected))
 }
 
-/// The `k` elements of `a` whose keys (stored, or `None`: `a`'s magnitudes) the
-/// selection `state` takes (of the first `n`), compacted with `scale`.
-fn compact_stored(
-    a: &Tensor,
-    keys: Option<&Tensor>,
-    n: usize,
-    state: &Tensor,
-    k: usize,
-    scale: f32,
-) -> Result<Selected> {
-    let source = Source::Stored { a, keys };
-    let (offsets, before, _) = count_and_scan(&source, n, state, false)?;
-    compact(&source, n, state, &offsets, &before, k, scale)
+/// A selection's threshold and its candidates, on the device (see [`Kept`]).
+struct Candidates {
+    /// `[2]` u32: `[T, ties of T to take]`.
+    state: Tensor,
+    /// Per region (`CUBE` a cube, `PER_UNIT` elements each): the candidates' words,
+    /// `PER_UNIT` slots a region; their offsets in the region, 8 bits each; how many;
+    /// the sum of `a²` over the region's other elements.
+    candidates: Tensor,
+    positions: Tensor,
+    stored: Tensor,
+    below: Tensor,
+    /// What makes a kept word its key.
+    key_mask: u32,
+    /// Whether a kept word is `a`'s (magnitude keys), so that it carries its value.
+    keys_are_values: bool,
 }
 
-/// Where the count and write passes read `a` and its ranking keys.
-enum Source<'t> {
-    /// `a` stored by [`topk_keys`] (`n` rounded up to 4 long; or an f32 gradient of a
-    /// multiple of 4 elements read in place, when there is no error), and its keys:
-    /// stored beside it, or `None` for its magnitudes.
-    Stored {
-        a: &'t Tensor,
-        keys: Option<&'t Tensor>,
-    },
-    /// Formed in the pass from the inputs (`a = error + grad`), ranked by magnitude
-    /// (the threshold estimate) or by the permutation of `seed` (rand-k), so no `a` or
-    /// keys are stored.
-    Formed {
-        grad: &'t Tensor,
-        error: Option<&'t Tensor>,
-        keys: KeysFrom,
-        seed: u64,
-    },
-}
-
-/// The count and write kernels' common arguments (see [`Source::pass`]).
-struct PassInputs {
-    /// `input`, `error_in` and `keys` (absent ones four long, so that they do not hold a
-    /// launch to width 1).
-    bindings: [Tensor; 3],
-    keys_from: KeysFrom,
-    has_error: bool,
-    /// The permutation's key and width (unused by other sources).
-    key: [u32; 2],
-    bits: u32,
-}
-
-impl Source<'_> {
-    /// The count and write kernels' bindings and switches over the first `n` elements.
-    fn pass(&self, n: usize) -> Result<PassInputs> {
-        let client = match self {
-            Source::Stored { a, .. } => a.client(),
-            Source::Formed { grad, .. } => grad.client(),
-        };
-        let absent = |dtype| Tensor::empty(client, dtype, &[4]);
-        let bits = crate::random::permutation_bits(n as u32);
-        Ok(match *self {
-            Source::Stored { a, keys } => PassInputs {
-                bindings: [
-                    a.clone(),
-                    absent(DType::F32)?,
-                    keys.map_or_else(|| absent(DType::U32), |k| Ok(k.clone()))?,
-                ],
-                keys_from: match keys {
-                    Some(_) => KeysFrom::Stored,
-                    None => KeysFrom::Magnitude,
-                },
-                has_error: false,
-                key: [0, 0],
-                bits,
-            },
-            Source::Formed {
-                grad,
-                error,
-                keys,
-                seed,
-            } => PassInputs {
-                bindings: [
-                    grad.clone(),
-                    error.map_or_else(|| absent(DType::F32), |e| Ok(e.clone()))?,
-                    absent(DType::U32)?,
-                ],
-                keys_from: keys,
-                has_error: error.is_some(),
-                key: crate::random::seed_key(seed),
-                bits,
-            },
+impl Candidates {
+    /// Room for the candidates of `n` elements, and `state`.
+    fn empty(
+        client: &Client,
+        n: usize,
+        state: Tensor,
+        key_mask: u32,
+        keys_are_values: bool,
+    ) -> Result<Self> {
+        let regions = n.div_ceil(CHUNK as usize) * CUBE as usize;
+        let slots = regions * PER_UNIT as usize;
+        Ok(Candidates {
+            state,
+            candidates: Tensor::empty(client, DType::U32, &[slots])?,
+            positions: Tensor::empty(client, DType::U32, &[slots / 4])?,
+            stored: Tensor::empty(client, DType::U32, &[regions])?,
+            below: Tensor::empty(client, DType::F32, &[regions])?,
+            key_mask,
+            keys_are_values,
         })
     }
+}
+
+/// `a = error + grad` formed and written (`n` rounded up to 4 long), and the candidates
+/// at or above the threshold `state[0]` kept in the same pass (magnitude or permutation
+/// keys, `seed` keying the permutation): see [`topk_form_candidates`].
+fn form_candidates(
+    grad: &Tensor,
+    error: Option<&Tensor>,
+    state: Tensor,
+    keys: KeysFrom,
+    seed: u64,
+) -> Result<(Tensor, Candidates)> {
+    let client = grad.client();
+    let n = grad.numel();
+    let a = Tensor::empty(client, DType::F32, &[n.next_multiple_of(4)])?;
+    let magnitude = keys == KeysFrom::Magnitude;
+    let mask = if magnitude { MAGNITUDE } else { u32::MAX };
+    let kept = Candidates::empty(client, n, state, mask, magnitude)?;
+    let key = crate::random::seed_key(seed);
+    TopkFormCandidates::tuned(
+        client,
+        0.0,
+        &TopkFormCandidatesArgs {
+            grad,
+            // Four long, so that an absent error does not hold the launch to width 1.
+            error_in: &match error {
+                Some(e) => e.clone(),
+                None => Tensor::empty(client, DType::F32, &[4])?,
+            },
+            state: &kept.state,
+            a: &a,
+            candidates: &kept.candidates,
+            positions: &kept.positions,
+            stored: &kept.stored,
+            below: &kept.below,
+            n: n as u32,
+            cubes: n.div_ceil(CHUNK as usize) as u32,
+            key0: key[0],
+            key1: key[1],
+            bits: crate::random::permutation_bits(n as u32),
+            keys_from: keys,
+            has_error: error.is_some(),
+        },
+    )?;
+    Ok((a, kept))
+}
+
+/// The elements `kept`'s selection takes of the first `n` of `a` (f32, `n` rounded up to
+/// 4 long; `k` of them, or `None`: every key at or above `T`, counted with one small
+/// download), compacted with `scale`, from the candidates alone; `a` becomes the error
+/// feedback (overwritten where taken).
+fn compact_candidates(
+    a: &Tensor,
+    kept: &Candidates,
+    n: usize,
+    k: Option<usize>,
+    scale: f32,
+) -> Result<Selected> {
+    let client = a.client();
+    let cubes = n.div_ceil(CHUNK as usize);
+    let counts = Tensor::empty(client, DType::U32, &[2 * cubes])?;
+    let before = Tensor::empty(client, DType::U32, &[cubes * CUBE as usize])?;
+    TopkCandidatesCount::tuned(
+        client,
+        0.0,
+        &TopkCandidatesCountArgs {
+            candidates: &kept.candidates,
+            stored: &kept.stored,
+            state: &kept.state,
+            counts: &counts,
+            before: &before,
+            cubes: cubes as u32,
+            key_mask: kept.key_mask,
+        },
+    )?;
+    let offsets = Tensor::empty(client, DType::U32, &[2 * cubes])?;
+    TopkScan::tuned(
+        client,
+        0.0,
+        &TopkScanArgs {
+            counts: &counts,
+            offsets: &offsets,
+            cubes: cubes as u32,
+        },
+    )?;
+    let k = match k {
+        Some(k) => k,
+        None => counts.download()?.to_f64().iter().sum::<f64>() as usize,
+    };
+    let indices = Tensor::empty(client, DType::I32, &[k])?;
+    let values = Tensor::empty(client, DType::F32, &[k])?;
+    let residual = Tensor::empty(client, DType::F32, &[cubes])?;
+    TopkCandidatesWrite::tuned(
+        client,
+        0.0,
+        &TopkCandidatesWriteArgs {
+            candidates: &kept.candidates,
+            positions: &kept.positions,
+            stored: &kept.stored,
+            below: &kept.below,
+            state: &kept.state,
+            offsets: &offsets,
+            before: &before,
+            indices: &indices,
+            values: &values,
+            error: a,
+            residual: &residual,
+            cubes: cubes as u32,
+            key_mask: kept.key_mask,
+            scale,
+            keep: 1.0 - scale,
+            keys_are_values: kept.keys_are_values,
+        },
+    )?;
+    Ok(Selected {
+        indices,
+        values,
+        error: a.prefix(n)?,
+        residual,
+    })
 }
 
 /// Top-k with an estimated threshold: the `round(k s / n)`-th largest `|a|` of `sample`
@@ -310,25 +369,23 @@ pub(crate) fn select_above_estimate(
         },
     )?;
     let k_sample = ((k as f64 * sample as f64 / n as f64).round() as usize).clamp(1, sample);
-    let threshold = radix_select(&sampled, u32::MAX, sample, k_sample)?
+    let threshold = radix_select(&sampled, None, u32::MAX, sample, k_sample, None)?
+        .state
         .download()?
         .to_f64()[0] as u32;
-    // Every key >= threshold: all ties taken.
+    // Every key >= threshold: all ties taken (at least the sampled element whose key is
+    // the threshold).
     let state = upload_u32(client, "topk_state", &[threshold, u32::MAX])?;
-    // At least the sampled element whose key is the threshold is taken.
-    let source = Source::Formed {
-        grad,
-        error,
-        keys: KeysFrom::Magnitude,
-        seed: 0,
-    };
-    let (offsets, before, taken) = count_and_scan(&source, n, &state, true)?;
-    compact(&source, n, &state, &offsets, &before, taken, 1.0)
+    let (a, kept) = form_candidates(grad, error, state, KeysFrom::Magnitude, 0)?;
+    compact_candidates(&a, &kept, n, None, 1.0)
 }
 
 /// `a = eta error + grad - h` (f32; `eta = 1` and no `h` for plain error feedback) and
 /// the ranking keys (`source` Random: Philox words; Magnitude: none, a four-long
-/// placeholder), both `n` rounded up to 4 long (see [`topk_keys`]).
+/// placeholder), both `n` rounded up to 4 long (see [`topk_keys`]); with `twice`, also a
+/// copy of `a`, returned in place of `a` (EControl keeps `p` = `a`, and the copy becomes
+/// the selection's error); and the histogram of the keys' top digit (the radix select's
+/// first pass).
 fn keys_of(
     grad: &Tensor,
     error: Option<&Tensor>,
@@ -336,7 +393,8 @@ fn keys_of(
     eta: f32,
     source: KeySource,
     (seed, stream): (u64, u32),
-) -> Result<(Tensor, Tensor)> {
+    twice: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let client = grad.client();
     let n = grad.numel();
     let key = crate::random::seed_key(seed);
@@ -348,6 +406,15 @@ fn keys_of(
     let a = Tensor::empty(client, DType::F32, &[n.next_multiple_of(4)])?;
     // Four long, so that an absent state does not hold the launch to width 1.
     let absent = Tensor::empty(client, DType::F32, &[4])?;
+    let copy = match twice {
+        true => Tensor::empty(client, DType::F32, &[n.next_multiple_of(4)])?,
+        false => absent.clone(),
+    };
+    let hist = Tensor::empty(
+        client,
+        DType::U32,
+        &[n.div_ceil(CHUNK as usize) * BINS as usize],
+    )?;
     TopkKeys::tuned(
         client,
         0.0,
@@ -356,8 +423,11 @@ fn keys_of(
             error: error.unwrap_or(&absent),
             h: h.unwrap_or(&absent),
             a: &a,
+            copy: &copy,
             keys: &keys,
+            hist: &hist,
             n: n as u32,
+            cubes: n.div_ceil(CHUNK as usize) as u32,
             eta,
             key0: key[0],
             key1: key[1],
@@ -365,175 +435,112 @@ fn keys_of(
             source,
             has_error: error.is_some(),
             has_h: h.is_some(),
+            twice,
         },
     )?;
-    Ok((a, keys))
+    match twice {
+        true => Ok((a, copy, hist)),
+        false => Ok((a, keys, hist)),
+    }
 }
 
 /// The radix select of the `k`-th largest of the first `n` keys `keys & key_mask` (`k`
 /// in 1..=n; `keys` `n` rounded up to 4 long; [`MAGNITUDE`] ranks f32 words by
-/// magnitude): a `[2]` u32 state `[T, ties of T to take]` on the device.
-fn radix_select(keys: &Tensor, key_mask: u32, n: usize, k: usize) -> Result<Tensor> {
+/// magnitude; `values` is `a` where the keys are not its words, read for the sum of
+/// squares the compaction reports; `first`, the first pass's histogram where the keys
+/// pass counted it): the selection and its candidates (see [`topk_radix_compact`]).
+fn radix_select(
+    keys: &Tensor,
+    values: Option<&Tensor>,
+    key_mask: u32,
+    n: usize,
+    k: usize,
+    first: Option<Tensor>,
+) -> Result<Candidates> {
     let client = keys.client();
     let cubes = n.div_ceil(CHUNK as usize);
     let state = upload_u32(client, "topk_state", &[0, k as u32])?;
-    let hist = Tensor::empty(client, DType::U32, &[cubes * BINS as usize])?;
+    let counted = first.is_some();
+    let hist = match first {
+        Some(h) => h,
+        None => Tensor::empty(client, DType::U32, &[cubes * BINS as usize])?,
+    };
     // After two passes (8 bits of the prefix) the keys that can still be the k-th are
     // usually a small part (magnitudes: a factor-4 range of |a|; random keys: 1/256), so
-    // the third pass copies them out per cube and the last five read only those.
+    // the third pass copies them out per unit and the last five read only those.
     let regions = cubes * CUBE as usize;
-    let candidates = Tensor::empty(client, DType::U32, &[regions * PER_UNIT as usize])?;
-    let counts = Tensor::empty(client, DType::U32, &[regions])?;
+    let radix = Candidates::empty(client, n, state, key_mask, values.is_none())?;
+    let absent = Tensor::empty(client, DType::F32, &[4])?;
     for pass in 0..32 / DIGIT_BITS {
-        let (source, cubes) = match pass {
-            0 | 1 => (RadixSource::Keys, cubes),
-            2 => (RadixSource::Compact, cubes),
-            _ => (
-                RadixSource::Candidates,
-                regions.div_ceil(CANDIDATE_GROUPS as usize * CUBE as usize),
-            ),
-        };
         let shift = 32 - DIGIT_BITS * (pass + 1);
         // The bits above this digit, which must equal the prefix chosen so far.
         let high = match shift + DIGIT_BITS {
             32 => 0,
             s => !((1u32 << s) - 1),
         };
-        TopkRadixHistogram::tuned(
-            client,
-            0.0,
-            &TopkRadixHistogramArgs {
-                keys,
-                state: &state,
-                hist: &hist,
-                candidates: &candidates,
-                counts: &counts,
-                n: n as u32,
-                cubes: cubes as u32,
-                regions: regions as u32,
-                shift,
-                high,
-                key_mask,
-                source,
-            },
-        )?;
+        if pass == 2 {
+            TopkRadixCompact::tuned(
+                client,
+                0.0,
+                &TopkRadixCompactArgs {
+                    keys,
+                    values: values.unwrap_or(&absent),
+                    state: &radix.state,
+                    hist: &hist,
+                    candidates: &radix.candidates,
+                    positions: &radix.positions,
+                    counts: &radix.stored,
+                    below: &radix.below,
+                    n: n as u32,
+                    cubes: cubes as u32,
+                    shift,
+                    high,
+                    key_mask,
+                    keys_are_values: radix.keys_are_values,
+                },
+            )?;
+        } else if pass > 0 || !counted {
+            let (source, cubes) = match pass {
+                0 | 1 => (RadixSource::Keys, cubes),
+                _ => (
+                    RadixSource::Candidates,
+                    regions.div_ceil(CANDIDATE_GROUPS as usize * CUBE as usize),
+                ),
+            };
+            TopkRadixHistogram::tuned(
+                client,
+                0.0,
+                &TopkRadixHistogramArgs {
+                    keys,
+                    state: &radix.state,
+                    hist: &hist,
+                    candidates: &radix.candidates,
+                    counts: &radix.stored,
+                    n: n as u32,
+                    cubes: cubes as u32,
+                    regions: regions as u32,
+                    shift,
+                    high,
+                    key_mask,
+                    source,
+                },
+            )?;
+        }
         TopkRadixChoose::tuned(
             client,
             0.0,
             &TopkRadixChooseArgs {
                 hist: &hist,
-                state: &state,
-                cubes: cubes as u32,
+                state: &radix.state,
+                cubes: match pass {
+                    0..=2 => cubes,
+                    _ => regions.div_ceil(CANDIDATE_GROUPS as usize * CUBE as usize),
+                } as u32,
                 shift,
             },
         )?;
     }
-    Ok(state)
-}
-
-/// Per-cube counts above and at `T` and their exclusive scan (`offsets`), each unit's
-/// counts before it in its cube (`before`, both in one u32); with `total`, also the number
-/// taken (every key above or at `T`: one download of the counts). Over the first `n`
-/// keys.
-fn count_and_scan(
-    source: &Source,
-    n: usize,
-    state: &Tensor,
-    total: bool,
-) -> Result<(Tensor, Tensor, usize)> {
-    let pass = source.pass(n)?;
-    let [input, error, keys] = &pass.bindings;
-    let client = input.client();
-    let cubes = n.div_ceil(CHUNK as usize);
-    let counts = Tensor::empty(client, DType::U32, &[2 * cubes])?;
-    let before = Tensor::empty(client, DType::U32, &[cubes * CUBE as usize])?;
-    TopkCount::tuned(
-        client,
-        0.0,
-        &TopkCountArgs {
-            input,
-            error_in: error,
-            keys,
-            state,
-            key0: pass.key[0],
-            key1: pass.key[1],
-            bits: pass.bits,
-            counts: &counts,
-            before: &before,
-            n: n as u32,
-            cubes: cubes as u32,
-            keys_from: pass.keys_from,
-            has_error: pass.has_error,
-        },
-    )?;
-    let offsets = Tensor::empty(client, DType::U32, &[2 * cubes])?;
-    TopkScan::tuned(
-        client,
-        0.0,
-        &TopkScanArgs {
-            counts: &counts,
-            offsets: &offsets,
-            cubes: cubes as u32,
-        },
-    )?;
-    let taken = match total {
-        true => counts.download()?.to_f64().iter().sum::<f64>() as usize,
-        false => 0,
-    };
-    Ok((offsets, before, taken))
-}
-
-/// The write pass over the first `n` elements: `k` output slots (see [`topk_write`]).
-#[allow(clippy::too_many_arguments)]
-fn compact(
-    source: &Source,
-    n: usize,
-    state: &Tensor,
-    offsets: &Tensor,
-    before: &Tensor,
-    k: usize,
-    scale: f32,
-) -> Result<Selected> {
-    let pass = source.pass(n)?;
-    let [input, error_in, keys] = &pass.bindings;
-    let client = input.client();
-    let cubes = n.div_ceil(CHUNK as usize);
-    let indices = Tensor::empty(client, DType::I32, &[k])?;
-    let values = Tensor::empty(client, DType::F32, &[k])?;
-    let error = Tensor::empty(client, DType::F32, &[n.next_multiple_of(4)])?;
-    let residual = Tensor::empty(client, DType::F32, &[cubes])?;
-    TopkWrite::tuned(
-        client,
-        0.0,
-        &TopkWriteArgs {
-            input,
-            error_in,
-            keys,
-            state,
-            key0: pass.key[0],
-            key1: pass.key[1],
-            bits: pass.bits,
-            offsets,
-            before,
-            indices: &indices,
-            values: &values,
-            error: &error,
-            residual: &residual,
-            n: n as u32,
-            cubes: cubes as u32,
-            scale,
-            // Exact in f32 for 1/2 <= scale <= 2^24 (Sterbenz; then an integer part).
-            keep: 1.0 - scale,
-            keys_from: pass.keys_from,
-            has_error: pass.has_error,
-        },
-    )?;
-    Ok(Selected {
-        indices,
-        values,
-        error: error.prefix(n)?,
-        residual,
-    })
+    Ok(radix)
 }
 
 /// `sampled[j]` = the magnitude key of `a[p_j] = error[p_j] + grad[p_j]` (f32, as
@@ -573,19 +580,22 @@ pub fn topk_sample<F: Float>(
     }
 }
 
-/// `a = eta error + grad - h` in f32 (`eta = 1` and no `h` for plain error feedback:
-/// `1 * error` is exact, so `a = error + grad` bit for bit) and, for `source` Random, the
-/// ranking key of every element: a Philox word of its index (magnitude keys are `a`'s
-/// bits, read from `a` by the passes; rand-k's permutation runs no keys pass). 4-wide
-/// where `n` is a multiple of 4 (a CPU adapter issues one load per lane and access, so
-/// a vector access does four elements' work for one's cost); `a` and `keys` are `n`
-/// rounded up to 4 long (the selection kernels read them 4-wide), their tail past `n`
-/// is never read.
+/// `a = eta error + grad - h` in f32 (written twice with `twice`: to `a` and `copy`)
+/// (`eta = 1` and no `h` for plain error feedback: `1 * error` is exact, so `a = error +
+/// grad` bit for bit) and, for `source` Random, the ranking key of every element: a
+/// Philox word of its index (magnitude keys are `a`'s bits, read from `a` by the passes;
+/// rand-k's permutation runs no keys pass). With them, the radix select's first pass:
+/// the histogram of the keys' top digit per `CHUNK` elements (as
+/// [`topk_radix_histogram`] counts it), so that no pass reads the keys for it alone. 4-wide
+/// where `n` is a multiple of 4 (a CPU adapter issues one load per lane and access, so a
+/// vector access does four elements' work for one's cost); `a` and `keys` are `n`
+/// rounded up to 4 long (the selection kernels read them 4-wide), their tail past `n` is
+/// never read.
 #[kiln_macros::kernel(
     tune(UNITS = [256]),
     vector = [4, 1],
     key(n = pow2, dtype),
-    grid = cubes(n.div_ceil(VECTOR * UNITS)),
+    grid = cubes(cubes),
     cube = UNITS
 )]
 pub fn topk_keys<F: Float, N: Size>(
@@ -593,8 +603,11 @@ pub fn topk_keys<F: Float, N: Size>(
     error: &Array<Vector<f32, N>>,
     h: &Array<Vector<f32, N>>,
     a: &mut Array<Vector<f32, N>>,
+    copy: &mut Array<Vector<f32, N>>,
     keys: &mut Array<Vector<u32, N>>,
+    hist: &mut Array<u32>,
     n: u32,
+    cubes: u32,
     eta: f32,
     key0: u32,
     key1: u32,
@@ -602,35 +615,59 @@ pub fn topk_keys<F: Float, N: Size>(
     #[comptime] source: KeySource,
     #[comptime] has_error: bool,
     #[comptime] has_h: bool,
+    #[comptime] twice: bool,
 ) {
     let nw = N::value().comptime() as u32;
-    let i = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * UNITS + UNIT_POS;
-    // The first element of this vector (4-wide only when n % 4 == 0: whole vectors).
-    let first = i * nw;
-    if first < n {
-        let mut v = Vector::<f32, N>::cast_from(grad[i as usize]);
-        if comptime!(has_error) {
-            v = Vector::<f32, N>::new(eta) * error[i as usize] + v;
-        }
-        if comptime!(has_h) {
-            v -= h[i as usize];
-        }
-        a[i as usize] = v;
-        if comptime!(source == KeySource::Random) {
-            // Element e is lane e % 4 of the block at counter (e / 4, stream, 0, 0), as
-            // crate::random::word: one block serves a whole 4-wide vector.
-            let r = philox4x32_10(first / 4, stream, 0u32, 0u32, key0, key1);
+    let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
+    let mut packed = Array::<u32>::new(comptime!((BINS / 4) as usize));
+    #[unroll]
+    for w in 0..comptime!(BINS / 4) {
+        packed[w as usize] = 0u32;
+    }
+    // Vector `j UNITS + unit` of the cube's CHUNK elements (coalesced).
+    for j in 0..comptime!(PER_UNIT / nw) {
+        let i = cube * comptime!(CHUNK / nw) + j * UNITS + UNIT_POS;
+        // The first element of this vector (4-wide only when n % 4 == 0: whole vectors).
+        let first = i * nw;
+        if first < n {
+            let mut v = Vector::<f32, N>::cast_from(grad[i as usize]);
+            if comptime!(has_error) {
+                v = Vector::<f32, N>::new(eta) * error[i as usize] + v;
+            }
+            if comptime!(has_h) {
+                v -= h[i as usize];
+            }
+            a[i as usize] = v;
+            if comptime!(twice) {
+                copy[i as usize] = v;
+            }
             let mut kv = Vector::<u32, N>::new(0u32);
+            if comptime!(source == KeySource::Random) {
+                // Element e is lane e % 4 of the block at counter (e / 4, stream, 0, 0), as
+                // crate::random::word: one block serves a whole 4-wide vector.
+                let r = philox4x32_10(first / 4, stream, 0u32, 0u32, key0, key1);
+                #[unroll]
+                for l in 0..nw {
+                    let lane = (first + l) % 4;
+                    kv[l as usize] = select(
+                        lane == 0,
+                        r.x0,
+                        select(lane == 1, r.x1, select(lane == 2, r.x2, r.x3)),
+                    );
+                }
+                keys[i as usize] = kv;
+            } else {
+                #[unroll]
+                for l in 0..nw {
+                    kv[l as usize] = u32::reinterpret(v[l as usize]) & 0x7FFF_FFFFu32;
+                }
+            }
             #[unroll]
             for l in 0..nw {
-                let lane = (first + l) % 4;
-                kv[l as usize] = select(
-                    lane == 0,
-                    r.x0,
-                    select(lane == 1, r.x1, select(lane == 2, r.x2, r.x3)),
-                );
+                let key = kv[l as usize];
+                radix::count_digit(&mut packed, key, first + l < n, comptime!(32 - DIGIT_BITS));
             }
-            keys[i as usize] = kv;
         }
     }
+    radix::cube_histogram(&packed, hist, cube, cubes);
 }

@@ -1,33 +1,32 @@
 //! The radix passes: a per-cube histogram of one 4-bit digit over the keys that match
-//! the prefix chosen so far, and the one-cube pass that sums the histograms and picks
-//! the digit (and, at the last digit, how many ties at the threshold are taken).
+//! the prefix chosen so far (the third pass also keeps the keys that can still be
+//! selected), and the one-cube pass that sums the histograms and picks the digit (and,
+//! at the last digit, how many ties at the threshold are taken).
+// Kernel code: `(a + b - 1) / b` is what the emitted code does, written as such.
+#![allow(clippy::manual_div_ceil)]
 
 use super::*;
 
 /// Per-cube histogram of this pass's digit over the keys that match the prefix chosen
-/// so far (`(key & high) == (prefix & high)`), over `CHUNK` keys a cube, read 4-wide
-/// (`keys` is `n` rounded up to 4 long; keys past `n` are not counted). A key is the
-/// word read `& key_mask` (`0x7FFF_FFFF` reads `a`'s f32 bits as magnitude keys, so
-/// they need not be stored; candidates are stored masked).
+/// so far (`(key & high) == (prefix & high)`). `source` says what a cube reads: its
+/// `CHUNK` keys, 4-wide (`keys` is `n` rounded up to 4 long; keys past `n` are not
+/// counted), or the candidates of `CANDIDATE_GROUPS x UNITS` regions that
+/// [`topk_radix_compact`] stored (a unit `CANDIDATE_GROUPS` of them, `UNITS` apart), so
+/// that a pass over few candidates runs few cubes: the reduction costs a cube as much as
+/// reading 16K keys on lavapipe. A key is the word read `& key_mask` (`0x7FFF_FFFF` reads
+/// `a`'s f32 bits as magnitude keys, so they need not be stored).
 /// Each unit counts in registers, four 8-bit counters a word (`PER_UNIT` < 256 keys
 /// a unit: no overflow), a key adding `1 << 8 (d % 4)` to word `d / 4` by a compare and
 /// a select per word: a CPU adapter runs these as vector operations, where a
 /// shared-memory counter per key is a gather and a scatter per lane (lavapipe, 4M keys:
-/// 20 ms a pass); then the units' counters go through shared memory as a `[BINS, UNITS]`
-/// table, summed by all units in two steps (16 columns each, then 16 partials per bin).
-/// No atomics. `source` says what a cube reads: its `CHUNK` keys; the same while each
-/// unit copies those in the prefix to its own region of `PER_UNIT` slots of
-/// `candidates` (their number to `counts[region]`, region = `cube UNITS + unit`); or the
-/// candidates of `CANDIDATE_GROUPS x UNITS` regions (a unit `CANDIDATE_GROUPS` of them,
-/// `UNITS` apart), so that a pass over few candidates runs few cubes: the reduction
-/// above costs a cube as much as reading 16K keys on lavapipe.
+/// 20 ms a pass); then [`cube_histogram`]. No atomics.
 #[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(cubes), cube = UNITS)]
 pub fn topk_radix_histogram(
     keys: &Array<Vector<u32, Const<4>>>,
     state: &Array<u32>,
     hist: &mut Array<u32>,
-    candidates: &mut Array<u32>,
-    counts: &mut Array<u32>,
+    candidates: &Array<Vector<u32, Const<4>>>,
+    counts: &Array<u32>,
     n: u32,
     cubes: u32,
     regions: u32,
@@ -51,10 +50,17 @@ pub fn topk_radix_histogram(
             if cube < cubes && region < regions {
                 len = counts[region as usize];
             }
-            let at = region * comptime!(PER_UNIT);
-            for i in 0..len {
-                let key = candidates[(at + i) as usize];
-                count_digit(&mut packed, key, (key & high) == prefix, shift);
+            // 4-wide: a region's slots start at a multiple of 4; slots past `len` hold
+            // stale words and do not count.
+            let at = region * comptime!(PER_UNIT / 4);
+            for i in 0..(len + 3u32) / 4u32 {
+                let kv = candidates[(at + i) as usize];
+                #[unroll]
+                for l in 0..4u32 {
+                    let key = kv[l as usize] & key_mask;
+                    let hit = (key & high) == prefix && 4u32 * i + l < len;
+                    count_digit(&mut packed, key, hit, shift);
+                }
             }
         }
     } else {
@@ -64,10 +70,8 @@ pub fn topk_radix_histogram(
         if cube < cubes {
             len = min(n - base, comptime!(CHUNK));
         }
-        let region = cube * UNITS + UNIT_POS;
-        let mut stored = 0u32;
         let mut j = 0u32;
-        // Vector `j UNITS + unit` of the cube: PER_UNIT / 4 vectors a unit.
+        // Vector `j UNITS + unit` of the cube: PER_UNIT / 4 vectors a unit (coalesced).
         while j * UNITS * 4u32 < len {
             let first = (j * UNITS + UNIT_POS) * 4u32;
             if first < len {
@@ -77,27 +81,104 @@ pub fn topk_radix_histogram(
                     let key = kv[l as usize] & key_mask;
                     let hit = (key & high) == prefix && first + l < len;
                     count_digit(&mut packed, key, hit, shift);
-                    if comptime!(source == RadixSource::Compact) {
-                        if hit {
-                            candidates[(region * comptime!(PER_UNIT) + stored) as usize] = key;
-                            stored += 1;
-                        }
-                    }
                 }
             }
             j += 1;
         }
-        if comptime!(source == RadixSource::Compact) {
-            if cube < cubes {
-                counts[region as usize] = stored;
+    }
+    cube_histogram(&packed, hist, cube, cubes);
+}
+
+/// The pass that also keeps the keys that can still be selected (the third: after two
+/// digits, the keys matching the prefix are usually a small part: magnitudes, a factor-4
+/// range of `|a|`; random keys, 1/256). Unit `u` of cube `c` reads the `PER_UNIT`
+/// consecutive keys from `c CHUNK + u PER_UNIT` (its region, `c UNITS + u`: regions in
+/// index order), counts the digit as [`topk_radix_histogram`] does, and stores, in index
+/// order, every word whose key is at or above the prefix (those above it are taken
+/// whatever the last digits) to its `PER_UNIT` slots of `candidates` (the word as read:
+/// `a`'s bits with their sign), their offsets in the region to `positions` (8 bits each,
+/// four a word), their number to `counts[region]`, and the sum of `a²` over the others
+/// (never taken: the compression error keeps them whole) to `below[region]`. `a` is the
+/// word itself with `keys_are_values` (magnitude keys), else read from `values`.
+#[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(cubes), cube = UNITS)]
+pub fn topk_radix_compact(
+    keys: &Array<Vector<u32, Const<4>>>,
+    values: &Array<Vector<f32, Const<4>>>,
+    state: &Array<u32>,
+    hist: &mut Array<u32>,
+    candidates: &mut Array<u32>,
+    positions: &mut Array<u32>,
+    counts: &mut Array<u32>,
+    below: &mut Array<f32>,
+    n: u32,
+    cubes: u32,
+    shift: u32,
+    high: u32,
+    key_mask: u32,
+    #[comptime] keys_are_values: bool,
+) {
+    let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
+    let prefix = state[0] & high;
+    let mut packed = Array::<u32>::new(comptime!((BINS / 4) as usize));
+    #[unroll]
+    for w in 0..comptime!(BINS / 4) {
+        packed[w as usize] = 0u32;
+    }
+    let region = cube * UNITS + UNIT_POS;
+    let at = region * comptime!(PER_UNIT);
+    let base = cube * comptime!(CHUNK) + UNIT_POS * comptime!(PER_UNIT);
+    let mut kept = Kept::new();
+    if cube < cubes {
+        // Not unrolled: ptxas spills an unrolled body of this size (see topk_form_candidates).
+        for j in 0..comptime!(PER_UNIT / 4) {
+            let first = base + 4u32 * j;
+            if first < n {
+                let kv = keys[(first / 4u32) as usize];
+                let av = if comptime!(keys_are_values) {
+                    Vector::<f32, Const<4>>::new(0.0f32)
+                } else {
+                    values[(first / 4u32) as usize]
+                };
+                #[unroll]
+                for l in 0..4u32 {
+                    let word = kv[l as usize];
+                    let key = word & key_mask;
+                    let inside = first + l < n;
+                    count_digit(&mut packed, key, (key & high) == prefix && inside, shift);
+                    let v = if comptime!(keys_are_values) {
+                        f32::reinterpret(word)
+                    } else {
+                        av[l as usize]
+                    };
+                    let keep = (key & high) >= prefix && inside;
+                    kept.push(
+                        candidates,
+                        positions,
+                        at,
+                        word,
+                        4u32 * j + l,
+                        v,
+                        keep,
+                        inside,
+                    );
+                }
             }
         }
+        kept.finish(positions, counts, below, at, region);
     }
+    cube_histogram(&packed, hist, cube, cubes);
+}
+
+/// A cube's histogram from its units' packed counters: through shared memory as a
+/// `[BINS, UNITS]` table, summed by all units in two steps (16 columns each, then 16
+/// partials per bin), to `hist[cube BINS ..]`. Every unit must call it.
+#[cube]
+pub(super) fn cube_histogram(packed: &Array<u32>, hist: &mut Array<u32>, cube: u32, cubes: u32) {
     let mut table = SharedMemory::<u32>::new(comptime!((BINS * CUBE) as usize));
     #[unroll]
     for b in 0..comptime!(BINS) {
         let count = (packed[(b / 4) as usize] >> ((b % 4) * 8)) & 255u32;
-        table[(b * UNITS + UNIT_POS) as usize] = count;
+        table[(b * comptime!(CUBE) + UNIT_POS) as usize] = count;
     }
     sync_cube();
     // Unit u: bin u % BINS over the 16 columns of group u / BINS.
@@ -106,7 +187,7 @@ pub fn topk_radix_histogram(
     let mut partial = 0u32;
     #[unroll]
     for i in 0..comptime!(CUBE / BINS) {
-        partial += table[(bin * UNITS + group * comptime!(CUBE / BINS) + i) as usize];
+        partial += table[(bin * comptime!(CUBE) + group * comptime!(CUBE / BINS) + i) as usize];
     }
     sync_cube();
     table[UNIT_POS as usize] = partial;
@@ -124,7 +205,7 @@ pub fn topk_radix_histogram(
 /// Adds a key's digit (`(key >> shift) % BINS`) to a unit's packed 8-bit counters
 /// (nothing when `hit` is false: a key outside the prefix).
 #[cube]
-fn count_digit(packed: &mut Array<u32>, key: u32, hit: bool, shift: u32) {
+pub(super) fn count_digit(packed: &mut Array<u32>, key: u32, hit: bool, shift: u32) {
     let d = select(hit, (key >> shift) & comptime!(BINS - 1), comptime!(BINS));
     let one = 1u32 << ((d & 3u32) * 8u32);
     let word = d >> 2u32;
@@ -134,16 +215,31 @@ fn count_digit(packed: &mut Array<u32>, key: u32, hit: bool, shift: u32) {
     }
 }
 
-/// One cube: sums the per-cube histograms per digit (units `0..BINS`, cubes in order),
-/// then walks the digits from the largest: the digit where the count of larger keys
-/// first reaches `k_rem` joins the prefix, and `k_rem` drops by the keys above it.
+/// One cube: sums the per-cube histograms per digit (unit `u` the cubes `u / BINS`,
+/// `u / BINS + CUBE / BINS`, ... of digit `u % BINS`, then units `0..BINS` those 16
+/// partials in order: sixteen times fewer dependent loads than one unit a digit, which
+/// a GPU waits on a pass at a time), then walks the digits from the largest: the digit
+/// where the count of larger keys first reaches `k_rem` joins the prefix, and `k_rem`
+/// drops by the keys above it.
 #[kiln_macros::kernel(tune(UNITS = [256]), grid = (1), cube = UNITS)]
 pub fn topk_radix_choose(hist: &Array<u32>, state: &mut Array<u32>, cubes: u32, shift: u32) {
+    let groups = comptime!(CUBE / BINS);
+    let mut partials = SharedMemory::<u32>::new(comptime!(CUBE as usize));
+    let bin = UNIT_POS % comptime!(BINS);
+    let mut partial = 0u32;
+    let mut c = UNIT_POS / comptime!(BINS);
+    while c < cubes {
+        partial += hist[(c * comptime!(BINS) + bin) as usize];
+        c += groups;
+    }
+    partials[UNIT_POS as usize] = partial;
+    sync_cube();
     let mut sums = SharedMemory::<u32>::new(comptime!(BINS as usize));
     if UNIT_POS < comptime!(BINS) {
         let mut total = 0u32;
-        for c in 0..cubes {
-            total += hist[(c * comptime!(BINS) + UNIT_POS) as usize];
+        #[unroll]
+        for g in 0..groups {
+            total += partials[(g * comptime!(BINS) + UNIT_POS) as usize];
         }
         sums[UNIT_POS as usize] = total;
     }

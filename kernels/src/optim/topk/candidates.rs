@@ -1,0 +1,230 @@
+//! Candidates: the keys a selection can still take, kept per region (`PER_UNIT`
+//! consecutive elements, a unit's; regions in index order) so that the compaction reads
+//! only those. [`topk_radix_compact`] keeps them in the radix select's third pass; where
+//! the threshold is known before (rand-k's permutation, the threshold estimate),
+//! [`topk_form_candidates`] keeps them as it forms `a`, in one pass over the inputs.
+// `n` beside the `_n` that cubecl's launch expansion gives the `Size` generic `N`
+// (an attribute on the kernel does not reach that expansion).
+#![allow(clippy::duplicate_underscore_argument)]
+#![allow(clippy::new_without_default)] // a cube type: built inside kernels, where `Default` is not callable
+#![allow(clippy::too_many_arguments)]
+// Kernel code: `%` is what the emitted code does (cubecl has no `is_multiple_of`).
+#![allow(clippy::manual_is_multiple_of)]
+
+use super::*;
+
+/// A unit's candidates as it keeps them: how many, the word of their 8-bit offsets being
+/// filled (flushed to `positions` four at a time), and the sum of `a²` over the
+/// elements not kept (never taken: the compression error keeps them whole).
+#[derive(CubeType, Clone, Copy)]
+pub(crate) struct Kept {
+    /// Candidates kept so far.
+    pub(crate) stored: u32,
+    /// Offsets of the last `stored % 4`, 8 bits each.
+    pub(crate) offsets: u32,
+    /// Sum of `a²` over the elements not kept.
+    pub(crate) squares: f32,
+}
+
+#[cube]
+impl Kept {
+    /// None kept.
+    pub(crate) fn new() -> Kept {
+        Kept {
+            stored: 0u32,
+            offsets: 0u32,
+            squares: 0.0f32,
+        }
+    }
+
+    /// Element `offset` of the region whose `PER_UNIT` slots start at `at`: with `keep`,
+    /// its `word` to the next slot and its offset to `positions`; else, when `inside`
+    /// (below `n`), `v²` (`v` its `a`) to the squares.
+    pub(crate) fn push(
+        &mut self,
+        candidates: &mut Array<u32>,
+        positions: &mut Array<u32>,
+        at: u32,
+        word: u32,
+        offset: u32,
+        v: f32,
+        keep: bool,
+        inside: bool,
+    ) {
+        if keep {
+            candidates[(at + self.stored) as usize] = word;
+            self.offsets |= offset << ((self.stored % 4u32) * 8u32);
+            if self.stored % 4u32 == 3u32 {
+                positions[((at + self.stored) / 4u32) as usize] = self.offsets;
+                self.offsets = 0u32;
+            }
+            self.stored += 1u32;
+        } else if inside {
+            self.squares += v * v;
+        }
+    }
+
+    /// The last offsets, the count (`stored[region]`) and the squares (`below[region]`).
+    pub(crate) fn finish(
+        &self,
+        positions: &mut Array<u32>,
+        stored: &mut Array<u32>,
+        below: &mut Array<f32>,
+        at: u32,
+        region: u32,
+    ) {
+        if self.stored % 4u32 != 0u32 {
+            positions[((at + self.stored) / 4u32) as usize] = self.offsets;
+        }
+        stored[region as usize] = self.stored;
+        below[region as usize] = self.squares;
+    }
+}
+
+/// Forms `a = error + grad` in f32 (as [`topk_keys`] does; no `error` without
+/// `has_error`) and writes it to `a` (it becomes the error feedback), and keeps as
+/// candidates the elements whose key is at or above the known threshold `T = state[0]`:
+/// magnitude keys (the word kept is `a`'s, sign included) or rand-k's `n - 1 - π(i)`
+/// (the key kept; `π` the seeded permutation, `key0`, `key1`, `bits`). Unit `u` of cube
+/// `c` reads its region's `PER_UNIT` elements from `c CHUNK + u PER_UNIT`, `VECTOR`
+/// wide; `a` is `n` rounded up to 4 long.
+#[kiln_macros::kernel(
+    tune(UNITS = [256]),
+    vector = [4, 1],
+    key(n = pow2, dtype),
+    grid = cubes(cubes),
+    cube = UNITS
+)]
+pub fn topk_form_candidates<F: Float, N: Size>(
+    grad: &Array<Vector<F, N>>,
+    error_in: &Array<Vector<f32, N>>,
+    state: &Array<u32>,
+    a: &mut Array<Vector<f32, N>>,
+    candidates: &mut Array<u32>,
+    positions: &mut Array<u32>,
+    stored: &mut Array<u32>,
+    below: &mut Array<f32>,
+    n: u32,
+    cubes: u32,
+    key0: u32,
+    key1: u32,
+    bits: u32,
+    #[comptime] keys_from: KeysFrom,
+    #[comptime] has_error: bool,
+) {
+    let nw = N::value().comptime() as u32;
+    let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
+    let t = state[0];
+    let region = cube * UNITS + UNIT_POS;
+    let at = region * comptime!(PER_UNIT);
+    let base = cube * comptime!(CHUNK) + UNIT_POS * comptime!(PER_UNIT);
+    let mut round_keys = Array::<u32>::new(comptime!(PERMUTATION_ROUNDS as usize));
+    round_keys_of(&mut round_keys, key0, key1, keys_from);
+    let mut kept = Kept::new();
+    if cube < cubes {
+        // Not unrolled: ptxas spilled the unrolled 32 vectors (sm_90a) at 128 a unit.
+        for j in 0..comptime!(PER_UNIT / nw) {
+            let first = base + nw * j;
+            if first < n {
+                let vi = first / nw;
+                let av = a_of(grad, error_in, vi, has_error);
+                a[vi as usize] = av;
+                let kv = if comptime!(keys_from == KeysFrom::Magnitude) {
+                    magnitude_keys(av)
+                } else {
+                    permutation_keys(first, n, bits, &round_keys)
+                };
+                #[unroll]
+                for l in 0..nw {
+                    let inside = first + l < n;
+                    let key = kv[l as usize];
+                    let v = av[l as usize];
+                    let word = if comptime!(keys_from == KeysFrom::Magnitude) {
+                        u32::reinterpret(v)
+                    } else {
+                        key
+                    };
+                    let offset = nw * j + l;
+                    kept.push(
+                        candidates,
+                        positions,
+                        at,
+                        word,
+                        offset,
+                        v,
+                        key >= t && inside,
+                        inside,
+                    );
+                }
+            }
+        }
+        kept.finish(positions, stored, below, at, region);
+    }
+}
+
+/// Vector `v` of `a`, formed as `grad + error` in f32 from `input` = grad (`error`
+/// absent without `has_error`), as `topk_keys` forms it.
+#[cube]
+fn a_of<F: Float, N: Size>(
+    input: &Array<Vector<F, N>>,
+    error: &Array<Vector<f32, N>>,
+    v: u32,
+    #[comptime] has_error: bool,
+) -> Vector<f32, N> {
+    let mut a = Vector::<f32, N>::cast_from(input[v as usize]);
+    if comptime!(has_error) {
+        a = error[v as usize] + a;
+    }
+    a
+}
+
+/// `|a|`'s bits, which order like the magnitudes (NaN above +inf).
+#[cube]
+fn magnitude_keys<N: Size>(a: Vector<f32, N>) -> Vector<u32, N> {
+    let nw = N::value().comptime() as u32;
+    let mut kv = Vector::<u32, N>::new(0u32);
+    #[unroll]
+    for l in 0..nw {
+        kv[l as usize] = u32::reinterpret(a[l as usize]) & 0x7FFF_FFFFu32;
+    }
+    kv
+}
+
+/// `n - 1 - π(e)` of the vector's elements `e = first..` (`π` the seeded permutation of
+/// `0..n`, `bits` wide, `round_keys` from [`round_keys_of`]).
+#[cube]
+fn permutation_keys<N: Size>(
+    first: u32,
+    n: u32,
+    bits: u32,
+    round_keys: &Array<u32>,
+) -> Vector<u32, N> {
+    let nw = N::value().comptime() as u32;
+    let mut kv = Vector::<u32, N>::new(0u32);
+    #[unroll]
+    for l in 0..nw {
+        // Past n the cycle walk need not end (a cycle of π may lie wholly above n): such
+        // lanes rank index 0 instead, and the passes never count them.
+        let e = select(first + l < n, first + l, 0u32);
+        kv[l as usize] = n - 1 - permute_index(e, n, bits, round_keys);
+    }
+    kv
+}
+
+/// The permutation's round keys, in registers (computed, not loaded: a load costs a
+/// loop over the SIMD lanes on a CPU adapter); left unset unless `keys_from` is
+/// Permutation.
+#[cube]
+fn round_keys_of(
+    round_keys: &mut Array<u32>,
+    key0: u32,
+    key1: u32,
+    #[comptime] keys_from: KeysFrom,
+) {
+    if comptime!(keys_from == KeysFrom::Permutation) {
+        #[unroll]
+        for r in 0..PERMUTATION_ROUNDS {
+            round_keys[r as usize] = permutation_round_key(key0, key1, r);
+        }
+    }
+}
