@@ -620,10 +620,7 @@ pub fn topk_keys<F: Float, N: Size>(
     let nw = N::value().comptime() as u32;
     let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
     let mut packed = Array::<u32>::new(comptime!((BINS / 4) as usize));
-    #[unroll]
-    for w in 0..comptime!(BINS / 4) {
-        packed[w as usize] = 0u32;
-    }
+    radix::clear_counters(&mut packed);
     // Vector `j UNITS + unit` of the cube's CHUNK elements (coalesced).
     for j in 0..comptime!(PER_UNIT / nw) {
         let i = cube * comptime!(CHUNK / nw) + j * UNITS + UNIT_POS;

@@ -38,10 +38,7 @@ pub fn topk_radix_histogram(
     let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
     let prefix = state[0] & high;
     let mut packed = Array::<u32>::new(comptime!((BINS / 4) as usize));
-    #[unroll]
-    for w in 0..comptime!(BINS / 4) {
-        packed[w as usize] = 0u32;
-    }
+    clear_counters(&mut packed);
     if comptime!(source == RadixSource::Candidates) {
         #[unroll]
         for g in 0..comptime!(CANDIDATE_GROUPS) {
@@ -120,10 +117,7 @@ pub fn topk_radix_compact(
     let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
     let prefix = state[0] & high;
     let mut packed = Array::<u32>::new(comptime!((BINS / 4) as usize));
-    #[unroll]
-    for w in 0..comptime!(BINS / 4) {
-        packed[w as usize] = 0u32;
-    }
+    clear_counters(&mut packed);
     let region = cube * UNITS + UNIT_POS;
     let at = region * comptime!(PER_UNIT);
     let base = cube * comptime!(CHUNK) + UNIT_POS * comptime!(PER_UNIT);
@@ -199,6 +193,15 @@ pub(super) fn cube_histogram(packed: &Array<u32>, hist: &mut Array<u32>, cube: u
             total += table[(g * comptime!(BINS) + UNIT_POS) as usize];
         }
         hist[(cube * comptime!(BINS) + UNIT_POS) as usize] = total;
+    }
+}
+
+/// Zeroes a unit's packed 8-bit counters (see [`count_digit`]).
+#[cube]
+pub(super) fn clear_counters(packed: &mut Array<u32>) {
+    #[unroll]
+    for w in 0..comptime!(BINS / 4) {
+        packed[w as usize] = 0u32;
     }
 }
 
