@@ -188,6 +188,37 @@ fn softmax_more_rows_than_one_grid_dimension() {
 }
 
 #[test]
+fn broadcast_over_several_vectors_a_unit_matches_f64() {
+    // Each unit handles four vectors a grid apart. y's length divides that distance (y
+    // loaded once a unit: 512 x 32, 64 x 2048) or does not (reloaded per vector: 513 x 24,
+    // and 700 x 7, one element a vector); f32 sums and products of f32 values, rounded
+    // once from f64: equal to the f32 results.
+    let mut rng = Rng::new(11);
+    for (rows, cols) in [(512, 32), (64, 2048), (513, 24), (700, 7)] {
+        let x = rng.normals(rows * cols, 2.0);
+        let y = rng.normals(cols, 2.0);
+        let (xt, yt) = (upload_f64(vec![rows, cols], &x), upload_f64(vec![cols], &y));
+        let round = |v: Vec<f64>| -> Vec<f64> { v.iter().map(|&v| v as f32 as f64).collect() };
+        let (x32, y32) = (round(x), round(y));
+        for (name, got, want) in [
+            (
+                "add",
+                elementwise::add(&xt, &yt),
+                elementwise::reference::add(&x32, &y32),
+            ),
+            (
+                "mul",
+                elementwise::mul(&xt, &yt),
+                elementwise::reference::mul(&x32, &y32),
+            ),
+        ] {
+            let got = got.unwrap().download().unwrap().to_f64();
+            assert_eq!(got, round(want), "{name} {rows} x {cols}");
+        }
+    }
+}
+
+#[test]
 fn mul_more_elements_than_one_grid_dimension() {
     // 65 535 * 256 + 5 elements, odd: scalar path over a two-dimensional grid.
     let n = 65_535 * 256 + 5;

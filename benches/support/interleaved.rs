@@ -17,7 +17,7 @@ pub fn interleaved(client: &Client, variants: &[Variant<'_>]) -> Vec<(f64, f64)>
     // One warm-up launch each (compiles, and tunes where a kernel tunes).
     for (_, f) in variants {
         f();
-        client.sync().unwrap();
+        client.sync().expect("a device sync");
     }
     let mut all = vec![Vec::with_capacity(ROUNDS); variants.len()];
     for _ in 0..ROUNDS {
@@ -26,7 +26,7 @@ pub fn interleaved(client: &Client, variants: &[Variant<'_>]) -> Vec<(f64, f64)>
             for _ in 0..STEPS {
                 f();
             }
-            client.sync().unwrap();
+            client.sync().expect("a device sync");
             all[i].push(t.elapsed().as_secs_f64() * 1e3 / STEPS as f64);
         }
     }

@@ -9,8 +9,8 @@ use kiln_dsl::{gelu_tanh, linear_unit, silu as silu_f32};
 /// dividing both lengths; `len`, `y_len` in elements). Each unit handles `PER_UNIT`
 /// vectors `stride` apart (coalesced across units) and tracks `i mod y_len`
 /// incrementally (`step = stride mod y_len`): an integer division per vector costs as
-/// much as the memory traffic on CPU adapters, one per unit does not. The grid wraps
-/// past 65 535 cubes into y.
+/// much as the memory traffic on CPU adapters, one per unit does not; with `step` 0 it
+/// loads `y[j]` once. The grid wraps past 65 535 cubes into y.
 #[kiln_macros::kernel(
     tune(UNITS = [256], PER_UNIT = [4]),
     vector = [4, 2, 1],
@@ -36,11 +36,15 @@ pub fn elementwise_binary<F: Float, N: Size>(
     let step = stride % y_len;
     let mut i = linear_unit();
     let mut j = i % y_len as usize;
+    // `y[j]` loaded once where the stride is a multiple of y's length (`step` 0: a power
+    // of two no longer than the grid, the common case), else again per vector: on a CPU
+    // adapter every load with a per-lane address is a loop over the SIMD lanes, and a
+    // second load per vector cost as much again as the copy it rides on.
+    let mut b = y[j];
     #[unroll]
     for _ in 0..PER_UNIT {
         if i < len as usize {
             let a = x[i];
-            let b = y[j];
             if comptime!(op == BinaryOp::Add) {
                 out[i] = a + b;
             } else {
@@ -48,9 +52,12 @@ pub fn elementwise_binary<F: Float, N: Size>(
             }
         }
         i += stride as usize;
-        j += step as usize;
-        if j >= y_len as usize {
-            j -= y_len as usize;
+        if step != 0 {
+            j += step as usize;
+            if j >= y_len as usize {
+                j -= y_len as usize;
+            }
+            b = y[j];
         }
     }
 }
