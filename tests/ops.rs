@@ -191,29 +191,39 @@ fn softmax_more_rows_than_one_grid_dimension() {
 fn broadcast_over_several_vectors_a_unit_matches_f64() {
     // Each unit handles four vectors a grid apart. y's length divides that distance (y
     // loaded once a unit: 512 x 32, 64 x 2048) or does not (reloaded per vector: 513 x 24,
-    // and 700 x 7, one element a vector); f32 sums and products of f32 values, rounded
-    // once from f64: equal to the f32 results.
+    // and 700 x 7, one element a vector). f32 and f16: a sum or product of two values of
+    // the dtype, rounded once from f64 to it, is what the kernel computes in that dtype.
     let mut rng = Rng::new(11);
-    for (rows, cols) in [(512, 32), (64, 2048), (513, 24), (700, 7)] {
-        let x = rng.normals(rows * cols, 2.0);
-        let y = rng.normals(cols, 2.0);
-        let (xt, yt) = (upload_f64(vec![rows, cols], &x), upload_f64(vec![cols], &y));
-        let round = |v: Vec<f64>| -> Vec<f64> { v.iter().map(|&v| v as f32 as f64).collect() };
-        let (x32, y32) = (round(x), round(y));
-        for (name, got, want) in [
-            (
-                "add",
-                elementwise::add(&xt, &yt),
-                elementwise::reference::add(&x32, &y32),
-            ),
-            (
-                "mul",
-                elementwise::mul(&xt, &yt),
-                elementwise::reference::mul(&x32, &y32),
-            ),
-        ] {
-            let got = got.unwrap().download().unwrap().to_f64();
-            assert_eq!(got, round(want), "{name} {rows} x {cols}");
+    for dtype in [DType::F32, DType::F16] {
+        let round = |v: &[f64]| {
+            HostTensor::from_f64(dtype, vec![v.len()], v)
+                .unwrap()
+                .to_f64()
+        };
+        for (rows, cols) in [(512, 32), (64, 2048), (513, 24), (700, 7)] {
+            let (x, y) = (
+                round(&rng.normals(rows * cols, 2.0)),
+                round(&rng.normals(cols, 2.0)),
+            );
+            let up = |shape: Vec<usize>, v: &[f64]| {
+                Tensor::upload(client(), &HostTensor::from_f64(dtype, shape, v).unwrap()).unwrap()
+            };
+            let (xt, yt) = (up(vec![rows, cols], &x), up(vec![cols], &y));
+            for (name, got, want) in [
+                (
+                    "add",
+                    elementwise::add(&xt, &yt),
+                    elementwise::reference::add(&x, &y),
+                ),
+                (
+                    "mul",
+                    elementwise::mul(&xt, &yt),
+                    elementwise::reference::mul(&x, &y),
+                ),
+            ] {
+                let got = got.unwrap().download().unwrap().to_f64();
+                assert_eq!(got, round(&want), "{name} {dtype} {rows} x {cols}");
+            }
         }
     }
 }

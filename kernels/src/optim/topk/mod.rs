@@ -339,9 +339,9 @@ fn compact_candidates(
 /// Top-k with an estimated threshold: the `round(k s / n)`-th largest `|a|` of `sample`
 /// positions drawn from `seed` (uniform, with replacement) is the threshold, and every
 /// element at or above it is taken (about `k`, not exactly; ties all taken). Radix
-/// passes over the sample only, then one count, scan and write over `grad` and `error`
-/// (`a` formed in each pass: no `a` or keys stored); two small downloads (the threshold,
-/// the count) size the outputs.
+/// passes over the sample only, then one pass over `grad` and `error` that forms and
+/// writes `a` and keeps the candidates ([`form_candidates`]), and the compaction over
+/// those; two small downloads (the threshold, the count) size the outputs.
 pub(crate) fn select_above_estimate(
     grad: &Tensor,
     error: Option<&Tensor>,
@@ -383,8 +383,8 @@ pub(crate) fn select_above_estimate(
 /// `a = eta error + grad - h` (f32; `eta = 1` and no `h` for plain error feedback) and
 /// the ranking keys (`source` Random: Philox words; Magnitude: none, a four-long
 /// placeholder), both `n` rounded up to 4 long (see [`topk_keys`]); with `twice`, also a
-/// copy of `a`, returned in place of `a` (EControl keeps `p` = `a`, and the copy becomes
-/// the selection's error); and the histogram of the keys' top digit (the radix select's
+/// copy of `a`, returned in place of the keys (EControl keeps `p` = `a`, and the copy
+/// becomes the selection's error); and the histogram of the keys' top digit (the radix select's
 /// first pass).
 fn keys_of(
     grad: &Tensor,
