@@ -37,30 +37,40 @@ impl Kept {
         }
     }
 
-    /// Element `offset` of the region whose `PER_UNIT` slots start at `at`: with `keep`,
-    /// its `word` to the next slot and its offset to `positions`; else, when `inside`
-    /// (below `n`), `v²` (`v` its `a`) to the squares.
-    pub(crate) fn push(
+    /// Element `v` (its `a`) of a vector: to the squares unless `keep` or outside
+    /// (`inside` false: past `n`); returns the bit `l` the caller ors into the vector's
+    /// mask for [`Kept::keep`] (0 unless `keep`).
+    pub(crate) fn see(&mut self, v: f32, keep: bool, inside: bool, l: u32) -> u32 {
+        self.squares += select(inside && !keep, v * v, 0.0f32);
+        select(keep, 1u32 << l, 0u32)
+    }
+
+    /// The vector's words whose lane bits are set in `mask` (lane `l`: bit `l`), at
+    /// offsets `offset + l` of the region whose `PER_UNIT` slots start at `at`: each word
+    /// to the next slot and its offset to `positions`. A loop over the set bits, not a
+    /// conditional store per lane: candidates are rare, and a CPU adapter runs every
+    /// store with a per-unit address as a loop over its SIMD lanes (taken or not), which
+    /// cost more than the whole stream when done for each element.
+    pub(crate) fn keep<N: Size>(
         &mut self,
         candidates: &mut Array<u32>,
         positions: &mut Array<u32>,
         at: u32,
-        word: u32,
+        words: Vector<u32, N>,
         offset: u32,
-        v: f32,
-        keep: bool,
-        inside: bool,
+        mask: u32,
     ) {
-        if keep {
-            candidates[(at + self.stored) as usize] = word;
-            self.offsets |= offset << ((self.stored % 4u32) * 8u32);
+        let mut m = mask;
+        while m != 0u32 {
+            let l = u32::trailing_zeros(m);
+            m &= m - 1u32;
+            candidates[(at + self.stored) as usize] = lane_of(words, l);
+            self.offsets |= (offset + l) << ((self.stored % 4u32) * 8u32);
             if self.stored % 4u32 == 3u32 {
                 positions[((at + self.stored) / 4u32) as usize] = self.offsets;
                 self.offsets = 0u32;
             }
             self.stored += 1u32;
-        } else if inside {
-            self.squares += v * v;
         }
     }
 
@@ -134,28 +144,18 @@ pub fn topk_form_candidates<F: Float, N: Size>(
                 } else {
                     permutation_keys(first, n, bits, &round_keys)
                 };
+                let mut words = kv;
+                let mut mask = 0u32;
                 #[unroll]
                 for l in 0..nw {
                     let inside = first + l < n;
-                    let key = kv[l as usize];
                     let v = av[l as usize];
-                    let word = if comptime!(keys_from == KeysFrom::Magnitude) {
-                        u32::reinterpret(v)
-                    } else {
-                        key
-                    };
-                    let offset = nw * j + l;
-                    kept.push(
-                        candidates,
-                        positions,
-                        at,
-                        word,
-                        offset,
-                        v,
-                        key >= t && inside,
-                        inside,
-                    );
+                    if comptime!(keys_from == KeysFrom::Magnitude) {
+                        words[l as usize] = u32::reinterpret(v);
+                    }
+                    mask |= kept.see(v, kv[l as usize] >= t && inside, inside, l);
                 }
+                kept.keep(candidates, positions, at, words, nw * j, mask);
             }
         }
         kept.finish(positions, stored, below, at, region);
@@ -227,4 +227,16 @@ fn round_keys_of(
             round_keys[r as usize] = permutation_round_key(key0, key1, r);
         }
     }
+}
+
+/// Lane `l` of `v` (`l` known only at run time), by selects: an indexed register read
+/// would go through memory.
+#[cube]
+fn lane_of<N: Size>(v: Vector<u32, N>, l: u32) -> u32 {
+    let mut word = v[0];
+    #[unroll]
+    for i in 1..N::value().comptime() as u32 {
+        word = select(l == i, v[i as usize], word);
+    }
+    word
 }

@@ -13,7 +13,8 @@ use super::*;
 /// counted), or the candidates of `CANDIDATE_GROUPS x UNITS` regions that
 /// [`topk_radix_compact`] stored (a unit `CANDIDATE_GROUPS` of them, `UNITS` apart), so
 /// that a pass over few candidates runs few cubes: the reduction costs a cube as much as
-/// reading 16K keys on lavapipe. A key is the word read `& key_mask` (`0x7FFF_FFFF` reads
+/// reading 16K keys on lavapipe; `contiguous` lays a cube's keys over its units
+/// ([`super::contiguous_regions`]). A key is the word read `& key_mask` (`0x7FFF_FFFF` reads
 /// `a`'s f32 bits as magnitude keys, so they need not be stored).
 /// Each unit counts in registers, four 8-bit counters a word (`PER_UNIT` < 256 keys
 /// a unit: no overflow), a key adding `1 << 8 (d % 4)` to word `d / 4` by a compare and
@@ -33,6 +34,7 @@ pub fn topk_radix_histogram(
     shift: u32,
     high: u32,
     key_mask: u32,
+    contiguous: u32,
     #[comptime] source: RadixSource,
 ) {
     let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
@@ -67,10 +69,10 @@ pub fn topk_radix_histogram(
         if cube < cubes {
             len = min(n - base, comptime!(CHUNK));
         }
-        let mut j = 0u32;
-        // Vector `j UNITS + unit` of the cube: PER_UNIT / 4 vectors a unit (coalesced).
-        while j * UNITS * 4u32 < len {
-            let first = (j * UNITS + UNIT_POS) * 4u32;
+        let (unit_step, j_step) = unit_layout(contiguous, comptime!(PER_UNIT / 4));
+        for j in 0..comptime!(PER_UNIT / 4) {
+            // The first of the 4 keys this step reads, from the cube's first.
+            let first = (UNIT_POS * unit_step + j * j_step) * 4u32;
             if first < len {
                 let kv = keys[((base + first) / 4u32) as usize];
                 #[unroll]
@@ -80,7 +82,6 @@ pub fn topk_radix_histogram(
                     count_digit(&mut packed, key, hit, shift);
                 }
             }
-            j += 1;
         }
     }
     cube_histogram(&packed, hist, cube, cubes);
@@ -133,6 +134,7 @@ pub fn topk_radix_compact(
                 } else {
                     values[(first / 4u32) as usize]
                 };
+                let mut mask = 0u32;
                 #[unroll]
                 for l in 0..4u32 {
                     let word = kv[l as usize];
@@ -144,18 +146,9 @@ pub fn topk_radix_compact(
                     } else {
                         av[l as usize]
                     };
-                    let keep = (key & high) >= prefix && inside;
-                    kept.push(
-                        candidates,
-                        positions,
-                        at,
-                        word,
-                        4u32 * j + l,
-                        v,
-                        keep,
-                        inside,
-                    );
+                    mask |= kept.see(v, (key & high) >= prefix && inside, inside, l);
                 }
+                kept.keep(candidates, positions, at, kv, 4u32 * j, mask);
             }
         }
         kept.finish(positions, counts, below, at, region);

@@ -1,0 +1,64 @@
+//! Both layouts of the passes over every element ([`super::contiguous_regions`]): a
+//! device runs only its own, so each is forced here and checked against the host
+//! selection (sort by key, ties to the lower index), on a multi-cube ragged length and
+//! on one that is not a multiple of 4 (the 1-wide keys pass).
+
+use super::*;
+use crate::optim::compress::{magnitude_keys, reference_select};
+use kiln_runtime::{check::Rng, HostTensor};
+use std::cell::Cell;
+
+thread_local! {
+    /// `Some(contiguous)` overrides the device's layout on this thread.
+    pub(super) static LAYOUT: Cell<Option<bool>> = const { Cell::new(None) };
+}
+
+fn upload(client: &Client, values: &[f32]) -> Tensor {
+    let host = HostTensor::from_f32(vec![values.len()], values).unwrap();
+    Tensor::upload(client, &host).unwrap()
+}
+
+fn indices(t: &Tensor) -> Vec<usize> {
+    t.download()
+        .unwrap()
+        .to_f64()
+        .iter()
+        .map(|&v| v as usize)
+        .collect()
+}
+
+#[test]
+fn both_layouts_select_the_reference_set() {
+    let client = Client::from_env().unwrap();
+    for (n, k) in [(100_003usize, 1_000usize), (70_001, 35_001), (65_540, 1)] {
+        let mut rng = Rng::new(n as u64);
+        let g: Vec<f32> = rng.normals(n, 1.0).iter().map(|&v| v as f32).collect();
+        let e: Vec<f32> = rng.normals(n, 0.3).iter().map(|&v| v as f32).collect();
+        let a: Vec<f32> = g.iter().zip(&e).map(|(g, e)| e + g).collect();
+        let magnitude = reference_select(&magnitude_keys(&a), k);
+        // FRUGAL's keys: the Philox word of each index.
+        let (seed, stream) = (7u64, 3u32);
+        let words: Vec<u32> = (0..n as u64)
+            .map(|i| crate::random::word(seed, stream, i))
+            .collect();
+        let random = reference_select(&words, k);
+        let (gt, et) = (upload(&client, &g), upload(&client, &e));
+        for contiguous in [true, false] {
+            LAYOUT.set(Some(contiguous));
+            let what = format!("n {n}, k {k}, contiguous {contiguous}");
+            let got = select_top_k(&gt, Some(&et), k, KeySource::Magnitude, (0, 0), 1.0);
+            assert_eq!(
+                indices(&got.unwrap().indices),
+                magnitude,
+                "{what}: magnitude"
+            );
+            let got = select_top_k(&gt, None, k, KeySource::Random, (seed, stream), 1.0);
+            assert_eq!(
+                indices(&got.unwrap().indices),
+                random,
+                "{what}: random keys"
+            );
+        }
+        LAYOUT.set(None);
+    }
+}
