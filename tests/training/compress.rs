@@ -385,8 +385,10 @@ fn lgreco_plan_is_the_brute_force_optimum() {
 #[test]
 fn the_threshold_estimate_sends_about_k_and_everything_above_its_threshold() {
     use kiln::kernels::optim::topk_ef_estimated;
+    use kiln::kernels::random::word;
     // A ragged size (read one element a unit) and a multiple of 4 (4-wide), with and
-    // without an error state, and a half gradient (a = f32(g) + e).
+    // without an error state, and a half gradient (a = f32(g) + e); the threshold against
+    // the host's selection from the same sample.
     let cases = [
         (
             200_003usize,
@@ -422,6 +424,15 @@ fn the_threshold_estimate_sends_about_k_and_everything_above_its_threshold() {
             let sent = idx.len();
             // Exactly the elements at or above the smallest key sent: a threshold cut.
             let threshold = idx.iter().map(|&i| keys[i]).min().unwrap();
+            // That threshold is the round(k s / n)-th largest key of the seeded sample
+            // (position j: the high word of Philox word (seed, stream 1, j) times n).
+            let s = sample.min(n);
+            let mut sampled: Vec<u32> = (0..s as u64)
+                .map(|j| keys[((word(11, 1, j) as u64 * n as u64) >> 32) as usize])
+                .collect();
+            sampled.sort_unstable_by(|x, y| y.cmp(x));
+            let k_sample = ((k as f64 * s as f64 / n as f64).round() as usize).clamp(1, s);
+            assert_eq!(threshold, sampled[k_sample - 1], "{what}: threshold");
             let want: Vec<usize> = (0..n).filter(|&i| keys[i] >= threshold).collect();
             assert_eq!(idx, want, "{what}");
             check(&got, &a, &keys, sent, 1.0, &what);

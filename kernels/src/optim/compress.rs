@@ -31,7 +31,7 @@ pub fn topk_ef(grad: &Tensor, error: Option<&Tensor>, k: usize) -> Result<Compre
 /// threshold is the `round(k · sample / n)`-th largest `|a|` of `sample` positions
 /// drawn from `seed`, and every `|a|` at or above it is sent, so about `k` values
 /// (their number is the outputs' length). Eight radix passes over the sample instead
-/// of over `a`; two small downloads size the outputs.
+/// of over `a`; one small download sizes the outputs.
 pub fn topk_ef_estimated(
     grad: &Tensor,
     error: Option<&Tensor>,

@@ -146,12 +146,12 @@ pub(crate) fn select_top_k(
         KeySource::Magnitude => {
             // `a`'s words are its keys; `a` becomes the error feedback.
             let (a, _, first) = keys_of(grad, error, None, 1.0, source, seed, false)?;
-            let kept = radix_select(&a.as_words(), None, MAGNITUDE, n, k, Some(first))?;
+            let kept = radix_select(&a.as_words(), None, MAGNITUDE, n, k, Some(first), false)?;
             compact_candidates(&a, &kept, n, Some(k), scale)
         }
         KeySource::Random => {
             let (a, keys, first) = keys_of(grad, error, None, 1.0, source, seed, false)?;
-            let kept = radix_select(&keys, Some(&a), u32::MAX, n, k, Some(first))?;
+            let kept = radix_select(&keys, Some(&a), u32::MAX, n, k, Some(first), false)?;
             compact_candidates(&a, &kept, n, Some(k), scale)
         }
     }
@@ -198,7 +198,7 @@ pub(crate) fn select_controlled(
     // `p` twice: the update reads it, and its copy becomes the selection's error.
     let (p, rest, first) = keys_of(grad, error, h, eta, KeySource::Magnitude, (0, 0), true)?;
     let n = grad.numel();
-    let kept = radix_select(&rest.as_words(), None, MAGNITUDE, n, k, Some(first))?;
+    let kept = radix_select(&rest.as_words(), None, MAGNITUDE, n, k, Some(first), false)?;
     let selected = compact_candidates(&rest, &kept, n, Some(k), 1.0)?;
     Ok((p, selected))
 }
@@ -366,9 +366,10 @@ fn compact_candidates(
 /// Top-k with an estimated threshold: the `round(k s / n)`-th largest `|a|` of `sample`
 /// positions drawn from `seed` (uniform, with replacement) is the threshold, and every
 /// element at or above it is taken (about `k`, not exactly; ties all taken). Radix
-/// passes over the sample only, then one pass over `grad` and `error` that forms and
-/// writes `a` and keeps the candidates ([`form_candidates`]), and the compaction over
-/// those; two small downloads (the threshold, the count) size the outputs.
+/// passes over the sample only (the threshold stays on the device), then one pass over
+/// `grad` and `error` that forms and writes `a` and keeps the candidates
+/// ([`form_candidates`]), and the compaction over those; one small download (the
+/// count) sizes the outputs.
 pub(crate) fn select_above_estimate(
     grad: &Tensor,
     error: Option<&Tensor>,
@@ -396,13 +397,9 @@ pub(crate) fn select_above_estimate(
         },
     )?;
     let k_sample = ((k as f64 * sample as f64 / n as f64).round() as usize).clamp(1, sample);
-    let threshold = radix_select(&sampled, None, u32::MAX, sample, k_sample, None)?
-        .state
-        .download()?
-        .to_f64()[0] as u32;
-    // Every key >= threshold: all ties taken (at least the sampled element whose key is
-    // the threshold).
-    let state = upload_u32(client, "topk_state", &[threshold, u32::MAX])?;
+    // `[T, u32::MAX]`, on the device: every key >= T taken, all ties (at least the sampled
+    // element whose key is T).
+    let state = radix_select(&sampled, None, u32::MAX, sample, k_sample, None, true)?.state;
     let (a, kept) = form_candidates(grad, error, state, KeysFrom::Magnitude, 0)?;
     compact_candidates(&a, &kept, n, None, 1.0)
 }
@@ -476,7 +473,8 @@ fn keys_of(
 /// in 1..=n; `keys` `n` rounded up to 4 long; [`MAGNITUDE`] ranks f32 words by
 /// magnitude; `values` is `a` where the keys are not its words, read for the sum of
 /// squares the compaction reports; `first`, the first pass's histogram where the keys
-/// pass counted it): the selection and its candidates (see [`topk_radix_compact`]).
+/// pass counted it; `all_ties`: every key equal to the `k`-th taken, not just enough to
+/// make `k`): the selection and its candidates (see [`topk_radix_compact`]).
 fn radix_select(
     keys: &Tensor,
     values: Option<&Tensor>,
@@ -484,6 +482,7 @@ fn radix_select(
     n: usize,
     k: usize,
     first: Option<Tensor>,
+    all_ties: bool,
 ) -> Result<Candidates> {
     let client = keys.client();
     let cubes = n.div_ceil(CHUNK as usize);
@@ -566,6 +565,7 @@ fn radix_select(
                     _ => regions.div_ceil(CANDIDATE_GROUPS as usize * CUBE as usize),
                 } as u32,
                 shift,
+                take_all_ties: u32::from(all_ties),
             },
         )?;
     }

@@ -216,9 +216,15 @@ pub(super) fn count_digit(packed: &mut Array<u32>, key: u32, hit: bool, shift: u
 /// partials in order: sixteen times fewer dependent loads than one unit a digit, which
 /// a GPU waits on a pass at a time), then walks the digits from the largest: the digit
 /// where the count of larger keys first reaches `k_rem` joins the prefix, and `k_rem`
-/// drops by the keys above it.
+/// drops by the keys above it (`u32::MAX` after the last digit with `take_all_ties`).
 #[kiln_macros::kernel(tune(UNITS = [256]), grid = (1), cube = UNITS)]
-pub fn topk_radix_choose(hist: &Array<u32>, state: &mut Array<u32>, cubes: u32, shift: u32) {
+pub fn topk_radix_choose(
+    hist: &Array<u32>,
+    state: &mut Array<u32>,
+    cubes: u32,
+    shift: u32,
+    take_all_ties: u32,
+) {
     let groups = comptime!(CUBE / BINS);
     let mut partials = SharedMemory::<u32>::new(comptime!(CUBE as usize));
     let bin = UNIT_POS % comptime!(BINS);
@@ -257,6 +263,12 @@ pub fn topk_radix_choose(hist: &Array<u32>, state: &mut Array<u32>, cubes: u32, 
             }
         }
         state[0] = state[0] | (digit << shift);
-        state[1] = k_rem - above;
+        // After the last digit `state[1]` is how many keys equal to T are taken, or all
+        // of them (`u32::MAX`) where the selection takes every key at or above T.
+        state[1] = select(
+            take_all_ties != 0u32 && shift == 0u32,
+            u32::MAX,
+            k_rem - above,
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! Both layouts of the passes over every element ([`super::contiguous_regions`]): a
 //! device runs only its own, so each is forced here and checked against the host
 //! selection (sort by key, ties to the lower index), on a multi-cube ragged length and
-//! on one that is not a multiple of 4 (the 1-wide keys pass).
+//! on one that is not a multiple of 4 (the 1-wide keys pass), and through the threshold
+//! estimate (the passes over its sample; every tie of the threshold taken).
 
 use super::*;
 use crate::optim::compress::{magnitude_keys, reference_select};
@@ -58,6 +59,36 @@ fn both_layouts_select_the_reference_set() {
                 random,
                 "{what}: random keys"
             );
+        }
+        LAYOUT.set(None);
+    }
+}
+
+#[test]
+fn both_layouts_select_the_estimates_threshold() {
+    let client = Client::from_env().unwrap();
+    let (n, k, seed) = (100_003usize, 1_000usize, 5u64);
+    let mut rng = Rng::new(3);
+    let g: Vec<f32> = rng.normals(n, 1.0).iter().map(|&v| v as f32).collect();
+    let keys = magnitude_keys(&g);
+    let gt = upload(&client, &g);
+    // A ragged sample (its 4-wide tail masked) and one of a single key.
+    for sample in [9_999usize, 1] {
+        // The threshold: the round(k s / n)-th largest key of the seeded sample.
+        let mut sampled: Vec<u32> = (0..sample as u64)
+            .map(|j| keys[((crate::random::word(seed, 1, j) as u64 * n as u64) >> 32) as usize])
+            .collect();
+        sampled.sort_unstable_by(|x, y| y.cmp(x));
+        let k_sample = ((k * sample) as f64 / n as f64)
+            .round()
+            .clamp(1.0, sample as f64);
+        let threshold = sampled[k_sample as usize - 1];
+        let want: Vec<usize> = (0..n).filter(|&i| keys[i] >= threshold).collect();
+        for contiguous in [true, false] {
+            LAYOUT.set(Some(contiguous));
+            let got = select_above_estimate(&gt, None, k, sample, seed).unwrap();
+            let what = format!("sample {sample}, contiguous {contiguous}");
+            assert_eq!(indices(&got.indices), want, "{what}");
         }
         LAYOUT.set(None);
     }
