@@ -418,7 +418,7 @@ fn keys_of(
     source: KeySource,
     (seed, stream): (u64, u32),
     twice: bool,
-) -> Result<(Tensor, Tensor, Tensor)> {
+) -> Result<(Tensor, Tensor, FirstDigit)> {
     let client = grad.client();
     let n = grad.numel();
     let key = crate::random::seed_key(seed);
@@ -430,6 +430,7 @@ fn keys_of(
     let a = Tensor::empty(client, DType::F32, &[n.next_multiple_of(4)])?;
     // Four long, so that an absent state does not hold the launch to width 1.
     let absent = Tensor::empty(client, DType::F32, &[4])?;
+    let absent_u32 = Tensor::empty(client, DType::U32, &[4])?;
     let copy = match twice {
         true => Tensor::empty(client, DType::F32, &[n.next_multiple_of(4)])?,
         false => absent.clone(),
@@ -439,6 +440,15 @@ fn keys_of(
         DType::U32,
         &[n.div_ceil(CHUNK as usize) * BINS as usize],
     )?;
+    // Magnitude keys only: random keys' first digit is rarely one it speculates on.
+    let spec = match source {
+        KeySource::Magnitude => Some(Tensor::empty(
+            client,
+            DType::U32,
+            &[2 * n.div_ceil(CHUNK as usize) * BINS as usize],
+        )?),
+        _ => None,
+    };
     TopkKeys::tuned(
         client,
         0.0,
@@ -450,6 +460,7 @@ fn keys_of(
             copy: &copy,
             keys: &keys,
             hist: &hist,
+            spec: spec.as_ref().unwrap_or(&absent_u32),
             n: n as u32,
             cubes: n.div_ceil(CHUNK as usize) as u32,
             eta,
@@ -463,10 +474,19 @@ fn keys_of(
             twice,
         },
     )?;
+    let first = FirstDigit { hist, spec };
     match twice {
-        true => Ok((a, copy, hist)),
-        false => Ok((a, keys, hist)),
+        true => Ok((a, copy, first)),
+        false => Ok((a, keys, first)),
     }
+}
+
+/// What the keys pass counted for the radix select: the first digit's histogram per
+/// cube (`[cubes, BINS]`), and for magnitude keys the second digit's under the two
+/// first digits it speculates on (`[2, cubes, BINS]`; see `radix::count_second_digit`).
+struct FirstDigit {
+    hist: Tensor,
+    spec: Option<Tensor>,
 }
 
 /// The radix select of the `k`-th largest of the first `n` keys `keys & key_mask` (`k`
@@ -481,16 +501,24 @@ fn radix_select(
     key_mask: u32,
     n: usize,
     k: usize,
-    first: Option<Tensor>,
+    first: Option<FirstDigit>,
     all_ties: bool,
 ) -> Result<Candidates> {
     let client = keys.client();
     let cubes = n.div_ceil(CHUNK as usize);
     let state = upload_u32(client, "topk_state", &[0, k as u32])?;
     let counted = first.is_some();
-    let hist = match first {
-        Some(h) => h,
-        None => Tensor::empty(client, DType::U32, &[cubes * BINS as usize])?,
+    let (hist, spec) = match first {
+        Some(f) => (f.hist, f.spec),
+        None => (
+            Tensor::empty(client, DType::U32, &[cubes * BINS as usize])?,
+            None,
+        ),
+    };
+    let speculated = spec.is_some();
+    let spec = match spec {
+        Some(s) => s,
+        None => Tensor::empty(client, DType::U32, &[4])?,
     };
     // After two passes (8 bits of the prefix) the keys that can still be the k-th are
     // usually a small part (magnitudes: a factor-4 range of |a|; random keys: 1/256), so
@@ -550,6 +578,7 @@ fn radix_select(
                     high,
                     key_mask,
                     contiguous: contiguous_regions(client),
+                    skip_counted: u32::from(speculated && pass == 1),
                     source,
                 },
             )?;
@@ -559,6 +588,7 @@ fn radix_select(
             0.0,
             &TopkRadixChooseArgs {
                 hist: &hist,
+                spec: &spec,
                 state: &radix.state,
                 cubes: match pass {
                     0..=2 => cubes,
@@ -566,6 +596,7 @@ fn radix_select(
                 } as u32,
                 shift,
                 take_all_ties: u32::from(all_ties),
+                use_spec: u32::from(speculated && pass == 1),
             },
         )?;
     }
@@ -636,6 +667,7 @@ pub fn topk_keys<F: Float, N: Size>(
     copy: &mut Array<Vector<f32, N>>,
     keys: &mut Array<Vector<u32, N>>,
     hist: &mut Array<u32>,
+    spec: &mut Array<u32>,
     n: u32,
     cubes: u32,
     eta: f32,
@@ -652,6 +684,11 @@ pub fn topk_keys<F: Float, N: Size>(
     let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
     let mut packed = Array::<u32>::new(comptime!((BINS / 4) as usize));
     radix::clear_counters(&mut packed);
+    let mut second = Array::<u32>::new(comptime!((BINS / 2) as usize));
+    #[unroll]
+    for w in 0..comptime!(BINS / 2) {
+        second[w as usize] = 0u32;
+    }
     let (unit_step, j_step) = unit_layout(contiguous, comptime!(PER_UNIT / nw));
     for j in 0..comptime!(PER_UNIT / nw) {
         let i = cube * comptime!(CHUNK / nw) + UNIT_POS * unit_step + j * j_step;
@@ -694,8 +731,21 @@ pub fn topk_keys<F: Float, N: Size>(
             for l in 0..nw {
                 let key = kv[l as usize];
                 radix::count_digit(&mut packed, key, first + l < n, comptime!(32 - DIGIT_BITS));
+                if comptime!(source == KeySource::Magnitude) {
+                    radix::count_second_digit(&mut second, key, first + l < n);
+                }
             }
         }
     }
-    radix::cube_histogram(&packed, hist, cube, cubes);
+    // One table for the three histograms, each read whole before the next fills it.
+    let mut table = SharedMemory::<u32>::new(comptime!((BINS * CUBE) as usize));
+    radix::cube_histogram_in(&packed, 0u32, &mut table, hist, 0u32, cube, cubes);
+    if comptime!(source == KeySource::Magnitude) {
+        #[unroll]
+        for half in 0..2u32 {
+            sync_cube();
+            let at = half * cubes * comptime!(BINS);
+            radix::cube_histogram_in(&second, half * 4u32, &mut table, spec, at, cube, cubes);
+        }
+    }
 }

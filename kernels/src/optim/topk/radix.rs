@@ -35,8 +35,14 @@ pub fn topk_radix_histogram(
     high: u32,
     key_mask: u32,
     contiguous: u32,
+    skip_counted: u32,
     #[comptime] source: RadixSource,
 ) {
+    // The second digit's pass, where the keys pass counted it already (uniform: every
+    // unit returns).
+    if second_digit_counted(state, skip_counted) {
+        terminate!();
+    }
     let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
     let prefix = state[0] & high;
     let mut packed = Array::<u32>::new(comptime!((BINS / 4) as usize));
@@ -162,9 +168,25 @@ pub fn topk_radix_compact(
 #[cube]
 pub(super) fn cube_histogram(packed: &Array<u32>, hist: &mut Array<u32>, cube: u32, cubes: u32) {
     let mut table = SharedMemory::<u32>::new(comptime!((BINS * CUBE) as usize));
+    cube_histogram_in(packed, 0u32, &mut table, hist, 0u32, cube, cubes);
+}
+
+/// [`cube_histogram`] of the counters in `packed[words ..]` through `table` (shared
+/// memory of `BINS * CUBE`, which a caller reusing it must let every unit finish reading
+/// first: a `sync_cube`), to `hist[at + cube BINS ..]`.
+#[cube]
+pub(super) fn cube_histogram_in(
+    packed: &Array<u32>,
+    #[comptime] words: u32,
+    table: &mut SharedMemory<u32>,
+    hist: &mut Array<u32>,
+    at: u32,
+    cube: u32,
+    cubes: u32,
+) {
     #[unroll]
     for b in 0..comptime!(BINS) {
-        let count = (packed[(b / 4) as usize] >> ((b % 4) * 8)) & 255u32;
+        let count = (packed[(words + b / 4) as usize] >> ((b % 4) * 8)) & 255u32;
         table[(b * comptime!(CUBE) + UNIT_POS) as usize] = count;
     }
     sync_cube();
@@ -185,8 +207,44 @@ pub(super) fn cube_histogram(packed: &Array<u32>, hist: &mut Array<u32>, cube: u
         for g in 0..comptime!(CUBE / BINS) {
             total += table[(g * comptime!(BINS) + UNIT_POS) as usize];
         }
-        hist[(cube * comptime!(BINS) + UNIT_POS) as usize] = total;
+        hist[(at + cube * comptime!(BINS) + UNIT_POS) as usize] = total;
     }
+}
+
+/// The first digits (of magnitude keys: `|a|` in [2^-31, 2) and [2, 2^33)) under which
+/// the keys pass also counts the second digit, so that the full pass that would count
+/// it is skipped when the first digit chosen is one of them: for gradients it is, the
+/// k-th largest magnitude lies there (others run the pass).
+pub(super) const SPECULATED: u32 = 3;
+
+/// Adds a key's second digit to the packed 8-bit counters of `spec` (8 words: bins
+/// `16 (d0 - SPECULATED) + d1`) where its first digit `d0` is `SPECULATED` or the next
+/// (and `inside`).
+#[cube]
+pub(super) fn count_second_digit(spec: &mut Array<u32>, key: u32, inside: bool) {
+    let d0 = key >> comptime!(32 - DIGIT_BITS);
+    let hit = inside && (d0 == SPECULATED || d0 == comptime!(SPECULATED + 1));
+    let second = (key >> comptime!(32 - 2 * DIGIT_BITS)) & comptime!(BINS - 1);
+    // Past the 32 bins where missed (a wrapped `d0 - SPECULATED` is not selected).
+    let d = select(
+        hit,
+        ((d0 - SPECULATED) << DIGIT_BITS) | second,
+        comptime!(2 * BINS),
+    );
+    let one = 1u32 << ((d & 3u32) * 8u32);
+    let word = d >> 2u32;
+    #[unroll]
+    for w in 0..comptime!(BINS / 2) {
+        spec[w as usize] += select(word == w, one, 0u32);
+    }
+}
+
+/// Whether the keys pass counted the second digit under the first digit chosen
+/// (`state[0]`'s top digit; `counted`: the keys pass ran with [`count_second_digit`]).
+#[cube]
+pub(super) fn second_digit_counted(state: &Array<u32>, counted: u32) -> bool {
+    let d0 = state[0] >> comptime!(32 - DIGIT_BITS);
+    counted != 0u32 && (d0 == SPECULATED || d0 == comptime!(SPECULATED + 1))
 }
 
 /// Zeroes a unit's packed 8-bit counters (see [`count_digit`]).
@@ -220,19 +278,32 @@ pub(super) fn count_digit(packed: &mut Array<u32>, key: u32, hit: bool, shift: u
 #[kiln_macros::kernel(tune(UNITS = [256]), grid = (1), cube = UNITS)]
 pub fn topk_radix_choose(
     hist: &Array<u32>,
+    spec: &Array<u32>,
     state: &mut Array<u32>,
     cubes: u32,
     shift: u32,
     take_all_ties: u32,
+    use_spec: u32,
 ) {
     let groups = comptime!(CUBE / BINS);
     let mut partials = SharedMemory::<u32>::new(comptime!(CUBE as usize));
     let bin = UNIT_POS % comptime!(BINS);
     let mut partial = 0u32;
     let mut c = UNIT_POS / comptime!(BINS);
-    while c < cubes {
-        partial += hist[(c * comptime!(BINS) + bin) as usize];
-        c += groups;
+    // The keys pass's histograms of the second digit under the first digit chosen,
+    // where it counted them (see `count_second_digit`).
+    if second_digit_counted(state, use_spec) {
+        let d0 = state[0] >> comptime!(32 - DIGIT_BITS);
+        let at = (d0 - SPECULATED) * cubes * comptime!(BINS);
+        while c < cubes {
+            partial += spec[(at + c * comptime!(BINS) + bin) as usize];
+            c += groups;
+        }
+    } else {
+        while c < cubes {
+            partial += hist[(c * comptime!(BINS) + bin) as usize];
+            c += groups;
+        }
     }
     partials[UNIT_POS as usize] = partial;
     sync_cube();
