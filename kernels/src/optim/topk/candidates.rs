@@ -232,7 +232,7 @@ fn round_keys_of(
 /// Lane `l` of `v` (`l` known only at run time), by selects: an indexed register read
 /// would go through memory.
 #[cube]
-fn lane_of<N: Size>(v: Vector<u32, N>, l: u32) -> u32 {
+pub(super) fn lane_of<N: Size>(v: Vector<u32, N>, l: u32) -> u32 {
     let mut word = v[0];
     #[unroll]
     for i in 1..N::value().comptime() as u32 {

@@ -6,6 +6,7 @@
 // Kernel code: `(a + b - 1) / b` is what the emitted code does, written as such.
 #![allow(clippy::manual_div_ceil)]
 
+use super::candidates::lane_of;
 use super::*;
 
 /// Per cube: how many candidates are above the threshold `T = state[0]` and how many
@@ -184,32 +185,41 @@ pub fn topk_candidates_write(
         for i in 0..(len + 3u32) / 4u32 {
             let kv = candidates[(at + i) as usize];
             let offsets4 = positions[(at + i) as usize];
+            // Which lanes are taken, decided in index order (the ties before each), then
+            // the stores for those alone: a store per lane under a branch would be a loop
+            // over the SIMD lanes on a CPU adapter for every candidate, taken or not.
+            let mut taken_lanes = 0u32;
+            let mut words = Vector::<u32, Const<4>>::new(0u32);
             #[unroll]
             for l in 0..4u32 {
-                if 4u32 * i + l < len {
-                    let word = kv[l as usize];
-                    let key = word & key_mask;
-                    let e = first + ((offsets4 >> (l * 8u32)) & 255u32);
-                    let v = if comptime!(keys_are_values) {
-                        f32::reinterpret(word)
-                    } else {
-                        error[e as usize]
-                    };
-                    let tie = key == t;
-                    let taken = key > t || (tie && ties < k_rem);
-                    if taken {
-                        indices[slot as usize] = i32::cast_from(e);
-                        values[slot as usize] = scale * v;
-                        slot += 1;
-                        // inf * 0 would be NaN: a taken value leaves exactly nothing behind.
-                        let r = select(keep == 0.0, 0.0f32, keep * v);
-                        error[e as usize] = r;
-                        squares += r * r;
-                    } else {
-                        squares += v * v;
-                    }
-                    ties += select(tie, 1u32, 0u32);
+                let inside = 4u32 * i + l < len;
+                let word = kv[l as usize];
+                let key = word & key_mask;
+                let mut v = 0.0f32;
+                if comptime!(keys_are_values) {
+                    v = f32::reinterpret(word);
+                } else if inside {
+                    v = error[(first + ((offsets4 >> (l * 8u32)) & 255u32)) as usize];
                 }
+                words[l as usize] = u32::reinterpret(v);
+                let tie = key == t && inside;
+                let taken = inside && (key > t || (tie && ties < k_rem));
+                taken_lanes |= select(taken, 1u32 << l, 0u32);
+                squares += select(inside && !taken, v * v, 0.0f32);
+                ties += select(tie, 1u32, 0u32);
+            }
+            while taken_lanes != 0u32 {
+                let l = u32::trailing_zeros(taken_lanes);
+                taken_lanes &= taken_lanes - 1u32;
+                let e = first + ((offsets4 >> (l * 8u32)) & 255u32);
+                let v = f32::reinterpret(lane_of(words, l));
+                indices[slot as usize] = i32::cast_from(e);
+                values[slot as usize] = scale * v;
+                slot += 1;
+                // inf * 0 would be NaN: a taken value leaves exactly nothing behind.
+                let r = select(keep == 0.0, 0.0f32, keep * v);
+                error[e as usize] = r;
+                squares += r * r;
             }
         }
     }
