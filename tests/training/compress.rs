@@ -9,6 +9,7 @@ use crate::common::{assert_clear, client, down, up};
 use kiln::check::Rng;
 use kiln::kernels::optim::compress::{
     compression_errors, lgreco_plan, magnitude_keys, randk_keys, reference_select,
+    with_unit_layout, UnitLayout,
 };
 use kiln::kernels::optim::reference::econtrol_step;
 use kiln::kernels::optim::{econtrol, randk, topk_ef, Compressed};
@@ -542,4 +543,50 @@ fn econtrol_bad_input_is_one_clear_line() {
     );
     assert_clear(econtrol(&g, None, None, 0, 0.1).err().unwrap(), &["k", "0"]);
     assert_eq!(down(&g), vec![0.5; 20]);
+}
+
+/// Both layouts of the selection passes over every element (`UnitLayout`): a device runs
+/// only its own, so each is forced here and checked against the host selection, on
+/// multi-cube ragged lengths, one not a multiple of 4 (the 1-wide keys pass), magnitudes
+/// near 1 (the keys pass counts the second digit: its pass is skipped) and near 1e12 (a
+/// first digit it does not count under: the pass runs), and through the threshold
+/// estimate (the passes over its sample).
+#[test]
+fn both_unit_layouts_select_the_reference_set() {
+    use kiln::kernels::optim::topk_ef_estimated;
+    use kiln::kernels::random::word;
+    for (n, k) in [
+        (100_003usize, 1_000usize),
+        (100_004, 50_002),
+        (70_001, 35_001),
+        (65_540, 1),
+    ] {
+        let scale = if n % 2 == 0 { 1.0 } else { 1e12 };
+        let mut rng = Rng::new(n as u64);
+        let g = rng.normals(n, scale);
+        let e = rng.normals(n, 0.3 * scale);
+        let a = accumulate(&g, Some(&e));
+        let keys = magnitude_keys(&a);
+        let (gt, et) = (up(DType::F32, &[n], &g), up(DType::F32, &[n], &e));
+        // The estimate's threshold: the round(k s / n)-th largest key of its sample.
+        let (sample, seed) = (9_999usize, 5u64);
+        let mut sampled: Vec<u32> = (0..sample as u64)
+            .map(|j| keys[((word(seed, 1, j) as u64 * n as u64) >> 32) as usize])
+            .collect();
+        sampled.sort_unstable_by(|x, y| y.cmp(x));
+        let k_sample = ((k * sample) as f64 / n as f64)
+            .round()
+            .clamp(1.0, sample as f64);
+        let threshold = sampled[k_sample as usize - 1];
+        let above: Vec<usize> = (0..n).filter(|&i| keys[i] >= threshold).collect();
+        for layout in [UnitLayout::Contiguous, UnitLayout::Coalesced] {
+            let what = format!("n {n}, k {k}, {layout:?}");
+            with_unit_layout(layout, || {
+                let got = topk_ef(&gt, Some(&et), k).unwrap();
+                check(&got, &a, &keys, k, 1.0, &what);
+                let got = topk_ef_estimated(&gt, Some(&et), k, sample, seed).unwrap();
+                assert_eq!(ints(&got.indices), above, "{what}: estimate");
+            });
+        }
+    }
 }

@@ -6,6 +6,7 @@
 
 use crate::common::{assert_clear, down, up};
 use kiln::check::{max_rel_error, Rng};
+use kiln::kernels::optim::compress::{with_unit_layout, UnitLayout};
 use kiln::kernels::optim::{
     frugal_matrix, reference, BlockOrder, Frugal, FrugalConfig, Hyper, Rule, Subspace,
 };
@@ -57,6 +58,13 @@ fn check_tensor(
 
 #[test]
 fn steps_across_redraws_match_the_f64_reference() {
+    // Both layouts of the subset selection's passes (a device runs only its own).
+    for layout in [UnitLayout::Contiguous, UnitLayout::Coalesced] {
+        with_unit_layout(layout, steps_across_redraws);
+    }
+}
+
+fn steps_across_redraws() {
     let n = 10_007;
     for density in [1.0 / n as f64, 0.25, 1.0] {
         let c = FrugalConfig {

@@ -15,6 +15,7 @@
 //! communicator's `all_gather` carries as two tensors.
 
 use super::topk::{self, KeySource};
+pub use super::topk::{with_unit_layout, UnitLayout};
 use crate::launch::{check_input, shape_err};
 use kiln_runtime::{DType, Error, Result, Tensor};
 

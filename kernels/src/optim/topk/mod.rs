@@ -30,8 +30,6 @@
 mod candidates;
 mod compact;
 mod radix;
-#[cfg(test)]
-mod tests;
 
 pub use candidates::*;
 pub use compact::*;
@@ -157,18 +155,47 @@ pub(crate) fn select_top_k(
     }
 }
 
-/// How the passes over every element lay a cube's `CHUNK` elements over its units (1:
-/// each unit a contiguous region of `PER_UNIT`; 0: a unit's vectors `UNITS` apart, so
-/// that neighbouring units read neighbouring vectors). GPUs want the second (coalesced
-/// loads); a CPU adapter runs a unit's loads one lane at a time, and there the first is
-/// faster (lavapipe, 4M keys: the keys pass 45.5 -> 36 ms, a histogram pass 25.4 -> 20 ms),
-/// each lane walking its own cache lines in order.
-fn contiguous_regions(client: &Client) -> u32 {
-    #[cfg(test)]
-    if let Some(contiguous) = tests::LAYOUT.get() {
-        return u32::from(contiguous);
+/// How the selections' passes over every element lay a cube's elements over its units.
+/// GPUs want `Coalesced` (neighbouring units read neighbouring vectors); a CPU adapter
+/// runs a unit's loads one SIMD lane at a time, and there `Contiguous` is faster
+/// (lavapipe, 4M keys: the keys pass 45.5 -> 36 ms, a histogram pass 25.4 -> 20 ms), each
+/// lane walking its own cache lines in order. The results do not depend on it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UnitLayout {
+    /// By the adapter type: `Contiguous` on CPU adapters, `Coalesced` elsewhere.
+    #[default]
+    Auto,
+    /// Each unit a contiguous region of its cube's elements.
+    Contiguous,
+    /// A unit's vectors a cube's width apart.
+    Coalesced,
+}
+
+thread_local! {
+    static LAYOUT: std::cell::Cell<UnitLayout> = const { std::cell::Cell::new(UnitLayout::Auto) };
+}
+
+/// Runs `f` with the compressors' selections on this thread laid out as `layout` (the
+/// device's own choice otherwise; see [`UnitLayout`]): for tests of the layout a device
+/// does not pick, and for devices whose adapter type misleads. The previous layout is
+/// restored after `f`, also when it panics.
+pub fn with_unit_layout<R>(layout: UnitLayout, f: impl FnOnce() -> R) -> R {
+    struct Restore(UnitLayout);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            LAYOUT.set(self.0);
+        }
     }
-    u32::from(client.report().adapter_type == kiln_runtime::AdapterType::Cpu)
+    let _restore = Restore(LAYOUT.replace(layout));
+    f()
+}
+
+/// The `contiguous` launch argument (1: [`UnitLayout::Contiguous`]) for `client`.
+fn contiguous_regions(client: &Client) -> u32 {
+    u32::from(match LAYOUT.get() {
+        UnitLayout::Auto => client.report().adapter_type == kiln_runtime::AdapterType::Cpu,
+        layout => layout == UnitLayout::Contiguous,
+    })
 }
 
 /// The steps, in vectors, between neighbouring units and a unit's consecutive vectors
