@@ -500,11 +500,13 @@ fn blocks_hold_state_on_whole_tensors_in_turn() {
             "step {step}: active set"
         );
         assert_eq!(active.len(), 3, "ceil(0.4 * 6) tensors");
-        // Moments for the active tensors only, and the f16 tensors' master copies.
-        let state: usize = active.iter().map(|&i| 2 * p[i].len()).sum::<usize>() + 100 + 4099;
+        // Moments for the active tensors only (each `m` and `v` padded to a multiple of
+        // 4 floats), and the f16 tensors' master copies; blocks keep no subsets (a
+        // placeholder of one 4-wide vector) nor masks (one word).
+        let moments: usize = active.iter().map(|&i| 2 * p[i].len().next_multiple_of(4)).sum();
         assert_eq!(
             opt.state_bytes(),
-            4 * (state + 2),
+            4 * (moments + 100 + 4099 + 4 + 1),
             "step {step}: state bytes"
         );
         sets.push(active);

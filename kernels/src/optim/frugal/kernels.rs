@@ -4,6 +4,7 @@
 //! subset's state slots (on a SIMD machine one masked pass ran both sides for nearly
 //! every group of lanes).
 
+use super::super::topk::unit_layout;
 use super::*;
 use kiln_dsl::linear_unit;
 
@@ -96,7 +97,10 @@ struct FrugalSlot {
     k: u32,
     indices_at: u32,
     mask_at: u32,
+    /// `m`'s offset in the moments (a multiple of 4; `v` at `+ k` rounded up to 4).
     state_at: u32,
+    /// The master copy's offset in the masters.
+    master_at: u32,
 }
 
 /// `cube`'s slot and its table entry, read before any branch (uniform in the cube: a CPU
@@ -113,18 +117,20 @@ fn frugal_slot(table: &Array<u32>, cube: u32, #[comptime] slots: u32) -> FrugalS
         indices_at: table[(t + 3) as usize],
         mask_at: table[(t + 4) as usize],
         state_at: table[(t + 5) as usize],
+        master_at: table[(t + 6) as usize],
     }
 }
 
 slot_kernel! {
     /// FRUGAL's state-free part over up to six tensors (slots; the table's words per slot:
-    /// first cube, `n`, `k`, subset, mask and state offsets, two unused), each unit `PER`
-    /// `N`-wide vectors of coordinates `UNITS` apart (`N` = 4 where every slot's length is
-    /// a multiple of 4, else 1), each cube within one slot: where the mask is clear,
+    /// first cube, `n`, `k`, subset, mask, moments and master offsets, one unused), each unit `PER`
+    /// `N`-wide vectors of coordinates, `UNITS` apart or with `contiguous` consecutive
+    /// (`topk::UnitLayout`; `N` = 4 where every slot's length is a multiple of 4, else 1),
+    /// each cube within one slot: where the mask is clear,
     /// decoupled decay and `p -= lr_free sign(g)`; coordinates with state keep their value
     /// here and are [`frugal_adam_step`]'s, which runs after (a whole tensor with state
     /// has no cubes here). Branch-free over a vector's lanes (the vector shares one mask
-    /// word). With `master` the slot's f32 master copy (behind its moments) is the
+    /// word). With `master` the slot's f32 master copy (in `masters`) is the
     /// parameter and the weight receives its rounding. In place: one configuration.
     #[kernel(
         tune(UNITS = [256], PER = [4]),
@@ -136,11 +142,12 @@ slot_kernel! {
     )]
     pub fn frugal_sign_step(
         mask: &Array<u32>,
-        state: &mut Array<f32>,
+        masters: &mut Array<f32>,
         width: &Array<Vector<f32, N>>,
         table: &Array<u32>,
         len: u32,
         cubes: u32,
+        contiguous: u32,
         lr_free: f32,
         decay: f32,
         #[comptime] master: bool,
@@ -152,9 +159,18 @@ slot_kernel! {
         let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
         let slot = frugal_slot(table, cube, slots);
         if cube < cubes {
+            let (unit_step, rep_step) = unit_layout(contiguous, PER, UNITS);
+            let v0 = (cube - slot.first_cube) * comptime!(UNITS * PER) + UNIT_POS * unit_step;
+            // Contiguous: the unit's `PER · nw` coordinates (16 or 4, from a multiple of
+            // that) lie in one mask word, loaded once (on a CPU adapter every load is a
+            // loop over the SIMD lanes: 35 -> 32 ms for 4M coordinates on lavapipe).
+            let mut unit_word = 0u32;
+            if contiguous != 0u32 && slot.k > 0u32 && v0 * nw < slot.n {
+                unit_word = mask[(slot.mask_at + v0 * nw / 32) as usize];
+            }
             #[unroll]
             for rep in 0..PER {
-                let v = (cube - slot.first_cube) * comptime!(UNITS * PER) + rep * UNITS + UNIT_POS;
+                let v = v0 + rep * rep_step;
                 if v * nw < slot.n {
                     let e0 = v * nw;
                     let gv = select_slot(g0, g1, g2, g3, g4, g5, slot.b, v, slots);
@@ -162,25 +178,25 @@ slot_kernel! {
                     if comptime!(!master) {
                         out = select_slot(w0, w1, w2, w3, w4, w5, slot.b, v, slots);
                     }
-                    let mut word = 0u32;
-                    if slot.k > 0u32 {
+                    let mut word = unit_word;
+                    if contiguous == 0u32 && slot.k > 0u32 {
                         word = mask[(slot.mask_at + e0 / 32) as usize];
                     }
                     #[unroll]
                     for l in 0..nw {
                         let e = e0 + l;
                         let g = f32::cast_from(gv[l as usize]);
-                        let master_at = slot.state_at + 2 * slot.k + e;
+                        let master_at = slot.master_at + e;
                         let mut p = f32::cast_from(out[l as usize]);
                         if comptime!(master) {
-                            p = state[master_at as usize];
+                            p = masters[master_at as usize];
                         }
                         // sign(0) = 0: a zero gradient leaves the coordinate alone.
                         let s = select(g > 0.0, 1.0f32, select(g < 0.0, -1.0f32, 0.0f32));
                         let with_state = ((word >> (e % 32)) & 1u32) == 1u32;
                         let q = select(with_state, p, p * decay - lr_free * s);
                         if comptime!(master) {
-                            state[master_at as usize] = q;
+                            masters[master_at as usize] = q;
                         }
                         out[l as usize] = F::cast_from(q);
                     }
@@ -193,13 +209,15 @@ slot_kernel! {
 
 slot_kernel! {
     /// FRUGAL's Adam part over up to six tensors (the table as [`frugal_sign_step`]'s, its
-    /// first cubes counting state slots): each unit `PER` of a slot's `k` state slots,
-    /// `UNITS` apart: slot `s` is coordinate `indices[subset + s]` (`s` itself for a
-    /// whole tensor), its moments contiguous at `state + s` and `state + k + s` (so a
-    /// SIMD group reads them as a stream and gathers only `g` and `p`); decoupled decay
-    /// and AdamW's update, `t = counter[0] + 1` counting from the redraw (at `t = 1` the
-    /// slot, which held another coordinate's state, starts from zero). f32 arithmetic;
-    /// `master` as in [`frugal_sign_step`]. In place: one configuration.
+    /// first cubes counting groups of four state slots): each unit `PER` groups of four
+    /// consecutive slots of a slot's `k`, `UNITS` groups apart: slot `s` is coordinate
+    /// `indices[subset + s]` (`s` itself for a whole tensor), its moments at `s` and
+    /// `k4 + s` of the tensor's moments (`k4` = `k` rounded up to 4), so a unit reads and
+    /// writes its four slots' subset entries and moments as 4-wide vectors (on a CPU
+    /// adapter each vector access costs about what a scalar one does) and gathers only `g`
+    /// and `p`. Decoupled decay and AdamW's update, `t = counter[0] + 1` counting from the
+    /// redraw (at `t = 1` the slots, which held other coordinates' state, start from zero).
+    /// f32 arithmetic; `master` as in [`frugal_sign_step`]. In place: one configuration.
     #[kernel(
         tune(UNITS = [256], PER = [4]),
         vector = [1],
@@ -209,8 +227,9 @@ slot_kernel! {
         domain(slots = 1..=6)
     )]
     pub fn frugal_adam_step(
-        indices: &Array<i32>,
-        state: &mut Array<f32>,
+        indices: &Array<Vector<i32, Const<4>>>,
+        state: &mut Array<Vector<f32, Const<4>>>,
+        masters: &mut Array<f32>,
         table: &Array<u32>,
         counter: &Array<u32>,
         len: u32,
@@ -243,35 +262,61 @@ slot_kernel! {
         if cube < cubes {
             #[unroll]
             for rep in 0..PER {
-                let s = (cube - slot.first_cube) * comptime!(UNITS * PER) + rep * UNITS + UNIT_POS;
-                if s < slot.k {
-                    let mut e = s;
+                let quad = (cube - slot.first_cube) * comptime!(UNITS * PER) + rep * UNITS + UNIT_POS;
+                let s0 = quad * 4u32;
+                if s0 < slot.k {
+                    let mut coords = Vector::<i32, Const<4>>::new(0i32);
                     if slot.k < slot.n {
-                        e = u32::cast_from(indices[(slot.indices_at + s) as usize]);
+                        coords = indices[(slot.indices_at / 4u32 + quad) as usize];
                     }
-                    let gv = select_slot(g0, g1, g2, g3, g4, g5, slot.b, e, slots);
-                    let g = f32::cast_from(gv[0]);
-                    let master_at = slot.state_at + 2 * slot.k + e;
-                    let mut p = 0.0f32;
-                    if comptime!(master) {
-                        p = state[master_at as usize];
+                    let zero = Vector::<f32, Const<4>>::new(0.0f32);
+                    let mut g = zero;
+                    let mut p = zero;
+                    #[unroll]
+                    for l in 0..4u32 {
+                        // Lanes past `k` (the last group's padding) keep g = p = 0.
+                        if s0 + l < slot.k {
+                            let mut e = s0 + l;
+                            if slot.k < slot.n {
+                                e = u32::cast_from(coords[l as usize]);
+                            }
+                            g[l as usize] = f32::cast_from(select_slot(g0, g1, g2, g3, g4, g5, slot.b, e, slots)[0]);
+                            if comptime!(master) {
+                                p[l as usize] = masters[(slot.master_at + e) as usize];
+                            }
+                            if comptime!(!master) {
+                                p[l as usize] = f32::cast_from(select_slot(w0, w1, w2, w3, w4, w5, slot.b, e, slots)[0]);
+                            }
+                        }
                     }
-                    if comptime!(!master) {
-                        let pv = select_slot(w0, w1, w2, w3, w4, w5, slot.b, e, slots);
-                        p = f32::cast_from(pv[0]);
+                    let m_at = slot.state_at / 4u32 + quad;
+                    // `v` is `ceil(k / 4)` vectors after `m`.
+                    let v_at = m_at + ((slot.k + 3u32) >> 2u32);
+                    let mut m = zero;
+                    let mut v = zero;
+                    if local != 0u32 {
+                        m = state[m_at as usize];
+                        v = state[v_at as usize];
                     }
-                    let j = slot.state_at + s;
-                    if local == 0u32 {
-                        state[j as usize] = 0.0;
-                        state[(j + slot.k) as usize] = 0.0;
+                    let mv = adam_moments_of(m, v, g, moments, false);
+                    state[m_at as usize] = mv.m;
+                    state[v_at as usize] = mv.v;
+                    let q = p * Vector::<f32, Const<4>>::new(decay)
+                        - Vector::<f32, Const<4>>::new(lr) * adam_direction_of(mv.m, mv.v, moments);
+                    #[unroll]
+                    for l in 0..4u32 {
+                        if s0 + l < slot.k {
+                            let mut e = s0 + l;
+                            if slot.k < slot.n {
+                                e = u32::cast_from(coords[l as usize]);
+                            }
+                            if comptime!(master) {
+                                masters[(slot.master_at + e) as usize] = q[l as usize];
+                            }
+                            let out = Vector::<F, N>::new(F::cast_from(q[l as usize]));
+                            store_slot(w0, w1, w2, w3, w4, w5, slot.b, e, out, slots);
+                        }
                     }
-                    adam_moments(state, j, slot.k, g, moments, false);
-                    p = p * decay - lr * adam_direction(state, j, slot.k, moments);
-                    if comptime!(master) {
-                        state[master_at as usize] = p;
-                    }
-                    let out = Vector::<F, N>::new(F::cast_from(p));
-                    store_slot(w0, w1, w2, w3, w4, w5, slot.b, e, out, slots);
                 }
             }
         }

@@ -40,11 +40,11 @@ mod svd;
 pub use kernels::*;
 pub use svd::*;
 
-use super::adam::{adam_constants, adam_direction, adam_moments};
+use super::adam::{adam_constants, adam_direction_of, adam_moments_of};
 use super::slots::{
     launch_groups, select_slot, slot_args, slot_kernel, slot_of, store_slot, SLOTS, SLOT_WORDS,
 };
-use super::topk::{select_top_k, KeySource};
+use super::topk::{contiguous_regions, select_top_k, KeySource};
 use super::{Hyper, Rule};
 use crate::launch::{check_input, expect_shape, upload_u32};
 use cubecl::prelude::*;
@@ -282,11 +282,13 @@ struct Packed {
     /// The matrix it is seen as, for row and column subspaces (`frugal_matrix`).
     rows: usize,
     cols: usize,
-    /// Offsets (in elements) of its subset, its mask words and its state (`m` then
-    /// `v`, `k` each, then the master copy, `n`, for a half tensor).
+    /// Offsets (in elements) of its subset, its mask words, its moments (`m` then `v`,
+    /// `k` each, each starting at a multiple of 4: the Adam pass reads them four slots at
+    /// a time) and its master copy (`n` elements in the masters buffer, for a half tensor).
     indices: usize,
     mask: usize,
     state: usize,
+    master_at: usize,
     /// The tensor's dtype (f16/bf16: it has a master copy).
     dtype: DType,
 }
@@ -294,6 +296,11 @@ struct Packed {
 impl Packed {
     fn master(&self) -> bool {
         self.dtype != DType::F32
+    }
+
+    /// The stride of its moments: `k` rounded up to a multiple of 4 (`v` starts there).
+    fn k4(&self) -> usize {
+        self.k.next_multiple_of(4)
     }
 
     /// The signSGD pass's vector width for this tensor: 4 when its length is a multiple
@@ -322,7 +329,10 @@ pub struct Frugal {
     drawn_with: (f64, u64, Subspace),
     indices: Tensor,
     mask: Tensor,
+    /// The moments of every tensor ([`Packed::state`]).
     state: Tensor,
+    /// The f32 master copies of the half tensors ([`Packed::master_at`]).
+    masters: Tensor,
     counter: Tensor,
     steps: u64,
     /// Per dtype: `2 SLOTS` one-element placeholders for the unused slots of a launch.
@@ -408,7 +418,7 @@ impl Frugal {
             })
             .collect();
         let (packed, indices, words, _) = pack(params, &ks, config.subspace);
-        let mut host = Vec::new();
+        let (mut host, mut masters) = (Vec::new(), Vec::new());
         for (i, (param, p)) in params.iter().zip(&packed).enumerate() {
             let k = p.k;
             match moments.get(i).copied().flatten() {
@@ -422,32 +432,38 @@ impl Frugal {
                         };
                         expect_shape(&what, t, &[k], why)?;
                         host.extend(t.download()?.to_f64());
+                        host.resize(host.len().next_multiple_of(4), 0.0);
                     }
                 }
-                None => host.extend(std::iter::repeat_n(0.0, 2 * k)),
+                None => host.extend(std::iter::repeat_n(0.0, 2 * p.k4())),
             }
             if p.master() {
-                host.extend(param.download()?.to_f64());
+                masters.extend(param.download()?.to_f64());
             }
         }
+        // At least one 4-wide vector (the Adam pass reads it so).
+        host.resize(host.len().max(4), 0.0);
         let state = upload_f32(&client, &host)?;
+        let masters = upload_f32(&client, &masters)?;
         let local = steps % config.update_gap;
         let mut f = Frugal {
             hyper,
             config,
             packed,
             drawn_with: (config.density, config.seed, config.subspace),
-            // Zeros until the first draw (`state` reads the subset before any step).
+            // Zeros until the first draw (`state` reads the subset before any step); at
+            // least one 4-wide vector (the Adam pass reads it so).
             indices: Tensor::upload(
                 &client,
                 &HostTensor::from_bytes(
                     DType::I32,
-                    vec![indices.max(1)],
-                    vec![0; 4 * indices.max(1)],
+                    vec![indices.max(4)],
+                    vec![0; 4 * indices.max(4)],
                 )?,
             )?,
             mask: upload_u32(&client, "mask", &vec![0; words.max(1)])?,
             state,
+            masters,
             counter: upload_u32(&client, "step", &[local as u32])?,
             steps,
             spares: HashMap::new(),
@@ -465,7 +481,7 @@ impl Frugal {
     /// Device memory the optimizer holds, in bytes: the packed subsets, masks and state
     /// (moments and master copies; for blocks, those of the tensors now active).
     pub fn state_bytes(&self) -> usize {
-        4 * (self.indices.numel() + self.mask.numel() + self.state.numel())
+        4 * (self.indices.numel() + self.mask.numel() + self.state.numel() + self.masters.numel())
     }
 
     /// Steps taken.
@@ -503,7 +519,7 @@ impl Frugal {
         Ok((
             Tensor::upload(client, &indices)?,
             part(p.state)?,
-            part(p.state + p.k)?,
+            part(p.state + p.k4())?,
         ))
     }
 
@@ -514,9 +530,9 @@ impl Frugal {
         if !p.master() {
             return Ok(None);
         }
-        let state = self.state.download()?.to_f64();
-        let at = p.state + 2 * p.k;
-        upload_f32(self.state.client(), &state[at..at + p.n]).map(Some)
+        let masters = self.masters.download()?.to_f64();
+        let at = p.master_at;
+        upload_f32(self.masters.client(), &masters[at..at + p.n]).map(Some)
     }
 
     /// Replaces the master copy of the `i`-th tensor (an f16/bf16 one) by `master` (f32,
@@ -540,10 +556,10 @@ impl Frugal {
                 found: format!("{:?}", master.shape()),
             });
         }
-        let mut state = self.state.download()?.to_f64();
-        let at = p.state + 2 * p.k;
-        state[at..at + p.n].copy_from_slice(&master.download()?.to_f64());
-        self.state = upload_f32(self.state.client(), &state)?;
+        let mut masters = self.masters.download()?.to_f64();
+        let at = p.master_at;
+        masters[at..at + p.n].copy_from_slice(&master.download()?.to_f64());
+        self.masters = upload_f32(self.masters.client(), &masters)?;
         Ok(())
     }
 
@@ -618,8 +634,8 @@ impl Frugal {
     }
 
     /// Blocks: the tensors active in subspace `j` get moments for all their coordinates
-    /// (zeroed by the step at the redraw), the others none; half tensors' master copies
-    /// move to their new places (a device copy each; the state is otherwise rebuilt).
+    /// (zeroed by the step at the redraw), the others none (the master copies keep their
+    /// places: they do not depend on the subspace).
     fn relayout(&mut self, params: &[&Tensor], j: u32) -> Result<()> {
         let active = self.config.active_tensors(params.len(), j);
         let ks: Vec<usize> = (0..params.len())
@@ -632,15 +648,8 @@ impl Frugal {
             return Ok(());
         }
         let (packed, _, _, len) = pack(params, &ks, self.config.subspace);
-        let state = Tensor::empty(self.state.client(), DType::F32, &[len.max(1)])?;
-        for (old, new) in self.packed.iter().zip(&packed) {
-            if old.master() && old.n > 0 {
-                let (from, to) = (old.state + 2 * old.k, new.state + 2 * new.k);
-                crate::rows::copy_rows(&self.state, 0, from, &state, to, old.n)?;
-            }
-        }
+        self.state = Tensor::empty(self.state.client(), DType::F32, &[len.max(4)])?;
         self.packed = packed;
-        self.state = state;
         // The launches' slot tables hold the old offsets.
         self.tables.clear();
         Ok(())
@@ -703,8 +712,8 @@ impl Frugal {
     /// state slots (none where no tensor of the group has state).
     fn launch(&mut self, group: &[usize], params: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
         let client = self.state.client().clone();
-        // Either pass: the slots, then four buffers of its own.
-        let bindings = 2 * SLOTS as u32 + 4;
+        // Either pass: the slots, then up to five buffers of its own.
+        let bindings = 2 * SLOTS as u32 + 5;
         if client.report().max_bindings < bindings {
             return Err(Error::Unsupported {
                 device: client.name().into(),
@@ -722,7 +731,8 @@ impl Frugal {
                 true => 0,
                 false => p.n / p.width(),
             })?;
-            let adam = slot_table(&client, &packed, |p| p.k)?;
+            // Four state slots a unit.
+            let adam = slot_table(&client, &packed, |p| p.k.div_ceil(4))?;
             self.tables.insert(group.to_vec(), [sign, adam]);
         }
         let [(sign_table, sign_cubes), (adam_table, adam_cubes)] = self.tables[group].clone();
@@ -760,11 +770,12 @@ impl Frugal {
                 0.0,
                 &slot_args!(FrugalSignStepArgs, w, g, {
                     mask: &self.mask,
-                    state: &self.state,
+                    masters: &self.masters,
                     width: &guard,
                     table: &sign_table,
                     len: len as u32,
                     cubes: sign_cubes as u32,
+                    contiguous: contiguous_regions(&client),
                     lr_free: self.config.lr_free as f32,
                     decay,
                     master,
@@ -779,6 +790,7 @@ impl Frugal {
                 &slot_args!(FrugalAdamStepArgs, w, g, {
                     indices: &self.indices,
                     state: &self.state,
+                    masters: &self.masters,
                     table: &adam_table,
                     counter: &self.counter,
                     len: len as u32,
@@ -801,8 +813,8 @@ impl Frugal {
     }
 }
 
-/// A launch's slot table (`SLOT_WORDS` per slot: first cube, `n`, `k`, subset, mask and
-/// state offsets, two unused) for a pass that covers `units(p)` of each tensor, `PER`
+/// A launch's slot table (`SLOT_WORDS` per slot: first cube, `n`, `k`, subset, mask,
+/// moments and master offsets, one unused) for a pass that covers `units(p)` of each tensor, `PER`
 /// to a unit; and its cube count.
 fn slot_table(
     client: &kiln_runtime::Client,
@@ -812,7 +824,7 @@ fn slot_table(
     let mut table = Vec::with_capacity(SLOT_WORDS * SLOTS);
     let mut cubes = 0usize;
     for p in packed {
-        table.extend([cubes, p.n, p.k, p.indices, p.mask, p.state, 0, 0]);
+        table.extend([cubes, p.n, p.k, p.indices, p.mask, p.state, p.master_at, 0]);
         cubes += units(p).div_ceil(CUBE * STEP_PER);
     }
     // Unused slots start past the last cube: no cube selects them.
@@ -833,15 +845,15 @@ fn subspace_index(config: &FrugalConfig, steps: u64) -> Result<u32> {
 }
 
 /// The packed layout of `params` with `ks[i]` coordinates of state each: per tensor its
-/// subset, mask words and state (`m`, `v`, then an f16/bf16 tensor's master copy), and
-/// the lengths of the three buffers. Blocks keep no subsets or masks (a tensor is all in
-/// or all out).
+/// subset and its moments `m`, `v` (each at a multiple of 4), its mask words, and an
+/// f16/bf16 tensor's master copy; and the lengths of the subsets, masks and moments.
+/// Blocks keep no subsets or masks (a tensor is all in or all out).
 fn pack(
     params: &[&Tensor],
     ks: &[usize],
     subspace: Subspace,
 ) -> (Vec<Packed>, usize, usize, usize) {
-    let (mut packed, mut indices, mut words, mut state) = (Vec::new(), 0, 0, 0);
+    let (mut packed, mut indices, mut words, mut state, mut masters) = (Vec::new(), 0, 0, 0, 0);
     for (param, &k) in params.iter().zip(ks) {
         let n = param.numel();
         let (rows, cols) = frugal_matrix(param.shape());
@@ -853,14 +865,18 @@ fn pack(
             indices,
             mask: words,
             state,
+            master_at: masters,
             dtype: param.dtype(),
         };
         packed.push(p);
         if subspace != Subspace::Blocks {
-            indices += k;
+            indices += p.k4();
             words += n.div_ceil(32);
         }
-        state += 2 * k + if p.master() { n } else { 0 };
+        state += 2 * p.k4();
+        if p.master() {
+            masters += n;
+        }
     }
     (packed, indices, words, state)
 }

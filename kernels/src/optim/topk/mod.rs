@@ -155,7 +155,8 @@ pub(crate) fn select_top_k(
     }
 }
 
-/// How the selections' passes over every element lay a cube's elements over its units.
+/// How the selections' passes over every element (and FRUGAL's signSGD pass) lay a
+/// cube's elements over its units.
 /// GPUs want `Coalesced` (neighbouring units read neighbouring vectors); a CPU adapter
 /// runs a unit's loads one SIMD lane at a time, and there `Contiguous` is faster
 /// (lavapipe, 4M keys: the keys pass 45.5 -> 36 ms, a histogram pass 25.4 -> 20 ms), each
@@ -191,7 +192,7 @@ pub fn with_unit_layout<R>(layout: UnitLayout, f: impl FnOnce() -> R) -> R {
 }
 
 /// The `contiguous` launch argument (1: [`UnitLayout::Contiguous`]) for `client`.
-fn contiguous_regions(client: &Client) -> u32 {
+pub(super) fn contiguous_regions(client: &Client) -> u32 {
     u32::from(match LAYOUT.get() {
         UnitLayout::Auto => client.report().adapter_type == kiln_runtime::AdapterType::Cpu,
         layout => layout == UnitLayout::Contiguous,
@@ -199,13 +200,17 @@ fn contiguous_regions(client: &Client) -> u32 {
 }
 
 /// The steps, in vectors, between neighbouring units and a unit's consecutive vectors
-/// (`per_unit` vectors a unit): see [`contiguous_regions`].
+/// (`per_unit` vectors a unit, `units` units a cube): see [`contiguous_regions`].
 #[cube]
-pub(super) fn unit_layout(contiguous: u32, #[comptime] per_unit: u32) -> (u32, u32) {
+pub(super) fn unit_layout(
+    contiguous: u32,
+    #[comptime] per_unit: u32,
+    #[comptime] units: u32,
+) -> (u32, u32) {
     let contiguous = contiguous != 0u32;
     (
         select(contiguous, per_unit, 1u32),
-        select(contiguous, 1u32, comptime!(CUBE)),
+        select(contiguous, 1u32, units),
     )
 }
 
@@ -716,7 +721,7 @@ pub fn topk_keys<F: Float, N: Size>(
     for w in 0..comptime!(BINS / 2) {
         second[w as usize] = 0u32;
     }
-    let (unit_step, j_step) = unit_layout(contiguous, comptime!(PER_UNIT / nw));
+    let (unit_step, j_step) = unit_layout(contiguous, comptime!(PER_UNIT / nw), comptime!(CUBE));
     for j in 0..comptime!(PER_UNIT / nw) {
         let i = cube * comptime!(CHUNK / nw) + UNIT_POS * unit_step + j * j_step;
         // The first element of this vector (4-wide only when n % 4 == 0: whole vectors).

@@ -75,7 +75,7 @@ pub fn topk_radix_histogram(
         if cube < cubes {
             len = min(n - base, comptime!(CHUNK));
         }
-        let (unit_step, j_step) = unit_layout(contiguous, comptime!(PER_UNIT / 4));
+        let (unit_step, j_step) = unit_layout(contiguous, comptime!(PER_UNIT / 4), comptime!(CUBE));
         for j in 0..comptime!(PER_UNIT / 4) {
             // The first of the 4 keys this step reads, from the cube's first.
             let first = (UNIT_POS * unit_step + j * j_step) * 4u32;
