@@ -110,7 +110,7 @@ pub fn topk_radix_compact(
     values: &Array<Vector<f32, Const<4>>>,
     state: &Array<u32>,
     hist: &mut Array<u32>,
-    candidates: &mut Array<u32>,
+    candidates: &mut Array<Vector<u32, Const<4>>>,
     positions: &mut Array<u32>,
     counts: &mut Array<u32>,
     below: &mut Array<f32>,
@@ -157,7 +157,7 @@ pub fn topk_radix_compact(
                 kept.keep(candidates, positions, at, kv, 4u32 * j, mask);
             }
         }
-        kept.finish(positions, counts, below, at, region);
+        kept.finish(candidates, positions, counts, below, at, region);
     }
     cube_histogram(&packed, hist, cube, cubes);
 }
