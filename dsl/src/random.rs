@@ -43,7 +43,8 @@ pub struct Philox4 {
 
 /// Philox4x32 with 10 rounds of `counter = (c0, c1, c2, c3)` under `key = (k0, k1)`:
 /// the same words as Random123's `philox4x32_10` (its known-answer vectors are kiln's
-/// tests). `mul_hi` is native on CUDA and composed of 16-bit products in WGSL.
+/// tests). `mul_hi` is native on CUDA; in WGSL it is one 64-bit product where the device
+/// has 64-bit integers (lavapipe does), else four 16-bit products (cubecl's fallback).
 #[cube]
 pub fn philox4x32_10(c0: u32, c1: u32, c2: u32, c3: u32, k0: u32, k1: u32) -> Philox4 {
     let mut x0 = c0;
