@@ -42,7 +42,7 @@ use super::rules::{Hyper, Rule};
 use super::slots::{launch_groups, slot_args, SLOTS, SLOT_WORDS};
 use super::step::{
     OptimAdvanceStep, OptimAdvanceStepArgs, OptimSlotNorms, OptimSlotNormsArgs, OptimStep,
-    OptimStepArgs, Phase, Sums, STEP_PER, STEP_UNITS,
+    OptimStepArgs, Phase, Sums, NORMS_REPS, STEP_PER, STEP_UNITS,
 };
 use crate::launch::{check_input, expect_shape, shape_err, upload_u32};
 use kiln_runtime::{DType, Error, HostTensor, Result, Tensor};
@@ -130,9 +130,9 @@ type GroupKey = (Vec<(usize, usize)>, Sums);
 
 #[derive(Default)]
 struct LaunchCache {
-    /// Per group of parts (their slots and starts; and `Sums`): its slot table, partial
-    /// sums buffer and per-slot totals (LAMB's norms).
-    groups: std::collections::HashMap<GroupKey, (Tensor, Tensor, Tensor)>,
+    /// Per group of parts (their slots and starts; and `Sums`): its slot tables (the
+    /// update's, the norms pass's), partial sums buffer and per-slot totals (LAMB's norms).
+    groups: std::collections::HashMap<GroupKey, (Tensor, Tensor, Tensor, Tensor)>,
     /// Per dtype: `2 SLOTS` one-vector placeholders for unused slots.
     spares: std::collections::HashMap<DType, Vec<Tensor>>,
     /// Per vector width: the array whose length caps the launch's width.
@@ -338,32 +338,43 @@ impl MultiTensorStep {
         };
         let per_cube = STEP_UNITS * STEP_PER * width;
         let strided = parts.iter().any(|(_, s)| !s.contiguous());
-        let mut table = Vec::with_capacity(SLOT_WORDS * SLOTS);
-        let (mut len, mut cubes) = (0usize, 0usize);
-        for (p, s) in &parts {
-            // A contiguous block is addressed as one run (`cols = ld`), so a part of it
-            // may start mid-row.
-            let (cols, ld) = match s.contiguous() {
-                true => (1, 1),
-                false => (s.shape()[1].max(1), s.weight[1]),
-            };
-            table.extend([
-                cubes,
-                p.len,
-                cols,
-                ld,
-                s.weight_offset() + p.start,
-                s.offset,
-                s.stride(),
-                p.start,
-            ]);
-            len += p.len;
-            cubes += p.len.div_ceil(per_cube);
-        }
-        // Unused slots start past the last cube: no cube selects them.
-        while table.len() < SLOT_WORDS * SLOTS {
-            table.extend([u32::MAX as usize, 0, 1, 1, 0, 0, 0, 0]);
-        }
+        let len: usize = parts.iter().map(|(p, _)| p.len).sum();
+        // The slot table for `per_cube` elements a cube, and the cube count.
+        let slot_table = |per_cube: usize| -> (Vec<u32>, usize) {
+            let mut table = Vec::with_capacity(SLOT_WORDS * SLOTS);
+            let mut cubes = 0usize;
+            for (p, s) in &parts {
+                // A contiguous block is addressed as one run (`cols = ld`), so a part of it
+                // may start mid-row.
+                let (cols, ld) = match s.contiguous() {
+                    true => (1, 1),
+                    false => (s.shape()[1].max(1), s.weight[1]),
+                };
+                table.extend([
+                    cubes,
+                    p.len,
+                    cols,
+                    ld,
+                    s.weight_offset() + p.start,
+                    s.offset,
+                    s.stride(),
+                    p.start,
+                ]);
+                cubes += p.len.div_ceil(per_cube);
+            }
+            // Unused slots start past the last cube: no cube selects them.
+            while table.len() < SLOT_WORDS * SLOTS {
+                table.extend([u32::MAX as usize, 0, 1, 1, 0, 0, 0, 0]);
+            }
+            (table.into_iter().map(|x| x as u32).collect(), cubes)
+        };
+        let (table, cubes) = slot_table(per_cube);
+        // The norms pass's own layout where its units take NORMS_REPS times more vectors.
+        let norms_per_cube = match self.sums {
+            Sums::PerUnit => per_cube * NORMS_REPS,
+            Sums::PerCube => per_cube,
+        };
+        let (norms_table, norms_cubes) = slot_table(norms_per_cube);
         if len == 0 {
             return Ok(());
         }
@@ -389,11 +400,14 @@ impl MultiTensorStep {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         let key = (group.iter().map(|p| (p.slot, p.start)).collect(), self.sums);
         if let Entry::Vacant(slot) = cache.groups.entry(key.clone()) {
-            let table: Vec<u32> = table.into_iter().map(|x| x as u32).collect();
             // The partial sums, and the per-slot totals the reduction leaves for the update.
             let (partials, totals) = match self.rule.needs_norms() {
                 true => (
-                    Tensor::empty(client, DType::F32, &[2 * SLOTS + 2 * cubes * sums_per_cube])?,
+                    Tensor::empty(
+                        client,
+                        DType::F32,
+                        &[2 * SLOTS + 2 * norms_cubes * sums_per_cube],
+                    )?,
                     Tensor::empty(client, DType::F32, &[2 * SLOTS])?,
                 ),
                 false => (
@@ -402,7 +416,11 @@ impl MultiTensorStep {
                 ),
             };
             let table = upload_u32(client, "slot_table", &table)?;
-            slot.insert((table, partials, totals));
+            let norms_table = match self.rule.needs_norms() && norms_per_cube != per_cube {
+                true => upload_u32(client, "slot_table", &norms_table)?,
+                false => table.clone(),
+            };
+            slot.insert((table, norms_table, partials, totals));
         }
         if let Entry::Vacant(slot) = cache.spares.entry(dtype) {
             // Placeholders hold one vector (never written: no cube selects their slot).
@@ -415,7 +433,7 @@ impl MultiTensorStep {
             // `guard`'s length caps the kernel's vector width.
             slot.insert(Tensor::empty(client, DType::F32, &[width])?);
         }
-        let (table, partials, totals) = cache.groups[&key].clone();
+        let (table, norms_table, partials, totals) = cache.groups[&key].clone();
         let ph = cache.spares[&dtype].clone();
         let guard = cache.guards[&width].clone();
         drop(cache);
@@ -460,9 +478,9 @@ impl MultiTensorStep {
         // 1 - beta and ln(beta) from the f64 values: in f32, 1 - f32(0.999) is 1.3e-5 off.
         let ln = |b: f64| b.ln() as f32;
         let step = |phase: Phase| -> Result<()> {
-            let partials = match phase {
-                Phase::Norms => &partials,
-                Phase::Update => &totals,
+            let (partials, table, cubes) = match phase {
+                Phase::Norms => (&partials, &norms_table, norms_cubes),
+                Phase::Update => (&totals, &table, cubes),
             };
             OptimStep::tuned(
                 client,
@@ -470,7 +488,7 @@ impl MultiTensorStep {
                 &slot_args!(OptimStepArgs, w, g, {
                     state: &self.state,
                     width: &guard,
-                    table: &table,
+                    table,
                     counter: &self.counter,
                     partials,
                     len: len as u32,
@@ -508,9 +526,9 @@ impl MultiTensorStep {
                     partials: &partials,
                     totals: &totals,
                     state: &self.state,
-                    table: &table,
-                    cubes: cubes as u32,
-                    per_cube: per_cube as u32,
+                    table: &norms_table,
+                    cubes: norms_cubes as u32,
+                    per_cube: norms_per_cube as u32,
                     sums_per_cube: sums_per_cube as u32,
                     rule: self.rule,
                 },

@@ -14,6 +14,11 @@ use kiln_dsl::cube_sum;
 pub(super) const STEP_UNITS: usize = 256;
 /// Vectors per unit of the step kernel (its one configuration, `PER = [4]`).
 pub(super) const STEP_PER: usize = 4;
+/// The norms pass with a partial sum per unit (`Sums::PerUnit`, CPU adapters) takes this
+/// many times `PER` vectors a unit: four times fewer partials for the slot reduction to
+/// add (one cube per slot) and fewer stores (lavapipe, AdaGrad-Norm on 4M: the reduction
+/// 4.5 -> 1.8 ms; the update pass keeps `PER`, where more vectors a unit ran slower).
+pub(super) const NORMS_REPS: usize = 4;
 
 kiln_runtime::comptime_enum! {
     /// Which pass of the step kernel runs (a `#[comptime]` specialisation).
@@ -189,11 +194,16 @@ slot_kernel! {
             if comptime!(phase == Phase::Norms && rule == Rule::AdaGradNorm) {
                 reads_p = weight_decay != 0.0;
             }
-            // Each unit updates PER vectors, UNITS apart (consecutive units touch consecutive
-            // vectors): the slot lookup and the step's constants are paid once per PER.
+            // Each unit updates PER vectors (NORMS_REPS times that in a per-unit norms pass),
+            // UNITS apart (consecutive units touch consecutive vectors): the slot lookup and
+            // the step's constants are paid once per unit.
+            let per = comptime!(match phase == Phase::Norms && sums == Sums::PerUnit {
+                true => PER * NORMS_REPS as u32,
+                false => PER,
+            });
             #[unroll]
-            for rep in 0..PER {
-                let e = (cube - first_cube) * comptime!(UNITS * PER) + rep * UNITS + UNIT_POS;
+            for rep in 0..per {
+                let e = (cube - first_cube) * comptime!(UNITS * per) + rep * UNITS + UNIT_POS;
                 let inside = e < nv;
                 // Out-of-slot units read vector 0 (a slot has one, or no cube) and add nothing.
                 let ei = select(inside, e, 0u32);
