@@ -265,9 +265,16 @@ slot_kernel! {
                 let quad = (cube - slot.first_cube) * comptime!(UNITS * PER) + rep * UNITS + UNIT_POS;
                 let s0 = quad * 4u32;
                 if s0 < slot.k {
-                    let mut coords = Vector::<i32, Const<4>>::new(0i32);
+                    // The four slots' coordinates (a whole tensor is its own subset).
+                    let mut es = Vector::<u32, Const<4>>::new(s0);
+                    #[unroll]
+                    for l in 0..4u32 {
+                        es[l as usize] = s0 + l;
+                    }
                     if slot.k < slot.n {
-                        coords = indices[(slot.indices_at / 4u32 + quad) as usize];
+                        es = Vector::<u32, Const<4>>::cast_from(
+                            indices[(slot.indices_at / 4u32 + quad) as usize],
+                        );
                     }
                     let zero = Vector::<f32, Const<4>>::new(0.0f32);
                     let mut g = zero;
@@ -276,10 +283,7 @@ slot_kernel! {
                     for l in 0..4u32 {
                         // Lanes past `k` (the last group's padding) keep g = p = 0.
                         if s0 + l < slot.k {
-                            let mut e = s0 + l;
-                            if slot.k < slot.n {
-                                e = u32::cast_from(coords[l as usize]);
-                            }
+                            let e = es[l as usize];
                             g[l as usize] = f32::cast_from(select_slot(g0, g1, g2, g3, g4, g5, slot.b, e, slots)[0]);
                             if comptime!(master) {
                                 p[l as usize] = masters[(slot.master_at + e) as usize];
@@ -306,10 +310,7 @@ slot_kernel! {
                     #[unroll]
                     for l in 0..4u32 {
                         if s0 + l < slot.k {
-                            let mut e = s0 + l;
-                            if slot.k < slot.n {
-                                e = u32::cast_from(coords[l as usize]);
-                            }
+                            let e = es[l as usize];
                             if comptime!(master) {
                                 masters[(slot.master_at + e) as usize] = q[l as usize];
                             }
