@@ -503,7 +503,10 @@ fn blocks_hold_state_on_whole_tensors_in_turn() {
         // Moments for the active tensors only (each `m` and `v` padded to a multiple of
         // 4 floats), and the f16 tensors' master copies; blocks keep no subsets (a
         // placeholder of one 4-wide vector) nor masks (one word).
-        let moments: usize = active.iter().map(|&i| 2 * p[i].len().next_multiple_of(4)).sum();
+        let moments: usize = active
+            .iter()
+            .map(|&i| 2 * p[i].len().next_multiple_of(4))
+            .sum();
         assert_eq!(
             opt.state_bytes(),
             4 * (moments + 100 + 4099 + 4 + 1),
