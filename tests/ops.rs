@@ -7,6 +7,7 @@ mod common;
 
 use common::client;
 use kiln::check::{max_rel_error, Rng};
+use kiln::kernels::elementwise::{BinaryOp, ElementwiseBinary, ElementwiseBinaryArgs};
 use kiln::kernels::{elementwise, rowwise};
 use kiln::selftest::{cases, run_case, Outcome};
 use kiln::{Client, DType, Error, HostTensor, Tensor};
@@ -189,10 +190,11 @@ fn softmax_more_rows_than_one_grid_dimension() {
 
 #[test]
 fn broadcast_over_several_vectors_a_unit_matches_f64() {
-    // Each unit handles four vectors a grid apart. y's length divides that distance (y
-    // loaded once a unit: 512 x 32, 64 x 2048) or does not (reloaded per vector: 513 x 24,
-    // and 700 x 7, one element a vector). f32 and f16: a sum or product of two values of
-    // the dtype, rounded once from f64 to it, is what the kernel computes in that dtype.
+    // Each unit handles 4 (GPUs) or 16 (CPU adapters) vectors a grid apart; both are
+    // launched here. y's length divides that distance (y loaded once a unit: 512 x 32,
+    // 64 x 2048) or does not (reloaded per vector: 513 x 24, and 700 x 7, one element a
+    // vector). f32 and f16: a sum or product of two values of the dtype, rounded once
+    // from f64 to it, is what the kernel computes in that dtype.
     let mut rng = Rng::new(11);
     for dtype in [DType::F32, DType::F16] {
         let round = |v: &[f64]| {
@@ -223,6 +225,30 @@ fn broadcast_over_several_vectors_a_unit_matches_f64() {
             ] {
                 let got = got.unwrap().download().unwrap().to_f64();
                 assert_eq!(got, round(&want), "{name} {dtype} {rows} x {cols}");
+                // Every declared configuration, whichever the device's own choice is,
+                // each into its own output.
+                let outs: Vec<Tensor> = (0..2)
+                    .map(|_| Tensor::empty(client(), dtype, &[rows, cols]).unwrap())
+                    .collect();
+                let args = |out| ElementwiseBinaryArgs {
+                    x: &xt,
+                    y: &yt,
+                    out,
+                    len: (rows * cols) as u32,
+                    y_len: cols as u32,
+                    op: if name == "add" {
+                        BinaryOp::Add
+                    } else {
+                        BinaryOp::Mul
+                    },
+                };
+                let space = ElementwiseBinary::space(client(), &args(&outs[0]).problem());
+                assert_eq!(space.len(), 2, "PER_UNIT 4 and 16");
+                for (cfg, out) in space.iter().zip(&outs) {
+                    ElementwiseBinary::launch(client(), cfg, &args(out)).unwrap();
+                    let got = out.download().unwrap().to_f64();
+                    assert_eq!(got, round(&want), "{name} {dtype} {rows} x {cols} {cfg:?}");
+                }
             }
         }
     }

@@ -19,7 +19,8 @@ pub use kernels::{
 
 use crate::launch::{check_input, elementwise_cost, x_and_bias, x_only};
 use kiln_runtime::{
-    shape_str, Client, Dtypes, Error, OpArgs, OpSpec, Outputs, Result, Tensor, TensorSpec,
+    shape_str, AdapterType, Client, Dtypes, Error, OpArgs, OpSpec, Outputs, Result, Tensor,
+    TensorSpec,
 };
 
 // ---------------------------------------------------------------- host API
@@ -108,8 +109,17 @@ fn binary(x: &Tensor, y: &Tensor, op: BinaryOp) -> Result<Tensor> {
         y_len: y.numel() as u32,
         op,
     };
-    // One configuration: nothing to tune.
-    let cfg = only_config(ElementwiseBinary::space(client, &args.problem()))?;
+    // Nothing to tune: 16 vectors per unit on CPU adapters, 4 on GPUs (kernels.rs).
+    let per_unit = if client.report().adapter_type == AdapterType::Cpu {
+        16
+    } else {
+        4
+    };
+    let space = ElementwiseBinary::space(client, &args.problem());
+    let cfg = match space.iter().find(|c| c.PER_UNIT == per_unit) {
+        Some(c) => *c,
+        None => only_config(space)?,
+    };
     ElementwiseBinary::launch(client, &cfg, &args)?;
     Ok(out)
 }
