@@ -604,6 +604,24 @@ fn bad_input_is_one_clear_line() {
         moe_gate(&l, &GateOptions::new(2, -1.0)).err().unwrap(),
         &["capacity_factor"],
     );
+    // A capacity past i32 (the capacity output, and [E, C, M] buffers), and E x C slots
+    // past 32-bit indexing: refused by name, not an overflow or a huge allocation.
+    one_line(
+        moe_gate(&l, &GateOptions::new(2, 1e300)).err().unwrap(),
+        &["capacity_factor"],
+    );
+    one_line(
+        MoeRouting::from_tensors(&ids, &locs, None, 2, usize::MAX / 2 + 1)
+            .err()
+            .unwrap(),
+        &["capacity"],
+    );
+    one_line(
+        MoeRouting::from_tensors(&ids, &locs, None, 4, 1 << 40)
+            .err()
+            .unwrap(),
+        &["capacity"],
+    );
     // Shape mismatches.
     let locs = i32s(&[2, 1], &[0.0, 1.0]);
     let r = MoeRouting::from_tensors(&ids, &locs, None, 4, 2).unwrap();

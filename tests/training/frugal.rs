@@ -685,7 +685,9 @@ fn bad_input_is_one_clear_line() {
     assert_clear(with(|c| c.density = 0.0), &["density", "0"]);
     assert_clear(with(|c| c.density = 1.5), &["density", "1.5"]);
     assert_clear(with(|c| c.update_gap = 0), &["update_gap"]);
+    assert_clear(with(|c| c.update_gap = 1 << 32), &["update_gap"]);
     assert_clear(with(|c| c.lr_free = f64::NAN), &["lr_free"]);
+    assert_clear(with(|c| c.lr_free = 1e39), &["lr_free"]);
     let mut opt = Frugal::new(&t, hyper(), FrugalConfig::default()).unwrap();
     let g = up(DType::F32, &[7], &[0.5; 7]);
     assert_clear(opt.step(&t, &g).unwrap_err(), &["grad", "[8]"]);

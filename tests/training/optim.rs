@@ -260,6 +260,62 @@ fn bad_input_is_one_clear_line() {
         .unwrap(),
         &["state", "m, v"],
     );
+    // Values valid in f64 that the kernels' f32 would turn into 0 or inf.
+    for (param, bad) in [
+        (
+            "eps",
+            Hyper {
+                eps: 1e-50,
+                ..Hyper::defaults(Rule::AdamW)
+            },
+        ),
+        (
+            "lr",
+            Hyper {
+                lr: 1e39,
+                ..Hyper::defaults(Rule::AdamW)
+            },
+        ),
+        (
+            "weight_decay",
+            Hyper {
+                weight_decay: 1e39,
+                ..Hyper::defaults(Rule::AdamW)
+            },
+        ),
+    ] {
+        check(
+            MultiTensorStep::new(Rule::AdamW, bad, &[(&w, Block::whole(1))])
+                .err()
+                .unwrap(),
+            &[param],
+        );
+    }
+    // A state list that does not match the weights, and a step past the u32 counter.
+    check(
+        MultiTensorStep::with_state(
+            Rule::AdamW,
+            Hyper::defaults(Rule::AdamW),
+            &[(&w, Block::whole(1))],
+            &[],
+            0,
+        )
+        .err()
+        .unwrap(),
+        &["state", "one entry"],
+    );
+    check(
+        MultiTensorStep::with_state(
+            Rule::AdamW,
+            Hyper::defaults(Rule::AdamW),
+            &[(&w, Block::whole(1))],
+            &[None],
+            1 << 32,
+        )
+        .err()
+        .unwrap(),
+        &["step"],
+    );
 }
 
 #[test]
@@ -389,4 +445,66 @@ fn ragged_contiguous_blocks_match_the_reference() {
             }
         }
     }
+}
+
+/// `kiln run`'s entry points: a bad tensor is named as the user named it (not the copy
+/// each makes), and a shape or value that would overflow is one clear line.
+#[test]
+fn registry_errors_name_the_users_tensor_or_parameter() {
+    use std::collections::BTreeMap;
+    let client = common::client();
+    let call = |op: &str, tensors: &[(&str, Tensor)], params: &[(&str, &str)]| {
+        kiln::kernels::op(op)
+            .unwrap()
+            .call(
+                client,
+                tensors
+                    .iter()
+                    .map(|(n, t)| (n.to_string(), t.clone()))
+                    .collect::<BTreeMap<_, _>>(),
+                params
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.to_string()))
+                    .collect::<BTreeMap<_, _>>(),
+            )
+            .err()
+            .unwrap()
+    };
+    let ints = up(DType::I32, &[4], &[1.0; 4]);
+    let g = up(DType::F32, &[4], &[0.5; 4]);
+    for op in ["adamw", "frugal"] {
+        common::assert_clear(
+            call(op, &[("param", ints.clone()), ("grad", g.clone())], &[]),
+            &["param", "i32"],
+        );
+    }
+    common::assert_clear(
+        call("perturb", &[("param", ints.clone())], &[]),
+        &["param", "i32"],
+    );
+    common::assert_clear(
+        call(
+            "adamw",
+            &[("param", g.clone()), ("grad", g.clone())],
+            &[("step", "4294967296")],
+        ),
+        &["step"],
+    );
+    // s2ft_permute with a rank-0 w_k (its rows fix head_dim).
+    let perm = up(DType::I32, &[2], &[1.0, 0.0]);
+    let scalar = up(DType::F32, &[], &[1.0]);
+    common::assert_clear(
+        call("s2ft_permute", &[("perm", perm), ("w_k", scalar)], &[]),
+        &["w_k", "matrix"],
+    );
+    // moe_gate: a capacity factor whose capacity passes i32.
+    let logits = up(DType::F32, &[4, 2], &[0.0; 8]);
+    common::assert_clear(
+        call(
+            "moe_gate",
+            &[("logits", logits)],
+            &[("capacity_factor", "1e300")],
+        ),
+        &["capacity_factor"],
+    );
 }

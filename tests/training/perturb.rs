@@ -216,6 +216,8 @@ fn bad_input_is_one_clear_line() {
     );
     check(perturb_sum(&[&t], &[], &[]).unwrap_err(), &["seeds"]);
     check(perturb(&[&t], 1, f64::NAN).unwrap_err(), &["eps", "NaN"]);
+    // Finite in f64, infinite as the kernel's f32.
+    check(perturb(&[&t], 1, 1e39).unwrap_err(), &["eps", "f32"]);
     check(
         zo_update(&[&t], &[1], &[1.0], -1.0).unwrap_err(),
         &["lr", "-1"],

@@ -76,6 +76,19 @@ pub(super) fn check_gate(logits: &Tensor, opts: &GateOptions) -> Result<(usize, 
             found: cf.to_string(),
         });
     }
+    // The capacity is an i32 output and sizes `[E, C, M]` buffers: refused where it
+    // would pass i32 (a factor that large keeps every route anyway).
+    let capacity = opts.top_k as f64 * (cf * s.div_ceil(e) as f64).floor();
+    if capacity > i32::MAX as f64 {
+        return Err(Error::Param {
+            param: "capacity_factor".into(),
+            expected: format!(
+                "a capacity top_k floor(cf ceil(S / E)) of at most {} (S = {s}, E = {e})",
+                i32::MAX
+            ),
+            found: cf.to_string(),
+        });
+    }
     check_routes("logits", logits.shape(), s, opts.top_k)?;
     Ok((s, e))
 }

@@ -80,5 +80,6 @@ pub const GATE_EPS: f32 = f32::EPSILON;
 /// `k floor(cf ceil(S / E))`.
 pub fn capacity_for(tokens: usize, experts: usize, top_k: usize, cf: f64) -> usize {
     let per_expert = tokens.div_ceil(experts.max(1));
-    top_k * (cf * per_expert as f64).floor() as usize
+    // Saturating (f64 -> usize casts saturate too): callers bound it (`moe_gate`).
+    top_k.saturating_mul((cf * per_expert as f64).floor() as usize)
 }

@@ -96,6 +96,20 @@ impl MoeRouting {
             g.expect_dtype("gates", &[DType::F32])?;
             crate::launch::expect_shape("gates", g, &[s, k], "[S, k] of expert_ids")?;
         }
+        // The slots `[E, C]` (times M in the dispatched tensor) must be indexable.
+        if num_experts
+            .checked_mul(capacity)
+            .is_none_or(|slots| slots > crate::launch::MAX_ELEMENTS)
+        {
+            return Err(param(
+                "capacity",
+                &format!(
+                    "num_experts x capacity at most {} ({num_experts} experts)",
+                    crate::launch::MAX_ELEMENTS
+                ),
+                &capacity.to_string(),
+            ));
+        }
         let ids = expert_ids.download()?.to_f64();
         let locs = locations.download()?.to_f64();
         let mut used = vec![false; num_experts * capacity];

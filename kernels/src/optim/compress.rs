@@ -181,6 +181,17 @@ pub fn lgreco_plan(
             format!("{} and {} layers", errors.len(), sizes.len()),
         ));
     }
+    // A NaN or infinite error (e.g. from a NaN gradient) would make every plan through
+    // its layer look impossible: refused by name instead.
+    for (l, e) in errors.iter().enumerate() {
+        if let Some(c) = e.iter().position(|x| !x.is_finite()) {
+            return Err(Error::Param {
+                param: "errors".into(),
+                expected: "finite compression errors".into(),
+                found: format!("{} at layer {l}, level {c}", e[c]),
+            });
+        }
+    }
     let buckets = buckets.clamp(1, budget.max(1));
     let step = budget.div_ceil(buckets).max(1);
     let cap = budget / step;

@@ -156,6 +156,21 @@ impl MultiTensorStep {
         steps: u64,
     ) -> Result<Self> {
         hyper.check(rule)?;
+        if state.len() != weights.len() {
+            return Err(Error::Param {
+                param: "state".into(),
+                expected: format!("one entry (or None) per weight, {}", weights.len()),
+                found: state.len().to_string(),
+            });
+        }
+        // The kernel's step counter is u32 and counts the step being taken (`steps + 1`).
+        if steps >= u64::from(u32::MAX) {
+            return Err(Error::Param {
+                param: "step".into(),
+                expected: format!("fewer than {} steps taken", u32::MAX),
+                found: steps.to_string(),
+            });
+        }
         let Some((first, _)) = weights.first() else {
             return Err(Error::Param {
                 param: "params".into(),
@@ -220,6 +235,8 @@ impl MultiTensorStep {
             slots.push(s);
         }
         host.resize(host.len().next_multiple_of(4).max(4), 0.0);
+        // The kernels index the packed state in 32 bits.
+        super::slots::table_words(vec![host.len()])?;
         let state = Tensor::upload(
             &client,
             &HostTensor::from_f64(DType::F32, vec![host.len()], &host)?,
@@ -276,6 +293,13 @@ impl MultiTensorStep {
             expect_shape(&gn, g, &s.shape(), "the block's shape")?;
         }
         self.hyper.check(self.rule)?;
+        if self.steps + 1 >= u64::from(u32::MAX) {
+            return Err(Error::Param {
+                param: "step".into(),
+                expected: format!("fewer than {} steps (a u32 counter)", u32::MAX),
+                found: (self.steps + 1).to_string(),
+            });
+        }
         // Launches of up to SLOTS blocks sharing a dtype and a vector width (so that a
         // ragged block does not hold its neighbours to one element a unit), in order
         // within each kind, never the same weight twice in one launch (its bindings
@@ -340,7 +364,7 @@ impl MultiTensorStep {
         let strided = parts.iter().any(|(_, s)| !s.contiguous());
         let len: usize = parts.iter().map(|(p, _)| p.len).sum();
         // The slot table for `per_cube` elements a cube, and the cube count.
-        let slot_table = |per_cube: usize| -> (Vec<u32>, usize) {
+        let slot_table = |per_cube: usize| -> Result<(Vec<u32>, usize)> {
             let mut table = Vec::with_capacity(SLOT_WORDS * SLOTS);
             let mut cubes = 0usize;
             for (p, s) in &parts {
@@ -366,15 +390,15 @@ impl MultiTensorStep {
             while table.len() < SLOT_WORDS * SLOTS {
                 table.extend([u32::MAX as usize, 0, 1, 1, 0, 0, 0, 0]);
             }
-            (table.into_iter().map(|x| x as u32).collect(), cubes)
+            Ok((super::slots::table_words(table)?, cubes))
         };
-        let (table, cubes) = slot_table(per_cube);
+        let (table, cubes) = slot_table(per_cube)?;
         // The norms pass's own layout where its units take NORMS_REPS times more vectors.
         let norms_per_cube = match self.sums {
             Sums::PerUnit => per_cube * NORMS_REPS,
             Sums::PerCube => per_cube,
         };
-        let (norms_table, norms_cubes) = slot_table(norms_per_cube);
+        let (norms_table, norms_cubes) = slot_table(norms_per_cube)?;
         if len == 0 {
             return Ok(());
         }

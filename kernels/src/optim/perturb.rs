@@ -76,10 +76,14 @@ pub fn perturb_stream(param: &Tensor, stream: u32, seeds: &[u64], coeffs: &[f64]
             found: format!("{} seeds", seeds.len()),
         });
     }
-    if let Some(c) = coeffs.iter().find(|c| !c.is_finite()) {
+    // Finite also as the f32 the kernel multiplies by.
+    if let Some(c) = coeffs
+        .iter()
+        .find(|c| !(c.is_finite() && (**c as f32).is_finite()))
+    {
         return Err(Error::Param {
             param: "eps / projected_grads".into(),
-            expected: "finite numbers".into(),
+            expected: "finite numbers (finite in f32; for zo_update, lr x projected_grads)".into(),
             found: c.to_string(),
         });
     }

@@ -144,8 +144,11 @@ impl Hyper {
             expected: expected.into(),
             found: v.to_string(),
         };
-        if !(self.lr.is_finite() && self.lr >= 0.0) {
-            return Err(bad("lr", "a finite number >= 0", self.lr));
+        // The kernels compute in f32: each value must stay finite there, and `eps` a
+        // normal f32 (a subnormal one may be flushed to 0 on a GPU: 0/0 at a zero gradient).
+        let f32_finite = |v: f64| (v as f32).is_finite();
+        if !(self.lr.is_finite() && self.lr >= 0.0 && f32_finite(self.lr)) {
+            return Err(bad("lr", "a finite number >= 0 (finite in f32)", self.lr));
         }
         let betas: &[(&str, f64)] = match rule {
             Rule::AdaGrad | Rule::AdaGradNorm => &[],
@@ -161,13 +164,23 @@ impl Hyper {
                 return Err(bad(n, "0 <= beta < 1", b));
             }
         }
-        if !(self.eps.is_finite() && self.eps > 0.0) {
-            return Err(bad("eps", "a finite number > 0", self.eps));
+        if !(self.eps.is_finite()
+            && self.eps >= f64::from(f32::MIN_POSITIVE)
+            && f32_finite(self.eps))
+        {
+            return Err(bad(
+                "eps",
+                "a number > 0, a normal f32 (1.2e-38 ..= 3.4e38)",
+                self.eps,
+            ));
         }
-        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+        if !(self.weight_decay.is_finite()
+            && self.weight_decay >= 0.0
+            && f32_finite(self.weight_decay))
+        {
             return Err(bad(
                 "weight_decay",
-                "a finite number >= 0",
+                "a finite number >= 0 (finite in f32)",
                 self.weight_decay,
             ));
         }

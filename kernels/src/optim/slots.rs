@@ -6,7 +6,7 @@
 #![allow(clippy::collapsible_if)] // a `comptime!` outer `if` drops the inner branch from the kernel
 
 use cubecl::prelude::*;
-use kiln_runtime::Tensor;
+use kiln_runtime::{Error, Result, Tensor};
 
 /// A kernel over the launch's [`SLOTS`] slots (WGSL has no arrays of buffers): its
 /// weights `w0..w5` (updated in place) and gradients `g0..g5`, `N`-wide vectors of `F`,
@@ -208,4 +208,24 @@ pub(super) fn store_slot<F: Float, N: Size>(
             }
         }
     }
+}
+
+/// A slot table's words as u32, as the kernels index: an error naming `params` where an
+/// offset into the packed state (or the masters, indices) does not fit, rather than
+/// wrapped offsets (the packed buffers of a launch's tensors can pass 2^32 elements on
+/// devices with large buffers).
+pub(super) fn table_words(table: Vec<usize>) -> Result<Vec<u32>> {
+    table
+        .into_iter()
+        .map(|x| {
+            u32::try_from(x).map_err(|_| Error::Shape {
+                tensor: "params".into(),
+                expected: format!(
+                    "optimizer state, master copies and indices of at most {} elements (32-bit offsets)",
+                    u32::MAX
+                ),
+                found: format!("an offset of {x} elements"),
+            })
+        })
+        .collect()
 }

@@ -43,7 +43,7 @@ fn check_deltas(w0: &Tensor, deltas: &Tensor, rows: bool, start: usize) -> Resul
             }
             Block::Rows {
                 start,
-                end: start + d0,
+                end: block_end(start, d0, out)?,
             }
         }
         false => {
@@ -56,12 +56,24 @@ fn check_deltas(w0: &Tensor, deltas: &Tensor, rows: bool, start: usize) -> Resul
             }
             Block::Columns {
                 start,
-                end: start + d1,
+                end: block_end(start, d1, inp)?,
             }
         }
     };
     block.check("w0", out, inp)?;
     Ok((a, block))
+}
+
+/// `start + len`, where it fits within `limit` rows (columns) of `w0`; else an error naming `start`.
+fn block_end(start: usize, len: usize, limit: usize) -> Result<usize> {
+    match start.checked_add(len) {
+        Some(end) if end <= limit => Ok(end),
+        _ => Err(Error::Param {
+            param: "start".into(),
+            expected: format!("start + {len} (the block) <= {limit} (w0's extent)"),
+            found: start.to_string(),
+        }),
+    }
 }
 
 /// `y = x W0^T` plus each token's fine-tune delta (see the module doc): `x` `[T, in]`,

@@ -210,7 +210,9 @@ pub(super) fn attention_layer(
     causal: bool,
 ) -> Result<Tensor> {
     heads.check()?;
-    let t = x.shape()[0];
+    let &[t, _] = x.shape() else {
+        return Err(shape_err("x", "[T, d]".into(), x.shape()));
+    };
     let hd = heads.head_dim;
     let proj = |wm: &Tensor, h: usize| -> Result<Tensor> {
         matmul(x, wm, true, Epilogue::default())?.reshape(&[1, t, h, hd])

@@ -263,17 +263,24 @@ fn run_permute(_: &Client, a: &OpArgs) -> Result<Outputs> {
     let mut outs: Outputs = Vec::new();
     let attn = ["w_q", "w_k", "w_v", "w_o"].map(|n| a.optional_tensor(n));
     if attn.iter().any(Option::is_some) {
-        let k = attn[1].or(attn[2]).ok_or_else(|| Error::MissingTensor {
-            op: "s2ft_permute".into(),
-            tensor: "w_k".into(),
-            expected: "w_k or w_v with the attention projections (they fix head_dim)".into(),
-        })?;
+        let (k_name, k) = match (attn[1], attn[2]) {
+            (Some(k), _) => ("w_k", k),
+            (None, Some(v)) => ("w_v", v),
+            (None, None) => {
+                return Err(Error::MissingTensor {
+                    op: "s2ft_permute".into(),
+                    tensor: "w_k".into(),
+                    expected: "w_k or w_v with the attention projections (they fix head_dim)"
+                        .into(),
+                })
+            }
+        };
         let head_dim = match a.param("head_dim")?.as_str() {
-            "rows of w_k / U" => k.shape()[0] / p.units().max(1),
+            "rows of w_k / U" => matrix_rows(k_name, k)? / p.units().max(1),
             _ => a.param_as("head_dim")?,
         };
         let heads = match (attn[0], attn[3]) {
-            (Some(q), _) => q.shape()[0] / head_dim.max(1),
+            (Some(q), _) => matrix_rows("w_q", q)? / head_dim.max(1),
             (None, Some(o)) if o.rank() == 2 => o.shape()[1] / head_dim.max(1),
             _ => p.units(),
         };
@@ -359,11 +366,11 @@ fn run_verify(client: &Client, a: &OpArgs) -> Result<Outputs> {
             w_o: a.tensor("w_o")?,
         };
         let head_dim = match a.param("head_dim")?.as_str() {
-            "rows of w_k / U" => w.w_k.shape()[0] / p.units().max(1),
+            "rows of w_k / U" => matrix_rows("w_k", w.w_k)? / p.units().max(1),
             _ => a.param_as("head_dim")?,
         };
         let heads = HeadLayout {
-            heads: w.w_q.shape()[0] / head_dim.max(1),
+            heads: matrix_rows("w_q", w.w_q)? / head_dim.max(1),
             kv_heads: p.units(),
             head_dim,
         };
@@ -640,3 +647,11 @@ kiln_runtime::register_op!(
     S2FT_ADAPTER_FORWARD,
     S2FT_MERGE
 );
+
+/// The rows of `t`, which must be a matrix (an error names it otherwise).
+fn matrix_rows(name: &str, t: &Tensor) -> Result<usize> {
+    match t.shape() {
+        &[rows, _] => Ok(rows),
+        shape => Err(shape_err(name, "a matrix [rows, cols]".into(), shape)),
+    }
+}

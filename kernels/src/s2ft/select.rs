@@ -66,6 +66,13 @@ impl S2ftPermutation {
     /// The permutation of `num_units` units that places the sets `a` and `b` (distinct
     /// units `< num_units` each) in the S²FT order. Errors name `units_a` / `units_b`.
     pub fn from_sets(num_units: usize, a: &[usize], b: &[usize]) -> Result<Self> {
+        if num_units > crate::launch::MAX_ELEMENTS {
+            return Err(Error::Param {
+                param: "num_units".into(),
+                expected: format!("at most {}", crate::launch::MAX_ELEMENTS),
+                found: num_units.to_string(),
+            });
+        }
         let mark = |name: &str, set: &[usize]| -> Result<Vec<bool>> {
             let mut m = vec![false; num_units];
             for &u in set {
@@ -168,6 +175,28 @@ pub fn s2ft_select(
             param: "unit_size".into(),
             expected: ">= 1".into(),
             found: "0".into(),
+        });
+    }
+    // The permutation is i32 and held on the host (one word per unit), and the units'
+    // rows (columns) index a tensor: both bounded like every tensor kiln launches on.
+    if num_units > crate::launch::MAX_ELEMENTS {
+        return Err(Error::Param {
+            param: "num_units".into(),
+            expected: format!("at most {}", crate::launch::MAX_ELEMENTS),
+            found: num_units.to_string(),
+        });
+    }
+    if num_units
+        .checked_mul(unit_size)
+        .is_none_or(|rows| rows > crate::launch::MAX_ELEMENTS)
+    {
+        return Err(Error::Param {
+            param: "unit_size".into(),
+            expected: format!(
+                "num_units x unit_size at most {} ({num_units} units)",
+                crate::launch::MAX_ELEMENTS
+            ),
+            found: unit_size.to_string(),
         });
     }
     let (a, b) = match strategy {

@@ -71,6 +71,25 @@ fn bad_input_is_one_clear_line() {
         s2ft_merge(&w, &deltas, 0, true, 8, false).unwrap_err(),
         &["start", "10"],
     );
+    // Past usize: an error naming start, not an overflow.
+    one_line(
+        s2ft_merge(&w, &deltas, 0, true, usize::MAX, false).unwrap_err(),
+        &["start"],
+    );
+    // Unit counts past 32-bit indexing (the permutation is i32): refused before any
+    // allocation; num_units x unit_size past usize too.
+    one_line(
+        s2ft_select(1 << 40, 1, 1, 1, &Strategy::Random { seed: 0 }).unwrap_err(),
+        &["num_units"],
+    );
+    one_line(
+        s2ft_select(2, usize::MAX / 2 + 1, 1, 1, &Strategy::Random { seed: 0 }).unwrap_err(),
+        &["unit_size"],
+    );
+    one_line(
+        S2ftPermutation::from_sets(1 << 40, &[0], &[1]).unwrap_err(),
+        &["num_units"],
+    );
     let dy = t32(&[2, 10], &[0.0; 20]);
     one_line(
         s2ft_partial_backward(&dy, &x, None, Block::Rows { start: 4, end: 12 }).unwrap_err(),

@@ -152,13 +152,19 @@ impl FrugalConfig {
         if !(self.density > 0.0 && self.density <= 1.0) {
             return Err(bad("density", "0 < density <= 1", self.density.to_string()));
         }
-        if self.update_gap == 0 {
-            return Err(bad("update_gap", ">= 1", "0".into()));
+        // The step within a subspace is a u32 counter on the device.
+        if self.update_gap == 0 || self.update_gap > u64::from(u32::MAX) {
+            return Err(bad(
+                "update_gap",
+                &format!(">= 1 and at most {} (a u32 counter)", u32::MAX),
+                self.update_gap.to_string(),
+            ));
         }
-        if !(self.lr_free.is_finite() && self.lr_free >= 0.0) {
+        // Finite also as the f32 the kernels compute with.
+        if !(self.lr_free.is_finite() && self.lr_free >= 0.0 && (self.lr_free as f32).is_finite()) {
             return Err(bad(
                 "lr_free",
-                "a finite number >= 0",
+                "a finite number >= 0 (finite in f32)",
                 self.lr_free.to_string(),
             ));
         }
@@ -831,7 +837,7 @@ fn slot_table(
     while table.len() < SLOT_WORDS * SLOTS {
         table.extend([u32::MAX as usize, 0, 0, 0, 0, 0, 0, 0]);
     }
-    let table: Vec<u32> = table.into_iter().map(|x| x as u32).collect();
+    let table = crate::optim::slots::table_words(table)?;
     Ok((upload_u32(client, "slot_table", &table)?, cubes))
 }
 

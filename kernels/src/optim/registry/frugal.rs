@@ -53,6 +53,7 @@ impl Prepared {
 /// The optimizer over a copy of `param` (in param's shape), from `kiln run`'s arguments.
 fn prepare_frugal(a: &OpArgs) -> Result<(Prepared, Tensor)> {
     let given = a.tensor("param")?;
+    crate::launch::check_input("param", given, given.client())?;
     let flat = given.reshape(&[1, given.numel()])?;
     let param = crate::rows::slice_rows(&flat, 0, 0, 1, given.dtype())?.reshape(given.shape())?;
     let hyper = Hyper {

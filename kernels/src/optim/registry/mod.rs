@@ -86,6 +86,8 @@ fn prepare_step(
     block_of: impl FnOnce(usize, usize) -> Result<Block>,
 ) -> Result<Prepared> {
     let given = a.tensor("param")?;
+    // Checked here, so that an error names `param`, not the copy's source.
+    crate::launch::check_input("param", given, given.client())?;
     let vector = given.rank() == 1;
     let to_2d = |t: &Tensor| -> Result<Tensor> {
         match t.rank() {

@@ -22,8 +22,9 @@ fn perturb_in_place(
     Ok(Box::new(move || f(&param, stream)))
 }
 
-/// A `[1, n]` copy of `t`.
+/// A `[1, n]` copy of `param` `t` (checked as `param` first).
 fn flat_copy(t: &Tensor) -> Result<Tensor> {
+    crate::launch::check_input("param", t, t.client())?;
     crate::rows::slice_rows(&t.reshape(&[1, t.numel()])?, 0, 0, 1, t.dtype())
 }
 
