@@ -453,6 +453,21 @@ fn bad_input_is_one_clear_line() {
             },
             "temperature",
         ),
+        // Finite in f64, but 0 or inf (scale / T) in the kernels' f32.
+        (
+            AttentionOptions {
+                temperature: 1e-40,
+                ..Default::default()
+            },
+            "temperature",
+        ),
+        (
+            AttentionOptions {
+                temperature: 1e39,
+                ..Default::default()
+            },
+            "temperature",
+        ),
         (
             AttentionOptions {
                 lse_scale: -1.0,

@@ -467,6 +467,33 @@ fn vector_array_arguments_run_check_and_emit() {
             && e.to_string().contains("divisible by 4"),
         "{e}"
     );
+    // A grid past the device's cube count per dimension is refused before the dispatch
+    // (wgpu would panic on it), naming the kernel and the limits. The tensors are
+    // small: nothing is launched.
+    let max_x = client().report().max_cube_count.0;
+    if max_x < u32::MAX {
+        let n4 = (u64::from(max_x) + 1) * u64::from(cfg.UNITS);
+        if let Ok(n4) = u32::try_from(n4) {
+            let e = AxpyV4::launch(
+                client(),
+                &cfg,
+                &AxpyV4Args {
+                    x: &t8,
+                    y: &t8,
+                    out: &t8,
+                    n4,
+                    a: 0.5,
+                },
+            )
+            .unwrap_err();
+            assert!(
+                matches!(&e, Error::Unsupported { .. })
+                    && e.to_string().contains("test_axpy_v4")
+                    && e.to_string().contains(&max_x.to_string()),
+                "{e}"
+            );
+        }
+    }
     // The emitted WGSL binds the arrays as vectors.
     let cfg = KernelConfig::new(&AXPY_V4_KERNEL, BTreeMap::new()).unwrap();
     let src = emit(&AXPY_V4_KERNEL, Target::Wgsl, &cfg).unwrap().source;

@@ -374,6 +374,35 @@ fn host_tensor_bytes_must_match_its_shape() {
 }
 
 #[test]
+fn shapes_past_32_bit_indexing_are_refused_by_name() {
+    // Products past usize, counts past i32, and one huge dimension beside a zero one:
+    // errors naming the tensor, not an overflow or a huge allocation.
+    for shape in [
+        vec![1usize << 32, 1 << 32],
+        vec![1 << 31, 2],
+        vec![1 << 40, 0],
+    ] {
+        let e = HostTensor::from_bytes(DType::F32, shape.clone(), vec![]).unwrap_err();
+        assert!(
+            matches!(&e, Error::Shape { tensor, .. } if tensor == "data"),
+            "{shape:?}: {e}"
+        );
+        let e = HostTensor::from_f64(DType::F32, shape.clone(), &[]).unwrap_err();
+        assert!(
+            matches!(&e, Error::Shape { tensor, .. } if tensor == "values"),
+            "{e}"
+        );
+        let e = Tensor::empty(client(), DType::F32, &shape).err().unwrap();
+        assert!(
+            matches!(&e, Error::Shape { tensor, .. } if tensor == "output"),
+            "{e}"
+        );
+    }
+    let x = upload_f64(vec![2, 3], &[0.0; 6]);
+    assert!(matches!(x.reshape(&[1 << 40, 0]), Err(Error::Shape { .. })));
+}
+
+#[test]
 fn registry_errors_name_what_is_missing() {
     let op = kiln::kernels::op("add").unwrap();
     let mut tensors = BTreeMap::new();

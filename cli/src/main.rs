@@ -116,8 +116,8 @@ enum Command {
         /// Device (default: $KILN_DEVICE or auto).
         #[arg(long)]
         device: Option<String>,
-        /// Timed runs (the median is reported), at least 1.
-        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+        /// Timed runs (the median is reported), 1 to 100000.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         samples: u32,
         /// Operator parameter (repeatable), as for `kiln run`.
         #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -163,8 +163,8 @@ enum Command {
         /// cuda:0..N-1 where there are N, else every rank on cuda:0 if NCCL allows it).
         #[arg(long, default_value = "host")]
         backend: String,
-        /// Number of ranks, at least 1.
-        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+        /// Number of ranks, 1 to 1024 (one thread each).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=1024))]
         ranks: u32,
         /// Device of every rank for `host` (default: $KILN_DEVICE or auto).
         #[arg(long)]

@@ -22,13 +22,21 @@ struct Seen {
 pub fn parse_shape(s: &str) -> Result<Vec<usize>> {
     let dims: Option<Vec<usize>> = s
         .split(['x', 'X', ','])
-        .map(|d| d.trim().parse::<usize>().ok().filter(|&d| d > 0))
+        .map(|d| {
+            d.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|&d| d > 0 && d <= kiln::MAX_ELEMENTS)
+        })
         .collect();
     match dims {
         Some(d) if !d.is_empty() => Ok(d),
         _ => Err(Error::Param {
             param: "--shape".into(),
-            expected: "positive dimensions like 2048x2048".into(),
+            expected: format!(
+                "positive dimensions like 2048x2048, each at most {}",
+                kiln::MAX_ELEMENTS
+            ),
             found: s.into(),
         }),
     }

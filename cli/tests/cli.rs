@@ -262,6 +262,17 @@ fn kiln_tune_twice_hits_the_cache() {
     let bad = kiln(&["tune", "softmax", "--shape", "64xQ"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--shape"));
+    // Dimensions past 32-bit indexing, and shapes whose product is: refused before any
+    // input is built on the host.
+    for shape in ["4294967296x4294967296", "100000x100000"] {
+        let bad = kiln(&["bench", "softmax", "--shape", shape]);
+        assert_eq!(bad.status.code(), Some(2), "{shape}");
+        let err = String::from_utf8_lossy(&bad.stderr).to_string();
+        assert!(
+            err.contains("--shape") || err.contains("2147483647"),
+            "{shape}: {err}"
+        );
+    }
 }
 
 /// `kiln bench` times an optimizer step in place (set up once, the step repeated, as in

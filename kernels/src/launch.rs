@@ -5,7 +5,7 @@ use kiln_runtime::{shape_str, Client, DType, Error, HostTensor, Result, Tensor};
 
 /// Most elements a kernel input may have: kernels index in 32 bits, and grid-stride
 /// offsets may reach twice the length before the bounds check.
-pub const MAX_ELEMENTS: usize = i32::MAX as usize;
+pub const MAX_ELEMENTS: usize = kiln_runtime::MAX_ELEMENTS;
 
 /// The checks every float operator input gets: a float dtype the device has, lives on
 /// `client`'s device, contiguous, and at most [`MAX_ELEMENTS`] elements. Errors name
@@ -14,13 +14,8 @@ pub fn check_input(name: &str, t: &Tensor, client: &Client) -> Result<()> {
     t.expect_dtype(name, &DType::FLOATS)?;
     client.require_dtype(name, t.dtype())?;
     t.expect_usable(name, client)?;
-    if t.numel() > MAX_ELEMENTS {
-        return Err(Error::Shape {
-            tensor: name.into(),
-            expected: format!("at most {MAX_ELEMENTS} elements (32-bit indexing)"),
-            found: format!("{} elements, shape {:?}", t.numel(), t.shape()),
-        });
-    }
+    // Also each dimension: an empty tensor's others must not size host work either.
+    kiln_runtime::checked_numel(name, t.shape(), t.dtype())?;
     Ok(())
 }
 

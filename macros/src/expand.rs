@@ -318,12 +318,14 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
     let bind_tunables = quote!(#(let #tunables: u32 = cfg.#tunables;)*);
     let bind_scalars: Vec<TokenStream> =
         scalars.iter().map(|(n, _)| quote!(let #n = #n;)).collect();
-    let grid_exprs: Vec<TokenStream> = grid.iter().map(|e| quote!(((#e) as u32))).collect();
+    // The grid in u64, checked against the device's limits at launch before it becomes
+    // the u32 cube count (wgpu panics on a dispatch past its limits).
+    let grid_exprs: Vec<TokenStream> = grid.iter().map(|e| quote!(((#e) as u64))).collect();
     let cube_exprs: Vec<TokenStream> = cube.iter().map(|e| quote!(((#e) as u32))).collect();
-    let count = match grid_exprs.len() {
-        1 => quote!(#rt::cubecl::prelude::CubeCount::Static(#(#grid_exprs)*, 1, 1)),
-        2 => quote!(#rt::cubecl::prelude::CubeCount::Static(#(#grid_exprs),*, 1)),
-        _ => quote!(#rt::cubecl::prelude::CubeCount::Static(#(#grid_exprs),*)),
+    let grid3 = match grid_exprs.len() {
+        1 => quote!([#(#grid_exprs)*, 1u64, 1u64]),
+        2 => quote!([#(#grid_exprs),*, 1u64]),
+        _ => quote!([#(#grid_exprs),*]),
     };
     let cube_units = quote!(1u32 #(* #cube_exprs)*);
     let cube_dim = match cube_exprs.len() {
@@ -888,7 +890,18 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
                     });
                 }
                 #bind_vector
-                let mut __count = #count;
+                let __grid: [u64; 3] = #grid3;
+                let __max = device.max_cube_count;
+                if __grid[0] > u64::from(__max.0) || __grid[1] > u64::from(__max.1) || __grid[2] > u64::from(__max.2) {
+                    return Err(#rt::Error::Unsupported {
+                        device: device.name.clone(),
+                        feature: format!(
+                            "a grid of {} x {} x {} cubes for kernel `{}` ({}): at most {} x {} x {} (a smaller problem, or one split into parts)",
+                            __grid[0], __grid[1], __grid[2], #reg_name, Self::label(cfg), __max.0, __max.1, __max.2
+                        ),
+                    });
+                }
+                let mut __count = #rt::cubecl::prelude::CubeCount::Static(__grid[0] as u32, __grid[1] as u32, __grid[2] as u32);
                 if !whole {
                     match __count {
                         #rt::cubecl::prelude::CubeCount::Static(x, y, z) if x > 0 && y > 0 && z > 0 => {

@@ -146,9 +146,10 @@ pub fn example_inputs_seeded(
     let mut rng = Rng::new(seed);
     let mut hosts = std::collections::BTreeMap::new();
     for (name, shape) in (spec.example_inputs)(dims)? {
-        let n = shape.iter().product();
         let tspec = spec.inputs.iter().find(|t| t.name == name);
         let t = tspec.map_or(dtype, |t| t.example_dtype(dtype));
+        // Refused before any value is generated (a huge --shape is not built on the host).
+        let n = crate::checked_numel(name, &shape, t)?;
         let example = tspec.map_or(ExampleValues::Normal, |t| t.example);
         let cols = shape.last().copied().unwrap_or(1).max(1);
         let values: Vec<f64> = match t {

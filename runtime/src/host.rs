@@ -20,7 +20,7 @@ pub struct HostTensor {
 impl HostTensor {
     /// Wraps raw little-endian bytes; errors when the byte count does not match the shape.
     pub fn from_bytes(dtype: DType, shape: Vec<usize>, data: Vec<u8>) -> Result<Self> {
-        let numel: usize = shape.iter().product();
+        let numel = crate::checked_numel("data", &shape, dtype)?;
         if data.len() != numel * dtype.size() {
             return Err(Error::Shape {
                 tensor: "data".into(),
@@ -33,7 +33,7 @@ impl HostTensor {
 
     /// Converts f64 values to `dtype` (round to nearest even for floats; saturating for ints).
     pub fn from_f64(dtype: DType, shape: Vec<usize>, values: &[f64]) -> Result<Self> {
-        let numel: usize = shape.iter().product();
+        let numel = crate::checked_numel("values", &shape, dtype)?;
         if values.len() != numel {
             return Err(Error::Shape {
                 tensor: "values".into(),

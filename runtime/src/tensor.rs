@@ -16,13 +16,41 @@ pub struct Tensor {
     strides: Vec<usize>,
 }
 
-/// Row-major strides (in elements) for a shape.
+/// Row-major strides (in elements) for a shape (saturating: only an empty tensor, whose
+/// strides are never used, can have a product past `usize` once [`checked_numel`] passed).
 pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
-    let mut strides = vec![1; shape.len()];
+    let mut strides = vec![1usize; shape.len()];
     for i in (0..shape.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * shape[i + 1];
+        strides[i] = strides[i + 1].saturating_mul(shape[i + 1]);
     }
     strides
+}
+
+/// Most elements in one dimension, and in one non-empty tensor: kernels index in 32 bits
+/// (signed, as WGSL's and CUDA's `int`).
+pub const MAX_ELEMENTS: usize = i32::MAX as usize;
+
+/// The element count of `shape` for a tensor named `name` of `dtype`: an error naming it
+/// where a dimension or the count passes [`MAX_ELEMENTS`] (also when another dimension
+/// is 0: a `[2^40, 0]` tensor is refused, not allocated around) or the bytes pass `usize`.
+pub fn checked_numel(name: &str, shape: &[usize], dtype: DType) -> Result<usize> {
+    let refuse = |what: String| Error::Shape {
+        tensor: name.into(),
+        expected: format!("at most {MAX_ELEMENTS} elements, and per dimension (32-bit indexing)"),
+        found: what,
+    };
+    if let Some(d) = shape.iter().find(|&&d| d > MAX_ELEMENTS) {
+        return Err(refuse(format!(
+            "a dimension of {d} in {}",
+            shape_str(shape)
+        )));
+    }
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= MAX_ELEMENTS && n.checked_mul(dtype.size()).is_some())
+        .ok_or_else(|| refuse(format!("shape {}", shape_str(shape))))?;
+    Ok(numel)
 }
 
 /// Bytes actually allocated for `n` bytes of data: wgpu binds buffers in 4-byte
@@ -69,7 +97,7 @@ impl Tensor {
     /// An uninitialized contiguous tensor.
     pub fn empty(client: &Client, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         client.require_dtype("output", dtype)?;
-        let numel: usize = shape.iter().product();
+        let numel = checked_numel("output", shape, dtype)?;
         client.require_buffer("output", numel * dtype.size())?;
         let handle = dispatch!(client, c => c.empty(padded(numel * dtype.size())));
         Ok(Tensor {
@@ -134,7 +162,7 @@ impl Tensor {
 
     /// The same buffer seen with another shape of equal element count (no copy).
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
-        let numel: usize = shape.iter().product();
+        let numel = checked_numel("reshape", shape, self.dtype)?;
         if numel != self.numel() || !self.is_contiguous() {
             return Err(Error::Shape {
                 tensor: "reshape".into(),

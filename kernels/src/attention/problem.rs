@@ -187,7 +187,11 @@ pub(super) fn check(inp: &AttentionInputs<'_>, opts: &AttentionOptions) -> Resul
         });
     }
     // Indices are 32-bit inside the kernels (the inputs are bounded by check_input).
-    if b * sq * heads * dv > crate::launch::MAX_ELEMENTS {
+    if [b, sq, heads, dv]
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .is_none_or(|n| n > crate::launch::MAX_ELEMENTS)
+    {
         return Err(shape_err(
             "v",
             format!(
@@ -215,4 +219,32 @@ pub(super) fn check(inp: &AttentionInputs<'_>, opts: &AttentionOptions) -> Resul
         temperature: positive("temperature", opts.temperature)?,
         lse_scale: positive("lse_scale", opts.lse_scale)?,
     })
+    .and_then(in_f32)
+}
+
+/// The kernels compute in f32: `T`, `scale / T` and `ln(lse_scale)` must be finite and
+/// `T` normal there (else `out` and `lse` would come back inf or NaN).
+fn in_f32(p: Problem) -> Result<Problem> {
+    let normal = |x: f64| {
+        let v = x as f32;
+        v.is_finite() && v.abs() >= f32::MIN_POSITIVE
+    };
+    if !normal(p.temperature) || !((p.scale / p.temperature) as f32).is_finite() {
+        return Err(Error::Param {
+            param: "temperature".into(),
+            expected: format!(
+                "a normal f32 > 0 with scale / temperature finite in f32 (scale {})",
+                p.scale
+            ),
+            found: p.temperature.to_string(),
+        });
+    }
+    if !(p.lse_scale.ln() as f32).is_finite() {
+        return Err(Error::Param {
+            param: "lse_scale".into(),
+            expected: "a number > 0 whose ln is finite in f32".into(),
+            found: p.lse_scale.to_string(),
+        });
+    }
+    Ok(p)
 }

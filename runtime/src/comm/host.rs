@@ -127,7 +127,8 @@ impl HostComm {
 
     /// The next message from `from` to this rank, waiting at most the timeout.
     fn take(&self, op: &str, from: usize) -> Result<Msg> {
-        let deadline = Instant::now() + self.hub.timeout;
+        // A timeout past what `Instant` can hold waits without a deadline.
+        let deadline = Instant::now().checked_add(self.hub.timeout);
         let mut s = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(m) = s
@@ -141,7 +142,7 @@ impl HostComm {
                 return Err(self.err(op, from, "the peer dropped out"));
             }
             let now = Instant::now();
-            if now >= deadline {
+            if deadline.is_some_and(|d| now >= d) {
                 return Err(self.err(
                     op,
                     from,
@@ -154,7 +155,7 @@ impl HostComm {
             s = self
                 .hub
                 .changed
-                .wait_timeout(s, deadline - now)
+                .wait_timeout(s, deadline.map_or(Duration::from_secs(3600), |d| d - now))
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }

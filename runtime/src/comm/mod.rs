@@ -109,8 +109,8 @@ pub(crate) fn rank1(t: &Tensor, op: &str) -> Result<()> {
 
 /// `all_to_all`'s split: one row count per rank, summing to the input's rows.
 pub(crate) fn check_send_rows(world: usize, t: &Tensor, send_rows: &[usize]) -> Result<()> {
-    let total: usize = send_rows.iter().sum();
-    if send_rows.len() != world || total != t.shape()[0] {
+    let total = send_rows.iter().try_fold(0usize, |a, &r| a.checked_add(r));
+    if send_rows.len() != world || total != Some(t.shape()[0]) {
         return Err(Error::Param {
             param: "send_rows".into(),
             expected: format!(

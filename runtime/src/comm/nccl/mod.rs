@@ -229,6 +229,14 @@ impl RankEnv {
             })?;
         let rank = number("KILN_RANK")?;
         let world_size = number("KILN_WORLD_SIZE")?;
+        // NCCL counts ranks in a C int.
+        if world_size > i32::MAX as usize {
+            return Err(Error::Param {
+                param: "KILN_WORLD_SIZE".into(),
+                expected: format!("1 ..= {}", i32::MAX),
+                found: world_size.to_string(),
+            });
+        }
         if world_size == 0 || rank >= world_size {
             return Err(Error::Param {
                 param: "KILN_RANK".into(),

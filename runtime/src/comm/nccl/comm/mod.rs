@@ -227,7 +227,8 @@ impl NcclComm {
         self.ctx.bind_to_thread().map_err(driver)?;
         post(self.nccl, self.comm.0, self.stream.cu_stream())
             .map_err(|m| self.fail(op, peer, m))?;
-        let deadline = Instant::now() + self.timeout;
+        // A timeout past what `Instant` can hold waits without a deadline.
+        let deadline = Instant::now().checked_add(self.timeout);
         let mut pause = Duration::from_micros(5);
         loop {
             // SAFETY: the stream is this communicator's own and alive.
@@ -240,7 +241,7 @@ impl NcclComm {
             if let Err(m) = self.nccl.async_error(self.comm.0) {
                 return Err(self.fail(op, peer, m));
             }
-            if Instant::now() >= deadline {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Err(self.fail(
                     op,
                     peer,
