@@ -173,7 +173,15 @@ pub(super) fn cube_histogram(packed: &Array<u32>, hist: &mut Array<u32>, cube: u
 
 /// [`cube_histogram`] of the counters in `packed[words ..]` through `table` (shared
 /// memory of `BINS * CUBE`, which a caller reusing it must let every unit finish reading
-/// first: a `sync_cube`), to `hist[at + cube BINS ..]`.
+/// first: a `sync_cube`), to `hist[at + cube BINS ..]`. Every unit must call it.
+///
+/// The units' counters move as their packed words (four 8-bit counters each, at most
+/// `PER_UNIT` < 256 a counter): each unit stores its `BINS / 4` words; then each of the
+/// `CUBE` units adds `REDUCE_FAN` units' copies of one word as two words of 16-bit lanes
+/// (the even and the odd bytes; at most `REDUCE_FAN · 255` a lane); then `BINS / 2` units
+/// add those over the cube (at most `CHUNK` < 2^16 a lane) and write two bins each. Two
+/// barriers and a sixth of the shared-memory accesses of one counter at a time, which on
+/// a CPU adapter are each a loop over the SIMD lanes.
 #[cube]
 pub(super) fn cube_histogram_in(
     packed: &Array<u32>,
@@ -184,32 +192,52 @@ pub(super) fn cube_histogram_in(
     cube: u32,
     cubes: u32,
 ) {
+    let packed_words = comptime!(BINS / 4);
     #[unroll]
-    for b in 0..comptime!(BINS) {
-        let count = (packed[(words + b / 4) as usize] >> ((b % 4) * 8)) & 255u32;
-        table[(b * comptime!(CUBE) + UNIT_POS) as usize] = count;
+    for w in 0..packed_words {
+        table[(w * comptime!(CUBE) + UNIT_POS) as usize] = packed[(words + w) as usize];
     }
     sync_cube();
-    // Unit u: bin u % BINS over the 16 columns of group u / BINS.
-    let bin = UNIT_POS % comptime!(BINS);
-    let group = UNIT_POS / comptime!(BINS);
-    let mut partial = 0u32;
-    #[unroll]
-    for i in 0..comptime!(CUBE / BINS) {
-        partial += table[(bin * comptime!(CUBE) + group * comptime!(CUBE / BINS) + i) as usize];
-    }
-    sync_cube();
-    table[UNIT_POS as usize] = partial;
-    sync_cube();
-    if cube < cubes && UNIT_POS < comptime!(BINS) {
-        let mut total = 0u32;
+    // Unit u: word u / GROUPS of the units REDUCE_FAN (u % GROUPS) ..+ REDUCE_FAN.
+    let groups = comptime!(CUBE / REDUCE_FAN);
+    let w = UNIT_POS / groups;
+    let g = UNIT_POS % groups;
+    let mut even = 0u32;
+    let mut odd = 0u32;
+    if w < packed_words {
         #[unroll]
-        for g in 0..comptime!(CUBE / BINS) {
-            total += table[(g * comptime!(BINS) + UNIT_POS) as usize];
+        for i in 0..comptime!(REDUCE_FAN) {
+            let x = table[(w * comptime!(CUBE) + g * comptime!(REDUCE_FAN) + i) as usize];
+            even += x & 0x00FF_00FFu32;
+            odd += (x >> 8u32) & 0x00FF_00FFu32;
         }
-        hist[(at + cube * comptime!(BINS) + UNIT_POS) as usize] = total;
+        // Past the first `packed_words · CUBE` words, which this step is still reading.
+        let out = comptime!(BINS / 4 * CUBE) + 2u32 * (w * groups + g);
+        table[out as usize] = even;
+        table[(out + 1u32) as usize] = odd;
+    }
+    sync_cube();
+    // Unit v < BINS / 2: word v / 2, its even (v even) or odd bytes, over the groups:
+    // bins 4 (v / 2) + v % 2 (lane 0) and + 2 (lane 1).
+    if cube < cubes && UNIT_POS < comptime!(BINS / 2) {
+        let w = UNIT_POS / 2u32;
+        let parity = UNIT_POS % 2u32;
+        let mut lanes = 0u32;
+        for gi in 0..groups {
+            lanes +=
+                table[(comptime!(BINS / 4 * CUBE) + 2u32 * (w * groups + gi) + parity) as usize];
+        }
+        let bin = 4u32 * w + parity;
+        hist[(at + cube * comptime!(BINS) + bin) as usize] = lanes & 65535u32;
+        hist[(at + cube * comptime!(BINS) + bin + 2u32) as usize] = lanes >> 16u32;
     }
 }
+
+/// Units whose copies of a packed counter word one unit adds in [`cube_histogram_in`]'s
+/// second step (`CUBE / REDUCE_FAN` groups a word).
+const REDUCE_FAN: u32 = 4;
+const _: () =
+    assert!(REDUCE_FAN * 255 < 65536 && CHUNK < 65536 && (BINS / 4) * (CUBE / REDUCE_FAN) <= CUBE);
 
 /// The first digits (of magnitude keys: `|a|` in [2^-31, 2) and [2, 2^33)) under which
 /// the keys pass also counts the second digit, so that the full pass that would count
