@@ -714,12 +714,16 @@ pub fn topk_keys<F: Float, N: Size>(
 ) {
     let nw = N::value().comptime() as u32;
     let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
-    let mut packed = Array::<u32>::new(comptime!((BINS / 4) as usize));
-    radix::clear_counters(&mut packed);
-    let mut second = Array::<u32>::new(comptime!((BINS / 2) as usize));
+    // The first digit's packed counters, then (magnitude keys) the second digit's under
+    // the two speculated first digits: reduced over the cube together.
+    let words = comptime!(match source == KeySource::Magnitude {
+        true => BINS / 4 + BINS / 2,
+        false => BINS / 4,
+    });
+    let mut packed = Array::<u32>::new(comptime!(words as usize));
     #[unroll]
-    for w in 0..comptime!(BINS / 2) {
-        second[w as usize] = 0u32;
+    for w in 0..words {
+        packed[w as usize] = 0u32;
     }
     let (unit_step, j_step) = unit_layout(contiguous, comptime!(PER_UNIT / nw), comptime!(CUBE));
     for j in 0..comptime!(PER_UNIT / nw) {
@@ -764,20 +768,24 @@ pub fn topk_keys<F: Float, N: Size>(
                 let key = kv[l as usize];
                 radix::count_digit(&mut packed, key, first + l < n, comptime!(32 - DIGIT_BITS));
                 if comptime!(source == KeySource::Magnitude) {
-                    radix::count_second_digit(&mut second, key, first + l < n);
+                    radix::count_second_digit(&mut packed, comptime!(BINS / 4), key, first + l < n);
                 }
             }
         }
     }
-    // One table for the three histograms, each read whole before the next fills it.
+    // The three histograms in one reduction (two barriers).
     let mut table = SharedMemory::<u32>::new(comptime!((BINS * CUBE) as usize));
-    radix::cube_histogram_in(&packed, 0u32, &mut table, hist, 0u32, cube, cubes);
+    radix::reduce_counter_words(&packed, words, &mut table);
+    radix::write_bins(&table, words, 0u32, comptime!(BINS / 4), hist, cube, cubes);
     if comptime!(source == KeySource::Magnitude) {
-        #[unroll]
-        for half in 0..2u32 {
-            sync_cube();
-            let at = half * cubes * comptime!(BINS);
-            radix::cube_histogram_in(&second, half * 4u32, &mut table, spec, at, cube, cubes);
-        }
+        radix::write_bins(
+            &table,
+            words,
+            comptime!(BINS / 4),
+            comptime!(BINS / 2),
+            spec,
+            cube,
+            cubes,
+        );
     }
 }

@@ -168,76 +168,114 @@ pub fn topk_radix_compact(
 #[cube]
 pub(super) fn cube_histogram(packed: &Array<u32>, hist: &mut Array<u32>, cube: u32, cubes: u32) {
     let mut table = SharedMemory::<u32>::new(comptime!((BINS * CUBE) as usize));
-    cube_histogram_in(packed, 0u32, &mut table, hist, 0u32, cube, cubes);
+    cube_histogram_in(packed, comptime!(BINS / 4), &mut table, hist, cube, cubes);
 }
 
-/// [`cube_histogram`] of the counters in `packed[words ..]` through `table` (shared
-/// memory of `BINS * CUBE`, which a caller reusing it must let every unit finish reading
-/// first: a `sync_cube`), to `hist[at + cube BINS ..]`. Every unit must call it.
-///
-/// The units' counters move as their packed words (four 8-bit counters each, at most
-/// `PER_UNIT` < 256 a counter): each unit stores its `BINS / 4` words; then each of the
-/// `CUBE` units adds `REDUCE_FAN` units' copies of one word as two words of 16-bit lanes
-/// (the even and the odd bytes; at most `REDUCE_FAN · 255` a lane); then `BINS / 2` units
-/// add those over the cube (at most `CHUNK` < 2^16 a lane) and write two bins each. Two
-/// barriers and a sixth of the shared-memory accesses of one counter at a time, which on
-/// a CPU adapter are each a loop over the SIMD lanes.
+/// [`cube_histogram`] of the `words` packed counter words in `packed` (`words / 4`
+/// histograms of `BINS` bins) through `table` (shared memory of `BINS * CUBE`), to
+/// `hist[cube BINS ..]` (`words` = 4). Every unit must call it.
 #[cube]
 pub(super) fn cube_histogram_in(
     packed: &Array<u32>,
     #[comptime] words: u32,
     table: &mut SharedMemory<u32>,
     hist: &mut Array<u32>,
-    at: u32,
     cube: u32,
     cubes: u32,
 ) {
-    let packed_words = comptime!(BINS / 4);
-    #[unroll]
-    for w in 0..packed_words {
-        table[(w * comptime!(CUBE) + UNIT_POS) as usize] = packed[(words + w) as usize];
-    }
-    sync_cube();
-    // Unit u: word u / GROUPS of the units REDUCE_FAN (u % GROUPS) ..+ REDUCE_FAN.
-    let groups = comptime!(CUBE / REDUCE_FAN);
-    let w = UNIT_POS / groups;
-    let g = UNIT_POS % groups;
-    let mut even = 0u32;
-    let mut odd = 0u32;
-    if w < packed_words {
-        #[unroll]
-        for i in 0..comptime!(REDUCE_FAN) {
-            let x = table[(w * comptime!(CUBE) + g * comptime!(REDUCE_FAN) + i) as usize];
-            even += x & 0x00FF_00FFu32;
-            odd += (x >> 8u32) & 0x00FF_00FFu32;
-        }
-        // Past the first `packed_words · CUBE` words, which this step is still reading.
-        let out = comptime!(BINS / 4 * CUBE) + 2u32 * (w * groups + g);
-        table[out as usize] = even;
-        table[(out + 1u32) as usize] = odd;
-    }
-    sync_cube();
-    // Unit v < BINS / 2: word v / 2, its even (v even) or odd bytes, over the groups:
-    // bins 4 (v / 2) + v % 2 (lane 0) and + 2 (lane 1).
-    if cube < cubes && UNIT_POS < comptime!(BINS / 2) {
-        let w = UNIT_POS / 2u32;
-        let parity = UNIT_POS % 2u32;
-        let mut lanes = 0u32;
-        for gi in 0..groups {
-            lanes +=
-                table[(comptime!(BINS / 4 * CUBE) + 2u32 * (w * groups + gi) + parity) as usize];
-        }
-        let bin = 4u32 * w + parity;
-        hist[(at + cube * comptime!(BINS) + bin) as usize] = lanes & 65535u32;
-        hist[(at + cube * comptime!(BINS) + bin + 2u32) as usize] = lanes >> 16u32;
-    }
+    reduce_counter_words(packed, words, table);
+    write_bins(table, words, 0u32, words, hist, cube, cubes);
 }
 
-/// Units whose copies of a packed counter word one unit adds in [`cube_histogram_in`]'s
-/// second step (`CUBE / REDUCE_FAN` groups a word).
-const REDUCE_FAN: u32 = 4;
+/// Units whose copies of a packed counter word one unit adds in
+/// [`reduce_counter_words`]'s second step, for `words` words a unit: `table` holds the
+/// `words · CUBE` copies and then two words per (word, group of that many units).
+fn reduce_fan(words: u32) -> u32 {
+    if words <= 4 {
+        4
+    } else {
+        8
+    }
+}
 const _: () =
-    assert!(REDUCE_FAN * 255 < 65536 && CHUNK < 65536 && (BINS / 4) * (CUBE / REDUCE_FAN) <= CUBE);
+    assert!(8 * 255 < 65536 && CHUNK < 65536 && 12 * CUBE + 2 * 12 * CUBE / 8 <= BINS * CUBE);
+
+/// The cube's sums of its units' `words` packed counter words (four 8-bit counters each,
+/// at most `PER_UNIT` < 256 a counter), left in `table` for [`write_bins`]: each unit
+/// stores its words; then the units add `reduce_fan(words)` units' copies of a word as two
+/// words of 16-bit lanes (its even and its odd bytes). Two barriers and a fraction of the
+/// shared-memory accesses of one counter at a time, which on a CPU adapter are each a
+/// loop over the SIMD lanes (`topk_ef` 7-14 % faster at 4M on lavapipe). `table` must
+/// not be in use (a caller reusing it lets every unit finish reading it first).
+#[cube]
+pub(super) fn reduce_counter_words(
+    packed: &Array<u32>,
+    #[comptime] words: u32,
+    table: &mut SharedMemory<u32>,
+) {
+    #[unroll]
+    for w in 0..words {
+        table[(w * comptime!(CUBE) + UNIT_POS) as usize] = packed[w as usize];
+    }
+    sync_cube();
+    let fan = comptime!(reduce_fan(words));
+    let groups = comptime!(CUBE / fan);
+    let tasks = comptime!(words * CUBE / fan);
+    // Task t: word t / groups, over units fan (t % groups) ..+ fan.
+    #[unroll]
+    for r in 0..comptime!(tasks.div_ceil(CUBE)) {
+        let t = r * comptime!(CUBE) + UNIT_POS;
+        if t < tasks {
+            let w = t / groups;
+            let g = t % groups;
+            let mut even = 0u32;
+            let mut odd = 0u32;
+            #[unroll]
+            for i in 0..fan {
+                let x = table[(w * comptime!(CUBE) + g * fan + i) as usize];
+                even += x & 0x00FF_00FFu32;
+                odd += (x >> 8u32) & 0x00FF_00FFu32;
+            }
+            // Past the copies, which this step is still reading.
+            let out = comptime!(words * CUBE) + 2u32 * t;
+            table[out as usize] = even;
+            table[(out + 1u32) as usize] = odd;
+        }
+    }
+    sync_cube();
+}
+
+/// The bins of words `first ..+ count` of [`reduce_counter_words`]'s sums (of `words` a
+/// unit) to `out`: word `first + j`'s four bins are `4 (j % 4) ..+ 4` of histogram `j / 4`,
+/// at `out[(j / 4) cubes BINS + cube BINS ..]`. Units `0 .. 2 count` add a word's even or
+/// odd lanes over the groups (at most `CHUNK` < 2^16 a lane), two bins each.
+#[cube]
+pub(super) fn write_bins(
+    table: &SharedMemory<u32>,
+    #[comptime] words: u32,
+    #[comptime] first: u32,
+    #[comptime] count: u32,
+    out: &mut Array<u32>,
+    cube: u32,
+    cubes: u32,
+) {
+    let groups = comptime!(CUBE / reduce_fan(words));
+    if cube < cubes && UNIT_POS < comptime!(2 * count) {
+        let j = UNIT_POS / 2u32;
+        let parity = UNIT_POS % 2u32;
+        let w = first + j;
+        let mut lanes = 0u32;
+        for g in 0..groups {
+            lanes += table[(comptime!(words * CUBE) + 2u32 * (w * groups + g) + parity) as usize];
+        }
+        let at = (j / 4u32) * cubes * comptime!(BINS)
+            + cube * comptime!(BINS)
+            + 4u32 * (j % 4u32)
+            + parity;
+        out[at as usize] = lanes & 65535u32;
+        out[(at + 2u32) as usize] = lanes >> 16u32;
+    }
+}
 
 /// The first digits (of magnitude keys: `|a|` in [2^-31, 2) and [2, 2^33)) under which
 /// the keys pass also counts the second digit, so that the full pass that would count
@@ -245,11 +283,16 @@ const _: () =
 /// k-th largest magnitude lies there (others run the pass).
 pub(super) const SPECULATED: u32 = 3;
 
-/// Adds a key's second digit to the packed 8-bit counters of `spec` (8 words: bins
-/// `16 (d0 - SPECULATED) + d1`) where its first digit `d0` is `SPECULATED` or the next
-/// (and `inside`).
+/// Adds a key's second digit to the packed 8-bit counters of `spec[at ..]` (8 words:
+/// bins `16 (d0 - SPECULATED) + d1`) where its first digit `d0` is `SPECULATED` or the
+/// next (and `inside`).
 #[cube]
-pub(super) fn count_second_digit(spec: &mut Array<u32>, key: u32, inside: bool) {
+pub(super) fn count_second_digit(
+    spec: &mut Array<u32>,
+    #[comptime] at: u32,
+    key: u32,
+    inside: bool,
+) {
     let d0 = key >> comptime!(32 - DIGIT_BITS);
     let hit = inside && (d0 == SPECULATED || d0 == comptime!(SPECULATED + 1));
     let second = (key >> comptime!(32 - 2 * DIGIT_BITS)) & comptime!(BINS - 1);
@@ -263,7 +306,7 @@ pub(super) fn count_second_digit(spec: &mut Array<u32>, key: u32, inside: bool) 
     let word = d >> 2u32;
     #[unroll]
     for w in 0..comptime!(BINS / 2) {
-        spec[w as usize] += select(word == w, one, 0u32);
+        spec[(at + w) as usize] += select(word == w, one, 0u32);
     }
 }
 
