@@ -35,7 +35,7 @@ pub use registry::{
     ExampleValues, InPlace, InputShapes, KernelConfig, KernelEntry, KernelSpec, OpArgs, OpEntry,
     OpSpec, Outputs, ParamSpec, TensorSpec, Tunables,
 };
-pub use tensor::{checked_numel, contiguous_strides, Tensor, MAX_ELEMENTS};
+pub use tensor::{checked_numel, contiguous_strides, indexable_product, Tensor, MAX_ELEMENTS};
 pub use tune::{Autotuner, Choice, TuneKey, TuneMode};
 
 /// Re-export of the cubecl version kiln is built on.

@@ -30,6 +30,14 @@ pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
 /// (signed, as WGSL's and CUDA's `int`).
 pub const MAX_ELEMENTS: usize = i32::MAX as usize;
 
+/// The product of `dims` where it is at most [`MAX_ELEMENTS`] (`None` past it, also where
+/// it would pass `usize`): the one check of a count that kernels index in 32 bits.
+pub fn indexable_product(dims: &[usize]) -> Option<usize> {
+    dims.iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= MAX_ELEMENTS)
+}
+
 /// The element count of `shape` for a tensor named `name` of `dtype`: an error naming it
 /// where a dimension or the count passes [`MAX_ELEMENTS`] (also when another dimension
 /// is 0: a `[2^40, 0]` tensor is refused, not allocated around) or the bytes pass `usize`.
@@ -45,12 +53,9 @@ pub fn checked_numel(name: &str, shape: &[usize], dtype: DType) -> Result<usize>
             shape_str(shape)
         )));
     }
-    let numel = shape
-        .iter()
-        .try_fold(1usize, |n, &d| n.checked_mul(d))
-        .filter(|&n| n <= MAX_ELEMENTS && n.checked_mul(dtype.size()).is_some())
-        .ok_or_else(|| refuse(format!("shape {}", shape_str(shape))))?;
-    Ok(numel)
+    indexable_product(shape)
+        .filter(|&n| n.checked_mul(dtype.size()).is_some())
+        .ok_or_else(|| refuse(format!("shape {}", shape_str(shape))))
 }
 
 /// Bytes actually allocated for `n` bytes of data: wgpu binds buffers in 4-byte

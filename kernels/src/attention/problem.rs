@@ -187,11 +187,7 @@ pub(super) fn check(inp: &AttentionInputs<'_>, opts: &AttentionOptions) -> Resul
         });
     }
     // Indices are 32-bit inside the kernels (the inputs are bounded by check_input).
-    if [b, sq, heads, dv]
-        .iter()
-        .try_fold(1usize, |n, &d| n.checked_mul(d))
-        .is_none_or(|n| n > crate::launch::MAX_ELEMENTS)
-    {
+    if kiln_runtime::indexable_product(&[b, sq, heads, dv]).is_none() {
         return Err(shape_err(
             "v",
             format!(

@@ -97,10 +97,7 @@ impl MoeRouting {
             crate::launch::expect_shape("gates", g, &[s, k], "[S, k] of expert_ids")?;
         }
         // The slots `[E, C]` (times M in the dispatched tensor) must be indexable.
-        if num_experts
-            .checked_mul(capacity)
-            .is_none_or(|slots| slots > crate::launch::MAX_ELEMENTS)
-        {
+        if kiln_runtime::indexable_product(&[num_experts, capacity]).is_none() {
             return Err(param(
                 "capacity",
                 &format!(

@@ -186,10 +186,7 @@ pub fn s2ft_select(
             found: num_units.to_string(),
         });
     }
-    if num_units
-        .checked_mul(unit_size)
-        .is_none_or(|rows| rows > crate::launch::MAX_ELEMENTS)
-    {
+    if kiln_runtime::indexable_product(&[num_units, unit_size]).is_none() {
         return Err(Error::Param {
             param: "unit_size".into(),
             expected: format!(
