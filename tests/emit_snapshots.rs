@@ -437,3 +437,10 @@ fn optim_step_wgsl_lamb_norms_pass() {
 fn perturb_normal_cuda_bf16() {
     insta::assert_snapshot!(source("perturb_normal", Target::Cuda, &[("dtype", "bf16")]));
 }
+
+/// An atomic array argument (`&mut Array<Atomic<u32>>`): rand-k's marks, set with
+/// `atomicOr` by the inverse permutation.
+#[test]
+fn topk_subset_mark_wgsl_atomic_or() {
+    insta::assert_snapshot!(source("topk_subset_mark", Target::Wgsl, &[]));
+}

@@ -308,6 +308,19 @@ mod random {
         };
         assert_ne!(image(1), image(2));
         assert_ne!(image(1), (0..1000).collect::<Vec<_>>());
+        // The inverse (rand-k marks `π⁻¹(0..k)`) undoes it, cycle walks included.
+        for n in [1u32, 2, 3, 5, 64, 1000, 70_001] {
+            for seed in [0u64, 7, u64::MAX] {
+                for i in 0..n {
+                    let p = permute_index(seed, n, i);
+                    assert_eq!(
+                        unpermute_index(seed, n, p),
+                        i,
+                        "n {n} seed {seed}: {i} -> {p}"
+                    );
+                }
+            }
+        }
         // 4000 draws of 8 of 64: each index kept 500 times on average (binomial sd 20.9).
         let (n, k) = (64u32, 8u32);
         let mut hits = [0u32; 64];

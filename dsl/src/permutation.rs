@@ -12,6 +12,10 @@
 //! fewer than two steps on average, as `2^bits < 2n`. Integer arithmetic only, so
 //! every backend and the host mirror (`kiln_kernels::random::permute_index`) give the
 //! same permutation. Statistically uniform, not a cryptographic permutation.
+//!
+//! A Feistel network is inverted by running its rounds backwards
+//! ([`unpermute_index`]): `π⁻¹(0..k)` is the same k-subset, found with `k`
+//! evaluations instead of `n`.
 
 use cubecl::prelude::*;
 
@@ -59,6 +63,39 @@ pub fn permute_index(i: u32, n: u32, bits: u32, round_keys: &Array<u32>) -> u32 
             let c = (a + mix32(b ^ round_keys[(2 * r + 1) as usize])) & mask_v;
             a = b;
             b = c;
+        }
+        x = (a << v) | b;
+        if x < n {
+            break;
+        }
+    }
+    x
+}
+
+/// The preimage of `j` (`j < n`) under [`permute_index`] with the same `n`, `bits` and
+/// `round_keys`: the rounds undone last to first, `(a, b) -> ((b - F_r(a)) mod 2^m, a)`,
+/// walking the cycle backwards until the value lands in `0..n`.
+#[cube]
+pub fn unpermute_index(j: u32, n: u32, bits: u32, round_keys: &Array<u32>) -> u32 {
+    let u = bits / 2;
+    let v = bits - u;
+    let mask_u = (1u32 << u) - 1;
+    let mask_v = (1u32 << v) - 1;
+    let mut x = j;
+    loop {
+        let mut a = x >> v;
+        let mut b = x & mask_v;
+        #[unroll]
+        for r in 0..PERMUTATION_ROUNDS / 2 {
+            let q = PERMUTATION_ROUNDS / 2 - 1 - r;
+            // Odd round `2q + 1` (v bits), then even round `2q` (u bits); u32
+            // subtraction wraps, and the mask takes it mod 2^m.
+            let c = (b - mix32(a ^ round_keys[(2 * q + 1) as usize])) & mask_v;
+            b = a;
+            a = c;
+            let c = (b - mix32(a ^ round_keys[(2 * q) as usize])) & mask_u;
+            b = a;
+            a = c;
         }
         x = (a << v) | b;
         if x < n {

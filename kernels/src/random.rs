@@ -91,6 +91,30 @@ pub fn permute_index(seed: u64, n: u32, i: u32) -> u32 {
     }
 }
 
+/// The preimage of `j` (`j < n`) under [`permute_index`] with the same `seed`
+/// (`kiln_dsl::unpermute_index`: the Feistel rounds undone last to first).
+pub fn unpermute_index(seed: u64, n: u32, j: u32) -> u32 {
+    assert!(j < n, "index {j} outside 0..{n}");
+    let bits = permutation_bits(n);
+    let keys = permutation_round_keys(seed);
+    let (u, v) = (bits / 2, bits - bits / 2);
+    let (mask_u, mask_v) = ((1u32 << u) - 1, (1u32 << v) - 1);
+    let mut x = j;
+    loop {
+        let (mut a, mut b) = (x >> v, x & mask_v);
+        for pair in keys.chunks_exact(2).rev() {
+            let c = b.wrapping_sub(mix32(a ^ pair[1])) & mask_v;
+            (a, b) = (c, a);
+            let c = b.wrapping_sub(mix32(a ^ pair[0])) & mask_u;
+            (a, b) = (c, a);
+        }
+        x = (a << v) | b;
+        if x < n {
+            return x;
+        }
+    }
+}
+
 /// The 32-bit word element `index` of stream `stream` draws under `seed`.
 pub fn word(seed: u64, stream: u32, index: u64) -> u32 {
     let block = philox4x32_10([(index / 4) as u32, stream, 0, 0], seed_key(seed));

@@ -282,7 +282,7 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
                 });
                 let dt = match elem {
                     Elem::Generic => quote!(__dtype),
-                    Elem::Concrete(ty) => {
+                    Elem::Concrete(ty) | Elem::Atomic(ty) => {
                         let s = ty.to_string();
                         quote!(#rt::DType::parse(#s)?)
                     }
@@ -570,6 +570,7 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
                 let t = match e {
                     Elem::Generic => quote!(#kname::F),
                     Elem::Concrete(t) => quote!(#t),
+                    Elem::Atomic(t) => quote!(#rt::cubecl::prelude::Atomic<#t>),
                 };
                 if width == 0 {
                     quote!(#rt::cubecl::prelude::Vector<#t, #kname::N>)

@@ -9,6 +9,9 @@ pub enum Elem {
     Generic,
     /// A concrete type (`f32`, `u32`, `i32`, ...).
     Concrete(Ident),
+    /// `Atomic<u32>` or `Atomic<i32>` (outputs only, one element wide): the tensor's
+    /// dtype is the inner type's.
+    Atomic(Ident),
 }
 
 /// One kernel argument.
@@ -47,7 +50,7 @@ pub struct Signature {
 }
 
 const ARG_HELP: &str =
-    "#[kiln::kernel] arguments must be `&Array<T>`, `&mut Array<T>` (T a scalar or `Vector<T, Const<2 | 4 | 8>>`) or a `u32`, `i32` or `f32` scalar";
+    "#[kiln::kernel] arguments must be `&Array<T>`, `&mut Array<T>` (T a scalar or `Vector<T, Const<2 | 4 | 8>>`), `&mut Array<Atomic<u32 | i32>>` or a `u32`, `i32` or `f32` scalar";
 
 fn scalar_elem(ty: &Type, generic: &Option<Ident>) -> Option<Elem> {
     let Type::Path(inner) = ty else { return None };
@@ -82,6 +85,13 @@ fn array_elem(ty: &Type, generic: &Option<Ident>, vector: &Option<Ident>) -> Opt
     };
     if let Some(elem) = scalar_elem(inner, generic) {
         return Some((elem, 1));
+    }
+    if let Some(a) = angle_args(inner, "Atomic") {
+        let [syn::GenericArgument::Type(Type::Path(t))] = a.as_slice() else {
+            return None;
+        };
+        let id = t.path.get_ident()?;
+        return (id == "u32" || id == "i32").then(|| (Elem::Atomic(id.clone()), 1));
     }
     let v = angle_args(inner, "Vector")?;
     let [syn::GenericArgument::Type(t), syn::GenericArgument::Type(size)] = v.as_slice() else {
@@ -177,6 +187,12 @@ pub fn analyse(f: &ItemFn) -> syn::Result<Signature> {
             Type::Reference(r) => {
                 let (elem, width) = array_elem(&r.elem, &generic, &vector)
                     .ok_or_else(|| syn::Error::new_spanned(&pt.ty, ARG_HELP))?;
+                if matches!(elem, Elem::Atomic(_)) && r.mutability.is_none() {
+                    return Err(syn::Error::new_spanned(
+                        &pt.ty,
+                        "an atomic array argument of a #[kiln::kernel] must be an output: `&mut Array<Atomic<u32 | i32>>`",
+                    ));
+                }
                 if r.mutability.is_some() {
                     Arg::Output { name, elem, width }
                 } else {

@@ -60,6 +60,19 @@ fn check(got: &Compressed, a: &[f32], keys: &[u32], k: usize, scale: f32, what: 
         None,
         "{what}: first differing error element"
     );
+    // The compression error, summed per cube in f32 on the device.
+    let want_norm = error
+        .iter()
+        .map(|&e| f64::from(e).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    if want_norm.is_finite() {
+        let got_norm = got.error_norm().unwrap();
+        assert!(
+            (got_norm - want_norm).abs() <= 1e-5 * want_norm,
+            "{what}: error norm {got_norm} against {want_norm}"
+        );
+    }
     if scale == 1.0 {
         // Error feedback conserves a exactly: c + e == a, bit for bit.
         let mut dense = got_error.clone();
@@ -223,7 +236,16 @@ fn randk_uses_the_shared_seed() {
     // A ragged size (keys one element a unit) and a multiple of 4 (four keys a unit).
     for n in [70_001, 70_000] {
         let (gt, et, a) = gradient_and_error(4, n);
-        for (k, seed) in [(1usize, 0u64), (700, 42), (n, u64::MAX)] {
+        // Past n/2 the untaken are marked and the marks read inverted: both sides of
+        // it, and k = n (nothing marked).
+        for (k, seed) in [
+            (1usize, 0u64),
+            (700, 42),
+            (n / 2, 3),
+            (n / 2 + 1, 3),
+            (n - 1, 5),
+            (n, u64::MAX),
+        ] {
             let got = randk(&gt, Some(&et), k, seed).unwrap();
             let scale = (n as f64 / k as f64) as f32;
             check(

@@ -58,11 +58,12 @@ pub use step::{
     OptimStepArgs, Phase, Sums,
 };
 pub use topk::{
-    KeySource, KeysFrom, RadixSource, TopkCandidatesCount, TopkCandidatesCountArgs,
-    TopkCandidatesWrite, TopkCandidatesWriteArgs, TopkFormCandidates, TopkFormCandidatesArgs,
-    TopkKeys, TopkKeysArgs, TopkRadixChoose, TopkRadixChooseArgs, TopkRadixCompact,
-    TopkRadixCompactArgs, TopkRadixHistogram, TopkRadixHistogramArgs, TopkSample, TopkSampleArgs,
-    TopkScan, TopkScanArgs,
+    KeySource, RadixSource, TopkCandidatesCount, TopkCandidatesCountArgs, TopkCandidatesWrite,
+    TopkCandidatesWriteArgs, TopkClearWords, TopkClearWordsArgs, TopkFormCandidates,
+    TopkFormCandidatesArgs, TopkKeys, TopkKeysArgs, TopkRadixChoose, TopkRadixChooseArgs,
+    TopkRadixCompact, TopkRadixCompactArgs, TopkRadixHistogram, TopkRadixHistogramArgs, TopkSample,
+    TopkSampleArgs, TopkScan, TopkScanArgs, TopkSubsetCount, TopkSubsetCountArgs, TopkSubsetMark,
+    TopkSubsetMarkArgs, TopkSubsetWrite, TopkSubsetWriteArgs,
 };
 
 /// An error naming `params` unless a step got one param and one grad for each of the

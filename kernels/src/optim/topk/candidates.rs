@@ -114,11 +114,10 @@ impl Kept {
 
 /// Forms `a = error + grad` in f32 (as [`topk_keys`] does; no `error` without
 /// `has_error`) and writes it to `a` (it becomes the error feedback), and keeps as
-/// candidates the elements whose key is at or above the known threshold `T = state[0]`:
-/// magnitude keys (the word kept is `a`'s, sign included) or rand-k's `n - 1 - π(i)`
-/// (the key kept; `π` the seeded permutation, `key0`, `key1`, `bits`). Unit `u` of cube
-/// `c` reads its region's `PER_UNIT` elements from `c CHUNK + u PER_UNIT`, `VECTOR`
-/// wide; `a` is `n` rounded up to 4 long.
+/// candidates the elements whose magnitude key is at or above the known threshold
+/// `T = state[0]` (the word kept is `a`'s, sign included): the threshold estimate's one
+/// pass. Unit `u` of cube `c` reads its region's `PER_UNIT` elements from
+/// `c CHUNK + u PER_UNIT`, `VECTOR` wide; `a` is `n` rounded up to 4 long.
 #[kiln_macros::kernel(
     tune(UNITS = [256]),
     vector = [4, 1],
@@ -137,10 +136,6 @@ pub fn topk_form_candidates<F: Float, N: Size>(
     below: &mut Array<f32>,
     n: u32,
     cubes: u32,
-    key0: u32,
-    key1: u32,
-    bits: u32,
-    #[comptime] keys_from: KeysFrom,
     #[comptime] has_error: bool,
 ) {
     let nw = N::value().comptime() as u32;
@@ -149,8 +144,6 @@ pub fn topk_form_candidates<F: Float, N: Size>(
     let region = cube * UNITS + UNIT_POS;
     let at = region * comptime!(PER_UNIT);
     let base = cube * comptime!(CHUNK) + UNIT_POS * comptime!(PER_UNIT);
-    let mut round_keys = Array::<u32>::new(comptime!(PERMUTATION_ROUNDS as usize));
-    round_keys_of(&mut round_keys, key0, key1, keys_from);
     let mut kept = Kept::new();
     if cube < cubes {
         // Not unrolled: ptxas spilled the unrolled 32 vectors (sm_90a) at 128 a unit.
@@ -160,20 +153,14 @@ pub fn topk_form_candidates<F: Float, N: Size>(
                 let vi = first / nw;
                 let av = a_of(grad, error_in, vi, has_error);
                 a[vi as usize] = av;
-                let kv = if comptime!(keys_from == KeysFrom::Magnitude) {
-                    magnitude_keys(av)
-                } else {
-                    permutation_keys(first, n, bits, &round_keys)
-                };
+                let kv = magnitude_keys(av);
                 let mut words = kv;
                 let mut mask = 0u32;
                 #[unroll]
                 for l in 0..nw {
                     let inside = first + l < n;
                     let v = av[l as usize];
-                    if comptime!(keys_from == KeysFrom::Magnitude) {
-                        words[l as usize] = u32::reinterpret(v);
-                    }
+                    words[l as usize] = u32::reinterpret(v);
                     mask |= kept.see(v, kv[l as usize] >= t && inside, inside, l);
                 }
                 kept.keep(candidates, positions, at, words, nw * j, mask);
@@ -186,7 +173,7 @@ pub fn topk_form_candidates<F: Float, N: Size>(
 /// Vector `v` of `a`, formed as `grad + error` in f32 from `input` = grad (`error`
 /// absent without `has_error`), as `topk_keys` forms it.
 #[cube]
-fn a_of<F: Float, N: Size>(
+pub(super) fn a_of<F: Float, N: Size>(
     input: &Array<Vector<F, N>>,
     error: &Array<Vector<f32, N>>,
     v: u32,
@@ -211,49 +198,10 @@ fn magnitude_keys<N: Size>(a: Vector<f32, N>) -> Vector<u32, N> {
     kv
 }
 
-/// `n - 1 - π(e)` of the vector's elements `e = first..` (`π` the seeded permutation of
-/// `0..n`, `bits` wide, `round_keys` from [`round_keys_of`]).
-#[cube]
-fn permutation_keys<N: Size>(
-    first: u32,
-    n: u32,
-    bits: u32,
-    round_keys: &Array<u32>,
-) -> Vector<u32, N> {
-    let nw = N::value().comptime() as u32;
-    let mut kv = Vector::<u32, N>::new(0u32);
-    #[unroll]
-    for l in 0..nw {
-        // Past n the cycle walk need not end (a cycle of π may lie wholly above n): such
-        // lanes rank index 0 instead, and the passes never count them.
-        let e = select(first + l < n, first + l, 0u32);
-        kv[l as usize] = n - 1 - permute_index(e, n, bits, round_keys);
-    }
-    kv
-}
-
-/// The permutation's round keys, in registers (computed, not loaded: a load costs a
-/// loop over the SIMD lanes on a CPU adapter); left unset unless `keys_from` is
-/// Permutation.
-#[cube]
-fn round_keys_of(
-    round_keys: &mut Array<u32>,
-    key0: u32,
-    key1: u32,
-    #[comptime] keys_from: KeysFrom,
-) {
-    if comptime!(keys_from == KeysFrom::Permutation) {
-        #[unroll]
-        for r in 0..PERMUTATION_ROUNDS {
-            round_keys[r as usize] = permutation_round_key(key0, key1, r);
-        }
-    }
-}
-
 /// Lane `l` of `v` (`l` known only at run time), by selects: an indexed register read
 /// would go through memory.
 #[cube]
-pub(super) fn lane_of<N: Size>(v: Vector<u32, N>, l: u32) -> u32 {
+pub(super) fn lane_of<T: Scalar, N: Size>(v: Vector<T, N>, l: u32) -> T {
     let mut word = v[0];
     #[unroll]
     for i in 1..N::value().comptime() as u32 {

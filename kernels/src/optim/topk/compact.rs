@@ -47,7 +47,7 @@ pub fn topk_candidates_count(
 /// counts of the units before it in the cube) and the cube's totals to `counts[2 cube ..]`.
 /// Every unit must call it.
 #[cube]
-fn store_counts(
+pub(super) fn store_counts(
     both: u32,
     counts: &mut Array<u32>,
     before: &mut Array<u32>,

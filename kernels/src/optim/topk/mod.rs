@@ -17,11 +17,12 @@
 //! twice). Everything is integer or exact, so the same input selects the same indices on
 //! every run and every backend; no host synchronisation between the passes. The passes
 //! over every element read 4-wide (`a` and the keys are stored `n` rounded up to 4 long;
-//! nothing past `n` counts). Where the threshold is known before (rand-k's permutation;
-//! the threshold estimate, which runs the radix passes over a seeded sample and takes
-//! every key at or above the sample's quantile), one pass forms `a`, writes it and keeps
-//! the candidates ([`topk_form_candidates`]): the three streams a copy moves, then the
-//! compaction (the estimate counts what it took with one small download).
+//! nothing past `n` counts). Where the threshold is known before (the threshold
+//! estimate, which runs the radix passes over a seeded sample and takes every key at or
+//! above the sample's quantile), one pass forms `a`, writes it and keeps the candidates
+//! ([`topk_form_candidates`]): the three streams a copy moves, then the compaction (the
+//! estimate counts what it took with one small download). Rand-k's subset is marked, not
+//! ranked ([`select_random_subset`], `subset.rs`).
 // `n` beside the `_n` that cubecl's launch expansion gives the `Size` generic `N`
 // (an attribute on the kernel does not reach that expansion).
 #![allow(clippy::duplicate_underscore_argument)]
@@ -30,14 +31,16 @@
 mod candidates;
 mod compact;
 mod radix;
+mod subset;
 
 pub use candidates::*;
 pub use compact::*;
 pub use radix::*;
+pub use subset::*;
 
 use crate::launch::upload_u32;
 use cubecl::prelude::*;
-use kiln_dsl::{cube_sum, permutation_round_key, permute_index, philox4x32_10, PERMUTATION_ROUNDS};
+use kiln_dsl::{cube_sum, permutation_round_key, philox4x32_10, PERMUTATION_ROUNDS};
 use kiln_runtime::{Client, DType, Result, Tensor};
 
 /// Units per cube of the selection kernels (their one configuration, `UNITS = [256]`).
@@ -69,17 +72,8 @@ kiln_runtime::comptime_enum! {
         Random = "random",
         /// `n - 1 - π(index)`, `π` the seeded permutation of `0..n`
         /// (`kiln_dsl::permutation`): the `k` largest are the indices `π` sends below
-        /// `k`, so the threshold `n - k` is known and no radix pass runs.
-        Permutation = "permutation",
-    }
-}
-
-kiln_runtime::comptime_enum! {
-    /// How [`topk_form_candidates`] ranks an element (the threshold known before).
-    pub enum KeysFrom {
-        /// `|a|`'s bits, `a` as the pass forms it (the threshold estimate).
-        Magnitude = "magnitude",
-        /// `n - 1 - π(index)`: the index alone.
+        /// `k`, `π⁻¹(0..k)`, which are marked directly: no key is formed and no radix
+        /// pass runs.
         Permutation = "permutation",
     }
 }
@@ -134,13 +128,8 @@ pub(crate) fn select_top_k(
 ) -> Result<Selected> {
     let n = grad.numel();
     match source {
-        // Exactly one key equals each of 0..n: those at or above n - k are the k taken.
-        // No radix pass, no keys stored: they follow from the index.
-        KeySource::Permutation => {
-            let state = upload_u32(grad.client(), "topk_state", &[(n - k) as u32, u32::MAX])?;
-            let (a, kept) = form_candidates(grad, error, state, KeysFrom::Permutation, seed.0)?;
-            compact_candidates(&a, &kept, n, Some(k), scale)
-        }
+        // The k taken are π⁻¹(0..k): marked, not ranked (no radix pass, no keys).
+        KeySource::Permutation => select_random_subset(grad, error, k, seed.0, scale),
         KeySource::Magnitude => {
             // `a`'s words are its keys; `a` becomes the error feedback.
             let (a, _, first) = keys_of(grad, error, None, 1.0, source, seed, false)?;
@@ -276,22 +265,17 @@ impl Candidates {
 }
 
 /// `a = error + grad` formed and written (`n` rounded up to 4 long), and the candidates
-/// at or above the threshold `state[0]` kept in the same pass (magnitude or permutation
-/// keys, `seed` keying the permutation): see [`topk_form_candidates`].
+/// whose magnitude key is at or above the threshold `state[0]` kept in the same pass:
+/// see [`topk_form_candidates`].
 fn form_candidates(
     grad: &Tensor,
     error: Option<&Tensor>,
     state: Tensor,
-    keys: KeysFrom,
-    seed: u64,
 ) -> Result<(Tensor, Candidates)> {
     let client = grad.client();
     let n = grad.numel();
     let a = Tensor::empty(client, DType::F32, &[n.next_multiple_of(4)])?;
-    let magnitude = keys == KeysFrom::Magnitude;
-    let mask = if magnitude { MAGNITUDE } else { u32::MAX };
-    let kept = Candidates::empty(client, n, state, mask, magnitude)?;
-    let key = crate::random::seed_key(seed);
+    let kept = Candidates::empty(client, n, state, MAGNITUDE, true)?;
     TopkFormCandidates::tuned(
         client,
         0.0,
@@ -310,10 +294,6 @@ fn form_candidates(
             below: &kept.below,
             n: n as u32,
             cubes: n.div_ceil(CHUNK as usize) as u32,
-            key0: key[0],
-            key1: key[1],
-            bits: crate::random::permutation_bits(n as u32),
-            keys_from: keys,
             has_error: error.is_some(),
         },
     )?;
@@ -432,7 +412,7 @@ pub(crate) fn select_above_estimate(
     // `[T, u32::MAX]`, on the device: every key >= T taken, all ties (at least the sampled
     // element whose key is T).
     let state = radix_select(&sampled, None, u32::MAX, sample, k_sample, None, true)?.state;
-    let (a, kept) = form_candidates(grad, error, state, KeysFrom::Magnitude, 0)?;
+    let (a, kept) = form_candidates(grad, error, state)?;
     compact_candidates(&a, &kept, n, None, 1.0)
 }
 
