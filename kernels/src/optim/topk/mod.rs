@@ -30,11 +30,13 @@
 
 mod candidates;
 mod compact;
+mod estimate;
 mod radix;
 mod subset;
 
 pub use candidates::*;
 pub use compact::*;
+pub use estimate::*;
 pub use radix::*;
 pub use subset::*;
 
@@ -375,47 +377,6 @@ fn compact_candidates(
     })
 }
 
-/// Top-k with an estimated threshold: the `round(k s / n)`-th largest `|a|` of `sample`
-/// positions drawn from `seed` (uniform, with replacement) is the threshold, and every
-/// element at or above it is taken (about `k`, not exactly; ties all taken). Radix
-/// passes over the sample only (the threshold stays on the device), then one pass over
-/// `grad` and `error` that forms and writes `a` and keeps the candidates
-/// ([`form_candidates`]), and the compaction over those; one small download (the
-/// count) sizes the outputs.
-pub(crate) fn select_above_estimate(
-    grad: &Tensor,
-    error: Option<&Tensor>,
-    k: usize,
-    sample: usize,
-    seed: u64,
-) -> Result<Selected> {
-    let client = grad.client();
-    let n = grad.numel();
-    let sample = sample.clamp(1, n);
-    let sampled = Tensor::empty(client, DType::U32, &[sample.next_multiple_of(4)])?;
-    let key = crate::random::seed_key(seed);
-    TopkSample::tuned(
-        client,
-        0.0,
-        &TopkSampleArgs {
-            grad,
-            error: &crate::launch::or_absent(client, error)?,
-            sampled: &sampled,
-            n: n as u32,
-            sample: sample as u32,
-            key0: key[0],
-            key1: key[1],
-            has_error: error.is_some(),
-        },
-    )?;
-    let k_sample = ((k as f64 * sample as f64 / n as f64).round() as usize).clamp(1, sample);
-    // `[T, u32::MAX]`, on the device: every key >= T taken, all ties (at least the sampled
-    // element whose key is T).
-    let state = radix_select(&sampled, None, u32::MAX, sample, k_sample, None, true)?.state;
-    let (a, kept) = form_candidates(grad, error, state)?;
-    compact_candidates(&a, &kept, n, None, 1.0)
-}
-
 /// `a = eta error + grad - h` (f32; `eta = 1` and no `h` for plain error feedback) and
 /// the ranking keys (`source` Random: Philox words; Magnitude: none, a four-long
 /// placeholder), both `n` rounded up to 4 long (see [`topk_keys`]); with `twice`, also a
@@ -613,43 +574,6 @@ fn radix_select(
         )?;
     }
     Ok(radix)
-}
-
-/// `sampled[j]` = the magnitude key of `a[p_j] = error[p_j] + grad[p_j]` (f32, as
-/// [`topk_keys`] forms it; no `error` without `has_error`), `p_j` uniform in `0..n` from
-/// Philox word `j` of `seed` (`mul_hi(word, n)`: bias below `n / 2^32`).
-#[kiln_macros::kernel(
-    tune(UNITS = [256]),
-    key(n = pow2, dtype),
-    grid = cubes(sample.div_ceil(UNITS)),
-    cube = UNITS
-)]
-pub fn topk_sample<F: Float>(
-    grad: &Array<F>,
-    error: &Array<f32>,
-    sampled: &mut Array<u32>,
-    n: u32,
-    sample: u32,
-    key0: u32,
-    key1: u32,
-    #[comptime] has_error: bool,
-) {
-    let j = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * UNITS + UNIT_POS;
-    if j < sample {
-        let r = philox4x32_10(j / 4, 1u32, 0u32, 0u32, key0, key1);
-        let lane = j % 4;
-        let w = select(
-            lane == 0,
-            r.x0,
-            select(lane == 1, r.x1, select(lane == 2, r.x2, r.x3)),
-        );
-        let p = u32::mul_hi(w, n) as usize;
-        let mut v = f32::cast_from(grad[p]);
-        if comptime!(has_error) {
-            v = error[p] + v;
-        }
-        sampled[j as usize] = u32::reinterpret(v) & 0x7FFF_FFFFu32;
-    }
 }
 
 /// `a = eta error + grad - h` in f32 (written twice with `twice`: to `a` and `copy`)
