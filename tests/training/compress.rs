@@ -608,6 +608,16 @@ fn both_unit_layouts_select_the_reference_set() {
                 check(&got, &a, &keys, k, 1.0, &what);
                 let got = topk_ef_estimated(&gt, Some(&et), k, sample, seed).unwrap();
                 assert_eq!(ints(&got.indices), above, "{what}: estimate");
+                let got = randk(&gt, Some(&et), k, seed).unwrap();
+                let scale = (n as f64 / k as f64) as f32;
+                check(
+                    &got,
+                    &a,
+                    &randk_keys(n, seed),
+                    k,
+                    scale,
+                    &format!("randk {what}"),
+                );
             });
         }
     }

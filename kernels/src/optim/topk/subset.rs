@@ -121,6 +121,7 @@ pub(crate) fn select_random_subset(
             scale,
             keep: 1.0 - scale,
             has_error: error.is_some(),
+            contiguous: contiguous_regions(client) != 0,
         },
     )?;
     Ok(Selected {
@@ -217,8 +218,14 @@ fn region_taken(bitmap: &Array<Vector<u32, Const<4>>>, region: u32, n: u32, inve
 /// Forms `a = error + grad` in f32 (as [`topk_keys`] does; no `error` without
 /// `has_error`), writes the error feedback `a − c` to `error` (`keep · a` where taken,
 /// exactly 0 for `keep = 0`; `a` elsewhere; `n` rounded up to 4 long), and each taken
-/// element's index and `scale · a` at its slot (`offsets` of its cube, `before` of its
-/// region, then its rank in the region). `residual[c]`: the cube's sum of error².
+/// element's index and `scale · a` at its slot: its cube's `offsets`, then the taken
+/// before it in the cube, from the marks (`before` of the region holding its word, and
+/// the word's lower bits). `residual[c]`: the cube's sum of error². How the cube's
+/// vectors lie over its units follows [`contiguous_regions`]: each unit its own region,
+/// whose four words it holds in registers and whose slots it takes in turn
+/// (`contiguous`, CPU adapters); or neighbouring units neighbouring vectors (GPUs, and
+/// the default that `kiln emit` and the CUDA check compile), which read any word of the
+/// cube and its count from shared memory.
 #[kiln_macros::kernel(
     tune(UNITS = [256]),
     vector = [4, 1],
@@ -242,34 +249,72 @@ pub fn topk_subset_write<F: Float, N: Size>(
     scale: f32,
     keep: f32,
     #[comptime] has_error: bool,
+    #[comptime] contiguous: bool,
 ) {
     let nw = N::value().comptime() as u32;
     let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
     let region = cube * UNITS + UNIT_POS;
-    let base = region * comptime!(PER_UNIT);
     let mut smem = SharedMemory::<f32>::new(UNITS as usize);
-    let mut squares = 0.0f32;
+    // The region's taken bits and, per word, how many of the cube's are taken before it.
+    let mut words = Vector::<u32, Const<4>>::new(0u32);
+    let mut word_before = Vector::<u32, Const<4>>::new(0u32);
     if cube < cubes {
-        // The region's taken bits, once (its four words).
-        let mut words = bitmap[region as usize];
+        words = bitmap[region as usize];
+        // Counts are below 2^16 (`store_counts` packs ties above them): the low half.
+        let mut run = before[region as usize] & 65535u32;
         #[unroll]
         for l in 0..REGION_WORDS {
-            let start = base + 32u32 * l;
-            words[l as usize] = taken_bits(words[l as usize], start, n, invert);
+            let start = region * comptime!(PER_UNIT) + 32u32 * l;
+            let w = taken_bits(words[l as usize], start, n, invert);
+            words[l as usize] = w;
+            word_before[l as usize] = run;
+            run += u32::count_ones(w);
         }
-        // Counts are below 2^16 (`store_counts` packs ties above them): the low half.
-        let mut slot = offsets[(2 * cube) as usize] + (before[region as usize] & 65535u32);
+    }
+    // Coalesced, a unit's vectors lie in any region of the cube: every region's words
+    // and counts through shared memory (one barrier; none where each unit reads its own).
+    let mut cube_words = SharedMemory::<u32>::new(comptime!((CUBE * REGION_WORDS) as usize));
+    let mut cube_before = SharedMemory::<u32>::new(comptime!((CUBE * REGION_WORDS) as usize));
+    if comptime!(!contiguous) {
+        #[unroll]
+        for l in 0..REGION_WORDS {
+            cube_words[(UNIT_POS * REGION_WORDS + l) as usize] = words[l as usize];
+            cube_before[(UNIT_POS * REGION_WORDS + l) as usize] = word_before[l as usize];
+        }
+        sync_cube();
+    }
+    let mut squares = 0.0f32;
+    if cube < cubes {
+        let cube_slot = offsets[(2 * cube) as usize];
+        // Contiguous, the slots run in the order the unit walks its region.
+        let mut run_slot = cube_slot + word_before[0];
+        let (unit_step, j_step) = unit_layout(
+            select(contiguous, 1u32, 0u32),
+            comptime!(PER_UNIT) / nw,
+            UNITS,
+        );
         // Not unrolled, as the other passes over every element (ptxas spilled the
         // unrolled form at 128 a unit).
         for j in 0..comptime!(PER_UNIT / nw) {
-            let first = base + nw * j;
+            // The vector's offset in the cube, and its word (nw divides 32).
+            let o = nw * (UNIT_POS * unit_step + j * j_step);
+            let first = cube * comptime!(CHUNK) + o;
             if first < n {
                 let vi = first / nw;
                 let av = a_of(grad, error_in, vi, has_error);
-                let o = nw * j;
-                // The vector's lanes lie in one word (nw divides 32).
-                let word = lane_of(words, o / 32u32);
-                let mut taken_lanes = (word >> (o % 32u32)) & ((1u32 << nw) - 1u32);
+                let w = o / 32u32;
+                let bit = o % 32u32;
+                let mut word = 0u32;
+                let mut slot = run_slot;
+                if comptime!(!contiguous) {
+                    word = cube_words[w as usize];
+                    slot = cube_slot
+                        + cube_before[w as usize]
+                        + u32::count_ones(word & ((1u32 << bit) - 1u32));
+                } else {
+                    word = lane_of(words, w % REGION_WORDS);
+                }
+                let mut taken_lanes = (word >> bit) & ((1u32 << nw) - 1u32);
                 let mut ev = av;
                 #[unroll]
                 for l in 0..nw {
@@ -291,6 +336,7 @@ pub fn topk_subset_write<F: Float, N: Size>(
                     values[slot as usize] = scale * lane_of(av, l);
                     slot += 1;
                 }
+                run_slot = slot;
             }
         }
     }
