@@ -492,6 +492,23 @@ fn bad_input_is_one_clear_line() {
     ] {
         expect_err(attention(&y.inputs(), &opts), needle);
     }
+    // A batch of empty sequences larger than MAX_EMPTY_BATCH is refused by name (its host
+    // offsets would size gigabytes); a small one runs and gives empty outputs.
+    let empty = |b: usize| up(DType::F32, &[b, 0, 1, 8], &[]);
+    let (e, small) = (empty(1 << 21), empty(3));
+    expect_err(
+        attention(
+            &AttentionInputs::new(&e, &e, &e),
+            &AttentionOptions::default(),
+        ),
+        "1048576",
+    );
+    let out = attention(
+        &AttentionInputs::new(&small, &small, &small),
+        &AttentionOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(out.out.shape(), &[3, 0, 1, 8]);
     // Merge: lse shape.
     let o = up(DType::F32, &[1, 4, 2, 3], &[0.0; 24]);
     let l = up(DType::F32, &[1, 2, 4], &[0.0; 8]);

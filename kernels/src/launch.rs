@@ -46,6 +46,25 @@ pub(crate) fn shape_err(tensor: &str, expected: String, found: &[usize]) -> Erro
     }
 }
 
+/// The most sequences a uniform batch may have beyond its tensors' element count: the
+/// host keeps `B + 1` offsets (8 bytes each), so a batch of empty sequences
+/// (`[2^31 - 1, 0, H, D]`) would otherwise size gigabytes for nothing.
+pub(crate) const MAX_EMPTY_BATCH: usize = 1 << 20;
+
+/// An error naming `tensor` (of shape `shape`) unless its batch `b` is at most the
+/// element count of the call's largest tensor (`largest`) or [`MAX_EMPTY_BATCH`]: only
+/// batches of empty sequences are refused.
+pub(crate) fn check_batch(tensor: &str, b: usize, largest: usize, shape: &[usize]) -> Result<()> {
+    if b <= largest.max(MAX_EMPTY_BATCH) {
+        return Ok(());
+    }
+    Err(shape_err(
+        tensor,
+        format!("a batch B <= {MAX_EMPTY_BATCH} where its sequences are empty"),
+        shape,
+    ))
+}
+
 /// An error unless `t` has exactly the shape `want` (`what` says where it comes from).
 pub(crate) fn expect_shape(name: &str, t: &Tensor, want: &[usize], what: &str) -> Result<()> {
     if t.shape() != want {

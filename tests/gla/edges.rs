@@ -55,4 +55,22 @@ fn no_tokens_gives_an_empty_output_and_the_initial_state() {
     .unwrap();
     assert_eq!(out.o.shape(), &[2, 0, 2, 4]);
     assert_eq!(down(out.ht.as_ref().unwrap()), c.h0.clone().unwrap());
+    // A batch of empty sequences past MAX_EMPTY_BATCH with no state to match is refused
+    // by name (its host offsets would size gigabytes), not allocated.
+    let e = up(DType::F32, &[1 << 21, 0, 1, 8], &[]);
+    let err = gla(
+        &GlaInputs {
+            q: &e,
+            k: &e,
+            v: &e,
+            g: &e,
+            h0: None,
+            cu_seqlens: None,
+        },
+        &GlaOptions::default(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("`q`") && err.contains("1048576"), "{err}");
 }

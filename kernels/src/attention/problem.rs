@@ -1,7 +1,7 @@
 //! Validation of attention inputs and parameters into a `Problem`.
 
 use super::*;
-use crate::launch::{check_input, check_offsets, shape_err, upload_u32};
+use crate::launch::{check_batch, check_input, check_offsets, shape_err, upload_u32};
 use kiln_runtime::{Client, DType, Error, Result, Tensor};
 
 /// The largest `|scale|` taken (as GLA's): `scale q k` of f16-range inputs stays finite.
@@ -124,11 +124,15 @@ pub(super) fn check(inp: &AttentionInputs<'_>, opts: &AttentionOptions) -> Resul
     inp.k.expect_dtype("k", &[dtype])?;
     inp.v.expect_dtype("v", &[dtype])?;
     let (bounds_q, bounds_k, varlen) = match (inp.cu_seqlens_q, inp.cu_seqlens_k) {
-        (None, None) => (
-            (0..=b).map(|i| i * sq).collect::<Vec<_>>(),
-            (0..=b).map(|i| i * sk).collect::<Vec<_>>(),
-            false,
-        ),
+        (None, None) => {
+            let largest = inp.q.numel().max(inp.k.numel()).max(inp.v.numel());
+            check_batch("q", b, largest, inp.q.shape())?;
+            (
+                (0..=b).map(|i| i * sq).collect::<Vec<_>>(),
+                (0..=b).map(|i| i * sk).collect::<Vec<_>>(),
+                false,
+            )
+        }
         (Some(cq), Some(ck)) => {
             if b != 1 {
                 return Err(shape_err(

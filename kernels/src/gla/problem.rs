@@ -2,7 +2,7 @@
 //! chunk tables the chunked kernels read.
 
 use super::*;
-use crate::launch::{check_input, check_offsets, expect_shape, shape_err, upload_u32};
+use crate::launch::{check_batch, check_input, check_offsets, expect_shape, shape_err, upload_u32};
 use kiln_runtime::{Client, DType, Error, Result, Tensor};
 
 /// Validated dimensions.
@@ -76,7 +76,11 @@ pub(super) fn check(inp: &GlaInputs<'_>, scale: Option<f64>) -> Result<Problem> 
     inp.v.expect_dtype("v", &[dtype])?;
     inp.g.expect_dtype("g", &[DType::F32, dtype])?;
     let bounds = match inp.cu_seqlens {
-        None => (0..=b).map(|i| i * t).collect::<Vec<_>>(),
+        None => {
+            let largest = inp.q.numel().max(inp.h0.map_or(0, Tensor::numel));
+            check_batch("q", b, largest, inp.q.shape())?;
+            (0..=b).map(|i| i * t).collect::<Vec<_>>()
+        }
         Some(cu) => {
             if b != 1 {
                 return Err(shape_err(
