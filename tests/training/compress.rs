@@ -83,6 +83,23 @@ fn check(got: &Compressed, a: &[f32], keys: &[u32], k: usize, scale: f32, what: 
     }
 }
 
+/// Rand-k of `grad` with `error` (`a` their f32 sum) against the subset of the host's
+/// forward permutation, its values scaled by `n / k` in f32; returns the result.
+fn check_randk(
+    grad: &Tensor,
+    error: Option<&Tensor>,
+    a: &[f32],
+    k: usize,
+    seed: u64,
+    what: &str,
+) -> Compressed {
+    let n = a.len();
+    let got = randk(grad, error, k, seed).unwrap();
+    let scale = (n as f64 / k as f64) as f32;
+    check(&got, a, &randk_keys(n, seed), k, scale, what);
+    got
+}
+
 /// The first position where `x` and `y` differ in bits (any NaN equals any NaN).
 fn same_bits(x: &[f32], y: &[f32]) -> Option<usize> {
     assert_eq!(x.len(), y.len());
@@ -193,16 +210,8 @@ fn half_gradients_accumulate_in_f32() {
         check(&got, &a, &magnitude_keys(&a), 2000, 1.0, &dtype.to_string());
         // Rand-k on the same half gradient: its subset from the permutation, values
         // scaled in f32.
-        let got = randk(&gt, Some(&up(DType::F32, &[n], &e)), 2000, 7).unwrap();
-        let scale = (n as f64 / 2000.0) as f32;
-        check(
-            &got,
-            &a,
-            &randk_keys(n, 7),
-            2000,
-            scale,
-            &format!("randk {dtype}"),
-        );
+        let et = up(DType::F32, &[n], &e);
+        check_randk(&gt, Some(&et), &a, 2000, 7, &format!("randk {dtype}"));
     }
 }
 
@@ -246,16 +255,8 @@ fn randk_uses_the_shared_seed() {
             (n - 1, 5),
             (n, u64::MAX),
         ] {
-            let got = randk(&gt, Some(&et), k, seed).unwrap();
-            let scale = (n as f64 / k as f64) as f32;
-            check(
-                &got,
-                &a,
-                &randk_keys(n, seed),
-                k,
-                scale,
-                &format!("randk n {n} k {k} seed {seed}"),
-            );
+            let what = format!("randk n {n} k {k} seed {seed}");
+            let got = check_randk(&gt, Some(&et), &a, k, seed, &what);
             // Another worker with other values and the same seed picks the same subset.
             let other = randk(&et, None, k, seed).unwrap();
             assert_eq!(down(&other.indices), down(&got.indices));
@@ -608,16 +609,7 @@ fn both_unit_layouts_select_the_reference_set() {
                 check(&got, &a, &keys, k, 1.0, &what);
                 let got = topk_ef_estimated(&gt, Some(&et), k, sample, seed).unwrap();
                 assert_eq!(ints(&got.indices), above, "{what}: estimate");
-                let got = randk(&gt, Some(&et), k, seed).unwrap();
-                let scale = (n as f64 / k as f64) as f32;
-                check(
-                    &got,
-                    &a,
-                    &randk_keys(n, seed),
-                    k,
-                    scale,
-                    &format!("randk {what}"),
-                );
+                check_randk(&gt, Some(&et), &a, k, seed, &format!("randk {what}"));
             });
         }
     }

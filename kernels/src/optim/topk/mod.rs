@@ -205,6 +205,32 @@ pub(super) fn unit_layout(
     )
 }
 
+/// `error`, or where it is absent a placeholder four long (so that it does not hold a
+/// launch's vector width to 1).
+fn error_or_placeholder(client: &Client, error: Option<&Tensor>) -> Result<Tensor> {
+    match error {
+        Some(e) => Ok(e.clone()),
+        None => Tensor::empty(client, DType::F32, &[4]),
+    }
+}
+
+/// The exclusive offsets over the cubes ([`topk_scan`]) of per-cube counts `[2 cubes]`
+/// (taken above the threshold, and ties).
+fn scan_cubes(counts: &Tensor, cubes: usize) -> Result<Tensor> {
+    let client = counts.client();
+    let offsets = Tensor::empty(client, DType::U32, &[2 * cubes])?;
+    TopkScan::tuned(
+        client,
+        0.0,
+        &TopkScanArgs {
+            counts,
+            offsets: &offsets,
+            cubes: cubes as u32,
+        },
+    )?;
+    Ok(offsets)
+}
+
 /// The mask that makes an f32's bits its magnitude key (the sign cleared).
 const MAGNITUDE: u32 = 0x7FFF_FFFF;
 
@@ -283,11 +309,7 @@ fn form_candidates(
         0.0,
         &TopkFormCandidatesArgs {
             grad,
-            // Four long, so that an absent error does not hold the launch to width 1.
-            error_in: &match error {
-                Some(e) => e.clone(),
-                None => Tensor::empty(client, DType::F32, &[4])?,
-            },
+            error_in: &error_or_placeholder(client, error)?,
             state: &kept.state,
             a: &a,
             candidates: &kept.candidates,
@@ -330,16 +352,7 @@ fn compact_candidates(
             key_mask: kept.key_mask,
         },
     )?;
-    let offsets = Tensor::empty(client, DType::U32, &[2 * cubes])?;
-    TopkScan::tuned(
-        client,
-        0.0,
-        &TopkScanArgs {
-            counts: &counts,
-            offsets: &offsets,
-            cubes: cubes as u32,
-        },
-    )?;
+    let offsets = scan_cubes(&counts, cubes)?;
     let k = match k {
         Some(k) => k,
         None => counts.download()?.to_f64().iter().sum::<f64>() as usize,

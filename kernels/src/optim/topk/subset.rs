@@ -84,16 +84,7 @@ pub(crate) fn select_random_subset(
             invert,
         },
     )?;
-    let offsets = Tensor::empty(client, DType::U32, &[2 * cubes])?;
-    TopkScan::tuned(
-        client,
-        0.0,
-        &TopkScanArgs {
-            counts: &counts,
-            offsets: &offsets,
-            cubes: cubes as u32,
-        },
-    )?;
+    let offsets = scan_cubes(&counts, cubes)?;
     let a = Tensor::empty(client, DType::F32, &[n.next_multiple_of(4)])?;
     let indices = Tensor::empty(client, DType::I32, &[k])?;
     let values = Tensor::empty(client, DType::F32, &[k])?;
@@ -103,11 +94,7 @@ pub(crate) fn select_random_subset(
         0.0,
         &TopkSubsetWriteArgs {
             grad,
-            // Four long, so that an absent error does not hold the launch to width 1.
-            error_in: &match error {
-                Some(e) => e.clone(),
-                None => Tensor::empty(client, DType::F32, &[4])?,
-            },
+            error_in: &error_or_placeholder(client, error)?,
             bitmap: &bitmap,
             offsets: &offsets,
             before: &before,
