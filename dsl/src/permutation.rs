@@ -1,6 +1,6 @@
-//! A seeded permutation of the indices `0..n`, evaluated one index at a time with no
+//! A seeded permutation `π` of the indices `0..n`, evaluated one index at a time with no
 //! table: what draws a uniformly random k-subset without sorting or selecting anything
-//! (the indices `i` with `permute_index(i) < k` are exactly `k` of them).
+//! (the indices `i` with `π(i) < k` are exactly `k` of them: `π⁻¹(0..k)`).
 //!
 //! The construction is a Feistel network in the shape of NIST's FF1 over the `bits`-bit
 //! integers (`bits = max(2, ceil(log2 n))`): the index splits into a high half of
@@ -9,13 +9,14 @@
 //! `(b, (a + F_r(b)) mod 2^m)`, `m` alternating `u`, `v` (so an unbalanced split stays a
 //! bijection). `F_r` is a 32-bit integer mix (lowbias32) of `b` and round `r`'s key.
 //! Values past `n` walk the cycle (apply the network again) until they land in `0..n`:
-//! fewer than two steps on average, as `2^bits < 2n`. Integer arithmetic only, so
-//! every backend and the host mirror (`kiln_kernels::random::permute_index`) give the
-//! same permutation. Statistically uniform, not a cryptographic permutation.
+//! fewer than two steps on average, as `2^bits < 2n`. Statistically uniform, not a
+//! cryptographic permutation.
 //!
-//! A Feistel network is inverted by running its rounds backwards
-//! ([`unpermute_index`]): `π⁻¹(0..k)` is the same k-subset, found with `k`
-//! evaluations instead of `n`.
+//! The forward map is defined on the host (`kiln_kernels::random::permute_index`);
+//! kernels evaluate the inverse, [`unpermute_index`] (the rounds run backwards), which
+//! finds the subset with `k` evaluations instead of `n`. Integer arithmetic only, so
+//! every backend and the host's `unpermute_index` agree; tests compare the device's
+//! subsets with the host's forward map.
 
 use cubecl::prelude::*;
 
@@ -41,40 +42,12 @@ pub fn permutation_round_key(key0: u32, key1: u32, round: u32) -> u32 {
     mix32(key0 ^ mix32(key1 + round * 0x9e37_79b9u32))
 }
 
-/// The image of index `i` (`i < n`) under the permutation of `0..n` keyed by
+/// The preimage of `j` (`j < n`) under the permutation `π` of `0..n` keyed by
 /// `round_keys` ([`PERMUTATION_ROUNDS`] of [`permutation_round_key()`]); `bits` =
-/// `max(2, ceil(log2 n))`.
-#[cube]
-pub fn permute_index(i: u32, n: u32, bits: u32, round_keys: &Array<u32>) -> u32 {
-    let u = bits / 2;
-    let v = bits - u;
-    let mask_u = (1u32 << u) - 1;
-    let mask_v = (1u32 << v) - 1;
-    let mut x = i;
-    loop {
-        let mut a = x >> v;
-        let mut b = x & mask_v;
-        #[unroll]
-        for r in 0..PERMUTATION_ROUNDS / 2 {
-            // Even round: `a` has u bits; odd round: v bits.
-            let c = (a + mix32(b ^ round_keys[(2 * r) as usize])) & mask_u;
-            a = b;
-            b = c;
-            let c = (a + mix32(b ^ round_keys[(2 * r + 1) as usize])) & mask_v;
-            a = b;
-            b = c;
-        }
-        x = (a << v) | b;
-        if x < n {
-            break;
-        }
-    }
-    x
-}
-
-/// The preimage of `j` (`j < n`) under [`permute_index`] with the same `n`, `bits` and
-/// `round_keys`: the rounds undone last to first, `(a, b) -> ((b - F_r(a)) mod 2^m, a)`,
-/// walking the cycle backwards until the value lands in `0..n`.
+/// `max(2, ceil(log2 n))`: the rounds undone last to first,
+/// `(a, b) -> ((b - F_r(a)) mod 2^m, a)`, walking the cycle backwards until the value
+/// lands in `0..n`. (The forward map is defined on the host,
+/// `kiln_kernels::random::permute_index`, which tests rank by; kernels need only `π⁻¹`.)
 #[cube]
 pub fn unpermute_index(j: u32, n: u32, bits: u32, round_keys: &Array<u32>) -> u32 {
     let u = bits / 2;

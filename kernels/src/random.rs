@@ -6,8 +6,9 @@
 //! element-wise users draw element `i` of stream `s` (a tensor's position in a list)
 //! from lane `i % 4` of the block at counter `(i / 4, s, 0, 0)`.
 //!
-//! Also the host mirror of the seeded index permutation (`kiln_dsl::permutation`,
-//! [`permute_index`]) that draws rand-k's subsets.
+//! Also the seeded index permutation that draws rand-k's subsets (`kiln_dsl::permutation`):
+//! [`permute_index`], its definition, which tests rank by, and [`unpermute_index`], the
+//! inverse the kernels evaluate.
 
 use kiln_dsl::{
     GAUSSIAN_FRACTION_BITS, GAUSSIAN_INTERP_BITS, GAUSSIAN_NODES_LOG2, GAUSSIAN_TABLE_LEN,
@@ -67,8 +68,8 @@ pub fn permutation_round_keys(seed: u64) -> [u32; kiln_dsl::PERMUTATION_ROUNDS a
     })
 }
 
-/// The image of `i` (`i < n`) under the seeded permutation of `0..n` that the kernels
-/// evaluate (`kiln_dsl::permute_index`; the construction is in `kiln_dsl::permutation`).
+/// The image of `i` (`i < n`) under the seeded permutation of `0..n` (the construction is
+/// in `kiln_dsl::permutation`; the kernels evaluate its inverse, `kiln_dsl::unpermute_index`).
 pub fn permute_index(seed: u64, n: u32, i: u32) -> u32 {
     assert!(i < n, "index {i} outside 0..{n}");
     let bits = permutation_bits(n);

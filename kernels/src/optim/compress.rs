@@ -1,5 +1,6 @@
 //! Gradient compressors with error feedback (the selection engine is the private
-//! `optim::topk` module: an exact, deterministic device radix select).
+//! `optim::topk` module: an exact, deterministic device radix select, and rand-k's
+//! subset marked by the inverse of a seeded permutation).
 //!
 //! - [`topk_ef`]: `a = e + g`; `c = top-k(|a|)` (exact: ties to the lower index; NaN
 //!   ranks above ±inf); `e = a − c`.
@@ -103,9 +104,10 @@ pub fn magnitude_keys(a: &[f32]) -> Vec<u32> {
     a.iter().map(|v| v.to_bits() & 0x7FFF_FFFF).collect()
 }
 
-/// The keys [`randk`] ranks `n` elements by under `seed`: `n - 1 - π(i)`, `π` the seeded
+/// Keys that rank `n` elements as [`randk`] selects them under `seed` (the tests'
+/// reference, from the forward permutation): `n - 1 - π(i)`, `π` the seeded
 /// permutation of `0..n` ([`crate::random::permute_index`]), so the `k` largest are
-/// the indices `π` sends below `k`.
+/// the indices `π` sends below `k`, which `randk` marks as `π⁻¹(0..k)`.
 pub fn randk_keys(n: usize, seed: u64) -> Vec<u32> {
     let n32 = n as u32;
     (0..n32)

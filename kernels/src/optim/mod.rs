@@ -17,7 +17,9 @@
 //!   directions, from the device's Jacobi SVD, [`crate::svd`]).
 //! - Gradient compressors ([`topk_ef`], [`randk`], [`econtrol`]): error feedback
 //!   (EControl's with a controlled strength and an estimator `h`), exact top-k by a
-//!   device radix select (deterministic, no atomics), `(indices, values)` outputs.
+//!   device radix select (deterministic, no atomics), rand-k's subset marked by `k`
+//!   inverse permutation evaluations (integer atomic ors: deterministic too),
+//!   `(indices, values)` outputs.
 //! - `kiln run adamw|adan|adabelief|adagrad|lamb|adagrad_norm`: one tensor, out of place: inputs `param`,
 //!   `grad` and the states by their formula names, outputs the same names.
 

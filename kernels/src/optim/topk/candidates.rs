@@ -1,8 +1,8 @@
 //! Candidates: the keys a selection can still take, kept per region (`PER_UNIT`
 //! consecutive elements, a unit's; regions in index order) so that the compaction reads
 //! only those. [`topk_radix_compact`] keeps them in the radix select's third pass; where
-//! the threshold is known before (rand-k's permutation, the threshold estimate),
-//! [`topk_form_candidates`] keeps them as it forms `a`, in one pass over the inputs.
+//! the threshold is known before (the threshold estimate), [`topk_form_candidates`]
+//! keeps them as it forms `a`, in one pass over the inputs.
 // `n` beside the `_n` that cubecl's launch expansion gives the `Size` generic `N`
 // (an attribute on the kernel does not reach that expansion).
 #![allow(clippy::duplicate_underscore_argument)]
@@ -154,7 +154,7 @@ pub fn topk_form_candidates<F: Float, N: Size>(
                 let av = a_of(grad, error_in, vi, has_error);
                 a[vi as usize] = av;
                 let kv = magnitude_keys(av);
-                let mut words = kv;
+                let mut words = Vector::<u32, N>::new(0u32);
                 let mut mask = 0u32;
                 #[unroll]
                 for l in 0..nw {

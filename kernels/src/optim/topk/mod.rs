@@ -1,6 +1,6 @@
 //! Exact top-k selection on the device by radix select, the engine of the gradient
-//! compressors (`topk_ef` ranks by magnitude; FRUGAL's subspaces by a Philox word;
-//! `randk` by a seeded permutation, whose threshold is known: no radix pass).
+//! compressors (`topk_ef` ranks by magnitude; FRUGAL's subspaces by a Philox word), and
+//! `randk`'s subset, which is marked, not ranked: no radix pass (`subset.rs`).
 //!
 //! Keys are u32 (`|a|`'s f32 bits, which order like the magnitudes, NaN above +inf; or
 //! Philox words). Magnitude keys are not stored: every pass reads `a`'s bits and masks

@@ -185,7 +185,12 @@ pub fn topk_subset_count(
 ) {
     let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
     let region = cube * UNITS + UNIT_POS;
-    let taken = select(cube < cubes, region_taken(bitmap, region, n, invert), 0u32);
+    // An `if`, not a `select`: both sides of a select are evaluated, and cubes past
+    // `cubes` (the grid's last row) would read past the bitmap.
+    let mut taken = 0u32;
+    if cube < cubes {
+        taken = region_taken(bitmap, region, n, invert);
+    }
     store_counts(taken, counts, before, cube, cubes);
 }
 
@@ -247,7 +252,7 @@ pub fn topk_subset_write<F: Float, N: Size>(
     let mut word_before = Vector::<u32, Const<4>>::new(0u32);
     if cube < cubes {
         words = bitmap[region as usize];
-        // Counts are below 2^16 (`store_counts` packs ties above them): the low half.
+        // `store_counts` packs ties in the high half (none here): the low half.
         let mut run = before[region as usize] & 65535u32;
         #[unroll]
         for l in 0..REGION_WORDS {
@@ -260,8 +265,14 @@ pub fn topk_subset_write<F: Float, N: Size>(
     }
     // Coalesced, a unit's vectors lie in any region of the cube: every region's words
     // and counts through shared memory (one barrier; none where each unit reads its own).
-    let mut cube_words = SharedMemory::<u32>::new(comptime!((CUBE * REGION_WORDS) as usize));
-    let mut cube_before = SharedMemory::<u32>::new(comptime!((CUBE * REGION_WORDS) as usize));
+    // (A placeholder word each where unused.)
+    let shared = comptime!(if contiguous {
+        1
+    } else {
+        (CUBE * REGION_WORDS) as usize
+    });
+    let mut cube_words = SharedMemory::<u32>::new(shared);
+    let mut cube_before = SharedMemory::<u32>::new(shared);
     if comptime!(!contiguous) {
         #[unroll]
         for l in 0..REGION_WORDS {
