@@ -3,6 +3,7 @@
 
 use super::problem::*;
 use super::*;
+use crate::gla::fused::GlaFusedFwdConfig;
 use crate::launch::{or_absent, upload_u32};
 use kiln_runtime::tune::Choice;
 use kiln_runtime::{Client, DType, Error, Result, Tensor};
@@ -194,7 +195,14 @@ pub(super) fn forward_fused(inp: &GlaInputs<'_>, p: &Problem) -> Result<(Tensor,
     let ht = Tensor::empty(client, DType::F32, &p.state_shape())?;
     let init = or_absent(client, inp.h0)?;
     if p.n_seq() > 0 {
-        GlaFusedFwd::tuned(
+        // On a CPU adapter a cost model ranks the value tiles, so that a first call
+        // compiles only those it cannot rule out (each is seconds of LLVM); a GPU times
+        // every one.
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let cost = |cfg: &GlaFusedFwdConfig| fused_cost_cpu(cfg.BV, p, cores);
+        let cpu = client.report().adapter_type == kiln_runtime::AdapterType::Cpu;
+        let ranked: Option<&dyn Fn(&GlaFusedFwdConfig) -> f64> = cpu.then_some(&cost);
+        GlaFusedFwd::tuned_ranked(
             client,
             CHUNK_TOLERANCE,
             &GlaFusedFwdArgs {
@@ -214,9 +222,23 @@ pub(super) fn forward_fused(inp: &GlaInputs<'_>, p: &Problem) -> Result<(Tensor,
                 kp: p.dk.next_multiple_of(16) as u32,
                 has_init: inp.h0.is_some(),
             },
+            ranked,
         )?;
     }
     Ok((o, ht))
+}
+
+/// The fused forward's time at value tile `bv` on a CPU adapter with `cores` threads, in
+/// relative units: every cube (a sequence, a head, a `bv`-wide slice of V) recomputes its
+/// rows' K side whatever its slice (1.25 times the work of a full-width V side), and
+/// the cubes run `cores` at a time. Fitted on lavapipe (2 x 4096 x 4 x 64, 2 cores: BV
+/// 64 / 32 / 16 took 0.63 / 0.98 / 1.67 s, the model 9 / 14 / 24), where it rules out
+/// BV = 16 (over twice the best), whose compilation was a third of a first call.
+fn fused_cost_cpu(bv: u32, p: &Problem, cores: usize) -> f64 {
+    let bv = (bv as usize).min(p.dv);
+    let cubes = p.n_seq() * p.heads * p.dv.div_ceil(bv);
+    let waves = cubes.div_ceil(cores.max(1)) as f64;
+    waves * (1.25 + bv as f64 / p.dv as f64)
 }
 
 /// The chunk size: the caller's (checked), or the autotuner's pick among
