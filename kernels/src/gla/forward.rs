@@ -229,16 +229,20 @@ pub(super) fn forward_fused(inp: &GlaInputs<'_>, p: &Problem) -> Result<(Tensor,
 }
 
 /// The fused forward's time at value tile `bv` on a CPU adapter with `cores` threads, in
-/// relative units: every cube (a sequence, a head, a `bv`-wide slice of V) recomputes its
-/// rows' K side whatever its slice (1.25 times the work of a full-width V side), and
-/// the cubes run `cores` at a time. Fitted on lavapipe (2 x 4096 x 4 x 64, 2 cores: BV
-/// 64 / 32 / 16 took 0.63 / 0.98 / 1.67 s, the model 9 / 14 / 24), where it rules out
-/// BV = 16 (over twice the best), whose compilation was a third of a first call.
+/// relative units: every cube (a sequence, a head, a `bv`-wide slice of V) walks its
+/// sequence's rows and recomputes their K side whatever its slice (1.25 times the work
+/// of a full-width V side); the cubes share the cores, and none finishes before the
+/// longest sequence's (varlen batches). Fitted on lavapipe (2 x 4096 x 4 x 64, 2 cores:
+/// BV 64 / 32 / 16 took 0.63 / 0.98 / 1.67 s, the model 9 / 14 / 24 in units of 4096
+/// rows), where it rules out BV = 16 (over twice the best), whose compilation was a
+/// third of a first call.
 fn fused_cost_cpu(bv: u32, p: &Problem, cores: usize) -> f64 {
     let bv = (bv as usize).min(p.dv);
-    let cubes = p.n_seq() * p.heads * p.dv.div_ceil(bv);
-    let waves = cubes.div_ceil(cores.max(1)) as f64;
-    waves * (1.25 + bv as f64 / p.dv as f64)
+    let slices = p.dv.div_ceil(bv);
+    let rows = p.rows() as f64;
+    let longest = p.bounds.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0) as f64;
+    let shared = rows * (p.heads * slices) as f64 / cores.max(1) as f64;
+    shared.max(longest) * (1.25 + bv as f64 / p.dv as f64)
 }
 
 /// The chunk size: the caller's (checked), or the autotuner's pick among
