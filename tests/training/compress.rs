@@ -8,18 +8,22 @@
 use crate::common::{assert_clear, client, down, up};
 use kiln::check::Rng;
 use kiln::kernels::optim::compress::{
-    compression_errors, lgreco_plan, magnitude_keys, randk_keys, reference_select,
-    with_unit_layout, UnitLayout,
+    bracket_pays, bracket_rank, compression_errors, lgreco_plan, magnitude_keys, randk_keys,
+    reference_select, with_unit_layout, UnitLayout, BRACKET_SAMPLE, BRACKET_SEED,
 };
 use kiln::kernels::optim::reference::econtrol_step;
 use kiln::kernels::optim::{econtrol, randk, topk_ef, Compressed};
 use kiln::{DType, HostTensor, Tensor};
 
-/// `a = error + grad` in f32, as the kernel forms it.
+/// `a = error + grad` in f32, as the kernel forms it (`grad` itself without an error:
+/// a -0 stays -0).
 fn accumulate(g: &[f64], e: Option<&[f64]>) -> Vec<f32> {
     g.iter()
         .enumerate()
-        .map(|(i, &g)| e.map_or(0.0, |e| e[i] as f32) + g as f32)
+        .map(|(i, &g)| match e {
+            Some(e) => e[i] as f32 + g as f32,
+            None => g as f32,
+        })
         .collect()
 }
 
@@ -143,6 +147,103 @@ fn topk_ef_is_exact_over_ragged_sizes_and_every_k() {
         // Without an error an f32 gradient is read in place: never written.
         let uploaded: Vec<f64> = g.iter().map(|&v| v as f32 as f64).collect();
         assert_eq!(down(&gt), uploaded, "n {n}: the gradient was modified");
+    }
+}
+
+/// The positions of the sampled bracket's sample over `n` elements (`topk_sample`'s).
+fn bracket_positions(n: usize) -> Vec<usize> {
+    (0..BRACKET_SAMPLE as u64)
+        .map(|j| {
+            ((kiln::kernels::random::word(BRACKET_SEED, 1, j) as u64 * n as u64) >> 32) as usize
+        })
+        .collect()
+}
+
+/// How many of `keys` lie at or above the sampled bracket's threshold for `k`: at least
+/// `k` where the pass that keeps candidates suffices, fewer where the refill runs.
+fn bracket_admits(keys: &[u32], k: usize) -> usize {
+    let n = keys.len();
+    let mut sampled: Vec<u32> = bracket_positions(n).iter().map(|&p| keys[p]).collect();
+    sampled.sort_unstable_by(|x, y| y.cmp(x));
+    let threshold = sampled[bracket_rank(n, k, BRACKET_SAMPLE) - 1];
+    keys.iter().filter(|&&key| key >= threshold).count()
+}
+
+#[test]
+fn topk_ef_through_the_sampled_bracket_is_exact() {
+    // n >= 2^19 and k <= n / 2 take the bracket: ragged n, k from 1 to n / 2 (and n / 2 + 1,
+    // the radix select over every key, beside it).
+    let n = 524_291;
+    let mut rng = Rng::new(11);
+    let (gt, et, a) = gradient_and_error(11, n);
+    let keys = magnitude_keys(&a);
+    for k in [1, 524, 5_243, n / 2, n / 2 + 1] {
+        assert_eq!(bracket_pays(n, k), k <= n / 2, "k {k}");
+        if bracket_pays(n, k) {
+            assert!(bracket_admits(&keys, k) >= k, "k {k}: the refill would run");
+        }
+        let got = topk_ef(&gt, Some(&et), k).unwrap();
+        check(&got, &a, &keys, k, 1.0, &format!("bracket, k {k}"));
+    }
+    // Ties: a gradient on a grid of quarters, so that thousands of keys equal the k-th
+    // (those taken are the lowest indices); an f16 gradient where the device has f16.
+    let dtype = match client().supports(DType::F16) {
+        true => DType::F16,
+        false => DType::F32,
+    };
+    let g: Vec<f64> = rng
+        .normals(n, 1.0)
+        .iter()
+        .map(|v| (v * 4.0).round() / 4.0)
+        .collect();
+    let a = accumulate(&g, None);
+    let k = 50_000;
+    let got = topk_ef(&up(dtype, &[n], &g), None, k).unwrap();
+    check(
+        &got,
+        &a,
+        &magnitude_keys(&a),
+        k,
+        1.0,
+        &format!("bracket, ties, {dtype}"),
+    );
+    // Data built against the bracket's seed: the sampled positions hold the largest
+    // magnitudes, so its threshold admits fewer than k (at most BRACKET_SAMPLE positions)
+    // and the refill keeps every element.
+    let mut g = rng.normals(n, 1.0);
+    for p in bracket_positions(n) {
+        g[p] = 100.0 + g[p].abs();
+    }
+    let a = accumulate(&g, None);
+    let keys = magnitude_keys(&a);
+    let k = n / 4;
+    assert!(bracket_admits(&keys, k) < k, "the refill would not run");
+    let got = topk_ef(&up(DType::F32, &[n], &g), None, k).unwrap();
+    check(&got, &a, &keys, k, 1.0, "bracket, refilled");
+}
+
+#[test]
+fn dense_ties_at_large_n_are_counted_past_eight_bits() {
+    // Every key equal but a few: the candidate histogram passes read thousands of keys a
+    // unit in one bin (past a unit's 8-bit counters), on both paths (n below 2^19: the
+    // radix select over every key; above: the sampled bracket).
+    for n in [300_007usize, 600_011] {
+        let mut g = vec![1.0f64; n];
+        for i in (0..n).step_by(9_973) {
+            g[i] = 2.0 + i as f64 / n as f64;
+        }
+        let a = accumulate(&g, None);
+        for k in [1_000, n / 3] {
+            let got = topk_ef(&up(DType::F32, &[n], &g), None, k).unwrap();
+            check(
+                &got,
+                &a,
+                &magnitude_keys(&a),
+                k,
+                1.0,
+                &format!("dense ties, n {n}, k {k}"),
+            );
+        }
     }
 }
 

@@ -16,7 +16,9 @@
 //! communicator's `all_gather` carries as two tensors.
 
 use super::topk::{self, KeySource};
-pub use super::topk::{with_unit_layout, UnitLayout};
+pub use super::topk::{
+    bracket_pays, bracket_rank, with_unit_layout, UnitLayout, BRACKET_SAMPLE, BRACKET_SEED,
+};
 use crate::launch::{check_input, shape_err};
 use kiln_runtime::{DType, Error, Result, Tensor};
 

@@ -60,12 +60,13 @@ pub use step::{
     OptimStepArgs, Phase, Sums,
 };
 pub use topk::{
-    KeySource, RadixSource, TopkCandidatesCount, TopkCandidatesCountArgs, TopkCandidatesWrite,
-    TopkCandidatesWriteArgs, TopkClearWords, TopkClearWordsArgs, TopkFormCandidates,
-    TopkFormCandidatesArgs, TopkKeys, TopkKeysArgs, TopkRadixChoose, TopkRadixChooseArgs,
-    TopkRadixCompact, TopkRadixCompactArgs, TopkRadixHistogram, TopkRadixHistogramArgs, TopkSample,
-    TopkSampleArgs, TopkScan, TopkScanArgs, TopkSubsetCount, TopkSubsetCountArgs, TopkSubsetMark,
-    TopkSubsetMarkArgs, TopkSubsetWrite, TopkSubsetWriteArgs,
+    KeySource, RadixSource, TopkCandidatesCount, TopkCandidatesCountArgs, TopkCandidatesShort,
+    TopkCandidatesShortArgs, TopkCandidatesWrite, TopkCandidatesWriteArgs, TopkClearWords,
+    TopkClearWordsArgs, TopkFormCandidates, TopkFormCandidatesArgs, TopkKeys, TopkKeysArgs,
+    TopkRadixChoose, TopkRadixChooseArgs, TopkRadixCompact, TopkRadixCompactArgs,
+    TopkRadixHistogram, TopkRadixHistogramArgs, TopkSample, TopkSampleArgs, TopkScan, TopkScanArgs,
+    TopkSubsetCount, TopkSubsetCountArgs, TopkSubsetMark, TopkSubsetMarkArgs, TopkSubsetWrite,
+    TopkSubsetWriteArgs,
 };
 
 /// An error naming `params` unless a step got one param and one grad for each of the

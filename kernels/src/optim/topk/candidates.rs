@@ -117,7 +117,10 @@ impl Kept {
 /// candidates the elements whose magnitude key is at or above the known threshold
 /// `T = state[0]` (the word kept is `a`'s, sign included): the threshold estimate's one
 /// pass. Unit `u` of cube `c` reads its region's `PER_UNIT` elements from
-/// `c CHUNK + u PER_UNIT`, `VECTOR` wide; `a` is `n` rounded up to 4 long.
+/// `c CHUNK + u PER_UNIT`, `VECTOR` wide; `a` is `n` rounded up to 4 long. With `refill`
+/// the pass runs only where `short[0]` is not 0 (exact top-k's sampled bracket kept fewer
+/// than `k`: [`topk_candidates_short`] then dropped `T` to 0, so this keeps everything),
+/// and every unit returns at once otherwise.
 #[kiln_macros::kernel(
     tune(UNITS = [256]),
     vector = [4, 1],
@@ -129,6 +132,7 @@ pub fn topk_form_candidates<F: Float, N: Size>(
     grad: &Array<Vector<F, N>>,
     error_in: &Array<Vector<f32, N>>,
     state: &Array<u32>,
+    short: &Array<u32>,
     a: &mut Array<Vector<f32, N>>,
     candidates: &mut Array<Vector<u32, Const<4>>>,
     positions: &mut Array<u32>,
@@ -137,7 +141,14 @@ pub fn topk_form_candidates<F: Float, N: Size>(
     n: u32,
     cubes: u32,
     #[comptime] has_error: bool,
+    #[comptime] refill: bool,
 ) {
+    if comptime!(refill) {
+        // Uniform: the flag is one word every unit reads.
+        if short[0] == 0u32 {
+            terminate!();
+        }
+    }
     let nw = N::value().comptime() as u32;
     let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
     let t = state[0];

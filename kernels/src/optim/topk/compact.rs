@@ -72,7 +72,7 @@ pub(super) fn store_counts(
 /// adapter each barrier switches every SIMD slice of the cube. `smem` holds
 /// `CUBE + BINS` words; every unit must call it.
 #[cube]
-fn cube_exclusive_sum_u32(smem: &mut SharedMemory<u32>, value: u32) -> u32 {
+pub(super) fn cube_exclusive_sum_u32(smem: &mut SharedMemory<u32>, value: u32) -> u32 {
     let groups = comptime!(CUBE / BINS);
     smem[UNIT_POS as usize] = value;
     sync_cube();

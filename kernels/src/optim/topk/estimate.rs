@@ -22,9 +22,26 @@ pub(crate) fn select_above_estimate(
     sample: usize,
     seed: u64,
 ) -> Result<Selected> {
-    let client = grad.client();
     let n = grad.numel();
     let sample = sample.clamp(1, n);
+    let sampled = sample_keys(grad, error, sample, seed)?;
+    let k_sample = ((k as f64 * sample as f64 / n as f64).round() as usize).clamp(1, sample);
+    // `[T, u32::MAX]`, on the device: every key >= T taken, all ties (at least the sampled
+    // element whose key is T).
+    let state = radix_select(&sampled, None, u32::MAX, sample, k_sample, None, true)?.state;
+    let (a, kept) = form_candidates(grad, error, state)?;
+    compact_candidates(&a, &kept, n, None, 1.0)
+}
+
+/// The magnitude keys of `sample` (1..=n) positions of `a = error + grad` drawn from
+/// `seed` ([`topk_sample`]), `sample` rounded up to 4 long.
+pub(super) fn sample_keys(
+    grad: &Tensor,
+    error: Option<&Tensor>,
+    sample: usize,
+    seed: u64,
+) -> Result<Tensor> {
+    let client = grad.client();
     let sampled = Tensor::empty(client, DType::U32, &[sample.next_multiple_of(4)])?;
     let key = crate::random::seed_key(seed);
     TopkSample::tuned(
@@ -34,7 +51,7 @@ pub(crate) fn select_above_estimate(
             grad,
             error: &crate::launch::or_absent(client, error)?,
             sampled: &sampled,
-            n: n as u32,
+            n: grad.numel() as u32,
             sample: sample as u32,
             blocks: sample.div_ceil(4) as u32,
             key0: key[0],
@@ -42,12 +59,7 @@ pub(crate) fn select_above_estimate(
             has_error: error.is_some(),
         },
     )?;
-    let k_sample = ((k as f64 * sample as f64 / n as f64).round() as usize).clamp(1, sample);
-    // `[T, u32::MAX]`, on the device: every key >= T taken, all ties (at least the sampled
-    // element whose key is T).
-    let state = radix_select(&sampled, None, u32::MAX, sample, k_sample, None, true)?.state;
-    let (a, kept) = form_candidates(grad, error, state)?;
-    compact_candidates(&a, &kept, n, None, 1.0)
+    Ok(sampled)
 }
 
 /// `sampled[j]` = the magnitude key of `a[p_j] = error[p_j] + grad[p_j]` (f32, as

@@ -21,8 +21,11 @@
 //! estimate, which runs the radix passes over a seeded sample and takes every key at or
 //! above the sample's quantile), one pass forms `a`, writes it and keeps the candidates
 //! ([`topk_form_candidates`]): the three streams a copy moves, then the compaction (the
-//! estimate counts what it took with one small download). Rand-k's subset is marked, not
-//! ranked ([`select_random_subset`], `subset.rs`).
+//! estimate counts what it took with one small download). Exact top-k by magnitude of
+//! many elements (`n >= 2^19`, `k <= n / 2`) bounds the k-th largest from a seeded sample
+//! first, so that the same one pass keeps the candidates and all eight radix passes read
+//! those alone, exact on every input ([`select_top_k_sampled`], `sampled.rs`). Rand-k's
+//! subset is marked, not ranked ([`select_random_subset`], `subset.rs`).
 // `n` beside the `_n` that cubecl's launch expansion gives the `Size` generic `N`
 // (an attribute on the kernel does not reach that expansion).
 #![allow(clippy::duplicate_underscore_argument)]
@@ -32,12 +35,14 @@ mod candidates;
 mod compact;
 mod estimate;
 mod radix;
+mod sampled;
 mod subset;
 
 pub use candidates::*;
 pub use compact::*;
 pub use estimate::*;
 pub use radix::*;
+pub use sampled::*;
 pub use subset::*;
 
 use crate::launch::upload_u32;
@@ -132,6 +137,8 @@ pub(crate) fn select_top_k(
     match source {
         // The k taken are π⁻¹(0..k): marked, not ranked (no radix pass, no keys).
         KeySource::Permutation => select_random_subset(grad, error, k, seed.0, scale),
+        // One pass over the data keeps the candidates a sampled bracket admits.
+        KeySource::Magnitude if bracket_pays(n, k) => select_top_k_sampled(grad, error, k, scale),
         KeySource::Magnitude => {
             // `a`'s words are its keys; `a` becomes the error feedback.
             let (a, _, first) = keys_of(grad, error, None, 1.0, source, seed, false)?;
@@ -304,6 +311,21 @@ fn form_candidates(
     let n = grad.numel();
     let a = Tensor::empty(client, DType::F32, &[n.next_multiple_of(4)])?;
     let kept = Candidates::empty(client, n, state, MAGNITUDE, true)?;
+    launch_form(grad, error, &a, &kept, None)?;
+    Ok((a, kept))
+}
+
+/// [`topk_form_candidates`] into `a` and `kept`; with `short`, the refill, which runs
+/// only where `short[0]` is not 0.
+fn launch_form(
+    grad: &Tensor,
+    error: Option<&Tensor>,
+    a: &Tensor,
+    kept: &Candidates,
+    short: Option<&Tensor>,
+) -> Result<()> {
+    let client = grad.client();
+    let n = grad.numel();
     TopkFormCandidates::tuned(
         client,
         0.0,
@@ -311,7 +333,8 @@ fn form_candidates(
             grad,
             error_in: &error_or_placeholder(client, error)?,
             state: &kept.state,
-            a: &a,
+            short: short.unwrap_or(&kept.state),
+            a,
             candidates: &kept.candidates,
             positions: &kept.positions,
             stored: &kept.stored,
@@ -319,9 +342,10 @@ fn form_candidates(
             n: n as u32,
             cubes: n.div_ceil(CHUNK as usize) as u32,
             has_error: error.is_some(),
+            refill: short.is_some(),
         },
     )?;
-    Ok((a, kept))
+    Ok(())
 }
 
 /// The elements `kept`'s selection takes of the first `n` of `a` (f32, `n` rounded up to
@@ -509,16 +533,10 @@ fn radix_select(
     // After two passes (8 bits of the prefix) the keys that can still be the k-th are
     // usually a small part (magnitudes: a factor-4 range of |a|; random keys: 1/256), so
     // the third pass copies them out per unit and the last five read only those.
-    let regions = cubes * CUBE as usize;
     let radix = Candidates::empty(client, n, state, key_mask, values.is_none())?;
     let absent = Tensor::empty(client, DType::F32, &[4])?;
     for pass in 0..32 / DIGIT_BITS {
-        let shift = 32 - DIGIT_BITS * (pass + 1);
-        // The bits above this digit, which must equal the prefix chosen so far.
-        let high = match shift + DIGIT_BITS {
-            32 => 0,
-            s => !((1u32 << s) - 1),
-        };
+        let (shift, high) = digit_of_pass(pass);
         if pass == 2 {
             TopkRadixCompact::tuned(
                 client,
@@ -541,52 +559,106 @@ fn radix_select(
                 },
             )?;
         } else if pass > 0 || !counted {
-            let (source, cubes) = match pass {
-                0 | 1 => (RadixSource::Keys, cubes),
-                _ => (
-                    RadixSource::Candidates,
-                    regions.div_ceil(CANDIDATE_GROUPS as usize * CUBE as usize),
-                ),
+            let source = match pass {
+                0 | 1 => RadixSource::Keys,
+                _ => RadixSource::Candidates,
             };
-            TopkRadixHistogram::tuned(
-                client,
-                0.0,
-                &TopkRadixHistogramArgs {
-                    keys,
-                    state: &radix.state,
-                    hist: &hist,
-                    candidates: &radix.candidates,
-                    counts: &radix.stored,
-                    n: n as u32,
-                    cubes: cubes as u32,
-                    regions: regions as u32,
-                    shift,
-                    high,
-                    key_mask,
-                    contiguous: contiguous_regions(client),
-                    skip_counted: u32::from(speculated && pass == 1),
-                    source,
-                },
-            )?;
+            let skip_counted = speculated && pass == 1;
+            radix_histogram(keys, &radix, &hist, n, pass, skip_counted, source)?;
         }
-        TopkRadixChoose::tuned(
-            client,
-            0.0,
-            &TopkRadixChooseArgs {
-                hist: &hist,
-                spec: &spec,
-                state: &radix.state,
-                cubes: match pass {
-                    0..=2 => cubes,
-                    _ => regions.div_ceil(CANDIDATE_GROUPS as usize * CUBE as usize),
-                } as u32,
-                shift,
-                take_all_ties: u32::from(all_ties),
-                use_spec: u32::from(speculated && pass == 1),
-            },
-        )?;
+        let cubes = match pass {
+            0..=2 => cubes,
+            _ => candidate_cubes(n),
+        };
+        let use_spec = speculated && pass == 1;
+        radix_choose(&hist, &spec, &radix.state, cubes, shift, all_ties, use_spec)?;
     }
     Ok(radix)
+}
+
+/// The digit pass `pass` (0 first) counts: its shift, and the mask of the bits above it,
+/// which must equal the prefix chosen so far.
+fn digit_of_pass(pass: u32) -> (u32, u32) {
+    let shift = 32 - DIGIT_BITS * (pass + 1);
+    let high = match shift + DIGIT_BITS {
+        32 => 0,
+        s => !((1u32 << s) - 1),
+    };
+    (shift, high)
+}
+
+/// Cubes of a histogram pass over the candidates of `n` elements' regions.
+fn candidate_cubes(n: usize) -> usize {
+    let regions = n.div_ceil(CHUNK as usize) * CUBE as usize;
+    regions.div_ceil(CANDIDATE_GROUPS as usize * CUBE as usize)
+}
+
+/// Radix pass `pass`'s per-cube histogram ([`topk_radix_histogram`]) of the first `n`
+/// keys (`source` Keys) or of `radix`'s candidates, under `radix.state`'s prefix;
+/// `skip_counted`: the keys pass may have counted this digit already.
+fn radix_histogram(
+    keys: &Tensor,
+    radix: &Candidates,
+    hist: &Tensor,
+    n: usize,
+    pass: u32,
+    skip_counted: bool,
+    source: RadixSource,
+) -> Result<()> {
+    let client = keys.client();
+    let (shift, high) = digit_of_pass(pass);
+    let chunks = n.div_ceil(CHUNK as usize);
+    TopkRadixHistogram::tuned(
+        client,
+        0.0,
+        &TopkRadixHistogramArgs {
+            keys,
+            state: &radix.state,
+            hist,
+            candidates: &radix.candidates,
+            counts: &radix.stored,
+            n: n as u32,
+            cubes: match source {
+                RadixSource::Keys => chunks,
+                RadixSource::Candidates => candidate_cubes(n),
+            } as u32,
+            regions: (chunks * CUBE as usize) as u32,
+            shift,
+            high,
+            key_mask: radix.key_mask,
+            contiguous: contiguous_regions(client),
+            skip_counted: u32::from(skip_counted),
+            source,
+        },
+    )?;
+    Ok(())
+}
+
+/// [`topk_radix_choose`] over `cubes` histograms: the digit at `shift` joins `state`'s
+/// prefix.
+fn radix_choose(
+    hist: &Tensor,
+    spec: &Tensor,
+    state: &Tensor,
+    cubes: usize,
+    shift: u32,
+    all_ties: bool,
+    use_spec: bool,
+) -> Result<()> {
+    TopkRadixChoose::tuned(
+        hist.client(),
+        0.0,
+        &TopkRadixChooseArgs {
+            hist,
+            spec,
+            state,
+            cubes: cubes as u32,
+            shift,
+            take_all_ties: u32::from(all_ties),
+            use_spec: u32::from(use_spec),
+        },
+    )?;
+    Ok(())
 }
 
 /// `a = eta error + grad - h` in f32 (written twice with `twice`: to `a` and `copy`)

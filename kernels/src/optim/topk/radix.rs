@@ -20,7 +20,9 @@ use super::*;
 /// a unit: no overflow), a key adding `1 << 8 (d % 4)` to word `d / 4` by a compare and
 /// a select per word: a CPU adapter runs these as vector operations, where a
 /// shared-memory counter per key is a gather and a scatter per lane (lavapipe, 4M keys:
-/// 20 ms a pass); then [`cube_histogram`]. No atomics.
+/// 20 ms a pass); then [`cube_histogram`]. Over the candidates, whose unit reads up to
+/// `CANDIDATE_GROUPS x PER_UNIT` keys, each region's packed counts are added to full
+/// counters, summed in u32 ([`cube_histogram_wide`]). No atomics.
 #[kiln_macros::kernel(tune(UNITS = [256]), grid = cubes(cubes), cube = UNITS)]
 pub fn topk_radix_histogram(
     keys: &Array<Vector<u32, Const<4>>>,
@@ -48,6 +50,15 @@ pub fn topk_radix_histogram(
     let mut packed = Array::<u32>::new(comptime!((BINS / 4) as usize));
     clear_counters(&mut packed);
     if comptime!(source == RadixSource::Candidates) {
+        // A unit reads up to CANDIDATE_GROUPS x PER_UNIT keys and a cube 2^19, past the
+        // 8-bit counters and the 16-bit cube sums of a full pass (dense ties put them all
+        // in one bin): each region's keys (at most PER_UNIT) are counted packed, then
+        // added to full counters, summed over the cube in u32.
+        let mut wide = Array::<u32>::new(comptime!(BINS as usize));
+        #[unroll]
+        for d in 0..comptime!(BINS) {
+            wide[d as usize] = 0u32;
+        }
         #[unroll]
         for g in 0..comptime!(CANDIDATE_GROUPS) {
             let region = (cube * comptime!(CANDIDATE_GROUPS) + g) * UNITS + UNIT_POS;
@@ -67,7 +78,13 @@ pub fn topk_radix_histogram(
                     count_digit(&mut packed, key, hit, shift);
                 }
             }
+            #[unroll]
+            for d in 0..comptime!(BINS) {
+                wide[d as usize] += (packed[(d / 4) as usize] >> ((d % 4) * 8)) & 255u32;
+            }
+            clear_counters(&mut packed);
         }
+        cube_histogram_wide(&wide, hist, cube, cubes);
     } else {
         let base = cube * comptime!(CHUNK);
         // The keys this cube reads (uniform: the loop runs as often for every unit).
@@ -89,8 +106,40 @@ pub fn topk_radix_histogram(
                 }
             }
         }
+        cube_histogram(&packed, hist, cube, cubes);
     }
-    cube_histogram(&packed, hist, cube, cubes);
+}
+
+/// A cube's histogram from its units' `BINS` full counters `wide` (the candidates
+/// passes': up to 2^19 a bin in a cube), in u32: unit `u` adds bin `u / BINS` over the
+/// `BINS` units `BINS (u % BINS) ..`, then units `0..BINS` their bin's partials, in order,
+/// to `hist[cube BINS ..]`. Every unit must call it.
+#[cube]
+fn cube_histogram_wide(wide: &Array<u32>, hist: &mut Array<u32>, cube: u32, cubes: u32) {
+    let mut table = SharedMemory::<u32>::new(comptime!((BINS * CUBE) as usize));
+    let mut partials = SharedMemory::<u32>::new(comptime!(CUBE as usize));
+    #[unroll]
+    for d in 0..comptime!(BINS) {
+        table[(d * comptime!(CUBE) + UNIT_POS) as usize] = wide[d as usize];
+    }
+    sync_cube();
+    let bin = UNIT_POS / comptime!(BINS);
+    let group = UNIT_POS % comptime!(BINS);
+    let mut partial = 0u32;
+    #[unroll]
+    for i in 0..comptime!(BINS) {
+        partial += table[(bin * comptime!(CUBE) + group * comptime!(BINS) + i) as usize];
+    }
+    partials[UNIT_POS as usize] = partial;
+    sync_cube();
+    if cube < cubes && UNIT_POS < comptime!(BINS) {
+        let mut total = 0u32;
+        #[unroll]
+        for g in 0..comptime!(BINS) {
+            total += partials[(UNIT_POS * comptime!(BINS) + g) as usize];
+        }
+        hist[(cube * comptime!(BINS) + UNIT_POS) as usize] = total;
+    }
 }
 
 /// The pass that also keeps the keys that can still be selected (the third: after two
