@@ -150,6 +150,15 @@ fn grad_and_error(r: &mut Rng) -> CaseInputs {
     ]
 }
 
+/// Past 2^19 elements: exact top-k takes the sampled bracket (`topk/sampled.rs`).
+fn large_grad_and_error(r: &mut Rng) -> CaseInputs {
+    let n = 524_291;
+    vec![
+        ("grad", vec![n], r.normals(n, 1.0)),
+        ("error", vec![n], r.normals(n, 0.3)),
+    ]
+}
+
 fn grad_error_and_h(r: &mut Rng) -> CaseInputs {
     let mut v = grad_and_error(r);
     v.push(("h", vec![5000], r.normals(5000, 0.5)));
@@ -367,6 +376,16 @@ pub fn cases() -> Vec<Case> {
             output: "error",
             reference: |i| compressed(i, 700, compress::magnitude_keys, false, "error"),
             ulps: 1.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "topk_ef",
+            what: "524 291 elements, k 5243 (the sampled bracket): the indices",
+            inputs: large_grad_and_error,
+            params: &[("k", "5243")],
+            output: "indices",
+            reference: |i| compressed(i, 5243, compress::magnitude_keys, false, "indices"),
+            ulps: 0.0,
             floor: 1.0,
         },
         Case {
