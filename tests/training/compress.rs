@@ -209,7 +209,18 @@ fn topk_ef_through_the_sampled_bracket_is_exact() {
     );
     // Data built against the bracket's seed: the sampled positions hold the largest
     // magnitudes, so its threshold admits fewer than k (at most BRACKET_SAMPLE positions)
-    // and the refill keeps every element.
+    // and the refill keeps every element; n a multiple of 4, so that the passes over
+    // every element run 4-wide (first a plain case of that width).
+    let n = 524_288;
+    let (gt, et, a) = gradient_and_error(12, n);
+    check(
+        &topk_ef(&gt, Some(&et), 5_243).unwrap(),
+        &a,
+        &magnitude_keys(&a),
+        5_243,
+        1.0,
+        "bracket, 4-wide",
+    );
     let mut g = rng.normals(n, 1.0);
     for p in bracket_positions(n) {
         g[p] = 100.0 + g[p].abs();
@@ -628,6 +639,54 @@ fn econtrol_steps_match_the_f64_reference() {
             let sums: Vec<f64> = (0..n).map(|i| e_old[i] + g[i]).collect();
             let got: Vec<f64> = (0..n).map(|i| e_new[i] + h_new[i]).collect();
             close(&got, &sums, "e' + h' against e + g");
+            e_dev = Some(out.error);
+            h_dev = Some(out.h);
+        }
+    }
+}
+
+#[test]
+fn econtrol_through_the_sampled_bracket_matches_the_f64_reference() {
+    // n >= 2^19: EControl's selection takes the sampled bracket. Values on a grid of
+    // 2^-10 and eta = 1/2, so that p = eta e + g - h is exact in f32 and the f64
+    // reference ranks the same keys (thousands of ties among them, to the lower index).
+    let n = 524_291;
+    let eta = 0.5f32;
+    let grid =
+        |v: Vec<f64>| -> Vec<f64> { v.iter().map(|x| (x * 1024.0).round() / 1024.0).collect() };
+    let mut rng = Rng::new(17);
+    for k in [5_243, n / 2] {
+        assert!(bracket_pays(n, k));
+        let (mut e_ref, mut h_ref) = (vec![0.0; n], grid(rng.normals(n, 1.0)));
+        let (mut e_dev, mut h_dev) = (None::<Tensor>, Some(up(DType::F32, &[n], &h_ref)));
+        for step in 0..2 {
+            let g = grid(rng.normals(n, 1.0));
+            let out = econtrol(
+                &up(DType::F32, &[n], &g),
+                e_dev.as_ref(),
+                h_dev.as_ref(),
+                k,
+                eta,
+            )
+            .unwrap();
+            let (taken, values) = econtrol_step(&g, &mut e_ref, &mut h_ref, eta as f64, k);
+            let what = format!("k {k} step {step}");
+            assert_eq!(ints(&out.indices), taken, "{what}: indices");
+            for (got, want, name) in [
+                (down(&out.values), values, "values"),
+                (down(&out.error), e_ref.clone(), "error"),
+                (down(&out.h), h_ref.clone(), "h"),
+            ] {
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+                    .fold(0.0, f64::max);
+                assert!(worst < 2e-6, "{what}: {name} off by {worst:e}");
+            }
+            // The f32 state carries on, as a training loop's would.
+            e_ref = down(&out.error);
+            h_ref = down(&out.h);
             e_dev = Some(out.error);
             h_dev = Some(out.h);
         }

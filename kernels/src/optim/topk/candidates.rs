@@ -1,8 +1,9 @@
 //! Candidates: the keys a selection can still take, kept per region (`PER_UNIT`
 //! consecutive elements, a unit's; regions in index order) so that the compaction reads
 //! only those. [`topk_radix_compact`] keeps them in the radix select's third pass; where
-//! the threshold is known before (the threshold estimate), [`topk_form_candidates`]
-//! keeps them as it forms `a`, in one pass over the inputs.
+//! a threshold is known before (the threshold estimate's; exact top-k's sampled bracket,
+//! `sampled.rs`), [`topk_form_candidates`] keeps them as it forms `a`, in one pass over
+//! the inputs.
 // `n` beside the `_n` that cubecl's launch expansion gives the `Size` generic `N`
 // (an attribute on the kernel does not reach that expansion).
 #![allow(clippy::duplicate_underscore_argument)]
@@ -112,8 +113,9 @@ impl Kept {
     }
 }
 
-/// Forms `a = error + grad` in f32 (as [`topk_keys`] does; no `error` without
-/// `has_error`) and writes it to `a` (it becomes the error feedback), and keeps as
+/// Forms `a = eta error + grad - h` in f32 ([`formed`], as [`topk_keys`] does; no
+/// `error` without `has_error`, no `h` without `has_h`) and writes it to `a` (it becomes
+/// the error feedback), with `twice` to `copy` as well (EControl keeps `p`), and keeps as
 /// candidates the elements whose magnitude key is at or above the known threshold
 /// `T = state[0]` (the word kept is `a`'s, sign included): the threshold estimate's one
 /// pass. Unit `u` of cube `c` reads its region's `PER_UNIT` elements from
@@ -131,16 +133,21 @@ impl Kept {
 pub fn topk_form_candidates<F: Float, N: Size>(
     grad: &Array<Vector<F, N>>,
     error_in: &Array<Vector<f32, N>>,
+    h: &Array<Vector<f32, N>>,
     state: &Array<u32>,
     short: &Array<u32>,
     a: &mut Array<Vector<f32, N>>,
+    copy: &mut Array<Vector<f32, N>>,
     candidates: &mut Array<Vector<u32, Const<4>>>,
     positions: &mut Array<u32>,
     stored: &mut Array<u32>,
     below: &mut Array<f32>,
     n: u32,
     cubes: u32,
+    eta: f32,
     #[comptime] has_error: bool,
+    #[comptime] has_h: bool,
+    #[comptime] twice: bool,
     #[comptime] refill: bool,
 ) {
     if comptime!(refill) {
@@ -162,8 +169,11 @@ pub fn topk_form_candidates<F: Float, N: Size>(
             let first = base + nw * j;
             if first < n {
                 let vi = first / nw;
-                let av = a_of(grad, error_in, vi, has_error);
+                let av = formed(grad, error_in, h, vi, eta, has_error, has_h);
                 a[vi as usize] = av;
+                if comptime!(twice) {
+                    copy[vi as usize] = av;
+                }
                 let kv = magnitude_keys(av);
                 let mut words = Vector::<u32, N>::new(0u32);
                 let mut mask = 0u32;
@@ -182,7 +192,7 @@ pub fn topk_form_candidates<F: Float, N: Size>(
 }
 
 /// Vector `v` of `a`, formed as `grad + error` in f32 from `input` = grad (`error`
-/// absent without `has_error`), as `topk_keys` forms it.
+/// absent without `has_error`), as [`formed`] forms it with `eta = 1` and no `h`.
 #[cube]
 pub(super) fn a_of<F: Float, N: Size>(
     input: &Array<Vector<F, N>>,
@@ -193,6 +203,30 @@ pub(super) fn a_of<F: Float, N: Size>(
     let mut a = Vector::<f32, N>::cast_from(input[v as usize]);
     if comptime!(has_error) {
         a = error[v as usize] + a;
+    }
+    a
+}
+
+/// Vector `v` of `a = eta error + grad - h` in f32 from `input` = grad (`error` absent
+/// without `has_error`, `h` without `has_h`): what the selections rank, formed alike by
+/// every pass that forms it (`1 · error` is exact, so with `eta = 1` this is [`a_of`]
+/// bit for bit, fused into an FMA or not).
+#[cube]
+pub(super) fn formed<F: Float, N: Size>(
+    input: &Array<Vector<F, N>>,
+    error: &Array<Vector<f32, N>>,
+    h: &Array<Vector<f32, N>>,
+    v: u32,
+    eta: f32,
+    #[comptime] has_error: bool,
+    #[comptime] has_h: bool,
+) -> Vector<f32, N> {
+    let mut a = Vector::<f32, N>::cast_from(input[v as usize]);
+    if comptime!(has_error) {
+        a = Vector::<f32, N>::new(eta) * error[v as usize] + a;
+    }
+    if comptime!(has_h) {
+        a -= h[v as usize];
     }
     a
 }

@@ -24,23 +24,20 @@ pub(crate) fn select_above_estimate(
 ) -> Result<Selected> {
     let n = grad.numel();
     let sample = sample.clamp(1, n);
-    let sampled = sample_keys(grad, error, sample, seed)?;
+    let formed = Formed::error_feedback(grad, error);
+    let sampled = sample_keys(&formed, sample, seed)?;
     let k_sample = ((k as f64 * sample as f64 / n as f64).round() as usize).clamp(1, sample);
     // `[T, u32::MAX]`, on the device: every key >= T taken, all ties (at least the sampled
     // element whose key is T).
     let state = radix_select(&sampled, None, u32::MAX, sample, k_sample, None, true)?.state;
-    let (a, kept) = form_candidates(grad, error, state)?;
+    let (a, _, kept) = form_candidates(&formed, state)?;
     compact_candidates(&a, &kept, n, None, 1.0)
 }
 
-/// The magnitude keys of `sample` (1..=n) positions of `a = error + grad` drawn from
+/// The magnitude keys of `sample` (1..=n) positions of `formed`'s `a` drawn from
 /// `seed` ([`topk_sample`]), `sample` rounded up to 4 long.
-pub(super) fn sample_keys(
-    grad: &Tensor,
-    error: Option<&Tensor>,
-    sample: usize,
-    seed: u64,
-) -> Result<Tensor> {
+pub(super) fn sample_keys(formed: &Formed, sample: usize, seed: u64) -> Result<Tensor> {
+    let (grad, error) = (formed.grad, formed.error);
     let client = grad.client();
     let sampled = Tensor::empty(client, DType::U32, &[sample.next_multiple_of(4)])?;
     let key = crate::random::seed_key(seed);
@@ -50,20 +47,24 @@ pub(super) fn sample_keys(
         &TopkSampleArgs {
             grad,
             error: &crate::launch::or_absent(client, error)?,
+            h: &crate::launch::or_absent(client, formed.h)?,
             sampled: &sampled,
             n: grad.numel() as u32,
             sample: sample as u32,
             blocks: sample.div_ceil(4) as u32,
             key0: key[0],
             key1: key[1],
+            eta: formed.eta,
             has_error: error.is_some(),
+            has_h: formed.h.is_some(),
         },
     )?;
     Ok(sampled)
 }
 
-/// `sampled[j]` = the magnitude key of `a[p_j] = error[p_j] + grad[p_j]` (f32, as
-/// [`topk_keys`] forms it; no `error` without `has_error`), `p_j` uniform in `0..n` from
+/// `sampled[j]` = the magnitude key of `a[p_j] = eta error[p_j] + grad[p_j] - h[p_j]`
+/// (f32, as [`formed`] forms it; no `error` without `has_error`, no `h` without
+/// `has_h`), `p_j` uniform in `0..n` from
 /// Philox word `j` of `seed` (`mul_hi(word, n)`: bias below `n / 2^32`). Unit `b` draws
 /// positions `4b .. 4b + 4` from one Philox block (`blocks` = `sample / 4` rounded up)
 /// and stores their keys as one vector; keys past `sample` are 0 and never counted.
@@ -76,13 +77,16 @@ pub(super) fn sample_keys(
 pub fn topk_sample<F: Float>(
     grad: &Array<F>,
     error: &Array<f32>,
+    h: &Array<f32>,
     sampled: &mut Array<Vector<u32, Const<4>>>,
     n: u32,
     sample: u32,
     blocks: u32,
     key0: u32,
     key1: u32,
+    eta: f32,
     #[comptime] has_error: bool,
+    #[comptime] has_h: bool,
 ) {
     let b = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * UNITS + UNIT_POS;
     if b < blocks {
@@ -98,7 +102,10 @@ pub fn topk_sample<F: Float>(
             let p = u32::mul_hi(w, n) as usize;
             let mut v = f32::cast_from(grad[p]);
             if comptime!(has_error) {
-                v = error[p] + v;
+                v = eta * error[p] + v;
+            }
+            if comptime!(has_h) {
+                v -= h[p];
             }
             let key = u32::reinterpret(v) & 0x7FFF_FFFFu32;
             keys[l as usize] = select(4u32 * b + l < sample, key, 0u32);

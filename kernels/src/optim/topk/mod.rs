@@ -90,7 +90,7 @@ kiln_runtime::comptime_enum! {
     pub enum RadixSource {
         /// Every key.
         Keys = "keys",
-        /// The candidates [`topk_radix_compact`] kept.
+        /// The candidates [`topk_radix_compact`] or [`topk_form_candidates`] kept.
         Candidates = "candidates",
     }
 }
@@ -122,6 +122,32 @@ impl Selected {
     }
 }
 
+/// What a selection by magnitude ranks: `a = eta error + grad - h` (f32; `error` and `h`
+/// absent = 0; plain error feedback has `eta = 1` and no `h`), written once, or with
+/// `twice` also to a copy (EControl keeps `p` = `a`; the copy becomes the selection's
+/// error).
+#[derive(Clone, Copy)]
+pub(super) struct Formed<'a> {
+    pub(super) grad: &'a Tensor,
+    pub(super) error: Option<&'a Tensor>,
+    pub(super) h: Option<&'a Tensor>,
+    pub(super) eta: f32,
+    pub(super) twice: bool,
+}
+
+impl<'a> Formed<'a> {
+    /// Plain error feedback: `a = error + grad`, written once.
+    pub(super) fn error_feedback(grad: &'a Tensor, error: Option<&'a Tensor>) -> Self {
+        Formed {
+            grad,
+            error,
+            h: None,
+            eta: 1.0,
+            twice: false,
+        }
+    }
+}
+
 /// Selects `k` (1..=n) of `a = error + grad` (flattened; `error` f32, absent = 0) by
 /// `source` and compacts them: see the module doc. `(seed, stream)` key the random
 /// source (`crate::random::word(seed, stream, i)` of element `i`).
@@ -138,7 +164,10 @@ pub(crate) fn select_top_k(
         // The k taken are π⁻¹(0..k): marked, not ranked (no radix pass, no keys).
         KeySource::Permutation => select_random_subset(grad, error, k, seed.0, scale),
         // One pass over the data keeps the candidates a sampled bracket admits.
-        KeySource::Magnitude if bracket_pays(n, k) => select_top_k_sampled(grad, error, k, scale),
+        KeySource::Magnitude if bracket_pays(n, k) => {
+            let formed = Formed::error_feedback(grad, error);
+            Ok(select_top_k_sampled(&formed, k, scale)?.1)
+        }
         KeySource::Magnitude => {
             // `a`'s words are its keys; `a` becomes the error feedback.
             let (a, _, first) = keys_of(grad, error, None, 1.0, source, seed, false)?;
@@ -251,9 +280,19 @@ pub(crate) fn select_controlled(
     eta: f32,
     k: usize,
 ) -> Result<(Tensor, Selected)> {
+    let n = grad.numel();
+    if bracket_pays(n, k) {
+        let formed = Formed {
+            grad,
+            error,
+            h,
+            eta,
+            twice: true,
+        };
+        return select_top_k_sampled(&formed, k, 1.0);
+    }
     // `p` twice: the update reads it, and its copy becomes the selection's error.
     let (p, rest, first) = keys_of(grad, error, h, eta, KeySource::Magnitude, (0, 0), true)?;
-    let n = grad.numel();
     let kept = radix_select(&rest.as_words(), None, MAGNITUDE, n, k, Some(first), false)?;
     let selected = compact_candidates(&rest, &kept, n, Some(k), 1.0)?;
     Ok((p, selected))
@@ -299,49 +338,58 @@ impl Candidates {
     }
 }
 
-/// `a = error + grad` formed and written (`n` rounded up to 4 long), and the candidates
-/// whose magnitude key is at or above the threshold `state[0]` kept in the same pass:
-/// see [`topk_form_candidates`].
-fn form_candidates(
-    grad: &Tensor,
-    error: Option<&Tensor>,
-    state: Tensor,
-) -> Result<(Tensor, Candidates)> {
-    let client = grad.client();
-    let n = grad.numel();
+/// `a` formed and written (`n` rounded up to 4 long; with `twice` also its copy, else the
+/// copy is `a` itself), and the candidates whose magnitude key is at or above the
+/// threshold `state[0]` kept in the same pass: see [`topk_form_candidates`].
+fn form_candidates(formed: &Formed, state: Tensor) -> Result<(Tensor, Tensor, Candidates)> {
+    let client = formed.grad.client();
+    let n = formed.grad.numel();
     let a = Tensor::empty(client, DType::F32, &[n.next_multiple_of(4)])?;
+    let copy = match formed.twice {
+        true => Tensor::empty(client, DType::F32, &[n.next_multiple_of(4)])?,
+        false => a.clone(),
+    };
     let kept = Candidates::empty(client, n, state, MAGNITUDE, true)?;
-    launch_form(grad, error, &a, &kept, None)?;
-    Ok((a, kept))
+    launch_form(formed, &a, &copy, &kept, None)?;
+    Ok((a, copy, kept))
 }
 
-/// [`topk_form_candidates`] into `a` and `kept`; with `short`, the refill, which runs
-/// only where `short[0]` is not 0.
+/// [`topk_form_candidates`] into `a` (and `copy` with `twice`) and `kept`; with `short`,
+/// the refill, which runs only where `short[0]` is not 0.
 fn launch_form(
-    grad: &Tensor,
-    error: Option<&Tensor>,
+    formed: &Formed,
     a: &Tensor,
+    copy: &Tensor,
     kept: &Candidates,
     short: Option<&Tensor>,
 ) -> Result<()> {
-    let client = grad.client();
-    let n = grad.numel();
+    let client = formed.grad.client();
+    let n = formed.grad.numel();
+    let absent = Tensor::empty(client, DType::F32, &[4])?;
     TopkFormCandidates::tuned(
         client,
         0.0,
         &TopkFormCandidatesArgs {
-            grad,
-            error_in: &error_or_placeholder(client, error)?,
+            grad: formed.grad,
+            error_in: &error_or_placeholder(client, formed.error)?,
+            h: &error_or_placeholder(client, formed.h)?,
             state: &kept.state,
             short: short.unwrap_or(&kept.state),
             a,
+            copy: match formed.twice {
+                true => copy,
+                false => &absent,
+            },
             candidates: &kept.candidates,
             positions: &kept.positions,
             stored: &kept.stored,
             below: &kept.below,
             n: n as u32,
             cubes: n.div_ceil(CHUNK as usize) as u32,
-            has_error: error.is_some(),
+            eta: formed.eta,
+            has_error: formed.error.is_some(),
+            has_h: formed.h.is_some(),
+            twice: formed.twice,
             refill: short.is_some(),
         },
     )?;
@@ -720,13 +768,7 @@ pub fn topk_keys<F: Float, N: Size>(
         // The first element of this vector (4-wide only when n % 4 == 0: whole vectors).
         let first = i * nw;
         if first < n {
-            let mut v = Vector::<f32, N>::cast_from(grad[i as usize]);
-            if comptime!(has_error) {
-                v = Vector::<f32, N>::new(eta) * error[i as usize] + v;
-            }
-            if comptime!(has_h) {
-                v -= h[i as usize];
-            }
+            let v = formed(grad, error, h, i, eta, has_error, has_h);
             a[i as usize] = v;
             if comptime!(twice) {
                 copy[i as usize] = v;

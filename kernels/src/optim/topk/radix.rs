@@ -11,7 +11,8 @@ use super::*;
 /// so far (`(key & high) == (prefix & high)`). `source` says what a cube reads: its
 /// `CHUNK` keys, 4-wide (`keys` is `n` rounded up to 4 long; keys past `n` are not
 /// counted), or the candidates of `CANDIDATE_GROUPS x UNITS` regions that
-/// [`topk_radix_compact`] stored (a unit `CANDIDATE_GROUPS` of them, `UNITS` apart), so
+/// [`topk_radix_compact`] or [`topk_form_candidates`] stored (a unit
+/// `CANDIDATE_GROUPS` of them, `UNITS` apart), so
 /// that a pass over few candidates runs few cubes: the reduction costs a cube as much as
 /// reading 16K keys on lavapipe; `contiguous` lays a cube's keys over its units
 /// ([`super::contiguous_regions`]). A key is the word read `& key_mask` (`0x7FFF_FFFF` reads

@@ -1,8 +1,9 @@
 //! Exact top-k by magnitude through a sampled bracket: one pass over the data instead
 //! of three. The `r`-th largest magnitude of a seeded sample of `BRACKET_SAMPLE`
 //! positions (`r` is `k`'s share of the sample plus a margin of `MARGIN_SIGMAS`
-//! standard deviations of that share, so at least `k` elements lie at or above it
-//! except with a probability near 10⁻⁷ whatever the data) is a threshold `T_lo`;
+//! standard deviations of that share and `MARGIN_RANKS`, so at least `k` elements lie at
+//! or above it except with a probability below about 10⁻⁶ whatever the data: see
+//! [`bracket_rank`]) is a threshold `T_lo`;
 //! one pass forms and writes `a` and keeps every element at or above `T_lo` as a
 //! candidate ([`topk_form_candidates`], about `1.2 k` of them at `k = n / 100`); the
 //! radix select's eight passes then read only the candidates, and the compaction
@@ -10,8 +11,10 @@
 //! (the sample misled: chance, or data built against the seed),
 //! [`topk_candidates_short`] drops the threshold to 0 and a second launch of the pass
 //! keeps every element, so the select is exact on every input; where it kept enough,
-//! that launch returns at once. The result is the same as the radix select's over every
-//! key, bit for bit, and nothing waits on the host.
+//! that launch returns at once. The indices, values and error are the radix select's
+//! over every key, bit for bit (the compression-error norm is summed per cube in another
+//! grouping: the same to f32 rounding), and nothing waits on the host. EControl's
+//! selection takes it too, with its `p` formed ([`Formed`]) and written twice.
 //!
 //! Passes over every element: the sample's pass reads `BRACKET_SAMPLE` elements, the
 //! pass that keeps candidates the three streams of a copy (against five for the select
@@ -24,9 +27,11 @@ pub const BRACKET_SAMPLE: usize = 65_536;
 /// depend on it; only whether the refill runs does).
 pub const BRACKET_SEED: u64 = 0x6b69_6c6e_746f_706b;
 /// The bracket's margin above `k`'s share of the sample, in standard deviations of that
-/// share (binomial): at 5, fewer than `k` elements lie at or above `T_lo` with a
-/// probability of about 3·10⁻⁷.
+/// share (binomial)...
 const MARGIN_SIGMAS: f64 = 5.0;
+/// ... and in ranks: where `k`'s share of the sample is a few draws the count is
+/// Poisson-like, and five standard deviations alone would leave a tail of 10⁻⁵.
+const MARGIN_RANKS: usize = 6;
 
 /// Whether exact top-k of `k` of `n` elements by magnitude takes the sampled bracket
 /// (else the radix select over every key): `n` of at least 2^19 (the sample's and the
@@ -40,26 +45,30 @@ pub fn bracket_pays(n: usize, k: usize) -> bool {
 }
 
 /// The rank in a sample of `s` positions (of `n`) whose key is the bracket's threshold
-/// for `k`: `k s / n` plus `MARGIN_SIGMAS` binomial standard deviations, plus one.
+/// for `k`: `k s / n` plus `MARGIN_SIGMAS` binomial standard deviations plus
+/// `MARGIN_RANKS`. The pass keeps fewer than `k` only where at least `r` of the `s` draws
+/// land among the `k − 1` largest keys, a binomial tail (scipy): 1.9·10⁻⁷ at `k = n / 100`,
+/// 2.3·10⁻⁷ at `n / 2`, 1.2·10⁻⁸ at `k s / n` = 12.5, 1.9·10⁻¹⁰ at 0.875 (the 8 largest
+/// of 2^19, where five standard deviations alone would leave 3.6·10⁻⁵).
 pub fn bracket_rank(n: usize, k: usize, s: usize) -> usize {
     let share = k as f64 / n as f64;
     let mean = share * s as f64;
     let sd = (mean * (1.0 - share)).sqrt();
-    ((mean + MARGIN_SIGMAS * sd).ceil() as usize + 1).clamp(1, s)
+    ((mean + MARGIN_SIGMAS * sd).ceil() as usize + MARGIN_RANKS).clamp(1, s)
 }
 
-/// Exact top-k of `a = error + grad` by magnitude through the sampled bracket (see the
-/// module doc), compacted with `scale`.
+/// Exact top-k of `formed`'s `a` by magnitude through the sampled bracket (see the
+/// module doc), compacted with `scale`: `a` and the selection (whose error is the copy
+/// with `twice`, else `a`, overwritten where taken).
 pub(crate) fn select_top_k_sampled(
-    grad: &Tensor,
-    error: Option<&Tensor>,
+    formed: &Formed,
     k: usize,
     scale: f32,
-) -> Result<Selected> {
-    let client = grad.client();
-    let n = grad.numel();
+) -> Result<(Tensor, Selected)> {
+    let client = formed.grad.client();
+    let n = formed.grad.numel();
     let s = BRACKET_SAMPLE.min(n);
-    let sampled = sample_keys(grad, error, s, BRACKET_SEED)?;
+    let sampled = sample_keys(formed, s, BRACKET_SEED)?;
     // `[T_lo, u32::MAX]`: every key at or above T_lo is a candidate.
     let lo = radix_select(
         &sampled,
@@ -70,7 +79,7 @@ pub(crate) fn select_top_k_sampled(
         None,
         true,
     )?;
-    let (a, kept) = form_candidates(grad, error, lo.state)?;
+    let (a, copy, kept) = form_candidates(formed, lo.state)?;
     let short = Tensor::empty(client, DType::U32, &[1])?;
     TopkCandidatesShort::tuned(
         client,
@@ -83,7 +92,7 @@ pub(crate) fn select_top_k_sampled(
             k: k as u32,
         },
     )?;
-    launch_form(grad, error, &a, &kept, Some(&short))?;
+    launch_form(formed, &a, &copy, &kept, Some(&short))?;
     // The radix select over the candidates alone: all eight digits.
     let kept = Candidates {
         state: upload_u32(client, "topk_state", &[0, k as u32])?,
@@ -106,7 +115,8 @@ pub(crate) fn select_top_k_sampled(
         let (shift, _) = digit_of_pass(pass);
         radix_choose(&hist, &spec, &kept.state, cubes, shift, false, false)?;
     }
-    compact_candidates(&a, &kept, n, Some(k), scale)
+    let selected = compact_candidates(&copy, &kept, n, Some(k), scale)?;
+    Ok((a, selected))
 }
 
 /// One cube: whether the candidates kept (`stored`: their number per region, `regions`
