@@ -87,6 +87,13 @@ fn check(got: &Compressed, a: &[f32], keys: &[u32], k: usize, scale: f32, what: 
     }
 }
 
+/// `topk_ef` of the f32 gradient `g` without an error against the reference selection.
+fn check_without_error(g: &[f64], k: usize, what: &str) {
+    let a = accumulate(g, None);
+    let got = topk_ef(&up(DType::F32, &[g.len()], g), None, k).unwrap();
+    check(&got, &a, &magnitude_keys(&a), k, 1.0, what);
+}
+
 /// Rand-k of `grad` with `error` (`a` their f32 sum) against the subset of the host's
 /// forward permutation, its values scaled by `n / k` in f32; returns the result.
 fn check_randk(
@@ -225,12 +232,10 @@ fn topk_ef_through_the_sampled_bracket_is_exact() {
     for p in bracket_positions(n) {
         g[p] = 100.0 + g[p].abs();
     }
-    let a = accumulate(&g, None);
-    let keys = magnitude_keys(&a);
     let k = n / 4;
+    let keys = magnitude_keys(&accumulate(&g, None));
     assert!(bracket_admits(&keys, k) < k, "the refill would not run");
-    let got = topk_ef(&up(DType::F32, &[n], &g), None, k).unwrap();
-    check(&got, &a, &keys, k, 1.0, "bracket, refilled");
+    check_without_error(&g, k, "bracket, refilled");
 }
 
 #[test]
@@ -243,17 +248,8 @@ fn dense_ties_at_large_n_are_counted_past_eight_bits() {
         for i in (0..n).step_by(9_973) {
             g[i] = 2.0 + i as f64 / n as f64;
         }
-        let a = accumulate(&g, None);
         for k in [1_000, n / 3] {
-            let got = topk_ef(&up(DType::F32, &[n], &g), None, k).unwrap();
-            check(
-                &got,
-                &a,
-                &magnitude_keys(&a),
-                k,
-                1.0,
-                &format!("dense ties, n {n}, k {k}"),
-            );
+            check_without_error(&g, k, &format!("dense ties, n {n}, k {k}"));
         }
     }
 }
@@ -273,17 +269,8 @@ fn ties_infinities_and_nan_are_ranked_deterministically() {
     g[77] = f64::INFINITY;
     g[5000] = f64::NEG_INFINITY;
     g[9999] = f64::NAN;
-    let a = accumulate(&g, None);
     for k in [1, 2, 3, 500, 777] {
-        let got = topk_ef(&up(DType::F32, &[n], &g), None, k).unwrap();
-        check(
-            &got,
-            &a,
-            &magnitude_keys(&a),
-            k,
-            1.0,
-            &format!("duplicates k {k}"),
-        );
+        check_without_error(&g, k, &format!("duplicates k {k}"));
     }
     let got = topk_ef(&up(DType::F32, &[n], &g), None, 3).unwrap();
     assert_eq!(ints(&got.indices), vec![77, 5000, 9999]);
