@@ -554,3 +554,35 @@ fn run_s2ft_select_then_permute_then_verify() {
         &["head_dim", "w_k", "10"],
     );
 }
+
+#[test]
+fn run_topk_ef_exact_and_radix_agree_past_the_bracket() {
+    // 2^19 + 3 elements: `method=exact` takes the sampled bracket, `method=radix` the
+    // select over every key; the same indices, values and error, bit for bit.
+    let n = 524_291;
+    let mut rng = kiln::check::Rng::new(8);
+    let mut inputs: BTreeMap<String, HostTensor> = BTreeMap::new();
+    for (name, scale) in [("grad", 1.0), ("error", 0.3)] {
+        let v = rng.normals(n, scale);
+        inputs.insert(
+            name.into(),
+            HostTensor::from_f64(kiln::DType::F32, vec![n], &v).unwrap(),
+        );
+    }
+    let input = tmp("topk_in.safetensors");
+    save_safetensors(&input, &inputs).unwrap();
+    let outputs: Vec<_> = ["exact", "radix"]
+        .iter()
+        .map(|method| {
+            let out = tmp(&format!("topk_{method}.safetensors"));
+            let set = format!("method={method}");
+            let o = run_op("topk_ef", &input, &out, &["--set", "k=5243", "--set", &set]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            load_safetensors(&out).unwrap()
+        })
+        .collect();
+    for name in ["indices", "values", "error"] {
+        let bits = |t: &HostTensor| t.to_f64().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&outputs[0][name]), bits(&outputs[1][name]), "{name}");
+    }
+}

@@ -31,6 +31,17 @@ pub fn topk_ef(grad: &Tensor, error: Option<&Tensor>, k: usize) -> Result<Compre
     topk::select_top_k(grad, error, k, KeySource::Magnitude, (0, 0), 1.0)
 }
 
+/// [`topk_ef`] through the radix select over every key, never the sampled bracket (the
+/// same result; `kiln run topk_ef --set method=radix`, to compare the two on a device).
+pub(crate) fn topk_ef_every_key(
+    grad: &Tensor,
+    error: Option<&Tensor>,
+    k: usize,
+) -> Result<Compressed> {
+    check(grad, &[("error", error)], k)?;
+    topk::select_top_k_every_key(grad, error, k, 1.0)
+}
+
 /// Top-k with error feedback and an estimated threshold (faster, not exact): the
 /// threshold is the `round(k · sample / n)`-th largest `|a|` of `sample` positions
 /// drawn from `seed`, and every `|a|` at or above it is sent, so about `k` values

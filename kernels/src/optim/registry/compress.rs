@@ -10,7 +10,7 @@ fn run_compress(a: &OpArgs, random: bool) -> Result<Outputs> {
     let error = a.optional_tensor("error");
     let method = match random {
         true => "random".to_string(),
-        false => a.param_choice("method", &["exact", "threshold"])?,
+        false => a.param_choice("method", &["exact", "radix", "threshold"])?,
     };
     let out = match method.as_str() {
         "random" => crate::optim::compress::randk(grad, error, k, a.param_as("seed")?)?,
@@ -18,6 +18,7 @@ fn run_compress(a: &OpArgs, random: bool) -> Result<Outputs> {
             let sample = a.param_as("sample")?;
             crate::optim::compress::topk_ef_estimated(grad, error, k, sample, a.param_as("seed")?)?
         }
+        "radix" => crate::optim::compress::topk_ef_every_key(grad, error, k)?,
         _ => crate::optim::compress::topk_ef(grad, error, k)?,
     };
     Ok(vec![
@@ -101,7 +102,7 @@ pub static TOPK_EF: OpSpec = OpSpec {
     outputs: COMPRESS_OUTPUTS,
     params: &[
         K,
-        ParamSpec::new("method", "exact", "exact | threshold", "exact: the k largest; threshold: every |a| at or above the k-th largest of a seeded sample (about k values)"),
+        ParamSpec::new("method", "exact", "exact | radix | threshold", "exact: the k largest (past 2^19 elements and k <= n/2 through a seeded sample's bracket); radix: the same k through the radix select over every key (to compare); threshold: every |a| at or above the k-th largest of a seeded sample (about k values)"),
         ParamSpec::new("sample", "65536", ">= 1 (clamped to the elements)", "threshold: sampled positions"),
         ParamSpec::new("seed", "0", "a u64", "threshold: the sample's seed"),
     ],

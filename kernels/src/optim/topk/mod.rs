@@ -168,18 +168,29 @@ pub(crate) fn select_top_k(
             let formed = Formed::error_feedback(grad, error);
             Ok(select_top_k_sampled(&formed, k, scale)?.1)
         }
-        KeySource::Magnitude => {
-            // `a`'s words are its keys; `a` becomes the error feedback.
-            let (a, _, first) = keys_of(grad, error, None, 1.0, source, seed, false)?;
-            let kept = radix_select(&a.as_words(), None, MAGNITUDE, n, k, Some(first), false)?;
-            compact_candidates(&a, &kept, n, Some(k), scale)
-        }
+        KeySource::Magnitude => select_top_k_every_key(grad, error, k, scale),
         KeySource::Random => {
             let (a, keys, first) = keys_of(grad, error, None, 1.0, source, seed, false)?;
             let kept = radix_select(&keys, Some(&a), u32::MAX, n, k, Some(first), false)?;
             compact_candidates(&a, &kept, n, Some(k), scale)
         }
     }
+}
+
+/// Exact top-k of `a = error + grad` by magnitude through the radix select over every
+/// key (no sampled bracket, whatever `n` and `k`), compacted with `scale`.
+pub(crate) fn select_top_k_every_key(
+    grad: &Tensor,
+    error: Option<&Tensor>,
+    k: usize,
+    scale: f32,
+) -> Result<Selected> {
+    let n = grad.numel();
+    // `a`'s words are its keys; `a` becomes the error feedback.
+    let source = KeySource::Magnitude;
+    let (a, _, first) = keys_of(grad, error, None, 1.0, source, (0, 0), false)?;
+    let kept = radix_select(&a.as_words(), None, MAGNITUDE, n, k, Some(first), false)?;
+    compact_candidates(&a, &kept, n, Some(k), scale)
 }
 
 /// How the selections' passes over every element (and FRUGAL's signSGD pass) lay a
