@@ -192,7 +192,7 @@ pub fn topk_form_candidates<F: Float, N: Size>(
 }
 
 /// Vector `v` of `a`, formed as `grad + error` in f32 from `input` = grad (`error`
-/// absent without `has_error`), as [`formed`] forms it with `eta = 1` and no `h`.
+/// absent without `has_error`): [`formed`] with `eta = 1` and no `h`.
 #[cube]
 pub(super) fn a_of<F: Float, N: Size>(
     input: &Array<Vector<F, N>>,
@@ -200,11 +200,8 @@ pub(super) fn a_of<F: Float, N: Size>(
     v: u32,
     #[comptime] has_error: bool,
 ) -> Vector<f32, N> {
-    let mut a = Vector::<f32, N>::cast_from(input[v as usize]);
-    if comptime!(has_error) {
-        a = error[v as usize] + a;
-    }
-    a
+    // `error` stands for the `h` that `has_h = false` never reads.
+    formed(input, error, error, v, 1.0f32, has_error, false)
 }
 
 /// Vector `v` of `a = eta error + grad - h` in f32 from `input` = grad (`error` absent
