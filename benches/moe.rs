@@ -47,8 +47,8 @@ fn bench(cr: &mut Criterion) {
     let gate = GateOptions::new(k, 1.0);
     let logits = matmul(&x, &w_gate, false, Epilogue::default()).unwrap();
     let routing = moe_gate(&logits, &gate).unwrap().routing;
-    let c = routing.capacity;
-    let kept: usize = routing.rows_per_expert.iter().sum();
+    let c = routing.capacity();
+    let kept: usize = routing.rows_per_expert().iter().sum();
     eprintln!("capacity {c}, kept routes {kept} of {}", s * k);
 
     // Data movement: bytes written to the slots plus the token rows read (dispatch);

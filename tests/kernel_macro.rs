@@ -314,6 +314,25 @@ mod vector_args {
     }
 }
 
+/// A grid that is a product of two scalars (as varlen attention's `n_seq * tiles`).
+mod grid_product {
+    use cubecl::prelude::*;
+    use kiln::runtime::cubecl;
+
+    /// Writes 1 to `out[0]` from the first unit; `rows * cols` cubes.
+    #[kiln::kernel(
+        tune(UNITS = [32]),
+        grid = (rows * cols),
+        cube = UNITS,
+        name = "test_grid_product"
+    )]
+    pub fn grid_product<F: Float>(out: &mut Array<F>, rows: u32, cols: u32) {
+        if ABSOLUTE_POS == 0 {
+            out[0] = F::new(1.0);
+        }
+    }
+}
+
 /// The tensor-core kernels' operand staging (`fetch_tile_v8`, `stage_tile_v8`) alone: it
 /// runs on every device, so lavapipe checks what the `wmma` kernels stage.
 mod staging_v8 {
@@ -498,4 +517,41 @@ fn vector_array_arguments_run_check_and_emit() {
     let cfg = KernelConfig::new(&AXPY_V4_KERNEL, BTreeMap::new()).unwrap();
     let src = emit(&AXPY_V4_KERNEL, Target::Wgsl, &cfg).unwrap().source;
     assert!(src.contains("array<vec4<f32>>"), "{src}");
+}
+
+#[test]
+fn a_grid_product_past_32_bits_is_refused_not_wrapped() {
+    use grid_product::{GridProduct, GridProductArgs, GridProductProblem};
+    let out = Tensor::empty(client(), DType::F32, &[1]).unwrap();
+    let cfg = GridProduct::space(client(), &GridProductProblem { rows: 1, cols: 1 })[0];
+    // 2^16 x 2^16 = 2^32 cubes: in u32 the product wrapped to an empty grid and the
+    // launch "succeeded" having run nothing.
+    let e = GridProduct::launch(
+        client(),
+        &cfg,
+        &GridProductArgs {
+            out: &out,
+            rows: 1 << 16,
+            cols: 1 << 16,
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, Error::Unsupported { .. })
+            && e.to_string().contains("test_grid_product")
+            && e.to_string().contains("4294967296"),
+        "{e}"
+    );
+    // A grid that fits still runs.
+    GridProduct::launch(
+        client(),
+        &cfg,
+        &GridProductArgs {
+            out: &out,
+            rows: 2,
+            cols: 3,
+        },
+    )
+    .unwrap();
+    assert_eq!(out.download().unwrap().to_f64(), vec![1.0]);
 }

@@ -10,10 +10,13 @@ mod common;
 use common::{down, up};
 use kiln::check::{rms_relative, Rng};
 use kiln::kernels::attention::{
-    reference as rf, ring_attention_backward_local_ranks, ring_attention_local_ranks,
+    reference as rf, ring_attention_backward, ring_attention_backward_local_ranks,
+    ring_attention_local_ranks,
     AttentionGradInputs, AttentionInputs, AttentionOptions, RingLayout, RingSchedule,
 };
+use kiln::runtime::comm::HostComm;
 use kiln::{load_safetensors, DType, HostTensor};
+use std::time::Duration;
 
 /// The device; this binary runs untuned (`common::UNTUNED`: every kernel its first
 /// configuration; the `*_tune` binaries tune and validate every candidate).
@@ -38,6 +41,11 @@ fn round(shape: &[usize], v: &[f64]) -> Vec<f64> {
 /// against the f64 reference of attention over the whole sequences; 8 query heads over
 /// 2 KV heads.
 fn every_schedule_equals_whole_attention(b: usize, s: usize, cu: Option<&[i32]>, seed: u64) {
+    every_schedule_with(b, s, cu, seed, (1.0, 1.0));
+}
+
+/// [`every_schedule_equals_whole_attention`] with APE's `(temperature, lse_scale)`.
+fn every_schedule_with(b: usize, s: usize, cu: Option<&[i32]>, seed: u64, ape: (f64, f64)) {
     let _ = client();
     let (h, hkv, d, dv) = (8, 2, 16, 12);
     let mut rng = Rng::new(seed);
@@ -59,6 +67,7 @@ fn every_schedule_equals_whole_attention(b: usize, s: usize, cu: Option<&[i32]>,
     for causal in [false, true] {
         let mut dims = rf::Dims::dense(b, s, s, h, hkv, d, dv);
         dims.causal = causal;
+        (dims.temperature, dims.lse_scale) = ape;
         if let Some(cu) = cu {
             dims.bounds_q = cu.iter().map(|&x| x as usize).collect();
             dims.bounds_k = dims.bounds_q.clone();
@@ -72,12 +81,17 @@ fn every_schedule_equals_whole_attention(b: usize, s: usize, cu: Option<&[i32]>,
         );
         let opts = AttentionOptions {
             causal,
+            temperature: ape.0,
+            lse_scale: ape.1,
             ..Default::default()
         };
         for schedule in SCHEDULES {
             for p in 1..=4 {
                 let r = ring_attention_local_ranks(&inp, p, schedule, &opts).unwrap();
-                let what = format!("{schedule:?} P={p} causal={causal} varlen={}", cu.is_some());
+                let what = format!(
+                    "{schedule:?} P={p} causal={causal} varlen={} (T, S) = {ape:?}",
+                    cu.is_some()
+                );
                 common::assert_forward_close(&what, &r.out, &r.lse, &o_ref, &l_ref);
                 let grad = AttentionGradInputs {
                     out: &to,
@@ -109,6 +123,14 @@ fn every_schedule_and_world_size_equals_whole_attention() {
 fn packed_sequences_every_schedule_and_world_size_equal_whole_attention() {
     // Sequences of 9, 0, 1, 23 and 4 tokens: shorter than 2P chunks, empty, one token.
     every_schedule_equals_whole_attention(1, 37, Some(&[0, 9, 9, 10, 33, 37]), 32);
+}
+
+#[test]
+fn ape_temperature_and_scale_apply_to_the_whole_sequence() {
+    // APE's defaults T = S = 0.9: the ring's lse is T LSE(s / T) + ln S of every key, for
+    // every P (blocks merged with their own T-scaled lse would weigh them by B^T).
+    every_schedule_with(1, 23, None, 35, (0.9, 0.9));
+    every_schedule_with(1, 23, Some(&[0, 7, 7, 23]), 36, (1.7, 0.5));
 }
 
 #[test]
@@ -246,4 +268,28 @@ fn bad_ring_input_is_one_clear_line() {
     .err()
     .expect("different cu_seqlens_k accepted");
     common::assert_clear(e, &["cu_seqlens_k", "cu_seqlens_q"]);
+    // A rank's own backward checks its rows of out, lse and do (Dv = 4, not 3).
+    let bad_do = up(DType::F32, &[1, 8, 2, 3], &[0.5; 48]);
+    let lse = up(DType::F32, &[1, 2, 8], &[0.0; 16]);
+    let e = HostComm::run(vec![client().clone()], Duration::from_secs(60), |comm| {
+        let layout = RingLayout::new(8, 1, RingSchedule::Contiguous).unwrap();
+        ring_attention_backward(
+            comm,
+            &layout,
+            &t,
+            &t,
+            &t,
+            &AttentionGradInputs {
+                out: &t,
+                lse: &lse,
+                d_o: &bad_do,
+            },
+            &AttentionOptions::default(),
+        )
+        .err()
+        .expect("do of the wrong shape accepted")
+    })
+    .remove(0)
+    .unwrap();
+    common::assert_clear(e, &["do", "[1, 8, 2, 4]"]);
 }

@@ -319,7 +319,10 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
     let bind_scalars: Vec<TokenStream> =
         scalars.iter().map(|(n, _)| quote!(let #n = #n;)).collect();
     // The grid in u64, checked against the device's limits at launch before it becomes
-    // the u32 cube count (wgpu panics on a dispatch past its limits).
+    // the u32 cube count (wgpu panics on a dispatch past its limits). Its expressions see
+    // the tunables and the 32-bit integer scalars widened to 64 bits, so that a product
+    // (`n_seq * max_q.div_ceil(BQ)`) past 2^32 is refused by that check instead of
+    // wrapping to a small grid that skips work.
     let grid_exprs: Vec<TokenStream> = grid.iter().map(|e| quote!(((#e) as u64))).collect();
     let cube_exprs: Vec<TokenStream> = cube.iter().map(|e| quote!(((#e) as u32))).collect();
     let grid3 = match grid_exprs.len() {
@@ -371,6 +374,19 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
         }
         None => quote!(),
     };
+    let widen_for_grid: Vec<TokenStream> = scalars
+        .iter()
+        .filter_map(|(n, ty)| match ty.to_string().as_str() {
+            "u32" => Some(quote!(let #n: u64 = u64::from(#n);)),
+            "i32" => Some(quote!(let #n: i64 = i64::from(#n);)),
+            _ => None,
+        })
+        .chain(
+            vector_args
+                .first()
+                .map(|_| quote!(let VECTOR: u64 = u64::from(VECTOR);)),
+        )
+        .collect();
     let vector_launch_arg = if sig.vector.is_some() {
         quote!(VECTOR as usize,)
     } else {
@@ -891,7 +907,12 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
                     });
                 }
                 #bind_vector
-                let __grid: [u64; 3] = #grid3;
+                #[allow(unused_variables, clippy::unnecessary_cast)]
+                let __grid: [u64; 3] = {
+                    #(let #tunables: u64 = u64::from(cfg.#tunables);)*
+                    #(#widen_for_grid)*
+                    #grid3
+                };
                 let __max = device.max_cube_count;
                 if __grid[0] > u64::from(__max.0) || __grid[1] > u64::from(__max.1) || __grid[2] > u64::from(__max.2) {
                     return Err(#rt::Error::Unsupported {

@@ -209,6 +209,43 @@ fn the_device_step_counter_resumes_from_a_given_state() {
 }
 
 #[test]
+fn half_parameters_resume_from_a_given_master_copy() {
+    // As above with f16 weights: the resumed optimizer takes the state and the f32
+    // master copy (the weight's shape, for every rule: AdaGrad-Norm's state is one
+    // scalar, its master is not).
+    if common::refused(DType::F16) {
+        return;
+    }
+    let mut rng = Rng::new(13);
+    let n = 301;
+    for rule in RULES {
+        let h = hyper(rule);
+        let half = |v: &[f64]| up(DType::F16, &[1, n], v);
+        let p = f32s(&mut rng, n);
+        let (a, b) = (half(&p), half(&p));
+        let (g1, g2) = (half(&f32s(&mut rng, n)), half(&f32s(&mut rng, n)));
+        let mut whole = MultiTensorStep::new(rule, h, &[(&a, Block::whole(1))]).unwrap();
+        whole.step(&[&a], &[&g1]).unwrap();
+        whole.step(&[&a], &[&g2]).unwrap();
+        let mut first = MultiTensorStep::new(rule, h, &[(&b, Block::whole(1))]).unwrap();
+        first.step(&[&b], &[&g1]).unwrap();
+        let (st, master) = first.state_of(0).unwrap();
+        let master = master.expect("an f16 parameter has a master copy");
+        let given = GivenState {
+            tensors: st.iter().collect(),
+            master: Some(&master),
+        };
+        let mut resumed =
+            MultiTensorStep::with_state(rule, h, &[(&b, Block::whole(1))], &[Some(given)], 1)
+                .unwrap();
+        resumed.step(&[&b], &[&g2]).unwrap();
+        assert_eq!(down(&a), down(&b), "{rule:?}: bitwise the same");
+        let masters = [&whole, &resumed].map(|o| down(&o.state_of(0).unwrap().1.unwrap()));
+        assert_eq!(masters[0], masters[1], "{rule:?}: master copies");
+    }
+}
+
+#[test]
 fn bad_input_is_one_clear_line() {
     let w = up(DType::F32, &[1, 4], &[0.5; 4]);
     let check = crate::common::assert_clear;

@@ -190,6 +190,20 @@ pub(super) fn check(inp: &AttentionInputs<'_>, opts: &AttentionOptions) -> Resul
             found: out_dtype.to_string(),
         });
     }
+    // Causal masks compare `row + q_offset - k_offset` (rows of a tile past the last
+    // too) in 32-bit signed integers: the last query's position must leave a tile's
+    // margin below i32::MAX.
+    let longest_q = Problem::longest(&bounds_q);
+    if opts.causal && longest_q + opts.q_offset + 1024 > i32::MAX as usize {
+        return Err(Error::Param {
+            param: "q_offset".into(),
+            expected: format!(
+                "Sq + q_offset <= {} with causal (positions are 32-bit in the kernels; longest query sequence {longest_q})",
+                i32::MAX as usize - 1024
+            ),
+            found: opts.q_offset.to_string(),
+        });
+    }
     // Indices are 32-bit inside the kernels (the inputs are bounded by check_input).
     if kiln_runtime::indexable_product(&[b, sq, heads, dv]).is_none() {
         return Err(shape_err(

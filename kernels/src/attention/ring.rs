@@ -38,7 +38,7 @@ use super::backward::{backward_into, check_grad_inputs, AttentionGradInputs, Att
 use super::forward::forward_into;
 use super::problem::check;
 use super::*;
-use crate::elementwise::add;
+use crate::elementwise::{add, mul};
 use crate::rows::{copy_rows, slice_rows};
 use kiln_runtime::comm::Communicator;
 use kiln_runtime::{DType, Error, HostTensor, Result, Tensor};
@@ -391,6 +391,18 @@ pub fn ring_attention(
     ring_check(comm, layout, q, k, opts)?;
     // The whole-problem check (shapes, dtypes, options) once, on the local tensors.
     let whole = check(&AttentionInputs::new(q, k, v), opts)?;
+    // APE's temperature and scale belong to the whole sequence: `lse = T L + ln S` with
+    // `L` the natural log-sum-exp of `s / T` over every key. Blocks merged with their own
+    // `T L_b + ln S` would weigh block b by `B_b^T` instead of `B_b` (and depend on P), so
+    // the blocks run at `scale / T` with `T = S = 1`, merge in `L`, and `T` and `ln S`
+    // are applied once to the merged rows.
+    let natural = AttentionOptions {
+        scale: Some(whole.scale / whole.temperature),
+        temperature: 1.0,
+        lse_scale: 1.0,
+        ..opts.clone()
+    };
+    let opts = &natural;
     let (r, p) = (comm.rank(), layout.world_size);
     let (next, prev) = ((r + 1) % p, (r + p - 1) % p);
     let mine = layout.rank_chunks(r);
@@ -465,7 +477,24 @@ pub fn ring_attention(
         copy_rows(&l, 2, 0, &lse, at, qc.len())?;
         at += qc.len();
     }
+    let lse = ape_lse(lse, whole.temperature, whole.lse_scale)?;
     Ok(AttentionOutput { out, lse })
+}
+
+/// `T L + ln S` of the merged natural log-sum-exp `lse` `[B, H, local]` (itself where
+/// `T = S = 1`); `-inf` rows (no key) stay `-inf`.
+fn ape_lse(lse: Tensor, temperature: f64, lse_scale: f64) -> Result<Tensor> {
+    let local = lse.shape()[2];
+    if (temperature == 1.0 && lse_scale == 1.0) || lse.numel() == 0 {
+        return Ok(lse);
+    }
+    let row = |x: f64| {
+        Tensor::upload(
+            lse.client(),
+            &HostTensor::from_f64(DType::F32, vec![local], &vec![x; local])?,
+        )
+    };
+    add(&mul(&lse, &row(temperature)?)?, &row(lse_scale.ln())?)
 }
 
 /// One block's backward into f32 partial gradients (with the global out/lse rows of
@@ -530,6 +559,9 @@ pub fn ring_attention_backward(
 ) -> Result<AttentionGrads> {
     ring_check(comm, layout, q, k, opts)?;
     let whole = check(&AttentionInputs::new(q, k, v), opts)?;
+    // This rank's rows of out, lse and do: checked here, not only by the local-ranks
+    // driver (the block kernels index them with the whole problem's shapes).
+    check_grad_inputs(grad, &whole)?;
     let (r, p) = (comm.rank(), layout.world_size);
     let (next, prev) = ((r + 1) % p, (r + p - 1) % p);
     let mine = layout.rank_chunks(r);

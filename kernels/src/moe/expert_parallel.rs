@@ -7,11 +7,14 @@
 
 use super::backward::{check_dy, gate_input_grads, FfnForward, LayerGrads};
 use super::ffn::{moe_expert_ffn, ExpertWeights, Groups};
-use super::gate::{capacity_of, check_gate, counting_order, gate_backward_with, top_k, TopK};
+use super::gate::{
+    capacity_of, check_gate, counting_order, gate_backward_with, load_balancing_loss,
+    prob_column_sums, top_k, TopK,
+};
 use super::layer::{gate_logits, LayerOptions, LayerOutput};
 use super::movement::{combine_from_layout, gate_grads, gather_by_map};
 use super::routing::{count_slots, locate_slots, MoeRouting, RowLayout, NO_ROUTE};
-use super::{GateOptions, MoeGateLoss, MoeGateLossArgs};
+use super::GateOptions;
 use crate::launch::upload_u32;
 use crate::rows::slice_rows;
 use kiln_runtime::comm::Communicator;
@@ -71,6 +74,19 @@ impl EpPlan {
             GlobalSlots::in_rank_order(comm, &t, s_r, e, gate)?
         };
         let (s_total, capacity) = (slots.s_total, slots.capacity);
+        // The capacity is the global batch's (`check_gate` bounded this rank's): the
+        // owner's slots `[E/P, C, M]` must be indexable before any table is sized by it.
+        let m = x.shape().get(1).copied().unwrap_or(0);
+        if kiln_runtime::indexable_product(&[e_local.max(1), capacity, m.max(1)]).is_none() {
+            return Err(Error::Param {
+                param: "capacity_factor".into(),
+                expected: format!(
+                    "a capacity whose slots [E/P, C, M] = [{e_local}, C, {m}] hold at most {} elements (S = {s_total} tokens over {p} ranks, E = {e})",
+                    crate::launch::MAX_ELEMENTS
+                ),
+                found: format!("{} (C = {capacity})", gate.capacity_factor),
+            });
+        }
         let routing = MoeRouting::from_gate(
             t.ids,
             slots.locations,
@@ -79,26 +95,15 @@ impl EpPlan {
             &slots.per_expert,
         );
 
-        // l_aux = E sum_e share_e mean_s p: this rank's part, then the sum over ranks.
+        // l_aux = E sum_e share_e mean_s p: this rank's part (its tokens' probabilities
+        // over the global S), then the sum over ranks.
         let share: Vec<f64> = slots
             .top1
             .iter()
             .map(|&c| c as f64 / s_total.max(1) as f64)
             .collect();
-        let share_t = Tensor::upload(client, &HostTensor::from_f64(DType::F32, vec![e], &share)?)?;
-        let part = Tensor::empty(client, DType::F32, &[])?;
-        MoeGateLoss::tuned(
-            client,
-            0.0,
-            &MoeGateLossArgs {
-                probs: &t.probs,
-                top1_share: &share_t,
-                l_aux: &part,
-                tokens: s_r as u32,
-                experts: e as u32,
-            },
-        )?;
-        let part = part.download()?.to_f64()[0] * s_r as f64 / s_total.max(1) as f64;
+        let sums = prob_column_sums(&t.probs, s_r, e)?;
+        let part = load_balancing_loss(&sums, &share, s_total);
         let part = Tensor::upload(client, &HostTensor::from_f64(DType::F32, vec![1], &[part])?)?;
         let l_aux = comm.all_reduce(&part)?.reshape(&[])?;
 
@@ -218,7 +223,8 @@ impl GlobalSlots {
         let client = t.ids.client();
         let order = upload_u32(client, "order", &[])?;
         let counts = count_slots(client, &t.ids, &order, false, e)?;
-        // Every rank's route totals per (choice, expert) and token count, in rank order.
+        // Every rank's route totals per (choice, expert) and token count, in rank order:
+        // u32, exact (each below 2^31: `check_routes`); f32 would round counts past 2^24.
         let width = k * e + 1;
         let mut mine: Vec<f64> = (0..k * e)
             .map(|ie| counts.total(ie / e, ie % e) as f64)
@@ -226,7 +232,7 @@ impl GlobalSlots {
         mine.push(s_r as f64);
         let mine = Tensor::upload(
             client,
-            &HostTensor::from_f64(DType::F32, vec![1, width], &mine)?,
+            &HostTensor::from_f64(DType::U32, vec![1, width], &mine)?,
         )?;
         let all = comm.all_gather(&mine)?.download()?.to_f64();
         let at = |q: usize, i: usize, x: usize| all[q * width + i * e + x] as usize;

@@ -1,5 +1,5 @@
 //! Top-k gating: softmax and top-k per token (`moe_gate_topk`), the deterministic slot
-//! count (`routing`), Tutel's load-balancing loss (`moe_gate_loss`), and the backward
+//! count (`routing`), Tutel's load-balancing loss (`moe_column_sums`), and the backward
 //! through the renormalisation, the softmax and the loss (`moe_gate_backward_rows`).
 
 use super::routing::{check_routes, count_slots, locate_slots, MoeRouting, SlotCounts};
@@ -196,22 +196,12 @@ pub fn moe_gate(logits: &Tensor, opts: &GateOptions) -> Result<GateOutput> {
             &locations,
         )?;
     }
-    let l_aux = Tensor::empty(client, DType::F32, &[])?;
-    let share = Tensor::upload_named(
+    let sums = prob_column_sums(&t.probs, s, e)?;
+    let l_aux = load_balancing_loss(&sums, &top1_share(&counts, s), s);
+    let l_aux = Tensor::upload_named(
         client,
-        "top1_share",
-        &HostTensor::from_f64(DType::F32, vec![e], &top1_share(&counts, s))?,
-    )?;
-    MoeGateLoss::tuned(
-        client,
-        0.0,
-        &MoeGateLossArgs {
-            probs: &t.probs,
-            top1_share: &share,
-            l_aux: &l_aux,
-            tokens: s as u32,
-            experts: e as u32,
-        },
+        "l_aux",
+        &HostTensor::from_f64(DType::F32, vec![], &[l_aux])?,
     )?;
     Ok(GateOutput {
         routing: MoeRouting::from_gate(t.ids, locations, Some(t.gates), capacity, &per_expert),
@@ -384,42 +374,91 @@ pub fn moe_gate_topk<F: Float>(
     }
 }
 
-/// `l_aux = E sum_e (mean_s p[s, e]) share_e`, one cube: unit `u` sums experts
-/// `u, u + UNITS, ...` (each mean over tokens in order), then unit 0 adds the units'
-/// partials in order. Deterministic.
+/// Rows of `[R, E]` one cube of [`moe_column_sums`] adds.
+pub(super) const SUM_ROWS: u32 = 256;
+
+/// Each column's sum over every row of `probs` `[S, E]` f32, the tree of
+/// [`moe_column_sums`] launches (each adds at most 256 rows a cube, so no f32 sum runs
+/// over more than 256 terms, in a fixed order whatever the device), downloaded as
+/// f64 `[E]` (zeros where S = 0). For `l_aux`'s `mean_s p[s, e]`: one f32 running sum
+/// over the tokens drifted by 4 % at S = 4M with E = 10 (every add rounded alike).
+pub(super) fn prob_column_sums(probs: &Tensor, s: usize, e: usize) -> Result<Vec<f64>> {
+    let client = probs.client();
+    if s == 0 {
+        return Ok(vec![0.0; e]);
+    }
+    let mut rows = s;
+    let mut cur = probs.clone();
+    while rows > 1 {
+        let blocks = rows.div_ceil(SUM_ROWS as usize);
+        let sums = Tensor::empty(client, DType::F32, &[blocks, e])?;
+        MoeColumnSums::tuned(
+            client,
+            0.0,
+            &MoeColumnSumsArgs {
+                src: &cur,
+                sums: &sums,
+                rows: rows as u32,
+                experts: e as u32,
+            },
+        )?;
+        (cur, rows) = (sums, blocks);
+    }
+    Ok(cur.download()?.to_f64())
+}
+
+/// `l_aux = E sum_e (sums_e / S) share_e` from the column sums of the probabilities
+/// and each expert's share of top-1 routes (of `S` tokens), in f64.
+pub(super) fn load_balancing_loss(sums: &[f64], share: &[f64], s: usize) -> f64 {
+    let inv_s = 1.0 / s.max(1) as f64;
+    sums.len() as f64 * sums.iter().zip(share).map(|(m, c)| m * inv_s * c).sum::<f64>()
+}
+
+/// Column sums of `src` `[rows, E]` over blocks of [`SUM_ROWS`] rows: `sums[c, e]` is
+/// the sum of column `e` over rows `c SUM_ROWS ..`. Units take the block's columns
+/// `E' = min(E, UNITS)` at a time, `UNITS / E'` lanes to a column: lane `l` adds rows
+/// `l, l + lanes, ..` (coalesced: a lane's columns sit side by side), then lane 0 adds
+/// the lanes' partials in order. Deterministic; no f32 sum over more than 256 terms.
 #[kiln_macros::kernel(
     tune(UNITS = [256]),
-    key(tokens = pow2, experts = pow2),
-    grid = (1),
+    key(rows = pow2, experts = pow2),
+    // SUM_ROWS rows a cube.
+    grid = cubes(rows.div_ceil(256)),
     cube = UNITS,
 )]
-pub fn moe_gate_loss(
-    probs: &Array<f32>,
-    top1_share: &Array<f32>,
-    l_aux: &mut Array<f32>,
-    tokens: u32,
-    experts: u32,
-) {
-    let mut partial = SharedMemory::<f32>::new(comptime!(UNITS as usize));
-    let inv_s = 1.0 / f32::cast_from(max(tokens, 1u32));
-    let mut acc = 0.0f32;
-    let mut e = UNIT_POS;
-    while e < experts {
-        let mut me = 0.0f32;
-        for s in 0..tokens {
-            me += probs[(s * experts + e) as usize];
+pub fn moe_column_sums(src: &Array<f32>, sums: &mut Array<f32>, rows: u32, experts: u32) {
+    let cube = kiln_dsl::linear_cube() as u32;
+    let blocks = (rows + comptime!(SUM_ROWS - 1)) / comptime!(SUM_ROWS);
+    let width = min(experts, UNITS);
+    let lanes = UNITS / width;
+    let lane = UNIT_POS / width;
+    let column = UNIT_POS % width;
+    let r0 = cube * comptime!(SUM_ROWS);
+    let r_end = min(r0 + comptime!(SUM_ROWS), rows);
+    let mut partial = SharedMemory::<f32>::new(UNITS as usize);
+    // Uniform: every unit walks the same column groups and meets every barrier.
+    let mut first = 0u32;
+    while first < experts {
+        let e = first + column;
+        let mut acc = 0.0f32;
+        if lane < lanes && e < experts {
+            let mut r = r0 + lane;
+            while r < r_end {
+                acc += src[(r * experts + e) as usize];
+                r += lanes;
+            }
         }
-        acc += me * inv_s * top1_share[e as usize];
-        e += UNITS;
-    }
-    partial[UNIT_POS as usize] = acc;
-    sync_cube();
-    if UNIT_POS == 0 {
-        let mut total = 0.0f32;
-        for u in 0..UNITS {
-            total += partial[u as usize];
+        partial[UNIT_POS as usize] = acc;
+        sync_cube();
+        if lane == 0 && e < experts && cube < blocks {
+            let mut total = 0.0f32;
+            for l in 0..lanes {
+                total += partial[(l * width + column) as usize];
+            }
+            sums[(cube * experts + e) as usize] = total;
         }
-        l_aux[0] = total * f32::cast_from(experts);
+        sync_cube();
+        first += width;
     }
 }
 

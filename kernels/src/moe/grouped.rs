@@ -533,7 +533,10 @@ grouped_kernel! {
             let row0 = row_start[e as usize] + tile_row;
             let rows_valid = count - tile_row;
             let col0 = block.col0;
-            let b_base = e * k * (n / 8);
+            // Expert e's matrix starts after e matrices of n k elements, in 8-wide
+            // vectors: `k % 8 == 0` always, `n % 8` only without `trans_b` (the backward's
+            // `[N, K]` weights may have any N, so not `k (n / 8)`).
+            let b_base = e * n * (k / 8);
             if comptime!(a_f32) {
                 cmma_product::<f32, F>(&block, a32, row0, rows_valid, b, b_base, col0, n, k, bm, bn, BK, units, trans_b);
             } else {

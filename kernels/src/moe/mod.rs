@@ -53,7 +53,7 @@ pub use ffn::{
 };
 pub use gate::{
     moe_gate, moe_gate_backward, GateOptions, GateOutput, MoeGateBackwardRows,
-    MoeGateBackwardRowsArgs, MoeGateLoss, MoeGateLossArgs, MoeGateTopk, MoeGateTopkArgs,
+    MoeGateBackwardRowsArgs, MoeColumnSums, MoeColumnSumsArgs, MoeGateTopk, MoeGateTopkArgs,
 };
 pub use layer::{
     moe_layer, moe_layer_backward_local_ranks, moe_layer_local_ranks, LayerOptions, LayerOutput,

@@ -18,21 +18,25 @@ pub(super) const NO_ROUTE: u32 = u32::MAX;
 /// (`-1`: dropped), the gates `[S, k]` f32 when known, and the slot count per expert.
 /// Built by [`super::moe_gate`], or from tensors by [`MoeRouting::from_tensors`] (which
 /// validates them), so the data-movement kernels never see an inconsistent routing.
+///
+/// The fields are read through methods: a routing is immutable once built, because the
+/// kernels index by it without bounds checks of their own (a capacity lowered after the
+/// check, for one, would let the slot-map kernel write past its buffer).
 #[derive(Clone)]
 pub struct MoeRouting {
     /// `[S, k]` i32, in `0..num_experts`.
-    pub expert_ids: Tensor,
+    pub(super) expert_ids: Tensor,
     /// `[S, k]` i32: the route's slot at its expert, `-1` where dropped.
-    pub locations: Tensor,
+    pub(super) locations: Tensor,
     /// `[S, k]` f32 gate weights (absent where only dispatch is needed).
-    pub gates: Option<Tensor>,
+    pub(super) gates: Option<Tensor>,
     /// `E`.
-    pub num_experts: usize,
+    pub(super) num_experts: usize,
     /// `C`: slots per expert in the capacity layout.
-    pub capacity: usize,
+    pub(super) capacity: usize,
     /// Per expert: 1 + its largest kept location (the rows it takes in the sorted
     /// layout; the kept-route count for a gate's routing).
-    pub rows_per_expert: Vec<usize>,
+    pub(super) rows_per_expert: Vec<usize>,
     /// The slot -> route maps built so far (per layout), shared by the clones: built
     /// once per routing, read by dispatch, the FFN and the backward.
     pub(super) slot_maps: SlotMaps,
@@ -52,6 +56,32 @@ pub enum RowLayout {
 }
 
 impl MoeRouting {
+    /// Expert ids `[S, k]` i32, in `0..num_experts`.
+    pub fn expert_ids(&self) -> &Tensor {
+        &self.expert_ids
+    }
+
+    /// Slot locations `[S, k]` i32: each route's slot at its expert, `-1` where dropped.
+    pub fn locations(&self) -> &Tensor {
+        &self.locations
+    }
+
+    /// Experts `E`.
+    pub fn num_experts(&self) -> usize {
+        self.num_experts
+    }
+
+    /// Slots per expert `C` in the capacity layout.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Per expert: 1 + its largest kept location (its rows in the sorted layout; the
+    /// kept-route count for a gate's routing).
+    pub fn rows_per_expert(&self) -> &[usize] {
+        &self.rows_per_expert
+    }
+
     /// Tokens `S`.
     pub fn tokens(&self) -> usize {
         self.expert_ids.shape()[0]

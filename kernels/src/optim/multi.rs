@@ -228,7 +228,7 @@ impl MultiTensorStep {
             }
             if s.master() {
                 match given.as_ref().and_then(|g| g.master) {
-                    Some(m) => host.extend(read(m, "master", 0)?),
+                    Some(m) => host.extend(read_as(m, "master", &s.shape(), "the block's shape")?),
                     None => host.extend(block_values(w, &s)?),
                 }
             }
