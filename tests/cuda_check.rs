@@ -187,6 +187,19 @@ fn record() -> Option<CompileRecord> {
 }
 
 #[test]
+fn architectures_parse_or_are_refused_by_name() {
+    for (s, want) in [("sm_80", (8, 0)), ("90a", (9, 0)), ("8.6", (8, 6))] {
+        let a = CudaArch::parse(s).expect(s);
+        assert_eq!((a.major, a.minor), want, "{s}");
+    }
+    // Not a panic on a multi-byte character where the minor digit would be.
+    for s in ["sm_9é", "é", "sm_", "sm_4"] {
+        let e = CudaArch::parse(s).expect_err(s).to_string();
+        assert!(e.contains("--arch"), "{s}: {e}");
+    }
+}
+
+#[test]
 fn matmul_cmma_refuses_f32_by_name_instead_of_emitting_source_nvrtc_rejects() {
     let spec = kiln::kernels::kernel("matmul_cmma").expect("registered");
     let cfg = KernelConfig::new(spec, BTreeMap::from([("dtype".into(), "f32".into())]))

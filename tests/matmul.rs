@@ -359,6 +359,27 @@ fn k_zero_gives_the_epilogue_of_zero() {
 }
 
 #[test]
+fn relu_keeps_nan_as_pytorch_does() {
+    // Row 0 holds a NaN (NaN x 0 is NaN too), row 1 is negative, row 2 positive: relu
+    // gives NaN, NaN, 0, 0, 2, 0. A `max(v, 0)` epilogue returned 0 for NaN on CUDA.
+    let a = up(&HostTensor::from_f32(vec![3, 2], &[f32::NAN, 0.0, -1.0, 0.0, 2.0, 0.0]).unwrap());
+    let b = up(&HostTensor::from_f32(vec![2, 2], &[1.0, 0.0, 0.0, 1.0]).unwrap());
+    let ep = Epilogue {
+        activation: Activation::Relu,
+        ..Default::default()
+    };
+    let c = matmul::matmul(&a, &b, false, ep)
+        .unwrap()
+        .download()
+        .unwrap()
+        .to_f64();
+    assert!(c[0].is_nan() && c[1].is_nan(), "{c:?}");
+    assert_eq!(&c[2..], &[0.0, 0.0, 2.0, 0.0]);
+    assert!(reference::activate(f64::NAN, "relu").is_nan());
+    assert_eq!(reference::activate(-3.0, "relu"), 0.0);
+}
+
+#[test]
 fn bad_inputs_name_the_tensor() {
     let t = |shape: Vec<usize>| {
         let n = shape.iter().product();

@@ -17,9 +17,9 @@ use kiln::kernels::moe::{
     moe_combine, moe_combine_backward, moe_dispatch, moe_dispatch_backward,
     moe_expert_ffn_sorted_with, moe_expert_ffn_with, moe_gate, moe_gate_backward, moe_layer,
     moe_layer_backward, moe_layer_backward_local_ranks, moe_layer_expert_parallel,
-    moe_layer_local_ranks, reference as rf,
-    ExpertWeights, GateOptions, GroupedConfig, LayerOptions, MoeGroupedMatmul,
-    MoeGroupedMatmulProblem, MoeGroupedMatmulV4, MoeGroupedMatmulV4Problem, MoePath, MoeRouting,
+    moe_layer_local_ranks, reference as rf, ExpertWeights, GateOptions, GroupedConfig,
+    LayerOptions, MoeGroupedMatmul, MoeGroupedMatmulProblem, MoeGroupedMatmulV4,
+    MoeGroupedMatmulV4Problem, MoePath, MoeRouting,
 };
 use kiln::runtime::comm::HostComm;
 use kiln::{DType, HostTensor, Tensor};
@@ -256,7 +256,7 @@ fn layer_matches_reference_over_the_issue_matrix() {
                     for &path in paths {
                         let out = layer.run(DType::F32, k, cf, path, 1);
                         let what = format!("S={s} E={e} k={k} cf={cf} {path:?}");
-                        assert_eq!(ints(&out.routing.locations()), r.locations, "{what}");
+                        assert_eq!(ints(out.routing.locations()), r.locations, "{what}");
                         let err = max_rel_error(&down(&out.y), &want, 1.0);
                         assert!(err < 1e-6, "{what}: y {err:e}");
                     }
@@ -288,13 +288,13 @@ fn half_precision_layer_within_1e3() {
             let what = format!("f16 P={p} cf={cf} prioritized={prioritized}");
             let ep = layer.run_gate(DType::F16, gate, MoePath::Capacity, p);
             assert_eq!(
-                ints(&ep.routing.expert_ids()),
-                ints(&one.routing.expert_ids()),
+                ints(ep.routing.expert_ids()),
+                ints(one.routing.expert_ids()),
                 "{what}"
             );
             assert_eq!(
-                ints(&ep.routing.locations()),
-                ints(&one.routing.locations()),
+                ints(ep.routing.locations()),
+                ints(one.routing.locations()),
                 "{what}"
             );
             let err = max_rel_error(&down(&ep.y), &down(&one.y), 1.0);
@@ -319,14 +319,14 @@ fn ten_runs_are_bit_identical() {
     };
     let (y0, ids0, loc0) = (
         bits(&first.y),
-        bits(&first.routing.expert_ids()),
-        bits(&first.routing.locations()),
+        bits(first.routing.expert_ids()),
+        bits(first.routing.locations()),
     );
     for _ in 0..9 {
         let out = layer.run(DType::F32, 2, 1.0, MoePath::Dropless, 1);
         assert_eq!(bits(&out.y), y0);
-        assert_eq!(bits(&out.routing.expert_ids()), ids0);
-        assert_eq!(bits(&out.routing.locations()), loc0);
+        assert_eq!(bits(out.routing.expert_ids()), ids0);
+        assert_eq!(bits(out.routing.locations()), loc0);
     }
 }
 
@@ -395,14 +395,14 @@ fn expert_parallel_equals_one_device() {
         for p in [2, 4] {
             let ep = layer.run_gate(DType::F32, gate, MoePath::Capacity, p);
             assert_eq!(
-                ints(&ep.routing.expert_ids()),
-                ints(&one.routing.expert_ids()),
+                ints(ep.routing.expert_ids()),
+                ints(one.routing.expert_ids()),
                 "{}",
                 what(p)
             );
             assert_eq!(
-                ints(&ep.routing.locations()),
-                ints(&one.routing.locations()),
+                ints(ep.routing.locations()),
+                ints(one.routing.locations()),
                 "{}",
                 what(p)
             );
@@ -425,8 +425,14 @@ fn expert_parallel_with_an_empty_rank_equals_one_device() {
         gate.batch_prioritized = prioritized;
         let one = layer.run_gate(DType::F32, gate, MoePath::Capacity, 1);
         let ep = layer.run_gate(DType::F32, gate, MoePath::Capacity, 4);
-        assert_eq!(ints(&ep.routing.expert_ids()), ints(&one.routing.expert_ids()));
-        assert_eq!(ints(&ep.routing.locations()), ints(&one.routing.locations()));
+        assert_eq!(
+            ints(ep.routing.expert_ids()),
+            ints(one.routing.expert_ids())
+        );
+        assert_eq!(
+            ints(ep.routing.locations()),
+            ints(one.routing.locations())
+        );
         let err = max_rel_error(&down(&ep.y), &down(&one.y), 1.0);
         assert!(err < 1e-6, "prioritized={prioritized}: y {err:e}");
     }

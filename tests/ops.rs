@@ -371,6 +371,20 @@ fn host_tensor_bytes_must_match_its_shape() {
         }
         other => panic!("expected a shape error, got {other:?}"),
     }
+    // A shape whose product overflows, or a zero-size shape with a dimension past
+    // 32-bit indexing: refused by name, as `Tensor::empty` refuses them (the product
+    // panicked in debug builds, or wrapped to an empty buffer).
+    for shape in [vec![1 << 32, 1 << 32], vec![1 << 40, 0]] {
+        h.shape = shape.clone();
+        h.data = vec![];
+        let e = Tensor::upload_named(client(), "x", &h).unwrap_err();
+        assert!(e.to_string().contains('x'), "{shape:?}: {e}");
+    }
+    // Zeros of every dtype.
+    for dtype in [DType::F32, DType::I8, DType::U32] {
+        let z = Tensor::zeros(client(), dtype, &[3, 5]).unwrap();
+        assert_eq!(z.download().unwrap().to_f64(), vec![0.0; 15], "{dtype}");
+    }
 }
 
 #[test]

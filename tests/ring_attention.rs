@@ -11,8 +11,8 @@ use common::{down, up};
 use kiln::check::{rms_relative, Rng};
 use kiln::kernels::attention::{
     reference as rf, ring_attention_backward, ring_attention_backward_local_ranks,
-    ring_attention_local_ranks,
-    AttentionGradInputs, AttentionInputs, AttentionOptions, RingLayout, RingSchedule,
+    ring_attention_local_ranks, AttentionGradInputs, AttentionInputs, AttentionOptions, RingLayout,
+    RingSchedule,
 };
 use kiln::runtime::comm::HostComm;
 use kiln::{load_safetensors, DType, HostTensor};

@@ -303,7 +303,8 @@ fn a_ranked_search_times_only_the_cost_models_finalists() {
     use CandidateStatus::*;
     let mut t = Autotuner::new(tmpdir("ranked"), TuneMode::On);
     t.finalists = 1;
-    // The model ranks c1 first: only c1 runs, the rest are reported with their rank.
+    // The model ranks c1 first: only c1 is timed, the rest are reported with their rank
+    // (c0, the declared first, runs once untimed to check the lone finalist).
     let (won, st, finalists) = tune_ranked(&t, "r1", &[0, 1, 2, 3], &[3.0, 1.0, 2.0, 4.0]);
     assert_eq!((won, finalists), (1, Some(1)));
     assert_eq!(st[0].0, "c1");
@@ -337,6 +338,19 @@ fn a_ranked_search_times_only_the_cost_models_finalists() {
     let (won, st, finalists) = tune_ranked(&t, "r4", &[0, 1, 2, 3], &[2.5, 1.0, 3.0, 4.0]);
     assert_eq!((won, finalists), (1, Some(1)));
     assert_eq!(st.iter().filter(|(_, s)| matches!(s, Timed(_))).count(), 1);
+
+    // A lone finalist is checked against the declared first configuration: c2, ranked
+    // first by the model, computes twice the softmax, and c0 is the decision.
+    t.finalists = 1;
+    let (won, st, _) = tune_ranked(&t, "r8", &[0, 1, 2, 3], &[3.0, 4.0, 1.0, 5.0]);
+    assert_eq!(won, 0, "{st:?}");
+    let status = |l: &str| st.iter().find(|(x, _)| x == l).unwrap().1.clone();
+    assert!(
+        matches!(status("c2"), Mismatch(ref why) if why.contains("first configuration (c0)")),
+        "{st:?}"
+    );
+    assert!(matches!(status("c0"), Timed(_)), "{st:?}");
+    t.finalists = 4;
 
     // A decision's own ranking overrides the tuner's count and the 10 % ties: two
     // finalists, the third (4 % above the second) timed only with ties of 5 %.

@@ -39,6 +39,9 @@ pub fn gelu_tanh<N: Size>(x: Vector<f32, N>) -> Vector<f32, N> {
 /// Cody-Waite (`n ln2` in two parts), and scaled by `2^n` built from its bits, and `exp(r)`
 /// with `|r| <= ln2/2` is a polynomial. Results below `2^-126` flush to 0;
 /// `a = -inf` gives 0. `one` must be 1.0, computed at run time (see the body).
+/// Contract: `a <= b` with `b` finite (a softmax's `exp(x - max)`): above that the
+/// `2^n` scale is built from bits that overflow (`a - b` past about 88 gives garbage),
+/// and `a = b = -inf` gives NaN.
 #[cube]
 pub fn exp_diff(a: f32, b: f32, one: f32) -> f32 {
     // TwoSum: d_hi + d_lo == a - b exactly. `one` is a runtime 1.0: shader compilers

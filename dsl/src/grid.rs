@@ -16,3 +16,12 @@ pub fn linear_cube() -> usize {
 pub fn linear_unit() -> usize {
     linear_cube() * CUBE_DIM_X as usize + UNIT_POS_X as usize
 }
+
+/// The next position of a grid-stride loop over `0..len` from `at` (`at < len`): `at +
+/// stride`, or `len` (ending the loop) where that would reach `len`. Never wraps: a plain
+/// `at += stride` passes 2^32 for `len` near 2^31 on a 2-D grid, and a loop whose write
+/// reads its target (`w += d`) then did some elements twice.
+#[cube]
+pub fn grid_stride_next(at: u32, stride: u32, len: u32) -> u32 {
+    select(len - at > stride, at + stride, len)
+}

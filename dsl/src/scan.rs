@@ -17,12 +17,14 @@ pub enum ScanOp {
 
 /// `ln(e^a + e^b)` without overflow. When `a == b` (both -inf included) the exponent
 /// is taken as 0, giving `a + ln 2` (= -inf for -inf) instead of `-inf - -inf` = NaN.
+/// A NaN on either side gives NaN (CUDA's fmax and fmin return the other operand).
 #[cube]
 pub fn log_add_exp(a: f32, b: f32) -> f32 {
     let hi = max(a, b);
     let lo = min(a, b);
     let d = select(hi == lo, 0.0, lo - hi);
-    hi + f32::ln(1.0 + f32::exp(d))
+    let sum = hi + f32::ln(1.0 + f32::exp(d));
+    select(f32::is_nan(a) || f32::is_nan(b), a + b, sum)
 }
 
 /// The floor kiln's chunked GLA kernels put under log gates before summing them:

@@ -218,6 +218,37 @@ fn scans_match_f64_prefix_sums_and_logcumsumexp() {
     }
 }
 
+#[test]
+fn logcumsumexp_keeps_nan() {
+    // A NaN in log space poisons every prefix that holds it (CUDA's fmax/fmin would
+    // return the other operand and drop it).
+    let c = client();
+    let n = 32usize;
+    let ints = vec![0.0f32; n];
+    let mut logs: Vec<f32> = (0..n).map(|i| i as f32 * 0.1 - 2.0).collect();
+    logs[5] = f32::NAN;
+    let (hi, hl) = (
+        c.create_from_slice(f32::as_bytes(&ints)),
+        c.create_from_slice(f32::as_bytes(&logs)),
+    );
+    let out = c.empty(3 * n * 4);
+    unsafe {
+        scan_kernel::launch_unchecked::<R>(
+            &c,
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(n as u32),
+            ArrayArg::from_raw_parts(hi, n),
+            ArrayArg::from_raw_parts(hl, n),
+            ArrayArg::from_raw_parts(out.clone(), 3 * n),
+            n as u32,
+        )
+    };
+    let got = f32::from_bytes(&c.read_one_unchecked(out)).to_vec();
+    let lse = &got[2 * n..];
+    assert!(lse[..5].iter().all(|v| v.is_finite()), "{lse:?}");
+    assert!(lse[5..].iter().all(|v| v.is_nan()), "{lse:?}");
+}
+
 #[cube(launch_unchecked)]
 fn tile_kernel(a: &Array<f32>, b: &Array<f32>, out: &mut Array<f32>, m: u32, k: u32, n: u32) {
     // One 8 x 8 output tile from an m x k by k x n product (m, n <= 8, k <= 4), 4 units

@@ -148,6 +148,6 @@ fn copy_rows_kernel<F: Float>(
         } else {
             dst[di] = F::cast_from(x);
         }
-        e += stride;
+        e = kiln_dsl::grid_stride_next(e, stride, len);
     }
 }

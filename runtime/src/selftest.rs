@@ -87,14 +87,20 @@ pub fn run_case(client: &Client, case: &Case, dtype: DType, seed: u64) -> Outcom
 }
 
 /// An error becomes `Refused` when the device lacks the dtype, `Unavailable` when the
-/// case needs tensor cores that are not there for it, else `Error`.
+/// case needs tensor cores that are not there for it (the device has none, or the dtype
+/// is not a half type), else `Error`: on a device with tensor cores, a half-precision
+/// case that finds no tensor-core kernel is a failure, not a skip.
 fn outcome(client: &Client, dtype: DType, result: Result<Outcome>) -> Outcome {
+    let has_tensor_cores =
+        client.report().tensor_cores && matches!(dtype, DType::F16 | DType::BF16);
     match result {
         Ok(o) => o,
         Err(Error::Unsupported { .. }) if !client.supports(dtype) => {
             Outcome::Refused(format!("{dtype} refused: the device has no {dtype}"))
         }
-        Err(Error::Unsupported { feature, .. }) if feature.starts_with("tensor cores") => {
+        Err(Error::Unsupported { feature, .. })
+            if feature.starts_with("tensor cores") && !has_tensor_cores =>
+        {
             Outcome::Unavailable(format!("refused: no {feature}"))
         }
         Err(e) => Outcome::Error(e.to_string()),

@@ -73,9 +73,10 @@ impl Tensor {
     /// [`Tensor::upload`], naming the tensor in errors (as operators' inputs are named).
     pub fn upload_named(client: &Client, name: &str, host: &HostTensor) -> Result<Tensor> {
         client.require_dtype(name, host.dtype)?;
-        // The fields of a HostTensor are public: check bytes against shape here, since
-        // kernels trust the shape.
-        let bytes_expected = host.numel() * host.dtype.size();
+        // The fields of a HostTensor are public: check the shape (its product may not
+        // overflow or pass 32-bit indexing) and the bytes against it here, since kernels
+        // trust the shape.
+        let bytes_expected = checked_numel(name, &host.shape, host.dtype)? * host.dtype.size();
         if host.data.len() != bytes_expected {
             return Err(Error::Shape {
                 tensor: name.into(),
@@ -112,6 +113,13 @@ impl Tensor {
             shape: shape.to_vec(),
             strides: contiguous_strides(shape),
         })
+    }
+
+    /// A contiguous tensor of zeros (every dtype's zero is all-zero bytes).
+    pub fn zeros(client: &Client, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        let numel = checked_numel("output", shape, dtype)?;
+        let host = HostTensor::from_bytes(dtype, shape.to_vec(), vec![0; numel * dtype.size()])?;
+        Self::upload_named(client, "output", &host)
     }
 
     /// Copies the tensor back to the host (waits for pending kernels).

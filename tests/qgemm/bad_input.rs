@@ -166,9 +166,53 @@ fn bad_inputs_are_clear_errors() {
         ..inp
     };
     expect_err(qgemm::flexround(&inp), "qmin");
+    // A packed weight whose public fields disagree with its tensors is refused, not
+    // read past its buffers.
+    let mut packed = qgemm::w4a16_repack(&weights(&ck, gptq, 64, None)).unwrap();
+    packed.k *= 2;
+    let x2k = up(DType::F32, &[m, 2 * k], &rng.normals(m * 2 * k, 1.0));
+    expect_err(qgemm::w4a16_packed(&x2k, &packed), "PackedW4");
+    // AWQ's K must be a multiple of 8 (kiln packs 8 rows a word): not rows dropped.
+    let awq100 = Ckpt {
+        qweight: up_i32(&[100, 1], &[0; 100]),
+        scales: up(DType::F32, &[1, 8], &[1.0; 8]),
+        qzeros: None,
+    };
+    expect_err(
+        qgemm::w4a16_repack(&weights(&awq100, W4Format::Awq, -1, None)),
+        "K a multiple of 8",
+    );
+    // W8A8's K is bounded by its exact i32 sums.
+    let kbig = qgemm::MAX_W8A8_K;
+    expect_err(
+        qgemm::w8a8(
+            &i8t(&[1, kbig]),
+            &f32t(&[1]),
+            &i8t(&[1, kbig]),
+            &f32t(&[1]),
+            None,
+            DType::F32,
+        ),
+        "K < 131072",
+    );
     // Errors are values, never panics: the error type says which kind.
     assert!(matches!(
         qgemm::w4a16(&x, &weights(&ck, gptq, 48, None)),
         Err(Error::Param { .. })
     ));
+}
+
+#[test]
+fn an_empty_k_gives_zeros() {
+    // w8_bits with K = 0: y = 0 (the kernels would read x and q8 past their empty ends).
+    let x = up(DType::F32, &[3, 0], &[]);
+    let q8 = up(DType::I8, &[0, 16], &[]);
+    let s8 = up(DType::F32, &[16], &[1.0; 16]);
+    let y = qgemm::w8_bits(&x, &q8, &s8, 8).unwrap();
+    assert_eq!(y.shape(), &[3, 16]);
+    assert_eq!(y.download().unwrap().to_f64(), vec![0.0; 48]);
+    // quantize_per_token of empty rows: scale 0, as for an all-zero row.
+    let (xq, sx) = qgemm::quantize_per_token(&x).unwrap();
+    assert_eq!((xq.shape(), sx.shape()), (&[3, 0][..], &[3][..]));
+    assert_eq!(sx.download().unwrap().to_f64(), vec![0.0; 3]);
 }

@@ -292,11 +292,7 @@ fn split_lse(t: &Tensor, chunks: &[RingChunk]) -> Result<Vec<Tensor>> {
 }
 
 fn zeros(t: &Tensor, dtype: DType) -> Result<Tensor> {
-    let n = t.numel();
-    Tensor::upload(
-        t.client(),
-        &HostTensor::from_f64(dtype, t.shape().to_vec(), &vec![0.0; n])?,
-    )
+    Tensor::zeros(t.client(), dtype, t.shape())
 }
 
 fn ring_check(

@@ -55,7 +55,7 @@ pub use gemv::{
 };
 pub(crate) use grouped_tn::{grouped_tn_product, ColumnWindow, RowGroups};
 pub use grouped_tn::{GroupedMatmulTn, GroupedMatmulTnArgs};
-use kiln_runtime::{shape_str, tune::Choice, Client, DType, Error, HostTensor, Result, Tensor};
+use kiln_runtime::{shape_str, tune::Choice, Client, DType, Error, Result, Tensor};
 pub use registry::MATMUL;
 pub use staged::{
     MatmulStaged, MatmulStagedArgs, MatmulStagedConfig, MatmulStagedProblem, MatmulStagedV4,
@@ -499,16 +499,7 @@ pub fn matmul_among(
         // An empty sum is 0, so c is the epilogue of zeros. The kernels bind every
         // operand and the backends refuse zero-length bindings: a K of one zero stands
         // in (exact: 0 x 0 = 0).
-        let zeros = |shape: &[usize]| {
-            Tensor::upload(
-                client,
-                &HostTensor::from_f64(
-                    a.dtype(),
-                    shape.to_vec(),
-                    &vec![0.0; shape.iter().product()],
-                )?,
-            )
-        };
+        let zeros = |shape: &[usize]| Tensor::zeros(client, a.dtype(), shape);
         // Eight: the tensor-core tiles read K in vectors of 8.
         let kz = if family == KernelFamily::TensorCores {
             8

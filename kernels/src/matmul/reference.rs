@@ -40,7 +40,14 @@ pub fn activate(s: f64, activation: &str) -> f64 {
     match activation {
         "silu" => crate::elementwise::reference::silu(&[s])[0],
         "gelu" => crate::elementwise::reference::gelu(&[s])[0],
-        "relu" => s.max(0.0),
+        // NaN stays NaN (`f64::max` would return 0).
+        "relu" => {
+            if s < 0.0 {
+                0.0
+            } else {
+                s
+            }
+        }
         _ => s,
     }
 }

@@ -412,7 +412,11 @@ pub(crate) fn activate_vector<N: Size>(
         v = gelu_tanh::<N>(v);
     }
     if comptime!(act == Activation::Relu) {
-        v = max(v, Vector::<f32, N>::new(0.0f32));
+        // A select, not `max(v, 0)`: CUDA's fmaxf returns the operand that is not NaN
+        // (and WGSL leaves max with a NaN undefined), so NaN became 0; PyTorch's relu
+        // keeps it.
+        let zero = Vector::<f32, N>::new(0.0f32);
+        v = select_many(v.less_than(zero), zero, v);
     }
     v
 }

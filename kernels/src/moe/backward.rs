@@ -298,7 +298,7 @@ pub fn moe_activation(
         } else {
             out[i as usize] = crate::matmul::activate(x, act);
         }
-        i += stride;
+        i = kiln_dsl::grid_stride_next(i, stride, len);
     }
 }
 

@@ -411,7 +411,12 @@ pub(super) fn prob_column_sums(probs: &Tensor, s: usize, e: usize) -> Result<Vec
 /// and each expert's share of top-1 routes (of `S` tokens), in f64.
 pub(super) fn load_balancing_loss(sums: &[f64], share: &[f64], s: usize) -> f64 {
     let inv_s = 1.0 / s.max(1) as f64;
-    sums.len() as f64 * sums.iter().zip(share).map(|(m, c)| m * inv_s * c).sum::<f64>()
+    sums.len() as f64
+        * sums
+            .iter()
+            .zip(share)
+            .map(|(m, c)| m * inv_s * c)
+            .sum::<f64>()
 }
 
 /// Column sums of `src` `[rows, E]` over blocks of [`SUM_ROWS`] rows: `sums[c, e]` is

@@ -52,8 +52,8 @@ pub use ffn::{
     MoeGroupedMatmulV4Config, MoeGroupedMatmulV4Problem,
 };
 pub use gate::{
-    moe_gate, moe_gate_backward, GateOptions, GateOutput, MoeGateBackwardRows,
-    MoeGateBackwardRowsArgs, MoeColumnSums, MoeColumnSumsArgs, MoeGateTopk, MoeGateTopkArgs,
+    moe_gate, moe_gate_backward, GateOptions, GateOutput, MoeColumnSums, MoeColumnSumsArgs,
+    MoeGateBackwardRows, MoeGateBackwardRowsArgs, MoeGateTopk, MoeGateTopkArgs,
 };
 pub use layer::{
     moe_layer, moe_layer_backward_local_ranks, moe_layer_local_ranks, LayerOptions, LayerOutput,

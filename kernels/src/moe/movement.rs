@@ -8,7 +8,7 @@ use super::routing::{MoeRouting, RowLayout, NO_ROUTE};
 use crate::launch::{check_input, shape_err};
 use cubecl::prelude::*;
 use kiln_dsl::{linear_unit, V4};
-use kiln_runtime::{DType, HostTensor, Result, Tensor};
+use kiln_runtime::{DType, Result, Tensor};
 
 /// `[S, M]` rows of a routing's tokens: checks `x` and returns `M`.
 fn check_tokens(name: &str, x: &Tensor, routing: &MoeRouting) -> Result<usize> {
@@ -76,10 +76,7 @@ pub(super) fn gather_by_map(
         // No source rows (an expert-parallel rank that holds no tokens, or receives no
         // rows): every map entry is `NO_ROUTE`, so the result is zeros. A launch would
         // bind an empty tensor's one-element placeholder as vectors, which wgpu refuses.
-        return Tensor::upload(
-            client,
-            &HostTensor::from_f64(src.dtype(), vec![rows, m], &vec![0.0; rows * m])?,
-        );
+        return Tensor::zeros(client, src.dtype(), &[rows, m]);
     }
     let ph = crate::launch::absent(client)?;
     let gates_or = gates.unwrap_or(&ph);
@@ -301,7 +298,7 @@ pub fn moe_gather_rows<F: Float>(
             }
         }
         out[at as usize] = v;
-        at += stride;
+        at = kiln_dsl::grid_stride_next(at, stride, len);
     }
 }
 
@@ -350,7 +347,7 @@ pub fn moe_combine_rows<F: Float>(
             }
         }
         out[at as usize] = F::cast_from(acc);
-        at += stride;
+        at = kiln_dsl::grid_stride_next(at, stride, len);
     }
 }
 

@@ -296,16 +296,25 @@ pub fn flexround_backward_cols<F: Float>(
     if c < cols {
         let a = f32::cast_from(s1[0]);
         let b4 = f32::cast_from(s4[c as usize]);
+        // Summed in blocks of 256 rows, then the blocks: no f32 running sum over more
+        // than 256 terms plus one per block (an lm_head's 128k-256k rows summed in one
+        // would carry a rounding bound of rows x eps, about 1 %).
         let mut sum = 0.0f32;
+        let mut block = 0.0f32;
         for r in 0..rows {
             let i = r * cols + c;
             let d = a * f32::cast_from(s2[i as usize]) * f32::cast_from(s3[r as usize]) * b4;
             let u = f32::cast_from(w[i as usize]) / d;
             let q = round_half_even(u);
             if q >= qmin && q <= qmax {
-                sum -= f32::cast_from(grad[i as usize]) * a * u;
+                block -= f32::cast_from(grad[i as usize]) * a * u;
+            }
+            if r % 256u32 == 255u32 {
+                sum += block;
+                block = 0.0f32;
             }
         }
+        sum += block;
         ds4[c as usize] = F::cast_from(sum / b4);
     }
 }

@@ -37,6 +37,15 @@ pub fn w8a8(
         &[n, wk] if wk == k => n,
         other => return Err(shape_err("wq", format!("[N, {k}] (K of xq)"), other)),
     };
+    // Products of int8 codes are at most 2^14 in magnitude: their i32 sum is exact (and
+    // cannot wrap) for K < 2^17.
+    if k >= MAX_W8A8_K {
+        return Err(shape_err(
+            "xq",
+            format!("[M, K] with K < {MAX_W8A8_K} (the i32 accumulator of int8 products)"),
+            xq.shape(),
+        ));
+    }
     expect_shape("sx", sx, &[m], "[M], M of xq")?;
     expect_shape("sw", sw, &[n], "[N], N of wq")?;
     if let Some(b) = bias {
@@ -142,6 +151,9 @@ pub fn w8a8(
     Ok(y)
 }
 
+/// W8A8's K is below this: `K 2^14 <= 2^31` keeps its i32 sums exact.
+pub const MAX_W8A8_K: usize = 1 << 17;
+
 /// Dynamic per-token int8 quantization of x `[M, K]` (any float dtype): returns `xq`
 /// i8 `[M, K]` and `sx` f32 `[M]` with `sx = max_k |x| / 127` and
 /// `xq = clamp(round(x / sx), -127, 127)` (ties to even; 0 for an all-zero row).
@@ -152,6 +164,10 @@ pub fn quantize_per_token(x: &Tensor) -> Result<(Tensor, Tensor)> {
         return Err(shape_err("x", "[M, K]".into(), x.shape()));
     };
     let xq = Tensor::empty(client, DType::I8, &[m, k])?;
+    if k == 0 {
+        // Every row is empty: scale 0, as for an all-zero row.
+        return Ok((xq, Tensor::zeros(client, DType::F32, &[m])?));
+    }
     let sx = Tensor::empty(client, DType::F32, &[m])?;
     if m > 0 && k > 0 {
         TokenScale::tuned(

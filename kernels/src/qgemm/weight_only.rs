@@ -126,6 +126,14 @@ fn w4_layout(w: &W4Weights<'_>, client: &Client) -> Result<(usize, usize)> {
             w.qweight.shape(),
         ));
     }
+    if k % 8 != 0 {
+        // AWQ's [K, N/8]: kiln's layout packs 8 rows of K a word.
+        return Err(shape_err(
+            "qweight",
+            "AWQ's [K, N/8] with K a multiple of 8".into(),
+            w.qweight.shape(),
+        ));
+    }
     // N from `scales` [K/G, N] names the layout when qweight is in the other format's.
     if let &[_, scale_n] = w.scales.shape() {
         if scale_n != n {
@@ -313,8 +321,23 @@ pub fn w4a16(x: &Tensor, w: &W4Weights<'_>) -> Result<Tensor> {
 /// `y = x @ dequant(W)` for a weight in kiln's layout.
 pub fn w4a16_packed(x: &Tensor, w: &PackedW4) -> Result<Tensor> {
     let client = x.client();
-    check_w4(&w.weights(), client)?;
-    let (m, y) = gemm_output(x, w.k, w.n)?;
+    let d = check_w4(&w.weights(), client)?;
+    // The struct's fields are public: they must describe its tensors.
+    if (d.k, d.n, d.group_size) != (w.k, w.n, w.group_size) {
+        return Err(Error::Param {
+            param: "PackedW4".into(),
+            expected: format!(
+                "k, n, group_size of its tensors: {}, {}, {} (qweight {}, scales {})",
+                d.k,
+                d.n,
+                d.group_size,
+                kiln_runtime::shape_str(w.qweight.shape()),
+                kiln_runtime::shape_str(w.scales.shape())
+            ),
+            found: format!("{}, {}, {}", w.k, w.n, w.group_size),
+        });
+    }
+    let (m, y) = gemm_output(x, d.k, d.n)?;
     if m > 0 {
         let act_order = w.g_idx.is_some();
         let g_idx = match &w.g_idx {
@@ -358,6 +381,10 @@ pub fn w8_bits(x: &Tensor, q8: &Tensor, s8: &Tensor, bits: u32) -> Result<Tensor
     s8.expect_dtype("s8", &[DType::F32])?;
     expect_shape("s8", s8, &[n], "[N], N of q8")?;
     let (m, y) = gemm_output(x, k, n)?;
+    if k == 0 {
+        // An empty sum: zeros (the kernels would read x and q8 past their empty ends).
+        return Tensor::zeros(client, x.dtype(), y.shape());
+    }
     if m > 0 && n > 0 {
         let unused = absent(client)?;
         Operands {
@@ -367,7 +394,7 @@ pub fn w8_bits(x: &Tensor, q8: &Tensor, s8: &Tensor, bits: u32) -> Result<Tensor
             zeros: &unused,
             g_idx: &unused.as_words(),
             y: &y,
-            dims: [m, n, k.max(1), k.max(1)],
+            dims: [m, n, k, k],
             shift: 8 - bits,
             wkind: WeightKind::Int8Bits,
             act_order: false,

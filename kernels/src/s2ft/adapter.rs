@@ -238,7 +238,7 @@ pub fn s2ft_adapter_delta<F: Float>(
             acc += dot;
         }
         y[at as usize] = F::cast_from(acc);
-        at += stride;
+        at = kiln_dsl::grid_stride_next(at, stride, len);
     }
 }
 
@@ -267,6 +267,6 @@ pub fn s2ft_block_add<F: Float>(
         let wi = (w_off + (e / cols) * ld + e % cols) as usize;
         w[wi] =
             F::cast_from(f32::cast_from(w[wi]) + sign * f32::cast_from(d[(d_off + e) as usize]));
-        e += stride;
+        e = kiln_dsl::grid_stride_next(e, stride, len);
     }
 }

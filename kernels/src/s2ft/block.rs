@@ -125,6 +125,6 @@ pub fn s2ft_swiglu<F: Float>(
         } else {
             out_a[i as usize] = F::cast_from(silu * u);
         }
-        i += stride;
+        i = kiln_dsl::grid_stride_next(i, stride, len);
     }
 }

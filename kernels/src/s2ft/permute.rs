@@ -145,14 +145,27 @@ impl VerifyReport {
     pub fn passed(&self) -> bool {
         self.max_abs_diff <= self.bound
     }
-    fn of(y: Tensor, y_permuted: Tensor, inner: usize) -> Result<VerifyReport> {
+    /// The report on two outputs of one layer, the permuted one's products summed over
+    /// `inner` terms.
+    pub fn of(y: Tensor, y_permuted: Tensor, inner: usize) -> Result<VerifyReport> {
         let (a, b) = (y.download()?.to_f64(), y_permuted.download()?.to_f64());
+        // Equal values (the same infinity, or NaN on both sides) agree; a NaN or an
+        // infinity on one side only is an infinite difference (`f64::max` alone would
+        // skip a NaN and pass).
         let diff = a
             .iter()
             .zip(&b)
-            .map(|(x, y)| (x - y).abs())
+            .map(|(x, y)| match (x - y).abs() {
+                _ if x == y || (x.is_nan() && y.is_nan()) => 0.0,
+                d if d.is_nan() => f64::INFINITY,
+                d => d,
+            })
             .fold(0.0, f64::max);
-        let scale = a.iter().map(|x| x.abs()).fold(0.0, f64::max);
+        let scale = a
+            .iter()
+            .filter(|x| x.is_finite())
+            .map(|x| x.abs())
+            .fold(0.0, f64::max);
         let bound = 8.0 * y.dtype().epsilon() * (inner.max(1) as f64).sqrt() * scale;
         Ok(VerifyReport {
             y,
@@ -335,6 +348,6 @@ pub fn s2ft_permute_units<F: Float>(
             si = unit_map[(i / unit) as usize] * unit + i % unit;
         }
         out[at as usize] = src[(si * cols + sj) as usize];
-        at += stride;
+        at = kiln_dsl::grid_stride_next(at, stride, len);
     }
 }

@@ -159,9 +159,11 @@ fn run_select(client: &Client, a: &OpArgs) -> Result<Outputs> {
     let acts = a.optional_tensor("activations");
     let num_units = match a.param("num_units")?.as_str() {
         "from the inputs" => {
-            let n = match (row_w, col_w.or(acts)) {
-                (Some(w), _) if w.rank() == 2 => w.shape()[0],
-                (_, Some(t)) if t.rank() == 2 => t.shape()[1],
+            // Units of `unit_size` are the column-side ones (`col_weight`,
+            // `activations`); `row_weight`'s units may be shorter (GQA's W_v).
+            let n = match (col_w.or(acts), row_w) {
+                (Some(t), _) if t.rank() == 2 => t.shape()[1],
+                (_, Some(w)) if w.rank() == 2 => w.shape()[0],
                 _ => {
                     return Err(Error::Param {
                         param: "num_units".into(),
@@ -224,7 +226,7 @@ pub static S2FT_SELECT: OpSpec = OpSpec {
     name: "s2ft_select",
     summary: "S2FT selection: count_a units for the row block and count_b for the column block (random | weight_norm | activation | explicit), and the co-permutation A-only, shared, B-only, rest",
     inputs: &[
-        TensorSpec::new("row_weight", "[U unit_size, in]", Dtypes::Float, true, "weight_norm: the row-block matrix (W_v, W_up)"),
+        TensorSpec::new("row_weight", "[U r, in]", Dtypes::Float, true, "weight_norm: the row-block matrix (W_v, W_up), r = its rows / U (head_dim under GQA, unit_size otherwise)"),
         TensorSpec::new("col_weight", "[out, U unit_size]", Dtypes::Float, true, "weight_norm: the column-block matrix (W_o, W_down)"),
         TensorSpec::new("activations", "[T, U unit_size]", Dtypes::Float, true, "activation: a calibration batch of the column-block matrix's input"),
     ],

@@ -21,11 +21,13 @@ pub enum Strategy<'a> {
         /// Seed of the SplitMix64 generator.
         seed: u64,
     },
-    /// The largest L2 norms: A by the unit row blocks of `row_weight` `[U unit, in]`
+    /// The largest L2 norms: A by the unit row blocks of `row_weight` `[U r, in]`
     /// (the matrix whose rows are trained, e.g. `W_v`), B by the unit column blocks of
-    /// `col_weight` `[out, U unit]` (e.g. `W_o`).
+    /// `col_weight` `[out, U unit]` (e.g. `W_o`). A row unit's height `r` is
+    /// `row_weight`'s rows over `U`: with grouped-query attention a unit (a KV group) is
+    /// `head_dim` rows of `W_v` but `heads per group x head_dim` columns of `W_o`.
     WeightNorm {
-        /// `[U unit, in]`.
+        /// `[U r, in]`, `r` rows a unit.
         row_weight: &'a Tensor,
         /// `[out, U unit]`.
         col_weight: &'a Tensor,
@@ -217,7 +219,17 @@ pub fn s2ft_select(
             row_weight,
             col_weight,
         } => {
-            let rows = unit_scores("row_weight", row_weight, num_units, unit_size, true, true)?;
+            let height = match row_weight.shape() {
+                &[r, _] if num_units > 0 && r % num_units == 0 && r >= num_units => r / num_units,
+                other => {
+                    return Err(shape_err(
+                        "row_weight",
+                        format!("[U r, in]: rows a positive multiple of the {num_units} units"),
+                        other,
+                    ))
+                }
+            };
+            let rows = unit_scores("row_weight", row_weight, num_units, height, true, true)?;
             let cols = unit_scores("col_weight", col_weight, num_units, unit_size, false, true)?;
             (top_units(&rows, count_a), top_units(&cols, count_b))
         }

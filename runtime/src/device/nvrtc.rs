@@ -25,7 +25,8 @@ impl CudaArch {
         let t = t.strip_prefix("sm_").unwrap_or(t).trim_end_matches('a');
         let parsed = match t.split_once('.') {
             Some((a, b)) => a.parse().ok().zip(b.parse().ok()),
-            None if t.len() >= 2 => t[..t.len() - 1]
+            // ASCII only: a byte split elsewhere could fall inside a character.
+            None if t.len() >= 2 && t.is_ascii() => t[..t.len() - 1]
                 .parse()
                 .ok()
                 .zip(t[t.len() - 1..].parse().ok()),

@@ -184,6 +184,41 @@ impl Autotuner {
                 Err(failed) => status[pos] = Some(failed),
             }
         }
+        // A lone valid candidate that is not the declared first (a ranked search whose
+        // model left one finalist) is checked against the declared first, the trusted
+        // configuration that runs untuned: otherwise nothing it computed was compared
+        // with anything. It runs once, untimed (its status stays `NotTimed`); where the
+        // two disagree the trusted one is the decision and the other a `Mismatch`.
+        if let [(lone, _, _)] = valid[..] {
+            let trusted = order.iter().position(|&i| i == 0);
+            if let Some(first) = trusted.filter(|&f| {
+                f != lone && matches!(status[f], Some(CandidateStatus::NotTimed { .. }))
+            }) {
+                spent.run += 1;
+                let started = Instant::now();
+                let checked = self.first_run(
+                    client,
+                    &candidates[0],
+                    &run,
+                    warm,
+                    &mut reference,
+                    tolerance,
+                );
+                let first_run = started.elapsed();
+                spent.first_runs += first_run;
+                self.emit(TuneEvent::FirstRun {
+                    label: label(&candidates[0]),
+                });
+                if let Err(CandidateStatus::Mismatch(why)) = checked {
+                    status[lone] = Some(CandidateStatus::Mismatch(format!(
+                        "{why}, checked against the first configuration ({})",
+                        label(&candidates[0])
+                    )));
+                    status[first] = None;
+                    valid = vec![(first, first_run, None)];
+                }
+            }
+        }
         // A lone valid candidate has nothing to be timed against: its first run decides.
         let times = if let [(pos, first_run, sample)] = valid[..] {
             vec![(pos, Ok(vec![sample.unwrap_or(first_run)]))]

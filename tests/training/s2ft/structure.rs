@@ -160,6 +160,35 @@ fn selection_strategies_pick_what_the_spec_says() {
     };
     assert_eq!(p.perm, rf::order(u, &top(&row_norm, 2), &top(&col_norm, 4)));
 
+    // Grouped-query attention: a unit (a KV group) is 2 rows of W_v but 3 heads x 2 =
+    // 6 columns of W_o; the row unit's height comes from W_v's rows.
+    let (g, hd) = (3, 2);
+    let rw = f32s(&mut rng, u * hd * c, 1.0);
+    let cw = f32s(&mut rng, c * u * g * hd, 1.0);
+    let p = s2ft_select(
+        u,
+        g * hd,
+        2,
+        4,
+        &Strategy::WeightNorm {
+            row_weight: &t32(&[u * hd, c], &rw),
+            col_weight: &t32(&[c, u * g * hd], &cw),
+        },
+    )
+    .unwrap();
+    let row_norm: Vec<f64> = (0..u)
+        .map(|k| rw[k * hd * c..(k + 1) * hd * c].iter().map(|x| x * x).sum())
+        .collect();
+    let col_norm: Vec<f64> = (0..u)
+        .map(|k| {
+            (0..c)
+                .flat_map(|i| (0..g * hd).map(move |j| (i, j)))
+                .map(|(i, j)| cw[i * u * g * hd + k * g * hd + j].powi(2))
+                .sum()
+        })
+        .collect();
+    assert_eq!(p.perm, rf::order(u, &top(&row_norm, 2), &top(&col_norm, 4)));
+
     // Activation: mean |a| per unit of a calibration batch, both sets.
     let act = f32s(&mut rng, 20 * u * unit, 1.0);
     let at = t32(&[20, u * unit], &act);
@@ -174,4 +203,19 @@ fn selection_strategies_pick_what_the_spec_says() {
         .collect();
     assert_eq!(p.perm, rf::order(u, &top(&score, 3), &top(&score, 2)));
     assert_eq!(p.shared, 2);
+}
+
+#[test]
+fn verification_fails_on_a_nan_or_infinity_on_one_side_only() {
+    use kiln::kernels::s2ft::VerifyReport;
+    let t = |v: &[f64]| up(DType::F32, &[v.len()], v);
+    let nan = f64::NAN;
+    let inf = f64::INFINITY;
+    let report = |a: &[f64], b: &[f64]| VerifyReport::of(t(a), t(b), 4).unwrap();
+    assert!(report(&[1.0, 2.0], &[1.0, 2.0]).passed());
+    assert!(!report(&[1.0, 2.0], &[1.0, nan]).passed());
+    assert!(!report(&[1.0, 2.0], &[nan, nan]).passed());
+    assert!(!report(&[1.0, 2.0], &[1.0, inf]).passed());
+    // The same non-finite values on both sides agree.
+    assert!(report(&[1.0, inf, nan], &[1.0, inf, nan]).passed());
 }

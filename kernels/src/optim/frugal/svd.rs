@@ -32,7 +32,7 @@ use crate::matmul::{matmul, Epilogue};
 use crate::svd::{load_f32, top_singular_vectors, Side};
 use cubecl::prelude::*;
 use kiln_dsl::linear_unit;
-use kiln_runtime::{DType, Error, HostTensor, Result, Tensor};
+use kiln_runtime::{DType, Error, Result, Tensor};
 
 /// One tensor of a [`FrugalSvd`] list.
 struct Projected {
@@ -134,11 +134,7 @@ impl FrugalSvd {
                 0 => vec![1],
                 _ => shape.to_vec(),
             };
-            let n = shape.iter().product();
-            Tensor::upload(
-                &client,
-                &HostTensor::from_f64(DType::F32, shape, &vec![0.0; n])?,
-            )
+            Tensor::zeros(&client, DType::F32, &shape)
         };
         let mut tensors = Vec::with_capacity(params.len());
         for (i, param) in params.iter().enumerate() {

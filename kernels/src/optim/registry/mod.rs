@@ -13,8 +13,8 @@ pub use perturb::{PERTURB, ZO_UPDATE};
 use super::*;
 use crate::launch::shape_err;
 use kiln_runtime::{
-    Client, DType, Dtypes, Error, ExampleValues, HostTensor, OpArgs, OpSpec, Outputs, ParamSpec,
-    Result, Tensor, TensorSpec,
+    Client, DType, Dtypes, Error, ExampleValues, OpArgs, OpSpec, Outputs, ParamSpec, Result,
+    Tensor, TensorSpec,
 };
 
 fn run(rule: Rule, client: &Client, a: &OpArgs) -> Result<Outputs> {
@@ -133,13 +133,7 @@ fn prepare_step(
     // Out of place: the update goes into a copy of param.
     let param = crate::rows::slice_rows(&p2, 0, 0, p2.shape()[0], p2.dtype())?;
     let shape = block.shape(p2.shape()[0], p2.shape()[1]);
-    let zeros = |shape: &[usize]| {
-        let n = shape.iter().product();
-        Tensor::upload(
-            client,
-            &HostTensor::from_f64(DType::F32, shape.to_vec(), &vec![0.0; n])?,
-        )
-    };
+    let zeros = |shape: &[usize]| Tensor::zeros(client, DType::F32, shape);
     // Per-element states in the block's shape; per-tensor scalars (`b2`) as `[1]`.
     let states: Vec<Tensor> = rule
         .state_names()

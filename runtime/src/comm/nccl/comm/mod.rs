@@ -296,11 +296,25 @@ impl NcclComm {
     }
 
     /// Every rank's header for a collective (an all-gather of the words), after checking
-    /// that all ranks are in the same operation.
+    /// that all ranks are in the same operation. The header is `HEADER` words on every
+    /// rank whatever the operation (NCCL's all-gather needs equal counts: ranks in
+    /// different operations must still read each other's headers and report it), so
+    /// per-operation words travel after the agreement ([`Self::agree`]).
     fn exchange(&self, mine: &Header) -> Result<Vec<Header>> {
         let words = mine.encode()?;
+        debug_assert_eq!(
+            words.len(),
+            HEADER,
+            "a collective header has no extra words"
+        );
+        let all = self.all_gather_words(mine.op, &words)?;
+        self.decode_all(mine.op, &all, words.len())
+    }
+
+    /// Every rank's `words` (the same count on every rank), in rank order.
+    fn all_gather_words(&self, op: &'static str, words: &[u64]) -> Result<Vec<u64>> {
         let n = words.len();
-        let send = self.stream.clone_htod(&words).map_err(driver)?;
+        let send = self.stream.clone_htod(words).map_err(driver)?;
         let mut recv = self
             .stream
             .alloc_zeros::<u64>(n * self.world)
@@ -308,7 +322,7 @@ impl NcclComm {
         {
             let (s, _s) = send.device_ptr(&self.stream);
             let (r, _r) = recv.device_ptr_mut(&self.stream);
-            self.run(mine.op, None, |nccl, comm, stream| {
+            self.run(op, None, |nccl, comm, stream| {
                 // SAFETY: `s` holds n words, `r` n words per rank, both on this device.
                 let rc = unsafe {
                     (nccl.all_gather)(s as _, r as _, n * 8, nccl_dtype::UINT8, comm, stream)
@@ -316,8 +330,7 @@ impl NcclComm {
                 nccl.check(rc, "ncclAllGather")
             })?;
         }
-        let all = self.stream.clone_dtoh(&recv).map_err(driver)?;
-        self.decode_all(mine.op, &all, n)
+        self.stream.clone_dtoh(&recv).map_err(driver)
     }
 
     /// A collective's headers from every rank, checked like HostComm's: all in `op`, with
@@ -330,14 +343,22 @@ impl NcclComm {
         extra: Vec<u64>,
         agree: Agree,
     ) -> Result<Vec<Header>> {
-        let all = self.exchange(&Header {
+        let mut all = self.exchange(&Header {
             op,
             dtype,
             shape: shape.to_vec(),
-            extra,
+            extra: vec![],
         })?;
         let views: Vec<_> = all.iter().map(|h| (h.dtype, h.shape.as_slice())).collect();
         check_agreement(op, self.rank, &views, agree)?;
+        // Every rank is in `op` now: its per-operation words (all_to_all's rows per
+        // rank, `world` words on every rank) have one count everywhere.
+        if !extra.is_empty() {
+            let words = self.all_gather_words(op, &extra)?;
+            for (h, w) in all.iter_mut().zip(words.chunks(extra.len())) {
+                h.extra = w.to_vec();
+            }
+        }
         Ok(all)
     }
 
