@@ -258,6 +258,28 @@ fn moe_layer_matches_pytorch_and_each_stage_alone() {
         d["dispatched"].to_f64(),
         hosts["expected_dispatched"].to_f64()
     );
+    // The gate's `capacity` output fed as a tensor sets C (62 here: two empty slots per
+    // expert past the vector's 60).
+    let mut with_c = hosts.clone();
+    with_c.insert(
+        "capacity".into(),
+        kiln::HostTensor::from_f64(kiln::DType::I32, vec![], &[62.0]).unwrap(),
+    );
+    let d = run("moe_dispatch", &with_c, &[("num_experts", "4")]);
+    assert_eq!(d["dispatched"].shape, vec![4, 62, 24]);
+    let (got, want) = (
+        d["dispatched"].to_f64(),
+        hosts["expected_dispatched"].to_f64(),
+    );
+    for e in 0..4 {
+        assert_eq!(
+            got[e * 62 * 24..e * 62 * 24 + 60 * 24],
+            want[e * 60 * 24..(e + 1) * 60 * 24]
+        );
+        assert!(got[e * 62 * 24 + 60 * 24..(e + 1) * 62 * 24]
+            .iter()
+            .all(|&v| v == 0.0));
+    }
     hosts.insert("dispatched".into(), hosts["expected_dispatched"].clone());
     let f = run("moe_expert_ffn", &hosts, &[("activation", "silu")]);
     let e = max_rel_error(

@@ -429,10 +429,7 @@ fn expert_parallel_with_an_empty_rank_equals_one_device() {
             ints(ep.routing.expert_ids()),
             ints(one.routing.expert_ids())
         );
-        assert_eq!(
-            ints(ep.routing.locations()),
-            ints(one.routing.locations())
-        );
+        assert_eq!(ints(ep.routing.locations()), ints(one.routing.locations()));
         let err = max_rel_error(&down(&ep.y), &down(&one.y), 1.0);
         assert!(err < 1e-6, "prioritized={prioritized}: y {err:e}");
     }

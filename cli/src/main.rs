@@ -587,7 +587,7 @@ fn selftest(device: Option<String>, tune: bool) -> Result<ExitCode> {
                 Outcome::Fail(e, t) => format!("FAIL  max rel err {e:.2e} (bound {t:.1e})"),
                 Outcome::Refused(m) => format!("ok    {m}"),
                 Outcome::Unavailable(m) => format!("skip  {m}"),
-                Outcome::Error(m) => format!("FAIL  {m}"),
+                Outcome::Error(m) | Outcome::Broken(m) => format!("FAIL  {m}"),
             };
             println!(
                 "{:<10} {:<5} {:<52} {text}",

@@ -173,7 +173,8 @@ impl KernelArgs {
             }
             tuples.push(
                 lits.iter()
-                    .map(|l| l.base10_parse::<u32>())
+                    .zip(&names)
+                    .map(|(l, n)| tunable_value(n, l))
                     .collect::<syn::Result<Vec<_>>>()?,
             );
             if !list.is_empty() {
@@ -250,7 +251,7 @@ impl Parse for KernelArgs {
                         if args.tunables.iter().any(|t| t.name == name) {
                             return Err(syn::Error::new(name.span(), format!("tunable `{name}` is declared twice")));
                         }
-                        let values = lits.iter().map(|l| l.base10_parse::<u32>()).collect::<syn::Result<Vec<_>>>()?;
+                        let values = lits.iter().map(|l| tunable_value(&name, l)).collect::<syn::Result<Vec<_>>>()?;
                         args.tunables.push(Tunable { name, values });
                         if !content.is_empty() {
                             content.parse::<Token![,]>()?;
@@ -369,11 +370,14 @@ impl Parse for KernelArgs {
                     parenthesized!(content in input);
                     while !content.is_empty() {
                         if content.peek(syn::token::Paren) {
-                            args.parse_joint(&content)?;
-                            if !content.is_empty() {
-                                content.parse::<Token![,]>()?;
-                            }
-                            continue;
+                            // A joint group declares tunables: not a default.
+                            let group;
+                            let paren = parenthesized!(group in content);
+                            let _ = group.parse::<proc_macro2::TokenStream>();
+                            return Err(syn::Error::new(
+                                paren.span.join(),
+                                "`defaults` takes `name = value` pairs for `#[comptime]` arguments; a joint group `(A, B) = [...]` declares tunables and belongs in `tune(...)`",
+                            ));
                         }
                         let name: Ident = content.parse()?;
                         content.parse::<Token![=]>()?;
@@ -430,4 +434,16 @@ fn spread_cubes(v: Vec<Expr>) -> syn::Result<Vec<Expr>> {
         }
     }
     Ok(v)
+}
+
+/// A tunable's value: a positive integer (tunables are sizes and counts; a 0 would
+/// divide by zero in a grid or a tile).
+fn tunable_value(name: &Ident, lit: &LitInt) -> syn::Result<u32> {
+    match lit.base10_parse::<u32>()? {
+        0 => Err(syn::Error::new(
+            lit.span(),
+            format!("tunable `{name}` has the value 0: tunables are sizes and counts, at least 1"),
+        )),
+        v => Ok(v),
+    }
 }

@@ -879,9 +879,9 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
                 Self::launch_cubes(client, cfg, args, false)
             }
 
-            /// [`Self::launch`] over the whole grid (`whole`) or its first cube only
+            /// [`Self::launch`] over the whole grid (`__whole`) or its first cube only
             /// ([`Self::warm_up`]; `false` where the grid is empty, nothing launched).
-            fn launch_cubes(client: &#rt::Client, cfg: &#config, args: &#args_struct<'_>, whole: bool) -> #rt::Result<bool> {
+            fn launch_cubes(client: &#rt::Client, cfg: &#config, args: &#args_struct<'_>, __whole: bool) -> #rt::Result<bool> {
                 let #args_struct { #(#host_names,)* .. } = *args;
                 let __dtype = #dtype_expr;
                 #dtype_refusal
@@ -924,7 +924,7 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
                     });
                 }
                 let mut __count = #rt::cubecl::prelude::CubeCount::Static(__grid[0] as u32, __grid[1] as u32, __grid[2] as u32);
-                if !whole {
+                if !__whole {
                     match __count {
                         #rt::cubecl::prelude::CubeCount::Static(x, y, z) if x > 0 && y > 0 && z > 0 => {
                             __count = #rt::cubecl::prelude::CubeCount::Static(1, 1, 1);
@@ -933,7 +933,7 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
                     }
                 }
                 let __dim = #cube_dim;
-                let __profile = if whole { #rt::profile::start(client)? } else { None };
+                let __profile = if __whole { #rt::profile::start(client)? } else { None };
                 let __launched: #rt::Result<()> = #kernel_call;
                 __launched?;
                 #rt::profile::finish(client, __profile, #reg_name, || Self::label(cfg))?;

@@ -87,10 +87,22 @@ pub fn rms_relative(x: &[f64], r: &[f64]) -> f64 {
     }
 }
 
+/// Largest `|got - want|` over all elements, with [`max_rel_error`]'s rules for
+/// non-finite values (a NaN on one side only is infinitely wrong: a plain `fold` with
+/// `f64::max` would skip it).
+pub fn max_abs_error(got: &[f64], want: &[f64]) -> f64 {
+    max_rel_error_with(got, want, |_| 1.0)
+}
+
 /// Largest `|got - want| / (|want| + floor)` over all elements; matching infinities
 /// count as exact, NaN on either side alone counts as infinitely wrong, and so does a
 /// length mismatch.
 pub fn max_rel_error(got: &[f64], want: &[f64], floor: f64) -> f64 {
+    max_rel_error_with(got, want, |w| w.abs() + floor)
+}
+
+/// The largest `|got - want| / scale(want)`, non-finite values as [`max_rel_error`].
+fn max_rel_error_with(got: &[f64], want: &[f64], scale: impl Fn(f64) -> f64) -> f64 {
     if got.len() != want.len() {
         return f64::INFINITY;
     }
@@ -102,7 +114,7 @@ pub fn max_rel_error(got: &[f64], want: &[f64], floor: f64) -> f64 {
             } else if g.is_nan() || w.is_nan() || g.is_infinite() || w.is_infinite() {
                 f64::INFINITY
             } else {
-                (g - w).abs() / (w.abs() + floor)
+                (g - w).abs() / scale(w)
             }
         })
         .fold(0.0, f64::max)

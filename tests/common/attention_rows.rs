@@ -30,6 +30,9 @@ pub fn fast_tiles_match_the_reference(causal: bool, q_offset: usize) {
     if client.report().adapter_type != kiln::runtime::AdapterType::Cpu {
         // The fast tiles are a CPU adapter's; other devices run the one-row tile,
         // which tests/attention.rs covers.
+        eprintln!(
+            "attention_rows: not a CPU adapter, nothing to run (tests/attention.rs covers it)"
+        );
         return;
     }
     let (tq, tk, tv) = (

@@ -88,11 +88,19 @@ fn fla_vectors_agree(file: &str) {
             .unwrap_err()
             .to_string();
         assert!(e.contains("mode") && e.contains("fused_chunk"), "{e}");
+        // The index's parameter set for `gla / gla_backward` drives both.
         let spec = kiln::kernels::op("gla_backward").unwrap();
-        let outs = spec.call_host(client(), &hosts, params(&[])).unwrap();
-        for name in ["dq", "dk", "dv", "dg", "dh0"] {
-            let e = rms_relative(&outs[name].to_f64(), &f(&format!("expected_{name}")));
-            assert!(e < 1e-5, "{file}: gla_backward {name} vs fla: {e:.2e}");
+        for extra in [&[][..], &[("output_final_state", "true")][..]] {
+            let outs = spec.call_host(client(), &hosts, params(extra)).unwrap();
+            for name in ["dq", "dk", "dv", "dg", "dh0"] {
+                let e = rms_relative(&outs[name].to_f64(), &f(&format!("expected_{name}")));
+                assert!(e < 1e-5, "{file}: gla_backward {name} vs fla: {e:.2e}");
+            }
         }
+        let e = spec
+            .call_host(client(), &hosts, params(&[("output_final_state", "false")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("output_final_state") && e.contains("dht"), "{e}");
     }
 }

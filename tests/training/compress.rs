@@ -6,7 +6,7 @@
 //! stepped against its f64 reference; bad input.
 
 use crate::common::{assert_clear, client, down, up};
-use kiln::check::Rng;
+use kiln::check::{max_abs_error, max_rel_error, Rng};
 use kiln::kernels::optim::compress::{
     bracket_pays, bracket_rank, compression_errors, lgreco_plan, magnitude_keys, randk_keys,
     reference_select, with_unit_layout, UnitLayout, BRACKET_SAMPLE, BRACKET_SEED,
@@ -333,9 +333,8 @@ fn error_feedback_conserves_the_gradient_sum() {
         error = Some(out.error);
     }
     let e = down(error.as_ref().unwrap());
-    let worst = (0..n)
-        .map(|i| (e[i] + sent[i] - total[i]).abs())
-        .fold(0.0, f64::max);
+    let kept: Vec<f64> = (0..n).map(|i| e[i] + sent[i]).collect();
+    let worst = max_abs_error(&kept, &total);
     assert!(worst < 1e-4, "{worst:e}");
 }
 
@@ -610,11 +609,8 @@ fn econtrol_steps_match_the_f64_reference() {
             let (taken, values) = econtrol_step(&g, &mut e_ref, &mut h_ref, eta as f64, k);
             assert_eq!(ints(&out.indices), taken, "{what} step {step}: indices");
             let close = |got: &[f64], want: &[f64], name: &str| {
-                let worst = got
-                    .iter()
-                    .zip(want)
-                    .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
-                    .fold(0.0, f64::max);
+                // NaN-aware (a NaN on one side fails), relative above 1.
+                let worst = max_rel_error(got, want, 1.0);
                 // One step in f32: p and h' are three or four roundings of values up to ~4.
                 assert!(worst < 2e-6, "{what} step {step}: {name} off by {worst:e}");
             };
@@ -664,11 +660,7 @@ fn econtrol_through_the_sampled_bracket_matches_the_f64_reference() {
                 (down(&out.error), e_ref.clone(), "error"),
                 (down(&out.h), h_ref.clone(), "h"),
             ] {
-                let worst = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
-                    .fold(0.0, f64::max);
+                let worst = max_rel_error(&got, &want, 1.0);
                 assert!(worst < 2e-6, "{what}: {name} off by {worst:e}");
             }
             // The f32 state carries on, as a training loop's would.

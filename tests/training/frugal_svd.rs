@@ -6,7 +6,7 @@
 //! its master copy, resuming mid-subspace bitwise, and bad input.
 
 use crate::common::{assert_clear, client, down, up};
-use kiln::check::{max_rel_error, Rng};
+use kiln::check::{max_abs_error, max_rel_error, Rng};
 use kiln::kernels::optim::{
     frugal_matrix, reference, Frugal, FrugalConfig, FrugalSvd, Hyper, Rule, Subspace,
 };
@@ -64,11 +64,8 @@ fn assert_leading(
             Side::Left => apply(x, rows, cols, Side::Right, &y),
             Side::Right => apply(x, rows, cols, Side::Left, &y),
         };
-        let res = back
-            .iter()
-            .zip(row(a))
-            .map(|(b, u)| (b - sigma * sigma * u).abs())
-            .fold(0.0, f64::max);
+        let scaled: Vec<f64> = row(a).iter().map(|u| sigma * sigma * u).collect();
+        let res = max_abs_error(&back, &scaled);
         assert!(
             res <= 1e-5 * top * top,
             "{at}: vector {a} residual {res:.2e} (sigma_max {top:.3})"
@@ -148,9 +145,10 @@ fn jacobi_finds_a_rank_deficient_subspace_and_survives_zeros() {
             let projector = |m: &[f64], i: usize, j: usize| -> f64 {
                 (0..3).map(|q| m[q * s + i] * m[q * s + j]).sum()
             };
-            let e = (0..s * s)
-                .map(|e| (projector(&v, e / s, e % s) - projector(&w, e / s, e % s)).abs())
-                .fold(0.0, f64::max);
+            let of = |m: &[f64]| -> Vec<f64> {
+                (0..s * s).map(|e| projector(m, e / s, e % s)).collect()
+            };
+            let e = max_abs_error(&of(&v), &of(&w));
             assert!(e <= 1e-5, "{dtype} {side:?}: projector off by {e:.2e}");
             assert_leading(&x, rows, cols, side, &v, 3, &format!("{dtype} {side:?}"));
         }

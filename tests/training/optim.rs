@@ -246,6 +246,30 @@ fn half_parameters_resume_from_a_given_master_copy() {
 }
 
 #[test]
+fn a_master_copy_for_an_f32_parameter_is_refused_not_ignored() {
+    let w = up(DType::F32, &[1, 4], &[0.5; 4]);
+    let (m, v, master) = (
+        up(DType::F32, &[1, 4], &[0.0; 4]),
+        up(DType::F32, &[1, 4], &[0.0; 4]),
+        up(DType::F32, &[1, 4], &[0.5; 4]),
+    );
+    let given = GivenState {
+        tensors: vec![&m, &v],
+        master: Some(&master),
+    };
+    let e = MultiTensorStep::with_state(
+        Rule::AdamW,
+        Hyper::defaults(Rule::AdamW),
+        &[(&w, Block::whole(1))],
+        &[Some(given)],
+        0,
+    )
+    .err()
+    .expect("a master copy of an f32 weight accepted");
+    crate::common::assert_clear(e, &["master", "f32"]);
+}
+
+#[test]
 fn bad_input_is_one_clear_line() {
     let w = up(DType::F32, &[1, 4], &[0.5; 4]);
     let check = crate::common::assert_clear;

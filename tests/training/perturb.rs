@@ -4,7 +4,7 @@
 //! a million draws, a zeroth-order descent that converges, and bad input.
 
 use crate::common::{client, down, up};
-use kiln::check::Rng;
+use kiln::check::{max_abs_error, Rng};
 use kiln::kernels::optim::{perturb, perturb_host, perturb_stream, perturb_sum, zo_update};
 use kiln::kernels::random::{normal, word};
 use kiln::{DType, HostTensor, Tensor};
@@ -104,11 +104,7 @@ fn mezo_walk_restores_and_many_seeds_match_the_f64_sum() {
     perturb(&[&a, &b], 9, -2.0 * eps).unwrap();
     perturb(&[&a, &b], 9, eps).unwrap();
     for t in [&a, &b] {
-        let err = down(t)
-            .iter()
-            .zip(&theta)
-            .map(|(g, w)| (g - w).abs())
-            .fold(0.0, f64::max);
+        let err = max_abs_error(&down(t), &theta);
         assert!(err <= 4.0 * f32::EPSILON as f64 * 3.0, "walk: {err:e}");
     }
     // Tensor 1 of a list draws stream 1: different from tensor 0's z.
@@ -151,6 +147,7 @@ fn a_million_device_draws_are_standard_normal_and_reproducible() {
     // Kolmogorov–Smirnov against Φ: sqrt(n) D < 1.63 (1% level).
     let mut s = z.clone();
     s.sort_by(f64::total_cmp);
+    assert!(s.iter().all(|x| x.is_finite()), "a non-finite draw");
     let phi = |x: f64| 0.5 * libm::erfc(-x / std::f64::consts::SQRT_2);
     let d = s
         .iter()

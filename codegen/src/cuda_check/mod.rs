@@ -153,15 +153,17 @@ fn variants(spec: &KernelSpec, all_configs: bool) -> Vec<BTreeMap<String, String
             continue;
         }
         for p in spec.config {
-            if p.name == "dtype" || p.doc == "tunable" || !p.values.contains('|') {
+            if p.name == "dtype" || p.doc == "tunable" {
                 continue;
             }
-            for v in p
-                .values
-                .split('|')
-                .map(str::trim)
-                .filter(|v| *v != p.default)
-            {
+            let values: Vec<String> = match range_domain(p.values) {
+                Some(range) => range_samples(range),
+                None if p.values.contains('|') => {
+                    p.values.split('|').map(|v| v.trim().to_string()).collect()
+                }
+                None => continue,
+            };
+            for v in values.iter().filter(|v| v.as_str() != p.default) {
                 let mut k = base.clone();
                 k.insert(p.name.to_string(), v.to_string());
                 out.push(k);
@@ -169,6 +171,23 @@ fn variants(spec: &KernelSpec, all_configs: bool) -> Vec<BTreeMap<String, String
         }
     }
     out
+}
+
+/// A `#[comptime] u32` declared as a range (`domain(dk = 1..=1024)`: values `1..=1024`).
+fn range_domain(values: &str) -> Option<(u32, u32)> {
+    let (lo, hi) = values.trim().split_once("..=")?;
+    Some((lo.trim().parse().ok()?, hi.trim().parse().ok()?))
+}
+
+/// The values of a range domain worth compiling: both ends and the powers of two
+/// between (`1..=6`: 1, 2, 4, 6; `1..=1024`: 1, 2, 4, ..., 1024).
+fn range_samples((lo, hi): (u32, u32)) -> Vec<String> {
+    let mut v: Vec<u32> = std::iter::once(lo)
+        .chain((0..32).map(|i| 1u32 << i).filter(|&p| p > lo && p < hi))
+        .chain(std::iter::once(hi))
+        .collect();
+    v.dedup();
+    v.into_iter().map(|x| x.to_string()).collect()
 }
 
 fn label(knobs: &BTreeMap<String, String>, tunables: &[(&str, u32)]) -> String {

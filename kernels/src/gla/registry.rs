@@ -69,6 +69,15 @@ const FINAL: ParamSpec = ParamSpec {
     values: "false | true",
     doc: "also return ht",
 };
+/// The backward's `output_final_state`: whether the forward returned `ht`, so that a
+/// `dht` is its gradient (one parameter set then drives `gla` and `gla_backward`, as the
+/// conformance vectors' index gives it).
+const FINAL_GRAD: ParamSpec = ParamSpec {
+    name: "output_final_state",
+    default: "true",
+    values: "false | true",
+    doc: "whether the forward returned ht: dht (optional) is its gradient; false refuses a dht",
+};
 const CHUNK: ParamSpec = ParamSpec {
     name: "chunk_size",
     default: "auto",
@@ -91,7 +100,8 @@ fn scale(a: &OpArgs) -> Result<Option<f64>> {
     a.param_as::<f64>("scale").map(Some)
 }
 
-/// The options an operator declares: `output_final_state` (forwards) and
+/// The options an operator declares: `output_final_state` (forwards; the backward's
+/// says whether a `dht` may be given) and
 /// `chunk_size` (chunked operators) only where its spec lists them.
 fn options(a: &OpArgs) -> Result<GlaOptions> {
     let declared = |name: &str| a.spec().params.iter().any(|p| p.name == name);
@@ -188,9 +198,18 @@ fn run_gla_step(_: &Client, a: &OpArgs) -> Result<Outputs> {
 
 fn run_gla_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
     let opts = options(a)?;
+    let dht = a.optional_tensor("dht");
+    if dht.is_some() && !opts.output_final_state {
+        return Err(Error::Param {
+            param: "output_final_state".into(),
+            expected: "true with a dht (the gradient of the final state the forward returned)"
+                .into(),
+            found: "false".into(),
+        });
+    }
     let grad = GlaGradInputs {
         d_o: a.tensor("do")?,
-        dht: a.optional_tensor("dht"),
+        dht,
     };
     let g = with_inputs(a, |inp| gla_backward(inp, &grad, &opts))?;
     let mut v = vec![("dq", g.dq), ("dk", g.dk), ("dv", g.dv), ("dg", g.dg)];
@@ -373,7 +392,7 @@ pub static GLA_BACKWARD: OpSpec = OpSpec {
             "dL/dh0 (when h0 is given)",
         ),
     ],
-    params: &[SCALE, CHUNK],
+    params: &[SCALE, CHUNK, FINAL_GRAD],
     run: run_gla_backward,
     problem: "B x T x H x D (K = V = D)",
     example_inputs: |dims| {

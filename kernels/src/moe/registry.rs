@@ -35,6 +35,14 @@ const LOCATIONS: TensorSpec = TensorSpec::new(
     "each route's slot at its expert, -1 where dropped",
 )
 .example(ExampleValues::SlotLocations);
+/// The gate's `capacity` output, so that its file feeds `moe_dispatch` as it is.
+const CAPACITY_IN: TensorSpec = TensorSpec::new(
+    "capacity",
+    "[] (one element)",
+    Dtypes::Fixed(DType::I32),
+    true,
+    "slots per expert C, as moe_gate writes it (the `capacity` parameter wins where set)",
+);
 const GATES: TensorSpec = TensorSpec::new(
     "gates",
     "[S, k]",
@@ -276,8 +284,21 @@ fn routing(a: &OpArgs, slots: Option<&Tensor>, with_gates: bool) -> Result<MoeRo
                     .map(|m| m.wrapping_add(1))?,
                 _ => a.param_as("num_experts")?,
             };
-            let c = match a.param("capacity")?.as_str() {
-                "1 + max location" => locs
+            let c = match (a.param("capacity")?.as_str(), a.optional_tensor("capacity")) {
+                ("1 + max location", Some(t)) => {
+                    t.expect_dtype("capacity", &[DType::I32])?;
+                    match t.download()?.to_f64()[..] {
+                        [c] if c >= 0.0 => c as usize,
+                        _ => {
+                            return Err(shape_err(
+                                "capacity",
+                                "one element >= 0 (moe_gate's capacity)".into(),
+                                t.shape(),
+                            ))
+                        }
+                    }
+                }
+                ("1 + max location", None) => locs
                     .expect_dtype("locations", &[DType::I32])
                     .and_then(|_| max_of(locs))
                     .map(|m| m.wrapping_add(1))?,
@@ -324,11 +345,11 @@ fn routes_for(dims: &[usize]) -> Result<(usize, usize, usize, InputShapes)> {
 pub static MOE_DISPATCH: OpSpec = OpSpec {
     name: "moe_dispatch",
     summary: "MoE dispatch: x [S, M] into [E, C, M] slots (a gather through the slot -> route map; empty slots zero)",
-    inputs: &[X, IDS, LOCATIONS],
+    inputs: &[X, IDS, LOCATIONS, CAPACITY_IN],
     outputs: &[TensorSpec::new("dispatched", "[E, C, M]", Dtypes::Like("x"), false, "tokens in their experts' slots")],
     params: &[
         ParamSpec::new("num_experts", "1 + max id", "an integer >= 1", "experts E"),
-        ParamSpec::new("capacity", "1 + max location", "an integer >= 0", "slots per expert C"),
+        ParamSpec::new("capacity", "1 + max location", "an integer >= 0", "slots per expert C (default: the `capacity` input where given, else 1 + the largest location)"),
     ],
     run: run_dispatch,
     problem: "S x M x k (E = k, C = S)",

@@ -226,6 +226,16 @@ impl MultiTensorStep {
                     rule.element_states() * s.stride() + rule.scalar_states(),
                 )),
             }
+            if !s.master() && given.as_ref().is_some_and(|g| g.master.is_some()) {
+                // An f32 weight is its own master: a given copy would be ignored.
+                return Err(Error::Param {
+                    param: "master".into(),
+                    expected: format!(
+                        "none for an f32 parameter (only f16/bf16 parameters keep an f32 master copy; `{name}` is f32)"
+                    ),
+                    found: "a master tensor".into(),
+                });
+            }
             if s.master() {
                 match given.as_ref().and_then(|g| g.master) {
                     Some(m) => host.extend(read_as(m, "master", &s.shape(), "the block's shape")?),

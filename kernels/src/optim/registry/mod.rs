@@ -11,7 +11,7 @@ pub use frugal::FRUGAL;
 pub use perturb::{PERTURB, ZO_UPDATE};
 
 use super::*;
-use crate::launch::shape_err;
+use crate::launch::{expect_shape, shape_err};
 use kiln_runtime::{
     Client, DType, Dtypes, Error, ExampleValues, OpArgs, OpSpec, Outputs, ParamSpec, Result,
     Tensor, TensorSpec,
@@ -148,8 +148,26 @@ fn prepare_step(
             },
         )
         .collect::<Result<_>>()?;
+    // grad, the per-element states and master in the block's shape as the user gives
+    // it (`[n]` for a vector param), named as given: the step sees them as `[out, in]`
+    // and would name `grad[0]` with that shape.
+    let user_shape: Vec<usize> = match vector {
+        true => vec![shape[1]],
+        false => shape.to_vec(),
+    };
+    let grad = a.tensor("grad")?;
+    let says = "the updated block's shape (param's, for a whole tensor)";
+    expect_shape("grad", grad, &user_shape, says)?;
+    for (j, n) in rule.state_names().iter().enumerate() {
+        if let (Some(t), true) = (a.optional_tensor(n), j < rule.element_states()) {
+            expect_shape(n, t, &user_shape, says)?;
+        }
+    }
+    if let Some(m) = a.optional_tensor("master") {
+        expect_shape("master", m, &user_shape, says)?;
+    }
     let master = a.optional_tensor("master").map(to_2d).transpose()?;
-    let grad = to_2d(a.tensor("grad")?)?;
+    let grad = to_2d(grad)?;
     let given_state = GivenState {
         tensors: states.iter().collect(),
         master: master.as_ref(),
