@@ -680,6 +680,15 @@ fn bad_input_is_one_clear_line() {
         moe_layer_local_ranks(&x, &wg, &w, &opts, 3).err().unwrap(),
         &["world_size"],
     );
+    // Expert parallelism runs the capacity layout: dropless is refused, not ignored.
+    let dropless = LayerOptions {
+        path: MoePath::Dropless,
+        ..opts
+    };
+    one_line(
+        moe_layer_local_ranks(&x, &wg, &w, &dropless, 2).err().unwrap(),
+        &["path"],
+    );
     // Expert parallel: the capacity of the global batch is bounded, not only each
     // rank's (4 tokens a rank: C = 1e9 ceil(4 / 2) fits; over both ranks 4e9 does not).
     let x = up(DType::F32, &[4, 8], &[0.0; 32]);

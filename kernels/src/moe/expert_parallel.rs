@@ -334,7 +334,8 @@ fn gather_rows(comm: &dyn Communicator, t: &Tensor) -> Result<(Tensor, Vec<usize
 /// `r E/P ..`, weights `[E/P, M, F]` ...). Slots are counted over the global batch
 /// (every rank's tokens in rank order, as one device would), so ids, locations, drops
 /// and `y` match [`super::moe_layer`] on the concatenated tokens; `l_aux` is the global
-/// one on every rank.
+/// one on every rank. The experts' rows travel in the capacity layout: `path` must be
+/// `auto` or `capacity` (`capacity_factor = 0` keeps every route, as dropless does).
 pub fn moe_layer_expert_parallel(
     comm: &dyn Communicator,
     x: &Tensor,
@@ -342,6 +343,13 @@ pub fn moe_layer_expert_parallel(
     w: &ExpertWeights<'_>,
     opts: &LayerOptions,
 ) -> Result<LayerOutput> {
+    if opts.path == super::MoePath::Dropless {
+        return Err(Error::Param {
+            param: "path".into(),
+            expected: "auto or capacity with expert parallelism (rows travel in the capacity layout; capacity_factor = 0 drops nothing)".into(),
+            found: "dropless".into(),
+        });
+    }
     let e_local = w.w1.shape().first().copied().unwrap_or(0);
     let plan = EpPlan::new(comm, x, w_gate, e_local, &opts.gate)?;
     let m = x.shape()[1];
