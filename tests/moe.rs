@@ -686,7 +686,9 @@ fn bad_input_is_one_clear_line() {
         ..opts
     };
     one_line(
-        moe_layer_local_ranks(&x, &wg, &w, &dropless, 2).err().unwrap(),
+        moe_layer_local_ranks(&x, &wg, &w, &dropless, 2)
+            .err()
+            .unwrap(),
         &["path"],
     );
     // Expert parallel: the capacity of the global batch is bounded, not only each

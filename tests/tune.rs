@@ -350,6 +350,14 @@ fn a_ranked_search_times_only_the_cost_models_finalists() {
         "{st:?}"
     );
     assert!(matches!(status("c0"), Timed(_)), "{st:?}");
+    // With two finalists, c2 first in the model's order and c0 second: c0 runs first
+    // and is the reference, so c2 is the mismatch, not the trusted configuration.
+    t.finalists = 2;
+    let (won, st, _) = tune_ranked(&t, "r9", &[0, 1, 2, 3], &[1.5, 4.0, 1.0, 5.0]);
+    assert_ne!(won, 2, "{st:?}");
+    let status = |l: &str| st.iter().find(|(x, _)| x == l).unwrap().1.clone();
+    assert!(matches!(status("c2"), Mismatch(_)), "{st:?}");
+    assert!(matches!(status("c0"), Timed(_)), "{st:?}");
     t.finalists = 4;
 
     // A decision's own ranking overrides the tuner's count and the 10 % ties: two
@@ -459,10 +467,11 @@ fn a_warmed_first_run_is_timed_and_clear_losers_skip_the_rounds() {
     };
     assert_eq!(tune("failed", Some(&fails)), ["r0", "r1", "r0", "r1"]);
 
-    // Ranked: c1 (fast) first, then c0 (6x slower), then c2 (as fast as c1). c0 over the
-    // cut with an estimate 50 % above c1's confirms the model, so c2, estimated no
-    // better than c0, is not run. With c0's estimate within 10 % of c1's, the model
-    // did not tell them apart: c2 runs.
+    // Ranked: c1 (fast) ranked first, c0 (6x slower) second, c2 (as fast as c1) third;
+    // c0, the declared first and a finalist, runs first (it is the reference). c0 over
+    // the cut of c1 with an estimate 50 % above c1's confirms the model, so c2,
+    // estimated no better than c0, is not run. With c0's estimate within 10 % of c1's,
+    // the model did not tell them apart: c2 runs.
     let ranked = |name: &str, cost: [f64; 3]| {
         log.lock().unwrap().clear();
         let events = Arc::new(Mutex::new(Vec::new()));
@@ -490,7 +499,7 @@ fn a_warmed_first_run_is_timed_and_clear_losers_skip_the_rounds() {
     assert_eq!(
         (runs, not_run),
         (
-            vec!["w1".to_string(), "r1".into(), "w0".into(), "r0".into()],
+            vec!["w0".to_string(), "r0".into(), "w1".into(), "r1".into()],
             true
         )
     );

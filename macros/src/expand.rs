@@ -307,6 +307,15 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
             Arg::Scalar { name, .. } | Arg::Comptime { name, .. } => quote!(#name),
         })
         .collect();
+    // Storage buffers a launch binds: every array, plus cubecl's `info` buffer (scalars
+    // and metadata; counted always, which can only refuse a kernel one buffer early).
+    // wgpu counts them per shader stage.
+    let buffer_count = sig
+        .args
+        .iter()
+        .filter(|a| matches!(a, Arg::Input { .. } | Arg::Output { .. }))
+        .count() as u32
+        + 1;
     let outputs: Vec<&Ident> = sig
         .args
         .iter()
@@ -892,6 +901,15 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
                 let device = client.report();
                 #bind_tunables
                 #(#bind_scalars)*
+                if #buffer_count > device.max_bindings {
+                    return Err(#rt::Error::Unsupported {
+                        device: device.name.clone(),
+                        feature: format!(
+                            "kernel `{}` binds {} storage buffers; the device allows {} per shader stage",
+                            #reg_name, #buffer_count, device.max_bindings
+                        ),
+                    });
+                }
                 if (#cube_units) > device.max_units_per_cube {
                     return Err(#rt::Error::Unsupported {
                         device: device.name.clone(),

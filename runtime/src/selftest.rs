@@ -95,8 +95,11 @@ pub fn run_case(client: &Client, case: &Case, dtype: DType, seed: u64) -> Outcom
 /// is not a half type), else `Error`: on a device with tensor cores, a half-precision
 /// case that finds no tensor-core kernel is a failure, not a skip.
 fn outcome(client: &Client, dtype: DType, result: Result<Outcome>) -> Outcome {
-    let has_tensor_cores =
-        client.report().tensor_cores && matches!(dtype, DType::F16 | DType::BF16);
+    // As the tensor-core kernels' `require`: wmma fragments of 32-unit planes.
+    let report = client.report();
+    let has_tensor_cores = report.tensor_cores
+        && report.plane_size.0 == 32
+        && matches!(dtype, DType::F16 | DType::BF16);
     match result {
         Ok(o) => o,
         Err(Error::Unsupported { .. }) if !client.supports(dtype) => {

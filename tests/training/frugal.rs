@@ -115,6 +115,34 @@ fn steps_across_redraws() {
     }
 }
 
+#[test]
+fn a_nan_gradient_is_nan_on_both_parts_and_densities_round_exactly() {
+    // sign(NaN) is NaN on the state-free coordinates too (it was 0 there: the weight
+    // only decayed), as in the reference and torch.sign.
+    let n = 64;
+    let c = FrugalConfig {
+        density: 0.25,
+        ..Default::default()
+    };
+    let t = up(DType::F32, &[n], &[0.5; 64]);
+    let mut opt = Frugal::new(&t, hyper(), c).unwrap();
+    opt.step(&t, &up(DType::F32, &[n], &[f64::NAN; 64]))
+        .unwrap();
+    assert!(down(&t).iter().all(|v| v.is_nan()), "{:?}", down(&t));
+    // 0.07 x 100 is 7.000000000000001 in f64: 7 coordinates, not 8; 0.55 x 200 rows: 110.
+    let c = FrugalConfig {
+        density: 0.07,
+        ..Default::default()
+    };
+    assert_eq!(c.active(&[100]), 7);
+    let rows = FrugalConfig {
+        density: 0.55,
+        subspace: Subspace::Rows,
+        ..Default::default()
+    };
+    assert_eq!(rows.lines(&[200, 64]), Some((200, 110)));
+}
+
 /// Eight tensors (1 to 10^6 + 3 elements, two of the same size; two launches of up to
 /// six) in one optimizer: each follows the f64 reference with its own seed
 /// (`seed_of(i)`) across three subspaces, the two same-size tensors draw different

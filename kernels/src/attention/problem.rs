@@ -243,11 +243,14 @@ fn in_f32(p: Problem) -> Result<Problem> {
         let v = x as f32;
         v.is_finite() && v.abs() >= f32::MIN_POSITIVE
     };
-    if !normal(p.temperature) || !((p.scale / p.temperature) as f32).is_finite() {
+    // `scale / T` is bounded as `scale` is: ring attention runs its blocks at that
+    // scale with T = 1, and must accept what one device accepts.
+    let scaled = p.scale / p.temperature;
+    if !(normal(p.temperature) && scaled.abs() <= MAX_SCALE && (scaled as f32).is_finite()) {
         return Err(Error::Param {
             param: "temperature".into(),
             expected: format!(
-                "a normal f32 > 0 with scale / temperature finite in f32 (scale {})",
+                "a normal f32 > 0 with |scale / temperature| <= 2^60 (scale {})",
                 p.scale
             ),
             found: p.temperature.to_string(),

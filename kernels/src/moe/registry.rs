@@ -289,10 +289,17 @@ fn routing(a: &OpArgs, slots: Option<&Tensor>, with_gates: bool) -> Result<MoeRo
                     t.expect_dtype("capacity", &[DType::I32])?;
                     match t.download()?.to_f64()[..] {
                         [c] if c >= 0.0 => c as usize,
+                        [c] => {
+                            return Err(Error::Param {
+                                param: "capacity".into(),
+                                expected: "a slot count >= 0 (moe_gate's capacity)".into(),
+                                found: c.to_string(),
+                            })
+                        }
                         _ => {
                             return Err(shape_err(
                                 "capacity",
-                                "one element >= 0 (moe_gate's capacity)".into(),
+                                "one element (moe_gate's capacity)".into(),
                                 t.shape(),
                             ))
                         }

@@ -1,5 +1,5 @@
 //! Routes and slots: [`MoeRouting`] (who goes where, validated once), the deterministic
-//! slot counting of the gate (`moe_route_counts`, `moe_route_locate`), and the slot ->
+//! slot counting of the gate (`moe_route_scan`, counting then locating), and the slot ->
 //! route map every gather reads (`moe_route_slots`).
 
 use crate::launch::{shape_err, upload_u32};

@@ -4,8 +4,9 @@
 //!
 //! Slots: WGSL has no arrays of buffers, so the launch binds [`SLOTS`] weights and
 //! [`SLOTS`] gradients as separate arguments (unused ones get a one-element placeholder),
-//! plus the state, a table and the step counter: 15 storage buffers (Vulkan, Metal and
-//! D3D12 drivers allow at least 31; a device with fewer is refused with a clear error).
+//! plus the state, a table, the step counter and the partial sums: 18 storage buffers
+//! with cubecl's `info` (Vulkan, Metal and D3D12 drivers allow at least 31; the kernel
+//! macro refuses a launch past the device's count with a clear error).
 //! Each cube updates `UNITS x PER` vectors of one slot, so the slot (and every branch on it)
 //! is uniform in a cube. Vectors are 4 wide when every slot of the launch is 4-aligned
 //! (lengths, offsets, and for a strided block its columns and row stride; state offsets
@@ -355,16 +356,6 @@ impl MultiTensorStep {
         let client = self.state.client();
         let parts: Vec<(Part, &Slot)> = group.iter().map(|&p| (p, &self.slots[p.slot])).collect();
         let dtype = parts[0].1.dtype;
-        let bindings = 2 * SLOTS as u32 + 4;
-        if client.report().max_bindings < bindings {
-            return Err(Error::Unsupported {
-                device: client.name().into(),
-                feature: format!(
-                    "the fused optimizer step binds {bindings} storage buffers; the device allows {}",
-                    client.report().max_bindings
-                ),
-            });
-        }
         // 4-wide when every part is aligned; else one element a unit.
         let width = match group.iter().all(|&p| self.aligned(p)) {
             true => 4,

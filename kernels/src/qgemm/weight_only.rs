@@ -126,14 +126,6 @@ fn w4_layout(w: &W4Weights<'_>, client: &Client) -> Result<(usize, usize)> {
             w.qweight.shape(),
         ));
     }
-    if k % 8 != 0 {
-        // AWQ's [K, N/8]: kiln's layout packs 8 rows of K a word.
-        return Err(shape_err(
-            "qweight",
-            "AWQ's [K, N/8] with K a multiple of 8".into(),
-            w.qweight.shape(),
-        ));
-    }
     // N from `scales` [K/G, N] names the layout when qweight is in the other format's.
     if let &[_, scale_n] = w.scales.shape() {
         if scale_n != n {
@@ -156,6 +148,15 @@ fn w4_layout(w: &W4Weights<'_>, client: &Client) -> Result<(usize, usize)> {
                 w.qweight.shape(),
             ));
         }
+    }
+    if k % 8 != 0 {
+        // AWQ's [K, N/8] (GPTQ's K is 8 rows a word already): kiln's layout packs 8
+        // rows of K a word.
+        return Err(shape_err(
+            "qweight",
+            "AWQ's [K, N/8] with K a multiple of 8".into(),
+            w.qweight.shape(),
+        ));
     }
     Ok((k, n))
 }

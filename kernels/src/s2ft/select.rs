@@ -220,6 +220,8 @@ pub fn s2ft_select(
             col_weight,
         } => {
             let height = match row_weight.shape() {
+                // No units: nothing to score (an empty selection).
+                &[0, _] if num_units == 0 => 1,
                 &[r, _] if num_units > 0 && r % num_units == 0 && r >= num_units => r / num_units,
                 other => {
                     return Err(shape_err(

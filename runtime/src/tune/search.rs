@@ -119,9 +119,20 @@ impl Autotuner {
         // ones end the search.
         let (order, estimates, finalists) = match ranking {
             Some(r) if search == Search::Ranked => {
-                let ranked = rank(candidates, r.cost);
+                let mut ranked = rank(candidates, r.cost);
                 let most = r.finalists.unwrap_or(self.finalists);
                 let finalists = finalist_count(&ranked, most, r.ties);
+                // The declared first, where it is a finalist, runs first: its outputs
+                // are then the reference the others are checked against (a finalist the
+                // model liked better could otherwise be the reference and have the
+                // trusted configuration marked wrong).
+                if let Some(at) = ranked[..finalists.min(ranked.len())]
+                    .iter()
+                    .position(|&(i, _)| i == 0)
+                {
+                    let trusted = ranked.remove(at);
+                    ranked.insert(0, trusted);
+                }
                 let (order, estimates) = ranked.into_iter().map(|(i, e)| (i, Some(e))).unzip();
                 (order, estimates, finalists)
             }
@@ -152,7 +163,10 @@ impl Autotuner {
         let mut spent = Spent::default();
         let mut status: Vec<Option<CandidateStatus>> = vec![None; order.len()];
         let mut valid: Vec<(usize, Duration, Option<Duration>)> = Vec::new();
-        let mut best_sample: Option<(Duration, f64)> = None;
+        // Timed first runs so far, (time, estimate): a run over the cut of the best that the
+        // model also put over 10 % above the best's estimate confirms the model, in
+        // whichever order they ran (the declared first may run before a faster finalist).
+        let mut samples: Vec<(Duration, f64)> = Vec::new();
         let mut loser_estimate = f64::INFINITY;
         for (pos, &i) in order.iter().enumerate() {
             let c = &candidates[i];
@@ -169,15 +183,16 @@ impl Autotuner {
             match checked {
                 Ok(sample) => {
                     if let (Some(t), Some(e)) = (sample, estimates[pos]) {
-                        match best_sample {
-                            Some((best, best_e)) if t.as_secs_f64() > cut * best.as_secs_f64() => {
-                                if e > 1.1 * best_e {
-                                    loser_estimate = loser_estimate.min(e);
-                                }
-                            }
-                            Some((best, _)) if t >= best => {}
-                            _ => best_sample = Some((t, e)),
-                        }
+                        samples.push((t, e));
+                        let (best, best_e) =
+                            *samples.iter().min_by_key(|(t, _)| *t).unwrap_or(&(t, e));
+                        loser_estimate = samples
+                            .iter()
+                            .filter(|(t, e)| {
+                                t.as_secs_f64() > cut * best.as_secs_f64() && *e > 1.1 * best_e
+                            })
+                            .map(|&(_, e)| e)
+                            .fold(f64::INFINITY, f64::min);
                     }
                     valid.push((pos, first_run, sample))
                 }
@@ -209,13 +224,17 @@ impl Autotuner {
                 self.emit(TuneEvent::FirstRun {
                     label: label(&candidates[0]),
                 });
-                if let Err(CandidateStatus::Mismatch(why)) = checked {
-                    status[lone] = Some(CandidateStatus::Mismatch(format!(
-                        "{why}, checked against the first configuration ({})",
-                        label(&candidates[0])
-                    )));
-                    status[first] = None;
-                    valid = vec![(first, first_run, None)];
+                match checked {
+                    Err(CandidateStatus::Mismatch(why)) => {
+                        status[lone] = Some(CandidateStatus::Mismatch(format!(
+                            "{why}, checked against the first configuration ({})",
+                            label(&candidates[0])
+                        )));
+                        status[first] = None;
+                        valid = vec![(first, first_run, None)];
+                    }
+                    Err(failed) => status[first] = Some(failed),
+                    Ok(_) => {}
                 }
             }
         }

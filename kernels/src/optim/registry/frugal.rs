@@ -181,7 +181,7 @@ pub static FRUGAL: OpSpec = OpSpec {
         ParamSpec::new("update_gap", "200", ">= 1", "steps between redraws of the subset"),
         ParamSpec::new("seed", "0", "a u64", "the subsets' seed"),
         ParamSpec::new("subspace", "coordinates", "coordinates | rows | columns | blocks | svd", "what the subset is made of: single coordinates (k = ceil(density n)), or ceil(density lines) whole rows or columns of param seen as [shape[0], numel / shape[0]] (a vector is one row); blocks: whole tensors of a list (here a list of one: all of param); svd: Adam on the gradient projected on its ceil(density min(rows, cols)) leading singular vectors, signSGD on the residual"),
-        ParamSpec::new("block_order", "random", "random | ascending | descending | mirror", "blocks: the order in which tensors take their turn (a list of one: always param)"),
+        ParamSpec::new("block_order", "random", "random | ascending | descending | mirror", "blocks: the order in which tensors take their turn (a list of one: always param; mirror needs an even count, so it is refused here)"),
     ],
     run: |_, a| run_frugal(a),
     problem: "shape of param (a matrix, e.g. 1024,4096, for subspaces rows, columns and svd)",

@@ -11,7 +11,7 @@ pub use frugal::FRUGAL;
 pub use perturb::{PERTURB, ZO_UPDATE};
 
 use super::*;
-use crate::launch::{expect_shape, shape_err};
+use crate::launch::shape_err;
 use kiln_runtime::{
     Client, DType, Dtypes, Error, ExampleValues, OpArgs, OpSpec, Outputs, ParamSpec, Result,
     Tensor, TensorSpec,
@@ -151,20 +151,31 @@ fn prepare_step(
     // grad, the per-element states and master in the block's shape as the user gives
     // it (`[n]` for a vector param), named as given: the step sees them as `[out, in]`
     // and would name `grad[0]` with that shape.
-    let user_shape: Vec<usize> = match vector {
-        true => vec![shape[1]],
-        false => shape.to_vec(),
+    // The block's `[rows, cols]`, or for a vector param a one-row block as `[cols]` too.
+    let fits = |name: &str, t: &Tensor| -> Result<()> {
+        let flat = vector && shape[0] == 1 && t.shape() == [shape[1]];
+        if flat || t.shape() == shape {
+            return Ok(());
+        }
+        let want = match vector && shape[0] == 1 {
+            true => format!("[{}] or {shape:?}", shape[1]),
+            false => format!("{shape:?}"),
+        };
+        Err(shape_err(
+            name,
+            format!("{want}: the updated block's shape (param's, for a whole tensor)"),
+            t.shape(),
+        ))
     };
     let grad = a.tensor("grad")?;
-    let says = "the updated block's shape (param's, for a whole tensor)";
-    expect_shape("grad", grad, &user_shape, says)?;
+    fits("grad", grad)?;
     for (j, n) in rule.state_names().iter().enumerate() {
         if let (Some(t), true) = (a.optional_tensor(n), j < rule.element_states()) {
-            expect_shape(n, t, &user_shape, says)?;
+            fits(n, t)?;
         }
     }
     if let Some(m) = a.optional_tensor("master") {
-        expect_shape("master", m, &user_shape, says)?;
+        fits("master", m)?;
     }
     let master = a.optional_tensor("master").map(to_2d).transpose()?;
     let grad = to_2d(grad)?;
