@@ -582,6 +582,17 @@ fn layer_backward_matches_finite_differences_for_every_input() {
     }
 }
 
+/// Experts of `w1`, `w2` without biases, silu.
+fn silu_experts<'a>(w1: &'a Tensor, w2: &'a Tensor) -> ExpertWeights<'a> {
+    ExpertWeights {
+        w1,
+        b1: None,
+        w2,
+        b2: None,
+        activation: Activation::Silu,
+    }
+}
+
 #[test]
 fn bad_input_is_one_clear_line() {
     let _ = client();
@@ -662,13 +673,7 @@ fn bad_input_is_one_clear_line() {
     let wg = up(DType::F32, &[8, 4], &[0.0; 32]);
     let w1 = up(DType::F32, &[4, 8, 6], &[0.0; 192]);
     let w2 = up(DType::F32, &[4, 8, 6], &[0.0; 192]);
-    let w = ExpertWeights {
-        w1: &w1,
-        b1: None,
-        w2: &w2,
-        b2: None,
-        activation: Activation::Silu,
-    };
+    let w = silu_experts(&w1, &w2);
     let opts = LayerOptions {
         gate: GateOptions::new(2, 1.0),
         path: MoePath::Auto,
@@ -697,13 +702,7 @@ fn bad_input_is_one_clear_line() {
     let wg = up(DType::F32, &[8, 2], &[0.0; 16]);
     let w1 = up(DType::F32, &[1, 8, 6], &[0.0; 48]);
     let w2 = up(DType::F32, &[1, 6, 8], &[0.0; 48]);
-    let w = ExpertWeights {
-        w1: &w1,
-        b1: None,
-        w2: &w2,
-        b2: None,
-        activation: Activation::Silu,
-    };
+    let w = silu_experts(&w1, &w2);
     let opts = LayerOptions {
         gate: GateOptions::new(1, 1e9),
         path: MoePath::Capacity,

@@ -158,6 +158,29 @@ fn scan_kernel(ints: &Array<f32>, logs: &Array<f32>, out: &mut Array<f32>, #[com
     out[2 * units as usize + u] = cube_inclusive_scan(&mut smem, logs[u], units, ScanOp::LogAddExp);
 }
 
+/// [`scan_kernel`] on one cube of `ints.len()` units: the inclusive sums, the exclusive
+/// sums and the log-cumsum-exp of `logs`, one after the other.
+fn run_scans(c: &ComputeClient<R>, ints: &[f32], logs: &[f32]) -> Vec<f32> {
+    let n = ints.len();
+    let (hi, hl) = (
+        c.create_from_slice(f32::as_bytes(ints)),
+        c.create_from_slice(f32::as_bytes(logs)),
+    );
+    let out = c.empty(3 * n * 4);
+    unsafe {
+        scan_kernel::launch_unchecked::<R>(
+            c,
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(n as u32),
+            ArrayArg::from_raw_parts(hi, n),
+            ArrayArg::from_raw_parts(hl, n),
+            ArrayArg::from_raw_parts(out.clone(), 3 * n),
+            n as u32,
+        )
+    };
+    f32::from_bytes(&c.read_one_unchecked(out)).to_vec()
+}
+
 #[test]
 fn scans_match_f64_prefix_sums_and_logcumsumexp() {
     let c = client();
@@ -175,23 +198,7 @@ fn scans_match_f64_prefix_sums_and_logcumsumexp() {
                 }
             })
             .collect();
-        let (hi, hl) = (
-            c.create_from_slice(f32::as_bytes(&ints)),
-            c.create_from_slice(f32::as_bytes(&logs)),
-        );
-        let out = c.empty(3 * n * 4);
-        unsafe {
-            scan_kernel::launch_unchecked::<R>(
-                &c,
-                CubeCount::Static(1, 1, 1),
-                CubeDim::new_1d(units),
-                ArrayArg::from_raw_parts(hi, n),
-                ArrayArg::from_raw_parts(hl, n),
-                ArrayArg::from_raw_parts(out.clone(), 3 * n),
-                units,
-            )
-        };
-        let got = f32::from_bytes(&c.read_one_unchecked(out)).to_vec();
+        let got = run_scans(&c, &ints, &logs);
         let (mut acc, mut lse) = (0.0f64, f64::NEG_INFINITY);
         for i in 0..n {
             assert_eq!(got[n + i] as f64, acc, "exclusive sum {i}, units {units}");
@@ -227,23 +234,7 @@ fn logcumsumexp_keeps_nan() {
     let ints = vec![0.0f32; n];
     let mut logs: Vec<f32> = (0..n).map(|i| i as f32 * 0.1 - 2.0).collect();
     logs[5] = f32::NAN;
-    let (hi, hl) = (
-        c.create_from_slice(f32::as_bytes(&ints)),
-        c.create_from_slice(f32::as_bytes(&logs)),
-    );
-    let out = c.empty(3 * n * 4);
-    unsafe {
-        scan_kernel::launch_unchecked::<R>(
-            &c,
-            CubeCount::Static(1, 1, 1),
-            CubeDim::new_1d(n as u32),
-            ArrayArg::from_raw_parts(hi, n),
-            ArrayArg::from_raw_parts(hl, n),
-            ArrayArg::from_raw_parts(out.clone(), 3 * n),
-            n as u32,
-        )
-    };
-    let got = f32::from_bytes(&c.read_one_unchecked(out)).to_vec();
+    let got = run_scans(&c, &ints, &logs);
     let lse = &got[2 * n..];
     assert!(lse[..5].iter().all(|v| v.is_finite()), "{lse:?}");
     assert!(lse[5..].iter().all(|v| v.is_nan()), "{lse:?}");
