@@ -8,7 +8,7 @@ mod common;
 use common::client;
 use kiln::kernels::rowwise;
 use kiln::runtime::tune::{
-    Autotuner, CandidateStatus, Ranking, Search, TuneEvent, TuneKey, TuneMode,
+    Autotuner, CandidateStatus, Ranking, Search, Tolerance, TuneEvent, TuneKey, TuneMode,
 };
 use kiln::{DType, Error, HostTensor, Tensor};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -505,4 +505,48 @@ fn a_warmed_first_run_is_timed_and_clear_losers_skip_the_rounds() {
     );
     let (runs, not_run) = ranked("unconfirmed", [1.05, 1.0, 1.6]);
     assert!(runs.contains(&"r2".to_string()) && !not_run, "{runs:?}");
+}
+
+#[test]
+fn a_tolerance_floored_at_the_output_scale_rejects_zeros() {
+    // c0 the softmax, c1 all zeros. A relative bound over 1 (the MoE path's half bound
+    // until 2026-12-05) lets zeros through; one on the output's scale does not.
+    let x = input();
+    let run = |&c: &u32| -> kiln::Result<Vec<Tensor>> {
+        let y = rowwise::softmax(&x)?;
+        Ok(vec![match c {
+            0 => y,
+            _ => Tensor::zeros(client(), DType::F32, y.shape())?,
+        }])
+    };
+    let decide = |name: &str, tolerance: Tolerance| {
+        let t = Autotuner::new(tmpdir(name), TuneMode::On);
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let e2 = Arc::clone(&events);
+        t.observe(move |e| e2.lock().unwrap().push(e.clone()));
+        t.tune(
+            client(),
+            &key("z"),
+            &[0u32, 1],
+            |c| format!("c{c}"),
+            run,
+            tolerance,
+        )
+        .unwrap();
+        let ev = events.lock().unwrap().clone();
+        ev.iter().any(|e| {
+            matches!(e, TuneEvent::Candidate { label, status: CandidateStatus::Mismatch(_) } if label == "c1")
+        })
+    };
+    assert!(
+        !decide("loose", 2.0.into()),
+        "a relative bound of 2 rejected zeros"
+    );
+    assert!(decide(
+        "scaled",
+        Tolerance {
+            rel: 0.01,
+            floor: 1.0
+        }
+    ));
 }

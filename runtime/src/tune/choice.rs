@@ -1,6 +1,6 @@
 //! Choices between kernels or algorithms, tuned like a kernel's configurations.
 
-use super::{fnv1a_hex, Autotuner, Ranking, TuneKey, WarmUp};
+use super::{fnv1a_hex, Autotuner, Ranking, Tolerance, TuneKey, WarmUp};
 use crate::{Client, Result, Tensor};
 use serde::{de::DeserializeOwned, Serialize};
 use std::sync::Arc;
@@ -138,7 +138,7 @@ where
     pub fn tune(
         &self,
         client: &Client,
-        tolerance: f64,
+        tolerance: impl Into<Tolerance>,
         label: impl Fn(&C) -> String,
         run: impl Fn(&C) -> Result<Vec<Tensor>>,
     ) -> Result<C> {
@@ -151,7 +151,7 @@ where
     pub fn tune_warmed(
         &self,
         client: &Client,
-        tolerance: f64,
+        tolerance: impl Into<Tolerance>,
         label: impl Fn(&C) -> String,
         warm: Option<WarmUp<'_, C>>,
         run: impl Fn(&C) -> Result<Vec<Tensor>>,

@@ -158,6 +158,24 @@ pub enum CandidateStatus {
     },
 }
 
+/// How far a candidate's outputs may differ from the reference candidate's: each
+/// element's `|a - b| / (|a| + floor max|a| + 1e-6)` at most `rel` (`floor` a fraction of
+/// the output's largest finite magnitude, so that an element that cancels to near zero is
+/// judged on the output's scale). A bare `f64` is `rel` with a floor of 1e-3.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tolerance {
+    /// The largest relative difference allowed.
+    pub rel: f64,
+    /// The floor of each element's scale, as a fraction of the output's largest.
+    pub floor: f64,
+}
+
+impl From<f64> for Tolerance {
+    fn from(rel: f64) -> Self {
+        Tolerance { rel, floor: 1e-3 }
+    }
+}
+
 /// How a tuning decision was made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {

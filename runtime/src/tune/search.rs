@@ -18,7 +18,7 @@ impl Autotuner {
         candidates: &[C],
         label: impl Fn(&C) -> String,
         run: impl Fn(&C) -> Result<Vec<Tensor>>,
-        tolerance: f64,
+        tolerance: impl Into<Tolerance>,
     ) -> Result<C>
     where
         C: Clone + PartialEq + Serialize + DeserializeOwned,
@@ -39,7 +39,7 @@ impl Autotuner {
         candidates: &[C],
         label: impl Fn(&C) -> String,
         run: impl Fn(&C) -> Result<Vec<Tensor>>,
-        tolerance: f64,
+        tolerance: impl Into<Tolerance>,
         cost: Option<&dyn Fn(&C) -> f64>,
     ) -> Result<C>
     where
@@ -69,13 +69,14 @@ impl Autotuner {
         candidates: &[C],
         label: impl Fn(&C) -> String,
         run: impl Fn(&C) -> Result<Vec<Tensor>>,
-        tolerance: f64,
+        tolerance: impl Into<Tolerance>,
         ranking: Option<Ranking<'_, C>>,
         warm: Option<WarmUp<'_, C>>,
     ) -> Result<C>
     where
         C: Clone + PartialEq + Serialize + DeserializeOwned,
     {
+        let tolerance: Tolerance = tolerance.into();
         let first = candidates.first().cloned().ok_or_else(|| Error::Kernel {
             kernel: key.kernel.into(),
             message: "no configuration fits this device and shape".into(),
@@ -301,7 +302,7 @@ impl Autotuner {
         run: &impl Fn(&C) -> Result<Vec<Tensor>>,
         warm: Option<WarmUp<'_, C>>,
         reference: &mut Option<Vec<HostTensor>>,
-        tolerance: f64,
+        tolerance: Tolerance,
     ) -> std::result::Result<Option<Duration>, CandidateStatus> {
         let failed = |e: Error| CandidateStatus::Failed(e.to_string());
         // A warm-up that fails only leaves the first run untimed: the real run shows
@@ -514,7 +515,11 @@ fn batch(last: Option<Duration>) -> u32 {
 const CONFIDENT: f64 = 2.0;
 
 /// `None` when every output agrees within `tolerance`, else what differs.
-fn disagreement(reference: &[HostTensor], got: &[HostTensor], tolerance: f64) -> Option<String> {
+fn disagreement(
+    reference: &[HostTensor],
+    got: &[HostTensor],
+    tolerance: Tolerance,
+) -> Option<String> {
     if reference.len() != got.len() {
         return Some(format!(
             "{} outputs, reference has {}",
@@ -544,14 +549,14 @@ fn disagreement(reference: &[HostTensor], got: &[HostTensor], tolerance: f64) ->
                 if a == b || (a.is_nan() && b.is_nan()) {
                     0.0
                 } else {
-                    (a - b).abs() / (a.abs() + 1e-3 * scale + 1e-6)
+                    (a - b).abs() / (a.abs() + tolerance.floor * scale + 1e-6)
                 }
             })
             .fold(
                 0.0f64,
                 |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) },
             );
-        if worst > tolerance {
+        if worst > tolerance.rel {
             return Some(format!(
                 "output {i} differs from the reference config by {worst:.2e} (relative)"
             ));
