@@ -67,3 +67,15 @@ pub fn exp_diff(a: f32, b: f32, one: f32) -> f32 {
     let e = p * r * r + r + 1.0;
     select(d_hi < -87.0, 0.0, e * scale)
 }
+
+/// `sign(x)`: 1, -1, 0 for a zero of either sign, and NaN for NaN (as `torch.sign`). The
+/// NaN test reads the bits: shader compilers may fold `x * 0` or `x != x` away.
+#[cube]
+pub fn sign_keep_nan(x: f32) -> f32 {
+    let nan = (u32::reinterpret(x) & 0x7fff_ffffu32) > 0x7f80_0000u32;
+    select(
+        x > 0.0,
+        1.0f32,
+        select(x < 0.0, -1.0f32, select(nan, x, 0.0f32)),
+    )
+}

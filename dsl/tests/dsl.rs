@@ -10,7 +10,7 @@ use cubecl::wgpu::WgpuRuntime;
 use kiln_dsl::{
     cube_exclusive_sum, cube_inclusive_scan, cube_max, cube_sum, exp_diff, gelu_tanh, linear_cube,
     linear_unit, load_tile, load_tile_v4, reg_tile_mma, reg_tile_mma_v4, reg_tile_mma_v4_outer,
-    silu, v4_tile_col, ScanOp, V4,
+    sign_keep_nan, silu, v4_tile_col, ScanOp, V4,
 };
 
 type R = WgpuRuntime;
@@ -238,6 +238,48 @@ fn logcumsumexp_keeps_nan() {
     let lse = &got[2 * n..];
     assert!(lse[..5].iter().all(|v| v.is_finite()), "{lse:?}");
     assert!(lse[5..].iter().all(|v| v.is_nan()), "{lse:?}");
+}
+
+#[cube(launch_unchecked)]
+fn sign_kernel(x: &Array<f32>, out: &mut Array<f32>) {
+    let i = ABSOLUTE_POS;
+    if i < x.len() {
+        out[i] = sign_keep_nan(x[i]);
+    }
+}
+
+#[test]
+fn sign_keeps_nan_and_zero() {
+    let c = client();
+    let x = [
+        -2.5f32,
+        -0.0,
+        0.0,
+        3.0,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1e-40,
+    ];
+    let n = x.len();
+    let hx = c.create_from_slice(f32::as_bytes(&x));
+    let out = c.empty(n * 4);
+    unsafe {
+        sign_kernel::launch_unchecked::<R>(
+            &c,
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(n as u32),
+            ArrayArg::from_raw_parts(hx, n),
+            ArrayArg::from_raw_parts(out.clone(), n),
+        )
+    };
+    let got = f32::from_bytes(&c.read_one_unchecked(out)).to_vec();
+    // Closed form; a subnormal may flush to zero on a device.
+    let want = [-1.0f32, 0.0, 0.0, 1.0, f32::NAN, 1.0, -1.0];
+    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+        assert!(g == w || (g.is_nan() && w.is_nan()), "sign({}) = {g}", x[i]);
+    }
+    assert!(got[7] == 1.0 || got[7] == 0.0, "sign(1e-40) = {}", got[7]);
 }
 
 #[cube(launch_unchecked)]

@@ -192,10 +192,8 @@ slot_kernel! {
                             p = masters[master_at as usize];
                         }
                         // sign(0) = 0: a zero gradient leaves the coordinate alone; sign(NaN)
-                        // is NaN, as torch.sign and the reference give (tested on the bits:
-                        // shader compilers may fold `x * 0` or `x != x`).
-                        let nan = (u32::reinterpret(g) & 0x7fff_ffffu32) > 0x7f80_0000u32;
-                        let s = select(g > 0.0, 1.0f32, select(g < 0.0, -1.0f32, select(nan, g, 0.0f32)));
+                        // is NaN, as torch.sign and the reference give.
+                        let s = kiln_dsl::sign_keep_nan(g);
                         let with_state = ((word >> (e % 32)) & 1u32) == 1u32;
                         let q = select(with_state, p, p * decay - lr_free * s);
                         if comptime!(master) {

@@ -507,13 +507,8 @@ pub fn frugal_projected_update<F: Float, N: Size>(
         #[unroll]
         for l in 0..nw {
             let x = r[l as usize];
-            // sign(NaN) = NaN (tested on the bits), sign(0) = 0.
-            let nan = (u32::reinterpret(x) & 0x7fff_ffffu32) > 0x7f80_0000u32;
-            let s = select(
-                x > 0.0,
-                1.0f32,
-                select(x < 0.0, -1.0f32, select(nan, x, 0.0f32)),
-            );
+            // sign(NaN) = NaN, sign(0) = 0.
+            let s = kiln_dsl::sign_keep_nan(x);
             q[l as usize] = p[l as usize] * decay + u[l as usize] - lr_free * s;
         }
         if comptime!(has_master) {
