@@ -184,16 +184,80 @@ fn a_peer_that_drops_out_is_an_error_not_a_hang() {
 fn bad_arguments_are_typed_errors() {
     let comms = HostComm::create(vec![client().clone(); 2]);
     let t = up(DType::F32, &[3], &[1.0, 2.0, 3.0]);
-    let e = comms[0].all_to_all(&t, &[1, 1]).unwrap_err().to_string();
-    assert!(e.contains("send_rows") && e.contains("summing to 3"), "{e}");
     let e = comms[0].send(&t, 7).unwrap_err().to_string();
     assert!(e.contains("no such rank"), "{e}");
-    let ints = Tensor::upload(
-        client(),
-        &HostTensor::from_f64(DType::I32, vec![1], &[1.0]).unwrap(),
-    )
-    .unwrap();
-    assert!(comms[0].all_reduce(&ints).is_err());
+}
+
+/// A rank whose own arguments are wrong fails with its typed error, and its peers fail
+/// at once naming it (not after the 60 s timeout); the next collective then pairs
+/// correctly on every rank (no message of the failed round is left behind).
+#[test]
+fn a_rank_that_refuses_its_arguments_fails_its_peers_at_once() {
+    let start = std::time::Instant::now();
+    let ints = || {
+        Tensor::upload(
+            client(),
+            &HostTensor::from_f64(DType::I32, vec![2], &[1.0, 2.0]).unwrap(),
+        )
+        .unwrap()
+    };
+    for p in 2..=4 {
+        let got = on_ranks(p, Duration::from_secs(60), |c| {
+            let r = c.rank();
+            let floats = up(DType::F32, &[2], &values(r, 2));
+            // Rank 1 passes ints to all_reduce; the others are right.
+            let reduce = if r == 1 {
+                c.all_reduce(&ints())
+            } else {
+                c.all_reduce(&floats)
+            };
+            // Rank 0 gives a split that does not sum to its rows.
+            let split = if r == 0 { vec![0; p] } else { vec![0; p - 1].into_iter().chain([2]).collect() };
+            let to_all = c.all_to_all(&floats, &split);
+            let gathered = c.all_gather(&floats).map(|t| down(&t));
+            (reduce.err(), to_all.err(), gathered)
+        });
+        for (r, (reduce, to_all, gathered)) in got.into_iter().enumerate() {
+            let reduce = reduce.unwrap_or_else(|| panic!("P={p} rank {r}: all_reduce must fail")).to_string();
+            if r == 1 {
+                assert!(reduce.contains("all_reduce input") && reduce.contains("i32"), "{reduce}");
+            } else {
+                assert!(reduce.contains("with rank 1") && reduce.contains("refused its arguments") && reduce.contains("i32"), "{reduce}");
+            }
+            let to_all = to_all.unwrap_or_else(|| panic!("P={p} rank {r}: all_to_all must fail")).to_string();
+            if r == 0 {
+                assert!(to_all.contains("send_rows") && to_all.contains("summing to 2"), "{to_all}");
+            } else {
+                assert!(to_all.contains("with rank 0") && to_all.contains("send_rows"), "{to_all}");
+            }
+            let want: Vec<f64> = (0..p).flat_map(|q| values(q, 2)).collect();
+            assert_eq!(gathered.unwrap_or_else(|e| panic!("P={p} rank {r}: {e}")), want);
+        }
+    }
+    assert!(start.elapsed() < Duration::from_secs(30), "{:?}", start.elapsed());
+}
+
+/// A rank that timed out waiting for a late peer discards that peer's message of the
+/// failed round when it arrives, so the next collective pairs with the right data.
+#[test]
+fn a_round_left_on_a_timeout_does_not_shift_the_next_one() {
+    let got = on_ranks(2, Duration::from_secs(2), |c| {
+        let r = c.rank();
+        if r == 1 {
+            // Rank 0 gives up on the first round at 2 s and waits for the second until 4 s.
+            std::thread::sleep(Duration::from_secs(3));
+        }
+        let first = c.all_gather(&up(DType::F32, &[1], &[(10 + r) as f64]));
+        let second = c.all_gather(&up(DType::F32, &[1], &[(20 + r) as f64]));
+        (first.err().map(|e| e.to_string()), second.map(|t| down(&t)))
+    });
+    let (first, second) = &got[0];
+    let first = first.as_deref().expect("rank 0 times out");
+    assert!(first.contains("no message within"), "{first}");
+    assert_eq!(second.as_ref().expect("rank 0, second round"), &vec![20.0, 21.0]);
+    // Rank 1 found rank 0's message of the first round waiting, and both of the second.
+    assert_eq!(got[1].0, None);
+    assert_eq!(got[1].1.as_ref().expect("rank 1, second round"), &vec![20.0, 21.0]);
 }
 
 #[test]

@@ -347,6 +347,48 @@ fn resume_mid_subspace_is_bitwise() {
     assert_clear(e, &["projection", "mid-subspace"]);
 }
 
+/// An empty tensor in the list: its state comes back empty in its declared shapes (not
+/// as the one-element placeholder it is held in), resuming mid-subspace with it works,
+/// and its neighbour continues bitwise.
+#[test]
+fn an_empty_tensor_saves_and_resumes() {
+    let c = config();
+    let mut rng = Rng::new(9);
+    let p0 = f32s(&mut rng, 24);
+    let grads: Vec<Vec<f64>> = (0..4).map(|_| f32s(&mut rng, 24)).collect();
+    for shape in [vec![0, 4], vec![5, 0], vec![0]] {
+        let empty = up(DType::F32, &shape, &[]);
+        let a = up(DType::F32, &[6, 4], &p0);
+        let mut first = FrugalSvd::new_multi(&[&empty, &a], hyper(), c).unwrap();
+        for g in &grads[..2] {
+            first
+                .step_multi(&[&empty, &a], &[&empty, &up(DType::F32, &[6, 4], g)])
+                .unwrap();
+        }
+        let (p, m, v) = first.state_of(0).unwrap();
+        for (what, t) in [("projection", &p), ("m", &m), ("v", &v)] {
+            assert_eq!(t.numel(), 0, "{shape:?} {what}: {:?}", t.shape());
+            assert_eq!(t.shape().len(), 2, "{shape:?} {what}: {:?}", t.shape());
+        }
+        let (pa, ma, va) = first.state_of(1).unwrap();
+        let b = up(DType::F32, &[6, 4], &down(&a));
+        let mut second = FrugalSvd::resume_multi(
+            &[&empty, &b],
+            hyper(),
+            c,
+            2,
+            &[Some((&p, &m, &v)), Some((&pa, &ma, &va))],
+        )
+        .unwrap();
+        for g in &grads[2..] {
+            let g = up(DType::F32, &[6, 4], g);
+            first.step_multi(&[&empty, &a], &[&empty, &g]).unwrap();
+            second.step_multi(&[&empty, &b], &[&empty, &g]).unwrap();
+        }
+        assert_eq!(down(&a), down(&b), "{shape:?}");
+    }
+}
+
 /// Extreme gradients (one entry NaN, infinite, or 1e30, whose square overflows f32):
 /// no rotation can be trusted and the null-space bound is lost, so no sweep runs and the
 /// projection is rows of the identity (orthonormal); the step runs, a NaN reaching the

@@ -2,6 +2,9 @@
 //! [`Client`]; every transfer goes device -> host -> device. A collective is built from
 //! point-to-point messages between every pair, each carrying the operation, dtype and
 //! shape, so every rank sees every other's view and a disagreement fails everywhere.
+//! A rank whose own arguments are wrong still takes part in the collective's round,
+//! sending its refusal in place of data, so its peers fail at once (not after the
+//! timeout) and every queue stays matched for the next call.
 
 use super::{check_agreement, check_reducible, check_send_rows, rank1, Agree, Communicator};
 use crate::{Client, DType, Error, HostTensor, Result, Tensor};
@@ -21,6 +24,8 @@ enum Payload {
     Tensor(HostTensor),
     /// The receiver took a `send`: `Ok` or why it refused it.
     Ack(std::result::Result<(), String>),
+    /// The sender refused its own arguments to a collective (the error, as text).
+    Refused(String),
 }
 
 #[derive(Default)]
@@ -45,6 +50,10 @@ pub struct HostComm {
     world: usize,
     client: Client,
     hub: Arc<Hub>,
+    /// Per peer, the operations of rounds this rank left before taking that peer's
+    /// message (it failed first): the next take from the peer discards them, so the
+    /// pairing of later calls is kept.
+    skips: Mutex<Vec<VecDeque<&'static str>>>,
 }
 
 impl HostComm {
@@ -73,6 +82,7 @@ impl HostComm {
                 world,
                 client,
                 hub: hub.clone(),
+                skips: Mutex::new(vec![VecDeque::new(); world]),
             })
             .collect()
     }
@@ -136,6 +146,14 @@ impl HostComm {
                 .get_mut(&(from, self.rank))
                 .and_then(VecDeque::pop_front)
             {
+                let mut skips = self.skips.lock().unwrap_or_else(|p| p.into_inner());
+                match skips[from].pop_front() {
+                    // The message of a round this rank left early.
+                    Some(skipped) if skipped == m.op => continue,
+                    // The peer never took part in that round: nothing to discard.
+                    Some(_) => skips[from].clear(),
+                    None => {}
+                }
                 return Ok(m);
             }
             if s.gone[from] {
@@ -163,39 +181,78 @@ impl HostComm {
 
     fn take_tensor(&self, op: &'static str, from: usize) -> Result<HostTensor> {
         let m = self.take(op, from)?;
+        self.open(op, from, m)
+    }
+
+    /// The tensor of a message that should be `op`'s.
+    fn open(&self, op: &'static str, from: usize, m: Msg) -> Result<HostTensor> {
         match m.payload {
             Payload::Tensor(h) if m.op == op => Ok(h),
+            Payload::Refused(why) if m.op == op => Err(self.err(
+                op,
+                from,
+                format!("the peer refused its arguments: {why}"),
+            )),
             _ => Err(self.err(op, from, format!("the peer is in `{}`", m.op))),
         }
     }
 
+    /// One round of a collective: posts `parts[peer]` to every other rank (or, where
+    /// this rank refused its own arguments, the refusal), then takes one message from
+    /// every other rank; returns every rank's part in rank order. Every rank posts
+    /// before it takes, so no round deadlocks. A refusal, or a peer in another
+    /// operation, fails every rank of the round after the whole round, so the queues
+    /// stay matched for the next call; a peer that dropped out or timed out ends the
+    /// round at once, and this round's messages from it and from the peers not yet
+    /// taken are discarded when they arrive.
+    fn round(&self, op: &'static str, parts: Result<Vec<HostTensor>>) -> Result<Vec<HostTensor>> {
+        for peer in (0..self.world).filter(|&p| p != self.rank) {
+            let payload = match &parts {
+                Ok(parts) => Payload::Tensor(parts[peer].clone()),
+                Err(e) => Payload::Refused(e.to_string()),
+            };
+            self.post(peer, Msg { op, payload });
+        }
+        let mut got: Vec<Option<HostTensor>> = vec![None; self.world];
+        let mut first_error = None;
+        for peer in (0..self.world).filter(|&p| p != self.rank) {
+            match self.take(op, peer) {
+                Ok(m) => match self.open(op, peer, m) {
+                    Ok(h) => got[peer] = Some(h),
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                },
+                Err(e) => {
+                    let mut skips = self.skips.lock().unwrap_or_else(|p| p.into_inner());
+                    for rest in (peer..self.world).filter(|&p| p != self.rank) {
+                        skips[rest].push_back(op);
+                    }
+                    first_error.get_or_insert(e);
+                    break;
+                }
+            }
+        }
+        let mut parts = parts?;
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        got[self.rank] = Some(parts.swap_remove(self.rank));
+        Ok(got.into_iter().flatten().collect())
+    }
+
     /// Every rank's host tensor for a collective (this rank's own included), after
     /// checking that they agree on dtype and on the trailing shape (`all_rows`: the
-    /// first dimension too). Every rank sees the same messages, so all fail together.
+    /// first dimension too). `mine` is `Err` where this rank's arguments are wrong: it
+    /// still takes part (see [`Self::round`]). Every rank sees the same messages, so
+    /// all fail together.
     fn exchange(
         &self,
         op: &'static str,
-        mine: &HostTensor,
+        mine: Result<HostTensor>,
         all_rows: bool,
     ) -> Result<Vec<HostTensor>> {
-        for peer in (0..self.world).filter(|&p| p != self.rank) {
-            self.post(
-                peer,
-                Msg {
-                    op,
-                    payload: Payload::Tensor(mine.clone()),
-                },
-            );
-        }
-        let mut all = Vec::with_capacity(self.world);
-        for peer in 0..self.world {
-            all.push(if peer == self.rank {
-                mine.clone()
-            } else {
-                self.take_tensor(op, peer)?
-            });
-        }
-        // Check only after everything arrived, so no rank leaves a peer waiting.
+        let all = self.round(op, mine.map(|h| vec![h; self.world]))?;
         let views: Vec<_> = all.iter().map(|h| (h.dtype, h.shape.as_slice())).collect();
         let agree = if all_rows {
             Agree::Whole
@@ -266,7 +323,7 @@ impl Communicator for HostComm {
         match m.payload {
             Payload::Ack(Ok(())) => Ok(()),
             Payload::Ack(Err(why)) => Err(self.err("send", peer, why)),
-            Payload::Tensor(_) => Err(self.err("send", peer, format!("the peer is in `{}`", m.op))),
+            _ => Err(self.err("send", peer, format!("the peer is in `{}`", m.op))),
         }
     }
 
@@ -315,47 +372,35 @@ impl Communicator for HostComm {
     }
 
     fn all_to_all(&self, t: &Tensor, send_rows: &[usize]) -> Result<(Tensor, Vec<usize>)> {
-        rank1(t, "all_to_all")?;
         let op = "all_to_all";
-        check_send_rows(self.world, t, send_rows)?;
-        let mine = t.download()?;
-        let mut start = 0;
-        let mut own = None;
-        for (peer, &n) in send_rows.iter().enumerate() {
-            let part = rows(&mine, start, n)?;
-            start += n;
-            if peer == self.rank {
-                own = Some(part);
-            } else {
-                self.post(
-                    peer,
-                    Msg {
-                        op,
-                        payload: Payload::Tensor(part),
-                    },
-                );
-            }
-        }
-        let mut parts = Vec::with_capacity(self.world);
-        for peer in 0..self.world {
-            parts.push(match (peer == self.rank, &own) {
-                (true, Some(p)) => p.clone(),
-                _ => self.take_tensor(op, peer)?,
-            });
-        }
+        let mine = rank1(t, op)
+            .and_then(|()| check_send_rows(self.world, t, send_rows))
+            .and_then(|()| t.download());
+        let parts = mine.and_then(|mine| {
+            let mut start = 0;
+            send_rows
+                .iter()
+                .map(|&n| {
+                    let part = rows(&mine, start, n);
+                    start += n;
+                    part
+                })
+                .collect::<Result<Vec<_>>>()
+        });
+        let parts = self.round(op, parts)?;
         let views: Vec<_> = parts
             .iter()
             .map(|p| (p.dtype, p.shape.as_slice()))
             .collect();
         check_agreement(op, self.rank, &views, Agree::Trailing)?;
         let counts = parts.iter().map(|p| p.shape[0]).collect();
-        Ok((self.upload(&concat(&parts, &mine)?)?, counts))
+        Ok((self.upload(&concat(&parts, &parts[self.rank])?)?, counts))
     }
 
     fn all_reduce(&self, t: &Tensor) -> Result<Tensor> {
-        check_reducible(t)?;
-        let mine = t.download()?;
-        let all = self.exchange("all_reduce", &mine, true)?;
+        let mine = check_reducible(t).and_then(|()| t.download());
+        let all = self.exchange("all_reduce", mine, true)?;
+        let mine = &all[self.rank];
         let mut sum = vec![0f64; mine.shape.iter().product()];
         for h in &all {
             for (s, v) in sum.iter_mut().zip(h.to_f64()) {
@@ -366,14 +411,13 @@ impl Communicator for HostComm {
     }
 
     fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
-        rank1(t, "all_gather")?;
-        let mine = t.download()?;
-        let all = self.exchange("all_gather", &mine, false)?;
-        self.upload(&concat(&all, &mine)?)
+        let mine = rank1(t, "all_gather").and_then(|()| t.download());
+        let all = self.exchange("all_gather", mine, false)?;
+        self.upload(&concat(&all, &all[self.rank])?)
     }
 
     fn barrier(&self) -> Result<()> {
         let token = HostTensor::from_bytes(DType::U8, vec![0], vec![])?;
-        self.exchange("barrier", &token, true).map(|_| ())
+        self.exchange("barrier", Ok(token), true).map(|_| ())
     }
 }

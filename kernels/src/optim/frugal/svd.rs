@@ -55,6 +55,14 @@ struct Projected {
 
 impl Projected {
     /// The low-rank gradient's shape.
+    /// The projection's shape: `[r, cols]` (right side) or `[r, rows]` (left side).
+    fn projection_shape(&self) -> [usize; 2] {
+        match self.side {
+            Side::Right => [self.rank, self.cols],
+            Side::Left => [self.rank, self.rows],
+        }
+    }
+
     fn low_shape(&self) -> [usize; 2] {
         match self.side {
             Side::Right => [self.rows, self.rank],
@@ -148,10 +156,6 @@ impl FrugalSvd {
                 Side::Left
             };
             let rank = config.rank(param.shape());
-            let proj_shape = match side {
-                Side::Right => [rank, cols],
-                Side::Left => [rank, rows],
-            };
             let master = match param.dtype() {
                 DType::F32 => Tensor::empty(&client, DType::F32, &[4])?,
                 _ => load_f32(&param.reshape(&[rows, cols])?, false)?,
@@ -162,14 +166,14 @@ impl FrugalSvd {
                 dtype: param.dtype(),
                 side,
                 rank,
-                projection: zeros(&proj_shape)?,
+                projection: zeros(&[0])?,
                 transposed: None,
                 m: zeros(&[0])?,
                 v: zeros(&[0])?,
                 master,
             };
-            let low = t.low_shape();
-            (t.m, t.v) = (zeros(&low)?, zeros(&low)?);
+            let (proj_shape, low) = (t.projection_shape(), t.low_shape());
+            (t.projection, t.m, t.v) = (zeros(&proj_shape)?, zeros(&low)?, zeros(&low)?);
             match state.get(i).copied().flatten() {
                 Some((projection, m, v)) => {
                     for (tensor, what, shape) in [
@@ -187,11 +191,15 @@ impl FrugalSvd {
                             "[r, cols] (rows >= cols) or [r, rows] for P, the low-rank gradient's shape for m, v; r = ceil(density min(rows, cols))",
                         )?;
                     }
-                    t.projection = load_f32(projection, false)?;
-                    t.m = load_f32(m, false)?;
-                    t.v = load_f32(v, false)?;
-                    if side == Side::Left {
-                        t.transposed = Some(load_f32(&t.projection, true)?);
+                    // An empty tensor (rank 0) keeps its placeholders (see `zeros`)
+                    // and is never stepped.
+                    if rank > 0 {
+                        t.projection = load_f32(projection, false)?;
+                        t.m = load_f32(m, false)?;
+                        t.v = load_f32(v, false)?;
+                        if side == Side::Left {
+                            t.transposed = Some(load_f32(&t.projection, true)?);
+                        }
                     }
                 }
                 None if mid && rank > 0 => {
@@ -231,10 +239,16 @@ impl FrugalSvd {
     /// rows orthonormal) and moments (the low-rank gradient's shape), as copies.
     pub fn state_of(&self, i: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let t = self.at(i)?;
+        // An empty part (rank 0, or an empty tensor) is held as one placeholder element
+        // (a binding is never empty): give it back in its declared shape.
+        let copy = |x: &Tensor, shape: [usize; 2]| match shape[0] * shape[1] {
+            0 => Tensor::empty(x.client(), DType::F32, &shape),
+            _ => load_f32(x, false),
+        };
         Ok((
-            load_f32(&t.projection, false)?,
-            load_f32(&t.m, false)?,
-            load_f32(&t.v, false)?,
+            copy(&t.projection, t.projection_shape())?,
+            copy(&t.m, t.low_shape())?,
+            copy(&t.v, t.low_shape())?,
         ))
     }
 

@@ -41,6 +41,7 @@ impl Communicator for NcclComm {
             dtype: t.dtype(),
             shape: t.shape().to_vec(),
             extra: vec![],
+            refused: false,
         }
         .encode()?;
         let got = self
@@ -78,10 +79,9 @@ impl Communicator for NcclComm {
 
     fn all_to_all(&self, t: &Tensor, send_rows: &[usize]) -> Result<(Tensor, Vec<usize>)> {
         let op = "all_to_all";
-        rank1(t, op)?;
-        check_send_rows(self.world, t, send_rows)?;
+        let local = rank1(t, op).and_then(|()| check_send_rows(self.world, t, send_rows));
         let extra = send_rows.iter().map(|&r| r as u64).collect();
-        let all = self.agree(op, t.dtype(), t.shape(), extra, Agree::Trailing)?;
+        let all = self.agree(op, local, t.dtype(), t.shape(), extra, Agree::Trailing)?;
         let recv_rows: Vec<usize> = all.iter().map(|h| h.extra[self.rank] as usize).collect();
         let mut shape = t.shape().to_vec();
         shape[0] = recv_rows.iter().sum();
@@ -104,8 +104,7 @@ impl Communicator for NcclComm {
 
     fn all_reduce(&self, t: &Tensor) -> Result<Tensor> {
         let op = "all_reduce";
-        check_reducible(t)?;
-        self.agree(op, t.dtype(), t.shape(), vec![], Agree::Whole)?;
+        self.agree(op, check_reducible(t), t.dtype(), t.shape(), vec![], Agree::Whole)?;
         let out = Tensor::empty(&self.client, t.dtype(), t.shape())?;
         let (ptrs, _keep) = self.addresses(op, &[t, &out])?;
         let dtype = match t.dtype() {
@@ -134,8 +133,7 @@ impl Communicator for NcclComm {
 
     fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
         let op = "all_gather";
-        rank1(t, op)?;
-        let all = self.agree(op, t.dtype(), t.shape(), vec![], Agree::Trailing)?;
+        let all = self.agree(op, rank1(t, op), t.dtype(), t.shape(), vec![], Agree::Trailing)?;
         let rows: Vec<usize> = all.iter().map(|h| h.shape[0]).collect();
         let mut shape = t.shape().to_vec();
         shape[0] = rows.iter().sum();
@@ -176,7 +174,7 @@ impl Communicator for NcclComm {
     }
 
     fn barrier(&self) -> Result<()> {
-        self.agree("barrier", DType::U8, &[0], vec![], Agree::Whole)
+        self.agree("barrier", Ok(()), DType::U8, &[0], vec![], Agree::Whole)
             .map(|_| ())
     }
 }

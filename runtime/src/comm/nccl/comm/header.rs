@@ -15,8 +15,8 @@ const OPS: [&str; 7] = [
 ];
 /// Dimensions a header carries.
 const MAX_DIMS: usize = 8;
-/// Header words: operation, dtype, rank of the shape, the dimensions.
-pub(super) const HEADER: usize = 3 + MAX_DIMS;
+/// Header words: operation, dtype, refused, rank of the shape, the dimensions.
+pub(super) const HEADER: usize = 4 + MAX_DIMS;
 
 /// What a rank says about its side of a call.
 #[derive(Clone, Debug, PartialEq)]
@@ -26,6 +26,9 @@ pub(super) struct Header {
     pub(super) shape: Vec<usize>,
     /// Per-operation words (`all_to_all`: the rows this rank sends to each rank).
     pub(super) extra: Vec<u64>,
+    /// This rank refused its own arguments: it takes part in the header exchange only,
+    /// so its peers fail at once instead of waiting inside NCCL for its data.
+    pub(super) refused: bool,
 }
 
 impl Header {
@@ -44,9 +47,10 @@ impl Header {
             .iter()
             .position(|d| *d == self.dtype)
             .unwrap_or(0) as u64;
-        w[2] = self.shape.len() as u64;
+        w[2] = u64::from(self.refused);
+        w[3] = self.shape.len() as u64;
         for (i, d) in self.shape.iter().enumerate() {
-            w[3 + i] = *d as u64;
+            w[4 + i] = *d as u64;
         }
         w.extend_from_slice(&self.extra);
         Ok(w)
@@ -55,12 +59,18 @@ impl Header {
     pub(super) fn decode(w: &[u64]) -> Option<Header> {
         let op = *OPS.get(usize::try_from(w[0]).ok()?)?;
         let dtype = *DType::ALL.get(usize::try_from(w[1]).ok()?)?;
-        let dims = usize::try_from(w[2]).ok().filter(|&n| n <= MAX_DIMS)?;
+        let refused = match w[2] {
+            0 => false,
+            1 => true,
+            _ => return None,
+        };
+        let dims = usize::try_from(w[3]).ok().filter(|&n| n <= MAX_DIMS)?;
         Some(Header {
             op,
             dtype,
-            shape: w[3..3 + dims].iter().map(|&d| d as usize).collect(),
+            shape: w[4..4 + dims].iter().map(|&d| d as usize).collect(),
             extra: w[HEADER..].to_vec(),
+            refused,
         })
     }
 }
@@ -76,15 +86,19 @@ mod tests {
             dtype: DType::BF16,
             shape: vec![5, 3, 2],
             extra: vec![1, 0, 4],
+            refused: false,
         };
         let w = h.encode().expect("encode");
         assert_eq!(w.len(), HEADER + 3);
-        assert_eq!(Header::decode(&w), Some(h));
+        assert_eq!(Header::decode(&w), Some(h.clone()));
+        let refusal = Header { refused: true, ..h };
+        assert_eq!(Header::decode(&refusal.encode().expect("encode")), Some(refusal));
         let deep = Header {
             op: "send",
             dtype: DType::F32,
             shape: vec![1; MAX_DIMS + 1],
             extra: vec![],
+            refused: false,
         };
         assert!(deep
             .encode()
@@ -96,6 +110,7 @@ mod tests {
             dtype: DType::F32,
             shape: vec![2],
             extra: vec![],
+            refused: false,
         }
         .encode()
         .expect("encode");

@@ -334,21 +334,46 @@ impl NcclComm {
     }
 
     /// A collective's headers from every rank, checked like HostComm's: all in `op`, with
-    /// agreeing dtypes and shapes (`agree`).
+    /// agreeing dtypes and shapes (`agree`). `local` is this rank's check of its own
+    /// arguments: where it failed, the rank still sends a header, marked refused, and
+    /// returns its error; its peers then fail at once, naming it, instead of waiting
+    /// inside NCCL for data that never comes.
     fn agree(
         &self,
         op: &'static str,
+        local: Result<()>,
         dtype: DType,
         shape: &[usize],
         extra: Vec<u64>,
         agree: Agree,
     ) -> Result<Vec<Header>> {
-        let mut all = self.exchange(&Header {
+        let mine = Header {
             op,
             dtype,
             shape: shape.to_vec(),
             extra: vec![],
-        })?;
+            refused: false,
+        };
+        let local = local.and_then(|()| mine.encode().map(drop));
+        let sent = match local {
+            Ok(()) => mine,
+            Err(_) => Header {
+                op,
+                dtype,
+                shape: vec![],
+                extra: vec![],
+                refused: true,
+            },
+        };
+        let mut all = self.exchange(&sent)?;
+        local?;
+        if let Some(peer) = all.iter().position(|h| h.refused) {
+            return Err(self.err(
+                op,
+                Some(peer),
+                "the peer refused its arguments (its own error says why)",
+            ));
+        }
         let views: Vec<_> = all.iter().map(|h| (h.dtype, h.shape.as_slice())).collect();
         check_agreement(op, self.rank, &views, agree)?;
         // Every rank is in `op` now: its per-operation words (all_to_all's rows per
@@ -466,6 +491,7 @@ impl NcclComm {
             dtype,
             shape: shape.to_vec(),
             extra: vec![],
+            refused: false,
         }
         .encode()?;
         let theirs = self
