@@ -212,40 +212,69 @@ fn a_rank_that_refuses_its_arguments_fails_its_peers_at_once() {
                 c.all_reduce(&floats)
             };
             // Rank 0 gives a split that does not sum to its rows.
-            let split = if r == 0 { vec![0; p] } else { vec![0; p - 1].into_iter().chain([2]).collect() };
+            let split = if r == 0 {
+                vec![0; p]
+            } else {
+                vec![0; p - 1].into_iter().chain([2]).collect()
+            };
             let to_all = c.all_to_all(&floats, &split);
             let gathered = c.all_gather(&floats).map(|t| down(&t));
             (reduce.err(), to_all.err(), gathered)
         });
         for (r, (reduce, to_all, gathered)) in got.into_iter().enumerate() {
-            let reduce = reduce.unwrap_or_else(|| panic!("P={p} rank {r}: all_reduce must fail")).to_string();
+            let reduce = reduce
+                .unwrap_or_else(|| panic!("P={p} rank {r}: all_reduce must fail"))
+                .to_string();
             if r == 1 {
-                assert!(reduce.contains("all_reduce input") && reduce.contains("i32"), "{reduce}");
+                assert!(
+                    reduce.contains("all_reduce input") && reduce.contains("i32"),
+                    "{reduce}"
+                );
             } else {
-                assert!(reduce.contains("with rank 1") && reduce.contains("refused its arguments") && reduce.contains("i32"), "{reduce}");
+                assert!(
+                    reduce.contains("with rank 1")
+                        && reduce.contains("refused its arguments")
+                        && reduce.contains("i32"),
+                    "{reduce}"
+                );
             }
-            let to_all = to_all.unwrap_or_else(|| panic!("P={p} rank {r}: all_to_all must fail")).to_string();
+            let to_all = to_all
+                .unwrap_or_else(|| panic!("P={p} rank {r}: all_to_all must fail"))
+                .to_string();
             if r == 0 {
-                assert!(to_all.contains("send_rows") && to_all.contains("summing to 2"), "{to_all}");
+                assert!(
+                    to_all.contains("send_rows") && to_all.contains("summing to 2"),
+                    "{to_all}"
+                );
             } else {
-                assert!(to_all.contains("with rank 0") && to_all.contains("send_rows"), "{to_all}");
+                assert!(
+                    to_all.contains("with rank 0") && to_all.contains("send_rows"),
+                    "{to_all}"
+                );
             }
             let want: Vec<f64> = (0..p).flat_map(|q| values(q, 2)).collect();
-            assert_eq!(gathered.unwrap_or_else(|e| panic!("P={p} rank {r}: {e}")), want);
+            assert_eq!(
+                gathered.unwrap_or_else(|e| panic!("P={p} rank {r}: {e}")),
+                want
+            );
         }
     }
-    assert!(start.elapsed() < Duration::from_secs(30), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 /// A rank that timed out waiting for a late peer discards that peer's message of the
 /// failed round when it arrives, so the next collective pairs with the right data.
 #[test]
 fn a_round_left_on_a_timeout_does_not_shift_the_next_one() {
-    let got = on_ranks(2, Duration::from_secs(2), |c| {
+    let got = on_ranks(2, Duration::from_secs(4), |c| {
         let r = c.rank();
         if r == 1 {
-            // Rank 0 gives up on the first round at 2 s and waits for the second until 4 s.
-            std::thread::sleep(Duration::from_secs(3));
+            // Rank 0 gives up on the first round at 4 s and waits for the second until 8 s.
+            std::thread::sleep(Duration::from_secs(6));
         }
         let first = c.all_gather(&up(DType::F32, &[1], &[(10 + r) as f64]));
         let second = c.all_gather(&up(DType::F32, &[1], &[(20 + r) as f64]));
@@ -254,10 +283,51 @@ fn a_round_left_on_a_timeout_does_not_shift_the_next_one() {
     let (first, second) = &got[0];
     let first = first.as_deref().expect("rank 0 times out");
     assert!(first.contains("no message within"), "{first}");
-    assert_eq!(second.as_ref().expect("rank 0, second round"), &vec![20.0, 21.0]);
+    assert_eq!(
+        second.as_ref().expect("rank 0, second round"),
+        &vec![20.0, 21.0]
+    );
     // Rank 1 found rank 0's message of the first round waiting, and both of the second.
     assert_eq!(got[1].0, None);
-    assert_eq!(got[1].1.as_ref().expect("rank 1, second round"), &vec![20.0, 21.0]);
+    assert_eq!(
+        got[1].1.as_ref().expect("rank 1, second round"),
+        &vec![20.0, 21.0]
+    );
+}
+
+/// Rank 0 is in `all_reduce` while rank 1 calls `recv`, which takes rank 0's message of
+/// that round and fails. Rank 1's first `all_reduce` then completes rank 0's first (the
+/// same round: both are each rank's first collective call), but rank 1 itself finds rank
+/// 0's second round where its first's message was: an error, not a pairing with another
+/// round's data. The next calls pair again.
+#[test]
+fn a_missed_collective_never_pairs_with_another_rounds_data() {
+    let got = on_ranks(2, Duration::from_secs(5), |c| {
+        let r = c.rank();
+        let part = |v: f64| up(DType::F32, &[1], &[v]);
+        if r == 0 {
+            let first = c.all_reduce(&part(10.0)).map(|t| down(&t));
+            let second = c.all_reduce(&part(20.0)).map(|t| down(&t));
+            (None, first, second)
+        } else {
+            let recv = c.recv(0, DType::F32, &[1]).err().map(|e| e.to_string());
+            let first = c.all_reduce(&part(101.0)).map(|t| down(&t));
+            let second = c.all_reduce(&part(21.0)).map(|t| down(&t));
+            (recv, first, second)
+        }
+    });
+    let (_, first, second) = &got[0];
+    assert_eq!(first.as_ref().expect("rank 0, call 1"), &vec![111.0]);
+    assert_eq!(second.as_ref().expect("rank 0, call 2"), &vec![41.0]);
+    let (recv, first, second) = &got[1];
+    let recv = recv.as_deref().expect("rank 1's recv fails");
+    assert!(recv.contains("the peer is in `all_reduce`"), "{recv}");
+    let ahead = first
+        .as_ref()
+        .expect_err("rank 1's first collective fails")
+        .to_string();
+    assert!(ahead.contains("later collective"), "{ahead}");
+    assert_eq!(second.as_ref().expect("rank 1, call 2"), &vec![41.0]);
 }
 
 #[test]

@@ -582,6 +582,92 @@ fn layer_backward_matches_finite_differences_for_every_input() {
     }
 }
 
+/// Capacity 0 (7 tokens over 8 experts at cf 0.5: `floor(0.5 ceil(7 / 8)) = 0`): every
+/// route dropped, so dispatch is `[E, 0, M]`, combine and dispatch's backward are zeros,
+/// and the layer (capacity path) and its backward match the reference, with `M` both a
+/// multiple of 4 (the 4-wide kernels) and not. These used to panic inside wgpu (a
+/// launch binding an empty tensor as vectors).
+#[test]
+fn capacity_zero_drops_every_route_without_a_launch() {
+    let _ = client();
+    let mut rng = Rng::new(47);
+    let (s, f, e, k, cf) = (7, 3, 8, 1, 0.5);
+    for m in [4, 5] {
+        let mut g = |n: usize, scale: f64| round(DType::F32, &[n], &rng.normals(n, scale));
+        let inputs = rf::LayerInputs {
+            x: g(s * m, 1.0),
+            w_gate: g(m * e, 0.5),
+            w1: g(e * m * f, 0.4),
+            b1: g(e * f, 0.3),
+            w2: g(e * f * m, 0.4),
+            b2: g(e * m, 0.3),
+            m,
+            f,
+            e,
+            k,
+            cf,
+            activation: "gelu",
+        };
+        let dy = g(s * m, 1.0);
+        let t = |shape: &[usize], v: &[f64]| up(DType::F32, shape, v);
+        let x = t(&[s, m], &inputs.x);
+        let wg = t(&[m, e], &inputs.w_gate);
+        let logits = rf::gate_logits(&inputs.x, &inputs.w_gate, m, e);
+        let gate = moe_gate(&t(&[s, e], &logits), &GateOptions::new(k, cf)).unwrap();
+        let r = &gate.routing;
+        assert_eq!(r.capacity(), 0, "M={m}");
+        assert!(ints(r.locations()).iter().all(|&l| l == -1), "M={m}");
+        let dispatched = moe_dispatch(&x, r).unwrap();
+        assert_eq!(dispatched.shape(), [e, 0, m]);
+        assert_eq!(
+            down(&moe_combine(&dispatched, r).unwrap()),
+            vec![0.0; s * m]
+        );
+        assert_eq!(
+            down(&moe_dispatch_backward(&dispatched, r).unwrap()),
+            vec![0.0; s * m]
+        );
+        let (d_out, d_gates) = moe_combine_backward(&t(&[s, m], &dy), &dispatched, r).unwrap();
+        assert_eq!(d_out.shape(), [e, 0, m]);
+        assert_eq!(down(&d_gates), vec![0.0; s * k]);
+
+        let (w1, w2, b1, b2) = (
+            t(&[e, m, f], &inputs.w1),
+            t(&[e, f, m], &inputs.w2),
+            t(&[e, f], &inputs.b1),
+            t(&[e, m], &inputs.b2),
+        );
+        let w = ExpertWeights {
+            w1: &w1,
+            b1: Some(&b1),
+            w2: &w2,
+            b2: Some(&b2),
+            activation: Activation::Gelu,
+        };
+        let opts = LayerOptions {
+            gate: GateOptions::new(k, cf),
+            path: MoePath::Capacity,
+        };
+        let out = moe_layer(&x, &wg, &w, &opts).unwrap();
+        assert_eq!(down(&out.y), vec![0.0; s * m], "M={m}");
+        let grads =
+            moe_layer_backward(&x, &wg, &w, &GateOptions::new(k, cf), &t(&[s, m], &dy), 0.8)
+                .unwrap();
+        for (name, got) in [
+            ("x", &grads.dx),
+            ("w_gate", &grads.d_w_gate),
+            ("w1", &grads.d_w1),
+            ("b1", &grads.d_b1),
+            ("w2", &grads.d_w2),
+            ("b2", &grads.d_b2),
+        ] {
+            let fd = inputs.grad_fd(name, &dy, 0.8);
+            let err = max_rel_error(&down(got), &fd, 1.0);
+            assert!(err < 1e-5, "M={m} d_{name}: {err:e}");
+        }
+    }
+}
+
 /// Experts of `w1`, `w2` without biases, silu.
 fn silu_experts<'a>(w1: &'a Tensor, w2: &'a Tensor) -> ExpertWeights<'a> {
     ExpertWeights {
@@ -631,6 +717,14 @@ fn bad_input_is_one_clear_line() {
             .unwrap(),
         &["locations"],
     );
+    // One token choosing the same expert twice.
+    let twice = i32s(&[1, 2], &[3.0, 3.0]);
+    let two_slots = i32s(&[1, 2], &[0.0, 1.0]);
+    let e = MoeRouting::from_tensors(&twice, &two_slots, None, 4, 2)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("distinct"), "{e}");
+    one_line(e, &["expert_ids"]);
     // k > E.
     let l = up(DType::F32, &[3, 4], &[0.0; 12]);
     one_line(

@@ -553,6 +553,37 @@ fn run_s2ft_select_then_permute_then_verify() {
         ),
         &["head_dim", "w_k", "10"],
     );
+    // Nothing to permute, and explicit units with a count that disagrees: refused.
+    let mut only_perm: BTreeMap<String, HostTensor> = BTreeMap::new();
+    only_perm.insert("perm".into(), attn["perm"].clone());
+    save_safetensors(&weights, &only_perm).unwrap();
+    assert_clear_error(
+        &run_op("s2ft_permute", &weights, &permuted, &[]),
+        &["at least one matrix", "w_up"],
+    );
+    let explicit = [
+        "--set",
+        "num_units=12",
+        "--set",
+        "strategy=explicit",
+        "--set",
+        "units_a=4",
+        "--set",
+        "units_b=1,2",
+    ];
+    let nothing = tmp("s2ft_nothing.safetensors");
+    save_safetensors(&nothing, &BTreeMap::new()).unwrap();
+    let o = run_op("s2ft_select", &nothing, &selected, &explicit);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let with_count: Vec<&str> = explicit
+        .iter()
+        .copied()
+        .chain(["--set", "count_a=5"])
+        .collect();
+    assert_clear_error(
+        &run_op("s2ft_select", &nothing, &selected, &with_count),
+        &["count_a", "5", "units_a"],
+    );
 }
 
 #[test]

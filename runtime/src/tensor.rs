@@ -59,9 +59,12 @@ pub fn checked_numel(name: &str, shape: &[usize], dtype: DType) -> Result<usize>
 }
 
 /// Bytes actually allocated for `n` bytes of data: wgpu binds buffers in 4-byte
-/// words, so f16/i8 tensors of odd length are padded (the padding is never read back).
+/// words, so f16/i8 tensors of odd length are padded (the padding is never read back);
+/// and at least 16 bytes, one 4-wide f32 vector, so that an empty tensor bound where a
+/// kernel reads 4-wide vectors (and reads none of them) passes wgpu's validation of the
+/// binding's size instead of panicking inside wgpu.
 fn padded(n: usize) -> usize {
-    n.div_ceil(4).max(1) * 4
+    n.div_ceil(4).max(4) * 4
 }
 
 impl Tensor {
@@ -227,11 +230,16 @@ impl Tensor {
         } else {
             Err(Error::DType {
                 tensor: name.into(),
-                expected: allowed
-                    .iter()
-                    .map(|d| d.name())
-                    .collect::<Vec<_>>()
-                    .join(" or "),
+                expected: {
+                    // Each dtype once (`[dtype, F32]` with dtype f32 reads "f32").
+                    let mut names: Vec<&str> = Vec::with_capacity(allowed.len());
+                    for d in allowed {
+                        if !names.contains(&d.name()) {
+                            names.push(d.name());
+                        }
+                    }
+                    names.join(" or ")
+                },
                 found: self.dtype.name().into(),
             })
         }

@@ -6,17 +6,26 @@ use super::*;
 fn flexround_forward_and_backward_match_f64() {
     let mut rng = Rng::new(14);
     // 600 rows: ds4 sums its column in blocks of 256 rows (two whole, one partial).
-    for (rows, cols) in [(3, 5), (37, 300), (70, 1), (600, 3)] {
+    for (case, (rows, cols)) in [(3, 5), (37, 300), (70, 1), (600, 3)]
+        .into_iter()
+        .enumerate()
+    {
         for dtype in [DType::F32, DType::F16] {
             let f = flex_case(&mut rng, rows, cols, dtype);
             let g = rounded(dtype, &rng.normals(rows * cols, 1.0));
             let t = |shape: &[usize], v: &[f64]| up(dtype, shape, v);
+            // The scale vectors in both accepted layouts: `[1]`, `[rows]`, `[cols]`, or
+            // `[]`, `[1, rows]`, `[1, cols]`; each gradient comes back in its parameter's.
+            let (s1_shape, s3_shape, s4_shape) = match case % 2 {
+                0 => (vec![1], vec![rows], vec![cols]),
+                _ => (vec![], vec![1, rows], vec![1, cols]),
+            };
             let (w, s1, s2, s3, s4) = (
                 t(&[rows, cols], &f.w),
-                t(&[1], &[f.s1]),
+                t(&s1_shape, &[f.s1]),
                 t(&[rows, cols], &f.s2),
-                t(&[rows], &f.s3),
-                t(&[cols], &f.s4),
+                t(&s3_shape, &f.s3),
+                t(&s4_shape, &f.s4),
             );
             let inp = FlexRoundInputs {
                 w: &w,
@@ -40,6 +49,9 @@ fn flexround_forward_and_backward_match_f64() {
                 );
             }
             let grads = qgemm::flexround_backward(&inp, &t(&[rows, cols], &g)).unwrap();
+            assert_eq!(grads.ds1.shape(), s1_shape);
+            assert_eq!(grads.ds3.shape(), s3_shape);
+            assert_eq!(grads.ds4.shape(), s4_shape);
             let r = f.backward(&g);
             for (name, got, want) in [
                 ("dw", &grads.dw, r.dw.clone()),

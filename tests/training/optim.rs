@@ -300,7 +300,7 @@ fn bad_input_is_one_clear_line() {
     )
     .unwrap();
     let g = up(DType::F32, &[1, 3], &[0.5; 3]);
-    check(opt.step(&[&w], &[&g]).unwrap_err(), &["grad[0]", "[1, 4]"]);
+    check(opt.step(&[&w], &[&g]).unwrap_err(), &["`grad`", "[1, 4]"]);
     check(
         opt.step(&[&w, &w], &[&g]).unwrap_err(),
         &["1 params and grads"],

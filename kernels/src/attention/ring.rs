@@ -730,13 +730,17 @@ fn whole_layout(
     match (inp.cu_seqlens_q, inp.cu_seqlens_k) {
         (None, None) => RingLayout::new(q.shape()[1], world_size, schedule),
         (Some(cq), Some(ck)) if cq == ck => RingLayout::varlen(cq, world_size, schedule),
-        (cq, ck) => Err(Error::Param {
-            param: "cu_seqlens_k".into(),
-            expected: format!(
-                "equal to cu_seqlens_q {cq:?} (a ring attends each sequence to itself)"
-            ),
-            found: format!("{ck:?}"),
-        }),
+        (cq, ck) => {
+            let text = |c: Option<&[i32]>| c.map_or("absent".to_string(), |c| format!("{c:?}"));
+            Err(Error::Param {
+                param: "cu_seqlens_k".into(),
+                expected: format!(
+                    "equal to cu_seqlens_q, {} (a ring attends each sequence to itself)",
+                    text(cq)
+                ),
+                found: text(ck),
+            })
+        }
     }
 }
 

@@ -252,8 +252,16 @@ pub(super) fn chunk_size(inp: &GlaInputs<'_>, p: &Problem, given: Option<usize>)
         check_chunk(chunk)?;
         return Ok(chunk);
     }
+    // The first candidate is what runs untuned (`KILN_AUTOTUNE=off`), in the forward and
+    // the backward alike: 16 on a CPU adapter, which measured fastest there and is the
+    // most precise under strong decay (docs/gla.md), 64 (fla's) on a GPU.
+    let cpu = inp.q.client().report().adapter_type == kiln_runtime::AdapterType::Cpu;
+    let mut order: Vec<u32> = CHUNK_SIZES.iter().map(|&c| c as u32).collect();
+    if !cpu {
+        order.reverse();
+    }
     let chunk = forward_choice("gla_chunk_size", inp, p)
-        .candidates(CHUNK_SIZES.iter().rev().map(|&c| c as u32))
+        .candidates(order)
         .tune(
             inp.q.client(),
             CHUNK_SIZE_TOLERANCE,

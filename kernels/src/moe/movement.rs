@@ -130,6 +130,11 @@ pub(super) fn combine_from_layout(
     if s * m == 0 {
         return Ok(out);
     }
+    if src.numel() == 0 {
+        // No rows at all (capacity 0: every route dropped): the sums are zeros. A launch
+        // would bind the empty tensor's placeholder as vectors, which wgpu refuses.
+        return Tensor::zeros(client, src.dtype(), &[s, m]);
+    }
     // The experts' first rows, on the device once per routing (not uploaded per call).
     let (_, row_base) = routing.slot_routes(layout)?;
     let gates = match weighted {
@@ -244,6 +249,10 @@ pub(super) fn gate_grads(
     let d_gates = Tensor::empty(client, DType::F32, &[s, k])?;
     if s * k == 0 {
         return Ok(d_gates);
+    }
+    if rows.numel() == 0 {
+        // No rows (capacity 0): every route is dropped, its gradient zero.
+        return Tensor::zeros(client, DType::F32, &[s, k]);
     }
     let (_, base) = routing.rows(layout);
     let base: Vec<u32> = base.iter().map(|&b| b as u32).collect();

@@ -94,7 +94,8 @@ impl MoeRouting {
 
     /// A routing from `expert_ids` and `locations` (`[S, k]` i32, `-1` for a dropped
     /// route) and optional `gates` (`[S, k]` f32), checked on the host: ids in
-    /// `0..num_experts`, kept locations below `capacity`, no two routes in one slot.
+    /// `0..num_experts`, k distinct per token, kept locations below `capacity`, no two
+    /// routes in one slot.
     pub fn from_tensors(
         expert_ids: &Tensor,
         locations: &Tensor,
@@ -148,6 +149,13 @@ impl MoeRouting {
                     "expert_ids",
                     &format!("expert ids in 0..{num_experts}"),
                     &format!("{e} at token {tok}, choice {i}"),
+                ));
+            }
+            if let Some(j) = ids[tok * k..r].iter().position(|&other| other == e) {
+                return Err(param(
+                    "expert_ids",
+                    "k distinct experts per token",
+                    &format!("expert {e} at token {tok}, choices {j} and {i}"),
                 ));
             }
             if l < 0.0 {

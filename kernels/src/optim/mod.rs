@@ -69,6 +69,15 @@ pub use topk::{
     TopkSubsetWriteArgs,
 };
 
+/// The name of the `i`-th of `count` listed tensors `what` in errors: `what` alone for a
+/// list of one (as `kiln run` passes), `what[i]` otherwise.
+fn param_name(count: usize, what: &str, i: usize) -> String {
+    match count {
+        1 => what.to_string(),
+        _ => format!("{what}[{i}]"),
+    }
+}
+
 /// An error naming `params` unless a step got one param and one grad for each of the
 /// `count` tensors the optimizer was created with.
 fn expect_list(count: usize, params: usize, grads: usize) -> kiln_runtime::Result<()> {

@@ -168,8 +168,8 @@ impl MultiTensorStep {
         if steps >= u64::from(u32::MAX) {
             return Err(Error::Param {
                 param: "step".into(),
-                expected: format!("fewer than {} steps taken", u32::MAX),
-                found: steps.to_string(),
+                expected: format!("the step being taken at most {} (a u32 counter)", u32::MAX),
+                found: (u128::from(steps) + 1).to_string(),
             });
         }
         let Some((first, _)) = weights.first() else {
@@ -183,7 +183,7 @@ impl MultiTensorStep {
         let k = rule.state_names().len();
         let (mut slots, mut host) = (Vec::new(), Vec::new());
         for (i, ((w, block), given)) in weights.iter().zip(state).enumerate() {
-            let name = format!("param[{i}]");
+            let name = super::param_name(weights.len(), "param", i);
             check_input(&name, w, &client)?;
             let &[out, inp] = w.shape() else {
                 return Err(shape_err(&name, "[out, in]".into(), w.shape()));
@@ -295,7 +295,10 @@ impl MultiTensorStep {
         let n = self.slots.len();
         super::expect_list(n, weights.len(), grads.len())?;
         for (i, (s, (w, g))) in self.slots.iter().zip(weights.iter().zip(grads)).enumerate() {
-            let (wn, gn) = (format!("param[{i}]"), format!("grad[{i}]"));
+            let (wn, gn) = (
+                super::param_name(n, "param", i),
+                super::param_name(n, "grad", i),
+            );
             check_input(&wn, w, self.state.client())?;
             w.expect_dtype(&wn, &[s.dtype])?;
             expect_shape(&wn, w, &s.weight, "as created")?;
@@ -304,10 +307,10 @@ impl MultiTensorStep {
             expect_shape(&gn, g, &s.shape(), "the block's shape")?;
         }
         self.hyper.check(self.rule)?;
-        if self.steps + 1 >= u64::from(u32::MAX) {
+        if self.steps + 1 > u64::from(u32::MAX) {
             return Err(Error::Param {
                 param: "step".into(),
-                expected: format!("fewer than {} steps (a u32 counter)", u32::MAX),
+                expected: format!("the step being taken at most {} (a u32 counter)", u32::MAX),
                 found: (self.steps + 1).to_string(),
             });
         }

@@ -34,17 +34,17 @@ pub struct FlexRoundInputs<'a> {
     pub qmax: f64,
 }
 
-/// FlexRound's gradients, in w's dtype.
+/// FlexRound's gradients, in w's dtype, each in its parameter's shape.
 pub struct FlexRoundGrads {
     /// dL/dw `[rows, cols]`.
     pub dw: Tensor,
-    /// dL/ds1 `[1]`.
+    /// dL/ds1, one element (s1's shape).
     pub ds1: Tensor,
     /// dL/dS2 `[rows, cols]`.
     pub ds2: Tensor,
-    /// dL/ds3 `[rows]`.
+    /// dL/ds3, `rows` elements (s3's shape).
     pub ds3: Tensor,
-    /// dL/ds4 `[cols]`.
+    /// dL/ds4, `cols` elements (s4's shape).
     pub ds4: Tensor,
 }
 
@@ -181,7 +181,14 @@ pub fn flexround_backward(p: &FlexRoundInputs<'_>, grad: &Tensor) -> Result<Flex
             rows: r,
         },
     )?;
-    Ok(g)
+    // Each gradient in its parameter's shape (`s1` `[1]` or `[]`, `s3` `[rows]` or
+    // `[1, rows]`, ...; the element counts were checked above).
+    Ok(FlexRoundGrads {
+        ds1: g.ds1.reshape(p.s1.shape())?,
+        ds3: g.ds3.reshape(p.s3.shape())?,
+        ds4: g.ds4.reshape(p.s4.shape())?,
+        ..g
+    })
 }
 
 // ---------------------------------------------------------------- kernels

@@ -492,10 +492,10 @@ pub static FLEXROUND_BACKWARD: OpSpec = OpSpec {
     ],
     outputs: &[
         TensorSpec::new("dw", "[rows, cols]", Dtypes::Like("w"), false, "dL/dw"),
-        TensorSpec::new("ds1", "[1]", Dtypes::Like("w"), false, "dL/ds1"),
+        TensorSpec::new("ds1", "s1's shape", Dtypes::Like("w"), false, "dL/ds1"),
         TensorSpec::new("ds2", "[rows, cols]", Dtypes::Like("w"), false, "dL/dS2"),
-        TensorSpec::new("ds3", "[rows]", Dtypes::Like("w"), false, "dL/ds3"),
-        TensorSpec::new("ds4", "[cols]", Dtypes::Like("w"), false, "dL/ds4"),
+        TensorSpec::new("ds3", "s3's shape", Dtypes::Like("w"), false, "dL/ds3"),
+        TensorSpec::new("ds4", "s4's shape", Dtypes::Like("w"), false, "dL/ds4"),
     ],
     params: &[QMIN, QMAX],
     run: run_flex_backward,

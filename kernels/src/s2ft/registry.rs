@@ -208,7 +208,23 @@ fn run_select(client: &Client, a: &OpArgs) -> Result<Outputs> {
         },
     };
     let (count_a, count_b) = match a.param("strategy")?.as_str() {
-        "explicit" => (units_a.len(), units_b.len()),
+        "explicit" => {
+            // The lists fix the counts: a count set beside them must agree.
+            for (name, units) in [("count_a", &units_a), ("count_b", &units_b)] {
+                if a.given(name) && a.param_as::<usize>(name)? != units.len() {
+                    return Err(Error::Param {
+                        param: name.into(),
+                        expected: format!(
+                            "unset, or {} (the units listed in units_{})",
+                            units.len(),
+                            &name[6..]
+                        ),
+                        found: a.param(name)?,
+                    });
+                }
+            }
+            (units_a.len(), units_b.len())
+        }
         _ => (a.param_as("count_a")?, a.param_as("count_b")?),
     };
     let p = s2ft_select(num_units, unit_size, count_a, count_b, &strategy)?;
@@ -317,6 +333,13 @@ fn run_permute(_: &Client, a: &OpArgs) -> Result<Outputs> {
         if let Some(w) = a.optional_tensor(name) {
             outs.push((name, s2ft_permute(name, w, &p, 1, axis, "unit_size")?));
         }
+    }
+    if outs.is_empty() {
+        return Err(Error::MissingTensor {
+            op: "s2ft_permute".into(),
+            tensor: "w_q, w_k, w_v, w_o, w_up, w_gate or w_down".into(),
+            expected: "at least one matrix to permute".into(),
+        });
     }
     Ok(outs)
 }

@@ -4,11 +4,15 @@
 //! shape, so every rank sees every other's view and a disagreement fails everywhere.
 //! A rank whose own arguments are wrong still takes part in the collective's round,
 //! sending its refusal in place of data, so its peers fail at once (not after the
-//! timeout) and every queue stays matched for the next call.
+//! timeout) and every queue stays matched for the next call. Collective messages carry
+//! the sender's call number, so that after a timeout no call pairs with another round's
+//! data: a late message of a round this rank left is discarded, and a peer already in a
+//! later round is an error (the next call pairs again).
 
 use super::{check_agreement, check_reducible, check_send_rows, rank1, Agree, Communicator};
 use crate::{Client, DType, Error, HostTensor, Result, Tensor};
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +20,10 @@ use std::time::{Duration, Instant};
 #[derive(Clone)]
 struct Msg {
     op: &'static str,
+    /// A collective's round: the sender's count of collective calls before this one
+    /// (every rank makes the same collective calls in the same order); `None` for a
+    /// point-to-point message, which pairs by order alone.
+    round: Option<u64>,
     payload: Payload,
 }
 
@@ -50,10 +58,8 @@ pub struct HostComm {
     world: usize,
     client: Client,
     hub: Arc<Hub>,
-    /// Per peer, the operations of rounds this rank left before taking that peer's
-    /// message (it failed first): the next take from the peer discards them, so the
-    /// pairing of later calls is kept.
-    skips: Mutex<Vec<VecDeque<&'static str>>>,
+    /// Collective calls this rank has made (the next round's number).
+    rounds: AtomicU64,
 }
 
 impl HostComm {
@@ -82,7 +88,7 @@ impl HostComm {
                 world,
                 client,
                 hub: hub.clone(),
-                skips: Mutex::new(vec![VecDeque::new(); world]),
+                rounds: AtomicU64::new(0),
             })
             .collect()
     }
@@ -135,26 +141,39 @@ impl HostComm {
         self.hub.changed.notify_all();
     }
 
-    /// The next message from `from` to this rank, waiting at most the timeout.
-    fn take(&self, op: &str, from: usize) -> Result<Msg> {
+    /// The next message from `from` to this rank, waiting at most the timeout. In a
+    /// collective's round `round`, a message of an earlier round (one this rank left on
+    /// a timeout) is discarded, and one of a later round is left in place for this
+    /// rank's next call: `Ok(Err(..))`, this call failing (the peer made a collective
+    /// call this rank did not). `Err` where the peer dropped out or timed out.
+    fn take(&self, op: &str, from: usize, round: Option<u64>) -> Result<Result<Msg>> {
         // A timeout past what `Instant` can hold waits without a deadline.
         let deadline = Instant::now().checked_add(self.hub.timeout);
         let mut s = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if let Some(m) = s
-                .queues
-                .get_mut(&(from, self.rank))
-                .and_then(VecDeque::pop_front)
-            {
-                let mut skips = self.skips.lock().unwrap_or_else(|p| p.into_inner());
-                match skips[from].pop_front() {
-                    // The message of a round this rank left early.
-                    Some(skipped) if skipped == m.op => continue,
-                    // The peer never took part in that round: nothing to discard.
-                    Some(_) => skips[from].clear(),
-                    None => {}
+            if let Some(queue) = s.queues.get_mut(&(from, self.rank)) {
+                let head = queue.front().map(|m| (m.op, m.round));
+                match (round, head) {
+                    (Some(mine), Some((_, Some(theirs)))) if theirs < mine => {
+                        queue.pop_front();
+                        continue;
+                    }
+                    (Some(mine), Some((their_op, Some(theirs)))) if theirs > mine => {
+                        return Ok(Err(self.err(
+                            op,
+                            from,
+                            format!(
+                                "the peer is already in a later collective (`{their_op}`, its call {}; this is this rank's call {}): it made a collective call this rank did not",
+                                theirs + 1,
+                                mine + 1
+                            ),
+                        )));
+                    }
+                    _ => {}
                 }
-                return Ok(m);
+                if let Some(m) = queue.pop_front() {
+                    return Ok(Ok(m));
+                }
             }
             if s.gone[from] {
                 return Err(self.err(op, from, "the peer dropped out"));
@@ -179,8 +198,13 @@ impl HostComm {
         }
     }
 
+    /// The next point-to-point message from `from`.
+    fn take_p2p(&self, op: &'static str, from: usize) -> Result<Msg> {
+        self.take(op, from, None)?
+    }
+
     fn take_tensor(&self, op: &'static str, from: usize) -> Result<HostTensor> {
-        let m = self.take(op, from)?;
+        let m = self.take_p2p(op, from)?;
         self.open(op, from, m)
     }
 
@@ -188,11 +212,9 @@ impl HostComm {
     fn open(&self, op: &'static str, from: usize, m: Msg) -> Result<HostTensor> {
         match m.payload {
             Payload::Tensor(h) if m.op == op => Ok(h),
-            Payload::Refused(why) if m.op == op => Err(self.err(
-                op,
-                from,
-                format!("the peer refused its arguments: {why}"),
-            )),
+            Payload::Refused(why) if m.op == op => {
+                Err(self.err(op, from, format!("the peer refused its arguments: {why}")))
+            }
             _ => Err(self.err(op, from, format!("the peer is in `{}`", m.op))),
         }
     }
@@ -203,31 +225,38 @@ impl HostComm {
     /// before it takes, so no round deadlocks. A refusal, or a peer in another
     /// operation, fails every rank of the round after the whole round, so the queues
     /// stay matched for the next call; a peer that dropped out or timed out ends the
-    /// round at once, and this round's messages from it and from the peers not yet
-    /// taken are discarded when they arrive.
+    /// round at once (its late message, and those of the peers not yet taken, are
+    /// discarded by round number when they arrive).
     fn round(&self, op: &'static str, parts: Result<Vec<HostTensor>>) -> Result<Vec<HostTensor>> {
+        let round = self.rounds.fetch_add(1, Ordering::Relaxed);
         for peer in (0..self.world).filter(|&p| p != self.rank) {
             let payload = match &parts {
                 Ok(parts) => Payload::Tensor(parts[peer].clone()),
                 Err(e) => Payload::Refused(e.to_string()),
             };
-            self.post(peer, Msg { op, payload });
+            self.post(
+                peer,
+                Msg {
+                    op,
+                    round: Some(round),
+                    payload,
+                },
+            );
         }
         let mut got: Vec<Option<HostTensor>> = vec![None; self.world];
         let mut first_error = None;
         for peer in (0..self.world).filter(|&p| p != self.rank) {
-            match self.take(op, peer) {
-                Ok(m) => match self.open(op, peer, m) {
+            match self.take(op, peer, Some(round)) {
+                Ok(Ok(m)) => match self.open(op, peer, m) {
                     Ok(h) => got[peer] = Some(h),
                     Err(e) => {
                         first_error.get_or_insert(e);
                     }
                 },
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
                 Err(e) => {
-                    let mut skips = self.skips.lock().unwrap_or_else(|p| p.into_inner());
-                    for rest in (peer..self.world).filter(|&p| p != self.rank) {
-                        skips[rest].push_back(op);
-                    }
                     first_error.get_or_insert(e);
                     break;
                 }
@@ -315,11 +344,12 @@ impl Communicator for HostComm {
             peer,
             Msg {
                 op: "send",
+                round: None,
                 payload: Payload::Tensor(t.download()?),
             },
         );
         // Wait for the receiver's verdict, so a mismatch fails here too.
-        let m = self.take("send", peer)?;
+        let m = self.take_p2p("send", peer)?;
         match m.payload {
             Payload::Ack(Ok(())) => Ok(()),
             Payload::Ack(Err(why)) => Err(self.err("send", peer, why)),
@@ -342,6 +372,7 @@ impl Communicator for HostComm {
             peer,
             Msg {
                 op: "send",
+                round: None,
                 payload: Payload::Ack(verdict.clone()),
             },
         );
@@ -357,6 +388,7 @@ impl Communicator for HostComm {
             to,
             Msg {
                 op: "send_recv",
+                round: None,
                 payload: Payload::Tensor(mine.clone()),
             },
         );

@@ -430,6 +430,11 @@ impl OpArgs {
         }
     }
 
+    /// Whether the caller set parameter `name` (rather than leaving its default).
+    pub fn given(&self, name: &str) -> bool {
+        self.params.contains_key(name)
+    }
+
     /// A parameter as text (given or default).
     pub fn param(&self, name: &str) -> Result<String> {
         self.raw(name).map(str::to_string)

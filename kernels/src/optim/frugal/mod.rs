@@ -45,7 +45,7 @@ use super::slots::{
     launch_groups, select_slot, slot_args, slot_kernel, slot_of, store_slot, SLOTS, SLOT_WORDS,
 };
 use super::topk::{contiguous_regions, select_top_k, KeySource};
-use super::{Hyper, Rule};
+use super::{param_name, Hyper, Rule};
 use crate::launch::{check_input, expect_shape, upload_u32};
 use cubecl::prelude::*;
 use kiln_runtime::{DType, Error, HostTensor, Result, Tensor};
@@ -906,14 +906,6 @@ fn check_step_pair(
     check_input(&gn, grad, client)?;
     grad.expect_dtype(&gn, &[dtype])?;
     expect_shape(&gn, grad, param.shape(), "param's shape")
-}
-
-/// `param` for a one-tensor list (as the single-tensor API names it), `param[i]` else.
-fn param_name(count: usize, what: &str, i: usize) -> String {
-    match count {
-        1 => what.to_string(),
-        _ => format!("{what}[{i}]"),
-    }
 }
 
 /// An f32 vector on the device (`[1]` zeros when empty: a binding is never empty).

@@ -79,7 +79,9 @@ impl Communicator for NcclComm {
 
     fn all_to_all(&self, t: &Tensor, send_rows: &[usize]) -> Result<(Tensor, Vec<usize>)> {
         let op = "all_to_all";
-        let local = rank1(t, op).and_then(|()| check_send_rows(self.world, t, send_rows));
+        let local = rank1(t, op)
+            .and_then(|()| check_send_rows(self.world, t, send_rows))
+            .and_then(|()| self.check_local(op, t));
         let extra = send_rows.iter().map(|&r| r as u64).collect();
         let all = self.agree(op, local, t.dtype(), t.shape(), extra, Agree::Trailing)?;
         let recv_rows: Vec<usize> = all.iter().map(|h| h.extra[self.rank] as usize).collect();
@@ -104,7 +106,8 @@ impl Communicator for NcclComm {
 
     fn all_reduce(&self, t: &Tensor) -> Result<Tensor> {
         let op = "all_reduce";
-        self.agree(op, check_reducible(t), t.dtype(), t.shape(), vec![], Agree::Whole)?;
+        let local = check_reducible(t).and_then(|()| self.check_local(op, t));
+        self.agree(op, local, t.dtype(), t.shape(), vec![], Agree::Whole)?;
         let out = Tensor::empty(&self.client, t.dtype(), t.shape())?;
         let (ptrs, _keep) = self.addresses(op, &[t, &out])?;
         let dtype = match t.dtype() {
@@ -133,7 +136,8 @@ impl Communicator for NcclComm {
 
     fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
         let op = "all_gather";
-        let all = self.agree(op, rank1(t, op), t.dtype(), t.shape(), vec![], Agree::Trailing)?;
+        let local = rank1(t, op).and_then(|()| self.check_local(op, t));
+        let all = self.agree(op, local, t.dtype(), t.shape(), vec![], Agree::Trailing)?;
         let rows: Vec<usize> = all.iter().map(|h| h.shape[0]).collect();
         let mut shape = t.shape().to_vec();
         shape[0] = rows.iter().sum();

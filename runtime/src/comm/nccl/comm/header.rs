@@ -92,7 +92,10 @@ mod tests {
         assert_eq!(w.len(), HEADER + 3);
         assert_eq!(Header::decode(&w), Some(h.clone()));
         let refusal = Header { refused: true, ..h };
-        assert_eq!(Header::decode(&refusal.encode().expect("encode")), Some(refusal));
+        assert_eq!(
+            Header::decode(&refusal.encode().expect("encode")),
+            Some(refusal)
+        );
         let deep = Header {
             op: "send",
             dtype: DType::F32,

@@ -276,16 +276,7 @@ impl NcclComm {
         let mut keep = Vec::with_capacity(ts.len());
         let mut ptrs = Vec::with_capacity(ts.len());
         for t in ts {
-            if !t.is_contiguous()
-                || !matches!(t.client().inner, ClientInner::Cuda(_))
-                || t.client().report().selector != self.client.report().selector
-            {
-                return Err(Error::Device(format!(
-                    "{op}: the tensor must be contiguous and on {} (this rank's device); it is on {}",
-                    self.client.report().selector,
-                    t.client().report().selector
-                )));
-            }
+            self.check_local(op, t)?;
             let r = c
                 .get_resource(t.handle().clone())
                 .map_err(|e| Error::Device(format!("{op}: {e:?}")))?;
@@ -293,6 +284,23 @@ impl NcclComm {
             keep.push(r);
         }
         Ok((ptrs, keep))
+    }
+
+    /// A tensor this rank can hand to NCCL: contiguous, on this rank's CUDA device. The
+    /// collectives check their input with it before the header exchange (a refusal
+    /// there fails the peers at once; after it they would wait inside NCCL).
+    pub(super) fn check_local(&self, op: &str, t: &Tensor) -> Result<()> {
+        if !t.is_contiguous()
+            || !matches!(t.client().inner, ClientInner::Cuda(_))
+            || t.client().report().selector != self.client.report().selector
+        {
+            return Err(Error::Device(format!(
+                "{op}: the tensor must be contiguous and on {} (this rank's device); it is on {}",
+                self.client.report().selector,
+                t.client().report().selector
+            )));
+        }
+        Ok(())
     }
 
     /// Every rank's header for a collective (an all-gather of the words), after checking
@@ -365,8 +373,10 @@ impl NcclComm {
                 refused: true,
             },
         };
-        let mut all = self.exchange(&sent)?;
+        // This rank's own error first, whatever the exchange met.
+        let exchanged = self.exchange(&sent);
         local?;
+        let mut all = exchanged?;
         if let Some(peer) = all.iter().position(|h| h.refused) {
             return Err(self.err(
                 op,
