@@ -106,7 +106,6 @@ pub(crate) fn select_random_subset(
             cubes: cubes as u32,
             invert,
             scale,
-            keep: 1.0 - scale,
             has_error: error.is_some(),
             contiguous: contiguous_regions(client) != 0,
         },
@@ -208,8 +207,8 @@ fn region_taken(bitmap: &Array<Vector<u32, Const<4>>>, region: u32, n: u32, inve
 }
 
 /// Forms `a = error + grad` in f32 (as [`topk_keys`] does; no `error` without
-/// `has_error`), writes the error feedback `a − c` to `error` (`keep · a` where taken,
-/// exactly 0 for `keep = 0`; `a` elsewhere; `n` rounded up to 4 long), and each taken
+/// `has_error`), writes the error feedback `e = a − c` to `error` (`a − scale · a` in f32
+/// where taken, exactly 0 for `scale = 1`; `a` elsewhere; `n` rounded up to 4 long), and each taken
 /// element's index and `scale · a` at its slot: its cube's `offsets`, then the taken
 /// before it in the cube, from the marks (`before` of the region holding its word, and
 /// the word's lower bits). `residual[c]`: the cube's sum of error². How the cube's
@@ -239,7 +238,6 @@ pub fn topk_subset_write<F: Float, N: Size>(
     cubes: u32,
     invert: u32,
     scale: f32,
-    keep: f32,
     #[comptime] has_error: bool,
     #[comptime] contiguous: bool,
 ) {
@@ -318,8 +316,13 @@ pub fn topk_subset_write<F: Float, N: Size>(
                 for l in 0..nw {
                     let v = av[l as usize];
                     let taken = (taken_lanes >> l) & 1u32 == 1u32;
-                    // inf * 0 would be NaN: a taken value leaves exactly nothing behind.
-                    let r = select(keep == 0.0, 0.0f32, keep * v);
+                    // The spec's `a − c` with `c` the value sent (`scale · a` rounded, as
+                    // stored below), so that `c + e = a` exactly where the subtraction
+                    // is (Sterbenz: `scale <= 2`, k >= n/2); `(1 − scale) a` missed it by
+                    // up to 6e4 ulps of `e` near `scale = 1`. At `scale = 1` (top-k) a
+                    // taken value leaves exactly nothing behind, an infinity too.
+                    let c = scale * v;
+                    let r = select(scale == 1.0, 0.0f32, v - c);
                     let e = select(taken, r, v);
                     ev[l as usize] = e;
                     squares += select(first + l < n, e * e, 0.0f32);
