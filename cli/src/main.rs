@@ -84,8 +84,8 @@ enum Command {
         op: Option<String>,
         /// The problem shape, as `kiln ops OP` describes it: e.g. 2048x2048 for softmax's
         /// x, 1024x1024x1024 (M x N x K) for matmul.
-        #[arg(long, default_value = "1024x1024")]
-        shape: String,
+        #[arg(long, required_unless_present_any = ["export", "import"])]
+        shape: Option<String>,
         /// Element type of the inputs.
         #[arg(long, default_value = "f32")]
         dtype: String,
@@ -203,10 +203,13 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Err(p) => {
-            eprintln!(
-                "error: internal error (please report): {}",
-                panic_message(&*p)
-            );
+            let message = panic_message(&*p);
+            // The reader of stdout went away (`kiln emit --list | head`): not an error
+            // of kiln's; stop quietly, as a program ended by SIGPIPE does.
+            if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: internal error (please report): {message}");
             ExitCode::from(101)
         }
     }
@@ -253,7 +256,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             exhaustive,
         } => tune::run(
             op.as_deref(),
-            &shape,
+            shape.as_deref().unwrap_or_default(),
             &dtype,
             device,
             export,

@@ -194,6 +194,10 @@ fn ambiguous_or_unused_arguments_are_reported() {
     let o = kiln(&["bench", "softmax", "--shape", "4x4", "--samples", "0"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--samples"));
+    // tune needs a shape (no default fits every operator's problem).
+    let o = kiln(&["tune", "softmax"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--shape"));
     // tune --export takes no operator (it would silently skip tuning).
     let o = kiln(&[
         "tune",
@@ -257,4 +261,21 @@ fn processes_tuning_into_one_cache_keep_every_entry() {
         );
     }
     assert!(leftovers(&d).is_empty(), "{:?}", leftovers(&d));
+}
+
+#[test]
+fn a_reader_that_goes_away_is_not_an_internal_error() {
+    // `kiln emit --list | head`: stdout's reader closes early. kiln stops quietly (exit 0,
+    // nothing on stderr) instead of reporting an internal error.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["emit", "--list"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("internal error"), "{err}");
+    assert_eq!(o.status.code(), Some(0), "{err}");
 }

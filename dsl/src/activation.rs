@@ -37,7 +37,8 @@ pub fn gelu_tanh<N: Size>(x: Vector<f32, N>) -> Vector<f32, N> {
 /// `exp2`: about 1.5e-6 relative at `a - b = -17`, which is where softmax's small
 /// probabilities live. Here the difference is split exactly (TwoSum), reduced by
 /// Cody-Waite (`n ln2` in two parts), and scaled by `2^n` built from its bits, and `exp(r)`
-/// with `|r| <= ln2/2` is a polynomial. Results below `2^-126` flush to 0;
+/// with `|r| <= ln2/2` is a polynomial. Results below `2^-126` (`a - b < ln 2^-126`,
+/// about -87.3365) flush to 0;
 /// `a = -inf` gives 0. `one` must be 1.0, computed at run time (see the body).
 /// Contract: `a <= b` with `b` finite (a softmax's `exp(x - max)`): above that the
 /// `2^n` scale is built from bits that overflow (`a - b` past about 88 gives garbage),
@@ -50,7 +51,10 @@ pub fn exp_diff(a: f32, b: f32, one: f32) -> f32 {
     let d_hi = (a - b) * one;
     let bb = (d_hi - a) * one;
     let d_lo = (a - (d_hi - bb)) - (b + bb);
-    let d = max(d_hi, -87.0);
+    // ln 2^-126 in f32: below it the result is not a normal f32 (flushed to 0 below);
+    // clamping here keeps `n >= -126`, so the `2^n` built from bits is a normal float.
+    let floor = -87.336_544f32;
+    let d = max(d_hi, floor);
     let n = f32::round(d * std::f32::consts::LOG2_E);
     // ln2 = C1 + C2 with C1 = 355/512 exact in 9 bits, so n * C1 is exact.
     // The constants go through `one` too, or the compiler folds C1 + C2 back into ln2.
@@ -65,7 +69,7 @@ pub fn exp_diff(a: f32, b: f32, one: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5e-1;
     let e = p * r * r + r + 1.0;
-    select(d_hi < -87.0, 0.0, e * scale)
+    select(d_hi < floor, 0.0, e * scale)
 }
 
 /// `sign(x)`: 1, -1, 0 for a zero of either sign, and NaN for NaN (as `torch.sign`). The

@@ -20,10 +20,21 @@ pub struct HostTensor {
 impl HostTensor {
     /// Wraps raw little-endian bytes; errors when the byte count does not match the shape.
     pub fn from_bytes(dtype: DType, shape: Vec<usize>, data: Vec<u8>) -> Result<Self> {
-        let numel = crate::checked_numel("data", &shape, dtype)?;
+        Self::from_bytes_named("data", dtype, shape, data)
+    }
+
+    /// [`HostTensor::from_bytes`], naming the tensor `name` in errors (as a file's
+    /// tensors are named).
+    pub fn from_bytes_named(
+        name: &str,
+        dtype: DType,
+        shape: Vec<usize>,
+        data: Vec<u8>,
+    ) -> Result<Self> {
+        let numel = crate::checked_numel(name, &shape, dtype)?;
         if data.len() != numel * dtype.size() {
             return Err(Error::Shape {
-                tensor: "data".into(),
+                tensor: name.into(),
                 expected: format!("{} bytes for {dtype} {shape:?}", numel * dtype.size()),
                 found: format!("{} bytes", data.len()),
             });
@@ -139,7 +150,12 @@ fn load(
                 view.dtype()
             ),
         })?;
-        let t = HostTensor::from_bytes(dtype, view.shape().to_vec(), view.data().to_vec())?;
+        let t = HostTensor::from_bytes_named(
+            &name,
+            dtype,
+            view.shape().to_vec(),
+            view.data().to_vec(),
+        )?;
         out.insert(name, t);
     }
     unused.sort();

@@ -93,12 +93,16 @@ pub(super) fn options(a: &OpArgs) -> Result<AttentionOptions> {
         "D^-1/2" => None,
         _ => Some(a.param_as::<f64>("scale")?),
     };
-    let out_dtype = match a.param_choice("out_dtype", &["q", "f32"])?.as_str() {
-        "f32" => Some(DType::F32),
-        _ => None,
-    };
-    // The ring operators place their blocks themselves: no offsets.
+    // The ring operators place their blocks themselves: no offsets; the backward
+    // operators' gradients take q's dtype: no `out_dtype`.
     let declared = |name: &str| a.spec().params.iter().any(|p| p.name == name);
+    let out_dtype = match declared("out_dtype") {
+        true => match a.param_choice("out_dtype", &["q", "f32"])?.as_str() {
+            "f32" => Some(DType::F32),
+            _ => None,
+        },
+        false => None,
+    };
     let offset = |name: &str| {
         if declared(name) {
             a.param_as(name)
@@ -277,7 +281,7 @@ pub static ATTENTION_BACKWARD: OpSpec = OpSpec {
         CU_K,
     ],
     outputs: &GRADS,
-    params: &PARAMS,
+    params: &BACKWARD_PARAMS,
     run: run_attention_backward,
     problem: "B x S x H x D or B x S x H x Hkv x D (Sq = Sk, Dv = D)",
     example_inputs: |dims| {
@@ -404,6 +408,12 @@ const RING_CU_K: TensorSpec = TensorSpec::new(
     "equal to cu_seqlens_q",
 );
 
+/// The backward's parameters: the forward's without `out_dtype` (its gradients take q's
+/// dtype; `out` is read in whichever dtype it comes).
+const BACKWARD_PARAMS: [ParamSpec; 6] = [
+    PARAMS[0], PARAMS[1], PARAMS[2], PARAMS[3], PARAMS[4], PARAMS[5],
+];
+
 /// The ring operators' parameters: the attention ones without offsets, and the ring.
 const RING_PARAMS: [ParamSpec; 7] = [
     PARAMS[0],
@@ -411,14 +421,33 @@ const RING_PARAMS: [ParamSpec; 7] = [
     PARAMS[4],
     PARAMS[5],
     PARAMS[6],
-    ParamSpec::new("world_size", "1", "1 ..= 1024", "ranks of the ring (run in this process on the chosen device)"),
-    ParamSpec::new(
-        "schedule",
-        "contiguous",
-        "contiguous | zigzag | tokenring",
-        "how the sequence is cut and what travels (zigzag: 2P chunks, balanced causal work; tokenring: Q travels, partials return)",
-    ),
+    RING_WORLD_SIZE,
+    RING_SCHEDULE,
 ];
+
+/// The ring backward's parameters: the ring's without `out_dtype`.
+const RING_BACKWARD_PARAMS: [ParamSpec; 6] = [
+    PARAMS[0],
+    PARAMS[1],
+    PARAMS[4],
+    PARAMS[5],
+    RING_WORLD_SIZE,
+    RING_SCHEDULE,
+];
+
+const RING_WORLD_SIZE: ParamSpec = ParamSpec::new(
+    "world_size",
+    "1",
+    "1 ..= 1024",
+    "ranks of the ring (run in this process on the chosen device)",
+);
+
+const RING_SCHEDULE: ParamSpec = ParamSpec::new(
+    "schedule",
+    "contiguous",
+    "contiguous | zigzag | tokenring",
+    "how the sequence is cut and what travels (zigzag: 2P chunks, balanced causal work; tokenring: Q travels, partials return)",
+);
 
 fn ring_args(a: &OpArgs) -> Result<(usize, RingSchedule)> {
     Ok((
@@ -479,7 +508,7 @@ pub static RING_ATTENTION_BACKWARD: OpSpec = OpSpec {
     summary: "ring attention backward over world_size ranks in one process: dq, dk, dv of the whole sequence",
     inputs: &[Q, K, V, GRAD_INPUTS[0], GRAD_INPUTS[1], GRAD_INPUTS[2], RING_CU_Q, RING_CU_K],
     outputs: &GRADS,
-    params: &RING_PARAMS,
+    params: &RING_BACKWARD_PARAMS,
     run: run_ring_backward,
     problem: "B x S x H x D or B x S x H x Hkv x D",
     example_inputs: ATTENTION_BACKWARD.example_inputs,
