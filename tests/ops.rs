@@ -188,6 +188,31 @@ fn softmax_more_rows_than_one_grid_dimension() {
     assert!(max_rel_error(&got.to_f64(), &want, 1e-6) < 2e-6);
 }
 
+/// Probabilities just above f32's smallest normal (`x - max` in `[ln 2^-126, -87)`) are
+/// computed, not flushed (the cut was at -87 until 2026-12-05); below `ln 2^-126` they
+/// flush to 0 (no subnormal results, whatever the backend's denormal mode).
+#[test]
+fn softmax_keeps_normal_results_down_to_the_smallest_normal() {
+    let xs = [-87.0, -87.2, -87.33, -87.4, -100.0];
+    let v: Vec<f64> = xs.iter().flat_map(|&x| [0.0, x]).collect();
+    let got = rowwise::softmax(&upload_f64(vec![xs.len(), 2], &v))
+        .unwrap()
+        .download()
+        .unwrap()
+        .to_f64();
+    for (row, &x) in xs.iter().enumerate() {
+        let (p, want) = (got[2 * row + 1], (x as f32 as f64).exp());
+        if want >= f64::from(f32::MIN_POSITIVE) {
+            assert!(
+                (p - want).abs() <= 4e-7 * want,
+                "x = {x}: {p:e} against {want:e}"
+            );
+        } else {
+            assert_eq!(p, 0.0, "x = {x}");
+        }
+    }
+}
+
 #[test]
 fn broadcast_over_several_vectors_a_unit_matches_f64() {
     // Each unit handles 4 (GPUs) or 16 (CPU adapters) vectors a grid apart; both are
