@@ -617,3 +617,40 @@ fn backward_f16_within_bounds() {
     let e = backward_errors(&x, &opts, &with_mask(x.dims(), &opts), x.inputs(), 8);
     assert!(e.iter().all(|&v| v <= 5e-3), "f16: {e:?}");
 }
+
+/// A NaN `lse` (one query row's) makes that row's probabilities NaN, so the gradients
+/// of every key it sees are NaN, as in the f64 reference; the kernels read a row's lse
+/// as "no key seen" only where it is -inf (until 2026-12-05 a NaN failed their `lse >
+/// lowest` test and the row was dropped: finite gradients).
+#[test]
+fn a_nan_lse_row_is_nan_in_the_gradients_it_reaches() {
+    let x = Qkv::new(DType::F32, 21, 1, 5, 7, 2, 1, 8, 8);
+    let opts = AttentionOptions::default();
+    let fwd = attention(&x.inputs(), &opts).unwrap();
+    let mut lse = down(&fwd.lse);
+    lse[3] = f64::NAN; // head 0, query row 3: it sees every key
+    let d_o_shape = fwd.out.shape().to_vec();
+    let d_o = up(
+        DType::F32,
+        &d_o_shape,
+        &Rng::new(2).normals(d_o_shape.iter().product(), 1.0),
+    );
+    let g = attention_backward(
+        &x.inputs(),
+        &AttentionGradInputs {
+            out: &fwd.out,
+            lse: &up(DType::F32, fwd.lse.shape(), &lse),
+            d_o: &d_o,
+        },
+        &opts,
+    )
+    .unwrap();
+    // dk, dv of the KV head (one here): every key, every column.
+    assert!(down(&g.dk).iter().all(|v| v.is_nan()), "dk");
+    assert!(down(&g.dv).iter().all(|v| v.is_nan()), "dv");
+    // dq: row 3 of head 0 is NaN; head 1's rows are not.
+    let dq = down(&g.dq);
+    let row = |t: usize, h: usize| &dq[(t * 2 + h) * 8..][..8];
+    assert!(row(3, 0).iter().all(|v| v.is_nan()), "dq row 3");
+    assert!(row(3, 1).iter().all(|v| v.is_finite()), "dq of head 1");
+}

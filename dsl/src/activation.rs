@@ -72,11 +72,18 @@ pub fn exp_diff(a: f32, b: f32, one: f32) -> f32 {
     select(d_hi < floor, 0.0, e * scale)
 }
 
+/// Whether `x` is NaN, from its bits: shader compilers may fold `x != x` away, or turn
+/// `!(x <= y)` into `x > y`, which NaN tells apart.
+#[cube]
+pub fn is_nan(x: f32) -> bool {
+    (u32::reinterpret(x) & 0x7fff_ffffu32) > 0x7f80_0000u32
+}
+
 /// `sign(x)`: 1, -1, 0 for a zero of either sign, and NaN for NaN (as `torch.sign`). The
-/// NaN test reads the bits: shader compilers may fold `x * 0` or `x != x` away.
+/// NaN test reads the bits ([`is_nan`]): shader compilers may fold `x * 0` away.
 #[cube]
 pub fn sign_keep_nan(x: f32) -> f32 {
-    let nan = (u32::reinterpret(x) & 0x7fff_ffffu32) > 0x7f80_0000u32;
+    let nan = is_nan(x);
     select(
         x > 0.0,
         1.0f32,

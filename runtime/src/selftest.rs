@@ -204,6 +204,14 @@ fn compare(
             expected.name()
         )));
     }
+    if got.numel() != want.len() {
+        return Ok(Outcome::Broken(format!(
+            "`{}` has {} elements, the case's reference {} (a reference written for other shapes?)",
+            case.output,
+            got.numel(),
+            want.len()
+        )));
+    }
     let floor = case.floor.max(min_normal(got.dtype));
     let err = max_rel_error(&got.to_f64(), &want, floor);
     // One rounding of the output to its dtype, plus the case's f32 arithmetic budget.

@@ -223,6 +223,16 @@ pub fn attention_bwd_prep<F: Float>(
     }
 }
 
+/// A query row's `L` as the gradient kernels use it: `f32::MAX` for a row that sees no
+/// key (`L = -inf`) or lies past the tile (`valid` false), so that `p = exp(c s - L)` is
+/// exactly 0 there without a test per element; anything else as it is, a NaN included
+/// (a NaN input's row stays NaN, never a dropped row: told apart from -inf by its bits).
+#[cube]
+fn row_lse(l: f32, valid: bool) -> f32 {
+    let live = l > f32::min_value() || kiln_dsl::is_nan(l);
+    select(valid && live, l, f32::max_value())
+}
+
 attention_grad_kernel! {
     /// dq of one (sequence, query tile of `BQ`, head, dq column tile of `BC`): walks the
     /// keys the tile sees in tiles of `BK`; `ds` staged in shared memory for `dq += ds K`.
@@ -286,7 +296,7 @@ attention_grad_kernel! {
                 (b * heads + h) * lse_rows + bos_q + i0 + r - base,
                 0u32,
             ) as usize;
-            lr[i as usize] = select(r < rows, lse_n[li], f32::min_value());
+            lr[i as usize] = row_lse(lse_n[li], r < rows);
             dr[i as usize] = delta[li];
         }
 
@@ -353,12 +363,12 @@ attention_grad_kernel! {
                     #[unroll]
                     for e in 0..4u32 {
                         let j = cv * 4 + e;
-                        let mut ok = j < keys && lr[i as usize] > f32::min_value();
+                        let mut ok = j < keys;
                         if comptime!(causal) {
                             ok = ok && i32::cast_from(k0 + j) <= pos;
                         }
-                        // L = -inf (a row that sees no key) or a masked key: p = 0, where
-                        // the exponential would give inf or 1.
+                        // A masked key: p = 0, where the exponential would give inf or 1
+                        // (a row that sees no key has `L` = f32::MAX: `row_lse`).
                         let pe = f32::exp(acc_s[x][e as usize] * scale - lr[i as usize]);
                         let pv = select(ok, pe, 0.0f32);
                         ds[e as usize] = pv * (acc_dp[x][e as usize] - dr[i as usize]);
@@ -495,7 +505,7 @@ attention_grad_kernel! {
                 while idx < BQC {
                     let li =
                         ((b * heads + h) * lse_rows + bos_q + i0 + min(idx, qs - 1) - base) as usize;
-                    lcol[idx as usize] = select(idx < qs, lse_n[li], f32::min_value());
+                    lcol[idx as usize] = row_lse(lse_n[li], idx < qs);
                     dcol[idx as usize] = delta[li];
                     idx += units;
                 }
@@ -564,7 +574,7 @@ attention_grad_kernel! {
                             }
                             let l = lcol[col as usize];
                             let pe = f32::exp(acc_s[x][e as usize] * scale - l);
-                            let pv = select(ok && l > f32::min_value(), pe, 0.0f32);
+                            let pv = select(ok, pe, 0.0f32);
                             p[e as usize] = pv;
                             ds[e as usize] = pv * (acc_dp[x][e as usize] - dcol[col as usize]);
                         }

@@ -46,21 +46,46 @@ fn awq_inputs(rng: &mut Rng) -> Inputs {
     ]
 }
 
-/// Unpacks GPTQ v1 tensors (independently of the kernels' unpacking).
+/// Unpacks GPTQ v1 tensors (independently of the kernels' unpacking), `[K, N]` with K
+/// and N from `qweight`'s shape (`[K / 8, N]`) and the group from `scales` (`[K / G, N]`):
+/// the references apply to any shape the operator accepts, as the property tests use
+/// them.
 fn gptq_weight(i: &BTreeMap<String, HostTensor>) -> Vec<f64> {
     let qw = i["qweight"].to_f64();
     let qz = i["qzeros"].to_f64();
     let s = i["scales"].to_f64();
+    let (k, n) = (i["qweight"].shape[0] * 8, i["qweight"].shape[1]);
+    let g_size = k / i["scales"].shape[0];
     let nib = |w: f64, slot: usize| ((w as i64 as u32 >> (4 * slot)) & 15) as f64;
-    let mut w = vec![0.0; K * N];
-    for r in 0..K {
-        for c in 0..N {
-            let g = r / G;
-            let z = nib(qz[g * (N / 8) + c / 8], c % 8) + 1.0;
-            w[r * N + c] = (nib(qw[(r / 8) * N + c], r % 8) - z) * s[g * N + c];
+    let mut w = vec![0.0; k * n];
+    for r in 0..k {
+        for c in 0..n {
+            let g = r / g_size;
+            let z = nib(qz[g * n.div_ceil(8) + c / 8], c % 8) + 1.0;
+            w[r * n + c] = (nib(qw[(r / 8) * n + c], r % 8) - z) * s[g * n + c];
         }
     }
     w
+}
+
+/// `(rows, cols)` of a matrix input.
+fn dims(i: &BTreeMap<String, HostTensor>, name: &str) -> (usize, usize) {
+    let shape = &i[name].shape;
+    (shape[0], shape[1])
+}
+
+/// `(rows, cols)` of a GEMM input, which must be the case's own: the GEMM cases'
+/// tolerances are set for their own inputs (K and the scales' size bound the f32
+/// rounding), so on other shapes the reference refuses (panics), and the property
+/// tests then ask only for a result or a typed error, as for every reference written
+/// for its own shapes.
+fn case_dims(i: &BTreeMap<String, HostTensor>, name: &str, case: (usize, usize)) -> (usize, usize) {
+    let got = dims(i, name);
+    assert_eq!(
+        got, case,
+        "`{name}`: the case's reference applies to its own shape"
+    );
+    got
 }
 
 fn ints(rng: &mut Rng, n: usize) -> Vec<f64> {
@@ -155,7 +180,11 @@ pub fn cases() -> Vec<Case> {
             output: "y",
             what: "[3,96] @ GPTQ v1 int4 [96,40], G = 32",
             inputs: gptq_inputs,
-            reference: |i| qr::matmul(&i["x"].to_f64(), &gptq_weight(i), M, K, N),
+            reference: |i| {
+                let (m, k) = case_dims(i, "x", (M, K));
+                case_dims(i, "qweight", (K / 8, N));
+                qr::matmul(&i["x"].to_f64(), &gptq_weight(i), m, k, N)
+            },
             ulps: 64.0,
             floor: 1.0,
         },
@@ -168,12 +197,14 @@ pub fn cases() -> Vec<Case> {
             reference: |i| {
                 // Slot s of a word holds column AWQ_ORDER[s] of its group of eight.
                 let qz = i["qzeros"].to_f64();
-                let mut z = vec![0.0; K / G * N];
-                for g in 0..K / G {
-                    for w in 0..N / 8 {
+                let (groups, words) = dims(i, "qzeros");
+                let n = words * 8;
+                let mut z = vec![0.0; groups * n];
+                for g in 0..groups {
+                    for w in 0..words {
                         for (slot, &col) in qr::AWQ_ORDER.iter().enumerate() {
-                            z[g * N + w * 8 + col] =
-                                ((qz[g * (N / 8) + w] as i64 as u32 >> (4 * slot)) & 15) as f64;
+                            z[g * n + w * 8 + col] =
+                                ((qz[g * words + w] as i64 as u32 >> (4 * slot)) & 15) as f64;
                         }
                     }
                 }
@@ -190,15 +221,16 @@ pub fn cases() -> Vec<Case> {
             inputs: w8a8_inputs,
             reference: |i| {
                 let f = |n: &str| i[n].to_f64();
+                let ((m, k), (n, _)) = (case_dims(i, "xq", (5, 77)), case_dims(i, "wq", (37, 77)));
                 qr::w8a8(
                     &f("xq"),
                     &f("sx"),
                     &f("wq"),
                     &f("sw"),
                     Some(&f("bias")),
-                    5,
-                    37,
-                    77,
+                    m,
+                    n,
+                    k,
                 )
             },
             ulps: 4.0,
@@ -212,7 +244,8 @@ pub fn cases() -> Vec<Case> {
             inputs: token_inputs,
             reference: |i| {
                 let x: Vec<f32> = i["x"].to_f64().iter().map(|&v| v as f32).collect();
-                let (q, _) = qr::quantize_per_token(&x, 4, 51);
+                let (m, k) = dims(i, "x");
+                let (q, _) = qr::quantize_per_token(&x, m, k);
                 q.into_iter().map(f64::from).collect()
             },
             ulps: 0.0,
@@ -226,8 +259,9 @@ pub fn cases() -> Vec<Case> {
             inputs: w8_bits_inputs,
             reference: |i| {
                 let q8: Vec<i8> = i["q8"].to_f64().iter().map(|&v| v as i8).collect();
-                let w = qr::w8_bits_weight(&q8, &i["s8"].to_f64(), 77, 37, 4);
-                qr::matmul(&i["x"].to_f64(), &w, 5, 77, 37)
+                let ((m, k), (_, n)) = (case_dims(i, "x", (5, 77)), case_dims(i, "q8", (77, 37)));
+                let w = qr::w8_bits_weight(&q8, &i["s8"].to_f64(), k, n, 4);
+                qr::matmul(&i["x"].to_f64(), &w, m, k, n)
             },
             ulps: 64.0,
             floor: 1.0,
