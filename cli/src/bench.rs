@@ -4,8 +4,7 @@
 //! latency of one call with its sync; throughput, and the fraction of the device's peak
 //! where kiln knows it.
 
-use crate::tune::parse_shape;
-use kiln::check::example_inputs;
+use crate::tune::{device_inputs, parse_shape};
 use kiln::{Client, DType, Device, Result, Tensor};
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -47,7 +46,7 @@ pub fn run(
     };
     let client = Client::open(&device)?;
     client.require_dtype("x", dtype)?;
-    let hosts = example_inputs(spec, &dims, dtype)?;
+    let hosts = device_inputs(&client, spec, &dims, dtype)?;
     let mut tensors = BTreeMap::new();
     for (name, h) in &hosts {
         tensors.insert(name.clone(), Tensor::upload_named(&client, name, h)?);

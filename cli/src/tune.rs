@@ -18,6 +18,27 @@ struct Seen {
     decisions: Vec<(String, String, Decision, Spent)>,
 }
 
+/// Seeded example inputs of `spec` at `dims` for `client`, after checking that every
+/// input fits one of the device's buffers (before its values are built on the host: a
+/// shape past the device's limit is an error, not gigabytes of host memory).
+pub fn device_inputs(
+    client: &Client,
+    spec: &kiln::runtime::OpSpec,
+    dims: &[usize],
+    dtype: DType,
+) -> Result<BTreeMap<String, kiln::HostTensor>> {
+    for (name, shape) in (spec.example_inputs)(dims)? {
+        let t = spec
+            .inputs
+            .iter()
+            .find(|t| t.name == name)
+            .map_or(dtype, |t| t.example_dtype(dtype));
+        let n = kiln::runtime::checked_numel(name, &shape, t)?;
+        client.require_buffer(name, n * t.size())?;
+    }
+    example_inputs(spec, dims, dtype)
+}
+
 /// Parses `2048x2048` (or `2048,2048`) into dimensions.
 pub fn parse_shape(s: &str) -> Result<Vec<usize>> {
     let dims: Option<Vec<usize>> = s
@@ -83,7 +104,7 @@ pub fn run(
     let dtype = DType::parse(dtype)?;
     client.require_dtype("x", dtype)?;
 
-    let hosts = example_inputs(spec, &dims, dtype)?;
+    let hosts = device_inputs(&client, spec, &dims, dtype)?;
 
     let seen = Arc::new(Mutex::new(Seen::default()));
     let s2 = Arc::clone(&seen);

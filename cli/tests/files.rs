@@ -61,6 +61,19 @@ fn special_files_are_refused_and_symlinks_followed() {
     let input = d.join("in.safetensors");
     softmax_input(&input);
     let run = |out: &str| run_op("softmax", &input, Path::new(out), &[]);
+    // An input that is a device (read without end) or a directory: refused before
+    // anything is read.
+    for bad_input in ["/dev/zero", d.to_str().unwrap()] {
+        assert_clear_error(
+            &run_op(
+                "softmax",
+                Path::new(bad_input),
+                &d.join("o.safetensors"),
+                &[],
+            ),
+            &[bad_input, "not a regular file"],
+        );
+    }
     // A character device stays one.
     assert_clear_error(
         &run("/dev/full"),
@@ -198,6 +211,12 @@ fn ambiguous_or_unused_arguments_are_reported() {
     let o = kiln(&["tune", "softmax"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--shape"));
+    // A shape past the device's buffer limit is refused before its inputs are built
+    // (4 GB of f32 here, 8 GB of f64 on the host before).
+    assert_clear_error(
+        &kiln(&["tune", "softmax", "--shape", "20000x50000"]),
+        &["buffer", "`x`"],
+    );
     // tune --export takes no operator (it would silently skip tuning).
     let o = kiln(&[
         "tune",

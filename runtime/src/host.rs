@@ -128,6 +128,18 @@ fn load(
     names: Option<&[&str]>,
 ) -> Result<(BTreeMap<String, HostTensor>, Vec<String>)> {
     let p = path.display().to_string();
+    // A regular file only: a device such as /dev/zero would be read without end.
+    let meta = std::fs::metadata(path).map_err(|source| Error::Io {
+        path: p.clone(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(Error::Format {
+            path: p,
+            message: "not a regular file (a directory, device or pipe); a safetensors file is"
+                .into(),
+        });
+    }
     let bytes = std::fs::read(path).map_err(|source| Error::Io {
         path: p.clone(),
         source,

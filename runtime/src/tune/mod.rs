@@ -88,8 +88,9 @@ impl TuneMode {
     }
 }
 
-/// The value of environment variable `var` among `choices` (the first is the default,
-/// for an unset or empty variable); anything else is an error naming the variable.
+/// The value of environment variable `var` among `choices`, in any letter case (the
+/// first is the default, for an unset or empty variable); anything else is an error
+/// naming the variable.
 fn env_choice<T: Copy>(var: &str, choices: &[(&str, T)]) -> Result<T> {
     let value = std::env::var(var).unwrap_or_default();
     let value = value.trim();
@@ -98,7 +99,7 @@ fn env_choice<T: Copy>(var: &str, choices: &[(&str, T)]) -> Result<T> {
     }
     choices
         .iter()
-        .find(|(name, _)| *name == value)
+        .find(|(name, _)| name.eq_ignore_ascii_case(value))
         .map(|&(_, t)| t)
         .ok_or_else(|| Error::Param {
             param: var.into(),
