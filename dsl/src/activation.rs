@@ -53,7 +53,7 @@ pub fn exp_diff(a: f32, b: f32, one: f32) -> f32 {
     let d_lo = (a - (d_hi - bb)) - (b + bb);
     // ln 2^-126 in f32: below it the result is not a normal f32 (flushed to 0 below);
     // clamping here keeps `n >= -126`, so the `2^n` built from bits is a normal float.
-    let floor = -87.336_544f32;
+    let floor = -87.336_54f32;
     let d = max(d_hi, floor);
     let n = f32::round(d * std::f32::consts::LOG2_E);
     // ln2 = C1 + C2 with C1 = 355/512 exact in 9 bits, so n * C1 is exact.
