@@ -520,12 +520,14 @@ fn gradients_match_finite_differences_of_the_reference() {
     assert!(max_rel_error(&y, &rr.combine(&y_e, m), 1.0) < 1e-6);
 }
 
-#[test]
-fn layer_backward_matches_finite_differences_for_every_input() {
-    let _ = client();
-    let mut rng = Rng::new(43);
-    // 11 tokens, M = 5, 4 experts of F = 6, top-2 at cf 0.5 (drops), gelu, d_l_aux.
-    let (s, m, f, e, k) = (11, 5, 6, 4, 2);
+/// A random f32 layer of `s` tokens (gelu experts with biases) at top-`k`, capacity
+/// factor `cf`, and an upstream gradient `dy`.
+fn random_layer(
+    rng: &mut Rng,
+    (s, m, f, e): (usize, usize, usize, usize),
+    k: usize,
+    cf: f64,
+) -> (rf::LayerInputs, Vec<f64>) {
     let mut g = |n: usize, scale: f64| round(DType::F32, &[n], &rng.normals(n, scale));
     let inputs = rf::LayerInputs {
         x: g(s * m, 1.0),
@@ -538,33 +540,54 @@ fn layer_backward_matches_finite_differences_for_every_input() {
         f,
         e,
         k,
-        cf: 0.5,
+        cf,
         activation: "gelu",
     };
     let dy = g(s * m, 1.0);
-    let d_l_aux = 0.8;
-    let t = |shape: &[usize], v: &[f64]| up(DType::F32, shape, v);
-    let (x, wg, w1, w2, b1, b2) = (
-        t(&[s, m], &inputs.x),
-        t(&[m, e], &inputs.w_gate),
-        t(&[e, m, f], &inputs.w1),
-        t(&[e, f, m], &inputs.w2),
-        t(&[e, f], &inputs.b1),
-        t(&[e, m], &inputs.b2),
-    );
-    let w = ExpertWeights {
-        w1: &w1,
-        b1: Some(&b1),
-        w2: &w2,
-        b2: Some(&b2),
-        activation: Activation::Gelu,
-    };
+    (inputs, dy)
+}
+
+/// A layer's tensors on the device: x, w_gate, w1, w2, b1, b2.
+struct DeviceLayer([Tensor; 6]);
+
+impl DeviceLayer {
+    fn up(i: &rf::LayerInputs) -> DeviceLayer {
+        let (m, f, e) = (i.m, i.f, i.e);
+        let s = i.x.len() / m;
+        let t = |shape: &[usize], v: &[f64]| up(DType::F32, shape, v);
+        DeviceLayer([
+            t(&[s, m], &i.x),
+            t(&[m, e], &i.w_gate),
+            t(&[e, m, f], &i.w1),
+            t(&[e, f, m], &i.w2),
+            t(&[e, f], &i.b1),
+            t(&[e, m], &i.b2),
+        ])
+    }
+
+    fn experts(&self) -> ExpertWeights<'_> {
+        let [_, _, w1, w2, b1, b2] = &self.0;
+        ExpertWeights {
+            w1,
+            b1: Some(b1),
+            w2,
+            b2: Some(b2),
+            activation: Activation::Gelu,
+        }
+    }
+}
+
+/// `moe_layer_backward` of `inputs` for `dy` and `d_l_aux`: every gradient within 1e-5
+/// of finite differences of the f64 reference.
+fn check_layer_backward(inputs: &rf::LayerInputs, dy: &[f64], d_l_aux: f64, what: &str) {
+    let d = DeviceLayer::up(inputs);
+    let [x, wg, ..] = &d.0;
     let grads = moe_layer_backward(
-        &x,
-        &wg,
-        &w,
-        &GateOptions::new(k, 0.5),
-        &t(&[s, m], &dy),
+        x,
+        wg,
+        &d.experts(),
+        &GateOptions::new(inputs.k, inputs.cf),
+        &up(DType::F32, x.shape(), dy),
         d_l_aux,
     )
     .unwrap();
@@ -576,10 +599,18 @@ fn layer_backward_matches_finite_differences_for_every_input() {
         ("w2", &grads.d_w2),
         ("b2", &grads.d_b2),
     ] {
-        let fd = inputs.grad_fd(name, &dy, d_l_aux);
+        let fd = inputs.grad_fd(name, dy, d_l_aux);
         let err = max_rel_error(&down(got), &fd, 1.0);
-        assert!(err < 1e-5, "d_{name}: {err:e}");
+        assert!(err < 1e-5, "{what}: d_{name}: {err:e}");
     }
+}
+
+#[test]
+fn layer_backward_matches_finite_differences_for_every_input() {
+    let _ = client();
+    // 11 tokens, M = 5, 4 experts of F = 6, top-2 at cf 0.5 (drops), gelu, d_l_aux.
+    let (inputs, dy) = random_layer(&mut Rng::new(43), (11, 5, 6, 4), 2, 0.5);
+    check_layer_backward(&inputs, &dy, 0.8, "11 tokens, top-2, cf 0.5");
 }
 
 /// Capacity 0 (7 tokens over 8 experts at cf 0.5: `floor(0.5 ceil(7 / 8)) = 0`): every
@@ -593,31 +624,15 @@ fn capacity_zero_drops_every_route_without_a_launch() {
     let mut rng = Rng::new(47);
     let (s, f, e, k, cf) = (7, 3, 8, 1, 0.5);
     for m in [4, 5] {
-        let mut g = |n: usize, scale: f64| round(DType::F32, &[n], &rng.normals(n, scale));
-        let inputs = rf::LayerInputs {
-            x: g(s * m, 1.0),
-            w_gate: g(m * e, 0.5),
-            w1: g(e * m * f, 0.4),
-            b1: g(e * f, 0.3),
-            w2: g(e * f * m, 0.4),
-            b2: g(e * m, 0.3),
-            m,
-            f,
-            e,
-            k,
-            cf,
-            activation: "gelu",
-        };
-        let dy = g(s * m, 1.0);
-        let t = |shape: &[usize], v: &[f64]| up(DType::F32, shape, v);
-        let x = t(&[s, m], &inputs.x);
-        let wg = t(&[m, e], &inputs.w_gate);
+        let (inputs, dy) = random_layer(&mut rng, (s, m, f, e), k, cf);
+        let d = DeviceLayer::up(&inputs);
+        let [x, wg, ..] = &d.0;
         let logits = rf::gate_logits(&inputs.x, &inputs.w_gate, m, e);
-        let gate = moe_gate(&t(&[s, e], &logits), &GateOptions::new(k, cf)).unwrap();
+        let gate = moe_gate(&up(DType::F32, &[s, e], &logits), &GateOptions::new(k, cf)).unwrap();
         let r = &gate.routing;
         assert_eq!(r.capacity(), 0, "M={m}");
         assert!(ints(r.locations()).iter().all(|&l| l == -1), "M={m}");
-        let dispatched = moe_dispatch(&x, r).unwrap();
+        let dispatched = moe_dispatch(x, r).unwrap();
         assert_eq!(dispatched.shape(), [e, 0, m]);
         assert_eq!(
             down(&moe_combine(&dispatched, r).unwrap()),
@@ -627,44 +642,17 @@ fn capacity_zero_drops_every_route_without_a_launch() {
             down(&moe_dispatch_backward(&dispatched, r).unwrap()),
             vec![0.0; s * m]
         );
-        let (d_out, d_gates) = moe_combine_backward(&t(&[s, m], &dy), &dispatched, r).unwrap();
+        let dy_t = up(DType::F32, &[s, m], &dy);
+        let (d_out, d_gates) = moe_combine_backward(&dy_t, &dispatched, r).unwrap();
         assert_eq!(d_out.shape(), [e, 0, m]);
         assert_eq!(down(&d_gates), vec![0.0; s * k]);
-
-        let (w1, w2, b1, b2) = (
-            t(&[e, m, f], &inputs.w1),
-            t(&[e, f, m], &inputs.w2),
-            t(&[e, f], &inputs.b1),
-            t(&[e, m], &inputs.b2),
-        );
-        let w = ExpertWeights {
-            w1: &w1,
-            b1: Some(&b1),
-            w2: &w2,
-            b2: Some(&b2),
-            activation: Activation::Gelu,
-        };
         let opts = LayerOptions {
             gate: GateOptions::new(k, cf),
             path: MoePath::Capacity,
         };
-        let out = moe_layer(&x, &wg, &w, &opts).unwrap();
+        let out = moe_layer(x, wg, &d.experts(), &opts).unwrap();
         assert_eq!(down(&out.y), vec![0.0; s * m], "M={m}");
-        let grads =
-            moe_layer_backward(&x, &wg, &w, &GateOptions::new(k, cf), &t(&[s, m], &dy), 0.8)
-                .unwrap();
-        for (name, got) in [
-            ("x", &grads.dx),
-            ("w_gate", &grads.d_w_gate),
-            ("w1", &grads.d_w1),
-            ("b1", &grads.d_b1),
-            ("w2", &grads.d_w2),
-            ("b2", &grads.d_b2),
-        ] {
-            let fd = inputs.grad_fd(name, &dy, 0.8);
-            let err = max_rel_error(&down(got), &fd, 1.0);
-            assert!(err < 1e-5, "M={m} d_{name}: {err:e}");
-        }
+        check_layer_backward(&inputs, &dy, 0.8, &format!("capacity 0, M={m}"));
     }
 }
 
