@@ -39,6 +39,18 @@ pub fn device_inputs(
     example_inputs(spec, dims, dtype)
 }
 
+/// An error where the tuner could not write its cache (what `tune` and `--import` are
+/// for; `kiln run` only warns).
+fn not_stored(tuner: &Autotuner) -> Result<()> {
+    match tuner.store_error() {
+        None => Ok(()),
+        Some(e) => Err(Error::Format {
+            path: tuner.path().display().to_string(),
+            message: format!("the tuned configurations were NOT stored: {e}"),
+        }),
+    }
+}
+
 /// Parses `2048x2048` (or `2048,2048`) into dimensions.
 pub fn parse_shape(s: &str) -> Result<Vec<usize>> {
     let dims: Option<Vec<usize>> = s
@@ -78,6 +90,7 @@ pub fn run(
     }
     if let Some(file) = import {
         let n = tuner.import(&file)?;
+        not_stored(tuner)?;
         println!(
             "imported {n} tuned configuration(s) from {} into {}",
             file.display(),
@@ -194,7 +207,7 @@ pub fn run(
     }
     let stored = match tuner.store_error() {
         None => format!("cache {}", tuner.path().display()),
-        Some(e) => format!("NOT stored ({e})"),
+        Some(_) => "NOT stored".to_string(),
     };
     for (kernel, winner, how, spent) in &seen.decisions {
         println!("{kernel}: {winner} ({how}); {stored}");
@@ -207,5 +220,8 @@ pub fn run(
             );
         }
     }
+    // `kiln tune`'s job is the stored winners: a cache that could not be written is an
+    // error (exit 2), after what was measured and decided.
+    not_stored(tuner)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -231,7 +231,8 @@ fn ambiguous_or_unused_arguments_are_reported() {
 #[cfg(unix)]
 #[test]
 fn tune_says_when_nothing_was_stored() {
-    // A cache "directory" that is a file: nothing can be stored, and tune says so.
+    // A cache "directory" that is a file: nothing can be stored, and tune says so and
+    // fails (exit 2: storing is its job), as `--import` does.
     let d = tmpdir("unwritable");
     let blocker = d.join("cache");
     std::fs::write(&blocker, b"not a directory").unwrap();
@@ -239,6 +240,12 @@ fn tune_says_when_nothing_was_stored() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("NOT stored"), "{out}");
     assert!(!out.contains("; cache "), "{out}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("error: ") && err.contains("NOT stored"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -12,14 +12,22 @@ fn run_compress(a: &OpArgs, random: bool) -> Result<Outputs> {
         true => "random".to_string(),
         false => a.param_choice("method", &["exact", "radix", "threshold"])?,
     };
+    // Checked whatever the method (a bad value is an error even where it is unused).
+    let seed: u64 = a.param_as("seed")?;
     let out = match method.as_str() {
-        "random" => crate::optim::compress::randk(grad, error, k, a.param_as("seed")?)?,
+        "random" => crate::optim::compress::randk(grad, error, k, seed)?,
         "threshold" => {
             let sample = a.param_as("sample")?;
-            crate::optim::compress::topk_ef_estimated(grad, error, k, sample, a.param_as("seed")?)?
+            crate::optim::compress::topk_ef_estimated(grad, error, k, sample, seed)?
         }
-        "radix" => crate::optim::compress::topk_ef_every_key(grad, error, k)?,
-        _ => crate::optim::compress::topk_ef(grad, error, k)?,
+        "radix" => {
+            a.param_as::<usize>("sample")?;
+            crate::optim::compress::topk_ef_every_key(grad, error, k)?
+        }
+        _ => {
+            a.param_as::<usize>("sample")?;
+            crate::optim::compress::topk_ef(grad, error, k)?
+        }
     };
     Ok(vec![
         ("indices", out.indices),
