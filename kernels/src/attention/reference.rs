@@ -125,6 +125,11 @@ pub fn forward(dims: &Dims, q: &[f64], k: &[f64], v: &[f64]) -> (Vec<f64>, Vec<f
         let (p, l) = dims.row(q, k, n, t, h);
         let o = &mut out[(t * h_n + h) * dv..][..dv];
         for (jj, pj) in p.iter().enumerate() {
+            // A masked key contributes nothing, not `0 x v` (a NaN in a masked `v` is
+            // not the row's).
+            if !dims.sees(t - dims.bounds_q[n], jj) {
+                continue;
+            }
             let vr = &v[((dims.bounds_k[n] + jj) * dims.kv_heads + h / group) * dv..][..dv];
             for (oe, ve) in o.iter_mut().zip(vr) {
                 *oe += pj * ve;

@@ -284,10 +284,13 @@ impl FlexRound {
             // d wq / d u = s1 inside the clamp range (straight through round), 0 outside.
             let gu = if inside { g[i] * self.s1 } else { 0.0 };
             out.dw[i] = gu / d;
-            // u = w / d, d linear in each factor: du/dx = -u / x.
-            out.ds2[i] = -gu * u / self.s2[i];
-            out.ds3[i / cols] += -gu * u / self.s3[i / cols];
-            out.ds4[i % cols] += -gu * u / self.s4[i % cols];
+            // u = w / d, d linear in each factor: du/dx = -u / x. Outside the clamp range
+            // the element contributes nothing (not `0 x u`, NaN for an infinite u).
+            if inside {
+                out.ds2[i] = -gu * u / self.s2[i];
+                out.ds3[i / cols] += -gu * u / self.s3[i / cols];
+                out.ds4[i % cols] += -gu * u / self.s4[i % cols];
+            }
             // wq = s1 c(u(s1)): c + s1 dc/du du/ds1 = c - inside * u.
             out.ds1 += g[i] * (c - if inside { u } else { 0.0 });
         }
