@@ -330,6 +330,109 @@ fn a_missed_collective_never_pairs_with_another_rounds_data() {
     assert_eq!(second.as_ref().expect("rank 1, call 2"), &vec![41.0]);
 }
 
+/// A `send` that timed out takes its message back: the receiver, arriving late, gets the
+/// sender's next message, not the one whose sender reported failure (with pairing by
+/// order alone it got the old data, and its verdict confirmed the next send).
+#[test]
+fn a_send_left_on_a_timeout_is_never_received() {
+    let got = on_ranks(2, Duration::from_secs(2), |c| {
+        if c.rank() == 0 {
+            let first = c.send(&up(DType::F32, &[1], &[1.0]), 1).err();
+            let second = c.send(&up(DType::F32, &[1], &[2.0]), 1).err();
+            (
+                first.map(|e| e.to_string()),
+                second.map(|e| e.to_string()),
+                None,
+            )
+        } else {
+            // Rank 0 gives up on its first send at 2 s; its second waits until 4 s.
+            std::thread::sleep(Duration::from_secs(3));
+            let got = c.recv(0, DType::F32, &[1]).map(|t| down(&t));
+            (None, None, Some(got))
+        }
+    });
+    let first = got[0].0.as_deref().expect("rank 0's first send times out");
+    assert!(first.contains("no message within"), "{first}");
+    assert_eq!(got[0].1, None, "rank 0's second send is received");
+    let received = got[1]
+        .2
+        .as_ref()
+        .unwrap()
+        .as_ref()
+        .expect("rank 1 receives");
+    assert_eq!(received, &vec![2.0]);
+}
+
+/// Two ranks that `send` to each other at once both fail at once (each refuses the
+/// other's message and takes its own back), and nothing of it is left behind: the next
+/// `send`/`recv` pairs with the right data.
+#[test]
+fn ranks_that_send_to_each_other_fail_at_once_and_pair_again() {
+    let start = std::time::Instant::now();
+    let got = on_ranks(2, Duration::from_secs(20), |c| {
+        let r = c.rank();
+        let both = c.send(&up(DType::F32, &[1], &[r as f64]), 1 - r).err();
+        let next = if r == 0 {
+            c.send(&up(DType::F32, &[2], &[5.0, 6.0]), 1).map(|()| None)
+        } else {
+            c.recv(0, DType::F32, &[2]).map(|t| Some(down(&t)))
+        };
+        (both.map(|e| e.to_string()), next.map_err(|e| e.to_string()))
+    });
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    for (r, (both, _)) in got.iter().enumerate() {
+        let e = both
+            .as_deref()
+            .unwrap_or_else(|| panic!("rank {r}'s send must fail"));
+        assert!(e.contains("sent to each other at once"), "rank {r}: {e}");
+    }
+    assert_eq!(got[0].1, Ok(None));
+    assert_eq!(got[1].1, Ok(Some(vec![5.0, 6.0])));
+}
+
+/// A `send` whose message a collective took fails at once with the receiver's refusal
+/// (not after the timeout). Rank 1's failed `all_reduce` still posted its part, which
+/// completes rank 0's first `all_reduce` (each rank's first collective call); both
+/// ranks' next call pairs again.
+#[test]
+fn a_send_taken_by_a_collective_is_refused_at_once() {
+    let start = std::time::Instant::now();
+    let got = on_ranks(2, Duration::from_secs(20), |c| {
+        let part = |v: f64| up(DType::F32, &[1], &[v]);
+        let reduce = |v: f64| {
+            c.all_reduce(&part(v))
+                .map(|t| down(&t))
+                .map_err(|e| e.to_string())
+        };
+        if c.rank() == 0 {
+            let sent = c.send(&part(1.0), 1).err().map(|e| e.to_string());
+            (sent, reduce(10.0), reduce(30.0))
+        } else {
+            let first = reduce(1.0);
+            (None, first, reduce(20.0))
+        }
+    });
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    let sent = got[0].0.as_deref().expect("rank 0's send fails");
+    assert!(sent.contains("the receiver was in `all_reduce`"), "{sent}");
+    assert_eq!(got[0].1, Ok(vec![11.0]));
+    let reduced = got[1]
+        .1
+        .as_ref()
+        .expect_err("rank 1's first all_reduce fails");
+    assert!(reduced.contains("the peer is in `send`"), "{reduced}");
+    assert_eq!(got[0].2, Ok(vec![50.0]));
+    assert_eq!(got[1].2, Ok(vec![50.0]));
+}
+
 #[test]
 fn the_library_check_that_comm_check_runs_passes_on_one_to_four_ranks() {
     // `kiln::runtime::comm::check::check_collectives` is what `kiln comm-check` (and

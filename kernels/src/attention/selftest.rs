@@ -131,6 +131,7 @@ pub fn cases() -> Vec<Case> {
             what: "[2,37,4,24] over [2,53,2,24] causal at offset 16, GQA 2:1",
             inputs: attention_inputs,
             reference: attention_reference,
+            roundings: 1.0,
             ulps: 64.0,
             floor: 1.0,
         },
@@ -154,6 +155,7 @@ pub fn cases() -> Vec<Case> {
                 )
                 .1
             },
+            roundings: 1.0,
             ulps: 256.0,
             floor: 1.0,
         },
@@ -176,6 +178,7 @@ pub fn cases() -> Vec<Case> {
                 )
                 .0
             },
+            roundings: 1.0,
             ulps: 64.0,
             floor: 1.0,
         },
@@ -196,6 +199,7 @@ pub fn cases() -> Vec<Case> {
                 d.varlen = true;
                 rf::forward(&d, &i["q"].to_f64(), &i["k"].to_f64(), &i["v"].to_f64()).0
             },
+            roundings: 1.0,
             ulps: 64.0,
             floor: 1.0,
         },
@@ -223,6 +227,7 @@ pub fn cases() -> Vec<Case> {
                 )
                 .1
             },
+            roundings: 1.0,
             ulps: 256.0,
             floor: 1.0,
         },
@@ -244,6 +249,7 @@ pub fn cases() -> Vec<Case> {
                 )
                 .0
             },
+            roundings: 1.0,
             ulps: 16.0,
             floor: 1.0,
         },

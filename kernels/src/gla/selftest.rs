@@ -76,6 +76,7 @@ pub fn cases() -> Vec<Case> {
             what: "[2,70,2,24] chunked (chunk 16), gates down to -20",
             inputs: gla_inputs,
             reference: gla_forward_reference,
+            roundings: 1.0,
             ulps: 64.0,
             floor: 1.0,
         },
@@ -86,6 +87,7 @@ pub fn cases() -> Vec<Case> {
             what: "[2,70,2,24] recurrent, gates down to -20",
             inputs: gla_inputs,
             reference: gla_forward_reference,
+            roundings: 1.0,
             ulps: 64.0,
             floor: 1.0,
         },
@@ -96,6 +98,7 @@ pub fn cases() -> Vec<Case> {
             what: "[2,1,2,24] decode step from a state",
             inputs: gla_step_inputs,
             reference: gla_forward_reference,
+            roundings: 1.0,
             ulps: 64.0,
             floor: 1.0,
         },
@@ -121,6 +124,7 @@ pub fn cases() -> Vec<Case> {
                 )
                 .dg
             },
+            roundings: 1.0,
             ulps: 256.0,
             floor: 1.0,
         },

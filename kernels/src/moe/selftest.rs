@@ -172,6 +172,7 @@ pub fn cases() -> Vec<Case> {
                     .map(|&x| x as f64)
                     .collect()
             },
+            roundings: 1.0,
             ulps: 0.0,
             floor: 1.0,
         },
@@ -192,6 +193,7 @@ pub fn cases() -> Vec<Case> {
                     .map(|&x| x as f64)
                     .collect()
             },
+            roundings: 1.0,
             ulps: 0.0,
             floor: 1.0,
         },
@@ -202,6 +204,7 @@ pub fn cases() -> Vec<Case> {
             what: "[37,6] top-2 dropless: renormalised gates",
             inputs: gate_inputs,
             reference: |i| gate_ref(i, 0.0, false).gates,
+            roundings: 1.0,
             ulps: 8.0,
             floor: 1e-3,
         },
@@ -212,6 +215,7 @@ pub fn cases() -> Vec<Case> {
             what: "[37,6] top-2: load-balancing loss",
             inputs: gate_inputs,
             reference: |i| vec![gate_ref(i, 1.0, false).l_aux],
+            roundings: 1.0,
             ulps: 64.0,
             floor: 1.0,
         },
@@ -232,6 +236,7 @@ pub fn cases() -> Vec<Case> {
                 let d = i.get("d_l_aux").map_or(0.0, |t| t.to_f64()[0]);
                 rf::gate_backward(&l.to_f64(), l.shape[1], K, true, &i["d_gates"].to_f64(), d)
             },
+            roundings: 1.0,
             ulps: 64.0,
             floor: 1e-2,
         },
@@ -247,6 +252,7 @@ pub fn cases() -> Vec<Case> {
                 v
             },
             reference: |i| routing_of(i, None).dispatch(&i["x"].to_f64(), width(i, "x")),
+            roundings: 1.0,
             ulps: 0.0,
             floor: 1.0,
         },
@@ -265,6 +271,7 @@ pub fn cases() -> Vec<Case> {
                 routing_of(i, Some("expert_out"))
                     .combine(&i["expert_out"].to_f64(), width(i, "expert_out"))
             },
+            roundings: 1.0,
             ulps: 4.0,
             floor: 1.0,
         },
@@ -284,6 +291,7 @@ pub fn cases() -> Vec<Case> {
                 routing_of(i, Some("d_dispatched"))
                     .dispatch_backward(&i["d_dispatched"].to_f64(), width(i, "d_dispatched"))
             },
+            roundings: 1.0,
             ulps: 4.0,
             floor: 1.0,
         },
@@ -298,6 +306,7 @@ pub fn cases() -> Vec<Case> {
                     .combine_backward(&i["dy"].to_f64(), &i["expert_out"].to_f64(), width(i, "dy"))
                     .1
             },
+            roundings: 1.0,
             ulps: 32.0,
             floor: 1.0,
         },
@@ -312,6 +321,7 @@ pub fn cases() -> Vec<Case> {
                     .combine_backward(&i["dy"].to_f64(), &i["expert_out"].to_f64(), width(i, "dy"))
                     .0
             },
+            roundings: 1.0,
             ulps: 2.0,
             floor: 1.0,
         },
@@ -326,6 +336,7 @@ pub fn cases() -> Vec<Case> {
                 let e = i["dispatched"].shape[0];
                 experts(i, &w, "gelu").ffn_slots(&i["dispatched"].to_f64(), e)
             },
+            roundings: 1.0,
             ulps: 256.0,
             floor: 1.0,
         },
@@ -336,6 +347,8 @@ pub fn cases() -> Vec<Case> {
             what: "[37,12] tokens, 6 experts of F = 10, top-2, cf 1, capacity path",
             inputs: layer_inputs,
             reference: |i| layer_ref(i, 1.0, false),
+            // In half precision: each expert's output, then y.
+            roundings: 2.0,
             ulps: 512.0,
             floor: LAYER_FLOOR,
         },
@@ -346,6 +359,8 @@ pub fn cases() -> Vec<Case> {
             what: "[37,12] tokens, 6 experts, top-2, dropless sorted path",
             inputs: layer_inputs,
             reference: |i| layer_ref(i, 0.0, false),
+            // In half precision: each expert's output, then y.
+            roundings: 2.0,
             ulps: 512.0,
             floor: LAYER_FLOOR,
         },
@@ -357,6 +372,8 @@ pub fn cases() -> Vec<Case> {
                 "13 tokens, M = 6, 4 experts of F = 5, top-2, cf 1: d_w1 against finite differences",
             inputs: layer_backward_inputs,
             reference: |i| layer_grad(i, "w1"),
+            // In half precision: the gate-weighted `dy` rows, then d_w1.
+            roundings: 2.0,
             ulps: 128.0,
             floor: 1.0,
         },
@@ -367,6 +384,9 @@ pub fn cases() -> Vec<Case> {
             what: "the same: dx (experts and gate, d_l_aux = 0.5) against finite differences",
             inputs: layer_backward_inputs,
             reference: |i| layer_grad(i, "x"),
+            // In half precision: the gate-weighted `dy` rows, the experts' input gradients,
+            // their combination, the gate's term, then their sum.
+            roundings: 5.0,
             ulps: 128.0,
             floor: 1.0,
         },
@@ -377,6 +397,8 @@ pub fn cases() -> Vec<Case> {
             what: "the same, expert parallel over 2 ranks: d_w2 against finite differences",
             inputs: layer_backward_inputs,
             reference: |i| layer_grad(i, "w2"),
+            // In half precision: the gate-weighted `dy` rows, then d_w2.
+            roundings: 2.0,
             ulps: 128.0,
             floor: 1.0,
         },
@@ -387,6 +409,8 @@ pub fn cases() -> Vec<Case> {
             what: "[37,12] tokens, 6 experts, top-2, cf 1, expert parallel over 2 ranks",
             inputs: layer_inputs,
             reference: |i| layer_ref(i, 1.0, false),
+            // In half precision: each expert's output, then y.
+            roundings: 2.0,
             ulps: 512.0,
             floor: LAYER_FLOOR,
         },
@@ -401,6 +425,8 @@ pub fn cases() -> Vec<Case> {
             what: "the same over 3 ranks (13, 12, 12 tokens), cf 0.5, batch-prioritized: drops by top-1 probability over every rank's tokens",
             inputs: layer_inputs,
             reference: |i| layer_ref(i, 0.5, true),
+            // In half precision: each expert's output, then y.
+            roundings: 2.0,
             ulps: 512.0,
             floor: LAYER_FLOOR,
         },

@@ -185,6 +185,7 @@ pub fn cases() -> Vec<Case> {
                 case_dims(i, "qweight", (K / 8, N));
                 qr::matmul(&i["x"].to_f64(), &gptq_weight(i), m, k, N)
             },
+            roundings: 1.0,
             ulps: 64.0,
             floor: 1.0,
         },
@@ -210,6 +211,7 @@ pub fn cases() -> Vec<Case> {
                 }
                 z
             },
+            roundings: 1.0,
             ulps: 0.0,
             floor: 1.0,
         },
@@ -233,6 +235,7 @@ pub fn cases() -> Vec<Case> {
                     k,
                 )
             },
+            roundings: 1.0,
             ulps: 4.0,
             floor: 1.0,
         },
@@ -248,6 +251,7 @@ pub fn cases() -> Vec<Case> {
                 let (q, _) = qr::quantize_per_token(&x, m, k);
                 q.into_iter().map(f64::from).collect()
             },
+            roundings: 1.0,
             ulps: 0.0,
             floor: 1.0,
         },
@@ -263,6 +267,7 @@ pub fn cases() -> Vec<Case> {
                 let w = qr::w8_bits_weight(&q8, &i["s8"].to_f64(), k, n, 4);
                 qr::matmul(&i["x"].to_f64(), &w, m, k, n)
             },
+            roundings: 1.0,
             ulps: 64.0,
             floor: 1.0,
         },
@@ -273,6 +278,7 @@ pub fn cases() -> Vec<Case> {
             what: "[9,31] fake quantization to [-8, 7]",
             inputs: flex_inputs,
             reference: |i| flex(i).forward(),
+            roundings: 1.0,
             ulps: 4.0,
             floor: 1.0,
         },
@@ -283,6 +289,7 @@ pub fn cases() -> Vec<Case> {
             what: "[9,31] straight-through backward, ds4 (a column reduction)",
             inputs: flex_inputs,
             reference: |i| flex(i).backward(&i["grad"].to_f64()).ds4,
+            roundings: 1.0,
             ulps: 64.0,
             floor: 1.0,
         },

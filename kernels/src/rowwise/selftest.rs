@@ -39,6 +39,7 @@ pub fn cases() -> Vec<Case> {
                 let (v, c) = x(i);
                 rw::softmax(&v, c)
             },
+            roundings: 1.0,
             ulps: 16.0,
             floor: 1e-6,
         },
@@ -52,6 +53,7 @@ pub fn cases() -> Vec<Case> {
                 let (v, c) = x(i);
                 rw::logsumexp(&v, c)
             },
+            roundings: 1.0,
             ulps: 4.0,
             floor: 1.0,
         },

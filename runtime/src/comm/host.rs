@@ -8,6 +8,12 @@
 //! the sender's call number, so that after a timeout no call pairs with another round's
 //! data: a late message of a round this rank left is discarded, and a peer already in a
 //! later round is an error (the next call pairs again).
+//!
+//! Point-to-point messages pair in order, and only data whose sender still waits is ever
+//! delivered: a `send` or `send_recv` that fails takes its message back if no one took
+//! it yet, and a `send`'s verdict names the send it answers, so a late verdict never
+//! confirms a later send. A `send` message taken by anything but a matching `recv` is
+//! answered with a refusal, so its sender fails at once.
 
 use super::{check_agreement, check_reducible, check_send_rows, rank1, Agree, Communicator};
 use crate::{Client, DType, Error, HostTensor, Result, Tensor};
@@ -20,20 +26,40 @@ use std::time::{Duration, Instant};
 #[derive(Clone)]
 struct Msg {
     op: &'static str,
-    /// A collective's round: the sender's count of collective calls before this one
-    /// (every rank makes the same collective calls in the same order); `None` for a
-    /// point-to-point message, which pairs by order alone.
-    round: Option<u64>,
+    tag: Tag,
     payload: Payload,
+}
+
+/// What a message pairs with.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Tag {
+    /// A collective's round: the sender's count of collective calls before this one
+    /// (every rank makes the same collective calls in the same order).
+    Round(u64),
+    /// A point-to-point message: the sender's count of point-to-point messages to this
+    /// receiver before this one (pairs in order; the number names it for a verdict or
+    /// a withdrawal).
+    P2p(u64),
 }
 
 #[derive(Clone)]
 enum Payload {
     Tensor(HostTensor),
-    /// The receiver took a `send`: `Ok` or why it refused it.
-    Ack(std::result::Result<(), String>),
+    /// The receiver's verdict on the `send` numbered `.0`: `Ok`, or why it refused it.
+    Ack(u64, std::result::Result<(), String>),
     /// The sender refused its own arguments to a collective (the error, as text).
     Refused(String),
+}
+
+/// What a [`HostComm::take`] waits for.
+#[derive(Clone, Copy)]
+enum Want {
+    /// The message of a collective's round.
+    Round(u64),
+    /// The next point-to-point data message.
+    Data,
+    /// The verdict on this rank's `send` with this number.
+    Ack(u64),
 }
 
 #[derive(Default)]
@@ -60,6 +86,8 @@ pub struct HostComm {
     hub: Arc<Hub>,
     /// Collective calls this rank has made (the next round's number).
     rounds: AtomicU64,
+    /// Point-to-point messages this rank has posted to each peer (the next one's number).
+    posted: Vec<AtomicU64>,
 }
 
 impl HostComm {
@@ -89,6 +117,7 @@ impl HostComm {
                 client,
                 hub: hub.clone(),
                 rounds: AtomicU64::new(0),
+                posted: (0..world).map(|_| AtomicU64::new(0)).collect(),
             })
             .collect()
     }
@@ -137,43 +166,75 @@ impl HostComm {
 
     fn post(&self, to: usize, msg: Msg) {
         let mut s = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.post_locked(&mut s, to, msg);
+    }
+
+    fn post_locked(&self, s: &mut State, to: usize, msg: Msg) {
         s.queues.entry((self.rank, to)).or_default().push_back(msg);
         self.hub.changed.notify_all();
     }
 
-    /// The next message from `from` to this rank, waiting at most the timeout. In a
-    /// collective's round `round`, a message of an earlier round (one this rank left on
-    /// a timeout) is discarded, and one of a later round is left in place for this
-    /// rank's next call: `Ok(Err(..))`, this call failing (the peer made a collective
-    /// call this rank did not). `Err` where the peer dropped out or timed out.
-    fn take(&self, op: &str, from: usize, round: Option<u64>) -> Result<Result<Msg>> {
+    /// Posts a point-to-point message to `to`; returns its number.
+    fn post_p2p(&self, to: usize, op: &'static str, h: HostTensor) -> u64 {
+        let n = self.posted[to].fetch_add(1, Ordering::Relaxed);
+        let tag = Tag::P2p(n);
+        self.post(
+            to,
+            Msg {
+                op,
+                tag,
+                payload: Payload::Tensor(h),
+            },
+        );
+        n
+    }
+
+    /// Takes back this rank's point-to-point message `n` to `to` if no one took it yet;
+    /// whether it did.
+    fn withdraw(&self, to: usize, n: u64) -> bool {
+        let mut s = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(queue) = s.queues.get_mut(&(self.rank, to)) else {
+            return false;
+        };
+        let before = queue.len();
+        queue.retain(|m| !(m.tag == Tag::P2p(n) && matches!(m.payload, Payload::Tensor(_))));
+        queue.len() < before
+    }
+
+    /// Answers a `send` message this rank took without accepting it (`why`), so its
+    /// sender fails at once instead of after the timeout. Other messages need no answer.
+    fn refuse_locked(&self, s: &mut State, from: usize, m: &Msg, why: &str) {
+        if let ("send", Tag::P2p(n), Payload::Tensor(_)) = (m.op, m.tag, &m.payload) {
+            let ack = Msg {
+                op: "send",
+                tag: Tag::P2p(n),
+                payload: Payload::Ack(n, Err(why.to_string())),
+            };
+            self.post_locked(s, from, ack);
+        }
+    }
+
+    fn refuse(&self, from: usize, m: &Msg, why: &str) {
+        let mut s = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.refuse_locked(&mut s, from, m, why);
+    }
+
+    /// The next message from `from` to this rank that `want` asks for, waiting at most
+    /// the timeout. A verdict this rank no longer waits for is discarded wherever it is
+    /// found. In a collective's round `r`, a message of an earlier round (one this rank
+    /// left on a timeout) is discarded, and one of a later round is left in place for
+    /// this rank's next call: `Ok(Err(..))`, this call failing (the peer made a
+    /// collective call this rank did not). Waiting for a verdict, a `send` from the same
+    /// peer (both sent at once) is taken and refused, this rank's own message taken
+    /// back, and the call fails: `Ok(Err(..))`. `Err` where the peer dropped out or
+    /// timed out.
+    fn take(&self, op: &str, from: usize, want: Want) -> Result<Result<Msg>> {
         // A timeout past what `Instant` can hold waits without a deadline.
         let deadline = Instant::now().checked_add(self.hub.timeout);
         let mut s = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if let Some(queue) = s.queues.get_mut(&(from, self.rank)) {
-                let head = queue.front().map(|m| (m.op, m.round));
-                match (round, head) {
-                    (Some(mine), Some((_, Some(theirs)))) if theirs < mine => {
-                        queue.pop_front();
-                        continue;
-                    }
-                    (Some(mine), Some((their_op, Some(theirs)))) if theirs > mine => {
-                        return Ok(Err(self.err(
-                            op,
-                            from,
-                            format!(
-                                "the peer is already in a later collective (`{their_op}`, its call {}; this is this rank's call {}): it made a collective call this rank did not",
-                                theirs + 1,
-                                mine + 1
-                            ),
-                        )));
-                    }
-                    _ => {}
-                }
-                if let Some(m) = queue.pop_front() {
-                    return Ok(Ok(m));
-                }
+            if let Some(found) = self.find(&mut s, op, from, want) {
+                return Ok(found);
             }
             if s.gone[from] {
                 return Err(self.err(op, from, "the peer dropped out"));
@@ -198,24 +259,86 @@ impl HostComm {
         }
     }
 
-    /// The next point-to-point message from `from`.
-    fn take_p2p(&self, op: &'static str, from: usize) -> Result<Msg> {
-        self.take(op, from, None)?
+    /// [`Self::take`]'s look at the queue from `from` (under the lock): `None` where
+    /// nothing there answers `want` yet.
+    fn find(&self, s: &mut State, op: &str, from: usize, want: Want) -> Option<Result<Msg>> {
+        let queue = s.queues.entry((from, self.rank)).or_default();
+        if let Want::Ack(n) = want {
+            // Verdicts and data travel in the same queue: look past the peer's data.
+            let mut i = 0;
+            while i < queue.len() {
+                match (&queue[i].payload, queue[i].op) {
+                    (Payload::Ack(of, _), _) if *of == n => return queue.remove(i).map(Ok),
+                    (Payload::Ack(..), _) => {
+                        queue.remove(i);
+                    }
+                    (Payload::Tensor(_), "send") => {
+                        let theirs = queue.remove(i)?;
+                        let why = format!(
+                            "rank {} and rank {from} sent to each other at once (use send_recv)",
+                            self.rank
+                        );
+                        self.refuse_locked(s, from, &theirs, &why);
+                        if let Some(mine) = s.queues.get_mut(&(self.rank, from)) {
+                            mine.retain(|m| {
+                                !(m.tag == Tag::P2p(n) && matches!(m.payload, Payload::Tensor(_)))
+                            });
+                        }
+                        return Some(Err(self.err(op, from, why)));
+                    }
+                    _ => i += 1,
+                }
+            }
+            return None;
+        }
+        // A verdict at the head answers a send that has ended.
+        while matches!(
+            queue.front(),
+            Some(Msg {
+                payload: Payload::Ack(..),
+                ..
+            })
+        ) {
+            queue.pop_front();
+        }
+        let head = queue.front().map(|m| (m.op, m.tag));
+        if let (Want::Round(mine), Some((their_op, Tag::Round(theirs)))) = (want, head) {
+            if theirs < mine {
+                queue.pop_front();
+                return self.find(s, op, from, want);
+            }
+            if theirs > mine {
+                return Some(Err(self.err(
+                    op,
+                    from,
+                    format!(
+                        "the peer is already in a later collective (`{their_op}`, its call {}; this is this rank's call {}): it made a collective call this rank did not",
+                        theirs + 1,
+                        mine + 1
+                    ),
+                )));
+            }
+        }
+        queue.pop_front().map(Ok)
     }
 
-    fn take_tensor(&self, op: &'static str, from: usize) -> Result<HostTensor> {
-        let m = self.take_p2p(op, from)?;
-        self.open(op, from, m)
+    /// The next point-to-point data message from `from`.
+    fn take_data(&self, op: &'static str, from: usize) -> Result<Msg> {
+        self.take(op, from, Want::Data)?
     }
 
-    /// The tensor of a message that should be `op`'s.
+    /// The tensor of a message that should be `op`'s (a `send` taken otherwise is
+    /// refused, see [`Self::refuse`]).
     fn open(&self, op: &'static str, from: usize, m: Msg) -> Result<HostTensor> {
         match m.payload {
             Payload::Tensor(h) if m.op == op => Ok(h),
             Payload::Refused(why) if m.op == op => {
                 Err(self.err(op, from, format!("the peer refused its arguments: {why}")))
             }
-            _ => Err(self.err(op, from, format!("the peer is in `{}`", m.op))),
+            _ => {
+                self.refuse(from, &m, &format!("the receiver was in `{op}`"));
+                Err(self.err(op, from, format!("the peer is in `{}`", m.op)))
+            }
         }
     }
 
@@ -238,7 +361,7 @@ impl HostComm {
                 peer,
                 Msg {
                     op,
-                    round: Some(round),
+                    tag: Tag::Round(round),
                     payload,
                 },
             );
@@ -246,7 +369,7 @@ impl HostComm {
         let mut got: Vec<Option<HostTensor>> = vec![None; self.world];
         let mut first_error = None;
         for peer in (0..self.world).filter(|&p| p != self.rank) {
-            match self.take(op, peer, Some(round)) {
+            match self.take(op, peer, Want::Round(round)) {
                 Ok(Ok(m)) => match self.open(op, peer, m) {
                     Ok(h) => got[peer] = Some(h),
                     Err(e) => {
@@ -340,26 +463,31 @@ impl Communicator for HostComm {
 
     fn send(&self, t: &Tensor, peer: usize) -> Result<()> {
         self.check_peer("send", peer)?;
-        self.post(
-            peer,
-            Msg {
-                op: "send",
-                round: None,
-                payload: Payload::Tensor(t.download()?),
-            },
-        );
+        let n = self.post_p2p(peer, "send", t.download()?);
         // Wait for the receiver's verdict, so a mismatch fails here too.
-        let m = self.take_p2p("send", peer)?;
+        let m = match self.take("send", peer, Want::Ack(n)) {
+            Ok(verdict) => verdict?,
+            // Not taken: the message goes back, so no later `recv` gets it. Taken as
+            // the wait ended: its verdict is on its way.
+            Err(e) if self.withdraw(peer, n) => return Err(e),
+            Err(_) => self.take("send", peer, Want::Ack(n))??,
+        };
         match m.payload {
-            Payload::Ack(Ok(())) => Ok(()),
-            Payload::Ack(Err(why)) => Err(self.err("send", peer, why)),
+            Payload::Ack(_, Ok(())) => Ok(()),
+            Payload::Ack(_, Err(why)) => Err(self.err("send", peer, why)),
             _ => Err(self.err("send", peer, format!("the peer is in `{}`", m.op))),
         }
     }
 
     fn recv(&self, peer: usize, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         self.check_peer("recv", peer)?;
-        let h = self.take_tensor("send", peer)?;
+        let m = self.take_data("recv", peer)?;
+        let tag = m.tag;
+        // Only a `send`'s message opens as "send", and those are point-to-point.
+        let h = self.open("send", peer, m)?;
+        let Tag::P2p(n) = tag else {
+            return Err(self.err("recv", peer, "the peer is in a collective"));
+        };
         let verdict = if h.dtype == dtype && h.shape == shape {
             Ok(())
         } else {
@@ -372,8 +500,8 @@ impl Communicator for HostComm {
             peer,
             Msg {
                 op: "send",
-                round: None,
-                payload: Payload::Ack(verdict.clone()),
+                tag: Tag::P2p(n),
+                payload: Payload::Ack(n, verdict.clone()),
             },
         );
         verdict.map_err(|why| self.err("recv", peer, why))?;
@@ -384,23 +512,27 @@ impl Communicator for HostComm {
         self.check_peer("send_recv", to)?;
         self.check_peer("send_recv", from)?;
         let mine = t.download()?;
-        self.post(
-            to,
-            Msg {
-                op: "send_recv",
-                round: None,
-                payload: Payload::Tensor(mine.clone()),
-            },
-        );
-        let got = self.take_tensor("send_recv", from)?;
-        if got.dtype != mine.dtype {
-            return Err(self.err(
-                "send_recv",
-                from,
-                format!("received {}, sending {}", got.dtype, mine.dtype),
-            ));
+        let dtype = mine.dtype;
+        let n = self.post_p2p(to, "send_recv", mine);
+        let got = self
+            .take_data("send_recv", from)
+            .and_then(|m| self.open("send_recv", from, m))
+            .and_then(|got| {
+                if got.dtype == dtype {
+                    Ok(got)
+                } else {
+                    Err(self.err(
+                        "send_recv",
+                        from,
+                        format!("received {}, sending {dtype}", got.dtype),
+                    ))
+                }
+            });
+        if got.is_err() {
+            // This call failed: its message goes back if `to` has not taken it yet.
+            self.withdraw(to, n);
         }
-        self.upload(&got)
+        self.upload(&got?)
     }
 
     fn all_to_all(&self, t: &Tensor, send_rows: &[usize]) -> Result<(Tensor, Vec<usize>)> {
