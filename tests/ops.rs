@@ -484,3 +484,153 @@ fn bf16_is_refused_clearly_where_missing() {
         }
     }
 }
+
+/// `kiln run`'s path: named host tensors and `key=value` parameters.
+fn run_named(
+    op: &str,
+    tensors: &[(&str, DType, Vec<usize>, Vec<f64>)],
+    params: &[(&str, &str)],
+) -> kiln::Result<(BTreeMap<String, HostTensor>, Vec<String>)> {
+    let hosts = tensors
+        .iter()
+        .map(|(n, d, s, v)| (n.to_string(), HostTensor::from_f64(*d, s.clone(), v).unwrap()))
+        .collect();
+    let params = params
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    kiln::kernels::op(op)?.call_host_noting(client(), &hosts, params)
+}
+
+fn f32s(n: usize) -> Vec<f64> {
+    (0..n).map(|i| (i % 7) as f64 * 0.25 - 0.5).collect()
+}
+
+/// Errors through `kiln run` name the caller's tensors and parameters (not the names of
+/// the functions an operator calls), and what a call did not use is reported.
+#[test]
+fn kiln_run_errors_name_the_callers_tensors_and_parameters() {
+    use DType::{F32, I32};
+    let err = |r: kiln::Result<_>| r.err().expect("must fail").to_string();
+    let has = |m: &str, words: &[&str]| {
+        assert!(!m.contains('\n'), "{m}");
+        for w in words {
+            assert!(m.contains(w), "`{w}` not in: {m}");
+        }
+    };
+    // Outputs the device cannot hold are refused before a host buffer is built (an
+    // empty input with a huge other dimension: K = 0, D = 0).
+    let huge = |name: &'static str, shape: Vec<usize>| (name, F32, shape, vec![]);
+    let m = err(run_named(
+        "matmul",
+        &[huge("a", vec![1 << 28, 0]), huge("b", vec![0, 4])],
+        &[],
+    ));
+    has(&m, &["buffer", "output"]);
+    let m = err(run_named("logsumexp", &[huge("x", vec![1 << 30, 0])], &[]));
+    has(&m, &["buffer", "out"]);
+    // MoE: E and C from the slots tensor's shape.
+    let routes = |ids: &[f64], locs: &[f64], k: usize| {
+        let s = ids.len() / k;
+        vec![
+            ("expert_ids", I32, vec![s, k], ids.to_vec()),
+            ("locations", I32, vec![s, k], locs.to_vec()),
+        ]
+    };
+    let mut t = routes(&[0.0, 1.0], &[0.0, 2.0], 1);
+    t.push(("expert_out", F32, vec![2, 2, 3], f32s(12)));
+    t.push(("gates", F32, vec![2, 1], vec![1.0, 1.0]));
+    has(
+        &err(run_named("moe_combine", &t, &[])),
+        &["locations", "below C = 2", "expert_out", "slot 2"],
+    );
+    let mut t = routes(&[0.0], &[0.0], 1);
+    t.push(("d_dispatched", F32, vec![1, 3], f32s(3)));
+    has(
+        &err(run_named("moe_dispatch_backward", &t, &[])),
+        &["d_dispatched", "[E, C, M]"],
+    );
+    let mut t = routes(&[0.0], &[0.0], 1);
+    t.push(("d_dispatched", F32, vec![0, 1, 3], vec![]));
+    has(
+        &err(run_named("moe_dispatch_backward", &t, &[])),
+        &["d_dispatched", "E >= 1"],
+    );
+    let mut t = routes(&[], &[], 1);
+    t[0].2 = vec![3, 0];
+    t[1].2 = vec![3, 0];
+    t.push(("x", F32, vec![3, 2], f32s(6)));
+    has(&err(run_named("moe_dispatch", &t, &[])), &["expert_ids", "k >= 1"]);
+    // Perturbation: the parameter the caller set.
+    let p = [("param", F32, vec![4], f32s(4))];
+    has(&err(run_named("perturb", &p, &[("eps", "1e39")])), &["`eps`", "1e39"]);
+    let mut z = p.to_vec();
+    z.push(("projected_grads", F32, vec![1], vec![2.0]));
+    has(&err(run_named("zo_update", &z, &[("lr", "2e38")])), &["`lr`", "2e38 x 2"]);
+    z[1] = ("projected_grads", F32, vec![0], vec![]);
+    has(&err(run_named("zo_update", &z, &[])), &["projected_grads", "at least one"]);
+    // FlexRound's bounds are f32 in the kernels.
+    let fr = [
+        ("w", F32, vec![2, 2], f32s(4)),
+        ("s1", F32, vec![1], vec![0.1]),
+        ("s2", F32, vec![2, 2], vec![1.0; 4]),
+        ("s3", F32, vec![2], vec![1.0; 2]),
+        ("s4", F32, vec![2], vec![1.0; 2]),
+    ];
+    has(&err(run_named("flexround", &fr, &[("qmax", "1e40")])), &["qmin, qmax", "f32"]);
+    // A parameter or tensor the call does not use is reported, not silently dropped.
+    let ffn = [
+        ("perm", I32, vec![2], vec![1.0, 0.0]),
+        ("w_up", F32, vec![2, 3], f32s(6)),
+        ("w_gate", F32, vec![2, 3], f32s(6)),
+        ("w_down", F32, vec![3, 2], f32s(6)),
+    ];
+    let (_, unused) = run_named("s2ft_permute", &ffn, &[("head_dim", "abc")]).unwrap();
+    assert_eq!(unused, vec!["head_dim=abc".to_string()]);
+    let (_, unused) = run_named("s2ft_permute", &ffn, &[]).unwrap();
+    assert!(unused.is_empty(), "{unused:?}");
+    // S²FT: one layer's matrices share the model dimension d (x's too).
+    let mut bad = ffn.to_vec();
+    bad[2] = ("w_gate", F32, vec![2, 4], f32s(8));
+    has(
+        &err(run_named("s2ft_permute", &bad, &[])),
+        &["w_gate", "d = 3 (w_up's)", "[2, 4]"],
+    );
+    let mut verify = ffn.to_vec();
+    verify.push(("x", F32, vec![2, 3], f32s(6)));
+    verify[3] = ("w_down", F32, vec![4, 2], f32s(8));
+    has(&err(run_named("s2ft_verify", &verify, &[])), &["w_down", "d = 3"]);
+    verify[3] = ("w_down", F32, vec![3, 2], f32s(6));
+    verify[4] = ("x", F32, vec![2, 5], f32s(10));
+    has(&err(run_named("s2ft_verify", &verify, &[])), &["`x`", "d = 3"]);
+    let attn = [
+        ("perm", I32, vec![2], vec![1.0, 0.0]),
+        ("w_q", F32, vec![6, 3], f32s(18)),
+        ("w_k", F32, vec![4, 3], f32s(12)),
+        ("w_v", F32, vec![4, 3], f32s(12)),
+        ("w_o", F32, vec![3, 6], f32s(18)),
+    ];
+    // head_dim 2 (w_k's 4 rows / 2 units): w_q's 3 heads are not a multiple of 2 groups.
+    has(
+        &err(run_named("s2ft_permute", &attn, &[])),
+        &["w_q", "hd = 2", "U = 2"],
+    );
+    has(
+        &err(run_named("s2ft_permute", &attn, &[("head_dim", "0")])),
+        &["head_dim", ">= 1"],
+    );
+    let neg = [("perm", I32, vec![3], vec![2.0, -1.0, 0.0]), ffn[1].clone()];
+    has(&err(run_named("s2ft_permute", &neg, &[])), &["perm", "0..3", "-1 at index 1"]);
+    has(
+        &err(run_named("s2ft_select", &[], &[("strategy", "explicit"), ("num_units", "4")])),
+        &["units_a", "neither"],
+    );
+    has(
+        &err(run_named(
+            "s2ft_select",
+            &[],
+            &[("num_units", "2147483647"), ("count_a", "0"), ("count_b", "0")],
+        )),
+        &["buffer", "perm"],
+    );
+}

@@ -505,7 +505,15 @@ fn run(
     }
     let client = Client::open(&device_arg(device)?)?;
     progress::announce_tuning(op);
-    let files = spec.call_host(&client, &hosts, params)?;
+    let (files, unused) = spec.call_host_noting(&client, &hosts, params)?;
+    if !unused.is_empty() {
+        // Inputs of another kind or parameters of another mode: neither checked nor
+        // applied.
+        eprintln!(
+            "note: given but not used by this call of `{op}` (they do not apply to it): {}",
+            unused.join(", ")
+        );
+    }
     save_safetensors(output, &files)?;
     for (name, h) in &files {
         eprintln!(

@@ -89,13 +89,25 @@ pub fn run(
         tuner.set_search(Search::Exhaustive);
     }
     if let Some(file) = import {
-        let n = tuner.import(&file)?;
+        let imported = tuner.import(&file)?;
         not_stored(tuner)?;
         println!(
-            "imported {n} tuned configuration(s) from {} into {}",
+            "imported {} tuned configuration(s) from {} into {}{}",
+            imported.entries,
             file.display(),
-            tuner.path().display()
+            tuner.path().display(),
+            match imported.devices.as_slice() {
+                [] => String::new(),
+                devices => format!(", tuned on {}", devices.join(", ")),
+            }
         );
+        if imported.other_version > 0 {
+            eprintln!(
+                "warning: {} of them are from another kiln version than this one ({}): kept, but not used (those shapes tune again)",
+                imported.other_version,
+                env!("CARGO_PKG_VERSION")
+            );
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let device = match device {

@@ -123,3 +123,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub fn shape_str(shape: &[usize]) -> String {
     format!("{shape:?}")
 }
+
+/// A number as an error message shows it: `1e-50` and `1e39`, not `Display`'s fifty
+/// digits (it never uses an exponent); ordinary magnitudes as `Display` writes them.
+pub fn number_str(v: f64) -> String {
+    match v.abs() {
+        a if a != 0.0 && a.is_finite() && !(1e-4..1e16).contains(&a) => format!("{v:e}"),
+        _ => v.to_string(),
+    }
+}

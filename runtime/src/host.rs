@@ -146,7 +146,11 @@ fn load(
     })?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Format {
         path: p.clone(),
-        message: format!("not a valid safetensors file: {e}"),
+        message: format!(
+            "not a valid safetensors file ({} bytes): {}",
+            bytes.len(),
+            describe_safetensors_error(&e)
+        ),
     })?;
     let mut out = BTreeMap::new();
     let mut unused = Vec::new();
@@ -199,4 +203,35 @@ pub fn save_safetensors(
         message: e.to_string(),
     })?;
     crate::fsio::replace_file(path, &bytes).map_err(|source| Error::Io { path: p, source })
+}
+
+/// What a safetensors parse error means, in words (the crate's own `Display` prints
+/// the variant's name).
+fn describe_safetensors_error(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::HeaderTooSmall => {
+            "shorter than the 8-byte header length a safetensors file starts with".into()
+        }
+        E::InvalidHeaderLength | E::HeaderTooLarge => {
+            "its first 8 bytes (the JSON header's length, little-endian u64) give a length past the end of the file or over 100 MB".into()
+        }
+        E::InvalidHeader => "the JSON header is not valid UTF-8".into(),
+        E::InvalidHeaderStart => "the JSON header does not start with `{`".into(),
+        E::InvalidHeaderDeserialization | E::JsonError(_) => {
+            format!("the JSON header is not a safetensors header ({e:?})")
+        }
+        E::InvalidOffset(name) => format!(
+            "the data_offsets of tensor `{name}` do not follow the previous tensor's or do not match its shape and dtype"
+        ),
+        E::TensorInvalidInfo => {
+            "a tensor's shape and dtype do not match the size of its data_offsets".into()
+        }
+        E::MetadataIncompleteBuffer => {
+            "the tensors' data_offsets do not cover the data exactly (the last must end at the end of the file)".into()
+        }
+        E::ValidationOverflow => "a tensor's shape overflows (its size is not a number)".into(),
+        E::TensorNotFound(name) => format!("no tensor `{name}`"),
+        other => format!("{other:?}"),
+    }
 }

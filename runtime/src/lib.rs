@@ -26,7 +26,7 @@ pub use device::{
     DeviceReport, WgpuSelect,
 };
 pub use dtype::DType;
-pub use error::{shape_str, Error, Result};
+pub use error::{number_str, shape_str, Error, Result};
 pub use host::{
     load_safetensors, load_safetensors_named, load_safetensors_split, save_safetensors, HostTensor,
 };

@@ -121,6 +121,10 @@ impl Tensor {
     /// A contiguous tensor of zeros (every dtype's zero is all-zero bytes).
     pub fn zeros(client: &Client, dtype: DType, shape: &[usize]) -> Result<Tensor> {
         let numel = checked_numel("output", shape, dtype)?;
+        // Before the host buffer: a shape the device cannot hold is refused, not
+        // allocated on the host first.
+        client.require_dtype("output", dtype)?;
+        client.require_buffer("output", numel * dtype.size())?;
         let host = HostTensor::from_bytes(dtype, shape.to_vec(), vec![0; numel * dtype.size()])?;
         Self::upload_named(client, "output", &host)
     }

@@ -93,11 +93,13 @@ fn checkpoint(c: &W4Codes, format: W4Format, dtype: DType, zeros: bool) -> Ckpt 
         ),
         W4Format::Kiln => (
             up_i32(&[c.k / 8, c.n], &c.gptq_qweight()),
-            Some(up(
-                DType::F32,
-                &[groups, c.n],
-                &c.z.iter().map(|&z| z as f64).collect::<Vec<_>>(),
-            )),
+            zeros.then(|| {
+                up(
+                    DType::F32,
+                    &[groups, c.n],
+                    &c.z.iter().map(|&z| z as f64).collect::<Vec<_>>(),
+                )
+            }),
         ),
     };
     let sdt = if format == W4Format::Kiln {

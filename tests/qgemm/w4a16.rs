@@ -38,6 +38,8 @@ fn w4a16_symmetric_checkpoints_use_zero_point_eight_and_any_n() {
         (W4Format::Gptq { version: 1 }, 37),
         (W4Format::Awq, 16),
         (W4Format::Gptq { version: 2 }, 130),
+        // kiln's layout without `qzeros`: z = 8, as documented.
+        (W4Format::Kiln, 44),
     ] {
         for m in [1, 9, 67] {
             let err = w4_case(format, DType::F32, m, n, 128, 64, false, 40 + m as u64);

@@ -257,7 +257,46 @@ pub static MOE_GATE_BACKWARD: OpSpec = OpSpec {
 
 /// The routing of a data-movement call: ids and locations, gates when named, E and C
 /// from `slots` (`[E, C, M]`) or from the parameters.
-fn routing(a: &OpArgs, slots: Option<&Tensor>, with_gates: bool) -> Result<MoeRouting> {
+/// The routing of a data-movement operator's call: `E` and `C` from the slots tensor
+/// `slots` (`(name, [E, C, M])`) where the operator takes one, else from `num_experts`
+/// and `capacity` (by default from the ids and locations). Errors name what the caller
+/// gave: the slots tensor or `locations` rather than `num_experts`/`capacity` where
+/// those come from a shape, `expert_ids` where `num_experts` is its default.
+fn routing(a: &OpArgs, slots: Option<(&str, &Tensor)>, with_gates: bool) -> Result<MoeRouting> {
+    let from_ids = slots.is_none() && !a.given("num_experts");
+    routing_as_given(a, slots, with_gates).map_err(|e| match (e, slots) {
+        (Error::Param { param, found, .. }, Some((name, t))) if param == "num_experts" => {
+            shape_err(name, format!("[E, C, M] with E >= 1 experts (found E = {found})"), t.shape())
+        }
+        (Error::Param { param, expected, found }, Some((name, t))) if param == "capacity" => {
+            Error::Param {
+                param: "locations".into(),
+                expected: format!(
+                    "every kept location below C = {found}, the slots per expert of {name} {:?} [E, C, M]",
+                    t.shape()
+                ),
+                found: expected
+                    .trim_start_matches("more than every kept location (")
+                    .trim_end_matches(')')
+                    .to_string(),
+            }
+        }
+        (Error::Param { param, expected, found }, None) if param == "capacity" && from_ids && expected.starts_with("num_experts x capacity") => {
+            Error::Param {
+                param: "expert_ids".into(),
+                expected: format!("ids whose 1 + max (num_experts, by default) times capacity fits: {expected}"),
+                found: format!("capacity {found}"),
+            }
+        }
+        (e, _) => e,
+    })
+}
+
+fn routing_as_given(
+    a: &OpArgs,
+    slots: Option<(&str, &Tensor)>,
+    with_gates: bool,
+) -> Result<MoeRouting> {
     let (ids, locs) = (a.tensor("expert_ids")?, a.tensor("locations")?);
     let gates = if with_gates {
         Some(a.tensor("gates")?)
@@ -265,9 +304,9 @@ fn routing(a: &OpArgs, slots: Option<&Tensor>, with_gates: bool) -> Result<MoeRo
         None
     };
     let (e, c) = match slots {
-        Some(t) => match *t.shape() {
+        Some((name, t)) => match *t.shape() {
             [e, c, _] => (e, c),
-            _ => return Err(shape_err("expert_out", "[E, C, M]".into(), t.shape())),
+            _ => return Err(shape_err(name, "[E, C, M]".into(), t.shape())),
         },
         None => {
             let max_of = |t: &Tensor| -> Result<usize> {
@@ -372,7 +411,7 @@ pub static MOE_DISPATCH: OpSpec = OpSpec {
 
 fn run_combine(_: &Client, a: &OpArgs) -> Result<Outputs> {
     let out = a.tensor("expert_out")?;
-    let r = routing(a, Some(out), true)?;
+    let r = routing(a, Some(("expert_out", out)), true)?;
     Ok(vec![("y", moe_combine(out, &r)?)])
 }
 
@@ -398,7 +437,7 @@ pub static MOE_COMBINE: OpSpec = OpSpec {
 
 fn run_dispatch_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
     let d = a.tensor("d_dispatched")?;
-    let r = routing(a, Some(d), false)?;
+    let r = routing(a, Some(("d_dispatched", d)), false)?;
     Ok(vec![("dx", moe_dispatch_backward(d, &r)?)])
 }
 
@@ -439,7 +478,7 @@ pub static MOE_DISPATCH_BACKWARD: OpSpec = OpSpec {
 
 fn run_combine_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
     let out = a.tensor("expert_out")?;
-    let r = routing(a, Some(out), true)?;
+    let r = routing(a, Some(("expert_out", out)), true)?;
     let (d_out, d_gates) = moe_combine_backward(a.tensor("dy")?, out, &r)?;
     Ok(vec![("d_expert_out", d_out), ("d_gates", d_gates)])
 }

@@ -112,10 +112,17 @@ impl MoeRouting {
             return Err(shape_err("expert_ids", "[S, k]".into(), expert_ids.shape()));
         };
         crate::launch::expect_shape("locations", locations, &[s, k], "[S, k] of expert_ids")?;
+        if k == 0 {
+            return Err(shape_err(
+                "expert_ids",
+                "[S, k] with k >= 1 choices per token".into(),
+                expert_ids.shape(),
+            ));
+        }
         if num_experts == 0 {
             return Err(param("num_experts", "at least 1", "0"));
         }
-        if k == 0 || k > num_experts.min(super::MAX_TOP_K) {
+        if k > num_experts.min(super::MAX_TOP_K) {
             return Err(param(
                 "expert_ids",
                 &format!("k = 1 ..= min(8, num_experts = {num_experts}) choices per token"),

@@ -28,7 +28,20 @@ const CUBE_UNITS: usize = 256;
 /// `θ_j += eps · z(seed, stream = j)` for every tensor `j` of `params`, in place (any
 /// shape, f32/f16/bf16). One launch per tensor.
 pub fn perturb(params: &[&Tensor], seed: u64, eps: f64) -> Result<()> {
+    check_eps(eps)?;
     perturb_sum(params, &[seed], &[eps])
+}
+
+/// `perturb`'s `eps`: finite, also as the f32 the kernel multiplies by.
+pub(super) fn check_eps(eps: f64) -> Result<()> {
+    if eps.is_finite() && (eps as f32).is_finite() {
+        return Ok(());
+    }
+    Err(Error::Param {
+        param: "eps".into(),
+        expected: "a number finite in f32 (|eps| < 3.4e38)".into(),
+        found: kiln_runtime::number_str(eps),
+    })
 }
 
 /// MeZO's update `θ_j −= lr · Σᵢ projected_grads[i] · z(seeds[i], stream = j)` for
@@ -42,16 +55,44 @@ pub fn zo_update(
     perturb_sum(params, seeds, &zo_coeffs(projected_grads, lr)?)
 }
 
-/// MeZO's coefficients `−lr · pᵢ`; an error names `lr` unless it is finite and >= 0.
+/// MeZO's coefficients `−lr · pᵢ`, each finite in f32 (the kernel's multiplier). An
+/// error names `lr` unless it is finite and >= 0, `projected_grads` (with the index)
+/// where one is not finite or there are none, and both where a product overflows f32.
 pub(super) fn zo_coeffs(projected_grads: &[f64], lr: f64) -> Result<Vec<f64>> {
     if !(lr.is_finite() && lr >= 0.0) {
         return Err(Error::Param {
             param: "lr".into(),
             expected: "a finite number >= 0".into(),
-            found: lr.to_string(),
+            found: kiln_runtime::number_str(lr),
         });
     }
-    Ok(projected_grads.iter().map(|p| -lr * p).collect())
+    if projected_grads.is_empty() {
+        return Err(Error::Param {
+            param: "projected_grads".into(),
+            expected: "at least one projected gradient (one per seed)".into(),
+            found: "none".into(),
+        });
+    }
+    if let Some(i) = projected_grads.iter().position(|p| !p.is_finite()) {
+        return Err(Error::Param {
+            param: "projected_grads".into(),
+            expected: "finite numbers".into(),
+            found: format!("{} at index {i}", kiln_runtime::number_str(projected_grads[i])),
+        });
+    }
+    let coeffs: Vec<f64> = projected_grads.iter().map(|p| -lr * p).collect();
+    if let Some(i) = coeffs.iter().position(|c| !(*c as f32).is_finite()) {
+        return Err(Error::Param {
+            param: "lr".into(),
+            expected: "lr x projected_grads[i] finite in f32 (< 3.4e38) for every i".into(),
+            found: format!(
+                "{} x {} at index {i}",
+                kiln_runtime::number_str(lr),
+                kiln_runtime::number_str(projected_grads[i])
+            ),
+        });
+    }
+    Ok(coeffs)
 }
 
 /// `θ_j += Σᵢ coeffs[i] · z(seeds[i], stream = j)` for every tensor `j`, in place.
@@ -82,9 +123,9 @@ pub fn perturb_stream(param: &Tensor, stream: u32, seeds: &[u64], coeffs: &[f64]
         .find(|c| !(c.is_finite() && (**c as f32).is_finite()))
     {
         return Err(Error::Param {
-            param: "eps / projected_grads".into(),
-            expected: "finite numbers (finite in f32; for zo_update, lr x projected_grads)".into(),
-            found: c.to_string(),
+            param: "coeffs".into(),
+            expected: "numbers finite in f32 (the kernel's multipliers)".into(),
+            found: kiln_runtime::number_str(*c),
         });
     }
     let len = param.numel();

@@ -142,11 +142,7 @@ impl Hyper {
         let bad = |param: &str, expected: &str, v: f64| Error::Param {
             param: param.into(),
             expected: expected.into(),
-            // 1e-50, not fifty zeros (`Display` never uses an exponent).
-            found: match v.abs() {
-                a if a != 0.0 && a.is_finite() && !(1e-4..1e16).contains(&a) => format!("{v:e}"),
-                _ => v.to_string(),
-            },
+            found: kiln_runtime::number_str(v),
         };
         // The kernels compute in f32: each value must stay finite there, and `eps` a
         // normal f32 (a subnormal one may be flushed to 0 on a GPU: 0/0 at a zero gradient).

@@ -77,11 +77,17 @@ fn check_flexround(p: &FlexRoundInputs<'_>) -> Result<(usize, usize)> {
             p.s4.shape(),
         ));
     }
-    if !(p.qmin.is_finite() && p.qmax.is_finite() && p.qmin <= p.qmax) {
+    // Finite also as the f32 the kernels clamp with.
+    let finite = |v: f64| v.is_finite() && (v as f32).is_finite();
+    if !(finite(p.qmin) && finite(p.qmax) && p.qmin <= p.qmax) {
         return Err(Error::Param {
             param: "qmin, qmax".into(),
-            expected: "finite, qmin <= qmax".into(),
-            found: format!("{}, {}", p.qmin, p.qmax),
+            expected: "finite in f32 (|q| < 3.4e38), qmin <= qmax".into(),
+            found: format!(
+                "{}, {}",
+                kiln_runtime::number_str(p.qmin),
+                kiln_runtime::number_str(p.qmax)
+            ),
         });
     }
     Ok((rows, cols))

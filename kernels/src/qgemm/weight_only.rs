@@ -20,7 +20,7 @@ pub enum W4Format {
     /// the column order [0, 2, 4, 6, 1, 3, 5, 7].
     Awq,
     /// kiln's repacked layout: `qweight` i32 `[K/8, N]` as GPTQ, `scales` and `qzeros`
-    /// f32 `[K/G, N]` (true zero points, 8 for symmetric checkpoints).
+    /// f32 `[K/G, N]` (true zero points, 8 for symmetric checkpoints; absent: 8).
     Kiln,
 }
 
@@ -192,13 +192,6 @@ fn check_w4(w: &W4Weights<'_>, client: &Client) -> Result<W4Dims> {
     client.require_dtype("scales", w.scales.dtype())?;
     expect_shape("scales", w.scales, &[groups, n], "[K/G, N]")?;
     match (w.format, w.qzeros) {
-        (W4Format::Kiln, None) => {
-            return Err(Error::MissingTensor {
-                op: "w4a16".into(),
-                tensor: "qzeros".into(),
-                expected: format!("f32 [{groups}, {n}] (format kiln)"),
-            })
-        }
         (W4Format::Kiln, Some(z)) => {
             uses("qzeros", z)?;
             z.expect_dtype("qzeros", &[DType::F32])?;
@@ -248,11 +241,18 @@ pub fn w4a16_repack(w: &W4Weights<'_>) -> Result<PackedW4> {
         return Ok(PackedW4 {
             qweight: w.qweight.clone(),
             scales: w.scales.clone(),
-            qzeros: w.qzeros.cloned().ok_or_else(|| Error::MissingTensor {
-                op: "w4a16_repack".into(),
-                tensor: "qzeros".into(),
-                expected: "f32 [K/G, N]".into(),
-            })?,
+            // Absent zero points: a symmetric weight, z = 8 everywhere.
+            qzeros: match w.qzeros {
+                Some(z) => z.clone(),
+                None => Tensor::upload(
+                    client,
+                    &kiln_runtime::HostTensor::from_f64(
+                        DType::F32,
+                        vec![groups, d.n],
+                        &vec![8.0; groups * d.n],
+                    )?,
+                )?,
+            },
             g_idx: w.g_idx.cloned(),
             k: d.k,
             n: d.n,

@@ -46,7 +46,9 @@ fn rowwise(x: &Tensor, lse: bool) -> Result<Tensor> {
     };
     let rows: usize = lead.iter().product();
     if cols == 0 && lse {
-        // As PyTorch: the log of an empty sum is -inf.
+        // As PyTorch: the log of an empty sum is -inf. An output the device cannot
+        // hold is refused before the host buffer is built.
+        client.require_buffer("out", rows.saturating_mul(x.dtype().size()))?;
         let host = HostTensor::from_f64(x.dtype(), lead.to_vec(), &vec![f64::NEG_INFINITY; rows])?;
         return Tensor::upload_named(client, "out", &host);
     }

@@ -113,11 +113,11 @@ fn perm_of(a: &OpArgs) -> Result<S2ftPermutation> {
         return Err(shape_err("perm", "[U]".into(), t.shape()));
     }
     let v = t.download()?.to_f64();
-    if v.iter().any(|&x| x < 0.0) {
+    if let Some(at) = v.iter().position(|&x| x < 0.0) {
         return Err(Error::Param {
             param: "perm".into(),
-            expected: "a permutation of 0..U".into(),
-            found: format!("{v:?}"),
+            expected: format!("a permutation of 0..{} (U = its length)", v.len()),
+            found: format!("{} at index {at}", v[at]),
         });
     }
     S2ftPermutation::from_perm(v.iter().map(|&x| x as usize).collect())
@@ -202,6 +202,13 @@ fn run_select(client: &Client, a: &OpArgs) -> Result<Outputs> {
         "activation" => Strategy::Activation {
             activations: acts.ok_or_else(|| need("activation", Some("activations")))?,
         },
+        _ if !a.given("units_a") && !a.given("units_b") => {
+            return Err(Error::Param {
+                param: "units_a".into(),
+                expected: "the units of strategy=explicit (units_a and/or units_b: comma-separated, an empty value for none)".into(),
+                found: "neither units_a nor units_b set".into(),
+            })
+        }
         _ => Strategy::Explicit {
             a: &units_a,
             b: &units_b,
@@ -227,6 +234,9 @@ fn run_select(client: &Client, a: &OpArgs) -> Result<Outputs> {
         }
         _ => (a.param_as("count_a")?, a.param_as("count_b")?),
     };
+    // The permutation's outputs are [U] i32 (and the host builds tables of U): a U the
+    // device cannot hold is refused before any of it is built.
+    client.require_buffer("perm", num_units.saturating_mul(4))?;
     let p = s2ft_select(num_units, unit_size, count_a, count_b, &strategy)?;
     let (r, c) = (p.row_block(), p.col_block());
     Ok(vec![
@@ -293,21 +303,13 @@ fn run_permute(_: &Client, a: &OpArgs) -> Result<Outputs> {
                 })
             }
         };
-        let head_dim = match a.param("head_dim")?.as_str() {
-            "rows of w_k / U" => matrix_rows(k_name, k)? / p.units().max(1),
-            _ => a.param_as("head_dim")?,
+        let q = match (attn[0], attn[3]) {
+            (Some(q), _) => Some(("w_q", q, Axis::Rows)),
+            (None, Some(o)) => Some(("w_o", o, Axis::Columns)),
+            _ => None,
         };
-        let heads = match (attn[0], attn[3]) {
-            (Some(q), _) => matrix_rows("w_q", q)? / head_dim.max(1),
-            (None, Some(o)) if o.rank() == 2 => o.shape()[1] / head_dim.max(1),
-            _ => p.units(),
-        };
-        let layout = HeadLayout {
-            heads,
-            kv_heads: p.units(),
-            head_dim,
-        };
-        layout.check()?;
+        let layout = head_layout(a, &p, (k_name, k), q)?;
+        let head_dim = layout.head_dim;
         let q_unit = layout.group() * head_dim;
         let units = [
             (q_unit, Axis::Rows),
@@ -334,6 +336,12 @@ fn run_permute(_: &Client, a: &OpArgs) -> Result<Outputs> {
             outs.push((name, s2ft_permute(name, w, &p, 1, axis, "unit_size")?));
         }
     }
+    // Every matrix given is of one layer: one model dimension d.
+    let given: Vec<_> = MATRICES
+        .iter()
+        .filter_map(|&(n, axis)| a.optional_tensor(n).map(|w| (n, w, axis)))
+        .collect();
+    model_dim(&given, None)?;
     if outs.is_empty() {
         return Err(Error::MissingTensor {
             op: "s2ft_permute".into(),
@@ -376,7 +384,21 @@ pub static S2FT_PERMUTE: OpSpec = OpSpec {
 fn run_verify(client: &Client, a: &OpArgs) -> Result<Outputs> {
     let p = perm_of(a)?;
     let x = a.tensor("x")?;
+    crate::launch::check_input("x", x, x.client())?;
+    let mats = |names: &[&'static str]| -> Result<Vec<(&'static str, &Tensor, Axis)>> {
+        names
+            .iter()
+            .map(|&n| {
+                let axis = MATRICES.iter().find(|m| m.0 == n).map_or(Axis::Rows, |m| m.1);
+                let w = a.tensor(n)?;
+                // The layer runs in x's dtype.
+                w.expect_dtype(n, &[x.dtype()])?;
+                Ok((n, w, axis))
+            })
+            .collect()
+    };
     let report = if let Some(w_up) = a.optional_tensor("w_up") {
+        model_dim(&mats(&["w_up", "w_gate", "w_down"])?, Some(x))?;
         let w = FfnWeights {
             w_up,
             w_gate: a.tensor("w_gate")?,
@@ -384,21 +406,14 @@ fn run_verify(client: &Client, a: &OpArgs) -> Result<Outputs> {
         };
         s2ft_verify_ffn(&w, &p, x)?
     } else {
+        model_dim(&mats(&["w_q", "w_k", "w_v", "w_o"])?, Some(x))?;
         let w = AttentionWeights {
             w_q: a.tensor("w_q")?,
             w_k: a.tensor("w_k")?,
             w_v: a.tensor("w_v")?,
             w_o: a.tensor("w_o")?,
         };
-        let head_dim = match a.param("head_dim")?.as_str() {
-            "rows of w_k / U" => matrix_rows("w_k", w.w_k)? / p.units().max(1),
-            _ => a.param_as("head_dim")?,
-        };
-        let heads = HeadLayout {
-            heads: matrix_rows("w_q", w.w_q)? / head_dim.max(1),
-            kv_heads: p.units(),
-            head_dim,
-        };
+        let heads = head_layout(a, &p, ("w_k", w.w_k), Some(("w_q", w.w_q, Axis::Rows)))?;
         s2ft_verify_attention(&w, &heads, &p, x, a.param_as("causal")?)?
     };
     Ok(vec![
@@ -515,8 +530,8 @@ pub static S2FT_ADAMW_STEP: OpSpec = OpSpec {
     inputs: &[
         TensorSpec::new("param", "[out, in] (or [n]: one row)", Dtypes::Float, false, "the full weight"),
         TensorSpec::new("grad", "[end - start, in] (rows), [out, end - start] (columns)", Dtypes::Like("param"), false, "the block's gradient"),
-        TensorSpec::new("m", "the block's shape", Dtypes::Fixed(DType::F32), false, "first moment"),
-        TensorSpec::new("v", "the block's shape", Dtypes::Fixed(DType::F32), false, "second moment").example(ExampleValues::Positive),
+        TensorSpec::new("m", "the block's shape", Dtypes::Fixed(DType::F32), true, "first moment (default 0)"),
+        TensorSpec::new("v", "the block's shape", Dtypes::Fixed(DType::F32), true, "second moment (default 0)").example(ExampleValues::Positive),
         TensorSpec::new("master", "the block's shape", Dtypes::Fixed(DType::F32), true, "f32 master copy of a half-precision block (default: read from w)"),
     ],
     outputs: &[
@@ -609,6 +624,7 @@ pub static S2FT_ADAPTER_FORWARD: OpSpec = OpSpec {
 
 fn run_merge(_: &Client, a: &OpArgs) -> Result<Outputs> {
     let w0 = a.tensor("w0")?;
+    crate::launch::check_input("w0", w0, w0.client())?;
     if w0.rank() != 2 {
         return Err(shape_err("w0", "[out, in]".into(), w0.shape()));
     }
@@ -674,6 +690,104 @@ kiln_runtime::register_op!(
 );
 
 /// The rows of `t`, which must be a matrix (an error names it otherwise).
+/// The layer matrices an S²FT operator takes, with the axis their units lie along.
+const MATRICES: [(&str, Axis); 7] = [
+    ("w_q", Axis::Rows),
+    ("w_k", Axis::Rows),
+    ("w_v", Axis::Rows),
+    ("w_o", Axis::Columns),
+    ("w_up", Axis::Rows),
+    ("w_gate", Axis::Rows),
+    ("w_down", Axis::Columns),
+];
+
+/// Checks that the matrices of one layer agree on the model dimension `d`: the columns
+/// of those with units along rows (`[_, d]`), the rows of the others (`[d, _]`), and
+/// `x` `[T, d]` where given. The error names the first that differs from the first.
+fn model_dim(ws: &[(&str, &Tensor, Axis)], x: Option<&Tensor>) -> Result<()> {
+    let mut first: Option<(&str, usize)> = None;
+    for &(name, w, axis) in ws {
+        let &[rows, cols] = w.shape() else {
+            return Err(shape_err(name, "a matrix [rows, cols]".into(), w.shape()));
+        };
+        let (d, layout) = match axis {
+            Axis::Rows => (cols, "[_, d]"),
+            Axis::Columns => (rows, "[d, _]"),
+        };
+        match first {
+            None => first = Some((name, d)),
+            Some((by, want)) if want != d => {
+                return Err(shape_err(
+                    name,
+                    format!("{layout} with the model dimension d = {want} ({by}'s)"),
+                    w.shape(),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    match (x, first) {
+        (Some(x), Some((by, d))) if x.shape().get(1) != Some(&d) || x.rank() != 2 => Err(
+            shape_err("x", format!("[T, d] with d = {d} ({by}'s)"), x.shape()),
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// The heads of the attention projections given to an S²FT operator: `Hkv` = `perm`'s
+/// units, `head_dim` from its parameter (default: rows of `k` / U), `H` from `q`'s rows
+/// (`w_q`) or columns (`w_o`), else `Hkv`. Errors name `head_dim` or the projection.
+fn head_layout(
+    a: &OpArgs,
+    p: &S2ftPermutation,
+    k: (&str, &Tensor),
+    q: Option<(&str, &Tensor, Axis)>,
+) -> Result<HeadLayout> {
+    let units = p.units();
+    let head_dim = match a.param("head_dim")?.as_str() {
+        "rows of w_k / U" => matrix_rows(k.0, k.1)? / units.max(1),
+        _ => a.param_as("head_dim")?,
+    };
+    if head_dim == 0 {
+        return Err(Error::Param {
+            param: "head_dim".into(),
+            expected: format!(">= 1 rows per head (perm has U = {units} KV groups)"),
+            found: format!("0 ({}'s {} rows / {units})", k.0, k.1.shape()[0]),
+        });
+    }
+    let heads = match q {
+        None => units,
+        Some((name, w, axis)) => {
+            let &[rows, cols] = w.shape() else {
+                return Err(shape_err(name, "a matrix [rows, cols]".into(), w.shape()));
+            };
+            let n = if axis == Axis::Rows { rows } else { cols };
+            if n % head_dim != 0 || (units > 0 && (n / head_dim) % units != 0) {
+                let want = if axis == Axis::Rows {
+                    "[H hd, d]"
+                } else {
+                    "[d, H hd]"
+                };
+                return Err(shape_err(
+                    name,
+                    format!(
+                        "{want} with hd = {head_dim} and H a multiple of perm's U = {units} KV groups"
+                    ),
+                    w.shape(),
+                ));
+            }
+            n / head_dim
+        }
+    };
+    let layout = HeadLayout {
+        heads,
+        kv_heads: units,
+        head_dim,
+    };
+    layout.check()?;
+    Ok(layout)
+}
+
 fn matrix_rows(name: &str, t: &Tensor) -> Result<usize> {
     match t.shape() {
         &[rows, _] => Ok(rows),

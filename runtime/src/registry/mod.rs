@@ -226,6 +226,7 @@ impl OpSpec {
             spec: self,
             tensors,
             params,
+            read: Default::default(),
         })
     }
 
@@ -236,6 +237,19 @@ impl OpSpec {
         tensors: BTreeMap<String, Tensor>,
         params: BTreeMap<String, String>,
     ) -> Result<Outputs> {
+        self.call_noting(client, tensors, params).map(|(outs, _)| outs)
+    }
+
+    /// [`OpSpec::call`], also returning what the call did not use of what it was
+    /// given ([`OpArgs::unused`]): `kiln run` names those, since a value the operator
+    /// never reads (`head_dim` where only FFN weights are given) is neither checked
+    /// nor applied.
+    pub fn call_noting(
+        &'static self,
+        client: &Client,
+        tensors: BTreeMap<String, Tensor>,
+        params: BTreeMap<String, String>,
+    ) -> Result<(Outputs, Vec<String>)> {
         let args = self.bind(tensors, params)?;
         let outs = (self.run)(client, &args)?;
         for o in self.outputs.iter().filter(|o| !o.optional) {
@@ -246,7 +260,7 @@ impl OpSpec {
                 });
             }
         }
-        Ok(outs)
+        Ok((outs, args.unused()))
     }
 
     /// What `kiln run` does: uploads the host tensors named as this operator's inputs
@@ -257,8 +271,20 @@ impl OpSpec {
         hosts: &BTreeMap<String, HostTensor>,
         params: BTreeMap<String, String>,
     ) -> Result<BTreeMap<String, HostTensor>> {
-        let (_, outs) = self.upload_and_call(client, hosts, params)?;
-        download_all(outs)
+        self.call_host_noting(client, hosts, params)
+            .map(|(outs, _)| outs)
+    }
+
+    /// [`OpSpec::call_host`], also returning the inputs and parameters given that the
+    /// call did not use ([`OpArgs::unused`]).
+    pub fn call_host_noting(
+        &'static self,
+        client: &Client,
+        hosts: &BTreeMap<String, HostTensor>,
+        params: BTreeMap<String, String>,
+    ) -> Result<(BTreeMap<String, HostTensor>, Vec<String>)> {
+        let (_, outs, unused) = self.upload_and_call(client, hosts, params)?;
+        Ok((download_all(outs)?, unused))
     }
 
     /// [`OpSpec::call_host`] that also holds the operator to its contract on its inputs:
@@ -273,7 +299,7 @@ impl OpSpec {
         hosts: &BTreeMap<String, HostTensor>,
         params: BTreeMap<String, String>,
     ) -> Result<BTreeMap<String, HostTensor>> {
-        let (inputs, outs) = self.upload_and_call(client, hosts, params)?;
+        let (inputs, outs, _) = self.upload_and_call(client, hosts, params)?;
         let outs = download_all(outs)?;
         for (name, t) in &inputs {
             if !self.outputs.iter().any(|o| o.name == name.as_str()) {
@@ -290,7 +316,7 @@ impl OpSpec {
         client: &Client,
         hosts: &BTreeMap<String, HostTensor>,
         params: BTreeMap<String, String>,
-    ) -> Result<(BTreeMap<String, Tensor>, Outputs)> {
+    ) -> Result<(BTreeMap<String, Tensor>, Outputs, Vec<String>)> {
         // Parameters are checked before anything is uploaded.
         self.bind(BTreeMap::new(), params.clone())?;
         let mut tensors = BTreeMap::new();
@@ -299,8 +325,8 @@ impl OpSpec {
                 tensors.insert(t.name.to_string(), Tensor::upload_named(client, t.name, h)?);
             }
         }
-        let outs = self.call(client, tensors.clone(), params)?;
-        Ok((tensors, outs))
+        let (outs, unused) = self.call_noting(client, tensors.clone(), params)?;
+        Ok((tensors, outs, unused))
     }
 
     /// The names of the inputs, in declaration order.
@@ -372,6 +398,8 @@ pub struct OpArgs {
     spec: &'static OpSpec,
     tensors: BTreeMap<String, Tensor>,
     params: BTreeMap<String, String>,
+    /// The names of the inputs and parameters the operator asked for.
+    read: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl OpArgs {
@@ -384,8 +412,34 @@ impl OpArgs {
         self.spec
     }
 
+    fn mark(&self, name: &str) {
+        if let Ok(mut read) = self.read.lock() {
+            read.insert(name.to_string());
+        }
+    }
+
+    /// The inputs and parameters given (a parameter set, not defaulted) that the
+    /// operator never asked for, as `name` for a tensor and `name=value` for a
+    /// parameter: what a call with these inputs ignores (a parameter of another
+    /// strategy, weights of a kind it does not take together with others).
+    pub fn unused(&self) -> Vec<String> {
+        let read = self.read.lock().map(|r| r.clone()).unwrap_or_default();
+        let tensors = self
+            .tensors
+            .keys()
+            .filter(|n| !read.contains(*n))
+            .cloned();
+        let params = self
+            .params
+            .iter()
+            .filter(|(n, _)| !read.contains(*n))
+            .map(|(n, v)| format!("{n}={v}"));
+        tensors.chain(params).collect()
+    }
+
     /// A required input.
     pub fn tensor(&self, name: &str) -> Result<&Tensor> {
+        self.mark(name);
         self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
             op: self.spec.name.into(),
             tensor: name.into(),
@@ -397,10 +451,12 @@ impl OpArgs {
 
     /// An optional input.
     pub fn optional_tensor(&self, name: &str) -> Option<&Tensor> {
+        self.mark(name);
         self.tensors.get(name)
     }
 
     fn raw(&self, name: &str) -> Result<&str> {
+        self.mark(name);
         if let Some(v) = self.params.get(name) {
             return Ok(v);
         }
@@ -432,6 +488,7 @@ impl OpArgs {
 
     /// Whether the caller set parameter `name` (rather than leaving its default).
     pub fn given(&self, name: &str) -> bool {
+        self.mark(name);
         self.params.contains_key(name)
     }
 

@@ -463,30 +463,65 @@ impl Autotuner {
     }
 
     /// Merges the entries of an exported file into the cache. A file that is not a
-    /// kiln autotune export is an error. Returns how many entries were merged.
-    pub fn import(&self, file: &Path) -> Result<usize> {
+    /// kiln autotune export (or has an entry whose key is not a kiln tune key) is an
+    /// error. Returns what was merged.
+    pub fn import(&self, file: &Path) -> Result<Imported> {
         let p = file.display().to_string();
         let text = std::fs::read_to_string(file).map_err(|source| Error::Io {
             path: p.clone(),
             source,
         })?;
-        let f: CacheFile = serde_json::from_str(&text).map_err(|e| Error::Format {
+        let format = |message: String| Error::Format {
             path: p.clone(),
-            message: format!("not a kiln autotune file: {e}"),
-        })?;
+            message,
+        };
+        let f: CacheFile = serde_json::from_str(&text)
+            .map_err(|e| format(format!("not a kiln autotune file: {e}")))?;
         if f.version != CACHE_VERSION {
-            return Err(Error::Format {
-                path: p,
-                message: format!(
-                    "autotune file version {}, kiln reads {CACHE_VERSION}",
-                    f.version
-                ),
-            });
+            return Err(format(format!(
+                "autotune file version {}, kiln reads {CACHE_VERSION}",
+                f.version
+            )));
         }
-        let n = f.entries.len();
+        let this = format!("kiln-{}", env!("CARGO_PKG_VERSION"));
+        let mut imported = Imported {
+            entries: f.entries.len(),
+            devices: Vec::new(),
+            other_version: 0,
+        };
+        for key in f.entries.keys() {
+            // name|backend|driver|kernel|source hash|kiln-VERSION|shape (`entry_key`).
+            let parts: Vec<&str> = key.splitn(7, '|').collect();
+            if parts.len() < 7 || !parts[5].starts_with("kiln-") {
+                return Err(format(format!(
+                    "entry `{key}` is not a kiln tune key (device|backend|driver|kernel|source|kiln-VERSION|shape)"
+                )));
+            }
+            let device = format!("{} ({})", parts[0], parts[1]);
+            if !imported.devices.contains(&device) {
+                imported.devices.push(device);
+            }
+            if parts[5] != this {
+                imported.other_version += 1;
+            }
+        }
         self.persist(f.entries);
-        Ok(n)
+        Ok(imported)
     }
+}
+
+/// What [`Autotuner::import`] merged into the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Imported {
+    /// Entries merged.
+    pub entries: usize,
+    /// The devices they were tuned on (`name (backend)`), each once, in key order: an
+    /// entry applies only on its device.
+    pub devices: Vec<String>,
+    /// Entries from another kiln version: kept, but never used by this one (its keys
+    /// name its own version, and kernels change between versions), so those shapes
+    /// tune again.
+    pub other_version: usize,
 }
 
 /// FNV-1a 64 of `text`, hex: for source hashes in tune keys.

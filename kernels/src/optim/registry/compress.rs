@@ -140,12 +140,21 @@ pub static RANDK: OpSpec = OpSpec {
 /// `kiln run econtrol`: one worker's EControl step out of place.
 fn run_econtrol(a: &OpArgs) -> Result<Outputs> {
     let grad = a.tensor("grad")?;
+    // Read as f64, so a value past f32 is reported as given, not as `inf`.
+    let eta: f64 = a.param_as("eta")?;
+    if !(eta as f32).is_finite() {
+        return Err(Error::Param {
+            param: "eta".into(),
+            expected: "a finite value >= 0 (finite in f32)".into(),
+            found: kiln_runtime::number_str(eta),
+        });
+    }
     let step = super::econtrol(
         grad,
         a.optional_tensor("error"),
         a.optional_tensor("h"),
         a.param_as("k")?,
-        a.param_as("eta")?,
+        eta as f32,
     )?;
     Ok(vec![
         ("indices", step.indices),

@@ -31,6 +31,7 @@ fn flat_copy(t: &Tensor) -> Result<Tensor> {
 /// `perturb`'s update under `kiln run`'s parameters.
 fn perturb_update(a: &OpArgs) -> Result<impl FnMut(&Tensor, u32) -> Result<()> + 'static> {
     let (seed, eps): (u64, f64) = (a.param_as("seed")?, a.param_as("eps")?);
+    crate::optim::perturb::check_eps(eps)?;
     Ok(move |p: &Tensor, stream| crate::optim::perturb::perturb_stream(p, stream, &[seed], &[eps]))
 }
 
@@ -43,8 +44,8 @@ fn zo_update(a: &OpArgs) -> Result<impl FnMut(&Tensor, u32) -> Result<()> + 'sta
         return Err(shape_err("projected_grads", "[n]".into(), p.shape()));
     }
     let grads = p.download()?.to_f64();
-    let seeds = seeds_list(a, grads.len())?;
     let coeffs = crate::optim::perturb::zo_coeffs(&grads, a.param_as("lr")?)?;
+    let seeds = seeds_list(a, grads.len())?;
     Ok(move |t: &Tensor, stream| crate::optim::perturb::perturb_stream(t, stream, &seeds, &coeffs))
 }
 
