@@ -493,7 +493,12 @@ fn run_named(
 ) -> kiln::Result<(BTreeMap<String, HostTensor>, Vec<String>)> {
     let hosts = tensors
         .iter()
-        .map(|(n, d, s, v)| (n.to_string(), HostTensor::from_f64(*d, s.clone(), v).unwrap()))
+        .map(|(n, d, s, v)| {
+            (
+                n.to_string(),
+                HostTensor::from_f64(*d, s.clone(), v).unwrap(),
+            )
+        })
         .collect();
     let params = params
         .iter()
@@ -560,15 +565,27 @@ fn kiln_run_errors_name_the_callers_tensors_and_parameters() {
     t[0].2 = vec![3, 0];
     t[1].2 = vec![3, 0];
     t.push(("x", F32, vec![3, 2], f32s(6)));
-    has(&err(run_named("moe_dispatch", &t, &[])), &["expert_ids", "k >= 1"]);
+    has(
+        &err(run_named("moe_dispatch", &t, &[])),
+        &["expert_ids", "k >= 1"],
+    );
     // Perturbation: the parameter the caller set.
     let p = [("param", F32, vec![4], f32s(4))];
-    has(&err(run_named("perturb", &p, &[("eps", "1e39")])), &["`eps`", "1e39"]);
+    has(
+        &err(run_named("perturb", &p, &[("eps", "1e39")])),
+        &["`eps`", "1e39"],
+    );
     let mut z = p.to_vec();
     z.push(("projected_grads", F32, vec![1], vec![2.0]));
-    has(&err(run_named("zo_update", &z, &[("lr", "2e38")])), &["`lr`", "2e38 x 2"]);
+    has(
+        &err(run_named("zo_update", &z, &[("lr", "2e38")])),
+        &["`lr`", "2e38 x 2"],
+    );
     z[1] = ("projected_grads", F32, vec![0], vec![]);
-    has(&err(run_named("zo_update", &z, &[])), &["projected_grads", "at least one"]);
+    has(
+        &err(run_named("zo_update", &z, &[])),
+        &["projected_grads", "at least one"],
+    );
     // FlexRound's bounds are f32 in the kernels.
     let fr = [
         ("w", F32, vec![2, 2], f32s(4)),
@@ -577,7 +594,10 @@ fn kiln_run_errors_name_the_callers_tensors_and_parameters() {
         ("s3", F32, vec![2], vec![1.0; 2]),
         ("s4", F32, vec![2], vec![1.0; 2]),
     ];
-    has(&err(run_named("flexround", &fr, &[("qmax", "1e40")])), &["qmin, qmax", "f32"]);
+    has(
+        &err(run_named("flexround", &fr, &[("qmax", "1e40")])),
+        &["qmin, qmax", "f32"],
+    );
     // A parameter or tensor the call does not use is reported, not silently dropped.
     let ffn = [
         ("perm", I32, vec![2], vec![1.0, 0.0]),
@@ -599,10 +619,16 @@ fn kiln_run_errors_name_the_callers_tensors_and_parameters() {
     let mut verify = ffn.to_vec();
     verify.push(("x", F32, vec![2, 3], f32s(6)));
     verify[3] = ("w_down", F32, vec![4, 2], f32s(8));
-    has(&err(run_named("s2ft_verify", &verify, &[])), &["w_down", "d = 3"]);
+    has(
+        &err(run_named("s2ft_verify", &verify, &[])),
+        &["w_down", "d = 3"],
+    );
     verify[3] = ("w_down", F32, vec![3, 2], f32s(6));
     verify[4] = ("x", F32, vec![2, 5], f32s(10));
-    has(&err(run_named("s2ft_verify", &verify, &[])), &["`x`", "d = 3"]);
+    has(
+        &err(run_named("s2ft_verify", &verify, &[])),
+        &["`x`", "d = 3"],
+    );
     let attn = [
         ("perm", I32, vec![2], vec![1.0, 0.0]),
         ("w_q", F32, vec![6, 3], f32s(18)),
@@ -620,16 +646,27 @@ fn kiln_run_errors_name_the_callers_tensors_and_parameters() {
         &["head_dim", ">= 1"],
     );
     let neg = [("perm", I32, vec![3], vec![2.0, -1.0, 0.0]), ffn[1].clone()];
-    has(&err(run_named("s2ft_permute", &neg, &[])), &["perm", "0..3", "-1 at index 1"]);
     has(
-        &err(run_named("s2ft_select", &[], &[("strategy", "explicit"), ("num_units", "4")])),
+        &err(run_named("s2ft_permute", &neg, &[])),
+        &["perm", "0..3", "-1 at index 1"],
+    );
+    has(
+        &err(run_named(
+            "s2ft_select",
+            &[],
+            &[("strategy", "explicit"), ("num_units", "4")],
+        )),
         &["units_a", "neither"],
     );
     has(
         &err(run_named(
             "s2ft_select",
             &[],
-            &[("num_units", "2147483647"), ("count_a", "0"), ("count_b", "0")],
+            &[
+                ("num_units", "2147483647"),
+                ("count_a", "0"),
+                ("count_b", "0"),
+            ],
         )),
         &["buffer", "perm"],
     );

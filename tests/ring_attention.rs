@@ -140,6 +140,53 @@ fn fewer_tokens_than_chunks_leave_ranks_empty() {
     every_schedule_equals_whole_attention(1, 3, Some(&[0, 1, 3]), 34);
 }
 
+/// Far more ranks than tokens (4 tokens, 160 ranks, forward and backward): the empty
+/// ranks still pass every block on, and the result is whole attention's. Before empty
+/// tensors shared one buffer, 160 rank threads queueing device calls took minutes.
+#[test]
+fn far_more_ranks_than_tokens_equal_whole_attention() {
+    let _ = client();
+    let (b, s, h, d) = (1, 4, 2, 8);
+    let mut rng = Rng::new(37);
+    let q = round(&[b, s, h, d], &rng.normals(b * s * h * d, 1.0));
+    let k = round(&[b, s, h, d], &rng.normals(b * s * h * d, 1.0));
+    let v = round(&[b, s, h, d], &rng.normals(b * s * h * d, 1.0));
+    let d_o = round(&[b, s, h, d], &rng.normals(b * s * h * d, 1.0));
+    let t = |x: &[f64]| up(DType::F32, &[b, s, h, d], x);
+    let (tq, tk, tv, tdo) = (t(&q), t(&k), t(&v), t(&d_o));
+    let inp = AttentionInputs::new(&tq, &tk, &tv);
+    let mut dims = rf::Dims::dense(b, s, s, h, h, d, d);
+    dims.causal = true;
+    let (o_ref, l_ref) = rf::forward(&dims, &q, &k, &v);
+    let (dq_ref, _, dv_ref) = rf::backward(&dims, &q, &k, &v, &d_o);
+    let opts = AttentionOptions {
+        causal: true,
+        ..Default::default()
+    };
+    for schedule in SCHEDULES {
+        let r = ring_attention_local_ranks(&inp, 160, schedule, &opts).unwrap();
+        common::assert_forward_close(
+            &format!("{schedule:?} P=160"),
+            &r.out,
+            &r.lse,
+            &o_ref,
+            &l_ref,
+        );
+    }
+    let (to, tl) = (t(&o_ref), up(DType::F32, &[b, h, s], &l_ref));
+    let grad = AttentionGradInputs {
+        out: &to,
+        lse: &tl,
+        d_o: &tdo,
+    };
+    let g =
+        ring_attention_backward_local_ranks(&inp, &grad, 160, RingSchedule::Zigzag, &opts).unwrap();
+    for (name, got, want) in [("dq", &g.dq, &dq_ref), ("dv", &g.dv, &dv_ref)] {
+        let e = rms_relative(&down(got), want);
+        assert!(e <= 1e-4, "P=160: {name} {e:.2e}");
+    }
+}
+
 #[test]
 fn pytorch_vector_through_the_registry_for_every_schedule() {
     let hosts = load_safetensors(common::data("ring_attention_causal_f32.safetensors")).unwrap();

@@ -229,7 +229,10 @@ fn export_then_import_moves_winners() {
     let imported = dst.import(&file).unwrap();
     assert_eq!((imported.entries, imported.other_version), (1, 0));
     assert_eq!(imported.devices.len(), 1);
-    assert!(imported.devices[0].starts_with(client().name()), "{imported:?}");
+    assert!(
+        imported.devices[0].starts_with(client().name()),
+        "{imported:?}"
+    );
     // The imported winner (1) beats the first candidate (0) in cache-only mode.
     let won = dst
         .tune(

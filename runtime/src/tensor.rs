@@ -91,9 +91,13 @@ impl Tensor {
             });
         }
         client.require_buffer(name, bytes_expected)?;
-        let mut bytes = host.data.clone();
-        bytes.resize(padded(bytes.len()), 0);
-        let handle = dispatch!(client, c => c.create_from_slice(&bytes));
+        let handle = if bytes_expected == 0 {
+            client.empty_handle()
+        } else {
+            let mut bytes = host.data.clone();
+            bytes.resize(padded(bytes.len()), 0);
+            dispatch!(client, c => c.create_from_slice(&bytes))
+        };
         Ok(Tensor {
             client: client.clone(),
             handle,
@@ -108,7 +112,10 @@ impl Tensor {
         client.require_dtype("output", dtype)?;
         let numel = checked_numel("output", shape, dtype)?;
         client.require_buffer("output", numel * dtype.size())?;
-        let handle = dispatch!(client, c => c.empty(padded(numel * dtype.size())));
+        let handle = match numel * dtype.size() {
+            0 => client.empty_handle(),
+            bytes => dispatch!(client, c => c.empty(padded(bytes))),
+        };
         Ok(Tensor {
             client: client.clone(),
             handle,
@@ -131,6 +138,10 @@ impl Tensor {
 
     /// Copies the tensor back to the host (waits for pending kernels).
     pub fn download(&self) -> Result<HostTensor> {
+        // Nothing to read (and nothing to wait for): no round trip to the device.
+        if self.numel() == 0 {
+            return HostTensor::from_bytes(self.dtype, self.shape.clone(), Vec::new());
+        }
         let bytes = dispatch!(self.client, c => c.read_one(self.handle.clone())).map_err(|e| {
             Error::Kernel {
                 kernel: "read".into(),

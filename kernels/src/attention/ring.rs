@@ -415,7 +415,11 @@ pub fn ring_attention(
                 let src = (r + p - t) % p;
                 for (kc, [kb, vb]) in layout.rank_chunks(src).iter().zip(&kv) {
                     for ((qc, qa), slot) in mine.iter().zip(&qs).zip(acc.iter_mut()) {
-                        if matches!(pair(qc, kc, opts.causal), Pair::Skip) {
+                        // An empty chunk (more ranks than tokens) adds nothing: no launch.
+                        if qc.is_empty()
+                            || kc.is_empty()
+                            || matches!(pair(qc, kc, opts.causal), Pair::Skip)
+                        {
                             continue;
                         }
                         merge_into(slot, block(layout, (qc, kc), qa, kb, vb, opts)?)?;
@@ -587,7 +591,10 @@ pub fn ring_attention_backward(
                 let src = (r + p - t) % p;
                 for (kc, [kb, vb, dkb, dvb]) in layout.rank_chunks(src).iter().zip(kv.iter_mut()) {
                     for (a, qc) in mine.iter().enumerate() {
-                        if matches!(pair(qc, kc, opts.causal), Pair::Skip) {
+                        if qc.is_empty()
+                            || kc.is_empty()
+                            || matches!(pair(qc, kc, opts.causal), Pair::Skip)
+                        {
                             continue;
                         }
                         let g = AttentionGradInputs {

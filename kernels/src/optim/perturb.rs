@@ -77,7 +77,10 @@ pub(super) fn zo_coeffs(projected_grads: &[f64], lr: f64) -> Result<Vec<f64>> {
         return Err(Error::Param {
             param: "projected_grads".into(),
             expected: "finite numbers".into(),
-            found: format!("{} at index {i}", kiln_runtime::number_str(projected_grads[i])),
+            found: format!(
+                "{} at index {i}",
+                kiln_runtime::number_str(projected_grads[i])
+            ),
         });
     }
     let coeffs: Vec<f64> = projected_grads.iter().map(|p| -lr * p).collect();

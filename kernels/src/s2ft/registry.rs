@@ -389,7 +389,10 @@ fn run_verify(client: &Client, a: &OpArgs) -> Result<Outputs> {
         names
             .iter()
             .map(|&n| {
-                let axis = MATRICES.iter().find(|m| m.0 == n).map_or(Axis::Rows, |m| m.1);
+                let axis = MATRICES
+                    .iter()
+                    .find(|m| m.0 == n)
+                    .map_or(Axis::Rows, |m| m.1);
                 let w = a.tensor(n)?;
                 // The layer runs in x's dtype.
                 w.expect_dtype(n, &[x.dtype()])?;

@@ -72,7 +72,9 @@ struct State {
 
 struct Hub {
     state: Mutex<State>,
-    changed: Condvar,
+    /// One per rank, signalled when a message for it arrives (or a peer drops out):
+    /// a post wakes its receiver only, not every waiting rank.
+    changed: Vec<Condvar>,
     timeout: Duration,
 }
 
@@ -105,7 +107,7 @@ impl HostComm {
                 queues: BTreeMap::new(),
                 gone: vec![false; world],
             }),
-            changed: Condvar::new(),
+            changed: (0..world).map(|_| Condvar::new()).collect(),
             timeout,
         });
         clients
@@ -171,7 +173,7 @@ impl HostComm {
 
     fn post_locked(&self, s: &mut State, to: usize, msg: Msg) {
         s.queues.entry((self.rank, to)).or_default().push_back(msg);
-        self.hub.changed.notify_all();
+        self.hub.changed[to].notify_all();
     }
 
     /// Posts a point-to-point message to `to`; returns its number.
@@ -250,9 +252,7 @@ impl HostComm {
                     ),
                 ));
             }
-            s = self
-                .hub
-                .changed
+            s = self.hub.changed[self.rank]
                 .wait_timeout(s, deadline.map_or(Duration::from_secs(3600), |d| d - now))
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
@@ -424,7 +424,9 @@ impl Drop for HostComm {
     fn drop(&mut self) {
         let mut s = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
         s.gone[self.rank] = true;
-        self.hub.changed.notify_all();
+        for c in &self.hub.changed {
+            c.notify_all();
+        }
     }
 }
 

@@ -61,6 +61,7 @@ mod enabled {
         Ok(Client {
             inner: ClientInner::Cuda(client),
             report: Arc::new(report),
+            empty: Default::default(),
         })
     }
 }

@@ -304,6 +304,9 @@ pub struct Client {
     /// The typed cubecl client.
     pub inner: ClientInner,
     report: Arc<DeviceReport>,
+    /// The one buffer every empty tensor of this client shares (see
+    /// [`Client::empty_handle`]).
+    empty: Arc<std::sync::OnceLock<cubecl::server::Handle>>,
 }
 
 mod cuda;
@@ -397,6 +400,17 @@ pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 }
 
 impl Client {
+    /// The storage of an empty tensor: one 16-byte buffer (wgpu's smallest binding) per
+    /// client, allocated once. No kernel reads or writes an element of an empty
+    /// tensor, so they can share it; what sharing saves is a device call per empty
+    /// tensor, which many threads (one per rank of a ring with more ranks than tokens)
+    /// would otherwise queue on the device's one channel.
+    pub(crate) fn empty_handle(&self) -> cubecl::server::Handle {
+        self.empty
+            .get_or_init(|| crate::dispatch!(self, c => c.empty(16)))
+            .clone()
+    }
+
     /// Opens a device. `Auto` picks CUDA when usable, else the best wgpu adapter.
     pub fn open(device: &Device) -> Result<Client> {
         match resolve(device)? {

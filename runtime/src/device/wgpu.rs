@@ -195,6 +195,7 @@ mod enabled {
         Ok(Client {
             inner: ClientInner::Wgpu(client),
             report: Arc::new(report),
+            empty: Default::default(),
         })
     }
 

@@ -237,7 +237,8 @@ impl OpSpec {
         tensors: BTreeMap<String, Tensor>,
         params: BTreeMap<String, String>,
     ) -> Result<Outputs> {
-        self.call_noting(client, tensors, params).map(|(outs, _)| outs)
+        self.call_noting(client, tensors, params)
+            .map(|(outs, _)| outs)
     }
 
     /// [`OpSpec::call`], also returning what the call did not use of what it was
@@ -424,11 +425,7 @@ impl OpArgs {
     /// strategy, weights of a kind it does not take together with others).
     pub fn unused(&self) -> Vec<String> {
         let read = self.read.lock().map(|r| r.clone()).unwrap_or_default();
-        let tensors = self
-            .tensors
-            .keys()
-            .filter(|n| !read.contains(*n))
-            .cloned();
+        let tensors = self.tensors.keys().filter(|n| !read.contains(*n)).cloned();
         let params = self
             .params
             .iter()
