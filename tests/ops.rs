@@ -549,6 +549,14 @@ fn kiln_run_errors_name_the_callers_tensors_and_parameters() {
         &err(run_named("moe_combine", &t, &[])),
         &["locations", "below C = 2", "expert_out", "slot 2"],
     );
+    // E x C past 32-bit indexing (an empty M keeps the tensor itself small): the slots'
+    // limit, not a location.
+    let mut t = routes(&[0.0], &[0.0], 1);
+    t.push(("d_dispatched", F32, vec![50000, 50000, 0], vec![]));
+    has(
+        &err(run_named("moe_dispatch_backward", &t, &[])),
+        &["d_dispatched", "E x C slots at most"],
+    );
     let mut t = routes(&[0.0], &[0.0], 1);
     t.push(("d_dispatched", F32, vec![1, 3], f32s(3)));
     has(
@@ -644,6 +652,12 @@ fn kiln_run_errors_name_the_callers_tensors_and_parameters() {
     has(
         &err(run_named("s2ft_permute", &attn, &[("head_dim", "0")])),
         &["head_dim", ">= 1"],
+    );
+    // A w_k that is not a matrix: named, not an index past its shape.
+    let scalar_k = [attn[0].clone(), ("w_k", F32, vec![], vec![1.0])];
+    has(
+        &err(run_named("s2ft_permute", &scalar_k, &[("head_dim", "0")])),
+        &["w_k", "matrix"],
     );
     let neg = [("perm", I32, vec![3], vec![2.0, -1.0, 0.0]), ffn[1].clone()];
     has(

@@ -268,7 +268,9 @@ fn routing(a: &OpArgs, slots: Option<(&str, &Tensor)>, with_gates: bool) -> Resu
         (Error::Param { param, found, .. }, Some((name, t))) if param == "num_experts" => {
             shape_err(name, format!("[E, C, M] with E >= 1 experts (found E = {found})"), t.shape())
         }
-        (Error::Param { param, expected, found }, Some((name, t))) if param == "capacity" => {
+        (Error::Param { param, expected, found }, Some((name, t)))
+            if param == "capacity" && expected.starts_with("more than every kept location (") =>
+        {
             Error::Param {
                 param: "locations".into(),
                 expected: format!(
@@ -280,6 +282,15 @@ fn routing(a: &OpArgs, slots: Option<(&str, &Tensor)>, with_gates: bool) -> Resu
                     .trim_end_matches(')')
                     .to_string(),
             }
+        }
+        (Error::Param { param, expected, .. }, Some((name, t)))
+            if param == "capacity" && expected.starts_with("num_experts x capacity") =>
+        {
+            shape_err(
+                name,
+                format!("[E, C, M] with E x C slots at most {}", crate::launch::MAX_ELEMENTS),
+                t.shape(),
+            )
         }
         (Error::Param { param, expected, found }, None) if param == "capacity" && from_ids && expected.starts_with("num_experts x capacity") => {
             Error::Param {

@@ -56,8 +56,8 @@ pub struct W4Weights<'a> {
     pub qweight: &'a Tensor,
     /// Scales `[K/G, N]`: any float dtype (f32 for [`W4Format::Kiln`]).
     pub scales: &'a Tensor,
-    /// Zero points (shape and dtype per [`W4Format`]); `None`: symmetric, z = 8.
-    /// Required for [`W4Format::Kiln`].
+    /// Zero points (shape and dtype per [`W4Format`]); `None`: symmetric, z = 8 (for
+    /// [`W4Format::Kiln`] too).
     pub qzeros: Option<&'a Tensor>,
     /// Act-order group of each row, i32 `[K]` in `0..K/G`; `None`: `k / G`.
     pub g_idx: Option<&'a Tensor>,

@@ -692,7 +692,6 @@ kiln_runtime::register_op!(
     S2FT_MERGE
 );
 
-/// The rows of `t`, which must be a matrix (an error names it otherwise).
 /// The layer matrices an S²FT operator takes, with the axis their units lie along.
 const MATRICES: [(&str, Axis); 7] = [
     ("w_q", Axis::Rows),
@@ -747,15 +746,19 @@ fn head_layout(
     q: Option<(&str, &Tensor, Axis)>,
 ) -> Result<HeadLayout> {
     let units = p.units();
-    let head_dim = match a.param("head_dim")?.as_str() {
-        "rows of w_k / U" => matrix_rows(k.0, k.1)? / units.max(1),
-        _ => a.param_as("head_dim")?,
+    let k_rows = matrix_rows(k.0, k.1)?;
+    let (head_dim, how) = match a.param("head_dim")?.as_str() {
+        "rows of w_k / U" => (
+            k_rows / units.max(1),
+            format!(" ({}'s {k_rows} rows / U = {units})", k.0),
+        ),
+        _ => (a.param_as("head_dim")?, String::new()),
     };
     if head_dim == 0 {
         return Err(Error::Param {
             param: "head_dim".into(),
             expected: format!(">= 1 rows per head (perm has U = {units} KV groups)"),
-            found: format!("0 ({}'s {} rows / {units})", k.0, k.1.shape()[0]),
+            found: format!("0{how}"),
         });
     }
     let heads = match q {
@@ -791,6 +794,7 @@ fn head_layout(
     Ok(layout)
 }
 
+/// The rows of `t`, which must be a matrix (an error names it otherwise).
 fn matrix_rows(name: &str, t: &Tensor) -> Result<usize> {
     match t.shape() {
         &[rows, _] => Ok(rows),

@@ -9,11 +9,13 @@
 //! data: a late message of a round this rank left is discarded, and a peer already in a
 //! later round is an error (the next call pairs again).
 //!
-//! Point-to-point messages pair in order, and only data whose sender still waits is ever
-//! delivered: a `send` or `send_recv` that fails takes its message back if no one took
-//! it yet, and a `send`'s verdict names the send it answers, so a late verdict never
-//! confirms a later send. A `send` message taken by anything but a matching `recv` is
-//! answered with a refusal, so its sender fails at once.
+//! Point-to-point messages pair in order. A `send` or `send_recv` that fails takes its
+//! message back if no one took it yet, so a failed call's data is not delivered later;
+//! a `send`'s verdict names the send it answers, so a late verdict never confirms a
+//! later send; a `send` message taken by anything but a `recv` is answered with a
+//! refusal, so its sender fails at once. A `send_recv` that succeeded does not wait for
+//! its receiver: if that peer's own call failed (a timeout on its other side), the
+//! message waits for the peer's next receive.
 
 use super::{check_agreement, check_reducible, check_send_rows, rank1, Agree, Communicator};
 use crate::{Client, DType, Error, HostTensor, Result, Tensor};
@@ -195,12 +197,7 @@ impl HostComm {
     /// whether it did.
     fn withdraw(&self, to: usize, n: u64) -> bool {
         let mut s = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(queue) = s.queues.get_mut(&(self.rank, to)) else {
-            return false;
-        };
-        let before = queue.len();
-        queue.retain(|m| !(m.tag == Tag::P2p(n) && matches!(m.payload, Payload::Tensor(_))));
-        queue.len() < before
+        withdraw_locked(&mut s, self.rank, to, n)
     }
 
     /// Answers a `send` message this rank took without accepting it (`why`), so its
@@ -279,11 +276,7 @@ impl HostComm {
                             self.rank
                         );
                         self.refuse_locked(s, from, &theirs, &why);
-                        if let Some(mine) = s.queues.get_mut(&(self.rank, from)) {
-                            mine.retain(|m| {
-                                !(m.tag == Tag::P2p(n) && matches!(m.payload, Payload::Tensor(_)))
-                            });
-                        }
+                        withdraw_locked(s, self.rank, from, n);
                         return Some(Err(self.err(op, from, why)));
                     }
                     _ => i += 1,
@@ -430,6 +423,17 @@ impl Drop for HostComm {
     }
 }
 
+/// Takes `from`'s point-to-point message `n` to `to` out of its queue if it is still
+/// there (under the lock); whether it was.
+fn withdraw_locked(s: &mut State, from: usize, to: usize, n: u64) -> bool {
+    let Some(queue) = s.queues.get_mut(&(from, to)) else {
+        return false;
+    };
+    let before = queue.len();
+    queue.retain(|m| !(m.tag == Tag::P2p(n) && matches!(m.payload, Payload::Tensor(_))));
+    queue.len() < before
+}
+
 /// Rows `[start, start + n)` of a row-major host tensor.
 fn rows(h: &HostTensor, start: usize, n: usize) -> Result<HostTensor> {
     let row_bytes = h.dtype.size() * h.shape.iter().skip(1).product::<usize>();
@@ -518,7 +522,17 @@ impl Communicator for HostComm {
         let n = self.post_p2p(to, "send_recv", mine);
         let got = self
             .take_data("send_recv", from)
-            .and_then(|m| self.open("send_recv", from, m))
+            .and_then(|m| match (&m.payload, m.op) {
+                (Payload::Tensor(_), "send_recv") => self.open("send_recv", from, m),
+                _ => {
+                    // Refused and taken back in one step: a peer woken by the refusal
+                    // never finds this call's message still queued.
+                    let mut s = self.hub.state.lock().unwrap_or_else(|p| p.into_inner());
+                    withdraw_locked(&mut s, self.rank, to, n);
+                    self.refuse_locked(&mut s, from, &m, "the receiver was in `send_recv`");
+                    Err(self.err("send_recv", from, format!("the peer is in `{}`", m.op)))
+                }
+            })
             .and_then(|got| {
                 if got.dtype == dtype {
                     Ok(got)

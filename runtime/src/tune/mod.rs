@@ -490,18 +490,20 @@ impl Autotuner {
             other_version: 0,
         };
         for key in f.entries.keys() {
-            // name|backend|driver|kernel|source hash|kiln-VERSION|shape (`entry_key`).
-            let parts: Vec<&str> = key.splitn(7, '|').collect();
-            if parts.len() < 7 || !parts[5].starts_with("kiln-") {
+            // name|backend|driver|kernel|source hash|kiln-VERSION|shape (`entry_key`),
+            // read from the right: a device name or driver may hold a `|`.
+            let right: Vec<&str> = key.rsplitn(5, '|').collect();
+            let device: Vec<&str> = right.get(4).map_or(vec![], |d| d.splitn(3, '|').collect());
+            if right.len() < 5 || device.len() < 3 || !right[1].starts_with("kiln-") {
                 return Err(format(format!(
                     "entry `{key}` is not a kiln tune key (device|backend|driver|kernel|source|kiln-VERSION|shape)"
                 )));
             }
-            let device = format!("{} ({})", parts[0], parts[1]);
+            let device = format!("{} ({})", device[0], device[1]);
             if !imported.devices.contains(&device) {
                 imported.devices.push(device);
             }
-            if parts[5] != this {
+            if right[1] != this {
                 imported.other_version += 1;
             }
         }
