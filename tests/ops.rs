@@ -594,6 +594,19 @@ fn kiln_run_errors_name_the_callers_tensors_and_parameters() {
         &err(run_named("zo_update", &z, &[])),
         &["projected_grads", "at least one"],
     );
+    // An optimizer's decoupled decay `1 - lr weight_decay` overflowing f32.
+    let step = [
+        ("param", F32, vec![4], f32s(4)),
+        ("grad", F32, vec![4], f32s(4)),
+    ];
+    has(
+        &err(run_named(
+            "adamw",
+            &step,
+            &[("lr", "1e38"), ("weight_decay", "1e38")],
+        )),
+        &["lr, weight_decay", "1e38 x 1e38"],
+    );
     // FlexRound's bounds are f32 in the kernels.
     let fr = [
         ("w", F32, vec![2, 2], f32s(4)),

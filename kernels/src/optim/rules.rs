@@ -184,6 +184,19 @@ impl Hyper {
                 self.weight_decay,
             ));
         }
+        // The decay multiplies by `1 - lr weight_decay` (AdaGrad: adds `weight_decay
+        // param` to the gradient): the product must stay finite in f32 too.
+        if !f32_finite(self.lr * self.weight_decay) {
+            return Err(Error::Param {
+                param: "lr, weight_decay".into(),
+                expected: "lr x weight_decay finite in f32 (< 3.4e38)".into(),
+                found: format!(
+                    "{} x {}",
+                    kiln_runtime::number_str(self.lr),
+                    kiln_runtime::number_str(self.weight_decay)
+                ),
+            });
+        }
         Ok(())
     }
 }
