@@ -516,7 +516,7 @@ fn f32s(n: usize) -> Vec<f64> {
 #[test]
 fn kiln_run_errors_name_the_callers_tensors_and_parameters() {
     use DType::{F32, I32};
-    let err = |r: kiln::Result<_>| r.err().expect("must fail").to_string();
+    let err = |r: kiln::Result<_>| r.expect_err("must fail").to_string();
     let has = |m: &str, words: &[&str]| {
         assert!(!m.contains('\n'), "{m}");
         for w in words {
