@@ -9,6 +9,8 @@
 //!   block device, a FIFO, a socket) is refused before anything is written.
 //! - A symbolic link is followed: the file it points to is replaced, the link stays.
 //! - On any failure the temporary file is removed; the destination is untouched.
+//! - A process killed while writing leaves its temporary file behind; the next write of
+//!   the same destination removes those whose process is gone (where `/proc` tells).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -113,8 +115,35 @@ pub fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     })();
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
+    } else {
+        remove_orphans(&dir, &name);
     }
     written
+}
+
+/// Removes the temporary files of `name` in `dir` left by processes that no longer
+/// exist (killed while writing). Only where `/proc` lists processes (Linux); a file
+/// whose process may still be writing is never touched.
+fn remove_orphans(dir: &Path, name: &str) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let prefix = format!(".{name}.kiln-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = file.strip_prefix(&prefix) else {
+            continue;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid.filter(|_| file.ends_with(".tmp")) {
+            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -151,6 +180,25 @@ mod tests {
             b"again"
         );
         assert!(leftovers(&d).is_empty());
+    }
+
+    #[test]
+    fn a_killed_writers_temporary_file_is_removed_by_the_next_write() {
+        let d = scratch("orphans");
+        let out = d.join("o.safetensors");
+        // A pid past any kernel's pid_max (never alive), this process's, and another
+        // destination's: only the first goes.
+        let dead = d.join(".o.safetensors.kiln-999999999-0-1.tmp");
+        let mine = d.join(format!(".o.safetensors.kiln-{}-7-1.tmp", std::process::id()));
+        let other = d.join(".p.safetensors.kiln-999999999-0-1.tmp");
+        for f in [&dead, &mine, &other] {
+            std::fs::write(f, b"partial").unwrap();
+        }
+        replace_file(&out, b"new").unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"new");
+        assert!(!dead.exists() || !Path::new("/proc/self").exists());
+        assert!(mine.exists() && other.exists());
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
