@@ -169,11 +169,20 @@ fn launch_checks_name_the_argument() {
         }
         other => panic!("expected a dtype error on w, got {other:?}"),
     }
-    let too_many = RmsNormConfig { UNITS: 4096 };
-    assert!(matches!(
-        RmsNorm::launch(client(), &too_many, &args(&x, &w, &out)),
-        Err(Error::Unsupported { feature, .. }) if feature.contains("4096 units")
-    ));
+    // A configuration built by hand with a value the kernel does not declare: named as
+    // such, with the declared values (not blamed on the device or `require`).
+    let undeclared = RmsNormConfig { UNITS: 4096 };
+    match RmsNorm::launch(client(), &undeclared, &args(&x, &w, &out)) {
+        Err(Error::Param {
+            param,
+            expected,
+            found,
+        }) => assert_eq!(
+            (param.as_str(), expected.as_str(), found.as_str()),
+            ("UNITS", "32 | 64 | 128 | 256", "4096")
+        ),
+        other => panic!("expected a parameter error on UNITS, got {other:?}"),
+    }
 }
 
 #[test]

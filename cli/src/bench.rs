@@ -107,7 +107,12 @@ pub fn run(
             "device": r.name, "backend": r.backend,
             "median_ms": median * 1e3, "min_ms": times[0] * 1e3, "samples": times.len(),
             "calls_per_sample": reps, "latency_ms": latency_median * 1e3,
-            "autotune": std::env::var("KILN_AUTOTUNE").ok(),
+            // The mode in force (`KILN_AUTOTUNE` as kiln read it), not the raw text.
+            "autotune": match kiln::runtime::Autotuner::global().mode() {
+                kiln::runtime::TuneMode::On => "on",
+                kiln::runtime::TuneMode::CacheOnly => "cache",
+                kiln::runtime::TuneMode::Off => "off",
+            },
             "gflops": gflops, "gbytes_per_s": gbps,
             "peak_tflops": peak.map(|p| p.0), "peak_tbytes_per_s": peak.map(|p| p.1),
             "flops_fraction_of_peak": peak.map(|p| gflops / (p.0 * 1e3)),

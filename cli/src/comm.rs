@@ -59,6 +59,9 @@ fn report<C: Communicator>(comms: Vec<C>) -> Result<ExitCode> {
     })
 }
 
+/// The most ranks `comm-check --backend host` runs.
+const HOST_RANKS: usize = 128;
+
 pub fn comm_check(
     backend: &str,
     ranks: usize,
@@ -67,6 +70,13 @@ pub fn comm_check(
 ) -> Result<ExitCode> {
     let timeout = Duration::from_secs(timeout);
     match backend {
+        "host" if ranks > HOST_RANKS => Err(Error::Param {
+            param: "--ranks".into(),
+            expected: format!(
+                "1..={HOST_RANKS} with --backend host (one thread per rank, every transfer through one device's queue: the check's time grows as the square of the ranks, about 150 s at 128 on a CPU adapter)"
+            ),
+            found: ranks.to_string(),
+        }),
         "host" => {
             let client = Client::open(&super::device_arg(device)?)?;
             println!(

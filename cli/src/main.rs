@@ -73,7 +73,7 @@ enum Command {
         #[arg(long)]
         manifest: bool,
         /// List the kernels and their configuration knobs.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["kernel", "config", "manifest", "target"])]
         list: bool,
     },
     /// Autotune an operator's kernels for a shape on one device and store the winners;
@@ -163,14 +163,15 @@ enum Command {
         /// cuda:0..N-1 where there are N, else every rank on cuda:0 if NCCL allows it).
         #[arg(long, default_value = "host")]
         backend: String,
-        /// Number of ranks, 1 to 1024 (one thread each).
+        /// Number of ranks, 1 to 1024 (one thread each; `host`: at most 128, every
+        /// transfer of every rank going through the one device's queue).
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=1024))]
         ranks: u32,
         /// Device of every rank for `host` (default: $KILN_DEVICE or auto).
         #[arg(long)]
         device: Option<String>,
-        /// Bound on every wait, seconds.
-        #[arg(long, default_value_t = 30)]
+        /// Bound on every wait, seconds (at least 1).
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
         timeout: u64,
     },
     /// Every operator against its f64 reference, in every float dtype, on one device.
@@ -208,6 +209,12 @@ fn main() -> ExitCode {
             // of kiln's; stop quietly, as a program ended by SIGPIPE does.
             if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
                 return ExitCode::SUCCESS;
+            }
+            // Any other failure to write stdout (a full disk, a closed file): the
+            // user's environment, not a kiln bug.
+            if let Some(why) = message.strip_prefix("failed printing to stdout: ") {
+                eprintln!("error: could not write the output to stdout: {why}");
+                return ExitCode::from(2);
             }
             eprintln!("error: internal error (please report): {message}");
             ExitCode::from(101)
@@ -329,6 +336,11 @@ fn key_values(pairs: &[String], what: &str) -> Result<BTreeMap<String, String>> 
 }
 
 fn devices(json: bool) -> Result<ExitCode> {
+    // `devices` lists what there is; a KILN_DEVICE the other commands would refuse is
+    // said here too, since this is where one looks.
+    if let Err(e) = Device::from_env() {
+        eprintln!("warning: {e}");
+    }
     let cuda = kiln::runtime::cuda_device_count();
     let adapters = list_wgpu_adapters();
     let auto = resolve(&Device::Auto);

@@ -84,6 +84,11 @@ fn comm_check_refuses_an_unknown_backend_and_a_device_for_nccl() {
         &kiln(&["comm-check", "--backend", "nccl", "--device", "wgpu"]),
         &["--device", "cuda:0..N-1", "wgpu"],
     );
+    // More host ranks than the one device's queue serves in reasonable time.
+    assert_clear_error(
+        &kiln(&["comm-check", "--ranks", "200"]),
+        &["--ranks", "1..=128", "200"],
+    );
 }
 
 #[test]

@@ -305,3 +305,23 @@ fn a_reader_that_goes_away_is_not_an_internal_error() {
     assert!(!err.contains("internal error"), "{err}");
     assert_eq!(o.status.code(), Some(0), "{err}");
 }
+
+#[test]
+fn a_full_stdout_is_a_clear_error_not_an_internal_one() {
+    // Linux's /dev/full: every write fails with ENOSPC.
+    let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+        return;
+    };
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["ops", "matmul"])
+        .stdout(full)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("internal error"), "{err}");
+    assert!(
+        err.contains("could not write the output to stdout"),
+        "{err}"
+    );
+    assert_eq!(o.status.code(), Some(2), "{err}");
+}

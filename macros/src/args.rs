@@ -63,6 +63,14 @@ impl Domain {
         }
     }
 
+    /// Whether `v` is one of the values.
+    pub fn contains(&self, v: u32) -> bool {
+        match self {
+            Domain::List(l) => l.contains(&v),
+            Domain::Range(a, b) => (*a..=*b).contains(&v),
+        }
+    }
+
     fn parse(name: &Ident, e: &Expr) -> syn::Result<Domain> {
         let lit = |e: &Expr| -> syn::Result<u32> {
             match e {
@@ -316,10 +324,16 @@ impl Parse for KernelArgs {
                         .iter()
                         .map(|l| l.base10_parse::<u32>())
                         .collect::<syn::Result<Vec<_>>>()?;
-                    if widths.is_empty() || widths.iter().any(|w| ![1, 2, 4, 8].contains(w)) {
+                    // Widest first, each once: the first that divides is what runs, so an
+                    // ascending list would always run its narrowest.
+                    let descending = widths.windows(2).all(|w| w[0] > w[1]);
+                    if widths.is_empty()
+                        || !descending
+                        || widths.iter().any(|w| ![1, 2, 4, 8].contains(w))
+                    {
                         return Err(syn::Error::new(
                             brackets.span.join(),
-                            "`vector` lists widths among 1, 2, 4 and 8, widest first",
+                            "`vector` lists distinct widths among 1, 2, 4 and 8, widest first (`vector = [4, 2, 1]`): the first that divides every `N` array's length runs",
                         ));
                     }
                     args.vector = Some((section.span(), widths));

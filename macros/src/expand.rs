@@ -699,12 +699,32 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
     } else {
         (quote!(), quote!(), quote!())
     };
-    for (name, _) in &args.defaults {
+    for (name, value) in &args.defaults {
         if !comptimes.iter().any(|(n, _)| *n == name) {
             return Err(syn::Error::new(
                 name.span(),
                 format!("`{name}` in `defaults` is not a #[comptime] argument of `{kname}`"),
             ));
+        }
+        // A default outside the declared domain would only fail at emission.
+        let domain = args.domains.iter().find(|(d, _)| d == name).map(|(_, d)| d);
+        if let (
+            Some(d),
+            Expr::Lit(syn::ExprLit {
+                lit: syn::Lit::Int(v),
+                ..
+            }),
+        ) = (domain, value)
+        {
+            if !v.base10_parse::<u32>().is_ok_and(|v| d.contains(v)) {
+                return Err(syn::Error::new(
+                    syn::spanned::Spanned::span(value),
+                    format!(
+                        "the default of `{name}` must be one of its domain's values ({})",
+                        d.text()
+                    ),
+                ));
+            }
         }
     }
     let comptime_params: Vec<TokenStream> = comptimes
@@ -775,6 +795,25 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
         })
         .collect();
     let scalar_names: Vec<&Ident> = scalars.iter().map(|(n, _)| *n).collect();
+    // `FooProblem::default()`: what emission defaults to for `#[comptime]` u32 and
+    // bool arguments (so `..Default::default()` launches), the type's default otherwise.
+    let problem_defaults: Vec<TokenStream> = scalars
+        .iter()
+        .map(|(n, ty)| {
+            let is_comptime = comptimes.iter().any(|(c, _)| c == n);
+            let given = args.defaults.iter().find(|(d, _)| d == *n).map(|(_, e)| e);
+            let domain = args.domains.iter().find(|(d, _)| d == *n).map(|(_, d)| d);
+            let simple = *ty == "u32" || *ty == "bool";
+            match (is_comptime && simple, given, domain) {
+                (true, Some(e), _) => quote!(#e),
+                (true, None, Some(d)) => {
+                    let first = d.first();
+                    quote!(#first)
+                }
+                _ => quote!(::core::default::Default::default()),
+            }
+        })
+        .collect();
     let args_struct = format_ident!("{}Args", camel_name);
     let problem_struct = format_ident!("{}Problem", camel_name);
     let doc_args = format!("The arguments of kernel `{reg_name}` by name: its tensors, scalars and `#[comptime]` values (`launch`, `tuned`).");
@@ -806,9 +845,17 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
         }
 
         #[doc = #doc_problem]
-        #[derive(Clone, Copy, Debug, Default, PartialEq)]
+        #[derive(Clone, Copy, Debug, PartialEq)]
         #vis struct #problem_struct {
             #(#problem_fields,)*
+        }
+
+        impl ::core::default::Default for #problem_struct {
+            /// Scalars zero; each `#[comptime]` argument its emission default (its
+            /// `defaults(..)` value, else its domain's first value).
+            fn default() -> Self {
+                Self { #(#scalar_names: #problem_defaults,)* }
+            }
         }
 
         impl #args_struct<'_> {
@@ -899,6 +946,13 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
                 #[allow(unused_imports)]
                 use #rt::Capability;
                 let device = client.report();
+                // A configuration built by hand: each value one the kernel declares.
+                #(
+                    if !(#value_lists as &[u32]).contains(&cfg.#tunables) {
+                        return Err(#rt::Error::Param { param: #tunable_strs.into(), expected: #tunable_values.into(), found: cfg.#tunables.to_string() });
+                    }
+                )*
+                #(#joint_checks)*
                 #bind_tunables
                 #(#bind_scalars)*
                 if #buffer_count > device.max_bindings {

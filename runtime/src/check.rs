@@ -155,6 +155,14 @@ pub fn example_inputs_seeded(
 ) -> crate::Result<std::collections::BTreeMap<String, crate::HostTensor>> {
     use crate::DType;
     use crate::ExampleValues;
+    // The dtype of the operator's float inputs (integer inputs keep their own).
+    if !DType::FLOATS.contains(&dtype) {
+        return Err(crate::Error::Param {
+            param: "--dtype".into(),
+            expected: "a float dtype: f32 | f16 | bf16 (integer inputs keep their own)".into(),
+            found: dtype.name().into(),
+        });
+    }
     let mut rng = Rng::new(seed);
     let mut hosts = std::collections::BTreeMap::new();
     for (name, shape) in (spec.example_inputs)(dims)? {

@@ -189,7 +189,10 @@ mod tests {
         // A pid past any kernel's pid_max (never alive), this process's, and another
         // destination's: only the first goes.
         let dead = d.join(".o.safetensors.kiln-999999999-0-1.tmp");
-        let mine = d.join(format!(".o.safetensors.kiln-{}-7-1.tmp", std::process::id()));
+        let mine = d.join(format!(
+            ".o.safetensors.kiln-{}-7-1.tmp",
+            std::process::id()
+        ));
         let other = d.join(".p.safetensors.kiln-999999999-0-1.tmp");
         for f in [&dead, &mine, &other] {
             std::fs::write(f, b"partial").unwrap();

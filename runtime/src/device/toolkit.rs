@@ -194,7 +194,14 @@ fn find_headers(
             }
         }
     }
-    Err(INSTALL_HINT.into())
+    // A KILN_CUDA_TOOLKIT that was set but held nothing is named: it is what the user
+    // meant to be used.
+    match env("KILN_CUDA_TOOLKIT") {
+        Some(tk) => Err(format!(
+            "KILN_CUDA_TOOLKIT={tk} holds no CUDA headers (no nvidia/cu13/include or nvidia/cuda_runtime/include with cuda_fp16.h, cuda_bf16.h and crt/mma.h); {INSTALL_HINT}"
+        )),
+        None => Err(INSTALL_HINT.into()),
+    }
 }
 
 /// The toolkit of this process, searched once (see the module docs).

@@ -267,8 +267,9 @@ pub struct Autotuner {
     /// Entries as last read or written; `None` until first needed.
     cache: Mutex<Option<CacheFile>>,
     observer: Mutex<Option<Observer>>,
-    /// Whether a problem with the file was already reported (warn once per process).
-    warned: std::sync::atomic::AtomicBool,
+    /// Whether a read failure, then a write failure, of the cache was reported (each
+    /// once per process).
+    warned: [std::sync::atomic::AtomicBool; 2],
     /// Why the last write of the cache failed, if it did (`kiln tune` reports it).
     store_error: Mutex<Option<String>>,
     /// Samples timed per candidate after the warm-up.
@@ -353,8 +354,10 @@ impl Autotuner {
         }
     }
 
-    fn warn(&self, message: String) {
-        if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+    /// Reports a cache problem on stderr, once per process for each `kind` (0: read,
+    /// 1: write).
+    fn warn(&self, kind: usize, message: String) {
+        if !self.warned[kind].swap(true, std::sync::atomic::Ordering::Relaxed) {
             eprintln!("warning: {message}");
         }
     }
@@ -364,17 +367,20 @@ impl Autotuner {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return CacheFile::default(),
             Err(e) => {
-                self.warn(format!(
-                    "autotune cache {} unreadable ({e}); ignoring it",
-                    self.path.display()
-                ));
+                self.warn(
+                    0,
+                    format!(
+                        "autotune cache {} unreadable ({e}); ignoring it",
+                        self.path.display()
+                    ),
+                );
                 return CacheFile::default();
             }
         };
         match serde_json::from_str::<CacheFile>(&text) {
             Ok(f) if f.version == CACHE_VERSION => f,
             Ok(f) => {
-                self.warn(format!(
+                self.warn(0, format!(
                     "autotune cache {} has version {}, kiln uses {CACHE_VERSION}; it will be rewritten",
                     self.path.display(),
                     f.version
@@ -382,10 +388,13 @@ impl Autotuner {
                 CacheFile::default()
             }
             Err(e) => {
-                self.warn(format!(
-                    "autotune cache {} is corrupt ({e}); it will be rewritten",
-                    self.path.display()
-                ));
+                self.warn(
+                    0,
+                    format!(
+                        "autotune cache {} is corrupt ({e}); it will be rewritten",
+                        self.path.display()
+                    ),
+                );
                 CacheFile::default()
             }
         }
@@ -409,10 +418,13 @@ impl Autotuner {
         let written = lock.and_then(|_guard| write_atomic(&self.path, &file));
         let error = written.err().map(|e| e.to_string());
         if let Some(e) = &error {
-            self.warn(format!(
-                "could not write autotune cache {}: {e}",
-                self.path.display()
-            ));
+            self.warn(
+                1,
+                format!(
+                    "could not write autotune cache {} (in KILN_CACHE_DIR or the default cache directory): {e}; the winners stay in this process only",
+                    self.path.display()
+                ),
+            );
         }
         if let Ok(mut s) = self.store_error.lock() {
             *s = error;

@@ -840,7 +840,8 @@ fn subspace_index(config: &FrugalConfig, steps: u64) -> Result<u32> {
     u32::try_from(steps / config.update_gap).map_err(|_| Error::Param {
         param: "step".into(),
         expected: format!("fewer than 2^32 subspaces of {} steps", config.update_gap),
-        found: steps.to_string(),
+        // The step as the caller numbers it (1-based).
+        found: (steps + 1).to_string(),
     })
 }
 

@@ -29,7 +29,30 @@ fn config(pairs: &[(&str, &str)]) -> kiln::Result<kiln::runtime::KernelConfig> {
     kiln::runtime::KernelConfig::new(&SCALE_BY_KERNEL, values)
 }
 
+/// A `defaults(..)` value is also the problem's default.
+#[kiln::kernel(
+    tune(UNITS = [64]),
+    domain(per = [1, 2, 4, 8]),
+    defaults(per = 2),
+    grid = (len.div_ceil(UNITS)),
+    cube = UNITS,
+)]
+pub fn scale_per<F: Float>(x: &Array<F>, out: &mut Array<F>, len: u32, #[comptime] per: u32) {
+    let i = ABSOLUTE_POS;
+    if i < len as usize {
+        out[i] = x[i] * F::cast_from(per);
+    }
+}
+
 fn main() {
+    // `..Default::default()` gives a `#[comptime]` u32 a value it may take: its
+    // `defaults(..)` value, else its domain's first (not 0, which `launch` refuses).
+    let p = ScaleByProblem {
+        len: 5,
+        ..Default::default()
+    };
+    assert_eq!((p.len, p.width), (5, 1));
+    assert_eq!(ScalePerProblem::default().per, 2);
     let spec = &SCALE_BY_KERNEL;
     let knob = |n: &str| spec.config.iter().find(|c| c.name == n).unwrap();
     assert_eq!(
