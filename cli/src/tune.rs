@@ -173,7 +173,17 @@ pub fn run(
             }
         }
     });
-    spec.call_host(&client, &hosts, BTreeMap::new())?;
+    if let Err(e) = spec.call_host(&client, &hosts, BTreeMap::new()) {
+        // `tune` sets no parameter: one named in the error has its default, or was
+        // derived from --shape.
+        if matches!(e, Error::Param { .. }) {
+            eprintln!(
+                "note: `kiln tune` runs `{}` on example inputs of --shape {} with every parameter at its default (`kiln ops {}` lists them)",
+                spec.name, shape, spec.name
+            );
+        }
+        return Err(e);
+    }
 
     let seen = seen
         .lock()

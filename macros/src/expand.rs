@@ -275,7 +275,7 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
                     if #name.numel() % (#width as usize) != 0 {
                         return Err(#rt::Error::Shape {
                             tensor: #n.into(),
-                            expected: format!("a number of elements divisible by {} (read as {}-wide vectors)", #width, #width),
+                            expected: format!("whose element count is divisible by {} (read as {}-wide vectors)", #width, #width),
                             found: #rt::shape_str(#name.shape()),
                         });
                     }
@@ -375,7 +375,7 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
                         .find(|w| __lens.iter().all(|l| l % (*w as usize) == 0))
                         .ok_or_else(|| #rt::Error::Shape {
                             tensor: #first_str.into(),
-                            expected: format!("a number of elements divisible by one of the vector widths {}", #vector_list),
+                            expected: format!("whose element count is divisible by one of the vector widths {}", #vector_list),
                             found: #rt::shape_str(#first.shape()),
                         })?
                 };

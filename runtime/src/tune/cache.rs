@@ -52,7 +52,7 @@ pub(super) fn device_prefix(client: &Client) -> String {
 /// file is dropped (several processes tuning into one cache take turns).
 pub(super) fn lock(path: &Path) -> std::io::Result<std::fs::File> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        ensure_dir(dir)?;
     }
     let mut name = path.as_os_str().to_owned();
     name.push(".lock");
@@ -68,8 +68,49 @@ pub(super) fn lock(path: &Path) -> std::io::Result<std::fs::File> {
 /// Writes JSON to a temporary file beside `path`, then renames it over `path`.
 pub(super) fn write_atomic(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        ensure_dir(dir)?;
     }
     let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
     crate::fsio::replace_file(path, text.as_bytes())
+}
+
+/// Creates `dir` (and its parents) where missing. A path there that is not a directory
+/// (a `KILN_CACHE_DIR` naming a file) is said as such, not as the "File exists" that
+/// creating it would report.
+fn ensure_dir(dir: &Path) -> std::io::Result<()> {
+    let mut at = Some(dir);
+    while let Some(p) = at {
+        if p.exists() {
+            if !p.is_dir() {
+                return Err(std::io::Error::other(format!(
+                    "{} is not a directory (the cache directory is KILN_CACHE_DIR, or the default)",
+                    p.display()
+                )));
+            }
+            break;
+        }
+        at = p.parent();
+    }
+    std::fs::create_dir_all(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cache_directory_that_is_a_file_is_said_to_be_one() {
+        let d = std::env::temp_dir().join(format!("kiln-cache-file-{}", std::process::id()));
+        std::fs::write(&d, b"not a directory").unwrap();
+        let e = lock(&d.join("autotune.json")).unwrap_err().to_string();
+        assert!(
+            e.contains("is not a directory") && e.contains("KILN_CACHE_DIR"),
+            "{e}"
+        );
+        let e = write_atomic(&d.join("sub").join("autotune.json"), &1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not a directory"), "{e}");
+        let _ = std::fs::remove_file(&d);
+    }
 }
