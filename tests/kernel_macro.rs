@@ -323,6 +323,59 @@ mod vector_args {
     }
 }
 
+/// A kernel whose `require` can fail for a problem: errors name the clause.
+mod required {
+    use cubecl::prelude::*;
+    use kiln::runtime::cubecl;
+
+    /// Copies `len` elements; needs `len` to fill at least one cube of `UNITS`.
+    #[kiln::kernel(
+        tune(UNITS = [64, 32]),
+        require(len >= UNITS),
+        grid = (len.div_ceil(UNITS)),
+        cube = UNITS,
+        name = "test_required"
+    )]
+    pub fn copy_required<F: Float>(x: &Array<F>, out: &mut Array<F>, len: u32) {
+        let i = ABSOLUTE_POS;
+        if i < len as usize {
+            out[i] = x[i];
+        }
+    }
+}
+
+#[test]
+fn an_unmet_require_is_named_by_its_clause() {
+    use required::*;
+    let x = Tensor::upload(
+        client(),
+        &HostTensor::from_f64(DType::F32, vec![8], &[1.0; 8]).unwrap(),
+    )
+    .unwrap();
+    let out = Tensor::empty(client(), DType::F32, &[8]).unwrap();
+    let args = CopyRequiredArgs {
+        x: &x,
+        out: &out,
+        len: 8,
+    };
+    // No configuration fits len = 8: `tuned` names the first and the clause it fails.
+    let e = CopyRequired::tuned(client(), 0.0, &args)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("test_required") && e.contains("require(len >= UNITS)") && e.contains("len: 8"),
+        "{e}"
+    );
+    // And `launch` with a hand-built configuration names the same clause.
+    let e = CopyRequired::launch(client(), &CopyRequiredConfig { UNITS: 32 }, &args)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("UNITS=32") && e.contains("require(len >= UNITS)"),
+        "{e}"
+    );
+}
+
 /// A grid that is a product of two scalars (as varlen attention's `n_seq * tiles`).
 mod grid_product {
     use cubecl::prelude::*;

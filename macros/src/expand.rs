@@ -441,6 +441,8 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
         })
         .collect();
     let requires = &args.require;
+    // Each clause as written, for the errors that name the one that fails.
+    let require_texts: Vec<String> = requires.iter().map(|e| quote!(#e).to_string()).collect();
     // `device.has(Capability::X)` in `require`: the kernel's typed capabilities (a
     // tensor-core kernel is refused for WGSL, where it would write nothing).
     let mut caps = Capabilities(Vec::new());
@@ -576,6 +578,7 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
         .iter()
         .map(|t| t.values[0].to_string())
         .collect();
+    let first_values: Vec<u32> = args.tunables.iter().map(|t| t.values[0]).collect();
     let tunable_values: Vec<String> = args
         .tunables
         .iter()
@@ -893,6 +896,27 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
                 __out
             }
 
+            /// The first of the kernel's limits that `cfg` does not meet on `device` for
+            /// `problem` (units per cube, then each `require` clause as written), or
+            /// `None` where it meets them all.
+            pub fn unmet(device: &#rt::DeviceReport, cfg: &#config, problem: &#problem_struct) -> Option<String> {
+                #[allow(unused_variables)]
+                let #problem_struct { #(#scalar_names),* } = *problem;
+                #[allow(unused_imports)]
+                use #rt::Capability;
+                #[allow(unused_variables)]
+                let #config { #(#tunables),* } = *cfg;
+                if !((#cube_units) <= device.max_units_per_cube) {
+                    return Some(format!("{} units per cube (the device's limit: {})", #cube_units, device.max_units_per_cube));
+                }
+                #(
+                    if !(#requires) {
+                        return Some(format!("`require({})`", #require_texts));
+                    }
+                )*
+                None
+            }
+
             /// The declared configurations the autotuner may pick on `device` for some
             /// problem, with the `#[comptime]` values of `cfg_in` (requirements that
             /// read a runtime scalar are taken to hold), as `(tunable, value)` lists.
@@ -972,12 +996,17 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
                 }
                 // The declared requirements hold at launch too (a tensor-core kernel must
                 // never reach a device without them: on wgpu it would write nothing).
-                if !(true #(&& (#requires))*) {
-                    return Err(#rt::Error::Unsupported {
-                        device: device.name.clone(),
-                        feature: format!("kernel `{}` with {} on this shape (its `require` does not hold)", #reg_name, Self::label(cfg)),
-                    });
-                }
+                #(
+                    if !(#requires) {
+                        return Err(#rt::Error::Unsupported {
+                            device: device.name.clone(),
+                            feature: format!(
+                                "kernel `{}` with {} for {:?} (its `require({})` does not hold)",
+                                #reg_name, Self::label(cfg), args.problem(), #require_texts
+                            ),
+                        });
+                    }
+                )*
                 #bind_vector
                 #[allow(unused_variables, clippy::unnecessary_cast)]
                 let __grid: [u64; 3] = {
@@ -1032,6 +1061,19 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
                 let #args_struct { #(#host_names,)* .. } = *args;
                 let __dtype = #dtype_expr;
                 let __space = Self::space(client, &args.problem());
+                if __space.is_empty() {
+                    // Say why, for the first declared values: the clause that fails.
+                    let __first = #config { #(#tunables: #first_values),* };
+                    let __why = Self::unmet(client.report(), &__first, &args.problem())
+                        .unwrap_or_else(|| "a limit `kiln check-cuda` records for this device (it spills)".into());
+                    return Err(#rt::Error::Unsupported {
+                        device: client.report().name.clone(),
+                        feature: format!(
+                            "kernel `{}` for {:?}: no declared configuration fits (the first, {}, fails {})",
+                            #reg_name, args.problem(), Self::label(&__first), __why
+                        ),
+                    });
+                }
                 let __key = Self::key(__dtype, &args.problem());
                 let cfg = #rt::tune::Autotuner::global().tune_warmed(
                     client,
