@@ -556,3 +556,44 @@ fn a_tolerance_floored_at_the_output_scale_rejects_zeros() {
         }
     ));
 }
+
+/// `--import` keeps only entries kiln can use: a kernel's configuration must be one it
+/// declares, and a timing a time; the rest are skipped, each with why.
+#[test]
+fn import_skips_configurations_a_kernel_does_not_declare() {
+    let key = |cfg: &str| format!("dev|Vulkan|drv|attention_merge|0123|kiln-0.1.0|{cfg}");
+    let entry = |config: &str, median: f64| {
+        format!(
+            r#"{{"config": {config}, "label": "x", "median_us": {median}, "exhaustive": true}}"#
+        )
+    };
+    let text = format!(
+        r#"{{"version": 1, "entries": {{"{}": {}, "{}": {}, "{}": {}, "{}": {}}}}}"#,
+        key("a"),
+        entry(r#"{"UNITS": 64}"#, 1.0),
+        key("b"),
+        entry(r#"{"UNITS": 7}"#, 1.0),
+        key("c"),
+        entry(r#"{"UNITS": 64}"#, -1.0),
+        // Another decision than a kernel's configuration: checked at use, kept.
+        "dev|Vulkan|drv|matmul|0123|kiln-0.1.0|d",
+        entry(r#"{"Direct": {"BM": 4}}"#, 1.0),
+    );
+    let file = tmpdir("imp").join("tuned.json");
+    std::fs::write(&file, text).unwrap();
+    let dst = Autotuner::new(tmpdir("imp-dst"), TuneMode::CacheOnly);
+    let imported = dst.import(&file).unwrap();
+    assert_eq!(imported.entries, 2, "{imported:?}");
+    assert_eq!(imported.skipped.len(), 2, "{imported:?}");
+    assert!(
+        imported
+            .skipped
+            .iter()
+            .any(|s| s.contains("UNITS: 64") && s.contains("attention_merge")),
+        "{imported:?}"
+    );
+    assert!(
+        imported.skipped.iter().any(|s| s.contains("not a time")),
+        "{imported:?}"
+    );
+}

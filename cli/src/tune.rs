@@ -101,6 +101,22 @@ pub fn run(
                 devices => format!(", tuned on {}", devices.join(", ")),
             }
         );
+        if let Some(first) = imported.skipped.first() {
+            eprintln!(
+                "warning: {} entr{} not imported (kiln would never use {}): {first}",
+                imported.skipped.len(),
+                if imported.skipped.len() == 1 {
+                    "y"
+                } else {
+                    "ies"
+                },
+                if imported.skipped.len() == 1 {
+                    "it"
+                } else {
+                    "them"
+                },
+            );
+        }
         if imported.other_version > 0 {
             eprintln!(
                 "warning: {} of them are from another kiln version than this one ({}): kept, but not used (those shapes tune again)",

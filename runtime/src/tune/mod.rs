@@ -497,10 +497,12 @@ impl Autotuner {
         }
         let this = format!("kiln-{}", env!("CARGO_PKG_VERSION"));
         let mut imported = Imported {
-            entries: f.entries.len(),
+            entries: 0,
             devices: Vec::new(),
             other_version: 0,
+            skipped: Vec::new(),
         };
+        let mut keep = BTreeMap::new();
         for key in f.entries.keys() {
             // name|backend|driver|kernel|source hash|kiln-VERSION|shape (`entry_key`),
             // read from the right: a device name or driver may hold a `|`.
@@ -511,6 +513,11 @@ impl Autotuner {
                     "entry `{key}` is not a kiln tune key (device|backend|driver|kernel|source|kiln-VERSION|shape)"
                 )));
             }
+            if let Err(why) = check_imported(key, right[3], &f.entries[key]) {
+                imported.skipped.push(why);
+                continue;
+            }
+            keep.insert(key.clone(), f.entries[key].clone());
             let device = format!("{} ({})", device[0], device[1]);
             if !imported.devices.contains(&device) {
                 imported.devices.push(device);
@@ -519,9 +526,54 @@ impl Autotuner {
                 imported.other_version += 1;
             }
         }
-        self.persist(f.entries);
+        imported.entries = keep.len();
+        self.persist(keep);
         Ok(imported)
     }
+}
+
+/// An imported entry's own check: a timing that is a time, and for a kernel declared
+/// with `#[kiln::kernel]` a configuration of its declared tunables with declared values
+/// (anything else is never used: it would be retuned on first use, silently). Entries
+/// of other decisions (an operator's path, matmul's kernel family) are checked at use.
+fn check_imported(key: &str, kernel: &str, entry: &Entry) -> std::result::Result<(), String> {
+    if !(entry.median_us.is_finite() && entry.median_us >= 0.0) {
+        return Err(format!(
+            "entry `{key}`: median_us {} is not a time",
+            entry.median_us
+        ));
+    }
+    let Some(spec) = crate::registered_kernels()
+        .into_iter()
+        .find(|k| k.name == kernel)
+    else {
+        return Ok(());
+    };
+    let tunables: Vec<&crate::ParamSpec> =
+        spec.config.iter().filter(|p| p.doc == "tunable").collect();
+    let fields = entry.config.as_object();
+    let ok = fields.is_some_and(|f| {
+        f.len() == tunables.len()
+            && tunables.iter().all(|t| {
+                f.get(t.name).and_then(|v| v.as_u64()).is_some_and(|v| {
+                    t.values
+                        .split('|')
+                        .any(|d| d.trim().parse::<u64>() == Ok(v))
+                })
+            })
+    });
+    if ok {
+        return Ok(());
+    }
+    let declared: Vec<String> = tunables
+        .iter()
+        .map(|t| format!("{}: {}", t.name, t.values))
+        .collect();
+    Err(format!(
+        "entry `{key}`: config {} is not a configuration of kernel `{kernel}` ({})",
+        entry.config,
+        declared.join("; ")
+    ))
 }
 
 /// What [`Autotuner::import`] merged into the cache.
@@ -536,6 +588,9 @@ pub struct Imported {
     /// name its own version, and kernels change between versions), so those shapes
     /// tune again.
     pub other_version: usize,
+    /// Entries left out, each with why: a timing that is not a time, or a configuration
+    /// its kernel does not declare (never used: that shape would tune again).
+    pub skipped: Vec<String>,
 }
 
 /// FNV-1a 64 of `text`, hex: for source hashes in tune keys.
