@@ -3,7 +3,8 @@
 //! - each rule's step on 4M f32 elements in GiB/s against a 4-wide copy of the bytes it
 //!   must touch (goal: at least 0.9 of the copy);
 //! - AdamW and FRUGAL over 200 tensors of mixed sizes (1 .. 64K elements): the
-//!   multi-tensor step (six per launch) against one launch per tensor;
+//!   multi-tensor step (six per launch) against one launch per tensor; for AdamW also
+//!   the same tensors as views of one flat buffer (`FlatLayout`), stepped as one tensor;
 //! - the seeded perturbation (one seed; MeZO's update with 8 seeds) and the gradient
 //!   compressors (top-k and rand-k at k = n/100, with error feedback) on 4M elements
 //!   against a copy of the bytes they must touch.
@@ -16,7 +17,7 @@ use kiln::kernels::optim::{
     perturb, randk, topk_ef, topk_ef_estimated, zo_update, Block, Frugal, FrugalConfig, Hyper,
     MultiTensorStep, Rule,
 };
-use kiln::{Client, DType, Device, Tensor};
+use kiln::{Client, DType, Device, FlatLayout, HostTensor, Tensor};
 
 #[path = "support/copy.rs"]
 mod copy;
@@ -154,6 +155,24 @@ fn bench(cr: &mut Criterion) {
     g.bench_function("multi-tensor (6 per launch)", |b| {
         b.iter(|| {
             multi.step(&pr, &gr).unwrap();
+            client.sync().unwrap();
+        })
+    });
+    // The same values in one flat buffer (each tensor at a 256-byte boundary): one
+    // launch a step over all of it.
+    let shapes: Vec<Vec<usize>> = sizes.iter().map(|&s| vec![1, s]).collect();
+    let layout = FlatLayout::new(DType::F32, &shapes).unwrap();
+    let pack = |ts: &[Tensor]| {
+        let hosts: Vec<HostTensor> = ts.iter().map(|t| t.download().unwrap()).collect();
+        let flat = layout.upload(&client, &hosts).unwrap();
+        flat.reshape(&[1, layout.len()]).unwrap()
+    };
+    let (flat_p, flat_g) = (pack(&params), pack(&grads));
+    let mut flat = MultiTensorStep::new(Rule::AdamW, h, &[(&flat_p, Block::whole(1))]).unwrap();
+    flat.step(&[&flat_p], &[&flat_g]).unwrap();
+    g.bench_function("one flat buffer (1 launch)", |b| {
+        b.iter(|| {
+            flat.step(&[&flat_p], &[&flat_g]).unwrap();
             client.sync().unwrap();
         })
     });

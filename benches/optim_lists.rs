@@ -1,14 +1,15 @@
 //! The multi-tensor step over a list of 200 tensors of mixed sizes (1 .. 64K elements)
 //! against one launch per tensor, interleaved (see `support/interleaved.rs`): AdamW, with
 //! the list as drawn (three in four tensors of a length that is not a multiple of 4) and
-//! rounded up to multiples of 4, beside one tensor of all their elements and a 4-wide copy
-//! of the bytes (7 f32 streams).
+//! rounded up to multiples of 4, beside one tensor of all their elements, the drawn
+//! tensors as views of one flat buffer (`FlatLayout`: each at a 256-byte boundary)
+//! stepped as one tensor, and a 4-wide copy of the bytes (7 f32 streams).
 //!
 //! `cargo bench -p kiln-benches --bench optim_lists`.
 
 use kiln::check::Rng;
 use kiln::kernels::optim::{Block, Hyper, MultiTensorStep, Rule};
-use kiln::{Client, DType, Device, Tensor};
+use kiln::{Client, DType, Device, FlatLayout, HostTensor, Tensor};
 use std::cell::RefCell;
 
 #[path = "support/copy.rs"]
@@ -36,7 +37,15 @@ impl List {
                 .map(|&s| data::normals(client, &[1, s], rng, 1.0))
                 .collect()
         };
-        let (params, grads) = (make(rng), make(rng));
+        List::of_list(make(rng), make(rng))
+    }
+
+    /// One tensor (a flat buffer) and its gradient.
+    fn of(param: Tensor, grad: Tensor) -> List {
+        List::of_list(vec![param], vec![grad])
+    }
+
+    fn of_list(params: Vec<Tensor>, grads: Vec<Tensor>) -> List {
         let h = Hyper::defaults(Rule::AdamW);
         let list: Vec<(&Tensor, Block)> = params.iter().map(|p| (p, Block::whole(1))).collect();
         let multi = MultiTensorStep::new(Rule::AdamW, h, &list).unwrap();
@@ -76,6 +85,15 @@ fn main() {
     let ragged = List::new(&client, &drawn, &mut rng);
     let aligned = List::new(&client, &rounded, &mut rng);
     let one = List::new(&client, &[total], &mut rng);
+    // The drawn tensors' values packed in one flat buffer each (params, grads).
+    let shapes: Vec<Vec<usize>> = drawn.iter().map(|&s| vec![1, s]).collect();
+    let layout = FlatLayout::new(DType::F32, &shapes).unwrap();
+    let pack = |ts: &[Tensor]| {
+        let hosts: Vec<HostTensor> = ts.iter().map(|t| t.download().unwrap()).collect();
+        let flat = layout.upload(&client, &hosts).unwrap();
+        flat.reshape(&[1, layout.len()]).unwrap()
+    };
+    let flat = List::of(pack(&ragged.params), pack(&ragged.grads));
     let (src, dst) = (
         Tensor::empty(&client, DType::F32, &[total * 7 / 2 / 4 * 4]).unwrap(),
         Tensor::empty(&client, DType::F32, &[total * 7 / 2 / 4 * 4]).unwrap(),
@@ -92,6 +110,10 @@ fn main() {
         (
             "drawn sizes: multi-tensor".into(),
             Box::new(|| ragged.step_multi()),
+        ),
+        (
+            "drawn sizes: one flat buffer (1 launch)".into(),
+            Box::new(|| flat.step_multi()),
         ),
         (
             "drawn sizes: one launch per tensor".into(),

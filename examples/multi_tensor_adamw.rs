@@ -1,7 +1,8 @@
 //! AdamW over a list of tensors of mixed sizes, as a model's parameters are: kiln's
 //! multi-tensor step (`MultiTensorStep` over the whole list: one launch per six tensors)
-//! against one `MultiTensorStep` per tensor (one launch each) and against one tensor of
-//! all their elements, timed in interleaved rounds (minimum and median over 20 rounds of
+//! against one `MultiTensorStep` per tensor (one launch each), against the same tensors
+//! as views of one flat buffer (`FlatLayout`: each at a 256-byte boundary) stepped as one
+//! tensor (one launch), and against one tensor of all their elements, timed in interleaved rounds (minimum and median over 20 rounds of
 //! the mean of 10 steps). The sizes are PyTorch's `AdamW(fused=True)` line of
 //! `scripts/gpu-torch.py`: tensor `i` has `1 + (7919 i mod 65536)` f32 elements.
 //!
@@ -18,7 +19,7 @@ mod interleaved;
 use interleaved::{interleaved, Variant};
 use kiln::check::Rng;
 use kiln::kernels::optim::{Block, Hyper, MultiTensorStep, Rule};
-use kiln::{Client, DType, HostTensor, Tensor};
+use kiln::{Client, DType, FlatLayout, HostTensor, Tensor};
 use std::cell::RefCell;
 
 /// Tensors of `[1, size]` for each of `sizes` (a row each: `Block::whole(1)`), drawn
@@ -84,6 +85,21 @@ fn main() -> kiln::Result<()> {
         tensors(&client, &[total], &mut rng)?,
         tensors(&client, &[total], &mut rng)?,
     );
+    // The same values in one flat buffer each: what a model keeps its parameters in to
+    // step them in one launch (its layers use the views).
+    let shapes: Vec<Vec<usize>> = sizes.iter().map(|&s| vec![1, s]).collect();
+    let layout = FlatLayout::new(DType::F32, &shapes)?;
+    let pack = |ts: &[Tensor]| -> kiln::Result<Vec<Tensor>> {
+        let hosts = ts
+            .iter()
+            .map(|t| t.download())
+            .collect::<kiln::Result<Vec<_>>>()?;
+        Ok(vec![layout
+            .upload(&client, &hosts)?
+            .reshape(&[1, layout.len()])?])
+    };
+    let (flat_p, flat_g) = (pack(&params)?, pack(&grads)?);
+    let flat = RefCell::new(optimizers(&flat_p, false)?);
     let multi = RefCell::new(optimizers(&params, false)?);
     let each = RefCell::new(optimizers(&params, true)?);
     let one = RefCell::new(optimizers(&one_p, false)?);
@@ -95,6 +111,10 @@ fn main() -> kiln::Result<()> {
         (
             "one launch per tensor".into(),
             Box::new(|| step(&each, &params, &grads)),
+        ),
+        (
+            "one flat buffer of all tensors (views)".into(),
+            Box::new(|| step(&flat, &flat_p, &flat_g)),
         ),
         (
             "one tensor of all elements".into(),
@@ -118,6 +138,10 @@ fn main() -> kiln::Result<()> {
     println!(
         "multi-tensor against one launch per tensor: {:.2}x (minima)",
         times[1].0 / times[0].0
+    );
+    println!(
+        "one flat buffer against one launch per tensor: {:.2}x (minima)",
+        times[1].0 / times[2].0
     );
     Ok(())
 }

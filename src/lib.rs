@@ -20,7 +20,7 @@ pub use kiln_macros::kernel;
 pub use kiln_runtime as runtime;
 pub use kiln_runtime::{
     load_safetensors, save_safetensors, Backend, Client, DType, Device, DeviceReport, Error,
-    HostTensor, Result, Tensor, MAX_ELEMENTS,
+    FlatLayout, HostTensor, Result, Tensor, MAX_ELEMENTS, VIEW_ALIGN_BYTES,
 };
 
 /// Seeded test data and error metrics (`Rng`, `max_rel_error`, `example_inputs`).

@@ -297,6 +297,39 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
             _ => None,
         })
         .collect();
+    // A written array may not overlap another array of the launch in part (views of one
+    // buffer): the kernel would read what other units write, in no defined order. The
+    // same elements bound twice are how in-place kernels are written, and allowed.
+    let arrays: Vec<(&Ident, bool)> = sig
+        .args
+        .iter()
+        .filter_map(|a| match a {
+            Arg::Input { name, .. } => Some((name, false)),
+            Arg::Output { name, .. } => Some((name, true)),
+            _ => None,
+        })
+        .collect();
+    let mut alias_checks: Vec<TokenStream> = Vec::new();
+    for (i, &(a, a_out)) in arrays.iter().enumerate() {
+        for &(b, b_out) in &arrays[i + 1..] {
+            if !(a_out || b_out) {
+                continue;
+            }
+            let (w, r) = if a_out { (a, b) } else { (b, a) };
+            let (ws, rs) = (w.to_string(), r.to_string());
+            alias_checks.push(quote! {
+                if #w.overlaps_partly(#r) {
+                    return Err(#rt::Error::Kernel {
+                        kernel: #reg_name.into(),
+                        message: format!(
+                            "tensor `{}` overlaps `{}` in part (views of one buffer) and the kernel writes `{}`: refused, its result would depend on the order units run in",
+                            #ws, #rs, #ws
+                        ),
+                    });
+                }
+            });
+        }
+    }
     let launch_args: Vec<TokenStream> = sig
         .args
         .iter()
@@ -967,6 +1000,7 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
                 #dtype_refusal
                 #(#domain_checks)*
                 #(#tensor_checks)*
+                #(#alias_checks)*
                 #[allow(unused_imports)]
                 use #rt::Capability;
                 let device = client.report();

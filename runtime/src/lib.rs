@@ -10,6 +10,7 @@ pub mod define;
 mod device;
 mod dtype;
 mod error;
+mod flat;
 pub mod fsio;
 mod host;
 pub mod profile;
@@ -27,6 +28,7 @@ pub use device::{
 };
 pub use dtype::DType;
 pub use error::{number_str, shape_str, Error, Result};
+pub use flat::FlatLayout;
 pub use host::{
     load_safetensors, load_safetensors_named, load_safetensors_split, save_safetensors, HostTensor,
 };
@@ -35,7 +37,9 @@ pub use registry::{
     ExampleValues, InPlace, InputShapes, KernelConfig, KernelEntry, KernelSpec, OpArgs, OpEntry,
     OpSpec, Outputs, ParamSpec, TensorSpec, Tunables,
 };
-pub use tensor::{checked_numel, contiguous_strides, indexable_product, Tensor, MAX_ELEMENTS};
+pub use tensor::{
+    checked_numel, contiguous_strides, indexable_product, Tensor, MAX_ELEMENTS, VIEW_ALIGN_BYTES,
+};
 pub use tune::{Autotuner, Choice, TuneKey, TuneMode};
 
 /// Re-export of the cubecl version kiln is built on.

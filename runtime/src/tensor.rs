@@ -2,11 +2,13 @@
 
 use crate::{dispatch, shape_str, Client, DType, Error, HostTensor, Result};
 use cubecl::server::Handle;
+use std::sync::Arc;
 
 /// A tensor on a device: a buffer handle plus dtype, shape and strides (in elements).
 ///
 /// Tensors kiln creates are contiguous and row-major; kernels check
-/// [`Tensor::is_contiguous`] and say so when a tensor is not.
+/// [`Tensor::is_contiguous`] and say so when a tensor is not. A [`Tensor::view`] is a
+/// tensor too: any kernel reads and writes it in place of a whole buffer.
 #[derive(Clone)]
 pub struct Tensor {
     client: Client,
@@ -14,7 +16,31 @@ pub struct Tensor {
     dtype: DType,
     shape: Vec<usize>,
     strides: Vec<usize>,
+    buffer: Buffer,
 }
+
+/// The allocation a tensor sees and where in it: clones, reshapes and views of one
+/// allocation share `id`; `start` is the tensor's first byte in it.
+#[derive(Clone, Debug)]
+struct Buffer {
+    id: Arc<()>,
+    start: usize,
+}
+
+impl Buffer {
+    fn new() -> Buffer {
+        Buffer {
+            id: Arc::new(()),
+            start: 0,
+        }
+    }
+}
+
+/// Where a [`Tensor::view`] may start in its buffer, in bytes: every device kiln drives
+/// binds a buffer at a multiple of 256 bytes (WebGPU's default
+/// `minStorageBufferOffsetAlignment`, and the alignment of `cudaMalloc`), so a view is
+/// aligned for any kernel as a buffer of its own would be.
+pub const VIEW_ALIGN_BYTES: usize = 256;
 
 /// Row-major strides (in elements) for a shape (saturating: only an empty tensor, whose
 /// strides are never used, can have a product past `usize` once [`checked_numel`] passed).
@@ -104,6 +130,7 @@ impl Tensor {
             dtype: host.dtype,
             shape: host.shape.clone(),
             strides: contiguous_strides(&host.shape),
+            buffer: Buffer::new(),
         })
     }
 
@@ -122,6 +149,7 @@ impl Tensor {
             dtype,
             shape: shape.to_vec(),
             strides: contiguous_strides(shape),
+            buffer: Buffer::new(),
         })
     }
 
@@ -235,7 +263,101 @@ impl Tensor {
             dtype: DType::U32,
             shape: vec![words],
             strides: vec![1],
+            buffer: self.buffer.clone(),
         }
+    }
+
+    /// Elements `offset .. offset + numel(shape)` of a contiguous tensor (in row-major
+    /// order) seen as a contiguous tensor of `shape`, over the same buffer (no copy):
+    /// what a kernel writes to the view, the tensor holds. `offset` must put the view
+    /// at a multiple of [`VIEW_ALIGN_BYTES`] bytes in its buffer (64 f32 elements, 128
+    /// f16). [`crate::FlatLayout`] places many tensors in one buffer this way.
+    pub fn view(&self, offset: usize, shape: &[usize]) -> Result<Tensor> {
+        let numel = checked_numel("view", shape, self.dtype)?;
+        if !self.is_contiguous() {
+            return Err(Error::Shape {
+                tensor: "view".into(),
+                expected: "a contiguous tensor to view".into(),
+                found: format!("strides {:?}", self.strides),
+            });
+        }
+        let size = self.dtype.size();
+        if offset > self.numel() || numel > self.numel() - offset {
+            return Err(Error::Shape {
+                tensor: "view".into(),
+                expected: format!("elements within the tensor's {}", self.numel()),
+                found: format!(
+                    "elements {offset}..{} ({} at offset {offset})",
+                    offset as u128 + numel as u128,
+                    shape_str(shape)
+                ),
+            });
+        }
+        let start = self.buffer.start + offset * size;
+        if !start.is_multiple_of(VIEW_ALIGN_BYTES) {
+            return Err(Error::Param {
+                param: "offset".into(),
+                expected: format!(
+                    "a multiple of {} {} elements (a view starts at a multiple of {VIEW_ALIGN_BYTES} bytes in its buffer)",
+                    VIEW_ALIGN_BYTES / size,
+                    self.dtype
+                ),
+                found: format!("{offset} (byte {start} of the buffer)"),
+            });
+        }
+        let handle = match numel {
+            0 => self.client.empty_handle(),
+            _ => {
+                // The view's bytes, padded as an allocation of its own would be (whole
+                // words, at least one 4-wide vector) where the tensor has them: the
+                // padding never reaches the next 256-byte boundary, so views placed at
+                // distinct boundaries never overlap in what they bind.
+                let skip = (offset * size) as u64;
+                let left = self.handle.size_in_used() - skip;
+                let keep = (padded(numel * size) as u64).min(left);
+                self.handle
+                    .clone()
+                    .offset_start(skip)
+                    .offset_end(left - keep)
+            }
+        };
+        Ok(Tensor {
+            client: self.client.clone(),
+            handle,
+            dtype: self.dtype,
+            shape: shape.to_vec(),
+            strides: contiguous_strides(shape),
+            buffer: Buffer {
+                id: self.buffer.id.clone(),
+                start,
+            },
+        })
+    }
+
+    /// Whether the two tensors share some elements of one buffer but not all: views that
+    /// overlap in part. Kernels that update in place bind one tensor twice (the same
+    /// elements, read and written by the same unit); a partial overlap is never meant,
+    /// and `#[kiln::kernel]` launches refuse it where one of the two is written.
+    pub fn overlaps_partly(&self, other: &Tensor) -> bool {
+        let bytes = |t: &Tensor| t.numel() * t.dtype.size();
+        self.overlaps(other)
+            && !(self.buffer.start == other.buffer.start && bytes(self) == bytes(other))
+    }
+
+    /// Whether the two tensors share elements of one buffer (views of one
+    /// [`crate::FlatLayout`] buffer that do not overlap do not; an empty tensor shares
+    /// nothing). What an in-place operator checks before binding both in one launch.
+    pub fn overlaps(&self, other: &Tensor) -> bool {
+        let range = |t: &Tensor| {
+            let bytes = t.numel() * t.dtype.size();
+            t.buffer.start..t.buffer.start + bytes
+        };
+        let (a, b) = (range(self), range(other));
+        Arc::ptr_eq(&self.buffer.id, &other.buffer.id)
+            && !a.is_empty()
+            && !b.is_empty()
+            && a.start < b.end
+            && b.start < a.end
     }
 
     /// Checks the dtype, naming the tensor in the error.

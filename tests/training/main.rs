@@ -6,6 +6,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod compress;
+mod flat;
 mod frugal;
 mod frugal_svd;
 mod optim;

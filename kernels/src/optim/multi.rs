@@ -306,6 +306,19 @@ impl MultiTensorStep {
             g.expect_dtype(&gn, &[s.dtype])?;
             expect_shape(&gn, g, &s.shape(), "the block's shape")?;
         }
+        // A weight is written: no gradient may overlap it in part (views of one buffer).
+        for (i, w) in weights.iter().enumerate() {
+            if let Some(j) = grads.iter().position(|g| w.overlaps_partly(g)) {
+                return Err(Error::Shape {
+                    tensor: super::param_name(n, "grad", j),
+                    expected: format!(
+                        "no element shared with {} (updated in place)",
+                        super::param_name(n, "param", i)
+                    ),
+                    found: "a view overlapping it in part".into(),
+                });
+            }
+        }
         self.hyper.check(self.rule)?;
         if self.steps + 1 > u64::from(u32::MAX) {
             return Err(Error::Param {

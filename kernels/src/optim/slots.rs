@@ -71,9 +71,10 @@ const _: () = assert!(SLOTS == 6);
 pub(super) const SLOT_WORDS: usize = 8;
 
 /// The launches of a step: the tensors `items` in groups of up to [`SLOTS`] of one
-/// `kind` (dtype, vector width), in order within each kind, never the same weight twice
-/// in one group (its bindings would alias). A group is listed when it fills, the open
-/// ones last.
+/// `kind` (dtype, vector width), in order within each kind, never two weights that
+/// share elements in one group (the same weight twice, or overlapping views: their
+/// bindings would alias; disjoint views of one flat buffer share a launch). A group is
+/// listed when it fills, the open ones last.
 pub(super) fn launch_groups<K: PartialEq>(
     items: impl IntoIterator<Item = usize>,
     kind: impl Fn(usize) -> K,
@@ -82,7 +83,7 @@ pub(super) fn launch_groups<K: PartialEq>(
     let (mut open, mut full): (Vec<Vec<usize>>, Vec<Vec<usize>>) = (vec![], vec![]);
     for i in items {
         let joins = |g: &Vec<usize>| {
-            kind(g[0]) == kind(i) && !g.iter().any(|&j| std::ptr::eq(weights[j], weights[i]))
+            kind(g[0]) == kind(i) && !g.iter().any(|&j| weights[j].overlaps(weights[i]))
         };
         match open.iter().position(joins) {
             Some(at) => open[at].push(i),
