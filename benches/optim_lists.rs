@@ -3,7 +3,8 @@
 //! the list as drawn (three in four tensors of a length that is not a multiple of 4) and
 //! rounded up to multiples of 4, beside one tensor of all their elements, the drawn
 //! tensors as views of one flat buffer (`FlatLayout`: each at a 256-byte boundary)
-//! stepped as one tensor, and a 4-wide copy of the bytes (7 f32 streams).
+//! stepped as one tensor and as a list of views (span launches), LAMB over the tensors
+//! and over the views, and a 4-wide copy of the bytes (7 f32 streams).
 //!
 //! `cargo bench -p kiln-benches --bench optim_lists`.
 
@@ -37,21 +38,21 @@ impl List {
                 .map(|&s| data::normals(client, &[1, s], rng, 1.0))
                 .collect()
         };
-        List::of_list(make(rng), make(rng))
+        List::of_list(make(rng), make(rng), Rule::AdamW)
     }
 
     /// One tensor (a flat buffer) and its gradient.
     fn of(param: Tensor, grad: Tensor) -> List {
-        List::of_list(vec![param], vec![grad])
+        List::of_list(vec![param], vec![grad], Rule::AdamW)
     }
 
-    fn of_list(params: Vec<Tensor>, grads: Vec<Tensor>) -> List {
-        let h = Hyper::defaults(Rule::AdamW);
+    fn of_list(params: Vec<Tensor>, grads: Vec<Tensor>, rule: Rule) -> List {
+        let h = Hyper::defaults(rule);
         let list: Vec<(&Tensor, Block)> = params.iter().map(|p| (p, Block::whole(1))).collect();
-        let multi = MultiTensorStep::new(Rule::AdamW, h, &list).unwrap();
+        let multi = MultiTensorStep::new(rule, h, &list).unwrap();
         let single = params
             .iter()
-            .map(|p| MultiTensorStep::new(Rule::AdamW, h, &[(p, Block::whole(1))]).unwrap())
+            .map(|p| MultiTensorStep::new(rule, h, &[(p, Block::whole(1))]).unwrap())
             .collect();
         List {
             params,
@@ -94,6 +95,19 @@ fn main() {
         flat.reshape(&[1, layout.len()]).unwrap()
     };
     let flat = List::of(pack(&ragged.params), pack(&ragged.grads));
+    // The same two buffers' views as a list of 200 tensors: one span launch per kind
+    // (the 4-wide bodies, the ragged tails).
+    let view = |t: &Tensor| layout.views(&t.reshape(&[layout.len()]).unwrap()).unwrap();
+    let views = List::of_list(view(&flat.params[0]), view(&flat.grads[0]), Rule::AdamW);
+    // LAMB (per-tensor norms: three launches per group) over the same tensors, as 200
+    // tensors of their own and as the views.
+    let copies = |ts: &[Tensor]| -> Vec<Tensor> {
+        ts.iter()
+            .map(|t| Tensor::upload(&client, &t.download().unwrap()).unwrap())
+            .collect()
+    };
+    let lamb = List::of_list(copies(&ragged.params), copies(&ragged.grads), Rule::Lamb);
+    let lamb_views = List::of_list(view(&flat.params[0]), view(&flat.grads[0]), Rule::Lamb);
     let (src, dst) = (
         Tensor::empty(&client, DType::F32, &[total * 7 / 2 / 4 * 4]).unwrap(),
         Tensor::empty(&client, DType::F32, &[total * 7 / 2 / 4 * 4]).unwrap(),
@@ -116,8 +130,20 @@ fn main() {
             Box::new(|| flat.step_multi()),
         ),
         (
+            "drawn sizes: views of one flat buffer, multi-tensor".into(),
+            Box::new(|| views.step_multi()),
+        ),
+        (
             "drawn sizes: one launch per tensor".into(),
             Box::new(|| ragged.step_each()),
+        ),
+        (
+            "LAMB, drawn sizes: multi-tensor".into(),
+            Box::new(|| lamb.step_multi()),
+        ),
+        (
+            "LAMB, drawn sizes: views of one flat buffer, multi-tensor".into(),
+            Box::new(|| lamb_views.step_multi()),
         ),
         (
             "sizes rounded to 4: multi-tensor".into(),

@@ -2,7 +2,8 @@
 //! multi-tensor step (`MultiTensorStep` over the whole list: one launch per six tensors)
 //! against one `MultiTensorStep` per tensor (one launch each), against the same tensors
 //! as views of one flat buffer (`FlatLayout`: each at a 256-byte boundary) stepped as one
-//! tensor (one launch), and against one tensor of all their elements, timed in interleaved rounds (minimum and median over 20 rounds of
+//! tensor (one launch) and as a list of views (one launch per vector width), and against
+//! one tensor of all their elements, timed in interleaved rounds (minimum and median over 20 rounds of
 //! the mean of 10 steps). The sizes are PyTorch's `AdamW(fused=True)` line of
 //! `scripts/gpu-torch.py`: tensor `i` has `1 + (7919 i mod 65536)` f32 elements.
 //!
@@ -100,6 +101,10 @@ fn main() -> kiln::Result<()> {
     };
     let (flat_p, flat_g) = (pack(&params)?, pack(&grads)?);
     let flat = RefCell::new(optimizers(&flat_p, false)?);
+    // The flat buffers' views as a list: one span launch per vector width.
+    let views = |t: &Tensor| layout.views(&t.reshape(&[layout.len()])?);
+    let (view_p, view_g) = (views(&flat_p[0])?, views(&flat_g[0])?);
+    let spans = RefCell::new(optimizers(&view_p, false)?);
     let multi = RefCell::new(optimizers(&params, false)?);
     let each = RefCell::new(optimizers(&params, true)?);
     let one = RefCell::new(optimizers(&one_p, false)?);
@@ -115,6 +120,10 @@ fn main() -> kiln::Result<()> {
         (
             "one flat buffer of all tensors (views)".into(),
             Box::new(|| step(&flat, &flat_p, &flat_g)),
+        ),
+        (
+            "views of one flat buffer (multi-tensor)".into(),
+            Box::new(|| step(&spans, &view_p, &view_g)),
         ),
         (
             "one tensor of all elements".into(),
@@ -142,6 +151,10 @@ fn main() -> kiln::Result<()> {
     println!(
         "one flat buffer against one launch per tensor: {:.2}x (minima)",
         times[1].0 / times[2].0
+    );
+    println!(
+        "views of one flat buffer against one launch per tensor: {:.2}x (minima)",
+        times[1].0 / times[3].0
     );
     Ok(())
 }

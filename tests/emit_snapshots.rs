@@ -433,6 +433,22 @@ fn optim_step_wgsl_lamb_norms_pass() {
     ));
 }
 
+/// A span launch: one weight and one gradient binding, the slot found by a binary
+/// search of the table (LAMB's update, reading its slot's norms).
+#[test]
+fn optim_step_cuda_lamb_spans() {
+    insta::assert_snapshot!(source(
+        "optim_step",
+        Target::Cuda,
+        &[
+            ("dtype", "f32"),
+            ("rule", "lamb"),
+            ("slots", "1"),
+            ("spans", "true")
+        ]
+    ));
+}
+
 #[test]
 fn perturb_normal_cuda_bf16() {
     insta::assert_snapshot!(source("perturb_normal", Target::Cuda, &[("dtype", "bf16")]));

@@ -334,6 +334,52 @@ impl Tensor {
         })
     }
 
+    /// The smallest contiguous tensor that covers every one of `tensors`, with each
+    /// one's first element in it, where all are non-empty contiguous tensors of one dtype
+    /// in one buffer (views of a [`crate::FlatLayout`] buffer, in any order); `None`
+    /// otherwise. How an operator binds many views as one array.
+    pub fn span(tensors: &[&Tensor]) -> Option<(Tensor, Vec<usize>)> {
+        let first = *tensors.first()?;
+        let size = first.dtype.size();
+        let same = |t: &&Tensor| {
+            t.numel() > 0
+                && t.dtype == first.dtype
+                && t.is_contiguous()
+                && Arc::ptr_eq(&t.buffer.id, &first.buffer.id)
+        };
+        if !tensors.iter().all(same) {
+            return None;
+        }
+        let end = |t: &Tensor| t.buffer.start + t.numel() * size;
+        let lo = tensors.iter().min_by_key(|t| t.buffer.start)?;
+        let hi = tensors.iter().max_by_key(|t| end(t))?;
+        let (start, stop) = (lo.buffer.start, end(hi));
+        // Both handles are the allocation's with offsets (a tensor's first byte is its
+        // handle's `offset_start`): from `lo`'s start to `hi`'s end.
+        let mut handle = lo.handle.clone();
+        handle.offset_end = hi.handle.offset_end;
+        if handle.size_in_used() < (stop - start) as u64 {
+            return None;
+        }
+        let offsets = tensors
+            .iter()
+            .map(|t| (t.buffer.start - start) / size)
+            .collect();
+        let n = (stop - start) / size;
+        let t = Tensor {
+            client: first.client.clone(),
+            handle,
+            dtype: first.dtype,
+            shape: vec![n],
+            strides: vec![1],
+            buffer: Buffer {
+                id: first.buffer.id.clone(),
+                start,
+            },
+        };
+        Some((t, offsets))
+    }
+
     /// Whether the two tensors share some elements of one buffer but not all: views that
     /// overlap in part. Kernels that update in place bind one tensor twice (the same
     /// elements, read and written by the same unit); a partial overlap is never meant,

@@ -33,6 +33,11 @@
 //! `-expm1(t ln beta)` (series below |x| = 1/2), so `1 - 0.999^5` keeps f32's relative
 //! precision instead of losing 8 bits to cancellation.
 //!
+//! Spans: where the weights are disjoint whole views of one buffer (a `FlatLayout`'s)
+//! and the gradients views of one buffer at the same offsets, a launch binds each buffer
+//! once (`w0`, `g0`) and takes any number of slots, each at its offset; a cube finds its
+//! slot by a binary search of the table. One launch per kind for hundreds of tensors.
+//!
 //! Files: this one is the host side (state layout, parts, grouping, launches; about 580
 //! lines, one concept: the layout and the launches must agree line for line); the
 //! kernels are in `step`, the slot machinery shared with FRUGAL in `slots`, Adam's
@@ -126,8 +131,19 @@ pub struct MultiTensorStep {
 /// Device buffers a launch binds besides the weights, gradients, state and counter, kept
 /// across steps (AdamW over 200 aligned tensors on lavapipe spent most of its step making
 /// them: 13 placeholders, a guard, a table and a partials buffer per launch).
-/// A launch group: its parts' (slot, start) pairs and what it sums.
-type GroupKey = (Vec<(usize, usize)>, Sums);
+/// A launch group: its parts' (slot, start) pairs, what it sums, and in a span launch
+/// its slots' offsets in the span.
+type GroupKey = (Vec<(usize, usize)>, Sums, Option<Vec<usize>>);
+
+/// The weights and gradients of a step as two spans (views of one flat buffer each,
+/// every gradient at its weight's offset): one launch binds each span once, with any
+/// number of slots at their offsets.
+struct Spans {
+    weights: Tensor,
+    grads: Tensor,
+    /// Each slot's first element in the spans.
+    offsets: Vec<usize>,
+}
 
 #[derive(Default)]
 struct LaunchCache {
@@ -287,7 +303,8 @@ impl MultiTensorStep {
 
     /// One step: `weights[i]`'s block updated in place from `grads[i]` (the block's
     /// shape, the weight's dtype), in the order given at creation. Launches: one per
-    /// [`SLOTS`] blocks of one dtype, one vector width and distinct weights (three for
+    /// [`SLOTS`] blocks of one dtype, one vector width and distinct weights (one per
+    /// vector width for views of one buffer with gradients at the same offsets; three for
     /// the rules with per-tensor norms; a contiguous block whose length is not a multiple
     /// of 4 counts as two, its 4-wide body and its tail), and one to advance the step
     /// counter. No host synchronisation.
@@ -330,13 +347,29 @@ impl MultiTensorStep {
         // Launches of up to SLOTS blocks sharing a dtype and a vector width (so that a
         // ragged block does not hold its neighbours to one element a unit), in order
         // within each kind, never the same weight twice in one launch (its bindings
-        // would alias).
+        // would alias); for the views of one flat buffer, one launch per kind.
         let parts = parts_of(self.rule, &self.slots);
         let kind = |j: usize| (self.slots[parts[j].slot].dtype, self.aligned(parts[j]));
-        let part_weights: Vec<&Tensor> = parts.iter().map(|p| weights[p.slot]).collect();
-        for group in launch_groups(0..parts.len(), kind, &part_weights) {
+        let spans = self.spans(weights, grads);
+        let groups = match spans {
+            Some(_) => {
+                let mut groups: Vec<(_, Vec<usize>)> = Vec::new();
+                for j in 0..parts.len() {
+                    match groups.iter_mut().find(|(k, _)| *k == kind(j)) {
+                        Some((_, g)) => g.push(j),
+                        None => groups.push((kind(j), vec![j])),
+                    }
+                }
+                groups.into_iter().map(|(_, g)| g).collect()
+            }
+            None => {
+                let part_weights: Vec<&Tensor> = parts.iter().map(|p| weights[p.slot]).collect();
+                launch_groups(0..parts.len(), kind, &part_weights)
+            }
+        };
+        for group in groups {
             let group: Vec<Part> = group.iter().map(|&j| parts[j]).collect();
-            self.launch(&group, weights, grads)?;
+            self.launch(&group, weights, grads, spans.as_ref())?;
         }
         OptimAdvanceStep::tuned(
             self.state.client(),
@@ -366,9 +399,50 @@ impl MultiTensorStep {
             && !(s.master() && self.rule.scalar_states() > 0)
     }
 
+    /// The weights and gradients as spans where a span launch can take them all: more
+    /// than one slot, each a whole weight of one dtype, the weights disjoint views of one
+    /// buffer and the gradients views of one buffer at the same offsets.
+    fn spans(&self, weights: &[&Tensor], grads: &[&Tensor]) -> Option<Spans> {
+        let whole = self
+            .slots
+            .iter()
+            .all(|s| s.shape() == s.weight && s.dtype == self.slots[0].dtype);
+        if self.slots.len() < 2 || !whole {
+            return None;
+        }
+        let (w, offsets) = Tensor::span(weights)?;
+        let (g, g_offsets) = Tensor::span(grads)?;
+        // (Views start at 256-byte boundaries: the offsets are 4-aligned, as the 4-wide
+        // launch needs; checked all the same.)
+        if offsets != g_offsets
+            || w.numel() != g.numel()
+            || w.numel() > crate::launch::MAX_ELEMENTS
+            || offsets.iter().any(|o| o % 4 != 0)
+        {
+            return None;
+        }
+        // Disjoint: sorted by offset, each ends before the next begins.
+        let mut order: Vec<usize> = (0..weights.len()).collect();
+        order.sort_by_key(|&i| offsets[i]);
+        let disjoint = order
+            .windows(2)
+            .all(|p| offsets[p[0]] + weights[p[0]].numel() <= offsets[p[1]]);
+        disjoint.then_some(Spans {
+            weights: w,
+            grads: g,
+            offsets,
+        })
+    }
+
     /// One launch of the step over the parts `group` (at most [`SLOTS`], one dtype,
-    /// distinct weights).
-    fn launch(&self, group: &[Part], weights: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
+    /// distinct weights; any number in one `spans` launch).
+    fn launch(
+        &self,
+        group: &[Part],
+        weights: &[&Tensor],
+        grads: &[&Tensor],
+        spans: Option<&Spans>,
+    ) -> Result<()> {
         let client = self.state.client();
         let parts: Vec<(Part, &Slot)> = group.iter().map(|&p| (p, &self.slots[p.slot])).collect();
         let dtype = parts[0].1.dtype;
@@ -380,9 +454,15 @@ impl MultiTensorStep {
         let per_cube = STEP_UNITS * STEP_PER * width;
         let strided = parts.iter().any(|(_, s)| !s.contiguous());
         let len: usize = parts.iter().map(|(p, _)| p.len).sum();
+        // Slots in the table: SLOTS (unused ones start past the last cube), or a span
+        // launch's parts, as many as there are.
+        let nslots = match spans {
+            Some(_) => parts.len(),
+            None => SLOTS,
+        };
         // The slot table for `per_cube` elements a cube, and the cube count.
         let slot_table = |per_cube: usize| -> Result<(Vec<u32>, usize)> {
-            let mut table = Vec::with_capacity(SLOT_WORDS * SLOTS);
+            let mut table = Vec::with_capacity(SLOT_WORDS * SLOTS.max(parts.len()));
             let mut cubes = 0usize;
             for (p, s) in &parts {
                 // A contiguous block is addressed as one run (`cols = ld`), so a part of it
@@ -396,7 +476,7 @@ impl MultiTensorStep {
                     p.len,
                     cols,
                     ld,
-                    s.weight_offset() + p.start,
+                    spans.map_or(0, |sp| sp.offsets[p.slot]) + s.weight_offset() + p.start,
                     s.offset,
                     s.stride(),
                     p.start,
@@ -404,7 +484,7 @@ impl MultiTensorStep {
                 cubes += p.len.div_ceil(per_cube);
             }
             // Unused slots start past the last cube: no cube selects them.
-            while table.len() < SLOT_WORDS * SLOTS {
+            while table.len() < SLOT_WORDS * nslots {
                 table.extend([u32::MAX as usize, 0, 1, 1, 0, 0, 0, 0]);
             }
             Ok((super::slots::table_words(table)?, cubes))
@@ -439,7 +519,11 @@ impl MultiTensorStep {
         // The group's table, partial sums, placeholders and guard: made at its first step,
         // then reused (each is a round trip to the device's server thread to create).
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (group.iter().map(|p| (p.slot, p.start)).collect(), self.sums);
+        let key = (
+            group.iter().map(|p| (p.slot, p.start)).collect(),
+            self.sums,
+            spans.map(|sp| group.iter().map(|p| sp.offsets[p.slot]).collect()),
+        );
         if let Entry::Vacant(slot) = cache.groups.entry(key.clone()) {
             // The partial sums, and the per-slot totals the reduction leaves for the update.
             let (partials, totals) = match self.rule.needs_norms() {
@@ -449,7 +533,7 @@ impl MultiTensorStep {
                         DType::F32,
                         &[2 * SLOTS + 2 * norms_cubes * sums_per_cube],
                     )?,
-                    Tensor::empty(client, DType::F32, &[2 * SLOTS])?,
+                    Tensor::empty(client, DType::F32, &[2 * nslots])?,
                 ),
                 false => (
                     crate::launch::absent(client)?,
@@ -492,12 +576,31 @@ impl MultiTensorStep {
                 (true, true) => t.prefix(p.start + p.len),
             }
         };
-        let w: Vec<Tensor> = (0..SLOTS)
-            .map(|i| slot(i, weights, false))
-            .collect::<Result<_>>()?;
-        let g: Vec<Tensor> = (0..SLOTS)
-            .map(|i| slot(i, grads, true))
-            .collect::<Result<_>>()?;
+        let (w, g): (Vec<Tensor>, Vec<Tensor>) = match spans {
+            // Both spans in binding 0, up to the group's last element (a multiple of 4 in
+            // a 4-wide launch).
+            Some(sp) => {
+                let end = parts
+                    .iter()
+                    .map(|(p, s)| sp.offsets[p.slot] + s.weight_offset() + p.start + p.len)
+                    .max()
+                    .unwrap_or(0);
+                let bind = |t: &Tensor, grad: bool| -> Result<Vec<Tensor>> {
+                    let mut v = vec![t.prefix(end)?];
+                    v.extend((1..SLOTS).map(|i| ph[i + SLOTS * grad as usize].clone()));
+                    Ok(v)
+                };
+                (bind(&sp.weights, false)?, bind(&sp.grads, true)?)
+            }
+            None => (
+                (0..SLOTS)
+                    .map(|i| slot(i, weights, false))
+                    .collect::<Result<_>>()?,
+                (0..SLOTS)
+                    .map(|i| slot(i, grads, true))
+                    .collect::<Result<_>>()?,
+            ),
+        };
         if let Some(t) = w.iter().chain(&g).find(|t| t.numel() % width != 0) {
             // Guards the grid, sized for `width`: a narrower launch would skip elements.
             return Err(Error::Kernel {
@@ -534,6 +637,7 @@ impl MultiTensorStep {
                     partials,
                     len: len as u32,
                     cubes: cubes as u32,
+                    nslots: nslots as u32,
                     lr: h.lr as f32,
                     beta1: h.beta1 as f32,
                     beta2: h.beta2 as f32,
@@ -551,9 +655,13 @@ impl MultiTensorStep {
                     rule: self.rule,
                     master: dtype != DType::F32,
                     phase,
-                    slots: group.len() as u32,
+                    slots: match spans {
+                        Some(_) => 1,
+                        None => group.len() as u32,
+                    },
                     strided,
                     sums: self.sums,
+                    spans: spans.is_some(),
                 }),
             )?;
             Ok(())
@@ -568,6 +676,7 @@ impl MultiTensorStep {
                     totals: &totals,
                     state: &self.state,
                     table: &norms_table,
+                    nslots: nslots as u32,
                     cubes: norms_cubes as u32,
                     per_cube: norms_per_cube as u32,
                     sums_per_cube: sums_per_cube as u32,

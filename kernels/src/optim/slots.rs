@@ -63,7 +63,7 @@ pub(super) use slot_args;
 
 /// Tensors (or blocks) one launch updates.
 pub const SLOTS: usize = 6;
-// `optim_slot_norms` launches one cube per slot: `grid = (6)`.
+// The kernels bind six weights and six gradients (`slot_kernel!`).
 const _: () = assert!(SLOTS == 6);
 /// `u32` words per slot in the table: first cube, length, width, weight row stride,
 /// weight offset, state offset, state stride, start in the slot (the fused step's; FRUGAL
@@ -111,6 +111,25 @@ pub(super) fn slot_of(table: &Array<u32>, cube: u32, #[comptime] slots: u32) -> 
         );
     }
     b
+}
+
+/// The slot of `cube` among a span launch's `count` slots (a table as long as the
+/// launch needs, first cubes non-decreasing): the last whose first cube is `<= cube`,
+/// by a binary search (uniform in the cube; about 8 table reads for 200 slots).
+#[cube]
+pub(super) fn segment_of(table: &Array<u32>, cube: u32, count: u32) -> u32 {
+    let words = comptime!(SLOT_WORDS as u32);
+    let mut lo = 0u32;
+    let mut hi = count;
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if table[(mid * words) as usize] <= cube {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
 }
 
 /// `slots[b][i]` for a slot index known only at run time (WGSL has no arrays of buffers),

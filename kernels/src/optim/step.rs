@@ -6,7 +6,7 @@
 
 use super::adam::{adam_constants, adam_direction_of, advance_moments, one_minus_pow};
 use super::rules::Rule;
-use super::slots::{select_slot, slot_kernel, slot_of, store_slot, SLOTS, SLOT_WORDS};
+use super::slots::{segment_of, select_slot, slot_kernel, slot_of, store_slot, SLOTS, SLOT_WORDS};
 use cubecl::prelude::*;
 use kiln_dsl::cube_sum;
 
@@ -79,6 +79,9 @@ slot_kernel! {
     /// AdaGrad-Norm) writes the cube's sums of squares to `partials` (past `2 SLOTS`
     /// words) instead of the weight; LAMB's update reads the slot's norms at
     /// `partials[2 slot ..]` (the slot reduction's `totals`, bound in its place).
+    /// `spans`: every slot is a whole tensor in the one weight binding `w0` (views of one
+    /// flat buffer, at the table's offsets) with its gradient at the same offset in `g0`;
+    /// `nslots` slots, as many as the table holds, found by a binary search.
     #[kernel(
         tune(UNITS = [256], PER = [4]),
         vector = [4, 1],
@@ -95,6 +98,7 @@ slot_kernel! {
         partials: &mut Array<f32>,
         len: u32,
         cubes: u32,
+        nslots: u32,
         lr: f32,
         beta1: f32,
         beta2: f32,
@@ -115,13 +119,20 @@ slot_kernel! {
         #[comptime] slots: u32,
         #[comptime] strided: bool,
         #[comptime] sums: Sums,
+        #[comptime] spans: bool,
     ) {
         let _ = width[0];
         let nw = N::value().comptime() as u32;
         let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
         // The slot and its constants before any branch: the addresses are uniform in the
         // cube, so a CPU adapter loads each once (inside control flow it gathers per lane).
-        let b = slot_of(table, cube, slots);
+        let mut b = 0u32;
+        if comptime!(spans) {
+            b = segment_of(table, cube, nslots);
+        }
+        if comptime!(!spans) {
+            b = slot_of(table, cube, slots);
+        }
         let t = b * comptime!(SLOT_WORDS as u32);
         // The slot's first cube, its length in elements and vectors, its weight layout and
         // state base.
@@ -214,6 +225,11 @@ slot_kernel! {
                         w_at = (w_off + (first / cols) * ld + first % cols) / nw;
                     }
                 }
+                // A span's gradient sits where its weight does, in the other buffer.
+                let mut g_at = start / nw + ei;
+                if comptime!(spans) {
+                    g_at = w_at;
+                }
                 let s_at = (base + start) / nw + ei;
                 let master_at =
                     (scalars_at + comptime!(rule.scalar_states() as u32) + start) / nw + ei;
@@ -222,7 +238,7 @@ slot_kernel! {
                 if inside {
                     if comptime!(reads_g) {
                         g = Vector::<f32, N>::cast_from(select_slot(
-                            g0, g1, g2, g3, g4, g5, b, start / nw + ei, slots,
+                            g0, g1, g2, g3, g4, g5, b, g_at, slots,
                         ));
                     }
                     if reads_p {
@@ -345,12 +361,14 @@ slot_kernel! {
 /// a slot start 4-aligned and are even in number), one cube per slot, in a fixed order:
 /// LAMB's `||p||^2, ||r||^2` to `totals[2 slot ..]` (the update reads them there);
 /// AdaGrad-Norm's `||g||^2` added to the slot's `b2`. Unused slots do nothing.
-#[kiln_macros::kernel(tune(UNITS = [256]), grid = (6), cube = UNITS)]
+/// `nslots`: the table's slots ([`SLOTS`], or a span launch's count).
+#[kiln_macros::kernel(tune(UNITS = [256]), grid = (nslots), cube = UNITS)]
 pub fn optim_slot_norms(
     partials: &Array<Vector<f32, Const<4>>>,
     totals: &mut Array<f32>,
     state: &mut Array<f32>,
     table: &Array<u32>,
+    nslots: u32,
     cubes: u32,
     per_cube: u32,
     sums_per_cube: u32,
