@@ -3,8 +3,9 @@
 //! - each rule's step on 4M f32 elements in GiB/s against a 4-wide copy of the bytes it
 //!   must touch (goal: at least 0.9 of the copy);
 //! - AdamW and FRUGAL over 200 tensors of mixed sizes (1 .. 64K elements): the
-//!   multi-tensor step (six per launch) against one launch per tensor; for AdamW also
-//!   the same tensors as views of one flat buffer (`FlatLayout`), stepped as one tensor;
+//!   multi-tensor step (six per launch) against one launch per tensor, and the same
+//!   tensors as views of one flat buffer (`FlatLayout`: span launches, one per pass and
+//!   vector width), for AdamW also the flat buffer stepped as one tensor;
 //! - the seeded perturbation (one seed; MeZO's update with 8 seeds) and the gradient
 //!   compressors (top-k and rand-k at k = n/100, with error feedback) on 4M elements
 //!   against a copy of the bytes they must touch.
@@ -176,6 +177,19 @@ fn bench(cr: &mut Criterion) {
             client.sync().unwrap();
         })
     });
+    // The flat buffers' views as a list of 200 tensors: span launches, one per width.
+    let view = |t: &Tensor| layout.views(&t.reshape(&[layout.len()]).unwrap()).unwrap();
+    let (vp, vg) = (view(&flat_p), view(&flat_g));
+    let (vpr, vgr): (Vec<&Tensor>, Vec<&Tensor>) = (vp.iter().collect(), vg.iter().collect());
+    let list: Vec<(&Tensor, Block)> = vp.iter().map(|p| (p, Block::whole(1))).collect();
+    let mut on_views = MultiTensorStep::new(Rule::AdamW, h, &list).unwrap();
+    on_views.step(&vpr, &vgr).unwrap();
+    g.bench_function("views of one flat buffer (2 launches)", |b| {
+        b.iter(|| {
+            on_views.step(&vpr, &vgr).unwrap();
+            client.sync().unwrap();
+        })
+    });
     g.finish();
 
     // The same 200 tensors, FRUGAL (density 0.25; no redraw while timing).
@@ -215,6 +229,14 @@ fn bench(cr: &mut Criterion) {
     g.bench_function("multi-tensor (6 per launch)", |b| {
         b.iter(|| {
             multi.step_multi(&pr, &gr).unwrap();
+            client.sync().unwrap();
+        })
+    });
+    let mut frugal_views = Frugal::new_multi(&vpr, h, c).unwrap();
+    frugal_views.step_multi(&vpr, &vgr).unwrap();
+    g.bench_function("views of one flat buffer (4 launches)", |b| {
+        b.iter(|| {
+            frugal_views.step_multi(&vpr, &vgr).unwrap();
             client.sync().unwrap();
         })
     });

@@ -3,13 +3,13 @@
 //! the list as drawn (three in four tensors of a length that is not a multiple of 4) and
 //! rounded up to multiples of 4, beside one tensor of all their elements, the drawn
 //! tensors as views of one flat buffer (`FlatLayout`: each at a 256-byte boundary)
-//! stepped as one tensor and as a list of views (span launches), LAMB over the tensors
-//! and over the views, and a 4-wide copy of the bytes (7 f32 streams).
+//! stepped as one tensor and as a list of views (span launches), LAMB and FRUGAL over the
+//! tensors and over the views, and a 4-wide copy of the bytes (7 f32 streams).
 //!
 //! `cargo bench -p kiln-benches --bench optim_lists`.
 
 use kiln::check::Rng;
-use kiln::kernels::optim::{Block, Hyper, MultiTensorStep, Rule};
+use kiln::kernels::optim::{Block, Frugal, FrugalConfig, Hyper, MultiTensorStep, Rule};
 use kiln::{Client, DType, Device, FlatLayout, HostTensor, Tensor};
 use std::cell::RefCell;
 
@@ -108,6 +108,22 @@ fn main() {
     };
     let lamb = List::of_list(copies(&ragged.params), copies(&ragged.grads), Rule::Lamb);
     let lamb_views = List::of_list(view(&flat.params[0]), view(&flat.grads[0]), Rule::Lamb);
+    // FRUGAL (density 0.25, no redraw while timed) over the tensors and over the views.
+    let frugal = |ts: Vec<Tensor>, gs: Vec<Tensor>| {
+        let c = FrugalConfig {
+            update_gap: 1 << 40,
+            ..Default::default()
+        };
+        let refs: Vec<&Tensor> = ts.iter().collect();
+        let f = Frugal::new_multi(&refs, Hyper::defaults(Rule::AdamW), c).unwrap();
+        (ts, gs, RefCell::new(f))
+    };
+    let step_frugal = |(ts, gs, f): &(Vec<Tensor>, Vec<Tensor>, RefCell<Frugal>)| {
+        let (p, g): (Vec<&Tensor>, Vec<&Tensor>) = (ts.iter().collect(), gs.iter().collect());
+        f.borrow_mut().step_multi(&p, &g).unwrap();
+    };
+    let frugal_own = frugal(copies(&ragged.params), copies(&ragged.grads));
+    let frugal_views = frugal(view(&flat.params[0]), view(&flat.grads[0]));
     let (src, dst) = (
         Tensor::empty(&client, DType::F32, &[total * 7 / 2 / 4 * 4]).unwrap(),
         Tensor::empty(&client, DType::F32, &[total * 7 / 2 / 4 * 4]).unwrap(),
@@ -144,6 +160,14 @@ fn main() {
         (
             "LAMB, drawn sizes: views of one flat buffer, multi-tensor".into(),
             Box::new(|| lamb_views.step_multi()),
+        ),
+        (
+            "FRUGAL, drawn sizes: multi-tensor".into(),
+            Box::new(|| step_frugal(&frugal_own)),
+        ),
+        (
+            "FRUGAL, drawn sizes: views of one flat buffer, multi-tensor".into(),
+            Box::new(|| step_frugal(&frugal_views)),
         ),
         (
             "sizes rounded to 4: multi-tensor".into(),

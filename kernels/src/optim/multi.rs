@@ -45,7 +45,7 @@
 
 use super::block::Block;
 use super::rules::{Hyper, Rule};
-use super::slots::{launch_groups, slot_args, SLOTS, SLOT_WORDS};
+use super::slots::{kind_groups, launch_groups, slot_args, Spans, SLOTS, SLOT_WORDS};
 use super::step::{
     OptimAdvanceStep, OptimAdvanceStepArgs, OptimSlotNorms, OptimSlotNormsArgs, OptimStep,
     OptimStepArgs, Phase, Sums, NORMS_REPS, STEP_PER, STEP_UNITS,
@@ -134,16 +134,6 @@ pub struct MultiTensorStep {
 /// A launch group: its parts' (slot, start) pairs, what it sums, and in a span launch
 /// its slots' offsets in the span.
 type GroupKey = (Vec<(usize, usize)>, Sums, Option<Vec<usize>>);
-
-/// The weights and gradients of a step as two spans (views of one flat buffer each,
-/// every gradient at its weight's offset): one launch binds each span once, with any
-/// number of slots at their offsets.
-struct Spans {
-    weights: Tensor,
-    grads: Tensor,
-    /// Each slot's first element in the spans.
-    offsets: Vec<usize>,
-}
 
 #[derive(Default)]
 struct LaunchCache {
@@ -352,16 +342,7 @@ impl MultiTensorStep {
         let kind = |j: usize| (self.slots[parts[j].slot].dtype, self.aligned(parts[j]));
         let spans = self.spans(weights, grads);
         let groups = match spans {
-            Some(_) => {
-                let mut groups: Vec<(_, Vec<usize>)> = Vec::new();
-                for j in 0..parts.len() {
-                    match groups.iter_mut().find(|(k, _)| *k == kind(j)) {
-                        Some((_, g)) => g.push(j),
-                        None => groups.push((kind(j), vec![j])),
-                    }
-                }
-                groups.into_iter().map(|(_, g)| g).collect()
-            }
+            Some(_) => kind_groups(0..parts.len(), kind),
             None => {
                 let part_weights: Vec<&Tensor> = parts.iter().map(|p| weights[p.slot]).collect();
                 launch_groups(0..parts.len(), kind, &part_weights)
@@ -407,31 +388,10 @@ impl MultiTensorStep {
             .slots
             .iter()
             .all(|s| s.shape() == s.weight && s.dtype == self.slots[0].dtype);
-        if self.slots.len() < 2 || !whole {
-            return None;
+        match whole {
+            true => Spans::of(weights, grads),
+            false => None,
         }
-        let (w, offsets) = Tensor::span(weights)?;
-        let (g, g_offsets) = Tensor::span(grads)?;
-        // (Views start at 256-byte boundaries: the offsets are 4-aligned, as the 4-wide
-        // launch needs; checked all the same.)
-        if offsets != g_offsets
-            || w.numel() != g.numel()
-            || w.numel() > crate::launch::MAX_ELEMENTS
-            || offsets.iter().any(|o| o % 4 != 0)
-        {
-            return None;
-        }
-        // Disjoint: sorted by offset, each ends before the next begins.
-        let mut order: Vec<usize> = (0..weights.len()).collect();
-        order.sort_by_key(|&i| offsets[i]);
-        let disjoint = order
-            .windows(2)
-            .all(|p| offsets[p[0]] + weights[p[0]].numel() <= offsets[p[1]]);
-        disjoint.then_some(Spans {
-            weights: w,
-            grads: g,
-            offsets,
-        })
     }
 
     /// One launch of the step over the parts `group` (at most [`SLOTS`], one dtype,
@@ -585,12 +545,7 @@ impl MultiTensorStep {
                     .map(|(p, s)| sp.offsets[p.slot] + s.weight_offset() + p.start + p.len)
                     .max()
                     .unwrap_or(0);
-                let bind = |t: &Tensor, grad: bool| -> Result<Vec<Tensor>> {
-                    let mut v = vec![t.prefix(end)?];
-                    v.extend((1..SLOTS).map(|i| ph[i + SLOTS * grad as usize].clone()));
-                    Ok(v)
-                };
-                (bind(&sp.weights, false)?, bind(&sp.grads, true)?)
+                sp.bind(end, &ph)?
             }
             None => (
                 (0..SLOTS)

@@ -97,6 +97,79 @@ pub(super) fn launch_groups<K: PartialEq>(
     full
 }
 
+/// The items in groups of one `kind`, in order within each, as many to a group as
+/// there are: the launches of a span step.
+pub(super) fn kind_groups<K: PartialEq>(
+    items: impl IntoIterator<Item = usize>,
+    kind: impl Fn(usize) -> K,
+) -> Vec<Vec<usize>> {
+    let mut groups: Vec<(K, Vec<usize>)> = Vec::new();
+    for i in items {
+        let k = kind(i);
+        match groups.iter_mut().find(|(g, _)| *g == k) {
+            Some((_, g)) => g.push(i),
+            None => groups.push((k, vec![i])),
+        }
+    }
+    groups.into_iter().map(|(_, g)| g).collect()
+}
+
+/// A step's weights and gradients as two spans (views of one flat buffer each, every
+/// gradient at its weight's offset): a launch binds each span once (`w0`, `g0`) and
+/// takes any number of slots at their offsets, each cube finding its own by a binary
+/// search of the table ([`segment_of`]).
+pub(super) struct Spans {
+    /// The span of the weights.
+    pub weights: Tensor,
+    /// The span of the gradients.
+    pub grads: Tensor,
+    /// Each tensor's first element in the spans.
+    pub offsets: Vec<usize>,
+}
+
+impl Spans {
+    /// The spans of `weights` and `grads` where a span launch can take them: more than
+    /// one tensor, the weights disjoint views of one buffer (one dtype), the gradients
+    /// views of one buffer at the same offsets, 4-aligned (views start at 256-byte
+    /// boundaries: always; checked all the same).
+    pub fn of(weights: &[&Tensor], grads: &[&Tensor]) -> Option<Spans> {
+        if weights.len() < 2 {
+            return None;
+        }
+        let (w, offsets) = Tensor::span(weights)?;
+        let (g, g_offsets) = Tensor::span(grads)?;
+        if offsets != g_offsets
+            || w.numel() != g.numel()
+            || w.numel() > crate::launch::MAX_ELEMENTS
+            || offsets.iter().any(|o| o % 4 != 0)
+        {
+            return None;
+        }
+        // Disjoint: sorted by offset, each ends before the next begins.
+        let mut order: Vec<usize> = (0..weights.len()).collect();
+        order.sort_by_key(|&i| offsets[i]);
+        let disjoint = order
+            .windows(2)
+            .all(|p| offsets[p[0]] + weights[p[0]].numel() <= offsets[p[1]]);
+        disjoint.then_some(Spans {
+            weights: w,
+            grads: g,
+            offsets,
+        })
+    }
+
+    /// The span bindings of a launch whose slots end by element `end` of the spans,
+    /// each first among [`SLOTS`] (the others `placeholders`: weights', then gradients').
+    pub fn bind(&self, end: usize, placeholders: &[Tensor]) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        let bind = |t: &Tensor, grad: bool| -> Result<Vec<Tensor>> {
+            let mut v = vec![t.prefix(end)?];
+            v.extend((1..SLOTS).map(|i| placeholders[i + SLOTS * grad as usize].clone()));
+            Ok(v)
+        };
+        Ok((bind(&self.weights, false)?, bind(&self.grads, true)?))
+    }
+}
+
 /// The slot of `cube`: the last of the launch's first `slots` (comptime) whose first cube
 /// (word 0 of its `SLOT_WORDS` in `table`) is `<= cube`.
 #[cube]

@@ -101,13 +101,28 @@ struct FrugalSlot {
     state_at: u32,
     /// The master copy's offset in the masters.
     master_at: u32,
+    /// The tensor's first element in its binding (a span launch's offset; else 0).
+    data_at: u32,
 }
 
 /// `cube`'s slot and its table entry, read before any branch (uniform in the cube: a CPU
-/// adapter loads each word once; inside control flow it would gather per lane).
+/// adapter loads each word once; inside control flow it would gather per lane). With
+/// `spans`, among the table's `nslots` by a binary search.
 #[cube]
-fn frugal_slot(table: &Array<u32>, cube: u32, #[comptime] slots: u32) -> FrugalSlot {
-    let b = slot_of(table, cube, slots);
+fn frugal_slot(
+    table: &Array<u32>,
+    cube: u32,
+    nslots: u32,
+    #[comptime] slots: u32,
+    #[comptime] spans: bool,
+) -> FrugalSlot {
+    let mut b = 0u32;
+    if comptime!(spans) {
+        b = segment_of(table, cube, nslots);
+    }
+    if comptime!(!spans) {
+        b = slot_of(table, cube, slots);
+    }
     let t = b * comptime!(SLOT_WORDS as u32);
     FrugalSlot {
         b,
@@ -118,12 +133,14 @@ fn frugal_slot(table: &Array<u32>, cube: u32, #[comptime] slots: u32) -> FrugalS
         mask_at: table[(t + 4) as usize],
         state_at: table[(t + 5) as usize],
         master_at: table[(t + 6) as usize],
+        data_at: table[(t + 7) as usize],
     }
 }
 
 slot_kernel! {
     /// FRUGAL's state-free part over up to six tensors (slots; the table's words per slot:
-    /// first cube, `n`, `k`, subset, mask, moments and master offsets, one unused), each unit `PER`
+    /// first cube, `n`, `k`, subset, mask, moments and master offsets, the tensor's offset
+    /// in its binding; with `spans` any number, all in `w0` / `g0`), each unit `PER`
     /// `N`-wide vectors of coordinates, `UNITS` apart or with `contiguous` consecutive
     /// (`topk::UnitLayout`; `N` = 4 where every slot's length is a multiple of 4, else 1),
     /// each cube within one slot: where the mask is clear,
@@ -147,17 +164,21 @@ slot_kernel! {
         table: &Array<u32>,
         len: u32,
         cubes: u32,
+        nslots: u32,
         contiguous: u32,
         lr_free: f32,
         decay: f32,
         #[comptime] master: bool,
         #[comptime] slots: u32,
+        #[comptime] spans: bool,
     ) {
         // `width`'s length caps the launch's vector width.
         let _ = width[0];
         let nw = N::value().comptime() as u32;
         let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
-        let slot = frugal_slot(table, cube, slots);
+        let slot = frugal_slot(table, cube, nslots, slots, spans);
+        // The tensor's first vector in its binding.
+        let data_v = slot.data_at / nw;
         if cube < cubes {
             let (unit_step, rep_step) = unit_layout(contiguous, PER, UNITS);
             let v0 = (cube - slot.first_cube) * comptime!(UNITS * PER) + UNIT_POS * unit_step;
@@ -173,10 +194,10 @@ slot_kernel! {
                 let v = v0 + rep * rep_step;
                 if v * nw < slot.n {
                     let e0 = v * nw;
-                    let gv = select_slot(g0, g1, g2, g3, g4, g5, slot.b, v, slots);
+                    let gv = select_slot(g0, g1, g2, g3, g4, g5, slot.b, data_v + v, slots);
                     let mut out = Vector::<F, N>::new(F::new(0.0));
                     if comptime!(!master) {
-                        out = select_slot(w0, w1, w2, w3, w4, w5, slot.b, v, slots);
+                        out = select_slot(w0, w1, w2, w3, w4, w5, slot.b, data_v + v, slots);
                     }
                     let mut word = unit_word;
                     if contiguous == 0u32 && slot.k > 0u32 {
@@ -201,7 +222,7 @@ slot_kernel! {
                         }
                         out[l as usize] = F::cast_from(q);
                     }
-                    store_slot(w0, w1, w2, w3, w4, w5, slot.b, v, out, slots);
+                    store_slot(w0, w1, w2, w3, w4, w5, slot.b, data_v + v, out, slots);
                 }
             }
         }
@@ -235,6 +256,7 @@ slot_kernel! {
         counter: &Array<u32>,
         len: u32,
         cubes: u32,
+        nslots: u32,
         lr: f32,
         beta1: f32,
         beta2: f32,
@@ -246,9 +268,10 @@ slot_kernel! {
         decay: f32,
         #[comptime] master: bool,
         #[comptime] slots: u32,
+        #[comptime] spans: bool,
     ) {
         let cube = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
-        let slot = frugal_slot(table, cube, slots);
+        let slot = frugal_slot(table, cube, nslots, slots, spans);
         let local = counter[0];
         let moments = adam_constants(
             beta1,
@@ -285,12 +308,12 @@ slot_kernel! {
                         // Lanes past `k` (the last group's padding) keep g = p = 0.
                         if s0 + l < slot.k {
                             let e = es[l as usize];
-                            g[l as usize] = f32::cast_from(select_slot(g0, g1, g2, g3, g4, g5, slot.b, e, slots)[0]);
+                            g[l as usize] = f32::cast_from(select_slot(g0, g1, g2, g3, g4, g5, slot.b, slot.data_at + e, slots)[0]);
                             if comptime!(master) {
                                 p[l as usize] = masters[(slot.master_at + e) as usize];
                             }
                             if comptime!(!master) {
-                                p[l as usize] = f32::cast_from(select_slot(w0, w1, w2, w3, w4, w5, slot.b, e, slots)[0]);
+                                p[l as usize] = f32::cast_from(select_slot(w0, w1, w2, w3, w4, w5, slot.b, slot.data_at + e, slots)[0]);
                             }
                         }
                     }
@@ -316,7 +339,7 @@ slot_kernel! {
                                 masters[(slot.master_at + e) as usize] = q[l as usize];
                             }
                             let out = Vector::<F, N>::new(F::cast_from(q[l as usize]));
-                            store_slot(w0, w1, w2, w3, w4, w5, slot.b, e, out, slots);
+                            store_slot(w0, w1, w2, w3, w4, w5, slot.b, slot.data_at + e, out, slots);
                         }
                     }
                 }

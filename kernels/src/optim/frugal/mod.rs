@@ -21,7 +21,9 @@
 //! The subsets, their bitmasks (one u32 per 32 coordinates) and the moments of every
 //! tensor are packed each in one buffer; a step is two launches per [`SLOTS`] tensors of
 //! one dtype (the slot machinery of the fused step, `super::slots`: each cube within one
-//! tensor) and one to advance the device step counter: signSGD over the coordinates whose
+//! tensor; views of one flat buffer with gradients at the same offsets: two launches per
+//! vector width, whatever the count, as the fused step's span launches) and one to
+//! advance the device step counter: signSGD over the coordinates whose
 //! mask bit is clear, then Adam over the state slots, slot `s` being the subset's `s`-th
 //! coordinate (its moments contiguous). A redraw selects each tensor's subset (a device
 //! radix select per tensor, every `update_gap` steps) and packs it with its mask; the
@@ -42,7 +44,8 @@ pub use svd::*;
 
 use super::adam::{adam_constants, adam_direction_of, adam_moments_of};
 use super::slots::{
-    launch_groups, select_slot, slot_args, slot_kernel, slot_of, store_slot, SLOTS, SLOT_WORDS,
+    kind_groups, launch_groups, segment_of, select_slot, slot_args, slot_kernel, slot_of,
+    store_slot, Spans, SLOTS, SLOT_WORDS,
 };
 use super::topk::{contiguous_regions, select_top_k, KeySource};
 use super::{param_name, Hyper, Rule};
@@ -325,6 +328,9 @@ impl Packed {
     }
 }
 
+/// A launch's tensors, and for a span launch their offsets in the spans.
+type GroupKey = (Vec<usize>, Option<Vec<usize>>);
+
 /// A FRUGAL optimizer for a list of f32/f16/bf16 tensors (one, or many of different
 /// sizes and dtypes): their subsets, their state and the device step counter; [`Frugal::step`] (one tensor) and
 /// [`Frugal::step_multi`] (the list) update the tensors in place.
@@ -348,8 +354,9 @@ pub struct Frugal {
     steps: u64,
     /// Per dtype: `2 SLOTS` one-element placeholders for the unused slots of a launch.
     spares: HashMap<DType, Vec<Tensor>>,
-    /// Per group of tensors: the slot table and cube count of each pass (signSGD, Adam).
-    tables: HashMap<Vec<usize>, [(Tensor, usize); 2]>,
+    /// Per group of tensors (and, for a span launch, their offsets in the spans): the
+    /// slot table and cube count of each pass (signSGD, Adam).
+    tables: HashMap<GroupKey, [(Tensor, usize); 2]>,
     /// Per vector width: the array whose length caps the signSGD pass's width.
     guards: HashMap<usize, Tensor>,
 }
@@ -674,6 +681,7 @@ impl Frugal {
 
     /// One step of every tensor of the list (as created, in order) by its gradient (the
     /// tensor's dtype and shape), in place: two launches per [`SLOTS`] tensors of one dtype and vector width
+    /// (per vector width for views of one buffer, gradients at the same offsets)
     /// and one to advance the step counter, no host synchronisation (a redraw adds a selection per tensor).
     pub fn step_multi(&mut self, params: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
         let count = self.packed.len();
@@ -704,8 +712,16 @@ impl Frugal {
         }
         let live = (0..count).filter(|&i| self.packed[i].n > 0);
         let kind = |i: usize| (self.packed[i].dtype, self.packed[i].width());
-        for group in launch_groups(live, kind, params) {
-            self.launch(&group, params, grads)?;
+        // Views of one flat buffer (gradients at the same offsets, one dtype): one launch
+        // per pass and vector width, whatever the count; else up to SLOTS a launch.
+        let one_dtype = self.packed.iter().all(|p| p.dtype == self.packed[0].dtype);
+        let spans = one_dtype.then(|| Spans::of(params, grads)).flatten();
+        let groups = match spans {
+            Some(_) => kind_groups(live, kind),
+            None => launch_groups(live, kind, params),
+        };
+        for group in groups {
+            self.launch(&group, params, grads, spans.as_ref())?;
         }
         super::OptimAdvanceStep::tuned(
             &client,
@@ -718,24 +734,40 @@ impl Frugal {
         Ok(())
     }
 
-    /// The step over the tensors `group` (at most [`SLOTS`], distinct): one launch of the
-    /// signSGD pass over every coordinate without state, one of the Adam pass over the
-    /// state slots (none where no tensor of the group has state).
-    fn launch(&mut self, group: &[usize], params: &[&Tensor], grads: &[&Tensor]) -> Result<()> {
+    /// The step over the tensors `group` (at most [`SLOTS`], distinct; any number in a
+    /// `spans` launch): one launch of the signSGD pass over every coordinate without
+    /// state, one of the Adam pass over the state slots (none where no tensor of the group
+    /// has state).
+    fn launch(
+        &mut self,
+        group: &[usize],
+        params: &[&Tensor],
+        grads: &[&Tensor],
+        spans: Option<&Spans>,
+    ) -> Result<()> {
         let client = self.state.client().clone();
-        if !self.tables.contains_key(group) {
+        let offsets: Option<Vec<usize>> =
+            spans.map(|sp| group.iter().map(|&i| sp.offsets[i]).collect());
+        let key = (group.to_vec(), offsets.clone());
+        // Slots in the tables: SLOTS, or a span launch's tensors.
+        let nslots = match spans {
+            Some(_) => group.len(),
+            None => SLOTS,
+        };
+        if !self.tables.contains_key(&key) {
             // Per pass, each slot's first cube: the signSGD pass covers a tensor's
             // coordinates (none for a whole tensor with state), the Adam pass its slots.
             let packed: Vec<Packed> = group.iter().map(|&i| self.packed[i]).collect();
-            let sign = slot_table(&client, &packed, |p| match p.k == p.n {
+            let at = offsets.clone().unwrap_or_else(|| vec![0; group.len()]);
+            let sign = slot_table(&client, &packed, &at, nslots, |p| match p.k == p.n {
                 true => 0,
                 false => p.n / p.width(),
             })?;
             // Four state slots a unit.
-            let adam = slot_table(&client, &packed, |p| p.k.div_ceil(4))?;
-            self.tables.insert(group.to_vec(), [sign, adam]);
+            let adam = slot_table(&client, &packed, &at, nslots, |p| p.k.div_ceil(4))?;
+            self.tables.insert(key.clone(), [sign, adam]);
         }
-        let [(sign_table, sign_cubes), (adam_table, adam_cubes)] = self.tables[group].clone();
+        let [(sign_table, sign_cubes), (adam_table, adam_cubes)] = self.tables[&key].clone();
         let len: usize = group.iter().map(|&i| self.packed[i].n).sum();
         let dtype = self.packed[group[0]].dtype;
         if let std::collections::hash_map::Entry::Vacant(e) = self.spares.entry(dtype) {
@@ -759,10 +791,26 @@ impl Frugal {
                 None => spares[spare].clone(),
             }
         };
-        let w: Vec<Tensor> = (0..SLOTS).map(|s| slot(s, params, s)).collect();
-        let g: Vec<Tensor> = (0..SLOTS).map(|s| slot(s, grads, SLOTS + s)).collect();
+        let (w, g) = match spans {
+            // Both spans bound once, up to the group's last element.
+            Some(sp) => {
+                let end = group
+                    .iter()
+                    .map(|&i| sp.offsets[i] + self.packed[i].n)
+                    .max();
+                sp.bind(end.unwrap_or(0), spares)?
+            }
+            None => (
+                (0..SLOTS).map(|s| slot(s, params, s)).collect(),
+                (0..SLOTS).map(|s| slot(s, grads, SLOTS + s)).collect(),
+            ),
+        };
         let h = &self.hyper;
-        let (master, slots) = (dtype != DType::F32, group.len() as u32);
+        let master = dtype != DType::F32;
+        let slots = match spans {
+            Some(_) => 1,
+            None => group.len() as u32,
+        };
         let decay = (1.0 - h.lr * h.weight_decay) as f32;
         if sign_cubes > 0 {
             FrugalSignStep::tuned(
@@ -775,11 +823,13 @@ impl Frugal {
                     table: &sign_table,
                     len: len as u32,
                     cubes: sign_cubes as u32,
+                    nslots: nslots as u32,
                     contiguous: contiguous_regions(&client),
                     lr_free: self.config.lr_free as f32,
                     decay,
                     master,
                     slots,
+                    spans: spans.is_some(),
                 }),
             )?;
         }
@@ -795,6 +845,7 @@ impl Frugal {
                     counter: &self.counter,
                     len: len as u32,
                     cubes: adam_cubes as u32,
+                    nslots: nslots as u32,
                     lr: h.lr as f32,
                     beta1: h.beta1 as f32,
                     beta2: h.beta2 as f32,
@@ -806,6 +857,7 @@ impl Frugal {
                     decay,
                     master,
                     slots,
+                    spans: spans.is_some(),
                 }),
             )?;
         }
@@ -814,21 +866,24 @@ impl Frugal {
 }
 
 /// A launch's slot table (`SLOT_WORDS` per slot: first cube, `n`, `k`, subset, mask,
-/// moments and master offsets, one unused) for a pass that covers `units(p)` of each tensor, `PER`
-/// to a unit; and its cube count.
+/// moments and master offsets, the tensor's first element in its binding, `at`) for a
+/// pass that covers `units(p)` of each tensor, `PER` to a unit, padded to `nslots`
+/// slots; and its cube count.
 fn slot_table(
     client: &kiln_runtime::Client,
     packed: &[Packed],
+    at: &[usize],
+    nslots: usize,
     units: impl Fn(&Packed) -> usize,
 ) -> Result<(Tensor, usize)> {
-    let mut table = Vec::with_capacity(SLOT_WORDS * SLOTS);
+    let mut table = Vec::with_capacity(SLOT_WORDS * nslots.max(packed.len()));
     let mut cubes = 0usize;
-    for p in packed {
-        table.extend([cubes, p.n, p.k, p.indices, p.mask, p.state, p.master_at, 0]);
+    for (p, &at) in packed.iter().zip(at) {
+        table.extend([cubes, p.n, p.k, p.indices, p.mask, p.state, p.master_at, at]);
         cubes += units(p).div_ceil(CUBE * STEP_PER);
     }
     // Unused slots start past the last cube: no cube selects them.
-    while table.len() < SLOT_WORDS * SLOTS {
+    while table.len() < SLOT_WORDS * nslots {
         table.extend([u32::MAX as usize, 0, 0, 0, 0, 0, 0, 0]);
     }
     let table = crate::optim::slots::table_words(table)?;
