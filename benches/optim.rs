@@ -194,7 +194,7 @@ fn bench(cr: &mut Criterion) {
 
     // The same 200 tensors, FRUGAL (density 0.25; no redraw while timing).
     let c = FrugalConfig {
-        update_gap: 1 << 40,
+        update_gap: 1 << 31,
         ..Default::default()
     };
     let mut multi = Frugal::new_multi(&pr, h, c).unwrap();

@@ -111,7 +111,7 @@ fn main() {
     // FRUGAL (density 0.25, no redraw while timed) over the tensors and over the views.
     let frugal = |ts: Vec<Tensor>, gs: Vec<Tensor>| {
         let c = FrugalConfig {
-            update_gap: 1 << 40,
+            update_gap: 1 << 31,
             ..Default::default()
         };
         let refs: Vec<&Tensor> = ts.iter().collect();

@@ -5,10 +5,11 @@
 //! per-tensor norms) matches it too, and bad input is one clear line.
 
 use crate::common::{self, assert_clear, client, down, up};
+use crate::optim::{hyper, zero_state};
 use kiln::check::{max_rel_error, Rng};
 use kiln::kernels::elementwise;
 use kiln::kernels::matmul::{self, Epilogue};
-use kiln::kernels::optim::{reference, Block, Frugal, FrugalConfig, Hyper, MultiTensorStep, Rule};
+use kiln::kernels::optim::{reference, Block, Frugal, Hyper, MultiTensorStep, Rule};
 use kiln::kernels::rows::copy_rows;
 use kiln::{DType, FlatLayout, HostTensor, Tensor};
 
@@ -140,11 +141,7 @@ fn views_overlap_only_where_they_share_elements() {
 #[test]
 fn one_step_over_a_flat_buffer_is_every_tensors_step() {
     for rule in [Rule::AdamW, Rule::Adan, Rule::AdaBelief, Rule::AdaGrad] {
-        let h = Hyper {
-            lr: 0.01,
-            weight_decay: 0.1,
-            ..Hyper::defaults(rule)
-        };
+        let h = hyper(rule);
         let mut rng = Rng::new(5 + rule as u64);
         let layout = FlatLayout::new(DType::F32, &shapes()).unwrap();
         let hosts: Vec<HostTensor> = shapes()
@@ -155,14 +152,8 @@ fn one_step_over_a_flat_buffer_is_every_tensors_step() {
         let flat = layout.upload(client(), &hosts).unwrap();
         let weight = flat.reshape(&[1, layout.len()]).unwrap();
         let mut opt = MultiTensorStep::new(rule, h, &[(&weight, Block::whole(1))]).unwrap();
-        let mut state: Vec<Vec<Vec<f64>>> = params
-            .iter()
-            .map(|p| {
-                (0..rule.state_names().len())
-                    .map(|j| vec![0.0; rule.state_len(j, p.len())])
-                    .collect()
-            })
-            .collect();
+        let mut state: Vec<Vec<Vec<f64>>> =
+            params.iter().map(|p| zero_state(rule, p.len())).collect();
         for t in 1..=5u64 {
             let grads: Vec<HostTensor> = shapes()
                 .iter()
@@ -204,11 +195,7 @@ fn a_fused_step_over_views_of_one_buffer_matches_each_tensors_step() {
         if common::refused(dtype) {
             continue;
         }
-        let h = Hyper {
-            lr: 0.01,
-            weight_decay: 0.1,
-            ..Hyper::defaults(rule)
-        };
+        let h = hyper(rule);
         let mut rng = Rng::new(23 + rule as u64);
         let shapes: Vec<Vec<usize>> = (0..9).map(|i| vec![1, 61 * i + 4 * (i % 2) + 3]).collect();
         let layout = FlatLayout::new(dtype, &shapes).unwrap();
@@ -218,14 +205,8 @@ fn a_fused_step_over_views_of_one_buffer_matches_each_tensors_step() {
         let views = layout.views(&flat).unwrap();
         let list: Vec<(&Tensor, Block)> = views.iter().map(|v| (v, Block::whole(1))).collect();
         let mut opt = MultiTensorStep::new(rule, h, &list).unwrap();
-        let mut state: Vec<Vec<Vec<f64>>> = params
-            .iter()
-            .map(|p| {
-                (0..rule.state_names().len())
-                    .map(|j| vec![0.0; rule.state_len(j, p.len())])
-                    .collect()
-            })
-            .collect();
+        let mut state: Vec<Vec<Vec<f64>>> =
+            params.iter().map(|p| zero_state(rule, p.len())).collect();
         // The gradients' buffer: the same layout, or the list reversed (other offsets).
         let mut g_shapes = shapes.clone();
         if !same_layout {
@@ -272,18 +253,7 @@ fn a_fused_step_over_views_of_one_buffer_matches_each_tensors_step() {
 /// tensors of their own (six per launch), and within 1e-6 of the reference.
 #[test]
 fn frugal_over_views_of_one_buffer_is_frugal_over_the_tensors() {
-    let h = Hyper {
-        lr: 0.01,
-        weight_decay: 0.1,
-        ..Hyper::defaults(Rule::AdamW)
-    };
-    let c = FrugalConfig {
-        density: 0.25,
-        update_gap: 3,
-        lr_free: 0.003,
-        seed: 5,
-        ..Default::default()
-    };
+    let (h, c) = (crate::frugal::hyper(), crate::frugal::list_config());
     let mut rng = Rng::new(41);
     let shapes: Vec<Vec<usize>> = (0..9).map(|i| vec![61 * i + 4 * (i % 2) + 3]).collect();
     let layout = FlatLayout::new(DType::F32, &shapes).unwrap();

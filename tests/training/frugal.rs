@@ -18,7 +18,7 @@ fn f32s(rng: &mut Rng, n: usize) -> Vec<f64> {
         .to_f64()
 }
 
-fn hyper() -> Hyper {
+pub(crate) fn hyper() -> Hyper {
     Hyper {
         lr: 0.01,
         weight_decay: 0.1,
@@ -147,16 +147,21 @@ fn a_nan_gradient_is_nan_on_both_parts_and_densities_round_exactly() {
 /// six) in one optimizer: each follows the f64 reference with its own seed
 /// (`seed_of(i)`) across three subspaces, the two same-size tensors draw different
 /// subsets, and each equals a one-tensor optimizer given that seed, bitwise.
-#[test]
-fn a_list_of_tensors_matches_the_reference_per_tensor() {
-    let sizes = [1usize, 1_000_003, 7, 3001, 33, 3001, 257, 64];
-    let c = FrugalConfig {
+/// Density 0.25, a redraw every 3 steps, `lr_free` 0.003, seed 5: the lists' config.
+pub(crate) fn list_config() -> FrugalConfig {
+    FrugalConfig {
         density: 0.25,
         update_gap: 3,
         lr_free: 0.003,
         seed: 5,
         ..Default::default()
-    };
+    }
+}
+
+#[test]
+fn a_list_of_tensors_matches_the_reference_per_tensor() {
+    let sizes = [1usize, 1_000_003, 7, 3001, 33, 3001, 257, 64];
+    let c = list_config();
     let mut rng = Rng::new(21);
     let mut p: Vec<Vec<f64>> = sizes.iter().map(|&n| f32s(&mut rng, n)).collect();
     let ts: Vec<_> = p.iter().map(|v| up(DType::F32, &[v.len()], v)).collect();

@@ -12,13 +12,13 @@ use kiln::{DType, HostTensor, Tensor};
 const RULES: [Rule; 6] = Rule::ALL;
 
 /// Zero state of `rule` for a tensor of `n` elements (scalars as one-element vectors).
-fn zero_state(rule: Rule, n: usize) -> Vec<Vec<f64>> {
+pub(crate) fn zero_state(rule: Rule, n: usize) -> Vec<Vec<f64>> {
     (0..rule.state_names().len())
         .map(|j| vec![0.0; rule.state_len(j, n)])
         .collect()
 }
 
-fn hyper(rule: Rule) -> Hyper {
+pub(crate) fn hyper(rule: Rule) -> Hyper {
     Hyper {
         lr: 0.01,
         weight_decay: 0.1,
