@@ -10,8 +10,10 @@ use crate::{checked_numel, shape_str, Client, DType, Error, HostTensor, Result, 
 
 /// Where each tensor of a list sits in one flat `[len]` buffer of `dtype`: tensor `i`
 /// at element `offsets[i]`, a multiple of [`VIEW_ALIGN_BYTES`] bytes, in list order;
-/// the elements between two tensors (at most 255 bytes each) belong to none and are
-/// zero in the buffers [`FlatLayout::zeros`] and [`FlatLayout::upload`] make.
+/// `len` is a multiple of it too (so that the buffer runs in whole 4-wide vectors). The
+/// elements between two tensors and after the last (at most 255 bytes each) belong to
+/// none and are zero in the buffers [`FlatLayout::zeros`] and [`FlatLayout::upload`]
+/// make.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FlatLayout {
     dtype: DType,
@@ -31,6 +33,7 @@ impl FlatLayout {
             offsets.push(at);
             len = at + numel;
         }
+        let len = len.next_multiple_of(align);
         // The buffer is one tensor: kernels index it in 32 bits.
         checked_numel("flat buffer", &[len], dtype)?;
         Ok(FlatLayout {

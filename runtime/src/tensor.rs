@@ -313,8 +313,17 @@ impl Tensor {
                 // padding never reaches the next 256-byte boundary, so views placed at
                 // distinct boundaries never overlap in what they bind.
                 let skip = (offset * size) as u64;
-                let left = self.handle.size_in_used() - skip;
+                let left = self.handle.size_in_used().saturating_sub(skip);
                 let keep = (padded(numel * size) as u64).min(left);
+                if keep < (numel * size) as u64 {
+                    // Only a tensor over fewer bytes than its shape says (the one word
+                    // `as_words` gives an empty tensor) can get here.
+                    return Err(Error::Shape {
+                        tensor: "view".into(),
+                        expected: format!("{} bytes of the tensor's buffer", numel * size),
+                        found: format!("{left} bytes past offset {offset}"),
+                    });
+                }
                 self.handle
                     .clone()
                     .offset_start(skip)
@@ -378,6 +387,53 @@ impl Tensor {
             },
         };
         Some((t, offsets))
+    }
+
+    /// The first pair `(i, j)` in which `written[i]` shares elements with `read[j]`, if any;
+    /// a `read[j]` that is exactly `written[j]`'s elements (a tensor updated from itself)
+    /// is not counted: what an in-place operator over lists (an optimizer's weights and
+    /// gradients) checks before launches that write some of them while reading others
+    /// (two written tensors that overlap are the operator's to order). `O(n log n)`: a
+    /// sweep over the tensors sorted by buffer and start.
+    pub fn written_overlap(written: &[&Tensor], read: &[&Tensor]) -> Option<(usize, usize)> {
+        let bytes = |t: &Tensor| t.numel() * t.dtype.size();
+        let same = |a: &Tensor, b: &Tensor| {
+            Arc::ptr_eq(&a.buffer.id, &b.buffer.id)
+                && a.buffer.start == b.buffer.start
+                && bytes(a) == bytes(b)
+        };
+        // (buffer, start, end, side, index): side 0 written, 1 read.
+        let mut spans: Vec<(usize, usize, usize, usize, usize)> = Vec::new();
+        for (side, list) in [written, read].into_iter().enumerate() {
+            for (i, t) in list.iter().enumerate() {
+                let own = side == 1 && written.get(i).is_some_and(|w| same(w, t));
+                if bytes(t) > 0 && !own {
+                    let id = Arc::as_ptr(&t.buffer.id) as usize;
+                    spans.push((id, t.buffer.start, t.buffer.start + bytes(t), side, i));
+                }
+            }
+        }
+        spans.sort_unstable();
+        // Per side, the furthest end so far in the current buffer and whose it is: a span
+        // overlaps an earlier-starting one of the other side iff it starts before that end.
+        let mut buffer = usize::MAX;
+        let mut furthest = [(0usize, 0usize); 2];
+        for &(id, start, end, side, i) in &spans {
+            if id != buffer {
+                (buffer, furthest) = (id, [(0, 0); 2]);
+            }
+            let (other_end, j) = furthest[1 - side];
+            if start < other_end {
+                return Some(match side {
+                    0 => (i, j),
+                    _ => (j, i),
+                });
+            }
+            if end > furthest[side].0 {
+                furthest[side] = (end, i);
+            }
+        }
+        None
     }
 
     /// Whether the two tensors share some elements of one buffer but not all: views that

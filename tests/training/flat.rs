@@ -135,6 +135,48 @@ fn views_overlap_only_where_they_share_elements() {
     assert!(!flat.view(0, &[0]).unwrap().overlaps(&flat));
 }
 
+/// `Tensor::written_overlap` (a sweep) against the pairwise definition, over random
+/// lists of views of two buffers, some identical, some overlapping in part.
+#[test]
+fn written_overlap_finds_a_pair_exactly_where_one_exists() {
+    let bufs = [
+        Tensor::zeros(client(), DType::F32, &[1024]).unwrap(),
+        Tensor::zeros(client(), DType::F32, &[1024]).unwrap(),
+    ];
+    let mut rng = Rng::new(3);
+    let pick = |rng: &mut Rng, n: usize| (rng.normals(1, 1.0)[0].abs() * 1e6) as usize % n;
+    let view = |rng: &mut Rng| {
+        let b = &bufs[pick(rng, 2)];
+        let at = 64 * pick(rng, 12);
+        b.view(at, &[1 + pick(rng, 200)]).unwrap()
+    };
+    let mut outcomes = [0usize; 2];
+    for case in 0..400 {
+        let count = 1 + pick(&mut rng, 6);
+        let written: Vec<Tensor> = (0..count).map(|_| view(&mut rng)).collect();
+        let read: Vec<Tensor> = (0..count)
+            .map(|i| match pick(&mut rng, 3) {
+                0 => written[i].clone(),
+                _ => view(&mut rng),
+            })
+            .collect();
+        let (w, r): (Vec<&Tensor>, Vec<&Tensor>) =
+            (written.iter().collect(), read.iter().collect());
+        let own = |i: usize| !r[i].overlaps_partly(w[i]) && r[i].overlaps(w[i]);
+        // A read tensor that is exactly its own written tensor's elements is not counted
+        // (another weight overlapping it is stepped in another launch).
+        let brute = (0..count).any(|j| !own(j) && (0..count).any(|i| w[i].overlaps(r[j])));
+        let found = Tensor::written_overlap(&w, &r);
+        assert_eq!(found.is_some(), brute, "case {case}");
+        outcomes[brute as usize] += 1;
+        if let Some((i, j)) = found {
+            assert!(w[i].overlaps(r[j]) && !own(j), "case {case}: ({i}, {j})");
+        }
+    }
+    // Both outcomes, many times each.
+    assert!(outcomes.iter().all(|&n| n >= 40), "{outcomes:?}");
+}
+
 /// Five steps of an element-wise rule over the whole flat buffer as one tensor (one
 /// slot, one launch a step) against the reference stepped per tensor; the gaps (zero
 /// weights, zero gradients) stay exactly zero.
@@ -162,6 +204,8 @@ fn one_step_over_a_flat_buffer_is_every_tensors_step() {
             let g = layout.upload(client(), &grads).unwrap();
             let g = g.reshape(&[1, layout.len()]).unwrap();
             opt.step(&[&weight], &[&g]).unwrap();
+            // One launch (the layout's length is 4-aligned: no tail) and the counter's.
+            assert_eq!(opt.launches(), 2, "{rule:?}");
             for (i, gi) in grads.iter().enumerate() {
                 reference::step(rule, &h, t, &mut params[i], &gi.to_f64(), &mut state[i]);
             }
@@ -229,6 +273,13 @@ fn a_fused_step_over_views_of_one_buffer_matches_each_tensors_step() {
                 &g_views.iter().collect::<Vec<_>>(),
             )
             .unwrap();
+            // Span launches: one (three with per-tensor norms) per vector width, and the
+            // counter's; six to a launch otherwise, at least five launches for the nine.
+            let per = if rule.needs_norms() { 3 } else { 1 };
+            match same_layout {
+                true => assert!(opt.launches() <= 1 + 2 * per, "{rule:?} {}", opt.launches()),
+                false => assert!(opt.launches() >= 3, "{rule:?} {}", opt.launches()),
+            }
             for (i, g) in grads.iter().enumerate() {
                 reference::step(rule, &h, t, &mut params[i], &g.to_f64(), &mut state[i]);
             }
@@ -289,6 +340,14 @@ fn frugal_over_views_of_one_buffer_is_frugal_over_the_tensors() {
         on_own
             .step_multi(&or, &g_own.iter().collect::<Vec<_>>())
             .unwrap();
+        // Two passes per vector width (of two) and the counter's, against two per six
+        // tensors of a width.
+        assert!(on_views.launches() <= 5, "{}", on_views.launches());
+        assert!(
+            on_own.launches() > on_views.launches(),
+            "{}",
+            on_own.launches()
+        );
         let g: Vec<Vec<f64>> = grads.iter().map(|g| g.to_f64()).collect();
         reference::frugal_step_list(&h, &c, step, &shapes, &mut p, &g, &mut refstate);
     }
@@ -349,7 +408,7 @@ fn bad_views_and_layouts_are_one_clear_line() {
     );
     let layout = FlatLayout::new(DType::F16, &[vec![3], vec![2, 2]]).unwrap();
     assert_eq!(layout.offsets(), &[0, 128]);
-    assert_eq!(layout.len(), 132);
+    assert_eq!(layout.len(), 256);
     assert_clear(
         layout.views(&flat).unwrap_err(),
         &["flat buffer", "f16", "f32"],
@@ -357,11 +416,11 @@ fn bad_views_and_layouts_are_one_clear_line() {
     let f16 = Tensor::zeros(client(), DType::F16, &[100]).unwrap();
     assert_clear(
         layout.views(&f16).unwrap_err(),
-        &["flat buffer", "[132]", "[100]"],
+        &["flat buffer", "[256]", "[100]"],
     );
     assert_clear(
         layout.download(&f16).unwrap_err(),
-        &["flat buffer", "[132]", "[100]"],
+        &["flat buffer", "[256]", "[100]"],
     );
     let t = |dtype, shape: &[usize]| {
         HostTensor::from_f64(dtype, shape.to_vec(), &vec![0.0; shape.iter().product()]).unwrap()
@@ -387,8 +446,8 @@ fn bad_views_and_layouts_are_one_clear_line() {
         &["flat buffer", "32-bit indexing"],
     );
     // A kernel that writes one view and reads another overlapping it in part is refused
-    // (every `#[kiln::kernel]` launch): a copy within one buffer, a gradient view over
-    // its weight.
+    // (every `#[kiln::kernel]` launch): a copy within one buffer; and an optimizer refuses
+    // a gradient over a weight, in part or over another weight's exact elements.
     let (src, dst) = (
         flat.view(0, &[2, 64]).unwrap(),
         flat.view(64, &[2, 64]).unwrap(),
@@ -415,9 +474,23 @@ fn bad_views_and_layouts_are_one_clear_line() {
         &[
             "grad",
             "no element shared with param",
-            "overlapping it in part",
+            "same elements of one buffer",
         ],
     );
+    // Two weights, the second's gradient exactly the first weight: refused too (the
+    // first's launch would write what the second's reads); its own weight's exact
+    // elements are allowed (a step by the weight itself).
+    let (w0, w1) = (
+        flat.view(0, &[1, 64]).unwrap(),
+        flat.view(64, &[1, 64]).unwrap(),
+    );
+    let list = [(&w0, Block::whole(1)), (&w1, Block::whole(1))];
+    let mut opt = MultiTensorStep::new(Rule::AdamW, Hyper::defaults(Rule::AdamW), &list).unwrap();
+    assert_clear(
+        opt.step(&[&w0, &w1], &[&w1, &w0]).unwrap_err(),
+        &["grad[1]", "no element shared with param[0]"],
+    );
+    opt.step(&[&w0, &w1], &[&w0, &w1]).unwrap();
     // The same elements twice are an in-place binding, allowed.
     copy_rows(&src, 0, 0, &src.clone(), 0, 2).unwrap();
 }

@@ -5,7 +5,8 @@
 //!   `adagrad` (PyTorch's), `lamb` and `adagrad_norm` (per-tensor norms: a reducing
 //!   pass, then the update), with PyTorch's or the papers' defaults ([`Hyper::defaults`]).
 //! - Multi-tensor ([`MultiTensorStep`]): one launch updates up to [`SLOTS`] tensors (or
-//!   blocks of tensors: S²FT's submatrices) of different sizes in place; f32 state
+//!   blocks of tensors: S²FT's submatrices) of different sizes in place, or any number of
+//!   views of one flat buffer (`kiln_runtime::FlatLayout`); f32 state
 //!   packed in one buffer; f32/f16/bf16 parameters with an f32 master copy of half ones;
 //!   the step counter lives on the device (no host synchronisation per step).
 //! - Seeded perturbation ([`perturb()`], [`zo_update`]): MeZO's `θ += ε z(seed)` and its update
@@ -75,6 +76,26 @@ fn param_name(count: usize, what: &str, i: usize) -> String {
     match count {
         1 => what.to_string(),
         _ => format!("{what}[{i}]"),
+    }
+}
+
+/// An error naming the gradient and the weight where a gradient shares elements with a
+/// weight the step writes (views of one buffer), other than its own weight's exact
+/// elements: the launches would read it while other cubes write it.
+fn no_gradient_overlaps_a_weight(
+    weights: &[&kiln_runtime::Tensor],
+    grads: &[&kiln_runtime::Tensor],
+) -> kiln_runtime::Result<()> {
+    match kiln_runtime::Tensor::written_overlap(weights, grads) {
+        None => Ok(()),
+        Some((i, j)) => Err(kiln_runtime::Error::Shape {
+            tensor: param_name(grads.len(), "grad", j),
+            expected: format!(
+                "no element shared with {} (updated in place)",
+                param_name(weights.len(), "param", i)
+            ),
+            found: "a view of the same elements of one buffer".into(),
+        }),
     }
 }
 

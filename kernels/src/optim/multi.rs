@@ -124,6 +124,8 @@ pub struct MultiTensorStep {
     state: Tensor,
     counter: Tensor,
     steps: u64,
+    /// Kernel launches of the last step.
+    launches: usize,
     sums: Sums,
     cache: std::sync::Mutex<LaunchCache>,
 }
@@ -134,6 +136,10 @@ pub struct MultiTensorStep {
 /// A launch group: its parts' (slot, start) pairs, what it sums, and in a span launch
 /// its slots' offsets in the span.
 type GroupKey = (Vec<(usize, usize)>, Sums, Option<Vec<usize>>);
+
+/// Launch groups whose tables a [`MultiTensorStep`] keeps (a list's groups: one per six
+/// tensors and kind, or per kind for views).
+pub(super) const MAX_CACHED_GROUPS: usize = 4096;
 
 #[derive(Default)]
 struct LaunchCache {
@@ -266,6 +272,7 @@ impl MultiTensorStep {
             state,
             counter,
             steps,
+            launches: 0,
             sums: Sums::for_device(&client),
             cache: Default::default(),
         })
@@ -280,6 +287,11 @@ impl MultiTensorStep {
     /// Steps taken (a host mirror of the device counter).
     pub fn steps(&self) -> u64 {
         self.steps
+    }
+
+    /// Kernel launches of the last step, the step counter's included (0 before one).
+    pub fn launches(&self) -> usize {
+        self.launches
     }
 
     /// Bytes of optimizer state (f32 state tensors, master copies of half blocks).
@@ -313,19 +325,7 @@ impl MultiTensorStep {
             g.expect_dtype(&gn, &[s.dtype])?;
             expect_shape(&gn, g, &s.shape(), "the block's shape")?;
         }
-        // A weight is written: no gradient may overlap it in part (views of one buffer).
-        for (i, w) in weights.iter().enumerate() {
-            if let Some(j) = grads.iter().position(|g| w.overlaps_partly(g)) {
-                return Err(Error::Shape {
-                    tensor: super::param_name(n, "grad", j),
-                    expected: format!(
-                        "no element shared with {} (updated in place)",
-                        super::param_name(n, "param", i)
-                    ),
-                    found: "a view overlapping it in part".into(),
-                });
-            }
-        }
+        super::no_gradient_overlaps_a_weight(weights, grads)?;
         self.hyper.check(self.rule)?;
         if self.steps + 1 > u64::from(u32::MAX) {
             return Err(Error::Param {
@@ -348,10 +348,12 @@ impl MultiTensorStep {
                 launch_groups(0..parts.len(), kind, &part_weights)
             }
         };
+        let mut launches = 1;
         for group in groups {
             let group: Vec<Part> = group.iter().map(|&j| parts[j]).collect();
-            self.launch(&group, weights, grads, spans.as_ref())?;
+            launches += self.launch(&group, weights, grads, spans.as_ref())?;
         }
+        self.launches = launches;
         OptimAdvanceStep::tuned(
             self.state.client(),
             0.0,
@@ -388,21 +390,28 @@ impl MultiTensorStep {
             .slots
             .iter()
             .all(|s| s.shape() == s.weight && s.dtype == self.slots[0].dtype);
+        // LAMB's and AdaGrad-Norm's slot reduction runs a cube per tensor, in one grid
+        // dimension.
+        let max_slots = match self.rule.needs_norms() {
+            true => self.state.client().report().max_cube_count.0 as usize,
+            false => usize::MAX,
+        };
         match whole {
-            true => Spans::of(weights, grads),
+            true => Spans::of(weights, grads, max_slots),
             false => None,
         }
     }
 
     /// One launch of the step over the parts `group` (at most [`SLOTS`], one dtype,
-    /// distinct weights; any number in one `spans` launch).
+    /// distinct weights; any number in one `spans` launch); three for the rules with
+    /// per-tensor norms. Returns the launches made (0 for an empty group).
     fn launch(
         &self,
         group: &[Part],
         weights: &[&Tensor],
         grads: &[&Tensor],
         spans: Option<&Spans>,
-    ) -> Result<()> {
+    ) -> Result<usize> {
         let client = self.state.client();
         let parts: Vec<(Part, &Slot)> = group.iter().map(|&p| (p, &self.slots[p.slot])).collect();
         let dtype = parts[0].1.dtype;
@@ -457,7 +466,7 @@ impl MultiTensorStep {
         };
         let (norms_table, norms_cubes) = slot_table(norms_per_cube)?;
         if len == 0 {
-            return Ok(());
+            return Ok(0);
         }
         if len > crate::launch::MAX_ELEMENTS {
             return Err(Error::Shape {
@@ -484,6 +493,11 @@ impl MultiTensorStep {
             self.sums,
             spans.map(|sp| group.iter().map(|p| sp.offsets[p.slot]).collect()),
         );
+        if cache.groups.len() >= MAX_CACHED_GROUPS && !cache.groups.contains_key(&key) {
+            // Layouts that change from step to step (views of other buffers each time)
+            // would add entries without end: start over.
+            cache.groups.clear();
+        }
         if let Entry::Vacant(slot) = cache.groups.entry(key.clone()) {
             // The partial sums, and the per-slot totals the reduction leaves for the update.
             let (partials, totals) = match self.rule.needs_norms() {
@@ -638,8 +652,11 @@ impl MultiTensorStep {
                     rule: self.rule,
                 },
             )?;
+            step(Phase::Update)?;
+            return Ok(3);
         }
-        step(Phase::Update)
+        step(Phase::Update)?;
+        Ok(1)
     }
 
     /// Slot `i`'s state as f32 tensors (the block's shape; `[1]` for a per-tensor

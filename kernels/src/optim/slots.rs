@@ -128,12 +128,13 @@ pub(super) struct Spans {
 }
 
 impl Spans {
-    /// The spans of `weights` and `grads` where a span launch can take them: more than
-    /// one tensor, the weights disjoint views of one buffer (one dtype), the gradients
+    /// The spans of `weights` and `grads` where a span launch can take them: two to
+    /// `max_slots` tensors (one gains nothing; a launch with a cube per tensor has a
+    /// device limit), the weights disjoint views of one buffer (one dtype), the gradients
     /// views of one buffer at the same offsets, 4-aligned (views start at 256-byte
     /// boundaries: always; checked all the same).
-    pub fn of(weights: &[&Tensor], grads: &[&Tensor]) -> Option<Spans> {
-        if weights.len() < 2 {
+    pub fn of(weights: &[&Tensor], grads: &[&Tensor], max_slots: usize) -> Option<Spans> {
+        if weights.len() < 2 || weights.len() > max_slots {
             return None;
         }
         let (w, offsets) = Tensor::span(weights)?;

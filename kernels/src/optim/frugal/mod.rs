@@ -352,6 +352,8 @@ pub struct Frugal {
     masters: Tensor,
     counter: Tensor,
     steps: u64,
+    /// Kernel launches of the last step's update (not its redraw's selections).
+    launches: usize,
     /// Per dtype: `2 SLOTS` one-element placeholders for the unused slots of a launch.
     spares: HashMap<DType, Vec<Tensor>>,
     /// Per group of tensors (and, for a span launch, their offsets in the spans): the
@@ -484,6 +486,7 @@ impl Frugal {
             masters,
             counter: upload_u32(&client, "step", &[local as u32])?,
             steps,
+            launches: 0,
             spares: HashMap::new(),
             tables: HashMap::new(),
             guards: HashMap::new(),
@@ -505,6 +508,12 @@ impl Frugal {
     /// Steps taken.
     pub fn steps(&self) -> u64 {
         self.steps
+    }
+
+    /// Kernel launches of the last step's update, the step counter's included (a
+    /// redraw's selections not counted; 0 before a step).
+    pub fn launches(&self) -> usize {
+        self.launches
     }
 
     /// The current subset (`[k]` i32, increasing) and moments `(m, v)` (`[k]` f32) of
@@ -691,6 +700,7 @@ impl Frugal {
         {
             check_step_pair(count, i, param, grad, p.n, p.dtype, &client)?;
         }
+        super::no_gradient_overlaps_a_weight(params, grads)?;
         self.hyper.check(Rule::AdamW)?;
         self.config.check()?;
         self.config.check_blocks(count)?;
@@ -714,15 +724,16 @@ impl Frugal {
         let kind = |i: usize| (self.packed[i].dtype, self.packed[i].width());
         // Views of one flat buffer (gradients at the same offsets, one dtype): one launch
         // per pass and vector width, whatever the count; else up to SLOTS a launch.
-        let one_dtype = self.packed.iter().all(|p| p.dtype == self.packed[0].dtype);
-        let spans = one_dtype.then(|| Spans::of(params, grads)).flatten();
+        let spans = Spans::of(params, grads, usize::MAX);
         let groups = match spans {
             Some(_) => kind_groups(live, kind),
             None => launch_groups(live, kind, params),
         };
+        let mut launches = 1;
         for group in groups {
-            self.launch(&group, params, grads, spans.as_ref())?;
+            launches += self.launch(&group, params, grads, spans.as_ref())?;
         }
+        self.launches = launches;
         super::OptimAdvanceStep::tuned(
             &client,
             0.0,
@@ -744,7 +755,7 @@ impl Frugal {
         params: &[&Tensor],
         grads: &[&Tensor],
         spans: Option<&Spans>,
-    ) -> Result<()> {
+    ) -> Result<usize> {
         let client = self.state.client().clone();
         let offsets: Option<Vec<usize>> =
             spans.map(|sp| group.iter().map(|&i| sp.offsets[i]).collect());
@@ -755,6 +766,10 @@ impl Frugal {
             None => SLOTS,
         };
         if !self.tables.contains_key(&key) {
+            if self.tables.len() >= super::multi::MAX_CACHED_GROUPS {
+                // Layouts that change from step to step would add tables without end.
+                self.tables.clear();
+            }
             // Per pass, each slot's first cube: the signSGD pass covers a tensor's
             // coordinates (none for a whole tensor with state), the Adam pass its slots.
             let packed: Vec<Packed> = group.iter().map(|&i| self.packed[i]).collect();
@@ -861,7 +876,7 @@ impl Frugal {
                 }),
             )?;
         }
-        Ok(())
+        Ok(usize::from(sign_cubes > 0) + usize::from(adam_cubes > 0))
     }
 }
 
