@@ -287,12 +287,40 @@ fn qgemm_cmma_cuda_f16_int4() {
     ));
 }
 
+/// The int8 tensor-core W8A8 path: int8 words staged as bytes in 16-deep fragment
+/// slices, `wmma` s8 fragments with i32 accumulators, the scaled epilogue in f16.
+#[test]
+fn w8a8_cmma_cuda_f16() {
+    insta::assert_snapshot!(source(
+        "w8a8_cmma",
+        Target::Cuda,
+        &[
+            ("dtype", "f16"),
+            ("PLANES_M", "2"),
+            ("PLANES_N", "2"),
+            ("FRAGS_M", "2"),
+            ("FRAGS_N", "2"),
+            ("BK", "64"),
+            ("has_bias", "true")
+        ]
+    ));
+}
+
 /// Tensor-core kernels cannot be expressed in WGSL: a clear refusal, not a panic.
 #[test]
 fn tensor_core_kernels_are_refused_for_wgsl() {
-    for name in ["matmul_cmma", "qgemm_cmma", "moe_grouped_matmul_cmma"] {
+    use kiln::runtime::Capability;
+    for name in [
+        "matmul_cmma",
+        "qgemm_cmma",
+        "moe_grouped_matmul_cmma",
+        "w8a8_cmma",
+    ] {
         let spec = kiln::kernels::kernel(name).unwrap();
-        assert!(spec.needs(kiln::runtime::Capability::TensorCores), "{name}");
+        assert!(spec.needs(Capability::TensorCores), "{name}");
+        if name == "w8a8_cmma" {
+            assert!(spec.needs(Capability::Int8TensorCores));
+        }
         let cfg = KernelConfig::new(spec, BTreeMap::new()).unwrap();
         let e = emit(spec, Target::Wgsl, &cfg).unwrap_err();
         assert!(matches!(e, kiln::Error::Unsupported { .. }), "{name}: {e}");

@@ -359,3 +359,89 @@ fn qgemm_cmma_every_config_matches_f64_where_there_are_tensor_cores() {
         }
     }
 }
+
+/// The int8 tensor-core W8A8 kernel, every configuration, against f64, where the device
+/// has int8 tensor cores (CUDA, compute capability 7.2 and up; elsewhere its tuning
+/// space is empty and the test checks only that): M and N ragged against every tile,
+/// K = 96 (a multiple of 16 but not of the 32- and 64-deep steps) and 272, codes over
+/// the whole range -128..=127 (exact i32 sums), with and without bias, f32, f16 and
+/// bf16 outputs. K not a multiple of 16 has no configuration.
+#[test]
+fn w8a8_cmma_every_config_matches_f64_where_there_are_int8_tensor_cores() {
+    use kiln::kernels::qgemm::{W8a8Cmma, W8a8CmmaArgs, W8a8CmmaProblem};
+    let mut rng = Rng::new(31);
+    let problem = |m: usize, n: usize, k: usize, has_bias: bool| W8a8CmmaProblem {
+        m: m as u32,
+        n: n as u32,
+        k: k as u32,
+        has_bias,
+    };
+    let report = client().report();
+    if W8a8Cmma::space(client(), &problem(37, 72, 96, false)).is_empty() {
+        assert!(
+            !report.int8_tensor_cores,
+            "int8 tensor cores reported but no w8a8_cmma configuration"
+        );
+        eprintln!("w8a8_cmma: no int8 tensor cores on this device, nothing to run");
+        return;
+    }
+    assert!(W8a8Cmma::space(client(), &problem(37, 72, 84, false)).is_empty());
+    for (m, n, k) in [(37, 72, 96), (1, 40, 272), (130, 260, 272)] {
+        let xq = ints(&mut rng, m * k, -128, 127);
+        let wq = ints(&mut rng, n * k, -128, 127);
+        let mut scales = |len: usize| -> Vec<f64> {
+            let v: Vec<f64> = (0..len).map(|_| 0.01 + rng.uniform() * 0.02).collect();
+            rounded(DType::F32, &v)
+        };
+        let (sx, sw) = (scales(m), scales(n));
+        let bias = rounded(DType::F32, &rng.normals(n, 1.0));
+        let (xt, wt) = (up(DType::I8, &[m, k], &xq), up(DType::I8, &[n, k], &wq));
+        let (sxt, swt, bt) = (
+            up(DType::F32, &[m], &sx),
+            up(DType::F32, &[n], &sw),
+            up(DType::F32, &[n], &bias),
+        );
+        for (has_bias, out) in [
+            (false, DType::F32),
+            (true, DType::F32),
+            (true, DType::F16),
+            (false, DType::BF16),
+        ] {
+            if !client().supports(out) {
+                continue;
+            }
+            let want = qr::w8a8(&xq, &sx, &wq, &sw, has_bias.then_some(&bias[..]), m, n, k);
+            for cfg in W8a8Cmma::space(client(), &problem(m, n, k, has_bias)) {
+                let y = Tensor::empty(client(), out, &[m, n]).unwrap();
+                W8a8Cmma::launch(
+                    client(),
+                    &cfg,
+                    &W8a8CmmaArgs {
+                        xq: &xt.as_words(),
+                        sx: &sxt,
+                        wq: &wt.as_words(),
+                        sw: &swt,
+                        bias: &bt,
+                        y: &y,
+                        m: m as u32,
+                        n: n as u32,
+                        k: k as u32,
+                        has_bias,
+                    },
+                )
+                .unwrap();
+                let err = mean_rel(&y.download().unwrap().to_f64(), &want);
+                // One rounding of y: f16's 2^-11, bf16's 2^-8 at the most.
+                let tol = match out {
+                    DType::F32 => 1e-6,
+                    DType::F16 => 1e-3,
+                    _ => 4e-3,
+                };
+                assert!(
+                    err < tol,
+                    "M={m} N={n} K={k} {cfg:?} bias={has_bias} {out}: {err:e}"
+                );
+            }
+        }
+    }
+}

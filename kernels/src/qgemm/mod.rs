@@ -23,6 +23,7 @@ mod cost;
 mod dequant;
 mod flexround;
 mod gemm;
+#[macro_use]
 mod int8;
 pub mod reference;
 mod registry;
@@ -47,7 +48,9 @@ pub use int8::{
 pub use registry::{
     FLEXROUND, FLEXROUND_BACKWARD, QUANTIZE_PER_TOKEN, W4A16, W4A16_REPACK, W8A8, W8_BITS,
 };
-pub use tensor_core::{QgemmCmma, QgemmCmmaArgs, QgemmCmmaProblem};
+pub use tensor_core::{
+    QgemmCmma, QgemmCmmaArgs, QgemmCmmaProblem, W8a8Cmma, W8a8CmmaArgs, W8a8CmmaProblem,
+};
 
 pub use flexround::{flexround, flexround_backward, FlexRoundGrads, FlexRoundInputs};
 pub use w8a8_host::{quantize_per_token, w8a8, MAX_W8A8_K, W8A8_OUT_DTYPES};

@@ -1,4 +1,4 @@
-//! The tensor-core path of the dequantizing GEMMs (W4A16 and `w8_bits`) for f16 and
+//! The tensor-core paths of the quantized GEMMs. W4A16 and `w8_bits` (`qgemm_cmma`), for f16 and
 //! bf16 activations on devices that report cooperative-matrix support (CUDA `wmma`):
 //! every K step dequantizes the weight slice into shared memory in the activation's
 //! dtype, then the planes multiply on tensor cores with f32 accumulation (Marlin's
@@ -9,10 +9,14 @@
 //! A cube of `PLANES_M x PLANES_N` planes (32 units each) owns a
 //! `32 PLANES_M x 32 PLANES_N` tile of `y`; each plane accumulates a 32 x 32 block as
 //! 2 x 2 fragments of 16 x 16 (`kiln_dsl::CmmaBlock`).
+//!
+//! W8A8 (`w8a8_cmma`) on int8 tensor cores (`wmma` s8 fragments, compute capability 7.2
+//! and up: `Capability::Int8TensorCores`): int8 x int8 products summed in i32 fragments,
+//! exact like the other W8A8 kernels, then the same epilogue.
 
 use super::dequant::{stage_weight_tile, WeightKind};
 use cubecl::prelude::*;
-use kiln_dsl::{load_tile_as, CmmaBlock};
+use kiln_dsl::{load_tile_as, unpack_i8, CmmaBlock};
 
 /// Depth of a K step: one fragment (two int4 words per column).
 const FRAG: u32 = 16;
@@ -91,5 +95,192 @@ qgemm_kernel! {
             }
             idx += units;
         }
+    }
+}
+
+/// Depth of one int8 fragment (`wmma` s8: 16 x 16 x 16).
+const I8_FRAG: u32 = 16;
+
+w8a8_kernel! {
+    /// `y = sx sw (xq @ wq^T) (+ bias)` on int8 tensor cores. A cube of
+    /// `PLANES_M x PLANES_N` planes owns a `16 FRAGS_M PLANES_M x 16 FRAGS_N PLANES_N`
+    /// tile of `y`, each plane `FRAGS_M x FRAGS_N` i32 fragments of 16 x 16. Each K step
+    /// of `BK` stages both operands' slices in shared memory as bytes, each 16 deep
+    /// fragment slice `[rows][16]` on its own (16-byte rows, every fragment's first
+    /// element 32-byte aligned, as `wmma` loads require): `xq`'s rows as the row-major
+    /// A, `wq`'s rows (`[N, K]` as it lies) as the column-major B. Whole words of K are
+    /// read (K a multiple of 16), zero past the edges. The epilogue goes a fragment at a
+    /// time through the plane's 1 KiB of i32, then scales in f32 as the other W8A8
+    /// kernels do: `acc sx[row] sw[col] (+ bias[col])`.
+    #[kernel(
+        tune((PLANES_M, PLANES_N, FRAGS_M, FRAGS_N, BK) = [
+            (2, 2, 2, 2, 64),
+            (2, 2, 4, 2, 64),
+            (2, 2, 2, 4, 64),
+            (2, 2, 4, 4, 32),
+            (2, 4, 2, 2, 64),
+            // Few rows: one plane row, the planes across N.
+            (1, 4, 1, 2, 64),
+        ]),
+        require(
+            // Int8 fragments are tensor cores too: what refuses every cmma kernel for
+            // WGSL and elsewhere (`needs(TensorCores)`) refuses this one.
+            device.has(Capability::TensorCores),
+            device.has(Capability::Int8TensorCores),
+            device.plane_size.0 == 32,
+            k % 16 == 0,
+            (((16 * FRAGS_M * PLANES_M + 16 * FRAGS_N * PLANES_N) * BK
+                + 1024 * PLANES_M * PLANES_N) as usize) <= device.max_shared_memory,
+        ),
+        grid = (n.div_ceil(16 * FRAGS_N * PLANES_N), m.div_ceil(16 * FRAGS_M * PLANES_M)),
+        cube = (32, PLANES_M * PLANES_N),
+    )]
+    w8a8_cmma {
+        let bm = comptime!(16 * FRAGS_M * PLANES_M);
+        let bn = comptime!(16 * FRAGS_N * PLANES_N);
+        let units = comptime!(32 * PLANES_M * PLANES_N);
+        let plane = UNIT_POS / 32;
+        let plane_row = plane / PLANES_N;
+        let plane_col = plane % PLANES_N;
+        let row0 = CUBE_POS_Y * bm;
+        let col0 = CUBE_POS_X * bn;
+        let mut acc = Sequence::<cmma::Matrix<i32>>::new();
+        #[unroll]
+        for _ in 0..comptime!((FRAGS_M * FRAGS_N) as usize) {
+            acc.push(cmma::Matrix::<i32>::from_value(
+                cmma::MatrixIdent::Accumulator,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::Undefined,
+                0i32,
+            ));
+        }
+        // [BK / 16][rows][16] bytes each.
+        // 32-byte aligned, as `wmma` loads require of every fragment's first element
+        // (the offsets below are multiples of 256 bytes).
+        let mut xs = SharedMemory::<i8>::new_aligned(comptime!((bm * BK) as usize), 32usize);
+        let mut ws = SharedMemory::<i8>::new_aligned(comptime!((bn * BK) as usize), 32usize);
+        let kw = k / 4;
+        let mut k0 = 0u32;
+        while k0 < k {
+            stage_i8_slice(&mut xs, xq, row0, m, kw, k0 / 4, bm, BK, units);
+            stage_i8_slice(&mut ws, wq, col0, n, kw, k0 / 4, bn, BK, units);
+            sync_cube();
+            #[unroll]
+            for kk in 0..comptime!(BK / I8_FRAG) {
+                let mut af = Sequence::<cmma::Matrix<i8>>::new();
+                #[unroll]
+                for i in 0..comptime!(FRAGS_M as usize) {
+                    let r = plane_row * comptime!(16 * FRAGS_M) + comptime!(i as u32 * 16);
+                    let at = comptime!(kk * bm * 16) + r * 16u32;
+                    let a = unsafe {
+                        cmma::Matrix::<i8>::uninitialized(
+                            cmma::MatrixIdent::A,
+                            16usize,
+                            16usize,
+                            16usize,
+                            cmma::MatrixLayout::RowMajor,
+                        )
+                    };
+                    cmma::load(&a, &xs.slice(at as usize, (at + 256u32) as usize), 16u32);
+                    af.push(a);
+                }
+                #[unroll]
+                for j in 0..comptime!(FRAGS_N as usize) {
+                    let c = plane_col * comptime!(16 * FRAGS_N) + comptime!(j as u32 * 16);
+                    let at = comptime!(kk * bn * 16) + c * 16u32;
+                    let b = unsafe {
+                        cmma::Matrix::<i8>::uninitialized(
+                            cmma::MatrixIdent::B,
+                            16usize,
+                            16usize,
+                            16usize,
+                            cmma::MatrixLayout::ColMajor,
+                        )
+                    };
+                    cmma::load(&b, &ws.slice(at as usize, (at + 256u32) as usize), 16u32);
+                    #[unroll]
+                    for i in 0..comptime!(FRAGS_M as usize) {
+                        let c_frag = acc.index(comptime!(i * FRAGS_N as usize + j));
+                        cmma::execute::<i8, i8, i32, i32>(af.index(i), &b, c_frag, c_frag);
+                    }
+                }
+            }
+            sync_cube();
+            k0 += BK;
+        }
+
+        // A fragment at a time through the plane's scratch: 8 elements per unit.
+        let mut scratch =
+            SharedMemory::<i32>::new_aligned(comptime!((256 * PLANES_M * PLANES_N) as usize), 32usize);
+        let base = plane * 256;
+        #[unroll]
+        for i in 0..comptime!(FRAGS_M) {
+            #[unroll]
+            for j in 0..comptime!(FRAGS_N) {
+                cmma::store(
+                    &mut scratch.slice_mut(base as usize, (base + 256) as usize),
+                    acc.index(comptime!((i * FRAGS_N + j) as usize)),
+                    16u32,
+                    cmma::MatrixLayout::RowMajor,
+                );
+                sync_plane();
+                let fr = plane_row * comptime!(16 * FRAGS_M) + comptime!(16 * i);
+                let fc = plane_col * comptime!(16 * FRAGS_N) + comptime!(16 * j);
+                #[unroll]
+                for t in 0..8u32 {
+                    let idx = UNIT_POS % 32 + t * 32;
+                    let r = row0 + fr + idx / 16;
+                    let col = col0 + fc + idx % 16;
+                    if r < m && col < n {
+                        let mut v = f32::cast_from(scratch[(base + idx) as usize])
+                            * sx[r as usize]
+                            * sw[col as usize];
+                        if comptime!(has_bias) {
+                            v += bias[col as usize];
+                        }
+                        y[(r * n + col) as usize] = F::cast_from(v);
+                    }
+                }
+                sync_plane();
+            }
+        }
+    }
+}
+
+/// Stages the `rows x bk` int8 slice of a `[.., K]` int8 matrix (`src`, read as u32
+/// words, rows `kw` words apart) whose first row is `row0` (`valid` rows in all) and
+/// first word `w0` into `smem` as `[bk / 16][rows][16]` bytes, zero past the edges.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_i8_slice(
+    smem: &mut SharedMemory<i8>,
+    src: &Array<u32>,
+    row0: u32,
+    valid: u32,
+    kw: u32,
+    w0: u32,
+    #[comptime] rows: u32,
+    #[comptime] bk: u32,
+    #[comptime] units: u32,
+) {
+    // Consecutive units read consecutive words of a row.
+    let words = comptime!(bk / 4);
+    let mut idx = UNIT_POS;
+    while idx < comptime!(rows * bk / 4) {
+        let r = idx / words;
+        let w = idx % words;
+        let mut word = 0u32;
+        if row0 + r < valid && w0 + w < kw {
+            word = src[((row0 + r) * kw + w0 + w) as usize];
+        }
+        // Word w is bytes 4 (w % 4) .. of row r in fragment slice w / 4.
+        let at = (w / 4) * comptime!(rows * 16) + r * 16 + (w % 4) * 4;
+        #[unroll]
+        for j in 0..4u32 {
+            smem[(at + j) as usize] = i8::cast_from(unpack_i8(word, j));
+        }
+        idx += units;
     }
 }

@@ -122,19 +122,46 @@ pub fn w8a8(
                 |c: &_| cost::w8a8_direct(c, s, device),
                 estimate_only
             ),
-            Path::TensorCore => unreachable!("W8A8 is not offered a tensor-core path"),
+            // Tensor cores exist on GPUs only, where the model does not apply.
+            Path::TensorCore => launch_or_estimate!(
+                W8a8Cmma,
+                client,
+                0.0,
+                args!(W8a8CmmaArgs {}),
+                |_: &_| 0.0,
+                estimate_only
+            ),
         };
         let launch = |p: Path| run_path(p, false).map(drop);
         let sources = [
             W8a8Gemv::source_hash(),
             W8a8Gemm::source_hash(),
             W8a8Direct::source_hash(),
+            W8a8Cmma::source_hash(),
         ];
         // The direct kernel reads whole words of a row: rows must start on one. Its
-        // presence is part of the key (K is bucketed, so K = 4094 and 4096 share one).
+        // presence is part of the key (K is bucketed, so K = 4094 and 4096 share one),
+        // and so is the int8 tensor-core kernel's (K a multiple of 16, and the device's
+        // s8 fragments).
         let aligned = k % 4 == 0;
-        let more: &[Path] = if aligned { &[Path::Direct] } else { &[] };
-        let extra = [("k_words", aligned.to_string())];
+        let problem = W8a8CmmaProblem {
+            m: mu,
+            n: nu,
+            k: ku,
+            has_bias: bias.is_some(),
+        };
+        let tensor_cores = !W8a8Cmma::space(client, &problem).is_empty();
+        let mut more = Vec::new();
+        if aligned {
+            more.push(Path::Direct);
+        }
+        if tensor_cores {
+            more.push(Path::TensorCore);
+        }
+        let extra = [
+            ("k_words", aligned.to_string()),
+            ("int8_tensor_cores", tensor_cores.to_string()),
+        ];
         let estimate = |p| run_path(p, true).unwrap_or(f64::INFINITY);
         let path = choose_path(
             &y,
@@ -142,7 +169,7 @@ pub fn w8a8(
             &sources,
             [m, n, k],
             &extra,
-            more,
+            &more,
             estimate,
             |p| launch(p).map(|_| y.clone()),
         )?;

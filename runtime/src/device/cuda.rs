@@ -58,6 +58,8 @@ mod enabled {
             client.properties(),
         );
         report.compute_capability = Some((cc.0 as u32, cc.1 as u32));
+        // cubecl lists s8 fragments from 7.0 on; `wmma` has them from 7.2.
+        report.int8_tensor_cores &= (cc.0, cc.1) >= (7, 2);
         Ok(Client {
             inner: ClientInner::Cuda(client),
             report: Arc::new(report),

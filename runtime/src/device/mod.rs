@@ -7,7 +7,7 @@
 //! enumerated before cubecl is asked to open one.
 
 use crate::{Error, Result};
-use cubecl::ir::{ElemType, FloatKind};
+use cubecl::ir::{ElemType, FloatKind, IntKind, StorageType};
 use cubecl::prelude::ComputeClient;
 use serde::Serialize;
 use std::fmt;
@@ -175,6 +175,9 @@ pub struct DeviceReport {
     pub f64: bool,
     /// Cooperative-matrix (tensor core) instructions usable by kernels.
     pub tensor_cores: bool,
+    /// Int8 cooperative-matrix instructions (CUDA `wmma` s8 x s8 -> s32, compute
+    /// capability 7.2 and up).
+    pub int8_tensor_cores: bool,
     /// Plane (warp / subgroup) operations usable by kernels.
     pub plane_ops: bool,
     /// Plane (warp) size, smallest and largest.
@@ -209,6 +212,7 @@ impl DeviceReport {
             bf16: arch.major >= 8,
             f64: true,
             tensor_cores: arch.major >= 7,
+            int8_tensor_cores: (arch.major, arch.minor) >= (7, 2),
             plane_ops: true,
             plane_size: (32, 32),
             max_shared_memory: 48 * 1024,
@@ -235,7 +239,14 @@ impl fmt::Display for DeviceReport {
             yes(self.bf16),
             yes(self.f64)
         )?;
-        writeln!(f, "tensor cores:  {}", yes(self.tensor_cores))?;
+        match self.tensor_cores {
+            true => writeln!(
+                f,
+                "tensor cores:  yes (int8 {})",
+                yes(self.int8_tensor_cores)
+            )?,
+            false => writeln!(f, "tensor cores:  no")?,
+        }
         writeln!(
             f,
             "plane ops:     {} (plane size {}..{})",
@@ -380,6 +391,13 @@ pub(crate) fn report_from_props(
         bf16: props.supports_type(ElemType::Float(FloatKind::BF16)),
         f64: props.supports_type(ElemType::Float(FloatKind::F64)),
         tensor_cores: !props.features.matmul.cmma.is_empty(),
+        int8_tensor_cores: props.features.matmul.cmma.iter().any(|c| {
+            let int = |k| StorageType::from(ElemType::Int(k));
+            c.a_type == int(IntKind::I8)
+                && c.b_type == int(IntKind::I8)
+                && c.cd_type == int(IntKind::I32)
+                && (c.m, c.n, c.k) == (16, 16, 16)
+        }),
         plane_ops: !props.features.plane.is_empty(),
         plane_size: (hw.plane_size_min, hw.plane_size_max),
         max_shared_memory: hw.max_shared_memory_size,

@@ -102,6 +102,8 @@ pub enum Capability {
     /// Cooperative-matrix (tensor core) instructions (`cmma`; CUDA `wmma`). WGSL has
     /// none; on wgpu such a kernel would silently write nothing, so it is refused.
     TensorCores,
+    /// Int8 cooperative-matrix instructions (CUDA `wmma` s8 fragments, i32 accumulators).
+    Int8TensorCores,
     /// Plane (warp / subgroup) operations.
     PlaneOps,
     /// f16 arithmetic and storage.
@@ -115,6 +117,7 @@ impl crate::DeviceReport {
     pub fn has(&self, capability: Capability) -> bool {
         match capability {
             Capability::TensorCores => self.tensor_cores,
+            Capability::Int8TensorCores => self.int8_tensor_cores,
             Capability::PlaneOps => self.plane_ops,
             Capability::F16 => self.f16,
             Capability::Bf16 => self.bf16,
