@@ -26,8 +26,14 @@ fn run_op(client: &Client, op: &str, dtype: DType) {
             (Outcome::Pass(..), true) | (Outcome::Refused(_), false) => {}
             // Tensor-core cases: where they cannot run, a clear refusal naming them.
             (Outcome::Unavailable(m), _) if case_needs_tensor_cores(case) => {
+                let report = client.report();
+                let has = match case.params.contains(&("path", "tensor_cores")) {
+                    // W8A8's int8 fragments take any output dtype.
+                    true => report.int8_tensor_cores,
+                    false => report.tensor_cores && dtype != DType::F32,
+                };
                 assert!(
-                    !client.report().tensor_cores || dtype == DType::F32,
+                    !has,
                     "{op} {dtype}: refused on a device with tensor cores: {m}"
                 );
             }
@@ -41,9 +47,11 @@ fn run_op(client: &Client, op: &str, dtype: DType) {
     assert!(ran > 0, "no case for {op}");
 }
 
-/// Whether `case` asks for the tensor-core tiles (`matmul`'s `kernel=tensor_cores`).
+/// Whether `case` asks for the tensor-core tiles (`matmul`'s `kernel=tensor_cores`,
+/// W8A8's `path=tensor_cores`).
 fn case_needs_tensor_cores(case: &kiln::selftest::Case) -> bool {
     case.params.contains(&("kernel", "tensor_cores"))
+        || case.params.contains(&("path", "tensor_cores"))
 }
 
 /// The suite, instantiated per device and dtype: `device::dtype::op` for the listed

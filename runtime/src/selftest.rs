@@ -71,7 +71,8 @@ pub enum Outcome {
     /// The device lacks the dtype and said so clearly.
     Refused(String),
     /// The case needs tensor cores the device (or the dtype) does not have, and the
-    /// operator said so clearly (`kernel=tensor_cores` cases on a CPU adapter or in f32).
+    /// operator said so clearly (`kernel=tensor_cores` cases on a CPU adapter or in f32,
+    /// W8A8's `path=tensor_cores` without int8 tensor cores).
     Unavailable(String),
     /// The operator ran but broke its own contract: the case's output is missing, or
     /// in another dtype than its spec says. Never acceptable, also where errors are
@@ -106,8 +107,16 @@ fn outcome(client: &Client, dtype: DType, result: Result<Outcome>) -> Outcome {
     let has_tensor_cores = report.tensor_cores
         && report.plane_size.0 == 32
         && matches!(dtype, DType::F16 | DType::BF16);
+    // Int8 fragments (W8A8's `path=tensor_cores`) take no float operand: any dtype.
+    let has_int8_tensor_cores = report.int8_tensor_cores && report.plane_size.0 == 32;
     match result {
         Ok(o) => o,
+        // Before the dtype's refusal: int8 fragments do not depend on it.
+        Err(Error::Unsupported { feature, .. })
+            if feature.starts_with("int8 tensor cores") && !has_int8_tensor_cores =>
+        {
+            Outcome::Unavailable(format!("refused: no {feature}"))
+        }
         Err(Error::Unsupported { .. }) if !client.supports(dtype) => {
             Outcome::Refused(format!("{dtype} refused: the device has no {dtype}"))
         }

@@ -39,6 +39,81 @@ fn w8a8_matches_f64_on_ragged_shapes() {
     }
 }
 
+/// `path` pins W8A8's kernel: every path the problem has gives the f64 result (bit for
+/// bit the same `y`: the sums are exact and the epilogue is shared); one it does not have
+/// is refused by name: the GEMV past 64 rows and the direct kernel on unaligned K as a
+/// `path` parameter error listing the paths there are, tensor cores without int8 ones
+/// (or K not a multiple of 16) as unsupported, which the self-test reports as a skip.
+#[test]
+fn w8a8_path_pins_the_kernel_and_refuses_a_missing_one_by_name() {
+    use kiln::kernels::qgemm::Path;
+    let mut rng = Rng::new(13);
+    let run = |m: usize, n: usize, k: usize, path: Option<Path>, rng: &mut Rng| {
+        let xq = ints(rng, m * k, -128, 127);
+        let wq = ints(rng, n * k, -128, 127);
+        let sx = rounded(
+            DType::F32,
+            &(0..m)
+                .map(|_| 0.01 + rng.uniform() * 0.02)
+                .collect::<Vec<_>>(),
+        );
+        let sw = rounded(
+            DType::F32,
+            &(0..n)
+                .map(|_| 0.01 + rng.uniform() * 0.02)
+                .collect::<Vec<_>>(),
+        );
+        let want = qr::w8a8(&xq, &sx, &wq, &sw, None, m, n, k);
+        let y = qgemm::w8a8_on(
+            &up(DType::I8, &[m, k], &xq),
+            &up(DType::F32, &[m], &sx),
+            &up(DType::I8, &[n, k], &wq),
+            &up(DType::F32, &[n], &sw),
+            None,
+            DType::F32,
+            path,
+        )?;
+        Ok::<_, kiln::Error>((y.download().unwrap().to_f64(), want))
+    };
+    let mut outputs = Vec::new();
+    for path in [Path::Gemv, Path::Tiled, Path::Direct] {
+        let (got, want) = run(9, 40, 96, Some(path), &mut Rng::new(17)).unwrap();
+        assert!(mean_rel(&got, &want) < 1e-6, "{path:?}");
+        outputs.push(got);
+    }
+    assert!(outputs.windows(2).all(|w| w[0] == w[1]), "paths differ");
+    // Missing paths, by name.
+    let e = run(70, 8, 16, Some(Path::Gemv), &mut rng)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("path") && e.contains("gemv") && e.contains("tiled"),
+        "{e}"
+    );
+    let e = run(3, 8, 77, Some(Path::Direct), &mut rng)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("path") && e.contains("direct") && e.contains("K = 77"),
+        "{e}"
+    );
+    if !client().report().int8_tensor_cores {
+        let e = run(9, 40, 96, Some(Path::TensorCore), &mut rng).unwrap_err();
+        assert!(matches!(e, kiln::Error::Unsupported { .. }), "{e}");
+        assert!(e.to_string().contains("int8 tensor cores"), "{e}");
+    }
+    let e = run(9, 40, 84, Some(Path::TensorCore), &mut rng)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("K a multiple of 16"), "{e}");
+    // Through `kiln run`'s parameter: a name it does not know.
+    let e = Path::parse("fastest").unwrap_err().to_string();
+    assert!(
+        e.contains("path") && e.contains("tensor_cores") && e.contains("fastest"),
+        "{e}"
+    );
+}
+
 #[test]
 fn w8a8_conformance_vector() {
     let t = load_safetensors(data("w8a8_f32.safetensors")).unwrap();

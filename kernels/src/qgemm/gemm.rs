@@ -60,15 +60,50 @@ pub(super) struct Operands<'a> {
     pub(super) act_order: bool,
 }
 
-/// Which kernel computes a dequantizing GEMM.
+/// Which kernel computes a quantized GEMM (the autotuner's `qgemm_path` / `w8a8_path`
+/// decision, or the caller's: `kiln run w8a8 --set path=..`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub(super) enum Path {
+pub enum Path {
+    /// Few rows: split-K GEMV (`qgemm_gemv`, `w8a8_gemv`; M <= [`GEMV_MAX_ROWS`]).
     Gemv,
+    /// Shared-memory tiles (`qgemm_tiled`, `w8a8_gemm`).
     Tiled,
     /// Register tiles from global memory (`qgemm_direct`, `w8a8_direct`).
     Direct,
-    /// Tensor cores (`qgemm_cmma`; devices that have them, f16/bf16 activations).
+    /// Tensor cores (`qgemm_cmma`: f16/bf16 activations; `w8a8_cmma`: int8 tensor
+    /// cores, K a multiple of 16), on devices that have them.
     TensorCore,
+}
+
+impl Path {
+    /// The paths' names, as the `path` parameter takes them.
+    pub const NAMES: &'static str = "auto | gemv | tiled | direct | tensor_cores";
+
+    /// `auto` (the autotuner's choice: `None`) or a path by its name.
+    pub fn parse(name: &str) -> Result<Option<Path>> {
+        match name {
+            "auto" => Ok(None),
+            "gemv" => Ok(Some(Path::Gemv)),
+            "tiled" => Ok(Some(Path::Tiled)),
+            "direct" => Ok(Some(Path::Direct)),
+            "tensor_cores" => Ok(Some(Path::TensorCore)),
+            other => Err(kiln_runtime::Error::Param {
+                param: "path".into(),
+                expected: Self::NAMES.into(),
+                found: other.into(),
+            }),
+        }
+    }
+
+    /// The path's name (see [`Path::parse`]).
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Gemv => "gemv",
+            Path::Tiled => "tiled",
+            Path::Direct => "direct",
+            Path::TensorCore => "tensor_cores",
+        }
+    }
 }
 
 /// The GEMV and tiled kernels sum in different orders: a sanity bound.
@@ -108,6 +143,7 @@ impl Operands<'_> {
             [m, n, k],
             &extra,
             &more,
+            None,
             |p| self.estimate(p),
             |p| self.launch(p).map(|_| self.y.clone()),
         )?;
@@ -226,7 +262,8 @@ impl Operands<'_> {
 /// GEMV tried for M <= [`GEMV_MAX_ROWS`] only), keyed by the kernels' sources, bucketed M, N, K, y's
 /// dtype and `extra` key parts. `estimate` is the cost model's estimate of a path (its
 /// best configuration's), used where the model applies (`cost::applies`); `run` launches
-/// one path.
+/// one path. `forced`: the caller's path instead (no tuning of the path), refused by name
+/// where this problem does not have it.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn choose_path(
     y: &Tensor,
@@ -235,6 +272,7 @@ pub(super) fn choose_path(
     [m, n, k]: [usize; 3],
     extra: &[(&str, String)],
     more: &[Path],
+    forced: Option<Path>,
     estimate: impl Fn(Path) -> f64,
     run: impl Fn(Path) -> Result<Tensor>,
 ) -> Result<Path> {
@@ -244,6 +282,9 @@ pub(super) fn choose_path(
     }
     paths.push(Path::Tiled);
     paths.extend_from_slice(more);
+    if let Some(p) = forced {
+        return forced_path(y, name, p, &paths, [m, n, k]);
+    }
     let mut choice = Choice::new(name)
         .sources(sources)
         .dim("m", m)
@@ -268,4 +309,44 @@ pub(super) fn choose_path(
         |p| format!("{p:?}").to_lowercase(),
         |&p| Ok(vec![run(p)?]),
     )
+}
+
+/// The caller's `path` where the problem has it. Else tensor cores are refused as
+/// unsupported (the self-test's cue that the device lacks them), the others by name
+/// with the paths there are.
+fn forced_path(
+    y: &Tensor,
+    decision: &str,
+    p: Path,
+    paths: &[Path],
+    [m, n, k]: [usize; 3],
+) -> Result<Path> {
+    if paths.contains(&p) {
+        return Ok(p);
+    }
+    let names: Vec<&str> = paths.iter().map(|q| q.name()).collect();
+    if p == Path::TensorCore {
+        // W8A8 runs on int8 fragments (K a multiple of 16), the dequantizing GEMMs on
+        // f16/bf16 ones (half-precision activations).
+        let report = y.client().report();
+        let (kind, has, needs) = match decision == "w8a8_path" {
+            true => ("int8 ", report.int8_tensor_cores, "K a multiple of 16"),
+            false => ("", report.tensor_cores, "f16 or bf16 activations"),
+        };
+        return Err(kiln_runtime::Error::Unsupported {
+            device: report.name.clone(),
+            feature: format!(
+                "{kind}tensor cores for this GEMM (path=tensor_cores needs {needs}; found \
+                 M = {m}, N = {n}, K = {k} on a device that reports {}{kind}tensor cores; \
+                 this problem's paths: {})",
+                if has { "" } else { "no " },
+                names.join(" | ")
+            ),
+        });
+    }
+    Err(kiln_runtime::Error::Param {
+        param: "path".into(),
+        expected: format!("auto, or a path this problem has: {}", names.join(" | ")),
+        found: format!("{} (M = {m}, N = {n}, K = {k})", p.name()),
+    })
 }

@@ -53,7 +53,8 @@ pub use tensor_core::{
 };
 
 pub use flexround::{flexround, flexround_backward, FlexRoundGrads, FlexRoundInputs};
-pub use w8a8_host::{quantize_per_token, w8a8, MAX_W8A8_K, W8A8_OUT_DTYPES};
+pub use gemm::Path;
+pub use w8a8_host::{quantize_per_token, w8a8, w8a8_on, MAX_W8A8_K, W8A8_OUT_DTYPES};
 pub use weight_only::{w4a16, w4a16_packed, w4a16_repack, w8_bits, PackedW4, W4Format, W4Weights};
 
 /// The direct kernels' (`qgemm_direct`, `w8a8_direct`) common requirements on a cube

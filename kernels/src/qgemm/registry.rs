@@ -1,8 +1,8 @@
 //! `kiln run` entries of the quantized GEMMs (their kernels register themselves).
 
 use super::{
-    flexround, flexround_backward, quantize_per_token, w4a16, w4a16_repack, w8_bits, w8a8,
-    FlexRoundInputs, W4Format, W4Weights,
+    flexround, flexround_backward, quantize_per_token, w4a16, w4a16_repack, w8_bits, w8a8_on,
+    FlexRoundInputs, Path, W4Format, W4Weights,
 };
 use kiln_runtime::{
     Client, DType, Dtypes, Error, ExampleValues, OpArgs, OpSpec, Outputs, ParamSpec, Result,
@@ -204,13 +204,14 @@ pub static W4A16_REPACK: OpSpec = OpSpec {
 
 fn run_w8a8(_: &Client, a: &OpArgs) -> Result<Outputs> {
     let out = DType::parse(&a.param_choice("out_dtype", &["f32", "f16", "bf16"])?)?;
-    let y = w8a8(
+    let y = w8a8_on(
         a.tensor("xq")?,
         a.tensor("sx")?,
         a.tensor("wq")?,
         a.tensor("sw")?,
         a.optional_tensor("bias"),
         out,
+        Path::parse(&a.param("path")?)?,
     )?;
     Ok(vec![("y", y)])
 }
@@ -259,12 +260,15 @@ pub static W8A8: OpSpec = OpSpec {
         false,
         "the product",
     )],
-    params: &[ParamSpec::new(
-        "out_dtype",
-        "f32",
-        "f32 | f16 | bf16",
-        "dtype of y",
-    )],
+    params: &[
+        ParamSpec::new("out_dtype", "f32", "f32 | f16 | bf16", "dtype of y"),
+        ParamSpec::new(
+            "path",
+            "auto",
+            Path::NAMES,
+            "the kernel: auto (autotuned), gemv (M <= 64), tiled, direct (K a multiple of 4), tensor_cores (int8 wmma: CUDA 7.2+, K a multiple of 16)",
+        ),
+    ],
     run: run_w8a8,
     problem: "M x N x K",
     example_inputs: |dims| {

@@ -96,7 +96,19 @@ fn ints(rng: &mut Rng, n: usize) -> Vec<f64> {
 
 /// xq [5, 77] (rows not word-aligned), wq [37, 77], positive scales, bias.
 fn w8a8_inputs(rng: &mut Rng) -> Inputs {
-    let (m, n, k) = (5, 37, 77);
+    w8a8_inputs_of(rng, (5, 37, 77))
+}
+
+/// The tensor-core case's: M and N ragged against every tile, K a multiple of 16 but
+/// not of the 32- and 64-deep steps.
+fn w8a8_tc_inputs(rng: &mut Rng) -> Inputs {
+    w8a8_inputs_of(rng, W8A8_TC)
+}
+
+/// (M, N, K) of the tensor-core W8A8 case.
+const W8A8_TC: (usize, usize, usize) = (37, 72, 96);
+
+fn w8a8_inputs_of(rng: &mut Rng, (m, n, k): (usize, usize, usize)) -> Inputs {
     vec![
         ("xq", vec![m, k], ints(rng, m * k)),
         (
@@ -224,6 +236,34 @@ pub fn cases() -> Vec<Case> {
             reference: |i| {
                 let f = |n: &str| i[n].to_f64();
                 let ((m, k), (n, _)) = (case_dims(i, "xq", (5, 77)), case_dims(i, "wq", (37, 77)));
+                qr::w8a8(
+                    &f("xq"),
+                    &f("sx"),
+                    &f("wq"),
+                    &f("sw"),
+                    Some(&f("bias")),
+                    m,
+                    n,
+                    k,
+                )
+            },
+            roundings: 1.0,
+            ulps: 4.0,
+            floor: 1.0,
+        },
+        // Int8 tensor cores alone (skipped, saying so, where there are none: CPU
+        // adapters; CUDA before 7.2).
+        Case {
+            op: "w8a8",
+            params: &[("path", "tensor_cores")],
+            output: "y",
+            what: "int8 [37,96] @ int8 [72,96]^T + bias, int8 tensor cores",
+            inputs: w8a8_tc_inputs,
+            reference: |i| {
+                let f = |n: &str| i[n].to_f64();
+                let (m, n, k) = W8A8_TC;
+                case_dims(i, "xq", (m, k));
+                case_dims(i, "wq", (n, k));
                 qr::w8a8(
                     &f("xq"),
                     &f("sx"),

@@ -11,7 +11,8 @@ pub const W8A8_OUT_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// `y[m, n] = sx[m] sw[n] sum_k xq[m, k] wq[n, k] (+ bias[n])`: `xq` i8 `[M, K]`,
 /// `sx` f32 `[M]`, `wq` i8 `[N, K]`, `sw` f32 `[N]`, `bias` f32 `[N]`; y `[M, N]` in
-/// `out_dtype` (f32, f16, or bf16 where the device has it).
+/// `out_dtype` (f32, f16, or bf16 where the device has it). The kernel is the
+/// autotuner's choice ([`w8a8_on`] picks one).
 pub fn w8a8(
     xq: &Tensor,
     sx: &Tensor,
@@ -19,6 +20,22 @@ pub fn w8a8(
     sw: &Tensor,
     bias: Option<&Tensor>,
     out_dtype: DType,
+) -> Result<Tensor> {
+    w8a8_on(xq, sx, wq, sw, bias, out_dtype, None)
+}
+
+/// [`w8a8`] on the caller's `path` (`None`: the autotuner's choice). A path the problem
+/// does not have is refused by name (tensor cores on a device without int8 ones, or K not
+/// a multiple of 16: `Error::Unsupported`; the direct kernel where K is not a multiple of
+/// 4, the GEMV past 64 rows: `Error::Param`).
+pub fn w8a8_on(
+    xq: &Tensor,
+    sx: &Tensor,
+    wq: &Tensor,
+    sw: &Tensor,
+    bias: Option<&Tensor>,
+    out_dtype: DType,
+    path: Option<Path>,
 ) -> Result<Tensor> {
     let client = xq.client();
     for (name, t, dt) in [
@@ -170,6 +187,7 @@ pub fn w8a8(
             [m, n, k],
             &extra,
             &more,
+            path,
             estimate,
             |p| launch(p).map(|_| y.clone()),
         )?;
