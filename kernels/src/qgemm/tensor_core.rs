@@ -16,7 +16,7 @@
 
 use super::dequant::{stage_weight_tile, WeightKind};
 use cubecl::prelude::*;
-use kiln_dsl::{load_tile_as, unpack_i8, CmmaBlock};
+use kiln_dsl::{load_tile_as, CmmaBlock};
 
 /// Depth of a K step: one fragment (two int4 words per column).
 const FRAG: u32 = 16;
@@ -105,8 +105,9 @@ w8a8_kernel! {
     /// `y = sx sw (xq @ wq^T) (+ bias)` on int8 tensor cores. A cube of
     /// `PLANES_M x PLANES_N` planes owns a `16 FRAGS_M PLANES_M x 16 FRAGS_N PLANES_N`
     /// tile of `y`, each plane `FRAGS_M x FRAGS_N` i32 fragments of 16 x 16. Each K step
-    /// of `BK` stages both operands' slices in shared memory as bytes, each 16 deep
-    /// fragment slice `[rows][16]` on its own (16-byte rows, every fragment's first
+    /// of `BK` stages both operands' slices in shared memory, a word (four codes) a
+    /// store, each 16 deep fragment slice `[rows][16]` on its own (16-byte rows, every
+    /// fragment's first
     /// element 32-byte aligned, as `wmma` loads require): `xq`'s rows as the row-major
     /// A, `wq`'s rows (`[N, K]` as it lies) as the column-major B. Whole words of K are
     /// read (K a multiple of 16), zero past the edges. The epilogue goes a fragment at a
@@ -159,8 +160,8 @@ w8a8_kernel! {
         // [BK / 16][rows][16] bytes each.
         // 32-byte aligned, as `wmma` loads require of every fragment's first element
         // (the offsets below are multiples of 256 bytes).
-        let mut xs = SharedMemory::<i8>::new_aligned(comptime!((bm * BK) as usize), 32usize);
-        let mut ws = SharedMemory::<i8>::new_aligned(comptime!((bn * BK) as usize), 32usize);
+        let mut xs = SharedMemory::<I8x4>::new_aligned(comptime!((bm * BK / 4) as usize), 32usize);
+        let mut ws = SharedMemory::<I8x4>::new_aligned(comptime!((bn * BK / 4) as usize), 32usize);
         let kw = k / 4;
         let mut k0 = 0u32;
         while k0 < k {
@@ -183,7 +184,7 @@ w8a8_kernel! {
                             cmma::MatrixLayout::RowMajor,
                         )
                     };
-                    cmma::load(&a, &xs.slice(at as usize, (at + 256u32) as usize), 16u32);
+                    cmma::load(&a, &xs.slice((at / 4) as usize, ((at + 256u32) / 4) as usize), 16u32);
                     af.push(a);
                 }
                 #[unroll]
@@ -199,7 +200,7 @@ w8a8_kernel! {
                             cmma::MatrixLayout::ColMajor,
                         )
                     };
-                    cmma::load(&b, &ws.slice(at as usize, (at + 256u32) as usize), 16u32);
+                    cmma::load(&b, &ws.slice((at / 4) as usize, ((at + 256u32) / 4) as usize), 16u32);
                     #[unroll]
                     for i in 0..comptime!(FRAGS_M as usize) {
                         let c_frag = acc.index(comptime!(i * FRAGS_N as usize + j));
@@ -249,13 +250,17 @@ w8a8_kernel! {
     }
 }
 
+/// Four int8 codes: one 32-bit word of an int8 matrix as it lies in memory.
+type I8x4 = Vector<i8, Const<4>>;
+
 /// Stages the `rows x bk` int8 slice of a `[.., K]` int8 matrix (`src`, read as u32
 /// words, rows `kw` words apart) whose first row is `row0` (`valid` rows in all) and
-/// first word `w0` into `smem` as `[bk / 16][rows][16]` bytes, zero past the edges.
+/// first word `w0` into `smem` as `[bk / 16][rows][16]` bytes (a word a store), zero past
+/// the edges.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn stage_i8_slice(
-    smem: &mut SharedMemory<i8>,
+    smem: &mut SharedMemory<I8x4>,
     src: &Array<u32>,
     row0: u32,
     valid: u32,
@@ -276,11 +281,8 @@ fn stage_i8_slice(
             word = src[((row0 + r) * kw + w0 + w) as usize];
         }
         // Word w is bytes 4 (w % 4) .. of row r in fragment slice w / 4.
-        let at = (w / 4) * comptime!(rows * 16) + r * 16 + (w % 4) * 4;
-        #[unroll]
-        for j in 0..4u32 {
-            smem[(at + j) as usize] = i8::cast_from(unpack_i8(word, j));
-        }
+        let at = (w / 4) * comptime!(rows * 4) + r * 4 + w % 4;
+        smem[at as usize] = I8x4::reinterpret(word);
         idx += units;
     }
 }
