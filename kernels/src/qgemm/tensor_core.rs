@@ -107,9 +107,9 @@ w8a8_kernel! {
     /// tile of `y`, each plane `FRAGS_M x FRAGS_N` i32 fragments of 16 x 16. Each K step
     /// of `BK` stages both operands' slices in shared memory, a word (four codes) a
     /// store, each 16 deep fragment slice `[rows][16]` on its own (16-byte rows, every
-    /// fragment's first
-    /// element 32-byte aligned, as `wmma` loads require): `xq`'s rows as the row-major
-    /// A, `wq`'s rows (`[N, K]` as it lies) as the column-major B. Whole words of K are
+    /// fragment's first element 32-byte aligned, as `wmma` loads require): `xq`'s rows
+    /// as the row-major A, `wq`'s rows (`[N, K]` as it lies) as the column-major B.
+    /// Whole words of K are
     /// read (K a multiple of 16), zero past the edges. The epilogue goes a fragment at a
     /// time through the plane's 1 KiB of i32, then scales in f32 as the other W8A8
     /// kernels do: `acc sx[row] sw[col] (+ bias[col])`.
