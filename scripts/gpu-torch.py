@@ -108,6 +108,16 @@ def qgemm():
             a = torch.randn(m, k, device=DEV, dtype=torch.float16)
             b = torch.randn(k, n, device=DEV, dtype=torch.float16)
             print(f"torch.matmul f16 (qgemm shape) {m}x{k}x{n}: {t(lambda: a @ b):.3f} ms")
+    # PyTorch's int8 GEMM (cuBLASLt, int32 out; M > 16 and K, N multiples of 8) beside
+    # kiln's W8A8, whose int8 tensor-core kernel (w8a8_cmma) gpu-check's tc section times.
+    for m in z([64, 256], [32]):
+        k, n = z((4096, 4096), (64, 32))
+        a = torch.randint(-127, 128, (m, k), device=DEV, dtype=torch.int8)
+        b = torch.randint(-127, 128, (k, n), device=DEV, dtype=torch.int8)
+        try:
+            print(f"torch._int_mm int8 {m}x{k}x{n}: {t(lambda: torch._int_mm(a, b)):.3f} ms")
+        except (RuntimeError, AttributeError) as e:
+            print(f"torch._int_mm int8 {m}x{k}x{n}: unavailable ({str(e).splitlines()[0][:80]})")
 
 
 def optim():
