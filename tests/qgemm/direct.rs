@@ -241,22 +241,10 @@ fn w8a8_direct_case(rng: &mut Rng, m: usize, n: usize, variants: &[(bool, DType)
     use kiln::kernels::qgemm::{W8a8Direct, W8a8DirectArgs, W8a8DirectProblem};
     let k = 84;
     let mut ran = Vec::new();
-    let xq = ints(rng, m * k, -128, 127);
-    let wq = ints(rng, n * k, -128, 127);
-    let mut scales = |len: usize| -> Vec<f64> {
-        let v: Vec<f64> = (0..len).map(|_| 0.01 + rng.uniform() * 0.02).collect();
-        rounded(DType::F32, &v)
-    };
-    let (sx, sw) = (scales(m), scales(n));
-    let bias = rounded(DType::F32, &rng.normals(n, 1.0));
-    let (xt, wt) = (up(DType::I8, &[m, k], &xq), up(DType::I8, &[n, k], &wq));
-    let (sxt, swt, bt) = (
-        up(DType::F32, &[m], &sx),
-        up(DType::F32, &[n], &sw),
-        up(DType::F32, &[n], &bias),
-    );
+    let ops = W8a8Operands::new(rng, m, n, k);
+    let (xt, wt) = (ops.xq.as_words(), ops.wq.as_words());
     for &(has_bias, out) in variants {
-        let want = qr::w8a8(&xq, &sx, &wq, &sw, has_bias.then_some(&bias[..]), m, n, k);
+        let want = ops.want(has_bias);
         let problem = W8a8DirectProblem {
             m: m as u32,
             n: n as u32,
@@ -272,11 +260,11 @@ fn w8a8_direct_case(rng: &mut Rng, m: usize, n: usize, variants: &[(bool, DType)
                 client(),
                 &cfg,
                 &W8a8DirectArgs {
-                    xq: &xt.as_words(),
-                    sx: &sxt,
-                    wq: &wt.as_words(),
-                    sw: &swt,
-                    bias: &bt,
+                    xq: &xt,
+                    sx: &ops.sx,
+                    wq: &wt,
+                    sw: &ops.sw,
+                    bias: &ops.bias,
                     y: &y,
                     m: m as u32,
                     n: n as u32,
@@ -387,20 +375,8 @@ fn w8a8_cmma_every_config_matches_f64_where_there_are_int8_tensor_cores() {
     }
     assert!(W8a8Cmma::space(client(), &problem(37, 72, 84, false)).is_empty());
     for (m, n, k) in [(37, 72, 96), (1, 40, 272), (130, 260, 272)] {
-        let xq = ints(&mut rng, m * k, -128, 127);
-        let wq = ints(&mut rng, n * k, -128, 127);
-        let mut scales = |len: usize| -> Vec<f64> {
-            let v: Vec<f64> = (0..len).map(|_| 0.01 + rng.uniform() * 0.02).collect();
-            rounded(DType::F32, &v)
-        };
-        let (sx, sw) = (scales(m), scales(n));
-        let bias = rounded(DType::F32, &rng.normals(n, 1.0));
-        let (xt, wt) = (up(DType::I8, &[m, k], &xq), up(DType::I8, &[n, k], &wq));
-        let (sxt, swt, bt) = (
-            up(DType::F32, &[m], &sx),
-            up(DType::F32, &[n], &sw),
-            up(DType::F32, &[n], &bias),
-        );
+        let ops = W8a8Operands::new(&mut rng, m, n, k);
+        let (xt, wt) = (ops.xq.as_words(), ops.wq.as_words());
         for (has_bias, out) in [
             (false, DType::F32),
             (true, DType::F32),
@@ -410,18 +386,18 @@ fn w8a8_cmma_every_config_matches_f64_where_there_are_int8_tensor_cores() {
             if !client().supports(out) {
                 continue;
             }
-            let want = qr::w8a8(&xq, &sx, &wq, &sw, has_bias.then_some(&bias[..]), m, n, k);
+            let want = ops.want(has_bias);
             for cfg in W8a8Cmma::space(client(), &problem(m, n, k, has_bias)) {
                 let y = Tensor::empty(client(), out, &[m, n]).unwrap();
                 W8a8Cmma::launch(
                     client(),
                     &cfg,
                     &W8a8CmmaArgs {
-                        xq: &xt.as_words(),
-                        sx: &sxt,
-                        wq: &wt.as_words(),
-                        sw: &swt,
-                        bias: &bt,
+                        xq: &xt,
+                        sx: &ops.sx,
+                        wq: &wt,
+                        sw: &ops.sw,
+                        bias: &ops.bias,
                         y: &y,
                         m: m as u32,
                         n: n as u32,

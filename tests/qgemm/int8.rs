@@ -49,31 +49,9 @@ fn w8a8_path_pins_the_kernel_and_refuses_a_missing_one_by_name() {
     use kiln::kernels::qgemm::Path;
     let mut rng = Rng::new(13);
     let run = |m: usize, n: usize, k: usize, path: Option<Path>, rng: &mut Rng| {
-        let xq = ints(rng, m * k, -128, 127);
-        let wq = ints(rng, n * k, -128, 127);
-        let sx = rounded(
-            DType::F32,
-            &(0..m)
-                .map(|_| 0.01 + rng.uniform() * 0.02)
-                .collect::<Vec<_>>(),
-        );
-        let sw = rounded(
-            DType::F32,
-            &(0..n)
-                .map(|_| 0.01 + rng.uniform() * 0.02)
-                .collect::<Vec<_>>(),
-        );
-        let want = qr::w8a8(&xq, &sx, &wq, &sw, None, m, n, k);
-        let y = qgemm::w8a8_on(
-            &up(DType::I8, &[m, k], &xq),
-            &up(DType::F32, &[m], &sx),
-            &up(DType::I8, &[n, k], &wq),
-            &up(DType::F32, &[n], &sw),
-            None,
-            DType::F32,
-            path,
-        )?;
-        Ok::<_, kiln::Error>((y.download().unwrap().to_f64(), want))
+        let ops = W8a8Operands::new(rng, m, n, k);
+        let y = qgemm::w8a8_on(&ops.xq, &ops.sx, &ops.wq, &ops.sw, None, DType::F32, path)?;
+        Ok::<_, kiln::Error>((y.download().unwrap().to_f64(), ops.want(false)))
     };
     let mut outputs = Vec::new();
     for path in [Path::Gemv, Path::Tiled, Path::Direct] {

@@ -189,3 +189,45 @@ fn expect_err<T: std::fmt::Debug>(r: kiln::Result<T>, needle: &str) {
     let e = r.expect_err("must fail").to_string();
     assert!(e.contains(needle), "`{e}` should mention `{needle}`");
 }
+
+/// A W8A8 problem's operands on the device and its f64 reference: codes over the whole
+/// range -128..=127 (exact i32 sums), scales in [0.01, 0.03) and a bias, all rounded to
+/// what the device holds.
+pub(crate) struct W8a8Operands {
+    dims: (usize, usize, usize),
+    host: [Vec<f64>; 5],
+    xq: Tensor,
+    sx: Tensor,
+    wq: Tensor,
+    sw: Tensor,
+    bias: Tensor,
+}
+
+impl W8a8Operands {
+    pub(crate) fn new(rng: &mut Rng, m: usize, n: usize, k: usize) -> Self {
+        let xq = ints(rng, m * k, -128, 127);
+        let wq = ints(rng, n * k, -128, 127);
+        let mut scales = |len: usize| -> Vec<f64> {
+            let v: Vec<f64> = (0..len).map(|_| 0.01 + rng.uniform() * 0.02).collect();
+            rounded(DType::F32, &v)
+        };
+        let (sx, sw) = (scales(m), scales(n));
+        let bias = rounded(DType::F32, &rng.normals(n, 1.0));
+        W8a8Operands {
+            dims: (m, n, k),
+            xq: up(DType::I8, &[m, k], &xq),
+            sx: up(DType::F32, &[m], &sx),
+            wq: up(DType::I8, &[n, k], &wq),
+            sw: up(DType::F32, &[n], &sw),
+            bias: up(DType::F32, &[n], &bias),
+            host: [xq, sx, wq, sw, bias],
+        }
+    }
+
+    /// The f64 `y`, with the bias or without.
+    pub(crate) fn want(&self, has_bias: bool) -> Vec<f64> {
+        let (m, n, k) = self.dims;
+        let [xq, sx, wq, sw, bias] = &self.host;
+        qr::w8a8(xq, sx, wq, sw, has_bias.then_some(&bias[..]), m, n, k)
+    }
+}

@@ -96,7 +96,27 @@ fn ints(rng: &mut Rng, n: usize) -> Vec<f64> {
 
 /// xq [5, 77] (rows not word-aligned), wq [37, 77], positive scales, bias.
 fn w8a8_inputs(rng: &mut Rng) -> Inputs {
-    w8a8_inputs_of(rng, (5, 37, 77))
+    w8a8_inputs_of(rng, W8A8)
+}
+
+/// (M, N, K) of the W8A8 case: K = 77, rows not word-aligned.
+const W8A8: (usize, usize, usize) = (5, 37, 77);
+
+/// The W8A8 reference on a case's own inputs of `(m, n, k)`, with its bias.
+fn w8a8_reference(i: &BTreeMap<String, HostTensor>, (m, n, k): (usize, usize, usize)) -> Vec<f64> {
+    let f = |name: &str| i[name].to_f64();
+    case_dims(i, "xq", (m, k));
+    case_dims(i, "wq", (n, k));
+    qr::w8a8(
+        &f("xq"),
+        &f("sx"),
+        &f("wq"),
+        &f("sw"),
+        Some(&f("bias")),
+        m,
+        n,
+        k,
+    )
 }
 
 /// The tensor-core case's: M and N ragged against every tile, K a multiple of 16 but
@@ -233,20 +253,7 @@ pub fn cases() -> Vec<Case> {
             output: "y",
             what: "int8 [5,77] @ int8 [37,77]^T + bias",
             inputs: w8a8_inputs,
-            reference: |i| {
-                let f = |n: &str| i[n].to_f64();
-                let ((m, k), (n, _)) = (case_dims(i, "xq", (5, 77)), case_dims(i, "wq", (37, 77)));
-                qr::w8a8(
-                    &f("xq"),
-                    &f("sx"),
-                    &f("wq"),
-                    &f("sw"),
-                    Some(&f("bias")),
-                    m,
-                    n,
-                    k,
-                )
-            },
+            reference: |i| w8a8_reference(i, W8A8),
             roundings: 1.0,
             ulps: 4.0,
             floor: 1.0,
@@ -259,22 +266,7 @@ pub fn cases() -> Vec<Case> {
             output: "y",
             what: "int8 [37,96] @ int8 [72,96]^T + bias, int8 tensor cores",
             inputs: w8a8_tc_inputs,
-            reference: |i| {
-                let f = |n: &str| i[n].to_f64();
-                let (m, n, k) = W8A8_TC;
-                case_dims(i, "xq", (m, k));
-                case_dims(i, "wq", (n, k));
-                qr::w8a8(
-                    &f("xq"),
-                    &f("sx"),
-                    &f("wq"),
-                    &f("sw"),
-                    Some(&f("bias")),
-                    m,
-                    n,
-                    k,
-                )
-            },
+            reference: |i| w8a8_reference(i, W8A8_TC),
             roundings: 1.0,
             ulps: 4.0,
             floor: 1.0,

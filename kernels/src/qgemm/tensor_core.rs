@@ -109,10 +109,9 @@ w8a8_kernel! {
     /// store, each 16 deep fragment slice `[rows][16]` on its own (16-byte rows, every
     /// fragment's first element 32-byte aligned, as `wmma` loads require): `xq`'s rows
     /// as the row-major A, `wq`'s rows (`[N, K]` as it lies) as the column-major B.
-    /// Whole words of K are
-    /// read (K a multiple of 16), zero past the edges. The epilogue goes a fragment at a
-    /// time through the plane's 1 KiB of i32, then scales in f32 as the other W8A8
-    /// kernels do: `acc sx[row] sw[col] (+ bias[col])`.
+    /// Whole words of K are read (K a multiple of 16), zero past the edges. The epilogue
+    /// goes a fragment at a time through the plane's 1 KiB of i32, then scales in f32 as
+    /// the other W8A8 kernels do: `acc sx[row] sw[col] (+ bias[col])`.
     #[kernel(
         tune((PLANES_M, PLANES_N, FRAGS_M, FRAGS_N, BK) = [
             (2, 2, 2, 2, 64),
@@ -174,33 +173,22 @@ w8a8_kernel! {
                 #[unroll]
                 for i in 0..comptime!(FRAGS_M as usize) {
                     let r = plane_row * comptime!(16 * FRAGS_M) + comptime!(i as u32 * 16);
-                    let at = comptime!(kk * bm * 16) + r * 16u32;
-                    let a = unsafe {
-                        cmma::Matrix::<i8>::uninitialized(
-                            cmma::MatrixIdent::A,
-                            16usize,
-                            16usize,
-                            16usize,
-                            cmma::MatrixLayout::RowMajor,
-                        )
-                    };
-                    cmma::load(&a, &xs.slice((at / 4) as usize, ((at + 256u32) / 4) as usize), 16u32);
-                    af.push(a);
+                    af.push(i8_fragment(
+                        &xs,
+                        comptime!(kk * bm * 16) + r * 16u32,
+                        cmma::MatrixIdent::A,
+                        cmma::MatrixLayout::RowMajor,
+                    ));
                 }
                 #[unroll]
                 for j in 0..comptime!(FRAGS_N as usize) {
                     let c = plane_col * comptime!(16 * FRAGS_N) + comptime!(j as u32 * 16);
-                    let at = comptime!(kk * bn * 16) + c * 16u32;
-                    let b = unsafe {
-                        cmma::Matrix::<i8>::uninitialized(
-                            cmma::MatrixIdent::B,
-                            16usize,
-                            16usize,
-                            16usize,
-                            cmma::MatrixLayout::ColMajor,
-                        )
-                    };
-                    cmma::load(&b, &ws.slice((at / 4) as usize, ((at + 256u32) / 4) as usize), 16u32);
+                    let b = i8_fragment(
+                        &ws,
+                        comptime!(kk * bn * 16) + c * 16u32,
+                        cmma::MatrixIdent::B,
+                        cmma::MatrixLayout::ColMajor,
+                    );
                     #[unroll]
                     for i in 0..comptime!(FRAGS_M as usize) {
                         let c_frag = acc.index(comptime!(i * FRAGS_N as usize + j));
@@ -248,6 +236,25 @@ w8a8_kernel! {
             }
         }
     }
+}
+
+/// The 16 x 16 int8 fragment whose first code is byte `at` of `smem` (a multiple of 256:
+/// the fragment slices' rows are 16 bytes), as `ident` in `layout`.
+#[cube]
+fn i8_fragment(
+    smem: &SharedMemory<I8x4>,
+    at: u32,
+    #[comptime] ident: cmma::MatrixIdent,
+    #[comptime] layout: cmma::MatrixLayout,
+) -> cmma::Matrix<i8> {
+    let fragment =
+        unsafe { cmma::Matrix::<i8>::uninitialized(ident, 16usize, 16usize, 16usize, layout) };
+    cmma::load(
+        &fragment,
+        &smem.slice((at / 4) as usize, ((at + 256u32) / 4) as usize),
+        16u32,
+    );
+    fragment
 }
 
 /// Four int8 codes: one 32-bit word of an int8 matrix as it lies in memory.
