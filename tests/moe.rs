@@ -14,11 +14,11 @@ use common::{down, up};
 use kiln::check::{max_rel_error, Rng};
 use kiln::kernels::matmul::Activation;
 use kiln::kernels::moe::{
-    moe_combine, moe_combine_backward, moe_dispatch, moe_dispatch_backward,
+    moe_combine, moe_combine_backward, moe_dispatch, moe_dispatch_backward, moe_expert_ffn_on,
     moe_expert_ffn_sorted_with, moe_expert_ffn_with, moe_gate, moe_gate_backward, moe_layer,
     moe_layer_backward, moe_layer_backward_local_ranks, moe_layer_expert_parallel,
     moe_layer_local_ranks, reference as rf, ExpertWeights, GateOptions, GroupedConfig,
-    LayerOptions, MoeGroupedMatmul, MoeGroupedMatmulProblem, MoeGroupedMatmulV4,
+    GroupedKernel, LayerOptions, MoeGroupedMatmul, MoeGroupedMatmulProblem, MoeGroupedMatmulV4,
     MoeGroupedMatmulV4Problem, MoePath, MoeRouting,
 };
 use kiln::runtime::comm::HostComm;
@@ -922,6 +922,13 @@ fn every_grouped_config_matches_the_reference() {
             let few = t(&[e, 20, m], &d[..e * 20 * m]);
             let err = moe_expert_ffn_with(&few, &w, big).unwrap_err();
             common::assert_clear(err, &["config", "TM=32 TN=32"]);
+            // The tensor-core kernel alone: f32 experts never have it (wmma has no f32
+            // 16 x 16 x 16 fragment), a refusal that names it (the self-test's skip).
+            let err = moe_expert_ffn_on(&td, &w, GroupedKernel::TensorCores).unwrap_err();
+            assert!(matches!(err, kiln::Error::Unsupported { .. }), "{err}");
+            common::assert_clear(err, &["tensor cores", "kernel=tensor_cores", "f32"]);
+            let err = GroupedKernel::parse("wmma").unwrap_err();
+            common::assert_clear(err, &["kernel", "auto | tensor_cores", "wmma"]);
         }
     }
 }

@@ -47,8 +47,8 @@ fn run_op(client: &Client, op: &str, dtype: DType) {
     assert!(ran > 0, "no case for {op}");
 }
 
-/// Whether `case` asks for the tensor-core tiles (`matmul`'s `kernel=tensor_cores`,
-/// W8A8's `path=tensor_cores`).
+/// Whether `case` asks for the tensor-core tiles (`matmul`'s and `moe_expert_ffn`'s
+/// `kernel=tensor_cores`, W8A8's `path=tensor_cores`).
 fn case_needs_tensor_cores(case: &kiln::selftest::Case) -> bool {
     case.params.contains(&("kernel", "tensor_cores"))
         || case.params.contains(&("path", "tensor_cores"))

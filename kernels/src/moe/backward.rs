@@ -5,7 +5,7 @@
 //! cube per output tile and expert, no atomics); the bias gradients are the same
 //! product with a column of ones.
 
-use super::ffn::{grouped_matmul, ExpertWeights, Groups};
+use super::ffn::{grouped_matmul, ExpertWeights, GroupedKernel, Groups};
 use super::gate::{moe_gate, moe_gate_backward};
 use super::layer::gate_logits;
 use super::movement::{combine_from_layout, gate_grads, gather_into_layout};
@@ -112,7 +112,7 @@ impl FfnForward {
             false,
             None,
             true,
-            None,
+            GroupedKernel::Auto,
         )?;
         let h = activation(&pre, None, w.activation)?;
         let y_e = grouped_matmul(
@@ -125,7 +125,7 @@ impl FfnForward {
             false,
             None,
             false,
-            None,
+            GroupedKernel::Auto,
         )?;
         Ok(FfnForward { pre, h, y_e })
     }
@@ -155,7 +155,7 @@ impl FfnForward {
             true,
             None,
             true,
-            None,
+            GroupedKernel::Auto,
         )?;
         let d_pre = activation(&self.pre, Some(&d_h), w.activation)?;
         let ones = ones(d.client(), d.shape()[0], dtype)?;
@@ -170,7 +170,7 @@ impl FfnForward {
                 true,
                 None,
                 false,
-                None,
+                GroupedKernel::Auto,
             )?,
             d_w2: grouped_tn(&self.h, d_y, groups, dtype)?.reshape(&[e, f, m])?,
             d_b2: grouped_tn(&ones, d_y, groups, dtype)?.reshape(&[e, m])?,

@@ -85,13 +85,13 @@ impl ExpertWeights<'_> {
     }
 
     /// The first GEMM of the FFN on rows `a` grouped by expert: `act(a W1_e + b1_e)`,
-    /// `[R, F]` (f32 for half-precision experts), on `force` or tuned.
+    /// `[R, F]` (f32 for half-precision experts), on `kernel`.
     fn hidden(
         &self,
         a: &Tensor,
         groups: &Groups,
         f: usize,
-        force: Option<GroupedConfig>,
+        kernel: GroupedKernel,
     ) -> Result<Tensor> {
         grouped_matmul(
             a,
@@ -103,7 +103,7 @@ impl ExpertWeights<'_> {
             false,
             None,
             true,
-            force,
+            kernel,
         )
     }
 }
@@ -194,6 +194,35 @@ impl GroupedConfig {
             GroupedConfig::Staged(c) => format!("staged {}", MoeGroupedMatmul::label(c)),
             GroupedConfig::Vec4(c) => format!("vec4 {}", MoeGroupedMatmulV4::label(c)),
             GroupedConfig::Cmma(c) => format!("cmma {}", MoeGroupedMatmulCmma::label(c)),
+        }
+    }
+}
+
+/// Which grouped GEMM kernel runs ([`grouped_matmul`]; `kiln run moe_expert_ffn --set
+/// kernel=..`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupedKernel {
+    /// The autotuner's choice among every kernel that fits the device and the problem.
+    Auto,
+    /// The tensor-core kernel's configurations only (tuned among them): half-precision
+    /// experts on a device with tensor cores; refused elsewhere (`Error::Unsupported`,
+    /// which the self-test reports as a skip).
+    TensorCores,
+    /// One configuration, untuned (tests and benchmarks); refused where it does not fit.
+    Config(GroupedConfig),
+}
+
+impl GroupedKernel {
+    /// `auto` or `tensor_cores` (the `kernel` parameter).
+    pub fn parse(name: &str) -> Result<GroupedKernel> {
+        match name {
+            "auto" => Ok(GroupedKernel::Auto),
+            "tensor_cores" => Ok(GroupedKernel::TensorCores),
+            other => Err(Error::Param {
+                param: "kernel".into(),
+                expected: "auto | tensor_cores".into(),
+                found: other.into(),
+            }),
         }
     }
 }
@@ -300,8 +329,8 @@ pub(super) struct Scatter<'a> {
 /// `c[rows of e] = act(a[rows of e] @ b[e] + bias[e])` for every expert in one launch:
 /// `a` `[R, K]` (b's dtype, or f32), `b` `[E, K, N]` (`[E, N, K]` with `trans_b`),
 /// `bias` `[E, N]`; `c` `[R, N]` (f32 with `out_f32`, else b's dtype), or `[S k, N]`
-/// through `scatter`; on the configuration `force` (one of the problem's candidates), or
-/// tuned with `None`.
+/// through `scatter`; on `kernel` (a configuration must be one of the problem's
+/// candidates; tensor cores must have some).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn grouped_matmul(
     a: &Tensor,
@@ -313,7 +342,7 @@ pub(super) fn grouped_matmul(
     trans_b: bool,
     scatter: Option<&Scatter<'_>>,
     out_f32: bool,
-    force: Option<GroupedConfig>,
+    kernel: GroupedKernel,
 ) -> Result<Tensor> {
     let client = a.client();
     let (rows, k) = (a.shape()[0], a.shape()[1]);
@@ -353,16 +382,36 @@ pub(super) fn grouped_matmul(
         placeholder_f: &ph_f,
         placeholder_32: &ph,
     };
-    let cfg = match force {
-        Some(cfg) if problem.candidates(client).contains(&cfg) => cfg,
-        Some(cfg) => {
+    let cfg = match kernel {
+        GroupedKernel::Config(cfg) if problem.candidates(client).contains(&cfg) => cfg,
+        GroupedKernel::Config(cfg) => {
             return Err(Error::Param {
                 param: "config".into(),
                 expected: "one of the grouped GEMM kernels' declared configurations that fits the device and the problem".into(),
                 found: cfg.label(),
             })
         }
-        None => tuned(client, &problem, &operands, rows, out_dtype, &ph_u32)?,
+        GroupedKernel::Auto | GroupedKernel::TensorCores => {
+            let tensor_cores = kernel == GroupedKernel::TensorCores;
+            let candidates: Vec<GroupedConfig> = problem
+                .candidates(client)
+                .into_iter()
+                .filter(|c| !tensor_cores || matches!(c, GroupedConfig::Cmma(_)))
+                .collect();
+            if candidates.is_empty() {
+                let report = client.report();
+                return Err(Error::Unsupported {
+                    device: report.name.clone(),
+                    feature: format!(
+                        "tensor cores for this MoE grouped GEMM (kernel=tensor_cores: wmma tiles \
+                         take f16 or bf16 experts with K and N multiples of 8; found {dtype} \
+                         with K = {k}, N = {n}, on a device that reports {}tensor cores)",
+                        if report.tensor_cores { "" } else { "no " }
+                    ),
+                });
+            }
+            tuned(client, &problem, &candidates, &operands, rows, out_dtype, &ph_u32)?
+        }
     };
     let c = Tensor::empty(client, out_dtype, &[scatter.map_or(rows, |s| s.routes), n])?;
     problem.launch(client, &cfg, &operands, &c, scatter, &ph_u32)?;
@@ -376,6 +425,7 @@ pub(super) fn grouped_matmul(
 fn tuned(
     client: &kiln_runtime::Client,
     problem: &GroupedProblem<'_>,
+    candidates: &[GroupedConfig],
     operands: &GroupedOperands<'_>,
     rows: usize,
     out_dtype: DType,
@@ -383,8 +433,7 @@ fn tuned(
 ) -> Result<GroupedConfig> {
     let (groups, n, k, dtype) = (problem.groups, problem.n, problem.k, operands.b.dtype());
     let (trans_b, act) = (problem.trans_b, problem.act);
-    let candidates = problem.candidates(client);
-    let tolerance = tolerance(&candidates, out_dtype);
+    let tolerance = tolerance(candidates, out_dtype);
     let mut choice = Choice::new("moe_grouped_gemm")
         .sources([
             MoeGroupedMatmul::source_hash(),
@@ -399,6 +448,13 @@ fn tuned(
         .exact("trans_b", trans_b)
         .exact("act", act)
         .candidates(candidates.iter().copied());
+    // The tensor-core kernel alone is another decision than the choice among all.
+    if candidates
+        .iter()
+        .all(|c| matches!(c, GroupedConfig::Cmma(_)))
+    {
+        choice = choice.exact("kernel", "tensor_cores");
+    }
     if let Some(model) = super::cost::model(client.report(), groups.max_rows, n, dtype.size()) {
         choice = choice.cost(model);
     }
@@ -425,7 +481,7 @@ struct GroupedOperands<'a> {
 /// accumulation), two grouped launches. Empty slots (zero rows) give `b2`'s row
 /// through the FFN, as in Tutel; combine never reads them.
 pub fn moe_expert_ffn(dispatched: &Tensor, w: &ExpertWeights<'_>) -> Result<Tensor> {
-    expert_ffn(dispatched, w, None)
+    moe_expert_ffn_on(dispatched, w, GroupedKernel::Auto)
 }
 
 /// [`moe_expert_ffn`] with both grouped GEMMs on the configuration `cfg` (no tuning):
@@ -436,13 +492,15 @@ pub fn moe_expert_ffn_with(
     w: &ExpertWeights<'_>,
     cfg: GroupedConfig,
 ) -> Result<Tensor> {
-    expert_ffn(dispatched, w, Some(cfg))
+    moe_expert_ffn_on(dispatched, w, GroupedKernel::Config(cfg))
 }
 
-fn expert_ffn(
+/// [`moe_expert_ffn`] with both grouped GEMMs on `kernel` (`kiln run moe_expert_ffn
+/// --set kernel=tensor_cores`: the tensor-core kernel, tuned among its tiles).
+pub fn moe_expert_ffn_on(
     dispatched: &Tensor,
     w: &ExpertWeights<'_>,
-    force: Option<GroupedConfig>,
+    kernel: GroupedKernel,
 ) -> Result<Tensor> {
     check_input("dispatched", dispatched, dispatched.client())?;
     let &[e, c, m] = dispatched.shape() else {
@@ -456,7 +514,7 @@ fn expert_ffn(
     let a = dispatched.reshape(&[e * c, m])?;
     let starts: Vec<usize> = (0..e).map(|x| x * c).collect();
     let groups = Groups::new(&a, &starts, &vec![c; e])?;
-    let h = w.hidden(&a, &groups, f, force)?;
+    let h = w.hidden(&a, &groups, f, kernel)?;
     grouped_matmul(
         &h,
         w.w2,
@@ -467,7 +525,7 @@ fn expert_ffn(
         false,
         None,
         false,
-        force,
+        kernel,
     )?
     .reshape(&[e, c, m])
 }
@@ -481,7 +539,7 @@ pub fn moe_expert_ffn_sorted(
     routing: &MoeRouting,
     w: &ExpertWeights<'_>,
 ) -> Result<Tensor> {
-    expert_ffn_sorted(x, routing, w, None)
+    expert_ffn_sorted(x, routing, w, GroupedKernel::Auto)
 }
 
 /// [`moe_expert_ffn_sorted`] with both grouped GEMMs on the configuration `cfg` (no
@@ -492,14 +550,14 @@ pub fn moe_expert_ffn_sorted_with(
     w: &ExpertWeights<'_>,
     cfg: GroupedConfig,
 ) -> Result<Tensor> {
-    expert_ffn_sorted(x, routing, w, Some(cfg))
+    expert_ffn_sorted(x, routing, w, GroupedKernel::Config(cfg))
 }
 
 fn expert_ffn_sorted(
     x: &Tensor,
     routing: &MoeRouting,
     w: &ExpertWeights<'_>,
-    force: Option<GroupedConfig>,
+    kernel: GroupedKernel,
 ) -> Result<Tensor> {
     check_input("x", x, x.client())?;
     let m = x.shape().get(1).copied().unwrap_or(0);
@@ -514,7 +572,7 @@ fn expert_ffn_sorted(
     let gates = routing.gates()?;
     let d = gather_into_layout(x, routing, RowLayout::Sorted, false)?;
     let groups = Groups::of(&d, routing, RowLayout::Sorted)?;
-    let h = w.hidden(&d, &groups, f, force)?;
+    let h = w.hidden(&d, &groups, f, kernel)?;
     let (map, _) = routing.slot_routes(RowLayout::Sorted)?;
     let scatter = Scatter {
         slot_route: &map,
@@ -531,7 +589,7 @@ fn expert_ffn_sorted(
         false,
         Some(&scatter),
         false,
-        force,
+        kernel,
     )?;
     combine_from_layout(&per_route, routing, RowLayout::Sorted, false, true)
 }

@@ -549,11 +549,19 @@ fn weights<'a>(a: &'a OpArgs, activation: Activation) -> Result<ExpertWeights<'a
 
 fn run_expert_ffn(_: &Client, a: &OpArgs) -> Result<Outputs> {
     let w = weights(a, Activation::parse(&a.param("activation")?)?)?;
+    let kernel = GroupedKernel::parse(&a.param("kernel")?)?;
     Ok(vec![(
         "expert_out",
-        moe_expert_ffn(a.tensor("dispatched")?, &w)?,
+        moe_expert_ffn_on(a.tensor("dispatched")?, &w, kernel)?,
     )])
 }
+
+const GROUPED_KERNEL: ParamSpec = ParamSpec::new(
+    "kernel",
+    "auto",
+    "auto | tensor_cores",
+    "the grouped GEMMs' kernel: auto (autotuned among all), tensor_cores (wmma tiles only: f16/bf16 experts, K and N multiples of 8, a device with tensor cores)",
+);
 
 /// `--shape E x C x M x F` (expert FFN) or `S x M x F x E` (layer).
 fn four(dims: &[usize], what: &str) -> Result<(usize, usize, usize, usize)> {
@@ -575,7 +583,7 @@ pub static MOE_EXPERT_FFN: OpSpec = OpSpec {
         TensorSpec::new("b2", "[E, M]", Dtypes::Like("dispatched"), true, "second bias"),
     ],
     outputs: &[TensorSpec::new("expert_out", "[E, C, M]", Dtypes::Like("dispatched"), false, "each slot's expert output")],
-    params: &[ACTIVATION],
+    params: &[ACTIVATION, GROUPED_KERNEL],
     run: run_expert_ffn,
     problem: "E x C x M x F",
     example_inputs: |dims| {

@@ -106,6 +106,19 @@ fn ffn_inputs(rng: &mut Rng) -> CaseInputs {
     ]
 }
 
+/// The tensor-core case's FFN: M and F multiples of 8 (the wmma tiles' K and N), 21
+/// slots an expert (ragged against every tile).
+fn ffn_tc_inputs(rng: &mut Rng) -> CaseInputs {
+    let (e, c, m, f) = (3, 21, 24, 40);
+    vec![
+        ("dispatched", vec![e, c, m], rng.normals(e * c * m, 1.0)),
+        ("w1", vec![e, m, f], rng.normals(e * m * f, 0.3)),
+        ("w2", vec![e, f, m], rng.normals(e * f * m, 0.3)),
+        ("b1", vec![e, f], rng.normals(e * f, 0.3)),
+        ("b2", vec![e, m], rng.normals(e * m, 0.3)),
+    ]
+}
+
 fn experts<'a>(
     i: &'a BTreeMap<String, HostTensor>,
     w: &'a [Vec<f64>; 4],
@@ -337,6 +350,24 @@ pub fn cases() -> Vec<Case> {
                 experts(i, &w, "gelu").ffn_slots(&i["dispatched"].to_f64(), e)
             },
             roundings: 1.0,
+            ulps: 256.0,
+            floor: 1.0,
+        },
+        // The grouped GEMMs on tensor cores alone (skipped, saying so, where there are
+        // none: CPU adapters, f32). The second GEMM stages the f32 hidden activations in
+        // the experts' dtype: roundings for that intermediate as well as the output.
+        Case {
+            op: "moe_expert_ffn",
+            params: &[("kernel", "tensor_cores")],
+            output: "expert_out",
+            what: "3 experts, [21,24] slots, F = 40, biases, silu, tensor cores",
+            inputs: ffn_tc_inputs,
+            reference: |i| {
+                let w = weights_of(i);
+                let e = i["dispatched"].shape[0];
+                experts(i, &w, "silu").ffn_slots(&i["dispatched"].to_f64(), e)
+            },
+            roundings: 4.0,
             ulps: 256.0,
             floor: 1.0,
         },
