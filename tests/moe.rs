@@ -923,10 +923,27 @@ fn every_grouped_config_matches_the_reference() {
             let err = moe_expert_ffn_with(&few, &w, big).unwrap_err();
             common::assert_clear(err, &["config", "TM=32 TN=32"]);
             // The tensor-core kernel alone: f32 experts never have it (wmma has no f32
-            // 16 x 16 x 16 fragment), a refusal that names it (the self-test's skip).
+            // 16 x 16 x 16 fragment), a refusal that names it (the self-test's skip),
+            // also where M and F are multiples of 8, as the wmma tiles want.
             let err = moe_expert_ffn_on(&td, &w, GroupedKernel::TensorCores).unwrap_err();
             assert!(matches!(err, kiln::Error::Unsupported { .. }), "{err}");
             common::assert_clear(err, &["tensor cores", "kernel=tensor_cores", "f32"]);
+            let (m8, f8) = (24, 40);
+            let small = rf::Experts {
+                w1: &w1[..e * m8 * f8],
+                b1: Some(&b1[..e * f8]),
+                w2: &w2[..e * f8 * m8],
+                b2: Some(&b2[..e * m8]),
+                m: m8,
+                f: f8,
+                activation: "gelu",
+            };
+            let dev8 = DeviceExperts::up(dtype, &small, e, Activation::Gelu);
+            let d8 = t(&[e, 21, m8], &d[..e * 21 * m8]);
+            let err =
+                moe_expert_ffn_on(&d8, &dev8.weights(), GroupedKernel::TensorCores).unwrap_err();
+            assert!(matches!(err, kiln::Error::Unsupported { .. }), "{err}");
+            common::assert_clear(err, &["tensor cores", "f32", "K = 24, N = 40"]);
             let err = GroupedKernel::parse("wmma").unwrap_err();
             common::assert_clear(err, &["kernel", "auto | tensor_cores", "wmma"]);
         }

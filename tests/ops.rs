@@ -27,10 +27,12 @@ fn run_op(client: &Client, op: &str, dtype: DType) {
             // Tensor-core cases: where they cannot run, a clear refusal naming them.
             (Outcome::Unavailable(m), _) if case_needs_tensor_cores(case) => {
                 let report = client.report();
-                let has = match case.params.contains(&("path", "tensor_cores")) {
-                    // W8A8's int8 fragments take any output dtype.
-                    true => report.int8_tensor_cores,
-                    false => report.tensor_cores && dtype != DType::F32,
+                // As runtime/src/selftest.rs: wmma fragments of 32-unit planes; W8A8's
+                // int8 ones take any output dtype.
+                let planes = report.plane_size.0 == 32;
+                let has = match case.op == "w8a8" {
+                    true => report.int8_tensor_cores && planes,
+                    false => report.tensor_cores && planes && dtype != DType::F32,
                 };
                 assert!(
                     !has,

@@ -237,6 +237,9 @@ struct GroupedProblem<'a> {
     act: Activation,
     a_f32: bool,
     c_f32: bool,
+    /// f16 or bf16 experts: what the tensor-core kernel takes (its `dtypes`, which its
+    /// space does not see).
+    half: bool,
 }
 
 impl GroupedProblem<'_> {
@@ -306,14 +309,16 @@ impl GroupedProblem<'_> {
                     .map(GroupedConfig::Vec4),
             );
         }
-        all.extend(
-            MoeGroupedMatmulCmma::space(
-                client,
-                &grouped_problem!(MoeGroupedMatmulCmmaProblem, self, trans_b: self.trans_b),
-            )
-            .into_iter()
-            .map(GroupedConfig::Cmma),
-        );
+        if self.half {
+            all.extend(
+                MoeGroupedMatmulCmma::space(
+                    client,
+                    &grouped_problem!(MoeGroupedMatmulCmmaProblem, self, trans_b: self.trans_b),
+                )
+                .into_iter()
+                .map(GroupedConfig::Cmma),
+            );
+        }
         all
     }
 }
@@ -373,6 +378,7 @@ pub(super) fn grouped_matmul(
         act,
         a_f32,
         c_f32,
+        half: matches!(dtype, DType::F16 | DType::BF16),
     };
     let operands = GroupedOperands {
         a: if a_f32 { b } else { a },
@@ -400,12 +406,14 @@ pub(super) fn grouped_matmul(
                 .collect();
             if candidates.is_empty() {
                 let report = client.report();
+                // Only where tensor cores alone were asked for: every problem has staged
+                // configurations.
                 return Err(Error::Unsupported {
                     device: report.name.clone(),
                     feature: format!(
                         "tensor cores for this MoE grouped GEMM (kernel=tensor_cores: wmma tiles \
-                         take f16 or bf16 experts with K and N multiples of 8; found {dtype} \
-                         with K = {k}, N = {n}, on a device that reports {}tensor cores)",
+                         take f16 or bf16 experts with the GEMM's K and N multiples of 8; found \
+                         {dtype} with K = {k}, N = {n}, on a device that reports {}tensor cores)",
                         if report.tensor_cores { "" } else { "no " }
                     ),
                 });

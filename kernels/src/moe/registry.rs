@@ -560,7 +560,7 @@ const GROUPED_KERNEL: ParamSpec = ParamSpec::new(
     "kernel",
     "auto",
     "auto | tensor_cores",
-    "the grouped GEMMs' kernel: auto (autotuned among all), tensor_cores (wmma tiles only: f16/bf16 experts, K and N multiples of 8, a device with tensor cores)",
+    "the grouped GEMMs' kernel: auto (autotuned among all), tensor_cores (wmma tiles only: f16/bf16 experts, M and F multiples of 8, a device with tensor cores)",
 );
 
 /// `--shape E x C x M x F` (expert FFN) or `S x M x F x E` (layer).

@@ -306,7 +306,7 @@ pub(super) fn choose_path(
     choice.candidates(paths).tune(
         y.client(),
         PATH_TOLERANCE,
-        |p| format!("{p:?}").to_lowercase(),
+        |p| p.name().to_string(),
         |&p| Ok(vec![run(p)?]),
     )
 }

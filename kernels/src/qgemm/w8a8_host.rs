@@ -27,7 +27,8 @@ pub fn w8a8(
 /// [`w8a8`] on the caller's `path` (`None`: the autotuner's choice). A path the problem
 /// does not have is refused by name (tensor cores on a device without int8 ones, or K not
 /// a multiple of 16: `Error::Unsupported`; the direct kernel where K is not a multiple of
-/// 4, the GEMV past 64 rows: `Error::Param`).
+/// 4, the GEMV past 64 rows: `Error::Param`). An empty product (M or N of 0) runs no
+/// kernel and returns its empty `y` whatever the path.
 pub fn w8a8_on(
     xq: &Tensor,
     sx: &Tensor,
