@@ -17,12 +17,13 @@ use kiln::kernels::moe::{
     moe_combine, moe_combine_backward, moe_dispatch, moe_dispatch_backward, moe_expert_ffn_on,
     moe_expert_ffn_sorted_with, moe_expert_ffn_with, moe_gate, moe_gate_backward, moe_layer,
     moe_layer_backward, moe_layer_backward_local_ranks, moe_layer_expert_parallel,
-    moe_layer_local_ranks, reference as rf, ExpertWeights, GateOptions, GroupedConfig,
-    GroupedKernel, LayerOptions, MoeGroupedMatmul, MoeGroupedMatmulProblem, MoeGroupedMatmulV4,
-    MoeGroupedMatmulV4Problem, MoePath, MoeRouting,
+    moe_layer_local_ranks, moe_layer_on, reference as rf, ExpertWeights, GateOptions,
+    GroupedConfig, GroupedKernel, LayerOptions, MoeGroupedMatmul, MoeGroupedMatmulProblem,
+    MoeGroupedMatmulV4, MoeGroupedMatmulV4Problem, MoePath, MoeRouting,
 };
 use kiln::runtime::comm::HostComm;
 use kiln::{DType, HostTensor, Tensor};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// The device; this binary runs untuned (`common::UNTUNED`: every kernel its first
@@ -777,6 +778,31 @@ fn bad_input_is_one_clear_line() {
             .err()
             .unwrap(),
         &["path"],
+    );
+    // The tensor-core kernel alone: never for f32 experts, refused as unsupported (the
+    // self-test's skip); through `kiln run` with more than one rank, refused by name.
+    let err = moe_layer_on(&x, &wg, &w, &dropless, GroupedKernel::TensorCores)
+        .err()
+        .unwrap();
+    assert!(matches!(err, kiln::Error::Unsupported { .. }), "{err}");
+    one_line(err, &["tensor cores", "f32"]);
+    let host = |t: &Tensor| t.download().unwrap();
+    let inputs = BTreeMap::from([
+        ("x".to_string(), host(&x)),
+        ("w_gate".to_string(), host(&wg)),
+        ("w1".to_string(), host(&w1)),
+        ("w2".to_string(), host(&w2)),
+    ]);
+    let params = |world: &str| {
+        BTreeMap::from([
+            ("kernel".to_string(), "tensor_cores".to_string()),
+            ("world_size".to_string(), world.to_string()),
+        ])
+    };
+    let op = kiln::kernels::op("moe_layer").unwrap();
+    one_line(
+        op.call_host(client(), &inputs, params("2")).unwrap_err(),
+        &["kernel", "world_size = 2"],
     );
     // Expert parallel: the capacity of the global batch is bounded, not only each
     // rank's (4 tokens a rank: C = 1e9 ceil(4 / 2) fits; over both ranks 4e9 does not).

@@ -547,7 +547,7 @@ pub fn moe_expert_ffn_sorted(
     routing: &MoeRouting,
     w: &ExpertWeights<'_>,
 ) -> Result<Tensor> {
-    expert_ffn_sorted(x, routing, w, GroupedKernel::Auto)
+    moe_expert_ffn_sorted_on(x, routing, w, GroupedKernel::Auto)
 }
 
 /// [`moe_expert_ffn_sorted`] with both grouped GEMMs on the configuration `cfg` (no
@@ -558,10 +558,11 @@ pub fn moe_expert_ffn_sorted_with(
     w: &ExpertWeights<'_>,
     cfg: GroupedConfig,
 ) -> Result<Tensor> {
-    expert_ffn_sorted(x, routing, w, GroupedKernel::Config(cfg))
+    moe_expert_ffn_sorted_on(x, routing, w, GroupedKernel::Config(cfg))
 }
 
-fn expert_ffn_sorted(
+/// [`moe_expert_ffn_sorted`] with both grouped GEMMs on `kernel`.
+pub fn moe_expert_ffn_sorted_on(
     x: &Tensor,
     routing: &MoeRouting,
     w: &ExpertWeights<'_>,

@@ -7,8 +7,8 @@
 use super::backward::{moe_layer_backward, LayerGrads};
 use super::expert_parallel::{moe_layer_backward_expert_parallel, moe_layer_expert_parallel};
 use super::ffn::{
-    moe_expert_ffn, moe_expert_ffn_sorted, ExpertWeights, MoeGroupedMatmul, MoeGroupedMatmulCmma,
-    MoeGroupedMatmulV4,
+    moe_expert_ffn_on, moe_expert_ffn_sorted_on, ExpertWeights, GroupedKernel, MoeGroupedMatmul,
+    MoeGroupedMatmulCmma, MoeGroupedMatmulV4,
 };
 use super::gate::{moe_gate, GateOptions};
 use super::movement::{
@@ -100,20 +100,21 @@ pub(super) fn gate_logits(x: &Tensor, w_gate: &Tensor) -> Result<Tensor> {
     matmul(&x32, &w32, false, Epilogue::default())
 }
 
-/// The experts of one path from tokens to `y`.
+/// The experts of one path from tokens to `y`, the grouped GEMMs on `kernel`.
 fn run_path(
     x: &Tensor,
     routing: &MoeRouting,
     w: &ExpertWeights<'_>,
     path: MoePath,
+    kernel: GroupedKernel,
 ) -> Result<Tensor> {
     match path {
-        MoePath::Dropless => moe_expert_ffn_sorted(x, routing, w),
+        MoePath::Dropless => moe_expert_ffn_sorted_on(x, routing, w, kernel),
         _ => {
             let m = x.shape()[1];
             let d = gather_into_layout(x, routing, RowLayout::Capacity, false)?;
             let d = d.reshape(&[routing.num_experts, routing.capacity, m])?;
-            let y_e = moe_expert_ffn(&d, w)?;
+            let y_e = moe_expert_ffn_on(&d, w, kernel)?;
             combine_from_layout(&y_e, routing, RowLayout::Capacity, true, false)
         }
     }
@@ -149,46 +150,65 @@ pub fn moe_layer(
     w: &ExpertWeights<'_>,
     opts: &LayerOptions,
 ) -> Result<LayerOutput> {
+    moe_layer_on(x, w_gate, w, opts, GroupedKernel::Auto)
+}
+
+/// [`moe_layer`] with the experts' grouped GEMMs on `kernel` (`kiln run moe_layer --set
+/// kernel=tensor_cores`: the `wmma` kernel alone, refused where there is none).
+pub fn moe_layer_on(
+    x: &Tensor,
+    w_gate: &Tensor,
+    w: &ExpertWeights<'_>,
+    opts: &LayerOptions,
+    kernel: GroupedKernel,
+) -> Result<LayerOutput> {
     let logits = gate_logits(x, w_gate)?;
     let e = logits.shape()[1];
     w.check(e, x.shape()[1], x)?;
     let g = moe_gate(&logits, &opts.gate)?;
     let routing = g.routing;
     let path = match opts.path {
-        MoePath::Auto => Choice::new("moe_path")
-            .sources([
-                MoeGroupedMatmul::source_hash(),
-                MoeGroupedMatmulV4::source_hash(),
-                MoeGroupedMatmulCmma::source_hash(),
-                MoeGatherRows::source_hash(),
-                MoeGatherRowsV4::source_hash(),
-                MoeCombineRows::source_hash(),
-                MoeCombineRowsV4::source_hash(),
-            ])
-            .dim("tokens", routing.tokens())
-            .dim("m", x.shape()[1])
-            .dim("f", w.w1.shape()[2])
-            .dim("experts", e)
-            .exact("top_k", routing.top_k())
-            .exact(
-                "capacity",
-                if opts.gate.capacity_factor > 0.0 {
-                    "factor"
-                } else {
-                    "dropless"
-                },
-            )
-            .exact("dtype", x.dtype())
-            .candidates([MoePath::Capacity, MoePath::Dropless])
-            .tune(
-                x.client(),
-                path_tolerance(x.dtype()),
-                |p| format!("{p:?}").to_lowercase(),
-                |&p| Ok(vec![run_path(x, &routing, w, p)?]),
-            )?,
+        MoePath::Auto => {
+            let mut choice = Choice::new("moe_path")
+                .sources([
+                    MoeGroupedMatmul::source_hash(),
+                    MoeGroupedMatmulV4::source_hash(),
+                    MoeGroupedMatmulCmma::source_hash(),
+                    MoeGatherRows::source_hash(),
+                    MoeGatherRowsV4::source_hash(),
+                    MoeCombineRows::source_hash(),
+                    MoeCombineRowsV4::source_hash(),
+                ])
+                .dim("tokens", routing.tokens())
+                .dim("m", x.shape()[1])
+                .dim("f", w.w1.shape()[2])
+                .dim("experts", e)
+                .exact("top_k", routing.top_k())
+                .exact(
+                    "capacity",
+                    if opts.gate.capacity_factor > 0.0 {
+                        "factor"
+                    } else {
+                        "dropless"
+                    },
+                )
+                .exact("dtype", x.dtype());
+            // The tensor-core kernel alone is another decision than the choice among all.
+            if kernel == GroupedKernel::TensorCores {
+                choice = choice.exact("kernel", "tensor_cores");
+            }
+            choice
+                .candidates([MoePath::Capacity, MoePath::Dropless])
+                .tune(
+                    x.client(),
+                    path_tolerance(x.dtype()),
+                    |p| format!("{p:?}").to_lowercase(),
+                    |&p| Ok(vec![run_path(x, &routing, w, p, kernel)?]),
+                )?
+        }
         p => p,
     };
-    let y = run_path(x, &routing, w, path)?;
+    let y = run_path(x, &routing, w, path, kernel)?;
     Ok(LayerOutput {
         y,
         l_aux: g.l_aux,

@@ -606,13 +606,21 @@ fn run_layer(client: &Client, a: &OpArgs) -> Result<Outputs> {
         gate: gate_options(a)?,
         path: MoePath::parse(&a.param("path")?)?,
     };
-    let out = moe_layer_local_ranks(
-        a.tensor("x")?,
-        a.tensor("w_gate")?,
-        &w,
-        &opts,
-        a.param_as("world_size")?,
-    )?;
+    let kernel = GroupedKernel::parse(&a.param("kernel")?)?;
+    let world_size: usize = a.param_as("world_size")?;
+    let (x, w_gate) = (a.tensor("x")?, a.tensor("w_gate")?);
+    let out = match kernel {
+        GroupedKernel::Auto => moe_layer_local_ranks(x, w_gate, &w, &opts, world_size)?,
+        _ if world_size == 1 => moe_layer_on(x, w_gate, &w, &opts, kernel)?,
+        _ => {
+            return Err(Error::Param {
+                param: "kernel".into(),
+                expected: "auto where world_size > 1 (each rank tunes its own experts' GEMMs)"
+                    .into(),
+                found: format!("{} with world_size = {world_size}", a.param("kernel")?),
+            })
+        }
+    };
     let _ = client;
     Ok(vec![
         ("y", out.y),
@@ -648,6 +656,7 @@ pub static MOE_LAYER: OpSpec = OpSpec {
         ACTIVATION,
         ParamSpec::new("path", "auto", "auto | capacity | dropless", "expert layout: capacity [E, C, M], dropless (sorted by expert, no padding), or auto (autotuned)"),
         WORLD_SIZE,
+        GROUPED_KERNEL,
     ],
     run: run_layer,
     problem: "S x M x F x E",

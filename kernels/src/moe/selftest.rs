@@ -160,6 +160,19 @@ fn layer_inputs(rng: &mut Rng) -> CaseInputs {
     ]
 }
 
+/// The tensor-core layer case's: M and F multiples of 8 (the wmma tiles' K and N).
+fn layer_tc_inputs(rng: &mut Rng) -> CaseInputs {
+    let (m, f) = (16, 24);
+    vec![
+        ("x", vec![S, m], rng.normals(S * m, 1.0)),
+        ("w_gate", vec![m, E], rng.normals(m * E, 0.5)),
+        ("w1", vec![E, m, f], rng.normals(E * m * f, 0.3)),
+        ("w2", vec![E, f, m], rng.normals(E * f * m, 0.3)),
+        ("b1", vec![E, f], rng.normals(E * f, 0.3)),
+        ("b2", vec![E, m], rng.normals(E * m, 0.3)),
+    ]
+}
+
 fn layer_ref(i: &BTreeMap<String, HostTensor>, cf: f64, prioritized: bool) -> Vec<f64> {
     let (m, e) = (i["w_gate"].shape[0], i["w_gate"].shape[1]);
     let x = i["x"].to_f64();
@@ -392,6 +405,26 @@ pub fn cases() -> Vec<Case> {
             reference: |i| layer_ref(i, 0.0, false),
             // In half precision: each expert's output, then y.
             roundings: 2.0,
+            ulps: 512.0,
+            floor: LAYER_FLOOR,
+        },
+        // Mixtral's configuration on tensor cores alone (skipped, saying so, where there
+        // are none): the dropless path, whose second grouped GEMM scatters gate-scaled
+        // rows from the wmma fragments (the tuner compares plain stores only).
+        Case {
+            op: "moe_layer",
+            params: &[
+                ("path", "dropless"),
+                ("capacity_factor", "0"),
+                ("kernel", "tensor_cores"),
+            ],
+            output: "y",
+            what: "[37,16] tokens, 6 experts of F = 24, top-2, dropless, tensor cores",
+            inputs: layer_tc_inputs,
+            reference: |i| layer_ref(i, 0.0, false),
+            // In half precision: the hidden activations as staged, each expert's output,
+            // then y.
+            roundings: 4.0,
             ulps: 512.0,
             floor: LAYER_FLOOR,
         },
