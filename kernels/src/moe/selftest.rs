@@ -96,20 +96,17 @@ fn width(i: &BTreeMap<String, HostTensor>, name: &str) -> usize {
 
 /// Expert FFN inputs: `E' = 3` experts, `C = 9`, `M = 10`, `F = 13`, with biases.
 fn ffn_inputs(rng: &mut Rng) -> CaseInputs {
-    let (e, c, m, f) = (3, 9, 10, 13);
-    vec![
-        ("dispatched", vec![e, c, m], rng.normals(e * c * m, 1.0)),
-        ("w1", vec![e, m, f], rng.normals(e * m * f, 0.3)),
-        ("w2", vec![e, f, m], rng.normals(e * f * m, 0.3)),
-        ("b1", vec![e, f], rng.normals(e * f, 0.3)),
-        ("b2", vec![e, m], rng.normals(e * m, 0.3)),
-    ]
+    ffn_inputs_of(rng, (3, 9, 10, 13))
 }
 
 /// The tensor-core case's FFN: M and F multiples of 8 (the wmma tiles' K and N), 21
 /// slots an expert (ragged against every tile).
 fn ffn_tc_inputs(rng: &mut Rng) -> CaseInputs {
-    let (e, c, m, f) = (3, 21, 24, 40);
+    ffn_inputs_of(rng, (3, 21, 24, 40))
+}
+
+/// Expert FFN inputs of `(E, C, M, F)`, with biases.
+fn ffn_inputs_of(rng: &mut Rng, (e, c, m, f): (usize, usize, usize, usize)) -> CaseInputs {
     vec![
         ("dispatched", vec![e, c, m], rng.normals(e * c * m, 1.0)),
         ("w1", vec![e, m, f], rng.normals(e * m * f, 0.3)),
@@ -149,20 +146,16 @@ const LAYER_FLOOR: f64 = 4.0;
 
 /// Layer inputs: `S = 37` tokens of `M = 12`, `E = 6` experts of `F = 10`, biases.
 fn layer_inputs(rng: &mut Rng) -> CaseInputs {
-    let f = 10;
-    vec![
-        ("x", vec![S, M], rng.normals(S * M, 1.0)),
-        ("w_gate", vec![M, E], rng.normals(M * E, 0.5)),
-        ("w1", vec![E, M, f], rng.normals(E * M * f, 0.3)),
-        ("w2", vec![E, f, M], rng.normals(E * f * M, 0.3)),
-        ("b1", vec![E, f], rng.normals(E * f, 0.3)),
-        ("b2", vec![E, M], rng.normals(E * M, 0.3)),
-    ]
+    layer_inputs_of(rng, M, 10)
 }
 
 /// The tensor-core layer case's: M and F multiples of 8 (the wmma tiles' K and N).
 fn layer_tc_inputs(rng: &mut Rng) -> CaseInputs {
-    let (m, f) = (16, 24);
+    layer_inputs_of(rng, 16, 24)
+}
+
+/// A layer's inputs: `S` tokens of width `m`, `E` experts of width `f`, with biases.
+fn layer_inputs_of(rng: &mut Rng, m: usize, f: usize) -> CaseInputs {
     vec![
         ("x", vec![S, m], rng.normals(S * m, 1.0)),
         ("w_gate", vec![m, E], rng.normals(m * E, 0.5)),
@@ -171,6 +164,13 @@ fn layer_tc_inputs(rng: &mut Rng) -> CaseInputs {
         ("b1", vec![E, f], rng.normals(E * f, 0.3)),
         ("b2", vec![E, m], rng.normals(E * m, 0.3)),
     ]
+}
+
+/// The f64 expert FFN of a case's slots with `activation`.
+fn ffn_ref(i: &BTreeMap<String, HostTensor>, activation: &str) -> Vec<f64> {
+    let w = weights_of(i);
+    let e = i["dispatched"].shape[0];
+    experts(i, &w, activation).ffn_slots(&i["dispatched"].to_f64(), e)
 }
 
 fn layer_ref(i: &BTreeMap<String, HostTensor>, cf: f64, prioritized: bool) -> Vec<f64> {
@@ -357,11 +357,7 @@ pub fn cases() -> Vec<Case> {
             output: "expert_out",
             what: "3 experts, [9,10] slots, F = 13, biases, gelu",
             inputs: ffn_inputs,
-            reference: |i| {
-                let w = weights_of(i);
-                let e = i["dispatched"].shape[0];
-                experts(i, &w, "gelu").ffn_slots(&i["dispatched"].to_f64(), e)
-            },
+            reference: |i| ffn_ref(i, "gelu"),
             roundings: 1.0,
             ulps: 256.0,
             floor: 1.0,
@@ -375,11 +371,7 @@ pub fn cases() -> Vec<Case> {
             output: "expert_out",
             what: "3 experts, [21,24] slots, F = 40, biases, silu, tensor cores",
             inputs: ffn_tc_inputs,
-            reference: |i| {
-                let w = weights_of(i);
-                let e = i["dispatched"].shape[0];
-                experts(i, &w, "silu").ffn_slots(&i["dispatched"].to_f64(), e)
-            },
+            reference: |i| ffn_ref(i, "silu"),
             roundings: 4.0,
             ulps: 256.0,
             floor: 1.0,
