@@ -201,3 +201,102 @@ fn w4a16_conformance_vectors() {
         assert!(err < 1e-3, "{file}: kernel {err:e}");
     }
 }
+
+/// W4A16's and `w8_bits`' `path` (`w4a16_on`, `w8_bits_on`, `kiln run --set path=..`):
+/// each CUDA-core path the problem has gives the f64 product; one it lacks is refused
+/// by name (the GEMV past 64 rows, the direct kernel where K is not a multiple of 4:
+/// `Error::Param`; tensor cores for f32 activations, or on a device without them:
+/// `Error::Unsupported`).
+#[test]
+fn w4a16_and_w8_bits_path_pins_the_kernel_and_refuses_a_missing_one_by_name() {
+    use kiln::kernels::qgemm::Path;
+    let mut rng = Rng::new(41);
+    let (n, k, g) = (40, 256, 32);
+    let format = W4Format::Gptq { version: 1 };
+    let c = codes(&mut rng, k, n, g, DType::F32);
+    let ck = checkpoint(&c, format, DType::F32, true);
+    let w = weights(&ck, format, g as i64, None);
+    let wd = c.dequantize(None);
+    let run = |m: usize, dtype: DType, path: Option<Path>, rng: &mut Rng| {
+        let x = rounded(dtype, &rng.normals(m * k, 1.0));
+        let y = qgemm::w4a16_on(&up(dtype, &[m, k], &x), &w, path)?;
+        let want = qr::matmul(&x, &wd, m, k, n);
+        Ok::<_, Error>(mean_rel(&y.download().unwrap().to_f64(), &want))
+    };
+    for path in [Path::Gemv, Path::Tiled, Path::Direct] {
+        let err = run(9, DType::F32, Some(path), &mut rng).unwrap();
+        assert!(err < bar(DType::F32), "{path:?}: {err:e}");
+    }
+    let e = run(70, DType::F32, Some(Path::Gemv), &mut rng)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("path") && e.contains("gemv") && e.contains("M = 70"),
+        "{e}"
+    );
+    // wmma has no f32 fragments: refused on every device.
+    let e = run(9, DType::F32, Some(Path::TensorCore), &mut rng).unwrap_err();
+    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+    assert!(e.to_string().contains("f16 or bf16 activations"), "{e}");
+    if !client().report().tensor_cores {
+        let e = run(9, DType::F16, Some(Path::TensorCore), &mut rng).unwrap_err();
+        assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+        assert!(e.to_string().contains("no tensor cores"), "{e}");
+    }
+
+    // Through `kiln run`'s parameter.
+    let (m, x) = (5, rng.normals(5 * k, 1.0));
+    let mut hosts = BTreeMap::new();
+    hosts.insert(
+        "x".into(),
+        HostTensor::from_f64(DType::F32, vec![m, k], &x).unwrap(),
+    );
+    hosts.insert("qweight".into(), ck.qweight.download().unwrap());
+    hosts.insert("scales".into(), ck.scales.download().unwrap());
+    hosts.insert(
+        "qzeros".into(),
+        ck.qzeros.as_ref().unwrap().download().unwrap(),
+    );
+    let params = |path: &str| {
+        [("group_size", "32"), ("path", path)]
+            .map(|(p, v)| (p.to_string(), v.to_string()))
+            .into()
+    };
+    let op = kiln::kernels::op("w4a16").unwrap();
+    let y = op.call_host(client(), &hosts, params("direct")).unwrap();
+    let err = mean_rel(&y["y"].to_f64(), &qr::matmul(&x, &wd, m, k, n));
+    assert!(err < bar(DType::F32), "{err:e}");
+    let e = op
+        .call_host(client(), &hosts, params("fastest"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("path") && e.contains("fastest"), "{e}");
+
+    // `w8_bits` at K = 77: no direct kernel (rows of x do not start on a vector).
+    let (m, n, k) = (6, 24, 77);
+    let q8 = ints(&mut rng, k * n, -128, 127);
+    let s8 = rounded(DType::F32, &vec![0.01; n]);
+    let q8i: Vec<i8> = q8.iter().map(|&v| v as i8).collect();
+    let want_w = qr::w8_bits_weight(&q8i, &s8, k, n, 6);
+    let x = rng.normals(m * k, 1.0);
+    let (xt, qt, st) = (
+        up(DType::F32, &[m, k], &x),
+        up(DType::I8, &[k, n], &q8),
+        up(DType::F32, &[n], &s8),
+    );
+    for path in [Path::Gemv, Path::Tiled] {
+        let y = qgemm::w8_bits_on(&xt, &qt, &st, 6, Some(path)).unwrap();
+        let err = mean_rel(
+            &y.download().unwrap().to_f64(),
+            &qr::matmul(&x, &want_w, m, k, n),
+        );
+        assert!(err < bar(DType::F32), "w8_bits {path:?}: {err:e}");
+    }
+    let e = qgemm::w8_bits_on(&xt, &qt, &st, 6, Some(Path::Direct))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("path") && e.contains("direct") && e.contains("K = 77"),
+        "{e}"
+    );
+}

@@ -58,10 +58,12 @@ pub(super) struct Operands<'a> {
     pub(super) shift: u32,
     pub(super) wkind: WeightKind,
     pub(super) act_order: bool,
+    /// The caller's path (`None`: the autotuner's choice).
+    pub(super) path: Option<Path>,
 }
 
 /// Which kernel computes a quantized GEMM (the autotuner's `qgemm_path` / `w8a8_path`
-/// decision, or the caller's: `kiln run w8a8 --set path=..`).
+/// decision, or the caller's: `kiln run w4a16|w8_bits|w8a8 --set path=..`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Path {
     /// Few rows: split-K GEMV (`qgemm_gemv`, `w8a8_gemv`; M <= [`GEMV_MAX_ROWS`]).
@@ -70,8 +72,8 @@ pub enum Path {
     Tiled,
     /// Register tiles from global memory (`qgemm_direct`, `w8a8_direct`).
     Direct,
-    /// Tensor cores (`qgemm_cmma`: f16/bf16 activations; `w8a8_cmma`: int8 tensor
-    /// cores, K a multiple of 16), on devices that have them.
+    /// Tensor cores (`qgemm_cmma`: f16/bf16 activations, W4A16 and `w8_bits`;
+    /// `w8a8_cmma`: int8 tensor cores, K a multiple of 16), on devices that have them.
     TensorCore,
 }
 
@@ -143,7 +145,7 @@ impl Operands<'_> {
             [m, n, k],
             &extra,
             &more,
-            None,
+            self.path,
             |p| self.estimate(p),
             |p| self.launch(p).map(|_| self.y.clone()),
         )?;

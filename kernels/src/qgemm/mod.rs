@@ -55,7 +55,10 @@ pub use tensor_core::{
 pub use flexround::{flexround, flexround_backward, FlexRoundGrads, FlexRoundInputs};
 pub use gemm::Path;
 pub use w8a8_host::{quantize_per_token, w8a8, w8a8_on, MAX_W8A8_K, W8A8_OUT_DTYPES};
-pub use weight_only::{w4a16, w4a16_packed, w4a16_repack, w8_bits, PackedW4, W4Format, W4Weights};
+pub use weight_only::{
+    w4a16, w4a16_on, w4a16_packed, w4a16_packed_on, w4a16_repack, w8_bits, w8_bits_on, PackedW4,
+    W4Format, W4Weights,
+};
 
 /// The direct kernels' (`qgemm_direct`, `w8a8_direct`) common requirements on a cube
 /// of `bm x bn` outputs in `tm x tn` register tiles for an `m x n x k` problem: at most

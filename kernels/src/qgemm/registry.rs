@@ -1,7 +1,7 @@
 //! `kiln run` entries of the quantized GEMMs (their kernels register themselves).
 
 use super::{
-    flexround, flexround_backward, quantize_per_token, w4a16, w4a16_repack, w8_bits, w8a8_on,
+    flexround, flexround_backward, quantize_per_token, w4a16_on, w4a16_repack, w8_bits_on, w8a8_on,
     FlexRoundInputs, Path, W4Format, W4Weights,
 };
 use kiln_runtime::{
@@ -52,6 +52,15 @@ const VERSION: ParamSpec = ParamSpec::new(
     "1",
     "1 | 2",
     "GPTQ zero storage: 1 stores z - 1, 2 stores z",
+);
+
+/// The dequantizing GEMMs' kernel (W4A16, `w8_bits`; W8A8 has its own, on int8 tensor
+/// cores).
+const DEQUANT_PATH: ParamSpec = ParamSpec::new(
+    "path",
+    "auto",
+    Path::NAMES,
+    "the kernel: auto (autotuned), gemv (M <= 64), tiled, direct (K a multiple of 4), tensor_cores (wmma: f16/bf16 x on CUDA)",
 );
 
 fn w4_weights<'a>(a: &'a OpArgs) -> Result<W4Weights<'a>> {
@@ -107,7 +116,11 @@ fn gemm_cost(dims: &[usize], elem: usize, weight_bits: f64) -> (f64, f64) {
 }
 
 fn run_w4a16(_: &Client, a: &OpArgs) -> Result<Outputs> {
-    Ok(vec![("y", w4a16(a.tensor("x")?, &w4_weights(a)?)?)])
+    let path = Path::parse(&a.param("path")?)?;
+    Ok(vec![(
+        "y",
+        w4a16_on(a.tensor("x")?, &w4_weights(a)?, path)?,
+    )])
 }
 
 /// `w4a16`: int4 weight-only GEMM.
@@ -123,7 +136,7 @@ pub static W4A16: OpSpec = OpSpec {
         false,
         "the product",
     )],
-    params: &[FORMAT, GROUP, VERSION],
+    params: &[FORMAT, GROUP, VERSION, DEQUANT_PATH],
     run: run_w4a16,
     problem: "M x N x K (a GPTQ v1 weight, G = 128)",
     example_inputs: w4_inputs,
@@ -332,10 +345,9 @@ pub static QUANTIZE_PER_TOKEN: OpSpec = OpSpec {
 
 fn run_w8_bits(_: &Client, a: &OpArgs) -> Result<Outputs> {
     let bits = a.param_as("bits")?;
-    Ok(vec![(
-        "y",
-        w8_bits(a.tensor("x")?, a.tensor("q8")?, a.tensor("s8")?, bits)?,
-    )])
+    let path = Path::parse(&a.param("path")?)?;
+    let (x, q8, s8) = (a.tensor("x")?, a.tensor("q8")?, a.tensor("s8")?);
+    Ok(vec![("y", w8_bits_on(x, q8, s8, bits, path)?)])
 }
 
 /// `w8_bits`: one int8 weight served at 8, 6, 4 or 2 bits.
@@ -368,12 +380,15 @@ pub static W8_BITS: OpSpec = OpSpec {
         false,
         "the product",
     )],
-    params: &[ParamSpec::new(
-        "bits",
-        "8",
-        "8 | 6 | 4 | 2",
-        "precision: q_b = clamp(round(q8 / 2^(8-b))) ties to even, s_b = s8 2^(8-b)",
-    )],
+    params: &[
+        ParamSpec::new(
+            "bits",
+            "8",
+            "8 | 6 | 4 | 2",
+            "precision: q_b = clamp(round(q8 / 2^(8-b))) ties to even, s_b = s8 2^(8-b)",
+        ),
+        DEQUANT_PATH,
+    ],
     run: run_w8_bits,
     problem: "M x N x K",
     example_inputs: |dims| {

@@ -27,9 +27,21 @@ fn w4_codes(rng: &mut Rng) -> W4Codes {
 
 /// x [3, 96] and a GPTQ v1 checkpoint (G = 32) of a [96, 40] weight.
 fn gptq_inputs(rng: &mut Rng) -> Inputs {
+    gptq_inputs_of(rng, M)
+}
+
+/// Rows of the tensor-core cases' x: ragged against their 32- and 64-row tiles.
+const M_TC: usize = 37;
+
+/// x [37, 96] and the GPTQ weight of [`gptq_inputs`].
+fn gptq_tc_inputs(rng: &mut Rng) -> Inputs {
+    gptq_inputs_of(rng, M_TC)
+}
+
+fn gptq_inputs_of(rng: &mut Rng, m: usize) -> Inputs {
     let c = w4_codes(rng);
     vec![
-        ("x", vec![M, K], rng.normals(M * K, 1.0)),
+        ("x", vec![m, K], rng.normals(m * K, 1.0)),
         ("qweight", vec![K / 8, N], words(c.gptq_qweight())),
         ("scales", vec![K / G, N], c.s.clone()),
         ("qzeros", vec![K / G, N / 8], words(c.qzeros("gptq", 1))),
@@ -66,6 +78,13 @@ fn gptq_weight(i: &BTreeMap<String, HostTensor>) -> Vec<f64> {
         }
     }
     w
+}
+
+/// The W4A16 reference on a case's own inputs with `m` rows.
+fn gptq_reference(i: &BTreeMap<String, HostTensor>, m: usize) -> Vec<f64> {
+    case_dims(i, "x", (m, K));
+    case_dims(i, "qweight", (K / 8, N));
+    qr::matmul(&i["x"].to_f64(), &gptq_weight(i), m, K, N)
 }
 
 /// `(rows, cols)` of a matrix input.
@@ -157,7 +176,30 @@ fn token_inputs(rng: &mut Rng) -> Inputs {
 
 /// x [5, 77], q8 [77, 37] containing every int8 code, s8 [37].
 fn w8_bits_inputs(rng: &mut Rng) -> Inputs {
-    let (m, n, k) = (5, 37, 77);
+    w8_bits_inputs_of(rng, W8_BITS.0)
+}
+
+/// x [37, 77] and the weight of [`w8_bits_inputs`]: K ragged against the 16-deep
+/// fragments.
+fn w8_bits_tc_inputs(rng: &mut Rng) -> Inputs {
+    w8_bits_inputs_of(rng, M_TC)
+}
+
+/// (M, N, K) of the `w8_bits` case.
+const W8_BITS: (usize, usize, usize) = (5, 37, 77);
+
+/// The `w8_bits` reference at 4 bits on a case's own inputs with `m` rows.
+fn w8_bits_reference(i: &BTreeMap<String, HostTensor>, m: usize) -> Vec<f64> {
+    let (_, n, k) = W8_BITS;
+    let q8: Vec<i8> = i["q8"].to_f64().iter().map(|&v| v as i8).collect();
+    case_dims(i, "x", (m, k));
+    case_dims(i, "q8", (k, n));
+    let w = qr::w8_bits_weight(&q8, &i["s8"].to_f64(), k, n, 4);
+    qr::matmul(&i["x"].to_f64(), &w, m, k, n)
+}
+
+fn w8_bits_inputs_of(rng: &mut Rng, m: usize) -> Inputs {
+    let (_, n, k) = W8_BITS;
     let mut q8 = ints(rng, k * n);
     for (i, v) in q8.iter_mut().take(256).enumerate() {
         *v = i as f64 - 128.0;
@@ -202,8 +244,7 @@ fn flex(i: &BTreeMap<String, HostTensor>) -> qr::FlexRound {
     }
 }
 
-/// The quantized-GEMM cases, in `kiln ops` order.
-/// The quantized GEMMs' cases.
+/// The quantized GEMMs' cases, in `kiln ops` order.
 pub fn cases() -> Vec<Case> {
     vec![
         Case {
@@ -212,12 +253,26 @@ pub fn cases() -> Vec<Case> {
             output: "y",
             what: "[3,96] @ GPTQ v1 int4 [96,40], G = 32",
             inputs: gptq_inputs,
-            reference: |i| {
-                let (m, k) = case_dims(i, "x", (M, K));
-                case_dims(i, "qweight", (K / 8, N));
-                qr::matmul(&i["x"].to_f64(), &gptq_weight(i), m, k, N)
-            },
+            reference: |i| gptq_reference(i, M),
             roundings: 1.0,
+            ulps: 64.0,
+            floor: 1.0,
+        },
+        // Tensor cores alone (skipped, saying so, where there are none and for f32).
+        Case {
+            op: "w4a16",
+            params: &[
+                ("format", "gptq"),
+                ("group_size", "32"),
+                ("path", "tensor_cores"),
+            ],
+            output: "y",
+            what: "[37,96] @ GPTQ v1 int4 [96,40], G = 32, tensor cores",
+            inputs: gptq_tc_inputs,
+            reference: |i| gptq_reference(i, M_TC),
+            // y's rounding, and the dequantized weight's to x's dtype as staged for
+            // the fragments.
+            roundings: 2.0,
             ulps: 64.0,
             floor: 1.0,
         },
@@ -293,13 +348,21 @@ pub fn cases() -> Vec<Case> {
             output: "y",
             what: "[5,77] @ int8 [77,37] viewed at 4 bits (every code)",
             inputs: w8_bits_inputs,
-            reference: |i| {
-                let q8: Vec<i8> = i["q8"].to_f64().iter().map(|&v| v as i8).collect();
-                let ((m, k), (_, n)) = (case_dims(i, "x", (5, 77)), case_dims(i, "q8", (77, 37)));
-                let w = qr::w8_bits_weight(&q8, &i["s8"].to_f64(), k, n, 4);
-                qr::matmul(&i["x"].to_f64(), &w, m, k, n)
-            },
+            reference: |i| w8_bits_reference(i, W8_BITS.0),
             roundings: 1.0,
+            ulps: 64.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "w8_bits",
+            params: &[("bits", "4"), ("path", "tensor_cores")],
+            output: "y",
+            what: "[37,77] @ int8 [77,37] viewed at 4 bits, tensor cores",
+            inputs: w8_bits_tc_inputs,
+            reference: |i| w8_bits_reference(i, M_TC),
+            // y's rounding, and the dequantized weight's to x's dtype as staged for
+            // the fragments.
+            roundings: 2.0,
             ulps: 64.0,
             floor: 1.0,
         },

@@ -301,8 +301,17 @@ pub fn w4a16_repack(w: &W4Weights<'_>) -> Result<PackedW4> {
 }
 
 /// `y = x @ dequant(W)` for a checkpoint's weight: x `[..., K]`, y `[..., N]` in x's
-/// dtype. Non-kiln formats are repacked first (see [`w4a16_repack`]).
+/// dtype. Non-kiln formats are repacked first (see [`w4a16_repack`]). The kernel is the
+/// autotuner's choice ([`w4a16_on`] picks one).
 pub fn w4a16(x: &Tensor, w: &W4Weights<'_>) -> Result<Tensor> {
+    w4a16_on(x, w, None)
+}
+
+/// [`w4a16`] on the caller's `path` (`None`: the autotuner's choice), refused by name
+/// where the problem lacks it: tensor cores without them or for f32 activations
+/// (`Error::Unsupported`), the GEMV past [`GEMV_MAX_ROWS`] rows (`Error::Param`). An empty
+/// product runs no kernel whatever the path.
+pub fn w4a16_on(x: &Tensor, w: &W4Weights<'_>, path: Option<Path>) -> Result<Tensor> {
     // The weight's layout, then x's K against it, before anything about groups: a
     // mismatch is then named for what it is.
     let (k, _) = w4_layout(w, x.client())?;
@@ -316,11 +325,16 @@ pub fn w4a16(x: &Tensor, w: &W4Weights<'_>) -> Result<Tensor> {
         }
     }
     let packed = w4a16_repack(w)?;
-    w4a16_packed(x, &packed)
+    w4a16_packed_on(x, &packed, path)
 }
 
 /// `y = x @ dequant(W)` for a weight in kiln's layout.
 pub fn w4a16_packed(x: &Tensor, w: &PackedW4) -> Result<Tensor> {
+    w4a16_packed_on(x, w, None)
+}
+
+/// [`w4a16_packed`] on the caller's `path` (as [`w4a16_on`]).
+pub fn w4a16_packed_on(x: &Tensor, w: &PackedW4, path: Option<Path>) -> Result<Tensor> {
     let client = x.client();
     let d = check_w4(&w.weights(), client)?;
     // The struct's fields are public: they must describe its tensors.
@@ -356,6 +370,7 @@ pub fn w4a16_packed(x: &Tensor, w: &PackedW4) -> Result<Tensor> {
             shift: 0,
             wkind: WeightKind::Int4,
             act_order,
+            path,
         };
         operands.run()?;
     }
@@ -363,8 +378,21 @@ pub fn w4a16_packed(x: &Tensor, w: &PackedW4) -> Result<Tensor> {
 }
 
 /// `y = x @ (double_round(q8, bits) s8 2^(8 - bits))`: x `[..., K]`, `q8` i8 `[K, N]`,
-/// `s8` f32 `[N]`; y in x's dtype. `bits` in 8, 6, 4, 2.
+/// `s8` f32 `[N]`; y in x's dtype. `bits` in 8, 6, 4, 2. The kernel is the autotuner's
+/// choice ([`w8_bits_on`] picks one).
 pub fn w8_bits(x: &Tensor, q8: &Tensor, s8: &Tensor, bits: u32) -> Result<Tensor> {
+    w8_bits_on(x, q8, s8, bits, None)
+}
+
+/// [`w8_bits`] on the caller's `path` (as [`w4a16_on`]; the direct kernel also needs K a
+/// multiple of 4). K = 0 returns zeros whatever the path.
+pub fn w8_bits_on(
+    x: &Tensor,
+    q8: &Tensor,
+    s8: &Tensor,
+    bits: u32,
+    path: Option<Path>,
+) -> Result<Tensor> {
     let client = x.client();
     if !SWITCH_BITS.contains(&bits) {
         return Err(Error::Param {
@@ -399,6 +427,7 @@ pub fn w8_bits(x: &Tensor, q8: &Tensor, s8: &Tensor, bits: u32) -> Result<Tensor
             shift: 8 - bits,
             wkind: WeightKind::Int8Bits,
             act_order: false,
+            path,
         }
         .run()?;
     }
