@@ -91,10 +91,27 @@ fn errors(
     let (o_ref, l_ref) = rf::forward(dims, &x.q, &x.k, &x.v);
     let (dk, dv) = (x.tq.shape()[3], x.tv.shape()[3]);
     let mut worst = (0.0f64, 0.0f64, Vec::new(), Vec::new());
-    for kernel in [ForwardKernel::Staged, ForwardKernel::Rows] {
+    // The tensor-core kernel where the device has tensor cores and the inputs are half
+    // precision (CUDA); elsewhere it must be refused as unsupported.
+    let half = matches!(x.tq.dtype(), DType::F16 | DType::BF16);
+    let tensor_cores = client().report().tensor_cores && client().report().plane_size.0 == 32;
+    for kernel in [
+        ForwardKernel::Staged,
+        ForwardKernel::Rows,
+        ForwardKernel::TensorCore,
+    ] {
         if kernel == ForwardKernel::Rows && (dk % 4 != 0 || dv % 4 != 0) {
             let err = attention_with(&inp, opts, kernel).err().expect("refused");
             assert!(err.to_string().contains("multiples of 4"), "{err}");
+            continue;
+        }
+        if kernel == ForwardKernel::TensorCore && !(half && tensor_cores) {
+            let err = attention_with(&inp, opts, kernel).err().expect("refused");
+            assert!(matches!(err, Error::Unsupported { .. }), "{err}");
+            assert!(
+                err.to_string().contains("tensor cores for attention"),
+                "{err}"
+            );
             continue;
         }
         let r = attention_with(&inp, opts, kernel).unwrap();
@@ -297,6 +314,45 @@ fn out_dtype_f32_from_f16_inputs() {
         let e = rms_relative(&down(&r.out), &o_ref);
         assert!(e <= 1e-5, "{kernel:?}: out {e:.2e}");
     }
+    // The tensor-core kernel rounds P to f16 before `P V`: f16's bar, f32 output.
+    if client().report().tensor_cores {
+        let r = attention_with(&x.inputs(), &opts, ForwardKernel::TensorCore).unwrap();
+        assert_eq!(r.out.dtype(), DType::F32);
+        let e = rms_relative(&down(&r.out), &o_ref);
+        assert!(e <= 2e-3, "tensor cores: out {e:.2e}");
+    }
+}
+
+/// `kiln run attention --set kernel=..`: each kernel the problem has gives the
+/// reference's `out`; a name it does not know, and the rows kernel where D is not a
+/// multiple of 4, are refused by name; tensor cores as unsupported where there are none.
+#[test]
+fn attention_kernel_parameter_pins_a_kernel_or_refuses_by_name() {
+    let op = kiln::kernels::op("attention").unwrap();
+    let call = |x: &Qkv, kernel: &str| {
+        let hosts = [("q", &x.tq), ("k", &x.tk), ("v", &x.tv)]
+            .map(|(n, t)| (n.to_string(), t.download().unwrap()))
+            .into();
+        let params = [("kernel".to_string(), kernel.to_string())].into();
+        op.call_host(client(), &hosts, params)
+    };
+    let x = Qkv::new(DType::F32, 6, 1, 19, 23, 4, 2, 8, 12);
+    let (o_ref, _) = rf::forward(&x.dims(), &x.q, &x.k, &x.v);
+    for kernel in ["staged", "rows", "auto"] {
+        let out = call(&x, kernel).unwrap()["out"].to_f64();
+        let e = rms_relative(&out, &o_ref);
+        assert!(e <= 1e-5, "{kernel}: out {e:.2e}");
+    }
+    let e = call(&x, "fastest").unwrap_err().to_string();
+    assert!(
+        e.contains("kernel") && e.contains("tensor_cores") && e.contains("fastest"),
+        "{e}"
+    );
+    let e = call(&x, "tensor_cores").unwrap_err();
+    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+    let x = Qkv::new(DType::F32, 7, 1, 5, 5, 2, 2, 6, 8);
+    let e = call(&x, "rows").unwrap_err().to_string();
+    assert!(e.contains("kernel") && e.contains("D = 6"), "{e}");
 }
 
 /// Random splits of the key set into 1..=5 blocks, attention per block (f32 partial

@@ -315,6 +315,7 @@ fn tensor_core_kernels_are_refused_for_wgsl() {
         "qgemm_cmma",
         "moe_grouped_matmul_cmma",
         "w8a8_cmma",
+        "attention_fwd_cmma",
     ] {
         let spec = kiln::kernels::kernel(name).unwrap();
         assert!(spec.needs(Capability::TensorCores), "{name}");
@@ -326,6 +327,24 @@ fn tensor_core_kernels_are_refused_for_wgsl() {
         assert!(matches!(e, kiln::Error::Unsupported { .. }), "{name}: {e}");
         assert!(e.to_string().contains("cmma"), "{name}: {e}");
     }
+}
+
+/// The tensor-core attention forward: two passes over the keys, `Q K^T` and `P V` on
+/// `wmma` f16 fragments with f32 accumulators, causal.
+#[test]
+fn attention_fwd_cmma_cuda_f16_causal() {
+    insta::assert_snapshot!(source(
+        "attention_fwd_cmma",
+        Target::Cuda,
+        &[
+            ("dtype", "f16"),
+            ("causal", "true"),
+            ("PLANES", "4"),
+            ("BK", "64"),
+            ("BV", "64"),
+            ("BD", "32")
+        ]
+    ));
 }
 
 #[test]

@@ -804,6 +804,38 @@ fn bad_input_is_one_clear_line() {
         op.call_host(client(), &inputs, params("2")).unwrap_err(),
         &["kernel", "world_size = 2"],
     );
+    // No ranks: named as such, whatever the kernel.
+    let e = op.call_host(client(), &inputs, params("0")).unwrap_err();
+    assert!(e.to_string().contains("1 or more ranks"), "{e}");
+    one_line(e, &["world_size"]);
+    // More ranks than one process runs in threads (each with its own communicator
+    // state), though they divide E: refused before any is started.
+    let (w1w, w2w) = (
+        up(DType::F32, &[2048, 1, 1], &[0.0; 2048]),
+        up(DType::F32, &[2048, 1, 1], &[0.0; 2048]),
+    );
+    let wide = silu_experts(&w1w, &w2w);
+    let (x1, wg1) = (
+        up(DType::F32, &[1, 1], &[0.0]),
+        up(DType::F32, &[1, 2048], &[0.0; 2048]),
+    );
+    let e = moe_layer_local_ranks(&x1, &wg1, &wide, &opts, 2048)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("at most 1024"), "{e}");
+    one_line(e, &["world_size"]);
+    // `moe_dispatch` of an empty batch with E to infer from the ids: named, not E = 0.
+    let dispatch = kiln::kernels::op("moe_dispatch").unwrap();
+    let empty = BTreeMap::from([
+        ("x".to_string(), host(&up(DType::F32, &[0, 8], &[]))),
+        ("expert_ids".to_string(), host(&i32s(&[0, 2], &[]))),
+        ("locations".to_string(), host(&i32s(&[0, 2], &[]))),
+    ]);
+    let e = dispatch
+        .call_host(client(), &empty, BTreeMap::new())
+        .unwrap_err();
+    assert!(e.to_string().contains("no id >= 0"), "{e}");
+    one_line(e, &["num_experts"]);
     // Expert parallel: the capacity of the global batch is bounded, not only each
     // rank's (4 tokens a rank: C = 1e9 ceil(4 / 2) fits; over both ranks 4e9 does not).
     let x = up(DType::F32, &[4, 8], &[0.0; 32]);

@@ -228,9 +228,16 @@ fn layouts_cut_ragged_chunks_without_padding() {
                 let lens: Vec<usize> = (0..p).map(|r| l.local_len(r)).collect();
                 let (lo, hi) = (lens.iter().min().unwrap(), lens.iter().max().unwrap());
                 assert!(hi - lo <= 2, "S={s} P={p} {schedule:?}: {lens:?}");
+                // A rank outside the ring holds nothing (zigzag's mirrored chunk index
+                // would underflow).
+                assert!(l.rank_chunks(p).is_empty() && l.local_len(2 * p + 1) == 0);
             }
         }
     }
+    // A sequence so long that `c len` passes usize is still cut exactly.
+    let l = RingLayout::new(usize::MAX / 2, 4, RingSchedule::Zigzag).unwrap();
+    let total: usize = (0..4).map(|r| l.local_len(r)).sum();
+    assert_eq!(total, usize::MAX / 2);
 }
 
 #[test]

@@ -582,7 +582,9 @@ fn selftest(device: Option<String>, tune: bool) -> Result<ExitCode> {
     let tuner = kiln::runtime::tune::Autotuner::global();
     if tune {
         tuner.set_mode(kiln::runtime::tune::TuneMode::On);
-    } else if std::env::var_os("KILN_AUTOTUNE").is_none() {
+    } else if std::env::var_os("KILN_AUTOTUNE")
+        .is_none_or(|v| v.to_string_lossy().trim().is_empty())
+    {
         tuner.set_mode(kiln::runtime::tune::TuneMode::Off);
     }
     println!(

@@ -1079,7 +1079,7 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
             /// validating every candidate's outputs against the first's within
             /// `tolerance`), launches it, and returns it. The kernel must write its
             /// outputs from its inputs alone (outputs are overwritten by each candidate).
-            pub fn tuned(client: &#rt::Client, tolerance: f64, args: &#args_struct<'_>) -> #rt::Result<#config> {
+            pub fn tuned(client: &#rt::Client, tolerance: impl Into<#rt::tune::Tolerance>, args: &#args_struct<'_>) -> #rt::Result<#config> {
                 Self::tuned_ranked(client, tolerance, args, None)
             }
 
@@ -1088,7 +1088,7 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
             /// (see `kiln_runtime::tune::Search`).
             pub fn tuned_ranked(
                 client: &#rt::Client,
-                tolerance: f64,
+                tolerance: impl Into<#rt::tune::Tolerance>,
                 args: &#args_struct<'_>,
                 cost: Option<&dyn Fn(&#config) -> f64>,
             ) -> #rt::Result<#config> {

@@ -26,6 +26,21 @@ fn refuse(path: &Path, what: &str) -> std::io::Error {
     )
 }
 
+/// Reads a regular file as text. Anything else (a directory, a device such as
+/// `/dev/zero`, a FIFO: read without end, or never answering) is refused with an
+/// `InvalidInput` error that says what it is; a missing file stays `NotFound`. Symbolic
+/// links are followed.
+pub fn read_to_string(path: &Path) -> std::io::Result<String> {
+    let meta = std::fs::metadata(path)?;
+    if let Some(what) = special_kind(&meta).or((!meta.is_file()).then_some("not a file")) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is {what}, not a regular file", path.display()),
+        ));
+    }
+    std::fs::read_to_string(path)
+}
+
 /// What kind of non-regular file `meta` describes, if it is one.
 fn special_kind(meta: &std::fs::Metadata) -> Option<&'static str> {
     let t = meta.file_type();
@@ -164,6 +179,26 @@ mod tests {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| n.contains(".kiln-"))
             .collect()
+    }
+
+    #[test]
+    fn reads_regular_files_only() {
+        let d = scratch("read");
+        std::fs::write(d.join("a.json"), "{}").expect("write");
+        assert_eq!(read_to_string(&d.join("a.json")).expect("read"), "{}");
+        let e = read_to_string(&d).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("a directory"), "{e}");
+        assert_eq!(
+            read_to_string(&d.join("missing")).unwrap_err().kind(),
+            std::io::ErrorKind::NotFound
+        );
+        // A device is never read (/dev/zero would be read without end).
+        #[cfg(unix)]
+        {
+            let e = read_to_string(Path::new("/dev/zero")).unwrap_err();
+            assert!(e.to_string().contains("a character device"), "{e}");
+        }
     }
 
     #[test]

@@ -73,4 +73,29 @@ fn no_tokens_gives_an_empty_output_and_the_initial_state() {
     .unwrap()
     .to_string();
     assert!(err.contains("`q`") && err.contains("1048576"), "{err}");
+    // Empty, but with H K V past usize (2^66 state elements): refused as too large,
+    // not an overflow; and the parameters are checked as for T > 0.
+    let wide = up(DType::F32, &[1, 0, 1 << 22, 1 << 22], &[]);
+    let wide_inputs = GlaInputs {
+        q: &wide,
+        k: &wide,
+        v: &wide,
+        g: &wide,
+        h0: None,
+        cu_seqlens: None,
+    };
+    let err = gla(&wide_inputs, &GlaOptions::default()).err().unwrap();
+    assert!(matches!(err, kiln::Error::Unsupported { .. }), "{err}");
+    assert!(err.to_string().contains("2^32"), "{err}");
+    let err = gla(
+        &inp,
+        &GlaOptions {
+            chunk_size: Some(100),
+            ..Default::default()
+        },
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("chunk_size") && err.contains("100"), "{err}");
 }

@@ -503,6 +503,10 @@ fn lgreco_plan_is_the_brute_force_optimum() {
             assert!(size <= budget);
         }
     }
+    // Tables past the bound (a budget of usize::MAX in as many buckets would overflow
+    // and allocate without end): refused by name.
+    let e = lgreco_plan(&[vec![1.0]], &[vec![1]], usize::MAX, usize::MAX).unwrap_err();
+    assert_clear(e, &["buckets", "at most"]);
 }
 
 #[test]

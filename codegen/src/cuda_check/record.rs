@@ -138,7 +138,7 @@ impl CompileRecord {
 
     /// Reads the record at `path`: `None` when there is no such file.
     pub fn read(path: &Path) -> Result<Option<CompileRecord>, Error> {
-        let text = match std::fs::read_to_string(path) {
+        let text = match kiln_runtime::fsio::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => {

@@ -9,12 +9,14 @@
 
 use super::problem::{check, Problem};
 use super::rows::{AttentionFwdRows, AttentionFwdRowsArgs, AttentionFwdRowsProblem};
+use super::tensor_core::{AttentionFwdCmma, AttentionFwdCmmaArgs, AttentionFwdCmmaProblem};
 use super::tile::query_tile;
 use super::*;
 use crate::launch::absent;
 use cubecl::prelude::*;
 use kiln_dsl::{load_tile_v4, reg_tile_mma_v4, tile_product_nt, v4_tile_col, V4};
-use kiln_runtime::{tune::Choice, AdapterType, Client, DType, Error, Result, Tensor};
+use kiln_runtime::tune::{Choice, Tolerance};
+use kiln_runtime::{AdapterType, Client, DType, Error, Result, Tensor};
 
 /// How far two candidates' outputs may differ (the autotuner's per-element relative
 /// measure, floored at 1e-3 of the largest output) for `max_k` keys. Candidates sum
@@ -24,6 +26,24 @@ use kiln_runtime::{tune::Choice, AdapterType, Client, DType, Error, Result, Tens
 /// between the two kernels at 2048 keys of normal inputs).
 fn tolerance(max_k: usize) -> f64 {
     (2e-5 * (max_k as f64).sqrt()).max(1e-4)
+}
+
+/// [`tolerance`], or where the tensor-core kernel takes part: it rounds `P` to the
+/// operand dtype before `P V`, an absolute error in `out` of about one rounding of the
+/// rows' magnitude, which an element that cancels to near zero magnifies without bound
+/// in a relative measure. So the measure is floored at the output's largest magnitude
+/// (differences against it) and bounded by four roundings of the operand dtype. A
+/// kernel that drops or repeats a key tile, or misplaces a row, differs by a sizeable
+/// fraction of it.
+fn tolerance_with(p: &Problem, kernels: &[ForwardKernel]) -> Tolerance {
+    let base = tolerance(Problem::longest(&p.bounds_k));
+    match kernels.contains(&ForwardKernel::TensorCore) {
+        true => Tolerance {
+            rel: base.max(4.0 * p.dtype.epsilon()),
+            floor: 1.0,
+        },
+        false => base.into(),
+    }
 }
 
 /// Attention of `q` over `k`, `v` with the options' mask, scale and temperature:
@@ -47,11 +67,42 @@ pub enum ForwardKernel {
     /// lockstep, reading them straight from global memory (`D`, `Dv` multiples of 4;
     /// `rows.rs` says why).
     Rows,
+    /// `attention_fwd_cmma`: `Q K^T` and `P V` on tensor cores (f16/bf16 inputs, on
+    /// devices that report them: CUDA), in two passes over the keys (`tensor_core.rs`).
+    TensorCore,
 }
 
 impl ForwardKernel {
+    /// The kernels' names, as `kiln run attention --set kernel=..` takes them.
+    pub const NAMES: &'static str = "auto | staged | rows | tensor_cores";
+
+    /// `auto` (the autotuner's choice: `None`) or a kernel by its name.
+    pub fn parse(name: &str) -> Result<Option<ForwardKernel>> {
+        match name {
+            "auto" => Ok(None),
+            "staged" => Ok(Some(ForwardKernel::Staged)),
+            "rows" => Ok(Some(ForwardKernel::Rows)),
+            "tensor_cores" => Ok(Some(ForwardKernel::TensorCore)),
+            other => Err(Error::Param {
+                param: "kernel".into(),
+                expected: Self::NAMES.into(),
+                found: other.into(),
+            }),
+        }
+    }
+
+    /// The kernel's name (see [`ForwardKernel::parse`]).
+    pub fn name(self) -> &'static str {
+        match self {
+            ForwardKernel::Staged => "staged",
+            ForwardKernel::Rows => "rows",
+            ForwardKernel::TensorCore => "tensor_cores",
+        }
+    }
+
     /// The kernels that take a problem on this device, in preference order: the rows
-    /// kernel needs `D`, `Dv` multiples of 4, and on a GPU `D <= 64`.
+    /// kernel needs `D`, `Dv` multiples of 4, and on a GPU `D <= 64`; the tensor-core
+    /// one f16 or bf16 inputs and a device with tensor cores.
     fn fitting(client: &Client, p: &Problem) -> Vec<ForwardKernel> {
         let mut kernels = vec![ForwardKernel::Staged];
         let rows = AttentionFwdRowsProblem {
@@ -62,6 +113,16 @@ impl ForwardKernel {
         if !AttentionFwdRows::space(client, &rows).is_empty() {
             kernels.push(ForwardKernel::Rows);
         }
+        let cmma = AttentionFwdCmmaProblem {
+            dk: p.dk as u32,
+            dv: p.dv as u32,
+            ..Default::default()
+        };
+        if matches!(p.dtype, DType::F16 | DType::BF16)
+            && !AttentionFwdCmma::space(client, &cmma).is_empty()
+        {
+            kernels.push(ForwardKernel::TensorCore);
+        }
         kernels
     }
 
@@ -71,6 +132,8 @@ impl ForwardKernel {
     fn cost(client: &Client) -> impl Fn(&ForwardKernel) -> f64 + 'static {
         let cpu = client.report().adapter_type == AdapterType::Cpu;
         move |k| match (k, cpu) {
+            // Offered on GPUs only.
+            (ForwardKernel::TensorCore, _) => 0.5,
             (ForwardKernel::Rows, true) | (ForwardKernel::Staged, false) => 1.0,
             (ForwardKernel::Rows, false) => 1.5,
             (ForwardKernel::Staged, true) => 3.0,
@@ -79,8 +142,9 @@ impl ForwardKernel {
 }
 
 /// [`attention`] with the forward kernel given instead of tuned (each kernel's own tile
-/// configuration is still tuned): for tests and benchmarks. A kernel that cannot take
-/// the problem is refused by name.
+/// configuration is still tuned; `kiln run attention --set kernel=..`). A kernel that
+/// cannot take the problem is refused by name: tensor cores as unsupported (no tensor
+/// cores, or f32 inputs), the rows kernel as a parameter.
 pub fn attention_with(
     inp: &AttentionInputs<'_>,
     opts: &AttentionOptions,
@@ -88,11 +152,31 @@ pub fn attention_with(
 ) -> Result<AttentionOutput> {
     let p = check(inp, opts)?;
     let client = inp.q.client();
-    if !ForwardKernel::fitting(client, &p).contains(&kernel) {
+    let fitting = ForwardKernel::fitting(client, &p);
+    if !fitting.contains(&kernel) {
+        let names: Vec<&str> = fitting.iter().map(|k| k.name()).collect();
+        if kernel == ForwardKernel::TensorCore {
+            let report = client.report();
+            return Err(Error::Unsupported {
+                device: report.name.clone(),
+                feature: format!(
+                    "tensor cores for attention (kernel=tensor_cores needs f16 or bf16 q, k, v; \
+                     found {} on a device that reports {}tensor cores; this problem's \
+                     kernels: {})",
+                    p.dtype,
+                    if report.tensor_cores { "" } else { "no " },
+                    names.join(" | ")
+                ),
+            });
+        }
         return Err(Error::Param {
             param: "kernel".into(),
-            expected: "Staged (Rows needs D and Dv multiples of 4, and D <= 64 on a GPU)".into(),
-            found: format!("{kernel:?} with D = {}, Dv = {}", p.dk, p.dv),
+            expected: format!(
+                "auto, or a kernel this problem has: {} (rows needs D and Dv multiples of \
+                 4, and D <= 64 on a GPU)",
+                names.join(" | ")
+            ),
+            found: format!("{} with D = {}, Dv = {}", kernel.name(), p.dk, p.dv),
         });
     }
     let out = Tensor::empty(client, p.out_dtype, &p.out_shape())?;
@@ -115,8 +199,13 @@ pub(super) fn forward_into(
     if p.sq * p.batch == 0 {
         return Ok(());
     }
+    let kernels = ForwardKernel::fitting(client, p);
     let kernel = Choice::new("attention_fwd_kernel")
-        .sources([AttentionFwd::source_hash(), AttentionFwdRows::source_hash()])
+        .sources([
+            AttentionFwd::source_hash(),
+            AttentionFwdRows::source_hash(),
+            AttentionFwdCmma::source_hash(),
+        ])
         .dim("n_seq", p.n_seq())
         .dim("max_q", Problem::longest(&p.bounds_q))
         .dim("max_k", Problem::longest(&p.bounds_k))
@@ -126,11 +215,11 @@ pub(super) fn forward_into(
         .exact("dtype", p.dtype)
         .exact("causal", p.causal)
         .exact("varlen", p.varlen)
-        .candidates(ForwardKernel::fitting(client, p))
+        .candidates(kernels.clone())
         .cost(ForwardKernel::cost(client))
         .tune(
             client,
-            tolerance(Problem::longest(&p.bounds_k)),
+            tolerance_with(p, &kernels),
             |k| format!("{k:?}").to_lowercase(),
             |&k| {
                 // Fresh outputs per candidate: the tuner compares them.
@@ -177,13 +266,16 @@ fn launch(
             })
         };
     }
-    let tol = tolerance(Problem::longest(&p.bounds_k));
+    let tol = tolerance_with(p, &[kernel]);
     match kernel {
         ForwardKernel::Staged => {
             AttentionFwd::tuned(client, tol, &args!(AttentionFwdArgs)).map(drop)
         }
         ForwardKernel::Rows => {
             AttentionFwdRows::tuned(client, tol, &args!(AttentionFwdRowsArgs)).map(drop)
+        }
+        ForwardKernel::TensorCore => {
+            AttentionFwdCmma::tuned(client, tol, &args!(AttentionFwdCmmaArgs)).map(drop)
         }
     }
 }

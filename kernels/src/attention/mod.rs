@@ -31,6 +31,7 @@ mod registry;
 mod ring;
 mod rows;
 pub mod selftest;
+mod tensor_core;
 
 pub use backward::{
     attention_backward, AttentionBwdDkv, AttentionBwdDkvArgs, AttentionBwdDq, AttentionBwdDqArgs,
@@ -48,6 +49,7 @@ pub use ring::{
     ring_attention_local_ranks, RingLayout, RingSchedule,
 };
 pub use rows::{AttentionFwdRows, AttentionFwdRowsArgs, AttentionFwdRowsProblem};
+pub use tensor_core::{AttentionFwdCmma, AttentionFwdCmmaArgs, AttentionFwdCmmaProblem};
 
 use kiln_runtime::{DType, Tensor};
 

@@ -160,9 +160,30 @@ fn call_inputs<'a>(a: &'a OpArgs, (cq, ck): &'a Offsets) -> Result<AttentionInpu
 fn run_attention(_: &Client, a: &OpArgs) -> Result<Outputs> {
     let opts = options(a)?;
     let offsets = call_offsets(a)?;
-    let r = attention(&call_inputs(a, &offsets)?, &opts)?;
+    let inputs = call_inputs(a, &offsets)?;
+    let r = match ForwardKernel::parse(&a.param("kernel")?)? {
+        None => attention(&inputs, &opts)?,
+        Some(kernel) => attention_with(&inputs, &opts, kernel)?,
+    };
     Ok(vec![("out", r.out), ("lse", r.lse)])
 }
+
+/// `attention`'s parameters: the shared ones and the forward kernel.
+const ATTENTION_PARAMS: [ParamSpec; 8] = [
+    PARAMS[0],
+    PARAMS[1],
+    PARAMS[2],
+    PARAMS[3],
+    PARAMS[4],
+    PARAMS[5],
+    PARAMS[6],
+    ParamSpec::new(
+        "kernel",
+        "auto",
+        ForwardKernel::NAMES,
+        "the forward kernel: auto (autotuned), staged, rows (D and Dv multiples of 4), tensor_cores (wmma: f16/bf16 on CUDA)",
+    ),
+];
 
 /// `--shape B x S x H x D` (Hkv = H, Sq = Sk, Dv = D) or `B x S x H x Hkv x D`.
 pub(super) fn qkv_shapes(dims: &[usize]) -> Result<(usize, usize, usize, usize, usize)> {
@@ -205,7 +226,7 @@ pub static ATTENTION: OpSpec = OpSpec {
     summary: "flash attention (GQA, causal with offsets, varlen, APE temperature) returning out and its log-sum-exp",
     inputs: &[Q, K, V, CU_Q, CU_K],
     outputs: &[OUT, LSE],
-    params: &PARAMS,
+    params: &ATTENTION_PARAMS,
     run: run_attention,
     problem: "B x S x H x D or B x S x H x Hkv x D (Sq = Sk, Dv = D)",
     example_inputs: qkv_inputs,

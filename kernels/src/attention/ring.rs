@@ -176,23 +176,29 @@ impl RingLayout {
             .bounds
             .windows(2)
             .map(|w| {
-                let (start, len) = (w[0], w[1] - w[0]);
-                start + c * len / n..start + (c + 1) * len / n
+                // In u128: `c len` of a long sequence may pass usize (n >= 1, c < n).
+                let (start, len) = (w[0], w[1].saturating_sub(w[0]) as u128);
+                let at = |c: usize| start + (c as u128 * len / n as u128) as usize;
+                at(c)..at(c + 1)
             })
             .collect();
         RingChunk { index: c, segments }
     }
 
-    /// Rank `r`'s chunks, in the order its local tensors hold them.
+    /// Rank `r`'s chunks, in the order its local tensors hold them (none for a rank
+    /// outside the ring, `r >= world_size`).
     pub fn rank_chunks(&self, r: usize) -> Vec<RingChunk> {
         let p = self.world_size;
+        if r >= p {
+            return Vec::new();
+        }
         match self.schedule {
             RingSchedule::Zigzag => vec![self.chunk(r, 2 * p), self.chunk(2 * p - 1 - r, 2 * p)],
             _ => vec![self.chunk(r, p)],
         }
     }
 
-    /// Tokens rank `r` holds.
+    /// Tokens rank `r` holds (0 outside the ring).
     pub fn local_len(&self, r: usize) -> usize {
         self.rank_chunks(r).iter().map(|c| c.len()).sum()
     }

@@ -135,6 +135,35 @@ pub fn cases() -> Vec<Case> {
             ulps: 64.0,
             floor: 1.0,
         },
+        // The tensor-core kernel alone (skipped, saying so, where there are none and
+        // for f32): D = 24 and Dv = 20 ragged against its 32-deep slices and 64-wide
+        // value tiles; its statistics pass writes `lse`, its second pass `out`.
+        Case {
+            op: "attention",
+            params: &[("causal", "true"), ("q_offset", "16"), ("kernel", "tensor_cores")],
+            output: "out",
+            what: "[2,37,4,24] over [2,53,2,24] causal at offset 16, GQA 2:1, tensor cores",
+            inputs: attention_inputs,
+            reference: attention_reference,
+            // out's rounding, and P's to the operand dtype before `P V`.
+            roundings: 2.0,
+            ulps: 64.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "attention",
+            params: &[("causal", "true"), ("q_offset", "16"), ("kernel", "tensor_cores")],
+            output: "lse",
+            what: "the same, tensor cores: lse",
+            inputs: attention_inputs,
+            reference: |i| {
+                let f = |n: &str| i[n].to_f64();
+                rf::forward(&case_dims_of(i, 16), &f("q"), &f("k"), &f("v")).1
+            },
+            roundings: 0.0,
+            ulps: 64.0,
+            floor: 1.0,
+        },
         Case {
             op: "attention_backward",
             params: &[("causal", "true"), ("q_offset", "16")],

@@ -70,6 +70,13 @@ pub(super) fn forward_states(
 /// algorithm `opts.mode` names (autotuned by default).
 pub fn gla(inp: &GlaInputs<'_>, opts: &GlaOptions) -> Result<GlaOutput> {
     let p = check(inp, opts.scale)?;
+    // The parameters are checked whatever T is (an empty batch included).
+    if matches!(opts.mode, GlaMode::FusedChunk) {
+        check_fused(inp, &p, opts.chunk_size)?;
+    }
+    if let Some(c) = opts.chunk_size {
+        check_chunk(c)?;
+    }
     if p.rows() == 0 {
         // No tokens (T = 0): nothing to tune; `o` is empty and the state passes through.
         let (o, ht) = forward_chunked(inp, &p, opts.chunk_size.unwrap_or(64))?;
@@ -79,27 +86,7 @@ pub fn gla(inp: &GlaInputs<'_>, opts: &GlaOptions) -> Result<GlaOutput> {
         });
     }
     let fused = match (opts.mode, opts.chunk_size) {
-        (GlaMode::FusedChunk, Some(c)) if c != FUSED_CHUNK as usize => {
-            return Err(Error::Param {
-                param: "chunk_size".into(),
-                expected: format!("{FUSED_CHUNK} (or auto) with mode=fused_chunk"),
-                found: c.to_string(),
-            })
-        }
-        (GlaMode::FusedChunk, _) => {
-            if !fused_fits(inp.q.client(), &p) {
-                return Err(Error::Param {
-                    param: "mode".into(),
-                    expected: format!(
-                        "chunk or auto unless K <= {FUSED_MAX_K}, K and V are multiples of 4 \
-                         (fused_chunk keeps the state in registers and reads 4-wide vectors), \
-                         and the device allows a tile of it (CUDA: K <= 112)"
-                    ),
-                    found: format!("fused_chunk with K = {}, V = {}", p.dk, p.dv),
-                });
-            }
-            true
-        }
+        (GlaMode::FusedChunk, _) => true,
         (GlaMode::Auto, None) => forward_mode_is_fused(inp, &p)?,
         _ => false,
     };
@@ -114,6 +101,30 @@ pub fn gla(inp: &GlaInputs<'_>, opts: &GlaOptions) -> Result<GlaOutput> {
         o,
         ht: opts.output_final_state.then_some(ht),
     })
+}
+
+/// `mode=fused_chunk`'s conditions: its own chunk size (or auto), and a problem the
+/// fused kernel takes on this device; errors name `chunk_size` or `mode`.
+fn check_fused(inp: &GlaInputs<'_>, p: &Problem, chunk_size: Option<usize>) -> Result<()> {
+    if let Some(c) = chunk_size.filter(|&c| c != FUSED_CHUNK as usize) {
+        return Err(Error::Param {
+            param: "chunk_size".into(),
+            expected: format!("{FUSED_CHUNK} (or auto) with mode=fused_chunk"),
+            found: c.to_string(),
+        });
+    }
+    if !fused_fits(inp.q.client(), p) {
+        return Err(Error::Param {
+            param: "mode".into(),
+            expected: format!(
+                "chunk or auto unless K <= {FUSED_MAX_K}, K and V are multiples of 4 \
+                 (fused_chunk keeps the state in registers and reads 4-wide vectors), \
+                 and the device allows a tile of it (CUDA: K <= 112)"
+            ),
+            found: format!("fused_chunk with K = {}, V = {}", p.dk, p.dv),
+        });
+    }
+    Ok(())
 }
 
 /// The widest key dimension the fused kernel takes.

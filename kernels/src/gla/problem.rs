@@ -140,10 +140,10 @@ pub(super) fn chunk_table(client: &Client, p: &Problem, chunk: usize) -> Result<
         seq_chunks.push((table.len() / 2) as u32);
     }
     let count = table.len() / 2;
-    let states = count as u128 * (p.heads * p.dk * p.dv) as u128;
-    if states > u32::MAX as u128
-        || p.rows() as u128 * (p.heads * p.dk.max(p.dv)) as u128 > u32::MAX as u128
-    {
+    // In u128 factor by factor: an empty batch may have H K V past usize.
+    let wide = |dims: &[usize]| dims.iter().map(|&d| d as u128).product::<u128>();
+    let states = wide(&[count.max(p.n_seq()), p.heads, p.dk, p.dv]);
+    if states > u32::MAX as u128 || wide(&[p.rows(), p.heads, p.dk.max(p.dv)]) > u32::MAX as u128 {
         return Err(Error::Unsupported {
             device: client.report().name.clone(),
             feature: format!("GLA problems over 2^32 state or token elements ({count} chunks)"),

@@ -297,6 +297,9 @@ pub fn moe_layer_backward_local_ranks(
     })
 }
 
+/// The most ranks [`moe_layer_local_ranks`] runs in one process (threads on one device).
+pub const MAX_LOCAL_RANKS: usize = 1024;
+
 /// P ranks in threads on one device: token chunks `[q S / P, (q + 1) S / P)` and expert
 /// shards `[q E / P, (q + 1) E / P)`.
 struct LocalRanks {
@@ -312,10 +315,14 @@ impl LocalRanks {
             return Err(shape_err("x", "[S, M]".into(), x.shape()));
         };
         let e = w.w1.shape().first().copied().unwrap_or(0);
-        if p == 0 || e == 0 || e % p != 0 {
+        // Each rank is a thread with its own communicator state (P counters each):
+        // capped as ring attention's ranks are.
+        if p == 0 || p > MAX_LOCAL_RANKS || e == 0 || e % p != 0 {
             return Err(Error::Param {
                 param: "world_size".into(),
-                expected: format!("a divisor of the expert count E = {e}"),
+                expected: format!(
+                    "a divisor of the expert count E = {e}, at most {MAX_LOCAL_RANKS}"
+                ),
                 found: p.to_string(),
             });
         }

@@ -97,7 +97,7 @@ const PRIORITIZED: ParamSpec = ParamSpec::new(
 const WORLD_SIZE: ParamSpec = ParamSpec::new(
     "world_size",
     "1",
-    "1 ..= E (a divisor of E)",
+    "1 ..= min(E, 1024) (a divisor of E)",
     "expert-parallel ranks (run in this process on the chosen device)",
 );
 const ACTIVATION: ParamSpec = ParamSpec::new(
@@ -328,10 +328,28 @@ fn routing_as_given(
                     .max(-1.0) as i64 as usize)
             };
             let e = match a.param("num_experts")?.as_str() {
-                "1 + max id" => ids
-                    .expect_dtype("expert_ids", &[DType::I32])
-                    .and_then(|_| max_of(ids))
-                    .map(|m| m.wrapping_add(1))?,
+                "1 + max id" => {
+                    ids.expect_dtype("expert_ids", &[DType::I32])?;
+                    // No id to infer E from (an empty batch, or only negative ids):
+                    // named as such rather than as an expert count of 0. With k = 0
+                    // there is none either; the routing's check names `k` (below).
+                    match max_of(ids)?.checked_add(1) {
+                        Some(e) => e,
+                        None if ids.shape().get(1) == Some(&0) => 0,
+                        _ => {
+                            return Err(Error::Param {
+                                param: "num_experts".into(),
+                                expected: "a number of experts: `expert_ids` holds no id >= 0 \
+                                           to infer it from (`--set num_experts=E`)"
+                                    .into(),
+                                found: format!(
+                                    "expert_ids {} without such an id",
+                                    kiln_runtime::shape_str(ids.shape())
+                                ),
+                            })
+                        }
+                    }
+                }
                 _ => a.param_as("num_experts")?,
             };
             let c = match (a.param("capacity")?.as_str(), a.optional_tensor("capacity")) {
@@ -609,6 +627,13 @@ fn run_layer(client: &Client, a: &OpArgs) -> Result<Outputs> {
     let kernel = GroupedKernel::parse(&a.param("kernel")?)?;
     let world_size: usize = a.param_as("world_size")?;
     let (x, w_gate) = (a.tensor("x")?, a.tensor("w_gate")?);
+    if world_size == 0 {
+        return Err(Error::Param {
+            param: "world_size".into(),
+            expected: "1 or more ranks (a divisor of E)".into(),
+            found: "0".into(),
+        });
+    }
     let out = match kernel {
         GroupedKernel::Auto => moe_layer_local_ranks(x, w_gate, &w, &opts, world_size)?,
         _ if world_size == 1 => moe_layer_on(x, w_gate, &w, &opts, kernel)?,

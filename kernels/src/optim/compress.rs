@@ -168,12 +168,18 @@ pub fn compression_errors(grads: &[&Tensor], densities: &[f64]) -> Result<Vec<Ve
         .collect()
 }
 
+/// The most table entries (`layers x buckets`) [`lgreco_plan`] takes: 2^26, about 512
+/// MiB of choices (a 100-layer model: 671k steps of the budget).
+pub const MAX_LGRECO_ENTRIES: usize = 1 << 26;
+
 /// L-GreCo's per-layer choice of compression level (Markov et al., 2024): the level of
 /// each layer minimising the total squared error `Σ errors[l][c_l]²` subject to
 /// `Σ sizes[l][c_l] <= budget` (sizes in any unit, e.g. elements sent), by dynamic
 /// programming over the budget in `buckets` steps (sizes rounded up to a step, so a
 /// returned plan always fits; with `buckets >= budget` and integer sizes it is exact).
-/// Errors when no plan fits or the tables disagree in shape.
+/// `layers x buckets` is at most [`MAX_LGRECO_ENTRIES`] (the program's tables): past
+/// that, fewer buckets give a plan exact to within one step. Errors when no plan fits,
+/// the tables disagree in shape, or `buckets` is past the bound.
 pub fn lgreco_plan(
     errors: &[Vec<f64>],
     sizes: &[Vec<usize>],
@@ -208,6 +214,18 @@ pub fn lgreco_plan(
         }
     }
     let buckets = buckets.clamp(1, budget.max(1));
+    let most = MAX_LGRECO_ENTRIES / errors.len().max(1);
+    if buckets > most {
+        return Err(Error::Param {
+            param: "buckets".into(),
+            expected: format!(
+                "at most {most} steps of the budget for {} layers (the program's tables \
+                 hold layers x buckets entries, at most {MAX_LGRECO_ENTRIES})",
+                errors.len()
+            ),
+            found: buckets.to_string(),
+        });
+    }
     let step = budget.div_ceil(buckets).max(1);
     let cap = budget / step;
     // best[b] = least total error of the layers so far using b steps; choice per layer.

@@ -166,9 +166,11 @@ impl LlamaTrainer {
             .map(|w| {
                 (
                     w,
+                    // A weight of rank 0 gets an empty block here, and S2ftAdamW::new
+                    // names it (every weight is a matrix).
                     Block::Rows {
                         start: 0,
-                        end: w.shape()[0],
+                        end: w.shape().first().copied().unwrap_or(0),
                     },
                 )
             })

@@ -254,6 +254,7 @@ fn check_units(
     unit_param: &str,
 ) -> Result<(usize, usize)> {
     check_input(name, w, w.client())?;
+    perm.check()?;
     let &[rows, cols] = w.shape() else {
         return Err(shape_err(name, "[rows, cols]".into(), w.shape()));
     };

@@ -48,6 +48,27 @@ pub enum Strategy<'a> {
     },
 }
 
+/// `perm` holds every unit of `0..perm.len()` exactly once (errors name `perm` and the
+/// first entry out of range or repeated).
+fn check_perm(perm: &[usize]) -> Result<()> {
+    let n = perm.len();
+    let mut seen = vec![false; n];
+    for (p, &u) in perm.iter().enumerate() {
+        if u >= n || seen[u] {
+            return Err(Error::Param {
+                param: "perm".into(),
+                expected: format!("a permutation of 0..{n}"),
+                found: match u >= n {
+                    true => format!("perm[{p}] = {u}, out of range"),
+                    false => format!("perm[{p}] = {u}, repeated"),
+                },
+            });
+        }
+        seen[u] = true;
+    }
+    Ok(())
+}
+
 /// A co-permutation of `U` units: new unit `p` is old unit `perm[p]`, old unit `u` is at
 /// `inverse[u]`. Order: A-only, shared (A and B), B-only, the rest, each ascending.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,19 +139,45 @@ impl S2ftPermutation {
 
     /// Checks a permutation given as data (`kiln run`'s `perm`): every unit exactly once.
     pub fn from_perm(perm: Vec<usize>) -> Result<Self> {
-        let n = perm.len();
-        let mut seen = vec![false; n];
-        for &u in &perm {
-            if u >= n || seen[u] {
-                return Err(Error::Param {
-                    param: "perm".into(),
-                    expected: format!("a permutation of 0..{n}"),
-                    found: format!("{perm:?}"),
-                });
-            }
-            seen[u] = true;
-        }
+        check_perm(&perm)?;
         Ok(Self::with_perm(perm, 0, 0, 0))
+    }
+
+    /// Checks that the fields describe one co-permutation (they are public, so a caller
+    /// may have built or changed them): `perm` a permutation of `0..U`, `inverse` its
+    /// inverse, and the set sizes within `U`. Every operator that takes a permutation
+    /// checks it before any kernel reads it.
+    pub fn check(&self) -> Result<()> {
+        check_perm(&self.perm)?;
+        let n = self.perm.len();
+        let bad = |expected: String, found: String| Error::Param {
+            param: "S2ftPermutation".into(),
+            expected,
+            found,
+        };
+        if self.inverse.len() != n
+            || self
+                .perm
+                .iter()
+                .enumerate()
+                .any(|(p, &u)| self.inverse[u] != p)
+        {
+            return Err(bad(
+                format!("`inverse` the inverse of `perm` ({n} units)"),
+                format!("an `inverse` of {} entries that is not", self.inverse.len()),
+            ));
+        }
+        let sets = self
+            .a_only
+            .checked_add(self.shared)
+            .and_then(|x| x.checked_add(self.b_only));
+        if sets.is_none_or(|s| s > n) {
+            return Err(bad(
+                format!("a_only + shared + b_only <= {n} units"),
+                format!("{} + {} + {}", self.a_only, self.shared, self.b_only),
+            ));
+        }
+        Ok(())
     }
 
     /// Number of units.

@@ -88,6 +88,11 @@ impl Device {
                 },
                 other => other,
             }),
+            Err(std::env::VarError::NotUnicode(v)) => Err(Error::Param {
+                param: "KILN_DEVICE".into(),
+                expected: format!("a device name in UTF-8: {}", Device::SYNTAX),
+                found: format!("{v:?}"),
+            }),
             _ => Ok(Device::Auto),
         }
     }

@@ -52,7 +52,7 @@ pub(super) fn device_prefix(client: &Client) -> String {
 /// file is dropped (several processes tuning into one cache take turns).
 pub(super) fn lock(path: &Path) -> std::io::Result<std::fs::File> {
     if let Some(dir) = path.parent() {
-        ensure_dir(dir)?;
+        ensure_dir(dir, CACHE_DIR)?;
     }
     let mut name = path.as_os_str().to_owned();
     name.push(".lock");
@@ -65,25 +65,33 @@ pub(super) fn lock(path: &Path) -> std::io::Result<std::fs::File> {
     Ok(f)
 }
 
-/// Writes JSON to a temporary file beside `path`, then renames it over `path`.
-pub(super) fn write_atomic(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
+/// What the cache's directory is, for [`ensure_dir`]'s error.
+pub(super) const CACHE_DIR: &str = "the cache directory is KILN_CACHE_DIR, or the default";
+
+/// Writes JSON to a temporary file beside `path`, then renames it over `path`; `dir_role`
+/// says what its directory is where that is not a directory.
+pub(super) fn write_atomic(
+    path: &Path,
+    value: &impl Serialize,
+    dir_role: &str,
+) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
-        ensure_dir(dir)?;
+        ensure_dir(dir, dir_role)?;
     }
     let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
     crate::fsio::replace_file(path, text.as_bytes())
 }
 
 /// Creates `dir` (and its parents) where missing. A path there that is not a directory
-/// (a `KILN_CACHE_DIR` naming a file) is said as such, not as the "File exists" that
-/// creating it would report.
-fn ensure_dir(dir: &Path) -> std::io::Result<()> {
+/// (a `KILN_CACHE_DIR` naming a file) is said as such, with `role` (what the directory
+/// is), not as the "File exists" that creating it would report.
+fn ensure_dir(dir: &Path, role: &str) -> std::io::Result<()> {
     let mut at = Some(dir);
     while let Some(p) = at {
         if p.exists() {
             if !p.is_dir() {
                 return Err(std::io::Error::other(format!(
-                    "{} is not a directory (the cache directory is KILN_CACHE_DIR, or the default)",
+                    "{} is not a directory ({role})",
                     p.display()
                 )));
             }
@@ -107,7 +115,7 @@ mod tests {
             e.contains("is not a directory") && e.contains("KILN_CACHE_DIR"),
             "{e}"
         );
-        let e = write_atomic(&d.join("sub").join("autotune.json"), &1)
+        let e = write_atomic(&d.join("sub").join("autotune.json"), &1, CACHE_DIR)
             .unwrap_err()
             .to_string();
         assert!(e.contains("is not a directory"), "{e}");

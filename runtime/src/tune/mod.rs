@@ -48,7 +48,7 @@ mod cache;
 mod choice;
 mod search;
 pub use cache::default_cache_dir;
-use cache::{device_prefix, write_atomic, CacheFile, Entry, CACHE_VERSION};
+use cache::{device_prefix, write_atomic, CacheFile, Entry, CACHE_DIR, CACHE_VERSION};
 pub use choice::Choice;
 pub use search::{Ranking, BATCH_BELOW, MAX_BATCH, SAMPLE_FLOOR};
 
@@ -92,7 +92,17 @@ impl TuneMode {
 /// first is the default, for an unset or empty variable); anything else is an error
 /// naming the variable.
 fn env_choice<T: Copy>(var: &str, choices: &[(&str, T)]) -> Result<T> {
-    let value = std::env::var(var).unwrap_or_default();
+    let value = match std::env::var(var) {
+        Ok(v) => v,
+        Err(std::env::VarError::NotPresent) => String::new(),
+        Err(std::env::VarError::NotUnicode(v)) => {
+            return Err(Error::Param {
+                param: var.into(),
+                expected: choices.iter().map(|c| c.0).collect::<Vec<_>>().join(" | "),
+                found: format!("{v:?} (not UTF-8)"),
+            })
+        }
+    };
     let value = value.trim();
     if value.is_empty() {
         return Ok(choices[0].1);
@@ -363,7 +373,7 @@ impl Autotuner {
     }
 
     fn read_file(&self) -> CacheFile {
-        let text = match std::fs::read_to_string(&self.path) {
+        let text = match crate::fsio::read_to_string(&self.path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return CacheFile::default(),
             Err(e) => {
@@ -415,7 +425,7 @@ impl Autotuner {
         let mut file = self.read_file();
         file.version = CACHE_VERSION;
         file.entries.extend(new);
-        let written = lock.and_then(|_guard| write_atomic(&self.path, &file));
+        let written = lock.and_then(|_guard| write_atomic(&self.path, &file, CACHE_DIR));
         let error = written.err().map(|e| e.to_string());
         if let Some(e) = &error {
             self.warn(
@@ -467,9 +477,11 @@ impl Autotuner {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect()
         });
-        write_atomic(file, &out).map_err(|source| Error::Io {
-            path: file.display().to_string(),
-            source,
+        write_atomic(file, &out, "the directory of the export file").map_err(|source| {
+            Error::Io {
+                path: file.display().to_string(),
+                source,
+            }
         })?;
         Ok(out.entries.len())
     }
@@ -479,7 +491,7 @@ impl Autotuner {
     /// error. Returns what was merged.
     pub fn import(&self, file: &Path) -> Result<Imported> {
         let p = file.display().to_string();
-        let text = std::fs::read_to_string(file).map_err(|source| Error::Io {
+        let text = crate::fsio::read_to_string(file).map_err(|source| Error::Io {
             path: p.clone(),
             source,
         })?;

@@ -37,7 +37,29 @@ fn bad_input_is_one_clear_line() {
     );
     one_line(
         S2ftPermutation::from_perm(vec![0, 0, 1]).unwrap_err(),
-        &["perm", "permutation"],
+        &["perm", "permutation", "perm[1] = 0, repeated"],
+    );
+    // The fields are public: a permutation built or changed by hand is checked before
+    // any kernel reads it (a repeated or out-of-range unit, an `inverse` that is not
+    // one, set sizes past the units).
+    let w5 = t32(&[10, 4], &[0.5; 40]);
+    let mut bad = S2ftPermutation::from_perm(vec![1, 0, 2, 3, 4]).unwrap();
+    bad.perm[0] = 7;
+    one_line(
+        s2ft_permute("w_k", &w5, &bad, 2, Axis::Rows, "head_dim").unwrap_err(),
+        &["perm[0] = 7, out of range"],
+    );
+    let mut bad = S2ftPermutation::from_perm(vec![1, 0, 2, 3, 4]).unwrap();
+    bad.inverse.swap(2, 3);
+    one_line(
+        s2ft_permute("w_k", &w5, &bad, 2, Axis::Rows, "head_dim").unwrap_err(),
+        &["S2ftPermutation", "inverse"],
+    );
+    let mut bad = S2ftPermutation::from_perm(vec![1, 0, 2, 3, 4]).unwrap();
+    bad.a_only = 6;
+    one_line(
+        s2ft_permute("w_k", &w5, &bad, 2, Axis::Rows, "head_dim").unwrap_err(),
+        &["S2ftPermutation", "a_only + shared + b_only"],
     );
     let heads = HeadLayout {
         heads: 6,
