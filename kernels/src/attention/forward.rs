@@ -10,7 +10,7 @@
 use super::problem::{check, Problem};
 use super::rows::{AttentionFwdRows, AttentionFwdRowsArgs, AttentionFwdRowsProblem};
 use super::tensor_core::{AttentionFwdCmma, AttentionFwdCmmaArgs, AttentionFwdCmmaProblem};
-use super::tile::query_tile;
+use super::tile::{query_tile, write_lse};
 use super::*;
 use crate::launch::absent;
 use cubecl::prelude::*;
@@ -308,7 +308,7 @@ attention_fwd_kernel! {
         let units = comptime!((BQ / TQ) * (BK / TK));
         let lowest = f32::min_value();
         let tile = query_tile(bounds_q, bounds_k, max_q, max_k, group, shift, BQ, causal);
-        let (n, i0, h, hk) = (tile.n, tile.i0, tile.h, tile.hk);
+        let (i0, h, hk) = (tile.i0, tile.h, tile.hk);
         let (bos_q, sq, bos_k, sk) = (tile.bos_q, tile.sq, tile.bos_k, tile.sk);
         let (rows, kmax) = (tile.rows, tile.kmax);
         let kv_heads = heads / group;
@@ -460,15 +460,7 @@ attention_fwd_kernel! {
             let r = UNIT_POS;
             stat[r as usize] = select(l_run == 0.0, 1.0f32, l_run);
             if CUBE_POS_Z == 0 && r < rows {
-                let t = bos_q + i0 + r;
-                let mut b = n;
-                let mut base = bos_q;
-                if comptime!(varlen) {
-                    b = 0;
-                    base = 0;
-                }
-                lse[((b * heads + h) * lse_rows + t - base) as usize] =
-                    temperature * (m_run + f32::ln(l_run)) + log_lse_scale;
+                write_lse(lse, &tile, r, heads, lse_rows, m_run, l_run, temperature, log_lse_scale, varlen);
             }
         }
         sync_cube();

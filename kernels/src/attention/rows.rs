@@ -18,7 +18,7 @@
 //! `exp(m_old - m_new) <= 1` once per `TK` keys, an empty row's `l = 0` giving `out = 0`
 //! and `lse = -inf`.
 
-use super::tile::query_tile;
+use super::tile::{query_tile, write_lse};
 use cubecl::prelude::*;
 use kiln_dsl::V4;
 use kiln_runtime::AdapterType;
@@ -214,14 +214,7 @@ attention_fwd_kernel! {
                 let l = l_run[i as usize];
                 let t = bos_q + i0 + r;
                 if CUBE_POS_Z == 0 {
-                    let mut b = tile.n;
-                    let mut base = bos_q;
-                    if comptime!(varlen) {
-                        b = 0;
-                        base = 0;
-                    }
-                    lse[((b * heads + h) * lse_rows + t - base) as usize] =
-                        temperature * (m_run[i as usize] + f32::ln(l)) + log_lse_scale;
+                    write_lse(lse, &tile, r, heads, lse_rows, m_run[i as usize], l, temperature, log_lse_scale, varlen);
                 }
                 let denom = V4::new(select(l == 0.0, 1.0f32, l));
                 let o_base = (t * heads + h) * dv + v0 * 4;

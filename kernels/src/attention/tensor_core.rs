@@ -26,7 +26,7 @@
 //! row's magnitude; the autotuner's tolerance is set for that where this kernel is a
 //! candidate).
 
-use super::tile::query_tile;
+use super::tile::{query_tile, write_lse};
 use cubecl::prelude::*;
 use kiln_dsl::{load_tile_as, CmmaBlock};
 
@@ -55,7 +55,7 @@ attention_fwd_kernel! {
         let units = comptime!(32 * PLANES);
         let lowest = f32::min_value();
         let tile = query_tile(bounds_q, bounds_k, max_q, max_k, group, shift, bq, causal);
-        let (n, i0, h, hk) = (tile.n, tile.i0, tile.h, tile.hk);
+        let (i0, h, hk) = (tile.i0, tile.h, tile.hk);
         let (bos_q, bos_k, rows, kmax) = (tile.bos_q, tile.bos_k, tile.rows, tile.kmax);
         let kv_heads = heads / group;
         let v0 = CUBE_POS_Z * BV;
@@ -121,15 +121,7 @@ attention_fwd_kernel! {
             row_max[r as usize] = m_run;
             row_inv[r as usize] = 1.0f32 / select(l_run == 0.0, 1.0f32, l_run);
             if CUBE_POS_Z == 0 && r < rows {
-                let t = bos_q + i0 + r;
-                let mut b = n;
-                let mut base = bos_q;
-                if comptime!(varlen) {
-                    b = 0;
-                    base = 0;
-                }
-                lse[((b * heads + h) * lse_rows + t - base) as usize] =
-                    temperature * (m_run + f32::ln(l_run)) + log_lse_scale;
+                write_lse(lse, &tile, r, heads, lse_rows, m_run, l_run, temperature, log_lse_scale, varlen);
             }
         }
         sync_cube();

@@ -213,3 +213,31 @@ pub(super) fn query_tile(
         kmax,
     }
 }
+
+/// Writes row `r` (within the tile) of a forward tile's log-sum-exp, `T (m + ln l) +
+/// log_lse_scale` (an empty row: l = 0, lse = -inf through ln(0)), at its place in `lse`
+/// `[B, H, Sq]` (varlen: `[1, H, total rows]`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn write_lse(
+    lse: &mut Array<f32>,
+    tile: &QueryTile,
+    r: u32,
+    heads: u32,
+    lse_rows: u32,
+    m: f32,
+    l: f32,
+    temperature: f32,
+    log_lse_scale: f32,
+    #[comptime] varlen: bool,
+) {
+    let t = tile.bos_q + tile.i0 + r;
+    let mut b = tile.n;
+    let mut base = tile.bos_q;
+    if comptime!(varlen) {
+        b = 0;
+        base = 0;
+    }
+    lse[((b * heads + tile.h) * lse_rows + t - base) as usize] =
+        temperature * (m + f32::ln(l)) + log_lse_scale;
+}
