@@ -572,10 +572,15 @@ fn bad_input_is_one_clear_line() {
     expect_err(attention_merge(&o, &l, &o, &l_bad), "lse_b");
 }
 
-use kiln::kernels::attention::{attention_backward, AttentionGradInputs};
+use kiln::kernels::attention::{
+    attention_backward, attention_backward_with, AttentionGradInputs, BackwardKernel,
+};
 
 /// The backward from the kernels' own forward (`out`, `lse`) against the f64
-/// gradients; returns the rel-RMS errors of dq, dk, dv.
+/// gradients, with each pair of gradient kernels that takes the problem (the
+/// tensor-core pair where the device has tensor cores and the inputs are half
+/// precision; elsewhere it must be refused as unsupported); returns the worst rel-RMS
+/// errors of dq, dk, dv.
 fn backward_errors(
     x: &Qkv,
     opts: &AttentionOptions,
@@ -592,22 +597,34 @@ fn backward_errors(
         &Rng::new(seed).normals(d_o_shape.iter().product(), 1.0),
     );
     let td_o = up(dtype, &d_o_shape, &d_o);
-    let g = attention_backward(
-        &inp,
-        &AttentionGradInputs {
-            out: &fwd.out,
-            lse: &fwd.lse,
-            d_o: &td_o,
-        },
-        opts,
-    )
-    .unwrap();
+    let grad = AttentionGradInputs {
+        out: &fwd.out,
+        lse: &fwd.lse,
+        d_o: &td_o,
+    };
     let (dq, dk, dv) = rf::backward(dims, &x.q, &x.k, &x.v, &d_o);
-    [
-        rms_relative(&down(&g.dq), &dq),
-        rms_relative(&down(&g.dk), &dk),
-        rms_relative(&down(&g.dv), &dv),
-    ]
+    let half = matches!(dtype, DType::F16 | DType::BF16);
+    let tensor_cores = client().report().tensor_cores && client().report().plane_size.0 == 32;
+    let mut worst = [0.0f64; 3];
+    for kernel in [BackwardKernel::Fma, BackwardKernel::TensorCore] {
+        let g = attention_backward_with(&inp, &grad, opts, Some(kernel));
+        if kernel == BackwardKernel::TensorCore && !(half && tensor_cores) {
+            let e = g.err().expect("refused");
+            assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+            assert!(e.to_string().contains("tensor cores"), "{e}");
+            continue;
+        }
+        let g = g.unwrap();
+        let errs = [
+            rms_relative(&down(&g.dq), &dq),
+            rms_relative(&down(&g.dk), &dk),
+            rms_relative(&down(&g.dv), &dv),
+        ];
+        for (w, e) in worst.iter_mut().zip(errs) {
+            *w = w.max(e);
+        }
+    }
+    worst
 }
 
 #[test]

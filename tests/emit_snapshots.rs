@@ -316,6 +316,8 @@ fn tensor_core_kernels_are_refused_for_wgsl() {
         "moe_grouped_matmul_cmma",
         "w8a8_cmma",
         "attention_fwd_cmma",
+        "attention_bwd_dq_cmma",
+        "attention_bwd_dkv_cmma",
     ] {
         let spec = kiln::kernels::kernel(name).unwrap();
         assert!(spec.needs(Capability::TensorCores), "{name}");
@@ -342,6 +344,24 @@ fn attention_fwd_cmma_cuda_f16_causal() {
             ("PLANES", "4"),
             ("BK", "64"),
             ("BV", "64"),
+            ("BD", "32")
+        ]
+    ));
+}
+
+/// The tensor-core dk/dv kernel: `S^T`, `dP^T` on `wmma`, `P^T` and `dS^T` formed
+/// transposed, `dV += P^T dO` and `dK += dS^T Q` in fragments across the query loop.
+#[test]
+fn attention_bwd_dkv_cmma_cuda_bf16_causal() {
+    insta::assert_snapshot!(source(
+        "attention_bwd_dkv_cmma",
+        Target::Cuda,
+        &[
+            ("dtype", "bf16"),
+            ("causal", "true"),
+            ("PLANES", "4"),
+            ("BQ", "32"),
+            ("BC", "64"),
             ("BD", "32")
         ]
     ));

@@ -18,13 +18,18 @@
 //! then dq and dk/dv), which share the recomputation of `p` from `lse`.
 #![allow(clippy::manual_div_ceil)] // kernel code: `(a + b - 1) / b` is what the emitted code does, written as such
 
+use super::backward_tc::{
+    AttentionBwdDkvCmma, AttentionBwdDkvCmmaArgs, AttentionBwdDkvCmmaProblem, AttentionBwdDqCmma,
+    AttentionBwdDqCmmaArgs, AttentionBwdDqCmmaProblem,
+};
 use super::problem::{check, Problem};
 use super::tile::query_tile;
 use super::*;
 use crate::launch::{absent, expect_shape};
 use cubecl::prelude::*;
 use kiln_dsl::{linear_unit, load_tile_v4, reg_tile_mma_v4, tile_product_nt, v4_tile_col, V4};
-use kiln_runtime::{DType, Result, Tensor};
+use kiln_runtime::tune::{Choice, Tolerance};
+use kiln_runtime::{Client, DType, Error, Result, Tensor};
 
 /// Candidates differ in tile shapes only, never in the order of a sum over a tile.
 const TOLERANCE: f64 = 1e-4;
@@ -58,13 +63,26 @@ pub fn attention_backward(
     grad: &AttentionGradInputs<'_>,
     opts: &AttentionOptions,
 ) -> Result<AttentionGrads> {
+    attention_backward_with(inp, grad, opts, None)
+}
+
+/// [`attention_backward`] with the pair of gradient kernels given (`None`: the
+/// autotuner's choice; `kiln run attention_backward --set kernel=..`), each still tuned
+/// among its tiles. Tensor cores where the device or dtype lacks them are refused as
+/// unsupported.
+pub fn attention_backward_with(
+    inp: &AttentionInputs<'_>,
+    grad: &AttentionGradInputs<'_>,
+    opts: &AttentionOptions,
+    kernel: Option<BackwardKernel>,
+) -> Result<AttentionGrads> {
     let p = check(inp, opts)?;
     let client = inp.q.client();
     check_grad_inputs(grad, &p)?;
     let dq = Tensor::empty(client, p.dtype, inp.q.shape())?;
     let dk = Tensor::empty(client, p.dtype, inp.k.shape())?;
     let dv = Tensor::empty(client, p.dtype, inp.v.shape())?;
-    backward_into(inp, grad, &p, &dq, &dk, &dv)?;
+    backward_into(inp, grad, &p, &dq, &dk, &dv, kernel)?;
     Ok(AttentionGrads { dq, dk, dv })
 }
 
@@ -90,6 +108,7 @@ pub(super) fn backward_into(
     dq: &Tensor,
     dk: &Tensor,
     dv: &Tensor,
+    kernel: Option<BackwardKernel>,
 ) -> Result<()> {
     let client = inp.q.client();
     let (bounds_q, bounds_k) = p.upload_bounds(client)?;
@@ -130,47 +149,236 @@ pub(super) fn backward_into(
         )?;
     }
     let grad_f32 = dq.dtype() == DType::F32 && p.dtype != DType::F32;
-    // The outputs the kernels do not write are bound to one-element placeholders.
-    let ph_f = Tensor::empty(client, p.dtype, &[1])?;
-    let ph_32 = absent(client)?;
-    let pick = |t: &'_ Tensor| -> (Tensor, Tensor) {
-        match grad_f32 {
-            true => (ph_f.clone(), t.clone()),
-            false => (t.clone(), ph_32.clone()),
-        }
+    let grads = Grads {
+        inp,
+        p,
+        bounds: (&bounds_q, &bounds_k),
+        d_o: grad.d_o,
+        lse_n: &lse_n,
+        delta: &delta,
+        grad_f32,
     };
-    let ((dq_f, dq_32), (dk_f, dk_32), (dv_f, dv_32)) = (pick(dq), pick(dk), pick(dv));
-    if rows > 0 {
-        AttentionBwdDq::tuned(
-            client,
-            TOLERANCE,
-            &attention_args!(AttentionBwdDqArgs, inp, p, &bounds_q, &bounds_k, {
-                d_o: grad.d_o,
-                lse_n: &lse_n,
-                delta: &delta,
-                dq: &dq_f,
-                dq32: &dq_32,
-                grad_f32,
+    let fitting = BackwardKernel::fitting(client, p);
+    let kernel = match kernel {
+        Some(k) if fitting.contains(&k) => k,
+        Some(k) => return Err(BackwardKernel::refusal(client, p, k, &fitting)),
+        None if fitting.len() == 1 => fitting[0],
+        None => Choice::new("attention_bwd_kernel")
+            .sources([
+                AttentionBwdDq::source_hash(),
+                AttentionBwdDkv::source_hash(),
+                AttentionBwdDqCmma::source_hash(),
+                AttentionBwdDkvCmma::source_hash(),
+            ])
+            .dim("n_seq", p.n_seq())
+            .dim("max_q", Problem::longest(&p.bounds_q))
+            .dim("max_k", Problem::longest(&p.bounds_k))
+            .dim("heads", p.heads)
+            .dim("kv_heads", p.kv_heads)
+            .dim("dk", p.dk)
+            .dim("dv", p.dv)
+            .exact("dtype", p.dtype)
+            .exact("causal", p.causal)
+            .exact("varlen", p.varlen)
+            .candidates(fitting.clone())
+            .tune(
+                client,
+                grads.tolerance(&fitting),
+                |k| k.name().into(),
+                |&k| {
+                    // Fresh outputs per candidate: the tuner compares them.
+                    let fresh = |t: &Tensor| Tensor::empty(client, t.dtype(), t.shape());
+                    let (dq, dk, dv) = (fresh(dq)?, fresh(dk)?, fresh(dv)?);
+                    grads.launch(k, &dq, &dk, &dv)?;
+                    Ok(vec![dq, dk, dv])
+                },
+            )?,
+    };
+    grads.launch(kernel, dq, dk, dv)
+}
+
+/// The backward's pair of gradient kernels: FMA tiles, or tensor cores
+/// (`backward_tc.rs`: f16/bf16 on devices that report them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum BackwardKernel {
+    /// `attention_bwd_dq` and `attention_bwd_dkv` (any dtype, any device).
+    Fma,
+    /// `attention_bwd_dq_cmma` and `attention_bwd_dkv_cmma`.
+    TensorCore,
+}
+
+impl BackwardKernel {
+    /// The kernels' names, as `kiln run attention_backward --set kernel=..` takes them.
+    pub const NAMES: &'static str = "auto | fma | tensor_cores";
+
+    /// `auto` (the autotuner's choice: `None`) or a pair by its name.
+    pub fn parse(name: &str) -> Result<Option<BackwardKernel>> {
+        match name {
+            "auto" => Ok(None),
+            "fma" => Ok(Some(BackwardKernel::Fma)),
+            "tensor_cores" => Ok(Some(BackwardKernel::TensorCore)),
+            other => Err(Error::Param {
+                param: "kernel".into(),
+                expected: Self::NAMES.into(),
+                found: other.into(),
             }),
-        )?;
+        }
     }
-    if Problem::longest(&p.bounds_k) > 0 {
-        AttentionBwdDkv::tuned(
-            client,
-            TOLERANCE,
-            &attention_args!(AttentionBwdDkvArgs, inp, p, &bounds_q, &bounds_k, {
-                d_o: grad.d_o,
-                lse_n: &lse_n,
-                delta: &delta,
-                dk_out: &dk_f,
-                dv_out: &dv_f,
-                dk32: &dk_32,
-                dv32: &dv_32,
-                grad_f32,
-            }),
-        )?;
+
+    /// The pair's name (see [`BackwardKernel::parse`]).
+    pub fn name(self) -> &'static str {
+        match self {
+            BackwardKernel::Fma => "fma",
+            BackwardKernel::TensorCore => "tensor_cores",
+        }
     }
-    Ok(())
+
+    /// The pairs that take the problem on this device (the FMA pair first: the
+    /// tuner's reference).
+    fn fitting(client: &Client, p: &Problem) -> Vec<BackwardKernel> {
+        let mut kernels = vec![BackwardKernel::Fma];
+        let dims = |dk: usize, dv: usize| (dk as u32, dv as u32);
+        let (dk, dv) = dims(p.dk, p.dv);
+        let dq = AttentionBwdDqCmmaProblem {
+            dk,
+            dv,
+            ..Default::default()
+        };
+        let dkv = AttentionBwdDkvCmmaProblem {
+            dk,
+            dv,
+            ..Default::default()
+        };
+        if matches!(p.dtype, DType::F16 | DType::BF16)
+            && !AttentionBwdDqCmma::space(client, &dq).is_empty()
+            && !AttentionBwdDkvCmma::space(client, &dkv).is_empty()
+        {
+            kernels.push(BackwardKernel::TensorCore);
+        }
+        kernels
+    }
+
+    /// Why `kernel` does not take the problem: tensor cores as unsupported (the
+    /// self-test's cue), by name otherwise.
+    fn refusal(client: &Client, p: &Problem, kernel: BackwardKernel, fitting: &[Self]) -> Error {
+        let names: Vec<&str> = fitting.iter().map(|k| k.name()).collect();
+        let report = client.report();
+        match kernel {
+            BackwardKernel::TensorCore => Error::Unsupported {
+                device: report.name.clone(),
+                feature: format!(
+                    "tensor cores for the attention backward (kernel=tensor_cores needs f16 \
+                     or bf16 q, k, v; found {} on a device that reports {}tensor cores; this \
+                     problem's kernels: {})",
+                    p.dtype,
+                    if report.tensor_cores { "" } else { "no " },
+                    names.join(" | ")
+                ),
+            },
+            BackwardKernel::Fma => Error::Param {
+                param: "kernel".into(),
+                expected: names.join(" | "),
+                found: kernel.name().into(),
+            },
+        }
+    }
+}
+
+/// What the gradient kernels share: the inputs, the problem, the uploaded bounds, and
+/// `delta` and `L` from `attention_bwd_prep`.
+struct Grads<'a> {
+    inp: &'a AttentionInputs<'a>,
+    p: &'a Problem,
+    bounds: (&'a Tensor, &'a Tensor),
+    d_o: &'a Tensor,
+    lse_n: &'a Tensor,
+    delta: &'a Tensor,
+    grad_f32: bool,
+}
+
+impl Grads<'_> {
+    /// The FMA kernels' [`TOLERANCE`], or where the tensor-core pair takes part (it
+    /// rounds `P` and `dS` to the operand dtype before their products: an absolute error
+    /// of about one rounding of a row's magnitude), four roundings of the operand dtype
+    /// against the output's largest magnitude (the measure's floor).
+    fn tolerance(&self, kernels: &[BackwardKernel]) -> Tolerance {
+        match kernels.contains(&BackwardKernel::TensorCore) {
+            true => Tolerance {
+                rel: TOLERANCE.max(4.0 * self.p.dtype.epsilon()),
+                floor: 1.0,
+            },
+            false => TOLERANCE.into(),
+        }
+    }
+
+    /// Launches `kernel`'s pair (each tuned among its tiles) into dq, dk, dv.
+    fn launch(&self, kernel: BackwardKernel, dq: &Tensor, dk: &Tensor, dv: &Tensor) -> Result<()> {
+        let (inp, p) = (self.inp, self.p);
+        let (bounds_q, bounds_k) = self.bounds;
+        let client = inp.q.client();
+        let grad_f32 = self.grad_f32;
+        let tol = self.tolerance(&[kernel]);
+        // The outputs the kernels do not write are bound to one-element placeholders.
+        let ph_f = Tensor::empty(client, p.dtype, &[1])?;
+        let ph_32 = absent(client)?;
+        let pick = |t: &'_ Tensor| -> (Tensor, Tensor) {
+            match grad_f32 {
+                true => (ph_f.clone(), t.clone()),
+                false => (t.clone(), ph_32.clone()),
+            }
+        };
+        let ((dq_f, dq_32), (dk_f, dk_32), (dv_f, dv_32)) = (pick(dq), pick(dk), pick(dv));
+        if p.batch * p.sq * p.heads > 0 {
+            macro_rules! dq_args {
+                ($args:ident) => {
+                    attention_args!($args, inp, p, bounds_q, bounds_k, {
+                        d_o: self.d_o,
+                        lse_n: self.lse_n,
+                        delta: self.delta,
+                        dq: &dq_f,
+                        dq32: &dq_32,
+                        grad_f32,
+                    })
+                };
+            }
+            match kernel {
+                BackwardKernel::Fma => {
+                    AttentionBwdDq::tuned(client, tol, &dq_args!(AttentionBwdDqArgs)).map(drop)?
+                }
+                BackwardKernel::TensorCore => {
+                    AttentionBwdDqCmma::tuned(client, tol, &dq_args!(AttentionBwdDqCmmaArgs))
+                        .map(drop)?
+                }
+            }
+        }
+        if Problem::longest(&p.bounds_k) > 0 {
+            macro_rules! dkv_args {
+                ($args:ident) => {
+                    attention_args!($args, inp, p, bounds_q, bounds_k, {
+                        d_o: self.d_o,
+                        lse_n: self.lse_n,
+                        delta: self.delta,
+                        dk_out: &dk_f,
+                        dv_out: &dv_f,
+                        dk32: &dk_32,
+                        dv32: &dv_32,
+                        grad_f32,
+                    })
+                };
+            }
+            match kernel {
+                BackwardKernel::Fma => {
+                    AttentionBwdDkv::tuned(client, tol, &dkv_args!(AttentionBwdDkvArgs))
+                        .map(drop)?
+                }
+                BackwardKernel::TensorCore => {
+                    AttentionBwdDkvCmma::tuned(client, tol, &dkv_args!(AttentionBwdDkvCmmaArgs))
+                        .map(drop)?
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Per (token, head) row `r = t H + h`: `delta = sum_e do_e out_e` (f32) and the
@@ -228,7 +436,7 @@ pub fn attention_bwd_prep<F: Float>(
 /// exactly 0 there without a test per element; anything else as it is, a NaN included
 /// (a NaN input's row stays NaN, never a dropped row: told apart from -inf by its bits).
 #[cube]
-fn row_lse(l: f32, valid: bool) -> f32 {
+pub(super) fn row_lse(l: f32, valid: bool) -> f32 {
     let live = l > f32::min_value() || kiln_dsl::is_nan(l);
     select(valid && live, l, f32::max_value())
 }

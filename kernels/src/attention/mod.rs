@@ -23,6 +23,7 @@
 #[macro_use]
 mod tile;
 mod backward;
+mod backward_tc;
 mod forward;
 mod merge;
 mod problem;
@@ -34,8 +35,12 @@ pub mod selftest;
 mod tensor_core;
 
 pub use backward::{
-    attention_backward, AttentionBwdDkv, AttentionBwdDkvArgs, AttentionBwdDq, AttentionBwdDqArgs,
-    AttentionBwdPrep, AttentionBwdPrepArgs, AttentionGradInputs, AttentionGrads,
+    attention_backward, attention_backward_with, AttentionBwdDkv, AttentionBwdDkvArgs,
+    AttentionBwdDq, AttentionBwdDqArgs, AttentionBwdPrep, AttentionBwdPrepArgs,
+    AttentionGradInputs, AttentionGrads, BackwardKernel,
+};
+pub use backward_tc::{
+    AttentionBwdDkvCmma, AttentionBwdDkvCmmaArgs, AttentionBwdDqCmma, AttentionBwdDqCmmaArgs,
 };
 pub use forward::{attention, attention_with, AttentionFwd, AttentionFwdArgs, ForwardKernel};
 pub use merge::{

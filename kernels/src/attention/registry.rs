@@ -238,7 +238,8 @@ pub static ATTENTION: OpSpec = OpSpec {
 fn run_attention_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
     let opts = options(a)?;
     let offsets = call_offsets(a)?;
-    let g = attention_backward(&call_inputs(a, &offsets)?, &grad_inputs(a)?, &opts)?;
+    let kernel = BackwardKernel::parse(&a.param("kernel")?)?;
+    let g = attention_backward_with(&call_inputs(a, &offsets)?, &grad_inputs(a)?, &opts, kernel)?;
     Ok(vec![("dq", g.dq), ("dk", g.dk), ("dv", g.dv)])
 }
 
@@ -431,8 +432,19 @@ const RING_CU_K: TensorSpec = TensorSpec::new(
 
 /// The backward's parameters: the forward's without `out_dtype` (its gradients take q's
 /// dtype; `out` is read in whichever dtype it comes).
-const BACKWARD_PARAMS: [ParamSpec; 6] = [
-    PARAMS[0], PARAMS[1], PARAMS[2], PARAMS[3], PARAMS[4], PARAMS[5],
+const BACKWARD_PARAMS: [ParamSpec; 7] = [
+    PARAMS[0],
+    PARAMS[1],
+    PARAMS[2],
+    PARAMS[3],
+    PARAMS[4],
+    PARAMS[5],
+    ParamSpec::new(
+        "kernel",
+        "auto",
+        BackwardKernel::NAMES,
+        "the gradient kernels: auto (autotuned), fma, tensor_cores (wmma: f16/bf16 on CUDA)",
+    ),
 ];
 
 /// The ring operators' parameters: the attention ones without offsets, and the ring.

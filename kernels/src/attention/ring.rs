@@ -519,7 +519,7 @@ fn block_backward(
     let p = check(&inp, &block_options(opts, qc, kc))?;
     let f = |t: &Tensor| Tensor::empty(t.client(), DType::F32, t.shape());
     let (dq, dk, dv) = (f(qa)?, f(kb)?, f(vb)?);
-    backward_into(&inp, grad, &p, &dq, &dk, &dv)?;
+    backward_into(&inp, grad, &p, &dq, &dk, &dv, None)?;
     Ok((dq, dk, dv))
 }
 

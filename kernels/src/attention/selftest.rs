@@ -108,6 +108,21 @@ fn attention_reference(i: &BTreeMap<String, HostTensor>) -> Vec<f64> {
     .0
 }
 
+/// The f64 gradients `(dq, dk, dv)` of the backward cases' inputs.
+fn backward_reference(i: &BTreeMap<String, HostTensor>) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let f = |n: &str| i[n].to_f64();
+    let (q, k, v) = (f("q"), f("k"), f("v"));
+    rf::backward_with(
+        &case_dims_of(i, 16),
+        &q,
+        &k,
+        &v,
+        &f("out"),
+        &f("lse"),
+        &f("do"),
+    )
+}
+
 /// Two partial results `[1, 29, 3, 12]` with lse in -3..3 and one row -inf on side b.
 fn merge_inputs(rng: &mut Rng) -> CaseInputs {
     let (s, h, dv) = (29, 3, 12);
@@ -170,21 +185,44 @@ pub fn cases() -> Vec<Case> {
             output: "dk",
             what: "[2,37,4,24] over [2,53,2,24] causal at offset 16, GQA 2:1: dk",
             inputs: backward_inputs,
-            reference: |i| {
-                let f = |n: &str| i[n].to_f64();
-                let (q, k, v) = (f("q"), f("k"), f("v"));
-                rf::backward_with(
-                    &case_dims_of(i, 16),
-                    &q,
-                    &k,
-                    &v,
-                    &f("out"),
-                    &f("lse"),
-                    &f("do"),
-                )
-                .1
-            },
+            reference: |i| backward_reference(i).1,
             roundings: 1.0,
+            ulps: 256.0,
+            floor: 1.0,
+        },
+        // The tensor-core gradient kernels alone (skipped where there are none and for
+        // f32): dq, dk (dS^T Q summed over the query group) and dv (P^T dO).
+        Case {
+            op: "attention_backward",
+            params: &[("causal", "true"), ("q_offset", "16"), ("kernel", "tensor_cores")],
+            output: "dk",
+            what: "[2,37,4,24] over [2,53,2,24] causal at offset 16, GQA 2:1: dk, tensor cores",
+            inputs: backward_inputs,
+            reference: |i| backward_reference(i).1,
+            // dk's rounding, and P's and dS's to the operand dtype before the products.
+            roundings: 3.0,
+            ulps: 256.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "attention_backward",
+            params: &[("causal", "true"), ("q_offset", "16"), ("kernel", "tensor_cores")],
+            output: "dq",
+            what: "the same: dq, tensor cores",
+            inputs: backward_inputs,
+            reference: |i| backward_reference(i).0,
+            roundings: 3.0,
+            ulps: 256.0,
+            floor: 1.0,
+        },
+        Case {
+            op: "attention_backward",
+            params: &[("causal", "true"), ("q_offset", "16"), ("kernel", "tensor_cores")],
+            output: "dv",
+            what: "the same: dv, tensor cores",
+            inputs: backward_inputs,
+            reference: |i| backward_reference(i).2,
+            roundings: 2.0,
             ulps: 256.0,
             floor: 1.0,
         },

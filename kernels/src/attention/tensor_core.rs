@@ -182,7 +182,7 @@ attention_fwd_kernel! {
 /// Whether key `j` of the tile at `k0` (`keys` of them real) is seen by the query at
 /// position `pos` (its row plus the causal shift).
 #[cube]
-fn seen(j: u32, keys: u32, k0: u32, pos: i32, #[comptime] causal: bool) -> bool {
+pub(super) fn seen(j: u32, keys: u32, k0: u32, pos: i32, #[comptime] causal: bool) -> bool {
     let mut seen = j < keys;
     if comptime!(causal) {
         seen = seen && i32::cast_from(k0 + j) <= pos;
@@ -197,7 +197,7 @@ fn seen(j: u32, keys: u32, k0: u32, pos: i32, #[comptime] causal: bool) -> bool 
 /// unit calls this.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn score_tile<F: Float>(
+pub(super) fn score_tile<F: Float>(
     ss: &mut SharedMemory<f32>,
     qs: &mut SharedMemory<F>,
     ks: &mut SharedMemory<F>,
