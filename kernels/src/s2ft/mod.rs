@@ -56,4 +56,6 @@ pub use registry::{
     S2FT_ADAMW_STEP, S2FT_ADAPTER_FORWARD, S2FT_MERGE, S2FT_PARTIAL_BACKWARD, S2FT_PERMUTE,
     S2FT_SELECT, S2FT_VERIFY,
 };
-pub use select::{s2ft_select, S2ftPermutation, S2ftUnitScores, S2ftUnitScoresArgs, Strategy};
+pub use select::{
+    s2ft_select, S2ftPermutation, S2ftUnitScores, S2ftUnitScoresArgs, Strategy, MAX_UNITS,
+};

@@ -48,6 +48,10 @@ pub enum Strategy<'a> {
     },
 }
 
+/// The most units a co-permutation has: 2^24 (heads, channels or rows of one weight;
+/// the host holds a few words per unit, about 0.5 GiB at the bound).
+pub const MAX_UNITS: usize = 1 << 24;
+
 /// `perm` holds every unit of `0..perm.len()` exactly once (errors name `perm` and the
 /// first entry out of range or repeated).
 fn check_perm(perm: &[usize]) -> Result<()> {
@@ -89,10 +93,10 @@ impl S2ftPermutation {
     /// The permutation of `num_units` units that places the sets `a` and `b` (distinct
     /// units `< num_units` each) in the S²FT order. Errors name `units_a` / `units_b`.
     pub fn from_sets(num_units: usize, a: &[usize], b: &[usize]) -> Result<Self> {
-        if num_units > crate::launch::MAX_ELEMENTS {
+        if num_units > MAX_UNITS {
             return Err(Error::Param {
                 param: "num_units".into(),
-                expected: format!("at most {}", crate::launch::MAX_ELEMENTS),
+                expected: format!("at most {MAX_UNITS}"),
                 found: num_units.to_string(),
             });
         }
@@ -226,12 +230,12 @@ pub fn s2ft_select(
             found: "0".into(),
         });
     }
-    // The permutation is i32 and held on the host (one word per unit), and the units'
-    // rows (columns) index a tensor: both bounded like every tensor kiln launches on.
-    if num_units > crate::launch::MAX_ELEMENTS {
+    // The permutation, its inverse and the set marks are held on the host (a few words
+    // per unit), and the units' rows (columns) index a tensor: bounded by MAX_UNITS.
+    if num_units > MAX_UNITS {
         return Err(Error::Param {
             param: "num_units".into(),
-            expected: format!("at most {}", crate::launch::MAX_ELEMENTS),
+            expected: format!("at most {MAX_UNITS}"),
             found: num_units.to_string(),
         });
     }
