@@ -23,7 +23,7 @@ use super::backward_tc::{
     AttentionBwdDqCmmaArgs, AttentionBwdDqCmmaProblem,
 };
 use super::problem::{check, Problem};
-use super::tile::query_tile;
+use super::tile::{key_tile, query_tile};
 use super::*;
 use crate::launch::{absent, expect_shape};
 use cubecl::prelude::*;
@@ -647,27 +647,11 @@ attention_grad_kernel! {
         dv32: &mut Array<f32>
     ) {
         let units = comptime!((BKR / TR) * (BQC / TC));
-        let tiles_per_seq = (max_k + BKR - 1) / BKR;
-        let n = CUBE_POS_X / tiles_per_seq;
-        let j0 = (CUBE_POS_X % tiles_per_seq) * BKR;
-        let hk = CUBE_POS_Y;
+        let tile = key_tile(bounds_q, bounds_k, max_q, max_k, shift, BKR, causal);
+        let (n, j0, hk, keys) = (tile.n, tile.j0, tile.hk, tile.keys);
+        let (bos_q, bos_k, qmin, qend) = (tile.bos_q, tile.bos_k, tile.qmin, tile.qend);
         let c0 = CUBE_POS_Z * BC;
         let kv_heads = heads / group;
-        let bos_q = bounds_q[n as usize];
-        let sq = min(bounds_q[(n + 1) as usize] - bos_q, max_q);
-        let bos_k = bounds_k[n as usize];
-        let sk = bounds_k[(n + 1) as usize] - bos_k;
-        let keys = select(j0 < sk, min(sk - j0, BKR), 0u32);
-        // The first query that sees key j0: i >= j0 - shift (causal).
-        let mut qmin = 0u32;
-        if comptime!(causal) {
-            let first = i32::cast_from(j0) - shift;
-            qmin = select(first <= 0, 0u32, min(u32::cast_from(max(first, 0)), sq));
-        }
-        let mut qend = sq;
-        if keys == 0 {
-            qend = 0;
-        }
 
         let ux = comptime!(BQC / TC);
         let ty = UNIT_POS / ux;

@@ -23,8 +23,8 @@
 //! keys falls among f16's subnormals and loses relative precision.
 
 use super::backward::row_lse;
-use super::tensor_core::{score_tile, seen};
-use super::tile::query_tile;
+use super::tensor_core::{score_tile, seen, write_block, TokenMajor};
+use super::tile::{key_tile, query_tile};
 use cubecl::prelude::*;
 use kiln_dsl::{load_tile_as, CmmaBlock};
 
@@ -114,29 +114,9 @@ attention_grad_kernel! {
             k0 += BK;
         }
 
-        // A fragment at a time through the plane's rows of `ss` (16 BK >= 256 floats).
-        let sbase = (UNIT_POS / 32) * comptime!(16 * BK);
-        #[unroll]
-        for j in 0..comptime!(BC / 16) {
-            let (fr, fc) = dq_block.store_one(&mut ss, sbase, 0u32, j);
-            sync_plane();
-            #[unroll]
-            for e in 0..8u32 {
-                let idx = UNIT_POS % 32 + e * 32;
-                let r = fr + idx / 16;
-                let c = fc + idx % 16;
-                if r < rows && c < cols {
-                    let at = ((bos_q + i0 + r) * heads + h) * dk + c0 + c;
-                    let value = ss[(sbase + idx) as usize] * scale;
-                    if comptime!(grad_f32) {
-                        dq32[at as usize] = value;
-                    } else {
-                        dq[at as usize] = F::cast_from(value);
-                    }
-                }
-            }
-            sync_plane();
-        }
+        // Through the plane's rows of `ss` (16 BK >= 256 floats), times c.
+        let dq_at = TokenMajor { token0: bos_q + i0, heads, head: h, width: dk, col0: c0 };
+        write_block::<F>(&dq_block, &mut ss, comptime!(16 * BK), dq, dq32, dq_at, rows, cols, scale, &lrow, false, BC, grad_f32);
     }
 }
 
@@ -169,27 +149,11 @@ attention_grad_kernel! {
     ) {
         let bk = comptime!(16 * PLANES);
         let units = comptime!(32 * PLANES);
-        let tiles_per_seq = (max_k + bk - 1) / bk;
-        let n = CUBE_POS_X / tiles_per_seq;
-        let j0 = (CUBE_POS_X % tiles_per_seq) * bk;
-        let hk = CUBE_POS_Y;
+        let tile = key_tile(bounds_q, bounds_k, max_q, max_k, shift, bk, causal);
+        let (n, j0, hk, keys) = (tile.n, tile.j0, tile.hk, tile.keys);
+        let (bos_q, bos_k, qmin, qend) = (tile.bos_q, tile.bos_k, tile.qmin, tile.qend);
         let c0 = CUBE_POS_Z * BC;
         let kv_heads = heads / group;
-        let bos_q = bounds_q[n as usize];
-        let sq = min(bounds_q[(n + 1) as usize] - bos_q, max_q);
-        let bos_k = bounds_k[n as usize];
-        let sk = bounds_k[(n + 1) as usize] - bos_k;
-        let keys = select(j0 < sk, min(sk - j0, bk), 0u32);
-        // The first query that sees key j0: i >= j0 - shift (causal).
-        let mut qmin = 0u32;
-        if comptime!(causal) {
-            let first = i32::cast_from(j0) - shift;
-            qmin = select(first <= 0, 0u32, min(u32::cast_from(max(first, 0)), sq));
-        }
-        let mut qend = sq;
-        if keys == 0 {
-            qend = 0;
-        }
         let dk_cols = select(c0 < dk, min(dk - c0, BC), 0u32);
         let dv_cols = select(c0 < dv, min(dv - c0, BC), 0u32);
 
@@ -260,46 +224,10 @@ attention_grad_kernel! {
             }
         }
 
-        // A fragment at a time through the plane's rows of `ss` (16 BQ >= 256 floats).
-        let sbase = (UNIT_POS / 32) * comptime!(16 * BQ);
-        #[unroll]
-        for j in 0..comptime!(BC / 16) {
-            let (fr, fc) = dk_block.store_one(&mut ss, sbase, 0u32, j);
-            sync_plane();
-            #[unroll]
-            for e in 0..8u32 {
-                let idx = UNIT_POS % 32 + e * 32;
-                let r = fr + idx / 16;
-                let c = fc + idx % 16;
-                if r < keys && c < dk_cols {
-                    let at = ((bos_k + j0 + r) * kv_heads + hk) * dk + c0 + c;
-                    let value = ss[(sbase + idx) as usize] * scale;
-                    if comptime!(grad_f32) {
-                        dk32[at as usize] = value;
-                    } else {
-                        dk_out[at as usize] = F::cast_from(value);
-                    }
-                }
-            }
-            sync_plane();
-            let (fr, fc) = dv_block.store_one(&mut ss, sbase, 0u32, j);
-            sync_plane();
-            #[unroll]
-            for e in 0..8u32 {
-                let idx = UNIT_POS % 32 + e * 32;
-                let r = fr + idx / 16;
-                let c = fc + idx % 16;
-                if r < keys && c < dv_cols {
-                    let at = ((bos_k + j0 + r) * kv_heads + hk) * dv + c0 + c;
-                    let value = ss[(sbase + idx) as usize];
-                    if comptime!(grad_f32) {
-                        dv32[at as usize] = value;
-                    } else {
-                        dv_out[at as usize] = F::cast_from(value);
-                    }
-                }
-            }
-            sync_plane();
-        }
+        // Through the plane's rows of `ss` (16 BQ >= 256 floats): dk times c, dv as it is.
+        let dk_at = TokenMajor { token0: bos_k + j0, heads: kv_heads, head: hk, width: dk, col0: c0 };
+        let dv_at = TokenMajor { token0: bos_k + j0, heads: kv_heads, head: hk, width: dv, col0: c0 };
+        write_block::<F>(&dk_block, &mut ss, comptime!(16 * BQ), dk_out, dk32, dk_at, keys, dk_cols, scale, &lcol, false, BC, grad_f32);
+        write_block::<F>(&dv_block, &mut ss, comptime!(16 * BQ), dv_out, dv32, dv_at, keys, dv_cols, 1.0f32, &lcol, false, BC, grad_f32);
     }
 }

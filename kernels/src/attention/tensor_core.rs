@@ -153,29 +153,69 @@ attention_fwd_kernel! {
             k0 += BK;
         }
 
-        // A fragment at a time through the plane's rows of `ss` (16 BK >= 256 floats).
-        let base = (UNIT_POS / 32) * comptime!(16 * BK);
+        // Through the plane's rows of `ss` (16 BK >= 256 floats), times 1 / l.
+        let out_at = TokenMajor { token0: bos_q + i0, heads, head: h, width: dv, col0: v0 };
+        write_block::<F>(&out_block, &mut ss, comptime!(16 * BK), out, out32, out_at, rows, cols, 1.0f32, &row_inv, true, BV, out_f32);
+    }
+}
+
+/// Where a tile's rows go in a token-major tensor `[.., tokens, heads, width]`: element
+/// (r, c) of the tile at `((token0 + r) heads + head) width + col0 + c`.
+#[derive(CubeType, Clone, Copy)]
+pub(super) struct TokenMajor {
+    pub token0: u32,
+    pub heads: u32,
+    pub head: u32,
+    pub width: u32,
+    pub col0: u32,
+}
+
+/// Writes a cube's accumulated `[16 planes, cols_max]` tile (`block`, one row of
+/// `cols_max / 16` fragments a plane) into `out` (F) or `out32` (`f32_out`) at `at`,
+/// rows `< rows` and columns `< cols`, times `factor` and, with `per_row`, times
+/// `row_factor[r]`; a fragment at a time through the plane's `plane_floats` of `scratch`
+/// (at least 256). The caller synchronised the cube after the last product.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn write_block<F: Float>(
+    block: &CmmaBlock,
+    scratch: &mut SharedMemory<f32>,
+    #[comptime] plane_floats: u32,
+    out: &mut Array<F>,
+    out32: &mut Array<f32>,
+    at: TokenMajor,
+    rows: u32,
+    cols: u32,
+    factor: f32,
+    row_factor: &SharedMemory<f32>,
+    #[comptime] per_row: bool,
+    #[comptime] cols_max: u32,
+    #[comptime] f32_out: bool,
+) {
+    let base = (UNIT_POS / 32) * plane_floats;
+    #[unroll]
+    for j in 0..comptime!(cols_max / 16) {
+        let (fr, fc) = block.store_one(scratch, base, 0u32, j);
+        sync_plane();
         #[unroll]
-        for j in 0..comptime!(BV / 16) {
-            let (fr, fc) = out_block.store_one(&mut ss, base, 0u32, j);
-            sync_plane();
-            #[unroll]
-            for e in 0..8u32 {
-                let idx = UNIT_POS % 32 + e * 32;
-                let r = fr + idx / 16;
-                let c = fc + idx % 16;
-                if r < rows && c < cols {
-                    let o = ((bos_q + i0 + r) * heads + h) * dv + v0 + c;
-                    let value = ss[(base + idx) as usize] * row_inv[r as usize];
-                    if comptime!(out_f32) {
-                        out32[o as usize] = value;
-                    } else {
-                        out[o as usize] = F::cast_from(value);
-                    }
+        for e in 0..8u32 {
+            let idx = UNIT_POS % 32 + e * 32;
+            let r = fr + idx / 16;
+            let c = fc + idx % 16;
+            if r < rows && c < cols {
+                let o = ((at.token0 + r) * at.heads + at.head) * at.width + at.col0 + c;
+                let mut value = scratch[(base + idx) as usize] * factor;
+                if comptime!(per_row) {
+                    value *= row_factor[r as usize];
+                }
+                if comptime!(f32_out) {
+                    out32[o as usize] = value;
+                } else {
+                    out[o as usize] = F::cast_from(value);
                 }
             }
-            sync_plane();
         }
+        sync_plane();
     }
 }
 

@@ -241,3 +241,60 @@ pub(super) fn write_lse(
     lse[((b * heads + tile.h) * lse_rows + t - base) as usize] =
         temperature * (m + f32::ln(l)) + log_lse_scale;
 }
+
+/// The key tile of a dk/dv cube: cube `(x, hk, _)` owns keys `j0..j0 + keys` of
+/// sequence `n` and KV head `hk`; the sequence's queries `qmin..qend` see them (causal:
+/// from `j0 - shift` on; none where the tile has no keys).
+#[derive(CubeType, Clone, Copy)]
+pub(super) struct KeyTile {
+    pub n: u32,
+    pub j0: u32,
+    pub hk: u32,
+    /// The sequence's first query token and first key token.
+    pub bos_q: u32,
+    pub bos_k: u32,
+    pub keys: u32,
+    pub qmin: u32,
+    pub qend: u32,
+}
+
+/// This cube's [`KeyTile`] for key tiles of `bk` keys.
+#[cube]
+pub(super) fn key_tile(
+    bounds_q: &Array<u32>,
+    bounds_k: &Array<u32>,
+    max_q: u32,
+    max_k: u32,
+    shift: i32,
+    #[comptime] bk: u32,
+    #[comptime] causal: bool,
+) -> KeyTile {
+    let tiles_per_seq = (max_k + bk - 1) / bk;
+    let n = CUBE_POS_X / tiles_per_seq;
+    let j0 = (CUBE_POS_X % tiles_per_seq) * bk;
+    let bos_q = bounds_q[n as usize];
+    let sq = min(bounds_q[(n + 1) as usize] - bos_q, max_q);
+    let bos_k = bounds_k[n as usize];
+    let sk = bounds_k[(n + 1) as usize] - bos_k;
+    let keys = select(j0 < sk, min(sk - j0, bk), 0u32);
+    // The first query that sees key j0: i >= j0 - shift (causal).
+    let mut qmin = 0u32;
+    if comptime!(causal) {
+        let first = i32::cast_from(j0) - shift;
+        qmin = select(first <= 0, 0u32, min(u32::cast_from(max(first, 0)), sq));
+    }
+    let mut qend = sq;
+    if keys == 0 {
+        qend = 0;
+    }
+    KeyTile {
+        n,
+        j0,
+        hk: CUBE_POS_Y,
+        bos_q,
+        bos_k,
+        keys,
+        qmin,
+        qend,
+    }
+}
