@@ -3,6 +3,39 @@
 //!
 //! Uses kiln-runtime and kiln-dsl; must not depend on codegen or the root crate.
 
+/// A kernel choice a caller may pin by name (`kiln run OP --set PARAM=NAME`): `auto`
+/// (the autotuner's choice, `None`) or one of the enum's variants by its name. Gives
+/// the enum `NAMES` (for errors and `kiln ops`), `parse` (an unknown name is an error
+/// naming `PARAM`) and `name`.
+macro_rules! pinnable_by_name {
+    ($ty:ident, $param:literal, { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            /// The names the parameter takes, `auto` first.
+            pub const NAMES: &'static str = concat!("auto", $(" | ", $name),+);
+
+            /// `auto` (the autotuner's choice: `None`) or a choice by its name.
+            pub fn parse(name: &str) -> kiln_runtime::Result<Option<$ty>> {
+                match name {
+                    "auto" => Ok(None),
+                    $($name => Ok(Some($ty::$variant)),)+
+                    other => Err(kiln_runtime::Error::Param {
+                        param: $param.into(),
+                        expected: Self::NAMES.into(),
+                        found: other.into(),
+                    }),
+                }
+            }
+
+            /// The choice's name, as `parse` takes it.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name,)+
+                }
+            }
+        }
+    };
+}
+
 pub mod attention;
 pub mod elementwise;
 pub mod gla;

@@ -23,7 +23,7 @@ use super::backward_tc::{
     AttentionBwdDqCmmaArgs, AttentionBwdDqCmmaProblem,
 };
 use super::problem::{check, Problem};
-use super::tile::{key_tile, query_tile};
+use super::tile::{key_tile, lse_index, query_stats, query_tile, row_lse};
 use super::*;
 use crate::launch::{absent, expect_shape};
 use cubecl::prelude::*;
@@ -207,32 +207,12 @@ pub enum BackwardKernel {
     TensorCore,
 }
 
+pinnable_by_name!(BackwardKernel, "kernel", {
+    Fma => "fma",
+    TensorCore => "tensor_cores",
+});
+
 impl BackwardKernel {
-    /// The kernels' names, as `kiln run attention_backward --set kernel=..` takes them.
-    pub const NAMES: &'static str = "auto | fma | tensor_cores";
-
-    /// `auto` (the autotuner's choice: `None`) or a pair by its name.
-    pub fn parse(name: &str) -> Result<Option<BackwardKernel>> {
-        match name {
-            "auto" => Ok(None),
-            "fma" => Ok(Some(BackwardKernel::Fma)),
-            "tensor_cores" => Ok(Some(BackwardKernel::TensorCore)),
-            other => Err(Error::Param {
-                param: "kernel".into(),
-                expected: Self::NAMES.into(),
-                found: other.into(),
-            }),
-        }
-    }
-
-    /// The pair's name (see [`BackwardKernel::parse`]).
-    pub fn name(self) -> &'static str {
-        match self {
-            BackwardKernel::Fma => "fma",
-            BackwardKernel::TensorCore => "tensor_cores",
-        }
-    }
-
     /// The pairs that take the problem on this device (the FMA pair first: the
     /// tuner's reference).
     fn fitting(client: &Client, p: &Problem) -> Vec<BackwardKernel> {
@@ -431,16 +411,6 @@ pub fn attention_bwd_prep<F: Float>(
     }
 }
 
-/// A query row's `L` as the gradient kernels use it: `f32::MAX` for a row that sees no
-/// key (`L = -inf`) or lies past the tile (`valid` false), so that `p = exp(c s - L)` is
-/// exactly 0 there without a test per element; anything else as it is, a NaN included
-/// (a NaN input's row stays NaN, never a dropped row: told apart from -inf by its bits).
-#[cube]
-pub(super) fn row_lse(l: f32, valid: bool) -> f32 {
-    let live = l > f32::min_value() || kiln_dsl::is_nan(l);
-    select(valid && live, l, f32::max_value())
-}
-
 attention_grad_kernel! {
     /// dq of one (sequence, query tile of `BQ`, head, dq column tile of `BC`): walks the
     /// keys the tile sees in tiles of `BK`; `ds` staged in shared memory for `dq += ds K`.
@@ -489,21 +459,12 @@ attention_grad_kernel! {
         // The unit's rows' L and delta (rows past the tile: L = -inf through the flag).
         let mut lr = Array::<f32>::new(comptime!(TQ as usize));
         let mut dr = Array::<f32>::new(comptime!(TQ as usize));
-        let mut b = n;
-        let mut base = bos_q;
-        if comptime!(varlen) {
-            b = 0;
-            base = 0;
-        }
         #[unroll]
         for i in 0..TQ {
             let r = ty + i * row_step;
             // Rows past the tile (or of an idle cube) read entry 0 and are flagged.
-            let li = select(
-                r < rows,
-                (b * heads + h) * lse_rows + bos_q + i0 + r - base,
-                0u32,
-            ) as usize;
+            let at = lse_index(n, heads, h, lse_rows, bos_q, i0 + r, varlen);
+            let li = select(r < rows, at, 0u32) as usize;
             lr[i as usize] = row_lse(lse_n[li], r < rows);
             dr[i as usize] = delta[li];
         }
@@ -648,7 +609,7 @@ attention_grad_kernel! {
     ) {
         let units = comptime!((BKR / TR) * (BQC / TC));
         let tile = key_tile(bounds_q, bounds_k, max_q, max_k, shift, BKR, causal);
-        let (n, j0, hk, keys) = (tile.n, tile.j0, tile.hk, tile.keys);
+        let (j0, hk, keys) = (tile.j0, tile.hk, tile.keys);
         let (bos_q, bos_k, qmin, qend) = (tile.bos_q, tile.bos_k, tile.qmin, tile.qend);
         let c0 = CUBE_POS_Z * BC;
         let kv_heads = heads / group;
@@ -677,12 +638,6 @@ attention_grad_kernel! {
             acc_k[e as usize] = V4::new(0.0f32);
             acc_v[e as usize] = V4::new(0.0f32);
         }
-        let mut b = n;
-        let mut base = bos_q;
-        if comptime!(varlen) {
-            b = 0;
-            base = 0;
-        }
         let k_base = ((bos_k + j0) * kv_heads + hk) * dk;
         let v_base = ((bos_k + j0) * kv_heads + hk) * dv;
         let dk_cols = select(c0 < dk, min(dk - c0, BC), 0u32);
@@ -693,14 +648,7 @@ attention_grad_kernel! {
             while i0 < qend {
                 let qs = min(qend - i0, BQC);
                 // The tile's L and delta per query column (read before the first barrier).
-                let mut idx = UNIT_POS;
-                while idx < BQC {
-                    let li =
-                        ((b * heads + h) * lse_rows + bos_q + i0 + min(idx, qs - 1) - base) as usize;
-                    lcol[idx as usize] = row_lse(lse_n[li], idx < qs);
-                    dcol[idx as usize] = delta[li];
-                    idx += units;
-                }
+                query_stats(&mut lcol, &mut dcol, lse_n, delta, &tile, heads, h, lse_rows, i0, qs, BQC, units, varlen);
                 let q_base = ((bos_q + i0) * heads + h) * dk;
                 let o_base = ((bos_q + i0) * heads + h) * dv;
                 tile_product_nt::<F>(

@@ -22,9 +22,8 @@
 //! (bf16 keeps f32's range), and `P` (normalised by `L`) of a row of more than about 16k
 //! keys falls among f16's subnormals and loses relative precision.
 
-use super::backward::row_lse;
 use super::tensor_core::{score_tile, seen, write_block, TokenMajor};
-use super::tile::{key_tile, query_tile};
+use super::tile::{key_tile, lse_index, query_stats, query_tile, row_lse};
 use cubecl::prelude::*;
 use kiln_dsl::{load_tile_as, CmmaBlock};
 
@@ -72,15 +71,10 @@ attention_grad_kernel! {
 
         // The rows' L (f32::MAX where a row sees no key or lies past the tile: p = 0)
         // and delta, read before the first barrier.
-        let mut b = n;
-        let mut base = bos_q;
-        if comptime!(varlen) {
-            b = 0;
-            base = 0;
-        }
         if UNIT_POS < bq {
             let r = UNIT_POS;
-            let li = select(r < rows, (b * heads + h) * lse_rows + bos_q + i0 + r - base, 0u32) as usize;
+            let at = lse_index(n, heads, h, lse_rows, bos_q, i0 + r, varlen);
+            let li = select(r < rows, at, 0u32) as usize;
             lrow[r as usize] = row_lse(lse_n[li], r < rows);
             drow[r as usize] = delta[li];
         }
@@ -150,7 +144,7 @@ attention_grad_kernel! {
         let bk = comptime!(16 * PLANES);
         let units = comptime!(32 * PLANES);
         let tile = key_tile(bounds_q, bounds_k, max_q, max_k, shift, bk, causal);
-        let (n, j0, hk, keys) = (tile.n, tile.j0, tile.hk, tile.keys);
+        let (j0, hk, keys) = (tile.j0, tile.hk, tile.keys);
         let (bos_q, bos_k, qmin, qend) = (tile.bos_q, tile.bos_k, tile.qmin, tile.qend);
         let c0 = CUBE_POS_Z * BC;
         let kv_heads = heads / group;
@@ -167,12 +161,6 @@ attention_grad_kernel! {
         let mut lcol = SharedMemory::<f32>::new(comptime!(BQ as usize));
         let mut dcol = SharedMemory::<f32>::new(comptime!(BQ as usize));
 
-        let mut b = n;
-        let mut base = bos_q;
-        if comptime!(varlen) {
-            b = 0;
-            base = 0;
-        }
         let k_base = ((bos_k + j0) * kv_heads + hk) * dk;
         let v_base = ((bos_k + j0) * kv_heads + hk) * dv;
         let dk_block = CmmaBlock::new(PLANES, 1u32, 1u32, comptime!(BC / 16));
@@ -185,13 +173,7 @@ attention_grad_kernel! {
                 // The tile's L and delta per query column: written before the first
                 // barrier of `score_tile`, read after it (the previous tile's readers
                 // passed the barriers that end it).
-                let mut idx = UNIT_POS;
-                while idx < BQ {
-                    let li = ((b * heads + h) * lse_rows + bos_q + i0 + min(idx, qs - 1) - base) as usize;
-                    lcol[idx as usize] = row_lse(lse_n[li], idx < qs);
-                    dcol[idx as usize] = delta[li];
-                    idx += units;
-                }
+                query_stats(&mut lcol, &mut dcol, lse_n, delta, &tile, heads, h, lse_rows, i0, qs, BQ, units, varlen);
                 let q_base = ((bos_q + i0) * heads + h) * dk;
                 let o_base = ((bos_q + i0) * heads + h) * dv;
                 score_tile::<F>(&mut ss, &mut xs, &mut ys, k, k_base, kv_heads * dk, keys, q, q_base, heads * dk, qs, dk, PLANES, BQ, BD);

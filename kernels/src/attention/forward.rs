@@ -72,34 +72,13 @@ pub enum ForwardKernel {
     TensorCore,
 }
 
+pinnable_by_name!(ForwardKernel, "kernel", {
+    Staged => "staged",
+    Rows => "rows",
+    TensorCore => "tensor_cores",
+});
+
 impl ForwardKernel {
-    /// The kernels' names, as `kiln run attention --set kernel=..` takes them.
-    pub const NAMES: &'static str = "auto | staged | rows | tensor_cores";
-
-    /// `auto` (the autotuner's choice: `None`) or a kernel by its name.
-    pub fn parse(name: &str) -> Result<Option<ForwardKernel>> {
-        match name {
-            "auto" => Ok(None),
-            "staged" => Ok(Some(ForwardKernel::Staged)),
-            "rows" => Ok(Some(ForwardKernel::Rows)),
-            "tensor_cores" => Ok(Some(ForwardKernel::TensorCore)),
-            other => Err(Error::Param {
-                param: "kernel".into(),
-                expected: Self::NAMES.into(),
-                found: other.into(),
-            }),
-        }
-    }
-
-    /// The kernel's name (see [`ForwardKernel::parse`]).
-    pub fn name(self) -> &'static str {
-        match self {
-            ForwardKernel::Staged => "staged",
-            ForwardKernel::Rows => "rows",
-            ForwardKernel::TensorCore => "tensor_cores",
-        }
-    }
-
     /// The kernels that take a problem on this device, in preference order: the rows
     /// kernel needs `D`, `Dv` multiples of 4, and on a GPU `D <= 64`; the tensor-core
     /// one f16 or bf16 inputs and a device with tensor cores.

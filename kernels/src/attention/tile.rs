@@ -231,15 +231,72 @@ pub(super) fn write_lse(
     log_lse_scale: f32,
     #[comptime] varlen: bool,
 ) {
-    let t = tile.bos_q + tile.i0 + r;
-    let mut b = tile.n;
-    let mut base = tile.bos_q;
+    let at = lse_index(
+        tile.n,
+        heads,
+        tile.h,
+        lse_rows,
+        tile.bos_q,
+        tile.i0 + r,
+        varlen,
+    );
+    lse[at as usize] = temperature * (m + f32::ln(l)) + log_lse_scale;
+}
+
+/// Where query `row` (within its sequence `n`, whose first token is `bos_q`) of head `h`
+/// lies in an lse-shaped `[B, H, Sq]` array (varlen: `[1, H, total rows]`).
+#[cube]
+pub(super) fn lse_index(
+    n: u32,
+    heads: u32,
+    h: u32,
+    lse_rows: u32,
+    bos_q: u32,
+    row: u32,
+    #[comptime] varlen: bool,
+) -> u32 {
+    let mut at = (n * heads + h) * lse_rows + row;
     if comptime!(varlen) {
-        b = 0;
-        base = 0;
+        at = h * lse_rows + bos_q + row;
     }
-    lse[((b * heads + tile.h) * lse_rows + t - base) as usize] =
-        temperature * (m + f32::ln(l)) + log_lse_scale;
+    at
+}
+
+/// The backward's per-query-column statistics of a dk/dv cube's query tile (rows
+/// `i0..i0 + qs` of sequence `n`, head `h`): `L` (f32::MAX past `qs`: p = 0) and delta,
+/// `cols` of each, written by every unit of the cube (`units`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn query_stats(
+    lcol: &mut SharedMemory<f32>,
+    dcol: &mut SharedMemory<f32>,
+    lse_n: &Array<f32>,
+    delta: &Array<f32>,
+    tile: &KeyTile,
+    heads: u32,
+    h: u32,
+    lse_rows: u32,
+    i0: u32,
+    qs: u32,
+    #[comptime] cols: u32,
+    #[comptime] units: u32,
+    #[comptime] varlen: bool,
+) {
+    let mut idx = UNIT_POS;
+    while idx < cols {
+        let li = lse_index(
+            tile.n,
+            heads,
+            h,
+            lse_rows,
+            tile.bos_q,
+            i0 + min(idx, qs - 1),
+            varlen,
+        ) as usize;
+        lcol[idx as usize] = row_lse(lse_n[li], idx < qs);
+        dcol[idx as usize] = delta[li];
+        idx += units;
+    }
 }
 
 /// The key tile of a dk/dv cube: cube `(x, hk, _)` owns keys `j0..j0 + keys` of
@@ -297,4 +354,14 @@ pub(super) fn key_tile(
         qmin,
         qend,
     }
+}
+
+/// A query row's `L` as the gradient kernels use it: `f32::MAX` for a row that sees no
+/// key (`L = -inf`) or lies past the tile (`valid` false), so that `p = exp(c s - L)` is
+/// exactly 0 there without a test per element; anything else as it is, a NaN included
+/// (a NaN input's row stays NaN, never a dropped row: told apart from -inf by its bits).
+#[cube]
+pub(super) fn row_lse(l: f32, valid: bool) -> f32 {
+    let live = l > f32::min_value() || kiln_dsl::is_nan(l);
+    select(valid && live, l, f32::max_value())
 }

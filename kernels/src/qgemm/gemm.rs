@@ -77,36 +77,12 @@ pub enum Path {
     TensorCore,
 }
 
-impl Path {
-    /// The paths' names, as the `path` parameter takes them.
-    pub const NAMES: &'static str = "auto | gemv | tiled | direct | tensor_cores";
-
-    /// `auto` (the autotuner's choice: `None`) or a path by its name.
-    pub fn parse(name: &str) -> Result<Option<Path>> {
-        match name {
-            "auto" => Ok(None),
-            "gemv" => Ok(Some(Path::Gemv)),
-            "tiled" => Ok(Some(Path::Tiled)),
-            "direct" => Ok(Some(Path::Direct)),
-            "tensor_cores" => Ok(Some(Path::TensorCore)),
-            other => Err(kiln_runtime::Error::Param {
-                param: "path".into(),
-                expected: Self::NAMES.into(),
-                found: other.into(),
-            }),
-        }
-    }
-
-    /// The path's name (see [`Path::parse`]).
-    pub fn name(self) -> &'static str {
-        match self {
-            Path::Gemv => "gemv",
-            Path::Tiled => "tiled",
-            Path::Direct => "direct",
-            Path::TensorCore => "tensor_cores",
-        }
-    }
-}
+pinnable_by_name!(Path, "path", {
+    Gemv => "gemv",
+    Tiled => "tiled",
+    Direct => "direct",
+    TensorCore => "tensor_cores",
+});
 
 /// The GEMV and tiled kernels sum in different orders: a sanity bound.
 pub(super) const PATH_TOLERANCE: f64 = 1e-2;
