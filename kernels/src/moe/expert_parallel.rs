@@ -6,7 +6,7 @@
 //! forward and the backward are both written on the plan.
 
 use super::backward::{check_dy, gate_input_grads, FfnForward, LayerGrads};
-use super::ffn::{moe_expert_ffn, ExpertWeights, Groups};
+use super::ffn::{moe_expert_ffn_on, ExpertWeights, GroupedKernel, Groups};
 use super::gate::{
     capacity_of, check_gate, counting_order, gate_backward_with, load_balancing_loss,
     prob_column_sums, top_k, TopK,
@@ -343,6 +343,20 @@ pub fn moe_layer_expert_parallel(
     w: &ExpertWeights<'_>,
     opts: &LayerOptions,
 ) -> Result<LayerOutput> {
+    moe_layer_expert_parallel_on(comm, x, w_gate, w, opts, GroupedKernel::Auto)
+}
+
+/// [`moe_layer_expert_parallel`] with this rank's grouped GEMMs on `kernel` (each rank
+/// tunes its own experts' tiles; `TensorCores` refused as unsupported where the rank's
+/// device or dtype lacks them, on every rank alike before the rows go back).
+pub fn moe_layer_expert_parallel_on(
+    comm: &dyn Communicator,
+    x: &Tensor,
+    w_gate: &Tensor,
+    w: &ExpertWeights<'_>,
+    opts: &LayerOptions,
+    kernel: GroupedKernel,
+) -> Result<LayerOutput> {
     if opts.path == super::MoePath::Dropless {
         return Err(Error::Param {
             param: "path".into(),
@@ -356,7 +370,8 @@ pub fn moe_layer_expert_parallel(
     w.check(e_local, m, x)?;
     let d = plan.to_owners(comm, x, false)?;
     let c = plan.routing.capacity;
-    let y_e = moe_expert_ffn(&d.reshape(&[e_local, c, m])?, w)?.reshape(&[e_local * c, m])?;
+    let y_e =
+        moe_expert_ffn_on(&d.reshape(&[e_local, c, m])?, w, kernel)?.reshape(&[e_local * c, m])?;
     let per_route = plan.to_origin(comm, &y_e)?;
     let y = combine_from_layout(&per_route, &plan.routing, RowLayout::Capacity, true, true)?;
     Ok(LayerOutput {

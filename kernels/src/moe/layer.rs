@@ -5,7 +5,7 @@
 //! rank count gives the routing and the output of one device.
 
 use super::backward::{moe_layer_backward, LayerGrads};
-use super::expert_parallel::{moe_layer_backward_expert_parallel, moe_layer_expert_parallel};
+use super::expert_parallel::{moe_layer_backward_expert_parallel, moe_layer_expert_parallel_on};
 use super::ffn::{
     moe_expert_ffn_on, moe_expert_ffn_sorted_on, ExpertWeights, GroupedKernel, MoeGroupedMatmul,
     MoeGroupedMatmulCmma, MoeGroupedMatmulV4,
@@ -227,12 +227,25 @@ pub fn moe_layer_local_ranks(
     opts: &LayerOptions,
     world_size: usize,
 ) -> Result<LayerOutput> {
+    moe_layer_local_ranks_on(x, w_gate, w, opts, world_size, GroupedKernel::Auto)
+}
+
+/// [`moe_layer_local_ranks`] with every rank's grouped GEMMs on `kernel` (`kiln run
+/// moe_layer --set kernel=tensor_cores --set world_size=P`).
+pub fn moe_layer_local_ranks_on(
+    x: &Tensor,
+    w_gate: &Tensor,
+    w: &ExpertWeights<'_>,
+    opts: &LayerOptions,
+    world_size: usize,
+    kernel: GroupedKernel,
+) -> Result<LayerOutput> {
     if world_size == 1 {
-        return moe_layer(x, w_gate, w, opts);
+        return moe_layer_on(x, w_gate, w, opts, kernel);
     }
     let ranks = LocalRanks::new(x, w, world_size)?;
     let parts = ranks.run(x, w, &[], |c, xs, _, local| {
-        let out = moe_layer_expert_parallel(c, xs, w_gate, local, opts)?;
+        let out = moe_layer_expert_parallel_on(c, xs, w_gate, local, opts, kernel)?;
         let ids = out.routing.expert_ids.download()?;
         let locs = out.routing.locations.download()?;
         Ok((

@@ -43,7 +43,9 @@ mod routing;
 pub mod selftest;
 
 pub use backward::{moe_layer_backward, LayerGrads, MoeActivation, MoeActivationArgs};
-pub use expert_parallel::{moe_layer_backward_expert_parallel, moe_layer_expert_parallel};
+pub use expert_parallel::{
+    moe_layer_backward_expert_parallel, moe_layer_expert_parallel, moe_layer_expert_parallel_on,
+};
 pub use ffn::{
     moe_expert_ffn, moe_expert_ffn_on, moe_expert_ffn_sorted, moe_expert_ffn_sorted_on,
     moe_expert_ffn_sorted_with, moe_expert_ffn_with, ExpertWeights, GroupedConfig, GroupedKernel,
@@ -57,8 +59,8 @@ pub use gate::{
     MoeGateBackwardRows, MoeGateBackwardRowsArgs, MoeGateTopk, MoeGateTopkArgs,
 };
 pub use layer::{
-    moe_layer, moe_layer_backward_local_ranks, moe_layer_local_ranks, moe_layer_on, LayerOptions,
-    LayerOutput, MoePath,
+    moe_layer, moe_layer_backward_local_ranks, moe_layer_local_ranks, moe_layer_local_ranks_on,
+    moe_layer_on, LayerOptions, LayerOutput, MoePath,
 };
 pub use movement::{
     moe_combine, moe_combine_backward, moe_dispatch, moe_dispatch_backward, MoeCombineRows,

@@ -634,18 +634,7 @@ fn run_layer(client: &Client, a: &OpArgs) -> Result<Outputs> {
             found: "0".into(),
         });
     }
-    let out = match kernel {
-        GroupedKernel::Auto => moe_layer_local_ranks(x, w_gate, &w, &opts, world_size)?,
-        _ if world_size == 1 => moe_layer_on(x, w_gate, &w, &opts, kernel)?,
-        _ => {
-            return Err(Error::Param {
-                param: "kernel".into(),
-                expected: "auto where world_size > 1 (each rank tunes its own experts' GEMMs)"
-                    .into(),
-                found: format!("{} with world_size = {world_size}", a.param("kernel")?),
-            })
-        }
-    };
+    let out = moe_layer_local_ranks_on(x, w_gate, &w, &opts, world_size, kernel)?;
     let _ = client;
     Ok(vec![
         ("y", out.y),

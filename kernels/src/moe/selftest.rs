@@ -420,6 +420,24 @@ pub fn cases() -> Vec<Case> {
             ulps: 512.0,
             floor: LAYER_FLOOR,
         },
+        // The same experts on tensor cores over two ranks (expert parallel, capacity
+        // layout with cf 0: every route kept), each rank's three experts on the wmma
+        // tiles.
+        Case {
+            op: "moe_layer",
+            params: &[
+                ("capacity_factor", "0"),
+                ("kernel", "tensor_cores"),
+                ("world_size", "2"),
+            ],
+            output: "y",
+            what: "[37,16] tokens, 6 experts of F = 24, top-2, expert parallel over 2 ranks, tensor cores",
+            inputs: layer_tc_inputs,
+            reference: |i| layer_ref(i, 0.0, false),
+            roundings: 4.0,
+            ulps: 512.0,
+            floor: LAYER_FLOOR,
+        },
         Case {
             op: "moe_layer_backward",
             params: &[],
