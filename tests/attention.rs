@@ -25,6 +25,13 @@ fn client() -> &'static kiln::Client {
     common::client()
 }
 
+/// Whether the device runs the tensor-core kernels (`wmma` on 32-unit planes, as their
+/// `require` clauses and the self-test say).
+fn has_tensor_cores() -> bool {
+    let report = client().report();
+    report.tensor_cores && report.plane_size.0 == 32
+}
+
 fn round(dtype: DType, shape: &[usize], v: &[f64]) -> Vec<f64> {
     HostTensor::from_f64(dtype, shape.to_vec(), v)
         .unwrap()
@@ -94,7 +101,7 @@ fn errors(
     // The tensor-core kernel where the device has tensor cores and the inputs are half
     // precision (CUDA); elsewhere it must be refused as unsupported.
     let half = matches!(x.tq.dtype(), DType::F16 | DType::BF16);
-    let tensor_cores = client().report().tensor_cores && client().report().plane_size.0 == 32;
+    let tensor_cores = has_tensor_cores();
     for kernel in [
         ForwardKernel::Staged,
         ForwardKernel::Rows,
@@ -315,7 +322,7 @@ fn out_dtype_f32_from_f16_inputs() {
         assert!(e <= 1e-5, "{kernel:?}: out {e:.2e}");
     }
     // The tensor-core kernel rounds P to f16 before `P V`: f16's bar, f32 output.
-    if client().report().tensor_cores {
+    if has_tensor_cores() {
         let r = attention_with(&x.inputs(), &opts, ForwardKernel::TensorCore).unwrap();
         assert_eq!(r.out.dtype(), DType::F32);
         let e = rms_relative(&down(&r.out), &o_ref);
@@ -604,7 +611,7 @@ fn backward_errors(
     };
     let (dq, dk, dv) = rf::backward(dims, &x.q, &x.k, &x.v, &d_o);
     let half = matches!(dtype, DType::F16 | DType::BF16);
-    let tensor_cores = client().report().tensor_cores && client().report().plane_size.0 == 32;
+    let tensor_cores = has_tensor_cores();
     let mut worst = [0.0f64; 3];
     for kernel in [BackwardKernel::Fma, BackwardKernel::TensorCore] {
         let g = attention_backward_with(&inp, &grad, opts, Some(kernel));

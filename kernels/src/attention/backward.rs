@@ -111,6 +111,11 @@ pub(super) fn backward_into(
     kernel: Option<BackwardKernel>,
 ) -> Result<()> {
     let client = inp.q.client();
+    // A pinned pair the problem lacks is refused before anything runs.
+    let fitting = BackwardKernel::fitting(client, p);
+    if let Some(k) = kernel.filter(|k| !fitting.contains(k)) {
+        return Err(BackwardKernel::refusal(client, p, k, &fitting));
+    }
     let (bounds_q, bounds_k) = p.upload_bounds(client)?;
     let rows = p.batch * p.sq * p.heads;
     // delta and L in lse's layout.
@@ -158,10 +163,8 @@ pub(super) fn backward_into(
         delta: &delta,
         grad_f32,
     };
-    let fitting = BackwardKernel::fitting(client, p);
     let kernel = match kernel {
-        Some(k) if fitting.contains(&k) => k,
-        Some(k) => return Err(BackwardKernel::refusal(client, p, k, &fitting)),
+        Some(k) => k,
         None if fitting.len() == 1 => fitting[0],
         None => Choice::new("attention_bwd_kernel")
             .sources([

@@ -199,7 +199,7 @@ pub(super) fn forward_into(
         .tune(
             client,
             tolerance_with(p, &kernels),
-            |k| format!("{k:?}").to_lowercase(),
+            |k| k.name().into(),
             |&k| {
                 // Fresh outputs per candidate: the tuner compares them.
                 let out = Tensor::empty(client, p.out_dtype, &p.out_shape())?;

@@ -213,6 +213,7 @@ pub fn lgreco_plan(
             });
         }
     }
+    let asked = buckets;
     let buckets = buckets.clamp(1, budget.max(1));
     let most = MAX_LGRECO_ENTRIES / errors.len().max(1);
     if buckets > most {
@@ -223,7 +224,7 @@ pub fn lgreco_plan(
                  hold layers x buckets entries, at most {MAX_LGRECO_ENTRIES})",
                 errors.len()
             ),
-            found: buckets.to_string(),
+            found: asked.to_string(),
         });
     }
     let step = budget.div_ceil(buckets).max(1);

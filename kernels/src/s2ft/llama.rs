@@ -16,7 +16,7 @@
 use super::adamw::{AdamWConfig, S2ftAdamW};
 use super::block::{swiglu, swiglu_backward};
 use super::grads::{s2ft_partial_backward, s2ft_save_slice, Block};
-use super::permute::{s2ft_permute_in_place, Axis, HeadLayout};
+use super::permute::{check_units, s2ft_permute_in_place, Axis, HeadLayout};
 use super::select::S2ftPermutation;
 use crate::attention::{
     attention, attention_backward, AttentionGradInputs, AttentionInputs, AttentionOptions,
@@ -196,13 +196,23 @@ impl LlamaTrainer {
         heads.check()?;
         let (hd, qu) = (heads.head_dim, heads.group() * heads.head_dim);
         let w = &weights;
-        s2ft_permute_in_place("w_q", &w.w_q, attention, qu, Axis::Rows, "head_dim")?;
-        s2ft_permute_in_place("w_k", &w.w_k, attention, hd, Axis::Rows, "head_dim")?;
-        s2ft_permute_in_place("w_v", &w.w_v, attention, hd, Axis::Rows, "head_dim")?;
-        s2ft_permute_in_place("w_o", &w.w_o, attention, qu, Axis::Columns, "head_dim")?;
-        s2ft_permute_in_place("w_up", &w.w_up, ffn, 1, Axis::Rows, "unit_size")?;
-        s2ft_permute_in_place("w_gate", &w.w_gate, ffn, 1, Axis::Rows, "unit_size")?;
-        s2ft_permute_in_place("w_down", &w.w_down, ffn, 1, Axis::Columns, "unit_size")?;
+        let moves = [
+            ("w_q", &w.w_q, attention, qu, Axis::Rows, "head_dim"),
+            ("w_k", &w.w_k, attention, hd, Axis::Rows, "head_dim"),
+            ("w_v", &w.w_v, attention, hd, Axis::Rows, "head_dim"),
+            ("w_o", &w.w_o, attention, qu, Axis::Columns, "head_dim"),
+            ("w_up", &w.w_up, ffn, 1, Axis::Rows, "unit_size"),
+            ("w_gate", &w.w_gate, ffn, 1, Axis::Rows, "unit_size"),
+            ("w_down", &w.w_down, ffn, 1, Axis::Columns, "unit_size"),
+        ];
+        // Every weight and both permutations checked before the first one is permuted in
+        // place: an error leaves the weights as they were given.
+        for &(name, t, perm, unit, axis, param) in &moves {
+            check_units(name, t, perm, unit, axis, param)?;
+        }
+        for (name, t, perm, unit, axis, param) in moves {
+            s2ft_permute_in_place(name, t, perm, unit, axis, param)?;
+        }
         let (ra, ca, rf, cf) = (
             attention.row_block(),
             attention.col_block(),

@@ -245,7 +245,7 @@ pub(super) fn attention_layer(
 }
 
 /// Checks `w` `[rows, cols]` against `perm`'s units of `unit` along `axis`.
-fn check_units(
+pub(super) fn check_units(
     name: &str,
     w: &Tensor,
     perm: &S2ftPermutation,

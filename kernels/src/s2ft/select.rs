@@ -52,10 +52,17 @@ pub enum Strategy<'a> {
 /// the host holds a few words per unit, about 0.5 GiB at the bound).
 pub const MAX_UNITS: usize = 1 << 24;
 
-/// `perm` holds every unit of `0..perm.len()` exactly once (errors name `perm` and the
-/// first entry out of range or repeated).
+/// `perm` holds every unit of `0..perm.len()` exactly once, at most [`MAX_UNITS`] of
+/// them (errors name `perm` and the first entry out of range or repeated).
 fn check_perm(perm: &[usize]) -> Result<()> {
     let n = perm.len();
+    if n > MAX_UNITS {
+        return Err(Error::Param {
+            param: "perm".into(),
+            expected: format!("a permutation of at most {MAX_UNITS} units"),
+            found: format!("{n} units"),
+        });
+    }
     let mut seen = vec![false; n];
     for (p, &u) in perm.iter().enumerate() {
         if u >= n || seen[u] {

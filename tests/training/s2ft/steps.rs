@@ -141,6 +141,28 @@ fn three_s2ft_steps_of_the_llama_block_match_masked_full_fine_tuning() {
         weight_decay: 0.1,
         ..AdamWConfig::default()
     };
+    // An FFN permutation of the wrong unit count is refused before any weight is
+    // permuted in place: the attention weights are as they were given.
+    let wrong_ffn = s2ft_select(f - 1, 1, 4, 5, &Strategy::Random { seed: 3 }).unwrap();
+    let w_q_before = down(&weights.w_q);
+    let kept = LlamaWeights {
+        w_q: weights.w_q.clone(),
+        w_k: weights.w_k.clone(),
+        w_v: weights.w_v.clone(),
+        w_o: weights.w_o.clone(),
+        w_up: weights.w_up.clone(),
+        w_gate: weights.w_gate.clone(),
+        w_down: weights.w_down.clone(),
+    };
+    let e = LlamaTrainer::s2ft(kept, heads, &attn, &wrong_ffn, cfg)
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("w_up"), "{e}");
+    assert_eq!(
+        down(&weights.w_q),
+        w_q_before,
+        "w_q permuted before the refusal"
+    );
     let mut trainer = LlamaTrainer::s2ft(weights, heads, &attn, &ffn, cfg).unwrap();
     let xt = t32(&[t, d], &x);
     let mut losses = vec![];
