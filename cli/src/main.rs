@@ -183,6 +183,9 @@ enum Command {
         /// configuration, untuned, unless KILN_AUTOTUNE is set; tuning is `kiln tune`'s job).
         #[arg(long)]
         tune: bool,
+        /// Only this operator's cases (repeatable; default: every operator's).
+        #[arg(long = "op", value_name = "OP")]
+        ops: Vec<String>,
     },
 }
 
@@ -287,7 +290,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             &key_values(&set, "--set")?,
             json,
         ),
-        Command::Selftest { device, tune } => selftest(device, tune),
+        Command::Selftest { device, tune, ops } => selftest(device, tune, &ops),
         Command::CheckCuda {
             arch,
             kernel,
@@ -572,7 +575,25 @@ fn emit_kernel(name: &str, target: &str, config: &[String], manifest: bool) -> R
     Ok(ExitCode::SUCCESS)
 }
 
-fn selftest(device: Option<String>, tune: bool) -> Result<ExitCode> {
+fn selftest(device: Option<String>, tune: bool, ops: &[String]) -> Result<ExitCode> {
+    // Each case keeps its index among all cases: its inputs' seed, so that a case's
+    // inputs are the same with or without `--op`.
+    let mut cases: Vec<_> = cases().into_iter().enumerate().collect();
+    if !ops.is_empty() {
+        if let Some(unknown) = ops
+            .iter()
+            .find(|op| !cases.iter().any(|(_, c)| c.op == op.as_str()))
+        {
+            let mut known: Vec<&str> = cases.iter().map(|(_, c)| c.op).collect();
+            known.dedup();
+            return Err(Error::Param {
+                param: "--op".into(),
+                expected: format!("an operator with self-test cases: {}", known.join(", ")),
+                found: unknown.clone(),
+            });
+        }
+        cases.retain(|(_, c)| ops.iter().any(|op| op == c.op));
+    }
     let client = Client::open(&device_arg(device)?)?;
     println!("{}\n", client.report());
     // The self-test checks results, not speed: untuned (the first configuration of each
@@ -599,12 +620,12 @@ fn selftest(device: Option<String>, tune: bool) -> Result<ExitCode> {
     println!("{:<10} {:<5} {:<52} result", "operator", "dtype", "case");
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     let start = std::time::Instant::now();
-    for (i, case) in cases().iter().enumerate() {
+    for (i, case) in &cases {
         for dtype in DType::FLOATS {
             // A panicking case is a failed case, not the end of the self-test: a
             // device's first run should report every case.
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                run_case(&client, case, dtype, 1000 + i as u64)
+                run_case(&client, case, dtype, 1000 + *i as u64)
             }))
             .unwrap_or_else(|p| Outcome::Error(format!("panicked: {}", panic_message(&*p))));
             let text = match &outcome {

@@ -433,6 +433,12 @@ attention_fwd_kernel! {
             k0 += BK;
         }
 
+        // Every unit has read the last tile's rescale factors from `stat` (step 4) before
+        // they are overwritten with the denominators. Without this barrier a unit that
+        // finished its tile early overwrote rows that others had still to read: found by
+        // the CUDA emulator (tools/cuda-emu), wrong from column 4 on in 78 % of `out`
+        // there; a GPU's warps mostly kept pace and hid it.
+        sync_cube();
         // The row's log-sum-exp and denominator (an empty row: l = 0, lse = -inf through
         // ln(0), and 1 as the denominator of an all-zero accumulator).
         if UNIT_POS < BQ {

@@ -1,0 +1,2 @@
+#pragma once
+#include "../kemu_wmma.h"

@@ -1,0 +1,3 @@
+#pragma once
+#include "kemu_device.h"
+#include "kemu_half.h"
