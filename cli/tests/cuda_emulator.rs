@@ -4,6 +4,9 @@
 //! f64 reference. Every case runs under two thread schedules, thread 0 first and the
 //! last thread (and block) first: units of a cube that race between two barriers give a
 //! wrong result in at least one (the attention forward's `stat` race was found so).
+//! Shared memory starts as NaN in one run and as 3.4e38 in the other, locals as a
+//! pattern, and UBSan reports what x86 and PTX define differently (shifts by 32 or
+//! more, out-of-range float-to-int conversions, misaligned vector accesses).
 //!
 //! The operators are split into [`SHARDS`] tests of about equal case counts, families
 //! kept together (they share kernels, which are compiled once per machine and cached in
@@ -41,30 +44,56 @@ fn shard_ops(shard: usize) -> Vec<&'static str> {
     ops
 }
 
-/// Runs `kiln selftest --op ..` for `ops` on the emulator under `schedule`; panics with
-/// the whole output unless every case passed (or was skipped as f32 on tensor cores).
-fn emulated_selftest(ops: &[&str], schedule: &str) {
+/// Runs `kiln selftest --op ..` for `ops` on the emulator under `schedule`, shared
+/// memory and fresh buffers filled with `poison` bytes; panics with the whole output
+/// unless the device had (int8) tensor cores, every case passed, none but f32 ones on
+/// tensor cores was skipped, and the sanitizers of the emulated kernels reported nothing.
+fn emulated_selftest(ops: &[&str], schedule: &str, poison: &str) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/cuda-emu");
     let mut command = Command::new(script);
     command
         .arg(env!("CARGO_BIN_EXE_kiln"))
         .arg("selftest")
         .env("KEMU_SCHEDULE", schedule)
+        .env("KEMU_POISON", poison)
         .env("XDG_RUNTIME_DIR", std::env::temp_dir())
-        .env_remove("KILN_DEVICE");
+        // The emulated device is compute capability 8.0 with the default compile flags.
+        .env_remove("KEMU_ARCH")
+        .env_remove("KEMU_CXXFLAGS")
+        .env_remove("KILN_DEVICE")
+        .env_remove("KILN_AUTOTUNE");
     for op in ops {
         command.args(["--op", op]);
     }
     let out = command.output().expect("scripts/cuda-emu runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    let context = format!("{ops:?}, {schedule} schedule, poison {poison}:\n{stdout}\n{stderr}");
     assert!(
         out.status.success(),
-        "the self-test of {ops:?} failed on the CUDA emulator ({schedule} schedule):\n{stdout}\n{stderr}"
+        "the self-test failed on the CUDA emulator: {context}"
     );
     assert!(
-        stdout.contains("kiln CUDA emulator") && stdout.contains(" 0 failed"),
-        "not a run on the emulator, or not every case passed:\n{stdout}\n{stderr}"
+        stdout.contains("kiln CUDA emulator") && stdout.contains("tensor cores:  yes (int8 yes)"),
+        "not the emulator, or it reported no (int8) tensor cores: {context}"
+    );
+    let summary = stdout
+        .lines()
+        .find(|l| l.starts_with("selftest on "))
+        .unwrap_or_else(|| panic!("no summary line: {context}"));
+    assert!(
+        summary.contains(" 0 failed") && !summary.contains(": 0 passed"),
+        "not every case passed: {context}"
+    );
+    for line in stdout.lines().filter(|l| l.contains(" skip ")) {
+        assert!(
+            line.split_whitespace().nth(1) == Some("f32") && line.contains("tensor cores"),
+            "only f32 cases on tensor cores may be skipped on the emulator, not:\n{line}\n{context}"
+        );
+    }
+    assert!(
+        !stderr.contains("runtime error"),
+        "a kernel did what x86 and the GPU define differently (UBSan): {context}"
     );
 }
 
@@ -74,9 +103,10 @@ fn check_shard(shard: usize) {
         !ops.is_empty(),
         "shard {shard} of {SHARDS} has no operators"
     );
-    for schedule in ["forward", "reverse"] {
-        emulated_selftest(&ops, schedule);
-    }
+    // Shared memory NaN-filled (0xff) in one run, filled with 3.4e38 (0x7f, which
+    // max() does not drop) in the other.
+    emulated_selftest(&ops, "forward", "0xff");
+    emulated_selftest(&ops, "reverse", "0x7f");
 }
 
 #[test]

@@ -22,6 +22,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -54,14 +55,33 @@ enum {
 static std::mutex g_lock;
 static int g_context_token;
 
+// The compute capability reported (KEMU_ARCH): 70, 72, 75, 80, 86 or 87 (default 80).
+// 89 and up would turn on cubecl's fp8 and, from 90, TMA paths, which are not emulated.
 static int arch() {
     const char *a = getenv("KEMU_ARCH");
-    int v = a ? atoi(a) : 80;
-    return v >= 50 ? v : 80;
+    return a && *a ? atoi(a) : 80;
+}
+static bool arch_supported(int v) {
+    return v == 70 || v == 72 || v == 75 || v == 80 || v == 86 || v == 87;
+}
+// The largest dynamic shared memory a block may opt in to on that architecture (bytes).
+static int max_shared_optin() {
+    switch (arch()) {
+    case 70: case 72: return 96 * 1024;
+    case 75: return 64 * 1024;
+    case 80: case 87: return 163 * 1024;
+    default: return 99 * 1024;
+    }
 }
 
 // ---- device and context ----------------------------------------------------------------
-API CUresult cuInit(unsigned) { return OK; }
+API CUresult cuInit(unsigned) {
+    if (!arch_supported(arch())) {
+        fprintf(stderr, "kemu: KEMU_ARCH=%d: expected 70, 72, 75, 80, 86 or 87\n", arch());
+        return ERR_INVALID_DEVICE;
+    }
+    return OK;
+}
 API CUresult cuDriverGetVersion(int *v) {
     *v = 12080;
     return OK;
@@ -103,8 +123,8 @@ API CUresult cuDeviceGetAttribute(int *v, int attr, CUdevice) {
     case 39: *v = 2048; break;                // MAX_THREADS_PER_MULTIPROCESSOR
     case 75: *v = arch() / 10; break;         // COMPUTE_CAPABILITY_MAJOR
     case 76: *v = arch() % 10; break;         // COMPUTE_CAPABILITY_MINOR
-    case 81: *v = 228 * 1024; break;          // MAX_SHARED_MEMORY_PER_MULTIPROCESSOR
-    case 97: *v = 227 * 1024; break;          // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+    case 81: *v = max_shared_optin() + 1024; break; // MAX_SHARED_MEMORY_PER_MULTIPROCESSOR
+    case 97: *v = max_shared_optin(); break;  // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
     case 115: *v = 0; break;                  // MEMORY_POOLS_SUPPORTED: plain cuMemAlloc
     default: *v = 0; break;
     }
@@ -170,7 +190,8 @@ static CUresult alloc(CUdeviceptr *p, size_t n) {
     size_t bytes = (n + 255) / 256 * 256;
     void *m = aligned_alloc(256, bytes ? bytes : 256);
     if (!m) return ERR_OUT_OF_MEMORY;
-    memset(m, 0xFF, bytes);
+    const char *poison = getenv("KEMU_POISON");
+    memset(m, poison && *poison ? (int)strtoul(poison, nullptr, 0) & 0xff : 0xff, bytes);
     *p = (CUdeviceptr)m;
     return OK;
 }
@@ -256,7 +277,25 @@ API CUresult cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, CUstream) {
 }
 
 // ---- modules and launches --------------------------------------------------------------
-typedef int (*Entry)(void **, const unsigned *, const unsigned *, unsigned);
+typedef int (*Entry)(void **, const unsigned *, const unsigned *, unsigned, void *const *,
+                     size_t);
+
+// The fibers' stacks, one per thread of the largest block so far, shared by every module
+// (launches are serialised): 1 MiB each (a thread's wmma fragments hold whole tiles), a
+// guard page below each so that an overflow faults. Per module they would be hundreds
+// of mappings per kernel, past the kernel's limit on mappings in a long self-test.
+static const size_t STACK_BYTES = (size_t)1 << 20;
+static std::vector<void *> g_stacks;
+static bool grow_stacks(size_t n) {
+    while (g_stacks.size() < n) {
+        void *m = mmap(nullptr, STACK_BYTES, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) return false;
+        mprotect(m, 4096, PROT_NONE);
+        g_stacks.push_back(m);
+    }
+    return true;
+}
 struct Function {
     Entry entry;
     std::string name;
@@ -300,10 +339,19 @@ API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz,
                             unsigned by, unsigned bz, unsigned smem, CUstream, void **params,
                             void **extra) {
     if (extra) return ERR_NOT_SUPPORTED;
+    // The limits a GPU of this compute capability enforces at launch.
+    if (gx == 0 || gy == 0 || gz == 0 || bx == 0 || by == 0 || bz == 0 || gx > 2147483647u ||
+        gy > 65535 || gz > 65535 || bx > 1024 || by > 1024 || bz > 64 ||
+        (unsigned long long)bx * by * bz > 1024 || smem > (unsigned)max_shared_optin()) {
+        fprintf(stderr, "kemu: launch of %s refused: grid (%u,%u,%u), block (%u,%u,%u), %u bytes of shared memory\n",
+                ((Function *)f)->name.c_str(), gx, gy, gz, bx, by, bz, smem);
+        return ERR_INVALID_VALUE;
+    }
     std::lock_guard<std::mutex> guard(g_lock);
     Function *fn = (Function *)f;
     unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
-    if (fn->entry(params, grid, block, smem) != 0) {
+    if (!grow_stacks((size_t)bx * by * bz)) return ERR_OUT_OF_MEMORY;
+    if (fn->entry(params, grid, block, smem, g_stacks.data(), STACK_BYTES) != 0) {
         fprintf(stderr, "kemu: launch of %s failed\n", fn->name.c_str());
         return ERR_LAUNCH_FAILED;
     }
@@ -447,7 +495,7 @@ static bool declaration(const std::string &line) {
 
 static std::string cache_key_source(const std::string &src) {
     // Struct definitions, sorted, where the first one was.
-    std::vector<std::string> lines, structs;
+    std::vector<std::string> lines, structs, sizes;
     size_t first_struct = std::string::npos;
     {
         size_t at = 0;
@@ -466,7 +514,10 @@ static std::string cache_key_source(const std::string &src) {
                 structs.push_back(block);
                 continue;
             }
-            if (line.rfind("// Shared array size", 0) == 0) continue;
+            if (line.rfind("// Shared array size", 0) == 0) {
+                sizes.push_back(line);
+                continue;
+            }
             size_t d = line.find("dynamic_shared_mem[");
             if (d != std::string::npos) {
                 size_t close = line.find(']', d);
@@ -521,6 +572,9 @@ static std::string cache_key_source(const std::string &src) {
         }
     }
     flush();
+    // The shared arrays' sizes (not their offsets), as a sorted list.
+    std::sort(sizes.begin(), sizes.end());
+    for (const std::string &z : sizes) out += z + "\n";
     return out;
 }
 
@@ -589,12 +643,21 @@ API nvrtcResult nvrtcCompileProgram(Program *p, int n, const char *const *option
     src += "\n// kemu entry points\n";
     for (const std::string &k : kernel_names(p->source))
         src += "extern \"C\" __attribute__((visibility(\"default\"))) int kemu_entry_" + k +
-               "(void **args, const unsigned *grid, const unsigned *block, unsigned smem) { "
-               "return kemu::run_kernel(&" + k + ", args, grid, block, smem); }\n";
+               "(void **args, const unsigned *grid, const unsigned *block, unsigned smem, "
+               "void *const *stacks, size_t stack_bytes) { return kemu::run_kernel(&" + k +
+               ", args, grid, block, smem, stacks, stack_bytes); }\n";
     const char *cxx = getenv("KEMU_CXX");
     const char *extra = getenv("KEMU_CXXFLAGS");
     std::string command = std::string(cxx ? cxx : "g++") +
-                          " -std=c++20 -O1 -g0 -fPIC -w -fno-strict-aliasing " + arch_flag +
+                          " -std=c++20 -O1 -g0 -fPIC -w -fno-strict-aliasing"
+                          // What x86 and PTX define differently is reported, not
+                          // silently given x86's meaning: shifts by the width or more,
+                          // float-to-int conversions out of range, division by zero,
+                          // misaligned vector accesses.
+                          " -fsanitize=shift-exponent,float-cast-overflow,integer-divide-by-zero,alignment"
+                          // Locals a kernel reads before writing hold a pattern, not zero.
+                          " -ftrivial-auto-var-init=pattern " +
+                          arch_flag +
                           includes + " " + (extra ? extra : "");
     const char *cache = getenv("KEMU_CACHE");
     const char *tmp = getenv("TMPDIR");
@@ -603,7 +666,8 @@ API nvrtcResult nvrtcCompileProgram(Program *p, int n, const char *const *option
     std::string pch = precompiled_headers(dir, command, include_dirs);
     char hash[32];
     snprintf(hash, sizeof hash, "%016llx",
-             (unsigned long long)fnv1a(cache_key_source(p->source) + "\n" + command));
+             (unsigned long long)fnv1a(cache_key_source(p->source) + "\n" + command +
+                                       "\nkemu " __DATE__ " " __TIME__));
     std::string base = dir + "/" + hash, so = base + ".so";
     struct stat st;
     if (stat(so.c_str(), &st) != 0) {

@@ -18,10 +18,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <sys/mman.h>
 #include <type_traits>
 #include <ucontext.h>
 #include <utility>
+#include <xmmintrin.h>
 
 #define __global__
 #define __device__
@@ -94,19 +94,32 @@ inline void make_context(Context &c, void *base, size_t size, void (*fn)()) {
 
 struct Fiber {
     Context ctx;
-    void *stack;
     int state;
     uint3 tid;
 };
-static const size_t STACK_BYTES = 1 << 20;
-KEMU_HIDDEN Fiber *fibers = nullptr;
-KEMU_HIDDEN unsigned capacity = 0;
+KEMU_HIDDEN Fiber fibers[1024];
 KEMU_HIDDEN unsigned nthreads = 0;
 KEMU_HIDDEN unsigned current = 0;
 KEMU_HIDDEN Context scheduler;
 KEMU_HIDDEN void (*body)() = nullptr;
 // One 8-byte slot per thread for shuffles and votes.
 KEMU_HIDDEN uint64_t slots[1024];
+// The first misuse a kernel made of an API (a misaligned wmma pointer, ...): the launch
+// fails with it once the grid has run.
+KEMU_HIDDEN char fault[256];
+
+inline void report(const char *what) {
+    if (!fault[0])
+        snprintf(fault, sizeof fault, "%s (block %u,%u,%u, thread %u,%u,%u)", what, blockIdx.x,
+                 blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z);
+}
+
+// The byte that fills shared memory before each block: KEMU_POISON (default 0xff: NaN in
+// every float type; 0x7f gives 3.4e38 in f32, which max() does not drop).
+inline int poison_byte() {
+    const char *s = getenv("KEMU_POISON");
+    return s && *s ? (int)strtoul(s, nullptr, 0) & 0xff : 0xff;
+}
 
 inline unsigned lane() { return current % 32; }
 
@@ -138,8 +151,11 @@ inline int schedule() {
     return -1;
 }
 
-// Runs `run` over the grid; 0 on success, a message on stderr and 1 on a deadlock.
-inline int launch(void (*run)(), const unsigned grid[3], const unsigned block[3], unsigned smem) {
+// Runs `run` over the grid on the driver's fiber stacks (`stacks[i]`, `stack_bytes` each:
+// one pool for every module, launches being serialised); 0 on success, a message on
+// stderr and 1 on a deadlock or a fault.
+inline int launch(void (*run)(), const unsigned grid[3], const unsigned block[3], unsigned smem,
+                  void *const *stacks, size_t stack_bytes) {
     if (smem > KEMU_SMEM_BYTES) {
         fprintf(stderr, "kemu: %u bytes of dynamic shared memory asked for, %u available\n",
                 smem, (unsigned)KEMU_SMEM_BYTES);
@@ -150,18 +166,6 @@ inline int launch(void (*run)(), const unsigned grid[3], const unsigned block[3]
         fprintf(stderr, "kemu: %u threads per block\n", n);
         return 1;
     }
-    if (n > capacity) {
-        fibers = (Fiber *)realloc(fibers, sizeof(Fiber) * n);
-        for (unsigned i = capacity; i < n; i++) {
-            fibers[i].stack = mmap(nullptr, STACK_BYTES, PROT_READ | PROT_WRITE,
-                                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-            if (fibers[i].stack == MAP_FAILED) {
-                fprintf(stderr, "kemu: no memory for a fiber stack\n");
-                return 1;
-            }
-        }
-        capacity = n;
-    }
     nthreads = n;
     body = run;
     blockDim = dim3{block[0], block[1], block[2]};
@@ -170,6 +174,12 @@ inline int launch(void (*run)(), const unsigned grid[3], const unsigned block[3]
         fibers[i].tid = uint3{i % block[0], (i / block[0]) % block[1], i / (block[0] * block[1])};
     int mode = schedule();
     if (mode < 0) return 1;
+    int poison = poison_byte();
+    fault[0] = 0;
+    // IEEE defaults whatever the host thread had set (no flush-to-zero), as on the GPU
+    // where kernels are compiled without fast math.
+    unsigned host_csr = _mm_getcsr();
+    _mm_setcsr(0x1f80);
     static unsigned order[1024];
     uint64_t seed = 0x9e3779b97f4a7c15ull;
     if (const char *s = getenv("KEMU_SEED")) seed ^= strtoull(s, nullptr, 10) * 0xbf58476d1ce4e5b9ull;
@@ -179,9 +189,11 @@ inline int launch(void (*run)(), const unsigned grid[3], const unsigned block[3]
         unsigned bx = (unsigned)(b % grid[0]), by = (unsigned)(b / grid[0] % grid[1]),
                  bz = (unsigned)(b / ((uint64_t)grid[0] * grid[1]));
         blockIdx = uint3{bx, by, bz};
-        memset(dynamic_shared_mem, 0xFF, smem);
+        // The whole array, not `smem` bytes: a cached module may lay its arrays out
+        // differently from the source this launch was compiled for (same kernel).
+        memset(dynamic_shared_mem, poison, KEMU_SMEM_BYTES);
         for (unsigned i = 0; i < n; i++) {
-            make_context(fibers[i].ctx, fibers[i].stack, STACK_BYTES, entry);
+            make_context(fibers[i].ctx, stacks[i], stack_bytes, entry);
             fibers[i].state = RUN;
         }
         for (;;) {
@@ -233,9 +245,15 @@ inline int launch(void (*run)(), const unsigned grid[3], const unsigned block[3]
                         bx, by, bz);
                 for (unsigned i = 0; i < n; i++) fprintf(stderr, " %d", fibers[i].state);
                 fprintf(stderr, "\n");
+                _mm_setcsr(host_csr);
                 return 1;
             }
         }
+    }
+    _mm_setcsr(host_csr);
+    if (fault[0]) {
+        fprintf(stderr, "kemu: %s\n", fault);
+        return 1;
     }
     return 0;
 }
@@ -251,10 +269,10 @@ template <typename... A> struct Thunk {
 
 template <typename... A>
 int run_kernel(void (*fn)(A...), void **args, const unsigned grid[3], const unsigned block[3],
-               unsigned smem) {
+               unsigned smem, void *const *stacks, size_t stack_bytes) {
     Thunk<A...>::fn = fn;
     Thunk<A...>::args = args;
-    return launch(&Thunk<A...>::run, grid, block, smem);
+    return launch(&Thunk<A...>::run, grid, block, smem, stacks, stack_bytes);
 }
 
 template <typename T> inline uint64_t to_slot(T v) {
@@ -269,15 +287,15 @@ template <typename T> inline T from_slot(uint64_t s) {
     return v;
 }
 // Every lane publishes `v`, then reads lane `src`'s (its own where `src` is out of range).
-template <typename T> inline T exchange(T v, int src, int width) {
+// `src` is a lane of the warp (0..31); a lane that exited or is past the block reads its
+// own value (CUDA leaves it undefined).
+template <typename T> inline T exchange(T v, unsigned src) {
     unsigned me = current;
     unsigned base = me - me % 32;
     slots[me] = to_slot(v);
     wait(WAIT_WARP);
-    unsigned seg = (me % 32) / width * width;
-    T r = (src < 0 || (unsigned)src >= (unsigned)width || base + seg + src >= nthreads)
-              ? v
-              : from_slot<T>(slots[base + seg + src]);
+    unsigned from = base + src % 32;
+    T r = from >= nthreads || fibers[from].state == DONE ? v : from_slot<T>(slots[from]);
     wait(WAIT_WARP);
     return r;
 }
@@ -289,19 +307,25 @@ inline void __threadfence() {}
 inline void __threadfence_block() {}
 inline unsigned __activemask() { return 0xffffffffu; }
 
+// The shuffles as the CUDA programming guide defines them for a `width` (a power of two
+// up to 32) segment; masks are not checked (every lane of the warp takes part).
 template <typename T> inline T __shfl_sync(unsigned, T v, int src, int width = 32) {
-    return kemu::exchange(v, src % width, width);
+    unsigned seg = kemu::lane() & ~(unsigned)(width - 1);
+    return kemu::exchange(v, seg + ((unsigned)src & (unsigned)(width - 1)));
 }
 template <typename T> inline T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
-    return kemu::exchange(v, (int)(kemu::lane() % width) ^ mask, width);
+    unsigned src = kemu::lane() ^ (unsigned)mask;
+    // A source past the lane's own segment reads the lane's own value.
+    if ((src & ~(unsigned)(width - 1)) > (kemu::lane() | (unsigned)(width - 1))) src = kemu::lane();
+    return kemu::exchange(v, src);
 }
 template <typename T> inline T __shfl_down_sync(unsigned, T v, unsigned d, int width = 32) {
-    int src = (int)(kemu::lane() % width) + (int)d;
-    return kemu::exchange(v, src < width ? src : -1, width);
+    unsigned in_seg = (kemu::lane() & (unsigned)(width - 1)) + d;
+    return kemu::exchange(v, in_seg < (unsigned)width ? kemu::lane() + d : kemu::lane());
 }
 template <typename T> inline T __shfl_up_sync(unsigned, T v, unsigned d, int width = 32) {
-    int src = (int)(kemu::lane() % width) - (int)d;
-    return kemu::exchange(v, src, width);
+    unsigned in_seg = kemu::lane() & (unsigned)(width - 1);
+    return kemu::exchange(v, in_seg >= d ? kemu::lane() - d : kemu::lane());
 }
 inline unsigned __ballot_sync(unsigned, int pred) {
     unsigned me = kemu::current, base = me - me % 32;
@@ -313,13 +337,8 @@ inline unsigned __ballot_sync(unsigned, int pred) {
     kemu::wait(kemu::WAIT_WARP);
     return bits;
 }
-inline int __all_sync(unsigned m, int p) {
-    unsigned me = kemu::current, base = me - me % 32;
-    unsigned live = 0;
-    for (unsigned i = 0; i < 32 && base + i < kemu::nthreads; i++)
-        if (kemu::fibers[base + i].state != kemu::DONE) live |= 1u << i;
-    return __ballot_sync(m, p) == live;
-}
+// Every live lane's predicate: a ballot of the negation is empty.
+inline int __all_sync(unsigned m, int p) { return __ballot_sync(m, !p) == 0; }
 inline int __any_sync(unsigned m, int p) { return __ballot_sync(m, p) != 0; }
 
 // ---- integer and float intrinsics -----------------------------------------------------

@@ -1,6 +1,10 @@
 // kiln's CUDA emulator: `nvcuda::wmma` with the whole tile in every lane. Lanes load the
 // same tile from the same (warp-uniform) pointer, so their fragments agree; `mma_sync`
-// multiplies in the accumulator's type, summing k in order; stores write the tile.
+// multiplies in the accumulator's type, summing k in order. A store is shared out: lane
+// l writes the elements whose index is l modulo 32, so a lane that reads what the store
+// wrote without a `__syncwarp` between sees stale values in some schedule, as on a GPU.
+// Pointers must be 32-byte aligned and `ldm` a multiple of 16 bytes (the API's rules);
+// a violation fails the launch.
 #pragma once
 #include "kemu_device.h"
 #include "kemu_half.h"
@@ -45,7 +49,13 @@ inline void fill_fragment(fragment<Use, M, N, K, T, L> &f, const V &v) {
     for (int i = 0; i < f.num_elements; i++) f.x[i] = (typename storage<T>::type)v;
 }
 
+template <typename P> inline void check_operand(const P *p, unsigned ldm, const char *what) {
+    if ((uintptr_t)p % 32 != 0) kemu::report(what);
+    if (ldm * sizeof(P) % 16 != 0) kemu::report("wmma: ldm is not a multiple of 16 bytes");
+}
+
 template <typename F, typename P> inline void load(F &f, const P *p, unsigned ldm, bool row) {
+    check_operand(p, ldm, "wmma: load_matrix_sync from a pointer not 32-byte aligned");
     for (int r = 0; r < F::rows; r++)
         for (int c = 0; c < F::cols; c++)
             f.x[r * F::cols + c] =
@@ -68,8 +78,10 @@ template <int M, int N, int K, typename T, typename P>
 inline void store_matrix_sync(P *p, const fragment<accumulator, M, N, K, T, void> &f,
                               unsigned ldm, layout_t layout) {
     using F = fragment<accumulator, M, N, K, T, void>;
+    check_operand(p, ldm, "wmma: store_matrix_sync to a pointer not 32-byte aligned");
     for (int r = 0; r < F::rows; r++)
         for (int c = 0; c < F::cols; c++) {
+            if ((unsigned)(r * F::cols + c) % 32 != kemu::lane()) continue;
             P v = (P)f.x[r * F::cols + c];
             if (layout == mem_row_major)
                 p[(size_t)r * ldm + c] = v;
