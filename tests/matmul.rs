@@ -180,7 +180,10 @@ fn every_vec4_config(
             );
         }
     }
-    assert_eq!(tested.len(), trans.len() * count, "{tested:?}");
+    // On a GPU the register budget (kernels/cuda-budget.txt) drops the tiles that spill.
+    if common::on_cpu_adapter() {
+        assert_eq!(tested.len(), trans.len() * count, "{tested:?}");
+    }
     // K or N not a multiple of 4: no vector configuration at all.
     assert!(MatmulVec4::space(
         client(),
@@ -472,11 +475,17 @@ fn cubek_matmul_is_a_candidate_with_a_plain_epilogue_and_agrees() {
             let (a, b) = (up(&p.hosts["a"]), up(&p.hosts["b"]));
             let plain = Epilogue::default();
             let cands = matmul::candidates_for(&a, &b, trans_b, plain).unwrap();
+            let got = matmul::matmul_with(&a, &b, trans_b, plain, Cubek);
+            // Where the device has TF32 (NVIDIA from sm_80), cubek would round f32
+            // operands to it: refused with that reason, and not a candidate.
+            if let Err(e) = &got {
+                if dtype == DType::F32 && e.to_string().contains("TF32") {
+                    assert!(!cands.contains(&Cubek), "{cands:?}");
+                    continue;
+                }
+            }
             assert!(cands.contains(&Cubek), "{cands:?}");
-            let got = matmul::matmul_with(&a, &b, trans_b, plain, Cubek)
-                .unwrap()
-                .download()
-                .unwrap();
+            let got = got.unwrap().download().unwrap();
             let what = format!("cubek {dtype} trans_b={trans_b}");
             check(&p, &got, trans_b, "none", dtype, &what);
         }

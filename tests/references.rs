@@ -399,6 +399,125 @@ mod random {
     }
 }
 
+/// The host's f64 -> f16 / bf16 conversion (every half-precision upload and reference
+/// rounding) against the definition of round-to-nearest-even: the result `r` lies within
+/// the two midpoints to its neighbours (exact in f64: half formats carry at most 11
+/// bits), on a midpoint only when `r` is even. Values on, just above and just below ties
+/// (by one f64 ulp, and by one f32 ulp below bf16's tie, where `half` 2.7 misrounds),
+/// subnormals, the overflow threshold, signed zeros.
+mod half_rounding {
+    use kiln::runtime::{bf16_from_f64, f16_from_f64};
+
+    /// Checks `r = round(v)` for a format whose values widen exactly to f64 through
+    /// `to_f64` and whose bits step by one between neighbours of the same sign.
+    fn check(what: &str, v: f64, bits: u16, to_f64: impl Fn(u16) -> f64) {
+        let r = to_f64(bits);
+        if v.is_nan() {
+            assert!(r.is_nan(), "{what}({v:e}): {r:e}");
+            return;
+        }
+        let mag = bits & 0x7fff;
+        assert_eq!(bits >> 15 == 1, v.is_sign_negative(), "{what}({v:e}): sign");
+        let (v, r) = (v.abs(), r.abs());
+        let even = mag & 1 == 0;
+        if r.is_infinite() {
+            // The overflow threshold: the largest finite value plus half its ulp (a tie
+            // goes to infinity, whose bits are even).
+            let (max, before) = (to_f64(mag - 1), to_f64(mag - 2));
+            assert!(v >= max + (max - before) / 2.0, "{what}({v:e}) -> inf");
+            return;
+        }
+        // Neighbours in magnitude; past the largest finite value, its ulp again.
+        let down = if mag == 0 {
+            -to_f64(1)
+        } else {
+            to_f64(mag - 1)
+        };
+        let up = to_f64(mag + 1);
+        let up = if up.is_infinite() { r + (r - down) } else { up };
+        let (lo_mid, hi_mid) = ((down + r) / 2.0, (r + up) / 2.0);
+        let above = if even { v >= lo_mid } else { v > lo_mid };
+        let below = if even { v <= hi_mid } else { v < hi_mid };
+        assert!(
+            above && below,
+            "{what}({v:e}) = {r:e} ({bits:#06x}): not the nearest"
+        );
+    }
+
+    fn f64_step(v: f64, ulps: i64) -> f64 {
+        f64::from_bits((v.to_bits() as i64 + ulps) as u64)
+    }
+
+    #[test]
+    fn f64_to_half_precision_is_correctly_rounded() {
+        let f16 = |b: u16| kiln::runtime::half::f16::from_bits(b).to_f64();
+        let bf16 = |b: u16| kiln::runtime::half::bf16::from_bits(b).to_f64();
+        let mut values = vec![
+            0.0,
+            -0.0,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::NAN,
+            1e-300,
+        ];
+        values.extend([
+            65504.0,
+            65520.0,
+            65519.99,
+            3.3895e38,
+            3.4e38,
+            1e39,
+            f64::MAX,
+        ]);
+        // The case the perturbation test found on the CUDA emulator: the f32 0x3ee88005,
+        // five f32 ulps above the bf16 tie between 0x3ee8 and 0x3ee9.
+        values.push(f32::from_bits(0x3ee8_8005) as f64);
+        // Every tie of both formats around a spread of exponents, and the values next to
+        // it: one f64 ulp, one f32 ulp, and 2^-32 relative (below f64's upper 32 bits).
+        for bits in (0..0x7c00u16).step_by(37).chain(0x3c00..0x3c40) {
+            let high = bits | 0x4000;
+            for mid in [
+                (f16(bits) + f16(bits + 1)) / 2.0,
+                (bf16(bits) + bf16(bits + 1)) / 2.0,
+                (bf16(high) + bf16(high + 1)) / 2.0,
+            ] {
+                for v in [
+                    mid,
+                    f64_step(mid, 1),
+                    f64_step(mid, -1),
+                    mid * (1.0 + 2f64.powi(-32)),
+                ] {
+                    values.extend([v, -v]);
+                    let f = mid as f32;
+                    for u in [-1i32, 1] {
+                        values.push(f32::from_bits((f.to_bits() as i32 + u) as u32) as f64);
+                    }
+                }
+            }
+        }
+        for v in values {
+            check("f16", v, f16_from_f64(v).to_bits(), f16);
+            check("bf16", v, bf16_from_f64(v).to_bits(), bf16);
+        }
+    }
+
+    /// `HostTensor::from_f64` rounds with the same functions (uploads and references
+    /// agree bit for bit).
+    #[test]
+    fn host_tensors_round_with_them() {
+        use kiln::{DType, HostTensor};
+        let v = f32::from_bits(0x3ee8_8005) as f64;
+        let t = HostTensor::from_f64(DType::BF16, vec![1], &[v]).unwrap();
+        assert_eq!(t.data, 0x3ee9u16.to_le_bytes());
+        let h = HostTensor::from_f64(
+            DType::F16,
+            vec![1],
+            &[1.0 + 2f64.powi(-11) + 2f64.powi(-40)],
+        );
+        assert_eq!(h.unwrap().data, 0x3c01u16.to_le_bytes());
+    }
+}
+
 /// `kiln-kernels` builds no unit-test harness (`[lib] test = false`), so a
 /// `#[cfg(test)]` module in it would never run: its tests belong in this directory.
 #[test]

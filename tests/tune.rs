@@ -69,6 +69,30 @@ fn run_candidate(x: &Tensor, c: u32, calls: &AtomicUsize) -> kiln::Result<Vec<Te
     }
 }
 
+/// Where every candidate fails, the error says why: the first failure's label and reason
+/// (a matmul too tall for any grid said only "every candidate configuration failed").
+#[test]
+fn when_every_candidate_fails_the_error_gives_the_first_reason() {
+    let dir = tmpdir("all-fail");
+    let tuner = Autotuner::new(&dir, TuneMode::On);
+    let x = input();
+    let calls = AtomicUsize::new(0);
+    let err = tuner
+        .tune(
+            client(),
+            &key("all-fail"),
+            &[3u32, 4],
+            |c| format!("c{c}"),
+            |&c| run_candidate(&x, c, &calls),
+            1e-5,
+        )
+        .unwrap_err()
+        .to_string();
+    for words in ["every candidate configuration failed", "c3: ", "launch failed"] {
+        assert!(err.contains(words), "`{words}` not in: {err}");
+    }
+}
+
 #[test]
 fn picks_the_fastest_valid_candidate_and_caches_it() {
     let dir = tmpdir("pick");

@@ -6,6 +6,40 @@ use half::{bf16, f16};
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// `v` rounded to the nearest f16, ties to even (correctly rounded, unlike `half` 2.7's
+/// `f16::from_f64`, which goes through f32 with f16c, rounding twice, or drops the low 32
+/// mantissa bits without it: half-rs issues 116 and 151).
+pub fn f16_from_f64(v: f64) -> f16 {
+    f16::from_f32(f32_round_to_odd(v))
+}
+
+/// `v` rounded to the nearest bf16, ties to even (correctly rounded: `half` 2.7's
+/// `bf16::from_f64` drops the low 32 mantissa bits before rounding, so a value just above
+/// a tie rounds down, e.g. the f32 0x3ee88005 to 0x3ee8 instead of 0x3ee9).
+pub fn bf16_from_f64(v: f64) -> bf16 {
+    bf16::from_f32(f32_round_to_odd(v))
+}
+
+/// `v` rounded to f32 toward zero, the last mantissa bit set where that was inexact
+/// ("round to odd"). Rounding that to nearest-even in a format at least two bits
+/// narrower (f16, bf16; subnormals and overflow included, f32 has their exponent range)
+/// gives the correctly rounded result: the odd bit keeps "above the tie" from becoming
+/// "on the tie". NaN stays NaN.
+fn f32_round_to_odd(v: f64) -> f32 {
+    let t = v as f32; // nearest, ties to even: one of the two f32 values around `v`
+    if v.is_nan() || t as f64 == v || t.to_bits() & 1 == 1 {
+        return t;
+    }
+    // `t` is even: the other neighbour, one step toward `v` in magnitude, is odd.
+    // Sign-magnitude bits: -1 moves toward zero, +1 away (inf - 1 is f32::MAX).
+    let toward_zero = (t as f64).abs() > v.abs();
+    f32::from_bits(if toward_zero {
+        t.to_bits() - 1
+    } else {
+        t.to_bits() + 1
+    })
+}
+
 /// A contiguous, row-major tensor in host memory.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostTensor {
@@ -56,8 +90,8 @@ impl HostTensor {
         for &v in values {
             match dtype {
                 DType::F32 => data.extend_from_slice(&(v as f32).to_le_bytes()),
-                DType::F16 => data.extend_from_slice(&f16::from_f64(v).to_le_bytes()),
-                DType::BF16 => data.extend_from_slice(&bf16::from_f64(v).to_le_bytes()),
+                DType::F16 => data.extend_from_slice(&f16_from_f64(v).to_le_bytes()),
+                DType::BF16 => data.extend_from_slice(&bf16_from_f64(v).to_le_bytes()),
                 DType::I8 => data.extend_from_slice(&(v as i8).to_le_bytes()),
                 DType::U8 => data.extend_from_slice(&(v as u8).to_le_bytes()),
                 DType::I32 => data.extend_from_slice(&(v as i32).to_le_bytes()),

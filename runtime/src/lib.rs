@@ -30,7 +30,8 @@ pub use dtype::DType;
 pub use error::{number_str, shape_str, Error, Result};
 pub use flat::FlatLayout;
 pub use host::{
-    load_safetensors, load_safetensors_named, load_safetensors_split, save_safetensors, HostTensor,
+    bf16_from_f64, f16_from_f64, load_safetensors, load_safetensors_named, load_safetensors_split,
+    save_safetensors, HostTensor,
 };
 pub use registry::{
     join_names, registered_kernels, registered_ops, Capability, ComptimeParam, Dtypes,

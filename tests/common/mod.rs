@@ -159,3 +159,9 @@ pub fn assert_clear(e: kiln::Error, words: &[&str]) {
         assert!(m.contains(w), "`{w}` not in: {m}");
     }
 }
+
+/// Whether the test device is a CPU adapter (lavapipe): some tile shapes are offered only
+/// there, and GPUs refuse some kernels by design.
+pub fn on_cpu_adapter() -> bool {
+    client().report().adapter_type == kiln::runtime::AdapterType::Cpu
+}

@@ -67,7 +67,8 @@ fn qgemm_direct_every_config_matches_f64() {
             520 => Some("BM=16 BN=512 TM=16 TN=32"),
             _ => None,
         };
-        if let Some(large) = large {
+        // On a GPU the register budget (kernels/cuda-budget.txt) drops the tiles that spill.
+        if let Some(large) = large.filter(|_| crate::common::on_cpu_adapter()) {
             assert!(ran.iter().any(|l| l == large), "{what}: {ran:?}");
         }
     };
@@ -224,7 +225,10 @@ fn w8a8_direct_every_config_matches_f64() {
     // The epilogue is the small tiles' (tested above): one variant for the large one.
     let ran = w8a8_direct_case(&mut rng, 19, 520, &[(false, DType::F32)]);
     let large = "BM=16 BN=512 TM=16 TN=32";
-    assert!(ran.iter().any(|l| l == large), "19 x 520: {ran:?}");
+    assert!(
+        ran.iter().any(|l| l == large) || !crate::common::on_cpu_adapter(),
+        "19 x 520: {ran:?}"
+    );
     // K not a multiple of 4: no configuration (the host does not offer the kernel).
     let problem = W8a8DirectProblem {
         m: 4,

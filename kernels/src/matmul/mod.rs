@@ -492,6 +492,12 @@ pub fn matmul_among(
 ) -> Result<Tensor> {
     let p = Problem::check(a, b, trans_b, &ep)?;
     let client = a.client();
+    // An output the device cannot hold is refused first: before the zeros of the K = 0
+    // path are built, and before candidates fail one by one on their grids.
+    client.require_buffer(
+        "output",
+        p.m.saturating_mul(p.n).saturating_mul(a.dtype().size()),
+    )?;
     if p.m == 0 || p.n == 0 {
         return Tensor::empty(client, a.dtype(), &[p.m, p.n]);
     }

@@ -20,7 +20,7 @@ fn words(v: Vec<i32>) -> Vec<f64> {
 fn w4_codes(rng: &mut Rng) -> W4Codes {
     let mut c = W4Codes::quantize(&rng.normals(K * N, 0.05), K, N, G);
     for s in &mut c.s {
-        *s = kiln_runtime::half::f16::from_f64(*s).to_f64();
+        *s = kiln_runtime::f16_from_f64(*s).to_f64();
     }
     c
 }

@@ -263,6 +263,14 @@ impl Autotuner {
                 Err(e) => CandidateStatus::Failed(e),
             });
         }
+        // Where nothing ran, the error carries the first failure's reason (the others
+        // go to the tuning events as always).
+        let first_failure = status.iter().enumerate().find_map(|(pos, s)| match s {
+            Some(CandidateStatus::Failed(why) | CandidateStatus::Mismatch(why)) => {
+                Some(format!("{}: {why}", label(&candidates[order[pos]])))
+            }
+            _ => None,
+        });
         for (pos, s) in status.into_iter().enumerate() {
             if let Some(status) = s {
                 self.emit(TuneEvent::Candidate {
@@ -274,7 +282,12 @@ impl Autotuner {
         let Some((time, winner)) = best else {
             return Err(Error::Kernel {
                 kernel: key.kernel.into(),
-                message: "every candidate configuration failed".into(),
+                message: match first_failure {
+                    Some(why) => {
+                        format!("every candidate configuration failed; the first failure: {why}")
+                    }
+                    None => "every candidate configuration failed".into(),
+                },
             });
         };
         let entry = Entry {

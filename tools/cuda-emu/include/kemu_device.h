@@ -42,6 +42,8 @@ struct uint3 {
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
+// cubecl builds the absolute position with it where a kernel reads ABSOLUTE_POS_X/Y/Z.
+inline uint3 make_uint3(unsigned x, unsigned y, unsigned z) { return uint3{x, y, z}; }
 
 #define KEMU_HIDDEN __attribute__((visibility("hidden")))
 #define KEMU_SMEM_BYTES (256 * 1024)
