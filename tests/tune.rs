@@ -88,7 +88,11 @@ fn when_every_candidate_fails_the_error_gives_the_first_reason() {
         )
         .unwrap_err()
         .to_string();
-    for words in ["every candidate configuration failed", "c3: ", "launch failed"] {
+    for words in [
+        "every candidate configuration failed",
+        "c3: ",
+        "launch failed",
+    ] {
         assert!(err.contains(words), "`{words}` not in: {err}");
     }
 }

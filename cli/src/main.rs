@@ -649,7 +649,8 @@ fn selftest(device: Option<String>, tune: bool, ops: &[String]) -> Result<ExitCo
         }
     }
     let skipped = if skipped > 0 {
-        format!(", {skipped} skipped (tensor-core cases where there are none)")
+        let why = "tensor-core cases: no tensor cores here, or f32, which wmma lacks";
+        format!(", {skipped} skipped ({why})")
     } else {
         String::new()
     };
