@@ -95,6 +95,7 @@ fn when_every_candidate_fails_the_error_gives_the_first_reason() {
     ] {
         assert!(err.contains(words), "`{words}` not in: {err}");
     }
+    assert!(!err.contains('\n'), "one line: {err}");
 }
 
 #[test]

@@ -263,10 +263,11 @@ impl Autotuner {
                 Err(e) => CandidateStatus::Failed(e),
             });
         }
-        // Where nothing ran, the error carries the first failure's reason (the others
-        // go to the tuning events as always).
+        // Where nothing ran, the error carries the first failure's reason on one line (a
+        // compiler's log spans many; every reason goes to the tuning events whole).
         let first_failure = status.iter().enumerate().find_map(|(pos, s)| match s {
             Some(CandidateStatus::Failed(why) | CandidateStatus::Mismatch(why)) => {
+                let why = why.split_whitespace().collect::<Vec<_>>().join(" ");
                 Some(format!("{}: {why}", label(&candidates[order[pos]])))
             }
             _ => None,
