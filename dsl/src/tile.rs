@@ -470,6 +470,8 @@ pub fn load_tile_v4<F: Float>(
 /// The unit owns rows `ty + i * rows / tm` and the column vectors
 /// `tx + jv * cols / tn` (`jv < tn / 4`; see [`v4_tile_col()`]). Per four depths: `tm + tn`
 /// vector loads and `tm x tn` FMAs (4-wide). `depth`, `cols` and `tn` are multiples of 4.
+/// `per_accumulator` (pass a kernel's `local_scalars`: true on a CPU adapter) orders the
+/// products accumulator by accumulator instead of depth by depth; the sums are the same.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn reg_tile_mma_v4(
@@ -485,6 +487,7 @@ pub fn reg_tile_mma_v4(
     #[comptime] depth: u32,
     #[comptime] tm: u32,
     #[comptime] tn: u32,
+    #[comptime] per_accumulator: bool,
 ) {
     let row_step = comptime!(rows / tm);
     let colv = comptime!(cols / 4);
@@ -498,15 +501,44 @@ pub fn reg_tile_mma_v4(
         for i in 0..tm {
             xv[i as usize] = xs[(x_base + (ty + i * row_step) * depth4 + d4) as usize];
         }
-        #[unroll]
-        for e in 0..4u32 {
+        if comptime!(per_accumulator) {
+            // Column vector by column vector, each accumulator through its four depths
+            // in a row (in depth order, so the same sums): a CPU driver that keeps the
+            // accumulators in memory loads and stores each once per four products, not
+            // once per product (llvmpipe: the same order halved `matmul_vec4`'s time on a
+            // 2-core Intel Xeon). On a GPU the four `y` vectors held at once cost
+            // registers (NVRTC spilled in attention's backward), so GPUs keep depth-major.
             #[unroll]
             for jv in 0..tnv {
-                let yv = ys[(y_base + (d4 * 4 + e) * colv + tx + jv * colv_step) as usize];
+                let mut yq = Array::<V4>::new(4usize);
+                #[unroll]
+                for e in 0..4u32 {
+                    yq[e as usize] =
+                        ys[(y_base + (d4 * 4 + e) * colv + tx + jv * colv_step) as usize];
+                }
                 #[unroll]
                 for i in 0..tm {
                     let a = (i * tnv + jv) as usize;
-                    acc[a] += V4::new(xv[i as usize][e as usize]) * yv;
+                    let p = xv[i as usize];
+                    let mut s = acc[a];
+                    #[unroll]
+                    for e in 0..4u32 {
+                        s += V4::new(p[e as usize]) * yq[e as usize];
+                    }
+                    acc[a] = s;
+                }
+            }
+        } else {
+            #[unroll]
+            for e in 0..4u32 {
+                #[unroll]
+                for jv in 0..tnv {
+                    let yv = ys[(y_base + (d4 * 4 + e) * colv + tx + jv * colv_step) as usize];
+                    #[unroll]
+                    for i in 0..tm {
+                        let a = (i * tnv + jv) as usize;
+                        acc[a] += V4::new(xv[i as usize][e as usize]) * yv;
+                    }
                 }
             }
         }
@@ -586,7 +618,8 @@ pub fn reg_tile_mma_v4_outer(
 /// as `[d][c / 4]` in `yt` (`bd * cols / 4`). The attention scores `Q K^T` and their
 /// gradients `dO V^T` are this product. Contains the barriers of its staging: every
 /// unit of the cube must call it; the caller needs no barrier before reading `acc`,
-/// and `xs`/`yt` may be rewritten right after.
+/// and `xs`/`yt` may be rewritten right after. `per_accumulator` as for
+/// [`reg_tile_mma_v4()`].
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn tile_product_nt<F: Float>(
@@ -610,6 +643,7 @@ pub fn tile_product_nt<F: Float>(
     #[comptime] tm: u32,
     #[comptime] tn: u32,
     #[comptime] units: u32,
+    #[comptime] per_accumulator: bool,
 ) {
     #[unroll]
     for e in 0..tm * tn / 4 {
@@ -645,7 +679,21 @@ pub fn tile_product_nt<F: Float>(
             units,
         );
         sync_cube();
-        reg_tile_mma_v4(acc, xs, 0, yt, 0, ty, tx, rows, cols, bd, tm, tn);
+        reg_tile_mma_v4(
+            acc,
+            xs,
+            0,
+            yt,
+            0,
+            ty,
+            tx,
+            rows,
+            cols,
+            bd,
+            tm,
+            tn,
+            per_accumulator,
+        );
         sync_cube();
         d0 += bd;
     }

@@ -354,9 +354,10 @@ fn masked_tile_loads_and_register_tile_mma_match_f64() {
 
 #[cube(launch_unchecked)]
 fn tile_v4_kernel(a: &Array<f32>, b: &Array<f32>, out: &mut Array<f32>, m: u32, k: u32, n: u32) {
-    // One 8 x 8 output tile of an m x k by k x n product (m, n <= 8, k <= 8) twice: with
-    // the depth along X's vectors (reg_tile_mma_v4) and with X depth-major
-    // (reg_tile_mma_v4_outer); 4 units of 4 x 4 tiles. Loads mask past m, k, n to zero.
+    // One 8 x 8 output tile of an m x k by k x n product (m, n <= 8, k <= 8) three times:
+    // with the depth along X's vectors (reg_tile_mma_v4, its products depth by depth and
+    // accumulator by accumulator) and with X depth-major (reg_tile_mma_v4_outer); 4 units
+    // of 4 x 4 tiles. Loads mask past m, k, n to zero.
     let mut xs = SharedMemory::<V4>::new(16usize);
     let mut xo = SharedMemory::<V4>::new(16usize);
     let mut ys = SharedMemory::<V4>::new(16usize);
@@ -369,13 +370,18 @@ fn tile_v4_kernel(a: &Array<f32>, b: &Array<f32>, out: &mut Array<f32>, m: u32, 
     let tx = UNIT_POS % 2;
     let mut acc = Array::<V4>::new(4usize);
     let mut acc_o = Array::<V4>::new(4usize);
+    let mut acc_p = Array::<V4>::new(4usize);
     #[unroll]
     for e in 0..4u32 {
         acc[e as usize] = V4::new(0.0f32);
         acc_o[e as usize] = V4::new(0.0f32);
+        acc_p[e as usize] = V4::new(0.0f32);
     }
     reg_tile_mma_v4(
-        &mut acc, &xs, 0, &ys, 0, ty, tx, 8u32, 8u32, 8u32, 4u32, 4u32,
+        &mut acc, &xs, 0, &ys, 0, ty, tx, 8u32, 8u32, 8u32, 4u32, 4u32, false,
+    );
+    reg_tile_mma_v4(
+        &mut acc_p, &xs, 0, &ys, 0, ty, tx, 8u32, 8u32, 8u32, 4u32, 4u32, true,
     );
     reg_tile_mma_v4_outer(
         &mut acc_o, &xo, 0, &ys, 0, ty, tx, 8u32, 8u32, 8u32, 4u32, 4u32,
@@ -387,6 +393,7 @@ fn tile_v4_kernel(a: &Array<f32>, b: &Array<f32>, out: &mut Array<f32>, m: u32, 
             let col = v4_tile_col(tx, j, 8u32, 4u32);
             // reg_tile_mma_v4: rows ty + 2 i; the outer form: row vectors ty + 2 (i / 4).
             out[((ty + 2 * i) * 8 + col) as usize] = acc[i as usize][j as usize];
+            out[(128 + (ty + 2 * i) * 8 + col) as usize] = acc_p[i as usize][j as usize];
             let row = v4_tile_col(ty, i, 8u32, 4u32);
             out[(64 + row * 8 + col) as usize] = acc_o[i as usize][j as usize];
         }
@@ -404,7 +411,7 @@ fn vector_tiles_match_f64_both_layouts() {
         c.create_from_slice(f32::as_bytes(&a)),
         c.create_from_slice(f32::as_bytes(&b)),
     );
-    let out = c.empty(128 * 4);
+    let out = c.empty(192 * 4);
     unsafe {
         tile_v4_kernel::launch_unchecked::<R>(
             &c,
@@ -412,14 +419,19 @@ fn vector_tiles_match_f64_both_layouts() {
             CubeDim::new_1d(4),
             ArrayArg::from_raw_parts(ha, m * k),
             ArrayArg::from_raw_parts(hb, k * n),
-            ArrayArg::from_raw_parts(out.clone(), 128),
+            ArrayArg::from_raw_parts(out.clone(), 192),
             m as u32,
             k as u32,
             n as u32,
         )
     };
     let got = f32::from_bytes(&c.read_one_unchecked(out)).to_vec();
-    for (form, base) in [("reg_tile_mma_v4", 0), ("reg_tile_mma_v4_outer", 64)] {
+    let forms = [
+        ("reg_tile_mma_v4", 0),
+        ("reg_tile_mma_v4_outer", 64),
+        ("reg_tile_mma_v4 per accumulator", 128),
+    ];
+    for (form, base) in forms {
         for i in 0..8 {
             for j in 0..8 {
                 let want: f64 = if i < m && j < n {

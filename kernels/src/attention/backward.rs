@@ -500,6 +500,7 @@ attention_grad_kernel! {
                 TQ,
                 TK,
                 units,
+                local_scalars,
             );
             tile_product_nt::<F>(
                 &mut acc_dp,
@@ -522,6 +523,7 @@ attention_grad_kernel! {
                 TQ,
                 TK,
                 units,
+                local_scalars,
             );
             #[unroll]
             for i in 0..TQ {
@@ -563,7 +565,7 @@ attention_grad_kernel! {
                 units,
             );
             sync_cube();
-            reg_tile_mma_v4(&mut acc, &ds_s, 0, &kc, 0, ty, tx, BQ, BC, BK, TQ, tc);
+            reg_tile_mma_v4(&mut acc, &ds_s, 0, &kc, 0, ty, tx, BQ, BC, BK, TQ, tc, local_scalars);
             sync_cube();
             k0 += BK;
         }
@@ -675,6 +677,7 @@ attention_grad_kernel! {
                     TR,
                     TC,
                     units,
+                    local_scalars,
                 );
                 tile_product_nt::<F>(
                     &mut acc_dp,
@@ -697,6 +700,7 @@ attention_grad_kernel! {
                     TR,
                     TC,
                     units,
+                    local_scalars,
                 );
                 #[unroll]
                 for i in 0..TR {
@@ -740,7 +744,7 @@ attention_grad_kernel! {
                     units,
                 );
                 sync_cube();
-                reg_tile_mma_v4(&mut acc_v, &pt, 0, &yc, 0, ty, tx, BKR, BC, BQC, TR, tc);
+                reg_tile_mma_v4(&mut acc_v, &pt, 0, &yc, 0, ty, tx, BKR, BC, BQC, TR, tc, local_scalars);
                 sync_cube();
                 load_tile_v4::<F>(
                     &mut yc,
@@ -756,7 +760,7 @@ attention_grad_kernel! {
                     units,
                 );
                 sync_cube();
-                reg_tile_mma_v4(&mut acc_k, &dst, 0, &yc, 0, ty, tx, BKR, BC, BQC, TR, tc);
+                reg_tile_mma_v4(&mut acc_k, &dst, 0, &yc, 0, ty, tx, BKR, BC, BQC, TR, tc, local_scalars);
                 sync_cube();
                 i0 += BQC;
             }

@@ -349,6 +349,7 @@ attention_fwd_kernel! {
                 TQ,
                 TK,
                 units,
+                local_scalars,
             );
             // 2. Scaled, masked scores into `ps`; stage the V tile.
             #[unroll]
@@ -429,7 +430,7 @@ attention_fwd_kernel! {
                     acc_o[x] = acc_o[x] * alpha;
                 }
             }
-            reg_tile_mma_v4(&mut acc_o, &ps, 0, &vs, 0, ty, tx, BQ, BV, BK, TQ, tv);
+            reg_tile_mma_v4(&mut acc_o, &ps, 0, &vs, 0, ty, tx, BQ, BV, BK, TQ, tv, local_scalars);
             k0 += BK;
         }
 

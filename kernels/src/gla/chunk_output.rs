@@ -318,7 +318,21 @@ pub fn gla_chunk_out<F: Float>(
             units,
         );
         sync_cube();
-        reg_tile_mma_v4(&mut acc, &xs, 0, &ys, 0, ty, tx, chunk, BV, BK, TT, TT);
+        reg_tile_mma_v4(
+            &mut acc,
+            &xs,
+            0,
+            &ys,
+            0,
+            ty,
+            tx,
+            chunk,
+            BV,
+            BK,
+            TT,
+            TT,
+            local_scalars,
+        );
         sync_cube();
         k0 += BK;
     }
@@ -371,7 +385,21 @@ pub fn gla_chunk_out<F: Float>(
             units,
         );
         sync_cube();
-        reg_tile_mma_v4(&mut acc, &xs, 0, &ys, 0, ty, tx, chunk, BV, BK, TT, TT);
+        reg_tile_mma_v4(
+            &mut acc,
+            &xs,
+            0,
+            &ys,
+            0,
+            ty,
+            tx,
+            chunk,
+            BV,
+            BK,
+            TT,
+            TT,
+            local_scalars,
+        );
         sync_cube();
         s0 += BK;
     }

@@ -221,7 +221,21 @@ pub fn gla_state_pass<F: Float>(
         for e in 0..TT * tnv {
             acc[e as usize] = V4::new(0.0f32);
         }
-        reg_tile_mma_v4(&mut acc, &xs, 0, &ys, 0, ty, tx, BK, BV, chunk, TT, TT);
+        reg_tile_mma_v4(
+            &mut acc,
+            &xs,
+            0,
+            &ys,
+            0,
+            ty,
+            tx,
+            BK,
+            BV,
+            chunk,
+            TT,
+            TT,
+            local_scalars,
+        );
         #[unroll]
         for i in 0..TT {
             let d = V4::new(decay[(ty + i * row_step) as usize]);

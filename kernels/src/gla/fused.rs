@@ -237,10 +237,34 @@ pub fn gla_fused_fwd<F: Float>(
             acc[e as usize] = zero;
         }
         reg_tile_mma_v4(
-            &mut acc, &arena, q_at, &arena, ss_at, oty, otx, c, BV, kp, 4u32, otn,
+            &mut acc,
+            &arena,
+            q_at,
+            &arena,
+            ss_at,
+            oty,
+            otx,
+            c,
+            BV,
+            kp,
+            4u32,
+            otn,
+            local_scalars,
         );
         reg_tile_mma_v4(
-            &mut acc, &arena, a_at, &arena, v_at, oty, otx, c, BV, c, 4u32, otn,
+            &mut acc,
+            &arena,
+            a_at,
+            &arena,
+            v_at,
+            oty,
+            otx,
+            c,
+            BV,
+            c,
+            4u32,
+            otn,
+            local_scalars,
         );
         #[unroll]
         for i in 0..4u32 {

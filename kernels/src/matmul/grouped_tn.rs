@@ -196,7 +196,21 @@ pub fn grouped_matmul_tn<F: Float>(
             load_tile_v4::<F>(&mut ys, 0, b, b_at, ldb, 1, depth, n - col0, BK, BN, units);
         }
         sync_cube();
-        reg_tile_mma_v4(&mut acc, &xs, 0, &ys, 0, ty, tx, BM, BN, BK, TM, TN);
+        reg_tile_mma_v4(
+            &mut acc,
+            &xs,
+            0,
+            &ys,
+            0,
+            ty,
+            tx,
+            BM,
+            BN,
+            BK,
+            TM,
+            TN,
+            local_scalars,
+        );
         sync_cube();
         d0 += BK;
     }

@@ -66,6 +66,7 @@ pub(crate) use tiled::{
     activate, activate_vector, clamped_strided, row_first, shift_rows, zero_tile_v4,
 };
 use tiled::{store_epilogue, store_epilogue_v4};
+pub(crate) use vec4::fma_k_quad;
 pub use vec4::{
     MatmulVec4, MatmulVec4Args, MatmulVec4Config, MatmulVec4Problem, MATMUL_VEC4_KERNEL,
 };

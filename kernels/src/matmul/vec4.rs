@@ -21,12 +21,15 @@
 //! of `b`'s vectors ran 1.8x faster). The tuner times both where the problem fills a
 //! cube. On CUDA the large tiles spill (kernels/cuda-budget.txt drops them).
 //! Taking each accumulator through its four steps of K in a row (loading the tile's
-//! `b` vectors first) made no difference on the second machine.
+//! `b` vectors first) made no difference on the second machine, where the loads were
+//! the cost; on a machine where they are not, it halves the time (below).
 //!
-//! On a CPU adapter (`local_scalars`) the four K of a vector are a loop (`next_component`
-//! moves the vectors' components down), not unrolled: LLVM's register allocation over the
-//! unrolled body was most of a large tile's compile (1024^3 tuning: 4.2-4.7 s of first
-//! runs against 8.1-9.4 s; runtime the same within the noise, docs/performance.md).
+//! On a CPU adapter (`local_scalars`) each accumulator goes through the four K of a
+//! vector in a row (`fma_k_quad`): llvmpipe blends every loop-carried variable through
+//! the lanes' mask on each write and keeps a large tile's accumulators in memory, so
+//! one load, blend and store per four products instead of per product ran 1024^3 2.0-2.6x
+//! faster on a 2-core Intel Xeon (2026-12-06, docs/performance.md). (Until then the four
+//! K were a loop over the components, for LLVM's compile time, and K-major.)
 
 use super::{clamped_strided, row_first, shift_rows, store_epilogue_v4, Activation};
 use cubecl::prelude::*;
@@ -102,16 +105,7 @@ matmul_kernel! {
             while kq < kv {
                 load_rows::<F>(&mut av, a, &rows, kv, kq, TM);
                 if comptime!(local_scalars) {
-                    // On a CPU adapter the four K of a vector are a loop, not unrolled:
-                    // a quarter of the code LLVM allocates registers for (a 32 x 32
-                    // tile's unrolled body is 1024 vector FMAs over 256 accumulators,
-                    // most of its compile time). Each step uses component 0 of `av`
-                    // and moves the others down (register moves, not a dynamic index,
-                    // which NIR lowers to a branch ladder).
-                    for e in 0..4u32 {
-                        fma_k_row::<F>(&mut accv, &av, b, &cols, kq * 4 + e, nv, 0u32, TM, tnv);
-                        next_component(&mut av, TM);
-                    }
+                    fma_k_quad::<F>(&mut accv, &av, b, &cols, kq * 4, nv, TM, tnv);
                 } else {
                     #[unroll]
                     for e in 0..4u32 {
@@ -134,25 +128,28 @@ matmul_kernel! {
             while kq < kv {
                 load_rows::<F>(&mut av, a, &rows, kv, kq, TM);
                 if comptime!(local_scalars) {
-                    // As above: the four K a loop on a CPU adapter, `b`'s vectors loaded
-                    // first; each element still sums its four K in order.
+                    // As in `fma_k_quad`: `b`'s vectors loaded first, then each element
+                    // through its four K in a row (in order), one masked store each.
                     let mut bvs = Array::<V4>::new(comptime!(TN as usize));
                     #[unroll]
                     for j in 0..TN {
                         let col = cols[(j / 4) as usize] * 4 + j % 4;
                         bvs[j as usize] = V4::cast_from(b[(col * kv + kq) as usize]);
                     }
-                    for _e in 0..4u32 {
+                    #[unroll]
+                    for i in 0..TM {
+                        let p = av[i as usize];
                         #[unroll]
                         for j in 0..TN {
+                            let x = (i * TN + j) as usize;
+                            let q = bvs[j as usize];
+                            let mut s = acc[x];
                             #[unroll]
-                            for i in 0..TM {
-                                let x = (i * TN + j) as usize;
-                                acc[x] += av[i as usize][0] * bvs[j as usize][0];
+                            for e in 0..4u32 {
+                                s += p[e as usize] * q[e as usize];
                             }
+                            acc[x] = s;
                         }
-                        next_component(&mut av, TM);
-                        next_component(&mut bvs, TN);
                     }
                 } else {
                     #[unroll]
@@ -276,17 +273,50 @@ fn fma_k_row<F: Float>(
     }
 }
 
-/// Moves components 1..4 of every `av[i]` down one (component 0 is the next K).
+/// Four K of the tile, accumulator by accumulator: `accv[i, jv] += Σ_e av[i][e] *
+/// b[kk + e, cols[jv]]`, the four products added in K order (as `fma_k_row` four times).
+///
+/// Why this order on a CPU adapter: llvmpipe runs a cube's units as SIMD lanes and
+/// writes every variable a loop carries through the lanes' execution mask (a blend),
+/// and a 32 x 32 tile's accumulators live in memory, not registers. K-major, each
+/// product was a load, multiply, add, blend and store of its accumulator (a profile of
+/// 1024^3: 38 % of the samples moves, 10 % blends, 15 % the arithmetic); here each
+/// accumulator is loaded, blended and stored once per four products, and `b`'s
+/// vectors, read first, are only read.
 #[cube]
-fn next_component(av: &mut Array<V4>, #[comptime] tm: u32) {
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fma_k_quad<F: Float>(
+    accv: &mut Array<V4>,
+    av: &Array<V4>,
+    b: &Array<Vector<F, Const<4>>>,
+    cols: &Array<u32>,
+    kk: u32,
+    nv: u32,
+    #[comptime] tm: u32,
+    #[comptime] tnv: u32,
+) {
+    let mut bq = Array::<V4>::new(comptime!((4 * tnv) as usize));
+    #[unroll]
+    for e in 0..4u32 {
+        #[unroll]
+        for jv in 0..tnv {
+            bq[(e * tnv + jv) as usize] =
+                V4::cast_from(b[((kk + e) * nv + cols[jv as usize]) as usize]);
+        }
+    }
     #[unroll]
     for i in 0..tm {
-        let v = av[i as usize];
-        let mut w = V4::new(v[3]);
-        w[0] = v[1];
-        w[1] = v[2];
-        w[2] = v[3];
-        av[i as usize] = w;
+        let p = av[i as usize];
+        #[unroll]
+        for jv in 0..tnv {
+            let x = (i * tnv + jv) as usize;
+            let mut s = accv[x];
+            #[unroll]
+            for e in 0..4u32 {
+                s += V4::new(p[e as usize]) * bq[(e * tnv + jv) as usize];
+            }
+            accv[x] = s;
+        }
     }
 }
 

@@ -2,10 +2,10 @@
 //! never straddling two experts (`grouped_kernel!` declares their shared signature).
 
 use super::routing::NO_ROUTE;
-use crate::matmul::cmma_product;
 use crate::matmul::{
     activate, activate_vector, clamped_strided, row_first, shift_rows, zero_tile_v4, Activation,
 };
+use crate::matmul::{cmma_product, fma_k_quad};
 use cubecl::prelude::*;
 use kiln_dsl::{load_tile_v4, reg_tile_mma_v4, v4_tile_col, CmmaBlock, V4};
 
@@ -188,7 +188,7 @@ grouped_kernel! {
                     );
                 }
                 sync_cube();
-                reg_tile_mma_v4(&mut acc, &xs, 0, &ys, 0, ty, tx, BM, BN, BK, TM, TN);
+                reg_tile_mma_v4(&mut acc, &xs, 0, &ys, 0, ty, tx, BM, BN, BK, TM, TN, local_scalars);
                 sync_cube();
                 k0 += BK;
             }
@@ -362,16 +362,23 @@ grouped_kernel! {
                         av[i as usize] = V4::cast_from(a[at]);
                     }
                 }
-                #[unroll]
-                for d in 0..4u32 {
+                if comptime!(local_scalars) {
+                    // Accumulator by accumulator on a CPU adapter (see `fma_k_quad`):
+                    // expert e's b is rows e K .. (e + 1) K of one [E K, N] matrix.
+                    fma_k_quad::<F>(&mut accv, &av, b, &cols, e * k + kq * 4, nv, TM, tnv);
+                } else {
                     #[unroll]
-                    for jv in 0..tnv {
-                        let bv =
-                            V4::cast_from(b[(b_base + (kq * 4 + d) * nv + cols[jv as usize]) as usize]);
+                    for d in 0..4u32 {
                         #[unroll]
-                        for i in 0..TM {
-                            let x = (i * tnv + jv) as usize;
-                            accv[x] += V4::new(av[i as usize][d as usize]) * bv;
+                        for jv in 0..tnv {
+                            let bv = V4::cast_from(
+                                b[(b_base + (kq * 4 + d) * nv + cols[jv as usize]) as usize],
+                            );
+                            #[unroll]
+                            for i in 0..TM {
+                                let x = (i * tnv + jv) as usize;
+                                accv[x] += V4::new(av[i as usize][d as usize]) * bv;
+                            }
                         }
                     }
                 }
