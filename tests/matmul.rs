@@ -117,10 +117,41 @@ fn every_config(dtype: DType) {
     }
 }
 
-/// Every configuration of the vector kernel offered at one of `shapes` (M x N, and not
-/// at an earlier one) whose label contains `only`, for each of `trans`: `count` of them
-/// per trans_b.
+/// The configurations of a vector kernel (`matmul_vec4`, or with `plane`
+/// `matmul_vec4_plane`) offered at M x N x K with the whole SiLU epilogue.
+fn vec4_space(
+    plane: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_b: bool,
+) -> Vec<matmul::MatmulConfig> {
+    use kiln::kernels::matmul::{
+        MatmulConfig, MatmulVec4, MatmulVec4Plane, MatmulVec4PlaneProblem, MatmulVec4Problem,
+    };
+    match plane {
+        false => MatmulVec4::space(
+            client(),
+            &silu_problem!(MatmulVec4Problem, m, n, k, trans_b),
+        )
+        .into_iter()
+        .map(MatmulConfig::Vec4)
+        .collect(),
+        true => MatmulVec4Plane::space(
+            client(),
+            &silu_problem!(MatmulVec4PlaneProblem, m, n, k, trans_b),
+        )
+        .into_iter()
+        .map(MatmulConfig::Vec4Plane)
+        .collect(),
+    }
+}
+
+/// Every configuration of a vector kernel (see [`vec4_space`]) offered at one of
+/// `shapes` (M x N, and not at an earlier one) whose label contains `only`, for each of
+/// `trans`: `count` of them per trans_b where the device offers the kernel.
 fn every_vec4_config(
+    plane: bool,
     dtype: DType,
     shapes: &[(usize, usize)],
     trans: &[bool],
@@ -144,44 +175,36 @@ fn every_vec4_config(
     for (m, n, trans_b) in runs {
         let p = problem(m, n, k, trans_b, dtype, 12);
         let (a, b, bias, res) = operands(&p);
-        let space_at = |m: usize, n: usize| {
-            MatmulVec4::space(
-                client(),
-                &silu_problem!(MatmulVec4Problem, m, n, k, trans_b),
-            )
-        };
-        let space = space_at(m, n);
+        let space = vec4_space(plane, m, n, k, trans_b);
         // Elsewhere than at 37 x 260, what 37 x 260 offers too is the other tests' part.
         let big: Vec<String> = match (m, n) != (37, 260) {
-            true => space_at(37, 260)
+            true => vec4_space(plane, 37, 260, k, trans_b)
                 .iter()
-                .map(|c| format!("{c:?} trans_b={trans_b}"))
+                .map(|c| format!("{} trans_b={trans_b}", c.label()))
                 .collect(),
             false => vec![],
         };
         for cfg in space {
-            let label = format!("{cfg:?} trans_b={trans_b}");
+            let label = format!("{} trans_b={trans_b}", cfg.label());
             if tested.contains(&label) || big.contains(&label) || !label.contains(only) {
                 continue;
             }
-            tested.push(label);
+            tested.push(label.clone());
             let ep = whole(&bias, &res, Activation::Silu);
-            let c = matmul::matmul_with(&a, &b, trans_b, ep, matmul::MatmulConfig::Vec4(cfg))
+            let c = matmul::matmul_with(&a, &b, trans_b, ep, cfg)
                 .unwrap()
                 .download()
                 .unwrap();
-            check(
-                &p,
-                &c,
-                trans_b,
-                "silu",
-                dtype,
-                &format!("vec4 {cfg:?} trans_b={trans_b} M={m}"),
-            );
+            check(&p, &c, trans_b, "silu", dtype, &format!("{label} M={m}"));
         }
     }
-    // On a GPU the register budget (kernels/cuda-budget.txt) drops the tiles that spill.
-    if common::on_cpu_adapter() {
+    // On a GPU the register budget (kernels/cuda-budget.txt) drops the tiles that spill;
+    // the plane kernel is offered on CPU adapters with planes of 8 and shuffles.
+    let offered = !plane || {
+        let device = client().report();
+        device.plane_shuffle && device.plane_size == (8, 8)
+    };
+    if common::on_cpu_adapter() && offered {
         assert_eq!(tested.len(), trans.len() * count, "{tested:?}");
     }
     // K or N not a multiple of 4: no vector configuration at all.
@@ -220,10 +243,10 @@ fn every_vec4_config(
 // cold shader cache; a 32 x 32 tile alone 11 s on a slow 2-core machine, and its f16
 // variant with `trans_b` 25-30 s without LLVM's passes), so those have a test each.
 macro_rules! vec4_tests {
-    ($($name:ident: $dtype:expr, $shapes:expr, $trans:expr, $only:expr, $count:expr;)*) => {
+    ($($name:ident: $plane:expr, $dtype:expr, $shapes:expr, $trans:expr, $only:expr, $count:expr;)*) => {
         $(#[test]
         fn $name() {
-            every_vec4_config($dtype, $shapes, $trans, $only, $count);
+            every_vec4_config($plane, $dtype, $shapes, $trans, $only, $count);
         })*
     };
 }
@@ -233,20 +256,30 @@ const FEW_ROWS: &[(usize, usize)] = &[(3, 260), (1, 260)];
 const LARGE: &[(usize, usize)] = &[(133, 516)];
 
 vec4_tests! {
-    every_vec4_config_matches_the_reference_f32: DType::F32, ROWS_16, &[false], "", 9;
-    every_vec4_config_matches_the_reference_f32_trans_b: DType::F32, ROWS_16, &[true], "", 9;
-    every_vec4_config_matches_the_reference_f16: DType::F16, ROWS_16, &[false], "", 9;
-    every_vec4_config_matches_the_reference_f16_trans_b: DType::F16, ROWS_16, &[true], "", 9;
-    few_row_vec4_configs_match_the_reference_f32: DType::F32, FEW_ROWS, &[false, true], "", 9;
-    few_row_vec4_configs_match_the_reference_f16: DType::F16, FEW_ROWS, &[false, true], "", 9;
-    tile_32x32_vec4_matches_the_reference_f32: DType::F32, LARGE, &[false], "TM: 32", 1;
-    tile_32x32_vec4_matches_the_reference_f32_trans_b: DType::F32, LARGE, &[true], "TM: 32", 1;
-    tile_32x32_vec4_matches_the_reference_f16: DType::F16, LARGE, &[false], "TM: 32", 1;
-    tile_32x32_vec4_matches_the_reference_f16_trans_b: DType::F16, LARGE, &[true], "TM: 32", 1;
-    tile_16x32_vec4_matches_the_reference_f32: DType::F32, LARGE, &[false], "TM: 16", 1;
-    tile_16x32_vec4_matches_the_reference_f32_trans_b: DType::F32, LARGE, &[true], "TM: 16", 1;
-    tile_16x32_vec4_matches_the_reference_f16: DType::F16, LARGE, &[false], "TM: 16", 1;
-    tile_16x32_vec4_matches_the_reference_f16_trans_b: DType::F16, LARGE, &[true], "TM: 16", 1;
+    every_vec4_config_matches_the_reference_f32: false, DType::F32, ROWS_16, &[false], "", 9;
+    every_vec4_config_matches_the_reference_f32_trans_b: false, DType::F32, ROWS_16, &[true], "", 9;
+    every_vec4_config_matches_the_reference_f16: false, DType::F16, ROWS_16, &[false], "", 9;
+    every_vec4_config_matches_the_reference_f16_trans_b: false, DType::F16, ROWS_16, &[true], "", 9;
+    few_row_vec4_configs_match_the_reference_f32: false, DType::F32, FEW_ROWS, &[false, true], "", 9;
+    few_row_vec4_configs_match_the_reference_f16: false, DType::F16, FEW_ROWS, &[false, true], "", 9;
+    tile_32x32_vec4_matches_the_reference_f32: false, DType::F32, LARGE, &[false], "TM=32", 1;
+    tile_32x32_vec4_matches_the_reference_f32_trans_b: false, DType::F32, LARGE, &[true], "TM=32", 1;
+    tile_32x32_vec4_matches_the_reference_f16: false, DType::F16, LARGE, &[false], "TM=32", 1;
+    tile_32x32_vec4_matches_the_reference_f16_trans_b: false, DType::F16, LARGE, &[true], "TM=32", 1;
+    tile_16x32_vec4_matches_the_reference_f32: false, DType::F32, LARGE, &[false], "TM=16", 1;
+    tile_16x32_vec4_matches_the_reference_f32_trans_b: false, DType::F32, LARGE, &[true], "TM=16", 1;
+    tile_16x32_vec4_matches_the_reference_f16: false, DType::F16, LARGE, &[false], "TM=16", 1;
+    tile_16x32_vec4_matches_the_reference_f16_trans_b: false, DType::F16, LARGE, &[true], "TM=16", 1;
+    // matmul_vec4_plane (lavapipe): 2 configurations of 16 rows or more at 37 x 260, 2
+    // of 8 rows at M = 3 and 1, 5 past 16 x 16 accumulators at 133 x 516.
+    plane_vec4_configs_match_the_reference_f32: true, DType::F32, ROWS_16, &[false, true], "", 2;
+    plane_vec4_configs_match_the_reference_f16: true, DType::F16, ROWS_16, &[false, true], "", 2;
+    few_row_plane_vec4_configs_match_the_reference: true, DType::F32, FEW_ROWS, &[false, true], "", 2;
+    few_row_plane_vec4_configs_match_the_reference_f16: true, DType::F16, FEW_ROWS, &[false, true], "", 2;
+    tile_64x16_plane_vec4_matches_the_reference_f32: true, DType::F32, LARGE, &[false, true], "TM=64 TN=16", 2;
+    tile_64x8_plane_vec4_matches_the_reference_f32: true, DType::F32, LARGE, &[false, true], "TM=64 TN=8", 2;
+    tile_128x8_plane_vec4_matches_the_reference_f32: true, DType::F32, LARGE, &[false, true], "TM=128", 1;
+    tile_64x16_plane_vec4_matches_the_reference_f16: true, DType::F16, LARGE, &[false, true], "BM=64 BN=128 TM=64", 1;
 }
 
 /// The split-K kernel for few rows: every configuration, at M = 1, 3 and 9 (each MT

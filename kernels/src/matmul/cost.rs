@@ -94,6 +94,8 @@ fn cost(c: &MatmulConfig, p: &Problem, elem: usize, device: &DeviceReport) -> f6
         MatmulConfig::DirectV4(c) => (1.5, b_vec4(f(c.TM), f(c.TN))),
         MatmulConfig::Direct(c) => (if cpu { 1.0 } else { 1.5 }, scalar(f(c.TM), f(c.TN))),
         MatmulConfig::Vec4(c) => (if cpu { 1.0 } else { 1.2 }, 4.0 * scalar(f(c.TM), f(c.TN))),
+        // A unit reads TM / 8 of the tile's `a` vectors (the plane shares them) and TN of b.
+        MatmulConfig::Vec4Plane(c) => (1.0, 4.0 * f(c.TM) * f(c.TN) / (f(c.TM) / 8.0 + f(c.TN))),
         // A 16x16x16 fragment product per plane step: far above any FMA tile.
         MatmulConfig::Cmma(_) => (0.1, 64.0),
         MatmulConfig::Cubek | MatmulConfig::Gemv(_) => return f64::INFINITY,

@@ -40,6 +40,7 @@ mod registry;
 mod staged;
 mod tiled;
 mod vec4;
+mod vec4_plane;
 pub(crate) use cmma::cmma_product;
 pub use cmma::{
     MatmulCmma, MatmulCmmaArgs, MatmulCmmaConfig, MatmulCmmaProblem, MATMUL_CMMA_KERNEL,
@@ -69,6 +70,10 @@ use tiled::{store_epilogue, store_epilogue_v4};
 pub(crate) use vec4::fma_k_quad;
 pub use vec4::{
     MatmulVec4, MatmulVec4Args, MatmulVec4Config, MatmulVec4Problem, MATMUL_VEC4_KERNEL,
+};
+pub use vec4_plane::{
+    MatmulVec4Plane, MatmulVec4PlaneArgs, MatmulVec4PlaneConfig, MatmulVec4PlaneProblem,
+    MATMUL_VEC4_PLANE_KERNEL,
 };
 
 /// The arguments every `matmul` kernel takes (their `*Args` structs have the same
@@ -173,6 +178,9 @@ pub enum MatmulConfig {
     Direct(MatmulDirectConfig),
     /// `matmul_vec4`: 4-wide vector operands.
     Vec4(MatmulVec4Config),
+    /// `matmul_vec4_plane`: 4-wide vector operands, `a`'s rows shared across a plane
+    /// of 8 (lavapipe).
+    Vec4Plane(MatmulVec4PlaneConfig),
     /// `matmul_cmma`: tensor cores.
     Cmma(MatmulCmmaConfig),
     /// `matmul_gemv`: few rows, K split across a cube's units.
@@ -191,6 +199,7 @@ impl MatmulConfig {
             MatmulConfig::DirectV4(c) => format!("direct_v4 {}", MatmulDirectV4::label(c)),
             MatmulConfig::Direct(c) => format!("direct {}", MatmulDirect::label(c)),
             MatmulConfig::Vec4(c) => format!("vec4 {}", MatmulVec4::label(c)),
+            MatmulConfig::Vec4Plane(c) => format!("vec4_plane {}", MatmulVec4Plane::label(c)),
             MatmulConfig::Cmma(c) => format!("cmma {}", MatmulCmma::label(c)),
             MatmulConfig::Gemv(c) => format!("gemv {}", MatmulGemv::label(c)),
             MatmulConfig::Cubek => "cubek-matmul Auto".into(),
@@ -205,6 +214,7 @@ impl MatmulConfig {
             MatmulConfig::DirectV4(c) => (c.BM, c.BN),
             MatmulConfig::Direct(c) => (c.BM, c.BN),
             MatmulConfig::Vec4(c) => (c.BM, c.BN),
+            MatmulConfig::Vec4Plane(c) => (c.BM, c.BN),
             MatmulConfig::Cmma(c) => (16 * c.FRAGS_M * c.PLANES_M, 16 * c.FRAGS_N * c.PLANES_N),
             MatmulConfig::Gemv(c) => (c.MT, c.BN),
             MatmulConfig::Cubek => return None,
@@ -252,6 +262,7 @@ impl MatmulConfig {
             MatmulConfig::DirectV4(cfg) => cfg.launch(client, a, b, c, p, ep, whole),
             MatmulConfig::Direct(cfg) => cfg.launch(client, a, b, c, p, ep, whole),
             MatmulConfig::Vec4(cfg) => cfg.launch(client, a, b, c, p, ep, whole),
+            MatmulConfig::Vec4Plane(cfg) => cfg.launch(client, a, b, c, p, ep, whole),
             MatmulConfig::Cmma(cfg) => cfg.launch(client, a, b, c, p, ep, whole),
             MatmulConfig::Gemv(cfg) => cfg.launch(client, a, b, c, p, ep, whole),
             MatmulConfig::Cubek if whole => cubek_launch(a, b, c, p, ep).map(|()| true),
@@ -361,12 +372,7 @@ pub fn space(client: &Client) -> Vec<MatmulConfig> {
 /// tile idle) are dropped, unless that leaves nothing.
 fn candidates(client: &Client, p: &Problem, ep: &Epilogue<'_>, dtype: DType) -> Vec<MatmulConfig> {
     let mut all = snug(fma_configs(client, p, ep), p.m, p.n);
-    let vec4 = MatmulVec4::space(client, &matmul_problem!(MatmulVec4Problem, p, ep));
-    all.extend(snug(
-        vec4.into_iter().map(MatmulConfig::Vec4).collect(),
-        p.m,
-        p.n,
-    ));
+    all.extend(snug(vec4_configs(client, p, ep), p.m, p.n));
     if matches!(dtype, DType::F16 | DType::BF16) {
         all.extend(
             MatmulCmma::space(client, &matmul_problem!(MatmulCmmaProblem, p, ep))
@@ -381,6 +387,15 @@ fn candidates(client: &Client, p: &Problem, ep: &Epilogue<'_>, dtype: DType) -> 
         all.push(MatmulConfig::Cubek);
     }
     all
+}
+
+/// The 4-wide vector kernels' configurations that fit the device and the problem.
+fn vec4_configs(client: &Client, p: &Problem, ep: &Epilogue<'_>) -> Vec<MatmulConfig> {
+    let vec4 = MatmulVec4::space(client, &matmul_problem!(MatmulVec4Problem, p, ep));
+    let plane = MatmulVec4Plane::space(client, &matmul_problem!(MatmulVec4PlaneProblem, p, ep));
+    (vec4.into_iter().map(MatmulConfig::Vec4))
+        .chain(plane.into_iter().map(MatmulConfig::Vec4Plane))
+        .collect()
 }
 
 /// The split-K kernel's configurations that fit the device and the problem (any M;
@@ -553,6 +568,7 @@ pub fn matmul_among(
             MatmulDirectV4::source_hash(),
             MatmulDirect::source_hash(),
             MatmulVec4::source_hash(),
+            MatmulVec4Plane::source_hash(),
             MatmulCmma::source_hash(),
             MatmulGemv::source_hash(),
         ])
@@ -587,8 +603,7 @@ pub fn matmul_with(
     let p = Problem::check(a, b, trans_b, &ep)?;
     let client = a.client();
     let mut fits = fma_configs(client, &p, &ep);
-    let vec4 = MatmulVec4::space(client, &matmul_problem!(MatmulVec4Problem, p, ep));
-    fits.extend(vec4.into_iter().map(MatmulConfig::Vec4));
+    fits.extend(vec4_configs(client, &p, &ep));
     let cmma = MatmulCmma::space(client, &matmul_problem!(MatmulCmmaProblem, p, ep));
     fits.extend(cmma.into_iter().map(MatmulConfig::Cmma));
     fits.extend(gemv_configs(client, &p, &ep));
@@ -736,5 +751,6 @@ kernel_choice! {
     MatmulDirectConfig => MatmulDirect, MatmulDirectArgs;
     MatmulCmmaConfig => MatmulCmma, MatmulCmmaArgs;
     MatmulVec4Config => MatmulVec4, MatmulVec4Args;
+    MatmulVec4PlaneConfig => MatmulVec4Plane, MatmulVec4PlaneArgs;
     MatmulGemvConfig => MatmulGemv, MatmulGemvArgs;
 }

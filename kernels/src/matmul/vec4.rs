@@ -31,6 +31,7 @@
 //! faster on a 2-core Intel Xeon (2026-12-06, docs/performance.md). (Until then the four
 //! K were a loop over the components, for LLVM's compile time, and K-major.)
 
+use super::vec4_plane::{plane_rows, LANES};
 use super::{clamped_strided, row_first, shift_rows, store_epilogue_v4, Activation};
 use cubecl::prelude::*;
 use kiln_dsl::V4;
@@ -94,116 +95,206 @@ matmul_kernel! {
         // vector tx + jv BN / TN of the tile (so the epilogue reads and writes vectors).
         let mut cols = Array::<u32>::new(comptime!(tnv as usize));
         clamped_strided(&mut cols, col0 / 4 + tx, units_x, nv - 1, tnv);
-        let mut av = Array::<V4>::new(comptime!(TM as usize));
         let mut accv = Array::<V4>::new(comptime!((TM * tnv) as usize));
-        #[unroll]
-        for e in 0..TM * tnv {
-            accv[e as usize] = V4::new(0.0f32);
-        }
-        if comptime!(!trans_b) {
-            let mut kq = 0u32;
-            while kq < kv {
-                load_rows::<F>(&mut av, a, &rows, kv, kq, TM);
-                if comptime!(local_scalars) {
-                    fma_k_quad::<F>(&mut accv, &av, b, &cols, kq * 4, nv, TM, tnv);
-                } else {
-                    #[unroll]
-                    for e in 0..4u32 {
-                        fma_k_row::<F>(&mut accv, &av, b, &cols, kq * 4 + e, nv, comptime!(e), TM, tnv);
-                    }
-                }
-                kq += 1;
-            }
-        } else {
-            // b is [N, K]: column 4 cols[jv] + l is row 4 cols[jv] + l of b, read four K
-            // at a time. Each element is one sum through its four K in order (a dot
-            // product), kept as a scalar: four partial sums would hold four times the
-            // accumulators.
-            let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
-            #[unroll]
-            for e in 0..TM * TN {
-                acc[e as usize] = 0.0f32;
-            }
-            let mut kq = 0u32;
-            while kq < kv {
-                load_rows::<F>(&mut av, a, &rows, kv, kq, TM);
-                if comptime!(local_scalars) {
-                    // As in `fma_k_quad`: `b`'s vectors loaded first, then each element
-                    // through its four K in a row (in order), one masked store each.
-                    let mut bvs = Array::<V4>::new(comptime!(TN as usize));
-                    #[unroll]
-                    for j in 0..TN {
-                        let col = cols[(j / 4) as usize] * 4 + j % 4;
-                        bvs[j as usize] = V4::cast_from(b[(col * kv + kq) as usize]);
-                    }
-                    #[unroll]
-                    for i in 0..TM {
-                        let p = av[i as usize];
-                        #[unroll]
-                        for j in 0..TN {
-                            let x = (i * TN + j) as usize;
-                            let q = bvs[j as usize];
-                            let mut s = acc[x];
-                            #[unroll]
-                            for e in 0..4u32 {
-                                s += p[e as usize] * q[e as usize];
-                            }
-                            acc[x] = s;
-                        }
-                    }
-                } else {
-                    #[unroll]
-                    for j in 0..TN {
-                        let col = cols[(j / 4) as usize] * 4 + j % 4;
-                        let bv = V4::cast_from(b[(col * kv + kq) as usize]);
-                        #[unroll]
-                        for i in 0..TM {
-                            let x = (i * TN + j) as usize;
-                            let p = av[i as usize];
-                            let mut s = acc[x];
-                            #[unroll]
-                            for e in 0..4u32 {
-                                s += p[e as usize] * bv[e as usize];
-                            }
-                            acc[x] = s;
-                        }
-                    }
-                }
-                kq += 1;
-            }
-            #[unroll]
-            for e in 0..TM * tnv {
-                let mut v = V4::new(0.0f32);
-                #[unroll]
-                for l in 0..4u32 {
-                    v[l as usize] = acc[(e * 4 + l) as usize];
-                }
-                accv[e as usize] = v;
-            }
-        }
+        vec4_product::<F>(&mut accv, a, b, &rows, &cols, kv, nv, TM, TN, false, trans_b, local_scalars);
 
-        // The epilogue, a vector of four columns at a time: `bias` read once per column
-        // vector, one masked store per row and vector (N is a multiple of 4, so a vector
-        // is all in or all out). On a CPU adapter (`local_scalars`) a loop over the rows,
-        // not unrolled (`shift_rows`: unrolled, a 32 x 32 tile compiled 10x slower on
-        // llvmpipe); on a GPU unrolled (NVRTC spilled the loop's register moves).
-        let mut bias_v = Array::<V4>::new(comptime!(tnv as usize));
-        #[unroll]
-        for jv in 0..tnv {
-            bias_v[jv as usize] = V4::new(0.0f32);
-            if comptime!(has_bias) {
-                bias_v[jv as usize] = V4::cast_from(bias[cols[jv as usize] as usize]);
-            }
-        }
-        let (r0, cv0) = (row0 + ty, col0 / 4 + tx);
-        #[unroll(!local_scalars)]
-        for i in 0..TM {
-            let r = r0 + i * row_step;
-            let first = row_first(i, tnv, local_scalars);
-            store_row_v4::<F>(c, residual, &accv, &bias_v, first, r, m, cv0, nv, units_x, tnv, has_bias, has_residual, act);
+        store_tile_v4::<F>(
+            c, residual, bias, &mut accv, &cols, row0 + ty, row_step, col0 / 4 + tx, m, nv,
+            units_x, TM, tnv, has_bias, has_residual, act, local_scalars,
+        );
+    }
+}
+
+/// The main loop of the vector kernels: `accv` (`TM x TN/4` vectors, row-major) =
+/// `a[rows] @ b[:, cols]` over all of K, four K a step. `rows` are the unit's `TM` rows
+/// of `a`, or with `plane` the `TM / 8` it reads for its plane (see `vec4_plane`);
+/// `cols` its `TN / 4` column vectors.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn vec4_product<F: Float>(
+    accv: &mut Array<V4>,
+    a: &Array<Vector<F, Const<4>>>,
+    b: &Array<Vector<F, Const<4>>>,
+    rows: &Array<u32>,
+    cols: &Array<u32>,
+    kv: u32,
+    nv: u32,
+    #[comptime] tm: u32,
+    #[comptime] tn: u32,
+    #[comptime] plane: bool,
+    #[comptime] trans_b: bool,
+    #[comptime] local_scalars: bool,
+) {
+    let tnv = comptime!(tn / 4);
+    let mut av = Array::<V4>::new(comptime!(tm as usize));
+    let mut mine = Array::<V4>::new(comptime!(if plane { (tm / LANES) as usize } else { 1 }));
+    #[unroll]
+    for e in 0..tm * tnv {
+        accv[e as usize] = V4::new(0.0f32);
+    }
+    if comptime!(!trans_b) {
+        let mut kq = 0u32;
+        while kq < kv {
+            load_a::<F>(&mut av, &mut mine, a, rows, kv, kq, tm, plane);
             if comptime!(local_scalars) {
-                shift_rows(&mut accv, TM, tnv);
+                fma_k_quad::<F>(accv, &av, b, cols, kq * 4, nv, tm, tnv);
+            } else {
+                #[unroll]
+                for e in 0..4u32 {
+                    fma_k_row::<F>(accv, &av, b, cols, kq * 4 + e, nv, comptime!(e), tm, tnv);
+                }
             }
+            kq += 1;
+        }
+    } else {
+        // b is [N, K]: column 4 cols[jv] + l is row 4 cols[jv] + l of b, read four K
+        // at a time. Each element is one sum through its four K in order (a dot
+        // product), kept as a scalar: four partial sums would hold four times the
+        // accumulators.
+        let mut acc = Array::<f32>::new(comptime!((tm * tn) as usize));
+        #[unroll]
+        for e in 0..tm * tn {
+            acc[e as usize] = 0.0f32;
+        }
+        let mut kq = 0u32;
+        while kq < kv {
+            load_a::<F>(&mut av, &mut mine, a, rows, kv, kq, tm, plane);
+            if comptime!(local_scalars) {
+                // As in `fma_k_quad`: `b`'s vectors loaded first, then each element
+                // through its four K in a row (in order), one masked store each.
+                let mut bvs = Array::<V4>::new(comptime!(tn as usize));
+                #[unroll]
+                for j in 0..tn {
+                    let col = cols[(j / 4) as usize] * 4 + j % 4;
+                    bvs[j as usize] = V4::cast_from(b[(col * kv + kq) as usize]);
+                }
+                #[unroll]
+                for i in 0..tm {
+                    let p = av[i as usize];
+                    #[unroll]
+                    for j in 0..tn {
+                        let x = (i * tn + j) as usize;
+                        let q = bvs[j as usize];
+                        let mut s = acc[x];
+                        #[unroll]
+                        for e in 0..4u32 {
+                            s += p[e as usize] * q[e as usize];
+                        }
+                        acc[x] = s;
+                    }
+                }
+            } else {
+                #[unroll]
+                for j in 0..tn {
+                    let col = cols[(j / 4) as usize] * 4 + j % 4;
+                    let bv = V4::cast_from(b[(col * kv + kq) as usize]);
+                    #[unroll]
+                    for i in 0..tm {
+                        let x = (i * tn + j) as usize;
+                        let p = av[i as usize];
+                        let mut s = acc[x];
+                        #[unroll]
+                        for e in 0..4u32 {
+                            s += p[e as usize] * bv[e as usize];
+                        }
+                        acc[x] = s;
+                    }
+                }
+            }
+            kq += 1;
+        }
+        #[unroll]
+        for e in 0..tm * tnv {
+            let mut v = V4::new(0.0f32);
+            #[unroll]
+            for l in 0..4u32 {
+                v[l as usize] = acc[(e * 4 + l) as usize];
+            }
+            accv[e as usize] = v;
+        }
+    }
+}
+
+/// `av[i]` = four K (vector `kq`) of the unit's row `i` of `a`: read directly, or with
+/// `plane` shared across the plane (`plane_rows`, `mine` its scratch).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_a<F: Float>(
+    av: &mut Array<V4>,
+    mine: &mut Array<V4>,
+    a: &Array<Vector<F, Const<4>>>,
+    rows: &Array<u32>,
+    kv: u32,
+    kq: u32,
+    #[comptime] tm: u32,
+    #[comptime] plane: bool,
+) {
+    if comptime!(plane) {
+        load_rows::<F>(mine, a, rows, kv, kq, comptime!(tm / LANES));
+        plane_rows(av, mine, tm);
+    } else {
+        load_rows::<F>(av, a, rows, kv, kq, tm);
+    }
+}
+
+/// The epilogue of a `TM x TN` vector register tile, a vector of four columns at a time:
+/// row `i` of the tile is row `r0 + i row_step` of `c`, vector `jv` is column vector
+/// `cv0 + jv units_x` (`cols[jv]` clamped, for `bias`). `bias` read once per column
+/// vector, one masked store per row and vector (N is a multiple of 4, so a vector is all
+/// in or all out). On a CPU adapter (`local_scalars`) a loop over the rows, not unrolled
+/// (`shift_rows`: unrolled, a 32 x 32 tile compiled 10x slower on llvmpipe); on a GPU
+/// unrolled (NVRTC spilled the loop's register moves).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn store_tile_v4<F: Float>(
+    c: &mut Array<Vector<F, Const<4>>>,
+    residual: &Array<Vector<F, Const<4>>>,
+    bias: &Array<Vector<F, Const<4>>>,
+    accv: &mut Array<V4>,
+    cols: &Array<u32>,
+    r0: u32,
+    #[comptime] row_step: u32,
+    cv0: u32,
+    m: u32,
+    nv: u32,
+    #[comptime] units_x: u32,
+    #[comptime] tm: u32,
+    #[comptime] tnv: u32,
+    #[comptime] has_bias: bool,
+    #[comptime] has_residual: bool,
+    #[comptime] act: Activation,
+    #[comptime] local_scalars: bool,
+) {
+    let mut bias_v = Array::<V4>::new(comptime!(tnv as usize));
+    #[unroll]
+    for jv in 0..tnv {
+        bias_v[jv as usize] = V4::new(0.0f32);
+        if comptime!(has_bias) {
+            bias_v[jv as usize] = V4::cast_from(bias[cols[jv as usize] as usize]);
+        }
+    }
+    #[unroll(!local_scalars)]
+    for i in 0..tm {
+        let r = r0 + i * row_step;
+        let first = row_first(i, tnv, local_scalars);
+        store_row_v4::<F>(
+            c,
+            residual,
+            accv,
+            &bias_v,
+            first,
+            r,
+            m,
+            cv0,
+            nv,
+            units_x,
+            tnv,
+            has_bias,
+            has_residual,
+            act,
+        );
+        if comptime!(local_scalars) {
+            shift_rows(accv, tm, tnv);
         }
     }
 }

@@ -185,6 +185,11 @@ pub struct DeviceReport {
     pub int8_tensor_cores: bool,
     /// Plane (warp / subgroup) operations usable by kernels.
     pub plane_ops: bool,
+    /// Whether kernels may exchange values across a plane with `plane_shuffle`: where
+    /// cubecl reports plane operations, and on a wgpu adapter with subgroups that cubecl
+    /// leaves unreported (it reports none on CPU adapters; lavapipe runs a shuffle from
+    /// a constant lane as one vector permute, no memory access).
+    pub plane_shuffle: bool,
     /// Plane (warp) size, smallest and largest.
     pub plane_size: (u32, u32),
     /// Shared memory per cube, bytes.
@@ -219,6 +224,7 @@ impl DeviceReport {
             tensor_cores: arch.major >= 7,
             int8_tensor_cores: (arch.major, arch.minor) >= (7, 2),
             plane_ops: true,
+            plane_shuffle: true,
             plane_size: (32, 32),
             max_shared_memory: 48 * 1024,
             max_units_per_cube: 1024,
@@ -254,10 +260,11 @@ impl fmt::Display for DeviceReport {
         }
         writeln!(
             f,
-            "plane ops:     {} (plane size {}..{})",
+            "plane ops:     {} (plane size {}..{}; shuffles {})",
             yes(self.plane_ops),
             self.plane_size.0,
-            self.plane_size.1
+            self.plane_size.1,
+            yes(self.plane_shuffle)
         )?;
         writeln!(
             f,
@@ -404,6 +411,7 @@ pub(crate) fn report_from_props(
                 && (c.m, c.n, c.k) == (16, 16, 16)
         }),
         plane_ops: !props.features.plane.is_empty(),
+        plane_shuffle: !props.features.plane.is_empty(),
         plane_size: (hw.plane_size_min, hw.plane_size_max),
         max_shared_memory: hw.max_shared_memory_size,
         max_units_per_cube: hw.max_units_per_cube,

@@ -47,17 +47,21 @@ mod enabled {
 
     struct Adapter {
         info: wgpu::AdapterInfo,
+        /// wgpu's `SUBGROUP` feature, which cubecl requests on every device it opens
+        /// (all the adapter's features) but reports as plane operations only off CPU
+        /// adapters.
+        subgroups: bool,
         select: WgpuSelect,
     }
 
-    fn enumerate(backends: wgpu::Backends) -> Vec<wgpu::AdapterInfo> {
+    fn enumerate(backends: wgpu::Backends) -> Vec<(wgpu::AdapterInfo, wgpu::Features)> {
         let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
             backends,
             ..wgpu::InstanceDescriptor::new_without_display_handle()
         });
         cubecl::future::block_on(instance.enumerate_adapters(backends))
             .into_iter()
-            .map(|a| a.get_info())
+            .map(|a| (a.get_info(), a.features()))
             .collect()
     }
 
@@ -68,7 +72,7 @@ mod enabled {
         let mut counts = [0usize; 5];
         enumerate(backend.into())
             .into_iter()
-            .filter_map(|info| {
+            .filter_map(|(info, features)| {
                 let t = adapter_type_from_wgpu(info.device_type);
                 let n = counts[t.rank() as usize];
                 counts[t.rank() as usize] += 1;
@@ -79,7 +83,12 @@ mod enabled {
                     AdapterType::Cpu if n == 0 => WgpuSelect::Cpu,
                     _ => return None,
                 };
-                Some(Adapter { info, select })
+                let subgroups = features.contains(wgpu::Features::SUBGROUP);
+                Some(Adapter {
+                    info,
+                    subgroups,
+                    select,
+                })
             })
             .collect()
     }
@@ -108,7 +117,7 @@ mod enabled {
             })
             .collect();
         let native_backend = <AutoGraphicsApi as GraphicsApi>::backend();
-        for info in enumerate(wgpu::Backends::all()) {
+        for (info, _) in enumerate(wgpu::Backends::all()) {
             if info.backend == native_backend {
                 continue;
             }
@@ -184,7 +193,7 @@ mod enabled {
         let cpu = adapter.info.device_type == wgpu::DeviceType::Cpu;
         let client = std::panic::catch_unwind(|| client_of(&wgpu_device, cpu))
             .map_err(|p| Error::Device(format!("{}: {}", adapter.info.name, panic_message(&*p))))?;
-        let report = report_from_props(
+        let mut report = report_from_props(
             Device::Wgpu(select).to_string(),
             adapter.info.name.clone(),
             backend_from_wgpu(adapter.info.backend),
@@ -192,6 +201,7 @@ mod enabled {
             driver_string(&adapter.info),
             client.properties(),
         );
+        report.plane_shuffle |= adapter.subgroups;
         Ok(Client {
             inner: ClientInner::Wgpu(client),
             report: Arc::new(report),
