@@ -118,6 +118,23 @@ fn matmul_vec4_wgsl_cpu_adapter_rows_loop() {
     ));
 }
 
+/// `a`'s rows shared across a plane of 8 (lavapipe): each unit reads one row of eight
+/// and `subgroupShuffle` from a constant lane hands out the others.
+#[test]
+fn matmul_vec4_plane_wgsl_shuffles() {
+    insta::assert_snapshot!(source(
+        "matmul_vec4_plane",
+        Target::Wgsl,
+        &[
+            ("BM", "8"),
+            ("BN", "128"),
+            ("TM", "8"),
+            ("TN", "16"),
+            ("local_scalars", "true")
+        ]
+    ));
+}
+
 #[test]
 fn matmul_wgsl_direct_trans_b() {
     insta::assert_snapshot!(source(

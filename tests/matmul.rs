@@ -200,10 +200,7 @@ fn every_vec4_config(
     }
     // On a GPU the register budget (kernels/cuda-budget.txt) drops the tiles that spill;
     // the plane kernel is offered on CPU adapters with planes of 8 and shuffles.
-    let offered = !plane || {
-        let device = client().report();
-        device.plane_shuffle && device.plane_size == (8, 8)
-    };
+    let offered = !plane || common::has_planes_of_8();
     if common::on_cpu_adapter() && offered {
         assert_eq!(tested.len(), trans.len() * count, "{tested:?}");
     }

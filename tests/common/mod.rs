@@ -165,3 +165,11 @@ pub fn assert_clear(e: kiln::Error, words: &[&str]) {
 pub fn on_cpu_adapter() -> bool {
     client().report().adapter_type == kiln::runtime::AdapterType::Cpu
 }
+
+/// Whether the device offers the kernels that share operands across a plane of 8 by
+/// shuffles (`matmul_vec4_plane` and the quantized GEMMs' `SHARE = 8` tiles: lavapipe on
+/// 256-bit SIMD).
+pub fn has_planes_of_8() -> bool {
+    let device = client().report();
+    device.plane_shuffle && device.plane_size == (8, 8)
+}

@@ -3,25 +3,27 @@
 
 use super::*;
 
-/// The direct dequantizing kernel (register tiles from global memory), every
-/// configuration, against f64: int4 in kiln's layout with and without act order (f32 and
-/// f16 activations) and int8 Double Rounding with K a multiple of 4 but not of 8 (K = 77:
-/// no configuration); M and N ragged against every tile, 133 x 264 and 19 x 520 for the
-/// tiles past 16 x 16 outputs a unit.
-#[test]
-fn qgemm_direct_every_config_matches_f64() {
-    use kiln::kernels::qgemm::{QgemmDirect, QgemmDirectArgs, QgemmDirectProblem, WeightKind};
-    let mut rng = Rng::new(21);
-    let run = |x: &Tensor,
-               qweight: &Tensor,
-               scales: &Tensor,
-               zeros: &Tensor,
-               g_idx: &Tensor,
-               [m, n, k, g]: [usize; 4],
-               shift: u32,
-               (wkind, act_order, col_words): (WeightKind, bool, bool),
-               want: &[f64],
-               what: &str| {
+/// Every configuration of the direct dequantizing kernel offered at `[m, n, k, g]`
+/// against `want` (f64), and the tiles past 16 x 16 outputs a unit where the shape
+/// reaches them: 133 x 264 the 16 x 32 tile in a 64 x 256 cube and the tall ones that
+/// share x's rows across a plane of 8 (lavapipe), 19 x 520 the 16 x 32 tile in a 16 x 512
+/// cube and the 16-row shared one.
+#[allow(clippy::too_many_arguments)]
+fn run_direct(
+    x: &Tensor,
+    qweight: &Tensor,
+    scales: &Tensor,
+    zeros: &Tensor,
+    g_idx: &Tensor,
+    [m, n, k, g]: [usize; 4],
+    shift: u32,
+    (wkind, act_order, col_words): (kiln::kernels::qgemm::WeightKind, bool, bool),
+    want: &[f64],
+    what: &str,
+    only: &str,
+) {
+    use kiln::kernels::qgemm::{QgemmDirect, QgemmDirectArgs, QgemmDirectProblem};
+    {
         let problem = QgemmDirectProblem {
             m: m as u32,
             n: n as u32,
@@ -32,7 +34,10 @@ fn qgemm_direct_every_config_matches_f64() {
             act_order,
             col_words,
         };
-        let space = QgemmDirect::space(client(), &problem);
+        let space: Vec<_> = QgemmDirect::space(client(), &problem)
+            .into_iter()
+            .filter(|c| QgemmDirect::label(c).contains(only))
+            .collect();
         assert!(!space.is_empty(), "{what}: no configuration");
         for cfg in &space {
             let y = Tensor::empty(client(), x.dtype(), &[m, n]).unwrap();
@@ -63,40 +68,89 @@ fn qgemm_direct_every_config_matches_f64() {
         // 133 x 264 reaches the 16 x 32 tile in a 64 x 256 cube, 19 x 520 in a 16 x 512 one.
         let ran: Vec<String> = space.iter().map(QgemmDirect::label).collect();
         let large = match n {
-            264 => Some("BM=64 BN=256 TM=16 TN=32"),
-            520 => Some("BM=16 BN=512 TM=16 TN=32"),
+            264 => Some("BM=64 BN=256 TM=16 TN=32 SHARE=1"),
+            520 => Some("BM=16 BN=512 TM=16 TN=32 SHARE=1"),
             _ => None,
         };
         // On a GPU the register budget (kernels/cuda-budget.txt) drops the tiles that spill.
+        let large = large.filter(|l| l.contains(only));
         if let Some(large) = large.filter(|_| crate::common::on_cpu_adapter()) {
             assert!(ran.iter().any(|l| l == large), "{what}: {ran:?}");
         }
-    };
-
-    // N = 72 with M = 37, 1 and 3 (the few-row tiles: BM = 1, 4); N = 264 with M = 133 and
-    // N = 520 with M = 19 reach the register tiles past 16 x 16 (offered only where M and N
-    // fill a cube).
-    let (k, g) = (256, 32);
-    let shapes = [
-        (
-            72,
-            vec![
-                (37, DType::F32),
-                (37, DType::F16),
-                (1, DType::F32),
-                (3, DType::F16),
+        let shared: &[&str] = match n {
+            264 => &[
+                "BM=64 BN=128 TM=64 TN=16 SHARE=8",
+                "BM=32 BN=256 TM=32 TN=32 SHARE=8",
             ],
-        ),
-        (264, vec![(133, DType::F32), (133, DType::F16)]),
-        (520, vec![(19, DType::F32)]),
+            520 => &["BM=16 BN=256 TM=16 TN=32 SHARE=8"],
+            _ => &[],
+        };
+        if crate::common::has_planes_of_8() {
+            for tile in shared.iter().filter(|t| t.contains(only)) {
+                assert!(
+                    ran.iter().any(|l| l == tile),
+                    "{what}: {tile} not in {ran:?}"
+                );
+            }
+        }
+    }
+}
+
+// The direct dequantizing kernel (register tiles from global memory), every
+// configuration, against f64: int4 in kiln's layout with and without act order (f32 and
+// f16 activations) and int8 Double Rounding with K a multiple of 4 but not of 8 (K = 77:
+// no configuration); M and N ragged against every tile. One test per group of shapes:
+// the large tiles take llvmpipe seconds each to compile without LLVM's passes (the tall
+// shared ones 14-16 s).
+
+/// N = 72 with M = 37, 1 and 3 (the few-row tiles: BM = 1, 4, 8), with act order at 37.
+#[test]
+fn qgemm_direct_every_config_matches_f64() {
+    let rows = [
+        (37, DType::F32),
+        (37, DType::F16),
+        (1, DType::F32),
+        (3, DType::F16),
     ];
-    for (n, rows) in shapes {
+    direct_int4(72, &rows, "");
+}
+
+/// 133 x 264 reaches the tiles past 16 x 16 (offered only where M and N fill a cube):
+/// those that read their own rows, f32 and f16 activations.
+#[test]
+fn qgemm_direct_large_tiles_match_f64() {
+    direct_int4(264, &[(133, DType::F32), (133, DType::F16)], "SHARE=1");
+}
+
+/// The same shape, the tiles that share x's rows across a plane of 8 (lavapipe; their
+/// f16 path at N = 72), f32 activations.
+#[test]
+fn qgemm_direct_shared_tiles_match_f64() {
+    direct_int4(264, &[(133, DType::F32)], "SHARE=8");
+}
+
+/// 19 x 520 reaches the 16-row tiles of 16 x 32 outputs a unit, with act order.
+#[test]
+fn qgemm_direct_16_row_tiles_match_f64() {
+    direct_int4(520, &[(19, DType::F32)], "");
+}
+
+/// int4 GPTQ weights `[256, n]` (G = 32) at each of `rows` (M, activation dtype), the
+/// configurations whose label contains `only`; act
+/// order (groups visited in a shuffled order) at the first M, except at N = 264 (the
+/// same bodies as at 520).
+fn direct_int4(n: usize, rows: &[(usize, DType)], only: &str) {
+    use kiln::kernels::qgemm::WeightKind;
+    let mut rng = Rng::new(21 + n as u64);
+    let run = run_direct;
+    let (k, g) = (256, 32);
+    {
         let c = codes(&mut rng, k, n, g, DType::F32);
         let ck = checkpoint(&c, W4Format::Gptq { version: 2 }, DType::F32, true);
         let w = weights(&ck, W4Format::Gptq { version: 2 }, g as i64, None);
         let packed = qgemm::w4a16_repack(&w).unwrap();
         let words = packed.qweight.as_words();
-        for &(m, dtype) in &rows {
+        for &(m, dtype) in rows {
             let x = rounded(dtype, &rng.normals(m * k, 1.0));
             let want = qr::matmul(&x, &c.dequantize(None), m, k, n);
             let xt = up(dtype, &[m, k], &x);
@@ -112,12 +166,13 @@ fn qgemm_direct_every_config_matches_f64() {
                 (WeightKind::Int4, false, false),
                 &want,
                 &what,
+                only,
             );
         }
         // Act order: rows visit the groups in a shuffled order (the 16 x 32 body once: in
         // the 16 x 512 cube at N = 520, not again in the 64 x 256 one).
         if n == 264 {
-            continue;
+            return;
         }
         let m = rows[0].0;
         let groups = k / g;
@@ -136,9 +191,17 @@ fn qgemm_direct_every_config_matches_f64() {
             (WeightKind::Int4, true, false),
             &want,
             &format!("int4 act order M={m} N={n}"),
+            only,
         );
     }
+}
 
+/// The direct kernel with int8 Double Rounding weights, and where it is not offered.
+#[test]
+fn qgemm_direct_int8_every_config_matches_f64() {
+    use kiln::kernels::qgemm::{QgemmDirect, QgemmDirectProblem, WeightKind};
+    let mut rng = Rng::new(22);
+    let run = run_direct;
     // int8 served at 4 bits (shift 4), K = 84: a multiple of the kernel's vectors of x but
     // not of its steps of 8 (the last step ends half-way). N = 37: one byte load a weight;
     // N = 72 and 520 (multiples of 4): `col_words`, four columns a word, ragged M and
@@ -170,6 +233,7 @@ fn qgemm_direct_every_config_matches_f64() {
             (WeightKind::Int8Bits, false, col_words),
             &want,
             &what,
+            "",
         );
     }
     // `col_words` needs int8 and N a multiple of 4.
@@ -208,7 +272,8 @@ fn qgemm_direct_every_config_matches_f64() {
 /// configuration, against f64: M and N ragged against every tile (M = 1 and 3 reach the
 /// few-row tiles), K a multiple of 4 but not of 8, codes over the whole range
 /// -128..=127 (exact i32 sums), with and without bias, f32 and f16 outputs; 19 x 520 for
-/// the 16 x 32 tile in a 16 x 512 cube (offered only where M and N fill it).
+/// the 16 x 32 tile in a 16 x 512 cube (offered only where M and N fill it), 133 x 264
+/// for the tall tiles that share x's rows across a plane of 8 (lavapipe).
 #[test]
 fn w8a8_direct_every_config_matches_f64() {
     use kiln::kernels::qgemm::{W8a8Direct, W8a8DirectProblem};
@@ -224,11 +289,23 @@ fn w8a8_direct_every_config_matches_f64() {
     }
     // The epilogue is the small tiles' (tested above): one variant for the large one.
     let ran = w8a8_direct_case(&mut rng, 19, 520, &[(false, DType::F32)]);
-    let large = "BM=16 BN=512 TM=16 TN=32";
+    let large = "BM=16 BN=512 TM=16 TN=32 SHARE=1";
     assert!(
         ran.iter().any(|l| l == large) || !crate::common::on_cpu_adapter(),
         "19 x 520: {ran:?}"
     );
+    let mut tall = w8a8_direct_case(&mut rng, 133, 264, &[(true, DType::F16)]);
+    tall.extend(ran);
+    if crate::common::has_planes_of_8() {
+        for tile in [
+            "BM=64 BN=128 TM=64 TN=16 SHARE=8",
+            "BM=64 BN=64 TM=64 TN=8 SHARE=8",
+            "BM=32 BN=256 TM=32 TN=32 SHARE=8",
+            "BM=16 BN=256 TM=16 TN=32 SHARE=8",
+        ] {
+            assert!(tall.iter().any(|l| l == tile), "{tile} not in {tall:?}");
+        }
+    }
     // K not a multiple of 4: no configuration (the host does not offer the kernel).
     let problem = W8a8DirectProblem {
         m: 4,

@@ -231,7 +231,7 @@ fn load_a<F: Float>(
 ) {
     if comptime!(plane) {
         load_rows::<F>(mine, a, rows, kv, kq, comptime!(tm / LANES));
-        plane_rows(av, mine, tm);
+        plane_rows(av, mine, tm, 1u32);
     } else {
         load_rows::<F>(av, a, rows, kv, kq, tm);
     }

@@ -20,22 +20,32 @@ use kiln_dsl::V4;
 
 /// The plane size this kernel is written for (the lanes that share a tile's rows; the
 /// kernel's `require` and `cube` spell it 8).
-pub(super) const LANES: u32 = 8;
+pub(crate) const LANES: u32 = 8;
 
-/// `av[i]` = row `i` of a unit's `TM`-row tile, from lane `i % 8` of the plane, which
-/// read it into its `mine[i / 8]`: a shuffle from a constant lane per component (lavapipe
-/// permutes scalars; a vector shuffle is not what its compiler expects).
+/// `av[i per_row + h]` = vector `h` of row `i` of a unit's `tm`-row tile, from lane
+/// `i % 8` of the plane, which read it into its `mine[(i / 8) per_row + h]`: a shuffle
+/// from a constant lane per component (lavapipe permutes scalars; a vector shuffle is
+/// not what its compiler expects). Every unit of the plane must call it (uniform control
+/// flow).
 #[cube]
-pub(super) fn plane_rows(av: &mut Array<V4>, mine: &Array<V4>, #[comptime] tm: u32) {
+pub(crate) fn plane_rows(
+    av: &mut Array<V4>,
+    mine: &Array<V4>,
+    #[comptime] tm: u32,
+    #[comptime] per_row: u32,
+) {
     #[unroll]
     for i in 0..tm {
-        let v = mine[(i / LANES) as usize];
-        let mut w = V4::new(0.0f32);
         #[unroll]
-        for e in 0..4u32 {
-            w[e as usize] = plane_shuffle(v[e as usize], i % LANES);
+        for h in 0..per_row {
+            let v = mine[((i / LANES) * per_row + h) as usize];
+            let mut w = V4::new(0.0f32);
+            #[unroll]
+            for e in 0..4u32 {
+                w[e as usize] = plane_shuffle(v[e as usize], i % LANES);
+            }
+            av[(i * per_row + h) as usize] = w;
         }
-        av[i as usize] = w;
     }
 }
 

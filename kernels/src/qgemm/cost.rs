@@ -77,7 +77,8 @@ pub(super) fn applies(device: &DeviceReport) -> bool {
 /// `qgemm_direct`: per step of eight rows of K a unit reads two vectors of x per row and
 /// its weights (int4: a word a column; int8: a byte load a weight, or a word for four
 /// columns; act order: a group index, a scale and a zero point a weight more), and
-/// decodes each weight once for its `TM` rows.
+/// decodes each weight once for its `TM` rows (with `SHARE = 8`, x's rows shared by the
+/// plane: a unit reads `TM / 8` of them).
 pub(super) fn qgemm_direct(c: &QgemmDirectConfig, s: &Shape, device: &DeviceReport) -> f64 {
     let (tm, tn) = (c.TM as f64, c.TN as f64);
     let weight_loads = match s.weights {
@@ -86,7 +87,10 @@ pub(super) fn qgemm_direct(c: &QgemmDirectConfig, s: &Shape, device: &DeviceRepo
         Weights::Int8 { col_words: false } => 8.0 * tn,
         _ => 2.0 * tn,
     };
-    let fmas_per_load = 8.0 * tm * tn / (2.0 * tm + weight_loads);
+    // With `SHARE = 8` a unit reads its plane's share of x's rows, TM / 8 (the rest by
+    // shuffles).
+    let x_loads = 2.0 * tm / c.SHARE as f64;
+    let fmas_per_load = 8.0 * tm * tn / (x_loads + weight_loads);
     let tile = s.tile(1.0, fmas_per_load, s.decode_ops() / tm, c.BM, c.BN);
     estimate(&tile, s.m, s.n, device)
 }
@@ -113,12 +117,14 @@ pub(super) fn qgemm_gemv(c: &QgemmGemvConfig, mt: u32, s: &Shape, device: &Devic
     estimate(&tile, s.m, s.n, device)
 }
 
-/// `w8a8_direct`: per word of K a unit reads `TM + TN` words and multiplies `4 TM TN`
-/// pairs of unpacked codes.
+/// `w8a8_direct`: per word of K a unit reads `TM + TN` words (`TM / 8 + TN` with
+/// `SHARE = 8`: x's rows shared by the plane) and multiplies `4 TM TN` pairs of unpacked
+/// codes.
 pub(super) fn w8a8_direct(c: &W8a8DirectConfig, s: &Shape, device: &DeviceReport) -> f64 {
     let (tm, tn) = (c.TM as f64, c.TN as f64);
     let unpack = s.decode_ops() * (tm + tn) / (tm * tn);
-    let tile = s.tile(1.0, 4.0 * tm * tn / (tm + tn), unpack, c.BM, c.BN);
+    let x_loads = tm / c.SHARE as f64;
+    let tile = s.tile(1.0, 4.0 * tm * tn / (x_loads + tn), unpack, c.BM, c.BN);
     estimate(&tile, s.m, s.n, device)
 }
 

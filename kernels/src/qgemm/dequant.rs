@@ -19,10 +19,11 @@
 //! Longer than most files: the three kernels share the dequantization helpers (group sums,
 //! folded zero points, strided tile stores) defined beside them.
 
+use crate::matmul::plane_rows;
 use crate::matmul::{row_first, shift_rows};
 use crate::split_k::{partials_sum, stage_partials};
 use cubecl::prelude::*;
-use kiln_dsl::{load_i8, load_tile, reg_tile_mma, shift_round_half_even, unpack_i8, unpack_u4};
+use kiln_dsl::{load_i8, load_tile, reg_tile_mma, shift_round_half_even, unpack_i8, unpack_u4, V4};
 
 kiln_runtime::comptime_enum! {
     /// How the dequantizing kernels read and decode `qweight` (one compiled variant each).
@@ -405,34 +406,49 @@ qgemm_kernel! {
     /// int8 word serves four columns (each column's bytes are a word apart: one load a
     /// weight otherwise).
     #[kernel(
-        tune((BM, BN, TM, TN) = [
-            (64, 64, 8, 8),
-            (32, 128, 4, 8),
-            (64, 128, 8, 16),
-            (16, 128, 4, 8),
-            (128, 64, 16, 4),
-            (128, 128, 16, 16),
-            (64, 256, 8, 32),
+        tune((BM, BN, TM, TN, SHARE) = [
+            (64, 64, 8, 8, 1),
+            (32, 128, 4, 8, 1),
+            (64, 128, 8, 16, 1),
+            (16, 128, 4, 8, 1),
+            (128, 64, 16, 4, 1),
+            (128, 128, 16, 16, 1),
+            (64, 256, 8, 32, 1),
             // 16 rows in two or one unit rows: each weight serves 8 or 16 rows.
-            (16, 256, 8, 16),
-            (16, 128, 16, 8),
+            (16, 256, 8, 16, 1),
+            (16, 128, 16, 8, 1),
             // Few rows: one unit row owns all of them, so each x element is read
             // once per 16 columns (a GEMV that reads one column per unit reads it
             // once per column).
-            (1, 256, 1, 16),
-            (4, 256, 4, 16),
+            (1, 256, 1, 16, 1),
+            (4, 256, 4, 16, 1),
             // Past 16 x 16 outputs a unit (more FMAs per load, where the loads are what a
             // CPU adapter pays for, as matmul_vec4's): only where M and N fill a cube. At
             // 256 x 4096 x 4096 on a slow 2-core machine 742 ms against 1150 ms for 16 x 16
             // (and 816 ms for 32 x 32 in a 128 x 128 cube, left out: no faster, slower to
             // compile).
-            (64, 256, 16, 32),
+            (64, 256, 16, 32, 1),
             // The same 16 x 32 tile for 16 rows (one unit row, 16 units along N), where
             // M and N fill it, as `matmul_vec4`'s 16 x 512 cube.
-            (16, 512, 16, 32),
+            (16, 512, 16, 32, 1),
+            // x's rows shared across a plane of 8 (`SHARE = 8`, lavapipe): each unit reads
+            // TM / 8 of its tile's rows and gets the others by shuffles, as
+            // `matmul_vec4_plane`; so the tiles can be tall.
+            (64, 128, 64, 16, 8),
+            (32, 256, 32, 32, 8),
+            (32, 128, 32, 16, 8),
+            (16, 256, 16, 32, 8),
+            (16, 128, 16, 16, 8),
+            (8, 256, 8, 32, 8),
         ]),
         require(
             super::direct_tile_fits((BM, BN, TM, TN), m, n, k),
+            SHARE == 1
+                || (device.plane_shuffle
+                    && device.plane_size == (8, 8)
+                    && BN == 8 * TN
+                    && TM % 8 == 0
+                    && SHARE == 8),
             !col_words || wkind == WeightKind::Int8Bits,
             !col_words || n % 4 == 0,
         ),
@@ -453,6 +469,22 @@ qgemm_kernel! {
         for i in 0..TM {
             xrow[i as usize] = min(m0 + ty + i * comptime!(BM / TM), m - 1) * kv;
         }
+        // With `SHARE = 8`, the tile rows `lane`, `lane + 8`, ... are the ones this unit reads
+        // for its plane (the plane is one unit row: BN / TN = 8).
+        let plane = comptime!(SHARE == 8);
+        let mut own = Array::<u32>::new(comptime!(if plane { (TM / 8) as usize } else { 1 }));
+        if comptime!(plane) {
+            #[unroll]
+            for s in 0..TM / 8 {
+                let tile_row = UNIT_POS_PLANE + s * 8;
+                own[s as usize] = min(m0 + ty + tile_row * comptime!(BM / TM), m - 1) * kv;
+            }
+        }
+        // On a CPU adapter (or with a shared x) the step's x is read first and each
+        // accumulator goes through the step's eight K in a row (`step_products`).
+        let per_accumulator = comptime!(plane || local_scalars);
+        let mut xs = Array::<V4>::new(comptime!(if per_accumulator { (2 * TM) as usize } else { 1 }));
+        let mut mine = Array::<V4>::new(comptime!(if plane { (TM / 4) as usize } else { 1 }));
         // A unit's columns: runs of `span` adjacent ones, `span BN / TN` apart (the runs
         // of neighbouring units are neighbours). `words`: the first column of each run of
         // four, as a word of its row (`col_words`; N % 4 == 0, so it is the run's word).
@@ -572,6 +604,15 @@ qgemm_kernel! {
                     }
                 }
             }
+            let clamp_last = comptime!(wkind != WeightKind::Int4);
+            if comptime!(plane) {
+                load_x_step::<F>(&mut mine, x, &own, k0, kv, TM / 8, clamp_last);
+                plane_rows(&mut xs, &mine, TM, 2u32);
+                step_products(&mut acc, &mut part, &mut xsum, &xs, &wv, TM, TN, folded);
+            } else if comptime!(per_accumulator) {
+                load_x_step::<F>(&mut xs, x, &xrow, k0, kv, TM, clamp_last);
+                step_products(&mut acc, &mut part, &mut xsum, &xs, &wv, TM, TN, folded);
+            } else {
             #[unroll]
             for r in 0..TM {
                 #[unroll]
@@ -579,7 +620,7 @@ qgemm_kernel! {
                     // Two vectors a step; int8's K may end half-way (K % 8 == 4): its
                     // last vector is read again there, against zero weights.
                     let mut vi = k0 / 4 + h;
-                    if comptime!(wkind != WeightKind::Int4) {
+                    if comptime!(clamp_last) {
                         vi = min(vi, kv - 1);
                     }
                     let xq = x[(xrow[r as usize] + vi) as usize];
@@ -602,6 +643,7 @@ qgemm_kernel! {
                     }
                 }
             }
+            }
             k0 += 8;
         }
         if comptime!(folded) {
@@ -609,6 +651,82 @@ qgemm_kernel! {
         }
         store_strided_tile::<F>(y, &mut acc, m0 + ty, col0, m, n, BM, BN, TM, TN, span, local_scalars);
     }
+}
+
+/// `xs[2 r + h]` = vector `k0 / 4 + h` of row `r` of x (`rows[r]`: the row's first vector),
+/// in f32, for `r < tm`. With `clamp_last` (int8, whose K may end half-way: K % 8 == 4)
+/// the last vector is read again past the end, against zero weights.
+#[cube]
+fn load_x_step<F: Float>(
+    xs: &mut Array<V4>,
+    x: &Array<Vector<F, Const<4>>>,
+    rows: &Array<u32>,
+    k0: u32,
+    kv: u32,
+    #[comptime] tm: u32,
+    #[comptime] clamp_last: bool,
+) {
+    #[unroll]
+    for r in 0..tm {
+        #[unroll]
+        for h in 0..2u32 {
+            let mut vi = k0 / 4 + h;
+            if comptime!(clamp_last) {
+                vi = min(vi, kv - 1);
+            }
+            xs[(r * 2 + h) as usize] = V4::cast_from(x[(rows[r as usize] + vi) as usize]);
+        }
+    }
+}
+
+/// A step's products, accumulator by accumulator: `acc[r, j] += Σ_i x[r, i] wv[i, j]`
+/// over the step's eight K in order (`xs[2 r + i / 4][i % 4]`), or with `folded` the
+/// same into `part` and `xsum[r] += Σ_i x[r, i]`. The sums of the K-major loop, in the
+/// same order; on a CPU adapter each accumulator is then loaded, blended through the
+/// lanes' mask and stored once per step, not once per product (as matmul's `fma_k_quad`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn step_products(
+    acc: &mut Array<f32>,
+    part: &mut Array<f32>,
+    xsum: &mut Array<f32>,
+    xs: &Array<V4>,
+    wv: &Array<f32>,
+    #[comptime] tm: u32,
+    #[comptime] tn: u32,
+    #[comptime] folded: bool,
+) {
+    #[unroll]
+    for r in 0..tm {
+        if comptime!(folded) {
+            let mut t = xsum[r as usize];
+            #[unroll]
+            for i in 0..8u32 {
+                t += xs[(2 * r + i / 4) as usize][(i % 4) as usize];
+            }
+            xsum[r as usize] = t;
+        }
+        #[unroll]
+        for j in 0..tn {
+            let e = (r * tn + j) as usize;
+            if comptime!(folded) {
+                part[e] = step_dot(part[e], xs, wv, r, j, tn);
+            } else {
+                acc[e] = step_dot(acc[e], xs, wv, r, j, tn);
+            }
+        }
+    }
+}
+
+/// `s + Σ_i x[r, i] wv[i, j]` over a step's eight K, in order.
+#[cube]
+fn step_dot(s: f32, xs: &Array<V4>, wv: &Array<f32>, r: u32, j: u32, #[comptime] tn: u32) -> f32 {
+    let mut t = s;
+    #[unroll]
+    for i in 0..8u32 {
+        t += xs[(2 * r + i / 4) as usize][(i % 4) as usize] * wv[(i * tn + j) as usize];
+    }
+    t
 }
 
 /// Zeroes a group's running sums: `part` `[tm, tn]` (sum x q) and `xsum` `[tm]` (sum x).

@@ -212,17 +212,17 @@ w8a8_kernel! {
     /// multiplies them all, exactly in i32. Needs `k % 4 == 0` (rows start on a word; the
     /// host offers this kernel only then).
     #[kernel(
-        tune((BM, BN, TM, TN) = [
-            (64, 64, 8, 8),
-            (32, 128, 4, 8),
-            (16, 128, 4, 8),
-            (64, 128, 8, 16),
-            (128, 64, 16, 4),
-            (128, 128, 16, 16),
+        tune((BM, BN, TM, TN, SHARE) = [
+            (64, 64, 8, 8, 1),
+            (32, 128, 4, 8, 1),
+            (16, 128, 4, 8, 1),
+            (64, 128, 8, 16, 1),
+            (128, 64, 16, 4, 1),
+            (128, 128, 16, 16, 1),
             // Few rows: one unit row owns all of them (each word of x read once per 16
             // columns).
-            (1, 256, 1, 16),
-            (4, 256, 4, 16),
+            (1, 256, 1, 16, 1),
+            (4, 256, 4, 16, 1),
             // Past 16 x 16 outputs a unit (more multiplies per load, where the loads are
             // what a CPU adapter pays for), as `qgemm_direct`'s: 16 rows in one unit row
             // of a 16 x 512 cube, only where M and N fill it. At 16 and 64 x 4096 x 4096 on
@@ -230,9 +230,25 @@ w8a8_kernel! {
             // before (docs/performance.md). (The same tile in a 64 x 256 cube, as
             // `qgemm_direct` has, was no faster at M = 128 and 256 and costs llvmpipe over
             // half a minute to compile.)
-            (16, 512, 16, 32),
+            (16, 512, 16, 32, 1),
+            // x's words shared across a plane of 8 (`SHARE = 8`, lavapipe): each unit reads
+            // TM / 8 of its tile's rows and gets the others by shuffles (a word, unpacked
+            // after), as `matmul_vec4_plane`; so the tiles can be tall.
+            (64, 128, 64, 16, 8),
+            (64, 64, 64, 8, 8),
+            (32, 256, 32, 32, 8),
+            (16, 256, 16, 32, 8),
+            (16, 128, 16, 16, 8),
         ]),
-        require(super::direct_tile_fits((BM, BN, TM, TN), m, n, k)),
+        require(
+            super::direct_tile_fits((BM, BN, TM, TN), m, n, k),
+            SHARE == 1
+                || (device.plane_shuffle
+                    && device.plane_size == (8, 8)
+                    && BN == 8 * TN
+                    && TM % 8 == 0
+                    && SHARE == 8),
+        ),
         grid = (n.div_ceil(BN), m.div_ceil(BM)),
         cube = (BN / TN, BM / TM),
     )]
@@ -248,6 +264,19 @@ w8a8_kernel! {
         for i in 0..TM {
             xrow[i as usize] = min(m0 + ty + i * comptime!(BM / TM), m - 1) * words;
         }
+        // With `SHARE = 8`, the tile rows `lane`, `lane + 8`, ... are the ones this unit
+        // reads for its plane (the plane is one unit row: BN / TN = 8).
+        let plane = comptime!(SHARE == 8);
+        let shared = comptime!(if plane { TM / 8 } else { 1 });
+        let mut own = Array::<u32>::new(comptime!(shared as usize));
+        let mut mine = Array::<u32>::new(comptime!(shared as usize));
+        if comptime!(plane) {
+            #[unroll]
+            for s in 0..shared {
+                let tile_row = UNIT_POS_PLANE + s * 8;
+                own[s as usize] = min(m0 + ty + tile_row * comptime!(BM / TM), m - 1) * words;
+            }
+        }
         let mut wrow = Array::<u32>::new(comptime!(TN as usize));
         #[unroll]
         for j in 0..TN {
@@ -262,9 +291,21 @@ w8a8_kernel! {
         let mut wv = Array::<i32>::new(comptime!((4 * TN) as usize));
         let mut w = 0u32;
         while w < words {
+            if comptime!(plane) {
+                #[unroll]
+                for s in 0..shared {
+                    mine[s as usize] = xq[(own[s as usize] + w) as usize];
+                }
+            }
             #[unroll]
             for i in 0..TM {
-                let word = xq[(xrow[i as usize] + w) as usize];
+                // With `SHARE = 8` row i's word from lane i % 8 (one shuffle a word, from a
+                // constant lane: a vector permute on lavapipe).
+                let word = if comptime!(plane) {
+                    plane_shuffle(mine[(i / 8) as usize], i % 8)
+                } else {
+                    xq[(xrow[i as usize] + w) as usize]
+                };
                 #[unroll]
                 for b in 0..4u32 {
                     xv[(i * 4 + b) as usize] = unpack_i8(word, b);
