@@ -6,7 +6,7 @@
 //! timed (as for the quantized GEMMs: the constants were fitted on lavapipe).
 
 use super::ffn::GroupedConfig;
-use crate::tile_cost::{b_vec4, estimate, is_cpu, scalar, Tile};
+use crate::tile_cost::{b_vec4, estimate, is_cpu, Tile};
 use kiln_runtime::DeviceReport;
 
 /// The model for an expert's `max_rows x n` output of `elem`-byte operands on `device`
@@ -23,7 +23,11 @@ pub(super) fn model(
         let (kind, fmas_per_load, bm, bn) = match c {
             // Staged through shared memory as vectors, read back per scalar of a.
             GroupedConfig::Staged(c) => (1.5, b_vec4(f(c.TM), f(c.TN)), c.BM, c.BN),
-            GroupedConfig::Vec4(c) => (1.0, 4.0 * scalar(f(c.TM), f(c.TN)), c.BM, c.BN),
+            // With `SHARE = 8` a unit reads TM / 8 of its rows of a (the plane shares them).
+            GroupedConfig::Vec4(c) => {
+                let (tm, tn) = (f(c.TM), f(c.TN));
+                (1.0, 4.0 * tm * tn / (tm / f(c.SHARE) + tn), c.BM, c.BN)
+            }
             // Tensor cores: never a CPU adapter's candidate.
             GroupedConfig::Cmma(_) => return f64::INFINITY,
         };

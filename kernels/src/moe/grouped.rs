@@ -5,7 +5,7 @@ use super::routing::NO_ROUTE;
 use crate::matmul::{
     activate, activate_vector, clamped_strided, row_first, shift_rows, zero_tile_v4, Activation,
 };
-use crate::matmul::{cmma_product, fma_k_quad};
+use crate::matmul::{cmma_product, fma_k_quad, plane_rows};
 use cubecl::prelude::*;
 use kiln_dsl::{load_tile_v4, reg_tile_mma_v4, v4_tile_col, CmmaBlock, V4};
 
@@ -307,16 +307,23 @@ grouped_kernel! {
     /// epilogue as `moe_grouped_matmul`'s, the epilogue on 4-wide vectors (a unit owns
     /// four adjacent columns per vector: `bias` read, `c` or `c32` written as vectors).
     #[kernel(
-        tune((BM, BN, TM, TN) = [
-            (64, 64, 8, 8),
-            (128, 128, 16, 8),
-            (64, 128, 8, 16),
-            (128, 128, 16, 16),
-            (32, 128, 4, 8),
-            (16, 64, 4, 4),
+        tune((BM, BN, TM, TN, SHARE) = [
+            (64, 64, 8, 8, 1),
+            (128, 128, 16, 8, 1),
+            (64, 128, 8, 16, 1),
+            (128, 128, 16, 16, 1),
+            (32, 128, 4, 8, 1),
+            (16, 64, 4, 4, 1),
             // As matmul_vec4's: past 16 x 16 accumulators only where the rows and
             // columns fill a cube.
-            (128, 128, 32, 32),
+            (128, 128, 32, 32, 1),
+            // a's rows shared across a plane of 8 (`SHARE = 8`, lavapipe), as
+            // `matmul_vec4_plane`: each unit reads TM / 8 of its tile's rows and gets the
+            // others by shuffles, so the tiles can be tall.
+            (64, 128, 64, 16, 8),
+            (128, 128, 64, 16, 8),
+            (32, 128, 32, 16, 8),
+            (16, 128, 16, 16, 8),
         ]),
         require(
             BM % TM == 0,
@@ -325,6 +332,12 @@ grouped_kernel! {
             k % 4 == 0,
             n % 4 == 0,
             TM * TN <= 256 || (max_rows >= BM && n >= BN),
+            SHARE == 1
+                || (device.plane_shuffle
+                    && device.plane_size == (8, 8)
+                    && BN == 8 * TN
+                    && TM % 8 == 0
+                    && SHARE == 8),
         ),
         defaults(has_bias = false, act = none, scatter = false, a_f32 = false, c_f32 = false),
     )]
@@ -348,18 +361,31 @@ grouped_kernel! {
             clamped_strided(&mut rows, row0 + ty, row_step, start + count - 1, TM);
             let mut cols = Array::<u32>::new(comptime!(tnv as usize));
             clamped_strided(&mut cols, col0 / 4 + tx, units_x, nv - 1, tnv);
+            // With `SHARE = 8` (the plane is one unit row: BN / TN = 8), tile rows `lane`,
+            // `lane + 8`, ... are the ones this unit reads for its plane.
+            let plane = comptime!(SHARE == 8);
+            let reads = comptime!(if plane { TM / 8 } else { 1 });
+            let mut own = Array::<u32>::new(comptime!(reads as usize));
+            if comptime!(plane) {
+                let first = row0 + ty + UNIT_POS_PLANE * row_step;
+                clamped_strided(&mut own, first, 8 * row_step, start + count - 1, reads);
+            }
+            let mut mine = Array::<V4>::new(comptime!(reads as usize));
             let mut av = Array::<V4>::new(comptime!(TM as usize));
             let mut accv = Array::<V4>::new(comptime!((TM * tnv) as usize));
             zero_tile_v4(&mut accv, TM * tnv);
             let mut kq = 0u32;
             while kq < kv {
-                #[unroll]
-                for i in 0..TM {
-                    let at = (rows[i as usize] * kv + kq) as usize;
-                    if comptime!(a_f32) {
-                        av[i as usize] = a32[at];
-                    } else {
-                        av[i as usize] = V4::cast_from(a[at]);
+                if comptime!(plane) {
+                    #[unroll]
+                    for i in 0..reads {
+                        mine[i as usize] = grouped_a_row(a, a32, own[i as usize] * kv + kq, a_f32);
+                    }
+                    plane_rows(&mut av, &mine, TM, 1u32);
+                } else {
+                    #[unroll]
+                    for i in 0..TM {
+                        av[i as usize] = grouped_a_row(a, a32, rows[i as usize] * kv + kq, a_f32);
                     }
                 }
                 if comptime!(local_scalars) {
@@ -408,6 +434,21 @@ grouped_kernel! {
                 }
             }
         }
+    }
+}
+
+/// Vector `at` of `a` (or of `a32` with `a_f32`), in f32.
+#[cube]
+fn grouped_a_row<F: Float>(
+    a: &Array<Vector<F, Const<4>>>,
+    a32: &Array<V4>,
+    at: u32,
+    #[comptime] a_f32: bool,
+) -> V4 {
+    if comptime!(a_f32) {
+        a32[at as usize]
+    } else {
+        V4::cast_from(a[at as usize])
     }
 }
 
