@@ -71,7 +71,7 @@ pub(crate) use vec4::fma_k_quad;
 pub use vec4::{
     MatmulVec4, MatmulVec4Args, MatmulVec4Config, MatmulVec4Problem, MATMUL_VEC4_KERNEL,
 };
-pub(crate) use vec4_plane::plane_rows;
+pub(crate) use vec4_plane::{plane_rows, shares_rows};
 pub use vec4_plane::{
     MatmulVec4Plane, MatmulVec4PlaneArgs, MatmulVec4PlaneConfig, MatmulVec4PlaneProblem,
     MATMUL_VEC4_PLANE_KERNEL,

@@ -17,6 +17,7 @@ use super::vec4::{store_tile_v4, vec4_product};
 use super::{clamped_strided, Activation};
 use cubecl::prelude::*;
 use kiln_dsl::V4;
+use kiln_runtime::DeviceReport;
 
 /// The plane size this kernel is written for (the lanes that share a tile's rows; the
 /// kernel's `require` and `cube` spell it 8).
@@ -49,6 +50,19 @@ pub(crate) fn plane_rows(
     }
 }
 
+/// Whether a tile whose `share` units share their rows of the left operand (1: none; 8:
+/// a plane of 8, by shuffles) fits `device`: sharing needs `plane_shuffle`, planes of
+/// exactly 8, the plane one unit row of the cube (`bn = 8 tn`) and `tm` a multiple of 8.
+/// The `require` of every kernel with a `SHARE` tunable.
+pub(crate) fn shares_rows(device: &DeviceReport, share: u32, bn: u32, tm: u32, tn: u32) -> bool {
+    share == 1
+        || (share == LANES
+            && device.plane_shuffle
+            && device.plane_size == (LANES, LANES)
+            && bn == LANES * tn
+            && tm % LANES == 0)
+}
+
 matmul_kernel! {
     /// `c = epilogue(a @ b)` with `a`, `b` as 4-wide vectors (`k % 4 == 0`,
     /// `n % 4 == 0`), `a`'s rows read once per plane.
@@ -65,11 +79,8 @@ matmul_kernel! {
             (8, 256, 8, 32),
         ]),
         require(
-            device.plane_shuffle,
-            device.plane_size == (8, 8),
-            BN == TN * 8,
+            shares_rows(device, 8, BN, TM, TN),
             BM % TM == 0,
-            TM % 8 == 0,
             TN % 4 == 0,
             k % 4 == 0,
             n % 4 == 0,

@@ -332,12 +332,7 @@ grouped_kernel! {
             k % 4 == 0,
             n % 4 == 0,
             TM * TN <= 256 || (max_rows >= BM && n >= BN),
-            SHARE == 1
-                || (device.plane_shuffle
-                    && device.plane_size == (8, 8)
-                    && BN == 8 * TN
-                    && TM % 8 == 0
-                    && SHARE == 8),
+            crate::matmul::shares_rows(device, SHARE, BN, TM, TN),
         ),
         defaults(has_bias = false, act = none, scatter = false, a_f32 = false, c_f32 = false),
     )]

@@ -443,12 +443,7 @@ qgemm_kernel! {
         ]),
         require(
             super::direct_tile_fits((BM, BN, TM, TN), m, n, k),
-            SHARE == 1
-                || (device.plane_shuffle
-                    && device.plane_size == (8, 8)
-                    && BN == 8 * TN
-                    && TM % 8 == 0
-                    && SHARE == 8),
+            crate::matmul::shares_rows(device, SHARE, BN, TM, TN),
             !col_words || wkind == WeightKind::Int8Bits,
             !col_words || n % 4 == 0,
         ),
