@@ -60,7 +60,7 @@ pub(crate) fn shares_rows(device: &DeviceReport, share: u32, bn: u32, tm: u32, t
             && device.plane_shuffle
             && device.plane_size == (LANES, LANES)
             && bn == LANES * tn
-            && tm % LANES == 0)
+            && tm.is_multiple_of(LANES))
 }
 
 matmul_kernel! {
