@@ -657,8 +657,9 @@ API nvrtcResult nvrtcCompileProgram(Program *p, int n, const char *const *option
                           " -fsanitize=shift-exponent,float-cast-overflow,integer-divide-by-zero,alignment"
                           // Locals a kernel reads before writing hold a pattern, not zero.
                           " -ftrivial-auto-var-init=pattern " +
-                          arch_flag +
-                          includes + " " + (extra ? extra : "");
+                          arch_flag + " " + (extra ? extra : "");
+    std::string flags = command;
+    command += includes;
     const char *cache = getenv("KEMU_CACHE");
     const char *tmp = getenv("TMPDIR");
     std::string dir = cache ? cache : std::string(tmp ? tmp : "/tmp") + "/kemu-cache";
@@ -681,8 +682,12 @@ API nvrtcResult nvrtcCompileProgram(Program *p, int n, const char *const *option
         }
         fwrite(src.data(), 1, src.size(), f);
         fclose(f);
-        std::string full = command + (pch.empty() ? "" : " -I" + quote(pch)) + " -shared -x c++ " +
-                           quote(cu) + " -o " + quote(tmp_so);
+        // The precompiled header's directory goes before the include paths: GCC uses a
+        // `.gch` only where it finds it before the header itself (placed after them, as
+        // until 2026-12-06, it was never used and each kernel parsed the headers: 0.6 s a
+        // kernel against 0.3 s).
+        std::string full = flags + (pch.empty() ? "" : " -I" + quote(pch)) + includes +
+                           " -shared -x c++ " + quote(cu) + " -o " + quote(tmp_so);
         std::string text;
         int rc = run_logged(full, log, text);
         if (rc != 0) {

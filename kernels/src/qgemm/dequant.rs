@@ -433,10 +433,11 @@ qgemm_kernel! {
             (16, 512, 16, 32, 1),
             // x's rows shared across a plane of 8 (`SHARE = 8`, lavapipe): each unit reads
             // TM / 8 of its tile's rows and gets the others by shuffles, as
-            // `matmul_vec4_plane`; so the tiles can be tall.
+            // `matmul_vec4_plane`; so the tiles can be tall. (32 x 32 in a 32 x 256 cube
+            // and 32 x 16 in a 32 x 128 one were left out: at K = N = 4096 neither beat
+            // 64 x 16 by more than noise, and the 32 x 32 body took llvmpipe 20 s to
+            // compile even without LLVM's passes.)
             (64, 128, 64, 16, 8),
-            (32, 256, 32, 32, 8),
-            (32, 128, 32, 16, 8),
             (16, 256, 16, 32, 8),
             (16, 128, 16, 16, 8),
             (8, 256, 8, 32, 8),
@@ -459,22 +460,10 @@ qgemm_kernel! {
         // Out-of-range rows and columns read row m - 1 or column n - 1, never stored.
         // Rows of x in vectors.
         let kv = k / 4;
-        let mut xrow = Array::<u32>::new(comptime!(TM as usize));
-        #[unroll]
-        for i in 0..TM {
-            xrow[i as usize] = min(m0 + ty + i * comptime!(BM / TM), m - 1) * kv;
-        }
-        // With `SHARE = 8`, the tile rows `lane`, `lane + 8`, ... are the ones this unit reads
-        // for its plane (the plane is one unit row: BN / TN = 8).
         let plane = comptime!(SHARE == 8);
+        let mut xrow = Array::<u32>::new(comptime!(TM as usize));
         let mut own = Array::<u32>::new(comptime!(if plane { (TM / 8) as usize } else { 1 }));
-        if comptime!(plane) {
-            #[unroll]
-            for s in 0..TM / 8 {
-                let tile_row = UNIT_POS_PLANE + s * 8;
-                own[s as usize] = min(m0 + ty + tile_row * comptime!(BM / TM), m - 1) * kv;
-            }
-        }
+        tile_rows(&mut xrow, &mut own, m0 + ty, m, kv, TM, BM / TM, plane);
         // On a CPU adapter (or with a shared x) the step's x is read first and each
         // accumulator goes through the step's eight K in a row (`step_products`).
         let per_accumulator = comptime!(plane || local_scalars);
@@ -645,6 +634,36 @@ qgemm_kernel! {
             fold_group(&mut acc, &mut part, &mut xsum, &sg, &zg, TM, TN);
         }
         store_strided_tile::<F>(y, &mut acc, m0 + ty, col0, m, n, BM, BN, TM, TN, span, local_scalars);
+    }
+}
+
+/// The first element of each of a unit's `tm` tile rows in a row-major operand of
+/// `stride` elements a row (`xrow[i]`: row `first + i row_step`, clamped to `m - 1`, so
+/// that out-of-range rows read row `m - 1` and are never stored), and with `plane`
+/// (`SHARE = 8`; the plane is one unit row) the `tm / 8` rows this unit reads for its
+/// plane (`own[s]`: tile row `lane + 8 s`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn tile_rows(
+    xrow: &mut Array<u32>,
+    own: &mut Array<u32>,
+    first: u32,
+    m: u32,
+    stride: u32,
+    #[comptime] tm: u32,
+    #[comptime] row_step: u32,
+    #[comptime] plane: bool,
+) {
+    #[unroll]
+    for i in 0..tm {
+        xrow[i as usize] = min(first + i * row_step, m - 1) * stride;
+    }
+    if comptime!(plane) {
+        #[unroll]
+        for s in 0..tm / 8 {
+            let tile_row = UNIT_POS_PLANE + s * 8;
+            own[s as usize] = min(first + tile_row * row_step, m - 1) * stride;
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! int8 tensors are read as the bytes of 32-bit words (`kiln_dsl::load_i8`), so any K
 //! works, aligned or not.
 
+use super::dequant::tile_rows;
 use crate::matmul::{row_first, shift_rows};
 use cubecl::prelude::*;
 use kiln_dsl::{cube_max, cube_sum, i8_bits, load_i8, reg_tile_mma, round_half_even, unpack_i8};
@@ -254,24 +255,14 @@ w8a8_kernel! {
         let n0 = CUBE_POS_X * BN;
         let words = k / 4;
         // Out-of-range rows and columns read row m - 1 or column n - 1, never stored.
-        let mut xrow = Array::<u32>::new(comptime!(TM as usize));
-        #[unroll]
-        for i in 0..TM {
-            xrow[i as usize] = min(m0 + ty + i * comptime!(BM / TM), m - 1) * words;
-        }
         // With `SHARE = 8`, the tile rows `lane`, `lane + 8`, ... are the ones this unit
         // reads for its plane (the plane is one unit row: BN / TN = 8).
         let plane = comptime!(SHARE == 8);
         let shared = comptime!(if plane { TM / 8 } else { 1 });
+        let mut xrow = Array::<u32>::new(comptime!(TM as usize));
         let mut own = Array::<u32>::new(comptime!(shared as usize));
         let mut mine = Array::<u32>::new(comptime!(shared as usize));
-        if comptime!(plane) {
-            #[unroll]
-            for s in 0..shared {
-                let tile_row = UNIT_POS_PLANE + s * 8;
-                own[s as usize] = min(m0 + ty + tile_row * comptime!(BM / TM), m - 1) * words;
-            }
-        }
+        tile_rows(&mut xrow, &mut own, m0 + ty, m, words, TM, BM / TM, plane);
         let mut wrow = Array::<u32>::new(comptime!(TN as usize));
         #[unroll]
         for j in 0..TN {
