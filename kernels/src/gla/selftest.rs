@@ -104,9 +104,9 @@ pub fn cases() -> Vec<Case> {
         },
         Case {
             op: "gla_backward",
-            params: &[("chunk_size", "32")],
+            params: &[("chunk_size", "16")],
             output: "dg",
-            what: "[2,70,2,24] chunked backward (chunk 32), dg",
+            what: "[2,70,2,24] chunked backward (chunk 16), dg",
             inputs: gla_inputs,
             reference: |i| {
                 let (d, scale) = gla_dims(i);

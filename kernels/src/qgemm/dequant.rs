@@ -151,9 +151,12 @@ pub(crate) fn dequant_i8(qweight: &Array<u32>, index: u32, scale: f32, shift: u3
 #[cube]
 pub(crate) fn dequant_i8_code(code: i32, scale: f32, shift: u32) -> f32 {
     let q = shift_round_half_even(code, shift);
-    let half = i32::cast_from(128u32 >> shift);
-    let qc = clamp(q, -half, half - 1);
-    f32::cast_from(qc) * scale * f32::cast_from(1u32 << shift)
+    // Only the top can overflow the `8 - shift`-bit range (127 / 2 rounds to 64): the
+    // bottom, -128 / 2^shift, is an integer already.
+    let qc = min(q, i32::cast_from(127u32 >> shift));
+    // `scale 2^shift` is exact and the same for every weight of a column, so a kernel's
+    // loop computes it once (the same bits as scaling the product by 2^shift after).
+    f32::cast_from(qc) * (scale * f32::cast_from(1u32 << shift))
 }
 
 /// Stages rows `k0 .. k0 + tile_k` of the dequantized weight, columns
