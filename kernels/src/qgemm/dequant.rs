@@ -155,7 +155,9 @@ pub(crate) fn dequant_i8_code(code: i32, scale: f32, shift: u32) -> f32 {
     // bottom, -128 / 2^shift, is an integer already.
     let qc = min(q, i32::cast_from(127u32 >> shift));
     // `scale 2^shift` is exact and the same for every weight of a column, so a kernel's
-    // loop computes it once (the same bits as scaling the product by 2^shift after).
+    // loop computes it once. Scaling by a power of two commutes with rounding, so this is
+    // the product scaled by 2^shift afterwards, bit for bit, unless that product is
+    // subnormal.
     f32::cast_from(qc) * (scale * f32::cast_from(1u32 << shift))
 }
 
