@@ -544,3 +544,41 @@ fn perturb_normal_cuda_bf16() {
 fn topk_subset_mark_wgsl_atomic_or() {
     insta::assert_snapshot!(source("topk_subset_mark", Target::Wgsl, &[]));
 }
+
+/// On a CPU adapter the large register tiles' unrolled multiply-adds are cut into basic
+/// blocks of 256 scalars of accumulators by loops that run once (`kiln_dsl::block_boundary`:
+/// LLVM's slot promotion is quadratic in a block's length, a third of a cold tune), and
+/// only there: the GPU forms keep one loop, K's. Counts the WGSL's `loop`s (K's loop and
+/// the boundaries; epilogues are `for` loops).
+#[test]
+fn register_tiles_on_cpu_adapters_are_cut_into_blocks() {
+    let loops = |kernel: &str, config: &[(&str, &str)], cpu: bool| {
+        let mut config = config.to_vec();
+        config.push(("local_scalars", if cpu { "true" } else { "false" }));
+        source(kernel, Target::Wgsl, &config)
+            .lines()
+            .filter(|l| l.trim_start().starts_with("loop {"))
+            .count()
+    };
+    let tall = [("BM", "64"), ("BN", "128"), ("TM", "64"), ("TN", "16")];
+    let square = [("BM", "128"), ("BN", "128"), ("TM", "32"), ("TN", "32")];
+    let shared: Vec<_> = tall.iter().copied().chain([("SHARE", "8")]).collect();
+    // 64 x 16 f32 (vectors of 4): 1024 scalars, four blocks, three boundaries.
+    assert_eq!(loops("matmul_vec4_plane", &tall, true), 4);
+    assert_eq!(loops("matmul_vec4_plane", &tall, false), 1);
+    assert_eq!(loops("matmul_vec4", &square, true), 4);
+    assert_eq!(loops("matmul_vec4", &square, false), 1);
+    assert_eq!(loops("w8a8_direct", &shared, true), 4);
+    assert_eq!(loops("w8a8_direct", &shared, false), 1);
+    // Shared rows are lavapipe's alone: blocks whatever `local_scalars` says.
+    assert_eq!(loops("qgemm_direct", &shared, true), 4);
+    // A 16 x 16 tile is one block.
+    let small = [
+        ("BM", "128"),
+        ("BN", "128"),
+        ("TM", "16"),
+        ("TN", "16"),
+        ("SHARE", "1"),
+    ];
+    assert_eq!(loops("w8a8_direct", &small, true), 1);
+}

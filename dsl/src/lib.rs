@@ -12,6 +12,8 @@ pub const SOURCE_HASH: &str = env!("KILN_DSL_SOURCE_HASH");
 #[allow(missing_docs)]
 pub mod activation;
 #[allow(missing_docs)]
+pub mod block;
+#[allow(missing_docs)]
 pub mod grid;
 #[allow(missing_docs)]
 pub mod permutation;
@@ -29,6 +31,7 @@ pub mod softmax;
 pub mod tile;
 
 pub use activation::*;
+pub use block::*;
 pub use grid::*;
 pub use permutation::*;
 pub use quant::*;

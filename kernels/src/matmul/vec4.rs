@@ -34,7 +34,7 @@
 use super::vec4_plane::{plane_rows, LANES};
 use super::{clamped_strided, row_first, shift_rows, store_epilogue_v4, Activation};
 use cubecl::prelude::*;
-use kiln_dsl::V4;
+use kiln_dsl::{block_boundary, rows_per_block, V4};
 
 matmul_kernel! {
     /// `c = epilogue(a @ b)` with `a`, `b` as 4-wide vectors (`k % 4 == 0`, `n % 4 == 0`).
@@ -137,14 +137,14 @@ pub(super) fn vec4_product<F: Float>(
         while kq < kv {
             load_a::<F>(&mut av, &mut mine, a, rows, kv, kq, tm, plane);
             if comptime!(local_scalars) {
-                fma_k_quad::<F>(accv, &av, b, cols, kq * 4, nv, tm, tnv);
+                kq += fma_k_quad::<F>(accv, &av, b, cols, kq * 4, nv, kv, tm, tnv);
             } else {
                 #[unroll]
                 for e in 0..4u32 {
                     fma_k_row::<F>(accv, &av, b, cols, kq * 4 + e, nv, comptime!(e), tm, tnv);
                 }
+                kq += 1;
             }
-            kq += 1;
         }
     } else {
         // b is [N, K]: column 4 cols[jv] + l is row 4 cols[jv] + l of b, read four K
@@ -374,6 +374,9 @@ fn fma_k_row<F: Float>(
 /// 1024^3: 38 % of the samples moves, 10 % blends, 15 % the arithmetic); here each
 /// accumulator is loaded, blended and stored once per four products, and `b`'s
 /// vectors, read first, are only read.
+///
+/// Returns 1 (`kv >= 1`, K's vectors), for the caller's step counter: it comes through
+/// the [`block_boundary()`]s between the tile's groups of rows (llvmpipe's compile time).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn fma_k_quad<F: Float>(
@@ -383,9 +386,10 @@ pub(crate) fn fma_k_quad<F: Float>(
     cols: &Array<u32>,
     kk: u32,
     nv: u32,
+    kv: u32,
     #[comptime] tm: u32,
     #[comptime] tnv: u32,
-) {
+) -> u32 {
     let mut bq = Array::<V4>::new(comptime!((4 * tnv) as usize));
     #[unroll]
     for e in 0..4u32 {
@@ -395,20 +399,30 @@ pub(crate) fn fma_k_quad<F: Float>(
                 V4::cast_from(b[((kk + e) * nv + cols[jv as usize]) as usize]);
         }
     }
+    let rows = comptime!(rows_per_block(tm, 4 * tnv));
+    let mut step = 1u32;
     #[unroll]
-    for i in 0..tm {
-        let p = av[i as usize];
+    for g in 0..tm / rows {
         #[unroll]
-        for jv in 0..tnv {
-            let x = (i * tnv + jv) as usize;
-            let mut s = accv[x];
+        for r in 0..rows {
+            let i = g * rows + r;
+            let p = av[i as usize];
             #[unroll]
-            for e in 0..4u32 {
-                s += V4::new(p[e as usize]) * bq[(e * tnv + jv) as usize];
+            for jv in 0..tnv {
+                let x = (i * tnv + jv) as usize;
+                let mut s = accv[x];
+                #[unroll]
+                for e in 0..4u32 {
+                    s += V4::new(p[e as usize]) * bq[(e * tnv + jv) as usize];
+                }
+                accv[x] = s;
             }
-            accv[x] = s;
+        }
+        if comptime!(g + 1 < tm / rows) {
+            step *= block_boundary(kv);
         }
     }
+    step
 }
 
 /// `av[i]` = four K (vector `kq`) of row `rows[i]` of `a` (`kv` vectors per row), in f32.

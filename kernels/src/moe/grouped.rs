@@ -386,7 +386,7 @@ grouped_kernel! {
                 if comptime!(local_scalars) {
                     // Accumulator by accumulator on a CPU adapter (see `fma_k_quad`):
                     // expert e's b is rows e K .. (e + 1) K of one [E K, N] matrix.
-                    fma_k_quad::<F>(&mut accv, &av, b, &cols, e * k + kq * 4, nv, TM, tnv);
+                    kq += fma_k_quad::<F>(&mut accv, &av, b, &cols, e * k + kq * 4, nv, kv, TM, tnv);
                 } else {
                     #[unroll]
                     for d in 0..4u32 {
@@ -402,8 +402,8 @@ grouped_kernel! {
                             }
                         }
                     }
+                    kq += 1;
                 }
-                kq += 1;
             }
             // The epilogue, a vector of four adjacent columns at a time (a unit owns four per
             // vector of its tile; N is a multiple of 4, so a vector is all in or all out):

@@ -23,7 +23,10 @@ use crate::matmul::plane_rows;
 use crate::matmul::{row_first, shift_rows};
 use crate::split_k::{partials_sum, stage_partials};
 use cubecl::prelude::*;
-use kiln_dsl::{load_i8, load_tile, reg_tile_mma, shift_round_half_even, unpack_i8, unpack_u4, V4};
+use kiln_dsl::{
+    block_boundary, load_i8, load_tile, reg_tile_mma, rows_per_block, shift_round_half_even,
+    unpack_i8, unpack_u4, V4,
+};
 
 kiln_runtime::comptime_enum! {
     /// How the dequantizing kernels read and decode `qweight` (one compiled variant each).
@@ -597,10 +600,10 @@ qgemm_kernel! {
             if comptime!(plane) {
                 load_x_step::<F>(&mut mine, x, &own, k0, kv, TM / 8, clamp_last);
                 plane_rows(&mut xs, &mine, TM, 2u32);
-                step_products(&mut acc, &mut part, &mut xsum, &xs, &wv, TM, TN, folded);
+                k0 += 8 * step_products(&mut acc, &mut part, &mut xsum, &xs, &wv, k, TM, TN, folded);
             } else if comptime!(per_accumulator) {
                 load_x_step::<F>(&mut xs, x, &xrow, k0, kv, TM, clamp_last);
-                step_products(&mut acc, &mut part, &mut xsum, &xs, &wv, TM, TN, folded);
+                k0 += 8 * step_products(&mut acc, &mut part, &mut xsum, &xs, &wv, k, TM, TN, folded);
             } else {
             #[unroll]
             for r in 0..TM {
@@ -632,8 +635,8 @@ qgemm_kernel! {
                     }
                 }
             }
-            }
             k0 += 8;
+            }
         }
         if comptime!(folded) {
             fold_group(&mut acc, &mut part, &mut xsum, &sg, &zg, TM, TN);
@@ -703,6 +706,8 @@ fn load_x_step<F: Float>(
 /// same into `part` and `xsum[r] += Σ_i x[r, i]`. The sums of the K-major loop, in the
 /// same order; on a CPU adapter each accumulator is then loaded, blended through the
 /// lanes' mask and stored once per step, not once per product (as matmul's `fma_k_quad`).
+/// Returns 1 (`k >= 1`) through the [`block_boundary()`]s between groups of rows (for
+/// llvmpipe's compile time), for the caller's step counter.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn step_products(
@@ -711,12 +716,18 @@ fn step_products(
     xsum: &mut Array<f32>,
     xs: &Array<V4>,
     wv: &Array<f32>,
+    k: u32,
     #[comptime] tm: u32,
     #[comptime] tn: u32,
     #[comptime] folded: bool,
-) {
+) -> u32 {
+    let rows = comptime!(rows_per_block(tm, tn));
+    let mut step = 1u32;
     #[unroll]
     for r in 0..tm {
+        if comptime!(r > 0 && r % rows == 0) {
+            step *= block_boundary(k);
+        }
         if comptime!(folded) {
             let mut t = xsum[r as usize];
             #[unroll]
@@ -735,11 +746,19 @@ fn step_products(
             }
         }
     }
+    step
 }
 
 /// `s + Σ_i x[r, i] wv[i, j]` over a step's eight K, in order.
 #[cube]
-fn step_dot(s: f32, xs: &Array<V4>, wv: &Array<f32>, r: u32, j: u32, #[comptime] tn: u32) -> f32 {
+fn step_dot(
+    s: f32,
+    xs: &Array<V4>,
+    wv: &Array<f32>,
+    #[comptime] r: u32,
+    #[comptime] j: u32,
+    #[comptime] tn: u32,
+) -> f32 {
     let mut t = s;
     #[unroll]
     for i in 0..8u32 {

@@ -7,7 +7,10 @@
 use super::dequant::tile_rows;
 use crate::matmul::{row_first, shift_rows};
 use cubecl::prelude::*;
-use kiln_dsl::{cube_max, cube_sum, i8_bits, load_i8, reg_tile_mma, round_half_even, unpack_i8};
+use kiln_dsl::{
+    block_boundary, cube_max, cube_sum, i8_bits, load_i8, reg_tile_mma, round_half_even,
+    rows_per_block, unpack_i8,
+};
 
 /// Declares a W8A8 kernel: `xq` `[M, K]` and `wq` `[N, K]` int8 (K-contiguous rows, read
 /// as the bytes of u32 words), their scales `sx` `[M]` and `sw` `[N]`, the optional
@@ -305,19 +308,26 @@ w8a8_kernel! {
                     wv[(j * 4 + b) as usize] = unpack_i8(word, b);
                 }
             }
-            #[unroll]
-            for i in 0..TM {
+            if comptime!(local_scalars) {
+                // A basic block per group of rows (`block_boundary`: llvmpipe's compile
+                // time); its 1 is the step.
+                let rows = comptime!(rows_per_block(TM, TN));
+                let mut step = 1u32;
                 #[unroll]
-                for j in 0..TN {
-                    let mut dot = acc[(i * TN + j) as usize];
-                    #[unroll]
-                    for b in 0..4u32 {
-                        dot += xv[(i * 4 + b) as usize] * wv[(j * 4 + b) as usize];
+                for i in 0..TM {
+                    if comptime!(i > 0 && i % rows == 0) {
+                        step *= block_boundary(words);
                     }
-                    acc[(i * TN + j) as usize] = dot;
+                    row_dots(&mut acc, &xv, &wv, i, TN);
                 }
+                w += step;
+            } else {
+                #[unroll]
+                for i in 0..TM {
+                    row_dots(&mut acc, &xv, &wv, i, TN);
+                }
+                w += 1;
             }
-            w += 1;
         }
         store_scaled_tile::<F>(
             y,
@@ -336,6 +346,27 @@ w8a8_kernel! {
             has_bias,
             local_scalars,
         );
+    }
+}
+
+/// Row `i` of a W8A8 tile's word of K: `acc[i, j] += Σ_b xv[i, b] wv[j, b]` over the word's
+/// four bytes, exactly in i32.
+#[cube]
+fn row_dots(
+    acc: &mut Array<i32>,
+    xv: &Array<i32>,
+    wv: &Array<i32>,
+    #[comptime] i: u32,
+    #[comptime] tn: u32,
+) {
+    #[unroll]
+    for j in 0..tn {
+        let mut dot = acc[(i * tn + j) as usize];
+        #[unroll]
+        for b in 0..4u32 {
+            dot += xv[(i * 4 + b) as usize] * wv[(j * 4 + b) as usize];
+        }
+        acc[(i * tn + j) as usize] = dot;
     }
 }
 
