@@ -9,15 +9,16 @@
 //! `kiln tune matmul --shape 1024x1024x1024` that scan was a third of the process (perf,
 //! 2026-12-06; `matmul_vec4_plane`'s 64 x 16 tile, 4 096 multiply-adds a step). A loop
 //! the compiler cannot unroll, carrying only a counter, between groups of rows cuts the
-//! block: that tile compiled in 1.2-1.8 s instead of 2.6-3.6 s, and ran as fast (no
+//! block: that tile compiled in 1.6-1.9 s instead of 3.3-3.7 s (three alternating
+//! compiles through wgpu-native, Mesa's cache off), and ran as fast (no
 //! accumulator crosses the loop, so none is blended through the lanes' mask for it).
 //! Only where that scan runs, LLVM's passes on: with `GALLIVM_PERF=nopt` it is skipped.
 
 use cubecl::prelude::*;
 
 /// Scalars of accumulators per basic block of a register tile's step: 64 4-wide vectors
-/// or 256 scalars (more per block cost compile time, fewer blocks cost nothing measured
-/// at 64 vectors and about 5 % of a 64 x 16 tile's time at 32).
+/// or 256 scalars. Larger blocks compile longer; smaller ones cost run time (32 vectors a
+/// block ran the 64 x 16 tile about 5 % slower at 1024^3, 64 nothing measurable).
 pub const BLOCK_SCALARS: u32 = 256;
 
 /// Rows of a `tm`-row tile of `per_row` scalars of accumulators a row that make one
