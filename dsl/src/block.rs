@@ -45,3 +45,21 @@ pub fn block_boundary(n: u32) -> u32 {
     }
     t
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 256 scalars a block where that divides the tile, else the whole tile one block.
+    #[test]
+    fn rows_per_block_splits_by_256_scalars() {
+        assert_eq!(rows_per_block(64, 16), 16); // 64 x 16 scalars: four blocks
+        assert_eq!(rows_per_block(32, 32), 8); // 32 x 32: four blocks
+        assert_eq!(rows_per_block(64, 32), 8); // 64 x 8 vectors of 4: eight blocks
+        assert_eq!(rows_per_block(16, 16), 16); // 256 scalars: one block
+        assert_eq!(rows_per_block(8, 512), 1); // a row past 256 scalars: a row a block
+        assert_eq!(rows_per_block(24, 16), 24); // 16 rows do not divide 24
+        assert_eq!(rows_per_block(1, 0), 1); // degenerate widths do not divide by zero
+        assert_eq!(rows_per_block(0, 4), 1); // no rows: zero groups of one
+    }
+}
