@@ -8,7 +8,7 @@ mod common;
 use common::client;
 use kiln::kernels::rowwise;
 use kiln::runtime::tune::{
-    Autotuner, CandidateStatus, Ranking, Search, Tolerance, TuneEvent, TuneKey, TuneMode,
+    Autotuner, CandidateStatus, Decision, Ranking, Search, Tolerance, TuneEvent, TuneKey, TuneMode,
 };
 use kiln::{DType, Error, HostTensor, Tensor};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -406,6 +406,87 @@ fn a_ranked_search_times_only_the_cost_models_finalists() {
     // The tuner's default (4, 10 %) would time all four.
     let (_, _, finalists) = tune_ranked(&t, "r7", &[0, 1, 2, 3], &costs);
     assert_eq!(finalists, Some(4));
+}
+
+/// The declared first configuration's run that checks a lone finalist is a check, not a
+/// candidate: a decision nested in it (a quantized GEMM path's kernel tiles) takes its
+/// first candidate without running or caching anything ([`Decision::Check`]); the same
+/// nested decision reached by a finalist's run is tuned.
+#[test]
+fn decisions_nested_in_the_check_of_a_lone_finalist_are_not_tuned() {
+    let t = Autotuner::new(tmpdir("nested"), TuneMode::On);
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let e2 = Arc::clone(&events);
+    t.observe(move |e| e2.lock().unwrap().push(e.clone()));
+    let x = input();
+    let inner_runs = AtomicUsize::new(0);
+    let calls = AtomicUsize::new(0);
+    // The inner decision: c0 slow, c1 fast (tuning picks c1).
+    let inner = |outer: u32| {
+        let inner_key = TuneKey {
+            kernel: "inner",
+            source_hash: format!("inner-of-{outer}"),
+            shape: "n=256".into(),
+        };
+        t.tune(
+            client(),
+            &inner_key,
+            &[0u32, 1],
+            |c| format!("i{c}"),
+            |&c| {
+                inner_runs.fetch_add(1, Ordering::Relaxed);
+                run_candidate(&x, c, &calls)
+            },
+            1e-5,
+        )
+    };
+    let model = |c: &u32| [5.0, 1.0][*c as usize];
+    // c1 alone is a finalist (c0 estimated at 5x): c1 runs (its inner decision is
+    // tuned), then c0 runs once to check it (its inner decision is not).
+    let won = t
+        .tune_ranked(
+            client(),
+            &key("nested"),
+            &[0u32, 1],
+            |c| format!("c{c}"),
+            |&c| {
+                let picked = inner(c)?;
+                run_candidate(&x, picked, &calls)
+            },
+            1e-5,
+            Some(&model),
+        )
+        .unwrap();
+    assert_eq!(won, 1);
+    let done: Vec<(String, Decision)> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            TuneEvent::Done {
+                kernel,
+                winner,
+                how,
+                ..
+            } if kernel == "inner" => Some((winner.clone(), *how)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        done,
+        [
+            ("i1".to_string(), Decision::Tuned),
+            ("i0".to_string(), Decision::Check)
+        ],
+        "the finalist's inner decision tuned, the check's untuned"
+    );
+    // Only the tuned inner decision ran candidates (each once at least).
+    let tuned_runs = inner_runs.load(Ordering::Relaxed);
+    assert!((2..=12).contains(&tuned_runs), "{tuned_runs}");
+    // Outside the check, the same thread tunes again (the flag does not leak).
+    let again = inner(7).unwrap();
+    assert_eq!(again, 1);
+    assert!(inner_runs.load(Ordering::Relaxed) > tuned_runs);
 }
 
 #[test]

@@ -18,7 +18,7 @@
 //! over twice the best (the model is sure they lose), plus any within 10 % of the last
 //! one kept (estimates that close are not a ranking); it goes on down the ranking while
 //! none is valid. A decision whose model was checked against exhaustive searches gives
-//! its own count and tie window ([`Ranking`], [`Choice::finalists`]). A lone finalist is run once (it must work) and not timed. Before each
+//! its own count and tie window ([`Ranking`], [`Choice::finalists`]). A lone finalist is run once (it must work) and not timed, and checked against the declared first configuration where that is another, whose run is a check: decisions nested in it take their first candidate untuned ([`Autotuner::untuned`]). Before each
 //! round, a candidate whose fastest run is over 1.5x the best median drops out; a round
 //! that would end past the timing budget is not started.
 //!
@@ -198,6 +198,10 @@ pub enum Decision {
     OnlyCandidate,
     /// The mode (`off`, or `cache` without an entry) chose the first candidate.
     Mode,
+    /// The first candidate, untimed: the decision is nested in the run of a trusted
+    /// configuration that checks another decision's lone finalist
+    /// ([`Autotuner::untuned`]).
+    Check,
 }
 
 impl std::fmt::Display for Decision {
@@ -207,6 +211,7 @@ impl std::fmt::Display for Decision {
             Decision::Cached => "from the cache, no candidate timed",
             Decision::OnlyCandidate => "the only candidate for this device and shape",
             Decision::Mode => "first candidate, as KILN_AUTOTUNE says",
+            Decision::Check => "first candidate, untuned: part of a check of another decision",
         })
     }
 }
@@ -262,6 +267,11 @@ pub struct Spent {
     pub first_runs: Duration,
     /// Timed runs after them.
     pub timing: Duration,
+}
+
+thread_local! {
+    /// Inside [`Autotuner::untuned`].
+    static UNTUNED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Timing budget per valid candidate after the first runs.
@@ -342,6 +352,28 @@ impl Autotuner {
     /// The mode.
     pub fn mode(&self) -> TuneMode {
         *self.mode.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` with every decision it reaches on this thread taking its first
+    /// candidate, untimed and not cached ([`Decision::Check`]). The search runs the
+    /// trusted configuration's check of a lone finalist this way: a decision nested in
+    /// that run (a path's kernel tiles) is part of the check, not something to tune
+    /// (lavapipe, W4A16 64 x 4096 x 4096: checking the direct path against the GEMV path
+    /// tuned the GEMV's eight tiles, 29 s, for one run of 1.7 s).
+    pub fn untuned<T>(f: impl FnOnce() -> T) -> T {
+        struct Reset(bool);
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                UNTUNED.with(|u| u.set(self.0));
+            }
+        }
+        let _reset = Reset(UNTUNED.with(|u| u.replace(true)));
+        f()
+    }
+
+    /// Whether this thread is inside [`Autotuner::untuned`].
+    pub(crate) fn is_untuned() -> bool {
+        UNTUNED.with(std::cell::Cell::get)
     }
 
     /// Sets the mode from now on (e.g. `kiln selftest` checks operators untuned).

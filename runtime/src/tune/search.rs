@@ -93,6 +93,10 @@ impl Autotuner {
             done(&first, Decision::OnlyCandidate, Spent::default());
             return Ok(first);
         }
+        if Self::is_untuned() {
+            done(&first, Decision::Check, Spent::default());
+            return Ok(first);
+        }
         let mode = self.mode();
         if mode == TuneMode::Off {
             done(&first, Decision::Mode, Spent::default());
@@ -212,14 +216,17 @@ impl Autotuner {
             }) {
                 spent.run += 1;
                 let started = Instant::now();
-                let checked = self.first_run(
-                    client,
-                    &candidates[0],
-                    &run,
-                    warm,
-                    &mut reference,
-                    tolerance,
-                );
+                // Decisions nested in the check (a path's kernel tiles) are not tuned.
+                let checked = Self::untuned(|| {
+                    self.first_run(
+                        client,
+                        &candidates[0],
+                        &run,
+                        warm,
+                        &mut reference,
+                        tolerance,
+                    )
+                });
                 let first_run = started.elapsed();
                 spent.first_runs += first_run;
                 self.emit(TuneEvent::FirstRun {
