@@ -18,9 +18,12 @@
 //! over twice the best (the model is sure they lose), plus any within 10 % of the last
 //! one kept (estimates that close are not a ranking); it goes on down the ranking while
 //! none is valid. A decision whose model was checked against exhaustive searches gives
-//! its own count and tie window ([`Ranking`], [`Choice::finalists`]). A lone finalist is run once (it must work) and not timed, and checked against the declared first configuration where that is another, whose run is a check: decisions nested in it take their first candidate untuned ([`Autotuner::untuned`]). Before each
-//! round, a candidate whose fastest run is over 1.5x the best median drops out; a round
-//! that would end past the timing budget is not started.
+//! its own count and tie window ([`Ranking`], [`Choice::finalists`]). A lone finalist
+//! is run once (it must work) and not timed; where it is not the declared first
+//! configuration, that one runs once to check it, and decisions nested in that check
+//! take their first candidate untuned ([`Autotuner::untuned`]). Before each round, a
+//! candidate whose fastest run is over 1.5x the best median drops out; a round that
+//! would end past the timing budget is not started.
 //!
 //! Where the operator can compile a candidate before its first run
 //! ([`Autotuner::tune_warmed`]: every `#[kiln::kernel]` kernel's `tuned` and `matmul`
