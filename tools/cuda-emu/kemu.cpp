@@ -19,6 +19,7 @@
 #include <cstring>
 #include <dlfcn.h>
 #include <algorithm>
+#include <atomic>
 #include <map>
 #include <mutex>
 #include <string>
@@ -598,6 +599,25 @@ static int run_logged(const std::string &command, const std::string &log, std::s
     return rc;
 }
 
+// A suffix for temporary files no other process or thread writes (NVRTC may be called
+// from several threads at once: the pid alone would let two compilers share a file).
+static std::string unique_suffix() {
+    static std::atomic<unsigned> count{0};
+    return std::to_string(getpid()) + "-" + std::to_string(count++);
+}
+
+// The contents of a file (empty where it cannot be read).
+static std::string read_file(const std::string &path) {
+    std::string text;
+    if (FILE *f = fopen(path.c_str(), "rb")) {
+        char buf[4096];
+        size_t k;
+        while ((k = fread(buf, 1, sizeof buf, f)) > 0) text.append(buf, k);
+        fclose(f);
+    }
+    return text;
+}
+
 // The emulator's headers, precompiled once per cache directory and flags (they are most
 // of a small kernel's compile time): `<dir>/pch-<hash>/cuda_runtime.h.gch`, found first
 // on the include path. An empty string where that failed (kernels then parse the headers).
@@ -612,7 +632,7 @@ static std::string precompiled_headers(const std::string &dir, const std::string
         std::string header = inc + "/cuda_runtime.h";
         if (stat(header.c_str(), &st) != 0) continue;
         mkdir(pch_dir.c_str(), 0755);
-        std::string tmp = gch + "." + std::to_string(getpid()), text;
+        std::string tmp = gch + "." + unique_suffix(), text;
         if (run_logged(command + " -x c++-header " + quote(header) + " -o " + quote(tmp),
                        tmp + ".log", text) != 0) {
             unlink(tmp.c_str());
@@ -624,40 +644,47 @@ static std::string precompiled_headers(const std::string &dir, const std::string
     return "";
 }
 
-// The launch code (`kemu_runtime.cpp` beside the headers), compiled once per cache directory
-// and flags into `<dir>/rt-<hash>.o` and linked into every kernel's module: the compile
-// line's arguments for it (the object; where that failed, the source, compiled with each
-// kernel; none where the headers have no runtime). With GNU gold where the compiler has it
-// (probed once, `rt-<hash>.gold`): it links a small kernel's module in about a third of
-// the default linker's time.
+// The launch code (`kemu_runtime.cpp` beside the headers), compiled once per cache directory,
+// flags and source (with `kemu_device.h`, whose state it shares) into `<dir>/rt-<hash>.o` and
+// linked into every kernel's module. Returns the compile line's arguments for it: the
+// object; where that failed, the source, compiled with each kernel (the failure is kept in
+// `failed`); none where the headers have no runtime. `gold` tells whether GNU gold linked
+// the object (probed once, `rt-<hash>.gold`): it links a small kernel's module in about a
+// third of the default linker's time.
 static std::string runtime_args(const std::string &dir, const std::string &command,
-                                const std::vector<std::string> &include_dirs) {
-    char hash[32];
-    snprintf(hash, sizeof hash, "%016llx", (unsigned long long)fnv1a(command));
-    std::string object = dir + "/rt-" + hash + ".o", gold = dir + "/rt-" + hash + ".gold";
+                                const std::vector<std::string> &include_dirs, bool &gold,
+                                std::string &failed) {
+    gold = false;
+    std::string source;
     struct stat st;
+    for (const std::string &inc : include_dirs)
+        if (stat((inc + "/kemu_runtime.cpp").c_str(), &st) == 0) {
+            source = inc + "/kemu_runtime.cpp";
+            break;
+        }
+    if (source.empty()) return "";
+    std::string header = source.substr(0, source.size() - 16) + "kemu_device.h";
+    char hash[32];
+    std::string key = command + "\n" + read_file(source) + "\n" + read_file(header);
+    snprintf(hash, sizeof hash, "%016llx", (unsigned long long)fnv1a(key));
+    std::string object = dir + "/rt-" + hash + ".o", marker = dir + "/rt-" + hash + ".gold";
     if (stat(object.c_str(), &st) != 0) {
-        std::string source;
-        for (const std::string &inc : include_dirs)
-            if (stat((inc + "/kemu_runtime.cpp").c_str(), &st) == 0) {
-                source = inc + "/kemu_runtime.cpp";
-                break;
-            }
-        if (source.empty()) return "";
-        std::string tmp = object + "." + std::to_string(getpid()), text;
+        std::string tmp = object + "." + unique_suffix(), text;
         if (run_logged(command + " -c -x c++ " + quote(source) + " -o " + quote(tmp), tmp + ".log",
                        text) != 0) {
             unlink(tmp.c_str());
+            failed = text;
             return " -x c++ " + quote(source);
         }
         std::string probe = tmp + ".so";
         if (run_logged(command + " -shared -fuse-ld=gold " + quote(tmp) + " -o " + quote(probe),
                        probe + ".log", text) == 0)
-            if (FILE *f = fopen(gold.c_str(), "w")) fclose(f);
+            if (FILE *f = fopen(marker.c_str(), "w")) fclose(f);
         unlink(probe.c_str());
         rename(tmp.c_str(), object.c_str());
     }
-    return " -x none " + quote(object) + (stat(gold.c_str(), &st) == 0 ? " -fuse-ld=gold" : "");
+    gold = stat(marker.c_str(), &st) == 0;
+    return " -x none " + quote(object);
 }
 
 API nvrtcResult nvrtcCompileProgram(Program *p, int n, const char *const *options) {
@@ -700,8 +727,6 @@ API nvrtcResult nvrtcCompileProgram(Program *p, int n, const char *const *option
     const char *tmp = getenv("TMPDIR");
     std::string dir = cache ? cache : std::string(tmp ? tmp : "/tmp") + "/kemu-cache";
     mkdir(dir.c_str(), 0755);
-    std::string pch = precompiled_headers(dir, command, include_dirs);
-    std::string runtime = runtime_args(dir, command, include_dirs);
     char hash[32];
     snprintf(hash, sizeof hash, "%016llx",
              (unsigned long long)fnv1a(cache_key_source(p->source) + "\n" + command +
@@ -709,9 +734,15 @@ API nvrtcResult nvrtcCompileProgram(Program *p, int n, const char *const *option
     std::string base = dir + "/" + hash, so = base + ".so";
     struct stat st;
     if (stat(so.c_str(), &st) != 0) {
-        std::string cu = base + "." + std::to_string(getpid()) + ".cpp";
-        std::string tmp_so = base + "." + std::to_string(getpid()) + ".so";
-        std::string log = base + "." + std::to_string(getpid()) + ".log";
+        // The shared parts, built once per cache (only where a kernel is compiled: a
+        // runtime that failed to compile is not tried again for cached kernels).
+        std::string pch = precompiled_headers(dir, command, include_dirs), runtime_failed;
+        bool gold = false;
+        std::string runtime = runtime_args(dir, command, include_dirs, gold, runtime_failed);
+        std::string suffix = unique_suffix();
+        std::string cu = base + "." + suffix + ".cpp";
+        std::string tmp_so = base + "." + suffix + ".so";
+        std::string log = base + "." + suffix + ".log";
         FILE *f = fopen(cu.c_str(), "w");
         if (!f) {
             p->log = "kemu: cannot write " + cu;
@@ -726,7 +757,16 @@ API nvrtcResult nvrtcCompileProgram(Program *p, int n, const char *const *option
         std::string full = flags + (pch.empty() ? "" : " -I" + quote(pch)) + includes +
                            " -shared -x c++ " + quote(cu) + runtime + " -o " + quote(tmp_so);
         std::string text;
-        int rc = run_logged(full, log, text);
+        int rc = run_logged(full + (gold ? " -fuse-ld=gold" : ""), log, text);
+        // gold linked the runtime alone; should it refuse a kernel's module, the default
+        // linker gets its turn.
+        if (rc != 0 && gold) {
+            text.clear();
+            rc = run_logged(full, log, text);
+        }
+        if (rc != 0 && !runtime_failed.empty())
+            text += "\nkemu: the launch code (kemu_runtime.cpp) did not compile on its own:\n" +
+                    runtime_failed;
         if (rc != 0) {
             p->log = "kemu: the host compiler refused the kernel (source kept in " + cu + ")\n" + text;
             return 6;

@@ -1,7 +1,7 @@
 // kiln's CUDA emulator: the launch of a kernel over its grid (fibers, schedules, shared
 // memory poisoning, deadlock detection). Compiled once per cache directory and flags by
-// the driver (kemu.cpp, `<cache>/pch-<hash>/kemu_runtime.o`) and linked into every
-// kernel's module, whose hidden state (kemu_device.h) it shares.
+// the driver (kemu.cpp, `<cache>/rt-<hash>.o`) and linked into every kernel's module,
+// whose hidden state (kemu_device.h) it shares.
 #include "cuda_runtime.h"
 
 namespace kemu {
