@@ -586,26 +586,6 @@ static std::string quote(const std::string &s) {
     return q + "'";
 }
 
-// Runs a shell command with its output to `log`; the exit status and the output.
-static int run_logged(const std::string &command, const std::string &log, std::string &text) {
-    int rc = system((command + " > " + quote(log) + " 2>&1").c_str());
-    if (FILE *l = fopen(log.c_str(), "r")) {
-        char buf[4096];
-        size_t k;
-        while ((k = fread(buf, 1, sizeof buf, l)) > 0) text.append(buf, k);
-        fclose(l);
-    }
-    unlink(log.c_str());
-    return rc;
-}
-
-// A suffix for temporary files no other process or thread writes (NVRTC may be called
-// from several threads at once: the pid alone would let two compilers share a file).
-static std::string unique_suffix() {
-    static std::atomic<unsigned> count{0};
-    return std::to_string(getpid()) + "-" + std::to_string(count++);
-}
-
 // The contents of a file (empty where it cannot be read).
 static std::string read_file(const std::string &path) {
     std::string text;
@@ -616,6 +596,21 @@ static std::string read_file(const std::string &path) {
         fclose(f);
     }
     return text;
+}
+
+// Runs a shell command with its output to `log`; the exit status and the output.
+static int run_logged(const std::string &command, const std::string &log, std::string &text) {
+    int rc = system((command + " > " + quote(log) + " 2>&1").c_str());
+    text += read_file(log);
+    unlink(log.c_str());
+    return rc;
+}
+
+// A suffix for temporary files no other process or thread writes (NVRTC may be called
+// from several threads at once: the pid alone would let two compilers share a file).
+static std::string unique_suffix() {
+    static std::atomic<unsigned> count{0};
+    return std::to_string(getpid()) + "-" + std::to_string(count++);
 }
 
 // The emulator's headers, precompiled once per cache directory and flags (they are most
@@ -655,15 +650,15 @@ static std::string runtime_args(const std::string &dir, const std::string &comma
                                 const std::vector<std::string> &include_dirs, bool &gold,
                                 std::string &failed) {
     gold = false;
-    std::string source;
+    std::string source, header;
     struct stat st;
     for (const std::string &inc : include_dirs)
         if (stat((inc + "/kemu_runtime.cpp").c_str(), &st) == 0) {
             source = inc + "/kemu_runtime.cpp";
+            header = inc + "/kemu_device.h";
             break;
         }
     if (source.empty()) return "";
-    std::string header = source.substr(0, source.size() - 16) + "kemu_device.h";
     char hash[32];
     std::string key = command + "\n" + read_file(source) + "\n" + read_file(header);
     snprintf(hash, sizeof hash, "%016llx", (unsigned long long)fnv1a(key));
