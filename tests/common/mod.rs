@@ -12,23 +12,30 @@ const UNTUNED: &[&str] = &[
     "attention",
     "gla",
     "moe",
+    "ops_half",
     "properties",
     "qgemm",
     "ring_attention",
     "training",
 ];
 
-/// The device the tests run on: `KILN_DEVICE`, or auto (lavapipe in CI). In an
-/// [`UNTUNED`] binary it also turns the global autotuner off, directly: every operator
-/// call needs a tensor, and so this, first (`KILN_AUTOTUNE` set by a test would be read
-/// only if that test happened to create the autotuner).
+/// In an [`UNTUNED`] binary, turns the global autotuner off, directly: every operator
+/// call needs a tensor, and so a device opened by [`client`] or [`client_for`], which
+/// call this first (`KILN_AUTOTUNE` set by a test would be read only if that test
+/// happened to create the autotuner).
+fn untuned_if_listed() {
+    if UNTUNED.contains(&binary_name().as_str()) {
+        use kiln::runtime::tune::{Autotuner, TuneMode};
+        Autotuner::global().set_mode(TuneMode::Off);
+    }
+}
+
+/// The device the tests run on: `KILN_DEVICE`, or auto (lavapipe in CI); the autotuner
+/// off in an [`UNTUNED`] binary.
 pub fn client() -> &'static Client {
     static CLIENT: OnceLock<Client> = OnceLock::new();
     CLIENT.get_or_init(|| {
-        if UNTUNED.contains(&binary_name().as_str()) {
-            use kiln::runtime::tune::{Autotuner, TuneMode};
-            Autotuner::global().set_mode(TuneMode::Off);
-        }
+        untuned_if_listed();
         let device = Device::from_env().expect("KILN_DEVICE must be valid");
         Client::open(&device).expect("tests need a device: install mesa-vulkan-drivers")
     })
@@ -54,6 +61,7 @@ pub fn client_for(selector: &str) -> Result<&'static Client, String> {
         OnceLock::new();
     let mut map = CLIENTS.get_or_init(Default::default).lock().unwrap();
     let entry = map.entry(selector.to_string()).or_insert_with(|| {
+        untuned_if_listed();
         match Device::parse(selector).and_then(|d| Client::open(&d)) {
             Ok(c) => Ok(&*Box::leak(Box::new(c))),
             Err(e @ kiln::Error::Device(_)) => Err(e.to_string()),
