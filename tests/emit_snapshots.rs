@@ -65,6 +65,28 @@ fn emission_is_deterministic() {
     }
 }
 
+/// WGSL byte for byte, not normalized: the text a driver hashes for its shader cache
+/// (lavapipe's on disk, a GPU driver's pipeline cache). cubecl-ir 0.10.0 declared mutable
+/// locals in the drain order of a map whose hasher is seeded per map, so the same kernel
+/// came out differently from one compilation to the next (31 of the 48 kernels' default
+/// configurations across processes) and missed the cache every time; `vendor/cubecl-ir`
+/// declares them in creation order. Two compilations in one process use two seeds, so a
+/// regression fails here.
+#[test]
+fn wgsl_is_the_same_text_every_time() {
+    for k in kiln::kernels::kernels() {
+        if k.needs(kiln::runtime::Capability::TensorCores) {
+            continue; // no WGSL (refused, see below)
+        }
+        let cfg = KernelConfig::new(k, BTreeMap::new()).unwrap();
+        let a = emit(k, Target::Wgsl, &cfg).unwrap().source;
+        for _ in 0..2 {
+            let b = emit(k, Target::Wgsl, &cfg).unwrap().source;
+            assert!(a == b, "{}: WGSL differs between two compilations", k.name);
+        }
+    }
+}
+
 #[test]
 fn matmul_cuda_staged_f16_fused() {
     insta::assert_snapshot!(source(

@@ -240,8 +240,10 @@ pub fn emit(spec: &KernelSpec, target: Target, config: &KernelConfig) -> Result<
 }
 
 /// Makes emitted text stable for snapshots. cubecl emits some declarations in hash-map
-/// order, which changes from run to run: shared-memory arrays (with their offsets) and
-/// vector struct definitions in CUDA C++, and mutable locals in both targets. Each run
+/// order, which changes from run to run: shared-memory arrays (with their offsets),
+/// vector struct definitions and mutable locals in CUDA C++ (WGSL is the same text every
+/// time since kiln's patched cubecl-ir declares locals in creation order, see
+/// `vendor/README.md`; sorting it changes nothing there). Each run
 /// of consecutive such declarations is sorted (a struct block moves as one piece) and
 /// shared-memory offsets are masked. Everything else is left byte for byte.
 pub fn normalize(source: &str) -> String {
