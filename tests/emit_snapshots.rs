@@ -68,7 +68,7 @@ fn emission_is_deterministic() {
 /// WGSL byte for byte, not normalized: the text a driver hashes for its shader cache
 /// (lavapipe's on disk, a GPU driver's pipeline cache). cubecl-ir 0.10.0 declared mutable
 /// locals in the drain order of a map whose hasher is seeded per map, so the same kernel
-/// came out differently from one compilation to the next (31 of the 48 kernels' default
+/// came out differently from one compilation to the next (50 of the 88 kernels' default
 /// configurations across processes) and missed the cache every time; `vendor/cubecl-ir`
 /// declares them in creation order. Two compilations in one process use two seeds, so a
 /// regression fails here.
