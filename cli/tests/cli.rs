@@ -342,6 +342,15 @@ fn kiln_tune_matmul_times_the_cost_models_finalists() {
         "{out_all}"
     );
     assert!(timed(&out_all) > timed(&out), "{out_all}");
+    // On a CPU adapter, where a compilation is most of a search, a compute-bound shape
+    // times the model's best 2; a memory-bound one (few rows: every tile estimates alike)
+    // times 3 and their ties.
+    if out.contains("llvmpipe") {
+        let square = kiln_in_cache(&dir, &["tune", "matmul", "--shape", "256x256x256"]);
+        assert_eq!(timed(&stdout(&square)), 2, "{}", stdout(&square));
+        let few_rows = kiln_in_cache(&dir, &["tune", "matmul", "--shape", "16x1024x1024"]);
+        assert!(timed(&stdout(&few_rows)) >= 3, "{}", stdout(&few_rows));
+    }
 }
 
 #[test]

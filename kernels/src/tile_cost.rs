@@ -68,9 +68,23 @@ pub(crate) fn estimate(t: &Tile, m: usize, n: usize, device: &DeviceReport) -> f
     let cubes = tiles_m * tiles_n;
     let slots = parallel_slots(device).max(1);
     let imbalance = (cubes.div_ceil(slots) * slots) as f64 / cubes as f64;
-    let compute = t.kind * (1.0 + LOAD_COST / t.fmas_per_load) + t.ops_per_fma;
-    let memory = BYTE_COST * (t.a_bytes / bn as f64 + t.b_bytes / bm as f64);
+    let (compute, memory) = terms(t);
     compute.max(memory) * padding * imbalance
+}
+
+/// Whether `t`'s memory term, not its compute, makes its estimate. There every tile with
+/// as many rows estimates about the same, and the model does not rank them.
+pub(crate) fn memory_bound(t: &Tile) -> bool {
+    let (compute, memory) = terms(t);
+    memory > compute
+}
+
+/// A tile's compute and memory terms per multiply-add (before padding and imbalance).
+fn terms(t: &Tile) -> (f64, f64) {
+    let (bm, bn) = (t.bm.max(1) as f64, t.bn.max(1) as f64);
+    let compute = t.kind * (1.0 + LOAD_COST / t.fmas_per_load) + t.ops_per_fma;
+    let memory = BYTE_COST * (t.a_bytes / bn + t.b_bytes / bm);
+    (compute, memory)
 }
 
 /// Multiply-adds per scalar load for a `tm x tn` register tile: `tm tn` products from

@@ -25,18 +25,38 @@
 
 use super::{MatmulConfig, Problem};
 
-/// How many of the model's best a ranked search times. Against exhaustive searches at
-/// 256^3, 512^3 and 1024^3 on lavapipe (docs/performance.md) the best 3 held the winner
-/// or one within 5.4 %; ranks 4-5 never won. Each finalist costs a compilation (about
-/// 1 s for a 32 x 32 register tile there), so a fourth is most of a second for nothing.
-pub(super) const FINALISTS: usize = 3;
+/// How many of the model's best a ranked search times for `problem` on `device`. Each
+/// finalist costs a compilation, most of a ranked search's time on a CPU adapter (LLVM:
+/// 1.2-1.7 s a plane tile on a 2-core Xeon). There, where the best estimate is
+/// compute-bound, the best 2 held the exhaustive winner at every benchmark shape
+/// (`kiln tune matmul --exhaustive`, 2026-12-07: the 64 x 16 plane tile, the model's
+/// first, won 256^3, 512^3, 1024^3 and 128 x 4096^2; docs/performance.md). Where the
+/// memory term makes the best estimate (few rows: 16 x 4096^2), tiles with as many rows
+/// estimate alike and the model does not rank them: 3 and the ties, as on a GPU, where a
+/// compilation is a fraction of a second and the model is not fitted (on lavapipe before
+/// the plane tiles, the best 3 held the winner or one within 5.4 %; ranks 4-5 never won).
+pub(super) fn finalists(
+    device: &DeviceReport,
+    p: &Problem,
+    elem: usize,
+    candidates: &[MatmulConfig],
+) -> usize {
+    let best = candidates
+        .iter()
+        .filter_map(|c| Some((tile(c, elem, device)?, cost(c, p, elem, device))))
+        .min_by(|(_, x), (_, y)| x.total_cmp(y));
+    match best {
+        Some((t, _)) if is_cpu(device) && !memory_bound(&t) => 2,
+        _ => 3,
+    }
+}
 
-/// Estimates within 5 % of the third are timed too: at small M, where the memory term
-/// makes every tile's estimate come within a few percent, the model does not rank and
-/// timing decides; at 1024^3 the next tiles (8 x 16, 16 x 8: 1.75 against 8 x 32's
+/// Estimates within 5 % of the last finalist are timed too: at small M, where the memory
+/// term makes every tile's estimate come within a few percent, the model does not rank
+/// and timing decides; at 1024^3 the next tiles (8 x 16, 16 x 8: 1.75 against 8 x 32's
 /// 1.625, 7.7 % apart) measured 15-80 % slower.
 pub(super) const TIES: f64 = 0.05;
-use crate::tile_cost::{b_vec4, estimate, is_cpu, scalar, Tile};
+use crate::tile_cost::{b_vec4, estimate, is_cpu, memory_bound, scalar, Tile};
 use kiln_runtime::{Client, DeviceReport};
 
 /// The cost model for `problem` (elements of `elem` bytes) on `client`'s device, over
@@ -85,6 +105,14 @@ pub(super) fn model(
 
 /// Estimated time of `c` on `problem` for `device`, in relative units (lower is better).
 fn cost(c: &MatmulConfig, p: &Problem, elem: usize, device: &DeviceReport) -> f64 {
+    match tile(c, elem, device) {
+        Some(t) => estimate(&t, p.m, p.n, device),
+        None => f64::INFINITY,
+    }
+}
+
+/// `c` as the tile model sees it (`None`: outside the model, cubek and the split-K GEMV).
+fn tile(c: &MatmulConfig, elem: usize, device: &DeviceReport) -> Option<Tile> {
     let cpu = is_cpu(device);
     let f = |x: u32| x as f64;
     // (kind factor, FMAs per load instruction of one unit per step of K)
@@ -98,8 +126,12 @@ fn cost(c: &MatmulConfig, p: &Problem, elem: usize, device: &DeviceReport) -> f6
         MatmulConfig::Vec4Plane(c) => (1.0, 4.0 * f(c.TM) * f(c.TN) / (f(c.TM) / 8.0 + f(c.TN))),
         // A 16x16x16 fragment product per plane step: far above any FMA tile.
         MatmulConfig::Cmma(_) => (0.1, 64.0),
-        MatmulConfig::Cubek | MatmulConfig::Gemv(_) => return f64::INFINITY,
+        MatmulConfig::Cubek | MatmulConfig::Gemv(_) => return None,
     };
-    let tile = Tile::plain(kind, fmas_per_load, c.tile().unwrap_or((1, 1)), elem);
-    estimate(&tile, p.m, p.n, device)
+    Some(Tile::plain(
+        kind,
+        fmas_per_load,
+        c.tile().unwrap_or((1, 1)),
+        elem,
+    ))
 }

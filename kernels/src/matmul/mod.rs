@@ -580,7 +580,10 @@ pub fn matmul_among(
         .exact("trans_b", trans_b)
         .candidates(cands.iter().copied())
         .cost(cost::model(client, &p, a.dtype().size(), &cands))
-        .finalists(cost::FINALISTS, cost::TIES)
+        .finalists(
+            cost::finalists(client.report(), &p, a.dtype().size(), &cands),
+            cost::TIES,
+        )
         .tune_warmed(
             client,
             tolerance,
