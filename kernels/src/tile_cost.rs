@@ -108,7 +108,7 @@ pub(crate) fn is_cpu(device: &DeviceReport) -> bool {
 /// large one, two cubes on each of 132).
 fn parallel_slots(device: &DeviceReport) -> usize {
     if is_cpu(device) {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
+        kiln_runtime::host_threads()
     } else {
         264
     }

@@ -511,10 +511,14 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
             let cfg = #config { #(#tunables),* };
             let _ = &cfg;
             if (#cube_units) <= device.max_units_per_cube #(&& (#requires))* {
-                // On CUDA, configurations `kiln check-cuda` found to spill are left out.
-                let __desc = [#(format!("{}={}", #ct_strs, #ct_names),)* Self::label(&cfg)].join(" ");
-                match #rt::budget::dropped_on(device, #reg_name, &__desc) {
-                    Some(__why) => #rt::budget::note(device, #reg_name, &__desc, __why),
+                // On CUDA, configurations `kiln check-cuda` found to spill are left out
+                // (the description formatted there only: `space` runs on every call).
+                let __dropped = device.compute_capability.and_then(|_| {
+                    let __desc = [#(format!("{}={}", #ct_strs, #ct_names),)* Self::label(&cfg)].join(" ");
+                    #rt::budget::dropped_on(device, #reg_name, &__desc).map(|__why| (__desc, __why))
+                });
+                match __dropped {
+                    Some((__desc, __why)) => #rt::budget::note(device, #reg_name, &__desc, __why),
                     None => __out.push(cfg),
                 }
             }

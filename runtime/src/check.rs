@@ -47,7 +47,7 @@ impl Rng {
         let base = self.next_u64();
         let mut out = vec![0.0; n];
         let mut chunks: Vec<(usize, &mut [f64])> = out.chunks_mut(CHUNK).enumerate().collect();
-        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+        let threads = crate::host_threads();
         let per_thread = chunks.len().div_ceil(threads);
         std::thread::scope(|scope| {
             for group in chunks.chunks_mut(per_thread) {

@@ -22,8 +22,8 @@ pub mod tune;
 pub use device::nvrtc::{CudaArch, KernelUsage};
 pub use device::toolkit::CudaToolkit;
 pub use device::{
-    cuda_device_count, list_wgpu_adapters, native_wgpu_backend, nvrtc, panic_message, resolve,
-    runtimes, toolkit, AdapterListing, AdapterType, Backend, Client, ClientInner, Device,
+    cuda_device_count, host_threads, list_wgpu_adapters, native_wgpu_backend, nvrtc, panic_message,
+    resolve, runtimes, toolkit, AdapterListing, AdapterType, Backend, Client, ClientInner, Device,
     DeviceReport, WgpuSelect,
 };
 pub use dtype::DType;

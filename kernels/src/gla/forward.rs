@@ -209,7 +209,7 @@ pub(super) fn forward_fused(inp: &GlaInputs<'_>, p: &Problem) -> Result<(Tensor,
         // On a CPU adapter a cost model ranks the value tiles, so that a first call
         // compiles only those it cannot rule out (each is seconds of LLVM); a GPU times
         // every one.
-        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let cores = kiln_runtime::host_threads();
         let cost = |cfg: &GlaFusedFwdConfig| fused_cost_cpu(cfg.BV, p, cores);
         let cpu = client.report().adapter_type == kiln_runtime::AdapterType::Cpu;
         let ranked: Option<&dyn Fn(&GlaFusedFwdConfig) -> f64> = cpu.then_some(&cost);

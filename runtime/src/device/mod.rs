@@ -422,6 +422,15 @@ pub(crate) fn report_from_props(
     }
 }
 
+/// The host's hardware threads (`std::thread::available_parallelism`, 1 where unknown),
+/// read once per process: the standard library reads cgroup files on every call (tens of
+/// microseconds), and cost models ask on every operator call (lavapipe runs a cube per
+/// thread).
+pub fn host_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// The text of a panic payload (`String` or `&str`), for turning panics into errors.
 pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<String>()
