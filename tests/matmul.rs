@@ -233,9 +233,10 @@ fn every_vec4_config(
     .is_empty());
 }
 
-// The 21 declared configurations: 9 of 16 rows or more (offered at 37 x 260), 9 of 1, 4
+// The 25 declared configurations: 9 of 16 rows or more (offered at 37 x 260), 9 of 1, 4
 // and 8 rows (at M = 3 and 1), 3 past 16 x 16 accumulators (at 133 x 516, where they fill
-// a cube). Each test compiles its own kernels: a large unrolled tile takes seconds to
+// a cube), 4 of 8 or 16 columns (offered only where they cover N: 2 at N = 12, 2 more at
+// N = 4). Each test compiles its own kernels: a large unrolled tile takes seconds to
 // compile on lavapipe (the 9 large ones, both layouts of b, in one test took 116 s from a
 // cold shader cache; a 32 x 32 tile alone 11 s on a slow 2-core machine, and its f16
 // variant with `trans_b` 25-30 s without LLVM's passes), so those have a test each.
@@ -251,6 +252,8 @@ macro_rules! vec4_tests {
 const ROWS_16: &[(usize, usize)] = &[(37, 260)];
 const FEW_ROWS: &[(usize, usize)] = &[(3, 260), (1, 260)];
 const LARGE: &[(usize, usize)] = &[(133, 516)];
+// M ragged against 64 and 128 rows, N against 8 and 16 columns.
+const FEW_COLUMNS: &[(usize, usize)] = &[(133, 12), (37, 4)];
 
 vec4_tests! {
     every_vec4_config_matches_the_reference_f32: false, DType::F32, ROWS_16, &[false], "", 9;
@@ -259,6 +262,8 @@ vec4_tests! {
     every_vec4_config_matches_the_reference_f16_trans_b: false, DType::F16, ROWS_16, &[true], "", 9;
     few_row_vec4_configs_match_the_reference_f32: false, DType::F32, FEW_ROWS, &[false, true], "", 9;
     few_row_vec4_configs_match_the_reference_f16: false, DType::F16, FEW_ROWS, &[false, true], "", 9;
+    few_column_vec4_configs_match_the_reference_f32: false, DType::F32, FEW_COLUMNS, &[false, true], "", 4;
+    few_column_vec4_configs_match_the_reference_f16: false, DType::F16, FEW_COLUMNS, &[false, true], "", 4;
     tile_32x32_vec4_matches_the_reference_f32: false, DType::F32, LARGE, &[false], "TM=32", 1;
     tile_32x32_vec4_matches_the_reference_f32_trans_b: false, DType::F32, LARGE, &[true], "TM=32", 1;
     tile_32x32_vec4_matches_the_reference_f16: false, DType::F16, LARGE, &[false], "TM=32", 1;
@@ -354,6 +359,9 @@ fn tuned_matmul_on_skinny_and_edge_shapes() {
         (1, 300, 256, false),
         (33, 132, 100, false),
         (33, 132, 100, true),
+        // Few columns (a router's 8 experts): the few-column vector tiles compete.
+        (130, 8, 68, false),
+        (130, 12, 68, true),
     ] {
         let p = problem(m, n, k, trans_b, DType::F32, (m * 1000 + n) as u64);
         let (a, b, bias, res) = operands(&p);

@@ -65,6 +65,12 @@ matmul_kernel! {
             (128, 128, 32, 32),
             (16, 512, 16, 32),
             (8, 512, 8, 32),
+            // Few columns (a router's E = 8 experts, a LoRA rank): the whole of N in one
+            // column of units, so no unit computes clamped copies of the last column.
+            (64, 8, 8, 8),
+            (128, 8, 16, 8),
+            (64, 16, 8, 16),
+            (128, 16, 16, 16),
         ]),
         require(
             BM % TM == 0,
@@ -74,6 +80,8 @@ matmul_kernel! {
             n % 4 == 0,
             // Tiles of fewer than 16 rows only where they cover M.
             BM >= 16 || BM >= m.next_power_of_two(),
+            // Tiles of fewer than 32 columns only where they cover N.
+            BN >= 32 || BN >= n.next_power_of_two(),
             TM * TN <= 256 || (m >= BM && n >= BN),
         ),
         grid = (n.div_ceil(BN), m.div_ceil(BM)),
