@@ -15,11 +15,11 @@ use kiln::check::{max_rel_error, Rng};
 use kiln::kernels::matmul::Activation;
 use kiln::kernels::moe::{
     moe_combine, moe_combine_backward, moe_dispatch, moe_dispatch_backward, moe_expert_ffn_on,
-    moe_expert_ffn_sorted_with, moe_expert_ffn_with, moe_gate, moe_gate_backward, moe_layer,
-    moe_layer_backward, moe_layer_backward_local_ranks, moe_layer_expert_parallel,
-    moe_layer_local_ranks, moe_layer_on, reference as rf, ExpertWeights, GateOptions,
-    GroupedConfig, GroupedKernel, LayerOptions, MoeGroupedMatmul, MoeGroupedMatmulProblem,
-    MoeGroupedMatmulV4, MoeGroupedMatmulV4Problem, MoePath, MoeRouting,
+    moe_expert_ffn_sorted_with, moe_expert_ffn_with, moe_gate, moe_gate_backward,
+    moe_grouped_matmul_with, moe_layer, moe_layer_backward, moe_layer_backward_local_ranks,
+    moe_layer_expert_parallel, moe_layer_local_ranks, moe_layer_on, reference as rf, ExpertWeights,
+    GateOptions, GroupedConfig, GroupedKernel, LayerOptions, MoeGroupedMatmul,
+    MoeGroupedMatmulProblem, MoeGroupedMatmulV4, MoeGroupedMatmulV4Problem, MoePath, MoeRouting,
 };
 use kiln::runtime::comm::HostComm;
 use kiln::{DType, HostTensor, Tensor};
@@ -890,6 +890,7 @@ fn grouped_configs(max_rows: usize, m: usize, f: usize, experts: usize) -> Vec<G
                 scatter: false,
                 a_f32: false,
                 c_f32: false,
+                trans_b: false,
             },
         );
         let mut all: Vec<GroupedConfig> = staged.into_iter().map(GroupedConfig::Staged).collect();
@@ -1018,6 +1019,173 @@ fn every_grouped_config_matches_the_reference() {
             let err = GroupedKernel::parse("wmma").unwrap_err();
             common::assert_clear(err, &["kernel", "auto | tensor_cores", "wmma"]);
         }
+    }
+}
+
+/// The layer backward's data GEMMs (`dY W2^T`, `dPre W1^T`) take b as `[E, N, K]`
+/// (`trans_b`): every configuration of both grouped kernels offered for it, on experts of
+/// 133, 0, 37 and 300 rows (ragged against every tile, one expert empty), K = 132 and
+/// N = 260, against f64; then bad input to the entry point, one clear line each.
+#[test]
+fn every_grouped_config_with_trans_b_matches_the_reference() {
+    let (k, n, counts) = (132usize, 260usize, [133usize, 0, 37, 300]);
+    let (e, rows) = (counts.len(), counts.iter().sum::<usize>());
+    let mut rng = Rng::new(29);
+    let dtype = DType::F32;
+    let a = round(dtype, &[rows, k], &rng.normals(rows * k, 1.0));
+    let b = round(dtype, &[e, n, k], &rng.normals(e * n * k, 1.0));
+    // c[r, j] = sum_k a[r, k] b[e(r), j, k], in f64.
+    let mut want = vec![0.0; rows * n];
+    let mut r0 = 0;
+    for (g, &count) in counts.iter().enumerate() {
+        for r in r0..r0 + count {
+            for j in 0..n {
+                let bj = &b[(g * n + j) * k..(g * n + j + 1) * k];
+                want[r * n + j] = a[r * k..(r + 1) * k]
+                    .iter()
+                    .zip(bj)
+                    .map(|(x, y)| x * y)
+                    .sum();
+            }
+        }
+        r0 += count;
+    }
+    let (ta, tb) = (up(dtype, &[rows, k], &a), up(dtype, &[e, n, k], &b));
+    let (n, k, experts, max_rows) = (n as u32, k as u32, e as u32, 300u32);
+    macro_rules! problem {
+        ($ty:ident) => {
+            $ty {
+                n,
+                k,
+                experts,
+                max_rows,
+                has_bias: false,
+                act: Activation::None,
+                scatter: false,
+                a_f32: false,
+                c_f32: false,
+                trans_b: true,
+            }
+        };
+    }
+    let staged = MoeGroupedMatmul::space(client(), &problem!(MoeGroupedMatmulProblem));
+    let vec4 = MoeGroupedMatmulV4::space(client(), &problem!(MoeGroupedMatmulV4Problem));
+    let mut configs: Vec<GroupedConfig> = staged.into_iter().map(GroupedConfig::Staged).collect();
+    configs.extend(vec4.into_iter().map(GroupedConfig::Vec4));
+    if common::on_cpu_adapter() {
+        // The 11 vector tiles (the 32 x 32 one: an expert's 300 rows fill its cube).
+        let count = configs
+            .iter()
+            .filter(|c| c.label().starts_with("vec4"))
+            .count();
+        assert_eq!(count, 11, "{configs:?}");
+    }
+    let bound = 8.0 * f32::EPSILON as f64 * (k as f64).sqrt();
+    each_config(dtype, &configs, &want, bound, 1.0, |cfg| {
+        moe_grouped_matmul_with(&ta, &tb, &counts, true, cfg)
+    });
+    // Bad input: b in the other layout, counts that do not sum to a's rows.
+    let cfg = configs[0];
+    let err = moe_grouped_matmul_with(&ta, &tb, &counts, false, cfg).unwrap_err();
+    common::assert_clear(err, &["b", "[4, 132, N]", "[4, 260, 132]"]);
+    let err = moe_grouped_matmul_with(&ta, &tb, &[133, 0, 37, 299], true, cfg).unwrap_err();
+    common::assert_clear(err, &["counts", "470", "469"]);
+}
+
+/// The layer backward's weight gradients (`d_w1 = D^T dPre`, `d_w2 = H^T dY` per expert,
+/// `d_w_gate = x^T d_logits`): every configuration of both `grouped_matmul_tn` kernels on
+/// column windows (a's columns 4..136, b's 0..260) of groups of 133, 0, 37 and 300 rows,
+/// against f64; a window not 4-aligned offers the staged kernel only; bad input is one
+/// clear line.
+#[test]
+fn every_grouped_tn_config_matches_the_reference() {
+    use kiln::kernels::matmul::{
+        grouped_matmul_tn_with, GroupedMatmulTn, GroupedMatmulTnProblem, GroupedMatmulTnV4,
+        GroupedMatmulTnV4Problem, GroupedTnConfig,
+    };
+    let counts = [133usize, 0, 37, 300];
+    let (rows, lda, ldb) = (counts.iter().sum::<usize>(), 140usize, 264usize);
+    let mut rng = Rng::new(31);
+    let dtype = DType::F32;
+    let a = round(dtype, &[rows, lda], &rng.normals(rows * lda, 1.0));
+    let b = round(dtype, &[rows, ldb], &rng.normals(rows * ldb, 1.0));
+    let (ta, tb) = (up(dtype, &[rows, lda], &a), up(dtype, &[rows, ldb], &b));
+    let offered = |a_col: usize, ka: usize, n: usize| -> Vec<GroupedTnConfig> {
+        let (ka, n, a_col, max_rows) = (ka as u32, n as u32, a_col as u32, 300u32);
+        let (lda, ldb, experts) = (lda as u32, ldb as u32, counts.len() as u32);
+        macro_rules! problem {
+            ($ty:ident) => {
+                $ty {
+                    ka,
+                    n,
+                    lda,
+                    ldb,
+                    a_col,
+                    b_col: 0,
+                    experts,
+                    max_rows,
+                    a_f32: false,
+                    b_f32: false,
+                }
+            };
+        }
+        let staged = GroupedMatmulTn::space(client(), &problem!(GroupedMatmulTnProblem));
+        let vec4 = GroupedMatmulTnV4::space(client(), &problem!(GroupedMatmulTnV4Problem));
+        (staged.into_iter().map(GroupedTnConfig::Staged))
+            .chain(vec4.into_iter().map(GroupedTnConfig::Vec4))
+            .collect()
+    };
+    for (a_cols, n) in [(4..136, 260), (1..134, 260), (4..136, 8)] {
+        let ka = a_cols.len();
+        // c[g, i, j] = sum over g's rows r of a[r, a_col + i] b[r, j], in f64.
+        let mut want = vec![0.0; counts.len() * ka * n];
+        let mut r0 = 0;
+        for (g, &count) in counts.iter().enumerate() {
+            for r in r0..r0 + count {
+                for i in 0..ka {
+                    let x = a[r * lda + a_cols.start + i];
+                    for j in 0..n {
+                        want[(g * ka + i) * n + j] += x * b[r * ldb + j];
+                    }
+                }
+            }
+            r0 += count;
+        }
+        let configs = offered(a_cols.start, ka, n);
+        let vec4 = configs
+            .iter()
+            .filter(|c| matches!(c, GroupedTnConfig::Vec4(_)))
+            .count();
+        // Windows at a multiple of 4: the 5 vector tiles (the few-column one too) where
+        // the problem fills them; at column 1, the staged kernel alone.
+        let want_vec4 = match (a_cols.start, n) {
+            (1, _) => 0,
+            (_, 260) => 5,
+            _ => 3,
+        };
+        assert_eq!(vec4, want_vec4, "{a_cols:?} N = {n}: {configs:?}");
+        assert!(configs.len() > vec4, "no staged configuration: {configs:?}");
+        let bound = 8.0 * f32::EPSILON as f64 * (300f64).sqrt();
+        for cfg in configs {
+            let c = grouped_matmul_tn_with(&ta, a_cols.clone(), &tb, 0..n, &counts, cfg).unwrap();
+            let err = max_rel_error(&down(&c), &want, 1.0);
+            assert!(err < bound, "{} {a_cols:?} N = {n}: {err:e}", cfg.label());
+        }
+    }
+    // Bad input: counts that do not sum to the rows, a window past a's columns, a
+    // configuration the problem does not offer (a vector tile on an unaligned window).
+    let staged = offered(4, 132, 260)[0];
+    let err = grouped_matmul_tn_with(&ta, 4..136, &tb, 0..260, &[133, 0, 37, 299], staged);
+    common::assert_clear(err.unwrap_err(), &["counts", "470", "469"]);
+    let err = grouped_matmul_tn_with(&ta, 100..141, &tb, 0..260, &counts, staged);
+    common::assert_clear(err.unwrap_err(), &["`a`", "100..141", "[470, 140]"]);
+    let v4 = *offered(4, 132, 260)
+        .iter()
+        .find(|c| matches!(c, GroupedTnConfig::Vec4(_)))
+        .unwrap_or(&staged);
+    if v4 != staged {
+        let err = grouped_matmul_tn_with(&ta, 1..133, &tb, 0..260, &counts, v4);
+        common::assert_clear(err.unwrap_err(), &["config", "vec4"]);
     }
 }
 

@@ -54,8 +54,12 @@ pub use gemv::{
     MatmulGemv, MatmulGemvArgs, MatmulGemvConfig, MatmulGemvProblem, GEMV_MAX_ROWS,
     MATMUL_GEMV_KERNEL,
 };
-pub(crate) use grouped_tn::{grouped_tn_product, ColumnWindow, RowGroups};
-pub use grouped_tn::{GroupedMatmulTn, GroupedMatmulTnArgs};
+pub use grouped_tn::{
+    grouped_matmul_tn_with, GroupedMatmulTn, GroupedMatmulTnArgs, GroupedMatmulTnConfig,
+    GroupedMatmulTnProblem, GroupedMatmulTnV4, GroupedMatmulTnV4Args, GroupedMatmulTnV4Config,
+    GroupedMatmulTnV4Problem, GroupedTnConfig,
+};
+pub(crate) use grouped_tn::{grouped_tn_product, load_v4, ColumnWindow, RowGroups};
 use kiln_runtime::{shape_str, tune::Choice, Client, DType, Error, Result, Tensor};
 pub use registry::MATMUL;
 pub use staged::{
@@ -67,7 +71,7 @@ pub(crate) use tiled::{
     activate, activate_vector, clamped_strided, row_first, shift_rows, zero_tile_v4,
 };
 use tiled::{store_epilogue, store_epilogue_v4};
-pub(crate) use vec4::fma_k_quad;
+pub(crate) use vec4::{dot_k_quad, fma_k_quad, pack_v4};
 pub use vec4::{
     MatmulVec4, MatmulVec4Args, MatmulVec4Config, MatmulVec4Problem, MATMUL_VEC4_KERNEL,
 };

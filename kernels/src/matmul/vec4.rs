@@ -176,21 +176,7 @@ pub(super) fn vec4_product<F: Float>(
                     let col = cols[(j / 4) as usize] * 4 + j % 4;
                     bvs[j as usize] = V4::cast_from(b[(col * kv + kq) as usize]);
                 }
-                #[unroll]
-                for i in 0..tm {
-                    let p = av[i as usize];
-                    #[unroll]
-                    for j in 0..tn {
-                        let x = (i * tn + j) as usize;
-                        let q = bvs[j as usize];
-                        let mut s = acc[x];
-                        #[unroll]
-                        for e in 0..4u32 {
-                            s += p[e as usize] * q[e as usize];
-                        }
-                        acc[x] = s;
-                    }
-                }
+                dot_k_quad(&mut acc, &av, &bvs, tm, tn);
             } else {
                 #[unroll]
                 for j in 0..tn {
@@ -211,15 +197,49 @@ pub(super) fn vec4_product<F: Float>(
             }
             kq += 1;
         }
+        pack_v4(accv, &acc, tm * tnv);
+    }
+}
+
+/// Four K of a `tm x tn` tile of scalar sums (b read along K, `trans_b`): `acc[i tn + j]
+/// += Σ_e av[i][e] bvs[j][e]`, each element through its four K in order (a dot product;
+/// one masked store of it per four products on a CPU adapter).
+#[cube]
+pub(crate) fn dot_k_quad(
+    acc: &mut Array<f32>,
+    av: &Array<V4>,
+    bvs: &Array<V4>,
+    #[comptime] tm: u32,
+    #[comptime] tn: u32,
+) {
+    #[unroll]
+    for i in 0..tm {
+        let p = av[i as usize];
         #[unroll]
-        for e in 0..tm * tnv {
-            let mut v = V4::new(0.0f32);
+        for j in 0..tn {
+            let x = (i * tn + j) as usize;
+            let q = bvs[j as usize];
+            let mut s = acc[x];
             #[unroll]
-            for l in 0..4u32 {
-                v[l as usize] = acc[(e * 4 + l) as usize];
+            for e in 0..4u32 {
+                s += p[e as usize] * q[e as usize];
             }
-            accv[e as usize] = v;
+            acc[x] = s;
         }
+    }
+}
+
+/// `accv[x]` = the scalar sums `acc[4 x .. 4 x + 4]` as a vector, for `x < len`.
+#[cube]
+pub(crate) fn pack_v4(accv: &mut Array<V4>, acc: &Array<f32>, #[comptime] len: u32) {
+    #[unroll]
+    for x in 0..len {
+        let mut v = V4::new(0.0f32);
+        #[unroll]
+        for l in 0..4u32 {
+            v[l as usize] = acc[(x * 4 + l) as usize];
+        }
+        accv[x as usize] = v;
     }
 }
 

@@ -174,8 +174,8 @@ macro_rules! grouped_problem {
 
 /// A configuration of one of the grouped GEMM kernels (what the autotuner picks
 /// among): `Staged` stages K through shared memory (the GPU path), `Vec4` reads both
-/// operands as 4-wide vectors straight from global memory (K and N multiples of 4, no
-/// `trans_b`: the CPU-adapter path); `Cmma` multiplies on tensor cores (half precision
+/// operands as 4-wide vectors straight from global memory (K and N multiples of 4: the
+/// CPU-adapter path); `Cmma` multiplies on tensor cores (half precision
 /// where the device has them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GroupedConfig {
@@ -272,16 +272,7 @@ impl GroupedProblem<'_> {
             GroupedConfig::Vec4(cfg) => MoeGroupedMatmulV4::launch(
                 client,
                 cfg,
-                &grouped_args!(
-                    MoeGroupedMatmulV4Args,
-                    self,
-                    o,
-                    c_f,
-                    c32,
-                    slot_route,
-                    gates,
-                    on
-                ),
+                &grouped_args!(MoeGroupedMatmulV4Args, self, o, c_f, c32, slot_route, gates, on, trans_b: self.trans_b),
             ),
             GroupedConfig::Cmma(cfg) => MoeGroupedMatmulCmma::launch(
                 client,
@@ -301,14 +292,12 @@ impl GroupedProblem<'_> {
         .into_iter()
         .map(GroupedConfig::Staged)
         .collect();
-        if !self.trans_b {
-            let p = grouped_problem!(MoeGroupedMatmulV4Problem, self);
-            all.extend(
-                MoeGroupedMatmulV4::space(client, &p)
-                    .into_iter()
-                    .map(GroupedConfig::Vec4),
-            );
-        }
+        let p = grouped_problem!(MoeGroupedMatmulV4Problem, self, trans_b: self.trans_b);
+        all.extend(
+            MoeGroupedMatmulV4::space(client, &p)
+                .into_iter()
+                .map(GroupedConfig::Vec4),
+        );
         if self.half {
             all.extend(
                 MoeGroupedMatmulCmma::space(
@@ -501,6 +490,74 @@ pub fn moe_expert_ffn_with(
     cfg: GroupedConfig,
 ) -> Result<Tensor> {
     moe_expert_ffn_on(dispatched, w, GroupedKernel::Config(cfg))
+}
+
+/// `c[rows of e] = a[rows of e] @ b[e]` for every expert in one launch of configuration
+/// `cfg` (no tuning, no epilogue): `a` `[R, K]` holds the experts' rows one expert after
+/// the other, `counts[e]` rows each (summing to R); `b` `[E, K, N]`, or `[E, N, K]` with
+/// `trans_b` (the layer backward's `dY W2^T`); `c` `[R, N]` in a's dtype. The grouped GEMM
+/// kernels alone, for tests and benchmarks; `cfg` must be one the problem offers.
+pub fn moe_grouped_matmul_with(
+    a: &Tensor,
+    b: &Tensor,
+    counts: &[usize],
+    trans_b: bool,
+    cfg: GroupedConfig,
+) -> Result<Tensor> {
+    let client = a.client();
+    check_input("a", a, client)?;
+    check_input("b", b, client)?;
+    let &[rows, k] = a.shape() else {
+        return Err(shape_err("a", "[R, K]".into(), a.shape()));
+    };
+    let e = counts.len();
+    let n = match (b.shape(), trans_b) {
+        (&[be, kb, n], false) if be == e && kb == k => n,
+        (&[be, n, kb], true) if be == e && kb == k => n,
+        _ => {
+            let want = match trans_b {
+                false => format!("[{e}, {k}, N] (one [K, N] matrix per group of counts)"),
+                true => format!("[{e}, N, {k}] (trans_b; one per group of counts)"),
+            };
+            return Err(shape_err("b", want, b.shape()));
+        }
+    };
+    if b.dtype() != a.dtype() {
+        return Err(Error::DType {
+            tensor: "b".into(),
+            expected: format!("{} (a's dtype)", a.dtype()),
+            found: b.dtype().name().into(),
+        });
+    }
+    let total: usize = counts.iter().sum();
+    if total != rows {
+        return Err(Error::Param {
+            param: "counts".into(),
+            expected: format!("row counts summing to a's {rows} rows"),
+            found: format!("{counts:?} (sum {total})"),
+        });
+    }
+    let starts: Vec<usize> = counts
+        .iter()
+        .scan(0, |at, &c| {
+            let s = *at;
+            *at += c;
+            Some(s)
+        })
+        .collect();
+    let groups = Groups::new(a, &starts, counts)?;
+    grouped_matmul(
+        a,
+        b,
+        None,
+        Activation::None,
+        &groups,
+        n,
+        trans_b,
+        None,
+        false,
+        GroupedKernel::Config(cfg),
+    )
 }
 
 /// [`moe_expert_ffn`] with both grouped GEMMs on `kernel` (`kiln run moe_expert_ffn

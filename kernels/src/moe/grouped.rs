@@ -5,7 +5,7 @@ use super::routing::NO_ROUTE;
 use crate::matmul::{
     activate, activate_vector, clamped_strided, row_first, shift_rows, zero_tile_v4, Activation,
 };
-use crate::matmul::{cmma_product, fma_k_quad, plane_rows};
+use crate::matmul::{cmma_product, dot_k_quad, fma_k_quad, load_v4, pack_v4, plane_rows};
 use cubecl::prelude::*;
 use kiln_dsl::{load_tile_v4, reg_tile_mma_v4, v4_tile_col, CmmaBlock, V4};
 
@@ -306,6 +306,7 @@ grouped_kernel! {
     /// last row and columns to the last one (computed, never stored). Grid, groups and
     /// epilogue as `moe_grouped_matmul`'s, the epilogue on 4-wide vectors (a unit owns
     /// four adjacent columns per vector: `bias` read, `c` or `c32` written as vectors).
+    /// With `trans_b` (`b` `[E, N, K]`, the backward's data GEMMs) b's vectors run along K.
     #[kernel(
         tune((BM, BN, TM, TN, SHARE) = [
             (64, 64, 8, 8, 1),
@@ -334,11 +335,18 @@ grouped_kernel! {
             TM * TN <= 256 || (max_rows >= BM && n >= BN),
             crate::matmul::shares_rows(device, SHARE, BN, TM, TN),
         ),
-        defaults(has_bias = false, act = none, scatter = false, a_f32 = false, c_f32 = false),
+        defaults(
+            trans_b = false,
+            has_bias = false,
+            act = none,
+            scatter = false,
+            a_f32 = false,
+            c_f32 = false,
+        ),
     )]
     moe_grouped_matmul_v4<
         [Vector<F, Const<4>>], [Vector<f32, Const<4>>], [Vector<F, Const<4>>], [Vector<f32, Const<4>>]
-    >() {
+    >(#[comptime] trans_b: bool) {
         let e = CUBE_POS_Z;
         let count = row_count[e as usize];
         let tile_row = CUBE_POS_Y * BM;
@@ -370,39 +378,52 @@ grouped_kernel! {
             let mut accv = Array::<V4>::new(comptime!((TM * tnv) as usize));
             zero_tile_v4(&mut accv, TM * tnv);
             let mut kq = 0u32;
-            while kq < kv {
-                if comptime!(plane) {
-                    #[unroll]
-                    for i in 0..reads {
-                        mine[i as usize] = grouped_a_row(a, a32, own[i as usize] * kv + kq, a_f32);
-                    }
-                    plane_rows(&mut av, &mine, TM, 1u32);
-                } else {
-                    #[unroll]
-                    for i in 0..TM {
-                        av[i as usize] = grouped_a_row(a, a32, rows[i as usize] * kv + kq, a_f32);
-                    }
+            if comptime!(trans_b) {
+                // b is [E, N, K] (the backward's `dY W2^T`, `dPre W1^T`): column `col` of
+                // expert e is row `e n + col` of one [E N, K] matrix, read four K at a
+                // time. As `matmul_vec4`'s `trans_b` path: each element one sum through
+                // its four K in order (a dot product), kept as a scalar.
+                let mut acc = Array::<f32>::new(comptime!((TM * TN) as usize));
+                #[unroll]
+                for x in 0..TM * TN {
+                    acc[x as usize] = 0.0f32;
                 }
-                if comptime!(local_scalars) {
-                    // Accumulator by accumulator on a CPU adapter (see `fma_k_quad`):
-                    // expert e's b is rows e K .. (e + 1) K of one [E K, N] matrix.
-                    kq += fma_k_quad::<F>(&mut accv, &av, b, &cols, e * k + kq * 4, nv, kv, TM, tnv);
-                } else {
+                let mut bvs = Array::<V4>::new(comptime!(TN as usize));
+                while kq < kv {
+                    grouped_a_tile(&mut av, &mut mine, a, a32, &rows, &own, kv, kq, TM, plane, a_f32);
                     #[unroll]
-                    for d in 0..4u32 {
+                    for j in 0..TN {
+                        let col = cols[(j / 4) as usize] * 4 + j % 4;
+                        bvs[j as usize] = V4::cast_from(b[((e * n + col) * kv + kq) as usize]);
+                    }
+                    dot_k_quad(&mut acc, &av, &bvs, TM, TN);
+                    kq += 1;
+                }
+                pack_v4(&mut accv, &acc, TM * tnv);
+            } else {
+                while kq < kv {
+                    grouped_a_tile(&mut av, &mut mine, a, a32, &rows, &own, kv, kq, TM, plane, a_f32);
+                    if comptime!(local_scalars) {
+                        // Accumulator by accumulator on a CPU adapter (see `fma_k_quad`):
+                        // expert e's b is rows e K .. (e + 1) K of one [E K, N] matrix.
+                        kq += fma_k_quad::<F>(&mut accv, &av, b, &cols, e * k + kq * 4, nv, kv, TM, tnv);
+                    } else {
                         #[unroll]
-                        for jv in 0..tnv {
-                            let bv = V4::cast_from(
-                                b[(b_base + (kq * 4 + d) * nv + cols[jv as usize]) as usize],
-                            );
+                        for d in 0..4u32 {
                             #[unroll]
-                            for i in 0..TM {
-                                let x = (i * tnv + jv) as usize;
-                                accv[x] += V4::new(av[i as usize][d as usize]) * bv;
+                            for jv in 0..tnv {
+                                let bv = V4::cast_from(
+                                    b[(b_base + (kq * 4 + d) * nv + cols[jv as usize]) as usize],
+                                );
+                                #[unroll]
+                                for i in 0..TM {
+                                    let x = (i * tnv + jv) as usize;
+                                    accv[x] += V4::new(av[i as usize][d as usize]) * bv;
+                                }
                             }
                         }
+                        kq += 1;
                     }
-                    kq += 1;
                 }
             }
             // The epilogue, a vector of four adjacent columns at a time (a unit owns four per
@@ -432,18 +453,34 @@ grouped_kernel! {
     }
 }
 
-/// Vector `at` of `a` (or of `a32` with `a_f32`), in f32.
+/// `av[i]` = four K (vector `kq`) of the unit's tile row `i` in f32: read from `rows`,
+/// or with `plane` the unit's `own` rows read and the others shuffled from the plane.
 #[cube]
-fn grouped_a_row<F: Float>(
+#[allow(clippy::too_many_arguments)]
+fn grouped_a_tile<F: Float>(
+    av: &mut Array<V4>,
+    mine: &mut Array<V4>,
     a: &Array<Vector<F, Const<4>>>,
     a32: &Array<V4>,
-    at: u32,
+    rows: &Array<u32>,
+    own: &Array<u32>,
+    kv: u32,
+    kq: u32,
+    #[comptime] tm: u32,
+    #[comptime] plane: bool,
     #[comptime] a_f32: bool,
-) -> V4 {
-    if comptime!(a_f32) {
-        a32[at as usize]
+) {
+    if comptime!(plane) {
+        #[unroll]
+        for i in 0..tm / 8 {
+            mine[i as usize] = load_v4::<F>(a, a32, own[i as usize] * kv + kq, a_f32);
+        }
+        plane_rows(av, mine, tm, 1u32);
     } else {
-        V4::cast_from(a[at as usize])
+        #[unroll]
+        for i in 0..tm {
+            av[i as usize] = load_v4::<F>(a, a32, rows[i as usize] * kv + kq, a_f32);
+        }
     }
 }
 

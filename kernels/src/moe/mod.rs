@@ -48,11 +48,11 @@ pub use expert_parallel::{
 };
 pub use ffn::{
     moe_expert_ffn, moe_expert_ffn_on, moe_expert_ffn_sorted, moe_expert_ffn_sorted_on,
-    moe_expert_ffn_sorted_with, moe_expert_ffn_with, ExpertWeights, GroupedConfig, GroupedKernel,
-    MoeGroupedMatmul, MoeGroupedMatmulArgs, MoeGroupedMatmulCmma, MoeGroupedMatmulCmmaArgs,
-    MoeGroupedMatmulCmmaConfig, MoeGroupedMatmulCmmaProblem, MoeGroupedMatmulConfig,
-    MoeGroupedMatmulProblem, MoeGroupedMatmulV4, MoeGroupedMatmulV4Args, MoeGroupedMatmulV4Config,
-    MoeGroupedMatmulV4Problem,
+    moe_expert_ffn_sorted_with, moe_expert_ffn_with, moe_grouped_matmul_with, ExpertWeights,
+    GroupedConfig, GroupedKernel, MoeGroupedMatmul, MoeGroupedMatmulArgs, MoeGroupedMatmulCmma,
+    MoeGroupedMatmulCmmaArgs, MoeGroupedMatmulCmmaConfig, MoeGroupedMatmulCmmaProblem,
+    MoeGroupedMatmulConfig, MoeGroupedMatmulProblem, MoeGroupedMatmulV4, MoeGroupedMatmulV4Args,
+    MoeGroupedMatmulV4Config, MoeGroupedMatmulV4Problem,
 };
 pub use gate::{
     moe_gate, moe_gate_backward, GateOptions, GateOutput, MoeColumnSums, MoeColumnSumsArgs,
