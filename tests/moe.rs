@@ -1027,11 +1027,22 @@ fn every_grouped_config_matches_the_reference() {
 /// 133, 0, 37 and 300 rows (ragged against every tile, one expert empty), K = 132 and
 /// N = 260, against f64; then bad input to the entry point, one clear line each.
 #[test]
-fn every_grouped_config_with_trans_b_matches_the_reference() {
+fn every_grouped_config_with_trans_b_matches_the_reference_f32() {
+    grouped_trans_b(DType::F32);
+}
+
+#[test]
+fn every_grouped_config_with_trans_b_matches_the_reference_f16() {
+    grouped_trans_b(DType::F16);
+}
+
+fn grouped_trans_b(dtype: DType) {
+    if common::refused(dtype) {
+        return;
+    }
     let (k, n, counts) = (132usize, 260usize, [133usize, 0, 37, 300]);
     let (e, rows) = (counts.len(), counts.iter().sum::<usize>());
     let mut rng = Rng::new(29);
-    let dtype = DType::F32;
     let a = round(dtype, &[rows, k], &rng.normals(rows * k, 1.0));
     let b = round(dtype, &[e, n, k], &rng.normals(e * n * k, 1.0));
     // c[r, j] = sum_k a[r, k] b[e(r), j, k], in f64.
@@ -1080,16 +1091,28 @@ fn every_grouped_config_with_trans_b_matches_the_reference() {
             .count();
         assert_eq!(count, 11, "{configs:?}");
     }
-    let bound = 8.0 * f32::EPSILON as f64 * (k as f64).sqrt();
+    // One rounding of the output (f16), plus f32 accumulation over K terms of size ~1.
+    let bound = dtype.epsilon() + 8.0 * f32::EPSILON as f64 * (k as f64).sqrt();
     each_config(dtype, &configs, &want, bound, 1.0, |cfg| {
         moe_grouped_matmul_with(&ta, &tb, &counts, true, cfg)
     });
-    // Bad input: b in the other layout, counts that do not sum to a's rows.
+    // Bad input: b in the other layout, counts that do not sum to a's rows, b in
+    // another dtype.
     let cfg = configs[0];
     let err = moe_grouped_matmul_with(&ta, &tb, &counts, false, cfg).unwrap_err();
     common::assert_clear(err, &["b", "[4, 132, N]", "[4, 260, 132]"]);
     let err = moe_grouped_matmul_with(&ta, &tb, &[133, 0, 37, 299], true, cfg).unwrap_err();
     common::assert_clear(err, &["counts", "470", "469"]);
+    let other = if dtype == DType::F32 {
+        DType::F16
+    } else {
+        DType::F32
+    };
+    if !common::refused(other) {
+        let tb_other = up(other, &[e, n as usize, k as usize], &b);
+        let err = moe_grouped_matmul_with(&ta, &tb_other, &counts, true, cfg).unwrap_err();
+        common::assert_clear(err, &["`b`", other.name()]);
+    }
 }
 
 /// The layer backward's weight gradients (`d_w1 = D^T dPre`, `d_w2 = H^T dY` per expert,
@@ -1098,15 +1121,26 @@ fn every_grouped_config_with_trans_b_matches_the_reference() {
 /// against f64; a window not 4-aligned offers the staged kernel only; bad input is one
 /// clear line.
 #[test]
-fn every_grouped_tn_config_matches_the_reference() {
+fn every_grouped_tn_config_matches_the_reference_f32() {
+    grouped_tn(DType::F32);
+}
+
+#[test]
+fn every_grouped_tn_config_matches_the_reference_f16() {
+    grouped_tn(DType::F16);
+}
+
+fn grouped_tn(dtype: DType) {
     use kiln::kernels::matmul::{
         grouped_matmul_tn_with, GroupedMatmulTn, GroupedMatmulTnProblem, GroupedMatmulTnV4,
         GroupedMatmulTnV4Problem, GroupedTnConfig,
     };
+    if common::refused(dtype) {
+        return;
+    }
     let counts = [133usize, 0, 37, 300];
     let (rows, lda, ldb) = (counts.iter().sum::<usize>(), 140usize, 264usize);
     let mut rng = Rng::new(31);
-    let dtype = DType::F32;
     let a = round(dtype, &[rows, lda], &rng.normals(rows * lda, 1.0));
     let b = round(dtype, &[rows, ldb], &rng.normals(rows * ldb, 1.0));
     let (ta, tb) = (up(dtype, &[rows, lda], &a), up(dtype, &[rows, ldb], &b));
@@ -1165,7 +1199,8 @@ fn every_grouped_tn_config_matches_the_reference() {
         };
         assert_eq!(vec4, want_vec4, "{a_cols:?} N = {n}: {configs:?}");
         assert!(configs.len() > vec4, "no staged configuration: {configs:?}");
-        let bound = 8.0 * f32::EPSILON as f64 * (300f64).sqrt();
+        // One rounding of the output, plus f32 accumulation over up to 300 rows.
+        let bound = dtype.epsilon() + 8.0 * f32::EPSILON as f64 * (300f64).sqrt();
         for cfg in configs {
             let c = grouped_matmul_tn_with(&ta, a_cols.clone(), &tb, 0..n, &counts, cfg).unwrap();
             let err = max_rel_error(&down(&c), &want, 1.0);
