@@ -1214,6 +1214,9 @@ fn grouped_tn(dtype: DType) {
     common::assert_clear(err.unwrap_err(), &["counts", "470", "469"]);
     let err = grouped_matmul_tn_with(&ta, 100..141, &tb, 0..260, &counts, staged);
     common::assert_clear(err.unwrap_err(), &["`a`", "100..141", "[470, 140]"]);
+    // An empty window gives an empty gradient, launching nothing.
+    let empty = grouped_matmul_tn_with(&ta, 4..4, &tb, 0..260, &counts, staged).unwrap();
+    assert_eq!(empty.shape(), &[4, 0, 260]);
     let v4 = *offered(4, 132, 260)
         .iter()
         .find(|c| matches!(c, GroupedTnConfig::Vec4(_)))

@@ -181,6 +181,9 @@ pub fn grouped_matmul_tn_with(
         .collect();
     let groups = RowGroups::new(a, &starts, counts)?;
     let p = TnProblem::new(wa, wb, &groups, a.dtype())?;
+    if counts.len() * wa.width * wb.width == 0 {
+        return p.output();
+    }
     if !p.candidates().contains(&cfg) {
         return Err(Error::Param {
             param: "config".into(),
