@@ -33,6 +33,33 @@ impl RowGroups {
             experts: count.len(),
         })
     }
+
+    /// Groups of `counts[g]` consecutive rows from row 0 of a `rows`-row operand (`what`),
+    /// refused by name unless they cover it exactly: the `counts` of the `*_with` entry
+    /// points.
+    pub(crate) fn consecutive(
+        like: &Tensor,
+        counts: &[usize],
+        rows: usize,
+        what: &str,
+    ) -> Result<RowGroups> {
+        let total: usize = counts.iter().sum();
+        if total != rows {
+            return Err(Error::Param {
+                param: "counts".into(),
+                expected: format!("row counts summing to {what}'s {rows} rows"),
+                found: format!("{counts:?} (sum {total})"),
+            });
+        }
+        let starts: Vec<usize> = counts
+            .iter()
+            .scan(0, |at, &c| {
+                *at += c;
+                Some(*at - c)
+            })
+            .collect();
+        RowGroups::new(like, &starts, counts)
+    }
 }
 
 /// Columns `col .. col + width` of a row-major `[R, ld]` tensor (`ld` its last
@@ -157,12 +184,11 @@ pub fn grouped_matmul_tn_with(
     crate::launch::check_input("b", b, a.client())?;
     let (ra, wa) = window("a", a, &a_cols)?;
     let (rb, wb) = window("b", b, &b_cols)?;
-    let total: usize = counts.iter().sum();
-    if ra != total || rb != total {
-        return Err(Error::Param {
-            param: "counts".into(),
-            expected: format!("row counts summing to a's and b's rows ({ra}, {rb})"),
-            found: format!("{counts:?} (sum {total})"),
+    if rb != ra {
+        return Err(Error::Shape {
+            tensor: "b".into(),
+            expected: format!("{ra} rows (a's)"),
+            found: shape_str(b.shape()),
         });
     }
     if b.dtype() != a.dtype() {
@@ -172,14 +198,7 @@ pub fn grouped_matmul_tn_with(
             found: b.dtype().name().into(),
         });
     }
-    let starts: Vec<usize> = counts
-        .iter()
-        .scan(0, |at, &c| {
-            *at += c;
-            Some(*at - c)
-        })
-        .collect();
-    let groups = RowGroups::new(a, &starts, counts)?;
+    let groups = RowGroups::consecutive(a, counts, ra, "a")?;
     let p = TnProblem::new(wa, wb, &groups, a.dtype())?;
     if counts.len() * wa.width * wb.width == 0 {
         return p.output();

@@ -529,23 +529,7 @@ pub fn moe_grouped_matmul_with(
             found: b.dtype().name().into(),
         });
     }
-    let total: usize = counts.iter().sum();
-    if total != rows {
-        return Err(Error::Param {
-            param: "counts".into(),
-            expected: format!("row counts summing to a's {rows} rows"),
-            found: format!("{counts:?} (sum {total})"),
-        });
-    }
-    let starts: Vec<usize> = counts
-        .iter()
-        .scan(0, |at, &c| {
-            let s = *at;
-            *at += c;
-            Some(s)
-        })
-        .collect();
-    let groups = Groups::new(a, &starts, counts)?;
+    let groups = Groups::consecutive(a, counts, rows, "a")?;
     grouped_matmul(
         a,
         b,
