@@ -57,7 +57,7 @@ fn arity(op: &OpSpec) -> Option<usize> {
     (1..=4).find(|&n| {
         [2usize, 16, 128]
             .iter()
-            .any(|&d| (op.example_inputs)(&vec![d; n]).is_ok())
+            .any(|&d| (op.example_inputs)(&vec![d; n], &Default::default()).is_ok())
     })
 }
 
@@ -214,7 +214,8 @@ fn every_operator_of(family: &str) {
         let values_checked = std::cell::Cell::new(0usize);
         runner(op.name.len() as u64)
             .run(&strategy, |(dims, dtype, seed)| {
-                let Ok(hosts) = example_inputs_seeded(op, &dims, dtype, seed) else {
+                let Ok(hosts) = example_inputs_seeded(op, &dims, &Default::default(), dtype, seed)
+                else {
                     return Ok(()); // a shape the operator's problem does not have
                 };
                 let start = Instant::now();
@@ -352,7 +353,9 @@ fn special_values_never_panic_and_nan_in_the_reference_is_nan_in_the_result() {
         );
         runner(0x5bec ^ op.name.len() as u64)
             .run(&strategy, |(dims, seed, plants)| {
-                let Ok(mut hosts) = example_inputs_seeded(op, &dims, DType::F32, seed) else {
+                let Ok(mut hosts) =
+                    example_inputs_seeded(op, &dims, &Default::default(), DType::F32, seed)
+                else {
                     return Ok(());
                 };
                 // Plant the values in the float inputs.

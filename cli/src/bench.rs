@@ -46,7 +46,7 @@ pub fn run(
     };
     let client = Client::open(&device)?;
     client.require_dtype("x", dtype)?;
-    let hosts = device_inputs(&client, spec, &dims, dtype)?;
+    let hosts = device_inputs(&client, spec, &dims, params, dtype)?;
     let mut tensors = BTreeMap::new();
     for (name, h) in &hosts {
         tensors.insert(name.clone(), Tensor::upload_named(&client, name, h)?);

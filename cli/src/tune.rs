@@ -25,9 +25,10 @@ pub fn device_inputs(
     client: &Client,
     spec: &kiln::runtime::OpSpec,
     dims: &[usize],
+    params: &BTreeMap<String, String>,
     dtype: DType,
 ) -> Result<BTreeMap<String, kiln::HostTensor>> {
-    for (name, shape) in (spec.example_inputs)(dims)? {
+    for (name, shape) in (spec.example_inputs)(dims, params)? {
         let t = spec
             .inputs
             .iter()
@@ -36,7 +37,7 @@ pub fn device_inputs(
         let n = kiln::runtime::checked_numel(name, &shape, t)?;
         client.require_buffer(name, n * t.size())?;
     }
-    example_inputs(spec, dims, dtype)
+    example_inputs(spec, dims, params, dtype)
 }
 
 /// An error where the tuner could not write its cache (what `tune` and `--import` are
@@ -145,7 +146,7 @@ pub fn run(
     let dtype = DType::parse(dtype)?;
     client.require_dtype("x", dtype)?;
 
-    let hosts = device_inputs(&client, spec, &dims, dtype)?;
+    let hosts = device_inputs(&client, spec, &dims, &BTreeMap::new(), dtype)?;
 
     let seen = Arc::new(Mutex::new(Seen::default()));
     let s2 = Arc::clone(&seen);

@@ -312,6 +312,61 @@ fn kiln_bench_times_optimizer_steps_in_place() {
     }
 }
 
+/// A parameter that decides an input's layout shapes `kiln bench`'s example inputs:
+/// matmul with `trans_b=true` gets `b` as `[N, K]`, w4a16 its weight in the `format` and
+/// `group_size` given (each was built in the default layout and refused).
+#[test]
+fn kiln_bench_shapes_inputs_by_their_layout_parameters() {
+    let dir = tmpdir("bench-layouts");
+    for (op, shape, set) in [
+        ("matmul", "24x40x56", "trans_b=false"),
+        ("matmul", "24x40x56", "trans_b=true"),
+        ("w4a16", "16x64x256", "format=awq"),
+        ("w4a16", "16x64x256", "format=kiln"),
+        ("w4a16", "16x64x256", "group_size=32"),
+        ("w4a16", "16x64x200", "group_size=-1"),
+        ("w4a16_repack", "64x256", "format=awq"),
+    ] {
+        let o = kiln_in_cache(
+            &dir,
+            &[
+                "bench",
+                op,
+                "--shape",
+                shape,
+                "--set",
+                set,
+                "--samples",
+                "1",
+                "--json",
+            ],
+        );
+        assert!(
+            o.status.success(),
+            "{op} {set}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("one JSON line");
+        assert_eq!(v["op"], op, "{v}");
+    }
+    let bad = kiln_in_cache(
+        &dir,
+        &[
+            "bench",
+            "w4a16",
+            "--shape",
+            "16x60x256",
+            "--set",
+            "format=awq",
+        ],
+    );
+    assert_clear_error(&bad, &["--shape", "multiple of 8", "N = 60"]);
+    let spec = ::kiln::kernels::op("matmul").expect("matmul");
+    let params = [("trans_b".to_string(), "true".to_string())].into();
+    let shapes = (spec.example_inputs)(&[24, 40, 56], &params).unwrap();
+    assert_eq!(shapes, vec![("a", vec![24, 56]), ("b", vec![40, 56])]);
+}
+
 #[test]
 fn kiln_tune_matmul_times_the_cost_models_finalists() {
     let dir = tmpdir("ranked");

@@ -20,12 +20,18 @@ pub fn check_input(name: &str, t: &Tensor, client: &Client) -> Result<()> {
 }
 
 /// `--shape` for operators on one tensor `x`: the shape of `x`.
-pub fn x_only(dims: &[usize]) -> Result<kiln_runtime::InputShapes> {
+pub fn x_only(
+    dims: &[usize],
+    _: &kiln_runtime::ExampleParams,
+) -> Result<kiln_runtime::InputShapes> {
     Ok(vec![("x", dims.to_vec())])
 }
 
 /// `--shape` for binary operators: the shape of `x`; `y` is its last dimension.
-pub fn x_and_bias(dims: &[usize]) -> Result<kiln_runtime::InputShapes> {
+pub fn x_and_bias(
+    dims: &[usize],
+    _: &kiln_runtime::ExampleParams,
+) -> Result<kiln_runtime::InputShapes> {
     let d = *dims.last().unwrap_or(&1);
     Ok(vec![("x", dims.to_vec()), ("y", vec![d])])
 }

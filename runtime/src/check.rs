@@ -138,18 +138,23 @@ pub fn tolerance(dtype: crate::DType, ulps: f64) -> f64 {
 /// - MoE routes ([`ExampleValues::ExpertIds`](crate::ExampleValues::ExpertIds), [`ExampleValues::SlotLocations`](crate::ExampleValues::SlotLocations)): a
 ///   valid routing in which every slot is full; [`ExampleValues::Permutation`](crate::ExampleValues::Permutation) a
 ///   shuffle of `0..n`, [`ExampleValues::Zero`](crate::ExampleValues::Zero) zeros.
+///
+/// `params` are the `--set` parameters (a layout parameter such as matmul's `trans_b`
+/// changes a shape; the others are ignored here).
 pub fn example_inputs(
     spec: &crate::OpSpec,
     dims: &[usize],
+    params: &crate::ExampleParams,
     dtype: crate::DType,
 ) -> crate::Result<std::collections::BTreeMap<String, crate::HostTensor>> {
-    example_inputs_seeded(spec, dims, dtype, 0x6b696c6e)
+    example_inputs_seeded(spec, dims, params, dtype, 0x6b696c6e)
 }
 
 /// [`example_inputs`] from a given seed (property tests draw many).
 pub fn example_inputs_seeded(
     spec: &crate::OpSpec,
     dims: &[usize],
+    params: &crate::ExampleParams,
     dtype: crate::DType,
     seed: u64,
 ) -> crate::Result<std::collections::BTreeMap<String, crate::HostTensor>> {
@@ -165,7 +170,7 @@ pub fn example_inputs_seeded(
     }
     let mut rng = Rng::new(seed);
     let mut hosts = std::collections::BTreeMap::new();
-    for (name, shape) in (spec.example_inputs)(dims)? {
+    for (name, shape) in (spec.example_inputs)(dims, params)? {
         let tspec = spec.inputs.iter().find(|t| t.name == name);
         let t = tspec.map_or(dtype, |t| t.example_dtype(dtype));
         // Refused before any value is generated (a huge --shape is not built on the host).

@@ -35,8 +35,8 @@ pub use host::{
 };
 pub use registry::{
     join_names, registered_kernels, registered_ops, Capability, ComptimeParam, Dtypes,
-    ExampleValues, InPlace, InputShapes, KernelConfig, KernelEntry, KernelSpec, OpArgs, OpEntry,
-    OpSpec, Outputs, ParamSpec, TensorSpec, Tunables,
+    ExampleParams, ExampleValues, InPlace, InputShapes, KernelConfig, KernelEntry, KernelSpec,
+    OpArgs, OpEntry, OpSpec, Outputs, ParamSpec, TensorSpec, Tunables,
 };
 pub use tensor::{
     checked_numel, contiguous_strides, indexable_product, Tensor, MAX_ELEMENTS, VIEW_ALIGN_BYTES,

@@ -198,7 +198,10 @@ pub(super) fn qkv_shapes(dims: &[usize]) -> Result<(usize, usize, usize, usize, 
     }
 }
 
-pub(super) fn qkv_inputs(dims: &[usize]) -> Result<kiln_runtime::InputShapes> {
+pub(super) fn qkv_inputs(
+    dims: &[usize],
+    _: &kiln_runtime::ExampleParams,
+) -> Result<kiln_runtime::InputShapes> {
     let (b, s, h, hkv, d) = qkv_shapes(dims)?;
     Ok(vec![
         ("q", vec![b, s, h, d]),
@@ -306,8 +309,8 @@ pub static ATTENTION_BACKWARD: OpSpec = OpSpec {
     params: &BACKWARD_PARAMS,
     run: run_attention_backward,
     problem: "B x S x H x D or B x S x H x Hkv x D (Sq = Sk, Dv = D)",
-    example_inputs: |dims| {
-        let mut v = qkv_inputs(dims)?;
+    example_inputs: |dims, p| {
+        let mut v = qkv_inputs(dims, p)?;
         let (b, s, h, _, d) = qkv_shapes(dims)?;
         v.push(("out", vec![b, s, h, d]));
         v.push(("lse", vec![b, h, s]));
@@ -390,7 +393,7 @@ pub static ATTENTION_MERGE: OpSpec = OpSpec {
     params: &[],
     run: run_merge,
     problem: "B x S x H x Dv",
-    example_inputs: |dims| {
+    example_inputs: |dims, _| {
         let &[b, s, h, dv] = dims else {
             return Err(Error::Param {
                 param: "--shape".into(),

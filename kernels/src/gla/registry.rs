@@ -220,7 +220,10 @@ fn run_gla_backward(_: &Client, a: &OpArgs) -> Result<Outputs> {
 }
 
 /// `--shape B x T x H x D` (K = V = D): q, k, v, g of the benchmark shapes.
-fn gla_inputs(dims: &[usize]) -> Result<kiln_runtime::InputShapes> {
+fn gla_inputs(
+    dims: &[usize],
+    _: &kiln_runtime::ExampleParams,
+) -> Result<kiln_runtime::InputShapes> {
     let &[b, t, h, d] = dims else {
         return Err(Error::Param {
             param: "--shape".into(),
@@ -347,7 +350,7 @@ pub static GLA_STEP: OpSpec = OpSpec {
     params: &[SCALE],
     run: run_gla_step,
     problem: "B x H x D (one token, K = V = D)",
-    example_inputs: |dims| {
+    example_inputs: |dims, _| {
         let &[b, h, d] = dims else {
             return Err(Error::Param {
                 param: "--shape".into(),
@@ -395,8 +398,8 @@ pub static GLA_BACKWARD: OpSpec = OpSpec {
     params: &[SCALE, CHUNK, FINAL_GRAD],
     run: run_gla_backward,
     problem: "B x T x H x D (K = V = D)",
-    example_inputs: |dims| {
-        let mut v = gla_inputs(dims)?;
+    example_inputs: |dims, p| {
+        let mut v = gla_inputs(dims, p)?;
         v.push(("do", dims.to_vec()));
         Ok(v)
     },

@@ -79,9 +79,17 @@ pub static MATMUL: OpSpec = OpSpec {
     in_place: None,
 };
 
-fn matmul_inputs(dims: &[usize]) -> Result<kiln_runtime::InputShapes> {
+/// `a` `[M, K]` and `b` `[K, N]`, or `[N, K]` with `trans_b=true`.
+fn matmul_inputs(
+    dims: &[usize],
+    params: &kiln_runtime::ExampleParams,
+) -> Result<kiln_runtime::InputShapes> {
+    let trans_b = params.get("trans_b").is_some_and(|v| v == "true");
     match *dims {
-        [m, n, k] => Ok(vec![("a", vec![m, k]), ("b", vec![k, n])]),
+        [m, n, k] => Ok(vec![
+            ("a", vec![m, k]),
+            ("b", if trans_b { vec![n, k] } else { vec![k, n] }),
+        ]),
         _ => Err(Error::Param {
             param: "--shape".into(),
             expected: "M x N x K".into(),

@@ -150,7 +150,7 @@ fn run_gate(client: &Client, a: &OpArgs) -> Result<Outputs> {
 }
 
 /// `--shape S x E`.
-fn logits_only(dims: &[usize]) -> Result<InputShapes> {
+fn logits_only(dims: &[usize], _: &kiln_runtime::ExampleParams) -> Result<InputShapes> {
     match *dims {
         [s, e] => Ok(vec![("logits", vec![s, e])]),
         _ => Err(shape_arg("S x E", dims)),
@@ -245,8 +245,8 @@ pub static MOE_GATE_BACKWARD: OpSpec = OpSpec {
     params: &[TOP_K, NORMALIZE],
     run: run_gate_backward,
     problem: "S x E",
-    example_inputs: |dims| {
-        let mut v = logits_only(dims)?;
+    example_inputs: |dims, p| {
+        let mut v = logits_only(dims, p)?;
         v.push(("d_gates", vec![dims[0], 2]));
         Ok(v)
     },
@@ -428,7 +428,7 @@ pub static MOE_DISPATCH: OpSpec = OpSpec {
     ],
     run: run_dispatch,
     problem: "S x M x k (E = k, C = S)",
-    example_inputs: |dims| {
+    example_inputs: |dims, _| {
         let (s, m, _, mut v) = routes_for(dims)?;
         v.push(("x", vec![s, m]));
         Ok(v)
@@ -453,7 +453,7 @@ pub static MOE_COMBINE: OpSpec = OpSpec {
     params: &[],
     run: run_combine,
     problem: "S x M x k (E = k, C = S)",
-    example_inputs: |dims| {
+    example_inputs: |dims, _| {
         let (s, m, k, mut v) = routes_for(dims)?;
         v.push(("expert_out", vec![k, s, m]));
         v.push(("gates", vec![s, k]));
@@ -495,7 +495,7 @@ pub static MOE_DISPATCH_BACKWARD: OpSpec = OpSpec {
     params: &[],
     run: run_dispatch_backward,
     problem: "S x M x k (E = k, C = S)",
-    example_inputs: |dims| {
+    example_inputs: |dims, _| {
         let (s, m, k, mut v) = routes_for(dims)?;
         v.push(("d_dispatched", vec![k, s, m]));
         Ok(v)
@@ -543,7 +543,7 @@ pub static MOE_COMBINE_BACKWARD: OpSpec = OpSpec {
     params: &[],
     run: run_combine_backward,
     problem: "S x M x k (E = k, C = S)",
-    example_inputs: |dims| {
+    example_inputs: |dims, _| {
         let (s, m, k, mut v) = routes_for(dims)?;
         v.push(("dy", vec![s, m]));
         v.push(("expert_out", vec![k, s, m]));
@@ -604,7 +604,7 @@ pub static MOE_EXPERT_FFN: OpSpec = OpSpec {
     params: &[ACTIVATION, GROUPED_KERNEL],
     run: run_expert_ffn,
     problem: "E x C x M x F",
-    example_inputs: |dims| {
+    example_inputs: |dims, _| {
         let (e, c, m, f) = four(dims, "E x C x M x F")?;
         Ok(vec![("dispatched", vec![e, c, m]), ("w1", vec![e, m, f]), ("w2", vec![e, f, m])])
     },
@@ -674,7 +674,7 @@ pub static MOE_LAYER: OpSpec = OpSpec {
     ],
     run: run_layer,
     problem: "S x M x F x E",
-    example_inputs: |dims| {
+    example_inputs: |dims, _| {
         let (s, m, f, e) = four(dims, "S x M x F x E")?;
         Ok(vec![
             ("x", vec![s, m]),
@@ -741,8 +741,8 @@ pub static MOE_LAYER_BACKWARD: OpSpec = OpSpec {
     params: &[TOP_K, CF, NORMALIZE, PRIORITIZED, ACTIVATION, WORLD_SIZE],
     run: run_layer_backward,
     problem: "S x M x F x E",
-    example_inputs: |dims| {
-        let mut v = (MOE_LAYER.example_inputs)(dims)?;
+    example_inputs: |dims, p| {
+        let mut v = (MOE_LAYER.example_inputs)(dims, p)?;
         v.push(("dy", vec![dims[0], dims[1]]));
         Ok(v)
     },

@@ -74,19 +74,48 @@ fn w4_weights<'a>(a: &'a OpArgs) -> Result<W4Weights<'a>> {
     })
 }
 
-/// `--shape M x N x K`: x and a GPTQ v1 weight with G = 128 (K rounded up to a multiple
-/// of 128; symmetric when N is not a multiple of 8).
-fn w4_inputs(dims: &[usize]) -> Result<kiln_runtime::InputShapes> {
+/// `--shape M x N x K`: x and a weight in the `format` and `group_size` given (default
+/// GPTQ v1, G = 128), K rounded up to a multiple of the group size (of 8 per channel);
+/// zero points where N packs into words (gptq, awq), none in kiln's layout (symmetric).
+fn w4_inputs(
+    dims: &[usize],
+    params: &kiln_runtime::ExampleParams,
+) -> Result<kiln_runtime::InputShapes> {
     let (m, n, k) = mnk(dims)?;
-    // K rounded up to the default group size; zero points where N packs into words.
-    let k = k.div_ceil(128) * 128;
-    let groups = k / 128;
+    let format = params.get("format").map_or("gptq", String::as_str);
+    let group = match params.get("group_size").map(String::as_str) {
+        Some("-1") => None,
+        Some(g) => Some(
+            g.parse::<usize>()
+                .ok()
+                .filter(|g| [32, 64, 128].contains(g))
+                .ok_or_else(|| Error::Param {
+                    param: "group_size".into(),
+                    expected: "32 | 64 | 128 | -1".into(),
+                    found: g.into(),
+                })?,
+        ),
+        None => Some(128),
+    };
+    let k = k.div_ceil(group.unwrap_or(8)) * group.unwrap_or(8);
+    let groups = group.map_or(1, |g| k / g);
+    if format == "awq" && n % 8 != 0 {
+        return Err(Error::Param {
+            param: "--shape".into(),
+            expected: "N a multiple of 8 (format=awq packs 8 columns a word)".into(),
+            found: format!("N = {n}"),
+        });
+    }
+    let qweight = match format {
+        "awq" => vec![k, n / 8],
+        _ => vec![k / 8, n],
+    };
     let mut v = vec![
         ("x", vec![m, k]),
-        ("qweight", vec![k / 8, n]),
+        ("qweight", qweight),
         ("scales", vec![groups, n]),
     ];
-    if n % 8 == 0 {
+    if format != "kiln" && n % 8 == 0 {
         v.push(("qzeros", vec![groups, n / 8]));
     }
     Ok(v)
@@ -138,7 +167,7 @@ pub static W4A16: OpSpec = OpSpec {
     )],
     params: &[FORMAT, GROUP, VERSION, DEQUANT_PATH],
     run: run_w4a16,
-    problem: "M x N x K (a GPTQ v1 weight, G = 128)",
+    problem: "M x N x K (a weight in `format` with `group_size`; default GPTQ v1, G = 128)",
     example_inputs: w4_inputs,
     cost: |dims, elem| gemm_cost(dims, elem, 4.0),
     selftest: || kiln_runtime::selftest::only(super::selftest::cases(), "w4a16"),
@@ -196,8 +225,8 @@ pub static W4A16_REPACK: OpSpec = OpSpec {
     ],
     params: &[FORMAT, GROUP, VERSION],
     run: run_w4a16_repack,
-    problem: "N x K (a GPTQ weight, G = 128)",
-    example_inputs: |dims| {
+    problem: "N x K (a weight in `format` with `group_size`; default GPTQ v1, G = 128)",
+    example_inputs: |dims, p| {
         let &[n, k] = dims else {
             return Err(Error::Param {
                 param: "--shape".into(),
@@ -205,7 +234,7 @@ pub static W4A16_REPACK: OpSpec = OpSpec {
                 found: format!("{dims:?}"),
             });
         };
-        Ok(w4_inputs(&[1, n, k])?.into_iter().skip(1).collect())
+        Ok(w4_inputs(&[1, n, k], p)?.into_iter().skip(1).collect())
     },
     cost: |dims, _| match dims {
         &[n, k] => (0.0, (n * k) as f64),
@@ -284,7 +313,7 @@ pub static W8A8: OpSpec = OpSpec {
     ],
     run: run_w8a8,
     problem: "M x N x K",
-    example_inputs: |dims| {
+    example_inputs: |dims, _| {
         let (m, n, k) = mnk(dims)?;
         Ok(vec![
             ("xq", vec![m, k]),
@@ -391,7 +420,7 @@ pub static W8_BITS: OpSpec = OpSpec {
     ],
     run: run_w8_bits,
     problem: "M x N x K",
-    example_inputs: |dims| {
+    example_inputs: |dims, _| {
         let (m, n, k) = mnk(dims)?;
         Ok(vec![("x", vec![m, k]), ("q8", vec![k, n]), ("s8", vec![n])])
     },
@@ -445,7 +474,10 @@ fn flex_inputs(a: &OpArgs) -> Result<FlexRoundInputs<'_>> {
     })
 }
 
-fn flex_shapes(dims: &[usize]) -> Result<kiln_runtime::InputShapes> {
+fn flex_shapes(
+    dims: &[usize],
+    _: &kiln_runtime::ExampleParams,
+) -> Result<kiln_runtime::InputShapes> {
     let &[r, c] = dims else {
         return Err(Error::Param {
             param: "--shape".into(),
@@ -519,8 +551,8 @@ pub static FLEXROUND_BACKWARD: OpSpec = OpSpec {
     params: &[QMIN, QMAX],
     run: run_flex_backward,
     problem: "rows x cols",
-    example_inputs: |dims| {
-        let mut v = flex_shapes(dims)?;
+    example_inputs: |dims, p| {
+        let mut v = flex_shapes(dims, p)?;
         v.push(("grad", dims.to_vec()));
         Ok(v)
     },

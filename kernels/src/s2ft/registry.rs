@@ -274,7 +274,7 @@ pub static S2FT_SELECT: OpSpec = OpSpec {
     ],
     run: run_select,
     problem: "U x C",
-    example_inputs: |dims| match *dims {
+    example_inputs: |dims, _| match *dims {
         [u, c] => Ok(vec![("row_weight", vec![u, c]), ("col_weight", vec![c, u]), ("activations", vec![c, u])]),
         _ => Err(shape_err("--shape", "U x C".into(), dims)),
     },
@@ -369,7 +369,7 @@ pub static S2FT_PERMUTE: OpSpec = OpSpec {
     params: &[HEAD_DIM],
     run: run_permute,
     problem: "F x d",
-    example_inputs: |dims| match *dims {
+    example_inputs: |dims, _| match *dims {
         [f, d] => Ok(vec![("perm", vec![f]), ("w_up", vec![f, d]), ("w_gate", vec![f, d]), ("w_down", vec![d, f])]),
         _ => Err(shape_err("--shape", "F x d".into(), dims)),
     },
@@ -451,7 +451,7 @@ pub static S2FT_VERIFY: OpSpec = OpSpec {
     params: &[HEAD_DIM, ParamSpec::new("causal", "false", "false | true", "attention: causal mask")],
     run: run_verify,
     problem: "T x d x F",
-    example_inputs: |dims| match *dims {
+    example_inputs: |dims, _| match *dims {
         [t, d, f] => Ok(vec![("x", vec![t, d]), ("perm", vec![f]), ("w_up", vec![f, d]), ("w_gate", vec![f, d]), ("w_down", vec![d, f])]),
         _ => Err(shape_err("--shape", "T x d x F".into(), dims)),
     },
@@ -508,7 +508,7 @@ pub static S2FT_PARTIAL_BACKWARD: OpSpec = OpSpec {
     params: &[BLOCK, START, END],
     run: run_partial_backward,
     problem: "T x out x in",
-    example_inputs: |dims| match *dims {
+    example_inputs: |dims, _| match *dims {
         [t, o, i] => Ok(vec![("dy", vec![t, o]), ("x", vec![t, i]), ("w", vec![o, i])]),
         _ => Err(shape_err("--shape", "T x out x in".into(), dims)),
     },
@@ -556,7 +556,7 @@ pub static S2FT_ADAMW_STEP: OpSpec = OpSpec {
     ],
     run: run_adamw,
     problem: "out x in",
-    example_inputs: |dims| match *dims {
+    example_inputs: |dims, _| match *dims {
         [o, i] => Ok(vec![("param", vec![o, i]), ("grad", vec![o, i]), ("m", vec![o, i]), ("v", vec![o, i])]),
         _ => Err(shape_err("--shape", "out x in".into(), dims)),
     },
@@ -613,7 +613,7 @@ pub static S2FT_ADAPTER_FORWARD: OpSpec = OpSpec {
     params: &[BLOCK, ADAPTER_START],
     run: run_adapter,
     problem: "T x out x in x A",
-    example_inputs: |dims| match *dims {
+    example_inputs: |dims, _| match *dims {
         [t, o, i, a] => Ok(vec![("x", vec![t, i]), ("w0", vec![o, i]), ("deltas", vec![a, o, i]), ("adapter_ids", vec![t])]),
         _ => Err(shape_err("--shape", "T x out x in x A".into(), dims)),
     },
@@ -670,7 +670,7 @@ pub static S2FT_MERGE: OpSpec = OpSpec {
     ],
     run: run_merge,
     problem: "out x in x A",
-    example_inputs: |dims| match *dims {
+    example_inputs: |dims, _| match *dims {
         [o, i, a] => Ok(vec![("w0", vec![o, i]), ("deltas", vec![a, o, i])]),
         _ => Err(shape_err("--shape", "out x in x A".into(), dims)),
     },

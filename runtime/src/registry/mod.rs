@@ -169,6 +169,11 @@ pub type Outputs = Vec<(&'static str, Tensor)>;
 /// Named input shapes, what [`OpSpec::example_inputs`] returns for a `--shape`.
 pub type InputShapes = Vec<(&'static str, Vec<usize>)>;
 
+/// The `key=value` parameters given with a `--shape` (`--set`; absent keys take their
+/// defaults), for the operators whose parameters decide an input's layout (matmul's
+/// `trans_b`).
+pub type ExampleParams = BTreeMap<String, String>;
+
 /// An operator's in-place form for `kiln bench` ([`OpSpec::in_place`]): set up once from
 /// the bound arguments, it returns the work to repeat, each call one in-place step.
 pub type InPlace = fn(&Client, &OpArgs) -> Result<Box<dyn FnMut() -> Result<()>>>;
@@ -189,8 +194,9 @@ pub struct OpSpec {
     pub run: fn(&Client, &OpArgs) -> Result<Outputs>,
     /// What `--shape` means for `kiln tune` / `kiln bench`, e.g. `M x N x K`.
     pub problem: &'static str,
-    /// The input shapes for a `--shape` (dims as given), or an error naming `--shape`.
-    pub example_inputs: fn(&[usize]) -> Result<InputShapes>,
+    /// The input shapes for a `--shape` (dims as given) under the given parameters, or
+    /// an error naming `--shape`.
+    pub example_inputs: fn(&[usize], &ExampleParams) -> Result<InputShapes>,
     /// Work for a `--shape` and element size in bytes: (floating-point operations,
     /// bytes moved to and from device memory at least once), for `kiln bench`.
     pub cost: fn(&[usize], usize) -> (f64, f64),

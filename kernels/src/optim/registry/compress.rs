@@ -82,7 +82,10 @@ const K: ParamSpec = ParamSpec::new(
     "how many coordinates are kept",
 );
 
-fn compress_example(dims: &[usize]) -> Result<kiln_runtime::InputShapes> {
+fn compress_example(
+    dims: &[usize],
+    _: &kiln_runtime::ExampleParams,
+) -> Result<kiln_runtime::InputShapes> {
     Ok(vec![("grad", dims.to_vec()), ("error", dims.to_vec())])
 }
 
@@ -203,7 +206,7 @@ pub static ECONTROL: OpSpec = OpSpec {
     ],
     run: |_, a| run_econtrol(a),
     problem: "shape of grad",
-    example_inputs: |d| Ok(vec![("grad", d.to_vec()), ("error", d.to_vec()), ("h", d.to_vec())]),
+    example_inputs: |d, _| Ok(vec![("grad", d.to_vec()), ("error", d.to_vec()), ("h", d.to_vec())]),
     cost: |d, e| {
         let (flops, bytes) = compress_cost(d, e);
         let n: usize = d.iter().product();

@@ -185,7 +185,7 @@ pub static FRUGAL: OpSpec = OpSpec {
     ],
     run: |_, a| run_frugal(a),
     problem: "shape of param (a matrix, e.g. 1024,4096, for subspaces rows, columns and svd)",
-    example_inputs: |d| {
+    example_inputs: |d, _| {
         if d.is_empty() || d.contains(&0) {
             return Err(shape_err("--shape", "param's shape, no zero extent".into(), d));
         }

@@ -77,7 +77,10 @@ const STREAM: ParamSpec = ParamSpec::new(
     "the tensor's position in its list (the generator's second counter word)",
 );
 
-fn perturb_example(dims: &[usize]) -> Result<kiln_runtime::InputShapes> {
+fn perturb_example(
+    dims: &[usize],
+    _: &kiln_runtime::ExampleParams,
+) -> Result<kiln_runtime::InputShapes> {
     let [n] = *dims else {
         return Err(shape_err("--shape", "N (elements)".into(), dims));
     };
@@ -122,8 +125,8 @@ pub static ZO_UPDATE: OpSpec = OpSpec {
     ],
     run: |_, a| run_perturb(a, zo_update(a)?),
     problem: "N",
-    example_inputs: |d| {
-        let mut v = perturb_example(d)?;
+    example_inputs: |d, p| {
+        let mut v = perturb_example(d, p)?;
         v.push(("projected_grads", vec![4]));
         Ok(v)
     },
