@@ -1227,6 +1227,71 @@ fn grouped_tn(dtype: DType) {
     }
 }
 
+/// The bias gradients' kernel: each group's column sums, every configuration (and the
+/// tuned one) against f64 on ragged groups (an empty one), windows at odd columns and
+/// widths past one cube of columns.
+#[test]
+fn every_column_sums_config_matches_the_reference_f32() {
+    column_sums(DType::F32);
+}
+
+#[test]
+fn every_column_sums_config_matches_the_reference_f16() {
+    column_sums(DType::F16);
+}
+
+fn column_sums(dtype: DType) {
+    use kiln::kernels::matmul::{
+        grouped_column_sums_with, GroupedColumnSums, GroupedColumnSumsProblem,
+    };
+    if common::refused(dtype) {
+        return;
+    }
+    let counts = [133usize, 0, 37, 300];
+    let (rows, ldb) = (counts.iter().sum::<usize>(), 301usize);
+    let mut rng = Rng::new(37);
+    let b = round(dtype, &[rows, ldb], &rng.normals(rows * ldb, 1.0));
+    let tb = up(dtype, &[rows, ldb], &b);
+    for cols in [0..ldb, 3..260, 5..6] {
+        let n = cols.len();
+        let mut want = vec![0.0; counts.len() * n];
+        let mut r0 = 0;
+        for (g, &count) in counts.iter().enumerate() {
+            for r in r0..r0 + count {
+                for j in 0..n {
+                    want[g * n + j] += b[r * ldb + cols.start + j];
+                }
+            }
+            r0 += count;
+        }
+        let problem = GroupedColumnSumsProblem {
+            n: n as u32,
+            ldb: ldb as u32,
+            b_col: cols.start as u32,
+            experts: counts.len() as u32,
+            max_rows: 300,
+            b_f32: false,
+        };
+        let configs = GroupedColumnSums::space(client(), &problem);
+        assert_eq!(configs.len(), 3, "{configs:?}");
+        // One rounding of the output, plus f32 sums over up to 300 rows.
+        let bound = dtype.epsilon() + 8.0 * f32::EPSILON as f64 * (300f64).sqrt();
+        for cfg in configs.into_iter().map(Some).chain([None]) {
+            let c = grouped_column_sums_with(&tb, cols.clone(), &counts, cfg).unwrap();
+            assert_eq!(c.shape(), &[counts.len(), n]);
+            let err = max_rel_error(&down(&c), &want, 1.0);
+            assert!(err < bound, "{cfg:?} columns {cols:?}: {err:e}");
+        }
+    }
+    // Bad input: counts that do not cover the rows, a window past b's columns.
+    let err = grouped_column_sums_with(&tb, 0..8, &[133, 0, 37, 299], None);
+    common::assert_clear(err.unwrap_err(), &["counts", "470", "469"]);
+    let err = grouped_column_sums_with(&tb, 300..302, &counts, None);
+    common::assert_clear(err.unwrap_err(), &["`b`", "300..302", "[470, 301]"]);
+    let empty = grouped_column_sums_with(&tb, 7..7, &counts, None).unwrap();
+    assert_eq!(empty.shape(), &[4, 0]);
+}
+
 /// Runs `run` on each of `configs` (which must include staged ones and the 32 x 32 vector
 /// tile) and checks it against `want` within `bound` (relative to |want| + `floor`).
 fn each_config(

@@ -80,7 +80,7 @@ impl<'a> ColumnWindow<'a> {
             width: t.shape()[t.rank() - 1],
         }
     }
-    fn ld(&self) -> usize {
+    pub(crate) fn ld(&self) -> usize {
         self.t.shape()[self.t.rank() - 1]
     }
 }

@@ -34,6 +34,7 @@ mod cost;
 mod cubek;
 mod direct;
 mod gemv;
+mod grouped_sums;
 mod grouped_tn;
 pub mod reference;
 mod registry;
@@ -53,6 +54,11 @@ pub use direct::{
 pub use gemv::{
     MatmulGemv, MatmulGemvArgs, MatmulGemvConfig, MatmulGemvProblem, GEMV_MAX_ROWS,
     MATMUL_GEMV_KERNEL,
+};
+pub(crate) use grouped_sums::sum_columns_by_group;
+pub use grouped_sums::{
+    grouped_column_sums_with, GroupedColumnSums, GroupedColumnSumsArgs, GroupedColumnSumsConfig,
+    GroupedColumnSumsProblem,
 };
 pub use grouped_tn::{
     grouped_matmul_tn_with, GroupedMatmulTn, GroupedMatmulTnArgs, GroupedMatmulTnConfig,

@@ -2,8 +2,8 @@
 //! routing again (deterministic, so the same routes), the expert FFN's pre-activations,
 //! then the gradients of every input and weight. The weight gradients are grouped
 //! `A_e^T B_e` products summed over each expert's rows (`grouped_matmul_tn`: one
-//! cube per output tile and expert, no atomics); the bias gradients are the same
-//! product with a column of ones.
+//! cube per output tile and expert, no atomics); the bias gradients are each expert's
+//! column sums (`matmul::sum_columns_by_group`).
 
 use super::ffn::{grouped_matmul, ExpertWeights, GroupedKernel, Groups};
 use super::gate::{moe_gate, moe_gate_backward};
@@ -12,11 +12,13 @@ use super::movement::{combine_from_layout, gate_grads, gather_into_layout};
 use super::routing::RowLayout;
 use super::GateOptions;
 use crate::launch::{check_input, expect_shape};
-use crate::matmul::{grouped_tn_product, matmul, Activation, ColumnWindow, Epilogue};
+use crate::matmul::{
+    grouped_tn_product, matmul, sum_columns_by_group, Activation, ColumnWindow, Epilogue,
+};
 use crate::rows::slice_rows;
 use cubecl::prelude::*;
 use kiln_dsl::linear_unit;
-use kiln_runtime::{DType, HostTensor, Result, Tensor};
+use kiln_runtime::{DType, Result, Tensor};
 
 /// The gradients of [`super::moe_layer`]'s inputs and weights (each in its tensor's
 /// dtype; `d_b1`/`d_b2` are what a bias there would receive, given or not).
@@ -158,7 +160,6 @@ impl FfnForward {
             GroupedKernel::Auto,
         )?;
         let d_pre = activation(&self.pre, Some(&d_h), w.activation)?;
-        let ones = ones(d.client(), d.shape()[0], dtype)?;
         Ok(FfnGrads {
             d_d: grouped_matmul(
                 &d_pre,
@@ -173,9 +174,9 @@ impl FfnForward {
                 GroupedKernel::Auto,
             )?,
             d_w2: grouped_tn(&self.h, d_y, groups, dtype)?.reshape(&[e, f, m])?,
-            d_b2: grouped_tn(&ones, d_y, groups, dtype)?.reshape(&[e, m])?,
+            d_b2: sum_columns_by_group(ColumnWindow::all(d_y), groups, dtype)?,
             d_w1: grouped_tn(d, &d_pre, groups, dtype)?.reshape(&[e, m, f])?,
-            d_b1: grouped_tn(&ones, &d_pre, groups, dtype)?.reshape(&[e, f])?,
+            d_b1: sum_columns_by_group(ColumnWindow::all(&d_pre), groups, dtype)?,
         })
     }
 }
@@ -215,20 +216,6 @@ pub(super) fn check_dy(dy: &Tensor, x: &Tensor) -> Result<()> {
     check_input("dy", dy, x.client())?;
     dy.expect_dtype("dy", &[x.dtype()])?;
     expect_shape("dy", dy, x.shape(), "[S, M] of x")
-}
-
-/// A column of `rows` ones, `[rows, 1]`, in `dtype` (f32 for half: the products read it
-/// as f32).
-fn ones(client: &kiln_runtime::Client, rows: usize, dtype: DType) -> Result<Tensor> {
-    let d = if dtype == DType::F32 {
-        dtype
-    } else {
-        DType::F32
-    };
-    Tensor::upload(
-        client,
-        &HostTensor::from_f64(d, vec![rows.max(1), 1], &vec![1.0; rows.max(1)])?,
-    )
 }
 
 /// `act(pre)` (without `d_h`) or `d_h act'(pre)`, f32 in and out.
