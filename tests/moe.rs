@@ -1191,9 +1191,11 @@ fn grouped_tn(dtype: DType) {
             .filter(|c| matches!(c, GroupedTnConfig::Vec4(_)))
             .count();
         // Windows at a multiple of 4: the 5 vector tiles (the few-column one too) where
-        // the problem fills them; at column 1, the staged kernel alone.
+        // the problem fills them, and the 3 that share `a` across a plane of 8 where the
+        // device has such planes; at column 1, the staged kernel alone.
         let want_vec4 = match (a_cols.start, n) {
             (1, _) => 0,
+            (_, 260) if common::has_planes_of_8() => 8,
             (_, 260) => 5,
             _ => 3,
         };

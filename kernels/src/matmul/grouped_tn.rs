@@ -5,7 +5,7 @@
 //! reduction: one cube owns one output tile and walks its group's rows, so no two cubes
 //! add into one output (no atomics; WGSL has none for floats).
 
-use super::{clamped_strided, zero_tile_v4};
+use super::{clamped_strided, plane_rows, shares_rows, zero_tile_v4};
 use crate::launch::upload_u32;
 use cubecl::prelude::*;
 use kiln_dsl::{load_tile_v4, reg_tile_mma_v4, v4_tile_col, V4};
@@ -455,15 +455,21 @@ pub fn grouped_matmul_tn<F: Float>(
 /// order (`tn_rows`), then one at a time. Windows, leading dimensions and widths must be
 /// multiples of 4.
 #[kiln_macros::kernel(
-    tune((BM, BN, TM, TN) = [
-            (64, 64, 8, 8),
-            (64, 128, 8, 16),
-            (128, 128, 16, 16),
-            (32, 64, 8, 8),
+    tune((BM, BN, TM, TN, SHARE) = [
+            (64, 64, 8, 8, 1),
+            (64, 128, 8, 16, 1),
+            (128, 128, 16, 16, 1),
+            (32, 64, 8, 8, 1),
             // Few columns (MoE's `d_w_gate = x^T d_logits`, N = the experts).
-            (128, 8, 16, 8),
+            (128, 8, 16, 8, 1),
+            // A plane of 8 shares its rows of `a` (`matmul_vec4_plane`'s scheme).
+            (64, 128, 64, 16, 8),
+            (32, 128, 32, 16, 8),
+            (64, 64, 64, 8, 8),
         ]),
-    require(BM % TM == 0,
+    require(shares_rows(device, SHARE, BN, TM, TN),
+        SHARE == 1 || TM % (4 * SHARE) == 0,
+        BM % TM == 0,
         BN % TN == 0,
         TM % 4 == 0,
         TN % 4 == 0,
@@ -514,18 +520,33 @@ pub fn grouped_matmul_tn_v4<F: Float>(
     clamped_strided(&mut cv, cv0, units_x, nv - 1, tnv);
     // Row t of a's window starts at vector t ldav + a0, of b's at t ldbv + b0.
     let (ldav, a0, ldbv, b0) = (lda / 4, a_col / 4, ldb / 4, b_col / 4);
+    // With SHARE = 8 the plane (one `ty`, the eight `tx`) needs the same vectors of `a`:
+    // lane `l` reads vectors `l, l + 8, ..` of the tile (`own`), the rest come by shuffles.
+    let owned = comptime!(if SHARE > 1 { tmv / SHARE } else { 1 });
+    let mut own = Array::<u32>::new(comptime!(owned as usize));
+    if comptime!(SHARE > 1) {
+        clamped_strided(
+            &mut own,
+            rv0 + UNIT_POS_PLANE * units_y,
+            SHARE * units_y,
+            kav - 1,
+            owned,
+        );
+    }
     let mut acc = Array::<V4>::new(comptime!((TM * tnv) as usize));
     zero_tile_v4(&mut acc, TM * tnv);
     let mut t = start;
     while t + 4 <= end {
         tn_rows::<F>(
-            &mut acc, a, a32, b, b32, &rv, &cv, ldav, a0, ldbv, b0, t, 4u32, tmv, tnv, a_f32, b_f32,
+            &mut acc, a, a32, b, b32, &rv, &own, &cv, ldav, a0, ldbv, b0, t, 4u32, tmv, tnv, SHARE,
+            a_f32, b_f32,
         );
         t += 4;
     }
     while t < end {
         tn_rows::<F>(
-            &mut acc, a, a32, b, b32, &rv, &cv, ldav, a0, ldbv, b0, t, 1u32, tmv, tnv, a_f32, b_f32,
+            &mut acc, a, a32, b, b32, &rv, &own, &cv, ldav, a0, ldbv, b0, t, 1u32, tmv, tnv, SHARE,
+            a_f32, b_f32,
         );
         t += 1;
     }
@@ -551,7 +572,9 @@ pub fn grouped_matmul_tn_v4<F: Float>(
 /// a[t + d, vector rv[i]][l] b[t + d, vector cv[jv]]`, the products added in row order.
 /// Each row's vectors are loaded first, then each accumulator goes through the `depth`
 /// rows in a row (one load, blend and store of it per `depth` products on a CPU adapter,
-/// as `fma_k_quad`).
+/// as `fma_k_quad`). With `share > 1` the unit loads only its `own` vectors of `a` and
+/// the plane exchanges them (`plane_rows`; uniform control flow: the group's rows are the
+/// cube's).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn tn_rows<F: Float>(
@@ -561,6 +584,7 @@ fn tn_rows<F: Float>(
     b: &Array<Vector<F, Const<4>>>,
     b32: &Array<V4>,
     rv: &Array<u32>,
+    own: &Array<u32>,
     cv: &Array<u32>,
     ldav: u32,
     a0: u32,
@@ -570,6 +594,7 @@ fn tn_rows<F: Float>(
     #[comptime] depth: u32,
     #[comptime] tmv: u32,
     #[comptime] tnv: u32,
+    #[comptime] share: u32,
     #[comptime] a_f32: bool,
     #[comptime] b_f32: bool,
 ) {
@@ -577,10 +602,26 @@ fn tn_rows<F: Float>(
     let mut bq = Array::<V4>::new(comptime!((depth * tnv) as usize));
     #[unroll]
     for d in 0..depth {
-        #[unroll]
-        for i in 0..tmv {
-            let at = (t + d) * ldav + a0 + rv[i as usize];
-            aq[(d * tmv + i) as usize] = load_v4::<F>(a, a32, at, a_f32);
+        if comptime!(share > 1) {
+            let owned = comptime!(tmv / share);
+            let mut mine = Array::<V4>::new(comptime!(owned as usize));
+            #[unroll]
+            for q in 0..owned {
+                let at = (t + d) * ldav + a0 + own[q as usize];
+                mine[q as usize] = load_v4::<F>(a, a32, at, a_f32);
+            }
+            let mut row = Array::<V4>::new(comptime!(tmv as usize));
+            plane_rows(&mut row, &mine, tmv, 1u32);
+            #[unroll]
+            for i in 0..tmv {
+                aq[(d * tmv + i) as usize] = row[i as usize];
+            }
+        } else {
+            #[unroll]
+            for i in 0..tmv {
+                let at = (t + d) * ldav + a0 + rv[i as usize];
+                aq[(d * tmv + i) as usize] = load_v4::<F>(a, a32, at, a_f32);
+            }
         }
         #[unroll]
         for jv in 0..tnv {
