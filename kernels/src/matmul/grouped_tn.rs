@@ -316,252 +316,251 @@ impl<'a> TnProblem<'a> {
     }
 }
 
-/// `c[g] = a_g^T b_g` over group `g`'s rows `row_start[g] ..`, with `a_g` element (row
-/// t, i) at `a[t lda + a_col + i]` (`i < ka`) and `b_g` (t, j) at `b[t ldb + b_col + j]`
-/// (`j < n`): one cube per (column tile, row tile of Ka, group) walks the group's rows in
-/// `BK` slices staged through shared memory as 4-wide vectors, f32 accumulators; a
-/// group without rows writes zeros. The rows are the reduction, so no two cubes add
-/// into one output: no atomics.
-#[kiln_macros::kernel(
-    tune((BM, BN, BK, TM, TN) = [
-            (32, 64, 16, 4, 8),
-            (64, 64, 16, 4, 8),
-            (16, 64, 16, 2, 8),
-        ]),
-    require(BM % TM == 0,
-        BN % TN == 0,
-        TN % 4 == 0,
-        BK % 4 == 0,
-        (((BM + BN) * BK * 4) as usize) <= device.max_shared_memory),
-    key(ka = pow2, n = pow2, max_rows = pow2, experts = pow2, dtype),
-    grid = (n.div_ceil(BN), ka.div_ceil(BM), experts),
-    cube = ((BM / TM) * (BN / TN)),
-    defaults(a_f32 = false, b_f32 = false)
-)]
-pub fn grouped_matmul_tn<F: Float>(
-    a: &Array<F>,
-    a32: &Array<f32>,
-    b: &Array<F>,
-    b32: &Array<f32>,
-    row_start: &Array<u32>,
-    row_count: &Array<u32>,
-    c: &mut Array<F>,
-    ka: u32,
-    n: u32,
-    lda: u32,
-    ldb: u32,
-    a_col: u32,
-    b_col: u32,
-    experts: u32,
-    max_rows: u32,
-    #[comptime] a_f32: bool,
-    #[comptime] b_f32: bool,
-) {
-    let e = CUBE_POS_Z;
-    let start = row_start[e as usize];
-    let count = row_count[e as usize];
-    let units = comptime!((BM / TM) * (BN / TN));
-    let cols_of_units = comptime!(BN / TN);
-    let row0 = CUBE_POS_Y * BM;
-    let col0 = CUBE_POS_X * BN;
-    let (ty, tx) = (UNIT_POS / cols_of_units, UNIT_POS % cols_of_units);
-    let mut acc = Array::<V4>::new(comptime!((TM * TN / 4) as usize));
-    zero_tile_v4(&mut acc, TM * TN / 4);
-    let mut xs = SharedMemory::<V4>::new(comptime!((BM * BK / 4) as usize));
-    let mut ys = SharedMemory::<V4>::new(comptime!((BK * BN / 4) as usize));
-    let mut d0 = 0u32;
-    while d0 < count {
-        let depth = count - d0;
-        let base = start + d0;
-        // X (output row i, depth d) = a[(base + d) lda + a_col + row0 + i].
-        let a_at = base * lda + a_col + row0;
-        if comptime!(a_f32) {
-            load_tile_v4::<f32>(
-                &mut xs,
+/// Declares a weight-gradient kernel with the signature both share (`a`, `b` as
+/// `$operand`, their f32 forms as `$operand32`, `c` as `$operand`): its `#[kernel]`
+/// sections beyond the shared key, grid, cube and defaults, then its body.
+macro_rules! tn_kernel {
+    (
+        $(#[doc = $doc:literal])*
+        #[kernel($($attr:tt)*)]
+        $name:ident<[$($operand:tt)*], [$($operand32:tt)*]> $body:block
+    ) => {
+        $(#[doc = $doc])*
+        #[kiln_macros::kernel(
+            key(ka = pow2, n = pow2, max_rows = pow2, experts = pow2, dtype),
+            grid = (n.div_ceil(BN), ka.div_ceil(BM), experts),
+            cube = ((BM / TM) * (BN / TN)),
+            defaults(a_f32 = false, b_f32 = false),
+            $($attr)*
+        )]
+        pub fn $name<F: Float>(
+            a: &Array<$($operand)*>,
+            a32: &Array<$($operand32)*>,
+            b: &Array<$($operand)*>,
+            b32: &Array<$($operand32)*>,
+            row_start: &Array<u32>,
+            row_count: &Array<u32>,
+            c: &mut Array<$($operand)*>,
+            ka: u32,
+            n: u32,
+            lda: u32,
+            ldb: u32,
+            a_col: u32,
+            b_col: u32,
+            experts: u32,
+            max_rows: u32,
+            #[comptime] a_f32: bool,
+            #[comptime] b_f32: bool,
+        ) $body
+    };
+}
+
+tn_kernel! {
+    /// `c[g] = a_g^T b_g` over group `g`'s rows `row_start[g] ..`, with `a_g` element (row
+    /// t, i) at `a[t lda + a_col + i]` (`i < ka`) and `b_g` (t, j) at `b[t ldb + b_col + j]`
+    /// (`j < n`): one cube per (column tile, row tile of Ka, group) walks the group's rows in
+    /// `BK` slices staged through shared memory as 4-wide vectors, f32 accumulators; a
+    /// group without rows writes zeros. The rows are the reduction, so no two cubes add
+    /// into one output: no atomics.
+    #[kernel(
+        tune((BM, BN, BK, TM, TN) = [
+                (32, 64, 16, 4, 8),
+                (64, 64, 16, 4, 8),
+                (16, 64, 16, 2, 8),
+            ]),
+        require(BM % TM == 0,
+            BN % TN == 0,
+            TN % 4 == 0,
+            BK % 4 == 0,
+            (((BM + BN) * BK * 4) as usize) <= device.max_shared_memory),
+    )]
+    grouped_matmul_tn<[F], [f32]> {
+        let e = CUBE_POS_Z;
+        let start = row_start[e as usize];
+        let count = row_count[e as usize];
+        let units = comptime!((BM / TM) * (BN / TN));
+        let cols_of_units = comptime!(BN / TN);
+        let row0 = CUBE_POS_Y * BM;
+        let col0 = CUBE_POS_X * BN;
+        let (ty, tx) = (UNIT_POS / cols_of_units, UNIT_POS % cols_of_units);
+        let mut acc = Array::<V4>::new(comptime!((TM * TN / 4) as usize));
+        zero_tile_v4(&mut acc, TM * TN / 4);
+        let mut xs = SharedMemory::<V4>::new(comptime!((BM * BK / 4) as usize));
+        let mut ys = SharedMemory::<V4>::new(comptime!((BK * BN / 4) as usize));
+        let mut d0 = 0u32;
+        while d0 < count {
+            let depth = count - d0;
+            let base = start + d0;
+            // X (output row i, depth d) = a[(base + d) lda + a_col + row0 + i].
+            let a_at = base * lda + a_col + row0;
+            if comptime!(a_f32) {
+                load_tile_v4::<f32>(
+                    &mut xs,
+                    0,
+                    a32,
+                    a_at,
+                    1,
+                    lda,
+                    ka - row0,
+                    depth,
+                    BM,
+                    BK,
+                    units,
+                );
+            } else {
+                load_tile_v4::<F>(&mut xs, 0, a, a_at, 1, lda, ka - row0, depth, BM, BK, units);
+            }
+            // Y (depth d, column j) = b[(base + d) ldb + b_col + col0 + j].
+            let b_at = base * ldb + b_col + col0;
+            if comptime!(b_f32) {
+                load_tile_v4::<f32>(
+                    &mut ys,
+                    0,
+                    b32,
+                    b_at,
+                    ldb,
+                    1,
+                    depth,
+                    n - col0,
+                    BK,
+                    BN,
+                    units,
+                );
+            } else {
+                load_tile_v4::<F>(&mut ys, 0, b, b_at, ldb, 1, depth, n - col0, BK, BN, units);
+            }
+            sync_cube();
+            reg_tile_mma_v4(
+                &mut acc,
+                &xs,
                 0,
-                a32,
-                a_at,
-                1,
-                lda,
-                ka - row0,
-                depth,
+                &ys,
+                0,
+                ty,
+                tx,
                 BM,
-                BK,
-                units,
-            );
-        } else {
-            load_tile_v4::<F>(&mut xs, 0, a, a_at, 1, lda, ka - row0, depth, BM, BK, units);
-        }
-        // Y (depth d, column j) = b[(base + d) ldb + b_col + col0 + j].
-        let b_at = base * ldb + b_col + col0;
-        if comptime!(b_f32) {
-            load_tile_v4::<f32>(
-                &mut ys,
-                0,
-                b32,
-                b_at,
-                ldb,
-                1,
-                depth,
-                n - col0,
-                BK,
                 BN,
-                units,
+                BK,
+                TM,
+                TN,
+                local_scalars,
             );
-        } else {
-            load_tile_v4::<F>(&mut ys, 0, b, b_at, ldb, 1, depth, n - col0, BK, BN, units);
+            sync_cube();
+            d0 += BK;
         }
-        sync_cube();
-        reg_tile_mma_v4(
-            &mut acc,
-            &xs,
-            0,
-            &ys,
-            0,
-            ty,
-            tx,
-            BM,
-            BN,
-            BK,
-            TM,
-            TN,
-            local_scalars,
-        );
-        sync_cube();
-        d0 += BK;
-    }
-    let row_step = comptime!(BM / TM);
-    #[unroll]
-    for i in 0..TM {
-        let r = row0 + ty + i * row_step;
+        let row_step = comptime!(BM / TM);
         #[unroll]
-        for j in 0..TN {
-            let col = col0 + v4_tile_col(tx, j, BN, TN);
-            if r < ka && col < n {
-                let v = acc[(i * comptime!(TN / 4) + j / 4) as usize][(j % 4) as usize];
-                c[((e * ka + r) * n + col) as usize] = F::cast_from(v);
+        for i in 0..TM {
+            let r = row0 + ty + i * row_step;
+            #[unroll]
+            for j in 0..TN {
+                let col = col0 + v4_tile_col(tx, j, BN, TN);
+                if r < ka && col < n {
+                    let v = acc[(i * comptime!(TN / 4) + j / 4) as usize][(j % 4) as usize];
+                    c[((e * ka + r) * n + col) as usize] = F::cast_from(v);
+                }
             }
         }
     }
 }
 
-/// [`grouped_matmul_tn`] with 4-wide vectors straight from global memory (no shared
-/// memory, no barriers: the CPU-adapter path, as `matmul_vec4`): a unit owns `TM` rows of
-/// `c` (`TM / 4` vectors of `a`'s window, four adjacent output rows each) and `TN` columns
-/// (`TN / 4` vectors of `b`'s), both strided across the cube and clamped past the edges
-/// (computed, never stored), and walks its group's rows: per row `TM / 4 + TN / 4` vector
-/// loads for `TM x TN` FMAs (an outer product; the staged kernel reads every row twice,
-/// through shared memory). Four rows at a time, each accumulator through the four in
-/// order (`tn_rows`), then one at a time. Windows, leading dimensions and widths must be
-/// multiples of 4.
-#[kiln_macros::kernel(
-    tune((BM, BN, TM, TN, SHARE) = [
-            (64, 64, 8, 8, 1),
-            (64, 128, 8, 16, 1),
-            (128, 128, 16, 16, 1),
-            (32, 64, 8, 8, 1),
-            // Few columns (MoE's `d_w_gate = x^T d_logits`, N = the experts).
-            (128, 8, 16, 8, 1),
-            // A plane of 8 shares its rows of `a` (`matmul_vec4_plane`'s scheme).
-            (64, 128, 64, 16, 8),
-            (32, 128, 32, 16, 8),
-            (64, 64, 64, 8, 8),
-        ]),
-    require(shares_rows(device, SHARE, BN, TM, TN),
-        SHARE == 1 || TM % (4 * SHARE) == 0,
-        BM % TM == 0,
-        BN % TN == 0,
-        TM % 4 == 0,
-        TN % 4 == 0,
-        ka % 4 == 0,
-        n % 4 == 0,
-        lda % 4 == 0,
-        ldb % 4 == 0,
-        a_col % 4 == 0,
-        b_col % 4 == 0,
-        TM * TN <= 64 || (ka >= BM && n >= BN)),
-    key(ka = pow2, n = pow2, max_rows = pow2, experts = pow2, dtype),
-    grid = (n.div_ceil(BN), ka.div_ceil(BM), experts),
-    cube = ((BM / TM) * (BN / TN)),
-    defaults(a_f32 = false, b_f32 = false)
-)]
-pub fn grouped_matmul_tn_v4<F: Float>(
-    a: &Array<Vector<F, Const<4>>>,
-    a32: &Array<Vector<f32, Const<4>>>,
-    b: &Array<Vector<F, Const<4>>>,
-    b32: &Array<Vector<f32, Const<4>>>,
-    row_start: &Array<u32>,
-    row_count: &Array<u32>,
-    c: &mut Array<Vector<F, Const<4>>>,
-    ka: u32,
-    n: u32,
-    lda: u32,
-    ldb: u32,
-    a_col: u32,
-    b_col: u32,
-    experts: u32,
-    max_rows: u32,
-    #[comptime] a_f32: bool,
-    #[comptime] b_f32: bool,
-) {
-    let e = CUBE_POS_Z;
-    let start = row_start[e as usize];
-    let end = start + row_count[e as usize];
-    let units_x = comptime!(BN / TN);
-    let units_y = comptime!(BM / TM);
-    let (tmv, tnv) = comptime!((TM / 4, TN / 4));
-    let (ty, tx) = (UNIT_POS / units_x, UNIT_POS % units_x);
-    let (kav, nv) = (ka / 4, n / 4);
-    let rv0 = CUBE_POS_Y * (BM / 4) + ty;
-    let cv0 = CUBE_POS_X * (BN / 4) + tx;
-    let mut rv = Array::<u32>::new(comptime!(tmv as usize));
-    clamped_strided(&mut rv, rv0, units_y, kav - 1, tmv);
-    let mut cv = Array::<u32>::new(comptime!(tnv as usize));
-    clamped_strided(&mut cv, cv0, units_x, nv - 1, tnv);
-    // Row t of a's window starts at vector t ldav + a0, of b's at t ldbv + b0.
-    let (ldav, a0, ldbv, b0) = (lda / 4, a_col / 4, ldb / 4, b_col / 4);
-    // With SHARE = 8 the plane (one `ty`, the eight `tx`) needs the same vectors of `a`:
-    // lane `l` reads vectors `l, l + 8, ..` of the tile (`own`), the rest come by shuffles.
-    let owned = comptime!(if SHARE > 1 { tmv / SHARE } else { 1 });
-    let mut own = Array::<u32>::new(comptime!(owned as usize));
-    if comptime!(SHARE > 1) {
-        clamped_strided(
-            &mut own,
-            rv0 + UNIT_POS_PLANE * units_y,
-            SHARE * units_y,
-            kav - 1,
-            owned,
-        );
-    }
-    let mut acc = Array::<V4>::new(comptime!((TM * tnv) as usize));
-    zero_tile_v4(&mut acc, TM * tnv);
-    let mut t = start;
-    while t + 4 <= end {
-        tn_rows::<F>(
-            &mut acc, a, a32, b, b32, &rv, &own, &cv, ldav, a0, ldbv, b0, t, 4u32, tmv, tnv, SHARE,
-            a_f32, b_f32,
-        );
-        t += 4;
-    }
-    while t < end {
-        tn_rows::<F>(
-            &mut acc, a, a32, b, b32, &rv, &own, &cv, ldav, a0, ldbv, b0, t, 1u32, tmv, tnv, SHARE,
-            a_f32, b_f32,
-        );
-        t += 1;
-    }
-    #[unroll]
-    for i in 0..tmv {
-        let rvec = rv0 + i * units_y;
+tn_kernel! {
+    /// [`grouped_matmul_tn`] with 4-wide vectors straight from global memory (no shared
+    /// memory, no barriers: the CPU-adapter path, as `matmul_vec4`): a unit owns `TM` rows of
+    /// `c` (`TM / 4` vectors of `a`'s window, four adjacent output rows each) and `TN` columns
+    /// (`TN / 4` vectors of `b`'s), both strided across the cube and clamped past the edges
+    /// (computed, never stored), and walks its group's rows: per row `TM / 4 + TN / 4` vector
+    /// loads for `TM x TN` FMAs (an outer product; the staged kernel reads every row twice,
+    /// through shared memory). Four rows at a time, each accumulator through the four in
+    /// order (`tn_rows`), then one at a time. Windows, leading dimensions and widths must be
+    /// multiples of 4.
+    #[kernel(
+        tune((BM, BN, TM, TN, SHARE) = [
+                (64, 64, 8, 8, 1),
+                (64, 128, 8, 16, 1),
+                (128, 128, 16, 16, 1),
+                (32, 64, 8, 8, 1),
+                // Few columns (MoE's `d_w_gate = x^T d_logits`, N = the experts).
+                (128, 8, 16, 8, 1),
+                // A plane of 8 shares its rows of `a` (`matmul_vec4_plane`'s scheme).
+                (64, 128, 64, 16, 8),
+                (32, 128, 32, 16, 8),
+                (64, 64, 64, 8, 8),
+            ]),
+        require(shares_rows(device, SHARE, BN, TM, TN),
+            SHARE == 1 || TM % (4 * SHARE) == 0,
+            BM % TM == 0,
+            BN % TN == 0,
+            TM % 4 == 0,
+            TN % 4 == 0,
+            ka % 4 == 0,
+            n % 4 == 0,
+            lda % 4 == 0,
+            ldb % 4 == 0,
+            a_col % 4 == 0,
+            b_col % 4 == 0,
+            TM * TN <= 64 || (ka >= BM && n >= BN)),
+    )]
+    grouped_matmul_tn_v4<[Vector<F, Const<4>>], [Vector<f32, Const<4>>]> {
+        let e = CUBE_POS_Z;
+        let start = row_start[e as usize];
+        let end = start + row_count[e as usize];
+        let units_x = comptime!(BN / TN);
+        let units_y = comptime!(BM / TM);
+        let (tmv, tnv) = comptime!((TM / 4, TN / 4));
+        let (ty, tx) = (UNIT_POS / units_x, UNIT_POS % units_x);
+        let (kav, nv) = (ka / 4, n / 4);
+        let rv0 = CUBE_POS_Y * (BM / 4) + ty;
+        let cv0 = CUBE_POS_X * (BN / 4) + tx;
+        let mut rv = Array::<u32>::new(comptime!(tmv as usize));
+        clamped_strided(&mut rv, rv0, units_y, kav - 1, tmv);
+        let mut cv = Array::<u32>::new(comptime!(tnv as usize));
+        clamped_strided(&mut cv, cv0, units_x, nv - 1, tnv);
+        // Row t of a's window starts at vector t ldav + a0, of b's at t ldbv + b0.
+        let (ldav, a0, ldbv, b0) = (lda / 4, a_col / 4, ldb / 4, b_col / 4);
+        // With SHARE = 8 the plane (one `ty`, the eight `tx`) needs the same vectors of `a`:
+        // lane `l` reads vectors `l, l + 8, ..` of the tile (`own`), the rest come by shuffles.
+        let owned = comptime!(if SHARE > 1 { tmv / SHARE } else { 1 });
+        let mut own = Array::<u32>::new(comptime!(owned as usize));
+        if comptime!(SHARE > 1) {
+            clamped_strided(
+                &mut own,
+                rv0 + UNIT_POS_PLANE * units_y,
+                SHARE * units_y,
+                kav - 1,
+                owned,
+            );
+        }
+        let mut acc = Array::<V4>::new(comptime!((TM * tnv) as usize));
+        zero_tile_v4(&mut acc, TM * tnv);
+        let mut t = start;
+        while t + 4 <= end {
+            tn_rows::<F>(
+                &mut acc, a, a32, b, b32, &rv, &own, &cv, ldav, a0, ldbv, b0, t, 4u32, tmv, tnv,
+                SHARE, a_f32, b_f32,
+            );
+            t += 4;
+        }
+        while t < end {
+            tn_rows::<F>(
+                &mut acc, a, a32, b, b32, &rv, &own, &cv, ldav, a0, ldbv, b0, t, 1u32, tmv, tnv,
+                SHARE, a_f32, b_f32,
+            );
+            t += 1;
+        }
         #[unroll]
-        for l in 0..4u32 {
+        for i in 0..tmv {
+            let rvec = rv0 + i * units_y;
             #[unroll]
-            for jv in 0..tnv {
-                let cvec = cv0 + jv * units_x;
-                if rvec < kav && cvec < nv {
-                    let v = acc[((i * 4 + l) * tnv + jv) as usize];
-                    c[((e * ka + rvec * 4 + l) * nv + cvec) as usize] =
-                        Vector::<F, Const<4>>::cast_from(v);
+            for l in 0..4u32 {
+                #[unroll]
+                for jv in 0..tnv {
+                    let cvec = cv0 + jv * units_x;
+                    if rvec < kav && cvec < nv {
+                        let v = acc[((i * 4 + l) * tnv + jv) as usize];
+                        c[((e * ka + rvec * 4 + l) * nv + cvec) as usize] =
+                            Vector::<F, Const<4>>::cast_from(v);
+                    }
                 }
             }
         }
