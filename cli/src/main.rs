@@ -102,6 +102,10 @@ enum Command {
         /// keys a ranked search decided).
         #[arg(long)]
         exhaustive: bool,
+        /// Operator parameter (repeatable), as for `kiln run`: the tuned kernels are the
+        /// ones this call runs (matmul's `trans_b=true` tunes the transposed layout).
+        #[arg(long = "set", value_name = "KEY=VALUE", conflicts_with_all = ["export", "import"])]
+        set: Vec<String>,
     },
     /// Time an operator at a shape (after tuning): median, throughput, fraction of peak.
     Bench {
@@ -264,6 +268,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             export,
             import,
             exhaustive,
+            set,
         } => tune::run(
             op.as_deref(),
             shape.as_deref().unwrap_or_default(),
@@ -272,6 +277,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             export,
             import,
             exhaustive,
+            &key_values(&set, "--set")?,
         ),
         Command::Bench {
             op,

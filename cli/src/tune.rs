@@ -84,6 +84,7 @@ pub fn run(
     export: Option<PathBuf>,
     import: Option<PathBuf>,
     exhaustive: bool,
+    params: &BTreeMap<String, String>,
 ) -> Result<ExitCode> {
     let tuner = Autotuner::global();
     if exhaustive {
@@ -146,7 +147,7 @@ pub fn run(
     let dtype = DType::parse(dtype)?;
     client.require_dtype("x", dtype)?;
 
-    let hosts = device_inputs(&client, spec, &dims, &BTreeMap::new(), dtype)?;
+    let hosts = device_inputs(&client, spec, &dims, params, dtype)?;
 
     let seen = Arc::new(Mutex::new(Seen::default()));
     let s2 = Arc::clone(&seen);
@@ -190,12 +191,12 @@ pub fn run(
             }
         }
     });
-    if let Err(e) = spec.call_host(&client, &hosts, BTreeMap::new()) {
-        // `tune` sets no parameter: one named in the error has its default, or was
+    if let Err(e) = spec.call_host(&client, &hosts, params.clone()) {
+        // A parameter named in the error was given with --set, has its default, or was
         // derived from --shape.
         if matches!(e, Error::Param { .. }) {
             eprintln!(
-                "note: `kiln tune` runs `{}` on example inputs of --shape {} with every parameter at its default (`kiln ops {}` lists them)",
+                "note: `kiln tune` runs `{}` on example inputs of --shape {} with the --set parameters and every other at its default (`kiln ops {}` lists them)",
                 spec.name, shape, spec.name
             );
         }

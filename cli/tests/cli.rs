@@ -361,6 +361,29 @@ fn kiln_bench_shapes_inputs_by_their_layout_parameters() {
         ],
     );
     assert_clear_error(&bad, &["--shape", "multiple of 8", "N = 60"]);
+    // `kiln tune` takes the same parameters: the transposed layout tunes its own key.
+    let tuned = kiln_in_cache(
+        &dir,
+        &[
+            "tune",
+            "matmul",
+            "--shape",
+            "24x40x56",
+            "--set",
+            "trans_b=true",
+        ],
+    );
+    assert!(
+        tuned.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tuned.stderr)
+    );
+    assert!(stdout(&tuned).contains("matmul: "), "{}", stdout(&tuned));
+    let bad = kiln_in_cache(
+        &dir,
+        &["tune", "matmul", "--shape", "8x8x8", "--set", "trans_c=1"],
+    );
+    assert_clear_error(&bad, &["trans_c", "trans_b"]);
     let spec = ::kiln::kernels::op("matmul").expect("matmul");
     let params = [("trans_b".to_string(), "true".to_string())].into();
     let shapes = (spec.example_inputs)(&[24, 40, 56], &params).unwrap();
