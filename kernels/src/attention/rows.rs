@@ -5,13 +5,15 @@
 //! no barriers.
 //!
 //! Why a second forward kernel: on a CPU adapter (lavapipe) a barrier splits the
-//! shader into coroutines and a non-uniform memory access is a loop over the SIMD
-//! lanes, while an access whose address is the same for every unit of the cube is one
-//! load broadcast to all lanes. Here the only non-uniform loads are the unit's `q` rows
-//! (once per cube) and the only non-uniform stores its output rows (once): the key
-//! loop is FMAs, exponentials and uniform loads. On a GPU the uniform `k`/`v` reads are
-//! broadcasts within a warp. The autotuner picks between this kernel and the staged
-//! one (`forward.rs`) per device and shape; it needs `D` and `Dv` multiples of 4.
+//! shader into coroutines and every storage read is a loop over the SIMD lanes, even
+//! where the address is the same in every lane (measured on Mesa 22.3: docs/moe.md,
+//! "Why combine sits at 0.75"). Here every unit reads the same keys and values, so
+//! with `SHARE = 8` (planes of 8 with shuffles: lavapipe) each lane of a plane reads an
+//! eighth of a key's vectors and receives the others by `plane_shuffle`: 1.11 -> 0.39 s
+//! at 1 x 2048 x 8 x 64 on lavapipe. The unit's `q` rows are read once per cube and its
+//! output rows written once. On a GPU the `k`/`v` reads are broadcasts within a warp
+//! (`SHARE = 1`). The autotuner picks between this kernel and the staged one
+//! (`forward.rs`) per device and shape; it needs `D` and `Dv` multiples of 4.
 //!
 //! Numerics are the staged kernel's: f32 scores and accumulators, masked keys scored
 //! `lowest` and given `p = 0` by an explicit test, the accumulator rescaled by
@@ -36,7 +38,8 @@ attention_fwd_kernel! {
                 (128, 16, 2), (64, 8, 2), (32, 4, 2),
                 (128, 1, 2),
             ],
-            (DQ, BV) = [(16, 64), (32, 128), (64, 256)]
+            (DQ, BV) = [(16, 64), (32, 128), (64, 256)],
+            SHARE = [1, 8]
         ),
         // On a CPU adapter, two tiles per head dim for its wide SIMD (each key's loads
         // feed TQ rows of every unit): first, TQ = 64 / DQ rows in 16 units, which
@@ -48,7 +51,15 @@ attention_fwd_kernel! {
         // (docs/attention.md). These spill on CUDA (thousands of bytes per thread). On
         // other devices one row per unit for D <= 64, which fits a GPU's registers
         // (168-220 on sm_80/sm_90a, no spill).
+        // SHARE = 8 where planes are 8 lanes with shuffles (lavapipe): the units of a
+        // plane read the same key and value vectors, so each reads an eighth of them and
+        // receives the rest by `plane_shuffle` (every read is a loop over the lanes
+        // there); one value per device, so the tuning space does not grow.
         require(
+            SHARE == match device.plane_shuffle && device.plane_size == (8, 8) {
+                true => 8,
+                false => 1,
+            },
             dk % 4 == 0,
             dv % 4 == 0,
             dk <= 4 * DQ,
@@ -132,13 +143,34 @@ attention_fwd_kernel! {
                 for i in 0..TQ {
                     part[i as usize] = zero;
                 }
-                #[unroll]
-                for d in 0..DQ {
-                    if d < dkv {
-                        let kv = V4::cast_from(k[(kb + d) as usize]);
-                        #[unroll]
-                        for i in 0..TQ {
-                            part[i as usize] += qr[(i * DQ + d) as usize] * kv;
+                if comptime!(SHARE > 1) {
+                    // Lane l reads the key's vectors l, l + 8, ..; vector d comes from
+                    // lane d % 8 (the branches are uniform: every lane shuffles).
+                    let mut mine = Array::<V4>::new(comptime!((DQ / SHARE) as usize));
+                    #[unroll]
+                    for qv in 0..DQ / SHARE {
+                        let d = min(qv * SHARE + UNIT_POS_PLANE, dkv - 1);
+                        mine[qv as usize] = V4::cast_from(k[(kb + d) as usize]);
+                    }
+                    #[unroll]
+                    for d in 0..DQ {
+                        if d < dkv {
+                            let kv = shuffled(&mine, d, SHARE);
+                            #[unroll]
+                            for i in 0..TQ {
+                                part[i as usize] += qr[(i * DQ + d) as usize] * kv;
+                            }
+                        }
+                    }
+                } else {
+                    #[unroll]
+                    for d in 0..DQ {
+                        if d < dkv {
+                            let kv = V4::cast_from(k[(kb + d) as usize]);
+                            #[unroll]
+                            for i in 0..TQ {
+                                part[i as usize] += qr[(i * DQ + d) as usize] * kv;
+                            }
                         }
                     }
                 }
@@ -182,13 +214,35 @@ attention_fwd_kernel! {
             // 3. O = alpha O + P V over the same keys (a masked key's p is 0), one
             //    accumulator vector at a time: it stays in a register across the TK keys
             //    (the accumulators of TQ rows do not fit in registers on a CPU).
+            // With SHARE, each lane first reads its eighth of the TK keys' value vectors.
+            let per_lane = comptime!(if SHARE > 1 { bvv / SHARE } else { 1 });
+            let mut vmine = Array::<V4>::new(comptime!((TK * per_lane) as usize));
+            if comptime!(SHARE > 1) {
+                if cols > 0 {
+                    #[unroll]
+                    for t in 0..TK {
+                        let key = min(j0 + t, kmax - 1);
+                        #[unroll]
+                        for qv in 0..per_lane {
+                            let c = min(qv * SHARE + UNIT_POS_PLANE, cols - 1);
+                            vmine[(t * per_lane + qv) as usize] =
+                                V4::cast_from(v[(v_base + key * v_step + c) as usize]);
+                        }
+                    }
+                }
+            }
             #[unroll]
             for c in 0..bvv {
                 if c < cols {
                     #[unroll]
                     for t in 0..TK {
-                        let key = min(j0 + t, kmax - 1);
-                        vt[t as usize] = V4::cast_from(v[(v_base + key * v_step + c) as usize]);
+                        if comptime!(SHARE > 1) {
+                            vt[t as usize] = shuffled_at(&vmine, t * per_lane, c, SHARE);
+                        } else {
+                            let key = min(j0 + t, kmax - 1);
+                            vt[t as usize] =
+                                V4::cast_from(v[(v_base + key * v_step + c) as usize]);
+                        }
                     }
                     #[unroll]
                     for i in 0..TQ {
@@ -236,4 +290,28 @@ attention_fwd_kernel! {
             }
         }
     }
+}
+
+/// Vector `d` of a row whose vectors the plane's lanes hold `share` apart (lane `d %
+/// share` holds it in `mine[d / share]`), received by a shuffle per component.
+#[cube]
+fn shuffled(mine: &Array<V4>, #[comptime] d: u32, #[comptime] share: u32) -> V4 {
+    shuffled_at(mine, 0u32, d, share)
+}
+
+/// [`shuffled`] of the row starting at `mine[first]`.
+#[cube]
+fn shuffled_at(
+    mine: &Array<V4>,
+    #[comptime] first: u32,
+    #[comptime] d: u32,
+    #[comptime] share: u32,
+) -> V4 {
+    let src = mine[comptime!((first + d / share) as usize)];
+    let mut w = V4::new(0.0f32);
+    #[unroll]
+    for e in 0..4u32 {
+        w[e as usize] = plane_shuffle(src[e as usize], comptime!(d % share));
+    }
+    w
 }
