@@ -76,6 +76,7 @@ pub fn parse_shape(s: &str) -> Result<Vec<usize>> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     op: Option<&str>,
     shape: &str,
