@@ -440,6 +440,25 @@ fn attention_fwd_rows_wgsl_causal_f16() {
     ));
 }
 
+/// The CPU adapters' form: the plane's lanes read an eighth of each key's vectors and
+/// exchange them by shuffles (`SHARE = 8`).
+#[test]
+fn attention_fwd_rows_wgsl_plane_shared_f32() {
+    insta::assert_snapshot!(source(
+        "attention_fwd_rows",
+        Target::Wgsl,
+        &[
+            ("dtype", "f32"),
+            ("BQ", "64"),
+            ("TQ", "4"),
+            ("TK", "2"),
+            ("DQ", "16"),
+            ("BV", "64"),
+            ("SHARE", "8")
+        ]
+    ));
+}
+
 #[test]
 fn attention_bwd_dkv_cuda_bf16_causal() {
     insta::assert_snapshot!(source(
