@@ -8,7 +8,7 @@
 
 use super::{ColumnWindow, RowGroups};
 use cubecl::prelude::*;
-use kiln_runtime::{shape_str, Client, DType, Error, Result, Tensor};
+use kiln_runtime::{Client, DType, Result, Tensor};
 
 /// `c[g, j]` for a column window `b` (in `dtype` or f32) over `groups`: `[G, b.width]` in
 /// `dtype`, f32 sums. Autotuned over how many units share a group's rows.
@@ -39,22 +39,7 @@ pub fn grouped_column_sums_with(
     counts: &[usize],
     cfg: Option<GroupedColumnSumsConfig>,
 ) -> Result<Tensor> {
-    crate::launch::check_input("b", b, b.client())?;
-    let rows = match b.shape() {
-        &[r, w] if b_cols.start <= b_cols.end && b_cols.end <= w => r,
-        s => {
-            return Err(Error::Shape {
-                tensor: "b".into(),
-                expected: format!("[R, C] with columns {b_cols:?} inside C"),
-                found: shape_str(s),
-            })
-        }
-    };
-    let window = ColumnWindow {
-        t: b,
-        col: b_cols.start,
-        width: b_cols.len(),
-    };
+    let (rows, window) = ColumnWindow::checked("b", b, &b_cols)?;
     let groups = RowGroups::consecutive(b, counts, rows, "b")?;
     let Some(cfg) = cfg else {
         return sum_columns_by_group(window, &groups, b.dtype());

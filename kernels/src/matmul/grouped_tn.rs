@@ -80,6 +80,32 @@ impl<'a> ColumnWindow<'a> {
             width: t.shape()[t.rank() - 1],
         }
     }
+    /// Columns `cols` of `t` (`name`, a usable `[R, C]` tensor) and its row count R, or an
+    /// error naming `name` where `t` is not 2-D or `cols` is not inside C: the windows
+    /// the `*_with` entry points take.
+    pub(crate) fn checked(
+        name: &str,
+        t: &'a Tensor,
+        cols: &std::ops::Range<usize>,
+    ) -> Result<(usize, Self)> {
+        crate::launch::check_input(name, t, t.client())?;
+        match t.shape() {
+            &[r, w] if cols.start <= cols.end && cols.end <= w => Ok((
+                r,
+                ColumnWindow {
+                    t,
+                    col: cols.start,
+                    width: cols.len(),
+                },
+            )),
+            s => Err(Error::Shape {
+                tensor: name.into(),
+                expected: format!("[R, C] with columns {cols:?} inside C"),
+                found: shape_str(s),
+            }),
+        }
+    }
+
     pub(crate) fn ld(&self) -> usize {
         self.t.shape()[self.t.rank() - 1]
     }
@@ -159,31 +185,9 @@ pub fn grouped_matmul_tn_with(
     counts: &[usize],
     cfg: GroupedTnConfig,
 ) -> Result<Tensor> {
-    fn window<'t>(
-        name: &str,
-        t: &'t Tensor,
-        cols: &std::ops::Range<usize>,
-    ) -> Result<(usize, ColumnWindow<'t>)> {
-        crate::launch::check_input(name, t, t.client())?;
-        match t.shape() {
-            &[r, w] if cols.start <= cols.end && cols.end <= w => Ok((
-                r,
-                ColumnWindow {
-                    t,
-                    col: cols.start,
-                    width: cols.len(),
-                },
-            )),
-            s => Err(Error::Shape {
-                tensor: name.into(),
-                expected: format!("[R, C] with columns {cols:?} inside C"),
-                found: shape_str(s),
-            }),
-        }
-    }
     crate::launch::check_input("b", b, a.client())?;
-    let (ra, wa) = window("a", a, &a_cols)?;
-    let (rb, wb) = window("b", b, &b_cols)?;
+    let (ra, wa) = ColumnWindow::checked("a", a, &a_cols)?;
+    let (rb, wb) = ColumnWindow::checked("b", b, &b_cols)?;
     if rb != ra {
         return Err(Error::Shape {
             tensor: "b".into(),
