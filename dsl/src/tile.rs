@@ -421,6 +421,18 @@ pub fn stage_tile_v8<F: Float>(
 /// of a register-tile product; on a GPU it is one 128-bit shared-memory access.
 pub type V4 = Vector<f32, Const<4>>;
 
+/// Lane `l` of `v` (`l` known only at run time), by selects: an indexed register read
+/// would go through memory.
+#[cube]
+pub fn lane_of<T: Scalar, N: Size>(v: Vector<T, N>, l: u32) -> T {
+    let mut word = v[0];
+    #[unroll]
+    for i in 1..N::value().comptime() as u32 {
+        word = select(l == i, v[i as usize], word);
+    }
+    word
+}
+
 /// Loads the `rows x cols` tile whose element (r, c) is
 /// `src[src_base + r * row_stride + c * col_stride]` into `dst` as f32 vectors of four
 /// consecutive columns: element (r, c) lands in lane `c % 4` of

@@ -155,7 +155,7 @@ attention_fwd_kernel! {
                     #[unroll]
                     for d in 0..DQ {
                         if d < dkv {
-                            let kv = shuffled(&mine, d, SHARE);
+                            let kv = shuffled_at(&mine, 0u32, d, SHARE);
                             #[unroll]
                             for i in 0..TQ {
                                 part[i as usize] += qr[(i * DQ + d) as usize] * kv;
@@ -292,14 +292,9 @@ attention_fwd_kernel! {
     }
 }
 
-/// Vector `d` of a row whose vectors the plane's lanes hold `share` apart (lane `d %
-/// share` holds it in `mine[d / share]`), received by a shuffle per component.
-#[cube]
-fn shuffled(mine: &Array<V4>, #[comptime] d: u32, #[comptime] share: u32) -> V4 {
-    shuffled_at(mine, 0u32, d, share)
-}
-
-/// [`shuffled`] of the row starting at `mine[first]`.
+/// Vector `d` of the row starting at `mine[first]`, whose vectors the plane's lanes hold
+/// `share` apart (lane `d % share` holds it in `mine[first + d / share]`), received by a
+/// shuffle per component.
 #[cube]
 fn shuffled_at(
     mine: &Array<V4>,

@@ -4,19 +4,24 @@
 
 use super::chunk_state::chunk_at;
 use cubecl::prelude::*;
-use kiln_dsl::{load_tile, reg_tile_mma};
+use kiln_dsl::{lane_of, load_tile_v4, reg_tile_mma_v4, V4};
 
 /// dq and dk of a chunk's rows for one K tile (one cube per (chunk, head, K tile), a
-/// 4x4 register tile of each per unit), and `dgt = q * dq - k * dk` (f32) for the gate
-/// gradient:
+/// 4 x 4 register tile of each per unit, held as four 4-wide vectors of consecutive
+/// keys), and `dgt = q * dq - k * dk` (f32) for the gate gradient:
 /// `dq = scale exp(b) (do h_n^T) + sum_{j <= i} dA_ij k_j exp(b_i - b_j)`,
 /// `dk = exp(Gamma - b) (v dh_{n+1}^T) + sum_{i >= j} dA_ij q_i exp(b_i - b_j)`.
-/// The intra-chunk sums are element-wise in f32 (exponents <= 0). One shared buffer
-/// serves both phases (the inter-chunk operands, then dA and the q, k, b tiles).
+/// The intra-chunk sums run in f32 with every exponent <= 0: pairs of sub-chunks below
+/// the diagonal as products of factorised tiles (fla's secondary chunking, as
+/// `gla_scores` does for the forward), the diagonal pairs element-wise. One shared
+/// buffer of vectors ([`V4`]: on a CPU adapter each access with a per-unit address is a
+/// loop over the SIMD lanes, so four values an access) serves both phases: the
+/// inter-chunk operands, then dA, the q, k, b tiles and the factorised tile.
 #[kiln_macros::kernel(
-    // BK = 8: half the cube, for CUDA's sm_90a, where ptxas spills BK = 16 in half
-    // precision (docs/cuda-registers.md).
+    // BK = 8: half the cube and three quarters of its shared memory (more cubes
+    // resident). No form spills on CUDA (docs/cuda-registers.md).
     tune(BK = [16, 8]),
+    require(chunk * chunk + 4 * chunk * BK <= device.max_shared_memory as u32 / 4),
     key(n_chunks = pow2, heads = pow2, dk = pow2, dv = pow2, dtype),
     grid = (n_chunks, heads, dk.div_ceil(BK)),
     cube = (chunk / 4) * (BK / 4),
@@ -47,181 +52,282 @@ pub fn gla_bwd_dqk<F: Float>(
     let (c, h, start, len) = (at.c, at.h, at.start, at.len);
     let k0 = CUBE_POS_Z * BK;
     let units = comptime!((chunk / 4) * (BK / 4));
-    let ty = UNIT_POS / comptime!(BK / 4);
-    let tx = UNIT_POS % comptime!(BK / 4);
+    // Vectors in a row of a K tile (the unit's column vector is `tx`) and of dA.
+    let kv = comptime!(BK / 4);
+    let cv = comptime!(chunk / 4);
+    let row_step = cv;
+    let ty = UNIT_POS / kv;
+    let tx = UNIT_POS % kv;
     let kvalid = dk - min(k0, dk);
-    // The inter phase's depth tile over V equals BK (so both phases fit the buffer).
-    let bvi = BK;
-    let mut sm = SharedMemory::<f32>::new(comptime!((chunk * chunk + 3 * chunk * BK) as usize));
-    let x2 = comptime!(BK * chunk);
-    let y1 = comptime!(2 * BK * chunk);
-    let y2 = comptime!(2 * BK * chunk + BK * BK);
+    let zero = V4::new(0.0f32);
+    let mut sm = SharedMemory::<V4>::new(comptime!((cv * chunk + 4 * chunk * kv) as usize));
+    let tile = comptime!(chunk * kv);
 
-    let mut acc_q = Array::<f32>::new(16usize);
-    let mut acc_k = Array::<f32>::new(16usize);
+    let mut acc_q = Array::<V4>::new(4usize);
+    let mut acc_k = Array::<V4>::new(4usize);
     #[unroll]
-    for e in 0..16u32 {
-        acc_q[e as usize] = 0.0;
-        acc_k[e as usize] = 0.0;
+    for e in 0..4u32 {
+        acc_q[e as usize] = zero;
+        acc_k[e as usize] = zero;
     }
 
-    // Inter-chunk parts: do h_n^T and v dh_{n+1}^T, over V in tiles of BK.
-    let state_base = (c * heads + h) * dk + k0;
+    // Inter-chunk parts: do h_n^T and v dh_{n+1}^T over V in tiles of BK (the inter
+    // phase's depth tile equals BK, so both phases fit the buffer). do and v as they
+    // lie (depth along the vectors); the states transposed, (v, k) with k along them.
+    let x2 = tile;
+    let y1 = comptime!(2 * tile);
+    let y2 = comptime!(2 * tile + BK * kv);
+    let state_base = ((c * heads + h) * dk + k0) * dv;
     let mut v0 = 0u32;
     while v0 < dv {
         let row_base = (start * heads + h) * dv + v0;
-        load_tile::<F>(
+        let vvalid = dv - v0;
+        load_tile_v4::<F>(
             &mut sm,
             0,
             d_o,
             row_base,
             heads * dv,
+            1,
             len,
-            dv - v0,
+            vvalid,
             chunk,
             BK,
-            true,
             units,
         );
-        load_tile::<F>(
+        load_tile_v4::<F>(
             &mut sm,
             x2,
             v,
             row_base,
             heads * dv,
+            1,
             len,
-            dv - v0,
+            vvalid,
             chunk,
             BK,
-            true,
             units,
         );
-        // (v, k) of the transposed states: rows k of the state, depth-major over v.
-        load_tile::<f32>(
+        load_tile_v4::<f32>(
             &mut sm,
             y1,
             hs,
-            state_base * dv + v0,
+            state_base + v0,
+            1,
             dv,
+            vvalid,
             kvalid,
-            dv - v0,
             BK,
             BK,
-            true,
             units,
         );
-        load_tile::<f32>(
+        load_tile_v4::<f32>(
             &mut sm,
             y2,
             dhs,
-            state_base * dv + v0,
+            state_base + v0,
+            1,
             dv,
+            vvalid,
             kvalid,
-            dv - v0,
             BK,
             BK,
-            true,
             units,
         );
         sync_cube();
-        reg_tile_mma(
-            &mut acc_q, &sm, 0, &sm, y1, ty, tx, chunk, BK, BK, 4u32, 4u32,
+        reg_tile_mma_v4(
+            &mut acc_q,
+            &sm,
+            0,
+            &sm,
+            y1,
+            ty,
+            tx,
+            chunk,
+            BK,
+            BK,
+            4u32,
+            4u32,
+            local_scalars,
         );
-        reg_tile_mma(
-            &mut acc_k, &sm, x2, &sm, y2, ty, tx, chunk, BK, BK, 4u32, 4u32,
+        reg_tile_mma_v4(
+            &mut acc_k,
+            &sm,
+            x2,
+            &sm,
+            y2,
+            ty,
+            tx,
+            chunk,
+            BK,
+            BK,
+            4u32,
+            4u32,
+            local_scalars,
         );
         sync_cube();
-        v0 += bvi;
+        v0 += BK;
     }
 
-    // Intra-chunk parts: dA [chunk][chunk], then q, k, b tiles [chunk][BK].
-    let qo = comptime!(chunk * chunk);
-    let ko = comptime!(chunk * chunk + chunk * BK);
-    let bo = comptime!(chunk * chunk + 2 * chunk * BK);
+    // Intra-chunk parts: dA [chunk][chunk], then the q, k, b tiles [chunk][BK] and the
+    // factorised tile, all as they lie (columns along the vectors).
+    let qo = comptime!(cv * chunk);
+    let ko = comptime!(cv * chunk + tile);
+    let bo = comptime!(cv * chunk + 2 * tile);
+    let so = comptime!(cv * chunk + 3 * tile);
     let row_base = (start * heads + h) * dk + k0;
-    load_tile::<f32>(
+    load_tile_v4::<f32>(
         &mut sm,
         0,
         da,
         (c * heads + h) * chunk * chunk,
         chunk,
+        1,
         chunk,
         chunk,
         chunk,
         chunk,
-        false,
         units,
     );
-    load_tile::<F>(
+    load_tile_v4::<F>(
         &mut sm,
         qo,
         q,
         row_base,
         heads * dk,
+        1,
         len,
         kvalid,
         chunk,
         BK,
-        false,
         units,
     );
-    load_tile::<F>(
+    load_tile_v4::<F>(
         &mut sm,
         ko,
         k,
         row_base,
         heads * dk,
+        1,
         len,
         kvalid,
         chunk,
         BK,
-        false,
         units,
     );
-    load_tile::<f32>(
+    load_tile_v4::<f32>(
         &mut sm,
         bo,
         gc,
         row_base,
         heads * dk,
+        1,
         len,
         kvalid,
         chunk,
         BK,
-        false,
         units,
     );
     sync_cube();
 
-    let row_step = comptime!(chunk / 4);
-    let col_step = comptime!(BK / 4);
+    // 1. The inter-chunk parts in their final scale (exponents <= 0; rows past the
+    // chunk's end read b = 0 and are never written).
+    let gamma = sm[(bo + (max(len, 1u32) - 1) * kv + tx) as usize];
+    #[unroll]
+    for i in 0..4u32 {
+        let b_r = sm[(bo + (ty + i * row_step) * kv + tx) as usize];
+        acc_q[i as usize] = acc_q[i as usize] * V4::exp(b_r) * V4::new(scale);
+        acc_k[i as usize] = acc_k[i as usize] * V4::exp(gamma - b_r);
+    }
+
+    // 2. The pairs of sub-chunks below the diagonal (the unit's four rows are one per
+    // sub-chunk of `row_step` rows), factorised as fla does ("secondary chunking"): at
+    // the boundary before sub-chunk `si`, with `ref = b` at the row before it,
+    // `exp(b_i - b_j) = exp(b_i - ref) exp(ref - b_j)` for `j < edge <= i`, both
+    // exponents <= 0 (b does not increase), so `k~ = k exp(ref - b)` (rows before the
+    // boundary) and `q~ = q exp(b - ref)` (rows from it) are formed once per element
+    // into one tile and the pairs are plain products: dq of the rows of `si`, dk of the
+    // rows of `si - 1`. A short last chunk takes `ref` at its last row (every later row
+    // is 0 in the tile), so no exponent turns positive.
+    #[unroll]
+    for si in 1..4u32 {
+        let edge = comptime!(si * row_step);
+        let ref_row = min(edge, len) - 1;
+        // The previous boundary's products are done with the tile.
+        sync_cube();
+        let mut idx = UNIT_POS;
+        while idx < tile {
+            let s = idx / kv;
+            let b_ref = sm[(bo + ref_row * kv + idx % kv) as usize];
+            let b_s = sm[(bo + idx) as usize];
+            let mut w = zero;
+            if s < len {
+                if s < edge {
+                    w = sm[(ko + idx) as usize] * V4::exp(b_ref - b_s);
+                } else {
+                    w = sm[(qo + idx) as usize] * V4::exp(b_s - b_ref);
+                }
+            }
+            sm[(so + idx) as usize] = w;
+            idx += units;
+        }
+        sync_cube();
+        // dq of row `ty + edge`: sum over j < edge of dA_ij k~_j (dA's row four columns
+        // a load), times exp(b_i - ref).
+        let r = ty + edge;
+        let mut sq = zero;
+        for s4 in 0..comptime!(edge / 4) {
+            let a = sm[(r * cv + s4) as usize];
+            #[unroll]
+            for e in 0..4u32 {
+                sq += V4::new(a[e as usize]) * sm[(so + (s4 * 4 + e) * kv + tx) as usize];
+            }
+        }
+        // dk of row `ty + edge - row_step`: sum over i >= edge of dA_ij q~_i, times
+        // exp(ref - b_j).
+        let rk = r - row_step;
+        let mut sk = zero;
+        for s in edge..len {
+            let a = lane_of(sm[(s * cv + rk / 4) as usize], rk % 4);
+            sk += V4::new(a) * sm[(so + s * kv + tx) as usize];
+        }
+        let b_ref = sm[(bo + ref_row * kv + tx) as usize];
+        let b_q = sm[(bo + r * kv + tx) as usize];
+        let b_k = sm[(bo + rk * kv + tx) as usize];
+        acc_q[si as usize] += sq * V4::exp(b_q - b_ref);
+        acc_k[(si - 1) as usize] += sk * V4::exp(b_ref - b_k);
+    }
+
+    // 3. The diagonal pairs, element-wise (one exponential per (i, j, d)), and the
+    // outputs.
     #[unroll]
     for i in 0..4u32 {
         let r = ty + i * row_step;
         if r < len {
+            let lo = comptime!(i * row_step);
+            let hi = min(lo + row_step, len);
+            let b_r = sm[(bo + r * kv + tx) as usize];
+            let mut dq_v = acc_q[i as usize];
+            let mut dk_v = acc_k[i as usize];
+            for s in lo..r + 1 {
+                let a = lane_of(sm[(r * cv + s / 4) as usize], s % 4);
+                let e = V4::exp(b_r - sm[(bo + s * kv + tx) as usize]);
+                dq_v += V4::new(a) * sm[(ko + s * kv + tx) as usize] * e;
+            }
+            for s in r..hi {
+                let a = lane_of(sm[(s * cv + r / 4) as usize], r % 4);
+                let e = V4::exp(sm[(bo + s * kv + tx) as usize] - b_r);
+                dk_v += V4::new(a) * sm[(qo + s * kv + tx) as usize] * e;
+            }
+            let g = sm[(qo + r * kv + tx) as usize] * dq_v - sm[(ko + r * kv + tx) as usize] * dk_v;
             #[unroll]
             for j in 0..4u32 {
-                let col = tx + j * col_step;
-                let b_r = sm[(bo + r * BK + col) as usize];
-                let mut sum_q = 0.0f32;
-                for s in 0..r + 1 {
-                    let e = f32::exp(b_r - sm[(bo + s * BK + col) as usize]);
-                    sum_q += sm[(r * chunk + s) as usize] * sm[(ko + s * BK + col) as usize] * e;
-                }
-                let mut sum_k = 0.0f32;
-                for s in r..len {
-                    let e = f32::exp(sm[(bo + s * BK + col) as usize] - b_r);
-                    sum_k += sm[(s * chunk + r) as usize] * sm[(qo + s * BK + col) as usize] * e;
-                }
-                let gamma = sm[(bo + (len - 1) * BK + col) as usize];
-                let dq_v = acc_q[(i * 4 + j) as usize] * scale * f32::exp(b_r) + sum_q;
-                let dk_v = acc_k[(i * 4 + j) as usize] * f32::exp(gamma - b_r) + sum_k;
+                let col = tx * 4 + j;
                 if col < kvalid {
                     let gi = (row_base + r * heads * dk + col) as usize;
-                    dq[gi] = F::cast_from(dq_v);
-                    dk_out[gi] = F::cast_from(dk_v);
-                    dgt[gi] = sm[(qo + r * BK + col) as usize] * dq_v
-                        - sm[(ko + r * BK + col) as usize] * dk_v;
+                    dq[gi] = F::cast_from(dq_v[j as usize]);
+                    dk_out[gi] = F::cast_from(dk_v[j as usize]);
+                    dgt[gi] = g[j as usize];
                 }
             }
         }

@@ -13,6 +13,7 @@
 #![allow(clippy::manual_is_multiple_of)]
 
 use super::*;
+use kiln_dsl::lane_of;
 
 /// A unit's candidates as it keeps them: how many, the vector of their words and the word
 /// of their 8-bit offsets being filled (both flushed four at a time, `candidates` as one
@@ -238,16 +239,4 @@ fn magnitude_keys<N: Size>(a: Vector<f32, N>) -> Vector<u32, N> {
         kv[l as usize] = u32::reinterpret(a[l as usize]) & 0x7FFF_FFFFu32;
     }
     kv
-}
-
-/// Lane `l` of `v` (`l` known only at run time), by selects: an indexed register read
-/// would go through memory.
-#[cube]
-pub(super) fn lane_of<T: Scalar, N: Size>(v: Vector<T, N>, l: u32) -> T {
-    let mut word = v[0];
-    #[unroll]
-    for i in 1..N::value().comptime() as u32 {
-        word = select(l == i, v[i as usize], word);
-    }
-    word
 }

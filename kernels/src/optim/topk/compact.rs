@@ -6,8 +6,8 @@
 // Kernel code: `(a + b - 1) / b` is what the emitted code does, written as such.
 #![allow(clippy::manual_div_ceil)]
 
-use super::candidates::lane_of;
 use super::*;
+use kiln_dsl::lane_of;
 
 /// Per cube: how many candidates are above the threshold `T = state[0]` and how many
 /// equal it (`counts[2 cube ..]`), and per unit (region) how many of each come before

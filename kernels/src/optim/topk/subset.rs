@@ -19,9 +19,10 @@
 // Kernel code: `%` is what the emitted code does (cubecl has no `is_multiple_of`).
 #![allow(clippy::manual_is_multiple_of)]
 
-use super::candidates::{a_of, lane_of};
+use super::candidates::a_of;
 use super::compact::store_counts;
 use super::*;
+use kiln_dsl::lane_of;
 use kiln_dsl::unpermute_index;
 
 /// Bitmap words a region (a unit's `PER_UNIT` elements).
