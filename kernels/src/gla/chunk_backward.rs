@@ -19,8 +19,10 @@ use kiln_dsl::{lane_of, load_tile_v4, reg_tile_mma_v4, V4};
 /// inter-chunk operands, then dA, the q, k, b tiles and the factorised tile.
 #[kiln_macros::kernel(
     // BK = 8: half the cube and three quarters of its shared memory (more cubes
-    // resident). No form spills on CUDA (docs/cuda-registers.md).
-    tune(BK = [16, 8]),
+    // resident); 32 and 64 (where shared memory allows: chunks of 16 and 32) read do,
+    // v and dA once for all of K instead of once per K tile. No form spills on CUDA
+    // (docs/cuda-registers.md).
+    tune(BK = [16, 8, 32, 64]),
     require(chunk * chunk + 4 * chunk * BK <= device.max_shared_memory as u32 / 4),
     key(n_chunks = pow2, heads = pow2, dk = pow2, dv = pow2, dtype),
     grid = (n_chunks, heads, dk.div_ceil(BK)),
@@ -71,12 +73,14 @@ pub fn gla_bwd_dqk<F: Float>(
         acc_k[e as usize] = zero;
     }
 
-    // Inter-chunk parts: do h_n^T and v dh_{n+1}^T over V in tiles of BK (the inter
-    // phase's depth tile equals BK, so both phases fit the buffer). do and v as they
-    // lie (depth along the vectors); the states transposed, (v, k) with k along them.
-    let x2 = tile;
-    let y1 = comptime!(2 * tile);
-    let y2 = comptime!(2 * tile + BK * kv);
+    // Inter-chunk parts: do h_n^T and v dh_{n+1}^T over V in tiles of `bd` = 16 (for
+    // every chunk and BK >= 8 these four tiles take no more of the buffer than the
+    // intra-chunk phase). do and v as they lie (depth along the vectors); the states
+    // transposed, (v, k) with k along them.
+    let bd = comptime!(16u32);
+    let x2 = comptime!(chunk * bd / 4);
+    let y1 = comptime!(chunk * bd / 2);
+    let y2 = comptime!(chunk * bd / 2 + bd * kv);
     let state_base = ((c * heads + h) * dk + k0) * dv;
     let mut v0 = 0u32;
     while v0 < dv {
@@ -92,7 +96,7 @@ pub fn gla_bwd_dqk<F: Float>(
             len,
             vvalid,
             chunk,
-            BK,
+            bd,
             units,
         );
         load_tile_v4::<F>(
@@ -105,7 +109,7 @@ pub fn gla_bwd_dqk<F: Float>(
             len,
             vvalid,
             chunk,
-            BK,
+            bd,
             units,
         );
         load_tile_v4::<f32>(
@@ -117,7 +121,7 @@ pub fn gla_bwd_dqk<F: Float>(
             dv,
             vvalid,
             kvalid,
-            BK,
+            bd,
             BK,
             units,
         );
@@ -130,7 +134,7 @@ pub fn gla_bwd_dqk<F: Float>(
             dv,
             vvalid,
             kvalid,
-            BK,
+            bd,
             BK,
             units,
         );
@@ -145,7 +149,7 @@ pub fn gla_bwd_dqk<F: Float>(
             tx,
             chunk,
             BK,
-            BK,
+            bd,
             4u32,
             4u32,
             local_scalars,
@@ -160,13 +164,13 @@ pub fn gla_bwd_dqk<F: Float>(
             tx,
             chunk,
             BK,
-            BK,
+            bd,
             4u32,
             4u32,
             local_scalars,
         );
         sync_cube();
-        v0 += BK;
+        v0 += bd;
     }
 
     // Intra-chunk parts: dA [chunk][chunk], then the q, k, b tiles [chunk][BK] and the
