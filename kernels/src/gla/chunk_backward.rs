@@ -5,10 +5,11 @@
 use super::chunk_state::chunk_at;
 use cubecl::prelude::*;
 use kiln_dsl::{lane_of, load_tile_v4, reg_tile_mma_v4, V4};
+use kiln_runtime::AdapterType;
 
 /// dq and dk of a chunk's rows for one K tile (one cube per (chunk, head, K tile), a
-/// 4 x 4 register tile of each per unit, held as four 4-wide vectors of consecutive
-/// keys), and `dgt = q * dq - k * dk` (f32) for the gate gradient:
+/// 4 x TN register tile of each per unit, held as 4-wide vectors of consecutive keys),
+/// and `dgt = q * dq - k * dk` (f32) for the gate gradient:
 /// `dq = scale exp(b) (do h_n^T) + sum_{j <= i} dA_ij k_j exp(b_i - b_j)`,
 /// `dk = exp(Gamma - b) (v dh_{n+1}^T) + sum_{i >= j} dA_ij q_i exp(b_i - b_j)`.
 /// The intra-chunk sums run in f32 with every exponent <= 0: pairs of sub-chunks below
@@ -22,11 +23,22 @@ use kiln_dsl::{lane_of, load_tile_v4, reg_tile_mma_v4, V4};
     // resident); 32 and 64 (where shared memory allows: chunks of 16 and 32) read do,
     // v and dA once for all of K instead of once per K tile. No form spills on CUDA
     // (docs/cuda-registers.md).
-    tune(BK = [16, 8, 32, 64]),
-    require(chunk * chunk + 4 * chunk * BK <= device.max_shared_memory as u32 / 4),
+    // TN: a unit's columns, one value per device so the tuning space does not grow:
+    // 16 on a CPU adapter (four vectors a row: fewer operand reads per product, every
+    // read being a loop over the SIMD lanes there; 580 -> 452 ms at 1 x 4096 x 4 x 64),
+    // 4 elsewhere (16 takes 237-254 registers on CUDA, in cubes of 16-32 units).
+    tune(BK = [16, 8, 32, 64], TN = [4, 16]),
+    require(
+        TN == match device.adapter_type == AdapterType::Cpu {
+            true => 16,
+            false => 4,
+        },
+        TN <= BK,
+        chunk * chunk + 4 * chunk * BK <= device.max_shared_memory as u32 / 4
+    ),
     key(n_chunks = pow2, heads = pow2, dk = pow2, dv = pow2, dtype),
     grid = (n_chunks, heads, dk.div_ceil(BK)),
-    cube = (chunk / 4) * (BK / 4),
+    cube = (chunk / 4) * (BK / TN),
     domain(chunk = [16, 32, 64]),
     defaults(chunk = 64)
 )]
@@ -53,22 +65,25 @@ pub fn gla_bwd_dqk<F: Float>(
     let at = chunk_at(chunks);
     let (c, h, start, len) = (at.c, at.h, at.start, at.len);
     let k0 = CUBE_POS_Z * BK;
-    let units = comptime!((chunk / 4) * (BK / 4));
-    // Vectors in a row of a K tile (the unit's column vector is `tx`) and of dA.
+    let units = comptime!((chunk / 4) * (BK / TN));
+    // Vectors in a row of a K tile and of dA; the unit's column vectors are
+    // `tx + jv * cstep` for `jv < tnv`.
     let kv = comptime!(BK / 4);
     let cv = comptime!(chunk / 4);
+    let tnv = comptime!(TN / 4);
+    let cstep = comptime!(BK / TN);
     let row_step = cv;
-    let ty = UNIT_POS / kv;
-    let tx = UNIT_POS % kv;
+    let ty = UNIT_POS / cstep;
+    let tx = UNIT_POS % cstep;
     let kvalid = dk - min(k0, dk);
     let zero = V4::new(0.0f32);
     let mut sm = SharedMemory::<V4>::new(comptime!((cv * chunk + 4 * chunk * kv) as usize));
     let tile = comptime!(chunk * kv);
 
-    let mut acc_q = Array::<V4>::new(4usize);
-    let mut acc_k = Array::<V4>::new(4usize);
+    let mut acc_q = Array::<V4>::new(comptime!((4 * tnv) as usize));
+    let mut acc_k = Array::<V4>::new(comptime!((4 * tnv) as usize));
     #[unroll]
-    for e in 0..4u32 {
+    for e in 0..4 * tnv {
         acc_q[e as usize] = zero;
         acc_k[e as usize] = zero;
     }
@@ -151,7 +166,7 @@ pub fn gla_bwd_dqk<F: Float>(
             BK,
             bd,
             4u32,
-            4u32,
+            TN,
             local_scalars,
         );
         reg_tile_mma_v4(
@@ -166,7 +181,7 @@ pub fn gla_bwd_dqk<F: Float>(
             BK,
             bd,
             4u32,
-            4u32,
+            TN,
             local_scalars,
         );
         sync_cube();
@@ -236,12 +251,17 @@ pub fn gla_bwd_dqk<F: Float>(
 
     // 1. The inter-chunk parts in their final scale (exponents <= 0; rows past the
     // chunk's end read b = 0 and are never written).
-    let gamma = sm[(bo + (max(len, 1u32) - 1) * kv + tx) as usize];
     #[unroll]
-    for i in 0..4u32 {
-        let b_r = sm[(bo + (ty + i * row_step) * kv + tx) as usize];
-        acc_q[i as usize] = acc_q[i as usize] * V4::exp(b_r) * V4::new(scale);
-        acc_k[i as usize] = acc_k[i as usize] * V4::exp(gamma - b_r);
+    for jv in 0..tnv {
+        let col = tx + jv * cstep;
+        let gamma = sm[(bo + (max(len, 1u32) - 1) * kv + col) as usize];
+        #[unroll]
+        for i in 0..4u32 {
+            let b_r = sm[(bo + (ty + i * row_step) * kv + col) as usize];
+            let e = (i * tnv + jv) as usize;
+            acc_q[e] = acc_q[e] * V4::exp(b_r) * V4::new(scale);
+            acc_k[e] = acc_k[e] * V4::exp(gamma - b_r);
+        }
     }
 
     // 2. The pairs of sub-chunks below the diagonal (the unit's four rows are one per
@@ -279,27 +299,43 @@ pub fn gla_bwd_dqk<F: Float>(
         // dq of row `ty + edge`: sum over j < edge of dA_ij k~_j (dA's row four columns
         // a load), times exp(b_i - ref).
         let r = ty + edge;
-        let mut sq = zero;
+        let mut sq = Array::<V4>::new(comptime!(tnv as usize));
+        let mut sk = Array::<V4>::new(comptime!(tnv as usize));
+        #[unroll]
+        for jv in 0..tnv {
+            sq[jv as usize] = zero;
+            sk[jv as usize] = zero;
+        }
         for s4 in 0..comptime!(edge / 4) {
             let a = sm[(r * cv + s4) as usize];
             #[unroll]
             for e in 0..4u32 {
-                sq += V4::new(a[e as usize]) * sm[(so + (s4 * 4 + e) * kv + tx) as usize];
+                let row = so + (s4 * 4 + e) * kv + tx;
+                #[unroll]
+                for jv in 0..tnv {
+                    sq[jv as usize] += V4::new(a[e as usize]) * sm[(row + jv * cstep) as usize];
+                }
             }
         }
         // dk of row `ty + edge - row_step`: sum over i >= edge of dA_ij q~_i, times
         // exp(ref - b_j).
         let rk = r - row_step;
-        let mut sk = zero;
         for s in edge..len {
-            let a = lane_of(sm[(s * cv + rk / 4) as usize], rk % 4);
-            sk += V4::new(a) * sm[(so + s * kv + tx) as usize];
+            let a = V4::new(lane_of(sm[(s * cv + rk / 4) as usize], rk % 4));
+            #[unroll]
+            for jv in 0..tnv {
+                sk[jv as usize] += a * sm[(so + s * kv + tx + jv * cstep) as usize];
+            }
         }
-        let b_ref = sm[(bo + ref_row * kv + tx) as usize];
-        let b_q = sm[(bo + r * kv + tx) as usize];
-        let b_k = sm[(bo + rk * kv + tx) as usize];
-        acc_q[si as usize] += sq * V4::exp(b_q - b_ref);
-        acc_k[(si - 1) as usize] += sk * V4::exp(b_ref - b_k);
+        #[unroll]
+        for jv in 0..tnv {
+            let col = tx + jv * cstep;
+            let b_ref = sm[(bo + ref_row * kv + col) as usize];
+            let b_q = sm[(bo + r * kv + col) as usize];
+            let b_k = sm[(bo + rk * kv + col) as usize];
+            acc_q[(si * tnv + jv) as usize] += sq[jv as usize] * V4::exp(b_q - b_ref);
+            acc_k[((si - 1) * tnv + jv) as usize] += sk[jv as usize] * V4::exp(b_ref - b_k);
+        }
     }
 
     // 3. The diagonal pairs, element-wise (one exponential per (i, j, d)), and the
@@ -310,28 +346,33 @@ pub fn gla_bwd_dqk<F: Float>(
         if r < len {
             let lo = comptime!(i * row_step);
             let hi = min(lo + row_step, len);
-            let b_r = sm[(bo + r * kv + tx) as usize];
-            let mut dq_v = acc_q[i as usize];
-            let mut dk_v = acc_k[i as usize];
-            for s in lo..r + 1 {
-                let a = lane_of(sm[(r * cv + s / 4) as usize], s % 4);
-                let e = V4::exp(b_r - sm[(bo + s * kv + tx) as usize]);
-                dq_v += V4::new(a) * sm[(ko + s * kv + tx) as usize] * e;
-            }
-            for s in r..hi {
-                let a = lane_of(sm[(s * cv + r / 4) as usize], r % 4);
-                let e = V4::exp(sm[(bo + s * kv + tx) as usize] - b_r);
-                dk_v += V4::new(a) * sm[(qo + s * kv + tx) as usize] * e;
-            }
-            let g = sm[(qo + r * kv + tx) as usize] * dq_v - sm[(ko + r * kv + tx) as usize] * dk_v;
             #[unroll]
-            for j in 0..4u32 {
-                let col = tx * 4 + j;
-                if col < kvalid {
-                    let gi = (row_base + r * heads * dk + col) as usize;
-                    dq[gi] = F::cast_from(dq_v[j as usize]);
-                    dk_out[gi] = F::cast_from(dk_v[j as usize]);
-                    dgt[gi] = g[j as usize];
+            for jv in 0..tnv {
+                let col = tx + jv * cstep;
+                let b_r = sm[(bo + r * kv + col) as usize];
+                let mut dq_v = acc_q[(i * tnv + jv) as usize];
+                let mut dk_v = acc_k[(i * tnv + jv) as usize];
+                for s in lo..r + 1 {
+                    let a = lane_of(sm[(r * cv + s / 4) as usize], s % 4);
+                    let e = V4::exp(b_r - sm[(bo + s * kv + col) as usize]);
+                    dq_v += V4::new(a) * sm[(ko + s * kv + col) as usize] * e;
+                }
+                for s in r..hi {
+                    let a = lane_of(sm[(s * cv + r / 4) as usize], r % 4);
+                    let e = V4::exp(sm[(bo + s * kv + col) as usize] - b_r);
+                    dk_v += V4::new(a) * sm[(qo + s * kv + col) as usize] * e;
+                }
+                let g = sm[(qo + r * kv + col) as usize] * dq_v
+                    - sm[(ko + r * kv + col) as usize] * dk_v;
+                #[unroll]
+                for j in 0..4u32 {
+                    let kk = col * 4 + j;
+                    if kk < kvalid {
+                        let gi = (row_base + r * heads * dk + kk) as usize;
+                        dq[gi] = F::cast_from(dq_v[j as usize]);
+                        dk_out[gi] = F::cast_from(dk_v[j as usize]);
+                        dgt[gi] = g[j as usize];
+                    }
                 }
             }
         }
