@@ -281,18 +281,13 @@ pub fn gla_bwd_dqk<F: Float>(
         sync_cube();
         let mut idx = UNIT_POS;
         while idx < tile {
-            let s = idx / kv;
-            let b_ref = sm[(bo + ref_row * kv + idx % kv) as usize];
-            let b_s = sm[(bo + idx) as usize];
-            let mut w = zero;
-            if s < len {
-                if s < edge {
-                    w = sm[(ko + idx) as usize] * V4::exp(b_ref - b_s);
-                } else {
-                    w = sm[(qo + idx) as usize] * V4::exp(b_s - b_ref);
-                }
-            }
-            sm[(so + idx) as usize] = w;
+            // No branch (a CPU adapter runs both sides): one operand read at a selected
+            // address. The `min` only acts on rows past a short chunk's end, whose
+            // operands are 0 and whose b = 0 would give a positive exponent.
+            let before = idx / kv < edge;
+            let d = sm[(bo + ref_row * kv + idx % kv) as usize] - sm[(bo + idx) as usize];
+            let x = sm[(select(before, ko, qo) + idx) as usize];
+            sm[(so + idx) as usize] = x * V4::exp(min(select(before, d, zero - d), zero));
             idx += units;
         }
         sync_cube();
@@ -346,31 +341,48 @@ pub fn gla_bwd_dqk<F: Float>(
         if r < len {
             let lo = comptime!(i * row_step);
             let hi = min(lo + row_step, len);
+            // Row r's b and its accumulators, then the sums with each dA element read
+            // once for the unit's column vectors.
+            let mut b_r = Array::<V4>::new(comptime!(tnv as usize));
+            let mut dq_v = Array::<V4>::new(comptime!(tnv as usize));
+            let mut dk_v = Array::<V4>::new(comptime!(tnv as usize));
+            #[unroll]
+            for jv in 0..tnv {
+                b_r[jv as usize] = sm[(bo + r * kv + tx + jv * cstep) as usize];
+                dq_v[jv as usize] = acc_q[(i * tnv + jv) as usize];
+                dk_v[jv as usize] = acc_k[(i * tnv + jv) as usize];
+            }
+            for s in lo..r + 1 {
+                let a = V4::new(lane_of(sm[(r * cv + s / 4) as usize], s % 4));
+                #[unroll]
+                for jv in 0..tnv {
+                    let at = s * kv + tx + jv * cstep;
+                    let e = V4::exp(b_r[jv as usize] - sm[(bo + at) as usize]);
+                    dq_v[jv as usize] += a * sm[(ko + at) as usize] * e;
+                }
+            }
+            for s in r..hi {
+                let a = V4::new(lane_of(sm[(s * cv + r / 4) as usize], r % 4));
+                #[unroll]
+                for jv in 0..tnv {
+                    let at = s * kv + tx + jv * cstep;
+                    let e = V4::exp(sm[(bo + at) as usize] - b_r[jv as usize]);
+                    dk_v[jv as usize] += a * sm[(qo + at) as usize] * e;
+                }
+            }
             #[unroll]
             for jv in 0..tnv {
                 let col = tx + jv * cstep;
-                let b_r = sm[(bo + r * kv + col) as usize];
-                let mut dq_v = acc_q[(i * tnv + jv) as usize];
-                let mut dk_v = acc_k[(i * tnv + jv) as usize];
-                for s in lo..r + 1 {
-                    let a = lane_of(sm[(r * cv + s / 4) as usize], s % 4);
-                    let e = V4::exp(b_r - sm[(bo + s * kv + col) as usize]);
-                    dq_v += V4::new(a) * sm[(ko + s * kv + col) as usize] * e;
-                }
-                for s in r..hi {
-                    let a = lane_of(sm[(s * cv + r / 4) as usize], r % 4);
-                    let e = V4::exp(sm[(bo + s * kv + col) as usize] - b_r);
-                    dk_v += V4::new(a) * sm[(qo + s * kv + col) as usize] * e;
-                }
-                let g = sm[(qo + r * kv + col) as usize] * dq_v
-                    - sm[(ko + r * kv + col) as usize] * dk_v;
+                let (dqv, dkv) = (dq_v[jv as usize], dk_v[jv as usize]);
+                let g =
+                    sm[(qo + r * kv + col) as usize] * dqv - sm[(ko + r * kv + col) as usize] * dkv;
                 #[unroll]
                 for j in 0..4u32 {
                     let kk = col * 4 + j;
                     if kk < kvalid {
                         let gi = (row_base + r * heads * dk + kk) as usize;
-                        dq[gi] = F::cast_from(dq_v[j as usize]);
-                        dk_out[gi] = F::cast_from(dk_v[j as usize]);
+                        dq[gi] = F::cast_from(dqv[j as usize]);
+                        dk_out[gi] = F::cast_from(dkv[j as usize]);
                         dgt[gi] = g[j as usize];
                     }
                 }
