@@ -39,8 +39,16 @@ pub fn fused_arena_vectors(kp: u32, bv: u32) -> u32 {
 /// need costs every group; with two groups of 8 lanes, every phase below keeps all 16
 /// units busy, and the larger register tiles re-use each loaded vector more.
 #[kiln_macros::kernel(
-    tune(BV = [64, 32, 16]),
+    // SHARE = 8 where planes are 8 lanes with shuffles (lavapipe), one value per device:
+    // with BV = 64 the output product's units take two rows and eight column vectors,
+    // and a plane of 8 reads each column vector of S and v once (a lane each) and
+    // exchanges them by `plane_shuffle` (every read there is a loop over the lanes).
+    tune(BV = [64, 32, 16], SHARE = [1, 8]),
     require(
+        SHARE == match device.plane_shuffle && device.plane_size == (8, 8) {
+            true => 8,
+            false => 1,
+        },
         kp % 16 == 0,
         kp <= 128,
         kp * BV <= 4096,
@@ -118,6 +126,8 @@ pub fn gla_fused_fwd<F: Float>(
     let oty = UNIT_POS / 4;
     let otx = UNIT_POS % 4;
     let mut acc = Array::<V4>::new(comptime!((4 * otnv) as usize));
+    // The same 16 vectors as two rows of eight, shared across a plane (SHARE above).
+    let plane_shared = comptime!(SHARE == 8 && BV == 64);
     // The scores: a 4 x 4 block per unit.
     let si0 = (UNIT_POS / 4) * 4;
     let sj0 = (UNIT_POS % 4) * 4;
@@ -236,45 +246,66 @@ pub fn gla_fused_fwd<F: Float>(
         for e in 0..4 * otnv {
             acc[e as usize] = zero;
         }
-        reg_tile_mma_v4(
-            &mut acc,
-            &arena,
-            q_at,
-            &arena,
-            ss_at,
-            oty,
-            otx,
-            c,
-            BV,
-            kp,
-            4u32,
-            otn,
-            local_scalars,
-        );
-        reg_tile_mma_v4(
-            &mut acc,
-            &arena,
-            a_at,
-            &arena,
-            v_at,
-            oty,
-            otx,
-            c,
-            BV,
-            c,
-            4u32,
-            otn,
-            local_scalars,
-        );
-        #[unroll]
-        for i in 0..4u32 {
-            let r = oty + i * 4;
+        if comptime!(plane_shared) {
+            // Rows `lane` and `lane + 8`, column vectors `cg * 8 + jv` (jv < 8): the plane
+            // shares its columns, each lane reading one of S and of v.
+            let lane = UNIT_POS % 8;
+            let cg = UNIT_POS / 8;
+            plane_shared_product(&mut acc, &arena, q_at, kpv, ss_at, bvv, lane, cg, kpv);
+            plane_shared_product(&mut acc, &arena, a_at, 4u32, v_at, bvv, lane, cg, 4u32);
             #[unroll]
-            for jv in 0..otnv {
-                let colv = v0v + otx + jv * 4;
-                if r < len && colv < dvv {
-                    o[(((t0 + r) * heads + h) * dvv + colv) as usize] =
-                        Vector::<F, Const<4>>::cast_from(acc[(i * otnv + jv) as usize]);
+            for i in 0..2u32 {
+                let r = lane + i * 8;
+                #[unroll]
+                for jv in 0..8u32 {
+                    let colv = v0v + cg * 8 + jv;
+                    if r < len && colv < dvv {
+                        o[(((t0 + r) * heads + h) * dvv + colv) as usize] =
+                            Vector::<F, Const<4>>::cast_from(acc[(i * 8 + jv) as usize]);
+                    }
+                }
+            }
+        } else {
+            reg_tile_mma_v4(
+                &mut acc,
+                &arena,
+                q_at,
+                &arena,
+                ss_at,
+                oty,
+                otx,
+                c,
+                BV,
+                kp,
+                4u32,
+                otn,
+                local_scalars,
+            );
+            reg_tile_mma_v4(
+                &mut acc,
+                &arena,
+                a_at,
+                &arena,
+                v_at,
+                oty,
+                otx,
+                c,
+                BV,
+                c,
+                4u32,
+                otn,
+                local_scalars,
+            );
+            #[unroll]
+            for i in 0..4u32 {
+                let r = oty + i * 4;
+                #[unroll]
+                for jv in 0..otnv {
+                    let colv = v0v + otx + jv * 4;
+                    if r < len && colv < dvv {
+                        o[(((t0 + r) * heads + h) * dvv + colv) as usize] =
+                            Vector::<F, Const<4>>::cast_from(acc[(i * otnv + jv) as usize]);
+                    }
                 }
             }
         }
@@ -303,4 +334,52 @@ pub fn gla_fused_fwd<F: Float>(
     }
 
     store_state_tile(&s, ht, state_base, &rows, stx, v0, dk, dv, stm, BV, stn);
+}
+
+/// `acc[i * 8 + jv] += X[row_i] Y[.., cg * 8 + jv]` over `4 depth4` depths for the rows
+/// `lane` and `lane + 8` of X (depth along its vectors, `x_stride` vectors a row, at
+/// `x_at`) and Y `[d][bvv]` vectors at `y_at`: lane `l` of the plane reads column vector
+/// `cg * 8 + l` at four depths and receives the other seven by a shuffle from a constant
+/// lane per component. Each accumulator takes its four depths in order (the sums of
+/// `reg_tile_mma_v4` on a CPU adapter). Every unit of a plane of 8 must call it.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn plane_shared_product(
+    acc: &mut Array<V4>,
+    arena: &SharedMemory<V4>,
+    x_at: u32,
+    #[comptime] x_stride: u32,
+    y_at: u32,
+    #[comptime] bvv: u32,
+    lane: u32,
+    cg: u32,
+    #[comptime] depth4: u32,
+) {
+    let mut mine = Array::<V4>::new(4usize);
+    for d4 in 0..depth4 {
+        let x0 = arena[(x_at + lane * x_stride + d4) as usize];
+        let x1 = arena[(x_at + (lane + 8) * x_stride + d4) as usize];
+        #[unroll]
+        for e in 0..4u32 {
+            mine[e as usize] = arena[(y_at + (d4 * 4 + e) * bvv + cg * 8 + lane) as usize];
+        }
+        #[unroll]
+        for jv in 0..8u32 {
+            let mut s0 = acc[jv as usize];
+            let mut s1 = acc[(8 + jv) as usize];
+            #[unroll]
+            for e in 0..4u32 {
+                let src = mine[e as usize];
+                let mut y = V4::new(0.0f32);
+                #[unroll]
+                for l in 0..4u32 {
+                    y[l as usize] = plane_shuffle(src[l as usize], jv);
+                }
+                s0 += V4::new(x0[e as usize]) * y;
+                s1 += V4::new(x1[e as usize]) * y;
+            }
+            acc[jv as usize] = s0;
+            acc[(8 + jv) as usize] = s1;
+        }
+    }
 }
