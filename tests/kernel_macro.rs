@@ -617,3 +617,71 @@ fn a_grid_product_past_32_bits_is_refused_not_wrapped() {
     .unwrap();
     assert_eq!(out.download().unwrap().to_f64(), vec![1.0]);
 }
+
+/// A kernel one of whose configurations skips the last element.
+mod skips_last {
+    use cubecl::prelude::*;
+    use kiln::runtime::cubecl;
+
+    /// `out[i] = 2 x[i]` for `i < len + 1 - KEEP`: `KEEP = 2` leaves the last element as
+    /// it was.
+    #[kiln::kernel(
+        tune(UNITS = [32], KEEP = [1, 2]),
+        grid = (len.div_ceil(UNITS)),
+        cube = UNITS,
+        name = "test_skips_last"
+    )]
+    pub fn skips_last<F: Float>(x: &Array<F>, out: &mut Array<F>, len: u32) {
+        let i = ABSOLUTE_POS;
+        if i + (KEEP as usize) < len as usize + 1 {
+            out[i] = x[i] * F::new(2.0);
+        }
+    }
+}
+
+/// `tuned` checks each candidate in fresh outputs filled with poison: a configuration
+/// that leaves an element unwritten fails the check even where the caller's output (or
+/// the candidate run before it) already holds the right value there. Checked in the
+/// caller's buffers, `KEEP = 2` passed, as a GLA candidate that skipped column 39 did.
+#[test]
+fn a_configuration_that_skips_an_element_fails_the_tuners_check() {
+    use kiln::runtime::tune::{Autotuner, CandidateStatus, TuneEvent, TuneMode};
+    use skips_last::{SkipsLast, SkipsLastArgs};
+    use std::sync::{Arc, Mutex};
+    let dir = std::env::temp_dir().join(format!("kiln-skips-last-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let tuner = Autotuner::new(&dir, TuneMode::On);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    tuner.observe(move |e| {
+        if let TuneEvent::Candidate { label, status } = e {
+            log.lock().unwrap().push((label.clone(), status.clone()));
+        }
+    });
+    let len = 100usize;
+    let xs: Vec<f64> = (0..len).map(|i| i as f64 - 40.5).collect();
+    let want: Vec<f64> = xs.iter().map(|v| 2.0 * v).collect();
+    let up = |v: &[f64]| {
+        Tensor::upload(
+            client(),
+            &HostTensor::from_f64(DType::F32, vec![len], v).unwrap(),
+        )
+        .unwrap()
+    };
+    // The caller's output already holds the answer: only fresh outputs can tell.
+    let (x, out) = (up(&xs), up(&want));
+    let args = SkipsLastArgs {
+        x: &x,
+        out: &out,
+        len: len as u32,
+    };
+    let cfg = SkipsLast::tuned_by(&tuner, client(), 0.0, &args, None).unwrap();
+    assert_eq!(cfg.KEEP, 1);
+    let seen = seen.lock().unwrap().clone();
+    let skipper = seen.iter().find(|(l, _)| l.contains("KEEP=2"));
+    assert!(
+        matches!(skipper, Some((_, CandidateStatus::Mismatch(_)))),
+        "{seen:?}"
+    );
+    assert_eq!(out.download().unwrap().to_f64(), want);
+}

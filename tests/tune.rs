@@ -667,6 +667,75 @@ fn a_tolerance_floored_at_the_output_scale_rejects_zeros() {
     ));
 }
 
+/// In a candidate's check run (its one compared run), and only there, `Tensor::empty`
+/// gives poison: a candidate that writes nothing into the output it allocates fails the
+/// check, whatever buffer the memory pool hands it (the one the candidate before it
+/// wrote and freed would hold the right answer).
+#[test]
+fn outputs_allocated_in_a_check_run_are_poison() {
+    use kiln::runtime::tune::is_check_run;
+    let x = input();
+    let flags = Mutex::new(vec![Vec::new(); 3]);
+    let run = |&c: &u32| -> kiln::Result<Vec<Tensor>> {
+        flags.lock().unwrap()[c as usize].push(is_check_run());
+        let y = rowwise::softmax(&x)?;
+        if c < 2 {
+            return Ok(vec![y]);
+        }
+        let shape = y.shape().to_vec();
+        drop(y);
+        let out = Tensor::empty(client(), DType::F32, &shape)?;
+        assert!(out.download()?.to_f64().iter().all(|v| v.is_nan()));
+        Ok(vec![out])
+    };
+    let t = Autotuner::new(tmpdir("poison"), TuneMode::On);
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let e2 = Arc::clone(&events);
+    t.observe(move |e| e2.lock().unwrap().push(e.clone()));
+    t.tune(
+        client(),
+        &key("poison"),
+        &[0u32, 1, 2],
+        |c| format!("c{c}"),
+        run,
+        1e-5,
+    )
+    .unwrap();
+    let ev = events.lock().unwrap().clone();
+    assert!(
+        ev.iter().any(|e| matches!(e, TuneEvent::Candidate { label, status: CandidateStatus::Mismatch(_) } if label == "c2")),
+        "{ev:?}"
+    );
+    // Each candidate's first run is its check; the timed runs after it are not.
+    for (c, f) in flags.lock().unwrap().iter().enumerate() {
+        assert_eq!(f.first(), Some(&true), "c{c}: {f:?}");
+        assert!(f[1..].iter().all(|&on| !on), "c{c}: {f:?}");
+    }
+    assert!(!is_check_run());
+}
+
+/// `Tensor::poisoned` is NaN in every float dtype the device has, and an unlikely
+/// integer in the others.
+#[test]
+fn poison_is_nan_in_every_float_dtype() {
+    for dtype in DType::ALL {
+        let Ok(t) = Tensor::poisoned(client(), dtype, &[3, 5]) else {
+            assert!(!client().supports(dtype), "{dtype}");
+            continue;
+        };
+        let v = t.download().unwrap().to_f64();
+        assert_eq!(v.len(), 15);
+        match dtype {
+            DType::F32 | DType::F16 | DType::BF16 => {
+                assert!(v.iter().all(|x| x.is_nan()), "{dtype}")
+            }
+            DType::I32 | DType::U32 => assert!(v.iter().all(|&x| x == 2_147_146_669.0), "{dtype}"),
+            DType::I8 => assert!(v.iter().all(|&x| x == -83.0), "{dtype}"),
+            DType::U8 => assert!(v.iter().all(|&x| x == 173.0), "{dtype}"),
+        }
+    }
+}
+
 /// `--import` keeps only entries kiln can use: a kernel's configuration must be one it
 /// declares, and a timing a time; the rest are skipped, each with why.
 #[test]

@@ -357,6 +357,26 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
             _ => None,
         })
         .collect();
+    // A candidate's check run writes fresh poisoned outputs (atomic ones stay the
+    // caller's: counters that start from what the caller set).
+    let fresh_outputs: Vec<Ident> = outputs
+        .iter()
+        .map(|o| format_ident!("__fresh_{}", o))
+        .collect();
+    let fresh_lets: Vec<TokenStream> = sig
+        .args
+        .iter()
+        .filter_map(|a| match a {
+            Arg::Output { name, elem, .. } => {
+                let fresh = format_ident!("__fresh_{}", name);
+                Some(match elem {
+                    Elem::Atomic(_) => quote!(let #fresh = (*#name).clone();),
+                    _ => quote!(let #fresh = #rt::Tensor::poisoned(client, #name.dtype(), #name.shape())?;),
+                })
+            }
+            _ => None,
+        })
+        .collect();
     let bind_tunables = quote!(#(let #tunables: u32 = cfg.#tunables;)*);
     let bind_scalars: Vec<TokenStream> =
         scalars.iter().map(|(n, _)| quote!(let #n = #n;)).collect();
@@ -1081,8 +1101,12 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
 
             /// Picks a configuration with the autotuner (tuning on first use of the key,
             /// validating every candidate's outputs against the first's within
-            /// `tolerance`), launches it, and returns it. The kernel must write its
-            /// outputs from its inputs alone (outputs are overwritten by each candidate).
+            /// `tolerance`), launches it, and returns it. Each candidate's checked run
+            /// writes fresh outputs filled with poison (NaN), so that one that skips an
+            /// element fails the check; its timed runs and the winner's launch write the
+            /// caller's outputs. The kernel must write its outputs from its inputs alone
+            /// where it declares more than one configuration (timed runs repeat it;
+            /// `Atomic` outputs are the caller's in every run).
             pub fn tuned(client: &#rt::Client, tolerance: impl Into<#rt::tune::Tolerance>, args: &#args_struct<'_>) -> #rt::Result<#config> {
                 Self::tuned_ranked(client, tolerance, args, None)
             }
@@ -1091,6 +1115,18 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
             /// any unit, lower is better): a ranked search times only the best-ranked few
             /// (see `kiln_runtime::tune::Search`).
             pub fn tuned_ranked(
+                client: &#rt::Client,
+                tolerance: impl Into<#rt::tune::Tolerance>,
+                args: &#args_struct<'_>,
+                cost: Option<&dyn Fn(&#config) -> f64>,
+            ) -> #rt::Result<#config> {
+                Self::tuned_by(#rt::tune::Autotuner::global(), client, tolerance, args, cost)
+            }
+
+            /// [`Self::tuned_ranked`] with `tuner` (its cache, mode and observer) instead
+            /// of the process-wide one.
+            pub fn tuned_by(
+                tuner: &#rt::tune::Autotuner,
                 client: &#rt::Client,
                 tolerance: impl Into<#rt::tune::Tolerance>,
                 args: &#args_struct<'_>,
@@ -1113,12 +1149,20 @@ fn generate(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
                     });
                 }
                 let __key = Self::key(__dtype, &args.problem());
-                let cfg = #rt::tune::Autotuner::global().tune_warmed(
+                let cfg = tuner.tune_warmed(
                     client,
                     &__key,
                     &__space,
                     Self::label,
                     |cfg| {
+                        if #rt::tune::is_check_run() {
+                            // Fresh poisoned outputs: what the candidate skips stays NaN.
+                            #(#fresh_lets)*
+                            #[allow(clippy::needless_update)]
+                            let __check = #args_struct { #(#outputs: &#fresh_outputs,)* ..*args };
+                            Self::launch(client, cfg, &__check)?;
+                            return Ok(vec![#(#fresh_outputs),*]);
+                        }
                         Self::launch(client, cfg, args)?;
                         Ok(vec![#((*#outputs).clone()),*])
                     },

@@ -84,6 +84,14 @@ pub fn checked_numel(name: &str, shape: &[usize], dtype: DType) -> Result<usize>
         .ok_or_else(|| refuse(format!("shape {}", shape_str(shape))))
 }
 
+/// [`Tensor::poisoned`]'s element in the 32-bit dtypes: a quiet NaN in f32 (exponent all
+/// ones, a payload no arithmetic produces), 2 147 146 669 as an integer.
+const POISON_WORD: u32 = 0x7FFA_DBAD;
+/// In f16 and bf16: a NaN in both (all-ones exponent, non-zero mantissa).
+const POISON_HALF: u16 = 0x7FAD;
+/// In the 8-bit dtypes.
+const POISON_BYTE: u8 = 0xAD;
+
 /// Bytes actually allocated for `n` bytes of data: wgpu binds buffers in 4-byte
 /// words, so f16/i8 tensors of odd length are padded (the padding is never read back);
 /// and at least 16 bytes, one 4-wide f32 vector, so that an empty tensor bound where a
@@ -134,8 +142,12 @@ impl Tensor {
         })
     }
 
-    /// An uninitialized contiguous tensor.
+    /// An uninitialized contiguous tensor: what it holds is unspecified (in a
+    /// candidate's check run while autotuning, poison: see [`Tensor::poisoned`]).
     pub fn empty(client: &Client, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        if crate::tune::is_check_run() {
+            return Self::poisoned(client, dtype, shape);
+        }
         client.require_dtype("output", dtype)?;
         let numel = checked_numel("output", shape, dtype)?;
         client.require_buffer("output", numel * dtype.size())?;
@@ -151,6 +163,26 @@ impl Tensor {
             strides: contiguous_strides(shape),
             buffer: Buffer::new(),
         })
+    }
+
+    /// A contiguous tensor of poison: every element is a NaN in the float dtypes
+    /// (`0x7FFADBAD` in f32, `0x7FAD` in f16 and bf16) and an integer no kernel computes
+    /// by chance in the 32-bit ones (`0x7FFADBAD`), `0xAD` in the 8-bit ones. What the
+    /// autotuner gives a candidate to write in its check run ([`crate::tune::is_check_run`]):
+    /// an element the candidate skips reads as poison instead of the value an earlier
+    /// candidate left there, and the comparison with the reference candidate fails.
+    pub fn poisoned(client: &Client, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        let numel = checked_numel("output", shape, dtype)?;
+        client.require_dtype("output", dtype)?;
+        client.require_buffer("output", numel * dtype.size())?;
+        let word: &[u8] = match dtype.size() {
+            4 => &POISON_WORD.to_le_bytes(),
+            2 => &POISON_HALF.to_le_bytes(),
+            _ => &[POISON_BYTE],
+        };
+        let bytes = word.repeat(numel);
+        let host = HostTensor::from_bytes(dtype, shape.to_vec(), bytes)?;
+        Self::upload_named(client, "output", &host)
     }
 
     /// A contiguous tensor of zeros (every dtype's zero is all-zero bytes).

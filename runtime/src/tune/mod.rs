@@ -275,6 +275,33 @@ pub struct Spent {
 thread_local! {
     /// Inside [`Autotuner::untuned`].
     static UNTUNED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Inside a candidate's check run ([`is_check_run`]).
+    static CHECK_RUN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is inside a candidate's check run: the one run of it whose
+/// outputs the search compares with the reference candidate's (its timed runs are not).
+/// What such a run writes must land in memory that holds no earlier result, or a
+/// candidate that skips some elements would show the values the candidate before it
+/// left there and pass. So while this holds, [`Tensor::empty`] gives tensors filled with
+/// poison ([`Tensor::poisoned`]: NaN in every float dtype), and a `#[kiln::kernel]`'s
+/// `tuned` launches the candidate on fresh poisoned outputs of the caller's shapes (the
+/// caller's own are written once, by the winner, after the search).
+pub fn is_check_run() -> bool {
+    CHECK_RUN.with(std::cell::Cell::get)
+}
+
+/// Runs `f` with [`is_check_run`] set to `on` on this thread, then restores it (a
+/// decision tuned inside a check run times its candidates outside one).
+fn in_check_run<T>(on: bool, f: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            CHECK_RUN.with(|c| c.set(self.0));
+        }
+    }
+    let _reset = Reset(CHECK_RUN.with(|c| c.replace(on)));
+    f()
 }
 
 /// Timing budget per valid candidate after the first runs.

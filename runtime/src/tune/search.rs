@@ -334,7 +334,7 @@ impl Autotuner {
                 .unwrap_or(false)
         });
         let start = Instant::now();
-        let outputs = run(c).and_then(|o| client.sync().map(|()| o));
+        let outputs = in_check_run(true, || run(c)).and_then(|o| client.sync().map(|()| o));
         let took = start.elapsed();
         let outputs = outputs
             .and_then(|o| o.iter().map(Tensor::download).collect::<Result<Vec<_>>>())
@@ -421,8 +421,7 @@ impl Autotuner {
                 let reps = batch(samples.last().copied());
                 let c = &candidates[order[*pos]];
                 let start = Instant::now();
-                let ran = (0..reps)
-                    .try_for_each(|_| run(c).map(drop))
+                let ran = in_check_run(false, || (0..reps).try_for_each(|_| run(c).map(drop)))
                     .and_then(|()| client.sync());
                 match ran {
                     Ok(()) => samples.push(start.elapsed() / reps),
