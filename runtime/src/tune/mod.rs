@@ -10,7 +10,10 @@
 //! batch of calls back to back and one sync (about 1 ms of them, at most [`MAX_BATCH`]),
 //! its time per call: how a model runs it and `kiln bench` times it, without the sync's
 //! cost and jitter in every sample (on a GPU, where most kernels take under 1 ms).
-//! A candidate that fails or disagrees scores +inf and is reported, never fatal.
+//! A candidate that fails or disagrees scores +inf and is reported, never fatal. Its
+//! checked run writes memory that holds no earlier result ([`is_check_run`]: poisoned
+//! fresh outputs), so that one that skips an element disagrees instead of showing what
+//! the candidate before it left there.
 //!
 //! How many candidates run ([`Search`]): by default (`ranked`), a decision that comes
 //! with a cost model ([`Choice::cost`]) runs candidates in the model's order and times
