@@ -4,6 +4,7 @@
 use super::chunk_state::chunk_at;
 use cubecl::prelude::*;
 use kiln_dsl::{load_tile_v4, reg_tile_mma_v4, v4_tile_col, V4};
+use kiln_runtime::AdapterType;
 
 /// Intra-chunk scores, one cube per (chunk, head), a 4x4 block of (i, j) per unit:
 /// `a[i, j] = scale * sum_d x[i, d] y[j, d] * exp(b[i, d] - b[j, d])` (with
@@ -233,8 +234,16 @@ pub fn gla_scores<F: Float>(
 /// m = A): `o = (scale q * exp(b)) h_n + A v`. Backward (x = k, y = do,
 /// states = dh_{n+1}, m = A transposed): `dv = (k * exp(Gamma - b)) dh_{n+1} + A^T do`.
 #[kiln_macros::kernel(
-    tune(BV = [64, 32], BK = [16, 32], TT = [8, 4]),
-    require(BK <= chunk, TT <= chunk, chunk * BK + BK * BV <= device.max_shared_memory as u32 / 4),
+    // TT as for `gla_state_pass`: 16 on CPU adapters (155-202 -> 97-126 ms at
+    // 1 x 4096 x 4 x 64, chunks of 16-64; 4 units a cube at chunk 16), 4 elsewhere.
+    tune(BV = [64, 32], BK = [16, 32], TT = [8, 4, 16]),
+    require(
+        TT != 16 || device.adapter_type == AdapterType::Cpu,
+        TT != 4 || device.adapter_type != AdapterType::Cpu,
+        BK <= chunk,
+        TT <= chunk,
+        chunk * BK + BK * BV <= device.max_shared_memory as u32 / 4
+    ),
     key(n_chunks = pow2, heads = pow2, dk = pow2, dv = pow2, dtype),
     grid = (n_chunks, heads, dv.div_ceil(BV)),
     cube = (chunk / TT) * (BV / TT),

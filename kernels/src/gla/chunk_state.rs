@@ -16,6 +16,7 @@
 
 use cubecl::prelude::*;
 use kiln_dsl::{floor_log_gate, load_tile_v4, reg_tile_mma_v4, v4_tile_col, V4};
+use kiln_runtime::AdapterType;
 
 /// Where a chunk-parallel cube works: chunk `c` (`CUBE_POS_X`) of the chunk table
 /// (`chunks[2c]` its first token, `chunks[2c + 1]` its length) and head `h`
@@ -80,7 +81,16 @@ pub fn gla_cumsum<F: Float>(
 /// the state entering chunk `c` (h_n, or dh_{n+1} going backward) and `last` the
 /// final one (ht, or dh0). The state starts from `init` when `has_init`, else 0.
 #[kiln_macros::kernel(
-    tune(BK = [32, 16], BV = [64, 32], TT = [8, 4]),
+    // TT: 8 everywhere; 16 on CPU adapters, where every operand read is a loop over the
+    // SIMD lanes and a 16 x 16 tile reads half as many per product (the pass 115-147 ->
+    // 73-102 ms at 1 x 4096 x 4 x 64); 4 elsewhere (4 always lost to 8 on lavapipe, by
+    // 1.1-2x, and 16 would spill on CUDA).
+    tune(BK = [32, 16], BV = [64, 32], TT = [8, 4, 16]),
+    require(
+        TT != 16 || device.adapter_type == AdapterType::Cpu,
+        TT != 4 || device.adapter_type != AdapterType::Cpu,
+        TT <= BK
+    ),
     key(n_seq = pow2, heads = pow2, dk = pow2, dv = pow2, dtype),
     grid = (n_seq * heads, dk.div_ceil(BK), dv.div_ceil(BV)),
     cube = (BK / TT) * (BV / TT),
