@@ -10,6 +10,19 @@
 
 use cubecl::prelude::*;
 
+/// `v` as lane `lane` of the plane holds it, a shuffle per component: with `lane` a
+/// constant, a broadcast on a CPU adapter, where a load at a per-lane address is a loop
+/// over the SIMD lanes. Every unit of the plane must call it.
+#[cube]
+pub fn plane_broadcast_v4(v: V4, lane: u32) -> V4 {
+    let mut w = V4::new(0.0f32);
+    #[unroll]
+    for e in 0..4u32 {
+        w[e as usize] = plane_shuffle(v[e as usize], lane);
+    }
+    w
+}
+
 /// Loads the `rows x cols` tile whose element (r, c) is
 /// `src[src_base + r * row_stride + c]` into `dst` as f32, writing zero where
 /// `r >= rows_valid` or `c >= cols_valid` (so products over a ragged edge need no

@@ -22,7 +22,7 @@
 
 use super::tile::{query_tile, write_lse};
 use cubecl::prelude::*;
-use kiln_dsl::V4;
+use kiln_dsl::{plane_broadcast_v4, V4};
 use kiln_runtime::AdapterType;
 
 attention_fwd_kernel! {
@@ -302,11 +302,8 @@ fn shuffled_at(
     #[comptime] d: u32,
     #[comptime] share: u32,
 ) -> V4 {
-    let src = mine[comptime!((first + d / share) as usize)];
-    let mut w = V4::new(0.0f32);
-    #[unroll]
-    for e in 0..4u32 {
-        w[e as usize] = plane_shuffle(src[e as usize], comptime!(d % share));
-    }
-    w
+    plane_broadcast_v4(
+        mine[comptime!((first + d / share) as usize)],
+        comptime!(d % share),
+    )
 }

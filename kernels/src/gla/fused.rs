@@ -10,12 +10,16 @@
 //! per device ([`super::gla`]), as fla offers `fused_chunk` beside `chunk`.
 //!
 //! Numerics are those of the chunked kernels (spec, "secondary chunking"): the scores
-//! are formed element-wise in f32 as `q_i k_j exp(b_i - b_j)` with `j <= i` (exponent
-//! `<= 0`), the inter-chunk weights are `exp(b) <= 1` and `exp(Gamma - b) <= 1`.
+//! are formed in f32 as `q_i k_j exp(b_i - b_j)` with `j <= i` (exponent `<= 0`),
+//! element-wise, or with planes of 8 factorised across the chunk's middle (`i >= 8 > j`:
+//! `q_i exp(b_i - b_7)` times `k_j exp(b_7 - b_j)`, both exponents `<= 0`); the
+//! inter-chunk weights are `exp(b) <= 1` and `exp(Gamma - b) <= 1`.
 
 use super::chunk_state::{load_state_tile, store_state_tile};
 use cubecl::prelude::*;
-use kiln_dsl::{floor_log_gate_v4, reg_tile_mma_v4, reg_tile_mma_v4_outer, v4_tile_col, V4};
+use kiln_dsl::{
+    floor_log_gate_v4, plane_broadcast_v4, reg_tile_mma_v4, reg_tile_mma_v4_outer, v4_tile_col, V4,
+};
 
 /// Rows per chunk of the fused kernel.
 pub const FUSED_CHUNK: u32 = 16;
@@ -128,7 +132,7 @@ pub fn gla_fused_fwd<F: Float>(
     let mut acc = Array::<V4>::new(comptime!((4 * otnv) as usize));
     // The same 16 vectors as two rows of eight, shared across a plane (SHARE above).
     let plane_shared = comptime!(SHARE == 8 && BV == 64);
-    // The scores: a 4 x 4 block per unit.
+    // The scores: a 4 x 4 block per unit (a row a unit with SHARE = 8).
     let si0 = (UNIT_POS / 4) * 4;
     let sj0 = (UNIT_POS % 4) * 4;
     let mut sacc = Array::<V4>::new(16usize);
@@ -179,42 +183,62 @@ pub fn gla_fused_fwd<F: Float>(
         }
         sync_cube();
 
-        // 2. Scores A[i][j] = scale sum_d q_i k_j exp(b_i - b_j) for j <= i < len (the
-        //    exponent clamped at 0 only matters above the diagonal, which is masked).
-        #[unroll]
-        for e in 0..16u32 {
-            sacc[e as usize] = zero;
-        }
-        for d4 in 0..kpv {
+        // 2. Scores A[i][j] = scale sum_d q_i k_j exp(b_i - b_j) for j <= i < len, and 0
+        //    above the diagonal.
+        if comptime!(SHARE == 8) {
+            plane_scores(&mut sacc, &arena, q_at, k_at, b_at, kpv);
+            // Lane l of plane p holds row 8 p + l, column j in acc[j].
+            let i = UNIT_POS;
             #[unroll]
-            for e in 0..4u32 {
-                qf[e as usize] = arena[(q_at + (si0 + e) * kpv + d4) as usize];
-                kf[e as usize] = arena[(k_at + (sj0 + e) * kpv + d4) as usize];
-                bi[e as usize] = arena[(b_at + (si0 + e) * kpv + d4) as usize];
-                bj[e as usize] = arena[(b_at + (sj0 + e) * kpv + d4) as usize];
+            for jv in 0..4u32 {
+                let mut row = zero;
+                #[unroll]
+                for jj in 0..4u32 {
+                    let p = sacc[(jv * 4 + jj) as usize];
+                    if jv * 4 + jj <= i && i < len {
+                        row[jj as usize] = (p[0] + p[1] + p[2] + p[3]) * scale;
+                    }
+                }
+                arena[(a_at + i * 4 + jv) as usize] = row;
+            }
+        } else {
+            // A 4 x 4 block of (i, j) per unit, element-wise (the exponent clamped at 0
+            // only matters above the diagonal, which is masked).
+            #[unroll]
+            for e in 0..16u32 {
+                sacc[e as usize] = zero;
+            }
+            for d4 in 0..kpv {
+                #[unroll]
+                for e in 0..4u32 {
+                    qf[e as usize] = arena[(q_at + (si0 + e) * kpv + d4) as usize];
+                    kf[e as usize] = arena[(k_at + (sj0 + e) * kpv + d4) as usize];
+                    bi[e as usize] = arena[(b_at + (si0 + e) * kpv + d4) as usize];
+                    bj[e as usize] = arena[(b_at + (sj0 + e) * kpv + d4) as usize];
+                }
+                #[unroll]
+                for ii in 0..4u32 {
+                    #[unroll]
+                    for jj in 0..4u32 {
+                        sacc[(ii * 4 + jj) as usize] += qf[ii as usize]
+                            * kf[jj as usize]
+                            * V4::exp(min(bi[ii as usize] - bj[jj as usize], zero));
+                    }
+                }
             }
             #[unroll]
             for ii in 0..4u32 {
+                let i = si0 + ii;
+                let mut row = zero;
                 #[unroll]
                 for jj in 0..4u32 {
-                    sacc[(ii * 4 + jj) as usize] += qf[ii as usize]
-                        * kf[jj as usize]
-                        * V4::exp(min(bi[ii as usize] - bj[jj as usize], zero));
+                    let p = sacc[(ii * 4 + jj) as usize];
+                    if sj0 + jj <= i && i < len {
+                        row[jj as usize] = (p[0] + p[1] + p[2] + p[3]) * scale;
+                    }
                 }
+                arena[(a_at + i * 4 + sj0 / 4) as usize] = row;
             }
-        }
-        #[unroll]
-        for ii in 0..4u32 {
-            let i = si0 + ii;
-            let mut row = zero;
-            #[unroll]
-            for jj in 0..4u32 {
-                let p = sacc[(ii * 4 + jj) as usize];
-                if sj0 + jj <= i && i < len {
-                    row[jj as usize] = (p[0] + p[1] + p[2] + p[3]) * scale;
-                }
-            }
-            arena[(a_at + i * 4 + sj0 / 4) as usize] = row;
         }
         sync_cube();
 
@@ -369,17 +393,72 @@ fn plane_shared_product(
             let mut s1 = acc[(8 + jv) as usize];
             #[unroll]
             for e in 0..4u32 {
-                let src = mine[e as usize];
-                let mut y = V4::new(0.0f32);
-                #[unroll]
-                for l in 0..4u32 {
-                    y[l as usize] = plane_shuffle(src[l as usize], jv);
-                }
+                let y = plane_broadcast_v4(mine[e as usize], jv);
                 s0 += V4::new(x0[e as usize]) * y;
                 s1 += V4::new(x1[e as usize]) * y;
             }
             acc[jv as usize] = s0;
             acc[(8 + jv) as usize] = s1;
+        }
+    }
+}
+
+/// The fused kernel's scores with planes of 8 (`SHARE = 8`): lane `l` of plane `p` forms
+/// row `i = 8 p + l` of the chunk's 16 x 16 scores, `acc[j] += q_i k_j exp(b_i - b_j)` per
+/// depth vector (four partial sums a lane), for `j <= i` (columns past the plane's last
+/// row are left alone). Each lane reads its own row of q and b and one row of k and b
+/// (two in the second plane), and receives the other rows of k and b by broadcasts from
+/// constant lanes: 4 to 6 reads per depth vector where a 4 x 4 block a unit read 16. The
+/// second plane's pairs with `j < 8` are factorised at row 7 (`r = b_7`: `exp(b_i - r)`
+/// and `exp(r - b_j)`, both exponents <= 0 since b does not increase and stays at Gamma
+/// past the chunk's end), one exponential each for `q_i` and `k_j`; the pairs inside a
+/// plane's 8 rows take one per (i, j, d). Plane-uniform branches: a CPU adapter runs
+/// each plane through its own side only. Every unit of the cube must call it.
+#[cube]
+fn plane_scores(
+    acc: &mut Array<V4>,
+    arena: &SharedMemory<V4>,
+    q_at: u32,
+    k_at: u32,
+    b_at: u32,
+    #[comptime] kpv: u32,
+) {
+    let zero = V4::new(0.0f32);
+    let lane = UNIT_POS % 8;
+    let i = UNIT_POS;
+    #[unroll]
+    for e in 0..16u32 {
+        acc[e as usize] = zero;
+    }
+    for d4 in 0..kpv {
+        let qi = arena[(q_at + i * kpv + d4) as usize];
+        let bi = arena[(b_at + i * kpv + d4) as usize];
+        // Rows 0-7 of k and b, a lane each.
+        let k_lo = arena[(k_at + lane * kpv + d4) as usize];
+        let b_lo = arena[(b_at + lane * kpv + d4) as usize];
+        if UNIT_POS < 8 {
+            #[unroll]
+            for j in 0..8u32 {
+                let kj = plane_broadcast_v4(k_lo, j);
+                let bj = plane_broadcast_v4(b_lo, j);
+                acc[j as usize] += qi * kj * V4::exp(min(bi - bj, zero));
+            }
+        } else {
+            let r = plane_broadcast_v4(b_lo, 7u32);
+            let q_t = qi * V4::exp(min(bi - r, zero));
+            let k_t = k_lo * V4::exp(min(r - b_lo, zero));
+            #[unroll]
+            for j in 0..8u32 {
+                acc[j as usize] += q_t * plane_broadcast_v4(k_t, j);
+            }
+            let k_hi = arena[(k_at + (8 + lane) * kpv + d4) as usize];
+            let b_hi = arena[(b_at + (8 + lane) * kpv + d4) as usize];
+            #[unroll]
+            for j in 0..8u32 {
+                let kj = plane_broadcast_v4(k_hi, j);
+                let bj = plane_broadcast_v4(b_hi, j);
+                acc[(8 + j) as usize] += qi * kj * V4::exp(min(bi - bj, zero));
+            }
         }
     }
 }

@@ -16,7 +16,7 @@
 use super::vec4::{store_tile_v4, vec4_product};
 use super::{clamped_strided, Activation};
 use cubecl::prelude::*;
-use kiln_dsl::V4;
+use kiln_dsl::{plane_broadcast_v4, V4};
 use kiln_runtime::DeviceReport;
 
 /// The plane size this kernel is written for (the lanes that share a tile's rows; the
@@ -39,13 +39,8 @@ pub(crate) fn plane_rows(
     for i in 0..tm {
         #[unroll]
         for h in 0..per_row {
-            let v = mine[((i / LANES) * per_row + h) as usize];
-            let mut w = V4::new(0.0f32);
-            #[unroll]
-            for e in 0..4u32 {
-                w[e as usize] = plane_shuffle(v[e as usize], i % LANES);
-            }
-            av[(i * per_row + h) as usize] = w;
+            av[(i * per_row + h) as usize] =
+                plane_broadcast_v4(mine[((i / LANES) * per_row + h) as usize], i % LANES);
         }
     }
 }
