@@ -2,6 +2,7 @@
 //! `o = scale q e^b S + A v` (layouts and numerics as in `chunk_state`).
 
 use super::chunk_state::chunk_at;
+use super::fused::plane_scores;
 use cubecl::prelude::*;
 use kiln_dsl::{load_tile_v4, reg_tile_mma_v4, v4_tile_col, V4};
 use kiln_runtime::AdapterType;
@@ -19,8 +20,16 @@ use kiln_runtime::AdapterType;
 /// `x~ = x exp(b - r)` and `y~ = y exp(r - b)` are formed once per element and the
 /// block is a plain product; only the diagonal pairs take one exponential per (i, j, d).
 #[kiln_macros::kernel(
-    tune(BD = [32, 16]),
-    require(chunk < 64 || !decay || BD == 16),
+    // SHARE = 8 where planes are 8 lanes with shuffles (lavapipe), one value per device:
+    // chunks of 16 rows then take a row a unit (`plane_scores`, as the fused forward).
+    tune(BD = [32, 16], SHARE = [1, 8]),
+    require(
+        SHARE == match device.plane_shuffle && device.plane_size == (8, 8) {
+            true => 8,
+            false => 1,
+        },
+        chunk < 64 || !decay || BD == 16
+    ),
     key(n_chunks = pow2, heads = pow2, dd = pow2, dtype),
     grid = (n_chunks, heads),
     cube = (chunk / 4) * (chunk / 4),
@@ -45,6 +54,8 @@ pub fn gla_scores<F: Float>(
     let units = comptime!((chunk / 4) * (chunk / 4));
     let n_sub = comptime!(chunk / 16);
     let factor = comptime!(decay && chunk > 16);
+    // A row a unit, broadcasts across planes of 8 (`plane_scores`).
+    let plane = comptime!(SHARE == 8 && chunk == 16);
     // Unit -> (sub-chunk pair, 4x4 block inside it).
     let pair = UNIT_POS / 16;
     let sub_i = pair / n_sub;
@@ -135,6 +146,9 @@ pub fn gla_scores<F: Float>(
             );
         }
         sync_cube();
+        if comptime!(plane) {
+            plane_scores(&mut acc, &xs, 0u32, &ys, 0u32, &bs, 0u32, bdv, bdv, decay);
+        }
         if comptime!(factor) {
             // x~ = x exp(b_i - r_I) for rows i of sub-chunks I >= 1, and y~ of each
             // I >= 1 for the rows j < 16 I; r_I = b at row min(16 I - 1, len - 1).
@@ -164,45 +178,47 @@ pub fn gla_scores<F: Float>(
             }
             sync_cube();
         }
-        if active {
-            if factored {
-                let yb = (sub_i - 1) * comptime!(chunk * bdv);
-                for d4 in 0..bdv {
-                    #[unroll]
-                    for e in 0..4u32 {
-                        xf[e as usize] = xt[((i0 + e) * bdv + d4) as usize];
-                        yf[e as usize] = yt[(yb + (j0 + e) * bdv + d4) as usize];
-                    }
-                    #[unroll]
-                    for ii in 0..4u32 {
+        if comptime!(!plane) {
+            if active {
+                if factored {
+                    let yb = (sub_i - 1) * comptime!(chunk * bdv);
+                    for d4 in 0..bdv {
                         #[unroll]
-                        for jj in 0..4u32 {
-                            acc[(ii * 4 + jj) as usize] += xf[ii as usize] * yf[jj as usize];
+                        for e in 0..4u32 {
+                            xf[e as usize] = xt[((i0 + e) * bdv + d4) as usize];
+                            yf[e as usize] = yt[(yb + (j0 + e) * bdv + d4) as usize];
                         }
-                    }
-                }
-            } else {
-                for d4 in 0..bdv {
-                    #[unroll]
-                    for e in 0..4u32 {
-                        xf[e as usize] = xs[((i0 + e) * bdv + d4) as usize];
-                        yf[e as usize] = ys[((j0 + e) * bdv + d4) as usize];
-                        if comptime!(decay) {
-                            bi[e as usize] = bs[((i0 + e) * bdv + d4) as usize];
-                            bj[e as usize] = bs[((j0 + e) * bdv + d4) as usize];
-                        }
-                    }
-                    #[unroll]
-                    for ii in 0..4u32 {
                         #[unroll]
-                        for jj in 0..4u32 {
-                            let mut p = xf[ii as usize] * yf[jj as usize];
-                            if comptime!(decay) {
-                                // Clamped at 0: above the diagonal (masked below) the
-                                // difference is positive and could overflow.
-                                p *= V4::exp(min(bi[ii as usize] - bj[jj as usize], zero));
+                        for ii in 0..4u32 {
+                            #[unroll]
+                            for jj in 0..4u32 {
+                                acc[(ii * 4 + jj) as usize] += xf[ii as usize] * yf[jj as usize];
                             }
-                            acc[(ii * 4 + jj) as usize] += p;
+                        }
+                    }
+                } else {
+                    for d4 in 0..bdv {
+                        #[unroll]
+                        for e in 0..4u32 {
+                            xf[e as usize] = xs[((i0 + e) * bdv + d4) as usize];
+                            yf[e as usize] = ys[((j0 + e) * bdv + d4) as usize];
+                            if comptime!(decay) {
+                                bi[e as usize] = bs[((i0 + e) * bdv + d4) as usize];
+                                bj[e as usize] = bs[((j0 + e) * bdv + d4) as usize];
+                            }
+                        }
+                        #[unroll]
+                        for ii in 0..4u32 {
+                            #[unroll]
+                            for jj in 0..4u32 {
+                                let mut p = xf[ii as usize] * yf[jj as usize];
+                                if comptime!(decay) {
+                                    // Clamped at 0: above the diagonal (masked below) the
+                                    // difference is positive and could overflow.
+                                    p *= V4::exp(min(bi[ii as usize] - bj[jj as usize], zero));
+                                }
+                                acc[(ii * 4 + jj) as usize] += p;
+                            }
                         }
                     }
                 }
@@ -212,18 +228,32 @@ pub fn gla_scores<F: Float>(
         d0 += BD;
     }
     let out_base = (c * heads + h) * chunk * chunk;
-    #[unroll]
-    for ii in 0..4u32 {
+    if comptime!(plane) {
+        // Row UNIT_POS, column j in acc[j].
+        let i = UNIT_POS;
         #[unroll]
-        for jj in 0..4u32 {
-            let i = i0 + ii;
-            let j = j0 + jj;
+        for j in 0..16u32 {
             let mut val = 0.0f32;
             if j <= i && i < len {
-                let p = acc[(ii * 4 + jj) as usize];
+                let p = acc[j as usize];
                 val = (p[0] + p[1] + p[2] + p[3]) * scale;
             }
             a[(out_base + i * chunk + j) as usize] = val;
+        }
+    } else {
+        #[unroll]
+        for ii in 0..4u32 {
+            #[unroll]
+            for jj in 0..4u32 {
+                let i = i0 + ii;
+                let j = j0 + jj;
+                let mut val = 0.0f32;
+                if j <= i && i < len {
+                    let p = acc[(ii * 4 + jj) as usize];
+                    val = (p[0] + p[1] + p[2] + p[3]) * scale;
+                }
+                a[(out_base + i * chunk + j) as usize] = val;
+            }
         }
     }
 }

@@ -186,7 +186,13 @@ pub fn gla_fused_fwd<F: Float>(
         // 2. Scores A[i][j] = scale sum_d q_i k_j exp(b_i - b_j) for j <= i < len, and 0
         //    above the diagonal.
         if comptime!(SHARE == 8) {
-            plane_scores(&mut sacc, &arena, q_at, k_at, b_at, kpv);
+            #[unroll]
+            for e in 0..16u32 {
+                sacc[e as usize] = zero;
+            }
+            plane_scores(
+                &mut sacc, &arena, q_at, &arena, k_at, &arena, b_at, kpv, kpv, true,
+            );
             // Lane l of plane p holds row 8 p + l, column j in acc[j].
             let i = UNIT_POS;
             #[unroll]
@@ -403,61 +409,80 @@ fn plane_shared_product(
     }
 }
 
-/// The fused kernel's scores with planes of 8 (`SHARE = 8`): lane `l` of plane `p` forms
-/// row `i = 8 p + l` of the chunk's 16 x 16 scores, `acc[j] += q_i k_j exp(b_i - b_j)` per
-/// depth vector (four partial sums a lane), for `j <= i` (columns past the plane's last
-/// row are left alone). Each lane reads its own row of q and b and one row of k and b
-/// (two in the second plane), and receives the other rows of k and b by broadcasts from
-/// constant lanes: 4 to 6 reads per depth vector where a 4 x 4 block a unit read 16. The
-/// second plane's pairs with `j < 8` are factorised at row 7 (`r = b_7`: `exp(b_i - r)`
-/// and `exp(r - b_j)`, both exponents <= 0 since b does not increase and stays at Gamma
-/// past the chunk's end), one exponential each for `q_i` and `k_j`; the pairs inside a
-/// plane's 8 rows take one per (i, j, d). Plane-uniform branches: a CPU adapter runs
-/// each plane through its own side only. Every unit of the cube must call it.
+/// Intra-chunk scores of a 16-row chunk with planes of 8 (`SHARE = 8`): lane `l` of
+/// plane `p` forms row `i = 8 p + l`, `acc[j] += x_i y_j exp(b_i - b_j)` (`decay`) or
+/// `x_i y_j` per depth vector (four partial sums a lane), for `j <= i` (columns past the
+/// plane's last row are left alone), over `depth4` depth vectors of the `[row][d / 4]`
+/// tiles at `x_at`, `y_at` and `b_at` (rows `row_vectors` apart). Each lane reads its own
+/// row of x and b and one row of y and b (two in the second plane), and receives the
+/// other rows of y and b by broadcasts from constant lanes: 4 to 6 reads per depth vector
+/// where a 4 x 4 block a unit read 16. With `decay`, the second plane's pairs with
+/// `j < 8` are factorised at row 7 (`r = b_7`: `exp(b_i - r)` and `exp(r - b_j)`, both
+/// exponents <= 0 since b does not increase, and rows past the chunk's end hold b at
+/// Gamma or 0 with x, y 0), one exponential each for `x_i` and `y_j`; the pairs inside a
+/// plane's 8 rows take one per (i, j, d). Plane-uniform branches: a CPU adapter runs each
+/// plane through its own side only. Every unit of the cube (16) must call it.
 #[cube]
-fn plane_scores(
+#[allow(clippy::too_many_arguments)]
+pub(super) fn plane_scores(
     acc: &mut Array<V4>,
-    arena: &SharedMemory<V4>,
-    q_at: u32,
-    k_at: u32,
+    xs: &SharedMemory<V4>,
+    x_at: u32,
+    ys: &SharedMemory<V4>,
+    y_at: u32,
+    bs: &SharedMemory<V4>,
     b_at: u32,
-    #[comptime] kpv: u32,
+    #[comptime] row_vectors: u32,
+    #[comptime] depth4: u32,
+    #[comptime] decay: bool,
 ) {
     let zero = V4::new(0.0f32);
     let lane = UNIT_POS % 8;
     let i = UNIT_POS;
-    #[unroll]
-    for e in 0..16u32 {
-        acc[e as usize] = zero;
-    }
-    for d4 in 0..kpv {
-        let qi = arena[(q_at + i * kpv + d4) as usize];
-        let bi = arena[(b_at + i * kpv + d4) as usize];
-        // Rows 0-7 of k and b, a lane each.
-        let k_lo = arena[(k_at + lane * kpv + d4) as usize];
-        let b_lo = arena[(b_at + lane * kpv + d4) as usize];
+    let stride = comptime!(row_vectors);
+    for d4 in 0..depth4 {
+        let xi = xs[(x_at + i * stride + d4) as usize];
+        // Rows 0-7 of y (and b), a lane each.
+        let y_lo = ys[(y_at + lane * stride + d4) as usize];
+        let mut bi = zero;
+        let mut b_lo = zero;
+        if comptime!(decay) {
+            bi = bs[(b_at + i * stride + d4) as usize];
+            b_lo = bs[(b_at + lane * stride + d4) as usize];
+        }
         if UNIT_POS < 8 {
             #[unroll]
             for j in 0..8u32 {
-                let kj = plane_broadcast_v4(k_lo, j);
-                let bj = plane_broadcast_v4(b_lo, j);
-                acc[j as usize] += qi * kj * V4::exp(min(bi - bj, zero));
+                let mut p = xi * plane_broadcast_v4(y_lo, j);
+                if comptime!(decay) {
+                    p *= V4::exp(min(bi - plane_broadcast_v4(b_lo, j), zero));
+                }
+                acc[j as usize] += p;
             }
         } else {
-            let r = plane_broadcast_v4(b_lo, 7u32);
-            let q_t = qi * V4::exp(min(bi - r, zero));
-            let k_t = k_lo * V4::exp(min(r - b_lo, zero));
-            #[unroll]
-            for j in 0..8u32 {
-                acc[j as usize] += q_t * plane_broadcast_v4(k_t, j);
+            let mut x_t = xi;
+            let mut y_t = y_lo;
+            if comptime!(decay) {
+                let r = plane_broadcast_v4(b_lo, 7u32);
+                x_t = xi * V4::exp(min(bi - r, zero));
+                y_t = y_lo * V4::exp(min(r - b_lo, zero));
             }
-            let k_hi = arena[(k_at + (8 + lane) * kpv + d4) as usize];
-            let b_hi = arena[(b_at + (8 + lane) * kpv + d4) as usize];
             #[unroll]
             for j in 0..8u32 {
-                let kj = plane_broadcast_v4(k_hi, j);
-                let bj = plane_broadcast_v4(b_hi, j);
-                acc[(8 + j) as usize] += qi * kj * V4::exp(min(bi - bj, zero));
+                acc[j as usize] += x_t * plane_broadcast_v4(y_t, j);
+            }
+            let y_hi = ys[(y_at + (8 + lane) * stride + d4) as usize];
+            let mut b_hi = zero;
+            if comptime!(decay) {
+                b_hi = bs[(b_at + (8 + lane) * stride + d4) as usize];
+            }
+            #[unroll]
+            for j in 0..8u32 {
+                let mut p = xi * plane_broadcast_v4(y_hi, j);
+                if comptime!(decay) {
+                    p *= V4::exp(min(bi - plane_broadcast_v4(b_hi, j), zero));
+                }
+                acc[(8 + j) as usize] += p;
             }
         }
     }
