@@ -297,13 +297,23 @@ pub fn is_check_run() -> bool {
 /// Runs `f` with [`is_check_run`] set to `on` on this thread, then restores it (a
 /// decision tuned inside a check run times its candidates outside one).
 fn in_check_run<T>(on: bool, f: impl FnOnce() -> T) -> T {
-    struct Reset(bool);
+    with_flag(&CHECK_RUN, on, f)
+}
+
+/// Runs `f` with the thread-local `flag` set to `on`, then restores its value (also when
+/// `f` unwinds).
+fn with_flag<T>(
+    flag: &'static std::thread::LocalKey<std::cell::Cell<bool>>,
+    on: bool,
+    f: impl FnOnce() -> T,
+) -> T {
+    struct Reset(&'static std::thread::LocalKey<std::cell::Cell<bool>>, bool);
     impl Drop for Reset {
         fn drop(&mut self) {
-            CHECK_RUN.with(|c| c.set(self.0));
+            self.0.with(|c| c.set(self.1));
         }
     }
-    let _reset = Reset(CHECK_RUN.with(|c| c.replace(on)));
+    let _reset = Reset(flag, flag.with(|c| c.replace(on)));
     f()
 }
 
@@ -394,14 +404,7 @@ impl Autotuner {
     /// (lavapipe, W4A16 64 x 4096 x 4096: checking the direct path against the GEMV path
     /// tuned the GEMV's eight tiles, 29 s, for one run of 1.7 s).
     pub fn untuned<T>(f: impl FnOnce() -> T) -> T {
-        struct Reset(bool);
-        impl Drop for Reset {
-            fn drop(&mut self) {
-                UNTUNED.with(|u| u.set(self.0));
-            }
-        }
-        let _reset = Reset(UNTUNED.with(|u| u.replace(true)));
-        f()
+        with_flag(&UNTUNED, true, f)
     }
 
     /// Whether this thread is inside [`Autotuner::untuned`].
