@@ -514,7 +514,44 @@ pub fn reg_tile_mma_v4(
     #[comptime] tn: u32,
     #[comptime] per_accumulator: bool,
 ) {
-    let row_step = comptime!(rows / tm);
+    reg_tile_mma_v4_rows(
+        acc,
+        xs,
+        x_base,
+        ys,
+        y_base,
+        ty,
+        comptime!(rows / tm),
+        tx,
+        cols,
+        depth,
+        tm,
+        tn,
+        per_accumulator,
+    );
+}
+
+/// [`reg_tile_mma_v4()`] with the unit's rows given outright: rows `first_row + i *
+/// row_step` (`i < tm`) of `X`, whose rows are `depth / 4` vectors apart. With
+/// `row_step = 1` a unit owns `tm` consecutive rows (kernels whose later phases pair
+/// neighbouring rows).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn reg_tile_mma_v4_rows(
+    acc: &mut Array<V4>,
+    xs: &SharedMemory<V4>,
+    x_base: u32,
+    ys: &SharedMemory<V4>,
+    y_base: u32,
+    first_row: u32,
+    #[comptime] row_step: u32,
+    tx: u32,
+    #[comptime] cols: u32,
+    #[comptime] depth: u32,
+    #[comptime] tm: u32,
+    #[comptime] tn: u32,
+    #[comptime] per_accumulator: bool,
+) {
     let colv = comptime!(cols / 4);
     let tnv = comptime!(tn / 4);
     let colv_step = comptime!(cols / tn);
@@ -524,7 +561,7 @@ pub fn reg_tile_mma_v4(
     for d4 in 0..depth4 {
         #[unroll]
         for i in 0..tm {
-            xv[i as usize] = xs[(x_base + (ty + i * row_step) * depth4 + d4) as usize];
+            xv[i as usize] = xs[(x_base + (first_row + i * row_step) * depth4 + d4) as usize];
         }
         if comptime!(per_accumulator) {
             // Column vector by column vector, each accumulator through its four depths

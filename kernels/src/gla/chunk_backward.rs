@@ -4,17 +4,21 @@
 
 use super::chunk_state::chunk_at;
 use cubecl::prelude::*;
-use kiln_dsl::{lane_of, load_tile_v4, reg_tile_mma_v4, V4};
+use kiln_dsl::{load_tile_v4, reg_tile_mma_v4_rows, V4};
 use kiln_runtime::AdapterType;
 
 /// dq and dk of a chunk's rows for one K tile (one cube per (chunk, head, K tile), a
-/// 4 x TN register tile of each per unit, held as 4-wide vectors of consecutive keys),
+/// register tile of each per unit, four consecutive rows x TN keys held as 4-wide
+/// vectors of consecutive keys),
 /// and `dgt = q * dq - k * dk` (f32) for the gate gradient:
 /// `dq = scale exp(b) (do h_n^T) + sum_{j <= i} dA_ij k_j exp(b_i - b_j)`,
 /// `dk = exp(Gamma - b) (v dh_{n+1}^T) + sum_{i >= j} dA_ij q_i exp(b_i - b_j)`.
-/// The intra-chunk sums run in f32 with every exponent <= 0: pairs of sub-chunks below
-/// the diagonal as products of factorised tiles (fla's secondary chunking, as
-/// `gla_scores` does for the forward), the diagonal pairs element-wise. One shared
+/// The intra-chunk sums run in f32 with every exponent <= 0, factorised at two levels
+/// (fla's secondary chunking, as `gla_scores` does for the forward, carried one level
+/// down): pairs across the chunk's four sub-chunks as products of factorised tiles the
+/// cube forms once, pairs inside a sub-chunk across the edges of a unit's four rows with
+/// one exponential per operand element serving the four rows, and only the 4 x 4 block
+/// on the diagonal element-wise. One shared
 /// buffer of vectors ([`V4`]: on a CPU adapter each access with a per-unit address is a
 /// loop over the SIMD lanes, so four values an access) serves both phases: the
 /// inter-chunk operands, then dA, the q, k, b tiles and the factorised tile.
@@ -72,9 +76,14 @@ pub fn gla_bwd_dqk<F: Float>(
     let cv = comptime!(chunk / 4);
     let tnv = comptime!(TN / 4);
     let cstep = comptime!(BK / TN);
-    let row_step = cv;
-    let ty = UNIT_POS / cstep;
+    // The chunk's four sub-chunks of `sub_rows` rows; the unit owns the four
+    // consecutive rows `r0..r0 + 4` (one sub-chunk, `sub`, starting at row `lo`), so
+    // that each operand read in the intra-chunk sums serves four rows.
+    let sub_rows = comptime!(chunk / 4);
+    let r0 = (UNIT_POS / cstep) * 4;
     let tx = UNIT_POS % cstep;
+    let sub = r0 / sub_rows;
+    let lo = sub * sub_rows;
     let kvalid = dk - min(k0, dk);
     let zero = V4::new(0.0f32);
     let mut sm = SharedMemory::<V4>::new(comptime!((cv * chunk + 4 * chunk * kv) as usize));
@@ -154,30 +163,30 @@ pub fn gla_bwd_dqk<F: Float>(
             units,
         );
         sync_cube();
-        reg_tile_mma_v4(
+        reg_tile_mma_v4_rows(
             &mut acc_q,
             &sm,
             0,
             &sm,
             y1,
-            ty,
+            r0,
+            1u32,
             tx,
-            chunk,
             BK,
             bd,
             4u32,
             TN,
             local_scalars,
         );
-        reg_tile_mma_v4(
+        reg_tile_mma_v4_rows(
             &mut acc_k,
             &sm,
             x2,
             &sm,
             y2,
-            ty,
+            r0,
+            1u32,
             tx,
-            chunk,
             BK,
             bd,
             4u32,
@@ -189,7 +198,8 @@ pub fn gla_bwd_dqk<F: Float>(
     }
 
     // Intra-chunk parts: dA [chunk][chunk], then the q, k, b tiles [chunk][BK] and the
-    // factorised tile, all as they lie (columns along the vectors).
+    // factorised tile, all as they lie (columns along the vectors). dA[i][r0..r0 + 4]
+    // is one vector, `sm[i * cv + r0 / 4]`.
     let qo = comptime!(cv * chunk);
     let ko = comptime!(cv * chunk + tile);
     let bo = comptime!(cv * chunk + 2 * tile);
@@ -249,41 +259,43 @@ pub fn gla_bwd_dqk<F: Float>(
     );
     sync_cube();
 
-    // 1. The inter-chunk parts in their final scale (exponents <= 0; rows past the
-    // chunk's end read b = 0 and are never written).
+    // Every exponent below is <= 0 for rows inside the chunk (b does not increase);
+    // rows past a short chunk's end read b = 0, operands 0 and are never written, and
+    // the `min`s keep their exponents from overflowing.
+    // 1. The inter-chunk parts in their final scale.
     #[unroll]
     for jv in 0..tnv {
         let col = tx + jv * cstep;
         let gamma = sm[(bo + (max(len, 1u32) - 1) * kv + col) as usize];
         #[unroll]
         for i in 0..4u32 {
-            let b_r = sm[(bo + (ty + i * row_step) * kv + col) as usize];
+            let b_r = sm[(bo + (r0 + i) * kv + col) as usize];
             let e = (i * tnv + jv) as usize;
             acc_q[e] = acc_q[e] * V4::exp(b_r) * V4::new(scale);
             acc_k[e] = acc_k[e] * V4::exp(gamma - b_r);
         }
     }
 
-    // 2. The pairs of sub-chunks below the diagonal (the unit's four rows are one per
-    // sub-chunk of `row_step` rows), factorised as fla does ("secondary chunking"): at
+    // 2. The pairs across sub-chunks, factorised as fla does ("secondary chunking"): at
     // the boundary before sub-chunk `si`, with `ref = b` at the row before it,
     // `exp(b_i - b_j) = exp(b_i - ref) exp(ref - b_j)` for `j < edge <= i`, both
-    // exponents <= 0 (b does not increase), so `k~ = k exp(ref - b)` (rows before the
-    // boundary) and `q~ = q exp(b - ref)` (rows from it) are formed once per element
-    // into one tile and the pairs are plain products: dq of the rows of `si`, dk of the
-    // rows of `si - 1`. A short last chunk takes `ref` at its last row (every later row
-    // is 0 in the tile), so no exponent turns positive.
+    // exponents <= 0, so `k~ = k exp(ref - b)` (rows before the boundary) and
+    // `q~ = q exp(b - ref)` (rows from it) are formed once per element into one tile
+    // and the pairs are plain products: dq of sub-chunk `si`'s rows, dk of sub-chunk
+    // `si - 1`'s. A short last chunk takes `ref` at its last row (every later row is 0
+    // in the tile). Only the units of those sub-chunks take part (a plane whose units
+    // all skip a branch skips it on lavapipe).
+    let mut part = Array::<V4>::new(comptime!((4 * tnv) as usize));
     #[unroll]
     for si in 1..4u32 {
-        let edge = comptime!(si * row_step);
+        let edge = comptime!(si * sub_rows);
         let ref_row = min(edge, len) - 1;
         // The previous boundary's products are done with the tile.
         sync_cube();
         let mut idx = UNIT_POS;
         while idx < tile {
             // No branch (a CPU adapter runs both sides): one operand read at a selected
-            // address. The `min` only acts on rows past a short chunk's end, whose
-            // operands are 0 and whose b = 0 would give a positive exponent.
+            // address.
             let before = idx / kv < edge;
             let d = sm[(bo + ref_row * kv + idx % kv) as usize] - sm[(bo + idx) as usize];
             let x = sm[(select(before, ko, qo) + idx) as usize];
@@ -291,91 +303,177 @@ pub fn gla_bwd_dqk<F: Float>(
             idx += units;
         }
         sync_cube();
-        // dq of row `ty + edge`: sum over j < edge of dA_ij k~_j (dA's row four columns
-        // a load), times exp(b_i - ref).
-        let r = ty + edge;
-        let mut sq = Array::<V4>::new(comptime!(tnv as usize));
-        let mut sk = Array::<V4>::new(comptime!(tnv as usize));
-        #[unroll]
-        for jv in 0..tnv {
-            sq[jv as usize] = zero;
-            sk[jv as usize] = zero;
-        }
-        for s4 in 0..comptime!(edge / 4) {
-            let a = sm[(r * cv + s4) as usize];
+        if sub == si {
+            // dq of the unit's rows: sum over j < edge of dA_ij k~_j (four j a load of
+            // each row of dA), times exp(b_i - ref).
             #[unroll]
-            for e in 0..4u32 {
-                let row = so + (s4 * 4 + e) * kv + tx;
+            for e in 0..4 * tnv {
+                part[e as usize] = zero;
+            }
+            for s4 in 0..comptime!(edge / 4) {
+                let mut a = Array::<V4>::new(4usize);
                 #[unroll]
-                for jv in 0..tnv {
-                    sq[jv as usize] += V4::new(a[e as usize]) * sm[(row + jv * cstep) as usize];
+                for i in 0..4u32 {
+                    a[i as usize] = sm[((r0 + i) * cv + s4) as usize];
                 }
-            }
-        }
-        // dk of row `ty + edge - row_step`: sum over i >= edge of dA_ij q~_i, times
-        // exp(ref - b_j).
-        let rk = r - row_step;
-        for s in edge..len {
-            let a = V4::new(lane_of(sm[(s * cv + rk / 4) as usize], rk % 4));
-            #[unroll]
-            for jv in 0..tnv {
-                sk[jv as usize] += a * sm[(so + s * kv + tx + jv * cstep) as usize];
-            }
-        }
-        #[unroll]
-        for jv in 0..tnv {
-            let col = tx + jv * cstep;
-            let b_ref = sm[(bo + ref_row * kv + col) as usize];
-            let b_q = sm[(bo + r * kv + col) as usize];
-            let b_k = sm[(bo + rk * kv + col) as usize];
-            acc_q[(si * tnv + jv) as usize] += sq[jv as usize] * V4::exp(b_q - b_ref);
-            acc_k[((si - 1) * tnv + jv) as usize] += sk[jv as usize] * V4::exp(b_ref - b_k);
-        }
-    }
-
-    // 3. The diagonal pairs, element-wise (one exponential per (i, j, d)), and the
-    // outputs.
-    #[unroll]
-    for i in 0..4u32 {
-        let r = ty + i * row_step;
-        if r < len {
-            let lo = comptime!(i * row_step);
-            let hi = min(lo + row_step, len);
-            // Row r's b and its accumulators, then the sums with each dA element read
-            // once for the unit's column vectors.
-            let mut b_r = Array::<V4>::new(comptime!(tnv as usize));
-            let mut dq_v = Array::<V4>::new(comptime!(tnv as usize));
-            let mut dk_v = Array::<V4>::new(comptime!(tnv as usize));
-            #[unroll]
-            for jv in 0..tnv {
-                b_r[jv as usize] = sm[(bo + r * kv + tx + jv * cstep) as usize];
-                dq_v[jv as usize] = acc_q[(i * tnv + jv) as usize];
-                dk_v[jv as usize] = acc_k[(i * tnv + jv) as usize];
-            }
-            for s in lo..r + 1 {
-                let a = V4::new(lane_of(sm[(r * cv + s / 4) as usize], s % 4));
                 #[unroll]
-                for jv in 0..tnv {
-                    let at = s * kv + tx + jv * cstep;
-                    let e = V4::exp(b_r[jv as usize] - sm[(bo + at) as usize]);
-                    dq_v[jv as usize] += a * sm[(ko + at) as usize] * e;
-                }
-            }
-            for s in r..hi {
-                let a = V4::new(lane_of(sm[(s * cv + r / 4) as usize], r % 4));
-                #[unroll]
-                for jv in 0..tnv {
-                    let at = s * kv + tx + jv * cstep;
-                    let e = V4::exp(sm[(bo + at) as usize] - b_r[jv as usize]);
-                    dk_v[jv as usize] += a * sm[(qo + at) as usize] * e;
+                for e in 0..4u32 {
+                    let row = so + (s4 * 4 + e) * kv + tx;
+                    #[unroll]
+                    for jv in 0..tnv {
+                        let y = sm[(row + jv * cstep) as usize];
+                        #[unroll]
+                        for i in 0..4u32 {
+                            let ai = a[i as usize];
+                            part[(i * tnv + jv) as usize] += V4::new(ai[e as usize]) * y;
+                        }
+                    }
                 }
             }
             #[unroll]
             for jv in 0..tnv {
                 let col = tx + jv * cstep;
-                let (dqv, dkv) = (dq_v[jv as usize], dk_v[jv as usize]);
-                let g =
-                    sm[(qo + r * kv + col) as usize] * dqv - sm[(ko + r * kv + col) as usize] * dkv;
+                let b_ref = sm[(bo + ref_row * kv + col) as usize];
+                #[unroll]
+                for i in 0..4u32 {
+                    let b_i = sm[(bo + (r0 + i) * kv + col) as usize];
+                    let e = (i * tnv + jv) as usize;
+                    acc_q[e] += part[e] * V4::exp(min(b_i - b_ref, zero));
+                }
+            }
+        }
+        if sub + 1 == si {
+            // dk of the unit's rows: sum over i >= edge of dA_ij q~_i (the unit's four
+            // dA_ij one load), times exp(ref - b_j).
+            #[unroll]
+            for e in 0..4 * tnv {
+                part[e as usize] = zero;
+            }
+            for s in edge..len {
+                let a = sm[(s * cv + r0 / 4) as usize];
+                #[unroll]
+                for jv in 0..tnv {
+                    let y = sm[(so + s * kv + tx + jv * cstep) as usize];
+                    #[unroll]
+                    for i in 0..4u32 {
+                        part[(i * tnv + jv) as usize] += V4::new(a[i as usize]) * y;
+                    }
+                }
+            }
+            #[unroll]
+            for jv in 0..tnv {
+                let col = tx + jv * cstep;
+                let b_ref = sm[(bo + ref_row * kv + col) as usize];
+                #[unroll]
+                for i in 0..4u32 {
+                    let b_j = sm[(bo + (r0 + i) * kv + col) as usize];
+                    let e = (i * tnv + jv) as usize;
+                    acc_k[e] += part[e] * V4::exp(min(b_ref - b_j, zero));
+                }
+            }
+        }
+    }
+
+    // 3. The pairs inside the unit's sub-chunk, factorised the same way at the unit's
+    // own edges: rows `lo..r0` against the unit's rows with `ref` = b at row `r0 - 1`
+    // (dq), the unit's rows against rows `r0 + 4..` of the sub-chunk with `ref` = b at
+    // row `r0 + 3` (dk); each operand row's exponential serves the four rows. Then the
+    // 4 x 4 block on the diagonal element-wise, each exponential serving dq and dk.
+    let hi = min(lo + sub_rows, len);
+    let ref_q = max(min(r0, len), 1u32) - 1;
+    let ref_k = max(min(r0 + 4, len), 1u32) - 1;
+    #[unroll]
+    for e in 0..4 * tnv {
+        part[e as usize] = zero;
+    }
+    for s4 in lo / 4..r0 / 4 {
+        let mut a = Array::<V4>::new(4usize);
+        #[unroll]
+        for i in 0..4u32 {
+            a[i as usize] = sm[((r0 + i) * cv + s4) as usize];
+        }
+        #[unroll]
+        for e in 0..4u32 {
+            let j = s4 * 4 + e;
+            #[unroll]
+            for jv in 0..tnv {
+                let col = tx + jv * cstep;
+                let d = sm[(bo + ref_q * kv + col) as usize] - sm[(bo + j * kv + col) as usize];
+                let y = sm[(ko + j * kv + col) as usize] * V4::exp(min(d, zero));
+                #[unroll]
+                for i in 0..4u32 {
+                    let ai = a[i as usize];
+                    part[(i * tnv + jv) as usize] += V4::new(ai[e as usize]) * y;
+                }
+            }
+        }
+    }
+    let mut part_k = Array::<V4>::new(comptime!((4 * tnv) as usize));
+    #[unroll]
+    for e in 0..4 * tnv {
+        part_k[e as usize] = zero;
+    }
+    for s in r0 + 4..hi {
+        let a = sm[(s * cv + r0 / 4) as usize];
+        #[unroll]
+        for jv in 0..tnv {
+            let col = tx + jv * cstep;
+            let d = sm[(bo + s * kv + col) as usize] - sm[(bo + ref_k * kv + col) as usize];
+            let y = sm[(qo + s * kv + col) as usize] * V4::exp(min(d, zero));
+            #[unroll]
+            for i in 0..4u32 {
+                part_k[(i * tnv + jv) as usize] += V4::new(a[i as usize]) * y;
+            }
+        }
+    }
+    // The unit's dA block: `diag[i]` holds dA[r0 + i][r0..r0 + 4].
+    let mut diag = Array::<V4>::new(4usize);
+    #[unroll]
+    for i in 0..4u32 {
+        diag[i as usize] = sm[((r0 + i) * cv + r0 / 4) as usize];
+    }
+    #[unroll]
+    for jv in 0..tnv {
+        let col = tx + jv * cstep;
+        let mut qr = Array::<V4>::new(4usize);
+        let mut kr = Array::<V4>::new(4usize);
+        let mut br = Array::<V4>::new(4usize);
+        #[unroll]
+        for i in 0..4u32 {
+            let at = (r0 + i) * kv + col;
+            qr[i as usize] = sm[(qo + at) as usize];
+            kr[i as usize] = sm[(ko + at) as usize];
+            br[i as usize] = sm[(bo + at) as usize];
+        }
+        let b_q = sm[(bo + ref_q * kv + col) as usize];
+        let b_k = sm[(bo + ref_k * kv + col) as usize];
+        let mut dq_v = Array::<V4>::new(4usize);
+        let mut dk_v = Array::<V4>::new(4usize);
+        #[unroll]
+        for i in 0..4u32 {
+            let e = (i * tnv + jv) as usize;
+            let b_i = br[i as usize];
+            dq_v[i as usize] = acc_q[e] + part[e] * V4::exp(min(b_i - b_q, zero));
+            dk_v[i as usize] = acc_k[e] + part_k[e] * V4::exp(min(b_k - b_i, zero));
+        }
+        #[unroll]
+        for i in 0..4u32 {
+            let row = diag[i as usize];
+            #[unroll]
+            for j in 0..comptime!(i + 1) {
+                let a = V4::new(row[j as usize]);
+                let w = a * V4::exp(min(br[i as usize] - br[j as usize], zero));
+                dq_v[i as usize] += w * kr[j as usize];
+                dk_v[j as usize] += w * qr[i as usize];
+            }
+        }
+        // The outputs of the unit's rows inside the chunk.
+        #[unroll]
+        for i in 0..4u32 {
+            let r = r0 + i;
+            if r < len {
+                let (dqv, dkv) = (dq_v[i as usize], dk_v[i as usize]);
+                let g = qr[i as usize] * dqv - kr[i as usize] * dkv;
                 #[unroll]
                 for j in 0..4u32 {
                     let kk = col * 4 + j;
