@@ -449,17 +449,19 @@ fn devices(json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_tensors(title: &str, specs: &[TensorSpec]) {
+/// `specs` under `title`, in columns `w` (name, shape, dtypes) wide.
+fn print_tensors(title: &str, specs: &[TensorSpec], w: [usize; 3]) {
     println!("{title}:");
     if specs.is_empty() {
         println!("  none");
     }
+    let [wn, ws, wd] = w;
     for t in specs {
         println!(
-            "  {:<10} {:<34} {:<18} {}{}",
+            "  {:<wn$} {:<ws$} {:<wd$} {}{}",
             t.name,
             t.shape,
-            t.dtypes,
+            t.dtypes.to_string(),
             t.doc,
             if t.optional { " (optional)" } else { "" }
         );
@@ -469,23 +471,43 @@ fn print_tensors(title: &str, specs: &[TensorSpec]) {
 fn ops(op: Option<&str>) -> Result<ExitCode> {
     match op {
         None => {
-            for o in kiln::kernels::ops() {
-                println!("{:<12} {}", o.name, o.summary);
+            let ops = kiln::kernels::ops();
+            let w = ops.iter().map(|o| o.name.len()).max().unwrap_or(0).max(12);
+            for o in ops {
+                println!("{:<w$} {}", o.name, o.summary);
             }
         }
         Some(name) => {
             let o: &OpSpec = kiln::kernels::op(name)?;
             println!("{}: {}\n", o.name, o.summary);
-            print_tensors("inputs", o.inputs);
-            print_tensors("outputs", o.outputs);
+            // Columns as wide as their longest entry (`d_dispatched`, `d_dispatched's
+            // dtype`, `batch_prioritized`), at least as wide as most are.
+            let width = |f: fn(&TensorSpec) -> String, min: usize| {
+                let w = o.inputs.iter().chain(o.outputs).map(|t| f(t).len()).max();
+                w.unwrap_or(0).max(min)
+            };
+            let w = [
+                width(|t| t.name.to_string(), 10),
+                width(|t| t.shape.to_string(), 34),
+                width(|t| t.dtypes.to_string(), 18),
+            ];
+            print_tensors("inputs", o.inputs, w);
+            print_tensors("outputs", o.outputs, w);
             println!("problem shape (kiln tune/bench --shape): {}", o.problem);
             println!("parameters:");
             if o.params.is_empty() {
                 println!("  none");
             }
+            let w = o
+                .params
+                .iter()
+                .map(|p| p.name.len())
+                .max()
+                .unwrap_or(0)
+                .max(16);
             for p in o.params {
                 println!(
-                    "  {:<16} default {:<8} {} ({})",
+                    "  {:<w$} default {:<8} {} ({})",
                     p.name, p.default, p.doc, p.values
                 );
             }
@@ -548,14 +570,21 @@ fn run(
 }
 
 fn emit_list() -> Result<ExitCode> {
-    for k in kiln::kernels::kernels() {
+    let kernels = kiln::kernels::kernels();
+    let w = kernels
+        .iter()
+        .map(|k| k.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(12);
+    for k in kernels {
         let knobs: Vec<String> = k
             .config
             .iter()
             .map(|p| format!("{}={} ({})", p.name, p.default, p.values))
             .collect();
         println!(
-            "{:<12} {}\n{:<12} config: {}",
+            "{:<w$} {}\n{:<w$} config: {}",
             k.name,
             k.summary,
             "",

@@ -34,6 +34,29 @@ fn ops_lists_the_library_and_describes_one() {
         s.contains("inputs:") && s.contains("y") && s.contains("outputs:") && s.contains("out"),
         "{s}"
     );
+    // Columns line up whatever the longest name (`d_dispatched`, `batch_prioritized`).
+    for (op, params) in [("moe_gate", 4), ("moe_dispatch_backward", 0)] {
+        let s = stdout(&kiln(&["ops", op]));
+        let column = |l: &str, at: &str| l.find(at).unwrap();
+        let shapes: Vec<usize> = s
+            .lines()
+            .filter(|l| l.starts_with("  ") && l.contains('['))
+            .map(|l| column(l, "["))
+            .collect();
+        let defaults: Vec<usize> = s
+            .lines()
+            .filter(|l| l.contains(" default "))
+            .map(|l| column(l, " default "))
+            .collect();
+        assert_eq!(
+            (shapes.len() >= 4, defaults.len()),
+            (true, params),
+            "{op}\n{s}"
+        );
+        for c in [&shapes, &defaults] {
+            assert!(c.iter().all(|&x| x == c[0]), "{op}: {c:?}\n{s}");
+        }
+    }
     assert_clear_error(
         &kiln(&["ops", "sofmax"]),
         &["unknown operator `sofmax`", "softmax"],
