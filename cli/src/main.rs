@@ -449,6 +449,11 @@ fn devices(json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A text column's width: its longest entry (`lens`), at least `min`.
+fn column_width(lens: impl Iterator<Item = usize>, min: usize) -> usize {
+    lens.max().unwrap_or(0).max(min)
+}
+
 /// `specs` under `title`, in columns `w` (name, shape, dtypes) wide.
 fn print_tensors(title: &str, specs: &[TensorSpec], w: [usize; 3]) {
     println!("{title}:");
@@ -472,7 +477,7 @@ fn ops(op: Option<&str>) -> Result<ExitCode> {
     match op {
         None => {
             let ops = kiln::kernels::ops();
-            let w = ops.iter().map(|o| o.name.len()).max().unwrap_or(0).max(12);
+            let w = column_width(ops.iter().map(|o| o.name.len()), 12);
             for o in ops {
                 println!("{:<w$} {}", o.name, o.summary);
             }
@@ -483,8 +488,7 @@ fn ops(op: Option<&str>) -> Result<ExitCode> {
             // Columns as wide as their longest entry (`d_dispatched`, `d_dispatched's
             // dtype`, `batch_prioritized`), at least as wide as most are.
             let width = |f: fn(&TensorSpec) -> String, min: usize| {
-                let w = o.inputs.iter().chain(o.outputs).map(|t| f(t).len()).max();
-                w.unwrap_or(0).max(min)
+                column_width(o.inputs.iter().chain(o.outputs).map(|t| f(t).len()), min)
             };
             let w = [
                 width(|t| t.name.to_string(), 10),
@@ -498,13 +502,7 @@ fn ops(op: Option<&str>) -> Result<ExitCode> {
             if o.params.is_empty() {
                 println!("  none");
             }
-            let w = o
-                .params
-                .iter()
-                .map(|p| p.name.len())
-                .max()
-                .unwrap_or(0)
-                .max(16);
+            let w = column_width(o.params.iter().map(|p| p.name.len()), 16);
             for p in o.params {
                 println!(
                     "  {:<w$} default {:<8} {} ({})",
@@ -571,12 +569,7 @@ fn run(
 
 fn emit_list() -> Result<ExitCode> {
     let kernels = kiln::kernels::kernels();
-    let w = kernels
-        .iter()
-        .map(|k| k.name.len())
-        .max()
-        .unwrap_or(0)
-        .max(12);
+    let w = column_width(kernels.iter().map(|k| k.name.len()), 12);
     for k in kernels {
         let knobs: Vec<String> = k
             .config
